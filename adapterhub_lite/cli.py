@@ -1,0 +1,144 @@
+"""Command line: `adapterhub-lite train | eval | predict`. Bad input → one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import AdapterHubError, DataError
+
+
+def _train(args) -> int:
+    from .spec import load_spec
+    from .train import train
+
+    spec = load_spec(args.spec, args.overrides)
+    out = train(spec, args.output, overwrite=args.overwrite, resume=args.resume, device=args.device,
+                command="adapterhub-lite train " + shlex.join(sys.argv[2:]), progress=not args.no_progress)
+    meta = json.loads((out / "adapterhub.json").read_text())
+    print(json.dumps({"output": str(out), **{k: v for k, v in meta["metrics"].items() if k != "per_class"}}))
+    return 0
+
+
+def _split_for(spec, split: str):
+    from .data import load_split, to_split
+
+    source = getattr(spec.data, split) if split in ("train", "dev") else split
+    ds, sha = load_split(source)
+    return to_split(spec, ds, source, sha)
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate_split
+    from .folder import load_adapter
+
+    model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device,
+                                         allow_base_mismatch=args.allow_base_mismatch)
+    split = _split_for(spec, args.split)
+    metrics, _, seconds = evaluate_split(model, bb.tokenizer, spec, split, limit=args.limit)
+    n = min(len(split), args.limit or len(split))
+    result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,
+              "latency_ms_per_example": round(1000 * seconds / n, 2),
+              "trainable_parameters": meta["trainable_parameters"],
+              "adapter_file_bytes": (Path(args.adapter) / "adapter_model.safetensors").stat().st_size}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {json.dumps(value)}")
+    return 0
+
+
+def _predict(args) -> int:
+    from .data import render
+    from .evaluate import predict, readable
+    from .folder import atomic_write, load_adapter
+
+    if (args.text is None) == (args.input is None):
+        raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
+    rows = [] if args.input is None else _read_jsonl(args.input)
+    model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device,
+                                      allow_base_mismatch=args.allow_base_mismatch)
+    fields = spec.prompt_fields
+    if args.text is not None:
+        if len(set(fields)) != 1:
+            raise DataError(f"--text fills one column but the prompt of {spec.name!r} reads {fields}; pass --input FILE.jsonl with those keys")
+        rows = [{fields[0]: args.text}]
+    missing = sorted({f for r in rows for f in fields if f not in r})
+    if missing:
+        raise DataError(f"input rows lack key(s) {missing} that the prompt {spec.prompt!r} reads; add them to every JSONL row")
+    preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows])
+    lines = "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds))
+    if args.output:
+        atomic_write(Path(args.output), lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input file {path!r} does not exist; pass a JSONL file with one object per line")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
+    if not rows:
+        raise DataError(f"input file {path!r} has no rows")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adapterhub-lite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one task adapter from a YAML spec")
+    t.add_argument("spec", help="task spec YAML, e.g. scripts/tasks/sst2.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. method=prefix train.max_steps=300")
+    t.add_argument("--output", help="adapter folder (default adapters/<name>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    for name, func, text in (("eval", _eval, "score an adapter on a split"), ("predict", _predict, "run an adapter on new inputs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("adapter", help="adapter folder")
+        p.add_argument("--quantization", choices=("8bit", "4bit", "none"), help="override the backbone quantization")
+        p.add_argument("--allow-base-mismatch", action="store_true", help="load even if the backbone fingerprint differs")
+        p.set_defaults(func=func)
+        if name == "eval":
+            p.add_argument("--split", default="dev", help="dev, train, or a data file path")
+            p.add_argument("--limit", type=int, help="score only the first N rows")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            p.add_argument("--text", help="one input (for prompts that read one column)")
+            p.add_argument("--input", help="JSONL file of rows with the prompt's columns")
+            p.add_argument("--output", help="write JSONL predictions here instead of stdout")
+    for p in (t, *[sub.choices[n] for n in ("eval", "predict")]):
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `adapterhub-lite`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AdapterHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Typed errors. Every one subclasses ValueError (as peft's do) and reads as one line:
+what is wrong, the value seen, and how to fix it. The CLI prints it and exits with 2."""
+
+
+class AdapterHubError(ValueError):
+    """Base class of every error this package raises on bad input."""
+
+
+class SpecError(AdapterHubError):
+    """The task spec (YAML or command-line overrides) is invalid; lists every problem at once."""
+
+    def __init__(self, problems: list[str], source: str = "task spec"):
+        self.problems = list(problems)
+        super().__init__(f"invalid {source}: " + "; ".join(self.problems))
+
+
+class DataError(AdapterHubError):
+    """A data file is missing, empty, or does not fit the task spec."""
+
+
+class BackboneError(AdapterHubError):
+    """The backbone cannot be resolved, fetched or loaded."""
+
+
+class AdapterMethodError(AdapterHubError):
+    """The adapter method cannot be applied to this backbone's architecture."""
+
+
+class OutputExistsError(AdapterHubError):
+    """The output folder exists and neither --overwrite nor --resume was given."""
+
+
+class AdapterLoadError(AdapterHubError):
+    """An adapter folder is incomplete or does not match the backbone it is loaded on."""

@@ -1,0 +1,168 @@
+"""The adapter folder: what a training run leaves behind, and how it is read back.
+
+    adapter_config.json, adapter_model.safetensors   PEFT files (plain PeftModel.from_pretrained)
+    adapterhub.json                                  sidecar: spec, backbone fingerprint, metrics …
+    README.md                                        HF model card (library_name: peft)
+    metrics.jsonl, curves.png                        the run's history and its plot
+Every file is written to a temp name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .errors import AdapterLoadError
+
+SIDECAR = "adapterhub.json"
+FORMAT = "adapterhub_lite.adapter/1"
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write a file so that it is either absent or complete, never partial."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are files to share
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_sidecar(folder: Path) -> dict:
+    """Read and sanity-check an adapter folder's sidecar."""
+    folder = Path(folder)
+    missing = [f for f in ("adapter_config.json", SIDECAR) if not (folder / f).is_file()]
+    if missing:
+        raise AdapterLoadError(f"{str(folder)!r} is not an adapter folder: missing {', '.join(missing)}; pass a folder written by `adapterhub-lite train`")
+    meta = json.loads((folder / SIDECAR).read_text())
+    if meta.get("format") != FORMAT:
+        raise AdapterLoadError(f"{folder / SIDECAR} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def plot_curves(history: list[dict], metric: str, path: Path) -> None:
+    """Train loss and dev metric against step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in history if "loss" in r]
+    evals = [r for r in history if metric in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
+    ax1.set(xlabel="step", ylabel="train loss", title="loss")
+    ax2.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o")
+    ax2.set(xlabel="step", ylabel=f"dev {metric}", title=metric)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".curves.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def model_card(meta: dict) -> str:
+    """An HF-style model card: YAML header for the Hub, then usage and results."""
+    spec, metrics = meta["task"], meta["metrics"]
+    base_id = meta["base"]["hub_id"]
+    header = {
+        "library_name": "peft",
+        "base_model": base_id,
+        "tags": ["adapterhub_lite", spec["method"], spec["type"], spec["name"]],
+        "metrics": list(spec["metric"]),
+        "model-index": [{
+            "name": f"{spec['name']}-{spec['method']}",
+            "results": [{
+                "task": {"type": "text-classification" if spec["type"] == "classification" else "text-generation"},
+                "dataset": {"name": spec["name"], "type": spec["name"], "split": "dev"},
+                "metrics": [{"type": m, "value": metrics[m]} for m in spec["metric"]],
+            }],
+        }],
+    }
+    eff = meta["efficiency"]
+    rows = "\n".join(f"| {m} | {metrics[m]} |" for m in spec["metric"])
+    return f"""---
+{yaml.safe_dump(header, sort_keys=False).strip()}
+---
+
+# {spec['name']} — {spec['method']} adapter for {base_id}
+
+Trained with adapterhub_lite on a frozen {meta['base']['fingerprint']['quantization']} backbone
+(fingerprint `{meta['base']['fingerprint']['id']}`). Task type: {spec['type']}.
+Prompt template: `{spec['prompt']!r}`{f"; label words: {', '.join(map(str, meta['label_words']))}" if meta.get('label_words') else ''}.
+
+## Results (dev, {meta['data']['dev']['rows']} rows)
+
+| metric | value |
+|---|---|
+{rows}
+
+Trainable parameters: {meta['trainable_parameters']['trainable']:,} ({meta['trainable_parameters']['percent']}%),
+adapter file {eff['adapter_file_bytes'] / 1e6:.2f} MB, train {eff['train_tokens_per_s']:.0f} tokens/s,
+{eff['latency_ms_per_example']:.1f} ms per dev example, peak memory {eff['peak_memory_mb']:.0f} MB,
+{meta['train_state']['steps']} steps in {meta['train_state']['train_seconds']:.0f} s.
+
+## Use with peft
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{base_id}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```
+
+## Use with adapterhub_lite
+
+```
+adapterhub-lite predict path/to/this/folder --text "..."
+adapterhub-lite eval path/to/this/folder --split dev --json
+```
+
+`adapterhub.json` holds the full task spec, data hashes, backbone fingerprint, command and versions.
+"""
+
+
+def load_adapter(folder: str | Path, *, quantization: str | None = None, device: str | None = None,
+                 allow_base_mismatch: bool = False):
+    """Load an adapter folder onto its backbone; returns (PeftModel, Backbone, TaskSpec, sidecar).
+
+    The backbone is the one the sidecar names, in the quantization it was trained in unless told
+    otherwise. Its fingerprint must match the recorded one (quantization aside, when overridden).
+    """
+    from peft import PeftModel
+
+    from .backbone import load_backbone
+    from .spec import spec_from_dict
+
+    folder = Path(folder)
+    meta = read_sidecar(folder)
+    recorded = meta["base"]["fingerprint"]
+    bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device)
+    keys = ("config_sha256", "tokenizer_sha256", "weights_sha256") + (() if quantization else ("quantization",))
+    if not allow_base_mismatch and any(bb.fingerprint[k] != recorded[k] for k in keys):
+        raise AdapterLoadError(
+            f"adapter {str(folder)!r} was trained on backbone {recorded['id']} but {meta['base']['name']!r} here is "
+            f"{bb.fingerprint['id']}; pass --allow-base-mismatch (allow_base_mismatch=True) to load it anyway"
+        )
+    model = PeftModel.from_pretrained(bb.model, folder)
+    model.eval()
+    return model, bb, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta

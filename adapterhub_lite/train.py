@@ -1,0 +1,295 @@
+"""Train one adapter for one task: a single readable loop.
+
+spec → data → backbone → adapter → loop (accumulate, clip, step, schedule, eval, keep best,
+checkpoint) → adapter folder. Work happens in a hidden `.NAME.partial/` folder beside the output;
+the output folder appears, complete, only at the end (rename), so a crash never leaves half an
+adapter where a user or the registry would look. `resume=True` continues from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from . import __version__
+from .adapter import attach, trainable_parameters
+from .backbone import load_backbone
+from .data import label_words, load_task_data
+from .errors import DataError, OutputExistsError
+from .evaluate import evaluate_split, label_token_ids
+from .folder import FORMAT, SIDECAR, atomic_write, model_card, plot_curves, write_json, write_jsonl
+from .heads import classification_loss, generation_loss
+from .spec import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Everything about progress that a resumed run needs besides weights and optimizer."""
+
+    step: int = 0
+    epoch_order: list[int] = field(default_factory=list)
+    cursor: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_metric: float | None = None
+    best_step: int = 0
+    bad_evals: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _epoch_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
+    """A shuffled epoch whose consecutive batches hold rows of similar length.
+
+    Padding is wasted compute, and on a CPU compute is the budget. So: shuffle, cut into pools
+    of 32 batches, sort each pool by length, cut into batches, and shuffle the batches.
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    pool = batch_size * 32
+    batches = []
+    for i in range(0, len(perm), pool):
+        chunk = sorted(perm[i : i + pool], key=lengths.__getitem__)
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [row for b in torch.randperm(len(batches), generator=g).tolist() for row in batches[b]]
+
+
+def _next_rows(state: RunState, lengths: list[int], k: int, seed: int) -> list[int]:
+    """The next k rows of the current epoch; a new epoch (seeded by its number) when one ends."""
+    rows = []
+    while len(rows) < k:
+        if state.cursor >= len(state.epoch_order):
+            state.epoch_order = _epoch_order(lengths, k, seed + state.epoch)
+            state.epoch += 1
+            state.cursor = 0
+        take = state.epoch_order[state.cursor : state.cursor + k - len(rows)]
+        state.cursor += len(take)
+        rows += take
+    return rows
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"adapterhub_lite": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+class Checkpoint:
+    """Adapter weights + optimizer + scheduler + RNG + RunState in one folder, swapped in atomically."""
+
+    def __init__(self, work: Path):
+        self.dir = work / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.dir / "state.pt").is_file()
+
+    def save(self, model, opt, sched, state: RunState, best: dict | None) -> None:
+        tmp = self.dir.with_name("checkpoint.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save({
+            "adapter": get_peft_model_state_dict(model), "best": best, "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "py_rng": random.getstate(),
+            "state": state.__dict__,
+        }, tmp / "state.pt")
+        old = self.dir.with_name("checkpoint.old")
+        if self.dir.exists():
+            self.dir.rename(old)
+        tmp.rename(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, model, opt, sched) -> tuple[RunState, dict | None]:
+        ckpt = torch.load(self.dir / "state.pt", weights_only=False)  # our own file, written above
+        set_peft_model_state_dict(model, ckpt["adapter"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        random.setstate(ckpt["py_rng"])
+        return RunState(**ckpt["state"]), ckpt["best"]
+
+
+def _prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
+    work = output.parent / f".{output.name}.partial"
+    if resume and not Checkpoint(work).exists():
+        raise OutputExistsError(f"--resume given but {work}/checkpoint does not exist; run without --resume to start fresh")
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
+    return work
+
+
+def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
+          command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
+    """Train the spec's adapter and write its folder; returns the folder's path."""
+    output = Path(output or Path("adapters") / spec.name)
+    work = _prepare_output(output, overwrite, resume)
+    data = load_task_data(spec)  # validates everything before a single byte is written
+    bb = load_backbone(spec.base, spec.quantization, device)
+    model = attach(bb.model, spec.method, spec.method_args)
+    tok, cfg = bb.tokenizer, spec.train
+    device = str(next(model.parameters()).device)
+    label_tokens = None
+    if spec.type == "classification":
+        label_tokens = label_token_ids(tok, spec)
+        if len({tuple(t) for t in label_tokens}) < len(label_tokens):
+            raise DataError(f"labels {label_words(spec)} tokenize to identical sequences; choose distinct verbalizer words")
+
+    work.mkdir(parents=True, exist_ok=True)
+    _seed_everything(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    ckpt = Checkpoint(work)
+    state, best = RunState(), None
+    if resume:
+        state, best = ckpt.load(model, opt, sched)
+        print(f"resuming from step {state.step}", file=sys.stderr)
+    write_jsonl(work / "metrics.jsonl", state.history)
+
+    train_split, dev = data["train"], data["dev"]
+    primary = spec.primary_metric
+
+    def task_loss(rows: list[int]) -> torch.Tensor:
+        prompts = [train_split.prompts[i] for i in rows]
+        answers = [train_split.answers[i] for i in rows]
+        if label_tokens is not None:
+            return classification_loss(model, tok, prompts, answers, label_tokens, cfg.max_length)
+        return generation_loss(model, tok, prompts, answers, cfg.max_length)
+
+    # Tokens the model reads per row: for the length-bucketed sampler and the tokens/s figure.
+    lengths = [len(ids) for ids in tok(train_split.prompts).input_ids]
+    if label_tokens is None:
+        lengths = [n + len(a) for n, a in zip(lengths, tok([" " + a for a in train_split.answers], add_special_tokens=False).input_ids)]
+
+    def record(row: dict) -> None:
+        state.history.append(row)
+        with open(work / "metrics.jsonl", "a") as fh:  # append-only log for `tail -f`; rewritten on resume
+            fh.write(json.dumps(row) + "\n")
+
+    start_wall = time.monotonic() - state.train_seconds
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
+    stopped_by = "max_steps"
+    while state.step < cfg.max_steps:
+        model.train()
+        t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
+        for _ in range(cfg.grad_accum):
+            rows = _next_rows(state, lengths, cfg.batch_size, cfg.seed)
+            loss = task_loss(rows) / cfg.grad_accum  # scale so accumulated grads average, not sum
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += sum(lengths[i] for i in rows)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += tokens
+        state.train_seconds += time.perf_counter() - t0
+        tps = state.tokens / max(state.train_seconds, 1e-9)
+        record({"step": state.step, "loss": round(loss_sum, 5), "lr": sched.get_last_lr()[0], "tokens_per_s": round(tps, 1)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
+
+        last = state.step == cfg.max_steps
+        out_of_time = cfg.max_minutes > 0 and time.monotonic() - start_wall > cfg.max_minutes * 60
+        if state.step % cfg.eval_every == 0 or last or out_of_time:
+            metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=cfg.eval_samples)
+            value = metrics[primary]
+            record({"step": state.step, **{k: v for k, v in metrics.items() if k != "per_class"}})
+            if state.best_metric is None or value > state.best_metric:
+                state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+                best = copy.deepcopy(get_peft_model_state_dict(model))  # keep the best, not the last
+            else:
+                state.bad_evals += 1
+            bar.write(f"step {state.step}: dev {primary}={value:.4f} (best {state.best_metric:.4f} @ {state.best_step})", file=sys.stderr)
+            if cfg.patience and state.bad_evals >= cfg.patience:
+                stopped_by = "early_stopping"
+        if out_of_time and stopped_by == "max_steps":
+            stopped_by = "max_minutes"
+        if state.step % cfg.checkpoint_every == 0 or stopped_by != "max_steps":
+            ckpt.save(model, opt, sched, state, best)
+        if stopped_by != "max_steps":
+            break
+    bar.close()
+
+    if best is not None:
+        set_peft_model_state_dict(model, best)
+    metrics, _, eval_seconds = evaluate_split(model, tok, spec, dev)
+    print(f"final dev ({len(dev)} rows, best step {state.best_step}): " + json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), file=sys.stderr)
+
+    final = work / "adapter"
+    shutil.rmtree(final, ignore_errors=True)
+    model.peft_config["default"].base_model_name_or_path = bb.hub_id
+    model.save_pretrained(final)  # PEFT files (safetensors); peft also writes a README we replace
+    meta = {
+        "format": FORMAT,
+        "name": spec.name,
+        "task": spec.to_dict(),
+        "method": spec.method,
+        "label_words": label_words(spec) if spec.type == "classification" else None,
+        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
+        "trainable_parameters": trainable_parameters(model),
+        "metrics": metrics,
+        "efficiency": {
+            "adapter_file_bytes": (final / "adapter_model.safetensors").stat().st_size,
+            "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "train_tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+            "latency_ms_per_example": round(1000 * eval_seconds / len(dev), 2),
+            "device": device,
+        },
+        "train_state": {"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
+                        "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens},
+        "data": {name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
+        "command": command or " ".join(sys.argv),
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(final / SIDECAR, meta)
+    atomic_write(final / "README.md", model_card(meta))  # replace peft's stub card
+    write_jsonl(final / "metrics.jsonl", state.history)
+    plot_curves(state.history, primary, final / "curves.png")
+    _publish(final, output)
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _publish(final: Path, output: Path) -> None:
+    """Move the finished folder into place; an old folder (under --overwrite) goes only after."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists():
+        trash = output.with_name(f".{output.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        output.rename(trash)
+        final.rename(output)
+        shutil.rmtree(trash)
+    else:
+        final.rename(output)

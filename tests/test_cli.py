@@ -1,0 +1,104 @@
+"""Every bad input gives one line on stderr, exit code 2, and writes nothing."""
+
+import json
+
+import pytest
+import yaml
+
+from adapterhub_lite.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_refused(capsys, task_dir, argv, needle):
+    before = sorted(p.name for p in task_dir.iterdir())
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "\n" not in lines[0]
+    assert sorted(p.name for p in task_dir.iterdir()) == before  # nothing written, not even a partial folder
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["base=no-such-model"], "unknown backbone 'no-such-model'"),
+    (["base=./missing_dir/"], "unknown backbone"),
+    (["data.train=missing.jsonl"], "data file 'missing.jsonl' does not exist"),
+    (["prompt=Text: {body}\nLabel:"], "has no column 'body'"),
+    (["labels={pos: x}"], "'labels' needs at least two verbalizer words"),
+    (["labels={pos: x, other: z}"], "label value(s) 'neg' not in labels"),
+    (["data.dev=empty.jsonl"], "is empty"),
+    (["train.epochs=3", "method=adapterfusion"], "unknown key 'train.epochs'"),
+    (["method_args.target_modules=[c_attn]"], "cannot target ['c_attn'] on 'llama'"),
+    (["method=prefix", "method_args.r=4"], "method_args for 'prefix' are invalid"),
+    (["labels={pos: xy, neg: xy}"], "tokenize to identical sequences"),
+])
+def test_bad_train_input_is_refused(capsys, cls_task, override, needle):
+    (cls_task / "empty.jsonl").write_text("")
+    (cls_task / "before").mkdir()  # so that "nothing written" compares a non-trivial listing
+    assert_refused(capsys, cls_task, ["train", "toy.yaml", *override, "--output", "out"], needle)
+
+
+def test_all_spec_problems_come_in_one_line(capsys, cls_task):
+    code, _, err = run(capsys, "train", "toy.yaml", "train.epochs=3", "method=adapterfusion", "type=regression")
+    assert code == 2 and err.count("error:") == 1
+    assert "train.epochs" in err and "adapterfusion" in err and "regression" in err
+
+
+def test_existing_output_folder_is_refused(capsys, cls_task):
+    (cls_task / "out").mkdir()
+    (cls_task / "out" / "keep.txt").write_text("mine")
+    assert_refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out"], "already exists; pass --overwrite")
+    assert (cls_task / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_resume_without_checkpoint_is_refused(capsys, cls_task):
+    assert_refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out", "--resume"], "does not exist; run without --resume")
+
+
+def test_missing_spec_file_and_bad_yaml(capsys, cls_task):
+    assert_refused(capsys, cls_task, ["train", "nope.yaml"], "does not exist")
+    (cls_task / "bad.yaml").write_text("name: [")
+    assert_refused(capsys, cls_task, ["train", "bad.yaml"], "YAML does not parse")
+
+
+def test_train_eval_predict_round_trip(capsys, cls_task):
+    code, out, _ = run(capsys, "train", "toy.yaml", "train.max_steps=2", "--output", "out", "--no-progress")
+    assert code == 0 and json.loads(out)["output"] == "out"
+    code, out, _ = run(capsys, "eval", "out", "--split", "dev", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["rows"] == 16 and 0 <= result["accuracy"] <= 1 and "per_class" in result
+    code, out, _ = run(capsys, "predict", "out", "--text", "aaaa 1")
+    assert code == 0 and json.loads(out)["prediction"] in ("x", "z")
+    (cls_task / "in.jsonl").write_text('{"text": "aaaa 2"}\n{"text": "bbbb 2"}\n')
+    code, _, _ = run(capsys, "predict", "out", "--input", "in.jsonl", "--output", "preds.jsonl")
+    preds = [json.loads(line) for line in (cls_task / "preds.jsonl").read_text().splitlines()]
+    assert code == 0 and [p["text"] for p in preds] == ["aaaa 2", "bbbb 2"]
+
+
+def test_predict_refuses_bad_input(capsys, cls_task):
+    run(capsys, "train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress")
+    assert_refused(capsys, cls_task, ["predict", "out"], "exactly one of --text")
+    (cls_task / "in.jsonl").write_text('{"body": "x"}\n')
+    assert_refused(capsys, cls_task, ["predict", "out", "--input", "in.jsonl"], "lack key(s) ['text']")
+    assert_refused(capsys, cls_task, ["eval", "nowhere"], "is not an adapter folder")
+
+
+def test_wrong_backbone_is_refused_with_both_fingerprints(capsys, cls_task):
+    run(capsys, "train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress")
+    meta = json.loads((cls_task / "out" / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"].update(weights_sha256="0" * 64, id="feedfacefeedface")
+    (cls_task / "out" / "adapterhub.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "eval", "out")
+    assert code == 2 and "feedfacefeedface" in err and "--allow-base-mismatch" in err
+    code, _, _ = run(capsys, "eval", "out", "--allow-base-mismatch", "--json")
+    assert code == 0
+
+
+def test_spec_yaml_is_the_documented_shape(cls_task):
+    spec = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    assert {"name", "type", "data", "prompt", "label", "labels", "metric", "method", "train", "base", "quantization"} <= set(spec)

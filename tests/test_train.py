@@ -1,0 +1,125 @@
+"""Training end to end on the tiny backbone: folder format, plain-peft reload, resume, learning."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from adapterhub_lite import train as train_mod
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.data import load_task_data
+from adapterhub_lite.evaluate import evaluate_split
+from adapterhub_lite.folder import load_adapter
+from adapterhub_lite.spec import load_spec
+
+
+def _train(task_dir, name, *overrides, **kw):
+    spec = load_spec(task_dir / f"{name}.yaml", list(overrides))
+    return train_mod.train(spec, task_dir / "out", progress=False, **kw), spec
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3"])
+def test_plain_peft_reload_reproduces_the_trained_adapter(cls_task, method):
+    out, spec = _train(cls_task, "toy", f"method={method}")
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "curves.png", "metrics.jsonl"]
+    assert not (cls_task / ".out.partial").exists()
+
+    base = AutoModelForCausalLM.from_pretrained(load_backbone("tiny-random-llama", "none").path)
+    plain = PeftModel.from_pretrained(base, out).eval()
+    ours, bb, spec2, _ = load_adapter(out)
+    ids = bb.tokenizer(["Text: aaaa 3\nLabel:", "Text: bbbb 1\nLabel:"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = plain(**ids).logits, ours(**ids).logits
+    assert (a - b).abs().max().item() < 1e-5
+    # the metrics recorded at the end of training are those of the reloaded adapter
+    dev = load_task_data(spec2, ("dev",))["dev"]
+    metrics, _, _ = evaluate_split(plain, bb.tokenizer, spec2, dev)
+    assert metrics == meta["metrics"]
+    assert meta["base"]["fingerprint"] == bb.fingerprint and meta["method"] == method
+    assert meta["trainable_parameters"]["trainable"] > 0 and meta["data"]["train"]["rows"] == 96
+
+
+def test_model_card_and_sidecar_describe_the_run(cls_task):
+    out, _ = _train(cls_task, "toy")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: ") and "model-index" in card
+    meta = json.loads((out / "adapterhub.json").read_text())
+    for key in ("task", "base", "metrics", "efficiency", "data", "command", "versions", "train_state"):
+        assert key in meta
+    assert set(meta["efficiency"]) >= {"adapter_file_bytes", "peak_memory_mb", "train_tokens_per_s", "latency_ms_per_example"}
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in history if "accuracy" in r] == [3, 6]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _history(folder):
+    """metrics.jsonl without its wall-clock figures, which differ between any two runs."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def test_resume_after_a_crash_continues_from_the_checkpoint(cls_task, monkeypatch):
+    straight, _ = _train(cls_task, "toy")
+    want = load_file(straight / "adapter_model.safetensors")
+    want_history = _history(straight)
+    straight.rename(cls_task / "straight")
+
+    original = train_mod.Checkpoint.save
+
+    def crash_after_step_4(self, model, opt, sched, state, best):
+        original(self, model, opt, sched, state, best)
+        if state.step == 4:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train_mod.Checkpoint, "save", crash_after_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(cls_task, "toy")
+    assert not (cls_task / "out").exists() and (cls_task / ".out.partial" / "checkpoint" / "state.pt").exists()
+    monkeypatch.setattr(train_mod.Checkpoint, "save", original)
+
+    resumed, _ = _train(cls_task, "toy", resume=True)
+    got = load_file(resumed / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    assert _history(resumed) == want_history
+
+
+def test_training_learns_a_trivial_classification_task(cls_task):
+    out, _ = _train(cls_task, "toy", "train.max_steps=40", "train.eval_every=20", "train.lr=2e-2")
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert meta["metrics"]["accuracy"] == 1.0
+
+
+def test_generation_task_trains_and_predicts(gen_task):
+    out, _ = _train(gen_task, "copy")
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert set(meta["metrics"]) == {"exact_match", "json_valid"}
+    assert meta["efficiency"]["train_tokens_per_s"] > 0
+
+
+def test_eight_bit_backbone_trains_and_reloads_with_plain_peft(cls_task):
+    out, _ = _train(cls_task, "toy", "quantization=8bit", "train.max_steps=2", "train.eval_every=2")
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert meta["base"]["fingerprint"]["quantization"] == "8bit"
+    bb = load_backbone("tiny-random-llama", "8bit")
+    assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    plain = PeftModel.from_pretrained(bb.model, out).eval()
+    ours, bb2, _, _ = load_adapter(out)
+    ids = bb.tokenizer(["Text: aaaa 3\nLabel:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(plain(**ids).logits, ours(**ids).logits, atol=1e-4)
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(cls_task):
+    out, _ = _train(cls_task, "toy", "train.max_steps=1")
+    with pytest.raises(ValueError, match="already exists; pass --overwrite"):
+        _train(cls_task, "toy", "train.max_steps=1")
+    out, _ = _train(cls_task, "toy", "train.max_steps=2", overwrite=True)
+    assert json.loads((out / "adapterhub.json").read_text())["train_state"]["steps"] == 2
