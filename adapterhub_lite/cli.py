@@ -1,4 +1,6 @@
-"""Command line: `adapterhub-lite train | eval | predict`. Bad input → one line on stderr, exit 2."""
+"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | convert`.
+
+Bad input → one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -95,6 +97,64 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def _publish(args) -> int:
+    from .registry import open_registry
+
+    name, version, entry = open_registry(args.registry).publish(args.adapter, args.version, args.name)
+    print(json.dumps({"published": f"{name}@{version}", "registry": str(args.registry), "files": len(entry["files"])}))
+    return 0
+
+
+def _list(args) -> int:
+    from .registry import open_registry
+
+    rows = open_registry(args.registry).rows()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = [("name", "version", "task", "method", "rank", "base", "quant", "metrics")]
+    table += [(r["name"], r["version"], r["task"], r["method"], str(r["rank"] or "-"), r["base"], r["quantization"],
+               " ".join(f"{k}={v}" for k, v in r["metrics"].items())) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _info(args) -> int:
+    from .registry import open_registry
+
+    name, version, entry = open_registry(args.registry).resolve(args.ref)
+    print(json.dumps({"name": name, "version": version, **entry}, indent=2))
+    return 0
+
+
+def _pull(args) -> int:
+    from .registry import open_registry
+
+    print(open_registry(args.registry).pull(args.ref, args.to))
+    return 0
+
+
+def _verify(args) -> int:
+    from .registry import open_registry
+
+    problems = open_registry(args.registry).verify(args.name)
+    for p in problems:
+        print(f"FAIL {p}")
+    print(f"verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def _convert(args) -> int:
+    from .registry import convert_pickle
+
+    if not args.trust_pickle:
+        raise DataError("convert loads a pickle file; pass --trust-pickle to confirm you trust where it came from")
+    print(convert_pickle(args.adapter))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapterhub-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +184,30 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", help="write JSONL predictions here instead of stdout")
     for p in (t, *[sub.choices[n] for n in ("eval", "predict")]):
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    registry_help = "a local folder (default: adapters) or hf://org/repo"
+    p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
+    p.add_argument("adapter")
+    p.add_argument("--version", default="auto", help="MAJOR.MINOR.PATCH, or auto (bump the patch)")
+    p.add_argument("--name", help="registry name (default: the task name)")
+    p.set_defaults(func=_publish)
+    p = sub.add_parser("list", help="list every published version")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+    for name, func, text in (("info", _info, "show one version's index entry"), ("pull", _pull, "copy a verified version out")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("ref", help="name, name@latest or name@1.0.0")
+        p.set_defaults(func=func)
+    sub.choices["pull"].add_argument("--to", required=True, help="new folder to copy into")
+    p = sub.add_parser("verify", help="re-hash every file of every version; exit 1 on a mismatch")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_verify)
+    for name in ("publish", "list", "info", "pull", "verify"):
+        sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+    p = sub.add_parser("convert", help="turn a trusted pickle adapter (adapter_model.bin) into safetensors")
+    p.add_argument("adapter")
+    p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")
+    p.set_defaults(func=_convert)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,39 @@ def load_split(source: str) -> tuple[datasets.Dataset, str]:
         raise DataError(f"data file {source!r} has unsupported type {suffix or '(none)'!r}; use one of {', '.join(_BUILDERS)}")
     if not path.read_bytes().strip():
         raise DataError(f"split {source!r} is empty; point the spec at a file with rows")
+    # Columns are read as written. Type inference would turn the text "2021-03-03" into a
+    # timestamp ("2021-03-03 00:00:00") and "007" into 7, silently changing targets and prompts:
+    # JSON is already typed, so it is parsed as JSON; csv/tsv columns are all read as strings.
     builder, kwargs = _BUILDERS[suffix]
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        if builder == "json":
+            ds = datasets.Dataset.from_list(_json_rows(path))
+        else:
+            if builder == "csv":
+                with open(path, encoding="utf-8") as fh:
+                    header = next(csv.reader(fh, delimiter=kwargs.get("delimiter", ",")))
+                kwargs = {**kwargs, "features": datasets.Features({c: datasets.Value("string") for c in header})}
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"cannot parse {source!r} as {suffix[1:]} ({type(exc).__name__}); check the file format") from None
     return ds, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """Rows of a JSON Lines file (or a JSON array), exactly as typed in the file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
+    return rows
 
 
 def label_words(spec: TaskSpec) -> list[str]:

@@ -163,6 +163,42 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
             f"adapter {str(folder)!r} was trained on backbone {recorded['id']} but {meta['base']['name']!r} here is "
             f"{bb.fingerprint['id']}; pass --allow-base-mismatch (allow_base_mismatch=True) to load it anyway"
         )
+    check_fits(folder, bb.model)
     model = PeftModel.from_pretrained(bb.model, folder)
     model.eval()
     return model, bb, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta
+
+
+def check_fits(folder: Path, model) -> None:
+    """Refuse an adapter whose target modules or tensor shapes do not fit `model`.
+
+    Reads only adapter_config.json and the safetensors header, so nothing is loaded or changed
+    on the model when the answer is no.
+    """
+    from safetensors import safe_open
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    with safe_open(Path(folder) / "adapter_model.safetensors", "pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    problems = []
+    if config.get("peft_type") in ("LORA", "IA3"):
+        modules = dict(model.named_modules())
+        for key, shape in shapes.items():
+            path, _, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if not leaf:
+                path = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+            module = modules.get(path)
+            if module is None:
+                problems.append(f"no module {path!r}")
+            elif leaf == "A.weight" and shape[1] != module.in_features:
+                problems.append(f"{path}: lora_A expects {shape[1]} inputs, the layer has {module.in_features}")
+            elif leaf == "B.weight" and shape[0] != module.out_features:
+                problems.append(f"{path}: lora_B gives {shape[0]} outputs, the layer has {module.out_features}")
+    else:  # prompt learning: virtual-token width and depth must match the model
+        if config.get("token_dim") not in (None, model.config.hidden_size):
+            problems.append(f"token_dim {config['token_dim']} != hidden size {model.config.hidden_size}")
+        if config.get("num_layers") not in (None, model.config.num_hidden_layers):
+            problems.append(f"num_layers {config['num_layers']} != {model.config.num_hidden_layers}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise AdapterLoadError(f"adapter {str(folder)!r} does not fit {model.config.model_type!r}: {shown}; load it on the backbone it was trained for")

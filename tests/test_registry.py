@@ -1,0 +1,207 @@
+"""Registry: publish/pull/load round trip, integrity, immutability, names, crash and concurrency safety."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from adapterhub_lite.cli import main
+from adapterhub_lite.errors import AdapterLoadError
+from adapterhub_lite.folder import check_fits, load_adapter
+from adapterhub_lite.registry import LocalRegistry, RegistryError, parse_ref
+from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.train import train
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """One tiny trained LoRA adapter folder, shared by the tests of this module."""
+    d = tmp_path_factory.mktemp("adapter")
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    for split in ("train", "dev"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({
+        "name": "toy", "type": "classification", "data": {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl")},
+        "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+        "quantization": "none", "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "max_length": 32},
+    })
+    return train(spec, d / "toy", progress=False)
+
+
+def _logits(model, tok):
+    ids = tok(["T: pos 1\nL:"], return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_publish_pull_load_gives_identical_outputs(adapter, tmp_path):
+    reg = LocalRegistry(tmp_path / "reg")
+    assert reg.publish(adapter, "1.0.0")[:2] == ("toy", "1.0.0")
+    assert reg.publish(adapter)[1] == "1.0.1"  # auto bumps the patch
+    pulled = reg.pull("toy@1.0.0", tmp_path / "pulled")
+    direct, bb, _, _ = load_adapter(adapter)
+    via_pull, _, _, _ = load_adapter(pulled)
+    via_registry, _, _, _ = reg.load("toy@latest")
+    want = _logits(direct, bb.tokenizer)
+    assert torch.equal(want, _logits(via_pull, bb.tokenizer)) and torch.equal(want, _logits(via_registry, bb.tokenizer))
+    entry = reg.index()["adapters"]["toy"]["1.0.0"]
+    assert entry["method"] == "lora" and entry["rank"] == 8 and entry["target_modules"] == ["q_proj", "v_proj"]
+    assert entry["base"]["fingerprint"]["quantization"] == "none" and "accuracy" in entry["metrics"]
+    assert set(entry["files"]) == {p.name for p in adapter.iterdir()}
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in entry["files"].values())
+
+
+def test_published_versions_are_immutable(adapter, tmp_path):
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "2.0.0")
+    with pytest.raises(RegistryError, match="already published and versions are immutable"):
+        reg.publish(adapter, "2.0.0")
+
+
+def test_a_flipped_byte_fails_verify_and_loading(adapter, tmp_path, capsys):
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0")
+    assert reg.verify() == []
+    weights = tmp_path / "reg" / "toy" / "1.0.0" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert reg.verify("toy") == ["toy@1.0.0: adapter_model.safetensors does not match its recorded sha256"]
+    with pytest.raises(RegistryError, match="integrity check failed for toy@1.0.0"):
+        reg.load("toy@1.0.0")
+    assert main(["verify", "toy", "--registry", str(tmp_path / "reg")]) == 1
+    assert "FAIL toy@1.0.0" in capsys.readouterr().out
+
+
+def test_pickle_adapters_are_refused_and_convert_is_opt_in(adapter, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(adapter, folder)
+    state = load_file(folder / "adapter_model.safetensors")
+    torch.save(state, folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
+    reg = LocalRegistry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match=r"pickle weights \['adapter_model.bin'\]"):
+        reg.publish(folder, "1.0.0")
+    assert main(["convert", str(folder)]) == 2 and "--trust-pickle" in capsys.readouterr().err
+    assert main(["convert", str(folder), "--trust-pickle"]) == 0
+    assert reg.publish(folder, "1.0.0")[1] == "1.0.0"
+    assert torch.equal(load_file(reg.path("toy@1.0.0") / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"],
+                       state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "/abs", "..", "", "x@1.0", "toy@1.0.0.0", "toy@v1"])
+def test_bad_names_and_versions_are_refused(bad):
+    with pytest.raises(RegistryError, match="invalid (adapter name|version)"):
+        parse_ref(bad)
+
+
+def test_publish_refuses_a_bad_name_and_writes_nothing(adapter, tmp_path, capsys):
+    code = main(["publish", str(adapter), "--name", "../escape", "--registry", str(tmp_path / "reg")])
+    assert code == 2 and "invalid adapter name '../escape'" in capsys.readouterr().err
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "reg" / "index.json").exists()
+
+
+def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
+    reg = tmp_path / "reg"
+    code = "import sys; from adapterhub_lite.registry import LocalRegistry; LocalRegistry(sys.argv[1]).publish(sys.argv[2])"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(reg), str(adapter)]) for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    assert sorted(LocalRegistry(reg).index()["adapters"]["toy"]) == ["1.0.0", "1.0.1", "1.0.2", "1.0.3"]
+    assert LocalRegistry(reg).verify() == []
+
+
+# A publisher that stops (sleeps) at a chosen point after touching a marker file, to be SIGKILLed there.
+STALLED = """
+import sys, time, pathlib
+import adapterhub_lite.registry as r
+root, folder, marker, where = sys.argv[1:]
+def stall():
+    pathlib.Path(marker).touch()
+    time.sleep(600)
+if where == "mid-copy":  # after the first files are copied, before the rest
+    copy = r._copy_hashing
+    def slow(src, dst):
+        out = copy(src, dst)
+        if src.name == "adapterhub.json":
+            stall()
+        return out
+    r._copy_hashing = slow
+else:  # after the rename into place, before the index is written
+    r.write_json = lambda *a: stall()
+r.LocalRegistry(root).publish(folder, "1.0.1")
+"""
+
+
+@pytest.mark.parametrize("where", ["mid-copy", "before-index"])
+def test_publisher_killed_with_sigkill_leaves_a_valid_index(adapter, tmp_path, where):
+    reg_dir, marker = tmp_path / "reg", tmp_path / "stalled"
+    LocalRegistry(reg_dir).publish(adapter, "1.0.0")
+    before = (reg_dir / "index.json").read_text()
+    proc = subprocess.Popen([sys.executable, "-c", STALLED, str(reg_dir), str(adapter), str(marker), where])
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists(), "publisher never reached the stall point"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (reg_dir / "index.json").read_text() == before  # old index, whole and valid
+    assert [r["version"] for r in LocalRegistry(reg_dir).rows()] == ["1.0.0"] and LocalRegistry(reg_dir).verify() == []
+    with pytest.raises(RegistryError, match="no version '1.0.1'"):
+        LocalRegistry(reg_dir).resolve("toy@1.0.1")
+    assert LocalRegistry(reg_dir).publish(adapter, "1.0.1")[1] == "1.0.1"  # leftovers do not block a retry
+    assert not list(reg_dir.glob(".publish-*")) and LocalRegistry(reg_dir).verify() == []
+
+
+def test_wrong_backbone_is_refused_with_both_fingerprints(adapter, tmp_path):
+    import shutil
+
+    folder = tmp_path / "other_base"
+    shutil.copytree(adapter, folder)
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"].update(weights_sha256="1" * 64, id="0123456789abcdef")
+    (folder / "adapterhub.json").write_text(json.dumps(meta))
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folder, "1.0.0")
+    with pytest.raises(AdapterLoadError) as err:
+        reg.load("toy@1.0.0")
+    here = json.loads((adapter / "adapterhub.json").read_text())["base"]["fingerprint"]["id"]
+    assert "0123456789abcdef" in str(err.value) and here in str(err.value) and "--allow-base-mismatch" in str(err.value)
+
+
+def test_shapes_that_do_not_fit_are_refused_before_loading(adapter):
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="lora_A expects 64 inputs, the layer has 32"):
+        check_fits(adapter, other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_list_info_pull_from_the_command_line(adapter, tmp_path, capsys):
+    reg = str(tmp_path / "reg")
+    assert main(["publish", str(adapter), "--registry", reg, "--version", "1.2.3"]) == 0
+    capsys.readouterr()
+    assert main(["list", "--registry", reg]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:5] == ["name", "version", "task", "method", "rank"] and out[1].split()[:5] == ["toy", "1.2.3", "toy", "lora", "8"]
+    assert main(["info", "toy@1.2.3", "--registry", reg]) == 0 and json.loads(capsys.readouterr().out)["version"] == "1.2.3"
+    assert main(["pull", "toy", "--registry", reg, "--to", str(tmp_path / "p")]) == 0 and (tmp_path / "p" / "adapter_config.json").exists()
+    assert main(["pull", "toy", "--registry", reg, "--to", str(tmp_path / "p")]) == 2
+    assert main(["info", "nope", "--registry", reg]) == 2 and "no adapter 'nope'" in capsys.readouterr().err
+
+
+def test_hub_registry_unreachable_is_one_line(adapter, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["publish", str(adapter), "--registry", "hf://org/toy-adapters"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach the Hugging Face Hub for hf://org/toy-adapters") and "\n" not in err
