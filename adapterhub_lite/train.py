@@ -150,7 +150,7 @@ def _prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
 def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
           command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
     """Train the spec's adapter and write its folder; returns the folder's path."""
-    output = Path(output or Path("adapters") / spec.name)
+    output = Path(output or Path("runs") / spec.name)  # adapters/ is the registry (publish into it)
     work = _prepare_output(output, overwrite, resume)
     data = load_task_data(spec)  # validates everything before a single byte is written
     bb = load_backbone(spec.base, spec.quantization, device)

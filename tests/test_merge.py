@@ -1,0 +1,92 @@
+"""Merging LoRA adapters: peft's formulas reproduced by hand, clear refusals, a usable folder."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.router.merge import MergeError, fold_into_base, merge_adapters
+from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.train import train
+
+LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Three tiny trained LoRA adapters: a and b with r=4, c with r=8."""
+    d = tmp_path_factory.mktemp("merge")
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    for split in ("train", "dev"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {}
+    for name, r, seed in (("a", 4, 1), ("b", 4, 2), ("c", 8, 3)):
+        spec = spec_from_dict({
+            "name": name, "type": "classification", "data": {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl")},
+            "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+            "quantization": "none", "method_args": {"r": r, "lora_alpha": 2 * r},
+            "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "max_length": 32, "lr": 5e-2, "seed": seed},
+        })
+        out[name] = train(spec, d / name, progress=False)
+    return out
+
+
+def _factors(model, adapter):
+    layer = model.get_submodule(LAYER)
+    return layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(), layer.scaling[adapter]
+
+
+def test_linear_merge_equals_the_weighted_sum_by_hand(sources, tmp_path):
+    weights = {"a": 0.7, "b": 0.3}
+    model, meta = merge_adapters({k: sources[k] for k in weights}, weights, "linear", output=tmp_path / "mix", name="mix", report_rows=4)
+    (a_A, a_B, a_s), (b_A, b_B, b_s) = _factors(model, "a"), _factors(model, "b")
+    m_A, m_B, m_s = _factors(model, "mix")
+    # peft's "linear" is a weighted sum of the LoRA factors, each side scaled by sqrt(weight·scaling)
+    want_A = (0.7 * a_s) ** 0.5 * a_A + (0.3 * b_s) ** 0.5 * b_A
+    want_B = (0.7 * a_s) ** 0.5 * a_B + (0.3 * b_s) ** 0.5 * b_B
+    assert torch.allclose(m_A, want_A, atol=1e-6) and torch.allclose(m_B, want_B, atol=1e-6) and m_s == 1.0
+    # the folder is an ordinary adapter: plain peft loads it and gives the merged model's logits
+    bb = load_backbone("tiny-random-llama", "none")
+    plain = PeftModel.from_pretrained(bb.model, tmp_path / "mix").eval()
+    ids = bb.tokenizer(["T: pos 3\nL:"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(plain(**ids).logits, model(**ids).logits, atol=1e-5)
+    side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
+    assert side["merge"]["weights"] == weights and set(side["merge_report"]) == {"a", "b"}
+    assert set(side["merge_report"]["a"]) >= {"merged", "own", "delta", "metric"}
+
+
+def test_cat_merge_is_the_exact_weighted_sum_of_updates_and_takes_mixed_ranks(sources):
+    weights = {"a": 0.5, "c": 2.0}
+    model, _ = merge_adapters({k: sources[k] for k in weights}, weights, "cat", name="mix", report_rows=0)
+    (a_A, a_B, a_s), (c_A, c_B, c_s) = _factors(model, "a"), _factors(model, "c")
+    m_A, m_B, m_s = _factors(model, "mix")
+    want = 0.5 * a_s * a_B @ a_A + 2.0 * c_s * c_B @ c_A
+    assert m_A.shape[0] == 12 and torch.allclose(m_s * m_B @ m_A, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, density, needle", [
+    ("ties", 0.5, "needs equal LoRA ranks but they are {'a': 4, 'c': 8}; use method 'cat' or 'svd'"),
+    ("linear", None, "needs equal LoRA ranks"),
+    ("average", None, "merge method 'average' is not one of"),
+])
+def test_rank_and_method_problems_are_refused(sources, method, density, needle):
+    with pytest.raises(MergeError, match=needle.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}").replace("[", r"\[")):
+        merge_adapters({"a": sources["a"], "c": sources["c"]}, {"a": 0.5, "c": 0.5}, method, density=density, report_rows=0)
+
+
+def test_ties_and_dare_need_a_density_and_run_with_one(sources):
+    with pytest.raises(MergeError, match="needs a density"):
+        merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "ties", report_rows=0)
+    for method in ("ties", "dare_linear", "dare_ties", "svd"):
+        model, _ = merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, method, density=0.5, report_rows=0)
+        assert model.active_adapter == "merged"
+
+
+def test_fold_into_base_reports_its_error(sources):
+    model, _ = merge_adapters({"a": sources["a"]}, {"a": 1.0}, "linear", report_rows=0)
+    bb = load_backbone("tiny-random-llama", "none")
+    folded, err = fold_into_base(model, bb.tokenizer, ["T: pos 1\nL:", "T: neg 2\nL:"])
+    assert err < 1e-4 and not isinstance(folded, PeftModel)
