@@ -195,8 +195,12 @@ def check_fits(folder: Path, model) -> None:
             elif leaf == "B.weight" and shape[0] != module.out_features:
                 problems.append(f"{path}: lora_B gives {shape[0]} outputs, the layer has {module.out_features}")
     else:  # prompt learning: virtual-token width and depth must match the model
-        if config.get("token_dim") not in (None, model.config.hidden_size):
-            problems.append(f"token_dim {config['token_dim']} != hidden size {model.config.hidden_size}")
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        # a prefix holds keys/values (kv heads × head dim wide); a prompt holds input embeddings
+        width = getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim if config.get("peft_type") == "PREFIX_TUNING" else c.hidden_size
+        if config.get("token_dim") not in (None, width):
+            problems.append(f"token_dim {config['token_dim']} != {width}")
         if config.get("num_layers") not in (None, model.config.num_hidden_layers):
             problems.append(f"num_layers {config['num_layers']} != {model.config.num_hidden_layers}")
     if problems:

@@ -33,6 +33,7 @@ from .errors import DataError, OutputExistsError
 from .evaluate import evaluate_split, label_token_ids
 from .folder import FORMAT, SIDECAR, atomic_write, model_card, plot_curves, write_json, write_jsonl
 from .heads import classification_loss, generation_loss
+from .router.routing import routing_entry
 from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,9 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     metrics, _, eval_seconds = evaluate_split(model, tok, spec, dev)
     print(f"final dev ({len(dev)} rows, best step {state.best_step}): " + json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), file=sys.stderr)
 
+    with model.disable_adapter():  # prototypes of the inputs, as the plain backbone sees them
+        routing = routing_entry(model, tok, spec)
+
     final = work / "adapter"
     shutil.rmtree(final, ignore_errors=True)
     model.peft_config["default"].base_model_name_or_path = bb.hub_id
@@ -268,6 +272,7 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
         },
         "train_state": {"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
                         "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens},
+        "routing": routing,
         "data": {name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
         "command": command or " ".join(sys.argv),
         "versions": _versions(),

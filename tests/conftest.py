@@ -60,3 +60,25 @@ def gen_task(tmp_path, monkeypatch):
     }
     (tmp_path / "copy.yaml").write_text(yaml.safe_dump(spec))
     return tmp_path
+
+
+def train_tiny(folder, name="toy", **overrides):
+    """Train a tiny classification adapter (2 labels, 16 rows) into folder/name; returns its path.
+
+    `overrides` replace top-level spec keys (e.g. method_args=…) or, under `train`, training keys.
+    """
+    from adapterhub_lite.spec import spec_from_dict
+    from adapterhub_lite.train import train
+
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    data = folder / "toy.jsonl"
+    if not data.exists():
+        _write_jsonl(data, rows)
+    raw = {
+        "name": name, "type": "classification", "data": {"train": str(data), "dev": str(data)},
+        "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+        "quantization": "none", "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "max_length": 32},
+    }
+    raw["train"].update(overrides.pop("train", {}))
+    raw.update(overrides)
+    return train(spec_from_dict(raw), folder / name, progress=False)

@@ -8,8 +8,8 @@ from peft import PeftModel
 
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.router.merge import MergeError, fold_into_base, merge_adapters
-from adapterhub_lite.spec import spec_from_dict
-from adapterhub_lite.train import train
+
+from .conftest import train_tiny
 
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -18,19 +18,8 @@ LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 def sources(tmp_path_factory):
     """Three tiny trained LoRA adapters: a and b with r=4, c with r=8."""
     d = tmp_path_factory.mktemp("merge")
-    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
-    for split in ("train", "dev"):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = {}
-    for name, r, seed in (("a", 4, 1), ("b", 4, 2), ("c", 8, 3)):
-        spec = spec_from_dict({
-            "name": name, "type": "classification", "data": {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl")},
-            "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
-            "quantization": "none", "method_args": {"r": r, "lora_alpha": 2 * r},
-            "train": {"max_steps": 3, "batch_size": 4, "eval_every": 3, "max_length": 32, "lr": 5e-2, "seed": seed},
-        })
-        out[name] = train(spec, d / name, progress=False)
-    return out
+    return {name: train_tiny(d, name, method_args={"r": r, "lora_alpha": 2 * r}, train={"max_steps": 3, "lr": 5e-2, "seed": seed})
+            for name, r, seed in (("a", 4, 1), ("b", 4, 2), ("c", 8, 3))}
 
 
 def _factors(model, adapter):

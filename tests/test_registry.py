@@ -15,23 +15,14 @@ from adapterhub_lite.cli import main
 from adapterhub_lite.errors import AdapterLoadError
 from adapterhub_lite.folder import check_fits, load_adapter
 from adapterhub_lite.registry import LocalRegistry, RegistryError, parse_ref
-from adapterhub_lite.spec import spec_from_dict
-from adapterhub_lite.train import train
+
+from .conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """One tiny trained LoRA adapter folder, shared by the tests of this module."""
-    d = tmp_path_factory.mktemp("adapter")
-    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
-    for split in ("train", "dev"):
-        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = spec_from_dict({
-        "name": "toy", "type": "classification", "data": {"train": str(d / "train.jsonl"), "dev": str(d / "dev.jsonl")},
-        "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
-        "quantization": "none", "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "max_length": 32},
-    })
-    return train(spec, d / "toy", progress=False)
+    return train_tiny(tmp_path_factory.mktemp("adapter"))
 
 
 def _logits(model, tok):

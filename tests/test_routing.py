@@ -40,6 +40,7 @@ def test_prototypes_go_into_the_sidecar_and_route_their_own_inputs(tmp_path):
                                "prompt": "{text} ->", "label": "label", "labels": ["x", "y"], "base": "tiny-random-llama", "quantization": "none",
                                "train": {"max_steps": 1, "eval_every": 1, "eval_samples": 4, "max_length": 32}})
         folders[name] = train(spec, tmp_path / f"run-{name}", progress=False)
+        assert len(read_sidecar(folders[name])["routing"]["prototypes"]) == 4  # training stores them
         add_routing(folders[name], bb.model, bb.tokenizer, samples=32, k=2)
     metas = {n: read_sidecar(f) for n, f in folders.items()}
     assert len(metas["digits"]["routing"]["prototypes"]) == 2

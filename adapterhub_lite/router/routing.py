@@ -64,15 +64,22 @@ def fit_prototypes(model, tokenizer, texts: list[str], k: int = 4, seed: int = 0
     return kmeans(embed(model, tokenizer, texts), k, seed=seed)
 
 
-def add_routing(folder: str | Path, model, tokenizer, samples: int = 256, k: int = 4, seed: int = 0) -> dict:
-    """Fit an adapter's routing prototypes from its training inputs and store them in its sidecar."""
-    folder = Path(folder)
-    meta = read_sidecar(folder)
-    spec = spec_from_dict(meta["task"])
+def routing_entry(model, tokenizer, spec: TaskSpec, samples: int = 256, k: int = 4, seed: int = 0) -> dict:
+    """The sidecar's `routing` record: prototypes of the task's training inputs.
+
+    `model` must run as the plain backbone (for a PeftModel: inside `disable_adapter()`).
+    """
     texts = task_texts(spec, "train", samples, seed)
     protos = fit_prototypes(model, tokenizer, texts, k, seed)
-    meta["routing"] = {"embedding": "mean-pooled last hidden state of the base model, L2-normalised",
-                       "samples": len(texts), "prototypes": [[round(v, 5) for v in p.tolist()] for p in protos]}
+    return {"embedding": "mean-pooled last hidden state of the base model, L2-normalised",
+            "samples": len(texts), "prototypes": [[round(v, 5) for v in p.tolist()] for p in protos]}
+
+
+def add_routing(folder: str | Path, model, tokenizer, **kwargs) -> dict:
+    """Fit routing prototypes for an existing adapter folder and store them in its sidecar."""
+    folder = Path(folder)
+    meta = read_sidecar(folder)
+    meta["routing"] = routing_entry(model, tokenizer, spec_from_dict(meta["task"]), **kwargs)
     write_json(folder / SIDECAR, meta)
     return meta["routing"]
 
