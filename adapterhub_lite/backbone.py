@@ -195,6 +195,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@torch.no_grad()
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy weights that still live in the memory-mapped checkpoint into process memory.
+
+    transformers maps safetensors files and keeps unconverted tensors (fp32 weights, the
+    embedding of an 8-bit model) as views of that file. The kernel may drop such pages under
+    memory pressure and read them back from disk on every use; we saw a training step go from
+    1 s to 75 s that way. Quantized weights (bitsandbytes' own parameter types) are already copies.
+    """
+    seen: set[int] = set()
+    for param in model.parameters():
+        if type(param) is torch.nn.Parameter and id(param) not in seen:  # tied weights: copy once
+            seen.add(id(param))
+            param.data = param.data.clone()
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None:
+                module._buffers[name] = buf.clone()
+
+
 def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit", device: str | None = None) -> Backbone:
     """Load a frozen backbone and its tokenizer; 8-bit (bitsandbytes) works on CPU and CUDA."""
     if quantization not in QUANTIZATIONS:
@@ -218,6 +238,7 @@ def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit"
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if quantization == "none":
         model.to(device)
+    _own_memory(model)
     model.requires_grad_(False)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,383 @@
+"""Heterogeneous batches: one forward pass in which every row runs through its own adapter.
+
+A row may use a LoRA, a prefix-tuning or a prompt-tuning adapter, or none (the plain backbone).
+peft serves one prompt-learning adapter per forward and cannot mix them with LoRA, so the three
+kinds are applied here with plain torch ops on the frozen backbone:
+
+- LoRA: a forward hook on each targeted linear module adds a batched, gathered low-rank product:
+  the factors of each row's adapter are gathered into [B, in, r_max] / [B, r_max, out] (B·scale),
+  zero-padded to the widest rank in the batch (exact), and applied with two bmm's.
+- Prefix tuning: each row's prefix keys/values pre-fill a DynamicCache, padded to the longest prefix
+  and masked out beyond the row's own.
+- Prompt tuning: the virtual token embeddings are put in front of the row's token embeddings.
+
+Rows are right-padded; every row gets explicit position ids equal to those it has when run alone
+through peft, and a 2D attention mask over [prefix slots + token columns].
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftConfig
+from safetensors.torch import load_file
+from transformers import DynamicCache
+
+from ..errors import AdapterHubError, AdapterLoadError
+
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+class _Routing:
+    """Which LoRA slot each row of the running batch uses; None while the bank is not running."""
+
+    slots: torch.Tensor | None = None
+
+
+class _LoraModule:
+    """The LoRA factors of all resident adapters for one linear module, applied by a hook.
+
+    Each adapter's factors are kept at their own size (resident memory = the adapters' bytes, and
+    loading the n-th adapter copies nothing of the others). A batch gathers the factors of its rows
+    into [n, in, r_max] / [n, r_max, out] stacks once, zero-padded to the batch's widest rank (exact),
+    and reuses them for every decode step of that batch.
+    """
+
+    def __init__(self, module: torch.nn.Linear, routing: _Routing, dtype: torch.dtype, device):
+        self.routing = routing
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.dtype, self.device = dtype, device
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot → (A [r, in], B·scale [out, r])
+        self._gathered = None  # per-routing cache, so decode steps do not re-gather every token
+        # The hook calls nothing but the original module for the base part, so nn.Linear and
+        # bitsandbytes Linear8bitLt bases are served alike; untargeted modules carry no hook at all.
+        self.handle = module.register_forward_hook(self._hook)
+
+    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Store A [r, in] and B [out, r] (scale folded in) for `slot`."""
+        self.factors[slot] = (a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous())
+        self._gathered = None
+
+    def clear(self, slot: int) -> None:
+        self.factors.pop(slot, None)
+        self._gathered = None
+
+    def empty(self) -> bool:
+        return not self.factors
+
+    def _gather(self, slots: torch.Tensor):
+        """Rows that have a LoRA here (None = all of them) and their factors, transposed for bmm."""
+        if self._gathered is None or self._gathered[0] is not slots:
+            wanted = slots.tolist()
+            rows = [i for i, s in enumerate(wanted) if s in self.factors]
+            r_max = max((self.factors[wanted[i]][0].shape[0] for i in rows), default=0)
+            At = torch.zeros(len(rows), self.in_features, r_max, dtype=self.dtype, device=self.device)
+            Bt = torch.zeros(len(rows), r_max, self.out_features, dtype=self.dtype, device=self.device)
+            for j, i in enumerate(rows):
+                a, b = self.factors[wanted[i]]
+                At[j, :, : a.shape[0]] = a.T
+                Bt[j, : b.shape[1]] = b.T
+            keep = None if len(rows) == len(wanted) else torch.tensor(rows, dtype=torch.long, device=slots.device)
+            self._gathered = (slots, keep, At, Bt)
+        return self._gathered[1:]
+
+    def _hook(self, module, args, out):
+        slots = self.routing.slots
+        if slots is None:
+            return None
+        rows, At, Bt = self._gather(slots)
+        if rows is not None and len(rows) == 0:
+            return None
+        x = args[0]  # [B, T, in], as decoder layers call their linears
+        if rows is not None:  # only some rows have a LoRA here: compute theirs alone, scatter-add back
+            delta = torch.bmm(torch.bmm(x.index_select(0, rows).to(At.dtype), At), Bt)
+            out.index_add_(0, rows, delta.to(out.dtype))
+        elif out.dtype == At.dtype:
+            out.baddbmm_(torch.bmm(x.to(At.dtype), At), Bt)  # every row has one: accumulate in place
+        else:
+            out.add_(torch.bmm(torch.bmm(x.to(At.dtype), At), Bt).to(out.dtype))
+        return out
+
+
+@dataclass
+class _Adapter:
+    kind: str  # "LORA", "PREFIX_TUNING" or "PROMPT_TUNING"
+    nbytes: int
+    slot: int = 0  # LoRA slot (0 = none)
+    modules: tuple = ()  # LoRA: names of the modules it targets
+    tensor: torch.Tensor | None = None  # prefix: [layers, 2, kv_heads, V, head_dim]; prompt: [V, hidden]
+
+    @property
+    def virtual(self) -> int:
+        return 0 if self.tensor is None else self.tensor.shape[-2 if self.kind == "PREFIX_TUNING" else 0]
+
+
+@dataclass
+class _Batch:
+    embeds: torch.Tensor  # [B, L, hidden], right-padded; prompt rows start with their virtual tokens
+    mask: torch.Tensor  # [B, P_max + L]: 1 over the row's own prefix slots and token columns
+    positions: torch.Tensor  # [B, L]
+    cache: DynamicCache  # pre-filled with the padded prefixes (empty when no row has one)
+    slots: torch.Tensor  # [B] LoRA slot per row
+    starts: list[int]  # column of each row's first real token (after its virtual tokens)
+    lengths: list[int]  # columns used by each row (virtual + real tokens)
+
+
+class AdapterBank:
+    """Adapters resident on one frozen backbone, served per row."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config.get_text_config(decoder=True)
+        if getattr(self.config, "final_logit_softcapping", None):  # logits here are lm_head(hidden), nothing more
+            raise AdapterHubError(f"{self.config.model_type} soft-caps its logits; the adapter bank serves plain LM heads")
+        self.decoder = model.get_decoder()
+        self.embed = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
+        # peft upcasts LoRA weights of fp16/bf16 models to fp32 and computes the delta there; so do we.
+        self.lora_dtype = torch.promote_types(self.dtype, torch.float32)
+        self._adapters: dict[str, _Adapter] = {}
+        self._slots: list[str | None] = [None]  # slot 0 is "no LoRA" and never assigned
+        self._lora: dict[str, _LoraModule] = {}
+        self._routing = _Routing()
+        self.decode_batch_sizes: list[int] = []  # rows in the batch at each decode step of the last generate()
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def add(self, name: str, folder) -> None:
+        """Load a PEFT adapter folder (LoRA, prefix tuning or prompt tuning) under `name`."""
+        if name in self._adapters:
+            raise AdapterLoadError(f"adapter {name!r} is already loaded; remove it first to replace it")
+        folder = Path(folder)
+        try:
+            cfg = PeftConfig.from_pretrained(str(folder))
+            weights = load_file(folder / "adapter_model.safetensors", device=str(self.device))
+        except (OSError, ValueError) as exc:
+            raise AdapterLoadError(f"cannot load adapter {name!r} from {str(folder)!r} ({type(exc).__name__}); it needs adapter_config.json and adapter_model.safetensors") from None
+        kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+        loaders = {"LORA": self._load_lora, "PREFIX_TUNING": self._load_prefix, "PROMPT_TUNING": self._load_prompt}
+        if kind not in loaders:
+            raise AdapterLoadError(f"adapter {name!r} is {kind}; the bank serves {', '.join(loaders)}")
+        self._adapters[name] = loaders[kind](name, cfg, weights)
+
+    def remove(self, name: str) -> None:
+        """Free an adapter; its LoRA slot is reused by the next LoRA added."""
+        entry = self._get(name)
+        for mod in entry.modules:
+            store = self._lora[mod]
+            store.clear(entry.slot)
+            if store.empty():  # no resident LoRA targets it any more: back to the original forward
+                store.handle.remove()
+                del self._lora[mod]
+        if entry.slot:
+            self._slots[entry.slot] = None
+        del self._adapters[name]
+
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module)."""
+        return self._get(name).nbytes
+
+    def _get(self, name: str) -> _Adapter:
+        if name not in self._adapters:
+            known = ", ".join(map(repr, self._adapters)) or "none"
+            raise AdapterLoadError(f"unknown adapter {name!r}; loaded adapters: {known}")
+        return self._adapters[name]
+
+    def _load_lora(self, name, cfg, weights) -> _Adapter:
+        unsupported = [f for f in ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "trainable_token_indices") if getattr(cfg, f, None)]
+        if cfg.bias != "none" or unsupported:
+            raise AdapterLoadError(f"LoRA adapter {name!r} uses {', '.join(unsupported) or 'bias=' + cfg.bias}; the bank serves plain LoRA on linear layers")
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in weights.items():
+            m = _LORA_KEY.fullmatch(key)
+            if not m:
+                raise AdapterLoadError(f"LoRA adapter {name!r} holds tensor {key!r}; the bank serves plain LoRA on linear layers")
+            pairs.setdefault(m[1], {})[m[2]] = t
+        modules = dict(self.model.named_modules())
+        # Check everything before touching the stacks, so a bad folder leaves the bank as it was.
+        for mod, ab in pairs.items():
+            lin = modules.get(mod)
+            ok = isinstance(lin, torch.nn.Linear) and len(ab) == 2 and ab["A"].shape[1] == lin.in_features \
+                and ab["B"].shape == (lin.out_features, ab["A"].shape[0])
+            if not ok:
+                raise AdapterLoadError(f"LoRA adapter {name!r} does not fit the backbone at {mod!r}; was it trained on another model?")
+        slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
+        self._slots[slot:slot + 1] = [name]
+        nbytes = 0
+        for mod, ab in pairs.items():
+            a, b = ab["A"].to(self.lora_dtype), ab["B"].to(self.lora_dtype)
+            r = a.shape[0]
+            alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", mod)), cfg.lora_alpha)
+            scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+            if mod not in self._lora:
+                self._lora[mod] = _LoraModule(modules[mod], self._routing, self.lora_dtype, self.device)
+            self._lora[mod].put(slot, a, b * scale)
+            nbytes += (a.numel() + b.numel()) * a.element_size()
+        return _Adapter("LORA", nbytes, slot=slot, modules=tuple(pairs))
+
+    def _prompt_weights(self, name, cfg, weights, width) -> torch.Tensor:
+        emb = weights.get("prompt_embeddings")
+        if emb is None or emb.shape != (cfg.num_virtual_tokens, width):
+            got = None if emb is None else tuple(emb.shape)
+            raise AdapterLoadError(f"{cfg.peft_type} adapter {name!r} has prompt_embeddings {got}, expected {(cfg.num_virtual_tokens, width)} for this backbone; was it trained on another model?")
+        return emb.to(self.dtype)
+
+    def _load_prefix(self, name, cfg, weights) -> _Adapter:
+        c = self.config
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        if cfg.num_transformer_submodules != 1:
+            raise AdapterLoadError(f"prefix adapter {name!r} is for an encoder-decoder model; the bank serves causal LMs")
+        emb = self._prompt_weights(name, cfg, weights, c.num_hidden_layers * 2 * kv_heads * head_dim)
+        # As peft's get_prompt: [V, layers*2, heads, head_dim] → [layers, 2 (key, value), heads, V, head_dim].
+        kv = emb.view(cfg.num_virtual_tokens, c.num_hidden_layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+        return _Adapter("PREFIX_TUNING", kv.numel() * kv.element_size(), tensor=kv)
+
+    def _load_prompt(self, name, cfg, weights) -> _Adapter:
+        emb = self._prompt_weights(name, cfg, weights, self.config.hidden_size).contiguous()
+        return _Adapter("PROMPT_TUNING", emb.numel() * emb.element_size(), tensor=emb)
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def _prepare(self, input_ids, adapters) -> _Batch:
+        """Lay the rows out side by side: embeddings, mask, positions, prefix cache and LoRA slots."""
+        if len(input_ids) != len(adapters) or not input_ids or any(len(r) == 0 for r in input_ids):
+            raise AdapterHubError(f"need one adapter (or None) per row and at least one token per row; got {len(input_ids)} rows and {len(adapters)} adapters")
+        entries = [None if a is None else self._get(a) for a in adapters]
+        prompt = [e.virtual if e and e.kind == "PROMPT_TUNING" else 0 for e in entries]
+        prefix = [e.virtual if e and e.kind == "PREFIX_TUNING" else 0 for e in entries]
+        lengths = [v + len(r) for v, r in zip(prompt, input_ids)]
+        B, L, P = len(input_ids), max(lengths), max(prefix)
+        ids = torch.full((B, L), getattr(self.config, "pad_token_id", None) or 0, dtype=torch.long)
+        mask = torch.zeros(B, P + L, dtype=torch.long)
+        positions = torch.zeros(B, L, dtype=torch.long)
+        for i, row in enumerate(input_ids):
+            ids[i, prompt[i]:lengths[i]] = torch.tensor(row, dtype=torch.long)
+            mask[i, :prefix[i]] = 1
+            mask[i, P:P + lengths[i]] = 1
+            # Alone through peft a prefix row's tokens start at position P_i (the cache already holds
+            # P_i entries); a prompt row's virtual tokens take positions 0..V-1. Pad columns are masked
+            # as keys and their outputs dropped, so their positions do not matter.
+            positions[i] = torch.arange(prefix[i], prefix[i] + L)
+        embeds = self.embed(ids.to(self.device))
+        for i, e in enumerate(entries):
+            if prompt[i]:
+                embeds[i, :prompt[i]] = e.tensor
+        cache = DynamicCache(config=self.model.config)
+        if P:
+            n_layers, _, heads, _, head_dim = next(e.tensor.shape for e in entries if e and e.kind == "PREFIX_TUNING")
+            kv = torch.zeros(n_layers, 2, B, heads, P, head_dim, dtype=self.dtype, device=self.device)
+            for i, e in enumerate(entries):
+                if prefix[i]:
+                    kv[:, :, i, :, :prefix[i]] = e.tensor
+            for layer in range(n_layers):
+                cache.update(kv[layer, 0], kv[layer, 1], layer)
+        slots = torch.tensor([e.slot if e else 0 for e in entries], device=self.device)
+        return _Batch(embeds, mask.to(self.device), positions.to(self.device), cache, slots, prompt, lengths)
+
+    @contextmanager
+    def _routed(self, slots: torch.Tensor | None):
+        # The hooks act only while a batch is routed, so the backbone called by anyone else is the
+        # plain backbone.
+        saved, self._routing.slots = self._routing.slots, slots
+        try:
+            yield
+        finally:
+            self._routing.slots = saved
+
+    def base_only(self):
+        """Context in which calling `model` directly gives the plain backbone (as anywhere outside
+        forward/generate; this makes it explicit and holds even inside a routed call)."""
+        return self._routed(None)
+
+    def _run(self, embeds, mask, positions, cache, slots) -> torch.Tensor:
+        with self._routed(slots):
+            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def forward(self, input_ids: list[list[int]], adapters: list[str | None], logits_positions=None) -> list[torch.Tensor]:
+        """One forward pass, row i through adapters[i] (None = base model).
+
+        Returns per row the logits [T_i, vocab] over the row's own tokens (prompt-tuning virtual
+        tokens removed), or [len(p_i), vocab] at the positions p_i = logits_positions[i] (negative
+        counts from the end); the LM head then runs only there.
+        """
+        batch = self._prepare(input_ids, adapters)
+        hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache, batch.slots)
+        if logits_positions is None:
+            logits_positions = [range(len(r)) for r in input_ids]
+        if len(logits_positions) != len(input_ids):
+            raise AdapterHubError(f"logits_positions has {len(logits_positions)} rows, input_ids {len(input_ids)}")
+        rows, cols, counts = [], [], []
+        for i, (row, pos) in enumerate(zip(input_ids, logits_positions)):
+            pos = list(pos)
+            if any(not -len(row) <= p < len(row) for p in pos):
+                raise AdapterHubError(f"logits_positions[{i}] = {pos} is out of range for a row of {len(row)} tokens")
+            rows += [i] * len(pos)
+            cols += [batch.starts[i] + p % len(row) for p in pos]
+            counts.append(len(pos))
+        logits = self.lm_head(hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)])
+        return list(logits.split(counts))
+
+    @torch.no_grad()
+    def generate(self, input_ids: list[list[int]], adapters: list[str | None], max_new_tokens: int | list[int],
+                 eos_token_id: int, *, output_scores: bool = False):
+        """Greedy decoding with a KV cache; returns each row's new tokens (its EOS included).
+
+        Each row stops at its own EOS or its own max_new_tokens and then leaves the batch: the cache,
+        mask, positions and LoRA slots keep only the running rows, so finished rows cost nothing.
+        With output_scores, also returns per row the logits [n_i, vocab] each new token was chosen from.
+        """
+        budget = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(budget) != len(input_ids):
+            raise AdapterHubError(f"max_new_tokens has {len(budget)} entries for {len(input_ids)} rows")
+        out: list[list[int]] = [[] for _ in input_ids]
+        scores: list[list[torch.Tensor]] = [[] for _ in input_ids]
+        self.decode_batch_sizes = []
+        running = [i for i, n in enumerate(budget) if n > 0]
+        if not running:
+            return self._generated(out, scores, output_scores)
+        batch = self._prepare([input_ids[i] for i in running], [adapters[i] for i in running])
+        hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache, batch.slots)
+        last = torch.tensor(batch.lengths, device=self.device) - 1
+        hidden = hidden[torch.arange(len(running), device=self.device), last]
+        next_pos = batch.positions.gather(1, last[:, None]) + 1  # [B, 1]
+        mask, cache, slots = batch.mask, batch.cache, batch.slots
+        while True:
+            logits = self.lm_head(hidden)
+            tokens = logits.argmax(-1)
+            keep = []
+            for j, (i, tok) in enumerate(zip(running, tokens.tolist())):
+                out[i].append(tok)
+                if output_scores:
+                    scores[i].append(logits[j])
+                if tok != eos_token_id and len(out[i]) < budget[i]:
+                    keep.append(j)
+            if not keep:
+                return self._generated(out, scores, output_scores)
+            if len(keep) < len(running):  # drop finished rows from every per-row tensor
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                mask, slots, next_pos, tokens = mask[idx], slots[idx], next_pos[idx], tokens[idx]
+                running = [running[j] for j in keep]
+            self.decode_batch_sizes.append(len(running))
+            mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
+            hidden = self._run(self.embed(tokens[:, None]), mask, next_pos, cache, slots)[:, -1]
+            next_pos = next_pos + 1
+
+    def _generated(self, out, scores, output_scores):
+        if not output_scores:
+            return out
+        vocab = self.lm_head.out_features
+        return out, [torch.stack(r) if r else torch.zeros(0, vocab, device=self.device) for r in scores]

@@ -1,0 +1,210 @@
+"""Router: many task adapters served on one frozen backbone.
+
+    r = Router.from_registry("adapters/")        # the backbone loads once, adapters lazily
+    r.use("sst2"); r.predict("a gorgeous, witty film")
+    r.merge({"sst2": 0.5, "ag_news": 0.5}, method="ties", density=0.5, name="mix")
+    r.run([{"adapter": "sst2", "text": "…"}, {"adapter": "date_iso", "text": "…"},
+           {"adapter": "base", "text": "…"}, {"adapter": "auto", "text": "…"}])
+
+Adapters stay resident in an AdapterBank (router/batch.py) under an LRU with a memory budget;
+`run` serves a batch whose every row names its own adapter (classification rows are scored
+over their labels, generation rows decode to their own stop).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..backbone import Backbone, load_backbone
+from ..data import label_words, render
+from ..errors import AdapterLoadError
+from ..evaluate import label_token_ids
+from ..folder import check_fits, read_sidecar
+from ..heads import encode_prompt
+from ..registry import open_registry
+from ..spec import TaskSpec, spec_from_dict
+from .batch import AdapterBank
+from .merge import merge_adapters
+from .routing import BASE, ContentRouter, embed
+
+
+class Router:
+    """Swap, merge and batch task adapters over one backbone."""
+
+    def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
+                 route_threshold: float = 0.5, allow_base_mismatch: bool = False):
+        self.bb, self.registry = backbone, registry
+        self.bank = AdapterBank(backbone.model)
+        self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+        self.allow_base_mismatch = allow_base_mismatch
+        self.folders: dict[str, Path] = {}  # every adapter we know how to load
+        self.metas: dict[str, dict] = {}
+        self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
+        self.active: str | None = None
+        self.route_threshold = route_threshold
+        self._content: ContentRouter | None = None
+        self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
+
+    @classmethod
+    def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
+                      device: str | None = None, **kwargs) -> Router:
+        """Open a registry and load the backbone its adapters share (adapters load on first use)."""
+        reg = open_registry(registry)
+        index = reg.index()["adapters"]
+        if not index:
+            raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
+        latest = {name: reg.resolve(name)[2] for name in index}
+        bases = {e["base"]["fingerprint"]["id"]: e for e in latest.values()}
+        first = next(iter(bases.values()))
+        bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device)
+        router = cls(bb, reg, **kwargs)
+        for name in latest:
+            router.register(name)
+        return router
+
+    # -- catalogue and residency -------------------------------------------------------------
+    def register(self, name: str, folder: str | Path | None = None) -> None:
+        """Make an adapter known: a registry name (latest version) or an explicit folder."""
+        if folder is None:
+            if self.registry is None:
+                raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
+            folder = self.registry.path(name)  # re-hashes every file
+        folder = Path(folder)
+        meta = read_sidecar(folder)
+        recorded, here = meta["base"]["fingerprint"], self.bb.fingerprint
+        same = all(recorded[k] == here[k] for k in ("config_sha256", "tokenizer_sha256", "weights_sha256"))
+        if not same and not self.allow_base_mismatch:
+            raise AdapterLoadError(f"adapter {name!r} was trained on backbone {recorded['id']} but the router serves {here['id']}; pass allow_base_mismatch=True to load it anyway")
+        self.folders[name], self.metas[name] = folder, meta
+        self._content = None
+
+    def known(self) -> list[str]:
+        return list(self.folders)
+
+    def _ensure(self, name: str) -> None:
+        """Make `name` resident (loading it if needed) and most recently used; evict over budget."""
+        if name not in self.folders:
+            raise AdapterLoadError(f"unknown adapter {name!r}; known: {', '.join(self.known()) or 'none'}, or 'base' / 'auto'")
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        check_fits(self.folders[name], self.bb.model)
+        self.bank.add(name, self.folders[name])
+        self.resident[name] = None
+        while self.budget is not None and len(self.resident) > 1 and self.resident_bytes() > self.budget:
+            self.unload(next(iter(self.resident)))
+
+    def resident_bytes(self) -> int:
+        return sum(self.bank.nbytes(n) for n in self.resident)
+
+    def unload(self, name: str) -> None:
+        """Free a resident adapter (it stays known and reloads on next use)."""
+        if name in self.resident:
+            self.bank.remove(name)
+            del self.resident[name]
+            if self.active == name:
+                self.active = None
+
+    # -- swap ----------------------------------------------------------------------------------
+    def use(self, name: str) -> None:
+        """Make `name` the adapter that `predict` uses (no reload when it is resident)."""
+        if name != BASE:
+            self._ensure(name)
+        self.active = name
+
+    def predict(self, text: str | dict, adapter: str | None = None):
+        """One request through the active (or the given) adapter."""
+        adapter = adapter or self.active
+        if adapter is None:
+            raise AdapterLoadError("no active adapter: call use(name) first or pass adapter=")
+        row = text if isinstance(text, dict) else {"text": text}
+        return self.run([{**row, "adapter": adapter}])[0]["prediction"]
+
+    # -- merge ---------------------------------------------------------------------------------
+    def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None,
+              name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0) -> dict:
+        """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar."""
+        output = Path(output) if output else Path(self._scratch.name) / name
+        _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
+                                    output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows)
+        self.register(name, output)
+        return sidecar
+
+    # -- heterogeneous batches -----------------------------------------------------------------
+    def spec(self, name: str) -> TaskSpec:
+        return spec_from_dict(self.metas[name]["task"])
+
+    def _route_auto(self, requests: list[dict]) -> list[str]:
+        names = [r.get("adapter", BASE) for r in requests]
+        auto = [i for i, n in enumerate(names) if n == "auto"]
+        if auto:
+            if self._content is None:
+                self._content = ContentRouter.from_sidecars(self.metas, threshold=self.route_threshold)
+            with self.bank.base_only():
+                vectors = embed(self.bb.model, self.bb.tokenizer, [requests[i]["text"] for i in auto])
+            for i, (name, _) in zip(auto, self._content.route(vectors)):
+                names[i] = name
+        return names
+
+    def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
+        """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
+        tok = self.bb.tokenizer
+        names = self._route_auto(requests)
+        for n in set(names) - {BASE}:
+            self._ensure(n)
+        results: list[dict] = [{"adapter": n} for n in names]
+        cls_rows, gen_rows = [], []
+        for i, (req, name) in enumerate(zip(requests, names)):
+            spec = self.spec(name) if name != BASE else None
+            if spec is not None and spec.type == "classification":
+                cls_rows.append((i, spec, render(spec, _fields(req, spec))))
+            else:
+                prompt = render(spec, _fields(req, spec)) if spec else req["text"]
+                budget = spec.train.max_new_tokens if spec else req.get("max_new_tokens", max_new_tokens)
+                limit = (spec.train.max_length if spec else 512) - budget
+                gen_rows.append((i, name, encode_prompt(tok, prompt, limit), budget))
+        if cls_rows:
+            for (i, spec, _), pred in zip(cls_rows, self._classify(cls_rows, names)):
+                results[i]["prediction"] = label_words(spec)[pred]
+        if gen_rows:
+            outs = self.bank.generate([ids for _, _, ids, _ in gen_rows], [None if n == BASE else n for _, n, _, _ in gen_rows],
+                                      [b for *_, b in gen_rows], tok.eos_token_id)
+            for (i, *_), ids in zip(gen_rows, outs):
+                results[i]["prediction"] = tok.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+        return results
+
+    @torch.no_grad()
+    def _classify(self, rows, names) -> list[int]:
+        """Score every label of every classification row in one forward pass; return argmaxes."""
+        tok = self.bb.tokenizer
+        seqs, adapters, positions, targets, owner = [], [], [], [], []
+        for r, (i, spec, prompt) in enumerate(rows):
+            labels = label_token_ids(tok, spec)
+            ids = encode_prompt(tok, prompt, spec.train.max_length - max(map(len, labels)))
+            for k, lab in enumerate(labels):  # one sequence per (request, label): exact for multi-token labels
+                seqs.append(ids + lab)
+                adapters.append(names[i])
+                positions.append([len(ids) - 1 + j for j in range(len(lab))])
+                targets.append(lab)
+                owner.append((r, k))
+        logits = self.bank.forward(seqs, adapters, logits_positions=positions)
+        scores: dict[int, list[float]] = {}
+        for (r, k), lg, tg in zip(owner, logits, targets):
+            lp = lg.float().log_softmax(-1)[torch.arange(len(tg)), torch.tensor(tg)].sum().item()
+            scores.setdefault(r, []).append(lp)
+        return [max(range(len(s)), key=s.__getitem__) for _, s in sorted(scores.items())]
+
+
+def _fields(request: dict, spec: TaskSpec) -> dict:
+    """A request's prompt columns; a lone `text` fills a one-column prompt."""
+    fields = list(dict.fromkeys(spec.prompt_fields))
+    if len(fields) == 1 and fields[0] not in request and "text" in request:
+        return {fields[0]: request["text"]}
+    missing = [f for f in fields if f not in request]
+    if missing:
+        raise AdapterLoadError(f"request for {spec.name!r} lacks {missing}; its prompt {spec.prompt!r} reads {fields}")
+    return request

@@ -1,0 +1,116 @@
+"""Router: swap, LRU residency, merge, mixed batches of every adapter kind, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.errors import AdapterLoadError
+from adapterhub_lite.evaluate import predict
+from adapterhub_lite.folder import load_adapter
+from adapterhub_lite.router.merge import MergeError
+from adapterhub_lite.router.router import Router
+
+from .conftest import train_tiny
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("router")
+    gen = d / "copy.jsonl"
+    gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
+    return {
+        "cls_a": train_tiny(d, "cls_a", train={"seed": 1, "lr": 5e-2}),
+        "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"]}, train={"seed": 2, "lr": 5e-2}),
+        "cls_r16": train_tiny(d, "cls_r16", method_args={"r": 16}),
+        "prefix": train_tiny(d, "prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
+        "prompt": train_tiny(d, "prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
+        "gen": train_tiny(d, "gen", type="generation", labels=None, label=None, target="target", metric=["exact_match"],
+                          data={"train": str(gen), "dev": str(gen)}, prompt="In: {text}\nOut:", train={"max_new_tokens": 3}),
+    }
+
+
+@pytest.fixture
+def router(folders):
+    r = Router(load_backbone("tiny-random-llama", "none"))
+    for name, folder in folders.items():
+        r.register(name, folder)
+    return r
+
+
+def alone(folder, texts):
+    """Predictions of one adapter run the ordinary way: plain peft on its own backbone."""
+    model, bb, spec, _ = load_adapter(folder)
+    rendered = [spec.prompt.format(**{spec.prompt_fields[0]: t}) for t in texts]
+    preds = predict(model, bb.tokenizer, spec, rendered, batch_size=1)
+    return [spec.labels[p] if spec.type == "classification" else p for p in preds]
+
+
+def test_swap_gives_what_plain_peft_gives(router, folders):
+    texts = ["pos 3", "neg 5", "pos 11"]
+    for name in ("cls_a", "cls_b", "prefix", "prompt"):
+        router.use(name)
+        assert [router.predict(t) for t in texts] == alone(folders[name], texts), name
+
+
+def test_mixed_batch_equals_each_request_alone(router, folders):
+    reqs = [{"adapter": "cls_a", "text": "pos 1"}, {"adapter": "prefix", "text": "neg 2"}, {"adapter": "gen", "text": "ab"},
+            {"adapter": "prompt", "text": "pos 3"}, {"adapter": "base", "text": "hello", "max_new_tokens": 3},
+            {"adapter": "cls_b", "text": "neg 4"}, {"adapter": "gen", "text": "ghij"}, {"adapter": "cls_r16", "text": "pos 5"}]
+    out = router.run(reqs)
+    assert [o["adapter"] for o in out] == [r["adapter"] for r in reqs]
+    for req, res in zip(reqs, out):
+        if req["adapter"] != "base":
+            assert res["prediction"] == alone(folders[req["adapter"]], [req["text"]])[0], req
+    bb = load_backbone("tiny-random-llama", "none")
+    ids = bb.tokenizer("hello", return_tensors="pt")
+    base = bb.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=bb.tokenizer.pad_token_id)
+    assert out[4]["prediction"] == bb.tokenizer.decode(base[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+
+
+def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
+    bb = load_backbone("tiny-random-llama", "none")
+    probe = Router(bb)
+    probe.register("cls_a", folders["cls_a"])
+    probe.use("cls_a")
+    one = probe.resident_bytes()
+    # sizes: cls_a = one (r=8, q/v), cls_b = one/2 (r=4, k/o), cls_r16 = 2·one; budget 3.2·one
+    r = Router(load_backbone("tiny-random-llama", "none"), memory_budget_mb=3.2 * one / 2**20)
+    for name in ("cls_a", "cls_b", "cls_r16"):
+        r.register(name, folders[name])
+    r.use("cls_a")
+    r.use("cls_b")  # cls_b is smaller than cls_a; both fit
+    r.use("cls_a")  # touch: cls_b is now the least recently used
+    r.use("cls_r16")  # 3.5·one in all: the least recently used (cls_b, loaded after cls_a) goes
+    assert list(r.resident) == ["cls_a", "cls_r16"] and r.resident_bytes() <= 3.2 * one
+    r.use("cls_b")  # evicted adapters reload on demand
+    assert r.predict("pos 1") == alone(folders["cls_b"], ["pos 1"])[0]
+
+
+def test_merge_registers_a_new_adapter(router, folders):
+    router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", name="mix")
+    router.use("mix")
+    assert router.predict("pos 2") in ("pos", "neg")
+    with pytest.raises(MergeError, match="needs equal LoRA ranks"):
+        router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="linear", name="bad")
+
+
+def test_errors_name_the_problem(router, folders, tmp_path):
+    with pytest.raises(AdapterLoadError, match=r"unknown adapter 'nope'; known: cls_a, .*'base' / 'auto'"):
+        router.run([{"adapter": "nope", "text": "x"}])
+    meta = json.loads((folders["cls_a"] / "adapterhub.json").read_text())
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(folders["cls_a"], other)
+    meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id="badbadbadbadbad0")
+    (other / "adapterhub.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterLoadError, match="trained on backbone badbadbadbadbad0 but the router serves"):
+        router.register("other", other)
+
+
+def test_auto_routes_by_content(router):
+    out = router.run([{"adapter": "auto", "text": "pos 7"}, {"adapter": "auto", "text": "ab"}])
+    assert all(o["adapter"] in router.known() + ["base"] for o in out)
+    assert all("prediction" in o for o in out)

@@ -1,0 +1,190 @@
+"""The heterogeneous-batch engine equals running each row alone through plain peft."""
+
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.errors import AdapterLoadError
+from adapterhub_lite.router.batch import AdapterBank
+
+TINY = "tiny-random-llama"
+CONFIGS = {
+    # different ranks and different target modules; rsLoRA scaling on one of them
+    "lora_a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False),
+    "lora_b": LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "o_proj", "gate_proj", "down_proj"],
+                         task_type="CAUSAL_LM", init_lora_weights=False),
+    # overlaps both on q_proj / k_proj (ranks padded in one stack), per-module rank and alpha
+    "lora_c": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "up_proj"], rank_pattern={"k_proj": 6},
+                         alpha_pattern={"up_proj": 7}, task_type="CAUSAL_LM", init_lora_weights=False),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prefix_long": PrefixTuningConfig(num_virtual_tokens=6, task_type="CAUSAL_LM"),  # prefixes of unequal length
+    "prompt": PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(_cache, tmp_path_factory):
+    """One saved peft adapter folder per config, each made on a fresh backbone."""
+    root = tmp_path_factory.mktemp("adapters")
+    torch.manual_seed(1)
+    out = {}
+    for name, cfg in CONFIGS.items():
+        model = get_peft_model(load_backbone(TINY, "none").model, cfg)
+        if name.startswith(("prefix", "prompt")):  # peft initialises these near zero; make them matter
+            torch.nn.init.normal_(model.prompt_encoder["default"].embedding.weight, std=1.0)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+_REFS: dict = {}
+
+
+def reference(folders, adapter, quant="none"):
+    """A fresh backbone, plain PeftModel.from_pretrained (or the plain backbone for None)."""
+    key = (adapter, quant)
+    if key not in _REFS:
+        model = load_backbone(TINY, quant).model
+        _REFS[key] = model if adapter is None else PeftModel.from_pretrained(model, str(folders[adapter])).eval()
+    return _REFS[key]
+
+
+@torch.no_grad()
+def ref_logits(folders, adapter, ids, quant="none"):
+    """The row alone: batch of 1, no padding; prompt-tuning virtual positions dropped."""
+    logits = reference(folders, adapter, quant)(input_ids=torch.tensor([ids])).logits[0]
+    return logits[-len(ids):]
+
+
+def ref_greedy(folders, adapter, ids, max_new, eos):
+    out = []
+    while len(out) < max_new and (not out or out[-1] != eos):
+        out.append(int(ref_logits(folders, adapter, ids + out)[-1].argmax()))
+    return out
+
+
+def rows(lengths, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 259) for _ in range(n)] for n in lengths]
+
+
+def bank_with(folders, quant, names):
+    bank = AdapterBank(load_backbone(TINY, quant).model)
+    for n in names:
+        bank.add(n, folders[n])
+    return bank
+
+
+def test_mixed_batch_equals_per_row_peft(folders):
+    bank = bank_with(folders, "none", list(CONFIGS))
+    adapters = ["lora_a", "prefix", None, "prompt", "lora_b", "lora_a", "prefix_long", None, "prompt", "lora_c"]
+    ids = rows([7, 4, 9, 3, 6, 2, 8, 1, 5, 4])
+    got = bank.forward(ids, adapters)
+    worst = 0.0
+    for g, a, r in zip(got, adapters, ids):
+        ref = ref_logits(folders, a, r)
+        assert g.shape == ref.shape
+        worst = max(worst, (g - ref).abs().max().item())
+    print(f"fp32 mixed batch: max |Δlogit| = {worst:.2e}")
+    assert worst <= 1e-4
+    # the LM head only at the requested positions (negative = from the end)
+    positions = [[-1], [0, 3], [], [2], [5, 0], [1], [-2, -1], [0], [4], [1, 2]]
+    some = bank.forward(ids, adapters, logits_positions=positions)
+    for s, g, p in zip(some, got, positions):
+        assert s.shape == (len(p), g.shape[1])
+        if p:
+            assert (s - g[p]).abs().max() <= 1e-5
+    # outside the bank the backbone is the plain backbone: the hooks are inert
+    plain = bank.model(input_ids=torch.tensor([ids[0]])).logits[0]
+    assert (plain - ref_logits(folders, None, ids[0])).abs().max() <= 1e-5
+    with bank.base_only():
+        plain = bank.model(input_ids=torch.tensor([ids[0]])).logits[0]
+    assert (plain - ref_logits(folders, None, ids[0])).abs().max() <= 1e-5
+
+
+def test_mixed_batch_8bit_equals_per_row_peft(folders):
+    bank = bank_with(folders, "8bit", list(CONFIGS))
+    assert type(bank.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    adapters = ["lora_a", None, "lora_b", "prefix", "lora_a", "prompt", None, "lora_c"]
+    ids = rows([5, 8, 3, 6, 9, 4, 2, 5], seed=1)
+    worst = 0.0
+    for g, a, r in zip(bank.forward(ids, adapters), adapters, ids):
+        worst = max(worst, (g - ref_logits(folders, a, r, "8bit")).abs().max().item())
+    print(f"8-bit mixed batch: max |Δlogit| = {worst:.2e}")
+    # 1e-4 holds: with llm_int8_threshold=0 bitsandbytes quantises activations per token, so a
+    # row's numbers do not depend on the rows beside it or on padding.
+    assert worst <= 1e-4
+
+
+def test_generate_equals_per_row_greedy_and_finished_rows_leave(folders):
+    bank = bank_with(folders, "none", list(CONFIGS))
+    adapters = ["lora_b", "prefix", None, "prompt", "lora_a", "prefix_long", "lora_c"]
+    ids = rows([4, 6, 3, 5, 2, 3, 5], seed=2)
+    budget = [7, 4, 5, 6, 3, 8, 2]
+    # The tiny random backbone mostly repeats one token, lora_b does not: EOS = a token row 0 emits
+    # for the first time at step k ≥ 1, so row 0 surely stops early, at EOS, mid-batch.
+    free = ref_greedy(folders, adapters[0], ids[0], budget[0], eos=-1)
+    k = next(k for k in range(1, len(free) - 1) if free[k] not in free[:k])
+    eos = free[k]
+    refs = [ref_greedy(folders, a, r, n, eos) for a, r, n in zip(adapters, ids, budget)]
+    assert len(refs[0]) == k + 1 < budget[0]
+
+    got, scores = bank.generate(ids, adapters, budget, eos_token_id=eos, output_scores=True)
+    assert got == refs
+    # the logits behind every choice, not only the argmax (the tiny backbone's greedy tokens are
+    # robust to small errors, e.g. a decode step that sees the padding)
+    worst = 0.0
+    for s, a, r, g in zip(scores, adapters, ids, got):
+        assert s.shape[0] == len(g)
+        ref = ref_logits(folders, a, r + g[:-1])[len(r) - 1:]
+        worst = max(worst, (s - ref).abs().max().item())
+    print(f"generate, per-step logits: max |Δlogit| = {worst:.2e}")
+    assert worst <= 1e-4
+    # at decode step s (the prefill is step 0) only rows that still emit a token are in the batch
+    expected = [sum(len(r) > s for r in refs) for s in range(1, max(map(len, refs)))]
+    assert bank.decode_batch_sizes == expected
+    assert expected[0] == len(ids) and expected[-1] < len(ids)
+    # a single max_new_tokens for all rows, and a row with no budget
+    assert bank.generate(ids[:2], adapters[:2], 2, eos_token_id=-1) == [ref_greedy(folders, a, r, 2, -1) for a, r in zip(adapters[:2], ids[:2])]
+    assert bank.generate(ids[:2], adapters[:2], [0, 1], eos_token_id=-1)[0] == []
+
+
+def test_add_remove_and_unknown_adapter(folders):
+    bank = bank_with(folders, "none", ["lora_a", "lora_b", "lora_c", "prefix"])
+    assert bank.names() == ["lora_a", "lora_b", "lora_c", "prefix"]
+    slot_a = bank._adapters["lora_a"].slot
+    attn = bank.model.model.layers[0].self_attn
+    assert len(attn.v_proj._forward_hooks) == len(attn.q_proj._forward_hooks) == 1  # one hook per module
+    # 2 layers × (q: A 4×64 + B 64×4, v: A 4×64 + B 32×4) × 4 bytes; the prefix: 3 × 2 layers × (k, v) × 32 × 4 bytes
+    assert bank.nbytes("lora_a") == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4) * 4 == 7168
+    assert bank.nbytes("prefix") == 3 * 2 * 2 * 32 * 4
+
+    bank.remove("lora_a")
+    assert bank.names() == ["lora_b", "lora_c", "prefix"]
+    assert bank._slots[slot_a] is None
+    assert len(attn.v_proj._forward_hooks) == 0  # no resident LoRA targets it: its original forward cost
+    assert len(attn.q_proj._forward_hooks) == 1  # lora_c still does
+    with pytest.raises(AdapterLoadError) as err:
+        bank.forward(rows([3]), ["lora_a"])
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in msg
+    assert all(f"'{n}'" in msg for n in ("lora_a", "lora_b", "lora_c", "prefix"))
+    with pytest.raises(AdapterLoadError):
+        bank.nbytes("lora_a")
+
+    ids = rows([5, 4, 6, 3])
+    def check(adapters, refs):
+        for g, a, r in zip(bank.forward(ids, adapters), refs, ids):
+            assert (g - ref_logits(folders, a, r)).abs().max() <= 1e-4
+    check(["lora_c", "lora_b", None, "lora_c"], ["lora_c", "lora_b", None, "lora_c"])  # stacks shrunk, others intact
+    bank.add("again", folders["lora_a"])  # reuses the freed slot and still computes the same numbers
+    assert bank._adapters["again"].slot == slot_a
+    check(["again", "lora_b", "lora_c", "again"], ["lora_a", "lora_b", "lora_c", "lora_a"])
+    check(["again"] * 4, ["lora_a"] * 4)  # every row on one LoRA: the in-place path
+    with pytest.raises(AdapterLoadError):
+        bank.add("again", folders["lora_b"])
+    with pytest.raises(AdapterLoadError):
+        bank.add("missing", folders["lora_a"].parent / "nope")
