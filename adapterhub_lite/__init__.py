@@ -8,7 +8,8 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from .backbone import Backbone, load_backbone
 from .errors import AdapterHubError
+from .router.router import Router
 from .spec import TaskSpec, load_spec
 
-__all__ = ["AdapterHubError", "Backbone", "TaskSpec", "load_backbone", "load_spec"]
+__all__ = ["AdapterHubError", "Backbone", "Router", "TaskSpec", "load_backbone", "load_spec"]
 __version__ = "0.1.0"

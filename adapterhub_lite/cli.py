@@ -1,4 +1,4 @@
-"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | convert`.
+"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | infer | merge | convert`.
 
 Bad input → one line on stderr, exit 2."""
 
@@ -155,6 +155,42 @@ def _convert(args) -> int:
     return 0
 
 
+def _infer(args) -> int:
+    from .folder import atomic_write
+    from .router.router import Router
+
+    requests = _read_jsonl(args.input)
+    bad = [n for n, r in enumerate(requests, 1) if not isinstance(r, dict) or "adapter" not in r]
+    if bad:
+        raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} name no 'adapter'; give each a name, 'base' or 'auto'")
+    router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device,
+                                  memory_budget_mb=args.memory_budget_mb)
+    answers = []
+    for start in range(0, len(requests), args.batch_size):
+        chunk = requests[start : start + args.batch_size]
+        answers += [{**req, **res} for req, res in zip(chunk, router.run(chunk))]
+    lines = "".join(json.dumps(a) + "\n" for a in answers)
+    if args.output:
+        atomic_write(Path(args.output), lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _merge(args) -> int:
+    from .registry import open_registry
+    from .router.merge import merge_adapters
+
+    if len(args.weights) != len(args.adapters):
+        raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
+    reg = open_registry(args.registry)
+    folders = {Path(a).name if Path(a).is_dir() else a: Path(a) if Path(a).is_dir() else reg.path(a) for a in args.adapters}
+    _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method, density=args.density,
+                             name=args.name or Path(args.output).name, output=args.output, report_rows=args.report_rows)
+    print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapterhub-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_verify)
     for name in ("publish", "list", "info", "pull", "verify"):
         sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+    p = sub.add_parser("infer", help="serve a JSONL file of requests, each naming its adapter (or base / auto)")
+    p.add_argument("--input", required=True, help='JSONL requests: {"adapter": "sst2" | "base" | "auto", "text": …}')
+    p.add_argument("--output", help="JSONL answers (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--memory-budget-mb", type=float, help="evict least-recently-used adapters beyond this")
+    p.add_argument("--quantization", choices=("8bit", "4bit", "none"))
+    p.add_argument("--device")
+    p.set_defaults(func=_infer)
+    p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")
+    p.add_argument("adapters", nargs="+", help="registry names (name or name@version) or adapter folders")
+    p.add_argument("--weights", type=float, nargs="+", required=True)
+    p.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear, dare_ties")
+    p.add_argument("--density", type=float, help="ties / dare: share of each update kept")
+    p.add_argument("--output", required=True)
+    p.add_argument("--name", help="adapter name (default: the output folder's name)")
+    p.add_argument("--report-rows", type=int, default=200, help="dev rows per source task in the report (0: none)")
+    p.set_defaults(func=_merge)
+    for name in ("infer", "merge"):
+        sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+
     p = sub.add_parser("convert", help="turn a trusted pickle adapter (adapter_model.bin) into safetensors")
     p.add_argument("adapter")
     p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")

@@ -114,3 +114,24 @@ def test_auto_routes_by_content(router):
     out = router.run([{"adapter": "auto", "text": "pos 7"}, {"adapter": "auto", "text": "ab"}])
     assert all(o["adapter"] in router.known() + ["base"] for o in out)
     assert all("prediction" in o for o in out)
+
+
+def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
+    from adapterhub_lite.cli import main
+    from adapterhub_lite.registry import LocalRegistry
+
+    reg = LocalRegistry(tmp_path / "reg")
+    for name in ("cls_a", "cls_b", "gen"):
+        reg.publish(folders[name], "1.0.0")
+    (tmp_path / "req.jsonl").write_text('{"adapter": "cls_a", "text": "pos 1"}\n{"adapter": "gen", "text": "cd"}\n{"adapter": "base", "text": "hi", "max_new_tokens": 2}\n')
+    assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "req.jsonl"), "--output", str(tmp_path / "ans.jsonl")]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "ans.jsonl").read_text().splitlines()]
+    assert [a["adapter"] for a in answers] == ["cls_a", "gen", "base"]
+    assert answers[0]["prediction"] == alone(folders["cls_a"], ["pos 1"])[0]
+    assert main(["merge", "cls_a", "cls_b", "--weights", "0.5", "0.5", "--method", "cat", "--registry", str(reg.root),
+                 "--output", str(tmp_path / "mix"), "--report-rows", "4"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])["merge_report"]
+    assert set(report) == {"cls_a", "cls_b"} and (tmp_path / "mix" / "adapter_model.safetensors").exists()
+    (tmp_path / "bad.jsonl").write_text('{"text": "no adapter"}\n')
+    assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "bad.jsonl")]) == 2
+    assert "name no 'adapter'" in capsys.readouterr().err
