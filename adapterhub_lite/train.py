@@ -155,6 +155,7 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     work = _prepare_output(output, overwrite, resume)
     data = load_task_data(spec)  # validates everything before a single byte is written
     bb = load_backbone(spec.base, spec.quantization, device)
+    _seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
     model = attach(bb.model, spec.method, spec.method_args)
     tok, cfg = bb.tokenizer, spec.train
     device = str(next(model.parameters()).device)
@@ -165,7 +166,6 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
             raise DataError(f"labels {label_words(spec)} tokenize to identical sequences; choose distinct verbalizer words")
 
     work.mkdir(parents=True, exist_ok=True)
-    _seed_everything(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)

@@ -123,3 +123,11 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(cls_task):
         _train(cls_task, "toy", "train.max_steps=1")
     out, _ = _train(cls_task, "toy", "train.max_steps=2", overwrite=True)
     assert json.loads((out / "adapterhub.json").read_text())["train_state"]["steps"] == 2
+
+
+def test_same_seed_same_adapter(cls_task):
+    a, _ = _train(cls_task, "toy", "train.max_steps=2")
+    first = load_file(a / "adapter_model.safetensors")
+    b, _ = _train(cls_task, "toy", "train.max_steps=2", overwrite=True)
+    second = load_file(b / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
