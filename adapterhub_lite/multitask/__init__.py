@@ -1,0 +1,1 @@
+"""Multi-task learning: loss weighting and task sampling rules for joint adapter training."""
