@@ -196,3 +196,15 @@ def test_hub_registry_unreachable_is_one_line(adapter, capsys, monkeypatch):
     assert main(["publish", str(adapter), "--registry", "hf://org/toy-adapters"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot reach the Hugging Face Hub for hf://org/toy-adapters") and "\n" not in err
+
+
+def test_prompt_learning_width_mismatch_is_refused(tmp_path):
+    from peft import PromptTuningConfig, get_peft_model
+
+    from adapterhub_lite.backbone import load_backbone
+
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(small, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "p")
+    with pytest.raises(AdapterLoadError, match="token_dim 32 != 64"):
+        check_fits(tmp_path / "p", load_backbone("tiny-random-llama", "none").model)
