@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ..backbone import Backbone, load_backbone
-from ..data import label_words, render
+from ..data import render
 from ..errors import AdapterLoadError
-from ..evaluate import label_token_ids
+from ..evaluate import label_token_ids, readable
 from ..folder import check_fits, read_sidecar
 from ..heads import encode_prompt
 from ..registry import open_registry
@@ -169,7 +169,7 @@ class Router:
                 gen_rows.append((i, name, encode_prompt(tok, prompt, limit), budget))
         if cls_rows:
             for (i, spec, _), pred in zip(cls_rows, self._classify(cls_rows, names)):
-                results[i]["prediction"] = label_words(spec)[pred]
+                results[i]["prediction"] = readable(spec, pred)
         if gen_rows:
             outs = self.bank.generate([ids for _, _, ids, _ in gen_rows], [None if n == BASE else n for _, n, _, _ in gen_rows],
                                       [b for *_, b in gen_rows], tok.eos_token_id)
