@@ -117,7 +117,7 @@ def make_entry(meta: dict, peft_config: dict, files: dict) -> dict:
         "target_modules": sorted(targets) if isinstance(targets, list) else targets,
         "base": {"name": meta["base"]["name"], "hub_id": meta["base"]["hub_id"], "fingerprint": fp},
         "quantization": fp["quantization"],
-        "metrics": {k: v for k, v in meta["metrics"].items() if k != "per_class"},
+        "metrics": {k: meta["metrics"][k] for k in spec["metric"]},  # the task's own metrics
         "files": files,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
