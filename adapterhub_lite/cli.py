@@ -55,7 +55,7 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from .data import render
+    from .data import render, request_row
     from .evaluate import predict, readable
     from .folder import atomic_write, load_adapter
 
@@ -64,14 +64,7 @@ def _predict(args) -> int:
     rows = [] if args.input is None else _read_jsonl(args.input)
     model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device,
                                       allow_base_mismatch=args.allow_base_mismatch)
-    fields = spec.prompt_fields
-    if args.text is not None:
-        if len(set(fields)) != 1:
-            raise DataError(f"--text fills one column but the prompt of {spec.name!r} reads {fields}; pass --input FILE.jsonl with those keys")
-        rows = [{fields[0]: args.text}]
-    missing = sorted({f for r in rows for f in fields if f not in r})
-    if missing:
-        raise DataError(f"input rows lack key(s) {missing} that the prompt {spec.prompt!r} reads; add them to every JSONL row")
+    rows = [request_row(spec, r) for r in (rows or [{"text": args.text}])]
     preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows])
     lines = "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds))
     if args.output:

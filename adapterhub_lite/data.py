@@ -111,6 +111,17 @@ def _label_index(spec: TaskSpec):
     return lambda value: table.get(str(value))
 
 
+def request_row(spec: TaskSpec, request: dict) -> dict:
+    """The prompt columns of a request; a lone `text` fills a prompt that reads one column."""
+    fields = list(dict.fromkeys(spec.prompt_fields))
+    if len(fields) == 1 and fields[0] not in request and "text" in request:
+        return {**request, fields[0]: request["text"]}
+    missing = [f for f in fields if f not in request]
+    if missing:
+        raise DataError(f"input rows lack key(s) {missing} that the prompt {spec.prompt!r} of {spec.name!r} reads; add them to every row ('text' fills a one-column prompt)")
+    return request
+
+
 def render(spec: TaskSpec, row: dict) -> str:
     """Fill the prompt template with one row's columns."""
     return spec.prompt.format(**{k: ("" if row[k] is None else str(row[k]).strip()) for k in spec.prompt_fields})

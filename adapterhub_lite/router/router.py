@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..backbone import Backbone, load_backbone
-from ..data import render
+from ..data import render, request_row
 from ..errors import AdapterLoadError
 from ..evaluate import label_token_ids, readable
 from ..folder import check_fits, read_sidecar
@@ -161,9 +161,9 @@ class Router:
         for i, (req, name) in enumerate(zip(requests, names)):
             spec = self.spec(name) if name != BASE else None
             if spec is not None and spec.type == "classification":
-                cls_rows.append((i, spec, render(spec, _fields(req, spec))))
+                cls_rows.append((i, spec, render(spec, request_row(spec, req))))
             else:
-                prompt = render(spec, _fields(req, spec)) if spec else req["text"]
+                prompt = render(spec, request_row(spec, req)) if spec else req["text"]
                 budget = spec.train.max_new_tokens if spec else req.get("max_new_tokens", max_new_tokens)
                 limit = (spec.train.max_length if spec else 512) - budget
                 gen_rows.append((i, name, encode_prompt(tok, prompt, limit), budget))
@@ -198,13 +198,3 @@ class Router:
             scores.setdefault(r, []).append(lp)
         return [max(range(len(s)), key=s.__getitem__) for _, s in sorted(scores.items())]
 
-
-def _fields(request: dict, spec: TaskSpec) -> dict:
-    """A request's prompt columns; a lone `text` fills a one-column prompt."""
-    fields = list(dict.fromkeys(spec.prompt_fields))
-    if len(fields) == 1 and fields[0] not in request and "text" in request:
-        return {fields[0]: request["text"]}
-    missing = [f for f in fields if f not in request]
-    if missing:
-        raise AdapterLoadError(f"request for {spec.name!r} lacks {missing}; its prompt {spec.prompt!r} reads {fields}")
-    return request
