@@ -141,6 +141,16 @@ adapterhub-lite eval path/to/this/folder --split dev --json
 """
 
 
+def check_base(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
+    """Refuse an adapter whose recorded backbone fingerprint differs from the one it meets here."""
+    keys = ("config_sha256", "tokenizer_sha256", "weights_sha256") + (("quantization",) if with_quantization else ())
+    if not allow and any(recorded[k] != here[k] for k in keys):
+        raise AdapterLoadError(
+            f"adapter {adapter!r} was trained on backbone {recorded['id']} but {where} {here['id']}; "
+            "pass --allow-base-mismatch (allow_base_mismatch=True) to load it anyway"
+        )
+
+
 def load_adapter(folder: str | Path, *, quantization: str | None = None, device: str | None = None,
                  allow_base_mismatch: bool = False):
     """Load an adapter folder onto its backbone; returns (PeftModel, Backbone, TaskSpec, sidecar).
@@ -157,12 +167,8 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
     meta = read_sidecar(folder)
     recorded = meta["base"]["fingerprint"]
     bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device)
-    keys = ("config_sha256", "tokenizer_sha256", "weights_sha256") + (() if quantization else ("quantization",))
-    if not allow_base_mismatch and any(bb.fingerprint[k] != recorded[k] for k in keys):
-        raise AdapterLoadError(
-            f"adapter {str(folder)!r} was trained on backbone {recorded['id']} but {meta['base']['name']!r} here is "
-            f"{bb.fingerprint['id']}; pass --allow-base-mismatch (allow_base_mismatch=True) to load it anyway"
-        )
+    check_base(str(folder), recorded, bb.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
+               with_quantization=quantization is None)
     check_fits(folder, bb.model)
     model = PeftModel.from_pretrained(bb.model, folder)
     model.eval()

@@ -1,7 +1,6 @@
 """Registry: publish/pull/load round trip, integrity, immutability, names, crash and concurrency safety."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.errors import AdapterLoadError

@@ -23,7 +23,7 @@ from ..backbone import Backbone, load_backbone
 from ..data import render, request_row
 from ..errors import AdapterLoadError
 from ..evaluate import label_token_ids, readable
-from ..folder import check_fits, read_sidecar
+from ..folder import check_base, check_fits, read_sidecar
 from ..heads import encode_prompt
 from ..registry import open_registry
 from ..spec import TaskSpec, spec_from_dict
@@ -58,8 +58,7 @@ class Router:
         if not index:
             raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
         latest = {name: reg.resolve(name)[2] for name in index}
-        bases = {e["base"]["fingerprint"]["id"]: e for e in latest.values()}
-        first = next(iter(bases.values()))
+        first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
         bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device)
         router = cls(bb, reg, **kwargs)
         for name in latest:
@@ -75,10 +74,7 @@ class Router:
             folder = self.registry.path(name)  # re-hashes every file
         folder = Path(folder)
         meta = read_sidecar(folder)
-        recorded, here = meta["base"]["fingerprint"], self.bb.fingerprint
-        same = all(recorded[k] == here[k] for k in ("config_sha256", "tokenizer_sha256", "weights_sha256"))
-        if not same and not self.allow_base_mismatch:
-            raise AdapterLoadError(f"adapter {name!r} was trained on backbone {recorded['id']} but the router serves {here['id']}; pass allow_base_mismatch=True to load it anyway")
+        check_base(name, meta["base"]["fingerprint"], self.bb.fingerprint, "the router serves", self.allow_base_mismatch)
         self.folders[name], self.metas[name] = folder, meta
         self._content = None
 
