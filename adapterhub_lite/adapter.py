@@ -6,8 +6,20 @@ turns peft's failures into one-line errors that name the method, the architectur
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
+
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from safetensors.torch import load_file, save_file
 
 from .errors import AdapterMethodError
 
@@ -60,3 +72,44 @@ def trainable_parameters(model: torch.nn.Module) -> dict:
     """Count trainable vs all parameters (8-bit weights count once each, like peft does)."""
     trainable, total = model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters") else (0, 0)
     return {"trainable": int(trainable), "total": int(total), "percent": round(100.0 * trainable / max(total, 1), 4)}
+
+
+def save_lora(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_model: str,
+              dropout: float = 0.0) -> None:
+    """Write LoRA factors as a plain PEFT adapter (adapter_config.json + adapter_model.safetensors).
+
+    factors: module name (as in the backbone, e.g. model.layers.0.self_attn.q_proj) → (A [r, in],
+    B [out, r]) with the scale already in B. Every module gets lora_alpha = its rank (scale 1), so
+    the update is exactly B·A; modules whose rank differs from the most common one go in
+    rank_pattern/alpha_pattern.
+    """
+    ranks = {m: a.shape[0] for m, (a, _) in factors.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    odd = {m: k for m, k in ranks.items() if k != r}
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=r, lora_dropout=dropout, base_model_name_or_path=base_model,
+                        target_modules=sorted({m.rsplit(".", 1)[-1] for m in factors}), rank_pattern=odd, alpha_pattern=odd)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    tensors = {}
+    for m, (a, b) in factors.items():
+        tensors[f"base_model.model.{m}.lora_A.weight"] = a.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{m}.lora_B.weight"] = b.detach().float().contiguous().cpu()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def read_lora(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors of a PEFT LoRA folder as save_lora takes them (scale folded into B)."""
+    cfg = LoraConfig.from_pretrained(str(folder))
+    weights = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    out = {}
+    for key, a in weights.items():
+        if key.endswith(".lora_A.weight"):
+            m = key[len("base_model.model."):-len(".lora_A.weight")]
+            out[m] = (a.float(), weights[key.replace("lora_A", "lora_B")].float() * lora_scale(cfg, m, a.shape[0]))
+    return out
+
+
+def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
+    """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
+    alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
+    return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r

@@ -1,4 +1,5 @@
-"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | infer | merge | convert`.
+"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | infer | merge | convert`
+(+ train-multi, interference, compose-fit from multitask/cli.py).
 
 Bad input → one line on stderr, exit 2."""
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import AdapterHubError, DataError
+from .multitask.cli import add_commands
 
 
 def _train(args) -> int:
@@ -257,12 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")
     p.set_defaults(func=_convert)
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `adapterhub-lite`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting `overrides` at the first option; accept `key=value` after options too.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except AdapterHubError as exc:

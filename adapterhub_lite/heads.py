@@ -8,6 +8,9 @@ Sequences are right-padded: a causal model's real positions are then unaffected 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +37,7 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden[:, hidden.shape[1] - input_ids.shape[1]:]
 
 
-def _logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols: list[int]) -> torch.Tensor:
+def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols: list[int]) -> torch.Tensor:
     """Log-softmax over the vocabulary for the next token after seqs[r][c], for each (r, c)."""
     device = _device(model)
     width = max(len(s) for s in seqs)
@@ -49,45 +52,75 @@ def _logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], col
     return logits.float().log_softmax(-1)
 
 
-def continuation_logprobs(model, tokenizer, prompts: list[list[int]], conts: list[list[int]]) -> torch.Tensor:
-    """Sum of log p(cont | prompt) for each (prompt ids, continuation ids) pair."""
-    seqs = [p + c for p, c in zip(prompts, conts)]
+@dataclass
+class Plan:
+    """What one batch of a task needs from a forward pass, so several tasks can share one pass.
+
+    seqs are the token sequences to run; (rows[j], cols[j]) the positions whose next-token
+    log-probs are read; `finish` turns those log-probs [len(rows), vocab] into the result
+    (label scores, or a loss).
+    """
+
+    seqs: list[list[int]]
+    rows: list[int]
+    cols: list[int]
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+    def run(self, model, pad_id: int) -> torch.Tensor:
+        return self.finish(logprobs_at(model, pad_id, self.seqs, self.rows, self.cols))
+
+
+def continuation_plan(prompts: list[list[int]], conts: list[list[int]]) -> Plan:
+    """Sum of log p(cont | prompt) for each (prompt ids, continuation ids) pair: a [N] tensor."""
     rows = [i for i, c in enumerate(conts) for _ in c]
+    targets = [t for c in conts for t in c]
+
+    def finish(logp):
+        token_lp = logp.gather(-1, torch.tensor(targets, device=logp.device)[:, None]).squeeze(-1)
+        return torch.zeros(len(conts), device=logp.device).index_add(0, torch.tensor(rows, device=logp.device), token_lp)
+
     cols = [len(p) - 1 + j for p, c in zip(prompts, conts) for j in range(len(c))]
-    logp = _logprobs_at(model, tokenizer.pad_token_id, seqs, rows, cols)
-    targets = torch.tensor([t for c in conts for t in c], device=logp.device)
-    token_lp = logp.gather(-1, targets[:, None]).squeeze(-1)
-    return torch.zeros(len(seqs), device=logp.device).index_add(0, torch.tensor(rows, device=logp.device), token_lp)
+    return Plan([p + c for p, c in zip(prompts, conts)], rows, cols, finish)
 
 
-def label_scores(model, tokenizer, prompts: list[str], label_tokens: list[list[int]], max_length: int) -> torch.Tensor:
-    """Score every label of every prompt by its log-likelihood: a [B, K] tensor.
+def label_plan(tokenizer, prompts: list[str], label_tokens: list[list[int]], max_length: int) -> Plan:
+    """Every label of every prompt scored by its log-likelihood: a [B, K] tensor.
 
-    When every label is one token, one forward pass per prompt scores all K labels from the
+    When every label is one token, one sequence per prompt scores all K labels from the
     next-token distribution; otherwise each (prompt, label) pair is its own sequence.
     """
     longest = max(len(t) for t in label_tokens)
     ids = [encode_prompt(tokenizer, p, max_length - longest) for p in prompts]
     if longest == 1:
-        logp = _logprobs_at(model, tokenizer.pad_token_id, ids, list(range(len(ids))), [len(s) - 1 for s in ids])
-        return logp[:, [t[0] for t in label_tokens]]
+        first = [t[0] for t in label_tokens]
+        return Plan(ids, list(range(len(ids))), [len(s) - 1 for s in ids], lambda logp: logp[:, first])
     k = len(label_tokens)
-    flat = continuation_logprobs(model, tokenizer, [p for p in ids for _ in range(k)], [t for _ in ids for t in label_tokens])
-    return flat.view(len(ids), k)
+    flat = continuation_plan([p for p in ids for _ in range(k)], [t for _ in ids for t in label_tokens])
+    return Plan(flat.seqs, flat.rows, flat.cols, lambda logp: flat.finish(logp).view(len(ids), k))
 
 
-def classification_loss(model, tokenizer, prompts, labels: list[int], label_tokens, max_length: int) -> torch.Tensor:
-    """Cross-entropy over the label scores: the model learns to prefer the right label word."""
-    scores = label_scores(model, tokenizer, prompts, label_tokens, max_length)
-    return F.cross_entropy(scores, torch.tensor(labels, device=scores.device))
-
-
-def generation_loss(model, tokenizer, prompts: list[str], targets: list[str], max_length: int) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens (+ EOS); prompt tokens carry no loss."""
-    conts = [(answer_ids(tokenizer, t) + [tokenizer.eos_token_id])[: max_length - 1] for t in targets]
+def loss_plan(tokenizer, prompts: list[str], answers: list, max_length: int, label_tokens=None) -> Plan:
+    """The training loss of a batch: cross-entropy over label scores (classification, answers are
+    label indices) or the mean NLL of the target tokens + EOS (generation; prompts carry no loss)."""
+    if label_tokens is not None:
+        scores = label_plan(tokenizer, prompts, label_tokens, max_length)
+        return Plan(scores.seqs, scores.rows, scores.cols,
+                    lambda logp: F.cross_entropy(s := scores.finish(logp), torch.tensor(answers, device=s.device)))
+    conts = [(answer_ids(tokenizer, t) + [tokenizer.eos_token_id])[: max_length - 1] for t in answers]
     ids = [encode_prompt(tokenizer, p, max_length - len(c)) for p, c in zip(prompts, conts)]
-    total = continuation_logprobs(model, tokenizer, ids, conts).sum()
-    return -total / sum(len(c) for c in conts)
+    lp = continuation_plan(ids, conts)
+    n_tokens = sum(len(c) for c in conts)
+    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.finish(logp).sum() / n_tokens)
+
+
+def label_scores(model, tokenizer, prompts: list[str], label_tokens: list[list[int]], max_length: int) -> torch.Tensor:
+    """Log-likelihood of every label of every prompt: [B, K]."""
+    return label_plan(tokenizer, prompts, label_tokens, max_length).run(model, tokenizer.pad_token_id)
+
+
+def task_loss(model, tokenizer, prompts: list[str], answers: list, max_length: int, label_tokens=None) -> torch.Tensor:
+    """One task's training loss on a batch (see loss_plan)."""
+    return loss_plan(tokenizer, prompts, answers, max_length, label_tokens).run(model, tokenizer.pad_token_id)
 
 
 @torch.no_grad()

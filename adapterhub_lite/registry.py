@@ -109,7 +109,7 @@ def check_folder(folder: Path) -> dict:
 
 def make_entry(meta: dict, peft_config: dict, files: dict) -> dict:
     """The index record of one version."""
-    spec, fp = meta["task"], meta["base"]["fingerprint"]
+    spec, fp = meta["task"] or {"name": None, "type": "component", "metric": []}, meta["base"]["fingerprint"]  # no task: a shared adapter
     targets = peft_config.get("target_modules")
     return {
         "task": spec["name"], "type": spec["type"], "method": meta["method"],

@@ -31,8 +31,16 @@ from .backbone import load_backbone
 from .data import label_words, load_task_data
 from .errors import DataError, OutputExistsError
 from .evaluate import evaluate_split, label_token_ids
-from .folder import FORMAT, SIDECAR, atomic_write, model_card, plot_curves, write_json, write_jsonl
-from .heads import classification_loss, generation_loss
+from .folder import (
+    FORMAT,
+    SIDECAR,
+    atomic_write,
+    model_card,
+    plot_curves,
+    write_json,
+    write_jsonl,
+)
+from .heads import task_loss
 from .router.routing import routing_entry
 from .spec import TaskSpec
 
@@ -71,7 +79,7 @@ def _epoch_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
     return [row for b in torch.randperm(len(batches), generator=g).tolist() for row in batches[b]]
 
 
-def _next_rows(state: RunState, lengths: list[int], k: int, seed: int) -> list[int]:
+def next_rows(state: RunState, lengths: list[int], k: int, seed: int) -> list[int]:
     """The next k rows of the current epoch; a new epoch (seeded by its number) when one ends."""
     rows = []
     while len(rows) < k:
@@ -85,18 +93,18 @@ def _next_rows(state: RunState, lengths: list[int], k: int, seed: int) -> list[i
     return rows
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _peak_memory_mb(device: str) -> float:
+def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import bitsandbytes
     import peft
     import transformers
@@ -139,7 +147,7 @@ class Checkpoint:
         return RunState(**ckpt["state"]), ckpt["best"]
 
 
-def _prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
+def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     work = output.parent / f".{output.name}.partial"
     if resume and not Checkpoint(work).exists():
         raise OutputExistsError(f"--resume given but {work}/checkpoint does not exist; run without --resume to start fresh")
@@ -152,10 +160,10 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
           command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
     """Train the spec's adapter and write its folder; returns the folder's path."""
     output = Path(output or Path("runs") / spec.name)  # adapters/ is the registry (publish into it)
-    work = _prepare_output(output, overwrite, resume)
+    work = prepare_output(output, overwrite, resume)
     data = load_task_data(spec)  # validates everything before a single byte is written
     bb = load_backbone(spec.base, spec.quantization, device)
-    _seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
+    seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
     model = attach(bb.model, spec.method, spec.method_args)
     tok, cfg = bb.tokenizer, spec.train
     device = str(next(model.parameters()).device)
@@ -179,12 +187,10 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     train_split, dev = data["train"], data["dev"]
     primary = spec.primary_metric
 
-    def task_loss(rows: list[int]) -> torch.Tensor:
+    def batch_loss(rows: list[int]) -> torch.Tensor:
         prompts = [train_split.prompts[i] for i in rows]
         answers = [train_split.answers[i] for i in rows]
-        if label_tokens is not None:
-            return classification_loss(model, tok, prompts, answers, label_tokens, cfg.max_length)
-        return generation_loss(model, tok, prompts, answers, cfg.max_length)
+        return task_loss(model, tok, prompts, answers, cfg.max_length, label_tokens)
 
     # Tokens the model reads per row: for the length-bucketed sampler and the tokens/s figure.
     lengths = [len(ids) for ids in tok(train_split.prompts).input_ids]
@@ -203,8 +209,8 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
         model.train()
         t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
         for _ in range(cfg.grad_accum):
-            rows = _next_rows(state, lengths, cfg.batch_size, cfg.seed)
-            loss = task_loss(rows) / cfg.grad_accum  # scale so accumulated grads average, not sum
+            rows = next_rows(state, lengths, cfg.batch_size, cfg.seed)
+            loss = batch_loss(rows) / cfg.grad_accum  # scale so accumulated grads average, not sum
             loss.backward()
             loss_sum += loss.item()
             tokens += sum(lengths[i] for i in rows)
@@ -254,40 +260,51 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     shutil.rmtree(final, ignore_errors=True)
     model.peft_config["default"].base_model_name_or_path = bb.hub_id
     model.save_pretrained(final)  # PEFT files (safetensors); peft also writes a README we replace
-    meta = {
+    meta = adapter_meta(spec, bb, data, metrics, routing=routing, command=command,
+                        trainable_parameters=trainable_parameters(model),
+                        efficiency={
+                            "adapter_file_bytes": (final / "adapter_model.safetensors").stat().st_size,
+                            "peak_memory_mb": round(peak_memory_mb(device), 1),
+                            "train_tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
+                            "latency_ms_per_example": round(1000 * eval_seconds / len(dev), 2),
+                            "device": device,
+                        },
+                        train_state={"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
+                                     "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens})
+    finish_folder(final, meta, state.history, primary)
+    publish_folder(final, output)
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> dict:
+    """The sidecar of an adapter trained for `spec` on backbone `bb` (extra keys appended as given)."""
+    return {
         "format": FORMAT,
         "name": spec.name,
         "task": spec.to_dict(),
         "method": spec.method,
         "label_words": label_words(spec) if spec.type == "classification" else None,
         "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
-        "trainable_parameters": trainable_parameters(model),
         "metrics": metrics,
-        "efficiency": {
-            "adapter_file_bytes": (final / "adapter_model.safetensors").stat().st_size,
-            "peak_memory_mb": round(_peak_memory_mb(device), 1),
-            "train_tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
-            "latency_ms_per_example": round(1000 * eval_seconds / len(dev), 2),
-            "device": device,
-        },
-        "train_state": {"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
-                        "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens},
+        **extra,
         "routing": routing,
         "data": {name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
         "command": command or " ".join(sys.argv),
-        "versions": _versions(),
+        "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    write_json(final / SIDECAR, meta)
-    atomic_write(final / "README.md", model_card(meta))  # replace peft's stub card
-    write_jsonl(final / "metrics.jsonl", state.history)
-    plot_curves(state.history, primary, final / "curves.png")
-    _publish(final, output)
-    shutil.rmtree(work, ignore_errors=True)
-    return output
 
 
-def _publish(final: Path, output: Path) -> None:
+def finish_folder(folder: Path, meta: dict, history: list[dict], primary: str) -> None:
+    """Sidecar, model card, metrics log and curves beside the PEFT files of a finished adapter."""
+    write_json(folder / SIDECAR, meta)
+    atomic_write(folder / "README.md", model_card(meta))  # replaces peft's stub card
+    write_jsonl(folder / "metrics.jsonl", history)
+    plot_curves(history, primary, folder / "curves.png")
+
+
+def publish_folder(final: Path, output: Path) -> None:
     """Move the finished folder into place; an old folder (under --overwrite) goes only after."""
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists():

@@ -16,7 +16,7 @@ from adapterhub_lite.adapter import attach
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.data import load_task_data
 from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.heads import classification_loss, generation_loss
+from adapterhub_lite.heads import task_loss
 from adapterhub_lite.spec import load_spec
 
 
@@ -43,11 +43,7 @@ def main():
     def step(quant, rows):
         model, tok, opt, labels = runs[quant]
         prompts, answers = [train.prompts[i] for i in rows], [train.answers[i] for i in rows]
-        if labels is not None:
-            loss = classification_loss(model, tok, prompts, answers, labels, spec.train.max_length)
-        else:
-            loss = generation_loss(model, tok, prompts, answers, spec.train.max_length)
-        loss.backward()
+        task_loss(model, tok, prompts, answers, spec.train.max_length, labels).backward()
         opt.step()
         opt.zero_grad()
         return sum(len(tok(p).input_ids) for p in prompts)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.heads import answer_ids, encode_prompt, generation_loss, label_scores
+from adapterhub_lite.heads import answer_ids, encode_prompt, label_scores, task_loss
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_scoring_picks_the_label_the_constructed_model_prefers():
 
 def test_generation_loss_covers_only_target_tokens(tiny):
     tok, model = tiny.tokenizer, tiny.model
-    loss = generation_loss(model, tok, ["In: ab\nOut:"], ["AB"], 64)
+    loss = task_loss(model, tok, ["In: ab\nOut:"], ["AB"], 64)
     p, c = encode_prompt(tok, "In: ab\nOut:", 64), answer_ids(tok, "AB") + [tok.eos_token_id]
     logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
     want = -sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)) / len(c)

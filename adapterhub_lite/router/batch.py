@@ -4,9 +4,8 @@ A row may use a LoRA, a prefix-tuning or a prompt-tuning adapter, or none (the p
 peft serves one prompt-learning adapter per forward and cannot mix them with LoRA, so the three
 kinds are applied here with plain torch ops on the frozen backbone:
 
-- LoRA: a forward hook on each targeted linear module adds a batched, gathered low-rank product:
-  the factors of each row's adapter are gathered into [B, in, r_max] / [B, r_max, out] (B·scale),
-  zero-padded to the widest rank in the batch (exact), and applied with two bmm's.
+- LoRA: a forward hook on each targeted linear module adds a batched, gathered low-rank product
+  (kernel.py): each row's factors, zero-padded to the batch's widest rank, applied with two bmm's.
 - Prefix tuning: each row's prefix keys/values pre-fill a DynamicCache, padded to the longest prefix
   and masked out beyond the row's own.
 - Prompt tuning: the virtual token embeddings are put in front of the row's token embeddings.
@@ -17,7 +16,6 @@ through peft, and a 2D attention mask over [prefix slots + token columns].
 
 from __future__ import annotations
 
-import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +26,9 @@ from peft import PeftConfig
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
+from ..adapter import lora_scale
 from ..errors import AdapterHubError, AdapterLoadError
+from .kernel import add_rows, stack_factors
 
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
@@ -71,17 +71,15 @@ class _LoraModule:
         return not self.factors
 
     def _gather(self, slots: torch.Tensor):
-        """Rows that have a LoRA here (None = all of them) and their factors, transposed for bmm."""
+        """Rows that have a LoRA here (None = all of them) and their stacked factors (see kernel.py)."""
         if self._gathered is None or self._gathered[0] is not slots:
             wanted = slots.tolist()
             rows = [i for i, s in enumerate(wanted) if s in self.factors]
-            r_max = max((self.factors[wanted[i]][0].shape[0] for i in rows), default=0)
-            At = torch.zeros(len(rows), self.in_features, r_max, dtype=self.dtype, device=self.device)
-            Bt = torch.zeros(len(rows), r_max, self.out_features, dtype=self.dtype, device=self.device)
-            for j, i in enumerate(rows):
-                a, b = self.factors[wanted[i]]
-                At[j, :, : a.shape[0]] = a.T
-                Bt[j, : b.shape[1]] = b.T
+            used = list(dict.fromkeys(wanted[i] for i in rows))  # distinct slots, first-seen order
+            At = Bt = None
+            if rows:
+                index = torch.tensor([used.index(wanted[i]) for i in rows], device=self.device)
+                At, Bt = stack_factors([self.factors[s] for s in used], index)
             keep = None if len(rows) == len(wanted) else torch.tensor(rows, dtype=torch.long, device=slots.device)
             self._gathered = (slots, keep, At, Bt)
         return self._gathered[1:]
@@ -91,17 +89,9 @@ class _LoraModule:
         if slots is None:
             return None
         rows, At, Bt = self._gather(slots)
-        if rows is not None and len(rows) == 0:
+        if At is None:  # no row of this batch has a LoRA on this module
             return None
-        x = args[0]  # [B, T, in], as decoder layers call their linears
-        if rows is not None:  # only some rows have a LoRA here: compute theirs alone, scatter-add back
-            delta = torch.bmm(torch.bmm(x.index_select(0, rows).to(At.dtype), At), Bt)
-            out.index_add_(0, rows, delta.to(out.dtype))
-        elif out.dtype == At.dtype:
-            out.baddbmm_(torch.bmm(x.to(At.dtype), At), Bt)  # every row has one: accumulate in place
-        else:
-            out.add_(torch.bmm(torch.bmm(x.to(At.dtype), At), Bt).to(out.dtype))
-        return out
+        return add_rows(out, args[0], At, Bt, rows)  # args[0]: [B, T, in], as decoder layers call linears
 
 
 @dataclass
@@ -215,9 +205,7 @@ class AdapterBank:
         nbytes = 0
         for mod, ab in pairs.items():
             a, b = ab["A"].to(self.lora_dtype), ab["B"].to(self.lora_dtype)
-            r = a.shape[0]
-            alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", mod)), cfg.lora_alpha)
-            scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+            scale = lora_scale(cfg, mod, a.shape[0])
             if mod not in self._lora:
                 self._lora[mod] = _LoraModule(modules[mod], self._routing, self.lora_dtype, self.device)
             self._lora[mod].put(slot, a, b * scale)

@@ -131,8 +131,11 @@ class Router:
         return sidecar
 
     # -- heterogeneous batches -----------------------------------------------------------------
-    def spec(self, name: str) -> TaskSpec:
-        return spec_from_dict(self.metas[name]["task"])
+    def spec(self, name: str) -> TaskSpec | None:
+        """The task an adapter was trained for; None for a component (e.g. a joint run's shared
+        adapter), which serves raw text like the base model."""
+        task = self.metas[name]["task"]
+        return spec_from_dict(task) if task else None
 
     def _route_auto(self, requests: list[dict]) -> list[str]:
         names = [r.get("adapter", BASE) for r in requests]

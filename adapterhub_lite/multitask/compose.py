@@ -1,0 +1,222 @@
+"""Learned composition for a new task (after LoraHub): weights over existing LoRA adapters, fitted
+on a few labeled examples, saved as an ordinary adapter.
+
+The composed update at every module is Σ_i w_i·B_i·A_i — stored exactly, as the sources' factors
+concatenated with w_i folded into B_i (rank Σ r_i), so w = (1, 0, …) is the first source exactly.
+The weights are found by CMA-ES (gradient-free, the `cma` package) or by gradient descent on the
+weights alone (the factors stay frozen), minimising the few-shot loss + l1·Σ|w_i|, as LoraHub does.
+The few-shot rows are kept in the output folder (shots.jsonl), so the result can be reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapter import read_lora, save_lora
+from ..backbone import load_backbone
+from ..data import load_split, to_split
+from ..errors import AdapterHubError
+from ..evaluate import evaluate_split, label_token_ids
+from ..folder import atomic_write, check_base, read_sidecar, write_json
+from ..heads import task_loss
+from ..router.kernel import RowLora
+from ..spec import TaskSpec
+from ..train import (
+    adapter_meta,
+    finish_folder,
+    peak_memory_mb,
+    prepare_output,
+    publish_folder,
+    train,
+)
+
+SEARCHES = ("cma", "gradient")
+
+
+class ComposeError(AdapterHubError):
+    """Sources that cannot be composed (not LoRA, another backbone, no common module)."""
+
+
+class Composition:
+    """Sources' LoRA factors on one backbone, combined with weights w through the per-row kernel.
+
+    Inside `route(-1)` the model runs with Σ w_i·ΔW_i; inside `route(i)` with source i alone.
+    """
+
+    def __init__(self, model, sources: dict[str, dict]):
+        self.names = list(sources)
+        self.sources = [sources[n] for n in self.names]
+        self.modules = sorted(set().union(*[s.keys() for s in self.sources]))
+        self.weights = torch.zeros(len(self.sources))
+        named = dict(model.named_modules())
+        missing = [m for m in self.modules if m not in named]
+        if missing:
+            raise ComposeError(f"the sources adapt modules this backbone lacks, e.g. {missing[0]!r}; were they trained on another model?")
+        self.rows = RowLora({m: named[m] for m in self.modules}, self.factors, len(self.sources) + 1)
+
+    def factors(self, module: str, adapter: int):
+        if adapter < len(self.sources):
+            return self.sources[adapter].get(module)
+        parts = [(f[0], w * f[1]) for w, s in zip(self.weights, self.sources) if (f := s.get(module)) is not None]
+        return (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1)) if parts else None
+
+    def composed(self):
+        """Context: the model runs with the weighted composition."""
+        return self.rows.route(len(self.sources))
+
+    def export(self) -> dict:
+        """The composed factors, for save_lora."""
+        return {m: f for m in self.modules if (f := self.factors(m, len(self.sources))) is not None}
+
+
+def _load_sources(folders: dict[str, Path], bb) -> dict[str, dict]:
+    problems, out = [], {}
+    for name, folder in folders.items():
+        meta = read_sidecar(folder)
+        if meta["method"] != "lora":
+            problems.append(f"{name} is a {meta['method']} adapter")
+            continue
+        check_base(name, meta["base"]["fingerprint"], bb.fingerprint, "compose-fit uses", allow=False)
+        out[name] = read_lora(folder)
+    if problems:
+        raise ComposeError(f"only LoRA adapters can be composed: {'; '.join(problems)}")
+    return out
+
+
+def _shots(spec: TaskSpec, n: int, seed: int):
+    ds, _ = load_split(spec.data.train)
+    if n > len(ds):
+        raise ComposeError(f"--shots {n} is more than the {len(ds)} training rows of {spec.name}; ask for fewer")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return ds.select(idx)
+
+
+def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Path, *, shots: int = 16, search: str = "cma",
+                budget: int = 40, l1: float = 0.05, seed: int = 0, baselines: bool = True, lora_steps: int = 40,
+                eval_rows: int | None = None, overwrite: bool = False, device: str | None = None, command: str | None = None) -> dict:
+    """Fit composition weights for `spec` from `shots` training rows, write the composed adapter
+    folder, and return the report (also saved in the folder as compose_report.json).
+
+    With `baselines`, the report compares on the dev set: the base model zero-shot, every single
+    source (and the best of them), and a LoRA trained on the same shots for `lora_steps` steps.
+    """
+    if search not in SEARCHES:
+        raise ComposeError(f"search {search!r} is not one of {', '.join(SEARCHES)}")
+    if len(sources) < 2:
+        raise ComposeError(f"compose-fit needs at least two source adapters, got {list(sources)}")
+    output = Path(output)
+    work = prepare_output(output, overwrite, resume=False)
+    shot_ds = _shots(spec, shots, seed)
+    shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
+    shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
+    dev_ds, dev_sha = load_split(spec.data.dev)
+    dev = to_split(spec, dev_ds, spec.data.dev, dev_sha)
+    bb = load_backbone(spec.base, spec.quantization, device)
+    comp = Composition(bb.model, _load_sources({n: Path(f) for n, f in sources.items()}, bb))
+    tok = bb.tokenizer
+    labels = label_token_ids(tok, spec) if spec.type == "classification" else None
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        comp.weights = w
+        with comp.composed():
+            loss = task_loss(bb.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
+        return loss + l1 * w.abs().sum()
+
+    start = time.perf_counter()
+    weights, trace = (_cma if search == "cma" else _gradient)(objective, len(comp.names), budget, seed)
+    comp.weights = weights
+    fit_seconds = time.perf_counter() - start
+
+    seconds: list[float] = []
+
+    def dev_score(route) -> dict:
+        with route:
+            metrics, _, took = evaluate_split(bb.model, tok, spec, dev, limit=eval_rows)
+        seconds.append(took)
+        return {k: v for k, v in metrics.items() if k != "per_class"}
+
+    primary = spec.primary_metric
+    report = {"task": spec.name, "metric": primary, "shots": shots, "search": search, "budget": budget, "l1": l1,
+              "weights": dict(zip(comp.names, [round(w, 5) for w in weights.tolist()])), "fit_seconds": round(fit_seconds, 1),
+              "dev_rows": min(eval_rows or len(dev), len(dev)), "composed": dev_score(comp.composed())}
+    if baselines:
+        report["base"] = dev_score(comp.rows.route(None))  # hooks idle: the plain backbone
+        report["sources"] = {n: dev_score(comp.rows.route(i)) for i, n in enumerate(comp.names)}
+        best = max(report["sources"], key=lambda n: report["sources"][n][primary])
+        report["best_single"] = {"adapter": best, **report["sources"][best]}
+        report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device)
+
+    out = work / "adapter"
+    save_lora(out, comp.export(), bb.hub_id)
+    atomic_write(out / "shots.jsonl", shot_text)
+    tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
+    run_device = str(next(bb.model.parameters()).device)
+    meta = adapter_meta(spec, bb, {"train": shot_split, "dev": dev}, report["composed"], routing=None, command=command or " ".join(sys.argv),
+                        trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
+                        efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
+                                    "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
+                                    "latency_ms_per_example": round(1000 * seconds[0] / report["dev_rows"], 2), "device": run_device},
+                        train_state={"steps": len(trace), "best_step": len(trace), "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
+                        composition={"search": search, "weights": report["weights"], "l1": l1, "shots": shots, "seed": seed,
+                                     "sources": {n: str(sources[n]) for n in comp.names}})
+    finish_folder(out, meta, trace, primary)
+    write_json(out / "compose_report.json", report)
+    publish_folder(out, output)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+@torch.no_grad()
+def _cma(objective, n: int, budget: int, seed: int):
+    """CMA-ES from w = 0 (the base model), step 0.5; `budget` loss evaluations at most."""
+    import cma
+
+    es = cma.CMAEvolutionStrategy([0.0] * n, 0.5, {"seed": seed + 1, "maxfevals": budget, "bounds": [-1.5, 1.5], "verbose": -9})
+    trace = []
+    while not es.stop():
+        xs = es.ask()
+        losses = [objective(torch.tensor(x, dtype=torch.float32)).item() for x in xs]
+        es.tell(xs, losses)
+        trace += [{"step": len(trace) + 1, "loss": round(v, 5)} for v in losses]
+    return torch.tensor(es.result.xbest, dtype=torch.float32), trace
+
+
+def _gradient(objective, n: int, budget: int, seed: int):
+    """Adam on the weights alone (lr 0.05) for `budget` steps; the best weights seen are kept."""
+    w = torch.zeros(n, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    trace, best = [], (float("inf"), w.detach().clone())
+    for step in range(budget):
+        loss = objective(w)
+        if loss.item() < best[0]:
+            best = (loss.item(), w.detach().clone())
+        trace.append({"step": step + 1, "loss": round(loss.item(), 5)})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return best[1], trace
+
+
+def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, device) -> dict:
+    """The usual alternative: a fresh LoRA (the spec's own LoRA settings) trained on the same rows."""
+    work.mkdir(parents=True, exist_ok=True)
+    shots_file = work / "shots.jsonl"
+    atomic_write(shots_file, shot_text)
+    few = copy.deepcopy(spec)
+    few.data.train = str(shots_file)
+    if few.method != "lora":
+        few.method, few.method_args = "lora", {}
+    few.train.max_steps, few.train.batch_size = steps, min(shot_text.count("\n"), spec.train.batch_size)
+    few.train.warmup_steps, few.train.eval_every, few.train.checkpoint_every = 0, steps, steps
+    few.train.patience, few.train.max_minutes = 0, 0.0
+    folder = train(few, work / "lora_on_shots", progress=False, device=device)
+    metrics = read_sidecar(folder)["metrics"]
+    return {"steps": steps, **{k: v for k, v in metrics.items() if k != "per_class"}}

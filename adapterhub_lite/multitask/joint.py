@@ -1,0 +1,329 @@
+"""Joint multi-task training: N task LoRA adapters (+ optionally one shared) trained in one loop.
+
+Every batch mixes rows of several tasks (chosen by a TaskSampler); each row goes through its own
+task's adapter — and through the shared adapter, when there is one — in the same forward and
+backward pass, by the router's per-row kernel (router/kernel.py) in training mode. The per-task
+losses are combined by a weighting rule (equal, fixed, dynamic sigmoid, uncertainty).
+
+    runs/mtl/
+      <task>/        one ordinary adapter folder per task: its own factors and the shared ones
+                     concatenated (rank r_shared + r_task), so it serves alone, exactly as trained
+      shared/        the shared adapter by itself
+      run.json       what was trained, how, and the per-task dev scores
+      metrics.jsonl, curves.png   per-task losses, loss weights, sampling shares and dev metrics
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler
+
+from ..adapter import make_config, save_lora, trainable_parameters
+from ..backbone import load_backbone
+from ..data import load_task_data
+from ..errors import SpecError
+from ..evaluate import evaluate_split, label_token_ids
+from ..folder import SIDECAR, write_json, write_jsonl
+from ..heads import Plan, logprobs_at, loss_plan
+from ..router.kernel import RowLora
+from ..router.routing import routing_entry
+from ..spec import TaskSpec
+from ..train import (
+    RunState,
+    adapter_meta,
+    finish_folder,
+    next_rows,
+    peak_memory_mb,
+    prepare_output,
+    publish_folder,
+    seed_everything,
+)
+from .sampling import TaskSampler
+from .weighting import make_weighting
+
+SHARED = "shared"
+
+
+@dataclass
+class JointConfig:
+    """Settings of a joint run (each task's own spec gives its prompt, labels, LoRA shape and lr)."""
+
+    max_steps: int = 300
+    batch_size: int = 16  # rows per step, mixed over tasks
+    warmup_steps: int = 20
+    eval_every: int = 100
+    eval_samples: int = 200
+    max_grad_norm: float = 1.0
+    weighting: str = "dynamic"
+    weighting_args: dict = field(default_factory=dict)  # alpha/beta/window (dynamic), weights (fixed)
+    sampling: str = "temperature"
+    temperature: float = 2.0
+    shared_adapter: bool = False
+    shared_r: int = 8
+    max_minutes: float = 0.0
+    seed: int = 0
+
+
+def check_specs(specs: list[TaskSpec]) -> None:
+    """Refuse, all problems at once, a set of tasks that cannot be trained jointly."""
+    problems = []
+    names = [s.name for s in specs]
+    if len(specs) < 2:
+        problems.append(f"joint training needs at least two tasks, got {names}")
+    if len(set(names)) < len(names) or SHARED in names:
+        problems.append(f"task names must be distinct and not {SHARED!r}, got {names}")
+    problems += [f"task {s.name!r} uses method {s.method!r}; joint training trains LoRA adapters (set method: lora)"
+                 for s in specs if s.method != "lora"]
+    for key in ("base", "quantization"):
+        values = {s.name: getattr(s, key) for s in specs}
+        if len(set(values.values())) > 1:
+            problems.append(f"all tasks must share one backbone, but {key} differs: {values}")
+    dropouts = {s.name: s.method_args.get("lora_dropout", 0.0) for s in specs}
+    if len(set(dropouts.values())) > 1:
+        problems.append(f"all tasks must use one lora_dropout (the batch shares one dropout mask), got {dropouts}")
+    if problems:
+        raise SpecError(problems, "joint training")
+
+
+class JointLora:
+    """The task adapters (+ shared) of a multi-adapter peft model, routed per row by RowLora.
+
+    peft creates, initialises and holds the parameters; its own LoRA forward is switched off and
+    the kernel adds, for row i, the update of task[i]'s adapter concatenated with the shared one.
+    """
+
+    def __init__(self, model, tasks: list[str], shared: bool, dropout: float):
+        self.model, self.tasks, self.shared = model, tasks, shared
+        self.layers = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+        model.base_model.disable_adapter_layers()  # peft now computes only the frozen base ...
+        for m in self.layers.values():  # ... and froze the factors too; we train them ourselves
+            for p in list(m.lora_A.parameters()) + list(m.lora_B.parameters()):
+                p.requires_grad_(True)
+        self.rows = RowLora(self.layers, self.factors, len(tasks), dropout)
+
+    def _own(self, layer, name: str):
+        if name not in layer.lora_A:
+            return None
+        return layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
+
+    def factors(self, module: str, task: int):
+        """(A, B·scale) of task `task` at `module`: its own factors after the shared ones."""
+        layer = self.layers[module]
+        parts = [f for f in (self._own(layer, SHARED) if self.shared else None, self._own(layer, self.tasks[task])) if f is not None]
+        if not parts:
+            return None
+        return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for m in self.layers.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+
+    def export(self, task: int | None) -> dict:
+        """Factors of a task adapter (shared included) or, with None, of the shared adapter alone."""
+        if task is None:
+            return {m: (f[0], f[1]) for m, layer in self.layers.items() if (f := self._own(layer, SHARED))}
+        return {m: f for m in self.layers if (f := self.factors(m, task)) is not None}
+
+
+def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
+    from peft import get_peft_model
+
+    configs = {s.name: make_config("lora", s.method_args, model) for s in specs}
+    first = specs[0].name
+    peft_model = get_peft_model(model, configs[first], adapter_name=first)
+    for s in specs[1:]:
+        peft_model.add_adapter(s.name, configs[s.name])
+    if cfg.shared_adapter:
+        shared = copy.deepcopy(configs[first])
+        shared.r, shared.lora_alpha = cfg.shared_r, 2 * cfg.shared_r
+        peft_model.add_adapter(SHARED, shared)
+    return peft_model
+
+
+def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | None = None, *, overwrite: bool = False,
+                command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
+    """Train the tasks' adapters jointly; writes one adapter folder per task under `output`."""
+    cfg = cfg or JointConfig()
+    check_specs(specs)
+    output = Path(output)
+    work = prepare_output(output, overwrite, resume=False)
+    names = [s.name for s in specs]
+    data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
+    bb = load_backbone(specs[0].base, specs[0].quantization, device)
+    tok, device = bb.tokenizer, str(next(bb.model.parameters()).device)
+    seed_everything(cfg.seed)
+    model = _attach(bb.model, specs, cfg)
+    joint = JointLora(model, names, cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
+    weighting = make_weighting(cfg.weighting, names, **cfg.weighting_args)
+    sampler = TaskSampler({n: len(data[n]["train"]) for n in names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
+    labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
+
+    # Each task keeps its own learning rate; the shared adapter and the loss weights take the mean.
+    mean_lr = sum(s.train.lr for s in specs) / len(specs)
+    groups = [{"params": joint.parameters(s.name), "lr": s.train.lr} for s in specs]
+    if cfg.shared_adapter:
+        groups.append({"params": joint.parameters(SHARED), "lr": mean_lr})
+    if weighting.parameters():
+        groups.append({"params": weighting.parameters(), "lr": mean_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = get_scheduler("linear", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    params = [p for g in groups for p in g["params"]]
+
+    cursors = {n: RunState() for n in names}
+    lengths = {n: [len(p) for p in data[n]["train"].prompts] for n in names}  # characters: enough to bucket by
+    work.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+
+    def record(row: dict) -> None:
+        history.append(row)
+        with open(work / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    latency: dict[str, float] = {}
+
+    def evaluate(limit: int | None) -> dict[str, dict]:
+        out = {}
+        for i, s in enumerate(specs):
+            with joint.rows.route(i):
+                metrics, _, seconds = evaluate_split(model, tok, s, data[s.name]["dev"], limit=limit)
+            out[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
+            latency[s.name] = round(1000 * seconds / min(limit or len(data[s.name]["dev"]), len(data[s.name]["dev"])), 2)
+        return out
+
+    start, train_seconds, tokens, best, best_score, best_step = time.monotonic(), 0.0, 0, None, None, 0
+    stopped_by = "max_steps"
+    for step in range(1, cfg.max_steps + 1):
+        model.train()
+        t0 = time.perf_counter()
+        draws = sampler.draw_batch(cfg.batch_size)
+        plans: dict[str, Plan] = {}
+        for i, s in enumerate(specs):
+            k = draws.count(s.name)
+            if k:
+                rows = next_rows(cursors[s.name], lengths[s.name], k, cfg.seed + 1000 * i)
+                split = data[s.name]["train"]
+                plans[s.name] = loss_plan(tok, [split.prompts[j] for j in rows], [split.answers[j] for j in rows],
+                                          s.train.max_length, labels[s.name])
+        losses = joint_losses(model, tok.pad_token_id, joint, {names.index(n): p for n, p in plans.items()})
+        losses = {names[i]: v for i, v in losses.items()}
+        used = weighting.weights()  # the weights this step's loss is combined with
+        total = weighting.combine(losses)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - t0
+        tokens += sum(len(q) for p in plans.values() for q in p.seqs)
+        record({"step": step, "loss": round(total.item(), 5), **{f"loss/{n}": round(v.item(), 5) for n, v in losses.items()},
+                **{f"weight/{n}": round(w, 4) for n, w in used.items()},
+                **{f"rows/{n}": draws.count(n) for n in names}})
+        out_of_time = cfg.max_minutes > 0 and time.monotonic() - start > cfg.max_minutes * 60
+        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
+            scores = evaluate(cfg.eval_samples)
+            for s in specs:
+                sampler.observe(s.name, scores[s.name][s.primary_metric])
+            mean = sum(scores[s.name][s.primary_metric] for s in specs) / len(specs)
+            record({"step": step, **{f"dev/{n}/{k}": v for n, m in scores.items() for k, v in m.items()}, "dev/mean": round(mean, 4),
+                    **{f"p/{n}": round(p, 4) for n, p in sampler.probabilities().items()}})
+            if progress:
+                print(f"step {step}: dev " + ", ".join(f"{s.name} {scores[s.name][s.primary_metric]:.4f}" for s in specs), file=sys.stderr)
+            if best_score is None or mean > best_score:  # keep the best mean, not the last
+                best_score, best_step, best = mean, step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if out_of_time:
+            stopped_by = "max_minutes"
+            break
+
+    if best is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best:
+                    p.copy_(best[n])
+    final = evaluate(None)
+    state = {"device": device, "steps": step, "best_step": best_step, "stopped_by": stopped_by, "train_seconds": round(train_seconds, 1), "tokens": tokens,
+             "train_tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
+             "latency_ms_per_example": latency}
+    _write_outputs(work, specs, cfg, bb, data, model, joint, final, history, state, command)
+    publish_folder(work / "out", output)
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan]) -> dict[int, torch.Tensor]:
+    """Every task's loss from ONE forward pass over all their rows, each row through its own adapter."""
+    seqs, rows, cols, owner, counts = [], [], [], [], []
+    for task, plan in plans.items():
+        offset = len(seqs)
+        seqs += plan.seqs
+        rows += [offset + r for r in plan.rows]
+        cols += plan.cols
+        owner += [task] * len(plan.seqs)
+        counts.append(len(plan.rows))
+    with joint.rows.route(torch.tensor(owner, device=next(model.parameters()).device)):
+        logp = logprobs_at(model, pad_id, seqs, rows, cols)
+    return {task: plan.finish(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
+
+
+def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: JointLora, final: dict, history, state, command) -> None:
+    out = work / "out"
+    out.mkdir()
+    run = {"tasks": [s.name for s in specs], "config": asdict(cfg), "dev": final, "train_state": state,
+           "base": {"name": specs[0].base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
+           "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
+    dropout = float(specs[0].method_args.get("lora_dropout", 0.0))
+    total = run["trainable_parameters"]["total"]
+    routing = {s.name: routing_entry(model, bb.tokenizer, s) for s in specs}  # outside route(): the plain backbone
+    for i, s in enumerate(specs):
+        folder = out / s.name
+        save_lora(folder, joint.export(i), bb.hub_id, dropout)
+        own = [{"step": r["step"], "loss": r[f"loss/{s.name}"]} for r in history if f"loss/{s.name}" in r] + \
+              [{"step": r["step"], **{k.split("/")[-1]: v for k, v in r.items() if k.startswith(f"dev/{s.name}/")}} for r in history if f"dev/{s.name}/{s.primary_metric}" in r]
+        own_params = sum(a.numel() + b.numel() for a, b in joint.export(i).values())
+        meta = adapter_meta(s, bb, data[s.name], final[s.name], routing=routing[s.name], command=command,
+                            trainable_parameters={"trainable": own_params, "total": total,
+                                                  "percent": round(100.0 * own_params / total, 4)},
+                            efficiency={"adapter_file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
+                                        "peak_memory_mb": state["peak_memory_mb"], "train_tokens_per_s": state["train_tokens_per_s"],
+                                        "latency_ms_per_example": state["latency_ms_per_example"][s.name], "device": state["device"]},
+                            train_state={k: state[k] for k in ("steps", "best_step", "stopped_by", "train_seconds", "tokens")},
+                            joint={"run": "..", "tasks": run["tasks"], "shared_adapter": cfg.shared_adapter,
+                                   "weighting": cfg.weighting, "sampling": cfg.sampling})
+        finish_folder(folder, meta, sorted(own, key=lambda r: r["step"]), s.primary_metric)
+    if cfg.shared_adapter:
+        save_lora(out / SHARED, joint.export(None), bb.hub_id, dropout)
+        # A component, not a task adapter: no task spec, no metrics; every task folder already holds it.
+        write_json(out / SHARED / SIDECAR, {**adapter_meta(specs[0], bb, {}, {}, routing=None, command=command), "name": SHARED,
+                                            "task": None, "label_words": None, "joint": {"run": "..", "tasks": run["tasks"], "role": "shared"}})
+    write_json(out / "run.json", run)
+    write_jsonl(out / "metrics.jsonl", history)
+    plot_joint(history, specs, out / "curves.png")
+
+
+def plot_joint(history: list[dict], specs: list[TaskSpec], path: Path) -> None:
+    """Per-task loss, loss weight and dev metric against step, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for s in specs:
+        for ax, key in zip(axes, (f"loss/{s.name}", f"weight/{s.name}", f"dev/{s.name}/{s.primary_metric}")):
+            pts = [(r["step"], r[key]) for r in history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), lw=0.8, marker="o" if key.startswith("dev/") else None, label=s.name)
+    for ax, title in zip(axes, ("train loss", "loss weight", "dev metric")):
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)

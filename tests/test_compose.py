@@ -1,0 +1,79 @@
+"""Learned composition (LoraHub-style): weights over source LoRAs, fitted on a few shots."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.adapter import read_lora, save_lora
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.multitask.compose import ComposeError, Composition, compose_fit
+from adapterhub_lite.spec import spec_from_dict
+
+from .conftest import train_tiny
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sources")
+    return {name: train_tiny(d, name, method_args={"r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"]},
+                             train={"max_steps": 3, "lr": 5e-2, "seed": seed})
+            for name, r, seed in (("one", 4, 0), ("two", 2, 1), ("three", 4, 2))}
+
+
+def _logits(model, tok):
+    ids = tok(["T: pos 3\nL:", "T: neg 1\nL:"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+def test_weights_one_zero_zero_equal_the_first_source(sources, tmp_path):
+    bb = load_backbone("tiny-random-llama", "none")
+    comp = Composition(bb.model, {n: read_lora(f) for n, f in sources.items()})
+    comp.weights = torch.tensor([1.0, 0.0, 0.0])
+    with comp.composed():
+        got = _logits(bb.model, bb.tokenizer)
+    save_lora(tmp_path / "composed", comp.export(), "tiny")
+    want = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, sources["one"]), bb.tokenizer)
+    saved = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, tmp_path / "composed"), bb.tokenizer)
+    assert (got - want).abs().max() < 1e-5
+    assert (saved - want).abs().max() < 1e-5
+    assert (got - _logits(bb.model, bb.tokenizer)).abs().max() > 1e-4  # outside the context: the plain backbone
+
+
+def test_weighted_composition_is_the_weighted_sum_of_updates(sources):
+    bb = load_backbone("tiny-random-llama", "none")
+    factors = {n: read_lora(f) for n, f in sources.items()}
+    comp = Composition(bb.model, factors)
+    comp.weights = torch.tensor([0.5, -1.0, 2.0])
+    module = next(iter(factors["one"]))
+    a, b = comp.factors(module, 3)
+    want = sum(w * (f[module][1] @ f[module][0]) for w, f in zip([0.5, -1.0, 2.0], factors.values()))
+    assert torch.allclose(b @ a, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("search", ["cma", "gradient"])
+def test_compose_fit_writes_an_adapter_with_its_weights_and_a_report(sources, tmp_path, search):
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": str(tmp_path / "new.jsonl"), "dev": str(tmp_path / "new.jsonl")},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+                           "quantization": "none", "train": {"max_length": 32, "batch_size": 4}})
+    report = compose_fit(spec, sources, tmp_path / "out", shots=6, search=search, budget=8, lora_steps=2)
+    assert set(report["weights"]) == {"one", "two", "three"}
+    assert report["best_single"]["adapter"] in sources and {"base", "sources", "lora_on_shots", "composed"} <= set(report)
+    meta = json.loads((tmp_path / "out" / "adapterhub.json").read_text())
+    assert meta["composition"]["weights"] == report["weights"] and len((tmp_path / "out" / "shots.jsonl").read_text().splitlines()) == 6
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 + 2 + 4  # the sources' factors concatenated, weights folded into B
+    PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, tmp_path / "out")
+
+
+def test_compose_refuses_bad_requests(sources, tmp_path):
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": "x.jsonl", "dev": "x.jsonl"},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama", "quantization": "none"})
+    with pytest.raises(ComposeError, match="search 'grid'"):
+        compose_fit(spec, sources, tmp_path / "o", search="grid")
+    with pytest.raises(ComposeError, match="at least two"):
+        compose_fit(spec, {"one": sources["one"]}, tmp_path / "o")

@@ -1,0 +1,132 @@
+"""Joint multi-task training: one forward/backward pass, each row through its own task's adapter."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.adapter import save_lora
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.errors import SpecError
+from adapterhub_lite.evaluate import label_token_ids
+from adapterhub_lite.heads import loss_plan, task_loss
+from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
+from adapterhub_lite.multitask.weighting import Equal
+from adapterhub_lite.spec import spec_from_dict
+
+
+def _spec(name, kind="classification", **extra):
+    raw = {"name": name, "type": kind, "data": {"train": "t.jsonl", "dev": "d.jsonl"}, "prompt": "T: {text}\nA:",
+           "base": "tiny-random-llama", "quantization": "none", "method": "lora",
+           "method_args": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "train": {"max_length": 48}}
+    if kind == "classification":
+        raw.update(label="label", labels=["yes", "no"])
+    else:
+        raw.update(target="target")
+    raw.update(extra)
+    return spec_from_dict(raw)
+
+
+ROWS = {
+    "a": (["T: good day\nA:", "T: bad day\nA:", "T: fine\nA:"], [0, 1, 0]),
+    "b": (["T: one two\nA:", "T: three\nA:"], [1, 0]),
+    "g": (["T: ab\nA:", "T: cd\nA:"], ["AB", "CD"]),
+}
+
+
+def _joint(shared: bool):
+    bb = load_backbone("tiny-random-llama", "none")
+    specs = [_spec("a"), _spec("b", method_args={"r": 2, "target_modules": ["q_proj", "k_proj", "v_proj"]}), _spec("g", "generation")]
+    torch.manual_seed(0)
+    model = _attach(bb.model, specs, JointConfig(shared_adapter=shared, shared_r=3))
+    with torch.no_grad():  # peft starts B at zero, which would hide A's gradient: randomise all factors
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    joint = JointLora(model, [s.name for s in specs], shared, 0.0)
+    labels = {s.name: label_token_ids(bb.tokenizer, s) if s.type == "classification" else None for s in specs}
+    return bb, specs, model, joint, labels
+
+
+def _lora_grads(model, adapter):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if f".{adapter}." in n and p.grad is not None}
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_joint_step_gives_each_adapter_its_alone_gradient_over_n(shared):
+    bb, specs, model, joint, labels = _joint(shared)
+    tok = bb.tokenizer
+    plans = {i: loss_plan(tok, *ROWS[s.name], 48, labels[s.name]) for i, s in enumerate(specs)}
+    losses = joint_losses(model, tok.pad_token_id, joint, plans)
+    Equal([s.name for s in specs]).combine({specs[i].name: v for i, v in losses.items()}).backward()
+    joint_grads = {s.name: _lora_grads(model, s.name) for s in specs}
+    shared_joint = _lora_grads(model, SHARED) if shared else {}
+
+    # Alone: plain peft forward with only this task's adapter (and the shared one) active.
+    model.base_model.enable_adapter_layers()
+    shared_alone = {}
+    for i, s in enumerate(specs):
+        model.zero_grad(set_to_none=True)
+        model.base_model.set_adapter([SHARED, s.name] if shared else s.name)
+        loss = task_loss(model, tok, *ROWS[s.name], 48, labels[s.name])
+        assert torch.allclose(loss, losses[i], atol=1e-5), (s.name, loss.item(), losses[i].item())
+        loss.backward()
+        alone = _lora_grads(model, s.name)
+        assert set(alone) == set(joint_grads[s.name]) and alone
+        for n, g in alone.items():
+            assert torch.allclose(joint_grads[s.name][n], g / len(specs), atol=1e-5, rtol=1e-4), (n, (joint_grads[s.name][n] - g / len(specs)).abs().max().item(), g.abs().max().item())
+            assert g.abs().sum() > 0
+        for n, g in _lora_grads(model, SHARED).items():
+            shared_alone[n] = shared_alone.get(n, 0) + g / len(specs)
+    for n, g in shared_joint.items():  # the shared adapter gets the mean of the tasks' gradients
+        assert torch.allclose(g, shared_alone[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, (prompts, answers) in (("a", ROWS["a"]), ("g", ROWS["g"])):
+        key = "label" if name == "a" else "target"
+        words = {0: "yes", 1: "no"}
+        rows = [{"text": p.split(": ")[1].split("\n")[0], key: words[x] if key == "label" else x} for p, x in zip(prompts, answers)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}),
+             _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 3})]
+    cfg = JointConfig(max_steps=3, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4, weighting="dynamic",
+                      sampling="round_robin", shared_adapter=True, shared_r=2)
+    out = train_joint(specs, tmp_path / "mtl", cfg, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "curves.png", "g", "metrics.jsonl", "run.json", SHARED]
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]
+    assert all("weight/a" in r and "weight/g" in r for r in history if "loss" in r)
+    assert any("dev/a/accuracy" in r for r in history)
+    run = json.loads((out / "run.json").read_text())
+    assert set(run["dev"]) == {"a", "g"}
+
+    # Each task folder holds shared + task factors (r = r_shared + r_task) and a full sidecar.
+    assert json.loads((out / "a" / "adapter_config.json").read_text())["r"] == 2 + 4
+    meta = json.loads((out / "a" / "adapterhub.json").read_text())
+    assert meta["joint"]["tasks"] == ["a", "g"] and meta["metrics"] == run["dev"]["a"]
+    assert json.loads((out / SHARED / "adapterhub.json").read_text())["task"] is None
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_exported_task_adapter_equals_the_routed_one_under_plain_peft(shared, tmp_path):
+    bb, specs, model, joint, _ = _joint(shared)
+    ids = bb.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True)
+    for i, s in enumerate(specs):
+        with torch.no_grad(), joint.rows.route(i):
+            want = model(**ids).logits
+        save_lora(tmp_path / s.name, joint.export(i), "tiny")
+        fresh = load_backbone("tiny-random-llama", "none").model
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(fresh, tmp_path / s.name)(**ids).logits
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_tasks_that_cannot_train_jointly_are_refused_all_at_once():
+    specs = [_spec("a"), _spec("a", method="prefix", method_args={}), _spec("c", quantization="8bit")]
+    with pytest.raises(SpecError) as err:
+        train_joint(specs, "unused")
+    msg = str(err.value)
+    assert "distinct" in msg and "method 'prefix'" in msg and "quantization differs" in msg
