@@ -11,14 +11,7 @@ import re
 from pathlib import Path
 
 import torch
-from peft import (
-    IA3Config,
-    LoraConfig,
-    PeftModel,
-    PrefixTuningConfig,
-    PromptTuningConfig,
-    get_peft_model,
-)
+from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from .errors import AdapterMethodError
@@ -113,3 +106,25 @@ def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
     """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
     alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
     return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+
+
+def init_from(model: PeftModel, folder: Path) -> None:
+    """Transfer initialisation: start `model`'s adapter from the weights of the adapter in `folder`.
+
+    Both must be the same method with the same shapes (LoRA: rank and target modules); every
+    difference is listed in one error.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    try:
+        theirs = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    except OSError:
+        raise AdapterMethodError(f"init_from {str(folder)!r} has no adapter_model.safetensors; point it at an adapter folder") from None
+    ours = get_peft_model_state_dict(model)
+    problems = [f"{k}: ours {tuple(v.shape)}, theirs {tuple(theirs[k].shape) if k in theirs else 'missing'}"
+                for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
+    problems += [f"{k}: theirs only" for k in theirs if k not in ours]
+    if problems:
+        raise AdapterMethodError(f"init_from {str(folder)!r} does not match this adapter's method/rank/targets "
+                                 f"({len(problems)} tensors differ, e.g. {'; '.join(problems[:3])}); use the source adapter's method_args")
+    set_peft_model_state_dict(model, theirs)

@@ -70,6 +70,7 @@ class TaskSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     base: str = "smollm2-135m"
     quantization: str = "8bit"
+    init_from: str = ""  # start from this adapter's weights: a folder, or name[@version] in the adapters/ registry
 
     @property
     def prompt_fields(self) -> list[str]:

@@ -26,20 +26,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import __version__
-from .adapter import attach, trainable_parameters
+from .adapter import attach, init_from, trainable_parameters
 from .backbone import load_backbone
 from .data import label_words, load_task_data
 from .errors import DataError, OutputExistsError
 from .evaluate import evaluate_split, label_token_ids
-from .folder import (
-    FORMAT,
-    SIDECAR,
-    atomic_write,
-    model_card,
-    plot_curves,
-    write_json,
-    write_jsonl,
-)
+from .folder import FORMAT, SIDECAR, atomic_write, check_base, model_card, plot_curves, read_sidecar, write_json, write_jsonl
 from .heads import task_loss
 from .router.routing import routing_entry
 from .spec import TaskSpec
@@ -165,6 +157,7 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     bb = load_backbone(spec.base, spec.quantization, device)
     seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
     model = attach(bb.model, spec.method, spec.method_args)
+    source = _init_from(spec, model, bb) if spec.init_from else None  # a resumed run then loads its checkpoint
     tok, cfg = bb.tokenizer, spec.train
     device = str(next(model.parameters()).device)
     label_tokens = None
@@ -270,11 +263,24 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
                             "device": device,
                         },
                         train_state={"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
-                                     "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens})
+                                     "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens},
+                        init_from=source)
     finish_folder(final, meta, state.history, primary)
     publish_folder(final, output)
     shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def _init_from(spec: TaskSpec, model, bb) -> dict:
+    """Load the init_from adapter's weights into the fresh adapter; return what to record."""
+    from .registry import open_registry
+
+    ref = spec.init_from
+    folder = Path(ref) if Path(ref).is_dir() else open_registry("adapters").path(ref)
+    meta = read_sidecar(folder)
+    check_base(ref, meta["base"]["fingerprint"], bb.fingerprint, "this run trains on", allow=False)
+    init_from(model, folder)
+    return {"ref": ref, "folder": str(folder), "task": (meta.get("task") or {}).get("name"), "metrics": meta.get("metrics")}
 
 
 def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> dict:

@@ -4,16 +4,20 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from adapterhub_lite import train as train_mod
+from adapterhub_lite.adapter import attach, init_from
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.data import load_task_data
+from adapterhub_lite.errors import AdapterMethodError
 from adapterhub_lite.evaluate import evaluate_split
 from adapterhub_lite.folder import load_adapter
 from adapterhub_lite.spec import load_spec
+
+from .conftest import train_tiny
 
 
 def _train(task_dir, name, *overrides, **kw):
@@ -131,3 +135,16 @@ def test_same_seed_same_adapter(cls_task):
     b, _ = _train(cls_task, "toy", "train.max_steps=2", overwrite=True)
     second = load_file(b / "adapter_model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_init_from_starts_from_the_source_adapter_and_refuses_other_shapes(tmp_path):
+    source = train_tiny(tmp_path, "src", method_args={"r": 4, "target_modules": ["q_proj", "v_proj"]}, train={"max_steps": 2, "lr": 5e-2})
+    model = attach(load_backbone("tiny-random-llama", "none").model, "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    init_from(model, source)
+    theirs = load_file(source / "adapter_model.safetensors")
+    assert all(torch.equal(v, theirs[k]) for k, v in get_peft_model_state_dict(model).items())
+    other = attach(load_backbone("tiny-random-llama", "none").model, "lora", {"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(AdapterMethodError, match="does not match.*rank"):
+        init_from(other, source)
+    child = train_tiny(tmp_path, "child", init_from=str(source), method_args={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    assert json.loads((child / "adapterhub.json").read_text())["init_from"]["task"] == "src"

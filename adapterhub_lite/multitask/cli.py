@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from pathlib import Path
 
 
 def _train_multi(args) -> int:
@@ -23,6 +24,36 @@ def _train_multi(args) -> int:
     out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
                       command="adapterhub-lite train-multi " + shlex.join(sys.argv[2:]))
     print(json.dumps({"output": str(out), **json.loads((out / "run.json").read_text())["dev"]}))
+    return 0
+
+
+def _interference(args) -> int:
+    from .interference import interference
+
+    report = interference(args.adapters, args.output, merges=tuple(args.merge), density=args.density, rows=args.rows or None,
+                          tolerance=args.tolerance, quantization=args.quantization, device=args.device)
+    print(json.dumps({"output": args.output, "scores": report["scores"], "flags": report["flags"]}))
+    return 0
+
+
+def _compose_fit(args) -> int:
+    from ..registry import open_registry
+    from ..spec import load_spec
+    from .compose import compose_fit
+
+    spec = load_spec(args.spec, args.overrides)
+    reg = None
+    sources = {}
+    for ref in args.sources:  # an adapter folder, or a name in the registry
+        if Path(ref).is_dir():
+            sources[Path(ref).name] = Path(ref)
+        else:
+            reg = reg or open_registry(args.registry)
+            sources[ref.split("@")[0]] = reg.path(ref)
+    report = compose_fit(spec, sources, args.output, shots=args.shots, search=args.search, budget=args.budget, l1=args.l1,
+                         seed=args.seed, baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
+                         overwrite=args.overwrite, device=args.device, command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:]))
+    print(json.dumps({"output": args.output, **report}))
     return 0
 
 
@@ -52,3 +83,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device")
     p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value applied to every spec")
     p.set_defaults(func=_train_multi)
+
+    p = sub.add_parser("interference", help="task × adapter matrix of dev scores (single, merged, joint); flags negative transfer")
+    p.add_argument("adapters", nargs="+", help="single-task adapter folders and joint run folders (from train-multi)")
+    p.add_argument("--output", required=True, help="folder for report.json and heatmap.png")
+    p.add_argument("--merge", nargs="*", default=["linear", "ties"], help="merge methods to add as columns (none: --merge)")
+    p.add_argument("--density", type=float, default=0.5, help="ties / dare density")
+    p.add_argument("--rows", type=int, default=200, help="dev rows per cell (0: all)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="score drop that counts as negative transfer")
+    p.add_argument("--quantization", choices=("8bit", "4bit", "none"))
+    p.add_argument("--device")
+    p.set_defaults(func=_interference)
+
+    p = sub.add_parser("compose-fit", help="fit composition weights over existing LoRAs for a new task from a few shots")
+    p.add_argument("spec", help="the new task's spec YAML")
+    p.add_argument("--from", dest="sources", nargs="+", required=True, help="source adapters: registry names or folders")
+    p.add_argument("--output", required=True)
+    p.add_argument("--shots", type=int, default=16, help="labeled training rows the weights are fitted on")
+    p.add_argument("--search", default="cma", choices=("cma", "gradient"), help="CMA-ES (gradient-free) or Adam on the weights")
+    p.add_argument("--budget", type=int, default=40, help="loss evaluations (cma) or steps (gradient)")
+    p.add_argument("--l1", type=float, default=0.05, help="L1 penalty on the weights (LoraHub uses 0.05)")
+    p.add_argument("--lora-steps", type=int, default=40, help="steps of the LoRA-on-the-same-shots baseline")
+    p.add_argument("--no-baselines", action="store_true", help="skip base / single source / few-shot LoRA comparisons")
+    p.add_argument("--rows", type=int, default=0, help="dev rows in the comparisons (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--registry", default="adapters")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value for the spec")
+    p.set_defaults(func=_compose_fit)

@@ -29,14 +29,7 @@ from ..folder import atomic_write, check_base, read_sidecar, write_json
 from ..heads import task_loss
 from ..router.kernel import RowLora
 from ..spec import TaskSpec
-from ..train import (
-    adapter_meta,
-    finish_folder,
-    peak_memory_mb,
-    prepare_output,
-    publish_folder,
-    train,
-)
+from ..train import adapter_meta, finish_folder, peak_memory_mb, prepare_output, publish_folder, train
 
 SEARCHES = ("cma", "gradient")
 

@@ -36,16 +36,7 @@ from ..heads import Plan, logprobs_at, loss_plan
 from ..router.kernel import RowLora
 from ..router.routing import routing_entry
 from ..spec import TaskSpec
-from ..train import (
-    RunState,
-    adapter_meta,
-    finish_folder,
-    next_rows,
-    peak_memory_mb,
-    prepare_output,
-    publish_folder,
-    seed_everything,
-)
+from ..train import RunState, adapter_meta, finish_folder, next_rows, peak_memory_mb, prepare_output, publish_folder, seed_everything
 from .sampling import TaskSampler
 from .weighting import make_weighting
 

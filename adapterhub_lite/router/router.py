@@ -192,7 +192,7 @@ class Router:
                 owner.append((r, k))
         logits = self.bank.forward(seqs, adapters, logits_positions=positions)
         scores: dict[int, list[float]] = {}
-        for (r, k), lg, tg in zip(owner, logits, targets):
+        for (r, _), lg, tg in zip(owner, logits, targets):
             lp = lg.float().log_softmax(-1)[torch.arange(len(tg)), torch.tensor(tg)].sum().item()
             scores.setdefault(r, []).append(lp)
         return [max(range(len(s)), key=s.__getitem__) for _, s in sorted(scores.items())]

@@ -1,0 +1,152 @@
+"""Interference report: every task's dev score under every adapter, negative transfer flagged.
+
+Columns of the task × adapter matrix:
+    base                      the plain backbone (zero-shot)
+    <adapter>                 every single-task adapter given
+    merged:<method>           the single-task LoRA adapters merged with equal weights (peft)
+    joint:<run>               for each task, its adapter from a joint (train-multi) run
+A cell is flagged when a task scores worse than under its own single-task adapter by more than
+`tolerance` (merged and joint columns: negative transfer), or when another task's adapter takes it
+below the base model (interference). Output: report.json and heatmap.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from ..backbone import load_backbone
+from ..data import load_task_data
+from ..errors import AdapterHubError
+from ..evaluate import evaluate_split
+from ..folder import check_base, read_sidecar, write_json
+from ..spec import spec_from_dict
+
+
+def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
+    """Split the inputs into single-task adapters {name: folder} and joint runs {run: {task: folder}}."""
+    singles, joints = {}, {}
+    for f in folders:
+        if (f / "run.json").is_file():
+            tasks = json.loads((f / "run.json").read_text())["tasks"]
+            joints[f"joint:{f.name}"] = {t: f / t for t in tasks}
+        else:
+            meta = read_sidecar(f)
+            if not meta.get("task"):
+                raise AdapterHubError(f"{f} is not a task adapter (no task in its sidecar); pass task adapters or joint run folders")
+            singles[meta["task"]["name"]] = f
+    if not singles:
+        raise AdapterHubError("give at least one single-task adapter: the tasks of the matrix are theirs")
+    return singles, joints
+
+
+def interference(folders: list[str | Path], output: str | Path, *, merges: tuple[str, ...] = ("linear", "ties"), density: float = 0.5,
+                 rows: int | None = 200, tolerance: float = 0.01, quantization: str | None = None, device: str | None = None) -> dict:
+    """Score every task under every adapter and write report.json + heatmap.png into `output`."""
+    singles, joints = _columns([Path(f) for f in folders])
+    metas = {n: read_sidecar(f) for n, f in singles.items()}
+    first = next(iter(metas.values()))
+    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device)
+    for n, m in metas.items():
+        check_base(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=False)
+    names = list(singles)
+    model = PeftModel.from_pretrained(bb.model, singles[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(singles[n], adapter_name=n)
+    columns = ["base", *names]
+    lora = [n for n in names if metas[n]["method"] == "lora"]
+    for method in merges if len(lora) > 1 else ():
+        kwargs = {"density": density} if method in ("ties", "dare_linear", "dare_ties") else {}
+        model.add_weighted_adapter(lora, [1.0 / len(lora)] * len(lora), f"merged:{method}", combination_type=method, **kwargs)
+        columns.append(f"merged:{method}")
+    for run, tasks in joints.items():
+        for t, f in tasks.items():
+            check_base(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=False)
+            model.load_adapter(f, adapter_name=f"{run}/{t}")
+        columns.append(run)
+    model.eval()
+
+    specs = {n: spec_from_dict(m["task"]) for n, m in metas.items()}
+    scores: dict[str, dict[str, float | None]] = {}
+    for task, spec in specs.items():
+        dev = load_task_data(spec, ("dev",))["dev"]
+        scores[task] = {}
+        for col in columns:
+            adapter = f"{col}/{task}" if col in joints else col
+            if col in joints and task not in joints[col]:
+                scores[task][col] = None  # this run did not train the task
+                continue
+            scores[task][col] = _score(model, bb.tokenizer, spec, dev, None if col == "base" else adapter, rows)
+    report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
+              "rows": rows, "tolerance": tolerance, "scores": scores, "flags": _flags(scores, joints, tolerance),
+              "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "report.json", report)
+    heatmap(report, output / "heatmap.png")
+    return report
+
+
+@torch.no_grad()
+def _score(model, tok, spec, dev, adapter: str | None, rows: int | None) -> float:
+    if adapter is None:
+        with model.disable_adapter():
+            metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
+    else:
+        model.set_adapter(adapter)
+        metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
+    return metrics[spec.primary_metric]
+
+
+def _flags(scores: dict, joints: dict, tolerance: float) -> list[dict]:
+    flags = []
+    for task, row in scores.items():
+        own, base = row[task], row["base"]
+        for col, value in row.items():
+            if value is None or col in ("base", task):
+                continue
+            if col.startswith("merged:") or col in joints:
+                if value < own - tolerance:
+                    flags.append({"task": task, "adapter": col, "kind": "negative_transfer", "score": value, "own": own,
+                                  "delta": round(value - own, 4)})
+                elif value > own + tolerance:
+                    flags.append({"task": task, "adapter": col, "kind": "positive_transfer", "score": value, "own": own,
+                                  "delta": round(value - own, 4)})
+            elif value < base - tolerance:
+                flags.append({"task": task, "adapter": col, "kind": "interference", "score": value, "base": base,
+                              "delta": round(value - base, 4)})
+    return flags
+
+
+def heatmap(report: dict, path: Path) -> None:
+    """The task × adapter matrix as a PNG; flagged cells are outlined (red: worse, green: better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, cols = report["tasks"], report["columns"]
+    grid = torch.tensor([[math.nan if report["scores"][t][c] is None else report["scores"][t][c] for c in cols] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.7 * len(tasks) + 1.6))
+    ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), [f"{t} ({report['metric'][t]})" for t in tasks], fontsize=8)
+    for i, t in enumerate(tasks):
+        for j, c in enumerate(cols):
+            v = report["scores"][t][c]
+            ax.text(j, i, "—" if v is None else f"{v:.3f}", ha="center", va="center", fontsize=8, color="white" if (v or 0) < 0.6 else "black")
+    colors = {"negative_transfer": "red", "interference": "red", "positive_transfer": "lime"}
+    for f in report["flags"]:
+        i, j = tasks.index(f["task"]), cols.index(f["adapter"])
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=colors[f["kind"]], lw=2.5))
+    ax.set_title(f"dev score of each task (rows) under each adapter (columns); {report['rows'] or 'all'} rows per cell", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
