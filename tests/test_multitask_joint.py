@@ -30,7 +30,7 @@ def _spec(name, kind="classification", **extra):
 
 ROWS = {
     "a": (["T: good day\nA:", "T: bad day\nA:", "T: fine\nA:"], [0, 1, 0]),
-    "b": (["T: one two\nA:", "T: three\nA:"], [1, 0]),
+    "b": (["T: one two\nA:", "T: three\nA:", "T: " + "a long row " * 6 + "\nA:"], [1, 0, 1]),  # several length buckets
     "g": (["T: ab\nA:", "T: cd\nA:"], ["AB", "CD"]),
 }
 

@@ -119,7 +119,7 @@ class JointLora:
     def export(self, task: int | None) -> dict:
         """Factors of a task adapter (shared included) or, with None, of the shared adapter alone."""
         if task is None:
-            return {m: (f[0], f[1]) for m, layer in self.layers.items() if (f := self._own(layer, SHARED))}
+            return {m: f for m, layer in self.layers.items() if (f := self._own(layer, SHARED))}
         return {m: f for m in self.layers if (f := self.factors(m, task)) is not None}
 
 
@@ -131,7 +131,7 @@ def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
     peft_model = get_peft_model(model, configs[first], adapter_name=first)
     for s in specs[1:]:
         peft_model.add_adapter(s.name, configs[s.name])
-    if cfg.shared_adapter:
+    if cfg.shared_adapter:  # the first task's LoRA layout (targets, dropout) at its own rank
         shared = copy.deepcopy(configs[first])
         shared.r, shared.lora_alpha = cfg.shared_r, 2 * cfg.shared_r
         peft_model.add_adapter(SHARED, shared)
@@ -247,8 +247,15 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     return output
 
 
-def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan]) -> dict[int, torch.Tensor]:
-    """Every task's loss from ONE forward pass over all their rows, each row through its own adapter."""
+def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], spread: float = 1.5) -> dict[int, torch.Tensor]:
+    """Every task's loss from one pass over all their rows, each row through its own task's adapter.
+
+    Tasks differ in length (an RTE pair is ten SST-2 phrases long), so one padded rectangle would
+    spend most of its compute on padding. The rows are therefore sorted by length and cut into
+    buckets whose longest row is at most `spread` × their shortest; each bucket is one mixed-task
+    forward through the kernel, and the log-probs are put back in order before the losses — so the
+    result (and its gradient) is that of a single pass.
+    """
     seqs, rows, cols, owner, counts = [], [], [], [], []
     for task, plan in plans.items():
         offset = len(seqs)
@@ -257,8 +264,24 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan]) -
         cols += plan.cols
         owner += [task] * len(plan.seqs)
         counts.append(len(plan.rows))
-    with joint.rows.route(torch.tensor(owner, device=next(model.parameters()).device)):
-        logp = logprobs_at(model, pad_id, seqs, rows, cols)
+    device = next(model.parameters()).device
+    buckets, order = [], sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for i in order:
+        if buckets and len(seqs[i]) <= spread * len(seqs[buckets[-1][0]]):
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    picks_of = {}  # seq → its picks (positions in the flat rows/cols lists)
+    for j, r in enumerate(rows):
+        picks_of.setdefault(r, []).append(j)
+    parts, where = [], []
+    for bucket in buckets:
+        local = {seq: k for k, seq in enumerate(bucket)}
+        picks = [j for seq in bucket for j in picks_of.get(seq, [])]
+        with joint.rows.route(torch.tensor([owner[seq] for seq in bucket], device=device)):
+            parts.append(logprobs_at(model, pad_id, [seqs[seq] for seq in bucket], [local[rows[j]] for j in picks], [cols[j] for j in picks]))
+        where += picks
+    logp = torch.cat(parts)[torch.argsort(torch.tensor(where, device=device))]  # back to the plans' order
     return {task: plan.finish(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
 
 
