@@ -79,3 +79,19 @@ def test_fold_into_base_reports_its_error(sources):
     bb = load_backbone("tiny-random-llama", "none")
     folded, err = fold_into_base(model, bb.tokenizer, ["T: pos 1\nL:", "T: neg 2\nL:"])
     assert err < 1e-4 and not isinstance(folded, PeftModel)
+
+
+def test_router_merge_into_base_folds_the_update_into_the_backbone(sources):
+    from adapterhub_lite.router.router import Router
+
+    router = Router(load_backbone("tiny-random-llama", "none"))
+    for name in ("a", "b"):
+        router.register(name, sources[name])
+    ids = [router.bb.tokenizer("T: pos 1\nL:").input_ids]
+    base_before = router.bank.forward(ids, [None])[0]
+    sidecar = router.merge({"a": 0.5, "b": 0.5}, "linear", name="ab", into_base=True)
+    merged_folder = router.folders["ab"]
+    want = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, merged_folder)(input_ids=torch.tensor(ids)).logits[0]
+    base_after = router.bank.forward(ids, [None])[0]  # "base" now runs the folded weights
+    assert sidecar["fold"]["max_abs_dlogit"] < 1e-4 and router.folded == ["ab"]
+    assert (base_after - want).abs().max() < 1e-4 and (base_after - base_before).abs().max() > 1e-4

@@ -18,9 +18,10 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from ..backbone import Backbone, load_backbone
-from ..data import render, request_row
+from ..data import load_task_data, render, request_row
 from ..errors import AdapterLoadError
 from ..evaluate import label_token_ids, readable
 from ..folder import check_base, check_fits, read_sidecar
@@ -28,7 +29,7 @@ from ..heads import encode_prompt
 from ..registry import open_registry
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
-from .merge import merge_adapters
+from .merge import fold_into_base, merge_adapters
 from .routing import BASE, ContentRouter, embed
 
 
@@ -47,6 +48,7 @@ class Router:
         self.active: str | None = None
         self.route_threshold = route_threshold
         self._content: ContentRouter | None = None
+        self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
         self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
 
     @classmethod
@@ -122,12 +124,27 @@ class Router:
 
     # -- merge ---------------------------------------------------------------------------------
     def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None,
-              name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0) -> dict:
-        """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar."""
+              name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0, into_base: bool = False) -> dict:
+        """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar.
+
+        With into_base=True the merged update is also folded into the router's backbone weights:
+        `base` requests (and every adapter, which applies on top) then run the folded weights. On an
+        8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
+        this causes on the first source task's dev prompts.
+        """
         output = Path(output) if output else Path(self._scratch.name) / name
         _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
                                     output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows)
         self.register(name, output)
+        if into_base:
+            spec = self.spec(next(iter(weights)))
+            probe = load_task_data(spec, ("dev",))["dev"].prompts[:16] if spec else ["The capital of France is"]
+            # peft wraps the backbone's linears, folds the update into them and unwraps: the modules
+            # (and the bank's hooks on them) stay the same objects, only their weights change.
+            _, error = fold_into_base(PeftModel.from_pretrained(self.bb.model, output), self.bb.tokenizer, probe)
+            sidecar["fold"] = {"into_base": True, "max_abs_dlogit": round(error, 6), "probe_prompts": len(probe),
+                               "quantization": self.bb.fingerprint["quantization"]}
+            self.folded.append(name)
         return sidecar
 
     # -- heterogeneous batches -----------------------------------------------------------------
