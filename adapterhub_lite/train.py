@@ -246,13 +246,12 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     metrics, _, eval_seconds = evaluate_split(model, tok, spec, dev)
     print(f"final dev ({len(dev)} rows, best step {state.best_step}): " + json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), file=sys.stderr)
 
-    with model.disable_adapter():  # prototypes of the inputs, as the plain backbone sees them
-        routing = routing_entry(model, tok, spec)
-
     final = work / "adapter"
     shutil.rmtree(final, ignore_errors=True)
     model.peft_config["default"].base_model_name_or_path = bb.hub_id
     model.save_pretrained(final)  # PEFT files (safetensors); peft also writes a README we replace
+    with model.disable_adapter():  # routing sample of the inputs, as the plain backbone sees them
+        routing = routing_entry(model, tok, spec, final)
     meta = adapter_meta(spec, bb, data, metrics, routing=routing, command=command,
                         trainable_parameters=trainable_parameters(model),
                         efficiency={

@@ -1,6 +1,7 @@
 """Router: swap, LRU residency, merge, mixed batches of every adapter kind, clear errors."""
 
 import json
+import shutil
 
 import pytest
 
@@ -99,8 +100,6 @@ def test_errors_name_the_problem(router, folders, tmp_path):
     with pytest.raises(AdapterLoadError, match=r"unknown adapter 'nope'; known: cls_a, .*'base' / 'auto'"):
         router.run([{"adapter": "nope", "text": "x"}])
     meta = json.loads((folders["cls_a"] / "adapterhub.json").read_text())
-    import shutil
-
     other = tmp_path / "other"
     shutil.copytree(folders["cls_a"], other)
     meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id="badbadbadbadbad0")
@@ -109,10 +108,21 @@ def test_errors_name_the_problem(router, folders, tmp_path):
         router.register("other", other)
 
 
-def test_auto_routes_by_content(router):
-    out = router.run([{"adapter": "auto", "text": "pos 7"}, {"adapter": "auto", "text": "ab"}])
-    assert all(o["adapter"] in router.known() + ["base"] for o in out)
-    assert all("prediction" in o for o in out)
+def test_auto_routes_by_content_and_leaves_out_stale_routing_data(folders, tmp_path):
+    r = Router(load_backbone("tiny-random-llama", "none"))
+    r.register("cls_a", folders["cls_a"])
+    r.register("gen", folders["gen"])
+    stale = tmp_path / "stale"  # routing data from another embedding: served by name, never routed to
+    shutil.copytree(folders["cls_b"], stale)
+    meta = json.loads((stale / "adapterhub.json").read_text())
+    meta["routing"]["embedding"]["layers"] = [0, 2]
+    (stale / "adapterhub.json").write_text(json.dumps(meta))
+    r.register("stale", stale)
+    with pytest.warns(UserWarning, match=r"adapter 'stale' is left out of content routing: .*used embedding .*refit it with add_routing"):
+        out = r.run([{"adapter": "auto", "text": "pos 7"}, {"adapter": "auto", "text": "ij"}, {"adapter": "stale", "text": "neg 2"}])
+    assert [o["adapter"] for o in out] == ["cls_a", "gen", "stale"]
+    assert out[0]["prediction"] == alone(folders["cls_a"], ["pos 7"])[0]
+    assert out[2]["prediction"] == alone(folders["cls_b"], ["neg 2"])[0]
 
 
 def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):

@@ -1,49 +1,89 @@
-"""Content routing: nearest prototype, confidence fallback to base, prototypes stored in the sidecar."""
+"""Content routing: a logistic-regression router over per-adapter embedding samples, base fallback,
+routing files written by training and refused when they used another embedding."""
 
 import json
 
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.folder import read_sidecar
-from adapterhub_lite.router.routing import ContentRouter, add_routing, embed, kmeans
+from adapterhub_lite.router.routing import ROUTING_FILE, ContentRouter, RoutingError, add_routing, embed, embedding_spec, load_routing
 from adapterhub_lite.spec import spec_from_dict
 from adapterhub_lite.train import train
 
 
-def unit(*v):
-    return torch.nn.functional.normalize(torch.tensor([v], dtype=torch.float), dim=-1)
+def blobs(centers: dict[str, list[float]], n: int = 40, spread: float = 0.3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.tensor(c) + spread * torch.randn(n, len(c), generator=g) for k, c in centers.items()}
 
 
-def test_nearest_prototype_wins_and_low_confidence_falls_back_to_base():
-    router = ContentRouter({"a": torch.cat([unit(1, 0, 0), unit(0.9, 0.1, 0)]), "b": unit(0, 1, 0)}, threshold=0.9, temperature=0.05)
-    routed = router.route(torch.cat([unit(1, 0.05, 0), unit(0.05, 1, 0), unit(1, 1, 0)]))
-    assert [r for r, _ in routed] == ["a", "b", "base"]  # the last one sits between a and b
-    assert routed[0][1] > 0.9 and routed[2][1] < 0.9
+def test_classifier_routes_separable_samples_and_falls_back_to_base_when_unsure():
+    centers = {"a": [3.0, 0, 0, 0], "b": [0, 3.0, 0, 0], "c": [0, 0, 3.0, 0]}
+    router = ContentRouter(blobs(centers), threshold=0.9)
+    fresh = blobs(centers, n=10, seed=1)  # unseen points from the same clusters
+    for name, x in fresh.items():
+        assert [r for r, _ in router.route(x)] == [name] * 10
+    routed = router.route(torch.tensor([[1.5, 1.5, 0.0, 0.0]]))  # halfway between a and b
+    assert routed[0][0] == "base" and routed[0][1] < 0.9
+    assert router.probs(fresh["c"]).sum(-1).allclose(torch.ones(10))
 
 
-def test_kmeans_finds_two_clusters():
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.cat([torch.randn(20, 3, generator=g) * 0.05 + torch.tensor([1.0, 0, 0]),
-                                                 torch.randn(20, 3, generator=g) * 0.05 + torch.tensor([0, 1.0, 0])]), dim=-1)
-    c = kmeans(x, 2)
-    assert sorted(c.argmax(-1).tolist()) == [0, 1]
+def test_classes_count_equally_whatever_their_sample_sizes():
+    # a has 20x the samples of b; a point just on b's side of the middle must still go to b
+    samples = {"a": blobs({"a": [-1.0, 0]}, n=400, spread=0.5)["a"], "b": blobs({"b": [1.0, 0]}, n=20, spread=0.5, seed=2)["b"]}
+    router = ContentRouter(samples, threshold=0.0)
+    assert router.route(torch.tensor([[0.3, 0.0]]))[0][0] == "b"
 
 
-def test_prototypes_go_into_the_sidecar_and_route_their_own_inputs(tmp_path):
+def test_no_routing_data_is_a_clear_error():
+    with pytest.raises(RoutingError, match="no adapter has usable routing data") as err:
+        ContentRouter({})
+    assert isinstance(err.value, AdapterHubError) and isinstance(err.value, ValueError)
+
+
+def _train(tmp_path, name, make):
+    rows = [{"text": make(i), "label": "x" if i % 2 else "y"} for i in range(40)]
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({"name": name, "type": "classification", "data": {"train": str(tmp_path / f"{name}.jsonl"), "dev": str(tmp_path / f"{name}.jsonl")},
+                           "prompt": "{text} ->", "label": "label", "labels": ["x", "y"], "base": "tiny-random-llama", "quantization": "none",
+                           "train": {"max_steps": 1, "eval_every": 1, "eval_samples": 4, "max_length": 32}})
+    return train(spec, tmp_path / f"run-{name}", progress=False)
+
+
+def test_training_writes_the_routing_file_and_its_own_inputs_route_back(tmp_path):
     bb = load_backbone("tiny-random-llama", "none")
-    folders = {}
-    for name, make in (("digits", lambda i: f"{i * 7919 % 100000:05d} {i % 13}"), ("letters", lambda i: "qwertyuiop"[i % 10] * (3 + i % 5))):
-        rows = [{"text": make(i), "label": "x" if i % 2 else "y"} for i in range(40)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        spec = spec_from_dict({"name": name, "type": "classification", "data": {"train": str(tmp_path / f"{name}.jsonl"), "dev": str(tmp_path / f"{name}.jsonl")},
-                               "prompt": "{text} ->", "label": "label", "labels": ["x", "y"], "base": "tiny-random-llama", "quantization": "none",
-                               "train": {"max_steps": 1, "eval_every": 1, "eval_samples": 4, "max_length": 32}})
-        folders[name] = train(spec, tmp_path / f"run-{name}", progress=False)
-        assert len(read_sidecar(folders[name])["routing"]["prototypes"]) == 4  # training stores them
-        add_routing(folders[name], bb.model, bb.tokenizer, samples=32, k=2)
-    metas = {n: read_sidecar(f) for n, f in folders.items()}
-    assert len(metas["digits"]["routing"]["prototypes"]) == 2
-    router = ContentRouter.from_sidecars(metas, threshold=0.0)
+    folders = {"digits": _train(tmp_path, "digits", lambda i: f"{i * 7919 % 100000:05d} {i % 13}"),
+               "letters": _train(tmp_path, "letters", lambda i: "qwertyuiop"[i % 10] * (3 + i % 5))}
+    spec = embedding_spec(bb.model)
+    assert spec["layers"] == [1, 2] and spec["pooling"] == ["mean", "last"] and spec["dim"] == 4 * 64
+    for folder in folders.values():
+        record = read_sidecar(folder)["routing"]
+        assert record["file"] == ROUTING_FILE and record["embedding"] == spec and record["samples"] == 40  # all 40 rows
+        stored = load_file(folder / ROUTING_FILE)["embeddings"]
+        assert stored.dtype == torch.float16 and stored.shape == (40, spec["dim"])
+    add_routing(folders["digits"], bb.model, bb.tokenizer, samples=32, seed=3)  # refit in place
+    assert read_sidecar(folders["digits"])["routing"]["samples"] == 32
+    loaded = load_routing(folders["digits"], read_sidecar(folders["digits"]), spec)
+    assert loaded.shape == (32, spec["dim"]) and loaded.dtype == torch.float32
+    router = ContentRouter({n: load_routing(f, read_sidecar(f), spec) for n, f in folders.items()}, threshold=0.0)
     routed = router.route(embed(bb.model, bb.tokenizer, ["31337 5", "tttttt", "04211 2", "eeee"]))
     assert [r for r, _ in routed] == ["digits", "letters", "digits", "letters"]
+
+
+def test_routing_data_of_another_embedding_or_none_is_refused(tmp_path):
+    folder = _train(tmp_path, "digits", lambda i: f"{i:05d}")
+    meta = read_sidecar(folder)
+    spec = meta["routing"]["embedding"]
+    with pytest.raises(RoutingError, match=r"used embedding .*'layers': \[1, 2\].* this backbone embeds with .*'layers': \[0, 2\].*refit it with add_routing"):
+        load_routing(folder, meta, {**spec, "layers": [0, 2]})
+    old = {**meta, "routing": {"embedding": "mean-pooled last hidden state", "prototypes": [[0.1, 0.2]]}}  # the old prototype record
+    with pytest.raises(RoutingError, match="has no routing file; fit one with add_routing"):
+        load_routing(folder, old, spec)
+    save_file({"embeddings": torch.zeros(40, 128)}, folder / ROUTING_FILE)  # a file that does not fit its record
+    with pytest.raises(RoutingError, match=r"holds embeddings of shape \[40, 128\], expected \[N, 256\]"):
+        load_routing(folder, meta, spec)
+    with pytest.raises(RoutingError, match="not a plain file name"):
+        load_routing(folder, {**meta, "routing": {**meta["routing"], "file": "../routing.safetensors"}}, spec)

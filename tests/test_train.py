@@ -30,7 +30,7 @@ def test_plain_peft_reload_reproduces_the_trained_adapter(cls_task, method):
     out, spec = _train(cls_task, "toy", f"method={method}")
     meta = json.loads((out / "adapterhub.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "curves.png", "metrics.jsonl"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "curves.png", "metrics.jsonl", "routing.safetensors"]
     assert not (cls_task / ".out.partial").exists()
 
     base = AutoModelForCausalLM.from_pretrained(load_backbone("tiny-random-llama", "none").path)

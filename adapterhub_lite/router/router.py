@@ -14,6 +14,7 @@ over their labels, generation rows decode to their own stop).
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..registry import open_registry
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
 from .merge import fold_into_base, merge_adapters
-from .routing import BASE, ContentRouter, embed
+from .routing import BASE, ContentRouter, RoutingError, embed, embedding_spec, load_routing
 
 
 class Router:
@@ -159,12 +160,22 @@ class Router:
         auto = [i for i, n in enumerate(names) if n == "auto"]
         if auto:
             if self._content is None:
-                self._content = ContentRouter.from_sidecars(self.metas, threshold=self.route_threshold)
+                self._content = self._fit_content_router()
             with self.bank.base_only():
                 vectors = embed(self.bb.model, self.bb.tokenizer, [requests[i]["text"] for i in auto])
             for i, (name, _) in zip(auto, self._content.route(vectors)):
                 names[i] = name
         return names
+
+    def _fit_content_router(self) -> ContentRouter:
+        """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding."""
+        embedding, samples = embedding_spec(self.bb.model), {}
+        for name, folder in self.folders.items():
+            try:
+                samples[name] = load_routing(folder, self.metas[name], embedding)
+            except RoutingError as err:  # the adapter still serves requests that name it
+                warnings.warn(f"adapter {name!r} is left out of content routing: {err}", stacklevel=3)
+        return ContentRouter(samples, threshold=self.route_threshold)
 
     def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""

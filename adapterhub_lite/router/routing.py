@@ -1,87 +1,73 @@
 """Content routing: pick an adapter from the request text itself (`adapter: "auto"`).
 
-Each adapter carries a few prototypes of its training inputs in its sidecar: k-means centroids of
-the base model's mean-pooled, L2-normalised last hidden states. A request goes to the adapter with
-the most similar prototype; when the softmax confidence over adapters is below the threshold it
-falls back to the base model. Prototypes live with each adapter, so adapters can be added or
-removed without refitting anything.
+Each adapter carries a sample of its training inputs as the base model sees them: `routing.safetensors`
+beside its PEFT files holds one embedding per input (mean-pooled and last-token hidden states of a
+middle and the last layer, each L2-normalised, concatenated), and the sidecar's `routing` record
+names the file and the embedding. The router fits a small L2-regularised multinomial logistic
+regression over the samples of every adapter it knows (again whenever that set changes: about a
+second) and sends a request to the most probable adapter, or to the base model when that
+probability is below the threshold. The data lives with each adapter, so adapters can be added or
+removed without refitting anything offline.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 from ..data import load_split
-from ..folder import SIDECAR, read_sidecar, write_json
+from ..errors import AdapterHubError
+from ..folder import SIDECAR, atomic_write, read_sidecar, write_json
 from ..spec import TaskSpec, spec_from_dict
 
 BASE = "base"
+ROUTING_FILE = "routing.safetensors"
+POOLING = ("mean", "last")
+MAX_LENGTH = 128
+
+
+class RoutingError(AdapterHubError):
+    """Content routing cannot use an adapter's routing data, or has none to use."""
+
+
+def embedding_spec(model) -> dict:
+    """What `embed` computes on this backbone; stored with every routing sample and compared on load.
+
+    `layers` index the model's hidden states (0 = token embeddings). The middle layer separates
+    topic-like inputs (news paragraphs of rte vs ag_news) that the last layer alone blurs.
+    """
+    n = model.config.num_hidden_layers
+    layers = [n // 2, n]
+    return {"layers": layers, "pooling": list(POOLING), "normalize": "l2 per pool", "max_length": MAX_LENGTH,
+            "dim": len(layers) * len(POOLING) * model.config.hidden_size}
 
 
 @torch.no_grad()
-def embed(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """Mean-pooled, L2-normalised last hidden states of the (adapter-free) backbone: [N, H]."""
-    out = []
+def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Routing embeddings of texts by the (adapter-free) backbone, as `embedding_spec` says: [N, dim]."""
+    spec = embedding_spec(model)
     device = next(model.parameters()).device
+    result = torch.empty(len(texts), spec["dim"])
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_length).to(device)
-        hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states[-1].float()
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=spec["max_length"]).to(device)
+        hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states
         mask = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        out.append((idx, torch.nn.functional.normalize(pooled, dim=-1).cpu()))
-    result = torch.empty(len(texts), out[0][1].shape[-1])
-    for idx, vecs in out:
-        result[idx] = vecs
+        last = (enc["attention_mask"] * torch.arange(mask.shape[1], device=device)).argmax(1)  # either padding side
+        pools = []
+        for layer in spec["layers"]:
+            h = hidden[layer].float()
+            pools += [(h * mask).sum(1) / mask.sum(1), h[torch.arange(len(idx)), last]]
+        result[idx] = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in pools], -1).cpu()
     return result
 
 
 def routing_text(spec: TaskSpec, row: dict) -> str:
     """What the router sees of a training row: its prompt columns' values, one per line."""
     return "\n".join(str(row[f]).strip() for f in dict.fromkeys(spec.prompt_fields))
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
-    """Spherical k-means (cosine) on unit vectors; returns k unit centroids."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(k, len(x))
-    centroids = x[torch.randperm(len(x), generator=g)[:k]].clone()
-    for _ in range(iters):
-        assign = (x @ centroids.T).argmax(-1)
-        for j in range(k):
-            members = x[assign == j]
-            if len(members):
-                centroids[j] = torch.nn.functional.normalize(members.mean(0), dim=0)
-    return centroids
-
-
-def fit_prototypes(model, tokenizer, texts: list[str], k: int = 4, seed: int = 0) -> torch.Tensor:
-    """k prototypes of a task's inputs."""
-    return kmeans(embed(model, tokenizer, texts), k, seed=seed)
-
-
-def routing_entry(model, tokenizer, spec: TaskSpec, samples: int = 256, k: int = 4, seed: int = 0) -> dict:
-    """The sidecar's `routing` record: prototypes of the task's training inputs.
-
-    `model` must run as the plain backbone (for a PeftModel: inside `disable_adapter()`).
-    """
-    texts = task_texts(spec, "train", samples, seed)
-    protos = fit_prototypes(model, tokenizer, texts, k, seed)
-    return {"embedding": "mean-pooled last hidden state of the base model, L2-normalised",
-            "samples": len(texts), "prototypes": [[round(v, 5) for v in p.tolist()] for p in protos]}
-
-
-def add_routing(folder: str | Path, model, tokenizer, **kwargs) -> dict:
-    """Fit routing prototypes for an existing adapter folder and store them in its sidecar."""
-    folder = Path(folder)
-    meta = read_sidecar(folder)
-    meta["routing"] = routing_entry(model, tokenizer, spec_from_dict(meta["task"]), **kwargs)
-    write_json(folder / SIDECAR, meta)
-    return meta["routing"]
 
 
 def task_texts(spec: TaskSpec, split: str, limit: int | None = None, seed: int = 0) -> list[str]:
@@ -93,30 +79,81 @@ def task_texts(spec: TaskSpec, split: str, limit: int | None = None, seed: int =
     return [routing_text(spec, ds[i]) for i in rows]
 
 
+def routing_entry(model, tokenizer, spec: TaskSpec, folder: str | Path, samples: int = 384, seed: int = 0) -> dict:
+    """Embed a sample of the task's training inputs into `folder`/routing.safetensors; return the sidecar record.
+
+    `model` must run as the plain backbone (for a PeftModel: inside `disable_adapter()`).
+    """
+    vectors = embed(model, tokenizer, task_texts(spec, "train", samples, seed))
+    Path(folder).mkdir(parents=True, exist_ok=True)  # callers may embed before writing the PEFT files
+    atomic_write(Path(folder) / ROUTING_FILE, save({"embeddings": vectors.half().contiguous()}))
+    return {"file": ROUTING_FILE, "embedding": embedding_spec(model), "samples": len(vectors), "seed": seed}
+
+
+def add_routing(folder: str | Path, model, tokenizer, **kwargs) -> dict:
+    """(Re)fit the routing data of an existing adapter folder: its routing file and sidecar record."""
+    folder = Path(folder)
+    meta = read_sidecar(folder)
+    meta["routing"] = routing_entry(model, tokenizer, spec_from_dict(meta["task"]), folder, **kwargs)
+    write_json(folder / SIDECAR, meta)
+    return meta["routing"]
+
+
+def load_routing(folder: str | Path, meta: dict, embedding: dict) -> torch.Tensor:
+    """An adapter's routing sample [N, dim], refused when it is missing or used another embedding."""
+    record = meta.get("routing") or {}
+    if "file" not in record:
+        raise RoutingError(f"{folder} has no routing file; fit one with add_routing(folder, model, tokenizer)")
+    if record.get("embedding") != embedding:
+        raise RoutingError(f"{folder}'s routing data used embedding {record.get('embedding')!r}, this backbone embeds with {embedding!r}; "
+                           "refit it with add_routing(folder, model, tokenizer)")
+    if Path(record["file"]).name != record["file"]:
+        raise RoutingError(f"{folder}'s routing file {record['file']!r} is not a plain file name; refit it with add_routing")
+    vectors = load_file(Path(folder) / record["file"]).get("embeddings")
+    if vectors is None or vectors.ndim != 2 or vectors.shape[1] != embedding["dim"] or not len(vectors):
+        shape = None if vectors is None else list(vectors.shape)
+        raise RoutingError(f"{Path(folder) / record['file']} holds embeddings of shape {shape}, expected [N, {embedding['dim']}]; refit it with add_routing")
+    return vectors.float()
+
+
 class ContentRouter:
-    """Nearest-prototype routing over adapters, with a confidence threshold and a base fallback."""
+    """Multinomial logistic regression over adapters' routing samples, with a base fallback.
 
-    def __init__(self, prototypes: dict[str, torch.Tensor], threshold: float = 0.5, temperature: float = 0.02):
-        self.names = list(prototypes)
-        self.protos = torch.cat([prototypes[n] for n in self.names])
-        self.owner = torch.tensor([i for i, n in enumerate(self.names) for _ in range(len(prototypes[n]))])
-        self.threshold, self.temperature = threshold, temperature
+    Features are standardised with the pooled samples' mean and spread, classes are weighted
+    equally whatever their sample counts, and the weights carry an L2 penalty `l2`.
+    """
 
-    @classmethod
-    def from_sidecars(cls, metas: dict[str, dict], **kwargs) -> ContentRouter:
-        protos = {n: torch.tensor(m["routing"]["prototypes"]) for n, m in metas.items() if m.get("routing")}
-        return cls(protos, **kwargs)
+    def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 100):
+        if not samples:
+            raise RoutingError("no adapter has usable routing data; train adapters with this package or run add_routing on their folders")
+        self.names, self.threshold = list(samples), threshold
+        x = torch.cat([samples[n].float() for n in self.names])
+        y = torch.cat([torch.full((len(samples[n]),), i) for i, n in enumerate(self.names)])
+        self.mean, self.std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)
+        z = (x - self.mean) / self.std
+        k = len(self.names)
+        weight = len(y) / (k * torch.bincount(y, minlength=k).float())
+        self.w = torch.zeros(z.shape[1], k, requires_grad=True)
+        self.b = torch.zeros(k, requires_grad=True)
+        opt = torch.optim.LBFGS([self.w, self.b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def scores(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Per adapter, the best cosine similarity of any of its prototypes: [N, adapters]."""
-        sims = vectors @ self.protos.T
-        best = torch.full((len(vectors), len(self.names)), -math.inf)
-        return best.scatter_reduce(1, self.owner.expand(len(vectors), -1), sims, reduce="amax")
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(z @ self.w + self.b, y, weight=weight) + l2 * self.w.square().sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():  # callers may embed under no_grad
+            opt.step(closure)
+        self.w, self.b = self.w.detach(), self.b.detach()
+
+    def probs(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Probability of each adapter for each embedded request: [N, adapters]."""
+        return (((vectors.float() - self.mean) / self.std) @ self.w + self.b).softmax(-1)
 
     def route(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
         """(adapter name or "base", confidence) for each embedded request."""
-        probs = (self.scores(vectors) / self.temperature).softmax(-1)
-        conf, idx = probs.max(-1)
+        conf, idx = self.probs(vectors).max(-1)
         return [(self.names[i] if c >= self.threshold else BASE, round(c, 4)) for i, c in zip(idx.tolist(), conf.tolist())]
 
 
@@ -129,4 +166,3 @@ def routing_accuracy(model, tokenizer, specs: dict[str, TaskSpec], router: Conte
         out[name] = round(sum(r == name for r, _ in routed) / len(texts), 4)
     out["mean"] = round(sum(out.values()) / len(specs), 4)
     return out
-
