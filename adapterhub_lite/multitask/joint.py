@@ -293,14 +293,14 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: 
            "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
     dropout = float(specs[0].method_args.get("lora_dropout", 0.0))
     total = run["trainable_parameters"]["total"]
-    routing = {s.name: routing_entry(model, bb.tokenizer, s) for s in specs}  # outside route(): the plain backbone
     for i, s in enumerate(specs):
         folder = out / s.name
         save_lora(folder, joint.export(i), bb.hub_id, dropout)
+        routing = routing_entry(model, bb.tokenizer, s, folder)  # outside route(): the plain backbone's view
         own = [{"step": r["step"], "loss": r[f"loss/{s.name}"]} for r in history if f"loss/{s.name}" in r] + \
               [{"step": r["step"], **{k.split("/")[-1]: v for k, v in r.items() if k.startswith(f"dev/{s.name}/")}} for r in history if f"dev/{s.name}/{s.primary_metric}" in r]
         own_params = sum(a.numel() + b.numel() for a, b in joint.export(i).values())
-        meta = adapter_meta(s, bb, data[s.name], final[s.name], routing=routing[s.name], command=command,
+        meta = adapter_meta(s, bb, data[s.name], final[s.name], routing=routing, command=command,
                             trainable_parameters={"trainable": own_params, "total": total,
                                                   "percent": round(100.0 * own_params / total, 4)},
                             efficiency={"adapter_file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
