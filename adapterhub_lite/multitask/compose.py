@@ -28,6 +28,7 @@ from ..evaluate import evaluate_split, label_token_ids
 from ..folder import atomic_write, check_base, read_sidecar, write_json
 from ..heads import task_loss
 from ..router.kernel import RowLora
+from ..router.routing import routing_entry
 from ..spec import TaskSpec
 from ..train import adapter_meta, finish_folder, peak_memory_mb, prepare_output, publish_folder, train
 
@@ -152,7 +153,8 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     atomic_write(out / "shots.jsonl", shot_text)
     tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
     run_device = str(next(bb.model.parameters()).device)
-    meta = adapter_meta(spec, bb, {"train": shot_split, "dev": dev}, report["composed"], routing=None, command=command or " ".join(sys.argv),
+    routing = routing_entry(bb.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
+    meta = adapter_meta(spec, bb, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
                         trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
                         efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
                                     "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
