@@ -108,7 +108,7 @@ def _list(args) -> int:
         print(json.dumps(rows))
         return 0
     table = [("name", "version", "task", "method", "rank", "base", "quant", "metrics")]
-    table += [(r["name"], r["version"], r["task"], r["method"], str(r["rank"] or "-"), r["base"], r["quantization"],
+    table += [(r["name"], r["version"], r["task"] or "(shared)", r["method"], str(r["rank"] or "-"), r["base"], r["quantization"],
                " ".join(f"{k}={v}" for k, v in r["metrics"].items())) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:

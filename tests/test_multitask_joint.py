@@ -8,11 +8,14 @@ from peft import PeftModel
 
 from adapterhub_lite.adapter import save_lora
 from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.cli import main
 from adapterhub_lite.errors import SpecError
 from adapterhub_lite.evaluate import label_token_ids
 from adapterhub_lite.heads import loss_plan, task_loss
 from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
 from adapterhub_lite.multitask.weighting import Equal
+from adapterhub_lite.registry import LocalRegistry
+from adapterhub_lite.router.router import Router
 from adapterhub_lite.spec import spec_from_dict
 
 
@@ -108,6 +111,17 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
     meta = json.loads((out / "a" / "adapterhub.json").read_text())
     assert meta["joint"]["tasks"] == ["a", "g"] and meta["metrics"] == run["dev"]["a"]
     assert json.loads((out / SHARED / "adapterhub.json").read_text())["task"] is None
+
+    # Both publish like single-task adapters; the shared one is listed and served, never routed to.
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(out / "a", name="a_joint")
+    reg.publish(out / SHARED, name="mtl_shared")
+    assert main(["list", "--registry", str(tmp_path / "reg")]) == 0
+    router = Router(load_backbone("tiny-random-llama", "none"), reg)
+    for name in ("a_joint", "mtl_shared"):
+        router.register(name)
+    answers = router.run([{"adapter": "mtl_shared", "text": "ab"}, {"adapter": "auto", "text": "good day"}])
+    assert answers[1]["adapter"] in ("a_joint", "base") and isinstance(answers[0]["prediction"], str)
 
 
 @pytest.mark.parametrize("shared", [False, True])

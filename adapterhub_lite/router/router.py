@@ -171,6 +171,8 @@ class Router:
         """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding."""
         embedding, samples = embedding_spec(self.bb.model), {}
         for name, folder in self.folders.items():
+            if not self.metas[name]["task"]:  # a component (a joint run's shared adapter) is no routing target
+                continue
             try:
                 samples[name] = load_routing(folder, self.metas[name], embedding)
             except RoutingError as err:  # the adapter still serves requests that name it
