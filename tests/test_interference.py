@@ -18,8 +18,11 @@ from .conftest import train_tiny
 def test_flags_follow_their_definitions():
     scores = {"a": {"base": 0.5, "a": 0.9, "b": 0.4, "merged:ties": 0.85, "joint:r": 0.95},
               "b": {"base": 0.6, "a": 0.6, "b": 0.8, "merged:ties": 0.8, "joint:r": None}}
-    flags = {(f["task"], f["adapter"], f["kind"]) for f in _flags(scores, {"joint:r": {}}, 0.01)}
-    assert flags == {("a", "b", "interference"), ("a", "merged:ties", "negative_transfer"), ("a", "joint:r", "positive_transfer")}
+    flags = _flags(scores, {"joint:r": {}}, 0.01, {"a": 100, "b": 100})
+    assert {(f["task"], f["adapter"], f["kind"]) for f in flags} == {
+        ("a", "b", "interference"), ("a", "merged:ties", "negative_transfer"), ("a", "joint:r", "positive_transfer")}
+    ties = next(f for f in flags if f["adapter"] == "merged:ties")  # 0.85 vs 0.9 over 100 rows each
+    assert ties["z"] == pytest.approx(-0.05 / ((0.85 * 0.15 + 0.9 * 0.1) / 100) ** 0.5, abs=0.01)
 
 
 def test_report_scores_every_task_under_every_adapter(tmp_path, monkeypatch):

@@ -5,9 +5,11 @@ Columns of the task × adapter matrix:
     <adapter>                 every single-task adapter given
     merged:<method>           the single-task LoRA adapters merged with equal weights (peft)
     joint:<run>               for each task, its adapter from a joint (train-multi) run
-A cell is flagged when a task scores worse than under its own single-task adapter by more than
-`tolerance` (merged and joint columns: negative transfer), or when another task's adapter takes it
-below the base model (interference). Output: report.json and heatmap.png.
+A merged or joint cell is flagged when the task scores worse (negative transfer) or better (positive
+transfer) than under its own single-task adapter by more than `tolerance`; another task's adapter is
+flagged when it takes the task below the base model (interference). Every flag carries z, the
+difference in standard errors, because a few hundred dev rows make small differences noise.
+Output: report.json and heatmap.png.
 """
 
 from __future__ import annotations
@@ -72,9 +74,10 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
 
     specs = {n: spec_from_dict(m["task"]) for n, m in metas.items()}
     scores: dict[str, dict[str, float | None]] = {}
+    n_rows: dict[str, int] = {}
     for task, spec in specs.items():
         dev = load_task_data(spec, ("dev",))["dev"]
-        scores[task] = {}
+        scores[task], n_rows[task] = {}, min(rows or len(dev), len(dev))
         for col in columns:
             adapter = f"{col}/{task}" if col in joints else col
             if col in joints and task not in joints[col]:
@@ -82,7 +85,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
                 continue
             scores[task][col] = _score(model, bb.tokenizer, spec, dev, None if col == "base" else adapter, rows)
     report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
-              "rows": rows, "tolerance": tolerance, "scores": scores, "flags": _flags(scores, joints, tolerance),
+              "rows": n_rows, "tolerance": tolerance, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
               "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -102,23 +105,29 @@ def _score(model, tok, spec, dev, adapter: str | None, rows: int | None) -> floa
     return metrics[spec.primary_metric]
 
 
-def _flags(scores: dict, joints: dict, tolerance: float) -> list[dict]:
+def _flags(scores: dict, joints: dict, tolerance: float, rows: dict[str, int]) -> list[dict]:
+    """Cells that differ from the task's reference (own adapter, or base) by more than `tolerance`.
+
+    Each flag carries z = delta / its standard error (two independent proportions over the task's
+    `rows[task]` dev rows): with 200 rows one standard error is ~3 points, so |z| < 2 is noise.
+    """
     flags = []
     for task, row in scores.items():
-        own, base = row[task], row["base"]
         for col, value in row.items():
             if value is None or col in ("base", task):
                 continue
-            if col.startswith("merged:") or col in joints:
-                if value < own - tolerance:
-                    flags.append({"task": task, "adapter": col, "kind": "negative_transfer", "score": value, "own": own,
-                                  "delta": round(value - own, 4)})
-                elif value > own + tolerance:
-                    flags.append({"task": task, "adapter": col, "kind": "positive_transfer", "score": value, "own": own,
-                                  "delta": round(value - own, 4)})
-            elif value < base - tolerance:
-                flags.append({"task": task, "adapter": col, "kind": "interference", "score": value, "base": base,
-                              "delta": round(value - base, 4)})
+            versus_own = col.startswith("merged:") or col in joints
+            ref = row[task] if versus_own else row["base"]
+            delta = value - ref
+            if versus_own and abs(delta) > tolerance:
+                kind = "negative_transfer" if delta < 0 else "positive_transfer"
+            elif not versus_own and delta < -tolerance:
+                kind = "interference"
+            else:
+                continue
+            se = math.sqrt(max(value * (1 - value) + ref * (1 - ref), 1e-12) / rows[task])
+            flags.append({"task": task, "adapter": col, "kind": kind, "score": value, "own" if versus_own else "base": ref,
+                          "delta": round(delta, 4), "z": round(delta / se, 2)})
     return flags
 
 
@@ -142,8 +151,8 @@ def heatmap(report: dict, path: Path) -> None:
     colors = {"negative_transfer": "red", "interference": "red", "positive_transfer": "lime"}
     for f in report["flags"]:
         i, j = tasks.index(f["task"]), cols.index(f["adapter"])
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=colors[f["kind"]], lw=2.5))
-    ax.set_title(f"dev score of each task (rows) under each adapter (columns); {report['rows'] or 'all'} rows per cell", fontsize=9)
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=colors[f["kind"]], lw=3.5 if abs(f["z"]) >= 2 else 1.2))
+    ax.set_title("dev score of each task (rows) under each adapter (columns); outlined: flagged, bold outline: |z| ≥ 2", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
