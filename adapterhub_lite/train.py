@@ -114,28 +114,34 @@ class Checkpoint:
     def exists(self) -> bool:
         return (self.dir / "state.pt").is_file()
 
-    def save(self, model, opt, sched, state: RunState, best: dict | None) -> None:
+    def write(self, payload: dict, opt, sched) -> None:
+        """Save `payload` + optimizer, scheduler and RNG states (temp folder, then swap)."""
         tmp = self.dir.with_name("checkpoint.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save({
-            "adapter": get_peft_model_state_dict(model), "best": best, "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "py_rng": random.getstate(),
-            "state": state.__dict__,
-        }, tmp / "state.pt")
+        torch.save({**payload, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp / "state.pt")
         old = self.dir.with_name("checkpoint.old")
         if self.dir.exists():
             self.dir.rename(old)
         tmp.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, model, opt, sched) -> tuple[RunState, dict | None]:
+    def read(self, opt, sched) -> dict:
+        """Restore optimizer, scheduler and RNG states; return the rest of what write() saved."""
         ckpt = torch.load(self.dir / "state.pt", weights_only=False)  # our own file, written above
+        opt.load_state_dict(ckpt.pop("optimizer"))
+        sched.load_state_dict(ckpt.pop("scheduler"))
+        torch.set_rng_state(ckpt.pop("rng"))
+        random.setstate(ckpt.pop("py_rng"))
+        return ckpt
+
+    def save(self, model, opt, sched, state: RunState, best: dict | None) -> None:
+        self.write({"adapter": get_peft_model_state_dict(model), "best": best, "state": state.__dict__}, opt, sched)
+
+    def load(self, model, opt, sched) -> tuple[RunState, dict | None]:
+        ckpt = self.read(opt, sched)
         set_peft_model_state_dict(model, ckpt["adapter"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        random.setstate(ckpt["py_rng"])
         return RunState(**ckpt["state"]), ckpt["best"]
 
 

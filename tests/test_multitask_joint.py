@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from adapterhub_lite.adapter import save_lora
 from adapterhub_lite.backbone import load_backbone
@@ -12,6 +13,7 @@ from adapterhub_lite.cli import main
 from adapterhub_lite.errors import SpecError
 from adapterhub_lite.evaluate import label_token_ids
 from adapterhub_lite.heads import loss_plan, task_loss
+from adapterhub_lite.multitask import joint as joint_mod
 from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
 from adapterhub_lite.multitask.weighting import Equal
 from adapterhub_lite.registry import LocalRegistry
@@ -144,3 +146,31 @@ def test_tasks_that_cannot_train_jointly_are_refused_all_at_once():
         train_joint(specs, "unused")
     msg = str(err.value)
     assert "distinct" in msg and "method 'prefix'" in msg and "quantization differs" in msg
+
+
+def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("yes", "no")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = [_spec(n, data={"train": "t.jsonl", "dev": "t.jsonl"}) for n in ("a", "b")]
+    cfg = JointConfig(max_steps=4, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4, weighting="uncertainty",
+                      sampling="dynamic", shared_adapter=True, shared_r=2)
+    straight = train_joint(specs, tmp_path / "straight", cfg, progress=False)
+
+    original = joint_mod.Checkpoint.write
+
+    def crash_after_first_checkpoint(self, payload, opt, sched):
+        original(self, payload, opt, sched)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(joint_mod.Checkpoint, "write", crash_after_first_checkpoint)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_joint(specs, tmp_path / "resumed", cfg, progress=False)
+    monkeypatch.setattr(joint_mod.Checkpoint, "write", original)
+    capsys.readouterr()
+    resumed = train_joint(specs, tmp_path / "resumed", cfg, resume=True, progress=False)
+    assert "resuming from step 2" in capsys.readouterr().err  # not a silent restart from scratch
+    for task in ("a", "b", SHARED):
+        want, got = load_file(straight / task / "adapter_model.safetensors"), load_file(resumed / task / "adapter_model.safetensors")
+        assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want), task
+    assert (straight / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()

@@ -21,7 +21,7 @@ def _train_multi(args) -> int:
                       eval_samples=args.eval_samples, weighting=args.weighting, weighting_args=weighting_args,
                       sampling=args.sampling, temperature=args.temperature, shared_adapter=args.shared_adapter,
                       shared_r=args.shared_r, max_minutes=args.max_minutes, seed=args.seed)
-    out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+    out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device, progress=not args.no_progress,
                       command="adapterhub-lite train-multi " + shlex.join(sys.argv[2:]))
     print(json.dumps({"output": str(out), **json.loads((out / "run.json").read_text())["dev"]}))
     return 0
@@ -79,6 +79,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget; 0: none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken at every eval)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device")
     p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value applied to every spec")

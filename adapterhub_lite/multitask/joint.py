@@ -36,7 +36,7 @@ from ..heads import Plan, logprobs_at, loss_plan
 from ..router.kernel import RowLora
 from ..router.routing import routing_entry
 from ..spec import TaskSpec
-from ..train import RunState, adapter_meta, finish_folder, next_rows, peak_memory_mb, prepare_output, publish_folder, seed_everything
+from ..train import Checkpoint, RunState, adapter_meta, finish_folder, next_rows, peak_memory_mb, prepare_output, publish_folder, seed_everything
 from .sampling import TaskSampler
 from .weighting import make_weighting
 
@@ -139,12 +139,16 @@ def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
 
 
 def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | None = None, *, overwrite: bool = False,
-                command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
-    """Train the tasks' adapters jointly; writes one adapter folder per task under `output`."""
+                resume: bool = False, command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
+    """Train the tasks' adapters jointly; writes one adapter folder per task under `output`.
+
+    A checkpoint is written after every eval; `resume=True` continues an interrupted run exactly
+    (weights, optimizer, schedule, RNG, task sampler, loss-weighting history, data cursors).
+    """
     cfg = cfg or JointConfig()
     check_specs(specs)
     output = Path(output)
-    work = prepare_output(output, overwrite, resume=False)
+    work = prepare_output(output, overwrite, resume)
     names = [s.name for s in specs]
     data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
     bb = load_backbone(specs[0].base, specs[0].quantization, device)
@@ -188,9 +192,30 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             latency[s.name] = round(1000 * seconds / min(limit or len(data[s.name]["dev"]), len(data[s.name]["dev"])), 2)
         return out
 
-    start, train_seconds, tokens, best, best_score, best_step = time.monotonic(), 0.0, 0, None, None, 0
-    stopped_by = "max_steps"
-    for step in range(1, cfg.max_steps + 1):
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = Checkpoint(work)
+    done, train_seconds, tokens, best, best_score, best_step = 0, 0.0, 0, None, None, 0
+    if resume:
+        saved = ckpt.read(opt, sched)
+        with torch.no_grad():
+            for n, value in saved["params"].items():
+                trainable[n].copy_(value)
+        sampler.load_state_dict(saved["sampler"])
+        weighting.load_state_dict(saved["weighting"])
+        for n, c in saved["cursors"].items():
+            cursors[n] = RunState(**c)
+        history[:] = saved["history"]
+        done, train_seconds, tokens, best, best_score, best_step = saved["progress"]
+        print(f"resuming from step {done}", file=sys.stderr)
+    write_jsonl(work / "metrics.jsonl", history)
+
+    def checkpoint() -> None:
+        ckpt.write({"params": {n: p.detach() for n, p in trainable.items()}, "sampler": sampler.state_dict(),
+                    "weighting": weighting.state_dict(), "cursors": {n: c.__dict__ for n, c in cursors.items()},
+                    "history": history, "progress": (step, train_seconds, tokens, best, best_score, best_step)}, opt, sched)
+
+    start, stopped_by, step = time.monotonic() - train_seconds, "max_steps", done
+    for step in range(done + 1, cfg.max_steps + 1):
         model.train()
         t0 = time.perf_counter()
         draws = sampler.draw_batch(cfg.batch_size)
@@ -227,16 +252,16 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             if progress:
                 print(f"step {step}: dev " + ", ".join(f"{s.name} {scores[s.name][s.primary_metric]:.4f}" for s in specs), file=sys.stderr)
             if best_score is None or mean > best_score:  # keep the best mean, not the last
-                best_score, best_step, best = mean, step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                best_score, best_step, best = mean, step, {n: p.detach().clone() for n, p in trainable.items()}
+            checkpoint()
         if out_of_time:
             stopped_by = "max_minutes"
             break
 
     if best is not None:
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in best:
-                    p.copy_(best[n])
+            for n, value in best.items():
+                trainable[n].copy_(value)
     final = evaluate(None)
     state = {"device": device, "steps": step, "best_step": best_step, "stopped_by": stopped_by, "train_seconds": round(train_seconds, 1), "tokens": tokens,
              "train_tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(device), 1),

@@ -50,6 +50,14 @@ class TaskSampler:
         self.latest[task] = metric
         self.best[task] = max(metric, self.best.get(task, metric))
 
+    def state_dict(self) -> dict:
+        """Generator, turn and dev history: a resumed run draws exactly what it would have."""
+        return {"generator": self.generator.get_state(), "turn": self.turn, "best": dict(self.best), "latest": dict(self.latest)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.turn, self.best, self.latest = state["turn"], dict(state["best"]), dict(state["latest"])
+
     def draw(self) -> str:
         if self.rule == "round_robin":
             task = self.tasks[self.turn % len(self.tasks)]

@@ -33,6 +33,13 @@ class Equal:
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on weighting exactly as before."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class Fixed(Equal):
     """Weights given by the user, used as they are."""
@@ -77,6 +84,14 @@ class DynamicSigmoid(Equal):
         self.observe({t: loss.detach().item() for t, loss in losses.items()})
         return total
 
+    def state_dict(self) -> dict:
+        return {"history": {t: list(h) for t, h in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for t, values in state["history"].items():
+            self.history[t].clear()
+            self.history[t].extend(values)
+
 
 class Uncertainty(Equal):
     """Kendall, Gal & Cipolla (2018): learned log-variances s_i, loss = Σ exp(−s_i)·L_i + s_i.
@@ -92,6 +107,13 @@ class Uncertainty(Equal):
 
     def weights(self) -> dict[str, float]:
         return {t: math.exp(-self.log_var[i].item()) for t, i in self.index.items()}
+
+    def state_dict(self) -> dict:
+        return {"log_var": self.log_var.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.log_var.copy_(state["log_var"])
 
     def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(torch.exp(-self.log_var[self.index[t]]) * loss + self.log_var[self.index[t]] for t, loss in losses.items())
