@@ -1,1 +1,3 @@
-"""Multi-task learning: loss weighting and task sampling rules for joint adapter training."""
+"""Multi-task learning: joint training of task adapters (joint.py) with loss weighting (weighting.py)
+and task sampling (sampling.py), the interference report (interference.py), and learned
+composition of existing adapters for a new task (compose.py)."""
