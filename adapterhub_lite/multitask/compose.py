@@ -54,7 +54,7 @@ class Composition:
         missing = [m for m in self.modules if m not in named]
         if missing:
             raise ComposeError(f"the sources adapt modules this backbone lacks, e.g. {missing[0]!r}; were they trained on another model?")
-        self.rows = RowLora({m: named[m] for m in self.modules}, self.factors, len(self.sources) + 1)
+        self.rows = RowLora({m: named[m] for m in self.modules}, self.factors)
 
     def factors(self, module: str, adapter: int):
         if adapter < len(self.sources):

@@ -98,7 +98,7 @@ class JointLora:
         for m in self.layers.values():  # ... and froze the factors too; we train them ourselves
             for p in list(m.lora_A.parameters()) + list(m.lora_B.parameters()):
                 p.requires_grad_(True)
-        self.rows = RowLora(self.layers, self.factors, len(tasks), dropout)
+        self.rows = RowLora(self.layers, self.factors, dropout)
 
     def _own(self, layer, name: str):
         if name not in layer.lora_A:

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from ..adapter import lora_scale
 from ..errors import AdapterHubError, AdapterLoadError
-from .kernel import add_rows, stack_factors
+from .kernel import add_rows, gather
 
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
@@ -50,7 +50,6 @@ class _LoraModule:
 
     def __init__(self, module: torch.nn.Linear, routing: _Routing, dtype: torch.dtype, device):
         self.routing = routing
-        self.in_features, self.out_features = module.in_features, module.out_features
         self.dtype, self.device = dtype, device
         self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot → (A [r, in], B·scale [out, r])
         self._gathered = None  # per-routing cache, so decode steps do not re-gather every token
@@ -71,26 +70,19 @@ class _LoraModule:
         return not self.factors
 
     def _gather(self, slots: torch.Tensor):
-        """Rows that have a LoRA here (None = all of them) and their stacked factors (see kernel.py)."""
+        """Rows that have a LoRA here and their stacked factors (kernel.gather), or None; cached per batch."""
         if self._gathered is None or self._gathered[0] is not slots:
-            wanted = slots.tolist()
-            rows = [i for i, s in enumerate(wanted) if s in self.factors]
-            used = list(dict.fromkeys(wanted[i] for i in rows))  # distinct slots, first-seen order
-            At = Bt = None
-            if rows:
-                index = torch.tensor([used.index(wanted[i]) for i in rows], device=self.device)
-                At, Bt = stack_factors([self.factors[s] for s in used], index)
-            keep = None if len(rows) == len(wanted) else torch.tensor(rows, dtype=torch.long, device=slots.device)
-            self._gathered = (slots, keep, At, Bt)
-        return self._gathered[1:]
+            self._gathered = (slots, gather(slots.tolist(), self.factors.get, self.device))
+        return self._gathered[1]
 
     def _hook(self, module, args, out):
         slots = self.routing.slots
         if slots is None:
             return None
-        rows, At, Bt = self._gather(slots)
-        if At is None:  # no row of this batch has a LoRA on this module
+        gathered = self._gather(slots)
+        if gathered is None:  # no row of this batch has a LoRA on this module
             return None
+        rows, At, Bt = gathered
         return add_rows(out, args[0], At, Bt, rows)  # args[0]: [B, T, in], as decoder layers call linears
 
 

@@ -24,7 +24,26 @@ def stack_factors(factors: list[tuple[torch.Tensor, torch.Tensor]], index: torch
     r_max = max(a.shape[0] for a, _ in factors)
     At = torch.stack([F.pad(a, (0, 0, 0, r_max - a.shape[0])).T for a, _ in factors])  # [u, in, r_max]
     Bt = torch.stack([F.pad(b, (0, r_max - b.shape[1])).T for _, b in factors])  # [u, r_max, out]
+    if len(factors) == 1:  # one adapter for every row: a broadcast view, no per-row copies
+        return At.expand(len(index), -1, -1), Bt.expand(len(index), -1, -1)
     return At.index_select(0, index), Bt.index_select(0, index)
+
+
+def gather(ids: list, lookup, device):
+    """Per-row adapter ids → (rows that have factors here, None = all; At; Bt), or None if no row has.
+
+    lookup(id) gives an adapter's (A, B·scale) at this module or None; it is called once per
+    distinct id of the batch, never for adapters the batch does not use.
+    """
+    found = {a: lookup(a) for a in dict.fromkeys(ids)}
+    used = [a for a, f in found.items() if f is not None]
+    rows = [i for i, a in enumerate(ids) if found[a] is not None]
+    if not rows:
+        return None
+    slot = {a: j for j, a in enumerate(used)}
+    At, Bt = stack_factors([found[a] for a in used], torch.tensor([slot[ids[i]] for i in rows], device=device))
+    keep = None if len(rows) == len(ids) else torch.tensor(rows, dtype=torch.long, device=device)
+    return keep, At, Bt
 
 
 def add_rows(out: torch.Tensor, x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor,
@@ -54,10 +73,11 @@ class RowLora:
     `route(index)` row i of every batch uses adapter index[i] (an int: every row the same).
     """
 
-    def __init__(self, modules: dict[str, torch.nn.Module], factors, n_adapters: int, dropout: float = 0.0):
-        self.factors, self.n_adapters, self.dropout = factors, n_adapters, dropout
+    def __init__(self, modules: dict[str, torch.nn.Module], factors, dropout: float = 0.0):
+        self.factors, self.dropout = factors, dropout
         self.index: torch.Tensor | int | None = None
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+        for name, m in modules.items():
+            m.register_forward_hook(self._hook(name))
 
     @contextmanager
     def route(self, index: torch.Tensor | int):
@@ -68,34 +88,18 @@ class RowLora:
         finally:
             self.index = saved
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
     def _hook(self, name: str):
         def hook(module, args, out):
             if self.index is None:
                 return None
             x = args[0]
-            found = [self.factors(name, a) for a in range(self.n_adapters)]
-            present = [a for a, f in enumerate(found) if f is not None]
-            if not present:
+            ids = [self.index] * len(x) if isinstance(self.index, int) else self.index.tolist()
+            gathered = gather(ids, lambda a: self.factors(name, a), x.device)
+            if gathered is None:  # no row of this batch has an adapter on this module
                 return None
-            if isinstance(self.index, int):  # every row: one adapter, no gather
-                if found[self.index] is None:
-                    return None
-                At, Bt = stack_factors([found[self.index]], torch.zeros(1, dtype=torch.long, device=x.device))
-                At, Bt, rows = At.expand(len(x), -1, -1), Bt.expand(len(x), -1, -1), None
-            else:
-                slot = {a: j for j, a in enumerate(present)}
-                keep = [i for i, a in enumerate(self.index.tolist()) if a in slot]
-                if not keep:
-                    return None
-                rows = None if len(keep) == len(x) else torch.tensor(keep, device=x.device)
-                index = torch.tensor([slot[a] for a in self.index.tolist() if a in slot], device=x.device)
-                At, Bt = stack_factors([found[a] for a in present], index)
             if self.dropout and module.training:
                 x = F.dropout(x, self.dropout, training=True)  # on the LoRA branch only, as peft does
+            rows, At, Bt = gathered
             return add_rows(out, x, At, Bt, rows)
 
         return hook
