@@ -58,13 +58,32 @@ def read_sidecar(folder: Path) -> dict:
     return meta
 
 
-def plot_curves(history: list[dict], metric: str, path: Path) -> None:
-    """Train loss and dev metric against step, as one PNG."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (servers have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> None:
+    """Write a figure as PNG atomically (temp file, then rename) and free it."""
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        pyplot().close(fig)
+
+
+def plot_curves(history: list[dict], metric: str, path: Path) -> None:
+    """Train loss and dev metric against step, as one PNG."""
+    plt = pyplot()
     train = [r for r in history if "loss" in r]
     evals = [r for r in history if metric in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -72,12 +91,7 @@ def plot_curves(history: list[dict], metric: str, path: Path) -> None:
     ax1.set(xlabel="step", ylabel="train loss", title="loss")
     ax2.plot([r["step"] for r in evals], [r[metric] for r in evals], marker="o")
     ax2.set(xlabel="step", ylabel=f"dev {metric}", title=metric)
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".curves.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def model_card(meta: dict) -> str:

@@ -25,7 +25,7 @@ from ..backbone import load_backbone
 from ..data import load_task_data
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split
-from ..folder import check_base, read_sidecar, write_json
+from ..folder import check_base, pyplot, read_sidecar, save_figure, write_json
 from ..spec import spec_from_dict
 
 
@@ -133,11 +133,7 @@ def _flags(scores: dict, joints: dict, tolerance: float, rows: dict[str, int]) -
 
 def heatmap(report: dict, path: Path) -> None:
     """The task × adapter matrix as a PNG; flagged cells are outlined (red: worse, green: better)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks, cols = report["tasks"], report["columns"]
     grid = torch.tensor([[math.nan if report["scores"][t][c] is None else report["scores"][t][c] for c in cols] for t in tasks])
     fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.7 * len(tasks) + 1.6))
@@ -153,9 +149,5 @@ def heatmap(report: dict, path: Path) -> None:
         i, j = tasks.index(f["task"]), cols.index(f["adapter"])
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=colors[f["kind"]], lw=3.5 if abs(f["z"]) >= 2 else 1.2))
     ax.set_title("dev score of each task (rows) under each adapter (columns); outlined: flagged, bold outline: |z| ≥ 2", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
 

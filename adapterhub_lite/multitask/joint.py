@@ -31,7 +31,7 @@ from ..backbone import load_backbone
 from ..data import load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
-from ..folder import SIDECAR, write_json, write_jsonl
+from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_plan
 from ..router.kernel import RowLora
 from ..router.routing import routing_entry
@@ -347,11 +347,7 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: 
 
 def plot_joint(history: list[dict], specs: list[TaskSpec], path: Path) -> None:
     """Per-task loss, loss weight and dev metric against step, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for s in specs:
         for ax, key in zip(axes, (f"loss/{s.name}", f"weight/{s.name}", f"dev/{s.name}/{s.primary_metric}")):
@@ -361,8 +357,4 @@ def plot_joint(history: list[dict], specs: list[TaskSpec], path: Path) -> None:
     for ax, title in zip(axes, ("train loss", "loss weight", "dev metric")):
         ax.set(xlabel="step", title=title)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
