@@ -173,13 +173,12 @@ def _infer(args) -> int:
 
 
 def _merge(args) -> int:
-    from .registry import open_registry
+    from .registry import adapter_ref
     from .router.merge import merge_adapters
 
     if len(args.weights) != len(args.adapters):
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
-    reg = open_registry(args.registry)
-    folders = {Path(a).name if Path(a).is_dir() else a: Path(a) if Path(a).is_dir() else reg.path(a) for a in args.adapters}
+    folders = dict(adapter_ref(a, args.registry) for a in args.adapters)
     _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method, density=args.density,
                              name=args.name or Path(args.output).name, output=args.output, report_rows=args.report_rows)
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))

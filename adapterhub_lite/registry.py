@@ -325,3 +325,10 @@ def open_registry(location: str | Path):
         return HubRegistry(str(location)[5:])
     return LocalRegistry(location)
 
+
+
+def adapter_ref(ref: str | Path, registry: str | Path = "adapters") -> tuple[str, Path]:
+    """An adapter given as a folder or as name[@version] in a registry: its name and (verified) folder."""
+    if Path(ref).is_dir():
+        return Path(ref).name, Path(ref)
+    return parse_ref(str(ref))[0], open_registry(registry).path(str(ref))

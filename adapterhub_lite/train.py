@@ -278,10 +278,10 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
 
 def _init_from(spec: TaskSpec, model, bb) -> dict:
     """Load the init_from adapter's weights into the fresh adapter; return what to record."""
-    from .registry import open_registry
+    from .registry import adapter_ref
 
     ref = spec.init_from
-    folder = Path(ref) if Path(ref).is_dir() else open_registry("adapters").path(ref)
+    _, folder = adapter_ref(ref)
     meta = read_sidecar(folder)
     check_base(ref, meta["base"]["fingerprint"], bb.fingerprint, "this run trains on", allow=False)
     init_from(model, folder)

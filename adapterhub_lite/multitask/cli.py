@@ -6,7 +6,6 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 
 def _train_multi(args) -> int:
@@ -37,19 +36,12 @@ def _interference(args) -> int:
 
 
 def _compose_fit(args) -> int:
-    from ..registry import open_registry
+    from ..registry import adapter_ref
     from ..spec import load_spec
     from .compose import compose_fit
 
     spec = load_spec(args.spec, args.overrides)
-    reg = None
-    sources = {}
-    for ref in args.sources:  # an adapter folder, or a name in the registry
-        if Path(ref).is_dir():
-            sources[Path(ref).name] = Path(ref)
-        else:
-            reg = reg or open_registry(args.registry)
-            sources[ref.split("@")[0]] = reg.path(ref)
+    sources = dict(adapter_ref(ref, args.registry) for ref in args.sources)
     report = compose_fit(spec, sources, args.output, shots=args.shots, search=args.search, budget=args.budget, l1=args.l1,
                          seed=args.seed, baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
                          overwrite=args.overwrite, device=args.device, command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:]))
