@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from ..data import load_task_data
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split
 from ..folder import check_base, pyplot, read_sidecar, save_figure, write_json
+from ..router.merge import DENSITY_METHODS, check_merge
 from ..spec import spec_from_dict
 
 
@@ -62,8 +64,10 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     columns = ["base", *names]
     lora = [n for n in names if metas[n]["method"] == "lora"]
     for method in merges if len(lora) > 1 else ():
-        kwargs = {"density": density} if method in ("ties", "dare_linear", "dare_ties") else {}
-        model.add_weighted_adapter(lora, [1.0 / len(lora)] * len(lora), f"merged:{method}", combination_type=method, **kwargs)
+        equal = {n: 1.0 / len(lora) for n in lora}
+        kwargs = {"density": density} if method in DENSITY_METHODS else {}
+        check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
+        model.add_weighted_adapter(lora, list(equal.values()), f"merged:{method}", combination_type=method, **kwargs)
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
         for t, f in tasks.items():
@@ -96,11 +100,9 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
 
 @torch.no_grad()
 def _score(model, tok, spec, dev, adapter: str | None, rows: int | None) -> float:
-    if adapter is None:
-        with model.disable_adapter():
-            metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
-    else:
+    if adapter is not None:
         model.set_adapter(adapter)
+    with model.disable_adapter() if adapter is None else nullcontext():
         metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
     return metrics[spec.primary_metric]
 

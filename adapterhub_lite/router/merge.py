@@ -24,6 +24,7 @@ from ..folder import FORMAT, SIDECAR, atomic_write, read_sidecar, write_json
 from ..spec import spec_from_dict
 
 MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")  # prune each update to a density first
 
 
 class MergeError(AdapterHubError):
@@ -47,6 +48,17 @@ def _ranks(folders: dict[str, Path]) -> dict[str, int]:
     return {n: json.loads((f / "adapter_config.json").read_text())["r"] for n, f in folders.items()}
 
 
+def check_merge(folders: dict[str, Path], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None) -> dict[str, int]:
+    """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks."""
+    _check_sources(metas, method, weights)
+    ranks = _ranks(folders)
+    if method in ("linear", *DENSITY_METHODS) and len(set(ranks.values())) > 1:
+        raise MergeError(f"method {method!r} needs equal LoRA ranks but they are {ranks}; use method 'cat' or 'svd', which handle different ranks")
+    if method in DENSITY_METHODS and density is None:
+        raise MergeError(f"method {method!r} needs a density in (0, 1], e.g. --density 0.5")
+    return ranks
+
+
 def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], method: str = "linear", *,
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    quantization: str | None = None, report_rows: int | None = 200, device: str | None = None):
@@ -58,12 +70,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     """
     folders = {n: Path(f) for n, f in folders.items()}
     metas = {n: read_sidecar(f) for n, f in folders.items()}
-    _check_sources(metas, method, weights)
-    ranks = _ranks(folders)
-    if method in ("linear", "ties", "dare_linear", "dare_ties") and len(set(ranks.values())) > 1:
-        raise MergeError(f"method {method!r} needs equal LoRA ranks but they are {ranks}; use method 'cat' or 'svd', which handle different ranks")
-    if method in ("ties", "dare_linear", "dare_ties") and density is None:
-        raise MergeError(f"method {method!r} needs a density in (0, 1], e.g. --density 0.5")
+    ranks = check_merge(folders, metas, weights, method, density)
     first = next(iter(metas.values()))
     bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device)
     names = list(folders)
