@@ -53,20 +53,21 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     """Score every task under every adapter and write report.json + heatmap.png into `output`."""
     singles, joints = _columns([Path(f) for f in folders])
     metas = {n: read_sidecar(f) for n, f in singles.items()}
+    names = list(singles)
+    lora = [n for n in names if metas[n]["method"] == "lora"]
+    equal = {n: 1.0 / len(lora) for n in lora}
+    merged = {m: {"density": density} if m in DENSITY_METHODS else {} for m in (merges if len(lora) > 1 else ())}
+    for method, kwargs in merged.items():  # refuse a bad merge before loading anything
+        check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
     first = next(iter(metas.values()))
     bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device)
     for n, m in metas.items():
         check_base(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=False)
-    names = list(singles)
     model = PeftModel.from_pretrained(bb.model, singles[names[0]], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(singles[n], adapter_name=n)
     columns = ["base", *names]
-    lora = [n for n in names if metas[n]["method"] == "lora"]
-    for method in merges if len(lora) > 1 else ():
-        equal = {n: 1.0 / len(lora) for n in lora}
-        kwargs = {"density": density} if method in DENSITY_METHODS else {}
-        check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
+    for method, kwargs in merged.items():
         model.add_weighted_adapter(lora, list(equal.values()), f"merged:{method}", combination_type=method, **kwargs)
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
