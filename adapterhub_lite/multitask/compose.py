@@ -22,7 +22,7 @@ import torch
 
 from ..adapter import read_lora, save_lora
 from ..backbone import load_backbone
-from ..data import load_split, to_split
+from ..data import load_split, load_task_data, to_split
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import atomic_write, check_base, read_sidecar, write_json
@@ -42,7 +42,7 @@ class ComposeError(AdapterHubError):
 class Composition:
     """Sources' LoRA factors on one backbone, combined with weights w through the per-row kernel.
 
-    Inside `route(-1)` the model runs with Σ w_i·ΔW_i; inside `route(i)` with source i alone.
+    Inside `composed()` the model runs with Σ w_i·ΔW_i; inside `rows.route(i)` with source i alone.
     """
 
     def __init__(self, model, sources: dict[str, dict]):
@@ -111,8 +111,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     shot_ds = _shots(spec, shots, seed)
     shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
     shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
-    dev_ds, dev_sha = load_split(spec.data.dev)
-    dev = to_split(spec, dev_ds, spec.data.dev, dev_sha)
+    dev = load_task_data(spec, ("dev",))["dev"]
     bb = load_backbone(spec.base, spec.quantization, device)
     comp = Composition(bb.model, _load_sources({n: Path(f) for n, f in sources.items()}, bb))
     tok = bb.tokenizer

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import get_peft_model
 from transformers import get_scheduler
 
 from ..adapter import make_config, save_lora, trainable_parameters
@@ -92,7 +93,7 @@ class JointLora:
     """
 
     def __init__(self, model, tasks: list[str], shared: bool, dropout: float):
-        self.model, self.tasks, self.shared = model, tasks, shared
+        self.tasks, self.shared = tasks, shared
         self.layers = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
         model.base_model.disable_adapter_layers()  # peft now computes only the frozen base ...
         for m in self.layers.values():  # ... and froze the factors too; we train them ourselves
@@ -124,8 +125,6 @@ class JointLora:
 
 
 def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
-    from peft import get_peft_model
-
     configs = {s.name: make_config("lora", s.method_args, model) for s in specs}
     first = specs[0].name
     peft_model = get_peft_model(model, configs[first], adapter_name=first)
@@ -219,16 +218,15 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
         model.train()
         t0 = time.perf_counter()
         draws = sampler.draw_batch(cfg.batch_size)
-        plans: dict[str, Plan] = {}
+        plans: dict[int, Plan] = {}  # task index → its rows' plan
         for i, s in enumerate(specs):
             k = draws.count(s.name)
             if k:
                 rows = next_rows(cursors[s.name], lengths[s.name], k, cfg.seed + 1000 * i)
                 split = data[s.name]["train"]
-                plans[s.name] = loss_plan(tok, [split.prompts[j] for j in rows], [split.answers[j] for j in rows],
-                                          s.train.max_length, labels[s.name])
-        losses = joint_losses(model, tok.pad_token_id, joint, {names.index(n): p for n, p in plans.items()})
-        losses = {names[i]: v for i, v in losses.items()}
+                plans[i] = loss_plan(tok, [split.prompts[j] for j in rows], [split.answers[j] for j in rows],
+                                     s.train.max_length, labels[s.name])
+        losses = {names[i]: v for i, v in joint_losses(model, tok.pad_token_id, joint, plans).items()}
         used = weighting.weights()  # the weights this step's loss is combined with
         total = weighting.combine(losses)
         total.backward()
@@ -316,15 +314,14 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: 
     run = {"tasks": [s.name for s in specs], "config": asdict(cfg), "dev": final, "train_state": state,
            "base": {"name": specs[0].base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
            "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
-    dropout = float(specs[0].method_args.get("lora_dropout", 0.0))
-    total = run["trainable_parameters"]["total"]
+    dropout, total = joint.rows.dropout, run["trainable_parameters"]["total"]
     for i, s in enumerate(specs):
-        folder = out / s.name
-        save_lora(folder, joint.export(i), bb.hub_id, dropout)
+        folder, factors = out / s.name, joint.export(i)
+        save_lora(folder, factors, bb.hub_id, dropout)
         routing = routing_entry(model, bb.tokenizer, s, folder)  # outside route(): the plain backbone's view
         own = [{"step": r["step"], "loss": r[f"loss/{s.name}"]} for r in history if f"loss/{s.name}" in r] + \
               [{"step": r["step"], **{k.split("/")[-1]: v for k, v in r.items() if k.startswith(f"dev/{s.name}/")}} for r in history if f"dev/{s.name}/{s.primary_metric}" in r]
-        own_params = sum(a.numel() + b.numel() for a, b in joint.export(i).values())
+        own_params = sum(a.numel() + b.numel() for a, b in factors.values())
         meta = adapter_meta(s, bb, data[s.name], final[s.name], routing=routing, command=command,
                             trainable_parameters={"trainable": own_params, "total": total,
                                                   "percent": round(100.0 * own_params / total, 4)},
