@@ -331,4 +331,6 @@ def adapter_ref(ref: str | Path, registry: str | Path = "adapters") -> tuple[str
     """An adapter given as a folder or as name[@version] in a registry: its name and (verified) folder."""
     if Path(ref).is_dir():
         return Path(ref).name, Path(ref)
+    if "/" in str(ref) or Path(ref).exists():
+        raise RegistryError(f"adapter folder {str(ref)!r} does not exist; pass an adapter folder or name[@version] in the {str(registry)!r} registry")
     return parse_ref(str(ref))[0], open_registry(registry).path(str(ref))

@@ -207,3 +207,14 @@ def test_prompt_learning_width_mismatch_is_refused(tmp_path):
     get_peft_model(small, PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "p")
     with pytest.raises(AdapterLoadError, match="token_dim 32 != 64"):
         check_fits(tmp_path / "p", load_backbone("tiny-random-llama", "none").model)
+
+
+def test_adapter_ref_takes_a_folder_or_a_registry_name(adapter, tmp_path):
+    from adapterhub_lite.registry import adapter_ref
+
+    assert adapter_ref(adapter) == (adapter.name, adapter)
+    LocalRegistry(tmp_path / "reg").publish(adapter, name="toy")
+    name, folder = adapter_ref("toy@1.0.0", tmp_path / "reg")
+    assert name == "toy" and (folder / "adapter_model.safetensors").is_file()
+    with pytest.raises(RegistryError, match="adapter folder '/nope/toy' does not exist"):
+        adapter_ref("/nope/toy", tmp_path / "reg")
