@@ -6,8 +6,6 @@ turns peft's failures into one-line errors that name the method, the architectur
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTun
 from safetensors.torch import load_file, save_file
 
 from .errors import AdapterMethodError
+from .rowlora import LoraFactors
 
 _CONFIGS = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "ia3": IA3Config}
 _DEFAULTS = {
@@ -90,22 +89,11 @@ def save_lora(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def read_lora(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The factors of a PEFT LoRA folder as save_lora takes them (scale folded into B)."""
+def read_lora(folder: Path) -> LoraFactors:
+    """The factors of a PEFT LoRA folder, as the per-row layer takes them; refuses configs it cannot apply."""
     cfg = LoraConfig.from_pretrained(str(folder))
     weights = load_file(str(Path(folder) / "adapter_model.safetensors"))
-    out = {}
-    for key, a in weights.items():
-        if key.endswith(".lora_A.weight"):
-            m = key[len("base_model.model."):-len(".lora_A.weight")]
-            out[m] = (a.float(), weights[key.replace("lora_A", "lora_B")].float() * lora_scale(cfg, m, a.shape[0]))
-    return out
-
-
-def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
-    """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
-    alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
-    return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+    return LoraFactors.from_state_dict(cfg, weights, f"LoRA adapter {str(folder)!r}")
 
 
 def init_from(model: PeftModel, folder: Path) -> None:

@@ -47,9 +47,9 @@ def test_weighted_composition_is_the_weighted_sum_of_updates(sources):
     factors = {n: read_lora(f) for n, f in sources.items()}
     comp = Composition(bb.model, factors)
     comp.weights = torch.tensor([0.5, -1.0, 2.0])
-    module = next(iter(factors["one"]))
+    module = next(iter(factors["one"].modules))
     a, b = comp.factors(module, 3)
-    want = sum(w * (f[module][1] @ f[module][0]) for w, f in zip([0.5, -1.0, 2.0], factors.values()))
+    want = sum(w * f.update(module) for w, f in zip([0.5, -1.0, 2.0], factors.values()))
     assert torch.allclose(b @ a, want, atol=1e-6)
 
 

@@ -131,7 +131,7 @@ def test_exported_task_adapter_equals_the_routed_one_under_plain_peft(shared, tm
     bb, specs, model, joint, _ = _joint(shared)
     ids = bb.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True)
     for i, s in enumerate(specs):
-        with torch.no_grad(), joint.rows.route(i):
+        with torch.no_grad(), joint.route(i):
             want = model(**ids).logits
         save_lora(tmp_path / s.name, joint.export(i), "tiny")
         fresh = load_backbone("tiny-random-llama", "none").model

@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, 
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.errors import AdapterLoadError
 from adapterhub_lite.router.batch import AdapterBank
+from adapterhub_lite.rowlora import RowLoraLinear
 
 TINY = "tiny-random-llama"
 CONFIGS = {
@@ -55,8 +56,24 @@ def reference(folders, adapter, quant="none"):
 @torch.no_grad()
 def ref_logits(folders, adapter, ids, quant="none"):
     """The row alone: batch of 1, no padding; prompt-tuning virtual positions dropped."""
-    logits = reference(folders, adapter, quant)(input_ids=torch.tensor([ids])).logits[0]
+    model = reference(folders, adapter, quant)
+    logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
     return logits[-len(ids):]
+
+
+@torch.no_grad()
+def peft_mixed_logits(folders, adapters, ids, quant):
+    """Plain peft on the same right-padded batch, each row through its own LoRA (adapter_names)."""
+    names = sorted({a for a in adapters if a})
+    model = PeftModel.from_pretrained(load_backbone(TINY, quant).model, str(folders[names[0]]), adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(str(folders[n]), adapter_name=n)
+    model.eval()
+    width = max(map(len, ids))
+    batch = torch.tensor([r + [0] * (width - len(r)) for r in ids], device=model.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=model.device)
+    logits = model(input_ids=batch, attention_mask=mask, adapter_names=[a or "__base__" for a in adapters]).logits
+    return [logits[i, :len(r)] for i, r in enumerate(ids)]
 
 
 def ref_greedy(folders, adapter, ids, max_new, eos):
@@ -98,25 +115,37 @@ def test_mixed_batch_equals_per_row_peft(folders):
         if p:
             assert (s - g[p]).abs().max() <= 1e-5
     # outside the bank the backbone is the plain backbone: the hooks are inert
-    plain = bank.model(input_ids=torch.tensor([ids[0]])).logits[0]
+    plain = bank.model(input_ids=torch.tensor([ids[0]], device=bank.device)).logits[0]
     assert (plain - ref_logits(folders, None, ids[0])).abs().max() <= 1e-5
     with bank.base_only():
-        plain = bank.model(input_ids=torch.tensor([ids[0]])).logits[0]
+        plain = bank.model(input_ids=torch.tensor([ids[0]], device=bank.device)).logits[0]
     assert (plain - ref_logits(folders, None, ids[0])).abs().max() <= 1e-5
 
 
 def test_mixed_batch_8bit_equals_per_row_peft(folders):
     bank = bank_with(folders, "8bit", list(CONFIGS))
-    assert type(bank.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    q_proj = bank.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, RowLoraLinear) and type(q_proj.base_layer).__name__ == "Linear8bitLt"
     adapters = ["lora_a", None, "lora_b", "prefix", "lora_a", "prompt", None, "lora_c"]
     ids = rows([5, 8, 3, 6, 9, 4, 2, 5], seed=1)
     worst = 0.0
     for g, a, r in zip(bank.forward(ids, adapters), adapters, ids):
         worst = max(worst, (g - ref_logits(folders, a, r, "8bit")).abs().max().item())
     print(f"8-bit mixed batch: max |Δlogit| = {worst:.2e}")
-    # 1e-4 holds: with llm_int8_threshold=0 bitsandbytes quantises activations per token, so a
-    # row's numbers do not depend on the rows beside it or on padding.
-    assert worst <= 1e-4
+    # On the CPU 1e-4 holds: with llm_int8_threshold=0 bitsandbytes quantises activations per token,
+    # so a row's numbers do not depend on the rows beside it or on padding. CUDA's int8 GEMMs pick
+    # their kernel (and fp16 rounding of the dequantised output) by the batch shape, so a row run
+    # alone differs from the same row in a batch by fp16 rounding amplified through the layers:
+    # there the bound is that of 8-bit inference itself, and the exact check is the one below.
+    assert worst <= (1e-4 if bank.device.type == "cpu" else 0.1)
+    # Same batch shape on both sides (the LoRA rows also through plain peft's mixed-adapter batch),
+    # so any difference left is the bank's own.
+    lora = [i for i, a in enumerate(adapters) if a is None or a.startswith("lora")]
+    ref = peft_mixed_logits(folders, [adapters[i] for i in lora], [ids[i] for i in lora], "8bit")
+    got = bank.forward([ids[i] for i in lora], [adapters[i] for i in lora])
+    same = max((g - r).abs().max().item() for g, r in zip(got, ref))
+    print(f"8-bit LoRA rows vs peft's mixed batch of the same shape: max |Δlogit| = {same:.2e}")
+    assert same <= 1e-3
 
 
 def test_generate_equals_per_row_greedy_and_finished_rows_leave(folders):
@@ -157,7 +186,7 @@ def test_add_remove_and_unknown_adapter(folders):
     assert bank.names() == ["lora_a", "lora_b", "lora_c", "prefix"]
     slot_a = bank._adapters["lora_a"].slot
     attn = bank.model.model.layers[0].self_attn
-    assert len(attn.v_proj._forward_hooks) == len(attn.q_proj._forward_hooks) == 1  # one hook per module
+    assert isinstance(attn.v_proj, RowLoraLinear) and isinstance(attn.q_proj, RowLoraLinear)  # one layer per module
     # 2 layers × (q: A 4×64 + B 64×4, v: A 4×64 + B 32×4) × 4 bytes; the prefix: 3 × 2 layers × (k, v) × 32 × 4 bytes
     assert bank.nbytes("lora_a") == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4) * 4 == 7168
     assert bank.nbytes("prefix") == 3 * 2 * 2 * 32 * 4
@@ -165,8 +194,8 @@ def test_add_remove_and_unknown_adapter(folders):
     bank.remove("lora_a")
     assert bank.names() == ["lora_b", "lora_c", "prefix"]
     assert bank._slots[slot_a] is None
-    assert len(attn.v_proj._forward_hooks) == 0  # no resident LoRA targets it: its original forward cost
-    assert len(attn.q_proj._forward_hooks) == 1  # lora_c still does
+    assert isinstance(attn.v_proj, torch.nn.Linear)  # no resident LoRA targets it: the original module again
+    assert isinstance(attn.q_proj, RowLoraLinear)  # lora_c still does
     with pytest.raises(AdapterLoadError) as err:
         bank.forward(rows([3]), ["lora_a"])
     msg = str(err.value)

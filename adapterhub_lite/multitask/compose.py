@@ -27,7 +27,7 @@ from ..errors import AdapterHubError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import atomic_write, check_base, read_sidecar, write_json
 from ..heads import task_loss
-from ..router.kernel import RowLora
+from ..rowlora import LoraFactors, RowContext, wrap
 from ..router.routing import routing_entry
 from ..spec import TaskSpec
 from ..train import adapter_meta, finish_folder, peak_memory_mb, prepare_output, publish_folder, train
@@ -40,35 +40,59 @@ class ComposeError(AdapterHubError):
 
 
 class Composition:
-    """Sources' LoRA factors on one backbone, combined with weights w through the per-row kernel.
+    """Sources' LoRA factors on one backbone, combined with weights w by the per-row LoRA layer.
 
-    Inside `composed()` the model runs with Σ w_i·ΔW_i; inside `rows.route(i)` with source i alone.
+    Slot i is source i alone; the composed slot adds Σ w_i·ΔW_i (w may be a tensor that requires
+    grad: the layer builds the update from it on every forward). Inside `composed()` the model runs
+    with the composition, inside `route(i)` with source i alone, and elsewhere it is the plain backbone.
     """
 
-    def __init__(self, model, sources: dict[str, dict]):
+    def __init__(self, model, sources: dict[str, LoraFactors]):
         self.names = list(sources)
         self.sources = [sources[n] for n in self.names]
-        self.modules = sorted(set().union(*[s.keys() for s in self.sources]))
-        self.weights = torch.zeros(len(self.sources))
+        self.modules = sorted(set().union(*[s.modules.keys() for s in self.sources]))
         named = dict(model.named_modules())
         missing = [m for m in self.modules if m not in named]
         if missing:
             raise ComposeError(f"the sources adapt modules this backbone lacks, e.g. {missing[0]!r}; were they trained on another model?")
-        self.rows = RowLora({m: named[m] for m in self.modules}, self.factors)
+        if model.get_output_embeddings() in [named[m] for m in self.modules]:
+            raise ComposeError("a source adapts the LM head, which composition does not support; compose adapters of the decoder's linear layers")
+        self.device = next(model.parameters()).device
+        self.context = RowContext()
+        self.layers = wrap(model, self.modules, self.context)
+        for name, src in zip(self.names, self.sources):
+            for m, (a, b, scale) in src.modules.items():
+                self.layers[m].put(name, a.float().to(self.device), b.float().to(self.device), scale)
+        for i, name in enumerate(self.names):
+            self.context.define(i, [(name, 1.0)])
+        self.composed_slot = len(self.names)
+        self.weights = torch.zeros(len(self.names))
 
-    def factors(self, module: str, adapter: int):
-        if adapter < len(self.sources):
-            return self.sources[adapter].get(module)
-        parts = [(f[0], w * f[1]) for w, s in zip(self.weights, self.sources) if (f := s.get(module)) is not None]
-        return (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1)) if parts else None
+    @property
+    def weights(self) -> torch.Tensor:
+        return self._weights
+
+    @weights.setter
+    def weights(self, w: torch.Tensor) -> None:
+        self._weights = w
+        w = w.to(self.device)  # differentiable: a gradient search reaches w through this copy
+        self.context.define(self.composed_slot, [(n, w[i]) for i, n in enumerate(self.names)])
+
+    def factors(self, module: str, slot: int):
+        """(A, B·scale) of a slot at `module` (the composed one: sources concatenated, w folded into B)."""
+        return self.layers[module]._slot_factors(slot)
+
+    def route(self, slot: int | None):
+        """Context: source `slot` alone (None: the plain backbone)."""
+        return self.context.route(slot, self.device)
 
     def composed(self):
         """Context: the model runs with the weighted composition."""
-        return self.rows.route(len(self.sources))
+        return self.route(self.composed_slot)
 
     def export(self) -> dict:
         """The composed factors, for save_lora."""
-        return {m: f for m in self.modules if (f := self.factors(m, len(self.sources))) is not None}
+        return {m: f for m in self.modules if (f := self.factors(m, self.composed_slot)) is not None}
 
 
 def _load_sources(folders: dict[str, Path], bb) -> dict[str, dict]:
@@ -141,8 +165,8 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
               "weights": dict(zip(comp.names, [round(w, 5) for w in weights.tolist()])), "fit_seconds": round(fit_seconds, 1),
               "dev_rows": min(eval_rows or len(dev), len(dev)), "composed": dev_score(comp.composed())}
     if baselines:
-        report["base"] = dev_score(comp.rows.route(None))  # hooks idle: the plain backbone
-        report["sources"] = {n: dev_score(comp.rows.route(i)) for i, n in enumerate(comp.names)}
+        report["base"] = dev_score(comp.route(None))  # the layers idle: the plain backbone
+        report["sources"] = {n: dev_score(comp.route(i)) for i, n in enumerate(comp.names)}
         best = max(report["sources"], key=lambda n: report["sources"][n][primary])
         report["best_single"] = {"adapter": best, **report["sources"][best]}
         report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device)

@@ -34,7 +34,7 @@ from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_plan
-from ..router.kernel import RowLora
+from ..rowlora import RowContext, RowLoraLinear, check_lora_config
 from ..router.routing import routing_entry
 from ..spec import TaskSpec
 from ..train import Checkpoint, RunState, adapter_meta, finish_folder, next_rows, peak_memory_mb, prepare_output, publish_folder, seed_everything
@@ -86,33 +86,39 @@ def check_specs(specs: list[TaskSpec]) -> None:
 
 
 class JointLora:
-    """The task adapters (+ shared) of a multi-adapter peft model, routed per row by RowLora.
+    """The task adapters (+ shared) of a multi-adapter peft model, applied per row.
 
     peft creates, initialises and holds the parameters; its own LoRA forward is switched off and
-    the kernel adds, for row i, the update of task[i]'s adapter concatenated with the shared one.
+    each of its LoRA layers gets a per-row LoRA layer (rowlora.RowLoraLinear) as its base: that one
+    holds the very same parameters and adds, for row i, task[i]'s update plus the shared one.
     """
 
     def __init__(self, model, tasks: list[str], shared: bool, dropout: float):
-        self.tasks, self.shared = tasks, shared
+        self.tasks, self.shared, self.dropout = tasks, shared, dropout
         self.layers = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
         model.base_model.disable_adapter_layers()  # peft now computes only the frozen base ...
-        for m in self.layers.values():  # ... and froze the factors too; we train them ourselves
-            for p in list(m.lora_A.parameters()) + list(m.lora_B.parameters()):
-                p.requires_grad_(True)
-        self.rows = RowLora(self.layers, self.factors, dropout)
+        self.device = next(model.parameters()).device
+        self.context = RowContext()
+        for i, task in enumerate(tasks):  # slot i: the task's own adapter after the shared one
+            self.context.define(i, ([(SHARED, 1.0)] if shared else []) + [(task, 1.0)])
+        self.rows: dict[str, RowLoraLinear] = {}
+        for name, m in self.layers.items():
+            row = RowLoraLinear(m.base_layer, self.context, dropout=dropout)
+            for adapter in m.lora_A:  # ... and froze the factors too; we train them ourselves
+                a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+                a.requires_grad_(True)
+                b.requires_grad_(True)
+                row.put(adapter, a, b, m.scaling[adapter])
+            m.base_layer = row
+            self.rows[name] = row
 
-    def _own(self, layer, name: str):
-        if name not in layer.lora_A:
-            return None
-        return layer.lora_A[name].weight, layer.lora_B[name].weight * layer.scaling[name]
+    def route(self, tasks: list[int] | int | None):
+        """Context: row i through task tasks[i]'s adapter (an int: every row; None: the plain base)."""
+        return self.context.route(tasks, self.device)
 
     def factors(self, module: str, task: int):
         """(A, B·scale) of task `task` at `module`: its own factors after the shared ones."""
-        layer = self.layers[module]
-        parts = [f for f in (self._own(layer, SHARED) if self.shared else None, self._own(layer, self.tasks[task])) if f is not None]
-        if not parts:
-            return None
-        return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts], dim=1)
+        return self.rows[module]._slot_factors(task)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for m in self.layers.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
@@ -120,12 +126,14 @@ class JointLora:
     def export(self, task: int | None) -> dict:
         """Factors of a task adapter (shared included) or, with None, of the shared adapter alone."""
         if task is None:
-            return {m: f for m, layer in self.layers.items() if (f := self._own(layer, SHARED))}
-        return {m: f for m in self.layers if (f := self.factors(m, task)) is not None}
+            return {m: (a, b * s) for m, row in self.rows.items() if SHARED in row.entries for a, b, s in [row.entries[SHARED]]}
+        return {m: f for m in self.rows if (f := self.factors(m, task)) is not None}
 
 
 def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
     configs = {s.name: make_config("lora", s.method_args, model) for s in specs}
+    for name, config in configs.items():  # what the per-row layer cannot apply is refused, not dropped
+        check_lora_config(config, f"task {name!r}'s LoRA (method_args)")
     first = specs[0].name
     peft_model = get_peft_model(model, configs[first], adapter_name=first)
     for s in specs[1:]:
@@ -134,6 +142,8 @@ def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
         shared = copy.deepcopy(configs[first])
         shared.r, shared.lora_alpha = cfg.shared_r, 2 * cfg.shared_r
         peft_model.add_adapter(SHARED, shared)
+    if hasattr(peft_model.get_output_embeddings(), "lora_A"):  # the loss projects picked rows, not the batch's rows
+        raise SpecError(["a task targets the LM head; joint training adapts the decoder's linear layers (drop lm_head from target_modules)"], "joint training")
     return peft_model
 
 
@@ -185,7 +195,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     def evaluate(limit: int | None) -> dict[str, dict]:
         out = {}
         for i, s in enumerate(specs):
-            with joint.rows.route(i):
+            with joint.route(i):
                 metrics, _, seconds = evaluate_split(model, tok, s, data[s.name]["dev"], limit=limit)
             out[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
             latency[s.name] = round(1000 * seconds / min(limit or len(data[s.name]["dev"]), len(data[s.name]["dev"])), 2)
@@ -301,7 +311,7 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], s
     for bucket in buckets:
         local = {seq: k for k, seq in enumerate(bucket)}
         picks = [j for seq in bucket for j in picks_of.get(seq, [])]
-        with joint.rows.route(torch.tensor([owner[seq] for seq in bucket], device=device)):
+        with joint.route([owner[seq] for seq in bucket]):
             parts.append(logprobs_at(model, pad_id, [seqs[seq] for seq in bucket], [local[rows[j]] for j in picks], [cols[j] for j in picks]))
         where += picks
     logp = torch.cat(parts)[torch.argsort(torch.tensor(where, device=device))]  # back to the plans' order
@@ -314,7 +324,7 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: 
     run = {"tasks": [s.name for s in specs], "config": asdict(cfg), "dev": final, "train_state": state,
            "base": {"name": specs[0].base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
            "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
-    dropout, total = joint.rows.dropout, run["trainable_parameters"]["total"]
+    dropout, total = joint.dropout, run["trainable_parameters"]["total"]
     for i, s in enumerate(specs):
         folder, factors = out / s.name, joint.export(i)
         save_lora(folder, factors, bb.hub_id, dropout)

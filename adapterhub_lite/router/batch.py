@@ -4,8 +4,8 @@ A row may use a LoRA, a prefix-tuning or a prompt-tuning adapter, or none (the p
 peft serves one prompt-learning adapter per forward and cannot mix them with LoRA, so the three
 kinds are applied here with plain torch ops on the frozen backbone:
 
-- LoRA: a forward hook on each targeted linear module adds a batched, gathered low-rank product
-  (kernel.py): each row's factors, zero-padded to the batch's widest rank, applied with two bmm's.
+- LoRA: each targeted linear module (the LM head included) is wrapped in the per-row LoRA layer
+  (rowlora.RowLoraLinear): each row's factors, zero-padded to the widest rank, applied with two bmm's.
 - Prefix tuning: each row's prefix keys/values pre-fill a DynamicCache, padded to the longest prefix
   and masked out beyond the row's own.
 - Prompt tuning: the virtual token embeddings are put in front of the row's token embeddings.
@@ -16,74 +16,19 @@ through peft, and a 2D attention mask over [prefix slots + token columns].
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftConfig
+from peft import LoraConfig, PeftConfig
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from ..adapter import lora_scale
 from ..errors import AdapterHubError, AdapterLoadError
-from .kernel import add_rows, gather
+from ..rowlora import LoraFactors, RowContext, RowLoraLinear, unwrap, wrap
 
-_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-
-
-class _Routing:
-    """Which LoRA slot each row of the running batch uses; None while the bank is not running."""
-
-    slots: torch.Tensor | None = None
-
-
-class _LoraModule:
-    """The LoRA factors of all resident adapters for one linear module, applied by a hook.
-
-    Each adapter's factors are kept at their own size (resident memory = the adapters' bytes, and
-    loading the n-th adapter copies nothing of the others). A batch gathers the factors of its rows
-    into [n, in, r_max] / [n, r_max, out] stacks once, zero-padded to the batch's widest rank (exact),
-    and reuses them for every decode step of that batch.
-    """
-
-    def __init__(self, module: torch.nn.Linear, routing: _Routing, dtype: torch.dtype, device):
-        self.routing = routing
-        self.dtype, self.device = dtype, device
-        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot → (A [r, in], B·scale [out, r])
-        self._gathered = None  # per-routing cache, so decode steps do not re-gather every token
-        # The hook calls nothing but the original module for the base part, so nn.Linear and
-        # bitsandbytes Linear8bitLt bases are served alike; untargeted modules carry no hook at all.
-        self.handle = module.register_forward_hook(self._hook)
-
-    def put(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Store A [r, in] and B [out, r] (scale folded in) for `slot`."""
-        self.factors[slot] = (a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous())
-        self._gathered = None
-
-    def clear(self, slot: int) -> None:
-        self.factors.pop(slot, None)
-        self._gathered = None
-
-    def empty(self) -> bool:
-        return not self.factors
-
-    def _gather(self, slots: torch.Tensor):
-        """Rows that have a LoRA here and their stacked factors (kernel.gather), or None; cached per batch."""
-        if self._gathered is None or self._gathered[0] is not slots:
-            self._gathered = (slots, gather(slots.tolist(), self.factors.get, self.device))
-        return self._gathered[1]
-
-    def _hook(self, module, args, out):
-        slots = self.routing.slots
-        if slots is None:
-            return None
-        gathered = self._gather(slots)
-        if gathered is None:  # no row of this batch has a LoRA on this module
-            return None
-        rows, At, Bt = gathered
-        return add_rows(out, args[0], At, Bt, rows)  # args[0]: [B, T, in], as decoder layers call linears
+_BASE_SLOT = 0  # the plain backbone: a slot with no entries
 
 
 @dataclass
@@ -105,7 +50,7 @@ class _Batch:
     mask: torch.Tensor  # [B, P_max + L]: 1 over the row's own prefix slots and token columns
     positions: torch.Tensor  # [B, L]
     cache: DynamicCache  # pre-filled with the padded prefixes (empty when no row has one)
-    slots: torch.Tensor  # [B] LoRA slot per row
+    slots: list[int]  # LoRA slot per row
     starts: list[int]  # column of each row's first real token (after its virtual tokens)
     lengths: list[int]  # columns used by each row (virtual + real tokens)
 
@@ -122,12 +67,15 @@ class AdapterBank:
         self.embed = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
-        # peft upcasts LoRA weights of fp16/bf16 models to fp32 and computes the delta there; so do we.
-        self.lora_dtype = torch.promote_types(self.dtype, torch.float32)
+        # LoRA factors are kept in the compute dtype, so the update runs with no casts. peft instead
+        # upcasts them to fp32 for bf16/fp16 models; the difference is the rounding of x·A to the
+        # compute dtype, far below the base output's own rounding.
+        self.lora_dtype = self.dtype
         self._adapters: dict[str, _Adapter] = {}
-        self._slots: list[str | None] = [None]  # slot 0 is "no LoRA" and never assigned
-        self._lora: dict[str, _LoraModule] = {}
-        self._routing = _Routing()
+        self._slots: list[str | None] = [None]  # slot 0 is the plain backbone and never assigned
+        self.context = RowContext()
+        self.context.define(_BASE_SLOT, [])
+        self._lora: dict[str, RowLoraLinear] = {}  # wrapped module name → its per-row layer
         self.decode_batch_sizes: list[int] = []  # rows in the batch at each decode step of the last generate()
 
     # ---- adapters -----------------------------------------------------------------------------
@@ -152,14 +100,30 @@ class AdapterBank:
         """Free an adapter; its LoRA slot is reused by the next LoRA added."""
         entry = self._get(name)
         for mod in entry.modules:
-            store = self._lora[mod]
-            store.clear(entry.slot)
-            if store.empty():  # no resident LoRA targets it any more: back to the original forward
-                store.handle.remove()
+            layer = self._lora[mod]
+            layer.drop(name)
+            if not layer.entries:  # no resident LoRA targets it any more: the original module again
+                unwrap(self.model, {mod})
                 del self._lora[mod]
         if entry.slot:
             self._slots[entry.slot] = None
+            self.context.forget(entry.slot)
         del self._adapters[name]
+
+    @contextmanager
+    def plain(self):
+        """Context in which the model's modules are the backbone's own (no per-row layers), e.g. for
+        peft to fold an update into the base weights; the layers (and their adapters) come back after."""
+        layers = dict(self._lora)
+        unwrap(self.model, set(layers))
+        try:
+            yield self.model
+        finally:
+            modules = dict(self.model.named_modules())
+            for name, layer in layers.items():
+                parent, _, child = name.rpartition(".")
+                layer.base_layer = modules[name]  # the same object unless the caller replaced it
+                setattr(modules[parent] if parent else self.model, child, layer)
 
     def names(self) -> list[str]:
         return list(self._adapters)
@@ -174,35 +138,26 @@ class AdapterBank:
             raise AdapterLoadError(f"unknown adapter {name!r}; loaded adapters: {known}")
         return self._adapters[name]
 
-    def _load_lora(self, name, cfg, weights) -> _Adapter:
-        unsupported = [f for f in ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "trainable_token_indices") if getattr(cfg, f, None)]
-        if cfg.bias != "none" or unsupported:
-            raise AdapterLoadError(f"LoRA adapter {name!r} uses {', '.join(unsupported) or 'bias=' + cfg.bias}; the bank serves plain LoRA on linear layers")
-        pairs: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in weights.items():
-            m = _LORA_KEY.fullmatch(key)
-            if not m:
-                raise AdapterLoadError(f"LoRA adapter {name!r} holds tensor {key!r}; the bank serves plain LoRA on linear layers")
-            pairs.setdefault(m[1], {})[m[2]] = t
+    def _load_lora(self, name, cfg: LoraConfig, weights) -> _Adapter:
+        factors = LoraFactors.from_state_dict(cfg, weights, f"LoRA adapter {name!r}")
         modules = dict(self.model.named_modules())
-        # Check everything before touching the stacks, so a bad folder leaves the bank as it was.
-        for mod, ab in pairs.items():
+        # Check everything before touching the model, so a bad folder leaves the bank as it was.
+        for mod, (a, b, _) in factors.modules.items():
             lin = modules.get(mod)
-            ok = isinstance(lin, torch.nn.Linear) and len(ab) == 2 and ab["A"].shape[1] == lin.in_features \
-                and ab["B"].shape == (lin.out_features, ab["A"].shape[0])
-            if not ok:
+            base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
+            if not isinstance(base, torch.nn.Linear) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise AdapterLoadError(f"LoRA adapter {name!r} does not fit the backbone at {mod!r}; was it trained on another model?")
         slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
         self._slots[slot:slot + 1] = [name]
+        layers = wrap(self.model, factors.modules, self.context, cache=True)
+        self._lora.update(layers)
         nbytes = 0
-        for mod, ab in pairs.items():
-            a, b = ab["A"].to(self.lora_dtype), ab["B"].to(self.lora_dtype)
-            scale = lora_scale(cfg, mod, a.shape[0])
-            if mod not in self._lora:
-                self._lora[mod] = _LoraModule(modules[mod], self._routing, self.lora_dtype, self.device)
-            self._lora[mod].put(slot, a, b * scale)
+        for mod, (a, b, scale) in factors.modules.items():
+            a, b = a.to(self.lora_dtype).contiguous(), b.to(self.lora_dtype).contiguous()
+            layers[mod].put(name, a, b, scale)
             nbytes += (a.numel() + b.numel()) * a.element_size()
-        return _Adapter("LORA", nbytes, slot=slot, modules=tuple(pairs))
+        self.context.define(slot, [(name, 1.0)])
+        return _Adapter("LORA", nbytes, slot=slot, modules=tuple(factors.modules))
 
     def _prompt_weights(self, name, cfg, weights, width) -> torch.Tensor:
         emb = weights.get("prompt_embeddings")
@@ -261,31 +216,27 @@ class AdapterBank:
                     kv[:, :, i, :, :prefix[i]] = e.tensor
             for layer in range(n_layers):
                 cache.update(kv[layer, 0], kv[layer, 1], layer)
-        slots = torch.tensor([e.slot if e else 0 for e in entries], device=self.device)
+        slots = [e.slot if e else _BASE_SLOT for e in entries]
         return _Batch(embeds, mask.to(self.device), positions.to(self.device), cache, slots, prompt, lengths)
 
-    @contextmanager
-    def _routed(self, slots: torch.Tensor | None):
-        # The hooks act only while a batch is routed, so the backbone called by anyone else is the
-        # plain backbone.
-        saved, self._routing.slots = self._routing.slots, slots
-        try:
-            yield
-        finally:
-            self._routing.slots = saved
+    def _routed(self, slots: list[int] | None):
+        # The per-row layers act only while a batch is routed, so the backbone called by anyone else
+        # is the plain backbone. The routing (one index tensor) is computed here once per batch.
+        return self.context.route(slots, self.device)
+
+    def _plan(self, slots: list[int]):
+        return self.context.plan(slots, self.device)
 
     def base_only(self):
         """Context in which calling `model` directly gives the plain backbone (as anywhere outside
         forward/generate; this makes it explicit and holds even inside a routed call)."""
         return self._routed(None)
 
-    def _run(self, embeds, mask, positions, cache, slots) -> torch.Tensor:
-        with self._routed(slots):
-            out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True)
+    def _run(self, embeds, mask, positions, cache) -> torch.Tensor:
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
         return out.last_hidden_state
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, input_ids: list[list[int]], adapters: list[str | None], logits_positions=None) -> list[torch.Tensor]:
         """One forward pass, row i through adapters[i] (None = base model).
 
@@ -293,12 +244,11 @@ class AdapterBank:
         tokens removed), or [len(p_i), vocab] at the positions p_i = logits_positions[i] (negative
         counts from the end); the LM head then runs only there.
         """
-        batch = self._prepare(input_ids, adapters)
-        hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache, batch.slots)
         if logits_positions is None:
             logits_positions = [range(len(r)) for r in input_ids]
         if len(logits_positions) != len(input_ids):
             raise AdapterHubError(f"logits_positions has {len(logits_positions)} rows, input_ids {len(input_ids)}")
+        batch = self._prepare(input_ids, adapters)
         rows, cols, counts = [], [], []
         for i, (row, pos) in enumerate(zip(input_ids, logits_positions)):
             pos = list(pos)
@@ -307,10 +257,14 @@ class AdapterBank:
             rows += [i] * len(pos)
             cols += [batch.starts[i] + p % len(row) for p in pos]
             counts.append(len(pos))
-        logits = self.lm_head(hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)])
+        with self._routed(batch.slots):
+            hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache)
+        picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device), torch.tensor(cols, dtype=torch.long, device=self.device)]
+        with self._routed([batch.slots[i] for i in rows]):  # a LoRA on the LM head applies per picked position
+            logits = self.lm_head(picked)
         return list(logits.split(counts))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids: list[list[int]], adapters: list[str | None], max_new_tokens: int | list[int],
                  eos_token_id: int, *, output_scores: bool = False):
         """Greedy decoding with a KV cache; returns each row's new tokens (its EOS included).
@@ -318,6 +272,7 @@ class AdapterBank:
         Each row stops at its own EOS or its own max_new_tokens and then leaves the batch: the cache,
         mask, positions and LoRA slots keep only the running rows, so finished rows cost nothing.
         With output_scores, also returns per row the logits [n_i, vocab] each new token was chosen from.
+        One host sync per decode step: reading the chosen tokens, which decides who keeps running.
         """
         budget = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budget) != len(input_ids):
@@ -329,31 +284,36 @@ class AdapterBank:
         if not running:
             return self._generated(out, scores, output_scores)
         batch = self._prepare([input_ids[i] for i in running], [adapters[i] for i in running])
-        hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache, batch.slots)
-        last = torch.tensor(batch.lengths, device=self.device) - 1
-        hidden = hidden[torch.arange(len(running), device=self.device), last]
-        next_pos = batch.positions.gather(1, last[:, None]) + 1  # [B, 1]
         mask, cache, slots = batch.mask, batch.cache, batch.slots
+        last = torch.tensor(batch.lengths, device=self.device) - 1
+        next_pos = batch.positions.gather(1, last[:, None]) + 1  # [B, 1]
+        route = self._plan(slots)
+        with self.context.using(route):
+            hidden = self._run(batch.embeds, mask, batch.positions, cache)
+            hidden = hidden[torch.arange(len(running), device=self.device), last]
         while True:
-            logits = self.lm_head(hidden)
-            tokens = logits.argmax(-1)
-            keep = []
-            for j, (i, tok) in enumerate(zip(running, tokens.tolist())):
-                out[i].append(tok)
-                if output_scores:
-                    scores[i].append(logits[j])
-                if tok != eos_token_id and len(out[i]) < budget[i]:
-                    keep.append(j)
-            if not keep:
-                return self._generated(out, scores, output_scores)
-            if len(keep) < len(running):  # drop finished rows from every per-row tensor
-                idx = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(idx)
-                mask, slots, next_pos, tokens = mask[idx], slots[idx], next_pos[idx], tokens[idx]
-                running = [running[j] for j in keep]
+            with self.context.using(route):  # the same routing (and the layers' gathered factors) until a row leaves
+                logits = self.lm_head(hidden)
+                tokens = logits.argmax(-1)
+                keep = []
+                for j, (i, tok) in enumerate(zip(running, tokens.tolist())):
+                    out[i].append(tok)
+                    if output_scores:
+                        scores[i].append(logits[j])
+                    if tok != eos_token_id and len(out[i]) < budget[i]:
+                        keep.append(j)
+                if not keep:
+                    return self._generated(out, scores, output_scores)
+                if len(keep) < len(running):  # drop finished rows from every per-row tensor
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
+                    slots, running = [slots[j] for j in keep], [running[j] for j in keep]
+                    route = self._plan(slots)
             self.decode_batch_sizes.append(len(running))
             mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
-            hidden = self._run(self.embed(tokens[:, None]), mask, next_pos, cache, slots)[:, -1]
+            with self.context.using(route):
+                hidden = self._run(self.embed(tokens[:, None]), mask, next_pos, cache)[:, -1]
             next_pos = next_pos + 1
 
     def _generated(self, out, scores, output_scores):

@@ -54,7 +54,7 @@ class Router:
 
     @classmethod
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
-                      device: str | None = None, **kwargs) -> Router:
+                      device: str | None = None, dtype: str = "auto", **kwargs) -> Router:
         """Open a registry and load the backbone its adapters share (adapters load on first use)."""
         reg = open_registry(registry)
         index = reg.index()["adapters"]
@@ -62,7 +62,7 @@ class Router:
             raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
         latest = {name: reg.resolve(name)[2] for name in index}
         first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
-        bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device)
+        bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype)
         router = cls(bb, reg, **kwargs)
         for name in latest:
             router.register(name)
@@ -140,9 +140,11 @@ class Router:
         if into_base:
             spec = self.spec(next(iter(weights)))
             probe = load_task_data(spec, ("dev",))["dev"].prompts[:16] if spec else ["The capital of France is"]
-            # peft wraps the backbone's linears, folds the update into them and unwraps: the modules
-            # (and the bank's hooks on them) stay the same objects, only their weights change.
-            _, error = fold_into_base(PeftModel.from_pretrained(self.bb.model, output), self.bb.tokenizer, probe)
+            # peft wraps the backbone's own linears (the bank's per-row layers step aside meanwhile),
+            # folds the update into them and unwraps: the modules stay the same objects, only their
+            # weights change, and the bank's layers go back around them.
+            with self.bank.plain() as model:
+                _, error = fold_into_base(PeftModel.from_pretrained(model, output), self.bb.tokenizer, probe)
             sidecar["fold"] = {"into_base": True, "max_abs_dlogit": round(error, 6), "probe_prompts": len(probe),
                                "quantization": self.bb.fingerprint["quantization"]}
             self.folded.append(name)
@@ -206,24 +208,40 @@ class Router:
                 results[i]["prediction"] = tok.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
         return results
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _classify(self, rows, names) -> list[int]:
-        """Score every label of every classification row in one forward pass; return argmaxes."""
+        """Score every label of every classification row in one forward pass; return argmaxes.
+
+        A task whose labels are all one token needs one sequence per request: the next-token
+        distribution after the prompt scores every label at once. Otherwise each (request, label)
+        pair is its own sequence, scored by the sum of its tokens' log-probs (exact for any length).
+        """
         tok = self.bb.tokenizer
-        seqs, adapters, positions, targets, owner = [], [], [], [], []
-        for r, (i, spec, prompt) in enumerate(rows):
+        seqs, adapters, positions = [], [], []
+        scored: list[list[list[tuple[int, int]]]] = []  # per row, per label: (logit row, token) pairs to sum
+        for i, spec, prompt in rows:
             labels = label_token_ids(tok, spec)
             ids = encode_prompt(tok, prompt, spec.train.max_length - max(map(len, labels)))
-            for k, lab in enumerate(labels):  # one sequence per (request, label): exact for multi-token labels
+            at = sum(map(len, positions))  # index of this row's first logit row in the flat output
+            if all(len(lab) == 1 for lab in labels):
+                seqs.append(ids)
+                adapters.append(names[i])
+                positions.append([len(ids) - 1])
+                scored.append([[(at, lab[0])] for lab in labels])
+                continue
+            mine = []
+            for lab in labels:
                 seqs.append(ids + lab)
                 adapters.append(names[i])
                 positions.append([len(ids) - 1 + j for j in range(len(lab))])
-                targets.append(lab)
-                owner.append((r, k))
-        logits = self.bank.forward(seqs, adapters, logits_positions=positions)
-        scores: dict[int, list[float]] = {}
-        for (r, _), lg, tg in zip(owner, logits, targets):
-            lp = lg.float().log_softmax(-1)[torch.arange(len(tg)), torch.tensor(tg)].sum().item()
-            scores.setdefault(r, []).append(lp)
-        return [max(range(len(s)), key=s.__getitem__) for _, s in sorted(scores.items())]
-
+                mine.append([(at + j, t) for j, t in enumerate(lab)])
+                at += len(lab)
+            scored.append(mine)
+        logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
+        pairs = [lab for row in scored for lab in row]
+        at = torch.tensor([a for lab in pairs for a, _ in lab], device=logp.device)
+        token = torch.tensor([t for lab in pairs for _, t in lab], device=logp.device)
+        owner = torch.tensor([k for k, lab in enumerate(pairs) for _ in lab], device=logp.device)
+        per_label = torch.zeros(len(pairs), device=logp.device).index_add(0, owner, logp[at, token])
+        best = torch.stack([s.argmax() for s in per_label.split([len(r) for r in scored])])
+        return best.tolist()  # the one host sync of the batch

@@ -1,0 +1,313 @@
+"""Per-row LoRA: one linear layer in which every row of a batch uses its own low-rank update.
+
+peft applies one adapter (or one set of active adapters) to the whole batch. Serving many tasks
+at once, training several task adapters in one pass, and composing adapters all need the same
+thing instead: row i of the batch adds Σ_k w_k · s_k · B_k A_k x_i over the adapters its *slot*
+names. This module is that one idea, in the shape of a peft tuner layer:
+
+- `RowLoraLinear` wraps a `base_layer` (nn.Linear, bitsandbytes Linear8bitLt or Linear4bit): the
+  base runs as it is (quantized or not) and the per-row update is added to its output.
+- It holds *entries*: name → (A [r, in], B [out, r], scale), each at its own rank. They may be
+  plain tensors (serving: the router's bank) or live trainable parameters (joint training,
+  learned composition): the layer never copies them into state of its own.
+- A `RowContext`, shared by every RowLoraLinear of one model, holds the *slot table*
+  (slot → [(entry name, weight)]) and, while a batch runs, each row's slot. The routing of a
+  batch — which slot each row uses, as one index tensor on the device — is computed once per
+  batch there, not once per layer: a layer never reads row ids back to the host.
+
+The update of a slot is its entries' factors concatenated along the rank (w·s folded into B),
+zero-padded to the widest slot of the batch (exact: padded columns add 0), stacked, gathered per
+row, and applied with two batched matmuls.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+
+from .errors import AdapterLoadError
+
+# LoraConfig fields this layer implements. Any other field that differs from peft's default
+# changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
+# adapter that sets one is refused by name instead of being served as something it is not.
+IMPLEMENTED = {
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "target_modules",
+    "layers_to_transform", "layers_pattern", "exclude_modules", "init_lora_weights",
+}
+# Bookkeeping fields: they say where the adapter came from, not what it computes.
+_BOOKKEEPING = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "runtime_config", "target_parameters_allowed",
+}
+_NAMED_FACTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+
+
+def unsupported_lora_fields(cfg: LoraConfig) -> list[str]:
+    """Fields of `cfg` that set something the per-row layer does not implement (e.g. `use_dora=True`)."""
+    default = LoraConfig()
+    out = []
+    for name in sorted(vars(cfg)):
+        if name.startswith("_") or name in IMPLEMENTED or name in _BOOKKEEPING:
+            continue
+        value, usual = getattr(cfg, name), getattr(default, name, None)
+        if value != usual and not (value in (None, [], {}, "") and usual in (None, [], {}, "")):
+            out.append(f"{name}={value!r}")
+    return out
+
+
+def check_lora_config(cfg: LoraConfig, what: str) -> None:
+    """Refuse, in one line naming the fields, a LoRA config the per-row layer would serve wrongly."""
+    bad = unsupported_lora_fields(cfg)
+    if cfg.bias != "none" and f"bias={cfg.bias!r}" not in bad:
+        bad.append(f"bias={cfg.bias!r}")
+    if bad:
+        raise AdapterLoadError(f"{what} sets {', '.join(bad)}, which per-row LoRA does not implement "
+                               f"(it implements {', '.join(sorted(IMPLEMENTED))}); serve it alone with peft, or retrain without it")
+
+
+def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
+    """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
+    alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
+    return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+
+
+@dataclass
+class LoraFactors:
+    """A LoRA adapter as the per-row layer takes it: module name → (A [r, in], B [out, r], scale)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    config: LoraConfig
+
+    @classmethod
+    def from_state_dict(cls, cfg: LoraConfig, weights: dict[str, torch.Tensor], what: str) -> LoraFactors:
+        """Pair up a PEFT LoRA state dict's A and B tensors; refuse anything else it holds."""
+        check_lora_config(cfg, what)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in weights.items():
+            m = _NAMED_FACTOR.fullmatch(key)
+            if not m:
+                raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row LoRA serves plain LoRA factors (lora_A / lora_B) only")
+            pairs.setdefault(m[1], {})[m[2]] = t
+        broken = [mod for mod, ab in pairs.items() if set(ab) != {"A", "B"} or ab["B"].shape[1] != ab["A"].shape[0]]
+        if broken:
+            raise AdapterLoadError(f"{what} has unpaired or mismatched lora_A/lora_B at {broken[0]!r}; the folder is damaged")
+        return cls({mod: (ab["A"], ab["B"], lora_scale(cfg, mod, ab["A"].shape[0])) for mod, ab in pairs.items()}, cfg)
+
+    def update(self, module: str) -> torch.Tensor:
+        """ΔW = s·B·A at `module` (for tests and exact merges)."""
+        a, b, s = self.modules[module]
+        return s * (b.float() @ a.float())
+
+
+@dataclass
+class _Route:
+    """One batch's routing, computed once and read by every layer."""
+
+    id: int
+    slots: tuple[int, ...]  # the distinct slots of the batch, in first-seen order
+    index: torch.Tensor | None  # [B] position of each row's slot in `slots`; None when one slot serves every row
+    per_row: list[int] | None  # each row's slot (host copy; None when one slot serves every row)
+    device: torch.device | str | None
+    table_pick: tuple | None = None  # (table version, index into the table's slots), see RowContext.table_index
+
+
+class RowContext:
+    """The slot table and the running batch's routing, shared by every RowLoraLinear of a model.
+
+    The slot table maps a slot (an int) to the entries it adds and their weights:
+    bank: slot → [(adapter, 1.0)]; joint training: task i → [("shared", 1), (task, 1)];
+    composition: the composed slot → [(source_j, w_j)] with w a (possibly trainable) tensor.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self):
+        self.table: dict[int, list[tuple[str, float | torch.Tensor]]] = {}
+        self.version = 0  # bumped by define()/forget(): layers drop stacks built from the old table
+        self.active: _Route | None = None
+
+    def define(self, slot: int, parts: list[tuple[str, float | torch.Tensor]]) -> None:
+        """Let `slot` add Σ weight·update of the named entries."""
+        self.table[slot] = list(parts)
+        self.version += 1
+
+    def forget(self, slot: int) -> None:
+        self.table.pop(slot, None)
+        self.version += 1
+
+    def table_index(self, route: _Route) -> torch.Tensor | int:
+        """Each row's position among the table's slots (an int when one slot serves every row);
+        computed once per batch and table version, shared by every layer."""
+        if route.table_pick is None or route.table_pick[0] != self.version:
+            order = {s: i for i, s in enumerate(self.table)}
+            missing = [s for s in route.slots if s not in order]
+            if missing:
+                raise AdapterLoadError(f"slot {missing[0]} is not defined; defined slots: {sorted(self.table)}")
+            pick = order[route.slots[0]] if route.per_row is None else \
+                torch.tensor([order[s] for s in route.per_row], device=route.device)
+            route.table_pick = (self.version, pick)
+        return route.table_pick[1]
+
+    def plan(self, slots: list[int] | int | None, device: torch.device | str | None = None) -> _Route | None:
+        """The routing of a batch whose row i uses slot slots[i] (an int: every row; None: none)."""
+        if slots is None:
+            return None
+        if isinstance(slots, int):
+            return _Route(next(self._ids), (slots,), None, None, device)
+        distinct = tuple(dict.fromkeys(slots))
+        # One host → device copy per batch; every layer indexes with this same tensor.
+        index = None if len(distinct) == 1 else torch.tensor([distinct.index(s) for s in slots], device=device)
+        return _Route(next(self._ids), distinct, index, None if index is None else list(slots), device)
+
+    @contextmanager
+    def using(self, plan: _Route | None):
+        """Run the model under a planned routing (None: the plain base). Entering the same plan
+        again (each decode step of a batch) reuses what the layers gathered for it."""
+        saved, self.active = self.active, plan
+        try:
+            yield
+        finally:
+            self.active = saved
+
+    def route(self, slots: list[int] | int | None, device: torch.device | str | None = None):
+        """Context: run the model with row i using slot slots[i] (an int: every row; None: the plain base)."""
+        return self.using(self.plan(slots, device))
+
+
+class RowLoraLinear(torch.nn.Module):
+    """A linear layer (`base_layer`) plus a per-row LoRA update routed by a shared RowContext."""
+
+    def __init__(self, base_layer: torch.nn.Module, context: RowContext, dropout: float = 0.0, cache: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        self.dropout = dropout
+        # cache=True (serving): entries never change in place, so stacks built for one table
+        # version are reused across batches. Trainable entries change at every optimizer step, so
+        # training rebuilds them per forward (and under autograd must, to carry the gradient).
+        self.cache = cache
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.in_features = getattr(base_layer, "in_features", None)
+        self.out_features = getattr(base_layer, "out_features", None)
+        self._all: tuple | None = None  # cache=True: (table version, stacks of every slot in the table)
+        self._rows: tuple | None = None  # (route key, the running batch's per-row stacks)
+        self._version = 0
+
+    # -- entries ---------------------------------------------------------------------------------
+    def put(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Hold adapter `name`'s factors at this layer: A [r, in], B [out, r], update = scale·B·A."""
+        if a.shape[1] != self.in_features or b.shape != (self.out_features, a.shape[0]):
+            raise AdapterLoadError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a {self.in_features}→{self.out_features} layer")
+        self.entries[name] = (a, b, scale)
+        self._version += 1
+
+    def drop(self, name: str) -> None:
+        self.entries.pop(name, None)
+        self._version += 1
+
+    # -- the kernel --------------------------------------------------------------------------------
+    def _slot_factors(self, slot: int):
+        """(A [R, in], B·w·s [out, R]) of one slot here, its entries concatenated; None if it has none."""
+        parts = [(self.entries[n], w) for n, w in self.context.table.get(slot, ()) if n in self.entries]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            (a, b, s), w = parts[0]
+            return a, b * (s * w)
+        return torch.cat([a for (a, _, _), _ in parts]), torch.cat([b * (s * w) for (_, b, s), w in parts], dim=1)
+
+    def _stack(self, slots) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """At [n, in, R] and Bt [n, R, out] for the slots given (zero-padded to the widest R)."""
+        factors = [self._slot_factors(s) for s in slots]
+        if all(f is None for f in factors):
+            return None
+        ref = next(f for f in factors if f is not None)[0]
+        r_max = max(f[0].shape[0] for f in factors if f is not None)
+        zero_a = ref.new_zeros(r_max, self.in_features)
+        zero_b = ref.new_zeros(self.out_features, r_max)
+        At = torch.stack([zero_a.T if f is None else F.pad(f[0], (0, 0, 0, r_max - f[0].shape[0])).T for f in factors])
+        Bt = torch.stack([zero_b.T if f is None else F.pad(f[1], (0, r_max - f[1].shape[1])).T for f in factors])
+        return At, Bt
+
+    def _per_row(self, route: _Route):
+        """The route's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
+
+        Serving (cache=True) keeps one padded stack of every slot in the table, rebuilt only when an
+        adapter is added or removed, so a batch costs one index_select per layer (a slice when one
+        slot serves every row) and its decode steps reuse that. Otherwise the stack holds just the
+        batch's slots, rebuilt per forward under autograd so the gradient reaches the entries.
+        """
+        ctx = self.context
+        key = (route.id, ctx.version, self._version)
+        if (self.cache or not torch.is_grad_enabled()) and self._rows is not None and self._rows[0] == key:
+            return self._rows[1]
+        if self.cache:
+            if self._all is None or self._all[0] != key[1:]:
+                self._all = (key[1:], self._stack(list(ctx.table)))
+            stacks, pick = self._all[1], ctx.table_index(route)
+        else:
+            stacks, pick = self._stack(route.slots), route.index
+        if stacks is not None:
+            if isinstance(pick, int):
+                stacks = (stacks[0][pick:pick + 1], stacks[1][pick:pick + 1])  # views: one slot for every row
+            elif pick is not None:
+                stacks = (stacks[0].index_select(0, pick), stacks[1].index_select(0, pick))
+        if self.cache or not torch.is_grad_enabled():
+            self._rows = (key, stacks)
+        return stacks
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        route = self.context.active
+        if route is None or not self.entries:
+            return out
+        stacks = self._per_row(route)
+        if stacks is None:  # no slot of this batch adapts this layer
+            return out
+        At, Bt = stacks
+        flat = x.dim() == 2  # [B, in], e.g. the LM head on each row's last hidden state
+        xs, ys = (x[:, None], out[:, None]) if flat else (x, out)
+        if self.dropout and self.training:
+            xs = F.dropout(xs, self.dropout, training=True)  # on the LoRA branch only, as peft does
+        if At.shape[0] != xs.shape[0] and At.shape[0] != 1:
+            raise AdapterLoadError(f"per-row LoRA got {xs.shape[0]} rows but the routed batch has {At.shape[0]}; route the batch that is being run")
+        if At.shape[0] == 1 and xs.shape[0] != 1:  # one slot for every row: broadcast, no per-row copies
+            At, Bt = At.expand(xs.shape[0], -1, -1), Bt.expand(xs.shape[0], -1, -1)
+        xa = torch.bmm(xs.to(At.dtype), At)
+        if not torch.is_grad_enabled() and ys.dtype == Bt.dtype and ys.is_contiguous():
+            ys.baddbmm_(xa, Bt)  # serving: accumulate into the base output, no [B, T, out] temporary
+            return out
+        delta = torch.bmm(xa, Bt).to(ys.dtype)
+        y = ys + delta  # out of place under autograd: every row's gradient reaches its own entries
+        return y[:, 0] if flat else y
+
+
+def wrap(model: torch.nn.Module, names, context: RowContext, **kwargs) -> dict[str, RowLoraLinear]:
+    """Put a RowLoraLinear around each named linear module (an existing one is reused); returns them."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        module = modules[name]
+        if isinstance(module, RowLoraLinear):
+            out[name] = module
+            continue
+        parent_name, _, child = name.rpartition(".")
+        layer = RowLoraLinear(module, context, **kwargs)
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+        out[name] = layer
+    return out
+
+
+def unwrap(model: torch.nn.Module, names=None) -> None:
+    """Put the base layers back in place of the RowLoraLinear layers (all, or the named ones)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RowLoraLinear) and (names is None or name in names):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
