@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import read_lora, save_lora
-from ..backbone import load_backbone
+from ..backbone import autocast, load_backbone
 from ..data import load_split, load_task_data, to_split
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split, label_token_ids
@@ -119,7 +119,8 @@ def _shots(spec: TaskSpec, n: int, seed: int):
 
 def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Path, *, shots: int = 16, search: str = "cma",
                 budget: int = 40, l1: float = 0.05, seed: int = 0, baselines: bool = True, lora_steps: int = 40,
-                eval_rows: int | None = None, overwrite: bool = False, device: str | None = None, command: str | None = None) -> dict:
+                eval_rows: int | None = None, overwrite: bool = False, device: str | None = None, dtype: str | None = None,
+                command: str | None = None) -> dict:
     """Fit composition weights for `spec` from `shots` training rows, write the composed adapter
     folder, and return the report (also saved in the folder as compose_report.json).
 
@@ -136,14 +137,14 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
     shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
     dev = load_task_data(spec, ("dev",))["dev"]
-    bb = load_backbone(spec.base, spec.quantization, device)
+    bb = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
     comp = Composition(bb.model, _load_sources({n: Path(f) for n, f in sources.items()}, bb))
     tok = bb.tokenizer
     labels = label_token_ids(tok, spec) if spec.type == "classification" else None
 
     def objective(w: torch.Tensor) -> torch.Tensor:
         comp.weights = w
-        with comp.composed():
+        with comp.composed(), autocast(bb):
             loss = task_loss(bb.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
         return loss + l1 * w.abs().sum()
 
@@ -169,7 +170,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         report["sources"] = {n: dev_score(comp.route(i)) for i, n in enumerate(comp.names)}
         best = max(report["sources"], key=lambda n: report["sources"][n][primary])
         report["best_single"] = {"adapter": best, **report["sources"][best]}
-        report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device)
+        report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)
 
     out = work / "adapter"
     save_lora(out, comp.export(), bb.hub_id)
@@ -223,13 +224,14 @@ def _gradient(objective, n: int, budget: int, seed: int):
     return best[1], trace
 
 
-def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, device) -> dict:
+def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, device, dtype) -> dict:
     """The usual alternative: a fresh LoRA (the spec's own LoRA settings) trained on the same rows."""
     work.mkdir(parents=True, exist_ok=True)
     shots_file = work / "shots.jsonl"
     atomic_write(shots_file, shot_text)
     few = copy.deepcopy(spec)
     few.data.train = str(shots_file)
+    few.dtype = dtype or spec.dtype
     if few.method != "lora":
         few.method, few.method_args = "lora", {}
     few.train.max_steps, few.train.batch_size = steps, min(shot_text.count("\n"), spec.train.batch_size)

@@ -28,7 +28,7 @@ from peft import get_peft_model
 from transformers import get_scheduler
 
 from ..adapter import make_config, save_lora, trainable_parameters
-from ..backbone import load_backbone
+from ..backbone import autocast, load_backbone
 from ..data import load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
@@ -74,7 +74,7 @@ def check_specs(specs: list[TaskSpec]) -> None:
         problems.append(f"task names must be distinct and not {SHARED!r}, got {names}")
     problems += [f"task {s.name!r} uses method {s.method!r}; joint training trains LoRA adapters (set method: lora)"
                  for s in specs if s.method != "lora"]
-    for key in ("base", "quantization"):
+    for key in ("base", "quantization", "dtype"):
         values = {s.name: getattr(s, key) for s in specs}
         if len(set(values.values())) > 1:
             problems.append(f"all tasks must share one backbone, but {key} differs: {values}")
@@ -148,7 +148,8 @@ def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
 
 
 def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | None = None, *, overwrite: bool = False,
-                resume: bool = False, command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
+                resume: bool = False, command: str | None = None, device: str | None = None, dtype: str | None = None,
+                progress: bool = True) -> Path:
     """Train the tasks' adapters jointly; writes one adapter folder per task under `output`.
 
     A checkpoint is written after every eval; `resume=True` continues an interrupted run exactly
@@ -160,7 +161,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     work = prepare_output(output, overwrite, resume)
     names = [s.name for s in specs]
     data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
-    bb = load_backbone(specs[0].base, specs[0].quantization, device)
+    bb = load_backbone(specs[0].base, specs[0].quantization, device, dtype=dtype or specs[0].dtype)
     tok, device = bb.tokenizer, str(next(bb.model.parameters()).device)
     seed_everything(cfg.seed)
     model = _attach(bb.model, specs, cfg)
@@ -236,7 +237,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
                 split = data[s.name]["train"]
                 plans[i] = loss_plan(tok, [split.prompts[j] for j in rows], [split.answers[j] for j in rows],
                                      s.train.max_length, labels[s.name])
-        losses = {names[i]: v for i, v in joint_losses(model, tok.pad_token_id, joint, plans).items()}
+        with autocast(bb):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
+            losses = {names[i]: v.float() for i, v in joint_losses(model, tok.pad_token_id, joint, plans).items()}
         used = weighting.weights()  # the weights this step's loss is combined with
         total = weighting.combine(losses)
         total.backward()

@@ -65,7 +65,6 @@ class AdapterBank:
             raise AdapterHubError(f"{self.config.model_type} soft-caps its logits; the adapter bank serves plain LM heads")
         self.decoder = model.get_decoder()
         self.embed = model.get_input_embeddings()
-        self.lm_head = model.get_output_embeddings()
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
         # LoRA factors are kept in the compute dtype, so the update runs with no casts. peft instead
         # upcasts them to fp32 for bf16/fp16 models; the difference is the rounding of x·A to the
@@ -77,6 +76,11 @@ class AdapterBank:
         self.context.define(_BASE_SLOT, [])
         self._lora: dict[str, RowLoraLinear] = {}  # wrapped module name → its per-row layer
         self.decode_batch_sizes: list[int] = []  # rows in the batch at each decode step of the last generate()
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        """The output projection as the model has it now (a per-row layer while a LoRA targets it)."""
+        return self.model.get_output_embeddings()
 
     # ---- adapters -----------------------------------------------------------------------------
 

@@ -1,0 +1,109 @@
+"""The one per-row LoRA layer: what it refuses, the LM head, and that its update is what counts."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.errors import AdapterLoadError
+from adapterhub_lite.router.batch import AdapterBank
+from adapterhub_lite.rowlora import RowContext, RowLoraLinear, check_lora_config, unsupported_lora_fields, wrap
+
+TINY = "tiny-random-llama"
+
+
+def _save(tmp_path, name, **cfg):
+    torch.manual_seed(0)
+    model = get_peft_model(load_backbone(TINY, "none").model, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **cfg))
+    model.save_pretrained(tmp_path / name, save_embedding_layers=False)  # the LM head's own weight is the backbone's
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("field, value", [("use_dora", True), ("lora_bias", True), ("bias", "all"),
+                                          ("alora_invocation_tokens", [5, 6]), ("layer_replication", [[0, 1]])])
+def test_fields_the_layer_does_not_implement_are_refused_by_name(field, value):
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], **{field: value})
+    with pytest.raises(AdapterLoadError) as err:
+        check_lora_config(cfg, "adapter 'x'")
+    msg = str(err.value)
+    assert field in msg and "\n" not in msg and isinstance(err.value, ValueError)
+
+
+def test_implemented_fields_pass():
+    cfg = LoraConfig(r=4, lora_alpha=7, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3},
+                     use_rslora=True, lora_dropout=0.1, layers_to_transform=[0], base_model_name_or_path="x", init_lora_weights=False)
+    assert unsupported_lora_fields(cfg) == []
+    check_lora_config(cfg, "adapter 'x'")
+
+
+def test_bank_refuses_a_dora_folder_and_stays_as_it_was(tmp_path):
+    dora = _save(tmp_path, "dora", r=4, target_modules=["q_proj"], use_dora=True)
+    bank = AdapterBank(load_backbone(TINY, "none").model)
+    with pytest.raises(AdapterLoadError, match="use_dora"):
+        bank.add("dora", dora)
+    assert bank.names() == [] and not any(isinstance(m, RowLoraLinear) for m in bank.model.modules())
+
+
+def test_lora_on_the_lm_head_is_served(tmp_path):
+    """It used to be skipped silently: the LM head ran outside the routed region."""
+    folder = _save(tmp_path, "head", r=4, target_modules=["q_proj", "lm_head"])
+    ids = [[5, 9, 14, 30, 7], [40, 41]]
+    bank = AdapterBank(load_backbone(TINY, "none").model)
+    bank.add("head", folder)
+    assert isinstance(bank.lm_head, RowLoraLinear) and isinstance(bank.lm_head.base_layer, torch.nn.Linear)
+    ref = PeftModel.from_pretrained(load_backbone(TINY, "none").model, str(folder)).eval()
+    got = bank.forward(ids, ["head", None])
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids[0]], device=ref.device)).logits[0]
+        base = ref.get_base_model()
+        with ref.disable_adapter():
+            plain = base(input_ids=torch.tensor([ids[1]], device=ref.device)).logits[0]
+    assert (got[0] - want).abs().max() <= 1e-4
+    assert (got[1] - plain).abs().max() <= 1e-4  # the base row beside it is untouched
+    # generation: the head's update decides every token
+    tokens = bank.generate([ids[0]], ["head"], 4, eos_token_id=-1)[0]
+    seq = list(ids[0])
+    with torch.no_grad():
+        for _ in range(4):
+            seq.append(int(ref(input_ids=torch.tensor([seq], device=ref.device)).logits[0, -1].argmax()))
+    assert tokens == seq[len(ids[0]):]
+
+
+def test_the_update_is_what_makes_rows_differ(device):
+    """Row i gets Σ w·s·B·A x_i of its slot, exactly; slots without entries here get nothing."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).to(device)
+    ctx = RowContext()
+    layer = wrap(torch.nn.Sequential(base), ["0"], ctx)["0"]
+    a1, b1 = torch.randn(2, 6, device=device), torch.randn(5, 2, device=device)
+    a2, b2 = torch.randn(3, 6, device=device), torch.randn(5, 3, device=device)
+    layer.put("one", a1, b1, 0.5)
+    layer.put("two", a2, b2, 2.0)
+    ctx.define(0, [])
+    ctx.define(1, [("one", 1.0)])
+    ctx.define(2, [("one", -1.0), ("two", 0.25)])
+    x = torch.randn(3, 4, 6, device=device)
+    with torch.no_grad(), ctx.route([2, 0, 1], device):
+        got = layer(x)
+    want = base(x)
+    want[0] += x[0] @ (-0.5 * b1 @ a1 + 0.25 * 2.0 * b2 @ a2).T
+    want[2] += x[2] @ (0.5 * b1 @ a1).T
+    assert (got - want).abs().max() < 1e-5
+    with torch.no_grad():
+        assert torch.equal(layer(x), base(x))  # not routed: the base layer alone
+    with pytest.raises(AdapterLoadError, match="rows"), ctx.route([1, 2], device):
+        layer(x)
+
+
+def test_gradient_reaches_each_rows_own_entries(device):
+    base = torch.nn.Linear(4, 4).to(device)
+    ctx = RowContext()
+    layer = RowLoraLinear(base, ctx)
+    params = {n: (torch.randn(2, 4, device=device, requires_grad=True), torch.randn(4, 2, device=device, requires_grad=True)) for n in "ab"}
+    for n, (a, b) in params.items():
+        layer.put(n, a, b, 1.0)
+        ctx.define(ord(n), [(n, 1.0)])
+    x = torch.randn(2, 3, 4, device=device)
+    with ctx.route([ord("a"), ord("a")], device):
+        layer(x).sum().backward()
+    assert params["a"][0].grad.abs().sum() > 0 and params["b"][0].grad is None
