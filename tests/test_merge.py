@@ -27,9 +27,9 @@ def _factors(model, adapter):
     return layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(), layer.scaling[adapter]
 
 
-def test_linear_merge_equals_the_weighted_sum_by_hand(sources, tmp_path):
+def test_linear_merge_equals_the_weighted_sum_by_hand(sources, tmp_path, device):
     weights = {"a": 0.7, "b": 0.3}
-    model, meta = merge_adapters({k: sources[k] for k in weights}, weights, "linear", output=tmp_path / "mix", name="mix", report_rows=4)
+    model, meta = merge_adapters({k: sources[k] for k in weights}, weights, "linear", output=tmp_path / "mix", name="mix", report_rows=4, dtype="fp32")
     (a_A, a_B, a_s), (b_A, b_B, b_s) = _factors(model, "a"), _factors(model, "b")
     m_A, m_B, m_s = _factors(model, "mix")
     # peft's "linear" is a weighted sum of the LoRA factors, each side scaled by sqrt(weight·scaling)
@@ -37,9 +37,9 @@ def test_linear_merge_equals_the_weighted_sum_by_hand(sources, tmp_path):
     want_B = (0.7 * a_s) ** 0.5 * a_B + (0.3 * b_s) ** 0.5 * b_B
     assert torch.allclose(m_A, want_A, atol=1e-6) and torch.allclose(m_B, want_B, atol=1e-6) and m_s == 1.0
     # the folder is an ordinary adapter: plain peft loads it and gives the merged model's logits
-    bb = load_backbone("tiny-random-llama", "none")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")  # the merged model's dtype: the same numbers to 1e-5
     plain = PeftModel.from_pretrained(bb.model, tmp_path / "mix").eval()
-    ids = bb.tokenizer(["T: pos 3\nL:"], return_tensors="pt")
+    ids = bb.tokenizer(["T: pos 3\nL:"], return_tensors="pt").to(device)  # both models run on the suite's device
     with torch.no_grad():
         assert torch.allclose(plain(**ids).logits, model(**ids).logits, atol=1e-5)
     side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
@@ -75,23 +75,25 @@ def test_ties_and_dare_need_a_density_and_run_with_one(sources):
 
 
 def test_fold_into_base_reports_its_error(sources):
-    model, _ = merge_adapters({"a": sources["a"]}, {"a": 1.0}, "linear", report_rows=0)
-    bb = load_backbone("tiny-random-llama", "none")
+    # exact up to rounding on an fp32 base, on any device (a bf16 base re-rounds the folded weights)
+    model, _ = merge_adapters({"a": sources["a"]}, {"a": 1.0}, "linear", report_rows=0, dtype="fp32")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
     folded, err = fold_into_base(model, bb.tokenizer, ["T: pos 1\nL:", "T: neg 2\nL:"])
     assert err < 1e-4 and not isinstance(folded, PeftModel)
 
 
-def test_router_merge_into_base_folds_the_update_into_the_backbone(sources):
+def test_router_merge_into_base_folds_the_update_into_the_backbone(sources, device):
     from adapterhub_lite.router.router import Router
 
-    router = Router(load_backbone("tiny-random-llama", "none"))
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))  # fp32: the fold is exact up to rounding
     for name in ("a", "b"):
         router.register(name, sources[name])
     ids = [router.bb.tokenizer("T: pos 1\nL:").input_ids]
     base_before = router.bank.forward(ids, [None])[0]
     sidecar = router.merge({"a": 0.5, "b": 0.5}, "linear", name="ab", into_base=True)
     merged_folder = router.folders["ab"]
-    want = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, merged_folder)(input_ids=torch.tensor(ids)).logits[0]
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, merged_folder)(input_ids=torch.tensor(ids, device=device)).logits[0]
     base_after = router.bank.forward(ids, [None])[0]  # "base" now runs the folded weights
     assert sidecar["fold"]["max_abs_dlogit"] < 1e-4 and router.folded == ["ab"]
     assert (base_after - want).abs().max() < 1e-4 and (base_after - base_before).abs().max() > 1e-4

@@ -13,8 +13,8 @@ from adapterhub_lite.multitask.weighting import make_weighting
 TASKS = ["a", "b", "c"]
 
 
-def test_equal_and_fixed():
-    losses = {"a": torch.tensor(1.0), "b": torch.tensor(2.0), "c": torch.tensor(6.0)}
+def test_equal_and_fixed(device):
+    losses = {"a": torch.tensor(1.0, device=device), "b": torch.tensor(2.0, device=device), "c": torch.tensor(6.0, device=device)}
     assert make_weighting("equal", TASKS).combine(losses).item() == pytest.approx(3.0)
     fixed = make_weighting("fixed", TASKS, weights={"a": 1.0, "b": 0.5, "c": 0.0})
     assert fixed.combine(losses).item() == pytest.approx(2.0) and fixed.weights() == {"a": 1.0, "b": 0.5, "c": 0.0}
@@ -22,7 +22,7 @@ def test_equal_and_fixed():
         make_weighting("fixed", TASKS, weights={"a": 1.0, "b": 1.0})
 
 
-def test_dynamic_sigmoid_follows_the_recent_loss_history():
+def test_dynamic_sigmoid_follows_the_recent_loss_history(device):
     w = make_weighting("dynamic", TASKS, alpha=4.0, beta=1.0, window=3)
     assert w.weights() == {t: 0.5 for t in TASKS}  # no history: sigmoid(0)
     for step in [{"a": 3.0, "b": 1.0, "c": 0.2}, {"a": 1.0, "b": 1.0, "c": 0.2}, {"a": 2.0, "b": 1.0, "c": 0.2}, {"a": 0.0, "b": 1.0, "c": 0.2}]:
@@ -30,15 +30,21 @@ def test_dynamic_sigmoid_follows_the_recent_loss_history():
     recent_a = (1.0 + 2.0 + 0.0) / 3  # the window keeps the last three
     sig = lambda x: 1 / (1 + math.exp(-4.0 * (x - 1.0)))  # noqa: E731
     assert w.weights() == pytest.approx({"a": sig(recent_a), "b": 0.5, "c": sig(0.2)})
-    total = w.combine({"a": torch.tensor(2.0), "c": torch.tensor(1.0)})  # only the tasks in this batch
-    assert total.item() == pytest.approx(sig(recent_a) * 2.0 + sig(0.2) * 1.0)  # Σ λ_i L_i
+    total = w.combine({"a": torch.tensor(2.0, device=device), "c": torch.tensor(1.0, device=device)})  # only the tasks in this batch
+    assert total.device == device and total.item() == pytest.approx(sig(recent_a) * 2.0 + sig(0.2) * 1.0)  # Σ λ_i L_i
+    # this step's losses joined the history (on the losses' device), and a checkpoint round trip keeps it in order
+    assert w.state_dict() == {"history": {"a": [2.0, 0.0, 2.0], "b": [1.0, 1.0, 1.0], "c": pytest.approx([0.2, 0.2, 1.0])}}
+    again = make_weighting("dynamic", TASKS, alpha=4.0, beta=1.0, window=3)
+    again.load_state_dict(w.state_dict())
+    assert again.weights() == pytest.approx(w.weights()) and again.weights()["a"] == pytest.approx(sig(4.0 / 3))
 
 
-def test_uncertainty_weighting_is_exp_minus_log_variance_and_learns():
-    w = make_weighting("uncertainty", TASKS)
+def test_uncertainty_weighting_is_exp_minus_log_variance_and_learns(device):
+    w = make_weighting("uncertainty", TASKS, device=device)
+    assert w.log_var.device == device  # an optimizer parameter beside the adapters it is trained with
     with torch.no_grad():
         w.log_var.copy_(torch.tensor([0.0, math.log(2.0), -1.0]))
-    losses = {"a": torch.tensor(1.0), "b": torch.tensor(4.0), "c": torch.tensor(0.5)}
+    losses = {"a": torch.tensor(1.0, device=device), "b": torch.tensor(4.0, device=device), "c": torch.tensor(0.5, device=device)}
     want = 1.0 + 0.0 + 4.0 / 2 + math.log(2.0) + math.e * 0.5 - 1.0
     assert w.combine(losses).item() == pytest.approx(want)
     assert w.weights() == pytest.approx({"a": 1.0, "b": 0.5, "c": math.e})

@@ -25,7 +25,7 @@ def adapter(tmp_path_factory):
 
 
 def _logits(model, tok):
-    ids = tok(["T: pos 1\nL:"], return_tensors="pt")
+    ids = tok(["T: pos 1\nL:"], return_tensors="pt").to(model.device)
     with torch.no_grad():
         return model(**ids).logits
 

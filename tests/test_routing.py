@@ -20,15 +20,23 @@ def blobs(centers: dict[str, list[float]], n: int = 40, spread: float = 0.3, see
     return {k: torch.tensor(c) + spread * torch.randn(n, len(c), generator=g) for k, c in centers.items()}
 
 
-def test_classifier_routes_separable_samples_and_falls_back_to_base_when_unsure():
+def test_classifier_routes_separable_samples_and_falls_back_to_base_when_unsure(device):
     centers = {"a": [3.0, 0, 0, 0], "b": [0, 3.0, 0, 0], "c": [0, 0, 3.0, 0]}
     router = ContentRouter(blobs(centers), threshold=0.9)
     fresh = blobs(centers, n=10, seed=1)  # unseen points from the same clusters
-    for name, x in fresh.items():
-        assert [r for r, _ in router.route(x)] == [name] * 10
+    for name, x in fresh.items():  # requests arrive embedded on the model's device; the router fits and routes on the host
+        assert [r for r, _ in router.route(x.to(device))] == [name] * 10
     routed = router.route(torch.tensor([[1.5, 1.5, 0.0, 0.0]]))  # halfway between a and b
     assert routed[0][0] == "base" and routed[0][1] < 0.9
     assert router.probs(fresh["c"]).sum(-1).allclose(torch.ones(10))
+
+
+def test_router_fits_when_the_caller_serves_under_inference_mode():
+    centers = {"a": [3.0, 0], "b": [0, 3.0]}
+    with torch.inference_mode():  # how Router serves; the samples are inference tensors too
+        samples = {k: v.clone() for k, v in blobs(centers).items()}
+        router = ContentRouter(samples)
+        assert [r for r, _ in router.route(torch.tensor([[3.0, 0.0], [0.0, 3.0]]))] == ["a", "b"]
 
 
 def test_classes_count_equally_whatever_their_sample_sizes():
@@ -87,3 +95,38 @@ def test_routing_data_of_another_embedding_or_none_is_refused(tmp_path):
         load_routing(folder, meta, spec)
     with pytest.raises(RoutingError, match="not a plain file name"):
         load_routing(folder, {**meta, "routing": {**meta["routing"], "file": "../routing.safetensors"}}, spec)
+
+
+def test_device_guard_finds_what_would_fail_on_a_gpu(device_guard, device):
+    """The guard (conftest.DeviceGuard) flags, on the CPU, the mix-ups CUDA refuses, and lets through what CUDA allows."""
+    bb = load_backbone("tiny-random-llama", "none")
+    with device_guard, torch.no_grad():
+        host = bb.tokenizer(["T: pos 1\nL:"], return_tensors="pt")
+        logits = bb.model(**host).logits  # tokenizer output left on the host: the classic test bug
+        logits[torch.tensor([0]), torch.tensor([1])]  # host indices into a device tensor: fine on CUDA
+        logits.sum(-1) * torch.tensor(2.0)  # a host 0-dim tensor: fine on CUDA
+    assert list(device_guard.problems) == ["tests/test_routing.py:" + str(_line("logits = bb.model(**host)")) + " embedding"]
+    device_guard.problems.clear()
+    with device_guard, torch.no_grad():
+        bb.model(**bb.tokenizer(["T: pos 1\nL:"], return_tensors="pt").to(device)).logits[0, -1].cpu().numpy()
+    assert device_guard.problems == {}
+    with device_guard:
+        bb.model.get_input_embeddings().weight.detach().numpy()
+        torch.ones(3) + bb.model.get_input_embeddings().weight[0, :3]
+    assert sorted(device_guard.problems.values()) == [".numpy() of a device tensor (call .cpu() first)", "host tensor(s) of shape [(3,)] meet device tensors"]
+
+
+def test_routing_keeps_every_tensor_where_it_belongs(tmp_path, device_guard):
+    """Embedding runs on the model's device, the content router on the host; nothing crosses unasked."""
+    bb = load_backbone("tiny-random-llama", "none")
+    with device_guard:
+        vectors = embed(bb.model, bb.tokenizer, ["31337 5", "tttttt", "04211 2"], batch_size=2)
+        router = ContentRouter({"a": vectors[:2], "b": vectors[1:]}, threshold=0.0)
+        router.route(embed(bb.model, bb.tokenizer, ["eeee"]))
+    assert device_guard.problems == {}
+
+
+def _line(text: str) -> int:
+    """Line number of `text` in this file (for the guard's report)."""
+    return next(i for i, line in enumerate(open(__file__), 1) if text in line and "_line(" not in line)
+

@@ -30,7 +30,7 @@ def test_default_backbone_in_8bit_answers_and_trains(tmp_path, monkeypatch):
     bb = load_backbone("smollm2-135m", "8bit")
     assert cache_dir() in bb.path.parents
     assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
-    ids = bb.tokenizer("The capital of France is", return_tensors="pt")
+    ids = bb.tokenizer("The capital of France is", return_tensors="pt").to(bb.model.device)
     out = bb.model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in bb.tokenizer.decode(out[0])
 
@@ -42,7 +42,7 @@ def test_default_backbone_in_8bit_answers_and_trains(tmp_path, monkeypatch):
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == meta["base"]["hub_id"]
     ours, bb2, _, _ = load_adapter(folder)
     plain = PeftModel.from_pretrained(load_backbone("smollm2-135m", "8bit").model, folder).eval()
-    ids = bb2.tokenizer(["Message: my order is late\nTeam:"], return_tensors="pt")
-    with torch.no_grad():
+    ids = bb2.tokenizer(["Message: my order is late\nTeam:"], return_tensors="pt").to(bb2.model.device)
+    with torch.no_grad():  # same device, same batch shape: the same int8 kernels on the same inputs
         assert torch.allclose(ours(**ids).logits, plain(**ids).logits, atol=1e-4)
     assert os.path.getsize(folder / "adapter_model.safetensors") < 2_000_000

@@ -49,8 +49,12 @@ def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, 
 
 
 def interference(folders: list[str | Path], output: str | Path, *, merges: tuple[str, ...] = ("linear", "ties"), density: float = 0.5,
-                 rows: int | None = 200, tolerance: float = 0.01, quantization: str | None = None, device: str | None = None) -> dict:
-    """Score every task under every adapter and write report.json + heatmap.png into `output`."""
+                 rows: int | None = 200, tolerance: float = 0.01, quantization: str | None = None, device: str | None = None,
+                 dtype: str | torch.dtype | None = None) -> dict:
+    """Score every task under every adapter and write report.json + heatmap.png into `output`.
+
+    `quantization` (default: the adapters' own), `device` and `dtype` (None: auto) are the backbone's (see load_backbone).
+    """
     singles, joints = _columns([Path(f) for f in folders])
     metas = {n: read_sidecar(f) for n, f in singles.items()}
     names = list(singles)
@@ -60,7 +64,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     for method, kwargs in merged.items():  # refuse a bad merge before loading anything
         check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
     first = next(iter(metas.values()))
-    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device)
+    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     for n, m in metas.items():
         check_base(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=False)
     model = PeftModel.from_pretrained(bb.model, singles[names[0]], adapter_name=names[0])

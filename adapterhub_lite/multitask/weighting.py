@@ -6,9 +6,6 @@ the per-task weights it used (they go to metrics.jsonl and the run's plot).
 
 from __future__ import annotations
 
-import math
-from collections import deque
-
 import torch
 
 from ..errors import SpecError
@@ -60,37 +57,65 @@ class DynamicSigmoid(Equal):
 
     A task whose recent loss is high (still hard) weighs more; one already solved fades. The
     weights come from the loss *history*, not from this step's graph, so they carry no gradient.
+    The history is a ring buffer on the losses' device: `combine` records this step's losses and
+    weighs them without reading anything back to the host (a GPU step does not wait for it);
+    only `weights()` (for logging) and `state_dict()` (checkpoints) copy numbers to the host.
     """
 
     def __init__(self, tasks: list[str], alpha: float = 5.0, beta: float = 0.5, window: int = 20):
         super().__init__(tasks)
-        self.alpha, self.beta = alpha, beta
-        self.history = {t: deque(maxlen=window) for t in tasks}
+        self.alpha, self.beta, self.window = alpha, beta, window
+        self.index = {t: i for i, t in enumerate(tasks)}
+        self.values = torch.zeros(len(tasks), window)  # task i's last losses, slot next[i] is overwritten next
+        self.count = torch.zeros(len(tasks))  # how many slots of each row hold a loss (≤ window)
+        self.next, self.filled = [0] * len(tasks), [0] * len(tasks)  # host copies of the same bookkeeping
 
-    def observe(self, losses: dict[str, float]) -> None:
+    def _to(self, device) -> None:
+        if self.values.device != torch.device(device):
+            self.values, self.count = self.values.to(device), self.count.to(device)
+
+    def observe(self, losses: dict[str, float | torch.Tensor]) -> None:
+        """Append each task's loss (a float, or a tensor left on its device) to its history."""
         for t, value in losses.items():
-            self.history[t].append(float(value))
+            i = self.index[t]
+            if isinstance(value, torch.Tensor):
+                self._to(value.device)
+                self.values[i, self.next[i]] = value.detach()  # device to device: no host sync
+            else:
+                self.values[i, self.next[i]] = float(value)
+            self.next[i] = (self.next[i] + 1) % self.window
+            self.filled[i] = min(self.filled[i] + 1, self.window)
+            self.count[i] = self.filled[i]
+
+    def _weights(self) -> torch.Tensor:
+        # no history yet: recent = β, the midpoint weight 0.5
+        recent = torch.where(self.count > 0, self.values.sum(1) / self.count.clamp_min(1), self.beta)
+        return torch.sigmoid(self.alpha * (recent - self.beta))
 
     def weights(self) -> dict[str, float]:
-        out = {}
-        for t in self.tasks:
-            h = self.history[t]
-            recent = sum(h) / len(h) if h else self.beta  # no history yet: the midpoint weight 0.5
-            out[t] = 1.0 / (1.0 + math.exp(-self.alpha * (recent - self.beta)))
-        return out
+        return dict(zip(self.tasks, self._weights().tolist()))
 
     def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = super().combine(losses)
-        self.observe({t: loss.detach().item() for t, loss in losses.items()})
+        """Σ λ_i L_i with λ from the history *before* this step, then this step's losses join it."""
+        if losses:
+            self._to(next(iter(losses.values())).device)
+        w = self._weights()
+        total = sum(w[self.index[t]] * loss for t, loss in losses.items())
+        self.observe({t: loss.detach() for t, loss in losses.items()})
         return total
 
     def state_dict(self) -> dict:
-        return {"history": {t: list(h) for t, h in self.history.items()}}
+        rows = self.values.tolist()
+        return {"history": {t: [rows[i][(self.next[i] - self.filled[i] + k) % self.window] for k in range(self.filled[i])]
+                            for t, i in self.index.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        self.values.zero_()
+        self.count.zero_()
+        self.next, self.filled = [0] * len(self.tasks), [0] * len(self.tasks)
         for t, values in state["history"].items():
-            self.history[t].clear()
-            self.history[t].extend(values)
+            for v in values[-self.window:]:
+                self.observe({t: float(v)})
 
 
 class Uncertainty(Equal):
@@ -100,13 +125,15 @@ class Uncertainty(Equal):
     and the + s_i term keeps every weight from collapsing to zero.
     """
 
-    def __init__(self, tasks: list[str]):
+    def __init__(self, tasks: list[str], device: str | torch.device | None = None):
         super().__init__(tasks)
-        self.log_var = torch.nn.Parameter(torch.zeros(len(tasks)))
+        # On the losses' device, made before the optimizer sees it (a resumed optimizer's state
+        # follows the parameter's device at load time, so it cannot move later).
+        self.log_var = torch.nn.Parameter(torch.zeros(len(tasks), device=device))
         self.index = {t: i for i, t in enumerate(tasks)}
 
     def weights(self) -> dict[str, float]:
-        return {t: math.exp(-self.log_var[i].item()) for t, i in self.index.items()}
+        return dict(zip(self.tasks, torch.exp(-self.log_var.detach()).tolist()))  # one host copy, not one per task
 
     def state_dict(self) -> dict:
         return {"log_var": self.log_var.detach().clone()}
@@ -122,9 +149,15 @@ class Uncertainty(Equal):
         return [self.log_var]
 
 
-def make_weighting(rule: str, tasks: list[str], **kwargs):
-    """A weighting rule by name: equal, fixed (weights=…), dynamic (alpha, beta, window), uncertainty."""
+def make_weighting(rule: str, tasks: list[str], device: str | torch.device | None = None, **kwargs):
+    """A weighting rule by name: equal, fixed (weights=…), dynamic (alpha, beta, window), uncertainty.
+
+    `device`: where the per-task losses live; the learned weights of `uncertainty` are made there
+    (pass it: they become optimizer parameters). The other rules follow the losses they are given.
+    """
     rules = {"equal": Equal, "fixed": Fixed, "dynamic": DynamicSigmoid, "uncertainty": Uncertainty}
     if rule not in rules:
         raise SpecError([f"weighting {rule!r} is not one of {', '.join(RULES)}"], "weighting")
+    if rule == "uncertainty":
+        kwargs["device"] = device
     return rules[rule](tasks, **kwargs)

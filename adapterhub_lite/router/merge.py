@@ -61,18 +61,20 @@ def check_merge(folders: dict[str, Path], metas: dict[str, dict], weights: dict[
 
 def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], method: str = "linear", *,
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
-                   quantization: str | None = None, report_rows: int | None = 200, device: str | None = None):
+                   quantization: str | None = None, report_rows: int | None = 200, device: str | None = None,
+                   dtype: str | torch.dtype | None = None):
     """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
 
     `output` (optional) receives the merged adapter as an ordinary folder (PEFT files + sidecar).
     `report_rows` dev rows per source task are scored under the merged and the own adapter (None: all;
-    0: no report).
+    0: no report). `device` and `dtype` (None: auto) are the backbone's (see load_backbone); the merged factors
+    are computed by peft in the adapters' own fp32 whatever the backbone's dtype.
     """
     folders = {n: Path(f) for n, f in folders.items()}
     metas = {n: read_sidecar(f) for n, f in folders.items()}
     ranks = check_merge(folders, metas, weights, method, density)
     first = next(iter(metas.values()))
-    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device)
+    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     names = list(folders)
     model = PeftModel.from_pretrained(bb.model, folders[names[0]], adapter_name=names[0])
     for n in names[1:]:

@@ -49,7 +49,7 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Ten
     """Routing embeddings of texts by the (adapter-free) backbone, as `embedding_spec` says: [N, dim]."""
     spec = embedding_spec(model)
     device = next(model.parameters()).device
-    result = torch.empty(len(texts), spec["dim"])
+    result = torch.empty(len(texts), spec["dim"])  # on the host: routing samples are saved and fitted there
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -60,7 +60,7 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Ten
         pools = []
         for layer in spec["layers"]:
             h = hidden[layer].float()
-            pools += [(h * mask).sum(1) / mask.sum(1), h[torch.arange(len(idx)), last]]
+            pools += [(h * mask).sum(1) / mask.sum(1), h[torch.arange(len(idx), device=device), last]]
         result[idx] = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in pools], -1).cpu()
     return result
 
@@ -120,14 +120,22 @@ class ContentRouter:
     """Multinomial logistic regression over adapters' routing samples, with a base fallback.
 
     Features are standardised with the pooled samples' mean and spread, classes are weighted
-    equally whatever their sample counts, and the weights carry an L2 penalty `l2`.
+    equally whatever their sample counts, and the weights carry an L2 penalty `l2`. It lives on
+    the host: a few thousand samples of a few thousand features fit in about a second there, and
+    requests are moved to it whatever device embedded them.
     """
 
     def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 100):
         if not samples:
             raise RoutingError("no adapter has usable routing data; train adapters with this package or run add_routing on their folders")
         self.names, self.threshold = list(samples), threshold
-        x = torch.cat([samples[n].float() for n in self.names])
+        # Callers may serve under no_grad or inference_mode (Router.run); the fit needs autograd,
+        # and tensors made here outside inference mode are ordinary ones it can save for backward.
+        with torch.inference_mode(False), torch.enable_grad():
+            self._fit(samples, l2, max_iter)
+
+    def _fit(self, samples: dict[str, torch.Tensor], l2: float, max_iter: int) -> None:
+        x = torch.cat([samples[n].detach().float().cpu() for n in self.names])
         y = torch.cat([torch.full((len(samples[n]),), i) for i, n in enumerate(self.names)])
         self.mean, self.std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)
         z = (x - self.mean) / self.std
@@ -143,13 +151,12 @@ class ContentRouter:
             loss.backward()
             return loss
 
-        with torch.enable_grad():  # callers may embed under no_grad
-            opt.step(closure)
+        opt.step(closure)
         self.w, self.b = self.w.detach(), self.b.detach()
 
     def probs(self, vectors: torch.Tensor) -> torch.Tensor:
         """Probability of each adapter for each embedded request: [N, adapters]."""
-        return (((vectors.float() - self.mean) / self.std) @ self.w + self.b).softmax(-1)
+        return (((vectors.detach().float().cpu() - self.mean) / self.std) @ self.w + self.b).softmax(-1)
 
     def route(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
         """(adapter name or "base", confidence) for each embedded request."""
