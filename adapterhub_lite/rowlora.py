@@ -205,6 +205,9 @@ class RowLoraLinear(torch.nn.Module):
         """Hold adapter `name`'s factors at this layer: A [r, in], B [out, r], update = scale·B·A."""
         if a.shape[1] != self.in_features or b.shape != (self.out_features, a.shape[0]):
             raise AdapterLoadError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a {self.in_features}→{self.out_features} layer")
+        where = next(self.base_layer.parameters()).device
+        if a.device != where or b.device != where:  # caught here, not as a device mismatch deep in a matmul
+            raise AdapterLoadError(f"LoRA factors on {a.device}/{b.device} for a layer on {where}; move them to {where} first")
         self.entries[name] = (a, b, scale)
         self._version += 1
 
@@ -254,6 +257,8 @@ class RowLoraLinear(torch.nn.Module):
             stacks, pick = self._all[1], ctx.table_index(route)
         else:
             stacks, pick = self._stack(route.slots), route.index
+        if isinstance(pick, torch.Tensor) and stacks is not None and pick.device != stacks[0].device:
+            pick = pick.to(stacks[0].device)  # a plan made without a device: one copy, then cached
         if stacks is not None:
             if isinstance(pick, int):
                 stacks = (stacks[0][pick:pick + 1], stacks[1][pick:pick + 1])  # views: one slot for every row

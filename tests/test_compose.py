@@ -23,27 +23,27 @@ def sources(tmp_path_factory):
 
 
 def _logits(model, tok):
-    ids = tok(["T: pos 3\nL:", "T: neg 1\nL:"], return_tensors="pt", padding=True)
+    ids = tok(["T: pos 3\nL:", "T: neg 1\nL:"], return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
         return model(**ids).logits
 
 
 def test_weights_one_zero_zero_equal_the_first_source(sources, tmp_path):
-    bb = load_backbone("tiny-random-llama", "none")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
     comp = Composition(bb.model, {n: read_lora(f) for n, f in sources.items()})
     comp.weights = torch.tensor([1.0, 0.0, 0.0])
     with comp.composed():
         got = _logits(bb.model, bb.tokenizer)
     save_lora(tmp_path / "composed", comp.export(), "tiny")
-    want = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, sources["one"]), bb.tokenizer)
-    saved = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, tmp_path / "composed"), bb.tokenizer)
+    want = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, sources["one"]), bb.tokenizer)
+    saved = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tmp_path / "composed"), bb.tokenizer)
     assert (got - want).abs().max() < 1e-5
     assert (saved - want).abs().max() < 1e-5
     assert (got - _logits(bb.model, bb.tokenizer)).abs().max() > 1e-4  # outside the context: the plain backbone
 
 
 def test_weighted_composition_is_the_weighted_sum_of_updates(sources):
-    bb = load_backbone("tiny-random-llama", "none")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
     factors = {n: read_lora(f) for n, f in sources.items()}
     comp = Composition(bb.model, factors)
     comp.weights = torch.tensor([0.5, -1.0, 2.0])
@@ -67,7 +67,7 @@ def test_compose_fit_writes_an_adapter_with_its_weights_and_a_report(sources, tm
     assert meta["composition"]["weights"] == report["weights"] and len((tmp_path / "out" / "shots.jsonl").read_text().splitlines()) == 6
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 + 2 + 4  # the sources' factors concatenated, weights folded into B
-    PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none").model, tmp_path / "out")
+    PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tmp_path / "out")
 
 
 def test_compose_refuses_bad_requests(sources, tmp_path):

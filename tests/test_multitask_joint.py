@@ -41,7 +41,7 @@ ROWS = {
 
 
 def _joint(shared: bool):
-    bb = load_backbone("tiny-random-llama", "none")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
     specs = [_spec("a"), _spec("b", method_args={"r": 2, "target_modules": ["q_proj", "k_proj", "v_proj"]}), _spec("g", "generation")]
     torch.manual_seed(0)
     model = _attach(bb.model, specs, JointConfig(shared_adapter=shared, shared_r=3))
@@ -119,7 +119,7 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
     reg.publish(out / "a", name="a_joint")
     reg.publish(out / SHARED, name="mtl_shared")
     assert main(["list", "--registry", str(tmp_path / "reg")]) == 0
-    router = Router(load_backbone("tiny-random-llama", "none"), reg)
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), reg)
     for name in ("a_joint", "mtl_shared"):
         router.register(name)
     answers = router.run([{"adapter": "mtl_shared", "text": "ab"}, {"adapter": "auto", "text": "good day"}])
@@ -129,12 +129,12 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
 @pytest.mark.parametrize("shared", [False, True])
 def test_exported_task_adapter_equals_the_routed_one_under_plain_peft(shared, tmp_path):
     bb, specs, model, joint, _ = _joint(shared)
-    ids = bb.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True)
+    ids = bb.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True).to(bb.model.device)
     for i, s in enumerate(specs):
         with torch.no_grad(), joint.route(i):
             want = model(**ids).logits
         save_lora(tmp_path / s.name, joint.export(i), "tiny")
-        fresh = load_backbone("tiny-random-llama", "none").model
+        fresh = load_backbone("tiny-random-llama", "none", dtype="fp32").model
         with torch.no_grad():
             got = PeftModel.from_pretrained(fresh, tmp_path / s.name)(**ids).logits
         assert (got - want).abs().max() < 1e-5

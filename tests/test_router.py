@@ -33,7 +33,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture
 def router(folders):
-    r = Router(load_backbone("tiny-random-llama", "none"))
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
     for name, folder in folders.items():
         r.register(name, folder)
     return r
@@ -63,20 +63,20 @@ def test_mixed_batch_equals_each_request_alone(router, folders):
     for req, res in zip(reqs, out):
         if req["adapter"] != "base":
             assert res["prediction"] == alone(folders[req["adapter"]], [req["text"]])[0], req
-    bb = load_backbone("tiny-random-llama", "none")
-    ids = bb.tokenizer("hello", return_tensors="pt")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    ids = bb.tokenizer("hello", return_tensors="pt").to(bb.model.device)
     base = bb.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=bb.tokenizer.pad_token_id)
     assert out[4]["prediction"] == bb.tokenizer.decode(base[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
 
 
 def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
-    bb = load_backbone("tiny-random-llama", "none")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
     probe = Router(bb)
     probe.register("cls_a", folders["cls_a"])
     probe.use("cls_a")
     one = probe.resident_bytes()
     # sizes: cls_a = one (r=8, q/v), cls_b = one/2 (r=4, k/o), cls_r16 = 2·one; budget 3.2·one
-    r = Router(load_backbone("tiny-random-llama", "none"), memory_budget_mb=3.2 * one / 2**20)
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), memory_budget_mb=3.2 * one / 2**20)
     for name in ("cls_a", "cls_b", "cls_r16"):
         r.register(name, folders[name])
     r.use("cls_a")
@@ -109,7 +109,7 @@ def test_errors_name_the_problem(router, folders, tmp_path):
 
 
 def test_auto_routes_by_content_and_leaves_out_stale_routing_data(folders, tmp_path):
-    r = Router(load_backbone("tiny-random-llama", "none"))
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
     r.register("cls_a", folders["cls_a"])
     r.register("gen", folders["gen"])
     stale = tmp_path / "stale"  # routing data from another embedding: served by name, never routed to

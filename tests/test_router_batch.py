@@ -33,7 +33,7 @@ def folders(_cache, tmp_path_factory):
     torch.manual_seed(1)
     out = {}
     for name, cfg in CONFIGS.items():
-        model = get_peft_model(load_backbone(TINY, "none").model, cfg)
+        model = get_peft_model(load_backbone(TINY, "none", dtype="fp32").model, cfg)
         if name.startswith(("prefix", "prompt")):  # peft initialises these near zero; make them matter
             torch.nn.init.normal_(model.prompt_encoder["default"].embedding.weight, std=1.0)
         model.save_pretrained(root / name)
@@ -48,7 +48,7 @@ def reference(folders, adapter, quant="none"):
     """A fresh backbone, plain PeftModel.from_pretrained (or the plain backbone for None)."""
     key = (adapter, quant)
     if key not in _REFS:
-        model = load_backbone(TINY, quant).model
+        model = load_backbone(TINY, quant, dtype="fp32").model
         _REFS[key] = model if adapter is None else PeftModel.from_pretrained(model, str(folders[adapter])).eval()
     return _REFS[key]
 
@@ -65,7 +65,7 @@ def ref_logits(folders, adapter, ids, quant="none"):
 def peft_mixed_logits(folders, adapters, ids, quant):
     """Plain peft on the same right-padded batch, each row through its own LoRA (adapter_names)."""
     names = sorted({a for a in adapters if a})
-    model = PeftModel.from_pretrained(load_backbone(TINY, quant).model, str(folders[names[0]]), adapter_name=names[0])
+    model = PeftModel.from_pretrained(load_backbone(TINY, quant, dtype="fp32").model, str(folders[names[0]]), adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(str(folders[n]), adapter_name=n)
     model.eval()
@@ -89,7 +89,7 @@ def rows(lengths, seed=0):
 
 
 def bank_with(folders, quant, names):
-    bank = AdapterBank(load_backbone(TINY, quant).model)
+    bank = AdapterBank(load_backbone(TINY, quant, dtype="fp32").model)
     for n in names:
         bank.add(n, folders[n])
     return bank
@@ -217,3 +217,26 @@ def test_add_remove_and_unknown_adapter(folders):
         bank.add("again", folders["lora_b"])
     with pytest.raises(AdapterLoadError):
         bank.add("missing", folders["lora_a"].parent / "nope")
+
+
+def test_bf16_bank_matches_plain_peft_in_bf16(folders):
+    """The compute dtype end to end: factors and activations in bf16, no casts per matmul. peft
+    computes the LoRA update in fp32 and rounds it once; we round x·A to bf16 too, so the bound is a
+    few bf16 ulps of logits of size ~1 (bf16 has 8 bits of mantissa: 2^-8 ≈ 0.004 relative)."""
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="bf16").model)
+    for n in ("lora_a", "lora_b", "prefix", "prompt"):
+        bank.add(n, folders[n])
+    adapters = ["lora_a", "prefix", None, "prompt", "lora_b"]
+    ids = rows([5, 3, 6, 4, 2], seed=3)
+    got = bank.forward(ids, adapters)
+    assert all(g.dtype == torch.bfloat16 for g in got)
+    worst = 0.0
+    for g, a, r in zip(got, adapters, ids):
+        model = load_backbone(TINY, "none", dtype="bf16").model
+        if a:
+            model = PeftModel.from_pretrained(model, str(folders[a])).eval()
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([r], device=model.device)).logits[0][-len(r):]
+        worst = max(worst, (g.float() - ref.float()).abs().max().item())
+    print(f"bf16 mixed batch: max |Δlogit| = {worst:.2e}")
+    assert worst <= 0.05

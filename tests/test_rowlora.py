@@ -14,7 +14,7 @@ TINY = "tiny-random-llama"
 
 def _save(tmp_path, name, **cfg):
     torch.manual_seed(0)
-    model = get_peft_model(load_backbone(TINY, "none").model, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **cfg))
+    model = get_peft_model(load_backbone(TINY, "none", dtype="fp32").model, LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **cfg))
     model.save_pretrained(tmp_path / name, save_embedding_layers=False)  # the LM head's own weight is the backbone's
     return tmp_path / name
 
@@ -38,7 +38,7 @@ def test_implemented_fields_pass():
 
 def test_bank_refuses_a_dora_folder_and_stays_as_it_was(tmp_path):
     dora = _save(tmp_path, "dora", r=4, target_modules=["q_proj"], use_dora=True)
-    bank = AdapterBank(load_backbone(TINY, "none").model)
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
     with pytest.raises(AdapterLoadError, match="use_dora"):
         bank.add("dora", dora)
     assert bank.names() == [] and not any(isinstance(m, RowLoraLinear) for m in bank.model.modules())
@@ -48,10 +48,10 @@ def test_lora_on_the_lm_head_is_served(tmp_path):
     """It used to be skipped silently: the LM head ran outside the routed region."""
     folder = _save(tmp_path, "head", r=4, target_modules=["q_proj", "lm_head"])
     ids = [[5, 9, 14, 30, 7], [40, 41]]
-    bank = AdapterBank(load_backbone(TINY, "none").model)
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
     bank.add("head", folder)
     assert isinstance(bank.lm_head, RowLoraLinear) and isinstance(bank.lm_head.base_layer, torch.nn.Linear)
-    ref = PeftModel.from_pretrained(load_backbone(TINY, "none").model, str(folder)).eval()
+    ref = PeftModel.from_pretrained(load_backbone(TINY, "none", dtype="fp32").model, str(folder)).eval()
     got = bank.forward(ids, ["head", None])
     with torch.no_grad():
         want = ref(input_ids=torch.tensor([ids[0]], device=ref.device)).logits[0]

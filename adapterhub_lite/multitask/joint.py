@@ -166,7 +166,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     seed_everything(cfg.seed)
     model = _attach(bb.model, specs, cfg)
     joint = JointLora(model, names, cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
-    weighting = make_weighting(cfg.weighting, names, **cfg.weighting_args)
+    weighting = make_weighting(cfg.weighting, names, device=bb.device, **cfg.weighting_args)
     sampler = TaskSampler({n: len(data[n]["train"]) for n in names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
     labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
 

@@ -54,7 +54,7 @@ class Router:
 
     @classmethod
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
-                      device: str | None = None, dtype: str = "auto", **kwargs) -> Router:
+                      device: str | None = None, dtype: str | None = None, **kwargs) -> Router:
         """Open a registry and load the backbone its adapters share (adapters load on first use)."""
         reg = open_registry(registry)
         index = reg.index()["adapters"]
@@ -62,7 +62,7 @@ class Router:
             raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
         latest = {name: reg.resolve(name)[2] for name in index}
         first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
-        bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype)
+        bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
         router = cls(bb, reg, **kwargs)
         for name in latest:
             router.register(name)
@@ -135,7 +135,8 @@ class Router:
         """
         output = Path(output) if output else Path(self._scratch.name) / name
         _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
-                                    output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows)
+                                    output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows,
+                                    device=str(self.bb.device), dtype=self.bb.dtype)
         self.register(name, output)
         if into_base:
             spec = self.spec(next(iter(weights)))
