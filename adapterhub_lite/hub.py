@@ -46,10 +46,13 @@ class HubRegistry(Registry):
             return parse_index(None, self.root), head
         except Exception as exc:
             raise _hub_error(self.repo, exc) from None
-        return parse_index(Path(path).read_text(), f"{self.root}/index.json"), head
+        return parse_index(Path(path).read_bytes(), f"{self.root}/index.json"), head
 
     def index(self) -> dict:
-        return self._read_index()[0]
+        index, head = self._read_index()
+        if head is None:  # publish creates the repository; reading one that does not exist is a mistake
+            raise RegistryError(f"registry {self.root} does not exist (no such Hub repository); check --registry, or publish into it to create it")
+        return index
 
     def _folder(self, name: str, version: str) -> Path:
         from huggingface_hub import snapshot_download
@@ -65,6 +68,8 @@ class HubRegistry(Registry):
         from huggingface_hub import CommitOperationAdd
 
         folder = Path(folder)
+        if not folder.is_dir():
+            raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
         meta = check_folder(folder)
         name = check_name(name or meta["name"])
         if version != "auto":

@@ -1,11 +1,13 @@
 """Merging LoRA adapters: peft's formulas reproduced by hand, clear refusals, a usable folder."""
 
 import json
+import re
 
 import pytest
 import torch
 from peft import PeftModel
 
+from adapterhub_lite.adapter import read_lora
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.router.merge import MergeError, fold_into_base, merge_adapters
 
@@ -16,10 +18,22 @@ LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """Three tiny trained LoRA adapters: a and b with r=4, c with r=8."""
+    """Three tiny trained LoRA adapters of one task ("toy"): a and b with r=4, c with r=8."""
     d = tmp_path_factory.mktemp("merge")
-    return {name: train_tiny(d, name, method_args={"r": r, "lora_alpha": 2 * r}, train={"max_steps": 3, "lr": 5e-2, "seed": seed})
-            for name, r, seed in (("a", 4, 1), ("b", 4, 2), ("c", 8, 3))}
+    out = {}
+    for name, r, seed in (("a", 4, 1), ("b", 4, 2), ("c", 8, 3)):
+        (d / name).mkdir()
+        out[name] = train_tiny(d / name, "toy", method_args={"r": r, "lora_alpha": 2 * r}, train={"max_steps": 3, "lr": 5e-2, "seed": seed})
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tasks(tmp_path_factory):
+    """A classification adapter of another task ("other") and a generation adapter ("gen")."""
+    d = tmp_path_factory.mktemp("merge_other")
+    return {"other": train_tiny(d, "other", method_args={"r": 4, "lora_alpha": 8}),
+            "gen": train_tiny(d, "gen", type="generation", target="label", label=None, labels=None, method_args={"r": 4, "lora_alpha": 8},
+                              train={"max_new_tokens": 4})}
 
 
 def _factors(model, adapter):
@@ -57,19 +71,19 @@ def test_cat_merge_is_the_exact_weighted_sum_of_updates_and_takes_mixed_ranks(so
 
 
 @pytest.mark.parametrize("method, density, needle", [
-    ("ties", 0.5, "needs equal LoRA ranks but they are {'a': 4, 'c': 8}; use method 'cat' or 'svd'"),
+    ("ties", 0.5, "needs equal LoRA ranks but they are {'a': 4, 'c': 8}; use method 'delta_linear' (or 'cat') or 'svd'"),
     ("linear", None, "needs equal LoRA ranks"),
     ("average", None, "merge method 'average' is not one of"),
 ])
 def test_rank_and_method_problems_are_refused(sources, method, density, needle):
-    with pytest.raises(MergeError, match=needle.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}").replace("[", r"\[")):
+    with pytest.raises(MergeError, match=re.escape(needle)):
         merge_adapters({"a": sources["a"], "c": sources["c"]}, {"a": 0.5, "c": 0.5}, method, density=density, report_rows=0)
 
 
 def test_ties_and_dare_need_a_density_and_run_with_one(sources):
     with pytest.raises(MergeError, match="needs a density"):
         merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "ties", report_rows=0)
-    for method in ("ties", "dare_linear", "dare_ties", "svd"):
+    for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
         model, _ = merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, method, density=0.5, report_rows=0)
         assert model.active_adapter == "merged"
 
@@ -97,3 +111,92 @@ def test_router_merge_into_base_folds_the_update_into_the_backbone(sources, devi
     base_after = router.bank.forward(ids, [None])[0]  # "base" now runs the folded weights
     assert sidecar["fold"]["max_abs_dlogit"] < 1e-4 and router.folded == ["ab"]
     assert (base_after - want).abs().max() < 1e-4 and (base_after - base_before).abs().max() > 1e-4
+
+
+def _updates(folder) -> dict:
+    """ΔW = s·B·A of every module of a saved LoRA folder."""
+    lora = read_lora(folder)
+    return {m: lora.update(m) for m in lora.modules}
+
+
+def test_delta_linear_is_the_exact_weighted_sum_of_updates_and_linear_is_not(sources, tmp_path):
+    weights = {"a": 0.7, "b": -0.4}
+    want = {m: 0.7 * ua + -0.4 * _updates(sources["b"])[m] for m, ua in _updates(sources["a"]).items()}
+    for method in ("delta_linear", "cat"):  # delta_linear is peft's cat under the name of what it does
+        _, meta = merge_adapters({k: sources[k] for k in weights}, weights, method, output=tmp_path / method, name="mix", report_rows=0)
+        got = _updates(tmp_path / method)
+        assert set(got) == set(want) and meta["merge"]["acts_on"] == "delta_w" and meta["merge"]["rank"] == 8
+        assert max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6
+    merge_adapters({k: sources[k] for k in weights}, weights, "linear", output=tmp_path / "linear", name="mix", report_rows=0)
+    linear = _updates(tmp_path / "linear")  # factors summed separately: B·A carries the cross terms B_a·A_b, B_b·A_a
+    assert max((linear[m] - want[m]).abs().max().item() for m in want) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd"])
+def test_svd_variants_act_on_the_update_and_take_mixed_ranks(sources, tmp_path, method):
+    _, meta = merge_adapters({"a": sources["a"], "c": sources["c"]}, {"a": 0.5, "c": 0.5}, method, density=1.0 if method == "magnitude_prune_svd" else 0.5,
+                             output=tmp_path / "m", name="mix", report_rows=0)
+    assert meta["merge"]["acts_on"] == "delta_w" and meta["merge"]["rank"] == 8
+    if method == "magnitude_prune_svd":  # density 1 prunes nothing: the best rank-8 approximation of Σ w·ΔW
+        ua, uc = _updates(sources["a"]), _updates(sources["c"])
+        for m, got in _updates(tmp_path / "m").items():
+            total = 0.5 * ua[m] + 0.5 * uc[m]
+            u, sv, vh = torch.linalg.svd(total)
+            assert torch.allclose(got, (u[:, :8] * sv[:8]) @ vh[:8], atol=1e-5)
+
+
+@pytest.mark.parametrize("weights, method, density, needle", [
+    ({"a": float("nan"), "b": 0.5}, "linear", None, "merge weights must be finite numbers"),
+    ({"a": 0.5, "b": 0.5}, "linear", 0.3, "method 'linear' does not use a density"),
+    ({"a": 0.5, "b": 0.5}, "ties", 1.5, r"density must be in \(0, 1\], got 1.5"),
+])
+def test_non_finite_weights_and_stray_densities_are_refused(sources, weights, method, density, needle):
+    with pytest.raises(MergeError, match=needle):
+        merge_adapters({"a": sources["a"], "b": sources["b"]}, weights, method, density=density, report_rows=0)
+
+
+def test_a_merged_name_that_is_a_source_name_is_refused(sources):
+    # peft's add_weighted_adapter silently keeps an existing adapter of that name: "a" would be saved as the merge
+    with pytest.raises(MergeError, match="is also a source's name"):
+        merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, name="a", report_rows=0)
+    with pytest.raises(MergeError, match=r"contain '\.'"):
+        merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, name="mix.v2", report_rows=0)
+
+
+def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sources, tmp_path):
+    merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "cat", output=tmp_path / "mix", name="mix", report_rows=4)
+    side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
+    first = json.loads((sources["a"] / "adapterhub.json").read_text())
+    assert side["routing"] is None and first["routing"]  # no borrowed routing record
+    assert side["metrics"] == side["merge_report"]["a"]["merged"] and side["metrics_rows"] == 4  # measured on the merge itself
+    assert side["task"]["name"] == "toy" and side["name"] == "mix" and "train_state" not in side and "data" not in side
+    src = side["merge"]["sources"]["b"]
+    assert src["task"] == "toy" and src["rank"] == 4 and src["folder"] == str(sources["b"]) and len(src["adapter_sha256"]) == 64
+    assert side["merge"]["method"] == "cat" and side["merge"]["weights"] == {"a": 0.5, "b": 0.5}
+
+
+def test_sources_of_different_tasks_need_a_named_task(sources, other_tasks):
+    with pytest.raises(MergeError, match=r"serve different tasks \(a: toy \(classification\), other: other \(classification\)\); name .* --task"):
+        merge_adapters({"a": sources["a"], "other": other_tasks["other"]}, {"a": 0.5, "other": 0.5}, report_rows=0)
+    with pytest.raises(MergeError, match=r"gen: gen \(generation\)"):
+        merge_adapters({"a": sources["a"], "gen": other_tasks["gen"]}, {"a": 0.5, "gen": 0.5}, report_rows=0)
+    with pytest.raises(MergeError, match="--task 'sst2' is not the task of any source"):
+        merge_adapters({"a": sources["a"], "gen": other_tasks["gen"]}, {"a": 0.5, "gen": 0.5}, task="sst2", report_rows=0)
+    _, meta = merge_adapters({"a": sources["a"], "gen": other_tasks["gen"]}, {"a": 0.5, "gen": 0.5}, task="gen", report_rows=0)
+    assert meta["task"]["name"] == "gen" and meta["task"]["type"] == "generation"
+    _, meta = merge_adapters({"a": sources["a"], "other": other_tasks["other"]}, {"a": 0.5, "other": 0.5}, task="none", report_rows=0)
+    assert meta["task"] is None and meta["label_words"] is None
+
+
+def test_a_published_merge_is_left_out_of_auto_routing_with_a_warning(sources, tmp_path):
+    from adapterhub_lite.registry import LocalRegistry
+    from adapterhub_lite.router.router import Router
+
+    merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "linear", output=tmp_path / "mix", name="mix", report_rows=0)
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(sources["a"], name="a")
+    reg.publish(tmp_path / "mix", name="mix")
+    router = Router.from_registry(tmp_path / "reg")
+    with pytest.warns(UserWarning, match="adapter 'mix' is left out of content routing: .* has no routing file"):
+        out = router.run([{"adapter": "auto", "text": "pos 3"}, {"adapter": "mix", "text": "neg 1"}])
+    assert out[0]["adapter"] == "a" and out[1]["adapter"] == "mix" and all(o["prediction"] in ("pos", "neg") for o in out)

@@ -89,7 +89,7 @@ def test_pickle_adapters_are_refused_and_convert_is_opt_in(adapter, tmp_path, ca
                        state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
-@pytest.mark.parametrize("bad", ["../evil", "a/b", "/abs", "..", "", "x@1.0", "toy@1.0.0.0", "toy@v1"])
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "/abs", "..", "", "x@1.0", "toy@1.0.0.0", "toy@v1", "toy\n", "toy@1.0.0\n", "toy@01.0.0"])
 def test_bad_names_and_versions_are_refused(bad):
     with pytest.raises(RegistryError, match="invalid (adapter name|version)"):
         parse_ref(bad)

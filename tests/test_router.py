@@ -89,7 +89,7 @@ def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
 
 
 def test_merge_registers_a_new_adapter(router, folders):
-    router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", name="mix")
+    router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", name="mix", task="cls_a")
     router.use("mix")
     assert router.predict("pos 2") in ("pos", "neg")
     with pytest.raises(MergeError, match="needs equal LoRA ranks"):
@@ -137,7 +137,7 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     answers = [json.loads(line) for line in (tmp_path / "ans.jsonl").read_text().splitlines()]
     assert [a["adapter"] for a in answers] == ["cls_a", "gen", "base"]
     assert answers[0]["prediction"] == alone(folders["cls_a"], ["pos 1"])[0]
-    assert main(["merge", "cls_a", "cls_b", "--weights", "0.5", "0.5", "--method", "cat", "--registry", str(reg.root),
+    assert main(["merge", "cls_a", "cls_b", "--weights", "0.5", "0.5", "--method", "cat", "--task", "cls_a", "--registry", str(reg.root),
                  "--output", str(tmp_path / "mix"), "--report-rows", "4"]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[-1])["merge_report"]
     assert set(report) == {"cls_a", "cls_b"} and (tmp_path / "mix" / "adapter_model.safetensors").exists()

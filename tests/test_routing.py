@@ -130,3 +130,22 @@ def _line(text: str) -> int:
     """Line number of `text` in this file (for the guard's report)."""
     return next(i for i, line in enumerate(open(__file__), 1) if text in line and "_line(" not in line)
 
+
+
+def test_missing_or_unreadable_routing_data_is_a_routing_error(tmp_path):
+    """What the router leaves out with a warning must be a RoutingError, never FileNotFoundError or a safetensors error."""
+    folder = _train(tmp_path, "digits", lambda i: f"{i:05d}")
+    meta = read_sidecar(folder)
+    spec = meta["routing"]["embedding"]
+    for record in (None, "mean-pooled", {"file": 3, "embedding": spec}):  # no record (a merged adapter), or not one of ours
+        with pytest.raises(RoutingError):
+            load_routing(folder, {**meta, "routing": record}, spec)
+    (folder / ROUTING_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(RoutingError, match=r"routing.safetensors cannot be read \(SafetensorError: .*\); refit it with add_routing"):
+        load_routing(folder, meta, spec)
+    save_file({"embeddings": torch.full((4, spec["dim"]), float("nan"))}, folder / ROUTING_FILE)
+    with pytest.raises(RoutingError, match="non-finite embeddings"):
+        load_routing(folder, meta, spec)
+    (folder / ROUTING_FILE).unlink()
+    with pytest.raises(RoutingError, match="names routing file 'routing.safetensors', which is missing; refit it with add_routing"):
+        load_routing(folder, meta, spec)

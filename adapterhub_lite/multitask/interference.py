@@ -27,7 +27,7 @@ from ..data import load_task_data
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split
 from ..folder import check_base, pyplot, read_sidecar, save_figure, write_json
-from ..router.merge import DENSITY_METHODS, check_merge
+from ..router.merge import DENSITY_METHODS, add_merged, check_merge
 from ..spec import spec_from_dict
 
 
@@ -72,7 +72,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
         model.load_adapter(singles[n], adapter_name=n)
     columns = ["base", *names]
     for method, kwargs in merged.items():
-        model.add_weighted_adapter(lora, list(equal.values()), f"merged:{method}", combination_type=method, **kwargs)
+        add_merged(model, lora, list(equal.values()), f"merged:{method}", method, kwargs.get("density"))
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
         for t, f in tasks.items():

@@ -27,7 +27,7 @@ from ..errors import AdapterLoadError
 from ..evaluate import label_token_ids, readable
 from ..folder import check_base, check_fits, read_sidecar
 from ..heads import encode_prompt
-from ..registry import open_registry
+from ..registry import check_if_registered, open_registry
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
 from .merge import fold_into_base, merge_adapters
@@ -75,6 +75,8 @@ class Router:
             if self.registry is None:
                 raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
             folder = self.registry.path(name)  # re-hashes every file
+        else:
+            check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
         folder = Path(folder)
         meta = read_sidecar(folder)
         check_base(name, meta["base"]["fingerprint"], self.bb.fingerprint, "the router serves", self.allow_base_mismatch)
@@ -124,7 +126,7 @@ class Router:
         return self.run([{**row, "adapter": adapter}])[0]["prediction"]
 
     # -- merge ---------------------------------------------------------------------------------
-    def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None,
+    def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
               name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0, into_base: bool = False) -> dict:
         """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar.
 
@@ -135,7 +137,7 @@ class Router:
         """
         output = Path(output) if output else Path(self._scratch.name) / name
         _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
-                                    output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows,
+                                    output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows, task=task,
                                     device=str(self.bb.device), dtype=self.bb.dtype)
         self.register(name, output)
         if into_base:

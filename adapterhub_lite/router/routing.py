@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..data import load_split
@@ -100,19 +101,30 @@ def add_routing(folder: str | Path, model, tokenizer, **kwargs) -> dict:
 
 
 def load_routing(folder: str | Path, meta: dict, embedding: dict) -> torch.Tensor:
-    """An adapter's routing sample [N, dim], refused when it is missing or used another embedding."""
-    record = meta.get("routing") or {}
-    if "file" not in record:
+    """An adapter's routing sample [N, dim]. Anything that keeps it from routing — no routing record (a
+    merged adapter), another embedding, a missing, unreadable or misshapen file — is one RoutingError,
+    so the router can leave that adapter out with a warning."""
+    record = meta.get("routing")
+    if not isinstance(record, dict) or "file" not in record:
         raise RoutingError(f"{folder} has no routing file; fit one with add_routing(folder, model, tokenizer)")
     if record.get("embedding") != embedding:
         raise RoutingError(f"{folder}'s routing data used embedding {record.get('embedding')!r}, this backbone embeds with {embedding!r}; "
                            "refit it with add_routing(folder, model, tokenizer)")
-    if Path(record["file"]).name != record["file"]:
+    if not isinstance(record["file"], str) or Path(record["file"]).name != record["file"] or record["file"] in ("", ".", ".."):
         raise RoutingError(f"{folder}'s routing file {record['file']!r} is not a plain file name; refit it with add_routing")
-    vectors = load_file(Path(folder) / record["file"]).get("embeddings")
+    path = Path(folder) / record["file"]
+    if not path.is_file():
+        raise RoutingError(f"{folder}'s sidecar names routing file {record['file']!r}, which is missing; refit it with add_routing(folder, model, tokenizer)")
+    try:
+        vectors = load_file(path).get("embeddings")
+    except (OSError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RoutingError(f"{path} cannot be read ({type(exc).__name__}: {first}); refit it with add_routing(folder, model, tokenizer)") from None
     if vectors is None or vectors.ndim != 2 or vectors.shape[1] != embedding["dim"] or not len(vectors):
         shape = None if vectors is None else list(vectors.shape)
-        raise RoutingError(f"{Path(folder) / record['file']} holds embeddings of shape {shape}, expected [N, {embedding['dim']}]; refit it with add_routing")
+        raise RoutingError(f"{path} holds embeddings of shape {shape}, expected [N, {embedding['dim']}]; refit it with add_routing")
+    if not torch.isfinite(vectors).all():
+        raise RoutingError(f"{path} holds non-finite embeddings; refit it with add_routing(folder, model, tokenizer)")
     return vectors.float()
 
 

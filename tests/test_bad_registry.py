@@ -1,0 +1,191 @@
+"""A registry given bad input or a damaged, full or shared disk: one line (exit 2), nothing half-written."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import adapterhub_lite.registry as registry
+from adapterhub_lite.cli import main
+from adapterhub_lite.registry import LocalRegistry, RegistryError, adapter_ref, check_if_registered
+
+from .conftest import train_tiny
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture
+def reg(adapter, tmp_path):
+    """A registry holding toy@1.0.0."""
+    LocalRegistry(tmp_path / "reg").publish(adapter, "1.0.0")
+    return tmp_path / "reg"
+
+
+def _one_line_error(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != ".lock")
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--version", "1.0.0\n", "invalid version '1.0.0\\n'"),
+    ("--version", " 1.0.0", "invalid version ' 1.0.0'"),
+    ("--name", "toy\n", "invalid adapter name 'toy\\n'"),
+])
+def test_trailing_newlines_and_spaces_fail_the_name_and_version_checks(reg, adapter, capsys, flag, value, needle):
+    before = _files(reg)
+    assert main(["publish", str(adapter), "--registry", str(reg), flag, value]) == 2
+    _one_line_error(capsys, needle)
+    assert _files(reg) == before
+    assert main(["info", f"toy@{value}" if flag == "--version" else value, "--registry", str(reg)]) == 2
+    capsys.readouterr()
+
+
+DAMAGED = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "a list": lambda text: "[]",
+    "no adapters": lambda text: json.dumps({"format": registry.INDEX_FORMAT}),
+    "no files": lambda text: text.replace('"files"', '"filez"'),
+    "bad version key": lambda text: text.replace('"1.0.0"', '"1.x.0"'),
+    "not utf-8": lambda text: "\udcff",
+}
+NEEDLES = {"truncated": "is not valid JSON", "a list": "holds a JSON list", "no adapters": "'adapters' is missing",
+           "no files": "toy@1.0.0 lacks files", "bad version key": "has version key '1.x.0', not MAJOR.MINOR.PATCH",
+           "not utf-8": "is not valid JSON"}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
+def test_a_damaged_index_is_one_line_from_every_registry_command(reg, adapter, tmp_path, capsys, damage):
+    index = reg / "index.json"
+    index.write_bytes(DAMAGED[damage](index.read_text()).encode("utf-8", "surrogateescape"))
+    before = _files(reg)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"adapter": "toy", "text": "pos 1"}\n')
+    for argv in (["list"], ["info", "toy"], ["pull", "toy", "--to", str(tmp_path / "pulled")], ["verify"],
+                 ["publish", str(adapter)], ["infer", "--input", str(requests)], ["merge", "toy", "--weights", "1", "--output", str(tmp_path / "m")]):
+        assert main([*argv, "--registry", str(reg)]) == 2, argv
+        _one_line_error(capsys, str(index), NEEDLES[damage], "restore it from a backup")
+    with pytest.raises(RegistryError, match=NEEDLES[damage]):
+        LocalRegistry(reg).load("toy")
+    assert _files(reg) == before and not (tmp_path / "pulled").exists() and not (tmp_path / "m").exists()
+
+
+def test_a_registry_that_does_not_exist_is_refused_not_listed_as_empty(tmp_path, capsys):
+    for argv in (["list"], ["verify"], ["info", "toy"]):
+        assert main([*argv, "--registry", str(tmp_path / "nonexistent")]) == 2
+        _one_line_error(capsys, "does not exist")
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_registry_folder_loaded_by_its_path_is_re_hashed(reg, adapter, tmp_path):
+    folder = reg / "toy" / "1.0.0"
+    assert check_if_registered(folder) == "toy@1.0.0" and check_if_registered(adapter) is None
+    assert adapter_ref(str(folder), reg)[0] == "toy"  # named by its adapter, not "1.0.0"
+    shutil.copytree(folder, tmp_path / "copy")  # a copy outside the registry is an ordinary folder
+    _flip_last_byte(folder / "adapter_model.safetensors")
+    with pytest.raises(RegistryError, match=r"integrity check failed for toy@1.0.0 in registry .*adapter_model.safetensors does not match"):
+        check_if_registered(folder)
+    with pytest.raises(RegistryError, match="integrity check failed for toy@1.0.0"):
+        adapter_ref(str(folder), reg)  # merge given the folder
+    assert check_if_registered(tmp_path / "copy") is None
+
+
+def test_import_adapterhub_lite_imports_no_platform_lock_module():
+    """fcntl does not exist on Windows: no module of ours may import it (the stdlib's subprocess does so only on POSIX)."""
+    code = """
+import builtins, sys
+real = builtins.__import__
+def guard(name, globals=None, *a, **k):
+    if name in ("fcntl", "msvcrt") and (globals or {}).get("__name__", "").startswith("adapterhub_lite"):
+        raise ImportError(f"{globals['__name__']} imports {name}")
+    return real(name, globals, *a, **k)
+builtins.__import__ = guard
+import adapterhub_lite, adapterhub_lite.registry, adapterhub_lite.hub, adapterhub_lite.cli
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-500:]
+
+
+def test_sweep_clears_dead_publishers_of_this_host_and_only_stale_ones_of_other_hosts(reg, adapter):
+    host = registry._host()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {
+        "mine, dead": f".publish-aaaa0001-{dead.pid}-{host}",
+        "mine, alive": f".publish-aaaa0002-{os.getpid()}-{host}",
+        "other host, fresh": f".publish-aaaa0003-{dead.pid}-some-other-host.example",
+        "other host, stale": f".publish-aaaa0004-{dead.pid}-some-other-host.example",
+        "old form, fresh": f".publish-{dead.pid}-aaaa0005",
+    }
+    for name in folders.values():
+        (reg / name).mkdir()
+        (reg / name / "adapter_model.safetensors").write_bytes(b"partial")
+    old = time.time() - registry.STALE_SECONDS - 60
+    os.utime(reg / folders["other host, stale"], (old, old))
+    LocalRegistry(reg).publish(adapter)  # sweeps under the lock
+    left = {k for k, name in folders.items() if (reg / name).exists()}
+    assert left == {"mine, alive", "other host, fresh", "old form, fresh"}
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["copy", "index"])
+def test_a_full_disk_during_publish_is_one_line_and_leaves_the_registry_as_it_was(reg, adapter, capsys, monkeypatch, where):
+    before, index = _files(reg), (reg / "index.json").read_text()
+    if where == "copy":  # the second file fails to copy
+        copy, calls = registry._copy_hashing, []
+
+        def failing(src, dst):
+            calls.append(src)
+            return _enospc() if len(calls) == 2 else copy(src, dst)
+        monkeypatch.setattr(registry, "_copy_hashing", failing)
+    else:  # the version folder is in place; writing the new index fails
+        monkeypatch.setattr(os, "replace", _enospc)
+    assert main(["publish", str(adapter), "--registry", str(reg), "--version", "1.0.1"]) == 2
+    _one_line_error(capsys, "cannot publish", "No space left on device (ENOSPC)", "the registry is unchanged")
+    monkeypatch.undo()
+    assert _files(reg) == before and (reg / "index.json").read_text() == index
+    assert LocalRegistry(reg).verify() == [] and LocalRegistry(reg).publish(adapter, "1.0.1")[1] == "1.0.1"
+
+
+def test_a_read_only_registry_is_one_line(adapter, tmp_path, capsys, monkeypatch):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+    monkeypatch.setattr(registry.Path, "mkdir", read_only)
+    assert main(["publish", str(adapter), "--registry", str(tmp_path / "reg")]) == 2
+    _one_line_error(capsys, "Read-only file system (EROFS)")
+    monkeypatch.undo()
+    assert not (tmp_path / "reg").exists()
+
+
+def test_a_full_disk_during_pull_leaves_nothing(reg, tmp_path, capsys, monkeypatch):
+    def partial(src, dst, *args, **kwargs):
+        os.makedirs(dst)
+        (dst / "adapter_config.json").write_text("{")  # half a copy, then the disk is full
+        _enospc()
+    monkeypatch.setattr(shutil, "copytree", partial)
+    assert main(["pull", "toy", "--registry", str(reg), "--to", str(tmp_path / "out" / "toy")]) == 2
+    _one_line_error(capsys, "cannot copy toy", "ENOSPC")
+    assert list((tmp_path / "out").iterdir()) == []  # no partial copy, no temp folder
