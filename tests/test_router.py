@@ -20,14 +20,18 @@ def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("router")
     gen = d / "copy.jsonl"
     gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
+    # init_lora_weights=False: B starts random, so after 2 steps each LoRA still moves the model far
+    # from the base; "router equals peft" then fails if the router dropped the update.
+    rand = {"init_lora_weights": False}
     return {
-        "cls_a": train_tiny(d, "cls_a", train={"seed": 1, "lr": 5e-2}),
-        "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"]}, train={"seed": 2, "lr": 5e-2}),
-        "cls_r16": train_tiny(d, "cls_r16", method_args={"r": 16}),
+        "cls_a": train_tiny(d, "cls_a", method_args=rand, train={"seed": 1, "lr": 5e-2}),
+        "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"], **rand}, train={"seed": 2, "lr": 5e-2}),
+        "cls_r16": train_tiny(d, "cls_r16", method_args={"r": 16, **rand}),
         "prefix": train_tiny(d, "prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
         "prompt": train_tiny(d, "prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
         "gen": train_tiny(d, "gen", type="generation", labels=None, label=None, target="target", metric=["exact_match"],
-                          data={"train": str(gen), "dev": str(gen)}, prompt="In: {text}\nOut:", train={"max_new_tokens": 3}),
+                          data={"train": str(gen), "dev": str(gen)}, prompt="In: {text}\nOut:", train={"max_new_tokens": 3},
+                          method_args=rand),
     }
 
 
@@ -45,6 +49,15 @@ def alone(folder, texts):
     rendered = [spec.prompt.format(**{spec.prompt_fields[0]: t}) for t in texts]
     preds = predict(model, bb.tokenizer, spec, rendered, batch_size=1)
     return [spec.labels[p] if spec.type == "classification" else p for p in preds]
+
+
+def test_every_adapter_changes_the_outputs(router):
+    """Without this, "the router equals plain peft" would also hold for a router that ignores adapters."""
+    ids = [[5, 40, 41, 42, 9, 10]]
+    base = router.bank.forward(ids, [None])[0]
+    for name in ("cls_a", "cls_b", "cls_r16", "prefix", "prompt", "gen"):
+        router.use(name)
+        assert (router.bank.forward(ids, [name])[0] - base).abs().max() > 1e-2, name
 
 
 def test_swap_gives_what_plain_peft_gives(router, folders):
@@ -69,6 +82,28 @@ def test_mixed_batch_equals_each_request_alone(router, folders):
     assert out[4]["prediction"] == bb.tokenizer.decode(base[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
 
 
+def test_a_batch_keeps_its_adapters_resident_or_is_refused(folders):
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    probe = Router(bb)
+    probe.register("cls_a", folders["cls_a"])
+    probe.use("cls_a")
+    one = probe.resident_bytes()  # cls_a; cls_b is half of it
+    # 1.6 adapters: cls_a + cls_b (1.5) fit, a third one evicts the one the batch does not need
+    r = Router(bb, memory_budget_mb=1.6 * one / 2**20)
+    for name in ("cls_a", "cls_b", "cls_r16"):
+        r.register(name, folders[name])
+    reqs = [{"adapter": "cls_b", "text": "pos 1"}, {"adapter": "cls_a", "text": "neg 2"}]
+    assert [o["prediction"] for o in r.run(reqs)] == [alone(folders["cls_b"], ["pos 1"])[0], alone(folders["cls_a"], ["neg 2"])[0]]
+    # 1.2 adapters cannot hold cls_a and cls_b at once: one line with the budget and the need
+    # (before, loading the second evicted the first and the batch failed with "unknown adapter")
+    tight = Router(bb, memory_budget_mb=1.2 * one / 2**20)
+    for name in ("cls_a", "cls_b"):
+        tight.register(name, folders[name])
+    with pytest.raises(AdapterLoadError, match=r"needs adapters \['cls_a', 'cls_b'\].*memory budget") as err:
+        tight.run(reqs)
+    assert "\n" not in str(err.value)
+
+
 def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
     bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
     probe = Router(bb)
@@ -89,9 +124,11 @@ def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
 
 
 def test_merge_registers_a_new_adapter(router, folders):
-    router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", name="mix", task="cls_a")
+    sidecar = router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", name="mix", task="cls_a")
     router.use("mix")
-    assert router.predict("pos 2") in ("pos", "neg")
+    texts = ["pos 2", "neg 7", "pos 4"]
+    assert [router.predict(t) for t in texts] == alone(router.folders["mix"], texts)  # served as plain peft serves the folder
+    assert sidecar["task"]["name"] == "cls_a" and sidecar["routing"] is None
     with pytest.raises(MergeError, match="needs equal LoRA ranks"):
         router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="linear", name="bad")
 

@@ -86,8 +86,9 @@ class Router:
     def known(self) -> list[str]:
         return list(self.folders)
 
-    def _ensure(self, name: str) -> None:
-        """Make `name` resident (loading it if needed) and most recently used; evict over budget."""
+    def _ensure(self, name: str, keep: frozenset = frozenset()) -> None:
+        """Make `name` resident (loading it if needed) and most recently used; evict over budget,
+        never `name` itself or an adapter in `keep` (the others the running batch needs)."""
         if name not in self.folders:
             raise AdapterLoadError(f"unknown adapter {name!r}; known: {', '.join(self.known()) or 'none'}, or 'base' / 'auto'")
         if name in self.resident:
@@ -96,8 +97,16 @@ class Router:
         check_fits(self.folders[name], self.bb.model)
         self.bank.add(name, self.folders[name])
         self.resident[name] = None
-        while self.budget is not None and len(self.resident) > 1 and self.resident_bytes() > self.budget:
-            self.unload(next(iter(self.resident)))
+        keep = keep | {name}
+        while self.budget is not None and self.resident_bytes() > self.budget:
+            spare = next((n for n in self.resident if n not in keep), None)
+            if spare is None:
+                need = sum(self.bank.nbytes(n) for n in self.resident if n in keep) / 2**20
+                if len(keep) == 1:  # one adapter alone over the budget: served, as before (budgets bound the rest)
+                    return
+                raise AdapterLoadError(f"this batch needs adapters {sorted(keep)} resident at once ({need:.2f} MB) but the memory budget is "
+                                       f"{self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) or send smaller batches")
+            self.unload(spare)
 
     def resident_bytes(self) -> int:
         return sum(self.bank.nbytes(n) for n in self.resident)
@@ -188,8 +197,9 @@ class Router:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
         tok = self.bb.tokenizer
         names = self._route_auto(requests)
-        for n in set(names) - {BASE}:
-            self._ensure(n)
+        needed = frozenset(names) - {BASE}
+        for n in sorted(needed):  # the batch's adapters stay resident together while it runs
+            self._ensure(n, keep=needed)
         results: list[dict] = [{"adapter": n} for n in names]
         cls_rows, gen_rows = [], []
         for i, (req, name) in enumerate(zip(requests, names)):
