@@ -196,18 +196,18 @@ class AdapterBank:
         prefix = [e.virtual if e and e.kind == "PREFIX_TUNING" else 0 for e in entries]
         lengths = [v + len(r) for v, r in zip(prompt, input_ids)]
         B, L, P = len(input_ids), max(lengths), max(prefix)
-        ids = torch.full((B, L), getattr(self.config, "pad_token_id", None) or 0, dtype=torch.long)
-        mask = torch.zeros(B, P + L, dtype=torch.long)
-        positions = torch.zeros(B, L, dtype=torch.long)
-        for i, row in enumerate(input_ids):
-            ids[i, prompt[i]:lengths[i]] = torch.tensor(row, dtype=torch.long)
-            mask[i, :prefix[i]] = 1
-            mask[i, P:P + lengths[i]] = 1
-            # Alone through peft a prefix row's tokens start at position P_i (the cache already holds
-            # P_i entries); a prompt row's virtual tokens take positions 0..V-1. Pad columns are masked
-            # as keys and their outputs dropped, so their positions do not matter.
-            positions[i] = torch.arange(prefix[i], prefix[i] + L)
-        embeds = self.embed(ids.to(self.device))
+        pad = getattr(self.config, "pad_token_id", None) or 0
+        # Three host → device copies per batch (ids, lengths, prefix lengths); masks and positions are
+        # built on the device from them rather than row by row on the host.
+        ids = torch.tensor([[pad] * v + r + [pad] * (L - v - len(r)) for v, r in zip(prompt, input_ids)], dtype=torch.long).to(self.device, non_blocking=True)
+        length, pre = torch.tensor([lengths, prefix], device=self.device)
+        cols = torch.arange(L, device=self.device)
+        mask = torch.cat([torch.arange(P, device=self.device)[None, :] < pre[:, None], cols[None, :] < length[:, None]], dim=1).long()
+        # Alone through peft a prefix row's tokens start at position P_i (the cache already holds
+        # P_i entries); a prompt row's virtual tokens take positions 0..V-1. Pad columns are masked
+        # as keys and their outputs dropped, so their positions do not matter.
+        positions = pre[:, None] + cols[None, :]
+        embeds = self.embed(ids)
         for i, e in enumerate(entries):
             if prompt[i]:
                 embeds[i, :prompt[i]] = e.tensor
@@ -221,7 +221,7 @@ class AdapterBank:
             for layer in range(n_layers):
                 cache.update(kv[layer, 0], kv[layer, 1], layer)
         slots = [e.slot if e else _BASE_SLOT for e in entries]
-        return _Batch(embeds, mask.to(self.device), positions.to(self.device), cache, slots, prompt, lengths)
+        return _Batch(embeds, mask, positions, cache, slots, prompt, lengths)
 
     def _routed(self, slots: list[int] | None):
         # The per-row layers act only while a batch is routed, so the backbone called by anyone else
