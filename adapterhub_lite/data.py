@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -36,9 +36,29 @@ class Split:
     answers: list
     source: str
     sha256: str
+    _tokens: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def prompt_ids(self, tokenizer) -> list[list[int]]:
+        """Every prompt's token ids (special tokens added, not truncated), tokenized once per tokenizer.
+
+        Training reads these every step; tokenizing the whole split in one batched call up front
+        takes the tokenizer out of the loop (heads.*_ids take ids; they truncate as encode_prompt does).
+        """
+        return self._cached(tokenizer, "prompts", lambda: tokenizer(self.prompts, add_special_tokens=True).input_ids)
+
+    def answer_ids(self, tokenizer) -> list[list[int]]:
+        """Generation: every target's token ids as a continuation after one space (heads.answer_ids), tokenized once."""
+        return self._cached(tokenizer, "answers", lambda: tokenizer([" " + a for a in self.answers], add_special_tokens=False).input_ids)
+
+    def _cached(self, tokenizer, what: str, make) -> list[list[int]]:
+        # Keyed by what determines the ids, not by the object, so a reloaded identical tokenizer hits.
+        key = (what, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer))
+        if key not in self._tokens:
+            self._tokens[key] = make()
+        return self._tokens[key]
 
 
 def load_split(source: str) -> tuple[datasets.Dataset, str]:

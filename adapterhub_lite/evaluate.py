@@ -7,7 +7,7 @@ import time
 import torch
 
 from .data import Split, label_words
-from .heads import answer_ids, greedy_generate, label_scores
+from .heads import answer_ids, generate_ids, label_plan_ids
 from .metrics import classification_metrics, generation_metrics
 from .spec import TaskSpec
 
@@ -18,23 +18,31 @@ def label_token_ids(tokenizer, spec: TaskSpec) -> list[list[int]]:
 
 
 @torch.no_grad()
-def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: int | None = None) -> list:
-    """Label indices (classification) or answer strings (generation), one per prompt."""
+def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: int | None = None,
+            prompt_ids: list[list[int]] | None = None) -> list:
+    """Label indices (classification) or answer strings (generation), one per prompt.
+
+    `prompt_ids` are the prompts already tokenized (data.Split.prompt_ids); else they are tokenized
+    here, in one call. Runs under autocast in the model's compute dtype (heads does it).
+    """
     was_training = model.training
     model.eval()
     batch_size = batch_size or spec.train.eval_batch_size
+    ids = prompt_ids if prompt_ids is not None else tokenizer(prompts, add_special_tokens=True).input_ids
     label_tokens = label_token_ids(tokenizer, spec) if spec.type == "classification" else None
     # Batch prompts of similar length together (less padding), then restore the caller's order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list = [None] * len(prompts)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list = [None] * len(ids)
+    picked: list[torch.Tensor] = []  # classification: argmax per batch stays on the device; one read at the end
     for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        chunk = [prompts[i] for i in idx]
+        chunk = [ids[i] for i in order[start : start + batch_size]]
         if label_tokens is not None:
-            preds = label_scores(model, tokenizer, chunk, label_tokens, spec.train.max_length).argmax(-1).tolist()
+            picked.append(label_plan_ids(chunk, label_tokens, spec.train.max_length).run(model, tokenizer.pad_token_id).argmax(-1))
         else:
-            preds = greedy_generate(model, tokenizer, chunk, spec.train.max_new_tokens, spec.train.max_length)
-        for i, p in zip(idx, preds):
+            for i, p in zip(order[start : start + batch_size], generate_ids(model, tokenizer, chunk, spec.train.max_new_tokens, spec.train.max_length)):
+                out[i] = p
+    if picked:
+        for i, p in zip(order, torch.cat(picked).tolist()):
             out[i] = p
     model.train(was_training)
     return out
@@ -51,7 +59,7 @@ def evaluate_split(model, tokenizer, spec: TaskSpec, split: Split, limit: int | 
     """Predict and score (the first `limit` rows of) a split; returns metrics, predictions, seconds."""
     prompts, answers = split.prompts[:limit], split.answers[:limit]
     start = time.perf_counter()
-    preds = predict(model, tokenizer, spec, prompts)
+    preds = predict(model, tokenizer, spec, prompts, prompt_ids=split.prompt_ids(tokenizer)[:limit])
     seconds = time.perf_counter() - start
     return score(spec, preds, answers), preds, seconds
 

@@ -166,11 +166,14 @@ def check_base(adapter: str, recorded: dict, here: dict, where: str, allow: bool
 
 
 def load_adapter(folder: str | Path, *, quantization: str | None = None, device: str | None = None,
-                 allow_base_mismatch: bool = False):
+                 dtype: str | None = None, allow_base_mismatch: bool = False):
     """Load an adapter folder onto its backbone; returns (PeftModel, Backbone, TaskSpec, sidecar).
 
     The backbone is the one the sidecar names, in the quantization it was trained in unless told
     otherwise. Its fingerprint must match the recorded one (quantization aside, when overridden).
+    `dtype` is the compute dtype (default auto: bf16 on CUDA, fp32 on the CPU), whatever the
+    adapter was trained in: the dtype is not part of the fingerprint, and peft keeps the adapter's
+    own weights fp32.
     """
     from peft import PeftModel
 
@@ -180,7 +183,7 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
     folder = Path(folder)
     meta = read_sidecar(folder)
     recorded = meta["base"]["fingerprint"]
-    bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device)
+    bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")
     check_base(str(folder), recorded, bb.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
                with_quantization=quantization is None)
     check_fits(folder, bb.model)

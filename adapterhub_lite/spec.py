@@ -21,6 +21,7 @@ from .errors import SpecError
 TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "prefix", "prompt", "ia3")
 QUANTIZATIONS = ("8bit", "4bit", "none")
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # compute dtype; auto: bf16 on CUDA that has it (else fp16), fp32 on the CPU
 SCHEDULES = ("linear", "cosine", "constant")
 METRICS = {
     "classification": ("accuracy", "macro_f1"),
@@ -49,6 +50,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     patience: int = 0  # evals without improvement before stopping; 0 disables early stopping
     checkpoint_every: int = 50
+    log_every: int = 10  # steps per metrics.jsonl loss row; the loss is read off the device only then
     max_minutes: float = 0.0  # wall-clock budget for the loop; 0 means no limit
     max_length: int = 256  # prompt + answer tokens
     max_new_tokens: int = 48  # greedy decoding budget for generation tasks
@@ -70,6 +72,7 @@ class TaskSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     base: str = "smollm2-135m"
     quantization: str = "8bit"
+    dtype: str = "auto"  # compute dtype (DTYPES); not part of the backbone fingerprint
     init_from: str = ""  # start from this adapter's weights: a folder, or name[@version] in the adapters/ registry
 
     @property
@@ -167,6 +170,7 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
     choice("type", spec.type, TASK_TYPES)
     choice("method", spec.method, METHODS)
     choice("quantization", spec.quantization, QUANTIZATIONS)
+    choice("dtype", spec.dtype, DTYPES)
     choice("train.schedule", spec.train.schedule, SCHEDULES)
     if not isinstance(spec.method_args, dict):
         problems.append(f"'method_args' must be a mapping, got {spec.method_args!r}")
@@ -197,7 +201,7 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
             if m not in valid_metrics:
                 problems.append(f"metric {m!r} is not valid for {spec.type} (valid: {', '.join(valid_metrics)})")
     t = spec.train
-    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length", "max_new_tokens", "checkpoint_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length", "max_new_tokens", "checkpoint_every", "log_every"):
         if isinstance(getattr(t, key), int) and getattr(t, key) < 1:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
     if isinstance(t.lr, float) and t.lr <= 0:

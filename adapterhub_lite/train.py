@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import platform
 import random
 import resource
@@ -27,12 +28,12 @@ from transformers import get_scheduler
 
 from . import __version__
 from .adapter import attach, init_from, trainable_parameters
-from .backbone import load_backbone
+from .backbone import autocast, dtype_name, load_backbone
 from .data import label_words, load_task_data
 from .errors import DataError, OutputExistsError
 from .evaluate import evaluate_split, label_token_ids
 from .folder import FORMAT, SIDECAR, atomic_write, check_base, model_card, plot_curves, read_sidecar, write_json, write_jsonl
-from .heads import task_loss
+from .heads import loss_plan_ids
 from .router.routing import routing_entry
 from .spec import TaskSpec
 
@@ -86,13 +87,15 @@ def next_rows(state: RunState, lengths: list[int], k: int, seed: int) -> list[in
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (torch.manual_seed seeds every CUDA device too)."""
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+    """Peak memory of the run: allocated on the GPU, or the process's resident set on the CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -119,8 +122,10 @@ class Checkpoint:
         tmp = self.dir.with_name("checkpoint.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        # the CUDA generators too: dropout on the GPU draws from them, and resume must be exact there as well
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         torch.save({**payload, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "py_rng": random.getstate()}, tmp / "state.pt")
+                    "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "py_rng": random.getstate()}, tmp / "state.pt")
         old = self.dir.with_name("checkpoint.old")
         if self.dir.exists():
             self.dir.rename(old)
@@ -133,15 +138,24 @@ class Checkpoint:
         opt.load_state_dict(ckpt.pop("optimizer"))
         sched.load_state_dict(ckpt.pop("scheduler"))
         torch.set_rng_state(ckpt.pop("rng"))
+        cuda_rng = ckpt.pop("cuda_rng", None)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_rng)
         random.setstate(ckpt.pop("py_rng"))
         return ckpt
 
-    def save(self, model, opt, sched, state: RunState, best: dict | None) -> None:
-        self.write({"adapter": get_peft_model_state_dict(model), "best": best, "state": state.__dict__}, opt, sched)
+    def save(self, model, opt, sched, state: RunState, best: dict | None, scaler=None) -> None:
+        """Checkpoint a single-adapter run (with the fp16 loss scaler's state, when there is one)."""
+        payload = {"adapter": get_peft_model_state_dict(model), "best": best, "state": state.__dict__}
+        if scaler is not None and scaler.is_enabled():
+            payload["scaler"] = scaler.state_dict()
+        self.write(payload, opt, sched)
 
-    def load(self, model, opt, sched) -> tuple[RunState, dict | None]:
+    def load(self, model, opt, sched, scaler=None) -> tuple[RunState, dict | None]:
         ckpt = self.read(opt, sched)
         set_peft_model_state_dict(model, ckpt["adapter"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         return RunState(**ckpt["state"]), ckpt["best"]
 
 
@@ -156,16 +170,19 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
 
 def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
           command: str | None = None, device: str | None = None, progress: bool = True) -> Path:
-    """Train the spec's adapter and write its folder; returns the folder's path."""
+    """Train the spec's adapter and write its folder; returns the folder's path.
+
+    The backbone computes in `spec.dtype` (autocast); the adapter's own weights, the optimizer
+    and the loss stay fp32. fp16 adds a loss scaler (bf16 has fp32's range and needs none).
+    """
     output = Path(output or Path("runs") / spec.name)  # adapters/ is the registry (publish into it)
     work = prepare_output(output, overwrite, resume)
     data = load_task_data(spec)  # validates everything before a single byte is written
-    bb = load_backbone(spec.base, spec.quantization, device)
+    bb = load_backbone(spec.base, spec.quantization, device, dtype=spec.dtype)
     seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
     model = attach(bb.model, spec.method, spec.method_args)
     source = _init_from(spec, model, bb) if spec.init_from else None  # a resumed run then loads its checkpoint
-    tok, cfg = bb.tokenizer, spec.train
-    device = str(next(model.parameters()).device)
+    tok, cfg, device = bb.tokenizer, spec.train, bb.device
     label_tokens = None
     if spec.type == "classification":
         label_tokens = label_token_ids(tok, spec)
@@ -174,60 +191,87 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
 
     work.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for p in params:  # peft keeps adapters fp32 on a low-precision base (autocast_adapter_dtype); make sure of it
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    # fused AdamW: one kernel for every parameter instead of a few per tensor on the GPU
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=bb.dtype == torch.float16)  # fp16 gradients underflow unscaled
     ckpt = Checkpoint(work)
     state, best = RunState(), None
     if resume:
-        state, best = ckpt.load(model, opt, sched)
+        state, best = ckpt.load(model, opt, sched, scaler)
         print(f"resuming from step {state.step}", file=sys.stderr)
     write_jsonl(work / "metrics.jsonl", state.history)
 
     train_split, dev = data["train"], data["dev"]
     primary = spec.primary_metric
+    # Tokenized once, here: the loop only slices lists of ids (dev too, for the periodic evals).
+    prompt_ids = train_split.prompt_ids(tok)
+    answers = train_split.answers if label_tokens is not None else train_split.answer_ids(tok)
+    dev.prompt_ids(tok)
 
     def batch_loss(rows: list[int]) -> torch.Tensor:
-        prompts = [train_split.prompts[i] for i in rows]
-        answers = [train_split.answers[i] for i in rows]
-        return task_loss(model, tok, prompts, answers, cfg.max_length, label_tokens)
+        plan = loss_plan_ids([prompt_ids[i] for i in rows], [answers[i] for i in rows], cfg.max_length, label_tokens, tok.eos_token_id)
+        with autocast(bb):  # forward only: backward runs each op in the dtype its forward used
+            return plan.run(model, tok.pad_token_id)
 
     # Tokens the model reads per row: for the length-bucketed sampler and the tokens/s figure.
-    lengths = [len(ids) for ids in tok(train_split.prompts).input_ids]
+    lengths = [len(ids) for ids in prompt_ids]
     if label_tokens is None:
-        lengths = [n + len(a) for n, a in zip(lengths, tok([" " + a for a in train_split.answers], add_special_tokens=False).input_ids)]
+        lengths = [n + len(a) for n, a in zip(lengths, answers)]
 
     def record(row: dict) -> None:
         state.history.append(row)
         with open(work / "metrics.jsonl", "a") as fh:  # append-only log for `tail -f`; rewritten on resume
             fh.write(json.dumps(row) + "\n")
 
+    # The loss stays on the device and is summed there; reading it (a host sync that drains the GPU
+    # queue) happens once per log row: every log_every steps and before every eval, checkpoint and
+    # the end. A row's loss is the mean over the steps since the previous row. The window always
+    # ends at a checkpoint, so a resumed run writes exactly the rows of an uninterrupted one.
+    window_loss, window_steps = torch.zeros((), device=device), 0
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
     stopped_by = "max_steps"
     while state.step < cfg.max_steps:
         model.train()
-        t0, tokens, loss_sum = time.perf_counter(), 0, 0.0
+        t0, tokens = time.perf_counter(), 0
         for _ in range(cfg.grad_accum):
             rows = next_rows(state, lengths, cfg.batch_size, cfg.seed)
             loss = batch_loss(rows) / cfg.grad_accum  # scale so accumulated grads average, not sum
-            loss.backward()
-            loss_sum += loss.item()
+            scaler.scale(loss).backward()
+            window_loss += loss.detach()
             tokens += sum(lengths[i] for i in rows)
+        scaler.unscale_(opt)  # clip the true gradients (no-op unless fp16)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         opt.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens += tokens
-        state.train_seconds += time.perf_counter() - t0
-        tps = state.tokens / max(state.train_seconds, 1e-9)
-        record({"step": state.step, "loss": round(loss_sum, 5), "lr": sched.get_last_lr()[0], "tokens_per_s": round(tps, 1)})
+        window_steps += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:.0f}")
 
         last = state.step == cfg.max_steps
         out_of_time = cfg.max_minutes > 0 and time.monotonic() - start_wall > cfg.max_minutes * 60
-        if state.step % cfg.eval_every == 0 or last or out_of_time:
+        evaluating = state.step % cfg.eval_every == 0 or last or out_of_time
+        checkpointing = state.step % cfg.checkpoint_every == 0 or evaluating
+        logged = state.step % cfg.log_every == 0 or checkpointing
+        if logged:
+            mean_loss = (window_loss / window_steps).item()  # the one host sync of a logged step
+            window_loss.zero_()
+            window_steps = 0
+        state.train_seconds += time.perf_counter() - t0  # after the sync, so queued GPU work is counted
+        if logged:
+            tps = state.tokens / max(state.train_seconds, 1e-9)
+            loss_value = round(mean_loss, 5) if math.isfinite(mean_loss) else None  # JSON has no inf/NaN (an fp16 overflow)
+            record({"step": state.step, "loss": loss_value, "lr": sched.get_last_lr()[0], "tokens_per_s": round(tps, 1)})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:.0f}")
+
+        if evaluating:
             metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=cfg.eval_samples)
             value = metrics[primary]
             record({"step": state.step, **{k: v for k, v in metrics.items() if k != "per_class"}})
@@ -242,7 +286,7 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
         if out_of_time and stopped_by == "max_steps":
             stopped_by = "max_minutes"
         if state.step % cfg.checkpoint_every == 0 or stopped_by != "max_steps":
-            ckpt.save(model, opt, sched, state, best)
+            ckpt.save(model, opt, sched, state, best, scaler=scaler)
         if stopped_by != "max_steps":
             break
     bar.close()
@@ -262,10 +306,10 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
                         trainable_parameters=trainable_parameters(model),
                         efficiency={
                             "adapter_file_bytes": (final / "adapter_model.safetensors").stat().st_size,
-                            "peak_memory_mb": round(peak_memory_mb(device), 1),
+                            "peak_memory_mb": round(peak_memory_mb(str(device)), 1),
                             "train_tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
                             "latency_ms_per_example": round(1000 * eval_seconds / len(dev), 2),
-                            "device": device,
+                            "device": str(device),
                         },
                         train_state={"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
                                      "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens},
@@ -296,7 +340,7 @@ def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict
         "task": spec.to_dict(),
         "method": spec.method,
         "label_words": label_words(spec) if spec.type == "classification" else None,
-        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
+        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype)},
         "metrics": metrics,
         **extra,
         "routing": routing,

@@ -66,3 +66,35 @@ def test_generation_loss_covers_only_target_tokens(tiny):
     logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
     want = -sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)) / len(c)
     assert abs(loss.item() - want.item()) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3"])
+def test_scores_equal_brute_force_under_every_peft_method(method):
+    """heads reads the final norm's output by a hook (not output_hidden_states): still right when
+    prompt tuning prepends virtual tokens, prefix tuning adds virtual keys/values, or LoRA / IA3
+    change the layers. Random adapter weights, so that each one really moves the scores."""
+    from adapterhub_lite.adapter import attach
+
+    bb = load_backbone("tiny-random-llama", "none")
+    model = attach(bb.model, method, {"num_virtual_tokens": 3} if method in ("prefix", "prompt") else {}).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    tok, words = bb.tokenizer, ["yes", "no!"]
+    prompts = ["I like it:", "a much longer prompt than the other:"]
+    got = label_scores(model, tok, prompts, [answer_ids(tok, w) for w in words], 64)
+    want = []
+    for prompt in prompts:
+        row = []
+        for w in words:
+            p, c = encode_prompt(tok, prompt, 64), answer_ids(tok, w)
+            with torch.no_grad():  # peft's logits include prompt tuning's virtual positions in front: keep the real ones
+                logp = model(input_ids=torch.tensor([p + c])).logits[0, -(len(p) + len(c)):].log_softmax(-1)
+            row.append(sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c)))
+        want.append(row)
+    with torch.no_grad():
+        base = label_scores(load_backbone("tiny-random-llama", "none").model, tok, prompts, [answer_ids(tok, w) for w in words], 64)
+    assert (got - base).abs().max().item() > 1e-2  # the adapter changes the scores
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4)

@@ -57,9 +57,22 @@ def test_model_card_and_sidecar_describe_the_run(cls_task):
         assert key in meta
     assert set(meta["efficiency"]) >= {"adapter_file_bytes", "peak_memory_mb", "train_tokens_per_s", "latency_ms_per_example"}
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # log_every=10 > max_steps: loss rows only where the window must close (checkpoints every 2, evals every 3, the end)
+    assert [r["step"] for r in history if "loss" in r] == [2, 3, 4, 6]
     assert [r["step"] for r in history if "accuracy" in r] == [3, 6]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert meta["base"]["dtype"] == "fp32"
+
+
+def test_a_log_row_holds_the_mean_loss_of_the_steps_since_the_previous_row(cls_task):
+    every, _ = _train(cls_task, "toy", "train.log_every=1")
+    per_step = {r["step"]: r["loss"] for r in _history(every) if "loss" in r}
+    assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
+    sparse, _ = _train(cls_task, "toy", "train.log_every=3", "train.checkpoint_every=100", "train.eval_every=100", overwrite=True)
+    rows = [r for r in _history(sparse) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6]  # every 3 steps; the last step closes the final window
+    for r, window in zip(rows, ([1, 2, 3], [4, 5, 6])):
+        assert r["loss"] == pytest.approx(sum(per_step[s] for s in window) / 3, abs=2e-5)
 
 
 def _history(folder):
@@ -76,8 +89,8 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(cls_task, monkeypatc
 
     original = train_mod.Checkpoint.save
 
-    def crash_after_step_4(self, model, opt, sched, state, best):
-        original(self, model, opt, sched, state, best)
+    def crash_after_step_4(self, model, opt, sched, state, best, **kw):
+        original(self, model, opt, sched, state, best, **kw)
         if state.step == 4:
             raise RuntimeError("simulated crash")
 

@@ -20,7 +20,8 @@ def _train_multi(args) -> int:
                       eval_samples=args.eval_samples, weighting=args.weighting, weighting_args=weighting_args,
                       sampling=args.sampling, temperature=args.temperature, shared_adapter=args.shared_adapter,
                       shared_r=args.shared_r, max_minutes=args.max_minutes, seed=args.seed)
-    out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device, progress=not args.no_progress,
+    out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device, dtype=args.dtype,
+                      progress=not args.no_progress,
                       command="adapterhub-lite train-multi " + shlex.join(sys.argv[2:]))
     print(json.dumps({"output": str(out), **json.loads((out / "run.json").read_text())["dev"]}))
     return 0
@@ -30,7 +31,7 @@ def _interference(args) -> int:
     from .interference import interference
 
     report = interference(args.adapters, args.output, merges=tuple(args.merge), density=args.density, rows=args.rows or None,
-                          tolerance=args.tolerance, quantization=args.quantization, device=args.device)
+                          tolerance=args.tolerance, quantization=args.quantization, device=args.device, dtype=args.dtype)
     print(json.dumps({"output": args.output, "scores": report["scores"], "flags": report["flags"]}))
     return 0
 
@@ -44,13 +45,14 @@ def _compose_fit(args) -> int:
     sources = dict(adapter_ref(ref, args.registry) for ref in args.sources)
     report = compose_fit(spec, sources, args.output, shots=args.shots, search=args.search, budget=args.budget, l1=args.l1,
                          seed=args.seed, baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
-                         overwrite=args.overwrite, device=args.device, command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:]))
+                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:]))
     print(json.dumps({"output": args.output, **report}))
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the multi-task subcommands on the main parser."""
+    from ..cli import add_device_args  # cli imports this module first; by now it is complete
     p = sub.add_parser("train-multi", help="train several task adapters jointly (mixed batches, weighted losses)")
     p.add_argument("specs", nargs="+", help="task spec YAMLs (LoRA), e.g. scripts/tasks/sst2.yaml scripts/tasks/rte.yaml")
     p.add_argument("--output", required=True, help="run folder: one adapter folder per task inside")
@@ -73,7 +75,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken at every eval)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--device")
+    add_device_args(p)
     p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value applied to every spec")
     p.set_defaults(func=_train_multi)
 
@@ -85,7 +87,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=200, help="dev rows per cell (0: all)")
     p.add_argument("--tolerance", type=float, default=0.01, help="score drop that counts as negative transfer")
     p.add_argument("--quantization", choices=("8bit", "4bit", "none"))
-    p.add_argument("--device")
+    add_device_args(p)
     p.set_defaults(func=_interference)
 
     p = sub.add_parser("compose-fit", help="fit composition weights over existing LoRAs for a new task from a few shots")
@@ -102,6 +104,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--registry", default="adapters")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device")
+    add_device_args(p)
     p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value for the spec")
     p.set_defaults(func=_compose_fit)
