@@ -225,7 +225,7 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
 
-def autocast(where: "Backbone | torch.nn.Module | str | torch.device", dtype: torch.dtype | None = None):
+def autocast(where: Backbone | torch.nn.Module | str | torch.device, dtype: torch.dtype | None = None):
     """`torch.autocast` on `where`'s device when `dtype` is bf16/fp16, else a null context.
 
     `where` is a Backbone (its dtype is the default), a model (its embedding dtype is), or a device.

@@ -60,7 +60,10 @@ def _cache(tmp_path_factory):
 @pytest.fixture
 def device() -> torch.device:
     """The device the suite runs on (tensors a test builds itself go here)."""
-    return torch.device(TEST_DEVICE)
+    dev = torch.device(TEST_DEVICE)
+    if dev.type == "cuda" and dev.index is None:  # tensors report cuda:0, and torch.device("cuda") != torch.device("cuda:0")
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 class DeviceGuard(TorchFunctionMode):

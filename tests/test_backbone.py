@@ -24,7 +24,7 @@ def loud_llama(tmp_path_factory):
 
 def _future_leak(model, tok) -> float:
     """How much earlier positions' logits move when only the last token changes (0 if causal)."""
-    ids = torch.tensor([tok("hello there, general kenobi").input_ids])
+    ids = torch.tensor([tok("hello there, general kenobi").input_ids], device=model.device)
     other = ids.clone()
     other[0, -1] = (other[0, -1] + 7) % len(tok)
     with torch.no_grad():

@@ -9,13 +9,13 @@ from adapterhub_lite.heads import answer_ids, encode_prompt, label_scores, task_
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_backbone("tiny-random-llama", "none")
+    return load_backbone("tiny-random-llama", "none", dtype="fp32")  # exact comparisons (auto is bf16 on CUDA)
 
 
 def brute_force(model, tok, prompt, word):
     """log p(word | prompt) from the full logits of one unpadded sequence."""
     p, c = encode_prompt(tok, prompt, 64), answer_ids(tok, word)
-    logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+    logp = model(input_ids=torch.tensor([p + c], device=model.device)).logits[0].log_softmax(-1)
     return sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
 
 
@@ -25,7 +25,7 @@ def test_scores_equal_brute_force_likelihoods(tiny, words):
     label_tokens = [answer_ids(tiny.tokenizer, w) for w in words]
     got = label_scores(tiny.model, tiny.tokenizer, prompts, label_tokens, 64)
     want = torch.tensor([[brute_force(tiny.model, tiny.tokenizer, p, w) for w in words] for p in prompts])
-    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(got.cpu(), want, atol=1e-4)
 
 
 def test_single_token_labels_use_the_next_token_distribution(tiny):
@@ -34,7 +34,7 @@ def test_single_token_labels_use_the_next_token_distribution(tiny):
     got = label_scores(model, tok, ["hello", "hi"], ids, 64)
     for row, prompt in enumerate(["hello", "hi"]):
         p = encode_prompt(tok, prompt, 64)
-        logp = model(input_ids=torch.tensor([p])).logits[0, -1].log_softmax(-1)
+        logp = model(input_ids=torch.tensor([p], device=model.device)).logits[0, -1].log_softmax(-1)
         assert torch.allclose(got[row], logp[[i[0] for i in ids]], atol=1e-5)
 
 
@@ -63,7 +63,7 @@ def test_generation_loss_covers_only_target_tokens(tiny):
     tok, model = tiny.tokenizer, tiny.model
     loss = task_loss(model, tok, ["In: ab\nOut:"], ["AB"], 64)
     p, c = encode_prompt(tok, "In: ab\nOut:", 64), answer_ids(tok, "AB") + [tok.eos_token_id]
-    logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+    logp = model(input_ids=torch.tensor([p + c], device=model.device)).logits[0].log_softmax(-1)
     want = -sum(logp[len(p) - 1 + j, t] for j, t in enumerate(c)) / len(c)
     assert abs(loss.item() - want.item()) < 1e-5
 
@@ -75,7 +75,7 @@ def test_scores_equal_brute_force_under_every_peft_method(method):
     change the layers. Random adapter weights, so that each one really moves the scores."""
     from adapterhub_lite.adapter import attach
 
-    bb = load_backbone("tiny-random-llama", "none")
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")  # exact comparisons (auto is bf16 on CUDA)
     model = attach(bb.model, method, {"num_virtual_tokens": 3} if method in ("prefix", "prompt") else {}).eval()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -91,10 +91,10 @@ def test_scores_equal_brute_force_under_every_peft_method(method):
         for w in words:
             p, c = encode_prompt(tok, prompt, 64), answer_ids(tok, w)
             with torch.no_grad():  # peft's logits include prompt tuning's virtual positions in front: keep the real ones
-                logp = model(input_ids=torch.tensor([p + c])).logits[0, -(len(p) + len(c)):].log_softmax(-1)
+                logp = model(input_ids=torch.tensor([p + c], device=model.device)).logits[0, -(len(p) + len(c)):].log_softmax(-1)
             row.append(sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c)))
         want.append(row)
     with torch.no_grad():
-        base = label_scores(load_backbone("tiny-random-llama", "none").model, tok, prompts, [answer_ids(tok, w) for w in words], 64)
+        base = label_scores(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tok, prompts, [answer_ids(tok, w) for w in words], 64)
     assert (got - base).abs().max().item() > 1e-2  # the adapter changes the scores
-    assert torch.allclose(got, torch.tensor(want), atol=1e-4)
+    assert torch.allclose(got.cpu(), torch.tensor(want), atol=1e-4)

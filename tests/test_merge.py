@@ -63,7 +63,7 @@ def test_linear_merge_equals_the_weighted_sum_by_hand(sources, tmp_path, device)
 
 def test_cat_merge_is_the_exact_weighted_sum_of_updates_and_takes_mixed_ranks(sources):
     weights = {"a": 0.5, "c": 2.0}
-    model, _ = merge_adapters({k: sources[k] for k in weights}, weights, "cat", name="mix", report_rows=0)
+    model, _ = merge_adapters({k: sources[k] for k in weights}, weights, "cat", name="mix", report_rows=0, dtype="fp32")
     (a_A, a_B, a_s), (c_A, c_B, c_s) = _factors(model, "a"), _factors(model, "c")
     m_A, m_B, m_s = _factors(model, "mix")
     want = 0.5 * a_s * a_B @ a_A + 2.0 * c_s * c_B @ c_A
@@ -123,11 +123,11 @@ def test_delta_linear_is_the_exact_weighted_sum_of_updates_and_linear_is_not(sou
     weights = {"a": 0.7, "b": -0.4}
     want = {m: 0.7 * ua + -0.4 * _updates(sources["b"])[m] for m, ua in _updates(sources["a"]).items()}
     for method in ("delta_linear", "cat"):  # delta_linear is peft's cat under the name of what it does
-        _, meta = merge_adapters({k: sources[k] for k in weights}, weights, method, output=tmp_path / method, name="mix", report_rows=0)
+        _, meta = merge_adapters({k: sources[k] for k in weights}, weights, method, output=tmp_path / method, name="mix", report_rows=0, dtype="fp32")
         got = _updates(tmp_path / method)
         assert set(got) == set(want) and meta["merge"]["acts_on"] == "delta_w" and meta["merge"]["rank"] == 8
         assert max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6
-    merge_adapters({k: sources[k] for k in weights}, weights, "linear", output=tmp_path / "linear", name="mix", report_rows=0)
+    merge_adapters({k: sources[k] for k in weights}, weights, "linear", output=tmp_path / "linear", name="mix", report_rows=0, dtype="fp32")
     linear = _updates(tmp_path / "linear")  # factors summed separately: B·A carries the cross terms B_a·A_b, B_b·A_a
     assert max((linear[m] - want[m]).abs().max().item() for m in want) > 1e-3
 

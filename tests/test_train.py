@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from adapterhub_lite import train as train_mod
 from adapterhub_lite.adapter import attach, init_from
-from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.backbone import dtype_name, load_backbone, resolve_dtype
 from adapterhub_lite.data import load_task_data
 from adapterhub_lite.errors import AdapterMethodError
 from adapterhub_lite.evaluate import evaluate_split
@@ -33,10 +33,10 @@ def test_plain_peft_reload_reproduces_the_trained_adapter(cls_task, method):
         "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "curves.png", "metrics.jsonl", "routing.safetensors"]
     assert not (cls_task / ".out.partial").exists()
 
-    base = AutoModelForCausalLM.from_pretrained(load_backbone("tiny-random-llama", "none").path)
+    ours, bb, spec2, _ = load_adapter(out, dtype="fp32")  # exact comparison (auto is bf16 on CUDA)
+    base = AutoModelForCausalLM.from_pretrained(load_backbone("tiny-random-llama", "none").path).to(bb.device)
     plain = PeftModel.from_pretrained(base, out).eval()
-    ours, bb, spec2, _ = load_adapter(out)
-    ids = bb.tokenizer(["Text: aaaa 3\nLabel:", "Text: bbbb 1\nLabel:"], padding=True, return_tensors="pt")
+    ids = bb.tokenizer(["Text: aaaa 3\nLabel:", "Text: bbbb 1\nLabel:"], padding=True, return_tensors="pt").to(bb.device)
     with torch.no_grad():
         a, b = plain(**ids).logits, ours(**ids).logits
     assert (a - b).abs().max().item() < 1e-5
@@ -48,7 +48,7 @@ def test_plain_peft_reload_reproduces_the_trained_adapter(cls_task, method):
     assert meta["trainable_parameters"]["trainable"] > 0 and meta["data"]["train"]["rows"] == 96
 
 
-def test_model_card_and_sidecar_describe_the_run(cls_task):
+def test_model_card_and_sidecar_describe_the_run(cls_task, device):
     out, _ = _train(cls_task, "toy")
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\nbase_model: ") and "model-index" in card
@@ -61,7 +61,7 @@ def test_model_card_and_sidecar_describe_the_run(cls_task):
     assert [r["step"] for r in history if "loss" in r] == [2, 3, 4, 6]
     assert [r["step"] for r in history if "accuracy" in r] == [3, 6]
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert meta["base"]["dtype"] == "fp32"
+    assert meta["base"]["dtype"] == dtype_name(resolve_dtype("auto", device))  # fp32 on the CPU, bf16 on CUDA
 
 
 def test_a_log_row_holds_the_mean_loss_of_the_steps_since_the_previous_row(cls_task):
@@ -125,11 +125,11 @@ def test_eight_bit_backbone_trains_and_reloads_with_plain_peft(cls_task):
     out, _ = _train(cls_task, "toy", "quantization=8bit", "train.max_steps=2", "train.eval_every=2")
     meta = json.loads((out / "adapterhub.json").read_text())
     assert meta["base"]["fingerprint"]["quantization"] == "8bit"
-    bb = load_backbone("tiny-random-llama", "8bit")
+    bb = load_backbone("tiny-random-llama", "8bit", dtype="fp32")
     assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
     plain = PeftModel.from_pretrained(bb.model, out).eval()
-    ours, bb2, _, _ = load_adapter(out)
-    ids = bb.tokenizer(["Text: aaaa 3\nLabel:"], return_tensors="pt")
+    ours, bb2, _, _ = load_adapter(out, dtype="fp32")
+    ids = bb.tokenizer(["Text: aaaa 3\nLabel:"], return_tensors="pt").to(bb.device)
     with torch.no_grad():
         assert torch.allclose(plain(**ids).logits, ours(**ids).logits, atol=1e-4)
 
@@ -155,7 +155,7 @@ def test_init_from_starts_from_the_source_adapter_and_refuses_other_shapes(tmp_p
     model = attach(load_backbone("tiny-random-llama", "none").model, "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
     init_from(model, source)
     theirs = load_file(source / "adapter_model.safetensors")
-    assert all(torch.equal(v, theirs[k]) for k, v in get_peft_model_state_dict(model).items())
+    assert all(torch.equal(v.cpu(), theirs[k]) for k, v in get_peft_model_state_dict(model).items())
     other = attach(load_backbone("tiny-random-llama", "none").model, "lora", {"r": 8, "target_modules": ["q_proj", "v_proj"]})
     with pytest.raises(AdapterMethodError, match="does not match.*rank"):
         init_from(other, source)

@@ -34,8 +34,8 @@ from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_plan
-from ..rowlora import RowContext, RowLoraLinear, check_lora_config
 from ..router.routing import routing_entry
+from ..rowlora import RowContext, RowLoraLinear, check_lora_config
 from ..spec import TaskSpec
 from ..train import Checkpoint, RunState, adapter_meta, finish_folder, next_rows, peak_memory_mb, prepare_output, publish_folder, seed_everything
 from .sampling import TaskSampler
