@@ -12,7 +12,7 @@ import torch
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from .errors import AdapterMethodError
+from .errors import AdapterLoadError, AdapterMethodError
 from .rowlora import LoraFactors
 
 _CONFIGS = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "ia3": IA3Config}
@@ -31,6 +31,11 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
 
 def make_config(method: str, method_args: dict, model: torch.nn.Module):
     """Build the peft config for `method`, checking target modules against the model first."""
+    from .spec import method_args_problems
+
+    problems = method_args_problems(method, method_args or {})
+    if problems:  # checked here too: peft would fail deep inside (TypeError for r="eight") or take r=0
+        raise AdapterMethodError("; ".join(problems))
     args = {**_DEFAULTS[method], **(method_args or {})}
     linear = _linear_names(model)
     targets = args.get("target_modules")
@@ -89,8 +94,17 @@ def save_lora(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def require_safetensors(folder: Path) -> None:
+    """Refuse an adapter folder that holds only a pickle (adapter_model.bin), pointing to `convert`."""
+    folder = Path(folder)
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise AdapterLoadError(f"adapter {str(folder)!r} holds only adapter_model.bin (a pickle, not loaded for safety); "
+                               f"if you trust it, run `adapterhub-lite convert {folder} --trust-pickle` to turn it into safetensors")
+
+
 def read_lora(folder: Path) -> LoraFactors:
     """The factors of a PEFT LoRA folder, as the per-row layer takes them; refuses configs it cannot apply."""
+    require_safetensors(folder)
     cfg = LoraConfig.from_pretrained(str(folder))
     weights = load_file(str(Path(folder) / "adapter_model.safetensors"))
     return LoraFactors.from_state_dict(cfg, weights, f"LoRA adapter {str(folder)!r}")
@@ -104,6 +118,7 @@ def init_from(model: PeftModel, folder: Path) -> None:
     """
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    require_safetensors(folder)
     try:
         theirs = load_file(str(Path(folder) / "adapter_model.safetensors"))
     except OSError:

@@ -6,7 +6,9 @@ Bad input → one line on stderr, exit 2."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -15,11 +17,90 @@ from .errors import AdapterHubError, DataError
 from .multitask.cli import add_commands
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`error: …`, exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan / inf would be written into adapters and metrics)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def count(low: int):
+    """argparse type: a whole number ≥ low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be ≥ {low}")
+        return value
+    parse.__name__ = f"int ≥ {low}"
+    return parse
+
+
+def load_kwargs(fn, args, **kwargs) -> dict:
+    """The backbone/adapter-loading flags (--allow-base-mismatch, --quantization) that `fn` takes, plus kwargs.
+
+    A flag given to a command whose library function cannot honour it is refused rather than ignored.
+    """
+    params = inspect.signature(fn).parameters
+    for flag in ("allow_base_mismatch", "quantization"):
+        value = getattr(args, flag, None)
+        if flag in params:
+            kwargs[flag] = value
+        elif value:
+            raise DataError(f"--{flag.replace('_', '-')} is not supported by {args.command} yet; leave it out")
+    return kwargs
+
+
+def check_output_file(path: str | None) -> None:
+    """Refuse an --output file path that is a folder or whose folder does not exist, before any work."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"--output {path!r} is a folder; name a file to write, e.g. {str(p / 'predictions.jsonl')!r}")
+    if not p.parent.is_dir():
+        raise DataError(f"--output {path!r}: folder {str(p.parent)!r} does not exist; create it first")
+
+
+def write_output(path: str | None, text: str) -> None:
+    """Write the answers to `path` atomically (complete or absent), else to stdout."""
+    from .folder import atomic_write
+
+    if not path:
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write(Path(path), text)
+    except OSError as exc:
+        raise DataError(f"cannot write --output {path!r} ({exc.strerror or type(exc).__name__}); nothing was written") from None
+
+
+def _adapter_folder(folder: str) -> None:
+    """Refuse an adapter folder that holds only a pickle (adapter_model.bin), pointing to convert."""
+    from .adapter import require_safetensors
+
+    require_safetensors(Path(folder))
+
+
 def _train(args) -> int:
     from .spec import load_spec
     from .train import train
 
-    overrides = args.overrides + ([f"dtype={args.dtype}"] if args.dtype else [])  # --dtype overrides the spec's
+    # --dtype / --quantization override the spec's
+    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
     spec = load_spec(args.spec, overrides)
     out = train(spec, args.output, overwrite=args.overwrite, resume=args.resume, device=args.device,
                 command="adapterhub-lite train " + shlex.join(sys.argv[2:]), progress=not args.no_progress)
@@ -37,11 +118,14 @@ def _split_for(spec, split: str):
 
 
 def _eval(args) -> int:
+    from .data import check_lengths
     from .evaluate import evaluate_split
     from .folder import load_adapter
 
+    _adapter_folder(args.adapter)
     model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
+    check_lengths(spec, bb.tokenizer)
     split = _split_for(spec, args.split)
     metrics, _, seconds = evaluate_split(model, bb.tokenizer, spec, split, limit=args.limit)
     n = min(len(split), args.limit or len(split))
@@ -58,23 +142,31 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from .data import render, request_row
+    from .data import check_lengths, render, request_row
     from .evaluate import predict, readable
-    from .folder import atomic_write, load_adapter
+    from .folder import load_adapter
 
     if (args.text is None) == (args.input is None):
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
+    check_output_file(args.output)
     rows = [] if args.input is None else _read_jsonl(args.input)
+    _adapter_folder(args.adapter)
+    # every row is checked against the adapter's task before the backbone loads
+    rows = [request_row(_sidecar_spec(args.adapter), r) for r in (rows or [{"text": args.text}])]
     model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
-    rows = [request_row(spec, r) for r in (rows or [{"text": args.text}])]
+    check_lengths(spec, bb.tokenizer)
     preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows])
-    lines = "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds))
-    if args.output:
-        atomic_write(Path(args.output), lines)
-    else:
-        sys.stdout.write(lines)
+    write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
     return 0
+
+
+def _sidecar_spec(folder: str):
+    """The task spec an adapter folder records (read without loading anything)."""
+    from .folder import SIDECAR, read_sidecar
+    from .spec import spec_from_dict
+
+    return spec_from_dict(read_sidecar(Path(folder))["task"], source=f"task spec in {Path(folder) / SIDECAR}")
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -82,12 +174,19 @@ def _read_jsonl(path: str) -> list[dict]:
     if not p.is_file():
         raise DataError(f"input file {path!r} does not exist; pass a JSONL file with one object per line")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first row
+    except UnicodeDecodeError as exc:
+        raise DataError(f"input file {path!r} is not UTF-8 (byte offset {exc.start}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
                 raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; write one JSON object per line")
+            rows.append(row)
     if not rows:
         raise DataError(f"input file {path!r} has no rows")
     return rows
@@ -152,24 +251,25 @@ def _convert(args) -> int:
 
 
 def _infer(args) -> int:
-    from .folder import atomic_write
     from .router.router import Router
 
+    check_output_file(args.output)
     requests = _read_jsonl(args.input)
-    bad = [n for n, r in enumerate(requests, 1) if not isinstance(r, dict) or "adapter" not in r]
+    bad = [n for n, r in enumerate(requests, 1) if "adapter" not in r]
     if bad:
         raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} name no 'adapter'; give each a name, 'base' or 'auto'")
+    # base / auto read `text` directly; a named adapter's prompt columns are checked by request_row (null refused there)
+    bad = [n for n, r in enumerate(requests, 1) if ("text" in r or r["adapter"] in ("base", "auto")) and not isinstance(r.get("text"), str)]
+    if bad:
+        raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} have a 'text' that is {json.dumps(requests[bad[0] - 1].get('text'))}, "
+                        "not a string; give every request its text")
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
-                                  memory_budget_mb=args.memory_budget_mb)
+                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
     answers = []
     for start in range(0, len(requests), args.batch_size):
         chunk = requests[start : start + args.batch_size]
         answers += [{**req, **res} for req, res in zip(chunk, router.run(chunk))]
-    lines = "".join(json.dumps(a) + "\n" for a in answers)
-    if args.output:
-        atomic_write(Path(args.output), lines)
-    else:
-        sys.stdout.write(lines)
+    write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0
 
 
@@ -180,23 +280,28 @@ def _merge(args) -> int:
     if len(args.weights) != len(args.adapters):
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
     folders = dict(adapter_ref(a, args.registry) for a in args.adapters)
-    _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method, density=args.density,
-                             name=args.name or Path(args.output).name, output=args.output, report_rows=args.report_rows,
-                             task=args.task, device=args.device, dtype=args.dtype)
+    _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
+                             **load_kwargs(merge_adapters, args, density=args.density, name=args.name or Path(args.output).name,
+                                           output=args.output, report_rows=args.report_rows, task=args.task, device=args.device,
+                                           dtype=args.dtype))
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
     return 0
 
 
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    """--device and --dtype, on every command that loads a backbone."""
-    from .spec import DTYPES
+def add_device_args(p: argparse.ArgumentParser, adapters: bool = False) -> None:
+    """--device, --dtype and --quantization on every command that loads a backbone; with `adapters` (commands
+    that load adapters onto it) also --allow-base-mismatch, which the fingerprint error tells users to pass."""
+    from .spec import DTYPES, QUANTIZATIONS
 
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: $ADAPTERHUB_DEVICE, else cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the spec's where the command reads one, else auto = bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="backbone quantization (default: the spec's or the adapters' own)")
+    if adapters:
+        p.add_argument("--allow-base-mismatch", action="store_true", help="load adapters even if their backbone fingerprint differs")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adapterhub-lite", description=__doc__)
+    parser = _Parser(prog="adapterhub-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one task adapter from a YAML spec")
@@ -211,19 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("eval", _eval, "score an adapter on a split"), ("predict", _predict, "run an adapter on new inputs")):
         p = sub.add_parser(name, help=text)
         p.add_argument("adapter", help="adapter folder")
-        p.add_argument("--quantization", choices=("8bit", "4bit", "none"), help="override the backbone quantization")
-        p.add_argument("--allow-base-mismatch", action="store_true", help="load even if the backbone fingerprint differs")
         p.set_defaults(func=func)
+        add_device_args(p, adapters=True)
         if name == "eval":
             p.add_argument("--split", default="dev", help="dev, train, or a data file path")
-            p.add_argument("--limit", type=int, help="score only the first N rows")
+            p.add_argument("--limit", type=count(1), help="score only the first N rows")
             p.add_argument("--json", action="store_true", help="print one JSON object")
         else:
             p.add_argument("--text", help="one input (for prompts that read one column)")
             p.add_argument("--input", help="JSONL file of rows with the prompt's columns")
             p.add_argument("--output", help="write JSONL predictions here instead of stdout")
-    for p in (t, *[sub.choices[n] for n in ("eval", "predict")]):
-        add_device_args(p)
+    add_device_args(t)
 
     registry_help = "a local folder (default: adapters) or hf://org/repo"
     p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
@@ -247,21 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="serve a JSONL file of requests, each naming its adapter (or base / auto)")
     p.add_argument("--input", required=True, help='JSONL requests: {"adapter": "sst2" | "base" | "auto", "text": …}')
     p.add_argument("--output", help="JSONL answers (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--memory-budget-mb", type=float, help="evict least-recently-used adapters beyond this")
-    p.add_argument("--quantization", choices=("8bit", "4bit", "none"))
-    add_device_args(p)
+    p.add_argument("--batch-size", type=count(1), default=32)
+    p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
+    add_device_args(p, adapters=True)
     p.set_defaults(func=_infer)
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")
     p.add_argument("adapters", nargs="+", help="registry names (name or name@version) or adapter folders")
-    p.add_argument("--weights", type=float, nargs="+", required=True)
+    p.add_argument("--weights", type=finite_float, nargs="+", required=True)
     p.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear, dare_ties")
-    p.add_argument("--density", type=float, help="ties / dare: share of each update kept")
+    p.add_argument("--density", type=finite_float, help="ties / dare: share of each update kept")
     p.add_argument("--output", required=True)
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
     p.add_argument("--task", help="the task the merged adapter serves: a source's task name, or none for raw text (default: the sources' common task)")
-    p.add_argument("--report-rows", type=int, default=200, help="dev rows per source task in the report (0: none)")
-    add_device_args(p)
+    p.add_argument("--report-rows", type=count(0), default=200, help="dev rows per source task in the report (0: none)")
+    add_device_args(p, adapters=True)
     p.set_defaults(func=_merge)
     for name in ("infer", "merge"):
         sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import string
 import typing
 from dataclasses import dataclass, field
@@ -89,7 +90,10 @@ class TaskSpec:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ["train.lr=1e-3", "method=prefix"] into a nested dict; values are parsed as YAML."""
+    """Turn ["train.lr=1e-3", "method=prefix"] into a nested dict; values are parsed as YAML.
+
+    A value YAML cannot parse (e.g. `prompt=Review: {text}\\nSentiment:`) is taken as the string written.
+    """
     out: dict[str, Any] = {}
     bad = [item for item in items if "=" not in item or not item.split("=", 1)[0]]
     if bad:
@@ -100,7 +104,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:  # free text such as a prompt is not meant as YAML
+            value = raw
         # "Text: {body}" parses as a YAML mapping; only an explicit {…} / […] is meant as one.
         node[leaf] = raw if isinstance(value, (dict, list)) and raw.strip()[:1] not in "{[" else value
     return out
@@ -142,9 +149,13 @@ def _build(cls, raw: Any, where: str, problems: list[str]):
 def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
     if hint is float and not isinstance(value, bool):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it means
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             pass
+        else:
+            if not math.isfinite(number):  # .inf / nan would train an all-NaN adapter and exit 0
+                problems.append(f"{key}={value!r} is not a finite number; give a finite value")
+            return number
     if hint in (int, str, float):
         if not isinstance(value, hint) or isinstance(value, bool):
             problems.append(f"{key!r} must be {hint.__name__}, got {value!r}")
@@ -174,18 +185,15 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
     choice("train.schedule", spec.train.schedule, SCHEDULES)
     if not isinstance(spec.method_args, dict):
         problems.append(f"'method_args' must be a mapping, got {spec.method_args!r}")
+    elif spec.method in METHODS:
+        problems += method_args_problems(spec.method, spec.method_args)
     for key in ("train", "dev"):
         if not getattr(spec.data, key):
             problems.append(f"'data.{key}' is required (a csv/tsv/jsonl/parquet path or hf:<dataset>[:<config>]:<split>)")
     if not spec.prompt or not isinstance(spec.prompt, str):
         problems.append("'prompt' is required, e.g. \"Review: {sentence}\\nSentiment:\"")
     else:
-        try:
-            fields = spec.prompt_fields
-            if not fields:
-                problems.append(f"prompt {spec.prompt!r} names no column; use {{column}} placeholders")
-        except ValueError as exc:
-            problems.append(f"prompt {spec.prompt!r} is not a valid template ({exc})")
+        problems += prompt_problems(spec.prompt)
     if spec.type == "classification":
         if not spec.label:
             problems.append("'label' (the label column) is required for classification")
@@ -206,16 +214,78 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
     if isinstance(t.lr, float) and t.lr <= 0:
         problems.append(f"train.lr must be > 0, got {t.lr}")
+    if isinstance(t.max_length, int) and isinstance(t.max_new_tokens, int) and t.max_length >= 1:
+        # max_length holds the prompt (≥ 1 token, the answer is conditioned on it) and the answer. The exact
+        # minimum needs the tokenizer (data.check_lengths); what the spec alone rules out is refused here.
+        need = 2 if spec.type == "classification" else t.max_new_tokens + 1
+        if t.max_length < need:
+            what = "one prompt token and a one-token label" if spec.type == "classification" else f"one prompt token and train.max_new_tokens={t.max_new_tokens}"
+            problems.append(f"train.max_length={t.max_length} leaves no room for {what}; use train.max_length ≥ {need}")
+
+
+def prompt_problems(prompt: str) -> list[str]:
+    """What is wrong with a prompt template: it must name columns as plain `{column}` placeholders.
+
+    Rows are rendered with str.format, so a conversion (`!r`), a format spec (`:>10`, `:{width}`), an
+    attribute or index (`{a.b}`, `{a[0]}`) or a positional `{}` would fail (or change the text) only at
+    render time; they are refused here, naming the field.
+    """
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as exc:
+        return [f"prompt {prompt!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}"]
+    problems = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name or not name.isidentifier():
+            problems.append(f"prompt field {shown} is not a column name; use {{column}} placeholders (literal braces: {{{{ and }}}})")
+        elif conversion or spec:
+            problems.append(f"prompt field {shown} has a conversion or format spec, which prompts do not support; write {{{name}}}")
+    if not problems and not any(name for _, name, _, _ in parsed):
+        problems.append(f"prompt {prompt!r} names no column; use {{column}} placeholders")
+    return problems
+
+
+# method_args that peft would otherwise take unchecked (a str rank fails deep inside peft with a TypeError).
+_POSITIVE_INTS = {"lora": ("r",), "prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens",), "ia3": ()}
+
+
+def method_args_problems(method: str, args: dict) -> list[str]:
+    """Type and range problems of the method_args peft reads for `method`, one message each."""
+    problems = []
+    for key in _POSITIVE_INTS.get(method, ()):
+        value = args.get(key)
+        if key in args and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            fix = "an adapter needs at least one rank" if key == "r" else "at least one virtual token"
+            problems.append(f"method_args.{key}={value!r} must be a whole number ≥ 1 ({fix}), e.g. {key}: 8")
+    if method == "lora":
+        for key, low, high in (("lora_alpha", 0.0, math.inf), ("lora_dropout", 0.0, 1.0)):
+            value = args.get(key)
+            if key in args and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                                or not low <= value < high or (key == "lora_alpha" and value == 0)):
+                rule = "a number > 0" if key == "lora_alpha" else "a number in [0, 1)"
+                problems.append(f"method_args.{key}={value!r} must be {rule}")
+        targets = args.get("target_modules")
+        if "target_modules" in args and not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+            problems.append(f"method_args.target_modules={targets!r} must be a module name or a list of names, e.g. [q_proj, v_proj]")
+    checked = {*_POSITIVE_INTS.get(method, ()), "lora_alpha", "lora_dropout"}
+    for key, value in args.items():  # any other number peft takes must be finite too
+        if key not in checked and isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"method_args.{key}={value!r} is not a finite number; give a finite value")
+    return problems
 
 
 def spec_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "task spec") -> TaskSpec:
     """Build and validate a TaskSpec from a mapping plus `dotted.key=value` overrides."""
     if overrides:
         extra = parse_overrides(overrides)
-        if "method" in extra and extra["method"] != (raw or {}).get("method") and "method_args" not in extra:
-            extra["method_args"] = None  # the file's method_args belong to the method being replaced
-        raw = _merge(raw or {}, extra)
-        if raw.get("method_args") is None:
+        raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
+        if isinstance(raw, dict) and "method" in extra and extra["method"] != raw.get("method", "lora"):
+            raw["method_args"] = {}  # the file's method_args belong to the method being replaced; only the overrides' stay
+        raw = _merge(raw, extra) if isinstance(raw, dict) else raw
+        if isinstance(raw, dict) and raw.get("method_args") is None:
             raw["method_args"] = {}
     problems: list[str] = []
     spec = _build(TaskSpec, raw, "", problems)

@@ -70,8 +70,21 @@ def test_train_eval_predict_round_trip(capsys, cls_task):
     code, out, _ = run(capsys, "train", "toy.yaml", "train.max_steps=2", "--output", "out", "--no-progress")
     assert code == 0 and json.loads(out)["output"] == "out"
     code, out, _ = run(capsys, "eval", "out", "--split", "dev", "--json")
+    assert code == 0 and json.loads(out)["rows"] == 16
+    # eval's score must be the score of what predict answers on the same rows, class by class; the
+    # classes are uneven (12 / 4) so that swapped labels or a constant answer cannot score the same
+    dev = [{"text": f"{'aaaa' if i < 12 else 'bbbb'} {i}", "label": "pos" if i < 12 else "neg"} for i in range(16)]
+    (cls_task / "uneven.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
+    code, out, _ = run(capsys, "eval", "out", "--split", "uneven.jsonl", "--json")
     result = json.loads(out)
-    assert code == 0 and result["rows"] == 16 and 0 <= result["accuracy"] <= 1 and "per_class" in result
+    code2, out, _ = run(capsys, "predict", "out", "--input", "uneven.jsonl")
+    words = [json.loads(line)["prediction"] for line in out.splitlines()]
+    gold = [{"pos": "x", "neg": "z"}[r["label"]] for r in dev]
+    assert code == code2 == 0 and result["rows"] == len(words) == 16
+    assert result["accuracy"] == round(sum(w == g for w, g in zip(words, gold)) / 16, 4)
+    assert {k: v["support"] for k, v in result["per_class"].items()} == {"x": gold.count("x"), "z": gold.count("z")}
+    assert {k: v["recall"] for k, v in result["per_class"].items()} == {
+        c: round(sum(w == g == c for w, g in zip(words, gold)) / gold.count(c), 4) for c in ("x", "z")}
     code, out, _ = run(capsys, "predict", "out", "--text", "aaaa 1")
     assert code == 0 and json.loads(out)["prediction"] in ("x", "z")
     (cls_task / "in.jsonl").write_text('{"text": "aaaa 2"}\n{"text": "bbbb 2"}\n')

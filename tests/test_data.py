@@ -31,3 +31,71 @@ def test_a_broken_jsonl_line_is_named(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(DataError, match=r"b.jsonl:2 is not valid JSON"):
         load_split(str(tmp_path / "b.jsonl"))
+
+
+def _cls_spec(labels, data="t.csv", **train):
+    return spec_from_dict({"name": "t", "type": "classification", "data": {"train": data, "dev": data},
+                           "prompt": "{a} ->", "label": "label", "labels": labels, "train": train})
+
+
+def test_digit_label_words_never_shift_classes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.csv").write_text("a,label\nx,1\ny,2\nz,3\n")
+    with pytest.raises(DataError) as err:  # "1" is the word of class 0 and the index of class 1
+        load_task_data(_cls_spec(["1", "2", "3"]))
+    msg = str(err.value)
+    assert "'1', which is both the label word of class 0 and the index of class 1 ('2')" in msg and "mapping" in msg
+    assert load_task_data(_cls_spec({"1": "1", "2": "2", "3": "3"}))["train"].answers == [0, 1, 2]
+    (tmp_path / "t.csv").write_text("a,label\nx,no\ny,1\nz,0\n")  # words and indices still both work when unambiguous
+    assert load_task_data(_cls_spec(["no", "yes"]))["train"].answers == [0, 1, 0]
+
+
+@pytest.mark.parametrize("name, text", [
+    ("d.csv", "a,label\nx,no\n"), ("d.tsv", "a\tlabel\nx\tno\n"),
+    ("d.jsonl", '{"a": "x", "label": "no"}\n'), ("d.json", '[{"a": "x", "label": "no"}]'),
+])
+def test_a_utf8_byte_order_mark_is_accepted_in_every_format(tmp_path, monkeypatch, name, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    split = load_task_data(_cls_spec(["no", "yes"], data=name))["train"]
+    assert split.prompts == ["x ->"] and split.answers == [0]
+
+
+@pytest.mark.parametrize("name, data, needle", [
+    ("r.tsv", b"a\tlabel\nx\tno\ny\tno\textra\n", "r.tsv:3 has 3 fields but the header has 2 (tab-separated)"),
+    ("h.csv", b"a,label\n", "h.csv has a header (a, label) but no rows"),
+    ("b.jsonl", b'{"a": "x", "label": "no"}\n{"a": "caf\xe9", "label": "no"}\n', "b.jsonl:2 is not UTF-8 (byte 0xe9"),
+    ("b.csv", b"a,label\nx,no\ncaf\xe9,no\n", "b.csv:3 is not UTF-8"),
+    ("l.jsonl", b'{"a": "x", "label": "no"}\n[1, 2]\n', "l.jsonl:2 is a JSON list, not an object"),
+])
+def test_bad_data_files_name_the_line_and_what_is_wrong(tmp_path, name, data, needle):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError) as err:
+        load_split(str(tmp_path / name))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_max_length_must_fit_the_longest_label_or_target(tmp_path, monkeypatch):
+    from adapterhub_lite.backbone import _tiny_tokenizer
+    from adapterhub_lite.data import check_lengths
+
+    tok = _tiny_tokenizer()  # byte-level: " maybe" is 6 tokens
+    with pytest.raises(DataError, match=r"longest label 'maybe' \(6 tokens\); use train.max_length ≥ 7"):
+        check_lengths(_cls_spec(["no", "maybe"], max_length=6), tok)
+    check_lengths(_cls_spec(["no", "maybe"], max_length=7), tok)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.jsonl").write_text('{"a": "x", "t": "abc"}\n{"a": "y", "t": "abcdefgh"}\n')
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->",
+                          "target": "t", "train": {"max_length": 10, "max_new_tokens": 4}})
+    with pytest.raises(DataError, match=r"row 2 of 'g.jsonl': 9 tokens \+ EOS\); use train.max_length ≥ 11"):
+        check_lengths(gen, tok, load_task_data(gen))
+
+
+def test_a_null_prompt_column_in_a_request_is_refused():
+    from adapterhub_lite.data import request_row
+
+    spec = _cls_spec(["no", "yes"])
+    assert request_row(spec, {"text": "hi"})["a"] == "hi"
+    for row in ({"text": None}, {"a": None}):
+        with pytest.raises(DataError, match="has null for 'a'"):
+            request_row(spec, row)

@@ -58,3 +58,40 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_malformed_override_is_refused():
     with pytest.raises(SpecError, match="dotted.key=value"):
         spec_from_dict(VALID, ["train.lr"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.lr=.inf", "train.lr=inf is not a finite number"),
+    ("train.lr=nan", "train.lr='nan' is not a finite number"),
+    ("train.max_grad_norm=-.inf", "train.max_grad_norm=-inf is not a finite number"),
+    ("method_args.lora_dropout=.nan", "method_args.lora_dropout=nan must be a number in [0, 1)"),
+    ("method_args.r=eight", "method_args.r='eight' must be a whole number ≥ 1"),
+    ("method_args.r=0", "method_args.r=0 must be a whole number ≥ 1 (an adapter needs at least one rank)"),
+    ("prompt=X: {x!r:>{width}}", "prompt field {x!r:>{width}} has a conversion or format spec"),
+    ("prompt=X: {x.upper} {}", "prompt field {x.upper} is not a column name"),
+    ("train.max_length=1", "train.max_length=1 leaves no room for one prompt token and a one-token label; use train.max_length ≥ 2"),
+])
+def test_bad_values_are_refused_in_one_line(override, needle):
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(VALID, [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_generation_max_length_must_leave_room_for_the_answer():
+    gen = {**VALID, "type": "generation", "target": "y", "labels": None, "label": None}
+    with pytest.raises(SpecError, match="max_new_tokens=8; use train.max_length ≥ 9"):
+        spec_from_dict(gen, ["train.max_length=8", "train.max_new_tokens=8"])
+    assert spec_from_dict(gen, ["train.max_length=9", "train.max_new_tokens=8"]).train.max_length == 9
+
+
+def test_an_override_yaml_cannot_parse_is_taken_as_written():
+    raw = "prompt=Review: {x}\\nSentiment:"  # as typed in a shell: a backslash and an n
+    assert parse_overrides([raw]) == {"prompt": "Review: {x}\\nSentiment:"}
+    assert spec_from_dict(VALID, [raw]).prompt == "Review: {x}\\nSentiment:"
+
+
+def test_overriding_method_drops_the_files_method_args_even_with_new_ones(tmp_path):
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({**VALID, "method_args": {"r": 4, "lora_alpha": 8}}))
+    spec = load_spec(tmp_path / "t.yaml", ["method=prefix", "method_args.num_virtual_tokens=4"])
+    assert spec.method_args == {"num_virtual_tokens": 4}  # the file's LoRA r would make peft's PrefixTuningConfig fail
+    assert load_spec(tmp_path / "t.yaml", ["method=lora", "method_args.r=2"]).method_args == {"r": 2, "lora_alpha": 8}  # same method: merged

@@ -12,7 +12,8 @@ def _train_multi(args) -> int:
     from ..spec import load_spec
     from .joint import JointConfig, train_joint
 
-    specs = [load_spec(path, args.overrides) for path in args.specs]
+    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("quantization",) if getattr(args, k)]
+    specs = [load_spec(path, overrides) for path in args.specs]
     weighting_args = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("window", args.window)) if v is not None}
     if args.fixed_weights:
         weighting_args = {"weights": dict(zip([s.name for s in specs], args.fixed_weights))}
@@ -30,8 +31,11 @@ def _train_multi(args) -> int:
 def _interference(args) -> int:
     from .interference import interference
 
-    report = interference(args.adapters, args.output, merges=tuple(args.merge), density=args.density, rows=args.rows or None,
-                          tolerance=args.tolerance, quantization=args.quantization, device=args.device, dtype=args.dtype)
+    from ..cli import load_kwargs
+
+    report = interference(args.adapters, args.output, merges=tuple(args.merge),
+                          **load_kwargs(interference, args, density=args.density, rows=args.rows or None, tolerance=args.tolerance,
+                                        device=args.device, dtype=args.dtype))
     print(json.dumps({"output": args.output, "scores": report["scores"], "flags": report["flags"]}))
     return 0
 
@@ -41,36 +45,42 @@ def _compose_fit(args) -> int:
     from ..spec import load_spec
     from .compose import compose_fit
 
-    spec = load_spec(args.spec, args.overrides)
+    from ..cli import load_kwargs
+
+    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("quantization",) if getattr(args, k)]
+    spec = load_spec(args.spec, overrides)
     sources = dict(adapter_ref(ref, args.registry) for ref in args.sources)
-    report = compose_fit(spec, sources, args.output, shots=args.shots, search=args.search, budget=args.budget, l1=args.l1,
-                         seed=args.seed, baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
-                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:]))
+    args.quantization = None  # applied through the spec
+    report = compose_fit(spec, sources, args.output,
+                         **load_kwargs(compose_fit, args, shots=args.shots, search=args.search, budget=args.budget, l1=args.l1,
+                                       seed=args.seed, baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
+                                       overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                                       command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:])))
     print(json.dumps({"output": args.output, **report}))
     return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the multi-task subcommands on the main parser."""
-    from ..cli import add_device_args  # cli imports this module first; by now it is complete
+    from ..cli import add_device_args, count, finite_float  # cli imports this module first; by now it is complete
     p = sub.add_parser("train-multi", help="train several task adapters jointly (mixed batches, weighted losses)")
     p.add_argument("specs", nargs="+", help="task spec YAMLs (LoRA), e.g. scripts/tasks/sst2.yaml scripts/tasks/rte.yaml")
     p.add_argument("--output", required=True, help="run folder: one adapter folder per task inside")
     p.add_argument("--weighting", default="dynamic", choices=("equal", "fixed", "dynamic", "uncertainty"))
-    p.add_argument("--alpha", type=float, help="dynamic: sigmoid slope α (default 5)")
-    p.add_argument("--beta", type=float, help="dynamic: loss at which a task weighs 0.5 (default 0.5)")
-    p.add_argument("--window", type=int, help="dynamic: steps of loss history per task (default 20)")
-    p.add_argument("--fixed-weights", type=float, nargs="+", help="fixed: one weight per spec, in order")
+    p.add_argument("--alpha", type=finite_float, help="dynamic: sigmoid slope α (default 5)")
+    p.add_argument("--beta", type=finite_float, help="dynamic: loss at which a task weighs 0.5 (default 0.5)")
+    p.add_argument("--window", type=count(1), help="dynamic: steps of loss history per task (default 20)")
+    p.add_argument("--fixed-weights", type=finite_float, nargs="+", help="fixed: one weight per spec, in order")
     p.add_argument("--sampling", default="temperature", choices=("proportional", "temperature", "round_robin", "dynamic"))
-    p.add_argument("--temperature", type=float, default=2.0, help="temperature sampling: p ∝ n^(1/T)")
+    p.add_argument("--temperature", type=finite_float, default=2.0, help="temperature sampling: p ∝ n^(1/T)")
     p.add_argument("--shared-adapter", action="store_true", help="also train one LoRA every task uses under its own")
-    p.add_argument("--shared-r", type=int, default=8, help="rank of the shared adapter")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16, help="rows per step, mixed over the tasks")
-    p.add_argument("--warmup-steps", type=int, default=20)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=200, help="dev rows per task in periodic evals (final: all)")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget; 0: none")
+    p.add_argument("--shared-r", type=count(1), default=8, help="rank of the shared adapter")
+    p.add_argument("--steps", type=count(1), default=300)
+    p.add_argument("--batch-size", type=count(1), default=16, help="rows per step, mixed over the tasks")
+    p.add_argument("--warmup-steps", type=count(0), default=20)
+    p.add_argument("--eval-every", type=count(1), default=100)
+    p.add_argument("--eval-samples", type=count(1), default=200, help="dev rows per task in periodic evals (final: all)")
+    p.add_argument("--max-minutes", type=finite_float, default=0.0, help="wall-clock budget; 0: none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken at every eval)")
@@ -83,27 +93,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapters", nargs="+", help="single-task adapter folders and joint run folders (from train-multi)")
     p.add_argument("--output", required=True, help="folder for report.json and heatmap.png")
     p.add_argument("--merge", nargs="*", default=["linear", "ties"], help="merge methods to add as columns (none: --merge)")
-    p.add_argument("--density", type=float, default=0.5, help="ties / dare density")
-    p.add_argument("--rows", type=int, default=200, help="dev rows per cell (0: all)")
-    p.add_argument("--tolerance", type=float, default=0.01, help="score drop that counts as negative transfer")
-    p.add_argument("--quantization", choices=("8bit", "4bit", "none"))
-    add_device_args(p)
+    p.add_argument("--density", type=finite_float, default=0.5, help="ties / dare density")
+    p.add_argument("--rows", type=count(0), default=200, help="dev rows per cell (0: all)")
+    p.add_argument("--tolerance", type=finite_float, default=0.01, help="score drop that counts as negative transfer")
+    add_device_args(p, adapters=True)
     p.set_defaults(func=_interference)
 
     p = sub.add_parser("compose-fit", help="fit composition weights over existing LoRAs for a new task from a few shots")
     p.add_argument("spec", help="the new task's spec YAML")
     p.add_argument("--from", dest="sources", nargs="+", required=True, help="source adapters: registry names or folders")
     p.add_argument("--output", required=True)
-    p.add_argument("--shots", type=int, default=16, help="labeled training rows the weights are fitted on")
+    p.add_argument("--shots", type=count(1), default=16, help="labeled training rows the weights are fitted on")
     p.add_argument("--search", default="cma", choices=("cma", "gradient"), help="CMA-ES (gradient-free) or Adam on the weights")
-    p.add_argument("--budget", type=int, default=40, help="loss evaluations (cma) or steps (gradient)")
-    p.add_argument("--l1", type=float, default=0.05, help="L1 penalty on the weights (LoraHub uses 0.05)")
-    p.add_argument("--lora-steps", type=int, default=40, help="steps of the LoRA-on-the-same-shots baseline")
+    p.add_argument("--budget", type=count(1), default=40, help="loss evaluations (cma) or steps (gradient)")
+    p.add_argument("--l1", type=finite_float, default=0.05, help="L1 penalty on the weights (LoraHub uses 0.05)")
+    p.add_argument("--lora-steps", type=count(0), default=40, help="steps of the LoRA-on-the-same-shots baseline")
     p.add_argument("--no-baselines", action="store_true", help="skip base / single source / few-shot LoRA comparisons")
-    p.add_argument("--rows", type=int, default=0, help="dev rows in the comparisons (0: all)")
+    p.add_argument("--rows", type=count(0), default=0, help="dev rows in the comparisons (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--registry", default="adapters")
     p.add_argument("--overwrite", action="store_true")
-    add_device_args(p)
+    add_device_args(p, adapters=True)
     p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value for the spec")
     p.set_defaults(func=_compose_fit)

@@ -22,7 +22,7 @@ import torch
 
 from ..adapter import read_lora, save_lora
 from ..backbone import autocast, load_backbone
-from ..data import load_split, load_task_data, to_split
+from ..data import check_lengths, load_split, load_task_data, to_split
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import atomic_write, check_base, read_sidecar, write_json
@@ -95,14 +95,14 @@ class Composition:
         return {m: f for m in self.modules if (f := self.factors(m, self.composed_slot)) is not None}
 
 
-def _load_sources(folders: dict[str, Path], bb) -> dict[str, dict]:
+def _load_sources(folders: dict[str, Path], bb, allow_base_mismatch: bool = False) -> dict[str, LoraFactors]:
     problems, out = [], {}
     for name, folder in folders.items():
         meta = read_sidecar(folder)
         if meta["method"] != "lora":
             problems.append(f"{name} is a {meta['method']} adapter")
             continue
-        check_base(name, meta["base"]["fingerprint"], bb.fingerprint, "compose-fit uses", allow=False)
+        check_base(name, meta["base"]["fingerprint"], bb.fingerprint, "compose-fit uses", allow=allow_base_mismatch)
         out[name] = read_lora(folder)
     if problems:
         raise ComposeError(f"only LoRA adapters can be composed: {'; '.join(problems)}")
@@ -120,7 +120,7 @@ def _shots(spec: TaskSpec, n: int, seed: int):
 def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Path, *, shots: int = 16, search: str = "cma",
                 budget: int = 40, l1: float = 0.05, seed: int = 0, baselines: bool = True, lora_steps: int = 40,
                 eval_rows: int | None = None, overwrite: bool = False, device: str | None = None, dtype: str | None = None,
-                command: str | None = None) -> dict:
+                command: str | None = None, allow_base_mismatch: bool = False) -> dict:
     """Fit composition weights for `spec` from `shots` training rows, write the composed adapter
     folder, and return the report (also saved in the folder as compose_report.json).
 
@@ -138,7 +138,8 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
     dev = load_task_data(spec, ("dev",))["dev"]
     bb = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
-    comp = Composition(bb.model, _load_sources({n: Path(f) for n, f in sources.items()}, bb))
+    check_lengths(spec, bb.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
+    comp = Composition(bb.model, _load_sources({n: Path(f) for n, f in sources.items()}, bb, allow_base_mismatch))
     tok = bb.tokenizer
     labels = label_token_ids(tok, spec) if spec.type == "classification" else None
 

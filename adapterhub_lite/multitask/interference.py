@@ -50,7 +50,7 @@ def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, 
 
 def interference(folders: list[str | Path], output: str | Path, *, merges: tuple[str, ...] = ("linear", "ties"), density: float = 0.5,
                  rows: int | None = 200, tolerance: float = 0.01, quantization: str | None = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None) -> dict:
+                 dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False) -> dict:
     """Score every task under every adapter and write report.json + heatmap.png into `output`.
 
     `quantization` (default: the adapters' own), `device` and `dtype` (None: auto) are the backbone's (see load_backbone).
@@ -66,7 +66,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     first = next(iter(metas.values()))
     bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     for n, m in metas.items():
-        check_base(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=False)
+        check_base(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
     model = PeftModel.from_pretrained(bb.model, singles[names[0]], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(singles[n], adapter_name=n)
@@ -76,7 +76,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
         for t, f in tasks.items():
-            check_base(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=False)
+            check_base(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
             model.load_adapter(f, adapter_name=f"{run}/{t}")
         columns.append(run)
     model.eval()

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from ..adapter import make_config, save_lora, trainable_parameters
 from ..backbone import autocast, load_backbone
-from ..data import load_task_data
+from ..data import check_lengths, load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
@@ -163,6 +163,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
     bb = load_backbone(specs[0].base, specs[0].quantization, device, dtype=dtype or specs[0].dtype)
     tok, device = bb.tokenizer, str(next(bb.model.parameters()).device)
+    for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
+        check_lengths(s, tok, data[s.name])
     seed_everything(cfg.seed)
     model = _attach(bb.model, specs, cfg)
     joint = JointLora(model, names, cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))

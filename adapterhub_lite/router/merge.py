@@ -51,7 +51,7 @@ class MergeError(AdapterHubError):
     """Adapters that cannot be merged as asked (method, ranks, types or backbones differ)."""
 
 
-def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float]) -> None:
+def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float], allow_base_mismatch: bool = False) -> None:
     if method not in MERGE_METHODS:
         raise MergeError(f"merge method {method!r} is not one of {', '.join(MERGE_METHODS)}")
     if set(weights) != set(metas):
@@ -63,7 +63,7 @@ def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float
     if not_lora:
         raise MergeError(f"only LoRA adapters can be merged; {not_lora} are not (serve them side by side in one batch instead)")
     bases = {m["base"]["fingerprint"]["id"] for m in metas.values()}
-    if len(bases) > 1:
+    if len(bases) > 1 and not allow_base_mismatch:
         raise MergeError(f"sources were trained on different backbones {sorted(bases)}; merge adapters of one backbone")
 
 
@@ -71,9 +71,10 @@ def _ranks(folders: dict[str, Path]) -> dict[str, int]:
     return {n: json.loads((f / "adapter_config.json").read_text())["r"] for n, f in folders.items()}
 
 
-def check_merge(folders: dict[str, Path], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None) -> dict[str, int]:
+def check_merge(folders: dict[str, Path], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
+                allow_base_mismatch: bool = False) -> dict[str, int]:
     """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks."""
-    _check_sources(metas, method, weights)
+    _check_sources(metas, method, weights, allow_base_mismatch)
     ranks = _ranks(folders)
     if method in FACTOR_METHODS and len(set(ranks.values())) > 1:
         raise MergeError(f"method {method!r} needs equal LoRA ranks but they are {ranks}; "
@@ -128,7 +129,7 @@ def _sha256(path: Path) -> str:
 def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], method: str = "linear", *,
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
-                   device: str | None = None, dtype: str | torch.dtype | None = None):
+                   device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False):
     """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
 
     `task`: the task the merged adapter serves. None: the sources' common task (sources of different
@@ -141,7 +142,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     """
     folders = {n: Path(f) for n, f in folders.items()}
     metas = {n: read_sidecar(f) for n, f in folders.items()}
-    ranks = check_merge(folders, metas, weights, method, density)
+    ranks = check_merge(folders, metas, weights, method, density, allow_base_mismatch)
     if name in folders:
         raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
     dotted = [n for n in (*folders, name) if not n or "." in n]

@@ -1,0 +1,90 @@
+"""The CLI driven with bad inputs (issue 10): one `error:` line on stderr, a non-zero exit, no stray files."""
+
+import json
+import os
+
+import pytest
+
+from adapterhub_lite.cli import build_parser, main
+
+
+def listing(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files + [""])
+
+
+def refused(capsys, root, argv, needle):
+    before = listing(root)
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse-level mistakes exit from inside the parser
+        code = exc.code
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code not in (0, None), err
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert listing(root) == before  # nothing written, not even a partial folder or a temp file
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.lr=.inf"], "train.lr=inf is not a finite number"),
+    (["train.weight_decay=nan"], "train.weight_decay='nan' is not a finite number"),
+    (["method_args.r=eight"], "method_args.r='eight' must be a whole number ≥ 1"),
+    (["method_args.r=0"], "(an adapter needs at least one rank)"),
+    (["prompt=Text: {text!r:>{width}}\nLabel:"], "prompt field {text!r:>{width}} has a conversion or format spec"),
+    (["train.max_length=1"], "use train.max_length ≥ 2"),
+    (["data.train=ragged.tsv"], "ragged.tsv:3 has 1 fields but the header has 2"),
+    (["data.train=header.csv"], "header.csv has a header (text, label) but no rows"),
+    (["data.train=latin1.jsonl"], "latin1.jsonl:1 is not UTF-8"),
+    (["labels=['1', '2']", "data.train=digits.csv", "data.dev=digits.csv"], "which is both the label word of class 0 and the index of class 1"),
+])
+def test_bad_train_inputs(capsys, cls_task, override, needle):
+    (cls_task / "ragged.tsv").write_text("text\tlabel\naaaa\tpos\nbbbb\n")
+    (cls_task / "header.csv").write_text("text,label\n")
+    (cls_task / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "pos"}\n')
+    (cls_task / "digits.csv").write_text("text,label\naaaa,1\nbbbb,2\n")
+    refused(capsys, cls_task, ["train", "toy.yaml", *override, "--output", "out", "--no-progress"], needle)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["merge", "a", "b", "--weights", "nan", "0.5", "--output", "m"], "argument --weights: 'nan' is not a finite number"),
+    (["merge", "a", "b", "--weights", "1", "inf", "--output", "m"], "'inf' is not a finite number"),
+    (["interference", "a", "--output", "r", "--rows", "-5"], "argument --rows: -5 must be ≥ 0"),
+    (["train-multi", "toy.yaml", "--output", "r", "--steps", "0"], "argument --steps: 0 must be ≥ 1"),
+    (["train-multi", "toy.yaml", "--output", "r", "--overrides", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),
+    (["infer", "--input", "null.jsonl", "--registry", "reg"], "have a 'text' that is null, not a string"),
+])
+def test_bad_flags(capsys, cls_task, argv, needle):
+    (cls_task / "null.jsonl").write_text('{"adapter": "base", "text": null}\n')
+    refused(capsys, cls_task, argv, needle)
+
+
+def test_every_adapter_loading_command_takes_the_same_flags():
+    parser = build_parser()
+    common = {"--allow-base-mismatch", "--device", "--dtype", "--quantization"}
+    for command in ("eval", "predict", "infer", "merge", "interference", "compose-fit"):
+        flags = {o for a in parser._subparsers._group_actions[0].choices[command]._actions for o in a.option_strings}
+        assert common <= flags, (command, common - flags)
+    args = parser.parse_args(["infer", "--input", "x.jsonl", "--allow-base-mismatch"])  # its own error message says to pass it
+    assert args.allow_base_mismatch
+
+
+def test_bad_predict_inputs(capsys, cls_task):
+    assert main(["train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress"]) == 0
+    capsys.readouterr()
+    (cls_task / "null.jsonl").write_text('{"text": "aaaa 1"}\n{"text": null}\n')
+    refused(capsys, cls_task, ["predict", "out", "--input", "null.jsonl", "--output", "p.jsonl"], "has null for 'text'")
+    (cls_task / "taken").mkdir()
+    refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "taken"], "--output 'taken' is a folder")
+    refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "nowhere/p.jsonl"], "folder 'nowhere' does not exist")
+    pickle_only = cls_task / "pickled"
+    pickle_only.mkdir()
+    for name in ("adapter_config.json", "adapterhub.json"):
+        (pickle_only / name).write_bytes((cls_task / "out" / name).read_bytes())
+    (pickle_only / "adapter_model.bin").write_bytes(b"not loaded")
+    for command in ("predict", "eval"):
+        argv = [command, "pickled"] + (["--text", "aaaa 1"] if command == "predict" else [])
+        refused(capsys, cls_task, argv, "holds only adapter_model.bin")
+    _, err = capsys.readouterr()
+    assert main(["predict", "pickled", "--text", "x"]) == 2 and "adapterhub-lite convert pickled --trust-pickle" in capsys.readouterr().err
+    assert main(["predict", "out", "--text", "aaaa 1", "--output", "p.jsonl"]) == 0  # the good path still writes
+    assert json.loads((cls_task / "p.jsonl").read_text())["prediction"] in ("x", "z")
