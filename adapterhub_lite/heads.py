@@ -94,6 +94,29 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden[:, hidden.shape[1] - input_ids.shape[1]:]
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on `hidden`, with the post-processing the model's own forward applies after it.
+
+    We project a handful of positions ourselves (see the module docstring), so whatever the
+    model's forward does to its logits must be done here too, as transformers does it:
+    Gemma 2/3 soft-cap (tanh(x/c)·c), Cohere scales (x·s), Granite divides (x/s).
+    """
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.dtype))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(base, "logit_scale", None)  # Cohere keeps config.logit_scale on the model
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    divisor = getattr(config, "logits_scaling", None)
+    if divisor and divisor != 1:
+        logits = logits / divisor
+    return logits
+
+
 def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols: list[int]) -> torch.Tensor:
     """Log-softmax over the vocabulary for the next token after seqs[r][c], for each (r, c).
 
@@ -102,11 +125,9 @@ def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols
     device = _device(model)
     ids, mask = pad_batch(seqs, pad_id, device)
     where = to_device(torch.tensor([rows, cols], dtype=torch.long).view(2, -1), device)
-    head = model.get_output_embeddings()
     with autocast(model):
         hidden = final_hidden(model, ids, mask)
-        picked = hidden[where[0], where[1]]
-        logits = head(picked.to(head.weight.dtype))
+        logits = head_logits(model, hidden[where[0], where[1]])
     return logits.float().log_softmax(-1)
 
 

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AdapterHubError
-from .folder import SIDECAR, read_sidecar, write_json
+from .folder import SIDECAR, check_finite, read_sidecar, write_json
 
 INDEX_FORMAT = "adapterhub_lite.registry/1"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -124,7 +124,9 @@ def check_folder(folder: Path) -> dict:
         raise RegistryError(f"{folder} holds pickle weights {pickles}: only safetensors are accepted; run `adapterhub-lite convert {folder} --trust-pickle` if you trust the file")
     if not (folder / "adapter_model.safetensors").is_file():
         raise RegistryError(f"{folder} has no adapter_model.safetensors; publish a folder written by `adapterhub-lite train`")
-    return read_sidecar(folder)
+    meta = read_sidecar(folder)
+    check_finite(folder, RegistryError)  # a NaN adapter (diverged run, NaN merge weight) is never published
+    return meta
 
 
 def make_entry(meta: dict, peft_config: dict, files: dict) -> dict:

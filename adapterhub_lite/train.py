@@ -8,7 +8,9 @@ adapter where a user or the registry would look. `resume=True` continues from th
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -30,14 +32,73 @@ from . import __version__
 from .adapter import attach, init_from, trainable_parameters
 from .backbone import autocast, dtype_name, load_backbone
 from .data import label_words, load_task_data
-from .errors import DataError, OutputExistsError
+from .errors import AdapterHubError, DataError, OutputExistsError
 from .evaluate import evaluate_split, label_token_ids
-from .folder import FORMAT, SIDECAR, atomic_write, check_base, model_card, plot_curves, read_sidecar, write_json, write_jsonl
+from .folder import (
+    FORMAT,
+    SIDECAR,
+    atomic_write,
+    check_base,
+    check_finite,
+    model_card,
+    nonfinite_tensors,
+    plot_curves,
+    read_sidecar,
+    replaceable,
+    write_json,
+    write_jsonl,
+)
 from .heads import loss_plan_ids
 from .router.routing import routing_entry
 from .spec import TaskSpec
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(AdapterHubError):
+    """Training cannot go on (a non-finite loss, a full disk, a resume that does not match its checkpoint)."""
+
+
+# Spec keys that do not change what a run computes: a resume may differ in these (a new time
+# budget, data files moved but byte-identical — the data is compared by its sha256 instead).
+_RESUME_FREE_KEYS = ("name", "train.max_minutes", "train.eval_batch_size", "data.train", "data.dev")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "labels":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_identity(spec: TaskSpec, data: dict) -> dict:
+    """What a checkpoint resumes: the spec's training-relevant keys and the data's sha256, with a hash of both.
+
+    Stored in the checkpoint (plain JSON-like values, so torch.load(weights_only=True) reads it)
+    and compared on resume, so an edited spec or data file is refused instead of silently continuing
+    with the old optimizer and schedule.
+    """
+    keys = {k: v for k, v in _flatten(spec.to_dict()).items() if k not in _RESUME_FREE_KEYS}
+    splits = {name: split.sha256 for name, split in data.items()}
+    blob = json.dumps({"spec": keys, "data": splits}, sort_keys=True, default=str).encode()
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(keys, default=str)), "data": splits}
+
+
+def check_resume(saved: dict | None, now: dict, where: Path) -> None:
+    """Refuse a resume whose spec or data differ from the checkpoint's, naming each difference."""
+    if saved is None:
+        raise TrainingError(f"checkpoint in {where} records no spec or data hash (written by an older version); run without --resume to start fresh")
+    if saved["sha256"] == now["sha256"]:
+        return
+    changed = [f"{k}: {saved['spec'].get(k)!r} → {now['spec'].get(k)!r}" for k in sorted(set(saved["spec"]) | set(now["spec"]))
+               if saved["spec"].get(k) != now["spec"].get(k)]
+    changed += [f"data {k}: sha256 {str(saved['data'].get(k))[:12]} → {str(now['data'].get(k))[:12]}"
+                for k in sorted(set(saved["data"]) | set(now["data"])) if saved["data"].get(k) != now["data"].get(k)]
+    raise TrainingError(f"--resume refused: the checkpoint in {where} was written for another spec or data ({'; '.join(changed)}); "
+                        "restore them, or run without --resume (and with --overwrite) to start fresh")
 
 
 @dataclass
@@ -109,62 +170,116 @@ def versions() -> dict:
 
 
 class Checkpoint:
-    """Adapter weights + optimizer + scheduler + RNG + RunState in one folder, swapped in atomically."""
+    """Adapter weights + optimizer + scheduler + RNG + RunState in one folder, swapped in atomically.
+
+    A new checkpoint is written to `checkpoint.tmp/` and only then replaces `checkpoint/`; the
+    previous one stays until the new one is complete. A crash between the two renames leaves the
+    previous one as `checkpoint.old/`, which `find` then uses. `checkpoint.tmp/` is never read.
+    """
 
     def __init__(self, work: Path):
-        self.dir = work / "checkpoint"
+        self.work = Path(work)
+        self.dir = self.work / "checkpoint"
+
+    def find(self) -> Path | None:
+        """The complete checkpoint folder to resume from (the newest), or None."""
+        for folder in (self.dir, self.dir.with_name("checkpoint.old")):
+            if (folder / "state.pt").is_file():
+                return folder
+        return None
 
     def exists(self) -> bool:
-        return (self.dir / "state.pt").is_file()
+        return self.find() is not None
 
     def write(self, payload: dict, opt, sched) -> None:
-        """Save `payload` + optimizer, scheduler and RNG states (temp folder, then swap)."""
+        """Save `payload` + optimizer, scheduler and RNG states (temp folder, then swap).
+
+        Everything saved is tensors and plain Python values, so `read` loads it with weights_only=True.
+        A failed write (a full disk) removes the temp folder, keeps the previous checkpoint and
+        raises TrainingError.
+        """
         tmp = self.dir.with_name("checkpoint.tmp")
+        old = self.dir.with_name("checkpoint.old")
+        if not self.dir.exists() and old.exists():  # the last swap was interrupted: finish it first
+            old.rename(self.dir)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         # the CUDA generators too: dropout on the GPU draws from them, and resume must be exact there as well
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        torch.save({**payload, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "py_rng": random.getstate()}, tmp / "state.pt")
-        old = self.dir.with_name("checkpoint.old")
+        try:
+            tmp.mkdir()
+            torch.save({**payload, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "rng": torch.get_rng_state(), "cuda_rng": cuda_rng, "py_rng": random.getstate()}, tmp / "state.pt")
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the previous checkpoint in {self.dir} is kept" if self.dir.exists() else "no earlier checkpoint exists"
+            raise TrainingError(f"cannot write a checkpoint in {self.work} ({exc.strerror or type(exc).__name__}); {kept}; "
+                                "free space and rerun with --resume") from None
         if self.dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
             self.dir.rename(old)
         tmp.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
 
     def read(self, opt, sched) -> dict:
         """Restore optimizer, scheduler and RNG states; return the rest of what write() saved."""
-        ckpt = torch.load(self.dir / "state.pt", weights_only=False)  # our own file, written above
-        opt.load_state_dict(ckpt.pop("optimizer"))
+        folder = self.find()
+        if folder is None:
+            raise TrainingError(f"--resume given but {self.dir} does not exist; run without --resume to start fresh")
+        try:  # weights_only: tensors and plain values only, so a planted file cannot run code here
+            ckpt = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for anything but tensors and plain values; EOFError for a cut file
+            raise TrainingError(f"cannot read checkpoint {folder / 'state.pt'} safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                                "run without --resume to start fresh") from None
+        opt.load_state_dict(ckpt.pop("optimizer"))  # moves the states onto the parameters' device
         sched.load_state_dict(ckpt.pop("scheduler"))
         torch.set_rng_state(ckpt.pop("rng"))
         cuda_rng = ckpt.pop("cuda_rng", None)
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(cuda_rng)
-        random.setstate(ckpt.pop("py_rng"))
+        random.setstate(_as_py_rng(ckpt.pop("py_rng")))
         return ckpt
 
-    def save(self, model, opt, sched, state: RunState, best: dict | None, scaler=None) -> None:
+    def save(self, model, opt, sched, state: RunState, best: dict | None, scaler=None, run: dict | None = None) -> None:
         """Checkpoint a single-adapter run (with the fp16 loss scaler's state, when there is one)."""
-        payload = {"adapter": get_peft_model_state_dict(model), "best": best, "state": state.__dict__}
+        payload = {"adapter": get_peft_model_state_dict(model), "best": best, "state": state.__dict__, "run": run}
         if scaler is not None and scaler.is_enabled():
             payload["scaler"] = scaler.state_dict()
         self.write(payload, opt, sched)
 
-    def load(self, model, opt, sched, scaler=None) -> tuple[RunState, dict | None]:
+    def load(self, model, opt, sched, scaler=None, run: dict | None = None) -> tuple[RunState, dict | None]:
+        """Restore a single-adapter run; with `run`, refuse a checkpoint written for another spec or data."""
         ckpt = self.read(opt, sched)
+        if run is not None:
+            check_resume(ckpt.get("run"), run, self.work)
         set_peft_model_state_dict(model, ckpt["adapter"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         return RunState(**ckpt["state"]), ckpt["best"]
 
 
+def _as_py_rng(state) -> tuple:
+    """random.setstate wants tuples; a state that went through a list-preserving format is mended."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
 def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
+    """The hidden work folder beside `output`; refuses what cannot be written before anything is.
+
+    `--overwrite` replaces only what this package writes (see folder.replaceable): a user's file or
+    a folder of other things is refused, never renamed or deleted.
+    """
+    output = Path(output)
     work = output.parent / f".{output.name}.partial"
     if resume and not Checkpoint(work).exists():
         raise OutputExistsError(f"--resume given but {work}/checkpoint does not exist; run without --resume to start fresh")
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
+        why = replaceable(output)
+        if why:
+            raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
+                                    "or empty folders: pick another --output")
     return work
 
 
@@ -200,8 +315,9 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     scaler = torch.amp.GradScaler(device.type, enabled=bb.dtype == torch.float16)  # fp16 gradients underflow unscaled
     ckpt = Checkpoint(work)
     state, best = RunState(), None
+    run = run_identity(spec, data)
     if resume:
-        state, best = ckpt.load(model, opt, sched, scaler)
+        state, best = ckpt.load(model, opt, sched, scaler, run=run)
         print(f"resuming from step {state.step}", file=sys.stderr)
     write_jsonl(work / "metrics.jsonl", state.history)
 
@@ -232,18 +348,26 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     # the end. A row's loss is the mean over the steps since the previous row. The window always
     # ends at a checkpoint, so a resumed run writes exactly the rows of an uninterrupted one.
     window_loss, window_steps = torch.zeros((), device=device), 0
+    # The first step whose loss was not finite, tracked on the device (0: none) so that finding
+    # it costs no sync; it is read with the window's loss. Under fp16 the loss scaler skips such
+    # steps and recovers, so there only a non-finite adapter (checked at each checkpoint) stops the run.
+    first_bad = torch.zeros((), dtype=torch.long, device=device)
+    stop_on_bad_loss = not scaler.is_enabled()
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not progress, desc=spec.name, dynamic_ncols=True)
     stopped_by = "max_steps"
     while state.step < cfg.max_steps:
         model.train()
         t0, tokens = time.perf_counter(), 0
+        step_loss = torch.zeros((), device=device)
         for _ in range(cfg.grad_accum):
             rows = next_rows(state, lengths, cfg.batch_size, cfg.seed)
             loss = batch_loss(rows) / cfg.grad_accum  # scale so accumulated grads average, not sum
             scaler.scale(loss).backward()
-            window_loss += loss.detach()
+            step_loss += loss.detach()
             tokens += sum(lengths[i] for i in rows)
+        window_loss += step_loss
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(step_loss), state.step + 1, first_bad)
         scaler.unscale_(opt)  # clip the true gradients (no-op unless fp16)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         scaler.step(opt)
@@ -261,9 +385,13 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
         checkpointing = state.step % cfg.checkpoint_every == 0 or evaluating
         logged = state.step % cfg.log_every == 0 or checkpointing
         if logged:
-            mean_loss = (window_loss / window_steps).item()  # the one host sync of a logged step
+            mean_loss, bad_step = torch.stack([window_loss / window_steps, first_bad.to(window_loss.dtype)]).tolist()  # the one host sync
             window_loss.zero_()
             window_steps = 0
+            if bad_step and stop_on_bad_loss:
+                raise TrainingError(f"training stopped: the loss became non-finite at step {int(bad_step)} (window mean {mean_loss}); "
+                                    f"nothing was saved past the last good checkpoint {_last_good(ckpt)}; lower train.lr "
+                                    "(or raise train.warmup_steps) and train again without --resume")
         state.train_seconds += time.perf_counter() - t0  # after the sync, so queued GPU work is counted
         if logged:
             tps = state.tokens / max(state.train_seconds, 1e-9)
@@ -286,7 +414,8 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
         if out_of_time and stopped_by == "max_steps":
             stopped_by = "max_minutes"
         if state.step % cfg.checkpoint_every == 0 or stopped_by != "max_steps":
-            ckpt.save(model, opt, sched, state, best, scaler=scaler)
+            _check_adapter_finite(model, state.step, mean_loss, ckpt)  # a diverged adapter never replaces a good checkpoint
+            ckpt.save(model, opt, sched, state, best, scaler=scaler, run=run)
         if stopped_by != "max_steps":
             break
     bar.close()
@@ -296,10 +425,16 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     metrics, _, eval_seconds = evaluate_split(model, tok, spec, dev)
     print(f"final dev ({len(dev)} rows, best step {state.best_step}): " + json.dumps({k: v for k, v in metrics.items() if k != "per_class"}), file=sys.stderr)
 
+    _check_adapter_finite(model, state.step, None, ckpt)
     final = work / "adapter"
     shutil.rmtree(final, ignore_errors=True)
+    # base_model_name_or_path stays the hub id: peft (AutoPeftModel, the Hub) resolves the base by
+    # it, and a local path would mean nothing on another machine. The built-in backbone's weights
+    # are a de-quantized Q4_1 GGUF of that model, not its bf16 checkpoint, so the sidecar's
+    # base.weights and the model card name the exact file and sha256 (backbone.weights_source).
     model.peft_config["default"].base_model_name_or_path = bb.hub_id
-    model.save_pretrained(final)  # PEFT files (safetensors); peft also writes a README we replace
+    with _disk_errors(final, output):
+        model.save_pretrained(final)  # PEFT files (safetensors); peft also writes a README we replace
     with model.disable_adapter():  # routing sample of the inputs, as the plain backbone sees them
         routing = routing_entry(model, tok, spec, final)
     meta = adapter_meta(spec, bb, data, metrics, routing=routing, command=command,
@@ -314,10 +449,37 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
                         train_state={"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
                                      "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens},
                         init_from=source)
-    finish_folder(final, meta, state.history, primary)
-    publish_folder(final, output)
+    with _disk_errors(final, output):
+        finish_folder(final, meta, state.history, primary)
+        publish_folder(final, output)
     shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+def _last_good(ckpt: Checkpoint) -> str:
+    folder = ckpt.find()
+    return f"(in {folder})" if folder else "(none was written yet)"
+
+
+def _check_adapter_finite(model, step: int, loss: float | None, ckpt: Checkpoint) -> None:
+    """Stop before a diverged adapter is checkpointed or saved (a finite loss can precede NaN weights)."""
+    if nonfinite_tensors(get_peft_model_state_dict(model)):
+        seen = f" (last loss {loss})" if loss is not None else ""
+        raise TrainingError(f"training stopped: the adapter's weights became non-finite by step {step}{seen}; nothing was saved past "
+                            f"the last good checkpoint {_last_good(ckpt)}; lower train.lr and train again without --resume")
+
+
+@contextlib.contextmanager
+def _disk_errors(partial: Path, output: Path):
+    """Turn an OSError while writing the final folder (a full disk, a read-only output) into one line,
+    removing the half-written folder; the checkpoint stays, so --resume redoes only the end."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingError(f"cannot write the adapter for {str(output)!r} ({exc.strerror or type(exc).__name__}: "
+                            f"{exc.filename or partial}); nothing was written there; free space or pick another --output, "
+                            "then rerun with --resume") from None
 
 
 def _init_from(spec: TaskSpec, model, bb) -> dict:
@@ -340,7 +502,8 @@ def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict
         "task": spec.to_dict(),
         "method": spec.method,
         "label_words": label_words(spec) if spec.type == "classification" else None,
-        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype)},
+        # weights: the exact file the backbone came from and its sha256 (hub_id names the model, not these weights)
+        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype), "weights": bb.source},
         "metrics": metrics,
         **extra,
         "routing": routing,
@@ -352,7 +515,11 @@ def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict
 
 
 def finish_folder(folder: Path, meta: dict, history: list[dict], primary: str) -> None:
-    """Sidecar, model card, metrics log and curves beside the PEFT files of a finished adapter."""
+    """Sidecar, model card, metrics log and curves beside the PEFT files of a finished adapter.
+
+    Refuses (TrainingError) weights holding NaN or inf: such a folder would be served and published as if fine.
+    """
+    check_finite(folder, TrainingError)
     write_json(folder / SIDECAR, meta)
     atomic_write(folder / "README.md", model_card(meta))  # replaces peft's stub card
     write_jsonl(folder / "metrics.jsonl", history)
@@ -360,9 +527,17 @@ def finish_folder(folder: Path, meta: dict, history: list[dict], primary: str) -
 
 
 def publish_folder(final: Path, output: Path) -> None:
-    """Move the finished folder into place; an old folder (under --overwrite) goes only after."""
+    """Move the finished folder into place; an old folder (under --overwrite) goes only after.
+
+    Only a folder this package wrote (or an empty one) is replaced; anything else is refused,
+    checked again here because it may have appeared while training ran.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
-    if output.exists():
+    if output.exists() or output.is_symlink():
+        why = replaceable(output)
+        if why:
+            raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
+                                    "or empty folders: pick another --output")
         trash = output.with_name(f".{output.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
         output.rename(trash)

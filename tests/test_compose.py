@@ -8,6 +8,8 @@ from peft import PeftModel
 
 from adapterhub_lite.adapter import read_lora, save_lora
 from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.data import load_task_data
+from adapterhub_lite.evaluate import evaluate_split
 from adapterhub_lite.multitask.compose import ComposeError, Composition, compose_fit
 from adapterhub_lite.spec import spec_from_dict
 
@@ -68,7 +70,17 @@ def test_compose_fit_writes_an_adapter_with_its_weights_and_a_report(sources, tm
     assert meta["composition"]["weights"] == report["weights"] and len((tmp_path / "out" / "shots.jsonl").read_text().splitlines()) == 6
     cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 + 2 + 4  # the sources' factors concatenated, weights folded into B
-    PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tmp_path / "out")
+    # the saved update is the reported weighted sum of the sources' updates
+    saved, fresh = read_lora(tmp_path / "out"), {n: read_lora(f) for n, f in sources.items()}
+    for module in saved.modules:
+        want = sum(w * fresh[n].update(module) for n, w in report["weights"].items())
+        assert torch.allclose(saved.update(module), want, atol=1e-5), module
+    # the reported score is what plain peft scores with the saved folder
+    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    plain = PeftModel.from_pretrained(bb.model, tmp_path / "out").eval()
+    metrics, _, _ = evaluate_split(plain, bb.tokenizer, spec, load_task_data(spec, ("dev",))["dev"])
+    assert {k: report["composed"][k] for k in spec.metric} == {k: metrics[k] for k in spec.metric}
+    assert meta["metrics"] == report["composed"]
 
 
 def test_compose_refuses_bad_requests(sources, tmp_path):

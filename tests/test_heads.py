@@ -98,3 +98,33 @@ def test_scores_equal_brute_force_under_every_peft_method(method):
         base = label_scores(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tok, prompts, [answer_ids(tok, w) for w in words], 64)
     assert (got - base).abs().max().item() > 1e-2  # the adapter changes the scores
     assert torch.allclose(got.cpu(), torch.tensor(want), atol=1e-4)
+
+
+def _tiny_post_processed(kind: str):
+    """A tiny random causal LM whose forward post-processes its logits: Gemma 2 soft-caps, Granite divides, Cohere scales."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GraniteConfig
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    config = {
+        "gemma2": lambda: Gemma2Config(**sizes, head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=None, sliding_window=16),
+        "granite": lambda: GraniteConfig(**sizes, logits_scaling=4.0),
+        "cohere": lambda: CohereConfig(**sizes, logit_scale=3.0),
+    }[kind]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # make the post-processing matter: logits well beyond the soft cap
+        model.get_output_embeddings().weight.mul_(50)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
+def test_scores_apply_the_models_own_logit_post_processing(kind):
+    from adapterhub_lite.heads import continuation_plan
+
+    model = _tiny_post_processed(kind)
+    seqs = [[5, 9, 17, 3, 22, 40], [7, 7, 2, 31, 8, 11]]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(seqs)).logits.float().log_softmax(-1)  # the model's full forward
+        got = continuation_plan([s[:3] for s in seqs], [s[3:] for s in seqs]).run(model, 0)
+    assert torch.allclose(got, torch.stack([want[r, 2:5].gather(-1, torch.tensor(s[3:])[:, None]).sum() for r, s in enumerate(seqs)]), atol=1e-4)

@@ -84,8 +84,19 @@ def test_ties_and_dare_need_a_density_and_run_with_one(sources):
     with pytest.raises(MergeError, match="needs a density"):
         merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "ties", report_rows=0)
     for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
-        model, _ = merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, method, density=0.5, report_rows=0)
+        model, _ = merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, method, density=0.5, report_rows=0, dtype="fp32")
         assert model.active_adapter == "merged"
+        # the merged factors are peft's own add_weighted_adapter result on the same folders
+        ref = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, sources["a"], adapter_name="a")
+        ref.load_adapter(sources["b"], adapter_name="b")
+        ref.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ref", combination_type=method, density=0.5)
+        m_A, m_B, _ = _factors(model, "merged")
+        r_A, r_B, _ = _factors(ref, "ref")
+        a_A, a_B, _ = _factors(model, "a")
+        if not method.startswith("dare"):  # dare drops at random (its draws depend on what ran before): compared for shape only
+            assert torch.allclose(m_A, r_A, atol=1e-6) and torch.allclose(m_B, r_B, atol=1e-6), method
+        assert m_A.shape == r_A.shape and m_B.shape == r_B.shape, method
+        assert not torch.allclose(m_A, a_A, atol=1e-3) and (m_B != 0).any(), method  # a real merge, not a copy or nothing
 
 
 def test_fold_into_base_reports_its_error(sources):

@@ -12,7 +12,7 @@ from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.cli import main
 from adapterhub_lite.errors import SpecError
 from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.heads import loss_plan, task_loss
+from adapterhub_lite.heads import label_scores, loss_plan, task_loss
 from adapterhub_lite.multitask import joint as joint_mod
 from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
 from adapterhub_lite.multitask.weighting import Equal
@@ -29,6 +29,7 @@ def _spec(name, kind="classification", **extra):
         raw.update(label="label", labels=["yes", "no"])
     else:
         raw.update(target="target")
+        raw["train"] = {**raw["train"], "max_new_tokens": 8}  # the prompt keeps max_length - max_new_tokens tokens
     raw.update(extra)
     return spec_from_dict(raw)
 
@@ -92,11 +93,11 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     for name, (prompts, answers) in (("a", ROWS["a"]), ("g", ROWS["g"])):
         key = "label" if name == "a" else "target"
-        words = {0: "yes", 1: "no"}
-        rows = [{"text": p.split(": ")[1].split("\n")[0], key: words[x] if key == "label" else x} for p, x in zip(prompts, answers)]
+        rows = [{"text": p.split(": ")[1].split("\n")[0], key: ["yes", "no"][x] if key == "label" else x} for p, x in zip(prompts, answers)]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}),
-             _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 3})]
+    # a high learning rate: after 3 steps the shared adapter must change what the model generates (checked below)
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, "lr": 0.2}),
+             _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 3, "lr": 0.2})]
     cfg = JointConfig(max_steps=3, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4, weighting="dynamic",
                       sampling="round_robin", shared_adapter=True, shared_r=2)
     out = train_joint(specs, tmp_path / "mtl", cfg, progress=False)
@@ -122,8 +123,24 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
     router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), reg)
     for name in ("a_joint", "mtl_shared"):
         router.register(name)
-    answers = router.run([{"adapter": "mtl_shared", "text": "ab"}, {"adapter": "auto", "text": "good day"}])
-    assert answers[1]["adapter"] in ("a_joint", "base") and isinstance(answers[0]["prediction"], str)
+    texts = ["good day", "bad day", "fine", "ok", "nope", "sure", "x", "no way"]
+    answers = router.run([{"adapter": "mtl_shared", "text": "ab"}, {"adapter": "auto", "text": "good day"}]
+                         + [{"adapter": "a_joint", "text": t} for t in texts])
+    # "good day" is a row of task a's own data: routing picks a's adapter for it
+    assert [r["adapter"] for r in answers[:2]] == ["mtl_shared", "a_joint"]
+    # each answer is what plain peft gives with the published folder, and the adapters change the answers
+    tok = router.bb.tokenizer
+    plain = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, out / SHARED).eval()
+    ids = torch.tensor([tok("ab").input_ids], device=plain.device)
+    with torch.no_grad():
+        gen = plain.generate(input_ids=ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert answers[0]["prediction"] == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+    assert answers[0]["prediction"] != router.run([{"adapter": "base", "text": "ab"}])[0]["prediction"]
+    plain_a = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, out / "a").eval()
+    prompts, labels = [specs[0].prompt.format(text=t) for t in ["good day"] + texts], label_token_ids(tok, specs[0])
+    with torch.no_grad():
+        want = label_scores(plain_a, tok, prompts, labels, 48).argmax(-1).tolist()
+    assert [r["prediction"] for r in answers[1:]] == [["yes", "no"][i] for i in want]
 
 
 @pytest.mark.parametrize("shared", [False, True])
