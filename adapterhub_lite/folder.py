@@ -242,10 +242,14 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
     """
     from peft import PeftModel
 
+    from .adapter import require_safetensors
     from .backbone import load_backbone
+    from .registry import check_if_registered  # here: registry imports this module
     from .spec import spec_from_dict
 
     folder = Path(folder)
+    check_if_registered(folder)  # a registry's version folder loaded by its path is re-hashed like any registry load
+    require_safetensors(folder)
     meta = read_sidecar(folder)
     recorded = meta["base"]["fingerprint"]
     bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")

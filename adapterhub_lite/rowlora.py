@@ -200,6 +200,11 @@ class RowLoraLinear(torch.nn.Module):
         self._rows: tuple | None = None  # (route key, the running batch's per-row stacks)
         self._version = 0
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as peft's tuner layers expose it), for code that reads its dtype or shape."""
+        return self.base_layer.weight
+
     # -- entries ---------------------------------------------------------------------------------
     def put(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Hold adapter `name`'s factors at this layer: A [r, in], B [out, r], update = scale·B·A."""

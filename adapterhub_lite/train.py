@@ -31,7 +31,7 @@ from transformers import get_scheduler
 from . import __version__
 from .adapter import attach, init_from, trainable_parameters
 from .backbone import autocast, dtype_name, load_backbone
-from .data import label_words, load_task_data
+from .data import check_lengths, label_words, load_task_data
 from .errors import AdapterHubError, DataError, OutputExistsError
 from .evaluate import evaluate_split, label_token_ids
 from .folder import (
@@ -303,6 +303,7 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
         label_tokens = label_token_ids(tok, spec)
         if len({tuple(t) for t in label_tokens}) < len(label_tokens):
             raise DataError(f"labels {label_words(spec)} tokenize to identical sequences; choose distinct verbalizer words")
+    check_lengths(spec, tok, data)  # max_length must hold a prompt token plus the longest label or target
 
     work.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -29,9 +29,8 @@ def _train_multi(args) -> int:
 
 
 def _interference(args) -> int:
-    from .interference import interference
-
     from ..cli import load_kwargs
+    from .interference import interference
 
     report = interference(args.adapters, args.output, merges=tuple(args.merge),
                           **load_kwargs(interference, args, density=args.density, rows=args.rows or None, tolerance=args.tolerance,
@@ -41,11 +40,10 @@ def _interference(args) -> int:
 
 
 def _compose_fit(args) -> int:
+    from ..cli import load_kwargs
     from ..registry import adapter_ref
     from ..spec import load_spec
     from .compose import compose_fit
-
-    from ..cli import load_kwargs
 
     overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("quantization",) if getattr(args, k)]
     spec = load_spec(args.spec, overrides)

@@ -32,12 +32,25 @@ from ..backbone import autocast, load_backbone
 from ..data import check_lengths, load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
-from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
+from ..folder import SIDECAR, nonfinite_tensors, pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_plan
 from ..router.routing import routing_entry
 from ..rowlora import RowContext, RowLoraLinear, check_lora_config
 from ..spec import TaskSpec
-from ..train import Checkpoint, RunState, adapter_meta, finish_folder, next_rows, peak_memory_mb, prepare_output, publish_folder, seed_everything
+from ..train import (
+    Checkpoint,
+    RunState,
+    TrainingError,
+    adapter_meta,
+    check_resume,
+    finish_folder,
+    next_rows,
+    peak_memory_mb,
+    prepare_output,
+    publish_folder,
+    run_identity,
+    seed_everything,
+)
 from .sampling import TaskSampler
 from .weighting import make_weighting
 
@@ -218,11 +231,16 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             cursors[n] = RunState(**c)
         history[:] = saved["history"]
         done, train_seconds, tokens, best, best_score, best_step = saved["progress"]
+        for s in specs:  # an edited spec or data file is refused, not silently continued
+            check_resume((saved.get("run") or {}).get(s.name), run_identity(s, data[s.name]), work)
         print(f"resuming from step {done}", file=sys.stderr)
     write_jsonl(work / "metrics.jsonl", history)
 
     def checkpoint() -> None:
-        ckpt.write({"params": {n: p.detach() for n, p in trainable.items()}, "sampler": sampler.state_dict(),
+        if nonfinite_tensors(trainable):
+            raise TrainingError(f"adapter weights are not finite at step {step}; the last good checkpoint is kept — lower the tasks' train.lr and train again")
+        ckpt.write({"run": {s.name: run_identity(s, data[s.name]) for s in specs},
+                    "params": {n: p.detach() for n, p in trainable.items()}, "sampler": sampler.state_dict(),
                     "weighting": weighting.state_dict(), "cursors": {n: c.__dict__ for n, c in cursors.items()},
                     "history": history, "progress": (step, train_seconds, tokens, best, best_score, best_step)}, opt, sched)
 
@@ -243,6 +261,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             losses = {names[i]: v.float() for i, v in joint_losses(model, tok.pad_token_id, joint, plans).items()}
         used = weighting.weights()  # the weights this step's loss is combined with
         total = weighting.combine(losses)
+        if not torch.isfinite(total):  # one host read per step, which the metrics row below makes anyway
+            raise TrainingError(f"the joint loss is {total.item()} at step {step}; the last good checkpoint is kept — lower the tasks' train.lr and train again")
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from ..errors import AdapterHubError, AdapterLoadError
+from ..heads import head_logits
 from ..rowlora import LoraFactors, RowContext, RowLoraLinear, unwrap, wrap
 
 _BASE_SLOT = 0  # the plain backbone: a slot with no entries
@@ -61,8 +62,6 @@ class AdapterBank:
     def __init__(self, model):
         self.model = model
         self.config = model.config.get_text_config(decoder=True)
-        if getattr(self.config, "final_logit_softcapping", None):  # logits here are lm_head(hidden), nothing more
-            raise AdapterHubError(f"{self.config.model_type} soft-caps its logits; the adapter bank serves plain LM heads")
         self.decoder = model.get_decoder()
         self.embed = model.get_input_embeddings()
         self.device, self.dtype = self.embed.weight.device, self.embed.weight.dtype
@@ -265,7 +264,7 @@ class AdapterBank:
             hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache)
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device), torch.tensor(cols, dtype=torch.long, device=self.device)]
         with self._routed([batch.slots[i] for i in rows]):  # a LoRA on the LM head applies per picked position
-            logits = self.lm_head(picked)
+            logits = head_logits(self.model, picked)  # the model's own post-processing (soft-capping, scaling) included
         return list(logits.split(counts))
 
     @torch.inference_mode()
@@ -297,7 +296,7 @@ class AdapterBank:
             hidden = hidden[torch.arange(len(running), device=self.device), last]
         while True:
             with self.context.using(route):  # the same routing (and the layers' gathered factors) until a row leaves
-                logits = self.lm_head(hidden)
+                logits = head_logits(self.model, hidden)
                 tokens = logits.argmax(-1)
                 keep = []
                 for j, (i, tok) in enumerate(zip(running, tokens.tolist())):
