@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check (issue 9): on a CUDA machine, from the project root, after `. .gpu/on_device.sh`
-# (../shared/gpu/README.md), in under 8 minutes:
+# (../shared/gpu/README.md), aiming at 8 minutes (on an H200 the full geometry takes longer; see the limits below):
 #   router  bench_router.py, GPU geometry: SmolLM2-135M (real weights) in 8-bit, a 1.7B-shaped random model in bf16
 #   train   bench_train.py on the sst2 spec: bf16 × {8bit, none} on the 135M and on the 1.7B shape
 #   sst2    a 3-minute sst2 training in 8-bit (train.max_minutes=3); its final dev accuracy from the sidecar
@@ -61,10 +61,13 @@ if [ "$QUICK" = 1 ]; then
   ROUTER_GEO=(--geometry gpu --rows 4 --tokens 32 --prompt-tokens 16 --new-tokens 4 --repeats 1 --warmup 1)
   TRAIN_ARGS=(--steps 4 --warmup-steps 1 --dev-rows 8); TRAIN_DTYPES=(fp32); SCALE=10  # a CPU is slower
 else
-  # 470 s leaves a little of the 8 minutes for start-up; router and train run alone (they time things).
-  BUDGET=${GPU_CHECK_BUDGET:-470}
+  # Router and train run alone (they time things). Measured on an H200 (2026-11-26): tests 161 s,
+  # one 135M router run 120 s with 8 new tokens (peft's 32-adapter generation is the slow part), one
+  # 135M train run 89 s, the 1.7B runs longer than the 60-80 s first allowed. The whole check does
+  # not fit the 8 minutes the issue asks for at the full geometry; these limits let each run finish.
+  BUDGET=${GPU_CHECK_BUDGET:-900}
   T_SST2=${GPU_CHECK_T_SST2:-215}; T_TESTS=${GPU_CHECK_T_TESTS:-215}; TESTS=${GPU_CHECK_TESTS:-tests}
-  T_ROUTER=${GPU_CHECK_T_ROUTER:-140}; T_TRAIN=${GPU_CHECK_T_TRAIN:-110}
+  T_ROUTER=${GPU_CHECK_T_ROUTER:-330}; T_TRAIN=${GPU_CHECK_T_TRAIN:-260}
   BIG_SHAPE=smollm2-1.7b; SST2_MIN=${GPU_CHECK_SST2_MINUTES:-3}; SST2_STEPS=${GPU_CHECK_SST2_STEPS:-2000}
   ROUTER_GEO=(--geometry gpu --repeats 2 --warmup 1)  # GPU timings vary little; generation is the slow part
   TRAIN_ARGS=(--steps 30 --warmup-steps 5 --dev-rows 32 --combo-timeout 45); TRAIN_DTYPES=(bf16); SCALE=1
@@ -142,11 +145,11 @@ if want router; then
   t0=$SECONDS; pend=$(( $(date +%s) + T_ROUTER )); fails=0; note=$NOTE_REAL
   if [ -z "$M135" ]; then M135=$(make_model smollm2-135m-random same) && M135_NAME=smollm2-135m-random || M135=""; fi
   if [ -n "$M135" ]; then
-    run router_135m_8bit $pend 75 "$OUTDIR/router.jsonl" run=135m-8bit model=$M135_NAME -- \
+    run router_135m_8bit $pend 160 "$OUTDIR/router.jsonl" run=135m-8bit model=$M135_NAME -- \
       $PY scripts/bench_router.py --base "$M135" --quantization 8bit --device $DEVICE "${ROUTER_GEO[@]}" --profile "$OUTDIR/profile_135m.txt" || fails=$((fails + 1))
   else fails=$((fails + 1)); fi
   if BIG=$(make_model $BIG_NAME $BIG_SHAPE); then
-    run router_big_bf16 $pend 80 "$OUTDIR/router.jsonl" run=big-bf16-none model=$BIG_NAME -- \
+    run router_big_bf16 $pend 160 "$OUTDIR/router.jsonl" run=big-bf16-none model=$BIG_NAME -- \
       $PY scripts/bench_router.py --base "$BIG" --quantization none --dtype bf16 --device $DEVICE "${ROUTER_GEO[@]}" || fails=$((fails + 1))
   else fails=$((fails + 1)); note="${note:+$note; }could not build the $BIG_NAME model"; fi
   phase_done router "$([ $fails -eq 0 ] && echo ok || echo "failed ($fails)")" $((SECONDS - t0)) "$note"
@@ -159,10 +162,10 @@ if want train; then
   elif [ "$LIKE" = builtin ]; then phase_done train skipped 0 "no SmolLM2 tokenizer here (real weights or .gpu/like)"
   else
     if [ -z "$M135" ]; then M135=$(make_model smollm2-135m-random same) && M135_NAME=smollm2-135m-random || M135=""; fi
-    run train_135m $pend 100 "$OUTDIR/train.jsonl" run=135m model=$M135_NAME -- $PY scripts/bench_train.py scripts/tasks/sst2.yaml \
+    run train_135m $pend 120 "$OUTDIR/train.jsonl" run=135m model=$M135_NAME -- $PY scripts/bench_train.py scripts/tasks/sst2.yaml \
       "${DATA_ARGS[@]}" --base "$M135" --device $DEVICE --dtypes "${TRAIN_DTYPES[@]}" --quantizations 8bit none "${TRAIN_ARGS[@]}" || fails=$((fails + 1))
     if BIG=$(make_model $BIG_NAME $BIG_SHAPE); then
-      run train_big $pend 100 "$OUTDIR/train.jsonl" run=big model=$BIG_NAME -- $PY scripts/bench_train.py scripts/tasks/sst2.yaml \
+      run train_big $pend 130 "$OUTDIR/train.jsonl" run=big model=$BIG_NAME -- $PY scripts/bench_train.py scripts/tasks/sst2.yaml \
         "${DATA_ARGS[@]}" --base "$BIG" --device $DEVICE --dtypes "${TRAIN_DTYPES[@]}" --quantizations 8bit none "${TRAIN_ARGS[@]}" || fails=$((fails + 1))
     else fails=$((fails + 1)); fi
     # bench_train records a failed combination inside its line rather than failing
