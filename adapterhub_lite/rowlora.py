@@ -266,9 +266,11 @@ class RowLoraLinear(torch.nn.Module):
             pick = pick.to(stacks[0].device)  # a plan made without a device: one copy, then cached
         if stacks is not None:
             if isinstance(pick, int):
-                stacks = (stacks[0][pick:pick + 1], stacks[1][pick:pick + 1])  # views: one slot for every row
+                stacks = (stacks[0][pick], stacks[1][pick])  # 2D views [in, R], [R, out]: one slot for every row
             elif pick is not None:
                 stacks = (stacks[0].index_select(0, pick), stacks[1].index_select(0, pick))
+            elif stacks[0].shape[0] == 1:
+                stacks = (stacks[0][0], stacks[1][0])
         if self.cache or not torch.is_grad_enabled():
             self._rows = (key, stacks)
         return stacks
@@ -282,20 +284,28 @@ class RowLoraLinear(torch.nn.Module):
         if stacks is None:  # no slot of this batch adapts this layer
             return out
         At, Bt = stacks
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)  # on the LoRA branch only, as peft does
+        if x.dtype != At.dtype:
+            x = x.to(At.dtype)
+        # Every op here runs once per adapted layer per step, so the common cases take the fewest:
+        # under inference the update is accumulated into the base output in place.
+        inplace = not torch.is_grad_enabled() and out.dtype == At.dtype and out.is_contiguous()
+        if At.dim() == 2:  # one slot serves every row: plain matmuls over all tokens
+            xa = x @ At
+            if inplace:
+                out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bt)
+                return out
+            return out + (xa @ Bt).to(out.dtype)  # out of place under autograd
         flat = x.dim() == 2  # [B, in], e.g. the LM head on each row's last hidden state
         xs, ys = (x[:, None], out[:, None]) if flat else (x, out)
-        if self.dropout and self.training:
-            xs = F.dropout(xs, self.dropout, training=True)  # on the LoRA branch only, as peft does
-        if At.shape[0] != xs.shape[0] and At.shape[0] != 1:
+        if At.shape[0] != xs.shape[0]:
             raise AdapterLoadError(f"per-row LoRA got {xs.shape[0]} rows but the routed batch has {At.shape[0]}; route the batch that is being run")
-        if At.shape[0] == 1 and xs.shape[0] != 1:  # one slot for every row: broadcast, no per-row copies
-            At, Bt = At.expand(xs.shape[0], -1, -1), Bt.expand(xs.shape[0], -1, -1)
-        xa = torch.bmm(xs.to(At.dtype), At)
-        if not torch.is_grad_enabled() and ys.dtype == Bt.dtype and ys.is_contiguous():
-            ys.baddbmm_(xa, Bt)  # serving: accumulate into the base output, no [B, T, out] temporary
+        xa = torch.bmm(xs, At)
+        if inplace:
+            ys.baddbmm_(xa, Bt)  # no [B, T, out] temporary
             return out
-        delta = torch.bmm(xa, Bt).to(ys.dtype)
-        y = ys + delta  # out of place under autograd: every row's gradient reaches its own entries
+        y = ys + torch.bmm(xa, Bt).to(ys.dtype)  # out of place under autograd: every row's gradient reaches its own entries
         return y[:, 0] if flat else y
 
 
