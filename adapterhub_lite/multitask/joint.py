@@ -33,7 +33,7 @@ from ..data import check_lengths, load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import SIDECAR, nonfinite_tensors, pyplot, save_figure, write_json, write_jsonl
-from ..heads import Plan, logprobs_at, loss_plan
+from ..heads import Plan, logprobs_at, loss_plan_ids
 from ..router.routing import routing_entry
 from ..rowlora import RowContext, RowLoraLinear, check_lora_config
 from ..spec import TaskSpec
@@ -198,6 +198,9 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
 
     cursors = {n: RunState() for n in names}
     lengths = {n: [len(p) for p in data[n]["train"].prompts] for n in names}  # characters: enough to bucket by
+    # Each split is tokenized once, up front; a step only picks rows of ids (the tokenizer stays out of the loop).
+    prompt_ids = {s.name: data[s.name]["train"].prompt_ids(tok) for s in specs}
+    answers = {s.name: data[s.name]["train"].answers if labels[s.name] is not None else data[s.name]["train"].answer_ids(tok) for s in specs}
     work.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
 
@@ -254,9 +257,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             k = draws.count(s.name)
             if k:
                 rows = next_rows(cursors[s.name], lengths[s.name], k, cfg.seed + 1000 * i)
-                split = data[s.name]["train"]
-                plans[i] = loss_plan(tok, [split.prompts[j] for j in rows], [split.answers[j] for j in rows],
-                                     s.train.max_length, labels[s.name])
+                plans[i] = loss_plan_ids([prompt_ids[s.name][j] for j in rows], [answers[s.name][j] for j in rows],
+                                         s.train.max_length, labels[s.name], tok.eos_token_id)
         with autocast(bb):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
             losses = {names[i]: v.float() for i, v in joint_losses(model, tok.pad_token_id, joint, plans).items()}
         used = weighting.weights()  # the weights this step's loss is combined with
