@@ -162,12 +162,16 @@ def resolve(name_or_path: str) -> tuple[Path, str]:
     return Path(local), name_or_path
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
+def _hash_into(h, path: Path):
+    """Feed a file to hash `h` in 4 MiB chunks (weight files do not fit comfortably in memory twice)."""
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
+
+
+def _file_sha(path: Path) -> str:
+    return _hash_into(hashlib.sha256(), path).hexdigest()
 
 
 def weights_source(name_or_path: str, weights_sha256: str) -> dict:
@@ -201,9 +205,7 @@ def _weights_sha(folder: Path) -> str:
         pass
     h = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        _hash_into(h, f)
     digest = h.hexdigest()
     try:
         tmp = memo.with_suffix(f".tmp{os.getpid()}")

@@ -6,7 +6,6 @@ Bad input → one line on stderr, exit 2."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import shlex
@@ -49,21 +48,6 @@ def count(low: int):
     return parse
 
 
-def load_kwargs(fn, args, **kwargs) -> dict:
-    """The backbone/adapter-loading flags (--allow-base-mismatch, --quantization) that `fn` takes, plus kwargs.
-
-    A flag given to a command whose library function cannot honour it is refused rather than ignored.
-    """
-    params = inspect.signature(fn).parameters
-    for flag in ("allow_base_mismatch", "quantization"):
-        value = getattr(args, flag, None)
-        if flag in params:
-            kwargs[flag] = value
-        elif value:
-            raise DataError(f"--{flag.replace('_', '-')} is not supported by {args.command} yet; leave it out")
-    return kwargs
-
-
 def check_output_file(path: str | None) -> None:
     """Refuse an --output file path that is a folder or whose folder does not exist, before any work."""
     if path is None:
@@ -86,13 +70,6 @@ def write_output(path: str | None, text: str) -> None:
         atomic_write(Path(path), text)
     except OSError as exc:
         raise DataError(f"cannot write --output {path!r} ({exc.strerror or type(exc).__name__}); nothing was written") from None
-
-
-def _adapter_folder(folder: str) -> None:
-    """Refuse an adapter folder that holds only a pickle (adapter_model.bin), pointing to convert."""
-    from .adapter import require_safetensors
-
-    require_safetensors(Path(folder))
 
 
 def _train(args) -> int:
@@ -122,7 +99,6 @@ def _eval(args) -> int:
     from .evaluate import evaluate_split
     from .folder import load_adapter
 
-    _adapter_folder(args.adapter)
     model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, bb.tokenizer)
@@ -150,7 +126,6 @@ def _predict(args) -> int:
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
     check_output_file(args.output)
     rows = [] if args.input is None else _read_jsonl(args.input)
-    _adapter_folder(args.adapter)
     # every row is checked against the adapter's task before the backbone loads
     rows = [request_row(_sidecar_spec(args.adapter), r) for r in (rows or [{"text": args.text}])]
     model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
@@ -281,9 +256,9 @@ def _merge(args) -> int:
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
     folders = dict(adapter_ref(a, args.registry) for a in args.adapters)
     _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
-                             **load_kwargs(merge_adapters, args, density=args.density, name=args.name or Path(args.output).name,
-                                           output=args.output, report_rows=args.report_rows, task=args.task, device=args.device,
-                                           dtype=args.dtype))
+                             density=args.density, name=args.name or Path(args.output).name, output=args.output,
+                             report_rows=args.report_rows, task=args.task, quantization=args.quantization, device=args.device,
+                             dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
     return 0
 

@@ -221,7 +221,7 @@ class RowLoraLinear(torch.nn.Module):
         self._version += 1
 
     # -- the kernel --------------------------------------------------------------------------------
-    def _slot_factors(self, slot: int):
+    def slot_factors(self, slot: int):
         """(A [R, in], B·w·s [out, R]) of one slot here, its entries concatenated; None if it has none."""
         parts = [(self.entries[n], w) for n, w in self.context.table.get(slot, ()) if n in self.entries]
         if not parts:
@@ -233,7 +233,7 @@ class RowLoraLinear(torch.nn.Module):
 
     def _stack(self, slots) -> tuple[torch.Tensor, torch.Tensor] | None:
         """At [n, in, R] and Bt [n, R, out] for the slots given (zero-padded to the widest R)."""
-        factors = [self._slot_factors(s) for s in slots]
+        factors = [self.slot_factors(s) for s in slots]
         if all(f is None for f in factors):
             return None
         ref = next(f for f in factors if f is not None)[0]

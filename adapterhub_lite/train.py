@@ -276,11 +276,15 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     if output.exists() or output.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
-        why = replaceable(output)
-        if why:
-            raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
-                                    "or empty folders: pick another --output")
+        _refuse_unreplaceable(output)
     return work
+
+
+def _refuse_unreplaceable(output: Path) -> None:
+    why = replaceable(output)
+    if why:
+        raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
+                                "or empty folders: pick another --output")
 
 
 def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
@@ -535,10 +539,7 @@ def publish_folder(final: Path, output: Path) -> None:
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists() or output.is_symlink():
-        why = replaceable(output)
-        if why:
-            raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
-                                    "or empty folders: pick another --output")
+        _refuse_unreplaceable(output)
         trash = output.with_name(f".{output.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
         output.rename(trash)

@@ -23,7 +23,6 @@ is real) PEFT folders in a temp dir.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapterhub_lite.backbone import default_device, load_backbone
+from adapterhub_lite.backbone import default_device, dtype_name, load_backbone
 from adapterhub_lite.folder import FORMAT, SIDECAR, write_json
 from adapterhub_lite.router.router import Router
 
@@ -44,15 +43,6 @@ GEOMETRIES = {
                 adapters=32, repeats=5, warmup=2),
 }
 DISTINCT = (1, 8, 32)
-
-
-def load(base: str, quantization: str, device: str, dtype: str):
-    """load_backbone with the compute dtype (issue 9's signature); older checkouts load fp32 only."""
-    if "dtype" in inspect.signature(load_backbone).parameters:
-        return load_backbone(base, quantization, device, dtype=dtype)
-    if dtype not in ("auto", "fp32"):
-        sys.exit(f"error: --dtype {dtype} needs load_backbone(..., dtype=); this checkout loads fp32 only (use --dtype fp32)")
-    return load_backbone(base, quantization, device)
 
 
 def make_adapters(base_model, fingerprint: dict, hub_id: str, folder: Path, n: int, targets: list[str], ranks: list[int]) -> list[Path]:
@@ -93,11 +83,6 @@ def clock(fn, cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
-def dtype_name(bb) -> str:
-    dt = getattr(bb, "dtype", None) or bb.model.get_input_embeddings().weight.dtype
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dt, str(dt))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2-135m", help="a built-in name or a local model folder (e.g. from make_random_model.py)")
@@ -120,9 +105,9 @@ def main():
     torch.manual_seed(0)
 
     # Three copies: peft wraps its model's modules and the bank hooks its own, so the base model stays untouched.
-    ours_bb = load(args.base, args.quantization, device, args.dtype)
-    peft_bb = load(args.base, args.quantization, device, args.dtype)
-    base_bb = load(args.base, args.quantization, device, args.dtype)
+    ours_bb = load_backbone(args.base, args.quantization, device, dtype=args.dtype)
+    peft_bb = load_backbone(args.base, args.quantization, device, dtype=args.dtype)
+    base_bb = load_backbone(args.base, args.quantization, device, dtype=args.dtype)
     dev = ours_bb.model.get_input_embeddings().weight.device
     tmp = tempfile.TemporaryDirectory(prefix="bench-router-")
     folders = make_adapters(peft_bb.model, ours_bb.fingerprint, ours_bb.hub_id, Path(tmp.name), g["adapters"], g["targets"], g["ranks"])
@@ -154,7 +139,7 @@ def main():
     pad = ours_bb.tokenizer.pad_token_id
     gen_kw = dict(attention_mask=ones, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
     result = {"quantization": args.quantization, "threads": torch.get_num_threads(), "rows": rows_n, "tokens": tokens,
-              "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "dtype": dtype_name(ours_bb), "geometry": geo_name,
+              "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "dtype": dtype_name(ours_bb.dtype), "geometry": geo_name,
               "gen_prompt_tokens": prompt_n, "new_tokens": new, "targets": g["targets"], "ranks": g["ranks"], "base": args.base}
     base_tps = {"forward": [], "generate": []}
     with torch.inference_mode():

@@ -29,18 +29,16 @@ def _train_multi(args) -> int:
 
 
 def _interference(args) -> int:
-    from ..cli import load_kwargs
     from .interference import interference
 
     report = interference(args.adapters, args.output, merges=tuple(args.merge),
-                          **load_kwargs(interference, args, density=args.density, rows=args.rows or None, tolerance=args.tolerance,
-                                        device=args.device, dtype=args.dtype))
+                          density=args.density, rows=args.rows or None, tolerance=args.tolerance, quantization=args.quantization,
+                          device=args.device, dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
     print(json.dumps({"output": args.output, "scores": report["scores"], "flags": report["flags"]}))
     return 0
 
 
 def _compose_fit(args) -> int:
-    from ..cli import load_kwargs
     from ..registry import adapter_ref
     from ..spec import load_spec
     from .compose import compose_fit
@@ -48,12 +46,11 @@ def _compose_fit(args) -> int:
     overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("quantization",) if getattr(args, k)]
     spec = load_spec(args.spec, overrides)
     sources = dict(adapter_ref(ref, args.registry) for ref in args.sources)
-    args.quantization = None  # applied through the spec
     report = compose_fit(spec, sources, args.output,
-                         **load_kwargs(compose_fit, args, shots=args.shots, search=args.search, budget=args.budget, l1=args.l1,
-                                       seed=args.seed, baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
-                                       overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-                                       command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:])))
+                         shots=args.shots, search=args.search, budget=args.budget, l1=args.l1, seed=args.seed,
+                         baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
+                         overwrite=args.overwrite, device=args.device, dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch,
+                         command="adapterhub-lite compose-fit " + shlex.join(sys.argv[2:]))
     print(json.dumps({"output": args.output, **report}))
     return 0
 

@@ -80,7 +80,7 @@ class Composition:
 
     def factors(self, module: str, slot: int):
         """(A, B·scale) of a slot at `module` (the composed one: sources concatenated, w folded into B)."""
-        return self.layers[module]._slot_factors(slot)
+        return self.layers[module].slot_factors(slot)
 
     def route(self, slot: int | None):
         """Context: source `slot` alone (None: the plain backbone)."""

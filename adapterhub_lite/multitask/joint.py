@@ -131,7 +131,7 @@ class JointLora:
 
     def factors(self, module: str, task: int):
         """(A, B·scale) of task `task` at `module`: its own factors after the shared ones."""
-        return self.rows[module]._slot_factors(task)
+        return self.rows[module].slot_factors(task)
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for m in self.layers.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]

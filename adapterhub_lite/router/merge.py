@@ -35,7 +35,7 @@ from ..backbone import load_backbone
 from ..data import load_task_data
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split
-from ..folder import FORMAT, SIDECAR, atomic_write, read_sidecar, write_json
+from ..folder import FORMAT, SIDECAR, atomic_write, nonfinite_tensors, read_sidecar, write_json
 from ..spec import spec_from_dict
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
@@ -225,7 +225,7 @@ def save_merged(model: PeftModel, name: str, sidecar: dict, output: Path) -> Pat
     if output.exists():
         raise MergeError(f"output folder {str(output)!r} already exists; choose another --output")
     state = {k: v for k, v in model.named_parameters() if f".{name}." in k and "lora_" in k}
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(state)
     if bad:
         raise MergeError(f"the merged adapter has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; check the weights and the sources")
     output.parent.mkdir(parents=True, exist_ok=True)
