@@ -26,7 +26,7 @@ from ..data import load_task_data, render, request_row
 from ..errors import AdapterLoadError
 from ..evaluate import label_token_ids, readable
 from ..folder import check_base, check_fits, read_sidecar
-from ..heads import encode_prompt
+from ..heads import encode_prompt, label_plan_ids
 from ..registry import check_if_registered, open_registry
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
@@ -225,36 +225,20 @@ class Router:
     def _classify(self, rows, names) -> list[int]:
         """Score every label of every classification row in one forward pass; return argmaxes.
 
-        A task whose labels are all one token needs one sequence per request: the next-token
-        distribution after the prompt scores every label at once. Otherwise each (request, label)
-        pair is its own sequence, scored by the sum of its tokens' log-probs (exact for any length).
+        Each row's scoring is heads.label_plan_ids, as in training and evaluation: one sequence per
+        request when every label is one token (the next-token distribution scores them all), else one
+        sequence per (request, label), summing its tokens' log-probs. The bank runs all the rows'
+        sequences together, each through its own adapter.
         """
         tok = self.bb.tokenizer
-        seqs, adapters, positions = [], [], []
-        scored: list[list[list[tuple[int, int]]]] = []  # per row, per label: (logit row, token) pairs to sum
+        seqs, adapters, positions, plans = [], [], [], []
         for i, spec, prompt in rows:
-            labels = label_token_ids(tok, spec)
-            ids = encode_prompt(tok, prompt, spec.train.max_length - max(map(len, labels)))
-            at = sum(map(len, positions))  # index of this row's first logit row in the flat output
-            if all(len(lab) == 1 for lab in labels):
-                seqs.append(ids)
-                adapters.append(names[i])
-                positions.append([len(ids) - 1])
-                scored.append([[(at, lab[0])] for lab in labels])
-                continue
-            mine = []
-            for lab in labels:
-                seqs.append(ids + lab)
-                adapters.append(names[i])
-                positions.append([len(ids) - 1 + j for j in range(len(lab))])
-                mine.append([(at + j, t) for j, t in enumerate(lab)])
-                at += len(lab)
-            scored.append(mine)
+            plan = label_plan_ids([tok(prompt, add_special_tokens=True).input_ids], label_token_ids(tok, spec), spec.train.max_length)
+            seqs += plan.seqs
+            adapters += [names[i]] * len(plan.seqs)
+            # the plan's picks run sequence by sequence, so each sequence's positions in order rebuild its order
+            positions += [[c for r, c in zip(plan.rows, plan.cols) if r == k] for k in range(len(plan.seqs))]
+            plans.append(plan)
         logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
-        pairs = [lab for row in scored for lab in row]
-        at = torch.tensor([a for lab in pairs for a, _ in lab], device=logp.device)
-        token = torch.tensor([t for lab in pairs for _, t in lab], device=logp.device)
-        owner = torch.tensor([k for k, lab in enumerate(pairs) for _ in lab], device=logp.device)
-        per_label = torch.zeros(len(pairs), device=logp.device).index_add(0, owner, logp[at, token])
-        best = torch.stack([s.argmax() for s in per_label.split([len(r) for r in scored])])
+        best = torch.stack([plan.finish(part)[0].argmax() for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))])
         return best.tolist()  # the one host sync of the batch
