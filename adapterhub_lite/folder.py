@@ -276,8 +276,12 @@ def check_fits(folder: Path, model) -> None:
     if config.get("peft_type") in ("LORA", "IA3"):
         modules = dict(model.named_modules())
         for key, shape in shapes.items():
-            path, _, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
-            if not leaf:
+            # (rpartition gives no separator, not an empty leaf, when the key lacks it)
+            path, sep, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if not sep:  # IA3: "<module>.ia3_l", possibly followed by an adapter name
+                path, sep, _ = key.removeprefix("base_model.model.").rpartition(".ia3_")
+                leaf = "ia3" if sep else ""
+            if not sep:
                 path = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
             module = modules.get(path)
             if module is None:
@@ -286,6 +290,8 @@ def check_fits(folder: Path, model) -> None:
                 problems.append(f"{path}: lora_A expects {shape[1]} inputs, the layer has {module.in_features}")
             elif leaf == "B.weight" and shape[0] != module.out_features:
                 problems.append(f"{path}: lora_B gives {shape[0]} outputs, the layer has {module.out_features}")
+            elif leaf == "ia3" and shape not in ((1, module.in_features), (module.out_features, 1)):
+                problems.append(f"{path}: ia3_l has shape {shape}, the layer takes (1, {module.in_features}) or ({module.out_features}, 1)")
     else:  # prompt learning: virtual-token width and depth must match the model
         c = model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

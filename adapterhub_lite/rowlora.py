@@ -1,4 +1,4 @@
-"""Per-row LoRA: one linear layer in which every row of a batch uses its own low-rank update.
+"""Per-row LoRA (and IA3): one linear layer in which every row of a batch uses its own adapter.
 
 peft applies one adapter (or one set of active adapters) to the whole batch. Serving many tasks
 at once, training several task adapters in one pass, and composing adapters all need the same
@@ -18,10 +18,18 @@ names. This module is that one idea, in the shape of a peft tuner layer:
 The update of a slot is its entries' factors concatenated along the rank (w·s folded into B),
 zero-padded to the widest slot of the batch (exact: padded columns add 0), stacked, gathered per
 row, and applied with two batched matmuls.
+
+The same layer also carries IA3 (peft's (IA)³): *scale entries* name → (vector l, on_input). As
+peft's IA3 Linear computes it, a module listed in the adapter's `feedforward_modules` scales its
+input, base(x ⊙ l); any other scales its output, base(x) ⊙ l (bias included). A slot's vectors
+are built once per table version and gathered per row like the LoRA stacks; rows whose slot has no
+scale entry at a layer get ones. One layer class serves both kinds, so `wrap`/`unwrap` by module
+name stay one level deep whatever mix of adapters a model holds.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import re
@@ -30,7 +38,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
+from peft import IA3Config, LoraConfig
+from peft.tuners.ia3.model import IA3Model
+from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from .errors import AdapterLoadError
 
@@ -47,19 +57,29 @@ _BOOKKEEPING = {
     "runtime_config", "target_parameters_allowed",
 }
 _NAMED_FACTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+# IA3Config fields the layer implements. `init_ia3_weights` only says how training started;
+# `fan_in_fan_out` only transposes weights when peft merges, and peft itself resets it to False on
+# the nn.Linear modules served here, so neither changes what the adapter computes. Anything else
+# (`modules_to_save`: whole trained copies of modules; a field a later peft adds) is refused.
+IMPLEMENTED_IA3 = {"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights", "fan_in_fan_out"}
+_NAMED_VECTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.ia3_l(?:\.[^.]+)?")
 
 
-def unsupported_lora_fields(cfg: LoraConfig) -> list[str]:
-    """Fields of `cfg` that set something the per-row layer does not implement (e.g. `use_dora=True`)."""
-    default = LoraConfig()
+def _unsupported(cfg, default, implemented) -> list[str]:
+    """`name=value` of each field of `cfg` outside `implemented` that differs from peft's default."""
     out = []
     for name in sorted(vars(cfg)):
-        if name.startswith("_") or name in IMPLEMENTED or name in _BOOKKEEPING:
+        if name.startswith("_") or name in implemented or name in _BOOKKEEPING:
             continue
         value, usual = getattr(cfg, name), getattr(default, name, None)
         if value != usual and not (value in (None, [], {}, "") and usual in (None, [], {}, "")):
             out.append(f"{name}={value!r}")
     return out
+
+
+def unsupported_lora_fields(cfg: LoraConfig) -> list[str]:
+    """Fields of `cfg` that set something the per-row layer does not implement (e.g. `use_dora=True`)."""
+    return _unsupported(cfg, LoraConfig(), IMPLEMENTED)
 
 
 def check_lora_config(cfg: LoraConfig, what: str) -> None:
@@ -104,6 +124,41 @@ class LoraFactors:
         """ΔW = s·B·A at `module` (for tests and exact merges)."""
         a, b, s = self.modules[module]
         return s * (b.float() @ a.float())
+
+
+def check_ia3_config(cfg: IA3Config, what: str) -> None:
+    """Refuse, in one line naming the fields, an IA3 config the per-row layer would serve wrongly."""
+    bad = _unsupported(cfg, IA3Config(), IMPLEMENTED_IA3)
+    if bad:
+        raise AdapterLoadError(f"{what} sets {', '.join(bad)}, which per-row IA3 does not implement "
+                               f"(it implements {', '.join(sorted(IMPLEMENTED_IA3))}); serve it alone with peft, or retrain without it")
+
+
+def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, model_type: str | None = None) -> dict[str, tuple[torch.Tensor, bool]]:
+    """A PEFT IA3 state dict as the per-row layer takes it: module name → (vector l, on_input).
+
+    on_input is peft's own test (IA3Model._check_target_module_feedforward): the module matches
+    `feedforward_modules` (filled from peft's per-architecture default for `model_type` when the
+    config leaves it unset, as peft does on load). The vector's saved shape must agree with it:
+    (1, in) scales the input, (out, 1) the output.
+    """
+    check_ia3_config(cfg, what)
+    if cfg.feedforward_modules is None:
+        if model_type not in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING:
+            raise AdapterLoadError(f"{what} leaves feedforward_modules unset and peft has no default for model type {model_type!r}; set it in adapter_config.json")
+        cfg = copy.copy(cfg)  # the caller's config is left as it was
+        cfg.feedforward_modules = set(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type])
+    out = {}
+    for key, t in weights.items():
+        m = _NAMED_VECTOR.fullmatch(key)
+        if not m:
+            raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row IA3 serves plain IA3 vectors (ia3_l) only")
+        on_input = IA3Model._check_target_module_feedforward(cfg, m[1])
+        if t.dim() != 2 or t.shape[0 if on_input else 1] != 1:
+            want = "(1, in_features): it scales the input" if on_input else "(out_features, 1): it scales the output"
+            raise AdapterLoadError(f"{what} has ia3_l of shape {tuple(t.shape)} at {m[1]!r}, expected {want} per feedforward_modules; the folder is damaged")
+        out[m[1]] = (t.reshape(-1), on_input)
+    return out
 
 
 @dataclass
@@ -181,8 +236,22 @@ class RowContext:
         return self.using(self.plan(slots, device))
 
 
+def _pick_rows(stack: torch.Tensor, pick: torch.Tensor | int | None) -> torch.Tensor:
+    """Each row's entry of a per-slot stack [n, ...]: one slot for every row (an int pick, or a
+    stack of one) gives that slot's entry alone, which broadcasts over the rows."""
+    if isinstance(pick, int):
+        return stack[pick]
+    if pick is not None:
+        return stack.index_select(0, pick)
+    return stack[0] if stack.shape[0] == 1 else stack
+
+
 class RowLoraLinear(torch.nn.Module):
-    """A linear layer (`base_layer`) plus a per-row LoRA update routed by a shared RowContext."""
+    """A linear layer (`base_layer`) plus per-row LoRA updates and IA3 scalings routed by a shared RowContext.
+
+    Row i computes s_out ⊙ base(s_in ⊙ x_i) + ΔW x_i, with its slot's IA3 vectors s_in / s_out
+    (ones where the slot has none) and its slot's LoRA update ΔW (zero where it has none).
+    """
 
     def __init__(self, base_layer: torch.nn.Module, context: RowContext, dropout: float = 0.0, cache: bool = False):
         super().__init__()
@@ -194,10 +263,13 @@ class RowLoraLinear(torch.nn.Module):
         # training rebuilds them per forward (and under autograd must, to carry the gradient).
         self.cache = cache
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.scales: dict[str, tuple[torch.Tensor, bool]] = {}  # IA3: name → (vector l, on_input)
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
         self._all: tuple | None = None  # cache=True: (table version, stacks of every slot in the table)
         self._rows: tuple | None = None  # (route key, the running batch's per-row stacks)
+        self._scale_all: tuple | None = None  # as _all, for the IA3 vectors
+        self._scale_rows: tuple | None = None  # as _rows: (route key, (per-row s_in, per-row s_out))
         self._version = 0
 
     @property
@@ -216,8 +288,24 @@ class RowLoraLinear(torch.nn.Module):
         self.entries[name] = (a, b, scale)
         self._version += 1
 
+    def put_scale(self, name: str, vector: torch.Tensor, on_input: bool) -> None:
+        """Hold IA3 adapter `name`'s vector here: on_input scales the input (peft's feedforward
+        modules: base(x ⊙ l)), else the output (base(x) ⊙ l). The product is computed in the
+        vector's dtype and rounded to the activation's once, as peft does with its fp32 vectors."""
+        want = self.in_features if on_input else self.out_features
+        if vector.numel() != want:
+            side = "input" if on_input else "output"
+            raise AdapterLoadError(f"IA3 vector of {vector.numel()} values does not fit the {side} of a {self.in_features}→{self.out_features} layer")
+        where = next(self.base_layer.parameters()).device
+        if vector.device != where:
+            raise AdapterLoadError(f"IA3 vector on {vector.device} for a layer on {where}; move it to {where} first")
+        self.scales[name] = (vector.reshape(-1), bool(on_input))
+        self._version += 1
+
     def drop(self, name: str) -> None:
+        """Forget adapter `name` here (its LoRA factors and its IA3 vector, whichever it has)."""
         self.entries.pop(name, None)
+        self.scales.pop(name, None)
         self._version += 1
 
     # -- the kernel --------------------------------------------------------------------------------
@@ -275,9 +363,79 @@ class RowLoraLinear(torch.nn.Module):
             self._rows = (key, stacks)
         return stacks
 
+    def _scale_stack(self, slots) -> tuple[torch.Tensor | None, torch.Tensor | None, frozenset]:
+        """(s_in [n, in] | None, s_out [n, out] | None, the slots with a vector here) for the slots given.
+
+        A slot's vector is the product of its entries' vectors (peft multiplies its active IA3
+        adapters' vectors); an entry of weight w contributes 1 + w·(l − 1) (its own l at w = 1,
+        taken as it is so that the plain case stays exact; ones at w = 0).
+        """
+        ins, outs = [], []
+        for slot in slots:
+            acc = {True: None, False: None}  # on_input → the slot's vector so far
+            for n, w in self.context.table.get(slot, ()):
+                if n not in self.scales:
+                    continue
+                vec, on_input = self.scales[n]
+                v = vec if not isinstance(w, torch.Tensor) and w == 1 else 1 + w * (vec - 1)
+                acc[on_input] = v if acc[on_input] is None else acc[on_input] * v
+            ins.append(acc[True])
+            outs.append(acc[False])
+        scaled = frozenset(s for s, i, o in zip(slots, ins, outs) if i is not None or o is not None)
+
+        def stack(vs, width):
+            if all(v is None for v in vs):
+                return None
+            ones = next(v for v in vs if v is not None).new_ones(width)
+            return torch.stack([ones if v is None else v for v in vs])
+        return stack(ins, self.in_features), stack(outs, self.out_features), scaled
+
+    def _per_row_scales(self, route: _Route) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The route's IA3 vectors (s_in, s_out), each [B, n], [n] (one slot serves every row) or None;
+        built once per batch, cached as _per_row caches the LoRA stacks."""
+        ctx = self.context
+        key = (route.id, ctx.version, self._version)
+        if (self.cache or not torch.is_grad_enabled()) and self._scale_rows is not None and self._scale_rows[0] == key:
+            return self._scale_rows[1]
+        if self.cache:
+            if self._scale_all is None or self._scale_all[0] != key[1:]:
+                self._scale_all = (key[1:], self._scale_stack(list(ctx.table)))
+            s_in, s_out, scaled = self._scale_all[1]
+        else:
+            s_in, s_out, scaled = self._scale_stack(route.slots)
+        picked = (None, None)
+        if not scaled.isdisjoint(route.slots):  # else no row of this batch is scaled here: no multiply at all
+            pick = ctx.table_index(route) if self.cache else route.index
+            ref = s_in if s_in is not None else s_out
+            if isinstance(pick, torch.Tensor) and pick.device != ref.device:
+                pick = pick.to(ref.device)
+            picked = tuple(None if s is None else _pick_rows(s, pick) for s in (s_in, s_out))
+        if self.cache or not torch.is_grad_enabled():
+            self._scale_rows = (key, picked)
+        return picked
+
+    @staticmethod
+    def _scaled(t: torch.Tensor, s: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """t ⊙ s, row i of t by row i of s (s [B, n]) or every row by s ([n]); computed in the
+        promoted dtype and rounded to t's once, as peft's (t.to(l.dtype) · l).to(t.dtype)."""
+        if s.dim() == 2:
+            if s.shape[0] != t.shape[0]:
+                raise AdapterLoadError(f"per-row IA3 got {t.shape[0]} rows but the routed batch has {s.shape[0]}; route the batch that is being run")
+            s = s.view(s.shape[0], *[1] * (t.dim() - 2), s.shape[1])
+        if torch.is_grad_enabled():
+            return (t * s).to(t.dtype)  # out of place under autograd
+        if in_place:
+            return t.mul_(s)  # the base layer's fresh output, scaled where it lies
+        return torch.mul(t, s, out=torch.empty_like(t))  # no temporary in the promoted dtype
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         route = self.context.active
+        s_in = s_out = None
+        if route is not None and self.scales:
+            s_in, s_out = self._per_row_scales(route)
+        out = self.base_layer(x if s_in is None else self._scaled(x, s_in, in_place=False), *args, **kwargs)
+        if s_out is not None:
+            out = self._scaled(out, s_out, in_place=True)
         if route is None or not self.entries:
             return out
         stacks = self._per_row(route)

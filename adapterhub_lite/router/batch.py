@@ -21,23 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftConfig
 from safetensors.torch import load_file
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..errors import AdapterHubError, AdapterLoadError
 from ..heads import head_logits
-from ..rowlora import LoraFactors, RowContext, RowLoraLinear, unwrap, wrap
+from ..rowlora import LoraFactors, RowContext, RowLoraLinear, ia3_vectors, unwrap, wrap
 
 _BASE_SLOT = 0  # the plain backbone: a slot with no entries
 
 
 @dataclass
 class _Adapter:
-    kind: str  # "LORA", "PREFIX_TUNING" or "PROMPT_TUNING"
+    kind: str  # "LORA", "IA3", "PREFIX_TUNING" or "PROMPT_TUNING"
     nbytes: int
-    slot: int = 0  # LoRA slot (0 = none)
-    modules: tuple = ()  # LoRA: names of the modules it targets
+    slot: int = 0  # LoRA / IA3 slot (0 = none)
+    modules: tuple = ()  # LoRA / IA3: names of the modules it targets
     tensor: torch.Tensor | None = None  # prefix: [layers, 2, kv_heads, V, head_dim]; prompt: [V, hidden]
 
     @property
@@ -84,7 +86,7 @@ class AdapterBank:
     # ---- adapters -----------------------------------------------------------------------------
 
     def add(self, name: str, folder) -> None:
-        """Load a PEFT adapter folder (LoRA, prefix tuning or prompt tuning) under `name`."""
+        """Load a PEFT adapter folder (LoRA, IA3, prefix tuning or prompt tuning) under `name`."""
         if name in self._adapters:
             raise AdapterLoadError(f"adapter {name!r} is already loaded; remove it first to replace it")
         folder = Path(folder)
@@ -94,18 +96,18 @@ class AdapterBank:
         except (OSError, ValueError) as exc:
             raise AdapterLoadError(f"cannot load adapter {name!r} from {str(folder)!r} ({type(exc).__name__}); it needs adapter_config.json and adapter_model.safetensors") from None
         kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
-        loaders = {"LORA": self._load_lora, "PREFIX_TUNING": self._load_prefix, "PROMPT_TUNING": self._load_prompt}
+        loaders = {"LORA": self._load_lora, "IA3": self._load_ia3, "PREFIX_TUNING": self._load_prefix, "PROMPT_TUNING": self._load_prompt}
         if kind not in loaders:
             raise AdapterLoadError(f"adapter {name!r} is {kind}; the bank serves {', '.join(loaders)}")
         self._adapters[name] = loaders[kind](name, cfg, weights)
 
     def remove(self, name: str) -> None:
-        """Free an adapter; its LoRA slot is reused by the next LoRA added."""
+        """Free an adapter; its LoRA / IA3 slot is reused by the next LoRA or IA3 adapter added."""
         entry = self._get(name)
         for mod in entry.modules:
             layer = self._lora[mod]
             layer.drop(name)
-            if not layer.entries:  # no resident LoRA targets it any more: the original module again
+            if not (layer.entries or layer.scales):  # no resident LoRA / IA3 targets it any more: the original module again
                 unwrap(self.model, {mod})
                 del self._lora[mod]
         if entry.slot:
@@ -161,6 +163,28 @@ class AdapterBank:
             nbytes += (a.numel() + b.numel()) * a.element_size()
         self.context.define(slot, [(name, 1.0)])
         return _Adapter("LORA", nbytes, slot=slot, modules=tuple(factors.modules))
+
+    def _load_ia3(self, name, cfg, weights) -> _Adapter:
+        vectors = ia3_vectors(cfg, weights, f"IA3 adapter {name!r}", self.model.config.model_type)
+        modules = dict(self.model.named_modules())
+        # Check everything before touching the model, so a bad folder leaves the bank as it was.
+        for mod, (vec, on_input) in vectors.items():
+            lin = modules.get(mod)
+            base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
+            if not isinstance(base, torch.nn.Linear) or vec.numel() != (base.in_features if on_input else base.out_features):
+                raise AdapterLoadError(f"IA3 adapter {name!r} does not fit the backbone at {mod!r}; was it trained on another model?")
+        slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
+        self._slots[slot:slot + 1] = [name]
+        layers = wrap(self.model, vectors, self.context, cache=True)
+        self._lora.update(layers)
+        nbytes = 0
+        for mod, (vec, on_input) in vectors.items():
+            # fp32, as peft keeps IA3 vectors on any backbone: each product is rounded once, as peft's is.
+            vec = vec.float().contiguous()
+            layers[mod].put_scale(name, vec, on_input)
+            nbytes += vec.numel() * vec.element_size()
+        self.context.define(slot, [(name, 1.0)])
+        return _Adapter("IA3", nbytes, slot=slot, modules=tuple(vectors))
 
     def _prompt_weights(self, name, cfg, weights, width) -> torch.Tensor:
         emb = weights.get("prompt_embeddings")
@@ -276,6 +300,7 @@ class AdapterBank:
         mask, positions and LoRA slots keep only the running rows, so finished rows cost nothing.
         With output_scores, also returns per row the logits [n_i, vocab] each new token was chosen from.
         One host sync per decode step: reading the chosen tokens, which decides who keeps running.
+        This is the server's decode loop too (serve/engine.py), minus rows joining mid-way.
         """
         budget = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budget) != len(input_ids):
@@ -284,43 +309,108 @@ class AdapterBank:
         scores: list[list[torch.Tensor]] = [[] for _ in input_ids]
         self.decode_batch_sizes = []
         running = [i for i, n in enumerate(budget) if n > 0]
-        if not running:
-            return self._generated(out, scores, output_scores)
-        batch = self._prepare([input_ids[i] for i in running], [adapters[i] for i in running])
-        mask, cache, slots = batch.mask, batch.cache, batch.slots
-        last = torch.tensor(batch.lengths, device=self.device) - 1
-        next_pos = batch.positions.gather(1, last[:, None]) + 1  # [B, 1]
-        route = self._plan(slots)
-        with self.context.using(route):
-            hidden = self._run(batch.embeds, mask, batch.positions, cache)
-            hidden = hidden[torch.arange(len(running), device=self.device), last]
-        while True:
-            with self.context.using(route):  # the same routing (and the layers' gathered factors) until a row leaves
-                logits = head_logits(self.model, hidden)
-                tokens = logits.argmax(-1)
+        if running:
+            dec = self.start([input_ids[i] for i in running], [adapters[i] for i in running], keys=running)
+            while True:
+                tokens = dec.logits.argmax(-1)
                 keep = []
-                for j, (i, tok) in enumerate(zip(running, tokens.tolist())):
+                for j, (i, tok) in enumerate(zip(dec.keys, tokens.tolist())):
                     out[i].append(tok)
                     if output_scores:
-                        scores[i].append(logits[j])
+                        scores[i].append(dec.logits[j])
                     if tok != eos_token_id and len(out[i]) < budget[i]:
                         keep.append(j)
                 if not keep:
-                    return self._generated(out, scores, output_scores)
-                if len(keep) < len(running):  # drop finished rows from every per-row tensor
-                    idx = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(idx)
-                    mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
-                    slots, running = [slots[j] for j in keep], [running[j] for j in keep]
-                    route = self._plan(slots)
-            self.decode_batch_sizes.append(len(running))
-            mask = torch.cat([mask, mask.new_ones(len(running), 1)], dim=1)
-            with self.context.using(route):
-                hidden = self._run(self.embed(tokens[:, None]), mask, next_pos, cache)[:, -1]
-            next_pos = next_pos + 1
-
-    def _generated(self, out, scores, output_scores):
+                    break
+                if len(keep) < len(dec.keys):  # drop finished rows from every per-row tensor
+                    self.keep(dec, keep)
+                    tokens = tokens[torch.tensor(keep, device=self.device)]
+                self.decode_batch_sizes.append(len(dec.keys))
+                self.advance(dec, tokens)
         if not output_scores:
             return out
         vocab = self.lm_head.out_features
         return out, [torch.stack(r) if r else torch.zeros(0, vocab, device=self.device) for r in scores]
+
+    # ---- incremental decoding: rows start, join, advance and leave --------------------------------
+
+    @torch.inference_mode()
+    def start(self, input_ids: list[list[int]], adapters: list[str | None], keys: list | None = None) -> Decoding:
+        """Prefill rows (each through its adapter) and return their decoding state, whose `logits`
+        [B, vocab] are each row's next-token logits. `keys` (default 0..B-1) name the rows for the caller."""
+        keys = list(range(len(input_ids))) if keys is None else list(keys)
+        if len(keys) != len(input_ids):
+            raise AdapterHubError(f"{len(keys)} keys for {len(input_ids)} rows")
+        batch = self._prepare(input_ids, adapters)
+        last = torch.tensor(batch.lengths, device=self.device) - 1
+        dec = Decoding(keys, batch.cache, batch.mask, batch.positions.gather(1, last[:, None]) + 1, list(batch.slots), self._plan(batch.slots))
+        with self.context.using(dec.route):
+            hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache)
+            dec.logits = head_logits(self.model, hidden[torch.arange(len(keys), device=self.device), last])
+        return dec
+
+    @torch.inference_mode()
+    def advance(self, dec: Decoding, tokens: torch.Tensor) -> None:
+        """Feed each running row its chosen token [B] and compute the next logits (one decode step)."""
+        dec.mask = torch.cat([dec.mask, dec.mask.new_ones(len(dec.keys), 1)], dim=1)
+        with self.context.using(dec.route):  # the same routing (and the layers' gathered factors) until a row joins or leaves
+            hidden = self._run(self.embed(tokens[:, None]), dec.mask, dec.next_pos, dec.cache)[:, -1]
+            dec.logits = head_logits(self.model, hidden)
+        dec.next_pos = dec.next_pos + 1
+
+    def keep(self, dec: Decoding, rows: list[int]) -> None:
+        """Keep only the rows at these positions of `dec` (the others finished or were cancelled)."""
+        idx = torch.tensor(rows, device=self.device)
+        dec.cache.batch_select_indices(idx)
+        dec.mask, dec.next_pos, dec.logits = dec.mask[idx], dec.next_pos[idx], dec.logits[idx]
+        dec.keys, dec.slots = [dec.keys[j] for j in rows], [dec.slots[j] for j in rows]
+        dec.route = self._plan(dec.slots)
+        # Columns no remaining row attends to (left by rows that finished) are dropped, so a long-running
+        # server's cache does not keep the widest row it ever served. Keys carry their rotary positions,
+        # so a column's index in the cache means nothing once it is written.
+        used = dec.mask.any(0)
+        if self.joinable(dec) and not bool(used.all()):
+            cols = used.nonzero().squeeze(1)
+            dec.mask = dec.mask[:, cols]
+            for layer in dec.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+
+    @staticmethod
+    def joinable(dec: Decoding) -> bool:
+        """Whether rows can join `dec` mid-way: its cache layers must be plain (no sliding window)."""
+        return all(type(layer) is DynamicLayer and layer.is_initialized for layer in dec.cache.layers)
+
+    def join(self, dec: Decoding, new: Decoding) -> None:
+        """Append the rows of `new` (just prefilled) to the running `dec` (continuous batching).
+
+        The two caches are right-padded with masked columns to the same length and stacked; each row
+        keeps its own positions, so it decodes exactly as it would alone.
+        """
+        if not (self.joinable(dec) and self.joinable(new)):
+            raise AdapterHubError("this model's cache (sliding-window or static layers) cannot take rows mid-way; start a new batch")
+        width = max(dec.mask.shape[1], new.mask.shape[1])
+        for a, b in zip(dec.cache.layers, new.cache.layers):
+            a.keys = torch.cat([_pad_cols(a.keys, width), _pad_cols(b.keys, width)])
+            a.values = torch.cat([_pad_cols(a.values, width), _pad_cols(b.values, width)])
+        dec.mask = torch.cat([F.pad(dec.mask, (0, width - dec.mask.shape[1])), F.pad(new.mask, (0, width - new.mask.shape[1]))])
+        dec.next_pos = torch.cat([dec.next_pos, new.next_pos])
+        dec.logits = torch.cat([dec.logits, new.logits])
+        dec.keys, dec.slots = dec.keys + new.keys, dec.slots + new.slots
+        dec.route = self._plan(dec.slots)
+
+
+@dataclass
+class Decoding:
+    """The state of rows being decoded together: what `AdapterBank.advance` needs for the next step."""
+
+    keys: list  # the caller's name for each row
+    cache: DynamicCache  # [B, heads, S, head_dim] per layer
+    mask: torch.Tensor  # [B, S]: which cache columns each row attends to
+    next_pos: torch.Tensor  # [B, 1]: position id of each row's next token
+    slots: list[int]  # LoRA slot per row
+    route: object  # the RowContext plan for these rows
+    logits: torch.Tensor | None = None  # [B, vocab]: each row's next-token logits
+
+
+def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, 0, width - t.shape[-2]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,10 +24,10 @@ from peft import PeftModel
 
 from ..backbone import Backbone, load_backbone
 from ..data import load_task_data, render, request_row
-from ..errors import AdapterLoadError
+from ..errors import AdapterLoadError, DataError
 from ..evaluate import label_token_ids, readable
 from ..folder import check_base, check_fits, read_sidecar
-from ..heads import encode_prompt, label_plan_ids
+from ..heads import keep_end, label_plan_ids
 from ..registry import check_if_registered, open_registry
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
@@ -49,6 +50,7 @@ class Router:
         self.active: str | None = None
         self.route_threshold = route_threshold
         self._content: ContentRouter | None = None
+        self.evictions = 0  # adapters unloaded to stay within the memory budget
         self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
         self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
 
@@ -107,6 +109,7 @@ class Router:
                 raise AdapterLoadError(f"this batch needs adapters {sorted(keep)} resident at once ({need:.2f} MB) but the memory budget is "
                                        f"{self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) or send smaller batches")
             self.unload(spare)
+            self.evictions += 1
 
     def resident_bytes(self) -> int:
         return sum(self.bank.nbytes(n) for n in self.resident)
@@ -169,7 +172,8 @@ class Router:
         task = self.metas[name]["task"]
         return spec_from_dict(task) if task else None
 
-    def _route_auto(self, requests: list[dict]) -> list[str]:
+    def route(self, requests: list[dict]) -> list[str]:
+        """Each request's adapter name, `auto` resolved by content (one embedding pass for all of them)."""
         names = [r.get("adapter", BASE) for r in requests]
         auto = [i for i, n in enumerate(names) if n == "auto"]
         if auto:
@@ -193,52 +197,105 @@ class Router:
                 warnings.warn(f"adapter {name!r} is left out of content routing: {err}", stacklevel=3)
         return ContentRouter(samples, threshold=self.route_threshold)
 
+    def hold(self, names, keep: frozenset = frozenset()) -> None:
+        """Make these adapters resident together (with those in `keep`, e.g. the rows already running)."""
+        needed = (frozenset(names) | keep) - {BASE}
+        for n in sorted(frozenset(names) - {BASE}):
+            self._ensure(n, keep=needed)
+
+    def prepare(self, request: dict, name: str, max_new_tokens: int | None = None, max_input_tokens: int | None = None) -> Prepared:
+        """What serving one request through adapter `name` (already routed) needs: its prompt and ids.
+
+        A task adapter renders its own prompt template from the request's columns (`text` fills a
+        one-column prompt), as training did; a raw `prompt` is used as given. Generation budgets
+        default to the task's max_new_tokens (else 32). A prompt longer than the task's max_length
+        keeps its end, as in training; with `max_input_tokens` (the server's limit) a longer prompt
+        is refused instead, and prompts without a task may use that many tokens.
+        """
+        spec = self.spec(name) if name != BASE else None
+        if isinstance(request.get("prompt"), str):
+            prompt = request["prompt"]
+        else:
+            prompt = render(spec, request_row(spec, request)) if spec else request["text"]
+        ids = self.bb.tokenizer(prompt, add_special_tokens=True).input_ids
+        if max_input_tokens is not None and len(ids) > max_input_tokens:
+            raise DataError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
+        if spec is not None and spec.type == "classification":
+            return Prepared(name, spec, prompt, ids, 0)
+        budget = max_new_tokens if max_new_tokens is not None else spec.train.max_new_tokens if spec else request.get("max_new_tokens", 32)
+        limit = spec.train.max_length - budget if spec else (max_input_tokens or 512 - budget)
+        return Prepared(name, spec, prompt, keep_end(ids, max(limit, 1)), budget)
+
+    def forget(self, name: str) -> None:
+        """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
+        self.unload(name)
+        self.folders.pop(name, None)
+        self.metas.pop(name, None)
+        self._content = None
+
+    def answer(self, ids: list[int]) -> str:
+        """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""
+        return self.bb.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+
     def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
-        tok = self.bb.tokenizer
-        names = self._route_auto(requests)
-        needed = frozenset(names) - {BASE}
-        for n in sorted(needed):  # the batch's adapters stay resident together while it runs
-            self._ensure(n, keep=needed)
+        names = self.route(requests)
+        self.hold(names)  # the batch's adapters stay resident together while it runs
+        # a task adapter answers within its task's max_new_tokens; base and task-less adapters take the request's
+        rows = [self.prepare(req, name, None if name != BASE and self.spec(name) else req.get("max_new_tokens", max_new_tokens))
+                for req, name in zip(requests, names)]
         results: list[dict] = [{"adapter": n} for n in names]
-        cls_rows, gen_rows = [], []
-        for i, (req, name) in enumerate(zip(requests, names)):
-            spec = self.spec(name) if name != BASE else None
-            if spec is not None and spec.type == "classification":
-                cls_rows.append((i, spec, render(spec, request_row(spec, req))))
-            else:
-                prompt = render(spec, request_row(spec, req)) if spec else req["text"]
-                budget = spec.train.max_new_tokens if spec else req.get("max_new_tokens", max_new_tokens)
-                limit = (spec.train.max_length if spec else 512) - budget
-                gen_rows.append((i, name, encode_prompt(tok, prompt, limit), budget))
-        if cls_rows:
-            for (i, spec, _), pred in zip(cls_rows, self._classify(cls_rows, names)):
-                results[i]["prediction"] = readable(spec, pred)
+        cls_rows = [i for i, r in enumerate(rows) if r.classify]
+        gen_rows = [i for i, r in enumerate(rows) if not r.classify]
+        for i, (pred, _) in zip(cls_rows, self.classify([rows[i] for i in cls_rows])):
+            results[i]["prediction"] = readable(rows[i].spec, pred)
         if gen_rows:
-            outs = self.bank.generate([ids for _, _, ids, _ in gen_rows], [None if n == BASE else n for _, n, _, _ in gen_rows],
-                                      [b for *_, b in gen_rows], tok.eos_token_id)
-            for (i, *_), ids in zip(gen_rows, outs):
-                results[i]["prediction"] = tok.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+            outs = self.bank.generate([rows[i].ids for i in gen_rows], [rows[i].bank_name for i in gen_rows],
+                                      [rows[i].max_new_tokens for i in gen_rows], self.bb.tokenizer.eos_token_id)
+            for i, ids in zip(gen_rows, outs):
+                results[i]["prediction"] = self.answer(ids)
         return results
 
     @torch.inference_mode()
-    def _classify(self, rows, names) -> list[int]:
-        """Score every label of every classification row in one forward pass; return argmaxes.
+    def classify(self, rows: list[Prepared]) -> list[tuple[int, list[float]]]:
+        """Score every label of every classification row in one forward pass: (argmax, probabilities).
 
         Each row's scoring is heads.label_plan_ids, as in training and evaluation: one sequence per
         request when every label is one token (the next-token distribution scores them all), else one
         sequence per (request, label), summing its tokens' log-probs. The bank runs all the rows'
-        sequences together, each through its own adapter.
+        sequences together, each through its own adapter. Probabilities are the label scores
+        normalized over the labels.
         """
+        if not rows:
+            return []
         tok = self.bb.tokenizer
         seqs, adapters, positions, plans = [], [], [], []
-        for i, spec, prompt in rows:
-            plan = label_plan_ids([tok(prompt, add_special_tokens=True).input_ids], label_token_ids(tok, spec), spec.train.max_length)
+        for row in rows:
+            plan = label_plan_ids([row.ids], label_token_ids(tok, row.spec), row.spec.train.max_length)
             seqs += plan.seqs
-            adapters += [names[i]] * len(plan.seqs)
+            adapters += [row.bank_name] * len(plan.seqs)
             # the plan's picks run sequence by sequence, so each sequence's positions in order rebuild its order
             positions += [[c for r, c in zip(plan.rows, plan.cols) if r == k] for k in range(len(plan.seqs))]
             plans.append(plan)
         logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
-        best = torch.stack([plan.finish(part)[0].argmax() for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))])
-        return best.tolist()  # the one host sync of the batch
+        probs = torch.cat([plan.finish(part) for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]).softmax(-1)
+        return [(max(range(len(p)), key=p.__getitem__), p) for p in probs.tolist()]  # the one host sync of the batch
+
+
+@dataclass
+class Prepared:
+    """One request made ready for the bank: its adapter (routed), task, prompt and token ids."""
+
+    adapter: str  # an adapter name or "base"
+    spec: TaskSpec | None
+    prompt: str
+    ids: list[int]
+    max_new_tokens: int  # 0 for classification
+
+    @property
+    def classify(self) -> bool:
+        return self.spec is not None and self.spec.type == "classification"
+
+    @property
+    def bank_name(self) -> str | None:
+        return None if self.adapter == BASE else self.adapter
