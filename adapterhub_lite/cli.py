@@ -14,6 +14,8 @@ from pathlib import Path
 
 from .errors import AdapterHubError, DataError
 from .multitask.cli import add_commands
+from .serve.cli import add_serve_command
+from .serve.export import add_export_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -348,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")
     p.set_defaults(func=_convert)
     add_commands(sub)
+    add_serve_command(sub)
+    add_export_command(sub)
     return parser
 
 

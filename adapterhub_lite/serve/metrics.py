@@ -1,0 +1,29 @@
+"""Prometheus metrics of the server (prometheus_client), kept in a registry of their own so that
+several servers in one process (tests) do not collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class ServeMetrics:
+    """Requests by adapter and status, queue depth, batch rows, tokens, time to first token,
+    resident adapters and evictions."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("adapterhub_requests", "Requests answered, by adapter and status", ["adapter", "status"], registry=r)
+        self.queue_depth = Gauge("adapterhub_queue_depth", "Requests waiting to join the batch", registry=r)
+        self.batch_rows = Histogram("adapterhub_batch_rows", "Rows in the running batch after admitting newcomers",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.prompt_tokens = Counter("adapterhub_prompt_tokens", "Prompt tokens of answered requests", registry=r)
+        self.generated_tokens = Counter("adapterhub_generated_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("adapterhub_time_to_first_token_seconds", "From arrival to the first generated token",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.resident = Gauge("adapterhub_resident_adapters", "Adapters resident on the backbone", registry=r)
+        self.evictions = Gauge("adapterhub_evictions", "Adapters evicted to stay within the memory budget (since start)", registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,356 @@
+"""The OpenAI-compatible server: a real HTTP server on 127.0.0.1, talked to with the `openai` client."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from adapterhub_lite.cli import main as cli_main
+from adapterhub_lite.evaluate import label_token_ids
+from adapterhub_lite.folder import load_adapter
+from adapterhub_lite.heads import label_scores
+from adapterhub_lite.registry import open_registry
+from adapterhub_lite.router.router import Router
+from adapterhub_lite.serve.api import Settings, create_app
+from adapterhub_lite.serve.engine import Engine
+from adapterhub_lite.serve.runtime import Catalogue
+
+from .conftest import train_tiny
+
+KEY = "test-key"
+GEN = {"type": "generation", "labels": None, "label": None, "target": "target", "metric": ["exact_match"], "prompt": "In: {text}\nOut:"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Eight adapters of every kind the bank serves (classification and generation), published."""
+    d = tmp_path_factory.mktemp("serve")
+    gen = d / "copy.jsonl"
+    gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
+    rand = {"init_lora_weights": False}  # random B: every LoRA moves the outputs from the first step
+    g = {**GEN, "data": {"train": str(gen), "dev": str(gen)}}
+    folders = {
+        "cls_a": train_tiny(d, "cls_a", method_args=rand, train={"seed": 1, "lr": 5e-2}),
+        "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"], **rand}, train={"seed": 2, "lr": 5e-2}),
+        "cls_prefix": train_tiny(d, "cls_prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
+        "cls_prompt": train_tiny(d, "cls_prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
+        "gen_a": train_tiny(d, "gen_a", **g, method_args=rand, train={"max_new_tokens": 4, "seed": 3}),
+        "gen_b": train_tiny(d, "gen_b", **g, method_args={"r": 16, **rand}, train={"max_new_tokens": 5, "seed": 4}),
+        "gen_prefix": train_tiny(d, "gen_prefix", **g, method="prefix", method_args={"num_virtual_tokens": 2}, train={"max_new_tokens": 4}),
+        "gen_prompt": train_tiny(d, "gen_prompt", **g, method="prompt", method_args={"num_virtual_tokens": 5}, train={"max_new_tokens": 4}),
+    }
+    reg = d / "registry"
+    reg.mkdir()
+    (reg / "index.json").write_text(json.dumps({"format": "adapterhub_lite.registry/1", "adapters": {}}))
+    r = open_registry(reg)
+    for name, folder in folders.items():
+        r.publish(folder, "1.0.0", name=name)
+    r.publish(folders["gen_a"], "0.9.0", name="gen_b")  # an older, different version: gen_b@0.9.0 is gen_a's weights
+    return reg
+
+
+class Served:
+    """A server on a free port in this process, stopped at the end."""
+
+    def __init__(self, registry, **settings):
+        self.router = Router.from_registry(registry, quantization="none", dtype="fp32")
+        self.engine = Engine(self.router, max_batch_rows=settings.pop("max_batch_rows", 32), max_queue=settings.pop("max_queue", 256))
+        self.port = free_port()
+        app = create_app(self.engine, Settings(**{"api_key": KEY, "allow_runtime_loading": True, **settings}), Catalogue(self.engine))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def post(self, path, body=None, key=KEY, **kw):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served(registry):
+    s = Served(registry)
+    yield s
+    s.close()
+
+
+def infer(registry, tmp_path, requests):
+    """What `adapterhub-lite infer` answers for these requests (fp32, like the server under test)."""
+    src, out = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    assert cli_main(["infer", "--registry", str(registry), "--input", str(src), "--output", str(out), "--quantization", "none", "--dtype", "fp32"]) == 0
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+TEXTS = ["pos 1", "neg 2", "pos 5", "ab", "gh", "neg 7", "cd", "ef"]
+
+
+def test_answers_equal_infer_for_every_kind_of_adapter(served, registry, tmp_path):
+    names = ["cls_a", "cls_b", "cls_prefix", "cls_prompt", "gen_a", "gen_b", "gen_prefix", "gen_prompt", "base", "auto"]
+    requests = [{"adapter": n, "text": t} for n in names for t in TEXTS[:3]]
+    expected = infer(registry, tmp_path, requests)
+    assert {e["prediction"] for e in expected if e["adapter"].startswith("gen")} - {""}, "generation adapters answered nothing"
+    for req, exp in zip(requests, expected):
+        got = served.client.completions.create(model=req["adapter"], prompt="", extra_body={"input": req["text"]})
+        # `prompt` is required by the client's signature; `input` (the task's columns) takes precedence
+        assert got.choices[0].text == exp["prediction"], req
+        assert got.choices[0].model_extra["adapter"] == exp["adapter"], req
+
+
+def test_completions_chat_streaming_classify_and_models(served):
+    c = served.client
+    ids = {m.id for m in c.models.list().data}
+    assert {"cls_a", "cls_a@1.0.0", "gen_b", "gen_b@0.9.0", "gen_b@1.0.0", "base", "auto"} <= ids
+    assert all(m.model_extra["parent"] == "tiny-random-llama" for m in c.models.list().data)
+
+    raw = c.completions.create(model="gen_a", prompt="In: ab\nOut:", max_tokens=6, logprobs=2)
+    assert raw.choices[0].finish_reason in ("stop", "length") and raw.usage.completion_tokens <= 6
+    lp = raw.choices[0].logprobs
+    assert len(lp.token_logprobs) == raw.usage.completion_tokens and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+
+    streamed = c.completions.create(model="gen_a", prompt="In: ab\nOut:", max_tokens=6, stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == raw.choices[0].text  # same greedy tokens, streamed
+
+    chat = c.chat.completions.create(model="gen_prompt", messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "ab"}])
+    alone = c.completions.create(model="gen_prompt", prompt="", extra_body={"input": "ab"})
+    assert chat.choices[0].message.content == alone.choices[0].text  # a task adapter reads the last user message
+    pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="gen_prompt", messages=[{"role": "user", "content": "ab"}], stream=True) if ch.choices]
+    assert "".join(pieces) == alone.choices[0].text
+
+    cls = served.post("/v1/classify", {"model": "cls_a", "input": ["pos 1", {"text": "neg 2"}]}).json()
+    assert [d["label"] for d in cls["data"]] == [c.completions.create(model="cls_a", prompt="", extra_body={"input": t}).choices[0].text
+                                                  for t in ("pos 1", "neg 2")]
+    for d in cls["data"]:
+        assert set(d["probabilities"]) == {"pos", "neg"} and abs(sum(d["probabilities"].values()) - 1) < 1e-4
+        assert d["label"] == max(d["probabilities"], key=d["probabilities"].get)
+    # the label scores are plain peft's, normalized over the labels (independent of the router's scoring)
+    model, bb, spec, _ = load_adapter(served.router.folders["cls_a"], dtype="fp32")
+    prompts = [spec.prompt.format(text=t) for t in ("pos 1", "neg 2")]
+    scores = label_scores(model, bb.tokenizer, prompts, label_token_ids(bb.tokenizer, spec), spec.train.max_length).softmax(-1)
+    for d, row in zip(cls["data"], scores.tolist()):
+        assert [d["probabilities"][w] for w in ("pos", "neg")] == pytest.approx(row, abs=1e-4)
+
+    pinned = c.completions.create(model="gen_b@0.9.0", prompt="", extra_body={"input": "cd"}).choices[0].text
+    assert pinned == c.completions.create(model="gen_a", prompt="", extra_body={"input": "cd"}).choices[0].text
+
+
+def test_sixty_four_concurrent_requests_each_equal_their_sequential_answer(served):
+    models = ["cls_a", "cls_b", "cls_prefix", "cls_prompt", "gen_a", "gen_b", "gen_prefix", "gen_prompt", "base", "auto"]
+    jobs = [(models[i % len(models)], TEXTS[i % len(TEXTS)]) for i in range(64)]
+
+    def body(model, text):
+        return {"model": model, "input": text} if model != "base" else {"model": model, "prompt": text, "max_tokens": 5}
+
+    sequential = [served.post("/v1/completions", body(*j)).json()["choices"][0]["text"] for j in jobs]
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
+            return await asyncio.gather(*(h.post("/v1/completions", json=body(*j)) for j in jobs))
+
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200][:2]
+    assert [a.json()["choices"][0]["text"] for a in answers] == sequential
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'adapterhub_requests_total{adapter="gen_prefix",status="ok"}' in metrics
+
+
+def test_rows_join_a_running_batch(served):
+    """Continuous batching: a request sent while a long one is decoding joins its batch and is answered
+    while the long one still runs. (Were newcomers to wait for the batch to end, the long one would be done.)"""
+    async def go():
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
+            async with h.stream("POST", "/v1/completions", json={"model": "base", "prompt": "a b c", "max_tokens": 300, "stream": True}) as long:
+                lines = long.aiter_lines()
+                while not (await anext(lines)).startswith("data: {"):  # the long request is decoding now
+                    pass
+                short = await h.post("/v1/completions", json={"model": "gen_a", "input": "ab"})
+                running = [len(j.tokens) for j in list(served.engine._rows.values())]  # the engine's rows at that moment
+                rest = [line async for line in lines if line.startswith("data: {")]
+        return short, running, rest
+
+    short, running, rest = asyncio.run(go())
+    assert short.status_code == 200
+    assert len(running) == 1 and 0 < running[0] < 300, running  # the long row was mid-way when the short one was answered
+    assert json.loads(rest[-1][6:])["choices"][0]["finish_reason"] == "length"  # and then ran on to its 300 tokens
+
+
+@pytest.mark.parametrize("case", ["unknown model", "too many tokens", "bad json", "missing key", "wrong key", "oversize body",
+                                  "prompt too long", "n > 1", "bad temperature", "classify a generator", "missing column"])
+def test_bad_requests_get_a_4xx_in_openai_error_shape(served, case):
+    post = served.post
+    r = {
+        "unknown model": lambda: post("/v1/completions", {"model": "nope", "prompt": "x"}),
+        "too many tokens": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 10**6}),
+        "bad json": lambda: httpx.post(served.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}),
+        "missing key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key=None),
+        "wrong key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key="nope"),
+        "oversize body": lambda: post("/v1/completions", {"model": "base", "prompt": "x" * (2 << 20)}),
+        "prompt too long": lambda: post("/v1/completions", {"model": "base", "prompt": "ab " * 3000}),
+        "n > 1": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "n": 2}),
+        "bad temperature": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "temperature": "hot"}),
+        "classify a generator": lambda: post("/v1/classify", {"model": "gen_a", "input": "x"}),
+        "missing column": lambda: post("/v1/completions", {"model": "gen_a", "input": {"nope": "x"}}),
+    }[case]()
+    status = {"unknown model": 404, "missing key": 401, "wrong key": 401, "oversize body": 413}.get(case, 400)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "code"} and err["message"]
+    if case == "unknown model":
+        with pytest.raises(openai.NotFoundError, match="does not exist"):  # what the openai client makes of it
+            served.client.completions.create(model="nope", prompt="x")
+
+
+def test_the_queue_bound_answers_429_with_retry_after(registry):
+    s = Served(registry, max_batch_rows=1, max_queue=1)
+    try:
+        async def flood():
+            async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
+                return await asyncio.gather(*(h.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 50}) for _ in range(8)))
+        answers = asyncio.run(flood())
+        codes = sorted(a.status_code for a in answers)
+        assert 429 in codes and 200 in codes, codes
+        full = next(a for a in answers if a.status_code == 429)
+        assert full.headers["retry-after"] == "1" and full.json()["error"]["code"] == "queue_full"
+    finally:
+        s.close()
+
+
+def test_per_request_merges_are_built_once_and_served(served, registry, tmp_path):
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+    first = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": recipe})
+    assert first.status_code == 200, first.text
+    name = first.json()["choices"][0]["adapter"]
+    assert name.startswith("merged-")
+    again = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": recipe}).json()
+    assert again["choices"][0]["adapter"] == name and again["choices"][0]["text"] == first.json()["choices"][0]["text"]
+    # the same merge served by the router directly (as `infer` would after `merge`)
+    direct = served.engine.call(lambda r: r.run([{"adapter": name, "text": "ab"}])[0]["prediction"]).result(60)
+    assert direct == first.json()["choices"][0]["text"]
+    bad = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": {**recipe, "weights": [1]}})
+    assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
+
+
+def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served, registry, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(registry / "gen_a" / "1.0.0", folder)
+    assert served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder)}).status_code == 200
+    assert "late" in {m.id for m in served.client.models.list().data}
+    late = served.client.completions.create(model="late", prompt="", extra_body={"input": "ef"}).choices[0].text
+    assert late == served.client.completions.create(model="gen_a", prompt="", extra_body={"input": "ef"}).choices[0].text
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
+    assert served.post("/v1/completions", {"model": "late", "prompt": "x"}).status_code == 404
+    # a tampered registry folder is refused when loaded by its path
+    tampered = registry / "cls_b" / "1.0.0" / "adapter_model.safetensors"
+    saved = tampered.read_bytes()
+    try:
+        tampered.write_bytes(saved[:-4] + b"\0\0\0\0")
+        r = served.post("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": str(tampered.parent)})
+        assert r.status_code == 400 and "sha256" in r.json()["error"]["message"]
+    finally:
+        tampered.write_bytes(saved)
+
+
+def test_runtime_loading_is_off_unless_asked(registry):
+    s = Served(registry, allow_runtime_loading=False)
+    try:
+        r = s.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "runtime_loading_off"
+    finally:
+        s.close()
+
+
+def test_reload_picks_up_a_new_registry_version(registry, tmp_path):
+    import shutil
+
+    reg = tmp_path / "reg"
+    shutil.copytree(registry, reg)
+    s = Served(reg)
+    try:
+        before = s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text
+        open_registry(reg).publish(reg / "gen_b" / "1.0.0", "2.0.0", name="gen_a")  # gen_a@2.0.0 has gen_b's weights
+        assert s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text == before
+        assert s.post("/v1/reload").json() == {"added": [], "updated": ["gen_a"], "deferred": []}
+        after = s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text
+        assert after == s.client.completions.create(model="gen_b", prompt="", extra_body={"input": "gh"}).choices[0].text
+    finally:
+        s.close()
+
+
+def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, tmp_path):
+    import shutil
+
+    reg = tmp_path / "reg"
+    shutil.copytree(registry, reg)
+    port = free_port()
+    cmd = [sys.executable, "-m", "adapterhub_lite.cli", "serve", "--registry", str(reg), "--port", str(port),
+           "--quantization", "none", "--dtype", "fp32"]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        proc.kill()
+        pytest.fail(f"server did not start: {proc.stderr.read().decode()[-500:]}")
+
+    proc = start()
+    try:
+        async def load():
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as h:
+                return await asyncio.gather(*(h.post("/v1/completions", json={"model": "gen_a", "input": "ab", "max_tokens": 200}) for _ in range(16)),
+                                            return_exceptions=True)
+
+        runner = threading.Thread(target=lambda: asyncio.run(load()))
+        runner.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        runner.join(60)
+        proc = start()
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "gen_a", "input": "ab"}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["adapter"] == "gen_a"
+        assert open_registry(reg).verify() == []
+        assert sorted(open_registry(reg).index()["adapters"]) == sorted(open_registry(registry).index()["adapters"])
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_served_adapters_change_the_answers(served):
+    """Guards the equality tests above: they would also hold for a server that ignored adapters."""
+    texts = {m: served.post("/v1/completions", {"model": m, "input": "ab"}).json()["choices"][0]["text"]
+             for m in ("gen_a", "gen_b", "gen_prefix", "gen_prompt", "base")}
+    assert len(set(texts.values())) >= 3, texts
