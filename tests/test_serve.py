@@ -39,7 +39,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    """Eight adapters of every kind the bank serves (classification and generation), published."""
+    """Nine adapters of every kind the bank serves (LoRA, IA3, prefix, prompt; classification and generation), published."""
     d = tmp_path_factory.mktemp("serve")
     gen = d / "copy.jsonl"
     gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
@@ -50,6 +50,7 @@ def registry(tmp_path_factory):
         "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"], **rand}, train={"seed": 2, "lr": 5e-2}),
         "cls_prefix": train_tiny(d, "cls_prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
         "cls_prompt": train_tiny(d, "cls_prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
+        "cls_ia3": train_tiny(d, "cls_ia3", method="ia3", train={"lr": 0.5, "seed": 5}),
         "gen_a": train_tiny(d, "gen_a", **g, method_args=rand, train={"max_new_tokens": 4, "seed": 3}),
         "gen_b": train_tiny(d, "gen_b", **g, method_args={"r": 16, **rand}, train={"max_new_tokens": 5, "seed": 4}),
         "gen_prefix": train_tiny(d, "gen_prefix", **g, method="prefix", method_args={"num_virtual_tokens": 2}, train={"max_new_tokens": 4}),
@@ -111,7 +112,7 @@ TEXTS = ["pos 1", "neg 2", "pos 5", "ab", "gh", "neg 7", "cd", "ef"]
 
 
 def test_answers_equal_infer_for_every_kind_of_adapter(served, registry, tmp_path):
-    names = ["cls_a", "cls_b", "cls_prefix", "cls_prompt", "gen_a", "gen_b", "gen_prefix", "gen_prompt", "base", "auto"]
+    names = ["cls_a", "cls_b", "cls_prefix", "cls_prompt", "cls_ia3", "gen_a", "gen_b", "gen_prefix", "gen_prompt", "base", "auto"]
     requests = [{"adapter": n, "text": t} for n in names for t in TEXTS[:3]]
     expected = infer(registry, tmp_path, requests)
     assert {e["prediction"] for e in expected if e["adapter"].startswith("gen")} - {""}, "generation adapters answered nothing"
@@ -354,3 +355,21 @@ def test_served_adapters_change_the_answers(served):
     texts = {m: served.post("/v1/completions", {"model": m, "input": "ab"}).json()["choices"][0]["text"]
              for m in ("gen_a", "gen_b", "gen_prefix", "gen_prompt", "base")}
     assert len(set(texts.values())) >= 3, texts
+
+
+def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(registry, monkeypatch):
+    s = Served(registry, request_timeout=15)
+    try:
+        real = s.router.bank.advance
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("simulated out of memory")
+
+        monkeypatch.setattr(s.router.bank, "advance", boom)
+        failed = s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5})
+        assert failed.status_code == 500 and "simulated out of memory" in failed.json()["error"]["message"]
+        monkeypatch.setattr(s.router.bank, "advance", real)
+        assert s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5}).status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.close()

@@ -1,17 +1,20 @@
 """Heterogeneous batches: one forward pass in which every row runs through its own adapter.
 
-A row may use a LoRA, a prefix-tuning or a prompt-tuning adapter, or none (the plain backbone).
-peft serves one prompt-learning adapter per forward and cannot mix them with LoRA, so the three
-kinds are applied here with plain torch ops on the frozen backbone:
+A row may use a LoRA, an IA3, a prefix-tuning or a prompt-tuning adapter, or none (the plain
+backbone). peft serves one prompt-learning adapter per forward and cannot mix them with LoRA, so
+the four kinds are applied here with plain torch ops on the frozen backbone:
 
-- LoRA: each targeted linear module (the LM head included) is wrapped in the per-row LoRA layer
+- LoRA: each targeted linear module (the LM head included) is wrapped in the per-row layer
   (rowlora.RowLoraLinear): each row's factors, zero-padded to the widest rank, applied with two bmm's.
+- IA3: the same layer scales each row's input (feed-forward modules) or output by its own vector.
 - Prefix tuning: each row's prefix keys/values pre-fill a DynamicCache, padded to the longest prefix
   and masked out beyond the row's own.
 - Prompt tuning: the virtual token embeddings are put in front of the row's token embeddings.
 
 Rows are right-padded; every row gets explicit position ids equal to those it has when run alone
-through peft, and a 2D attention mask over [prefix slots + token columns].
+through peft, and a 2D attention mask over [prefix slots + token columns]. Decoding state
+(`Decoding`) lets rows start, join a running batch, advance and leave one step at a time: the
+server's continuous batching (serve/engine.py) and `generate` share it.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class AdapterBank:
         return list(self._adapters)
 
     def nbytes(self, name: str) -> int:
-        """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module)."""
+        """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module; IA3: its vectors)."""
         return self._get(name).nbytes
 
     def _get(self, name: str) -> _Adapter:

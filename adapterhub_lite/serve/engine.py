@@ -71,6 +71,7 @@ class Job:
     text: str = ""  # decoded so far (stop strings cut it)
     sent: int = 0  # characters of `text` already streamed
     cancelled: bool = False
+    finished: bool = False  # answered (done or error): nothing more is sent
     generator: torch.Generator | None = None
 
     def cancel(self) -> None:
@@ -103,7 +104,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
         self._dec = None  # the running batch's Decoding (None when idle)
         self._rows: dict[int, Job] = {}  # id(job) → job, for the running rows
-        self.failure: BaseException | None = None  # set if the loop itself died
+        self._admitting: list[Job] = []  # taken from the queue, not yet running or answered
 
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -151,8 +152,8 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        try:
-            while True:
+        while True:
+            try:
                 self._run_calls()
                 self._admit()
                 if self._dec is None:
@@ -162,11 +163,11 @@ class Engine:
                     self._wake.clear()
                     continue
                 self._step()
-        except BaseException as exc:  # noqa: BLE001 - every waiting listener must hear that the engine died
-            self.failure = exc
-            for job in list(self._rows.values()) + self._drain():
-                job.listener("error", exc)
-            raise
+            except Exception as exc:  # noqa: BLE001 - a failed batch (e.g. out of memory) fails its requests, not the server
+                self._fail(list(self._rows.values()) + self._admitting, exc)
+                self._dec, self._admitting = None, []
+                if self.router.bb.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def _run_calls(self) -> None:
         while True:
@@ -197,9 +198,12 @@ class Engine:
             return
         if self._dec is not None and not self.router.bank.joinable(self._dec):
             return  # this model's cache cannot take rows mid-way: newcomers wait for the batch to end
-        jobs = [j for j in self._drain(room) if not self._expired(j)]
-        if not jobs:
-            return
+        self._admitting = [j for j in self._drain(room) if not self._expired(j)]
+        if self._admitting:
+            self._admit_jobs(self._admitting)
+        self._admitting = []
+
+    def _admit_jobs(self, jobs: list[Job]) -> None:
         router = self.router
         try:
             names = router.route([j.request for j in jobs])
@@ -344,11 +348,15 @@ class Engine:
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for job in jobs:
             self._rows.pop(id(job), None)
+            if job.finished:
+                continue
+            job.finished = True
             self.metrics.requests.labels(adapter=self._label(job), status=type(exc).__name__).inc()
             job.listener("error", exc)
 
     def _finish(self, job: Job, reason: str, **extra) -> None:
         self._rows.pop(id(job), None)
+        job.finished = True
         p = job.prepared
         result = Result(p.adapter, job.text, reason, len(p.ids), len(job.tokens), **extra)
         self.metrics.requests.labels(adapter=self._label(job), status="ok").inc()
