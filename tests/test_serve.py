@@ -306,28 +306,29 @@ def test_reload_picks_up_a_new_registry_version(registry, tmp_path):
         s.close()
 
 
+def start_server(reg, port):
+    """`adapterhub-lite serve` as a subprocess; returns it once /health answers."""
+    cmd = [sys.executable, "-m", "adapterhub_lite.cli", "serve", "--registry", str(reg), "--port", str(port),
+           "--quantization", "none", "--dtype", "fp32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"server did not start: {proc.stderr.read().decode()[-500:]}")
+
+
 def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, tmp_path):
     import shutil
 
     reg = tmp_path / "reg"
     shutil.copytree(registry, reg)
     port = free_port()
-    cmd = [sys.executable, "-m", "adapterhub_lite.cli", "serve", "--registry", str(reg), "--port", str(port),
-           "--quantization", "none", "--dtype", "fp32"]
-
-    def start():
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stderr.read().decode()[-500:]}")
-
-    proc = start()
+    proc = start_server(reg, port)
     try:
         async def load():
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as h:
@@ -340,11 +341,33 @@ def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, 
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         runner.join(60)
-        proc = start()
+        proc = start_server(reg, port)
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "gen_a", "input": "ab"}, timeout=30)
         assert answer.status_code == 200 and answer.json()["choices"][0]["adapter"] == "gen_a"
         assert open_registry(reg).verify() == []
         assert sorted(open_registry(reg).index()["adapters"]) == sorted(open_registry(registry).index()["adapters"])
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_sigterm_finishes_running_requests_and_takes_no_new_ones(registry):
+    port = free_port()
+    proc = start_server(registry, port)
+    try:
+        async def go():
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as h:
+                running = asyncio.create_task(h.post("/v1/completions", json={"model": "base", "prompt": "a b", "max_tokens": 200}))
+                while httpx.get(f"http://127.0.0.1:{port}/metrics").text.find("adapterhub_batch_rows_count 1.0") < 0:
+                    await asyncio.sleep(0.01)  # the request is in the batch
+                proc.send_signal(signal.SIGTERM)
+                return await running
+
+        answer = asyncio.run(go())
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 200  # finished, not cut
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down cleanly
+        with pytest.raises(httpx.ConnectError):  # and the port no longer takes requests
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     finally:
         proc.kill()
         proc.wait(10)

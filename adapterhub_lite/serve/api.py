@@ -172,7 +172,9 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     async def health():
         if not engine.alive:
             return error_response(P.ApiError(503, "the engine is not running", "server_error", "unhealthy"))
-        return {"status": "ok", "queue_depth": engine.queue_depth}
+        bb = engine.router.bb
+        return {"status": "ok", "queue_depth": engine.queue_depth, "base": bb.name, "device": str(bb.device),
+                "dtype": str(bb.dtype).removeprefix("torch."), "quantization": bb.fingerprint["quantization"]}
 
     @app.get("/metrics")
     async def metrics():
