@@ -71,23 +71,25 @@ def _final_norm(model) -> torch.nn.Module | None:
     return None
 
 
-def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, call=None) -> torch.Tensor:
     """Last-layer hidden states [B, T, H] aligned with input_ids (prompt-tuning tokens dropped).
 
     A forward hook on the final norm keeps exactly the tensor the LM head would read, and only
     it: `output_hidden_states=True` would keep every layer's states. The model is still called
     through its top-level forward, so peft's prompt tuning (virtual tokens prepended) and prefix
-    tuning (virtual keys/values) apply as usual.
+    tuning (virtual keys/values) apply as usual. `call` (default: the model) is what is called, e.g.
+    the model's DistributedDataParallel wrapper in a data-parallel run.
     """
+    call = call or model
     norm = _final_norm(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1, "use_cache": False}
     if norm is None:  # an architecture without a named final norm: fall back to all hidden states
-        hidden = model(**kwargs, output_hidden_states=True).hidden_states[-1]
+        hidden = call(**kwargs, output_hidden_states=True).hidden_states[-1]
     else:
         seen: list[torch.Tensor] = []
         handle = norm.register_forward_hook(lambda _module, _args, out: seen.append(out))
         try:
-            model(**kwargs)
+            call(**kwargs)
         finally:
             handle.remove()
         hidden = seen[-1]
@@ -117,7 +119,7 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols: list[int]) -> torch.Tensor:
+def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols: list[int], call=None) -> torch.Tensor:
     """Log-softmax over the vocabulary for the next token after seqs[r][c], for each (r, c).
 
     Runs under autocast in the model's compute dtype; the log-softmax is taken in fp32.
@@ -126,7 +128,7 @@ def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols
     ids, mask = pad_batch(seqs, pad_id, device)
     where = to_device(torch.tensor([rows, cols], dtype=torch.long).view(2, -1), device)
     with autocast(model):
-        hidden = final_hidden(model, ids, mask)
+        hidden = final_hidden(model, ids, mask, call)
         logits = head_logits(model, hidden[where[0], where[1]])
     return logits.float().log_softmax(-1)
 
@@ -144,9 +146,10 @@ class Plan:
     rows: list[int]
     cols: list[int]
     finish: Callable[[torch.Tensor], torch.Tensor]
+    count: int = 0  # a loss plan: how many items (rows, or target tokens) its loss averages over
 
-    def run(self, model, pad_id: int) -> torch.Tensor:
-        return self.finish(logprobs_at(model, pad_id, self.seqs, self.rows, self.cols))
+    def run(self, model, pad_id: int, call=None) -> torch.Tensor:
+        return self.finish(logprobs_at(model, pad_id, self.seqs, self.rows, self.cols, call))
 
 
 def continuation_plan(prompts: list[list[int]], conts: list[list[int]]) -> Plan:
@@ -184,19 +187,35 @@ def label_plan(tokenizer, prompts: list[str], label_tokens: list[list[int]], max
     return label_plan_ids(tokenizer(prompts, add_special_tokens=True).input_ids, label_tokens, max_length)
 
 
-def loss_plan_ids(prompt_ids: list[list[int]], answers: list, max_length: int, label_tokens=None, eos_id: int | None = None) -> Plan:
+def loss_plan_ids(prompt_ids: list[list[int]], answers: list, max_length: int, label_tokens=None, eos_id: int | None = None,
+                  reduction: str = "mean") -> Plan:
     """loss_plan on already tokenized prompts. Classification: `answers` are label indices.
-    Generation: `answers` are the target token ids (answer_ids, no EOS); `eos_id` is appended."""
+    Generation: `answers` are the target token ids (answer_ids, no EOS); `eos_id` is appended.
+
+    reduction="sum" gives the summed loss and leaves the averaging to the caller, over `plan.count`
+    items: a data-parallel step divides by the *global* batch's count, so that the mean is the one
+    a single process would take over the whole batch.
+    """
     if label_tokens is not None:
         scores = label_plan_ids(prompt_ids, label_tokens, max_length)
         gold = torch.tensor(answers, dtype=torch.long)
         return Plan(scores.seqs, scores.rows, scores.cols,
-                    lambda logp: F.cross_entropy(s := scores.finish(logp), to_device(gold, s.device)))
+                    lambda logp: F.cross_entropy(s := scores.finish(logp), to_device(gold, s.device), reduction=reduction), len(answers))
     conts = [(list(a) + [eos_id])[: max_length - 1] for a in answers]
     ids = [keep_end(p, max_length - len(c)) for p, c in zip(prompt_ids, conts)]
     lp = continuation_plan(ids, conts)
     n_tokens = sum(len(c) for c in conts)
-    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.finish(logp).sum() / n_tokens)
+    scale = 1 if reduction == "sum" else n_tokens
+    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.finish(logp).sum() / scale, n_tokens)
+
+
+def loss_items(answers: list, max_length: int, label_tokens=None) -> int:
+    """What a loss plan of these answers averages over (its `count`), without building it: rows for
+    classification, target tokens + EOS for generation. A data-parallel step computes it for the
+    global batch, which every process knows."""
+    if label_tokens is not None:
+        return len(answers)
+    return sum(len((list(a) + [0])[: max_length - 1]) for a in answers)
 
 
 def loss_plan(tokenizer, prompts: list[str], answers: list, max_length: int, label_tokens=None) -> Plan:

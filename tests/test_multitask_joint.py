@@ -12,6 +12,7 @@ from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.cli import main
 from adapterhub_lite.errors import SpecError
 from adapterhub_lite.evaluate import label_token_ids
+from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.heads import label_scores, loss_plan, task_loss
 from adapterhub_lite.multitask import joint as joint_mod
 from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
@@ -174,20 +175,22 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
                       sampling="dynamic", shared_adapter=True, shared_r=2)
     straight = train_joint(specs, tmp_path / "straight", cfg, progress=False)
 
-    original = joint_mod.Checkpoint.write
+    original = Checkpoint.save
 
-    def crash_after_first_checkpoint(self, payload, opt, sched):
-        original(self, payload, opt, sched)
+    def crash_after_first_checkpoint(self, payload):
+        original(self, payload)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(joint_mod.Checkpoint, "write", crash_after_first_checkpoint)
+    monkeypatch.setattr(Checkpoint, "save", crash_after_first_checkpoint)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train_joint(specs, tmp_path / "resumed", cfg, progress=False)
-    monkeypatch.setattr(joint_mod.Checkpoint, "write", original)
+    monkeypatch.setattr(Checkpoint, "save", original)
     capsys.readouterr()
     resumed = train_joint(specs, tmp_path / "resumed", cfg, resume=True, progress=False)
     assert "resuming from step 2" in capsys.readouterr().err  # not a silent restart from scratch
     for task in ("a", "b", SHARED):
         want, got = load_file(straight / task / "adapter_model.safetensors"), load_file(resumed / task / "adapter_model.safetensors")
         assert want.keys() == got.keys() and all(torch.allclose(want[k], got[k], atol=1e-6) for k in want), task
-    assert (straight / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
+    def rows(run):  # the clock's figure aside, the logs are identical
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows(straight) == rows(resumed)

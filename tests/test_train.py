@@ -51,7 +51,7 @@ def test_plain_peft_reload_reproduces_the_trained_adapter(cls_task, method):
 def test_model_card_and_sidecar_describe_the_run(cls_task, device):
     out, _ = _train(cls_task, "toy")
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: peft\nbase_model: ") and "model-index" in card
+    assert card.startswith("---\nbase_model: ") and "\nlibrary_name: peft\n" in card and "model-index" in card  # ModelCardData's key order
     meta = json.loads((out / "adapterhub.json").read_text())
     for key in ("task", "base", "metrics", "efficiency", "data", "command", "versions", "train_state"):
         assert key in meta
@@ -93,9 +93,9 @@ DROPOUT = ("method_args.lora_dropout=0.3", "train.eval_every=6")
 def _crash_after_step_4(cls_task, monkeypatch, *overrides):
     original = train_mod.Checkpoint.save
 
-    def crash_after_step_4(self, model, opt, sched, state, best, **kw):
-        original(self, model, opt, sched, state, best, **kw)
-        if state.step == 4:
+    def crash_after_step_4(self, payload):
+        original(self, payload)
+        if payload["state"]["step"] == 4:
             raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(train_mod.Checkpoint, "save", crash_after_step_4)

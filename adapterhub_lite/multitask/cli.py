@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 
@@ -24,7 +25,8 @@ def _train_multi(args) -> int:
     out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device, dtype=args.dtype,
                       progress=not args.no_progress,
                       command="adapterhub-lite train-multi " + shlex.join(sys.argv[2:]))
-    print(json.dumps({"output": str(out), **json.loads((out / "run.json").read_text())["dev"]}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, rank 0 answers for the run
+        print(json.dumps({"output": str(out), **json.loads((out / "run.json").read_text())["dev"]}))
     return 0
 
 

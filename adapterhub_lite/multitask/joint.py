@@ -2,7 +2,8 @@
 
 Every batch mixes rows of several tasks (chosen by a TaskSampler); each row goes through its own
 task's adapter — and through the shared adapter, when there is one — in the same forward and
-backward pass, by the router's per-row kernel (router/kernel.py) in training mode. The per-task
+backward pass, by the one per-row layer (rowlora.py) in training mode. The loop is the training
+library's (training/loop.py), shared with single-task training. The per-task
 losses are combined by a weighting rule (equal, fixed, dynamic sigmoid, uncertainty).
 
     runs/mtl/
@@ -16,41 +17,30 @@ losses are combined by a weighting rule (equal, fixed, dynamic sigmoid, uncertai
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import get_scheduler
 
 from ..adapter import make_config, save_lora, trainable_parameters
 from ..backbone import autocast, load_backbone
 from ..data import check_lengths, load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
-from ..folder import SIDECAR, nonfinite_tensors, pyplot, save_figure, write_json, write_jsonl
-from ..heads import Plan, logprobs_at, loss_plan_ids
+from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
+from ..heads import Plan, logprobs_at, loss_items, loss_plan_ids
 from ..router.routing import routing_entry
 from ..rowlora import RowContext, RowLoraLinear, check_lora_config
 from ..spec import TaskSpec
-from ..train import (
-    Checkpoint,
-    RunState,
-    TrainingError,
-    adapter_meta,
-    check_resume,
-    finish_folder,
-    next_rows,
-    peak_memory_mb,
-    prepare_output,
-    publish_folder,
-    run_identity,
-    seed_everything,
-)
+from ..training.loop import LoopConfig, Recipe, StepLoss, fit
+from ..training.output import adapter_meta, finish_folder, prepare_output, publish_folder
+from ..training.parallel import Parallel, local_device
+from ..training.progress import GLOBAL_BATCH, Cursor, next_rows, peak_memory_mb, run_identity, seed_everything, shard
 from .sampling import TaskSampler
 from .weighting import make_weighting
 
@@ -75,6 +65,7 @@ class JointConfig:
     shared_r: int = 8
     max_minutes: float = 0.0
     seed: int = 0
+    log_every: int = 1  # steps per metrics row (per-task losses, weights, rows)
 
 
 def check_specs(specs: list[TaskSpec]) -> None:
@@ -136,6 +127,10 @@ class JointLora:
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         return [p for m in self.layers.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
 
+    def names(self) -> list[str]:
+        """The adapters trained: the tasks' and the shared one."""
+        return self.tasks + ([SHARED] if self.shared else [])
+
     def export(self, task: int | None) -> dict:
         """Factors of a task adapter (shared included) or, with None, of the shared adapter alone."""
         if task is None:
@@ -160,6 +155,127 @@ def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
     return peft_model
 
 
+class Joint(Recipe):
+    """Several task adapters (+ shared) in one pass: each row through its own task's adapter.
+
+    A global batch is drawn by the task sampler (the same on every process); each task's rows come
+    from its own data cursor, and each process computes its share of the (task, row) pairs. A
+    task's loss is its share's sum over the global batch's count for that task, so the losses the
+    weighting rule sees (all-reduced) are the global batch's: every process takes the same decision.
+    """
+
+    def __init__(self, specs: list[TaskSpec], cfg: JointConfig, model, joint: JointLora, bb, data: dict, processes: int = 1):
+        self.specs, self.cfg, self.model, self.joint, self.bb, self.data = specs, cfg, model, joint, bb, data
+        self.name = "train-multi"
+        self.names = [s.name for s in specs]
+        tok = bb.tokenizer
+        self.weighting = make_weighting(cfg.weighting, self.names, device=bb.device, **cfg.weighting_args)
+        self.sampler = TaskSampler({n: len(data[n]["train"]) for n in self.names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
+        self.labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
+        self.cursors = {n: Cursor() for n in self.names}
+        self.lengths = {n: [len(p) for p in data[n]["train"].prompts] for n in self.names}  # characters: enough to bucket by
+        # Each split is tokenized once, up front; a step only picks rows of ids (the tokenizer stays out of the loop).
+        self.prompt_ids = {n: data[n]["train"].prompt_ids(tok) for n in self.names}
+        self.answers = {s.name: data[s.name]["train"].answers if self.labels[s.name] is not None else data[s.name]["train"].answer_ids(tok)
+                        for s in specs}
+        self.identity = joint_identity(specs, cfg, data, processes)
+        self.latency: dict[str, float] = {}
+
+    def param_groups(self) -> list[dict]:
+        # Each task keeps its own learning rate; the shared adapter and the loss weights take the mean.
+        mean_lr = sum(s.train.lr for s in self.specs) / len(self.specs)
+        groups = [{"params": self.joint.parameters(s.name), "lr": s.train.lr} for s in self.specs]
+        if self.cfg.shared_adapter:
+            groups.append({"params": self.joint.parameters(SHARED), "lr": mean_lr})
+        if self.weighting.parameters():
+            groups.append({"params": self.weighting.parameters(), "lr": mean_lr})
+        return groups
+
+    def extra_params(self):
+        return self.weighting.parameters()
+
+    def step_loss(self, call, parallel: Parallel) -> StepLoss:
+        cfg, tok = self.cfg, self.bb.tokenizer
+        draws = self.sampler.draw_batch(cfg.batch_size * parallel.world)  # the global batch's tasks
+        pairs, counts = [], {}
+        for i, s in enumerate(self.specs):
+            k = draws.count(s.name)
+            if k:
+                rows = next_rows(self.cursors[s.name], self.lengths[s.name], k, cfg.seed + 1000 * i)
+                pairs += [(i, r) for r in rows]
+                counts[i] = loss_items([self.answers[s.name][r] for r in rows], s.train.max_length, self.labels[s.name])
+        mine = shard(pairs, parallel.rank, parallel.world)
+        plans: dict[int, Plan] = {}  # task index → its rows' plan (this process's share)
+        for i in counts:
+            s = self.specs[i]
+            rows = [r for t, r in mine if t == i]
+            if rows:
+                plans[i] = loss_plan_ids([self.prompt_ids[s.name][j] for j in rows], [self.answers[s.name][j] for j in rows],
+                                         s.train.max_length, self.labels[s.name], tok.eos_token_id, reduction="sum")
+        with autocast(self.bb):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
+            sums = joint_losses(self.model, tok.pad_token_id, self.joint, plans, call=call) if plans else {}
+        zero = torch.zeros((), device=self.bb.device)
+        # × processes: DDP averages the gradients, and the mean over processes of these is the global batch's loss
+        losses = {self.names[i]: sums.get(i, zero).float() * (parallel.world / counts[i]) for i in counts}
+        observed = parallel.mean(torch.stack([v.detach() for v in losses.values()]))  # the global batch's losses
+        used = self.weighting.weights()  # the weights this step's loss is combined with
+        total = self.weighting.combine(losses, observed=dict(zip(losses, observed)))
+        if parallel.world > 1:
+            # A process whose share holds no row of some task leaves that task's adapter out of its
+            # graph, and DDP would wait forever for its gradient: a zero term puts every adapter in.
+            total = total + 0.0 * sum(p.sum() for name in self.joint.names() for p in self.joint.parameters(name))
+        logs = {"loss": total.detach(), **{f"loss/{n}": v.detach() for n, v in losses.items()},
+                **{f"weight/{n}": torch.tensor(w, device=zero.device) for n, w in used.items()},
+                **{f"rows/{n}": torch.tensor(float(draws.count(n)), device=zero.device) for n in self.names}}
+        return StepLoss(total, sum(len(q) for p in plans.values() for q in p.seqs), logs)
+
+    def evaluate(self, limit):
+        scores = {}
+        for i, s in enumerate(self.specs):
+            with self.joint.route(i):
+                metrics, _, seconds = evaluate_split(self.model, self.bb.tokenizer, s, self.data[s.name]["dev"], limit=limit)
+            scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
+            self.latency[s.name] = round(1000 * seconds / min(limit or len(self.data[s.name]["dev"]), len(self.data[s.name]["dev"])), 2)
+        mean = sum(scores[s.name][s.primary_metric] for s in self.specs) / len(self.specs)  # keep the best mean, not the last
+        self.last_scores = scores
+        return mean, {**{f"dev/{n}/{k}": v for n, m in scores.items() for k, v in m.items()}, "dev/mean": round(mean, 4)}
+
+    def observe(self, row: dict) -> None:
+        for s in self.specs:
+            self.sampler.observe(s.name, row[f"dev/{s.name}/{s.primary_metric}"])
+        row.update({f"p/{n}": round(p, 4) for n, p in self.sampler.probabilities().items()})
+
+    def trainable(self):
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, values):
+        params = self.trainable()
+        with torch.no_grad():
+            for n, value in values.items():
+                params[n].copy_(value)
+
+    def state_dict(self):
+        return {"sampler": self.sampler.state_dict(), "weighting": self.weighting.state_dict(),
+                "cursors": {n: c.__dict__ for n, c in self.cursors.items()}}
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state["sampler"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.cursors = {n: Cursor(**c) for n, c in state["cursors"].items()}
+
+
+def joint_identity(specs: list[TaskSpec], cfg: JointConfig, data: dict, processes: int = 1) -> dict:
+    """One run identity for the tasks and the joint settings (checked on resume; the global batch
+    counts, not the process count)."""
+    ids = {s.name: run_identity(s, data[s.name]) for s in specs}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
+    settings[GLOBAL_BATCH] = settings.pop("batch_size") * processes
+    spec = {f"{n}.{k}": v for n, i in ids.items() for k, v in i["spec"].items()} | {f"joint.{k}": v for k, v in settings.items()}
+    data_ = {f"{n}/{k}": v for n, i in ids.items() for k, v in i["data"].items()}
+    blob = json.dumps({"spec": spec, "data": data_}, sort_keys=True, default=str).encode()
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(spec, default=str)), "data": data_}
+
+
 def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | None = None, *, overwrite: bool = False,
                 resume: bool = False, command: str | None = None, device: str | None = None, dtype: str | None = None,
                 progress: bool = True) -> Path:
@@ -167,146 +283,40 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
 
     A checkpoint is written after every eval; `resume=True` continues an interrupted run exactly
     (weights, optimizer, schedule, RNG, task sampler, loss-weighting history, data cursors).
+    Under torchrun / accelerate launch it trains data-parallel, as `train` does.
     """
     cfg = cfg or JointConfig()
     check_specs(specs)
     output = Path(output)
     work = prepare_output(output, overwrite, resume)
-    names = [s.name for s in specs]
     data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
-    bb = load_backbone(specs[0].base, specs[0].quantization, device, dtype=dtype or specs[0].dtype)
-    tok, device = bb.tokenizer, str(next(bb.model.parameters()).device)
+    bb = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
+    parallel = Parallel(bb.device, specs[0].quantization)
     for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
-        check_lengths(s, tok, data[s.name])
+        check_lengths(s, bb.tokenizer, data[s.name])
     seed_everything(cfg.seed)
     model = _attach(bb.model, specs, cfg)
-    joint = JointLora(model, names, cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
-    weighting = make_weighting(cfg.weighting, names, device=bb.device, **cfg.weighting_args)
-    sampler = TaskSampler({n: len(data[n]["train"]) for n in names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
-    labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
-
-    # Each task keeps its own learning rate; the shared adapter and the loss weights take the mean.
-    mean_lr = sum(s.train.lr for s in specs) / len(specs)
-    groups = [{"params": joint.parameters(s.name), "lr": s.train.lr} for s in specs]
-    if cfg.shared_adapter:
-        groups.append({"params": joint.parameters(SHARED), "lr": mean_lr})
-    if weighting.parameters():
-        groups.append({"params": weighting.parameters(), "lr": mean_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = get_scheduler("linear", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    params = [p for g in groups for p in g["params"]]
-
-    cursors = {n: RunState() for n in names}
-    lengths = {n: [len(p) for p in data[n]["train"].prompts] for n in names}  # characters: enough to bucket by
-    # Each split is tokenized once, up front; a step only picks rows of ids (the tokenizer stays out of the loop).
-    prompt_ids = {s.name: data[s.name]["train"].prompt_ids(tok) for s in specs}
-    answers = {s.name: data[s.name]["train"].answers if labels[s.name] is not None else data[s.name]["train"].answer_ids(tok) for s in specs}
-    work.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-
-    def record(row: dict) -> None:
-        history.append(row)
-        with open(work / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-    latency: dict[str, float] = {}
-
-    def evaluate(limit: int | None) -> dict[str, dict]:
-        out = {}
-        for i, s in enumerate(specs):
-            with joint.route(i):
-                metrics, _, seconds = evaluate_split(model, tok, s, data[s.name]["dev"], limit=limit)
-            out[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
-            latency[s.name] = round(1000 * seconds / min(limit or len(data[s.name]["dev"]), len(data[s.name]["dev"])), 2)
-        return out
-
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    ckpt = Checkpoint(work)
-    done, train_seconds, tokens, best, best_score, best_step = 0, 0.0, 0, None, None, 0
-    if resume:
-        saved = ckpt.read(opt, sched)
-        with torch.no_grad():
-            for n, value in saved["params"].items():
-                trainable[n].copy_(value)
-        sampler.load_state_dict(saved["sampler"])
-        weighting.load_state_dict(saved["weighting"])
-        for n, c in saved["cursors"].items():
-            cursors[n] = RunState(**c)
-        history[:] = saved["history"]
-        done, train_seconds, tokens, best, best_score, best_step = saved["progress"]
-        for s in specs:  # an edited spec or data file is refused, not silently continued
-            check_resume((saved.get("run") or {}).get(s.name), run_identity(s, data[s.name]), work)
-        print(f"resuming from step {done}", file=sys.stderr)
-    write_jsonl(work / "metrics.jsonl", history)
-
-    def checkpoint() -> None:
-        if nonfinite_tensors(trainable):
-            raise TrainingError(f"adapter weights are not finite at step {step}; the last good checkpoint is kept — lower the tasks' train.lr and train again")
-        ckpt.write({"run": {s.name: run_identity(s, data[s.name]) for s in specs},
-                    "params": {n: p.detach() for n, p in trainable.items()}, "sampler": sampler.state_dict(),
-                    "weighting": weighting.state_dict(), "cursors": {n: c.__dict__ for n, c in cursors.items()},
-                    "history": history, "progress": (step, train_seconds, tokens, best, best_score, best_step)}, opt, sched)
-
-    start, stopped_by, step = time.monotonic() - train_seconds, "max_steps", done
-    for step in range(done + 1, cfg.max_steps + 1):
-        model.train()
-        t0 = time.perf_counter()
-        draws = sampler.draw_batch(cfg.batch_size)
-        plans: dict[int, Plan] = {}  # task index → its rows' plan
-        for i, s in enumerate(specs):
-            k = draws.count(s.name)
-            if k:
-                rows = next_rows(cursors[s.name], lengths[s.name], k, cfg.seed + 1000 * i)
-                plans[i] = loss_plan_ids([prompt_ids[s.name][j] for j in rows], [answers[s.name][j] for j in rows],
-                                         s.train.max_length, labels[s.name], tok.eos_token_id)
-        with autocast(bb):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
-            losses = {names[i]: v.float() for i, v in joint_losses(model, tok.pad_token_id, joint, plans).items()}
-        used = weighting.weights()  # the weights this step's loss is combined with
-        total = weighting.combine(losses)
-        if not torch.isfinite(total):  # one host read per step, which the metrics row below makes anyway
-            raise TrainingError(f"the joint loss is {total.item()} at step {step}; the last good checkpoint is kept — lower the tasks' train.lr and train again")
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        train_seconds += time.perf_counter() - t0
-        tokens += sum(len(q) for p in plans.values() for q in p.seqs)
-        record({"step": step, "loss": round(total.item(), 5), **{f"loss/{n}": round(v.item(), 5) for n, v in losses.items()},
-                **{f"weight/{n}": round(w, 4) for n, w in used.items()},
-                **{f"rows/{n}": draws.count(n) for n in names}})
-        out_of_time = cfg.max_minutes > 0 and time.monotonic() - start > cfg.max_minutes * 60
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-            scores = evaluate(cfg.eval_samples)
-            for s in specs:
-                sampler.observe(s.name, scores[s.name][s.primary_metric])
-            mean = sum(scores[s.name][s.primary_metric] for s in specs) / len(specs)
-            record({"step": step, **{f"dev/{n}/{k}": v for n, m in scores.items() for k, v in m.items()}, "dev/mean": round(mean, 4),
-                    **{f"p/{n}": round(p, 4) for n, p in sampler.probabilities().items()}})
-            if progress:
-                print(f"step {step}: dev " + ", ".join(f"{s.name} {scores[s.name][s.primary_metric]:.4f}" for s in specs), file=sys.stderr)
-            if best_score is None or mean > best_score:  # keep the best mean, not the last
-                best_score, best_step, best = mean, step, {n: p.detach().clone() for n, p in trainable.items()}
-            checkpoint()
-        if out_of_time:
-            stopped_by = "max_minutes"
-            break
-
-    if best is not None:
-        with torch.no_grad():
-            for n, value in best.items():
-                trainable[n].copy_(value)
-    final = evaluate(None)
-    state = {"device": device, "steps": step, "best_step": best_step, "stopped_by": stopped_by, "train_seconds": round(train_seconds, 1), "tokens": tokens,
-             "train_tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(device), 1),
-             "latency_ms_per_example": latency}
-    _write_outputs(work, specs, cfg, bb, data, model, joint, final, history, state, command)
-    publish_folder(work / "out", output)
-    shutil.rmtree(work, ignore_errors=True)
+    joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
+    recipe = Joint(specs, cfg, model, joint, bb, data, parallel.world)
+    loop = LoopConfig(max_steps=cfg.max_steps, eval_every=cfg.eval_every, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+                      eval_samples=cfg.eval_samples, checkpoint_every=cfg.eval_every, log_every=cfg.log_every, max_minutes=cfg.max_minutes)
+    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=bb.device.type == "cuda")
+    if parallel.main:
+        recipe.evaluate(None)  # every dev row, with the best weights
+        final = recipe.last_scores
+        st = result.state
+        state = {"device": str(bb.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
+                 "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
+                 "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(bb.device)), 1),
+                 "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
+        _write_outputs(work, specs, cfg, bb, data, model, joint, final, st.history, state, command)
+        publish_folder(work / "out", output)
+        shutil.rmtree(work, ignore_errors=True)
+    parallel.barrier()
     return output
 
 
-def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], spread: float = 1.5) -> dict[int, torch.Tensor]:
+def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], spread: float = 1.5, call=None) -> dict[int, torch.Tensor]:
     """Every task's loss from one pass over all their rows, each row through its own task's adapter.
 
     Tasks differ in length (an RTE pair is ten SST-2 phrases long), so one padded rectangle would
@@ -338,7 +348,7 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], s
         local = {seq: k for k, seq in enumerate(bucket)}
         picks = [j for seq in bucket for j in picks_of.get(seq, [])]
         with joint.route([owner[seq] for seq in bucket]):
-            parts.append(logprobs_at(model, pad_id, [seqs[seq] for seq in bucket], [local[rows[j]] for j in picks], [cols[j] for j in picks]))
+            parts.append(logprobs_at(model, pad_id, [seqs[seq] for seq in bucket], [local[rows[j]] for j in picks], [cols[j] for j in picks], call))
         where += picks
     logp = torch.cat(parts)[torch.argsort(torch.tensor(where, device=device))]  # back to the plans' order
     return {task: plan.finish(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}

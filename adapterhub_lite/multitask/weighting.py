@@ -22,8 +22,9 @@ class Equal:
     def weights(self) -> dict[str, float]:
         return {t: 1.0 / len(self.tasks) for t in self.tasks}
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Weighted sum over the tasks present in this step's batch."""
+    def combine(self, losses: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Weighted sum over the tasks present in this step's batch. `observed`: the losses a
+        history-based rule records (in a data-parallel run, the global batch's, not this process's share)."""
         w = self.weights()
         return sum(w[t] * loss for t, loss in losses.items())
 
@@ -95,13 +96,13 @@ class DynamicSigmoid(Equal):
     def weights(self) -> dict[str, float]:
         return dict(zip(self.tasks, self._weights().tolist()))
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Σ λ_i L_i with λ from the history *before* this step, then this step's losses join it."""
+    def combine(self, losses: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Σ λ_i L_i with λ from the history *before* this step, then this step's losses (or `observed`) join it."""
         if losses:
             self._to(next(iter(losses.values())).device)
         w = self._weights()
         total = sum(w[self.index[t]] * loss for t, loss in losses.items())
-        self.observe({t: loss.detach() for t, loss in losses.items()})
+        self.observe(observed if observed is not None else {t: loss.detach() for t, loss in losses.items()})
         return total
 
     def state_dict(self) -> dict:
@@ -142,7 +143,7 @@ class Uncertainty(Equal):
         with torch.no_grad():
             self.log_var.copy_(state["log_var"])
 
-    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def combine(self, losses: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return sum(torch.exp(-self.log_var[self.index[t]]) * loss + self.log_var[self.index[t]] for t, loss in losses.items())
 
     def parameters(self) -> list[torch.nn.Parameter]:

@@ -1,0 +1,119 @@
+"""Where a run writes: a hidden work folder beside the output, and the finished folder moved into
+place whole at the end, so a crash never leaves half an adapter where a user or the registry looks."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..backbone import dtype_name
+from ..data import label_words
+from ..errors import OutputExistsError
+from ..folder import FORMAT, SIDECAR, atomic_write, check_finite, model_card, plot_curves, replaceable, write_json, write_jsonl
+from ..spec import TaskSpec
+from .progress import TrainingError
+
+
+def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
+    """The hidden work folder beside `output`; refuses what cannot be written before anything is.
+
+    `--overwrite` replaces only what this package writes (see folder.replaceable): a user's file or
+    a folder of other things is refused, never renamed or deleted.
+    """
+    from .checkpoint import Checkpoint
+
+    output = Path(output)
+    work = output.parent / f".{output.name}.partial"
+    if resume and not Checkpoint(work).exists():
+        raise OutputExistsError(f"--resume given but {work}/checkpoint does not exist; run without --resume to start fresh")
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
+        refuse_unreplaceable(output)
+    return work
+
+
+def refuse_unreplaceable(output: Path) -> None:
+    why = replaceable(output)
+    if why:
+        raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
+                                "or empty folders: pick another --output")
+
+
+def publish_folder(final: Path, output: Path) -> None:
+    """Move the finished folder into place; an old folder (under --overwrite) goes only after.
+
+    Only a folder this package wrote (or an empty one) is replaced; anything else is refused,
+    checked again here because it may have appeared while training ran.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists() or output.is_symlink():
+        refuse_unreplaceable(output)
+        trash = output.with_name(f".{output.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        output.rename(trash)
+        final.rename(output)
+        shutil.rmtree(trash)
+    else:
+        final.rename(output)
+
+
+@contextlib.contextmanager
+def disk_errors(partial: Path, output: Path):
+    """Turn an OSError while writing the final folder (a full disk, a read-only output) into one line,
+    removing the half-written folder; the checkpoint stays, so --resume redoes only the end."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise TrainingError(f"cannot write the adapter for {str(output)!r} ({exc.strerror or type(exc).__name__}: "
+                            f"{exc.filename or partial}); nothing was written there; free space or pick another --output, "
+                            "then rerun with --resume") from None
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"adapterhub_lite": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> dict:
+    """The sidecar of an adapter trained for `spec` on backbone `bb` (extra keys appended as given)."""
+    return {
+        "format": FORMAT,
+        "name": spec.name,
+        "task": spec.to_dict(),
+        "method": spec.method,
+        "label_words": label_words(spec) if spec.type == "classification" else None,
+        # weights: the exact file the backbone came from and its sha256 (hub_id names the model, not these weights)
+        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype), "weights": bb.source},
+        "metrics": metrics,
+        **extra,
+        "routing": routing,
+        "data": {name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
+        "command": command or " ".join(sys.argv),
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def finish_folder(folder: Path, meta: dict, history: list[dict], primary: str) -> None:
+    """Sidecar, model card, metrics log and curves beside the PEFT files of a finished adapter.
+
+    Refuses (TrainingError) weights holding NaN or inf: such a folder would be served and published as if fine.
+    """
+    check_finite(folder, TrainingError)
+    write_json(folder / SIDECAR, meta)
+    atomic_write(folder / "README.md", model_card(meta))  # replaces peft's stub card
+    write_jsonl(folder / "metrics.jsonl", history)
+    plot_curves(history, primary, folder / "curves.png")

@@ -1,0 +1,91 @@
+"""One process or many: data parallelism through accelerate (torchrun / `accelerate launch`).
+
+    accelerate launch --num_processes 8 -m adapterhub_lite.cli train scripts/tasks/sst2.yaml
+    torchrun --nproc_per_node 2 -m adapterhub_lite.cli train-multi …
+
+Each process loads the frozen backbone on its own device (`device_map={"": local_rank}`:
+bitsandbytes models cannot be moved after loading, and `device_map="auto"` would split the layers
+over the GPUs). The model holding the adapter is wrapped for DDP by accelerate, so the adapter's
+gradients are averaged over the processes in backward; every process draws the same global batch
+and computes its share. Rank 0 alone writes files; evaluation runs on rank 0 and its numbers are
+sent to the others, so every process takes the same decisions (keep best, stop, sample tasks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .progress import TrainingError
+
+# Quantization × sharding: what works. bitsandbytes 8-bit under FSDP is broken upstream; 4-bit
+# works under FSDP/ZeRO-3 only with bnb_4bit_quant_storage equal to the compute dtype.
+_FSDP_PROBLEMS = {
+    "8bit": "bitsandbytes 8-bit weights cannot be sharded by FSDP/DeepSpeed ZeRO-3 (broken upstream); use quantization=4bit "
+            "(with its quant storage equal to the compute dtype) or plain data parallelism (DDP)",
+}
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun / accelerate launch (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_device(device: str | None) -> str | None:
+    """The device this process loads the backbone on: under a launcher, its own GPU (cuda:LOCAL_RANK)."""
+    if launched() and torch.cuda.is_available() and (device in (None, "cuda")):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+class Parallel:
+    """The process group of a run, through one `accelerate.Accelerator` (a no-op when alone)."""
+
+    def __init__(self, device: torch.device, quantization: str = "none"):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        # step_scheduler_with_optimizer=False: the schedule advances once per optimizer step whatever
+        # the process count (accelerate would otherwise step it once per process), as in one process.
+        self.accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, step_scheduler_with_optimizer=False)
+        state = self.accelerator.state
+        if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and quantization in _FSDP_PROBLEMS:
+            raise TrainingError(_FSDP_PROBLEMS[quantization])
+        self.rank, self.world = state.process_index, state.num_processes
+        self.main = state.is_main_process
+
+    def prepare(self, model, optimizer, scheduler):
+        """Wrap the model for DDP (a no-op when alone) and the optimizer/scheduler for accelerate."""
+        return self.accelerator.prepare(model, optimizer, scheduler)
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Average over the processes (the tensor itself when alone)."""
+        return tensor if self.world == 1 else self.accelerator.reduce(tensor, "mean")
+
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.world == 1 else self.accelerator.reduce(tensor, "sum")
+
+    def share(self, obj):
+        """Rank 0's value of a picklable object, on every process (evaluation results, decisions)."""
+        if self.world == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def agree(self, failed: bool) -> bool:
+        """Whether any process failed (every process gets the same answer), so all stop together."""
+        if self.world == 1:
+            return failed
+        flag = torch.tensor([1.0 if failed else 0.0], device=self.accelerator.device)
+        return bool(self.total(flag).item())

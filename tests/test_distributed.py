@@ -1,0 +1,175 @@
+"""Data-parallel training (torchrun, gloo, 2 CPU processes) gives what one process gives with the same global batch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+STEPS = ["train.max_steps=10", "train.eval_every=5", "train.checkpoint_every=5", "train.log_every=1", "train.warmup_steps=2"]
+
+
+def run(args, processes: int, cwd, timeout=300):
+    """`adapterhub-lite ARGS` in one process, or under torchrun with `processes` CPU processes (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTERHUB_DEVICE": "cpu"}
+    if processes == 1:
+        cmd = [sys.executable, "-m", "adapterhub_lite.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port()),
+               "-m", "adapterhub_lite.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rows(folder, name="metrics.jsonl"):
+    """The metrics log without the clock's figure (tokens/s differs run to run)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in (folder / name).read_text().splitlines()]
+
+
+def same_weights(a, b, tol=1e-5):
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    worst = max((x[k] - y[k]).abs().max().item() for k in x)
+    assert worst <= tol, worst
+    return worst
+
+
+def test_train_on_two_processes_equals_one_process_with_the_same_global_batch(cls_task):
+    one = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "--output", "one", "--no-progress"], 1, cls_task)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(["train", "toy.yaml", *STEPS, "train.batch_size=4", "--output", "two", "--no-progress"], 2, cls_task)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count('"output"') == 1  # rank 0 alone answers
+    # the adapter moved (so equality is not that of two untouched adapters), and both runs moved it alike
+    assert same_weights(cls_task / "one", cls_task / "two") <= 1e-5
+    assert _close(rows(cls_task / "one"), rows(cls_task / "two"))
+    meta = json.loads((cls_task / "two" / "adapterhub.json").read_text())
+    assert meta["train_state"]["processes"] == 2 and meta["train_state"]["global_batch"] == 8
+    # only rank 0 wrote: one folder, no work folder left, nothing else beside
+    assert sorted(p.name for p in cls_task.iterdir() if p.name.startswith((".", "one", "two"))) == ["one", "two"]
+
+
+def _close(a: list[dict], b: list[dict], tol: float = 1e-5) -> bool:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys(), (x, y)
+        for k in x:
+            if isinstance(x[k], float):
+                assert abs(x[k] - y[k]) <= tol * max(1.0, abs(x[k])), (k, x, y)
+            else:
+                assert x[k] == y[k], (k, x, y)
+    return True
+
+
+def test_the_adapter_changes_in_ten_steps(cls_task):
+    """Guards the equivalence above: it must compare trained adapters, not two copies of the initial one."""
+    out = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "train.eval_every=10", "--output", "a", "--no-progress"], 1, cls_task)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = rows(cls_task / "a")[0]["loss"]
+    last = [r for r in rows(cls_task / "a") if "loss" in r][-1]["loss"]
+    assert abs(first - last) > 1e-3
+
+
+def _joint_specs(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} {i}", "label": w}) + "\n" for i in range(12) for w in ("yes", "no")))
+    gen = tmp_path / "g.jsonl"
+    gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh", "ij", "kl"]))
+    common = {"base": "tiny-random-llama", "quantization": "none", "method": "lora", "method_args": {"r": 4, "init_lora_weights": False},
+              "train": {"max_length": 32, "lr": 1e-2}}
+    specs = {
+        "a": {"name": "a", "type": "classification", "data": {"train": str(data), "dev": str(data)}, "prompt": "T: {text}\nL:",
+              "label": "label", "labels": ["yes", "no"], "metric": ["accuracy"], **common},
+        "g": {"name": "g", "type": "generation", "data": {"train": str(gen), "dev": str(gen)}, "prompt": "In: {text}\nOut:",
+              "target": "target", "metric": ["exact_match"], **common, "train": {**common["train"], "max_new_tokens": 3}},
+    }
+    for name, spec in specs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return ["a.yaml", "g.yaml"]
+
+
+@pytest.mark.parametrize("weighting", ["dynamic", "uncertainty"])
+def test_train_multi_on_two_processes_equals_one_process(tmp_path, weighting):
+    specs = _joint_specs(tmp_path)
+    flags = ["--steps", "10", "--eval-every", "5", "--eval-samples", "4", "--warmup-steps", "2", "--weighting", weighting,
+             "--sampling", "dynamic", "--shared-adapter", "--shared-r", "2", "--no-progress"]
+    one = run(["train-multi", *specs, "--output", "one", "--batch-size", "8", *flags], 1, tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(["train-multi", *specs, "--output", "two", "--batch-size", "4", *flags], 2, tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for task in ("a", "g", "shared"):
+        same_weights(tmp_path / "one" / task, tmp_path / "two" / task)
+    assert _close(rows(tmp_path / "one"), rows(tmp_path / "two"))
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["train_state"]["global_batch"] == 8
+
+
+def test_a_run_killed_in_one_process_stops_every_process_and_resumes_with_one(cls_task):
+    """kill -9 of rank 1: torchrun stops rank 0 too and exits non-zero; no output folder appears; the
+    checkpoint resumes under one process (same global batch) to what one process would have trained."""
+    ref = run(["train", "toy.yaml", *STEPS, "train.max_steps=30", "train.batch_size=8", "--output", "ref", "--no-progress"], 1, cls_task)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTERHUB_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "adapterhub_lite.cli", "train", "toy.yaml", *STEPS, "train.max_steps=30", "train.batch_size=4", "--output", "out", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=cls_task, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = cls_task / ".out.partial" / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.communicate()[1][-2000:]
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(workers) == 1
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert not (cls_task / "out").exists()  # nothing half-written where users look
+    assert (cls_task / ".out.partial" / "checkpoint" / "state.pt").exists() or (cls_task / ".out.partial" / "checkpoint.old" / "state.pt").exists()
+
+    resumed = run(["train", "toy.yaml", *STEPS, "train.max_steps=30", "train.batch_size=8", "--output", "out", "--resume", "--no-progress"], 1, cls_task)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stderr
+    same_weights(cls_task / "ref", cls_task / "out")
+
+
+CRASH_AT_STEP_5 = (
+    "import sys\n"
+    "from adapterhub_lite.training.checkpoint import Checkpoint\n"
+    "orig = Checkpoint.save\n"
+    "def save(self, payload):\n"
+    "    orig(self, payload)\n"
+    "    if payload['state']['step'] == 5:\n"
+    "        raise SystemExit(3)\n"
+    "Checkpoint.save = save\n"
+    "from adapterhub_lite.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_a_one_process_checkpoint_resumes_on_two_processes(cls_task):
+    ref = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "--output", "ref", "--no-progress"], 1, cls_task)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    crash = cls_task / "crash.py"
+    crash.write_text(CRASH_AT_STEP_5)  # one process that checkpoints at step 5 and dies
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTERHUB_DEVICE": "cpu"}
+    died = subprocess.run([sys.executable, str(crash), "train", "toy.yaml", *STEPS, "train.batch_size=8", "--output", "out", "--no-progress"],
+                          cwd=cls_task, env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode == 3 and not (cls_task / "out").exists(), died.stderr[-2000:]
+    # another global batch (2 × 8 = 16) is refused in one line naming it; the checkpoint stays
+    other = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "--output", "out", "--resume", "--no-progress"], 2, cls_task)
+    assert other.returncode != 0 and "train.batch_size × processes: 8 → 16" in other.stderr
+    resumed = run(["train", "toy.yaml", *STEPS, "train.batch_size=4", "--output", "out", "--resume", "--no-progress"], 2, cls_task)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step 5" in resumed.stderr
+    same_weights(cls_task / "ref", cls_task / "out")
