@@ -10,14 +10,19 @@ Per combination (keys prefixed `<dtype>_<quantization>_`):
 - `steady_ms_per_step`: median time per optimizer step after --warmup-steps, from an optimizer step hook (CUDA
   events on a GPU, so the hook adds no host sync); `steady_tokens_per_s`: mean tokens per step ÷ mean steady time;
 - `peak_memory_mb`, and ratios to the first combination listed (`speedup`, `memory_ratio`).
+- With `--processes 1 N`: each combination also runs data-parallel under torchrun with N processes (keys
+  `<dtype>_<quantization>_p<N>_…`; batch_size rows per process, so the global batch grows with N) and
+  `…_p<N>_scaling` = its tokens/s ÷ one process's. On a CPU-only machine the processes share the cores: read
+  that figure as a correctness run, not as a speed claim.
 
     python scripts/bench_train.py [scripts/tasks/sst2.yaml] --dtypes fp32 bf16 --quantizations 8bit none --steps 30 \\
-        [--base smollm2-135m|FOLDER] [--device cuda] [key=value ...]   # trailing spec overrides, as on the CLI
+        [--base smollm2-135m|FOLDER] [--device cuda] [--processes 1 8] [key=value ...]   # trailing spec overrides, as on the CLI
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -69,7 +74,9 @@ def run_one(args, dtype: str, quantization: str) -> dict:
         else:
             marks.append(time.perf_counter())
 
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+    # Under torchrun every process must name the same run folder: the parent's (BENCH_TRAIN_DIR).
+    shared = os.environ.get("BENCH_TRAIN_DIR")
+    with (contextlib.nullcontext(shared) if shared else tempfile.TemporaryDirectory(prefix="bench-train-")) as tmp:
         tmp = Path(tmp)
         fixed = [f"base={args.base}", f"quantization={quantization}", f"train.max_steps={args.steps}", "train.max_minutes=0",
                  "train.eval_every=1000000000", "train.checkpoint_every=1000000000", "train.patience=0"]
@@ -85,6 +92,8 @@ def run_one(args, dtype: str, quantization: str) -> dict:
             out = train(spec, tmp / "run", device=args.device, progress=False, command="bench_train.py")
         finally:
             handle.remove()
+        if os.environ.get("RANK", "0") != "0":
+            return {}  # rank 0 reports
         meta = json.loads((out / "adapterhub.json").read_text())
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         losses = [r["loss"] for r in history if "loss" in r]
@@ -120,6 +129,7 @@ def main():
     ap.add_argument("--base", default="smollm2-135m", help="a built-in name or a local model folder (e.g. from make_random_model.py)")
     ap.add_argument("--device", default=None, help="default: adapterhub_lite's default_device()")
     ap.add_argument("--combo-timeout", type=float, default=None, help="seconds for each combination before it is recorded as failed")
+    ap.add_argument("--processes", type=int, nargs="+", default=[1], help="process counts to run each combination with (torchrun)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # DTYPE:QUANT, the child process
     args = ap.parse_args()
     if "=" in args.spec:  # no spec given, only overrides
@@ -130,20 +140,27 @@ def main():
 
     args.device = args.device or default_device()
     if args.only:
-        print("BENCH_TRAIN " + json.dumps(run_one(args, *args.only.split(":"))), flush=True)
+        one = run_one(args, *args.only.split(":"))
+        if os.environ.get("RANK", "0") == "0":  # data-parallel: rank 0 reports the run (its tokens are the global batch's)
+            print("BENCH_TRAIN " + json.dumps(one), flush=True)
         return
 
-    combos = [(d, q) for d in args.dtypes for q in args.quantizations]
+    combos = [(d, q, n) for d in args.dtypes for q in args.quantizations for n in args.processes]
     cuda = torch.device(args.device).type == "cuda"
     result = {"spec": Path(args.spec).name, "base": args.base, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "threads": torch.get_num_threads(), "steps": args.steps, "warmup_steps": args.warmup_steps, "first": None}
     first = None
-    for d, q in combos:
-        tag = f"{d}_{q}"
+    alone = {}
+    for d, q, n in combos:
+        tag = f"{d}_{q}" if args.processes == [1] else f"{d}_{q}_p{n}"
         cmd = [sys.executable, __file__, *sys.argv[1:], "--only", f"{d}:{q}"]
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *cmd[1:]]
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.combo_timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            with tempfile.TemporaryDirectory(prefix="bench-train-") as run_dir:
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_TRAIN_DIR": run_dir}
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.combo_timeout, env=env)
             sys.stderr.write(proc.stderr)
             line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("BENCH_TRAIN ")), None)
             if proc.returncode or line is None:
@@ -161,6 +178,10 @@ def main():
         if first.get("steady_tokens_per_s") and one.get("steady_tokens_per_s"):
             result[f"{tag}_speedup"] = round(one["steady_tokens_per_s"] / first["steady_tokens_per_s"], 3)
         result[f"{tag}_memory_ratio"] = round(one["peak_memory_mb"] / first["peak_memory_mb"], 3)
+        if n == 1:
+            alone[(d, q)] = one
+        elif (d, q) in alone and alone[(d, q)].get("tokens_per_s"):
+            result[f"{tag}_scaling"] = round(one["tokens_per_s"] / alone[(d, q)]["tokens_per_s"], 3)
     print(json.dumps(result))
 
 
