@@ -1,15 +1,44 @@
 """adapterhub_lite: parameter-efficient task adapters on one frozen, 8-bit backbone."""
 
+from __future__ import annotations
+
+import importlib
 import logging
+from typing import TYPE_CHECKING
 
 # bitsandbytes logs a line for every 8-bit matmul on CPU ("inputs will be cast … to float16") and
 # one at import about an optional kernels package; both are expected here and drown the progress bar.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from .backbone import Backbone, load_backbone
-from .errors import AdapterHubError
-from .router.router import Router
-from .spec import TaskSpec, load_spec
+# The public names are imported on first use (PEP 562 module __getattr__, as transformers does):
+# `import adapterhub_lite` and the commands that only read JSON (list, info, verify, --help) must
+# not pay for torch, transformers and peft, which take seconds to import.
+_LAZY = {
+    "AdapterHubError": ".errors",
+    "Backbone": ".backbone",
+    "load_backbone": ".backbone",
+    "Router": ".router.router",
+    "TaskSpec": ".spec",
+    "load_spec": ".spec",
+}
 
-__all__ = ["AdapterHubError", "Backbone", "Router", "TaskSpec", "load_backbone", "load_spec"]
+__all__ = ["AdapterHubError", "Backbone", "Router", "TaskSpec", "load_backbone", "load_spec"]  # = the keys of _LAZY
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # static type checkers and IDEs see the real names
+    from .backbone import Backbone, load_backbone
+    from .errors import AdapterHubError
+    from .router.router import Router
+    from .spec import TaskSpec, load_spec
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,6 +300,19 @@ def _own_memory(model: torch.nn.Module) -> None:
                 module._buffers[name] = buf.clone()
 
 
+def _ignore_peft_checkpointing_probe() -> None:
+    """Drop the FutureWarning peft causes on every adapter attach/load of this model, and only it.
+
+    PeftModel.__init__ reads `model.is_gradient_checkpointing` (peft 0.21.2 and peft's main branch),
+    a property transformers 5 deprecated in favour of `is_activation_checkpointing`; the read warns
+    although we never turn checkpointing on. No argument of ours avoids that line, so exactly this
+    message from exactly that module is ignored (again on each load: pytest and catch_warnings reset
+    filters). Remove once peft reads the new name.
+    """
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                            module=r"transformers\.modeling_utils")
+
+
 def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit", device: str | None = None,
                   dtype: str | torch.dtype = "auto") -> Backbone:
     """Load a frozen backbone and its tokenizer; 8-bit (bitsandbytes) works on CPU and CUDA.
@@ -326,8 +340,13 @@ def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit"
         quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
         kwargs.update(quantization_config=quant, device_map=device)
     elif quantization == "4bit":
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute), device_map=device)
+        # Under FSDP / DeepSpeed ZeRO-3 (accelerate launch with such a config) the packed 4-bit weights
+        # are sharded like any parameter, which needs them stored in the compute dtype (QLoRA + FSDP).
+        sharded = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, **({"bnb_4bit_quant_storage": compute} if sharded else {}))
+        kwargs.update(quantization_config=quant, device_map=device)
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    _ignore_peft_checkpointing_probe()
     if quantization == "none":
         model.to(device)
     _own_memory(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -83,8 +84,9 @@ def _train(args) -> int:
     spec = load_spec(args.spec, overrides)
     out = train(spec, args.output, overwrite=args.overwrite, resume=args.resume, device=args.device,
                 command="adapterhub-lite train " + shlex.join(sys.argv[2:]), progress=not args.no_progress)
-    meta = json.loads((out / "adapterhub.json").read_text())
-    print(json.dumps({"output": str(out), **{k: v for k, v in meta["metrics"].items() if k != "per_class"}}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, rank 0 answers for the run
+        meta = json.loads((out / "adapterhub.json").read_text())
+        print(json.dumps({"output": str(out), **{k: v for k, v in meta["metrics"].items() if k != "per_class"}}))
     return 0
 
 
@@ -105,7 +107,7 @@ def _eval(args) -> int:
                                          allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, bb.tokenizer)
     split = _split_for(spec, args.split)
-    metrics, _, seconds = evaluate_split(model, bb.tokenizer, spec, split, limit=args.limit)
+    metrics, _, seconds = evaluate_split(model, bb.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
     n = min(len(split), args.limit or len(split))
     result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,
               "latency_ms_per_example": round(1000 * seconds / n, 2),
@@ -133,7 +135,7 @@ def _predict(args) -> int:
     model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, bb.tokenizer)
-    preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows])
+    preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress)
     write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
     return 0
 
@@ -228,6 +230,7 @@ def _convert(args) -> int:
 
 
 def _infer(args) -> int:
+    from .evaluate import progress_bar
     from .router.router import Router
 
     check_output_file(args.output)
@@ -243,9 +246,11 @@ def _infer(args) -> int:
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                   memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
     answers = []
-    for start in range(0, len(requests), args.batch_size):
-        chunk = requests[start : start + args.batch_size]
-        answers += [{**req, **res} for req, res in zip(chunk, router.run(chunk))]
+    with progress_bar(len(requests), "infer", not args.no_progress) as bar:
+        for start in range(0, len(requests), args.batch_size):
+            chunk = requests[start : start + args.batch_size]
+            answers += [{**req, **res} for req, res in zip(chunk, router.run(chunk))]
+            bar.update(len(chunk))
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0
 
@@ -303,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--text", help="one input (for prompts that read one column)")
             p.add_argument("--input", help="JSONL file of rows with the prompt's columns")
             p.add_argument("--output", help="write JSONL predictions here instead of stdout")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred rows)")
     add_device_args(t)
 
     registry_help = "a local folder (default: adapters) or hf://org/repo"
@@ -329,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL answers (default: stdout)")
     p.add_argument("--batch-size", type=count(1), default=32)
     p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred requests)")
     add_device_args(p, adapters=True)
     p.set_defaults(func=_infer)
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")
@@ -360,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting `overrides` at the first option; accept `key=value` after options too.
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra
+    positional = "overrides" if hasattr(args, "overrides") else "specs" if hasattr(args, "specs") else None
+    if extra and positional and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, positional, getattr(args, positional) + extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -14,9 +14,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-import yaml
-
 from .errors import AdapterLoadError
 
 SIDECAR = "adapterhub.json"
@@ -61,6 +58,8 @@ def read_sidecar(folder: Path) -> dict:
 
 def nonfinite_tensors(tensors: dict) -> list[str]:
     """Names of the tensors holding NaN or ±inf (the flags are gathered on each tensor's device: one host sync per device)."""
+    import torch  # here: `import adapterhub_lite.folder` (registry, list, info) stays free of torch
+
     floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
     if not floats:
         return []
@@ -151,29 +150,24 @@ def plot_curves(history: list[dict], metric: str, path: Path) -> None:
 
 
 def model_card(meta: dict) -> str:
-    """An HF-style model card: YAML header for the Hub, then usage and results."""
+    """An HF model card: huggingface_hub's metadata header (library, base model, tags, eval results), then usage and results.
+
+    Built offline (no Hub calls); `ModelCard(text).data` reads the header back.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     spec, metrics = meta["task"], meta["metrics"]
     base_id = meta["base"]["hub_id"]
-    header = {
-        "library_name": "peft",
-        "base_model": base_id,
-        "tags": ["adapterhub_lite", spec["method"], spec["type"], spec["name"]],
-        "metrics": list(spec["metric"]),
-        "model-index": [{
-            "name": f"{spec['name']}-{spec['method']}",
-            "results": [{
-                "task": {"type": "text-classification" if spec["type"] == "classification" else "text-generation"},
-                "dataset": {"name": spec["name"], "type": spec["name"], "split": "dev"},
-                "metrics": [{"type": m, "value": metrics[m]} for m in spec["metric"]],
-            }],
-        }],
-    }
+    task_type = "text-classification" if spec["type"] == "classification" else "text-generation"
+    card_data = ModelCardData(
+        library_name="peft", base_model=base_id, tags=["adapterhub_lite", spec["method"], spec["type"], spec["name"]],
+        metrics=list(spec["metric"]), model_name=f"{spec['name']}-{spec['method']}",
+        eval_results=[EvalResult(task_type=task_type, dataset_type=spec["name"], dataset_name=spec["name"], dataset_split="dev",
+                                 metric_type=m, metric_value=metrics[m]) for m in spec["metric"]],
+    )
     eff = meta["efficiency"]
     rows = "\n".join(f"| {m} | {metrics[m]} |" for m in spec["metric"])
-    return f"""---
-{yaml.safe_dump(header, sort_keys=False).strip()}
----
-
+    body = f"""
 # {spec['name']} — {spec['method']} adapter for {base_id}
 
 Trained with adapterhub_lite on a frozen {meta['base']['fingerprint']['quantization']} backbone
@@ -210,6 +204,7 @@ adapterhub-lite eval path/to/this/folder --split dev --json
 
 `adapterhub.json` holds the full task spec, data hashes, backbone fingerprint, command and versions.
 """
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
 
 def _weights_line(base: dict) -> str:

@@ -144,7 +144,9 @@ def _write_folder(spec, model, bb, data, state, stopped_by, work: Path, output: 
     # base.weights and the model card name the exact file and sha256 (backbone.weights_source).
     model.peft_config["default"].base_model_name_or_path = bb.hub_id
     with disk_errors(final, output):
-        model.save_pretrained(final)  # PEFT files (safetensors); peft also writes a README we replace
+        # save_embedding_layers=False: embeddings are never resized or trained here, and peft's "auto" would
+        # look the hub id up online to compare vocabulary sizes (a failed request and two warnings offline)
+        model.save_pretrained(final, save_embedding_layers=False)  # PEFT files (safetensors); peft also writes a README we replace
     with model.disable_adapter():  # routing sample of the inputs, as the plain backbone sees them
         routing = routing_entry(model, tok, spec, final)
     t = spec.train

@@ -230,7 +230,8 @@ def save_merged(model: PeftModel, name: str, sidecar: dict, output: Path) -> Pat
         raise MergeError(f"the merged adapter has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; check the weights and the sources")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        model.save_pretrained(Path(tmp) / "out", selected_adapters=[name])
+        # embeddings are never resized or trained here: without this, peft's "auto" looks up the base's config on the Hub
+        model.save_pretrained(Path(tmp) / "out", selected_adapters=[name], save_embedding_layers=False)
         saved = Path(tmp) / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
         write_json(saved / SIDECAR, {**sidecar, "format": FORMAT})
         card = (f"---\nlibrary_name: peft\nbase_model: {sidecar['base']['hub_id']}\ntags: [adapterhub_lite, lora, merged]\n---\n\n"
