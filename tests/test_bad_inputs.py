@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from adapterhub_lite.cli import build_parser, main
 
@@ -49,12 +50,19 @@ def test_bad_train_inputs(capsys, cls_task, override, needle):
     (["merge", "a", "b", "--weights", "nan", "0.5", "--output", "m"], "argument --weights: 'nan' is not a finite number"),
     (["merge", "a", "b", "--weights", "1", "inf", "--output", "m"], "'inf' is not a finite number"),
     (["interference", "a", "--output", "r", "--rows", "-5"], "argument --rows: -5 must be ≥ 0"),
-    (["train-multi", "toy.yaml", "--output", "r", "--steps", "0"], "argument --steps: 0 must be ≥ 1"),
-    (["train-multi", "toy.yaml", "--output", "r", "--overrides", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),
+    (["train-multi", "toy.yaml", "--output", "r", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),
+    (["train-multi", "toy.yaml", "train.max_steps=0", "--output", "r"], "train.max_steps must be ≥ 1, got 0"),
     (["infer", "--input", "null.jsonl", "--registry", "reg"], "have a 'text' that is null, not a string"),
+    # one grammar: every command that reads a spec takes key=value overrides, before or after the flags
+    (["compose-fit", "toy.yaml", "train.max_steps=0", "--from", "a", "b", "--output", "o"], "train.max_steps must be ≥ 1, got 0"),
+    (["compose-fit", "toy.yaml", "--from", "a", "b", "--output", "o", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),
+    # the joint run's schedule is one: specs that disagree are refused with every key and value, and the fix
+    (["train-multi", "toy.yaml", "other.yaml", "--output", "r"], "train.max_steps differs between the tasks (toy: 6, other: 9); a joint run has one: pass train.max_steps=VALUE"),
 ])
 def test_bad_flags(capsys, cls_task, argv, needle):
     (cls_task / "null.jsonl").write_text('{"adapter": "base", "text": null}\n')
+    other = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other", "train": {**other["train"], "max_steps": 9}}))
     refused(capsys, cls_task, argv, needle)
 
 

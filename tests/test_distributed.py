@@ -104,11 +104,11 @@ def _joint_specs(tmp_path):
 @pytest.mark.parametrize("weighting", ["dynamic", "uncertainty"])
 def test_train_multi_on_two_processes_equals_one_process(tmp_path, weighting):
     specs = _joint_specs(tmp_path)
-    flags = ["--steps", "10", "--eval-every", "5", "--eval-samples", "4", "--warmup-steps", "2", "--weighting", weighting,
+    flags = ["train.max_steps=10", "train.eval_every=5", "train.eval_samples=4", "train.warmup_steps=2", "--weighting", weighting,
              "--sampling", "dynamic", "--shared-adapter", "--shared-r", "2", "--no-progress"]
-    one = run(["train-multi", *specs, "--output", "one", "--batch-size", "8", *flags], 1, tmp_path)
+    one = run(["train-multi", *specs, "--output", "one", "train.batch_size=8", *flags], 1, tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run(["train-multi", *specs, "--output", "two", "--batch-size", "4", *flags], 2, tmp_path)
+    two = run(["train-multi", *specs, "--output", "two", "train.batch_size=4", *flags], 2, tmp_path)
     assert two.returncode == 0, two.stderr[-2000:]
     for task in ("a", "g", "shared"):
         same_weights(tmp_path / "one" / task, tmp_path / "two" / task)

@@ -11,23 +11,28 @@ import sys
 
 def _train_multi(args) -> int:
     from ..spec import load_spec
-    from .joint import JointConfig, train_joint
+    from .joint import JointConfig, joint_settings, train_joint
 
-    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("quantization",) if getattr(args, k)]
-    specs = [load_spec(path, overrides) for path in args.specs]
+    paths, overrides = _specs_and_overrides(args.specs)
+    overrides += [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
+    specs = [load_spec(path, overrides) for path in paths]
     weighting_args = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("window", args.window)) if v is not None}
     if args.fixed_weights:
         weighting_args = {"weights": dict(zip([s.name for s in specs], args.fixed_weights))}
-    cfg = JointConfig(max_steps=args.steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-                      eval_samples=args.eval_samples, weighting=args.weighting, weighting_args=weighting_args,
-                      sampling=args.sampling, temperature=args.temperature, shared_adapter=args.shared_adapter,
-                      shared_r=args.shared_r, max_minutes=args.max_minutes, seed=args.seed)
-    out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device, dtype=args.dtype,
+    cfg = JointConfig(**joint_settings(specs), weighting=args.weighting, weighting_args=weighting_args, sampling=args.sampling,
+                      temperature=args.temperature, shared_adapter=args.shared_adapter, shared_r=args.shared_r)
+    out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device,
                       progress=not args.no_progress,
                       command="adapterhub-lite train-multi " + shlex.join(sys.argv[2:]))
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, rank 0 answers for the run
         print(json.dumps({"output": str(out), **json.loads((out / "run.json").read_text())["dev"]}))
     return 0
+
+
+def _specs_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments: spec files, and dotted.key=value overrides applied to every spec (as `train` takes them)."""
+    overrides = [i for i in items if "=" in i]
+    return [i for i in items if "=" not in i], overrides
 
 
 def _interference(args) -> int:
@@ -45,7 +50,7 @@ def _compose_fit(args) -> int:
     from ..spec import load_spec
     from .compose import compose_fit
 
-    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("quantization",) if getattr(args, k)]
+    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
     spec = load_spec(args.spec, overrides)
     sources = dict(adapter_ref(ref, args.registry) for ref in args.sources)
     report = compose_fit(spec, sources, args.output,
@@ -61,7 +66,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the multi-task subcommands on the main parser."""
     from ..cli import add_device_args, count, finite_float  # cli imports this module first; by now it is complete
     p = sub.add_parser("train-multi", help="train several task adapters jointly (mixed batches, weighted losses)")
-    p.add_argument("specs", nargs="+", help="task spec YAMLs (LoRA), e.g. scripts/tasks/sst2.yaml scripts/tasks/rte.yaml")
+    p.add_argument("specs", nargs="+", metavar="SPEC_OR_OVERRIDE",
+                   help="task spec YAMLs (LoRA) and dotted.key=value overrides for every spec, e.g. scripts/tasks/sst2.yaml "
+                        "scripts/tasks/rte.yaml train.max_steps=240 (the schedule keys — train.max_steps, batch_size, warmup_steps, "
+                        "eval_every, eval_samples, max_grad_norm, max_minutes, seed — must agree across the specs)")
     p.add_argument("--output", required=True, help="run folder: one adapter folder per task inside")
     p.add_argument("--weighting", default="dynamic", choices=("equal", "fixed", "dynamic", "uncertainty"))
     p.add_argument("--alpha", type=finite_float, help="dynamic: sigmoid slope α (default 5)")
@@ -72,18 +80,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=finite_float, default=2.0, help="temperature sampling: p ∝ n^(1/T)")
     p.add_argument("--shared-adapter", action="store_true", help="also train one LoRA every task uses under its own")
     p.add_argument("--shared-r", type=count(1), default=8, help="rank of the shared adapter")
-    p.add_argument("--steps", type=count(1), default=300)
-    p.add_argument("--batch-size", type=count(1), default=16, help="rows per step, mixed over the tasks")
-    p.add_argument("--warmup-steps", type=count(0), default=20)
-    p.add_argument("--eval-every", type=count(1), default=100)
-    p.add_argument("--eval-samples", type=count(1), default=200, help="dev rows per task in periodic evals (final: all)")
-    p.add_argument("--max-minutes", type=finite_float, default=0.0, help="wall-clock budget; 0: none")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken at every eval)")
     p.add_argument("--no-progress", action="store_true")
     add_device_args(p)
-    p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value applied to every spec")
     p.set_defaults(func=_train_multi)
 
     p = sub.add_parser("interference", help="task × adapter matrix of dev scores (single, merged, joint); flags negative transfer")
@@ -98,6 +98,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compose-fit", help="fit composition weights over existing LoRAs for a new task from a few shots")
     p.add_argument("spec", help="the new task's spec YAML")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_length=128")
     p.add_argument("--from", dest="sources", nargs="+", required=True, help="source adapters: registry names or folders")
     p.add_argument("--output", required=True)
     p.add_argument("--shots", type=count(1), default=16, help="labeled training rows the weights are fitted on")
@@ -111,5 +112,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", default="adapters")
     p.add_argument("--overwrite", action="store_true")
     add_device_args(p, adapters=True)
-    p.add_argument("--overrides", nargs="*", default=[], help="dotted.key=value for the spec")
     p.set_defaults(func=_compose_fit)

@@ -68,6 +68,25 @@ class JointConfig:
     log_every: int = 1  # steps per metrics row (per-task losses, weights, rows)
 
 
+# The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
+SHARED_TRAIN_KEYS = ("max_steps", "batch_size", "warmup_steps", "eval_every", "eval_samples", "max_grad_norm", "max_minutes", "seed")
+
+
+def joint_settings(specs: list[TaskSpec]) -> dict:
+    """JointConfig fields from the specs' `train` keys, which must agree across the tasks (override
+    them on the command line, e.g. train.max_steps=240, to make them agree); all disagreements at once."""
+    out, problems = {}, []
+    for key in SHARED_TRAIN_KEYS:
+        values = {s.name: getattr(s.train, key) for s in specs}
+        if len(set(values.values())) > 1:
+            problems.append(f"train.{key} differs between the tasks ({', '.join(f'{n}: {v}' for n, v in values.items())}); "
+                            f"a joint run has one: pass train.{key}=VALUE")
+        out[key] = next(iter(values.values()))
+    if problems:
+        raise SpecError(problems, "joint training")
+    return out
+
+
 def check_specs(specs: list[TaskSpec]) -> None:
     """Refuse, all problems at once, a set of tasks that cannot be trained jointly."""
     problems = []

@@ -278,8 +278,13 @@ class Router:
             positions += [[c for r, c in zip(plan.rows, plan.cols) if r == k] for k in range(len(plan.seqs))]
             plans.append(plan)
         logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
-        probs = torch.cat([plan.finish(part) for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]).softmax(-1)
-        return [(max(range(len(p)), key=p.__getitem__), p) for p in probs.tolist()]  # the one host sync of the batch
+        # rows of different tasks have different label counts: flatten them for the one host sync of the batch, split back here
+        probs = [plan.finish(part).softmax(-1)[0] for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]
+        flat, out = torch.cat(probs).tolist(), []
+        for p in probs:
+            row, flat = flat[: len(p)], flat[len(p) :]
+            out.append((max(range(len(row)), key=row.__getitem__), row))
+        return out
 
 
 @dataclass
