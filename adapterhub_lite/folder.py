@@ -15,9 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import AdapterLoadError
-
-SIDECAR = "adapterhub.json"
-FORMAT = "adapterhub_lite.adapter/1"
+from .sidecar import FORMAT, SIDECAR, Sidecar  # noqa: F401 - re-exported: the folder's metadata file
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -45,15 +43,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_sidecar(folder: Path) -> dict:
-    """Read and sanity-check an adapter folder's sidecar."""
+    """An adapter folder's sidecar (sidecar.Sidecar, upgraded from older formats) as a dict."""
     folder = Path(folder)
     missing = [f for f in ("adapter_config.json", SIDECAR) if not (folder / f).is_file()]
     if missing:
         raise AdapterLoadError(f"{str(folder)!r} is not an adapter folder: missing {', '.join(missing)}; pass a folder written by `adapterhub-lite train`")
-    meta = json.loads((folder / SIDECAR).read_text())
-    if meta.get("format") != FORMAT:
-        raise AdapterLoadError(f"{folder / SIDECAR} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+    return Sidecar.load(folder).to_dict()
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:

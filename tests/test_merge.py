@@ -180,7 +180,7 @@ def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sour
     first = json.loads((sources["a"] / "adapterhub.json").read_text())
     assert side["routing"] is None and first["routing"]  # no borrowed routing record
     assert side["metrics"] == side["merge_report"]["a"]["merged"] and side["metrics_rows"] == 4  # measured on the merge itself
-    assert side["task"]["name"] == "toy" and side["name"] == "mix" and "train_state" not in side and "data" not in side
+    assert side["task"]["name"] == "toy" and side["name"] == "mix" and side["train_state"] is None and side["data"] == {}  # nothing copied from a source
     src = side["merge"]["sources"]["b"]
     assert src["task"] == "toy" and src["rank"] == 4 and src["folder"] == str(sources["b"]) and len(src["adapter_sha256"]) == 64
     assert side["merge"]["method"] == "cat" and side["merge"]["weights"] == {"a": 0.5, "b": 0.5}

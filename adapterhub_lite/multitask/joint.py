@@ -32,10 +32,11 @@ from ..backbone import autocast, load_backbone
 from ..data import check_lengths, load_task_data
 from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
-from ..folder import SIDECAR, pyplot, save_figure, write_json, write_jsonl
+from ..folder import pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_items, loss_plan_ids
 from ..router.routing import routing_entry
 from ..rowlora import RowContext, RowLoraLinear, check_lora_config
+from ..sidecar import base_record, build
 from ..spec import TaskSpec
 from ..training.loop import LoopConfig, Recipe, StepLoss, fit
 from ..training.output import adapter_meta, finish_folder, prepare_output, publish_folder
@@ -400,8 +401,8 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: 
     if cfg.shared_adapter:
         save_lora(out / SHARED, joint.export(None), bb.hub_id, dropout)
         # A component, not a task adapter: no task spec, no metrics; every task folder already holds it.
-        write_json(out / SHARED / SIDECAR, {**adapter_meta(specs[0], bb, {}, {}, routing=None, command=command), "name": SHARED,
-                                            "task": None, "label_words": None, "joint": {"run": "..", "tasks": run["tasks"], "role": "shared"}})
+        build(SHARED, task=None, method="lora", base=base_record(specs[0].base, bb), command=command,
+              joint={"run": "..", "tasks": run["tasks"], "role": "shared"}).save(out / SHARED)
     write_json(out / "run.json", run)
     write_jsonl(out / "metrics.jsonl", history)
     plot_joint(history, specs, out / "curves.png")

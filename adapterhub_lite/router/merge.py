@@ -25,7 +25,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,8 @@ from ..backbone import load_backbone
 from ..data import load_task_data
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split
-from ..folder import FORMAT, SIDECAR, atomic_write, nonfinite_tensors, read_sidecar, write_json
+from ..folder import atomic_write, nonfinite_tensors, read_sidecar
+from ..sidecar import Sidecar, build
 from ..spec import spec_from_dict
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
@@ -163,11 +163,11 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report)
     if output is not None:
         save_merged(model, name, sidecar, Path(output))
-    return model, sidecar
+    return model, sidecar.to_dict()
 
 
 def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],
-                   method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict) -> dict:
+                   method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict) -> Sidecar:
     """The sidecar of a merged adapter, built for what it is: its task (or none), the shared backbone,
     the merge recipe and sources, and as metrics only what was measured on the merged adapter itself."""
     from ..registry import registered_as
@@ -182,22 +182,17 @@ def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders:
                       "task": m["task"]["name"] if m.get("task") else None, "rank": ranks[n],
                       "adapter_sha256": _sha256(folders[n] / "adapter_model.safetensors")}
     first = next(iter(metas.values()))
-    return {
-        "format": FORMAT,
-        "name": name,
-        "task": task,
-        "method": "lora",
-        "label_words": metas[own].get("label_words") if own else None,
-        "base": first["base"],  # every source's backbone fingerprint is this one (checked)
-        "metrics": measured.get("merged", {}),  # the merged adapter's own dev scores on its task, when the report ran
-        "metrics_rows": measured.get("rows"),
-        "trainable_parameters": {"trainable": params, "note": "parameters of the merged adapter (merged, not trained)"},
-        "merge": {"method": method, "acts_on": "factors" if method in FACTOR_METHODS else "delta_w", "density": density,
-                  "weights": weights, "ranks": ranks, "rank": model.peft_config[name].r, "sources": sources},
-        "merge_report": report,
-        "routing": None,  # no routing sample of its own: content routing leaves it out (requests may still name it)
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return build(
+        name, task=task, method="lora", base=first["base"],  # every source's backbone fingerprint is this one (checked)
+        label_words=metas[own].get("label_words") if own else None,
+        metrics=measured.get("merged", {}),  # the merged adapter's own dev scores on its task, when the report ran
+        metrics_rows=measured.get("rows"),
+        trainable_parameters={"trainable": params, "note": "parameters of the merged adapter (merged, not trained)"},
+        merge={"method": method, "acts_on": "factors" if method in FACTOR_METHODS else "delta_w", "density": density,
+               "weights": weights, "ranks": ranks, "rank": model.peft_config[name].r, "sources": sources},
+        merge_report=report,
+        routing=None,  # no routing sample of its own: content routing leaves it out (requests may still name it)
+    )
 
 
 def _report(model: PeftModel, tok, metas: dict[str, dict], merged: str, rows: int | None) -> dict:
@@ -220,7 +215,7 @@ def _report(model: PeftModel, tok, metas: dict[str, dict], merged: str, rows: in
     return out
 
 
-def save_merged(model: PeftModel, name: str, sidecar: dict, output: Path) -> Path:
+def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Path:
     """Write the merged adapter alone as an adapter folder (temp folder, then rename)."""
     if output.exists():
         raise MergeError(f"output folder {str(output)!r} already exists; choose another --output")
@@ -233,7 +228,8 @@ def save_merged(model: PeftModel, name: str, sidecar: dict, output: Path) -> Pat
         # embeddings are never resized or trained here: without this, peft's "auto" looks up the base's config on the Hub
         model.save_pretrained(Path(tmp) / "out", selected_adapters=[name], save_embedding_layers=False)
         saved = Path(tmp) / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
-        write_json(saved / SIDECAR, {**sidecar, "format": FORMAT})
+        meta.save(saved)
+        sidecar = meta.to_dict()
         card = (f"---\nlibrary_name: peft\nbase_model: {sidecar['base']['hub_id']}\ntags: [adapterhub_lite, lora, merged]\n---\n\n"
                 f"# {name}: {sidecar['merge']['method']} merge of {', '.join(sidecar['merge']['sources'])}\n\n"
                 f"Task: {_task_label(sidecar['task'])}. "

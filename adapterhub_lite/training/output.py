@@ -4,19 +4,13 @@ place whole at the end, so a crash never leaves half an adapter where a user or 
 from __future__ import annotations
 
 import contextlib
-import platform
 import shutil
-import sys
-import time
 from pathlib import Path
 
-import torch
-
-from .. import __version__
-from ..backbone import dtype_name
 from ..data import label_words
 from ..errors import OutputExistsError
-from ..folder import FORMAT, SIDECAR, atomic_write, check_finite, model_card, plot_curves, replaceable, write_json, write_jsonl
+from ..folder import atomic_write, check_finite, model_card, plot_curves, replaceable, write_jsonl
+from ..sidecar import Sidecar, base_record, build
 from ..spec import TaskSpec
 from .progress import TrainingError
 
@@ -78,42 +72,21 @@ def disk_errors(partial: Path, output: Path):
                             "then rerun with --resume") from None
 
 
-def versions() -> dict:
-    import bitsandbytes
-    import peft
-    import transformers
-
-    return {"adapterhub_lite": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
-
-
-def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> dict:
-    """The sidecar of an adapter trained for `spec` on backbone `bb` (extra keys appended as given)."""
-    return {
-        "format": FORMAT,
-        "name": spec.name,
-        "task": spec.to_dict(),
-        "method": spec.method,
-        "label_words": label_words(spec) if spec.type == "classification" else None,
-        # weights: the exact file the backbone came from and its sha256 (hub_id names the model, not these weights)
-        "base": {"name": spec.base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype), "weights": bb.source},
-        "metrics": metrics,
-        **extra,
-        "routing": routing,
-        "data": {name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
-        "command": command or " ".join(sys.argv),
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> Sidecar:
+    """The sidecar of an adapter trained for `spec` on backbone `bb` (extra: further Sidecar fields)."""
+    return build(spec.name, task=spec.to_dict(), method=spec.method, base=base_record(spec.base, bb),
+                 label_words=label_words(spec) if spec.type == "classification" else None, metrics=metrics, routing=routing,
+                 data={name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
+                 command=command, **extra)
 
 
-def finish_folder(folder: Path, meta: dict, history: list[dict], primary: str) -> None:
+def finish_folder(folder: Path, meta: Sidecar, history: list[dict], primary: str) -> None:
     """Sidecar, model card, metrics log and curves beside the PEFT files of a finished adapter.
 
     Refuses (TrainingError) weights holding NaN or inf: such a folder would be served and published as if fine.
     """
     check_finite(folder, TrainingError)
-    write_json(folder / SIDECAR, meta)
-    atomic_write(folder / "README.md", model_card(meta))  # replaces peft's stub card
+    meta.save(folder)
+    atomic_write(folder / "README.md", model_card(meta.to_dict()))  # replaces peft's stub card
     write_jsonl(folder / "metrics.jsonl", history)
     plot_curves(history, primary, folder / "curves.png")

@@ -1,0 +1,128 @@
+"""The sidecar (`adapterhub.json`): what an adapter folder is, beside the PEFT files peft reads.
+
+One versioned dataclass with save/load (as peft's PeftConfig), built by one function, `build`,
+that every writer uses: training (train.py), joint training (a folder per task and the shared
+component), merging (router/merge.py) and composition (multitask/compose.py). Older versions are
+upgraded on load by an explicit step per version (`_UPGRADES`), so readers see one shape.
+
+    format 1  written before typed sidecars: base.dtype and base.weights may be missing
+    format 2  this class; every field below is present (None where it does not apply)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import AdapterLoadError
+
+SIDECAR = "adapterhub.json"
+FORMAT = "adapterhub_lite.adapter/2"
+
+
+@dataclass
+class Sidecar:
+    """Everything about an adapter that its PEFT files do not say."""
+
+    name: str
+    task: dict | None  # the task spec it serves (None: a component, e.g. a joint run's shared adapter, serving raw text)
+    method: str  # lora, prefix, prompt, ia3
+    base: dict  # the backbone: name, hub_id, fingerprint (checked at load), dtype, weights (the exact file)
+    label_words: list[str] | None = None  # classification: the verbalizer words, in label order
+    metrics: dict = field(default_factory=dict)  # dev scores of this adapter itself
+    routing: dict | None = None  # content-routing samples: file, embedding, samples (None: left out of auto routing)
+    data: dict = field(default_factory=dict)  # split → source, sha256, rows
+    trainable_parameters: dict | None = None
+    efficiency: dict | None = None  # adapter bytes, peak memory, train tokens/s, latency, device
+    train_state: dict | None = None  # steps, best step, why it stopped, seconds, tokens, processes, global batch
+    init_from: dict | None = None  # the adapter this one started from
+    joint: dict | None = None  # joint training: the run, tasks, role
+    merge: dict | None = None  # merging: method, weights, sources …
+    merge_report: dict | None = None
+    metrics_rows: int | None = None
+    composition: dict | None = None  # learned composition: search, weights, sources
+    command: str | None = None
+    versions: dict | None = None
+    created: str | None = None
+    extra: dict = field(default_factory=dict)  # keys this version does not know (a newer writer's), kept as they are
+    format: str = FORMAT
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {"format": out.pop("format"), **out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "sidecar") -> Sidecar:
+        """A sidecar from its JSON form, upgraded from an older format first."""
+        raw = dict(raw)
+        while raw.get("format") != FORMAT:
+            step = _UPGRADES.get(raw.get("format"))
+            if step is None:
+                raise AdapterLoadError(f"{where} has format {raw.get('format')!r}; this version reads {', '.join([*_UPGRADES, FORMAT])}: "
+                                       "upgrade adapterhub_lite, or re-train the adapter")
+            raw = step(raw)
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("name", "task", "method", "base") if k not in raw]
+        if missing:
+            raise AdapterLoadError(f"{where} lacks {', '.join(missing)}; it was not written by adapterhub_lite: re-train or re-export the adapter")
+        return cls(**{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Sidecar:
+        path = Path(folder) / SIDECAR
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise AdapterLoadError(f"cannot read {path} ({type(exc).__name__}); the adapter folder is damaged: re-publish or re-train it") from None
+        if not isinstance(raw, dict):
+            raise AdapterLoadError(f"{path} holds a JSON {type(raw).__name__}, not an object; the adapter folder is damaged")
+        return cls.from_dict(raw, str(path))
+
+    def save(self, folder: str | Path) -> None:
+        """Write `folder/adapterhub.json` atomically."""
+        from .folder import write_json
+
+        write_json(Path(folder) / SIDECAR, self.to_dict())
+
+
+def _from_v1(raw: dict) -> dict:
+    """format 1 → 2: sidecars before base.dtype / base.weights were recorded computed in fp32 on unrecorded weights."""
+    base = {"dtype": "fp32", "weights": None, **raw.get("base", {})}
+    raw = {**raw, "base": base, "format": FORMAT}
+    if "compose" in raw and "composition" not in raw:
+        raw["composition"] = raw.pop("compose")
+    return raw
+
+
+_UPGRADES = {"adapterhub_lite.adapter/1": _from_v1}
+
+
+def base_record(name: str, bb) -> dict:
+    """The sidecar's `base` for backbone `bb` loaded as `name`."""
+    from .backbone import dtype_name
+
+    return {"name": name, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype), "weights": bb.source}
+
+
+def versions() -> dict:
+    """The versions of everything that computed the adapter."""
+    import platform
+
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"adapterhub_lite": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def build(name: str, *, task: dict | None, method: str, base: dict, command: str | None = None, **fields_) -> Sidecar:
+    """The one way a sidecar is made: the given fields, plus the command, versions and time of now."""
+    return Sidecar(name=name, task=task, method=method, base=base, command=command or " ".join(sys.argv), versions=versions(),
+                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields_)
