@@ -19,6 +19,7 @@ server's continuous batching (serve/engine.py) and `generate` share it.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ class AdapterBank:
         self.context.define(_BASE_SLOT, [])
         self._lora: dict[str, RowLoraLinear] = {}  # wrapped module name → its per-row layer
         self.decode_batch_sizes: list[int] = []  # rows in the batch at each decode step of the last generate()
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     @property
     def lm_head(self) -> torch.nn.Module:
@@ -263,7 +265,9 @@ class AdapterBank:
         return self._routed(None)
 
     def _run(self, embeds, mask, positions, cache) -> torch.Tensor:
-        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        # transformers renamed the decoder's `past_key_values` argument to `cache` (5.x deprecates the
+        # old name, 5.40 drops it): pass whichever this version's decoder takes.
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **{self._cache_arg: cache})
         return out.last_hidden_state
 
     @torch.inference_mode()
