@@ -172,7 +172,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _publish(args) -> int:
-    from .registry import open_registry
+    from .registries import open_registry
 
     name, version, entry = open_registry(args.registry).publish(args.adapter, args.version, args.name)
     print(json.dumps({"published": f"{name}@{version}", "registry": str(args.registry), "files": len(entry["files"])}))
@@ -180,7 +180,7 @@ def _publish(args) -> int:
 
 
 def _list(args) -> int:
-    from .registry import open_registry
+    from .registries import open_registry
 
     rows = open_registry(args.registry).rows()
     if args.json:
@@ -196,7 +196,7 @@ def _list(args) -> int:
 
 
 def _info(args) -> int:
-    from .registry import open_registry
+    from .registries import open_registry
 
     name, version, entry = open_registry(args.registry).resolve(args.ref)
     print(json.dumps({"name": name, "version": version, **entry}, indent=2))
@@ -204,14 +204,14 @@ def _info(args) -> int:
 
 
 def _pull(args) -> int:
-    from .registry import open_registry
+    from .registries import open_registry
 
     print(open_registry(args.registry).pull(args.ref, args.to))
     return 0
 
 
 def _verify(args) -> int:
-    from .registry import open_registry
+    from .registries import open_registry
 
     problems = open_registry(args.registry).verify(args.name)
     for p in problems:
@@ -256,7 +256,7 @@ def _infer(args) -> int:
 
 
 def _merge(args) -> int:
-    from .registry import adapter_ref
+    from .registries import adapter_ref
     from .router.merge import merge_adapters
 
     if len(args.weights) != len(args.adapters):

@@ -205,6 +205,11 @@ def request_row(spec: TaskSpec, request: dict) -> dict:
     return request
 
 
+def readable(spec: TaskSpec, pred) -> str:
+    """A prediction as the user reads it: the label word, or the generated text."""
+    return label_words(spec)[pred] if spec.type == "classification" else pred
+
+
 def render(spec: TaskSpec, row: dict) -> str:
     """Fill the prompt template with one row's columns."""
     return spec.prompt.format(**{k: ("" if row[k] is None else str(row[k]).strip()) for k in spec.prompt_fields})

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from .data import Split, label_words
-from .heads import answer_ids, generate_ids, label_plan_ids
+from .data import Split, label_words, readable  # noqa: F401 - readable is part of this module's API too
+from .heads import generate_ids, label_plan_ids, label_token_ids
 from .metrics import classification_metrics, generation_metrics
 from .spec import TaskSpec
 
@@ -24,11 +24,6 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="row", disable=not enabled or total < PROGRESS_MIN_ROWS, dynamic_ncols=True, file=sys.stderr)
-
-
-def label_token_ids(tokenizer, spec: TaskSpec) -> list[list[int]]:
-    """Token ids of each verbalizer word as it follows the prompt."""
-    return [answer_ids(tokenizer, w) for w in label_words(spec)]
 
 
 @torch.no_grad()
@@ -81,8 +76,3 @@ def evaluate_split(model, tokenizer, spec: TaskSpec, split: Split, limit: int | 
     preds = predict(model, tokenizer, spec, prompts, prompt_ids=split.prompt_ids(tokenizer)[:limit], progress=progress, desc="eval")
     seconds = time.perf_counter() - start
     return score(spec, preds, answers), preds, seconds
-
-
-def readable(spec: TaskSpec, pred) -> str:
-    """A prediction as the user reads it: the label word, or the generated text."""
-    return label_words(spec)[pred] if spec.type == "classification" else pred

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import autocast
+from .data import label_words
 
 
 def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
@@ -35,6 +36,11 @@ def keep_end(ids: list[int], max_tokens: int) -> list[int]:
 def answer_ids(tokenizer, text: str) -> list[int]:
     """Tokens of an answer: a continuation of the prompt after one space."""
     return tokenizer(" " + text, add_special_tokens=False).input_ids
+
+
+def label_token_ids(tokenizer, spec) -> list[list[int]]:
+    """Token ids of each verbalizer word as it follows the prompt (training, evaluation and serving score these)."""
+    return [answer_ids(tokenizer, w) for w in label_words(spec)]
 
 
 def _device(model) -> torch.device:

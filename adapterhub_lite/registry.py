@@ -472,22 +472,3 @@ def convert_pickle(folder: str | Path) -> Path:
     os.replace(tmp, folder / "adapter_model.safetensors")
     src.unlink()
     return folder / "adapter_model.safetensors"
-
-
-def open_registry(location: str | Path):
-    """A registry object for a local folder or an `hf://org/repo` address."""
-    if str(location).startswith("hf://"):
-        from .hub import HubRegistry
-
-        return HubRegistry(str(location)[5:])
-    return LocalRegistry(location)
-
-
-def adapter_ref(ref: str | Path, registry: str | Path = "adapters") -> tuple[str, Path]:
-    """An adapter given as a folder or as name[@version] in a registry: its name and (verified) folder."""
-    if Path(ref).is_dir():
-        checked = check_if_registered(ref)  # a registry version reached by its path is re-hashed like one reached by name
-        return (checked.split("@")[0] if checked else Path(ref).name), Path(ref)  # a version folder is named by its adapter, not "1.0.0"
-    if "/" in str(ref) or Path(ref).exists():
-        raise RegistryError(f"adapter folder {str(ref)!r} does not exist; pass an adapter folder or name[@version] in the {str(registry)!r} registry")
-    return parse_ref(str(ref))[0], open_registry(registry).path(str(ref))

@@ -177,7 +177,7 @@ def json_line(metrics: dict) -> str:
 
 def _init_from(spec: TaskSpec, model, bb) -> dict:
     """Load the init_from adapter's weights into the fresh adapter; return what to record."""
-    from .registry import adapter_ref
+    from .registries import adapter_ref
 
     ref = spec.init_from
     _, folder = adapter_ref(ref)

@@ -12,7 +12,8 @@ import pytest
 
 import adapterhub_lite.registry as registry
 from adapterhub_lite.cli import main
-from adapterhub_lite.registry import LocalRegistry, RegistryError, adapter_ref, check_if_registered
+from adapterhub_lite.registries import adapter_ref
+from adapterhub_lite.registry import LocalRegistry, RegistryError, check_if_registered
 
 from .conftest import train_tiny
 

@@ -210,7 +210,7 @@ def test_prompt_learning_width_mismatch_is_refused(tmp_path):
 
 
 def test_adapter_ref_takes_a_folder_or_a_registry_name(adapter, tmp_path):
-    from adapterhub_lite.registry import adapter_ref
+    from adapterhub_lite.registries import adapter_ref
 
     assert adapter_ref(adapter) == (adapter.name, adapter)
     LocalRegistry(tmp_path / "reg").publish(adapter, name="toy")

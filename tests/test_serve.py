@@ -19,7 +19,7 @@ from adapterhub_lite.cli import main as cli_main
 from adapterhub_lite.evaluate import label_token_ids
 from adapterhub_lite.folder import load_adapter
 from adapterhub_lite.heads import label_scores
-from adapterhub_lite.registry import open_registry
+from adapterhub_lite.registries import open_registry
 from adapterhub_lite.router.router import Router
 from adapterhub_lite.serve.api import Settings, create_app
 from adapterhub_lite.serve.engine import Engine

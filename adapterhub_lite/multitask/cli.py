@@ -46,7 +46,7 @@ def _interference(args) -> int:
 
 
 def _compose_fit(args) -> int:
-    from ..registry import adapter_ref
+    from ..registries import adapter_ref
     from ..spec import load_spec
     from .compose import compose_fit
 

@@ -23,12 +23,12 @@ import torch
 from peft import PeftModel
 
 from ..backbone import Backbone, load_backbone
-from ..data import load_task_data, render, request_row
+from ..data import load_task_data, readable, render, request_row
 from ..errors import AdapterLoadError, DataError
-from ..evaluate import label_token_ids, readable
 from ..folder import check_base, check_fits, read_sidecar
-from ..heads import keep_end, label_plan_ids
-from ..registry import check_if_registered, open_registry
+from ..heads import keep_end, label_plan_ids, label_token_ids
+from ..registries import open_registry
+from ..registry import check_if_registered
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
 from .merge import fold_into_base, merge_adapters

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from ..errors import AdapterHubError
 from ..folder import SIDECAR
-from ..registry import _vkey, open_registry
+from ..registries import open_registry
+from ..registry import _vkey
 
 ENGINES = {"vllm": "vLLM", "lorax": "LoRAX"}
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
