@@ -210,7 +210,7 @@ def _weights_line(base: dict) -> str:
     return f"Backbone weights: {w['file']}, sha256 `{w['sha256']}` ({w['note']}).\n"
 
 
-def check_base(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
+def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
     """Refuse an adapter whose recorded backbone fingerprint differs from the one it meets here."""
     keys = ("config_sha256", "tokenizer_sha256", "weights_sha256") + (("quantization",) if with_quantization else ())
     if not allow and any(recorded[k] != here[k] for k in keys):
@@ -243,7 +243,7 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
     meta = read_sidecar(folder)
     recorded = meta["base"]["fingerprint"]
     bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")
-    check_base(str(folder), recorded, bb.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
+    check_fingerprint(str(folder), recorded, bb.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
                with_quantization=quantization is None)
     check_fits(folder, bb.model)
     model = PeftModel.from_pretrained(bb.model, folder)

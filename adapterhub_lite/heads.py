@@ -151,11 +151,11 @@ class Plan:
     seqs: list[list[int]]
     rows: list[int]
     cols: list[int]
-    finish: Callable[[torch.Tensor], torch.Tensor]
+    reduce: Callable[[torch.Tensor], torch.Tensor]
     count: int = 0  # a loss plan: how many items (rows, or target tokens) its loss averages over
 
     def run(self, model, pad_id: int, call=None) -> torch.Tensor:
-        return self.finish(logprobs_at(model, pad_id, self.seqs, self.rows, self.cols, call))
+        return self.reduce(logprobs_at(model, pad_id, self.seqs, self.rows, self.cols, call))
 
 
 def continuation_plan(prompts: list[list[int]], conts: list[list[int]]) -> Plan:
@@ -181,7 +181,7 @@ def label_plan_ids(prompt_ids: list[list[int]], label_tokens: list[list[int]], m
         return Plan(ids, list(range(len(ids))), [len(s) - 1 for s in ids], lambda logp: logp.index_select(-1, to_device(first, logp.device)))
     k = len(label_tokens)
     flat = continuation_plan([p for p in ids for _ in range(k)], [t for _ in ids for t in label_tokens])
-    return Plan(flat.seqs, flat.rows, flat.cols, lambda logp: flat.finish(logp).view(len(ids), k))
+    return Plan(flat.seqs, flat.rows, flat.cols, lambda logp: flat.reduce(logp).view(len(ids), k))
 
 
 def label_plan(tokenizer, prompts: list[str], label_tokens: list[list[int]], max_length: int) -> Plan:
@@ -206,13 +206,13 @@ def loss_plan_ids(prompt_ids: list[list[int]], answers: list, max_length: int, l
         scores = label_plan_ids(prompt_ids, label_tokens, max_length)
         gold = torch.tensor(answers, dtype=torch.long)
         return Plan(scores.seqs, scores.rows, scores.cols,
-                    lambda logp: F.cross_entropy(s := scores.finish(logp), to_device(gold, s.device), reduction=reduction), len(answers))
+                    lambda logp: F.cross_entropy(s := scores.reduce(logp), to_device(gold, s.device), reduction=reduction), len(answers))
     conts = [(list(a) + [eos_id])[: max_length - 1] for a in answers]
     ids = [keep_end(p, max_length - len(c)) for p, c in zip(prompt_ids, conts)]
     lp = continuation_plan(ids, conts)
     n_tokens = sum(len(c) for c in conts)
     scale = 1 if reduction == "sum" else n_tokens
-    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.finish(logp).sum() / scale, n_tokens)
+    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.reduce(logp).sum() / scale, n_tokens)
 
 
 def loss_items(answers: list, max_length: int, label_tokens=None) -> int:

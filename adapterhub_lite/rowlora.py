@@ -11,7 +11,7 @@ names. This module is that one idea, in the shape of a peft tuner layer:
   plain tensors (serving: the router's bank) or live trainable parameters (joint training,
   learned composition): the layer never copies them into state of its own.
 - A `RowContext`, shared by every RowLoraLinear of one model, holds the *slot table*
-  (slot → [(entry name, weight)]) and, while a batch runs, each row's slot. The routing of a
+  (slot → [(entry name, weight)]) and, while a batch runs, each row's slot. The slot assignment of a
   batch — which slot each row uses, as one index tensor on the device — is computed once per
   batch there, not once per layer: a layer never reads row ids back to the host.
 
@@ -162,8 +162,11 @@ def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, mod
 
 
 @dataclass
-class _Route:
-    """One batch's routing, computed once and read by every layer."""
+class _Assignment:
+    """One batch's slot assignment (which slot each row uses), computed once and read by every layer.
+
+    ("Routing" in this package means content routing, router/routing.py; this is not that.)
+    """
 
     id: int
     slots: tuple[int, ...]  # the distinct slots of the batch, in first-seen order
@@ -174,7 +177,7 @@ class _Route:
 
 
 class RowContext:
-    """The slot table and the running batch's routing, shared by every RowLoraLinear of a model.
+    """The slot table and the running batch's slot assignment, shared by every RowLoraLinear of a model.
 
     The slot table maps a slot (an int) to the entries it adds and their weights:
     bank: slot → [(adapter, 1.0)]; joint training: task i → [("shared", 1), (task, 1)];
@@ -186,7 +189,7 @@ class RowContext:
     def __init__(self):
         self.table: dict[int, list[tuple[str, float | torch.Tensor]]] = {}
         self.version = 0  # bumped by define()/forget(): layers drop stacks built from the old table
-        self.active: _Route | None = None
+        self.active: _Assignment | None = None
 
     def define(self, slot: int, parts: list[tuple[str, float | torch.Tensor]]) -> None:
         """Let `slot` add Σ weight·update of the named entries."""
@@ -197,33 +200,33 @@ class RowContext:
         self.table.pop(slot, None)
         self.version += 1
 
-    def table_index(self, route: _Route) -> torch.Tensor | int:
+    def table_index(self, plan: _Assignment) -> torch.Tensor | int:
         """Each row's position among the table's slots (an int when one slot serves every row);
         computed once per batch and table version, shared by every layer."""
-        if route.table_pick is None or route.table_pick[0] != self.version:
+        if plan.table_pick is None or plan.table_pick[0] != self.version:
             order = {s: i for i, s in enumerate(self.table)}
-            missing = [s for s in route.slots if s not in order]
+            missing = [s for s in plan.slots if s not in order]
             if missing:
                 raise AdapterLoadError(f"slot {missing[0]} is not defined; defined slots: {sorted(self.table)}")
-            pick = order[route.slots[0]] if route.per_row is None else \
-                torch.tensor([order[s] for s in route.per_row], device=route.device)
-            route.table_pick = (self.version, pick)
-        return route.table_pick[1]
+            pick = order[plan.slots[0]] if plan.per_row is None else \
+                torch.tensor([order[s] for s in plan.per_row], device=plan.device)
+            plan.table_pick = (self.version, pick)
+        return plan.table_pick[1]
 
-    def plan(self, slots: list[int] | int | None, device: torch.device | str | None = None) -> _Route | None:
-        """The routing of a batch whose row i uses slot slots[i] (an int: every row; None: none)."""
+    def plan(self, slots: list[int] | int | None, device: torch.device | str | None = None) -> _Assignment | None:
+        """The slot assignment of a batch whose row i uses slot slots[i] (an int: every row; None: none)."""
         if slots is None:
             return None
         if isinstance(slots, int):
-            return _Route(next(self._ids), (slots,), None, None, device)
+            return _Assignment(next(self._ids), (slots,), None, None, device)
         distinct = tuple(dict.fromkeys(slots))
         # One host → device copy per batch; every layer indexes with this same tensor.
         index = None if len(distinct) == 1 else torch.tensor([distinct.index(s) for s in slots], device=device)
-        return _Route(next(self._ids), distinct, index, None if index is None else list(slots), device)
+        return _Assignment(next(self._ids), distinct, index, None if index is None else list(slots), device)
 
     @contextmanager
-    def using(self, plan: _Route | None):
-        """Run the model under a planned routing (None: the plain base). Entering the same plan
+    def using(self, plan: _Assignment | None):
+        """Run the model under a planned slot assignment (None: the plain base). Entering the same plan
         again (each decode step of a batch) reuses what the layers gathered for it."""
         saved, self.active = self.active, plan
         try:
@@ -231,7 +234,7 @@ class RowContext:
         finally:
             self.active = saved
 
-    def route(self, slots: list[int] | int | None, device: torch.device | str | None = None):
+    def assign(self, slots: list[int] | int | None, device: torch.device | str | None = None):
         """Context: run the model with row i using slot slots[i] (an int: every row; None: the plain base)."""
         return self.using(self.plan(slots, device))
 
@@ -247,7 +250,7 @@ def _pick_rows(stack: torch.Tensor, pick: torch.Tensor | int | None) -> torch.Te
 
 
 class RowLoraLinear(torch.nn.Module):
-    """A linear layer (`base_layer`) plus per-row LoRA updates and IA3 scalings routed by a shared RowContext.
+    """A linear layer (`base_layer`) plus per-row LoRA updates and IA3 scalings assigned by a shared RowContext.
 
     Row i computes s_out ⊙ base(s_in ⊙ x_i) + ΔW x_i, with its slot's IA3 vectors s_in / s_out
     (ones where the slot has none) and its slot's LoRA update ΔW (zero where it has none).
@@ -267,9 +270,9 @@ class RowLoraLinear(torch.nn.Module):
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
         self._all: tuple | None = None  # cache=True: (table version, stacks of every slot in the table)
-        self._rows: tuple | None = None  # (route key, the running batch's per-row stacks)
+        self._rows: tuple | None = None  # (plan key, the running batch's per-row stacks)
         self._scale_all: tuple | None = None  # as _all, for the IA3 vectors
-        self._scale_rows: tuple | None = None  # as _rows: (route key, (per-row s_in, per-row s_out))
+        self._scale_rows: tuple | None = None  # as _rows: (plan key, (per-row s_in, per-row s_out))
         self._version = 0
 
     @property
@@ -332,8 +335,8 @@ class RowLoraLinear(torch.nn.Module):
         Bt = torch.stack([zero_b.T if f is None else F.pad(f[1], (0, r_max - f[1].shape[1])).T for f in factors])
         return At, Bt
 
-    def _per_row(self, route: _Route):
-        """The route's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
+    def _per_row(self, plan: _Assignment):
+        """The plan's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
 
         Serving (cache=True) keeps one padded stack of every slot in the table, rebuilt only when an
         adapter is added or removed, so a batch costs one index_select per layer (a slice when one
@@ -341,15 +344,15 @@ class RowLoraLinear(torch.nn.Module):
         batch's slots, rebuilt per forward under autograd so the gradient reaches the entries.
         """
         ctx = self.context
-        key = (route.id, ctx.version, self._version)
+        key = (plan.id, ctx.version, self._version)
         if (self.cache or not torch.is_grad_enabled()) and self._rows is not None and self._rows[0] == key:
             return self._rows[1]
         if self.cache:
             if self._all is None or self._all[0] != key[1:]:
                 self._all = (key[1:], self._stack(list(ctx.table)))
-            stacks, pick = self._all[1], ctx.table_index(route)
+            stacks, pick = self._all[1], ctx.table_index(plan)
         else:
-            stacks, pick = self._stack(route.slots), route.index
+            stacks, pick = self._stack(plan.slots), plan.index
         if isinstance(pick, torch.Tensor) and stacks is not None and pick.device != stacks[0].device:
             pick = pick.to(stacks[0].device)  # a plan made without a device: one copy, then cached
         if stacks is not None:
@@ -390,11 +393,11 @@ class RowLoraLinear(torch.nn.Module):
             return torch.stack([ones if v is None else v for v in vs])
         return stack(ins, self.in_features), stack(outs, self.out_features), scaled
 
-    def _per_row_scales(self, route: _Route) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The route's IA3 vectors (s_in, s_out), each [B, n], [n] (one slot serves every row) or None;
+    def _per_row_scales(self, plan: _Assignment) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The plan's IA3 vectors (s_in, s_out), each [B, n], [n] (one slot serves every row) or None;
         built once per batch, cached as _per_row caches the LoRA stacks."""
         ctx = self.context
-        key = (route.id, ctx.version, self._version)
+        key = (plan.id, ctx.version, self._version)
         if (self.cache or not torch.is_grad_enabled()) and self._scale_rows is not None and self._scale_rows[0] == key:
             return self._scale_rows[1]
         if self.cache:
@@ -402,10 +405,10 @@ class RowLoraLinear(torch.nn.Module):
                 self._scale_all = (key[1:], self._scale_stack(list(ctx.table)))
             s_in, s_out, scaled = self._scale_all[1]
         else:
-            s_in, s_out, scaled = self._scale_stack(route.slots)
+            s_in, s_out, scaled = self._scale_stack(plan.slots)
         picked = (None, None)
-        if not scaled.isdisjoint(route.slots):  # else no row of this batch is scaled here: no multiply at all
-            pick = ctx.table_index(route) if self.cache else route.index
+        if not scaled.isdisjoint(plan.slots):  # else no row of this batch is scaled here: no multiply at all
+            pick = ctx.table_index(plan) if self.cache else plan.index
             ref = s_in if s_in is not None else s_out
             if isinstance(pick, torch.Tensor) and pick.device != ref.device:
                 pick = pick.to(ref.device)
@@ -420,7 +423,7 @@ class RowLoraLinear(torch.nn.Module):
         promoted dtype and rounded to t's once, as peft's (t.to(l.dtype) · l).to(t.dtype)."""
         if s.dim() == 2:
             if s.shape[0] != t.shape[0]:
-                raise AdapterLoadError(f"per-row IA3 got {t.shape[0]} rows but the routed batch has {s.shape[0]}; route the batch that is being run")
+                raise AdapterLoadError(f"per-row IA3 got {t.shape[0]} rows but the assigned batch has {s.shape[0]}; assign the batch that is being run")
             s = s.view(s.shape[0], *[1] * (t.dim() - 2), s.shape[1])
         if torch.is_grad_enabled():
             return (t * s).to(t.dtype)  # out of place under autograd
@@ -429,16 +432,16 @@ class RowLoraLinear(torch.nn.Module):
         return torch.mul(t, s, out=torch.empty_like(t))  # no temporary in the promoted dtype
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        route = self.context.active
+        plan = self.context.active
         s_in = s_out = None
-        if route is not None and self.scales:
-            s_in, s_out = self._per_row_scales(route)
+        if plan is not None and self.scales:
+            s_in, s_out = self._per_row_scales(plan)
         out = self.base_layer(x if s_in is None else self._scaled(x, s_in, in_place=False), *args, **kwargs)
         if s_out is not None:
             out = self._scaled(out, s_out, in_place=True)
-        if route is None or not self.entries:
+        if plan is None or not self.entries:
             return out
-        stacks = self._per_row(route)
+        stacks = self._per_row(plan)
         if stacks is None:  # no slot of this batch adapts this layer
             return out
         At, Bt = stacks
@@ -458,7 +461,7 @@ class RowLoraLinear(torch.nn.Module):
         flat = x.dim() == 2  # [B, in], e.g. the LM head on each row's last hidden state
         xs, ys = (x[:, None], out[:, None]) if flat else (x, out)
         if At.shape[0] != xs.shape[0]:
-            raise AdapterLoadError(f"per-row LoRA got {xs.shape[0]} rows but the routed batch has {At.shape[0]}; route the batch that is being run")
+            raise AdapterLoadError(f"per-row LoRA got {xs.shape[0]} rows but the assigned batch has {At.shape[0]}; assign the batch that is being run")
         xa = torch.bmm(xs, At)
         if inplace:
             ys.baddbmm_(xa, Bt)  # no [B, T, out] temporary

@@ -21,7 +21,7 @@ from .backbone import autocast, load_backbone
 from .data import check_lengths, label_words, load_task_data
 from .errors import DataError
 from .evaluate import evaluate_split, label_token_ids
-from .folder import check_base, read_sidecar
+from .folder import check_fingerprint, read_sidecar
 from .heads import loss_items, loss_plan_ids
 from .router.routing import routing_entry
 from .spec import TaskSpec
@@ -182,6 +182,6 @@ def _init_from(spec: TaskSpec, model, bb) -> dict:
     ref = spec.init_from
     _, folder = adapter_ref(ref)
     meta = read_sidecar(folder)
-    check_base(ref, meta["base"]["fingerprint"], bb.fingerprint, "this run trains on", allow=False)
+    check_fingerprint(ref, meta["base"]["fingerprint"], bb.fingerprint, "this run trains on", allow=False)
     init_from(model, folder)
     return {"ref": ref, "folder": str(folder), "task": (meta.get("task") or {}).get("name"), "metrics": meta.get("metrics")}

@@ -179,13 +179,13 @@ def test_layer_scales_each_row_by_its_slot(device):
     ctx.define(2, [("out", 1.0)])
     ctx.define(3, [("in", 1.0), ("out", 0.5)])
     x = torch.randn(4, 3, 6, device=device)
-    with torch.no_grad(), ctx.route([1, 2, 0, 3], device):
+    with torch.no_grad(), ctx.assign([1, 2, 0, 3], device):
         got = layer(x)
     with torch.no_grad():
         want = torch.stack([base(x[0] * l_in), base(x[1]) * l_out, base(x[2]), base(x[3] * l_in) * (1 + 0.5 * (l_out - 1))])
         assert (got - want).abs().max() <= 1e-6
         assert torch.equal(layer(x), base(x))  # not routed: the base layer alone
-    with pytest.raises(AdapterLoadError, match="rows"), ctx.route([1, 2], device):
+    with pytest.raises(AdapterLoadError, match="rows"), ctx.assign([1, 2], device):
         layer(x)
     with pytest.raises(AdapterLoadError, match="does not fit the input"):
         layer.put_scale("bad", torch.ones(5, device=device), on_input=True)
@@ -202,7 +202,7 @@ def test_gradient_reaches_the_rows_own_vector(device):
     for n, v in vecs.items():
         layer.put_scale(n, v, on_input=n == "a")
         ctx.define(ord(n), [(n, 1.0)])
-    with ctx.route([ord("a"), ord("a")], device):
+    with ctx.assign([ord("a"), ord("a")], device):
         layer(torch.randn(2, 3, 4, device=device)).sum().backward()
     assert vecs["a"].grad.abs().sum() > 0 and vecs["b"].grad is None
 

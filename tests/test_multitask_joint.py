@@ -12,14 +12,13 @@ from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.cli import main
 from adapterhub_lite.errors import SpecError
 from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.heads import label_scores, loss_plan, task_loss
-from adapterhub_lite.multitask import joint as joint_mod
 from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
 from adapterhub_lite.multitask.weighting import Equal
 from adapterhub_lite.registry import LocalRegistry
 from adapterhub_lite.router.router import Router
 from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.training.checkpoint import Checkpoint
 
 
 def _spec(name, kind="classification", **extra):
@@ -149,7 +148,7 @@ def test_exported_task_adapter_equals_the_routed_one_under_plain_peft(shared, tm
     bb, specs, model, joint, _ = _joint(shared)
     ids = bb.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True).to(bb.model.device)
     for i, s in enumerate(specs):
-        with torch.no_grad(), joint.route(i):
+        with torch.no_grad(), joint.assign(i):
             want = model(**ids).logits
         save_lora(tmp_path / s.name, joint.export(i), "tiny")
         fresh = load_backbone("tiny-random-llama", "none", dtype="fp32").model

@@ -83,7 +83,7 @@ def test_the_update_is_what_makes_rows_differ(device):
     ctx.define(1, [("one", 1.0)])
     ctx.define(2, [("one", -1.0), ("two", 0.25)])
     x = torch.randn(3, 4, 6, device=device)
-    with torch.no_grad(), ctx.route([2, 0, 1], device):
+    with torch.no_grad(), ctx.assign([2, 0, 1], device):
         got = layer(x)
     want = base(x)
     want[0] += x[0] @ (-0.5 * b1 @ a1 + 0.25 * 2.0 * b2 @ a2).T
@@ -91,7 +91,7 @@ def test_the_update_is_what_makes_rows_differ(device):
     assert (got - want).abs().max() < 1e-5
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))  # not routed: the base layer alone
-    with pytest.raises(AdapterLoadError, match="rows"), ctx.route([1, 2], device):
+    with pytest.raises(AdapterLoadError, match="rows"), ctx.assign([1, 2], device):
         layer(x)
 
 
@@ -104,6 +104,6 @@ def test_gradient_reaches_each_rows_own_entries(device):
         layer.put(n, a, b, 1.0)
         ctx.define(ord(n), [(n, 1.0)])
     x = torch.randn(2, 3, 4, device=device)
-    with ctx.route([ord("a"), ord("a")], device):
+    with ctx.assign([ord("a"), ord("a")], device):
         layer(x).sum().backward()
     assert params["a"][0].grad.abs().sum() > 0 and params["b"][0].grad is None

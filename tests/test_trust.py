@@ -34,7 +34,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(cls
         calls.append(1)
         if len(calls) < 3:
             return plan
-        return Plan(plan.seqs, plan.rows, plan.cols, lambda logp: plan.finish(logp) * float("nan"))
+        return Plan(plan.seqs, plan.rows, plan.cols, lambda logp: plan.reduce(logp) * float("nan"))
 
     monkeypatch.setattr(train_mod, "loss_plan_ids", nan_from_step_3)
     with pytest.raises(ValueError, match=r"loss became non-finite at step 3 \(window mean nan\)") as err:

@@ -25,7 +25,7 @@ from ..backbone import autocast, load_backbone
 from ..data import check_lengths, load_split, load_task_data, to_split
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split, label_token_ids
-from ..folder import atomic_write, check_base, read_sidecar, write_json
+from ..folder import atomic_write, check_fingerprint, read_sidecar, write_json
 from ..heads import task_loss
 from ..router.routing import routing_entry
 from ..rowlora import LoraFactors, RowContext, wrap
@@ -82,13 +82,13 @@ class Composition:
         """(A, B·scale) of a slot at `module` (the composed one: sources concatenated, w folded into B)."""
         return self.layers[module].slot_factors(slot)
 
-    def route(self, slot: int | None):
+    def assign(self, slot: int | None):
         """Context: source `slot` alone (None: the plain backbone)."""
-        return self.context.route(slot, self.device)
+        return self.context.assign(slot, self.device)
 
     def composed(self):
         """Context: the model runs with the weighted composition."""
-        return self.route(self.composed_slot)
+        return self.assign(self.composed_slot)
 
     def export(self) -> dict:
         """The composed factors, for save_lora."""
@@ -102,7 +102,7 @@ def _load_sources(folders: dict[str, Path], bb, allow_base_mismatch: bool = Fals
         if meta["method"] != "lora":
             problems.append(f"{name} is a {meta['method']} adapter")
             continue
-        check_base(name, meta["base"]["fingerprint"], bb.fingerprint, "compose-fit uses", allow=allow_base_mismatch)
+        check_fingerprint(name, meta["base"]["fingerprint"], bb.fingerprint, "compose-fit uses", allow=allow_base_mismatch)
         out[name] = read_lora(folder)
     if problems:
         raise ComposeError(f"only LoRA adapters can be composed: {'; '.join(problems)}")
@@ -167,8 +167,8 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
               "weights": dict(zip(comp.names, [round(w, 5) for w in weights.tolist()])), "fit_seconds": round(fit_seconds, 1),
               "dev_rows": min(eval_rows or len(dev), len(dev)), "composed": dev_score(comp.composed())}
     if baselines:
-        report["base"] = dev_score(comp.route(None))  # the layers idle: the plain backbone
-        report["sources"] = {n: dev_score(comp.route(i)) for i, n in enumerate(comp.names)}
+        report["base"] = dev_score(comp.assign(None))  # the layers idle: the plain backbone
+        report["sources"] = {n: dev_score(comp.assign(i)) for i, n in enumerate(comp.names)}
         best = max(report["sources"], key=lambda n: report["sources"][n][primary])
         report["best_single"] = {"adapter": best, **report["sources"][best]}
         report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)

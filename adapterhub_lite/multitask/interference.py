@@ -26,7 +26,7 @@ from ..backbone import load_backbone
 from ..data import load_task_data
 from ..errors import AdapterHubError
 from ..evaluate import evaluate_split
-from ..folder import check_base, pyplot, read_sidecar, save_figure, write_json
+from ..folder import check_fingerprint, pyplot, read_sidecar, save_figure, write_json
 from ..router.merge import DENSITY_METHODS, add_merged, check_merge
 from ..spec import spec_from_dict
 
@@ -66,7 +66,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     first = next(iter(metas.values()))
     bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     for n, m in metas.items():
-        check_base(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
+        check_fingerprint(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
     model = PeftModel.from_pretrained(bb.model, singles[names[0]], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(singles[n], adapter_name=n)
@@ -76,7 +76,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
         for t, f in tasks.items():
-            check_base(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
+            check_fingerprint(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
             model.load_adapter(f, adapter_name=f"{run}/{t}")
         columns.append(run)
     model.eval()

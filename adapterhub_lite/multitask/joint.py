@@ -136,9 +136,9 @@ class JointLora:
             m.base_layer = row
             self.rows[name] = row
 
-    def route(self, tasks: list[int] | int | None):
+    def assign(self, tasks: list[int] | int | None):
         """Context: row i through task tasks[i]'s adapter (an int: every row; None: the plain base)."""
-        return self.context.route(tasks, self.device)
+        return self.context.assign(tasks, self.device)
 
     def factors(self, module: str, task: int):
         """(A, B·scale) of task `task` at `module`: its own factors after the shared ones."""
@@ -252,7 +252,7 @@ class Joint(Recipe):
     def evaluate(self, limit):
         scores = {}
         for i, s in enumerate(self.specs):
-            with self.joint.route(i):
+            with self.joint.assign(i):
                 metrics, _, seconds = evaluate_split(self.model, self.bb.tokenizer, s, self.data[s.name]["dev"], limit=limit)
             scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
             self.latency[s.name] = round(1000 * seconds / min(limit or len(self.data[s.name]["dev"]), len(self.data[s.name]["dev"])), 2)
@@ -367,11 +367,11 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], s
     for bucket in buckets:
         local = {seq: k for k, seq in enumerate(bucket)}
         picks = [j for seq in bucket for j in picks_of.get(seq, [])]
-        with joint.route([owner[seq] for seq in bucket]):
+        with joint.assign([owner[seq] for seq in bucket]):
             parts.append(logprobs_at(model, pad_id, [seqs[seq] for seq in bucket], [local[rows[j]] for j in picks], [cols[j] for j in picks], call))
         where += picks
     logp = torch.cat(parts)[torch.argsort(torch.tensor(where, device=device))]  # back to the plans' order
-    return {task: plan.finish(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
+    return {task: plan.reduce(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
 
 
 def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: JointLora, final: dict, history, state, command) -> None:

@@ -251,18 +251,18 @@ class AdapterBank:
         slots = [e.slot if e else _BASE_SLOT for e in entries]
         return _Batch(embeds, mask, positions, cache, slots, prompt, lengths)
 
-    def _routed(self, slots: list[int] | None):
-        # The per-row layers act only while a batch is routed, so the backbone called by anyone else
+    def _assigned(self, slots: list[int] | None):
+        # The per-row layers act only while a batch is assigned slots, so the backbone called by anyone else
         # is the plain backbone. The routing (one index tensor) is computed here once per batch.
-        return self.context.route(slots, self.device)
+        return self.context.assign(slots, self.device)
 
     def _plan(self, slots: list[int]):
         return self.context.plan(slots, self.device)
 
     def base_only(self):
         """Context in which calling `model` directly gives the plain backbone (as anywhere outside
-        forward/generate; this makes it explicit and holds even inside a routed call)."""
-        return self._routed(None)
+        forward/generate; this makes it explicit and holds even inside an assigned call)."""
+        return self._assigned(None)
 
     def _run(self, embeds, mask, positions, cache) -> torch.Tensor:
         # transformers renamed the decoder's `past_key_values` argument to `cache` (5.x deprecates the
@@ -291,10 +291,10 @@ class AdapterBank:
             rows += [i] * len(pos)
             cols += [batch.starts[i] + p % len(row) for p in pos]
             counts.append(len(pos))
-        with self._routed(batch.slots):
+        with self._assigned(batch.slots):
             hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache)
         picked = hidden[torch.tensor(rows, dtype=torch.long, device=self.device), torch.tensor(cols, dtype=torch.long, device=self.device)]
-        with self._routed([batch.slots[i] for i in rows]):  # a LoRA on the LM head applies per picked position
+        with self._assigned([batch.slots[i] for i in rows]):  # a LoRA on the LM head applies per picked position
             logits = head_logits(self.model, picked)  # the model's own post-processing (soft-capping, scaling) included
         return list(logits.split(counts))
 

@@ -25,7 +25,7 @@ from peft import PeftModel
 from ..backbone import Backbone, load_backbone
 from ..data import load_task_data, readable, render, request_row
 from ..errors import AdapterLoadError, DataError
-from ..folder import check_base, check_fits, read_sidecar
+from ..folder import check_fingerprint, check_fits, read_sidecar
 from ..heads import keep_end, label_plan_ids, label_token_ids
 from ..registries import open_registry
 from ..registry import check_if_registered
@@ -81,7 +81,7 @@ class Router:
             check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
         folder = Path(folder)
         meta = read_sidecar(folder)
-        check_base(name, meta["base"]["fingerprint"], self.bb.fingerprint, "the router serves", self.allow_base_mismatch)
+        check_fingerprint(name, meta["base"]["fingerprint"], self.bb.fingerprint, "the router serves", self.allow_base_mismatch)
         self.folders[name], self.metas[name] = folder, meta
         self._content = None
 
@@ -279,7 +279,7 @@ class Router:
             plans.append(plan)
         logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
         # rows of different tasks have different label counts: flatten them for the one host sync of the batch, split back here
-        probs = [plan.finish(part).softmax(-1)[0] for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]
+        probs = [plan.reduce(part).softmax(-1)[0] for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]
         flat, out = torch.cat(probs).tolist(), []
         for p in probs:
             row, flat = flat[: len(p)], flat[len(p) :]
