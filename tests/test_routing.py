@@ -48,6 +48,38 @@ def test_classes_count_equally_whatever_their_sample_sizes():
     assert router.route(torch.tensor([[0.3, 0.0]]))[0][0] == "b"
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_fit_minimises_the_documented_objective(k):
+    """ContentRouter's C stands for `mean class-weighted CE + l2 * ||W||^2` on standardised features: its solution
+    scores (under that objective, computed here directly) what a direct minimisation of it scores."""
+    g = torch.Generator().manual_seed(k)
+    samples = {f"c{i}": torch.randn(20 + 15 * i, 6, generator=g) + torch.randn(6, generator=g) for i in range(k)}  # unequal counts
+    x = torch.cat(list(samples.values())).double()
+    y = torch.cat([torch.full((len(v),), i) for i, v in enumerate(samples.values())])
+    z, weight, l2 = (x - x.mean(0)) / x.std(0, correction=0), len(y) / (k * torch.bincount(y).double()), 1e-2
+
+    def objective(w, b):
+        return torch.nn.functional.cross_entropy(z @ w + b, y, weight=weight) + l2 * w.square().sum()
+
+    w, b = torch.zeros(6, k, dtype=torch.double, requires_grad=True), torch.zeros(k, dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-15)
+    opt.step(lambda: (opt.zero_grad(), objective(w, b).backward(), objective(w, b))[-1])
+    fitted = ContentRouter(samples, l2=l2).model[-1]
+    coef, bias = torch.tensor(fitted.coef_).double().T, torch.tensor(fitted.intercept_).double()
+    if k == 2:  # sklearn's binary form holds the logit difference d; the K-vector form is (-d/2, d/2)
+        coef, bias = torch.cat([-coef / 2, coef / 2], 1), torch.cat([-bias / 2, bias / 2])
+    assert objective(coef, bias).item() == pytest.approx(objective(w, b).item(), rel=1e-3)
+
+
+def test_one_adapter_takes_every_request_and_an_empty_sample_is_refused():
+    router = ContentRouter({"only": torch.randn(5, 4)}, threshold=0.9)
+    assert router.route(torch.randn(3, 4)) == [("only", 1.0)] * 3
+    with pytest.raises(RoutingError, match=r"non-empty \[N, dim\] tensors of one dim, got shapes .*'b': \(0, 4\)"):
+        ContentRouter({"a": torch.randn(5, 4), "b": torch.zeros(0, 4)})
+    with pytest.raises(RoutingError, match="of one dim"):
+        ContentRouter({"a": torch.randn(5, 4), "b": torch.randn(5, 3)})
+
+
 def test_no_routing_data_is_a_clear_error():
     with pytest.raises(RoutingError, match="no adapter has usable routing data") as err:
         ContentRouter({})

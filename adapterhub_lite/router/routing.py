@@ -4,8 +4,8 @@ Each adapter carries a sample of its training inputs as the base model sees them
 beside its PEFT files holds one embedding per input (mean-pooled and last-token hidden states of a
 middle and the last layer, each L2-normalised, concatenated), and the sidecar's `routing` record
 names the file and the embedding. The router fits a small L2-regularised multinomial logistic
-regression over the samples of every adapter it knows (again whenever that set changes: about a
-second) and sends a request to the most probable adapter, or to the base model when that
+regression (scikit-learn) over the samples of every adapter it knows (again whenever that set changes:
+seconds) and sends a request to the most probable adapter, or to the base model when that
 probability is below the threshold. The data lives with each adapter, so adapters can be added or
 removed without refitting anything offline.
 """
@@ -14,13 +14,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from ..data import load_split
 from ..errors import AdapterHubError
-from ..folder import SIDECAR, atomic_write, read_sidecar, write_json
+from ..folder import atomic_write
+from ..sidecar import Sidecar
 from ..spec import TaskSpec, spec_from_dict
 
 BASE = "base"
@@ -94,10 +99,10 @@ def routing_entry(model, tokenizer, spec: TaskSpec, folder: str | Path, samples:
 def add_routing(folder: str | Path, model, tokenizer, **kwargs) -> dict:
     """(Re)fit the routing data of an existing adapter folder: its routing file and sidecar record."""
     folder = Path(folder)
-    meta = read_sidecar(folder)
-    meta["routing"] = routing_entry(model, tokenizer, spec_from_dict(meta["task"]), folder, **kwargs)
-    write_json(folder / SIDECAR, meta)
-    return meta["routing"]
+    meta = Sidecar.load(folder)
+    meta.routing = routing_entry(model, tokenizer, spec_from_dict(meta.task), folder, **kwargs)
+    meta.save(folder)
+    return meta.routing
 
 
 def load_routing(folder: str | Path, meta: dict, embedding: dict) -> torch.Tensor:
@@ -131,44 +136,48 @@ def load_routing(folder: str | Path, meta: dict, embedding: dict) -> torch.Tenso
 class ContentRouter:
     """Multinomial logistic regression over adapters' routing samples, with a base fallback.
 
-    Features are standardised with the pooled samples' mean and spread, classes are weighted
-    equally whatever their sample counts, and the weights carry an L2 penalty `l2`. It lives on
-    the host: a few thousand samples of a few thousand features fit in about a second there, and
-    requests are moved to it whatever device embedded them.
+    scikit-learn's `StandardScaler` + `LogisticRegression` (lbfgs): features are standardised with the
+    pooled samples' mean and spread, classes are weighted equally whatever their sample counts
+    (`class_weight="balanced"`), and the weights carry an L2 penalty `l2` (see `_c`). It lives on
+    the host, in numpy: a few thousand samples of a few thousand features fit in seconds there,
+    requests are moved to it whatever device embedded them, and a caller serving under
+    `torch.inference_mode` needs nothing special (no autograd is involved).
     """
 
-    def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 100):
+    def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 1000):
         if not samples:
             raise RoutingError("no adapter has usable routing data; train adapters with this package or run add_routing on their folders")
         self.names, self.threshold = list(samples), threshold
-        # Callers may serve under no_grad or inference_mode (Router.run); the fit needs autograd,
-        # and tensors made here outside inference mode are ordinary ones it can save for backward.
-        with torch.inference_mode(False), torch.enable_grad():
-            self._fit(samples, l2, max_iter)
+        shapes = {n: tuple(v.shape) for n, v in samples.items()}
+        dims = {s[1] for s in shapes.values() if len(s) == 2}
+        bad = [n for n, s in shapes.items() if len(s) != 2 or not s[0]]
+        if bad or len(dims) != 1:
+            raise RoutingError(f"routing samples must be non-empty [N, dim] tensors of one dim, got shapes {shapes}; refit them with add_routing")
+        x = np.concatenate([samples[n].detach().cpu().float().numpy() for n in self.names])
+        y = np.concatenate([np.full(len(samples[n]), i) for i, n in enumerate(self.names)])
+        self.model = None  # one adapter: nothing to tell apart, its probability is 1
+        if len(self.names) > 1:
+            self.model = make_pipeline(StandardScaler(), LogisticRegression(C=self._c(l2, len(x), len(self.names)), class_weight="balanced", max_iter=max_iter))
+            self.model.fit(x, y)
 
-    def _fit(self, samples: dict[str, torch.Tensor], l2: float, max_iter: int) -> None:
-        x = torch.cat([samples[n].detach().float().cpu() for n in self.names])
-        y = torch.cat([torch.full((len(samples[n]),), i) for i, n in enumerate(self.names)])
-        self.mean, self.std = x.mean(0), x.std(0).nan_to_num(1.0).clamp_min(1e-6)
-        z = (x - self.mean) / self.std
-        k = len(self.names)
-        weight = len(y) / (k * torch.bincount(y, minlength=k).float())
-        self.w = torch.zeros(z.shape[1], k, requires_grad=True)
-        self.b = torch.zeros(k, requires_grad=True)
-        opt = torch.optim.LBFGS([self.w, self.b], max_iter=max_iter, line_search_fn="strong_wolfe")
+    @staticmethod
+    def _c(l2: float, n: int, k: int) -> float:
+        """scikit-learn's C for the objective `mean class-weighted CE + l2 * ||W||^2` over n samples and k classes.
 
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(z @ self.w + self.b, y, weight=weight) + l2 * self.w.square().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.w, self.b = self.w.detach(), self.b.detach()
+        sklearn minimises 0.5 ||W||^2 + C * sum_i s_i CE_i; with balanced weights s_i sum to n, so the
+        mean weighted CE is (1/n) sum_i s_i CE_i and dividing the objective by 2 * l2 gives C = 1 / (2 * l2 * n)
+        (0.26 for 5 tasks x 384 samples at l2 = 1e-3). For two classes sklearn fits one weight vector d (the
+        logit difference) where the K-vector form has w and -w: l2 * 2 ||w||^2 = l2 / 2 * ||d||^2, so C doubles.
+        """
+        return (2.0 if k == 2 else 1.0) / (2 * l2 * n)
 
     def probs(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Probability of each adapter for each embedded request: [N, adapters]."""
-        return (((vectors.detach().float().cpu() - self.mean) / self.std) @ self.w + self.b).softmax(-1)
+        """Probability of each adapter for each embedded request: [N, adapters] (float32, on the host)."""
+        x = vectors.detach().cpu().float().numpy()
+        if self.model is None:
+            return torch.ones(len(x), 1)
+        # classes_ are 0..k-1 in order (every adapter has samples), so the columns follow self.names
+        return torch.from_numpy(self.model.predict_proba(x)).float()
 
     def route(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
         """(adapter name or "base", confidence) for each embedded request."""

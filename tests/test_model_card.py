@@ -1,0 +1,30 @@
+"""The adapter's README.md: huggingface_hub's ModelCard metadata (what the Hub indexes) over the usage and results body."""
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from adapterhub_lite.folder import atomic_write, model_card
+
+ADAPTERS = Path(__file__).parent.parent / "adapters"
+
+
+@pytest.mark.parametrize("name", ["sst2", "person_json"])  # a classification and a generation adapter
+def test_the_card_parses_back_with_its_eval_results_and_base_model(tmp_path, name):
+    meta = json.loads((ADAPTERS / name / "1.1.0" / "adapterhub.json").read_text())
+    atomic_write(tmp_path / "README.md", model_card(meta))
+    card = ModelCard.load(tmp_path / "README.md")  # a local path: no Hub call
+    data = card.data
+    assert data.library_name == "peft" and data.base_model == meta["base"]["hub_id"]
+    assert data.tags == ["adapterhub_lite", meta["task"]["method"], meta["task"]["type"], name]
+    assert data.model_name == f"{name}-{meta['task']['method']}"
+    results = {(r.metric_type, r.metric_value) for r in data.eval_results}
+    assert results == {(m, meta["metrics"][m]) for m in meta["task"]["metric"]} and all(r.dataset_split == "dev" for r in data.eval_results)
+    assert {r.task_type for r in data.eval_results} == {"text-classification" if name == "sst2" else "text-generation"}
+    # the header says what the published, hand-built one said (that card stays as published: the registry hashes it)
+    assert data.to_dict() == ModelCard((ADAPTERS / name / "1.1.0" / "README.md").read_text()).data.to_dict()
+    for m in meta["task"]["metric"]:
+        assert f"| {m} | {meta['metrics'][m]} |" in card.text
+    assert 'PeftModel.from_pretrained(base, "path/to/this/folder")' in card.text and card.text.startswith(f"\n# {name} — ")
