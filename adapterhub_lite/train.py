@@ -23,7 +23,7 @@ from .errors import DataError
 from .evaluate import evaluate_split, label_token_ids
 from .folder import check_fingerprint, read_sidecar
 from .heads import loss_items, loss_plan_ids
-from .router.routing import routing_entry
+from .samples import routing_entry
 from .spec import TaskSpec
 from .training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save
 from .training.loop import LoopConfig, Recipe, StepLoss, fit

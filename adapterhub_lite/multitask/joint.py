@@ -34,8 +34,8 @@ from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_items, loss_plan_ids
-from ..router.routing import routing_entry
 from ..rowlora import RowContext, RowLoraLinear, check_lora_config
+from ..samples import routing_entry
 from ..sidecar import base_record, build
 from ..spec import TaskSpec
 from ..training.loop import LoopConfig, Recipe, StepLoss, fit
