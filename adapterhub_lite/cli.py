@@ -206,7 +206,8 @@ def _info(args) -> int:
 def _pull(args) -> int:
     from .registries import open_registry
 
-    print(open_registry(args.registry).pull(args.ref, args.to))
+    folder = open_registry(args.registry).pull(args.ref, args.to)
+    print(json.dumps({"folder": str(folder)}) if args.json else folder)
     return 0
 
 
@@ -214,6 +215,9 @@ def _verify(args) -> int:
     from .registries import open_registry
 
     problems = open_registry(args.registry).verify(args.name)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}))
+        return 1 if problems else 0
     for p in problems:
         print(f"FAIL {p}")
     print(f"verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
@@ -330,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_verify)
     for name in ("publish", "list", "info", "pull", "verify"):
         sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+    for name in ("info", "pull", "verify"):  # list has its own; info always prints JSON, the flag is taken for uniformity
+        sub.choices[name].add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser("infer", help="serve a JSONL file of requests, each naming its adapter (or base / auto)")
     p.add_argument("--input", required=True, help='JSONL requests: {"adapter": "sst2" | "base" | "auto", "text": …}')
     p.add_argument("--output", help="JSONL answers (default: stdout)")

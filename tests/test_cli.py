@@ -115,3 +115,16 @@ def test_wrong_backbone_is_refused_with_both_fingerprints(capsys, cls_task):
 def test_spec_yaml_is_the_documented_shape(cls_task):
     spec = yaml.safe_load((cls_task / "toy.yaml").read_text())
     assert {"name", "type", "data", "prompt", "label", "labels", "metric", "method", "train", "base", "quantization"} <= set(spec)
+
+
+def test_every_registry_command_that_reads_can_print_json(tmp_path, capsys):
+    """One grammar: --json on list, info, verify and pull gives one JSON object (or list) on stdout."""
+    import shutil as sh
+
+    from adapterhub_lite.cli import main
+
+    reg = tmp_path / "reg"
+    sh.copytree("adapters", reg)
+    for argv in (["list"], ["info", "sst2"], ["verify"], ["pull", "sst2", "--to", str(tmp_path / "out")]):
+        assert main([*argv, "--registry", str(reg), "--json"]) == 0, argv
+        json.loads(capsys.readouterr().out)
