@@ -14,6 +14,7 @@ the `Recipe` passed in.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..folder import nonfinite_tensors
+from ..folder import nonfinite_tensors, write_jsonl
 from .checkpoint import Checkpoint
 from .parallel import Parallel
 from .progress import RunState, TrainingError, check_resume
@@ -105,8 +106,6 @@ class LoopResult:
 def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool = False, progress: bool = True,
         fused: bool = False, scaler: torch.amp.GradScaler | None = None) -> LoopResult:
     """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end."""
-    from ..folder import write_jsonl
-
     groups = recipe.param_groups()
     extra = recipe.extra_params()
     params = [p for g in groups for p in g["params"]]
@@ -140,7 +139,6 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
         state.history.append(row)
         if parallel.main:
             with open(work / "metrics.jsonl", "a") as fh:  # append-only log for `tail -f`; rewritten on resume
-                import json
                 fh.write(json.dumps(row) + "\n")
 
     def checkpoint() -> None:
