@@ -13,7 +13,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTun
 from safetensors.torch import load_file, save_file
 
 from .errors import AdapterLoadError, AdapterMethodError
-from .rowlora import LoraFactors
+from .rowconfig import LoraFactors
 
 _CONFIGS = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "ia3": IA3Config}
 _DEFAULTS = {

@@ -122,8 +122,8 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    from .data import check_lengths, render, request_row
-    from .evaluate import predict, readable
+    from .data import check_lengths, readable, render, request_row
+    from .evaluate import predict
     from .folder import load_adapter
 
     if (args.text is None) == (args.input is None):

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .data import Split, label_words, readable  # noqa: F401 - readable is part of this module's API too
+from .data import Split, label_words
 from .heads import generate_ids, label_plan_ids, label_token_ids
 from .metrics import classification_metrics, generation_metrics
 from .spec import TaskSpec

@@ -207,7 +207,7 @@ def loss_plan_ids(prompt_ids: list[list[int]], answers: list, max_length: int, l
         gold = torch.tensor(answers, dtype=torch.long)
         return Plan(scores.seqs, scores.rows, scores.cols,
                     lambda logp: F.cross_entropy(s := scores.reduce(logp), to_device(gold, s.device), reduction=reduction), len(answers))
-    conts = [(list(a) + [eos_id])[: max_length - 1] for a in answers]
+    conts = [_target(a, eos_id, max_length) for a in answers]
     ids = [keep_end(p, max_length - len(c)) for p, c in zip(prompt_ids, conts)]
     lp = continuation_plan(ids, conts)
     n_tokens = sum(len(c) for c in conts)
@@ -221,7 +221,12 @@ def loss_items(answers: list, max_length: int, label_tokens=None) -> int:
     global batch, which every process knows."""
     if label_tokens is not None:
         return len(answers)
-    return sum(len((list(a) + [0])[: max_length - 1]) for a in answers)
+    return sum(len(_target(a, 0, max_length)) for a in answers)
+
+
+def _target(answer: list[int], eos_id: int, max_length: int) -> list[int]:
+    """The tokens a generation row's loss is taken on: the answer + EOS, cut to leave one prompt token."""
+    return (list(answer) + [eos_id])[: max_length - 1]
 
 
 def loss_plan(tokenizer, prompts: list[str], answers: list, max_length: int, label_tokens=None) -> Plan:

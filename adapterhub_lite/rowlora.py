@@ -37,15 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AdapterLoadError
-from .rowconfig import (  # noqa: F401 - what the layer accepts, re-exported with it
-    IMPLEMENTED,
-    LoraFactors,
-    check_ia3_config,
-    check_lora_config,
-    ia3_vectors,
-    lora_scale,
-    unsupported_lora_fields,
-)
 
 
 @dataclass

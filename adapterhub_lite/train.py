@@ -9,6 +9,7 @@ checkpoint. Under torchrun / accelerate launch the same function trains data-par
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ class SingleTask(Recipe):
                              self.label_tokens, tok.eos_token_id, reduction="sum")
         with autocast(self.bb):  # forward only: backward runs each op in the dtype its forward used
             loss = plan.run(self.model, tok.pad_token_id, call=call) * (parallel.world / count)
-        return StepLoss(loss, sum(self.lengths[i] for i in mine), {"loss": loss.detach()})
+        return StepLoss(loss, sum(self.lengths[i] for i in rows), {"loss": loss.detach()})
 
     def evaluate(self, limit):
         metrics, _, _ = evaluate_split(self.model, self.bb.tokenizer, self.spec, self.data["dev"], limit=limit)
@@ -135,7 +136,8 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
 def _write_folder(spec, model, bb, data, state, stopped_by, work: Path, output: Path, command, source, parallel) -> None:
     tok, dev = bb.tokenizer, data["dev"]
     metrics, _, eval_seconds = evaluate_split(model, tok, spec, dev)
-    print(f"final dev ({len(dev)} rows, best step {state.best_step}): " + json_line(metrics), file=sys.stderr)
+    shown = {k: v for k, v in metrics.items() if k != "per_class"}
+    print(f"final dev ({len(dev)} rows, best step {state.best_step}): {json.dumps(shown)}", file=sys.stderr)
     final = work / "adapter"
     shutil.rmtree(final, ignore_errors=True)
     # base_model_name_or_path stays the hub id: peft (AutoPeftModel, the Hub) resolves the base by
@@ -167,12 +169,6 @@ def _write_folder(spec, model, bb, data, state, stopped_by, work: Path, output: 
         finish_folder(final, meta, state.history, spec.primary_metric)
         publish_folder(final, output)
     shutil.rmtree(work, ignore_errors=True)
-
-
-def json_line(metrics: dict) -> str:
-    import json
-
-    return json.dumps({k: v for k, v in metrics.items() if k != "per_class"})
 
 
 def _init_from(spec: TaskSpec, model, bb) -> dict:

@@ -12,7 +12,8 @@ import json
 import time
 
 from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.router.routing import ContentRouter, embed, embedding_spec, routing_accuracy, task_texts
+from adapterhub_lite.router.routing import ContentRouter, routing_accuracy
+from adapterhub_lite.samples import embed, embedding_spec, task_texts
 from adapterhub_lite.spec import load_spec
 
 

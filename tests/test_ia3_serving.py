@@ -13,7 +13,8 @@ from adapterhub_lite.errors import AdapterLoadError
 from adapterhub_lite.folder import check_fits
 from adapterhub_lite.router.batch import AdapterBank
 from adapterhub_lite.router.router import Router
-from adapterhub_lite.rowlora import RowContext, RowLoraLinear, check_ia3_config
+from adapterhub_lite.rowconfig import check_ia3_config
+from adapterhub_lite.rowlora import RowContext, RowLoraLinear
 
 from .conftest import train_tiny
 from .test_router import alone

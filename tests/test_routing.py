@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.folder import read_sidecar
-from adapterhub_lite.router.routing import ROUTING_FILE, ContentRouter, RoutingError, add_routing, embed, embedding_spec, load_routing
+from adapterhub_lite.router.routing import ContentRouter
+from adapterhub_lite.samples import ROUTING_FILE, RoutingError, add_routing, embed, embedding_spec, load_routing
 from adapterhub_lite.spec import spec_from_dict
 from adapterhub_lite.train import train
 

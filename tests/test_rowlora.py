@@ -7,7 +7,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from adapterhub_lite.backbone import load_backbone
 from adapterhub_lite.errors import AdapterLoadError
 from adapterhub_lite.router.batch import AdapterBank
-from adapterhub_lite.rowlora import RowContext, RowLoraLinear, check_lora_config, unsupported_lora_fields, wrap
+from adapterhub_lite.rowconfig import check_lora_config, unsupported_lora_fields
+from adapterhub_lite.rowlora import RowContext, RowLoraLinear, wrap
 
 TINY = "tiny-random-llama"
 

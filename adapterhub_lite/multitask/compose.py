@@ -27,7 +27,8 @@ from ..errors import AdapterHubError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import atomic_write, check_fingerprint, read_sidecar, write_json
 from ..heads import task_loss
-from ..rowlora import LoraFactors, RowContext, wrap
+from ..rowconfig import LoraFactors
+from ..rowlora import RowContext, wrap
 from ..samples import routing_entry
 from ..spec import TaskSpec
 from ..train import adapter_meta, finish_folder, peak_memory_mb, prepare_output, publish_folder, train

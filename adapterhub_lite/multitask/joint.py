@@ -34,7 +34,8 @@ from ..errors import SpecError
 from ..evaluate import evaluate_split, label_token_ids
 from ..folder import pyplot, save_figure, write_json, write_jsonl
 from ..heads import Plan, logprobs_at, loss_items, loss_plan_ids
-from ..rowlora import RowContext, RowLoraLinear, check_lora_config
+from ..rowconfig import check_lora_config
+from ..rowlora import RowContext, RowLoraLinear
 from ..samples import routing_entry
 from ..sidecar import base_record, build
 from ..spec import TaskSpec
@@ -199,6 +200,9 @@ class Joint(Recipe):
         self.answers = {s.name: data[s.name]["train"].answers if self.labels[s.name] is not None else data[s.name]["train"].answer_ids(tok)
                         for s in specs}
         self.identity = joint_identity(specs, cfg, data, processes)
+        # Tokens a row is read as (prompt, + target for generation): every process counts the global batch's.
+        self.tokens = {n: [len(p) + (0 if self.labels[n] is not None else len(a)) for p, a in zip(self.prompt_ids[n], self.answers[n])]
+                       for n in self.names}
         self.latency: dict[str, float] = {}
 
     def param_groups(self) -> list[dict]:
@@ -247,17 +251,22 @@ class Joint(Recipe):
         logs = {"loss": total.detach(), **{f"loss/{n}": v.detach() for n, v in losses.items()},
                 **{f"weight/{n}": torch.tensor(w, device=zero.device) for n, w in used.items()},
                 **{f"rows/{n}": torch.tensor(float(draws.count(n)), device=zero.device) for n in self.names}}
-        return StepLoss(total, sum(len(q) for p in plans.values() for q in p.seqs), logs)
+        return StepLoss(total, sum(self.tokens[self.names[t]][r] for t, r in pairs), logs)
 
-    def evaluate(self, limit):
+    def scores(self, limit: int | None) -> dict[str, dict]:
+        """Each task's dev metrics through its own adapter (and the latency per example, kept for the sidecars)."""
         scores = {}
         for i, s in enumerate(self.specs):
+            dev = self.data[s.name]["dev"]
             with self.joint.assign(i):
-                metrics, _, seconds = evaluate_split(self.model, self.bb.tokenizer, s, self.data[s.name]["dev"], limit=limit)
+                metrics, _, seconds = evaluate_split(self.model, self.bb.tokenizer, s, dev, limit=limit)
             scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
-            self.latency[s.name] = round(1000 * seconds / min(limit or len(self.data[s.name]["dev"]), len(self.data[s.name]["dev"])), 2)
+            self.latency[s.name] = round(1000 * seconds / min(limit or len(dev), len(dev)), 2)
+        return scores
+
+    def evaluate(self, limit):
+        scores = self.scores(limit)
         mean = sum(scores[s.name][s.primary_metric] for s in self.specs) / len(self.specs)  # keep the best mean, not the last
-        self.last_scores = scores
         return mean, {**{f"dev/{n}/{k}": v for n, m in scores.items() for k, v in m.items()}, "dev/mean": round(mean, 4)}
 
     def observe(self, row: dict) -> None:
@@ -322,8 +331,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
                       eval_samples=cfg.eval_samples, checkpoint_every=cfg.eval_every, log_every=cfg.log_every, max_minutes=cfg.max_minutes)
     result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=bb.device.type == "cuda")
     if parallel.main:
-        recipe.evaluate(None)  # every dev row, with the best weights
-        final = recipe.last_scores
+        final = recipe.scores(None)  # every dev row, with the best weights
         st = result.state
         state = {"device": str(bb.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
                  "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,

@@ -33,7 +33,8 @@ from transformers.cache_utils import DynamicLayer
 
 from ..errors import AdapterHubError, AdapterLoadError
 from ..heads import head_logits
-from ..rowlora import LoraFactors, RowContext, RowLoraLinear, ia3_vectors, unwrap, wrap
+from ..rowconfig import LoraFactors, ia3_vectors
+from ..rowlora import RowContext, RowLoraLinear, unwrap, wrap
 
 _BASE_SLOT = 0  # the plain backbone: a slot with no entries
 

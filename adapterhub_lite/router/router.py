@@ -29,10 +29,11 @@ from ..folder import check_fingerprint, check_fits, read_sidecar
 from ..heads import keep_end, label_plan_ids, label_token_ids
 from ..registries import open_registry
 from ..registry import check_if_registered
+from ..samples import RoutingError, embed, embedding_spec, load_routing
 from ..spec import TaskSpec, spec_from_dict
 from .batch import AdapterBank
 from .merge import fold_into_base, merge_adapters
-from .routing import BASE, ContentRouter, RoutingError, embed, embedding_spec, load_routing
+from .routing import BASE, ContentRouter
 
 
 class Router:

@@ -18,19 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..samples import (  # noqa: F401 - the routing samples' API, re-exported where routing is used
-    MAX_LENGTH,
-    POOLING,
-    ROUTING_FILE,
-    RoutingError,
-    add_routing,
-    embed,
-    embedding_spec,
-    load_routing,
-    routing_entry,
-    routing_text,
-    task_texts,
-)
+from ..samples import RoutingError, embed, task_texts
 from ..spec import TaskSpec
 
 BASE = "base"

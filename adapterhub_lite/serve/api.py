@@ -262,9 +262,10 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, finish: str | None, logprobs=None, usage=None) -> str:
+        def chunk(delta: str | None, finish: str | None, logprobs=None, usage=None, first: bool = False) -> str:
             if chat:
-                choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish, "logprobs": logprobs}
+                said = {"role": "assistant", "content": ""} if first else {} if delta is None else {"content": delta}
+                choice = {"index": 0, "delta": said, "finish_reason": finish, "logprobs": logprobs}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
             out = {"id": rid, "object": kind, "created": created, "model": model, "choices": [] if usage else [choice]}
@@ -274,7 +275,7 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
 
         try:
             if chat:
-                yield chunk(None, None).replace('"delta": {}', '"delta": {"role": "assistant", "content": ""}')
+                yield chunk(None, None, first=True)  # OpenAI's first chat chunk names the role
             async with asyncio.timeout(settings.request_timeout + 5):
                 while True:
                     ev, payload = await events.get()

@@ -41,8 +41,8 @@ class Catalogue:
         bb = self.router.bb
         ids = []
         if self.router.registry is not None:
-            for name, versions in sorted(self.router.registry.index()["adapters"].items()):
-                ids += [name] + [f"{name}@{v}" for v in sorted(versions, key=lambda v: tuple(int(x) for x in v.split(".")))]
+            for row in self.router.registry.rows():  # by name, then version
+                ids += [row["name"], f"{row['name']}@{row['version']}"]
         ids += sorted(self.runtime) + [BASE, AUTO]
         return [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": bb.hub_id, "parent": bb.name}
                 for i in dict.fromkeys(ids)]

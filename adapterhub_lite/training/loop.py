@@ -52,7 +52,7 @@ class StepLoss:
     """One micro-batch's result on this process."""
 
     loss: torch.Tensor  # what to backward: this process's share, scaled so that DDP's average is the global batch's mean
-    tokens: int  # tokens this process read
+    tokens: int  # tokens the global micro-batch read (every process knows the global rows: no collective)
     logs: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step values (local shares; averaged over processes)
 
 
@@ -177,14 +177,13 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
         for p in extra:  # parameters DDP does not hold: average their gradients here
             if p.grad is not None:
                 p.grad = parallel.mean(p.grad)
-        # One collective for every logged value and the token count: the global batch's numbers.
+        # The global batch's logged values: one collective for all of them (none when alone).
         keys = sorted(step_logs)
-        packed = parallel.mean(torch.stack([step_logs[k] for k in keys] + [torch.tensor(float(tokens), device=device)]))
-        tokens = round(float(packed[-1]) * parallel.world) if parallel.world > 1 else tokens
-        for k, v in zip(keys, packed[:-1]):
+        values = parallel.mean(torch.stack([step_logs[k] for k in keys])) if parallel.world > 1 else [step_logs[k] for k in keys]
+        for k, v in zip(keys, values):
             window[k] = window.get(k, 0) + v
         if "loss" in step_logs:
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(packed[keys.index("loss")]), state.step + 1, first_bad)
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(values[keys.index("loss")]), state.step + 1, first_bad)
         scaler.unscale_(raw_opt)  # clip the true gradients (no-op unless fp16)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         scaler.step(raw_opt)
