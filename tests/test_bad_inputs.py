@@ -53,6 +53,7 @@ def test_bad_train_inputs(capsys, cls_task, override, needle):
     (["train-multi", "toy.yaml", "--output", "r", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),
     (["train-multi", "toy.yaml", "train.max_steps=0", "--output", "r"], "train.max_steps must be ≥ 1, got 0"),
     (["infer", "--input", "null.jsonl", "--registry", "reg"], "have a 'text' that is null, not a string"),
+    (["serve", "--registry", "reg", "--port", "99999"], "argument --port: '99999' is not a port: give a number from 0 to 65535"),
     # one grammar: every command that reads a spec takes key=value overrides, before or after the flags
     (["compose-fit", "toy.yaml", "train.max_steps=0", "--from", "a", "b", "--output", "o"], "train.max_steps must be ≥ 1, got 0"),
     (["compose-fit", "toy.yaml", "--from", "a", "b", "--output", "o", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),

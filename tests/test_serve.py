@@ -351,6 +351,17 @@ def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, 
         proc.wait(10)
 
 
+def test_a_taken_port_is_one_line_before_the_backbone_loads(registry):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "adapterhub_lite.cli", "serve", "--registry", str(registry), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "Loading weights" not in out.stderr  # refused before the backbone was loaded
+
+
 def test_sigterm_finishes_running_requests_and_takes_no_new_ones(registry):
     port = free_port()
     proc = start_server(registry, port)
