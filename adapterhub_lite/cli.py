@@ -103,11 +103,11 @@ def _eval(args) -> int:
     from .evaluate import evaluate_split
     from .folder import load_adapter
 
-    model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
+    model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
-    check_lengths(spec, bb.tokenizer)
+    check_lengths(spec, backbone.tokenizer)
     split = _split_for(spec, args.split)
-    metrics, _, seconds = evaluate_split(model, bb.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
+    metrics, _, seconds = evaluate_split(model, backbone.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
     n = min(len(split), args.limit or len(split))
     result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,
               "latency_ms_per_example": round(1000 * seconds / n, 2),
@@ -132,10 +132,10 @@ def _predict(args) -> int:
     rows = [] if args.input is None else _read_jsonl(args.input)
     # every row is checked against the adapter's task before the backbone loads
     rows = [request_row(_sidecar_spec(args.adapter), r) for r in (rows or [{"text": args.text}])]
-    model, bb, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
+    model, backbone, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
-    check_lengths(spec, bb.tokenizer)
-    preds = predict(model, bb.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress)
+    check_lengths(spec, backbone.tokenizer)
+    preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress)
     write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
     return 0
 

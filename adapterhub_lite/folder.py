@@ -242,13 +242,13 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
     require_safetensors(folder)
     meta = read_sidecar(folder)
     recorded = meta["base"]["fingerprint"]
-    bb = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")
-    check_fingerprint(str(folder), recorded, bb.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
+    backbone = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")
+    check_fingerprint(str(folder), recorded, backbone.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
                with_quantization=quantization is None)
-    check_fits(folder, bb.model)
-    model = PeftModel.from_pretrained(bb.model, folder)
+    check_fits(folder, backbone.model)
+    model = PeftModel.from_pretrained(backbone.model, folder)
     model.eval()
-    return model, bb, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta
+    return model, backbone, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta
 
 
 def check_fits(folder: Path, model) -> None:

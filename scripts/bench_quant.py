@@ -34,11 +34,11 @@ def main():
 
     runs = {}
     for quant in ("8bit", "none"):
-        bb = load_backbone(spec.base, quant)
-        model = attach(bb.model, spec.method, spec.method_args)
+        backbone = load_backbone(spec.base, quant)
+        model = attach(backbone.model, spec.method, spec.method_args)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.train.lr)
-        labels = label_token_ids(bb.tokenizer, spec) if spec.type == "classification" else None
-        runs[quant] = (model, bb.tokenizer, opt, labels)
+        labels = label_token_ids(backbone.tokenizer, spec) if spec.type == "classification" else None
+        runs[quant] = (model, backbone.tokenizer, opt, labels)
 
     def step(quant, rows):
         model, tok, opt, labels = runs[quant]

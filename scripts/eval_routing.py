@@ -25,15 +25,15 @@ def main():
     ap.add_argument("--samples", type=int, default=384, help="training inputs per task in its routing sample")
     ap.add_argument("--threshold", type=float, default=0.5)
     args = ap.parse_args()
-    bb = load_backbone(args.base, args.quantization)
+    backbone = load_backbone(args.base, args.quantization)
     specs = {s.name: s for s in map(load_spec, args.specs)}
     t0 = time.perf_counter()
-    samples = {n: embed(bb.model, bb.tokenizer, task_texts(s, "train", args.samples)) for n, s in specs.items()}
+    samples = {n: embed(backbone.model, backbone.tokenizer, task_texts(s, "train", args.samples)) for n, s in specs.items()}
     t1 = time.perf_counter()
     router = ContentRouter(samples, threshold=args.threshold)
     fit_seconds = time.perf_counter() - t1
-    acc = routing_accuracy(bb.model, bb.tokenizer, specs, router)
-    print(json.dumps({"routing_accuracy": acc, "samples": args.samples, "threshold": args.threshold, "embedding": embedding_spec(bb.model),
+    acc = routing_accuracy(backbone.model, backbone.tokenizer, specs, router)
+    print(json.dumps({"routing_accuracy": acc, "samples": args.samples, "threshold": args.threshold, "embedding": embedding_spec(backbone.model),
                       "quantization": args.quantization, "fit_seconds": round(fit_seconds, 2), "seconds": round(time.perf_counter() - t0, 1)}))
 
 

@@ -20,13 +20,13 @@ def main():
     ap.add_argument("--rows", type=int, default=200, help="dev rows scored before and after")
     ap.add_argument("--quantization", help="override the recorded backbone quantization")
     args = ap.parse_args()
-    model, bb, spec, meta = load_adapter(args.adapter, quantization=args.quantization)
+    model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization)
     dev = load_task_data(spec, ("dev",))["dev"]
-    before, _, _ = evaluate_split(model, bb.tokenizer, spec, dev, limit=args.rows)
-    folded, err = fold_into_base(model, bb.tokenizer, dev.prompts[:16])
-    after, _, _ = evaluate_split(folded, bb.tokenizer, spec, dev, limit=args.rows)
+    before, _, _ = evaluate_split(model, backbone.tokenizer, spec, dev, limit=args.rows)
+    folded, err = fold_into_base(model, backbone.tokenizer, dev.prompts[:16])
+    after, _, _ = evaluate_split(folded, backbone.tokenizer, spec, dev, limit=args.rows)
     metric = spec.primary_metric
-    print(json.dumps({"adapter": args.adapter, "quantization": bb.fingerprint["quantization"], "max_abs_dlogit": round(err, 4),
+    print(json.dumps({"adapter": args.adapter, "quantization": backbone.fingerprint["quantization"], "max_abs_dlogit": round(err, 4),
                       "metric": metric, "rows": min(args.rows, len(dev)), "adapter_score": before[metric], "folded_score": after[metric]}))
 
 

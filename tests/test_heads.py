@@ -42,8 +42,8 @@ def test_scoring_picks_the_label_the_constructed_model_prefers():
     """Zero every block's output so logits = norm(e_last) · E^T: the model predicts its last
     token again. Give the space token the embedding of 'x' (then 'z') and the label ' x' (' z')
     must win, whatever the prompt."""
-    bb = load_backbone("tiny-random-llama", "none")
-    model, tok = bb.model, bb.tokenizer
+    backbone = load_backbone("tiny-random-llama", "none")
+    model, tok = backbone.model, backbone.tokenizer
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
@@ -75,14 +75,14 @@ def test_scores_equal_brute_force_under_every_peft_method(method):
     change the layers. Random adapter weights, so that each one really moves the scores."""
     from adapterhub_lite.adapter import attach
 
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")  # exact comparisons (auto is bf16 on CUDA)
-    model = attach(bb.model, method, {"num_virtual_tokens": 3} if method in ("prefix", "prompt") else {}).eval()
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")  # exact comparisons (auto is bf16 on CUDA)
+    model = attach(backbone.model, method, {"num_virtual_tokens": 3} if method in ("prefix", "prompt") else {}).eval()
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
-    tok, words = bb.tokenizer, ["yes", "no!"]
+    tok, words = backbone.tokenizer, ["yes", "no!"]
     prompts = ["I like it:", "a much longer prompt than the other:"]
     got = label_scores(model, tok, prompts, [answer_ids(tok, w) for w in words], 64)
     want = []

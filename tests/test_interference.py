@@ -35,8 +35,8 @@ def test_report_scores_every_task_under_every_adapter(tmp_path, monkeypatch):
     report = interference([*singles, run], tmp_path / "report", merges=("linear",), rows=8)
     assert report["columns"] == ["base", "one", "two", "merged:linear", "joint:mtl"]
     assert set(report["scores"]) == {"one", "two"} and all(len(r) == 5 for r in report["scores"].values())
-    model, bb, spec, _ = load_adapter(singles[0])
-    own, _, _ = evaluate_split(model, bb.tokenizer, spec, load_task_data(spec, ("dev",))["dev"], limit=8)
+    model, backbone, spec, _ = load_adapter(singles[0])
+    own, _, _ = evaluate_split(model, backbone.tokenizer, spec, load_task_data(spec, ("dev",))["dev"], limit=8)
     assert report["scores"]["one"]["one"] == pytest.approx(own["accuracy"])
     assert (tmp_path / "report" / "heatmap.png").stat().st_size > 1000
     assert json.loads((tmp_path / "report" / "report.json").read_text())["flags"] == report["flags"]

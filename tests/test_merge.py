@@ -51,9 +51,9 @@ def test_linear_merge_equals_the_weighted_sum_by_hand(sources, tmp_path, device)
     want_B = (0.7 * a_s) ** 0.5 * a_B + (0.3 * b_s) ** 0.5 * b_B
     assert torch.allclose(m_A, want_A, atol=1e-6) and torch.allclose(m_B, want_B, atol=1e-6) and m_s == 1.0
     # the folder is an ordinary adapter: plain peft loads it and gives the merged model's logits
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")  # the merged model's dtype: the same numbers to 1e-5
-    plain = PeftModel.from_pretrained(bb.model, tmp_path / "mix").eval()
-    ids = bb.tokenizer(["T: pos 3\nL:"], return_tensors="pt").to(device)  # both models run on the suite's device
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")  # the merged model's dtype: the same numbers to 1e-5
+    plain = PeftModel.from_pretrained(backbone.model, tmp_path / "mix").eval()
+    ids = backbone.tokenizer(["T: pos 3\nL:"], return_tensors="pt").to(device)  # both models run on the suite's device
     with torch.no_grad():
         assert torch.allclose(plain(**ids).logits, model(**ids).logits, atol=1e-5)
     side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
@@ -102,8 +102,8 @@ def test_ties_and_dare_need_a_density_and_run_with_one(sources):
 def test_fold_into_base_reports_its_error(sources):
     # exact up to rounding on an fp32 base, on any device (a bf16 base re-rounds the folded weights)
     model, _ = merge_adapters({"a": sources["a"]}, {"a": 1.0}, "linear", report_rows=0, dtype="fp32")
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
-    folded, err = fold_into_base(model, bb.tokenizer, ["T: pos 1\nL:", "T: neg 2\nL:"])
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    folded, err = fold_into_base(model, backbone.tokenizer, ["T: pos 1\nL:", "T: neg 2\nL:"])
     assert err < 1e-4 and not isinstance(folded, PeftModel)
 
 
@@ -113,7 +113,7 @@ def test_router_merge_into_base_folds_the_update_into_the_backbone(sources, devi
     router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))  # fp32: the fold is exact up to rounding
     for name in ("a", "b"):
         router.register(name, sources[name])
-    ids = [router.bb.tokenizer("T: pos 1\nL:").input_ids]
+    ids = [router.backbone.tokenizer("T: pos 1\nL:").input_ids]
     base_before = router.bank.forward(ids, [None])[0]
     sidecar = router.merge({"a": 0.5, "b": 0.5}, "linear", name="ab", into_base=True)
     merged_folder = router.folders["ab"]

@@ -42,17 +42,17 @@ ROWS = {
 
 
 def _joint(shared: bool):
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
     specs = [_spec("a"), _spec("b", method_args={"r": 2, "target_modules": ["q_proj", "k_proj", "v_proj"]}), _spec("g", "generation")]
     torch.manual_seed(0)
-    model = _attach(bb.model, specs, JointConfig(shared_adapter=shared, shared_r=3))
+    model = _attach(backbone.model, specs, JointConfig(shared_adapter=shared, shared_r=3))
     with torch.no_grad():  # peft starts B at zero, which would hide A's gradient: randomise all factors
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.2)
     joint = JointLora(model, [s.name for s in specs], shared, 0.0)
-    labels = {s.name: label_token_ids(bb.tokenizer, s) if s.type == "classification" else None for s in specs}
-    return bb, specs, model, joint, labels
+    labels = {s.name: label_token_ids(backbone.tokenizer, s) if s.type == "classification" else None for s in specs}
+    return backbone, specs, model, joint, labels
 
 
 def _lora_grads(model, adapter):
@@ -61,8 +61,8 @@ def _lora_grads(model, adapter):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_joint_step_gives_each_adapter_its_alone_gradient_over_n(shared):
-    bb, specs, model, joint, labels = _joint(shared)
-    tok = bb.tokenizer
+    backbone, specs, model, joint, labels = _joint(shared)
+    tok = backbone.tokenizer
     plans = {i: loss_plan(tok, *ROWS[s.name], 48, labels[s.name]) for i, s in enumerate(specs)}
     losses = joint_losses(model, tok.pad_token_id, joint, plans)
     Equal([s.name for s in specs]).combine({specs[i].name: v for i, v in losses.items()}).backward()
@@ -129,7 +129,7 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
     # "good day" is a row of task a's own data: routing picks a's adapter for it
     assert [r["adapter"] for r in answers[:2]] == ["mtl_shared", "a_joint"]
     # each answer is what plain peft gives with the published folder, and the adapters change the answers
-    tok = router.bb.tokenizer
+    tok = router.backbone.tokenizer
     plain = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, out / SHARED).eval()
     ids = torch.tensor([tok("ab").input_ids], device=plain.device)
     with torch.no_grad():
@@ -145,8 +145,8 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_exported_task_adapter_equals_the_routed_one_under_plain_peft(shared, tmp_path):
-    bb, specs, model, joint, _ = _joint(shared)
-    ids = bb.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True).to(bb.model.device)
+    backbone, specs, model, joint, _ = _joint(shared)
+    ids = backbone.tokenizer(["T: good day\nA:", "T: x\nA:"], return_tensors="pt", padding=True).to(backbone.model.device)
     for i, s in enumerate(specs):
         with torch.no_grad(), joint.assign(i):
             want = model(**ids).logits

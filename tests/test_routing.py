@@ -97,22 +97,22 @@ def _train(tmp_path, name, make):
 
 
 def test_training_writes_the_routing_file_and_its_own_inputs_route_back(tmp_path):
-    bb = load_backbone("tiny-random-llama", "none")
+    backbone = load_backbone("tiny-random-llama", "none")
     folders = {"digits": _train(tmp_path, "digits", lambda i: f"{i * 7919 % 100000:05d} {i % 13}"),
                "letters": _train(tmp_path, "letters", lambda i: "qwertyuiop"[i % 10] * (3 + i % 5))}
-    spec = embedding_spec(bb.model)
+    spec = embedding_spec(backbone.model)
     assert spec["layers"] == [1, 2] and spec["pooling"] == ["mean", "last"] and spec["dim"] == 4 * 64
     for folder in folders.values():
         record = read_sidecar(folder)["routing"]
         assert record["file"] == ROUTING_FILE and record["embedding"] == spec and record["samples"] == 40  # all 40 rows
         stored = load_file(folder / ROUTING_FILE)["embeddings"]
         assert stored.dtype == torch.float16 and stored.shape == (40, spec["dim"])
-    add_routing(folders["digits"], bb.model, bb.tokenizer, samples=32, seed=3)  # refit in place
+    add_routing(folders["digits"], backbone.model, backbone.tokenizer, samples=32, seed=3)  # refit in place
     assert read_sidecar(folders["digits"])["routing"]["samples"] == 32
     loaded = load_routing(folders["digits"], read_sidecar(folders["digits"]), spec)
     assert loaded.shape == (32, spec["dim"]) and loaded.dtype == torch.float32
     router = ContentRouter({n: load_routing(f, read_sidecar(f), spec) for n, f in folders.items()}, threshold=0.0)
-    routed = router.route(embed(bb.model, bb.tokenizer, ["31337 5", "tttttt", "04211 2", "eeee"]))
+    routed = router.route(embed(backbone.model, backbone.tokenizer, ["31337 5", "tttttt", "04211 2", "eeee"]))
     assert [r for r, _ in routed] == ["digits", "letters", "digits", "letters"]
 
 
@@ -135,30 +135,30 @@ def test_routing_data_of_another_embedding_or_none_is_refused(tmp_path):
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the guard stands in for a GPU on the CPU; on a GPU the mix-ups it flags fail for real")
 def test_device_guard_finds_what_would_fail_on_a_gpu(device_guard, device):
     """The guard (conftest.DeviceGuard) flags, on the CPU, the mix-ups CUDA refuses, and lets through what CUDA allows."""
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
     with device_guard, torch.no_grad():
-        host = bb.tokenizer(["T: pos 1\nL:"], return_tensors="pt")
-        logits = bb.model(**host).logits  # tokenizer output left on the host: the classic test bug
+        host = backbone.tokenizer(["T: pos 1\nL:"], return_tensors="pt")
+        logits = backbone.model(**host).logits  # tokenizer output left on the host: the classic test bug
         logits[torch.tensor([0]), torch.tensor([1])]  # host indices into a device tensor: fine on CUDA
         logits.sum(-1) * torch.tensor(2.0)  # a host 0-dim tensor: fine on CUDA
-    assert list(device_guard.problems) == ["tests/test_routing.py:" + str(_line("logits = bb.model(**host)")) + " embedding"]
+    assert list(device_guard.problems) == ["tests/test_routing.py:" + str(_line("logits = backbone.model(**host)")) + " embedding"]
     device_guard.problems.clear()
     with device_guard, torch.no_grad():
-        bb.model(**bb.tokenizer(["T: pos 1\nL:"], return_tensors="pt").to(device)).logits[0, -1].cpu().numpy()
+        backbone.model(**backbone.tokenizer(["T: pos 1\nL:"], return_tensors="pt").to(device)).logits[0, -1].cpu().numpy()
     assert device_guard.problems == {}
     with device_guard:
-        bb.model.get_input_embeddings().weight.detach().numpy()
-        torch.ones(3) + bb.model.get_input_embeddings().weight[0, :3]
+        backbone.model.get_input_embeddings().weight.detach().numpy()
+        torch.ones(3) + backbone.model.get_input_embeddings().weight[0, :3]
     assert sorted(device_guard.problems.values()) == [".numpy() of a device tensor (call .cpu() first)", "host tensor(s) of shape [(3,)] meet device tensors"]
 
 
 def test_routing_keeps_every_tensor_where_it_belongs(tmp_path, device_guard):
     """Embedding runs on the model's device, the content router on the host; nothing crosses unasked."""
-    bb = load_backbone("tiny-random-llama", "none")
+    backbone = load_backbone("tiny-random-llama", "none")
     with device_guard:
-        vectors = embed(bb.model, bb.tokenizer, ["31337 5", "tttttt", "04211 2"], batch_size=2)
+        vectors = embed(backbone.model, backbone.tokenizer, ["31337 5", "tttttt", "04211 2"], batch_size=2)
         router = ContentRouter({"a": vectors[:2], "b": vectors[1:]}, threshold=0.0)
-        router.route(embed(bb.model, bb.tokenizer, ["eeee"]))
+        router.route(embed(backbone.model, backbone.tokenizer, ["eeee"]))
     assert device_guard.problems == {}
 
 

@@ -27,12 +27,12 @@ def test_default_backbone_in_8bit_answers_and_trains(tmp_path, monkeypatch):
         monkeypatch.setenv("ADAPTERHUB_CACHE", REAL_CACHE)
     else:
         monkeypatch.delenv("ADAPTERHUB_CACHE")
-    bb = load_backbone("smollm2-135m", "8bit")
-    assert cache_dir() in bb.path.parents
-    assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
-    ids = bb.tokenizer("The capital of France is", return_tensors="pt").to(bb.model.device)
-    out = bb.model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in bb.tokenizer.decode(out[0])
+    backbone = load_backbone("smollm2-135m", "8bit")
+    assert cache_dir() in backbone.path.parents
+    assert type(backbone.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    ids = backbone.tokenizer("The capital of France is", return_tensors="pt").to(backbone.model.device)
+    out = backbone.model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in backbone.tokenizer.decode(out[0])
 
     monkeypatch.chdir(ROOT)
     spec = load_spec("scripts/tasks/demo.yaml", ["train.max_steps=2", "train.eval_every=2", "train.eval_samples=8"])

@@ -96,14 +96,14 @@ class Composition:
         return {m: f for m in self.modules if (f := self.factors(m, self.composed_slot)) is not None}
 
 
-def _load_sources(folders: dict[str, Path], bb, allow_base_mismatch: bool = False) -> dict[str, LoraFactors]:
+def _load_sources(folders: dict[str, Path], backbone, allow_base_mismatch: bool = False) -> dict[str, LoraFactors]:
     problems, out = [], {}
     for name, folder in folders.items():
         meta = read_sidecar(folder)
         if meta["method"] != "lora":
             problems.append(f"{name} is a {meta['method']} adapter")
             continue
-        check_fingerprint(name, meta["base"]["fingerprint"], bb.fingerprint, "compose-fit uses", allow=allow_base_mismatch)
+        check_fingerprint(name, meta["base"]["fingerprint"], backbone.fingerprint, "compose-fit uses", allow=allow_base_mismatch)
         out[name] = read_lora(folder)
     if problems:
         raise ComposeError(f"only LoRA adapters can be composed: {'; '.join(problems)}")
@@ -138,16 +138,16 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
     shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
     dev = load_task_data(spec, ("dev",))["dev"]
-    bb = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
-    check_lengths(spec, bb.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
-    comp = Composition(bb.model, _load_sources({n: Path(f) for n, f in sources.items()}, bb, allow_base_mismatch))
-    tok = bb.tokenizer
+    backbone = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
+    check_lengths(spec, backbone.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
+    comp = Composition(backbone.model, _load_sources({n: Path(f) for n, f in sources.items()}, backbone, allow_base_mismatch))
+    tok = backbone.tokenizer
     labels = label_token_ids(tok, spec) if spec.type == "classification" else None
 
     def objective(w: torch.Tensor) -> torch.Tensor:
         comp.weights = w
-        with comp.composed(), autocast(bb):
-            loss = task_loss(bb.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
+        with comp.composed(), autocast(backbone):
+            loss = task_loss(backbone.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
         return loss + l1 * w.abs().sum()
 
     start = time.perf_counter()
@@ -159,7 +159,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
 
     def dev_score(route) -> dict:
         with route:
-            metrics, _, took = evaluate_split(bb.model, tok, spec, dev, limit=eval_rows)
+            metrics, _, took = evaluate_split(backbone.model, tok, spec, dev, limit=eval_rows)
         seconds.append(took)
         return {k: v for k, v in metrics.items() if k != "per_class"}
 
@@ -175,12 +175,12 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)
 
     out = work / "adapter"
-    save_lora(out, comp.export(), bb.hub_id)
+    save_lora(out, comp.export(), backbone.hub_id)
     atomic_write(out / "shots.jsonl", shot_text)
     tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
-    run_device = str(next(bb.model.parameters()).device)
-    routing = routing_entry(bb.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
-    meta = adapter_meta(spec, bb, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
+    run_device = str(next(backbone.model.parameters()).device)
+    routing = routing_entry(backbone.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
+    meta = adapter_meta(spec, backbone, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
                         trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
                         efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
                                     "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),

@@ -64,10 +64,10 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     for method, kwargs in merged.items():  # refuse a bad merge before loading anything
         check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
     first = next(iter(metas.values()))
-    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
+    backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     for n, m in metas.items():
-        check_fingerprint(n, m["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
-    model = PeftModel.from_pretrained(bb.model, singles[names[0]], adapter_name=names[0])
+        check_fingerprint(n, m["base"]["fingerprint"], backbone.fingerprint, "the report uses", allow=allow_base_mismatch)
+    model = PeftModel.from_pretrained(backbone.model, singles[names[0]], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(singles[n], adapter_name=n)
     columns = ["base", *names]
@@ -76,7 +76,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
         for t, f in tasks.items():
-            check_fingerprint(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], bb.fingerprint, "the report uses", allow=allow_base_mismatch)
+            check_fingerprint(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], backbone.fingerprint, "the report uses", allow=allow_base_mismatch)
             model.load_adapter(f, adapter_name=f"{run}/{t}")
         columns.append(run)
     model.eval()
@@ -92,7 +92,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
             if col in joints and task not in joints[col]:
                 scores[task][col] = None  # this run did not train the task
                 continue
-            scores[task][col] = _score(model, bb.tokenizer, spec, dev, None if col == "base" else adapter, rows)
+            scores[task][col] = _score(model, backbone.tokenizer, spec, dev, None if col == "base" else adapter, rows)
     report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
               "rows": n_rows, "tolerance": tolerance, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
               "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}

@@ -185,12 +185,12 @@ class Joint(Recipe):
     weighting rule sees (all-reduced) are the global batch's: every process takes the same decision.
     """
 
-    def __init__(self, specs: list[TaskSpec], cfg: JointConfig, model, joint: JointLora, bb, data: dict, processes: int = 1):
-        self.specs, self.cfg, self.model, self.joint, self.bb, self.data = specs, cfg, model, joint, bb, data
+    def __init__(self, specs: list[TaskSpec], cfg: JointConfig, model, joint: JointLora, backbone, data: dict, processes: int = 1):
+        self.specs, self.cfg, self.model, self.joint, self.backbone, self.data = specs, cfg, model, joint, backbone, data
         self.name = "train-multi"
         self.names = [s.name for s in specs]
-        tok = bb.tokenizer
-        self.weighting = make_weighting(cfg.weighting, self.names, device=bb.device, **cfg.weighting_args)
+        tok = backbone.tokenizer
+        self.weighting = make_weighting(cfg.weighting, self.names, device=backbone.device, **cfg.weighting_args)
         self.sampler = TaskSampler({n: len(data[n]["train"]) for n in self.names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
         self.labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
         self.cursors = {n: Cursor() for n in self.names}
@@ -219,7 +219,7 @@ class Joint(Recipe):
         return self.weighting.parameters()
 
     def step_loss(self, call, parallel: Parallel) -> StepLoss:
-        cfg, tok = self.cfg, self.bb.tokenizer
+        cfg, tok = self.cfg, self.backbone.tokenizer
         draws = self.sampler.draw_batch(cfg.batch_size * parallel.world)  # the global batch's tasks
         pairs, counts = [], {}
         for i, s in enumerate(self.specs):
@@ -236,9 +236,9 @@ class Joint(Recipe):
             if rows:
                 plans[i] = loss_plan_ids([self.prompt_ids[s.name][j] for j in rows], [self.answers[s.name][j] for j in rows],
                                          s.train.max_length, self.labels[s.name], tok.eos_token_id, reduction="sum")
-        with autocast(self.bb):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
+        with autocast(self.backbone):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
             sums = joint_losses(self.model, tok.pad_token_id, self.joint, plans, call=call) if plans else {}
-        zero = torch.zeros((), device=self.bb.device)
+        zero = torch.zeros((), device=self.backbone.device)
         # × processes: DDP averages the gradients, and the mean over processes of these is the global batch's loss
         losses = {self.names[i]: sums.get(i, zero).float() * (parallel.world / counts[i]) for i in counts}
         observed = parallel.mean(torch.stack([v.detach() for v in losses.values()]))  # the global batch's losses
@@ -259,7 +259,7 @@ class Joint(Recipe):
         for i, s in enumerate(self.specs):
             dev = self.data[s.name]["dev"]
             with self.joint.assign(i):
-                metrics, _, seconds = evaluate_split(self.model, self.bb.tokenizer, s, dev, limit=limit)
+                metrics, _, seconds = evaluate_split(self.model, self.backbone.tokenizer, s, dev, limit=limit)
             scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
             self.latency[s.name] = round(1000 * seconds / min(limit or len(dev), len(dev)), 2)
         return scores
@@ -319,25 +319,25 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     output = Path(output)
     work = prepare_output(output, overwrite, resume)
     data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
-    bb = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
-    parallel = Parallel(bb.device, specs[0].quantization)
+    backbone = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
+    parallel = Parallel(backbone.device, specs[0].quantization)
     for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
-        check_lengths(s, bb.tokenizer, data[s.name])
+        check_lengths(s, backbone.tokenizer, data[s.name])
     seed_everything(cfg.seed)
-    model = _attach(bb.model, specs, cfg)
+    model = _attach(backbone.model, specs, cfg)
     joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
-    recipe = Joint(specs, cfg, model, joint, bb, data, parallel.world)
+    recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
     loop = LoopConfig(max_steps=cfg.max_steps, eval_every=cfg.eval_every, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
                       eval_samples=cfg.eval_samples, checkpoint_every=cfg.eval_every, log_every=cfg.log_every, max_minutes=cfg.max_minutes)
-    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=bb.device.type == "cuda")
+    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda")
     if parallel.main:
         final = recipe.scores(None)  # every dev row, with the best weights
         st = result.state
-        state = {"device": str(bb.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
+        state = {"device": str(backbone.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
                  "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
-                 "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(bb.device)), 1),
+                 "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
                  "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
-        _write_outputs(work, specs, cfg, bb, data, model, joint, final, st.history, state, command)
+        _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command)
         publish_folder(work / "out", output)
         shutil.rmtree(work, ignore_errors=True)
     parallel.barrier()
@@ -382,21 +382,21 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], s
     return {task: plan.reduce(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
 
 
-def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: JointLora, final: dict, history, state, command) -> None:
+def _write_outputs(work: Path, specs, cfg: JointConfig, backbone, data, model, joint: JointLora, final: dict, history, state, command) -> None:
     out = work / "out"
     out.mkdir()
     run = {"tasks": [s.name for s in specs], "config": asdict(cfg), "dev": final, "train_state": state,
-           "base": {"name": specs[0].base, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint},
+           "base": {"name": specs[0].base, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint},
            "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
     dropout, total = joint.dropout, run["trainable_parameters"]["total"]
     for i, s in enumerate(specs):
         folder, factors = out / s.name, joint.export(i)
-        save_lora(folder, factors, bb.hub_id, dropout)
-        routing = routing_entry(model, bb.tokenizer, s, folder)  # outside route(): the plain backbone's view
+        save_lora(folder, factors, backbone.hub_id, dropout)
+        routing = routing_entry(model, backbone.tokenizer, s, folder)  # outside route(): the plain backbone's view
         own = [{"step": r["step"], "loss": r[f"loss/{s.name}"]} for r in history if f"loss/{s.name}" in r] + \
               [{"step": r["step"], **{k.split("/")[-1]: v for k, v in r.items() if k.startswith(f"dev/{s.name}/")}} for r in history if f"dev/{s.name}/{s.primary_metric}" in r]
         own_params = sum(a.numel() + b.numel() for a, b in factors.values())
-        meta = adapter_meta(s, bb, data[s.name], final[s.name], routing=routing, command=command,
+        meta = adapter_meta(s, backbone, data[s.name], final[s.name], routing=routing, command=command,
                             trainable_parameters={"trainable": own_params, "total": total,
                                                   "percent": round(100.0 * own_params / total, 4)},
                             efficiency={"adapter_file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
@@ -407,9 +407,9 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, bb, data, model, joint: 
                                    "weighting": cfg.weighting, "sampling": cfg.sampling})
         finish_folder(folder, meta, sorted(own, key=lambda r: r["step"]), s.primary_metric)
     if cfg.shared_adapter:
-        save_lora(out / SHARED, joint.export(None), bb.hub_id, dropout)
+        save_lora(out / SHARED, joint.export(None), backbone.hub_id, dropout)
         # A component, not a task adapter: no task spec, no metrics; every task folder already holds it.
-        build(SHARED, task=None, method="lora", base=base_record(specs[0].base, bb), command=command,
+        build(SHARED, task=None, method="lora", base=base_record(specs[0].base, backbone), command=command,
               joint={"run": "..", "tasks": run["tasks"], "role": "shared"}).save(out / SHARED)
     write_json(out / "run.json", run)
     write_jsonl(out / "metrics.jsonl", history)

@@ -150,16 +150,16 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
         raise MergeError(f"adapter name(s) {dotted} contain '.' or are empty, which peft cannot use as adapter names; choose names without '.' (--name)")
     own_task = merged_task(metas, task)
     first = next(iter(metas.values()))
-    bb = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
+    backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     names = list(folders)
-    model = PeftModel.from_pretrained(bb.model, folders[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(backbone.model, folders[names[0]], adapter_name=names[0])
     for n in names[1:]:
         model.load_adapter(folders[n], adapter_name=n)
     add_merged(model, names, [weights[n] for n in names], name, method, density)
     model.set_adapter(name)
     model.eval()
 
-    report = _report(model, bb.tokenizer, metas, name, report_rows) if report_rows != 0 else {}
+    report = _report(model, backbone.tokenizer, metas, name, report_rows) if report_rows != 0 else {}
     sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report)
     if output is not None:
         save_merged(model, name, sidecar, Path(output))

@@ -41,7 +41,7 @@ class Router:
 
     def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
                  route_threshold: float = 0.5, allow_base_mismatch: bool = False):
-        self.bb, self.registry = backbone, registry
+        self.backbone, self.registry = backbone, registry
         self.bank = AdapterBank(backbone.model)
         self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
         self.allow_base_mismatch = allow_base_mismatch
@@ -65,8 +65,8 @@ class Router:
             raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
         latest = {name: reg.resolve(name)[2] for name in index}
         first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
-        bb = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
-        router = cls(bb, reg, **kwargs)
+        backbone = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
+        router = cls(backbone, reg, **kwargs)
         for name in latest:
             router.register(name)
         return router
@@ -82,7 +82,7 @@ class Router:
             check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
         folder = Path(folder)
         meta = read_sidecar(folder)
-        check_fingerprint(name, meta["base"]["fingerprint"], self.bb.fingerprint, "the router serves", self.allow_base_mismatch)
+        check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
         self.folders[name], self.metas[name] = folder, meta
         self._content = None
 
@@ -97,7 +97,7 @@ class Router:
         if name in self.resident:
             self.resident.move_to_end(name)
             return
-        check_fits(self.folders[name], self.bb.model)
+        check_fits(self.folders[name], self.backbone.model)
         self.bank.add(name, self.folders[name])
         self.resident[name] = None
         keep = keep | {name}
@@ -150,8 +150,8 @@ class Router:
         """
         output = Path(output) if output else Path(self._scratch.name) / name
         _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
-                                    output=output, quantization=self.bb.fingerprint["quantization"], report_rows=report_rows, task=task,
-                                    device=str(self.bb.device), dtype=self.bb.dtype)
+                                    output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
+                                    device=str(self.backbone.device), dtype=self.backbone.dtype)
         self.register(name, output)
         if into_base:
             spec = self.spec(next(iter(weights)))
@@ -160,9 +160,9 @@ class Router:
             # folds the update into them and unwraps: the modules stay the same objects, only their
             # weights change, and the bank's layers go back around them.
             with self.bank.plain() as model:
-                _, error = fold_into_base(PeftModel.from_pretrained(model, output), self.bb.tokenizer, probe)
+                _, error = fold_into_base(PeftModel.from_pretrained(model, output), self.backbone.tokenizer, probe)
             sidecar["fold"] = {"into_base": True, "max_abs_dlogit": round(error, 6), "probe_prompts": len(probe),
-                               "quantization": self.bb.fingerprint["quantization"]}
+                               "quantization": self.backbone.fingerprint["quantization"]}
             self.folded.append(name)
         return sidecar
 
@@ -181,14 +181,14 @@ class Router:
             if self._content is None:
                 self._content = self._fit_content_router()
             with self.bank.base_only():
-                vectors = embed(self.bb.model, self.bb.tokenizer, [requests[i]["text"] for i in auto])
+                vectors = embed(self.backbone.model, self.backbone.tokenizer, [requests[i]["text"] for i in auto])
             for i, (name, _) in zip(auto, self._content.route(vectors)):
                 names[i] = name
         return names
 
     def _fit_content_router(self) -> ContentRouter:
         """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding."""
-        embedding, samples = embedding_spec(self.bb.model), {}
+        embedding, samples = embedding_spec(self.backbone.model), {}
         for name, folder in self.folders.items():
             if not self.metas[name]["task"]:  # a component (a joint run's shared adapter) is no routing target
                 continue
@@ -218,7 +218,7 @@ class Router:
             prompt = request["prompt"]
         else:
             prompt = render(spec, request_row(spec, request)) if spec else request["text"]
-        ids = self.bb.tokenizer(prompt, add_special_tokens=True).input_ids
+        ids = self.backbone.tokenizer(prompt, add_special_tokens=True).input_ids
         if max_input_tokens is not None and len(ids) > max_input_tokens:
             raise DataError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
         if spec is not None and spec.type == "classification":
@@ -236,7 +236,7 @@ class Router:
 
     def answer(self, ids: list[int]) -> str:
         """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""
-        return self.bb.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+        return self.backbone.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
 
     def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
@@ -252,7 +252,7 @@ class Router:
             results[i]["prediction"] = readable(rows[i].spec, pred)
         if gen_rows:
             outs = self.bank.generate([rows[i].ids for i in gen_rows], [rows[i].bank_name for i in gen_rows],
-                                      [rows[i].max_new_tokens for i in gen_rows], self.bb.tokenizer.eos_token_id)
+                                      [rows[i].max_new_tokens for i in gen_rows], self.backbone.tokenizer.eos_token_id)
             for i, ids in zip(gen_rows, outs):
                 results[i]["prediction"] = self.answer(ids)
         return results
@@ -269,7 +269,7 @@ class Router:
         """
         if not rows:
             return []
-        tok = self.bb.tokenizer
+        tok = self.backbone.tokenizer
         seqs, adapters, positions, plans = [], [], [], []
         for row in rows:
             plan = label_plan_ids([row.ids], label_token_ids(tok, row.spec), row.spec.train.max_length)

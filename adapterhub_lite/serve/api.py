@@ -58,7 +58,7 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="adapterhub-lite", lifespan=lifespan)
-    tokenizer = engine.router.bb.tokenizer
+    tokenizer = engine.router.backbone.tokenizer
 
     # -- errors in OpenAI's shape --------------------------------------------------------------
     def error_response(err: P.ApiError) -> JSONResponse:
@@ -172,9 +172,9 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     async def health():
         if not engine.alive:
             return error_response(P.ApiError(503, "the engine is not running", "server_error", "unhealthy"))
-        bb = engine.router.bb
-        return {"status": "ok", "queue_depth": engine.queue_depth, "base": bb.name, "device": str(bb.device),
-                "dtype": str(bb.dtype).removeprefix("torch."), "quantization": bb.fingerprint["quantization"]}
+        backbone = engine.router.backbone
+        return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
+                "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"]}
 
     @app.get("/metrics")
     async def metrics():

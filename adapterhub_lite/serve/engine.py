@@ -166,7 +166,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a failed batch (e.g. out of memory) fails its requests, not the server
                 self._fail(list(self._rows.values()) + self._admitting, exc)
                 self._dec, self._admitting = None, []
-                if self.router.bb.device.type == "cuda":
+                if self.router.backbone.device.type == "cuda":
                     torch.cuda.empty_cache()
 
     def _run_calls(self) -> None:
@@ -256,7 +256,7 @@ class Engine:
         want_lp = any(j.logprobs is not None for j in jobs)
         logp = dec.logits.float().log_softmax(-1) if want_lp else None
         chosen = tokens.tolist()  # the step's one host sync: it decides who stops
-        eos = self.router.bb.tokenizer.eos_token_id
+        eos = self.router.backbone.tokenizer.eos_token_id
         keep = []
         for j, (job, tok) in enumerate(zip(jobs, chosen)):
             if job.cancelled or self._expired(job):
@@ -299,7 +299,7 @@ class Engine:
             self.metrics.ttft.observe(time.monotonic() - job.submitted)
         job.tokens.append(tok)
         reason = "stop" if tok == eos else None
-        text = self.router.bb.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        text = self.router.backbone.tokenizer.decode(job.tokens, skip_special_tokens=True)
         if job.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
             text = text.lstrip()
             if "\n" in text:

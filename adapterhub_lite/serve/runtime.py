@@ -38,13 +38,13 @@ class Catalogue:
     # -- reading -----------------------------------------------------------------------------------
     def models(self) -> list[dict]:
         """Every adapter as `name` and `name@version`, the runtime-loaded ones, `base` and `auto`."""
-        bb = self.router.bb
+        backbone = self.router.backbone
         ids = []
         if self.router.registry is not None:
             for row in self.router.registry.rows():  # by name, then version
                 ids += [row["name"], f"{row['name']}@{row['version']}"]
         ids += sorted(self.runtime) + [BASE, AUTO]
-        return [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": bb.hub_id, "parent": bb.name}
+        return [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": backbone.hub_id, "parent": backbone.name}
                 for i in dict.fromkeys(ids)]
 
     def has_task(self, model: str) -> bool:

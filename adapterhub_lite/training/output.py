@@ -72,9 +72,9 @@ def disk_errors(partial: Path, output: Path):
                             "then rerun with --resume") from None
 
 
-def adapter_meta(spec: TaskSpec, bb, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> Sidecar:
-    """The sidecar of an adapter trained for `spec` on backbone `bb` (extra: further Sidecar fields)."""
-    return build(spec.name, task=spec.to_dict(), method=spec.method, base=base_record(spec.base, bb),
+def adapter_meta(spec: TaskSpec, backbone, data: dict, metrics: dict, *, routing: dict | None, command: str | None, **extra) -> Sidecar:
+    """The sidecar of an adapter trained for `spec` on backbone `backbone` (extra: further Sidecar fields)."""
+    return build(spec.name, task=spec.to_dict(), method=spec.method, base=base_record(spec.base, backbone),
                  label_words=label_words(spec) if spec.type == "classification" else None, metrics=metrics, routing=routing,
                  data={name: {"source": s.source, "sha256": s.sha256, "rows": len(s)} for name, s in data.items()},
                  command=command, **extra)
