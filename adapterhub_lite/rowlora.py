@@ -351,6 +351,9 @@ class RowLoraLinear(torch.nn.Module):
 def wrap(model: torch.nn.Module, names, context: RowContext, **kwargs) -> dict[str, RowLoraLinear]:
     """Put a RowLoraLinear around each named linear module (an existing one is reused); returns them."""
     modules = dict(model.named_modules())
+    shared = check_own(modules, names, context)
+    if shared:  # checked before any module is touched
+        raise AdapterLoadError(shared)
     out = {}
     for name in names:
         module = modules[name]
@@ -362,6 +365,18 @@ def wrap(model: torch.nn.Module, names, context: RowContext, **kwargs) -> dict[s
         setattr(modules[parent_name] if parent_name else model, child, layer)
         out[name] = layer
     return out
+
+
+def check_own(modules: dict, names, context: RowContext) -> str | None:
+    """Why `context` cannot put per-row layers on these modules (None when it can): a module that already
+    carries another context's layer belongs to another bank (a second Router on the same backbone), and
+    sharing it would apply that bank's row assignment to this one's rows."""
+    for name in names:
+        module = modules.get(name)
+        if isinstance(module, RowLoraLinear) and module.context is not context:
+            return (f"module {name!r} already serves the per-row adapters of another Router (or joint run) on this backbone; "
+                    "give each Router its own backbone (load_backbone(...) again)")
+    return None
 
 
 def unwrap(model: torch.nn.Module, names=None) -> None:

@@ -24,9 +24,9 @@ def folders(tmp_path_factory):
     # from the base; "router equals peft" then fails if the router dropped the update.
     rand = {"init_lora_weights": False}
     return {
-        "cls_a": train_tiny(d, "cls_a", method_args=rand, train={"seed": 1, "lr": 5e-2}),
+        "cls_a": train_tiny(d, "cls_a", method_args={"target_modules": ["q_proj", "v_proj"], **rand}, train={"seed": 1, "lr": 5e-2}),
         "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"], **rand}, train={"seed": 2, "lr": 5e-2}),
-        "cls_r16": train_tiny(d, "cls_r16", method_args={"r": 16, **rand}),
+        "cls_r16": train_tiny(d, "cls_r16", method_args={"r": 16, "target_modules": ["q_proj", "v_proj"], **rand}),
         "prefix": train_tiny(d, "prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
         "prompt": train_tiny(d, "prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
         "gen": train_tiny(d, "gen", type="generation", labels=None, label=None, target="target", metric=["exact_match"],
@@ -45,9 +45,9 @@ def router(folders):
 
 def alone(folder, texts):
     """Predictions of one adapter run the ordinary way: plain peft on its own backbone."""
-    model, bb, spec, _ = load_adapter(folder)
+    model, backbone, spec, _ = load_adapter(folder)
     rendered = [spec.prompt.format(**{spec.prompt_fields[0]: t}) for t in texts]
-    preds = predict(model, bb.tokenizer, spec, rendered, batch_size=1)
+    preds = predict(model, backbone.tokenizer, spec, rendered, batch_size=1)
     return [spec.labels[p] if spec.type == "classification" else p for p in preds]
 
 
@@ -76,27 +76,27 @@ def test_mixed_batch_equals_each_request_alone(router, folders):
     for req, res in zip(reqs, out):
         if req["adapter"] != "base":
             assert res["prediction"] == alone(folders[req["adapter"]], [req["text"]])[0], req
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
-    ids = bb.tokenizer("hello", return_tensors="pt").to(bb.model.device)
-    base = bb.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=bb.tokenizer.pad_token_id)
-    assert out[4]["prediction"] == bb.tokenizer.decode(base[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    ids = backbone.tokenizer("hello", return_tensors="pt").to(backbone.model.device)
+    base = backbone.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
+    assert out[4]["prediction"] == backbone.tokenizer.decode(base[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
 
 
 def test_a_batch_keeps_its_adapters_resident_or_is_refused(folders):
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
-    probe = Router(bb)
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    probe = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))  # a Router per backbone
     probe.register("cls_a", folders["cls_a"])
     probe.use("cls_a")
     one = probe.resident_bytes()  # cls_a; cls_b is half of it
     # 1.6 adapters: cls_a + cls_b (1.5) fit, a third one evicts the one the batch does not need
-    r = Router(bb, memory_budget_mb=1.6 * one / 2**20)
+    r = Router(backbone, memory_budget_mb=1.6 * one / 2**20)
     for name in ("cls_a", "cls_b", "cls_r16"):
         r.register(name, folders[name])
     reqs = [{"adapter": "cls_b", "text": "pos 1"}, {"adapter": "cls_a", "text": "neg 2"}]
     assert [o["prediction"] for o in r.run(reqs)] == [alone(folders["cls_b"], ["pos 1"])[0], alone(folders["cls_a"], ["neg 2"])[0]]
     # 1.2 adapters cannot hold cls_a and cls_b at once: one line with the budget and the need
     # (before, loading the second evicted the first and the batch failed with "unknown adapter")
-    tight = Router(bb, memory_budget_mb=1.2 * one / 2**20)
+    tight = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), memory_budget_mb=1.2 * one / 2**20)
     for name in ("cls_a", "cls_b"):
         tight.register(name, folders[name])
     with pytest.raises(AdapterLoadError, match=r"needs adapters \['cls_a', 'cls_b'\].*memory budget") as err:
@@ -105,8 +105,7 @@ def test_a_batch_keeps_its_adapters_resident_or_is_refused(folders):
 
 
 def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
-    probe = Router(bb)
+    probe = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
     probe.register("cls_a", folders["cls_a"])
     probe.use("cls_a")
     one = probe.resident_bytes()
@@ -181,3 +180,19 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "no adapter"}\n')
     assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "bad.jsonl")]) == 2
     assert "name no 'adapter'" in capsys.readouterr().err
+
+
+def test_a_second_router_on_the_same_backbone_is_refused_not_mixed_in(folders):
+    """Two banks sharing a module would run one bank's rows with the other's row assignment (silently wrong answers)."""
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    first, second = Router(backbone), Router(backbone)
+    first.register("cls_a", folders["cls_a"])
+    first.use("cls_a")
+    second.register("cls_a", folders["cls_a"])
+    with pytest.raises(AdapterLoadError, match=r"cannot load adapter 'cls_a': module '.*(q_proj|v_proj)' already serves the per-row adapters of another Router") as err:
+        second.use("cls_a")
+    assert "\n" not in str(err.value)
+    assert first.predict("pos 3") == alone(folders["cls_a"], ["pos 3"])[0]  # the first is untouched
+    second.register("cls_b", folders["cls_b"])  # k/o: no module in common, so it may share the backbone
+    second.use("cls_b")
+    assert second.predict("pos 1") == alone(folders["cls_b"], ["pos 1"])[0]

@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicLayer
 from ..errors import AdapterHubError, AdapterLoadError
 from ..heads import head_logits
 from ..rowconfig import LoraFactors, ia3_vectors
-from ..rowlora import RowContext, RowLoraLinear, unwrap, wrap
+from ..rowlora import RowContext, RowLoraLinear, check_own, unwrap, wrap
 
 _BASE_SLOT = 0  # the plain backbone: a slot with no entries
 
@@ -149,10 +149,16 @@ class AdapterBank:
             raise AdapterLoadError(f"unknown adapter {name!r}; loaded adapters: {known}")
         return self._adapters[name]
 
+    def _check_own(self, name: str, modules: dict, targets) -> None:
+        problem = check_own(modules, targets, self.context)
+        if problem:
+            raise AdapterLoadError(f"cannot load adapter {name!r}: {problem}")
+
     def _load_lora(self, name, cfg: LoraConfig, weights) -> _Adapter:
         factors = LoraFactors.from_state_dict(cfg, weights, f"LoRA adapter {name!r}")
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
+        self._check_own(name, modules, factors.modules)
         for mod, (a, b, _) in factors.modules.items():
             lin = modules.get(mod)
             base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
@@ -174,6 +180,7 @@ class AdapterBank:
         vectors = ia3_vectors(cfg, weights, f"IA3 adapter {name!r}", self.model.config.model_type)
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
+        self._check_own(name, modules, vectors)
         for mod, (vec, on_input) in vectors.items():
             lin = modules.get(mod)
             base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
