@@ -39,6 +39,7 @@ class Sidecar:
     efficiency: dict | None = None  # adapter bytes, peak memory, train tokens/s, latency, device
     train_state: dict | None = None  # steps, best step, why it stopped, seconds, tokens, processes, global batch
     init_from: dict | None = None  # the adapter this one started from
+    defaults: dict | None = None  # the settings its spec left out: dotted key → value and why (defaults.resolve)
     joint: dict | None = None  # joint training: the run, tasks, role
     merge: dict | None = None  # merging: method, weights, sources …
     merge_report: dict | None = None
@@ -100,11 +101,11 @@ def _from_v1(raw: dict) -> dict:
 _UPGRADES = {"adapterhub_lite.adapter/1": _from_v1}
 
 
-def base_record(name: str, bb) -> dict:
-    """The sidecar's `base` for backbone `bb` loaded as `name`."""
+def base_record(name: str, backbone) -> dict:
+    """The sidecar's `base` for backbone `backbone` loaded as `name`."""
     from .backbone import dtype_name
 
-    return {"name": name, "hub_id": bb.hub_id, "fingerprint": bb.fingerprint, "dtype": dtype_name(bb.dtype), "weights": bb.source}
+    return {"name": name, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint, "dtype": dtype_name(backbone.dtype), "weights": backbone.source}
 
 
 def versions() -> dict:

@@ -38,7 +38,11 @@ class DataSpec:
 
 @dataclass
 class TrainConfig:
+    # A key the spec leaves out is chosen at the start of `train` from the data, the task type, the
+    # method and the model (defaults.py), printed and recorded; the numbers below are the fallback
+    # for code that reads a spec without training it.
     max_steps: int = 200
+    epochs: float = 0.0  # the budget in passes over the train split (max_steps = epochs × steps per epoch); 0: use max_steps
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
@@ -50,6 +54,8 @@ class TrainConfig:
     eval_samples: int = 200  # dev rows used by the periodic evals; the final eval uses all
     eval_batch_size: int = 32
     patience: int = 0  # evals without improvement before stopping; 0 disables early stopping
+    min_delta: float = 0.0  # an eval must beat the best by more than this to count as an improvement (patience)
+    min_steps: int = 0  # early stopping may not end the run before this step
     checkpoint_every: int = 50
     log_every: int = 10  # steps per metrics.jsonl loss row; the loss is read off the device only then
     max_minutes: float = 0.0  # wall-clock budget for the loop; 0 means no limit
@@ -75,6 +81,8 @@ class TaskSpec:
     quantization: str = "8bit"
     dtype: str = "auto"  # compute dtype (DTYPES); not part of the backbone fingerprint
     init_from: str = ""  # start from this adapter's weights: a folder, or name[@version] in the adapters/ registry
+    # The dotted keys the spec (file + overrides) set itself; defaults.resolve fills the others. Not a spec key.
+    given: frozenset = field(default_factory=frozenset, repr=False, compare=False, metadata={"internal": True})
 
     @property
     def prompt_fields(self) -> list[str]:
@@ -86,7 +94,9 @@ class TaskSpec:
         return self.metric[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("given")
+        return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -130,7 +140,7 @@ def _build(cls, raw: Any, where: str, problems: list[str]):
         problems.append(f"{where or 'spec'} must be a mapping, got {type(raw).__name__}")
         return cls()
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
     for key in raw:
         if key not in names:
             problems.append(f"unknown key {where + str(key)!r} (valid: {', '.join(names)})")
@@ -212,6 +222,14 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length", "max_new_tokens", "checkpoint_every", "log_every"):
         if isinstance(getattr(t, key), int) and getattr(t, key) < 1:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
+    for key in ("epochs", "min_delta"):
+        value = getattr(t, key)
+        if isinstance(value, float) and value < 0:
+            problems.append(f"train.{key} must be ≥ 0, got {value}")
+    for key in ("patience", "min_steps"):
+        value = getattr(t, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            problems.append(f"train.{key} must be ≥ 0, got {value}")
     if isinstance(t.lr, float) and t.lr <= 0:
         problems.append(f"train.lr must be > 0, got {t.lr}")
     if isinstance(t.max_length, int) and isinstance(t.max_new_tokens, int) and t.max_length >= 1:
@@ -289,10 +307,25 @@ def spec_from_dict(raw: dict, overrides: list[str] | None = None, source: str = 
             raw["method_args"] = {}
     problems: list[str] = []
     spec = _build(TaskSpec, raw, "", problems)
+    spec.given = frozenset(given_keys(raw)) if isinstance(raw, dict) else frozenset()
     _check(spec, problems)
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+def given_keys(raw: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a raw spec sets: `train.lr`, `method_args`, `data.train` … (a section's keys and the section).
+
+    `method_args` counts as one key: its entries are peft's, merged over the method's defaults.
+    """
+    keys = set()
+    for key, value in raw.items():
+        name = prefix + str(key)
+        keys.add(name)
+        if isinstance(value, dict) and name in ("train", "data"):
+            keys |= given_keys(value, name + ".")
+    return keys
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
@@ -304,4 +337,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SpecError([f"YAML does not parse: {' '.join(str(exc).split())}"], f"task spec {path}") from None
-    return spec_from_dict(raw, overrides, f"task spec {path}")
+    spec = spec_from_dict(raw, overrides, f"task spec {path}")
+    t = spec.train
+    if {"train.max_steps", "train.epochs"} <= spec.given and t.epochs:  # a written spec; a recorded one holds both, consistent
+        raise SpecError([f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the budget; give one "
+                         "(train.epochs=0 leaves it to max_steps)"], f"task spec {path}")
+    return spec

@@ -32,7 +32,7 @@ def assert_refused(capsys, task_dir, argv, needle):
     (["labels={pos: x}"], "'labels' needs at least two verbalizer words"),
     (["labels={pos: x, other: z}"], "label value(s) 'neg' not in labels"),
     (["data.dev=empty.jsonl"], "is empty"),
-    (["train.epochs=3", "method=adapterfusion"], "unknown key 'train.epochs'"),
+    (["train.num_epochs=3", "method=adapterfusion"], "unknown key 'train.num_epochs'"),
     (["method_args.target_modules=[c_attn]"], "cannot target ['c_attn'] on 'llama'"),
     (["method=prefix", "method_args.r=4"], "method_args for 'prefix' are invalid"),
     (["labels={pos: xy, neg: xy}"], "tokenize to identical sequences"),
@@ -44,9 +44,9 @@ def test_bad_train_input_is_refused(capsys, cls_task, override, needle):
 
 
 def test_all_spec_problems_come_in_one_line(capsys, cls_task):
-    code, _, err = run(capsys, "train", "toy.yaml", "train.epochs=3", "method=adapterfusion", "type=regression")
+    code, _, err = run(capsys, "train", "toy.yaml", "train.num_epochs=3", "method=adapterfusion", "type=regression")
     assert code == 2 and err.count("error:") == 1
-    assert "train.epochs" in err and "adapterfusion" in err and "regression" in err
+    assert "train.num_epochs" in err and "adapterfusion" in err and "regression" in err
 
 
 def test_existing_output_folder_is_refused(capsys, cls_task):

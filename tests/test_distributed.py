@@ -88,7 +88,8 @@ def _joint_specs(tmp_path):
     data.write_text("".join(json.dumps({"text": f"{w} {i}", "label": w}) + "\n" for i in range(12) for w in ("yes", "no")))
     gen = tmp_path / "g.jsonl"
     gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh", "ij", "kl"]))
-    common = {"base": "tiny-random-llama", "quantization": "none", "method": "lora", "method_args": {"r": 4, "init_lora_weights": False},
+    common = {"base": "tiny-random-llama", "quantization": "none", "method": "lora",
+              "method_args": {"r": 4, "init_lora_weights": False, "target_modules": ["q_proj", "v_proj"]},
               "train": {"max_length": 32, "lr": 1e-2}}
     specs = {
         "a": {"name": "a", "type": "classification", "data": {"train": str(data), "dev": str(data)}, "prompt": "T: {text}\nL:",

@@ -35,13 +35,13 @@ def test_publish_pull_load_gives_identical_outputs(adapter, tmp_path):
     assert reg.publish(adapter, "1.0.0")[:2] == ("toy", "1.0.0")
     assert reg.publish(adapter)[1] == "1.0.1"  # auto bumps the patch
     pulled = reg.pull("toy@1.0.0", tmp_path / "pulled")
-    direct, bb, _, _ = load_adapter(adapter)
+    direct, backbone, _, _ = load_adapter(adapter)
     via_pull, _, _, _ = load_adapter(pulled)
     via_registry, _, _, _ = reg.load("toy@latest")
-    want = _logits(direct, bb.tokenizer)
-    assert torch.equal(want, _logits(via_pull, bb.tokenizer)) and torch.equal(want, _logits(via_registry, bb.tokenizer))
+    want = _logits(direct, backbone.tokenizer)
+    assert torch.equal(want, _logits(via_pull, backbone.tokenizer)) and torch.equal(want, _logits(via_registry, backbone.tokenizer))
     entry = reg.index()["adapters"]["toy"]["1.0.0"]
-    assert entry["method"] == "lora" and entry["rank"] == 8 and entry["target_modules"] == ["q_proj", "v_proj"]
+    assert entry["method"] == "lora" and entry["rank"] == 8 and entry["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # the default: all linear
     assert entry["base"]["fingerprint"]["quantization"] == "none" and "accuracy" in entry["metrics"]
     assert set(entry["files"]) == {p.name for p in adapter.iterdir()}
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in entry["files"].values())

@@ -44,14 +44,15 @@ def registry(tmp_path_factory):
     gen = d / "copy.jsonl"
     gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
     rand = {"init_lora_weights": False}  # random B: every LoRA moves the outputs from the first step
+    qv = {"target_modules": ["q_proj", "v_proj"]}  # gen_b keeps the default (every linear layer)
     g = {**GEN, "data": {"train": str(gen), "dev": str(gen)}}
     folders = {
-        "cls_a": train_tiny(d, "cls_a", method_args=rand, train={"seed": 1, "lr": 5e-2}),
+        "cls_a": train_tiny(d, "cls_a", method_args={**qv, **rand}, train={"seed": 1, "lr": 5e-2}),
         "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"], **rand}, train={"seed": 2, "lr": 5e-2}),
         "cls_prefix": train_tiny(d, "cls_prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
         "cls_prompt": train_tiny(d, "cls_prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
         "cls_ia3": train_tiny(d, "cls_ia3", method="ia3", train={"lr": 0.5, "seed": 5}),
-        "gen_a": train_tiny(d, "gen_a", **g, method_args=rand, train={"max_new_tokens": 4, "seed": 3}),
+        "gen_a": train_tiny(d, "gen_a", **g, method_args={**qv, **rand}, train={"max_new_tokens": 4, "seed": 3}),
         "gen_b": train_tiny(d, "gen_b", **g, method_args={"r": 16, **rand}, train={"max_new_tokens": 5, "seed": 4}),
         "gen_prefix": train_tiny(d, "gen_prefix", **g, method="prefix", method_args={"num_virtual_tokens": 2}, train={"max_new_tokens": 4}),
         "gen_prompt": train_tiny(d, "gen_prompt", **g, method="prompt", method_args={"num_virtual_tokens": 5}, train={"max_new_tokens": 4}),
@@ -152,9 +153,9 @@ def test_completions_chat_streaming_classify_and_models(served):
         assert set(d["probabilities"]) == {"pos", "neg"} and abs(sum(d["probabilities"].values()) - 1) < 1e-4
         assert d["label"] == max(d["probabilities"], key=d["probabilities"].get)
     # the label scores are plain peft's, normalized over the labels (independent of the router's scoring)
-    model, bb, spec, _ = load_adapter(served.router.folders["cls_a"], dtype="fp32")
+    model, backbone, spec, _ = load_adapter(served.router.folders["cls_a"], dtype="fp32")
     prompts = [spec.prompt.format(text=t) for t in ("pos 1", "neg 2")]
-    scores = label_scores(model, bb.tokenizer, prompts, label_token_ids(bb.tokenizer, spec), spec.train.max_length).softmax(-1)
+    scores = label_scores(model, backbone.tokenizer, prompts, label_token_ids(backbone.tokenizer, spec), spec.train.max_length).softmax(-1)
     for d, row in zip(cls["data"], scores.tolist()):
         assert [d["probabilities"][w] for w in ("pos", "neg")] == pytest.approx(row, abs=1e-4)
 

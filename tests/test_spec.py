@@ -27,12 +27,12 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
 
 
 def test_every_problem_is_listed_at_once_with_valid_choices():
-    bad = {**VALID, "type": "regression", "method": "adapterfusion", "bogus": 1, "train": {"lr": "fast", "epochs": 3}}
+    bad = {**VALID, "type": "regression", "method": "adapterfusion", "bogus": 1, "train": {"lr": "fast", "num_epochs": 3}}
     with pytest.raises(SpecError) as err:
         spec_from_dict(bad)
     msg = str(err.value)
     assert "\n" not in msg
-    for needle in ("unknown key 'bogus'", "unknown key 'train.epochs'", "'train.lr' must be float",
+    for needle in ("unknown key 'bogus'", "unknown key 'train.num_epochs'", "'train.lr' must be float",
                    "type='regression' is not one of classification, generation",
                    "method='adapterfusion' is not one of lora, prefix, prompt, ia3"):
         assert needle in msg, needle

@@ -33,18 +33,18 @@ def test_plain_peft_reload_reproduces_the_trained_adapter(cls_task, method):
         "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterhub.json", "curves.png", "metrics.jsonl", "routing.safetensors"]
     assert not (cls_task / ".out.partial").exists()
 
-    ours, bb, spec2, _ = load_adapter(out, dtype="fp32")  # exact comparison (auto is bf16 on CUDA)
-    base = AutoModelForCausalLM.from_pretrained(load_backbone("tiny-random-llama", "none").path).to(bb.device)
+    ours, backbone, spec2, _ = load_adapter(out, dtype="fp32")  # exact comparison (auto is bf16 on CUDA)
+    base = AutoModelForCausalLM.from_pretrained(load_backbone("tiny-random-llama", "none").path).to(backbone.device)
     plain = PeftModel.from_pretrained(base, out).eval()
-    ids = bb.tokenizer(["Text: aaaa 3\nLabel:", "Text: bbbb 1\nLabel:"], padding=True, return_tensors="pt").to(bb.device)
+    ids = backbone.tokenizer(["Text: aaaa 3\nLabel:", "Text: bbbb 1\nLabel:"], padding=True, return_tensors="pt").to(backbone.device)
     with torch.no_grad():
         a, b = plain(**ids).logits, ours(**ids).logits
     assert (a - b).abs().max().item() < 1e-5
     # the metrics recorded at the end of training are those of the reloaded adapter
     dev = load_task_data(spec2, ("dev",))["dev"]
-    metrics, _, _ = evaluate_split(plain, bb.tokenizer, spec2, dev)
+    metrics, _, _ = evaluate_split(plain, backbone.tokenizer, spec2, dev)
     assert metrics == meta["metrics"]
-    assert meta["base"]["fingerprint"] == bb.fingerprint and meta["method"] == method
+    assert meta["base"]["fingerprint"] == backbone.fingerprint and meta["method"] == method
     assert meta["trainable_parameters"]["trainable"] > 0 and meta["data"]["train"]["rows"] == 96
 
 
@@ -147,15 +147,15 @@ def test_generation_task_trains_and_predicts(gen_task):
     rows = [{"text": t, "target": "zz"} for t in ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]]
     (gen_task / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (gen_task / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    out, spec = _train(gen_task, "copy", "train.max_steps=20", "train.lr=3e-2", "train.eval_every=20")
+    out, spec = _train(gen_task, "copy", "train.max_steps=20", "train.lr=3e-2", "train.eval_every=20", "method_args.target_modules=[q_proj, v_proj]")
     meta = json.loads((out / "adapterhub.json").read_text())
     assert meta["metrics"] == {"exact_match": 1.0, "json_valid": 0.0}
     losses = [r["loss"] for r in _history(out) if "loss" in r]
     assert losses[-1] < losses[0]
-    bb = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
     dev = load_task_data(spec, ("dev",))["dev"]
-    assert evaluate_split(bb.model, bb.tokenizer, spec, dev)[0]["exact_match"] == 0.0
-    _, preds, _ = evaluate_split(PeftModel.from_pretrained(bb.model, out).eval(), bb.tokenizer, spec, dev)
+    assert evaluate_split(backbone.model, backbone.tokenizer, spec, dev)[0]["exact_match"] == 0.0
+    _, preds, _ = evaluate_split(PeftModel.from_pretrained(backbone.model, out).eval(), backbone.tokenizer, spec, dev)
     assert preds == ["zz"] * 4  # plain peft on the saved folder generates the trained answer
     assert meta["efficiency"]["train_tokens_per_s"] > 0
 
@@ -164,11 +164,11 @@ def test_eight_bit_backbone_trains_and_reloads_with_plain_peft(cls_task):
     out, _ = _train(cls_task, "toy", "quantization=8bit", "train.max_steps=2", "train.eval_every=2")
     meta = json.loads((out / "adapterhub.json").read_text())
     assert meta["base"]["fingerprint"]["quantization"] == "8bit"
-    bb = load_backbone("tiny-random-llama", "8bit", dtype="fp32")
-    assert type(bb.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
-    plain = PeftModel.from_pretrained(bb.model, out).eval()
+    backbone = load_backbone("tiny-random-llama", "8bit", dtype="fp32")
+    assert type(backbone.model.model.layers[0].self_attn.q_proj).__name__ == "Linear8bitLt"
+    plain = PeftModel.from_pretrained(backbone.model, out).eval()
     ours, bb2, _, _ = load_adapter(out, dtype="fp32")
-    ids = bb.tokenizer(["Text: aaaa 3\nLabel:"], return_tensors="pt").to(bb.device)
+    ids = backbone.tokenizer(["Text: aaaa 3\nLabel:"], return_tensors="pt").to(backbone.device)
     with torch.no_grad():
         assert torch.allclose(plain(**ids).logits, ours(**ids).logits, atol=1e-4)
 

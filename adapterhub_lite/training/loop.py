@@ -45,6 +45,8 @@ class LoopConfig:
     log_every: int = 10
     max_minutes: float = 0.0
     patience: int = 0  # evals without improvement before stopping (0: never)
+    min_delta: float = 0.0  # an improvement is a score above the best by more than this (smaller gains are eval noise)
+    min_steps: int = 0  # early stopping waits until this step (a generation metric can sit at 0 while the loss falls)
 
 
 @dataclass
@@ -221,14 +223,19 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
             score, row = parallel.share((score, row))  # every process takes the same decisions
             recipe.observe(row)
             record({"step": state.step, **row})
-            if state.best_metric is None or score > state.best_metric:
-                state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
-                best = {k: v.detach().cpu().clone() for k, v in recipe.trainable().items()}  # keep the best, not the last
+            # Two bests: the weights kept are the best seen (any gain); patience counts evals that did not
+            # beat the score of the last *real* improvement by more than min_delta (Keras' EarlyStopping).
+            improved = state.best_metric is None or score > state.best_metric
+            if state.plateau_score is None or score > state.plateau_score + cfg.min_delta:
+                state.plateau_score, state.bad_evals = score, 0
             else:
                 state.bad_evals += 1
+            if improved:
+                state.best_metric, state.best_step = score, state.step
+                best = {k: v.detach().cpu().clone() for k, v in recipe.trainable().items()}  # keep the best, not the last
             if parallel.main:
                 bar.write(f"step {state.step}: dev {score:.4f} (best {state.best_metric:.4f} @ {state.best_step})", file=sys.stderr)
-            if cfg.patience and state.bad_evals >= cfg.patience:
+            if cfg.patience and state.bad_evals >= cfg.patience and state.step >= cfg.min_steps:
                 stopped_by = "early_stopping"
         if out_of_time and stopped_by == "max_steps":
             stopped_by = "max_minutes"

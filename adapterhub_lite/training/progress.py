@@ -27,7 +27,8 @@ class RunState:
     train_seconds: float = 0.0
     best_metric: float | None = None
     best_step: int = 0
-    bad_evals: int = 0
+    bad_evals: int = 0  # evals since the score last beat plateau_score by more than min_delta
+    plateau_score: float | None = None  # the score of the last real improvement (patience's reference)
     history: list[dict] = field(default_factory=list)
 
 

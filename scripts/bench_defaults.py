@@ -1,0 +1,82 @@
+"""Do the defaults hold up? Train each task from its minimal spec and compare with its tuned reference.
+
+    python scripts/bench_defaults.py --tasks sst2 rte ag_news date_iso person_json \
+        --reference adapters --reference-folder rte=runs/reference/rte
+
+A minimal spec (scripts/tasks/minimal/NAME.yaml) gives only name, type, data, prompt and the
+label/target; `train` chooses the rest (adapterhub_lite/defaults.py). The reference is the adapter
+trained from the tuned spec (scripts/tasks/NAME.yaml): by default the newest NAME in the registry
+given by --reference, or a folder given by --reference-folder NAME=PATH (train one with
+`adapterhub-lite train scripts/tasks/NAME.yaml --output PATH`). Both are scored on the full dev
+split by `train`'s final eval; training time is the loop's train_seconds (steps only, evals
+excluded), as each sidecar records it. References trained in another run on another machine
+compare only roughly: retrain them on the same machine for a fair time ratio.
+
+Prints a table on stderr and one JSON line on stdout: per task the primary metric of both, the
+score ratio (goal ≥ 0.95) and the time ratio (goal ≤ 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_folder(name: str, registry: Path, folders: dict[str, str]) -> Path:
+    if name in folders:
+        return Path(folders[name])
+    sys.path.insert(0, str(ROOT))
+    from adapterhub_lite.registries import adapter_ref
+
+    return adapter_ref(name, registry)[1]
+
+
+def record(folder: Path) -> dict:
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    primary = meta["task"]["metric"][0]
+    state = meta["train_state"]
+    return {"metric": primary, "score": meta["metrics"][primary], "train_seconds": state["train_seconds"],
+            "steps": state["steps"], "stopped_by": state["stopped_by"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "rte", "ag_news", "date_iso", "person_json"])
+    ap.add_argument("--output", default="runs/defaults", help="where the minimal-spec adapters are written")
+    ap.add_argument("--reference", default="adapters", help="registry holding the tuned adapters")
+    ap.add_argument("--reference-folder", nargs="*", default=[], metavar="NAME=PATH", help="a tuned adapter's folder, per task")
+    ap.add_argument("--skip-training", action="store_true", help="compare the folders already under --output")
+    args = ap.parse_args()
+    folders = dict(item.split("=", 1) for item in args.reference_folder)
+    rows = {}
+    for name in args.tasks:
+        out = Path(args.output) / name
+        if not args.skip_training:
+            cmd = [sys.executable, "-m", "adapterhub_lite.cli", "train", str(ROOT / "scripts/tasks/minimal" / f"{name}.yaml"),
+                   "--output", str(out), "--overwrite", "--no-progress"]
+            print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True)
+        ours, ref = record(out), record(reference_folder(name, Path(args.reference), folders))
+        rows[name] = {"metric": ref["metric"], "minimal": ours["score"], "reference": ref["score"],
+                      "score_ratio": round(ours["score"] / ref["score"], 4) if ref["score"] else None,
+                      "minimal_seconds": ours["train_seconds"], "reference_seconds": ref["train_seconds"],
+                      "time_ratio": round(ours["train_seconds"] / ref["train_seconds"], 3),
+                      "minimal_steps": ours["steps"], "stopped_by": ours["stopped_by"], "reference_steps": ref["steps"]}
+    print("| task | metric | minimal | reference | ratio | minimal s (steps, stop) | reference s (steps) | time ratio |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    for name, r in rows.items():
+        print(f"| {name} | {r['metric']} | {r['minimal']:.4f} | {r['reference']:.4f} | {r['score_ratio']} | "
+              f"{r['minimal_seconds']} ({r['minimal_steps']}, {r['stopped_by']}) | {r['reference_seconds']} ({r['reference_steps']}) | "
+              f"{r['time_ratio']} |", file=sys.stderr)
+    ok = all(r["score_ratio"] is not None and r["score_ratio"] >= 0.95 and r["time_ratio"] <= 1.0 for r in rows.values())
+    print(json.dumps({"bench": "defaults", "tasks": rows, "all_within_goal": ok}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Defaults for what a spec leaves out (defaults.py): chosen from the data, task, method and model; printed; recorded."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from peft import PeftConfig
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.data import load_task_data
+from adapterhub_lite.defaults import EXAMPLE_BUDGET, resolve
+from adapterhub_lite.errors import SpecError
+from adapterhub_lite.heads import label_token_ids
+from adapterhub_lite.spec import load_spec
+from adapterhub_lite.train import train
+from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
+from adapterhub_lite.training.parallel import Parallel
+
+MINIMAL = ("name", "type", "data", "prompt", "label", "labels", "target", "base", "quantization")  # + the tiny backbone
+
+
+def _minimal(task_dir, name):
+    raw = yaml.safe_load((task_dir / f"{name}.yaml").read_text())
+    (task_dir / "minimal.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k in MINIMAL}))
+    return task_dir / "minimal.yaml"
+
+
+def _resolve(path, *overrides, processes=1):
+    spec = load_spec(path, list(overrides))
+    backbone = load_backbone(spec.base, spec.quantization, "cpu")
+    return resolve(spec, load_task_data(spec), backbone.model, backbone.tokenizer, processes), backbone
+
+
+def test_a_minimal_classification_spec_gets_settings_from_its_data_and_model(cls_task):
+    resolved, backbone = _resolve(_minimal(cls_task, "toy"))
+    spec, t = resolved.spec, resolved.spec.train
+    linear = {n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert spec.method_args["target_modules"] == sorted(linear - {"lm_head"})  # every linear layer but the head
+    assert (spec.method_args["r"], spec.method_args["lora_alpha"], t.lr) == (8, 16, 1e-3)
+    rows = 96  # cls_task's train split
+    assert t.epochs == 20 and t.max_steps == math.ceil(20 * rows / t.batch_size)  # a small split: MAX_EPOCHS passes
+    assert (t.patience, t.min_steps, t.eval_samples) == (2, t.max_steps // 10, 16)
+    assert t.min_delta == round(0.4 / math.sqrt(16), 4) and t.checkpoint_every == t.eval_every
+    prompts = load_task_data(spec)["train"].prompt_ids(backbone.tokenizer)
+    words = label_token_ids(backbone.tokenizer, spec)
+    assert t.max_length == max(len(p) for p in prompts) + max(len(w) for w in words)  # the longest prompt + the longest label word
+    assert set(resolved.choices) >= {"method_args.target_modules", "train.lr", "train.max_steps", "train.epochs", "train.patience"}
+    text = resolved.describe()  # the printed spec is YAML that loads back to the resolved values
+    assert yaml.safe_load(text)["train"]["max_steps"] == t.max_steps and "# every linear layer but the output head" in text
+
+
+def test_the_budget_scales_with_the_data_and_the_processes(cls_task):
+    big = cls_task / "big.jsonl"
+    big.write_text((cls_task / "train.jsonl").read_text() * 250)  # 24,000 rows: more than the row budget
+    resolved, _ = _resolve(_minimal(cls_task, "toy"), "data.train=big.jsonl", "train.batch_size=16")
+    assert resolved.spec.train.max_steps == EXAMPLE_BUDGET // 16 and resolved.spec.train.epochs == round(EXAMPLE_BUDGET / 24000, 2)
+    two, _ = _resolve(_minimal(cls_task, "toy"), "train.epochs=3", "train.batch_size=8", processes=2)
+    assert two.spec.train.max_steps == math.ceil(3 * 96 / 16)  # a step reads 8 rows on each of 2 processes
+    assert two.spec.train.patience == 2  # a budget in epochs stops early too
+
+
+def test_the_learning_rate_follows_the_method_and_the_rank(cls_task):
+    low, _ = _resolve(_minimal(cls_task, "toy"), "method_args.r=32")
+    assert low.spec.train.lr == 5e-4 and low.spec.method_args["target_modules"]  # 1e-3 × sqrt(8 / 32); targets still filled in
+    prompt, _ = _resolve(_minimal(cls_task, "toy"), "method=prompt")
+    assert prompt.spec.train.lr == 3e-2
+
+
+def test_what_the_spec_gives_is_never_changed(cls_task):
+    resolved, _ = _resolve(cls_task / "toy.yaml", "train.lr=0.25")
+    t = resolved.spec.train
+    assert (t.max_steps, t.lr, t.eval_every, t.max_length, t.checkpoint_every) == (6, 0.25, 3, 64, 2)
+    assert resolved.spec.method_args["target_modules"] == ["q_proj", "v_proj"] and resolved.spec.method_args["r"] == 4
+    assert t.patience == 0  # fixed steps: no early stopping unless asked
+    assert not {"train.max_steps", "train.lr", "train.eval_every", "method_args.target_modules"} & set(resolved.choices)
+
+
+def test_a_spec_setting_both_max_steps_and_epochs_is_refused(cls_task):
+    with pytest.raises(SpecError, match="train.max_steps=6 and train.epochs=2.0 both set the budget"):
+        load_spec(cls_task / "toy.yaml", ["train.epochs=2"])
+
+
+def test_a_generation_spec_sizes_its_decoding_from_the_targets(gen_task):
+    resolved, backbone = _resolve(_minimal(gen_task, "copy"))
+    answers = load_task_data(resolved.spec)["train"].answer_ids(backbone.tokenizer)
+    longest = max(len(a) for a in answers)
+    assert resolved.spec.train.max_new_tokens == math.ceil(1.25 * longest) + 1
+    assert resolved.spec.train.eval_samples == 4  # all the dev rows (fewer than 100)
+
+
+def test_train_prints_the_resolved_spec_and_records_it(cls_task, capsys):
+    path = _minimal(cls_task, "toy")
+    spec = load_spec(path, ["train.epochs=0.5"])  # a short run; the rest is chosen
+    out = train(spec, cls_task / "out", progress=False)
+    err = capsys.readouterr().err
+    assert "resolved spec" in err and "target_modules:" in err and "# every linear layer but the output head" in err
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert meta["task"]["train"]["max_steps"] == 3 and meta["defaults"]["train.max_steps"]["value"] == 3  # ceil(0.5 × 96 / 16)
+    assert meta["train_state"]["steps"] == 3
+    targets = set(PeftConfig.from_pretrained(str(out)).target_modules)  # plain peft reads the all-linear adapter
+    assert targets == set(meta["task"]["method_args"]["target_modules"]) and "gate_proj" in targets
+
+
+class _Scripted(Recipe):
+    """A recipe whose evals return scripted scores: the loop's early-stopping rule, alone."""
+
+    name, identity = "scripted", {}
+
+    def __init__(self, scores):
+        self.model = torch.nn.Linear(1, 1)
+        self.scores = list(scores)
+
+    def param_groups(self):
+        return [{"params": list(self.model.parameters()), "lr": 1e-3}]
+
+    def step_loss(self, call, parallel):
+        return StepLoss(call(torch.ones(1, 1)).sum(), 1)
+
+    def evaluate(self, limit):
+        score = self.scores.pop(0)
+        return score, {"score": score}
+
+    def trainable(self):
+        return dict(self.model.state_dict())
+
+    def load_trainable(self, values):
+        self.model.load_state_dict(values)
+
+
+@pytest.mark.parametrize("min_delta, min_steps, stop_step, best_step", [
+    (0.0, 0, 4, 2),     # 0.6 at step 2 is the best; steps 3, 4 do not beat it
+    (0.05, 0, 3, 3),    # 0.58 → 0.6 → 0.62 creeps by less than min_delta: stop at 3, keeping 0.62 (the best seen)
+    (0.05, 6, 6, 3),    # the same creep, but not before step 6
+])
+def test_early_stopping_counts_only_real_gains_and_waits_for_min_steps(tmp_path, min_delta, min_steps, stop_step, best_step):
+    scores = {(0.0, 0): [0.5, 0.6, 0.58, 0.59, 0.7], (0.05, 0): [0.58, 0.6, 0.62, 0.7], (0.05, 6): [0.58, 0.6, 0.62, 0.6, 0.6, 0.61, 0.9]}
+    recipe = _Scripted(scores[(min_delta, min_steps)])
+    cfg = LoopConfig(max_steps=20, eval_every=1, patience=2, min_delta=min_delta, min_steps=min_steps)
+    result = fit(recipe, cfg, Parallel(torch.device("cpu"), "none"), tmp_path / "work", progress=False)
+    assert (result.state.step, result.stopped_by, result.state.best_step) == (stop_step, "early_stopping", best_step)
