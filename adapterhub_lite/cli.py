@@ -368,6 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_bars() -> None:
+    """--no-progress means no bar at all: also transformers' "Loading weights" and the hub's download bars."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers / huggingface_hub are imported
+    if "transformers" in sys.modules:  # already imported (e.g. in-process callers): tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `adapterhub-lite`."""
     parser = build_parser()
@@ -378,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, positional, getattr(args, positional) + extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "no_progress", False):
+        _quiet_library_bars()
     try:
         return args.func(args)
     except AdapterHubError as exc:

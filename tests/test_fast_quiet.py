@@ -135,3 +135,16 @@ def test_progress_bar_on_stderr_and_off_with_no_progress(published, tmp_path, ca
         assert "300/300" not in out  # the bar never mixes into the answers
         answers = [json.loads(line) for line in out.splitlines() if line.strip()]
         assert len(answers) == (1 if kind == "eval" else 300)
+
+
+def test_no_progress_also_silences_the_libraries_bars(published):
+    """A fresh process (the libraries read the switch at import): transformers' "Loading weights" bar shows, then not."""
+    import subprocess
+    import sys
+
+    folder, _ = published
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": ""}
+    runs = {flag: subprocess.run([sys.executable, "-m", "adapterhub_lite.cli", "predict", str(folder), "--text", "pos 1", *flag],
+                                 capture_output=True, text=True, env=env, timeout=300) for flag in ((), ("--no-progress",))}
+    assert all(r.returncode == 0 for r in runs.values()), {k: r.stderr[-500:] for k, r in runs.items()}
+    assert "Loading weights" in runs[()].stderr and "Loading weights" not in runs[("--no-progress",)].stderr
