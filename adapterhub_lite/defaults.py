@@ -9,8 +9,8 @@ spec gives is never changed.
 The budget, when the spec gives neither `train.max_steps` nor `train.epochs`: up to EXAMPLE_BUDGET
 rows (at most MAX_EPOCHS passes over a small split), an eval every 2.5% of that (25 steps at most),
 and early stopping once the dev metric has gone PATIENCE evals without beating its last real gain by
-more than one standard error of the periodic eval (smaller gains are noise), not before a tenth of
-the budget. Evals are not training time (train_seconds counts steps only) but they are wall time.
+more than one standard error of the periodic eval (smaller gains are noise), not before MIN_STEPS
+(or a twentieth of a longer budget). Evals are not training time (train_seconds counts steps only) but they are wall time.
 A spec that fixes max_steps trains that many steps: no early stopping unless it asks for patience.
 """
 
@@ -28,6 +28,7 @@ EXAMPLE_BUDGET = 16_000
 MAX_EPOCHS = 20  # a few hundred rows still need many passes; this bounds them
 PATIENCE = 2  # evals without a real gain (every 25 steps: 800 rows at batch 16)
 EVALS_PER_BUDGET = 40
+MIN_STEPS = 50  # early stopping waits for this many steps (800 rows at batch 16), or a twentieth of a longer budget
 MAX_AUTO_LENGTH = 1024  # a longer outlier row would set every batch's memory; longer rows are truncated (prompt side)
 # Learning rates by method. LoRA's scale is alpha / r = 2; Adam moves each of the r components about
 # lr per step, so the update B·A grows like sqrt(r): lr ∝ 1/sqrt(r) keeps it the same (1e-3 at r = 8,
@@ -128,7 +129,8 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
             se = round(0.4 / math.sqrt(max(1, t["eval_samples"])), 4)
             t["min_delta"] = choose("train.min_delta", se, f"a smaller gain is noise: one standard error of an accuracy near 0.8 on {t['eval_samples']} rows")
         if "train.min_steps" not in given:
-            t["min_steps"] = choose("train.min_steps", steps // 10, "a tenth of the budget before stopping early (a metric can sit still while the loss falls)")
+            t["min_steps"] = choose("train.min_steps", min(steps, max(MIN_STEPS, steps // 20)),
+                                    "before stopping early: a metric can sit still while the loss falls")
 
     prompts = data["train"].prompt_ids(tokenizer)
     limit = min(MAX_AUTO_LENGTH, getattr(model.config, "max_position_embeddings", MAX_AUTO_LENGTH) or MAX_AUTO_LENGTH)

@@ -41,7 +41,7 @@ def test_a_minimal_classification_spec_gets_settings_from_its_data_and_model(cls
     assert (spec.method_args["r"], spec.method_args["lora_alpha"], t.lr) == (8, 16, 1e-3)
     rows = 96  # cls_task's train split
     assert t.epochs == 20 and t.max_steps == math.ceil(20 * rows / t.batch_size)  # a small split: MAX_EPOCHS passes
-    assert (t.patience, t.min_steps, t.eval_samples) == (2, t.max_steps // 10, 16)
+    assert (t.patience, t.min_steps, t.eval_samples) == (2, 50, 16)  # MIN_STEPS (the budget is 120 steps)
     assert t.min_delta == round(0.4 / math.sqrt(16), 4) and t.checkpoint_every == t.eval_every
     prompts = load_task_data(spec)["train"].prompt_ids(backbone.tokenizer)
     words = label_token_ids(backbone.tokenizer, spec)
