@@ -16,7 +16,9 @@ steps × that step time, and the time ratio against it (`time_ratio_here`). Retr
 here is the exact comparison; calibration is the cheap one.
 
 Prints a table on stderr and one JSON line on stdout: per task the primary metric of both, the
-score ratio (goal ≥ 0.95) and the time ratio (goal ≤ 1.0).
+score ratio (goal ≥ 0.95) and the time ratio (goal ≤ 1.0) of the finished run, and when the
+minimal run's periodic evals first reached 95% of the reference (an estimate where they score a
+subset of the dev rows; rte's score all 277).
 """
 
 from __future__ import annotations
@@ -43,8 +45,18 @@ def record(folder: Path) -> dict:
     meta = json.loads((folder / "adapterhub.json").read_text())
     primary = meta["task"]["metric"][0]
     state = meta["train_state"]
+    evals = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {"metric": primary, "score": meta["metrics"][primary], "train_seconds": state["train_seconds"],
-            "steps": state["steps"], "stopped_by": state["stopped_by"]}
+            "steps": state["steps"], "stopped_by": state["stopped_by"], "eval_rows": meta["task"]["train"]["eval_samples"],
+            "evals": [(r["step"], r[primary]) for r in evals if primary in r]}
+
+
+def first_reached(run: dict, goal: float) -> dict | None:
+    """The first periodic eval at or above `goal`: its step and the training seconds to it (steps × the run's mean step)."""
+    for step, score in run["evals"]:
+        if score >= goal:
+            return {"step": step, "score": score, "seconds": round(step * run["train_seconds"] / run["steps"], 1), "eval_rows": run["eval_rows"]}
+    return None
 
 
 def step_seconds(name: str, steps: int) -> float:
@@ -54,6 +66,11 @@ def step_seconds(name: str, steps: int) -> float:
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["auto_8bit_mean_ms_per_step"] / 1000
+
+
+def _reached(r: dict) -> str:
+    at = r["first_at_95_percent"]
+    return "never" if not at else f"step {at['step']} ({at['score']:.4f} on {at['eval_rows']} rows), ~{at['seconds']} s, time ratio {r['reached_95_percent_time_ratio']}"
 
 
 def main() -> int:
@@ -80,21 +97,27 @@ def main() -> int:
                       "score_ratio": round(ours["score"] / ref["score"], 4) if ref["score"] else None,
                       "minimal_seconds": ours["train_seconds"], "reference_seconds": ref["train_seconds"],
                       "time_ratio": round(ours["train_seconds"] / ref["train_seconds"], 3),
-                      "minimal_steps": ours["steps"], "stopped_by": ours["stopped_by"], "reference_steps": ref["steps"]}
+                      "minimal_steps": ours["steps"], "stopped_by": ours["stopped_by"], "reference_steps": ref["steps"],
+                      # periodic evals score eval_samples dev rows (rte: all of them), so this is an estimate elsewhere
+                      "first_at_95_percent": first_reached(ours, 0.95 * ref["score"])}
     for name in args.calibrate:
         seconds = step_seconds(name, args.calibration_steps)
         r = rows[name]
         r["reference_seconds_here"] = round(seconds * r["reference_steps"], 1)
         r["time_ratio_here"] = round(r["minimal_seconds"] / r["reference_seconds_here"], 3)
-    print("| task | metric | minimal | reference | ratio | minimal s (steps, stop) | reference s (steps) | time ratio |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rows.values():
+        reached, clock = r["first_at_95_percent"], r.get("reference_seconds_here", r["reference_seconds"])
+        r["reached_95_percent_time_ratio"] = round(reached["seconds"] / clock, 3) if reached else None
+    print("| task | metric | minimal | reference | ratio | minimal s (steps, stop) | reference s (steps) | time ratio | 95% first reached |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for name, r in rows.items():
         print(f"| {name} | {r['metric']} | {r['minimal']:.4f} | {r['reference']:.4f} | {r['score_ratio']} | "
               f"{r['minimal_seconds']} ({r['minimal_steps']}, {r['stopped_by']}) | {r['reference_seconds']} ({r['reference_steps']}) | "
-              f"{r['time_ratio']}" + (f" (here: {r['reference_seconds_here']} s, {r['time_ratio_here']})" if "time_ratio_here" in r else "") + " |",
-              file=sys.stderr)
+              f"{r['time_ratio']}" + (f" (here: {r['reference_seconds_here']} s, {r['time_ratio_here']})" if "time_ratio_here" in r else "") +
+              f" | {_reached(r)} |", file=sys.stderr)
     ok = all(r["score_ratio"] is not None and r["score_ratio"] >= 0.95 and r.get("time_ratio_here", r["time_ratio"]) <= 1.0 for r in rows.values())
-    print(json.dumps({"bench": "defaults", "tasks": rows, "all_within_goal": ok}))
+    reached = all(r["reached_95_percent_time_ratio"] is not None and r["reached_95_percent_time_ratio"] <= 1.0 for r in rows.values())
+    print(json.dumps({"bench": "defaults", "tasks": rows, "all_within_goal": ok, "all_reached_95_percent_in_time": reached}))
     return 0
 
 
