@@ -140,13 +140,16 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         if "train.max_new_tokens" not in given:
             t["max_new_tokens"] = choose("train.max_new_tokens", math.ceil(1.25 * longest_answer) + 1,
                                          f"the longest train target ({longest_answer} tokens) + 25% + EOS")
-        longest = max((len(p) + len(a) + 1 for p, a in zip(prompts, answers)), default=2)
+        # Decoding keeps the last max_length - max_new_tokens prompt tokens: room for the longest prompt
+        # and the whole decoding budget (which holds the longest target + EOS), so no prompt is cut.
+        longest = max((len(p) for p in prompts), default=1) + t["max_new_tokens"]
     else:
         from .heads import label_token_ids
 
         longest = max((len(p) for p in prompts), default=1) + max(len(ids) for ids in label_token_ids(tokenizer, spec))
     if "train.max_length" not in given:
-        why = f"the longest train row: {longest} tokens" + (f", capped at {limit}" if longest > limit else "")
+        what = "prompt + max_new_tokens" if spec.type == "generation" else "prompt + label word"
+        why = f"the longest train {what}: {longest} tokens" + (f", capped at {limit}" if longest > limit else "")
         t["max_length"] = choose("train.max_length", min(longest, limit), why)
 
     return Resolved(dataclasses.replace(spec, method_args=method_args, train=type(spec.train)(**t)), choices)

@@ -87,6 +87,9 @@ def test_a_generation_spec_sizes_its_decoding_from_the_targets(gen_task):
     answers = load_task_data(resolved.spec)["train"].answer_ids(backbone.tokenizer)
     longest = max(len(a) for a in answers)
     assert resolved.spec.train.max_new_tokens == math.ceil(1.25 * longest) + 1
+    # decoding keeps the last max_length - max_new_tokens prompt tokens: no prompt may be cut
+    prompts = load_task_data(resolved.spec)["train"].prompt_ids(backbone.tokenizer)
+    assert resolved.spec.train.max_length - resolved.spec.train.max_new_tokens == max(len(p) for p in prompts)
     assert resolved.spec.train.eval_samples == 4  # all the dev rows (fewer than 100)
 
 
