@@ -91,7 +91,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "adapterhub_lite.cli", "train", str(ROOT / "scripts/tasks/minimal" / f"{name}.yaml"),
                    "--output", str(out), "--overwrite", "--no-progress"]
             print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, stdout=sys.stderr)  # stdout is this script's one JSON line
         ours, ref = record(out), record(reference_folder(name, Path(args.reference), folders))
         rows[name] = {"metric": ref["metric"], "minimal": ours["score"], "reference": ref["score"],
                       "score_ratio": round(ours["score"] / ref["score"], 4) if ref["score"] else None,
