@@ -152,7 +152,6 @@ class Plan:
     rows: list[int]
     cols: list[int]
     reduce: Callable[[torch.Tensor], torch.Tensor]
-    count: int = 0  # a loss plan: how many items (rows, or target tokens) its loss averages over
 
     def run(self, model, pad_id: int, call=None) -> torch.Tensor:
         return self.reduce(logprobs_at(model, pad_id, self.seqs, self.rows, self.cols, call))
@@ -198,25 +197,25 @@ def loss_plan_ids(prompt_ids: list[list[int]], answers: list, max_length: int, l
     """loss_plan on already tokenized prompts. Classification: `answers` are label indices.
     Generation: `answers` are the target token ids (answer_ids, no EOS); `eos_id` is appended.
 
-    reduction="sum" gives the summed loss and leaves the averaging to the caller, over `plan.count`
-    items: a data-parallel step divides by the *global* batch's count, so that the mean is the one
+    reduction="sum" gives the summed loss and leaves the averaging to the caller, over `loss_items`
+    of the batch: a data-parallel step divides by the *global* batch's count, so that the mean is the one
     a single process would take over the whole batch.
     """
     if label_tokens is not None:
         scores = label_plan_ids(prompt_ids, label_tokens, max_length)
         gold = torch.tensor(answers, dtype=torch.long)
         return Plan(scores.seqs, scores.rows, scores.cols,
-                    lambda logp: F.cross_entropy(s := scores.reduce(logp), to_device(gold, s.device), reduction=reduction), len(answers))
+                    lambda logp: F.cross_entropy(s := scores.reduce(logp), to_device(gold, s.device), reduction=reduction))
     conts = [_target(a, eos_id, max_length) for a in answers]
     ids = [keep_end(p, max_length - len(c)) for p, c in zip(prompt_ids, conts)]
     lp = continuation_plan(ids, conts)
     n_tokens = sum(len(c) for c in conts)
     scale = 1 if reduction == "sum" else n_tokens
-    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.reduce(logp).sum() / scale, n_tokens)
+    return Plan(lp.seqs, lp.rows, lp.cols, lambda logp: -lp.reduce(logp).sum() / scale)
 
 
 def loss_items(answers: list, max_length: int, label_tokens=None) -> int:
-    """What a loss plan of these answers averages over (its `count`), without building it: rows for
+    """What a loss plan of these answers averages over, without building it: rows for
     classification, target tokens + EOS for generation. A data-parallel step computes it for the
     global batch, which every process knows."""
     if label_tokens is not None:

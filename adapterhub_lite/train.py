@@ -22,9 +22,9 @@ from .backbone import autocast, load_backbone
 from .data import check_lengths, label_words, load_task_data
 from .defaults import resolve
 from .errors import DataError
-from .evaluate import evaluate_split, label_token_ids
+from .evaluate import evaluate_split
 from .folder import check_fingerprint, read_sidecar
-from .heads import loss_items, loss_plan_ids
+from .heads import label_token_ids, loss_items, loss_plan_ids
 from .samples import routing_entry
 from .spec import TaskSpec
 from .training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save

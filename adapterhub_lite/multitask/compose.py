@@ -24,9 +24,9 @@ from ..adapter import read_lora, save_lora
 from ..backbone import autocast, load_backbone
 from ..data import check_lengths, load_split, load_task_data, to_split
 from ..errors import AdapterHubError
-from ..evaluate import evaluate_split, label_token_ids
+from ..evaluate import evaluate_split
 from ..folder import atomic_write, check_fingerprint, read_sidecar, write_json
-from ..heads import task_loss
+from ..heads import label_token_ids, task_loss
 from ..rowconfig import LoraFactors
 from ..rowlora import RowContext, wrap
 from ..samples import routing_entry

@@ -59,9 +59,6 @@ class Parallel:
         """Wrap the model for DDP (a no-op when alone) and the optimizer/scheduler for accelerate."""
         return self.accelerator.prepare(model, optimizer, scheduler)
 
-    def unwrap(self, model):
-        return self.accelerator.unwrap_model(model)
-
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average over the processes (the tensor itself when alone)."""
         return tensor if self.world == 1 else self.accelerator.reduce(tensor, "mean")
