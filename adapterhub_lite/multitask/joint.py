@@ -31,9 +31,9 @@ from ..adapter import make_config, save_lora, trainable_parameters
 from ..backbone import autocast, load_backbone
 from ..data import check_lengths, load_task_data
 from ..errors import SpecError
-from ..evaluate import evaluate_split, label_token_ids
+from ..evaluate import evaluate_split
 from ..folder import pyplot, save_figure, write_json, write_jsonl
-from ..heads import Plan, logprobs_at, loss_items, loss_plan_ids
+from ..heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids
 from ..rowconfig import check_lora_config
 from ..rowlora import RowContext, RowLoraLinear
 from ..samples import routing_entry
@@ -296,7 +296,7 @@ class Joint(Recipe):
 def joint_identity(specs: list[TaskSpec], cfg: JointConfig, data: dict, processes: int = 1) -> dict:
     """One run identity for the tasks and the joint settings (checked on resume; the global batch
     counts, not the process count)."""
-    ids = {s.name: run_identity(s, data[s.name]) for s in specs}
+    ids = {s.name: run_identity(s, data[s.name], processes) for s in specs}
     settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
     settings[GLOBAL_BATCH] = settings.pop("batch_size") * processes
     spec = {f"{n}.{k}": v for n, i in ids.items() for k, v in i["spec"].items()} | {f"joint.{k}": v for k, v in settings.items()}

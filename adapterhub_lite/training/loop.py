@@ -198,7 +198,7 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
         bar.update(1)
 
         last = state.step == cfg.max_steps
-        out_of_time = cfg.max_minutes > 0 and parallel.share(time.monotonic() - start_wall > cfg.max_minutes * 60)
+        out_of_time = cfg.max_minutes > 0 and parallel.agree(time.monotonic() - start_wall > cfg.max_minutes * 60)  # one scalar all-reduce
         evaluating = state.step % cfg.eval_every == 0 or last or out_of_time
         checkpointing = state.step % checkpoint_every == 0 or evaluating
         logged = state.step % cfg.log_every == 0 or checkpointing
