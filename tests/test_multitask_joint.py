@@ -193,3 +193,17 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
     def rows(run):  # the clock's figure aside, the logs are identical
         return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows(straight) == rows(resumed)
+
+
+def test_joint_resume_identity_counts_the_global_batch_not_the_process_count():
+    """Two processes × 4 rows resume a run of one process × 8 rows; another global batch is refused."""
+    from adapterhub_lite.data import Split
+    from adapterhub_lite.multitask.joint import joint_identity
+
+    data = {n: {"train": Split([], [], "t.jsonl", n + "-sha"), "dev": Split([], [], "d.jsonl", n + "-d")} for n in ("a", "b")}
+
+    def identity(batch, processes):
+        specs = [_spec(n, train={"max_length": 48, "batch_size": batch}) for n in ("a", "b")]
+        return joint_identity(specs, JointConfig(batch_size=batch), data, processes)["sha256"]
+
+    assert identity(8, 1) == identity(4, 2) != identity(4, 1)
