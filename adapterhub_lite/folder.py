@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import AdapterLoadError
+from .lora_format import base_rewriting_problem
 from .sidecar import FORMAT, SIDECAR, Sidecar  # noqa: F401 - re-exported: the folder's metadata file
 
 
@@ -263,6 +264,10 @@ def check_fits(folder: Path, model) -> None:
     with safe_open(Path(folder) / "adapter_model.safetensors", "pt") as fh:
         shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
     problems = []
+    if config.get("peft_type") == "LORA":
+        rewritten = base_rewriting_problem(config, f"adapter {str(folder)!r}")
+        if rewritten:  # its factors fit the shapes, but only a base this backbone is not
+            raise AdapterLoadError(rewritten)
     if config.get("peft_type") in ("LORA", "IA3"):
         modules = dict(model.named_modules())
         for key, shape in shapes.items():

@@ -14,6 +14,7 @@ from peft.tuners.ia3.model import IA3Model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from .errors import AdapterLoadError
+from .lora_format import base_rewriting_problem
 
 # LoraConfig fields this layer implements. Any other field that differs from peft's default
 # changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
@@ -55,6 +56,9 @@ def unsupported_lora_fields(cfg: LoraConfig) -> list[str]:
 
 def check_lora_config(cfg: LoraConfig, what: str) -> None:
     """Refuse, in one line naming the fields, a LoRA config the per-row layer would serve wrongly."""
+    problem = base_rewriting_problem(cfg, what)
+    if problem:
+        raise AdapterLoadError(problem)
     bad = unsupported_lora_fields(cfg)
     if cfg.bias != "none" and f"bias={cfg.bias!r}" not in bad:
         bad.append(f"bias={cfg.bias!r}")

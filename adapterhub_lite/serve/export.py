@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..errors import AdapterHubError
 from ..folder import SIDECAR
+from ..lora_format import base_rewriting_init
 from ..registries import open_registry
 from ..registry import _vkey
 
@@ -45,8 +46,6 @@ DECODER_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 VOCAB_TARGETS = {"lm_head", "embed_tokens"}
 # LoRA variants that change what a layer computes at inference; neither engine implements them.
 VARIANT_KEYS = ("use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config", "monteclora_config", "velora_config")
-# Initialisations that rewrite the base weights: the adapter only fits that rewritten base.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _FACTOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -109,9 +108,9 @@ def lora_problems(config: dict, modules: dict[str, int], others: list[str], engi
     variants = [k for k in VARIANT_KEYS if config.get(k)]
     if variants:
         out.append(f"uses the LoRA variant(s) {', '.join(variants)}, which {eng} does not implement")
-    init = config.get("init_lora_weights")
-    if (isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS)) or config.get("loftq_config"):
-        out.append(f"was initialised with {init or 'loftq'}, which rewrites the base weights; {eng}'s unmodified base gives other outputs")
+    init = base_rewriting_init(config)
+    if init:
+        out.append(f"was initialised with {init}, which rewrites the base weights; {eng}'s unmodified base gives other outputs")
     if others:
         out.append(f"holds tensors {eng} does not load as LoRA factors ({', '.join(sorted(others)[:2])}{' …' if len(others) > 2 else ''})")
     if not modules:
