@@ -32,3 +32,7 @@ class OutputExistsError(AdapterHubError):
 
 class AdapterLoadError(AdapterHubError):
     """An adapter folder is incomplete or does not match the backbone it is loaded on."""
+
+
+class ContextLengthError(DataError):
+    """A prompt and the tokens asked for do not fit the model's context (or a server's input limit)."""

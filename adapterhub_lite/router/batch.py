@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -142,6 +142,10 @@ class AdapterBank:
     def nbytes(self, name: str) -> int:
         """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module; IA3: its vectors)."""
         return self._get(name).nbytes
+
+    def virtual_tokens(self, name: str) -> int:
+        """Positions a prompt- or prefix-tuning adapter puts before every prompt (0 for LoRA and IA3)."""
+        return self._get(name).virtual
 
     def _get(self, name: str) -> _Adapter:
         if name not in self._adapters:
@@ -350,9 +354,14 @@ class AdapterBank:
     # ---- incremental decoding: rows start, join, advance and leave --------------------------------
 
     @torch.inference_mode()
-    def start(self, input_ids: list[list[int]], adapters: list[str | None], keys: list | None = None) -> Decoding:
+    def start(self, input_ids: list[list[int]], adapters: list[str | None], keys: list | None = None,
+              score_prompt: dict | None = None) -> Decoding:
         """Prefill rows (each through its adapter) and return their decoding state, whose `logits`
-        [B, vocab] are each row's next-token logits. `keys` (default 0..B-1) name the rows for the caller."""
+        [B, vocab] are each row's next-token logits. `keys` (default 0..B-1) name the rows for the caller.
+
+        `score_prompt` {key: k} also scores those rows' prompts in the same pass (see PromptScores):
+        `dec.prompt_scores[key]`.
+        """
         keys = list(range(len(input_ids))) if keys is None else list(keys)
         if len(keys) != len(input_ids):
             raise AdapterHubError(f"{len(keys)} keys for {len(input_ids)} rows")
@@ -362,7 +371,30 @@ class AdapterBank:
         with self.context.using(dec.route):
             hidden = self._run(batch.embeds, batch.mask, batch.positions, batch.cache)
             dec.logits = head_logits(self.model, hidden[torch.arange(len(keys), device=self.device), last])
+        for i, key in enumerate(keys):
+            if score_prompt and key in score_prompt:
+                own = hidden[i, batch.starts[i] : batch.starts[i] + len(input_ids[i])]  # the row's own tokens (no virtual ones)
+                dec.prompt_scores[key] = self._score(own, batch.slots[i], input_ids[i], score_prompt[key])
         return dec
+
+    def _score(self, hidden: torch.Tensor, slot: int, ids: list[int], top: int, chunk: int = 256) -> PromptScores:
+        """PromptScores of one row from its hidden states [T, hidden]; the LM head runs `chunk` positions at
+        a time, so a long prompt never holds a [T, vocab] tensor."""
+        out = PromptScores([None], [None], [None], [None])
+        target = torch.tensor(ids[1:], dtype=torch.long, device=self.device)
+        for s in range(0, len(ids) - 1, chunk):
+            h = hidden[s : min(s + chunk, len(ids) - 1)]  # position t predicts token t + 1
+            with self._assigned([slot] * len(h)):  # a LoRA on the LM head applies per position
+                logp = head_logits(self.model, h).float().log_softmax(-1)
+            want = target[s : s + len(h)]
+            chosen = logp.gather(1, want[:, None]).squeeze(1)
+            rank = (logp > chosen[:, None]).sum(1) + 1
+            values, indices = logp.topk(top) if top else (logp[:, :0], want[:, None][:, :0])
+            out.logprobs += chosen.tolist()
+            out.ranks += rank.tolist()
+            out.top += [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+            out.tokens += want.tolist()
+        return out
 
     @torch.inference_mode()
     def advance(self, dec: Decoding, tokens: torch.Tensor) -> None:
@@ -425,6 +457,19 @@ class Decoding:
     slots: list[int]  # LoRA slot per row
     route: object  # the RowContext plan for these rows
     logits: torch.Tensor | None = None  # [B, vocab]: each row's next-token logits
+    prompt_scores: dict = field(default_factory=dict)  # key → PromptScores (rows start() was asked to score)
+
+
+@dataclass
+class PromptScores:
+    """Each prompt token's log-prob given the tokens before it, through the row's adapter: per position,
+    the token, its log-prob, its rank in the vocabulary (1: the most likely) and the top k
+    [(token id, log-prob)]. The first token has nothing before it: None everywhere."""
+
+    tokens: list
+    logprobs: list
+    ranks: list
+    top: list
 
 
 def _pad_cols(t: torch.Tensor, width: int) -> torch.Tensor:

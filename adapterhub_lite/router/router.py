@@ -24,7 +24,7 @@ from peft import PeftModel
 
 from ..backbone import Backbone, load_backbone
 from ..data import load_task_data, readable, render, request_row
-from ..errors import AdapterLoadError, DataError
+from ..errors import AdapterLoadError, ContextLengthError, DataError
 from ..folder import check_fingerprint, check_fits, read_sidecar
 from ..heads import keep_end, label_plan_ids, label_token_ids
 from ..registries import open_registry
@@ -40,8 +40,9 @@ class Router:
     """Swap, merge and batch task adapters over one backbone."""
 
     def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
-                 route_threshold: float = 0.5, allow_base_mismatch: bool = False):
+                 route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None):
         self.backbone, self.registry = backbone, registry
+        self.max_model_len = check_context(backbone, max_model_len)
         self.bank = AdapterBank(backbone.model)
         self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
         self.allow_base_mismatch = allow_base_mismatch
@@ -204,28 +205,54 @@ class Router:
         for n in sorted(frozenset(names) - {BASE}):
             self._ensure(n, keep=needed)
 
-    def prepare(self, request: dict, name: str, max_new_tokens: int | None = None, max_input_tokens: int | None = None) -> Prepared:
-        """What serving one request through adapter `name` (already routed) needs: its prompt and ids.
+    def prepare(self, request: dict, name: str, max_new_tokens: int | None = None, *, default_new_tokens: int = 32,
+                fill_context: bool = False, max_input_tokens: int | None = None, add_special_tokens: bool = True,
+                truncate_prompt_tokens: int | None = None) -> Prepared:
+        """What serving one request through adapter `name` (already routed and held) needs: its prompt and ids.
 
-        A task adapter renders its own prompt template from the request's columns (`text` fills a
-        one-column prompt), as training did; a raw `prompt` is used as given. Generation budgets
-        default to the task's max_new_tokens (else 32). A prompt longer than the task's max_length
-        keeps its end, as in training; with `max_input_tokens` (the server's limit) a longer prompt
-        is refused instead, and prompts without a task may use that many tokens.
+        The request is raw or task-aware. A raw `prompt` (text) or `prompt_ids` (token ids) is used as
+        given and continued through the adapter's weights, whatever its task. Otherwise a task adapter
+        renders its own template from the request's columns (`text` fills a one-column prompt) and
+        answers its task: a classification adapter scores its labels, a generation adapter decodes
+        within its task's max_new_tokens unless `max_new_tokens` says otherwise; without a task,
+        `text` is the prompt. A raw prompt gets `max_new_tokens`, else `default_new_tokens`
+        (`fill_context`: fewer when the context holds fewer).
+
+        The prompt is never shortened unless the caller asks (`truncate_prompt_tokens`: keep its last
+        k tokens). Prompt, the adapter's virtual tokens and the new tokens must fit the model's
+        context (`max_model_len`), and the prompt `max_input_tokens` (a server's limit); else
+        ContextLengthError names every number.
         """
         spec = self.spec(name) if name != BASE else None
-        if isinstance(request.get("prompt"), str):
-            prompt = request["prompt"]
+        raw = "prompt" in request or "prompt_ids" in request
+        tok = self.backbone.tokenizer
+        if "prompt_ids" in request:
+            ids = list(request["prompt_ids"])
         else:
-            prompt = render(spec, request_row(spec, request)) if spec else request["text"]
-        ids = self.backbone.tokenizer(prompt, add_special_tokens=True).input_ids
+            prompt = request["prompt"] if raw else render(spec, request_row(spec, request)) if spec else request["text"]
+            ids = tok(prompt, add_special_tokens=add_special_tokens if raw else True).input_ids  # a task's prompt as training read it
+        if truncate_prompt_tokens is not None:
+            ids = keep_end(ids, truncate_prompt_tokens)  # the client asked for it; usage reports what was read
+        if not ids:
+            raise DataError("the prompt is empty (0 tokens); send at least one token")
         if max_input_tokens is not None and len(ids) > max_input_tokens:
-            raise DataError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
-        if spec is not None and spec.type == "classification":
-            return Prepared(name, spec, prompt, ids, 0)
-        budget = max_new_tokens if max_new_tokens is not None else spec.train.max_new_tokens if spec else request.get("max_new_tokens", 32)
-        limit = spec.train.max_length - budget if spec else (max_input_tokens or 512 - budget)
-        return Prepared(name, spec, prompt, keep_end(ids, max(limit, 1)), budget)
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
+        virtual = self.bank.virtual_tokens(name) if name != BASE else 0
+        room = self.max_model_len - virtual - len(ids)
+        if spec is not None and spec.type == "classification" and not raw:
+            need, what = max(len(t) for t in label_token_ids(tok, spec)), "for the longest label"
+            budget = 0
+        else:
+            budget = max_new_tokens if max_new_tokens is not None else spec.train.max_new_tokens if spec and not raw else default_new_tokens
+            if fill_context and max_new_tokens is None:
+                budget = max(min(budget, room), 1)
+            need, what = budget, "for the completion"
+        if need > room:
+            adapter = f", {virtual} virtual tokens of adapter {name!r}" if virtual else ""
+            raise ContextLengthError(f"the request needs {len(ids) + virtual + need} tokens ({len(ids)} in the prompt{adapter}, {need} {what}) "
+                                     f"but the model's context is {self.max_model_len} tokens (max_model_len, --max-model-len); "
+                                     "shorten the prompt or lower max_tokens")
+        return Prepared(name, spec, tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request else prompt, ids, budget, raw=raw)
 
     def forget(self, name: str) -> None:
         """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
@@ -243,7 +270,7 @@ class Router:
         names = self.route(requests)
         self.hold(names)  # the batch's adapters stay resident together while it runs
         # a task adapter answers within its task's max_new_tokens; base and task-less adapters take the request's
-        rows = [self.prepare(req, name, None if name != BASE and self.spec(name) else req.get("max_new_tokens", max_new_tokens))
+        rows = [self.prepare(req, name, None if name != BASE and self.spec(name) and "prompt" not in req else req.get("max_new_tokens", max_new_tokens))
                 for req, name in zip(requests, names)]
         results: list[dict] = [{"adapter": n} for n in names]
         cls_rows = [i for i, r in enumerate(rows) if r.classify]
@@ -272,7 +299,9 @@ class Router:
         tok = self.backbone.tokenizer
         seqs, adapters, positions, plans = [], [], [], []
         for row in rows:
-            plan = label_plan_ids([row.ids], label_token_ids(tok, row.spec), row.spec.train.max_length)
+            labels = label_token_ids(tok, row.spec)
+            # prepare() checked that prompt and labels fit the model's context: the plan keeps the whole prompt
+            plan = label_plan_ids([row.ids], labels, len(row.ids) + max(map(len, labels)))
             seqs += plan.seqs
             adapters += [row.bank_name] * len(plan.seqs)
             # the plan's picks run sequence by sequence, so each sequence's positions in order rebuild its order
@@ -288,19 +317,40 @@ class Router:
         return out
 
 
+def model_context(backbone: Backbone) -> int | None:
+    """The backbone's context length in tokens (its config's max_position_embeddings), None if it names none."""
+    config = backbone.model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_context(backbone: Backbone, max_model_len: int | None) -> int:
+    """The context a router serves: `max_model_len`, at most (and by default) the backbone's own."""
+    own = model_context(backbone)
+    if max_model_len is None:
+        if own is None:
+            raise AdapterLoadError(f"backbone {backbone.name!r} names no context length (max_position_embeddings); give max_model_len (--max-model-len)")
+        return own
+    if max_model_len < 1 or (own is not None and max_model_len > own):
+        raise AdapterLoadError(f"max_model_len={max_model_len} but backbone {backbone.name!r} was trained for positions up to {own}; "
+                               f"give 1 to {own} (--max-model-len)")
+    return max_model_len
+
+
 @dataclass
 class Prepared:
     """One request made ready for the bank: its adapter (routed), task, prompt and token ids."""
 
     adapter: str  # an adapter name or "base"
     spec: TaskSpec | None
-    prompt: str
-    ids: list[int]
-    max_new_tokens: int  # 0 for classification
+    prompt: str  # the text read (token-id prompts: decoded)
+    ids: list[int]  # every token read: usage's prompt_tokens
+    max_new_tokens: int  # 0 for classification (and for scoring a prompt only)
+    raw: bool = False  # a raw prompt, continued as given (else the task's input)
 
     @property
     def classify(self) -> bool:
-        return self.spec is not None and self.spec.type == "classification"
+        """A classification adapter's task input: scored over its labels, not generated."""
+        return self.spec is not None and self.spec.type == "classification" and not self.raw
 
     @property
     def bank_name(self) -> str | None:
