@@ -116,7 +116,11 @@ def _tiny_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    # A minimal ChatML-style template, so chat on `base` can be tested as on SmolLM2 (whose template is ChatML).
+    fast.chat_template = ("{% for m in messages %}{{ '<s>' + m['role'] + '\\n' + m['content'] }}{% if not (loop.last and continue_final_message) %}"
+                          "{{ '</s>\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<s>assistant\\n' }}{% endif %}")
+    return fast
 
 
 def _build_tiny_llama(final: Path) -> Path:

@@ -241,7 +241,7 @@ async def run_load(url: str, payloads, clients: int, duration: float, timeout: f
             sent += 1
             try:
                 results.append(await asyncio.wait_for(one_request(client, url, next(payloads)), timeout))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 results.append({"outcome": "lost", "error": f"no answer within {timeout:.0f} s"})
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                 results.append({"outcome": "failed", "error": f"{type(exc).__name__}: {str(exc)[:120]}"})

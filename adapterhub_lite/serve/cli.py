@@ -11,23 +11,48 @@ def _serve(args) -> int:
     import uvicorn
 
     from ..router.router import Router
-    from .api import Settings, create_app
+    from .api import create_app
     from .engine import Engine
+    from .handlers import Settings
     from .runtime import Catalogue
 
     key = args.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
+    _logging(args.log_level)
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
-                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
+                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
+                                  max_model_len=args.max_model_len)
     engine = Engine(router, max_batch_rows=args.max_batch_rows, max_queue=args.max_queue)
     settings = Settings(max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
-                        max_body_bytes=args.max_body_bytes, api_key=key, allow_runtime_loading=args.allow_runtime_loading)
+                        max_body_bytes=args.max_body_bytes, api_key=key, allow_runtime_loading=args.allow_runtime_loading,
+                        allowed_origins=tuple(args.allowed_origins or ()))
     app = create_app(engine, settings, Catalogue(engine))
     # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
-    # period), then the app's lifespan stops the engine after the queue is served.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.request_timeout)
+    # period), then the app's lifespan stops the engine after the queue is served. Its own access
+    # line is off: ours (serve/api.py) also names the model, the adapter that answered and the tokens.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=args.request_timeout)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _logging(level: str) -> None:
+    """The server's own lines (the access log, engine errors with their stack) on stderr at `level`."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("adapterhub_lite.serve")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def _origins(text: str) -> list[str]:
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    if not origins or any(o != "*" and not o.startswith(("http://", "https://")) for o in origins):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of origins: give e.g. https://app.example.com,http://localhost:3000 (or *)")
+    return origins
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -62,13 +87,17 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch-rows", type=count(1), default=32, help="rows decoded together (1: one request at a time)")
     p.add_argument("--max-queue", type=count(1), default=256, help="requests waiting beyond the batch; more get 429")
-    p.add_argument("--max-input-tokens", type=count(1), default=1024, help="longest prompt accepted (longer: 400)")
+    p.add_argument("--max-model-len", type=count(1), help="context in tokens: prompt (+ an adapter's virtual tokens) + max_tokens must fit, "
+                   "else 400 naming the numbers; prompts are never cut (default: the backbone's own)")
+    p.add_argument("--max-input-tokens", type=count(1), help="longest prompt accepted, below the context (longer: 400; default: no limit but the context)")
     p.add_argument("--max-tokens", type=count(1), default=512, help="largest max_tokens accepted (larger: 400)")
     p.add_argument("--request-timeout", type=finite_float, default=120.0, help="seconds a request may take (then 504)")
     p.add_argument("--max-body-bytes", type=count(1), default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: $ADAPTERHUB_API_KEY, else none)")
     p.add_argument("--allow-runtime-loading", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--allowed-origins", type=_origins, help="allow browser pages from these origins (CORS), comma-separated; default: CORS off")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="info (default): one access-log line per request; warning: only ignored fields and errors")
     add_device_args(p, adapters=True)
     p.set_defaults(func=_serve)

@@ -7,11 +7,12 @@ thread loops over *steps*; at each step it
    they never race a batch;
 2. admits newcomers up to `max_batch_rows`: routes `auto` rows by content, makes their adapters
    resident (never evicting one a running row uses), scores classification rows in one forward
-   pass, and prefills generation rows in one pass that then *joins* the running batch
-   (AdapterBank.join: caches padded with masked columns, each row keeps its positions);
-3. picks one token for every running row (greedy, or sampled at the row's temperature), streams
-   it to the row's listener, and lets rows that stopped (EOS, a stop string, max_tokens, a
-   cancelled or timed-out request) leave;
+   pass, and prefills generation rows in one pass (which also scores the prompts of rows that
+   asked for their log-probs) that then *joins* the running batch (AdapterBank.join: caches
+   padded with masked columns, each row keeps its positions);
+3. picks one token for every running row with the row's own settings (serve/sampling.py),
+   streams what can no longer change to the row's listener (serve/output.py), and lets rows that
+   stopped (EOS, a stop token or string, max_tokens, a cancelled or timed-out request) leave;
 4. runs one decode step for the rest.
 
 So a request that arrives while a batch runs starts at the next step instead of waiting for the
@@ -21,6 +22,7 @@ cache). The host reads the chosen tokens once per step; that read is what decide
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -31,9 +33,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data import label_words
-from ..errors import AdapterHubError
+from ..errors import AdapterHubError, DataError
+from ..router.batch import PromptScores
 from ..router.router import Prepared, Router
 from .metrics import ServeMetrics
+from .output import Entry, TextState, prompt_pieces
+from .params import SamplingParams
+from .sampling import choose
+
+log = logging.getLogger("adapterhub_lite.serve")
 
 
 class QueueFull(AdapterHubError):
@@ -50,26 +58,25 @@ class RequestTimeout(AdapterHubError):
 
 @dataclass
 class Job:
-    """One request in flight. `listener(event, payload)` is called from the engine thread with
-    ("token", (token_id, text_delta, logprob_info)), then ("done", Result) or ("error", exception)."""
+    """One choice in flight. `listener(event, payload)` is called from the engine thread with
+    ("prompt", PromptPart) for an echoed or scored prompt, ("token", (text, [Entry])) as the choice
+    grows, then ("done", Result) or ("error", exception)."""
 
-    request: dict  # the router request: {"adapter", "prompt" | "text" | task columns}
+    request: dict  # the router request: {"adapter", "prompt" | "prompt_ids" | "text" | task columns}
     listener: Callable[[str, object], None]
-    max_tokens: int | None = None  # None: the task's own budget (as `infer`)
-    stop: tuple[str, ...] = ()
-    temperature: float = 0.0
-    top_p: float = 1.0
-    logprobs: int | None = None  # top-k alternatives to report per token (0: only the chosen token's)
+    params: SamplingParams = field(default_factory=SamplingParams)
     answer_mode: bool = False  # task-aware input: report the task's answer (first line, stripped), as infer does
+    default_max_tokens: int = 16  # a raw prompt's budget when params.max_tokens is None (OpenAI's default)
+    fill_context: bool = False  # …and fewer when the context holds fewer (chat on `base`, as OpenAI)
     max_input_tokens: int | None = None  # longer prompts are refused (the server's limit)
+    add_special_tokens: bool = True  # tokenize a text prompt with the tokenizer's special tokens
+    truncate_prompt_tokens: int | None = None  # the client asked to keep only the prompt's last k tokens
     deadline: float | None = None  # time.monotonic() after which the request times out
-    seed: int | None = None
     # filled by the engine
     submitted: float = field(default_factory=time.monotonic)
     prepared: Prepared | None = None
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far (stop strings cut it)
-    sent: int = 0  # characters of `text` already streamed
+    state: TextState | None = None
+    prompt: PromptPart | None = None
     cancelled: bool = False
     finished: bool = False  # answered (done or error): nothing more is sent
     generator: torch.Generator | None = None
@@ -77,6 +84,24 @@ class Job:
     def cancel(self) -> None:
         """Ask the engine to drop this row at its next step (client gone)."""
         self.cancelled = True
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.state.tokens if self.state else []
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prepared.ids
+
+
+@dataclass
+class PromptPart:
+    """A prompt as read, with its tokens' entries (echo: log-probs of each token given the ones before)
+    and vLLM's prompt_logprobs; each is None unless asked for."""
+
+    text: str
+    entries: list[Entry] | None = None
+    scores: PromptScores | None = None
 
 
 @dataclass
@@ -88,6 +113,10 @@ class Result:
     completion_tokens: int
     label: str | None = None  # classification
     probabilities: dict[str, float] | None = None
+    entries: list[Entry] | None = None  # per generated token, when logprobs were asked for
+    prompt: PromptPart | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -164,7 +193,9 @@ class Engine:
                     continue
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a failed batch (e.g. out of memory) fails its requests, not the server
-                self._fail(list(self._rows.values()) + self._admitting, exc)
+                failed = list(self._rows.values()) + self._admitting
+                log.exception("engine step failed (%s: %s); failing its %d request(s)", type(exc).__name__, exc, len(failed))
+                self._fail(failed, exc)
                 self._dec, self._admitting = None, []
                 if self.router.backbone.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -214,18 +245,21 @@ class Engine:
         for job, name in zip(jobs, names):
             try:
                 router.hold([name], keep=running | {j.prepared.adapter for j in ready})
-                job.prepared = router.prepare(job.request, name, job.max_tokens, job.max_input_tokens)
-            except AdapterHubError as exc:  # this request alone is bad (unknown adapter, missing column, …)
+                job.prepared = router.prepare(job.request, name, job.params.max_tokens, default_new_tokens=job.default_max_tokens,
+                                              fill_context=job.fill_context, max_input_tokens=job.max_input_tokens,
+                                              add_special_tokens=job.add_special_tokens, truncate_prompt_tokens=job.truncate_prompt_tokens)
+                if job.prepared.classify and (job.params.logprobs is not None or job.params.prompt_logprobs is not None):
+                    raise DataError(f"adapter {name!r} answers its task input by scoring its labels, so there are no token log-probs; "
+                                    "drop logprobs/prompt_logprobs, ask /v1/classify for every label's probability, "
+                                    "or send the rendered prompt as `prompt` for the language model's log-probs")
+            except AdapterHubError as exc:  # this request alone is bad (unknown adapter, missing column, too long, …)
                 self._fail([job], exc)
                 continue
             ready.append(job)
         self.metrics.resident.set(len(router.resident))
         self.metrics.evictions.set(router.evictions)
         cls = [j for j in ready if j.prepared.classify]
-        gen = [j for j in ready if not j.prepared.classify and j.prepared.max_new_tokens > 0]
-        for job in ready:
-            if not job.prepared.classify and job.prepared.max_new_tokens <= 0:
-                self._finish(job, "length")
+        gen = [j for j in ready if not j.prepared.classify]
         if cls:
             try:
                 scored = router.classify([j.prepared for j in cls])
@@ -233,40 +267,71 @@ class Engine:
                 return self._fail(cls + gen, exc)
             for job, (best, probs) in zip(cls, scored):
                 words = label_words(job.prepared.spec)
-                job.text = words[best]
-                self._finish(job, "stop", label=words[best], probabilities=dict(zip(words, probs)))
+                self._finish(job, "stop", text=words[best], label=words[best], probabilities=dict(zip(words, probs)))
         if gen:
-            for job in gen:
-                if job.temperature > 0:
-                    job.generator = torch.Generator(device=router.bank.device)
-                    job.generator.manual_seed(job.seed if job.seed is not None else torch.seed())
-            new = router.bank.start([j.prepared.ids for j in gen], [j.prepared.bank_name for j in gen], keys=[id(j) for j in gen])
-            self._rows.update((id(j), j) for j in gen)
-            if self._dec is None:
-                self._dec = new
-            else:
-                router.bank.join(self._dec, new)
-            self.metrics.batch_rows.observe(len(self._rows))
+            self._start(gen)
+
+    def _start(self, jobs: list[Job]) -> None:
+        """Prefill generation rows (scoring the prompts that asked), answer the ones that want no new
+        token, and join the rest to the running batch."""
+        router, tok = self.router, self.router.backbone.tokenizer
+        for job in jobs:
+            p = job.params
+            job.state = TextState(tok, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens)
+            if not p.greedy:
+                job.generator = torch.Generator(device=router.bank.device)
+                job.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
+        new = router.bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
+                                score_prompt=scoring)
+        for job in jobs:
+            if job.params.echo or id(job) in scoring:
+                job.prompt = self._prompt_part(job, new.prompt_scores.get(id(job)))
+                job.listener("prompt", job.prompt)
+        keep = [i for i, j in enumerate(jobs) if j.prepared.max_new_tokens > 0]
+        for job in jobs:
+            if job.prepared.max_new_tokens == 0:  # the prompt's scores were all it asked for
+                self._finish(job, "length")
+        if not keep:
+            return
+        if len(keep) < len(jobs):
+            router.bank.keep(new, keep)
+        self._rows.update((id(jobs[i]), jobs[i]) for i in keep)
+        if self._dec is None:
+            self._dec = new
+        else:
+            router.bank.join(self._dec, new)
+        self.metrics.batch_rows.observe(len(self._rows))
+
+    def _prompt_part(self, job: Job, scores: PromptScores | None) -> PromptPart:
+        ids, p = job.prepared.ids, job.params
+        part = PromptPart(job.prepared.prompt)
+        if scores is not None and p.echo and p.logprobs is not None:
+            k = p.logprobs
+            part.entries = [Entry(piece, t, lp, None if top is None else top[:k])
+                            for piece, t, lp, top in zip(prompt_pieces(self.router.backbone.tokenizer, ids), ids, scores.logprobs, scores.top)]
+        if p.prompt_logprobs is not None:
+            part.scores = scores
+        return part
 
     def _step(self) -> None:
         """One token for every running row; rows that stop leave; the rest take one decode step."""
         dec, bank = self._dec, self.router.bank
         jobs = [self._rows[k] for k in dec.keys]
-        tokens = self._choose(dec.logits, jobs)
-        want_lp = any(j.logprobs is not None for j in jobs)
-        logp = dec.logits.float().log_softmax(-1) if want_lp else None
+        tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
+        infos = self._logprobs(dec.logits, tokens, jobs)
         chosen = tokens.tolist()  # the step's one host sync: it decides who stops
-        eos = self.router.backbone.tokenizer.eos_token_id
         keep = []
         for j, (job, tok) in enumerate(zip(jobs, chosen)):
             if job.cancelled or self._expired(job):
                 self._drop(job)
                 continue
-            info = None
-            if job.logprobs is not None:
-                top = logp[j].topk(max(job.logprobs, 1)) if job.logprobs else None
-                info = (float(logp[j, tok]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
-            reason = self._accept(job, tok, eos, info)
+            if not job.tokens:
+                self.metrics.ttft.observe(time.monotonic() - job.submitted)
+            reason = job.state.add(tok, infos.get(j))
+            text, entries = job.state.take()
+            if text or entries:
+                job.listener("token", (text, entries))
             if reason:
                 self._finish(job, reason)
             else:
@@ -279,52 +344,20 @@ class Engine:
             tokens = tokens[torch.tensor(keep, device=tokens.device)]
         bank.advance(dec, tokens)
 
-    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """Greedy for temperature-0 rows; for the others a draw from softmax(logits / T) within top_p."""
-        greedy = logits.argmax(-1)
-        sampled = [j for j, job in enumerate(jobs) if job.temperature > 0]
-        for j in sampled:  # sampling rows are few and each has its own generator (seeded requests repeat)
-            job = jobs[j]
-            probs = (logits[j].float() / job.temperature).softmax(-1)
-            if job.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                cut = sorted_p.cumsum(-1) - sorted_p > job.top_p  # keep the smallest set reaching top_p
-                probs = probs.scatter(0, order[cut], 0.0)
-            greedy[j] = torch.multinomial(probs, 1, generator=job.generator)[0]
-        return greedy
-
-    def _accept(self, job: Job, tok: int, eos: int, info) -> str | None:
-        """Record a row's new token, stream its text, and say why it stops (None: it goes on)."""
-        if not job.tokens:
-            self.metrics.ttft.observe(time.monotonic() - job.submitted)
-        job.tokens.append(tok)
-        reason = "stop" if tok == eos else None
-        text = self.router.backbone.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        if job.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
-            text = text.lstrip()
-            if "\n" in text:
-                text, reason = text.split("\n", 1)[0], "stop"
-        for s in job.stop:
-            at = text.find(s)
-            if at >= 0:
-                text, reason = text[:at], "stop"
-        if reason is None and len(job.tokens) >= job.prepared.max_new_tokens:
-            reason = "length"
-        if reason and job.answer_mode:
-            text = text.strip()
-        job.text = text
-        # Stream only what cannot change any more: not a partial multi-byte character, not what may
-        # be the start of a stop string, and (answer mode) not trailing spaces the final strip removes.
-        safe = text
-        if not reason:
-            hold = max([len(s) - 1 for s in job.stop] + [0])
-            safe = safe[: len(safe) - hold].rstrip("\ufffd")
-            if job.answer_mode:
-                safe = safe.rstrip()
-        delta = safe[job.sent:]
-        job.sent = max(job.sent, len(safe))
-        job.listener("token", (tok, delta, info))
-        return reason
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, jobs: list[Job]) -> dict[int, tuple]:
+        """{row: (log-prob of its token, [(id, log-prob)] of the top k)} for the rows that asked: the model's own
+        distribution, before any sampling setting (one read for the whole step)."""
+        rows = [j for j, job in enumerate(jobs) if job.params.logprobs is not None]
+        if not rows:
+            return {}
+        at = torch.tensor(rows, device=logits.device)
+        logp = logits[at].float().log_softmax(-1)
+        chosen = logp.gather(1, tokens[at][:, None]).squeeze(1).tolist()
+        k = max(jobs[j].params.logprobs for j in rows)
+        values, indices = logp.topk(k) if k else (logp[:, :0], at[:, None][:, :0])
+        values, indices = values.tolist(), indices.tolist()
+        return {j: (chosen[i], list(zip(indices[i], values[i]))[: jobs[j].params.logprobs]) for i, j in enumerate(rows)}
 
     # -- endings ---------------------------------------------------------------------------------
     def _expired(self, job: Job) -> bool:
@@ -354,11 +387,13 @@ class Engine:
             self.metrics.requests.labels(adapter=self._label(job), status=type(exc).__name__).inc()
             job.listener("error", exc)
 
-    def _finish(self, job: Job, reason: str, **extra) -> None:
+    def _finish(self, job: Job, reason: str, text: str | None = None, **extra) -> None:
         self._rows.pop(id(job), None)
         job.finished = True
-        p = job.prepared
-        result = Result(p.adapter, job.text, reason, len(p.ids), len(job.tokens), **extra)
+        p, state = job.prepared, job.state
+        entries = state.entries() if state is not None and job.params.logprobs is not None else None
+        result = Result(p.adapter, state.text if text is None else text, reason, len(p.ids), len(job.tokens), entries=entries,
+                        prompt=job.prompt, prompt_ids=p.ids, token_ids=list(job.tokens), **extra)
         self.metrics.requests.labels(adapter=self._label(job), status="ok").inc()
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         self.metrics.generated_tokens.inc(result.completion_tokens)

@@ -1,9 +1,9 @@
-"""OpenAI request and response shapes: what a body may say, and how the server answers.
+"""OpenAI request and response shapes: what a prompt or a message may be, and how answers are written.
 
-Parsing is strict where a silent guess would give a wrong answer (an unsupported sampling
-parameter, n > 1, a non-string prompt): such a request gets a 400 naming the field, the value
-and the fix, in OpenAI's error shape. Fields clients send that change nothing (user, seed for
-greedy requests, …) are accepted.
+Parsing is strict where a silent guess would give a wrong answer (a non-string message, a
+token id outside the vocabulary): such a request gets a 400 naming the field, the value and the
+fix, in OpenAI's error shape. Which fields exist and what the server does with each is
+serve/params.py.
 """
 
 from __future__ import annotations
@@ -15,52 +15,50 @@ from ..errors import AdapterHubError
 
 
 class ApiError(AdapterHubError):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "code"}} with an HTTP status."""
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "code", "param"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.type, self.code, self.headers = status, type, code, headers or {}
+        self.status, self.type, self.code, self.headers, self.param = status, type, code, headers or {}, param
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": None}}
+        return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": self.param}}
 
 
-def bad(field: str, value, fix: str) -> ApiError:
-    shown = repr(value) if not isinstance(value, str) or len(value) < 60 else repr(value[:57] + "...")
-    return ApiError(400, f"`{field}` is {shown}; {fix}", code="invalid_value")
+def bad(field: str, value, fix: str, code: str = "invalid_value") -> ApiError:
+    """A 400 naming the field, the value seen (shortened) and the fix."""
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ApiError(400, f"`{field}` is {shown}; {fix}", code=code, param=field)
 
 
-# Parameters that would change the answer and that the server does not implement: refused, not ignored.
-_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None,
-                "suffix": None, "tools": None, "tool_choice": None, "response_format": None, "functions": None}
+# -- requests --------------------------------------------------------------------------------------
 
+def prompts(value, vocab: int) -> list[dict]:
+    """`prompt` as router requests: a string, a list of strings, a token-id list, or a list of token-id lists."""
+    def ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
-def check_unsupported(body: dict) -> None:
-    for name, neutral in _UNSUPPORTED.items():
-        value = body.get(name, neutral)
-        if value not in (neutral, None) and not (name == "response_format" and value == {"type": "text"}):
-            raise bad(name, value, f"this server supports only {name}={neutral!r}; drop it from the request")
-
-
-def number(body: dict, name: str, default, low: float, high: float, kind=float):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise bad(name, value, f"give {'an integer' if kind is int else 'a number'} between {low} and {high}")
-    if not low <= value <= high:
-        raise bad(name, value, f"give a value between {low} and {high}")
-    return kind(value)
-
-
-def stop_strings(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise bad("stop", stop, "give a non-empty string or a list of up to 4 non-empty strings")
-    return tuple(stops)
+    if isinstance(value, str):
+        items = [value]
+    elif ids(value):
+        items = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, str) or ids(p) for p in value):
+        items = value
+    else:
+        raise bad("prompt", value, "give a string, a list of strings, a list of token ids or a list of token-id lists")
+    out = []
+    for p in items:
+        if isinstance(p, str):
+            out.append({"prompt": p})
+            continue
+        outside = [t for t in p if not 0 <= t < vocab]
+        if outside:
+            raise bad("prompt", value, f"token id {outside[0]} is outside this model's vocabulary [0, {vocab})")
+        out.append({"prompt_ids": list(p)})
+    return out
 
 
 def task_input(value, model: str) -> dict:
@@ -93,7 +91,7 @@ def check_messages(messages) -> list[dict]:
     return out
 
 
-# -- responses -----------------------------------------------------------------------------------
+# -- responses -------------------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -105,26 +103,43 @@ def usage(results) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def completion_logprobs(tokenizer, steps: list) -> dict:
-    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    for tok, info in steps:
-        text = tokenizer.decode([tok])
-        out["tokens"].append(text)
-        out["token_logprobs"].append(info[0])
-        out["top_logprobs"].append({tokenizer.decode([t]): lp for t, lp in info[1]} or None)
+def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0) -> dict:
+    """Legacy completions logprobs: tokens (each the text it added, so they join to the text), token_logprobs,
+    top_logprobs (the top k and the chosen token, as vLLM; null for logprobs 0, as OpenAI) and text_offset
+    (from `offset`: where this part starts in the whole text, so a stream's offsets run on)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top_k else None, "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e.text)
+        out["token_logprobs"].append(e.logprob)
+        if top_k:
+            top = None if e.top is None else {tokenizer.decode([t]): lp for t, lp in e.top[:top_k]}
+            if top is not None:
+                top.setdefault(tokenizer.decode([e.token]), e.logprob)
+            out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(e.text)
     return out
 
 
-def chat_logprobs(tokenizer, steps: list) -> dict:
-    """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}."""
-    def entry(tok, lp):
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; "token" is the text it added."""
+    def alt(tok, lp):
         text = tokenizer.decode([tok])
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-    return {"content": [{**entry(tok, info[0]), "top_logprobs": [entry(t, lp) for t, lp in info[1]]} for tok, info in steps]}
+    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
+                         "top_logprobs": [alt(t, lp) for t, lp in (e.top or [])]} for e in entries]}
+
+
+def prompt_logprobs(tokenizer, scores, top_k: int) -> list:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    for the token itself and the top k."""
+    out = [None]
+    for tok, lp, rank, top in list(zip(scores.tokens, scores.logprobs, scores.ranks, scores.top))[1:]:
+        position = {str(tok): {"logprob": lp, "rank": rank, "decoded_token": tokenizer.decode([tok])}}
+        for r, (t, v) in enumerate(top[:top_k], 1):
+            position.setdefault(str(t), {"logprob": v, "rank": r, "decoded_token": tokenizer.decode([t])})
+        out.append(position)
+    return out
 
 
 def completion_body(rid: str, model: str, choices: list[dict], results, created: int | None = None) -> dict:
