@@ -230,3 +230,11 @@ def train_tiny(folder, name="toy", **overrides):
     raw["train"].update(overrides.pop("train", {}))
     raw.update(overrides)
     return train(spec_from_dict(raw), folder / name, progress=False)
+
+
+@pytest.fixture(scope="session")
+def serve_registry(tmp_path_factory):
+    """The server tests' registry: nine tiny adapters of every kind (tests/serving.py), trained once per session."""
+    from .serving import build_registry
+
+    return build_registry(tmp_path_factory.mktemp("serve"))

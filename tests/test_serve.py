@@ -13,85 +13,19 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from adapterhub_lite.cli import main as cli_main
 from adapterhub_lite.evaluate import label_token_ids
 from adapterhub_lite.folder import load_adapter
 from adapterhub_lite.heads import label_scores
 from adapterhub_lite.registries import open_registry
-from adapterhub_lite.router.router import Router
-from adapterhub_lite.serve.api import Settings, create_app
-from adapterhub_lite.serve.engine import Engine
-from adapterhub_lite.serve.runtime import Catalogue
 
-from .conftest import train_tiny
-
-KEY = "test-key"
-GEN = {"type": "generation", "labels": None, "label": None, "target": "target", "metric": ["exact_match"], "prompt": "In: {text}\nOut:"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .serving import KEY, Served, free_port
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    """Nine adapters of every kind the bank serves (LoRA, IA3, prefix, prompt; classification and generation), published."""
-    d = tmp_path_factory.mktemp("serve")
-    gen = d / "copy.jsonl"
-    gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
-    rand = {"init_lora_weights": False}  # random B: every LoRA moves the outputs from the first step
-    qv = {"target_modules": ["q_proj", "v_proj"]}  # gen_b keeps the default (every linear layer)
-    g = {**GEN, "data": {"train": str(gen), "dev": str(gen)}}
-    folders = {
-        "cls_a": train_tiny(d, "cls_a", method_args={**qv, **rand}, train={"seed": 1, "lr": 5e-2}),
-        "cls_b": train_tiny(d, "cls_b", method_args={"r": 4, "target_modules": ["k_proj", "o_proj"], **rand}, train={"seed": 2, "lr": 5e-2}),
-        "cls_prefix": train_tiny(d, "cls_prefix", method="prefix", method_args={"num_virtual_tokens": 3}),
-        "cls_prompt": train_tiny(d, "cls_prompt", method="prompt", method_args={"num_virtual_tokens": 4}),
-        "cls_ia3": train_tiny(d, "cls_ia3", method="ia3", train={"lr": 0.5, "seed": 5}),
-        "gen_a": train_tiny(d, "gen_a", **g, method_args={**qv, **rand}, train={"max_new_tokens": 4, "seed": 3}),
-        "gen_b": train_tiny(d, "gen_b", **g, method_args={"r": 16, **rand}, train={"max_new_tokens": 5, "seed": 4}),
-        "gen_prefix": train_tiny(d, "gen_prefix", **g, method="prefix", method_args={"num_virtual_tokens": 2}, train={"max_new_tokens": 4}),
-        "gen_prompt": train_tiny(d, "gen_prompt", **g, method="prompt", method_args={"num_virtual_tokens": 5}, train={"max_new_tokens": 4}),
-    }
-    reg = d / "registry"
-    reg.mkdir()
-    (reg / "index.json").write_text(json.dumps({"format": "adapterhub_lite.registry/1", "adapters": {}}))
-    r = open_registry(reg)
-    for name, folder in folders.items():
-        r.publish(folder, "1.0.0", name=name)
-    r.publish(folders["gen_a"], "0.9.0", name="gen_b")  # an older, different version: gen_b@0.9.0 is gen_a's weights
-    return reg
-
-
-class Served:
-    """A server on a free port in this process, stopped at the end."""
-
-    def __init__(self, registry, **settings):
-        self.router = Router.from_registry(registry, quantization="none", dtype="fp32")
-        self.engine = Engine(self.router, max_batch_rows=settings.pop("max_batch_rows", 32), max_queue=settings.pop("max_queue", 256))
-        self.port = free_port()
-        app = create_app(self.engine, Settings(**{"api_key": KEY, "allow_runtime_loading": True, **settings}), Catalogue(self.engine))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
-
-    def post(self, path, body=None, key=KEY, **kw):
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kw)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(30)
+def registry(serve_registry):
+    return serve_registry
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +138,7 @@ def test_rows_join_a_running_batch(served):
 
 
 @pytest.mark.parametrize("case", ["unknown model", "too many tokens", "bad json", "missing key", "wrong key", "oversize body",
-                                  "prompt too long", "n > 1", "bad temperature", "classify a generator", "missing column"])
+                                  "prompt too long", "n > 16", "bad temperature", "classify a generator", "missing column"])
 def test_bad_requests_get_a_4xx_in_openai_error_shape(served, case):
     post = served.post
     r = {
@@ -215,7 +149,7 @@ def test_bad_requests_get_a_4xx_in_openai_error_shape(served, case):
         "wrong key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key="nope"),
         "oversize body": lambda: post("/v1/completions", {"model": "base", "prompt": "x" * (2 << 20)}),
         "prompt too long": lambda: post("/v1/completions", {"model": "base", "prompt": "ab " * 3000}),
-        "n > 1": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "n": 2}),
+        "n > 16": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "n": 17}),
         "bad temperature": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "temperature": "hot"}),
         "classify a generator": lambda: post("/v1/classify", {"model": "gen_a", "input": "x"}),
         "missing column": lambda: post("/v1/completions", {"model": "gen_a", "input": {"nope": "x"}}),

@@ -1,0 +1,102 @@
+"""lm-evaluation-harness, pointed at the server with its defaults (token-id requests, its tokenizer read from
+/tokenizer_info and /tokenize, max_gen_toks 256), scores every row as `adapterhub-lite eval` does.
+
+A multiple-choice task (lm-eval's loglikelihood: echo + logprobs) on a classification adapter and a
+generate_until task on a generation adapter, over local files written by scripts/lm_eval_task.py.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapterhub_lite.cli import main as cli_main
+from adapterhub_lite.data import load_split, to_split
+from adapterhub_lite.evaluate import predict
+from adapterhub_lite.folder import load_adapter
+
+from .conftest import train_tiny
+from .serving import GEN, KEY, Served
+
+ROOT = Path(__file__).parents[1]
+# lm-eval is in the dev extra, which scripts/test.sh installs: missing, it fails here rather than skip
+assert importlib.util.find_spec("lm_eval"), "lm-eval is not installed: run bash scripts/test.sh (it installs the dev extra)"
+
+
+@pytest.fixture(scope="module")
+def served(serve_registry, tmp_path_factory):
+    """The test server, with two adapters trained until they answer their rows (loaded at run time, vLLM's route):
+    `lm_cls` tells the two labels apart, `lm_gen` copies its input upper-cased and then emits EOS."""
+    d = tmp_path_factory.mktemp("lm_eval")
+    data = d / "copy.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh"]))
+    folders = {"lm_cls": train_tiny(d, "lm_cls", method_args={"init_lora_weights": False}, train={"max_steps": 30, "lr": 5e-2, "eval_every": 30}),
+               "lm_gen": train_tiny(d, "lm_gen", **GEN, data={"train": str(data), "dev": str(data)}, method_args={"r": 8},
+                                    train={"max_new_tokens": 5, "max_steps": 300, "lr": 1e-2, "eval_every": 300})}
+    s = Served(serve_registry)
+    for name, folder in folders.items():
+        assert s.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)}).status_code == 200
+    yield s
+    s.close()
+
+
+def run_lm_eval(served, model: str, task: str, include: Path, out: Path) -> list[dict]:
+    """Run the lm_eval command with default arguments; return its per-row samples."""
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--tasks", task, "--include_path", str(include),
+           "--model_args", f"model={model},base_url={served.url}/v1/completions", "--log_samples", "--output_path", str(out)]
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Using remote tokenizer" in run.stderr or "remote tokenizer" in run.stderr.lower(), run.stderr[-2000:]  # it found /tokenizer_info
+    samples = sorted(out.rglob(f"samples_{task}_*.jsonl"))
+    assert samples, list(out.rglob("*"))
+    return sorted((json.loads(line) for line in samples[-1].read_text().splitlines()), key=lambda s: s["doc_id"])
+
+
+def eval_cli(folder, capsys) -> dict:
+    assert cli_main(["eval", str(folder), "--json", "--no-progress", "--dtype", "fp32"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def rows_and_predictions(folder):
+    """What `eval` predicts for each row of the adapter's dev split (the same code path, row by row)."""
+    model, backbone, spec, _ = load_adapter(folder, dtype="fp32")
+    ds, sha = load_split(spec.data.dev)
+    split = to_split(spec, ds, spec.data.dev, sha)
+    return split, predict(model, backbone.tokenizer, spec, split.prompts, prompt_ids=split.prompt_ids(backbone.tokenizer))
+
+
+def write_task(folder, out) -> str:
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_task.py"), str(folder), "--output", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return Path(run.stdout.strip()).stem
+
+
+def test_multiple_choice_scores_what_eval_scores(served, tmp_path, capsys):
+    folder = served.router.folders["lm_cls"]
+    task = write_task(folder, tmp_path / "tasks")
+    samples = run_lm_eval(served, "lm_cls", task, tmp_path / "tasks", tmp_path / "out")
+    split, preds = rows_and_predictions(folder)
+    assert len(samples) == len(split) == 16
+    chosen = [max(range(len(s["filtered_resps"])), key=lambda k: float(s["filtered_resps"][k][0])) for s in samples]  # logged as strings
+    assert chosen == preds  # row by row, the label lm-eval picks is the one eval picks
+    assert len(set(chosen)) == 2  # both labels occur: a constant answer would not test much
+    accuracy = sum(s["acc"] for s in samples) / len(samples)
+    assert accuracy == pytest.approx(eval_cli(folder, capsys)["accuracy"], abs=1e-4)
+
+
+def test_generate_until_scores_what_eval_scores(served, tmp_path, capsys):
+    folder = served.router.folders["lm_gen"]
+    task = write_task(folder, tmp_path / "tasks")
+    samples = run_lm_eval(served, "lm_gen", task, tmp_path / "tasks", tmp_path / "out")
+    split, preds = rows_and_predictions(folder)
+    assert len(samples) == len(split) == 4
+    generated = [s["filtered_resps"][0].strip() for s in samples]
+    assert generated == preds == ["AB", "CD", "EF", "GH"]  # the same answer text, row by row (the default 256 new tokens cut no prompt)
+    exact = sum(s["exact_match"] for s in samples) / len(samples)
+    assert exact == pytest.approx(eval_cli(folder, capsys)["exact_match"], abs=1e-4)

@@ -1,0 +1,423 @@
+"""The server as other tools use it: no prompt cut, prompt log-probs (echo / prompt_logprobs) for every
+adapter kind, the tokenizer routes, every sampling field implemented as specified or refused by name,
+log-probs that join to the text, and the operations around requests (access log, CORS, errors logged).
+
+References are computed apart from the server: plain peft (load_adapter) for log-probs, and a greedy
+loop over the plain backbone with each field's formula for the sampling settings.
+"""
+
+import asyncio
+import json
+import logging
+import math
+import shutil
+
+import httpx
+import openai
+import pytest
+import torch
+
+from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.errors import AdapterLoadError, ContextLengthError
+from adapterhub_lite.folder import check_fits, load_adapter
+from adapterhub_lite.router.router import Router
+from adapterhub_lite.serve.export import lora_problems, read_layout
+from adapterhub_lite.serve.params import FIELDS, IGNORED_HEADER
+
+from .serving import KEY, Served
+
+TINY = "tiny-random-llama"
+PROMPT = "T: pos 1\nL:"
+
+
+@pytest.fixture(scope="module")
+def served(serve_registry):
+    s = Served(serve_registry)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def tok(served):
+    return served.router.backbone.tokenizer
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The backbone alone, outside any server (fp32, like the servers under test)."""
+    return load_backbone(TINY, "none", dtype="fp32").model.eval()
+
+
+# What the openai client takes as keyword arguments; every other field goes in its extra_body, as users send vLLM's extras.
+OPENAI_COMPLETIONS = {"model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty",
+                      "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user"}
+
+
+def complete(served, **body):
+    """A completion through the openai client (model 'base', the prompt PROMPT unless given), as a dict."""
+    body = {"model": "base", "prompt": PROMPT, **body}
+    known = {k: v for k, v in body.items() if k in OPENAI_COMPLETIONS}
+    extra = {k: v for k, v in body.items() if k not in OPENAI_COMPLETIONS}
+    return served.client.completions.create(**known, extra_body=extra or None).model_dump()
+
+
+# -- no prompt is cut -------------------------------------------------------------------------------
+
+def test_a_generous_max_tokens_never_cuts_a_task_prompt(served, tok):
+    """gen_a was trained at max_length 32: the old server kept only 32 - max_tokens prompt tokens (1 from 31 on)."""
+    rendered = "In: abcd\nOut:"
+    full = len(tok(rendered).input_ids)
+    for max_tokens in (4, 31, 40, 200):
+        for body in ({"input": "abcd"}, {"prompt": rendered}):
+            got = served.post("/v1/completions", {"model": "gen_a", "max_tokens": max_tokens, **body}).json()
+            assert got["usage"]["prompt_tokens"] == full, (max_tokens, body, got["usage"])
+    chat = served.client.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": "abcd"}], max_tokens=200)
+    assert chat.usage.prompt_tokens == full
+
+
+def test_what_does_not_fit_the_context_is_refused_naming_every_number(serve_registry, tok):
+    s = Served(serve_registry, max_model_len=40)
+    try:
+        prompt = "x" * 30  # 30 tokens: one byte each
+        r = s.post("/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 11})
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert all(str(n) in msg for n in (41, 30, 11, 40)), msg
+        assert s.post("/v1/completions", {"model": "base", "prompt": prompt, "max_tokens": 10}).status_code == 200
+        # a prefix adapter's virtual tokens take positions too (gen_prefix: 2)
+        r = s.post("/v1/completions", {"model": "gen_prefix", "prompt": prompt, "max_tokens": 10})
+        assert r.status_code == 400 and "2 virtual tokens" in r.json()["error"]["message"], r.text
+        # base chat without max_tokens gets what the context leaves, never a cut prompt
+        chat = s.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "y" * 20}])
+        assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= 40 and chat.usage.prompt_tokens > 20
+    finally:
+        s.close()
+
+
+def test_router_run_refuses_instead_of_cutting(serve_registry):
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_model_len=24)
+    assert router.run([{"adapter": "gen_a", "text": "ab"}])[0]["prediction"] is not None
+    with pytest.raises(ContextLengthError, match=r"needs 2\d tokens \(\d+ in the prompt, 4 for the completion\).*context is 24"):
+        router.run([{"adapter": "gen_a", "text": "a" * 16}])
+    with pytest.raises(AdapterLoadError, match="max_model_len=9999"):
+        Router.from_registry(serve_registry, quantization="none", max_model_len=9999)
+
+
+# -- prompt log-probs --------------------------------------------------------------------------------
+
+def reference_logprobs(folder, ids):
+    """log p(token t | tokens before t) through plain peft (or the plain backbone), t = 1..T-1."""
+    model = load_backbone(TINY, "none", dtype="fp32").model if folder is None else load_adapter(folder, dtype="fp32")[0]
+    with torch.no_grad():
+        logp = model.eval()(input_ids=torch.tensor([ids], device=model.device)).logits[0, -len(ids):].float().log_softmax(-1)
+    return [logp[t - 1, ids[t]].item() for t in range(1, len(ids))], logp
+
+
+@pytest.mark.parametrize("model", ["cls_a", "cls_ia3", "cls_prefix", "cls_prompt", "gen_b", "base"])
+def test_echo_and_prompt_logprobs_equal_plain_peft_for_every_adapter_kind(served, tok, model):
+    ids = tok(PROMPT).input_ids
+    want, logp = reference_logprobs(None if model == "base" else served.router.folders[model], ids)
+    # lm-eval's loglikelihood request: token ids, echo, logprobs 1, max_tokens 1
+    got = complete(served, model=model, prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0, seed=1234)
+    choice = got["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing before the first token
+    assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt's tokens, then the one generated
+    assert lp["token_logprobs"][1:-1] == pytest.approx(want, abs=1e-4)
+    assert lp["token_logprobs"][-1] == pytest.approx(logp[-1].max().item(), abs=1e-4)  # greedy: the most likely next token
+    assert choice["text"].startswith(PROMPT) and "".join(lp["tokens"]) == choice["text"]
+    assert got["usage"]["prompt_tokens"] == len(ids) and got["usage"]["completion_tokens"] == 1
+    # max_tokens 0: the prompt alone; vLLM's prompt_logprobs give the same numbers with ranks
+    scored = complete(served, model=model, prompt=PROMPT, echo=True, logprobs=2, max_tokens=0, prompt_logprobs=2)["choices"][0]
+    assert scored["text"] == PROMPT and scored["logprobs"]["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    positions = scored["prompt_logprobs"]
+    assert positions[0] is None and len(positions) == len(ids)
+    for t in range(1, len(ids)):
+        mine = positions[t][str(ids[t])]
+        assert mine["logprob"] == pytest.approx(want[t - 1], abs=1e-4)
+        assert mine["rank"] == int((logp[t - 1] > logp[t - 1, ids[t]] + 1e-6).sum()) + 1
+        assert len(positions[t]) in (2, 3) and any(v["rank"] == 1 for v in positions[t].values())
+
+
+def test_prompt_forms_and_scoring_rows_batch_with_generation(served, tok):
+    ids = [tok(p).input_ids for p in ("T: neg 2\nL:", "In: ab\nOut:", "x y z")]
+    alone = [complete(served, model="gen_b", prompt=[i], echo=True, logprobs=0, max_tokens=0)["choices"][0] for i in ids]
+    assert all(a["logprobs"]["top_logprobs"] is None for a in alone)  # logprobs 0: OpenAI's null
+    together = complete(served, model="gen_b", prompt=ids, echo=True, logprobs=0, max_tokens=0)["choices"]
+    for c, a in zip(together, alone):  # padded beside longer rows: equal up to float rounding
+        assert c["logprobs"]["token_logprobs"][0] is None and c["logprobs"]["token_logprobs"][1:] == pytest.approx(a["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    texts = complete(served, model="gen_b", prompt=["T: neg 2\nL:", "x y z"], echo=True, max_tokens=0)["choices"]
+    assert [c["text"] for c in texts] == ["T: neg 2\nL:", "x y z"]
+
+    async def burst():  # scoring requests beside generating ones, in one batch
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
+            calls = [h.post("/v1/completions", json={"model": "gen_b", "prompt": [i], "echo": True, "logprobs": 0, "max_tokens": 0}) for i in ids]
+            calls += [h.post("/v1/completions", json={"model": m, "input": "cd"}) for m in ("gen_a", "gen_prefix", "cls_b")]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(burst())
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    for got, a in zip(answers[:3], alone):
+        assert got.json()["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(a["logprobs"]["token_logprobs"][1:], abs=1e-5)
+
+
+# -- the tokenizer routes -------------------------------------------------------------------------------
+
+def test_tokenize_detokenize_tokenizer_info_and_version(served, tok):
+    got = httpx.post(served.url + "/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()
+    assert got["tokens"] == tok("héllo", add_special_tokens=False).input_ids and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == 512
+    assert httpx.post(served.url + "/detokenize", json={"tokens": got["tokens"]}).json() == {"prompt": "héllo"}
+    chat = httpx.post(served.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True),
+                                 add_special_tokens=False).input_ids
+    info = httpx.get(served.url + "/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["model_max_length"] == 512 and "chat_template" in info
+    assert httpx.get(served.url + "/version").json()["version"]
+    bad = httpx.post(served.url + "/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+
+# -- every sampling field does what it says ---------------------------------------------------------------
+
+def greedy_reference(plain, ids, steps, shape):
+    """Greedy decoding over the plain backbone, `shape(logits [V], prompt, out)` applied before each argmax."""
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = plain(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
+        out.append(int(shape(logits.clone(), ids, out).argmax()))
+    return out
+
+
+def token_ids(served, **body):
+    got = complete(served, return_token_ids=True, **body)
+    return got["choices"][0]["token_ids"], got
+
+
+def test_penalties_equal_their_formulas(served, tok, plain):
+    ids = tok(PROMPT).input_ids
+
+    def repetition(x, prompt, out, p=2.5):
+        seen = torch.tensor(sorted(set(prompt + out)))
+        x[seen] = torch.where(x[seen] > 0, x[seen] / p, x[seen] * p)
+        return x
+
+    def frequency(x, prompt, out, f=1.5, pr=0.7):
+        for t in set(out):
+            x[t] -= f * out.count(t) + pr
+        return x
+
+    base = greedy_reference(plain, ids, 8, lambda x, *_: x)
+    got, _ = token_ids(served, max_tokens=8, ignore_eos=True)
+    assert got == base
+    for body, shape in (({"repetition_penalty": 2.5}, repetition), ({"frequency_penalty": 1.5, "presence_penalty": 0.7}, frequency)):
+        want = greedy_reference(plain, ids, 8, shape)
+        assert want != base  # the setting matters on this prompt
+        got, _ = token_ids(served, max_tokens=8, ignore_eos=True, **body)
+        assert got == want, body
+
+
+def test_logit_bias_allowed_tokens_stop_tokens_eos_and_min_tokens(served, tok):
+    eos = tok.eos_token_id
+    plain, _ = token_ids(served, max_tokens=6, ignore_eos=True)
+    forced = tok("q").input_ids[0]
+    got, _ = token_ids(served, max_tokens=4, logit_bias={str(forced): 100})
+    assert got == [forced] * 4
+    got, _ = token_ids(served, max_tokens=6, ignore_eos=True, logit_bias={str(plain[0]): -100})
+    assert got[0] != plain[0]
+    allowed = tok("ab").input_ids
+    got, _ = token_ids(served, max_tokens=6, allowed_token_ids=allowed)
+    assert set(got) <= set(allowed)
+    # EOS made certain: it ends the choice at once, unless ignore_eos or before min_tokens
+    got, body = token_ids(served, max_tokens=5, logit_bias={str(eos): 100})
+    assert got == [eos] and body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["text"] == ""
+    got, body = token_ids(served, max_tokens=5, logit_bias={str(eos): 100}, ignore_eos=True)
+    assert got == [eos] * 5 and body["choices"][0]["finish_reason"] == "length"
+    got, body = token_ids(served, max_tokens=8, logit_bias={str(eos): 100}, min_tokens=3)
+    assert len(got) == 4 and eos not in got[:3] and got[3] == eos and body["choices"][0]["finish_reason"] == "stop"
+    kept = complete(served, max_tokens=5, logit_bias={str(eos): 100}, skip_special_tokens=False)["choices"][0]["text"]
+    assert kept == tok.eos_token
+    # a stop token ends the choice where it is generated (its own text kept: it is not a special token)
+    got, body = token_ids(served, max_tokens=6, ignore_eos=True, stop_token_ids=[plain[0]])
+    assert got == plain[:1] and body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["text"] == tok.decode(plain[:1])
+
+
+def test_sampling_filters_seeds_and_n(served):
+    greedy = complete(served, max_tokens=6, ignore_eos=True)["choices"][0]["text"]
+    for filt in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-9}, {"temperature": 1e-45}):
+        body = {"temperature": 1.5, **filt} if "temperature" not in filt else filt
+        assert complete(served, max_tokens=6, ignore_eos=True, seed=7, **body)["choices"][0]["text"] == greedy, filt
+    sampled = [complete(served, max_tokens=6, ignore_eos=True, temperature=1.5, seed=s)["choices"][0]["text"] for s in range(6)]
+    assert len(set(sampled)) > 1 and sampled[0] == complete(served, max_tokens=6, ignore_eos=True, temperature=1.5, seed=0)["choices"][0]["text"]
+    # every drawn token within the filter, read from the model's own top log-probs (chat's are a list: no two
+    # alternatives share a key, as two byte tokens that decode to "\ufffd" do in the legacy dict)
+    drawn = set()
+    for body, ok in (({"top_k": 3}, lambda lp, top: lp >= top[2] - 1e-6), ({"min_p": 0.3}, lambda lp, top: lp >= top[0] + 2.0 * math.log(0.3) - 1e-6)):  # min_p acts after T = 2
+        for seed in range(4):
+            got = served.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "pos 1"}], max_tokens=6, temperature=2.0,
+                                                        seed=seed, logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True, **body})
+            content = got.choices[0].logprobs.content
+            assert all(ok(e.logprob, [a.logprob for a in e.top_logprobs]) for e in content), (body, seed)
+            drawn |= {e.token for e in content}
+    assert len(drawn) > 1  # the draws were not all greedy
+    n = complete(served, max_tokens=6, ignore_eos=True, temperature=1.5, seed=3, n=3)["choices"]
+    assert [c["index"] for c in n] == [0, 1, 2]
+    assert [c["text"] for c in n] == [complete(served, max_tokens=6, ignore_eos=True, temperature=1.5, seed=3 + i)["choices"][0]["text"]
+                                      for i in range(3)]
+    two = complete(served, prompt=["a b", "c d"], max_tokens=3, n=2)["choices"]
+    assert [c["index"] for c in two] == [0, 1, 2, 3] and two[0]["text"] == two[1]["text"]  # greedy: both samples of a prompt agree
+
+
+def test_stop_strings_truncation_token_ids_and_request_id(served, tok):
+    text = complete(served, max_tokens=8, ignore_eos=True)["choices"][0]["text"]
+    stop = text[3:5]
+    cut = text[: text.find(stop)]
+    assert complete(served, max_tokens=8, ignore_eos=True, stop=[stop])["choices"][0]["text"] == cut
+    assert complete(served, max_tokens=8, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)["choices"][0]["text"] == cut + stop
+    ids = tok(PROMPT).input_ids
+    short = complete(served, max_tokens=4, truncate_prompt_tokens=3, return_token_ids=True)
+    assert short["usage"]["prompt_tokens"] == 3 and short["choices"][0]["prompt_token_ids"] == ids[-3:]
+    assert short["choices"][0]["text"] == complete(served, prompt=[ids[-3:]], max_tokens=4)["choices"][0]["text"]
+    assert complete(served, max_tokens=1, request_id="abc-1")["id"] == "cmpl-abc-1"
+
+
+def test_chat_template_switches_for_base(served, tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
+    cont = served.client.chat.completions.create(model="base", messages=messages, max_tokens=2,
+                                                 extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert cont.usage.prompt_tokens == len(tok(want, add_special_tokens=False).input_ids)
+    fresh = served.client.chat.completions.create(model="base", messages=messages[:1], max_tokens=2)
+    want = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert fresh.usage.prompt_tokens == len(tok(want, add_special_tokens=False).input_ids) != cont.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+        served.client.chat.completions.create(model="gen_a", messages=messages[:1], extra_body={"continue_final_message": True})
+
+
+# -- refused and unknown fields ----------------------------------------------------------------------
+
+REFUSED = [(name, endpoint) for name, f in FIELDS.items() if f.status == "refused" for endpoint in f.endpoints]
+
+
+@pytest.mark.parametrize(("name", "endpoint"), REFUSED)
+def test_every_refused_field_is_a_400_naming_it(served, name, endpoint):
+    field = "echo" if name == "chat_echo" else name
+    value = {"best_of": 3}.get(field, {"x": 1})  # not one of the values that change nothing
+    body = {"model": "base", field: value, **({"prompt": "a"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "a"}]})}
+    r = served.post(f"/v1/{'chat/' if endpoint == 'chat' else ''}completions", body)
+    assert r.status_code == 400, (name, r.text)
+    assert f"`{field}`" in r.json()["error"]["message"] and r.json()["error"]["param"] == field
+    with pytest.raises(openai.BadRequestError):
+        if endpoint == "completions":
+            served.client.completions.create(model="base", prompt="a", extra_body={field: value})
+        else:
+            served.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "a"}], extra_body={field: value})
+
+
+def test_neutral_values_of_refused_fields_are_accepted(served):
+    body = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "use_beam_search": False, "length_penalty": 1, "store": False}
+    assert served.post("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1, **body}).status_code == 200
+
+
+def test_an_unknown_field_is_ignored_aloud(served, caplog):
+    with caplog.at_level(logging.WARNING, logger="adapterhub_lite.serve"):
+        r = served.client.completions.with_raw_response.create(model="base", prompt="a", max_tokens=1, user="u1", extra_body={"frobnicate": 1})
+    assert r.http_response.status_code == 200 and r.headers[IGNORED_HEADER] == "frobnicate"
+    assert any("frobnicate" in rec.getMessage() for rec in caplog.records)
+    assert IGNORED_HEADER not in served.post("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 1}).headers
+
+
+def test_the_readme_field_table_is_the_servers(served):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4:
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    for name, f in FIELDS.items():
+        assert rows.get(name) == (", ".join(f.endpoints), f.status), name
+    assert set(rows) == set(FIELDS)
+
+
+# -- log-probs match the text --------------------------------------------------------------------------
+
+def test_logprob_tokens_join_to_the_text_everywhere(served):
+    c = served.client
+    for kw in ({"model": "gen_a", "prompt": "", "extra_body": {"input": "ab"}}, {"model": "gen_b", "prompt": "", "extra_body": {"input": "  cd"}},
+               {"model": "base", "prompt": PROMPT, "max_tokens": 8, "stop": ["11"]}):
+        got = c.completions.create(logprobs=2, **kw).choices[0]
+        assert "".join(got.logprobs.tokens) == got.text, kw
+        assert got.logprobs.text_offset == [sum(map(len, got.logprobs.tokens[:i])) for i in range(len(got.logprobs.tokens))]
+        streamed = list(c.completions.create(logprobs=2, stream=True, **kw))
+        tokens = [t for ch in streamed if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+        offsets = [o for ch in streamed if ch.choices and ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
+        assert "".join(tokens) == got.text == "".join(ch.choices[0].text for ch in streamed if ch.choices)
+        assert offsets == got.logprobs.text_offset  # running over the whole choice, not restarting per chunk
+    chat = c.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": "ab"}], logprobs=True, top_logprobs=0)
+    content = chat.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == chat.choices[0].message.content and all(e.top_logprobs == [] for e in content)
+    for field in ("logprobs", "prompt_logprobs"):  # a classifier's task answer is a label scored, not tokens generated
+        r = served.post("/v1/completions", {"model": "cls_a", "input": "pos 1", field: 1})
+        assert r.status_code == 400 and "/v1/classify" in r.json()["error"]["message"], field
+    task = complete(served, model="gen_a", prompt="", input="ab", prompt_logprobs=0)  # a task input's rendered prompt, scored
+    assert len(task["choices"][0]["prompt_logprobs"]) == task["usage"]["prompt_tokens"] == len(served.router.backbone.tokenizer("In: ab\nOut:").input_ids)
+
+
+# -- operations ------------------------------------------------------------------------------------------
+
+def test_access_log_one_line_per_request(served, caplog):
+    with caplog.at_level(logging.INFO, logger="adapterhub_lite.serve.access"):
+        ok = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "user": "alice"}).json()
+        served.post("/v1/completions", {"model": "nope", "prompt": "a"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "adapterhub_lite.serve.access"]
+    assert len(lines) == 2
+    assert lines[0].startswith(ok["id"]) and "status=200 model=gen_a adapter=gen_a" in lines[0]
+    assert f"prompt_tokens={ok['usage']['prompt_tokens']} completion_tokens={ok['usage']['completion_tokens']}" in lines[0] and "user=alice" in lines[0]
+    assert "status=404" in lines[1]
+
+
+def test_cors_only_when_asked(serve_registry, served):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    off = httpx.options(served.url + "/v1/completions", headers=preflight)
+    assert off.status_code != 200 and "access-control-allow-origin" not in off.headers  # no CORS unless --allowed-origins
+    s = Served(serve_registry, allowed_origins=("http://app.example",))
+    try:
+        r = httpx.options(s.url + "/v1/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert httpx.options(s.url + "/v1/completions", headers={**preflight, "Origin": "http://evil.example"}).status_code == 400
+    finally:
+        s.close()
+
+
+def test_engine_errors_are_logged_with_their_stack(serve_registry, monkeypatch, caplog):
+    s = Served(serve_registry, request_timeout=15)
+    try:
+        def boom(*args, **kwargs):
+            raise RuntimeError("simulated out of memory")
+
+        monkeypatch.setattr(s.router.bank, "advance", boom)
+        with caplog.at_level(logging.ERROR, logger="adapterhub_lite.serve"):
+            assert s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5}).status_code == 500
+        failed = [r for r in caplog.records if "engine step failed" in r.getMessage()]
+        assert failed and failed[0].exc_info and "simulated out of memory" in failed[0].getMessage()
+    finally:
+        s.close()
+
+
+def test_lora_that_needs_a_rewritten_base_is_refused_by_every_reader(serve_registry, tmp_path):
+    folder = tmp_path / "pissa"
+    shutil.copytree(serve_registry / "gen_a" / "1.0.0", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    with pytest.raises(AdapterLoadError, match="pissa_niter_4.*rewrites the base"):
+        check_fits(folder, router.backbone.model)
+    router.register("pissa", folder)
+    with pytest.raises(AdapterLoadError, match="pissa_niter_4.*rewrites the base"):
+        router.run([{"adapter": "pissa", "text": "ab"}])
+    with pytest.raises(AdapterLoadError, match="pissa_niter_4.*rewrites the base"):  # the per-row layer's own check, without check_fits
+        router.bank.add("pissa", folder)
+    assert any("pissa_niter_4" in p and "rewrites the base" in p for p in lora_problems(*read_layout(folder), "vllm"))
