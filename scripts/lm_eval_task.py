@@ -6,8 +6,10 @@ exactly what `adapterhub-lite eval` scores.
     lm_eval --model local-completions --tasks adapterhub_sst2 --include_path runs/lm_eval_tasks \
         --model_args model=sst2,base_url=http://127.0.0.1:8000/v1/completions
 
-The task reads a JSONL file of the split's rows, each with the prompt already rendered by the
-adapter's template (`prompt`), so lm-eval sends what the adapter was trained on:
+The task reads a Parquet file of the split's rows, each with the prompt already rendered by the
+adapter's template (`prompt`), so lm-eval sends what the adapter was trained on. (Parquet, with
+every column typed as written: `datasets` reading JSON or CSV infers types, and would turn the
+target "2021-03-03" into the timestamp "2021-03-03 00:00:00", which no answer then matches.)
 - classification: `multiple_choice` over the label words, each scored as it follows the prompt
   after one space (the tokens `eval` scores), accuracy;
 - generation: `generate_until` the first newline (the task's answer is its first line), exact
@@ -20,13 +22,13 @@ Everything else is lm-eval's default (token-id requests, its tokenizer read from
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+from datasets import Dataset, Features, Sequence, Value
 
 from adapterhub_lite.data import label_words, load_split, to_split
 from adapterhub_lite.errors import AdapterHubError
@@ -41,8 +43,15 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_rows(path: Path, rows: list[dict], features: Features) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    Dataset.from_list(rows, features=features).to_parquet(tmp)
+    os.replace(tmp, path)
+
+
 def write_task(folder: str | Path, output: str | Path, split: str = "dev", limit: int | None = None, name: str | None = None) -> Path:
-    """Write <output>/<task>.yaml and <task>.jsonl for the adapter in `folder`; returns the YAML's path."""
+    """Write <output>/<task>.yaml and <task>.parquet for the adapter in `folder`; returns the YAML's path."""
     meta = read_sidecar(Path(folder))
     if not meta.get("task"):
         raise AdapterHubError(f"{folder} holds no task (a component adapter); lm-eval needs the task's prompt and answers")
@@ -54,22 +63,24 @@ def write_task(folder: str | Path, output: str | Path, split: str = "dev", limit
     task = name or f"adapterhub_{spec.name}"
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    data = output / f"{task}.jsonl"
-    config = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}}, "test_split": "test",
+    data = output / f"{task}.parquet"
+    config = {"task": task, "dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}}, "test_split": "test",
               "doc_to_text": "{{prompt}}", "metadata": {"version": 1, "adapter": str(folder), "split": source, "rows": n, "split_sha256": sha}}
     if spec.type == "classification":
         words = label_words(spec)
         lines = [{"prompt": p, "choices": [str(w) for w in words], "label": a} for p, a in zip(rows.prompts[:n], rows.answers[:n])]
+        features = Features({"prompt": Value("string"), "choices": Sequence(Value("string")), "label": Value("int64")})
         # " word": the label as training and `eval` score it, one space after the prompt (heads.answer_ids)
         config.update(output_type="multiple_choice", doc_to_choice="choices", doc_to_target="label", target_delimiter=" ",
                       metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
     else:
         lines = [{"prompt": p, "target": a} for p, a in zip(rows.prompts[:n], rows.answers[:n])]
+        features = Features({"prompt": Value("string"), "target": Value("string")})
         config.update(output_type="generate_until", doc_to_target="{{target}}", target_delimiter=" ",
                       generation_kwargs={"until": ["\n"], "do_sample": False},
                       metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                                     "regexes_to_ignore": ["^\\s+", "\\s+$"]}])
-    _write(data, "".join(json.dumps(line) + "\n" for line in lines))
+    _write_rows(data, lines, features)
     path = output / f"{task}.yaml"
     _write(path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     return path
@@ -78,7 +89,7 @@ def write_task(folder: str | Path, output: str | Path, split: str = "dev", limit
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("adapter", help="an adapter folder (e.g. adapters/sst2/1.1.0)")
-    p.add_argument("--output", required=True, help="folder for the task's YAML and JSONL (lm_eval --include_path)")
+    p.add_argument("--output", required=True, help="folder for the task's YAML and Parquet rows (lm_eval --include_path)")
     p.add_argument("--split", default="dev", help="dev, train, or a data file")
     p.add_argument("--limit", type=int, help="the first N rows only (as `adapterhub-lite eval --limit N`)")
     p.add_argument("--name", help="lm-eval task name (default adapterhub_<task>)")

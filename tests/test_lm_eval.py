@@ -8,6 +8,7 @@ generate_until task on a generation adapter, over local files written by scripts
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,22 @@ def test_generate_until_scores_what_eval_scores(served, tmp_path, capsys):
     assert generated == preds == ["AB", "CD", "EF", "GH"]  # the same answer text, row by row (the default 256 new tokens cut no prompt)
     exact = sum(s["exact_match"] for s in samples) / len(samples)
     assert exact == pytest.approx(eval_cli(folder, capsys)["exact_match"], abs=1e-4)
+
+
+def test_task_rows_reach_lm_eval_as_written(served, tmp_path):
+    """Targets that read like dates stay the text they are (JSON or CSV through `datasets` would turn a column of
+    them into timestamps, "2021-03-03 00:00:00", which no answer matches: lm-eval scored date_iso 0.00 so)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    folder = tmp_path / "dates"
+    shutil.copytree(served.router.folders["lm_gen"], folder)
+    rows = [{"text": "march 3rd", "target": "2021-03-03"}, {"text": "new year", "target": "2000-01-01"}, {"text": "x", "target": "1999-12-31"}]
+    (tmp_path / "dates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    meta["task"]["data"]["dev"] = str(tmp_path / "dates.jsonl")
+    (folder / "adapterhub.json").write_text(json.dumps(meta))
+    task = write_task(folder, tmp_path / "tasks")
+    loaded = get_task_dict([task], TaskManager(include_path=str(tmp_path / "tasks")))[task]
+    docs = list(loaded.test_docs())
+    assert [loaded.doc_to_target(d) for d in docs] == ["2021-03-03", "2000-01-01", "1999-12-31"]
+    assert [loaded.doc_to_text(d) for d in docs] == ["In: march 3rd\nOut:", "In: new year\nOut:", "In: x\nOut:"]
