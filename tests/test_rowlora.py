@@ -108,3 +108,21 @@ def test_gradient_reaches_each_rows_own_entries(device):
     with ctx.assign([ord("a"), ord("a")], device):
         layer(x).sum().backward()
     assert params["a"][0].grad.abs().sum() > 0 and params["b"][0].grad is None
+
+
+def test_prompt_scores_through_a_lora_on_the_lm_head_equal_peft(tmp_path):
+    """The prompt's log-probs (echo, prompt_logprobs) run the LM head with each row's own slot."""
+    folder = _save(tmp_path, "head", r=4, target_modules=["v_proj", "lm_head"])
+    ids = [5, 9, 14, 30, 7, 40, 41]
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
+    bank.add("head", folder)
+    dec = bank.start([ids, ids[:3]], ["head", None], keys=["a", "b"], score_prompt={"a": 2, "b": 0})
+    ref = PeftModel.from_pretrained(load_backbone(TINY, "none", dtype="fp32").model, str(folder)).eval()
+    with torch.no_grad():
+        logp = ref(input_ids=torch.tensor([ids], device=ref.device)).logits[0].float().log_softmax(-1)
+        with ref.disable_adapter():
+            base = ref(input_ids=torch.tensor([ids[:3]], device=ref.device)).logits[0].float().log_softmax(-1)
+    got, plain = dec.prompt_scores["a"], dec.prompt_scores["b"]
+    assert got.logprobs[0] is None and got.logprobs[1:] == pytest.approx([logp[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-4)
+    assert [t for t, _ in got.top[3]] == logp[2].topk(2).indices.tolist()
+    assert plain.logprobs[1:] == pytest.approx([base[t - 1, ids[t]].item() for t in range(1, 3)], abs=1e-4) and plain.top[1] == []

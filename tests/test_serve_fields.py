@@ -203,17 +203,24 @@ def test_penalties_equal_their_formulas(served, tok, plain):
         x[seen] = torch.where(x[seen] > 0, x[seen] / p, x[seen] * p)
         return x
 
-    def frequency(x, prompt, out, f=1.5, pr=0.7):
-        for t in set(out):
-            x[t] -= f * out.count(t) + pr
-        return x
+    def penalties(f, pr):
+        def shape(x, prompt, out):
+            for t in set(out):
+                x[t] -= f * out.count(t) + pr
+            return x
+        return shape
 
     base = greedy_reference(plain, ids, 8, lambda x, *_: x)
     got, _ = token_ids(served, max_tokens=8, ignore_eos=True)
     assert got == base
-    for body, shape in (({"repetition_penalty": 2.5}, repetition), ({"frequency_penalty": 1.5, "presence_penalty": 0.7}, frequency)):
+    # The top token leads the next by ~0.49: a frequency penalty of 0.3 lets it repeat once, a presence penalty of
+    # 0.3 never stops it, 2.0 stops it at once; so each case below tells the penalties apart.
+    cases = [({"repetition_penalty": 2.5}, repetition), ({"frequency_penalty": 0.3}, penalties(0.3, 0)), ({"presence_penalty": 2.0}, penalties(0, 2.0))]
+    wants = []
+    for body, shape in cases:
         want = greedy_reference(plain, ids, 8, shape)
-        assert want != base  # the setting matters on this prompt
+        assert want != base and want not in wants, body  # the setting matters here, and differently from the others
+        wants.append(want)
         got, _ = token_ids(served, max_tokens=8, ignore_eos=True, **body)
         assert got == want, body
 
