@@ -109,6 +109,7 @@ class Handlers:
         return await self.catalogue.ensure_known(model)
 
     def request_id(self, body: dict, prefix: str) -> str:
+        """The response id: `prefix-` + the client's `request_id` (vLLM's field) or a random one."""
         given = body.get("request_id")
         if given is None:
             return P.new_id(prefix)
@@ -136,6 +137,7 @@ class Handlers:
         return Request(rid, model, body, params, jobs, events, chat)
 
     def submit(self, req: Request) -> None:
+        """Queue every job of a request; on a full queue, none of them stays queued."""
         try:
             for job in req.jobs:
                 self.engine.submit(job)
@@ -164,12 +166,14 @@ class Handlers:
         return out
 
     def note(self, access: dict, results: list) -> None:
+        """Record for the access log which adapters answered and the tokens read and generated."""
         access["adapter"] = ",".join(dict.fromkeys(r.adapter for r in results if r is not None))
         usage = P.usage([r for r in results if r is not None])
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
     # -- /v1/completions -------------------------------------------------------------------------
     async def completions(self, body: dict, access: dict):
+        """POST /v1/completions: a raw `prompt` (continued as given) or a task's `input` (its answer)."""
         self.fields(body, C, access)
         rid = access["id"] = self.request_id(body, "cmpl")
         model = access["model"] = await self.resolve_model(body)
@@ -196,6 +200,7 @@ class Handlers:
 
     # -- /v1/chat/completions --------------------------------------------------------------------
     async def chat(self, body: dict, access: dict):
+        """POST /v1/chat/completions: a task adapter answers the last user message; `base` continues the chat template."""
         self.fields(body, H, access)
         rid = access["id"] = self.request_id(body, "chatcmpl")
         model = access["model"] = await self.resolve_model(body)
@@ -228,6 +233,7 @@ class Handlers:
 
     # -- answering -------------------------------------------------------------------------------
     async def answer(self, req: Request, access: dict):
+        """Submit a request's jobs; stream their events, or wait for every choice and write the response."""
         self.submit(req)
         if req.body.get("stream"):
             return StreamingResponse(self.stream(req, access), media_type="text/event-stream")
@@ -244,6 +250,7 @@ class Handlers:
         return P.completion_body(req.rid, req.model, choices, results)
 
     def choice(self, req: Request, index: int, result) -> dict:
+        """One choice of a whole (not streamed) response, in the completions or chat shape."""
         p, tok = req.params, self.tokenizer
         if req.chat:
             out = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
@@ -325,6 +332,7 @@ class Handlers:
 
     # -- /v1/classify ----------------------------------------------------------------------------
     async def classify(self, body: dict, access: dict) -> dict:
+        """POST /v1/classify: a classification adapter's label and every label's probability, per input."""
         model = access["model"] = await self.resolve_model(body)
         if not self.catalogue.is_classifier(model):
             raise P.bad("model", model, "/v1/classify takes a classification adapter (see GET /v1/models); use /v1/completions for others")
@@ -341,6 +349,7 @@ class Handlers:
 
     # -- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) -----------------------------
     async def tokenize(self, body: dict) -> dict:
+        """POST /tokenize (vLLM's shape): a `prompt`'s or a chat's token ids, their count and the model's context."""
         if body.get("model") is not None:
             await self.resolve_model(body)  # one tokenizer serves every adapter; a wrong name is still a 404
         if "messages" in body:
@@ -360,12 +369,14 @@ class Handlers:
         return {"count": len(ids), "max_model_len": self.router.max_model_len, "tokens": ids, "token_strs": strs}
 
     async def detokenize(self, body: dict) -> dict:
+        """POST /detokenize (vLLM's shape): the text of `tokens`."""
         if body.get("model") is not None:
             await self.resolve_model(body)
         ids = token_ids(body.get("tokens"), "tokens", self.vocab, allow_empty=True)
         return {"prompt": self.tokenizer.decode(ids)}
 
     def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info: what a client needs to tokenize as the server does (lm-eval reads eos_token here)."""
         t = self.tokenizer
         return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": t.pad_token,
                 "unk_token": t.unk_token, "chat_template": getattr(t, "chat_template", None), "model_max_length": self.router.max_model_len,

@@ -171,6 +171,7 @@ def number(body: dict, name: str, default, low: float, high: float, kind=float):
 
 
 def flag(body: dict, name: str, default: bool) -> bool:
+    """body[name] checked to be true or false; `default` when absent or null."""
     value = body.get(name)
     if value is None:
         return default
@@ -190,6 +191,7 @@ def token_ids(value, name: str, vocab: int, allow_empty: bool = False) -> list[i
 
 
 def stop_strings(body: dict) -> tuple[str, ...]:
+    """`stop` as a tuple of up to 4 non-empty strings."""
     stop = body.get("stop")
     if stop is None:
         return ()
@@ -200,6 +202,7 @@ def stop_strings(body: dict) -> tuple[str, ...]:
 
 
 def logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    """`logit_bias` as {token id: bias}, each id in the vocabulary and each bias in [-100, 100] (OpenAI's limits)."""
     raw = body.get("logit_bias")
     if raw is None:
         return {}

@@ -73,6 +73,7 @@ def task_input(value, model: str) -> dict:
 
 
 def chat_text(content, where: str) -> str:
+    """A message's content as one string (a string, or OpenAI's list of text parts)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -81,6 +82,7 @@ def chat_text(content, where: str) -> str:
 
 
 def check_messages(messages) -> list[dict]:
+    """`messages` as [{"role", "content"}] with string contents ("developer" read as "system")."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", messages, "give a non-empty list of {\"role\", \"content\"} objects")
     out = []
@@ -94,10 +96,12 @@ def check_messages(messages) -> list[dict]:
 # -- responses -------------------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:
+    """A fresh response id, e.g. cmpl-3f2a…"""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def usage(results) -> dict:
+    """OpenAI's usage object over the results of a request's choices."""
     p = sum(r.prompt_tokens for r in results)
     c = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
