@@ -224,6 +224,17 @@ def _verify(args) -> int:
     return 1 if problems else 0
 
 
+def _reindex(args) -> int:
+    from .registries import open_registry
+
+    reg = open_registry(args.registry)
+    if not hasattr(reg, "reindex"):
+        raise DataError(f"{args.registry} is a Hub registry: restore its index.json from the repository's history (the Hub keeps every commit)")
+    index = reg.reindex()
+    print(json.dumps({"registry": str(args.registry), "rebuilt": sorted(f"{n}@{v}" for n, vs in index["adapters"].items() for v in vs)}))
+    return 0
+
+
 def _convert(args) -> int:
     from .registry import convert_pickle
 
@@ -332,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-hash every file of every version; exit 1 on a mismatch")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_verify)
-    for name in ("publish", "list", "info", "pull", "verify"):
+    p = sub.add_parser("reindex", help="rebuild a missing or damaged index.json from the version folders (each checked as a publish)")
+    p.set_defaults(func=_reindex)
+    for name in ("publish", "list", "info", "pull", "verify", "reindex"):
         sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
     for name in ("info", "pull", "verify"):  # list has its own; info always prints JSON, the flag is taken for uniformity
         sub.choices[name].add_argument("--json", action="store_true", help="print one JSON object")

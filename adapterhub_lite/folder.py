@@ -35,6 +35,15 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         raise
 
 
+def share_files(folder: Path) -> None:
+    """Make a folder's regular files 0644, as atomic_write does: some writers (safetensors, mkstemp) make them
+    0600, which no other user could read, publish or serve. (Reading the umask would briefly change it for
+    every thread of a server.)"""
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, 0o644)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -85,6 +94,57 @@ def check_finite(folder: Path, error=AdapterLoadError) -> None:
                     "retrain with a lower learning rate, or merge with finite weights")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PEFT_TYPES = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt", "IA3": "ia3"}  # adapter_config.json → sidecar method
+
+
+def check_adapter_folder(folder: Path, error=AdapterLoadError) -> dict:
+    """The checks every way in applies to an adapter folder (publish, loading at run time, predict/eval by
+    path, a server's start); returns its sidecar. One line (`error`) names the first problem:
+
+    - no symlinks (a publish would copy what they point to) and no pickle weights, only safetensors;
+    - a sidecar of the known shape (sidecar.sidecar_problems) whose method is the PEFT config's;
+    - finite weights (a diverged run or a NaN merge weight is never served or published).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise error(f"adapter folder {str(folder)!r} does not exist; pass a folder written by `adapterhub-lite train`")
+    links = sorted(p.name for p in folder.iterdir() if p.is_symlink())
+    if links:
+        raise error(f"{folder} holds symlinks {links}: an adapter folder holds its own files; copy the files in place of the links")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise error(f"{folder} holds pickle weights {pickles}: only safetensors are accepted; run `adapterhub-lite convert {folder} --trust-pickle` "
+                    "if you trust the file (and remove any other pickle)")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise error(f"{folder} has no adapter_model.safetensors; pass a folder written by `adapterhub-lite train`")
+    meta = read_sidecar(folder)
+    try:
+        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:
+        raise error(f"{folder / 'adapter_config.json'} cannot be read as a PEFT config ({type(exc).__name__}); the folder is damaged") from None
+    if PEFT_TYPES.get(peft_type) != meta["method"]:
+        raise error(f"{folder / SIDECAR} says method {meta['method']!r} but adapter_config.json holds a {peft_type!r} adapter; "
+                    "the sidecar does not describe these weights: re-train or re-export the adapter")
+    check_finite(folder, error)
+    return meta
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """{file name: sha256} of a folder's regular files (the few MB of an adapter: read at every load)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[p.name] = h.hexdigest()
+    return out
+
+
 def is_adapter_folder(folder: Path) -> bool:
     """A folder adapterhub_lite wrote: the PEFT config beside our sidecar."""
     return (Path(folder) / "adapter_config.json").is_file() and (Path(folder) / SIDECAR).is_file()
@@ -126,6 +186,7 @@ def save_figure(fig, path: Path, dpi: int = 90) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a figure is to share
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -240,8 +301,8 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
 
     folder = Path(folder)
     check_if_registered(folder)  # a registry's version folder loaded by its path is re-hashed like any registry load
-    require_safetensors(folder)
-    meta = read_sidecar(folder)
+    require_safetensors(folder)  # (the pickle-only case names `convert`)
+    meta = check_adapter_folder(folder)
     recorded = meta["base"]["fingerprint"]
     backbone = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")
     check_fingerprint(str(folder), recorded, backbone.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,

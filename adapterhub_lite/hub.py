@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .registry import Registry, RegistryError, check_folder, check_name, check_version, file_record, make_entry, next_version, parse_index
+from .registry import SIDECAR, Registry, RegistryError, check_folder, check_name, check_version, file_record, make_entry, next_version, parse_index
 
 _ATTEMPTS = 3
 
@@ -43,10 +43,20 @@ class HubRegistry(Registry):
         try:
             path = hf_hub_download(self.repo, "index.json", revision=head)
         except EntryNotFoundError:
+            found = sorted({"@".join(f.split("/")[:2]) for f in self._files(head) if f.count("/") == 2 and f.endswith("/" + SIDECAR)})
+            if found:  # the index was deleted, not never written: an empty reading would forget every version
+                raise RegistryError(f"registry {self.root} holds version folders ({', '.join(found[:3])}{' …' if len(found) > 3 else ''}) "
+                                    "but no index.json: restore it from the repository's history (the Hub keeps every commit)") from None
             return parse_index(None, self.root), head
         except Exception as exc:
             raise _hub_error(self.repo, exc) from None
         return parse_index(Path(path).read_bytes(), f"{self.root}/index.json"), head
+
+    def _files(self, head: str) -> list[str]:
+        try:
+            return self.api.list_repo_files(self.repo, revision=head)
+        except Exception as exc:
+            raise _hub_error(self.repo, exc) from None
 
     def index(self) -> dict:
         index, head = self._read_index()
@@ -71,7 +81,7 @@ class HubRegistry(Registry):
         if not folder.is_dir():
             raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
         meta = check_folder(folder)
-        name = check_name(name or meta["name"])
+        name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
         if version != "auto":
             check_version(version)
         peft_config = json.loads((folder / "adapter_config.json").read_text())

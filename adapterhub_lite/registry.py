@@ -31,10 +31,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AdapterHubError
-from .folder import SIDECAR, check_finite, read_sidecar, write_json
+from .folder import SIDECAR, check_adapter_folder, write_json
 
 INDEX_FORMAT = "adapterhub_lite.registry/1"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Always used with fullmatch: `$` would also match before a trailing newline ("1.0.0\n").
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
@@ -117,20 +116,12 @@ def _os_problem(exc: OSError) -> str:
 
 
 def check_folder(folder: Path) -> dict:
-    """Refuse folders that are not safetensors adapters; return their sidecar."""
-    folder = Path(folder)
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles:
-        raise RegistryError(f"{folder} holds pickle weights {pickles}: only safetensors are accepted; run `adapterhub-lite convert {folder} --trust-pickle` if you trust the file")
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise RegistryError(f"{folder} has no adapter_model.safetensors; publish a folder written by `adapterhub-lite train`")
-    meta = read_sidecar(folder)
-    check_finite(folder, RegistryError)  # a NaN adapter (diverged run, NaN merge weight) is never published
-    return meta
+    """Refuse folders that are not safetensors adapters (folder.check_adapter_folder, as every way in); return their sidecar."""
+    return check_adapter_folder(folder, RegistryError)
 
 
-def make_entry(meta: dict, peft_config: dict, files: dict) -> dict:
-    """The index record of one version."""
+def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None = None) -> dict:
+    """The index record of one version (`created`: when it was published; default now)."""
     try:
         spec, fp = meta["task"] or {"name": None, "type": "component", "metric": []}, meta["base"]["fingerprint"]  # no task: a shared adapter
         targets = peft_config.get("target_modules")
@@ -143,7 +134,7 @@ def make_entry(meta: dict, peft_config: dict, files: dict) -> dict:
             "quantization": fp["quantization"],
             "metrics": {k: metrics[k] for k in spec["metric"] if k in metrics},  # the task's own metrics (a merge may have none)
             "files": files,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     except (KeyError, TypeError) as exc:
         raise RegistryError(f"the adapter's sidecar ({SIDECAR}) lacks {exc} or has it in the wrong form; publish a folder written by adapterhub-lite") from None
@@ -194,6 +185,8 @@ def _index_problems(index: dict) -> list[str]:
                     problems.append(f"{where}: the record of {fname} is not {{sha256: 64 hex digits, size: bytes}}")
             if not isinstance(entry["base"], dict) or not isinstance(entry["metrics"], dict):
                 problems.append(f"{where}: 'base' and 'metrics' must be objects")
+            elif not (isinstance(entry["base"].get("name"), str) and entry["base"]["name"]) or not isinstance(entry["base"].get("hub_id"), (str, type(None))):
+                problems.append(f"{where}: 'base' lacks the backbone's name (or has a hub_id that is not a string)")
     return problems
 
 
@@ -204,8 +197,8 @@ def parse_index(text: str | bytes | None, where: str) -> dict:
     fix = "restore it from a backup (the version folders beside it are untouched) or publish into a new registry"
     try:
         index = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise RegistryError(f"{where} is not valid JSON ({exc}); {fix}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, an int of 5,000 digits, 100,000 nested brackets
+        raise RegistryError(f"{where} is not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); {fix}") from None
     if not isinstance(index, dict):
         raise RegistryError(f"{where} holds a JSON {type(index).__name__}, expected an object with 'format' and 'adapters'; {fix}")
     if index.get("format") != INDEX_FORMAT:
@@ -253,7 +246,7 @@ class Registry:
             for version in sorted(versions, key=_vkey):
                 e = versions[version]
                 out.append({"name": name, "version": version, "task": e["task"], "type": e["type"], "method": e["method"],
-                            "rank": e.get("rank"), "base": e["base"].get("hub_id"), "quantization": e["quantization"],
+                            "rank": e.get("rank"), "base": e["base"].get("hub_id") or e["base"]["name"], "quantization": e["quantization"],
                             "metrics": e["metrics"]})
         return out
 
@@ -334,12 +327,69 @@ class LocalRegistry(Registry):
         return self._read_index()
 
     def _read_index(self) -> dict:
+        """The index; none yet (an empty registry) only when no version folder exists either."""
         path = self.root / "index.json"
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else "not a regular file"
+            raise RegistryError(f"{path} is {what}; the index must be a regular file: restore it from a backup, "
+                                f"or rebuild it from the version folders with `adapterhub-lite reindex --registry {self.root}`")
         try:
             text = path.read_bytes() if path.is_file() else None
         except OSError as exc:
             raise RegistryError(f"cannot read {path}: {_os_problem(exc)}; check its permissions") from None
+        if text is None:
+            found = self._version_folders()
+            if found:  # the index was lost, not never written: reading the registry as empty would forget (and overwrite) them
+                shown = ", ".join(f"{n}@{v}" for n, v in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+                raise RegistryError(f"registry {self.root} holds version folders ({shown}) but no index.json: restore it from a backup, "
+                                    f"or rebuild it from the folders with `adapterhub-lite reindex --registry {self.root}`")
         return parse_index(text, str(path))
+
+    def _version_folders(self) -> list[tuple[str, str]]:
+        """(name, version) of every <name>/<version>/ folder that holds adapter files, listed or not."""
+        found = []
+        for folder in sorted(self.root.glob("*/*")):
+            if folder.is_dir() and _NAME.fullmatch(folder.parent.name) and _VERSION.fullmatch(folder.name) and any(
+                    (folder / f).exists() for f in (SIDECAR, "adapter_config.json", "adapter_model.safetensors")):
+                found.append((folder.parent.name, folder.name))
+        return found
+
+    def reindex(self) -> dict:
+        """Rebuild a missing or damaged index.json from the version folders' own files and sidecars.
+
+        Every folder passes the publish checks first (or nothing is written, and every problem is
+        named); the damaged index, if any, is kept beside as index.json.damaged-<time>. The rebuilt
+        index records each file as it is now: a change made before the rebuild cannot be detected.
+        """
+        path = self.root / "index.json"
+        if not self.root.is_dir():
+            raise RegistryError(f"registry {str(self.root)!r} does not exist (no such folder); check --registry")
+        with self._locked():
+            try:
+                readable = path.is_file() and not path.is_symlink() and bool(self._read_index())
+            except RegistryError:
+                readable = False
+            if readable:
+                raise RegistryError(f"{path} is readable; reindex only rebuilds a missing or damaged index (`adapterhub-lite verify` checks this one)")
+            adapters, problems = {}, []
+            for name, version in self._version_folders():
+                folder = self.root / name / version
+                try:
+                    meta = check_folder(folder)
+                    files = {p.name: file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+                    peft_config = json.loads((folder / "adapter_config.json").read_text())
+                    adapters.setdefault(name, {})[version] = make_entry(meta, peft_config, files, created=meta.get("created"))
+                except (AdapterHubError, OSError, ValueError) as exc:
+                    problems.append(f"{name}@{version}: {exc}")
+            if problems:
+                raise RegistryError(f"cannot rebuild {path}: {'; '.join(problems)}; move those folders out of the registry, then reindex again")
+            if not adapters:
+                raise RegistryError(f"registry {self.root} holds no version folders to index")
+            index = {"format": INDEX_FORMAT, "adapters": adapters}
+            if path.is_symlink() or path.exists():
+                os.replace(path, path.with_name(f"index.json.damaged-{time.strftime('%Y%m%dT%H%M%S')}"))
+            write_json(path, index)
+        return index
 
     def _folder(self, name: str, version: str) -> Path:
         return self.root / name / version
@@ -391,7 +441,7 @@ class LocalRegistry(Registry):
         if not folder.is_dir():
             raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
         meta = check_folder(folder)
-        name = check_name(name or meta["name"])
+        name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
         if version != "auto":
             check_version(version)
         peft_config = json.loads((folder / "adapter_config.json").read_text())

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import AdapterLoadError
+from .errors import AdapterHubError, AdapterLoadError
 
 SIDECAR = "adapterhub.json"
 FORMAT = "adapterhub_lite.adapter/2"
@@ -60,15 +60,19 @@ class Sidecar:
         """A sidecar from its JSON form, upgraded from an older format first."""
         raw = dict(raw)
         while raw.get("format") != FORMAT:
-            step = _UPGRADES.get(raw.get("format"))
+            fmt = raw.get("format")
+            step = _UPGRADES.get(fmt) if isinstance(fmt, str) else None
             if step is None:
-                raise AdapterLoadError(f"{where} has format {raw.get('format')!r}; this version reads {', '.join([*_UPGRADES, FORMAT])}: "
+                raise AdapterLoadError(f"{where} has format {fmt!r}; this version reads {', '.join([*_UPGRADES, FORMAT])}: "
                                        "upgrade adapterhub_lite, or re-train the adapter")
             raw = step(raw)
         names = {f.name for f in fields(cls)} - {"extra"}
         missing = [k for k in ("name", "task", "method", "base") if k not in raw]
         if missing:
             raise AdapterLoadError(f"{where} lacks {', '.join(missing)}; it was not written by adapterhub_lite: re-train or re-export the adapter")
+        problems = sidecar_problems(raw)  # after upgrading: the shape every reader relies on
+        if problems:
+            raise AdapterLoadError(f"{where} is damaged: {'; '.join(problems)}; re-train or re-export the adapter (or restore its sidecar)")
         return cls(**{k: v for k, v in raw.items() if k in names}, extra={k: v for k, v in raw.items() if k not in names})
 
     @classmethod
@@ -83,15 +87,70 @@ class Sidecar:
         return cls.from_dict(raw, str(path))
 
     def save(self, folder: str | Path) -> None:
-        """Write `folder/adapterhub.json` atomically."""
-        from .folder import write_json
+        """Write `folder/adapterhub.json` atomically, once the PEFT files are there, and make the folder's files
+        readable by others as a published adapter must be (safetensors writes its file 0600)."""
+        from .folder import share_files, write_json
 
         write_json(Path(folder) / SIDECAR, self.to_dict())
+        share_files(Path(folder))
+
+
+METHODS = ("lora", "prefix", "prompt", "ia3")
+FINGERPRINT_KEYS = ("config_sha256", "tokenizer_sha256", "weights_sha256", "quantization")
+
+
+def sidecar_problems(raw: dict) -> list[str]:
+    """What is wrong with a (current-format) sidecar's fields that readers use, each naming the field and the value."""
+    from .spec import spec_from_dict  # here: spec is not needed to write a sidecar
+
+    out = []
+
+    def shown(value) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    if not isinstance(raw.get("name"), str) or not raw["name"]:
+        out.append(f"name is {shown(raw.get('name'))}, expected a non-empty string")
+    if raw.get("method") not in METHODS:
+        out.append(f"method is {shown(raw.get('method'))}, expected one of {', '.join(METHODS)}")
+    base = raw.get("base")
+    if not isinstance(base, dict):
+        out.append(f"base is {shown(base)}, expected an object with name, hub_id and fingerprint")
+    else:
+        if not isinstance(base.get("name"), str) or not base["name"]:
+            out.append(f"base.name is {shown(base.get('name'))}, expected the backbone's name")
+        if base.get("hub_id") is not None and not isinstance(base["hub_id"], str):
+            out.append(f"base.hub_id is {shown(base['hub_id'])}, expected a string or null")
+        fp = base.get("fingerprint")
+        if not isinstance(fp, dict):
+            out.append(f"base.fingerprint is {shown(fp)}, expected an object with {', '.join(FINGERPRINT_KEYS)}")
+        else:
+            lacking = [k for k in FINGERPRINT_KEYS if not isinstance(fp.get(k), str)]
+            if lacking:
+                out.append(f"base.fingerprint has no string {', '.join(lacking)}")
+    task, words = raw.get("task"), raw.get("label_words")
+    if words is not None and not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        out.append(f"label_words is {shown(words)}, expected a list of strings or null")
+    if task is None:
+        if words:  # a classifier that lost its task would be served as raw text
+            out.append("task is null but label_words are set: a classifier's sidecar without its task")
+    elif not isinstance(task, dict):
+        out.append(f"task is {shown(task)}, expected the task spec (an object) or null")
+    else:
+        try:
+            spec_from_dict(task, source="task")
+        except AdapterHubError as exc:
+            out.append(str(exc))
+    if not isinstance(raw.get("metrics", {}), dict):
+        out.append(f"metrics is {shown(raw['metrics'])}, expected an object")
+    return out
 
 
 def _from_v1(raw: dict) -> dict:
     """format 1 → 2: sidecars before base.dtype / base.weights were recorded computed in fp32 on unrecorded weights."""
-    base = {"dtype": "fp32", "weights": None, **raw.get("base", {})}
+    base = raw.get("base")
+    if isinstance(base, dict):  # anything else is left for sidecar_problems to name (a default here would hide it)
+        base = {"dtype": "fp32", "weights": None, **base}
     raw = {**raw, "base": base, "format": FORMAT}
     if "compose" in raw and "composition" not in raw:
         raw["composition"] = raw.pop("compose")

@@ -219,13 +219,16 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
             if m not in valid_metrics:
                 problems.append(f"metric {m!r} is not valid for {spec.type} (valid: {', '.join(valid_metrics)})")
     t = spec.train
-    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "max_length", "max_new_tokens", "checkpoint_every", "log_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "eval_samples", "max_length", "max_new_tokens",
+                "checkpoint_every", "log_every"):
         if isinstance(getattr(t, key), int) and getattr(t, key) < 1:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
-    for key in ("epochs", "min_delta"):
+    for key in ("epochs", "min_delta", "max_minutes"):
         value = getattr(t, key)
         if isinstance(value, float) and value < 0:
             problems.append(f"train.{key} must be ≥ 0, got {value}")
+    if isinstance(t.seed, int) and not 0 <= t.seed <= 2**63 - 1:
+        problems.append(f"train.seed must be between 0 and 2^63 - 1 (torch's seeds), got {t.seed}")
     for key in ("patience", "min_steps"):
         value = getattr(t, key)
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:

@@ -109,6 +109,8 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     Launched by torchrun / accelerate launch, every process trains its share of each global batch
     (batch_size rows) and rank 0 writes the folder.
     """
+    if output is not None and not str(output).strip():
+        raise DataError("--output is empty; give the adapter folder to write (or leave it out for runs/<name>)")
     output = Path(output or Path("runs") / spec.name)  # adapters/ is the registry (publish into it)
     work = prepare_output(output, overwrite, resume)
     data = load_task_data(spec)  # validates everything before a single byte is written
@@ -116,6 +118,10 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     parallel = Parallel(backbone.device, spec.quantization)
     resolved = resolve(spec, data, backbone.model, backbone.tokenizer, parallel.world)  # what the spec left out, from the data and model
     spec = resolved.spec
+    rows, per_step = len(data["train"]), spec.train.batch_size * parallel.world
+    if per_step > rows:  # the sampler would repeat rows within every step
+        raise DataError(f"train.batch_size={spec.train.batch_size} × {parallel.world} process(es) = {per_step} rows a step, but "
+                        f"{data['train'].source!r} has {rows} training rows; use train.batch_size ≤ {rows // parallel.world}")
     if parallel.main:
         print(f"resolved spec ('#': chosen, as the spec left it out):\n{resolved.describe()}", file=sys.stderr)
     seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random

@@ -234,7 +234,7 @@ def test_reload_picks_up_a_new_registry_version(registry, tmp_path):
         before = s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text
         open_registry(reg).publish(reg / "gen_b" / "1.0.0", "2.0.0", name="gen_a")  # gen_a@2.0.0 has gen_b's weights
         assert s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text == before
-        assert s.post("/v1/reload").json() == {"added": [], "updated": ["gen_a"], "deferred": []}
+        assert s.post("/v1/reload").json() == {"added": [], "updated": ["gen_a"], "deferred": [], "shadowed": []}
         after = s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text
         assert after == s.client.completions.create(model="gen_b", prompt="", extra_body={"input": "gh"}).choices[0].text
     finally:
@@ -342,3 +342,31 @@ def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(registry, mon
         assert httpx.get(s.url + "/health").status_code == 200
     finally:
         s.close()
+
+
+def test_sigterm_removes_the_merges_scratch_folder(registry, tmp_path):
+    """uvicorn re-raises SIGTERM after shutting down, so no finalizer runs: the app's shutdown removes it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "adapterhub_lite.cli", "serve", "--registry", str(registry), "--port", str(port),
+                             "--quantization", "none", "--dtype", "fp32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "gen_a", "input": "ab", "merged_adapters": recipe}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert [p.name for p in scratch.glob("adapterhub-router-*/merged-*")]  # the merge's folder is there while serving
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert not list(scratch.glob("adapterhub-router-*")), list(scratch.iterdir())
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -25,7 +25,7 @@ from peft import PeftModel
 from ..backbone import Backbone, load_backbone
 from ..data import load_task_data, readable, render, request_row
 from ..errors import AdapterLoadError, ContextLengthError, DataError
-from ..folder import check_fingerprint, check_fits, read_sidecar
+from ..folder import check_adapter_folder, check_fingerprint, check_fits, folder_hashes
 from ..heads import keep_end, label_plan_ids, label_token_ids
 from ..registries import open_registry
 from ..registry import check_if_registered
@@ -48,6 +48,8 @@ class Router:
         self.allow_base_mismatch = allow_base_mismatch
         self.folders: dict[str, Path] = {}  # every adapter we know how to load
         self.metas: dict[str, dict] = {}
+        self.hashes: dict[str, dict[str, str]] = {}  # name → {file: sha256} as register() checked them
+        self.changed: dict[str, str] = {}  # adapters refused at load because their files changed since (reported by /health)
         self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
         self.active: str | None = None
         self.route_threshold = route_threshold
@@ -82,10 +84,25 @@ class Router:
         else:
             check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
         folder = Path(folder)
-        meta = read_sidecar(folder)
+        meta = check_adapter_folder(folder)  # the same checks as a publish: no symlinks or pickles, a sound sidecar, finite weights
         check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
         self.folders[name], self.metas[name] = folder, meta
+        self.hashes[name] = folder_hashes(folder)  # what was checked: every later load must find the same bytes
+        self.changed.pop(name, None)
         self._content = None
+
+    def _check_unchanged(self, name: str) -> None:
+        """Refuse to load an adapter whose files changed since register() checked them (hashed at every load)."""
+        now = folder_hashes(self.folders[name])
+        if now != self.hashes[name]:
+            moved = sorted(f for f in set(now) | set(self.hashes[name]) if now.get(f) != self.hashes[name].get(f))
+            self.changed[name] = f"{', '.join(moved)} changed after the adapter was checked"
+            raise AdapterLoadError(f"adapter {name!r}: {', '.join(moved)} in {self.folders[name]} changed since it was checked; "
+                                   "it is not loaded: re-publish it and reload (POST /v1/reload), or restore the files")
+
+    def close(self) -> None:
+        """Remove the folders of merged adapters (the scratch folder); the router serves nothing after."""
+        self._scratch.cleanup()
 
     def known(self) -> list[str]:
         return list(self.folders)
@@ -98,6 +115,7 @@ class Router:
         if name in self.resident:
             self.resident.move_to_end(name)
             return
+        self._check_unchanged(name)
         check_fits(self.folders[name], self.backbone.model)
         self.bank.add(name, self.folders[name])
         self.resident[name] = None
@@ -257,8 +275,8 @@ class Router:
     def forget(self, name: str) -> None:
         """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
         self.unload(name)
-        self.folders.pop(name, None)
-        self.metas.pop(name, None)
+        for table in (self.folders, self.metas, self.hashes, self.changed):
+            table.pop(name, None)
         self._content = None
 
     def answer(self, ids: list[int]) -> str:

@@ -7,7 +7,7 @@ or `auto` (picked by content). Requests to one server share its batches (serve/e
 each route does with a request is serve/handlers.py, which fields exist serve/params.py.
 
 Around every route, in this order from the outside: CORS (only with --allowed-origins), the access
-log (one line per request), then the API key and the body-size limit.
+log (one line per request), then the API key and the body-size limit (plain ASGI middleware).
 """
 
 from __future__ import annotations
@@ -22,15 +22,71 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import Headers
 
 from .. import __version__
 from . import protocol as P
 from .engine import Engine
-from .handlers import Handlers, Settings
+from .handlers import ClientGone, Handlers, Settings
 from .params import IGNORED_HEADER
 from .runtime import Catalogue
 
 access_log = logging.getLogger("adapterhub_lite.serve.access")
+
+
+class Guard:
+    """The API key (on /v1/*) and the body-size limit, checked before any body is read."""
+
+    def __init__(self, app, settings: Settings, refuse):
+        self.app, self.settings, self.refuse = app, settings, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers, settings = Headers(scope=scope), self.settings
+            problem = None
+            if settings.api_key and scope["path"].startswith("/v1/"):
+                given = headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), settings.api_key.encode()):  # constant time: no key guessing by timing
+                    problem = P.ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", "authentication_error", "invalid_api_key")
+            length = headers.get("content-length")
+            if problem is None and length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                problem = P.ApiError(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes} bytes; send less",
+                                     code="body_too_large")
+            if problem is not None:
+                return await self.refuse(problem)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request, written when its last byte is sent (or the client leaves): id, route, status, model,
+    the adapter that answered, tokens, latency. The routes fill scope["state"]["access"]; a request's ignored
+    fields go out in the IGNORED_HEADER response header."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), [None]
+        access = scope.setdefault("state", {})["access"] = {}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if access.get("ignored"):
+                    message = {**message, "headers": [*message.get("headers", []), (IGNORED_HEADER.encode(), ",".join(access["ignored"]).encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            access_log.info("%s %s %s status=%s model=%s adapter=%s prompt_tokens=%s completion_tokens=%s latency_ms=%.0f%s",
+                            access.get("id", "-"), scope["method"], scope["path"], access.get("status", status[0]),
+                            access.get("model", "-"), access.get("adapter", "-"), access.get("prompt_tokens", "-"),
+                            access.get("completion_tokens", "-"), 1000 * (time.monotonic() - start),
+                            "".join(f" {k}={access[k]}" for k in ("user", "safety_identifier") if k in access))
 
 
 def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> FastAPI:
@@ -39,8 +95,10 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     async def lifespan(app):
         engine.start()
         yield
-        # uvicorn has stopped accepting and waited for open requests; finish what is queued, then stop
+        # uvicorn has stopped accepting and waited for open requests; finish what is queued, then stop.
+        # The merges' scratch folder goes here: uvicorn re-raises SIGTERM afterwards, so no finalizer would run.
         await asyncio.to_thread(engine.stop)
+        engine.router.close()
 
     app = FastAPI(title="adapterhub-lite", version=__version__, lifespan=lifespan)
     handlers = Handlers(engine, settings, catalogue)
@@ -52,48 +110,19 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     async def _api_error(request, exc):
         return error_response(exc)
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc):
+        return Response(status_code=499)  # nobody reads it: the client closed the connection
+
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
         return error_response(P.ApiError(400, f"invalid request body: {first.get('msg')} at {'.'.join(map(str, first.get('loc', ())))}"))
 
-    # -- API key and body size: before any body is read -------------------------------------------
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):  # constant time: no key guessing by timing
-                return error_response(P.ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", "authentication_error", "invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            return error_response(P.ApiError(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes} bytes; send less",
-                                             code="body_too_large"))
-        return await call_next(request)
-
-    # -- the access log: one line per request, written when its last byte is sent -------------------
-    @app.middleware("http")
-    async def _access(request: Request, call_next):
-        start = time.monotonic()
-        request.state.access = access = {}
-        response = await call_next(request)
-        if access.get("ignored"):
-            response.headers[IGNORED_HEADER] = ",".join(access["ignored"])
-        body = response.body_iterator
-
-        async def logged():
-            try:
-                async for part in body:
-                    yield part
-            finally:
-                access_log.info("%s %s %s status=%s model=%s adapter=%s prompt_tokens=%s completion_tokens=%s latency_ms=%.0f%s",
-                                access.get("id", "-"), request.method, request.url.path, access.get("status", response.status_code),
-                                access.get("model", "-"), access.get("adapter", "-"), access.get("prompt_tokens", "-"),
-                                access.get("completion_tokens", "-"), 1000 * (time.monotonic() - start),
-                                "".join(f" {k}={access[k]}" for k in ("user", "safety_identifier") if k in access))
-        response.body_iterator = logged()
-        return response
-
+    # Plain ASGI middleware (not @app.middleware, whose wrapped receive hides a client's disconnect from the routes,
+    # so a request whose client left would run on to max_tokens), added innermost first.
+    app.add_middleware(Guard, settings=settings, refuse=error_response)
+    app.add_middleware(AccessLog)
     if settings.allowed_origins:  # outermost, so a preflight (which carries no API key) is answered here
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"],
                            expose_headers=[IGNORED_HEADER])
@@ -106,8 +135,9 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
                 raise P.ApiError(413, f"request body is over the limit of {settings.max_body_bytes} bytes; send less", code="body_too_large")
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise P.ApiError(400, f"request body is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); send a JSON object", code="invalid_json") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:60]}"
+            raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
         if not isinstance(data, dict):
             raise P.ApiError(400, f"request body is a JSON {type(data).__name__}; send a JSON object", code="invalid_json")
         return data
@@ -120,7 +150,8 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
         backbone = engine.router.backbone
         return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
                 "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
-                "max_model_len": engine.router.max_model_len}
+                "max_model_len": engine.router.max_model_len,
+                "changed_adapters": dict(engine.router.changed)}  # files that changed under the server: refused at load
 
     @app.get("/version")
     async def version():
@@ -136,15 +167,15 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handlers.completions(await read_json(request), request.state.access)
+        return await handlers.completions(await read_json(request), request)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await handlers.chat(await read_json(request), request.state.access)
+        return await handlers.chat(await read_json(request), request)
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        return await handlers.classify(await read_json(request), request.state.access)
+        return await handlers.classify(await read_json(request), request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request):

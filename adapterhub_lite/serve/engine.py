@@ -229,7 +229,7 @@ class Engine:
             return
         if self._dec is not None and not self.router.bank.joinable(self._dec):
             return  # this model's cache cannot take rows mid-way: newcomers wait for the batch to end
-        self._admitting = [j for j in self._drain(room) if not self._expired(j)]
+        self._admitting = [j for j in self._drain(room) if not self._gone(j)]
         if self._admitting:
             self._admit_jobs(self._admitting)
         self._admitting = []
@@ -253,6 +253,10 @@ class Engine:
                                     "drop logprobs/prompt_logprobs, ask /v1/classify for every label's probability, "
                                     "or send the rendered prompt as `prompt` for the language model's log-probs")
             except AdapterHubError as exc:  # this request alone is bad (unknown adapter, missing column, too long, …)
+                self._fail([job], exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - an adapter that fails to load fails its own request, not the batch
+                log.exception("admitting a request for %r failed (%s); failing it alone", name, type(exc).__name__)
                 self._fail([job], exc)
                 continue
             ready.append(job)
@@ -360,6 +364,14 @@ class Engine:
         return {j: (chosen[i], list(zip(indices[i], values[i]))[: jobs[j].params.logprobs]) for i, j in enumerate(rows)}
 
     # -- endings ---------------------------------------------------------------------------------
+    def _gone(self, job: Job) -> bool:
+        """A queued job nobody waits for (cancelled: its client left, or a sibling choice was refused) or past its deadline."""
+        if job.cancelled:
+            job.finished = True
+            self.metrics.requests.labels(adapter=self._label(job), status="cancelled").inc()
+            return True
+        return self._expired(job)
+
     def _expired(self, job: Job) -> bool:
         if job.deadline is not None and time.monotonic() > job.deadline:
             self._fail([job], RequestTimeout("the request ran past the server's request timeout (--request-timeout); send fewer tokens or retry"))

@@ -66,6 +66,10 @@ def as_api_error(exc: Exception) -> P.ApiError:
     return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer: nothing is sent (its rows are dropped)."""
+
+
 @dataclass
 class Request:
     """One completions or chat request made ready: its jobs (n per prompt), their events, and how to answer."""
@@ -146,14 +150,25 @@ class Handlers:
                 job.cancel()
             raise as_api_error(exc) from None
 
-    async def results(self, req: Request) -> list:
-        """Every job's Result, in choice order; raises the first error (and drops the other choices)."""
+    async def results(self, req: Request, http=None) -> list:
+        """Every job's Result, in choice order; raises the first error (and drops the other choices). A client that
+        disconnects (checked every quarter second) has its rows dropped at the engine's next step."""
         out = [None] * len(req.jobs)
-        left = len(req.jobs)
+        left, getter, check = len(req.jobs), None, time.monotonic() + 0.25
         try:
             async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
                 while left:
-                    index, ev, payload = await req.events.get()
+                    # one get() kept across the waits (cancelling a get that has just been given an event would lose it)
+                    getter = getter or asyncio.ensure_future(req.events.get())
+                    done = (await asyncio.wait({getter}, timeout=max(0.0, check - time.monotonic())))[0]
+                    if time.monotonic() >= check:  # token events may flow without pause: the check has its own clock
+                        check = time.monotonic() + 0.25
+                        if http is not None and await http.is_disconnected():
+                            http.state.access["status"] = 499  # nginx's "client closed request"
+                            raise ClientGone()
+                    if not done:
+                        continue
+                    (index, ev, payload), getter = getter.result(), None
                     if ev == "done":
                         out[index], left = payload, left - 1
                     elif ev == "error":
@@ -161,6 +176,8 @@ class Handlers:
         except TimeoutError:
             raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
         finally:
+            if getter is not None:
+                getter.cancel()
             for job in req.jobs:
                 job.cancel()  # a no-op for finished jobs; frees the rows of the others
         return out
@@ -172,8 +189,9 @@ class Handlers:
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
     # -- /v1/completions -------------------------------------------------------------------------
-    async def completions(self, body: dict, access: dict):
+    async def completions(self, body: dict, http):
         """POST /v1/completions: a raw `prompt` (continued as given) or a task's `input` (its answer)."""
+        access = http.state.access
         self.fields(body, C, access)
         rid = access["id"] = self.request_id(body, "cmpl")
         model = access["model"] = await self.resolve_model(body)
@@ -196,11 +214,12 @@ class Handlers:
         # a raw prompt gets OpenAI's default of 16 new tokens; a task input its task's budget (32 without a task, as `infer`)
         req = self.make_request(rid, model, body, params, requests, chat=False, answer=answer, default_max=32 if answer else 16,
                                 add_special_tokens=flag(body, "add_special_tokens", True))
-        return await self.answer(req, access)
+        return await self.answer(req, http)
 
     # -- /v1/chat/completions --------------------------------------------------------------------
-    async def chat(self, body: dict, access: dict):
+    async def chat(self, body: dict, http):
         """POST /v1/chat/completions: a task adapter answers the last user message; `base` continues the chat template."""
+        access = http.state.access
         self.fields(body, H, access)
         rid = access["id"] = self.request_id(body, "chatcmpl")
         model = access["model"] = await self.resolve_model(body)
@@ -229,15 +248,16 @@ class Handlers:
             if not users:
                 raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
             req = self.make_request(rid, model, body, params, [{"text": users[-1]}], chat=True, answer=True, default_max=32)
-        return await self.answer(req, access)
+        return await self.answer(req, http)
 
     # -- answering -------------------------------------------------------------------------------
-    async def answer(self, req: Request, access: dict):
+    async def answer(self, req: Request, http):
         """Submit a request's jobs; stream their events, or wait for every choice and write the response."""
+        access = http.state.access
         self.submit(req)
-        if req.body.get("stream"):
+        if flag(req.body, "stream", False):
             return StreamingResponse(self.stream(req, access), media_type="text/event-stream")
-        results = await self.results(req)
+        results = await self.results(req, http)
         self.note(access, results)
         choices = [self.choice(req, i, r) for i, r in enumerate(results)]
         if req.chat:
@@ -331,8 +351,9 @@ class Handlers:
         yield "data: [DONE]\n\n"
 
     # -- /v1/classify ----------------------------------------------------------------------------
-    async def classify(self, body: dict, access: dict) -> dict:
+    async def classify(self, body: dict, http) -> dict:
         """POST /v1/classify: a classification adapter's label and every label's probability, per input."""
+        access = http.state.access
         model = access["model"] = await self.resolve_model(body)
         if not self.catalogue.is_classifier(model):
             raise P.bad("model", model, "/v1/classify takes a classification adapter (see GET /v1/models); use /v1/completions for others")
@@ -341,7 +362,7 @@ class Handlers:
         req = self.make_request(P.new_id("cls"), model, {}, SamplingParams(), inputs, chat=False, answer=True, default_max=32)
         access["id"] = req.rid
         self.submit(req)
-        results = await self.results(req)
+        results = await self.results(req, http)
         self.note(access, results)
         return {"object": "list", "model": model, "usage": P.usage(results),
                 "data": [{"index": i, "label": r.label, "adapter": r.adapter, "probabilities": {k: round(v, 6) for k, v in r.probabilities.items()}}

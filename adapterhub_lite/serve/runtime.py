@@ -11,7 +11,9 @@ import asyncio
 import hashlib
 import json
 import math
+import shutil
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from ..errors import AdapterHubError
@@ -27,11 +29,12 @@ AUTO = "auto"
 class Catalogue:
     """What `model` may name, and the calls that change it."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_merges: int = 16):
         self.engine = engine
         self.router = engine.router
         self.runtime: set[str] = set()  # adapters loaded through /v1/load_lora_adapter
-        self.merges: dict[str, dict] = {}  # merged adapter name → its recipe
+        self.merges: OrderedDict[str, dict] = OrderedDict()  # merged adapter name → its recipe, least recently used first
+        self.max_merges = max_merges  # merged adapters kept (each a folder on disk and a catalogue entry)
         self._pending: dict[str, asyncio.Future] = {}  # merges being built (one build per recipe)
         self.created = int(time.time())
 
@@ -67,8 +70,13 @@ class Catalogue:
             raise P.ApiError(400, message, code=type(exc).__name__) from None
 
     async def ensure_known(self, model: str) -> str:
-        """`model` if the server can serve it (a pinned registry version is registered on first use); else 404."""
+        """`model` if the server can serve it (a pinned registry version is registered on first use); else 404.
+        `name@latest` is `name`, which /v1/reload keeps at the registry's latest version."""
+        if model.endswith("@latest") and model.removesuffix("@latest") in self.router.folders and model.removesuffix("@latest") not in self.runtime:
+            return model.removesuffix("@latest")
         if model in (BASE, AUTO) or model in self.router.folders:
+            if model in self.merges:
+                self.merges.move_to_end(model)
             return model
         if "@" in model and self.router.registry is not None:
             try:
@@ -111,10 +119,13 @@ class Catalogue:
         key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task}, sort_keys=True)
         name = "merged-" + hashlib.sha256(key.encode()).hexdigest()[:12]
         if name in self.router.folders:
+            if name in self.merges:
+                self.merges.move_to_end(name)
             return name
         if name not in self._pending:  # concurrent requests with one recipe share one build
             def build(router):
                 if name not in router.folders:
+                    self._make_room(router)
                     router.merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name, report_rows=0)
             self._pending[name] = asyncio.ensure_future(self._on_engine(build, flags={"--task": "merged_adapters.task"}))
         try:
@@ -125,6 +136,20 @@ class Catalogue:
         self.merges[name] = json.loads(key)
         return name
 
+    def _make_room(self, router) -> None:
+        """Before building a merge (engine thread): over max_merges, forget the least recently used merges no running
+        row uses, and delete their folders; when every one is in use, refuse (429-like: retry later)."""
+        while len(self.merges) >= self.max_merges:
+            idle = next((n for n in self.merges if n not in self.engine.in_use()), None)
+            if idle is None:
+                raise P.ApiError(429, f"all {self.max_merges} merged adapters (--max-merges) are in use by running requests; retry shortly",
+                                 "rate_limit_exceeded", "merges_full", headers={"Retry-After": "1"})
+            folder = router.folders.get(idle)
+            router.forget(idle)
+            self.merges.pop(idle)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
     # -- adapters at run time (vLLM's /v1/load_lora_adapter) ----------------------------------------
     async def load(self, name, path) -> str:
         """Register a folder under `name`, through the same integrity and fingerprint checks as the registry."""
@@ -134,8 +159,9 @@ class Catalogue:
             check_name(name)
         except AdapterHubError as exc:
             raise P.bad("lora_name", name, str(exc)) from None
-        if name in (BASE, AUTO) or name in self.router.folders:
-            raise P.ApiError(400, f"an adapter named {name!r} is already served; unload it first or choose another name", code="already_loaded")
+        if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
+            raise P.ApiError(400, f"an adapter named {name!r} is already served (or in the registry: runtime and registry adapters keep "
+                             "apart names); unload it first or choose another name", code="already_loaded")
         if not isinstance(path, str) or not Path(path).is_dir():
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
         await self._on_engine(lambda r: r.register(name, path))
@@ -143,6 +169,9 @@ class Catalogue:
         return name
 
     async def unload(self, name) -> str:
+        """Drop an adapter loaded at run time (registry adapters stay)."""
+        if not isinstance(name, str) or not name:
+            raise P.bad("lora_name", name, "give the name the adapter was loaded under")
         if name not in self.runtime:
             raise P.ApiError(404, f"no adapter {name!r} was loaded at run time (loaded: {sorted(self.runtime) or 'none'}); "
                              "registry adapters stay served", code="model_not_found")
@@ -161,8 +190,11 @@ class Catalogue:
             raise P.ApiError(400, "this server has no registry to reload", code="no_registry")
 
         def scan(router) -> dict:
-            added, updated, deferred = [], [], []
+            added, updated, deferred, shadowed = [], [], [], []
             for name in sorted(router.registry.index()["adapters"]):
+                if name in self.runtime:  # loaded at run time under this name before the registry had it: it stays until unloaded
+                    shadowed.append(name)
+                    continue
                 folder = router.registry.path(name)  # re-hashes the version's files
                 if name not in router.folders:
                     router.register(name, folder)
@@ -174,5 +206,5 @@ class Catalogue:
                     router.forget(name)
                     router.register(name, folder)
                     updated.append(name)
-            return {"added": added, "updated": updated, "deferred": deferred}
+            return {"added": added, "updated": updated, "deferred": deferred, "shadowed": shadowed}
         return await self._on_engine(scan)

@@ -1,0 +1,164 @@
+"""One check for every way an adapter folder comes in (publish, loading at run time, predict/eval by path, a
+server's start): the same folder rules and the same sidecar validation, one line naming the field; and the
+files are hashed again at every load, not only when the server starts."""
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from adapterhub_lite.cli import main
+from adapterhub_lite.errors import AdapterLoadError
+from adapterhub_lite.router.router import Router
+
+from .conftest import train_tiny
+from .serving import Served
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return {"cls_a": train_tiny(d, "cls_a"), "cls_b": train_tiny(d, "cls_b", train={"seed": 3})}
+
+
+@pytest.fixture
+def copy(adapters, tmp_path):
+    """A fresh copy of cls_a to damage."""
+    folder = tmp_path / "copy"
+    shutil.copytree(adapters["cls_a"], folder)
+    return folder
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def edit_sidecar(folder, change):
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    change(meta)
+    (folder / "adapterhub.json").write_text(json.dumps(meta))
+
+
+def v1(**base):
+    """A format-1 sidecar (the upgrade path) whose base is `base` (absent when None)."""
+    def change(meta):
+        meta["format"] = "adapterhub_lite.adapter/1"
+        if "drop" in base:
+            del meta["base"]
+        else:
+            meta["base"] = base["value"]
+    return change
+
+
+SIDECARS = {
+    "no prompt": (lambda m: m["task"].pop("prompt"), "prompt"),
+    "fingerprint without weights_sha256": (lambda m: m["base"]["fingerprint"].pop("weights_sha256"), "weights_sha256"),
+    "fingerprint missing": (lambda m: m["base"].pop("fingerprint"), "base.fingerprint"),
+    "fingerprint a string": (lambda m: m["base"].update(fingerprint="abc"), "base.fingerprint"),
+    "task null on a classifier": (lambda m: m.update(task=None), "label_words"),
+    "method prefix on a LoRA": (lambda m: m.update(method="prefix"), "method 'prefix'"),
+    "method unknown": (lambda m: m.update(method="dora"), "method"),
+    "format a list": (lambda m: m.update(format=["adapterhub_lite.adapter/2"]), "format"),
+    "format-1, base null": (v1(value=None), "base is None"),
+    "format-1, base a string": (v1(value="smollm2"), "base is 'smollm2'"),
+    "format-1, base missing": (v1(drop=True), "base is None"),
+    "name empty": (lambda m: m.update(name=""), "name"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIDECARS))
+def test_a_malformed_sidecar_is_one_line_from_every_way_in(copy, tmp_path, capsys, case):
+    change, needle = SIDECARS[case]
+    edit_sidecar(copy, change)
+    for argv in (["publish", str(copy), "--registry", str(tmp_path / "reg")], ["predict", str(copy), "--text", "pos 1"],
+                 ["eval", str(copy), "--limit", "2"]):
+        assert main(argv) == 2, (case, argv)
+        assert needle in one_line_error(capsys), (case, argv)
+    assert not (tmp_path / "reg").exists() or not list((tmp_path / "reg").glob("*/*"))  # nothing was published
+
+
+@pytest.mark.parametrize("case", list(SIDECARS))
+def test_a_malformed_sidecar_is_refused_when_loaded_at_run_time(serve_registry, copy, case):
+    change, needle = SIDECARS[case]
+    edit_sidecar(copy, change)
+    s = Served(serve_registry)
+    try:
+        r = s.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(copy)})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], (case, r.text)
+        assert s.post("/v1/completions", {"model": "gen_a", "input": "ab"}).status_code == 200  # the server goes on
+    finally:
+        s.close()
+
+
+FOLDERS = {
+    "only a pickle": (lambda f: ((f / "adapter_model.safetensors").unlink(), (f / "adapter_model.bin").write_bytes(b"x")), "adapter_model.bin"),
+    "a pickle beside the safetensors": (lambda f: (f / "extra.pt").write_bytes(b"x"), "extra.pt"),
+    "a symlink to a system file": (lambda f: (f / "notes.txt").symlink_to("/etc/hostname"), "symlinks ['notes.txt']"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDERS))
+def test_folder_rules_are_the_same_for_publish_runtime_loading_and_predict(serve_registry, copy, tmp_path, capsys, case):
+    make, needle = FOLDERS[case]
+    make(copy)
+    assert main(["publish", str(copy), "--registry", str(tmp_path / "reg")]) == 2
+    assert needle in one_line_error(capsys)
+    assert main(["predict", str(copy), "--text", "pos 1"]) == 2
+    assert needle in one_line_error(capsys) or "adapter_model.bin" in needle
+    with pytest.raises(AdapterLoadError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        Router.from_registry(serve_registry, quantization="none", dtype="fp32").register("late", copy)
+
+
+def test_runtime_loading_applies_the_publish_rules_and_one_bad_adapter_hurts_no_one(serve_registry, copy):
+    """A pickle-only folder used to be loaded ("Success"), then failed every request and cut other streams."""
+    FOLDERS["only a pickle"][0](copy)
+    s = Served(serve_registry)
+    try:
+        streaming = s.client.completions.create(model="base", prompt="a b", max_tokens=40, stream=True)
+        first = next(iter(streaming))
+        r = s.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(copy)})
+        assert r.status_code == 400 and "adapter_model.bin" in r.json()["error"]["message"], r.text
+        rest = list(streaming)
+        assert rest[-1].choices[0].finish_reason == "length" and len([first, *rest]) >= 40  # the running stream finished
+    finally:
+        s.close()
+
+
+def test_publish_refuses_an_empty_name(adapters, tmp_path, capsys):
+    assert main(["publish", str(adapters["cls_a"]), "--registry", str(tmp_path / "reg"), "--name", ""]) == 2
+    assert "invalid adapter name ''" in one_line_error(capsys)
+    assert not (tmp_path / "reg").exists() or not list((tmp_path / "reg").glob("*/*"))
+
+
+def test_files_are_hashed_at_every_load_not_only_at_start(serve_registry, tmp_path):
+    """Weights swapped in the registry after start-up were served (gen_a answered with gen_b's log-probs)."""
+    reg = tmp_path / "reg"
+    shutil.copytree(serve_registry, reg)
+    s = Served(reg)
+    try:
+        shutil.copy(reg / "gen_b" / "1.0.0" / "adapter_model.safetensors", reg / "gen_a" / "1.0.0" / "adapter_model.safetensors")
+        r = s.post("/v1/completions", {"model": "gen_a", "input": "ab"})
+        assert r.status_code == 400 and "changed since it was checked" in r.json()["error"]["message"], r.text
+        assert "gen_a" in httpx.get(s.url + "/health").json()["changed_adapters"]
+        assert s.post("/v1/completions", {"model": "gen_b", "input": "ab"}).status_code == 200  # the others are served
+    finally:
+        s.close()
+
+
+def test_a_registry_version_with_a_malformed_sidecar_stops_serve_in_one_line(adapters, tmp_path, capsys):
+    """A version published before sidecars were validated (its index records the damaged file's hash): `serve` refuses it by field."""
+    from adapterhub_lite.registry import LocalRegistry, file_record
+
+    reg = tmp_path / "reg"
+    LocalRegistry(reg).publish(adapters["cls_a"], "1.0.0")
+    version = reg / "cls_a" / "1.0.0"
+    edit_sidecar(version, lambda m: m["base"]["fingerprint"].pop("weights_sha256"))
+    index = json.loads((reg / "index.json").read_text())
+    index["adapters"]["cls_a"]["1.0.0"]["files"]["adapterhub.json"] = file_record(version / "adapterhub.json")
+    (reg / "index.json").write_text(json.dumps(index))
+    assert main(["serve", "--registry", str(reg), "--port", "0", "--quantization", "none"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the backbone's loading bar
+    assert last.startswith("error: ") and "weights_sha256" in last and "Traceback" not in last, last

@@ -1,0 +1,131 @@
+"""The registry's index is never re-created over a populated registry: a lost, linked or damaged index.json is
+refused by every command (one line, nothing written or deleted), and `reindex` rebuilds it from the checked folders."""
+
+import json
+import os
+
+import pytest
+
+from adapterhub_lite.cli import main
+from adapterhub_lite.registry import LocalRegistry, RegistryError
+
+from .conftest import train_tiny
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return {"cls_a": train_tiny(d, "cls_a"), "cls_b": train_tiny(d, "cls_b", train={"seed": 3})}
+
+
+@pytest.fixture
+def reg(adapters, tmp_path):
+    """cls_a@1.0.0 and cls_b@1.0.0."""
+    r = LocalRegistry(tmp_path / "reg")
+    for folder in adapters.values():
+        r.publish(folder, "1.0.0")
+    return tmp_path / "reg"
+
+
+def snapshot(root) -> dict:
+    """Every file under the registry (the lock aside) with its bytes, and every link with its target."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name == ".lock":
+            continue
+        rel = str(p.relative_to(root))
+        out[rel] = ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+    return out
+
+
+LOSSES = {
+    "deleted": lambda index, tmp: index.unlink(),
+    "a link to the null device": lambda index, tmp: (index.unlink(), index.symlink_to("/dev/null")),
+    "a link to a folder": lambda index, tmp: (index.unlink(), index.symlink_to(tmp)),
+    "a dangling link": lambda index, tmp: (index.unlink(), index.symlink_to(tmp / "gone.json")),
+    "a folder": lambda index, tmp: (index.unlink(), index.mkdir()),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_a_lost_index_is_refused_by_every_command_and_nothing_is_deleted(reg, adapters, tmp_path, capsys, loss):
+    LOSSES[loss](reg / "index.json", tmp_path)
+    before = snapshot(reg)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"adapter": "cls_a", "text": "pos 1"}\n')
+    for argv in (["list"], ["verify"], ["info", "cls_a"], ["pull", "cls_a", "--to", str(tmp_path / "pulled")],
+                 ["publish", str(adapters["cls_b"]), "--name", "cls_a"], ["publish", str(adapters["cls_b"]), "--name", "new"],
+                 ["infer", "--input", str(requests)], ["serve", "--port", "0"]):
+        assert main([*argv, "--registry", str(reg)]) == 2, (loss, argv)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "reindex" in err, (argv, err)
+    assert snapshot(reg) == before  # the publish that picked 1.0.0 used to delete cls_a@1.0.0 and write an index of one
+    assert not (tmp_path / "pulled").exists()
+
+
+def test_reindex_rebuilds_the_index_from_the_checked_folders(reg, adapters, tmp_path, capsys):
+    original = json.loads((reg / "index.json").read_text())
+    (reg / "index.json").write_text('{"format": "adapterhub_lite.registry/1", "adapters": {"cls_a": ')  # damaged
+    assert main(["reindex", "--registry", str(reg)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"registry": str(reg), "rebuilt": ["cls_a@1.0.0", "cls_b@1.0.0"]}
+    rebuilt = json.loads((reg / "index.json").read_text())
+    for name in ("cls_a", "cls_b"):  # the same records as the publishes wrote (the time aside)
+        want, got = original["adapters"][name]["1.0.0"], rebuilt["adapters"][name]["1.0.0"]
+        assert {k: v for k, v in got.items() if k != "created"} == {k: v for k, v in want.items() if k != "created"}
+    assert [p.name for p in reg.glob("index.json.damaged-*")]  # the damaged one is kept beside
+    assert main(["verify", "--registry", str(reg)]) == 0
+    capsys.readouterr()
+    assert main(["reindex", "--registry", str(reg)]) == 2  # a readable index is not rebuilt
+    assert "is readable" in capsys.readouterr().err
+
+
+def test_reindex_refuses_a_folder_that_would_not_publish_and_writes_nothing(reg, capsys):
+    (reg / "index.json").unlink()
+    (reg / "cls_b" / "1.0.0" / "adapter_model.bin").write_bytes(b"pickle")
+    before = snapshot(reg)
+    assert main(["reindex", "--registry", str(reg)]) == 2
+    err = capsys.readouterr().err
+    assert "cls_b@1.0.0" in err and "pickle" in err and "\n" not in err.strip()
+    assert snapshot(reg) == before and not (reg / "index.json").exists()
+
+
+def test_an_empty_registry_folder_still_takes_its_first_publish(adapters, tmp_path):
+    (tmp_path / "fresh").mkdir()
+    assert LocalRegistry(tmp_path / "fresh").publish(adapters["cls_a"])[:2] == ("cls_a", "1.0.0")
+
+
+@pytest.mark.parametrize("damage", ["deeply nested", "a 5,000-digit number", "an entry with an empty base"])
+def test_hostile_indexes_are_one_line(reg, capsys, damage):
+    index = reg / "index.json"
+    text = index.read_text()
+    index.write_text({"deeply nested": "[" * 100_000 + "]" * 100_000, "a 5,000-digit number": text.replace('"size": ', '"size": ' + "9" * 5000, 1),
+                      "an entry with an empty base": json.dumps({**json.loads(text), "adapters": {"cls_a": {"1.0.0": {
+                          **json.loads(text)["adapters"]["cls_a"]["1.0.0"], "base": {}}}}})}[damage])
+    for argv in (["list"], ["verify"], ["info", "cls_a"]):
+        assert main([*argv, "--registry", str(reg)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+
+
+def test_a_hub_registry_without_its_index_but_with_version_folders_is_refused(monkeypatch):
+    """The Hub's sibling of the lost index: the repository lists version folders, index.json is gone."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from adapterhub_lite.hub import HubRegistry
+
+    class Api:
+        def repo_info(self, repo):
+            return type("Info", (), {"sha": "abc"})()
+
+        def list_repo_files(self, repo, revision=None):
+            return ["README.md", "cls_a/1.0.0/adapterhub.json", "cls_a/1.0.0/adapter_model.safetensors"]
+
+    def missing(*args, **kwargs):
+        raise EntryNotFoundError("index.json")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    reg = HubRegistry("org/adapters")
+    reg.api = Api()
+    with pytest.raises(RegistryError, match=r"holds version folders \(cls_a@1.0.0\) but no index.json"):
+        reg.index()

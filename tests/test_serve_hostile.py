@@ -1,0 +1,167 @@
+"""Hostile or careless requests get an OpenAI-shaped 400 and hurt no one else; work nobody waits for is dropped;
+the served catalogue stays true (@latest, runtime vs registry names, merges) and leaves nothing on disk."""
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapterhub_lite.registry import LocalRegistry
+
+from .serving import KEY, Served
+
+
+@pytest.fixture(scope="module")
+def served(serve_registry):
+    s = Served(serve_registry)
+    yield s
+    s.close()
+
+
+def raw_post(served, body: bytes):
+    return httpx.post(served.url + "/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+                      timeout=60)
+
+
+HOSTILE = {
+    "deeply nested": b'{"model": "base", "prompt": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "a 5,000-digit integer": b'{"model": "base", "prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}",
+    "a 400-digit max_tokens": b'{"model": "base", "prompt": "a", "max_tokens": ' + b"9" * 400 + b"}",
+    "a 400-digit seed": b'{"model": "base", "prompt": "a", "temperature": 1, "seed": ' + b"9" * 400 + b"}",
+    "stream_options not an object": b'{"model": "base", "prompt": "a", "stream": true, "stream_options": "yes"}',
+    "stream as a string": b'{"model": "base", "prompt": "a", "stream": "false"}',
+    "input empty": b'{"model": "gen_a", "prompt": "", "input": []}',
+    "temperature NaN-ish": b'{"model": "base", "prompt": "a", "temperature": 1e400}',
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_bodies_are_openai_shaped_400s(served, case):
+    r = raw_post(served, HOSTILE[case])
+    assert r.status_code == 400, (case, r.status_code, r.text[:200])
+    assert set(r.json()["error"]) >= {"message", "type", "code"}
+
+
+@pytest.mark.parametrize("field, value", [("lora_name", ["a"]), ("lora_name", {"a": 1})])
+def test_unload_with_a_non_string_name_is_a_400(served, field, value):
+    r = served.post("/v1/unload_lora_adapter", {field: value})
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_a_tiny_temperature_is_greedy_and_cuts_no_other_stream(served):
+    greedy = served.post("/v1/completions", {"model": "base", "prompt": "a b", "max_tokens": 8}).json()["choices"][0]["text"]
+
+    async def go():
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
+            async with h.stream("POST", "/v1/completions", json={"model": "base", "prompt": "c d", "max_tokens": 60, "stream": True}) as other:
+                lines = other.aiter_lines()
+                while not (await anext(lines)).startswith("data: {"):
+                    pass
+                tiny = [await h.post("/v1/completions", json={"model": "base", "prompt": "a b", "max_tokens": 8, "temperature": t})
+                        for t in (1e-45, 5e-324)]
+                rest = [line async for line in lines if line.startswith("data: ")]
+        return tiny, rest
+
+    tiny, rest = asyncio.run(go())
+    assert [t.status_code for t in tiny] == [200, 200] and all(t.json()["choices"][0]["text"] == greedy for t in tiny)
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_refused_request_leaves_no_queued_rows(serve_registry):
+    """n=4 into a queue with room for 2: 429, and the 2 choices queued before the refusal are dropped, not computed."""
+    s = Served(serve_registry, max_batch_rows=1, max_queue=2)
+    try:
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
+                busy = asyncio.create_task(h.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 100}))
+                while not s.engine._rows:
+                    await asyncio.sleep(0.01)
+                refused = await h.post("/v1/completions", json={"model": "base", "prompt": "y", "max_tokens": 50, "n": 4})
+                await busy
+                return refused
+
+        refused = asyncio.run(go())
+        assert refused.status_code == 429
+        time.sleep(0.5)
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'adapterhub_requests_total{adapter="base",status="cancelled"} 2.0' in metrics, metrics
+        assert 'adapterhub_requests_total{adapter="base",status="ok"} 1.0' in metrics
+        assert "adapterhub_batch_rows_count 1.0" in metrics  # only the busy request was admitted (prefilled and decoded)
+    finally:
+        s.close()
+
+
+def cancelled(served) -> float:
+    line = [x for x in httpx.get(served.url + "/metrics").text.splitlines() if x.startswith('adapterhub_requests_total{adapter="base",status="cancelled"}')]
+    return float(line[0].split()[-1]) if line else 0.0
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_row(served):
+    before = cancelled(served)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5) as h:
+            try:
+                await h.post("/v1/completions", json={"model": "base", "prompt": "leave", "max_tokens": 500, "ignore_eos": True})
+            except httpx.ReadTimeout:
+                pass  # the client gives up and closes the connection
+
+    asyncio.run(go())
+    deadline = time.monotonic() + 10
+    while cancelled(served) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled(served) == before + 1 and not served.engine._rows  # dropped, not run on to its 500 tokens and answered to nobody
+
+
+def test_latest_follows_reload(serve_registry, tmp_path):
+    reg = tmp_path / "reg"
+    shutil.copytree(serve_registry, reg)
+    s = Served(reg)
+    try:
+        first = s.post("/v1/completions", {"model": "gen_a@latest", "input": "gh"}).json()["choices"][0]["text"]
+        LocalRegistry(reg).publish(reg / "gen_b" / "1.0.0", "2.0.0", name="gen_a")  # gen_a@2.0.0 is gen_b's weights
+        assert s.post("/v1/reload").status_code == 200
+        now = s.post("/v1/completions", {"model": "gen_a@latest", "input": "gh"}).json()["choices"][0]["text"]
+        assert now == s.post("/v1/completions", {"model": "gen_b", "input": "gh"}).json()["choices"][0]["text"] != first
+    finally:
+        s.close()
+
+
+def test_runtime_and_registry_adapters_keep_apart_names(serve_registry, tmp_path):
+    reg = tmp_path / "reg"
+    shutil.copytree(serve_registry, reg)
+    s = Served(reg)
+    try:
+        taken = s.post("/v1/load_lora_adapter", {"lora_name": "gen_a", "lora_path": str(reg / "gen_b" / "1.0.0")})
+        assert taken.status_code == 400 and "already served" in taken.json()["error"]["message"]
+        assert s.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(reg / "gen_b" / "1.0.0")}).status_code == 200
+        late = s.post("/v1/completions", {"model": "late", "input": "gh"}).json()["choices"][0]["text"]
+        LocalRegistry(reg).publish(reg / "gen_a" / "1.0.0", "1.0.0", name="late")  # the registry now has a `late` too
+        assert s.post("/v1/reload").json()["shadowed"] == ["late"]
+        assert s.post("/v1/completions", {"model": "late", "input": "gh"}).json()["choices"][0]["text"] == late  # still the runtime one
+        assert s.post("/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
+        assert s.post("/v1/reload").json()["added"] == ["late"]  # then the registry's, on the next reload
+    finally:
+        s.close()
+
+
+def test_merges_are_bounded_and_their_folders_go_with_the_server(serve_registry):
+    s = Served(serve_registry)
+    s.catalogue.max_merges = 2
+    try:
+        scratch = s.router._scratch.name
+        names = []
+        for w in (0.2, 0.4, 0.6):
+            r = s.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": {"ids": ["gen_a", "gen_b"], "weights": [w, 1 - w],
+                                                                                                 "merge_strategy": "delta_linear"}})
+            assert r.status_code == 200, r.text
+            names.append(r.json()["choices"][0]["adapter"])
+        folders = sorted(p.name for p in Path(scratch).iterdir())
+        assert folders == sorted(names[1:]) and names[0] not in s.router.folders  # the least recently used went, folder and all
+    finally:
+        s.close()
+    assert not Path(scratch).exists()  # removed when the server stopped

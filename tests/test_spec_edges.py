@@ -1,0 +1,33 @@
+"""Training settings at their edges are refused in one line, before anything is written; what training writes
+can be read by others (0644), as a folder to publish must."""
+
+import stat
+
+import pytest
+
+from adapterhub_lite.cli import main
+
+from .conftest import train_tiny
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.eval_samples=0"], "train.eval_samples must be ≥ 1"),
+    (["train.max_minutes=-1"], "train.max_minutes must be ≥ 0"),
+    (["train.seed=1180591620717411303424"], "train.seed must be between 0 and 2^63 - 1"),  # 2^70
+    (["train.seed=-1"], "train.seed must be between 0 and 2^63 - 1"),
+    (["train.batch_size=1000"], "train.batch_size=1000 × 1 process(es) = 1000 rows a step"),
+    (["--output", ""], "--output is empty"),
+])
+def test_training_edges_are_one_line_and_write_nothing(cls_task, capsys, override, needle):
+    before = sorted(p.name for p in cls_task.iterdir())
+    assert main(["train", "toy.yaml", *override, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and needle in err, err
+    assert sorted(p.name for p in cls_task.iterdir()) == before  # no runs/, no partial folder
+
+
+def test_every_file_training_writes_is_readable_by_others(tmp_path):
+    folder = train_tiny(tmp_path)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}
+    assert {"adapter_model.safetensors", "curves.png", "adapterhub.json"} <= set(modes)
+    assert all(m & 0o044 == 0o044 for m in modes.values()), {k: oct(m) for k, m in modes.items()}
