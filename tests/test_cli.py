@@ -98,7 +98,7 @@ def test_predict_refuses_bad_input(capsys, cls_task):
     assert_refused(capsys, cls_task, ["predict", "out"], "exactly one of --text")
     (cls_task / "in.jsonl").write_text('{"body": "x"}\n')
     assert_refused(capsys, cls_task, ["predict", "out", "--input", "in.jsonl"], "lack key(s) ['text']")
-    assert_refused(capsys, cls_task, ["eval", "nowhere"], "is not an adapter folder")
+    assert_refused(capsys, cls_task, ["eval", "nowhere"], "adapter folder 'nowhere' does not exist")
 
 
 def test_wrong_backbone_is_refused_with_both_fingerprints(capsys, cls_task):

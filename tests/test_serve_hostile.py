@@ -46,10 +46,11 @@ def test_hostile_bodies_are_openai_shaped_400s(served, case):
     assert set(r.json()["error"]) >= {"message", "type", "code"}
 
 
-@pytest.mark.parametrize("field, value", [("lora_name", ["a"]), ("lora_name", {"a": 1})])
-def test_unload_with_a_non_string_name_is_a_400(served, field, value):
-    r = served.post("/v1/unload_lora_adapter", {field: value})
-    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+@pytest.mark.parametrize("route", ["load", "unload"])
+@pytest.mark.parametrize("value", [["a"], {"a": 1}, 7])
+def test_a_non_string_lora_name_is_a_400(served, route, value):
+    r = served.post(f"/v1/{route}_lora_adapter", {"lora_name": value, "lora_path": "/tmp"})
+    assert r.status_code == 400 and "lora_name" in r.json()["error"]["message"], r.text
 
 
 def test_a_tiny_temperature_is_greedy_and_cuts_no_other_stream(served):

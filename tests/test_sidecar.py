@@ -11,7 +11,9 @@ from adapterhub_lite.sidecar import FORMAT, SIDECAR, Sidecar, build
 
 
 def test_save_and_load_round_trip_with_unknown_keys_kept(tmp_path):
-    meta = build("toy", task={"name": "toy"}, method="lora", base={"name": "b", "fingerprint": {"id": "x"}},
+    task = {"name": "toy", "type": "generation", "data": {"train": "t.jsonl", "dev": "d.jsonl"}, "prompt": "In: {text}\nOut:", "target": "target"}
+    fingerprint = {"config_sha256": "c", "tokenizer_sha256": "t", "weights_sha256": "w", "quantization": "none", "id": "x"}
+    meta = build("toy", task=task, method="lora", base={"name": "b", "hub_id": None, "fingerprint": fingerprint},
                  metrics={"accuracy": 0.5}, train_state={"steps": 3})
     meta.extra["from_a_newer_writer"] = [1, 2]
     meta.save(tmp_path)
