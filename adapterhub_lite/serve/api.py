@@ -69,24 +69,31 @@ class AccessLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.monotonic(), [None]
+        start, status, logged = time.monotonic(), [None], [False]
         access = scope.setdefault("state", {})["access"] = {}
+
+        def log():
+            if not logged[0]:
+                logged[0] = True
+                access_log.info("%s %s %s status=%s model=%s adapter=%s prompt_tokens=%s completion_tokens=%s latency_ms=%.0f%s",
+                                access.get("id", "-"), scope["method"], scope["path"], access.get("status", status[0]),
+                                access.get("model", "-"), access.get("adapter", "-"), access.get("prompt_tokens", "-"),
+                                access.get("completion_tokens", "-"), 1000 * (time.monotonic() - start),
+                                "".join(f" {k}={access[k]}" for k in ("user", "safety_identifier") if k in access))
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 if access.get("ignored"):
                     message = {**message, "headers": [*message.get("headers", []), (IGNORED_HEADER.encode(), ",".join(access["ignored"]).encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                log()  # before the last byte goes: a client that has its answer finds its line written
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            access_log.info("%s %s %s status=%s model=%s adapter=%s prompt_tokens=%s completion_tokens=%s latency_ms=%.0f%s",
-                            access.get("id", "-"), scope["method"], scope["path"], access.get("status", status[0]),
-                            access.get("model", "-"), access.get("adapter", "-"), access.get("prompt_tokens", "-"),
-                            access.get("completion_tokens", "-"), 1000 * (time.monotonic() - start),
-                            "".join(f" {k}={access[k]}" for k in ("user", "safety_identifier") if k in access))
+            log()  # a request that ended without a last body (the client left, an error)
 
 
 def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> FastAPI:

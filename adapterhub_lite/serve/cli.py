@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 
@@ -18,34 +19,43 @@ def _serve(args) -> int:
 
     key = args.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
-    _logging(args.log_level)
-    router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
-                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
-                                  max_model_len=args.max_model_len)
-    engine = Engine(router, max_batch_rows=args.max_batch_rows, max_queue=args.max_queue)
-    settings = Settings(max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
-                        max_body_bytes=args.max_body_bytes, api_key=key, allow_runtime_loading=args.allow_runtime_loading,
-                        allowed_origins=tuple(args.allowed_origins or ()))
-    app = create_app(engine, settings, Catalogue(engine, max_merges=args.max_merges))
-    # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
-    # period), then the app's lifespan stops the engine after the queue is served. Its own access
-    # line is off: ours (serve/api.py) also names the model, the adapter that answered and the tokens.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                            timeout_graceful_shutdown=args.request_timeout)
-    uvicorn.Server(config).run(sockets=[sock])
+    with _logging(args.log_level):
+        router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
+                                      memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
+                                      max_model_len=args.max_model_len)
+        engine = Engine(router, max_batch_rows=args.max_batch_rows, max_queue=args.max_queue)
+        settings = Settings(max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
+                            max_body_bytes=args.max_body_bytes, api_key=key, allow_runtime_loading=args.allow_runtime_loading,
+                            allowed_origins=tuple(args.allowed_origins or ()))
+        app = create_app(engine, settings, Catalogue(engine, max_merges=args.max_merges))
+        # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
+        # period), then the app's lifespan stops the engine after the queue is served. Its own access
+        # line is off: ours (serve/api.py) also names the model, the adapter that answered and the tokens.
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                                timeout_graceful_shutdown=args.request_timeout)
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
-def _logging(level: str) -> None:
-    """The server's own lines (the access log, engine errors with their stack) on stderr at `level`."""
+@contextlib.contextmanager
+def _logging(level: str):
+    """The server's own lines (the access log, engine errors with their stack) on stderr at `level`, while it serves
+    (taken back after, so a caller in the same process, e.g. a test, keeps its own logging)."""
     import logging
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("adapterhub_lite.serve")
+    before = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
 
 
 def _origins(text: str) -> list[str]:
