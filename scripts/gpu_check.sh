@@ -20,7 +20,7 @@
 #
 # GPU_CHECK_QUICK=1 rehearses every command line on a CPU in a few minutes: tiny geometry and steps, a tiny
 # stand-in for the 1.7B shape, one test file (GPU_CHECK_TESTS), a 64-row dev set.
-# Knobs: GPU_CHECK_BUDGET (s, whole run), GPU_CHECK_T_{ROUTER,TRAIN,SST2,TESTS} (s per phase), GPU_CHECK_TESTS,
+# Knobs: GPU_CHECK_ROUTER_GEO (extra bench_router arguments), GPU_CHECK_BUDGET (s, whole run), GPU_CHECK_T_{ROUTER,TRAIN,SST2,TESTS} (s per phase), GPU_CHECK_TESTS,
 # GPU_CHECK_SST2_MINUTES, GPU_CHECK_SST2_STEPS, GPU_CHECK_WORK, PY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +69,7 @@ else
   T_SST2=${GPU_CHECK_T_SST2:-215}; T_TESTS=${GPU_CHECK_T_TESTS:-215}; TESTS=${GPU_CHECK_TESTS:-tests}
   T_ROUTER=${GPU_CHECK_T_ROUTER:-330}; T_TRAIN=${GPU_CHECK_T_TRAIN:-260}
   BIG_SHAPE=smollm2-1.7b; SST2_MIN=${GPU_CHECK_SST2_MINUTES:-3}; SST2_STEPS=${GPU_CHECK_SST2_STEPS:-2000}
-  ROUTER_GEO=(--geometry gpu --repeats 2 --warmup 1)  # GPU timings vary little; generation is the slow part
+  ROUTER_GEO=(--geometry gpu --repeats 2 --warmup 1 ${GPU_CHECK_ROUTER_GEO:-})  # GPU_CHECK_ROUTER_GEO="--rows 32 --tokens 64 --new-tokens 8": the geometry of earlier figures; GPU timings vary little; generation is the slow part
   TRAIN_ARGS=(--steps 30 --warmup-steps 5 --dev-rows 32 --combo-timeout 45); TRAIN_DTYPES=(bf16); SCALE=1
 fi
 DEADLINE=$((START + BUDGET))
@@ -237,7 +237,7 @@ def lines(name):
     f = out / name
     return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
 for d in lines("summary.jsonl"):
-    if d.get("phase") != "env":
+    if d.get("phase") not in ("env", "model"):
         print(f"{d['phase']:7s} {d['status']:12s} {d['seconds']:>4}s  {d.get('note') or ''}")
 for d in lines("router.jsonl"):
     if "error" in d:
