@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -174,3 +175,26 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(cls_task):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step 5" in resumed.stderr
     same_weights(cls_task / "ref", cls_task / "out")
+
+
+def test_a_cpu_run_alone_does_not_ask_accelerate_for_cpu(monkeypatch):
+    """accelerate's state is process-wide: after a run on CUDA, Accelerator(cpu=True) is refused ("already been
+    initialized"), which broke every CPU run after a GPU run in one process (seen on an H200). Alone, the
+    device does not matter to accelerate (device_placement=False); under a launcher cpu=True picks gloo."""
+    import accelerate
+
+    from adapterhub_lite.training import parallel
+
+    asked = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            asked.append(kwargs["cpu"])
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(accelerate, "Accelerator", Recorder)
+    for world in ("1", "2"):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(RuntimeError, match="stop here"):
+            parallel.Parallel(torch.device("cpu"))
+    assert asked == [False, True]

@@ -48,7 +48,11 @@ class Parallel:
 
         # step_scheduler_with_optimizer=False: the schedule advances once per optimizer step whatever
         # the process count (accelerate would otherwise step it once per process), as in one process.
-        self.accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, step_scheduler_with_optimizer=False)
+        # cpu=True only under a launcher (it picks gloo over NCCL there). Alone, the device does not matter
+        # (device_placement=False) and cpu=True would be refused once a CUDA state exists in this process
+        # (an earlier run on the GPU): accelerate's state is process-wide and cannot change device.
+        cpu = device.type == "cpu" and launched()
+        self.accelerator = Accelerator(cpu=cpu, device_placement=False, step_scheduler_with_optimizer=False)
         state = self.accelerator.state
         if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and quantization in _FSDP_PROBLEMS:
             raise TrainingError(_FSDP_PROBLEMS[quantization])
