@@ -14,22 +14,25 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 # `import adapterhub_lite` and the commands that only read JSON (list, info, verify, --help) must
 # not pay for torch, transformers and peft, which take seconds to import.
 _LAZY = {
-    "AdapterHubError": ".errors",
-    "Backbone": ".backbone",
-    "load_backbone": ".backbone",
-    "Router": ".router.router",
-    "TaskSpec": ".spec",
-    "load_spec": ".spec",
+    "AdapterHubError": ".core.errors",
+    "Backbone": ".model.backbone",
+    "load_backbone": ".model.backbone",
+    "Router": ".serving.router",
+    "TaskSpec": ".core.spec",
+    "load_spec": ".core.spec",
 }
 
 __all__ = ["AdapterHubError", "Backbone", "Router", "TaskSpec", "load_backbone", "load_spec"]  # = the keys of _LAZY
-__version__ = "0.1.0"
+from ._moved import install as _install_moved  # noqa: E402
+from .core import __version__  # noqa: E402,F401 - one home for the version (core imports nothing heavy)
+
+_install_moved()  # old module paths (adapterhub_lite.router.router, …) keep working for one release, with a warning
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
-    from .backbone import Backbone, load_backbone
-    from .errors import AdapterHubError
-    from .router.router import Router
-    from .spec import TaskSpec, load_spec
+    from adapterhub_lite.core.errors import AdapterHubError
+    from adapterhub_lite.core.spec import TaskSpec, load_spec
+    from adapterhub_lite.model.backbone import Backbone, load_backbone
+    from adapterhub_lite.serving.router import Router
 
 
 def __getattr__(name: str):

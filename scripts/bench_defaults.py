@@ -36,7 +36,7 @@ def reference_folder(name: str, registry: Path, folders: dict[str, str]) -> Path
     if name in folders:
         return Path(folders[name])
     sys.path.insert(0, str(ROOT))
-    from adapterhub_lite.registries import adapter_ref
+    from adapterhub_lite.artifacts.registries import adapter_ref
 
     return adapter_ref(name, registry)[1]
 

@@ -26,10 +26,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_eval_task import write_task  # noqa: E402 - the sibling script
 
-from adapterhub_lite.data import load_split, to_split  # noqa: E402
-from adapterhub_lite.evaluate import evaluate_split  # noqa: E402
-from adapterhub_lite.folder import load_adapter  # noqa: E402
-from adapterhub_lite.registries import open_registry  # noqa: E402
+from adapterhub_lite.artifacts.loading import load_adapter  # noqa: E402
+from adapterhub_lite.artifacts.registries import open_registry  # noqa: E402
+from adapterhub_lite.core.data import load_split, to_split  # noqa: E402
+from adapterhub_lite.model.evaluate import evaluate_split  # noqa: E402
 
 
 def free_port() -> int:

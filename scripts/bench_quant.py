@@ -12,12 +12,12 @@ import time
 
 import torch
 
-from adapterhub_lite.adapter import attach
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.data import load_task_data
-from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.heads import task_loss
-from adapterhub_lite.spec import load_spec
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.spec import load_spec
+from adapterhub_lite.model.adapter import attach
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.evaluate import label_token_ids
+from adapterhub_lite.model.heads import task_loss
 
 
 def main():

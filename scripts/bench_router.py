@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapterhub_lite.backbone import default_device, dtype_name, load_backbone
-from adapterhub_lite.folder import FORMAT, SIDECAR, write_json
-from adapterhub_lite.router.router import Router
+from adapterhub_lite.artifacts.folder import FORMAT, SIDECAR, write_json
+from adapterhub_lite.model.backbone import default_device, dtype_name, load_backbone
+from adapterhub_lite.serving.router import Router
 
 GEOMETRIES = {
     "cpu": dict(rows=32, tokens=64, prompt_tokens=16, new_tokens=16, targets=["q_proj", "v_proj"], ranks=[8], adapters=100, repeats=3, warmup=1),

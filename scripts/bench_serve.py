@@ -121,7 +121,7 @@ def load_prompts(task: str, limit: int = 64) -> list[str]:
 def build_registry(source: str, n: int, dest: Path, pick: list[str] | None) -> tuple[list[tuple[str, str]], dict]:
     """Publish n distinct names (round-robin copies of `pick`, default the first generation adapter of source, latest versions)
     into dest; [(name, task)] and what they were copied from."""
-    from adapterhub_lite.registries import open_registry
+    from adapterhub_lite.artifacts.registries import open_registry
 
     src = open_registry(source)
     latest = {r["name"]: r for r in src.rows() if r["type"] == "generation"}  # rows are sorted by version: the last is the latest
@@ -310,7 +310,7 @@ def setup(server_args: str, quantization: str) -> dict:
     """Device, dtype and quantization the server will use: its flags, else its documented defaults (see cli.add_device_args)."""
     import torch
 
-    from adapterhub_lite.backbone import default_device, dtype_name, resolve_dtype
+    from adapterhub_lite.model.backbone import default_device, dtype_name, resolve_dtype
 
     p = argparse.ArgumentParser(add_help=False)
     for flag in ("--device", "--dtype", "--quantization"):
@@ -347,7 +347,7 @@ def run_scenario(name: str, targets, registry: Path, args) -> dict:
 
 
 def main(argv=None) -> int:
-    from adapterhub_lite.errors import AdapterHubError
+    from adapterhub_lite.core.errors import AdapterHubError
 
     # SIGTERM would end the script without its `finally` blocks and orphan the server: turn it into SystemExit
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -383,7 +383,7 @@ def _main(argv=None) -> int:
     report = {"bench": "serve", "clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup,
               "max_tokens": args.max_tokens, "registry": args.registry, "server_args": args.server_args}
     if args.base_url:
-        from adapterhub_lite.registries import open_registry
+        from adapterhub_lite.artifacts.registries import open_registry
 
         url = args.base_url.rstrip("/")
         gens = {r["name"]: r["task"] for r in open_registry(args.registry).rows() if r["type"] == "generation"}

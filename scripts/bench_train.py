@@ -41,8 +41,8 @@ SPEC = ROOT / "scripts" / "tasks" / "sst2.yaml"
 
 def _data_overrides(spec_path: str, overrides: list[str], dev_rows: int, tmp: Path) -> list[str]:
     """Overrides that point data.train/dev at files that exist, the dev split cut to dev_rows rows."""
-    from adapterhub_lite.data import load_split
-    from adapterhub_lite.spec import load_spec
+    from adapterhub_lite.core.data import load_split
+    from adapterhub_lite.core.spec import load_spec
 
     spec = load_spec(spec_path, overrides)
     out = []
@@ -60,8 +60,8 @@ def _data_overrides(spec_path: str, overrides: list[str], dev_rows: int, tmp: Pa
 
 def run_one(args, dtype: str, quantization: str) -> dict:
     """Train once in this process and return the combination's figures."""
-    from adapterhub_lite.spec import TaskSpec, load_spec
-    from adapterhub_lite.train import train
+    from adapterhub_lite.core.spec import TaskSpec, load_spec
+    from adapterhub_lite.training.recipes.train import train
 
     cuda = torch.device(args.device).type == "cuda"
     marks: list = []  # one per optimizer step: a CUDA event (recorded in stream order, no sync) or a host time
@@ -136,7 +136,7 @@ def main():
         args.overrides, args.spec = [args.spec, *args.overrides], str(SPEC)
     if args.steps <= args.warmup_steps + 1:
         ap.error(f"--steps {args.steps} leaves no steady steps after --warmup-steps {args.warmup_steps}; pass more steps")
-    from adapterhub_lite.backbone import default_device
+    from adapterhub_lite.model.backbone import default_device
 
     args.device = args.device or default_device()
     if args.only:

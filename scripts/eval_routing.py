@@ -11,10 +11,10 @@ import argparse
 import json
 import time
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.router.routing import ContentRouter, routing_accuracy
-from adapterhub_lite.samples import embed, embedding_spec, task_texts
-from adapterhub_lite.spec import load_spec
+from adapterhub_lite.artifacts.samples import embed, embedding_spec, task_texts
+from adapterhub_lite.core.spec import load_spec
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.serving.routing import ContentRouter, routing_accuracy
 
 
 def main():

@@ -8,10 +8,10 @@ Prints one JSON line.
 import argparse
 import json
 
-from adapterhub_lite.data import load_task_data
-from adapterhub_lite.evaluate import evaluate_split
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.router.merge import fold_into_base
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.ops.merge import fold_into_base
 
 
 def main():

@@ -30,10 +30,10 @@ from pathlib import Path
 import yaml
 from datasets import Dataset, Features, Sequence, Value
 
-from adapterhub_lite.data import label_words, load_split, to_split
-from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.folder import read_sidecar
-from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.artifacts.folder import read_sidecar
+from adapterhub_lite.core.data import label_words, load_split, to_split
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import spec_from_dict
 
 
 def _write(path: Path, text: str) -> None:

@@ -215,8 +215,8 @@ def train_tiny(folder, name="toy", **overrides):
 
     `overrides` replace top-level spec keys (e.g. method_args=…) or, under `train`, training keys.
     """
-    from adapterhub_lite.spec import spec_from_dict
-    from adapterhub_lite.train import train
+    from adapterhub_lite.core.spec import spec_from_dict
+    from adapterhub_lite.training.recipes.train import train
 
     rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
     data = folder / "toy.jsonl"

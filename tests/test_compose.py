@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.adapter import read_lora, save_lora
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.data import load_task_data
-from adapterhub_lite.evaluate import evaluate_split
-from adapterhub_lite.multitask.compose import ComposeError, Composition, compose_fit
-from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.adapter import read_lora, save_lora
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.training.recipes.compose import ComposeError, Composition, compose_fit
 
 from .conftest import train_tiny
 

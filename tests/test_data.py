@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from adapterhub_lite.data import load_split, load_task_data
-from adapterhub_lite.errors import DataError
-from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.core.data import load_split, load_task_data
+from adapterhub_lite.core.errors import DataError
+from adapterhub_lite.core.spec import spec_from_dict
 
 
 def test_values_are_not_reinterpreted(tmp_path):
@@ -76,8 +76,8 @@ def test_bad_data_files_name_the_line_and_what_is_wrong(tmp_path, name, data, ne
 
 
 def test_max_length_must_fit_the_longest_label_or_target(tmp_path, monkeypatch):
-    from adapterhub_lite.backbone import _tiny_tokenizer
-    from adapterhub_lite.data import check_lengths
+    from adapterhub_lite.core.data import check_lengths
+    from adapterhub_lite.model.backbone import _tiny_tokenizer
 
     tok = _tiny_tokenizer()  # byte-level: " maybe" is 6 tokens
     with pytest.raises(DataError, match=r"longest label 'maybe' \(6 tokens\); use train.max_length ≥ 7"):
@@ -92,7 +92,7 @@ def test_max_length_must_fit_the_longest_label_or_target(tmp_path, monkeypatch):
 
 
 def test_a_null_prompt_column_in_a_request_is_refused():
-    from adapterhub_lite.data import request_row
+    from adapterhub_lite.core.data import request_row
 
     spec = _cls_spec(["no", "yes"])
     assert request_row(spec, {"text": "hi"})["a"] == "hi"

@@ -8,15 +8,15 @@ import torch
 import yaml
 from peft import PeftConfig
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.data import load_task_data
-from adapterhub_lite.defaults import EXAMPLE_BUDGET, resolve
-from adapterhub_lite.errors import SpecError
-from adapterhub_lite.heads import label_token_ids
-from adapterhub_lite.spec import load_spec
-from adapterhub_lite.train import train
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.spec import load_spec
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.heads import label_token_ids
+from adapterhub_lite.training.defaults import EXAMPLE_BUDGET, resolve
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.parallel import Parallel
+from adapterhub_lite.training.recipes.train import train
 
 MINIMAL = ("name", "type", "data", "prompt", "label", "labels", "target", "base", "quantization")  # + the tiny backbone
 

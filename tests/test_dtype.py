@@ -8,13 +8,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from adapterhub_lite import heads
-from adapterhub_lite.backbone import autocast, load_backbone, resolve_dtype
+from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.cli import main
-from adapterhub_lite.errors import BackboneError, SpecError
-from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.spec import load_spec, spec_from_dict
+from adapterhub_lite.core.errors import BackboneError, SpecError
+from adapterhub_lite.core.spec import load_spec, spec_from_dict
+from adapterhub_lite.model import heads
+from adapterhub_lite.model.backbone import autocast, load_backbone, resolve_dtype
+from adapterhub_lite.model.evaluate import label_token_ids
 
 from .test_spec import VALID
 from .test_train import _train

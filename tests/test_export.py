@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
+from adapterhub_lite.artifacts.registry import LocalRegistry
 from adapterhub_lite.cli import main
-from adapterhub_lite.registry import LocalRegistry
-from adapterhub_lite.serve.export import VLLM_MAX_LORA_RANKS, plan_export, vllm_rank_bucket
+from adapterhub_lite.ops.export import VLLM_MAX_LORA_RANKS, plan_export, vllm_rank_bucket
 
 from .conftest import train_tiny
 

@@ -21,7 +21,7 @@ NOISE = ("Unable to fetch remote file", "Could not find a config file", "is_grad
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     """A tiny adapter and a registry holding it: (adapter folder, registry folder)."""
-    from adapterhub_lite.registry import LocalRegistry
+    from adapterhub_lite.artifacts.registry import LocalRegistry
 
     d = tmp_path_factory.mktemp("fast_quiet")
     folder = train_tiny(d, "toy")
@@ -79,8 +79,8 @@ def test_train_and_merge_raise_no_library_warnings(tmp_path, monkeypatch):
     (offline it warns twice), and attaching / loading adapters must not trigger transformers' FutureWarning."""
     import peft.utils.save_and_load as peft_save
 
-    from adapterhub_lite import backbone
-    from adapterhub_lite.router.merge import merge_adapters
+    from adapterhub_lite.model import backbone
+    from adapterhub_lite.ops.merge import merge_adapters
 
     real_resolve = backbone.resolve
     monkeypatch.setattr(backbone, "resolve", lambda name: (real_resolve(name)[0], "HuggingFaceTB/SmolLM2-135M-Instruct"))
@@ -116,7 +116,7 @@ def _command(kind, folder, reg, path):
 
 
 def test_progress_bar_only_from_a_few_hundred_rows():
-    from adapterhub_lite.evaluate import PROGRESS_MIN_ROWS, progress_bar
+    from adapterhub_lite.model.evaluate import PROGRESS_MIN_ROWS, progress_bar
 
     assert PROGRESS_MIN_ROWS == 300
     assert progress_bar(299, "x").disable and progress_bar(300, "x", enabled=False).disable

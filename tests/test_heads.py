@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.heads import answer_ids, encode_prompt, label_scores, task_loss
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.heads import answer_ids, encode_prompt, label_scores, task_loss
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_scores_equal_brute_force_under_every_peft_method(method):
     """heads reads the final norm's output by a hook (not output_hidden_states): still right when
     prompt tuning prepends virtual tokens, prefix tuning adds virtual keys/values, or LoRA / IA3
     change the layers. Random adapter weights, so that each one really moves the scores."""
-    from adapterhub_lite.adapter import attach
+    from adapterhub_lite.model.adapter import attach
 
     backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")  # exact comparisons (auto is bf16 on CUDA)
     model = attach(backbone.model, method, {"num_virtual_tokens": 3} if method in ("prefix", "prompt") else {}).eval()
@@ -120,7 +120,7 @@ def _tiny_post_processed(kind: str):
 
 @pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
 def test_scores_apply_the_models_own_logit_post_processing(kind):
-    from adapterhub_lite.heads import continuation_plan
+    from adapterhub_lite.model.heads import continuation_plan
 
     model = _tiny_post_processed(kind)
     seqs = [[5, 9, 17, 3, 22, 40], [7, 7, 2, 31, 8, 11]]

@@ -8,13 +8,13 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import AdapterLoadError
-from adapterhub_lite.folder import check_fits
-from adapterhub_lite.router.batch import AdapterBank
-from adapterhub_lite.router.router import Router
-from adapterhub_lite.rowconfig import check_ia3_config
-from adapterhub_lite.rowlora import RowContext, RowLoraLinear
+from adapterhub_lite.artifacts.loading import check_fits
+from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.rowconfig import check_ia3_config
+from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
+from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
 from .test_router import alone

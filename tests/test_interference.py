@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from adapterhub_lite.data import load_task_data
-from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.evaluate import evaluate_split
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.multitask.interference import _flags, interference
-from adapterhub_lite.multitask.joint import JointConfig, train_joint
-from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.ops.interference import _flags, interference
+from adapterhub_lite.training.recipes.joint import JointConfig, train_joint
 
 from .conftest import train_tiny
 

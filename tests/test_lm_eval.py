@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.cli import main as cli_main
-from adapterhub_lite.data import load_split, to_split
-from adapterhub_lite.evaluate import predict
-from adapterhub_lite.folder import load_adapter
+from adapterhub_lite.core.data import load_split, to_split
+from adapterhub_lite.model.evaluate import predict
 
 from .conftest import train_tiny
 from .serving import GEN, KEY, Served

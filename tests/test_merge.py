@@ -7,9 +7,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.adapter import read_lora
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.router.merge import MergeError, fold_into_base, merge_adapters
+from adapterhub_lite.model.adapter import read_lora
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.ops.merge import MergeError, fold_into_base, merge_adapters
 
 from .conftest import train_tiny
 
@@ -108,7 +108,7 @@ def test_fold_into_base_reports_its_error(sources):
 
 
 def test_router_merge_into_base_folds_the_update_into_the_backbone(sources, device):
-    from adapterhub_lite.router.router import Router
+    from adapterhub_lite.serving.router import Router
 
     router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))  # fp32: the fold is exact up to rounding
     for name in ("a", "b"):
@@ -200,8 +200,8 @@ def test_sources_of_different_tasks_need_a_named_task(sources, other_tasks):
 
 
 def test_a_published_merge_is_left_out_of_auto_routing_with_a_warning(sources, tmp_path):
-    from adapterhub_lite.registry import LocalRegistry
-    from adapterhub_lite.router.router import Router
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+    from adapterhub_lite.serving.router import Router
 
     merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "linear", output=tmp_path / "mix", name="mix", report_rows=0)
     reg = LocalRegistry(tmp_path / "reg")

@@ -1,7 +1,7 @@
 import random
 from fractions import Fraction
 
-from adapterhub_lite.metrics import classification_metrics, generation_metrics
+from adapterhub_lite.core.metrics import classification_metrics, generation_metrics
 
 
 def test_classification_metrics_by_hand():

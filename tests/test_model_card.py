@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from adapterhub_lite.folder import atomic_write, model_card
+from adapterhub_lite.artifacts.folder import atomic_write, model_card
 
 ADAPTERS = Path(__file__).parent.parent / "adapters"
 

@@ -7,18 +7,18 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from adapterhub_lite.adapter import save_lora
-from adapterhub_lite.backbone import load_backbone
+from adapterhub_lite.artifacts.registry import LocalRegistry
 from adapterhub_lite.cli import main
-from adapterhub_lite.errors import SpecError
-from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.heads import label_scores, loss_plan, task_loss
-from adapterhub_lite.multitask.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
-from adapterhub_lite.multitask.weighting import Equal
-from adapterhub_lite.registry import LocalRegistry
-from adapterhub_lite.router.router import Router
-from adapterhub_lite.spec import spec_from_dict
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.adapter import save_lora
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.evaluate import label_token_ids
+from adapterhub_lite.model.heads import label_scores, loss_plan, task_loss
+from adapterhub_lite.serving.router import Router
 from adapterhub_lite.training.checkpoint import Checkpoint
+from adapterhub_lite.training.recipes.joint import SHARED, JointConfig, JointLora, _attach, joint_losses, train_joint
+from adapterhub_lite.training.weighting import Equal
 
 
 def _spec(name, kind="classification", **extra):
@@ -197,8 +197,8 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
 
 def test_joint_resume_identity_counts_the_global_batch_not_the_process_count():
     """Two processes × 4 rows resume a run of one process × 8 rows; another global batch is refused."""
-    from adapterhub_lite.data import Split
-    from adapterhub_lite.multitask.joint import joint_identity
+    from adapterhub_lite.core.data import Split
+    from adapterhub_lite.training.recipes.joint import joint_identity
 
     data = {n: {"train": Split([], [], "t.jsonl", n + "-sha"), "dev": Split([], [], "d.jsonl", n + "-d")} for n in ("a", "b")}
 

@@ -6,9 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
-from adapterhub_lite.errors import SpecError
-from adapterhub_lite.multitask.sampling import TaskSampler
-from adapterhub_lite.multitask.weighting import make_weighting
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.training.mixing import TaskSampler
+from adapterhub_lite.training.weighting import make_weighting
 
 TASKS = ["a", "b", "c"]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from adapterhub_lite.artifacts.loading import check_fits, load_adapter
+from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError, parse_ref
 from adapterhub_lite.cli import main
-from adapterhub_lite.errors import AdapterLoadError
-from adapterhub_lite.folder import check_fits, load_adapter
-from adapterhub_lite.registry import LocalRegistry, RegistryError, parse_ref
+from adapterhub_lite.core.errors import AdapterLoadError
 
 from .conftest import train_tiny
 
@@ -37,7 +37,7 @@ def test_publish_pull_load_gives_identical_outputs(adapter, tmp_path):
     pulled = reg.pull("toy@1.0.0", tmp_path / "pulled")
     direct, backbone, _, _ = load_adapter(adapter)
     via_pull, _, _, _ = load_adapter(pulled)
-    via_registry, _, _, _ = reg.load("toy@latest")
+    via_registry, _, _, _ = load_adapter(reg.path("toy@latest"))
     want = _logits(direct, backbone.tokenizer)
     assert torch.equal(want, _logits(via_pull, backbone.tokenizer)) and torch.equal(want, _logits(via_registry, backbone.tokenizer))
     entry = reg.index()["adapters"]["toy"]["1.0.0"]
@@ -64,7 +64,7 @@ def test_a_flipped_byte_fails_verify_and_loading(adapter, tmp_path, capsys):
     weights.write_bytes(bytes(data))
     assert reg.verify("toy") == ["toy@1.0.0: adapter_model.safetensors does not match its recorded sha256"]
     with pytest.raises(RegistryError, match="integrity check failed for toy@1.0.0"):
-        reg.load("toy@1.0.0")
+        load_adapter(reg.path("toy@1.0.0"))
     assert main(["verify", "toy", "--registry", str(tmp_path / "reg")]) == 1
     assert "FAIL toy@1.0.0" in capsys.readouterr().out
 
@@ -103,7 +103,7 @@ def test_publish_refuses_a_bad_name_and_writes_nothing(adapter, tmp_path, capsys
 
 def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
     reg = tmp_path / "reg"
-    code = "import sys; from adapterhub_lite.registry import LocalRegistry; LocalRegistry(sys.argv[1]).publish(sys.argv[2])"
+    code = "import sys; from adapterhub_lite.artifacts.registry import LocalRegistry; LocalRegistry(sys.argv[1]).publish(sys.argv[2])"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(reg), str(adapter)]) for _ in range(4)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
     assert sorted(LocalRegistry(reg).index()["adapters"]["toy"]) == ["1.0.0", "1.0.1", "1.0.2", "1.0.3"]
@@ -113,7 +113,7 @@ def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
 # A publisher that stops (sleeps) at a chosen point after touching a marker file, to be SIGKILLed there.
 STALLED = """
 import sys, time, pathlib
-import adapterhub_lite.registry as r
+import adapterhub_lite.artifacts.registry as r
 root, folder, marker, where = sys.argv[1:]
 def stall():
     pathlib.Path(marker).touch()
@@ -163,7 +163,7 @@ def test_wrong_backbone_is_refused_with_both_fingerprints(adapter, tmp_path):
     reg = LocalRegistry(tmp_path / "reg")
     reg.publish(folder, "1.0.0")
     with pytest.raises(AdapterLoadError) as err:
-        reg.load("toy@1.0.0")
+        load_adapter(reg.path("toy@1.0.0"))
     here = json.loads((adapter / "adapterhub.json").read_text())["base"]["fingerprint"]["id"]
     assert "0123456789abcdef" in str(err.value) and here in str(err.value) and "--allow-base-mismatch" in str(err.value)
 
@@ -200,7 +200,7 @@ def test_hub_registry_unreachable_is_one_line(adapter, capsys, monkeypatch):
 def test_prompt_learning_width_mismatch_is_refused(tmp_path):
     from peft import PromptTuningConfig, get_peft_model
 
-    from adapterhub_lite.backbone import load_backbone
+    from adapterhub_lite.model.backbone import load_backbone
 
     small = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
@@ -210,7 +210,7 @@ def test_prompt_learning_width_mismatch_is_refused(tmp_path):
 
 
 def test_adapter_ref_takes_a_folder_or_a_registry_name(adapter, tmp_path):
-    from adapterhub_lite.registries import adapter_ref
+    from adapterhub_lite.artifacts.registries import adapter_ref
 
     assert adapter_ref(adapter) == (adapter.name, adapter)
     LocalRegistry(tmp_path / "reg").publish(adapter, name="toy")

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError
 from adapterhub_lite.cli import main
-from adapterhub_lite.registry import LocalRegistry, RegistryError
 
 from .conftest import train_tiny
 
@@ -112,7 +112,7 @@ def test_a_hub_registry_without_its_index_but_with_version_folders_is_refused(mo
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    from adapterhub_lite.hub import HubRegistry
+    from adapterhub_lite.artifacts.hub import HubRegistry
 
     class Api:
         def repo_info(self, repo):

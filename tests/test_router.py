@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import AdapterLoadError
-from adapterhub_lite.evaluate import predict
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.router.merge import MergeError
-from adapterhub_lite.router.router import Router
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.evaluate import predict
+from adapterhub_lite.ops.merge import MergeError
+from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
 
@@ -162,8 +162,8 @@ def test_auto_routes_by_content_and_leaves_out_stale_routing_data(folders, tmp_p
 
 
 def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
+    from adapterhub_lite.artifacts.registry import LocalRegistry
     from adapterhub_lite.cli import main
-    from adapterhub_lite.registry import LocalRegistry
 
     reg = LocalRegistry(tmp_path / "reg")
     for name in ("cls_a", "cls_b", "gen"):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import AdapterLoadError
-from adapterhub_lite.router.batch import AdapterBank
-from adapterhub_lite.rowlora import RowLoraLinear
+from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.rowlora import RowLoraLinear
+from adapterhub_lite.serving.bank import AdapterBank
 
 TINY = "tiny-random-llama"
 CONFIGS = {

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.router.router import Router
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.folder import read_sidecar
-from adapterhub_lite.router.routing import ContentRouter
-from adapterhub_lite.samples import ROUTING_FILE, RoutingError, add_routing, embed, embedding_spec, load_routing
-from adapterhub_lite.spec import spec_from_dict
-from adapterhub_lite.train import train
+from adapterhub_lite.artifacts.folder import read_sidecar
+from adapterhub_lite.artifacts.samples import ROUTING_FILE, RoutingError, add_routing, embed, embedding_spec, load_routing
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.serving.routing import ContentRouter
+from adapterhub_lite.training.recipes.train import train
 
 from .conftest import TEST_DEVICE
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import AdapterLoadError
-from adapterhub_lite.router.batch import AdapterBank
-from adapterhub_lite.rowconfig import check_lora_config, unsupported_lora_fields
-from adapterhub_lite.rowlora import RowContext, RowLoraLinear, wrap
+from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.rowconfig import check_lora_config, unsupported_lora_fields
+from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear, wrap
+from adapterhub_lite.serving.bank import AdapterBank
 
 TINY = "tiny-random-llama"
 

@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.cli import main as cli_main
-from adapterhub_lite.evaluate import label_token_ids
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.heads import label_scores
-from adapterhub_lite.registries import open_registry
+from adapterhub_lite.model.evaluate import label_token_ids
+from adapterhub_lite.model.heads import label_scores
 
 from .serving import KEY, Served, free_port
 

@@ -17,12 +17,12 @@ import openai
 import pytest
 import torch
 
-from adapterhub_lite.backbone import load_backbone
-from adapterhub_lite.errors import AdapterLoadError, ContextLengthError
-from adapterhub_lite.folder import check_fits, load_adapter
-from adapterhub_lite.router.router import Router
-from adapterhub_lite.serve.export import lora_problems, read_layout
-from adapterhub_lite.serve.params import FIELDS, IGNORED_HEADER
+from adapterhub_lite.artifacts.loading import check_fits, load_adapter
+from adapterhub_lite.core.errors import AdapterLoadError, ContextLengthError
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.ops.export import lora_problems, read_layout
+from adapterhub_lite.serving.params import FIELDS, IGNORED_HEADER
+from adapterhub_lite.serving.router import Router
 
 from .serving import KEY, Served
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapterhub_lite.registry import LocalRegistry
+from adapterhub_lite.artifacts.registry import LocalRegistry
 
 from .serving import KEY, Served
 

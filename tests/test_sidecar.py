@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from adapterhub_lite.errors import AdapterLoadError
-from adapterhub_lite.folder import read_sidecar
-from adapterhub_lite.sidecar import FORMAT, SIDECAR, Sidecar, build
+from adapterhub_lite.artifacts.folder import read_sidecar
+from adapterhub_lite.artifacts.sidecar import FORMAT, SIDECAR, Sidecar, build
+from adapterhub_lite.core.errors import AdapterLoadError
 
 
 def test_save_and_load_round_trip_with_unknown_keys_kept(tmp_path):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.backbone import cache_dir, load_backbone
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.spec import load_spec
-from adapterhub_lite.train import train
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.core.spec import load_spec
+from adapterhub_lite.model.backbone import cache_dir, load_backbone
+from adapterhub_lite.training.recipes.train import train
 
 from .conftest import REAL_CACHE
 

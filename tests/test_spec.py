@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from adapterhub_lite.errors import SpecError
-from adapterhub_lite.spec import load_spec, parse_overrides, spec_from_dict
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.spec import load_spec, parse_overrides, spec_from_dict
 
 VALID = {
     "name": "t", "type": "classification", "data": {"train": "a.csv", "dev": "b.csv"},

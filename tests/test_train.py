@@ -8,14 +8,14 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from adapterhub_lite import train as train_mod
-from adapterhub_lite.adapter import attach, init_from
-from adapterhub_lite.backbone import dtype_name, load_backbone, resolve_dtype
-from adapterhub_lite.data import load_task_data
-from adapterhub_lite.errors import AdapterMethodError
-from adapterhub_lite.evaluate import evaluate_split
-from adapterhub_lite.folder import load_adapter
-from adapterhub_lite.spec import load_spec
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.errors import AdapterMethodError
+from adapterhub_lite.core.spec import load_spec
+from adapterhub_lite.model.adapter import attach, init_from
+from adapterhub_lite.model.backbone import dtype_name, load_backbone, resolve_dtype
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.training.recipes import train as train_mod
 
 from .conftest import train_tiny
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterhub_lite import train as train_mod
-from adapterhub_lite.heads import Plan
-from adapterhub_lite.registry import LocalRegistry
-from adapterhub_lite.spec import load_spec
+from adapterhub_lite.artifacts.registry import LocalRegistry
+from adapterhub_lite.core.spec import load_spec
+from adapterhub_lite.model.heads import Plan
+from adapterhub_lite.training.recipes import train as train_mod
 
 from .conftest import train_tiny
 

@@ -7,6 +7,10 @@ small library).
     loop.py          the one loop: accumulate, clip, step, schedule, log, eval, keep best, stop, checkpoint
     output.py        the hidden work folder, the sidecar, the finished folder moved into place
 
-Recipes (train.py: one task adapter; multitask/joint.py: several adapters in one pass) say only
-what differs: how a batch becomes a loss, how the run is evaluated, what the folder holds.
+    defaults.py      what a spec leaves out, resolved from the data and the model
+    weighting.py     loss weighting across tasks; mixing.py which task each batch draws from
+
+Recipes (recipes/: train.py one task adapter, joint.py several in one pass, compose.py learned composition)
+say only what differs: how a batch becomes a loss, how the run is evaluated, what the folder holds.
+Training imports ops, artifacts, model and core; never serving.
 """

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .parallel import Parallel
-from .progress import TrainingError
+from adapterhub_lite.training.parallel import Parallel
+from adapterhub_lite.training.progress import TrainingError
 
 
 class Checkpoint:

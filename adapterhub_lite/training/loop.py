@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..folder import nonfinite_tensors, write_jsonl
-from .checkpoint import Checkpoint
-from .parallel import Parallel
-from .progress import RunState, TrainingError, check_resume
+from adapterhub_lite.artifacts.folder import nonfinite_tensors, write_jsonl
+from adapterhub_lite.training.checkpoint import Checkpoint
+from adapterhub_lite.training.parallel import Parallel
+from adapterhub_lite.training.progress import RunState, TrainingError, check_resume
 
 
 @dataclass

@@ -7,12 +7,12 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from ..data import label_words
-from ..errors import OutputExistsError
-from ..folder import atomic_write, check_finite, model_card, plot_curves, replaceable, write_jsonl
-from ..sidecar import Sidecar, base_record, build
-from ..spec import TaskSpec
-from .progress import TrainingError
+from adapterhub_lite.artifacts.folder import atomic_write, check_finite, model_card, plot_curves, replaceable, write_jsonl
+from adapterhub_lite.artifacts.sidecar import Sidecar, base_record, build
+from adapterhub_lite.core.data import label_words
+from adapterhub_lite.core.errors import OutputExistsError
+from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.training.progress import TrainingError
 
 
 def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
@@ -21,7 +21,7 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     `--overwrite` replaces only what this package writes (see folder.replaceable): a user's file or
     a folder of other things is refused, never renamed or deleted.
     """
-    from .checkpoint import Checkpoint
+    from adapterhub_lite.training.checkpoint import Checkpoint
 
     output = Path(output)
     work = output.parent / f".{output.name}.partial"

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .progress import TrainingError
+from adapterhub_lite.training.progress import TrainingError
 
 # Quantization × sharding: what works. bitsandbytes 8-bit under FSDP is broken upstream; 4-bit
 # works under FSDP/ZeRO-3 only with bnb_4bit_quant_storage equal to the compute dtype.

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import AdapterHubError
-from ..spec import TaskSpec
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import TaskSpec
 
 
 class TrainingError(AdapterHubError):

@@ -1,0 +1,118 @@
+"""The Hugging Face Hub as a registry (`hf://org/repo`), in the same layout as a local one.
+
+A publish is one Hub commit holding the version's files and the updated index.json, made on top
+of the commit the index was read from (`parent_commit`), so two publishers cannot overwrite each
+other's index: the loser's commit is rejected and it retries on the new index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adapterhub_lite.artifacts.registry import (
+    SIDECAR,
+    Registry,
+    RegistryError,
+    check_folder,
+    check_name,
+    check_version,
+    file_record,
+    make_entry,
+    next_version,
+    parse_index,
+)
+
+_ATTEMPTS = 3
+
+
+def _hub_error(repo: str, exc: Exception) -> RegistryError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return RegistryError(f"cannot reach the Hugging Face Hub for hf://{repo} ({type(exc).__name__}: {first}); check the network and HF_TOKEN, or use a local --registry folder")
+
+
+class HubRegistry(Registry):
+    """A registry kept in a Hugging Face Hub model repository."""
+
+    def __init__(self, repo: str):
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise RegistryError(f"hub registry 'hf://{repo}' must look like hf://org/repo")
+        from huggingface_hub import HfApi
+
+        self.repo, self.root, self.api = repo, f"hf://{repo}", HfApi()
+
+    def _read_index(self) -> tuple[dict, str | None]:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            head = self.api.repo_info(self.repo).sha
+        except RepositoryNotFoundError:
+            return parse_index(None, self.root), None
+        except Exception as exc:
+            raise _hub_error(self.repo, exc) from None
+        try:
+            path = hf_hub_download(self.repo, "index.json", revision=head)
+        except EntryNotFoundError:
+            found = sorted({"@".join(f.split("/")[:2]) for f in self._files(head) if f.count("/") == 2 and f.endswith("/" + SIDECAR)})
+            if found:  # the index was deleted, not never written: an empty reading would forget every version
+                raise RegistryError(f"registry {self.root} holds version folders ({', '.join(found[:3])}{' …' if len(found) > 3 else ''}) "
+                                    "but no index.json: restore it from the repository's history (the Hub keeps every commit)") from None
+            return parse_index(None, self.root), head
+        except Exception as exc:
+            raise _hub_error(self.repo, exc) from None
+        return parse_index(Path(path).read_bytes(), f"{self.root}/index.json"), head
+
+    def _files(self, head: str) -> list[str]:
+        try:
+            return self.api.list_repo_files(self.repo, revision=head)
+        except Exception as exc:
+            raise _hub_error(self.repo, exc) from None
+
+    def index(self) -> dict:
+        index, head = self._read_index()
+        if head is None:  # publish creates the repository; reading one that does not exist is a mistake
+            raise RegistryError(f"registry {self.root} does not exist (no such Hub repository); check --registry, or publish into it to create it")
+        return index
+
+    def _folder(self, name: str, version: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = snapshot_download(self.repo, allow_patterns=[f"{name}/{version}/*"])
+        except Exception as exc:
+            raise _hub_error(self.repo, exc) from None
+        return Path(local) / name / version
+
+    def publish(self, folder: str | Path, version: str = "auto", name: str | None = None) -> tuple[str, str, dict]:
+        """Upload a version and the updated index in one commit; retry if the index moved."""
+        from huggingface_hub import CommitOperationAdd
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
+        meta = check_folder(folder)
+        name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
+        if version != "auto":
+            check_version(version)
+        peft_config = json.loads((folder / "adapter_config.json").read_text())
+        files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        hashes = {p.name: file_record(p) for p in files}
+        attempt = 0
+        while True:
+            attempt += 1
+            index, head = self._read_index()
+            versions = index["adapters"].setdefault(name, {})
+            chosen = next_version(versions, version)
+            versions[chosen] = entry = make_entry(meta, peft_config, hashes)
+            ops = [CommitOperationAdd(f"{name}/{chosen}/{p.name}", str(p)) for p in files]
+            ops.append(CommitOperationAdd("index.json", (json.dumps(index, indent=2) + "\n").encode()))
+            try:
+                if head is None:
+                    self.api.create_repo(self.repo, exist_ok=True)
+                self.api.create_commit(self.repo, ops, commit_message=f"publish {name}@{chosen}", parent_commit=head)
+                return name, chosen, entry
+            except Exception as exc:
+                if "parent" not in str(exc).lower() or attempt == _ATTEMPTS:  # only a moved index is retried
+                    raise _hub_error(self.repo, exc) from None
+

@@ -1,0 +1,102 @@
+"""An adapter folder loaded onto its backbone: the fingerprint and shape checks, then plain peft.
+
+The folder format (folder.py) is read without torch; this module is where a folder meets a model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft import PeftModel
+
+from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder
+from adapterhub_lite.artifacts.registry import check_if_registered
+from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.adapter import require_safetensors
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.lora_format import base_rewriting_problem
+
+
+def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
+    """Refuse an adapter whose recorded backbone fingerprint differs from the one it meets here."""
+    keys = ("config_sha256", "tokenizer_sha256", "weights_sha256") + (("quantization",) if with_quantization else ())
+    if not allow and any(recorded[k] != here[k] for k in keys):
+        raise AdapterLoadError(
+            f"adapter {adapter!r} was trained on backbone {recorded['id']} but {where} {here['id']}; "
+            "pass --allow-base-mismatch (allow_base_mismatch=True) to load it anyway"
+        )
+
+
+def load_adapter(folder: str | Path, *, quantization: str | None = None, device: str | None = None,
+                 dtype: str | None = None, allow_base_mismatch: bool = False):
+    """Load an adapter folder onto its backbone; returns (PeftModel, Backbone, TaskSpec, sidecar).
+
+    The backbone is the one the sidecar names, in the quantization it was trained in unless told
+    otherwise. Its fingerprint must match the recorded one (quantization aside, when overridden).
+    `dtype` is the compute dtype (default auto: bf16 on CUDA, fp32 on the CPU), whatever the
+    adapter was trained in: the dtype is not part of the fingerprint, and peft keeps the adapter's
+    own weights fp32.
+    """
+    folder = Path(folder)
+    check_if_registered(folder)  # a registry's version folder loaded by its path is re-hashed like any registry load
+    require_safetensors(folder)  # (the pickle-only case names `convert`)
+    meta = check_adapter_folder(folder)
+    recorded = meta["base"]["fingerprint"]
+    backbone = load_backbone(meta["base"]["name"], quantization or recorded["quantization"], device, dtype=dtype or "auto")
+    check_fingerprint(str(folder), recorded, backbone.fingerprint, f"{meta['base']['name']!r} here is", allow_base_mismatch,
+               with_quantization=quantization is None)
+    check_fits(folder, backbone.model)
+    model = PeftModel.from_pretrained(backbone.model, folder)
+    model.eval()
+    return model, backbone, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta
+
+
+def check_fits(folder: Path, model) -> None:
+    """Refuse an adapter whose target modules or tensor shapes do not fit `model`.
+
+    Reads only adapter_config.json and the safetensors header, so nothing is loaded or changed
+    on the model when the answer is no.
+    """
+    from safetensors import safe_open
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    with safe_open(Path(folder) / "adapter_model.safetensors", "pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    problems = []
+    if config.get("peft_type") == "LORA":
+        rewritten = base_rewriting_problem(config, f"adapter {str(folder)!r}")
+        if rewritten:  # its factors fit the shapes, but only a base this backbone is not
+            raise AdapterLoadError(rewritten)
+    if config.get("peft_type") in ("LORA", "IA3"):
+        modules = dict(model.named_modules())
+        for key, shape in shapes.items():
+            # (rpartition gives no separator, not an empty leaf, when the key lacks it)
+            path, sep, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if not sep:  # IA3: "<module>.ia3_l", possibly followed by an adapter name
+                path, sep, _ = key.removeprefix("base_model.model.").rpartition(".ia3_")
+                leaf = "ia3" if sep else ""
+            if not sep:
+                path = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+            module = modules.get(path)
+            if module is None:
+                problems.append(f"no module {path!r}")
+            elif leaf == "A.weight" and shape[1] != module.in_features:
+                problems.append(f"{path}: lora_A expects {shape[1]} inputs, the layer has {module.in_features}")
+            elif leaf == "B.weight" and shape[0] != module.out_features:
+                problems.append(f"{path}: lora_B gives {shape[0]} outputs, the layer has {module.out_features}")
+            elif leaf == "ia3" and shape not in ((1, module.in_features), (module.out_features, 1)):
+                problems.append(f"{path}: ia3_l has shape {shape}, the layer takes (1, {module.in_features}) or ({module.out_features}, 1)")
+    else:  # prompt learning: virtual-token width and depth must match the model
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        # a prefix holds keys/values (kv heads × head dim wide); a prompt holds input embeddings
+        width = getattr(c, "num_key_value_heads", c.num_attention_heads) * head_dim if config.get("peft_type") == "PREFIX_TUNING" else c.hidden_size
+        if config.get("token_dim") not in (None, width):
+            problems.append(f"token_dim {config['token_dim']} != {width}")
+        if config.get("num_layers") not in (None, model.config.num_hidden_layers):
+            problems.append(f"num_layers {config['num_layers']} != {model.config.num_hidden_layers}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise AdapterLoadError(f"adapter {str(folder)!r} does not fit {model.config.model_type!r}: {shown}; load it on the backbone it was trained for")

@@ -1,0 +1,519 @@
+"""Registry: publish, list, pull, verify and load versioned adapters, with integrity checks.
+
+Layout (a local folder; `hf://org/repo` keeps the same layout on the Hugging Face Hub):
+
+    <registry>/index.json                 {"format": …, "adapters": {name: {version: entry}}}
+    <registry>/<name>/<version>/          the adapter folder: PEFT files, sidecar, model card …
+
+The index is the truth: a version exists when, and only when, the index lists it. Publishing
+copies into a hidden temp folder (hashing as it copies), fsyncs, and then, under a file lock,
+renames the folder into place and rewrites the index atomically. A publisher killed at any
+point leaves the old index and at most an unlisted folder, which the next publish clears away.
+
+The lock is `filelock.FileLock` (fcntl on POSIX, msvcrt on Windows; imported only when a publish
+takes it). A publisher's temp folder is named `.publish-<id>-<pid>-<host>`: a later publisher
+clears it when that pid is gone on its own host, and, whatever the host, once it is older than a
+day (a pid means nothing on another host of a shared NFS registry).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder, write_json
+from adapterhub_lite.core.errors import AdapterHubError
+
+INDEX_FORMAT = "adapterhub_lite.registry/1"
+# Always used with fullmatch: `$` would also match before a trailing newline ("1.0.0\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+ENTRY_KEYS = ("task", "type", "method", "base", "quantization", "metrics", "files")
+STALE_SECONDS = 24 * 3600  # a temp folder of another host is cleared only after this long
+LOCK_TIMEOUT_S = 600
+
+
+class RegistryError(AdapterHubError):
+    """A registry operation was refused: bad name or version, unknown entry, failed integrity check."""
+
+
+def check_name(name: str) -> str:
+    """Adapter names are one path component: letters, digits, '.', '_', '-'; no '..'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise RegistryError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (no path separators, no '..')")
+    return name
+
+
+def check_version(version: str) -> str:
+    """Versions are semantic MAJOR.MINOR.PATCH, matched whole (no sign, no leading zeros, no whitespace)."""
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise RegistryError(f"invalid version {version!r}: use semantic MAJOR.MINOR.PATCH such as 1.0.0, or 'auto'")
+    return version
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """A MAJOR.MINOR.PATCH version as a tuple that sorts as versions do (1.10.0 after 1.9.0)."""
+    return tuple(int(x) for x in version.split("."))
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """'sst2', 'sst2@latest' or 'sst2@1.0.0' → (name, version or 'latest')."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    version = version or "latest"
+    return name, version if version == "latest" else check_version(version)
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    """sha256 and size of one file, as the index records them."""
+    return {"sha256": _hash_file(path), "size": path.stat().st_size}
+
+
+def _copy_hashing(src: Path, dst: Path) -> dict:
+    """Copy one file, hashing it on the way, and fsync the copy."""
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder to fsync it; NTFS journals the rename itself
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_problem(exc: OSError) -> str:
+    """An OSError in a few words: 'No space left on device (ENOSPC) at /reg/x'."""
+    code = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    return f"{exc.strerror or exc} ({code})" + (f" at {exc.filename}" if exc.filename else "")
+
+
+def check_folder(folder: Path) -> dict:
+    """Refuse folders that are not safetensors adapters (folder.check_adapter_folder, as every way in); return their sidecar."""
+    return check_adapter_folder(folder, RegistryError)
+
+
+def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None = None) -> dict:
+    """The index record of one version (`created`: when it was published; default now)."""
+    try:
+        spec, fp = meta["task"] or {"name": None, "type": "component", "metric": []}, meta["base"]["fingerprint"]  # no task: a shared adapter
+        targets = peft_config.get("target_modules")
+        metrics = meta.get("metrics") or {}
+        return {
+            "task": spec["name"], "type": spec["type"], "method": meta["method"],
+            "rank": peft_config.get("r"), "num_virtual_tokens": peft_config.get("num_virtual_tokens"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+            "base": {"name": meta["base"]["name"], "hub_id": meta["base"]["hub_id"], "fingerprint": fp},
+            "quantization": fp["quantization"],
+            "metrics": {k: metrics[k] for k in spec["metric"] if k in metrics},  # the task's own metrics (a merge may have none)
+            "files": files,
+            "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    except (KeyError, TypeError) as exc:
+        raise RegistryError(f"the adapter's sidecar ({SIDECAR}) lacks {exc} or has it in the wrong form; publish a folder written by adapterhub-lite") from None
+
+
+def next_version(versions: dict, version: str) -> str:
+    """Resolve 'auto' (bump the patch of the latest, or 1.0.0) and refuse re-publishing."""
+    if version == "auto":
+        latest = max(versions, key=version_key, default=None)
+        version = "1.0.0" if latest is None else ".".join(map(str, (*version_key(latest)[:2], version_key(latest)[2] + 1)))
+    if version in versions:
+        raise RegistryError(f"version {version} is already published and versions are immutable; publish with --version auto or a new version")
+    return version
+
+
+def _index_problems(index: dict) -> list[str]:
+    """What is wrong with a parsed index's structure (empty: nothing)."""
+    adapters = index.get("adapters")
+    if not isinstance(adapters, dict):
+        return [f"'adapters' is {type(adapters).__name__ if 'adapters' in index else 'missing'}, expected an object {{name: {{version: entry}}}}"]
+    problems = []
+    for name, versions in adapters.items():
+        if not _NAME.fullmatch(name) or ".." in name:
+            problems.append(f"adapter name {name!r} is not a valid name")
+        if not isinstance(versions, dict):
+            problems.append(f"{name!r} maps to a {type(versions).__name__}, expected an object {{version: entry}}")
+            continue
+        for version, entry in versions.items():
+            where = f"{name}@{version}"
+            if not _VERSION.fullmatch(version):
+                problems.append(f"{name!r} has version key {version!r}, not MAJOR.MINOR.PATCH")
+            if not isinstance(entry, dict):
+                problems.append(f"{where} is a {type(entry).__name__}, expected an object")
+                continue
+            missing = [k for k in ENTRY_KEYS if k not in entry]
+            if missing:
+                problems.append(f"{where} lacks {', '.join(missing)}")
+                continue
+            files = entry["files"]
+            if not isinstance(files, dict) or not files:
+                problems.append(f"{where} has no file records")
+                continue
+            for fname, rec in files.items():
+                if Path(fname).name != fname or fname in (".", ".."):
+                    problems.append(f"{where} lists file {fname!r}, not a plain file name")
+                elif not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and _SHA256.fullmatch(rec["sha256"])
+                          and isinstance(rec.get("size"), int) and rec["size"] >= 0):
+                    problems.append(f"{where}: the record of {fname} is not {{sha256: 64 hex digits, size: bytes}}")
+            if not isinstance(entry["base"], dict) or not isinstance(entry["metrics"], dict):
+                problems.append(f"{where}: 'base' and 'metrics' must be objects")
+            elif not (isinstance(entry["base"].get("name"), str) and entry["base"]["name"]) or not isinstance(entry["base"].get("hub_id"), (str, type(None))):
+                problems.append(f"{where}: 'base' lacks the backbone's name (or has a hub_id that is not a string)")
+    return problems
+
+
+def parse_index(text: str | bytes | None, where: str) -> dict:
+    """Parse and check an index.json (None: no index yet, an empty registry); a damaged one is one RegistryError."""
+    if text is None:
+        return {"format": INDEX_FORMAT, "adapters": {}}
+    fix = "restore it from a backup (the version folders beside it are untouched) or publish into a new registry"
+    try:
+        index = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, an int of 5,000 digits, 100,000 nested brackets
+        raise RegistryError(f"{where} is not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); {fix}") from None
+    if not isinstance(index, dict):
+        raise RegistryError(f"{where} holds a JSON {type(index).__name__}, expected an object with 'format' and 'adapters'; {fix}")
+    if index.get("format") != INDEX_FORMAT:
+        raise RegistryError(f"{where} has format {index.get('format')!r}, expected {INDEX_FORMAT!r}; {fix}")
+    problems = _index_problems(index)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RegistryError(f"{where} is damaged: {'; '.join(problems[:3])}{more}; {fix}")
+    return index
+
+
+class Registry:
+    """What every registry kind shares: resolving references, listing, verifying, pulling.
+
+    Subclasses provide `index()` (refusing a registry that does not exist), `publish()` and
+    `_folder(name, version)` (a local folder holding that version's files).
+    """
+
+    root: object
+
+    def index(self) -> dict:
+        raise NotImplementedError
+
+    def _folder(self, name: str, version: str) -> Path:
+        raise NotImplementedError
+
+    def resolve(self, ref: str) -> tuple[str, str, dict]:
+        """Find (name, version, entry) for a reference such as sst2@latest."""
+        name, version = parse_ref(ref)
+        adapters = self.index()["adapters"]
+        versions = adapters.get(name)
+        if not versions:
+            known = ", ".join(sorted(adapters)) or "none"
+            raise RegistryError(f"no adapter {name!r} in registry {self.root} (known: {known})")
+        if version == "latest":
+            version = max(versions, key=version_key)
+        if version not in versions:
+            raise RegistryError(f"no version {version!r} of {name!r} in {self.root} (versions: {', '.join(sorted(versions, key=version_key))})")
+        return name, version, versions[version]
+
+    def rows(self) -> list[dict]:
+        """One row per version, for `list`."""
+        out = []
+        for name, versions in sorted(self.index()["adapters"].items()):
+            for version in sorted(versions, key=version_key):
+                e = versions[version]
+                out.append({"name": name, "version": version, "task": e["task"], "type": e["type"], "method": e["method"],
+                            "rank": e.get("rank"), "base": e["base"].get("hub_id") or e["base"]["name"], "quantization": e["quantization"],
+                            "metrics": e["metrics"]})
+        return out
+
+    def verify(self, name: str | None = None) -> list[str]:
+        """Re-hash every file of every version (of one name); return the problems found."""
+        if name is not None:
+            check_name(name)
+        adapters = self.index()["adapters"]
+        problems = []
+        for n, versions in sorted(adapters.items()):
+            if name is None or n == name:
+                for version, entry in sorted(versions.items(), key=lambda kv: version_key(kv[0])):
+                    problems += self._check_files(n, version, entry)
+        if name is not None and name not in adapters:
+            problems.append(f"no adapter {name!r} in registry {self.root}")
+        return problems
+
+    def _check_files(self, name: str, version: str, entry: dict) -> list[str]:
+        folder = self._folder(name, version)
+        problems = []
+        for fname, want in sorted(entry["files"].items()):
+            path = folder / fname
+            try:
+                if not path.is_file():
+                    problems.append(f"{name}@{version}: {fname} is missing")
+                elif path.stat().st_size != want["size"] or _hash_file(path) != want["sha256"]:
+                    problems.append(f"{name}@{version}: {fname} does not match its recorded sha256")
+            except OSError as exc:
+                problems.append(f"{name}@{version}: {fname} cannot be read ({_os_problem(exc)})")
+        extra = sorted(p.name for p in folder.iterdir() if p.name not in entry["files"]) if folder.is_dir() else []
+        problems += [f"{name}@{version}: unexpected file {f}" for f in extra]
+        return problems
+
+    def path(self, ref: str) -> Path:
+        """The verified folder of a version: every file re-hashed before it is handed out."""
+        name, version, entry = self.resolve(ref)
+        problems = self._check_files(name, version, entry)
+        if problems:
+            raise RegistryError(f"integrity check failed for {name}@{version}: {'; '.join(problems)}; re-publish it or pull another version")
+        return self._folder(name, version)
+
+    def pull(self, ref: str, to: str | Path) -> Path:
+        """Copy a verified version to a new folder (atomically: temp folder, then rename; nothing left on failure)."""
+        src, to = self.path(ref), Path(to)
+        if to.exists():
+            raise RegistryError(f"destination {str(to)!r} already exists; choose a new --to folder")
+        tmp = to.with_name(f".{to.name}.pull-{uuid.uuid4().hex}")
+        try:
+            to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(to)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RegistryError(f"cannot copy {ref} to {str(to)!r}: {_os_problem(exc)}; free disk space or choose a writable --to folder") from None
+        return to
+
+
+def _host() -> str:
+    """This machine's name as it goes into temp folder names (no path or '-'-splitting surprises before it)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "unknown"
+
+
+class LocalRegistry(Registry):
+    """A registry in a local folder (the project's `adapters/` by default)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def index(self) -> dict:
+        if not self.root.is_dir():
+            raise RegistryError(f"registry {str(self.root)!r} does not exist (no such folder); check --registry, or publish into it to create it")
+        return self._read_index()
+
+    def _read_index(self) -> dict:
+        """The index; none yet (an empty registry) only when no version folder exists either."""
+        path = self.root / "index.json"
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            what = f"a symlink to {os.readlink(path)!r}" if path.is_symlink() else "not a regular file"
+            raise RegistryError(f"{path} is {what}; the index must be a regular file: restore it from a backup, "
+                                f"or rebuild it from the version folders with `adapterhub-lite reindex --registry {self.root}`")
+        try:
+            text = path.read_bytes() if path.is_file() else None
+        except OSError as exc:
+            raise RegistryError(f"cannot read {path}: {_os_problem(exc)}; check its permissions") from None
+        if text is None:
+            found = self._version_folders()
+            if found:  # the index was lost, not never written: reading the registry as empty would forget (and overwrite) them
+                shown = ", ".join(f"{n}@{v}" for n, v in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+                raise RegistryError(f"registry {self.root} holds version folders ({shown}) but no index.json: restore it from a backup, "
+                                    f"or rebuild it from the folders with `adapterhub-lite reindex --registry {self.root}`")
+        return parse_index(text, str(path))
+
+    def _version_folders(self) -> list[tuple[str, str]]:
+        """(name, version) of every <name>/<version>/ folder that holds adapter files, listed or not."""
+        found = []
+        for folder in sorted(self.root.glob("*/*")):
+            if folder.is_dir() and _NAME.fullmatch(folder.parent.name) and _VERSION.fullmatch(folder.name) and any(
+                    (folder / f).exists() for f in (SIDECAR, "adapter_config.json", "adapter_model.safetensors")):
+                found.append((folder.parent.name, folder.name))
+        return found
+
+    def reindex(self) -> dict:
+        """Rebuild a missing or damaged index.json from the version folders' own files and sidecars.
+
+        Every folder passes the publish checks first (or nothing is written, and every problem is
+        named); the damaged index, if any, is kept beside as index.json.damaged-<time>. The rebuilt
+        index records each file as it is now: a change made before the rebuild cannot be detected.
+        """
+        path = self.root / "index.json"
+        if not self.root.is_dir():
+            raise RegistryError(f"registry {str(self.root)!r} does not exist (no such folder); check --registry")
+        with self._locked():
+            try:
+                readable = path.is_file() and not path.is_symlink() and bool(self._read_index())
+            except RegistryError:
+                readable = False
+            if readable:
+                raise RegistryError(f"{path} is readable; reindex only rebuilds a missing or damaged index (`adapterhub-lite verify` checks this one)")
+            adapters, problems = {}, []
+            for name, version in self._version_folders():
+                folder = self.root / name / version
+                try:
+                    meta = check_folder(folder)
+                    files = {p.name: file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+                    peft_config = json.loads((folder / "adapter_config.json").read_text())
+                    adapters.setdefault(name, {})[version] = make_entry(meta, peft_config, files, created=meta.get("created"))
+                except (AdapterHubError, OSError, ValueError) as exc:
+                    problems.append(f"{name}@{version}: {exc}")
+            if problems:
+                raise RegistryError(f"cannot rebuild {path}: {'; '.join(problems)}; move those folders out of the registry, then reindex again")
+            if not adapters:
+                raise RegistryError(f"registry {self.root} holds no version folders to index")
+            index = {"format": INDEX_FORMAT, "adapters": adapters}
+            if path.is_symlink() or path.exists():
+                os.replace(path, path.with_name(f"index.json.damaged-{time.strftime('%Y%m%dT%H%M%S')}"))
+            write_json(path, index)
+        return index
+
+    def _folder(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
+    @contextmanager
+    def _locked(self):
+        """The registry's write lock (an OS lock: released when the holder dies, also by SIGKILL)."""
+        from filelock import FileLock, Timeout  # imported here: `import adapterhub_lite` stays free of fcntl/msvcrt
+
+        lock = FileLock(str(self.root / ".lock"), timeout=LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RegistryError(f"registry {self.root} stayed locked by another publisher for {LOCK_TIMEOUT_S} s; "
+                                "retry, or check for a hung publisher") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _sweep(self) -> None:
+        """Remove temp folders of dead publishers; call under the lock.
+
+        A folder of this host whose pid is gone is dead. Another host's pids cannot be checked
+        from here (NFS), so its folders, and any of an unknown form, go only when older than
+        STALE_SECONDS: no publish holds its temp folder that long.
+        """
+        import psutil  # cross-platform pid check (os.kill(pid, 0) would send CTRL_C_EVENT on Windows)
+
+        host, now = _host(), time.time()
+        for tmp in self.root.glob(".publish-*"):
+            parts = tmp.name.split("-", 3)  # .publish, id, pid, host
+            try:
+                age = now - tmp.stat().st_mtime
+            except OSError:
+                continue  # cleared meanwhile
+            dead = len(parts) == 4 and parts[3] == host and parts[2].isdigit() and not psutil.pid_exists(int(parts[2]))
+            if dead or age > STALE_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, folder: str | Path, version: str = "auto", name: str | None = None) -> tuple[str, str, dict]:
+        """Copy an adapter folder in as an immutable version; returns (name, version, entry).
+
+        A failure on the way (disk full, read-only registry) is one RegistryError and leaves the
+        registry as it was: the temp folder is removed, and a folder renamed into place but not
+        yet listed is taken back.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
+        meta = check_folder(folder)
+        name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
+        if version != "auto":
+            check_version(version)
+        peft_config = json.loads((folder / "adapter_config.json").read_text())
+        tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{os.getpid()}-{_host()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            files = {p.name: _copy_hashing(p, tmp / p.name) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+            _fsync_dir(tmp)
+            with self._locked():
+                self._sweep()
+                index = self._read_index()
+                versions = index["adapters"].setdefault(name, {})
+                version = next_version(versions, version)
+                entry = make_entry(meta, peft_config, files)
+                final = self.root / name / version
+                if final.exists():  # left by a publisher killed after its rename: never listed, so not visible
+                    shutil.rmtree(final)
+                final.parent.mkdir(exist_ok=True)
+                tmp.rename(final)
+                try:
+                    _fsync_dir(final.parent)
+                    versions[version] = entry
+                    write_json(self.root / "index.json", index)
+                except BaseException:
+                    shutil.rmtree(final, ignore_errors=True)  # not listed: take it back, the old index stands
+                    raise
+        except OSError as exc:
+            raise RegistryError(f"cannot publish {str(folder)!r} into registry {self.root}: {_os_problem(exc)}; "
+                                "free disk space or make the registry writable, then publish again (the registry is unchanged)") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return name, version, entry
+
+
+def registered_as(folder: str | Path) -> tuple[LocalRegistry, str, str, dict] | None:
+    """(registry, name, version, entry) when `folder` is a listed version folder <registry>/<name>/<version>/
+    of a local registry; None when it is not (no index.json two levels up, or the index does not list it)."""
+    folder = Path(folder).resolve()
+    name, version, root = folder.parent.name, folder.name, folder.parent.parent
+    if not (_NAME.fullmatch(name) and _VERSION.fullmatch(version) and (root / "index.json").is_file()):
+        return None
+    reg = LocalRegistry(root)
+    entry = reg.index()["adapters"].get(name, {}).get(version)  # a damaged index is refused, not skipped
+    return None if entry is None else (reg, name, version, entry)
+
+
+def check_if_registered(folder: str | Path) -> str | None:
+    """Re-hash a folder that sits in a registry against its index entry, however it is reached.
+
+    Loading `<registry>/<name>/<version>` by path must be as safe as loading `name@version`:
+    raise RegistryError on any mismatch; return "name@version" when checked, None when the
+    folder is not a listed registry version (nothing to check against).
+    """
+    found = registered_as(folder)
+    if found is None:
+        return None
+    reg, name, version, entry = found
+    problems = reg._check_files(name, version, entry)
+    if problems:
+        raise RegistryError(f"integrity check failed for {name}@{version} in registry {reg.root}: {'; '.join(problems)}; "
+                            "re-publish it or pull another version")
+    return f"{name}@{version}"
+
+
+def convert_pickle(folder: str | Path) -> Path:
+    """Turn a trusted pickle adapter (adapter_model.bin) into adapter_model.safetensors, in place."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    src = folder / "adapter_model.bin"
+    if not src.is_file():
+        raise RegistryError(f"{folder} has no adapter_model.bin to convert")
+    state = torch.load(src, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    tmp = folder / ".adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "adapter_model.safetensors")
+    src.unlink()
+    return folder / "adapter_model.safetensors"

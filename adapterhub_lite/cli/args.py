@@ -1,0 +1,97 @@
+"""Argument helpers every command shares: argparse types, the device options, --input and --output files.
+
+A leaf of the CLI: the command modules import it; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from adapterhub_lite.artifacts.files import atomic_write
+from adapterhub_lite.core.errors import DataError
+from adapterhub_lite.core.names import DTYPES, QUANTIZATIONS
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan / inf would be written into adapters and metrics)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def count(low: int):
+    """argparse type: a whole number ≥ low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be ≥ {low}")
+        return value
+    parse.__name__ = f"int ≥ {low}"
+    return parse
+
+
+def check_output_file(path: str | None) -> None:
+    """Refuse an --output file path that is a folder or whose folder does not exist, before any work."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"--output {path!r} is a folder; name a file to write, e.g. {str(p / 'predictions.jsonl')!r}")
+    if not p.parent.is_dir():
+        raise DataError(f"--output {path!r}: folder {str(p.parent)!r} does not exist; create it first")
+
+
+def write_output(path: str | None, text: str) -> None:
+    """Write the answers to `path` atomically (complete or absent), else to stdout."""
+    if not path:
+        sys.stdout.write(text)
+        return
+    try:
+        atomic_write(Path(path), text)
+    except OSError as exc:
+        raise DataError(f"cannot write --output {path!r} ({exc.strerror or type(exc).__name__}); nothing was written") from None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL --input file (one object per line); a missing, empty or malformed file is refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input file {path!r} does not exist; pass a JSONL file with one object per line")
+    rows = []
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first row
+    except UnicodeDecodeError as exc:
+        raise DataError(f"input file {path!r} is not UTF-8 (byte offset {exc.start}); save it as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; write one JSON object per line")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"input file {path!r} has no rows")
+    return rows
+
+
+def add_device_args(p: argparse.ArgumentParser, adapters: bool = False) -> None:
+    """--device, --dtype and --quantization on every command that loads a backbone; with `adapters` (commands
+    that load adapters onto it) also --allow-base-mismatch, which the fingerprint error tells users to pass."""
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: $ADAPTERHUB_DEVICE, else cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the spec's where the command reads one, else auto = bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="backbone quantization (default: the spec's or the adapters' own)")
+    if adapters:
+        p.add_argument("--allow-base-mismatch", action="store_true", help="load adapters even if their backbone fingerprint differs")

@@ -1,0 +1,333 @@
+"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | infer | merge | convert`
+(+ train-multi, interference, compose-fit from multitask/cli.py).
+
+Bad input → one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
+from adapterhub_lite.cli.export import add_export_command
+from adapterhub_lite.cli.multitask import add_commands
+from adapterhub_lite.cli.serve import add_serve_command
+from adapterhub_lite.core.errors import AdapterHubError, DataError
+from adapterhub_lite.core.names import RESERVED
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`error: …`, exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
+def _train(args) -> int:
+    from adapterhub_lite.core.spec import load_spec
+    from adapterhub_lite.training.recipes.train import train
+
+    # --dtype / --quantization override the spec's
+    overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
+    spec = load_spec(args.spec, overrides)
+    out = train(spec, args.output, overwrite=args.overwrite, resume=args.resume, device=args.device,
+                command="adapterhub-lite train " + shlex.join(sys.argv[2:]), progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, rank 0 answers for the run
+        meta = json.loads((out / "adapterhub.json").read_text())
+        print(json.dumps({"output": str(out), **{k: v for k, v in meta["metrics"].items() if k != "per_class"}}))
+    return 0
+
+
+def _split_for(spec, split: str):
+    from adapterhub_lite.core.data import load_split, to_split
+
+    source = getattr(spec.data, split) if split in ("train", "dev") else split
+    ds, sha = load_split(source)
+    return to_split(spec, ds, source, sha)
+
+
+def _eval(args) -> int:
+    from adapterhub_lite.artifacts.loading import load_adapter
+    from adapterhub_lite.core.data import check_lengths
+    from adapterhub_lite.model.evaluate import evaluate_split
+
+    model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
+                                         allow_base_mismatch=args.allow_base_mismatch)
+    check_lengths(spec, backbone.tokenizer)
+    split = _split_for(spec, args.split)
+    metrics, _, seconds = evaluate_split(model, backbone.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
+    n = min(len(split), args.limit or len(split))
+    result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,
+              "latency_ms_per_example": round(1000 * seconds / n, 2),
+              "trainable_parameters": meta["trainable_parameters"],
+              "adapter_file_bytes": (Path(args.adapter) / "adapter_model.safetensors").stat().st_size}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {json.dumps(value)}")
+    return 0
+
+
+def _predict(args) -> int:
+    from adapterhub_lite.artifacts.loading import load_adapter
+    from adapterhub_lite.core.data import check_lengths, readable, render, request_row
+    from adapterhub_lite.model.evaluate import predict
+
+    if (args.text is None) == (args.input is None):
+        raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
+    check_output_file(args.output)
+    rows = [] if args.input is None else read_jsonl(args.input)
+    # every row is checked against the adapter's task before the backbone loads
+    rows = [request_row(_sidecar_spec(args.adapter), r) for r in (rows or [{"text": args.text}])]
+    model, backbone, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
+                                      allow_base_mismatch=args.allow_base_mismatch)
+    check_lengths(spec, backbone.tokenizer)
+    preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress)
+    write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
+    return 0
+
+
+def _sidecar_spec(folder: str):
+    """The task spec an adapter folder records (read without loading anything)."""
+    from adapterhub_lite.artifacts.folder import SIDECAR, read_sidecar
+    from adapterhub_lite.core.spec import spec_from_dict
+
+    return spec_from_dict(read_sidecar(Path(folder))["task"], source=f"task spec in {Path(folder) / SIDECAR}")
+
+
+def _publish(args) -> int:
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    name, version, entry = open_registry(args.registry).publish(args.adapter, args.version, args.name)
+    print(json.dumps({"published": f"{name}@{version}", "registry": str(args.registry), "files": len(entry["files"])}))
+    return 0
+
+
+def _list(args) -> int:
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    rows = open_registry(args.registry).rows()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = [("name", "version", "task", "method", "rank", "base", "quant", "metrics")]
+    table += [(r["name"], r["version"], r["task"] or "(shared)", r["method"], str(r["rank"] or "-"), r["base"], r["quantization"],
+               " ".join(f"{k}={v}" for k, v in r["metrics"].items())) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _info(args) -> int:
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    name, version, entry = open_registry(args.registry).resolve(args.ref)
+    print(json.dumps({"name": name, "version": version, **entry}, indent=2))
+    return 0
+
+
+def _pull(args) -> int:
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    folder = open_registry(args.registry).pull(args.ref, args.to)
+    print(json.dumps({"folder": str(folder)}) if args.json else folder)
+    return 0
+
+
+def _verify(args) -> int:
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    problems = open_registry(args.registry).verify(args.name)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}))
+        return 1 if problems else 0
+    for p in problems:
+        print(f"FAIL {p}")
+    print(f"verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def _reindex(args) -> int:
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    reg = open_registry(args.registry)
+    if not hasattr(reg, "reindex"):
+        raise DataError(f"{args.registry} is a Hub registry: restore its index.json from the repository's history (the Hub keeps every commit)")
+    index = reg.reindex()
+    print(json.dumps({"registry": str(args.registry), "rebuilt": sorted(f"{n}@{v}" for n, vs in index["adapters"].items() for v in vs)}))
+    return 0
+
+
+def _convert(args) -> int:
+    from adapterhub_lite.artifacts.registry import convert_pickle
+
+    if not args.trust_pickle:
+        raise DataError("convert loads a pickle file; pass --trust-pickle to confirm you trust where it came from")
+    print(convert_pickle(args.adapter))
+    return 0
+
+
+def _infer(args) -> int:
+    from adapterhub_lite.model.evaluate import progress_bar
+    from adapterhub_lite.serving.router import Router
+
+    check_output_file(args.output)
+    requests = read_jsonl(args.input)
+    bad = [n for n, r in enumerate(requests, 1) if "adapter" not in r]
+    if bad:
+        raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} name no 'adapter'; give each a name, 'base' or 'auto'")
+    # base / auto read `text` directly; a named adapter's prompt columns are checked by request_row (null refused there)
+    bad = [n for n, r in enumerate(requests, 1) if ("text" in r or r["adapter"] in RESERVED) and not isinstance(r.get("text"), str)]
+    if bad:
+        raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} have a 'text' that is {json.dumps(requests[bad[0] - 1].get('text'))}, "
+                        "not a string; give every request its text")
+    router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
+                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
+    answers = []
+    with progress_bar(len(requests), "infer", not args.no_progress) as bar:
+        for start in range(0, len(requests), args.batch_size):
+            chunk = requests[start : start + args.batch_size]
+            answers += [{**req, **res} for req, res in zip(chunk, router.run(chunk))]
+            bar.update(len(chunk))
+    write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
+    return 0
+
+
+def _merge(args) -> int:
+    from adapterhub_lite.artifacts.registries import adapter_ref
+    from adapterhub_lite.ops.merge import merge_adapters
+
+    if len(args.weights) != len(args.adapters):
+        raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
+    folders = dict(adapter_ref(a, args.registry) for a in args.adapters)
+    _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
+                             density=args.density, name=args.name or Path(args.output).name, output=args.output,
+                             report_rows=args.report_rows, task=args.task, quantization=args.quantization, device=args.device,
+                             dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
+    print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="adapterhub-lite", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one task adapter from a YAML spec")
+    t.add_argument("spec", help="task spec YAML, e.g. scripts/tasks/sst2.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. method=prefix train.max_steps=300")
+    t.add_argument("--output", help="adapter folder (default runs/<name>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    for name, func, text in (("eval", _eval, "score an adapter on a split"), ("predict", _predict, "run an adapter on new inputs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("adapter", help="adapter folder")
+        p.set_defaults(func=func)
+        add_device_args(p, adapters=True)
+        if name == "eval":
+            p.add_argument("--split", default="dev", help="dev, train, or a data file path")
+            p.add_argument("--limit", type=count(1), help="score only the first N rows")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            p.add_argument("--text", help="one input (for prompts that read one column)")
+            p.add_argument("--input", help="JSONL file of rows with the prompt's columns")
+            p.add_argument("--output", help="write JSONL predictions here instead of stdout")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred rows)")
+    add_device_args(t)
+
+    registry_help = "a local folder (default: adapters) or hf://org/repo"
+    p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
+    p.add_argument("adapter")
+    p.add_argument("--version", default="auto", help="MAJOR.MINOR.PATCH, or auto (bump the patch)")
+    p.add_argument("--name", help="registry name (default: the task name)")
+    p.set_defaults(func=_publish)
+    p = sub.add_parser("list", help="list every published version")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+    for name, func, text in (("info", _info, "show one version's index entry"), ("pull", _pull, "copy a verified version out")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("ref", help="name, name@latest or name@1.0.0")
+        p.set_defaults(func=func)
+    sub.choices["pull"].add_argument("--to", required=True, help="new folder to copy into")
+    p = sub.add_parser("verify", help="re-hash every file of every version; exit 1 on a mismatch")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=_verify)
+    p = sub.add_parser("reindex", help="rebuild a missing or damaged index.json from the version folders (each checked as a publish)")
+    p.set_defaults(func=_reindex)
+    for name in ("publish", "list", "info", "pull", "verify", "reindex"):
+        sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+    for name in ("info", "pull", "verify"):  # list has its own; info always prints JSON, the flag is taken for uniformity
+        sub.choices[name].add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("infer", help="serve a JSONL file of requests, each naming its adapter (or base / auto)")
+    p.add_argument("--input", required=True, help='JSONL requests: {"adapter": "sst2" | "base" | "auto", "text": …}')
+    p.add_argument("--output", help="JSONL answers (default: stdout)")
+    p.add_argument("--batch-size", type=count(1), default=32)
+    p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred requests)")
+    add_device_args(p, adapters=True)
+    p.set_defaults(func=_infer)
+    p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")
+    p.add_argument("adapters", nargs="+", help="registry names (name or name@version) or adapter folders")
+    p.add_argument("--weights", type=finite_float, nargs="+", required=True)
+    p.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear, dare_ties")
+    p.add_argument("--density", type=finite_float, help="ties / dare: share of each update kept")
+    p.add_argument("--output", required=True)
+    p.add_argument("--name", help="adapter name (default: the output folder's name)")
+    p.add_argument("--task", help="the task the merged adapter serves: a source's task name, or none for raw text (default: the sources' common task)")
+    p.add_argument("--report-rows", type=count(0), default=200, help="dev rows per source task in the report (0: none)")
+    add_device_args(p, adapters=True)
+    p.set_defaults(func=_merge)
+    for name in ("infer", "merge"):
+        sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+
+    p = sub.add_parser("convert", help="turn a trusted pickle adapter (adapter_model.bin) into safetensors")
+    p.add_argument("adapter")
+    p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")
+    p.set_defaults(func=_convert)
+    add_commands(sub)
+    add_serve_command(sub)
+    add_export_command(sub)
+    return parser
+
+
+def _quiet_library_bars() -> None:
+    """--no-progress means no bar at all: also transformers' "Loading weights" and the hub's download bars."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers / huggingface_hub are imported
+    if "transformers" in sys.modules:  # already imported (e.g. in-process callers): tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `adapterhub-lite`."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting `overrides` at the first option; accept `key=value` after options too.
+    positional = "overrides" if hasattr(args, "overrides") else "specs" if hasattr(args, "specs") else None
+    if extra and positional and all("=" in e and not e.startswith("-") for e in extra):
+        setattr(args, positional, getattr(args, positional) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "no_progress", False):
+        _quiet_library_bars()
+    try:
+        return args.func(args)
+    except AdapterHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

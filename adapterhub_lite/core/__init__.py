@@ -1,0 +1,10 @@
+"""The core: what every layer may use and that imports nothing of the package above it.
+
+    errors.py    typed errors (subclasses of ValueError, as peft's are)
+    names.py     the served names that are not adapters (base, auto) and the backbone's choices
+    spec.py      the task spec (YAML) and its checks
+    data.py      task data: files and datasets → rows, prompts and answers
+    metrics.py   classification and generation metrics (scikit-learn)
+"""
+
+__version__ = "0.1.0"

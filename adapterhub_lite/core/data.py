@@ -1,0 +1,273 @@
+"""Data: read a task's splits through `datasets`, check them against the spec, render prompts.
+
+A split is a local csv / tsv / jsonl / json / parquet file (relative to the current directory) or
+`hf:<dataset>[:<config>]:<split>`. Each row becomes a prompt string plus an answer: a label index
+for classification, a target string for generation. Answers are continuations of the prompt
+separated by one space, so "Sentiment:" is followed by " positive".
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from adapterhub_lite.core.errors import DataError
+from adapterhub_lite.core.spec import TaskSpec
+
+_BUILDERS = {  # suffix → (reader, csv.reader options)
+    ".csv": ("csv", {"delimiter": ","}),
+    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+@dataclass
+class Split:
+    """One split as the trainer sees it: prompts plus answers (label indices or target strings)."""
+
+    prompts: list[str]
+    answers: list
+    source: str
+    sha256: str
+    _tokens: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def prompt_ids(self, tokenizer) -> list[list[int]]:
+        """Every prompt's token ids (special tokens added, not truncated), tokenized once per tokenizer.
+
+        Training reads these every step; tokenizing the whole split in one batched call up front
+        takes the tokenizer out of the loop (heads.*_ids take ids; they truncate as encode_prompt does).
+        """
+        return self._cached(tokenizer, "prompts", lambda: tokenizer(self.prompts, add_special_tokens=True).input_ids)
+
+    def answer_ids(self, tokenizer) -> list[list[int]]:
+        """Generation: every target's token ids as a continuation after one space (heads.answer_ids), tokenized once."""
+        return self._cached(tokenizer, "answers", lambda: tokenizer([" " + a for a in self.answers], add_special_tokens=False).input_ids)
+
+    def _cached(self, tokenizer, what: str, make) -> list[list[int]]:
+        # Keyed by what determines the ids, not by the object, so a reloaded identical tokenizer hits.
+        key = (what, type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer))
+        if key not in self._tokens:
+            self._tokens[key] = make()
+        return self._tokens[key]
+
+
+def load_split(source: str) -> tuple[datasets.Dataset, str]:
+    """Load one split and return it with a content hash (file sha256, or the datasets fingerprint)."""
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise DataError(f"hf source {source!r} must look like hf:<dataset>[:<config>]:<split>, e.g. hf:glue:sst2:validation")
+        name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as exc:  # the hub raises many types; all mean "cannot get it"
+            raise DataError(f"cannot load {source!r} through datasets ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); use a local file when offline") from None
+        return ds, ds._fingerprint
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"data file {source!r} does not exist (paths are relative to {Path.cwd()}); fix data.train / data.dev in the spec")
+    suffix = path.suffix.lower()
+    if suffix not in _BUILDERS:
+        raise DataError(f"data file {source!r} has unsupported type {suffix or '(none)'!r}; use one of {', '.join(_BUILDERS)}")
+    if not path.read_bytes().strip():
+        raise DataError(f"split {source!r} is empty; point the spec at a file with rows")
+    # Columns are read as written. Type inference would turn the text "2021-03-03" into a
+    # timestamp ("2021-03-03 00:00:00") and "007" into 7, silently changing targets and prompts:
+    # JSON is already typed, so it is parsed as JSON; csv/tsv are read by the csv module, as strings.
+    # Both are read here rather than by `datasets` so that a bad line is named (line number, what is wrong).
+    builder, kwargs = _BUILDERS[suffix]
+    try:
+        if builder == "json":
+            ds = datasets.Dataset.from_list(_json_rows(path))
+        elif builder == "csv":
+            ds = _csv_rows(path, **kwargs)
+        else:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except DataError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise DataError(f"cannot parse {source!r} as {suffix[1:]} ({type(exc).__name__}: {detail}); check the file format") from None
+    return ds, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _text(path: Path) -> str:
+    """A data file's text: UTF-8, with a leading byte-order mark (as Excel and Notepad write) dropped."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8") from None
+
+
+def _csv_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> datasets.Dataset:
+    """A csv/tsv file as a Dataset of string columns; a ragged or header-only file is refused naming the line."""
+    sep = "tab" if delimiter == "\t" else repr(delimiter)
+    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    header, rows = None, []
+    try:
+        for record in reader:
+            if not record or record == [""]:
+                continue  # blank line
+            if header is None:
+                header = record
+                dup = sorted({c for c in header if header.count(c) > 1})
+                if dup or "" in header:
+                    what = f"repeats column(s) {', '.join(map(repr, dup))}" if dup else "has an empty column name"
+                    raise DataError(f"{path}:{reader.line_num}: the header {what}; give every column a distinct name")
+            elif len(record) != len(header):
+                raise DataError(f"{path}:{reader.line_num} has {len(record)} fields but the header has {len(header)} ({sep}-separated); "
+                                f"fix that line{' (quote fields that hold the separator)' if quoting != csv.QUOTE_NONE else ''}")
+            else:
+                rows.append(record)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({exc}); fix that line") from None
+    if not rows:
+        raise DataError(f"{path} has a header ({', '.join(header or [])}) but no rows; add rows below the header")
+    features = datasets.Features({c: datasets.Value("string") for c in header})
+    return datasets.Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(header)}, features=features)
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """Rows of a JSON Lines file (or a JSON array), exactly as typed in the file."""
+    text = _text(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}); fix that line") from None
+        bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+        if bad:
+            raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")
+        return rows
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object ({line[:60]!r}); write one JSON object per line")
+            rows.append(row)
+    return rows
+
+
+def label_words(spec: TaskSpec) -> list[str]:
+    """The verbalizer words, one per class, in class-index order."""
+    return list(spec.labels.values()) if isinstance(spec.labels, dict) else list(spec.labels)
+
+
+def _label_table(spec: TaskSpec) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Raw label-column value → class index, plus the values that would mean two classes (with both meanings).
+
+    A list of words accepts each word and each class index; with digit words (labels: ["1", "2"])
+    a value can be both a word and another class's index, and guessing either would shift classes.
+    """
+    meanings: dict[str, dict[int, str]] = {}
+    if isinstance(spec.labels, dict):
+        for i, (k, w) in enumerate(spec.labels.items()):
+            meanings.setdefault(str(k), {}).setdefault(i, f"the key of class {i} ({w!r})")
+    else:
+        words = list(spec.labels)
+        for i, w in enumerate(words):
+            meanings.setdefault(str(w), {}).setdefault(i, f"the label word of class {i}")
+        for i, w in enumerate(words):
+            meanings.setdefault(str(i), {}).setdefault(i, f"the index of class {i} ({w!r})")
+    table = {v: next(iter(m)) for v, m in meanings.items() if len(m) == 1}
+    ambiguous = {v: list(m.values()) for v, m in meanings.items() if len(m) > 1}
+    return table, ambiguous
+
+
+def request_row(spec: TaskSpec, request: dict) -> dict:
+    """The prompt columns of a request; a lone `text` fills a prompt that reads one column. A null column is refused."""
+    fields = list(dict.fromkeys(spec.prompt_fields))
+    if len(fields) == 1 and fields[0] not in request and "text" in request:
+        request = {**request, fields[0]: request["text"]}
+    missing = [f for f in fields if f not in request]
+    if missing:
+        raise DataError(f"input rows lack key(s) {missing} that the prompt {spec.prompt!r} of {spec.name!r} reads; add them to every row ('text' fills a one-column prompt)")
+    null = [f for f in fields if request[f] is None]
+    if null:  # scoring null as "" would answer a question nobody asked
+        raise DataError(f"an input row has null for {', '.join(map(repr, null))} ({json.dumps(request)[:80]}); give every prompt column a value")
+    return request
+
+
+def readable(spec: TaskSpec, pred) -> str:
+    """A prediction as the user reads it: the label word, or the generated text."""
+    return label_words(spec)[pred] if spec.type == "classification" else pred
+
+
+def render(spec: TaskSpec, row: dict) -> str:
+    """Fill the prompt template with one row's columns."""
+    return spec.prompt.format(**{k: ("" if row[k] is None else str(row[k]).strip()) for k in spec.prompt_fields})
+
+
+def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str) -> Split:
+    """Check columns and label values, then render every row."""
+    if len(ds) == 0:
+        raise DataError(f"split {source!r} is empty; point the spec at a file with rows")
+    needed = list(spec.prompt_fields) + [spec.label if spec.type == "classification" else spec.target]
+    missing = [c for c in dict.fromkeys(needed) if c not in ds.column_names]
+    if missing:
+        raise DataError(f"split {source!r} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}); fix the prompt/label/target keys")
+    prompts = [render(spec, row) for row in ds]
+    if spec.type == "classification":
+        table, ambiguous = _label_table(spec)
+        values = [str(v) for v in ds[spec.label]]
+        both = sorted({v for v in values if v in ambiguous})
+        if both:
+            example = ", ".join(f"{str(w)!r}: {str(w)!r}" for w in label_words(spec)[:2])
+            raise DataError(f"split {source!r} has label value {both[0]!r}, which is both {' and '.join(ambiguous[both[0]])}; "
+                            f"give 'labels' as a mapping column value → word (e.g. {{{example}, …}}) so each value names one class")
+        answers = [table.get(v) for v in values]
+        bad = sorted({v for v, a in zip(values, answers) if a is None})
+        if bad:
+            raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (valid: {', '.join(table)}); add them to 'labels'")
+    else:
+        answers = ["" if t is None else str(t) for t in ds[spec.target]]
+    return Split(prompts, answers, source, sha256)
+
+
+def load_task_data(spec: TaskSpec, splits: tuple[str, ...] = ("train", "dev")) -> dict[str, Split]:
+    """Load and validate the named splits of a task."""
+    out = {}
+    for name in splits:
+        source = getattr(spec.data, name)
+        ds, sha = load_split(source)
+        out[name] = to_split(spec, ds, source, sha)
+    return out
+
+
+def check_lengths(spec: TaskSpec, tokenizer, data: dict[str, Split] | None = None) -> None:
+    """Refuse a train.max_length that cannot hold one prompt token plus the longest answer, naming the minimum.
+
+    Classification: the longest label word (as it follows the prompt). Generation: the longest target of
+    the training split plus EOS (`data`'s train split, when given). A smaller budget would otherwise leave
+    the prompt no tokens (or keep all of it: ids[-0:]) or cut the answer.
+    """
+    max_length = spec.train.max_length
+    if spec.type == "classification":
+        sizes = {str(w): len(tokenizer(" " + str(w), add_special_tokens=False).input_ids) for w in label_words(spec)}  # as heads.answer_ids
+        word = max(sizes, key=sizes.get)
+        need, what = sizes[word] + 1, f"the longest label {word!r} ({sizes[word]} tokens)"
+    elif data and "train" in data and len(data["train"]):
+        ids = data["train"].answer_ids(tokenizer)
+        row = max(range(len(ids)), key=lambda i: len(ids[i]))
+        need, what = len(ids[row]) + 2, f"the longest target (row {row + 1} of {data['train'].source!r}: {len(ids[row])} tokens + EOS)"
+    else:
+        return
+    if max_length < need:
+        raise DataError(f"train.max_length={max_length} cannot hold one prompt token and {what}; use train.max_length ≥ {need}")

@@ -1,0 +1,348 @@
+"""Task spec: one YAML file per task, overridable from the command line as `dotted.key=value`.
+
+The spec is plain dataclasses. `load_spec` reads YAML, applies overrides, and validates the
+whole thing in one pass so that the user sees every problem at once (torchtune style).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import string
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.names import DTYPES, QUANTIZATIONS  # noqa: F401 - re-exported: spec.DTYPES is public
+
+TASK_TYPES = ("classification", "generation")
+METHODS = ("lora", "prefix", "prompt", "ia3")
+
+SCHEDULES = ("linear", "cosine", "constant")
+METRICS = {
+    "classification": ("accuracy", "macro_f1"),
+    "generation": ("exact_match", "json_valid"),
+}
+
+
+@dataclass
+class DataSpec:
+    train: str = ""
+    dev: str = ""
+
+
+@dataclass
+class TrainConfig:
+    # A key the spec leaves out is chosen at the start of `train` from the data, the task type, the
+    # method and the model (defaults.py), printed and recorded; the numbers below are the fallback
+    # for code that reads a spec without training it.
+    max_steps: int = 200
+    epochs: float = 0.0  # the budget in passes over the train split (max_steps = epochs × steps per epoch); 0: use max_steps
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    eval_samples: int = 200  # dev rows used by the periodic evals; the final eval uses all
+    eval_batch_size: int = 32
+    patience: int = 0  # evals without improvement before stopping; 0 disables early stopping
+    min_delta: float = 0.0  # an eval must beat the best by more than this to count as an improvement (patience)
+    min_steps: int = 0  # early stopping may not end the run before this step
+    checkpoint_every: int = 50
+    log_every: int = 10  # steps per metrics.jsonl loss row; the loss is read off the device only then
+    max_minutes: float = 0.0  # wall-clock budget for the loop; 0 means no limit
+    max_length: int = 256  # prompt + answer tokens
+    max_new_tokens: int = 48  # greedy decoding budget for generation tasks
+    seed: int = 0
+
+
+@dataclass
+class TaskSpec:
+    name: str = ""
+    type: str = ""
+    data: DataSpec = field(default_factory=DataSpec)
+    prompt: str = ""
+    label: str | None = None
+    labels: list[str] | dict[str, str] | None = None
+    target: str | None = None
+    metric: list[str] = field(default_factory=list)
+    method: str = "lora"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    base: str = "smollm2-135m"
+    quantization: str = "8bit"
+    dtype: str = "auto"  # compute dtype (DTYPES); not part of the backbone fingerprint
+    init_from: str = ""  # start from this adapter's weights: a folder, or name[@version] in the adapters/ registry
+    # The dotted keys the spec (file + overrides) set itself; defaults.resolve fills the others. Not a spec key.
+    given: frozenset = field(default_factory=frozenset, repr=False, compare=False, metadata={"internal": True})
+
+    @property
+    def prompt_fields(self) -> list[str]:
+        """Column names the prompt template reads, in order of appearance."""
+        return [f for _, f, _, _ in string.Formatter().parse(self.prompt) if f]
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metric[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("given")
+        return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-3", "method=prefix"] into a nested dict; values are parsed as YAML.
+
+    A value YAML cannot parse (e.g. `prompt=Review: {text}\\nSentiment:`) is taken as the string written.
+    """
+    out: dict[str, Any] = {}
+    bad = [item for item in items if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        raise SpecError([f"override {b!r} is not of the form dotted.key=value" for b in bad], "overrides")
+    for item in items:
+        key, raw = item.split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:  # free text such as a prompt is not meant as YAML
+            value = raw
+        # "Text: {body}" parses as a YAML mapping; only an explicit {…} / […] is meant as one.
+        node[leaf] = raw if isinstance(value, (dict, list)) and raw.strip()[:1] not in "{[" else value
+    return out
+
+
+_SECTIONS = ("data", "train", "method_args")  # merged key by key; any other key is replaced whole
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for k, v in extra.items():
+        section = k in _SECTIONS and isinstance(v, dict) and isinstance(merged.get(k), dict)
+        merged[k] = {**merged[k], **v} if section else v
+    return merged
+
+
+def _build(cls, raw: Any, where: str, problems: list[str]):
+    """Instantiate dataclass `cls` from `raw`, appending a message per problem instead of raising."""
+    if not isinstance(raw, dict):
+        problems.append(f"{where or 'spec'} must be a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    for key in raw:
+        if key not in names:
+            problems.append(f"unknown key {where + str(key)!r} (valid: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        value, hint = raw[name], hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}{name}.", problems)
+            continue
+        kwargs[name] = _coerce(value, hint, where + name, problems)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
+    if hint is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as the number it means
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+        else:
+            if not math.isfinite(number):  # .inf / nan would train an all-NaN adapter and exit 0
+                problems.append(f"{key}={value!r} is not a finite number; give a finite value")
+            return number
+    if hint in (int, str, float):
+        if not isinstance(value, hint) or isinstance(value, bool):
+            problems.append(f"{key!r} must be {hint.__name__}, got {value!r}")
+        return value
+    if key == "metric":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"'metric' must be a name or a list of names, got {value!r}")
+            return []
+    return value  # unions and containers are checked by _check
+
+
+def _check(spec: TaskSpec, problems: list[str]) -> None:
+    def choice(key: str, value: Any, valid: tuple) -> None:
+        if value not in valid:
+            problems.append(f"{key}={value!r} is not one of {', '.join(valid)}")
+
+    if not spec.name or not isinstance(spec.name, str):
+        problems.append("'name' is required (a short task name, e.g. sst2)")
+    elif not spec.name.replace("_", "").replace("-", "").isalnum():
+        problems.append(f"name={spec.name!r} may hold only letters, digits, '-' and '_'")
+    choice("type", spec.type, TASK_TYPES)
+    choice("method", spec.method, METHODS)
+    choice("quantization", spec.quantization, QUANTIZATIONS)
+    choice("dtype", spec.dtype, DTYPES)
+    choice("train.schedule", spec.train.schedule, SCHEDULES)
+    if not isinstance(spec.method_args, dict):
+        problems.append(f"'method_args' must be a mapping, got {spec.method_args!r}")
+    elif spec.method in METHODS:
+        problems += method_args_problems(spec.method, spec.method_args)
+    for key in ("train", "dev"):
+        if not getattr(spec.data, key):
+            problems.append(f"'data.{key}' is required (a csv/tsv/jsonl/parquet path or hf:<dataset>[:<config>]:<split>)")
+    if not spec.prompt or not isinstance(spec.prompt, str):
+        problems.append("'prompt' is required, e.g. \"Review: {sentence}\\nSentiment:\"")
+    else:
+        problems += prompt_problems(spec.prompt)
+    if spec.type == "classification":
+        if not spec.label:
+            problems.append("'label' (the label column) is required for classification")
+        if not spec.labels or not isinstance(spec.labels, (list, dict)) or len(spec.labels) < 2:
+            problems.append(f"'labels' needs at least two verbalizer words (a list, or a mapping value→word), got {spec.labels!r}")
+    if spec.type == "generation" and not spec.target:
+        problems.append("'target' (the answer column) is required for generation")
+    valid_metrics = METRICS.get(spec.type, ())
+    if spec.type in METRICS:
+        if not spec.metric:
+            spec.metric = [valid_metrics[0]]
+        for m in spec.metric:
+            if m not in valid_metrics:
+                problems.append(f"metric {m!r} is not valid for {spec.type} (valid: {', '.join(valid_metrics)})")
+    t = spec.train
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "eval_samples", "max_length", "max_new_tokens",
+                "checkpoint_every", "log_every"):
+        if isinstance(getattr(t, key), int) and getattr(t, key) < 1:
+            problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
+    for key in ("epochs", "min_delta", "max_minutes"):
+        value = getattr(t, key)
+        if isinstance(value, float) and value < 0:
+            problems.append(f"train.{key} must be ≥ 0, got {value}")
+    if isinstance(t.seed, int) and not 0 <= t.seed <= 2**63 - 1:
+        problems.append(f"train.seed must be between 0 and 2^63 - 1 (torch's seeds), got {t.seed}")
+    for key in ("patience", "min_steps"):
+        value = getattr(t, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            problems.append(f"train.{key} must be ≥ 0, got {value}")
+    if isinstance(t.lr, float) and t.lr <= 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if isinstance(t.max_length, int) and isinstance(t.max_new_tokens, int) and t.max_length >= 1:
+        # max_length holds the prompt (≥ 1 token, the answer is conditioned on it) and the answer. The exact
+        # minimum needs the tokenizer (data.check_lengths); what the spec alone rules out is refused here.
+        need = 2 if spec.type == "classification" else t.max_new_tokens + 1
+        if t.max_length < need:
+            what = "one prompt token and a one-token label" if spec.type == "classification" else f"one prompt token and train.max_new_tokens={t.max_new_tokens}"
+            problems.append(f"train.max_length={t.max_length} leaves no room for {what}; use train.max_length ≥ {need}")
+
+
+def prompt_problems(prompt: str) -> list[str]:
+    """What is wrong with a prompt template: it must name columns as plain `{column}` placeholders.
+
+    Rows are rendered with str.format, so a conversion (`!r`), a format spec (`:>10`, `:{width}`), an
+    attribute or index (`{a.b}`, `{a[0]}`) or a positional `{}` would fail (or change the text) only at
+    render time; they are refused here, naming the field.
+    """
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as exc:
+        return [f"prompt {prompt!r} is not a valid template ({exc}); write literal braces as {{{{ and }}}}"]
+    problems = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not name or not name.isidentifier():
+            problems.append(f"prompt field {shown} is not a column name; use {{column}} placeholders (literal braces: {{{{ and }}}})")
+        elif conversion or spec:
+            problems.append(f"prompt field {shown} has a conversion or format spec, which prompts do not support; write {{{name}}}")
+    if not problems and not any(name for _, name, _, _ in parsed):
+        problems.append(f"prompt {prompt!r} names no column; use {{column}} placeholders")
+    return problems
+
+
+# method_args that peft would otherwise take unchecked (a str rank fails deep inside peft with a TypeError).
+_POSITIVE_INTS = {"lora": ("r",), "prefix": ("num_virtual_tokens",), "prompt": ("num_virtual_tokens",), "ia3": ()}
+
+
+def method_args_problems(method: str, args: dict) -> list[str]:
+    """Type and range problems of the method_args peft reads for `method`, one message each."""
+    problems = []
+    for key in _POSITIVE_INTS.get(method, ()):
+        value = args.get(key)
+        if key in args and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            fix = "an adapter needs at least one rank" if key == "r" else "at least one virtual token"
+            problems.append(f"method_args.{key}={value!r} must be a whole number ≥ 1 ({fix}), e.g. {key}: 8")
+    if method == "lora":
+        for key, low, high in (("lora_alpha", 0.0, math.inf), ("lora_dropout", 0.0, 1.0)):
+            value = args.get(key)
+            if key in args and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                                or not low <= value < high or (key == "lora_alpha" and value == 0)):
+                rule = "a number > 0" if key == "lora_alpha" else "a number in [0, 1)"
+                problems.append(f"method_args.{key}={value!r} must be {rule}")
+        targets = args.get("target_modules")
+        if "target_modules" in args and not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+            problems.append(f"method_args.target_modules={targets!r} must be a module name or a list of names, e.g. [q_proj, v_proj]")
+    checked = {*_POSITIVE_INTS.get(method, ()), "lora_alpha", "lora_dropout"}
+    for key, value in args.items():  # any other number peft takes must be finite too
+        if key not in checked and isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"method_args.{key}={value!r} is not a finite number; give a finite value")
+    return problems
+
+
+def spec_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "task spec") -> TaskSpec:
+    """Build and validate a TaskSpec from a mapping plus `dotted.key=value` overrides."""
+    if overrides:
+        extra = parse_overrides(overrides)
+        raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
+        if isinstance(raw, dict) and "method" in extra and extra["method"] != raw.get("method", "lora"):
+            raw["method_args"] = {}  # the file's method_args belong to the method being replaced; only the overrides' stay
+        raw = _merge(raw, extra) if isinstance(raw, dict) else raw
+        if isinstance(raw, dict) and raw.get("method_args") is None:
+            raw["method_args"] = {}
+    problems: list[str] = []
+    spec = _build(TaskSpec, raw, "", problems)
+    spec.given = frozenset(given_keys(raw)) if isinstance(raw, dict) else frozenset()
+    _check(spec, problems)
+    if problems:
+        raise SpecError(problems, source)
+    return spec
+
+
+def given_keys(raw: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a raw spec sets: `train.lr`, `method_args`, `data.train` … (a section's keys and the section).
+
+    `method_args` counts as one key: its entries are peft's, merged over the method's defaults.
+    """
+    keys = set()
+    for key, value in raw.items():
+        name = prefix + str(key)
+        keys.add(name)
+        if isinstance(value, dict) and name in ("train", "data"):
+            keys |= given_keys(value, name + ".")
+    return keys
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
+    """Read a task spec YAML file, apply overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"file {str(path)!r} does not exist; pass a task YAML such as scripts/tasks/sst2.yaml"], "task spec")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError([f"YAML does not parse: {' '.join(str(exc).split())}"], f"task spec {path}") from None
+    spec = spec_from_dict(raw, overrides, f"task spec {path}")
+    t = spec.train
+    if {"train.max_steps", "train.epochs"} <= spec.given and t.epochs:  # a written spec; a recorded one holds both, consistent
+        raise SpecError([f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the budget; give one "
+                         "(train.epochs=0 leaves it to max_steps)"], f"task spec {path}")
+    return spec

@@ -1,0 +1,78 @@
+"""Inference for one task: classification by label likelihood, generation by greedy decoding."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from adapterhub_lite.core.data import Split, label_words
+from adapterhub_lite.core.metrics import classification_metrics, generation_metrics
+from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.model.heads import generate_ids, label_plan_ids, label_token_ids
+
+# Below this many rows a command answers in a few seconds: a bar would only be noise.
+PROGRESS_MIN_ROWS = 300
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar on stderr over `total` rows; off when not `enabled` (--no-progress) or under PROGRESS_MIN_ROWS rows.
+
+    stderr keeps stdout (the answers, the JSON) clean for pipes.
+    """
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", disable=not enabled or total < PROGRESS_MIN_ROWS, dynamic_ncols=True, file=sys.stderr)
+
+
+@torch.no_grad()
+def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: int | None = None,
+            prompt_ids: list[list[int]] | None = None, progress: bool = False, desc: str = "predict") -> list:
+    """Label indices (classification) or answer strings (generation), one per prompt.
+
+    `prompt_ids` are the prompts already tokenized (data.Split.prompt_ids); else they are tokenized
+    here, in one call. Runs under autocast in the model's compute dtype (heads does it).
+    `progress` shows a bar on stderr (see progress_bar; the commands turn it on, training's evals do not).
+    """
+    was_training = model.training
+    model.eval()
+    batch_size = batch_size or spec.train.eval_batch_size
+    ids = prompt_ids if prompt_ids is not None else tokenizer(prompts, add_special_tokens=True).input_ids
+    label_tokens = label_token_ids(tokenizer, spec) if spec.type == "classification" else None
+    # Batch prompts of similar length together (less padding), then restore the caller's order.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list = [None] * len(ids)
+    picked: list[torch.Tensor] = []  # classification: argmax per batch stays on the device; one read at the end
+    bar = progress_bar(len(order), desc, progress)
+    for start in range(0, len(order), batch_size):
+        chunk = [ids[i] for i in order[start : start + batch_size]]
+        if label_tokens is not None:
+            picked.append(label_plan_ids(chunk, label_tokens, spec.train.max_length).run(model, tokenizer.pad_token_id).argmax(-1))
+        else:
+            for i, p in zip(order[start : start + batch_size], generate_ids(model, tokenizer, chunk, spec.train.max_new_tokens, spec.train.max_length)):
+                out[i] = p
+        bar.update(len(chunk))
+    bar.close()
+    if picked:
+        for i, p in zip(order, torch.cat(picked).tolist()):
+            out[i] = p
+    model.train(was_training)
+    return out
+
+
+def score(spec: TaskSpec, preds: list, answers: list) -> dict:
+    """The task's metrics for predictions against gold answers."""
+    if spec.type == "classification":
+        return classification_metrics(preds, answers, label_words(spec))
+    return generation_metrics(preds, answers)
+
+
+def evaluate_split(model, tokenizer, spec: TaskSpec, split: Split, limit: int | None = None,
+                   progress: bool = False) -> tuple[dict, list, float]:
+    """Predict and score (the first `limit` rows of) a split; returns metrics, predictions, seconds (`progress`: a bar on stderr)."""
+    prompts, answers = split.prompts[:limit], split.answers[:limit]
+    start = time.perf_counter()
+    preds = predict(model, tokenizer, spec, prompts, prompt_ids=split.prompt_ids(tokenizer)[:limit], progress=progress, desc="eval")
+    seconds = time.perf_counter() - start
+    return score(spec, preds, answers), preds, seconds

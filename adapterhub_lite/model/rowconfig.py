@@ -1,0 +1,136 @@
+"""What the per-row layer (rowlora.py) accepts: the adapter configs it implements, refused by field
+otherwise, and an adapter's tensors as the layer takes them (LoRA factors, IA3 vectors)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import IA3Config, LoraConfig
+from peft.tuners.ia3.model import IA3Model
+from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
+
+from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.model.lora_format import base_rewriting_problem
+
+# LoraConfig fields this layer implements. Any other field that differs from peft's default
+# changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
+# adapter that sets one is refused by name instead of being served as something it is not.
+IMPLEMENTED = {
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "target_modules",
+    "layers_to_transform", "layers_pattern", "exclude_modules", "init_lora_weights",
+}
+# Bookkeeping fields: they say where the adapter came from, not what it computes.
+_BOOKKEEPING = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "runtime_config", "target_parameters_allowed",
+}
+_NAMED_FACTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+# IA3Config fields the layer implements. `init_ia3_weights` only says how training started;
+# `fan_in_fan_out` only transposes weights when peft merges, and peft itself resets it to False on
+# the nn.Linear modules served here, so neither changes what the adapter computes. Anything else
+# (`modules_to_save`: whole trained copies of modules; a field a later peft adds) is refused.
+IMPLEMENTED_IA3 = {"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights", "fan_in_fan_out"}
+_NAMED_VECTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.ia3_l(?:\.[^.]+)?")
+
+
+def _unsupported(cfg, default, implemented) -> list[str]:
+    """`name=value` of each field of `cfg` outside `implemented` that differs from peft's default."""
+    out = []
+    for name in sorted(vars(cfg)):
+        if name.startswith("_") or name in implemented or name in _BOOKKEEPING:
+            continue
+        value, usual = getattr(cfg, name), getattr(default, name, None)
+        if value != usual and not (value in (None, [], {}, "") and usual in (None, [], {}, "")):
+            out.append(f"{name}={value!r}")
+    return out
+
+
+def unsupported_lora_fields(cfg: LoraConfig) -> list[str]:
+    """Fields of `cfg` that set something the per-row layer does not implement (e.g. `use_dora=True`)."""
+    return _unsupported(cfg, LoraConfig(), IMPLEMENTED)
+
+
+def check_lora_config(cfg: LoraConfig, what: str) -> None:
+    """Refuse, in one line naming the fields, a LoRA config the per-row layer would serve wrongly."""
+    problem = base_rewriting_problem(cfg, what)
+    if problem:
+        raise AdapterLoadError(problem)
+    bad = unsupported_lora_fields(cfg)
+    if cfg.bias != "none" and f"bias={cfg.bias!r}" not in bad:
+        bad.append(f"bias={cfg.bias!r}")
+    if bad:
+        raise AdapterLoadError(f"{what} sets {', '.join(bad)}, which per-row LoRA does not implement "
+                               f"(it implements {', '.join(sorted(IMPLEMENTED))}); serve it alone with peft, or retrain without it")
+
+
+def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
+    """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
+    alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
+    return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+
+
+@dataclass
+class LoraFactors:
+    """A LoRA adapter as the per-row layer takes it: module name → (A [r, in], B [out, r], scale)."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    config: LoraConfig
+
+    @classmethod
+    def from_state_dict(cls, cfg: LoraConfig, weights: dict[str, torch.Tensor], what: str) -> LoraFactors:
+        """Pair up a PEFT LoRA state dict's A and B tensors; refuse anything else it holds."""
+        check_lora_config(cfg, what)
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in weights.items():
+            m = _NAMED_FACTOR.fullmatch(key)
+            if not m:
+                raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row LoRA serves plain LoRA factors (lora_A / lora_B) only")
+            pairs.setdefault(m[1], {})[m[2]] = t
+        broken = [mod for mod, ab in pairs.items() if set(ab) != {"A", "B"} or ab["B"].shape[1] != ab["A"].shape[0]]
+        if broken:
+            raise AdapterLoadError(f"{what} has unpaired or mismatched lora_A/lora_B at {broken[0]!r}; the folder is damaged")
+        return cls({mod: (ab["A"], ab["B"], lora_scale(cfg, mod, ab["A"].shape[0])) for mod, ab in pairs.items()}, cfg)
+
+    def update(self, module: str) -> torch.Tensor:
+        """ΔW = s·B·A at `module` (for tests and exact merges)."""
+        a, b, s = self.modules[module]
+        return s * (b.float() @ a.float())
+
+
+def check_ia3_config(cfg: IA3Config, what: str) -> None:
+    """Refuse, in one line naming the fields, an IA3 config the per-row layer would serve wrongly."""
+    bad = _unsupported(cfg, IA3Config(), IMPLEMENTED_IA3)
+    if bad:
+        raise AdapterLoadError(f"{what} sets {', '.join(bad)}, which per-row IA3 does not implement "
+                               f"(it implements {', '.join(sorted(IMPLEMENTED_IA3))}); serve it alone with peft, or retrain without it")
+
+
+def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, model_type: str | None = None) -> dict[str, tuple[torch.Tensor, bool]]:
+    """A PEFT IA3 state dict as the per-row layer takes it: module name → (vector l, on_input).
+
+    on_input is peft's own test (IA3Model._check_target_module_feedforward): the module matches
+    `feedforward_modules` (filled from peft's per-architecture default for `model_type` when the
+    config leaves it unset, as peft does on load). The vector's saved shape must agree with it:
+    (1, in) scales the input, (out, 1) the output.
+    """
+    check_ia3_config(cfg, what)
+    if cfg.feedforward_modules is None:
+        if model_type not in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING:
+            raise AdapterLoadError(f"{what} leaves feedforward_modules unset and peft has no default for model type {model_type!r}; set it in adapter_config.json")
+        cfg = copy.copy(cfg)  # the caller's config is left as it was
+        cfg.feedforward_modules = set(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type])
+    out = {}
+    for key, t in weights.items():
+        m = _NAMED_VECTOR.fullmatch(key)
+        if not m:
+            raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row IA3 serves plain IA3 vectors (ia3_l) only")
+        on_input = IA3Model._check_target_module_feedforward(cfg, m[1])
+        if t.dim() != 2 or t.shape[0 if on_input else 1] != 1:
+            want = "(1, in_features): it scales the input" if on_input else "(out_features, 1): it scales the output"
+            raise AdapterLoadError(f"{what} has ia3_l of shape {tuple(t.shape)} at {m[1]!r}, expected {want} per feedforward_modules; the folder is damaged")
+        out[m[1]] = (t.reshape(-1), on_input)
+    return out

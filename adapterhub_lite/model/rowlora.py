@@ -1,0 +1,387 @@
+"""Per-row LoRA (and IA3): one linear layer in which every row of a batch uses its own adapter.
+
+peft applies one adapter (or one set of active adapters) to the whole batch. Serving many tasks
+at once, training several task adapters in one pass, and composing adapters all need the same
+thing instead: row i of the batch adds Σ_k w_k · s_k · B_k A_k x_i over the adapters its *slot*
+names. This module is that one idea, in the shape of a peft tuner layer:
+
+- `RowLoraLinear` wraps a `base_layer` (nn.Linear, bitsandbytes Linear8bitLt or Linear4bit): the
+  base runs as it is (quantized or not) and the per-row update is added to its output.
+- It holds *entries*: name → (A [r, in], B [out, r], scale), each at its own rank. They may be
+  plain tensors (serving: the router's bank) or live trainable parameters (joint training,
+  learned composition): the layer never copies them into state of its own.
+- A `RowContext`, shared by every RowLoraLinear of one model, holds the *slot table*
+  (slot → [(entry name, weight)]) and, while a batch runs, each row's slot. The slot assignment of a
+  batch — which slot each row uses, as one index tensor on the device — is computed once per
+  batch there, not once per layer: a layer never reads row ids back to the host.
+
+The update of a slot is its entries' factors concatenated along the rank (w·s folded into B),
+zero-padded to the widest slot of the batch (exact: padded columns add 0), stacked, gathered per
+row, and applied with two batched matmuls.
+
+The same layer also carries IA3 (peft's (IA)³): *scale entries* name → (vector l, on_input). As
+peft's IA3 Linear computes it, a module listed in the adapter's `feedforward_modules` scales its
+input, base(x ⊙ l); any other scales its output, base(x) ⊙ l (bias included). A slot's vectors
+are built once per table version and gathered per row like the LoRA stacks; rows whose slot has no
+scale entry at a layer get ones. One layer class serves both kinds, so `wrap`/`unwrap` by module
+name stay one level deep whatever mix of adapters a model holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapterhub_lite.core.errors import AdapterLoadError
+
+
+@dataclass
+class _Assignment:
+    """One batch's slot assignment (which slot each row uses), computed once and read by every layer.
+
+    ("Routing" in this package means content routing, router/routing.py; this is not that.)
+    """
+
+    id: int
+    slots: tuple[int, ...]  # the distinct slots of the batch, in first-seen order
+    index: torch.Tensor | None  # [B] position of each row's slot in `slots`; None when one slot serves every row
+    per_row: list[int] | None  # each row's slot (host copy; None when one slot serves every row)
+    device: torch.device | str | None
+    table_pick: tuple | None = None  # (table version, index into the table's slots), see RowContext.table_index
+
+
+class RowContext:
+    """The slot table and the running batch's slot assignment, shared by every RowLoraLinear of a model.
+
+    The slot table maps a slot (an int) to the entries it adds and their weights:
+    bank: slot → [(adapter, 1.0)]; joint training: task i → [("shared", 1), (task, 1)];
+    composition: the composed slot → [(source_j, w_j)] with w a (possibly trainable) tensor.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self):
+        self.table: dict[int, list[tuple[str, float | torch.Tensor]]] = {}
+        self.version = 0  # bumped by define()/forget(): layers drop stacks built from the old table
+        self.active: _Assignment | None = None
+
+    def define(self, slot: int, parts: list[tuple[str, float | torch.Tensor]]) -> None:
+        """Let `slot` add Σ weight·update of the named entries."""
+        self.table[slot] = list(parts)
+        self.version += 1
+
+    def forget(self, slot: int) -> None:
+        self.table.pop(slot, None)
+        self.version += 1
+
+    def table_index(self, plan: _Assignment) -> torch.Tensor | int:
+        """Each row's position among the table's slots (an int when one slot serves every row);
+        computed once per batch and table version, shared by every layer."""
+        if plan.table_pick is None or plan.table_pick[0] != self.version:
+            order = {s: i for i, s in enumerate(self.table)}
+            missing = [s for s in plan.slots if s not in order]
+            if missing:
+                raise AdapterLoadError(f"slot {missing[0]} is not defined; defined slots: {sorted(self.table)}")
+            pick = order[plan.slots[0]] if plan.per_row is None else \
+                torch.tensor([order[s] for s in plan.per_row], device=plan.device)
+            plan.table_pick = (self.version, pick)
+        return plan.table_pick[1]
+
+    def plan(self, slots: list[int] | int | None, device: torch.device | str | None = None) -> _Assignment | None:
+        """The slot assignment of a batch whose row i uses slot slots[i] (an int: every row; None: none)."""
+        if slots is None:
+            return None
+        if isinstance(slots, int):
+            return _Assignment(next(self._ids), (slots,), None, None, device)
+        distinct = tuple(dict.fromkeys(slots))
+        # One host → device copy per batch; every layer indexes with this same tensor.
+        index = None if len(distinct) == 1 else torch.tensor([distinct.index(s) for s in slots], device=device)
+        return _Assignment(next(self._ids), distinct, index, None if index is None else list(slots), device)
+
+    @contextmanager
+    def using(self, plan: _Assignment | None):
+        """Run the model under a planned slot assignment (None: the plain base). Entering the same plan
+        again (each decode step of a batch) reuses what the layers gathered for it."""
+        saved, self.active = self.active, plan
+        try:
+            yield
+        finally:
+            self.active = saved
+
+    def assign(self, slots: list[int] | int | None, device: torch.device | str | None = None):
+        """Context: run the model with row i using slot slots[i] (an int: every row; None: the plain base)."""
+        return self.using(self.plan(slots, device))
+
+
+def _pick_rows(stack: torch.Tensor, pick: torch.Tensor | int | None) -> torch.Tensor:
+    """Each row's entry of a per-slot stack [n, ...]: one slot for every row (an int pick, or a
+    stack of one) gives that slot's entry alone, which broadcasts over the rows."""
+    if isinstance(pick, int):
+        return stack[pick]
+    if pick is not None:
+        return stack.index_select(0, pick)
+    return stack[0] if stack.shape[0] == 1 else stack
+
+
+class RowLoraLinear(torch.nn.Module):
+    """A linear layer (`base_layer`) plus per-row LoRA updates and IA3 scalings assigned by a shared RowContext.
+
+    Row i computes s_out ⊙ base(s_in ⊙ x_i) + ΔW x_i, with its slot's IA3 vectors s_in / s_out
+    (ones where the slot has none) and its slot's LoRA update ΔW (zero where it has none).
+    """
+
+    def __init__(self, base_layer: torch.nn.Module, context: RowContext, dropout: float = 0.0, cache: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        self.dropout = dropout
+        # cache=True (serving): entries never change in place, so stacks built for one table
+        # version are reused across batches. Trainable entries change at every optimizer step, so
+        # training rebuilds them per forward (and under autograd must, to carry the gradient).
+        self.cache = cache
+        self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.scales: dict[str, tuple[torch.Tensor, bool]] = {}  # IA3: name → (vector l, on_input)
+        self.in_features = getattr(base_layer, "in_features", None)
+        self.out_features = getattr(base_layer, "out_features", None)
+        self._all: tuple | None = None  # cache=True: (table version, stacks of every slot in the table)
+        self._rows: tuple | None = None  # (plan key, the running batch's per-row stacks)
+        self._scale_all: tuple | None = None  # as _all, for the IA3 vectors
+        self._scale_rows: tuple | None = None  # as _rows: (plan key, (per-row s_in, per-row s_out))
+        self._version = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as peft's tuner layers expose it), for code that reads its dtype or shape."""
+        return self.base_layer.weight
+
+    # -- entries ---------------------------------------------------------------------------------
+    def put(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Hold adapter `name`'s factors at this layer: A [r, in], B [out, r], update = scale·B·A."""
+        if a.shape[1] != self.in_features or b.shape != (self.out_features, a.shape[0]):
+            raise AdapterLoadError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a {self.in_features}→{self.out_features} layer")
+        where = next(self.base_layer.parameters()).device
+        if a.device != where or b.device != where:  # caught here, not as a device mismatch deep in a matmul
+            raise AdapterLoadError(f"LoRA factors on {a.device}/{b.device} for a layer on {where}; move them to {where} first")
+        self.entries[name] = (a, b, scale)
+        self._version += 1
+
+    def put_scale(self, name: str, vector: torch.Tensor, on_input: bool) -> None:
+        """Hold IA3 adapter `name`'s vector here: on_input scales the input (peft's feedforward
+        modules: base(x ⊙ l)), else the output (base(x) ⊙ l). The product is computed in the
+        vector's dtype and rounded to the activation's once, as peft does with its fp32 vectors."""
+        want = self.in_features if on_input else self.out_features
+        if vector.numel() != want:
+            side = "input" if on_input else "output"
+            raise AdapterLoadError(f"IA3 vector of {vector.numel()} values does not fit the {side} of a {self.in_features}→{self.out_features} layer")
+        where = next(self.base_layer.parameters()).device
+        if vector.device != where:
+            raise AdapterLoadError(f"IA3 vector on {vector.device} for a layer on {where}; move it to {where} first")
+        self.scales[name] = (vector.reshape(-1), bool(on_input))
+        self._version += 1
+
+    def drop(self, name: str) -> None:
+        """Forget adapter `name` here (its LoRA factors and its IA3 vector, whichever it has)."""
+        self.entries.pop(name, None)
+        self.scales.pop(name, None)
+        self._version += 1
+
+    # -- the kernel --------------------------------------------------------------------------------
+    def slot_factors(self, slot: int):
+        """(A [R, in], B·w·s [out, R]) of one slot here, its entries concatenated; None if it has none."""
+        parts = [(self.entries[n], w) for n, w in self.context.table.get(slot, ()) if n in self.entries]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            (a, b, s), w = parts[0]
+            return a, b * (s * w)
+        return torch.cat([a for (a, _, _), _ in parts]), torch.cat([b * (s * w) for (_, b, s), w in parts], dim=1)
+
+    def _stack(self, slots) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """At [n, in, R] and Bt [n, R, out] for the slots given (zero-padded to the widest R)."""
+        factors = [self.slot_factors(s) for s in slots]
+        if all(f is None for f in factors):
+            return None
+        ref = next(f for f in factors if f is not None)[0]
+        r_max = max(f[0].shape[0] for f in factors if f is not None)
+        zero_a = ref.new_zeros(r_max, self.in_features)
+        zero_b = ref.new_zeros(self.out_features, r_max)
+        At = torch.stack([zero_a.T if f is None else F.pad(f[0], (0, 0, 0, r_max - f[0].shape[0])).T for f in factors])
+        Bt = torch.stack([zero_b.T if f is None else F.pad(f[1], (0, r_max - f[1].shape[1])).T for f in factors])
+        return At, Bt
+
+    def _per_row(self, plan: _Assignment):
+        """The plan's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
+
+        Serving (cache=True) keeps one padded stack of every slot in the table, rebuilt only when an
+        adapter is added or removed, so a batch costs one index_select per layer (a slice when one
+        slot serves every row) and its decode steps reuse that. Otherwise the stack holds just the
+        batch's slots, rebuilt per forward under autograd so the gradient reaches the entries.
+        """
+        ctx = self.context
+        key = (plan.id, ctx.version, self._version)
+        if (self.cache or not torch.is_grad_enabled()) and self._rows is not None and self._rows[0] == key:
+            return self._rows[1]
+        if self.cache:
+            if self._all is None or self._all[0] != key[1:]:
+                self._all = (key[1:], self._stack(list(ctx.table)))
+            stacks, pick = self._all[1], ctx.table_index(plan)
+        else:
+            stacks, pick = self._stack(plan.slots), plan.index
+        if isinstance(pick, torch.Tensor) and stacks is not None and pick.device != stacks[0].device:
+            pick = pick.to(stacks[0].device)  # a plan made without a device: one copy, then cached
+        if stacks is not None:
+            if isinstance(pick, int):
+                stacks = (stacks[0][pick], stacks[1][pick])  # 2D views [in, R], [R, out]: one slot for every row
+            elif pick is not None:
+                stacks = (stacks[0].index_select(0, pick), stacks[1].index_select(0, pick))
+            elif stacks[0].shape[0] == 1:
+                stacks = (stacks[0][0], stacks[1][0])
+        if self.cache or not torch.is_grad_enabled():
+            self._rows = (key, stacks)
+        return stacks
+
+    def _scale_stack(self, slots) -> tuple[torch.Tensor | None, torch.Tensor | None, frozenset]:
+        """(s_in [n, in] | None, s_out [n, out] | None, the slots with a vector here) for the slots given.
+
+        A slot's vector is the product of its entries' vectors (peft multiplies its active IA3
+        adapters' vectors); an entry of weight w contributes 1 + w·(l − 1) (its own l at w = 1,
+        taken as it is so that the plain case stays exact; ones at w = 0).
+        """
+        ins, outs = [], []
+        for slot in slots:
+            acc = {True: None, False: None}  # on_input → the slot's vector so far
+            for n, w in self.context.table.get(slot, ()):
+                if n not in self.scales:
+                    continue
+                vec, on_input = self.scales[n]
+                v = vec if not isinstance(w, torch.Tensor) and w == 1 else 1 + w * (vec - 1)
+                acc[on_input] = v if acc[on_input] is None else acc[on_input] * v
+            ins.append(acc[True])
+            outs.append(acc[False])
+        scaled = frozenset(s for s, i, o in zip(slots, ins, outs) if i is not None or o is not None)
+
+        def stack(vs, width):
+            if all(v is None for v in vs):
+                return None
+            ones = next(v for v in vs if v is not None).new_ones(width)
+            return torch.stack([ones if v is None else v for v in vs])
+        return stack(ins, self.in_features), stack(outs, self.out_features), scaled
+
+    def _per_row_scales(self, plan: _Assignment) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The plan's IA3 vectors (s_in, s_out), each [B, n], [n] (one slot serves every row) or None;
+        built once per batch, cached as _per_row caches the LoRA stacks."""
+        ctx = self.context
+        key = (plan.id, ctx.version, self._version)
+        if (self.cache or not torch.is_grad_enabled()) and self._scale_rows is not None and self._scale_rows[0] == key:
+            return self._scale_rows[1]
+        if self.cache:
+            if self._scale_all is None or self._scale_all[0] != key[1:]:
+                self._scale_all = (key[1:], self._scale_stack(list(ctx.table)))
+            s_in, s_out, scaled = self._scale_all[1]
+        else:
+            s_in, s_out, scaled = self._scale_stack(plan.slots)
+        picked = (None, None)
+        if not scaled.isdisjoint(plan.slots):  # else no row of this batch is scaled here: no multiply at all
+            pick = ctx.table_index(plan) if self.cache else plan.index
+            ref = s_in if s_in is not None else s_out
+            if isinstance(pick, torch.Tensor) and pick.device != ref.device:
+                pick = pick.to(ref.device)
+            picked = tuple(None if s is None else _pick_rows(s, pick) for s in (s_in, s_out))
+        if self.cache or not torch.is_grad_enabled():
+            self._scale_rows = (key, picked)
+        return picked
+
+    @staticmethod
+    def _scaled(t: torch.Tensor, s: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """t ⊙ s, row i of t by row i of s (s [B, n]) or every row by s ([n]); computed in the
+        promoted dtype and rounded to t's once, as peft's (t.to(l.dtype) · l).to(t.dtype)."""
+        if s.dim() == 2:
+            if s.shape[0] != t.shape[0]:
+                raise AdapterLoadError(f"per-row IA3 got {t.shape[0]} rows but the assigned batch has {s.shape[0]}; assign the batch that is being run")
+            s = s.view(s.shape[0], *[1] * (t.dim() - 2), s.shape[1])
+        if torch.is_grad_enabled():
+            return (t * s).to(t.dtype)  # out of place under autograd
+        if in_place:
+            return t.mul_(s)  # the base layer's fresh output, scaled where it lies
+        return torch.mul(t, s, out=torch.empty_like(t))  # no temporary in the promoted dtype
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        plan = self.context.active
+        s_in = s_out = None
+        if plan is not None and self.scales:
+            s_in, s_out = self._per_row_scales(plan)
+        out = self.base_layer(x if s_in is None else self._scaled(x, s_in, in_place=False), *args, **kwargs)
+        if s_out is not None:
+            out = self._scaled(out, s_out, in_place=True)
+        if plan is None or not self.entries:
+            return out
+        stacks = self._per_row(plan)
+        if stacks is None:  # no slot of this batch adapts this layer
+            return out
+        At, Bt = stacks
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout, training=True)  # on the LoRA branch only, as peft does
+        if x.dtype != At.dtype:
+            x = x.to(At.dtype)
+        # Every op here runs once per adapted layer per step, so the common cases take the fewest:
+        # under inference the update is accumulated into the base output in place.
+        inplace = not torch.is_grad_enabled() and out.dtype == At.dtype and out.is_contiguous()
+        if At.dim() == 2:  # one slot serves every row: plain matmuls over all tokens
+            xa = x @ At
+            if inplace:
+                out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bt)
+                return out
+            return out + (xa @ Bt).to(out.dtype)  # out of place under autograd
+        flat = x.dim() == 2  # [B, in], e.g. the LM head on each row's last hidden state
+        xs, ys = (x[:, None], out[:, None]) if flat else (x, out)
+        if At.shape[0] != xs.shape[0]:
+            raise AdapterLoadError(f"per-row LoRA got {xs.shape[0]} rows but the assigned batch has {At.shape[0]}; assign the batch that is being run")
+        xa = torch.bmm(xs, At)
+        if inplace:
+            ys.baddbmm_(xa, Bt)  # no [B, T, out] temporary
+            return out
+        y = ys + torch.bmm(xa, Bt).to(ys.dtype)  # out of place under autograd: every row's gradient reaches its own entries
+        return y[:, 0] if flat else y
+
+
+def wrap(model: torch.nn.Module, names, context: RowContext, **kwargs) -> dict[str, RowLoraLinear]:
+    """Put a RowLoraLinear around each named linear module (an existing one is reused); returns them."""
+    modules = dict(model.named_modules())
+    shared = check_own(modules, names, context)
+    if shared:  # checked before any module is touched
+        raise AdapterLoadError(shared)
+    out = {}
+    for name in names:
+        module = modules[name]
+        if isinstance(module, RowLoraLinear):
+            out[name] = module
+            continue
+        parent_name, _, child = name.rpartition(".")
+        layer = RowLoraLinear(module, context, **kwargs)
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+        out[name] = layer
+    return out
+
+
+def check_own(modules: dict, names, context: RowContext) -> str | None:
+    """Why `context` cannot put per-row layers on these modules (None when it can): a module that already
+    carries another context's layer belongs to another bank (a second Router on the same backbone), and
+    sharing it would apply that bank's row assignment to this one's rows."""
+    for name in names:
+        module = modules.get(name)
+        if isinstance(module, RowLoraLinear) and module.context is not context:
+            return (f"module {name!r} already serves the per-row adapters of another Router (or joint run) on this backbone; "
+                    "give each Router its own backbone (load_backbone(...) again)")
+    return None
+
+
+def unwrap(model: torch.nn.Module, names=None) -> None:
+    """Put the base layers back in place of the RowLoraLinear layers (all, or the named ones)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RowLoraLinear) and (names is None or name in names):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)

@@ -1,0 +1,161 @@
+"""Interference report: every task's dev score under every adapter, negative transfer flagged.
+
+Columns of the task × adapter matrix:
+    base                      the plain backbone (zero-shot)
+    <adapter>                 every single-task adapter given
+    merged:<method>           the single-task LoRA adapters merged with equal weights (peft)
+    joint:<run>               for each task, its adapter from a joint (train-multi) run
+A merged or joint cell is flagged when the task scores worse (negative transfer) or better (positive
+transfer) than under its own single-task adapter by more than `tolerance`; another task's adapter is
+flagged when it takes the task below the base model (interference). Every flag carries z, the
+difference in standard errors, because a few hundred dev rows make small differences noise.
+Output: report.json and heatmap.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.artifacts.folder import pyplot, read_sidecar, save_figure, write_json
+from adapterhub_lite.artifacts.loading import check_fingerprint
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.ops.merge import DENSITY_METHODS, add_merged, check_merge
+
+
+def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
+    """Split the inputs into single-task adapters {name: folder} and joint runs {run: {task: folder}}."""
+    singles, joints = {}, {}
+    for f in folders:
+        if (f / "run.json").is_file():
+            tasks = json.loads((f / "run.json").read_text())["tasks"]
+            joints[f"joint:{f.name}"] = {t: f / t for t in tasks}
+        else:
+            meta = read_sidecar(f)
+            if not meta.get("task"):
+                raise AdapterHubError(f"{f} is not a task adapter (no task in its sidecar); pass task adapters or joint run folders")
+            singles[meta["task"]["name"]] = f
+    if not singles:
+        raise AdapterHubError("give at least one single-task adapter: the tasks of the matrix are theirs")
+    return singles, joints
+
+
+def interference(folders: list[str | Path], output: str | Path, *, merges: tuple[str, ...] = ("linear", "ties"), density: float = 0.5,
+                 rows: int | None = 200, tolerance: float = 0.01, quantization: str | None = None, device: str | None = None,
+                 dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False) -> dict:
+    """Score every task under every adapter and write report.json + heatmap.png into `output`.
+
+    `quantization` (default: the adapters' own), `device` and `dtype` (None: auto) are the backbone's (see load_backbone).
+    """
+    singles, joints = _columns([Path(f) for f in folders])
+    metas = {n: read_sidecar(f) for n, f in singles.items()}
+    names = list(singles)
+    lora = [n for n in names if metas[n]["method"] == "lora"]
+    equal = {n: 1.0 / len(lora) for n in lora}
+    merged = {m: {"density": density} if m in DENSITY_METHODS else {} for m in (merges if len(lora) > 1 else ())}
+    for method, kwargs in merged.items():  # refuse a bad merge before loading anything
+        check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
+    first = next(iter(metas.values()))
+    backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
+    for n, m in metas.items():
+        check_fingerprint(n, m["base"]["fingerprint"], backbone.fingerprint, "the report uses", allow=allow_base_mismatch)
+    model = PeftModel.from_pretrained(backbone.model, singles[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(singles[n], adapter_name=n)
+    columns = ["base", *names]
+    for method, kwargs in merged.items():
+        add_merged(model, lora, list(equal.values()), f"merged:{method}", method, kwargs.get("density"))
+        columns.append(f"merged:{method}")
+    for run, tasks in joints.items():
+        for t, f in tasks.items():
+            check_fingerprint(f"{run}/{t}", read_sidecar(f)["base"]["fingerprint"], backbone.fingerprint, "the report uses", allow=allow_base_mismatch)
+            model.load_adapter(f, adapter_name=f"{run}/{t}")
+        columns.append(run)
+    model.eval()
+
+    specs = {n: spec_from_dict(m["task"]) for n, m in metas.items()}
+    scores: dict[str, dict[str, float | None]] = {}
+    n_rows: dict[str, int] = {}
+    for task, spec in specs.items():
+        dev = load_task_data(spec, ("dev",))["dev"]
+        scores[task], n_rows[task] = {}, min(rows or len(dev), len(dev))
+        for col in columns:
+            adapter = f"{col}/{task}" if col in joints else col
+            if col in joints and task not in joints[col]:
+                scores[task][col] = None  # this run did not train the task
+                continue
+            scores[task][col] = _score(model, backbone.tokenizer, spec, dev, None if col == "base" else adapter, rows)
+    report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
+              "rows": n_rows, "tolerance": tolerance, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
+              "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "report.json", report)
+    heatmap(report, output / "heatmap.png")
+    return report
+
+
+@torch.no_grad()
+def _score(model, tok, spec, dev, adapter: str | None, rows: int | None) -> float:
+    if adapter is not None:
+        model.set_adapter(adapter)
+    with model.disable_adapter() if adapter is None else nullcontext():
+        metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
+    return metrics[spec.primary_metric]
+
+
+def _flags(scores: dict, joints: dict, tolerance: float, rows: dict[str, int]) -> list[dict]:
+    """Cells that differ from the task's reference (own adapter, or base) by more than `tolerance`.
+
+    Each flag carries z = delta / its standard error (two independent proportions over the task's
+    `rows[task]` dev rows): with 200 rows one standard error is ~3 points, so |z| < 2 is noise.
+    """
+    flags = []
+    for task, row in scores.items():
+        for col, value in row.items():
+            if value is None or col in ("base", task):
+                continue
+            versus_own = col.startswith("merged:") or col in joints
+            ref = row[task] if versus_own else row["base"]
+            delta = value - ref
+            if versus_own and abs(delta) > tolerance:
+                kind = "negative_transfer" if delta < 0 else "positive_transfer"
+            elif not versus_own and delta < -tolerance:
+                kind = "interference"
+            else:
+                continue
+            se = math.sqrt(max(value * (1 - value) + ref * (1 - ref), 1e-12) / rows[task])
+            flags.append({"task": task, "adapter": col, "kind": kind, "score": value, "own" if versus_own else "base": ref,
+                          "delta": round(delta, 4), "z": round(delta / se, 2)})
+    return flags
+
+
+def heatmap(report: dict, path: Path) -> None:
+    """The task × adapter matrix as a PNG; flagged cells are outlined (red: worse, green: better)."""
+    plt = pyplot()
+    tasks, cols = report["tasks"], report["columns"]
+    grid = torch.tensor([[math.nan if report["scores"][t][c] is None else report["scores"][t][c] for c in cols] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2, 0.7 * len(tasks) + 1.6))
+    ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(tasks)), [f"{t} ({report['metric'][t]})" for t in tasks], fontsize=8)
+    for i, t in enumerate(tasks):
+        for j, c in enumerate(cols):
+            v = report["scores"][t][c]
+            ax.text(j, i, "—" if v is None else f"{v:.3f}", ha="center", va="center", fontsize=8, color="white" if (v or 0) < 0.6 else "black")
+    colors = {"negative_transfer": "red", "interference": "red", "positive_transfer": "lime"}
+    for f in report["flags"]:
+        i, j = tasks.index(f["task"]), cols.index(f["adapter"])
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=colors[f["kind"]], lw=3.5 if abs(f["z"]) >= 2 else 1.2))
+    ax.set_title("dev score of each task (rows) under each adapter (columns); outlined: flagged, bold outline: |z| ≥ 2", fontsize=9)
+    save_figure(fig, path, dpi=100)
+

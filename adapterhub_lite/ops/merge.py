@@ -1,0 +1,257 @@
+"""Merge LoRA adapters at load time into a new, ordinary adapter folder (peft does the maths).
+
+`merge_adapters` loads the sources onto one backbone, combines them with peft's
+`add_weighted_adapter`, saves the result as a publishable adapter folder with a sidecar built for
+it (sources, weights, method, density, its own task or none; no metrics or routing data borrowed
+from a source), and reports each source task's dev score under the merged adapter next to its
+score under its own adapter.
+
+What each method acts on (ΔW_i = s_i·B_i·A_i is source i's update of a layer's weight):
+
+- On the factors A and B separately (equal ranks; the merged rank is that rank):
+  `linear` — A = Σ √(w_i s_i)·A_i and B = Σ √(w_i s_i)·B_i, so B·A = Σ w_i ΔW_i *plus the cross
+  terms* √(w_i s_i w_j s_j)·B_i·A_j (i ≠ j); `ties`, `dare_linear`, `dare_ties`, `magnitude_prune` —
+  prune (and for TIES elect signs) on A and on B, each on its own, not on ΔW.
+- On ΔW itself: `delta_linear` (peft's `cat`) — the sources' factors concatenated along the rank
+  with w_i·s_i folded in: exactly Σ w_i ΔW_i at rank Σ r_i; `svd` — Σ w_i ΔW_i truncated to the
+  largest source rank by SVD; `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd` —
+  TIES / DARE / magnitude pruning on the ΔW_i themselves, then the same SVD truncation. These take
+  mixed ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.artifacts.folder import atomic_write, nonfinite_tensors, read_sidecar
+from adapterhub_lite.artifacts.sidecar import Sidecar, build
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.evaluate import evaluate_split
+
+FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
+DELTA_METHODS = ("delta_linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # act on ΔW
+MERGE_METHODS = FACTOR_METHODS + DELTA_METHODS
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd", "dare_ties_svd",
+                   "magnitude_prune_svd")  # prune each update to a density first
+_PEFT_NAME = {"delta_linear": "cat"}  # peft's `cat` is the exact ΔW sum; the name says what it does
+NO_TASK = "none"  # task= for a merged adapter that serves no task (raw text, like a joint run's shared adapter)
+
+
+class MergeError(AdapterHubError):
+    """Adapters that cannot be merged as asked (method, ranks, types or backbones differ)."""
+
+
+def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float], allow_base_mismatch: bool = False) -> None:
+    if method not in MERGE_METHODS:
+        raise MergeError(f"merge method {method!r} is not one of {', '.join(MERGE_METHODS)}")
+    if set(weights) != set(metas):
+        raise MergeError(f"weights name {sorted(weights)} but the sources are {sorted(metas)}; give one weight per source")
+    bad = {n: w for n, w in weights.items() if not isinstance(w, (int, float)) or not math.isfinite(w)}
+    if bad:
+        raise MergeError(f"merge weights must be finite numbers, got {bad}; give each source a finite weight such as 0.5")
+    not_lora = {n: m["method"] for n, m in metas.items() if m["method"] != "lora"}
+    if not_lora:
+        raise MergeError(f"only LoRA adapters can be merged; {not_lora} are not (serve them side by side in one batch instead)")
+    bases = {m["base"]["fingerprint"]["id"] for m in metas.values()}
+    if len(bases) > 1 and not allow_base_mismatch:
+        raise MergeError(f"sources were trained on different backbones {sorted(bases)}; merge adapters of one backbone")
+
+
+def _ranks(folders: dict[str, Path]) -> dict[str, int]:
+    return {n: json.loads((f / "adapter_config.json").read_text())["r"] for n, f in folders.items()}
+
+
+def check_merge(folders: dict[str, Path], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
+                allow_base_mismatch: bool = False) -> dict[str, int]:
+    """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks."""
+    _check_sources(metas, method, weights, allow_base_mismatch)
+    ranks = _ranks(folders)
+    if method in FACTOR_METHODS and len(set(ranks.values())) > 1:
+        raise MergeError(f"method {method!r} needs equal LoRA ranks but they are {ranks}; "
+                         "use method 'delta_linear' (or 'cat') or 'svd', which handle different ranks")
+    if method in DENSITY_METHODS and density is None:
+        raise MergeError(f"method {method!r} needs a density in (0, 1], e.g. --density 0.5")
+    if method in DENSITY_METHODS and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise MergeError(f"density must be in (0, 1], got {density!r}; e.g. --density 0.5")
+    if method not in DENSITY_METHODS and density is not None:
+        raise MergeError(f"method {method!r} does not use a density (got {density}); drop --density, or use one of {', '.join(DENSITY_METHODS)}")
+    return ranks
+
+
+def add_merged(model: PeftModel, names: list[str], weights: list[float], adapter_name: str, method: str, density: float | None = None) -> None:
+    """Add the merge of the loaded adapters `names` to `model` as `adapter_name` (peft's add_weighted_adapter,
+    which takes this module's method names). Call check_merge first."""
+    if adapter_name in model.peft_config:  # peft would silently keep the existing adapter
+        raise MergeError(f"an adapter named {adapter_name!r} is already loaded (a source's name?); give the merged adapter another name")
+    kwargs = {"density": density} if density is not None else {}
+    model.add_weighted_adapter(names, weights, adapter_name, combination_type=_PEFT_NAME.get(method, method), **kwargs)
+
+
+def _task_label(task: dict | None) -> str:
+    return f"{task['name']} ({task['type']})" if task else "no task"
+
+
+def merged_task(metas: dict[str, dict], task: str | None) -> dict | None:
+    """The task spec the merged adapter serves: the sources' common task when task is None, the
+    source task named `task`, or none at all for task='none' (it then serves raw text)."""
+    tasks = {n: m.get("task") for n, m in metas.items()}
+    names = sorted({t["name"] for t in tasks.values() if t})
+    if task is None:
+        if len({(t["name"], t["type"]) if t else None for t in tasks.values()}) == 1:
+            return next(iter(tasks.values()))
+        described = ", ".join(f"{n}: {_task_label(t)}" for n, t in tasks.items())
+        raise MergeError(f"the sources serve different tasks ({described}); name the merged adapter's task with --task "
+                         f"(one of {', '.join(names) or 'none'}), or --task {NO_TASK} for an adapter that serves raw text")
+    if task == NO_TASK:
+        return None
+    match = [t for t in tasks.values() if t and t["name"] == task]
+    if not match:
+        raise MergeError(f"--task {task!r} is not the task of any source (their tasks: {', '.join(names) or 'none'}); name one of them, or {NO_TASK}")
+    return match[0]
+
+
+def _sha256(path: Path) -> str:
+    from adapterhub_lite.artifacts.registry import file_record
+
+    return file_record(path)["sha256"]
+
+
+def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], method: str = "linear", *,
+                   density: float | None = None, name: str = "merged", output: str | Path | None = None,
+                   task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
+                   device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False):
+    """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
+
+    `task`: the task the merged adapter serves. None: the sources' common task (sources of different
+    tasks or task types are refused); a source's task name: that task's spec (prompt, labels …);
+    'none': no task (serves raw text). `output` (optional) receives the merged adapter as an ordinary
+    folder (PEFT files + sidecar). `report_rows` dev rows per source task are scored under the merged
+    and the own adapter (None: all; 0: no report). `device` and `dtype` (None: auto) are the
+    backbone's (see load_backbone); the merged factors are computed by peft in the adapters' own fp32
+    whatever the backbone's dtype.
+    """
+    folders = {n: Path(f) for n, f in folders.items()}
+    metas = {n: read_sidecar(f) for n, f in folders.items()}
+    ranks = check_merge(folders, metas, weights, method, density, allow_base_mismatch)
+    if name in folders:
+        raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
+    dotted = [n for n in (*folders, name) if not n or "." in n]
+    if dotted:  # peft keeps adapters in torch ModuleDicts, whose keys cannot hold '.'
+        raise MergeError(f"adapter name(s) {dotted} contain '.' or are empty, which peft cannot use as adapter names; choose names without '.' (--name)")
+    own_task = merged_task(metas, task)
+    first = next(iter(metas.values()))
+    backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
+    names = list(folders)
+    model = PeftModel.from_pretrained(backbone.model, folders[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(folders[n], adapter_name=n)
+    add_merged(model, names, [weights[n] for n in names], name, method, density)
+    model.set_adapter(name)
+    model.eval()
+
+    report = _report(model, backbone.tokenizer, metas, name, report_rows) if report_rows != 0 else {}
+    sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report)
+    if output is not None:
+        save_merged(model, name, sidecar, Path(output))
+    return model, sidecar.to_dict()
+
+
+def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],
+                   method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict) -> Sidecar:
+    """The sidecar of a merged adapter, built for what it is: its task (or none), the shared backbone,
+    the merge recipe and sources, and as metrics only what was measured on the merged adapter itself."""
+    from adapterhub_lite.artifacts.registry import registered_as
+
+    own = next((n for n, m in metas.items() if task and m.get("task") and m["task"]["name"] == task["name"]), None)
+    measured = report.get(own, {}) if own else {}
+    params = sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n)
+    sources = {}
+    for n, m in metas.items():
+        found = registered_as(folders[n])
+        sources[n] = {"folder": str(folders[n]), "registry_ref": f"{found[1]}@{found[2]}" if found else None,
+                      "task": m["task"]["name"] if m.get("task") else None, "rank": ranks[n],
+                      "adapter_sha256": _sha256(folders[n] / "adapter_model.safetensors")}
+    first = next(iter(metas.values()))
+    return build(
+        name, task=task, method="lora", base=first["base"],  # every source's backbone fingerprint is this one (checked)
+        label_words=metas[own].get("label_words") if own else None,
+        metrics=measured.get("merged", {}),  # the merged adapter's own dev scores on its task, when the report ran
+        metrics_rows=measured.get("rows"),
+        trainable_parameters={"trainable": params, "note": "parameters of the merged adapter (merged, not trained)"},
+        merge={"method": method, "acts_on": "factors" if method in FACTOR_METHODS else "delta_w", "density": density,
+               "weights": weights, "ranks": ranks, "rank": model.peft_config[name].r, "sources": sources},
+        merge_report=report,
+        routing=None,  # no routing sample of its own: content routing leaves it out (requests may still name it)
+    )
+
+
+def _report(model: PeftModel, tok, metas: dict[str, dict], merged: str, rows: int | None) -> dict:
+    """Each source task's dev score under the merged adapter vs under its own adapter."""
+    out = {}
+    for n, meta in metas.items():
+        if not meta.get("task"):  # a component (a joint run's shared adapter) has no task to score
+            continue
+        spec = spec_from_dict(meta["task"])
+        dev = load_task_data(spec, ("dev",))["dev"]
+        scores = {}
+        for label, adapter in (("merged", merged), ("own", n)):
+            model.set_adapter(adapter)
+            metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
+            scores[label] = {k: v for k, v in metrics.items() if k != "per_class"}
+        primary = spec.primary_metric
+        out[n] = {**scores, "metric": primary, "delta": round(scores["merged"][primary] - scores["own"][primary], 4),
+                  "rows": min(len(dev), rows or len(dev))}
+    model.set_adapter(merged)
+    return out
+
+
+def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Path:
+    """Write the merged adapter alone as an adapter folder (temp folder, then rename)."""
+    if output.exists():
+        raise MergeError(f"output folder {str(output)!r} already exists; choose another --output")
+    state = {k: v for k, v in model.named_parameters() if f".{name}." in k and "lora_" in k}
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise MergeError(f"the merged adapter has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; check the weights and the sources")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        # embeddings are never resized or trained here: without this, peft's "auto" looks up the base's config on the Hub
+        model.save_pretrained(Path(tmp) / "out", selected_adapters=[name], save_embedding_layers=False)
+        saved = Path(tmp) / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
+        meta.save(saved)
+        sidecar = meta.to_dict()
+        card = (f"---\nlibrary_name: peft\nbase_model: {sidecar['base']['hub_id']}\ntags: [adapterhub_lite, lora, merged]\n---\n\n"
+                f"# {name}: {sidecar['merge']['method']} merge of {', '.join(sidecar['merge']['sources'])}\n\n"
+                f"Task: {_task_label(sidecar['task'])}. "
+                f"Weights: {sidecar['merge']['weights']}. Per-task dev report (merged vs own adapter):\n\n"
+                "| source | metric | merged | own | Δ |\n|---|---|---|---|---|\n"
+                + "".join(f"| {n} | {r['metric']} | {r['merged'][r['metric']]} | {r['own'][r['metric']]} | {r['delta']} |\n"
+                          for n, r in sidecar["merge_report"].items()))
+        atomic_write(saved / "README.md", card)
+        shutil.move(str(saved), output)
+    return output
+
+
+@torch.no_grad()
+def fold_into_base(model: PeftModel, tok, texts: list[str]):
+    """Fold the active adapter into the base weights; returns (model, max |Δlogit| it caused).
+
+    On an fp32 base the fold is exact up to rounding; on an 8-bit base the merged weights are
+    re-quantized, so the error is real and worth knowing before serving the folded model.
+    """
+    ids = tok(texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    before = model(**ids).logits
+    folded = model.merge_and_unload()
+    after = folded(**ids).logits
+    mask = ids["attention_mask"].bool()
+    return folded, (before - after).abs()[mask].max().item()

@@ -1,0 +1,222 @@
+"""The HTTP server: OpenAI-compatible routes over the engine (FastAPI + uvicorn, as vLLM).
+
+    adapterhub-lite serve --registry adapters/ --port 8000
+
+Every adapter is a `model`: `sst2` (its latest version), `sst2@1.0.0`, `base` (the backbone alone)
+or `auto` (picked by content). Requests to one server share its batches (serve/engine.py); what
+each route does with a request is serve/handlers.py, which fields exist serve/params.py.
+
+Around every route, in this order from the outside: CORS (only with --allowed-origins), the access
+log (one line per request), then the API key and the body-size limit (plain ASGI middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import Headers
+
+from adapterhub_lite.core import __version__
+from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.handlers import ClientGone, Handlers, Settings
+from adapterhub_lite.serving.params import IGNORED_HEADER
+from adapterhub_lite.serving.runtime import Catalogue
+
+access_log = logging.getLogger("adapterhub_lite.serve.access")
+
+
+class Guard:
+    """The API key (on /v1/*) and the body-size limit, checked before any body is read."""
+
+    def __init__(self, app, settings: Settings, refuse):
+        self.app, self.settings, self.refuse = app, settings, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers, settings = Headers(scope=scope), self.settings
+            problem = None
+            if settings.api_key and scope["path"].startswith("/v1/"):
+                given = headers.get("authorization", "")
+                token = given[7:] if given.lower().startswith("bearer ") else ""
+                if not hmac.compare_digest(token.encode(), settings.api_key.encode()):  # constant time: no key guessing by timing
+                    problem = P.ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", "authentication_error", "invalid_api_key")
+            length = headers.get("content-length")
+            if problem is None and length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                problem = P.ApiError(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes} bytes; send less",
+                                     code="body_too_large")
+            if problem is not None:
+                return await self.refuse(problem)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request, written when its last byte is sent (or the client leaves): id, route, status, model,
+    the adapter that answered, tokens, latency. The routes fill scope["state"]["access"]; a request's ignored
+    fields go out in the IGNORED_HEADER response header."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, logged = time.monotonic(), [None], [False]
+        access = scope.setdefault("state", {})["access"] = {}
+
+        def log():
+            if not logged[0]:
+                logged[0] = True
+                access_log.info("%s %s %s status=%s model=%s adapter=%s prompt_tokens=%s completion_tokens=%s latency_ms=%.0f%s",
+                                access.get("id", "-"), scope["method"], scope["path"], access.get("status", status[0]),
+                                access.get("model", "-"), access.get("adapter", "-"), access.get("prompt_tokens", "-"),
+                                access.get("completion_tokens", "-"), 1000 * (time.monotonic() - start),
+                                "".join(f" {k}={access[k]}" for k in ("user", "safety_identifier") if k in access))
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if access.get("ignored"):
+                    message = {**message, "headers": [*message.get("headers", []), (IGNORED_HEADER.encode(), ",".join(access["ignored"]).encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                log()  # before the last byte goes: a client that has its answer finds its line written
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            log()  # a request that ended without a last body (the client left, an error)
+
+
+def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> FastAPI:
+    """The FastAPI app serving `engine`; the engine's thread starts and stops with the app."""
+
+    async def lifespan(app):
+        engine.start()
+        yield
+        # uvicorn has stopped accepting and waited for open requests; finish what is queued, then stop.
+        # The merges' scratch folder goes here: uvicorn re-raises SIGTERM afterwards, so no finalizer would run.
+        await asyncio.to_thread(engine.stop)
+        engine.router.close()
+
+    app = FastAPI(title="adapterhub-lite", version=__version__, lifespan=lifespan)
+    handlers = Handlers(engine, settings, catalogue)
+
+    def error_response(err: P.ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(P.ApiError)
+    async def _api_error(request, exc):
+        return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request, exc):
+        return Response(status_code=499)  # nobody reads it: the client closed the connection
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
+        return error_response(P.ApiError(400, f"invalid request body: {first.get('msg')} at {'.'.join(map(str, first.get('loc', ())))}"))
+
+    # Plain ASGI middleware (not @app.middleware, whose wrapped receive hides a client's disconnect from the routes,
+    # so a request whose client left would run on to max_tokens), added innermost first.
+    app.add_middleware(Guard, settings=settings, refuse=error_response)
+    app.add_middleware(AccessLog)
+    if settings.allowed_origins:  # outermost, so a preflight (which carries no API key) is answered here
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=[IGNORED_HEADER])
+
+    async def read_json(request: Request) -> dict:
+        body = b""
+        async for chunk in request.stream():  # a body without content-length is counted as it arrives
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                raise P.ApiError(413, f"request body is over the limit of {settings.max_body_bytes} bytes; send less", code="body_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:60]}"
+            raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise P.ApiError(400, f"request body is a JSON {type(data).__name__}; send a JSON object", code="invalid_json")
+        return data
+
+    # -- routes ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return error_response(P.ApiError(503, "the engine is not running", "server_error", "unhealthy"))
+        backbone = engine.router.backbone
+        return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
+                "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
+                "max_model_len": engine.router.max_model_len,
+                "changed_adapters": dict(engine.router.changed)}  # files that changed under the server: refused at load
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": catalogue.models()}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handlers.completions(await read_json(request), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handlers.chat(await read_json(request), request)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        return await handlers.classify(await read_json(request), request)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await handlers.tokenize(await read_json(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await handlers.detokenize(await read_json(request))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return handlers.tokenizer_info()
+
+    # -- adapters at run time --------------------------------------------------------------------
+    def runtime_allowed():
+        if not settings.allow_runtime_loading:
+            raise P.ApiError(403, "loading adapters at run time is off; start the server with --allow-runtime-loading", "permission_error", "runtime_loading_off")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(request: Request):
+        runtime_allowed()
+        body = await read_json(request)
+        name = await catalogue.load(body.get("lora_name"), body.get("lora_path"))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(request: Request):
+        runtime_allowed()
+        body = await read_json(request)
+        name = await catalogue.unload(body.get("lora_name"))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.post("/v1/reload")
+    async def reload():
+        return await catalogue.reload()
+
+    return app

@@ -1,0 +1,404 @@
+"""What each OpenAI route does with a request: fields checked, choices made into engine jobs, answers written.
+
+How a request becomes a prompt:
+- `prompt` (a string, token ids, or a list of either) is used as given and continued through the
+  adapter's weights, whatever its task (`stop`, `max_tokens` default 16, `echo`, … apply).
+- `input` (the task's columns, or one string) renders the adapter's own prompt template, exactly
+  as `adapterhub-lite infer`, and the answer is the task's answer (first line, stripped).
+  `auto` always treats its text as the task's input, since the adapter it picks brings its template.
+- chat: a task adapter reads the last user message as its input; `base` (and a task-less
+  adapter) applies the tokenizer's chat template to the whole conversation.
+- A classification adapter's task input is scored over its labels, never generated: the
+  completion's text is the label, and /v1/classify also returns every label's probability.
+
+Each request's `access` dict (model, adapter, tokens, …) is filled here and written to the access
+log by the app's middleware (serve/api.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.responses import StreamingResponse
+
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
+from adapterhub_lite.core.names import AUTO, BASE
+from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.engine import Engine, Job, QueueFull, RequestTimeout, ShuttingDown
+from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, token_ids
+from adapterhub_lite.serving.runtime import Catalogue
+
+log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
+
+
+@dataclass
+class Settings:
+    """The server's limits and switches (see `adapterhub-lite serve --help`)."""
+
+    max_input_tokens: int | None = None  # None: the model's context is the only limit
+    max_tokens: int = 512
+    request_timeout: float = 120.0
+    max_body_bytes: int = 1 << 20
+    api_key: str | None = None
+    allow_runtime_loading: bool = False
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: off
+
+
+def as_api_error(exc: Exception) -> P.ApiError:
+    """Any failure as the HTTP error a client receives."""
+    if isinstance(exc, P.ApiError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return P.ApiError(429, str(exc), "rate_limit_exceeded", "queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, ShuttingDown):
+        return P.ApiError(503, str(exc), "server_error", "shutting_down")
+    if isinstance(exc, RequestTimeout):
+        return P.ApiError(504, str(exc), "timeout", "request_timeout")
+    if isinstance(exc, AdapterLoadError) and "unknown adapter" in str(exc):
+        return P.ApiError(404, str(exc), "invalid_request_error", "model_not_found")
+    if isinstance(exc, AdapterHubError):
+        return P.ApiError(400, str(exc), "invalid_request_error", type(exc).__name__)
+    return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer: nothing is sent (its rows are dropped)."""
+
+
+@dataclass
+class Request:
+    """One completions or chat request made ready: its jobs (n per prompt), their events, and how to answer."""
+
+    rid: str
+    model: str
+    body: dict
+    params: SamplingParams
+    jobs: list[Job]
+    events: asyncio.Queue  # (choice index, event, payload) from the engine thread
+    chat: bool
+
+
+class Handlers:
+    """The routes' work, over one engine, its catalogue and the server's settings."""
+
+    def __init__(self, engine: Engine, settings: Settings, catalogue: Catalogue):
+        self.engine, self.settings, self.catalogue = engine, settings, catalogue
+        self.router = engine.router
+        self.tokenizer = self.router.backbone.tokenizer
+        self.vocab = self.router.bank.lm_head.out_features
+
+    # -- shared steps ----------------------------------------------------------------------------
+    def fields(self, body: dict, endpoint: str, access: dict) -> None:
+        """Refuse refused fields; log and report (response header) the ones this endpoint does not know."""
+        unknown = check_fields(body, endpoint)
+        if unknown:
+            log.warning("ignored field(s) %s unknown to /v1/%s (named in the %s response header)", ", ".join(unknown), endpoint, IGNORED_HEADER)
+            access["ignored"] = unknown
+        for key in ("user", "safety_identifier"):
+            if isinstance(body.get(key), str):
+                access[key] = body[key][:64]
+
+    async def resolve_model(self, body: dict) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise P.bad("model", model, "name an adapter (see GET /v1/models), 'base' or 'auto'")
+        merged = body.get("merged_adapters")
+        if merged is not None:
+            return await self.catalogue.merged(merged, model)
+        return await self.catalogue.ensure_known(model)
+
+    def request_id(self, body: dict, prefix: str) -> str:
+        """The response id: `prefix-` + the client's `request_id` (vLLM's field) or a random one."""
+        given = body.get("request_id")
+        if given is None:
+            return P.new_id(prefix)
+        if not isinstance(given, str) or not given or len(given) > 128 or not given.isprintable():
+            raise P.bad("request_id", given, "give a printable string of up to 128 characters")
+        return f"{prefix}-{given}"
+
+    def make_request(self, rid: str, model: str, body: dict, params: SamplingParams, requests: list[dict], chat: bool, *,
+                     answer: bool, default_max: int, fill_context: bool = False, add_special_tokens: bool = True) -> Request:
+        """n jobs per router request (choice i of a seeded request draws with seed + i), sharing one event queue."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        n = number(body, "n", 1, 1, MAX_N, int)
+        truncate = number(body, "truncate_prompt_tokens", None, 1, self.router.max_model_len, int)
+        deadline = time.monotonic() + self.settings.request_timeout
+        jobs = []
+        for request in requests:
+            for i in range(n):
+                index = len(jobs)
+                seed = None if params.seed is None else params.seed + i
+                jobs.append(Job({"adapter": model, **request},
+                                lambda ev, payload, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, ev, payload)),
+                                params=params.with_seed(seed), answer_mode=answer, default_max_tokens=default_max, fill_context=fill_context,
+                                max_input_tokens=self.settings.max_input_tokens, add_special_tokens=add_special_tokens,
+                                truncate_prompt_tokens=truncate, deadline=deadline))
+        return Request(rid, model, body, params, jobs, events, chat)
+
+    def submit(self, req: Request) -> None:
+        """Queue every job of a request; on a full queue, none of them stays queued."""
+        try:
+            for job in req.jobs:
+                self.engine.submit(job)
+        except AdapterHubError as exc:
+            for job in req.jobs:
+                job.cancel()
+            raise as_api_error(exc) from None
+
+    async def results(self, req: Request, http=None) -> list:
+        """Every job's Result, in choice order; raises the first error (and drops the other choices). A client that
+        disconnects (checked every quarter second) has its rows dropped at the engine's next step."""
+        out = [None] * len(req.jobs)
+        left, getter, check = len(req.jobs), None, time.monotonic() + 0.25
+        try:
+            async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
+                while left:
+                    # one get() kept across the waits (cancelling a get that has just been given an event would lose it)
+                    getter = getter or asyncio.ensure_future(req.events.get())
+                    done = (await asyncio.wait({getter}, timeout=max(0.0, check - time.monotonic())))[0]
+                    if time.monotonic() >= check:  # token events may flow without pause: the check has its own clock
+                        check = time.monotonic() + 0.25
+                        if http is not None and await http.is_disconnected():
+                            http.state.access["status"] = 499  # nginx's "client closed request"
+                            raise ClientGone()
+                    if not done:
+                        continue
+                    (index, ev, payload), getter = getter.result(), None
+                    if ev == "done":
+                        out[index], left = payload, left - 1
+                    elif ev == "error":
+                        raise as_api_error(payload)
+        except TimeoutError:
+            raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
+        finally:
+            if getter is not None:
+                getter.cancel()
+            for job in req.jobs:
+                job.cancel()  # a no-op for finished jobs; frees the rows of the others
+        return out
+
+    def note(self, access: dict, results: list) -> None:
+        """Record for the access log which adapters answered and the tokens read and generated."""
+        access["adapter"] = ",".join(dict.fromkeys(r.adapter for r in results if r is not None))
+        usage = P.usage([r for r in results if r is not None])
+        access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
+
+    # -- /v1/completions -------------------------------------------------------------------------
+    async def completions(self, body: dict, http):
+        """POST /v1/completions: a raw `prompt` (continued as given) or a task's `input` (its answer)."""
+        access = http.state.access
+        self.fields(body, C, access)
+        rid = access["id"] = self.request_id(body, "cmpl")
+        model = access["model"] = await self.resolve_model(body)
+        params = sampling_params(body, C, vocab=self.vocab, max_tokens_limit=self.settings.max_tokens)
+        raw_only = [k for k in ("echo", "min_tokens") if body.get(k) not in (None, False, 0)]
+        if ("input" in body or model == AUTO) and raw_only:  # a task's answer is its first line, stripped: not a continuation to echo or lengthen
+            raise P.bad(raw_only[0], body[raw_only[0]], "applies to a raw `prompt` sent to a named adapter; a task's `input` (and 'auto') "
+                        "is answered with the task's answer — send the rendered prompt as `prompt` to use it")
+        if "input" in body:
+            raw = body["input"]
+            requests, answer = [P.task_input(x, model) for x in (raw if isinstance(raw, list) and raw else [raw])], True
+        else:
+            if body.get("prompt") is None:
+                raise P.bad("prompt", None, "give a prompt (or the task's columns as `input`)")
+            requests, answer = P.prompts(body["prompt"], self.vocab), False
+            if model == AUTO:  # routed by content: each prompt is the task's input text
+                if any("prompt_ids" in r for r in requests):
+                    raise P.bad("prompt", body["prompt"], "'auto' routes by text: send the prompt as a string")
+                requests, answer = [{"text": r["prompt"]} for r in requests], True
+        # a raw prompt gets OpenAI's default of 16 new tokens; a task input its task's budget (32 without a task, as `infer`)
+        req = self.make_request(rid, model, body, params, requests, chat=False, answer=answer, default_max=32 if answer else 16,
+                                add_special_tokens=flag(body, "add_special_tokens", True))
+        return await self.answer(req, http)
+
+    # -- /v1/chat/completions --------------------------------------------------------------------
+    async def chat(self, body: dict, http):
+        """POST /v1/chat/completions: a task adapter answers the last user message; `base` continues the chat template."""
+        access = http.state.access
+        self.fields(body, H, access)
+        rid = access["id"] = self.request_id(body, "chatcmpl")
+        model = access["model"] = await self.resolve_model(body)
+        params = sampling_params(body, H, vocab=self.vocab, max_tokens_limit=self.settings.max_tokens)
+        messages = P.check_messages(body.get("messages"))
+        add_generation = flag(body, "add_generation_prompt", True)
+        continue_final = flag(body, "continue_final_message", False)
+        if model == BASE or not self.catalogue.has_task(model):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise P.ApiError(400, f"model {model!r} has no task and the backbone's tokenizer has no chat template; use /v1/completions with a prompt")
+            if add_generation and continue_final:
+                raise P.bad("continue_final_message", True, "it continues the last message, so set add_generation_prompt: false with it")
+            if continue_final and messages[-1]["role"] != "assistant":
+                raise P.bad("continue_final_message", True, "the last message must be the assistant's, to be continued")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation, continue_final_message=continue_final)
+            req = self.make_request(rid, model, body, params, [{"prompt": text}], chat=True, answer=False, default_max=self.settings.max_tokens,
+                                    fill_context=True, add_special_tokens=flag(body, "add_special_tokens", False))
+        else:
+            task_only = {"continue_final_message": (continue_final, False), "add_generation_prompt": (add_generation, True),
+                         "min_tokens": (params.min_tokens, 0)}
+            for name, (value, usual) in task_only.items():
+                if value != usual:
+                    raise P.bad(name, value, f"adapter {model!r} answers its task from the last user message (its own template, its first line); "
+                                "this applies to 'base' chat only")
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            if not users:
+                raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
+            req = self.make_request(rid, model, body, params, [{"text": users[-1]}], chat=True, answer=True, default_max=32)
+        return await self.answer(req, http)
+
+    # -- answering -------------------------------------------------------------------------------
+    async def answer(self, req: Request, http):
+        """Submit a request's jobs; stream their events, or wait for every choice and write the response."""
+        access = http.state.access
+        self.submit(req)
+        if flag(req.body, "stream", False):
+            return StreamingResponse(self.stream(req, access), media_type="text/event-stream")
+        results = await self.results(req, http)
+        self.note(access, results)
+        choices = [self.choice(req, i, r) for i, r in enumerate(results)]
+        if req.chat:
+            body = P.chat_body(req.rid, req.model, choices, results)
+            if req.params.prompt_logprobs is not None and results[0].prompt is not None:  # vLLM: one list per response
+                body["prompt_logprobs"] = P.prompt_logprobs(self.tokenizer, results[0].prompt.scores, req.params.prompt_logprobs)
+            if flag(req.body, "return_token_ids", False):
+                body["prompt_token_ids"] = results[0].prompt_ids
+            return body
+        return P.completion_body(req.rid, req.model, choices, results)
+
+    def choice(self, req: Request, index: int, result) -> dict:
+        """One choice of a whole (not streamed) response, in the completions or chat shape."""
+        p, tok = req.params, self.tokenizer
+        if req.chat:
+            out = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
+                   "logprobs": None if p.logprobs is None else P.chat_logprobs(tok, result.entries or []), "adapter": result.adapter}
+        else:
+            prompt = result.prompt if p.echo else None
+            text = (prompt.text if prompt else "") + result.text
+            logprobs = None
+            if p.logprobs is not None:
+                logprobs = P.completion_logprobs(tok, (prompt.entries if prompt else []) + (result.entries or []), p.logprobs)
+            out = {"index": index, "text": text, "finish_reason": result.finish_reason, "logprobs": logprobs, "adapter": result.adapter}
+            if p.prompt_logprobs is not None:
+                out["prompt_logprobs"] = P.prompt_logprobs(tok, result.prompt.scores, p.prompt_logprobs)
+        if flag(req.body, "return_token_ids", False):
+            out["token_ids"] = result.token_ids
+            if not req.chat:
+                out["prompt_token_ids"] = result.prompt_ids
+        return out
+
+    async def stream(self, req: Request, access: dict) -> AsyncIterator[str]:
+        """Server-sent events: per choice, the role (chat), the echoed prompt, text as it becomes final with its
+        tokens' log-probs (text_offset running over the whole choice), the finish reason; then usage if asked."""
+        created, p, tok = int(time.time()), req.params, self.tokenizer
+        kind = "chat.completion.chunk" if req.chat else "text_completion"
+        offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
+        results = [None] * len(req.jobs)
+
+        def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, **extra) -> str:
+            lp = None
+            if entries is not None and p.logprobs is not None:
+                if req.chat:
+                    lp = P.chat_logprobs(tok, entries)
+                else:
+                    lp = P.completion_logprobs(tok, entries, p.logprobs, offsets[index])
+                    offsets[index] += sum(len(e.text) for e in entries)
+            if req.chat:
+                said = {"role": "assistant", "content": ""} if first else {} if delta is None else {"content": delta}
+                choice = {"index": index, "delta": said, "finish_reason": finish, "logprobs": lp}
+            else:
+                choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
+            return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice]})}\n\n"
+
+        try:
+            if req.chat:
+                for i in range(len(req.jobs)):
+                    yield chunk(i, None, first=True)  # OpenAI's first chat chunk names the role
+            left = len(req.jobs)
+            async with asyncio.timeout(self.settings.request_timeout + 5):
+                while left:
+                    index, ev, payload = await req.events.get()
+                    if ev == "prompt":
+                        extra = {}
+                        if p.prompt_logprobs is not None and not req.chat:
+                            extra["prompt_logprobs"] = P.prompt_logprobs(tok, payload.scores, p.prompt_logprobs)
+                        if p.echo or extra:
+                            yield chunk(index, payload.text if p.echo else "", entries=payload.entries if p.echo else None, **extra)
+                    elif ev == "token":
+                        text, entries = payload
+                        yield chunk(index, text, entries=entries if entries else None)
+                    elif ev == "done":
+                        results[index], left = payload, left - 1
+                        if payload.label is not None:  # a classification adapter's answer comes whole
+                            yield chunk(index, payload.text)
+                        yield chunk(index, None if req.chat else "", payload.finish_reason)
+                    else:
+                        yield f"data: {json.dumps(as_api_error(payload).body())}\n\n"
+                        access["status"] = as_api_error(payload).status
+                        break
+            if not left and (req.body.get("stream_options") or {}).get("include_usage"):
+                yield f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [], 'usage': P.usage(results)})}\n\n"
+        except TimeoutError:
+            access["status"] = 504
+            yield f"data: {json.dumps(as_api_error(RequestTimeout('no answer within the request timeout')).body())}\n\n"
+        finally:
+            for job in req.jobs:
+                job.cancel()  # the client went away mid-stream: the engine drops the rows at its next step
+            self.note(access, results)
+        yield "data: [DONE]\n\n"
+
+    # -- /v1/classify ----------------------------------------------------------------------------
+    async def classify(self, body: dict, http) -> dict:
+        """POST /v1/classify: a classification adapter's label and every label's probability, per input."""
+        access = http.state.access
+        model = access["model"] = await self.resolve_model(body)
+        if not self.catalogue.is_classifier(model):
+            raise P.bad("model", model, "/v1/classify takes a classification adapter (see GET /v1/models); use /v1/completions for others")
+        raw = body.get("input")
+        inputs = [P.task_input(x, model) for x in (raw if isinstance(raw, list) and raw else [raw])]
+        req = self.make_request(P.new_id("cls"), model, {}, SamplingParams(), inputs, chat=False, answer=True, default_max=32)
+        access["id"] = req.rid
+        self.submit(req)
+        results = await self.results(req, http)
+        self.note(access, results)
+        return {"object": "list", "model": model, "usage": P.usage(results),
+                "data": [{"index": i, "label": r.label, "adapter": r.adapter, "probabilities": {k: round(v, 6) for k, v in r.probabilities.items()}}
+                         for i, r in enumerate(results)]}
+
+    # -- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) -----------------------------
+    async def tokenize(self, body: dict) -> dict:
+        """POST /tokenize (vLLM's shape): a `prompt`'s or a chat's token ids, their count and the model's context."""
+        if body.get("model") is not None:
+            await self.resolve_model(body)  # one tokenizer serves every adapter; a wrong name is still a 404
+        if "messages" in body:
+            messages = P.check_messages(body["messages"])
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise P.bad("messages", body["messages"], "the backbone's tokenizer has no chat template; tokenize a `prompt` instead")
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=flag(body, "add_generation_prompt", True),
+                                                      continue_final_message=flag(body, "continue_final_message", False))
+            special = flag(body, "add_special_tokens", False)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise P.bad("prompt", text, "give the text to tokenize as a string (or `messages`)")
+            special = flag(body, "add_special_tokens", True)
+        ids = self.tokenizer(text, add_special_tokens=special).input_ids
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if flag(body, "return_token_strs", False) else None
+        return {"count": len(ids), "max_model_len": self.router.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(self, body: dict) -> dict:
+        """POST /detokenize (vLLM's shape): the text of `tokens`."""
+        if body.get("model") is not None:
+            await self.resolve_model(body)
+        ids = token_ids(body.get("tokens"), "tokens", self.vocab, allow_empty=True)
+        return {"prompt": self.tokenizer.decode(ids)}
+
+    def tokenizer_info(self) -> dict:
+        """GET /tokenizer_info: what a client needs to tokenize as the server does (lm-eval reads eos_token here)."""
+        t = self.tokenizer
+        return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": t.pad_token,
+                "unk_token": t.unk_token, "chat_template": getattr(t, "chat_template", None), "model_max_length": self.router.max_model_len,
+                "vocab_size": len(t)}

@@ -1,0 +1,128 @@
+"""A choice's text as the client receives it, built token by token, and the text each token adds.
+
+The returned text is not always the tokens' decoded text: a task's answer is its first line,
+stripped; a stop string (and what follows it) is cut; special tokens are skipped. So that a
+client can join log-prob tokens back to the text (`"".join(tokens) == text`, OpenAI's contract,
+and what lm-eval and others rely on), each token is reported with the piece of the returned text
+it added: the leading space an answer's strip removes, an EOS, the newline that ends an answer
+add "" and are still listed with their log-probs.
+
+Streaming sends only text that can no longer change (not a partial multi-byte character, not
+what may be the start of a stop string, not spaces an answer's final strip removes), and a
+token's log-prob goes out in the chunk whose text holds its piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapterhub_lite.serving.params import SamplingParams
+
+
+@dataclass
+class Entry:
+    """One token of a choice (or of an echoed prompt): the text it adds, its id, its log-prob
+    (None: the prompt's first token) and the top alternatives [(token id, log-prob)]."""
+
+    text: str
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+class TextState:
+    """One choice's tokens, its text as returned, why it ends, and what was streamed of it."""
+
+    def __init__(self, tokenizer, params: SamplingParams, *, answer_mode: bool, max_new_tokens: int):
+        self.tokenizer, self.params, self.answer_mode, self.max_new_tokens = tokenizer, params, answer_mode, max_new_tokens
+        self.eos = tokenizer.eos_token_id
+        self.tokens: list[int] = []
+        self.infos: list = []  # per token: (logprob, top) or None
+        self.ends: list[int] = []  # per token: how far into the text the tokens so far reach
+        self.text = ""
+        self.reason: str | None = None
+        self.sent = 0  # characters of `text` streamed
+        self.released = 0  # tokens whose entries were streamed
+        self._search_from = 0  # stop strings are looked for only from here (min_tokens)
+
+    def add(self, tok: int, info=None) -> str | None:
+        """Record the next token; return why the choice ends ("stop" or "length") or None."""
+        p = self.params
+        self.tokens.append(tok)
+        self.infos.append(info)
+        n = len(self.tokens)
+        checking = n >= p.min_tokens  # before min_tokens only the length ends a choice (vLLM's rule)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=p.skip_special_tokens)
+        reason = "stop" if checking and ((tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids) else None
+        if self.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
+            text = text.lstrip()
+            if "\n" in text:
+                text, reason = text.split("\n", 1)[0], "stop"
+        if checking and p.stop:
+            found = [(at, s) for s in p.stop if (at := text.find(s, max(0, self._search_from - len(s) + 1))) >= 0]
+            if found:
+                at, s = min(found)
+                text, reason = text[: at + (len(s) if p.include_stop_str_in_output else 0)], "stop"
+        elif not checking:
+            self._search_from = len(text)
+        if reason is None and n >= self.max_new_tokens:
+            reason = "length"
+        self.ends.append(len(text) if reason else len(text.rstrip("\ufffd")))  # a partial character is not there yet
+        self.text = text.strip() if reason and self.answer_mode else text
+        self.reason = reason
+        return reason
+
+    def _safe(self) -> int:
+        """Characters of the text that can no longer change."""
+        if self.reason:
+            return len(self.text)
+        hold = max([len(s) - 1 for s in self.params.stop] + [0])
+        safe = self.text[: len(self.text) - hold].rstrip("\ufffd")
+        return len(safe.rstrip() if self.answer_mode else safe)
+
+    def _bound(self, k: int, limit: int) -> int:
+        """Where the piece of token k ends: the furthest any token up to k reached, within `limit`."""
+        return min(max(self.ends[: k + 1]), limit)
+
+    def take(self) -> tuple[str, list[Entry]]:
+        """The text and token entries not streamed yet that can no longer change (all of them once the choice ended)."""
+        safe = self._safe()
+        delta = self.text[self.sent : max(self.sent, safe)]
+        self.sent = max(self.sent, safe)
+        entries = []
+        while self.released < len(self.tokens) and (self.reason or max(self.ends[: self.released + 1]) <= safe):
+            k = self.released
+            start = self._bound(k - 1, len(self.text)) if k else 0
+            end = max(start, self._bound(k, len(self.text)))
+            entries.append(self._entry(k, self.text[start:end]))
+            self.released += 1
+        return delta, entries
+
+    def entries(self) -> list[Entry]:
+        """Every token's entry (the choice has ended)."""
+        limit = len(self.text)
+        out, start = [], 0
+        for k in range(len(self.tokens)):
+            end = max(start, self._bound(k, limit))
+            out.append(self._entry(k, self.text[start:end]))
+            start = end
+        return out
+
+    def _entry(self, k: int, piece: str) -> Entry:
+        info = self.infos[k]
+        return Entry(piece, self.tokens[k], None if info is None else info[0], None if info is None else info[1])
+
+
+def prompt_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each prompt token adds to the decoded prompt (special tokens kept: they are part of it)."""
+    pieces = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False)
+    whole = tokenizer.decode(ids, skip_special_tokens=False)
+    if "".join(pieces) == whole:  # byte-level BPE: each token decodes alone to its own text
+        return pieces
+    out, prev = [], ""  # tokenizers whose tokens decode differently alone (SentencePiece's leading space, split bytes)
+    for k in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+        text = text if k == len(ids) else text.rstrip("\ufffd")
+        out.append(text[len(prev):] if text.startswith(prev) else "")
+        prev = text if text.startswith(prev) else prev
+    return out

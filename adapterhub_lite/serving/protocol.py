@@ -1,0 +1,156 @@
+"""OpenAI request and response shapes: what a prompt or a message may be, and how answers are written.
+
+Parsing is strict where a silent guess would give a wrong answer (a non-string message, a
+token id outside the vocabulary): such a request gets a 400 naming the field, the value and the
+fix, in OpenAI's error shape. Which fields exist and what the server does with each is
+serve/params.py.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.names import AUTO
+
+
+class ApiError(AdapterHubError):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "code", "param"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.code, self.headers, self.param = status, type, code, headers or {}, param
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": self.param}}
+
+
+def bad(field: str, value, fix: str, code: str = "invalid_value") -> ApiError:
+    """A 400 naming the field, the value seen (shortened) and the fix."""
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ApiError(400, f"`{field}` is {shown}; {fix}", code=code, param=field)
+
+
+# -- requests --------------------------------------------------------------------------------------
+
+def prompts(value, vocab: int) -> list[dict]:
+    """`prompt` as router requests: a string, a list of strings, a token-id list, or a list of token-id lists."""
+    def ids(x) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(value, str):
+        items = [value]
+    elif ids(value):
+        items = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, str) or ids(p) for p in value):
+        items = value
+    else:
+        raise bad("prompt", value, "give a string, a list of strings, a list of token ids or a list of token-id lists")
+    out = []
+    for p in items:
+        if isinstance(p, str):
+            out.append({"prompt": p})
+            continue
+        outside = [t for t in p if not 0 <= t < vocab]
+        if outside:
+            raise bad("prompt", value, f"token id {outside[0]} is outside this model's vocabulary [0, {vocab})")
+        out.append({"prompt_ids": list(p)})
+    return out
+
+
+def task_input(value, model: str) -> dict:
+    """The `input` of a task-aware request: the task's columns (a dict) or one text (a string)."""
+    if isinstance(value, str):
+        return {"text": value}
+    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in value.items()):
+        if model == AUTO:
+            raise bad("input", value, "'auto' routes by one text: send input as a string")
+        return dict(value)
+    raise bad("input", value, "give the task's columns as an object of strings (e.g. {\"sentence\": \"...\"}) or one string")
+
+
+def chat_text(content, where: str) -> str:
+    """A message's content as one string (a string, or OpenAI's list of text parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise bad(where, content, "give message content as a string or a list of {\"type\": \"text\", \"text\": ...} parts")
+
+
+def check_messages(messages) -> list[dict]:
+    """`messages` as [{"role", "content"}] with string contents ("developer" read as "system")."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", messages, "give a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise bad(f"messages[{i}]", m, "each message needs a role (system, user or assistant) and content")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": chat_text(m.get("content"), f"messages[{i}].content")})
+    return out
+
+
+# -- responses -------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    """A fresh response id, e.g. cmpl-3f2a…"""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(results) -> dict:
+    """OpenAI's usage object over the results of a request's choices."""
+    p = sum(r.prompt_tokens for r in results)
+    c = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0) -> dict:
+    """Legacy completions logprobs: tokens (each the text it added, so they join to the text), token_logprobs,
+    top_logprobs (the top k and the chosen token, as vLLM; null for logprobs 0, as OpenAI) and text_offset
+    (from `offset`: where this part starts in the whole text, so a stream's offsets run on)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top_k else None, "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e.text)
+        out["token_logprobs"].append(e.logprob)
+        if top_k:
+            top = None if e.top is None else {tokenizer.decode([t]): lp for t, lp in e.top[:top_k]}
+            if top is not None:
+                top.setdefault(tokenizer.decode([e.token]), e.logprob)
+            out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(e.text)
+    return out
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; "token" is the text it added."""
+    def alt(tok, lp):
+        text = tokenizer.decode([tok])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
+                         "top_logprobs": [alt(t, lp) for t, lp in (e.top or [])]} for e in entries]}
+
+
+def prompt_logprobs(tokenizer, scores, top_k: int) -> list:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}
+    for the token itself and the top k."""
+    out = [None]
+    for tok, lp, rank, top in list(zip(scores.tokens, scores.logprobs, scores.ranks, scores.top))[1:]:
+        position = {str(tok): {"logprob": lp, "rank": rank, "decoded_token": tokenizer.decode([tok])}}
+        for r, (t, v) in enumerate(top[:top_k], 1):
+            position.setdefault(str(t), {"logprob": v, "rank": r, "decoded_token": tokenizer.decode([t])})
+        out.append(position)
+    return out
+
+
+def completion_body(rid: str, model: str, choices: list[dict], results, created: int | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
+            "choices": choices, "usage": usage(results)}
+
+
+def chat_body(rid: str, model: str, choices: list[dict], results) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices, "usage": usage(results)}

@@ -1,0 +1,377 @@
+"""Router: many task adapters served on one frozen backbone.
+
+    r = Router.from_registry("adapters/")        # the backbone loads once, adapters lazily
+    r.use("sst2"); r.predict("a gorgeous, witty film")
+    r.merge({"sst2": 0.5, "ag_news": 0.5}, method="ties", density=0.5, name="mix")
+    r.run([{"adapter": "sst2", "text": "…"}, {"adapter": "date_iso", "text": "…"},
+           {"adapter": "base", "text": "…"}, {"adapter": "auto", "text": "…"}])
+
+Adapters stay resident in an AdapterBank (router/batch.py) under an LRU with a memory budget;
+`run` serves a batch whose every row names its own adapter (classification rows are scored
+over their labels, generation rows decode to their own stop).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from adapterhub_lite.artifacts.folder import check_adapter_folder, folder_hashes
+from adapterhub_lite.artifacts.loading import check_fingerprint, check_fits
+from adapterhub_lite.artifacts.registries import open_registry
+from adapterhub_lite.artifacts.registry import check_if_registered
+from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, load_routing
+from adapterhub_lite.core.data import load_task_data, readable, render, request_row
+from adapterhub_lite.core.errors import AdapterLoadError, ContextLengthError, DataError
+from adapterhub_lite.core.names import AUTO, BASE
+from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
+from adapterhub_lite.model.backbone import Backbone, load_backbone
+from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
+from adapterhub_lite.ops.merge import fold_into_base, merge_adapters
+from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.routing import ContentRouter
+
+
+class Router:
+    """Swap, merge and batch task adapters over one backbone."""
+
+    def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
+                 route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None):
+        self.backbone, self.registry = backbone, registry
+        self.max_model_len = check_context(backbone, max_model_len)
+        self.bank = AdapterBank(backbone.model)
+        self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+        self.allow_base_mismatch = allow_base_mismatch
+        self.folders: dict[str, Path] = {}  # every adapter we know how to load
+        self.metas: dict[str, dict] = {}
+        self.hashes: dict[str, dict[str, str]] = {}  # name → {file: sha256} as register() checked them
+        self.changed: dict[str, str] = {}  # adapters refused at load because their files changed since (reported by /health)
+        self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
+        self.active: str | None = None
+        self.route_threshold = route_threshold
+        self._content: ContentRouter | None = None
+        self.evictions = 0  # adapters unloaded to stay within the memory budget
+        self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
+        self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
+
+    @classmethod
+    def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
+                      device: str | None = None, dtype: str | None = None, **kwargs) -> Router:
+        """Open a registry and load the backbone its adapters share (adapters load on first use)."""
+        reg = open_registry(registry)
+        index = reg.index()["adapters"]
+        if not index:
+            raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
+        latest = {name: reg.resolve(name)[2] for name in index}
+        first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
+        backbone = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
+        router = cls(backbone, reg, **kwargs)
+        for name in latest:
+            router.register(name)
+        return router
+
+    # -- catalogue and residency -------------------------------------------------------------
+    def register(self, name: str, folder: str | Path | None = None) -> None:
+        """Make an adapter known: a registry name (latest version) or an explicit folder."""
+        if folder is None:
+            if self.registry is None:
+                raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
+            folder = self.registry.path(name)  # re-hashes every file
+        else:
+            check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
+        folder = Path(folder)
+        meta = check_adapter_folder(folder)  # the same checks as a publish: no symlinks or pickles, a sound sidecar, finite weights
+        check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
+        self.folders[name], self.metas[name] = folder, meta
+        self.hashes[name] = folder_hashes(folder)  # what was checked: every later load must find the same bytes
+        self.changed.pop(name, None)
+        self._content = None
+
+    def _check_unchanged(self, name: str) -> None:
+        """Refuse to load an adapter whose files changed since register() checked them (hashed at every load)."""
+        now = folder_hashes(self.folders[name])
+        if now != self.hashes[name]:
+            moved = sorted(f for f in set(now) | set(self.hashes[name]) if now.get(f) != self.hashes[name].get(f))
+            self.changed[name] = f"{', '.join(moved)} changed after the adapter was checked"
+            raise AdapterLoadError(f"adapter {name!r}: {', '.join(moved)} in {self.folders[name]} changed since it was checked; "
+                                   "it is not loaded: re-publish it and reload (POST /v1/reload), or restore the files")
+
+    def close(self) -> None:
+        """Remove the folders of merged adapters (the scratch folder); the router serves nothing after."""
+        self._scratch.cleanup()
+
+    def known(self) -> list[str]:
+        return list(self.folders)
+
+    def _ensure(self, name: str, keep: frozenset = frozenset()) -> None:
+        """Make `name` resident (loading it if needed) and most recently used; evict over budget,
+        never `name` itself or an adapter in `keep` (the others the running batch needs)."""
+        if name not in self.folders:
+            raise AdapterLoadError(f"unknown adapter {name!r}; known: {', '.join(self.known()) or 'none'}, or 'base' / 'auto'")
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        self._check_unchanged(name)
+        check_fits(self.folders[name], self.backbone.model)
+        self.bank.add(name, self.folders[name])
+        self.resident[name] = None
+        keep = keep | {name}
+        while self.budget is not None and self.resident_bytes() > self.budget:
+            spare = next((n for n in self.resident if n not in keep), None)
+            if spare is None:
+                need = sum(self.bank.nbytes(n) for n in self.resident if n in keep) / 2**20
+                if len(keep) == 1:  # one adapter alone over the budget: served, as before (budgets bound the rest)
+                    return
+                raise AdapterLoadError(f"this batch needs adapters {sorted(keep)} resident at once ({need:.2f} MB) but the memory budget is "
+                                       f"{self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) or send smaller batches")
+            self.unload(spare)
+            self.evictions += 1
+
+    def resident_bytes(self) -> int:
+        return sum(self.bank.nbytes(n) for n in self.resident)
+
+    def unload(self, name: str) -> None:
+        """Free a resident adapter (it stays known and reloads on next use)."""
+        if name in self.resident:
+            self.bank.remove(name)
+            del self.resident[name]
+            if self.active == name:
+                self.active = None
+
+    # -- swap ----------------------------------------------------------------------------------
+    def use(self, name: str) -> None:
+        """Make `name` the adapter that `predict` uses (no reload when it is resident)."""
+        if name != BASE:
+            self._ensure(name)
+        self.active = name
+
+    def predict(self, text: str | dict, adapter: str | None = None):
+        """One request through the active (or the given) adapter."""
+        adapter = adapter or self.active
+        if adapter is None:
+            raise AdapterLoadError("no active adapter: call use(name) first or pass adapter=")
+        row = text if isinstance(text, dict) else {"text": text}
+        return self.run([{**row, "adapter": adapter}])[0]["prediction"]
+
+    # -- merge ---------------------------------------------------------------------------------
+    def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
+              name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0, into_base: bool = False) -> dict:
+        """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar.
+
+        With into_base=True the merged update is also folded into the router's backbone weights:
+        `base` requests (and every adapter, which applies on top) then run the folded weights. On an
+        8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
+        this causes on the first source task's dev prompts.
+        """
+        output = Path(output) if output else Path(self._scratch.name) / name
+        _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
+                                    output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
+                                    device=str(self.backbone.device), dtype=self.backbone.dtype)
+        self.register(name, output)
+        if into_base:
+            spec = self.spec(next(iter(weights)))
+            probe = load_task_data(spec, ("dev",))["dev"].prompts[:16] if spec else ["The capital of France is"]
+            # peft wraps the backbone's own linears (the bank's per-row layers step aside meanwhile),
+            # folds the update into them and unwraps: the modules stay the same objects, only their
+            # weights change, and the bank's layers go back around them.
+            with self.bank.plain() as model:
+                _, error = fold_into_base(PeftModel.from_pretrained(model, output), self.backbone.tokenizer, probe)
+            sidecar["fold"] = {"into_base": True, "max_abs_dlogit": round(error, 6), "probe_prompts": len(probe),
+                               "quantization": self.backbone.fingerprint["quantization"]}
+            self.folded.append(name)
+        return sidecar
+
+    # -- heterogeneous batches -----------------------------------------------------------------
+    def spec(self, name: str) -> TaskSpec | None:
+        """The task an adapter was trained for; None for a component (e.g. a joint run's shared
+        adapter), which serves raw text like the base model."""
+        task = self.metas[name]["task"]
+        return spec_from_dict(task) if task else None
+
+    def route(self, requests: list[dict]) -> list[str]:
+        """Each request's adapter name, `auto` resolved by content (one embedding pass for all of them)."""
+        names = [r.get("adapter", BASE) for r in requests]
+        auto = [i for i, n in enumerate(names) if n == AUTO]
+        if auto:
+            if self._content is None:
+                self._content = self._fit_content_router()
+            with self.bank.base_only():
+                vectors = embed(self.backbone.model, self.backbone.tokenizer, [requests[i]["text"] for i in auto])
+            for i, (name, _) in zip(auto, self._content.route(vectors)):
+                names[i] = name
+        return names
+
+    def _fit_content_router(self) -> ContentRouter:
+        """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding."""
+        embedding, samples = embedding_spec(self.backbone.model), {}
+        for name, folder in self.folders.items():
+            if not self.metas[name]["task"]:  # a component (a joint run's shared adapter) is no routing target
+                continue
+            try:
+                samples[name] = load_routing(folder, self.metas[name], embedding)
+            except RoutingError as err:  # the adapter still serves requests that name it
+                warnings.warn(f"adapter {name!r} is left out of content routing: {err}", stacklevel=3)
+        return ContentRouter(samples, threshold=self.route_threshold)
+
+    def hold(self, names, keep: frozenset = frozenset()) -> None:
+        """Make these adapters resident together (with those in `keep`, e.g. the rows already running)."""
+        needed = (frozenset(names) | keep) - {BASE}
+        for n in sorted(frozenset(names) - {BASE}):
+            self._ensure(n, keep=needed)
+
+    def prepare(self, request: dict, name: str, max_new_tokens: int | None = None, *, default_new_tokens: int = 32,
+                fill_context: bool = False, max_input_tokens: int | None = None, add_special_tokens: bool = True,
+                truncate_prompt_tokens: int | None = None) -> Prepared:
+        """What serving one request through adapter `name` (already routed and held) needs: its prompt and ids.
+
+        The request is raw or task-aware. A raw `prompt` (text) or `prompt_ids` (token ids) is used as
+        given and continued through the adapter's weights, whatever its task. Otherwise a task adapter
+        renders its own template from the request's columns (`text` fills a one-column prompt) and
+        answers its task: a classification adapter scores its labels, a generation adapter decodes
+        within its task's max_new_tokens unless `max_new_tokens` says otherwise; without a task,
+        `text` is the prompt. A raw prompt gets `max_new_tokens`, else `default_new_tokens`
+        (`fill_context`: fewer when the context holds fewer).
+
+        The prompt is never shortened unless the caller asks (`truncate_prompt_tokens`: keep its last
+        k tokens). Prompt, the adapter's virtual tokens and the new tokens must fit the model's
+        context (`max_model_len`), and the prompt `max_input_tokens` (a server's limit); else
+        ContextLengthError names every number.
+        """
+        spec = self.spec(name) if name != BASE else None
+        raw = "prompt" in request or "prompt_ids" in request
+        tok = self.backbone.tokenizer
+        if "prompt_ids" in request:
+            ids = list(request["prompt_ids"])
+        else:
+            prompt = request["prompt"] if raw else render(spec, request_row(spec, request)) if spec else request["text"]
+            ids = tok(prompt, add_special_tokens=add_special_tokens if raw else True).input_ids  # a task's prompt as training read it
+        if truncate_prompt_tokens is not None:
+            ids = keep_end(ids, truncate_prompt_tokens)  # the client asked for it; usage reports what was read
+        if not ids:
+            raise DataError("the prompt is empty (0 tokens); send at least one token")
+        if max_input_tokens is not None and len(ids) > max_input_tokens:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
+        virtual = self.bank.virtual_tokens(name) if name != BASE else 0
+        room = self.max_model_len - virtual - len(ids)
+        if spec is not None and spec.type == "classification" and not raw:
+            need, what = max(len(t) for t in label_token_ids(tok, spec)), "for the longest label"
+            budget = 0
+        else:
+            budget = max_new_tokens if max_new_tokens is not None else spec.train.max_new_tokens if spec and not raw else default_new_tokens
+            if fill_context and max_new_tokens is None:
+                budget = max(min(budget, room), 1)
+            need, what = budget, "for the completion"
+        if need > room:
+            adapter = f", {virtual} virtual tokens of adapter {name!r}" if virtual else ""
+            raise ContextLengthError(f"the request needs {len(ids) + virtual + need} tokens ({len(ids)} in the prompt{adapter}, {need} {what}) "
+                                     f"but the model's context is {self.max_model_len} tokens (max_model_len, --max-model-len); "
+                                     "shorten the prompt or lower max_tokens")
+        return Prepared(name, spec, tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request else prompt, ids, budget, raw=raw)
+
+    def forget(self, name: str) -> None:
+        """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
+        self.unload(name)
+        for table in (self.folders, self.metas, self.hashes, self.changed):
+            table.pop(name, None)
+        self._content = None
+
+    def answer(self, ids: list[int]) -> str:
+        """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""
+        return self.backbone.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+
+    def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
+        """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
+        names = self.route(requests)
+        self.hold(names)  # the batch's adapters stay resident together while it runs
+        # a task adapter answers within its task's max_new_tokens; base and task-less adapters take the request's
+        rows = [self.prepare(req, name, None if name != BASE and self.spec(name) and "prompt" not in req else req.get("max_new_tokens", max_new_tokens))
+                for req, name in zip(requests, names)]
+        results: list[dict] = [{"adapter": n} for n in names]
+        cls_rows = [i for i, r in enumerate(rows) if r.classify]
+        gen_rows = [i for i, r in enumerate(rows) if not r.classify]
+        for i, (pred, _) in zip(cls_rows, self.classify([rows[i] for i in cls_rows])):
+            results[i]["prediction"] = readable(rows[i].spec, pred)
+        if gen_rows:
+            outs = self.bank.generate([rows[i].ids for i in gen_rows], [rows[i].bank_name for i in gen_rows],
+                                      [rows[i].max_new_tokens for i in gen_rows], self.backbone.tokenizer.eos_token_id)
+            for i, ids in zip(gen_rows, outs):
+                results[i]["prediction"] = self.answer(ids)
+        return results
+
+    @torch.inference_mode()
+    def classify(self, rows: list[Prepared]) -> list[tuple[int, list[float]]]:
+        """Score every label of every classification row in one forward pass: (argmax, probabilities).
+
+        Each row's scoring is heads.label_plan_ids, as in training and evaluation: one sequence per
+        request when every label is one token (the next-token distribution scores them all), else one
+        sequence per (request, label), summing its tokens' log-probs. The bank runs all the rows'
+        sequences together, each through its own adapter. Probabilities are the label scores
+        normalized over the labels.
+        """
+        if not rows:
+            return []
+        tok = self.backbone.tokenizer
+        seqs, adapters, positions, plans = [], [], [], []
+        for row in rows:
+            labels = label_token_ids(tok, row.spec)
+            # prepare() checked that prompt and labels fit the model's context: the plan keeps the whole prompt
+            plan = label_plan_ids([row.ids], labels, len(row.ids) + max(map(len, labels)))
+            seqs += plan.seqs
+            adapters += [row.bank_name] * len(plan.seqs)
+            # the plan's picks run sequence by sequence, so each sequence's positions in order rebuild its order
+            positions += [[c for r, c in zip(plan.rows, plan.cols) if r == k] for k in range(len(plan.seqs))]
+            plans.append(plan)
+        logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
+        # rows of different tasks have different label counts: flatten them for the one host sync of the batch, split back here
+        probs = [plan.reduce(part).softmax(-1)[0] for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]
+        flat, out = torch.cat(probs).tolist(), []
+        for p in probs:
+            row, flat = flat[: len(p)], flat[len(p) :]
+            out.append((max(range(len(row)), key=row.__getitem__), row))
+        return out
+
+
+def model_context(backbone: Backbone) -> int | None:
+    """The backbone's context length in tokens (its config's max_position_embeddings), None if it names none."""
+    config = backbone.model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_context(backbone: Backbone, max_model_len: int | None) -> int:
+    """The context a router serves: `max_model_len`, at most (and by default) the backbone's own."""
+    own = model_context(backbone)
+    if max_model_len is None:
+        if own is None:
+            raise AdapterLoadError(f"backbone {backbone.name!r} names no context length (max_position_embeddings); give max_model_len (--max-model-len)")
+        return own
+    if max_model_len < 1 or (own is not None and max_model_len > own):
+        raise AdapterLoadError(f"max_model_len={max_model_len} but backbone {backbone.name!r} was trained for positions up to {own}; "
+                               f"give 1 to {own} (--max-model-len)")
+    return max_model_len
+
+
+@dataclass
+class Prepared:
+    """One request made ready for the bank: its adapter (routed), task, prompt and token ids."""
+
+    adapter: str  # an adapter name or "base"
+    spec: TaskSpec | None
+    prompt: str  # the text read (token-id prompts: decoded)
+    ids: list[int]  # every token read: usage's prompt_tokens
+    max_new_tokens: int  # 0 for classification (and for scoring a prompt only)
+    raw: bool = False  # a raw prompt, continued as given (else the task's input)
+
+    @property
+    def classify(self) -> bool:
+        """A classification adapter's task input: scored over its labels, not generated."""
+        return self.spec is not None and self.spec.type == "classification" and not self.raw
+
+    @property
+    def bank_name(self) -> str | None:
+        return None if self.adapter == BASE else self.adapter

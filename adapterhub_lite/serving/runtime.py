@@ -1,0 +1,208 @@
+"""The server's catalogue of models: registry adapters (latest and pinned versions), adapters loaded
+at run time, per-request merges, and registry reloads.
+
+Every change to the router runs on the engine thread between two decode steps (Engine.call), so
+it never races a batch; an adapter that running rows use is never unloaded or replaced under them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from adapterhub_lite.artifacts.registry import check_name
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.names import AUTO, BASE
+from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
+from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.engine import Engine
+
+
+class Catalogue:
+    """What `model` may name, and the calls that change it."""
+
+    def __init__(self, engine: Engine, max_merges: int = 16):
+        self.engine = engine
+        self.router = engine.router
+        self.runtime: set[str] = set()  # adapters loaded through /v1/load_lora_adapter
+        self.merges: OrderedDict[str, dict] = OrderedDict()  # merged adapter name → its recipe, least recently used first
+        self.max_merges = max_merges  # merged adapters kept (each a folder on disk and a catalogue entry)
+        self._pending: dict[str, asyncio.Future] = {}  # merges being built (one build per recipe)
+        self.created = int(time.time())
+
+    # -- reading -----------------------------------------------------------------------------------
+    def models(self) -> list[dict]:
+        """Every adapter as `name` and `name@version`, the runtime-loaded ones, `base` and `auto`."""
+        backbone = self.router.backbone
+        ids = []
+        if self.router.registry is not None:
+            for row in self.router.registry.rows():  # by name, then version
+                ids += [row["name"], f"{row['name']}@{row['version']}"]
+        ids += sorted(self.runtime) + [BASE, AUTO]
+        return [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": backbone.hub_id, "parent": backbone.name}
+                for i in dict.fromkeys(ids)]
+
+    def has_task(self, model: str) -> bool:
+        return model == AUTO or (model in self.router.metas and bool(self.router.metas[model]["task"]))
+
+    def is_classifier(self, model: str) -> bool:
+        return self.has_task(model) and model != AUTO and self.router.metas[model]["task"]["type"] == "classification"
+
+    async def _on_engine(self, fn, flags: dict | None = None):
+        """Run fn(router) on the engine thread; its errors become 400s (`flags`: command-line words to
+        replace by the request fields that mean the same, so the fix named fits a request)."""
+        try:
+            return await asyncio.wrap_future(self.engine.call(fn))
+        except P.ApiError:
+            raise
+        except AdapterHubError as exc:
+            message = str(exc)
+            for flag, field in (flags or {}).items():
+                message = message.replace(flag, field)
+            raise P.ApiError(400, message, code=type(exc).__name__) from None
+
+    async def ensure_known(self, model: str) -> str:
+        """`model` if the server can serve it (a pinned registry version is registered on first use); else 404.
+        `name@latest` is `name`, which /v1/reload keeps at the registry's latest version."""
+        if model.endswith("@latest") and model.removesuffix("@latest") in self.router.folders and model.removesuffix("@latest") not in self.runtime:
+            return model.removesuffix("@latest")
+        if model in (BASE, AUTO) or model in self.router.folders:
+            if model in self.merges:
+                self.merges.move_to_end(model)
+            return model
+        if "@" in model and self.router.registry is not None:
+            try:
+                self.router.registry.resolve(model)
+            except AdapterHubError:
+                pass
+            else:
+                await self._on_engine(lambda r: r.register(model) if model not in r.folders else None)
+                return model
+        raise P.ApiError(404, f"the model {model!r} does not exist; see GET /v1/models (adapters, name@version, 'base', 'auto')",
+                         code="model_not_found")
+
+    # -- per-request merges (LoRAX's merged_adapters) ------------------------------------------------
+    async def merged(self, recipe, model: str | None = None) -> str:
+        """The adapter a `merged_adapters` recipe names; built once per recipe, then cached like any adapter.
+
+        Its task (prompt template, labels) is `recipe["task"]`, else the request's `model` when that
+        is one of the sources, else the sources' common task."""
+        if not isinstance(recipe, dict):
+            raise P.bad("merged_adapters", recipe, 'give {"ids": [...], "weights": [...], "merge_strategy": "linear", "density": ...}')
+        ids, weights = recipe.get("ids"), recipe.get("weights")
+        method = recipe.get("merge_strategy", "linear")
+        density, task = recipe.get("density"), recipe.get("task")
+        if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
+            raise P.bad("merged_adapters.ids", ids, "give two or more distinct adapter names")
+        if weights is None:
+            weights = [1.0 / len(ids)] * len(ids)
+        if not isinstance(weights, list) or len(weights) != len(ids) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise P.bad("merged_adapters.weights", weights, f"give {len(ids)} finite numbers, one per id")
+        if method not in METHODS:
+            raise P.bad("merged_adapters.merge_strategy", method, f"use one of {', '.join(METHODS)}")
+        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1):
+            raise P.bad("merged_adapters.density", density, "give a number in (0, 1]")
+        for i in ids:
+            if i not in self.router.folders:
+                raise P.ApiError(404, f"merged_adapters names {i!r}, which this server does not know; see GET /v1/models", code="model_not_found")
+        if task is None and model in ids and self.router.metas[model]["task"]:
+            task = self.router.metas[model]["task"]["name"]
+        key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task}, sort_keys=True)
+        name = "merged-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        if name in self.router.folders:
+            if name in self.merges:
+                self.merges.move_to_end(name)
+            return name
+        if name not in self._pending:  # concurrent requests with one recipe share one build
+            def build(router):
+                if name not in router.folders:
+                    self._make_room(router)
+                    router.merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name, report_rows=0)
+            self._pending[name] = asyncio.ensure_future(self._on_engine(build, flags={"--task": "merged_adapters.task"}))
+        try:
+            await asyncio.shield(self._pending[name])
+        finally:
+            if self._pending.get(name) is not None and self._pending[name].done():
+                self._pending.pop(name, None)
+        self.merges[name] = json.loads(key)
+        return name
+
+    def _make_room(self, router) -> None:
+        """Before building a merge (engine thread): over max_merges, forget the least recently used merges no running
+        row uses, and delete their folders; when every one is in use, refuse (429-like: retry later)."""
+        while len(self.merges) >= self.max_merges:
+            idle = next((n for n in self.merges if n not in self.engine.in_use()), None)
+            if idle is None:
+                raise P.ApiError(429, f"all {self.max_merges} merged adapters (--max-merges) are in use by running requests; retry shortly",
+                                 "rate_limit_exceeded", "merges_full", headers={"Retry-After": "1"})
+            folder = router.folders.get(idle)
+            router.forget(idle)
+            self.merges.pop(idle)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -- adapters at run time (vLLM's /v1/load_lora_adapter) ----------------------------------------
+    async def load(self, name, path) -> str:
+        """Register a folder under `name`, through the same integrity and fingerprint checks as the registry."""
+        if not isinstance(name, str) or not name:
+            raise P.bad("lora_name", name, "give the name requests will use")
+        try:
+            check_name(name)
+        except AdapterHubError as exc:
+            raise P.bad("lora_name", name, str(exc)) from None
+        if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
+            raise P.ApiError(400, f"an adapter named {name!r} is already served (or in the registry: runtime and registry adapters keep "
+                             "apart names); unload it first or choose another name", code="already_loaded")
+        if not isinstance(path, str) or not Path(path).is_dir():
+            raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
+        await self._on_engine(lambda r: r.register(name, path))
+        self.runtime.add(name)
+        return name
+
+    async def unload(self, name) -> str:
+        """Drop an adapter loaded at run time (registry adapters stay)."""
+        if not isinstance(name, str) or not name:
+            raise P.bad("lora_name", name, "give the name the adapter was loaded under")
+        if name not in self.runtime:
+            raise P.ApiError(404, f"no adapter {name!r} was loaded at run time (loaded: {sorted(self.runtime) or 'none'}); "
+                             "registry adapters stay served", code="model_not_found")
+
+        def forget(router):
+            if name in self.engine.in_use():
+                raise P.ApiError(409, f"adapter {name!r} is in use by running requests; retry when they finish", code="in_use")
+            router.forget(name)
+        await self._on_engine(forget)
+        self.runtime.discard(name)
+        return name
+
+    async def reload(self) -> dict:
+        """Pick up new registry versions: register new names, move names to their latest version."""
+        if self.router.registry is None:
+            raise P.ApiError(400, "this server has no registry to reload", code="no_registry")
+
+        def scan(router) -> dict:
+            added, updated, deferred, shadowed = [], [], [], []
+            for name in sorted(router.registry.index()["adapters"]):
+                if name in self.runtime:  # loaded at run time under this name before the registry had it: it stays until unloaded
+                    shadowed.append(name)
+                    continue
+                folder = router.registry.path(name)  # re-hashes the version's files
+                if name not in router.folders:
+                    router.register(name, folder)
+                    added.append(name)
+                elif Path(router.folders[name]) != Path(folder):
+                    if name in self.engine.in_use():  # never swap an adapter under running rows
+                        deferred.append(name)
+                        continue
+                    router.forget(name)
+                    router.register(name, folder)
+                    updated.append(name)
+            return {"added": added, "updated": updated, "deferred": deferred, "shadowed": shadowed}
+        return await self._on_engine(scan)

@@ -1,0 +1,155 @@
+"""Defaults a newcomer can trust: every setting a spec leaves out, chosen from what is known.
+
+A spec may give only `name`, `type`, `data`, `prompt` and `label`/`labels` or `target`. Once the data
+and the backbone are loaded, `resolve` fills each setting the spec did not give from the data (its
+size and token lengths), the task type, the method (and its rank) and the model, and says why;
+`train` prints the resolved spec and records the choices in the sidecar (`defaults`). A key the
+spec gives is never changed.
+
+The budget, when the spec gives neither `train.max_steps` nor `train.epochs`: up to EXAMPLE_BUDGET
+rows (at most MAX_EPOCHS passes over a small split), an eval every 2.5% of that (25 steps at most),
+and early stopping once the dev metric has gone PATIENCE evals without beating its last real gain by
+more than one standard error of the periodic eval (smaller gains are noise), not before MIN_STEPS
+(or a twentieth of a longer budget). Evals are not training time (train_seconds counts steps only) but they are wall time.
+A spec that fixes max_steps trains that many steps: no early stopping unless it asks for patience.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from adapterhub_lite.core.spec import TaskSpec
+
+# Rows seen at most: the five shared tasks' tuned adapters peaked by 9,600 rows (sst2), most by 3,200.
+EXAMPLE_BUDGET = 16_000
+MAX_EPOCHS = 20  # a few hundred rows still need many passes; this bounds them
+PATIENCE = 2  # evals without a real gain (every 25 steps: 800 rows at batch 16)
+EVALS_PER_BUDGET = 40
+MIN_STEPS = 50  # early stopping waits for this many steps (800 rows at batch 16), or a twentieth of a longer budget
+MAX_AUTO_LENGTH = 1024  # a longer outlier row would set every batch's memory; longer rows are truncated (prompt side)
+# Learning rates by method. LoRA's scale is alpha / r = 2; Adam moves each of the r components about
+# lr per step, so the update B·A grows like sqrt(r): lr ∝ 1/sqrt(r) keeps it the same (1e-3 at r = 8,
+# ~3.5e-4 at r = 64, near QLoRA's 2e-4). Soft prompts and IA3 vectors need larger steps (peft's and
+# the IA3 paper's recipes).
+LORA_LR_AT_R8 = 1e-3
+LR = {"prefix": 1e-2, "prompt": 3e-2, "ia3": 3e-3}
+
+
+@dataclass
+class Resolved:
+    """A spec with every setting decided, and why each left-out one got its value."""
+
+    spec: TaskSpec
+    choices: dict[str, dict] = field(default_factory=dict)  # dotted key → {"value": …, "why": "…"}
+
+    def describe(self) -> str:
+        """The resolved spec as YAML (valid, reusable), each chosen key commented with its reason."""
+        lines = []
+        for key, value in self.spec.to_dict().items():
+            if isinstance(value, dict) and value and key in ("data", "train", "method_args"):
+                lines.append(f"{key}:")
+                lines += [self._line(f"  {k}", v, self.choices.get(f"{key}.{k}")) for k, v in value.items()]
+            else:
+                lines.append(self._line(key, value, self.choices.get(key)))
+        return "\n".join(lines)
+
+    @staticmethod
+    def _line(key: str, value, choice: dict | None) -> str:
+        text = f"{key}: {json.dumps(value, ensure_ascii=False)}"  # JSON values are YAML
+        return f"{text}  # {choice['why']}" if choice else text
+
+
+def lora_lr(r: int) -> float:
+    """The learning rate for a LoRA of rank r (see LORA_LR_AT_R8)."""
+    return float(f"{LORA_LR_AT_R8 * math.sqrt(8 / r):.2g}")
+
+
+def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) -> Resolved:
+    """Fill every setting `spec` left out (spec.given lists what it set), from the data, task, method and model.
+
+    `data` holds the loaded splits (train and dev), `model` the plain backbone (before the adapter),
+    `processes` the data-parallel world size (a step reads batch_size rows on each).
+    """
+    from adapterhub_lite.model.adapter import default_method_args
+
+    given = spec.given
+    choices: dict[str, dict] = {}
+
+    def choose(key: str, value, why: str):
+        choices[key] = {"value": value, "why": why}
+        return value
+
+    method_args = dict(spec.method_args)
+    for key, value in default_method_args(spec.method, model).items():
+        if key not in method_args:
+            why = "every linear layer but the output head" if key == "target_modules" else f"{spec.method} default"
+            method_args[key] = choose(f"method_args.{key}", value, why)
+
+    t = dataclasses.asdict(spec.train)
+    if "train.lr" not in given:
+        if spec.method == "lora":
+            t["lr"] = choose("train.lr", lora_lr(method_args["r"]), f"suits LoRA rank {method_args['r']} (1e-3 × sqrt(8 / r))")
+        else:
+            t["lr"] = choose("train.lr", LR[spec.method], f"{spec.method} learns with larger steps than LoRA")
+
+    rows = len(data["train"])
+    per_step = t["batch_size"] * t["grad_accum"] * processes
+    steps_per_epoch = math.ceil(rows / per_step)
+    if t["epochs"] and "train.epochs" in given:  # load_spec refuses a written spec that also sets max_steps
+        auto_stop = True
+        t["max_steps"] = choose("train.max_steps", max(1, math.ceil(t["epochs"] * steps_per_epoch)),
+                                f"{t['epochs']} epochs × {steps_per_epoch} steps of {per_step} rows")
+    elif "train.max_steps" in given:
+        auto_stop = False  # the spec fixed the steps: train them all unless it asks for patience
+    else:
+        auto_stop = True
+        epochs = round(min(MAX_EPOCHS, EXAMPLE_BUDGET / rows), 2)
+        t["epochs"] = choose("train.epochs", epochs, f"up to {EXAMPLE_BUDGET:,} rows, at most {MAX_EPOCHS} passes over the {rows:,} train rows")
+        t["max_steps"] = choose("train.max_steps", max(1, math.ceil(min(MAX_EPOCHS * rows, EXAMPLE_BUDGET) / per_step)),
+                                f"{epochs} epochs at {per_step} rows a step; early stopping usually ends it sooner")
+    steps = t["max_steps"]
+    if "train.eval_every" not in given:
+        t["eval_every"] = choose("train.eval_every", max(10, min(25, steps // EVALS_PER_BUDGET)) if steps >= 10 else steps,
+                                 f"~{EVALS_PER_BUDGET} evals over {steps} steps (10 to 25 steps apart)")
+    if "train.checkpoint_every" not in given:
+        t["checkpoint_every"] = choose("train.checkpoint_every", t["eval_every"], "at every eval")
+    if "train.warmup_steps" not in given:
+        t["warmup_steps"] = choose("train.warmup_steps", min(100, max(1, steps // 20)), f"5% of {steps} steps")
+    dev_rows = len(data["dev"])
+    if "train.eval_samples" not in given:
+        cap = 300 if spec.type == "classification" else 100  # generation evals decode token by token: fewer rows
+        t["eval_samples"] = choose("train.eval_samples", min(dev_rows, cap), f"periodic evals score {min(dev_rows, cap)} of {dev_rows} dev rows (the final eval, all)")
+    if auto_stop:
+        if "train.patience" not in given:
+            t["patience"] = choose("train.patience", PATIENCE, f"stop after {PATIENCE} evals without a real gain")
+        if "train.min_delta" not in given:
+            se = round(0.4 / math.sqrt(max(1, t["eval_samples"])), 4)
+            t["min_delta"] = choose("train.min_delta", se, f"a smaller gain is noise: one standard error of an accuracy near 0.8 on {t['eval_samples']} rows")
+        if "train.min_steps" not in given:
+            t["min_steps"] = choose("train.min_steps", min(steps, max(MIN_STEPS, steps // 20)),
+                                    "before stopping early: a metric can sit still while the loss falls")
+
+    prompts = data["train"].prompt_ids(tokenizer)
+    limit = min(MAX_AUTO_LENGTH, getattr(model.config, "max_position_embeddings", MAX_AUTO_LENGTH) or MAX_AUTO_LENGTH)
+    if spec.type == "generation":
+        answers = data["train"].answer_ids(tokenizer)
+        longest_answer = max((len(a) for a in answers), default=1)
+        if "train.max_new_tokens" not in given:
+            t["max_new_tokens"] = choose("train.max_new_tokens", math.ceil(1.25 * longest_answer) + 1,
+                                         f"the longest train target ({longest_answer} tokens) + 25% + EOS")
+        # Decoding keeps the last max_length - max_new_tokens prompt tokens: room for the longest prompt
+        # and the whole decoding budget (which holds the longest target + EOS), so no prompt is cut.
+        longest = max((len(p) for p in prompts), default=1) + t["max_new_tokens"]
+    else:
+        from adapterhub_lite.model.heads import label_token_ids
+
+        longest = max((len(p) for p in prompts), default=1) + max(len(ids) for ids in label_token_ids(tokenizer, spec))
+    if "train.max_length" not in given:
+        what = "prompt + max_new_tokens" if spec.type == "generation" else "prompt + label word"
+        why = f"the longest train {what}: {longest} tokens" + (f", capped at {limit}" if longest > limit else "")
+        t["max_length"] = choose("train.max_length", min(longest, limit), why)
+
+    return Resolved(dataclasses.replace(spec, method_args=method_args, train=type(spec.train)(**t)), choices)

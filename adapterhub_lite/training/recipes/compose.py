@@ -1,0 +1,247 @@
+"""Learned composition for a new task (after LoraHub): weights over existing LoRA adapters, fitted
+on a few labeled examples, saved as an ordinary adapter.
+
+The composed update at every module is Σ_i w_i·B_i·A_i — stored exactly, as the sources' factors
+concatenated with w_i folded into B_i (rank Σ r_i), so w = (1, 0, …) is the first source exactly.
+The weights are found by CMA-ES (gradient-free, the `cma` package) or by gradient descent on the
+weights alone (the factors stay frozen), minimising the few-shot loss + l1·Σ|w_i|, as LoraHub does.
+The few-shot rows are kept in the output folder (shots.jsonl), so the result can be reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from adapterhub_lite.artifacts.folder import atomic_write, read_sidecar, write_json
+from adapterhub_lite.artifacts.loading import check_fingerprint
+from adapterhub_lite.artifacts.samples import routing_entry
+from adapterhub_lite.core.data import check_lengths, load_split, load_task_data, to_split
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.model.adapter import read_lora, save_lora
+from adapterhub_lite.model.backbone import autocast, load_backbone
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.model.heads import label_token_ids, task_loss
+from adapterhub_lite.model.rowconfig import LoraFactors
+from adapterhub_lite.model.rowlora import RowContext, wrap
+from adapterhub_lite.training.output import adapter_meta, finish_folder, prepare_output, publish_folder
+from adapterhub_lite.training.progress import peak_memory_mb
+from adapterhub_lite.training.recipes.train import train
+
+SEARCHES = ("cma", "gradient")
+
+
+class ComposeError(AdapterHubError):
+    """Sources that cannot be composed (not LoRA, another backbone, no common module)."""
+
+
+class Composition:
+    """Sources' LoRA factors on one backbone, combined with weights w by the per-row LoRA layer.
+
+    Slot i is source i alone; the composed slot adds Σ w_i·ΔW_i (w may be a tensor that requires
+    grad: the layer builds the update from it on every forward). Inside `composed()` the model runs
+    with the composition, inside `route(i)` with source i alone, and elsewhere it is the plain backbone.
+    """
+
+    def __init__(self, model, sources: dict[str, LoraFactors]):
+        self.names = list(sources)
+        self.sources = [sources[n] for n in self.names]
+        self.modules = sorted(set().union(*[s.modules.keys() for s in self.sources]))
+        named = dict(model.named_modules())
+        missing = [m for m in self.modules if m not in named]
+        if missing:
+            raise ComposeError(f"the sources adapt modules this backbone lacks, e.g. {missing[0]!r}; were they trained on another model?")
+        if model.get_output_embeddings() in [named[m] for m in self.modules]:
+            raise ComposeError("a source adapts the LM head, which composition does not support; compose adapters of the decoder's linear layers")
+        self.device = next(model.parameters()).device
+        self.context = RowContext()
+        self.layers = wrap(model, self.modules, self.context)
+        for name, src in zip(self.names, self.sources):
+            for m, (a, b, scale) in src.modules.items():
+                self.layers[m].put(name, a.float().to(self.device), b.float().to(self.device), scale)
+        for i, name in enumerate(self.names):
+            self.context.define(i, [(name, 1.0)])
+        self.composed_slot = len(self.names)
+        self.weights = torch.zeros(len(self.names))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self._weights
+
+    @weights.setter
+    def weights(self, w: torch.Tensor) -> None:
+        self._weights = w
+        w = w.to(self.device)  # differentiable: a gradient search reaches w through this copy
+        self.context.define(self.composed_slot, [(n, w[i]) for i, n in enumerate(self.names)])
+
+    def factors(self, module: str, slot: int):
+        """(A, B·scale) of a slot at `module` (the composed one: sources concatenated, w folded into B)."""
+        return self.layers[module].slot_factors(slot)
+
+    def assign(self, slot: int | None):
+        """Context: source `slot` alone (None: the plain backbone)."""
+        return self.context.assign(slot, self.device)
+
+    def composed(self):
+        """Context: the model runs with the weighted composition."""
+        return self.assign(self.composed_slot)
+
+    def export(self) -> dict:
+        """The composed factors, for save_lora."""
+        return {m: f for m in self.modules if (f := self.factors(m, self.composed_slot)) is not None}
+
+
+def _load_sources(folders: dict[str, Path], backbone, allow_base_mismatch: bool = False) -> dict[str, LoraFactors]:
+    problems, out = [], {}
+    for name, folder in folders.items():
+        meta = read_sidecar(folder)
+        if meta["method"] != "lora":
+            problems.append(f"{name} is a {meta['method']} adapter")
+            continue
+        check_fingerprint(name, meta["base"]["fingerprint"], backbone.fingerprint, "compose-fit uses", allow=allow_base_mismatch)
+        out[name] = read_lora(folder)
+    if problems:
+        raise ComposeError(f"only LoRA adapters can be composed: {'; '.join(problems)}")
+    return out
+
+
+def _shots(spec: TaskSpec, n: int, seed: int):
+    ds, _ = load_split(spec.data.train)
+    if n > len(ds):
+        raise ComposeError(f"--shots {n} is more than the {len(ds)} training rows of {spec.name}; ask for fewer")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return ds.select(idx)
+
+
+def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Path, *, shots: int = 16, search: str = "cma",
+                budget: int = 40, l1: float = 0.05, seed: int = 0, baselines: bool = True, lora_steps: int = 40,
+                eval_rows: int | None = None, overwrite: bool = False, device: str | None = None, dtype: str | None = None,
+                command: str | None = None, allow_base_mismatch: bool = False) -> dict:
+    """Fit composition weights for `spec` from `shots` training rows, write the composed adapter
+    folder, and return the report (also saved in the folder as compose_report.json).
+
+    With `baselines`, the report compares on the dev set: the base model zero-shot, every single
+    source (and the best of them), and a LoRA trained on the same shots for `lora_steps` steps.
+    """
+    if search not in SEARCHES:
+        raise ComposeError(f"search {search!r} is not one of {', '.join(SEARCHES)}")
+    if len(sources) < 2:
+        raise ComposeError(f"compose-fit needs at least two source adapters, got {list(sources)}")
+    output = Path(output)
+    work = prepare_output(output, overwrite, resume=False)
+    shot_ds = _shots(spec, shots, seed)
+    shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
+    shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
+    dev = load_task_data(spec, ("dev",))["dev"]
+    backbone = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
+    check_lengths(spec, backbone.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
+    comp = Composition(backbone.model, _load_sources({n: Path(f) for n, f in sources.items()}, backbone, allow_base_mismatch))
+    tok = backbone.tokenizer
+    labels = label_token_ids(tok, spec) if spec.type == "classification" else None
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        comp.weights = w
+        with comp.composed(), autocast(backbone):
+            loss = task_loss(backbone.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
+        return loss + l1 * w.abs().sum()
+
+    start = time.perf_counter()
+    weights, trace = (_cma if search == "cma" else _gradient)(objective, len(comp.names), budget, seed)
+    comp.weights = weights
+    fit_seconds = time.perf_counter() - start
+
+    seconds: list[float] = []
+
+    def dev_score(route) -> dict:
+        with route:
+            metrics, _, took = evaluate_split(backbone.model, tok, spec, dev, limit=eval_rows)
+        seconds.append(took)
+        return {k: v for k, v in metrics.items() if k != "per_class"}
+
+    primary = spec.primary_metric
+    report = {"task": spec.name, "metric": primary, "shots": shots, "search": search, "budget": budget, "l1": l1,
+              "weights": dict(zip(comp.names, [round(w, 5) for w in weights.tolist()])), "fit_seconds": round(fit_seconds, 1),
+              "dev_rows": min(eval_rows or len(dev), len(dev)), "composed": dev_score(comp.composed())}
+    if baselines:
+        report["base"] = dev_score(comp.assign(None))  # the layers idle: the plain backbone
+        report["sources"] = {n: dev_score(comp.assign(i)) for i, n in enumerate(comp.names)}
+        best = max(report["sources"], key=lambda n: report["sources"][n][primary])
+        report["best_single"] = {"adapter": best, **report["sources"][best]}
+        report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)
+
+    out = work / "adapter"
+    save_lora(out, comp.export(), backbone.hub_id)
+    atomic_write(out / "shots.jsonl", shot_text)
+    tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
+    run_device = str(next(backbone.model.parameters()).device)
+    routing = routing_entry(backbone.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
+    meta = adapter_meta(spec, backbone, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
+                        trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
+                        efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
+                                    "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
+                                    "latency_ms_per_example": round(1000 * seconds[0] / report["dev_rows"], 2), "device": run_device},
+                        train_state={"steps": len(trace), "best_step": len(trace), "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
+                        composition={"search": search, "weights": report["weights"], "l1": l1, "shots": shots, "seed": seed,
+                                     "sources": {n: str(sources[n]) for n in comp.names}})
+    finish_folder(out, meta, trace, primary)
+    write_json(out / "compose_report.json", report)
+    publish_folder(out, output)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+@torch.no_grad()
+def _cma(objective, n: int, budget: int, seed: int):
+    """CMA-ES from w = 0 (the base model), step 0.5; `budget` loss evaluations at most."""
+    import cma
+
+    es = cma.CMAEvolutionStrategy([0.0] * n, 0.5, {"seed": seed + 1, "maxfevals": budget, "bounds": [-1.5, 1.5], "verbose": -9})
+    trace = []
+    while not es.stop():
+        xs = es.ask()
+        losses = [objective(torch.tensor(x, dtype=torch.float32)).item() for x in xs]
+        es.tell(xs, losses)
+        trace += [{"step": len(trace) + 1, "loss": round(v, 5)} for v in losses]
+    return torch.tensor(es.result.xbest, dtype=torch.float32), trace
+
+
+def _gradient(objective, n: int, budget: int, seed: int):
+    """Adam on the weights alone (lr 0.05) for `budget` steps; the best weights seen are kept."""
+    w = torch.zeros(n, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    trace, best = [], (float("inf"), w.detach().clone())
+    for step in range(budget):
+        loss = objective(w)
+        if loss.item() < best[0]:
+            best = (loss.item(), w.detach().clone())
+        trace.append({"step": step + 1, "loss": round(loss.item(), 5)})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return best[1], trace
+
+
+def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, device, dtype) -> dict:
+    """The usual alternative: a fresh LoRA (the spec's own LoRA settings) trained on the same rows."""
+    work.mkdir(parents=True, exist_ok=True)
+    shots_file = work / "shots.jsonl"
+    atomic_write(shots_file, shot_text)
+    few = copy.deepcopy(spec)
+    few.data.train = str(shots_file)
+    few.dtype = dtype or spec.dtype
+    if few.method != "lora":
+        few.method, few.method_args = "lora", {}
+    few.train.max_steps, few.train.batch_size = steps, min(shot_text.count("\n"), spec.train.batch_size)
+    few.train.warmup_steps, few.train.eval_every, few.train.checkpoint_every = 0, steps, steps
+    few.train.patience, few.train.max_minutes = 0, 0.0
+    folder = train(few, work / "lora_on_shots", progress=False, device=device)
+    metrics = read_sidecar(folder)["metrics"]
+    return {"steps": steps, **{k: v for k, v in metrics.items() if k != "per_class"}}

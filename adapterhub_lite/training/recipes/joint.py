@@ -1,0 +1,431 @@
+"""Joint multi-task training: N task LoRA adapters (+ optionally one shared) trained in one loop.
+
+Every batch mixes rows of several tasks (chosen by a TaskSampler); each row goes through its own
+task's adapter — and through the shared adapter, when there is one — in the same forward and
+backward pass, by the one per-row layer (rowlora.py) in training mode. The loop is the training
+library's (training/loop.py), shared with single-task training. The per-task
+losses are combined by a weighting rule (equal, fixed, dynamic sigmoid, uncertainty).
+
+    runs/mtl/
+      <task>/        one ordinary adapter folder per task: its own factors and the shared ones
+                     concatenated (rank r_shared + r_task), so it serves alone, exactly as trained
+      shared/        the shared adapter by itself
+      run.json       what was trained, how, and the per-task dev scores
+      metrics.jsonl, curves.png   per-task losses, loss weights, sampling shares and dev metrics
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+
+from adapterhub_lite.artifacts.folder import pyplot, save_figure, write_json, write_jsonl
+from adapterhub_lite.artifacts.samples import routing_entry
+from adapterhub_lite.artifacts.sidecar import base_record, build
+from adapterhub_lite.core.data import check_lengths, load_task_data
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.model.adapter import make_config, save_lora, trainable_parameters
+from adapterhub_lite.model.backbone import autocast, load_backbone
+from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids
+from adapterhub_lite.model.rowconfig import check_lora_config
+from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
+from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
+from adapterhub_lite.training.mixing import TaskSampler
+from adapterhub_lite.training.output import adapter_meta, finish_folder, prepare_output, publish_folder
+from adapterhub_lite.training.parallel import Parallel, local_device
+from adapterhub_lite.training.progress import GLOBAL_BATCH, Cursor, next_rows, peak_memory_mb, run_identity, seed_everything, shard
+from adapterhub_lite.training.weighting import make_weighting
+
+SHARED = "shared"
+
+
+@dataclass
+class JointConfig:
+    """Settings of a joint run (each task's own spec gives its prompt, labels, LoRA shape and lr)."""
+
+    max_steps: int = 300
+    batch_size: int = 16  # rows per step, mixed over tasks
+    warmup_steps: int = 20
+    eval_every: int = 100
+    eval_samples: int = 200
+    max_grad_norm: float = 1.0
+    weighting: str = "dynamic"
+    weighting_args: dict = field(default_factory=dict)  # alpha/beta/window (dynamic), weights (fixed)
+    sampling: str = "temperature"
+    temperature: float = 2.0
+    shared_adapter: bool = False
+    shared_r: int = 8
+    max_minutes: float = 0.0
+    seed: int = 0
+    log_every: int = 1  # steps per metrics row (per-task losses, weights, rows)
+
+
+# The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
+SHARED_TRAIN_KEYS = ("max_steps", "batch_size", "warmup_steps", "eval_every", "eval_samples", "max_grad_norm", "max_minutes", "seed")
+
+
+def joint_settings(specs: list[TaskSpec]) -> dict:
+    """JointConfig fields from the specs' `train` keys, which must agree across the tasks (override
+    them on the command line, e.g. train.max_steps=240, to make them agree); all disagreements at once."""
+    out, problems = {}, []
+    for key in SHARED_TRAIN_KEYS:
+        values = {s.name: getattr(s.train, key) for s in specs}
+        if len(set(values.values())) > 1:
+            problems.append(f"train.{key} differs between the tasks ({', '.join(f'{n}: {v}' for n, v in values.items())}); "
+                            f"a joint run has one: pass train.{key}=VALUE")
+        out[key] = next(iter(values.values()))
+    if problems:
+        raise SpecError(problems, "joint training")
+    return out
+
+
+def check_specs(specs: list[TaskSpec]) -> None:
+    """Refuse, all problems at once, a set of tasks that cannot be trained jointly."""
+    problems = []
+    names = [s.name for s in specs]
+    if len(specs) < 2:
+        problems.append(f"joint training needs at least two tasks, got {names}")
+    if len(set(names)) < len(names) or SHARED in names:
+        problems.append(f"task names must be distinct and not {SHARED!r}, got {names}")
+    problems += [f"task {s.name!r} uses method {s.method!r}; joint training trains LoRA adapters (set method: lora)"
+                 for s in specs if s.method != "lora"]
+    for key in ("base", "quantization", "dtype"):
+        values = {s.name: getattr(s, key) for s in specs}
+        if len(set(values.values())) > 1:
+            problems.append(f"all tasks must share one backbone, but {key} differs: {values}")
+    dropouts = {s.name: s.method_args.get("lora_dropout", 0.0) for s in specs}
+    if len(set(dropouts.values())) > 1:
+        problems.append(f"all tasks must use one lora_dropout (the batch shares one dropout mask), got {dropouts}")
+    if problems:
+        raise SpecError(problems, "joint training")
+
+
+class JointLora:
+    """The task adapters (+ shared) of a multi-adapter peft model, applied per row.
+
+    peft creates, initialises and holds the parameters; its own LoRA forward is switched off and
+    each of its LoRA layers gets a per-row LoRA layer (rowlora.RowLoraLinear) as its base: that one
+    holds the very same parameters and adds, for row i, task[i]'s update plus the shared one.
+    """
+
+    def __init__(self, model, tasks: list[str], shared: bool, dropout: float):
+        self.tasks, self.shared, self.dropout = tasks, shared, dropout
+        self.layers = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+        model.base_model.disable_adapter_layers()  # peft now computes only the frozen base ...
+        self.device = next(model.parameters()).device
+        self.context = RowContext()
+        for i, task in enumerate(tasks):  # slot i: the task's own adapter after the shared one
+            self.context.define(i, ([(SHARED, 1.0)] if shared else []) + [(task, 1.0)])
+        self.rows: dict[str, RowLoraLinear] = {}
+        for name, m in self.layers.items():
+            row = RowLoraLinear(m.base_layer, self.context, dropout=dropout)
+            for adapter in m.lora_A:  # ... and froze the factors too; we train them ourselves
+                a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
+                a.requires_grad_(True)
+                b.requires_grad_(True)
+                row.put(adapter, a, b, m.scaling[adapter])
+            m.base_layer = row
+            self.rows[name] = row
+
+    def assign(self, tasks: list[int] | int | None):
+        """Context: row i through task tasks[i]'s adapter (an int: every row; None: the plain base)."""
+        return self.context.assign(tasks, self.device)
+
+    def factors(self, module: str, task: int):
+        """(A, B·scale) of task `task` at `module`: its own factors after the shared ones."""
+        return self.rows[module].slot_factors(task)
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for m in self.layers.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+
+    def names(self) -> list[str]:
+        """The adapters trained: the tasks' and the shared one."""
+        return self.tasks + ([SHARED] if self.shared else [])
+
+    def export(self, task: int | None) -> dict:
+        """Factors of a task adapter (shared included) or, with None, of the shared adapter alone."""
+        if task is None:
+            return {m: (a, b * s) for m, row in self.rows.items() if SHARED in row.entries for a, b, s in [row.entries[SHARED]]}
+        return {m: f for m in self.rows if (f := self.factors(m, task)) is not None}
+
+
+def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
+    configs = {s.name: make_config("lora", s.method_args, model) for s in specs}
+    for name, config in configs.items():  # what the per-row layer cannot apply is refused, not dropped
+        check_lora_config(config, f"task {name!r}'s LoRA (method_args)")
+    first = specs[0].name
+    peft_model = get_peft_model(model, configs[first], adapter_name=first)
+    for s in specs[1:]:
+        peft_model.add_adapter(s.name, configs[s.name])
+    if cfg.shared_adapter:  # the first task's LoRA layout (targets, dropout) at its own rank
+        shared = copy.deepcopy(configs[first])
+        shared.r, shared.lora_alpha = cfg.shared_r, 2 * cfg.shared_r
+        peft_model.add_adapter(SHARED, shared)
+    if hasattr(peft_model.get_output_embeddings(), "lora_A"):  # the loss projects picked rows, not the batch's rows
+        raise SpecError(["a task targets the LM head; joint training adapts the decoder's linear layers (drop lm_head from target_modules)"], "joint training")
+    return peft_model
+
+
+class Joint(Recipe):
+    """Several task adapters (+ shared) in one pass: each row through its own task's adapter.
+
+    A global batch is drawn by the task sampler (the same on every process); each task's rows come
+    from its own data cursor, and each process computes its share of the (task, row) pairs. A
+    task's loss is its share's sum over the global batch's count for that task, so the losses the
+    weighting rule sees (all-reduced) are the global batch's: every process takes the same decision.
+    """
+
+    def __init__(self, specs: list[TaskSpec], cfg: JointConfig, model, joint: JointLora, backbone, data: dict, processes: int = 1):
+        self.specs, self.cfg, self.model, self.joint, self.backbone, self.data = specs, cfg, model, joint, backbone, data
+        self.name = "train-multi"
+        self.names = [s.name for s in specs]
+        tok = backbone.tokenizer
+        self.weighting = make_weighting(cfg.weighting, self.names, device=backbone.device, **cfg.weighting_args)
+        self.sampler = TaskSampler({n: len(data[n]["train"]) for n in self.names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
+        self.labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
+        self.cursors = {n: Cursor() for n in self.names}
+        self.lengths = {n: [len(p) for p in data[n]["train"].prompts] for n in self.names}  # characters: enough to bucket by
+        # Each split is tokenized once, up front; a step only picks rows of ids (the tokenizer stays out of the loop).
+        self.prompt_ids = {n: data[n]["train"].prompt_ids(tok) for n in self.names}
+        self.answers = {s.name: data[s.name]["train"].answers if self.labels[s.name] is not None else data[s.name]["train"].answer_ids(tok)
+                        for s in specs}
+        self.identity = joint_identity(specs, cfg, data, processes)
+        # Tokens a row is read as (prompt, + target for generation): every process counts the global batch's.
+        self.tokens = {n: [len(p) + (0 if self.labels[n] is not None else len(a)) for p, a in zip(self.prompt_ids[n], self.answers[n])]
+                       for n in self.names}
+        self.latency: dict[str, float] = {}
+
+    def param_groups(self) -> list[dict]:
+        # Each task keeps its own learning rate; the shared adapter and the loss weights take the mean.
+        mean_lr = sum(s.train.lr for s in self.specs) / len(self.specs)
+        groups = [{"params": self.joint.parameters(s.name), "lr": s.train.lr} for s in self.specs]
+        if self.cfg.shared_adapter:
+            groups.append({"params": self.joint.parameters(SHARED), "lr": mean_lr})
+        if self.weighting.parameters():
+            groups.append({"params": self.weighting.parameters(), "lr": mean_lr})
+        return groups
+
+    def extra_params(self):
+        return self.weighting.parameters()
+
+    def step_loss(self, call, parallel: Parallel) -> StepLoss:
+        cfg, tok = self.cfg, self.backbone.tokenizer
+        draws = self.sampler.draw_batch(cfg.batch_size * parallel.world)  # the global batch's tasks
+        pairs, counts = [], {}
+        for i, s in enumerate(self.specs):
+            k = draws.count(s.name)
+            if k:
+                rows = next_rows(self.cursors[s.name], self.lengths[s.name], k, cfg.seed + 1000 * i)
+                pairs += [(i, r) for r in rows]
+                counts[i] = loss_items([self.answers[s.name][r] for r in rows], s.train.max_length, self.labels[s.name])
+        mine = shard(pairs, parallel.rank, parallel.world)
+        plans: dict[int, Plan] = {}  # task index → its rows' plan (this process's share)
+        for i in counts:
+            s = self.specs[i]
+            rows = [r for t, r in mine if t == i]
+            if rows:
+                plans[i] = loss_plan_ids([self.prompt_ids[s.name][j] for j in rows], [self.answers[s.name][j] for j in rows],
+                                         s.train.max_length, self.labels[s.name], tok.eos_token_id, reduction="sum")
+        with autocast(self.backbone):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
+            sums = joint_losses(self.model, tok.pad_token_id, self.joint, plans, call=call) if plans else {}
+        zero = torch.zeros((), device=self.backbone.device)
+        # × processes: DDP averages the gradients, and the mean over processes of these is the global batch's loss
+        losses = {self.names[i]: sums.get(i, zero).float() * (parallel.world / counts[i]) for i in counts}
+        observed = parallel.mean(torch.stack([v.detach() for v in losses.values()]))  # the global batch's losses
+        used = self.weighting.weights()  # the weights this step's loss is combined with
+        total = self.weighting.combine(losses, observed=dict(zip(losses, observed)))
+        if parallel.world > 1:
+            # A process whose share holds no row of some task leaves that task's adapter out of its
+            # graph, and DDP would wait forever for its gradient: a zero term puts every adapter in.
+            total = total + 0.0 * sum(p.sum() for name in self.joint.names() for p in self.joint.parameters(name))
+        logs = {"loss": total.detach(), **{f"loss/{n}": v.detach() for n, v in losses.items()},
+                **{f"weight/{n}": torch.tensor(w, device=zero.device) for n, w in used.items()},
+                **{f"rows/{n}": torch.tensor(float(draws.count(n)), device=zero.device) for n in self.names}}
+        return StepLoss(total, sum(self.tokens[self.names[t]][r] for t, r in pairs), logs)
+
+    def scores(self, limit: int | None) -> dict[str, dict]:
+        """Each task's dev metrics through its own adapter (and the latency per example, kept for the sidecars)."""
+        scores = {}
+        for i, s in enumerate(self.specs):
+            dev = self.data[s.name]["dev"]
+            with self.joint.assign(i):
+                metrics, _, seconds = evaluate_split(self.model, self.backbone.tokenizer, s, dev, limit=limit)
+            scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
+            self.latency[s.name] = round(1000 * seconds / min(limit or len(dev), len(dev)), 2)
+        return scores
+
+    def evaluate(self, limit):
+        scores = self.scores(limit)
+        mean = sum(scores[s.name][s.primary_metric] for s in self.specs) / len(self.specs)  # keep the best mean, not the last
+        return mean, {**{f"dev/{n}/{k}": v for n, m in scores.items() for k, v in m.items()}, "dev/mean": round(mean, 4)}
+
+    def observe(self, row: dict) -> None:
+        for s in self.specs:
+            self.sampler.observe(s.name, row[f"dev/{s.name}/{s.primary_metric}"])
+        row.update({f"p/{n}": round(p, 4) for n, p in self.sampler.probabilities().items()})
+
+    def trainable(self):
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, values):
+        params = self.trainable()
+        with torch.no_grad():
+            for n, value in values.items():
+                params[n].copy_(value)
+
+    def state_dict(self):
+        return {"sampler": self.sampler.state_dict(), "weighting": self.weighting.state_dict(),
+                "cursors": {n: c.__dict__ for n, c in self.cursors.items()}}
+
+    def load_state_dict(self, state):
+        self.sampler.load_state_dict(state["sampler"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.cursors = {n: Cursor(**c) for n, c in state["cursors"].items()}
+
+
+def joint_identity(specs: list[TaskSpec], cfg: JointConfig, data: dict, processes: int = 1) -> dict:
+    """One run identity for the tasks and the joint settings (checked on resume; the global batch
+    counts, not the process count)."""
+    ids = {s.name: run_identity(s, data[s.name], processes) for s in specs}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
+    settings[GLOBAL_BATCH] = settings.pop("batch_size") * processes
+    spec = {f"{n}.{k}": v for n, i in ids.items() for k, v in i["spec"].items()} | {f"joint.{k}": v for k, v in settings.items()}
+    data_ = {f"{n}/{k}": v for n, i in ids.items() for k, v in i["data"].items()}
+    blob = json.dumps({"spec": spec, "data": data_}, sort_keys=True, default=str).encode()
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(spec, default=str)), "data": data_}
+
+
+def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | None = None, *, overwrite: bool = False,
+                resume: bool = False, command: str | None = None, device: str | None = None, dtype: str | None = None,
+                progress: bool = True) -> Path:
+    """Train the tasks' adapters jointly; writes one adapter folder per task under `output`.
+
+    A checkpoint is written after every eval; `resume=True` continues an interrupted run exactly
+    (weights, optimizer, schedule, RNG, task sampler, loss-weighting history, data cursors).
+    Under torchrun / accelerate launch it trains data-parallel, as `train` does.
+    """
+    cfg = cfg or JointConfig()
+    check_specs(specs)
+    output = Path(output)
+    work = prepare_output(output, overwrite, resume)
+    data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
+    backbone = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
+    parallel = Parallel(backbone.device, specs[0].quantization)
+    for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
+        check_lengths(s, backbone.tokenizer, data[s.name])
+    seed_everything(cfg.seed)
+    model = _attach(backbone.model, specs, cfg)
+    joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
+    recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
+    loop = LoopConfig(max_steps=cfg.max_steps, eval_every=cfg.eval_every, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+                      eval_samples=cfg.eval_samples, checkpoint_every=cfg.eval_every, log_every=cfg.log_every, max_minutes=cfg.max_minutes)
+    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda")
+    if parallel.main:
+        final = recipe.scores(None)  # every dev row, with the best weights
+        st = result.state
+        state = {"device": str(backbone.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
+                 "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
+                 "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
+                 "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
+        _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command)
+        publish_folder(work / "out", output)
+        shutil.rmtree(work, ignore_errors=True)
+    parallel.barrier()
+    return output
+
+
+def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], spread: float = 1.5, call=None) -> dict[int, torch.Tensor]:
+    """Every task's loss from one pass over all their rows, each row through its own task's adapter.
+
+    Tasks differ in length (an RTE pair is ten SST-2 phrases long), so one padded rectangle would
+    spend most of its compute on padding. The rows are therefore sorted by length and cut into
+    buckets whose longest row is at most `spread` × their shortest; each bucket is one mixed-task
+    forward through the kernel, and the log-probs are put back in order before the losses — so the
+    result (and its gradient) is that of a single pass.
+    """
+    seqs, rows, cols, owner, counts = [], [], [], [], []
+    for task, plan in plans.items():
+        offset = len(seqs)
+        seqs += plan.seqs
+        rows += [offset + r for r in plan.rows]
+        cols += plan.cols
+        owner += [task] * len(plan.seqs)
+        counts.append(len(plan.rows))
+    device = next(model.parameters()).device
+    buckets, order = [], sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for i in order:
+        if buckets and len(seqs[i]) <= spread * len(seqs[buckets[-1][0]]):
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    picks_of = {}  # seq → its picks (positions in the flat rows/cols lists)
+    for j, r in enumerate(rows):
+        picks_of.setdefault(r, []).append(j)
+    parts, where = [], []
+    for bucket in buckets:
+        local = {seq: k for k, seq in enumerate(bucket)}
+        picks = [j for seq in bucket for j in picks_of.get(seq, [])]
+        with joint.assign([owner[seq] for seq in bucket]):
+            parts.append(logprobs_at(model, pad_id, [seqs[seq] for seq in bucket], [local[rows[j]] for j in picks], [cols[j] for j in picks], call))
+        where += picks
+    logp = torch.cat(parts)[torch.argsort(torch.tensor(where, device=device))]  # back to the plans' order
+    return {task: plan.reduce(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
+
+
+def _write_outputs(work: Path, specs, cfg: JointConfig, backbone, data, model, joint: JointLora, final: dict, history, state, command) -> None:
+    out = work / "out"
+    out.mkdir()
+    run = {"tasks": [s.name for s in specs], "config": asdict(cfg), "dev": final, "train_state": state,
+           "base": {"name": specs[0].base, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint},
+           "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
+    dropout, total = joint.dropout, run["trainable_parameters"]["total"]
+    for i, s in enumerate(specs):
+        folder, factors = out / s.name, joint.export(i)
+        save_lora(folder, factors, backbone.hub_id, dropout)
+        routing = routing_entry(model, backbone.tokenizer, s, folder)  # outside route(): the plain backbone's view
+        own = [{"step": r["step"], "loss": r[f"loss/{s.name}"]} for r in history if f"loss/{s.name}" in r] + \
+              [{"step": r["step"], **{k.split("/")[-1]: v for k, v in r.items() if k.startswith(f"dev/{s.name}/")}} for r in history if f"dev/{s.name}/{s.primary_metric}" in r]
+        own_params = sum(a.numel() + b.numel() for a, b in factors.values())
+        meta = adapter_meta(s, backbone, data[s.name], final[s.name], routing=routing, command=command,
+                            trainable_parameters={"trainable": own_params, "total": total,
+                                                  "percent": round(100.0 * own_params / total, 4)},
+                            efficiency={"adapter_file_bytes": (folder / "adapter_model.safetensors").stat().st_size,
+                                        "peak_memory_mb": state["peak_memory_mb"], "train_tokens_per_s": state["train_tokens_per_s"],
+                                        "latency_ms_per_example": state["latency_ms_per_example"][s.name], "device": state["device"]},
+                            train_state={k: state[k] for k in ("steps", "best_step", "stopped_by", "train_seconds", "tokens")},
+                            joint={"run": "..", "tasks": run["tasks"], "shared_adapter": cfg.shared_adapter,
+                                   "weighting": cfg.weighting, "sampling": cfg.sampling})
+        finish_folder(folder, meta, sorted(own, key=lambda r: r["step"]), s.primary_metric)
+    if cfg.shared_adapter:
+        save_lora(out / SHARED, joint.export(None), backbone.hub_id, dropout)
+        # A component, not a task adapter: no task spec, no metrics; every task folder already holds it.
+        build(SHARED, task=None, method="lora", base=base_record(specs[0].base, backbone), command=command,
+              joint={"run": "..", "tasks": run["tasks"], "role": "shared"}).save(out / SHARED)
+    write_json(out / "run.json", run)
+    write_jsonl(out / "metrics.jsonl", history)
+    plot_joint(history, specs, out / "curves.png")
+
+
+def plot_joint(history: list[dict], specs: list[TaskSpec], path: Path) -> None:
+    """Per-task loss, loss weight and dev metric against step, as one PNG."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for s in specs:
+        for ax, key in zip(axes, (f"loss/{s.name}", f"weight/{s.name}", f"dev/{s.name}/{s.primary_metric}")):
+            pts = [(r["step"], r[key]) for r in history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), lw=0.8, marker="o" if key.startswith("dev/") else None, label=s.name)
+    for ax, title in zip(axes, ("train loss", "loss weight", "dev metric")):
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
