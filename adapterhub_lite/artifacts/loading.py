@@ -16,7 +16,7 @@ from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.adapter import require_safetensors
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.model.lora_format import base_rewriting_problem
+from adapterhub_lite.model.lora_format import base_rewriting_problem, factor_key, tensor_shapes, vector_key
 
 
 def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
@@ -59,11 +59,8 @@ def check_fits(folder: Path, model) -> None:
     Reads only adapter_config.json and the safetensors header, so nothing is loaded or changed
     on the model when the answer is no.
     """
-    from safetensors import safe_open
-
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
-    with safe_open(Path(folder) / "adapter_model.safetensors", "pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    shapes = tensor_shapes(folder)
     problems = []
     if config.get("peft_type") == "LORA":
         rewritten = base_rewriting_problem(config, f"adapter {str(folder)!r}")
@@ -72,13 +69,15 @@ def check_fits(folder: Path, model) -> None:
     if config.get("peft_type") in ("LORA", "IA3"):
         modules = dict(model.named_modules())
         for key, shape in shapes.items():
-            # (rpartition gives no separator, not an empty leaf, when the key lacks it)
-            path, sep, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
-            if not sep:  # IA3: "<module>.ia3_l", possibly followed by an adapter name
-                path, sep, _ = key.removeprefix("base_model.model.").rpartition(".ia3_")
-                leaf = "ia3" if sep else ""
-            if not sep:
-                path = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+            factor, vector = factor_key(key), vector_key(key)
+            if factor:
+                path, leaf = factor[0], f"{factor[1]}.weight"
+            elif vector:
+                path, leaf = vector[0], "ia3"
+            else:  # another tensor (lora_embedding_A, a bias, a saved module): its module must exist at least
+                rest = key.removeprefix("base_model.model.")
+                marker = next((m for m in (".lora_", ".ia3_") if m in rest), None)
+                path, leaf = (rest.rpartition(marker)[0] if marker else rest.rsplit(".", 1)[0]), ""
             module = modules.get(path)
             if module is None:
                 problems.append(f"no module {path!r}")

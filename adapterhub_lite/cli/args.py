@@ -6,7 +6,6 @@ A leaf of the CLI: the command modules import it; it imports none of them.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.names import DTYPES, QUANTIZATIONS
+from adapterhub_lite.core.text import parse_jsonl, read_text
 
 
 def finite_float(text: str) -> float:
@@ -68,20 +68,7 @@ def read_jsonl(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"input file {path!r} does not exist; pass a JSONL file with one object per line")
-    rows = []
-    try:
-        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is not part of the first row
-    except UnicodeDecodeError as exc:
-        raise DataError(f"input file {path!r} is not UTF-8 (byte offset {exc.start}); save it as UTF-8") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; write one JSON object per line")
-            rows.append(row)
+    rows = parse_jsonl(read_text(p), path)
     if not rows:
         raise DataError(f"input file {path!r} has no rows")
     return rows

@@ -13,7 +13,7 @@ from adapterhub_lite.cli.args import add_device_args, count, finite_float
 
 def _train_multi(args) -> int:
     from adapterhub_lite.core.spec import load_spec
-    from adapterhub_lite.training.recipes.joint import JointConfig, joint_settings, train_joint
+    from adapterhub_lite.training.recipes.joint import JointConfig, train_joint
 
     paths, overrides = _specs_and_overrides(args.specs)
     overrides += [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
@@ -21,7 +21,7 @@ def _train_multi(args) -> int:
     weighting_args = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("window", args.window)) if v is not None}
     if args.fixed_weights:
         weighting_args = {"weights": dict(zip([s.name for s in specs], args.fixed_weights))}
-    cfg = JointConfig(**joint_settings(specs), weighting=args.weighting, weighting_args=weighting_args, sampling=args.sampling,
+    cfg = JointConfig.from_specs(specs, weighting=args.weighting, weighting_args=weighting_args, sampling=args.sampling,
                       temperature=args.temperature, shared_adapter=args.shared_adapter, shared_r=args.shared_r)
     out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device,
                       progress=not args.no_progress,

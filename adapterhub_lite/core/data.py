@@ -19,6 +19,7 @@ import datasets
 
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.core.text import parse_jsonl, read_text
 
 _BUILDERS = {  # suffix → (reader, csv.reader options)
     ".csv": ("csv", {"delimiter": ","}),
@@ -102,20 +103,10 @@ def load_split(source: str) -> tuple[datasets.Dataset, str]:
     return ds, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _text(path: Path) -> str:
-    """A data file's text: UTF-8, with a leading byte-order mark (as Excel and Notepad write) dropped."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8") from None
-
-
 def _csv_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> datasets.Dataset:
     """A csv/tsv file as a Dataset of string columns; a ragged or header-only file is refused naming the line."""
     sep = "tab" if delimiter == "\t" else repr(delimiter)
-    reader = csv.reader(io.StringIO(_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
     header, rows = None, []
     try:
         for record in reader:
@@ -142,7 +133,7 @@ def _csv_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> d
 
 def _json_rows(path: Path) -> list[dict]:
     """Rows of a JSON Lines file (or a JSON array), exactly as typed in the file."""
-    text = _text(path)
+    text = read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -152,17 +143,7 @@ def _json_rows(path: Path) -> list[dict]:
         if bad:
             raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")
         return rows
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{n} is a JSON {type(row).__name__}, not an object ({line[:60]!r}); write one JSON object per line")
-            rows.append(row)
-    return rows
+    return parse_jsonl(text, path)
 
 
 def label_words(spec: TaskSpec) -> list[str]:

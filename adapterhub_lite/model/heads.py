@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from adapterhub_lite.core.data import label_words
+from adapterhub_lite.core.text import first_line
 from adapterhub_lite.model.backbone import autocast
 
 
@@ -249,7 +250,8 @@ def task_loss(model, tokenizer, prompts: list[str], answers: list, max_length: i
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, max_length: int) -> list[str]:
-    """greedy_generate on already tokenized (untruncated) prompts."""
+    """Greedy-decode an answer per tokenized prompt (its last max_length − max_new_tokens tokens, the window training
+    used); rows stop at EOS, and the answer is the first line of what was generated."""
     ids = [keep_end(p, max_length - max_new_tokens) for p in prompt_ids]
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, _device(model), left=True)  # generation appends on the right
     with autocast(model):
@@ -258,9 +260,4 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
             temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
     texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-    return [t.strip().split("\n")[0].strip() for t in texts]
-
-
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_length: int) -> list[str]:
-    """Greedy-decode an answer per prompt; rows stop at EOS, the answer ends at its first newline."""
-    return generate_ids(model, tokenizer, tokenizer(prompts, add_special_tokens=True).input_ids, max_new_tokens, max_length)
+    return [first_line(t) for t in texts]

@@ -1,7 +1,12 @@
-"""What a LoRA folder's adapter_config.json means beyond its shapes, read without torch or peft
-(so the registry's light commands and the folder checks can ask it too)."""
+"""The one reader of the PEFT LoRA / IA3 format, without torch or peft (the registry's light commands, the
+folder checks, export and the per-row layer all ask it): tensor names, the scale, and what a config means
+beyond its shapes (initialisations that rewrite the base)."""
 
 from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
 
 # LoRA initialisations that rewrite the base weights (the adapter is the residual of a changed base:
 # PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA). Such an adapter fits only that rewritten base, so on the
@@ -27,3 +32,35 @@ def base_rewriting_problem(config, what: str) -> str | None:
         return None
     return (f"{what} was initialised with init_lora_weights={init!r}, which rewrites the base weights; it fits only that rewritten base, "
             "not this backbone: save it converted to plain LoRA (peft's path_initial_model_for_weight_conversion) and serve that")
+
+
+# Tensor names in a PEFT folder: "[base_model.model.]<module>.lora_A[.<adapter>].weight" and
+# "[base_model.model.]<module>.ia3_l[.<adapter>]". peft saves without the adapter segment; a state dict
+# taken from a live PeftModel has it. Every reader (the per-row layer, check_fits, export) parses them here.
+_FACTOR_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
+_VECTOR_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
+
+
+def factor_key(key: str) -> tuple[str, str, str | None] | None:
+    """(module, "A" or "B", adapter name or None) for a LoRA factor's tensor name, else None."""
+    m = _FACTOR_KEY.fullmatch(key)
+    return (m["module"], m["ab"], m["adapter"]) if m else None
+
+
+def vector_key(key: str) -> tuple[str, str | None] | None:
+    """(module, adapter name or None) for an IA3 vector's tensor name, else None."""
+    m = _VECTOR_KEY.fullmatch(key)
+    return (m["module"], m["adapter"]) if m else None
+
+
+def scale(alpha: float, r: float, rslora: bool = False) -> float:
+    """The factor peft multiplies B·A by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a folder's adapter_model.safetensors, read from the header alone."""
+    from safetensors import safe_open  # numpy framework: no torch needed to read a header
+
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="numpy") as fh:
+        return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}

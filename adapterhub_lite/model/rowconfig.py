@@ -4,7 +4,6 @@ otherwise, and an adapter's tensors as the layer takes them (LoRA factors, IA3 v
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ from peft.tuners.ia3.model import IA3Model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.lora_format import base_rewriting_problem
+from adapterhub_lite.model.lora_format import base_rewriting_problem, factor_key, scale, vector_key
 
 # LoraConfig fields this layer implements. Any other field that differs from peft's default
 # changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
@@ -28,13 +27,11 @@ _BOOKKEEPING = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "runtime_config", "target_parameters_allowed",
 }
-_NAMED_FACTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 # IA3Config fields the layer implements. `init_ia3_weights` only says how training started;
 # `fan_in_fan_out` only transposes weights when peft merges, and peft itself resets it to False on
 # the nn.Linear modules served here, so neither changes what the adapter computes. Anything else
 # (`modules_to_save`: whole trained copies of modules; a field a later peft adds) is refused.
 IMPLEMENTED_IA3 = {"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights", "fan_in_fan_out"}
-_NAMED_VECTOR = re.compile(r"(?:base_model\.model\.)?(.+)\.ia3_l(?:\.[^.]+)?")
 
 
 def _unsupported(cfg, default, implemented) -> list[str]:
@@ -70,7 +67,7 @@ def check_lora_config(cfg: LoraConfig, what: str) -> None:
 def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
     """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
     alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
-    return alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+    return scale(alpha, r, cfg.use_rslora)
 
 
 @dataclass
@@ -86,10 +83,10 @@ class LoraFactors:
         check_lora_config(cfg, what)
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in weights.items():
-            m = _NAMED_FACTOR.fullmatch(key)
-            if not m:
+            parsed = factor_key(key)
+            if not parsed:
                 raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row LoRA serves plain LoRA factors (lora_A / lora_B) only")
-            pairs.setdefault(m[1], {})[m[2]] = t
+            pairs.setdefault(parsed[0], {})[parsed[1]] = t
         broken = [mod for mod, ab in pairs.items() if set(ab) != {"A", "B"} or ab["B"].shape[1] != ab["A"].shape[0]]
         if broken:
             raise AdapterLoadError(f"{what} has unpaired or mismatched lora_A/lora_B at {broken[0]!r}; the folder is damaged")
@@ -125,12 +122,13 @@ def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, mod
         cfg.feedforward_modules = set(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type])
     out = {}
     for key, t in weights.items():
-        m = _NAMED_VECTOR.fullmatch(key)
-        if not m:
+        parsed = vector_key(key)
+        if not parsed:
             raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row IA3 serves plain IA3 vectors (ia3_l) only")
-        on_input = IA3Model._check_target_module_feedforward(cfg, m[1])
+        module = parsed[0]
+        on_input = IA3Model._check_target_module_feedforward(cfg, module)
         if t.dim() != 2 or t.shape[0 if on_input else 1] != 1:
             want = "(1, in_features): it scales the input" if on_input else "(out_features, 1): it scales the output"
-            raise AdapterLoadError(f"{what} has ia3_l of shape {tuple(t.shape)} at {m[1]!r}, expected {want} per feedforward_modules; the folder is damaged")
-        out[m[1]] = (t.reshape(-1), on_input)
+            raise AdapterLoadError(f"{what} has ia3_l of shape {tuple(t.shape)} at {module!r}, expected {want} per feedforward_modules; the folder is damaged")
+        out[module] = (t.reshape(-1), on_input)
     return out

@@ -33,7 +33,7 @@ from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.artifacts.registry import version_key
 from adapterhub_lite.core.errors import AdapterHubError
-from adapterhub_lite.model.lora_format import base_rewriting_init
+from adapterhub_lite.model.lora_format import base_rewriting_init, factor_key, scale, tensor_shapes
 
 ENGINES = {"vllm": "vLLM", "lorax": "LoRAX"}
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -42,7 +42,6 @@ DECODER_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 VOCAB_TARGETS = {"lm_head", "embed_tokens"}
 # LoRA variants that change what a layer computes at inference; neither engine implements them.
 VARIANT_KEYS = ("use_qalora", "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config", "monteclora_config", "velora_config")
-_FACTOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -70,22 +69,15 @@ def vllm_rank_bucket(rank: int) -> int | None:
 
 def read_layout(folder: Path) -> tuple[dict, dict[str, int], list[str]]:
     """(adapter_config.json, {module: rank} of its LoRA factors, names of any other tensors), from the header only."""
-    from safetensors import safe_open  # reads names and shapes without loading a tensor
-
     config = json.loads((folder / "adapter_config.json").read_text())
     modules, others = {}, []
-    with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as fh:
-        for key in fh.keys():
-            m = _FACTOR.fullmatch(key)
-            if m is None:
-                others.append(key)
-            elif m["ab"] == "A":  # lora_A is [r, in]
-                modules[m["module"]] = fh.get_slice(key).get_shape()[0]
+    for key, shape in tensor_shapes(folder).items():
+        parsed = factor_key(key)
+        if parsed is None or parsed[2] is not None or not key.startswith("base_model.model."):
+            others.append(key)  # the engines load only PEFT's saved names (no adapter segment)
+        elif parsed[1] == "A":  # lora_A is [r, in]
+            modules[parsed[0]] = shape[0]
     return config, modules, others
-
-
-def _scale(alpha: float, r: float, rslora: bool) -> float:
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def lora_problems(config: dict, modules: dict[str, int], others: list[str], engine: str) -> list[str]:
@@ -139,8 +131,8 @@ def _scale_problems(config: dict, eng: str) -> list[str]:
         # peft matches each pattern on its own, so a module may take its rank from one key and its alpha from another
         return [f"rank_pattern and alpha_pattern name different modules, so the scale of each module cannot be checked against "
                 f"the single lora_alpha/r {eng} applies"]
-    glob = _scale(alpha, r, rslora)
-    odd = {k: _scale(alphas.get(k, alpha), ranks.get(k, r), rslora) for k in set(ranks) | set(alphas)}
+    glob = scale(alpha, r, rslora)
+    odd = {k: scale(alphas.get(k, alpha), ranks.get(k, r), rslora) for k in set(ranks) | set(alphas)}
     odd = {k: s for k, s in odd.items() if not math.isclose(s, glob, rel_tol=1e-6)}
     if odd:
         k = sorted(odd)[0]

@@ -31,6 +31,7 @@ from adapterhub_lite.core.data import load_task_data, readable, render, request_
 from adapterhub_lite.core.errors import AdapterLoadError, ContextLengthError, DataError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
+from adapterhub_lite.core.text import first_line
 from adapterhub_lite.model.backbone import Backbone, load_backbone
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
 from adapterhub_lite.ops.merge import fold_into_base, merge_adapters
@@ -283,7 +284,7 @@ class Router:
 
     def answer(self, ids: list[int]) -> str:
         """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""
-        return self.backbone.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip()
+        return first_line(self.backbone.tokenizer.decode(ids, skip_special_tokens=True))
 
     def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""

@@ -4,7 +4,7 @@
                    clip → optimizer → schedule
                    every log_every steps: one metrics row (window means)
                    every eval_every steps: evaluate on rank 0, share the result, keep the best, maybe stop
-                   every checkpoint_every steps (and at every eval): checkpoint
+                   every checkpoint_every steps (default: eval_every) and when the run stops: checkpoint
     until max_steps, early stopping (patience), or the time budget.
 
 What differs between recipes (one adapter or per-row adapters, loss weighting, task sampling) is
@@ -14,6 +14,7 @@ the `Recipe` passed in.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ from adapterhub_lite.training.progress import RunState, TrainingError, check_res
 
 @dataclass
 class LoopConfig:
-    """The loop's settings (a spec's `train` section maps onto these)."""
+    """The loop's settings: what fit() needs of a run's settings (from_train reads them off a TrainConfig)."""
 
     max_steps: int
     eval_every: int
@@ -41,12 +42,20 @@ class LoopConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     eval_samples: int | None = None
-    checkpoint_every: int | None = None  # None: at every eval
+    checkpoint_every: int | None = None  # None: every eval_every steps
     log_every: int = 10
     max_minutes: float = 0.0
     patience: int = 0  # evals without improvement before stopping (0: never)
     min_delta: float = 0.0  # an improvement is a score above the best by more than this (smaller gains are eval noise)
     min_steps: int = 0  # early stopping waits until this step (a generation metric can sit at 0 while the loss falls)
+
+    @classmethod
+    def from_train(cls, train, **overrides) -> LoopConfig:
+        """The loop's settings read off a run's settings (a spec's `train` section, core.spec.TrainConfig, or a
+        JointConfig), field by field: the loop has no defaults of its own for what a run sets. `overrides`: what a
+        recipe decides itself (a joint run checkpoints at every eval)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: getattr(train, k) for k in fields if hasattr(train, k)}, **overrides})
 
 
 @dataclass

@@ -32,7 +32,7 @@ from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.artifacts.sidecar import base_record, build
 from adapterhub_lite.core.data import check_lengths, load_task_data
 from adapterhub_lite.core.errors import SpecError
-from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.core.spec import TaskSpec, TrainConfig
 from adapterhub_lite.model.adapter import make_config, save_lora, trainable_parameters
 from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
@@ -51,23 +51,31 @@ SHARED = "shared"
 
 @dataclass
 class JointConfig:
-    """Settings of a joint run (each task's own spec gives its prompt, labels, LoRA shape and lr)."""
+    """Settings of a joint run (each task's own spec gives its prompt, labels, LoRA shape and lr).
 
-    max_steps: int = 300
-    batch_size: int = 16  # rows per step, mixed over tasks
-    warmup_steps: int = 20
-    eval_every: int = 100
-    eval_samples: int = 200
-    max_grad_norm: float = 1.0
+    The keys a joint run takes once for all tasks (SHARED_TRAIN_KEYS) are a spec's `train` keys, with the
+    spec's defaults (core.spec.TrainConfig); from_specs reads them off the tasks' specs. The rest is joint-only."""
+
+    max_steps: int = TrainConfig.max_steps
+    batch_size: int = TrainConfig.batch_size  # rows per step, mixed over tasks
+    warmup_steps: int = TrainConfig.warmup_steps
+    eval_every: int = TrainConfig.eval_every
+    eval_samples: int = TrainConfig.eval_samples
+    max_grad_norm: float = TrainConfig.max_grad_norm
     weighting: str = "dynamic"
     weighting_args: dict = field(default_factory=dict)  # alpha/beta/window (dynamic), weights (fixed)
     sampling: str = "temperature"
     temperature: float = 2.0
     shared_adapter: bool = False
     shared_r: int = 8
-    max_minutes: float = 0.0
-    seed: int = 0
-    log_every: int = 1  # steps per metrics row (per-task losses, weights, rows)
+    max_minutes: float = TrainConfig.max_minutes
+    seed: int = TrainConfig.seed
+    log_every: int = 1  # steps per metrics row (per-task losses, weights, rows): joint-only, a row per step is what a study reads
+
+    @classmethod
+    def from_specs(cls, specs: list[TaskSpec], **joint_only) -> JointConfig:
+        """The shared keys from the specs (which must agree; see joint_settings), the joint-only ones as given."""
+        return cls(**joint_settings(specs), **joint_only)
 
 
 # The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
@@ -327,8 +335,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     model = _attach(backbone.model, specs, cfg)
     joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
     recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
-    loop = LoopConfig(max_steps=cfg.max_steps, eval_every=cfg.eval_every, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-                      eval_samples=cfg.eval_samples, checkpoint_every=cfg.eval_every, log_every=cfg.log_every, max_minutes=cfg.max_minutes)
+    loop = LoopConfig.from_train(cfg, checkpoint_every=cfg.eval_every)  # a checkpoint at every eval
     result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda")
     if parallel.main:
         final = recipe.scores(None)  # every dev row, with the best weights

@@ -94,11 +94,7 @@ class SingleTask(Recipe):
 
 def loop_config(spec: TaskSpec) -> LoopConfig:
     """The loop settings of a spec's `train` section."""
-    t = spec.train
-    return LoopConfig(max_steps=t.max_steps, eval_every=t.eval_every, warmup_steps=t.warmup_steps, schedule=t.schedule,
-                      grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm, eval_samples=t.eval_samples,
-                      checkpoint_every=t.checkpoint_every, log_every=t.log_every, max_minutes=t.max_minutes, patience=t.patience,
-                      min_delta=t.min_delta, min_steps=t.min_steps)
+    return LoopConfig.from_train(spec.train)
 
 
 def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool = False, resume: bool = False,
