@@ -20,6 +20,7 @@ server's continuous batching (serve/engine.py) and `generate` share it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,8 +319,8 @@ class AdapterBank:
         Each row stops at its own EOS or its own max_new_tokens and then leaves the batch: the cache,
         mask, positions and LoRA slots keep only the running rows, so finished rows cost nothing.
         With output_scores, also returns per row the logits [n_i, vocab] each new token was chosen from.
-        One host sync per decode step: reading the chosen tokens, which decides who keeps running.
-        This is the server's decode loop too (serve/engine.py), minus rows joining mid-way.
+        Each step is `step`, the one the server's engine runs too (serving/engine.py), here without rows
+        joining mid-way and with greedy choices.
         """
         budget = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budget) != len(input_ids):
@@ -330,22 +331,15 @@ class AdapterBank:
         running = [i for i, n in enumerate(budget) if n > 0]
         if running:
             dec = self.start([input_ids[i] for i in running], [adapters[i] for i in running], keys=running)
-            while True:
-                tokens = dec.logits.argmax(-1)
-                keep = []
-                for j, (i, tok) in enumerate(zip(dec.keys, tokens.tolist())):
-                    out[i].append(tok)
-                    if output_scores:
-                        scores[i].append(dec.logits[j])
-                    if tok != eos_token_id and len(out[i]) < budget[i]:
-                        keep.append(j)
-                if not keep:
-                    break
-                if len(keep) < len(dec.keys):  # drop finished rows from every per-row tensor
-                    self.keep(dec, keep)
-                    tokens = tokens[torch.tensor(keep, device=self.device)]
+
+            def record(j: int, i: int, tok: int) -> bool:
+                out[i].append(tok)
+                if output_scores:
+                    scores[i].append(dec.logits[j])
+                return tok != eos_token_id and len(out[i]) < budget[i]
+
+            while self.step(dec, dec.logits.argmax(-1), record):
                 self.decode_batch_sizes.append(len(dec.keys))
-                self.advance(dec, tokens)
         if not output_scores:
             return out
         vocab = self.lm_head.out_features
@@ -395,6 +389,27 @@ class AdapterBank:
             out.top += [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
             out.tokens += want.tolist()
         return out
+
+    @torch.inference_mode()
+    def step(self, dec: Decoding, tokens: torch.Tensor, decide: Callable[[int, object, int], bool]) -> bool:
+        """One decode step, the one both decoders run (generate here, the engine's continuous batch).
+
+        `tokens` [B] are the running rows' chosen tokens; reading them is the step's one host sync.
+        decide(j, key, token) records row j's token and says whether the row keeps running. Finished
+        rows leave the batch (cache, mask, positions, adapter slots), so they cost nothing after; the
+        rest are fed their token. Returns whether any row is still running.
+        """
+        keep = []
+        for j, (key, tok) in enumerate(zip(dec.keys, tokens.tolist())):
+            if decide(j, key, tok):
+                keep.append(j)
+        if not keep:
+            return False
+        if len(keep) < len(dec.keys):
+            self.keep(dec, keep)
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+        self.advance(dec, tokens)
+        return True
 
     @torch.inference_mode()
     def advance(self, dec: Decoding, tokens: torch.Tensor) -> None:

@@ -321,16 +321,16 @@ class Engine:
 
     def _step(self) -> None:
         """One token for every running row; rows that stop leave; the rest take one decode step."""
-        dec, bank = self._dec, self.router.bank
+        dec = self._dec
         jobs = [self._rows[k] for k in dec.keys]
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
         infos = self._logprobs(dec.logits, tokens, jobs)
-        chosen = tokens.tolist()  # the step's one host sync: it decides who stops
-        keep = []
-        for j, (job, tok) in enumerate(zip(jobs, chosen)):
+
+        def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
+            job = self._rows[key]
             if job.cancelled or self._expired(job):
                 self._drop(job)
-                continue
+                return False
             if not job.tokens:
                 self.metrics.ttft.observe(time.monotonic() - job.submitted)
             reason = job.state.add(tok, infos.get(j))
@@ -339,15 +339,10 @@ class Engine:
                 job.listener("token", (text, entries))
             if reason:
                 self._finish(job, reason)
-            else:
-                keep.append(j)
-        if not keep:
+            return not reason
+
+        if not self.router.bank.step(dec, tokens, emit):  # the bank's step: one host sync, finished rows leave
             self._dec = None
-            return
-        if len(keep) < len(jobs):
-            bank.keep(dec, keep)
-            tokens = tokens[torch.tensor(keep, device=tokens.device)]
-        bank.advance(dec, tokens)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, jobs: list[Job]) -> dict[int, tuple]:
