@@ -11,4 +11,5 @@
     runtime.py    the served catalogue (registry, runtime loads, merges)
     handlers.py   what each route does
     api.py        the FastAPI app and its middleware; metrics.py Prometheus counters
+    routes/       the HTTP routes as FastAPI routers (openai, tokenizer, admin) and what they share
 """

@@ -4,7 +4,8 @@
 
 Every adapter is a `model`: `sst2` (its latest version), `sst2@1.0.0`, `base` (the backbone alone)
 or `auto` (picked by content). Requests to one server share its batches (serve/engine.py); what
-each route does with a request is serve/handlers.py, which fields exist serve/params.py.
+each route does with a request is serve/handlers.py, which fields exist serve/params.py; the routes
+themselves are APIRouters in serving/routes/ (OpenAI, tokenizer, admin), included here.
 
 Around every route, in this order from the outside: CORS (only with --allowed-origins), the access
 log (one line per request), then the API key and the body-size limit (plain ASGI middleware).
@@ -14,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import Headers
 
 from adapterhub_lite.core import __version__
@@ -29,6 +29,8 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.handlers import ClientGone, Handlers, Settings
 from adapterhub_lite.serving.params import IGNORED_HEADER
+from adapterhub_lite.serving.routes import admin, openai, tokenizer
+from adapterhub_lite.serving.routes.common import ServerState, error_response
 from adapterhub_lite.serving.runtime import Catalogue
 
 access_log = logging.getLogger("adapterhub_lite.serve.access")
@@ -108,10 +110,7 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
         engine.router.close()
 
     app = FastAPI(title="adapterhub-lite", version=__version__, lifespan=lifespan)
-    handlers = Handlers(engine, settings, catalogue)
-
-    def error_response(err: P.ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    app.state.server = ServerState(engine, settings, catalogue, Handlers(engine, settings, catalogue))  # what the routes reach
 
     @app.exception_handler(P.ApiError)
     async def _api_error(request, exc):
@@ -134,89 +133,7 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"],
                            expose_headers=[IGNORED_HEADER])
 
-    async def read_json(request: Request) -> dict:
-        body = b""
-        async for chunk in request.stream():  # a body without content-length is counted as it arrives
-            body += chunk
-            if len(body) > settings.max_body_bytes:
-                raise P.ApiError(413, f"request body is over the limit of {settings.max_body_bytes} bytes; send less", code="body_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
-            why = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:60]}"
-            raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise P.ApiError(400, f"request body is a JSON {type(data).__name__}; send a JSON object", code="invalid_json")
-        return data
-
-    # -- routes ----------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        if not engine.alive:
-            return error_response(P.ApiError(503, "the engine is not running", "server_error", "unhealthy"))
-        backbone = engine.router.backbone
-        return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
-                "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
-                "max_model_len": engine.router.max_model_len,
-                "changed_adapters": dict(engine.router.changed)}  # files that changed under the server: refused at load
-
-    @app.get("/version")
-    async def version():
-        return {"version": __version__}
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": catalogue.models()}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handlers.completions(await read_json(request), request)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await handlers.chat(await read_json(request), request)
-
-    @app.post("/v1/classify")
-    async def classify(request: Request):
-        return await handlers.classify(await read_json(request), request)
-
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        return await handlers.tokenize(await read_json(request))
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        return await handlers.detokenize(await read_json(request))
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info():
-        return handlers.tokenizer_info()
-
-    # -- adapters at run time --------------------------------------------------------------------
-    def runtime_allowed():
-        if not settings.allow_runtime_loading:
-            raise P.ApiError(403, "loading adapters at run time is off; start the server with --allow-runtime-loading", "permission_error", "runtime_loading_off")
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_adapter(request: Request):
-        runtime_allowed()
-        body = await read_json(request)
-        name = await catalogue.load(body.get("lora_name"), body.get("lora_path"))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_adapter(request: Request):
-        runtime_allowed()
-        body = await read_json(request)
-        name = await catalogue.unload(body.get("lora_name"))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
-
-    @app.post("/v1/reload")
-    async def reload():
-        return await catalogue.reload()
-
+    # In the order the routes were always declared (health first, runtime loading last), so /openapi.json is unchanged.
+    for router in (admin.router, openai.router, tokenizer.router, admin.runtime_router):
+        app.include_router(router)
     return app

@@ -1,0 +1,61 @@
+"""The server's own routes: health, version and metrics (`router`), and adapters at run time (`runtime_router`).
+
+Two routers so that create_app can include them around the OpenAI and tokenizer routes, keeping the
+order the routes always had (and so /openapi.json as it was).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from adapterhub_lite.core import __version__
+from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.routes.common import error_response, read_json, runtime_allowed, server
+
+router = APIRouter()
+runtime_router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    engine = server(request).engine
+    if not engine.alive:
+        return error_response(P.ApiError(503, "the engine is not running", "server_error", "unhealthy"))
+    backbone = engine.router.backbone
+    return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
+            "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
+            "max_model_len": engine.router.max_model_len,
+            "changed_adapters": dict(engine.router.changed)}  # files that changed under the server: refused at load
+
+
+@router.get("/version")
+async def version():
+    return {"version": __version__}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(server(request).engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# -- adapters at run time ------------------------------------------------------------------------
+@runtime_router.post("/v1/load_lora_adapter")
+async def load_adapter(request: Request):
+    runtime_allowed(request)
+    body = await read_json(request)
+    name = await server(request).catalogue.load(body.get("lora_name"), body.get("lora_path"))
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+@runtime_router.post("/v1/unload_lora_adapter")
+async def unload_adapter(request: Request):
+    runtime_allowed(request)
+    body = await read_json(request)
+    name = await server(request).catalogue.unload(body.get("lora_name"))
+    return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+@runtime_router.post("/v1/reload")
+async def reload(request: Request):
+    return await server(request).catalogue.reload()

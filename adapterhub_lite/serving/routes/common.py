@@ -1,0 +1,62 @@
+"""What every route shares: the objects the app serves, the JSON body reader and the runtime-loading check.
+
+create_app (serving/api.py) puts one `ServerState` on `app.state.server`; a route reaches it with
+`server(request)`, so the routers hold no engine of their own and one module serves any app.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.handlers import Handlers, Settings
+from adapterhub_lite.serving.runtime import Catalogue
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The engine an app serves, its settings, its catalogue of adapters and the routes' work over them."""
+
+    engine: Engine
+    settings: Settings
+    catalogue: Catalogue
+    handlers: Handlers
+
+
+def server(request: Request) -> ServerState:
+    """The served objects of the app that received `request` (set by create_app)."""
+    return request.app.state.server
+
+
+def error_response(err: P.ApiError) -> JSONResponse:
+    """An API error as the JSON answer a client receives (its status and headers)."""
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def read_json(request: Request) -> dict:
+    """The request's body as a JSON object, or an ApiError: 413 past --max-body-bytes, 400 when not a JSON object."""
+    limit = server(request).settings.max_body_bytes
+    body = b""
+    async for chunk in request.stream():  # a body without content-length is counted as it arrives
+        body += chunk
+        if len(body) > limit:
+            raise P.ApiError(413, f"request body is over the limit of {limit} bytes; send less", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:60]}"
+        raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise P.ApiError(400, f"request body is a JSON {type(data).__name__}; send a JSON object", code="invalid_json")
+    return data
+
+
+def runtime_allowed(request: Request) -> None:
+    """Refuse (403) loading or unloading adapters at run time unless the server was started with --allow-runtime-loading."""
+    if not server(request).settings.allow_runtime_loading:
+        raise P.ApiError(403, "loading adapters at run time is off; start the server with --allow-runtime-loading", "permission_error", "runtime_loading_off")

@@ -1,0 +1,33 @@
+"""The OpenAI-compatible routes: the models served, completions, chat completions and classification.
+
+What each does with a request is serving/handlers.py; the body is read here (read_json) so its size
+limit and JSON errors are the same on every route.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from adapterhub_lite.serving.routes.common import read_json, server
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": server(request).catalogue.models()}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await server(request).handlers.completions(await read_json(request), request)
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    return await server(request).handlers.chat(await read_json(request), request)
+
+
+@router.post("/v1/classify")
+async def classify(request: Request):
+    return await server(request).handlers.classify(await read_json(request), request)
