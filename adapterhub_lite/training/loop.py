@@ -7,6 +7,8 @@
                    every checkpoint_every steps (default: eval_every) and when the run stops: checkpoint
     until max_steps, early stopping (patience), or the time budget.
 
+`fit` is that loop, each step a named method of `_Run` (which holds what the steps share).
+
 What differs between recipes (one adapter or per-row adapters, loss weighting, task sampling) is
 the `Recipe` passed in.
 """
@@ -117,148 +119,183 @@ class LoopResult:
 def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool = False, progress: bool = True,
         fused: bool = False, scaler: torch.amp.GradScaler | None = None) -> LoopResult:
     """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end."""
-    groups = recipe.param_groups()
-    extra = recipe.extra_params()
-    params = [p for g in groups for p in g["params"]]
-    for p in params:  # peft keeps adapters fp32 on a low-precision base (autocast_adapter_dtype); make sure of it
-        if p.dtype != torch.float32:
-            p.data = p.data.float()
-    # fused AdamW: one kernel for every parameter instead of a few per tensor on the GPU
-    opt = torch.optim.AdamW(groups, weight_decay=groups[0].get("weight_decay", 0.0), fused=fused)
-    sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
-    call, opt, sched = parallel.prepare(recipe.model, opt, sched)
-    raw_opt = getattr(opt, "optimizer", opt)  # the loss scaler keys its state by the torch optimizer
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    device = next(recipe.model.parameters()).device
-    ckpt = Checkpoint(work, parallel)
-    state, best = RunState(), None
-    if resume:
-        saved = ckpt.load()
-        check_resume(saved.get("run"), recipe.identity, work)
-        recipe.load_trainable(saved["adapter"])
-        recipe.load_state_dict(saved["recipe"])
-        state, best = RunState(**saved["state"]), saved["best"]
-        if saved.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(saved["scaler"])
-        if parallel.main:
-            print(f"resuming from step {state.step}", file=sys.stderr)
-    if parallel.main:
-        work.mkdir(parents=True, exist_ok=True)
-        write_jsonl(work / "metrics.jsonl", state.history)
-
-    def record(row: dict) -> None:
-        state.history.append(row)
-        if parallel.main:
-            with open(work / "metrics.jsonl", "a") as fh:  # append-only log for `tail -f`; rewritten on resume
-                fh.write(json.dumps(row) + "\n")
-
-    def checkpoint() -> None:
-        trained = recipe.trainable()
-        if nonfinite_tensors(trained):  # a diverged adapter never replaces a good checkpoint
-            raise TrainingError(f"training stopped: the adapter's weights became non-finite by step {state.step}; nothing was saved past "
-                                f"the last good checkpoint {_where(ckpt)}; lower train.lr and train again without --resume")
-        ckpt.save({"adapter": {k: v.detach().cpu() for k, v in trained.items()}, "best": best, "state": state.__dict__,
-                   "recipe": recipe.state_dict(), "run": recipe.identity,
-                   "scaler": scaler.state_dict() if scaler.is_enabled() else None})
-
-    # Logged values stay on the device and are summed there; reading them (a host sync that drains
-    # the GPU queue) happens once per metrics row. A row holds the means over the steps since the
-    # previous row; the window always ends at a checkpoint, so a resumed run writes exactly the rows
-    # of an uninterrupted one. The first step whose loss was not finite is tracked on the device
-    # too (0: none). Under fp16 the loss scaler skips such steps and recovers, so there only a
-    # non-finite adapter (checked at each checkpoint) stops the run.
-    window: dict[str, torch.Tensor] = {}
-    window_steps = 0
-    first_bad = torch.zeros((), dtype=torch.long, device=device)
-    stop_on_bad_loss = not scaler.is_enabled()
-    checkpoint_every = cfg.checkpoint_every or cfg.eval_every
+    run = _Run(recipe, cfg, parallel, work, resume=resume, fused=fused, scaler=scaler)
+    state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and parallel.main), desc=recipe.name, dynamic_ncols=True)
     stopped_by = "max_steps"
     while state.step < cfg.max_steps:
-        recipe.model.train()
-        t0, tokens = time.perf_counter(), 0
-        step_logs: dict[str, torch.Tensor] = {}
-        for _ in range(cfg.grad_accum):
-            part = recipe.step_loss(call, parallel)
-            scaler.scale(part.loss / cfg.grad_accum).backward()  # scaled so accumulated grads average, not sum
-            tokens += part.tokens
-            for k, v in part.logs.items():
-                step_logs[k] = step_logs.get(k, 0) + v.detach().float() / cfg.grad_accum
-        for p in extra:  # parameters DDP does not hold: average their gradients here
-            if p.grad is not None:
-                p.grad = parallel.mean(p.grad)
-        # The global batch's logged values: one collective for all of them (none when alone).
-        keys = sorted(step_logs)
-        values = parallel.mean(torch.stack([step_logs[k] for k in keys])) if parallel.world > 1 else [step_logs[k] for k in keys]
-        for k, v in zip(keys, values):
-            window[k] = window.get(k, 0) + v
-        if "loss" in step_logs:
-            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(values[keys.index("loss")]), state.step + 1, first_bad)
-        scaler.unscale_(raw_opt)  # clip the true gradients (no-op unless fp16)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(raw_opt)
-        scaler.update()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        recipe.model.train()  # an eval may have left it in eval mode
+        t0 = time.perf_counter()
+        tokens = run.train_step()
         state.step += 1
         state.tokens += tokens
-        window_steps += 1
         bar.update(1)
 
         last = state.step == cfg.max_steps
         out_of_time = cfg.max_minutes > 0 and parallel.agree(time.monotonic() - start_wall > cfg.max_minutes * 60)  # one scalar all-reduce
         evaluating = state.step % cfg.eval_every == 0 or last or out_of_time
         checkpointing = state.step % checkpoint_every == 0 or evaluating
-        logged = state.step % cfg.log_every == 0 or checkpointing
-        if logged:
-            means = torch.stack([window[k] / window_steps for k in keys] + [first_bad.float()]).tolist()  # the one host sync
-            values, bad_step = dict(zip(keys, means[:-1])), int(means[-1])
-            window, window_steps = {}, 0
-            if bad_step and stop_on_bad_loss:
-                raise TrainingError(f"training stopped: the loss became non-finite at step {bad_step} (window mean {values.get('loss')}); "
-                                    f"nothing was saved past the last good checkpoint {_where(ckpt)}; lower train.lr "
-                                    "(or raise train.warmup_steps) and train again without --resume")
+        logged = state.step % cfg.log_every == 0 or checkpointing  # a window always ends at a checkpoint (see _Run)
+        means = run.read_window() if logged else {}  # the row's one host sync; stops on a non-finite loss
         state.train_seconds += time.perf_counter() - t0  # after the sync, so queued GPU work is counted
         if logged:
-            tps = state.tokens / max(state.train_seconds, 1e-9)
-            row = {"step": state.step, **{k: (round(v, 5) if math.isfinite(v) else None) for k, v in values.items()},
-                   "lr": sched.get_last_lr()[0], "tokens_per_s": round(tps, 1)}  # JSON has no inf/NaN (an fp16 overflow)
-            record(row)
-            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", tok_s=f"{tps:.0f}")
-
-        if evaluating:
-            score, row = recipe.evaluate(cfg.eval_samples) if parallel.main else (None, None)
-            score, row = parallel.share((score, row))  # every process takes the same decisions
-            recipe.observe(row)
-            record({"step": state.step, **row})
-            # Two bests: the weights kept are the best seen (any gain); patience counts evals that did not
-            # beat the score of the last *real* improvement by more than min_delta (Keras' EarlyStopping).
-            improved = state.best_metric is None or score > state.best_metric
-            if state.plateau_score is None or score > state.plateau_score + cfg.min_delta:
-                state.plateau_score, state.bad_evals = score, 0
-            else:
-                state.bad_evals += 1
-            if improved:
-                state.best_metric, state.best_step = score, state.step
-                best = {k: v.detach().cpu().clone() for k, v in recipe.trainable().items()}  # keep the best, not the last
-            if parallel.main:
-                bar.write(f"step {state.step}: dev {score:.4f} (best {state.best_metric:.4f} @ {state.best_step})", file=sys.stderr)
-            if cfg.patience and state.bad_evals >= cfg.patience and state.step >= cfg.min_steps:
-                stopped_by = "early_stopping"
+            run.log_row(means, bar)
+        if evaluating and run.evaluate(bar):  # True: patience ran out
+            stopped_by = "early_stopping"
         if out_of_time and stopped_by == "max_steps":
             stopped_by = "max_minutes"
         if state.step % checkpoint_every == 0 or stopped_by != "max_steps":
-            checkpoint()
+            run.checkpoint()
         if stopped_by != "max_steps":
             break
     bar.close()
-    if best is not None:
-        recipe.load_trainable(copy.deepcopy(best))
-    if nonfinite_tensors(recipe.trainable()):
-        raise TrainingError(f"training stopped: the adapter's weights became non-finite by step {state.step}; nothing was saved past "
-                            f"the last good checkpoint {_where(ckpt)}; lower train.lr and train again without --resume")
+    run.load_best()
     return LoopResult(state, stopped_by)
+
+
+class _Run:
+    """One fit() call's moving parts (model, optimizer, schedule, checkpoint, the best weights, the log window) and the
+    named steps fit()'s loop takes with them."""
+
+    def __init__(self, recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool, fused: bool,
+                 scaler: torch.amp.GradScaler | None) -> None:
+        """Set up: optimizer, schedule, DDP; then the checkpoint's progress when resuming, and a fresh metrics.jsonl."""
+        self.recipe, self.cfg, self.parallel, self.work = recipe, cfg, parallel, work
+        groups = recipe.param_groups()
+        self.extra = recipe.extra_params()
+        self.params = [p for g in groups for p in g["params"]]
+        for p in self.params:  # peft keeps adapters fp32 on a low-precision base (autocast_adapter_dtype); make sure of it
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        # fused AdamW: one kernel for every parameter instead of a few per tensor on the GPU
+        opt = torch.optim.AdamW(groups, weight_decay=groups[0].get("weight_decay", 0.0), fused=fused)
+        sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+        self.call, self.opt, self.sched = parallel.prepare(recipe.model, opt, sched)
+        self.raw_opt = getattr(self.opt, "optimizer", self.opt)  # the loss scaler keys its state by the torch optimizer
+        self.scaler = scaler or torch.amp.GradScaler(enabled=False)
+        device = next(recipe.model.parameters()).device
+        self.ckpt = Checkpoint(work, parallel)
+        self.state, self.best = RunState(), None
+        if resume:
+            saved = self.ckpt.load()
+            check_resume(saved.get("run"), recipe.identity, work)
+            recipe.load_trainable(saved["adapter"])
+            recipe.load_state_dict(saved["recipe"])
+            self.state, self.best = RunState(**saved["state"]), saved["best"]
+            if saved.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(saved["scaler"])
+            if parallel.main:
+                print(f"resuming from step {self.state.step}", file=sys.stderr)
+        if parallel.main:
+            work.mkdir(parents=True, exist_ok=True)
+            write_jsonl(work / "metrics.jsonl", self.state.history)
+        # Logged values stay on the device and are summed there; reading them (a host sync that drains
+        # the GPU queue) happens once per metrics row. A row holds the means over the steps since the
+        # previous row; the window always ends at a checkpoint, so a resumed run writes exactly the rows
+        # of an uninterrupted one. The first step whose loss was not finite is tracked on the device
+        # too (0: none). Under fp16 the loss scaler skips such steps and recovers, so there only a
+        # non-finite adapter (checked at each checkpoint) stops the run.
+        self.window: dict[str, torch.Tensor] = {}
+        self.window_steps, self.keys = 0, []
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.stop_on_bad_loss = not self.scaler.is_enabled()
+
+    def train_step(self) -> int:
+        """One optimizer step: micro-batches → loss → backward, clip → step → schedule; returns the tokens read."""
+        cfg, parallel, scaler = self.cfg, self.parallel, self.scaler
+        tokens, step_logs = 0, {}
+        for _ in range(cfg.grad_accum):
+            part = self.recipe.step_loss(self.call, parallel)
+            scaler.scale(part.loss / cfg.grad_accum).backward()  # scaled so accumulated grads average, not sum
+            tokens += part.tokens
+            for k, v in part.logs.items():
+                step_logs[k] = step_logs.get(k, 0) + v.detach().float() / cfg.grad_accum
+        for p in self.extra:  # parameters DDP does not hold: average their gradients here
+            if p.grad is not None:
+                p.grad = parallel.mean(p.grad)
+        # The global batch's logged values: one collective for all of them (none when alone).
+        self.keys = keys = sorted(step_logs)
+        values = parallel.mean(torch.stack([step_logs[k] for k in keys])) if parallel.world > 1 else [step_logs[k] for k in keys]
+        for k, v in zip(keys, values):
+            self.window[k] = self.window.get(k, 0) + v
+        if "loss" in step_logs:
+            self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(values[keys.index("loss")]), self.state.step + 1, self.first_bad)
+        scaler.unscale_(self.raw_opt)  # clip the true gradients (no-op unless fp16)
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        scaler.step(self.raw_opt)
+        scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.window_steps += 1
+        return tokens
+
+    def read_window(self) -> dict[str, float]:
+        """The logged values' means since the previous row, in the one host sync per row; then a new window starts."""
+        means = torch.stack([self.window[k] / self.window_steps for k in self.keys] + [self.first_bad.float()]).tolist()  # the one host sync
+        values, bad_step = dict(zip(self.keys, means[:-1])), int(means[-1])
+        self.window, self.window_steps = {}, 0
+        if bad_step and self.stop_on_bad_loss:
+            raise TrainingError(f"training stopped: the loss became non-finite at step {bad_step} (window mean {values.get('loss')}); "
+                                f"nothing was saved past the last good checkpoint {_where(self.ckpt)}; lower train.lr "
+                                "(or raise train.warmup_steps) and train again without --resume")
+        return values
+
+    def log_row(self, means: dict[str, float], bar) -> None:
+        """One metrics row: the window's means, the learning rate, the throughput so far."""
+        state = self.state
+        tps = state.tokens / max(state.train_seconds, 1e-9)
+        row = {"step": state.step, **{k: (round(v, 5) if math.isfinite(v) else None) for k, v in means.items()},
+               "lr": self.sched.get_last_lr()[0], "tokens_per_s": round(tps, 1)}  # JSON has no inf/NaN (an fp16 overflow)
+        self.record(row)
+        bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tps:.0f}")
+
+    def evaluate(self, bar) -> bool:
+        """Evaluate on rank 0, share the result, keep the best weights; True when early stopping's patience ran out."""
+        cfg, parallel, state = self.cfg, self.parallel, self.state
+        score, row = self.recipe.evaluate(cfg.eval_samples) if parallel.main else (None, None)
+        score, row = parallel.share((score, row))  # every process takes the same decisions
+        self.recipe.observe(row)
+        self.record({"step": state.step, **row})
+        # Two bests: the weights kept are the best seen (any gain); patience counts evals that did not
+        # beat the score of the last *real* improvement by more than min_delta (Keras' EarlyStopping).
+        improved = state.best_metric is None or score > state.best_metric
+        if state.plateau_score is None or score > state.plateau_score + cfg.min_delta:
+            state.plateau_score, state.bad_evals = score, 0
+        else:
+            state.bad_evals += 1
+        if improved:
+            state.best_metric, state.best_step = score, state.step
+            self.best = {k: v.detach().cpu().clone() for k, v in self.recipe.trainable().items()}  # keep the best, not the last
+        if parallel.main:
+            bar.write(f"step {state.step}: dev {score:.4f} (best {state.best_metric:.4f} @ {state.best_step})", file=sys.stderr)
+        return bool(cfg.patience and state.bad_evals >= cfg.patience and state.step >= cfg.min_steps)
+
+    def checkpoint(self) -> None:
+        """Save the adapter, the best weights, the counters and the recipe's progress (all a resume needs)."""
+        trained = self.recipe.trainable()
+        if nonfinite_tensors(trained):  # a diverged adapter never replaces a good checkpoint
+            raise self._diverged()
+        self.ckpt.save({"adapter": {k: v.detach().cpu() for k, v in trained.items()}, "best": self.best, "state": self.state.__dict__,
+                        "recipe": self.recipe.state_dict(), "run": self.recipe.identity,
+                        "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None})
+
+    def load_best(self) -> None:
+        """Load the best evaluated weights (if any eval ran); what fit() returns must be finite."""
+        if self.best is not None:
+            self.recipe.load_trainable(copy.deepcopy(self.best))
+        if nonfinite_tensors(self.recipe.trainable()):
+            raise self._diverged()
+
+    def record(self, row: dict) -> None:
+        self.state.history.append(row)
+        if self.parallel.main:
+            with open(self.work / "metrics.jsonl", "a") as fh:  # append-only log for `tail -f`; rewritten on resume
+                fh.write(json.dumps(row) + "\n")
+
+    def _diverged(self) -> TrainingError:
+        return TrainingError(f"training stopped: the adapter's weights became non-finite by step {self.state.step}; nothing was saved past "
+                             f"the last good checkpoint {_where(self.ckpt)}; lower train.lr and train again without --resume")
 
 
 def _where(ckpt: Checkpoint) -> str:
