@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from adapterhub_lite.artifacts.folder import FORMAT, SIDECAR, write_json
+from adapterhub_lite.artifacts.files import write_json
+from adapterhub_lite.artifacts.folder import FORMAT, SIDECAR
 from adapterhub_lite.model.backbone import default_device, dtype_name, load_backbone
 from adapterhub_lite.serving.router import Router
 

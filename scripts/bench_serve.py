@@ -307,7 +307,7 @@ def bench(url: str, targets: list[tuple[str, str]], args) -> dict:
 
 
 def setup(server_args: str, quantization: str) -> dict:
-    """Device, dtype and quantization the server will use: its flags, else its documented defaults (see cli.add_device_args)."""
+    """Device, dtype and quantization the server will use: its flags, else its documented defaults (see cli/args.py add_device_args)."""
     import torch
 
     from adapterhub_lite.model.backbone import default_device, dtype_name, resolve_dtype

@@ -238,3 +238,10 @@ def serve_registry(tmp_path_factory):
     from .serving import build_registry
 
     return build_registry(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two tiny classification adapters, cls_a and cls_b (another seed), trained once per test module."""
+    d = tmp_path_factory.mktemp("adapters")
+    return {"cls_a": train_tiny(d, "cls_a"), "cls_b": train_tiny(d, "cls_b", train={"seed": 3})}

@@ -12,14 +12,7 @@ from adapterhub_lite.cli import main
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.serving.router import Router
 
-from .conftest import train_tiny
 from .serving import Served
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    d = tmp_path_factory.mktemp("adapters")
-    return {"cls_a": train_tiny(d, "cls_a"), "cls_b": train_tiny(d, "cls_b", train={"seed": 3})}
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from adapterhub_lite.artifacts.folder import atomic_write, model_card
+from adapterhub_lite.artifacts.files import atomic_write
+from adapterhub_lite.artifacts.folder import model_card
 
 ADAPTERS = Path(__file__).parent.parent / "adapters"
 

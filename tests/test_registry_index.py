@@ -9,14 +9,6 @@ import pytest
 from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError
 from adapterhub_lite.cli import main
 
-from .conftest import train_tiny
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    d = tmp_path_factory.mktemp("adapters")
-    return {"cls_a": train_tiny(d, "cls_a"), "cls_b": train_tiny(d, "cls_b", train={"seed": 3})}
-
 
 @pytest.fixture
 def reg(adapters, tmp_path):

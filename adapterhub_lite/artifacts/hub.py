@@ -14,13 +14,11 @@ from adapterhub_lite.artifacts.registry import (
     SIDECAR,
     Registry,
     RegistryError,
-    check_folder,
-    check_name,
-    check_version,
     file_record,
     make_entry,
     next_version,
     parse_index,
+    publish_inputs,
 )
 
 _ATTEMPTS = 3
@@ -88,14 +86,7 @@ class HubRegistry(Registry):
         """Upload a version and the updated index in one commit; retry if the index moved."""
         from huggingface_hub import CommitOperationAdd
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
-        meta = check_folder(folder)
-        name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
-        if version != "auto":
-            check_version(version)
-        peft_config = json.loads((folder / "adapter_config.json").read_text())
+        folder, meta, name, peft_config = publish_inputs(folder, version, name)
         files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         hashes = {p.name: file_record(p) for p in files}
         attempt = 0

@@ -30,7 +30,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder, write_json
+from adapterhub_lite.artifacts.files import write_json
+from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder
 from adapterhub_lite.core.errors import AdapterHubError
 
 INDEX_FORMAT = "adapterhub_lite.registry/1"
@@ -119,6 +120,18 @@ def _os_problem(exc: OSError) -> str:
 def check_folder(folder: Path) -> dict:
     """Refuse folders that are not safetensors adapters (folder.check_adapter_folder, as every way in); return their sidecar."""
     return check_adapter_folder(folder, RegistryError)
+
+
+def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[Path, dict, str, dict]:
+    """What every registry checks before a publish: (folder, its sidecar, the name to publish under, adapter_config)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
+    meta = check_folder(folder)
+    name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
+    if version != "auto":
+        check_version(version)
+    return folder, meta, name, json.loads((folder / "adapter_config.json").read_text())
 
 
 def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None = None) -> dict:
@@ -432,14 +445,7 @@ class LocalRegistry(Registry):
         registry as it was: the temp folder is removed, and a folder renamed into place but not
         yet listed is taken back.
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
-        meta = check_folder(folder)
-        name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
-        if version != "auto":
-            check_version(version)
-        peft_config = json.loads((folder / "adapter_config.json").read_text())
+        folder, meta, name, peft_config = publish_inputs(folder, version, name)
         tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{os.getpid()}-{_host()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from adapterhub_lite.artifacts.folder import atomic_write
+from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.artifacts.sidecar import Sidecar
 from adapterhub_lite.core.data import load_split
 from adapterhub_lite.core.errors import AdapterHubError

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.artifacts.folder import pyplot, read_sidecar, save_figure, write_json
+from adapterhub_lite.artifacts.files import write_json
+from adapterhub_lite.artifacts.folder import pyplot, read_sidecar, save_figure
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.errors import AdapterHubError

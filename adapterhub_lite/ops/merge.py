@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.artifacts.folder import atomic_write, nonfinite_tensors, read_sidecar
+from adapterhub_lite.artifacts.files import atomic_write
+from adapterhub_lite.artifacts.folder import nonfinite_tensors, read_sidecar
 from adapterhub_lite.artifacts.sidecar import Sidecar, build
 from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.errors import AdapterHubError

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from adapterhub_lite.artifacts.folder import nonfinite_tensors, write_jsonl
+from adapterhub_lite.artifacts.files import write_jsonl
+from adapterhub_lite.artifacts.folder import nonfinite_tensors
 from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.training.parallel import Parallel
 from adapterhub_lite.training.progress import RunState, TrainingError, check_resume

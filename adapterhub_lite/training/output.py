@@ -7,7 +7,8 @@ import contextlib
 import shutil
 from pathlib import Path
 
-from adapterhub_lite.artifacts.folder import atomic_write, check_finite, model_card, plot_curves, replaceable, write_jsonl
+from adapterhub_lite.artifacts.files import atomic_write, write_jsonl
+from adapterhub_lite.artifacts.folder import check_finite, model_card, plot_curves, replaceable
 from adapterhub_lite.artifacts.sidecar import Sidecar, base_record, build
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.errors import OutputExistsError

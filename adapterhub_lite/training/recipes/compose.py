@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from adapterhub_lite.artifacts.folder import atomic_write, read_sidecar, write_json
+from adapterhub_lite.artifacts.files import atomic_write, write_json
+from adapterhub_lite.artifacts.folder import read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.core.data import check_lengths, load_split, load_task_data, to_split

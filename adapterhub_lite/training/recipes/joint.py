@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from adapterhub_lite.artifacts.folder import pyplot, save_figure, write_json, write_jsonl
+from adapterhub_lite.artifacts.files import write_json, write_jsonl
+from adapterhub_lite.artifacts.folder import pyplot, save_figure
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.artifacts.sidecar import base_record, build
 from adapterhub_lite.core.data import check_lengths, load_task_data
