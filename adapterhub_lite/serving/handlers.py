@@ -188,14 +188,19 @@ class Handlers:
         usage = P.usage([r for r in results if r is not None])
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
+    async def _begin(self, body: dict, endpoint, prefix: str, http):
+        """What both generation routes do first: check the fields, name the request and its model (both into the
+        access line), and read its sampling settings. Returns (access, request id, model, SamplingParams)."""
+        access = http.state.access
+        self.fields(body, endpoint, access)
+        rid = access["id"] = self.request_id(body, prefix)
+        model = access["model"] = await self.resolve_model(body)
+        return access, rid, model, sampling_params(body, endpoint, vocab=self.vocab, max_tokens_limit=self.settings.max_tokens)
+
     # -- /v1/completions -------------------------------------------------------------------------
     async def completions(self, body: dict, http):
         """POST /v1/completions: a raw `prompt` (continued as given) or a task's `input` (its answer)."""
-        access = http.state.access
-        self.fields(body, C, access)
-        rid = access["id"] = self.request_id(body, "cmpl")
-        model = access["model"] = await self.resolve_model(body)
-        params = sampling_params(body, C, vocab=self.vocab, max_tokens_limit=self.settings.max_tokens)
+        access, rid, model, params = await self._begin(body, C, "cmpl", http)
         raw_only = [k for k in ("echo", "min_tokens") if body.get(k) not in (None, False, 0)]
         if ("input" in body or model == AUTO) and raw_only:  # a task's answer is its first line, stripped: not a continuation to echo or lengthen
             raise P.bad(raw_only[0], body[raw_only[0]], "applies to a raw `prompt` sent to a named adapter; a task's `input` (and 'auto') "
@@ -219,11 +224,7 @@ class Handlers:
     # -- /v1/chat/completions --------------------------------------------------------------------
     async def chat(self, body: dict, http):
         """POST /v1/chat/completions: a task adapter answers the last user message; `base` continues the chat template."""
-        access = http.state.access
-        self.fields(body, H, access)
-        rid = access["id"] = self.request_id(body, "chatcmpl")
-        model = access["model"] = await self.resolve_model(body)
-        params = sampling_params(body, H, vocab=self.vocab, max_tokens_limit=self.settings.max_tokens)
+        access, rid, model, params = await self._begin(body, H, "chatcmpl", http)
         messages = P.check_messages(body.get("messages"))
         add_generation = flag(body, "add_generation_prompt", True)
         continue_final = flag(body, "continue_final_message", False)
