@@ -61,7 +61,8 @@ class Served:
 
     def __init__(self, registry, max_model_len=None, **settings):
         self.router = Router.from_registry(registry, quantization="none", dtype="fp32", max_model_len=max_model_len)
-        self.engine = Engine(self.router, max_batch_rows=settings.pop("max_batch_rows", 32), max_queue=settings.pop("max_queue", 256))
+        self.engine = Engine(self.router, max_batch_rows=settings.pop("max_batch_rows", 32), max_queue=settings.pop("max_queue", 256),
+                             budgets=settings.pop("budgets", None))
         self.port = free_port()
         self.catalogue = Catalogue(self.engine)
         app = create_app(self.engine, Settings(**{"api_key": KEY, "allow_runtime_loading": True, **settings}), self.catalogue)

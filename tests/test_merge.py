@@ -211,3 +211,30 @@ def test_a_published_merge_is_left_out_of_auto_routing_with_a_warning(sources, t
     with pytest.warns(UserWarning, match="adapter 'mix' is left out of content routing: .* has no routing file"):
         out = router.run([{"adapter": "auto", "text": "pos 3"}, {"adapter": "mix", "text": "neg 1"}])
     assert out[0]["adapter"] == "a" and out[1]["adapter"] == "mix" and all(o["prediction"] in ("pos", "neg") for o in out)
+
+
+@pytest.mark.parametrize("method, density", [("delta_linear", None), ("linear", None), ("svd", None), ("ties", 0.5), ("ties_svd", 0.5)])
+def test_a_merge_on_the_weightless_model_equals_the_merge_on_the_backbone(sources, tmp_path, monkeypatch, method, density):
+    """The server's merges (Router.build_merge) load no second backbone, and their factors are the ones peft makes on the real one."""
+    from safetensors.torch import load_file
+
+    from adapterhub_lite.ops import merge
+    from adapterhub_lite.serving.router import Router
+
+    names = ("a", "b") if method in ("linear", "ties") else ("a", "c")
+    weights = {n: w for n, w in zip(names, (0.6, 0.4))}
+    # (DARE's methods are left out: they drop at random, and peft's random init of the adapters it loads on the
+    # real backbone moves the generator before the draws, so the two sides draw differently)
+    merge_adapters({n: sources[n] for n in names}, weights, method, density=density, output=tmp_path / "full", name="mix", report_rows=0, dtype="fp32")
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    for n in names:
+        router.register(n, sources[n])
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("a merge without a report loaded a backbone")
+
+    monkeypatch.setattr(merge, "load_backbone", no_backbone)
+    folder, side = router.build_merge(weights, method, density=density, name="mix", output=tmp_path / "light")
+    full, light = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
+    assert full.keys() == light.keys() and all(torch.equal(full[k], light[k]) for k in full)
+    assert side["merge"]["method"] == method and json.loads((folder / "adapter_config.json").read_text())["r"] == side["merge"]["rank"]

@@ -234,7 +234,7 @@ def test_reload_picks_up_a_new_registry_version(registry, tmp_path):
         before = s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text
         open_registry(reg).publish(reg / "gen_b" / "1.0.0", "2.0.0", name="gen_a")  # gen_a@2.0.0 has gen_b's weights
         assert s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text == before
-        assert s.post("/v1/reload").json() == {"added": [], "updated": ["gen_a"], "deferred": [], "shadowed": []}
+        assert s.post("/v1/reload").json() == {"added": [], "updated": ["gen_a"], "deferred": [], "shadowed": [], "unavailable": {}}
         after = s.client.completions.create(model="gen_a", prompt="", extra_body={"input": "gh"}).choices[0].text
         assert after == s.client.completions.create(model="gen_b", prompt="", extra_body={"input": "gh"}).choices[0].text
     finally:

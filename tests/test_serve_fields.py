@@ -408,7 +408,7 @@ def test_engine_errors_are_logged_with_their_stack(serve_registry, monkeypatch, 
         monkeypatch.setattr(s.router.bank, "advance", boom)
         with caplog.at_level(logging.ERROR, logger="adapterhub_lite.serve"):
             assert s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5}).status_code == 500
-        failed = [r for r in caplog.records if "engine step failed" in r.getMessage()]
+        failed = [r for r in caplog.records if "decode step failed" in r.getMessage()]
         assert failed and failed[0].exc_info and "simulated out of memory" in failed[0].getMessage()
     finally:
         s.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import socket
 
@@ -18,14 +19,18 @@ def _serve(args) -> int:
     from adapterhub_lite.serving.handlers import Settings
     from adapterhub_lite.serving.router import Router
     from adapterhub_lite.serving.runtime import Catalogue
+    from adapterhub_lite.serving.scheduler import Budgets
 
     key = args.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
+    budgets = Budgets(max_rows=args.max_batch_rows, max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras)  # checked before the backbone loads
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
     with _logging(args.log_level):
         router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
                                       max_model_len=args.max_model_len)
-        engine = Engine(router, max_batch_rows=args.max_batch_rows, max_queue=args.max_queue)
+        if args.kv_cache_mb is not None:  # in cache positions of this backbone
+            budgets = dataclasses.replace(budgets, max_kv_tokens=int(args.kv_cache_mb * 2**20 // router.bank.kv_bytes_per_token()))
+        engine = Engine(router, max_queue=args.max_queue, budgets=budgets)
         settings = Settings(max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
                             max_body_bytes=args.max_body_bytes, api_key=key, allow_runtime_loading=args.allow_runtime_loading,
                             allowed_origins=tuple(args.allowed_origins or ()))
@@ -97,6 +102,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch-rows", type=count(1), default=32, help="rows decoded together (1: one request at a time)")
+    p.add_argument("--max-num-batched-tokens", type=count(1), help="tokens one step runs (a decoding row: 1; a prompt: its tokens, "
+                   "in pieces over several steps when longer than what is left); at least --max-batch-rows (default: no bound)")
+    p.add_argument("--kv-cache-mb", type=finite_float, help="KV cache budget: a request reserves prompt + max_tokens positions when it "
+                   "starts; requests that do not fit wait (default: no bound)")
+    p.add_argument("--max-loras", type=count(1), help="distinct adapters in the running batch at once; requests for others wait (default: no bound)")
     p.add_argument("--max-queue", type=count(1), default=256, help="requests waiting beyond the batch; more get 429")
     p.add_argument("--max-model-len", type=count(1), help="context in tokens: prompt (+ an adapter's virtual tokens) + max_tokens must fit, "
                    "else 400 naming the numbers; prompts are never cut (default: the backbone's own)")

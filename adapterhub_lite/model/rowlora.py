@@ -189,6 +189,20 @@ class RowLoraLinear(torch.nn.Module):
         self.scales.pop(name, None)
         self._version += 1
 
+    def stack_nbytes(self, slots: int) -> int:
+        """Bytes of the serving stacks (cache=True) for a table of `slots` slots: every slot padded to the widest
+        rank held here, A and B, plus one IA3 vector per slot on each scaled side. Computed from the entries, so
+        it is known before the stacks are built (they are, lazily, at the next forward)."""
+        total = 0
+        if self.entries:
+            a = next(iter(self.entries.values()))[0]
+            rank = max(e[0].shape[0] for e in self.entries.values())
+            total += slots * rank * (self.in_features + self.out_features) * a.element_size()
+        for on_input in {on for _, on in self.scales.values()}:
+            vec = next(v for v, on in self.scales.values() if on == on_input)
+            total += slots * (self.in_features if on_input else self.out_features) * vec.element_size()
+        return total
+
     # -- the kernel --------------------------------------------------------------------------------
     def slot_factors(self, slot: int):
         """(A [R, in], B·w·s [out, R]) of one slot here, its entries concatenated; None if it has none."""

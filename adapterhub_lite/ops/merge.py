@@ -127,10 +127,33 @@ def _sha256(path: Path) -> str:
     return file_record(path)["sha256"]
 
 
+def factor_model(config) -> torch.nn.Module:
+    """A model of the backbone's shape that holds no weights, for peft to merge adapters on.
+
+    peft's add_weighted_adapter reads only the adapters' factors, but it builds them inside the base model's
+    layers and allocates the merged adapter where each base weight lives. So every module is made on the
+    meta device (no memory), and each linear layer's weight becomes a zero-stride view of one zero on the
+    CPU: the right shape, dtype and device, 4 bytes in all. The merged factors are then real CPU tensors,
+    computed exactly as on the real backbone, and no second backbone is ever loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    zero = torch.zeros((), dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(zero.expand(module.out_features, module.in_features), requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(zero.expand(module.out_features), requires_grad=False)
+    return model
+
+
 def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], method: str = "linear", *,
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
-                   device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False):
+                   device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False,
+                   base_config=None):
     """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
 
     `task`: the task the merged adapter serves. None: the sources' common task (sources of different
@@ -139,7 +162,8 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     folder (PEFT files + sidecar). `report_rows` dev rows per source task are scored under the merged
     and the own adapter (None: all; 0: no report). `device` and `dtype` (None: auto) are the
     backbone's (see load_backbone); the merged factors are computed by peft in the adapters' own fp32
-    whatever the backbone's dtype.
+    whatever the backbone's dtype. With `base_config` (the backbone's config) and no report, peft merges on
+    a model of that shape without weights (factor_model): no backbone is loaded, the factors are the same.
     """
     folders = {n: Path(f) for n, f in folders.items()}
     metas = {n: read_sidecar(f) for n, f in folders.items()}
@@ -151,16 +175,20 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
         raise MergeError(f"adapter name(s) {dotted} contain '.' or are empty, which peft cannot use as adapter names; choose names without '.' (--name)")
     own_task = merged_task(metas, task)
     first = next(iter(metas.values()))
-    backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     names = list(folders)
-    model = PeftModel.from_pretrained(backbone.model, folders[names[0]], adapter_name=names[0])
+    if base_config is not None and report_rows == 0:
+        backbone, base, kw = None, factor_model(base_config), {"low_cpu_mem_usage": True}  # the adapters' factors only
+    else:
+        backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
+        base, kw = backbone.model, {}
+    model = PeftModel.from_pretrained(base, folders[names[0]], adapter_name=names[0], **kw)
     for n in names[1:]:
-        model.load_adapter(folders[n], adapter_name=n)
+        model.load_adapter(folders[n], adapter_name=n, **kw)
     add_merged(model, names, [weights[n] for n in names], name, method, density)
     model.set_adapter(name)
     model.eval()
 
-    report = _report(model, backbone.tokenizer, metas, name, report_rows) if report_rows != 0 else {}
+    report = _report(model, backbone.tokenizer, metas, name, report_rows) if backbone is not None and report_rows != 0 else {}
     sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report)
     if output is not None:
         save_merged(model, name, sidecar, Path(output))

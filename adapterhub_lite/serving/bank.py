@@ -137,12 +137,25 @@ class AdapterBank:
                 layer.base_layer = modules[name]  # the same object unless the caller replaced it
                 setattr(modules[parent] if parent else self.model, child, layer)
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one cache position takes over every layer (keys and values), in the compute dtype."""
+        c = self.config
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers * 2 * kv_heads * head_dim * torch.finfo(self.dtype).bits // 8
+
     def names(self) -> list[str]:
         return list(self._adapters)
 
     def nbytes(self, name: str) -> int:
         """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module; IA3: its vectors)."""
         return self._get(name).nbytes
+
+    def stack_bytes(self) -> int:
+        """Bytes of the per-layer stacks that serve the resident LoRA / IA3 adapters: each targeted layer keeps every
+        slot's factors padded to the widest rank there (rowlora.RowLoraLinear.stack_nbytes), so this grows with
+        slots × widest rank, beyond the adapters' own bytes."""
+        return sum(layer.stack_nbytes(len(self.context.table)) for layer in self._lora.values())
 
     def virtual_tokens(self, name: str) -> int:
         """Positions a prompt- or prefix-tuning adapter puts before every prompt (0 for LoRA and IA3)."""
@@ -419,6 +432,28 @@ class AdapterBank:
             hidden = self._run(self.embed(tokens[:, None]), dec.mask, dec.next_pos, dec.cache)[:, -1]
             dec.logits = head_logits(self.model, hidden)
         dec.next_pos = dec.next_pos + 1
+
+    @torch.inference_mode()
+    def extend(self, dec: Decoding, input_ids: list[list[int]]) -> None:
+        """Run more prompt tokens of each row (the next piece of a chunked prefill): they continue the row's
+        cache at its next positions; `dec.logits` become each row's logits after its last token.
+
+        Rows are right-padded to the longest piece; the pad columns are written to the cache but masked
+        as keys (their mask stays 0), so each row reads exactly what it would have read prefilled whole."""
+        if len(input_ids) != len(dec.keys) or any(len(r) == 0 for r in input_ids):
+            raise AdapterHubError(f"need one non-empty piece per row: {len(dec.keys)} rows, pieces of {[len(r) for r in input_ids]} tokens")
+        if not self.joinable(dec):
+            raise AdapterHubError("this model's cache (sliding-window or static layers) cannot take a prompt in pieces; prefill it whole")
+        pad = getattr(self.config, "pad_token_id", None) or 0
+        width = max(map(len, input_ids))
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in input_ids], dtype=torch.long).to(self.device, non_blocking=True)
+        length = torch.tensor([len(r) for r in input_ids], device=self.device)
+        cols = torch.arange(width, device=self.device)
+        dec.mask = torch.cat([dec.mask, (cols[None, :] < length[:, None]).long()], dim=1)
+        with self.context.using(dec.route):
+            hidden = self._run(self.embed(ids), dec.mask, dec.next_pos + cols[None, :], dec.cache)
+            dec.logits = head_logits(self.model, hidden[torch.arange(len(input_ids), device=self.device), length - 1])
+        dec.next_pos = dec.next_pos + length[:, None]
 
     def keep(self, dec: Decoding, rows: list[int]) -> None:
         """Keep only the rows at these positions of `dec` (the others finished or were cancelled)."""

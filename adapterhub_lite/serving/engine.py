@@ -1,19 +1,24 @@
-"""The scheduler: one thread owns the backbone and serves every request with continuous batching.
+"""The engine: one thread owns the backbone and serves every request with continuous batching.
 
 Requests arrive from any thread (the HTTP server's event loop) into a bounded queue. The engine
 thread loops over *steps*; at each step it
 
-1. runs the calls that change the catalogue (load, unload, merge, reload) between two steps, so
-   they never race a batch;
-2. admits newcomers up to `max_batch_rows`: routes `auto` rows by content, makes their adapters
-   resident (never evicting one a running row uses), scores classification rows in one forward
-   pass, and prefills generation rows in one pass (which also scores the prompts of rows that
-   asked for their log-probs) that then *joins* the running batch (AdapterBank.join: caches
-   padded with masked columns, each row keeps its positions);
-3. picks one token for every running row with the row's own settings (serve/sampling.py),
-   streams what can no longer change to the row's listener (serve/output.py), and lets rows that
-   stopped (EOS, a stop token or string, max_tokens, a cancelled or timed-out request) leave;
-4. runs one decode step for the rest.
+1. runs the calls that change the catalogue (load, unload, reload, registering a merge) between two
+   steps, so they never race a batch;
+2. reads the arrivals: routes `auto` rows by content, tokenizes and checks each request against the
+   context, and hands the scheduler a Ticket (serving/scheduler.py). A bad request fails alone;
+3. asks the scheduler which requests run now under the budgets (rows, tokens per step, cache
+   positions, adapters per batch); the others wait, first come first served;
+4. admits them: makes their adapters resident (never evicting one a running row uses), scores
+   classification rows in one forward pass, prefills generation prompts in one pass (a long prompt
+   in pieces over several steps, chunked prefill), and lets them *join* the running batch
+   (AdapterBank.join: caches padded with masked columns, each row keeps its positions). When a
+   pass fails (an out-of-memory, one bad row), its requests are retried in halves, so the failure
+   stays with the rows that cause it and the running rows go on; every failure is logged;
+5. picks one token for every running row with the row's own settings (serving/sampling.py),
+   streams what can no longer change to the row's listener (serving/output.py), lets rows that
+   stopped (EOS, a stop token or string, max_tokens, a cancelled or timed-out request) leave, and
+   runs one decode step for the rest.
 
 So a request that arrives while a batch runs starts at the next step instead of waiting for the
 batch to end, and each row still decodes exactly as it would alone (same adapter, positions and
@@ -39,8 +44,9 @@ from adapterhub_lite.serving.bank import PromptScores
 from adapterhub_lite.serving.metrics import ServeMetrics
 from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
 from adapterhub_lite.serving.params import SamplingParams
-from adapterhub_lite.serving.router import Prepared, Router
+from adapterhub_lite.serving.router import Prepared, ResidencyFull, Router
 from adapterhub_lite.serving.sampling import choose
+from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
 
@@ -81,6 +87,7 @@ class Job:
     cancelled: bool = False
     finished: bool = False  # answered (done or error): nothing more is sent
     generator: torch.Generator | None = None
+    filling: object = None  # a long prompt's Decoding while its pieces run (chunked prefill)
 
     def cancel(self) -> None:
         """Ask the engine to drop this row at its next step (client gone)."""
@@ -121,20 +128,26 @@ class Result:
 
 
 class Engine:
-    """Owns a Router and serves Jobs with continuous batching on one background thread."""
+    """Owns a Router and serves Jobs with continuous batching on one background thread.
 
-    def __init__(self, router: Router, *, max_batch_rows: int = 32, max_queue: int = 256, metrics: ServeMetrics | None = None):
+    What runs at each step is the Scheduler's decision (serving/scheduler.py: rows, tokens per step,
+    cache positions and adapters per batch); the AdapterBank runs it."""
+
+    def __init__(self, router: Router, *, max_batch_rows: int = 32, max_queue: int = 256, metrics: ServeMetrics | None = None,
+                 budgets: Budgets | None = None):
         self.router = router
-        self.max_batch_rows = max_batch_rows
+        self.budgets = budgets or Budgets(max_rows=max_batch_rows)
+        self.max_batch_rows = self.budgets.max_rows
+        self.scheduler = Scheduler(self.budgets)
         self.metrics = metrics or ServeMetrics()
-        self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)  # arrivals, from any thread
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
         self._dec = None  # the running batch's Decoding (None when idle)
         self._rows: dict[int, Job] = {}  # id(job) → job, for the running rows
-        self._admitting: list[Job] = []  # taken from the queue, not yet running or answered
+        self._jobs: dict[int, Job] = {}  # id(job) → job, for every job the scheduler holds (waiting, prefilling, running)
 
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -149,11 +162,13 @@ class Engine:
         """Queue a job; raises QueueFull when the queue is at its bound, ShuttingDown while stopping."""
         if self._stopping.is_set():
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
+        if self._waiting.qsize() + len(self.scheduler.waiting) >= self._waiting.maxsize:
+            raise QueueFull(f"the request queue is full ({self._waiting.maxsize} waiting); retry shortly")
         try:
             self._waiting.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"the request queue is full ({self._waiting.maxsize} waiting); retry shortly") from None
-        self.metrics.queue_depth.set(self._waiting.qsize())
+        self.metrics.queue_depth.set(self.queue_depth)
         self._wake.set()
 
     def call(self, fn: Callable[[Router], object]) -> Future:
@@ -173,33 +188,41 @@ class Engine:
         self._thread.join(timeout)
 
     def in_use(self) -> set[str]:
-        """Adapters the running rows use (call on the engine thread, e.g. inside `call`)."""
-        return {j.prepared.adapter for j in self._rows.values()}
+        """Adapters the running and prefilling rows use (call on the engine thread, e.g. inside `call`)."""
+        held = (*self.scheduler.running.values(), *self.scheduler.prefilling.values())
+        return {self._jobs[t.key].prepared.adapter for t in held if t.key in self._jobs}
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting.qsize()
+        """Requests not yet running: arrived, or waiting for a budget."""
+        return self._waiting.qsize() + len(self.scheduler.waiting)
 
     # -- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             try:
-                self._run_calls()
-                self._admit()
-                if self._dec is None:
-                    if self._stopping.is_set() and self._waiting.empty():
+                with self.router.lock:  # a caller of the Router API on another thread waits for the end of this step
+                    self._run_calls()
+                    self._intake()
+                    self._sweep()
+                    plan = self.scheduler.schedule(can_join=self._dec is None or self.router.bank.joinable(self._dec))
+                    if plan.blocked:
+                        self.metrics.waits.labels(budget=plan.blocked).inc()
+                    if plan.prefill:
+                        self._admit(plan)
+                    self._gauges()
+                    if self._dec is not None:
+                        self._step()
+                if self._dec is None and not plan.prefill:
+                    if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):
                         return
-                    self._wake.wait(0.05)  # idle: sleep until a request or call arrives
+                    self._wake.wait(0.05)  # idle (or every waiting request waits for a budget): sleep until something arrives
                     self._wake.clear()
-                    continue
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - a failed batch (e.g. out of memory) fails its requests, not the server
-                failed = list(self._rows.values()) + self._admitting
-                log.exception("engine step failed (%s: %s); failing its %d request(s)", type(exc).__name__, exc, len(failed))
-                self._fail(failed, exc)
-                self._dec, self._admitting = None, []
-                if self.router.backbone.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001 - a fault of the engine itself (not of one request): fail what it holds, keep serving
+                held = list(self._jobs.values())
+                log.exception("engine fault (%s: %s); failing its %d request(s)", type(exc).__name__, exc, len(held))
+                self._dec = None
+                self._fail(held, exc)
 
     def _run_calls(self) -> None:
         while True:
@@ -213,84 +236,157 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
                     fut.set_exception(exc)
 
-    def _drain(self, limit: int | None = None) -> list[Job]:
+    def _gauges(self) -> None:
+        s = self.scheduler
+        self.metrics.queue_depth.set(self.queue_depth)
+        self.metrics.kv_reserved.set(s._kv([*s.running.values(), *s.prefilling.values()]))
+        self.metrics.resident.set(len(self.router.resident))
+        self.metrics.evictions.set(self.router.evictions)
+
+    def _parts(self, jobs: list[Job], fn: Callable[[list[Job]], None], what: str) -> None:
+        """Run fn(jobs); when it raises, run it on each half, so that an out-of-memory or one bad row fails only
+        the part that causes it; a job that fails alone gets the error. fn leaves no trace when it raises."""
+        try:
+            return fn(jobs)
+        except Exception as exc:  # noqa: BLE001 - isolated below; every one is logged
+            if len(jobs) == 1:
+                if not isinstance(exc, AdapterHubError):  # a bad request is the client's; anything else is ours: the stack goes to the log
+                    log.exception("%s failed for one request (%s: %s); failing it alone", what, type(exc).__name__, exc)
+                return self._fail(jobs, exc)
+            log.warning("%s of %d requests failed (%s: %s); retrying them in halves", what, len(jobs), type(exc).__name__, exc,
+                        exc_info=not isinstance(exc, AdapterHubError))
+            if self.router.backbone.device.type == "cuda":
+                torch.cuda.empty_cache()
+        half = len(jobs) // 2
+        self._parts(jobs[:half], fn, what)
+        self._parts(jobs[half:], fn, what)
+
+    # -- arrivals: route, read and queue for a budget ------------------------------------------------
+    def _intake(self) -> None:
         jobs = []
-        while limit is None or len(jobs) < limit:
+        while True:
             try:
-                jobs.append(self._waiting.get_nowait())
+                job = self._waiting.get_nowait()
             except queue.Empty:
                 break
-        self.metrics.queue_depth.set(self._waiting.qsize())
-        return jobs
+            if not self._gone(job):
+                jobs.append(job)
+        if jobs:
+            self._parts(jobs, self._enqueue, "routing")
 
-    def _admit(self) -> None:
-        """Bring waiting jobs into the batch: route, hold adapters, classify, prefill and join."""
-        room = self.max_batch_rows - len(self._rows)
-        if room <= 0 or self._waiting.empty():
-            return
-        if self._dec is not None and not self.router.bank.joinable(self._dec):
-            return  # this model's cache cannot take rows mid-way: newcomers wait for the batch to end
-        self._admitting = [j for j in self._drain(room) if not self._gone(j)]
-        if self._admitting:
-            self._admit_jobs(self._admitting)
-        self._admitting = []
-
-    def _admit_jobs(self, jobs: list[Job]) -> None:
-        router = self.router
-        try:
-            names = router.route([j.request for j in jobs])
-        except AdapterHubError as exc:
-            return self._fail(jobs, exc)
-        running = frozenset(j.prepared.adapter for j in self._rows.values())
-        ready: list[Job] = []
+    def _enqueue(self, jobs: list[Job]) -> None:
+        names = self.router.route([j.request for j in jobs])  # `auto` rows: one embedding pass for all of them
         for job, name in zip(jobs, names):
             try:
-                router.hold([name], keep=running | {j.prepared.adapter for j in ready})
-                job.prepared = router.prepare(job.request, name, job.params.max_tokens, default_new_tokens=job.default_max_tokens,
-                                              fill_context=job.fill_context, max_input_tokens=job.max_input_tokens,
-                                              add_special_tokens=job.add_special_tokens, truncate_prompt_tokens=job.truncate_prompt_tokens)
-                if job.prepared.classify and (job.params.logprobs is not None or job.params.prompt_logprobs is not None):
-                    raise DataError(f"adapter {name!r} answers its task input by scoring its labels, so there are no token log-probs; "
-                                    "drop logprobs/prompt_logprobs, ask /v1/classify for every label's probability, "
-                                    "or send the rendered prompt as `prompt` for the language model's log-probs")
-            except AdapterHubError as exc:  # this request alone is bad (unknown adapter, missing column, too long, …)
+                job.prepared = self.router.prepare(
+                    job.request, name, job.params.max_tokens, default_new_tokens=job.default_max_tokens, fill_context=job.fill_context,
+                    max_input_tokens=job.max_input_tokens, add_special_tokens=job.add_special_tokens, truncate_prompt_tokens=job.truncate_prompt_tokens)
+                self.scheduler.add(self._ticket(job))
+            except Exception as exc:  # noqa: BLE001 - this request alone is bad (unknown adapter, missing column, too long, over a budget)
+                if not isinstance(exc, AdapterHubError):
+                    log.exception("reading a request for %r failed (%s); failing it alone", name, type(exc).__name__)
                 self._fail([job], exc)
                 continue
-            except Exception as exc:  # noqa: BLE001 - an adapter that fails to load fails its own request, not the batch
-                log.exception("admitting a request for %r failed (%s); failing it alone", name, type(exc).__name__)
-                self._fail([job], exc)
-                continue
-            ready.append(job)
-        self.metrics.resident.set(len(router.resident))
-        self.metrics.evictions.set(router.evictions)
-        cls = [j for j in ready if j.prepared.classify]
-        gen = [j for j in ready if not j.prepared.classify]
+            self._jobs[id(job)] = job
+
+    def _ticket(self, job: Job) -> Ticket:
+        p, router = job.prepared, self.router
+        if p.classify and (job.params.logprobs is not None or job.params.prompt_logprobs is not None):
+            raise DataError(f"adapter {p.adapter!r} answers its task input by scoring its labels, so there are no token log-probs; "
+                            "drop logprobs/prompt_logprobs, ask /v1/classify for every label's probability, "
+                            "or send the rendered prompt as `prompt` for the language model's log-probs")
+        kind, virtual = router.virtual_tokens(p.adapter)
+        ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
+        if p.classify:
+            width = len(p.ids) + ran + router.label_tokens(p.adapter)
+            return Ticket(id(job), p.bank_name, width * router.label_sequences(p.adapter), width, chunkable=False)
+        return Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
+                      chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
+
+    def _sweep(self) -> None:
+        """Waiting requests nobody waits for any more (cancelled, past their deadline) leave the queue."""
+        for t in list(self.scheduler.waiting):
+            job = self._jobs.get(t.key)
+            if job is not None and self._gone(job):
+                self._forget(job)
+
+    # -- admission: adapters resident, classification scored, prompts prefilled -----------------------
+    def _admit(self, plan) -> None:
+        router, first, pieces = self.router, [], []
+        for t, n in plan.prefill:
+            job = self._jobs[t.key]
+            if t.prefilled == n:  # its first piece: its adapter must be resident (never evicting one the batch uses)
+                keep = frozenset(self.in_use()) - {job.prepared.adapter}
+                try:
+                    router.hold([job.prepared.adapter], keep=keep)
+                except ResidencyFull as exc:
+                    if self.in_use() - {job.prepared.adapter}:  # rows running now will free room: it waits at the head
+                        self.scheduler.requeue(t)
+                        continue
+                    self._fail([job], exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - an adapter that fails to load fails its own requests, not the batch
+                    if not isinstance(exc, AdapterHubError):
+                        log.exception("loading adapter %r failed (%s); failing its request", job.prepared.adapter, type(exc).__name__)
+                    self._fail([job], exc)
+                    continue
+                first.append(job)
+            pieces.append((job, t, n))
+        cls = [j for j in first if j.prepared.classify]
+        firsts = {id(j) for j in first}
+        whole = [j for j, t, n in pieces if id(j) in firsts and not j.prepared.classify and t.prefilled == t.prompt_tokens]
         if cls:
-            try:
-                scored = router.classify([j.prepared for j in cls])
-            except AdapterHubError as exc:
-                return self._fail(cls + gen, exc)
-            for job, (best, probs) in zip(cls, scored):
-                words = label_words(job.prepared.spec)
-                self._finish(job, "stop", text=words[best], label=words[best], probabilities=dict(zip(words, probs)))
-        if gen:
-            self._start(gen)
+            self._parts(cls, self._classify, "classification")
+        if whole:
+            self._parts(whole, self._start, "prefill")
+        done = {id(j) for j in cls + whole}
+        for job, t, n in pieces:
+            if id(job) in done or job.finished:
+                continue
+            self._parts([job], lambda js, t=t, n=n: self._piece(js[0], t, n), "chunked prefill")
+        self.metrics.batch_rows.observe(len(self._rows))
+
+    def _classify(self, jobs: list[Job]) -> None:
+        scored = self.router.classify([j.prepared for j in jobs])
+        for job, (best, probs) in zip(jobs, scored):
+            words = label_words(job.prepared.spec)
+            self._finish(job, "stop", text=words[best], label=words[best], probabilities=dict(zip(words, probs)))
+
+    def _begin(self, job: Job) -> None:
+        """A generation row's text state and random generator, made once when its prefill begins."""
+        p = job.params
+        job.state = TextState(self.router.backbone.tokenizer, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens)
+        if not p.greedy:
+            job.generator = torch.Generator(device=self.router.bank.device)
+            job.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
 
     def _start(self, jobs: list[Job]) -> None:
-        """Prefill generation rows (scoring the prompts that asked), answer the ones that want no new
-        token, and join the rest to the running batch."""
-        router, tok = self.router, self.router.backbone.tokenizer
-        for job in jobs:
-            p = job.params
-            job.state = TextState(tok, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens)
-            if not p.greedy:
-                job.generator = torch.Generator(device=router.bank.device)
-                job.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+        """Prefill whole prompts in one pass (scoring those that asked), then let the rows run."""
         scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
-        new = router.bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
-                                score_prompt=scoring)
+        new = self.router.bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
+                                     score_prompt=scoring)
+        self._enter(jobs, new)
+
+    def _piece(self, job: Job, ticket: Ticket, n: int) -> None:
+        """Run the next `n` positions of a long prompt (chunked prefill); after its last piece the row runs."""
+        bank, kind_virtual = self.router.bank, self.router.virtual_tokens(job.prepared.adapter)
+        ran = kind_virtual[1] if kind_virtual[0] == "PROMPT_TUNING" else 0
+        done, ids = ticket.prefilled - n, job.prepared.ids  # positions run before this piece
+        if done == 0:
+            job.filling = bank.start([ids[: n - ran]], [job.prepared.bank_name], keys=[id(job)])
+        else:
+            bank.extend(job.filling, [ids[done - ran : ticket.prefilled - ran]])
+        if ticket.prefilled >= ticket.prompt_tokens:
+            new, job.filling = job.filling, None
+            self._enter([job], new)
+
+    def _enter(self, jobs: list[Job], new) -> None:
+        """Rows whose prompt has run: send echoed or scored prompts, answer those that want no new token,
+        and join the rest to the running batch."""
+        bank = self.router.bank
         for job in jobs:
-            if job.params.echo or id(job) in scoring:
+            self._begin(job)
+            if job.params.echo or id(job) in new.prompt_scores:
                 job.prompt = self._prompt_part(job, new.prompt_scores.get(id(job)))
                 job.listener("prompt", job.prompt)
         keep = [i for i, j in enumerate(jobs) if j.prepared.max_new_tokens > 0]
@@ -300,13 +396,14 @@ class Engine:
         if not keep:
             return
         if len(keep) < len(jobs):
-            router.bank.keep(new, keep)
-        self._rows.update((id(jobs[i]), jobs[i]) for i in keep)
+            bank.keep(new, keep)
+        for i in keep:
+            self._rows[id(jobs[i])] = jobs[i]
+            self.scheduler.started(id(jobs[i]))
         if self._dec is None:
             self._dec = new
         else:
-            router.bank.join(self._dec, new)
-        self.metrics.batch_rows.observe(len(self._rows))
+            bank.join(self._dec, new)
 
     def _prompt_part(self, job: Job, scores: PromptScores | None) -> PromptPart:
         ids, p = job.prepared.ids, job.params
@@ -319,8 +416,21 @@ class Engine:
             part.scores = scores
         return part
 
+    # -- decoding --------------------------------------------------------------------------------------
     def _step(self) -> None:
-        """One token for every running row; rows that stop leave; the rest take one decode step."""
+        """One token for every running row; rows that stop leave; the rest take one decode step. A failing
+        step fails the running rows (their shared cache is gone), logged with its stack; waiting ones go on."""
+        try:
+            self._decode()
+        except Exception as exc:  # noqa: BLE001 - e.g. an out-of-memory in the step: these rows fail, the server goes on
+            failed = list(self._rows.values())
+            log.exception("decode step failed (%s: %s); failing its %d running request(s)", type(exc).__name__, exc, len(failed))
+            self._dec = None
+            self._fail(failed, exc)
+            if self.router.backbone.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _decode(self) -> None:
         dec = self._dec
         jobs = [self._rows[k] for k in dec.keys]
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
@@ -329,7 +439,7 @@ class Engine:
         def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
             job = self._rows[key]
             if job.cancelled or self._expired(job):
-                self._drop(job)
+                self._forget(job)
                 return False
             if not job.tokens:
                 self.metrics.ttft.observe(time.monotonic() - job.submitted)
@@ -363,8 +473,9 @@ class Engine:
     def _gone(self, job: Job) -> bool:
         """A queued job nobody waits for (cancelled: its client left, or a sibling choice was refused) or past its deadline."""
         if job.cancelled:
-            job.finished = True
-            self.metrics.requests.labels(adapter=self._label(job), status="cancelled").inc()
+            if not job.finished:
+                job.finished = True
+                self.metrics.requests.labels(adapter=self._label(job), status="cancelled").inc()
             return True
         return self._expired(job)
 
@@ -381,14 +492,19 @@ class Engine:
         name = job.request.get("adapter")
         return name if name in RESERVED or name in self.router.folders else "unknown"
 
-    def _drop(self, job: Job) -> None:
+    def _forget(self, job: Job) -> None:
+        """The job leaves the engine: its row, its budgets, its prefill state."""
         self._rows.pop(id(job), None)
-        if job.cancelled:
+        self._jobs.pop(id(job), None)
+        self.scheduler.finish(id(job))
+        job.filling = None
+        if job.cancelled and not job.finished:
+            job.finished = True
             self.metrics.requests.labels(adapter=self._label(job), status="cancelled").inc()
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for job in jobs:
-            self._rows.pop(id(job), None)
+            self._forget(job)
             if job.finished:
                 continue
             job.finished = True
@@ -396,7 +512,7 @@ class Engine:
             job.listener("error", exc)
 
     def _finish(self, job: Job, reason: str, text: str | None = None, **extra) -> None:
-        self._rows.pop(id(job), None)
+        self._forget(job)
         job.finished = True
         p, state = job.prepared, job.state
         entries = state.entries() if state is not None and job.params.logprobs is not None else None

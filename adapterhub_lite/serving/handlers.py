@@ -31,6 +31,7 @@ from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine, Job, QueueFull, RequestTimeout, ShuttingDown
 from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, token_ids
+from adapterhub_lite.serving.router import AdapterUnavailable
 from adapterhub_lite.serving.runtime import Catalogue
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
@@ -59,6 +60,8 @@ def as_api_error(exc: Exception) -> P.ApiError:
         return P.ApiError(503, str(exc), "server_error", "shutting_down")
     if isinstance(exc, RequestTimeout):
         return P.ApiError(504, str(exc), "timeout", "request_timeout")
+    if isinstance(exc, AdapterUnavailable):
+        return P.ApiError(503, str(exc), "server_error", "adapter_unavailable")
     if isinstance(exc, AdapterLoadError) and "unknown adapter" in str(exc):
         return P.ApiError(404, str(exc), "invalid_request_error", "model_not_found")
     if isinstance(exc, AdapterHubError):

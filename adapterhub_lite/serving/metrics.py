@@ -22,6 +22,9 @@ class ServeMetrics:
         self.ttft = Histogram("adapterhub_time_to_first_token_seconds", "From arrival to the first generated token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.resident = Gauge("adapterhub_resident_adapters", "Adapters resident on the backbone", registry=r)
+        self.waits = Counter("adapterhub_scheduler_waits", "Steps in which the first waiting request waited, by the budget it waited for "
+                             "(rows, tokens, kv_cache, adapters, batch)", ["budget"], registry=r)
+        self.kv_reserved = Gauge("adapterhub_kv_cache_reserved_tokens", "Cache positions the admitted rows reserve (rows × the widest row)", registry=r)
         self.evictions = Gauge("adapterhub_evictions", "Adapters evicted to stay within the memory budget (since start)", registry=r)
 
     def render(self) -> bytes:

@@ -13,7 +13,10 @@ over their labels, generation rows decode to their own stop).
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.artifacts.registry import check_if_registered
 from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, load_routing
 from adapterhub_lite.core.data import load_task_data, readable, render, request_row
-from adapterhub_lite.core.errors import AdapterLoadError, ContextLengthError, DataError
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, ContextLengthError, DataError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
 from adapterhub_lite.core.text import first_line
@@ -39,8 +42,27 @@ from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.routing import ContentRouter
 
 
+class ResidencyFull(AdapterLoadError):
+    """The adapters a batch needs at once do not fit the memory budget together (the engine lets the request wait)."""
+
+
+class AdapterUnavailable(AdapterLoadError):
+    """A known adapter that cannot be served (its files failed their checks); the others are served."""
+
+
+def _locked(method):
+    """Run a Router method under the router's lock: the backbone's per-row layers read one slot assignment at a
+    time (RowContext), and residency changes must not evict what another caller's batch is using, so calls from
+    several threads take turns (the engine takes the same lock for each of its steps)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return call
+
+
 class Router:
-    """Swap, merge and batch task adapters over one backbone."""
+    """Swap, merge and batch task adapters over one backbone. Safe to call from several threads: calls take turns."""
 
     def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
                  route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None):
@@ -53,6 +75,8 @@ class Router:
         self.metas: dict[str, dict] = {}
         self.hashes: dict[str, dict[str, str]] = {}  # name → {file: sha256} as register() checked them
         self.changed: dict[str, str] = {}  # adapters refused at load because their files changed since (reported by /health)
+        self.unavailable: dict[str, str] = {}  # registry adapters that failed their checks: name → why (/health, /v1/models)
+        self.kinds: dict[str, tuple[str, int]] = {}  # name → (peft type, virtual tokens), read from adapter_config.json at register
         self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
         self.active: str | None = None
         self.route_threshold = route_threshold
@@ -60,6 +84,7 @@ class Router:
         self.evictions = 0  # adapters unloaded to stay within the memory budget
         self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
         self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
+        self.lock = threading.RLock()
 
     @classmethod
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
@@ -74,10 +99,25 @@ class Router:
         backbone = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
         router = cls(backbone, reg, **kwargs)
         for name in latest:
-            router.register(name)
+            router.register_or_mark(name)
+        if router.unavailable and not router.folders:
+            raise AdapterLoadError(f"no adapter of registry {registry} can be served: " + "; ".join(router.unavailable.values()))
         return router
 
+    def register_or_mark(self, name: str, folder: str | Path | None = None) -> bool:
+        """register(); an adapter that fails its checks is listed as unavailable (with why) instead of stopping the
+        others: its requests get that reason. Returns whether it registered."""
+        try:
+            self.register(name, folder)
+        except AdapterHubError as exc:
+            self.forget(name)
+            self.unavailable[name] = str(exc)
+            warnings.warn(f"adapter {name!r} is unavailable and will not be served: {exc}", stacklevel=2)
+            return False
+        return True
+
     # -- catalogue and residency -------------------------------------------------------------
+    @_locked
     def register(self, name: str, folder: str | Path | None = None) -> None:
         """Make an adapter known: a registry name (latest version) or an explicit folder."""
         if folder is None:
@@ -91,7 +131,10 @@ class Router:
         check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
         self.folders[name], self.metas[name] = folder, meta
         self.hashes[name] = folder_hashes(folder)  # what was checked: every later load must find the same bytes
+        config = json.loads((folder / "adapter_config.json").read_text())
+        self.kinds[name] = (str(config.get("peft_type")), int(config.get("num_virtual_tokens") or 0))
         self.changed.pop(name, None)
+        self.unavailable.pop(name, None)
         self._content = None
 
     def _check_unchanged(self, name: str) -> None:
@@ -113,6 +156,9 @@ class Router:
     def _ensure(self, name: str, keep: frozenset = frozenset()) -> None:
         """Make `name` resident (loading it if needed) and most recently used; evict over budget,
         never `name` itself or an adapter in `keep` (the others the running batch needs)."""
+        if name in self.unavailable:
+            raise AdapterUnavailable(f"adapter {name!r} is unavailable: {self.unavailable[name]}; the server serves the other adapters: "
+                                     "repair or re-publish it, then reload (POST /v1/reload)")
         if name not in self.folders:
             raise AdapterLoadError(f"unknown adapter {name!r}; known: {', '.join(self.known()) or 'none'}, or 'base' / 'auto'")
         if name in self.resident:
@@ -129,14 +175,24 @@ class Router:
                 need = sum(self.bank.nbytes(n) for n in self.resident if n in keep) / 2**20
                 if len(keep) == 1:  # one adapter alone over the budget: served, as before (budgets bound the rest)
                     return
-                raise AdapterLoadError(f"this batch needs adapters {sorted(keep)} resident at once ({need:.2f} MB) but the memory budget is "
+                raise ResidencyFull(f"this batch needs adapters {sorted(keep)} resident at once ({need:.2f} MB) but the memory budget is "
                                        f"{self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) or send smaller batches")
             self.unload(spare)
             self.evictions += 1
 
     def resident_bytes(self) -> int:
-        return sum(self.bank.nbytes(n) for n in self.resident)
+        """What the resident adapters take on the device: their own tensors and the padded stacks that serve them
+        (what --memory-budget-mb bounds)."""
+        return sum(self.bank.nbytes(n) for n in self.resident) + self.bank.stack_bytes()
 
+    def memory(self) -> dict:
+        """The adapters' device memory as /health reports it (bytes)."""
+        own = sum(self.bank.nbytes(n) for n in self.resident)
+        stacks = self.bank.stack_bytes()
+        return {"resident_adapters": len(self.resident), "adapter_bytes": own, "stack_bytes": stacks, "total_bytes": own + stacks,
+                "budget_bytes": None if self.budget is None else int(self.budget)}
+
+    @_locked
     def unload(self, name: str) -> None:
         """Free a resident adapter (it stays known and reloads on next use)."""
         if name in self.resident:
@@ -146,12 +202,14 @@ class Router:
                 self.active = None
 
     # -- swap ----------------------------------------------------------------------------------
+    @_locked
     def use(self, name: str) -> None:
         """Make `name` the adapter that `predict` uses (no reload when it is resident)."""
         if name != BASE:
             self._ensure(name)
         self.active = name
 
+    @_locked
     def predict(self, text: str | dict, adapter: str | None = None):
         """One request through the active (or the given) adapter."""
         adapter = adapter or self.active
@@ -161,6 +219,7 @@ class Router:
         return self.run([{**row, "adapter": adapter}])[0]["prediction"]
 
     # -- merge ---------------------------------------------------------------------------------
+    @_locked
     def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
               name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0, into_base: bool = False) -> dict:
         """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar.
@@ -170,10 +229,7 @@ class Router:
         8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
         this causes on the first source task's dev prompts.
         """
-        output = Path(output) if output else Path(self._scratch.name) / name
-        _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
-                                    output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
-                                    device=str(self.backbone.device), dtype=self.backbone.dtype)
+        output, sidecar = self.build_merge(weights, method, density=density, task=task, name=name, output=output, report_rows=report_rows)
         self.register(name, output)
         if into_base:
             spec = self.spec(next(iter(weights)))
@@ -188,6 +244,17 @@ class Router:
             self.folded.append(name)
         return sidecar
 
+    def build_merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
+                    name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0) -> tuple[Path, dict]:
+        """Write the merged adapter's folder (not registered); returns (folder, sidecar). Without a report
+        (report_rows=0) peft merges the sources' factors on a weightless model of the backbone's shape, so no
+        second backbone is loaded and the served model is not touched: the server runs this off its engine thread."""
+        output = Path(output) if output else Path(self._scratch.name) / name
+        _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
+                                    output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
+                                    device=str(self.backbone.device), dtype=self.backbone.dtype, base_config=self.backbone.model.config)
+        return output, sidecar
+
     # -- heterogeneous batches -----------------------------------------------------------------
     def spec(self, name: str) -> TaskSpec | None:
         """The task an adapter was trained for; None for a component (e.g. a joint run's shared
@@ -195,6 +262,7 @@ class Router:
         task = self.metas[name]["task"]
         return spec_from_dict(task) if task else None
 
+    @_locked
     def route(self, requests: list[dict]) -> list[str]:
         """Each request's adapter name, `auto` resolved by content (one embedding pass for all of them)."""
         names = [r.get("adapter", BASE) for r in requests]
@@ -220,6 +288,7 @@ class Router:
                 warnings.warn(f"adapter {name!r} is left out of content routing: {err}", stacklevel=3)
         return ContentRouter(samples, threshold=self.route_threshold)
 
+    @_locked
     def hold(self, names, keep: frozenset = frozenset()) -> None:
         """Make these adapters resident together (with those in `keep`, e.g. the rows already running)."""
         needed = (frozenset(names) | keep) - {BASE}
@@ -258,7 +327,7 @@ class Router:
             raise DataError("the prompt is empty (0 tokens); send at least one token")
         if max_input_tokens is not None and len(ids) > max_input_tokens:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
-        virtual = self.bank.virtual_tokens(name) if name != BASE else 0
+        virtual = self.virtual_tokens(name)[1]
         room = self.max_model_len - virtual - len(ids)
         if spec is not None and spec.type == "classification" and not raw:
             need, what = max(len(t) for t in label_token_ids(tok, spec)), "for the longest label"
@@ -275,17 +344,33 @@ class Router:
                                      "shorten the prompt or lower max_tokens")
         return Prepared(name, spec, tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request else prompt, ids, budget, raw=raw)
 
+    @_locked
     def forget(self, name: str) -> None:
         """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
         self.unload(name)
-        for table in (self.folders, self.metas, self.hashes, self.changed):
+        for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable):
             table.pop(name, None)
         self._content = None
+
+    def virtual_tokens(self, name: str) -> tuple[str, int]:
+        """(peft type, positions a prompt- or prefix-tuning adapter puts before every prompt); ("", 0) for `base`.
+        Read from the adapter's config, so a request is measured before its adapter is resident."""
+        return ("", 0) if name == BASE else self.kinds[name]
+
+    def label_tokens(self, name: str) -> int:
+        """Tokens of a classification adapter's longest label (scoring appends them to the prompt)."""
+        return max(map(len, label_token_ids(self.backbone.tokenizer, self.spec(name))))
+
+    def label_sequences(self, name: str) -> int:
+        """Sequences scoring one request of a classification adapter runs: 1 when every label is one token, else one per label."""
+        labels = label_token_ids(self.backbone.tokenizer, self.spec(name))
+        return 1 if all(len(t) == 1 for t in labels) else len(labels)
 
     def answer(self, ids: list[int]) -> str:
         """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""
         return first_line(self.backbone.tokenizer.decode(ids, skip_special_tokens=True))
 
+    @_locked
     def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
         names = self.route(requests)
@@ -305,6 +390,7 @@ class Router:
                 results[i]["prediction"] = self.answer(ids)
         return results
 
+    @_locked
     @torch.inference_mode()
     def classify(self, rows: list[Prepared]) -> list[tuple[int, list[float]]]:
         """Score every label of every classification row in one forward pass: (argmax, probabilities).

@@ -45,8 +45,13 @@ class Catalogue:
             for row in self.router.registry.rows():  # by name, then version
                 ids += [row["name"], f"{row['name']}@{row['version']}"]
         ids += sorted(self.runtime) + [BASE, AUTO]
-        return [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": backbone.hub_id, "parent": backbone.name}
-                for i in dict.fromkeys(ids)]
+        out = [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": backbone.hub_id, "parent": backbone.name}
+               for i in dict.fromkeys(ids)]
+        for entry in out:  # a registry adapter that failed its checks is listed, with why it is not served
+            why = self.router.unavailable.get(entry["id"])
+            if why is not None:
+                entry.update(available=False, unavailable_reason=why)
+        return out
 
     def has_task(self, model: str) -> bool:
         return model == AUTO or (model in self.router.metas and bool(self.router.metas[model]["task"]))
@@ -72,6 +77,9 @@ class Catalogue:
         `name@latest` is `name`, which /v1/reload keeps at the registry's latest version."""
         if model.endswith("@latest") and model.removesuffix("@latest") in self.router.folders and model.removesuffix("@latest") not in self.runtime:
             return model.removesuffix("@latest")
+        if model.removesuffix("@latest") in self.router.unavailable:
+            raise P.ApiError(503, f"adapter {model!r} is unavailable: {self.router.unavailable[model.removesuffix('@latest')]}; "
+                             "the server serves the other adapters (GET /v1/models)", "server_error", "adapter_unavailable")
         if model in (BASE, AUTO) or model in self.router.folders:
             if model in self.merges:
                 self.merges.move_to_end(model)
@@ -82,7 +90,9 @@ class Catalogue:
             except AdapterHubError:
                 pass
             else:
-                await self._on_engine(lambda r: r.register(model) if model not in r.folders else None)
+                await self._on_engine(lambda r: r.register_or_mark(model) if model not in r.folders else None)
+                if model in self.router.unavailable:
+                    return await self.ensure_known(model)  # the 503 naming why
                 return model
         raise P.ApiError(404, f"the model {model!r} does not exist; see GET /v1/models (adapters, name@version, 'base', 'auto')",
                          code="model_not_found")
@@ -121,11 +131,21 @@ class Catalogue:
                 self.merges.move_to_end(name)
             return name
         if name not in self._pending:  # concurrent requests with one recipe share one build
-            def build(router):
-                if name not in router.folders:
-                    self._make_room(router)
-                    router.merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name, report_rows=0)
-            self._pending[name] = asyncio.ensure_future(self._on_engine(build, flags={"--task": "merged_adapters.task"}))
+            async def build():
+                flags = {"--task": "merged_adapters.task"}
+                await self._on_engine(self._make_room)
+                # the merge itself runs in a worker thread: off the engine thread (decoding goes on) and off the event loop
+                try:
+                    folder, _ = await asyncio.to_thread(self.router.build_merge, dict(zip(ids, map(float, weights))), method,
+                                                        density=density, task=task, name=name, report_rows=0,
+                                                        output=Path(self.router._scratch.name) / f".building-{name}")
+                except AdapterHubError as exc:
+                    message = str(exc)
+                    for flag, field in flags.items():
+                        message = message.replace(flag, field)
+                    raise P.ApiError(400, message, code=type(exc).__name__) from None
+                await self._on_engine(lambda r: self._register_merge(r, name, folder), flags)
+            self._pending[name] = asyncio.ensure_future(build())
         try:
             await asyncio.shield(self._pending[name])
         finally:
@@ -133,6 +153,17 @@ class Catalogue:
                 self._pending.pop(name, None)
         self.merges[name] = json.loads(key)
         return name
+
+    @staticmethod
+    def _register_merge(router, name: str, folder: Path) -> None:
+        """Engine thread: the built folder takes its name (a rename in the scratch folder) and is registered."""
+        final = folder.with_name(name)
+        if name in router.folders:  # built twice (a race with an eviction): keep the registered one
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        shutil.rmtree(final, ignore_errors=True)
+        folder.rename(final)
+        router.register(name, final)
 
     def _make_room(self, router) -> None:
         """Before building a merge (engine thread): over max_merges, forget the least recently used merges no running
@@ -188,15 +219,25 @@ class Catalogue:
             raise P.ApiError(400, "this server has no registry to reload", code="no_registry")
 
         def scan(router) -> dict:
-            added, updated, deferred, shadowed = [], [], [], []
+            added, updated, deferred, shadowed, unavailable = [], [], [], [], {}
             for name in sorted(router.registry.index()["adapters"]):
                 if name in self.runtime:  # loaded at run time under this name before the registry had it: it stays until unloaded
                     shadowed.append(name)
                     continue
-                folder = router.registry.path(name)  # re-hashes the version's files
+                try:
+                    folder = router.registry.path(name)  # re-hashes the version's files
+                except AdapterHubError as exc:  # one damaged version: listed as unavailable, the rest reload
+                    if name in self.engine.in_use():
+                        deferred.append(name)
+                        continue
+                    router.forget(name)
+                    router.unavailable[name] = unavailable[name] = str(exc)
+                    continue
                 if name not in router.folders:
-                    router.register(name, folder)
-                    added.append(name)
+                    if router.register_or_mark(name, folder):
+                        added.append(name)
+                    else:
+                        unavailable[name] = router.unavailable[name]
                 elif Path(router.folders[name]) != Path(folder):
                     if name in self.engine.in_use():  # never swap an adapter under running rows
                         deferred.append(name)
@@ -204,5 +245,5 @@ class Catalogue:
                     router.forget(name)
                     router.register(name, folder)
                     updated.append(name)
-            return {"added": added, "updated": updated, "deferred": deferred, "shadowed": shadowed}
+            return {"added": added, "updated": updated, "deferred": deferred, "shadowed": shadowed, "unavailable": unavailable}
         return await self._on_engine(scan)

@@ -6,6 +6,8 @@ order the routes always had (and so /openapi.json as it was).
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
@@ -26,7 +28,9 @@ async def health(request: Request):
     return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
             "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
             "max_model_len": engine.router.max_model_len,
-            "changed_adapters": dict(engine.router.changed)}  # files that changed under the server: refused at load
+            "changed_adapters": dict(engine.router.changed),  # files that changed under the server: refused at load
+            "unavailable_adapters": dict(engine.router.unavailable),  # failed their checks: not served, the others are
+            "budgets": dataclasses.asdict(engine.budgets), "memory": engine.router.memory()}
 
 
 @router.get("/version")

@@ -1,0 +1,212 @@
+"""The scheduler: which waiting requests run at each step, under budgets. It holds no model.
+
+The engine (serving/engine.py) turns each request into a `Ticket` (its adapter, how many tokens its
+prompt runs, how many cache positions it may need) and asks `schedule()` once per step for a `Plan`:
+which prompts (or chunks of prompts) to prefill now beside the rows that decode. The scheduler only
+counts; the engine and its runner (serving/bank.py) do the work. So every budget, the waiting order
+and the fairness rule are tested here with no model at all (tests/test_scheduler.py), as vLLM v1
+keeps its scheduler apart from its model runner.
+
+Budgets (`Budgets`), each optional but the rows:
+
+- rows: requests decoding or prefilling at once (`--max-batch-rows`, vLLM's max_num_seqs);
+- tokens per step (`--max-num-batched-tokens`): a decoding row costs 1, a prefill its prompt's
+  tokens; a prompt longer than what is left is run in chunks over several steps (chunked prefill),
+  so one long prompt never stalls the rows that decode. A piece that cannot be cut (a prompt whose
+  log-probs are scored, a classification, a prompt-tuning adapter's virtual tokens with the first
+  token) and is larger than a whole step runs in a step with no other prefill, over the budget;
+- cache positions (`--kv-cache-mb`, as tokens): a request reserves its whole need at admission —
+  prompt, virtual tokens and every new token it may make — so a running request never runs out of
+  cache and nothing is ever preempted. The running batch's cache is padded to its widest row
+  (rows of one step share one tensor), so the batch holds rows × widest, and that is what is counted;
+- adapters per batch (`--max-loras`): distinct adapters among the rows at once.
+
+A request over a budget waits; it never fails for it (only one that could not fit an empty server,
+e.g. needing more cache than the whole budget, is refused at once, with the numbers). Order is
+first come, first served: the first waiting request that does not fit stops admission for everyone
+behind it, except for the adapter budget, where requests behind it whose adapters are already in the
+batch may pass it — at most `patience` steps, after which the queue waits for it (no starvation).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from adapterhub_lite.core.errors import AdapterHubError
+
+
+class BudgetError(AdapterHubError):
+    """A request that no state of the server could run (it alone exceeds a budget), or budgets that contradict each other."""
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What one step and the running batch may hold; None: no bound."""
+
+    max_rows: int = 32
+    max_num_batched_tokens: int | None = None
+    max_kv_tokens: int | None = None
+    max_loras: int | None = None
+    patience: int = 8  # steps a request blocked by the adapter budget may be passed by later ones
+
+    def __post_init__(self):
+        problems = []  # every problem at once, as torchtune's config checks do
+        if self.max_rows < 1:
+            problems.append(f"max_rows={self.max_rows}: give at least 1 (--max-batch-rows)")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_rows:
+            problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_rows={self.max_rows}: a step must fit one "
+                            "decode token per row; raise --max-num-batched-tokens or lower --max-batch-rows")
+        if self.max_kv_tokens is not None and self.max_kv_tokens < 1:
+            problems.append(f"max_kv_tokens={self.max_kv_tokens}: give a positive cache budget (--kv-cache-mb)")
+        if self.max_loras is not None and self.max_loras < 1:
+            problems.append(f"max_loras={self.max_loras}: give at least 1 (--max-loras)")
+        if self.patience < 0:
+            problems.append(f"patience={self.patience}: give 0 or more steps")
+        if problems:
+            raise BudgetError("invalid serving budgets: " + "; ".join(problems))
+
+
+@dataclass(eq=False)
+class Ticket:
+    """What the scheduler knows of one request."""
+
+    key: object  # the engine's name for the request
+    adapter: str | None  # None: the plain backbone (takes no adapter slot)
+    prompt_tokens: int  # positions the prefill runs (the prompt, and a prompt-tuning adapter's virtual tokens)
+    cache_tokens: int  # positions it may hold in the cache at its end: prompt, every virtual token, every new token
+    chunkable: bool = True  # False: its prompt runs in one piece (e.g. its prompt is scored)
+    first_chunk: int = 1  # the smallest first piece (a prompt-tuning adapter's virtual tokens run with its first token)
+    prefilled: int = 0  # prompt positions run so far
+    passed: int = 0  # steps in which a later request was admitted before it
+    arrival: int = field(default=0, compare=False)
+
+
+@dataclass
+class Plan:
+    """One step: the rows that decode, and the prompts (or pieces) to prefill, in order."""
+
+    decode: int  # rows that take one decode step
+    prefill: list[tuple[Ticket, int]] = field(default_factory=list)  # (ticket, positions to run now)
+    blocked: str | None = None  # why the first waiting request waits (for /metrics), None if none waits
+
+    @property
+    def tokens(self) -> int:
+        return self.decode + sum(n for _, n in self.prefill)
+
+
+class Scheduler:
+    """Waiting, prefilling and running requests, and the budgets they share."""
+
+    def __init__(self, budgets: Budgets = Budgets()):
+        self.budgets = budgets
+        self.waiting: deque[Ticket] = deque()
+        self.prefilling: dict[object, Ticket] = {}  # admitted, prompt partly run (chunked prefill)
+        self.running: dict[object, Ticket] = {}  # decoding
+        self._arrivals = 0
+
+    # -- the requests --------------------------------------------------------------------------------
+    def add(self, ticket: Ticket) -> None:
+        """Queue a request; BudgetError when it could not run even on an idle server."""
+        b = self.budgets
+        if b.max_kv_tokens is not None and ticket.cache_tokens > b.max_kv_tokens:
+            raise BudgetError(f"the request needs {ticket.cache_tokens} cache positions (prompt, virtual tokens and max_tokens) but the "
+                              f"server's KV cache holds {b.max_kv_tokens} (--kv-cache-mb); lower max_tokens or shorten the prompt")
+        self._arrivals += 1
+        ticket.arrival = self._arrivals
+        self.waiting.append(ticket)
+
+    def requeue(self, ticket: Ticket) -> None:
+        """Put an admitted ticket back at the head of the queue (its adapter could not be made resident yet)."""
+        self.prefilling.pop(ticket.key, None)
+        self.running.pop(ticket.key, None)
+        ticket.prefilled = 0
+        self.waiting.appendleft(ticket)
+
+    def started(self, key) -> None:
+        """A prefilled ticket decodes from now on."""
+        ticket = self.prefilling.pop(key, None)
+        if ticket is not None:
+            self.running[key] = ticket
+
+    def finish(self, key) -> None:
+        """A request left (answered, failed, cancelled): its budgets are free."""
+        self.prefilling.pop(key, None)
+        self.running.pop(key, None)
+        for t in self.waiting:
+            if t.key == key:
+                self.waiting.remove(t)
+                break
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
+
+    # -- the step ------------------------------------------------------------------------------------
+    def _kv(self, tickets) -> int:
+        widths = [t.cache_tokens for t in tickets]
+        return len(widths) * max(widths, default=0)  # one padded tensor: rows × the widest row
+
+    def schedule(self, can_join: bool = True) -> Plan:
+        """The next step. `can_join` False: the runner cannot take rows into a running batch (a cache
+        with sliding-window layers), so newcomers wait until the batch is empty and run whole."""
+        b = self.budgets
+        plan = Plan(decode=len(self.running))
+        left = None if b.max_num_batched_tokens is None else b.max_num_batched_tokens - plan.decode
+        in_batch = [*self.running.values(), *self.prefilling.values()]
+        adapters = {t.adapter for t in in_batch if t.adapter is not None}
+        # 1. prompts already being prefilled go on first: they hold their budgets already
+        for t in self.prefilling.values():
+            n = t.prompt_tokens - t.prefilled if left is None else min(left, t.prompt_tokens - t.prefilled)
+            if n <= 0:
+                break
+            plan.prefill.append((t, n))
+            left = None if left is None else left - n
+        if not can_join and in_batch:
+            plan.blocked = "batch" if self.waiting else None
+            return self._admit(plan)
+        # 2. newcomers, first come first served
+        passed: list[Ticket] = []
+        for t in list(self.waiting):
+            why = self._why_not(t, in_batch, adapters, left, plan, can_join)
+            if why == "adapters" and t.passed < b.patience:
+                passed.append(t)  # later requests whose adapters are in the batch may go before it, for a while
+                plan.blocked = plan.blocked or why
+                continue
+            if why:
+                plan.blocked = plan.blocked or why
+                break
+            # a prompt that must run whole and is over what is left runs alone (see _why_not): that step runs over the budget
+            n = t.prompt_tokens if left is None or not (t.chunkable and can_join) else max(min(left, t.prompt_tokens), t.first_chunk)
+            plan.prefill.append((t, n))
+            left = None if left is None else max(left - n, 0)
+            in_batch.append(t)
+            if t.adapter is not None:
+                adapters.add(t.adapter)
+            for p in passed:
+                p.passed += 1
+            passed = []
+        return self._admit(plan)
+
+    def _why_not(self, t: Ticket, in_batch, adapters, left, plan: Plan, can_join: bool) -> str | None:
+        """Which budget keeps `t` out of this step (None: it fits)."""
+        b = self.budgets
+        if len(in_batch) >= b.max_rows:
+            return "rows"
+        if b.max_kv_tokens is not None and self._kv([*in_batch, t]) > b.max_kv_tokens:
+            return "kv_cache"
+        if b.max_loras is not None and t.adapter is not None and t.adapter not in adapters and len(adapters) >= b.max_loras:
+            return "adapters"
+        if left is not None:
+            # the smallest piece it can run: a chunk holding its first token (and any virtual tokens), or the whole prompt
+            need = t.first_chunk if t.chunkable and can_join else t.prompt_tokens
+            if need > left and (plan.prefill or need <= b.max_num_batched_tokens):
+                return "tokens"  # waits for room; a piece larger than any step runs in a step with no other prefill, over the budget
+        return None
+
+    def _admit(self, plan: Plan) -> Plan:
+        for t, n in plan.prefill:
+            if t.prefilled == 0 and t in self.waiting:
+                self.waiting.remove(t)
+                self.prefilling[t.key] = t
+            t.prefilled += n
+        return plan

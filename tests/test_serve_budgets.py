@@ -1,0 +1,158 @@
+"""The engine under budgets and failures, on the tiny model: long prompts in pieces decode exactly as whole ones,
+requests over the cache budget wait and all succeed, a failing prefill is retried in halves so only the row that
+causes it fails, a damaged registry adapter is listed as unavailable while the rest are served, and the memory the
+padded stacks take is counted."""
+
+import concurrent.futures as cf
+import shutil
+
+import httpx
+import pytest
+import torch
+
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.serving.router import Router
+from adapterhub_lite.serving.scheduler import Budgets
+
+from .serving import Served
+
+PROMPTS = ["ab cd ef gh ab cd ef gh ab", "x", "ef gh ab cd ef gh ab cd ef gh ab cd ef", "cd ef", "gh ab cd ef gh"]
+MODELS = ["gen_a", "gen_prompt", "gen_prefix", "base", "gen_b"]
+
+
+def complete(s, model, prompt, max_tokens=6):
+    r = s.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    return r.status_code, r.json()
+
+
+def answers(s, jobs, threads=8):
+    with cf.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda mp: complete(s, *mp), jobs))
+
+
+@pytest.fixture(scope="module")
+def reference(serve_registry):
+    """Each (model, prompt)'s greedy completion with no budget at all."""
+    s = Served(serve_registry)
+    try:
+        return {(m, p): complete(s, m, p)[1]["choices"][0]["text"] for m in MODELS for p in PROMPTS}
+    finally:
+        s.close()
+
+
+def test_long_prompts_run_in_pieces_and_decode_exactly_as_whole_ones(serve_registry, reference):
+    s = Served(serve_registry, budgets=Budgets(max_rows=4, max_num_batched_tokens=4))  # every prompt above 3 tokens runs in pieces
+    try:
+        jobs = [(m, p) for m in MODELS for p in PROMPTS]
+        got = answers(s, jobs)
+        assert all(code == 200 for code, _ in got)
+        assert {j: body["choices"][0]["text"] for j, (_, body) in zip(jobs, got)} == reference
+        assert s.engine.metrics.waits.labels(budget="tokens")._value.get() > 0  # the budget bit
+    finally:
+        s.close()
+
+
+def test_requests_over_the_kv_budget_wait_and_all_succeed(serve_registry, reference):
+    jobs = [(m, p) for m in MODELS for p in PROMPTS] * 2
+    s = Served(serve_registry, budgets=Budgets(max_rows=16, max_kv_tokens=60))  # ~3 rows of the 20 asked at once
+    try:
+        got = answers(s, jobs, threads=16)
+        assert [code for code, _ in got] == [200] * len(jobs)
+        assert [b["choices"][0]["text"] for _, b in got] == [reference[j] for j in jobs]
+        assert s.engine.metrics.waits.labels(budget="kv_cache")._value.get() > 0
+        code, body = complete(s, "gen_a", "ab " * 30, max_tokens=40)  # could never fit: refused at once, with the numbers
+        assert code == 400 and "cache positions" in body["error"]["message"] and "60" in body["error"]["message"]
+    finally:
+        s.close()
+
+
+def test_a_failing_prefill_is_retried_in_halves_and_fails_only_its_own_row(serve_registry, reference, monkeypatch):
+    s = Served(serve_registry)
+    start = s.router.bank.start
+    calls = []
+
+    def flaky(input_ids, adapters, **kw):
+        calls.append(len(input_ids))
+        if len(input_ids) > 1:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory in prefill")  # any batch of two or more
+        if adapters == ["gen_b"] and len(input_ids[0]) < 3:
+            raise RuntimeError("simulated: this row breaks the kernel")
+        return start(input_ids, adapters, **kw)
+
+    try:
+        monkeypatch.setattr(s.router.bank, "start", flaky)
+        jobs = [(m, p) for m in MODELS for p in PROMPTS]
+        got = answers(s, jobs, threads=25)
+        bad = [j for j in jobs if j[0] == "gen_b" and len(s.router.backbone.tokenizer(j[1]).input_ids) < 3]
+        assert bad and max(calls) > 1  # batches did form, and failed
+        for job, (code, body) in zip(jobs, got):
+            if job in bad:
+                assert code == 500 and "this row breaks the kernel" in body["error"]["message"]
+            else:
+                assert code == 200 and body["choices"][0]["text"] == reference[job]
+    finally:
+        s.close()
+
+
+def flip(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def damaged(serve_registry, tmp_path):
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    flip(weights)  # one version's weights no longer match their sha256
+    return reg
+
+
+def test_a_damaged_adapter_is_listed_unavailable_and_the_rest_are_served(damaged, reference):
+    with pytest.warns(UserWarning, match="gen_b.*unavailable.*integrity check failed"):
+        s = Served(damaged)
+    try:
+        health = httpx.get(s.url + "/health").json()
+        assert "integrity check failed for gen_b@1.0.0" in health["unavailable_adapters"]["gen_b"]
+        models = {m.id: m for m in s.client.models.list().data}
+        assert models["gen_b"].available is False and "integrity" in models["gen_b"].unavailable_reason
+        assert not hasattr(models["gen_a"], "available") or models["gen_a"].available is not False
+        code, body = complete(s, "gen_b", "ab")
+        assert code == 503 and body["error"]["code"] == "adapter_unavailable" and "integrity check failed" in body["error"]["message"]
+        assert complete(s, "gen_a", PROMPTS[0])[1]["choices"][0]["text"] == reference[("gen_a", PROMPTS[0])]
+    finally:
+        s.close()
+
+
+def test_a_registry_with_no_servable_adapter_is_still_refused(damaged):
+    for name in ("cls_a", "cls_b", "cls_prefix", "cls_prompt", "cls_ia3", "gen_a", "gen_prefix", "gen_prompt"):
+        w = damaged / name / "1.0.0" / "adapter_model.safetensors"
+        flip(w)
+    with pytest.warns(UserWarning), pytest.raises(AdapterHubError, match="no adapter of registry .* can be served"):
+        Router.from_registry(damaged, quantization="none", dtype="fp32")
+
+
+def test_memory_counts_the_padded_stacks_the_layers_keep(serve_registry):
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    router.run([{"adapter": a, "prompt": "ab"} for a in ("gen_a", "gen_b", "cls_a", "cls_ia3")])  # builds every layer's stacks
+    built = 0
+    for layer in router.bank._lora.values():
+        for cached in (layer._all, layer._scale_all):
+            if cached is not None:
+                built += sum(t.numel() * t.element_size() for t in cached[1] if isinstance(t, torch.Tensor))
+    assert built > 0 and router.bank.stack_bytes() == built
+    mem = router.memory()
+    assert mem["stack_bytes"] == built and mem["total_bytes"] == mem["adapter_bytes"] + built
+    assert router.resident_bytes() == mem["total_bytes"]
+
+
+def test_the_router_api_is_safe_from_several_threads(serve_registry):
+    """Each thread's batch runs under its own adapters: without the router's lock their slot assignments (one per
+    model, RowContext) and residency changes interleave and rows come back through another thread's adapters."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", memory_budget_mb=1e-3)  # every batch evicts
+    batches = [[{"adapter": a, "prompt": p, "max_new_tokens": 4} for p in PROMPTS] for a in ("gen_a", "gen_b", "gen_prompt", "base")]
+    want = [router.run(b) for b in batches]
+    with cf.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: [router.run(batches[i % 4]) for _ in range(3)], range(8)))
+    assert all(runs == [want[i % 4]] * 3 for i, runs in enumerate(got))
