@@ -156,3 +156,51 @@ def test_the_router_api_is_safe_from_several_threads(serve_registry):
     with cf.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda i: [router.run(batches[i % 4]) for _ in range(3)], range(8)))
     assert all(runs == [want[i % 4]] * 3 for i, runs in enumerate(got))
+
+
+def test_a_cold_adapter_is_read_off_the_engine_thread_and_holds_nobody_up(serve_registry, reference):
+    """gen_b's read blocks until a gen_a request has been answered: if reading ran on the engine thread (or the
+    queue waited for it) the gen_a request could not be answered first."""
+    import threading
+
+    s = Served(serve_registry)
+    released, order = threading.Event(), []
+    fetch = s.router.fetch
+
+    def slow_fetch(name):
+        if name == "gen_b" and name not in s.router.host:
+            order.append("gen_b read starts")
+            released.wait(60)
+            order.append("gen_b read ends")
+        return fetch(name)
+
+    try:
+        s.router.fetch = slow_fetch
+        with cf.ThreadPoolExecutor(2) as pool:
+            cold = pool.submit(complete, s, "gen_b", PROMPTS[0])
+            while not order:
+                released.wait(0.01)
+            warm = complete(s, "gen_a", PROMPTS[0])
+            order.append("gen_a answered")
+            released.set()
+            assert warm[1]["choices"][0]["text"] == reference[("gen_a", PROMPTS[0])]
+            assert cold.result()[1]["choices"][0]["text"] == reference[("gen_b", PROMPTS[0])]
+        assert order == ["gen_b read starts", "gen_a answered", "gen_b read ends"]
+    finally:
+        released.set()
+        s.close()
+
+
+def test_the_host_cache_keeps_read_adapters_within_max_cpu_loras(serve_registry, monkeypatch):
+    from adapterhub_lite.serving import router as router_module
+
+    reads = []
+    read = router_module.read_adapter
+    monkeypatch.setattr(router_module, "read_adapter", lambda name, folder: reads.append(name) or read(name, folder))
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_cpu_loras=2)
+    for name in ("gen_a", "gen_b", "gen_a", "gen_prefix", "gen_a"):
+        router.hold([name])
+        router.unload(name)  # off the device: the next use comes from host memory while it is cached
+    assert reads == ["gen_a", "gen_b", "gen_prefix"]  # gen_a was read once
+    assert list(router.host) == ["gen_prefix", "gen_a"] and router.memory()["host_cached_adapters"] == 2
+    assert router.memory()["host_bytes"] == sum(t.numel() * t.element_size() for _, w in router.host.values() for t in w.values())

@@ -92,16 +92,13 @@ class AdapterBank:
 
     # ---- adapters -----------------------------------------------------------------------------
 
-    def add(self, name: str, folder) -> None:
-        """Load a PEFT adapter folder (LoRA, IA3, prefix tuning or prompt tuning) under `name`."""
+    def add(self, name: str, folder, loaded: tuple | None = None) -> None:
+        """Load a PEFT adapter folder (LoRA, IA3, prefix tuning or prompt tuning) under `name`; `loaded`:
+        its (config, weights) already read into host memory (read_adapter), so nothing is read from disk."""
         if name in self._adapters:
             raise AdapterLoadError(f"adapter {name!r} is already loaded; remove it first to replace it")
-        folder = Path(folder)
-        try:
-            cfg = PeftConfig.from_pretrained(str(folder))
-            weights = load_file(folder / "adapter_model.safetensors", device=str(self.device))
-        except (OSError, ValueError) as exc:
-            raise AdapterLoadError(f"cannot load adapter {name!r} from {str(folder)!r} ({type(exc).__name__}); it needs adapter_config.json and adapter_model.safetensors") from None
+        cfg, weights = loaded if loaded is not None else read_adapter(name, folder)
+        weights = {k: v.to(self.device, non_blocking=True) for k, v in weights.items()}  # host → device: one copy per tensor
         kind = str(getattr(cfg.peft_type, "value", cfg.peft_type))
         loaders = {"LORA": self._load_lora, "IA3": self._load_ia3, "PREFIX_TUNING": self._load_prefix, "PROMPT_TUNING": self._load_prompt}
         if kind not in loaders:
@@ -494,6 +491,15 @@ class AdapterBank:
         dec.logits = torch.cat([dec.logits, new.logits])
         dec.keys, dec.slots = dec.keys + new.keys, dec.slots + new.slots
         dec.route = self._plan(dec.slots)
+
+
+def read_adapter(name: str, folder) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """An adapter folder's config and weights, in host memory (what the router's host cache keeps)."""
+    folder = Path(folder)
+    try:
+        return PeftConfig.from_pretrained(str(folder)), load_file(folder / "adapter_model.safetensors", device="cpu")
+    except (OSError, ValueError) as exc:
+        raise AdapterLoadError(f"cannot load adapter {name!r} from {str(folder)!r} ({type(exc).__name__}); it needs adapter_config.json and adapter_model.safetensors") from None
 
 
 @dataclass

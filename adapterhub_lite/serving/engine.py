@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +148,10 @@ class Engine:
         self._dec = None  # the running batch's Decoding (None when idle)
         self._rows: dict[int, Job] = {}  # id(job) → job, for the running rows
         self._jobs: dict[int, Job] = {}  # id(job) → job, for every job the scheduler holds (waiting, prefilling, running)
+        # Adapters not in host memory are read (and their sha256 checked) on a loader thread, never on this one: decoding
+        # goes on meanwhile, and the requests that need them wait in the queue (Ticket.ready).
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapterhub-loader")
+        self._fetching: dict[str, Future] = {}
 
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -186,6 +190,7 @@ class Engine:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     def in_use(self) -> set[str]:
         """Adapters the running and prefilling rows use (call on the engine thread, e.g. inside `call`)."""
@@ -299,15 +304,45 @@ class Engine:
         ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
         if p.classify:
             width = len(p.ids) + ran + router.label_tokens(p.adapter)
-            return Ticket(id(job), p.bank_name, width * router.label_sequences(p.adapter), width, chunkable=False)
-        return Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
-                      chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
+            return self._when_read(Ticket(id(job), p.bank_name, width * router.label_sequences(p.adapter), width, chunkable=False))
+        ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
+                        chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
+        return self._when_read(ticket)
+
+    def _when_read(self, ticket: Ticket) -> Ticket:
+        """Mark a ticket whose adapter is neither resident nor in host memory as not ready, and read it on a loader thread."""
+        name = ticket.adapter
+        if name is None or self.router.in_host(name):
+            return ticket
+        ticket.ready = False
+        fut = self._fetching.get(name)
+        if fut is None:
+            fut = self._fetching[name] = self._loader.submit(self.router.fetch, name)
+
+        def done(f: Future) -> None:  # on the loader thread: a flag the engine reads at its next step
+            ticket.ready = True
+            self._wake.set()
+        fut.add_done_callback(done)
+        return ticket
 
     def _sweep(self) -> None:
-        """Waiting requests nobody waits for any more (cancelled, past their deadline) leave the queue."""
+        """Waiting requests nobody waits for any more (cancelled, past their deadline) leave the queue; those whose
+        adapter could not be read fail with why."""
+        failed = {}
+        for name, fut in list(self._fetching.items()):
+            if fut.done():
+                del self._fetching[name]
+                if fut.exception() is not None:
+                    failed[name] = fut.exception()
+                    if not isinstance(failed[name], AdapterHubError):
+                        log.error("reading adapter %r failed", name, exc_info=failed[name])
         for t in list(self.scheduler.waiting):
             job = self._jobs.get(t.key)
-            if job is not None and self._gone(job):
+            if job is None:
+                continue
+            if t.adapter in failed:
+                self._fail([job], failed[t.adapter])
+            elif self._gone(job):
                 self._forget(job)
 
     # -- admission: adapters resident, classification scored, prompts prefilled -----------------------

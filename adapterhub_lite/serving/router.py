@@ -38,7 +38,7 @@ from adapterhub_lite.core.text import first_line
 from adapterhub_lite.model.backbone import Backbone, load_backbone
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
 from adapterhub_lite.ops.merge import fold_into_base, merge_adapters
-from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.bank import AdapterBank, read_adapter
 from adapterhub_lite.serving.routing import ContentRouter
 
 
@@ -65,7 +65,8 @@ class Router:
     """Swap, merge and batch task adapters over one backbone. Safe to call from several threads: calls take turns."""
 
     def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
-                 route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None):
+                 route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None,
+                 max_cpu_loras: int = 64):
         self.backbone, self.registry = backbone, registry
         self.max_model_len = check_context(backbone, max_model_len)
         self.bank = AdapterBank(backbone.model)
@@ -85,6 +86,11 @@ class Router:
         self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
         self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
         self.lock = threading.RLock()
+        # The host cache (S-LoRA's tier between the device and the disk): adapters read and checked, in host memory,
+        # least recently used first. Loading one of them onto the device is a copy: no disk, no hashing.
+        self.host: OrderedDict[str, tuple] = OrderedDict()
+        self.max_cpu_loras = max_cpu_loras
+        self._host_lock = threading.Lock()  # fetch() runs on loader threads
 
     @classmethod
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
@@ -135,6 +141,8 @@ class Router:
         self.kinds[name] = (str(config.get("peft_type")), int(config.get("num_virtual_tokens") or 0))
         self.changed.pop(name, None)
         self.unavailable.pop(name, None)
+        with self._host_lock:
+            self.host.pop(name, None)  # a copy read from an earlier folder under this name is stale
         self._content = None
 
     def _check_unchanged(self, name: str) -> None:
@@ -164,9 +172,7 @@ class Router:
         if name in self.resident:
             self.resident.move_to_end(name)
             return
-        self._check_unchanged(name)
-        check_fits(self.folders[name], self.backbone.model)
-        self.bank.add(name, self.folders[name])
+        self.bank.add(name, self.folders[name], loaded=self.fetch(name))
         self.resident[name] = None
         keep = keep | {name}
         while self.budget is not None and self.resident_bytes() > self.budget:
@@ -180,6 +186,33 @@ class Router:
             self.unload(spare)
             self.evictions += 1
 
+    def fetch(self, name: str) -> tuple:
+        """The adapter's (config, weights) in host memory: from the host cache, else read from its folder after
+        the checks every load makes (the files' sha256 as registered, the shapes against the backbone).
+        Safe to call from a loader thread while the engine decodes (it touches neither the model nor the bank)."""
+        with self._host_lock:
+            if name in self.host:
+                self.host.move_to_end(name)
+                return self.host[name]
+        folder = self.folders[name]
+        self._check_unchanged(name)
+        check_fits(folder, self.backbone.model)
+        loaded = read_adapter(name, folder)
+        with self._host_lock:
+            self.host[name] = loaded
+            while len(self.host) > self.max_cpu_loras:
+                self.host.popitem(last=False)
+        return loaded
+
+    def in_host(self, name: str) -> bool:
+        """Whether loading `name` onto the device needs no disk read."""
+        return name == BASE or name in self.resident or name in self.host
+
+    def host_bytes(self) -> int:
+        """Bytes of the adapters kept in the host cache."""
+        with self._host_lock:
+            return sum(t.numel() * t.element_size() for _, weights in self.host.values() for t in weights.values())
+
     def resident_bytes(self) -> int:
         """What the resident adapters take on the device: their own tensors and the padded stacks that serve them
         (what --memory-budget-mb bounds)."""
@@ -190,7 +223,8 @@ class Router:
         own = sum(self.bank.nbytes(n) for n in self.resident)
         stacks = self.bank.stack_bytes()
         return {"resident_adapters": len(self.resident), "adapter_bytes": own, "stack_bytes": stacks, "total_bytes": own + stacks,
-                "budget_bytes": None if self.budget is None else int(self.budget)}
+                "budget_bytes": None if self.budget is None else int(self.budget),
+                "host_cached_adapters": len(self.host), "host_bytes": self.host_bytes(), "max_cpu_loras": self.max_cpu_loras}
 
     @_locked
     def unload(self, name: str) -> None:
@@ -350,6 +384,8 @@ class Router:
         self.unload(name)
         for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable):
             table.pop(name, None)
+        with self._host_lock:
+            self.host.pop(name, None)
         self._content = None
 
     def virtual_tokens(self, name: str) -> tuple[str, int]:

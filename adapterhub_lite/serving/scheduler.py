@@ -26,6 +26,8 @@ e.g. needing more cache than the whole budget, is refused at once, with the numb
 first come, first served: the first waiting request that does not fit stops admission for everyone
 behind it, except for the adapter budget, where requests behind it whose adapters are already in the
 batch may pass it — at most `patience` steps, after which the queue waits for it (no starvation).
+A request whose adapter is still being read from disk (`ready` False) is not considered until it is:
+the requests behind it go on, so a cold adapter costs its own request the read and nobody else.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Ticket:
     cache_tokens: int  # positions it may hold in the cache at its end: prompt, every virtual token, every new token
     chunkable: bool = True  # False: its prompt runs in one piece (e.g. its prompt is scored)
     first_chunk: int = 1  # the smallest first piece (a prompt-tuning adapter's virtual tokens run with its first token)
+    ready: bool = True  # False while its adapter is being read from disk (off the engine thread): it waits, and holds nobody up
     prefilled: int = 0  # prompt positions run so far
     passed: int = 0  # steps in which a later request was admitted before it
     arrival: int = field(default=0, compare=False)
@@ -167,6 +170,8 @@ class Scheduler:
         # 2. newcomers, first come first served
         passed: list[Ticket] = []
         for t in list(self.waiting):
+            if not t.ready:
+                continue
             why = self._why_not(t, in_batch, adapters, left, plan, can_join)
             if why == "adapters" and t.passed < b.patience:
                 passed.append(t)  # later requests whose adapters are in the batch may go before it, for a while
