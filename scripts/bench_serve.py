@@ -14,14 +14,26 @@ and stops the server (SIGTERM, then SIGKILL after a grace period; always, also o
 
 - batching_1:     continuous batching (the server's defaults), every request to one adapter;
 - batching_many:  continuous batching, requests spread over all --adapters adapters;
-- one_at_a_time:  `--max-batch-rows 1`, one adapter.
+- one_at_a_time:  `--max-batch-rows 1`, one adapter;
+and, when named in --scenarios:
+- base:           every request to the plain backbone (`model: base`);
+- broken_1_in_20: the --adapters adapters plus one whose weights fail their sha256 check; one request in 20 names it
+                  (only those may fail: `by_tag.broken` against the rest);
+- kv_half:        `--kv-cache-mb` set to half of what the clients ask for at once (clients × (longest prompt + max
+                  tokens) × the cache's bytes per token, from an earlier scenario): requests must wait, not fail;
+- adapters_1000:  --thousand registered copies, `--memory-budget-mb 64`, a working set of --window adapters that moves
+                  through them; reports the server's memory (RSS and /health) after the warm-up and at the end, and TTFT
+                  of requests whose adapter is used for the first time (cold: neither resident nor in host memory)
+                  against the rest (warm).
 
-Goals, as ratios of requests/s measured in the same run: batching_1 / one_at_a_time >= 4, batching_many / batching_1 >= 0.9.
+Goals, as ratios measured in the same run: requests/s batching_1 / one_at_a_time >= 4, batching_many / batching_1 >= 0.9,
+batching_1 / base >= 0.9; adapters_1000: p99 TTFT cold / warm <= 2 and RSS end / after warm-up <= 1.1.
 
 Each client sends streaming completions (`"stream": true`, task-aware `input`, greedy, --max-tokens) back to back until
 --duration is over; the run then waits for in-flight requests up to a hard deadline (duration + request timeout + 10 s).
 Per scenario: requests/s and generated tokens/s (usage.completion_tokens) over the time from the first send to the last
-answer, p50/p95/p99 latency and time to first token (the first SSE `data:` chunk carrying text); `failed` counts
+answer, p50/p95/p99 latency, time to first token (the first SSE `data:` chunk carrying text) and inter-token latency
+(each answer's mean gap between text chunks); `failed` counts
 non-2xx answers, exceptions and streams cut before their end; `lost` counts requests sent but never answered (request
 timeout, or still in flight at the hard deadline). With --base-url the script benches a server already running
 (one scenario, named `external`), spreading requests over the served generation adapters that --registry lists.
@@ -35,6 +47,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,8 +61,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # see ../shared/data/README.md; read in place, never copied
-SCENARIOS = {"batching_1": ("one", []), "batching_many": ("all", []), "one_at_a_time": ("one", ["--max-batch-rows", "1"])}
-GOALS = {"batching_vs_one_at_a_time": ("batching_1", "one_at_a_time", 4.0), "many_vs_one_adapter": ("batching_many", "batching_1", 0.9)}
+SCENARIOS = {"base": ("base", []), "batching_1": ("one", []), "batching_many": ("all", []), "one_at_a_time": ("one", ["--max-batch-rows", "1"]),
+             "broken_1_in_20": ("broken", []), "kv_half": ("all", []), "adapters_1000": ("thousand", ["--memory-budget-mb", "64"])}
+DEFAULT_SCENARIOS = ["batching_1", "batching_many", "one_at_a_time"]
+GOALS = {"batching_vs_one_at_a_time": ("batching_1", "one_at_a_time", 4.0), "many_vs_one_adapter": ("batching_many", "batching_1", 0.9),
+         "one_adapter_vs_base": ("batching_1", "base", 0.9)}
+BROKEN = "broken_00"  # the damaged adapter of broken_1_in_20: its weights fail their sha256 check
 FALLBACK_PROMPTS = {  # used when ../shared/data is absent
     "date_iso": ["June 16, 2034", "Jun. 20 1965", "24.12.2008 (European style)", "the 3rd of March, 2021"],
     "person_json": ["Lima resident Dara Okafor, aged 50, works as a farmer.", "Mateo Schmidt is a 79-year-old librarian from Zurich."],
@@ -91,8 +108,22 @@ def summarize(results: list[dict], sent: int, elapsed: float) -> dict:
         "tokens_from_chunks": sum(r["tokens"] is None for r in ok),  # answers without usage, whose tokens are their chunks
         "latency_s": percentiles([r["latency"] for r in ok]),
         "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
+        "itl_s": percentiles([r["itl"] for r in ok if r.get("itl") is not None]),
+        "prompt_tokens_max": max((r["prompt_tokens"] for r in ok if r.get("prompt_tokens")), default=None),
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),  # the commonest few, for diagnosis
+        **({"by_tag": by_tag(results)} if any(r.get("tag") for r in results) else {}),
     }
+
+
+def by_tag(results: list[dict]) -> dict:
+    """Per bench label (cold: the adapter's first request of the run, so not resident; warm; broken): sent, ok, failed, TTFT."""
+    out = {}
+    for tag in sorted({r.get("tag") for r in results if r.get("tag")}):
+        rs = [r for r in results if r.get("tag") == tag]
+        ok = [r for r in rs if r["outcome"] == "ok"]
+        out[tag] = {"results": len(rs), "ok": len(ok), "failed": sum(r["outcome"] != "ok" for r in rs),
+                    "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None])}
+    return out
 
 
 def ratios(scenarios: dict) -> dict:
@@ -102,6 +133,14 @@ def ratios(scenarios: dict) -> dict:
         a, b = scenarios.get(num, {}).get("requests_per_s"), scenarios.get(den, {}).get("requests_per_s")
         if a is not None and b:
             out[key] = {"value": round(a / b, 3), "goal": goal, "met": a / b >= goal}
+    tags = scenarios.get("adapters_1000", {}).get("by_tag", {})
+    cold, warm = (tags.get(t, {}).get("ttft_s", {}).get("p99") for t in ("cold", "warm"))
+    if cold is not None and warm:  # a request whose adapter is not resident, against one whose adapter is
+        out["p99_ttft_cold_vs_warm"] = {"value": round(cold / warm, 3), "goal": 2.0, "met": cold / warm <= 2.0, "lower_is_better": True}
+    mem = scenarios.get("adapters_1000", {}).get("memory", {})
+    if mem.get("rss_after_warmup_mb") and mem.get("rss_end_mb"):
+        growth = mem["rss_end_mb"] / mem["rss_after_warmup_mb"]
+        out["memory_growth_after_warmup"] = {"value": round(growth, 3), "goal": 1.1, "met": growth <= 1.1, "lower_is_better": True}
     return out
 
 
@@ -196,9 +235,10 @@ def server_info(url: str) -> dict:
 
 async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
     """Send one streaming completion; time the whole answer and the first chunk that carries text."""
+    tag = payload.pop("_tag", None)  # the bench's own label (cold, warm, broken), not sent
     t0 = time.perf_counter()
-    ttft = tokens = None
-    done, chunks = False, 0
+    ttft = tokens = prompt_tokens = last = None
+    done, chunks, gaps = False, 0, []
     async with client.stream("POST", f"{url}/v1/completions", json=payload) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")
@@ -206,10 +246,10 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
                 body = json.loads(body)["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 pass
-            return {"outcome": "failed", "error": f"HTTP {resp.status_code}: {str(body)[:160]}"}
+            return {"outcome": "failed", "error": f"HTTP {resp.status_code}: {str(body)[:160]}", "tag": tag}
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):  # a server that ignored "stream": one JSON answer
             usage = json.loads(await resp.aread()).get("usage") or {}
-            return {"outcome": "ok", "latency": time.perf_counter() - t0, "ttft": None, "tokens": usage.get("completion_tokens")}
+            return {"outcome": "ok", "latency": time.perf_counter() - t0, "ttft": None, "tokens": usage.get("completion_tokens"), "tag": tag}
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -220,13 +260,18 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
             chunk = json.loads(data)
             if any(c.get("text") for c in chunk.get("choices") or []):
                 chunks += 1
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                now = time.perf_counter() - t0
+                ttft = ttft if ttft is not None else now
+                if last is not None:
+                    gaps.append(now - last)  # inter-token latency: the gaps between text chunks after the first
+                last = now
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"].get("prompt_tokens")
             done = done or any(c.get("finish_reason") for c in chunk.get("choices") or [])
     if not done:
-        return {"outcome": "failed", "error": "stream ended without a finish_reason or [DONE]"}
-    return {"outcome": "ok", "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens, "chunks": chunks}
+        return {"outcome": "failed", "error": "stream ended without a finish_reason or [DONE]", "tag": tag}
+    return {"outcome": "ok", "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens, "chunks": chunks, "tag": tag,
+            "itl": sum(gaps) / len(gaps) if gaps else None, "prompt_tokens": prompt_tokens}
 
 
 async def run_load(url: str, payloads, clients: int, duration: float, timeout: float) -> dict:
@@ -258,13 +303,24 @@ async def run_load(url: str, payloads, clients: int, duration: float, timeout: f
     return summarize(results, sent, elapsed)
 
 
-def make_payloads(targets: list[tuple[str, str]], max_tokens: int, extra: dict):
-    """An endless round-robin of requests over the adapters (so concurrent batches mix them) and each task's prompts."""
+def make_payloads(targets: list[tuple[str, str]], max_tokens: int, extra: dict, window: int | None = None, seen: set | None = None):
+    """An endless round-robin of requests over the adapters (so concurrent batches mix them) and each task's prompts.
+
+    `window`: a working set that moves: requests go round-robin over `window` adapters, and the window slides by a
+    quarter of itself every `window` requests, through all targets. Each request is tagged cold (its adapter's first
+    request in `seen`, so neither resident nor in host memory) or warm; requests to the damaged adapter are tagged broken."""
     prompts = {task: load_prompts(task) for task in {t for _, t in targets}}
+    seen = set() if seen is None else seen
     for i in itertools.count():
-        name, task = targets[i % len(targets)]
+        if window:
+            start = (i // window) * max(window // 4, 1)
+            name, task = targets[(start + i % window) % len(targets)]
+        else:
+            name, task = targets[i % len(targets)]
         text = prompts[task][(i // len(targets)) % len(prompts[task])]
-        yield {"model": name, "input": text, "max_tokens": max_tokens, "temperature": 0, "stream": True, **extra}
+        tag = "broken" if name == BROKEN else "warm" if name in seen else "cold"
+        seen.add(name)
+        yield {"model": name, "input": text, "max_tokens": max_tokens, "temperature": 0, "stream": True, "_tag": tag, **extra}
 
 
 def probe(url: str, payload: dict, timeout: float) -> dict:
@@ -293,17 +349,33 @@ def batch_rows(url: str) -> tuple[float, float]:
     return samples.get("adapterhub_batch_rows_sum", 0.0), samples.get("adapterhub_batch_rows_count", 0.0)
 
 
-def bench(url: str, targets: list[tuple[str, str]], args) -> dict:
-    """Probe, warm up (unrecorded), then measure one scenario against a healthy server."""
+def rss_mb(pid: int | None) -> float | None:
+    """A process's resident memory in MB (Linux /proc), None elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+def bench(url: str, targets: list[tuple[str, str]], args, window: int | None = None, pid: int | None = None) -> dict:
+    """Probe, warm up (unrecorded), then measure one scenario against a healthy server. With `window`, the working
+    set moves (make_payloads) and the server's memory is sampled after the warm-up and at the end."""
+    seen: set = set()
     extra = probe(url, next(make_payloads(targets, args.max_tokens, {})), args.request_timeout)
     if args.warmup > 0:
-        asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra), args.clients, args.warmup, args.request_timeout))
+        asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra, window, seen), args.clients, args.warmup, args.request_timeout))
+    memory = {"rss_after_warmup_mb": rss_mb(pid), "health_after_warmup": server_info(url).get("health", {}).get("memory")}
     rows0 = batch_rows(url)
-    stats = asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra), args.clients, args.duration, args.request_timeout))
+    stats = asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra, window, seen), args.clients, args.duration, args.request_timeout))
     rows1 = batch_rows(url)
+    memory.update(rss_end_mb=rss_mb(pid), health_end=server_info(url).get("health", {}).get("memory"), adapters_used=len(seen))
     steps = rows1[1] - rows0[1]  # the server's own view of the measured window: how full its batches ran
     return {"adapters": len(targets), "usage_in_stream": bool(extra), **stats,
-            "server_mean_batch_rows": round((rows1[0] - rows0[0]) / steps, 2) if steps > 0 else None}
+            "server_mean_batch_rows": round((rows1[0] - rows0[0]) / steps, 2) if steps > 0 else None,
+            **({"memory": memory} if window else {})}
 
 
 def setup(server_args: str, quantization: str) -> dict:
@@ -322,9 +394,9 @@ def setup(server_args: str, quantization: str) -> dict:
             "quantization": flags.quantization or quantization}
 
 
-def run_scenario(name: str, targets, registry: Path, args) -> dict:
+def run_scenario(name: str, targets, registry: Path, args, extra_flags: list[str] = ()) -> dict:
     """Start a server with the scenario's flags, bench it, and stop it whatever happens."""
-    flags = SCENARIOS[name][1] + shlex.split(args.server_args)
+    flags = SCENARIOS[name][1] + list(extra_flags) + shlex.split(args.server_args)
     port = free_port()
     cmd = [*shlex.split(args.server_cmd), "--registry", str(registry), "--port", str(port), *flags]
     url = f"http://127.0.0.1:{port}"
@@ -337,13 +409,50 @@ def run_scenario(name: str, targets, registry: Path, args) -> dict:
         startup = round(time.monotonic() - t0, 1)
         info = server_info(url)
         info["models_served"] = len(info.pop("models", []))
-        result = {"flags": flags, "startup_s": startup, "server": info, **bench(url, targets, args)}
+        window = args.window if SCENARIOS[name][0] == "thousand" else None
+        result = {"flags": flags, "startup_s": startup, "server": info, **bench(url, targets, args, window, proc.pid)}
         print(f"[{name}] {result['requests_per_s']} req/s, {result['tokens_per_s']} tok/s, failed {result['failed']}, lost {result['lost']}",
               file=sys.stderr)
         return result
     finally:
         stop(proc)
         Path(log.name).unlink(missing_ok=True)
+
+
+def run_kind(name: str, names, registry: Path, args, done: dict) -> dict:
+    """One scenario: its registry (the shared one, or one with a damaged adapter, or --thousand copies), targets and flags."""
+    kind = SCENARIOS[name][0]
+    if kind == "base":
+        return run_scenario(name, [("base", names[0][1])], registry, args)
+    if kind == "one":
+        return run_scenario(name, names[:1], registry, args)
+    if kind == "broken":  # the shared adapters, and one more whose weights no longer match their sha256
+        with tempfile.TemporaryDirectory(prefix="bench_serve_broken_") as tmp:
+            shutil.copytree(registry, Path(tmp) / "r")
+            from adapterhub_lite.artifacts.registries import open_registry
+
+            reg = open_registry(Path(tmp) / "r")
+            reg.publish(reg.path(names[0][0]), "1.0.0", BROKEN)
+            weights = reg.root / BROKEN / "1.0.0" / "adapter_model.safetensors"
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0xFF
+            weights.write_bytes(bytes(data))
+            targets = [names[i % len(names)] if i % 20 != 19 else (BROKEN, names[0][1]) for i in range(20 * max(len(names), 1))]
+            return run_scenario(name, targets, Path(tmp) / "r", args)
+    if kind == "thousand":
+        with tempfile.TemporaryDirectory(prefix="bench_serve_1000_") as tmp:
+            print(f"[{name}] publishing {args.thousand} copies", file=sys.stderr)
+            many, _ = build_registry(args.registry, args.thousand, Path(tmp), args.sources)
+            return run_scenario(name, many, Path(tmp), args)
+    flags = []
+    if name == "kv_half":  # half the cache positions the clients ask for at once: they must wait, none may fail
+        measured = [v for v in done.values() if v.get("prompt_tokens_max") and (v.get("server", {}).get("health") or {}).get("kv_bytes_per_token")]
+        if not measured:
+            raise ScenarioError("kv_half needs the prompts' length and the cache's bytes per token: run it after batching_many (or batching_1)")
+        per_token = measured[0]["server"]["health"]["kv_bytes_per_token"]
+        need = args.clients * (measured[0]["prompt_tokens_max"] + args.max_tokens) * per_token
+        flags = ["--kv-cache-mb", f"{need / 2 / 2**20:.3f}"]
+    return run_scenario(name, names, registry, args, flags)
 
 
 def main(argv=None) -> int:
@@ -367,7 +476,12 @@ def _main(argv=None) -> int:
     p.add_argument("--registry", default="adapters", help="where the generation adapters to copy come from")
     p.add_argument("--adapters", type=int, default=32, help="distinct adapter names in batching_many")
     p.add_argument("--sources", nargs="+", help="generation adapters of --registry to copy, round-robin (default: the first, e.g. date_iso)")
-    p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=DEFAULT_SCENARIOS,
+                   help="base: every request to the plain backbone; broken_1_in_20: one request in 20 names a damaged adapter; "
+                        "kv_half: --kv-cache-mb half of what the clients ask for at once (after a scenario that measured the prompts); "
+                        "adapters_1000: --thousand registered copies, a working set of --window that moves")
+    p.add_argument("--thousand", type=int, default=1000, help="registered adapters in adapters_1000")
+    p.add_argument("--window", type=int, default=64, help="adapters_1000's moving working set")
     p.add_argument("--server-args", default="", help='extra server flags, e.g. "--quantization none --dtype fp32" (one flag: --server-args=--flag)')
     p.add_argument("--server-cmd", default=f"{shlex.quote(sys.executable)} -m adapterhub_lite.cli serve", help="command that starts the server")
     p.add_argument("--base-url", help="bench this running server instead (one scenario)")
@@ -403,7 +517,7 @@ def _main(argv=None) -> int:
             report["scenarios"] = {}
             for s in args.scenarios:  # a broken scenario is reported and the others still run: one JSON line either way
                 try:
-                    report["scenarios"][s] = run_scenario(s, names[:1] if SCENARIOS[s][0] == "one" else names, Path(tmp), args)
+                    report["scenarios"][s] = run_kind(s, names, Path(tmp), args, report["scenarios"])
                 except ScenarioError as exc:
                     print(f"[{s}] {exc}" + (f"; the server's log ends:\n{exc.log}" if exc.log else ""), file=sys.stderr)
                     report["scenarios"][s] = {"error": str(exc)}

@@ -1,6 +1,7 @@
 """scripts/bench_serve.py's pure parts: the report figures, the goal ratios, and the SSE reading of one answer (on a mock transport)."""
 
 import asyncio
+import itertools
 import importlib.util
 import json
 from pathlib import Path
@@ -76,6 +77,33 @@ def test_one_request_reads_ttft_and_usage_from_the_stream():
 def test_one_request_fails_a_cut_stream_and_an_error_status():
     cut = sse({"choices": [{"text": "20", "finish_reason": None}]})  # no finish_reason, no [DONE]
     r = answer(lambda req: httpx.Response(200, content=cut, headers={"content-type": "text/event-stream"}))
-    assert r == {"outcome": "failed", "error": "stream ended without a finish_reason or [DONE]"}
+    assert r == {"outcome": "failed", "error": "stream ended without a finish_reason or [DONE]", "tag": None}
     r = answer(lambda req: httpx.Response(429, json={"error": {"message": "queue full", "type": "overloaded", "code": 429}}))
-    assert r == {"outcome": "failed", "error": "HTTP 429: queue full"}
+    assert r == {"outcome": "failed", "error": "HTTP 429: queue full", "tag": None}
+
+
+def test_a_moving_working_set_tags_first_uses_cold_and_the_damaged_adapter_broken(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "DATA", tmp_path)  # the fixed prompts
+    targets = [(f"date_iso_{i:02d}", "date_iso") for i in range(12)] + [(bench.BROKEN, "date_iso")]
+    seen = set()
+    first = list(itertools.islice(bench.make_payloads(targets, 4, {}, window=4, seen=seen), 16))
+    names = [p["model"] for p in first]
+    assert names[:4] == ["date_iso_00", "date_iso_01", "date_iso_02", "date_iso_03"]  # the first window, round robin
+    assert names[4:8] == ["date_iso_01", "date_iso_02", "date_iso_03", "date_iso_04"]  # slid by a quarter of the window
+    assert [p["_tag"] for p in first[:6]] == ["cold"] * 4 + ["warm", "warm"]
+    assert first[7]["_tag"] == "cold"  # date_iso_04's first request
+    later = list(itertools.islice(bench.make_payloads(targets, 4, {}, window=4, seen=seen), 60))
+    assert {p["_tag"] for p in later if p["model"] == bench.BROKEN} == {"broken"}
+    assert all(p["_tag"] == "warm" for p in later[:16])  # the same adapters again: seen carries over from the warm-up
+
+
+def test_by_tag_and_the_cold_ttft_and_memory_ratios():
+    results = [ok(1.0, 0.1, 4) | {"tag": "warm"}, ok(1.0, 0.2, 4) | {"tag": "warm"}, ok(1.0, 0.5, 4) | {"tag": "cold"},
+               {"outcome": "failed", "error": "HTTP 503: unavailable", "tag": "broken"}]
+    s = bench.summarize(results, sent=4, elapsed=1.0)
+    assert s["by_tag"]["broken"] == {"results": 1, "ok": 0, "failed": 1, "ttft_s": bench.percentiles([])}
+    assert s["by_tag"]["cold"]["ttft_s"]["p99"] == 0.5 and s["by_tag"]["warm"]["ok"] == 2
+    scen = {"adapters_1000": {**s, "memory": {"rss_after_warmup_mb": 1000.0, "rss_end_mb": 1050.0}}}
+    r = bench.ratios(scen)
+    assert r["p99_ttft_cold_vs_warm"]["value"] == round(0.5 / 0.199, 3) and r["p99_ttft_cold_vs_warm"]["met"] is False
+    assert r["memory_growth_after_warmup"] == {"value": 1.05, "goal": 1.1, "met": True, "lower_is_better": True}

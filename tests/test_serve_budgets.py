@@ -133,18 +133,40 @@ def test_a_registry_with_no_servable_adapter_is_still_refused(damaged):
         Router.from_registry(damaged, quantization="none", dtype="fp32")
 
 
-def test_memory_counts_the_padded_stacks_the_layers_keep(serve_registry):
+def test_memory_counts_the_slot_pools_the_layers_keep(serve_registry):
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
-    router.run([{"adapter": a, "prompt": "ab"} for a in ("gen_a", "gen_b", "cls_a", "cls_ia3")])  # builds every layer's stacks
+    router.run([{"adapter": a, "prompt": "ab"} for a in ("gen_a", "gen_b", "cls_a", "cls_ia3")])  # syncs every layer's pool
     built = 0
     for layer in router.bank._lora.values():
-        for cached in (layer._all, layer._scale_all):
-            if cached is not None:
-                built += sum(t.numel() * t.element_size() for t in cached[1] if isinstance(t, torch.Tensor))
+        for t in (*(layer._pool or ()), *(layer._scale_all[1][:2] if layer._scale_all else ())):
+            if isinstance(t, torch.Tensor):
+                built += t.numel() * t.element_size()
     assert built > 0 and router.bank.stack_bytes() == built
     mem = router.memory()
     assert mem["stack_bytes"] == built and mem["total_bytes"] == mem["adapter_bytes"] + built
     assert router.resident_bytes() == mem["total_bytes"]
+
+
+def test_loading_an_adapter_copies_into_its_slot_and_leaving_zeroes_it(serve_registry):
+    """The pool is updated in place: a load writes its own slot (the other slots' memory is not rebuilt), and a slot
+    reused by an adapter that does not target a layer holds zeros there, not the factors of the one before."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    prompt = [{"adapter": "gen_b", "prompt": "ab cd", "max_new_tokens": 3}]
+    alone = router.run(prompt)
+    router.hold(["gen_a"])
+    router.run([{"adapter": "gen_a", "prompt": "ab"}])
+    q = next(layer for name, layer in router.bank._lora.items() if name.endswith("layers.0.self_attn.q_proj"))
+    before = q._pool[0].data_ptr()
+    router.hold(["gen_b"])
+    router.run(prompt)
+    assert q._pool[0].data_ptr() == before  # the same storage: gen_b was copied into its slot
+    slot_a = router.bank._adapters["gen_a"].slot
+    router.unload("gen_a")
+    router.hold(["gen_prefix", "cls_b"])  # cls_b (k_proj, o_proj) takes gen_a's slot; it does not target q_proj
+    assert router.bank._adapters["cls_b"].slot == slot_a
+    router.run([{"adapter": "cls_b", "prompt": "ab"}])
+    assert not q._pool[0][slot_a].any() and not q._pool[1][slot_a].any()
+    assert router.run(prompt) == alone
 
 
 def test_the_router_api_is_safe_from_several_threads(serve_registry):
@@ -204,3 +226,12 @@ def test_the_host_cache_keeps_read_adapters_within_max_cpu_loras(serve_registry,
     assert reads == ["gen_a", "gen_b", "gen_prefix"]  # gen_a was read once
     assert list(router.host) == ["gen_prefix", "gen_a"] and router.memory()["host_cached_adapters"] == 2
     assert router.memory()["host_bytes"] == sum(t.numel() * t.element_size() for _, w in router.host.values() for t in w.values())
+
+
+def test_a_fixed_slot_rank_refuses_wider_adapters_and_serves_the_rest(serve_registry):
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_lora_rank=8)
+    with pytest.raises(AdapterHubError, match="gen_b' has rank 16 but this server's adapter slots hold rank 8 at most"):
+        router.hold(["gen_b"])
+    router.run([{"adapter": "gen_a", "prompt": "ab"}])
+    q = next(layer for name, layer in router.bank._lora.items() if name.endswith("q_proj"))
+    assert q._pool[0].shape[2] == 8 and q.pool_rank == 8

@@ -27,7 +27,8 @@ def _serve(args) -> int:
     with _logging(args.log_level):
         router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
-                                      max_model_len=args.max_model_len, max_cpu_loras=args.max_cpu_loras)
+                                      max_model_len=args.max_model_len, max_cpu_loras=args.max_cpu_loras,
+                                      max_lora_rank=args.max_lora_rank)
         if args.kv_cache_mb is not None:  # in cache positions of this backbone
             budgets = dataclasses.replace(budgets, max_kv_tokens=int(args.kv_cache_mb * 2**20 // router.bank.kv_bytes_per_token()))
         engine = Engine(router, max_queue=args.max_queue, budgets=budgets)
@@ -109,6 +110,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-loras", type=count(1), help="distinct adapters in the running batch at once; requests for others wait (default: no bound)")
     p.add_argument("--max-cpu-loras", type=count(1), default=64, help="adapters kept read and checked in host memory (least recently "
                    "used go first); loading one onto the device is then a copy, no disk read (default 64)")
+    p.add_argument("--max-lora-rank", type=count(1), help="rank of every layer's adapter slots: memory per slot is fixed and "
+                   "wider LoRA adapters are refused (default: the widest resident, growing as needed)")
     p.add_argument("--max-queue", type=count(1), default=256, help="requests waiting beyond the batch; more get 429")
     p.add_argument("--max-model-len", type=count(1), help="context in tokens: prompt (+ an adapter's virtual tokens) + max_tokens must fit, "
                    "else 400 naming the numbers; prompts are never cut (default: the backbone's own)")

@@ -52,6 +52,16 @@ class _Assignment:
     per_row: list[int] | None  # each row's slot (host copy; None when one slot serves every row)
     device: torch.device | str | None
     table_pick: tuple | None = None  # (table version, index into the table's slots), see RowContext.table_index
+    _slot_ids: torch.Tensor | None = None
+
+    def slot_ids(self) -> torch.Tensor | int:
+        """Each row's slot number as one device tensor (an int when one slot serves every row): the index into a
+        slot pool, made once per batch and shared by every layer."""
+        if self.per_row is None:
+            return self.slots[0]
+        if self._slot_ids is None:
+            self._slot_ids = torch.tensor(self.per_row, device=self.device)
+        return self._slot_ids
 
 
 class RowContext:
@@ -147,7 +157,10 @@ class RowLoraLinear(torch.nn.Module):
         self.scales: dict[str, tuple[torch.Tensor, bool]] = {}  # IA3: name → (vector l, on_input)
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
-        self._all: tuple | None = None  # cache=True: (table version, stacks of every slot in the table)
+        self._pool: tuple | None = None  # cache=True: (At [S, in, R], Bt [S, R, out]), slot s at index s (see _sync_pool)
+        self._pool_slots: dict = {}  # slot → what was copied there (its entries' identities and weights)
+        self._pool_key: tuple | None = None  # (table version, entries version) the pool was synced at
+        self.pool_rank: int | None = None  # a fixed pool rank (the server's --max-lora-rank); None: the widest held
         self._rows: tuple | None = None  # (plan key, the running batch's per-row stacks)
         self._scale_all: tuple | None = None  # as _all, for the IA3 vectors
         self._scale_rows: tuple | None = None  # as _rows: (plan key, (per-row s_in, per-row s_out))
@@ -189,19 +202,63 @@ class RowLoraLinear(torch.nn.Module):
         self.scales.pop(name, None)
         self._version += 1
 
-    def stack_nbytes(self, slots: int) -> int:
-        """Bytes of the serving stacks (cache=True) for a table of `slots` slots: every slot padded to the widest
-        rank held here, A and B, plus one IA3 vector per slot on each scaled side. Computed from the entries, so
-        it is known before the stacks are built (they are, lazily, at the next forward)."""
+    def _pool_shape(self) -> tuple[int, int]:
+        """(slots, rank) of the LoRA pool for the table as it is: the highest slot number + 1 rounded up to a power
+        of two (a run of loads reallocates a few times, not at each load), and the widest rank held here (at least
+        `pool_rank`, the server's --max-lora-rank). Both follow the table down as well as up, so evicting adapters
+        frees what they took."""
+        need = max(self.context.table, default=0) + 1
+        widest = max((e[0].shape[0] for e in self.entries.values()), default=0)
+        return 1 << (need - 1).bit_length(), max(widest, self.pool_rank or 0)
+
+    def stack_nbytes(self) -> int:
+        """Bytes of this layer's serving memory (cache=True): the LoRA pool at the shape the table needs (every slot
+        at the widest rank, A and B) and one IA3 vector per table slot on each scaled side. Computed from the
+        entries, so it is known before the pool is resized (lazily, at the next forward)."""
         total = 0
         if self.entries:
+            slots, rank = self._pool_shape()
             a = next(iter(self.entries.values()))[0]
-            rank = max(e[0].shape[0] for e in self.entries.values())
             total += slots * rank * (self.in_features + self.out_features) * a.element_size()
         for on_input in {on for _, on in self.scales.values()}:
             vec = next(v for v, on in self.scales.values() if on == on_input)
-            total += slots * (self.in_features if on_input else self.out_features) * vec.element_size()
+            total += len(self.context.table) * (self.in_features if on_input else self.out_features) * vec.element_size()
         return total
+
+    def _sync_pool(self) -> None:
+        """Serving (cache=True): make the slot pool (At [S, in, R], Bt [S, R, out], indexed by the slot number itself)
+        hold the table, copying only the slots whose entries changed: loading an adapter is one copy into its slot
+        per layer, not a rebuild of every resident adapter's stack. A slot with nothing here stays zero (exact: it
+        adds 0). The pool is reallocated only when a slot number or a rank outgrows it."""
+        ctx = self.context
+        if self._pool_key == (ctx.version, self._version):
+            return
+        if not self.entries:
+            self._pool, self._pool_slots, self._pool_key = None, {}, (ctx.version, self._version)
+            return
+        slots, rank = self._pool_shape()
+        if self._pool is None or (slots, rank) != (self._pool[0].shape[0], self._pool[0].shape[2]):
+            ref = next(iter(self.entries.values()))[0]
+            self._pool = (ref.new_zeros(slots, self.in_features, rank), ref.new_zeros(slots, rank, self.out_features))
+            self._pool_slots = {}  # nothing copied into the new pool yet
+        keys = {}
+        for slot, parts in ctx.table.items():
+            key = tuple((n, id(self.entries[n][0]), id(self.entries[n][1]), self.entries[n][2], w) for n, w in parts if n in self.entries)
+            if key:
+                keys[slot] = key
+        At, Bt = self._pool
+        for slot in set(self._pool_slots) - set(keys):  # left (or changed to nothing here): back to zero
+            At[slot].zero_()
+            Bt[slot].zero_()
+        for slot, key in keys.items():
+            if self._pool_slots.get(slot) != key:
+                a, b = self.slot_factors(slot)
+                r = a.shape[0]
+                At[slot, :, :r].copy_(a.T)
+                At[slot, :, r:].zero_()
+                Bt[slot, :r].copy_(b.T)
+                Bt[slot, r:].zero_()
+        self._pool_slots, self._pool_key = keys, (ctx.version, self._version)
 
     # -- the kernel --------------------------------------------------------------------------------
     def slot_factors(self, slot: int):
@@ -230,19 +287,21 @@ class RowLoraLinear(torch.nn.Module):
     def _per_row(self, plan: _Assignment):
         """The plan's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
 
-        Serving (cache=True) keeps one padded stack of every slot in the table, rebuilt only when an
-        adapter is added or removed, so a batch costs one index_select per layer (a slice when one
-        slot serves every row) and its decode steps reuse that. Otherwise the stack holds just the
-        batch's slots, rebuilt per forward under autograd so the gradient reaches the entries.
+        Serving (cache=True) reads the slot pool (_sync_pool), so a batch costs one index_select per
+        layer (a slice when one slot serves every row) and its decode steps reuse that. Otherwise the
+        stack holds just the batch's slots, rebuilt per forward under autograd so the gradient reaches
+        the entries.
         """
         ctx = self.context
         key = (plan.id, ctx.version, self._version)
         if (self.cache or not torch.is_grad_enabled()) and self._rows is not None and self._rows[0] == key:
             return self._rows[1]
         if self.cache:
-            if self._all is None or self._all[0] != key[1:]:
-                self._all = (key[1:], self._stack(list(ctx.table)))
-            stacks, pick = self._all[1], ctx.table_index(plan)
+            self._sync_pool()
+            if self._pool is None or not any(slot in self._pool_slots for slot in plan.slots):
+                stacks, pick = None, None  # no row of this batch is adapted here: no matmul at all
+            else:
+                stacks, pick = self._pool, plan.slot_ids()
         else:
             stacks, pick = self._stack(plan.slots), plan.index
         if isinstance(pick, torch.Tensor) and stacks is not None and pick.device != stacks[0].device:

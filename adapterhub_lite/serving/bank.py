@@ -67,8 +67,9 @@ class _Batch:
 class AdapterBank:
     """Adapters resident on one frozen backbone, served per row."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_lora_rank: int | None = None):
         self.model = model
+        self.max_lora_rank = max_lora_rank  # a fixed rank for every layer's slot pool; wider LoRA adapters are refused
         self.config = model.config.get_text_config(decoder=True)
         self.decoder = model.get_decoder()
         self.embed = model.get_input_embeddings()
@@ -149,10 +150,10 @@ class AdapterBank:
         return self._get(name).nbytes
 
     def stack_bytes(self) -> int:
-        """Bytes of the per-layer stacks that serve the resident LoRA / IA3 adapters: each targeted layer keeps every
-        slot's factors padded to the widest rank there (rowlora.RowLoraLinear.stack_nbytes), so this grows with
+        """Bytes of the per-layer slot pools that serve the resident LoRA / IA3 adapters: each targeted layer keeps
+        every slot's factors padded to the widest rank there (rowlora.RowLoraLinear.stack_nbytes), so this grows with
         slots × widest rank, beyond the adapters' own bytes."""
-        return sum(layer.stack_nbytes(len(self.context.table)) for layer in self._lora.values())
+        return sum(layer.stack_nbytes() for layer in self._lora.values())
 
     def virtual_tokens(self, name: str) -> int:
         """Positions a prompt- or prefix-tuning adapter puts before every prompt (0 for LoRA and IA3)."""
@@ -174,6 +175,10 @@ class AdapterBank:
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
         self._check_own(name, modules, factors.modules)
+        rank = max(a.shape[0] for a, _, _ in factors.modules.values())
+        if self.max_lora_rank is not None and rank > self.max_lora_rank:
+            raise AdapterLoadError(f"LoRA adapter {name!r} has rank {rank} but this server's adapter slots hold rank {self.max_lora_rank} at most "
+                                   "(--max-lora-rank); raise it, or serve a lower-rank adapter")
         for mod, (a, b, _) in factors.modules.items():
             lin = modules.get(mod)
             base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
@@ -182,6 +187,8 @@ class AdapterBank:
         slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
         self._slots[slot:slot + 1] = [name]
         layers = wrap(self.model, factors.modules, self.context, cache=True)
+        for layer in layers.values():
+            layer.pool_rank = self.max_lora_rank
         self._lora.update(layers)
         nbytes = 0
         for mod, (a, b, scale) in factors.modules.items():

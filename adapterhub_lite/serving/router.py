@@ -66,10 +66,10 @@ class Router:
 
     def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
                  route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None,
-                 max_cpu_loras: int = 64):
+                 max_cpu_loras: int = 64, max_lora_rank: int | None = None):
         self.backbone, self.registry = backbone, registry
         self.max_model_len = check_context(backbone, max_model_len)
-        self.bank = AdapterBank(backbone.model)
+        self.bank = AdapterBank(backbone.model, max_lora_rank=max_lora_rank)
         self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
         self.allow_base_mismatch = allow_base_mismatch
         self.folders: dict[str, Path] = {}  # every adapter we know how to load

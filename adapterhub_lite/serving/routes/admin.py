@@ -30,7 +30,8 @@ async def health(request: Request):
             "max_model_len": engine.router.max_model_len,
             "changed_adapters": dict(engine.router.changed),  # files that changed under the server: refused at load
             "unavailable_adapters": dict(engine.router.unavailable),  # failed their checks: not served, the others are
-            "budgets": dataclasses.asdict(engine.budgets), "memory": engine.router.memory()}
+            "budgets": dataclasses.asdict(engine.budgets), "kv_bytes_per_token": engine.router.bank.kv_bytes_per_token(),
+            "memory": engine.router.memory()}
 
 
 @router.get("/version")
