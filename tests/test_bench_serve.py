@@ -1,8 +1,8 @@
 """scripts/bench_serve.py's pure parts: the report figures, the goal ratios, and the SSE reading of one answer (on a mock transport)."""
 
 import asyncio
-import itertools
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
