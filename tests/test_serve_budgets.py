@@ -235,3 +235,29 @@ def test_a_fixed_slot_rank_refuses_wider_adapters_and_serves_the_rest(serve_regi
     router.run([{"adapter": "gen_a", "prompt": "ab"}])
     q = next(layer for name, layer in router.bank._lora.items() if name.endswith("q_proj"))
     assert q._pool[0].shape[2] == 8 and q.pool_rank == 8
+
+
+def test_registry_io_runs_off_the_engine_thread_and_the_event_loop(serve_registry, tmp_path):
+    """Reloads, runtime loads and pinned versions read and hash their folders on worker threads: decoding and
+    the HTTP server go on meanwhile."""
+    import threading
+
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    s = Served(reg)
+    threads = []
+    inspect = s.router.inspect
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return inspect(*args, **kwargs)
+
+    try:
+        s.router.inspect = recording
+        s.router.registry.publish(reg / "gen_a" / "1.0.0", "2.0.0", name="gen_a")  # a new version to pick up
+        assert s.post("/v1/reload").json()["updated"] == ["gen_a"]
+        assert s.post("/v1/load_lora_adapter", {"lora_name": "rt", "lora_path": str(reg / "gen_b" / "1.0.0")}).status_code == 200
+        assert complete(s, "gen_b@0.9.0", "ab")[0] == 200
+        assert len(threads) == 3 and all(t.startswith("asyncio_") for t in threads), threads  # the event loop's worker threads
+    finally:
+        s.close()

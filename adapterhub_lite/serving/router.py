@@ -123,9 +123,13 @@ class Router:
         return True
 
     # -- catalogue and residency -------------------------------------------------------------
-    @_locked
     def register(self, name: str, folder: str | Path | None = None) -> None:
-        """Make an adapter known: a registry name (latest version) or an explicit folder."""
+        """Make an adapter known: a registry name (latest version) or an explicit folder (inspect, then add)."""
+        self.add(self.inspect(name, folder))
+
+    def inspect(self, name: str, folder: str | Path | None = None) -> Registration:
+        """Every check register() makes, with all its reading and hashing, and nothing changed: safe to run on a
+        worker thread (the server does, so registry I/O never stalls decoding); `add` then takes the result."""
         if folder is None:
             if self.registry is None:
                 raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
@@ -135,10 +139,15 @@ class Router:
         folder = Path(folder)
         meta = check_adapter_folder(folder)  # the same checks as a publish: no symlinks or pickles, a sound sidecar, finite weights
         check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
-        self.folders[name], self.metas[name] = folder, meta
-        self.hashes[name] = folder_hashes(folder)  # what was checked: every later load must find the same bytes
         config = json.loads((folder / "adapter_config.json").read_text())
-        self.kinds[name] = (str(config.get("peft_type")), int(config.get("num_virtual_tokens") or 0))
+        kind = (str(config.get("peft_type")), int(config.get("num_virtual_tokens") or 0))
+        return Registration(name, folder, meta, folder_hashes(folder), kind)  # the hashes: every later load must find the same bytes
+
+    @_locked
+    def add(self, reg: Registration) -> None:
+        """Make an inspected adapter known (no I/O)."""
+        name = reg.name
+        self.folders[name], self.metas[name], self.hashes[name], self.kinds[name] = reg.folder, reg.meta, reg.hashes, reg.kind
         self.changed.pop(name, None)
         self.unavailable.pop(name, None)
         with self._host_lock:
@@ -477,6 +486,17 @@ def check_context(backbone: Backbone, max_model_len: int | None) -> int:
         raise AdapterLoadError(f"max_model_len={max_model_len} but backbone {backbone.name!r} was trained for positions up to {own}; "
                                f"give 1 to {own} (--max-model-len)")
     return max_model_len
+
+
+@dataclass
+class Registration:
+    """An adapter folder that passed register()'s checks, ready to be added (Router.inspect → Router.add)."""
+
+    name: str
+    folder: Path
+    meta: dict
+    hashes: dict[str, str]
+    kind: tuple[str, int]
 
 
 @dataclass

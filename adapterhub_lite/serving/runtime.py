@@ -8,6 +8,7 @@ it never races a batch; an adapter that running rows use is never unloaded or re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
@@ -90,12 +91,24 @@ class Catalogue:
             except AdapterHubError:
                 pass
             else:
-                await self._on_engine(lambda r: r.register_or_mark(model) if model not in r.folders else None)
+                try:
+                    reg = await self._off_engine(self.router.inspect, model)
+                except P.ApiError as exc:  # a damaged pinned version: listed as unavailable, answered with why
+                    self.router.unavailable[model] = str(exc)
+                else:
+                    await self._on_engine(lambda r: r.add(reg) if model not in r.folders else None)
                 if model in self.router.unavailable:
                     return await self.ensure_known(model)  # the 503 naming why
                 return model
         raise P.ApiError(404, f"the model {model!r} does not exist; see GET /v1/models (adapters, name@version, 'base', 'auto')",
                          code="model_not_found")
+
+    async def _off_engine(self, fn, *args):
+        """Run fn(*args) (registry I/O: reading, hashing, checking) on a worker thread; its errors become 400s."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except AdapterHubError as exc:
+            raise P.ApiError(400, str(exc), code=type(exc).__name__) from None
 
     # -- per-request merges (LoRAX's merged_adapters) ------------------------------------------------
     async def merged(self, recipe, model: str | None = None) -> str:
@@ -144,7 +157,8 @@ class Catalogue:
                     for flag, field in flags.items():
                         message = message.replace(flag, field)
                     raise P.ApiError(400, message, code=type(exc).__name__) from None
-                await self._on_engine(lambda r: self._register_merge(r, name, folder), flags)
+                reg = await self._off_engine(self.router.inspect, name, folder)
+                await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
             self._pending[name] = asyncio.ensure_future(build())
         try:
             await asyncio.shield(self._pending[name])
@@ -155,15 +169,15 @@ class Catalogue:
         return name
 
     @staticmethod
-    def _register_merge(router, name: str, folder: Path) -> None:
-        """Engine thread: the built folder takes its name (a rename in the scratch folder) and is registered."""
+    def _register_merge(router, name: str, folder: Path, reg) -> None:
+        """Engine thread: the built and inspected folder takes its name (a rename in the scratch folder) and is added."""
         final = folder.with_name(name)
         if name in router.folders:  # built twice (a race with an eviction): keep the registered one
             shutil.rmtree(folder, ignore_errors=True)
             return
         shutil.rmtree(final, ignore_errors=True)
         folder.rename(final)
-        router.register(name, final)
+        router.add(dataclasses.replace(reg, folder=final))
 
     def _make_room(self, router) -> None:
         """Before building a merge (engine thread): over max_merges, forget the least recently used merges no running
@@ -193,7 +207,8 @@ class Catalogue:
                              "apart names); unload it first or choose another name", code="already_loaded")
         if not isinstance(path, str) or not Path(path).is_dir():
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
-        await self._on_engine(lambda r: r.register(name, path))
+        reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
+        await self._on_engine(lambda r: r.add(reg))
         self.runtime.add(name)
         return name
 
@@ -218,32 +233,39 @@ class Catalogue:
         if self.router.registry is None:
             raise P.ApiError(400, "this server has no registry to reload", code="no_registry")
 
-        def scan(router) -> dict:
-            added, updated, deferred, shadowed, unavailable = [], [], [], [], {}
+        router = self.router
+
+        def read() -> dict:
+            """Worker thread: each name's latest version hashed and checked (the I/O), nothing changed yet."""
+            found = {}
             for name in sorted(router.registry.index()["adapters"]):
                 if name in self.runtime:  # loaded at run time under this name before the registry had it: it stays until unloaded
-                    shadowed.append(name)
+                    found[name] = ("shadowed", None)
                     continue
                 try:
                     folder = router.registry.path(name)  # re-hashes the version's files
+                    same = name in router.folders and Path(router.folders[name]) == Path(folder)
+                    found[name] = ("same", None) if same else ("read", router.inspect(name, folder))
                 except AdapterHubError as exc:  # one damaged version: listed as unavailable, the rest reload
-                    if name in self.engine.in_use():
-                        deferred.append(name)
-                        continue
+                    found[name] = ("damaged", str(exc))
+            return found
+
+        def apply(router) -> dict:
+            """Engine thread, between two steps: the catalogue changes (no I/O)."""
+            out = {"added": [], "updated": [], "deferred": [], "shadowed": [], "unavailable": {}}
+            for name, (what, value) in found.items():
+                if what == "shadowed":
+                    out["shadowed"].append(name)
+                elif what != "same" and name in router.folders and name in self.engine.in_use():
+                    out["deferred"].append(name)  # never swap an adapter under running rows
+                elif what == "damaged":
                     router.forget(name)
-                    router.unavailable[name] = unavailable[name] = str(exc)
-                    continue
-                if name not in router.folders:
-                    if router.register_or_mark(name, folder):
-                        added.append(name)
-                    else:
-                        unavailable[name] = router.unavailable[name]
-                elif Path(router.folders[name]) != Path(folder):
-                    if name in self.engine.in_use():  # never swap an adapter under running rows
-                        deferred.append(name)
-                        continue
+                    router.unavailable[name] = out["unavailable"][name] = value
+                elif what == "read":
+                    out["updated" if name in router.folders else "added"].append(name)
                     router.forget(name)
-                    router.register(name, folder)
-                    updated.append(name)
-            return {"added": added, "updated": updated, "deferred": deferred, "shadowed": shadowed, "unavailable": unavailable}
-        return await self._on_engine(scan)
+                    router.add(value)
+            return out
+
+        found = await asyncio.to_thread(read)
+        return await self._on_engine(apply)
