@@ -360,6 +360,18 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def scheduler_waits(url: str) -> dict:
+    """{budget: steps} of the server's adapterhub_scheduler_waits counter (steps in which the first waiting request waited for it)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{url}/metrics", headers=headers(), timeout=5, trust_env=False).text
+        return {s.labels["budget"]: s.value for f in text_string_to_metric_families(text) if f.name == "adapterhub_scheduler_waits"
+                for s in f.samples if s.name.endswith("_total")}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}
+
+
 def bench(url: str, targets: list[tuple[str, str]], args, window: int | None = None, pid: int | None = None) -> dict:
     """Probe, warm up (unrecorded), then measure one scenario against a healthy server. With `window`, the working
     set moves (make_payloads) and the server's memory is sampled after the warm-up and at the end."""
@@ -375,6 +387,7 @@ def bench(url: str, targets: list[tuple[str, str]], args, window: int | None = N
     steps = rows1[1] - rows0[1]  # the server's own view of the measured window: how full its batches ran
     return {"adapters": len(targets), "usage_in_stream": bool(extra), **stats,
             "server_mean_batch_rows": round((rows1[0] - rows0[0]) / steps, 2) if steps > 0 else None,
+            "server_scheduler_waits": scheduler_waits(url),  # over the whole run, warm-up included
             **({"memory": memory} if window else {})}
 
 
@@ -450,7 +463,7 @@ def run_kind(name: str, names, registry: Path, args, done: dict) -> dict:
         if not measured:
             raise ScenarioError("kv_half needs the prompts' length and the cache's bytes per token: run it after batching_many (or batching_1)")
         per_token = measured[0]["server"]["health"]["kv_bytes_per_token"]
-        need = args.clients * (measured[0]["prompt_tokens_max"] + args.max_tokens) * per_token
+        need = args.clients * (measured[0]["prompt_tokens_max"] + args.max_tokens) * per_token  # (binds only above --max-batch-rows / 2 clients)
         flags = ["--kv-cache-mb", f"{need / 2 / 2**20:.3f}"]
     return run_scenario(name, names, registry, args, flags)
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import tempfile
 import threading
 import warnings
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,8 +106,18 @@ class Router:
         first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
         backbone = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
         router = cls(backbone, reg, **kwargs)
-        for name in latest:
-            router.register_or_mark(name)
+
+        def inspect(name: str):  # on a worker: hashing releases the GIL, so thousands of adapters check in parallel
+            try:
+                return router.inspect(name)
+            except AdapterHubError as exc:
+                return exc
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for name, found in zip(latest, pool.map(inspect, latest)):
+                if isinstance(found, AdapterHubError):
+                    router.mark_unavailable(name, found)
+                else:
+                    router.add(found)
         if router.unavailable and not router.folders:
             raise AdapterLoadError(f"no adapter of registry {registry} can be served: " + "; ".join(router.unavailable.values()))
         return router
@@ -116,13 +128,16 @@ class Router:
         try:
             self.register(name, folder)
         except AdapterHubError as exc:
-            self.forget(name)
-            self.unavailable[name] = str(exc)
-            warnings.warn(f"adapter {name!r} is unavailable and will not be served: {exc}", stacklevel=2)
+            self.mark_unavailable(name, exc)
             return False
         return True
 
-    # -- catalogue and residency -------------------------------------------------------------
+    def mark_unavailable(self, name: str, why: Exception) -> None:
+        """List an adapter that failed its checks as unavailable: not served, its requests answered with why."""
+        self.forget(name)
+        self.unavailable[name] = str(why)
+        warnings.warn(f"adapter {name!r} is unavailable and will not be served: {why}", stacklevel=3)
+
     def register(self, name: str, folder: str | Path | None = None) -> None:
         """Make an adapter known: a registry name (latest version) or an explicit folder (inspect, then add)."""
         self.add(self.inspect(name, folder))
@@ -130,10 +145,12 @@ class Router:
     def inspect(self, name: str, folder: str | Path | None = None) -> Registration:
         """Every check register() makes, with all its reading and hashing, and nothing changed: safe to run on a
         worker thread (the server does, so registry I/O never stalls decoding); `add` then takes the result."""
+        hashes = None
         if folder is None:
             if self.registry is None:
                 raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
-            folder = self.registry.path(name)  # re-hashes every file
+            folder = self.registry.path(name)  # re-hashes every file against the index's sha256 (and refuses extra files)
+            hashes = {f: rec["sha256"] for f, rec in self.registry.resolve(name)[2]["files"].items()}  # so these are the folder's
         else:
             check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
         folder = Path(folder)
@@ -141,7 +158,8 @@ class Router:
         check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
         config = json.loads((folder / "adapter_config.json").read_text())
         kind = (str(config.get("peft_type")), int(config.get("num_virtual_tokens") or 0))
-        return Registration(name, folder, meta, folder_hashes(folder), kind)  # the hashes: every later load must find the same bytes
+        # the hashes: every later load must find the same bytes (a registry version's are the ones just verified)
+        return Registration(name, folder, meta, hashes or folder_hashes(folder), kind)
 
     @_locked
     def add(self, reg: Registration) -> None:
