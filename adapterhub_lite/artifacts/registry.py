@@ -328,11 +328,24 @@ class LocalRegistry(Registry):
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._parsed: tuple | None = None  # (index.json's inode, size, mtime, its parsed index)
 
     def index(self) -> dict:
+        """The parsed index, for reading (do not change it). Parsed again only when index.json changed (every write
+        replaces the file, so its inode changes): a server with thousands of adapters reads it at every lookup."""
         if not self.root.is_dir():
             raise RegistryError(f"registry {str(self.root)!r} does not exist (no such folder); check --registry, or publish into it to create it")
-        return self._read_index()
+        path = self.root / "index.json"
+        try:
+            st = path.stat() if path.is_file() and not path.is_symlink() else None
+        except OSError:
+            st = None
+        key = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key is not None and self._parsed is not None and self._parsed[0] == key:
+            return self._parsed[1]
+        index = self._read_index()
+        self._parsed = None if key is None else (key, index)
+        return index
 
     def _read_index(self) -> dict:
         """The index; none yet (an empty registry) only when no version folder exists either."""
