@@ -60,7 +60,8 @@ class Served:
     """A server on a free port in this process, stopped at the end."""
 
     def __init__(self, registry, max_model_len=None, **settings):
-        self.router = Router.from_registry(registry, quantization="none", dtype="fp32", max_model_len=max_model_len)
+        self.router = Router.from_registry(registry, quantization="none", dtype="fp32", max_model_len=max_model_len,
+                                           memory_budget_mb=settings.pop("memory_budget_mb", None))
         self.engine = Engine(self.router, max_batch_rows=settings.pop("max_batch_rows", 32), max_queue=settings.pop("max_queue", 256),
                              budgets=settings.pop("budgets", None))
         self.port = free_port()

@@ -261,3 +261,27 @@ def test_registry_io_runs_off_the_engine_thread_and_the_event_loop(serve_registr
         assert len(threads) == 3 and all(t.startswith("asyncio_") for t in threads), threads  # the event loop's worker threads
     finally:
         s.close()
+
+
+def test_requests_wait_for_adapter_memory_and_the_budget_holds(serve_registry, reference):
+    probe = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    probe.hold(["gen_b"])
+    budget = probe.resident_bytes() * 1.2  # the largest of the three alone, not two of them
+    s = Served(serve_registry, memory_budget_mb=budget / 2**20)
+    peak = []
+    step = s.engine._step
+
+    def watched():
+        peak.append(s.router.resident_bytes())
+        step()
+
+    try:
+        s.engine._step = watched
+        jobs = [(m, p) for m in ("gen_a", "gen_b", "gen_prompt") for p in PROMPTS]
+        got = answers(s, jobs, threads=15)
+        assert [code for code, _ in got] == [200] * len(jobs)
+        assert [b["choices"][0]["text"] for _, b in got] == [reference[j] for j in jobs]
+        assert max(peak) <= budget  # never over: a request whose adapter does not fit waits for the running rows
+        assert s.engine.metrics.waits.labels(budget="memory")._value.get() > 0
+    finally:
+        s.close()

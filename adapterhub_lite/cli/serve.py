@@ -122,7 +122,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: $ADAPTERHUB_API_KEY, else none)")
     p.add_argument("--allow-runtime-loading", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
-    p.add_argument("--max-merges", type=count(1), default=16, help="per-request merges kept (folders on disk); the least recently used idle one goes first")
+    p.add_argument("--max-merges", "--max-merged", type=count(1), default=16, help="per-request merges kept (folders on disk); the least recently used idle one goes first")
     p.add_argument("--allowed-origins", type=_origins, help="allow browser pages from these origins (CORS), comma-separated; default: CORS off")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="info (default): one access-log line per request; warning: only ignored fields and errors")

@@ -203,13 +203,13 @@ class RowLoraLinear(torch.nn.Module):
         self._version += 1
 
     def _pool_shape(self) -> tuple[int, int]:
-        """(slots, rank) of the LoRA pool for the table as it is: the highest slot number + 1 rounded up to a power
-        of two (a run of loads reallocates a few times, not at each load), and the widest rank held here (at least
-        `pool_rank`, the server's --max-lora-rank). Both follow the table down as well as up, so evicting adapters
-        frees what they took."""
+        """(slots, rank) of the LoRA pool for the table as it is: the highest slot number + 1 (the bank reuses the
+        lowest free slot, so this stops growing at the most adapters resident at once) and the widest rank held here
+        (at least `pool_rank`, the server's --max-lora-rank). Both follow the table down as well as up, so evicting
+        adapters frees what they took; the pool is reallocated only when one of them changes."""
         need = max(self.context.table, default=0) + 1
         widest = max((e[0].shape[0] for e in self.entries.values()), default=0)
-        return 1 << (need - 1).bit_length(), max(widest, self.pool_rank or 0)
+        return need, max(widest, self.pool_rank or 0)
 
     def stack_nbytes(self) -> int:
         """Bytes of this layer's serving memory (cache=True): the LoRA pool at the shape the table needs (every slot

@@ -135,6 +135,14 @@ class AdapterBank:
                 layer.base_layer = modules[name]  # the same object unless the caller replaced it
                 setattr(modules[parent] if parent else self.model, child, layer)
 
+    def slot(self, name: str) -> int:
+        """The LoRA / IA3 slot an adapter holds (0: none, prefix and prompt tuning)."""
+        return self._get(name).slot
+
+    def free_slot(self) -> int | None:
+        """The lowest LoRA / IA3 slot free for the next adapter, None when every slot below the highest is taken."""
+        return self._slots.index(None, 1) if None in self._slots[1:] else None
+
     def kv_bytes_per_token(self) -> int:
         """Bytes one cache position takes over every layer (keys and values), in the compute dtype."""
         c = self.config

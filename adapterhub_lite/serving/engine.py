@@ -347,16 +347,23 @@ class Engine:
 
     # -- admission: adapters resident, classification scored, prompts prefilled -----------------------
     def _admit(self, plan) -> None:
-        router, first, pieces = self.router, [], []
+        router, first, pieces, back = self.router, [], [], []
+        # adapters the batch already holds: running rows and prompts part-way through their pieces (not this step's
+        # newcomers, which hold nothing until their adapter is resident)
+        busy = {self._jobs[k].prepared.adapter for k in self.scheduler.running} | \
+               {self._jobs[t.key].prepared.adapter for t, n in plan.prefill if t.prefilled > n}
         for t, n in plan.prefill:
             job = self._jobs[t.key]
+            if t.prefilled == n and back:  # behind a request that waits for memory: first come, first served
+                back.append(t)
+                continue
             if t.prefilled == n:  # its first piece: its adapter must be resident (never evicting one the batch uses)
-                keep = frozenset(self.in_use()) - {job.prepared.adapter}
+                keep = frozenset(busy | {j.prepared.adapter for j in first}) - {job.prepared.adapter}
                 try:
                     router.hold([job.prepared.adapter], keep=keep)
                 except ResidencyFull as exc:
-                    if self.in_use() - {job.prepared.adapter}:  # rows running now will free room: it waits at the head
-                        self.scheduler.requeue(t)
+                    if keep:  # rows that run now will free room: it waits at the head
+                        back.append(t)
                         continue
                     self._fail([job], exc)
                     continue
@@ -367,6 +374,10 @@ class Engine:
                     continue
                 first.append(job)
             pieces.append((job, t, n))
+        for t in reversed(back):  # to the head of the queue, in their order: tried again at the next step
+            self.scheduler.requeue(t)
+        if back:
+            self.metrics.waits.labels(budget="memory").inc()
         cls = [j for j in first if j.prepared.classify]
         firsts = {id(j) for j in first}
         whole = [j for j, t, n in pieces if id(j) in firsts and not j.prepared.classify and t.prefilled == t.prompt_tokens]

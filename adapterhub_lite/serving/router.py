@@ -205,13 +205,25 @@ class Router:
         while self.budget is not None and self.resident_bytes() > self.budget:
             spare = next((n for n in self.resident if n not in keep), None)
             if spare is None:
-                need = sum(self.bank.nbytes(n) for n in self.resident if n in keep) / 2**20
-                if len(keep) == 1:  # one adapter alone over the budget: served, as before (budgets bound the rest)
+                held = sorted(n for n in self.resident if n in keep)
+                if held == [name]:  # one adapter alone over the budget: served, as before (budgets bound the rest)
                     return
-                raise ResidencyFull(f"this batch needs adapters {sorted(keep)} resident at once ({need:.2f} MB) but the memory budget is "
-                                       f"{self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) or send smaller batches")
+                need = self.resident_bytes() / 2**20
+                self.unload(name)  # taken back: the budget holds (the engine lets the request wait for room)
+                raise ResidencyFull(f"this batch needs adapters {held} resident at once ({need:.2f} MB with the slots that serve them) "
+                                    f"but the memory budget is {self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) "
+                                    "or send smaller batches")
             self.unload(spare)
             self.evictions += 1
+            self._lower(name)
+
+    def _lower(self, name: str) -> None:
+        """Move a just-loaded adapter down to a lower slot that an eviction freed: the slot pools are sized by the
+        highest slot in use, so an eviction below it frees memory only once nothing sits above the gap."""
+        free = self.bank.free_slot()
+        if free is not None and 0 < free < self.bank.slot(name):
+            self.bank.remove(name)
+            self.bank.add(name, self.folders[name], loaded=self.fetch(name))  # from host memory: a copy
 
     def fetch(self, name: str) -> tuple:
         """The adapter's (config, weights) in host memory: from the host cache, else read from its folder after
