@@ -244,7 +244,7 @@ class Engine:
     def _gauges(self) -> None:
         s = self.scheduler
         self.metrics.queue_depth.set(self.queue_depth)
-        self.metrics.kv_reserved.set(s._kv([*s.running.values(), *s.prefilling.values()]))
+        self.metrics.kv_reserved.set(s.kv_reserved())
         self.metrics.resident.set(len(self.router.resident))
         self.metrics.evictions.set(self.router.evictions)
 
@@ -303,8 +303,9 @@ class Engine:
         kind, virtual = router.virtual_tokens(p.adapter)
         ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
         if p.classify:
-            width = len(p.ids) + ran + router.label_tokens(p.adapter)
-            return self._when_read(Ticket(id(job), p.bank_name, width * router.label_sequences(p.adapter), width, chunkable=False))
+            longest, sequences = router.label_shape(p.adapter)
+            width = len(p.ids) + ran + longest
+            return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width, chunkable=False))
         ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
                         chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
         return self._when_read(ticket)
@@ -415,8 +416,7 @@ class Engine:
 
     def _piece(self, job: Job, ticket: Ticket, n: int) -> None:
         """Run the next `n` positions of a long prompt (chunked prefill); after its last piece the row runs."""
-        bank, kind_virtual = self.router.bank, self.router.virtual_tokens(job.prepared.adapter)
-        ran = kind_virtual[1] if kind_virtual[0] == "PROMPT_TUNING" else 0
+        bank, ran = self.router.bank, ticket.first_chunk - 1  # a prompt-tuning adapter's virtual tokens run in the first piece
         done, ids = ticket.prefilled - n, job.prepared.ids  # positions run before this piece
         if done == 0:
             job.filling = bank.start([ids[: n - ran]], [job.prepared.bank_name], keys=[id(job)])

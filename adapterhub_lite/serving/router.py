@@ -432,14 +432,11 @@ class Router:
         Read from the adapter's config, so a request is measured before its adapter is resident."""
         return ("", 0) if name == BASE else self.kinds[name]
 
-    def label_tokens(self, name: str) -> int:
-        """Tokens of a classification adapter's longest label (scoring appends them to the prompt)."""
-        return max(map(len, label_token_ids(self.backbone.tokenizer, self.spec(name))))
-
-    def label_sequences(self, name: str) -> int:
-        """Sequences scoring one request of a classification adapter runs: 1 when every label is one token, else one per label."""
+    def label_shape(self, name: str) -> tuple[int, int]:
+        """What scoring one request of a classification adapter runs: (tokens of its longest label, which scoring appends
+        to the prompt; sequences: 1 when every label is one token, else one per label)."""
         labels = label_token_ids(self.backbone.tokenizer, self.spec(name))
-        return 1 if all(len(t) == 1 for t in labels) else len(labels)
+        return max(map(len, labels)), 1 if all(len(t) == 1 for t in labels) else len(labels)
 
     def answer(self, ids: list[int]) -> str:
         """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""

@@ -63,8 +63,17 @@ class Catalogue:
     async def _on_engine(self, fn, flags: dict | None = None):
         """Run fn(router) on the engine thread; its errors become 400s (`flags`: command-line words to
         replace by the request fields that mean the same, so the fix named fits a request)."""
+        return await self._answered(asyncio.wrap_future(self.engine.call(fn)), flags)
+
+    async def _off_engine(self, fn, *args, flags: dict | None = None):
+        """Run fn(*args) (registry I/O: reading, hashing, checking; building a merge) on a worker thread, off the
+        engine thread and the event loop; its errors become 400s as _on_engine's do."""
+        return await self._answered(asyncio.to_thread(fn, *args), flags)
+
+    @staticmethod
+    async def _answered(work, flags: dict | None):
         try:
-            return await asyncio.wrap_future(self.engine.call(fn))
+            return await work
         except P.ApiError:
             raise
         except AdapterHubError as exc:
@@ -102,13 +111,6 @@ class Catalogue:
                 return model
         raise P.ApiError(404, f"the model {model!r} does not exist; see GET /v1/models (adapters, name@version, 'base', 'auto')",
                          code="model_not_found")
-
-    async def _off_engine(self, fn, *args):
-        """Run fn(*args) (registry I/O: reading, hashing, checking) on a worker thread; its errors become 400s."""
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except AdapterHubError as exc:
-            raise P.ApiError(400, str(exc), code=type(exc).__name__) from None
 
     # -- per-request merges (LoRAX's merged_adapters) ------------------------------------------------
     async def merged(self, recipe, model: str | None = None) -> str:
@@ -148,15 +150,9 @@ class Catalogue:
                 flags = {"--task": "merged_adapters.task"}
                 await self._on_engine(self._make_room)
                 # the merge itself runs in a worker thread: off the engine thread (decoding goes on) and off the event loop
-                try:
-                    folder, _ = await asyncio.to_thread(self.router.build_merge, dict(zip(ids, map(float, weights))), method,
-                                                        density=density, task=task, name=name, report_rows=0,
-                                                        output=Path(self.router._scratch.name) / f".building-{name}")
-                except AdapterHubError as exc:
-                    message = str(exc)
-                    for flag, field in flags.items():
-                        message = message.replace(flag, field)
-                    raise P.ApiError(400, message, code=type(exc).__name__) from None
+                folder, _ = await self._off_engine(
+                    lambda: self.router.build_merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name,
+                                                    report_rows=0, output=Path(self.router._scratch.name) / f".building-{name}"), flags=flags)
                 reg = await self._off_engine(self.router.inspect, name, folder)
                 await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
             self._pending[name] = asyncio.ensure_future(build())

@@ -145,6 +145,10 @@ class Scheduler:
         return len(self.waiting) + len(self.prefilling) + len(self.running)
 
     # -- the step ------------------------------------------------------------------------------------
+    def kv_reserved(self) -> int:
+        """Cache positions the admitted requests reserve (rows × the widest)."""
+        return self._kv([*self.running.values(), *self.prefilling.values()])
+
     def _kv(self, tickets) -> int:
         widths = [t.cache_tokens for t in tickets]
         return len(widths) * max(widths, default=0)  # one padded tensor: rows × the widest row
