@@ -61,7 +61,8 @@ class Served:
 
     def __init__(self, registry, max_model_len=None, **settings):
         self.router = Router.from_registry(registry, quantization="none", dtype="fp32", max_model_len=max_model_len,
-                                           memory_budget_mb=settings.pop("memory_budget_mb", None))
+                                           memory_budget_mb=settings.pop("memory_budget_mb", None), max_loras=settings.pop("max_loras", None),
+                                           max_lora_rank=settings.pop("max_lora_rank", None))
         self.engine = Engine(self.router, max_batch_rows=settings.pop("max_batch_rows", 32), max_queue=settings.pop("max_queue", 256),
                              budgets=settings.pop("budgets", None))
         self.port = free_port()

@@ -214,11 +214,11 @@ def test_a_cold_adapter_is_read_off_the_engine_thread_and_holds_nobody_up(serve_
 
 
 def test_the_host_cache_keeps_read_adapters_within_max_cpu_loras(serve_registry, monkeypatch):
-    from adapterhub_lite.serving import router as router_module
+    from adapterhub_lite.serving import manager as manager_module
 
     reads = []
-    read = router_module.read_adapter
-    monkeypatch.setattr(router_module, "read_adapter", lambda name, folder: reads.append(name) or read(name, folder))
+    read = manager_module.read_adapter
+    monkeypatch.setattr(manager_module, "read_adapter", lambda name, folder: reads.append(name) or read(name, folder))
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_cpu_loras=2)
     for name in ("gen_a", "gen_b", "gen_a", "gen_prefix", "gen_a"):
         router.hold([name])
@@ -235,6 +235,30 @@ def test_a_fixed_slot_rank_refuses_wider_adapters_and_serves_the_rest(serve_regi
     router.run([{"adapter": "gen_a", "prompt": "ab"}])
     q = next(layer for name, layer in router.bank._lora.items() if name.endswith("q_proj"))
     assert q._pool[0].shape[2] == 8 and q.pool_rank == 8
+
+
+def test_max_loras_preallocates_the_slot_pools_and_evicts_to_stay_within_them(serve_registry, reference):
+    """vLLM's preallocated slots: with --max-loras 2 and --max-lora-rank 16 every targeted layer's pool is 3 slots (the
+    plain backbone's and two) × rank 16 from the first load on; a third LoRA / IA3 adapter evicts the least recently
+    used, and the answers are those of the unbounded server."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_lora_rank=16, max_loras=2)
+    for name in ("gen_a", "cls_ia3", "gen_b", "cls_a", "gen_a", "cls_b", "gen_b"):
+        router.run([{"adapter": name, "prompt": "ab"}])
+        assert router.bank.slots_held() <= 2
+        for layer in router.bank._lora.values():
+            if layer._pool is not None:
+                assert (layer._pool[0].shape[0], layer._pool[0].shape[2]) == (3, 16)
+        assert all(n in router.resident for n in router.bank.names())
+    assert router.evictions >= 5
+    s = Served(serve_registry, budgets=Budgets(max_rows=8, max_loras=2), max_loras=2, max_lora_rank=16)
+    try:
+        jobs = [(m, p) for p in PROMPTS for m in MODELS]
+        got = answers(s, jobs)
+        assert all(code == 200 for code, _ in got)
+        assert [body["choices"][0]["text"] for _, body in got] == [reference[j] for j in jobs]
+        assert s.router.bank.slots_held() <= 2
+    finally:
+        s.close()
 
 
 def test_registry_io_runs_off_the_engine_thread_and_the_event_loop(serve_registry, tmp_path):

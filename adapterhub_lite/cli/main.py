@@ -189,12 +189,10 @@ def _infer(args) -> int:
                         "not a string; give every request its text")
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                   memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
-    answers = []
+    # the server's engine over the whole file: continuous batching, --batch-size rows at a time
     with progress_bar(len(requests), "infer", not args.no_progress) as bar:
-        for start in range(0, len(requests), args.batch_size):
-            chunk = requests[start : start + args.batch_size]
-            answers += [{**req, **res} for req, res in zip(chunk, router.run(chunk))]
-            bar.update(len(chunk))
+        results = router.run(requests, max_batch_rows=args.batch_size, on_done=lambda i: bar.update(1))
+    answers = [{**req, **res} for req, res in zip(requests, results)]
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0
 

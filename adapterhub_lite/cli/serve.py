@@ -28,7 +28,7 @@ def _serve(args) -> int:
         router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
                                       max_model_len=args.max_model_len, max_cpu_loras=args.max_cpu_loras,
-                                      max_lora_rank=args.max_lora_rank)
+                                      max_lora_rank=args.max_lora_rank, max_loras=args.max_loras)
         if args.kv_cache_mb is not None:  # in cache positions of this backbone
             budgets = dataclasses.replace(budgets, max_kv_tokens=int(args.kv_cache_mb * 2**20 // router.bank.kv_bytes_per_token()))
         engine = Engine(router, max_queue=args.max_queue, budgets=budgets)
@@ -107,7 +107,9 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    "in pieces over several steps when longer than what is left); at least --max-batch-rows (default: no bound)")
     p.add_argument("--kv-cache-mb", type=finite_float, help="KV cache budget: a request reserves prompt + max_tokens positions when it "
                    "starts; requests that do not fit wait (default: no bound)")
-    p.add_argument("--max-loras", type=count(1), help="distinct adapters in the running batch at once; requests for others wait (default: no bound)")
+    p.add_argument("--max-loras", type=count(1), help="distinct adapters in the running batch at once, and the LoRA / IA3 adapter slots "
+                   "on the device (the least recently used is evicted for a new one); requests for others wait. With --max-lora-rank "
+                   "each layer's slots are allocated once at max-loras × max-lora-rank (default: no bound)")
     p.add_argument("--max-cpu-loras", type=count(1), default=64, help="adapters kept read and checked in host memory (least recently "
                    "used go first); loading one onto the device is then a copy, no disk read (default 64)")
     p.add_argument("--max-lora-rank", type=count(1), help="rank of every layer's adapter slots: memory per slot is fixed and "

@@ -161,6 +161,7 @@ class RowLoraLinear(torch.nn.Module):
         self._pool_slots: dict = {}  # slot → what was copied there (its entries' identities and weights)
         self._pool_key: tuple | None = None  # (table version, entries version) the pool was synced at
         self.pool_rank: int | None = None  # a fixed pool rank (the server's --max-lora-rank); None: the widest held
+        self.pool_slots: int | None = None  # a fixed slot count (the server's --max-loras + 1); None: the highest held + 1
         self._rows: tuple | None = None  # (plan key, the running batch's per-row stacks)
         self._scale_all: tuple | None = None  # as _all, for the IA3 vectors
         self._scale_rows: tuple | None = None  # as _rows: (plan key, (per-row s_in, per-row s_out))
@@ -206,10 +207,11 @@ class RowLoraLinear(torch.nn.Module):
         """(slots, rank) of the LoRA pool for the table as it is: the highest slot number + 1 (the bank reuses the
         lowest free slot, so this stops growing at the most adapters resident at once) and the widest rank held here
         (at least `pool_rank`, the server's --max-lora-rank). Both follow the table down as well as up, so evicting
-        adapters frees what they took; the pool is reallocated only when one of them changes."""
+        adapters frees what they took; the pool is reallocated only when one of them changes. With `pool_slots` and
+        `pool_rank` fixed (--max-loras and --max-lora-rank) it is allocated once at that shape and never changes."""
         need = max(self.context.table, default=0) + 1
         widest = max((e[0].shape[0] for e in self.entries.values()), default=0)
-        return need, max(widest, self.pool_rank or 0)
+        return max(need, self.pool_slots or 0), max(widest, self.pool_rank or 0)
 
     def stack_nbytes(self) -> int:
         """Bytes of this layer's serving memory (cache=True): the LoRA pool at the shape the table needs (every slot

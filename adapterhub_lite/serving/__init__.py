@@ -2,11 +2,14 @@
 
     bank.py       the adapter bank: per-row adapters of every kind, incremental decoding, the KV-cache join
     routing.py    content routing (auto): pick an adapter from the input
-    router.py     Router: swap, merge and batch adapters; the public Python API
+    manager.py    AdapterManager: known adapters, their residency (device, host cache), requests made ready
+    router.py     Router: the manager with the user's calls (swap, merge, run); the public Python API
     params.py     every request field (implemented / accepted / refused) and a choice's settings
     sampling.py   the per-row token choice (vLLM's order)
     output.py     a choice's text and what each token adds
-    engine.py     the continuous-batching scheduler
+    scheduler.py  what runs at each step under the budgets (holds no model)
+    jobs.py       a request in flight and what it reports
+    engine.py     continuous batching: runs the scheduler's plan on the bank (server, infer, Router.run)
     protocol.py   OpenAI shapes and errors
     runtime.py    the served catalogue (registry, runtime loads, merges)
     handlers.py   what each route does

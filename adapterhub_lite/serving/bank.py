@@ -67,9 +67,13 @@ class _Batch:
 class AdapterBank:
     """Adapters resident on one frozen backbone, served per row."""
 
-    def __init__(self, model, max_lora_rank: int | None = None):
+    def __init__(self, model, max_lora_rank: int | None = None, max_loras: int | None = None):
         self.model = model
         self.max_lora_rank = max_lora_rank  # a fixed rank for every layer's slot pool; wider LoRA adapters are refused
+        # With both set, every targeted layer's pool is allocated once at max_loras slots × max_lora_rank (vLLM's
+        # preallocated slots): loading an adapter is a copy into its slot, and the pool's memory is fixed from the
+        # first load on. LoRA and IA3 adapters hold slots 1..max_loras; the AdapterManager evicts to keep within them.
+        self.max_loras = max_loras
         self.config = model.config.get_text_config(decoder=True)
         self.decoder = model.get_decoder()
         self.embed = model.get_input_embeddings()
@@ -192,12 +196,8 @@ class AdapterBank:
             base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
             if not isinstance(base, torch.nn.Linear) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise AdapterLoadError(f"LoRA adapter {name!r} does not fit the backbone at {mod!r}; was it trained on another model?")
-        slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
-        self._slots[slot:slot + 1] = [name]
-        layers = wrap(self.model, factors.modules, self.context, cache=True)
-        for layer in layers.values():
-            layer.pool_rank = self.max_lora_rank
-        self._lora.update(layers)
+        slot = self._take_slot(name)
+        layers = self._wrap(factors.modules)
         nbytes = 0
         for mod, (a, b, scale) in factors.modules.items():
             a, b = a.to(self.lora_dtype).contiguous(), b.to(self.lora_dtype).contiguous()
@@ -216,10 +216,8 @@ class AdapterBank:
             base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
             if not isinstance(base, torch.nn.Linear) or vec.numel() != (base.in_features if on_input else base.out_features):
                 raise AdapterLoadError(f"IA3 adapter {name!r} does not fit the backbone at {mod!r}; was it trained on another model?")
-        slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
-        self._slots[slot:slot + 1] = [name]
-        layers = wrap(self.model, vectors, self.context, cache=True)
-        self._lora.update(layers)
+        slot = self._take_slot(name)
+        layers = self._wrap(vectors)
         nbytes = 0
         for mod, (vec, on_input) in vectors.items():
             # fp32, as peft keeps IA3 vectors on any backbone: each product is rounded once, as peft's is.
@@ -228,6 +226,29 @@ class AdapterBank:
             nbytes += vec.numel() * vec.element_size()
         self.context.define(slot, [(name, 1.0)])
         return _Adapter("IA3", nbytes, slot=slot, modules=tuple(vectors))
+
+    def _take_slot(self, name: str) -> int:
+        """The lowest free LoRA / IA3 slot, now `name`'s (called once every check passed)."""
+        slot = self._slots.index(None, 1) if None in self._slots[1:] else len(self._slots)
+        if self.max_loras is not None and slot > self.max_loras:
+            held = [n for n in self._slots[1:] if n]
+            raise AdapterLoadError(f"adapter {name!r} needs a slot but all {self.max_loras} (--max-loras) hold adapters {held}; "
+                                   "unload one first (the router evicts the least recently used)")
+        self._slots[slot:slot + 1] = [name]
+        return slot
+
+    def _wrap(self, modules) -> dict[str, RowLoraLinear]:
+        """The per-row layers of these modules (wrapped now if they are not yet), with the bank's pool shape."""
+        layers = wrap(self.model, modules, self.context, cache=True)
+        for layer in layers.values():
+            layer.pool_rank = self.max_lora_rank
+            layer.pool_slots = None if self.max_loras is None else self.max_loras + 1  # + slot 0, the plain backbone
+        self._lora.update(layers)
+        return layers
+
+    def slots_held(self) -> int:
+        """LoRA / IA3 slots holding an adapter."""
+        return sum(1 for n in self._slots[1:] if n)
 
     def _prompt_weights(self, name, cfg, weights, width) -> torch.Tensor:
         emb = weights.get("prompt_embeddings")

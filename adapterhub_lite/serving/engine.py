@@ -31,9 +31,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -41,99 +41,26 @@ from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.errors import AdapterHubError, DataError
 from adapterhub_lite.core.names import RESERVED
 from adapterhub_lite.serving.bank import PromptScores
+from adapterhub_lite.serving.jobs import Job, PromptPart, QueueFull, RequestTimeout, Result, ShuttingDown
+from adapterhub_lite.serving.manager import AdapterManager, ResidencyFull
 from adapterhub_lite.serving.metrics import ServeMetrics
 from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
 from adapterhub_lite.serving.params import SamplingParams
-from adapterhub_lite.serving.router import Prepared, ResidencyFull, Router
 from adapterhub_lite.serving.sampling import choose
 from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
 
 
-class QueueFull(AdapterHubError):
-    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
-
-
-class ShuttingDown(AdapterHubError):
-    """The server is stopping and takes no new requests (HTTP 503)."""
-
-
-class RequestTimeout(AdapterHubError):
-    """The request ran past the server's request timeout (HTTP 504)."""
-
-
-@dataclass
-class Job:
-    """One choice in flight. `listener(event, payload)` is called from the engine thread with
-    ("prompt", PromptPart) for an echoed or scored prompt, ("token", (text, [Entry])) as the choice
-    grows, then ("done", Result) or ("error", exception)."""
-
-    request: dict  # the router request: {"adapter", "prompt" | "prompt_ids" | "text" | task columns}
-    listener: Callable[[str, object], None]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    answer_mode: bool = False  # task-aware input: report the task's answer (first line, stripped), as infer does
-    default_max_tokens: int = 16  # a raw prompt's budget when params.max_tokens is None (OpenAI's default)
-    fill_context: bool = False  # …and fewer when the context holds fewer (chat on `base`, as OpenAI)
-    max_input_tokens: int | None = None  # longer prompts are refused (the server's limit)
-    add_special_tokens: bool = True  # tokenize a text prompt with the tokenizer's special tokens
-    truncate_prompt_tokens: int | None = None  # the client asked to keep only the prompt's last k tokens
-    deadline: float | None = None  # time.monotonic() after which the request times out
-    # filled by the engine
-    submitted: float = field(default_factory=time.monotonic)
-    prepared: Prepared | None = None
-    state: TextState | None = None
-    prompt: PromptPart | None = None
-    cancelled: bool = False
-    finished: bool = False  # answered (done or error): nothing more is sent
-    generator: torch.Generator | None = None
-    filling: object = None  # a long prompt's Decoding while its pieces run (chunked prefill)
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this row at its next step (client gone)."""
-        self.cancelled = True
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.state.tokens if self.state else []
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.prepared.ids
-
-
-@dataclass
-class PromptPart:
-    """A prompt as read, with its tokens' entries (echo: log-probs of each token given the ones before)
-    and vLLM's prompt_logprobs; each is None unless asked for."""
-
-    text: str
-    entries: list[Entry] | None = None
-    scores: PromptScores | None = None
-
-
-@dataclass
-class Result:
-    adapter: str
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    label: str | None = None  # classification
-    probabilities: dict[str, float] | None = None
-    entries: list[Entry] | None = None  # per generated token, when logprobs were asked for
-    prompt: PromptPart | None = None
-    prompt_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-
-
 class Engine:
-    """Owns a Router and serves Jobs with continuous batching on one background thread.
+    """Serves Jobs with continuous batching over an AdapterManager's backbone: on a background thread (`start`,
+    `submit`: the server), or to the end on the calling thread (`run`: Router.run, `infer`).
 
     What runs at each step is the Scheduler's decision (serving/scheduler.py: rows, tokens per step,
-    cache positions and adapters per batch); the AdapterBank runs it."""
+    cache positions and adapters per batch); the AdapterBank runs it. Every entry point goes through
+    the same steps, so what the server answers, `infer` and `Router.run` answer too."""
 
-    def __init__(self, router: Router, *, max_batch_rows: int = 32, max_queue: int = 256, metrics: ServeMetrics | None = None,
+    def __init__(self, router: AdapterManager, *, max_batch_rows: int = 32, max_queue: int = 256, metrics: ServeMetrics | None = None,
                  budgets: Budgets | None = None):
         self.router = router
         self.budgets = budgets or Budgets(max_rows=max_batch_rows)
@@ -175,7 +102,7 @@ class Engine:
         self.metrics.queue_depth.set(self.queue_depth)
         self._wake.set()
 
-    def call(self, fn: Callable[[Router], object]) -> Future:
+    def call(self, fn: Callable[[AdapterManager], object]) -> Future:
         """Run fn(router) on the engine thread between two steps (catalogue changes never race a batch)."""
         fut: Future = Future()
         if self._stopping.is_set():
@@ -203,31 +130,76 @@ class Engine:
         return self._waiting.qsize() + len(self.scheduler.waiting)
 
     # -- the loop --------------------------------------------------------------------------------
+    def run(self, requests: list[dict], max_new_tokens: int = 32, on_done: Callable[[int], None] | None = None) -> list[dict]:
+        """Serve `requests` to the end on the calling thread (offline use, as vLLM's LLM.generate drives its engine):
+        the server's scheduler, budgets and batch, greedy, each answer reported as the task's answer.
+
+        Each request names its adapter ("base", "auto" or a known name). A task adapter's task input is answered
+        within its task's max_new_tokens; a raw prompt, `base` and task-less adapters get the request's
+        `max_new_tokens`, else `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
+        "prediction": the label word or the answer's first line}; `on_done(i)` is called as request i ends.
+        A request that fails raises its error once the others have ended (the first failing one in order).
+        """
+        if self._thread.is_alive():
+            raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
+        out: list[dict | None] = [None] * len(requests)
+        errors: dict[int, Exception] = {}
+        ended = [0]
+
+        def listener(i: int):
+            def hear(event: str, payload) -> None:
+                if event == "done":
+                    out[i] = {"adapter": payload.adapter, "prediction": payload.label if payload.label is not None else payload.text}
+                elif event == "error":
+                    errors[i] = payload
+                if event in ("done", "error"):
+                    ended[0] += 1
+                    if on_done is not None:
+                        on_done(i)
+            return hear
+        pending = deque(Job(req, listener(i), SamplingParams(), answer_mode=True, default_max_tokens=req.get("max_new_tokens", max_new_tokens))
+                        for i, req in enumerate(requests))
+        while ended[0] < len(requests):
+            # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
+            # requests is not tokenized, nor held as tickets, all at once
+            while pending and self.queue_depth < self._waiting.maxsize:
+                self._waiting.put_nowait(pending.popleft())
+            self._serve_once()
+        if errors:
+            raise errors[min(errors)]
+        return out
+
     def _loop(self) -> None:
-        while True:
-            try:
-                with self.router.lock:  # a caller of the Router API on another thread waits for the end of this step
-                    self._run_calls()
-                    self._intake()
-                    self._sweep()
-                    plan = self.scheduler.schedule(can_join=self._dec is None or self.router.bank.joinable(self._dec))
-                    if plan.blocked:
-                        self.metrics.waits.labels(budget=plan.blocked).inc()
-                    if plan.prefill:
-                        self._admit(plan)
-                    self._gauges()
-                    if self._dec is not None:
-                        self._step()
-                if self._dec is None and not plan.prefill:
-                    if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):
-                        return
-                    self._wake.wait(0.05)  # idle (or every waiting request waits for a budget): sleep until something arrives
-                    self._wake.clear()
-            except Exception as exc:  # noqa: BLE001 - a fault of the engine itself (not of one request): fail what it holds, keep serving
-                held = list(self._jobs.values())
-                log.exception("engine fault (%s: %s); failing its %d request(s)", type(exc).__name__, exc, len(held))
-                self._dec = None
-                self._fail(held, exc)
+        while not self._serve_once():
+            pass
+
+    def _serve_once(self) -> bool:
+        """One step of the loop: catalogue calls, arrivals, the scheduler's plan, admission, a decode step; sleeps
+        briefly when there was nothing to run. Returns True once stopping and nothing is left."""
+        try:
+            with self.router.lock:  # a caller of the Router API on another thread waits for the end of this step
+                self._run_calls()
+                self._intake()
+                self._sweep()
+                plan = self.scheduler.schedule(can_join=self._dec is None or self.router.bank.joinable(self._dec))
+                if plan.blocked:
+                    self.metrics.waits.labels(budget=plan.blocked).inc()
+                if plan.prefill:
+                    self._admit(plan)
+                self._gauges()
+                if self._dec is not None:
+                    self._step()
+            if self._dec is None and not plan.prefill:
+                if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):
+                    return True
+                self._wake.wait(0.05)  # idle (or every waiting request waits for a budget or an adapter read): sleep until something arrives
+                self._wake.clear()
+        except Exception as exc:  # noqa: BLE001 - a fault of the engine itself (not of one request): fail what it holds, keep serving
+            held = list(self._jobs.values())
+            log.exception("engine fault (%s: %s); failing its %d request(s)", type(exc).__name__, exc, len(held))
+            self._dec = None
+            self._fail(held, exc)
+        return False
 
     def _run_calls(self) -> None:
         while True:

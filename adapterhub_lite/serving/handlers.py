@@ -29,9 +29,10 @@ from fastapi.responses import StreamingResponse
 from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
-from adapterhub_lite.serving.engine import Engine, Job, QueueFull, RequestTimeout, ShuttingDown
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, ShuttingDown
+from adapterhub_lite.serving.manager import AdapterUnavailable
 from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, token_ids
-from adapterhub_lite.serving.router import AdapterUnavailable
 from adapterhub_lite.serving.runtime import Catalogue
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it

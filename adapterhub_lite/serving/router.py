@@ -1,4 +1,4 @@
-"""Router: many task adapters served on one frozen backbone.
+"""Router: many task adapters served on one frozen backbone, the public Python API.
 
     r = Router.from_registry("adapters/")        # the backbone loads once, adapters lazily
     r.use("sst2"); r.predict("a gorgeous, witty film")
@@ -6,93 +6,39 @@
     r.run([{"adapter": "sst2", "text": "…"}, {"adapter": "date_iso", "text": "…"},
            {"adapter": "base", "text": "…"}, {"adapter": "auto", "text": "…"}])
 
-Adapters stay resident in an AdapterBank (router/batch.py) under an LRU with a memory budget;
-`run` serves a batch whose every row names its own adapter (classification rows are scored
-over their labels, generation rows decode to their own stop).
+A Router is the AdapterManager (serving/manager.py: known adapters, residency, requests made ready)
+with the calls a user makes. `run` serves a batch whose every row names its own adapter through the
+server's engine (serving/engine.py): the same scheduler, budgets and decoding as `serve`, here to the
+end on the calling thread; classification rows are scored over their labels, generation rows decode
+to their own stop.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import tempfile
-import threading
-import warnings
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
-from adapterhub_lite.artifacts.folder import check_adapter_folder, folder_hashes
-from adapterhub_lite.artifacts.loading import check_fingerprint, check_fits
 from adapterhub_lite.artifacts.registries import open_registry
-from adapterhub_lite.artifacts.registry import check_if_registered
-from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, load_routing
-from adapterhub_lite.core.data import load_task_data, readable, render, request_row
-from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, ContextLengthError, DataError
-from adapterhub_lite.core.names import AUTO, BASE
-from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
-from adapterhub_lite.core.text import first_line
-from adapterhub_lite.model.backbone import Backbone, load_backbone
-from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
-from adapterhub_lite.ops.merge import fold_into_base, merge_adapters
-from adapterhub_lite.serving.bank import AdapterBank, read_adapter
-from adapterhub_lite.serving.routing import ContentRouter
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
+from adapterhub_lite.core.names import BASE
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.ops.merge import fold_into_base
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.manager import AdapterManager, _locked
+from adapterhub_lite.serving.scheduler import Budgets
 
 
-class ResidencyFull(AdapterLoadError):
-    """The adapters a batch needs at once do not fit the memory budget together (the engine lets the request wait)."""
-
-
-class AdapterUnavailable(AdapterLoadError):
-    """A known adapter that cannot be served (its files failed their checks); the others are served."""
-
-
-def _locked(method):
-    """Run a Router method under the router's lock: the backbone's per-row layers read one slot assignment at a
-    time (RowContext), and residency changes must not evict what another caller's batch is using, so calls from
-    several threads take turns (the engine takes the same lock for each of its steps)."""
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        with self.lock:
-            return method(self, *args, **kwargs)
-    return call
-
-
-class Router:
+class Router(AdapterManager):
     """Swap, merge and batch task adapters over one backbone. Safe to call from several threads: calls take turns."""
 
-    def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
-                 route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None,
-                 max_cpu_loras: int = 64, max_lora_rank: int | None = None):
-        self.backbone, self.registry = backbone, registry
-        self.max_model_len = check_context(backbone, max_model_len)
-        self.bank = AdapterBank(backbone.model, max_lora_rank=max_lora_rank)
-        self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
-        self.allow_base_mismatch = allow_base_mismatch
-        self.folders: dict[str, Path] = {}  # every adapter we know how to load
-        self.metas: dict[str, dict] = {}
-        self.hashes: dict[str, dict[str, str]] = {}  # name → {file: sha256} as register() checked them
-        self.changed: dict[str, str] = {}  # adapters refused at load because their files changed since (reported by /health)
-        self.unavailable: dict[str, str] = {}  # registry adapters that failed their checks: name → why (/health, /v1/models)
-        self.kinds: dict[str, tuple[str, int]] = {}  # name → (peft type, virtual tokens), read from adapter_config.json at register
-        self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
-        self.active: str | None = None
-        self.route_threshold = route_threshold
-        self._content: ContentRouter | None = None
-        self.evictions = 0  # adapters unloaded to stay within the memory budget
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.active: str | None = None  # the adapter `predict` uses
         self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
-        self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
-        self.lock = threading.RLock()
-        # The host cache (S-LoRA's tier between the device and the disk): adapters read and checked, in host memory,
-        # least recently used first. Loading one of them onto the device is a copy: no disk, no hashing.
-        self.host: OrderedDict[str, tuple] = OrderedDict()
-        self.max_cpu_loras = max_cpu_loras
-        self._host_lock = threading.Lock()  # fetch() runs on loader threads
 
     @classmethod
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
@@ -122,162 +68,10 @@ class Router:
             raise AdapterLoadError(f"no adapter of registry {registry} can be served: " + "; ".join(router.unavailable.values()))
         return router
 
-    def register_or_mark(self, name: str, folder: str | Path | None = None) -> bool:
-        """register(); an adapter that fails its checks is listed as unavailable (with why) instead of stopping the
-        others: its requests get that reason. Returns whether it registered."""
-        try:
-            self.register(name, folder)
-        except AdapterHubError as exc:
-            self.mark_unavailable(name, exc)
-            return False
-        return True
-
-    def mark_unavailable(self, name: str, why: Exception) -> None:
-        """List an adapter that failed its checks as unavailable: not served, its requests answered with why."""
-        self.forget(name)
-        self.unavailable[name] = str(why)
-        warnings.warn(f"adapter {name!r} is unavailable and will not be served: {why}", stacklevel=3)
-
-    def register(self, name: str, folder: str | Path | None = None) -> None:
-        """Make an adapter known: a registry name (latest version) or an explicit folder (inspect, then add)."""
-        self.add(self.inspect(name, folder))
-
-    def inspect(self, name: str, folder: str | Path | None = None) -> Registration:
-        """Every check register() makes, with all its reading and hashing, and nothing changed: safe to run on a
-        worker thread (the server does, so registry I/O never stalls decoding); `add` then takes the result."""
-        hashes = None
-        if folder is None:
-            if self.registry is None:
-                raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
-            folder = self.registry.path(name)  # re-hashes every file against the index's sha256 (and refuses extra files)
-            hashes = {f: rec["sha256"] for f, rec in self.registry.resolve(name)[2]["files"].items()}  # so these are the folder's
-        else:
-            check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
-        folder = Path(folder)
-        meta = check_adapter_folder(folder)  # the same checks as a publish: no symlinks or pickles, a sound sidecar, finite weights
-        check_fingerprint(name, meta["base"]["fingerprint"], self.backbone.fingerprint, "the router serves", self.allow_base_mismatch)
-        config = json.loads((folder / "adapter_config.json").read_text())
-        kind = (str(config.get("peft_type")), int(config.get("num_virtual_tokens") or 0))
-        # the hashes: every later load must find the same bytes (a registry version's are the ones just verified)
-        return Registration(name, folder, meta, hashes or folder_hashes(folder), kind)
-
-    @_locked
-    def add(self, reg: Registration) -> None:
-        """Make an inspected adapter known (no I/O)."""
-        name = reg.name
-        self.folders[name], self.metas[name], self.hashes[name], self.kinds[name] = reg.folder, reg.meta, reg.hashes, reg.kind
-        self.changed.pop(name, None)
-        self.unavailable.pop(name, None)
-        with self._host_lock:
-            self.host.pop(name, None)  # a copy read from an earlier folder under this name is stale
-        self._content = None
-
-    def _check_unchanged(self, name: str) -> None:
-        """Refuse to load an adapter whose files changed since register() checked them (hashed at every load)."""
-        now = folder_hashes(self.folders[name])
-        if now != self.hashes[name]:
-            moved = sorted(f for f in set(now) | set(self.hashes[name]) if now.get(f) != self.hashes[name].get(f))
-            self.changed[name] = f"{', '.join(moved)} changed after the adapter was checked"
-            raise AdapterLoadError(f"adapter {name!r}: {', '.join(moved)} in {self.folders[name]} changed since it was checked; "
-                                   "it is not loaded: re-publish it and reload (POST /v1/reload), or restore the files")
-
-    def close(self) -> None:
-        """Remove the folders of merged adapters (the scratch folder); the router serves nothing after."""
-        self._scratch.cleanup()
-
-    def known(self) -> list[str]:
-        return list(self.folders)
-
-    def _ensure(self, name: str, keep: frozenset = frozenset()) -> None:
-        """Make `name` resident (loading it if needed) and most recently used; evict over budget,
-        never `name` itself or an adapter in `keep` (the others the running batch needs)."""
-        if name in self.unavailable:
-            raise AdapterUnavailable(f"adapter {name!r} is unavailable: {self.unavailable[name]}; the server serves the other adapters: "
-                                     "repair or re-publish it, then reload (POST /v1/reload)")
-        if name not in self.folders:
-            raise AdapterLoadError(f"unknown adapter {name!r}; known: {', '.join(self.known()) or 'none'}, or 'base' / 'auto'")
-        if name in self.resident:
-            self.resident.move_to_end(name)
-            return
-        self.bank.add(name, self.folders[name], loaded=self.fetch(name))
-        self.resident[name] = None
-        keep = keep | {name}
-        while self.budget is not None and self.resident_bytes() > self.budget:
-            spare = next((n for n in self.resident if n not in keep), None)
-            if spare is None:
-                held = sorted(n for n in self.resident if n in keep)
-                if held == [name]:  # one adapter alone over the budget: served, as before (budgets bound the rest)
-                    return
-                need = self.resident_bytes() / 2**20
-                self.unload(name)  # taken back: the budget holds (the engine lets the request wait for room)
-                raise ResidencyFull(f"this batch needs adapters {held} resident at once ({need:.2f} MB with the slots that serve them) "
-                                    f"but the memory budget is {self.budget / 2**20:.2f} MB; raise memory_budget_mb (--memory-budget-mb) "
-                                    "or send smaller batches")
-            self.unload(spare)
-            self.evictions += 1
-            self._lower(name)
-
-    def _lower(self, name: str) -> None:
-        """Move a just-loaded adapter down to a lower slot that an eviction freed: the slot pools are sized by the
-        highest slot in use, so an eviction below it frees memory only once nothing sits above the gap."""
-        free = self.bank.free_slot()
-        if free is not None and 0 < free < self.bank.slot(name):
-            self.bank.remove(name)
-            self.bank.add(name, self.folders[name], loaded=self.fetch(name))  # from host memory: a copy
-
-    def fetch(self, name: str) -> tuple:
-        """The adapter's (config, weights) in host memory: from the host cache, else read from its folder after
-        the checks every load makes (the files' sha256 as registered, the shapes against the backbone).
-        Safe to call from a loader thread while the engine decodes (it touches neither the model nor the bank)."""
-        with self._host_lock:
-            if name in self.host:
-                self.host.move_to_end(name)
-                return self.host[name]
-        folder = self.folders[name]
-        self._check_unchanged(name)
-        check_fits(folder, self.backbone.model)
-        loaded = read_adapter(name, folder)
-        with self._host_lock:
-            self.host[name] = loaded
-            while len(self.host) > self.max_cpu_loras:
-                self.host.popitem(last=False)
-        return loaded
-
-    def in_host(self, name: str) -> bool:
-        """Whether loading `name` onto the device needs no disk read."""
-        return name == BASE or name in self.resident or name in self.host
-
-    def host_bytes(self) -> int:
-        """Bytes of the adapters kept in the host cache."""
-        with self._host_lock:
-            return sum(t.numel() * t.element_size() for _, weights in self.host.values() for t in weights.values())
-
-    def resident_bytes(self) -> int:
-        """What the resident adapters take on the device: their own tensors and the padded stacks that serve them
-        (what --memory-budget-mb bounds)."""
-        return sum(self.bank.nbytes(n) for n in self.resident) + self.bank.stack_bytes()
-
-    def memory(self) -> dict:
-        """The adapters' device memory as /health reports it (bytes)."""
-        own = sum(self.bank.nbytes(n) for n in self.resident)
-        stacks = self.bank.stack_bytes()
-        return {"resident_adapters": len(self.resident), "adapter_bytes": own, "stack_bytes": stacks, "total_bytes": own + stacks,
-                "budget_bytes": None if self.budget is None else int(self.budget),
-                "host_cached_adapters": len(self.host), "host_bytes": self.host_bytes(), "max_cpu_loras": self.max_cpu_loras}
-
-    @_locked
-    def unload(self, name: str) -> None:
-        """Free a resident adapter (it stays known and reloads on next use)."""
-        if name in self.resident:
-            self.bank.remove(name)
-            del self.resident[name]
-            if self.active == name:
-                self.active = None
-
     # -- swap ----------------------------------------------------------------------------------
     @_locked
     def use(self, name: str) -> None:
-        """Make `name` the adapter that `predict` uses (no reload when it is resident)."""
+        """Make `name` the adapter that `predict` uses (loaded now; reloaded on use if it is evicted later)."""
         if name != BASE:
             self._ensure(name)
         self.active = name
@@ -317,231 +111,11 @@ class Router:
             self.folded.append(name)
         return sidecar
 
-    def build_merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
-                    name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0) -> tuple[Path, dict]:
-        """Write the merged adapter's folder (not registered); returns (folder, sidecar). Without a report
-        (report_rows=0) peft merges the sources' factors on a weightless model of the backbone's shape, so no
-        second backbone is loaded and the served model is not touched: the server runs this off its engine thread."""
-        output = Path(output) if output else Path(self._scratch.name) / name
-        _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
-                                    output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
-                                    device=str(self.backbone.device), dtype=self.backbone.dtype, base_config=self.backbone.model.config)
-        return output, sidecar
-
     # -- heterogeneous batches -----------------------------------------------------------------
-    def spec(self, name: str) -> TaskSpec | None:
-        """The task an adapter was trained for; None for a component (e.g. a joint run's shared
-        adapter), which serves raw text like the base model."""
-        task = self.metas[name]["task"]
-        return spec_from_dict(task) if task else None
-
     @_locked
-    def route(self, requests: list[dict]) -> list[str]:
-        """Each request's adapter name, `auto` resolved by content (one embedding pass for all of them)."""
-        names = [r.get("adapter", BASE) for r in requests]
-        auto = [i for i, n in enumerate(names) if n == AUTO]
-        if auto:
-            if self._content is None:
-                self._content = self._fit_content_router()
-            with self.bank.base_only():
-                vectors = embed(self.backbone.model, self.backbone.tokenizer, [requests[i]["text"] for i in auto])
-            for i, (name, _) in zip(auto, self._content.route(vectors)):
-                names[i] = name
-        return names
+    def run(self, requests: list[dict], max_new_tokens: int = 32, *, max_batch_rows: int = 32, on_done=None) -> list[dict]:
+        """Serve a batch in which each request names its adapter ("base", "auto" or a known name): the server's
+        engine, run to the end here (Engine.run says what each request gets). Rows run `max_batch_rows` at a time,
+        continuously batched; adapters that do not fit the memory budget together take turns."""
+        return Engine(self, budgets=Budgets(max_rows=max_batch_rows)).run(requests, max_new_tokens, on_done=on_done)
 
-    def _fit_content_router(self) -> ContentRouter:
-        """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding."""
-        embedding, samples = embedding_spec(self.backbone.model), {}
-        for name, folder in self.folders.items():
-            if not self.metas[name]["task"]:  # a component (a joint run's shared adapter) is no routing target
-                continue
-            try:
-                samples[name] = load_routing(folder, self.metas[name], embedding)
-            except RoutingError as err:  # the adapter still serves requests that name it
-                warnings.warn(f"adapter {name!r} is left out of content routing: {err}", stacklevel=3)
-        return ContentRouter(samples, threshold=self.route_threshold)
-
-    @_locked
-    def hold(self, names, keep: frozenset = frozenset()) -> None:
-        """Make these adapters resident together (with those in `keep`, e.g. the rows already running)."""
-        needed = (frozenset(names) | keep) - {BASE}
-        for n in sorted(frozenset(names) - {BASE}):
-            self._ensure(n, keep=needed)
-
-    def prepare(self, request: dict, name: str, max_new_tokens: int | None = None, *, default_new_tokens: int = 32,
-                fill_context: bool = False, max_input_tokens: int | None = None, add_special_tokens: bool = True,
-                truncate_prompt_tokens: int | None = None) -> Prepared:
-        """What serving one request through adapter `name` (already routed and held) needs: its prompt and ids.
-
-        The request is raw or task-aware. A raw `prompt` (text) or `prompt_ids` (token ids) is used as
-        given and continued through the adapter's weights, whatever its task. Otherwise a task adapter
-        renders its own template from the request's columns (`text` fills a one-column prompt) and
-        answers its task: a classification adapter scores its labels, a generation adapter decodes
-        within its task's max_new_tokens unless `max_new_tokens` says otherwise; without a task,
-        `text` is the prompt. A raw prompt gets `max_new_tokens`, else `default_new_tokens`
-        (`fill_context`: fewer when the context holds fewer).
-
-        The prompt is never shortened unless the caller asks (`truncate_prompt_tokens`: keep its last
-        k tokens). Prompt, the adapter's virtual tokens and the new tokens must fit the model's
-        context (`max_model_len`), and the prompt `max_input_tokens` (a server's limit); else
-        ContextLengthError names every number.
-        """
-        spec = self.spec(name) if name != BASE else None
-        raw = "prompt" in request or "prompt_ids" in request
-        tok = self.backbone.tokenizer
-        if "prompt_ids" in request:
-            ids = list(request["prompt_ids"])
-        else:
-            prompt = request["prompt"] if raw else render(spec, request_row(spec, request)) if spec else request["text"]
-            ids = tok(prompt, add_special_tokens=add_special_tokens if raw else True).input_ids  # a task's prompt as training read it
-        if truncate_prompt_tokens is not None:
-            ids = keep_end(ids, truncate_prompt_tokens)  # the client asked for it; usage reports what was read
-        if not ids:
-            raise DataError("the prompt is empty (0 tokens); send at least one token")
-        if max_input_tokens is not None and len(ids) > max_input_tokens:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
-        virtual = self.virtual_tokens(name)[1]
-        room = self.max_model_len - virtual - len(ids)
-        if spec is not None and spec.type == "classification" and not raw:
-            need, what = max(len(t) for t in label_token_ids(tok, spec)), "for the longest label"
-            budget = 0
-        else:
-            budget = max_new_tokens if max_new_tokens is not None else spec.train.max_new_tokens if spec and not raw else default_new_tokens
-            if fill_context and max_new_tokens is None:
-                budget = max(min(budget, room), 1)
-            need, what = budget, "for the completion"
-        if need > room:
-            adapter = f", {virtual} virtual tokens of adapter {name!r}" if virtual else ""
-            raise ContextLengthError(f"the request needs {len(ids) + virtual + need} tokens ({len(ids)} in the prompt{adapter}, {need} {what}) "
-                                     f"but the model's context is {self.max_model_len} tokens (max_model_len, --max-model-len); "
-                                     "shorten the prompt or lower max_tokens")
-        return Prepared(name, spec, tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request else prompt, ids, budget, raw=raw)
-
-    @_locked
-    def forget(self, name: str) -> None:
-        """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
-        self.unload(name)
-        for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable):
-            table.pop(name, None)
-        with self._host_lock:
-            self.host.pop(name, None)
-        self._content = None
-
-    def virtual_tokens(self, name: str) -> tuple[str, int]:
-        """(peft type, positions a prompt- or prefix-tuning adapter puts before every prompt); ("", 0) for `base`.
-        Read from the adapter's config, so a request is measured before its adapter is resident."""
-        return ("", 0) if name == BASE else self.kinds[name]
-
-    def label_shape(self, name: str) -> tuple[int, int]:
-        """What scoring one request of a classification adapter runs: (tokens of its longest label, which scoring appends
-        to the prompt; sequences: 1 when every label is one token, else one per label)."""
-        labels = label_token_ids(self.backbone.tokenizer, self.spec(name))
-        return max(map(len, labels)), 1 if all(len(t) == 1 for t in labels) else len(labels)
-
-    def answer(self, ids: list[int]) -> str:
-        """A generated answer as `run` (and `infer`) report it: the first non-empty line, stripped."""
-        return first_line(self.backbone.tokenizer.decode(ids, skip_special_tokens=True))
-
-    @_locked
-    def run(self, requests: list[dict], max_new_tokens: int = 32) -> list[dict]:
-        """Serve a batch in which each request names its adapter ("base", "auto" or a known name)."""
-        names = self.route(requests)
-        self.hold(names)  # the batch's adapters stay resident together while it runs
-        # a task adapter answers within its task's max_new_tokens; base and task-less adapters take the request's
-        rows = [self.prepare(req, name, None if name != BASE and self.spec(name) and "prompt" not in req else req.get("max_new_tokens", max_new_tokens))
-                for req, name in zip(requests, names)]
-        results: list[dict] = [{"adapter": n} for n in names]
-        cls_rows = [i for i, r in enumerate(rows) if r.classify]
-        gen_rows = [i for i, r in enumerate(rows) if not r.classify]
-        for i, (pred, _) in zip(cls_rows, self.classify([rows[i] for i in cls_rows])):
-            results[i]["prediction"] = readable(rows[i].spec, pred)
-        if gen_rows:
-            outs = self.bank.generate([rows[i].ids for i in gen_rows], [rows[i].bank_name for i in gen_rows],
-                                      [rows[i].max_new_tokens for i in gen_rows], self.backbone.tokenizer.eos_token_id)
-            for i, ids in zip(gen_rows, outs):
-                results[i]["prediction"] = self.answer(ids)
-        return results
-
-    @_locked
-    @torch.inference_mode()
-    def classify(self, rows: list[Prepared]) -> list[tuple[int, list[float]]]:
-        """Score every label of every classification row in one forward pass: (argmax, probabilities).
-
-        Each row's scoring is heads.label_plan_ids, as in training and evaluation: one sequence per
-        request when every label is one token (the next-token distribution scores them all), else one
-        sequence per (request, label), summing its tokens' log-probs. The bank runs all the rows'
-        sequences together, each through its own adapter. Probabilities are the label scores
-        normalized over the labels.
-        """
-        if not rows:
-            return []
-        tok = self.backbone.tokenizer
-        seqs, adapters, positions, plans = [], [], [], []
-        for row in rows:
-            labels = label_token_ids(tok, row.spec)
-            # prepare() checked that prompt and labels fit the model's context: the plan keeps the whole prompt
-            plan = label_plan_ids([row.ids], labels, len(row.ids) + max(map(len, labels)))
-            seqs += plan.seqs
-            adapters += [row.bank_name] * len(plan.seqs)
-            # the plan's picks run sequence by sequence, so each sequence's positions in order rebuild its order
-            positions += [[c for r, c in zip(plan.rows, plan.cols) if r == k] for k in range(len(plan.seqs))]
-            plans.append(plan)
-        logp = torch.cat(self.bank.forward(seqs, adapters, logits_positions=positions)).float().log_softmax(-1)
-        # rows of different tasks have different label counts: flatten them for the one host sync of the batch, split back here
-        probs = [plan.reduce(part).softmax(-1)[0] for plan, part in zip(plans, logp.split([len(p.rows) for p in plans]))]
-        flat, out = torch.cat(probs).tolist(), []
-        for p in probs:
-            row, flat = flat[: len(p)], flat[len(p) :]
-            out.append((max(range(len(row)), key=row.__getitem__), row))
-        return out
-
-
-def model_context(backbone: Backbone) -> int | None:
-    """The backbone's context length in tokens (its config's max_position_embeddings), None if it names none."""
-    config = backbone.model.config.get_text_config(decoder=True)
-    return getattr(config, "max_position_embeddings", None)
-
-
-def check_context(backbone: Backbone, max_model_len: int | None) -> int:
-    """The context a router serves: `max_model_len`, at most (and by default) the backbone's own."""
-    own = model_context(backbone)
-    if max_model_len is None:
-        if own is None:
-            raise AdapterLoadError(f"backbone {backbone.name!r} names no context length (max_position_embeddings); give max_model_len (--max-model-len)")
-        return own
-    if max_model_len < 1 or (own is not None and max_model_len > own):
-        raise AdapterLoadError(f"max_model_len={max_model_len} but backbone {backbone.name!r} was trained for positions up to {own}; "
-                               f"give 1 to {own} (--max-model-len)")
-    return max_model_len
-
-
-@dataclass
-class Registration:
-    """An adapter folder that passed register()'s checks, ready to be added (Router.inspect → Router.add)."""
-
-    name: str
-    folder: Path
-    meta: dict
-    hashes: dict[str, str]
-    kind: tuple[str, int]
-
-
-@dataclass
-class Prepared:
-    """One request made ready for the bank: its adapter (routed), task, prompt and token ids."""
-
-    adapter: str  # an adapter name or "base"
-    spec: TaskSpec | None
-    prompt: str  # the text read (token-id prompts: decoded)
-    ids: list[int]  # every token read: usage's prompt_tokens
-    max_new_tokens: int  # 0 for classification (and for scoring a prompt only)
-    raw: bool = False  # a raw prompt, continued as given (else the task's input)
-
-    @property
-    def classify(self) -> bool:
-        """A classification adapter's task input: scored over its labels, not generated."""
-        return self.spec is not None and self.spec.type == "classification" and not self.raw
-
-    @property
-    def bank_name(self) -> str | None:
-        return None if self.adapter == BASE else self.adapter
