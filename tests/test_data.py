@@ -99,3 +99,14 @@ def test_a_null_prompt_column_in_a_request_is_refused():
     for row in ({"text": None}, {"a": None}):
         with pytest.raises(DataError, match="has null for 'a'"):
             request_row(spec, row)
+
+
+def test_a_split_is_tokenized_in_chunks_to_the_same_ids():
+    """Issue 22: one tokenizer call over a whole split held every row's encoding at once; chunks give the same ids."""
+    from adapterhub_lite.core.data import _token_ids
+    from adapterhub_lite.model.backbone import load_backbone
+
+    tok = load_backbone("tiny-random-llama", "none", dtype="fp32").tokenizer
+    texts = [f"row {i}: " + "word " * (i % 4) for i in range(10)]
+    assert _token_ids(tok, texts, True, chunk=3) == tok(texts, add_special_tokens=True).input_ids
+    assert _token_ids(tok, texts, False, chunk=4) == tok(texts, add_special_tokens=False).input_ids

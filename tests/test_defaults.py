@@ -119,9 +119,9 @@ class _Scripted(Recipe):
         return [{"params": list(self.model.parameters()), "lr": 1e-3}]
 
     def step_loss(self, call, parallel):
-        return StepLoss(call(torch.ones(1, 1)).sum(), 1)
+        return StepLoss(call(torch.ones(1, 1)).sum(), 1, 1)
 
-    def evaluate(self, limit):
+    def evaluate(self, limit, parallel):
         score = self.scores.pop(0)
         return score, {"score": score}
 
@@ -143,3 +143,43 @@ def test_early_stopping_counts_only_real_gains_and_waits_for_min_steps(tmp_path,
     cfg = LoopConfig(max_steps=20, eval_every=1, patience=2, min_delta=min_delta, min_steps=min_steps)
     result = fit(recipe, cfg, Parallel(torch.device("cpu"), "none"), tmp_path / "work", progress=False)
     assert (result.state.step, result.stopped_by, result.state.best_step) == (stop_step, "early_stopping", best_step)
+
+
+def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, monkeypatch):
+    """Issue 22: on a GPU the default batch is in tokens (from the device's free memory and the model); a spec may
+    give train.batch_tokens anywhere; the CPU default stays batch_size rows."""
+    from adapterhub_lite.training import defaults
+
+    cpu, backbone = _resolve(_minimal(cls_task, "toy"))
+    assert cpu.spec.train.batch_size == 16 and cpu.spec.train.batch_tokens == 0 and "train.batch_tokens" not in cpu.choices
+    spec = load_spec(_minimal(cls_task, "toy"))
+    prompts = load_task_data(spec)["train"].prompt_ids(backbone.tokenizer)
+    label = max(len(w) for w in label_token_ids(backbone.tokenizer, spec))
+    mean = sum(len(p) + label for p in prompts) / len(prompts)
+
+    given, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=640")
+    t = given.spec.train
+    assert t.batch_size == round(640 / mean) and t.batch_size != 16
+    assert t.lr == float(f"{1e-3 * math.sqrt(t.batch_size / 16):.2g}")  # Adam's square-root rule from the rate at 16 rows
+    assert "640 tokens a step" in given.choices["train.batch_size"]["why"]
+    two, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=640", processes=2)
+    assert two.spec.train.batch_size == round(640 / mean / 2)  # rows per process
+
+    # a GPU with 2 GiB free: half of it over the activations one token keeps, within GPU_BATCH_TOKENS
+    monkeypatch.setattr(defaults, "device_memory", lambda model: ("cuda", 2 * 2**30))
+    gpu, _ = _resolve(_minimal(cls_task, "toy"))
+    c = backbone.model.config
+    fits = int(0.5 * 2 * 2**30 / (c.num_hidden_layers * c.hidden_size * defaults.ACTIVATION_BYTES))
+    want = max(1024, min(defaults.GPU_BATCH_TOKENS, fits) // 1024 * 1024)
+    assert gpu.spec.train.batch_tokens == want and gpu.choices["train.batch_tokens"]["value"] == want
+    rows = min(round(want / mean), len(prompts))  # at most the split
+    assert gpu.spec.train.batch_size == rows and gpu.spec.train.max_steps == math.ceil(20 * 96 / rows)
+    assert gpu.spec.train.lr == float(f"{1e-3 * min(defaults.LR_SCALE_MAX, math.sqrt(rows / 16)):.2g}")
+    # what the spec gives is kept: its batch_size, its learning rate
+    fixed, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_size=8", "train.lr=0.01")
+    assert (fixed.spec.train.batch_size, fixed.spec.train.lr, fixed.spec.train.batch_tokens) == (8, 0.01, 0)
+
+
+def test_a_spec_giving_both_batch_size_and_batch_tokens_is_refused(cls_task):
+    with pytest.raises(SpecError, match="train.batch_size=8 and train.batch_tokens=512 both set the batch"):
+        load_spec(cls_task / "toy.yaml", ["train.batch_tokens=512"])

@@ -48,10 +48,12 @@ def same_weights(a, b, tol=1e-5):
     return worst
 
 
+@pytest.mark.multiprocess
 def test_train_on_two_processes_equals_one_process_with_the_same_global_batch(cls_task):
     one = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "--output", "one", "--no-progress"], 1, cls_task)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run(["train", "toy.yaml", *STEPS, "train.batch_size=4", "--output", "two", "--no-progress"], 2, cls_task)
+    # 2 processes × 2 rows × 2 micro-batches (gradients synchronised once a step, at the last micro-batch: no_sync before)
+    two = run(["train", "toy.yaml", *STEPS, "train.batch_size=2", "train.grad_accum=2", "--output", "two", "--no-progress"], 2, cls_task)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count('"output"') == 1  # rank 0 alone answers
     # the adapter moved (so equality is not that of two untouched adapters), and both runs moved it alike
@@ -75,6 +77,7 @@ def _close(a: list[dict], b: list[dict], tol: float = 1e-5) -> bool:
     return True
 
 
+@pytest.mark.multiprocess
 def test_the_adapter_changes_in_ten_steps(cls_task):
     """Guards the equivalence above: it must compare trained adapters, not two copies of the initial one."""
     out = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "train.eval_every=10", "--output", "a", "--no-progress"], 1, cls_task)
@@ -103,6 +106,7 @@ def _joint_specs(tmp_path):
     return ["a.yaml", "g.yaml"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("weighting", ["dynamic", "uncertainty"])
 def test_train_multi_on_two_processes_equals_one_process(tmp_path, weighting):
     specs = _joint_specs(tmp_path)
@@ -118,6 +122,7 @@ def test_train_multi_on_two_processes_equals_one_process(tmp_path, weighting):
     assert json.loads((tmp_path / "two" / "run.json").read_text())["train_state"]["global_batch"] == 8
 
 
+@pytest.mark.multiprocess
 def test_a_run_killed_in_one_process_stops_every_process_and_resumes_with_one(cls_task):
     """kill -9 of rank 1: torchrun stops rank 0 too and exits non-zero; no output folder appears; the
     checkpoint resumes under one process (same global batch) to what one process would have trained."""
@@ -159,6 +164,7 @@ CRASH_AT_STEP_5 = (
     "sys.exit(main(sys.argv[1:]))\n")
 
 
+@pytest.mark.multiprocess
 def test_a_one_process_checkpoint_resumes_on_two_processes(cls_task):
     ref = run(["train", "toy.yaml", *STEPS, "train.batch_size=8", "--output", "ref", "--no-progress"], 1, cls_task)
     assert ref.returncode == 0, ref.stderr[-2000:]

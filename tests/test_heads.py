@@ -128,3 +128,21 @@ def test_scores_apply_the_models_own_logit_post_processing(kind):
         want = model(input_ids=torch.tensor(seqs)).logits.float().log_softmax(-1)  # the model's full forward
         got = continuation_plan([s[:3] for s in seqs], [s[3:] for s in seqs]).run(model, 0)
     assert torch.allclose(got, torch.stack([want[r, 2:5].gather(-1, torch.tensor(s[3:])[:, None]).sum() for r, s in enumerate(seqs)]), atol=1e-4)
+
+
+@pytest.mark.parametrize("labels", [None, [[5]], [[5], [6]], [[5, 7, 8], [6]]])
+def test_read_tokens_is_what_the_loss_plan_runs(labels):
+    """Issue 22: tokens/s counted each prompt before truncation; read_tokens is the plan's sequences' length."""
+    from adapterhub_lite.model.heads import loss_plan_ids, read_tokens
+
+    g = torch.Generator().manual_seed(0)
+    max_length = 12
+    prompts = [list(range(3, 3 + int(n))) for n in torch.randint(1, 30, (20,), generator=g)]  # many longer than max_length
+    if labels is None:
+        answers = [list(range(40, 40 + int(n))) for n in torch.randint(1, 15, (20,), generator=g)]  # some cut too
+    else:
+        answers = [i % len(labels) for i in range(20)]
+    plan = loss_plan_ids(prompts, answers, max_length, labels, eos_id=2, reduction="sum")
+    assert max(len(s) for s in plan.seqs) <= max_length
+    assert sum(read_tokens(len(p), a, max_length, labels) for p, a in zip(prompts, answers)) == sum(len(s) for s in plan.seqs)
+    assert sum(len(p) > max_length for p in prompts) > 5  # the case that was miscounted: prompts the plan cuts

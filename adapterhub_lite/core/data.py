@@ -49,11 +49,11 @@ class Split:
         Training reads these every step; tokenizing the whole split in one batched call up front
         takes the tokenizer out of the loop (heads.*_ids take ids; they truncate as encode_prompt does).
         """
-        return self._cached(tokenizer, "prompts", lambda: tokenizer(self.prompts, add_special_tokens=True).input_ids)
+        return self._cached(tokenizer, "prompts", lambda: _token_ids(tokenizer, self.prompts, True))
 
     def answer_ids(self, tokenizer) -> list[list[int]]:
         """Generation: every target's token ids as a continuation after one space (heads.answer_ids), tokenized once."""
-        return self._cached(tokenizer, "answers", lambda: tokenizer([" " + a for a in self.answers], add_special_tokens=False).input_ids)
+        return self._cached(tokenizer, "answers", lambda: _token_ids(tokenizer, [" " + a for a in self.answers], False))
 
     def _cached(self, tokenizer, what: str, make) -> list[list[int]]:
         # Keyed by what determines the ids, not by the object, so a reloaded identical tokenizer hits.
@@ -61,6 +61,16 @@ class Split:
         if key not in self._tokens:
             self._tokens[key] = make()
         return self._tokens[key]
+
+
+def _token_ids(tokenizer, texts: list[str], special: bool, chunk: int = 1024) -> list[list[int]]:
+    """Token ids of many texts, tokenized `chunk` at a time without attention masks: one call over a whole split
+    holds every row's encoding (offsets, masks) at once, 264 MB more at the peak for SST-2's 67k rows on
+    SmolLM2's tokenizer against 52 MB this way (the ids themselves)."""
+    ids: list[list[int]] = []
+    for i in range(0, len(texts), chunk):
+        ids += tokenizer(texts[i : i + chunk], add_special_tokens=special, return_attention_mask=False).input_ids
+    return ids
 
 
 def load_split(source: str) -> tuple[datasets.Dataset, str]:

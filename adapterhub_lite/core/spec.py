@@ -24,6 +24,7 @@ TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "prefix", "prompt", "ia3")
 
 SCHEDULES = ("linear", "cosine", "constant")
+COMPILE = ("auto", "always", "never")  # train.compile: auto compiles on CUDA for a backbone that is not quantized
 METRICS = {
     "classification": ("accuracy", "macro_f1"),
     "generation": ("exact_match", "json_valid"),
@@ -44,6 +45,7 @@ class TrainConfig:
     max_steps: int = 200
     epochs: float = 0.0  # the budget in passes over the train split (max_steps = epochs × steps per epoch); 0: use max_steps
     batch_size: int = 16
+    batch_tokens: int = 0  # the batch in tokens: batch_size = this ÷ the train rows' mean tokens (0: batch_size rows; on a GPU chosen when left out)
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -62,6 +64,7 @@ class TrainConfig:
     max_length: int = 256  # prompt + answer tokens
     max_new_tokens: int = 48  # greedy decoding budget for generation tasks
     seed: int = 0
+    compile: str = "auto"  # the training forward through torch.compile: auto (on CUDA, unquantized, LoRA/IA3), always, never
 
 
 @dataclass
@@ -193,6 +196,7 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
     choice("quantization", spec.quantization, QUANTIZATIONS)
     choice("dtype", spec.dtype, DTYPES)
     choice("train.schedule", spec.train.schedule, SCHEDULES)
+    choice("train.compile", spec.train.compile, COMPILE)
     if not isinstance(spec.method_args, dict):
         problems.append(f"'method_args' must be a mapping, got {spec.method_args!r}")
     elif spec.method in METHODS:
@@ -229,7 +233,7 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
             problems.append(f"train.{key} must be ≥ 0, got {value}")
     if isinstance(t.seed, int) and not 0 <= t.seed <= 2**63 - 1:
         problems.append(f"train.seed must be between 0 and 2^63 - 1 (torch's seeds), got {t.seed}")
-    for key in ("patience", "min_steps"):
+    for key in ("patience", "min_steps", "batch_tokens"):
         value = getattr(t, key)
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             problems.append(f"train.{key} must be ≥ 0, got {value}")
@@ -345,4 +349,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
     if {"train.max_steps", "train.epochs"} <= spec.given and t.epochs:  # a written spec; a recorded one holds both, consistent
         raise SpecError([f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the budget; give one "
                          "(train.epochs=0 leaves it to max_steps)"], f"task spec {path}")
+    if {"train.batch_size", "train.batch_tokens"} <= spec.given and t.batch_tokens:
+        raise SpecError([f"train.batch_size={t.batch_size} and train.batch_tokens={t.batch_tokens} both set the batch; give one "
+                         "(train.batch_tokens=0 leaves it to batch_size)"], f"task spec {path}")
     return spec

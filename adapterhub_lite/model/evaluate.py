@@ -69,10 +69,22 @@ def score(spec: TaskSpec, preds: list, answers: list) -> dict:
 
 
 def evaluate_split(model, tokenizer, spec: TaskSpec, split: Split, limit: int | None = None,
-                   progress: bool = False) -> tuple[dict, list, float]:
-    """Predict and score (the first `limit` rows of) a split; returns metrics, predictions, seconds (`progress`: a bar on stderr)."""
+                   progress: bool = False, shard: tuple[int, int] = (0, 1), gather=None) -> tuple[dict, list, float]:
+    """Predict and score (the first `limit` rows of) a split; returns metrics, predictions, and the seconds this process
+    took for its rows (`progress`: a bar on stderr).
+
+    Data-parallel (`shard` = (rank, processes), `gather` = Parallel.gather): each process predicts every
+    processes-th row from its rank, the predictions are gathered, and every process scores them all, so no
+    process waits alone in a collective while one evaluates (a long eval would pass the group's timeout)."""
+    rank, world = shard
     prompts, answers = split.prompts[:limit], split.answers[:limit]
     start = time.perf_counter()
-    preds = predict(model, tokenizer, spec, prompts, prompt_ids=split.prompt_ids(tokenizer)[:limit], progress=progress, desc="eval")
+    mine = predict(model, tokenizer, spec, prompts[rank::world], prompt_ids=split.prompt_ids(tokenizer)[:limit][rank::world],
+                   progress=progress, desc="eval")
     seconds = time.perf_counter() - start
+    preds = mine
+    if world > 1:
+        preds = [None] * len(prompts)
+        for r, part in enumerate(gather(mine)):
+            preds[r::world] = part
     return score(spec, preds, answers), preds, seconds

@@ -55,10 +55,11 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, device: torch.device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: list[list[int]], pad_id: int, device: torch.device, left: bool = False,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask [B, T] for token lists, padded (right by default) on the host in
-    one op and moved to `device` once."""
-    width = max(len(s) for s in seqs)
+    one op and moved to `device` once; T is the longest row, or `width` (at least that)."""
+    width = max(max(len(s) for s in seqs), width or 0)
     rows = [[pad_id] * (width - len(s)) + s for s in seqs] if left else [s + [pad_id] * (width - len(s)) for s in seqs]
     ids = torch.tensor(rows, dtype=torch.long)
     lengths = torch.tensor([len(s) for s in seqs])
@@ -78,6 +79,28 @@ def _final_norm(model) -> torch.nn.Module | None:
     return None
 
 
+class CompiledCall:
+    """The model's forward through torch.compile, fed a few shapes only, so each is compiled once (and on CUDA,
+    mode="reduce-overhead", captured as a CUDA graph and replayed: the step stops being bound by launching small
+    kernels from the host). Rows are padded to the next power of two ≥ MIN_WIDTH tokens (≤ 6 shapes up to 1,024;
+    the batch's row count is fixed by the recipe), and the last hidden states are read from the outputs rather than
+    through a hook added per call, which would make every call a new graph."""
+
+    MIN_WIDTH = 32
+
+    def __init__(self, call, mode: str | None = None, backend: str = "inductor", limit: int | None = None):
+        self.fn = torch.compile(call, dynamic=False, mode=mode, backend=backend)
+        self.limit = limit  # the model's positions: no bucket past them
+
+    def width(self, longest: int) -> int:
+        """The padded width of a batch whose longest row has `longest` tokens."""
+        bucket = max(self.MIN_WIDTH, 1 << (longest - 1).bit_length())
+        return max(longest, min(bucket, self.limit or bucket))
+
+    def __call__(self, **kwargs):
+        return self.fn(**kwargs)
+
+
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, call=None) -> torch.Tensor:
     """Last-layer hidden states [B, T, H] aligned with input_ids (prompt-tuning tokens dropped).
 
@@ -90,7 +113,7 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     call = call or model
     norm = _final_norm(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1, "use_cache": False}
-    if norm is None:  # an architecture without a named final norm: fall back to all hidden states
+    if norm is None or isinstance(call, CompiledCall):  # no named final norm, or a compiled graph: all hidden states
         hidden = call(**kwargs, output_hidden_states=True).hidden_states[-1]
     else:
         seen: list[torch.Tensor] = []
@@ -132,7 +155,8 @@ def logprobs_at(model, pad_id: int, seqs: list[list[int]], rows: list[int], cols
     Runs under autocast in the model's compute dtype; the log-softmax is taken in fp32.
     """
     device = _device(model)
-    ids, mask = pad_batch(seqs, pad_id, device)
+    width = call.width(max(map(len, seqs))) if isinstance(call, CompiledCall) else None
+    ids, mask = pad_batch(seqs, pad_id, device, width=width)
     where = to_device(torch.tensor([rows, cols], dtype=torch.long).view(2, -1), device)
     with autocast(model):
         hidden = final_hidden(model, ids, mask, call)
@@ -222,6 +246,18 @@ def loss_items(answers: list, max_length: int, label_tokens=None) -> int:
     if label_tokens is not None:
         return len(answers)
     return sum(len(_target(a, 0, max_length)) for a in answers)
+
+
+def read_tokens(prompt_len: int, answer, max_length: int, label_tokens=None) -> int:
+    """Tokens the loss plan of one row runs, after truncation to max_length (what a tokens/s figure counts):
+    the prompt's kept end and the longest label (one sequence when every label is one token, else one per label),
+    or the prompt's kept end and the target + EOS. Equals the length of the plan's sequences, without building it."""
+    if label_tokens is not None:
+        longest = max(len(t) for t in label_tokens)
+        kept = min(prompt_len, max_length - longest)
+        return kept if longest == 1 else sum(kept + len(t) for t in label_tokens)
+    target = len(_target(answer, 0, max_length))
+    return min(prompt_len, max_length - target) + target
 
 
 def _target(answer: list[int], eos_id: int, max_length: int) -> list[int]:

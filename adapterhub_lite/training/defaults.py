@@ -21,7 +21,11 @@ import json
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.model.adapter import default_method_args
+from adapterhub_lite.model.heads import label_token_ids
 
 # Rows seen at most: the five shared tasks' tuned adapters peaked by 9,600 rows (sst2), most by 3,200.
 EXAMPLE_BUDGET = 16_000
@@ -36,6 +40,15 @@ MAX_AUTO_LENGTH = 1024  # a longer outlier row would set every batch's memory; l
 # the IA3 paper's recipes).
 LORA_LR_AT_R8 = 1e-3
 LR = {"prefix": 1e-2, "prompt": 3e-2, "ia3": 3e-3}
+# The batch those rates were tuned at (rows a step; the CPU default). A batch given in tokens scales the rate by
+# sqrt(rows a step / REFERENCE_BATCH), Adam's square-root rule (Malladi et al., 2022), at most LR_SCALE_MAX times.
+REFERENCE_BATCH = 16
+LR_SCALE_MAX = 4.0
+# On a GPU a step of 16 short rows (~270 tokens for SST-2) leaves it waiting on the host: the default batch is in
+# tokens, GPU_BATCH_TOKENS, or what half the free memory holds of the activations a training token keeps
+# (layers × hidden × ACTIVATION_BYTES, Korthikanti et al.'s 34 bytes per layer and hidden unit in 16-bit).
+GPU_BATCH_TOKENS = 16_384
+ACTIVATION_BYTES = 34
 
 
 @dataclass
@@ -67,14 +80,34 @@ def lora_lr(r: int) -> float:
     return float(f"{LORA_LR_AT_R8 * math.sqrt(8 / r):.2g}")
 
 
+def device_memory(model) -> tuple[str, int | None]:
+    """(device type, free bytes) where the model lives; free bytes only on CUDA."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return device.type, None
+    return "cuda", torch.cuda.mem_get_info(device)[0]
+
+
+def default_batch_tokens(model, device_type: str, free_bytes: int | None) -> tuple[int, str] | None:
+    """The batch in tokens a GPU run takes when the spec gives neither batch_size nor batch_tokens, and why; None on
+    a CPU (its default, batch_size rows, stays as measured)."""
+    if device_type != "cuda" or not free_bytes:
+        return None
+    config = model.config.get_text_config(decoder=True)
+    per_token = config.num_hidden_layers * config.hidden_size * ACTIVATION_BYTES
+    fits = int(0.5 * free_bytes / per_token)
+    tokens = max(1024, min(GPU_BATCH_TOKENS, fits) // 1024 * 1024)
+    why = (f"a GPU step of {tokens:,} tokens (at most {GPU_BATCH_TOKENS:,}; half the {free_bytes / 2**30:.0f} GiB free holds "
+           f"{fits:,} tokens of activations)")
+    return tokens, why
+
+
 def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) -> Resolved:
     """Fill every setting `spec` left out (spec.given lists what it set), from the data, task, method and model.
 
     `data` holds the loaded splits (train and dev), `model` the plain backbone (before the adapter),
     `processes` the data-parallel world size (a step reads batch_size rows on each).
     """
-    from adapterhub_lite.model.adapter import default_method_args
-
     given = spec.given
     choices: dict[str, dict] = {}
 
@@ -95,7 +128,9 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         else:
             t["lr"] = choose("train.lr", LR[spec.method], f"{spec.method} learns with larger steps than LoRA")
 
+    prompts = data["train"].prompt_ids(tokenizer)
     rows = len(data["train"])
+    _batch_in_tokens(spec, data, model, tokenizer, prompts, processes, t, choose)
     per_step = t["batch_size"] * t["grad_accum"] * processes
     steps_per_epoch = math.ceil(rows / per_step)
     if t["epochs"] and "train.epochs" in given:  # load_spec refuses a written spec that also sets max_steps
@@ -132,7 +167,6 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
             t["min_steps"] = choose("train.min_steps", min(steps, max(MIN_STEPS, steps // 20)),
                                     "before stopping early: a metric can sit still while the loss falls")
 
-    prompts = data["train"].prompt_ids(tokenizer)
     limit = min(MAX_AUTO_LENGTH, getattr(model.config, "max_position_embeddings", MAX_AUTO_LENGTH) or MAX_AUTO_LENGTH)
     if spec.type == "generation":
         answers = data["train"].answer_ids(tokenizer)
@@ -144,8 +178,6 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         # and the whole decoding budget (which holds the longest target + EOS), so no prompt is cut.
         longest = max((len(p) for p in prompts), default=1) + t["max_new_tokens"]
     else:
-        from adapterhub_lite.model.heads import label_token_ids
-
         longest = max((len(p) for p in prompts), default=1) + max(len(ids) for ids in label_token_ids(tokenizer, spec))
     if "train.max_length" not in given:
         what = "prompt + max_new_tokens" if spec.type == "generation" else "prompt + label word"
@@ -153,3 +185,34 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         t["max_length"] = choose("train.max_length", min(longest, limit), why)
 
     return Resolved(dataclasses.replace(spec, method_args=method_args, train=type(spec.train)(**t)), choices)
+
+
+def _batch_in_tokens(spec: TaskSpec, data: dict, model, tokenizer, prompts: list, processes: int, t: dict, choose) -> None:
+    """batch_size from train.batch_tokens (given, or on a GPU chosen by default_batch_tokens when the spec gives
+    neither): the tokens a step should read ÷ the train rows' mean tokens (prompt + target or longest label word,
+    each at most MAX_AUTO_LENGTH), per process; a learning rate left out is scaled by Adam's square-root rule. A
+    batch_size the spec gives is never changed."""
+    given = spec.given
+    if "train.batch_size" in given:
+        return
+    if "train.batch_tokens" in given and t["batch_tokens"]:
+        tokens, why = t["batch_tokens"], "train.batch_tokens"
+    else:
+        chosen = default_batch_tokens(model, *device_memory(model))
+        if chosen is None:
+            return
+        tokens, why = chosen
+        t["batch_tokens"] = choose("train.batch_tokens", tokens, why)
+    if spec.type == "generation":
+        extra = [len(a) + 1 for a in data["train"].answer_ids(tokenizer)]  # target + EOS
+    else:
+        extra = [max(len(w) for w in label_token_ids(tokenizer, spec))] * len(prompts)
+    mean = sum(min(len(p) + e, MAX_AUTO_LENGTH) for p, e in zip(prompts, extra)) / max(1, len(prompts))
+    rows = max(1, min(round(tokens / mean / processes), len(prompts) // processes))
+    t["batch_size"] = choose("train.batch_size", rows, f"{tokens:,} tokens a step ({why}) ÷ {mean:.0f} tokens a row"
+                             + (f" ÷ {processes} processes" if processes > 1 else ""))
+    if "train.lr" not in given:
+        scale = min(LR_SCALE_MAX, math.sqrt(rows * processes * t["grad_accum"] / REFERENCE_BATCH))
+        lr = float(f"{t['lr'] * scale:.2g}")
+        t["lr"] = choose("train.lr", lr, f"{t['lr']:.2g} at {REFERENCE_BATCH} rows × sqrt({rows * processes * t['grad_accum']} / {REFERENCE_BATCH}) "
+                         f"(Adam's square-root rule, at most ×{LR_SCALE_MAX:g})")

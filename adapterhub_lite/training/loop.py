@@ -1,9 +1,10 @@
 """The one training loop every recipe runs (nanoGPT's shape: one readable loop, comments say why).
 
-    for each step: micro-batches → loss → backward (DDP averages the adapter's gradients)
+    for each step: micro-batches → summed loss → backward (DDP averages the adapter's gradients once, at the last)
+                   gradients ÷ the step's count of target tokens or rows (the loss contract: StepLoss)
                    clip → optimizer → schedule
                    every log_every steps: one metrics row (window means)
-                   every eval_every steps: evaluate on rank 0, share the result, keep the best, maybe stop
+                   every eval_every steps: evaluate (each process its share), keep the best, maybe stop
                    every checkpoint_every steps (default: eval_every) and when the run stops: checkpoint
     until max_steps, early stopping (patience), or the time budget.
 
@@ -63,11 +64,18 @@ class LoopConfig:
 
 @dataclass
 class StepLoss:
-    """One micro-batch's result on this process."""
+    """One micro-batch's result on this process: the loss contract between a recipe and fit().
 
-    loss: torch.Tensor  # what to backward: this process's share, scaled so that DDP's average is the global batch's mean
+    A recipe sums its loss over what it read and says what the sum counts; fit() divides by the
+    optimizer step's total count, over every micro-batch and process (torchtune's rule). So a
+    generation task's step loss is the mean over all its target tokens, whatever the micro-batches
+    held, and grad_accum 4 × batch 4 trains the same adapter as batch 16.
+    """
+
+    loss: torch.Tensor  # summed over this process's share: the processes' values add up to the global micro-batch's sum
+    count: float  # what that sum counts (target tokens, rows; 1 for a recipe whose loss is a mean already), the same on every process
     tokens: int  # tokens the global micro-batch read (every process knows the global rows: no collective)
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step values (local shares; averaged over processes)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)  # other per-step values (means; averaged over micro-batches and processes)
 
 
 class Recipe:
@@ -89,8 +97,9 @@ class Recipe:
         """Draw the next global micro-batch, take this process's share, return its loss. `call` runs the model (DDP)."""
         raise NotImplementedError
 
-    def evaluate(self, limit: int | None) -> tuple[float, dict]:
-        """(score to maximize, metrics row) on the dev data; runs on rank 0 only."""
+    def evaluate(self, limit: int | None, parallel: Parallel) -> tuple[float, dict]:
+        """(score to maximize, metrics row) on the dev data. Runs on every process: each predicts its share of the
+        rows and the predictions are gathered (evaluate_split's shard/gather), so all return the same values."""
         raise NotImplementedError
 
     def observe(self, row: dict) -> None:
@@ -118,9 +127,12 @@ class LoopResult:
 
 
 def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool = False, progress: bool = True,
-        fused: bool = False, scaler: torch.amp.GradScaler | None = None) -> LoopResult:
-    """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end."""
-    run = _Run(recipe, cfg, parallel, work, resume=resume, fused=fused, scaler=scaler)
+        fused: bool = False, compute_dtype: torch.dtype = torch.float32) -> LoopResult:
+    """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end.
+
+    `compute_dtype`: the backbone's; under fp16 every recipe's loss is scaled (fp16 gradients underflow unscaled;
+    bf16 has fp32's exponent range and needs no scaler)."""
+    run = _Run(recipe, cfg, parallel, work, resume=resume, fused=fused, compute_dtype=compute_dtype)
     state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and parallel.main), desc=recipe.name, dynamic_ncols=True)
@@ -160,7 +172,7 @@ class _Run:
     named steps fit()'s loop takes with them."""
 
     def __init__(self, recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool, fused: bool,
-                 scaler: torch.amp.GradScaler | None) -> None:
+                 compute_dtype: torch.dtype) -> None:
         """Set up: optimizer, schedule, DDP; then the checkpoint's progress when resuming, and a fresh metrics.jsonl."""
         self.recipe, self.cfg, self.parallel, self.work = recipe, cfg, parallel, work
         groups = recipe.param_groups()
@@ -174,8 +186,8 @@ class _Run:
         sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
         self.call, self.opt, self.sched = parallel.prepare(recipe.model, opt, sched)
         self.raw_opt = getattr(self.opt, "optimizer", self.opt)  # the loss scaler keys its state by the torch optimizer
-        self.scaler = scaler or torch.amp.GradScaler(enabled=False)
         device = next(recipe.model.parameters()).device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
         self.ckpt = Checkpoint(work, parallel)
         self.state, self.best = RunState(), None
         if resume:
@@ -205,13 +217,25 @@ class _Run:
     def train_step(self) -> int:
         """One optimizer step: micro-batches → loss → backward, clip → step → schedule; returns the tokens read."""
         cfg, parallel, scaler = self.cfg, self.parallel, self.scaler
-        tokens, step_logs = 0, {}
-        for _ in range(cfg.grad_accum):
-            part = self.recipe.step_loss(self.call, parallel)
-            scaler.scale(part.loss / cfg.grad_accum).backward()  # scaled so accumulated grads average, not sum
+        tokens, count, first, summed, step_logs = 0, 0.0, None, 0.0, {}
+        for k in range(cfg.grad_accum):
+            # DDP all-reduces the gradients once a step, in the last micro-batch's backward (no_sync before it)
+            with parallel.no_sync(self.call, k < cfg.grad_accum - 1):
+                part = self.recipe.step_loss(self.call, parallel)
+                if not part.count > 0:
+                    raise TrainingError(f"recipe {self.recipe.name!r} returned a micro-batch loss that counts {part.count} items; "
+                                        "a loss must count at least one target token or row")
+                first = part.count if first is None else first
+                # The step's gradient is ∇(Σ sums) / Σ counts, but Σ counts is known only after the last micro-batch:
+                # each sum is divided by the first micro-batch's count now (so the loss keeps a mean's size under the
+                # fp16 scaler) and the gradients are rescaled by first / Σ counts below. × world: DDP averages.
+                scaler.scale(part.loss * (parallel.world / first)).backward()
             tokens += part.tokens
-            for k, v in part.logs.items():
-                step_logs[k] = step_logs.get(k, 0) + v.detach().float() / cfg.grad_accum
+            count += part.count
+            summed = summed + part.loss.detach().float()
+            for key, v in part.logs.items():
+                step_logs[key] = step_logs.get(key, 0) + v.detach().float() / cfg.grad_accum
+        step_logs["loss"] = summed * (parallel.world / count)  # the processes' mean of this is the step's loss
         for p in self.extra:  # parameters DDP does not hold: average their gradients here
             if p.grad is not None:
                 p.grad = parallel.mean(p.grad)
@@ -223,6 +247,8 @@ class _Run:
         if "loss" in step_logs:
             self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(values[keys.index("loss")]), self.state.step + 1, self.first_bad)
         scaler.unscale_(self.raw_opt)  # clip the true gradients (no-op unless fp16)
+        if count != first:  # the accumulated sums over the step's total count (see above)
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], first / count)
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         scaler.step(self.raw_opt)
         scaler.update()
@@ -252,10 +278,9 @@ class _Run:
         bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tps:.0f}")
 
     def evaluate(self, bar) -> bool:
-        """Evaluate on rank 0, share the result, keep the best weights; True when early stopping's patience ran out."""
+        """Evaluate (every process its share), keep the best weights; True when early stopping's patience ran out."""
         cfg, parallel, state = self.cfg, self.parallel, self.state
-        score, row = self.recipe.evaluate(cfg.eval_samples) if parallel.main else (None, None)
-        score, row = parallel.share((score, row))  # every process takes the same decisions
+        score, row = self.recipe.evaluate(cfg.eval_samples, parallel)  # the same on every process: the same decisions
         self.recipe.observe(row)
         self.record({"step": state.step, **row})
         # Two bests: the weights kept are the best seen (any gain); patience counts evals that did not

@@ -13,6 +13,7 @@ sent to the others, so every process takes the same decisions (keep best, stop, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -63,12 +64,25 @@ class Parallel:
         """Wrap the model for DDP (a no-op when alone) and the optimizer/scheduler for accelerate."""
         return self.accelerator.prepare(model, optimizer, scheduler)
 
+    def no_sync(self, model, skip: bool):
+        """A context in which DDP does not all-reduce the gradients of `model` (when `skip`): the micro-batches before
+        a step's last accumulate locally, and the last one's backward averages them all at once."""
+        return self.accelerator.no_sync(model) if skip and self.world > 1 else contextlib.nullcontext()
+
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average over the processes (the tensor itself when alone)."""
         return tensor if self.world == 1 else self.accelerator.reduce(tensor, "mean")
 
     def total(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.world == 1 else self.accelerator.reduce(tensor, "sum")
+
+    def gather(self, obj) -> list:
+        """Every process's value of a picklable object, in rank order, on every process."""
+        if self.world == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
 
     def share(self, obj):
         """Rank 0's value of a picklable object, on every process (evaluation results, decisions)."""

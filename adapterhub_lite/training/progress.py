@@ -57,16 +57,18 @@ def _epoch_order(lengths: list[int], batch_size: int, seed: int) -> list[int]:
     return [row for b in torch.randperm(len(batches), generator=g).tolist() for row in batches[b]]
 
 
-def next_rows(cursor: Cursor, lengths: list[int], k: int, seed: int) -> list[int]:
+def next_rows(cursor: Cursor, lengths: list[int], k: int, seed: int, micro_batches: int = 1) -> list[int]:
     """The next k rows of the current epoch; a new epoch (seeded by its number) when one ends.
 
-    Every process of a data-parallel run draws the same *global* rows (k is the global batch) and
-    then takes its own share (`shard`), so the data order does not depend on the process count.
+    Every process of a data-parallel run draws the same *global* rows (k is the global micro-batch)
+    and then takes its own share (`shard`), so the data order does not depend on the process count.
+    The epoch is cut into optimizer steps (`micro_batches` draws of k), so accumulating 4 × 4 rows
+    reads the very rows of one batch of 16, in micro-batches of similar length.
     """
     rows = []
     while len(rows) < k:
         if cursor.cursor >= len(cursor.epoch_order):
-            cursor.epoch_order = _epoch_order(lengths, k, seed + cursor.epoch)
+            cursor.epoch_order = _epoch_order(lengths, k * micro_batches, seed + cursor.epoch)
             cursor.epoch += 1
             cursor.cursor = 0
         take = cursor.epoch_order[cursor.cursor : cursor.cursor + k - len(rows)]

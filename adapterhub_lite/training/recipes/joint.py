@@ -37,7 +37,7 @@ from adapterhub_lite.core.spec import TaskSpec, TrainConfig
 from adapterhub_lite.model.adapter import make_config, save_lora, trainable_parameters
 from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
-from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids
+from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids, read_tokens
 from adapterhub_lite.model.rowconfig import check_lora_config
 from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
@@ -209,9 +209,9 @@ class Joint(Recipe):
         self.answers = {s.name: data[s.name]["train"].answers if self.labels[s.name] is not None else data[s.name]["train"].answer_ids(tok)
                         for s in specs}
         self.identity = joint_identity(specs, cfg, data, processes)
-        # Tokens a row is read as (prompt, + target for generation): every process counts the global batch's.
-        self.tokens = {n: [len(p) + (0 if self.labels[n] is not None else len(a)) for p, a in zip(self.prompt_ids[n], self.answers[n])]
-                       for n in self.names}
+        # Tokens the model reads of each row after truncation (its loss plan's sequences): every process counts the global batch's.
+        self.tokens = {s.name: [read_tokens(len(p), a, s.train.max_length, self.labels[s.name])
+                                for p, a in zip(self.prompt_ids[s.name], self.answers[s.name])] for s in specs}
         self.latency: dict[str, float] = {}
 
     def param_groups(self) -> list[dict]:
@@ -257,24 +257,28 @@ class Joint(Recipe):
             # A process whose share holds no row of some task leaves that task's adapter out of its
             # graph, and DDP would wait forever for its gradient: a zero term puts every adapter in.
             total = total + 0.0 * sum(p.sum() for name in self.joint.names() for p in self.joint.parameters(name))
-        logs = {"loss": total.detach(), **{f"loss/{n}": v.detach() for n, v in losses.items()},
+        logs = {**{f"loss/{n}": v.detach() for n, v in losses.items()},
                 **{f"weight/{n}": torch.tensor(w, device=zero.device) for n, w in used.items()},
                 **{f"rows/{n}": torch.tensor(float(draws.count(n)), device=zero.device) for n in self.names}}
-        return StepLoss(total, sum(self.tokens[self.names[t]][r] for t, r in pairs), logs)
+        # The combined loss is a mean already (each task's own mean, weighted): it counts 1, and fit() averages the
+        # micro-batches. Its processes' average is the global value, so each gives its 1/world part of the sum.
+        return StepLoss(total / parallel.world, 1, sum(self.tokens[self.names[t]][r] for t, r in pairs), logs)
 
-    def scores(self, limit: int | None) -> dict[str, dict]:
-        """Each task's dev metrics through its own adapter (and the latency per example, kept for the sidecars)."""
+    def scores(self, limit: int | None, parallel: Parallel) -> dict[str, dict]:
+        """Each task's dev metrics through its own adapter (and the latency per example, kept for the sidecars); every
+        process predicts its share of the rows (the same scores on every process)."""
         scores = {}
         for i, s in enumerate(self.specs):
             dev = self.data[s.name]["dev"]
             with self.joint.assign(i):
-                metrics, _, seconds = evaluate_split(self.model, self.backbone.tokenizer, s, dev, limit=limit)
+                metrics, _, seconds = evaluate_split(self.model, self.backbone.tokenizer, s, dev, limit=limit,
+                                                     shard=(parallel.rank, parallel.world), gather=parallel.gather)
             scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
-            self.latency[s.name] = round(1000 * seconds / min(limit or len(dev), len(dev)), 2)
+            self.latency[s.name] = round(1000 * seconds / len(range(min(limit or len(dev), len(dev)))[parallel.rank :: parallel.world]), 2)
         return scores
 
-    def evaluate(self, limit):
-        scores = self.scores(limit)
+    def evaluate(self, limit, parallel):
+        scores = self.scores(limit, parallel)
         mean = sum(scores[s.name][s.primary_metric] for s in self.specs) / len(self.specs)  # keep the best mean, not the last
         return mean, {**{f"dev/{n}/{k}": v for n, m in scores.items() for k, v in m.items()}, "dev/mean": round(mean, 4)}
 
@@ -337,9 +341,10 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
     recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
     loop = LoopConfig.from_train(cfg, checkpoint_every=cfg.eval_every)  # a checkpoint at every eval
-    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda")
+    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda",
+                 compute_dtype=backbone.dtype)  # fp16: the loss scaler, as for one adapter
+    final = recipe.scores(None, parallel)  # every dev row, with the best weights (each process its share)
     if parallel.main:
-        final = recipe.scores(None)  # every dev row, with the best weights
         st = result.state
         state = {"device": str(backbone.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
                  "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,

@@ -26,7 +26,7 @@ from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import attach, init_from, trainable_parameters
 from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
-from adapterhub_lite.model.heads import label_token_ids, loss_items, loss_plan_ids
+from adapterhub_lite.model.heads import CompiledCall, label_token_ids, loss_items, loss_plan_ids, read_tokens
 from adapterhub_lite.training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save
 from adapterhub_lite.training.defaults import resolve
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
@@ -37,11 +37,25 @@ from adapterhub_lite.training.progress import Cursor, TrainingError, next_rows, 
 __all__ = ["train", "TrainingError", "adapter_meta", "finish_folder", "prepare_output", "publish_folder", "peak_memory_mb"]
 
 
+# torch.compile's backend for the training forward (tests use "aot_eager": the same graphs, no C++ build)
+COMPILE_BACKEND = "inductor"
+
+
+def compiles(spec: TaskSpec, device: torch.device) -> bool:
+    """Whether train.compile asks for a compiled forward here: `auto` on CUDA for an unquantized backbone and a LoRA
+    or IA3 adapter (bitsandbytes' int8/4-bit matmuls break the graph; prompt and prefix tuning reshape the input
+    in peft's top-level forward), `always` anywhere, `never` nowhere."""
+    mode = spec.train.compile
+    return mode == "always" or (mode == "auto" and device.type == "cuda" and spec.quantization == "none" and spec.method in ("lora", "ia3"))
+
+
 class SingleTask(Recipe):
     """One task, one adapter: a batch is rows of the task's train split through the adapter."""
 
     def __init__(self, spec: TaskSpec, model, backbone, data: dict, processes: int = 1):
         self.spec, self.model, self.backbone, self.data = spec, model, backbone, data
+        self.compile = compiles(spec, backbone.device)
+        self._compiled: tuple | None = None  # (the call it wraps, its CompiledCall)
         self.name = spec.name
         self.identity = run_identity(spec, data, processes)
         tok = backbone.tokenizer
@@ -51,10 +65,12 @@ class SingleTask(Recipe):
         self.prompt_ids = train_split.prompt_ids(tok)
         self.answers = train_split.answers if self.label_tokens is not None else train_split.answer_ids(tok)
         data["dev"].prompt_ids(tok)
-        # Tokens the model reads per row: for the length-bucketed sampler and the tokens/s figure.
+        # Tokens per row, untruncated: the length-bucketed sampler's key. What the model reads of each row after
+        # truncation to max_length (the tokens/s figure): read_tokens, the length of its loss plan's sequences.
         self.lengths = [len(ids) for ids in self.prompt_ids]
         if self.label_tokens is None:
             self.lengths = [n + len(a) for n, a in zip(self.lengths, self.answers)]
+        self.read = [read_tokens(len(p), a, spec.train.max_length, self.label_tokens) for p, a in zip(self.prompt_ids, self.answers)]
         self.cursor = Cursor()
 
     def param_groups(self) -> list[dict]:
@@ -64,19 +80,30 @@ class SingleTask(Recipe):
     def step_loss(self, call, parallel: Parallel) -> StepLoss:
         cfg, tok = self.spec.train, self.backbone.tokenizer
         # Every process draws the same global rows and takes its share: the data order (and so the
-        # result) does not depend on the process count. The loss is summed over the share and
-        # divided by the global batch's count, × processes because DDP averages the gradients.
-        rows = next_rows(self.cursor, self.lengths, cfg.batch_size * parallel.world, cfg.seed)
+        # result) does not depend on the process count. The loss is summed over the share; fit()
+        # divides by the step's count (the global rows' target tokens, or rows for classification).
+        rows = next_rows(self.cursor, self.lengths, cfg.batch_size * parallel.world, cfg.seed, cfg.grad_accum)
         count = loss_items([self.answers[i] for i in rows], cfg.max_length, self.label_tokens)
         mine = shard(rows, parallel.rank, parallel.world)
         plan = loss_plan_ids([self.prompt_ids[i] for i in mine], [self.answers[i] for i in mine], cfg.max_length,
                              self.label_tokens, tok.eos_token_id, reduction="sum")
         with autocast(self.backbone):  # forward only: backward runs each op in the dtype its forward used
-            loss = plan.run(self.model, tok.pad_token_id, call=call) * (parallel.world / count)
-        return StepLoss(loss, sum(self.lengths[i] for i in rows), {"loss": loss.detach()})
+            loss = plan.run(self.model, tok.pad_token_id, call=self._call(call))
+        return StepLoss(loss, count, sum(self.read[i] for i in rows))
 
-    def evaluate(self, limit):
-        metrics, _, _ = evaluate_split(self.model, self.backbone.tokenizer, self.spec, self.data["dev"], limit=limit)
+    def _call(self, call):
+        """`call` itself, or (train.compile) its compiled forward, made once: on CUDA captured as CUDA graphs."""
+        if not self.compile:
+            return call
+        if self._compiled is None or self._compiled[0] is not call:
+            mode = "reduce-overhead" if self.backbone.device.type == "cuda" else None
+            limit = getattr(self.backbone.model.config, "max_position_embeddings", None)
+            self._compiled = (call, CompiledCall(call, mode=mode, backend=COMPILE_BACKEND, limit=limit))
+        return self._compiled[1]
+
+    def evaluate(self, limit, parallel):
+        metrics, _, _ = evaluate_split(self.model, self.backbone.tokenizer, self.spec, self.data["dev"], limit=limit,
+                                       shard=(parallel.rank, parallel.world), gather=parallel.gather)
         return metrics[self.spec.primary_metric], {k: v for k, v in metrics.items() if k != "per_class"}
 
     def trainable(self):
@@ -132,19 +159,21 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     check_lengths(spec, tok, data)  # max_length must hold a prompt token plus the longest label or target
 
     recipe = SingleTask(spec, model, backbone, data, parallel.world)
-    scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)  # fp16 gradients underflow unscaled
     result = fit(recipe, loop_config(spec), parallel, work, resume=resume, progress=progress,
-                 fused=backbone.device.type == "cuda", scaler=scaler)
+                 fused=backbone.device.type == "cuda", compute_dtype=backbone.dtype)
     state = result.state
+    # the final eval of the best weights: every process its share, then rank 0 writes (the others wait for a write only)
+    final = evaluate_split(model, backbone.tokenizer, spec, data["dev"], shard=(parallel.rank, parallel.world), gather=parallel.gather)
     if parallel.main:
-        _write_folder(spec, model, backbone, data, state, result.stopped_by, work, output, command, source, parallel, resolved.choices)
+        _write_folder(spec, model, backbone, data, state, result.stopped_by, work, output, command, source, parallel, resolved.choices, final)
     parallel.barrier()
     return output
 
 
-def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, output: Path, command, source, parallel, defaults) -> None:
+def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, output: Path, command, source, parallel, defaults,
+                  final: tuple) -> None:
     tok, dev = backbone.tokenizer, data["dev"]
-    metrics, _, eval_seconds = evaluate_split(model, tok, spec, dev)
+    metrics, _, eval_seconds = final
     shown = {k: v for k, v in metrics.items() if k != "per_class"}
     print(f"final dev ({len(dev)} rows, best step {state.best_step}): {json.dumps(shown)}", file=sys.stderr)
     final = work / "adapter"
@@ -167,12 +196,13 @@ def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, ou
                             "adapter_file_bytes": (final / "adapter_model.safetensors").stat().st_size,
                             "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
                             "train_tokens_per_s": round(state.tokens / max(state.train_seconds, 1e-9), 1),
-                            "latency_ms_per_example": round(1000 * eval_seconds / len(dev), 2),
+                            "latency_ms_per_example": round(1000 * eval_seconds / len(range(len(dev))[:: parallel.world]), 2),  # rank 0's rows
                             "device": str(backbone.device),
                         },
                         train_state={"steps": state.step, "best_step": state.best_step, "stopped_by": stopped_by,
                                      "train_seconds": round(state.train_seconds, 1), "tokens": state.tokens,
-                                     "processes": parallel.world, "global_batch": t.batch_size * parallel.world * t.grad_accum},
+                                     "processes": parallel.world, "global_batch": t.batch_size * parallel.world * t.grad_accum,
+                                     "compiled": compiles(spec, backbone.device)},
                         init_from=source, defaults=defaults)
     with disk_errors(final, output):
         finish_folder(final, meta, state.history, spec.primary_metric)
