@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU check (issue 9): on a CUDA machine, from the project root, after `. .gpu/on_device.sh`
-# (../shared/gpu/README.md), aiming at 8 minutes (on an H200 the full geometry takes longer; see the limits below):
+# (../shared/gpu/README.md), within 590 s (one device command; the limits of each phase are below):
 #   router  bench_router.py, GPU geometry: SmolLM2-135M (real weights) in 8-bit, a 1.7B-shaped random model in bf16
-#   train   bench_train.py on the sst2 spec: bf16 × {8bit, none} on the 135M and on the 1.7B shape
-#   sst2    a 3-minute sst2 training in 8-bit (train.max_minutes=3); its final dev accuracy from the sidecar
+#   train   bench_train.py on the sst2 spec: bf16 × {8bit, none} on the 135M (with the plain-peft loop and HF Trainer
+#           beside ours) and on the 1.7B shape (ours only)
+#   sst2    a 5-minute sst2 training in 8-bit (train.max_minutes=5); its final dev accuracy from the sidecar
 #   tests   the test suite with ADAPTERHUB_TEST_DEVICE=cuda (runs beside sst2: neither is a timing benchmark)
 #
 #   bash scripts/gpu_check.sh [OUTDIR] [PHASE ...]      # OUTDIR: $OUT if set, else runs/gpu_check; phases: all
@@ -61,16 +62,17 @@ if [ "$QUICK" = 1 ]; then
   ROUTER_GEO=(--geometry gpu --rows 4 --tokens 32 --prompt-tokens 16 --new-tokens 4 --repeats 1 --warmup 1)
   TRAIN_ARGS=(--steps 4 --warmup-steps 1 --dev-rows 8); TRAIN_DTYPES=(fp32); SCALE=10  # a CPU is slower
 else
-  # Router and train run alone (they time things). Measured on an H200 (2026-11-26): tests 161 s,
-  # one 135M router run 120 s with 8 new tokens (peft's 32-adapter generation is the slow part), one
-  # 135M train run 89 s, the 1.7B runs longer than the 60-80 s first allowed. The whole check does
-  # not fit the 8 minutes the issue asks for at the full geometry; these limits let each run finish.
-  BUDGET=${GPU_CHECK_BUDGET:-900}
-  T_SST2=${GPU_CHECK_T_SST2:-215}; T_TESTS=${GPU_CHECK_T_TESTS:-215}; TESTS=${GPU_CHECK_TESTS:-tests}
-  T_ROUTER=${GPU_CHECK_T_ROUTER:-330}; T_TRAIN=${GPU_CHECK_T_TRAIN:-260}
-  BIG_SHAPE=smollm2-1.7b; SST2_MIN=${GPU_CHECK_SST2_MINUTES:-3}; SST2_STEPS=${GPU_CHECK_SST2_STEPS:-2000}
-  ROUTER_GEO=(--geometry gpu --repeats 2 --warmup 1 ${GPU_CHECK_ROUTER_GEO:-})  # GPU_CHECK_ROUTER_GEO="--rows 32 --tokens 64 --new-tokens 8": the geometry of earlier figures; GPU timings vary little; generation is the slow part
-  TRAIN_ARGS=(--steps 30 --warmup-steps 5 --dev-rows 32 --combo-timeout 45); TRAIN_DTYPES=(bf16); SCALE=1
+  # Router and train run alone (they time things). The device lends 10 minutes a command (15 a session), so the whole
+  # check fits 590 s: router 100, train 150 (ours, plain peft and HF Trainer on the 135M; ours on the 1.7B shape), then
+  # sst2 (5 minutes of real-weight training, load and final eval) beside the CUDA test suite, 340 each. Measured on
+  # an H200 (2026-11-26, before these limits): tests 161 s, one 135M router run 120 s at rows 64 / 8 new tokens, one
+  # 135M train run 89 s; the router geometry below is the smaller one of the earlier figures so both runs fit.
+  BUDGET=${GPU_CHECK_BUDGET:-590}
+  T_SST2=${GPU_CHECK_T_SST2:-340}; T_TESTS=${GPU_CHECK_T_TESTS:-340}; TESTS=${GPU_CHECK_TESTS:-tests --ignore=tests/test_lm_eval.py}  # lm-eval is not among the staged wheels
+  T_ROUTER=${GPU_CHECK_T_ROUTER:-100}; T_TRAIN=${GPU_CHECK_T_TRAIN:-150}
+  BIG_SHAPE=smollm2-1.7b; SST2_MIN=${GPU_CHECK_SST2_MINUTES:-5}; SST2_STEPS=${GPU_CHECK_SST2_STEPS:-5000}
+  ROUTER_GEO=(--geometry gpu --repeats 1 --warmup 1 ${GPU_CHECK_ROUTER_GEO:---rows 32 --tokens 64 --prompt-tokens 16 --new-tokens 8})
+  TRAIN_ARGS=(--steps 20 --warmup-steps 5 --dev-rows 32 --combo-timeout 40); TRAIN_DTYPES=(bf16); SCALE=1
 fi
 DEADLINE=$((START + BUDGET))
 
@@ -162,11 +164,12 @@ if want train; then
   elif [ "$LIKE" = builtin ]; then phase_done train skipped 0 "no SmolLM2 tokenizer here (real weights or .gpu/like)"
   else
     if [ -z "$M135" ]; then M135=$(make_model smollm2-135m-random same) && M135_NAME=smollm2-135m-random || M135=""; fi
+    # ours (bf16 × 8bit and none) and, on the first combination, the plain-peft loop, the same rows and HF Trainer
     run train_135m $pend 120 "$OUTDIR/train.jsonl" run=135m model=$M135_NAME -- $PY scripts/bench_train.py scripts/tasks/sst2.yaml \
       "${DATA_ARGS[@]}" --base "$M135" --device $DEVICE --dtypes "${TRAIN_DTYPES[@]}" --quantizations 8bit none "${TRAIN_ARGS[@]}" || fails=$((fails + 1))
     if BIG=$(make_model $BIG_NAME $BIG_SHAPE); then
       run train_big $pend 130 "$OUTDIR/train.jsonl" run=big model=$BIG_NAME -- $PY scripts/bench_train.py scripts/tasks/sst2.yaml \
-        "${DATA_ARGS[@]}" --base "$BIG" --device $DEVICE --dtypes "${TRAIN_DTYPES[@]}" --quantizations 8bit none "${TRAIN_ARGS[@]}" || fails=$((fails + 1))
+        "${DATA_ARGS[@]}" --base "$BIG" --device $DEVICE --dtypes "${TRAIN_DTYPES[@]}" --quantizations 8bit none "${TRAIN_ARGS[@]}" --baselines none || fails=$((fails + 1))
     else fails=$((fails + 1)); fi
     # bench_train records a failed combination inside its line rather than failing
     grep -q '_error"' "$OUTDIR/train.jsonl" 2>/dev/null && fails=$((fails + 1))
@@ -253,6 +256,9 @@ for d in lines("train.jsonl"):
     errs = [f"{k[:-6]} error" for k in d if k.endswith("_error")]
     print(f"train   {d['run']}: " + ", ".join(f"{c} {d[c + '_steady_tokens_per_s']} tok/s {d[c + '_steady_ms_per_step']} ms/step {d[c + '_peak_memory_mb']} MB"
                                      for c in combos) + (f"; {', '.join(errs)}" if errs else ""))
+    ratios = {k: d[k] for k in d if k.startswith("ours_over_")}
+    if ratios:
+        print(f"train   {d['run']} ours vs plain peft: " + ", ".join(f"{k[len('ours_over_'):]} {v}" for k, v in ratios.items()))
 for d in lines("sst2.jsonl"):
     print("sst2    " + (d.get("error") or f"dev accuracy {d['dev_accuracy']} ({d['dev_rows']} rows) after {d.get('steps')} steps, "
                           f"{d.get('train_seconds')} s, {d.get('train_tokens_per_s')} tok/s, {d.get('dtype')}"))

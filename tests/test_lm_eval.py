@@ -28,6 +28,9 @@ ROOT = Path(__file__).parents[1]
 assert importlib.util.find_spec("lm_eval"), "lm-eval is not installed: run bash scripts/test.sh (it installs the dev extra)"
 
 
+pytestmark = pytest.mark.harness  # ~2.5 minutes (lm-eval's start-up and its runs): CI runs it after the default set
+
+
 @pytest.fixture(scope="module")
 def served(serve_registry, tmp_path_factory):
     """The test server, with two adapters trained until they answer their rows (loaded at run time, vLLM's route):
