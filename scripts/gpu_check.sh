@@ -252,7 +252,7 @@ for d in lines("router.jsonl"):
 for d in lines("train.jsonl"):
     if "error" in d and "first" not in d:
         print(f"train   {d['run']}: {d['error']}"); continue
-    combos = [k[:-len("_steady_tokens_per_s")] for k in d if k.endswith("_steady_tokens_per_s")]
+    combos = [k[:-len("_steady_tokens_per_s")] for k in d if k.endswith("_steady_tokens_per_s") and not k.startswith("ours_over_")]
     errs = [f"{k[:-6]} error" for k in d if k.endswith("_error")]
     print(f"train   {d['run']}: " + ", ".join(f"{c} {d[c + '_steady_tokens_per_s']} tok/s {d[c + '_steady_ms_per_step']} ms/step {d[c + '_peak_memory_mb']} MB"
                                      for c in combos) + (f"; {', '.join(errs)}" if errs else ""))
