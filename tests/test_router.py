@@ -102,7 +102,7 @@ def test_a_batch_keeps_its_adapters_resident_or_is_refused(folders):
     for name in ("cls_a", "cls_b"):
         tight.register(name, folders[name])
     assert [o["prediction"] for o in tight.run(reqs)] == [alone(folders["cls_b"], ["pos 1"])[0], alone(folders["cls_a"], ["neg 2"])[0]]
-    assert tight.evictions == 1 and list(tight.resident) == ["cls_a"]
+    assert tight.evictions == 1 and len(tight.resident) == 1  # which one ran first depends on which adapter was read first
 
 
 def test_lru_evicts_the_least_recently_used_within_the_budget(folders):
