@@ -116,7 +116,8 @@ class Engine:
         """Take no new requests, finish the queued and running ones (up to `timeout` s), then stop."""
         self._stopping.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():  # an engine that only run() drove has no thread
+            self._thread.join(timeout)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
     def in_use(self) -> set[str]:
@@ -144,22 +145,23 @@ class Engine:
             raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
         out: list[dict | None] = [None] * len(requests)
         errors: dict[int, Exception] = {}
-        ended = [0]
+        ended = 0
 
         def listener(i: int):
             def hear(event: str, payload) -> None:
+                nonlocal ended
                 if event == "done":
                     out[i] = {"adapter": payload.adapter, "prediction": payload.label if payload.label is not None else payload.text}
                 elif event == "error":
                     errors[i] = payload
                 if event in ("done", "error"):
-                    ended[0] += 1
+                    ended += 1
                     if on_done is not None:
                         on_done(i)
             return hear
         pending = deque(Job(req, listener(i), SamplingParams(), answer_mode=True, default_max_tokens=req.get("max_new_tokens", max_new_tokens))
                         for i, req in enumerate(requests))
-        while ended[0] < len(requests):
+        while ended < len(requests):
             # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
             # requests is not tokenized, nor held as tickets, all at once
             while pending and self.queue_depth < self._waiting.maxsize:

@@ -39,6 +39,7 @@ class Router(AdapterManager):
         super().__init__(*args, **kwargs)
         self.active: str | None = None  # the adapter `predict` uses
         self.folded: list[str] = []  # adapters folded into the backbone weights (merge(into_base=True))
+        self._engine: Engine | None = None  # run()'s engine, kept between calls (its loader threads and metrics)
 
     @classmethod
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
@@ -117,5 +118,19 @@ class Router(AdapterManager):
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name): the server's
         engine, run to the end here (Engine.run says what each request gets). Rows run `max_batch_rows` at a time,
         continuously batched; adapters that do not fit the memory budget together take turns."""
-        return Engine(self, budgets=Budgets(max_rows=max_batch_rows)).run(requests, max_new_tokens, on_done=on_done)
+        if self._engine is None or self._engine.max_batch_rows != max_batch_rows:
+            self.close_engine()
+            self._engine = Engine(self, budgets=Budgets(max_rows=max_batch_rows))
+        return self._engine.run(requests, max_new_tokens, on_done=on_done)
+
+    def close_engine(self) -> None:
+        """Stop run()'s engine (its loader threads); the next run() makes a new one."""
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
+
+    def close(self) -> None:
+        """Stop run()'s engine and remove the merged adapters' folders; the router serves nothing after."""
+        self.close_engine()
+        super().close()
 
