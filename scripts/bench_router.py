@@ -2,7 +2,9 @@
 
 - forward throughput of a mixed batch with 1, 8 and 32 distinct LoRA adapters: ours (AdapterBank) ÷ the plain
   base model, and ours ÷ peft's mixed-batch path (`adapter_names=`);
-- greedy generation tokens/s, same three settings and ratios;
+- greedy generation tokens/s, same three settings and ratios, and ours over static buffers (serving/static.py, CUDA
+  graphs on a GPU) ÷ ours over the growing cache (`static=False`, the decode path before static shapes);
+  `gen_base_ours_tokens_per_s`: the plain backbone decoded by ours (every row `None`);
 - warm swap (Router.use on a resident adapter), cold load of the first and the last adapter, resident bytes of
   all adapters ÷ the sum of their safetensors files;
 - at 32 adapters, max |Δlogit| of ours vs peft (same batch) and vs the base model (the updates are real).
@@ -154,7 +156,8 @@ def main():
             gen = {
                 "base": lambda: base_bb.model.generate(input_ids=prompts, **gen_kw),
                 "peft": lambda: peft_model.generate(input_ids=prompts, adapter_names=names, **gen_kw),
-                "ours": lambda: router.bank.generate(prompt_rows, names, new, eos_token_id=-1),
+                "ours": lambda: router.bank.generate(prompt_rows, names, new, eos_token_id=-1, graphs=cuda),
+                "dynamic": lambda: router.bank.generate(prompt_rows, names, new, eos_token_id=-1, static=False),
             }
             for kind, fns in (("forward", fwd), ("generate", gen)):
                 for _ in range(g["warmup"]):
@@ -170,6 +173,8 @@ def main():
                 result[f"{tag}mixed{distinct}_vs_base"] = round(med["base"] / med["ours"], 3)
                 result[f"{tag}mixed{distinct}_vs_peft"] = round(med["peft"] / med["ours"], 3)
                 result[f"{tag}mixed{distinct}_ours_tokens_per_s"] = round(n_tokens / med["ours"], 1)
+                if "dynamic" in med:
+                    result[f"{tag}mixed{distinct}_static_vs_dynamic"] = round(med["dynamic"] / med["ours"], 3)
                 base_tps[kind].append(n_tokens / med["base"])
         if args.profile:  # where the time goes: the kernels (or CPU ops) of one forward each, at 32 adapters
             from torch.profiler import ProfilerActivity, profile
@@ -183,11 +188,18 @@ def main():
         ours_last = torch.cat(router.bank.forward(rows, names, logits_positions=[[-1]] * rows_n)).float()
         peft_last = peft_model(input_ids=ids, adapter_names=names, logits_to_keep=1).logits[:, -1].float()
         base_last = base_bb.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
-        ours_gen = router.bank.generate(prompt_rows, names, new, eos_token_id=-1)
+        ours_gen = router.bank.generate(prompt_rows, names, new, eos_token_id=-1, graphs=cuda)
+        plain = [None] * rows_n  # the backbone alone through our decode path (the GPU goal's "base-model decode")
+        for _ in range(g["warmup"]):
+            router.bank.generate(prompt_rows, plain, new, eos_token_id=-1, graphs=cuda)
+        ours_base_s = statistics.median(clock(lambda: router.bank.generate(prompt_rows, plain, new, eos_token_id=-1, graphs=cuda), cuda)
+                                        for _ in range(g["repeats"]))
         peft_gen = peft_model.generate(input_ids=prompts, adapter_names=names, **gen_kw)[:, prompt_n:].tolist()
     result.update({
         "base_tokens_per_s": round(statistics.median(base_tps["forward"]), 1),
         "gen_base_tokens_per_s": round(statistics.median(base_tps["generate"]), 1),
+        "gen_base_ours_tokens_per_s": round(rows_n * new / ours_base_s, 1),  # prefill included, as in every gen_ figure
+        "cuda_graphs_captured": router.bank._spare.captured if router.bank._spare is not None else 0,
         "mixed32_max_abs_dlogit_vs_peft": round((ours_last - peft_last).abs().max().item(), 6),
         "mixed32_max_abs_dlogit_vs_base": round((ours_last - base_last).abs().max().item(), 4),
         "gen_mixed32_rows_equal_peft": round(sum(a == b for a, b in zip(ours_gen, peft_gen)) / rows_n, 3),

@@ -47,20 +47,24 @@ class _Assignment:
     """
 
     id: int
-    slots: tuple[int, ...]  # the distinct slots of the batch, in first-seen order
+    slots: tuple[int, ...]  # the distinct slots of the batch, in first-seen order (a live plan: every slot it may meet)
     index: torch.Tensor | None  # [B] position of each row's slot in `slots`; None when one slot serves every row
     per_row: list[int] | None  # each row's slot (host copy; None when one slot serves every row)
     device: torch.device | str | None
-    table_pick: tuple | None = None  # (table version, index into the table's slots), see RowContext.table_index
     _slot_ids: torch.Tensor | None = None
+    # live: the rows' slots are read from a device buffer the caller rewrites in place (RowContext.plan_live), so the
+    # layers gather from it at every call and cache nothing: a CUDA graph captured under it replays correctly for
+    # whatever the buffer holds at replay.
+    live: bool = False
 
     def slot_ids(self) -> torch.Tensor | int:
         """Each row's slot number as one device tensor (an int when one slot serves every row): the index into a
         slot pool, made once per batch and shared by every layer."""
+        if self._slot_ids is not None:
+            return self._slot_ids
         if self.per_row is None:
             return self.slots[0]
-        if self._slot_ids is None:
-            self._slot_ids = torch.tensor(self.per_row, device=self.device)
+        self._slot_ids = torch.tensor(self.per_row, device=self.device)
         return self._slot_ids
 
 
@@ -88,19 +92,6 @@ class RowContext:
         self.table.pop(slot, None)
         self.version += 1
 
-    def table_index(self, plan: _Assignment) -> torch.Tensor | int:
-        """Each row's position among the table's slots (an int when one slot serves every row);
-        computed once per batch and table version, shared by every layer."""
-        if plan.table_pick is None or plan.table_pick[0] != self.version:
-            order = {s: i for i, s in enumerate(self.table)}
-            missing = [s for s in plan.slots if s not in order]
-            if missing:
-                raise AdapterLoadError(f"slot {missing[0]} is not defined; defined slots: {sorted(self.table)}")
-            pick = order[plan.slots[0]] if plan.per_row is None else \
-                torch.tensor([order[s] for s in plan.per_row], device=plan.device)
-            plan.table_pick = (self.version, pick)
-        return plan.table_pick[1]
-
     def plan(self, slots: list[int] | int | None, device: torch.device | str | None = None) -> _Assignment | None:
         """The slot assignment of a batch whose row i uses slot slots[i] (an int: every row; None: none)."""
         if slots is None:
@@ -111,6 +102,11 @@ class RowContext:
         # One host → device copy per batch; every layer indexes with this same tensor.
         index = None if len(distinct) == 1 else torch.tensor([distinct.index(s) for s in slots], device=device)
         return _Assignment(next(self._ids), distinct, index, None if index is None else list(slots), device)
+
+    def plan_live(self, slot_ids: torch.Tensor) -> _Assignment:
+        """A plan whose row i uses slot slot_ids[i], read from that device buffer at every call (see _Assignment.live):
+        for a decode step captured once and replayed while rows come and go (serving/static.py)."""
+        return _Assignment(next(self._ids), tuple(self.table), None, None, slot_ids.device, _slot_ids=slot_ids, live=True)
 
     @contextmanager
     def using(self, plan: _Assignment | None):
@@ -224,7 +220,7 @@ class RowLoraLinear(torch.nn.Module):
             total += slots * rank * (self.in_features + self.out_features) * a.element_size()
         for on_input in {on for _, on in self.scales.values()}:
             vec = next(v for v, on in self.scales.values() if on == on_input)
-            total += len(self.context.table) * (self.in_features if on_input else self.out_features) * vec.element_size()
+            total += (max(self.context.table, default=0) + 1) * (self.in_features if on_input else self.out_features) * vec.element_size()
         return total
 
     def _sync_pool(self) -> None:
@@ -296,7 +292,7 @@ class RowLoraLinear(torch.nn.Module):
         """
         ctx = self.context
         key = (plan.id, ctx.version, self._version)
-        if (self.cache or not torch.is_grad_enabled()) and self._rows is not None and self._rows[0] == key:
+        if (self.cache or not torch.is_grad_enabled()) and not plan.live and self._rows is not None and self._rows[0] == key:
             return self._rows[1]
         if self.cache:
             self._sync_pool()
@@ -315,7 +311,7 @@ class RowLoraLinear(torch.nn.Module):
                 stacks = (stacks[0].index_select(0, pick), stacks[1].index_select(0, pick))
             elif stacks[0].shape[0] == 1:
                 stacks = (stacks[0][0], stacks[1][0])
-        if self.cache or not torch.is_grad_enabled():
+        if (self.cache or not torch.is_grad_enabled()) and not plan.live:
             self._rows = (key, stacks)
         return stacks
 
@@ -351,22 +347,24 @@ class RowLoraLinear(torch.nn.Module):
         built once per batch, cached as _per_row caches the LoRA stacks."""
         ctx = self.context
         key = (plan.id, ctx.version, self._version)
-        if (self.cache or not torch.is_grad_enabled()) and self._scale_rows is not None and self._scale_rows[0] == key:
+        if (self.cache or not torch.is_grad_enabled()) and not plan.live and self._scale_rows is not None and self._scale_rows[0] == key:
             return self._scale_rows[1]
         if self.cache:
+            # one vector per slot number (ones where a slot has none here), so a row's slot number indexes it directly,
+            # as it indexes the LoRA pool: no host-side lookup per batch
             if self._scale_all is None or self._scale_all[0] != key[1:]:
-                self._scale_all = (key[1:], self._scale_stack(list(ctx.table)))
+                self._scale_all = (key[1:], self._scale_stack(range(max(ctx.table, default=0) + 1)))
             s_in, s_out, scaled = self._scale_all[1]
         else:
             s_in, s_out, scaled = self._scale_stack(plan.slots)
         picked = (None, None)
         if not scaled.isdisjoint(plan.slots):  # else no row of this batch is scaled here: no multiply at all
-            pick = ctx.table_index(plan) if self.cache else plan.index
+            pick = plan.slot_ids() if self.cache else plan.index
             ref = s_in if s_in is not None else s_out
             if isinstance(pick, torch.Tensor) and pick.device != ref.device:
                 pick = pick.to(ref.device)
             picked = tuple(None if s is None else _pick_rows(s, pick) for s in (s_in, s_out))
-        if self.cache or not torch.is_grad_enabled():
+        if (self.cache or not torch.is_grad_enabled()) and not plan.live:
             self._scale_rows = (key, picked)
         return picked
 

@@ -36,6 +36,7 @@ from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.model.heads import head_logits
 from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors
 from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear, check_own, unwrap, wrap
+from adapterhub_lite.serving.static import StaticBatch
 
 _BASE_SLOT = 0  # the plain backbone: a slot with no entries
 
@@ -88,6 +89,7 @@ class AdapterBank:
         self.context.define(_BASE_SLOT, [])
         self._lora: dict[str, RowLoraLinear] = {}  # wrapped module name → its per-row layer
         self.decode_batch_sizes: list[int] = []  # rows in the batch at each decode step of the last generate()
+        self._spare: StaticBatch | None = None  # generate()'s static batch, empty between calls: its buffers (and graphs) are reused
         self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     @property
@@ -359,14 +361,16 @@ class AdapterBank:
 
     @torch.inference_mode()
     def generate(self, input_ids: list[list[int]], adapters: list[str | None], max_new_tokens: int | list[int],
-                 eos_token_id: int, *, output_scores: bool = False):
+                 eos_token_id: int, *, output_scores: bool = False, static: bool = True, graphs: bool = False):
         """Greedy decoding with a KV cache; returns each row's new tokens (its EOS included).
 
         Each row stops at its own EOS or its own max_new_tokens and then leaves the batch: the cache,
         mask, positions and LoRA slots keep only the running rows, so finished rows cost nothing.
         With output_scores, also returns per row the logits [n_i, vocab] each new token was chosen from.
         Each step is `step`, the one the server's engine runs too (serving/engine.py), here without rows
-        joining mid-way and with greedy choices.
+        joining mid-way and with greedy choices; `static` decodes over preallocated buffers (serving/static.py)
+        where the model's cache allows, as the engine does, else over the prefill's growing cache; `graphs`
+        replays its steps as CUDA graphs on a GPU (the buffers and graphs are kept for the next call).
         """
         budget = [max_new_tokens] * len(input_ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budget) != len(input_ids):
@@ -377,6 +381,9 @@ class AdapterBank:
         running = [i for i, n in enumerate(budget) if n > 0]
         if running:
             dec = self.start([input_ids[i] for i in running], [adapters[i] for i in running], keys=running)
+            if static and self.static_ok(dec):
+                spare = self._spare if self._spare is not None and self._spare.graphs == (graphs and self.device.type == "cuda") else None
+                dec = self._spare = self.batch(dec, max_rows=len(running), graphs=graphs, into=spare)
 
             def record(j: int, i: int, tok: int) -> bool:
                 out[i].append(tok)
@@ -449,17 +456,19 @@ class AdapterBank:
         for j, (key, tok) in enumerate(zip(dec.keys, tokens.tolist())):
             if decide(j, key, tok):
                 keep.append(j)
-        if not keep:
-            return False
         if len(keep) < len(dec.keys):
-            self.keep(dec, keep)
-            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            order = self.keep(dec, keep)  # a static batch moves rows: its order, not `keep`'s
+            if not keep:
+                return False
+            tokens = tokens[torch.tensor(order, device=tokens.device)]
         self.advance(dec, tokens)
         return True
 
     @torch.inference_mode()
     def advance(self, dec: Decoding, tokens: torch.Tensor) -> None:
         """Feed each running row its chosen token [B] and compute the next logits (one decode step)."""
+        if isinstance(dec, StaticBatch):
+            return dec.advance(tokens)
         dec.mask = torch.cat([dec.mask, dec.mask.new_ones(len(dec.keys), 1)], dim=1)
         with self.context.using(dec.route):  # the same routing (and the layers' gathered factors) until a row joins or leaves
             hidden = self._run(self.embed(tokens[:, None]), dec.mask, dec.next_pos, dec.cache)[:, -1]
@@ -488,8 +497,14 @@ class AdapterBank:
             dec.logits = head_logits(self.model, hidden[torch.arange(len(input_ids), device=self.device), length - 1])
         dec.next_pos = dec.next_pos + length[:, None]
 
-    def keep(self, dec: Decoding, rows: list[int]) -> None:
-        """Keep only the rows at these positions of `dec` (the others finished or were cancelled)."""
+    def keep(self, dec: Decoding | StaticBatch, rows: list[int]) -> list[int]:
+        """Keep only the rows at these positions of `dec` (the others finished or were cancelled); returns, per new
+        position, the old position of its row (a static batch fills holes with its last rows)."""
+        if isinstance(dec, StaticBatch):
+            return dec.keep(rows)
+        if not rows:
+            dec.keys, dec.slots = [], []
+            return rows
         idx = torch.tensor(rows, device=self.device)
         dec.cache.batch_select_indices(idx)
         dec.mask, dec.next_pos, dec.logits = dec.mask[idx], dec.next_pos[idx], dec.logits[idx]
@@ -504,18 +519,35 @@ class AdapterBank:
             dec.mask = dec.mask[:, cols]
             for layer in dec.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        return rows
 
     @staticmethod
-    def joinable(dec: Decoding) -> bool:
+    def joinable(dec: Decoding | StaticBatch) -> bool:
         """Whether rows can join `dec` mid-way: its cache layers must be plain (no sliding window)."""
+        if isinstance(dec, StaticBatch):
+            return True
         return all(type(layer) is DynamicLayer and layer.is_initialized for layer in dec.cache.layers)
 
-    def join(self, dec: Decoding, new: Decoding) -> None:
+    def static_ok(self, dec: Decoding) -> bool:
+        """Whether rows prefilled into `dec` can decode over static buffers: a plain cache (no sliding window) and an
+        attention the static mask serves (sdpa or eager)."""
+        return self.joinable(dec) and (getattr(self.config, "_attn_implementation", None) or "eager") in ("sdpa", "eager")
+
+    def batch(self, new: Decoding, max_rows: int, max_width: int | None = None, graphs: bool = False, into: StaticBatch | None = None) -> StaticBatch:
+        """A StaticBatch holding the rows of `new` (`into`, an empty one to reuse, keeps its buffers and graphs)."""
+        out = into if into is not None else StaticBatch(self, max_rows, max_width, graphs)
+        out.join(new)
+        return out
+
+    def join(self, dec: Decoding | StaticBatch, new: Decoding) -> None:
         """Append the rows of `new` (just prefilled) to the running `dec` (continuous batching).
 
         The two caches are right-padded with masked columns to the same length and stacked; each row
-        keeps its own positions, so it decodes exactly as it would alone.
+        keeps its own positions, so it decodes exactly as it would alone. A static batch copies them into its
+        preallocated rows instead (StaticBatch.join).
         """
+        if isinstance(dec, StaticBatch):
+            return dec.join(new)
         if not (self.joinable(dec) and self.joinable(new)):
             raise AdapterHubError("this model's cache (sliding-window or static layers) cannot take rows mid-way; start a new batch")
         width = max(dec.mask.shape[1], new.mask.shape[1])

@@ -18,7 +18,9 @@ thread loops over *steps*; at each step it
 5. picks one token for every running row with the row's own settings (serving/sampling.py),
    streams what can no longer change to the row's listener (serving/output.py), lets rows that
    stopped (EOS, a stop token or string, max_tokens, a cancelled or timed-out request) leave, and
-   runs one decode step for the rest.
+   runs one decode step for the rest. The running rows decode over preallocated buffers
+   (serving/static.py: a fixed KV cache, device-side row state, CUDA graphs on a GPU) where the model's
+   cache allows; prefill runs per admission with its own shapes and hands its rows over.
 
 So a request that arrives while a batch runs starts at the next step instead of waiting for the
 batch to end, and each row still decodes exactly as it would alone (same adapter, positions and
@@ -48,6 +50,7 @@ from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
 from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.sampling import choose
 from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
+from adapterhub_lite.serving.static import StaticBatch
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
 
@@ -61,7 +64,7 @@ class Engine:
     the same steps, so what the server answers, `infer` and `Router.run` answer too."""
 
     def __init__(self, router: AdapterManager, *, max_batch_rows: int = 32, max_queue: int = 256, metrics: ServeMetrics | None = None,
-                 budgets: Budgets | None = None):
+                 budgets: Budgets | None = None, static_decode: bool = True, cuda_graphs: str = "auto"):
         self.router = router
         self.budgets = budgets or Budgets(max_rows=max_batch_rows)
         self.max_batch_rows = self.budgets.max_rows
@@ -72,7 +75,17 @@ class Engine:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
-        self._dec = None  # the running batch's Decoding (None when idle)
+        self._dec = None  # the running batch: a StaticBatch, or a Decoding where static buffers cannot serve (None when idle)
+        # The static batch outlives idle spells: its buffers (and CUDA graphs) are reused by the next rows.
+        self.static_decode = static_decode
+        if cuda_graphs not in ("auto", "on", "off"):
+            raise AdapterHubError(f"cuda_graphs={cuda_graphs!r}: give auto, on or off (--cuda-graphs)")
+        # auto: on a GPU, unquantized backbones only: whether bitsandbytes' 8-bit kernels capture is unmeasured, and a
+        # capture that fails is caught but is not free (`on` tries it; the batch falls back to eager with a warning)
+        quantized = router.backbone.fingerprint.get("quantization", "none") != "none"
+        self.cuda_graphs = router.backbone.device.type == "cuda" and (cuda_graphs == "on" or (cuda_graphs == "auto" and not quantized))
+        self._static: StaticBatch | None = None
+        self._memory_waits: list[Ticket] = []  # requests whose admission ran out of memory: tried again once a row leaves
         self._rows: dict[int, Job] = {}  # id(job) → job, for the running rows
         self._jobs: dict[int, Job] = {}  # id(job) → job, for every job the scheduler holds (waiting, prefilling, running)
         # Adapters not in host memory are read (and their sha256 checked) on a loader thread, never on this one: decoding
@@ -199,7 +212,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a fault of the engine itself (not of one request): fail what it holds, keep serving
             held = list(self._jobs.values())
             log.exception("engine fault (%s: %s); failing its %d request(s)", type(exc).__name__, exc, len(held))
-            self._dec = None
+            self._dec = self._static = None  # buffers a fault may have left half-written are not reused
             self._fail(held, exc)
         return False
 
@@ -221,6 +234,14 @@ class Engine:
         self.metrics.kv_reserved.set(s.kv_reserved())
         self.metrics.resident.set(len(self.router.resident))
         self.metrics.evictions.set(self.router.evictions)
+        self.metrics.kv_cache_bytes.set(self._static.nbytes if self._static is not None else 0)
+
+    def decode_info(self) -> dict:
+        """How the running rows decode, for /health: static buffers (their bytes and size) or not, and CUDA graphs."""
+        st = self._static
+        return {"static": self.static_decode, "cuda_graphs": self.cuda_graphs and (st is None or st.graphs),
+                "graphs_captured": 0 if st is None else st.captured, "kv_cache_bytes": 0 if st is None else st.nbytes,
+                "kv_cache_rows": 0 if st is None else st._rows, "kv_cache_width": 0 if st is None else st._width}
 
     def _parts(self, jobs: list[Job], fn: Callable[[list[Job]], None], what: str) -> None:
         """Run fn(jobs); when it raises, run it on each half, so that an out-of-memory or one bad row fails only
@@ -229,6 +250,8 @@ class Engine:
             return fn(jobs)
         except Exception as exc:  # noqa: BLE001 - isolated below; every one is logged
             if len(jobs) == 1:
+                if self._wait_for_memory(jobs[0], exc, what):
+                    return None
                 if not isinstance(exc, AdapterHubError):  # a bad request is the client's; anything else is ours: the stack goes to the log
                     log.exception("%s failed for one request (%s: %s); failing it alone", what, type(exc).__name__, exc)
                 return self._fail(jobs, exc)
@@ -239,6 +262,23 @@ class Engine:
         half = len(jobs) // 2
         self._parts(jobs[:half], fn, what)
         self._parts(jobs[half:], fn, what)
+
+    def _wait_for_memory(self, job: Job, exc: Exception, what: str) -> bool:
+        """An out-of-memory admitting one request while rows run: the request goes back to the head of the queue and
+        is not tried again until a running row has left and freed its memory (it waits, as for a budget). With no
+        row running there is nothing to wait for, and it fails."""
+        ticket = self.scheduler.prefilling.get(id(job))
+        if not isinstance(exc, torch.OutOfMemoryError) or not self._rows or ticket is None:
+            return False
+        log.warning("%s of one request ran out of memory beside %d running rows; it waits for rows to leave", what, len(self._rows))
+        job.filling = None
+        ticket.ready = False  # made ready again in _forget, when a running row leaves
+        self.scheduler.requeue(ticket)
+        self._memory_waits.append(ticket)
+        self.metrics.waits.labels(budget="memory").inc()
+        if self.router.backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
 
     # -- arrivals: route, read and queue for a budget ------------------------------------------------
     def _intake(self) -> None:
@@ -401,29 +441,39 @@ class Engine:
             self._enter([job], new)
 
     def _enter(self, jobs: list[Job], new) -> None:
-        """Rows whose prompt has run: send echoed or scored prompts, answer those that want no new token,
-        and join the rest to the running batch."""
+        """Rows whose prompt has run: join those that want new tokens to the running batch, then send echoed or
+        scored prompts and answer those that want no new token. The join comes first: when it fails (e.g. out of
+        memory growing the cache) the batch is as it was and nothing was sent, so the requests can be retried."""
         bank = self.router.bank
+        keep = [i for i, j in enumerate(jobs) if j.prepared.max_new_tokens > 0]
+        scores = new.prompt_scores
+        if keep:
+            if len(keep) < len(jobs):
+                bank.keep(new, keep)
+            if self._dec is None:
+                self._dec = self._running(new)
+            else:
+                bank.join(self._dec, new)
         for job in jobs:
             self._begin(job)
-            if job.params.echo or id(job) in new.prompt_scores:
-                job.prompt = self._prompt_part(job, new.prompt_scores.get(id(job)))
+            if job.params.echo or id(job) in scores:
+                job.prompt = self._prompt_part(job, scores.get(id(job)))
                 job.listener("prompt", job.prompt)
-        keep = [i for i, j in enumerate(jobs) if j.prepared.max_new_tokens > 0]
-        for job in jobs:
             if job.prepared.max_new_tokens == 0:  # the prompt's scores were all it asked for
                 self._finish(job, "length")
-        if not keep:
-            return
-        if len(keep) < len(jobs):
-            bank.keep(new, keep)
         for i in keep:
             self._rows[id(jobs[i])] = jobs[i]
             self.scheduler.started(id(jobs[i]))
-        if self._dec is None:
-            self._dec = new
-        else:
-            bank.join(self._dec, new)
+
+    def _running(self, new):
+        """The running batch for rows just prefilled into `new` when none runs: the engine's static batch (kept
+        across idle spells, with its buffers and graphs), or `new` itself where static buffers cannot serve."""
+        bank = self.router.bank
+        if not (self.static_decode and bank.static_ok(new)):
+            return new
+        empty = self._static if self._static is not None and not len(self._static) else None
+        self._static = bank.batch(new, self.max_batch_rows, self.router.max_model_len, self.cuda_graphs, into=empty)
+        return self._static
 
     def _prompt_part(self, job: Job, scores: PromptScores | None) -> PromptPart:
         ids, p = job.prepared.ids, job.params
@@ -445,7 +495,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - e.g. an out-of-memory in the step: these rows fail, the server goes on
             failed = list(self._rows.values())
             log.exception("decode step failed (%s: %s); failing its %d running request(s)", type(exc).__name__, exc, len(failed))
-            self._dec = None
+            self._dec = self._static = None
             self._fail(failed, exc)
             if self.router.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -514,7 +564,10 @@ class Engine:
 
     def _forget(self, job: Job) -> None:
         """The job leaves the engine: its row, its budgets, its prefill state."""
-        self._rows.pop(id(job), None)
+        if self._rows.pop(id(job), None) is not None and self._memory_waits:  # a row left: those waiting for memory try again
+            for ticket in self._memory_waits:
+                ticket.ready = True
+            self._memory_waits.clear()
         self._jobs.pop(id(job), None)
         self.scheduler.finish(id(job))
         job.filling = None

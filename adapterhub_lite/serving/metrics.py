@@ -25,6 +25,7 @@ class ServeMetrics:
         self.waits = Counter("adapterhub_scheduler_waits", "Steps in which the first waiting request waited, by the budget it waited for "
                              "(rows, tokens, kv_cache, adapters, batch)", ["budget"], registry=r)
         self.kv_reserved = Gauge("adapterhub_kv_cache_reserved_tokens", "Cache positions the admitted rows reserve (rows × the widest row)", registry=r)
+        self.kv_cache_bytes = Gauge("adapterhub_kv_cache_bytes", "Bytes of the preallocated decode cache (serving/static.py) on the device", registry=r)
         self.evictions = Gauge("adapterhub_evictions", "Adapters evicted to stay within the memory budget (since start)", registry=r)
 
     def render(self) -> bytes:

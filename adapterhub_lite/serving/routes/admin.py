@@ -31,7 +31,7 @@ async def health(request: Request):
             "changed_adapters": dict(engine.router.changed),  # files that changed under the server: refused at load
             "unavailable_adapters": dict(engine.router.unavailable),  # failed their checks: not served, the others are
             "budgets": dataclasses.asdict(engine.budgets), "kv_bytes_per_token": engine.router.bank.kv_bytes_per_token(),
-            "memory": engine.router.memory()}
+            "memory": engine.router.memory(), "decode": engine.decode_info()}
 
 
 @router.get("/version")

@@ -1,0 +1,252 @@
+"""Static decode shapes (serving/static.py): rows of every kind that join a running batch mid-way, leave it and
+outgrow its buffers still decode exactly as each row alone through plain peft, with the fixed slot pool."""
+
+import pytest
+import torch
+
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.serving.bank import AdapterBank, Decoding
+from adapterhub_lite.serving.static import StaticBatch, _bucket, _grow
+from tests.test_router_batch import CONFIGS, TINY, ref_logits, rows
+from tests.test_router_batch import folders as folders  # noqa: F401 - a fixture: the same peft folders as the bank tests
+
+
+def _bank(folders, **kwargs):
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model, **kwargs)
+    for n in CONFIGS:
+        bank.add(n, folders[n])
+    return bank
+
+
+def test_rows_that_join_leave_and_outgrow_the_buffers_equal_peft_per_row(folders):
+    # a fixed slot pool: three LoRA slots of rank 8, allocated once (prefix and prompt adapters take no slot)
+    bank = _bank(folders, max_loras=3, max_lora_rank=8)
+    first = {"a": ("lora_a", 5), "b": ("prefix", 3), "c": (None, 4)}
+    later = {"d": ("prompt", 6), "e": ("lora_b", 2), "f": ("prefix_long", 52), "g": ("lora_c", 7)}  # f: 6 + 52 + 12 positions, past the first 64 columns
+    ids = dict(zip([*first, *later], rows([5, 3, 4, 6, 2, 52, 7], seed=4)))
+    budget = {"a": 3, "b": 9, "c": 6, "d": 4, "e": 8, "f": 12, "g": 2}
+    adapter = {k: a for k, (a, _) in {**first, **later}.items()}
+    out = {k: [] for k in ids}
+    scores = {k: [] for k in ids}
+
+    def record(j, key, tok):
+        out[key].append(tok)
+        scores[key].append(dec.logits[j].clone())
+        return len(out[key]) < budget[key]
+
+    new = bank.start([ids[k] for k in first], [adapter[k] for k in first], keys=list(first))
+    dec = bank.batch(new, max_rows=8)
+    assert isinstance(dec, StaticBatch) and dec._width == 64
+    for _ in range(2):
+        assert bank.step(dec, dec.logits.argmax(-1), record)
+    bank.join(dec, bank.start([ids[k] for k in later], [adapter[k] for k in later], keys=list(later)))
+    assert len(dec) == 7
+    widths = {dec._width}
+    while bank.step(dec, dec.logits.argmax(-1), record):
+        widths.add(dec._width)
+    assert widths == {64, 128}, "row f outgrows the first allocation while the others decode"
+    assert len(dec) == 0 and dec.logits is None
+
+    worst = 0.0
+    for key in ids:
+        assert len(out[key]) == budget[key]
+        ref = ref_logits(folders, adapter[key], ids[key] + out[key][:-1])[len(ids[key]) - 1:]
+        got = torch.stack(scores[key])
+        assert [int(t) for t in ref.argmax(-1)] == out[key], key
+        worst = max(worst, (got - ref).abs().max().item())
+    print(f"static decode vs plain peft per row: max |Δlogit| = {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_static_and_dynamic_decoding_give_the_same_logits(folders):
+    """The static buffers and the growing cache are two layouts of one computation."""
+    bank = _bank(folders)
+    names = list(CONFIGS)
+    ids = rows([3, 7, 2, 5, 4, 6], seed=5)
+    static = bank.generate(ids, names, [6, 2, 5, 4, 6, 3], eos_token_id=-1, output_scores=True)
+    dynamic = bank.generate(ids, names, [6, 2, 5, 4, 6, 3], eos_token_id=-1, output_scores=True, static=False)
+    assert static[0] == dynamic[0]
+    assert max((a - b).abs().max().item() for a, b in zip(static[1], dynamic[1])) <= 1e-4
+
+
+def test_a_leaving_row_is_replaced_by_the_last_and_freed_rows_are_reset(folders):
+    bank = _bank(folders)
+    dec = bank.batch(bank.start(rows([3, 4, 5, 6], seed=6), ["lora_a", None, "prefix", "lora_b"], keys="wxyz"), max_rows=4)
+    before = {k: (dec._col[i].item(), dec._slot[i].item()) for i, k in enumerate(dec.keys)}
+    order = dec.keep([0, 2, 3])  # x leaves: z (the last) takes its row
+    assert order == [0, 3, 2] and dec.keys == ["w", "z", "y"]
+    assert {k: (dec._col[i].item(), dec._slot[i].item()) for i, k in enumerate(dec.keys)} == {k: before[k] for k in "wzy"}
+    assert dec._live.tolist() == [1, 1, 1, 0] and not dec._mask[3].any() and dec._col[3].item() == 0
+    assert dec.keep([]) == [] and dec._live.tolist() == [0, 0, 0, 0] and dec.logits is None
+
+
+def test_buckets_and_growth():
+    assert [_bucket(n) for n in (1, 2, 3, 5, 17, 64)] == [1, 2, 4, 8, 32, 64]
+    assert _bucket(40, cap=48) == 48 and _bucket(70, cap=48) == 128  # past the buffer: the batch grows first
+    assert _grow(64, 65, 64, None) == 128 and _grow(0, 3, 64, None) == 64 and _grow(64, 10, 64, None) == 64
+    assert _grow(64, 90, 64, 96) == 96 and _grow(64, 200, 64, 96) == 200  # a cap, unless one row needs more
+
+
+def _serve(engine, requests):
+    """Drive the engine step by step (as Engine.run does) and return each request's (tokens, log-probs)."""
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    done = {}
+
+    def listener(i):
+        def hear(event, payload):
+            if event in ("done", "error"):
+                done[i] = payload
+        return hear
+    for i, (req, n) in enumerate(requests):
+        engine._waiting.put_nowait(Job(req, listener(i), SamplingParams(max_tokens=n, logprobs=3, ignore_eos=True)))
+    while len(done) < len(requests):
+        engine._serve_once()
+    assert not [r for r in done.values() if isinstance(r, Exception)]
+    return [(done[i].token_ids, [e.logprob for e in done[i].entries]) for i in range(len(requests))]
+
+
+def test_the_engine_decodes_over_static_buffers_as_over_the_growing_cache(serve_registry):
+    """Every kind through the engine, 3 rows at a time, so rows join and leave the running batch; the token
+    log-probs equal the dynamic path's (the engine before static shapes) to 1e-4."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.router import Router
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    names = ["gen_a", "cls_ia3", "gen_prefix", "base", "gen_prompt", "gen_b", "cls_b", "cls_prefix"]
+    requests = [({"adapter": a, "prompt": f"tell me {i} things"}, 2 + (3 * i) % 7) for i, a in enumerate(names)]
+    got = {}
+    for mode in (True, False):
+        engine = Engine(router, max_batch_rows=3, static_decode=mode)
+        got[mode] = _serve(engine, requests)
+        info = engine.decode_info()
+        assert info["static"] is mode and (info["kv_cache_bytes"] > 0) is mode and info["cuda_graphs"] is False
+        if mode:
+            assert info["kv_cache_rows"] == 3 and isinstance(engine._static, StaticBatch) and len(engine._static) == 0
+    assert [t for t, _ in got[True]] == [t for t, _ in got[False]]
+    worst = max(abs(a - b) for (_, x), (_, y) in zip(got[True], got[False]) for a, b in zip(x, y))
+    print(f"engine, static vs dynamic decode: max |Δ logprob| = {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_decoding_type_is_kept_for_sliding_window_models(folders):
+    """A cache the static buffers cannot stand for (here: faked as not joinable) stays on the dynamic path."""
+    bank = _bank(folders)
+    new = bank.start(rows([3], seed=1), ["lora_a"])
+    bank.joinable = lambda dec: False  # as a sliding-window model's cache is
+    assert not bank.static_ok(new) and isinstance(new, Decoding)
+    with pytest.raises(Exception, match="cannot take rows"):
+        StaticBatch(bank, 4).join(new)
+
+
+def test_a_join_that_runs_out_of_memory_fails_nobody_and_leaves_the_batch_as_it_was(serve_registry, monkeypatch, caplog):
+    """Growing the cache for a newcomer runs out of memory once, beside running rows: the running rows keep their
+    buffers and go on, the newcomer waits until a row leaves and is admitted then, and every answer equals the run
+    without the failure (tokens; log-probs to float noise, as the batches differ)."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.scheduler import Budgets
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    requests = [({"adapter": a, "prompt": f"say {i} words"}, 6 + i) for i, a in enumerate(["gen_a", "gen_prefix", "base", "gen_prompt", "gen_b"])]
+    budgets = Budgets(max_rows=8, max_num_batched_tokens=40)  # a few prompts a step: later ones join running rows
+    want = _serve(Engine(router, budgets=budgets), requests)
+    grow, failed = StaticBatch._reserve, []
+
+    def reserve(self, rows, width, like):
+        if self._rows and rows > self._rows and not failed:  # the first growth in rows, with rows running
+            failed.append((len(self), rows))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return grow(self, rows, width, like)
+    monkeypatch.setattr(StaticBatch, "_reserve", reserve)
+    got = _serve(Engine(router, budgets=budgets), requests)
+    assert failed and failed[0][0] > 0, failed  # it happened beside running rows
+    assert "waits for rows to leave" in caplog.text
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert max(abs(a - b) for (_, x), (_, y) in zip(got, want) for a, b in zip(x, y)) <= 1e-5
+
+
+class _ReplayedStep:
+    """A stand-in for a CUDA graph on the CPU: 'capture' leaves the batch's row state as it found it (a real capture
+    runs nothing) and each replay runs the captured step again into the same output tensor. What it checks is
+    everything a replay depends on besides the GPU: the step reads only buffers (a live plan, no cached gathers),
+    padding rows of a bucket change nothing, and the bookkeeping (verification, invalidation, fallback)."""
+
+    def __init__(self, batch, fn, wrong=False):
+        self.batch, self.fn, self.wrong = batch, fn, wrong
+
+    def record(self):
+        b = self.batch
+        saved = b._col.clone(), b._pos.clone(), b._mask.clone()
+        out = self.fn()
+        b._col.copy_(saved[0]), b._pos.copy_(saved[1]), b._mask.copy_(saved[2])
+        self.out = out
+        return self, out
+
+    def replay(self):
+        self.out.copy_(self.fn() + (1.0 if self.wrong else 0.0))
+
+
+def _graphs_on(bank, monkeypatch, wrong=False):
+    captured = []
+
+    def record(self, fn):
+        captured.append(self)
+        return _ReplayedStep(self, fn, wrong).record()
+    monkeypatch.setattr(StaticBatch, "_record", record)
+    return captured
+
+
+def test_replayed_steps_over_padded_buckets_equal_the_eager_steps(folders, monkeypatch, caplog):
+    """The graph path (bucketed rows and columns, padding rows, a live slot plan read from a device buffer) on the
+    CPU, with each replay re-running the captured step: every kind, rows leaving, gives the eager tokens and logits,
+    and loading an adapter drops the captured steps."""
+    bank = _bank(folders, max_loras=3, max_lora_rank=8)
+    names = ["lora_a", "prefix", None, "prompt", "lora_b", "prefix_long", "lora_c"]
+    ids = rows([5, 3, 4, 6, 2, 7, 3], seed=7)
+    budget = [9, 4, 7, 2, 6, 5, 8]
+    want, want_scores = bank.generate(ids, names, budget, eos_token_id=-1, output_scores=True)
+    _graphs_on(bank, monkeypatch)
+    new = bank.start(ids, names)
+    dec = bank.batch(new, max_rows=8)
+    dec.graphs = True  # as on a GPU
+    out, scores = [[] for _ in ids], [[] for _ in ids]
+
+    def record(j, key, tok):
+        out[key].append(tok)
+        scores[key].append(dec.logits[j].clone())
+        return len(out[key]) < budget[key]
+    shapes, live = [], []
+    while bank.step(dec, dec.logits.argmax(-1), record):
+        shapes.append(dec._shape)
+        live.append(len(dec))
+        assert not dec._col[len(dec):].any() and not dec._pos[len(dec):].any()  # padding rows stay at column 0
+    assert out == want and dec.graphs
+    assert max((torch.stack(a) - b).abs().max().item() for a, b in zip(scores, want_scores)) <= 1e-4
+    # rows in powers of two up to the 7 allocated, columns in powers of two; steps with padding rows among them
+    assert {B for B, _ in shapes} == {7, 4, 2, 1} and all(W & (W - 1) == 0 for _, W in shapes), shapes
+    assert any(B > n for (B, _), n in zip(shapes, live))
+    assert dec.captured == len(set(shapes))
+    # a catalogue change (here: an adapter removed) drops the captured steps
+    before = dec._graph_state()
+    bank.remove("lora_c")
+    assert dec._graph_state() != before
+
+
+def test_a_replay_that_disagrees_with_the_eager_step_switches_graphs_off(folders, monkeypatch, caplog):
+    bank = _bank(folders)
+    ids, names = rows([4, 5], seed=8), ["lora_a", "prefix"]
+    want = bank.generate(ids, names, 4, eos_token_id=-1)
+    _graphs_on(bank, monkeypatch, wrong=True)
+    dec = bank.batch(bank.start(ids, names), max_rows=2)
+    dec.graphs = True
+    out = [[], []]
+
+    def record(j, key, tok):
+        out[key].append(tok)
+        return len(out[key]) < 4
+    while bank.step(dec, dec.logits.argmax(-1), record):
+        pass
+    assert out == want and not dec.graphs and dec.captured == 0
+    assert "not used (max |graph - eager| = 1" in caplog.text
