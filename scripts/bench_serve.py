@@ -21,13 +21,15 @@ and, when named in --scenarios:
                   (only those may fail: `by_tag.broken` against the rest);
 - kv_half:        `--kv-cache-mb` set to half of what the clients ask for at once (clients × (longest prompt + max
                   tokens) × the cache's bytes per token, from an earlier scenario): requests must wait, not fail;
+- dynamic_many:   batching_many with `--decode-cache dynamic`: the decode path before static shapes (caches that grow
+                  and are re-padded every step), for old vs new in one run;
 - adapters_1000:  --thousand registered copies, `--memory-budget-mb 64`, a working set of --window adapters that moves
                   through them; reports the server's memory (RSS and /health) after the warm-up and at the end, and TTFT
                   of requests whose adapter is used for the first time (cold: neither resident nor in host memory)
                   against the rest (warm).
 
 Goals, as ratios measured in the same run: requests/s batching_1 / one_at_a_time >= 4, batching_many / batching_1 >= 0.9,
-batching_1 / base >= 0.9; adapters_1000: p99 TTFT cold / warm <= 2 and RSS end / after warm-up <= 1.1.
+batching_1 / base >= 0.9, batching_many / dynamic_many >= 1 (static decode no slower); adapters_1000: p99 TTFT cold / warm <= 2 and RSS end / after warm-up <= 1.1.
 
 Each client sends streaming completions (`"stream": true`, task-aware `input`, greedy, --max-tokens) back to back until
 --duration is over; the run then waits for in-flight requests up to a hard deadline (duration + request timeout + 10 s).
@@ -62,10 +64,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # see ../shared/data/README.md; read in place, never copied
 SCENARIOS = {"base": ("base", []), "batching_1": ("one", []), "batching_many": ("all", []), "one_at_a_time": ("one", ["--max-batch-rows", "1"]),
-             "broken_1_in_20": ("broken", []), "kv_half": ("all", []), "adapters_1000": ("thousand", ["--memory-budget-mb", "64"])}
+             "broken_1_in_20": ("broken", []), "kv_half": ("all", []), "adapters_1000": ("thousand", ["--memory-budget-mb", "64"]),
+             "dynamic_many": ("all", ["--decode-cache", "dynamic"])}
 DEFAULT_SCENARIOS = ["batching_1", "batching_many", "one_at_a_time"]
 GOALS = {"batching_vs_one_at_a_time": ("batching_1", "one_at_a_time", 4.0), "many_vs_one_adapter": ("batching_many", "batching_1", 0.9),
-         "one_adapter_vs_base": ("batching_1", "base", 0.9)}
+         "one_adapter_vs_base": ("batching_1", "base", 0.9), "static_vs_dynamic_decode": ("batching_many", "dynamic_many", 1.0)}
 BROKEN = "broken_00"  # the damaged adapter of broken_1_in_20: its weights fail their sha256 check
 FALLBACK_PROMPTS = {  # used when ../shared/data is absent
     "date_iso": ["June 16, 2034", "Jun. 20 1965", "24.12.2008 (European style)", "the 3rd of March, 2021"],
@@ -498,12 +501,21 @@ def _main(argv=None) -> int:
     p.add_argument("--server-args", default="", help='extra server flags, e.g. "--quantization none --dtype fp32" (one flag: --server-args=--flag)')
     p.add_argument("--server-cmd", default=f"{shlex.quote(sys.executable)} -m adapterhub_lite.cli serve", help="command that starts the server")
     p.add_argument("--base-url", help="bench this running server instead (one scenario)")
+    p.add_argument("--ray", type=int, metavar="N", help="bench `serve --ray` with 1 and with N engine replicas (scenarios ray_1 and ray_N, "
+                   "requests spread over all --adapters adapters); on a 2-core machine this is a correctness run, not a speed claim")
     p.add_argument("--request-timeout", type=float, default=60, help="seconds before a request counts as lost")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for /health")
     args = p.parse_args(argv)
     for flag in ("clients", "adapters", "max_tokens"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.ray:
+        if args.ray < 2:
+            p.error(f"--ray {args.ray}: give 2 or more replicas to compare with one")
+        for n in (1, args.ray):
+            SCENARIOS[f"ray_{n}"] = ("all", ["--ray", "--replicas", str(n)])
+        GOALS[f"ray_{args.ray}_vs_1"] = (f"ray_{args.ray}", "ray_1", 0.0)  # reported, no goal on a CPU
+        args.scenarios = ["ray_1", f"ray_{args.ray}"]
     if args.duration <= 0 or args.warmup < 0 or args.request_timeout <= 0:
         p.error(f"--duration and --request-timeout must be > 0 and --warmup >= 0, got {args.duration}, {args.request_timeout}, {args.warmup}")
 

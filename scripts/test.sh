@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` for the real-backbone test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=test,dev bash scripts/setup.sh  # dev: lm-eval, which the server is tested with
+EXTRAS=${EXTRAS:-test,dev} bash scripts/setup.sh  # dev: lm-eval, which the server is tested with
 .venv/bin/python -m pytest -q "$@"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import os
+import json
 import socket
 
 from adapterhub_lite.cli.args import add_device_args, count, finite_float
@@ -14,28 +13,13 @@ from adapterhub_lite.cli.args import add_device_args, count, finite_float
 def _serve(args) -> int:
     import uvicorn
 
-    from adapterhub_lite.serving.api import create_app
-    from adapterhub_lite.serving.engine import Engine
-    from adapterhub_lite.serving.handlers import Settings
-    from adapterhub_lite.serving.router import Router
-    from adapterhub_lite.serving.runtime import Catalogue
-    from adapterhub_lite.serving.scheduler import Budgets
+    from adapterhub_lite.serving.api import build_app
 
-    key = args.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
-    budgets = Budgets(max_rows=args.max_batch_rows, max_num_batched_tokens=args.max_num_batched_tokens, max_loras=args.max_loras)  # checked before the backbone loads
+    if args.ray:
+        return _serve_ray(args)
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
     with _logging(args.log_level):
-        router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
-                                      memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
-                                      max_model_len=args.max_model_len, max_cpu_loras=args.max_cpu_loras,
-                                      max_lora_rank=args.max_lora_rank, max_loras=args.max_loras)
-        if args.kv_cache_mb is not None:  # in cache positions of this backbone
-            budgets = dataclasses.replace(budgets, max_kv_tokens=int(args.kv_cache_mb * 2**20 // router.bank.kv_bytes_per_token()))
-        engine = Engine(router, max_queue=args.max_queue, budgets=budgets)
-        settings = Settings(max_input_tokens=args.max_input_tokens, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
-                            max_body_bytes=args.max_body_bytes, api_key=key, allow_runtime_loading=args.allow_runtime_loading,
-                            allowed_origins=tuple(args.allowed_origins or ()))
-        app = create_app(engine, settings, Catalogue(engine, max_merges=args.max_merges))
+        app, _, _ = build_app(args)
         # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
         # period), then the app's lifespan stops the engine after the queue is served. Its own access
         # line is off: ours (serve/api.py) also names the model, the adapter that answered and the tokens.
@@ -43,6 +27,64 @@ def _serve(args) -> int:
                                 timeout_graceful_shutdown=args.request_timeout)
         uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+_RAY_ONLY = ("ray", "replicas", "autoscaling", "max_ongoing_requests", "max_queued_requests", "max_adapters_per_replica",
+             "gpus_per_replica", "cpus_per_replica", "ray_address", "func", "command", "host", "port")
+
+
+def _ray_settings(args) -> dict:
+    return {"replicas": args.replicas, "autoscaling": args.autoscaling, "max_ongoing_requests": args.max_ongoing_requests,
+            "max_queued_requests": args.max_queued_requests, "max_adapters_per_replica": args.max_adapters_per_replica,
+            "num_gpus": args.gpus_per_replica, "num_cpus": args.cpus_per_replica}
+
+
+def _serve_ray(args) -> int:
+    """`serve --ray`: the server's app in --replicas engine replicas on Ray Serve behind one ingress (serving/scale.py)."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise SystemExit("--ray needs Ray Serve: pip install 'adapterhub-lite[ray]' (or 'ray[serve]')") from None
+    import signal
+
+    from adapterhub_lite.serving.scale import application
+
+    options = {k: v for k, v in vars(args).items() if k not in _RAY_ONLY}
+    # SIGTERM ends the server as Ctrl-C does, so the Ray cluster started here is shut down with it
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    ray.init(address=args.ray_address, ignore_reinit_error=True, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(application(options, **_ray_settings(args)), name="adapterhub", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def ray_app(args: dict):
+    """For `serve run adapterhub_lite.cli.serve:ray_app registry=adapters replicas=2 ...` and Ray Serve config files
+    (README, "Scale out"): each key is a `serve` flag (max_batch_rows=16, allow_runtime_loading=true) or a Ray setting
+    (replicas, autoscaling as JSON, max_ongoing_requests, max_queued_requests, max_adapters_per_replica,
+    gpus_per_replica, cpus_per_replica); unset flags take the CLI's defaults."""
+    from adapterhub_lite.serving.scale import application
+
+    parser = argparse.ArgumentParser(prog="adapterhub-lite")
+    add_serve_command(parser.add_subparsers(dest="command"))
+
+    flags = ["serve"]
+    for key, value in dict(args).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            if str(value).lower() == "true":
+                flags.append(flag)
+        else:
+            flags += [flag, value if isinstance(value, str) else json.dumps(value)]
+    ns = parser.parse_args(flags)
+    return application({k: v for k, v in vars(ns).items() if k not in _RAY_ONLY}, **_ray_settings(ns))
 
 
 @contextlib.contextmanager
@@ -112,6 +154,14 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    "each layer's slots are allocated once at max-loras × max-lora-rank (default: no bound)")
     p.add_argument("--max-cpu-loras", type=count(1), default=64, help="adapters kept read and checked in host memory (least recently "
                    "used go first); loading one onto the device is then a copy, no disk read (default 64)")
+    p.add_argument("--decode-cache", choices=("static", "dynamic"), default="static",
+                   help="static (default): running rows decode over a preallocated KV cache with device-side row state, one shape "
+                        "per bucket (captured as CUDA graphs on a GPU); dynamic: over caches that grow and are re-padded every "
+                        "step (the engine before static shapes; for comparison). Sliding-window models always decode dynamic")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="capture each decode step shape as a CUDA graph (static cache, GPU only). auto: unquantized backbones "
+                        "(8-bit capture is unmeasured); on: try it on 8-bit too (falls back to eager with a warning); off: eager, "
+                        "as vLLM's --enforce-eager")
     p.add_argument("--max-lora-rank", type=count(1), help="rank of every layer's adapter slots: memory per slot is fixed and "
                    "wider LoRA adapters are refused (default: the widest resident, growing as needed)")
     p.add_argument("--max-queue", type=count(1), default=256, help="requests waiting beyond the batch; more get 429")
@@ -129,4 +179,17 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="info (default): one access-log line per request; warning: only ignored fields and errors")
     add_device_args(p, adapters=True)
+    r = p.add_argument_group("scale out on Ray Serve (pip install 'adapterhub-lite[ray]'; README: Scale out)")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: engine replicas behind one ingress, each request "
+                   "sent to a replica that holds its adapter (model multiplexing); every other flag applies to each replica")
+    r.add_argument("--replicas", type=count(1), default=1, help="engine replicas, each with its own backbone (default 1)")
+    r.add_argument("--autoscaling", type=json.loads, help='Ray Serve autoscaling_config as JSON, instead of --replicas, e.g. '
+                   '\'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}\'')
+    r.add_argument("--max-ongoing-requests", type=count(1), default=64, help="requests a replica takes at once (Ray Serve's; default 64)")
+    r.add_argument("--max-queued-requests", type=count(1), default=256, help="requests waiting for a replica; more get 429 (default 256)")
+    r.add_argument("--max-adapters-per-replica", type=count(1), default=8, help="adapters a replica is routed for at once; the least "
+                   "recently used is forgotten past it (Ray Serve's max_num_models_per_replica; default 8)")
+    r.add_argument("--gpus-per-replica", type=finite_float, default=0, help="GPUs each replica takes (1 on a GPU machine; default 0)")
+    r.add_argument("--cpus-per-replica", type=finite_float, default=1, help="CPUs each replica takes (default 1)")
+    r.add_argument("--ray-address", help="an existing Ray cluster (default: start one on this machine, or $RAY_ADDRESS)")
     p.set_defaults(func=_serve)

@@ -98,6 +98,33 @@ class AccessLog:
             log()  # a request that ended without a last body (the client left, an error)
 
 
+def build_app(options) -> tuple[FastAPI, Engine, Catalogue]:
+    """The server of `adapterhub-lite serve` from its options (the parsed flags, or any object with those attributes):
+    the router over the registry, the engine under its budgets, and the app; used by the CLI and by each Ray Serve
+    replica (serving/scale.py), so both serve one app."""
+    import dataclasses
+    import os
+
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.scheduler import Budgets
+
+    o = options
+    key = o.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
+    budgets = Budgets(max_rows=o.max_batch_rows, max_num_batched_tokens=o.max_num_batched_tokens, max_loras=o.max_loras)  # checked before the backbone loads
+    router = Router.from_registry(o.registry, quantization=o.quantization, device=o.device, dtype=o.dtype,
+                                  memory_budget_mb=o.memory_budget_mb, allow_base_mismatch=o.allow_base_mismatch,
+                                  max_model_len=o.max_model_len, max_cpu_loras=o.max_cpu_loras,
+                                  max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)
+    if o.kv_cache_mb is not None:  # in cache positions of this backbone
+        budgets = dataclasses.replace(budgets, max_kv_tokens=int(o.kv_cache_mb * 2**20 // router.bank.kv_bytes_per_token()))
+    engine = Engine(router, max_queue=o.max_queue, budgets=budgets, static_decode=o.decode_cache == "static", cuda_graphs=o.cuda_graphs)
+    settings = Settings(max_input_tokens=o.max_input_tokens, max_tokens=o.max_tokens, request_timeout=o.request_timeout,
+                        max_body_bytes=o.max_body_bytes, api_key=key, allow_runtime_loading=o.allow_runtime_loading,
+                        allowed_origins=tuple(o.allowed_origins or ()))
+    catalogue = Catalogue(engine, max_merges=o.max_merges)
+    return create_app(engine, settings, catalogue), engine, catalogue
+
+
 def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> FastAPI:
     """The FastAPI app serving `engine`; the engine's thread starts and stops with the app."""
 

@@ -1,0 +1,242 @@
+"""Serve past one machine on Ray Serve: engine replicas behind one ingress, each request sent to a replica that
+already holds its adapter (Ray Serve's model multiplexing). Ray is an optional extra: `pip install adapterhub-lite[ray]`.
+
+    adapterhub-lite serve --registry adapters/ --ray --replicas 2
+    serve run adapterhub_lite.cli.serve:ray_app registry=adapters/ replicas=2     # or a config file: README, "Scale out"
+
+Each replica (`EngineReplica`) is the single-process server: its own backbone, engine and the FastAPI app of
+serving/api.py, so the routes, request shapes, limits and API key are that app's and nothing here re-implements
+them. The ingress reads only what it needs to pick a replica — a JSON body's `model`, or its `merged_adapters`
+recipe — and forwards the request as it came (method, path, query, headers, body) with that adapter as the
+*multiplexed model id*. Ray Serve then sends it to a replica that holds the adapter, loads it on a less busy one
+when those are busy, and forgets adapters per replica by LRU past `max_adapters_per_replica`. The replica's answer
+streams back as it is produced (SSE chunks included), with its status and headers.
+
+- `base`, `auto` and requests without a model go to any replica. `auto` is routed by content *in the replica*
+  (which holds the routing classifier), so it gets no adapter affinity; a replica's own LRU keeps what it serves.
+- A merged recipe's id is a hash of the recipe: requests with one recipe go where it was built.
+- Ray's own refusals come back in the server's shape: 429 when every replica's queue is full
+  (`max_queued_requests`), 503 when a replica died under a request (Ray starts another; the client retries).
+  A client that leaves cancels its request in the replica, as on one server.
+- Replicas read one registry (a shared folder or hf://) with the integrity checks of one server. An adapter
+  published after start-up is found on its first request: a replica that does not know a name re-reads the
+  registry index once before answering 404.
+- Each answer names its replica (`x-adapterhub-replica`) and whether that replica already held the adapter
+  (`x-adapterhub-adapter-held: 1|0`, from the replica's own count), from which the affinity figure is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+log = logging.getLogger("adapterhub_lite.serve")
+
+REPLICA_HEADER = "x-adapterhub-replica"
+HELD_HEADER = "x-adapterhub-adapter-held"
+_ANY = ""  # no multiplexed id: any replica
+
+
+def model_id(path: str, body: bytes) -> str:
+    """The multiplexed model id of a request: its adapter for a JSON body naming one (`sst2`, `sst2@1.0.0`), a
+    hash of its `merged_adapters` recipe, else "" (any replica: base, auto, GET routes, bodies that do not parse,
+    which the replica then refuses as one server would)."""
+    if not path.startswith("/v1/") or not body:
+        return _ANY
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return _ANY
+    if not isinstance(data, dict):
+        return _ANY
+    recipe = data.get("merged_adapters")
+    if recipe is not None:
+        return "merged:" + hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    model = data.get("model")
+    if not isinstance(model, str) or model in ("", "base", "auto"):
+        return _ANY
+    return model
+
+
+class _Held:
+    """What the multiplexed loader returns for one adapter: Ray keeps it while the replica holds the adapter and
+    drops it (LRU past max_adapters_per_replica), which takes the name out of the replica's held set."""
+
+    def __init__(self, held: set, name: str):
+        self.held, self.name = held, name
+        held.add(name)
+
+    def __del__(self):
+        self.held.discard(self.name)
+
+
+class _Replica:
+    """One engine replica: the single-process app of serving/api.py, called in process for each forwarded request."""
+
+    def __init__(self, options: dict):
+        import torch
+
+        from adapterhub_lite.serving.api import build_app
+
+        threads = options.pop("torch_threads", None)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.app, self.engine, self.catalogue = build_app(SimpleNamespace(**options))
+        self.engine.start()  # the app's lifespan would start it; in process there is no lifespan
+        self.held: set[str] = set()
+        self.requests = self.held_hits = 0
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        self.name = getattr(ctx, "replica_tag", None) or str(getattr(ctx, "replica_id", os.getpid()))
+
+    async def load(self, name: str) -> _Held:
+        """Make sure the replica can serve `name`: known (the registry index re-read once when not), read and checked
+        into host memory off the event loop. An unknown name is held too: the app answers it 404."""
+        router = self.engine.router
+        if not name.startswith("merged:"):
+            base = name.split("@", 1)[0]
+            if base not in router.folders and name not in router.folders:
+                try:
+                    await self.catalogue.reload()  # published after start-up?
+                except Exception as exc:  # noqa: BLE001 - the request then gets the app's own answer
+                    log.warning("re-reading the registry for %r failed: %s", name, exc)
+            if name in router.folders:
+                try:
+                    await asyncio.to_thread(router.fetch, name)
+                except Exception as exc:  # noqa: BLE001 - a damaged adapter: the app answers 503 naming why
+                    log.warning("reading adapter %r failed: %s", name, exc)
+        return _Held(self.held, name)
+
+    async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes):
+        """Run one HTTP request through the app; yields (status, headers) first, then the body's chunks as sent."""
+        # The adapter is read from the request itself, not from the id Ray routed by: what this replica held is its
+        # own count, whatever the ingress sent it (a balancer that ignores adapters shows here as misses).
+        name = model_id(path, body)
+        held = True
+        if name:
+            held = name in self.held
+            await self.load(name)
+        self.requests += 1
+        self.held_hits += held
+        sent: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await sent.put(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+                 "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                 "client": ("127.0.0.1", 0), "server": ("ray-serve", 0)}
+        task = asyncio.ensure_future(self.app(scope, receive, send))
+        try:
+            while True:
+                getter = asyncio.ensure_future(sent.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    task.result()  # the app ended without a response: raise what it raised
+                    return
+                message = getter.result()
+                if message["type"] == "http.response.start":
+                    extra = [(REPLICA_HEADER, self.name), (HELD_HEADER, str(int(held)))]
+                    yield (message["status"], [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])] + extra)
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body"):
+                        return
+        finally:  # the ingress cancelled (its client left) or the answer is complete: the app sees a disconnect
+            gone.set()
+            if not task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), 5)
+                except Exception:  # noqa: BLE001 - a timeout, or what the app raised: a cancelled request ends on its own; do not wait for ever
+                    task.cancel()
+
+    def stats(self) -> dict:
+        """This replica's own counts: requests served, of which for an adapter it already held."""
+        return {"replica": self.name, "requests": self.requests, "held": self.held_hits, "adapters": sorted(self.held)}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop(timeout=5)
+
+
+class _Ingress:
+    """The HTTP entry: picks the multiplexed id of each request and streams the chosen replica's answer back."""
+
+    def __init__(self, replicas):
+        self.replicas = replicas
+
+    async def __call__(self, request):
+        from ray.serve.exceptions import BackPressureError
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        body = await request.body()
+        mid = model_id(request.url.path, body)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
+        call = self.replicas.options(stream=True, multiplexed_model_id=mid)
+        stream = call.forward.remote(request.method, request.url.path, request.url.query.encode(), headers, body)
+        try:
+            status, head = await stream.__anext__()
+        except BackPressureError as exc:
+            return JSONResponse(_error(f"every replica's queue is full ({exc}); retry shortly", "server_busy"), status_code=429,
+                                headers={"retry-after": "1"})
+        except Exception as exc:  # noqa: BLE001 - a replica that died (Ray starts another) or failed before answering
+            log.warning("replica failed before answering %s %s: %s", request.method, request.url.path, exc)
+            return JSONResponse(_error(f"the replica serving this request failed ({type(exc).__name__}); retry", "replica_failed"),
+                                status_code=503, headers={"retry-after": "1"})
+
+        async def chunks():
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except Exception as exc:  # noqa: BLE001 - the replica died mid-stream: the client sees the stream end
+                log.warning("replica failed while streaming %s: %s", request.url.path, exc)
+            finally:
+                stream.cancel()  # the client left (or the answer ended): the replica's request is cancelled
+
+        drop = {"content-length", "transfer-encoding"}
+        return StreamingResponse(chunks(), status_code=status, headers={k: v for k, v in head if k.lower() not in drop})
+
+
+def _error(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+def application(options: dict, *, replicas: int | None = 1, autoscaling: dict | None = None, max_ongoing_requests: int = 64,
+                max_queued_requests: int = 256, max_adapters_per_replica: int = 8, num_gpus: float = 0, num_cpus: float = 1):
+    """The Ray Serve application: `replicas` engine replicas (or `autoscaling`, Ray Serve's autoscaling_config), each
+    with `num_gpus` / `num_cpus`, behind one ingress. `options`: the server's settings as `adapterhub-lite serve` takes
+    them, by attribute name (registry, quantization, budgets, API key …, see serving/api.build_app)."""
+    from ray import serve
+
+    options = dict(options)
+    if not num_gpus:  # a CPU replica computes with the CPUs it reserves, not every core of the machine
+        options["torch_threads"] = max(1, int(num_cpus))
+    replica_cls = type("EngineReplica", (_Replica,), {})
+    # multiplexed per application (its size is a setting); under the same name, which Ray Serve looks up to bind self
+    replica_cls.load = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(_Replica.load)
+    scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    replica = serve.deployment(replica_cls, name="EngineReplica", max_ongoing_requests=max_ongoing_requests,
+                               max_queued_requests=max_queued_requests, ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus},
+                               **scaling)
+    ingress = serve.deployment(type("Ingress", (_Ingress,), {}), name="Ingress", max_ongoing_requests=max(1024, 4 * max_ongoing_requests),
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(replica.bind(options))

@@ -1,0 +1,126 @@
+"""Serving on Ray Serve (serving/scale.py): two engine replicas of the tiny backbone on a local Ray cluster behind one
+ingress. The same answers as one server, adapter affinity from the replicas' own counts, streaming, and a replica
+killed under load. Marker `ray` (CI runs it; ~2 minutes): `bash scripts/test.sh -m ray`."""
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import pytest
+
+from adapterhub_lite.serving.scale import HELD_HEADER, REPLICA_HEADER, model_id
+
+from .serving import KEY, Served, free_port
+
+GEN = ["gen_a", "gen_b", "gen_prefix", "gen_prompt"]
+EIGHT = ["cls_a", "cls_b", "cls_prefix", "cls_prompt", "cls_ia3", "gen_a", "gen_b", "gen_prefix"]
+MERGE = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "cat"}  # ranks 8 and 16: an exact method that takes both
+
+
+def test_the_multiplexed_id_is_the_adapter_or_the_recipe():
+    body = lambda **kw: json.dumps(kw).encode()  # noqa: E731
+    assert model_id("/v1/completions", body(model="gen_a", prompt="x")) == "gen_a"
+    assert model_id("/v1/completions", body(model="gen_a@1.0.0")) == "gen_a@1.0.0"
+    for anywhere in (body(model="base"), body(model="auto"), body(prompt="x"), b"{not json", b"[1]", b""):
+        assert model_id("/v1/completions", anywhere) == ""
+    assert model_id("/health", body(model="gen_a")) == ""
+    one = model_id("/v1/completions", body(model="gen_a", merged_adapters=MERGE))
+    assert one.startswith("merged:") and one == model_id("/v1/chat/completions", body(merged_adapters=dict(reversed(MERGE.items()))))
+    assert one != model_id("/v1/completions", body(merged_adapters={**MERGE, "weights": [0.3, 0.7]}))
+
+
+@pytest.fixture(scope="module")
+def cluster(serve_registry):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from adapterhub_lite.cli.serve import ray_app
+
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = ray_app({"registry": str(serve_registry), "quantization": "none", "dtype": "fp32", "api_key": KEY, "replicas": 2,
+                   "max_adapters_per_replica": 4, "cpus_per_replica": 1})
+    serve.run(app, name="adapterhub", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(url, body, **kw):
+    return httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120, **kw)
+
+
+def requests_of_every_kind():
+    raw = lambda m, p: {"model": m, "prompt": p, "max_tokens": 4, "temperature": 0}  # noqa: E731
+    return [raw("gen_a", "ab"), raw("cls_ia3", "cd ef"), raw("gen_prefix", "gh"), raw("gen_prompt", "ab cd"), raw("base", "hello"),
+            {"model": "auto", "input": "ef", "max_tokens": 4, "temperature": 0}, {**raw("gen_a", "cd"), "merged_adapters": MERGE}]
+
+
+@pytest.mark.ray
+def test_answers_through_ray_equal_one_server(cluster, serve_registry):
+    one = Served(serve_registry)
+    try:
+        for body in requests_of_every_kind():
+            want, got = post(one.url, body), post(cluster, body)
+            assert got.status_code == want.status_code == 200, (body, got.text)
+            w, g = want.json(), got.json()
+            assert [c["text"] for c in g["choices"]] == [c["text"] for c in w["choices"]], body
+            assert g["usage"] == w["usage"] and g["model"] == w["model"], body
+            assert got.headers[REPLICA_HEADER]
+        bad = post(cluster, {"model": "nope", "prompt": "x"})  # the replica's own answers, as one server's
+        assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
+        assert httpx.post(cluster + "/v1/completions", json={"model": "gen_a", "prompt": "x"}).status_code == 401  # the API key
+    finally:
+        one.close()
+
+
+@pytest.mark.ray
+def test_requests_go_to_the_replica_that_holds_their_adapter(cluster):
+    held, replicas = [], {}
+    for round_ in range(6):
+        for name in EIGHT:
+            r = post(cluster, {"model": name, "prompt": "ab", "max_tokens": 1})
+            assert r.status_code == 200, r.text
+            replicas.setdefault(name, set()).add(r.headers[REPLICA_HEADER])
+            if round_ >= 2:  # after warm-up
+                held.append(r.headers[HELD_HEADER] == "1")
+    share = sum(held) / len(held)
+    print(f"adapter affinity after warm-up: {share:.3f} of {len(held)} requests on a replica that held their adapter")
+    assert share >= 0.9
+    assert len(set().union(*replicas.values())) == 2  # both replicas serve
+
+
+@pytest.mark.ray
+def test_streaming_through_ray(cluster):
+    body = {"model": "gen_b", "prompt": "ab", "max_tokens": 5, "temperature": 0}
+    whole = post(cluster, body).json()["choices"][0]["text"]
+    chunks = []
+    with httpx.stream("POST", cluster + "/v1/completions", json={**body, "stream": True}, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert len(chunks) >= 2 and "".join(c["choices"][0]["text"] for c in chunks) == whole
+
+
+@pytest.mark.ray
+def test_a_replica_killed_under_load(cluster):
+    import ray
+
+    names = [n for n in ray.util.list_named_actors(all_namespaces=True) if "EngineReplica" in n["name"]]
+    assert len(names) == 2
+    victim = ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post, cluster, {"model": GEN[i % 4], "prompt": "ab cd", "max_tokens": 16}) for i in range(16)]
+        time.sleep(1.0)
+        ray.kill(victim, no_restart=False)
+        statuses = [f.result(timeout=180).status_code for f in futures]  # nothing hangs
+    assert all(s == 200 or 500 <= s < 600 for s in statuses), statuses
+    deadline, ok = time.monotonic() + 180, 0
+    while time.monotonic() < deadline and ok < 8:  # Ray starts another replica; later requests succeed
+        ok = ok + 1 if post(cluster, {"model": GEN[ok % 4], "prompt": "ab", "max_tokens": 2}).status_code == 200 else 0
+        time.sleep(0.2)
+    assert ok == 8
