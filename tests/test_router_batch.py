@@ -46,7 +46,7 @@ _REFS: dict = {}
 
 def reference(folders, adapter, quant="none"):
     """A fresh backbone, plain PeftModel.from_pretrained (or the plain backbone for None)."""
-    key = (adapter, quant)
+    key = (adapter and str(folders[adapter]), quant)  # by folder: another module's `folders` (test_static_decode) holds its own copies
     if key not in _REFS:
         model = load_backbone(TINY, quant, dtype="fp32").model
         _REFS[key] = model if adapter is None else PeftModel.from_pretrained(model, str(folders[adapter])).eval()

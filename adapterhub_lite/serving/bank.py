@@ -36,7 +36,7 @@ from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.model.heads import head_logits
 from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors
 from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear, check_own, unwrap, wrap
-from adapterhub_lite.serving.static import StaticBatch
+from adapterhub_lite.serving.static import ATTENTIONS, StaticBatch, attention
 
 _BASE_SLOT = 0  # the plain backbone: a slot with no entries
 
@@ -531,7 +531,7 @@ class AdapterBank:
     def static_ok(self, dec: Decoding) -> bool:
         """Whether rows prefilled into `dec` can decode over static buffers: a plain cache (no sliding window) and an
         attention the static mask serves (sdpa or eager)."""
-        return self.joinable(dec) and (getattr(self.config, "_attn_implementation", None) or "eager") in ("sdpa", "eager")
+        return self.joinable(dec) and attention(self.config) in ATTENTIONS
 
     def batch(self, new: Decoding, max_rows: int, max_width: int | None = None, graphs: bool = False, into: StaticBatch | None = None) -> StaticBatch:
         """A StaticBatch holding the rows of `new` (`into`, an empty one to reuse, keeps its buffers and graphs)."""

@@ -88,7 +88,6 @@ class _Replica:
         self.app, self.engine, self.catalogue = build_app(SimpleNamespace(**options))
         self.engine.start()  # the app's lifespan would start it; in process there is no lifespan
         self.held: set[str] = set()
-        self.requests = self.held_hits = 0
         from ray import serve
 
         ctx = serve.get_replica_context()
@@ -121,8 +120,6 @@ class _Replica:
         if name:
             held = name in self.held
             await self.load(name)
-        self.requests += 1
-        self.held_hits += held
         sent: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
         delivered = False
@@ -168,10 +165,6 @@ class _Replica:
                 except Exception:  # noqa: BLE001 - a timeout, or what the app raised: a cancelled request ends on its own; do not wait for ever
                     task.cancel()
 
-    def stats(self) -> dict:
-        """This replica's own counts: requests served, of which for an adapter it already held."""
-        return {"replica": self.name, "requests": self.requests, "held": self.held_hits, "adapters": sorted(self.held)}
-
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -186,7 +179,10 @@ class _Ingress:
 
     async def __call__(self, request):
         from ray.serve.exceptions import BackPressureError
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import StreamingResponse
+
+        from adapterhub_lite.serving.protocol import ApiError
+        from adapterhub_lite.serving.routes.common import error_response
 
         body = await request.body()
         mid = model_id(request.url.path, body)
@@ -196,12 +192,12 @@ class _Ingress:
         try:
             status, head = await stream.__anext__()
         except BackPressureError as exc:
-            return JSONResponse(_error(f"every replica's queue is full ({exc}); retry shortly", "server_busy"), status_code=429,
-                                headers={"retry-after": "1"})
+            return error_response(ApiError(429, f"every replica's queue is full ({exc}); retry shortly", "server_error", "server_busy",
+                                           headers={"retry-after": "1"}))
         except Exception as exc:  # noqa: BLE001 - a replica that died (Ray starts another) or failed before answering
             log.warning("replica failed before answering %s %s: %s", request.method, request.url.path, exc)
-            return JSONResponse(_error(f"the replica serving this request failed ({type(exc).__name__}); retry", "replica_failed"),
-                                status_code=503, headers={"retry-after": "1"})
+            return error_response(ApiError(503, f"the replica serving this request failed ({type(exc).__name__}); retry", "server_error",
+                                           "replica_failed", headers={"retry-after": "1"}))
 
         async def chunks():
             try:
@@ -214,10 +210,6 @@ class _Ingress:
 
         drop = {"content-length", "transfer-encoding"}
         return StreamingResponse(chunks(), status_code=status, headers={k: v for k, v in head if k.lower() not in drop})
-
-
-def _error(message: str, code: str) -> dict:
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
 
 
 def application(options: dict, *, replicas: int | None = 1, autoscaling: dict | None = None, max_ongoing_requests: int = 64,

@@ -41,6 +41,12 @@ from adapterhub_lite.model.heads import head_logits
 log = logging.getLogger("adapterhub_lite.serve")
 
 _MIN_WIDTH = 64  # the first allocation's columns: most prompts plus their answers fit without a growth
+ATTENTIONS = ("sdpa", "eager")  # the attentions whose mask the step builds (boolean for sdpa, additive for eager)
+
+
+def attention(config) -> str:
+    """The attention implementation a model's decoder runs."""
+    return getattr(config, "_attn_implementation", None) or "eager"
 
 
 def _bucket(n: int, cap: int | None = None) -> int:
@@ -99,8 +105,8 @@ class StaticBatch:
     """
 
     def __init__(self, bank, max_rows: int, max_width: int | None = None, graphs: bool = False):
-        attn = getattr(bank.config, "_attn_implementation", None) or "eager"
-        if attn not in ("sdpa", "eager"):
+        attn = attention(bank.config)
+        if attn not in ATTENTIONS:
             raise AdapterHubError(f"static decoding builds its own attention mask for sdpa or eager attention; this model uses {attn!r}")
         self.bank = bank
         self.max_rows, self.max_width = max_rows, max_width
@@ -111,6 +117,7 @@ class StaticBatch:
         self.lengths: list[int] = []  # each live row's written columns (host copy of _col): the bucket needs no device read
         self.logits: torch.Tensor | None = None
         self._rows = self._width = 0  # allocated
+        self.nbytes = 0  # of the cache and its row buffers on the device (set when they are allocated)
         self._layers: list[_Layer] = []
         self._cache: Cache | None = None
         self._shape = (0, 0)  # (rows, columns) of the step being run; read by the cache layers
@@ -121,12 +128,6 @@ class StaticBatch:
         self.captured = 0  # graphs captured (since start)
 
     # -- the buffers ---------------------------------------------------------------------------------
-    @property
-    def nbytes(self) -> int:
-        """Bytes the preallocated cache and its row buffers take on the device."""
-        kv = sum(t.numel() * t.element_size() for layer in self._layers for t in (layer.keys, layer.values))
-        return kv + (self._rows * self._width if self._rows else 0)
-
     def _reserve(self, rows: int, width: int, like: list) -> None:
         """Make room for `rows` rows of `width` columns, doubling what is allocated (capped at max_rows / max_width
         unless more is needed), and keep what the live rows hold. `like`: cache layers of the shapes and dtypes to hold."""
@@ -163,6 +164,8 @@ class StaticBatch:
         self._mask = mask
         self.__dict__.update(small)
         self._rows, self._width = new_rows, new_width
+        self.nbytes = sum(t.numel() * t.element_size() for k, v in kv for t in (k, v)) + mask.numel() + \
+            sum(t.numel() * t.element_size() for t in small.values())
         self._graphs.clear()  # their buffers are gone
 
     # -- rows come and go ---------------------------------------------------------------------------
