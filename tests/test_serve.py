@@ -329,15 +329,15 @@ def test_served_adapters_change_the_answers(served):
 def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(registry, monkeypatch):
     s = Served(registry, request_timeout=15)
     try:
-        real = s.router.bank.advance
+        real = s.router.bank.step
 
         def boom(*args, **kwargs):
             raise RuntimeError("simulated out of memory")
 
-        monkeypatch.setattr(s.router.bank, "advance", boom)
+        monkeypatch.setattr(s.router.bank, "step", boom)
         failed = s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5})
         assert failed.status_code == 500 and "simulated out of memory" in failed.json()["error"]["message"]
-        monkeypatch.setattr(s.router.bank, "advance", real)
+        monkeypatch.setattr(s.router.bank, "step", real)
         assert s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5}).status_code == 200
         assert httpx.get(s.url + "/health").status_code == 200
     finally:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.serving.bank import AdapterBank, Decoding
+from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.decoding import Decoding
 from adapterhub_lite.serving.static import StaticBatch, _bucket, _grow
 from tests.test_router_batch import CONFIGS, TINY, ref_logits, rows
 from tests.test_router_batch import folders as folders  # noqa: F401 - a fixture: the same peft folders as the bank tests
@@ -39,7 +40,7 @@ def test_rows_that_join_leave_and_outgrow_the_buffers_equal_peft_per_row(folders
     assert isinstance(dec, StaticBatch) and dec._width == 64
     for _ in range(2):
         assert bank.step(dec, dec.logits.argmax(-1), record)
-    bank.join(dec, bank.start([ids[k] for k in later], [adapter[k] for k in later], keys=list(later)))
+    dec.join(bank.start([ids[k] for k in later], [adapter[k] for k in later], keys=list(later)))
     assert len(dec) == 7
     widths = {dec._width}
     while bank.step(dec, dec.logits.argmax(-1), record):
@@ -130,11 +131,11 @@ def test_the_engine_decodes_over_static_buffers_as_over_the_growing_cache(serve_
     assert worst <= 1e-4
 
 
-def test_decoding_type_is_kept_for_sliding_window_models(folders):
+def test_decoding_type_is_kept_for_sliding_window_models(folders, monkeypatch):
     """A cache the static buffers cannot stand for (here: faked as not joinable) stays on the dynamic path."""
     bank = _bank(folders)
     new = bank.start(rows([3], seed=1), ["lora_a"])
-    bank.joinable = lambda dec: False  # as a sliding-window model's cache is
+    monkeypatch.setattr(Decoding, "joinable", property(lambda self: False))  # as a sliding-window model's cache is
     assert not bank.static_ok(new) and isinstance(new, Decoding)
     with pytest.raises(Exception, match="cannot take rows"):
         StaticBatch(bank, 4).join(new)

@@ -1,6 +1,9 @@
 """Serving many adapters on one frozen backbone (imports ops, artifacts, model, core; never training).
 
-    bank.py       the adapter bank: per-row adapters of every kind, incremental decoding, the KV-cache join
+    resident.py   adapters loaded on the backbone: PEFT folders of every kind into slots and tensors
+    decoding.py   a decoding batch over the prefill's growing cache, and what every decoding batch offers
+    static.py     a decoding batch over preallocated buffers (fixed shapes; CUDA graphs on a GPU)
+    bank.py       the adapter bank (the runner): per-row batches of every kind, prefill, the decode step
     routing.py    content routing (auto): pick an adapter from the input
     manager.py    AdapterManager: known adapters, their residency (device, host cache), requests made ready
     router.py     Router: the manager with the user's calls (swap, merge, run); the public Python API
@@ -9,6 +12,7 @@
     output.py     a choice's text and what each token adds
     scheduler.py  what runs at each step under the budgets (holds no model)
     jobs.py       a request in flight and what it reports
+    admission.py  the engine's first half: arrivals to tickets, the plan admitted, prefill, rows joining
     engine.py     continuous batching: runs the scheduler's plan on the bank (server, infer, Router.run)
     protocol.py   OpenAI shapes and errors
     runtime.py    the served catalogue (registry, runtime loads, merges)

@@ -5,14 +5,14 @@ thread loops over *steps*; at each step it
 
 1. runs the calls that change the catalogue (load, unload, reload, registering a merge) between two
    steps, so they never race a batch;
-2. reads the arrivals: routes `auto` rows by content, tokenizes and checks each request against the
+2. reads the arrivals (serving/admission.py, as step 4): routes `auto` rows by content, tokenizes and checks each request against the
    context, and hands the scheduler a Ticket (serving/scheduler.py). A bad request fails alone;
 3. asks the scheduler which requests run now under the budgets (rows, tokens per step, cache
    positions, adapters per batch); the others wait, first come first served;
 4. admits them: makes their adapters resident (never evicting one a running row uses), scores
    classification rows in one forward pass, prefills generation prompts in one pass (a long prompt
    in pieces over several steps, chunked prefill), and lets them *join* the running batch
-   (AdapterBank.join: caches padded with masked columns, each row keeps its positions). When a
+   (serving/decoding.py: each row keeps its cache columns and positions). When a
    pass fails (an out-of-memory, one bad row), its requests are retried in halves, so the failure
    stays with the rows that cause it and the running rows go on; every failure is logged;
 5. picks one token for every running row with the row's own settings (serving/sampling.py),
@@ -39,14 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from adapterhub_lite.core.data import label_words
-from adapterhub_lite.core.errors import AdapterHubError, DataError
+from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import RESERVED
-from adapterhub_lite.serving.bank import PromptScores
-from adapterhub_lite.serving.jobs import Job, PromptPart, QueueFull, RequestTimeout, Result, ShuttingDown
-from adapterhub_lite.serving.manager import AdapterManager, ResidencyFull
+from adapterhub_lite.serving.admission import Admission
+from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown
+from adapterhub_lite.serving.manager import AdapterManager
 from adapterhub_lite.serving.metrics import ServeMetrics
-from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
 from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.sampling import choose
 from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
@@ -55,7 +53,7 @@ from adapterhub_lite.serving.static import StaticBatch
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
 
 
-class Engine:
+class Engine(Admission):
     """Serves Jobs with continuous batching over an AdapterManager's backbone: on a background thread (`start`,
     `submit`: the server), or to the end on the calling thread (`run`: Router.run, `infer`).
 
@@ -196,7 +194,7 @@ class Engine:
                 self._run_calls()
                 self._intake()
                 self._sweep()
-                plan = self.scheduler.schedule(can_join=self._dec is None or self.router.bank.joinable(self._dec))
+                plan = self.scheduler.schedule(can_join=self._dec is None or self._dec.joinable)
                 if plan.blocked:
                     self.metrics.waits.labels(budget=plan.blocked).inc()
                 if plan.prefill:
@@ -242,249 +240,6 @@ class Engine:
         return {"static": self.static_decode, "cuda_graphs": self.cuda_graphs and (st is None or st.graphs),
                 "graphs_captured": 0 if st is None else st.captured, "kv_cache_bytes": 0 if st is None else st.nbytes,
                 "kv_cache_rows": 0 if st is None else st._rows, "kv_cache_width": 0 if st is None else st._width}
-
-    def _parts(self, jobs: list[Job], fn: Callable[[list[Job]], None], what: str) -> None:
-        """Run fn(jobs); when it raises, run it on each half, so that an out-of-memory or one bad row fails only
-        the part that causes it; a job that fails alone gets the error. fn leaves no trace when it raises."""
-        try:
-            return fn(jobs)
-        except Exception as exc:  # noqa: BLE001 - isolated below; every one is logged
-            if len(jobs) == 1:
-                if self._wait_for_memory(jobs[0], exc, what):
-                    return None
-                if not isinstance(exc, AdapterHubError):  # a bad request is the client's; anything else is ours: the stack goes to the log
-                    log.exception("%s failed for one request (%s: %s); failing it alone", what, type(exc).__name__, exc)
-                return self._fail(jobs, exc)
-            log.warning("%s of %d requests failed (%s: %s); retrying them in halves", what, len(jobs), type(exc).__name__, exc,
-                        exc_info=not isinstance(exc, AdapterHubError))
-            if self.router.backbone.device.type == "cuda":
-                torch.cuda.empty_cache()
-        half = len(jobs) // 2
-        self._parts(jobs[:half], fn, what)
-        self._parts(jobs[half:], fn, what)
-
-    def _wait_for_memory(self, job: Job, exc: Exception, what: str) -> bool:
-        """An out-of-memory admitting one request while rows run: the request goes back to the head of the queue and
-        is not tried again until a running row has left and freed its memory (it waits, as for a budget). With no
-        row running there is nothing to wait for, and it fails."""
-        ticket = self.scheduler.prefilling.get(id(job))
-        if not isinstance(exc, torch.OutOfMemoryError) or not self._rows or ticket is None:
-            return False
-        log.warning("%s of one request ran out of memory beside %d running rows; it waits for rows to leave", what, len(self._rows))
-        job.filling = None
-        ticket.ready = False  # made ready again in _forget, when a running row leaves
-        self.scheduler.requeue(ticket)
-        self._memory_waits.append(ticket)
-        self.metrics.waits.labels(budget="memory").inc()
-        if self.router.backbone.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return True
-
-    # -- arrivals: route, read and queue for a budget ------------------------------------------------
-    def _intake(self) -> None:
-        jobs = []
-        while True:
-            try:
-                job = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if not self._gone(job):
-                jobs.append(job)
-        if jobs:
-            self._parts(jobs, self._enqueue, "routing")
-
-    def _enqueue(self, jobs: list[Job]) -> None:
-        names = self.router.route([j.request for j in jobs])  # `auto` rows: one embedding pass for all of them
-        for job, name in zip(jobs, names):
-            try:
-                job.prepared = self.router.prepare(
-                    job.request, name, job.params.max_tokens, default_new_tokens=job.default_max_tokens, fill_context=job.fill_context,
-                    max_input_tokens=job.max_input_tokens, add_special_tokens=job.add_special_tokens, truncate_prompt_tokens=job.truncate_prompt_tokens)
-                self.scheduler.add(self._ticket(job))
-            except Exception as exc:  # noqa: BLE001 - this request alone is bad (unknown adapter, missing column, too long, over a budget)
-                if not isinstance(exc, AdapterHubError):
-                    log.exception("reading a request for %r failed (%s); failing it alone", name, type(exc).__name__)
-                self._fail([job], exc)
-                continue
-            self._jobs[id(job)] = job
-
-    def _ticket(self, job: Job) -> Ticket:
-        p, router = job.prepared, self.router
-        if p.classify and (job.params.logprobs is not None or job.params.prompt_logprobs is not None):
-            raise DataError(f"adapter {p.adapter!r} answers its task input by scoring its labels, so there are no token log-probs; "
-                            "drop logprobs/prompt_logprobs, ask /v1/classify for every label's probability, "
-                            "or send the rendered prompt as `prompt` for the language model's log-probs")
-        kind, virtual = router.virtual_tokens(p.adapter)
-        ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
-        if p.classify:
-            longest, sequences = router.label_shape(p.adapter)
-            width = len(p.ids) + ran + longest
-            return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width, chunkable=False))
-        ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
-                        chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
-        return self._when_read(ticket)
-
-    def _when_read(self, ticket: Ticket) -> Ticket:
-        """Mark a ticket whose adapter is neither resident nor in host memory as not ready, and read it on a loader thread."""
-        name = ticket.adapter
-        if name is None or self.router.in_host(name):
-            return ticket
-        ticket.ready = False
-        fut = self._fetching.get(name)
-        if fut is None:
-            fut = self._fetching[name] = self._loader.submit(self.router.fetch, name)
-
-        def done(f: Future) -> None:  # on the loader thread: a flag the engine reads at its next step
-            ticket.ready = True
-            self._wake.set()
-        fut.add_done_callback(done)
-        return ticket
-
-    def _sweep(self) -> None:
-        """Waiting requests nobody waits for any more (cancelled, past their deadline) leave the queue; those whose
-        adapter could not be read fail with why."""
-        failed = {}
-        for name, fut in list(self._fetching.items()):
-            if fut.done():
-                del self._fetching[name]
-                if fut.exception() is not None:
-                    failed[name] = fut.exception()
-                    if not isinstance(failed[name], AdapterHubError):
-                        log.error("reading adapter %r failed", name, exc_info=failed[name])
-        for t in list(self.scheduler.waiting):
-            job = self._jobs.get(t.key)
-            if job is None:
-                continue
-            if t.adapter in failed:
-                self._fail([job], failed[t.adapter])
-            elif self._gone(job):
-                self._forget(job)
-
-    # -- admission: adapters resident, classification scored, prompts prefilled -----------------------
-    def _admit(self, plan) -> None:
-        router, first, pieces, back = self.router, [], [], []
-        # adapters the batch already holds: running rows and prompts part-way through their pieces (not this step's
-        # newcomers, which hold nothing until their adapter is resident)
-        busy = {self._jobs[k].prepared.adapter for k in self.scheduler.running} | \
-               {self._jobs[t.key].prepared.adapter for t, n in plan.prefill if t.prefilled > n}
-        for t, n in plan.prefill:
-            job = self._jobs[t.key]
-            if t.prefilled == n and back:  # behind a request that waits for memory: first come, first served
-                back.append(t)
-                continue
-            if t.prefilled == n:  # its first piece: its adapter must be resident (never evicting one the batch uses)
-                keep = frozenset(busy | {j.prepared.adapter for j in first}) - {job.prepared.adapter}
-                try:
-                    router.hold([job.prepared.adapter], keep=keep)
-                except ResidencyFull as exc:
-                    if keep:  # rows that run now will free room: it waits at the head
-                        back.append(t)
-                        continue
-                    self._fail([job], exc)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - an adapter that fails to load fails its own requests, not the batch
-                    if not isinstance(exc, AdapterHubError):
-                        log.exception("loading adapter %r failed (%s); failing its request", job.prepared.adapter, type(exc).__name__)
-                    self._fail([job], exc)
-                    continue
-                first.append(job)
-            pieces.append((job, t, n))
-        for t in reversed(back):  # to the head of the queue, in their order: tried again at the next step
-            self.scheduler.requeue(t)
-        if back:
-            self.metrics.waits.labels(budget="memory").inc()
-        cls = [j for j in first if j.prepared.classify]
-        firsts = {id(j) for j in first}
-        whole = [j for j, t, n in pieces if id(j) in firsts and not j.prepared.classify and t.prefilled == t.prompt_tokens]
-        if cls:
-            self._parts(cls, self._classify, "classification")
-        if whole:
-            self._parts(whole, self._start, "prefill")
-        done = {id(j) for j in cls + whole}
-        for job, t, n in pieces:
-            if id(job) in done or job.finished:
-                continue
-            self._parts([job], lambda js, t=t, n=n: self._piece(js[0], t, n), "chunked prefill")
-        self.metrics.batch_rows.observe(len(self._rows))
-
-    def _classify(self, jobs: list[Job]) -> None:
-        scored = self.router.classify([j.prepared for j in jobs])
-        for job, (best, probs) in zip(jobs, scored):
-            words = label_words(job.prepared.spec)
-            self._finish(job, "stop", text=words[best], label=words[best], probabilities=dict(zip(words, probs)))
-
-    def _begin(self, job: Job) -> None:
-        """A generation row's text state and random generator, made once when its prefill begins."""
-        p = job.params
-        job.state = TextState(self.router.backbone.tokenizer, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens)
-        if not p.greedy:
-            job.generator = torch.Generator(device=self.router.bank.device)
-            job.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
-
-    def _start(self, jobs: list[Job]) -> None:
-        """Prefill whole prompts in one pass (scoring those that asked), then let the rows run."""
-        scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
-        new = self.router.bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
-                                     score_prompt=scoring)
-        self._enter(jobs, new)
-
-    def _piece(self, job: Job, ticket: Ticket, n: int) -> None:
-        """Run the next `n` positions of a long prompt (chunked prefill); after its last piece the row runs."""
-        bank, ran = self.router.bank, ticket.first_chunk - 1  # a prompt-tuning adapter's virtual tokens run in the first piece
-        done, ids = ticket.prefilled - n, job.prepared.ids  # positions run before this piece
-        if done == 0:
-            job.filling = bank.start([ids[: n - ran]], [job.prepared.bank_name], keys=[id(job)])
-        else:
-            bank.extend(job.filling, [ids[done - ran : ticket.prefilled - ran]])
-        if ticket.prefilled >= ticket.prompt_tokens:
-            new, job.filling = job.filling, None
-            self._enter([job], new)
-
-    def _enter(self, jobs: list[Job], new) -> None:
-        """Rows whose prompt has run: join those that want new tokens to the running batch, then send echoed or
-        scored prompts and answer those that want no new token. The join comes first: when it fails (e.g. out of
-        memory growing the cache) the batch is as it was and nothing was sent, so the requests can be retried."""
-        bank = self.router.bank
-        keep = [i for i, j in enumerate(jobs) if j.prepared.max_new_tokens > 0]
-        scores = new.prompt_scores
-        if keep:
-            if len(keep) < len(jobs):
-                bank.keep(new, keep)
-            if self._dec is None:
-                self._dec = self._running(new)
-            else:
-                bank.join(self._dec, new)
-        for job in jobs:
-            self._begin(job)
-            if job.params.echo or id(job) in scores:
-                job.prompt = self._prompt_part(job, scores.get(id(job)))
-                job.listener("prompt", job.prompt)
-            if job.prepared.max_new_tokens == 0:  # the prompt's scores were all it asked for
-                self._finish(job, "length")
-        for i in keep:
-            self._rows[id(jobs[i])] = jobs[i]
-            self.scheduler.started(id(jobs[i]))
-
-    def _running(self, new):
-        """The running batch for rows just prefilled into `new` when none runs: the engine's static batch (kept
-        across idle spells, with its buffers and graphs), or `new` itself where static buffers cannot serve."""
-        bank = self.router.bank
-        if not (self.static_decode and bank.static_ok(new)):
-            return new
-        empty = self._static if self._static is not None and not len(self._static) else None
-        self._static = bank.batch(new, self.max_batch_rows, self.router.max_model_len, self.cuda_graphs, into=empty)
-        return self._static
-
-    def _prompt_part(self, job: Job, scores: PromptScores | None) -> PromptPart:
-        ids, p = job.prepared.ids, job.params
-        part = PromptPart(job.prepared.prompt)
-        if scores is not None and p.echo and p.logprobs is not None:
-            k = p.logprobs
-            part.entries = [Entry(piece, t, lp, None if top is None else top[:k])
-                            for piece, t, lp, top in zip(prompt_pieces(self.router.backbone.tokenizer, ids), ids, scores.logprobs, scores.top)]
-        if p.prompt_logprobs is not None:
-            part.scores = scores
-        return part
 
     # -- decoding --------------------------------------------------------------------------------------
     def _step(self) -> None:

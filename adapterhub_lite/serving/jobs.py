@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterhub_lite.core.errors import AdapterHubError
-from adapterhub_lite.serving.bank import PromptScores
+from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.manager import Prepared
 from adapterhub_lite.serving.output import Entry, TextState
 from adapterhub_lite.serving.params import SamplingParams

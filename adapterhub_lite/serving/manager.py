@@ -36,7 +36,8 @@ from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
 from adapterhub_lite.model.backbone import Backbone
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
 from adapterhub_lite.ops.merge import merge_adapters
-from adapterhub_lite.serving.bank import AdapterBank, read_adapter
+from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.resident import read_adapter
 from adapterhub_lite.serving.routing import ContentRouter
 
 

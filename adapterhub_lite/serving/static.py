@@ -1,6 +1,6 @@
 """Static decode shapes: the running rows decode over preallocated buffers, so a decode step has one shape per bucket.
 
-Why this exists. The dynamic path (bank.Decoding) grows every layer's cache by a torch.cat per step (a copy of
+Why this exists. The dynamic path (serving/decoding.py) grows every layer's cache by a torch.cat per step (a copy of
 the whole cache), pads two caches to one width to let rows join, and every step has new shapes, so nothing can
 be captured and the host launches every kernel of every step anew: on an H200 a 135M model decoded 577 tokens/s
 for 32 rows that way, bound by the host. Here a decode step only ever reads and writes fixed buffers:
@@ -100,9 +100,11 @@ class _Layer(CacheLayerMixin):
 class StaticBatch:
     """The running rows of a continuous batch, decoded over preallocated buffers (see the module docstring).
 
-    It offers what the engine and `AdapterBank.step` use of a `Decoding`: `keys`, `slots`, `logits` (each live
-    row's next-token logits, [n, vocab]), `join(new)`, `keep(rows)` and `advance(tokens)`.
+    It offers the interface every decoding batch offers (serving/decoding.py): `keys`, `slots`, `logits` (each
+    live row's next-token logits, [n, vocab]), `join(new)`, `keep(rows)`, `advance(tokens)` and `joinable`.
     """
+
+    joinable = True  # rows join at any step: they are copied into free rows
 
     def __init__(self, bank, max_rows: int, max_width: int | None = None, graphs: bool = False):
         attn = attention(bank.config)
@@ -176,7 +178,7 @@ class StaticBatch:
     def join(self, new) -> None:
         """Take the rows of a just-prefilled `Decoding`: each row's used cache columns are copied, in order, to
         columns 0..len-1 of a free row."""
-        if not self.bank.joinable(new):
+        if not new.joinable:
             raise AdapterHubError("this model's cache (sliding-window or static layers) cannot take rows mid-way; start a new batch")
         n0, k = len(self.keys), len(new.keys)
         used = new.mask != 0
