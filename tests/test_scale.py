@@ -124,3 +124,37 @@ def test_a_replica_killed_under_load(cluster):
         ok = ok + 1 if post(cluster, {"model": GEN[ok % 4], "prompt": "ab", "max_tokens": 2}).status_code == 200 else 0
         time.sleep(0.2)
     assert ok == 8
+
+
+@pytest.mark.ray
+def test_a_saturated_replica_answers_429_and_a_route_prefix_is_served(cluster, serve_registry):
+    """One replica that runs one request and queues one more (max_ongoing_requests=1, max_queued_requests=1): of 12
+    requests sent at once, those Ray refuses get the server's 429 (OpenAI error shape, Retry-After), the others the
+    answer one server gives. The application sits under a route prefix: its routes start after it."""
+    from ray import serve
+
+    from adapterhub_lite.cli.serve import ray_app
+
+    app = ray_app({"registry": str(serve_registry), "quantization": "none", "dtype": "fp32", "api_key": KEY, "replicas": 1,
+                   "max_ongoing_requests": 1, "max_queued_requests": 1, "cpus_per_replica": 1})
+    serve.run(app, name="busy", route_prefix="/busy")
+    body = {"model": "gen_a", "prompt": "ab cd", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+    one = Served(serve_registry)
+    try:
+        want = post(one.url, body).json()["choices"][0]["text"]
+        assert post(cluster + "/busy", {**body, "max_tokens": 2}).status_code == 200  # the replica is up (and the prefix stripped)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lambda _: post(cluster + "/busy", body), range(12)))
+        codes = sorted(r.status_code for r in got)
+        print(f"12 requests at once, 1 running + 1 queued allowed: {codes}")
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+        for r in got:
+            if r.status_code == 429:
+                err = r.json()["error"]
+                assert err["code"] == "server_busy" and "queue is full" in err["message"] and r.headers["retry-after"] == "1"
+            else:
+                assert r.json()["choices"][0]["text"] == want
+        assert post(cluster + "/busy", body).json()["choices"][0]["text"] == want  # free again once they ended
+    finally:
+        one.close()
+        serve.delete("busy")

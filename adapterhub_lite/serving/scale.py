@@ -185,10 +185,15 @@ class _Ingress:
         from adapterhub_lite.serving.routes.common import error_response
 
         body = await request.body()
-        mid = model_id(request.url.path, body)
+        # Under an application's route_prefix (e.g. /adapters) Ray keeps the whole path and sets root_path: the app's
+        # routes start after the prefix, as they would behind any reverse proxy that strips it.
+        path, root = request.url.path, request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        mid = model_id(path, body)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
         call = self.replicas.options(stream=True, multiplexed_model_id=mid)
-        stream = call.forward.remote(request.method, request.url.path, request.url.query.encode(), headers, body)
+        stream = call.forward.remote(request.method, path, request.url.query.encode(), headers, body)
         try:
             status, head = await stream.__anext__()
         except BackPressureError as exc:
