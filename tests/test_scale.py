@@ -127,7 +127,7 @@ def test_a_replica_killed_under_load(cluster):
 
 
 @pytest.mark.ray
-def test_a_saturated_replica_answers_429_and_a_route_prefix_is_served(cluster, serve_registry):
+def test_a_saturated_replica_answers_429_a_route_prefix_is_served_and_a_client_that_leaves_cancels(cluster, serve_registry):
     """One replica that runs one request and queues one more (max_ongoing_requests=1, max_queued_requests=1): of 12
     requests sent at once, those Ray refuses get the server's 429 (OpenAI error shape, Retry-After), the others the
     answer one server gives. The application sits under a route prefix: its routes start after it."""
@@ -155,6 +155,22 @@ def test_a_saturated_replica_answers_429_and_a_route_prefix_is_served(cluster, s
             else:
                 assert r.json()["choices"][0]["text"] == want
         assert post(cluster + "/busy", body).json()["choices"][0]["text"] == want  # free again once they ended
+        # a streaming client that leaves after its first chunk: the replica's engine drops the row (counted cancelled)
+        before = _cancelled(cluster + "/busy")
+        with httpx.stream("POST", cluster + "/busy/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                          json={"model": "gen_a", "prompt": "leave", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 30
+        while _cancelled(cluster + "/busy") == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _cancelled(cluster + "/busy") == before + 1
     finally:
         one.close()
         serve.delete("busy")
+
+
+def _cancelled(url: str) -> float:
+    """The replica's count of requests for gen_a that ended cancelled (its /metrics)."""
+    lines = [x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith('adapterhub_requests_total{adapter="gen_a",status="cancelled"}')]
+    return float(lines[0].split()[-1]) if lines else 0.0
