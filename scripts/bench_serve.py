@@ -306,17 +306,19 @@ async def run_load(url: str, payloads, clients: int, duration: float, timeout: f
     return summarize(results, sent, elapsed)
 
 
-def make_payloads(targets: list[tuple[str, str]], max_tokens: int, extra: dict, window: int | None = None, seen: set | None = None):
+def make_payloads(targets: list[tuple[str, str]], max_tokens: int, extra: dict, window: int | None = None, seen: set | None = None,
+                  slide: int | None = None):
     """An endless round-robin of requests over the adapters (so concurrent batches mix them) and each task's prompts.
 
-    `window`: a working set that moves: requests go round-robin over `window` adapters, and the window slides by a
-    quarter of itself every `window` requests, through all targets. Each request is tagged cold (its adapter's first
+    `window`: a working set that moves: requests go round-robin over `window` adapters, and the window slides by
+    `slide` adapters (default a quarter of itself) every `window` requests, through all targets; with slide = window
+    each adapter gets one request per pass over the targets. Each request is tagged cold (its adapter's first
     request in `seen`, so neither resident nor in host memory) or warm; requests to the damaged adapter are tagged broken."""
     prompts = {task: load_prompts(task) for task in {t for _, t in targets}}
     seen = set() if seen is None else seen
     for i in itertools.count():
         if window:
-            start = (i // window) * max(window // 4, 1)
+            start = (i // window) * (slide or max(window // 4, 1))
             name, task = targets[(start + i % window) % len(targets)]
         else:
             name, task = targets[i % len(targets)]
@@ -381,10 +383,13 @@ def bench(url: str, targets: list[tuple[str, str]], args, window: int | None = N
     seen: set = set()
     extra = probe(url, next(make_payloads(targets, args.max_tokens, {})), args.request_timeout)
     if args.warmup > 0:
-        asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra, window, seen), args.clients, args.warmup, args.request_timeout))
-    memory = {"rss_after_warmup_mb": rss_mb(pid), "health_after_warmup": server_info(url).get("health", {}).get("memory")}
+        asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra, window, seen, args.slide), args.clients, args.warmup,
+                             args.request_timeout))
+    memory = {"rss_after_warmup_mb": rss_mb(pid), "health_after_warmup": server_info(url).get("health", {}).get("memory"),
+              "adapters_used_in_warmup": len(seen)}
     rows0 = batch_rows(url)
-    stats = asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra, window, seen), args.clients, args.duration, args.request_timeout))
+    stats = asyncio.run(run_load(url, make_payloads(targets, args.max_tokens, extra, window, seen, args.slide), args.clients, args.duration,
+                                 args.request_timeout))
     rows1 = batch_rows(url)
     memory.update(rss_end_mb=rss_mb(pid), health_end=server_info(url).get("health", {}).get("memory"), adapters_used=len(seen))
     steps = rows1[1] - rows0[1]  # the server's own view of the measured window: how full its batches ran
@@ -498,6 +503,8 @@ def _main(argv=None) -> int:
                         "adapters_1000: --thousand registered copies, a working set of --window that moves")
     p.add_argument("--thousand", type=int, default=1000, help="registered adapters in adapters_1000")
     p.add_argument("--window", type=int, default=64, help="adapters_1000's moving working set")
+    p.add_argument("--slide", type=int, default=None, help="adapters the window moves by every --window requests (default: a quarter "
+                   "of it; --slide equal to --window gives each adapter one request per pass, so a warm-up of one pass touches them all)")
     p.add_argument("--server-args", default="", help='extra server flags, e.g. "--quantization none --dtype fp32" (one flag: --server-args=--flag)')
     p.add_argument("--server-cmd", default=f"{shlex.quote(sys.executable)} -m adapterhub_lite.cli serve", help="command that starts the server")
     p.add_argument("--base-url", help="bench this running server instead (one scenario)")

@@ -95,6 +95,8 @@ def test_a_moving_working_set_tags_first_uses_cold_and_the_damaged_adapter_broke
     later = list(itertools.islice(bench.make_payloads(targets, 4, {}, window=4, seen=seen), 60))
     assert {p["_tag"] for p in later if p["model"] == bench.BROKEN} == {"broken"}
     assert all(p["_tag"] == "warm" for p in later[:16])  # the same adapters again: seen carries over from the warm-up
+    one_pass = [p["model"] for p in itertools.islice(bench.make_payloads(targets, 4, {}, window=4, slide=4), 2 * len(targets))]
+    assert sorted(one_pass[: len(targets)]) == sorted(n for n, _ in targets) and one_pass[len(targets):] == one_pass[: len(targets)]
 
 
 def test_by_tag_and_the_cold_ttft_and_memory_ratios():
