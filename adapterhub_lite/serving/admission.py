@@ -35,7 +35,7 @@ log = logging.getLogger("adapterhub_lite.serve")
 
 class Admission:
     """The engine's arrivals and admission (a mixin of `Engine`, which owns the state these methods read: `router`,
-    `scheduler`, `metrics`, the jobs it holds (`_jobs`, `_rows`), the running batch (`_dec`, `_static`), the loader
+    `scheduler`, `metrics`, the arrivals queue (`_waiting`), the jobs it holds (`_jobs`, `_rows`), the running batch (`_dec`, `_static`), the loader
     (`_loader`, `_fetching`, `_wake`) and the endings (`_fail`, `_finish`, `_forget`, `_gone`))."""
 
     # -- arrivals: route, read and queue for a budget ------------------------------------------------
