@@ -405,7 +405,7 @@ def test_engine_errors_are_logged_with_their_stack(serve_registry, monkeypatch, 
         def boom(*args, **kwargs):
             raise RuntimeError("simulated out of memory")
 
-        monkeypatch.setattr(s.router.bank, "advance", boom)
+        monkeypatch.setattr(s.router.bank, "step", boom)
         with caplog.at_level(logging.ERROR, logger="adapterhub_lite.serve"):
             assert s.post("/v1/completions", {"model": "gen_a", "prompt": "x", "max_tokens": 5}).status_code == 500
         failed = [r for r in caplog.records if "decode step failed" in r.getMessage()]
