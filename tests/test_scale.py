@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from adapterhub_lite.serving.scale import HELD_HEADER, REPLICA_HEADER, model_id
+from adapterhub_lite.serving.scale import HELD_HEADER, REPLICA_HEADER, app_path, model_id
 
 from .serving import KEY, Served, free_port
 
@@ -28,6 +28,13 @@ def test_the_multiplexed_id_is_the_adapter_or_the_recipe():
     one = model_id("/v1/completions", body(model="gen_a", merged_adapters=MERGE))
     assert one.startswith("merged:") and one == model_id("/v1/chat/completions", body(merged_adapters=dict(reversed(MERGE.items()))))
     assert one != model_id("/v1/completions", body(merged_adapters={**MERGE, "weights": [0.3, 0.7]}))
+
+
+def test_the_route_prefix_is_stripped_by_whole_segments():
+    assert app_path("/busy/v1/completions", "/busy") == "/v1/completions"
+    assert app_path("/busy", "/busy") == "/" and app_path("/busy/", "/busy/") == "/"
+    assert app_path("/busyness/v1/models", "/busy") == "/busyness/v1/models"  # not a prefix: left whole
+    assert app_path("/v1/models", "") == app_path("/v1/models", "/") == "/v1/models"
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,16 @@ HELD_HEADER = "x-adapterhub-adapter-held"
 _ANY = ""  # no multiplexed id: any replica
 
 
+def app_path(path: str, root_path: str) -> str:
+    """The path as the app's routes see it. Under an application's `route_prefix` (e.g. /adapters) Ray keeps the whole
+    path and sets `root_path`; the routes start after the prefix, as behind any reverse proxy that strips it. Only whole
+    segments are stripped: /busy is not a prefix of /busyness."""
+    root = root_path.rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
+
+
 def model_id(path: str, body: bytes) -> str:
     """The multiplexed model id of a request: its adapter for a JSON body naming one (`sst2`, `sst2@1.0.0`), a
     hash of its `merged_adapters` recipe, else "" (any replica: base, auto, GET routes, bodies that do not parse,
@@ -185,11 +195,7 @@ class _Ingress:
         from adapterhub_lite.serving.routes.common import error_response
 
         body = await request.body()
-        # Under an application's route_prefix (e.g. /adapters) Ray keeps the whole path and sets root_path: the app's
-        # routes start after the prefix, as they would behind any reverse proxy that strips it.
-        path, root = request.url.path, request.scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        path = app_path(request.url.path, request.scope.get("root_path", ""))
         mid = model_id(path, body)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
         call = self.replicas.options(stream=True, multiplexed_model_id=mid)
