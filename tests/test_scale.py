@@ -88,6 +88,11 @@ def test_requests_go_to_the_replica_that_holds_their_adapter(cluster):
     held, replicas = [], {}
     for round_ in range(6):
         for name in EIGHT:
+            if round_ < 2:
+                # Warm-up at a pace Ray's router can follow: it learns which adapters a replica holds from a push every
+                # 0.1 s and a long poll, so placements made faster than that see stale counts, can put 5 adapters on one
+                # replica of 4 and leave it evicting what the router still sends it (0.75 seen once without the pause).
+                time.sleep(0.5)
             r = post(cluster, {"model": name, "prompt": "ab", "max_tokens": 1})
             assert r.status_code == 200, r.text
             replicas.setdefault(name, set()).add(r.headers[REPLICA_HEADER])
