@@ -146,3 +146,22 @@ def test_read_tokens_is_what_the_loss_plan_runs(labels):
     assert max(len(s) for s in plan.seqs) <= max_length
     assert sum(read_tokens(len(p), a, max_length, labels) for p, a in zip(prompts, answers)) == sum(len(s) for s in plan.seqs)
     assert sum(len(p) > max_length for p in prompts) > 5  # the case that was miscounted: prompts the plan cuts
+
+
+def test_the_lm_head_projects_only_the_positions_read(tiny):
+    """A classification batch projects one position per row onto the vocabulary (the label-read position), a
+    generation loss one per target token: the model's own forward projects none. With logits_to_keep=1 it projected
+    every row's last position too and threw the result away (a [B,1,H]×[H,V] product: 60 ms of a 730 ms CPU step of
+    the 135M)."""
+    tok, model = tiny.tokenizer, tiny.model
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        label_scores(model, tok, ["I like it:", "bad", "a longer prompt:"], [[tok.convert_tokens_to_ids("x")], [tok.convert_tokens_to_ids("z")]], 64)
+        assert seen == [0, 3]  # the model's forward: nothing; ours: the 3 rows' last prompt tokens
+        seen.clear()
+        task_loss(model, tok, ["copy: ab", "copy: c"], ["ab", "c"], 64)
+        targets = sum(len(tok(" " + t, add_special_tokens=False).input_ids) + 1 for t in ("ab", "c"))  # + EOS per row
+        assert seen == [0, targets]
+    finally:
+        handle.remove()

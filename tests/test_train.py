@@ -224,7 +224,7 @@ def test_init_from_starts_from_the_source_adapter_and_refuses_other_shapes(tmp_p
 
 def test_a_compiled_training_step_trains_the_eager_adapter(gen_task, monkeypatch):
     """train.compile (issue 22): the forward through torch.compile, rows padded to a few widths, gives the adapter the
-    eager loop gives, to 1e-5 in fp32. Dynamo captures the graphs here and runs them eagerly (backend "eager": no
+    eager loop gives, to 1e-4 in fp32. Dynamo captures the graphs here and runs them eagerly (backend "eager": no
     C++ build in the default run); the `inductor` test below (CI) runs inductor's generated code."""
     from adapterhub_lite.model import heads
 
@@ -241,7 +241,10 @@ def test_a_compiled_training_step_trains_the_eager_adapter(gen_task, monkeypatch
     compiled = load_file(out / "adapter_model.safetensors")
     assert len(widths) == 3 and all(w in (32, 64) for w in widths)  # every step through the compiled call, at a bucket width
     assert max(eager[k].abs().max().item() for k in eager if "lora_B" in k) > 1e-3
-    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-5
+    # 1e-4, not 1e-5: padded to 32/64 tokens, the GEMMs have other shapes and the BLAS sums in another order (which
+    # order depends on the CPU: 1.6e-5 apart on an AVX-512 Xeon, within 1e-5 on an AVX2 EPYC), and Adam's
+    # normalisation carries a tiny gradient difference into a whole update. A wrong graph is off by ~lr (1e-2).
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-4
     assert json.loads((out / "adapterhub.json").read_text())["train_state"]["compiled"] is True
 
 
