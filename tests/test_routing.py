@@ -185,3 +185,24 @@ def test_missing_or_unreadable_routing_data_is_a_routing_error(tmp_path):
     (folder / ROUTING_FILE).unlink()
     with pytest.raises(RoutingError, match="names routing file 'routing.safetensors', which is missing; refit it with add_routing"):
         load_routing(folder, meta, spec)
+
+
+def test_embedding_projects_nothing_onto_the_vocabulary():
+    """Routing embeddings read hidden states only: the LM head sees no position (logits_to_keep=1 projected each
+    row's last position onto the vocabulary and threw it away), and the embedding is the hidden states' own."""
+    backbone = load_backbone("tiny-random-llama", "none")
+    model, tok = backbone.model, backbone.tokenizer
+    texts = ["a short one", "a somewhat longer input text", "x"]
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[:-1].numel()))
+    try:
+        got = embed(model, tok, texts, batch_size=2)
+    finally:
+        handle.remove()
+    assert seen == [0, 0]  # two batches, no position projected
+    enc = tok(texts[1:2], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc, output_hidden_states=True).hidden_states
+    h = hidden[embedding_spec(model)["layers"][-1]][0].float()
+    last = torch.nn.functional.normalize(h[-1], dim=-1)  # the last pool: last-token state of the last layer
+    assert torch.allclose(got[1, -h.shape[-1]:], last, atol=1e-5)

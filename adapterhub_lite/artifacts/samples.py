@@ -20,6 +20,7 @@ from adapterhub_lite.artifacts.sidecar import Sidecar
 from adapterhub_lite.core.data import load_split
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
+from adapterhub_lite.model.heads import no_logits
 
 ROUTING_FILE = "routing.safetensors"
 POOLING = ("mean", "last")
@@ -52,7 +53,7 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Ten
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=spec["max_length"]).to(device)
-        hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states
+        hidden = model(**enc, output_hidden_states=True, logits_to_keep=no_logits(enc["input_ids"])).hidden_states  # hidden states only
         mask = enc["attention_mask"].unsqueeze(-1).float()
         last = (enc["attention_mask"] * torch.arange(mask.shape[1], device=device)).argmax(1)  # either padding side
         pools = []

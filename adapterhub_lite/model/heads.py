@@ -101,6 +101,16 @@ class CompiledCall:
         return self.fn(**kwargs)
 
 
+def no_logits(input_ids: torch.Tensor) -> torch.Tensor:
+    """`logits_to_keep` for a forward whose logits nobody reads: an empty index, so the LM head projects nothing.
+
+    logits_to_keep=1 (the smallest count transformers takes) still projects each row's last position onto the
+    whole vocabulary and throws it away: a [B,1,H]×[H,49152] bmm, 60 ms of a 730 ms CPU training step of the
+    135M (torch.profiler).
+    """
+    return torch.empty(0, dtype=torch.long, device=input_ids.device)
+
+
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, call=None) -> torch.Tensor:
     """Last-layer hidden states [B, T, H] aligned with input_ids (prompt-tuning tokens dropped).
 
@@ -112,11 +122,8 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     """
     call = call or model
     norm = _final_norm(model)
-    # logits_to_keep as an empty index: the model's own LM head projects no position (we project the few we read,
-    # head_logits). logits_to_keep=1 projected each row's last position onto the whole vocabulary and threw it away:
-    # a [B,1,H]×[H,49152] bmm that was 60 ms of a 730 ms CPU training step of the 135M (torch.profiler).
-    none = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": none, "use_cache": False}
+    # The model's own LM head projects no position: we project the few we read (head_logits).
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": no_logits(input_ids), "use_cache": False}
     if norm is None or isinstance(call, CompiledCall):  # no named final norm, or a compiled graph: all hidden states
         hidden = call(**kwargs, output_hidden_states=True).hidden_states[-1]
     else:
