@@ -322,6 +322,57 @@ def test_every_refused_field_is_a_400_naming_it(served, name, endpoint):
             served.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "a"}], extra_body={field: value})
 
 
+def test_a_label_answer_refuses_every_setting_it_cannot_honour(served):
+    """A classification adapter answers its task input with the most probable label: nothing is sampled or
+    generated, so sampling, EOS, stop and log-prob settings are refused, all named in one 400 (they were
+    answered 200 and ignored: a load tester sending ignore_eos read its output lengths wrong). A task
+    answer is its first line, so ignore_eos (run to max_tokens) is refused for every task input."""
+    greedy = served.post("/v1/completions", {"model": "cls_a", "input": "pos 1"}).json()["choices"][0]["text"]
+    asks = {"temperature": 0.7, "top_k": 5, "ignore_eos": True, "stop": ["x"], "logprobs": 2}
+    for path, body in (("/v1/completions", {"input": "pos 1"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "pos 1"}]})):
+        for stream in (False, True):
+            for name in ("temperature", "top_k", "stop"):
+                r = served.post(path, {"model": "cls_a", "stream": stream, name: asks[name], **body})
+                assert r.status_code == 400 and r.json()["error"]["param"] == name, (path, name, stream, r.text)
+                assert "scoring its labels" in r.json()["error"]["message"]
+        r = served.post(path, {"model": "cls_a", "temperature": 0.7, "top_k": 5, "stop": ["x"], **body})
+        assert all(f"`{name}`" in r.json()["error"]["message"] for name in ("temperature", "top_k", "stop")), r.text  # every one named
+        for model in ("cls_a", "gen_a"):  # a task answer is its first line: it never runs to max_tokens
+            r = served.post(path, {"model": model, "ignore_eos": True, "max_tokens": 8, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos", (path, model, r.text)
+    # what a label answer can honour: a cap on new tokens, n choices, a seed, greedy temperature, neutral values
+    ok = served.post("/v1/completions", {"model": "cls_a", "input": "pos 1", "max_tokens": 3, "n": 2, "seed": 1, "temperature": 0,
+                                         "top_p": 1, "ignore_eos": False, "stop": []})
+    assert ok.status_code == 200 and [c["text"] for c in ok.json()["choices"]] == [greedy, greedy], ok.text
+    # a raw prompt to the same adapter is generated: every setting applies there
+    assert served.post("/v1/completions", {"model": "cls_a", "prompt": "T: pos 1\nL:", "temperature": 0.7, "ignore_eos": True,
+                                           "max_tokens": 4}).json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_stream_refused_while_read_gets_its_status_not_a_200(serve_registry):
+    """A streamed request the engine refuses while reading it (over the context, a setting its adapter cannot
+    honour) is answered with its 400, as vLLM does, before any event; it was a 200 stream carrying the error
+    (the openai client then raised mid-iteration, and load testers counted a success with no content)."""
+    s = Served(serve_registry, max_model_len=40)
+    try:
+        for body in ({"model": "base", "prompt": "x" * 30, "max_tokens": 11},
+                     {"model": "cls_a", "input": "pos 1", "temperature": 0.5}):
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, headers={"Authorization": f"Bearer {KEY}"}) as r:
+                assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (body, r.status_code)
+                assert json.loads(r.read())["error"]["message"]
+        with pytest.raises(openai.BadRequestError, match="context"):  # the openai client: raised by create(), not mid-iteration
+            s.client.completions.create(model="base", prompt="x" * 30, max_tokens=11, stream=True)
+        with pytest.raises(openai.BadRequestError, match="scoring its labels"):
+            s.client.chat.completions.create(model="cls_a", messages=[{"role": "user", "content": "pos 1"}], temperature=0.5, stream=True)
+        # a stream that is read goes on as before, its events whole (chat's role chunk first, then text)
+        chunks = list(s.client.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": "ab"}], max_tokens=4, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        whole = s.client.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": "ab"}], max_tokens=4)
+        assert chunks[0].choices[0].delta.role == "assistant" and text == whole.choices[0].message.content
+    finally:
+        s.close()
+
+
 def test_neutral_values_of_refused_fields_are_accepted(served):
     body = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "use_beam_search": False, "length_penalty": 1, "store": False}
     assert served.post("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1, **body}).status_code == 200

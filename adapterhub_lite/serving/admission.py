@@ -23,11 +23,12 @@ from concurrent.futures import Future
 import torch
 
 from adapterhub_lite.core.data import label_words
-from adapterhub_lite.core.errors import AdapterHubError, DataError
+from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.jobs import Job, PromptPart
 from adapterhub_lite.serving.manager import ResidencyFull
 from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
+from adapterhub_lite.serving.params import check_label_answer
 from adapterhub_lite.serving.scheduler import Ticket
 
 log = logging.getLogger("adapterhub_lite.serve")
@@ -65,13 +66,12 @@ class Admission:
                 self._fail([job], exc)
                 continue
             self._jobs[id(job)] = job
+            job.listener("accepted", None)  # a stream's HTTP status waits for this or the error above (handlers.accepted)
 
     def _ticket(self, job: Job) -> Ticket:
         p, router = job.prepared, self.router
-        if p.classify and (job.params.logprobs is not None or job.params.prompt_logprobs is not None):
-            raise DataError(f"adapter {p.adapter!r} answers its task input by scoring its labels, so there are no token log-probs; "
-                            "drop logprobs/prompt_logprobs, ask /v1/classify for every label's probability, "
-                            "or send the rendered prompt as `prompt` for the language model's log-probs")
+        if p.classify:
+            check_label_answer(p.adapter, job.params)
         kind, virtual = router.virtual_tokens(p.adapter)
         ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
         if p.classify:

@@ -205,7 +205,7 @@ class Handlers:
     async def completions(self, body: dict, http):
         """POST /v1/completions: a raw `prompt` (continued as given) or a task's `input` (its answer)."""
         access, rid, model, params = await self._begin(body, C, "cmpl", http)
-        raw_only = [k for k in ("echo", "min_tokens") if body.get(k) not in (None, False, 0)]
+        raw_only = [k for k in ("echo", "min_tokens", "ignore_eos") if body.get(k) not in (None, False, 0)]
         if ("input" in body or model == AUTO) and raw_only:  # a task's answer is its first line, stripped: not a continuation to echo or lengthen
             raise P.bad(raw_only[0], body[raw_only[0]], "applies to a raw `prompt` sent to a named adapter; a task's `input` (and 'auto') "
                         "is answered with the task's answer — send the rendered prompt as `prompt` to use it")
@@ -244,7 +244,7 @@ class Handlers:
                                     fill_context=True, add_special_tokens=flag(body, "add_special_tokens", False))
         else:
             task_only = {"continue_final_message": (continue_final, False), "add_generation_prompt": (add_generation, True),
-                         "min_tokens": (params.min_tokens, 0)}
+                         "min_tokens": (params.min_tokens, 0), "ignore_eos": (params.ignore_eos, False)}
             for name, (value, usual) in task_only.items():
                 if value != usual:
                     raise P.bad(name, value, f"adapter {model!r} answers its task from the last user message (its own template, its first line); "
@@ -261,7 +261,8 @@ class Handlers:
         access = http.state.access
         self.submit(req)
         if flag(req.body, "stream", False):
-            return StreamingResponse(self.stream(req, access), media_type="text/event-stream")
+            early = await self.accepted(req)
+            return StreamingResponse(self.stream(req, access, early), media_type="text/event-stream")
         results = await self.results(req, http)
         self.note(access, results)
         choices = [self.choice(req, i, r) for i, r in enumerate(results)]
@@ -273,6 +274,30 @@ class Handlers:
                 body["prompt_token_ids"] = results[0].prompt_ids
             return body
         return P.completion_body(req.rid, req.model, choices, results)
+
+    async def accepted(self, req: Request) -> list:
+        """Wait until the engine has read every choice of a streamed request (routed, tokenized, measured against
+        the context). A request refused while being read (a missing task column, a prompt over the context, a field
+        its adapter cannot honour) is then answered with its own status (400 …), as vLLM does, not with a 200
+        stream that carries the error. Returns the events of accepted choices that came in the meantime."""
+        waiting, early = set(range(len(req.jobs))), []
+        try:
+            async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
+                while waiting:
+                    index, ev, payload = await req.events.get()
+                    if ev == "accepted":
+                        waiting.discard(index)
+                    elif ev == "error":
+                        raise as_api_error(payload)
+                    else:
+                        early.append((index, ev, payload))
+        except TimeoutError:
+            raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
+        except BaseException:  # refused, timed out, or the client left: the other choices' rows are dropped too
+            for job in req.jobs:
+                job.cancel()
+            raise
+        return early
 
     def choice(self, req: Request, index: int, result) -> dict:
         """One choice of a whole (not streamed) response, in the completions or chat shape."""
@@ -295,9 +320,11 @@ class Handlers:
                 out["prompt_token_ids"] = result.prompt_ids
         return out
 
-    async def stream(self, req: Request, access: dict) -> AsyncIterator[str]:
+    async def stream(self, req: Request, access: dict, early: list = ()) -> AsyncIterator[str]:
         """Server-sent events: per choice, the role (chat), the echoed prompt, text as it becomes final with its
-        tokens' log-probs (text_offset running over the whole choice), the finish reason; then usage if asked."""
+        tokens' log-probs (text_offset running over the whole choice), the finish reason; then usage if asked.
+        `early`: events that came while the request was being accepted, sent first."""
+        early = list(early)
         created, p, tok = int(time.time()), req.params, self.tokenizer
         kind = "chat.completion.chunk" if req.chat else "text_completion"
         offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
@@ -325,7 +352,7 @@ class Handlers:
             left = len(req.jobs)
             async with asyncio.timeout(self.settings.request_timeout + 5):
                 while left:
-                    index, ev, payload = await req.events.get()
+                    index, ev, payload = early.pop(0) if early else await req.events.get()
                     if ev == "prompt":
                         extra = {}
                         if p.prompt_logprobs is not None and not req.chat:
@@ -340,7 +367,7 @@ class Handlers:
                         if payload.label is not None:  # a classification adapter's answer comes whole
                             yield chunk(index, payload.text)
                         yield chunk(index, None if req.chat else "", payload.finish_reason)
-                    else:
+                    elif ev == "error":
                         yield f"data: {json.dumps(as_api_error(payload).body())}\n\n"
                         access["status"] = as_api_error(payload).status
                         break

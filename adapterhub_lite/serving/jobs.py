@@ -31,8 +31,10 @@ class RequestTimeout(AdapterHubError):
 @dataclass
 class Job:
     """One choice in flight. `listener(event, payload)` is called from the engine thread with
-    ("prompt", PromptPart) for an echoed or scored prompt, ("token", (text, [Entry])) as the choice
-    grows, then ("done", Result) or ("error", exception)."""
+    ("accepted", None) once the request was read and queued (routed, tokenized, within the context;
+    a request refused while being read gets ("error", exception) instead), ("prompt", PromptPart)
+    for an echoed or scored prompt, ("token", (text, [Entry])) as the choice grows, then
+    ("done", Result) or ("error", exception)."""
 
     request: dict  # the router request: {"adapter", "prompt" | "prompt_ids" | "text" | task columns}
     listener: Callable[[str, object], None]

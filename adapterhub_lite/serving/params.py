@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from adapterhub_lite.serving.protocol import bad
+from adapterhub_lite.serving.protocol import ApiError, bad
 
 C, H = "completions", "chat"
 BOTH = (C, H)
@@ -318,3 +318,27 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
     if max_tokens is not None and params.min_tokens > max_tokens:
         raise bad("min_tokens", params.min_tokens, f"give at most max_tokens ({max_tokens})")
     return params
+
+
+# What a label answer cannot honour: each field with its neutral value (the value that asks for nothing).
+_NOT_FOR_LABELS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                   "frequency_penalty": 0.0, "logit_bias": {}, "allowed_token_ids": None, "ignore_eos": False, "min_tokens": 0,
+                   "stop": (), "stop_token_ids": (), "logprobs": None, "prompt_logprobs": None}
+
+
+def check_label_answer(adapter: str, params: SamplingParams) -> None:
+    """Refuse, naming every one, the settings a classification adapter's answer cannot honour.
+
+    Its task input is answered by scoring its labels (the most probable one, exactly as `eval`), so no token
+    is sampled or generated: temperature, the filters, penalties, EOS and stop settings and token log-probs
+    would change nothing, and a client relying on them (a load tester fixing output lengths with ignore_eos)
+    would read wrong figures. `max_tokens`, `n` and `seed` are accepted: they ask for nothing a label breaks.
+    """
+    set_ = {name: getattr(params, name) for name, neutral in _NOT_FOR_LABELS.items()
+            if (not params.greedy if name == "temperature" else getattr(params, name) != neutral)}
+    if set_:
+        shown = ", ".join(f"`{k}` {v!r}" for k, v in set_.items())
+        raise ApiError(400, f"adapter {adapter!r} answers its task input by scoring its labels (the most probable one), so it samples and "
+                       f"generates no token: {shown} cannot apply; drop {'them' if len(set_) > 1 else 'it'}, ask /v1/classify for every "
+                       "label's probability, or send the rendered prompt as `prompt` to generate from the language model",
+                       code="invalid_value", param=next(iter(set_)))
