@@ -384,6 +384,10 @@ def test_an_unknown_field_is_ignored_aloud(served, caplog):
     assert r.http_response.status_code == 200 and r.headers[IGNORED_HEADER] == "frobnicate"
     assert any("frobnicate" in rec.getMessage() for rec in caplog.records)
     assert IGNORED_HEADER not in served.post("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 1}).headers
+    # /v1/classify reads model and input: a sampling field sent there changes nothing, and is named
+    r = served.post("/v1/classify", {"model": "cls_a", "input": "pos 1", "temperature": 0.5, "user": "u1"})
+    assert r.status_code == 200 and r.headers[IGNORED_HEADER] == "temperature", r.headers
+    assert IGNORED_HEADER not in served.post("/v1/classify", {"model": "cls_a", "input": "pos 1"}).headers
 
 
 def test_the_readme_field_table_is_the_servers(served):

@@ -70,6 +70,10 @@ def as_api_error(exc: Exception) -> P.ApiError:
     return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
 
 
+# What /v1/classify reads; any other field is ignored aloud (a log line and the response header), as on the other routes.
+CLASSIFY_FIELDS = ("model", "input", "merged_adapters", "user", "safety_identifier")
+
+
 class ClientGone(Exception):
     """The client closed the connection before its answer: nothing is sent (its rows are dropped)."""
 
@@ -99,7 +103,7 @@ class Handlers:
     # -- shared steps ----------------------------------------------------------------------------
     def fields(self, body: dict, endpoint: str, access: dict) -> None:
         """Refuse refused fields; log and report (response header) the ones this endpoint does not know."""
-        unknown = check_fields(body, endpoint)
+        unknown = [k for k in body if k not in CLASSIFY_FIELDS] if endpoint == "classify" else check_fields(body, endpoint)
         if unknown:
             log.warning("ignored field(s) %s unknown to /v1/%s (named in the %s response header)", ", ".join(unknown), endpoint, IGNORED_HEADER)
             access["ignored"] = unknown
@@ -386,6 +390,7 @@ class Handlers:
     async def classify(self, body: dict, http) -> dict:
         """POST /v1/classify: a classification adapter's label and every label's probability, per input."""
         access = http.state.access
+        self.fields(body, "classify", access)
         model = access["model"] = await self.resolve_model(body)
         if not self.catalogue.is_classifier(model):
             raise P.bad("model", model, "/v1/classify takes a classification adapter (see GET /v1/models); use /v1/completions for others")
