@@ -19,6 +19,7 @@ from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.cli import main as cli_main
 from adapterhub_lite.model.evaluate import label_token_ids
 from adapterhub_lite.model.heads import label_scores
+from adapterhub_lite.serving.params import IGNORED_HEADER
 
 from .serving import KEY, Served, free_port
 
@@ -73,9 +74,13 @@ def test_completions_chat_streaming_classify_and_models(served):
     streamed = c.completions.create(model="gen_a", prompt="In: ab\nOut:", max_tokens=6, stream=True)
     assert "".join(ch.choices[0].text for ch in streamed) == raw.choices[0].text  # same greedy tokens, streamed
 
-    chat = c.chat.completions.create(model="gen_prompt", messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "ab"}])
+    chat = c.chat.completions.with_raw_response.create(model="gen_prompt", messages=[
+        {"role": "system", "content": "x"}, {"role": "user", "content": "cd"}, {"role": "assistant", "content": "CD"}, {"role": "user", "content": "ab"}])
     alone = c.completions.create(model="gen_prompt", prompt="", extra_body={"input": "ab"})
-    assert chat.choices[0].message.content == alone.choices[0].text  # a task adapter reads the last user message
+    assert chat.parse().choices[0].message.content == alone.choices[0].text  # a task adapter reads the last user message
+    assert chat.headers[IGNORED_HEADER] == "messages[0],messages[1],messages[2]"  # …and names the ones it did not read
+    one = c.chat.completions.with_raw_response.create(model="gen_prompt", messages=[{"role": "user", "content": "ab"}])
+    assert IGNORED_HEADER not in one.headers and one.parse().choices[0].message.content == alone.choices[0].text
     pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model="gen_prompt", messages=[{"role": "user", "content": "ab"}], stream=True) if ch.choices]
     assert "".join(pieces) == alone.choices[0].text

@@ -253,10 +253,15 @@ class Handlers:
                 if value != usual:
                     raise P.bad(name, value, f"adapter {model!r} answers its task from the last user message (its own template, its first line); "
                                 "this applies to 'base' chat only")
-            users = [m["content"] for m in messages if m["role"] == "user"]
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if not users:
                 raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
-            req = self.make_request(rid, model, body, params, [{"text": users[-1]}], chat=True, answer=True, default_max=32)
+            unread = [f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
+            if unread:  # a system prompt or earlier turns are not read by a task's template: said, not dropped silently
+                log.warning("adapter %r answers the last user message only; %s not read (named in the %s response header)",
+                            model, ", ".join(unread), IGNORED_HEADER)
+                access["ignored"] = [*access.get("ignored", []), *unread]
+            req = self.make_request(rid, model, body, params, [{"text": messages[users[-1]]["content"]}], chat=True, answer=True, default_max=32)
         return await self.answer(req, http)
 
     # -- answering -------------------------------------------------------------------------------

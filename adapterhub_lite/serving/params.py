@@ -45,7 +45,7 @@ FIELDS: dict[str, Field] = {
     # -- OpenAI (completions and chat references) ------------------------------------------------
     "model": Field(BOTH, "implemented", "an adapter, `name@version`, `base` or `auto`"),
     "prompt": Field((C,), "implemented", "a string, a list of strings, a token-id list or a list of token-id lists; used as given"),
-    "messages": Field((H,), "implemented", "a task adapter reads the last user message; `base` applies the chat template"),
+    "messages": Field((H,), "implemented", "a task adapter reads the last user message (the others are named in `x-adapterhub-ignored-fields`); `base` applies the chat template"),
     "max_tokens": Field(BOTH, "implemented", "must fit the model's context with the prompt (else 400); 0 allowed with `echo` or `prompt_logprobs`"),
     "max_completion_tokens": Field((H,), "implemented", "as `max_tokens`"),
     "temperature": Field(BOTH, "implemented", f"0 (or below {GREEDY_BELOW}) is greedy"),
