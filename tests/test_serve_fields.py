@@ -340,6 +340,9 @@ def test_a_label_answer_refuses_every_setting_it_cannot_honour(served):
         for model in ("cls_a", "gen_a"):  # a task answer is its first line: it never runs to max_tokens
             r = served.post(path, {"model": model, "ignore_eos": True, "max_tokens": 8, **body})
             assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos", (path, model, r.text)
+    # a raw prompt and a task input in one request: one would go unread, so it is refused
+    r = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "prompt": "In: cd\nOut:"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "not both" in r.json()["error"]["message"], r.text
     # what a label answer can honour: a cap on new tokens, n choices, a seed, greedy temperature, neutral values
     ok = served.post("/v1/completions", {"model": "cls_a", "input": "pos 1", "max_tokens": 3, "n": 2, "seed": 1, "temperature": 0,
                                          "top_p": 1, "ignore_eos": False, "stop": []})
