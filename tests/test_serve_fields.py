@@ -176,6 +176,8 @@ def test_tokenize_detokenize_tokenizer_info_and_version(served, tok):
     assert httpx.get(served.url + "/version").json()["version"]
     bad = httpx.post(served.url + "/detokenize", json={"tokens": [10**6]})
     assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+    both = httpx.post(served.url + "/tokenize", json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]})  # one would go unread
+    assert both.status_code == 400 and both.json()["error"]["param"] == "prompt", both.text
 
 
 # -- every sampling field does what it says ---------------------------------------------------------------

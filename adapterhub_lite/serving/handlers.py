@@ -419,6 +419,8 @@ class Handlers:
         if body.get("model") is not None:
             await self.resolve_model(body)  # one tokenizer serves every adapter; a wrong name is still a 404
         if "messages" in body:
+            if body.get("prompt") is not None:  # one of them would go unread
+                raise P.bad("prompt", body["prompt"], "give either `prompt` or `messages` to tokenize, not both")
             messages = P.check_messages(body["messages"])
             if not getattr(self.tokenizer, "chat_template", None):
                 raise P.bad("messages", body["messages"], "the backbone's tokenizer has no chat template; tokenize a `prompt` instead")
