@@ -178,6 +178,13 @@ def test_tokenize_detokenize_tokenizer_info_and_version(served, tok):
     assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
     both = httpx.post(served.url + "/tokenize", json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]})  # one would go unread
     assert both.status_code == 400 and both.json()["error"]["param"] == "prompt", both.text
+    # a template of the client's own is refused, as in chat; a field these routes do not read is named
+    own = httpx.post(served.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages }}"})
+    assert own.status_code == 400 and own.json()["error"]["param"] == "chat_template", own.text
+    odd = httpx.post(served.url + "/tokenize", json={"prompt": "hi", "truncate_prompt_tokens": 1})
+    assert odd.status_code == 200 and odd.headers[IGNORED_HEADER] == "truncate_prompt_tokens" and odd.json()["count"] == len(tok("hi").input_ids)
+    assert httpx.post(served.url + "/detokenize", json={"tokens": [5], "skip_special_tokens": False}).headers[IGNORED_HEADER] == "skip_special_tokens"
+    assert IGNORED_HEADER not in httpx.post(served.url + "/tokenize", json={"prompt": "hi", "return_token_strs": True}).headers
 
 
 # -- every sampling field does what it says ---------------------------------------------------------------

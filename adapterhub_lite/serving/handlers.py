@@ -70,8 +70,11 @@ def as_api_error(exc: Exception) -> P.ApiError:
     return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
 
 
-# What /v1/classify reads; any other field is ignored aloud (a log line and the response header), as on the other routes.
+# What /v1/classify, /tokenize and /detokenize read; any other field is ignored aloud (a log line and the response
+# header), as on the other routes. A chat template of the client's own is refused at /tokenize as in chat.
 CLASSIFY_FIELDS = ("model", "input", "merged_adapters", "user", "safety_identifier")
+TOKENIZE_FIELDS = ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message", "return_token_strs")
+CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools")
 
 
 class ClientGone(Exception):
@@ -103,13 +106,21 @@ class Handlers:
     # -- shared steps ----------------------------------------------------------------------------
     def fields(self, body: dict, endpoint: str, access: dict) -> None:
         """Refuse refused fields; log and report (response header) the ones this endpoint does not know."""
-        unknown = [k for k in body if k not in CLASSIFY_FIELDS] if endpoint == "classify" else check_fields(body, endpoint)
-        if unknown:
-            log.warning("ignored field(s) %s unknown to /v1/%s (named in the %s response header)", ", ".join(unknown), endpoint, IGNORED_HEADER)
-            access["ignored"] = unknown
+        if endpoint == "classify":
+            self._unread(body, CLASSIFY_FIELDS, "v1/classify", access)
+        else:
+            self._unread(body, (), f"v1/{endpoint}", access, check_fields(body, endpoint))
         for key in ("user", "safety_identifier"):
             if isinstance(body.get(key), str):
                 access[key] = body[key][:64]
+
+    @staticmethod
+    def _unread(body: dict, known, route: str, access: dict, unknown: list | None = None) -> None:
+        """Ignore aloud the fields a route does not read: one log line, and the IGNORED_HEADER response header."""
+        unknown = [k for k in body if k not in known] if unknown is None else unknown
+        if unknown:
+            log.warning("ignored field(s) %s unknown to /%s (named in the %s response header)", ", ".join(unknown), route, IGNORED_HEADER)
+            access["ignored"] = unknown
 
     async def resolve_model(self, body: dict) -> str:
         model = body.get("model")
@@ -414,8 +425,10 @@ class Handlers:
                          for i, r in enumerate(results)]}
 
     # -- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) -----------------------------
-    async def tokenize(self, body: dict) -> dict:
+    async def tokenize(self, body: dict, access: dict) -> dict:
         """POST /tokenize (vLLM's shape): a `prompt`'s or a chat's token ids, their count and the model's context."""
+        check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
+        self._unread(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS, "tokenize", access)
         if body.get("model") is not None:
             await self.resolve_model(body)  # one tokenizer serves every adapter; a wrong name is still a 404
         if "messages" in body:
@@ -436,8 +449,9 @@ class Handlers:
         strs = self.tokenizer.convert_ids_to_tokens(ids) if flag(body, "return_token_strs", False) else None
         return {"count": len(ids), "max_model_len": self.router.max_model_len, "tokens": ids, "token_strs": strs}
 
-    async def detokenize(self, body: dict) -> dict:
+    async def detokenize(self, body: dict, access: dict) -> dict:
         """POST /detokenize (vLLM's shape): the text of `tokens`."""
+        self._unread(body, ("model", "tokens"), "detokenize", access)
         if body.get("model") is not None:
             await self.resolve_model(body)
         ids = token_ids(body.get("tokens"), "tokens", self.vocab, allow_empty=True)

@@ -11,12 +11,12 @@ router = APIRouter()
 
 @router.post("/tokenize")
 async def tokenize(request: Request):
-    return await server(request).handlers.tokenize(await read_json(request))
+    return await server(request).handlers.tokenize(await read_json(request), request.state.access)
 
 
 @router.post("/detokenize")
 async def detokenize(request: Request):
-    return await server(request).handlers.detokenize(await read_json(request))
+    return await server(request).handlers.detokenize(await read_json(request), request.state.access)
 
 
 @router.get("/tokenizer_info")
