@@ -203,8 +203,12 @@ def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served
 
     folder = tmp_path / "copy"
     shutil.copytree(registry / "gen_a" / "1.0.0", folder)
-    assert served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder)}).status_code == 200
+    loaded = served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder), "base_model_name": "x"})
+    assert loaded.status_code == 200 and loaded.headers[IGNORED_HEADER] == "base_model_name"  # a field not read is named
     assert "late" in {m.id for m in served.client.models.list().data}
+    # vLLM's in-place replacement is not done here: refused by name rather than answered "already served"
+    r = served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder), "load_inplace": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
     late = served.client.completions.create(model="late", prompt="", extra_body={"input": "ef"}).choices[0].text
     assert late == served.client.completions.create(model="gen_a", prompt="", extra_body={"input": "ef"}).choices[0].text
     assert served.post("/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200

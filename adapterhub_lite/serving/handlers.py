@@ -107,16 +107,17 @@ class Handlers:
     def fields(self, body: dict, endpoint: str, access: dict) -> None:
         """Refuse refused fields; log and report (response header) the ones this endpoint does not know."""
         if endpoint == "classify":
-            self._unread(body, CLASSIFY_FIELDS, "v1/classify", access)
+            self.ignore_aloud(body, CLASSIFY_FIELDS, "v1/classify", access)
         else:
-            self._unread(body, (), f"v1/{endpoint}", access, check_fields(body, endpoint))
+            self.ignore_aloud(body, (), f"v1/{endpoint}", access, check_fields(body, endpoint))
         for key in ("user", "safety_identifier"):
             if isinstance(body.get(key), str):
                 access[key] = body[key][:64]
 
     @staticmethod
-    def _unread(body: dict, known, route: str, access: dict, unknown: list | None = None) -> None:
-        """Ignore aloud the fields a route does not read: one log line, and the IGNORED_HEADER response header."""
+    def ignore_aloud(body: dict, known, route: str, access: dict, unknown: list | None = None) -> None:
+        """Ignore aloud the fields a route does not read (those not in `known`, or `unknown` as given): one log line,
+        and the IGNORED_HEADER response header, as vLLM ignores them but said."""
         unknown = [k for k in body if k not in known] if unknown is None else unknown
         if unknown:
             log.warning("ignored field(s) %s unknown to /%s (named in the %s response header)", ", ".join(unknown), route, IGNORED_HEADER)
@@ -428,7 +429,7 @@ class Handlers:
     async def tokenize(self, body: dict, access: dict) -> dict:
         """POST /tokenize (vLLM's shape): a `prompt`'s or a chat's token ids, their count and the model's context."""
         check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
-        self._unread(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS, "tokenize", access)
+        self.ignore_aloud(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS, "tokenize", access)
         if body.get("model") is not None:
             await self.resolve_model(body)  # one tokenizer serves every adapter; a wrong name is still a 404
         if "messages" in body:
@@ -451,7 +452,7 @@ class Handlers:
 
     async def detokenize(self, body: dict, access: dict) -> dict:
         """POST /detokenize (vLLM's shape): the text of `tokens`."""
-        self._unread(body, ("model", "tokens"), "detokenize", access)
+        self.ignore_aloud(body, ("model", "tokens"), "detokenize", access)
         if body.get("model") is not None:
             await self.resolve_model(body)
         ids = token_ids(body.get("tokens"), "tokens", self.vocab, allow_empty=True)

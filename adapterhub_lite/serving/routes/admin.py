@@ -49,6 +49,10 @@ async def metrics(request: Request):
 async def load_adapter(request: Request):
     runtime_allowed(request)
     body = await read_json(request)
+    if body.get("load_inplace"):  # vLLM's: replace the weights under a served name
+        raise P.bad("load_inplace", body["load_inplace"], "this server does not replace a served adapter in place; unload it, then load it",
+                    code="unsupported_field")
+    server(request).handlers.ignore_aloud(body, ("lora_name", "lora_path", "load_inplace"), "v1/load_lora_adapter", request.state.access)
     name = await server(request).catalogue.load(body.get("lora_name"), body.get("lora_path"))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -57,6 +61,7 @@ async def load_adapter(request: Request):
 async def unload_adapter(request: Request):
     runtime_allowed(request)
     body = await read_json(request)
+    server(request).handlers.ignore_aloud(body, ("lora_name", "lora_int_id"), "v1/unload_lora_adapter", request.state.access)
     name = await server(request).catalogue.unload(body.get("lora_name"))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
