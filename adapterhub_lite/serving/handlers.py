@@ -32,7 +32,7 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, ShuttingDown
 from adapterhub_lite.serving.manager import AdapterUnavailable
-from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, token_ids
+from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params
 from adapterhub_lite.serving.runtime import Catalogue
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
@@ -70,11 +70,8 @@ def as_api_error(exc: Exception) -> P.ApiError:
     return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
 
 
-# What /v1/classify, /tokenize and /detokenize read; any other field is ignored aloud (a log line and the response
-# header), as on the other routes. A chat template of the client's own is refused at /tokenize as in chat.
+# What /v1/classify reads; any other field is ignored aloud (a log line and the response header), as on the other routes.
 CLASSIFY_FIELDS = ("model", "input", "merged_adapters", "user", "safety_identifier")
-TOKENIZE_FIELDS = ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message", "return_token_strs")
-CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools")
 
 
 class ClientGone(Exception):
@@ -424,43 +421,3 @@ class Handlers:
         return {"object": "list", "model": model, "usage": P.usage(results),
                 "data": [{"index": i, "label": r.label, "adapter": r.adapter, "probabilities": {k: round(v, 6) for k, v in r.probabilities.items()}}
                          for i, r in enumerate(results)]}
-
-    # -- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info) -----------------------------
-    async def tokenize(self, body: dict, access: dict) -> dict:
-        """POST /tokenize (vLLM's shape): a `prompt`'s or a chat's token ids, their count and the model's context."""
-        check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
-        self.ignore_aloud(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS, "tokenize", access)
-        if body.get("model") is not None:
-            await self.resolve_model(body)  # one tokenizer serves every adapter; a wrong name is still a 404
-        if "messages" in body:
-            if body.get("prompt") is not None:  # one of them would go unread
-                raise P.bad("prompt", body["prompt"], "give either `prompt` or `messages` to tokenize, not both")
-            messages = P.check_messages(body["messages"])
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise P.bad("messages", body["messages"], "the backbone's tokenizer has no chat template; tokenize a `prompt` instead")
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=flag(body, "add_generation_prompt", True),
-                                                      continue_final_message=flag(body, "continue_final_message", False))
-            special = flag(body, "add_special_tokens", False)
-        else:
-            text = body.get("prompt")
-            if not isinstance(text, str):
-                raise P.bad("prompt", text, "give the text to tokenize as a string (or `messages`)")
-            special = flag(body, "add_special_tokens", True)
-        ids = self.tokenizer(text, add_special_tokens=special).input_ids
-        strs = self.tokenizer.convert_ids_to_tokens(ids) if flag(body, "return_token_strs", False) else None
-        return {"count": len(ids), "max_model_len": self.router.max_model_len, "tokens": ids, "token_strs": strs}
-
-    async def detokenize(self, body: dict, access: dict) -> dict:
-        """POST /detokenize (vLLM's shape): the text of `tokens`."""
-        self.ignore_aloud(body, ("model", "tokens"), "detokenize", access)
-        if body.get("model") is not None:
-            await self.resolve_model(body)
-        ids = token_ids(body.get("tokens"), "tokens", self.vocab, allow_empty=True)
-        return {"prompt": self.tokenizer.decode(ids)}
-
-    def tokenizer_info(self) -> dict:
-        """GET /tokenizer_info: what a client needs to tokenize as the server does (lm-eval reads eos_token here)."""
-        t = self.tokenizer
-        return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": t.pad_token,
-                "unk_token": t.unk_token, "chat_template": getattr(t, "chat_template", None), "model_max_length": self.router.max_model_len,
-                "vocab_size": len(t)}

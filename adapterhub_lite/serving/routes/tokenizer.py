@@ -1,24 +1,67 @@
-"""The tokenizer routes (as vLLM's): text to token ids, token ids to text, and the tokenizer's settings."""
+"""The tokenizer routes (as vLLM's): text to token ids, token ids to text, and the tokenizer's settings.
+
+One tokenizer serves every adapter; a `model` that is given must still name one (a wrong name is a 404).
+A route reads the fields vLLM's request has; a chat template of the client's own is refused as in chat,
+any other field is ignored aloud (a log line and the x-adapterhub-ignored-fields header).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.params import H, check_fields, flag, token_ids
 from adapterhub_lite.serving.routes.common import read_json, server
 
 router = APIRouter()
 
+TOKENIZE_FIELDS = ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "continue_final_message", "return_token_strs")
+CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools")
+
 
 @router.post("/tokenize")
 async def tokenize(request: Request):
-    return await server(request).handlers.tokenize(await read_json(request), request.state.access)
+    """A `prompt`'s or a chat's token ids, their count and the model's context."""
+    body, handlers = await read_json(request), server(request).handlers
+    check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
+    handlers.ignore_aloud(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS, "tokenize", request.state.access)
+    if body.get("model") is not None:
+        await handlers.resolve_model(body)
+    tok = handlers.tokenizer
+    if "messages" in body:
+        if body.get("prompt") is not None:  # one of them would go unread
+            raise P.bad("prompt", body["prompt"], "give either `prompt` or `messages` to tokenize, not both")
+        messages = P.check_messages(body["messages"])
+        if not getattr(tok, "chat_template", None):
+            raise P.bad("messages", body["messages"], "the backbone's tokenizer has no chat template; tokenize a `prompt` instead")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=flag(body, "add_generation_prompt", True),
+                                       continue_final_message=flag(body, "continue_final_message", False))
+        special = flag(body, "add_special_tokens", False)
+    else:
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise P.bad("prompt", text, "give the text to tokenize as a string (or `messages`)")
+        special = flag(body, "add_special_tokens", True)
+    ids = tok(text, add_special_tokens=special).input_ids
+    strs = tok.convert_ids_to_tokens(ids) if flag(body, "return_token_strs", False) else None
+    return {"count": len(ids), "max_model_len": handlers.router.max_model_len, "tokens": ids, "token_strs": strs}
 
 
 @router.post("/detokenize")
 async def detokenize(request: Request):
-    return await server(request).handlers.detokenize(await read_json(request), request.state.access)
+    """The text of `tokens`."""
+    body, handlers = await read_json(request), server(request).handlers
+    handlers.ignore_aloud(body, ("model", "tokens"), "detokenize", request.state.access)
+    if body.get("model") is not None:
+        await handlers.resolve_model(body)
+    return {"prompt": handlers.tokenizer.decode(token_ids(body.get("tokens"), "tokens", handlers.vocab, allow_empty=True))}
 
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(request: Request):
-    return server(request).handlers.tokenizer_info()
+    """What a client needs to tokenize as the server does (lm-eval reads eos_token here)."""
+    handlers = server(request).handlers
+    t = handlers.tokenizer
+    return {"tokenizer_class": type(t).__name__, "eos_token": t.eos_token, "bos_token": t.bos_token, "pad_token": t.pad_token,
+            "unk_token": t.unk_token, "chat_template": getattr(t, "chat_template", None), "model_max_length": handlers.router.max_model_len,
+            "vocab_size": len(t)}
