@@ -211,7 +211,8 @@ def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served
     assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
     late = served.client.completions.create(model="late", prompt="", extra_body={"input": "ef"}).choices[0].text
     assert late == served.client.completions.create(model="gen_a", prompt="", extra_body={"input": "ef"}).choices[0].text
-    assert served.post("/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
+    unloaded = served.post("/v1/unload_lora_adapter", {"lora_name": "late", "lora_path": str(folder)})
+    assert unloaded.status_code == 200 and unloaded.headers[IGNORED_HEADER] == "lora_path"  # unload reads the name only
     assert served.post("/v1/completions", {"model": "late", "prompt": "x"}).status_code == 404
     # a tampered registry folder is refused when loaded by its path
     tampered = registry / "cls_b" / "1.0.0" / "adapter_model.safetensors"
