@@ -287,6 +287,8 @@ def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, 
         proc.wait(10)
         runner.join(60)
         proc = start_server(reg, port)
+        # `serve` bounds a step's tokens by default (2048 on a CPU), as vLLM does: /health says what it runs under
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["budgets"]["max_num_batched_tokens"] == 2048
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "gen_a", "input": "ab"}, timeout=30)
         assert answer.status_code == 200 and answer.json()["choices"][0]["adapter"] == "gen_a"
         assert open_registry(reg).verify() == []
@@ -380,3 +382,13 @@ def test_sigterm_removes_the_merges_scratch_folder(registry, tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_default_token_budget_follows_the_device_and_the_rows():
+    """`--max-num-batched-tokens` left out: 2048 on a CPU, 8192 on a GPU, never below --max-batch-rows (a step must
+    hold one decode token per row); given, it is kept."""
+    from adapterhub_lite.serving.api import token_budget
+
+    assert token_budget(None, 32, "cpu") == 2048 and token_budget(None, 32, "cuda:0") == 8192
+    assert token_budget(None, 4096, "cpu") == 4096
+    assert token_budget(100, 32, "cpu") == 100

@@ -146,7 +146,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch-rows", type=count(1), default=32, help="rows decoded together (1: one request at a time)")
     p.add_argument("--max-num-batched-tokens", type=count(1), help="tokens one step runs (a decoding row: 1; a prompt: its tokens, "
-                   "in pieces over several steps when longer than what is left); at least --max-batch-rows (default: no bound)")
+                   "in pieces over several steps when longer than what is left); at least --max-batch-rows (default: 2048 on a CPU, "
+                   "8192 on a GPU, as vLLM's online-serving defaults; raised to --max-batch-rows if that is larger)")
     p.add_argument("--kv-cache-mb", type=finite_float, help="KV cache budget: a request reserves prompt + max_tokens positions when it "
                    "starts; requests that do not fit wait (default: no bound)")
     p.add_argument("--max-loras", type=count(1), help="distinct adapters in the running batch at once, and the LoRA / IA3 adapter slots "
