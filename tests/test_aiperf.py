@@ -38,8 +38,8 @@ def served(serve_registry, tmp_path_factory):
     s.close()
 
 
-def profile(aiperf, served, out: Path, models: list[str], endpoint: str, *extra: str) -> dict:
-    """One `aiperf profile` run, streamed, 8 concurrent; returns its summary JSON (and the per-request records)."""
+def profile(aiperf, served, out: Path, models: list[str], endpoint: str, *extra: str) -> list[dict]:
+    """One `aiperf profile` run, streamed, 8 concurrent; returns its per-request records."""
     cmd = [str(aiperf), "profile", "--model", ",".join(models), "--model-selection-strategy", "round_robin", "--url", served.url,
            "--endpoint-type", endpoint, "--streaming", "--tokenizer", str(served.tokenizer_dir), "--synthetic-input-tokens-mean", "24",
            "--synthetic-input-tokens-stddev", "4", "--concurrency", "8", "--request-count", "24", "--use-server-token-count",
@@ -47,9 +47,7 @@ def profile(aiperf, served, out: Path, models: list[str], endpoint: str, *extra:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}  # aiperf 0.13 offline reads only the hub cache
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=out.parent, env=env)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    summary = json.loads((out / "profile_export_aiperf.json").read_text())
-    records = [json.loads(line) for line in (out / "profile_export.jsonl").read_text().splitlines()]
-    return summary, records
+    return [json.loads(line) for line in (out / "profile_export.jsonl").read_text().splitlines()]
 
 
 def metric(records: list[dict], name: str) -> list:
@@ -60,7 +58,7 @@ def test_fixed_output_lengths_are_exact_for_every_adapter_kind(aiperf, served, t
     """Raw prompts (continued through each adapter) with ignore_eos and 6 new tokens, EOS biased to come first:
     every request of every kind (LoRA, prefix, prompt tuning, IA3, base) streams exactly 6 tokens, and none fails."""
     models = ["base", "cls_a", "gen_a", "cls_prefix", "gen_prompt", "cls_ia3"]
-    summary, records = profile(aiperf, served, tmp_path / "fixed", models, "completions", "--output-tokens-mean", "6",
+    records = profile(aiperf, served, tmp_path / "fixed", models, "completions", "--output-tokens-mean", "6",
                                "--output-tokens-stddev", "0",
                                # EOS made the likeliest token (id 2 in the tiny tokenizer), so only ignore_eos keeps a choice going;
                                # special tokens shown, so no choice is empty text
@@ -76,7 +74,7 @@ def test_chat_streams_every_label_answer_as_content(aiperf, served, tmp_path):
     each label arrives as streamed content, so no request is an empty "success"; `max_completion_tokens` is
     accepted (a label asks for no new token: usage 0). (A generation adapter's task answer is its first line,
     which a random tiny model may leave empty: its lengths are checked through raw prompts above.)"""
-    summary, records = profile(aiperf, served, tmp_path / "chat", ["cls_a", "cls_prefix", "cls_ia3"], "chat", "--output-tokens-mean", "4")
+    records = profile(aiperf, served, tmp_path / "chat", ["cls_a", "cls_prefix", "cls_ia3"], "chat", "--output-tokens-mean", "4")
     assert len(records) == 24 and not [r["error"] for r in records if r.get("error")]
     assert all(v is not None and v > 0 for v in metric(records, "time_to_first_token"))
     assert metric(records, "usage_completion_tokens") == [0] * 24

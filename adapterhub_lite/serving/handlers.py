@@ -32,7 +32,7 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, ShuttingDown
 from adapterhub_lite.serving.manager import AdapterUnavailable
-from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params
+from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, unread
 from adapterhub_lite.serving.runtime import Catalogue
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
@@ -101,24 +101,21 @@ class Handlers:
         self.vocab = self.router.bank.lm_head.out_features
 
     # -- shared steps ----------------------------------------------------------------------------
-    def fields(self, body: dict, endpoint: str, access: dict) -> None:
-        """Refuse refused fields; log and report (response header) the ones this endpoint does not know."""
-        if endpoint == "classify":
-            self.ignore_aloud(body, CLASSIFY_FIELDS, "v1/classify", access)
-        else:
-            self.ignore_aloud(body, (), f"v1/{endpoint}", access, check_fields(body, endpoint))
+    def fields(self, body: dict, endpoint: str, access: dict, known=None) -> None:
+        """Refuse refused fields; log and report (response header) the ones this endpoint does not read: by the field
+        table for completions and chat, or those not in `known`."""
+        self.ignore_aloud(check_fields(body, endpoint) if known is None else unread(body, known), f"v1/{endpoint}", access)
         for key in ("user", "safety_identifier"):
             if isinstance(body.get(key), str):
                 access[key] = body[key][:64]
 
     @staticmethod
-    def ignore_aloud(body: dict, known, route: str, access: dict, unknown: list | None = None) -> None:
-        """Ignore aloud the fields a route does not read (those not in `known`, or `unknown` as given): one log line,
-        and the IGNORED_HEADER response header, as vLLM ignores them but said."""
-        unknown = [k for k in body if k not in known] if unknown is None else unknown
-        if unknown:
-            log.warning("ignored field(s) %s unknown to /%s (named in the %s response header)", ", ".join(unknown), route, IGNORED_HEADER)
-            access["ignored"] = unknown
+    def ignore_aloud(names: list[str], route: str, access: dict) -> None:
+        """Ignore aloud what a route does not read (fields, or chat messages): one log line, and the names added to the
+        IGNORED_HEADER response header, as vLLM ignores unknown fields but said."""
+        if names:
+            log.warning("ignored %s: not read by /%s (named in the %s response header)", ", ".join(names), route, IGNORED_HEADER)
+            access["ignored"] = [*access.get("ignored", []), *names]
 
     async def resolve_model(self, body: dict) -> str:
         model = body.get("model")
@@ -268,11 +265,9 @@ class Handlers:
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if not users:
                 raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
-            unread = [f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
-            if unread:  # a system prompt or earlier turns are not read by a task's template: said, not dropped silently
-                log.warning("adapter %r answers the last user message only; %s not read (named in the %s response header)",
-                            model, ", ".join(unread), IGNORED_HEADER)
-                access["ignored"] = [*access.get("ignored", []), *unread]
+            # a system prompt or earlier turns are not read by a task's template: said, not dropped silently
+            self.ignore_aloud([f"messages[{i}]" for i in range(len(messages)) if i != users[-1]],
+                              f"v1/chat/completions (adapter {model!r} answers the last user message only)", access)
             req = self.make_request(rid, model, body, params, [{"text": messages[users[-1]]["content"]}], chat=True, answer=True, default_max=32)
         return await self.answer(req, http)
 
@@ -407,7 +402,7 @@ class Handlers:
     async def classify(self, body: dict, http) -> dict:
         """POST /v1/classify: a classification adapter's label and every label's probability, per input."""
         access = http.state.access
-        self.fields(body, "classify", access)
+        self.fields(body, "classify", access, known=CLASSIFY_FIELDS)
         model = access["model"] = await self.resolve_model(body)
         if not self.catalogue.is_classifier(model):
             raise P.bad("model", model, "/v1/classify takes a classification adapter (see GET /v1/models); use /v1/completions for others")

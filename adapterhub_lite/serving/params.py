@@ -153,6 +153,11 @@ def check_fields(body: dict, endpoint: str) -> list[str]:
     return unknown
 
 
+def unread(body: dict, known) -> list[str]:
+    """The fields of `body` a route does not read (those not in `known`), for it to name (Handlers.ignore_aloud)."""
+    return [k for k in body if k not in known]
+
+
 # -- numbers and lists as JSON gives them ------------------------------------------------------------
 
 def number(body: dict, name: str, default, low: float, high: float, kind=float):

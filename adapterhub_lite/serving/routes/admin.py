@@ -13,6 +13,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from adapterhub_lite.core import __version__
 from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.params import unread
 from adapterhub_lite.serving.routes.common import error_response, read_json, runtime_allowed, server
 
 router = APIRouter()
@@ -52,7 +53,7 @@ async def load_adapter(request: Request):
     if body.get("load_inplace"):  # vLLM's: replace the weights under a served name
         raise P.bad("load_inplace", body["load_inplace"], "this server does not replace a served adapter in place; unload it, then load it",
                     code="unsupported_field")
-    server(request).handlers.ignore_aloud(body, ("lora_name", "lora_path", "load_inplace"), "v1/load_lora_adapter", request.state.access)
+    server(request).handlers.ignore_aloud(unread(body, ("lora_name", "lora_path", "load_inplace")), "v1/load_lora_adapter", request.state.access)
     name = await server(request).catalogue.load(body.get("lora_name"), body.get("lora_path"))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -61,7 +62,7 @@ async def load_adapter(request: Request):
 async def unload_adapter(request: Request):
     runtime_allowed(request)
     body = await read_json(request)
-    server(request).handlers.ignore_aloud(body, ("lora_name", "lora_int_id"), "v1/unload_lora_adapter", request.state.access)
+    server(request).handlers.ignore_aloud(unread(body, ("lora_name", "lora_int_id")), "v1/unload_lora_adapter", request.state.access)
     name = await server(request).catalogue.unload(body.get("lora_name"))
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from adapterhub_lite.serving import protocol as P
-from adapterhub_lite.serving.params import H, check_fields, flag, token_ids
+from adapterhub_lite.serving.params import H, check_fields, flag, token_ids, unread
 from adapterhub_lite.serving.routes.common import read_json, server
 
 router = APIRouter()
@@ -24,7 +24,7 @@ async def tokenize(request: Request):
     """A `prompt`'s or a chat's token ids, their count and the model's context."""
     body, handlers = await read_json(request), server(request).handlers
     check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
-    handlers.ignore_aloud(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS, "tokenize", request.state.access)
+    handlers.ignore_aloud(unread(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS), "tokenize", request.state.access)
     if body.get("model") is not None:
         await handlers.resolve_model(body)
     tok = handlers.tokenizer
@@ -51,7 +51,7 @@ async def tokenize(request: Request):
 async def detokenize(request: Request):
     """The text of `tokens`."""
     body, handlers = await read_json(request), server(request).handlers
-    handlers.ignore_aloud(body, ("model", "tokens"), "detokenize", request.state.access)
+    handlers.ignore_aloud(unread(body, ("model", "tokens")), "detokenize", request.state.access)
     if body.get("model") is not None:
         await handlers.resolve_model(body)
     return {"prompt": handlers.tokenizer.decode(token_ids(body.get("tokens"), "tokens", handlers.vocab, allow_empty=True))}
