@@ -109,3 +109,34 @@ def test_by_tag_and_the_cold_ttft_and_memory_ratios():
     r = bench.ratios(scen)
     assert r["p99_ttft_cold_vs_warm"]["value"] == round(0.5 / 0.199, 3) and r["p99_ttft_cold_vs_warm"]["met"] is False
     assert r["memory_growth_after_warmup"] == {"value": 1.05, "goal": 1.1, "met": True, "lower_is_better": True}
+
+
+def test_the_first_pass_warms_up_until_the_host_cache_is_full(monkeypatch):
+    """adapters_1000's goal is memory flat *after the first pass*: the warm-up goes on until /health says the host
+    cache holds its bound (or --warmup-limit is spent), and says which."""
+    filled = iter([10, 40, 64, 64])
+    runs = []
+
+    async def fake_load(url, payloads, clients, duration, timeout):
+        runs.append(duration)
+        return {}
+
+    def fake_info(url):
+        return {"health": {"memory": {"host_cached_adapters": next(filled), "max_cpu_loras": 64}}}
+
+    monkeypatch.setattr(bench, "run_load", fake_load)
+    monkeypatch.setattr(bench, "server_info", fake_info)
+    args = type("Args", (), {"warmup": 5.0, "warmup_limit": 300.0, "clients": 4, "request_timeout": 30.0})()
+    warm = bench.warm_up("http://x", iter(()), args, first_pass=True)
+    assert runs == [5.0, 5.0, 5.0] and warm["seconds"] == 15.0 and warm["host_cache_full"] is True
+    assert warm["memory"]["host_cached_adapters"] == 64
+
+    filled, runs[:] = iter([1, 2, 3, 4]), []
+    args.warmup_limit = 10.0
+    warm = bench.warm_up("http://x", iter(()), args, first_pass=True)  # the limit ends it before the cache is full
+    assert runs == [5.0, 5.0] and warm["host_cache_full"] is False
+    r = bench.ratios({"adapters_1000": {"memory": {"rss_after_warmup_mb": 1000.0, "rss_end_mb": 1200.0, "host_cache_full_after_warmup": False}}})
+    assert r["memory_growth_after_warmup"]["met"] is False and "still filling" in r["memory_growth_after_warmup"]["caveat"]
+
+    filled, runs[:] = iter([1, 2]), []
+    assert bench.warm_up("http://x", iter(()), args)["host_cache_full"] is False and runs == [5.0]  # other scenarios: --warmup once
