@@ -143,7 +143,8 @@ def test_files_are_hashed_at_every_load_not_only_at_start(serve_registry, tmp_pa
 
 def test_a_registry_version_with_a_malformed_sidecar_stops_serve_in_one_line(adapters, tmp_path, capsys):
     """A version published before sidecars were validated (its index records the damaged file's hash): `serve` refuses it by field."""
-    from adapterhub_lite.artifacts.registry import LocalRegistry, file_record
+    from adapterhub_lite.artifacts.index import file_record
+    from adapterhub_lite.artifacts.registry import LocalRegistry
 
     reg = tmp_path / "reg"
     LocalRegistry(reg).publish(adapters["cls_a"], "1.0.0")

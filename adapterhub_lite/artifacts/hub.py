@@ -10,16 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adapterhub_lite.artifacts.registry import (
-    SIDECAR,
-    Registry,
-    RegistryError,
-    file_record,
-    make_entry,
-    next_version,
-    parse_index,
-    publish_inputs,
-)
+from adapterhub_lite.artifacts.folder import SIDECAR
+from adapterhub_lite.artifacts.index import RegistryError, file_record, make_entry, next_version, parse_index, publish_inputs
+from adapterhub_lite.artifacts.registry import Registry
 
 _ATTEMPTS = 3
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapterhub_lite.artifacts.hub import HubRegistry
-from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError, check_if_registered, parse_ref
+from adapterhub_lite.artifacts.index import RegistryError, parse_ref
+from adapterhub_lite.artifacts.registry import LocalRegistry, check_if_registered
 
 
 def open_registry(location: str | Path):

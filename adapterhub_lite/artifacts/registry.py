@@ -5,7 +5,8 @@ Layout (a local folder; `hf://org/repo` keeps the same layout on the Hugging Fac
     <registry>/index.json                 {"format": …, "adapters": {name: {version: entry}}}
     <registry>/<name>/<version>/          the adapter folder: PEFT files, sidecar, model card …
 
-The index is the truth: a version exists when, and only when, the index lists it. Publishing
+The index is the truth: a version exists when, and only when, the index lists it (its format, names,
+versions and entries: index.py). Publishing
 copies into a hidden temp folder (hashing as it copies), fsyncs, and then, under a file lock,
 renames the folder into place and rewrites the index atomically. A publisher killed at any
 point leaves the old index and at most an unlisted folder, which the next publish clears away.
@@ -31,61 +32,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapterhub_lite.artifacts.files import write_json
-from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder
+from adapterhub_lite.artifacts.folder import SIDECAR
+from adapterhub_lite.artifacts.index import (
+    INDEX_FORMAT,
+    RegistryError,
+    check_folder,
+    check_name,
+    file_record,
+    hash_file,
+    is_version_folder,
+    make_entry,
+    next_version,
+    parse_index,
+    parse_ref,
+    publish_inputs,
+    version_key,
+)
 from adapterhub_lite.core.errors import AdapterHubError
 
-INDEX_FORMAT = "adapterhub_lite.registry/1"
-# Always used with fullmatch: `$` would also match before a trailing newline ("1.0.0\n").
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_VERSION = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-ENTRY_KEYS = ("task", "type", "method", "base", "quantization", "metrics", "files")
 STALE_SECONDS = 24 * 3600  # a temp folder of another host is cleared only after this long
 LOCK_TIMEOUT_S = 600
-
-
-class RegistryError(AdapterHubError):
-    """A registry operation was refused: bad name or version, unknown entry, failed integrity check."""
-
-
-def check_name(name: str) -> str:
-    """Adapter names are one path component: letters, digits, '.', '_', '-'; no '..'."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise RegistryError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (no path separators, no '..')")
-    return name
-
-
-def check_version(version: str) -> str:
-    """Versions are semantic MAJOR.MINOR.PATCH, matched whole (no sign, no leading zeros, no whitespace)."""
-    if not isinstance(version, str) or not _VERSION.fullmatch(version):
-        raise RegistryError(f"invalid version {version!r}: use semantic MAJOR.MINOR.PATCH such as 1.0.0, or 'auto'")
-    return version
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """A MAJOR.MINOR.PATCH version as a tuple that sorts as versions do (1.10.0 after 1.9.0)."""
-    return tuple(int(x) for x in version.split("."))
-
-
-def parse_ref(ref: str) -> tuple[str, str]:
-    """'sst2', 'sst2@latest' or 'sst2@1.0.0' → (name, version or 'latest')."""
-    name, _, version = ref.partition("@")
-    check_name(name)
-    version = version or "latest"
-    return name, version if version == "latest" else check_version(version)
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_record(path: Path) -> dict:
-    """sha256 and size of one file, as the index records them."""
-    return {"sha256": _hash_file(path), "size": path.stat().st_size}
 
 
 def _copy_hashing(src: Path, dst: Path) -> dict:
@@ -115,113 +81,6 @@ def _os_problem(exc: OSError) -> str:
     """An OSError in a few words: 'No space left on device (ENOSPC) at /reg/x'."""
     code = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
     return f"{exc.strerror or exc} ({code})" + (f" at {exc.filename}" if exc.filename else "")
-
-
-def check_folder(folder: Path) -> dict:
-    """Refuse folders that are not safetensors adapters (folder.check_adapter_folder, as every way in); return their sidecar."""
-    return check_adapter_folder(folder, RegistryError)
-
-
-def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[Path, dict, str, dict]:
-    """What every registry checks before a publish: (folder, its sidecar, the name to publish under, adapter_config)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
-    meta = check_folder(folder)
-    name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
-    if version != "auto":
-        check_version(version)
-    return folder, meta, name, json.loads((folder / "adapter_config.json").read_text())
-
-
-def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None = None) -> dict:
-    """The index record of one version (`created`: when it was published; default now)."""
-    try:
-        spec, fp = meta["task"] or {"name": None, "type": "component", "metric": []}, meta["base"]["fingerprint"]  # no task: a shared adapter
-        targets = peft_config.get("target_modules")
-        metrics = meta.get("metrics") or {}
-        return {
-            "task": spec["name"], "type": spec["type"], "method": meta["method"],
-            "rank": peft_config.get("r"), "num_virtual_tokens": peft_config.get("num_virtual_tokens"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
-            "base": {"name": meta["base"]["name"], "hub_id": meta["base"]["hub_id"], "fingerprint": fp},
-            "quantization": fp["quantization"],
-            "metrics": {k: metrics[k] for k in spec["metric"] if k in metrics},  # the task's own metrics (a merge may have none)
-            "files": files,
-            "created": created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    except (KeyError, TypeError) as exc:
-        raise RegistryError(f"the adapter's sidecar ({SIDECAR}) lacks {exc} or has it in the wrong form; publish a folder written by adapterhub-lite") from None
-
-
-def next_version(versions: dict, version: str) -> str:
-    """Resolve 'auto' (bump the patch of the latest, or 1.0.0) and refuse re-publishing."""
-    if version == "auto":
-        latest = max(versions, key=version_key, default=None)
-        version = "1.0.0" if latest is None else ".".join(map(str, (*version_key(latest)[:2], version_key(latest)[2] + 1)))
-    if version in versions:
-        raise RegistryError(f"version {version} is already published and versions are immutable; publish with --version auto or a new version")
-    return version
-
-
-def _index_problems(index: dict) -> list[str]:
-    """What is wrong with a parsed index's structure (empty: nothing)."""
-    adapters = index.get("adapters")
-    if not isinstance(adapters, dict):
-        return [f"'adapters' is {type(adapters).__name__ if 'adapters' in index else 'missing'}, expected an object {{name: {{version: entry}}}}"]
-    problems = []
-    for name, versions in adapters.items():
-        if not _NAME.fullmatch(name) or ".." in name:
-            problems.append(f"adapter name {name!r} is not a valid name")
-        if not isinstance(versions, dict):
-            problems.append(f"{name!r} maps to a {type(versions).__name__}, expected an object {{version: entry}}")
-            continue
-        for version, entry in versions.items():
-            where = f"{name}@{version}"
-            if not _VERSION.fullmatch(version):
-                problems.append(f"{name!r} has version key {version!r}, not MAJOR.MINOR.PATCH")
-            if not isinstance(entry, dict):
-                problems.append(f"{where} is a {type(entry).__name__}, expected an object")
-                continue
-            missing = [k for k in ENTRY_KEYS if k not in entry]
-            if missing:
-                problems.append(f"{where} lacks {', '.join(missing)}")
-                continue
-            files = entry["files"]
-            if not isinstance(files, dict) or not files:
-                problems.append(f"{where} has no file records")
-                continue
-            for fname, rec in files.items():
-                if Path(fname).name != fname or fname in (".", ".."):
-                    problems.append(f"{where} lists file {fname!r}, not a plain file name")
-                elif not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str) and _SHA256.fullmatch(rec["sha256"])
-                          and isinstance(rec.get("size"), int) and rec["size"] >= 0):
-                    problems.append(f"{where}: the record of {fname} is not {{sha256: 64 hex digits, size: bytes}}")
-            if not isinstance(entry["base"], dict) or not isinstance(entry["metrics"], dict):
-                problems.append(f"{where}: 'base' and 'metrics' must be objects")
-            elif not (isinstance(entry["base"].get("name"), str) and entry["base"]["name"]) or not isinstance(entry["base"].get("hub_id"), (str, type(None))):
-                problems.append(f"{where}: 'base' lacks the backbone's name (or has a hub_id that is not a string)")
-    return problems
-
-
-def parse_index(text: str | bytes | None, where: str) -> dict:
-    """Parse and check an index.json (None: no index yet, an empty registry); a damaged one is one RegistryError."""
-    if text is None:
-        return {"format": INDEX_FORMAT, "adapters": {}}
-    fix = "restore it from a backup (the version folders beside it are untouched) or publish into a new registry"
-    try:
-        index = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, an int of 5,000 digits, 100,000 nested brackets
-        raise RegistryError(f"{where} is not valid JSON ({type(exc).__name__}: {str(exc)[:80]}); {fix}") from None
-    if not isinstance(index, dict):
-        raise RegistryError(f"{where} holds a JSON {type(index).__name__}, expected an object with 'format' and 'adapters'; {fix}")
-    if index.get("format") != INDEX_FORMAT:
-        raise RegistryError(f"{where} has format {index.get('format')!r}, expected {INDEX_FORMAT!r}; {fix}")
-    problems = _index_problems(index)
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise RegistryError(f"{where} is damaged: {'; '.join(problems[:3])}{more}; {fix}")
-    return index
 
 
 class Registry:
@@ -286,7 +145,7 @@ class Registry:
             try:
                 if not path.is_file():
                     problems.append(f"{name}@{version}: {fname} is missing")
-                elif path.stat().st_size != want["size"] or _hash_file(path) != want["sha256"]:
+                elif path.stat().st_size != want["size"] or hash_file(path) != want["sha256"]:
                     problems.append(f"{name}@{version}: {fname} does not match its recorded sha256")
             except OSError as exc:
                 problems.append(f"{name}@{version}: {fname} cannot be read ({_os_problem(exc)})")
@@ -370,7 +229,7 @@ class LocalRegistry(Registry):
         """(name, version) of every <name>/<version>/ folder that holds adapter files, listed or not."""
         found = []
         for folder in sorted(self.root.glob("*/*")):
-            if folder.is_dir() and _NAME.fullmatch(folder.parent.name) and _VERSION.fullmatch(folder.name) and any(
+            if folder.is_dir() and is_version_folder(folder.parent.name, folder.name) and any(
                     (folder / f).exists() for f in (SIDECAR, "adapter_config.json", "adapter_model.safetensors")):
                 found.append((folder.parent.name, folder.name))
         return found
@@ -496,7 +355,7 @@ def registered_as(folder: str | Path) -> tuple[LocalRegistry, str, str, dict] | 
     of a local registry; None when it is not (no index.json two levels up, or the index does not list it)."""
     folder = Path(folder).resolve()
     name, version, root = folder.parent.name, folder.name, folder.parent.parent
-    if not (_NAME.fullmatch(name) and _VERSION.fullmatch(version) and (root / "index.json").is_file()):
+    if not (is_version_folder(name, version) and (root / "index.json").is_file()):
         return None
     reg = LocalRegistry(root)
     entry = reg.index()["adapters"].get(name, {}).get(version)  # a damaged index is refused, not skipped

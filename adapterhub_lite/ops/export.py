@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
+from adapterhub_lite.artifacts.index import version_key
 from adapterhub_lite.artifacts.registries import open_registry
-from adapterhub_lite.artifacts.registry import version_key
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.model.lora_format import base_rewriting_init, factor_key, scale, tensor_shapes
 

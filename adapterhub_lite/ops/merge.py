@@ -122,7 +122,7 @@ def merged_task(metas: dict[str, dict], task: str | None) -> dict | None:
 
 
 def _sha256(path: Path) -> str:
-    from adapterhub_lite.artifacts.registry import file_record
+    from adapterhub_lite.artifacts.index import file_record
 
     return file_record(path)["sha256"]
 

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from adapterhub_lite.artifacts.registry import check_name
+from adapterhub_lite.artifacts.index import check_name
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
