@@ -20,6 +20,7 @@ from pathlib import Path
 from adapterhub_lite.artifacts.files import share_files, write_json
 from adapterhub_lite.core import __version__
 from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
+from adapterhub_lite.core.spec import spec_from_dict
 
 SIDECAR = "adapterhub.json"
 FORMAT = "adapterhub_lite.adapter/2"
@@ -101,8 +102,6 @@ FINGERPRINT_KEYS = ("config_sha256", "tokenizer_sha256", "weights_sha256", "quan
 
 def sidecar_problems(raw: dict) -> list[str]:
     """What is wrong with a (current-format) sidecar's fields that readers use, each naming the field and the value."""
-    from adapterhub_lite.core.spec import spec_from_dict  # here: spec is not needed to write a sidecar
-
     out = []
 
     def shown(value) -> str:

@@ -13,6 +13,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTun
 from safetensors.torch import load_file, save_file
 
 from adapterhub_lite.core.errors import AdapterLoadError, AdapterMethodError
+from adapterhub_lite.core.spec import method_args_problems
 from adapterhub_lite.model.rowconfig import LoraFactors
 
 _CONFIGS = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "ia3": IA3Config}
@@ -46,8 +47,6 @@ def default_method_args(method: str, model: torch.nn.Module) -> dict:
 
 def make_config(method: str, method_args: dict, model: torch.nn.Module):
     """Build the peft config for `method`, checking target modules against the model first."""
-    from adapterhub_lite.core.spec import method_args_problems
-
     problems = method_args_problems(method, method_args or {})
     if problems:  # checked here too: peft would fail deep inside (TypeError for r="eight") or take r=0
         raise AdapterMethodError("; ".join(problems))

@@ -32,6 +32,8 @@ from peft import PeftModel
 
 from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.artifacts.folder import nonfinite_tensors, read_sidecar
+from adapterhub_lite.artifacts.index import file_record
+from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import Sidecar, build
 from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.errors import AdapterHubError
@@ -122,8 +124,6 @@ def merged_task(metas: dict[str, dict], task: str | None) -> dict | None:
 
 
 def _sha256(path: Path) -> str:
-    from adapterhub_lite.artifacts.index import file_record
-
     return file_record(path)["sha256"]
 
 
@@ -199,8 +199,6 @@ def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders:
                    method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict) -> Sidecar:
     """The sidecar of a merged adapter, built for what it is: its task (or none), the shared backbone,
     the merge recipe and sources, and as metrics only what was measured on the merged adapter itself."""
-    from adapterhub_lite.artifacts.registry import registered_as
-
     own = next((n for n, m in metas.items() if task and m.get("task") and m["task"]["name"] == task["name"]), None)
     measured = report.get(own, {}) if own else {}
     params = sum(p.numel() for n, p in model.named_parameters() if f".{name}." in n and "lora_" in n)

@@ -30,9 +30,11 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.handlers import ClientGone, Handlers, Settings
 from adapterhub_lite.serving.params import IGNORED_HEADER
+from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.routes import admin, openai, tokenizer
 from adapterhub_lite.serving.routes.common import ServerState, error_response
 from adapterhub_lite.serving.runtime import Catalogue
+from adapterhub_lite.serving.scheduler import Budgets
 
 access_log = logging.getLogger("adapterhub_lite.serve.access")
 
@@ -119,9 +121,6 @@ def build_app(options) -> tuple[FastAPI, Engine, Catalogue]:
     replica (serving/scale.py), so both serve one app."""
     import dataclasses
     import os
-
-    from adapterhub_lite.serving.router import Router
-    from adapterhub_lite.serving.scheduler import Budgets
 
     o = options
     key = o.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None

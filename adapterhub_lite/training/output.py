@@ -13,6 +13,7 @@ from adapterhub_lite.artifacts.sidecar import Sidecar, base_record, build
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.errors import OutputExistsError
 from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.training.progress import TrainingError
 
 
@@ -22,8 +23,6 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     `--overwrite` replaces only what this package writes (see folder.replaceable): a user's file or
     a folder of other things is refused, never renamed or deleted.
     """
-    from adapterhub_lite.training.checkpoint import Checkpoint
-
     output = Path(output)
     work = output.parent / f".{output.name}.partial"
     if resume and not Checkpoint(work).exists():

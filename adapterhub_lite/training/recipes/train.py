@@ -19,6 +19,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from adapterhub_lite.artifacts.folder import read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
+from adapterhub_lite.artifacts.registries import adapter_ref
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.core.data import check_lengths, label_words, load_task_data
 from adapterhub_lite.core.errors import DataError
@@ -212,8 +213,6 @@ def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, ou
 
 def _init_from(spec: TaskSpec, model, backbone) -> dict:
     """Load the init_from adapter's weights into the fresh adapter; return what to record."""
-    from adapterhub_lite.artifacts.registries import adapter_ref
-
     ref = spec.init_from
     _, folder = adapter_ref(ref)
     meta = read_sidecar(folder)
