@@ -140,3 +140,12 @@ def test_the_first_pass_warms_up_until_the_host_cache_is_full(monkeypatch):
 
     filled, runs[:] = iter([1, 2]), []
     assert bench.warm_up("http://x", iter(()), args)["host_cache_full"] is False and runs == [5.0]  # other scenarios: --warmup once
+
+
+def test_rounds_report_the_median_round_and_never_hide_a_failure():
+    runs = [{"requests_per_s": 5.0, "ok": 50}, {"requests_per_s": 7.0, "ok": 70}, {"requests_per_s": 6.0, "ok": 60}]
+    assert bench.median_run(runs) == {"requests_per_s": 6.0, "ok": 60, "rounds_requests_per_s": [5.0, 7.0, 6.0]}
+    assert bench.median_run(runs[:2])["requests_per_s"] == 5.0  # an even count: the lower middle
+    assert bench.median_run(runs[:1]) is runs[0]  # one round: as it is
+    failed = bench.median_run([runs[0], {"error": "server died"}, runs[1]])
+    assert failed["error"] == "server died" and failed["rounds_requests_per_s"] == [5.0, None, 7.0]
