@@ -14,8 +14,10 @@ log (one line per request), then the API key and the body-size limit (plain ASGI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
+import os
 import time
 
 from fastapi import FastAPI
@@ -119,9 +121,6 @@ def build_app(options) -> tuple[FastAPI, Engine, Catalogue]:
     """The server of `adapterhub-lite serve` from its options (the parsed flags, or any object with those attributes):
     the router over the registry, the engine under its budgets, and the app; used by the CLI and by each Ray Serve
     replica (serving/scale.py), so both serve one app."""
-    import dataclasses
-    import os
-
     o = options
     key = o.api_key or os.environ.get("ADAPTERHUB_API_KEY") or None
     tokens = token_budget(o.max_num_batched_tokens, o.max_batch_rows, o.device or default_device())
