@@ -120,6 +120,8 @@ def test_sixty_four_concurrent_requests_each_equal_their_sequential_answer(serve
     assert [a.json()["choices"][0]["text"] for a in answers] == sequential
     metrics = httpx.get(served.url + "/metrics").text
     assert 'adapterhub_requests_total{adapter="gen_prefix",status="ok"}' in metrics
+    assert "adapterhub_batch_row_factor_bytes " in metrics  # the batch's gathered per-row factors (their value: test_serve_budgets)
+    assert isinstance(httpx.get(served.url + "/health").json()["memory"]["batch_row_bytes"], int)
 
 
 def test_rows_join_a_running_batch(served):

@@ -311,3 +311,21 @@ def test_requests_wait_for_adapter_memory_and_the_budget_holds(serve_registry, r
         assert s.engine.metrics.waits.labels(budget="memory")._value.get() > 0
     finally:
         s.close()
+
+
+def test_memory_reports_the_running_batchs_gathered_rows(serve_registry):
+    """The per-row factors a batch of several adapters gathers from the pools are memory too (rows × pool width at
+    each layer): /health reports them beside what the budget bounds, and a batch of one adapter (views) has none."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    router.run([{"adapter": a, "prompt": "ab"} for a in ("gen_a", "gen_b")])  # both resident
+    ids = [[5, 9, 14], [40, 41], [7, 8, 9, 10]]
+    router.bank.forward(ids, ["gen_a"] * 3)
+    assert router.memory()["batch_row_bytes"] == 0  # one slot serves every row: views of the pool
+    router.bank.forward(ids, ["gen_a", "gen_b", "gen_a"])
+    want = 0
+    for layer in router.bank._lora.values():
+        rank, width = layer._pool[0].shape[2], layer.in_features + layer.out_features
+        want += 3 * rank * width * 4  # three rows, each its A and B at the pool's rank, fp32
+    assert want > 0 and router.memory()["batch_row_bytes"] == want
+    mem = router.memory()
+    assert mem["total_bytes"] == mem["adapter_bytes"] + mem["stack_bytes"]  # what the budget bounds is unchanged

@@ -223,6 +223,20 @@ class RowLoraLinear(torch.nn.Module):
             total += (max(self.context.table, default=0) + 1) * (self.in_features if on_input else self.out_features) * vec.element_size()
         return total
 
+    def row_nbytes(self) -> int:
+        """Bytes of the running batch's per-row factors and IA3 vectors: what the last plan gathered from the pool,
+        one row each at the pool's rank (working memory that grows with the batch's rows, as its activations do;
+        it outlives the step, cached for the batch's next steps). Views of the pool (one slot serving every row)
+        take none. Steps replayed from a CUDA graph gather into the graph's own memory instead."""
+        pools = (*(self._pool or ()), *(self._scale_all[1][:2] if self._scale_all else ()))
+        shared = {t.untyped_storage().data_ptr() for t in pools if isinstance(t, torch.Tensor)}  # (inference mode keeps no _base)
+        total = 0
+        for cached in (self._rows, self._scale_rows):
+            if cached is not None and cached[1] is not None:
+                total += sum(t.numel() * t.element_size() for t in cached[1]
+                             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in shared)
+        return total
+
     def _sync_pool(self) -> None:
         """Serving (cache=True): make the slot pool (At [S, in, R], Bt [S, R, out], indexed by the slot number itself)
         hold the table, copying only the slots whose entries changed: loading an adapter is one copy into its slot

@@ -232,6 +232,7 @@ class Engine(Admission):
         self.metrics.kv_reserved.set(s.kv_reserved())
         self.metrics.resident.set(len(self.router.resident))
         self.metrics.evictions.set(self.router.evictions)
+        self.metrics.row_bytes.set(self.router.bank.row_bytes())
         self.metrics.kv_cache_bytes.set(self._static.nbytes if self._static is not None else 0)
 
     def decode_info(self) -> dict:

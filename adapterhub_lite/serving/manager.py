@@ -246,11 +246,13 @@ class AdapterManager:
         return sum(self.bank.nbytes(n) for n in self.resident) + self.bank.stack_bytes()
 
     def memory(self) -> dict:
-        """The adapters' device memory as /health reports it (bytes)."""
+        """The adapters' device memory as /health reports it (bytes): what the budget bounds (their own tensors and
+        the slot pools) and, beside it, the running batch's per-row factors gathered from the pools."""
         own = sum(self.bank.nbytes(n) for n in self.resident)
         stacks = self.bank.stack_bytes()
         return {"resident_adapters": len(self.resident), "adapter_bytes": own, "stack_bytes": stacks, "total_bytes": own + stacks,
                 "budget_bytes": None if self.budget is None else int(self.budget),
+                "batch_row_bytes": self.bank.row_bytes(),  # the running batch's gathered factors: rows' working memory, outside the budget
                 "host_cached_adapters": len(self.host), "host_bytes": self.host_bytes(), "max_cpu_loras": self.max_cpu_loras}
 
     @_locked

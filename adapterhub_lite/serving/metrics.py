@@ -26,6 +26,8 @@ class ServeMetrics:
                              "(rows, tokens, kv_cache, adapters, batch)", ["budget"], registry=r)
         self.kv_reserved = Gauge("adapterhub_kv_cache_reserved_tokens", "Cache positions the admitted rows reserve (rows × the widest row)", registry=r)
         self.kv_cache_bytes = Gauge("adapterhub_kv_cache_bytes", "Bytes of the preallocated decode cache (serving/static.py) on the device", registry=r)
+        self.row_bytes = Gauge("adapterhub_batch_row_factor_bytes", "Bytes of the running batch's per-row LoRA factors and IA3 vectors "
+                               "gathered from the slot pools (outside --memory-budget-mb)", registry=r)
         self.evictions = Gauge("adapterhub_evictions", "Adapters evicted to stay within the memory budget (since start)", registry=r)
 
     def render(self) -> bytes:

@@ -137,6 +137,11 @@ class ResidentAdapters:
         slots × widest rank, beyond the adapters' own bytes."""
         return sum(layer.stack_nbytes() for layer in self._lora.values())
 
+    def row_bytes(self) -> int:
+        """Bytes of the running batch's per-row factors, gathered from the pools (rowlora.RowLoraLinear.row_nbytes):
+        rows × the pools' width at every targeted layer while rows of different adapters share a batch."""
+        return sum(layer.row_nbytes() for layer in self._lora.values())
+
     def virtual_tokens(self, name: str) -> int:
         """Positions a prompt- or prefix-tuning adapter puts before every prompt (0 for LoRA and IA3)."""
         return self._get(name).virtual
