@@ -411,7 +411,7 @@ def warm_up(url: str, payloads, args, first_pass: bool = False) -> dict:
     (--max-cpu-loras, read from /health) — growth while that cache fills is the cache doing its job, not a leak —
     or --warmup-limit seconds have passed (then `host_cache_full` says False and the growth figure carries a caveat).
     Returns the seconds spent, /health's memory at the end, and whether the host cache was full."""
-    spent, memory = 0.0, None
+    spent = 0.0
     while True:
         if args.warmup > 0:
             asyncio.run(run_load(url, payloads, args.clients, args.warmup, args.request_timeout))
