@@ -130,6 +130,22 @@ def test_scores_apply_the_models_own_logit_post_processing(kind):
     assert torch.allclose(got, torch.stack([want[r, 2:5].gather(-1, torch.tensor(s[3:])[:, None]).sum() for r, s in enumerate(seqs)]), atol=1e-4)
 
 
+def test_a_continuations_last_token_is_scored_but_not_fed():
+    """No position after the last target token is read, so feeding it is a position of work for nothing; the scores
+    still equal the whole sequence's forward (a causal model: no earlier position sees the last token)."""
+    from adapterhub_lite.model.heads import continuation_plan
+
+    model = _tiny_post_processed("granite")
+    prompts, conts = [[5, 9, 17], [7, 7]], [[3, 22, 40], [2]]
+    plan = continuation_plan(prompts, conts)
+    assert plan.seqs == [[5, 9, 17, 3, 22], [7, 7]]
+    with torch.no_grad():
+        got = plan.run(model, 0)
+        want = [model(input_ids=torch.tensor([p + c])).logits[0].float().log_softmax(-1)[len(p) - 1:-1].gather(-1, torch.tensor(c)[:, None]).sum()
+                for p, c in zip(prompts, conts)]
+    assert torch.allclose(got, torch.stack(want), atol=1e-4)
+
+
 @pytest.mark.parametrize("labels", [None, [[5]], [[5], [6]], [[5, 7, 8], [6]]])
 def test_read_tokens_is_what_the_loss_plan_runs(labels):
     """Issue 22: tokens/s counted each prompt before truncation; read_tokens is the plan's sequences' length."""

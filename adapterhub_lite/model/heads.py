@@ -204,7 +204,10 @@ def continuation_plan(prompts: list[list[int]], conts: list[list[int]]) -> Plan:
         return torch.zeros(len(conts), device=logp.device, dtype=token_lp.dtype).index_add(0, to_device(owners, logp.device), token_lp)
 
     cols = [len(p) - 1 + j for p, c in zip(prompts, conts) for j in range(len(c))]
-    return Plan([p + c for p, c in zip(prompts, conts)], rows, cols, finish)
+    # The continuation's last token is read (as a target) but never fed: no position after it is scored, and in a
+    # causal model no earlier position sees it. Feeding it cost one position a row for nothing (3.5% of date_iso's
+    # training tokens).
+    return Plan([p + c[:-1] for p, c in zip(prompts, conts)], rows, cols, finish)
 
 
 def label_plan_ids(prompt_ids: list[list[int]], label_tokens: list[list[int]], max_length: int) -> Plan:
@@ -261,14 +264,15 @@ def loss_items(answers: list, max_length: int, label_tokens=None) -> int:
 
 def read_tokens(prompt_len: int, answer, max_length: int, label_tokens=None) -> int:
     """Tokens the loss plan of one row runs, after truncation to max_length (what a tokens/s figure counts):
-    the prompt's kept end and the longest label (one sequence when every label is one token, else one per label),
-    or the prompt's kept end and the target + EOS. Equals the length of the plan's sequences, without building it."""
+    the prompt's kept end (one sequence when every label is one token), else the kept end and each label but its last
+    token (one sequence per label), or the kept end and the target + EOS but its last token (continuation_plan feeds
+    no token whose next is not read). Equals the length of the plan's sequences, without building it."""
     if label_tokens is not None:
         longest = max(len(t) for t in label_tokens)
         kept = min(prompt_len, max_length - longest)
-        return kept if longest == 1 else sum(kept + len(t) for t in label_tokens)
+        return kept if longest == 1 else sum(kept + len(t) - 1 for t in label_tokens)
     target = len(_target(answer, 0, max_length))
-    return min(prompt_len, max_length - target) + target
+    return min(prompt_len, max_length - target) + target - 1
 
 
 def _target(answer: list[int], eos_id: int, max_length: int) -> list[int]:
