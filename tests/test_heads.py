@@ -68,6 +68,23 @@ def test_generation_loss_covers_only_target_tokens(tiny):
     assert abs(loss.item() - want.item()) < 1e-5
 
 
+@pytest.mark.parametrize("words", [["yes", "no!"], ["a", "b", "c"]])
+def test_classification_loss_is_the_cross_entropy_of_the_gold_labels_scores(tiny, words):
+    from adapterhub_lite.model.heads import loss_plan_ids
+
+    tok = tiny.tokenizer
+    prompts = ["I like it:", "bad", "a much longer prompt than the others:", "meh"]
+    gold = [1, 0, len(words) - 1, 0]
+    label_tokens = [answer_ids(tok, w) for w in words]
+    scores = torch.tensor([[brute_force(tiny.model, tok, p, w) for w in words] for p in prompts])
+    ids = [encode_prompt(tok, p, 64) for p in prompts]
+    for reduction in ("mean", "sum"):
+        with torch.no_grad():
+            got = loss_plan_ids(ids, gold, 64, label_tokens, reduction=reduction).run(tiny.model, tok.pad_token_id)
+        want = torch.nn.functional.cross_entropy(scores, torch.tensor(gold), reduction=reduction)
+        assert abs(got.item() - want.item()) < 1e-4, (reduction, got, want)
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3"])
 def test_scores_equal_brute_force_under_every_peft_method(method):
     """heads reads the final norm's output by a hook (not output_hidden_states): still right when

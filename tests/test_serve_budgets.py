@@ -94,6 +94,47 @@ def test_a_failing_prefill_is_retried_in_halves_and_fails_only_its_own_row(serve
         s.close()
 
 
+def test_an_adapter_that_fails_to_load_fails_its_own_requests_only(serve_registry, reference, monkeypatch, caplog):
+    """Issue 21: an adapter whose copy into its slot fails at admission (a damaged file read late, a device error) fails
+    its own requests with the reason, logged with its stack; the requests beside it in the batch are answered."""
+    s = Served(serve_registry)
+    hold = s.router.hold
+
+    def failing(names, **kw):
+        if "gen_b" in names:
+            raise RuntimeError("simulated: copying gen_b into its slot failed")
+        return hold(names, **kw)
+
+    try:
+        monkeypatch.setattr(s.router, "hold", failing)
+        jobs = [(m, p) for m in MODELS for p in PROMPTS]
+        with caplog.at_level("ERROR", logger="adapterhub_lite.serve"):
+            got = answers(s, jobs, threads=25)
+        for job, (code, body) in zip(jobs, got):
+            if job[0] == "gen_b":
+                assert code == 500 and "copying gen_b into its slot failed" in body["error"]["message"]
+            else:
+                assert code == 200 and body["choices"][0]["text"] == reference[job], job
+        logged = [r for r in caplog.records if "loading adapter 'gen_b' failed" in r.getMessage()]
+        assert logged and logged[0].exc_info is not None  # with its stack
+    finally:
+        s.close()
+
+
+def test_the_serve_flags_become_the_budgets_the_engine_schedules_by(serve_registry):
+    """`serve`'s budget flags reach the scheduler the engine runs (the scheduler's own tests build Budgets directly)."""
+    from adapterhub_lite.cli.main import build_parser
+    from adapterhub_lite.serving.api import build_app
+
+    args = build_parser().parse_args(["serve", "--registry", str(serve_registry), "--quantization", "none", "--dtype", "fp32",
+                                      "--max-batch-rows", "4", "--max-num-batched-tokens", "64", "--kv-cache-mb", "0.05",
+                                      "--max-loras", "2", "--max-lora-rank", "16"])
+    _, engine, _ = build_app(args)
+    per_token = engine.router.bank.kv_bytes_per_token()
+    want = Budgets(max_rows=4, max_num_batched_tokens=64, max_kv_tokens=int(0.05 * 2**20 // per_token), max_loras=2)
+    assert want.max_kv_tokens > 0 and engine.scheduler.budgets == want
+
+
 def flip(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF

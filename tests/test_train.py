@@ -180,6 +180,39 @@ def test_accumulated_micro_batches_train_the_adapter_of_one_batch(gen_task):
     assert len(losses) == 3 and all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in losses), losses
 
 
+def test_ddp_syncs_gradients_at_a_steps_last_micro_batch_only(tmp_path):
+    """Issue 22: under DDP every micro-batch but a step's last runs in no_sync (its gradients accumulate locally) and the
+    last all-reduces them all once. Equal gradients either way, so only the calls can show it: a 2-process run's flags,
+    recorded on one process (the multiprocess test checks the numbers)."""
+    from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, _Run
+    from adapterhub_lite.training.parallel import Parallel
+
+    class Tiny(Recipe):
+        name, identity = "tiny", {}
+
+        def __init__(self):
+            self.model = torch.nn.Linear(3, 1)
+
+        def param_groups(self):
+            return [{"params": list(self.model.parameters()), "lr": 0.1}]
+
+        def step_loss(self, call, parallel):
+            return StepLoss(call(torch.ones(2, 3)).sum(), 2.0, 6)
+
+        def trainable(self):
+            return dict(self.model.state_dict())
+
+    parallel = Parallel(torch.device("cpu"))
+    parallel.world, parallel.mean = 2, lambda t: t  # as if two processes: what train_step asks of the group
+    skips, real = [], parallel.no_sync
+    parallel.no_sync = lambda model, skip: skips.append(skip) or real(model, skip)
+    run = _Run(Tiny(), LoopConfig(max_steps=2, eval_every=10, grad_accum=4), parallel, tmp_path, resume=False, fused=False,
+               compute_dtype=torch.float32)
+    run.train_step()
+    run.train_step()
+    assert skips == [True, True, True, False] * 2
+
+
 def test_eight_bit_backbone_trains_and_reloads_with_plain_peft(cls_task):
     out, _ = _train(cls_task, "toy", "quantization=8bit", "train.max_steps=2", "train.eval_every=2")
     meta = json.loads((out / "adapterhub.json").read_text())
