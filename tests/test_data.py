@@ -91,6 +91,17 @@ def test_max_length_must_fit_the_longest_label_or_target(tmp_path, monkeypatch):
         check_lengths(gen, tok, load_task_data(gen))
 
 
+def test_a_generation_row_without_its_target_is_refused_not_trained_as_empty(tmp_path, monkeypatch):
+    """A missing or null target used to become "" (the adapter then learns to stop at once), silently."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.jsonl").write_text('{"a": "x", "t": "abc"}\n{"a": "y"}\n{"a": "z", "t": null}\n{"a": "w", "t": ""}\n')
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->", "target": "t"})
+    with pytest.raises(DataError, match=r"split 'g.jsonl' has no 't' value in 2 row\(s\) \(row 2, 3\); give every row its target"):
+        load_task_data(gen)
+    (tmp_path / "g.jsonl").write_text('{"a": "x", "t": "abc"}\n{"a": "w", "t": ""}\n')  # an empty string is a value: kept as written
+    assert load_task_data(gen)["train"].answers == ["abc", ""]
+
+
 def test_a_null_prompt_column_in_a_request_is_refused():
     from adapterhub_lite.core.data import request_row
 

@@ -228,7 +228,13 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str) -> 
         if bad:
             raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (valid: {', '.join(table)}); add them to 'labels'")
     else:
-        answers = ["" if t is None else str(t) for t in ds[spec.target]]
+        targets = ds[spec.target]
+        null = [i + 1 for i, t in enumerate(targets) if t is None]  # a row without its column reads as null too
+        if null:  # an empty answer would train the adapter to stop at once
+            rows = ", ".join(map(str, null[:5])) + (", …" if len(null) > 5 else "")
+            raise DataError(f"split {source!r} has no {spec.target!r} value in {len(null)} row(s) (row {rows}); "
+                            f"give every row its target, or drop those rows")
+        answers = [str(t) for t in targets]
     return Split(prompts, answers, source, sha256)
 
 
