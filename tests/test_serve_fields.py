@@ -199,6 +199,30 @@ def greedy_reference(plain, ids, steps, shape):
     return out
 
 
+@pytest.mark.parametrize("model", ["gen_b", "base"])
+def test_generated_tokens_logprobs_are_their_own_positions(served, tok, model):
+    """Each generated token's log-prob, and its top list, is what the model gives at that token's own position: a
+    plain-peft forward over the prompt and the tokens generated (a shift by one position would still agree with its
+    own top list and stay ≤ 0, so only the reference can see it)."""
+    ids = tok(PROMPT).input_ids
+    got = complete(served, model=model, max_tokens=5, temperature=0, ignore_eos=True, logprobs=2, return_token_ids=True)["choices"][0]
+    out, lp = got["token_ids"], got["logprobs"]
+    want, logp = reference_logprobs(None if model == "base" else served.router.folders[model], ids + out)
+    assert len(out) == 5 and lp["token_logprobs"] == pytest.approx(want[len(ids) - 1:], abs=1e-4)
+    tops = [sorted(t.values(), reverse=True) for t in lp["top_logprobs"]]
+    assert tops == [pytest.approx(logp[len(ids) - 1 + k].topk(2).values.tolist(), abs=1e-4) for k in range(5)]
+
+
+def test_a_stream_ends_with_the_usage_a_plain_request_reports(served):
+    """stream_options.include_usage (OpenAI, vLLM): one last chunk with no choices, whose usage is the request's."""
+    plain = served.client.completions.create(model="gen_b", prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    chunks = list(served.client.completions.create(model="gen_b", prompt=PROMPT, max_tokens=4, temperature=0, stream=True,
+                                                   stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump() and plain.usage.completion_tokens == 4
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == plain.choices[0].text
+
+
 def token_ids(served, **body):
     got = complete(served, return_token_ids=True, **body)
     return got["choices"][0]["token_ids"], got
