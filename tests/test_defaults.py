@@ -113,7 +113,7 @@ class _Scripted(Recipe):
 
     def __init__(self, scores):
         self.model = torch.nn.Linear(1, 1)
-        self.scores = list(scores)
+        self.scores, self.seen = list(scores), []
 
     def param_groups(self):
         return [{"params": list(self.model.parameters()), "lr": 1e-3}]
@@ -122,6 +122,7 @@ class _Scripted(Recipe):
         return StepLoss(call(torch.ones(1, 1)).sum(), 1, 1)
 
     def evaluate(self, limit, parallel):
+        self.seen.append({k: v.clone() for k, v in self.model.state_dict().items()})  # the weights at each eval, in order
         score = self.scores.pop(0)
         return score, {"score": score}
 
@@ -143,6 +144,10 @@ def test_early_stopping_counts_only_real_gains_and_waits_for_min_steps(tmp_path,
     cfg = LoopConfig(max_steps=20, eval_every=1, patience=2, min_delta=min_delta, min_steps=min_steps)
     result = fit(recipe, cfg, Parallel(torch.device("cpu"), "none"), tmp_path / "work", progress=False)
     assert (result.state.step, result.stopped_by, result.state.best_step) == (stop_step, "early_stopping", best_step)
+    # fit() returns the best evaluated weights (one eval a step), not the last ones
+    final = recipe.model.state_dict()
+    assert all(torch.equal(final[k], recipe.seen[best_step - 1][k]) for k in final)
+    assert best_step == stop_step or not all(torch.equal(final[k], recipe.seen[-1][k]) for k in final)
 
 
 def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, monkeypatch):
