@@ -121,3 +121,14 @@ def test_a_hub_registry_without_its_index_but_with_version_folders_is_refused(mo
     reg.api = Api()
     with pytest.raises(RegistryError, match=r"holds version folders \(cls_a@1.0.0\) but no index.json"):
         reg.index()
+
+
+def test_versions_order_by_number_not_by_text():
+    """1.10.0 is after 1.9.0 wherever versions are ordered: `latest`, the next `auto` version, listings."""
+    from adapterhub_lite.artifacts.index import next_version, version_key
+
+    shuffled = ["1.10.0", "10.0.0", "1.0.9", "2.0.0", "1.9.0", "1.0.10"]
+    assert sorted(shuffled, key=version_key) == ["1.0.9", "1.0.10", "1.9.0", "1.10.0", "2.0.0", "10.0.0"]
+    assert next_version(dict.fromkeys(["1.9.0", "1.10.0"]), "auto") == "1.10.1"
+    assert next_version(dict.fromkeys(["1.0.9", "1.0.10"]), "auto") == "1.0.11"
+    assert next_version(dict.fromkeys(["9.0.0", "10.0.0"]), "auto") == "10.0.1"
