@@ -1,5 +1,6 @@
 """Training end to end on the tiny backbone: folder format, plain-peft reload, resume, learning."""
 
+import hashlib
 import json
 
 import pytest
@@ -66,6 +67,11 @@ def test_model_card_and_sidecar_describe_the_run(cls_task, device):
     weights = meta["base"]["weights"]
     assert weights["sha256"] == meta["base"]["fingerprint"]["weights_sha256"] and weights["file"].startswith("tiny-random-llama")
     assert f"Backbone weights: {weights['file']}, sha256 `{weights['sha256']}`" in card
+    # and on exactly which data: each split's file, its sha256 and its rows
+    spec = load_spec(cls_task / "toy.yaml")
+    for name, split in load_task_data(spec).items():
+        assert meta["data"][name] == {"source": split.source, "sha256": split.sha256, "rows": len(split)}
+        assert split.sha256 == hashlib.sha256(open(split.source, "rb").read()).hexdigest()
 
 
 def test_a_log_row_holds_the_mean_loss_of_the_steps_since_the_previous_row(cls_task):
