@@ -99,6 +99,21 @@ def test_ties_and_dare_need_a_density_and_run_with_one(sources):
         assert not torch.allclose(m_A, a_A, atol=1e-3) and (m_B != 0).any(), method  # a real merge, not a copy or nothing
 
 
+@pytest.mark.parametrize("ties, linear", [("dare_ties", "dare_linear"), ("dare_ties_svd", "dare_linear_svd")])
+def test_dare_ties_elects_signs_where_dare_linear_does_not(sources, tmp_path, ties, linear):
+    """DARE draws at random, so it cannot be compared with peft's own run; under one seed the draws are the same, and
+    then dare_ties (DARE, then TIES' sign election) must differ from dare_linear, and repeat itself exactly."""
+    def merged(method, tag):
+        torch.manual_seed(0)
+        merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, method, density=0.5, output=tmp_path / tag,
+                       name="mix", report_rows=0, dtype="fp32")
+        return _updates(tmp_path / tag)
+
+    first, again, other = merged(ties, "first"), merged(ties, "again"), merged(linear, "other")
+    assert all(torch.equal(first[m], again[m]) for m in first)
+    assert max((first[m] - other[m]).abs().max().item() for m in first) > 1e-4
+
+
 def test_fold_into_base_reports_its_error(sources):
     # exact up to rounding on an fp32 base, on any device (a bf16 base re-rounds the folded weights)
     model, _ = merge_adapters({"a": sources["a"]}, {"a": 1.0}, "linear", report_rows=0, dtype="fp32")
