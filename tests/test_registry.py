@@ -110,6 +110,30 @@ def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
     assert LocalRegistry(reg).verify() == []
 
 
+def test_a_publish_waits_for_the_registry_lock_and_gives_up_naming_it(adapter, tmp_path, monkeypatch):
+    """Publishes are serialised by the registry's lock (the concurrent test above seldom overlaps inside it): while
+    another process holds it, a publish waits, then refuses with one line and writes nothing; once free, it publishes."""
+    import adapterhub_lite.artifacts.registry as registry
+
+    reg = tmp_path / "reg"
+    LocalRegistry(reg).publish(adapter, "1.0.0")
+    before = (reg / "index.json").read_text()
+    hold = "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(reg / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 0.5)
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match=r"stayed locked by another publisher for 0.5 s"):
+            LocalRegistry(reg).publish(adapter, "1.0.1")
+        assert time.monotonic() - start >= 0.5  # it waited
+        assert (reg / "index.json").read_text() == before and not (reg / "toy" / "1.0.1").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert LocalRegistry(reg).publish(adapter, "1.0.1")[1] == "1.0.1"
+
+
 # A publisher that stops (sleeps) at a chosen point after touching a marker file, to be SIGKILLed there.
 STALLED = """
 import sys, time, pathlib
