@@ -60,14 +60,15 @@ def test_baselines_run_beside_ours_and_count_what_they_feed(bench_task):
     assert not [k for k in out if k.endswith("_error")], out
 
     # An independent count from the data file: every row once (6 steps × 8 rows = 48 rows), as prompt ids + the gold
-    # label's ids, the prompt cut from its start to fit max_length; ours reads each row once per label.
+    # label's ids, the prompt cut from its start to fit max_length; ours reads each row once per label, and feeds each
+    # label but its last token (scored, never an input: heads.continuation_plan).
     tok = _tokenizer()
     words = {lab: tok(" " + w, add_special_tokens=False).input_ids for lab, w in LABELS.items()}
     prompts = [tok(PROMPT.format(text=r["text"]), add_special_tokens=True).input_ids for r in _rows()]
     assert max(len(p) for p in prompts) > MAX_LENGTH  # truncation is exercised
     plain = sum(min(len(p), MAX_LENGTH - len(words[r["label"]])) + len(words[r["label"]]) for p, r in zip(prompts, _rows()))
     longest = max(len(w) for w in words.values())
-    ours = sum(min(len(p), MAX_LENGTH - longest) + len(w) for p in prompts for w in words.values())
+    ours = sum(min(len(p), MAX_LENGTH - longest) + len(w) - 1 for p in prompts for w in words.values())
 
     assert out["fp32_none_tokens"] == ours
     assert out["ours_sequences_per_step"] == 8 * len(LABELS)
@@ -79,6 +80,10 @@ def test_baselines_run_beside_ours_and_count_what_they_feed(bench_task):
             assert out[f"{name}_{key}"] > 0, (name, key)
         for key in ("tokens_per_s", "ms_per_step", "peak_memory"):
             assert out[f"ours_over_{name}_{key}"] > 0, (name, key)
+        # each ratio is ours ÷ theirs, from the figures printed beside it
+        assert out[f"ours_over_{name}_tokens_per_s"] == round(out["fp32_none_tokens_per_s"] / out[f"{name}_tokens_per_s"], 3), name
+        assert out[f"ours_over_{name}_ms_per_step"] == round(out["fp32_none_steady_ms_per_step"] / out[f"{name}_steady_ms_per_step"], 3), name
+        assert out[f"ours_over_{name}_peak_memory"] == round(out["fp32_none_peak_memory_mb"] / out[f"{name}_peak_memory_mb"], 3), name
         assert 0 <= out[f"{name}_pad_fraction"] < 1
     # our length-bucketed order pads less than a shuffled one (the whole epoch is one pool, sorted by length)
     assert out["plain_same_rows_pad_fraction"] < out["plain_loop_pad_fraction"]
