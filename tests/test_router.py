@@ -149,6 +149,18 @@ def test_errors_name_the_problem(router, folders, tmp_path):
         router.register("other", other)
 
 
+def test_a_failing_request_among_good_ones_fails_the_run_after_the_others_end(router):
+    """Router.run answers a list in order or raises: one failed request (the first failing one in order) raises once
+    every other has ended, never a list with a hole in it."""
+    ended = []
+    requests = [{"adapter": "cls_a", "text": "pos 1"}, {"adapter": "nope", "text": "x"}, {"adapter": "gen", "text": "ab"},
+                {"adapter": "gone", "text": "y"}]
+    with pytest.raises(AdapterLoadError, match="unknown adapter 'nope'"):
+        router.run(requests, on_done=ended.append)
+    assert sorted(ended) == [0, 1, 2, 3]
+    assert [r["prediction"] is not None for r in router.run([requests[0], requests[2]])] == [True, True]
+
+
 def test_auto_routes_by_content_and_leaves_out_stale_routing_data(folders, tmp_path):
     r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
     r.register("cls_a", folders["cls_a"])
