@@ -216,6 +216,16 @@ def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served
     unloaded = served.post("/v1/unload_lora_adapter", {"lora_name": "late", "lora_path": str(folder)})
     assert unloaded.status_code == 200 and unloaded.headers[IGNORED_HEADER] == "lora_path"  # unload reads the name only
     assert served.post("/v1/completions", {"model": "late", "prompt": "x"}).status_code == 404
+    assert "late" not in {m.id for m in served.client.models.list().data}  # and no longer listed
+    # a folder trained on another backbone is refused, naming both
+    other = tmp_path / "other"
+    shutil.copytree(registry / "gen_a" / "1.0.0", other)
+    meta = json.loads((other / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id="badbadbadbadbad0")
+    (other / "adapterhub.json").write_text(json.dumps(meta))
+    r = served.post("/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)})
+    assert r.status_code == 400 and "trained on backbone badbadbadbadbad0" in r.json()["error"]["message"], r.text
+    assert "other" not in {m.id for m in served.client.models.list().data}
     # a tampered registry folder is refused when loaded by its path
     tampered = registry / "cls_b" / "1.0.0" / "adapter_model.safetensors"
     saved = tampered.read_bytes()
