@@ -69,6 +69,17 @@ def test_a_flipped_byte_fails_verify_and_loading(adapter, tmp_path, capsys):
     assert "FAIL toy@1.0.0" in capsys.readouterr().out
 
 
+def test_a_file_planted_in_a_version_folder_fails_verify_and_loading(adapter, tmp_path):
+    """A version is exactly its recorded files: a file added after publishing (a second weights file peft would
+    prefer, a pickle) makes it fail its check like a changed byte."""
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0")
+    (tmp_path / "reg" / "toy" / "1.0.0" / "adapter_model.bin").write_bytes(b"planted")
+    assert reg.verify("toy") == ["toy@1.0.0: unexpected file adapter_model.bin"]
+    with pytest.raises(RegistryError, match="integrity check failed for toy@1.0.0: toy@1.0.0: unexpected file adapter_model.bin"):
+        reg.path("toy@1.0.0")
+
+
 def test_pickle_adapters_are_refused_and_convert_is_opt_in(adapter, tmp_path, capsys):
     import shutil
 
