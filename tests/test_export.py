@@ -90,6 +90,10 @@ def test_all_versions_serves_name_and_name_at_version(registry):
     names = [m.split("=")[0] for m in lora_modules(plan["command"])]
     assert sorted(names) == ["lora16", "lora16@1.0.0", "lora4", "lora4@1.0.0", "lora4@1.0.1"]
     assert f"lora4={registry.resolve()}/lora4/1.0.1" in plan["command"]
+    modules = dict(m.split("=", 1) for m in lora_modules(plan["command"]))  # each pinned name serves its own version
+    assert {n: modules[n] for n in ("lora4@1.0.0", "lora4@1.0.1", "lora16@1.0.0")} == {
+        "lora4@1.0.0": f"{registry.resolve()}/lora4/1.0.0", "lora4@1.0.1": f"{registry.resolve()}/lora4/1.0.1",
+        "lora16@1.0.0": f"{registry.resolve()}/lora16/1.0.0"}
     assert plan["command"][plan["command"].index("--max-loras") + 1] == "5"
 
 
