@@ -167,8 +167,11 @@ def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, 
     assert t.batch_size == round(640 / mean) and t.batch_size != 16
     assert t.lr == float(f"{1e-3 * math.sqrt(t.batch_size / 16):.2g}")  # Adam's square-root rule from the rate at 16 rows
     assert "640 tokens a step" in given.choices["train.batch_size"]["why"]
+    assert given.choices["train.lr"]["value"] == t.lr  # the sidecar records the rate that was used
     two, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=640", processes=2)
     assert two.spec.train.batch_size == round(640 / mean / 2)  # rows per process
+    # the rule reads the global batch: rows per process × processes
+    assert two.spec.train.lr == float(f"{1e-3 * math.sqrt(two.spec.train.batch_size * 2 / 16):.2g}") == two.choices["train.lr"]["value"]
 
     # a GPU with 2 GiB free: half of it over the activations one token keeps, within GPU_BATCH_TOKENS
     monkeypatch.setattr(defaults, "device_memory", lambda model: ("cuda", 2 * 2**30))
