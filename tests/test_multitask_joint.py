@@ -59,6 +59,34 @@ def _lora_grads(model, adapter):
     return {n: p.grad.clone() for n, p in model.named_parameters() if f".{adapter}." in n and p.grad is not None}
 
 
+def test_the_joint_config_reaches_its_weighting_and_sampling_rules(tmp_path, monkeypatch):
+    """JointConfig's weighting (and its args) and sampling temperature are what the run uses (the rules' own tests
+    build them directly): fixed weights show in every metrics row; the sampler is made with the temperature given."""
+    from adapterhub_lite.training.recipes import joint as joint_mod
+
+    monkeypatch.chdir(tmp_path)
+    for name, (prompts, answers) in (("a", ROWS["a"]), ("g", ROWS["g"])):
+        key = "label" if name == "a" else "target"
+        rows = [{"text": p.split(": ")[1].split("\n")[0], key: ["yes", "no"][x] if key == "label" else x} for p, x in zip(prompts, answers)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * (4 if name == "a" else 1)))
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48}),
+             _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 2})]
+    made = []
+
+    class Recording(joint_mod.TaskSampler):
+        def __init__(self, sizes, rule, temperature, **kw):
+            made.append((dict(sizes), rule, temperature))
+            super().__init__(sizes, rule, temperature, **kw)
+
+    monkeypatch.setattr(joint_mod, "TaskSampler", Recording)
+    cfg = JointConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=2, weighting="fixed",
+                      weighting_args={"weights": {"a": 0.25, "g": 0.75}}, sampling="temperature", temperature=5.0)
+    out = train_joint(specs, tmp_path / "mtl", cfg, progress=False)
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert rows and all((r["weight/a"], r["weight/g"]) == (0.25, 0.75) for r in rows)
+    assert made == [({"a": 4 * len(ROWS["a"][0]), "g": len(ROWS["g"][0])}, "temperature", 5.0)]
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_joint_step_gives_each_adapter_its_alone_gradient_over_n(shared):
     backbone, specs, model, joint, labels = _joint(shared)
