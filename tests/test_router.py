@@ -178,6 +178,17 @@ def test_auto_routes_by_content_and_leaves_out_stale_routing_data(folders, tmp_p
     assert out[2]["prediction"] == alone(folders["cls_b"], ["neg 2"])[0]
 
 
+def test_auto_sends_a_request_the_router_is_unsure_of_to_the_base_model(folders):
+    """route_threshold: below that confidence `auto` answers with the plain backbone rather than guess an adapter."""
+    sure, unsure = (Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), route_threshold=t) for t in (0.0, 0.999999))
+    for r in (sure, unsure):
+        r.register("cls_a", folders["cls_a"])
+        r.register("gen", folders["gen"])
+    requests = [{"adapter": "auto", "text": "pos 7"}, {"adapter": "auto", "text": "ij"}]
+    assert [o["adapter"] for o in sure.run(requests)] == ["cls_a", "gen"]
+    assert [o["adapter"] for o in unsure.run(requests)] == ["base", "base"]
+
+
 def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     from adapterhub_lite.artifacts.registry import LocalRegistry
     from adapterhub_lite.cli import main
