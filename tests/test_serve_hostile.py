@@ -118,6 +118,45 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_row(served):
     assert cancelled(served) == before + 1 and not served.engine._rows  # dropped, not run on to its 500 tokens and answered to nobody
 
 
+def _slowed(served, monkeypatch, seconds=0.05):
+    """Every engine step a little slower, so a 400-token request surely outlives what the test waits for."""
+    once = served.engine._serve_once
+
+    def slow():
+        time.sleep(seconds)
+        return once()
+
+    monkeypatch.setattr(served.engine, "_serve_once", slow)
+
+
+def test_a_client_that_leaves_a_stream_frees_its_row(served, monkeypatch):
+    _slowed(served, monkeypatch)
+    before = cancelled(served)
+    with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "base", "prompt": "leave", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))  # the first token, then the client leaves
+    deadline = time.monotonic() + 10
+    while (cancelled(served) == before or served.engine._rows) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled(served) == before + 1 and not served.engine._rows  # dropped, not decoded on for nobody
+
+
+def test_a_request_past_the_timeout_gets_504_and_its_row_leaves(serve_registry, monkeypatch):
+    s = Served(serve_registry, request_timeout=0.3)
+    try:
+        _slowed(s, monkeypatch)
+        r = s.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 400, "ignore_eos": True})
+        # the engine's own deadline, not the handler's guard against a dead engine (timeout + 5 s, another message)
+        assert r.status_code == 504 and "ran past the server's request timeout" in r.json()["error"]["message"], r.text
+        deadline = time.monotonic() + 10
+        while s.engine._rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not s.engine._rows  # the engine stopped decoding it too
+    finally:
+        s.close()
+
+
 def test_latest_follows_reload(serve_registry, tmp_path):
     reg = tmp_path / "reg"
     shutil.copytree(serve_registry, reg)
