@@ -285,7 +285,7 @@ def test_logit_bias_allowed_tokens_stop_tokens_eos_and_min_tokens(served, tok):
 
 def test_sampling_filters_seeds_and_n(served):
     greedy = complete(served, max_tokens=6, ignore_eos=True)["choices"][0]["text"]
-    for filt in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-9}, {"temperature": 1e-45}):
+    for filt in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-9}, {"temperature": 1e-45}, {"top_k": 1, "top_p": 0.99}):  # the filters stack
         body = {"temperature": 1.5, **filt} if "temperature" not in filt else filt
         assert complete(served, max_tokens=6, ignore_eos=True, seed=7, **body)["choices"][0]["text"] == greedy, filt
     sampled = [complete(served, max_tokens=6, ignore_eos=True, temperature=1.5, seed=s)["choices"][0]["text"] for s in range(6)]
@@ -307,6 +307,9 @@ def test_sampling_filters_seeds_and_n(served):
                                       for i in range(3)]
     two = complete(served, prompt=["a b", "c d"], max_tokens=3, n=2)["choices"]
     assert [c["index"] for c in two] == [0, 1, 2, 3] and two[0]["text"] == two[1]["text"]  # greedy: both samples of a prompt agree
+    chat = served.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "pos 1"}], max_tokens=6, temperature=1.5,
+                                                 seed=3, n=3, extra_body={"ignore_eos": True}).choices
+    assert [c.index for c in chat] == [0, 1, 2] and len({c.message.content for c in chat}) > 1  # chat too: n indexed draws
 
 
 def test_stop_strings_truncation_token_ids_and_request_id(served, tok):
