@@ -157,6 +157,29 @@ def test_a_request_past_the_timeout_gets_504_and_its_row_leaves(serve_registry, 
         s.close()
 
 
+def test_the_queue_bound_counts_requests_the_scheduler_already_holds(serve_registry, monkeypatch):
+    """--max-queue bounds every request not yet running: one at a time (1 row, each request at least 1.5 s of slowed
+    steps), arrivals 0.3 s apart; the engine moves each into its scheduler's waiting list before the next arrives, so
+    only counting that list refuses the fourth (a bound on the hand-over queue alone would take them all)."""
+    s = Served(serve_registry, max_queue=2, max_batch_rows=1)
+    try:
+        _slowed(s, monkeypatch)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
+                sent = []
+                for _ in range(4):
+                    sent.append(asyncio.ensure_future(h.post("/v1/completions", json={"model": "base", "prompt": "ab", "max_tokens": 30,
+                                                                                      "ignore_eos": True})))
+                    await asyncio.sleep(0.3)
+                return await asyncio.gather(*sent)
+
+        codes = [r.status_code for r in asyncio.run(go())]
+        assert codes == [200, 200, 200, 429], codes
+    finally:
+        s.close()
+
+
 def test_latest_follows_reload(serve_registry, tmp_path):
     reg = tmp_path / "reg"
     shutil.copytree(serve_registry, reg)
