@@ -144,8 +144,15 @@ def test_rows_join_a_running_batch(served):
     assert json.loads(rest[-1][6:])["choices"][0]["finish_reason"] == "length"  # and then ran on to its 300 tokens
 
 
+def _chunked(body: bytes):
+    """A body sent in chunks with no Content-Length (what a streaming client sends): only counting what arrives finds its size."""
+    for i in range(0, len(body), 1 << 16):
+        yield body[i:i + (1 << 16)]
+
+
 @pytest.mark.parametrize("case", ["unknown model", "too many tokens", "bad json", "missing key", "wrong key", "oversize body",
-                                  "prompt too long", "n > 16", "bad temperature", "classify a generator", "missing column"])
+                                  "oversize chunked body", "prompt too long", "n > 16", "bad temperature", "classify a generator",
+                                  "missing column"])
 def test_bad_requests_get_a_4xx_in_openai_error_shape(served, case):
     post = served.post
     r = {
@@ -155,13 +162,15 @@ def test_bad_requests_get_a_4xx_in_openai_error_shape(served, case):
         "missing key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key=None),
         "wrong key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key="nope"),
         "oversize body": lambda: post("/v1/completions", {"model": "base", "prompt": "x" * (2 << 20)}),
+        "oversize chunked body": lambda: httpx.post(served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                                                    content=_chunked(json.dumps({"model": "base", "prompt": "x" * (2 << 20)}).encode())),
         "prompt too long": lambda: post("/v1/completions", {"model": "base", "prompt": "ab " * 3000}),
         "n > 16": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "n": 17}),
         "bad temperature": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "temperature": "hot"}),
         "classify a generator": lambda: post("/v1/classify", {"model": "gen_a", "input": "x"}),
         "missing column": lambda: post("/v1/completions", {"model": "gen_a", "input": {"nope": "x"}}),
     }[case]()
-    status = {"unknown model": 404, "missing key": 401, "wrong key": 401, "oversize body": 413}.get(case, 400)
+    status = {"unknown model": 404, "missing key": 401, "wrong key": 401, "oversize body": 413, "oversize chunked body": 413}.get(case, 400)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) >= {"message", "type", "code"} and err["message"]
