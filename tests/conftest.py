@@ -171,6 +171,20 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+OTHER_BACKBONE = "badbadbadbadbad0"
+
+
+def on_another_backbone(folder, dest):
+    """A copy of an adapter folder whose sidecar says it was trained on another backbone (id OTHER_BACKBONE)."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    meta = json.loads((dest / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id=OTHER_BACKBONE)
+    (dest / "adapterhub.json").write_text(json.dumps(meta))
+    return dest
+
+
 @pytest.fixture
 def cls_task(tmp_path, monkeypatch):
     """A trivially learnable 2-class task: the word in the text decides the label."""

@@ -65,10 +65,7 @@ def test_the_joint_config_reaches_its_weighting_and_sampling_rules(tmp_path, mon
     from adapterhub_lite.training.recipes import joint as joint_mod
 
     monkeypatch.chdir(tmp_path)
-    for name, (prompts, answers) in (("a", ROWS["a"]), ("g", ROWS["g"])):
-        key = "label" if name == "a" else "target"
-        rows = [{"text": p.split(": ")[1].split("\n")[0], key: ["yes", "no"][x] if key == "label" else x} for p, x in zip(prompts, answers)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * (4 if name == "a" else 1)))
+    _write_tasks(tmp_path, copies={"a": 4, "g": 1})
     specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48}),
              _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 2})]
     made = []
@@ -117,12 +114,17 @@ def test_joint_step_gives_each_adapter_its_alone_gradient_over_n(shared):
         assert torch.allclose(g, shared_alone[n], atol=1e-5, rtol=1e-4), n
 
 
-def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def _write_tasks(folder, copies):
+    """a.jsonl (classification) and g.jsonl (generation) from ROWS, each row repeated copies[name] times."""
     for name, (prompts, answers) in (("a", ROWS["a"]), ("g", ROWS["g"])):
         key = "label" if name == "a" else "target"
         rows = [{"text": p.split(": ")[1].split("\n")[0], key: ["yes", "no"][x] if key == "label" else x} for p, x in zip(prompts, answers)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * copies[name]))
+
+
+def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 4, "g": 4})
     # a high learning rate: after 3 steps the shared adapter must change what the model generates (checked below)
     specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, "lr": 0.2}),
              _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 3, "lr": 0.2})]

@@ -12,7 +12,7 @@ from adapterhub_lite.model.evaluate import predict
 from adapterhub_lite.ops.merge import MergeError
 from adapterhub_lite.serving.router import Router
 
-from .conftest import train_tiny
+from .conftest import on_another_backbone, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +140,7 @@ def test_merge_registers_a_new_adapter(router, folders):
 def test_errors_name_the_problem(router, folders, tmp_path):
     with pytest.raises(AdapterLoadError, match=r"unknown adapter 'nope'; known: cls_a, .*'base' / 'auto'"):
         router.run([{"adapter": "nope", "text": "x"}])
-    meta = json.loads((folders["cls_a"] / "adapterhub.json").read_text())
-    other = tmp_path / "other"
-    shutil.copytree(folders["cls_a"], other)
-    meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id="badbadbadbadbad0")
-    (other / "adapterhub.json").write_text(json.dumps(meta))
+    other = on_another_backbone(folders["cls_a"], tmp_path / "other")
     with pytest.raises(AdapterLoadError, match="trained on backbone badbadbadbadbad0 but the router serves"):
         router.register("other", other)
 

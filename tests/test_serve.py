@@ -21,6 +21,7 @@ from adapterhub_lite.model.evaluate import label_token_ids
 from adapterhub_lite.model.heads import label_scores
 from adapterhub_lite.serving.params import IGNORED_HEADER
 
+from .conftest import on_another_backbone
 from .serving import KEY, Served, free_port
 
 
@@ -227,11 +228,7 @@ def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served
     assert served.post("/v1/completions", {"model": "late", "prompt": "x"}).status_code == 404
     assert "late" not in {m.id for m in served.client.models.list().data}  # and no longer listed
     # a folder trained on another backbone is refused, naming both
-    other = tmp_path / "other"
-    shutil.copytree(registry / "gen_a" / "1.0.0", other)
-    meta = json.loads((other / "adapterhub.json").read_text())
-    meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id="badbadbadbadbad0")
-    (other / "adapterhub.json").write_text(json.dumps(meta))
+    other = on_another_backbone(registry / "gen_a" / "1.0.0", tmp_path / "other")
     r = served.post("/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)})
     assert r.status_code == 400 and "trained on backbone badbadbadbadbad0" in r.json()["error"]["message"], r.text
     assert "other" not in {m.id for m in served.client.models.list().data}
