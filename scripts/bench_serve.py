@@ -248,7 +248,7 @@ def server_info(url: str) -> dict:
     try:
         info["health"] = httpx.get(f"{url}/health", timeout=5, trust_env=False).json()
         models = httpx.get(f"{url}/v1/models", headers=headers(), timeout=5, trust_env=False).json()["data"]
-        info["base"] = next((m.get("parent") for m in models if m.get("parent")), None)
+        info["base"] = next((m.get("root") for m in models if m["id"] == "base"), None)  # the backbone's weights
         info["models"] = [m["id"] for m in models]  # for --base-url; the report keeps only their number
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         info["error"] = f"{type(exc).__name__}: {exc}"

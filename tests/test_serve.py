@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -64,7 +65,14 @@ def test_completions_chat_streaming_classify_and_models(served):
     c = served.client
     ids = {m.id for m in c.models.list().data}
     assert {"cls_a", "cls_a@1.0.0", "gen_b", "gen_b@0.9.0", "gen_b@1.0.0", "base", "auto"} <= ids
-    assert all(m.model_extra["parent"] == "tiny-random-llama" for m in c.models.list().data)
+    cards = {m.id: m.model_extra for m in c.models.list().data}
+    backbone = served.router.backbone
+    # vLLM's cards: the base names its weights and context; every adapter its own folder, on `base`
+    assert cards["base"] == {"root": backbone.hub_id or backbone.name, "parent": None, "max_model_len": served.router.max_model_len}
+    for name in ("cls_a", "cls_a@1.0.0", "gen_b", "gen_b@0.9.0"):
+        assert cards[name]["parent"] == "base" and (Path(cards[name]["root"]) / "adapter_config.json").is_file(), name
+    assert cards["gen_b"]["root"] == cards["gen_b@1.0.0"]["root"] != cards["gen_b@0.9.0"]["root"]  # the latest is 1.0.0
+    assert cards["auto"]["parent"] == "base"
 
     raw = c.completions.create(model="gen_a", prompt="In: ab\nOut:", max_tokens=6, logprobs=2)
     assert raw.choices[0].finish_reason in ("stop", "length") and raw.usage.completion_tokens <= 6
@@ -217,7 +225,8 @@ def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served
     shutil.copytree(registry / "gen_a" / "1.0.0", folder)
     loaded = served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder), "base_model_name": "x"})
     assert loaded.status_code == 200 and loaded.headers[IGNORED_HEADER] == "base_model_name"  # a field not read is named
-    assert "late" in {m.id for m in served.client.models.list().data}
+    card = next(m.model_extra for m in served.client.models.list().data if m.id == "late")
+    assert Path(card["root"]) == folder and card["parent"] == "base"  # the folder it was read from, as vLLM lists it
     # vLLM's in-place replacement is not done here: refused by name rather than answered "already served"
     r = served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder), "load_inplace": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text

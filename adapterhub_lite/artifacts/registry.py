@@ -153,6 +153,10 @@ class Registry:
         problems += [f"{name}@{version}: unexpected file {f}" for f in extra]
         return problems
 
+    def location(self, name: str, version: str) -> str:
+        """Where a version lives, for naming it (nothing is read, fetched or verified: `path` does that)."""
+        return f"{self.root}/{name}/{version}"
+
     def path(self, ref: str) -> Path:
         """The verified folder of a version: every file re-hashed before it is handed out."""
         name, version, entry = self.resolve(ref)

@@ -39,19 +39,34 @@ class Catalogue:
 
     # -- reading -----------------------------------------------------------------------------------
     def models(self) -> list[dict]:
-        """Every adapter as `name` and `name@version`, the runtime-loaded ones, `base` and `auto`."""
-        backbone = self.router.backbone
+        """Every adapter as `name` and `name@version`, the runtime-loaded ones, `base` and `auto`, as vLLM's model cards.
+
+        The base names its weights (`root`) and its context (`max_model_len`); an adapter names where it
+        comes from (`root`: its registry version or folder) and, as `parent`, the id of the model it runs
+        on, so a client can pair them.
+        """
+        backbone, registry = self.router.backbone, self.router.registry
+        weights = backbone.hub_id or backbone.name
+        roots: dict[str, str | None] = {BASE: weights, AUTO: weights}  # auto routes over the adapters on the base
         ids = []
-        if self.router.registry is not None:
-            for row in self.router.registry.rows():  # by name, then version
-                ids += [row["name"], f"{row['name']}@{row['version']}"]
-        ids += sorted(self.runtime) + [BASE, AUTO]
-        out = [{"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite", "root": backbone.hub_id, "parent": backbone.name}
-               for i in dict.fromkeys(ids)]
-        for entry in out:  # a registry adapter that failed its checks is listed, with why it is not served
-            why = self.router.unavailable.get(entry["id"])
+        if registry is not None:
+            for row in registry.rows():  # by name, then version: a name's last row is its latest
+                name, pinned = row["name"], f"{row['name']}@{row['version']}"
+                roots[name] = roots[pinned] = registry.location(row["name"], row["version"])
+                ids += [name, pinned]
+        for name in sorted(self.runtime):  # loaded through /v1/load_lora_adapter: the folder it was read from
+            folder = self.router.folders.get(name)
+            roots[name] = None if folder is None else str(folder)
+        out = []
+        for i in dict.fromkeys(ids + sorted(self.runtime) + [BASE, AUTO]):
+            entry = {"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite",
+                     "root": roots[i], "parent": None if i == BASE else BASE}
+            if i == BASE:
+                entry["max_model_len"] = self.router.max_model_len
+            why = self.router.unavailable.get(i)  # a registry adapter that failed its checks is listed, with why it is not served
             if why is not None:
                 entry.update(available=False, unavailable_reason=why)
+            out.append(entry)
         return out
 
     def has_task(self, model: str) -> bool:
