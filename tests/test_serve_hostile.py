@@ -194,6 +194,38 @@ def test_latest_follows_reload(serve_registry, tmp_path):
         s.close()
 
 
+def test_reload_defers_an_adapter_that_running_rows_use(serve_registry, tmp_path, monkeypatch):
+    """A new version of an adapter a running request decodes with is not swapped in under it: the reload says
+    `deferred`, the request ends with the old weights' tokens, and the next reload (no rows left) moves the name."""
+    reg = tmp_path / "reg"
+    shutil.copytree(serve_registry, reg)
+    s = Served(reg)
+    try:
+        body = {"prompt": "In: gh\nOut:", "max_tokens": 40, "ignore_eos": True}
+        old = s.post("/v1/completions", {"model": "gen_a", **body}).json()["choices"][0]["text"]
+        new = s.post("/v1/completions", {"model": "gen_b", **body}).json()["choices"][0]["text"]
+        assert old != new  # else the test could not tell the versions apart
+        _slowed(s, monkeypatch)
+        with httpx.stream("POST", s.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": "gen_a", "stream": True, **body}) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))  # decoding has begun
+            LocalRegistry(reg).publish(reg / "gen_b" / "1.0.0", "2.0.0", name="gen_a")  # gen_a@2.0.0 is gen_b's weights
+            assert s.post("/v1/reload").json()["deferred"] == ["gen_a"]
+            # a row joining makes the batch gather every row's factors from the slot pool again
+            joined = s.post("/v1/completions", {"model": "gen_a", **body}).json()["choices"][0]["text"]
+            chunks = [first] + [line for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+        assert "".join(json.loads(c[6:])["choices"][0]["text"] for c in chunks) == old  # the old weights to the end
+        assert joined == old  # deferred: the name still serves the old version
+        deadline = time.monotonic() + 10
+        while s.engine._rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.post("/v1/reload").json()["updated"] == ["gen_a"]
+        assert s.post("/v1/completions", {"model": "gen_a", **body}).json()["choices"][0]["text"] == new
+    finally:
+        s.close()
+
+
 def test_runtime_and_registry_adapters_keep_apart_names(serve_registry, tmp_path):
     reg = tmp_path / "reg"
     shutil.copytree(serve_registry, reg)
