@@ -187,6 +187,38 @@ def test_tokenize_detokenize_tokenizer_info_and_version(served, tok):
     assert IGNORED_HEADER not in httpx.post(served.url + "/tokenize", json={"prompt": "hi", "return_token_strs": True}).headers
 
 
+def test_add_special_tokens_decides_whether_the_bos_is_read(serve_registry):
+    """A tokenizer that adds a BOS (the tiny one adds none): vLLM's defaults — a text prompt gets its special tokens
+    (/tokenize, completions), a chat does not (its template writes them) — and `add_special_tokens` turns each over."""
+    from tokenizers import processors
+
+    s = Served(serve_registry)
+    tok = s.router.backbone.tokenizer
+    saved = tok.backend_tokenizer.post_processor
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    try:
+        bos = tok.bos_token_id
+        assert tok("ab").input_ids == [bos, *tok("ab", add_special_tokens=False).input_ids]  # the test's own premise
+
+        def tokens(**body):
+            return httpx.post(s.url + "/tokenize", json=body).json()["tokens"]
+
+        def prompt_tokens(path, **body):
+            r = s.post(path, {"model": "base", "max_tokens": 1, **body})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+
+        assert tokens(prompt="ab") == [bos, *tokens(prompt="ab", add_special_tokens=False)]
+        chat = [{"role": "user", "content": "hi"}]
+        assert tokens(messages=chat, add_special_tokens=True) == [bos, *tokens(messages=chat)]
+        assert prompt_tokens("/v1/completions", prompt="ab") == prompt_tokens("/v1/completions", prompt="ab", add_special_tokens=False) + 1
+        assert prompt_tokens("/v1/chat/completions", messages=chat) + 1 == prompt_tokens("/v1/chat/completions", messages=chat, add_special_tokens=True)
+        assert prompt_tokens("/v1/chat/completions", messages=chat) == len(tokens(messages=chat))  # the chat reads what /tokenize says
+    finally:
+        tok.backend_tokenizer.post_processor = saved
+        s.close()
+
+
 # -- every sampling field does what it says ---------------------------------------------------------------
 
 def greedy_reference(plain, ids, steps, shape):
