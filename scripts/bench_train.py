@@ -41,8 +41,13 @@ for classification the prompt alone when every label is one token (all labels sc
 one sequence per (row, label) pair; for generation the prompt + target + EOS (`ours_sequences_per_step`). Each
 side's tokens/s counts the tokens it reads.
 
+`--rounds N` runs all of it N times (odd rounds run the baselines before ours) and reports each figure's median over
+the rounds; a ratio is the median of the rounds' own ratios, listed per round as `<key>_rounds`. On a shared machine
+the same run repeated minutes apart can move by tens of percent, so a ratio read against a goal should come from
+several rounds.
+
     python scripts/bench_train.py [scripts/tasks/sst2.yaml] --dtypes fp32 bf16 --quantizations 8bit none --steps 30 \\
-        [--base smollm2-135m|FOLDER] [--device cuda] [--processes 1 8] [--baselines plain_loop hf_trainer|none] \\
+        [--base smollm2-135m|FOLDER] [--device cuda] [--processes 1 8] [--baselines plain_loop hf_trainer|none] [--rounds 3] \\
         [key=value ...]   # trailing spec overrides, as on the CLI (before the options that take lists)
 """
 
@@ -385,6 +390,8 @@ def main():
     ap.add_argument("--processes", type=int, nargs="+", default=[1], help="process counts to run each combination with (torchrun)")
     ap.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=(*BASELINES, "none"),
                     help="plain peft + transformers runs to compare with, on the first dtype and quantization (none: skip)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every combination and baseline this many times, alternating which side goes first; report medians")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # DTYPE:QUANT, the child process
     ap.add_argument("--run-baseline", default=None, choices=BASELINES, help=argparse.SUPPRESS)  # a baseline's child process
     args = ap.parse_args()
@@ -392,6 +399,8 @@ def main():
         args.overrides, args.spec = [args.spec, *args.overrides], str(SPEC)
     if args.steps <= args.warmup_steps + 1:
         ap.error(f"--steps {args.steps} leaves no steady steps after --warmup-steps {args.warmup_steps}; pass more steps")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if "none" in args.baselines and len(args.baselines) > 1:
         ap.error("--baselines none cannot be combined with a baseline")
     from adapterhub_lite.model.backbone import default_device
@@ -406,10 +415,30 @@ def main():
         print("BENCH_TRAIN " + json.dumps(run_baseline(args, args.run_baseline)), flush=True)
         return
 
-    combos = [(d, q, n) for d in args.dtypes for q in args.quantizations for n in args.processes]
     cuda = torch.device(args.device).type == "cuda"
-    result = {"spec": Path(args.spec).name, "base": args.base, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "threads": torch.get_num_threads(), "steps": args.steps, "warmup_steps": args.warmup_steps, "first": None}
+    head = {"spec": Path(args.spec).name, "base": args.base, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "threads": torch.get_num_threads(), "steps": args.steps, "warmup_steps": args.warmup_steps}
+    rounds = []
+    for r in range(args.rounds):
+        # odd rounds run the baselines first, so a machine that speeds up or slows down over the run favours no side
+        rounds.append(one_round(args, baselines_first=r % 2 == 1))
+    result = {**head, **(rounds[0] if args.rounds == 1 else median_rounds(rounds)), "rounds": args.rounds}
+    print(json.dumps(result))
+
+
+def one_round(args, baselines_first: bool = False) -> dict:
+    """Every combination, then every baseline (each in its own child process), and their ratios: one round's figures."""
+    result: dict = {"first": None}
+    combos = [(d, q, n) for d in args.dtypes for q in args.quantizations for n in args.processes]
+    baselines = [b for b in args.baselines if b != "none"]
+    theirs: dict[str, dict | None] = {}
+
+    def run_baselines():
+        for name in baselines:
+            theirs[name] = _child([sys.executable, __file__, *sys.argv[1:], "--run-baseline", name], name, args, result)
+
+    if baselines_first:
+        run_baselines()
     first = None
     alone, ran = {}, {}  # (dtype, quantization) → its run in one process, its first run
     for d, q, n in combos:
@@ -430,8 +459,9 @@ def main():
             alone[(d, q)] = one
         elif (d, q) in alone and alone[(d, q)].get("tokens_per_s"):
             result[f"{tag}_scaling"] = round(one["tokens_per_s"] / alone[(d, q)]["tokens_per_s"], 3)
+    if not baselines_first:
+        run_baselines()
 
-    baselines = [b for b in args.baselines if b != "none"]
     if baselines:
         # ours: the first dtype × quantization, in one process when that ran (the baselines run in one process)
         ours = alone.get((args.dtypes[0], args.quantizations[0])) or ran.get((args.dtypes[0], args.quantizations[0]))
@@ -439,15 +469,36 @@ def main():
         if ours:
             result["ours_sequences_per_step"] = ours.get("sequences_per_step")
             result["ours_tokens_per_step"] = ours.get("tokens_per_step")
-    for name in baselines:
-        one = _child([sys.executable, __file__, *sys.argv[1:], "--run-baseline", name], name, args, result)
-        if one is None or not ours:
+        for name in baselines:
+            one = theirs.get(name)
+            if one is None or not ours:
+                continue
+            result[f"ours_over_{name}_tokens_per_s"] = _ratio(ours.get("tokens_per_s"), one.get("tokens_per_s"))
+            result[f"ours_over_{name}_steady_tokens_per_s"] = _ratio(ours.get("steady_tokens_per_s"), one.get("steady_tokens_per_s"))
+            result[f"ours_over_{name}_ms_per_step"] = _ratio(ours.get("steady_ms_per_step"), one.get("steady_ms_per_step"))
+            result[f"ours_over_{name}_peak_memory"] = _ratio(ours.get("peak_memory_mb"), one.get("peak_memory_mb"))
+    return result
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    """Several rounds as one report: each figure is its median over the rounds that have it (the lower middle of an even
+    count; a ratio: the median of the rounds' own ratios, each taken between runs minutes apart); every ratio also lists its value per round
+    (`<key>_rounds`, None where that round failed), and every failure is kept with its round, never hidden."""
+    out: dict = {}
+    for key in dict.fromkeys(k for one in rounds for k in one):
+        values = [one.get(key) for one in rounds]
+        if key.endswith("_error"):
+            out[key] = "; ".join(f"round {i + 1}: {v}" for i, v in enumerate(values) if v is not None)
             continue
-        result[f"ours_over_{name}_tokens_per_s"] = _ratio(ours.get("tokens_per_s"), one.get("tokens_per_s"))
-        result[f"ours_over_{name}_steady_tokens_per_s"] = _ratio(ours.get("steady_tokens_per_s"), one.get("steady_tokens_per_s"))
-        result[f"ours_over_{name}_ms_per_step"] = _ratio(ours.get("steady_ms_per_step"), one.get("steady_ms_per_step"))
-        result[f"ours_over_{name}_peak_memory"] = _ratio(ours.get("peak_memory_mb"), one.get("peak_memory_mb"))
-    print(json.dumps(result))
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers and len(numbers) == len([v for v in values if v is not None]):
+            out[key] = statistics.median_low(numbers)  # a figure some round measured (an even count: the lower middle)
+        else:  # a word (a tag, a dtype seen): the rounds' own when they agree
+            seen = list(dict.fromkeys(json.dumps(v) for v in values if v is not None))
+            out[key] = json.loads(seen[0]) if len(seen) == 1 else [json.loads(v) for v in seen]
+        if key.startswith("ours_over_") or key.endswith(("_speedup", "_scaling")):
+            out[f"{key}_rounds"] = values
+    return out
 
 
 if __name__ == "__main__":

@@ -107,3 +107,20 @@ def test_plain_examples_mask_the_prompt_and_padding(gen_task):
     assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * 6
     assert batch["labels"][1].tolist() == [-100, 6] + [-100] * 6
     assert batch["labels"][0].tolist() == examples[0]["labels"]
+
+
+def test_rounds_report_each_figures_median_and_never_hide_a_failure():
+    one = {"first": "auto_8bit", "auto_8bit_steady_ms_per_step": 700.0, "plain_loop_steady_ms_per_step": 2100.0,
+           "ours_over_plain_loop_tokens_per_s": 2.4, "auto_8bit_dtype_seen": "fp32", "auto_8bit_steps": 30}
+    two = {**one, "auto_8bit_steady_ms_per_step": 900.0, "ours_over_plain_loop_tokens_per_s": 2.6}
+    three = {**one, "auto_8bit_steady_ms_per_step": 800.0, "ours_over_plain_loop_tokens_per_s": 2.2}
+    out = bench.median_rounds([one, two, three])
+    assert out["auto_8bit_steady_ms_per_step"] == 800.0 and out["ours_over_plain_loop_tokens_per_s"] == 2.4
+    assert out["ours_over_plain_loop_tokens_per_s_rounds"] == [2.4, 2.6, 2.2]  # every round's own ratio
+    assert out["first"] == "auto_8bit" and out["auto_8bit_dtype_seen"] == "fp32" and out["auto_8bit_steps"] == 30
+    assert bench.median_rounds([one, two])["ours_over_plain_loop_tokens_per_s"] == 2.4  # even: the lower middle, a measured one
+    # a round whose baseline failed: its error is kept with its round, its ratio listed as missing
+    failed = {k: v for k, v in two.items() if not k.startswith(("plain_loop", "ours_over"))} | {"plain_loop_error": "killed"}
+    out = bench.median_rounds([one, failed, three])
+    assert out["plain_loop_error"] == "round 2: killed"
+    assert out["ours_over_plain_loop_tokens_per_s_rounds"] == [2.4, None, 2.2] and out["ours_over_plain_loop_tokens_per_s"] == 2.2
