@@ -212,6 +212,8 @@ def test_reload_defers_an_adapter_that_running_rows_use(serve_registry, tmp_path
             first = next(line for line in lines if line.startswith("data: "))  # decoding has begun
             LocalRegistry(reg).publish(reg / "gen_b" / "1.0.0", "2.0.0", name="gen_a")  # gen_a@2.0.0 is gen_b's weights
             assert s.post("/v1/reload").json()["deferred"] == ["gen_a"]
+            cards = {m["id"]: m for m in httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]}
+            assert cards["gen_a"]["root"] == cards["gen_a@1.0.0"]["root"] != cards["gen_a@2.0.0"]["root"]  # what it serves
             # a row joining makes the batch gather every row's factors from the slot pool again
             joined = s.post("/v1/completions", {"model": "gen_a", **body}).json()["choices"][0]["text"]
             chunks = [first] + [line for line in lines if line.startswith("data: ") and line != "data: [DONE]"]

@@ -54,9 +54,12 @@ class Catalogue:
                 name, pinned = row["name"], f"{row['name']}@{row['version']}"
                 roots[name] = roots[pinned] = registry.location(row["name"], row["version"])
                 ids += [name, pinned]
-        for name in sorted(self.runtime):  # loaded through /v1/load_lora_adapter: the folder it was read from
+        # What a name serves now, where the router holds it: a reload defers a new version that running rows
+        # use, and a run-time load names the folder it was read from.
+        for name in (set(roots) - {BASE, AUTO}) | self.runtime:
             folder = self.router.folders.get(name)
-            roots[name] = None if folder is None else str(folder)
+            if folder is not None or name in self.runtime:
+                roots[name] = None if folder is None else str(folder)
         out = []
         for i in dict.fromkeys(ids + sorted(self.runtime) + [BASE, AUTO]):
             entry = {"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite",
