@@ -41,7 +41,7 @@ for classification the prompt alone when every label is one token (all labels sc
 one sequence per (row, label) pair; for generation the prompt + target + EOS (`ours_sequences_per_step`). Each
 side's tokens/s counts the tokens it reads.
 
-`--rounds N` runs all of it N times (odd rounds run the baselines before ours) and reports each figure's median over
+`--rounds N` runs all of it N times (the 2nd, 4th … rounds run the baselines before ours) and reports each figure's median over
 the rounds; a ratio is the median of the rounds' own ratios, listed per round as `<key>_rounds`. On a shared machine
 the same run repeated minutes apart can move by tens of percent, so a ratio read against a goal should come from
 several rounds.
@@ -420,7 +420,7 @@ def main():
             "threads": torch.get_num_threads(), "steps": args.steps, "warmup_steps": args.warmup_steps}
     rounds = []
     for r in range(args.rounds):
-        # odd rounds run the baselines first, so a machine that speeds up or slows down over the run favours no side
+        # the 2nd, 4th … rounds run the baselines first, so a machine that speeds up or slows down favours no side
         rounds.append(one_round(args, baselines_first=r % 2 == 1))
     result = {**head, **(rounds[0] if args.rounds == 1 else median_rounds(rounds)), "rounds": args.rounds}
     print(json.dumps(result))
