@@ -45,25 +45,22 @@ class Catalogue:
         comes from (`root`: its registry version or folder) and, as `parent`, the id of the model it runs
         on, so a client can pair them.
         """
-        backbone, registry = self.router.backbone, self.router.registry
+        backbone, registry, held = self.router.backbone, self.router.registry, self.router.folders
         weights = backbone.hub_id or backbone.name
-        roots: dict[str, str | None] = {BASE: weights, AUTO: weights}  # auto routes over the adapters on the base
+        roots = {BASE: weights, AUTO: weights}  # auto routes over the adapters on the base
         ids = []
         if registry is not None:
             for row in registry.rows():  # by name, then version: a name's last row is its latest
                 name, pinned = row["name"], f"{row['name']}@{row['version']}"
                 roots[name] = roots[pinned] = registry.location(row["name"], row["version"])
                 ids += [name, pinned]
-        # What a name serves now, where the router holds it: a reload defers a new version that running rows
-        # use, and a run-time load names the folder it was read from.
-        for name in (set(roots) - {BASE, AUTO}) | self.runtime:
-            folder = self.router.folders.get(name)
-            if folder is not None or name in self.runtime:
-                roots[name] = None if folder is None else str(folder)
         out = []
         for i in dict.fromkeys(ids + sorted(self.runtime) + [BASE, AUTO]):
+            # a name the router holds names what it serves now (a reload deferred by running rows keeps the old
+            # version; a run-time load, the folder it was read from)
+            root = str(held[i]) if i in held else roots.get(i)
             entry = {"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite",
-                     "root": roots[i], "parent": None if i == BASE else BASE}
+                     "root": root, "parent": None if i == BASE else BASE}
             if i == BASE:
                 entry["max_model_len"] = self.router.max_model_len
             why = self.router.unavailable.get(i)  # a registry adapter that failed its checks is listed, with why it is not served
