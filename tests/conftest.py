@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import traceback
 
 import pytest
@@ -176,8 +177,6 @@ OTHER_BACKBONE = "badbadbadbadbad0"
 
 def on_another_backbone(folder, dest):
     """A copy of an adapter folder whose sidecar says it was trained on another backbone (id OTHER_BACKBONE)."""
-    import shutil
-
     shutil.copytree(folder, dest)
     meta = json.loads((dest / "adapterhub.json").read_text())
     meta["base"]["fingerprint"].update(weights_sha256="2" * 64, id=OTHER_BACKBONE)
