@@ -3,6 +3,7 @@ outgrow its buffers still decode exactly as each row alone through plain peft, w
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.serving.bank import AdapterBank
@@ -233,6 +234,67 @@ def test_replayed_steps_over_padded_buckets_equal_the_eager_steps(folders, monke
     before = dec._graph_state()
     bank.remove("lora_c")
     assert dec._graph_state() != before
+
+
+class _HostReads(TorchFunctionMode):
+    """Records what would stop a step from being captured as a CUDA graph or make its replays wrong, run on the CPU:
+    a value read back to the host (`.item()`, `.tolist()`, `bool(t)`, a boolean-mask index, `nonzero`: each a device
+    sync, which fails a capture) and a tensor made from host data (`torch.tensor(list)`: baked into the graph as it
+    was at capture, so replays would read stale values)."""
+
+    READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "masked_select",
+             "unique", "unique_consecutive", "repeat_interleave", "tensor", "as_tensor", "from_numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        bool_index = name in ("__getitem__", "__setitem__", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in _flat(args[1:2]))
+        if name in self.READS or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _flat(items) -> list:
+    out = []
+    for item in items:
+        out.extend(_flat(item) if isinstance(item, (tuple, list)) else [item])
+    return out
+
+
+def test_the_captured_step_reads_nothing_back_to_the_host(folders, monkeypatch):
+    """What a graph captures (StaticBatch._step under a live plan: LoRA, prefix, prompt and base rows, padding rows, rows leaving) neither
+    reads a device value on the host nor builds a tensor from host values. On a GPU either one fails the capture
+    (decoding eager from then on: correct, but host-bound) or freezes a value into every replay; the CPU tests
+    above cannot see that, so this one watches the step's tensor calls."""
+    bank = _bank(folders, max_loras=3, max_lora_rank=8)
+    names = ["lora_a", "prefix", None, "prompt", "lora_b", "prefix_long", "lora_c"]
+    ids = rows([5, 3, 4, 6, 2, 7, 3], seed=7)
+    budget = [9, 4, 7, 2, 6, 5, 8]
+    watch = _HostReads()
+    steps = []
+
+    def record(self, fn):
+        def watched():
+            steps.append(1)
+            with watch:
+                return fn()
+        return _ReplayedStep(self, watched).record()
+    monkeypatch.setattr(StaticBatch, "_record", record)
+    dec = bank.batch(bank.start(ids, names), max_rows=8)
+    dec.graphs = True
+    out = [[] for _ in ids]
+
+    def take(j, key, tok):
+        out[key].append(tok)
+        return len(out[key]) < budget[key]
+    while bank.step(dec, dec.logits.argmax(-1), take):
+        pass
+    assert dec.graphs and dec.captured >= 3 and len(steps) > dec.captured  # captures and replays were watched
+    assert watch.seen == [], f"the captured decode step reads on the host: {sorted(set(watch.seen))}"
 
 
 def test_a_replay_that_disagrees_with_the_eager_step_switches_graphs_off(folders, monkeypatch, caplog):
