@@ -255,6 +255,23 @@ def test_a_stream_ends_with_the_usage_a_plain_request_reports(served):
     assert "".join(c.choices[0].text for c in chunks[:-1]) == plain.choices[0].text
 
 
+def test_usage_counts_each_prompt_once_however_many_choices(served, tok):
+    """n choices continue one prompt that is read once: OpenAI and vLLM count its tokens once in prompt_tokens and
+    every choice's tokens in completion_tokens — plain, streamed, chat, several prompts."""
+    prompts = ["a b", "c d e"]
+    want = sum(len(tok(p).input_ids) for p in prompts)
+    got = complete(served, prompt=prompts, max_tokens=3, n=2, ignore_eos=True)
+    assert [got["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")] == [want, 4 * 3, want + 12]
+    chunks = list(served.client.completions.create(model="base", prompt=prompts, max_tokens=3, n=2, stream=True, stream_options={"include_usage": True},
+                                                   extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.model_dump() == got["usage"]
+    messages = [{"role": "user", "content": "pos 1"}]
+    read = len(httpx.post(served.url + "/tokenize", json={"model": "base", "messages": messages}).json()["tokens"])
+    chat = served.client.chat.completions.create(model="base", messages=messages, max_tokens=2, n=3, temperature=1.0, seed=1,
+                                                 extra_body={"ignore_eos": True})
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (read, 6)
+
+
 def token_ids(served, **body):
     got = complete(served, return_token_ids=True, **body)
     return got["choices"][0]["token_ids"], got

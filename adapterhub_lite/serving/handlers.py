@@ -89,6 +89,7 @@ class Request:
     jobs: list[Job]
     events: asyncio.Queue  # (choice index, event, payload) from the engine thread
     chat: bool
+    n: int = 1  # choices per prompt: jobs are n per prompt, in prompt order
 
 
 class Handlers:
@@ -152,7 +153,7 @@ class Handlers:
                                 params=params.with_seed(seed), answer_mode=answer, default_max_tokens=default_max, fill_context=fill_context,
                                 max_input_tokens=self.settings.max_input_tokens, add_special_tokens=add_special_tokens,
                                 truncate_prompt_tokens=truncate, deadline=deadline))
-        return Request(rid, model, body, params, jobs, events, chat)
+        return Request(rid, model, body, params, jobs, events, chat, n)
 
     def submit(self, req: Request) -> None:
         """Queue every job of a request; on a full queue, none of them stays queued."""
@@ -196,10 +197,10 @@ class Handlers:
                 job.cancel()  # a no-op for finished jobs; frees the rows of the others
         return out
 
-    def note(self, access: dict, results: list) -> None:
+    def note(self, access: dict, results: list, n: int = 1) -> None:
         """Record for the access log which adapters answered and the tokens read and generated."""
         access["adapter"] = ",".join(dict.fromkeys(r.adapter for r in results if r is not None))
-        usage = P.usage([r for r in results if r is not None])
+        usage = P.usage(results, n)
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
     async def _begin(self, body: dict, endpoint, prefix: str, http):
@@ -280,16 +281,16 @@ class Handlers:
             early = await self.accepted(req)
             return StreamingResponse(self.stream(req, access, early), media_type="text/event-stream")
         results = await self.results(req, http)
-        self.note(access, results)
+        self.note(access, results, req.n)
         choices = [self.choice(req, i, r) for i, r in enumerate(results)]
         if req.chat:
-            body = P.chat_body(req.rid, req.model, choices, results)
+            body = P.chat_body(req.rid, req.model, choices, results, req.n)
             if req.params.prompt_logprobs is not None and results[0].prompt is not None:  # vLLM: one list per response
                 body["prompt_logprobs"] = P.prompt_logprobs(self.tokenizer, results[0].prompt.scores, req.params.prompt_logprobs)
             if flag(req.body, "return_token_ids", False):
                 body["prompt_token_ids"] = results[0].prompt_ids
             return body
-        return P.completion_body(req.rid, req.model, choices, results)
+        return P.completion_body(req.rid, req.model, choices, results, req.n)
 
     async def accepted(self, req: Request) -> list:
         """Wait until the engine has read every choice of a streamed request (routed, tokenized, measured against
@@ -388,14 +389,14 @@ class Handlers:
                         access["status"] = as_api_error(payload).status
                         break
             if not left and (req.body.get("stream_options") or {}).get("include_usage"):
-                yield f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [], 'usage': P.usage(results)})}\n\n"
+                yield f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [], 'usage': P.usage(results, req.n)})}\n\n"
         except TimeoutError:
             access["status"] = 504
             yield f"data: {json.dumps(as_api_error(RequestTimeout('no answer within the request timeout')).body())}\n\n"
         finally:
             for job in req.jobs:
                 job.cancel()  # the client went away mid-stream: the engine drops the rows at its next step
-            self.note(access, results)
+            self.note(access, results, req.n)
         yield "data: [DONE]\n\n"
 
     # -- /v1/classify ----------------------------------------------------------------------------

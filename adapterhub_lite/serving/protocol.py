@@ -101,10 +101,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(results) -> dict:
-    """OpenAI's usage object over the results of a request's choices."""
-    p = sum(r.prompt_tokens for r in results)
-    c = sum(r.completion_tokens for r in results)
+def usage(results, n: int = 1) -> dict:
+    """OpenAI's usage object over a request's choices, in choice order: n per prompt (None for one that did not
+    finish). Each prompt is counted once however many choices continue it (as OpenAI and vLLM count: the prompt is
+    read once), every choice's completion tokens are counted."""
+    groups = [results[i:i + n] for i in range(0, len(results), n)]
+    p = sum(next((r.prompt_tokens for r in group if r is not None), 0) for group in groups)
+    c = sum(r.completion_tokens for r in results if r is not None)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -147,10 +150,10 @@ def prompt_logprobs(tokenizer, scores, top_k: int) -> list:
     return out
 
 
-def completion_body(rid: str, model: str, choices: list[dict], results, created: int | None = None) -> dict:
+def completion_body(rid: str, model: str, choices: list[dict], results, n: int = 1, created: int | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": choices, "usage": usage(results)}
+            "choices": choices, "usage": usage(results, n)}
 
 
-def chat_body(rid: str, model: str, choices: list[dict], results) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices, "usage": usage(results)}
+def chat_body(rid: str, model: str, choices: list[dict], results, n: int = 1) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices, "usage": usage(results, n)}
