@@ -232,6 +232,32 @@ def test_eight_bit_backbone_trains_and_reloads_with_plain_peft(cls_task):
         assert torch.allclose(plain(**ids).logits, ours(**ids).logits, atol=1e-4)
 
 
+def test_a_tied_embedding_is_refused_as_a_target_before_anything_is_written(cls_task, capsys):
+    """Both backbones tie lm_head to embed_tokens: an adapter on either trains, but peft's merge_and_unload
+    then changes both and gives wrong logits (seen: off by 5.2), so training refuses it in one line."""
+    from adapterhub_lite.cli import main
+
+    before = sorted(p.name for p in cls_task.iterdir())
+    for override, needle in [
+        (["method_args.target_modules=[q_proj, lm_head]"], "cannot target ['lm_head'] on 'llama': the backbone ties"),
+        (["method=ia3", "method_args.target_modules=[lm_head]", "method_args.feedforward_modules=[]"], "'ia3' cannot target ['lm_head']"),
+        (["method_args.target_modules=.*(embed_tokens|q_proj)"], "cannot target ['embed_tokens']"),
+        (["method_args.target_modules=[c_attn]"], "(available: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj);"),
+    ]:
+        code = main(["train", "toy.yaml", *override, "--output", "out"])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err
+        assert sorted(p.name for p in cls_task.iterdir()) == before  # nothing written
+    # an untied head (its own weight) stays a valid target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapterhub_lite.model.adapter import make_config
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    assert "lm_head" in make_config("lora", {"r": 2, "target_modules": ["q_proj", "lm_head"]}, untied).target_modules
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(cls_task):
     out, _ = _train(cls_task, "toy", "train.max_steps=1")
     with pytest.raises(ValueError, match="already exists; pass --overwrite"):

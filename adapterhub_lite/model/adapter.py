@@ -6,6 +6,7 @@ turns peft's failures into one-line errors that name the method, the architectur
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -45,14 +46,51 @@ def default_method_args(method: str, model: torch.nn.Module) -> dict:
     return args
 
 
+def _tied_embedding_names(model: torch.nn.Module) -> set[str]:
+    """Full names of the input and output embeddings when the backbone ties them (one weight), else none."""
+    if not (hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings")):
+        return set()
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is None or head is None:
+        return set()
+    same = getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    if not (same or getattr(model.config, "tie_word_embeddings", False)):
+        return set()
+    return {n for n, m in model.named_modules() if m is embed or m is head}
+
+
+def _targeted(targets, model: torch.nn.Module, tied: set[str]) -> list[str]:
+    """The tied embeddings `targets` would adapt, matched as peft matches: a list by name suffix, a string as a regex."""
+    if not tied:
+        return []
+    if isinstance(targets, list):
+        return sorted({t for t in targets for n in tied if n == t or n.endswith("." + t)})
+    if isinstance(targets, str) and targets != "all-linear":  # peft's all-linear leaves the output layer out
+        try:
+            return sorted(n.rsplit(".", 1)[-1] for n in tied if re.fullmatch(targets, n))
+        except re.error:
+            return []  # peft reports the bad pattern
+    return []
+
+
 def make_config(method: str, method_args: dict, model: torch.nn.Module):
     """Build the peft config for `method`, checking target modules against the model first."""
     problems = method_args_problems(method, method_args or {})
     if problems:  # checked here too: peft would fail deep inside (TypeError for r="eight") or take r=0
         raise AdapterMethodError("; ".join(problems))
     args = {**default_method_args(method, model), **(method_args or {})}
-    linear = _linear_names(model)
+    tied = _tied_embedding_names(model)
+    linear = [n for n in _linear_names(model) if n not in tied]  # a tied lm_head is not offered
     targets = args.get("target_modules")
+    hit = _targeted(targets, model, tied)
+    if hit:
+        fix = (f"drop {', '.join(hit)} from method_args.target_modules" if isinstance(targets, list)
+               else f"narrow method_args.target_modules={targets!r} so it does not match {', '.join(hit)}")
+        raise AdapterMethodError(
+            f"method {method!r} cannot target {hit} on {model.config.model_type!r}: the backbone ties its input and output "
+            f"embeddings (tie_word_embeddings: true), so merging the adapter (peft's merge_and_unload) changes both and gives "
+            f"wrong logits; {fix}"
+        )
     if isinstance(targets, list):
         missing = [t for t in targets if t not in linear]
         if missing:
