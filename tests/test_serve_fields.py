@@ -325,11 +325,19 @@ def test_logit_bias_allowed_tokens_stop_tokens_eos_and_min_tokens(served, tok):
     assert got == [eos] * 5 and body["choices"][0]["finish_reason"] == "length"
     got, body = token_ids(served, max_tokens=8, logit_bias={str(eos): 100}, min_tokens=3)
     assert len(got) == 4 and eos not in got[:3] and got[3] == eos and body["choices"][0]["finish_reason"] == "stop"
-    kept = complete(served, max_tokens=5, logit_bias={str(eos): 100}, skip_special_tokens=False)["choices"][0]["text"]
-    assert kept == tok.eos_token
-    # a stop token ends the choice where it is generated (its own text kept: it is not a special token)
-    got, body = token_ids(served, max_tokens=6, ignore_eos=True, stop_token_ids=[plain[0]])
-    assert got == plain[:1] and body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["text"] == tok.decode(plain[:1])
+    # the stopping token is listed but not rendered, special or not, unless include_stop_str_in_output (vLLM's detokenizer)
+    shown = complete(served, max_tokens=5, logit_bias={str(eos): 100}, skip_special_tokens=False)["choices"][0]["text"]
+    kept = complete(served, max_tokens=5, logit_bias={str(eos): 100}, skip_special_tokens=False, include_stop_str_in_output=True)["choices"][0]["text"]
+    assert (shown, kept) == ("", tok.eos_token)
+    # a stop token ends the choice where it is generated; its text is left out of the choice's, as vLLM does
+    # (the stop token made certain by logit_bias, and masked by min_tokens for the first two: text comes before it)
+    stop = dict(max_tokens=6, ignore_eos=True, stop_token_ids=[forced], logit_bias={str(forced): 100}, min_tokens=2)
+    got, body = token_ids(served, logprobs=1, **stop)
+    choice = body["choices"][0]
+    assert got == plain[:2] + [forced] and choice["finish_reason"] == "stop" and choice["text"] == tok.decode(plain[:2]) != ""
+    assert len(choice["logprobs"]["tokens"]) == 3 and "".join(choice["logprobs"]["tokens"]) == choice["text"]  # listed, adds nothing
+    got, body = token_ids(served, include_stop_str_in_output=True, **stop)
+    assert got == plain[:2] + [forced] and body["choices"][0]["text"] == tok.decode(got)
 
 
 def test_sampling_filters_seeds_and_n(served):

@@ -52,8 +52,12 @@ class TextState:
         self.infos.append(info)
         n = len(self.tokens)
         checking = n >= p.min_tokens  # before min_tokens only the length ends a choice (vLLM's rule)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=p.skip_special_tokens)
-        reason = "stop" if checking and ((tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids) else None
+        token_stop = checking and ((tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids)
+        # The token that stops the choice (EOS, a stop_token_id) is kept among the tokens but not rendered, unless
+        # include_stop_str_in_output: vLLM's detokenizer leaves it out of the text the same way.
+        shown = self.tokens[:-1] if token_stop and not p.include_stop_str_in_output else self.tokens
+        text = self.tokenizer.decode(shown, skip_special_tokens=p.skip_special_tokens)
+        reason = "stop" if token_stop else None
         if self.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
             text = text.lstrip()
             if "\n" in text:
