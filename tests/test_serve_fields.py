@@ -382,6 +382,30 @@ def test_stop_strings_truncation_token_ids_and_request_id(served, tok):
     assert complete(served, max_tokens=1, request_id="abc-1")["id"] == "cmpl-abc-1"
 
 
+def test_request_shapes_vllm_takes(served):
+    """What vLLM (and OpenAI's newer fields) take, read as vLLM reads it: max_completion_tokens over the deprecated
+    max_tokens (the unread one named aloud), more than OpenAI's 4 stop strings, an assistant turn with null content;
+    stream_options without a stream is refused, as vLLM refuses it."""
+    messages = [{"role": "user", "content": "pos 1"}]
+    r = httpx.post(served.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "base", "messages": messages, "max_completion_tokens": 3, "max_tokens": 5, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3 and r.headers[IGNORED_HEADER] == "max_tokens"
+    same = httpx.post(served.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "base", "messages": messages, "max_completion_tokens": 3, "max_tokens": 3, "ignore_eos": True})
+    assert same.status_code == 200 and IGNORED_HEADER not in same.headers
+    stops = [f"zz{i}" for i in range(6)] + ["q"]
+    text = complete(served, max_tokens=8, ignore_eos=True)["choices"][0]["text"]
+    assert complete(served, max_tokens=8, ignore_eos=True, stop=stops + [text[2:4]])["choices"][0]["text"] == text[:text.find(text[2:4])]
+    for body, field in (({"stop": [f"s{i}" for i in range(65)]}, "stop"), ({"stream_options": {"include_usage": True}}, "stream_options")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            complete(served, max_tokens=2, **body)
+    turns = messages + [{"role": "assistant", "content": None}, {"role": "user", "content": "pos 2"}]
+    assert served.client.chat.completions.create(model="base", messages=turns, max_tokens=2).choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\].tool_calls"):
+        served.client.chat.completions.create(model="base", messages=turns[:1] + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}] + turns[2:], max_tokens=2)
+
+
 def test_chat_template_switches_for_base(served, tok):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel"}]
     cont = served.client.chat.completions.create(model="base", messages=messages, max_tokens=2,

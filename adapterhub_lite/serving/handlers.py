@@ -243,6 +243,8 @@ class Handlers:
     async def chat(self, body: dict, http):
         """POST /v1/chat/completions: a task adapter answers the last user message; `base` continues the chat template."""
         access, rid, model, params = await self._begin(body, H, "chatcmpl", http)
+        if body.get("max_completion_tokens") is not None and body.get("max_tokens") not in (None, body["max_completion_tokens"]):
+            self.ignore_aloud(["max_tokens"], "v1/chat/completions (max_completion_tokens is read instead, as vLLM does)", access)
         messages = P.check_messages(body.get("messages"))
         add_generation = flag(body, "add_generation_prompt", True)
         continue_final = flag(body, "continue_final_message", False)

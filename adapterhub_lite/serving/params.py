@@ -24,6 +24,7 @@ IGNORED_HEADER = "x-adapterhub-ignored-fields"
 GREEDY_BELOW = 1e-5
 MAX_N = 16  # choices per request (n); each is a row of the batch
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit)
+MAX_STOP = 64  # stop strings per request: OpenAI takes 4, vLLM any number (lm-eval's `until` lists can be longer than 4)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ FIELDS: dict[str, Field] = {
     "best_of": Field((C,), "refused", "accepted only equal to `n` (no ranking of extra samples)"),
     "stream": Field(BOTH, "implemented", "server-sent events, one chunk per step; every choice streams"),
     "stream_options": Field(BOTH, "implemented", "`include_usage`; `continuous_usage_stats` is refused"),
-    "stop": Field(BOTH, "implemented", "up to 4 strings; the text ends before the first (see `include_stop_str_in_output`)"),
+    "stop": Field(BOTH, "implemented", "up to 64 strings (OpenAI takes 4, vLLM any number); the text ends before the first (see `include_stop_str_in_output`)"),
     "logprobs": Field(BOTH, "implemented", "completions: top k (0-20) plus the chosen token; chat: true/false with `top_logprobs`; the model's own log-probs"),
     "top_logprobs": Field((H,), "implemented", "0-20 alternatives per token"),
     "echo": Field((C,), "implemented", "the prompt comes back before the completion, with its token log-probs (first null)"),
@@ -196,13 +197,13 @@ def token_ids(value, name: str, vocab: int, allow_empty: bool = False) -> list[i
 
 
 def stop_strings(body: dict) -> tuple[str, ...]:
-    """`stop` as a tuple of up to 4 non-empty strings."""
+    """`stop` as a tuple of up to MAX_STOP non-empty strings."""
     stop = body.get("stop")
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise bad("stop", stop, "give a non-empty string or a list of up to 4 non-empty strings")
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise bad("stop", stop, f"give a non-empty string or a list of up to {MAX_STOP} non-empty strings")
     return tuple(stops)
 
 
@@ -268,8 +269,9 @@ class SamplingParams:
 
 def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: int) -> SamplingParams:
     """The generation settings a completions or chat body asks for, each checked (400 naming the field)."""
-    max_tokens = number(body, "max_completion_tokens", None, 0, max_tokens_limit, int) if endpoint == H else None
-    max_tokens = number(body, "max_tokens", max_tokens, 0, max_tokens_limit, int)
+    max_tokens = number(body, "max_tokens", None, 0, max_tokens_limit, int)
+    if endpoint == H:  # OpenAI's current name wins over the deprecated max_tokens, as vLLM reads them
+        max_tokens = number(body, "max_completion_tokens", max_tokens, 0, max_tokens_limit, int)
     logprobs = body.get("logprobs")
     if endpoint == H:  # chat: logprobs=true, top_logprobs=k
         if logprobs is not None and not isinstance(logprobs, bool):
@@ -291,6 +293,8 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
     if best_of is not None and best_of != n:
         raise bad("best_of", best_of, f"this server does not rank extra samples; drop it or make it equal to n ({n})", code="unsupported_field")
     opts = body.get("stream_options")
+    if opts is not None and not body.get("stream"):
+        raise bad("stream_options", opts, "it applies to a stream only: set stream: true, or drop it")
     if opts is not None:
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
             raise bad("stream_options", opts, "give {\"include_usage\": true|false}")

@@ -90,7 +90,12 @@ def check_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise bad(f"messages[{i}]", m, "each message needs a role (system, user or assistant) and content")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": chat_text(m.get("content"), f"messages[{i}].content")})
+        content = m.get("content")
+        if content is None and m["role"] == "assistant":  # OpenAI and vLLM take an assistant turn with no content
+            if m.get("tool_calls"):
+                raise bad(f"messages[{i}].tool_calls", m["tool_calls"], "this server does not call tools; send the assistant's text as content")
+            content = ""
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": chat_text(content, f"messages[{i}].content")})
     return out
 
 
