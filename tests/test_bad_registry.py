@@ -112,6 +112,55 @@ def test_a_registry_folder_loaded_by_its_path_is_re_hashed(reg, adapter, tmp_pat
     assert check_if_registered(tmp_path / "copy") is None
 
 
+def test_serve_lists_the_pinned_id_of_a_damaged_version_unavailable_as_its_name(reg, adapter):
+    """GET /v1/models: a name whose latest version fails its integrity check is `available: false`, and so is that
+    version's own id (toy@1.1.0): a completion on either is refused (adapter_unavailable). Checked at start and after
+    a reload that finds a newly published version damaged."""
+    import asyncio
+    from concurrent.futures import Future
+
+    from adapterhub_lite.serving import protocol as P
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.runtime import Catalogue
+
+    class Engine:  # runs catalogue changes at once (the real engine runs them between two steps)
+        def __init__(self, router):
+            self.router = router
+
+        def call(self, fn):
+            fut = Future()
+            fut.set_result(fn(self.router))
+            return fut
+
+        def in_use(self):
+            return set()
+
+    store = LocalRegistry(reg)
+    store.publish(adapter, "1.1.0")
+    store.publish(adapter, "1.0.0", name="other")
+    _flip_last_byte(reg / "toy" / "1.1.0" / "adapter_model.safetensors")
+    with pytest.warns(UserWarning, match="toy.*unavailable"):
+        router = Router.from_registry(reg, quantization="none", dtype="fp32")
+    catalogue = Catalogue(Engine(router))
+
+    def cards():
+        return {m["id"]: (m.get("available", True), m.get("unavailable_reason")) for m in catalogue.models()}
+    seen = cards()
+    assert seen["toy"][0] is False and "integrity check failed for toy@1.1.0" in seen["toy"][1]
+    assert seen["toy@1.1.0"] == seen["toy"]
+    assert seen["toy@1.0.0"] == seen["other"] == seen["other@1.0.0"] == (True, None)
+    with pytest.raises(P.ApiError, match="integrity check failed for toy@1.1.0") as refused:
+        asyncio.run(catalogue.ensure_known("toy@1.1.0"))
+    assert refused.value.status == 503 and refused.value.code == "adapter_unavailable"
+
+    store.publish(adapter, "1.1.0", name="other")
+    _flip_last_byte(reg / "other" / "1.1.0" / "adapter_model.safetensors")
+    assert asyncio.run(catalogue.reload())["unavailable"].keys() == {"toy", "other"}
+    seen = cards()
+    assert seen["other"][0] is False and seen["other@1.1.0"] == seen["other"] and "other@1.1.0" in seen["other"][1]
+    assert seen["toy@1.1.0"][0] is False and seen["other@1.0.0"] == (True, None)
+
+
 def test_import_adapterhub_lite_imports_no_platform_lock_module():
     """fcntl does not exist on Windows: no module of ours may import it (the stdlib's subprocess does so only on POSIX)."""
     code = """

@@ -36,6 +36,13 @@ class Catalogue:
         self.max_merges = max_merges  # merged adapters kept (each a folder on disk and a catalogue entry)
         self._pending: dict[str, asyncio.Future] = {}  # merges being built (one build per recipe)
         self.created = int(time.time())
+        # name@version → why, for the version a registry name failed its checks on: its pinned id is as unavailable
+        self.failed: dict[str, str] = {}
+        for name, why in self.router.unavailable.items() if self.router.registry is not None else ():
+            try:  # those from_registry marked: each name's latest version then
+                self.failed[f"{name}@{self.router.registry.resolve(name)[1]}"] = why
+            except AdapterHubError:
+                pass
 
     # -- reading -----------------------------------------------------------------------------------
     def models(self) -> list[dict]:
@@ -64,6 +71,8 @@ class Catalogue:
             if i == BASE:
                 entry["max_model_len"] = self.router.max_model_len
             why = self.router.unavailable.get(i)  # a registry adapter that failed its checks is listed, with why it is not served
+            if why is None and i not in held:
+                why = self.failed.get(i)
             if why is not None:
                 entry.update(available=False, unavailable_reason=why)
             out.append(entry)
@@ -253,12 +262,14 @@ class Catalogue:
                 if name in self.runtime:  # loaded at run time under this name before the registry had it: it stays until unloaded
                     found[name] = ("shadowed", None)
                     continue
+                pinned = None
                 try:
-                    folder = router.registry.path(name)  # re-hashes the version's files
+                    pinned = f"{name}@{router.registry.resolve(name)[1]}"
+                    folder = router.registry.path(pinned)  # re-hashes the version's files
                     same = name in router.folders and Path(router.folders[name]) == Path(folder)
                     found[name] = ("same", None) if same else ("read", router.inspect(name, folder))
                 except AdapterHubError as exc:  # one damaged version: listed as unavailable, the rest reload
-                    found[name] = ("damaged", str(exc))
+                    found[name] = ("damaged", (str(exc), pinned))
             return found
 
         def apply(router) -> dict:
@@ -271,7 +282,9 @@ class Catalogue:
                     out["deferred"].append(name)  # never swap an adapter under running rows
                 elif what == "damaged":
                     router.forget(name)
-                    router.unavailable[name] = out["unavailable"][name] = value
+                    router.unavailable[name] = out["unavailable"][name] = value[0]
+                    if value[1] is not None:
+                        self.failed[value[1]] = value[0]
                 elif what == "read":
                     out["updated" if name in router.folders else "added"].append(name)
                     router.forget(name)
