@@ -87,11 +87,22 @@ def test_what_does_not_fit_the_context_is_refused_naming_every_number(serve_regi
         # a prefix adapter's virtual tokens take positions too (gen_prefix: 2)
         r = s.post("/v1/completions", {"model": "gen_prefix", "prompt": prompt, "max_tokens": 10})
         assert r.status_code == 400 and "2 virtual tokens" in r.json()["error"]["message"], r.text
+        # no --max-tokens: only the context bounds max_tokens (vLLM has no other bound), and its refusal names the numbers
+        r = s.post("/v1/completions", {"model": "base", "prompt": "x" * 3, "max_tokens": 600})
+        assert r.status_code == 400 and all(str(n) in r.json()["error"]["message"] for n in (603, 600, 40)), r.text
         # base chat without max_tokens gets what the context leaves, never a cut prompt
         chat = s.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "y" * 20}])
         assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= 40 and chat.usage.prompt_tokens > 20
     finally:
         s.close()
+    capped = Served(serve_registry, max_tokens=8)  # --max-tokens 8: larger is refused naming both; base chat gets at most 8
+    try:
+        r = capped.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 9})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens" and "between 0 and 8" in r.json()["error"]["message"], r.text
+        chat = capped.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "y"}], extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 8
+    finally:
+        capped.close()
 
 
 def test_router_run_refuses_instead_of_cutting(serve_registry):

@@ -169,7 +169,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=count(1), help="context in tokens: prompt (+ an adapter's virtual tokens) + max_tokens must fit, "
                    "else 400 naming the numbers; prompts are never cut (default: the backbone's own)")
     p.add_argument("--max-input-tokens", type=count(1), help="longest prompt accepted, below the context (longer: 400; default: no limit but the context)")
-    p.add_argument("--max-tokens", type=count(1), default=512, help="largest max_tokens accepted (larger: 400)")
+    p.add_argument("--max-tokens", type=count(1), help="largest max_tokens accepted (larger: 400); default: no bound but the "
+                   "context (prompt + max_tokens must fit --max-model-len), as vLLM")
     p.add_argument("--request-timeout", type=finite_float, default=120.0, help="seconds a request may take (then 504)")
     p.add_argument("--max-body-bytes", type=count(1), default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: $ADAPTERHUB_API_KEY, else none)")

@@ -43,7 +43,7 @@ class Settings:
     """The server's limits and switches (see `adapterhub-lite serve --help`)."""
 
     max_input_tokens: int | None = None  # None: the model's context is the only limit
-    max_tokens: int = 512
+    max_tokens: int | None = None  # None: the model's context is the only limit (as vLLM)
     request_timeout: float = 120.0
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
@@ -210,7 +210,9 @@ class Handlers:
         self.fields(body, endpoint, access)
         rid = access["id"] = self.request_id(body, prefix)
         model = access["model"] = await self.resolve_model(body)
-        return access, rid, model, sampling_params(body, endpoint, vocab=self.vocab, max_tokens_limit=self.settings.max_tokens)
+        return access, rid, model, sampling_params(body, endpoint, vocab=self.vocab,
+                                                     # no --max-tokens: the context check names prompt + max_tokens against it
+                                                     max_tokens_limit=self.settings.max_tokens or 1 << 31)
 
     # -- /v1/completions -------------------------------------------------------------------------
     async def completions(self, body: dict, http):
@@ -256,7 +258,7 @@ class Handlers:
             if continue_final and messages[-1]["role"] != "assistant":
                 raise P.bad("continue_final_message", True, "the last message must be the assistant's, to be continued")
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation, continue_final_message=continue_final)
-            req = self.make_request(rid, model, body, params, [{"prompt": text}], chat=True, answer=False, default_max=self.settings.max_tokens,
+            req = self.make_request(rid, model, body, params, [{"prompt": text}], chat=True, answer=False, default_max=self.settings.max_tokens or self.router.max_model_len,
                                     fill_context=True, add_special_tokens=flag(body, "add_special_tokens", False))
         else:
             task_only = {"continue_final_message": (continue_final, False), "add_generation_prompt": (add_generation, True),
