@@ -164,15 +164,21 @@ def test_loras_the_engines_would_serve_wrongly_are_skipped_with_the_reason(train
     assert vllm["command"][vllm["command"].index("--max-lora-rank") + 1] == "32"
 
 
-def test_a_damaged_version_is_skipped_not_exported(registry):
-    weights = registry / "lora16" / "1.0.0" / "adapter_model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01
-    weights.write_bytes(bytes(data))
-    plan = plan_export(registry, "vllm")
-    assert [a["name"] for a in plan["adapters"]] == ["lora4"]
-    assert "integrity check failed for lora16@1.0.0" in {s["name"]: s["reason"] for s in plan["skipped"]}["lora16"]
-    assert plan["command"][plan["command"].index("--max-lora-rank") + 1] == "8"
+def test_a_damaged_version_refuses_the_whole_export_naming_every_damaged_one(registry, tmp_path, capsys):
+    """A damaged registry is bad input: exit 2, one line naming each damaged version, no command printed, no script
+    written (a command serving the rest would pass a script's or CI's check). Kinds vLLM cannot take stay exit 0."""
+    for version in ("lora16/1.0.0", "lora4/1.0.0"):
+        weights = registry / version / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0x01
+        weights.write_bytes(bytes(data))
+    script = tmp_path / "serve.sh"
+    code, out, err = run(capsys, "export", "vllm", "--registry", str(registry), "--all-versions", "--output", str(script))
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "2 damaged adapter version(s), so nothing is exported: lora16@1.0.0, lora4@1.0.0" in err and "verify --registry" in err
+    assert not script.exists()
+    code, out, err = run(capsys, "export", "lorax", "--registry", str(registry))  # latest only: lora16@1.0.0
+    assert code == 2 and out == "" and "1 damaged adapter version(s), so nothing is exported: lora16@1.0.0 (integrity check failed" in err
 
 
 def test_one_base_per_command(registry, capsys):

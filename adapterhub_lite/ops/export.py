@@ -4,7 +4,9 @@
 (with --all-versions also every `name@version`), keeps those the engine can serve exactly, and
 prints the engine's launch command, what it cannot serve and why, and the notes a user needs
 (which base to load, quantization, prompts). Nothing here loads a model: adapter_config.json and
-the safetensors header (names and shapes, read without the tensors) decide everything.
+the safetensors header (names and shapes, read without the tensors) decide everything. A LoRA version
+that fails its integrity check refuses the whole export (naming every such version): a command
+serving the rest would look complete to a script or CI.
 
 What the engines read, and so what is refused here rather than served wrongly:
 - vLLM (vllm/lora/peft_helper.py, vllm/config/lora.py): LoRA only; one scale lora_alpha/r (or
@@ -60,6 +62,7 @@ class Candidate:
     path: Path | None = None
     rank: int | None = None
     meta: dict = field(default_factory=dict)  # the sidecar (task spec, label words, base weights)
+    damaged: str | None = None  # why its files fail the registry's integrity check
 
 
 def vllm_rank_bucket(rank: int) -> int | None:
@@ -184,7 +187,8 @@ def _skip_reason(reg, c: Candidate, engine: str) -> str | None:
     try:
         c.path = Path(reg.path(f"{c.name}@{c.version}")).resolve()  # every file re-hashed: never hand out a damaged version
     except AdapterHubError as exc:
-        return str(exc)
+        c.damaged = str(exc)
+        return c.damaged
     config, modules, others = read_layout(c.path)
     problems = lora_problems(config, modules, others, engine)
     if problems:
@@ -209,6 +213,11 @@ def plan_export(registry: str | Path, engine: str, all_versions: bool = False, b
             skipped.append({"name": c.name, "version": c.version, "method": c.entry.get("method"), "reason": reason})
         else:
             ready.append(c)
+    damaged = [c for c in candidates if c.damaged]
+    if damaged:  # bad input: a partial command would serve fewer adapters than asked for, with exit 0 in a pipe
+        names = ", ".join(f"{c.name}@{c.version}" for c in damaged)
+        raise ExportError(f"registry {str(registry)!r} has {len(damaged)} damaged adapter version(s), so nothing is exported: {names} "
+                          f"({damaged[0].damaged}); `adapterhub-lite verify --registry {registry}` lists every problem")
     if not ready:
         first = skipped[0]
         raise ExportError(f"none of the {len(skipped)} adapter version(s) in {str(registry)!r} can be served by {eng} "
