@@ -19,13 +19,33 @@ def test_the_card_parses_back_with_its_eval_results_and_base_model(tmp_path, nam
     card = ModelCard.load(tmp_path / "README.md")  # a local path: no Hub call
     data = card.data
     assert data.library_name == "peft" and data.base_model == meta["base"]["hub_id"]
-    assert data.tags == ["adapterhub_lite", meta["task"]["method"], meta["task"]["type"], name]
+    assert data.tags == ["adapterhub_lite", meta["task"]["method"], meta["task"]["type"], name, f"base_model:adapter:{meta['base']['hub_id']}"]
     assert data.model_name == f"{name}-{meta['task']['method']}"
     results = {(r.metric_type, r.metric_value) for r in data.eval_results}
     assert results == {(m, meta["metrics"][m]) for m in meta["task"]["metric"]} and all(r.dataset_split == "dev" for r in data.eval_results)
     assert {r.task_type for r in data.eval_results} == {"text-generation" if name == "person_json" else "text-classification"}
-    # the header says what the published, hand-built one said (that card stays as published: the registry hashes it)
-    assert data.to_dict() == ModelCard((ADAPTERS / name / "1.1.0" / "README.md").read_text()).data.to_dict()
+    # the header says what the published, hand-built one said (that card stays as published: the registry hashes it),
+    # plus the pipeline tag and base_model:adapter tag added since
+    header = data.to_dict()
+    del header["pipeline_tag"]
+    header["tags"].pop()
+    assert header == ModelCard((ADAPTERS / name / "1.1.0" / "README.md").read_text()).data.to_dict()
     for m in meta["task"]["metric"]:
         assert f"| {m} | {meta['metrics'][m]} |" in card.text
     assert 'PeftModel.from_pretrained(base, "path/to/this/folder")' in card.text and card.text.startswith(f"\n# {name} — ")
+
+
+@pytest.mark.parametrize("quantization, dtype, says", [("8bit", "bf16", "a frozen 8bit backbone"), ("none", "fp32", "a frozen unquantized (fp32) backbone"),
+                                                      ("none", None, "a frozen unquantized backbone")])  # None: a format-1 sidecar
+def test_the_card_has_peft_s_pipeline_tag_and_adapter_tag_and_names_an_unquantized_backbone(tmp_path, quantization, dtype, says):
+    """What peft's own save_pretrained card has (pipeline_tag, base_model:adapter:<base>), which the Hub reads for its
+    inference widget and the base model's adapter list; and no 'frozen none backbone' for an unquantized run."""
+    meta = json.loads((ADAPTERS / "sst2" / "1.1.0" / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"]["quantization"] = quantization
+    if dtype:
+        meta["base"]["dtype"] = dtype
+    atomic_write(tmp_path / "README.md", model_card(meta))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == "text-generation"
+    assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in card.data.tags
+    assert f"Trained with adapterhub_lite on {says}\n" in card.text and "frozen none" not in card.text

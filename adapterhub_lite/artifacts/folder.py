@@ -183,18 +183,23 @@ def model_card(meta: dict) -> str:
     spec, metrics = meta["task"], meta["metrics"]
     base_id = meta["base"]["hub_id"]
     task_type = "text-classification" if spec["type"] == "classification" else "text-generation"
+    # pipeline_tag and the base_model:adapter tag as peft's own card has: the Hub's inference widget and its base-model
+    # adapter listing read them (every adapter here runs on a causal LM, classifiers included: they score label words)
     card_data = ModelCardData(
-        library_name="peft", base_model=base_id, tags=["adapterhub_lite", spec["method"], spec["type"], spec["name"]],
+        library_name="peft", base_model=base_id, pipeline_tag="text-generation",
+        tags=["adapterhub_lite", spec["method"], spec["type"], spec["name"], f"base_model:adapter:{base_id}"],
         metrics=list(spec["metric"]), model_name=f"{spec['name']}-{spec['method']}",
         eval_results=[EvalResult(task_type=task_type, dataset_type=spec["name"], dataset_name=spec["name"], dataset_split="dev",
                                  metric_type=m, metric_value=metrics[m]) for m in spec["metric"]],
     )
+    quant, dtype = meta["base"]["fingerprint"]["quantization"], meta["base"].get("dtype")
+    frozen = quant if quant != "none" else "unquantized" + (f" ({dtype})" if dtype else "")
     eff = meta["efficiency"]
     rows = "\n".join(f"| {m} | {metrics[m]} |" for m in spec["metric"])
     body = f"""
 # {spec['name']} — {spec['method']} adapter for {base_id}
 
-Trained with adapterhub_lite on a frozen {meta['base']['fingerprint']['quantization']} backbone
+Trained with adapterhub_lite on a frozen {frozen} backbone
 (fingerprint `{meta['base']['fingerprint']['id']}`). Task type: {spec['type']}.
 {_weights_line(meta['base'])}
 Prompt template: `{spec['prompt']!r}`{f"; label words: {', '.join(map(str, meta['label_words']))}" if meta.get('label_words') else ''}.
