@@ -549,9 +549,18 @@ def test_logprob_tokens_join_to_the_text_everywhere(served):
         offsets = [o for ch in streamed if ch.choices and ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
         assert "".join(tokens) == got.text == "".join(ch.choices[0].text for ch in streamed if ch.choices)
         assert offsets == got.logprobs.text_offset  # running over the whole choice, not restarting per chunk
+        # the chosen token is keyed by its text in `tokens` (lm-eval's greedy check compares the best key with it)
+        assert all(top[t] == lp for t, lp, top in zip(got.logprobs.tokens, got.logprobs.token_logprobs, got.logprobs.top_logprobs)), kw
+    # a character over two byte tokens (the first adds "", its own decoding is "\ufffd"), echoed with the prompt
+    echo = complete(served, prompt="é ab", echo=True, max_tokens=1, logprobs=2)["choices"][0]["logprobs"]
+    assert "" in echo["tokens"] and all(top is None or top[t] == lp for t, lp, top in zip(echo["tokens"], echo["token_logprobs"], echo["top_logprobs"]))
     chat = c.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": "ab"}], logprobs=True, top_logprobs=0)
     content = chat.choices[0].logprobs.content
     assert "".join(e.token for e in content) == chat.choices[0].message.content and all(e.top_logprobs == [] for e in content)
+    chat = c.chat.completions.create(model="base", messages=[{"role": "user", "content": "ab"}], max_tokens=6, logprobs=True, top_logprobs=20,
+                                     stop=["1"], extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert all(any(a.token == e.token and a.logprob == e.logprob for a in e.top_logprobs) for e in content)  # greedy: the chosen is listed
     for field in ("logprobs", "prompt_logprobs"):  # a classifier's task answer is a label scored, not tokens generated
         r = served.post("/v1/completions", {"model": "cls_a", "input": "pos 1", field: 1})
         assert r.status_code == 400 and "/v1/classify" in r.json()["error"]["message"], field

@@ -119,15 +119,22 @@ def usage(results, n: int = 1) -> dict:
 def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0) -> dict:
     """Legacy completions logprobs: tokens (each the text it added, so they join to the text), token_logprobs,
     top_logprobs (the top k and the chosen token, as vLLM; null for logprobs 0, as OpenAI) and text_offset
-    (from `offset`: where this part starts in the whole text, so a stream's offsets run on)."""
+    (from `offset`: where this part starts in the whole text, so a stream's offsets run on).
+
+    The chosen token is keyed in its top_logprobs by the same text as in `tokens` (the text it added, which differs
+    from its own decoding where a stop string cuts it or a character spans tokens), so top_logprobs[i][tokens[i]]
+    is its log-prob: lm-eval's greedy check compares the best key with tokens[i]."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top_k else None, "text_offset": []}
     for e in entries:
         out["tokens"].append(e.text)
         out["token_logprobs"].append(e.logprob)
         if top_k:
-            top = None if e.top is None else {tokenizer.decode([t]): lp for t, lp in e.top[:top_k]}
-            if top is not None:
-                top.setdefault(tokenizer.decode([e.token]), e.logprob)
+            top = None
+            if e.top is not None:
+                top = {}
+                for t, lp in e.top[:top_k]:
+                    top.setdefault(e.text if t == e.token else tokenizer.decode([t]), lp)
+                top[e.text] = e.logprob
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(e.text)
@@ -135,12 +142,13 @@ def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0) -
 
 
 def chat_logprobs(tokenizer, entries: list) -> dict:
-    """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; "token" is the text it added."""
-    def alt(tok, lp):
-        text = tokenizer.decode([tok])
+    """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; "token" is the text it added,
+    and the chosen token's alternative carries the same text (see completion_logprobs)."""
+    def alt(e, tok, lp):
+        text = e.text if tok == e.token else tokenizer.decode([tok])
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
     return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
-                         "top_logprobs": [alt(t, lp) for t, lp in (e.top or [])]} for e in entries]}
+                         "top_logprobs": [alt(e, t, lp) for t, lp in (e.top or [])]} for e in entries]}
 
 
 def prompt_logprobs(tokenizer, scores, top_k: int) -> list:
