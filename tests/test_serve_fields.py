@@ -346,6 +346,7 @@ def test_logit_bias_allowed_tokens_stop_tokens_eos_and_min_tokens(served, tok):
     got, body = token_ids(served, logprobs=1, **stop)
     choice = body["choices"][0]
     assert got == plain[:2] + [forced] and choice["finish_reason"] == "stop" and choice["text"] == tok.decode(plain[:2]) != ""
+    assert choice["stop_reason"] == forced
     assert len(choice["logprobs"]["tokens"]) == 3 and "".join(choice["logprobs"]["tokens"]) == choice["text"]  # listed, adds nothing
     got, body = token_ids(served, include_stop_str_in_output=True, **stop)
     assert got == plain[:2] + [forced] and body["choices"][0]["text"] == tok.decode(got)
@@ -385,6 +386,16 @@ def test_stop_strings_truncation_token_ids_and_request_id(served, tok):
     stop = text[3:5]
     cut = text[: text.find(stop)]
     assert complete(served, max_tokens=8, ignore_eos=True, stop=[stop])["choices"][0]["text"] == cut
+    # vLLM's stop_reason: the stop string (or stop token id) that ended the choice; None at the length (or at EOS)
+    ended = complete(served, max_tokens=8, ignore_eos=True, stop=["zz", stop])["choices"][0]
+    assert (ended["finish_reason"], ended["stop_reason"]) == ("stop", stop)
+    assert complete(served, max_tokens=8, ignore_eos=True)["choices"][0]["stop_reason"] is None
+    last = [ch for ch in served.client.completions.create(model="base", prompt=PROMPT, max_tokens=8, stop=[stop], stream=True,
+                                                          extra_body={"ignore_eos": True}) if ch.choices][-1].choices[0]
+    assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop)
+    chat = served.post("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
+                                                "ignore_eos": True}).json()
+    assert chat["choices"][0]["stop_reason"] is None and chat["choices"][0]["finish_reason"] == "length"
     assert complete(served, max_tokens=8, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)["choices"][0]["text"] == cut + stop
     ids = tok(PROMPT).input_ids
     short = complete(served, max_tokens=4, truncate_prompt_tokens=3, return_token_ids=True)

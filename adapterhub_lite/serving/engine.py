@@ -347,7 +347,8 @@ class Engine(Admission):
         p, state = job.prepared, job.state
         entries = state.entries() if state is not None and job.params.logprobs is not None else None
         result = Result(p.adapter, state.text if text is None else text, reason, len(p.ids), len(job.tokens), entries=entries,
-                        prompt=job.prompt, prompt_ids=p.ids, token_ids=list(job.tokens), **extra)
+                        prompt=job.prompt, prompt_ids=p.ids, token_ids=list(job.tokens),
+                        stop_reason=state.stop_reason if state is not None and reason == "stop" else None, **extra)
         self.metrics.requests.labels(adapter=self._label(job), status="ok").inc()
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         self.metrics.generated_tokens.inc(result.completion_tokens)

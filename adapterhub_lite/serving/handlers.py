@@ -325,14 +325,16 @@ class Handlers:
         p, tok = req.params, self.tokenizer
         if req.chat:
             out = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
-                   "logprobs": None if p.logprobs is None else P.chat_logprobs(tok, result.entries or []), "adapter": result.adapter}
+                   "stop_reason": result.stop_reason, "logprobs": None if p.logprobs is None else P.chat_logprobs(tok, result.entries or []),
+                   "adapter": result.adapter}
         else:
             prompt = result.prompt if p.echo else None
             text = (prompt.text if prompt else "") + result.text
             logprobs = None
             if p.logprobs is not None:
                 logprobs = P.completion_logprobs(tok, (prompt.entries if prompt else []) + (result.entries or []), p.logprobs)
-            out = {"index": index, "text": text, "finish_reason": result.finish_reason, "logprobs": logprobs, "adapter": result.adapter}
+            out = {"index": index, "text": text, "finish_reason": result.finish_reason, "stop_reason": result.stop_reason, "logprobs": logprobs,
+                   "adapter": result.adapter}
             if p.prompt_logprobs is not None:
                 out["prompt_logprobs"] = P.prompt_logprobs(tok, result.prompt.scores, p.prompt_logprobs)
         if flag(req.body, "return_token_ids", False):
@@ -351,7 +353,7 @@ class Handlers:
         offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
         results = [None] * len(req.jobs)
 
-        def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, **extra) -> str:
+        def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None, **extra) -> str:
             lp = None
             if entries is not None and p.logprobs is not None:
                 if req.chat:
@@ -364,6 +366,8 @@ class Handlers:
                 choice = {"index": index, "delta": said, "finish_reason": finish, "logprobs": lp}
             else:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
+            if finish is not None:
+                choice["stop_reason"] = stop_reason
             return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice]})}\n\n"
 
         try:
@@ -387,7 +391,7 @@ class Handlers:
                         results[index], left = payload, left - 1
                         if payload.label is not None:  # a classification adapter's answer comes whole
                             yield chunk(index, payload.text)
-                        yield chunk(index, None if req.chat else "", payload.finish_reason)
+                        yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason)
                     elif ev == "error":
                         yield f"data: {json.dumps(as_api_error(payload).body())}\n\n"
                         access["status"] = as_api_error(payload).status

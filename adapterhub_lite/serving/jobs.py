@@ -92,3 +92,4 @@ class Result:
     prompt: PromptPart | None = None
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended the choice

@@ -41,6 +41,7 @@ class TextState:
         self.ends: list[int] = []  # per token: how far into the text the tokens so far reach
         self.text = ""
         self.reason: str | None = None
+        self.stop_reason: str | int | None = None  # vLLM's field: the stop string or stop token id that ended it (EOS: None)
         self.sent = 0  # characters of `text` streamed
         self.released = 0  # tokens whose entries were streamed
         self._search_from = 0  # stop strings are looked for only from here (min_tokens)
@@ -58,6 +59,7 @@ class TextState:
         shown = self.tokens[:-1] if token_stop and not p.include_stop_str_in_output else self.tokens
         text = self.tokenizer.decode(shown, skip_special_tokens=p.skip_special_tokens)
         reason = "stop" if token_stop else None
+        self.stop_reason = tok if token_stop and tok in p.stop_token_ids else None
         if self.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
             text = text.lstrip()
             if "\n" in text:
@@ -67,6 +69,7 @@ class TextState:
             if found:
                 at, s = min(found)
                 text, reason = text[: at + (len(s) if p.include_stop_str_in_output else 0)], "stop"
+                self.stop_reason = s
         elif not checking:
             self._search_from = len(text)
         if reason is None and n >= self.max_new_tokens:
