@@ -90,6 +90,7 @@ def test_what_does_not_fit_the_context_is_refused_naming_every_number(serve_regi
         # no --max-tokens: only the context bounds max_tokens (vLLM has no other bound), and its refusal names the numbers
         r = s.post("/v1/completions", {"model": "base", "prompt": "x" * 3, "max_tokens": 600})
         assert r.status_code == 400 and all(str(n) in r.json()["error"]["message"] for n in (603, 600, 40)), r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"  # OpenAI's code, which clients test for
         # base chat without max_tokens gets what the context leaves, never a cut prompt
         chat = s.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "y" * 20}])
         assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= 40 and chat.usage.prompt_tokens > 20
@@ -421,6 +422,12 @@ def test_request_shapes_vllm_takes(served):
     for body, field in (({"stop": [f"s{i}" for i in range(65)]}, "stop"), ({"stream_options": {"include_usage": True}}, "stream_options")):
         with pytest.raises(openai.BadRequestError, match=field):
             complete(served, max_tokens=2, **body)
+    # the openai client's models.retrieve: one card, as GET /v1/models lists it; an unknown id is OpenAI's 404
+    listed = {m.id: m for m in served.client.models.list()}
+    assert served.client.models.retrieve("gen_b@1.0.0") == listed["gen_b@1.0.0"] and served.client.models.retrieve("base") == listed["base"]
+    with pytest.raises(openai.NotFoundError) as lost:
+        served.client.models.retrieve("nope@9")
+    assert lost.value.body["code"] == "model_not_found"
     turns = messages + [{"role": "assistant", "content": None}, {"role": "user", "content": "pos 2"}]
     assert served.client.chat.completions.create(model="base", messages=turns, max_tokens=2).choices[0].message.content is not None
     with pytest.raises(openai.BadRequestError, match=r"messages\[1\].tool_calls"):

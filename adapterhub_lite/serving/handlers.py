@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
 
-from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, ContextLengthError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
@@ -65,6 +65,8 @@ def as_api_error(exc: Exception) -> P.ApiError:
         return P.ApiError(503, str(exc), "server_error", "adapter_unavailable")
     if isinstance(exc, AdapterLoadError) and "unknown adapter" in str(exc):
         return P.ApiError(404, str(exc), "invalid_request_error", "model_not_found")
+    if isinstance(exc, ContextLengthError):  # OpenAI's code for it, which clients (and vLLM's users) test for
+        return P.ApiError(400, str(exc), "invalid_request_error", "context_length_exceeded")
     if isinstance(exc, AdapterHubError):
         return P.ApiError(400, str(exc), "invalid_request_error", type(exc).__name__)
     return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
