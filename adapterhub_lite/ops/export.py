@@ -10,8 +10,9 @@ serving the rest would look complete to a script or CI.
 
 What the engines read, and so what is refused here rather than served wrongly:
 - vLLM (vllm/lora/peft_helper.py, vllm/config/lora.py): LoRA only; one scale lora_alpha/r (or
-  lora_alpha/sqrt(r) with use_rslora) for every module, so rank_pattern/alpha_pattern must not
-  change the scale; refuses DoRA, modules_to_save and biases; --max-lora-rank is one of
+  lora_alpha/sqrt(r) with use_rslora) for every module in releases before per-module scaling
+  (PEFTHelper.get_rank_and_scaling), so rank_pattern/alpha_pattern must not change the scale (the
+  export cannot tell which release loads it); refuses DoRA, modules_to_save and biases; --max-lora-rank is one of
   MaxLoRARanks = 1, 8, 16, 32, 64, 128, 256, 320, 512 (we start at 8: older releases lack 1).
 - LoRAX (predibase/lorax: docs/models/adapters/{index,lora}.md, docs/reference/launcher.md,
   launcher/src/main.rs, server/lorax_server/adapters/lora.py): LoRA (and Medusa) only; reads just
@@ -139,8 +140,11 @@ def _scale_problems(config: dict, eng: str) -> list[str]:
     odd = {k: s for k, s in odd.items() if not math.isclose(s, glob, rel_tol=1e-6)}
     if odd:
         k = sorted(odd)[0]
+        # LoRAX reads r and lora_alpha only; vLLM releases read the patterns only since PEFTHelper.get_rank_and_scaling,
+        # and an export cannot tell which release will load it
+        which = "older vLLM releases (before per-module scaling, PEFTHelper.get_rank_and_scaling) apply" if eng == "vLLM" else f"{eng} applies"
         return [f"rank_pattern/alpha_pattern give {k!r} the scale {odd[k]:g} but the other modules {glob:g}; "
-                f"{eng} applies one scale, lora_alpha/r, to every module"]
+                f"{which} one scale, lora_alpha/r, to every module"]
     return []
 
 
