@@ -100,6 +100,9 @@ def test_completions_chat_streaming_classify_and_models(served):
     for d in cls["data"]:
         assert set(d["probabilities"]) == {"pos", "neg"} and abs(sum(d["probabilities"].values()) - 1) < 1e-4
         assert d["label"] == max(d["probabilities"], key=d["probabilities"].get)
+        # vLLM's ClassificationData beside it: probs over the labels in the adapter's order, num_classes
+        assert d["probs"] == list(d["probabilities"].values()) and d["num_classes"] == 2 and list(d["probabilities"]) == ["pos", "neg"]
+    assert cls["id"].startswith("cls-") and isinstance(cls["created"], int)
     # the label scores are plain peft's, normalized over the labels (independent of the router's scoring)
     model, backbone, spec, _ = load_adapter(served.router.folders["cls_a"], dtype="fp32")
     prompts = [spec.prompt.format(text=t) for t in ("pos 1", "neg 2")]

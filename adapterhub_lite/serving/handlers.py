@@ -424,6 +424,9 @@ class Handlers:
         self.submit(req)
         results = await self.results(req, http)
         self.note(access, results)
-        return {"object": "list", "model": model, "usage": P.usage(results),
-                "data": [{"index": i, "label": r.label, "adapter": r.adapter, "probabilities": {k: round(v, 6) for k, v in r.probabilities.items()}}
+        # vLLM's classify response (id, created, per input `probs` over the labels in order and `num_classes`), with
+        # the label names beside them (`probabilities`) and the adapter that answered
+        return {"id": req.rid, "object": "list", "created": int(time.time()), "model": model, "usage": P.usage(results),
+                "data": [{"index": i, "label": r.label, "adapter": r.adapter, "probabilities": {k: round(v, 6) for k, v in r.probabilities.items()},
+                          "probs": [round(v, 6) for v in r.probabilities.values()], "num_classes": len(r.probabilities)}
                          for i, r in enumerate(results)]}
