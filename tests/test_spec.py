@@ -95,3 +95,49 @@ def test_overriding_method_drops_the_files_method_args_even_with_new_ones(tmp_pa
     spec = load_spec(tmp_path / "t.yaml", ["method=prefix", "method_args.num_virtual_tokens=4"])
     assert spec.method_args == {"num_virtual_tokens": 4}  # the file's LoRA r would make peft's PrefixTuningConfig fail
     assert load_spec(tmp_path / "t.yaml", ["method=lora", "method_args.r=2"]).method_args == {"r": 2, "lora_alpha": 8}  # same method: merged
+
+
+SPEC_TEXT = """name: t
+type: classification
+data: {train: a.csv, dev: b.csv}
+prompt: "X: {x}\\nY:"
+label: y
+labels: [no, yes]
+train:
+  lr: 2.0e-3
+  max_steps: 3
+  lr: 0.5
+"""
+
+
+def test_a_key_given_twice_in_the_file_is_refused_naming_its_path_and_lines(tmp_path):
+    # PyYAML keeps the last of two equal keys: this spec trained at lr 0.5 without a word.
+    (tmp_path / "t.yaml").write_text(SPEC_TEXT)
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path / "t.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and "'train.lr' is given twice (lines 8 and 10" in msg and "keep one" in msg and "t.yaml" in msg
+    (tmp_path / "top.yaml").write_text(SPEC_TEXT.replace("  lr: 0.5\n", "") + "name: u\n")  # top level, flow mappings too
+    with pytest.raises(SpecError, match=r"'name' is given twice \(lines 1 and 10"):
+        load_spec(tmp_path / "top.yaml")
+    (tmp_path / "flow.yaml").write_text(SPEC_TEXT.replace("  lr: 0.5\n", "").replace("dev: b.csv", "dev: b.csv, train: c.csv"))
+    with pytest.raises(SpecError, match=r"'data.train' is given twice \(lines 3 and 3"):
+        load_spec(tmp_path / "flow.yaml")
+    # Still allowed: a merge key's values replaced by the mapping's own keys, and an override replacing the file's value.
+    text = SPEC_TEXT.replace("  lr: 0.5\n", "")
+    (tmp_path / "merge.yaml").write_text(text.replace("train:\n", "x-defaults: &d {lr: 0.1, max_steps: 9}\ntrain:\n  <<: *d\n"))
+    with pytest.raises(SpecError, match="unknown key 'x-defaults'") as err:  # parsed: the spec refuses only the extra key
+        load_spec(tmp_path / "merge.yaml")
+    assert "given twice" not in str(err.value)
+    (tmp_path / "ok.yaml").write_text(text)
+    assert load_spec(tmp_path / "ok.yaml", ["train.lr=0.5"]).train.lr == 0.5
+    assert load_spec(tmp_path / "ok.yaml").train.lr == 2.0e-3
+
+
+def test_a_yaml_syntax_error_says_where_and_how_to_fix_it_in_one_line(tmp_path):
+    (tmp_path / "b.yaml").write_text("name: t\ntrain:\n  lr: 1\n   max_steps: 3\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path / "b.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and "YAML does not parse" in msg and "check the indentation and quoting near line 4" in msg
+    assert "<unicode string>" not in msg
