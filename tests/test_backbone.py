@@ -96,3 +96,45 @@ def test_the_recorded_weights_say_which_file_the_backbone_came_from():
     assert SMOLLM2_HUB_ID in smol["note"] and "de-quantized" in smol["note"]
     backbone = load_backbone("tiny-random-llama", "none")
     assert backbone.source["sha256"] == backbone.fingerprint["weights_sha256"]
+
+
+@pytest.mark.parametrize("device, needle", [
+    ("tpu", "--device 'tpu' is not a torch device; use cpu, cuda, cuda:N or mps (available here: cpu"),
+    ("cuda", "--device 'cuda': torch"),
+    ("cuda:0", "--device 'cuda:0': torch"),
+    ("mps", "--device 'mps': MPS (Apple GPU) is not available"),
+    ("meta", "device type 'meta' is not supported"),
+])
+def test_a_device_this_torch_cannot_use_is_refused_in_one_line(monkeypatch, device, needle):
+    from adapterhub_lite.model.backbone import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only build, on any machine
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(BackboneError) as err:
+        load_backbone("tiny-random-llama", "none", device=device)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert check_device("cpu") == "cpu"
+
+
+def test_a_missing_cuda_index_and_a_bad_adapterhub_device_are_named(monkeypatch):
+    from adapterhub_lite.model.backbone import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(BackboneError, match=r"--device 'cuda:3': only 1 CUDA device\(s\) exist; use one of cuda:0"):
+        check_device("cuda:3")
+    assert check_device("cuda:0") == "cuda:0"
+    monkeypatch.setenv("ADAPTERHUB_DEVICE", "tpu")
+    with pytest.raises(BackboneError, match=r"\$ADAPTERHUB_DEVICE 'tpu' is not a torch device"):
+        check_device(None)
+
+
+def test_the_cli_refuses_a_bad_device_before_writing_anything(capsys, cls_task):
+    from adapterhub_lite.cli import main
+
+    before = sorted(p.name for p in cls_task.iterdir())
+    code = main(["train", "toy.yaml", "--device", "tpu", "--output", "out"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "--device 'tpu' is not a torch device" in lines[0], err
+    assert sorted(p.name for p in cls_task.iterdir()) == before

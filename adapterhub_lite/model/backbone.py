@@ -245,6 +245,50 @@ def default_device() -> str:
     return os.environ.get("ADAPTERHUB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_devices() -> list[str]:
+    """The devices this torch build and machine can load a backbone on: cpu, each cuda:N, mps."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def check_device(device: str | torch.device | None = None) -> str:
+    """`device` (None: default_device()) if this torch build can use it, else a BackboneError naming the value and
+    what is available. Every backbone load goes through it: a bad --device or $ADAPTERHUB_DEVICE is one line, not
+    torch's RuntimeError ("Expected one of cpu, cuda, … device type" / "Torch not compiled with CUDA enabled")."""
+    where = "--device"
+    if device is None or (isinstance(device, str) and not device.strip()):
+        where, device = ("$ADAPTERHUB_DEVICE", os.environ["ADAPTERHUB_DEVICE"]) if os.environ.get("ADAPTERHUB_DEVICE") else (where, default_device())
+    shown = f"{where} {str(device)!r}"
+    usable = f"available here: {', '.join(available_devices())}"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise BackboneError(f"{shown} is not a torch device; use cpu, cuda, cuda:N or mps ({usable})") from None
+    if dev.type == "cpu":
+        return str(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else "a CPU-only build"
+            raise BackboneError(f"{shown}: torch {torch.__version__} is {build}; use --device cpu ({usable})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BackboneError(f"{shown}: only {torch.cuda.device_count()} CUDA device(s) exist; use one of cuda:0 … "
+                                f"cuda:{torch.cuda.device_count() - 1} ({usable})")
+        return str(device)
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BackboneError(f"{shown}: MPS (Apple GPU) is not available to this torch build or machine; use --device cpu ({usable})")
+        if dev.index not in (None, 0):
+            raise BackboneError(f"{shown}: there is one MPS device; use mps ({usable})")
+        return str(device)
+    raise BackboneError(f"{shown}: device type {dev.type!r} is not supported for a backbone; use cpu, cuda, cuda:N or mps ({usable})")
+
+
 _TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -332,7 +376,7 @@ def load_backbone(name_or_path: str = "smollm2-135m", quantization: str = "8bit"
     """
     if quantization not in QUANTIZATIONS:
         raise BackboneError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-    device = device or default_device()
+    device = check_device(device)  # before anything touches torch.cuda / device_map
     compute = resolve_dtype(dtype, device)
     folder, hub_id = resolve(name_or_path)
     config = AutoConfig.from_pretrained(folder)
