@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from adapterhub_lite.artifacts.loading import load_adapter
-from adapterhub_lite.core.errors import AdapterLoadError
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import predict
 from adapterhub_lite.ops.merge import MergeError
@@ -204,6 +204,19 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "no adapter"}\n')
     assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "bad.jsonl")]) == 2
     assert "name no 'adapter'" in capsys.readouterr().err
+    # a budget that cannot be met is refused before anything runs (a -1 used to wait forever), and so is a
+    # setting infer does not read (OpenAI's max_tokens was carried into the answer as if applied)
+    for row, said in (('{"adapter": "base", "text": "hi", "max_new_tokens": -1}', "max_new_tokens -1"),
+                      ('{"adapter": "base", "text": "hi", "max_new_tokens": "abc"}', "max_new_tokens 'abc'"),
+                      ('{"adapter": "base", "text": "hi", "max_tokens": 1, "id": 7}', "['max_tokens'], which infer does not read")):
+        (tmp_path / "odd.jsonl").write_text(row + "\n")
+        out = tmp_path / "odd_answers.jsonl"
+        assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "odd.jsonl"), "--output", str(out)]) == 2, row
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1 and not out.exists(), err
+    router = Router.from_registry(reg.root, quantization="none", dtype="fp32")  # the Python API refuses it too, before running anything
+    with pytest.raises(AdapterHubError, match=r"request\(s\) \[1\] ask for max_new_tokens 0"):
+        router.run([{"adapter": "base", "text": "hi"}, {"adapter": "base", "text": "hi", "max_new_tokens": 0}])
 
 
 def test_a_second_router_on_the_same_backbone_is_refused_not_mixed_in(folders):

@@ -53,6 +53,12 @@ from adapterhub_lite.serving.static import StaticBatch
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
 
 
+def bad_budgets(requests: list[dict], default) -> list[tuple[int, object]]:
+    """(index, value) of each request whose max_new_tokens (its own, else `default`) is not a whole number ≥ 1."""
+    budgets = [(i, req.get("max_new_tokens", default)) for i, req in enumerate(requests)]
+    return [(i, n) for i, n in budgets if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+
+
 class Engine(Admission):
     """Serves Jobs with continuous batching over an AdapterManager's backbone: on a background thread (`start`,
     `submit`: the server), or to the end on the calling thread (`run`: Router.run, `infer`).
@@ -156,6 +162,11 @@ class Engine(Admission):
         """
         if self._thread.is_alive():
             raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
+        # checked before any job is made: an unusable budget would wait for tokens that never come (a hang), not fail
+        bad = bad_budgets(requests, max_new_tokens)
+        if bad:
+            raise AdapterHubError(f"request(s) {[i for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; give a whole number ≥ 1 "
+                                  "(or leave it out: a task's own budget, else the default)")
         out: list[dict | None] = [None] * len(requests)
         errors: dict[int, Exception] = {}
         ended = 0
