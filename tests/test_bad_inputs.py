@@ -97,3 +97,76 @@ def test_bad_predict_inputs(capsys, cls_task):
     assert main(["predict", "pickled", "--text", "x"]) == 2 and "adapterhub-lite convert pickled --trust-pickle" in capsys.readouterr().err
     assert main(["predict", "out", "--text", "aaaa 1", "--output", "p.jsonl"]) == 0  # the good path still writes
     assert json.loads((cls_task / "p.jsonl").read_text())["prediction"] in ("x", "z")
+
+
+def test_a_second_train_into_the_same_output_is_refused(capsys, cls_task):
+    """Another run holds the output's lock: refused in one line before anything loads, nothing touched."""
+    from filelock import FileLock
+
+    held = FileLock(str(cls_task / ".out.lock"))
+    with held:
+        refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out", "--no-progress"],
+                "output 'out' is being written by another run right now")
+    # the lock goes with the run that held it: a run after it trains, and leaves no lock file behind
+    assert main(["train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress"]) == 0
+    assert not (cls_task / ".out.lock").exists() and (cls_task / "out" / "adapterhub.json").is_file()
+
+
+def test_data_parallel_ranks_do_not_lock_each_other_out(capsys, cls_task, monkeypatch):
+    """Only rank 0 of a torchrun job writes, so only it takes the lock: rank 1 of the same run is not refused."""
+    from filelock import FileLock
+
+    from adapterhub_lite.training.output import claim_output
+
+    with FileLock(str(cls_task / ".out.lock")):  # rank 0 of the same run holds it
+        monkeypatch.setenv("RANK", "1")
+        with claim_output(cls_task / "out", overwrite=False, resume=False) as work:
+            assert work == cls_task / ".out.partial"
+
+
+def test_a_fresh_train_keeps_an_interrupted_checkpoint(capsys, cls_task, monkeypatch):
+    """A fresh run (no --resume) into an output holding an interrupted run's checkpoint is refused with its step;
+    --overwrite discards it and starts over; and the --resume refusal's advice (--overwrite) works."""
+    from adapterhub_lite.training.recipes import train as train_mod
+
+    real_save, saves = train_mod.Checkpoint.save, []
+
+    def dies_on_second(self, payload):
+        saves.append(payload["state"]["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the run is killed after its first checkpoint
+        real_save(self, payload)
+
+    monkeypatch.setattr(train_mod.Checkpoint, "save", dies_on_second)
+    argv = ["train", "toy.yaml", "train.max_steps=4", "train.eval_every=2", "--output", "out", "--no-progress"]
+    assert main(argv) != 0
+    monkeypatch.setattr(train_mod.Checkpoint, "save", real_save)
+    capsys.readouterr()
+    ckpt = cls_task / ".out.partial" / "checkpoint" / "state.pt"
+    assert ckpt.is_file()
+    stamp = ckpt.stat().st_mtime_ns
+    refused(capsys, cls_task, argv, f"holds an interrupted run at step {saves[0]} for 'out'; rerun with --resume to continue it, "
+                                    "or with --overwrite to discard it and start over")
+    assert ckpt.stat().st_mtime_ns == stamp
+    # a checkpoint --resume cannot use says to start over with --overwrite: that advice now works
+    ckpt.write_bytes(b"cut")
+    refused(capsys, cls_task, argv, "(its step is unreadable)")
+    assert main(argv + ["--resume"]) == 2 and "run with --overwrite instead of --resume" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    assert (cls_task / "out" / "adapterhub.json").is_file() and not (cls_task / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("isfile/sub", "--output 'isfile/sub' cannot be written: 'isfile' is a file, not a folder"),
+    ("locked/new/out", "--output 'locked/new/out' cannot be written: folder 'locked' is not writable by this user"),
+])
+def test_an_output_under_a_file_or_an_unwritable_folder(capsys, cls_task, monkeypatch, where, needle):
+    """Checked before the backbone loads: one line, exit 2, no folders made on the way."""
+    from adapterhub_lite.training.recipes import train as train_mod
+
+    (cls_task / "isfile").write_text("a file\n")
+    (cls_task / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.basename(p) == "locked" else real_access(p, mode, **kw))
+    monkeypatch.setattr(train_mod, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the output was checked"))
+    refused(capsys, cls_task, ["train", "toy.yaml", "--output", where, "--no-progress"], needle)

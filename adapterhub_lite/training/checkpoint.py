@@ -46,6 +46,17 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.find() is not None
 
+    def step(self) -> int | None:
+        """The step the checkpoint was written at (None when there is none, or it cannot be read safely)."""
+        folder = self.find()
+        if folder is None:
+            return None
+        try:  # weights_only, as load(): a planted file cannot run code
+            step = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["state"]["step"]
+        except Exception:  # a cut or foreign file: the caller says the step is unreadable
+            return None
+        return step if isinstance(step, int) else None
+
     def save(self, payload: dict) -> None:
         """Write `payload` (tensors and plain values) + accelerate's state, then swap it in.
 
@@ -91,5 +102,5 @@ class Checkpoint:
             self.parallel.accelerator.load_state(str(folder))
         except Exception as exc:  # UnpicklingError for anything but tensors and plain values; EOFError for a cut file
             raise TrainingError(f"cannot read checkpoint {folder} safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
-                                "run without --resume to start fresh") from None
+                                "run with --overwrite instead of --resume to discard it and start fresh") from None
         return payload

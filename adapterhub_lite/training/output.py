@@ -4,6 +4,7 @@ place whole at the end, so a crash never leaves half an adapter where a user or 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -11,27 +12,98 @@ from adapterhub_lite.artifacts.files import atomic_write, write_jsonl
 from adapterhub_lite.artifacts.folder import check_finite, model_card, plot_curves, replaceable
 from adapterhub_lite.artifacts.sidecar import Sidecar, base_record, build
 from adapterhub_lite.core.data import label_words
-from adapterhub_lite.core.errors import OutputExistsError
+from adapterhub_lite.core.errors import DataError, OutputExistsError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.training.progress import TrainingError
+
+
+@contextlib.contextmanager
+def claim_output(output: Path, overwrite: bool, resume: bool):
+    """Hold `output` for one run (yields its work folder, as prepare_output): its parent is checked to be a
+    writable folder (missing folders are created, and removed again if the run leaves them empty), then
+    rank 0 takes a lock on a sibling `.NAME.lock` (non-blocking: a second run into the same output is
+    refused and touches nothing), held until the finished folder is in place. The other processes of a
+    data-parallel run (torchrun: RANK > 0) take no lock: only rank 0 writes.
+    """
+    output = Path(output)
+    missing = check_parent(output)
+    writer = int(os.environ.get("RANK", "0") or 0) == 0
+    created, lock = [], None
+    try:
+        if writer:
+            for folder in missing:
+                folder.mkdir(exist_ok=True)
+                created.append(folder)
+            lock = _lock(output)
+        yield prepare_output(output, overwrite, resume)
+    finally:
+        if lock is not None:  # unlinked while still held: a peer that opened this inode retries on a fresh file
+            with contextlib.suppress(OSError):
+                Path(lock.lock_file).unlink()
+            lock.release()
+        for folder in reversed(created):  # only the folders this run made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _lock(output: Path):
+    from filelock import FileLock, Timeout  # imported here: `import adapterhub_lite` stays free of fcntl/msvcrt
+
+    path = output.parent / f".{output.name}.lock"
+    lock = FileLock(str(path), blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputExistsError(f"output {str(output)!r} is being written by another run right now (it holds {path}); "
+                                "wait for that run to finish, or pick another --output") from None
+    return lock
+
+
+def check_parent(output: Path) -> list[Path]:
+    """Refuse an --output whose nearest existing ancestor is not a writable folder, before anything loads;
+    return the missing folders between it and the output, outermost first."""
+    missing, folder = [], Path(output).parent
+    while not (folder.exists() or folder.is_symlink()):
+        missing.append(folder)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"--output {str(output)!r} cannot be written: {str(folder)!r} is a file, not a folder; "
+                        "pick an --output whose parent is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"--output {str(output)!r} cannot be written: folder {str(folder)!r} is not writable by this user; "
+                        "pick an --output in a folder you can write to")
+    return missing[::-1]
 
 
 def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     """The hidden work folder beside `output`; refuses what cannot be written before anything is.
 
     `--overwrite` replaces only what this package writes (see folder.replaceable): a user's file or
-    a folder of other things is refused, never renamed or deleted.
+    a folder of other things is refused, never renamed or deleted. A fresh run (no --resume) into an
+    output whose work folder holds an interrupted run's checkpoint is refused unless --overwrite
+    (which discards it: discard_partial); a fresh run would silently replace it.
     """
     output = Path(output)
     work = output.parent / f".{output.name}.partial"
-    if resume and not Checkpoint(work).exists():
+    ckpt = Checkpoint(work)
+    if resume and not ckpt.exists():
         raise OutputExistsError(f"--resume given but {work}/checkpoint does not exist; run without --resume to start fresh")
+    if not resume and not overwrite and ckpt.exists():
+        step = ckpt.step()
+        at = f"at step {step}" if step is not None else "(its step is unreadable)"
+        raise OutputExistsError(f"{ckpt.find()} holds an interrupted run {at} for {str(output)!r}; rerun with --resume to "
+                                "continue it, or with --overwrite to discard it and start over")
     if output.exists() or output.is_symlink():
         if not overwrite:
             raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
         refuse_unreplaceable(output)
     return work
+
+
+def discard_partial(work: Path) -> None:
+    """--overwrite without --resume: drop an interrupted run's work folder (checkpoint included) before training starts."""
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def refuse_unreplaceable(output: Path) -> None:

@@ -31,7 +31,7 @@ from adapterhub_lite.model.heads import CompiledCall, label_token_ids, loss_item
 from adapterhub_lite.training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save
 from adapterhub_lite.training.defaults import resolve
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
-from adapterhub_lite.training.output import adapter_meta, disk_errors, finish_folder, prepare_output, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, disk_errors, finish_folder, prepare_output, publish_folder
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, TrainingError, next_rows, peak_memory_mb, run_identity, seed_everything, shard
 
@@ -137,7 +137,13 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     if output is not None and not str(output).strip():
         raise DataError("--output is empty; give the adapter folder to write (or leave it out for runs/<name>)")
     output = Path(output or Path("runs") / spec.name)  # adapters/ is the registry (publish into it)
-    work = prepare_output(output, overwrite, resume)
+    with claim_output(output, overwrite, resume) as work:  # held (rank 0) until the folder is in place
+        _train(spec, output, work, overwrite=overwrite, resume=resume, command=command, device=device, progress=progress)
+    return output
+
+
+def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume: bool, command: str | None, device: str | None,
+           progress: bool) -> None:
     data = load_task_data(spec)  # validates everything before a single byte is written
     backbone = load_backbone(spec.base, spec.quantization, local_device(device), dtype=spec.dtype)
     parallel = Parallel(backbone.device, spec.quantization)
@@ -160,6 +166,8 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     check_lengths(spec, tok, data)  # max_length must hold a prompt token plus the longest label or target
 
     recipe = SingleTask(spec, model, backbone, data, parallel.world)
+    if overwrite and not resume and parallel.main:  # start over: an interrupted run's checkpoint goes only now, all checked
+        discard_partial(work)
     result = fit(recipe, loop_config(spec), parallel, work, resume=resume, progress=progress,
                  fused=backbone.device.type == "cuda", compute_dtype=backbone.dtype)
     state = result.state
@@ -168,7 +176,6 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
     if parallel.main:
         _write_folder(spec, model, backbone, data, state, result.stopped_by, work, output, command, source, parallel, resolved.choices, final)
     parallel.barrier()
-    return output
 
 
 def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, output: Path, command, source, parallel, defaults,
