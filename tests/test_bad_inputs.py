@@ -54,6 +54,13 @@ def test_bad_train_inputs(capsys, cls_task, override, needle):
     (["train-multi", "toy.yaml", "train.max_steps=0", "--output", "r"], "train.max_steps must be ≥ 1, got 0"),
     (["infer", "--input", "null.jsonl", "--registry", "reg"], "have a 'text' that is null, not a string"),
     (["serve", "--registry", "reg", "--port", "99999"], "argument --port: '99999' is not a port: give a number from 0 to 65535"),
+    # values that cannot work, and flags that would be unread, are refused before anything loads
+    (["serve", "--registry", "reg", "--replicas", "3", "--ray-address", "auto"], "--replicas, --ray-address configure Ray Serve replicas; add --ray"),
+    (["serve", "--registry", "reg", "--request-timeout", "-1"], "argument --request-timeout: -1 must be above 0"),
+    (["serve", "--registry", "reg", "--memory-budget-mb", "-1"], "argument --memory-budget-mb: -1 must be above 0"),
+    (["serve", "--registry", "reg", "--kv-cache-mb", "-1"], "argument --kv-cache-mb: -1 must be above 0"),
+    (["serve", "--registry", "reg", "--max-input-tokens", "600", "--max-model-len", "100"], "--max-input-tokens 600 is past the context, --max-model-len 100"),
+    (["infer", "--input", "null.jsonl", "--registry", "reg", "--memory-budget-mb", "-5"], "argument --memory-budget-mb: -5 must be above 0"),
     # one grammar: every command that reads a spec takes key=value overrides, before or after the flags
     (["compose-fit", "toy.yaml", "train.max_steps=0", "--from", "a", "b", "--output", "o"], "train.max_steps must be ≥ 1, got 0"),
     (["compose-fit", "toy.yaml", "--from", "a", "b", "--output", "o", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),

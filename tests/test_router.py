@@ -217,6 +217,8 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     router = Router.from_registry(reg.root, quantization="none", dtype="fp32")  # the Python API refuses it too, before running anything
     with pytest.raises(AdapterHubError, match=r"request\(s\) \[1\] ask for max_new_tokens 0"):
         router.run([{"adapter": "base", "text": "hi"}, {"adapter": "base", "text": "hi", "max_new_tokens": 0}])
+    with pytest.raises(AdapterHubError, match="memory_budget_mb is -1; give a number of MB above 0"):  # it used to be ignored
+        Router.from_registry(reg.root, quantization="none", dtype="fp32", memory_budget_mb=-1)
 
 
 def test_a_second_router_on_the_same_backbone_is_refused_not_mixed_in(folders):

@@ -27,6 +27,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a budget or a timeout: 0 or less could only refuse or time out everything)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be above 0")
+    return value
+
+
 def count(low: int):
     """argparse type: a whole number ≥ low."""
     def parse(text: str) -> int:

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
+from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
 from adapterhub_lite.cli.export import add_export_command
 from adapterhub_lite.cli.multitask import add_commands
 from adapterhub_lite.cli.serve import add_serve_command
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL requests: {"adapter": "sst2" | "base" | "auto", "text": …}')
     p.add_argument("--output", help="JSONL answers (default: stdout)")
     p.add_argument("--batch-size", type=count(1), default=32)
-    p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
+    p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred requests)")
     add_device_args(p, adapters=True)
     p.set_defaults(func=_infer)

@@ -7,7 +7,12 @@ import contextlib
 import json
 import socket
 
-from adapterhub_lite.cli.args import add_device_args, count, finite_float
+from adapterhub_lite.cli.args import add_device_args, count, finite_float, positive_float
+from adapterhub_lite.core.errors import AdapterHubError
+
+# The Ray Serve flags and their defaults: one given without --ray would be unread, so it is refused
+RAY_DEFAULTS = {"replicas": 1, "autoscaling": None, "max_ongoing_requests": 64, "max_queued_requests": 256, "max_adapters_per_replica": 8,
+                "gpus_per_replica": 0, "cpus_per_replica": 1, "ray_address": None}
 
 
 def _serve(args) -> int:
@@ -17,6 +22,12 @@ def _serve(args) -> int:
 
     if args.ray:
         return _serve_ray(args)
+    given = [f"--{k.replace('_', '-')}" for k, default in RAY_DEFAULTS.items() if getattr(args, k) != default]
+    if given:  # they would be silently unread: one engine in this process, no replicas
+        raise AdapterHubError(f"{', '.join(given)} configure Ray Serve replicas; add --ray to serve through Ray, or drop them")
+    if args.max_input_tokens is not None and args.max_model_len is not None and args.max_input_tokens > args.max_model_len:
+        raise AdapterHubError(f"--max-input-tokens {args.max_input_tokens} is past the context, --max-model-len {args.max_model_len}; "
+                              "give it less, or leave it out (the context is then the limit)")
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
     with _logging(args.log_level):
         app, _, _ = build_app(args)
@@ -117,8 +128,6 @@ def _origins(text: str) -> list[str]:
 
 def _listen(host: str, port: int) -> socket.socket:
     """The server's bound socket, or one line saying why the address cannot be used."""
-    from adapterhub_lite.core.errors import AdapterHubError
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
@@ -148,7 +157,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=count(1), help="tokens one step runs (a decoding row: 1; a prompt: its tokens, "
                    "in pieces over several steps when longer than what is left); at least --max-batch-rows (default: 2048 on a CPU, "
                    "8192 on a GPU, as vLLM's online-serving defaults; raised to --max-batch-rows if that is larger)")
-    p.add_argument("--kv-cache-mb", type=finite_float, help="KV cache budget: a request reserves prompt + max_tokens positions when it "
+    p.add_argument("--kv-cache-mb", type=positive_float, help="KV cache budget: a request reserves prompt + max_tokens positions when it "
                    "starts; requests that do not fit wait (default: no bound)")
     p.add_argument("--max-loras", type=count(1), help="distinct adapters in the running batch at once, and the LoRA / IA3 adapter slots "
                    "on the device (the least recently used is evicted for a new one); requests for others wait. With --max-lora-rank "
@@ -171,11 +180,11 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-input-tokens", type=count(1), help="longest prompt accepted, below the context (longer: 400; default: no limit but the context)")
     p.add_argument("--max-tokens", type=count(1), help="largest max_tokens accepted (larger: 400); default: no bound but the "
                    "context (prompt + max_tokens must fit --max-model-len), as vLLM")
-    p.add_argument("--request-timeout", type=finite_float, default=120.0, help="seconds a request may take (then 504)")
+    p.add_argument("--request-timeout", type=positive_float, default=120.0, help="seconds a request may take (then 504)")
     p.add_argument("--max-body-bytes", type=count(1), default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: $ADAPTERHUB_API_KEY, else none)")
     p.add_argument("--allow-runtime-loading", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
-    p.add_argument("--memory-budget-mb", type=finite_float, help="evict least-recently-used adapters beyond this")
+    p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
     p.add_argument("--max-merges", "--max-merged", type=count(1), default=16, help="per-request merges kept (folders on disk); the least recently used idle one goes first")
     p.add_argument("--allowed-origins", type=_origins, help="allow browser pages from these origins (CORS), comma-separated; default: CORS off")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -184,14 +193,14 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("scale out on Ray Serve (pip install 'adapterhub-lite[ray]'; README: Scale out)")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve: engine replicas behind one ingress, each request "
                    "sent to a replica that holds its adapter (model multiplexing); every other flag applies to each replica")
-    r.add_argument("--replicas", type=count(1), default=1, help="engine replicas, each with its own backbone (default 1)")
+    r.add_argument("--replicas", type=count(1), default=RAY_DEFAULTS["replicas"], help="engine replicas, each with its own backbone (default 1)")
     r.add_argument("--autoscaling", type=json.loads, help='Ray Serve autoscaling_config as JSON, instead of --replicas, e.g. '
                    '\'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}\'')
-    r.add_argument("--max-ongoing-requests", type=count(1), default=64, help="requests a replica takes at once (Ray Serve's; default 64)")
-    r.add_argument("--max-queued-requests", type=count(1), default=256, help="requests waiting for a replica; more get 429 (default 256)")
-    r.add_argument("--max-adapters-per-replica", type=count(1), default=8, help="adapters a replica is routed for at once; the least "
+    r.add_argument("--max-ongoing-requests", type=count(1), default=RAY_DEFAULTS["max_ongoing_requests"], help="requests a replica takes at once (Ray Serve's; default 64)")
+    r.add_argument("--max-queued-requests", type=count(1), default=RAY_DEFAULTS["max_queued_requests"], help="requests waiting for a replica; more get 429 (default 256)")
+    r.add_argument("--max-adapters-per-replica", type=count(1), default=RAY_DEFAULTS["max_adapters_per_replica"], help="adapters a replica is routed for at once; the least "
                    "recently used is forgotten past it (Ray Serve's max_num_models_per_replica; default 8)")
-    r.add_argument("--gpus-per-replica", type=finite_float, default=0, help="GPUs each replica takes (1 on a GPU machine; default 0)")
-    r.add_argument("--cpus-per-replica", type=finite_float, default=1, help="CPUs each replica takes (default 1)")
+    r.add_argument("--gpus-per-replica", type=finite_float, default=RAY_DEFAULTS["gpus_per_replica"], help="GPUs each replica takes (1 on a GPU machine; default 0)")
+    r.add_argument("--cpus-per-replica", type=finite_float, default=RAY_DEFAULTS["cpus_per_replica"], help="CPUs each replica takes (default 1)")
     r.add_argument("--ray-address", help="an existing Ray cluster (default: start one on this machine, or $RAY_ADDRESS)")
     p.set_defaults(func=_serve)

@@ -70,6 +70,8 @@ class AdapterManager:
         self.backbone, self.registry = backbone, registry
         self.max_model_len = check_context(backbone, max_model_len)
         self.bank = AdapterBank(backbone.model, max_lora_rank=max_lora_rank, max_loras=max_loras)
+        if memory_budget_mb is not None and not memory_budget_mb > 0:  # (nan fails too) a budget nothing fits would refuse every adapter
+            raise AdapterHubError(f"memory_budget_mb is {memory_budget_mb}; give a number of MB above 0, or None for no budget")
         self.budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
         self.allow_base_mismatch = allow_base_mismatch
         self.folders: dict[str, Path] = {}  # every adapter we know how to load
