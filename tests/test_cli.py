@@ -128,3 +128,17 @@ def test_every_registry_command_that_reads_can_print_json(tmp_path, capsys):
     for argv in (["list"], ["info", "sst2"], ["verify"], ["pull", "sst2", "--to", str(tmp_path / "out")]):
         assert main([*argv, "--registry", str(reg), "--json"]) == 0, argv
         json.loads(capsys.readouterr().out)
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(capsys, monkeypatch):
+    """`adapterhub-lite list | head -3`: the pipe closes under the writer, which stops with exit 0 and no traceback
+    (the output is what the reader wanted; stdout is pointed at /dev/null so the final flush cannot fail again)."""
+    import sys
+
+    cli = sys.modules["adapterhub_lite.cli.main"]  # the module (the package's `main` is its function)
+
+    def leave(_args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli, "_list", leave)
+    assert main(["list", "--registry", "nowhere"]) == 0
+    assert capsys.readouterr().err == ""

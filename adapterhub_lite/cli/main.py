@@ -6,6 +6,7 @@ Bad input → one line on stderr, exit 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -343,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`list | head`): nothing more to say, and nobody to say it to
+        with contextlib.suppress(OSError, ValueError):  # stdout to /dev/null, so the interpreter's final flush does not fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

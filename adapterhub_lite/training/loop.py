@@ -265,7 +265,7 @@ class _Run:
         if bad_step and self.stop_on_bad_loss:
             raise TrainingError(f"training stopped: the loss became non-finite at step {bad_step} (window mean {values.get('loss')}); "
                                 f"nothing was saved past the last good checkpoint {_where(self.ckpt)}; lower train.lr "
-                                "(or raise train.warmup_steps) and train again without --resume")
+                                "(or raise train.warmup_steps) and train again with --overwrite (not --resume: it would continue the same run)")
         return values
 
     def log_row(self, means: dict[str, float], bar) -> None:
@@ -321,7 +321,7 @@ class _Run:
 
     def _diverged(self) -> TrainingError:
         return TrainingError(f"training stopped: the adapter's weights became non-finite by step {self.state.step}; nothing was saved past "
-                             f"the last good checkpoint {_where(self.ckpt)}; lower train.lr and train again without --resume")
+                             f"the last good checkpoint {_where(self.ckpt)}; lower train.lr and train again with --overwrite (not --resume)")
 
 
 def _where(ckpt: Checkpoint) -> str:

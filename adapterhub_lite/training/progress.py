@@ -129,7 +129,7 @@ def run_identity(spec: TaskSpec, data: dict, processes: int = 1) -> dict:
 def check_resume(saved: dict | None, now: dict, where) -> None:
     """Refuse a resume whose spec or data differ from the checkpoint's, naming each difference."""
     if saved is None:
-        raise TrainingError(f"checkpoint in {where} records no spec or data hash (written by an older version); run without --resume to start fresh")
+        raise TrainingError(f"checkpoint in {where} records no spec or data hash (written by an older version); run with --overwrite instead of --resume to start fresh")
     if saved["sha256"] == now["sha256"]:
         return
     changed = [f"{k}: {saved['spec'].get(k)!r} → {now['spec'].get(k)!r}" for k in sorted(set(saved["spec"]) | set(now["spec"]))
