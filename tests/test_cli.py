@@ -71,6 +71,8 @@ def test_train_eval_predict_round_trip(capsys, cls_task):
     assert code == 0 and json.loads(out)["output"] == "out"
     code, out, _ = run(capsys, "eval", "out", "--split", "dev", "--json")
     assert code == 0 and json.loads(out)["rows"] == 16
+    code, _, err = run(capsys, "eval", "out", "--split", "test")  # a split name the spec does not have, not a file either
+    assert code == 2 and "--split 'test' is neither dev nor train nor a data file that exists" in err and len(err.strip().splitlines()) == 1, err
     # eval's score must be the score of what predict answers on the same rows, class by class; the
     # classes are uneven (12 / 4) so that swapped labels or a constant answer cannot score the same
     dev = [{"text": f"{'aaaa' if i < 12 else 'bbbb'} {i}", "label": "pos" if i < 12 else "neg"} for i in range(16)]
@@ -128,6 +130,11 @@ def test_every_registry_command_that_reads_can_print_json(tmp_path, capsys):
     for argv in (["list"], ["info", "sst2"], ["verify"], ["pull", "sst2", "--to", str(tmp_path / "out")]):
         assert main([*argv, "--registry", str(reg), "--json"]) == 0, argv
         json.loads(capsys.readouterr().out)
+    # a name that is not there is a user's mistake: one line, exit 2 (exit 1 stays a failed check of what is there)
+    for argv, said in ((["verify", "nosuch"], "no adapter 'nosuch' in registry"), (["verify", "sst2@1.0.0"], "give 'sst2'")):
+        assert main([*argv, "--registry", str(reg)]) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_reader_that_leaves_ends_the_command_quietly(capsys, monkeypatch):

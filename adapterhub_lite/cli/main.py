@@ -47,6 +47,9 @@ def _split_for(spec, split: str):
     from adapterhub_lite.core.data import load_split, to_split
 
     source = getattr(spec.data, split) if split in ("train", "dev") else split
+    if split not in ("train", "dev") and not Path(split).exists():
+        raise DataError(f"--split {split!r} is neither dev nor train nor a data file that exists; give dev, train or the path of a "
+                        ".jsonl / .csv / .tsv file")
     ds, sha = load_split(source)
     return to_split(spec, ds, source, sha)
 
@@ -144,7 +147,13 @@ def _pull(args) -> int:
 def _verify(args) -> int:
     from adapterhub_lite.artifacts.registries import open_registry
 
-    problems = open_registry(args.registry).verify(args.name)
+    reg = open_registry(args.registry)
+    if args.name is not None:  # a name that is not there is the user's mistake (exit 2), not a damaged registry (exit 1)
+        if "@" in args.name:
+            raise DataError(f"verify takes an adapter name and checks every version of it, got {args.name!r}; "
+                            f"give {args.name.split('@')[0]!r}")
+        reg.resolve(args.name)  # refuses an unknown name, listing the known ones
+    problems = reg.verify(args.name)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))
         return 1 if problems else 0
