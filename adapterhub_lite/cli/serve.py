@@ -20,14 +20,14 @@ def _serve(args) -> int:
 
     from adapterhub_lite.serving.api import build_app
 
-    if args.ray:
+    if args.max_input_tokens is not None and args.max_model_len is not None and args.max_input_tokens > args.max_model_len:
+        raise AdapterHubError(f"--max-input-tokens {args.max_input_tokens} is past the context, --max-model-len {args.max_model_len}; "
+                              "give it less, or leave it out (the context is then the limit)")
+    if args.ray:  # (every replica is this server: the check above holds for them too)
         return _serve_ray(args)
     given = [f"--{k.replace('_', '-')}" for k, default in RAY_DEFAULTS.items() if getattr(args, k) != default]
     if given:  # they would be silently unread: one engine in this process, no replicas
         raise AdapterHubError(f"{', '.join(given)} configure Ray Serve replicas; add --ray to serve through Ray, or drop them")
-    if args.max_input_tokens is not None and args.max_model_len is not None and args.max_input_tokens > args.max_model_len:
-        raise AdapterHubError(f"--max-input-tokens {args.max_input_tokens} is past the context, --max-model-len {args.max_model_len}; "
-                              "give it less, or leave it out (the context is then the limit)")
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
     with _logging(args.log_level):
         app, _, _ = build_app(args)
