@@ -51,8 +51,8 @@ class Checkpoint:
         folder = self.find()
         if folder is None:
             return None
-        try:  # weights_only, as load(): a planted file cannot run code
-            step = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)["state"]["step"]
+        try:
+            step = _payload(folder)["state"]["step"]
         except Exception:  # a cut or foreign file: the caller says the step is unreadable
             return None
         return step if isinstance(step, int) else None
@@ -97,10 +97,16 @@ class Checkpoint:
         folder = self.find()
         if folder is None:
             raise TrainingError(f"--resume given but {self.dir} does not exist; run without --resume to start fresh")
-        try:  # weights_only: tensors and plain values only, so a planted file cannot run code here
-            payload = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        try:
+            payload = _payload(folder)
             self.parallel.accelerator.load_state(str(folder))
         except Exception as exc:  # UnpicklingError for anything but tensors and plain values; EOFError for a cut file
             raise TrainingError(f"cannot read checkpoint {folder} safely ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
                                 "run with --overwrite instead of --resume to discard it and start fresh") from None
         return payload
+
+
+def _payload(folder: Path) -> dict:
+    """The `state.pt` save() wrote in a checkpoint folder, read weights_only: tensors and plain values only, so a
+    planted file cannot run code here (UnpicklingError for anything else, EOFError for a cut file)."""
+    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
