@@ -121,3 +121,25 @@ def test_a_split_is_tokenized_in_chunks_to_the_same_ids():
     texts = [f"row {i}: " + "word " * (i % 4) for i in range(10)]
     assert _token_ids(tok, texts, True, chunk=3) == tok(texts, add_special_tokens=True).input_ids
     assert _token_ids(tok, texts, False, chunk=4) == tok(texts, add_special_tokens=False).input_ids
+
+
+def test_a_tsv_reads_quoted_fields_as_pandas_and_datasets_do(tmp_path):
+    """RTE's train.tsv quotes 504 fields csv-style ("… ""Little Red Book"" …"); read without quoting they were trained
+    on with the outer quotes kept and every inner quote doubled, silently."""
+    import pandas as pd
+
+    text = 'sentence1\tsentence2\tlabel\n"Lin Piao wrote the ""Little Red Book""."\tA plain one.\t0\n"a\ttab"\tit \'s "fine"\t1\n'
+    (tmp_path / "q.tsv").write_text(text)
+    ours = load_split(str(tmp_path / "q.tsv"))[0]
+    theirs = pd.read_csv(tmp_path / "q.tsv", sep="\t", dtype=str)
+    assert ours["sentence1"] == list(theirs["sentence1"]) == ['Lin Piao wrote the "Little Red Book".', "a\ttab"]
+    assert ours["sentence2"] == list(theirs["sentence2"])
+
+
+def test_a_field_that_opens_a_quote_and_runs_on_is_refused_not_unquoted(tmp_path):
+    """'"Hi," she said.' is not a quoted field: pandas would read 'Hi, she said.'; it is refused, naming the line."""
+    (tmp_path / "g.tsv").write_text('sentence\tlabel\nfine\t0\n"Hi," she said.\t1\n')
+    with pytest.raises(DataError) as err:
+        load_split(str(tmp_path / "g.tsv"))
+    msg = str(err.value)
+    assert "g.tsv:3 cannot be read as tab-separated values" in msg and '"""Hi,"" she said."' in msg and "\t" not in msg

@@ -21,9 +21,12 @@ from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.core.text import parse_jsonl, read_text
 
-_BUILDERS = {  # suffix → (reader, csv.reader options)
+# suffix → (reader, csv.reader options). A .tsv is read with the same quoting as a .csv (a field that starts
+# with '"' is quoted, '""' inside it is one quote), as pandas, `datasets` and the csv module read it: RTE's
+# train.tsv quotes 504 fields that way, which were trained on with their quotes doubled when .tsv was QUOTE_NONE.
+_BUILDERS = {
     ".csv": ("csv", {"delimiter": ","}),
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
@@ -113,10 +116,12 @@ def load_split(source: str) -> tuple[datasets.Dataset, str]:
     return ds, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _csv_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> datasets.Dataset:
+def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
     """A csv/tsv file as a Dataset of string columns; a ragged or header-only file is refused naming the line."""
     sep = "tab" if delimiter == "\t" else repr(delimiter)
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    # strict: a field that opens a quote but goes on after closing it ('"Hi," she said.') is refused; pandas
+    # would drop its quotes silently, and a file written without quoting (GLUE style) means them literally.
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True)
     header, rows = None, []
     try:
         for record in reader:
@@ -130,11 +135,14 @@ def _csv_rows(path: Path, delimiter: str, quoting: int = csv.QUOTE_MINIMAL) -> d
                     raise DataError(f"{path}:{reader.line_num}: the header {what}; give every column a distinct name")
             elif len(record) != len(header):
                 raise DataError(f"{path}:{reader.line_num} has {len(record)} fields but the header has {len(header)} ({sep}-separated); "
-                                f"fix that line{' (quote fields that hold the separator)' if quoting != csv.QUOTE_NONE else ''}")
+                                "fix that line (quote fields that hold the separator)")
             else:
                 rows.append(record)
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({exc}); fix that line") from None
+        said = str(exc).replace("\t", "\\t")  # "'\t' expected after '\"'" would print a raw tab
+        raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({said}); fix that line: a field that "
+                        'starts with " is read as quoted, so write it whole in quotes with each " inside doubled ("Hi," she said. → '
+                        '"""Hi,"" she said.")') from None
     if not rows:
         raise DataError(f"{path} has a header ({', '.join(header or [])}) but no rows; add rows below the header")
     features = datasets.Features({c: datasets.Value("string") for c in header})
