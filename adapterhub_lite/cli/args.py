@@ -35,6 +35,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonempty(text: str) -> str:
+    """argparse type: a path that is not empty ("" reads as the current folder, which is never what was meant)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a folder path")
+    return text
+
+
 def count(low: int):
     """argparse type: a whole number ≥ low."""
     def parse(text: str) -> int:

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
+from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, nonempty, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
 from adapterhub_lite.cli.export import add_export_command
 from adapterhub_lite.cli.multitask import add_commands
 from adapterhub_lite.cli.serve import add_serve_command
@@ -99,8 +99,11 @@ def _predict(args) -> int:
 def _sidecar_spec(folder: str):
     """The task spec an adapter folder records (read without loading anything)."""
     from adapterhub_lite.artifacts.folder import SIDECAR, read_sidecar
+    from adapterhub_lite.core.errors import AdapterLoadError
     from adapterhub_lite.core.spec import spec_from_dict
 
+    if not Path(folder).is_dir():  # as eval says it: "missing adapter_config.json" would send the user looking inside a folder
+        raise AdapterLoadError(f"adapter folder {folder!r} does not exist; pass a folder written by `adapterhub-lite train`")
     return spec_from_dict(read_sidecar(Path(folder))["task"], source=f"task spec in {Path(folder) / SIDECAR}")
 
 
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("ref", help="name, name@latest or name@1.0.0")
         p.set_defaults(func=func)
-    sub.choices["pull"].add_argument("--to", required=True, help="new folder to copy into")
+    sub.choices["pull"].add_argument("--to", type=nonempty, required=True, help="new folder to copy into")
     p = sub.add_parser("verify", help="re-hash every file of every version; exit 1 on a mismatch")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=_verify)
@@ -333,6 +336,13 @@ def _quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _check_registry(registry: str | None) -> None:
+    """Refuse a local --registry that is an existing file: every command would fail on it, each in its own words
+    (a publish as a disk error, the readers as "does not exist")."""
+    if registry and not str(registry).startswith("hf://") and Path(registry).exists() and not Path(registry).is_dir():
+        raise DataError(f"--registry {registry!r} is a file, not a folder; give a registry folder (publish creates one) or hf://org/repo")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `adapterhub-lite`."""
     parser = build_parser()
@@ -346,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "no_progress", False):
         _quiet_library_bars()
     try:
+        _check_registry(getattr(args, "registry", None))
         return args.func(args)
     except AdapterHubError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -56,7 +56,8 @@ def _serve_ray(args) -> int:
         import ray
         from ray import serve
     except ImportError:
-        raise SystemExit("--ray needs Ray Serve: pip install 'adapterhub-lite[ray]' (or 'ray[serve]')") from None
+        raise AdapterHubError("--ray needs Ray Serve, which is not installed: pip install 'adapterhub-lite[ray]' (or 'ray[serve]'), "
+                              "or serve without --ray") from None
     import signal
 
     from adapterhub_lite.serving.scale import application

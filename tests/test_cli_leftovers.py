@@ -1,0 +1,49 @@
+"""The CLI audit's leftovers: each user mistake is one `error:` line naming the problem, the value and the fix, exit 2,
+nothing written."""
+
+import sys
+
+import pytest
+
+from adapterhub_lite.cli import main
+
+from .test_bad_inputs import refused
+
+
+@pytest.fixture
+def registry(tmp_path, adapters, capsys):
+    """A local registry holding cls_a at 1.0.0 and 1.0.1."""
+    reg = tmp_path / "reg"
+    for _ in range(2):
+        assert main(["publish", str(adapters["cls_a"]), "--registry", str(reg)]) == 0
+    capsys.readouterr()
+    return reg
+
+
+@pytest.mark.parametrize("argv", [["list"], ["info", "cls_a"], ["verify"], ["reindex"], ["pull", "cls_a", "--to", "x"],
+                                  ["publish", "ADAPTER"], ["infer", "--input", "in.jsonl"], ["merge", "a", "b", "--weights", "1", "1", "--output", "m"]])
+def test_a_registry_that_is_a_file(capsys, tmp_path, monkeypatch, adapters, argv):
+    """Publish said "File exists (EEXIST) ...; free disk space", the readers that the registry does not exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a registry\n")
+    (tmp_path / "in.jsonl").write_text('{"adapter": "base", "text": "hi"}\n')
+    argv = [str(adapters["cls_a"]) if a == "ADAPTER" else a for a in argv]
+    refused(capsys, tmp_path, [*argv, "--registry", "afile"], "--registry 'afile' is a file, not a folder; give a registry folder")
+
+
+def test_pull_to_an_empty_destination(capsys, tmp_path, registry):
+    """`--to ""` was read as the current folder: "destination '.' already exists"."""
+    refused(capsys, tmp_path, ["pull", "cls_a", "--to", "", "--registry", str(registry)], "argument --to: '' is empty; give a folder path")
+
+
+def test_serve_ray_without_ray(capsys, tmp_path, monkeypatch):
+    """Without Ray, `serve --ray` printed a bare line (no `error:`) and exited 1."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError, as when it is not installed
+    refused(capsys, tmp_path, ["serve", "--registry", str(tmp_path), "--ray"], "--ray needs Ray Serve, which is not installed: pip install")
+    assert main(["serve", "--registry", str(tmp_path), "--ray"]) == 2
+
+
+def test_predict_on_a_folder_that_does_not_exist(capsys, tmp_path):
+    """It said "'nothere' is not an adapter folder: missing adapter_config.json, ..." (eval said it does not exist)."""
+    refused(capsys, tmp_path, ["predict", str(tmp_path / "nothere"), "--text", "hi"],
+            f"adapter folder {str(tmp_path / 'nothere')!r} does not exist")
