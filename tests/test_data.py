@@ -143,3 +143,43 @@ def test_a_field_that_opens_a_quote_and_runs_on_is_refused_not_unquoted(tmp_path
         load_split(str(tmp_path / "g.tsv"))
     msg = str(err.value)
     assert "g.tsv:3 cannot be read as tab-separated values" in msg and '"""Hi,"" she said."' in msg and "\t" not in msg
+
+
+def test_a_missing_prompt_value_or_label_is_refused_not_rendered_as_empty(tmp_path, monkeypatch):
+    """A row without a prompt column (or with null) was rendered with '' in its place, and a null label was compared
+    as the text 'None' (class 0 of labels ["None", "Some"]), silently; pandas and datasets read both as missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text('{"a": "x", "label": "no"}\n{"label": "yes"}\n{"a": null, "label": "no"}\n')
+    with pytest.raises(DataError, match=r"split 't.jsonl' has no 'a' value in 2 row\(s\) \(row 2, 3\); give every row a value"):
+        load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))
+    (tmp_path / "t.jsonl").write_text('{"a": "x", "label": "Some"}\n{"a": "y", "label": null}\n')
+    with pytest.raises(DataError, match=r"has no 'label' value in 1 row\(s\) \(row 2\); give every row its label"):
+        load_task_data(_cls_spec(["None", "Some"], data="t.jsonl"))
+
+
+def test_parquet_nulls_and_nans_are_missing_values_as_pandas_wrote_them(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": ["x", None, "z"], "label": pd.array([0, 1, None], dtype="Int64")}).to_parquet(tmp_path / "n.parquet")
+    with pytest.raises(DataError, match=r"no 'a' value in 1 row\(s\) \(row 2\)"):
+        load_task_data(_cls_spec(["no", "yes"], data="n.parquet"))
+    pd.DataFrame({"a": [1.5, float("nan")], "label": [0, 1]}).to_parquet(tmp_path / "f.parquet")  # NaN: pandas' missing float
+    with pytest.raises(DataError, match=r"no 'a' value in 1 row\(s\) \(row 2\)"):
+        load_task_data(_cls_spec(["no", "yes"], data="f.parquet"))
+    pd.DataFrame({"a": ["x", "y"], "label": pd.array([0, None], dtype="Int64")}).to_parquet(tmp_path / "l.parquet")
+    with pytest.raises(DataError, match=r"no 'label' value in 1 row\(s\) \(row 2\)"):
+        load_task_data(_cls_spec(["no", "yes"], data="l.parquet"))
+
+
+@pytest.mark.parametrize("rows, column", [
+    ('{"a": {"b": 1}, "t": "ok"}\n{"a": {"c": 2}, "t": "ok"}\n', "a"),  # was "{'b': 1, 'c': None}": Python's repr, keys added
+    ('{"a": "x", "t": {"name": "Ada", "age": 36}}\n', "t"),  # a JSON target trained as "{'name': 'Ada', ...}", not JSON
+    ('{"a": ["x", "y"], "t": "ok"}\n', "a"),
+])
+def test_a_json_object_or_list_where_text_is_read_is_refused(tmp_path, monkeypatch, rows, column):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.jsonl").write_text(rows)
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->", "target": "t"})
+    with pytest.raises(DataError, match=rf"split 'g.jsonl' column '{column}' holds JSON objects or lists .*write each value as a string"):
+        load_task_data(gen)

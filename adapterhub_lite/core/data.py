@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,16 +215,40 @@ def render(spec: TaskSpec, row: dict) -> str:
     return spec.prompt.format(**{k: ("" if row[k] is None else str(row[k]).strip()) for k in spec.prompt_fields})
 
 
+def _is_missing(value) -> bool:
+    """None, or the float NaN pandas writes for a missing value (a parquet column of floats)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _refuse_missing(source: str, column: str, values: list, what: str) -> None:
+    """Refuse a column whose value is missing in some rows, naming the rows (a missing value would be read as '' or 'None')."""
+    rows = [i + 1 for i, v in enumerate(values) if _is_missing(v)]
+    if rows:
+        shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
+        raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) (row {shown}); {what}, or drop those rows")
+
+
 def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str) -> Split:
     """Check columns and label values, then render every row."""
     if len(ds) == 0:
         raise DataError(f"split {source!r} is empty; point the spec at a file with rows")
-    needed = list(spec.prompt_fields) + [spec.label if spec.type == "classification" else spec.target]
-    missing = [c for c in dict.fromkeys(needed) if c not in ds.column_names]
+    answer = spec.label if spec.type == "classification" else spec.target
+    needed = list(dict.fromkeys([*spec.prompt_fields, answer]))
+    missing = [c for c in needed if c not in ds.column_names]
     if missing:
         raise DataError(f"split {source!r} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}); fix the prompt/label/target keys")
+    for column in needed:  # a JSON object or list has no one text: str() gives Python's repr (with None for absent keys)
+        feature = ds.features[column]
+        if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
+            first = next((v for v in ds[column] if v is not None), None)
+            raise DataError(f"split {source!r} column {column!r} holds JSON objects or lists (e.g. {json.dumps(first)[:60]}), not text; "
+                            "write each value as a string (json.dumps it) or point the spec at a text column")
+    # A missing prompt value would be rendered as '' and a missing label compared as 'None': both silently.
+    for column in dict.fromkeys(spec.prompt_fields):
+        _refuse_missing(source, column, ds[column], "give every row a value for each column the prompt reads")
     prompts = [render(spec, row) for row in ds]
     if spec.type == "classification":
+        _refuse_missing(source, spec.label, ds[spec.label], "give every row its label")
         table, ambiguous = _label_table(spec)
         values = [str(v) for v in ds[spec.label]]
         both = sorted({v for v in values if v in ambiguous})
@@ -236,12 +261,8 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str) -> 
         if bad:
             raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (valid: {', '.join(table)}); add them to 'labels'")
     else:
-        targets = ds[spec.target]
-        null = [i + 1 for i, t in enumerate(targets) if t is None]  # a row without its column reads as null too
-        if null:  # an empty answer would train the adapter to stop at once
-            rows = ", ".join(map(str, null[:5])) + (", …" if len(null) > 5 else "")
-            raise DataError(f"split {source!r} has no {spec.target!r} value in {len(null)} row(s) (row {rows}); "
-                            f"give every row its target, or drop those rows")
+        targets = ds[spec.target]  # a row without its column reads as null too; an empty answer would train the adapter to stop at once
+        _refuse_missing(source, spec.target, targets, "give every row its target")
         answers = [str(t) for t in targets]
     return Split(prompts, answers, source, sha256)
 
