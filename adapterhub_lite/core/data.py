@@ -77,8 +77,16 @@ def _token_ids(tokenizer, texts: list[str], special: bool, chunk: int = 1024) ->
     return ids
 
 
-def load_split(source: str) -> tuple[datasets.Dataset, str]:
-    """Load one split and return it with a content hash (file sha256, or the datasets fingerprint)."""
+def _empty(source: str, split: str | None) -> DataError:
+    """An empty split, named by its spec key (data.train / data.dev) when known, and its file."""
+    if split:
+        return DataError(f"data.{split} {source!r} is empty (no rows); point data.{split} in the spec at a file with rows")
+    return DataError(f"split {source!r} is empty; point the spec at a file with rows")
+
+
+def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset, str]:
+    """Load one split and return it with a content hash (file sha256, or the datasets fingerprint);
+    `split` (train, dev) names it in the refusal of an empty one."""
     if source.startswith("hf:"):
         parts = source[3:].split(":")
         if len(parts) not in (2, 3) or not all(parts):
@@ -96,7 +104,7 @@ def load_split(source: str) -> tuple[datasets.Dataset, str]:
     if suffix not in _BUILDERS:
         raise DataError(f"data file {source!r} has unsupported type {suffix or '(none)'!r}; use one of {', '.join(_BUILDERS)}")
     if not path.read_bytes().strip():
-        raise DataError(f"split {source!r} is empty; point the spec at a file with rows")
+        raise _empty(source, split)
     # Columns are read as written. Type inference would turn the text "2021-03-03" into a
     # timestamp ("2021-03-03 00:00:00") and "007" into 7, silently changing targets and prompts:
     # JSON is already typed, so it is parsed as JSON; csv/tsv are read by the csv module, as strings.
@@ -104,7 +112,7 @@ def load_split(source: str) -> tuple[datasets.Dataset, str]:
     builder, kwargs = _BUILDERS[suffix]
     try:
         if builder == "json":
-            ds = datasets.Dataset.from_list(_json_rows(path))
+            ds = _json_dataset(_json_rows(path), path)
         elif builder == "csv":
             ds = _csv_rows(path, **kwargs)
         else:
@@ -163,6 +171,26 @@ def _json_rows(path: Path) -> list[dict]:
             raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")
         return rows
     return parse_jsonl(text, path)
+
+
+def _json_dataset(rows: list[dict], path: Path) -> datasets.Dataset:
+    """JSON rows as a Dataset, holding what `json` reads. Every key of any row is a column (a row without it holds
+    null: from_list took the first row's keys only, so a column missing there was dropped for all rows), and a
+    column of plain values holds them as text, each as written: arrow would make 7 beside 7.5 "7.0", and could not
+    hold 0 beside "yes" at all (pandas and json read both)."""
+    data = {}
+    for column in dict.fromkeys(k for r in rows for k in r):
+        values = [r.get(column) for r in rows]
+        nested = next((i for i, v in enumerate(values) if isinstance(v, (dict, list))), None)
+        if nested is None:
+            data[column] = [v if v is None or isinstance(v, str) else str(v) for v in values]
+            continue
+        plain = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, (dict, list))), None)
+        if plain is not None:
+            raise DataError(f"{path}: column {column!r} holds a JSON {type(values[nested]).__name__} in row {nested + 1} but "
+                            f"{values[plain]!r} in row {plain + 1}; give the column one kind of value in every row")
+        data[column] = values  # objects / lists: arrow holds them; to_split refuses them where text is read
+    return datasets.Dataset.from_dict(data)
 
 
 def label_words(spec: TaskSpec) -> list[str]:
@@ -228,10 +256,10 @@ def _refuse_missing(source: str, column: str, values: list, what: str) -> None:
         raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) (row {shown}); {what}, or drop those rows")
 
 
-def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str) -> Split:
-    """Check columns and label values, then render every row."""
+def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, split: str | None = None) -> Split:
+    """Check columns and label values, then render every row (`split`: as load_split)."""
     if len(ds) == 0:
-        raise DataError(f"split {source!r} is empty; point the spec at a file with rows")
+        raise _empty(source, split)
     answer = spec.label if spec.type == "classification" else spec.target
     needed = list(dict.fromkeys([*spec.prompt_fields, answer]))
     missing = [c for c in needed if c not in ds.column_names]
@@ -272,8 +300,8 @@ def load_task_data(spec: TaskSpec, splits: tuple[str, ...] = ("train", "dev")) -
     out = {}
     for name in splits:
         source = getattr(spec.data, name)
-        ds, sha = load_split(source)
-        out[name] = to_split(spec, ds, source, sha)
+        ds, sha = load_split(source, name)
+        out[name] = to_split(spec, ds, source, sha, name)
     return out
 
 
