@@ -183,3 +183,20 @@ def test_a_json_object_or_list_where_text_is_read_is_refused(tmp_path, monkeypat
     gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->", "target": "t"})
     with pytest.raises(DataError, match=rf"split 'g.jsonl' column '{column}' holds JSON objects or lists .*write each value as a string"):
         load_task_data(gen)
+
+
+def test_json_values_are_read_as_json_reads_them_not_as_arrow_unifies_them(tmp_path, monkeypatch):
+    """Arrow made a target 7 beside 7.5 "7.0", could not load a label column holding 0 and "yes" (json and pandas read
+    both), and took the columns from the first row only: a key missing there was 'no column', though row 2 has it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.jsonl").write_text('{"a": 1, "t": 7}\n{"a": 2.5, "t": 7.5}\n{"a": true, "t": "7"}\n')
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->", "target": "t"})
+    split = load_task_data(gen)["train"]
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert split.answers == [str(r["t"]) for r in rows] == ["7", "7.5", "7"]
+    assert split.prompts == ["1 ->", "2.5 ->", "True ->"]
+    (tmp_path / "t.jsonl").write_text('{"a": "x", "label": 0}\n{"a": "y", "label": "yes"}\n')
+    assert load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))["train"].answers == [0, 1]
+    (tmp_path / "t.jsonl").write_text('{"label": "no"}\n{"a": "y", "label": "yes"}\n')
+    with pytest.raises(DataError, match=r"has no 'a' value in 1 row\(s\) \(row 1\)"):
+        load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))
