@@ -219,6 +219,14 @@ def _label_table(spec: TaskSpec) -> tuple[dict[str, int], dict[str, list[str]]]:
     return table, ambiguous
 
 
+def _valid_labels(spec: TaskSpec) -> str:
+    """What a label column may hold, said as the user writes it (a list's words and indices apart, not one mixed list)."""
+    if isinstance(spec.labels, dict):
+        return "one of the keys of 'labels': " + ", ".join(repr(str(k)) for k in spec.labels)
+    words = label_words(spec)
+    return f"a label word ({', '.join(repr(str(w)) for w in words)}) or its class index (0 to {len(words) - 1})"
+
+
 def request_row(spec: TaskSpec, request: dict) -> dict:
     """The prompt columns of a request; a lone `text` fills a prompt that reads one column. A null column is refused."""
     fields = list(dict.fromkeys(spec.prompt_fields))
@@ -287,7 +295,8 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         answers = [table.get(v) for v in values]
         bad = sorted({v for v, a in zip(values, answers) if a is None})
         if bad:
-            raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (valid: {', '.join(table)}); add them to 'labels'")
+            raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels; write {_valid_labels(spec)} "
+                            f"in column {spec.label!r}, or add the value(s) to 'labels'")
     else:
         targets = ds[spec.target]  # a row without its column reads as null too; an empty answer would train the adapter to stop at once
         _refuse_missing(source, spec.target, targets, "give every row its target")
