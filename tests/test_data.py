@@ -200,3 +200,18 @@ def test_json_values_are_read_as_json_reads_them_not_as_arrow_unifies_them(tmp_p
     (tmp_path / "t.jsonl").write_text('{"label": "no"}\n{"a": "y", "label": "yes"}\n')
     with pytest.raises(DataError, match=r"has no 'a' value in 1 row\(s\) \(row 1\)"):
         load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))
+
+
+def test_jsonl_lines_end_at_newlines_only_and_nan_is_not_json(tmp_path):
+    """str.splitlines broke a row at a U+2028 inside a string (valid JSON, read by json and pandas) and refused it; and
+    Python's json took NaN / 1e400, which other readers refuse, so a target became the text 'nan' or 'inf'."""
+    row = {"a": "one\u2028two\x85three", "label": "no"}
+    (tmp_path / "u.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(row) + "\n")
+    assert load_split(str(tmp_path / "u.jsonl"))[0]["a"] == [row["a"], row["a"]]
+    for bad, why in (('{"a": "x", "t": NaN}', "NaN is not JSON; write null or a string"), ('{"a": "x", "t": 1e400}', "1e400 is out of")):
+        (tmp_path / "n.jsonl").write_text('{"a": "y", "t": "ok"}\n' + bad + "\n")
+        with pytest.raises(DataError, match=rf"n.jsonl:2 is not valid JSON \({why}"):
+            load_split(str(tmp_path / "n.jsonl"))
+        (tmp_path / "n.json").write_text(f"[{bad}]")
+        with pytest.raises(DataError, match=rf"n.json is not valid JSON \({why}"):
+            load_split(str(tmp_path / "n.json"))

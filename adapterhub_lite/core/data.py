@@ -20,7 +20,7 @@ import datasets
 
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
-from adapterhub_lite.core.text import parse_jsonl, read_text
+from adapterhub_lite.core.text import loads, parse_jsonl, read_text
 
 # suffix → (reader, csv.reader options). A .tsv is read with the same quoting as a .csv (a field that starts
 # with '"' is quoted, '""' inside it is one quote), as pandas, `datasets` and the csv module read it: RTE's
@@ -163,9 +163,11 @@ def _json_rows(path: Path) -> list[dict]:
     text = read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}); fix that line") from None
+        except ValueError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); fix the file") from None
         bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
         if bad:
             raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")

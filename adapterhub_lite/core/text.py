@@ -6,6 +6,8 @@ Light on purpose (json only): the CLI reads --input files before it imports the 
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 from adapterhub_lite.core.errors import DataError
@@ -21,15 +23,37 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}:{line} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8") from None
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of a float's range")
+    return number
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON; write null or a string")
+
+
+def loads(text: str):
+    """JSON as the standard defines it: Python's json also takes NaN, Infinity and numbers beyond a float (1e400 → inf),
+    which other readers refuse, and which a row would then hold as the text 'nan' / 'inf'."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+
+
 def parse_jsonl(text: str, where: str | Path) -> list[dict]:
-    """The objects of JSON Lines text, one per non-blank line, exactly as typed; a bad line is refused by number."""
+    """The objects of JSON Lines text, one per non-blank line, exactly as typed; a bad line is refused by number.
+
+    Lines end at \n, \r\n or \r only: str.splitlines also breaks at U+2028, U+0085 and other separators, which
+    a JSON string may hold unescaped, so a valid row was refused as two halves.
+    """
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
         if line.strip():
             try:
-                row = json.loads(line)
-            except ValueError:
-                raise DataError(f"{where}:{n} is not valid JSON ({line[:60]!r}); write one JSON object per line") from None
+                row = loads(line)
+            except ValueError as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise DataError(f"{where}:{n} is not valid JSON ({why}: {line[:60]!r}); write one JSON object per line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}:{n} is a JSON {type(row).__name__}, not an object ({line[:60]!r}); write one JSON object per line")
             rows.append(row)
