@@ -47,3 +47,22 @@ def test_predict_on_a_folder_that_does_not_exist(capsys, tmp_path):
     """It said "'nothere' is not an adapter folder: missing adapter_config.json, ..." (eval said it does not exist)."""
     refused(capsys, tmp_path, ["predict", str(tmp_path / "nothere"), "--text", "hi"],
             f"adapter folder {str(tmp_path / 'nothere')!r} does not exist")
+
+
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_an_empty_split_is_named_by_its_key_and_file(capsys, cls_task, split):
+    """It said "split 'empty.jsonl' is empty; point the spec at a file with rows": which of train / dev was left to guess."""
+    (cls_task / "empty.jsonl").write_text("\n")
+    refused(capsys, cls_task, ["train", "toy.yaml", f"data.{split}=empty.jsonl", "--output", "out", "--no-progress"],
+            f"data.{split} 'empty.jsonl' is empty (no rows); point data.{split} in the spec at a file with rows")
+
+
+@pytest.mark.parametrize("labels, needle", [
+    ("labels=['pos', 'neg']", "has label value(s) 'refund' not in labels; write a label word ('pos', 'neg') or its class index (0 to 1) "
+                              "in column 'label', or add the value(s) to 'labels'"),
+    ("labels={'pos': 'x', 'neg': 'z'}", "not in labels; write one of the keys of 'labels': 'pos', 'neg' in column 'label'"),
+])
+def test_a_label_not_in_labels_lists_what_can_be_written(capsys, cls_task, labels, needle):
+    """It listed "valid: pos, neg, 0, 1": words and class indices in one list."""
+    (cls_task / "refund.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "refund"}\n')
+    refused(capsys, cls_task, ["train", "toy.yaml", labels, "data.train=refund.jsonl", "--output", "out", "--no-progress"], needle)
