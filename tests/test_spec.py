@@ -102,7 +102,7 @@ type: classification
 data: {train: a.csv, dev: b.csv}
 prompt: "X: {x}\\nY:"
 label: y
-labels: [no, yes]
+labels: ['no', 'yes']
 train:
   lr: 2.0e-3
   max_steps: 3

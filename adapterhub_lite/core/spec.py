@@ -213,6 +213,8 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
             problems.append("'label' (the label column) is required for classification")
         if not spec.labels or not isinstance(spec.labels, (list, dict)) or len(spec.labels) < 2:
             problems.append(f"'labels' needs at least two verbalizer words (a list, or a mapping value→word), got {spec.labels!r}")
+        else:
+            problems += label_problems(spec.labels)
     if spec.type == "generation" and not spec.target:
         problems.append("'target' (the answer column) is required for generation")
     valid_metrics = METRICS.get(spec.type, ())
@@ -270,6 +272,37 @@ def prompt_problems(prompt: str) -> list[str]:
             problems.append(f"prompt field {shown} has a conversion or format spec, which prompts do not support; write {{{name}}}")
     if not problems and not any(name for _, name, _, _ in parsed):
         problems.append(f"prompt {prompt!r} names no column; use {{column}} placeholders")
+    return problems
+
+
+def _not_text(value: Any) -> str | None:
+    """Why a label word or key is not what the user typed, or None: YAML reads an unquoted yes / no / on / off / true /
+    false as a boolean and null / ~ as None, so `labels: [no, yes]` made the words False and True."""
+    if isinstance(value, bool):
+        return f"is the boolean {value} (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('yes')"
+    if value is None:
+        return "is null (YAML reads an unquoted null or ~, or nothing, so); quote the word"
+    return None
+
+
+def label_problems(labels: list | dict) -> list[str]:
+    """Label words must be text (they are tokenized after the prompt: a number or boolean is not a word), and a
+    mapping's keys the column values as the user typed them (text or whole numbers, never a YAML boolean or null)."""
+    problems = []
+    items = labels.items() if isinstance(labels, dict) else enumerate(labels)
+    for key, word in items:
+        where = f"labels[{key!r}]" if isinstance(labels, dict) else f"labels[{key}]"
+        why = _not_text(word)
+        if why is None and not isinstance(word, str):
+            why = f"is the number {word}, not a word; quote it ('{word}')"
+        if why:
+            problems.append(f"{where}={word!r} {why}")
+        if isinstance(labels, dict):
+            why = _not_text(key)
+            if why is None and not isinstance(key, (str, int)):
+                why = f"is the number {key}; write the column's value as text ('{key}')"
+            if why:
+                problems.append(f"the key {key!r} of 'labels' {why}")
     return problems
 
 

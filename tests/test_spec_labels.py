@@ -1,0 +1,35 @@
+"""Label words and keys are what the user typed: YAML's unquoted yes/no/on/off/true/false (booleans) and null are
+refused at the spec, naming the word and saying to quote it; they made `labels: [no, yes]` the words False and True,
+and training then stopped with a TypeError traceback (" " + False) instead of one line."""
+
+import pytest
+
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.spec import load_spec
+
+SPEC = "name: t\ntype: classification\ndata: {{train: a.csv, dev: a.csv}}\nprompt: '{{a}} ->'\nlabel: label\nlabels: {labels}\n"
+
+
+@pytest.mark.parametrize("labels, needle", [
+    ("[no, yes]", "labels[0]=False is the boolean False (YAML reads an unquoted yes, no, on, off, true or false so); quote it"),
+    ("{0: off, 1: on}", "labels[1]=True is the boolean True"),
+    ("{yes: positive, no: negative}", "the key True of 'labels' is the boolean True"),
+    ("[~, x]", "labels[0]=None is null"),
+    ("[1, 2]", "labels[0]=1 is the number 1, not a word; quote it ('1')"),
+])
+def test_yaml_booleans_nulls_and_numbers_are_not_label_words(tmp_path, labels, needle):
+    (tmp_path / "t.yaml").write_text(SPEC.format(labels=labels))
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path / "t.yaml")
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("labels, words", [
+    ("['no', 'yes']", ["no", "yes"]),
+    ("{0: negative, 1: positive}", {0: "negative", 1: "positive"}),  # whole-number keys stay: the column's 0 / 1
+    ("{0: 'true', 1: 'false'}", {0: "true", 1: "false"}),  # rte.yaml
+    ("['1', '2']", ["1", "2"]),
+])
+def test_quoted_words_and_whole_number_keys_are_accepted(tmp_path, labels, words):
+    (tmp_path / "t.yaml").write_text(SPEC.format(labels=labels))
+    assert load_spec(tmp_path / "t.yaml").labels == words
