@@ -66,3 +66,17 @@ def test_a_label_not_in_labels_lists_what_can_be_written(capsys, cls_task, label
     """It listed "valid: pos, neg, 0, 1": words and class indices in one list."""
     (cls_task / "refund.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "refund"}\n')
     refused(capsys, cls_task, ["train", "toy.yaml", labels, "data.train=refund.jsonl", "--output", "out", "--no-progress"], needle)
+
+
+@pytest.mark.parametrize("argv", [["info", "cls_a@"], ["pull", "cls_a@", "--to", "x"]])
+def test_an_empty_version_after_at_is_refused(capsys, tmp_path, registry, argv):
+    """`info cls_a@` showed the latest version, as if the version had not been left out."""
+    refused(capsys, tmp_path, [*argv, "--registry", str(registry)],
+            "'cls_a@' names an empty version after '@'; give cls_a@MAJOR.MINOR.PATCH, cls_a@latest, or 'cls_a' alone")
+
+
+def test_publishing_a_version_again_names_it_and_the_way_on(capsys, tmp_path, adapters, registry):
+    """It said "version 1.0.1 is already published ...": not which adapter, nor that publish has no --overwrite."""
+    refused(capsys, tmp_path, ["publish", str(adapters["cls_a"]), "--version", "1.0.1", "--registry", str(registry)],
+            "cls_a@1.0.1 is already published and versions are immutable (publish has no --overwrite); publish this folder as a "
+            "new version: --version auto (gives 1.0.2) or another --version MAJOR.MINOR.PATCH")

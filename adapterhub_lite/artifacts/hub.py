@@ -87,7 +87,7 @@ class HubRegistry(Registry):
             attempt += 1
             index, head = self._read_index()
             versions = index["adapters"].setdefault(name, {})
-            chosen = next_version(versions, version)
+            chosen = next_version(versions, version, name)
             versions[chosen] = entry = make_entry(meta, peft_config, hashes)
             ops = [CommitOperationAdd(f"{name}/{chosen}/{p.name}", str(p)) for p in files]
             ops.append(CommitOperationAdd("index.json", (json.dumps(index, indent=2) + "\n").encode()))

@@ -52,8 +52,11 @@ def version_key(version: str) -> tuple[int, ...]:
 
 def parse_ref(ref: str) -> tuple[str, str]:
     """'sst2', 'sst2@latest' or 'sst2@1.0.0' → (name, version or 'latest')."""
-    name, _, version = ref.partition("@")
+    name, at, version = ref.partition("@")
     check_name(name)
+    if at and not version:  # "sst2@" is a version left out by mistake, not a request for the latest
+        raise RegistryError(f"{ref!r} names an empty version after '@'; give {name}@MAJOR.MINOR.PATCH, {name}@latest, "
+                            f"or {name!r} alone for its latest version")
     version = version or "latest"
     return name, version if version == "latest" else check_version(version)
 
@@ -114,13 +117,16 @@ def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None =
         raise RegistryError(f"the adapter's sidecar ({SIDECAR}) lacks {exc} or has it in the wrong form; publish a folder written by adapterhub-lite") from None
 
 
-def next_version(versions: dict, version: str) -> str:
-    """Resolve 'auto' (bump the patch of the latest, or 1.0.0) and refuse re-publishing."""
+def next_version(versions: dict, version: str, name: str | None = None) -> str:
+    """Resolve 'auto' (bump the patch of the latest, or 1.0.0) and refuse re-publishing `name`'s versions."""
+    latest = max(versions, key=version_key, default=None)
+    bumped = "1.0.0" if latest is None else ".".join(map(str, (*version_key(latest)[:2], version_key(latest)[2] + 1)))
     if version == "auto":
-        latest = max(versions, key=version_key, default=None)
-        version = "1.0.0" if latest is None else ".".join(map(str, (*version_key(latest)[:2], version_key(latest)[2] + 1)))
+        version = bumped
     if version in versions:
-        raise RegistryError(f"version {version} is already published and versions are immutable; publish with --version auto or a new version")
+        which = f"{name}@{version}" if name else f"version {version}"
+        raise RegistryError(f"{which} is already published and versions are immutable (publish has no --overwrite); publish this "
+                            f"folder as a new version: --version auto (gives {bumped}) or another --version MAJOR.MINOR.PATCH")
     return version
 
 

@@ -332,7 +332,7 @@ class LocalRegistry(Registry):
                 self._sweep()
                 index = self._read_index()
                 versions = index["adapters"].setdefault(name, {})
-                version = next_version(versions, version)
+                version = next_version(versions, version, name)
                 entry = make_entry(meta, peft_config, files)
                 final = self.root / name / version
                 if final.exists():  # left by a publisher killed after its rename: never listed, so not visible
