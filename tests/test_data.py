@@ -215,3 +215,17 @@ def test_jsonl_lines_end_at_newlines_only_and_nan_is_not_json(tmp_path):
         (tmp_path / "n.json").write_text(f"[{bad}]")
         with pytest.raises(DataError, match=rf"n.json is not valid JSON \({why}"):
             load_split(str(tmp_path / "n.json"))
+
+
+def test_an_empty_csv_target_is_missing_as_pandas_reads_it_not_trained_as_empty(tmp_path, monkeypatch):
+    """pandas and datasets read an empty csv/tsv field as missing; it was trained as an empty answer (the adapter learns
+    to stop at once for that prompt), silently. JSON's "" stays a value (test above)."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    for name, text in (("g.csv", 'a,t\nx,abc\ny,\nz,""\n'), ("g.tsv", "a\tt\nx\tabc\ny\t\nz\t\n")):
+        (tmp_path / name).write_text(text)
+        assert pd.read_csv(name, sep="\t" if name.endswith(".tsv") else ",")["t"].isna().sum() == 2
+        gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": name, "dev": name}, "prompt": "{a} ->", "target": "t"})
+        with pytest.raises(DataError, match=rf"split '{name}' has no 't' value in 2 row\(s\) \(row 2, 3\); an empty csv/tsv field reads as missing"):
+            load_task_data(gen)

@@ -302,6 +302,11 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
     else:
         targets = ds[spec.target]  # a row without its column reads as null too; an empty answer would train the adapter to stop at once
         _refuse_missing(source, spec.target, targets, "give every row its target")
+        # JSON writes "" and null apart, and "" is kept as written; a csv/tsv cannot (pandas and datasets read an
+        # empty field as missing), so there an empty target is a missing one. [:4]: compose's sources read "x.csv (4 shots …)".
+        if Path(source).suffix.lower()[:4] in (".csv", ".tsv"):
+            _refuse_missing(source, spec.target, [None if t == "" else t for t in targets],
+                            "an empty csv/tsv field reads as missing (as pandas and datasets read it); give every row its target")
         answers = [str(t) for t in targets]
     return Split(prompts, answers, source, sha256)
 
