@@ -1,4 +1,4 @@
-"""Label words and keys are what the user typed: YAML's unquoted yes/no/on/off/true/false (booleans) and null are
+"""Label words, label keys and prompt fields are read as the user typed them. Labels: YAML's unquoted yes/no/on/off/true/false (booleans) and null are
 refused at the spec, naming the word and saying to quote it; they made `labels: [no, yes]` the words False and True,
 and training then stopped with a TypeError traceback (" " + False) instead of one line."""
 
@@ -33,3 +33,18 @@ def test_yaml_booleans_nulls_and_numbers_are_not_label_words(tmp_path, labels, n
 def test_quoted_words_and_whole_number_keys_are_accepted(tmp_path, labels, words):
     (tmp_path / "t.yaml").write_text(SPEC.format(labels=labels))
     assert load_spec(tmp_path / "t.yaml").labels == words
+
+
+def test_a_column_name_with_a_space_or_hyphen_is_a_prompt_field(tmp_path, monkeypatch):
+    """str.format fills `{review text}` and `{sentence-1}` from those columns; the spec refused them as 'not a column
+    name', so a csv with such a header could not be used. Positional, attribute and item fields stay refused."""
+    from adapterhub_lite.core.data import load_task_data
+    from adapterhub_lite.core.spec import prompt_problems, spec_from_dict
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.csv").write_text("review text,sentence-1,label\ngreat,ok,pos\n")
+    spec = spec_from_dict({"name": "r", "type": "classification", "data": {"train": "r.csv", "dev": "r.csv"},
+                           "prompt": "Review: {review text} / {sentence-1}\nSentiment:", "label": "label", "labels": ["neg", "pos"]})
+    assert load_task_data(spec, ("train",))["train"].prompts == ["Review: great / ok\nSentiment:"]
+    for field in ("{0}", "{a.b}", "{a[0]}", "{}"):
+        assert prompt_problems(f"x {field}") == [f"prompt field {field} is not a column name; use {{column}} placeholders (literal braces: {{{{ and }}}})"]

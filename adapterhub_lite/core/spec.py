@@ -250,6 +250,15 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
             problems.append(f"train.max_length={t.max_length} leaves no room for {what}; use train.max_length ≥ {need}")
 
 
+def _plain_column(name: str) -> bool:
+    """Whether str.format reads `{name}` as the keyword `name`: any column name (a header such as "review text" or
+    "sentence-1" too), but not a positional index (`{0}`) or an attribute or item (`{a.b}`, `{a[0]}`)."""
+    try:
+        return ("{" + name + "}").format(**{name: "x"}) == "x"
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError):
+        return False
+
+
 def prompt_problems(prompt: str) -> list[str]:
     """What is wrong with a prompt template: it must name columns as plain `{column}` placeholders.
 
@@ -266,7 +275,7 @@ def prompt_problems(prompt: str) -> list[str]:
         if name is None:
             continue
         shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        if not name or not name.isidentifier():
+        if not _plain_column(name):
             problems.append(f"prompt field {shown} is not a column name; use {{column}} placeholders (literal braces: {{{{ and }}}})")
         elif conversion or spec:
             problems.append(f"prompt field {shown} has a conversion or format spec, which prompts do not support; write {{{name}}}")
