@@ -80,3 +80,20 @@ def test_publishing_a_version_again_names_it_and_the_way_on(capsys, tmp_path, ad
     refused(capsys, tmp_path, ["publish", str(adapters["cls_a"]), "--version", "1.0.1", "--registry", str(registry)],
             "cls_a@1.0.1 is already published and versions are immutable (publish has no --overwrite); publish this folder as a "
             "new version: --version auto (gives 1.0.2) or another --version MAJOR.MINOR.PATCH")
+
+
+@pytest.mark.parametrize("ref, needle", [
+    ("cls_a@9.9.9", "name 'cls_a@9.9.9', but 'cls_a' has no version '9.9.9', and infer serves the latest version of each adapter, by its "
+                    "name alone (versions of 'cls_a': 1.0.0, 1.0.1): write 'cls_a' for 1.0.1"),
+    ("cls_a@1.0.0", "name 'cls_a@1.0.0', but infer serves the latest version of each adapter, by its name alone (versions of 'cls_a': "
+                    "1.0.0, 1.0.1): write 'cls_a' for 1.0.1, or predict with a folder from `adapterhub-lite pull cls_a@VERSION --to DIR`"),
+    ("nosuch@1.0.0", "name 'nosuch@1.0.0', but registry"),
+])
+def test_infer_naming_a_version(capsys, tmp_path, monkeypatch, registry, ref, needle):
+    """It loaded the backbone, then said "unknown adapter 'cls_a@9.9.9'; known: cls_a, ...": no versions, and a version
+    that exists was refused the same way."""
+    from adapterhub_lite.serving import router
+
+    monkeypatch.setattr(router, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the requests were checked"))
+    (tmp_path / "in.jsonl").write_text(f'{{"adapter": "cls_a", "text": "a"}}\n{{"adapter": "{ref}", "text": "b"}}\n')
+    refused(capsys, tmp_path, ["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry)], f"on line(s) [2] {needle}")

@@ -218,6 +218,7 @@ def _infer(args) -> int:
         lines = [n for n, r in enumerate(requests, 1) if unread & set(r)]
         raise DataError(f"{args.input}: request(s) on line(s) {lines[:5]} set {sorted(unread)}, which infer does not read (it answers "
                         "greedily, each task within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
+    _refuse_versions(args.registry, args.input, requests)
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                   memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
     # the server's engine over the whole file: continuous batching, --batch-size rows at a time
@@ -226,6 +227,28 @@ def _infer(args) -> int:
     answers = [{**req, **res} for req, res in zip(requests, results)]
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0
+
+
+def _refuse_versions(registry: str, source: str, requests: list[dict]) -> None:
+    """infer serves each adapter's latest version, by its name: a request for name@version is refused before the backbone
+    loads, naming the versions there are (the engine would only say "unknown adapter", after loading it)."""
+    from adapterhub_lite.artifacts.index import version_key
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    lines = [n for n, r in enumerate(requests, 1) if isinstance(r["adapter"], str) and "@" in r["adapter"]]
+    if not lines:
+        return
+    ref = requests[lines[0] - 1]["adapter"]
+    name, _, version = ref.partition("@")
+    adapters = open_registry(registry).index()["adapters"]
+    if name not in adapters:
+        raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}, but registry {registry} has no adapter {name!r} "
+                        f"(known: {', '.join(sorted(adapters)) or 'none'}); name one of those, or 'base' / 'auto'")
+    versions = sorted(adapters[name], key=version_key)
+    missing = "" if version in versions else f"{name!r} has no version {version!r}, and "
+    raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}, but {missing}infer serves the latest version of each "
+                    f"adapter, by its name alone (versions of {name!r}: {', '.join(versions)}): write {name!r} for {versions[-1]}, "
+                    f"or predict with a folder from `adapterhub-lite pull {name}@VERSION --to DIR`")
 
 
 def _merge(args) -> int:
