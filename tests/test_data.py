@@ -229,3 +229,22 @@ def test_an_empty_csv_target_is_missing_as_pandas_reads_it_not_trained_as_empty(
         gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": name, "dev": name}, "prompt": "{a} ->", "target": "t"})
         with pytest.raises(DataError, match=rf"split '{name}' has no 't' value in 2 row\(s\) \(row 2, 3\); an empty csv/tsv field reads as missing"):
             load_task_data(gen)
+
+
+def test_a_classlabel_column_is_read_by_its_class_names(tmp_path, monkeypatch):
+    """A parquet file datasets wrote (or an hf: split) holds class indices whose names datasets shows: labels listed in
+    another order trained every 'negative' row as 'positive', silently; a mapping keyed by the names was refused."""
+    import datasets
+
+    monkeypatch.chdir(tmp_path)
+    features = datasets.Features({"a": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])})
+    datasets.Dataset.from_dict({"a": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features).to_parquet("c.parquet")
+    shown = load_split("c.parquet")[0]
+    assert [shown.features["label"].int2str(v) for v in shown["label"]] == ["negative", "positive", "positive"]
+    with pytest.raises(DataError, match=r"ClassLabel with 'positive' at index 1 \(classes: negative, positive\), but 'labels' puts it at 0"):
+        load_task_data(_cls_spec(["positive", "negative"], data="c.parquet"))
+    assert load_task_data(_cls_spec({"positive": "good", "negative": "bad"}, data="c.parquet"))["train"].answers == [1, 0, 0]
+    assert load_task_data(_cls_spec(["bad", "good"], data="c.parquet"))["train"].answers == [0, 1, 1]  # free words: by index
+    datasets.Dataset.from_dict({"a": ["x", "y"], "label": [0, -1]}, features=features).to_parquet("t.parquet")
+    with pytest.raises(DataError, match=r"no 'label' value in 1 row\(s\) \(row 2\); a ClassLabel of -1 is no label"):
+        load_task_data(_cls_spec(["negative", "positive"], data="t.parquet"))

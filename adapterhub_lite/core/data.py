@@ -266,6 +266,27 @@ def _refuse_missing(source: str, column: str, values: list, what: str) -> None:
         raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) (row {shown}); {what}, or drop those rows")
 
 
+def _label_values(spec: TaskSpec, ds: datasets.Dataset, source: str) -> list[str]:
+    """The label column as text. A ClassLabel column (an hf: split, or a parquet file `datasets` wrote) holds class
+    indices whose names `datasets` shows (0 = 'negative'): a mapping keyed by those names reads the names, and a list
+    that names a class at another index is refused (labels [positive, negative] made every negative row 'positive')."""
+    feature, raw = ds.features[spec.label], ds[spec.label]
+    if not isinstance(feature, datasets.ClassLabel):
+        return [str(v) for v in raw]
+    names = feature.names
+    _refuse_missing(source, spec.label, [None if v is None or v < 0 else v for v in raw],  # -1: datasets' "no label"
+                    "a ClassLabel of -1 is no label (as in a test split); use a split with labels")
+    if isinstance(spec.labels, dict) and all(str(k) in names for k in spec.labels):
+        return [names[v] for v in raw]
+    words = [str(w) for w in label_words(spec)]
+    moved = next((w for i, w in enumerate(words) if w in names and names.index(w) != i), None)
+    if moved is not None:
+        raise DataError(f"split {source!r} column {spec.label!r} is a ClassLabel with {moved!r} at index {names.index(moved)} "
+                        f"(classes: {', '.join(names)}), but 'labels' puts it at {words.index(moved)}; list the labels in the "
+                        f"column's order, or map each class name to its word (e.g. {{{names[0]!r}: …, {names[1]!r}: …}})")
+    return [str(v) for v in raw]
+
+
 def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, split: str | None = None) -> Split:
     """Check columns and label values, then render every row (`split`: as load_split)."""
     if len(ds) == 0:
@@ -288,7 +309,7 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
     if spec.type == "classification":
         _refuse_missing(source, spec.label, ds[spec.label], "give every row its label")
         table, ambiguous = _label_table(spec)
-        values = [str(v) for v in ds[spec.label]]
+        values = _label_values(spec, ds, source)
         both = sorted({v for v in values if v in ambiguous})
         if both:
             example = ", ".join(f"{str(w)!r}: {str(w)!r}" for w in label_words(spec)[:2])
