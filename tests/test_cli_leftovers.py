@@ -97,3 +97,29 @@ def test_infer_naming_a_version(capsys, tmp_path, monkeypatch, registry, ref, ne
     monkeypatch.setattr(router, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the requests were checked"))
     (tmp_path / "in.jsonl").write_text(f'{{"adapter": "cls_a", "text": "a"}}\n{{"adapter": "{ref}", "text": "b"}}\n')
     refused(capsys, tmp_path, ["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry)], f"on line(s) [2] {needle}")
+
+
+@pytest.mark.parametrize("dies_at, said", [
+    (2, "interrupted; the checkpoint at step 2 is kept in .out.partial/checkpoint: run the same command with --resume to continue "
+        "from it, or with --overwrite to start over"),
+    (1, "interrupted before the first checkpoint of 'out' (there is none to --resume from); run the same command again to start over"),
+])
+def test_ctrl_c_during_train_says_how_to_go_on(capsys, cls_task, monkeypatch, dies_at, said):
+    """Ctrl-C printed "interrupted" alone: not that the run can be continued with --resume."""
+    from adapterhub_lite.training.recipes import train as train_mod
+
+    real_save, saves = train_mod.Checkpoint.save, []
+
+    def save(self, payload):
+        saves.append(payload["state"]["step"])
+        if len(saves) == dies_at:
+            raise KeyboardInterrupt  # Ctrl-C while the run writes its next checkpoint
+        real_save(self, payload)
+
+    monkeypatch.setattr(train_mod.Checkpoint, "save", save)
+    argv = ["train", "toy.yaml", "train.max_steps=4", "train.checkpoint_every=2", "--output", "out", "--no-progress"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said
+    if dies_at == 2:  # the advice works
+        monkeypatch.setattr(train_mod.Checkpoint, "save", real_save)
+        assert main([*argv, "--resume"]) == 0 and (cls_task / "out" / "adapterhub.json").is_file()

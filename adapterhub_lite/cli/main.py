@@ -35,6 +35,7 @@ def _train(args) -> int:
     # --dtype / --quantization override the spec's
     overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
     spec = load_spec(args.spec, overrides)
+    args.run_output = Path(args.output or Path("runs") / spec.name)  # train's own default: Ctrl-C's message names its checkpoint
     out = train(spec, args.output, overwrite=args.overwrite, resume=args.resume, device=args.device,
                 command="adapterhub-lite train " + shlex.join(sys.argv[2:]), progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, rank 0 answers for the run
@@ -359,6 +360,22 @@ def _quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _interrupted(output: Path | None) -> str:
+    """Ctrl-C's one line: for a training run, what it kept and how to go on (--resume continues from the checkpoint)."""
+    if output is None or not str(output).strip():
+        return "interrupted"
+    from adapterhub_lite.training.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(output.parent / f".{output.name}.partial")  # the work folder of training/output.py
+    if not ckpt.exists():
+        return (f"interrupted before the first checkpoint of {str(output)!r} (there is none to --resume from); "
+                "run the same command again to start over")
+    step = ckpt.step()
+    at = f"at step {step}" if step is not None else "(its step is unreadable)"
+    return (f"interrupted; the checkpoint {at} is kept in {ckpt.find()}: run the same command with --resume to continue "
+            "from it, or with --overwrite to start over")
+
+
 def _check_registry(registry: str | None) -> None:
     """Refuse a local --registry that is an existing file: every command would fail on it, each in its own words
     (a publish as a disk error, the readers as "does not exist")."""
@@ -385,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(_interrupted(getattr(args, "run_output", None)), file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`list | head`): nothing more to say, and nobody to say it to
         with contextlib.suppress(OSError, ValueError):  # stdout to /dev/null, so the interpreter's final flush does not fail again

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from adapterhub_lite.cli.args import add_device_args, count, finite_float
 
@@ -21,6 +22,7 @@ def _train_multi(args) -> int:
     weighting_args = {k: v for k, v in (("alpha", args.alpha), ("beta", args.beta), ("window", args.window)) if v is not None}
     if args.fixed_weights:
         weighting_args = {"weights": dict(zip([s.name for s in specs], args.fixed_weights))}
+    args.run_output = Path(args.output)  # Ctrl-C's message names its checkpoint (cli/main.py)
     cfg = JointConfig.from_specs(specs, weighting=args.weighting, weighting_args=weighting_args, sampling=args.sampling,
                       temperature=args.temperature, shared_adapter=args.shared_adapter, shared_r=args.shared_r)
     out = train_joint(specs, args.output, cfg, overwrite=args.overwrite, resume=args.resume, device=args.device,
