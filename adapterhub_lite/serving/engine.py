@@ -98,6 +98,7 @@ class Engine(Admission):
         # goes on meanwhile, and the requests that need them wait in the queue (Ticket.ready).
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapterhub-loader")
         self._fetching: dict[str, Future] = {}
+        self._evictions_counted = router.evictions  # what the evictions Counter holds (it can only be increased)
 
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -244,7 +245,9 @@ class Engine(Admission):
         self.metrics.queue_depth.set(self.queue_depth)
         self.metrics.kv_reserved.set(s.kv_reserved())
         self.metrics.resident.set(len(self.router.resident))
-        self.metrics.evictions.set(self.router.evictions)
+        self.metrics.evictions.inc(self.router.evictions - self._evictions_counted)  # the router counts; the Counter follows
+        self._evictions_counted = self.router.evictions
+        self.metrics.running.set(len(s.running) + len(s.prefilling))
         self.metrics.kv_cache_bytes.set(self._static.nbytes if self._static is not None else 0)
 
     def decode_info(self) -> dict:

@@ -7,8 +7,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 
 class ServeMetrics:
-    """Requests by adapter and status, queue depth, batch rows, tokens, time to first token,
-    resident adapters and evictions."""
+    """Requests by adapter and status, queue depth, running requests, batch rows, tokens, time to first token,
+    resident adapters and evictions.
+
+    Requests and tokens are counted per choice, as vLLM counts its engine requests: a request with n choices (or
+    a list of prompts) moves adapterhub_requests_total by n, and a prompt continued by n choices counts its tokens n
+    times (vLLM's prompt_tokens_total does so too), where the response's usage counts each prompt once."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -28,7 +32,10 @@ class ServeMetrics:
         self.kv_cache_bytes = Gauge("adapterhub_kv_cache_bytes", "Bytes of the preallocated decode cache (serving/static.py) on the device", registry=r)
         self.row_bytes = Gauge("adapterhub_batch_row_factor_bytes", "Bytes of the running batch's per-row LoRA factors and IA3 vectors "
                                "gathered from the slot pools (outside --memory-budget-mb)", registry=r)
-        self.evictions = Gauge("adapterhub_evictions", "Adapters evicted to stay within the memory budget (since start)", registry=r)
+        # a count since start is a Counter (exposed as _total, typed counter) so rate() and resets work on it; it was a Gauge
+        self.evictions = Counter("adapterhub_evictions", "Adapters evicted to stay within the memory budget", registry=r)
+        self.running = Gauge("adapterhub_num_requests_running", "Requests in the running batch, decoding or prefilling "
+                             "(vLLM's num_requests_running; waiting ones are adapterhub_queue_depth)", registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

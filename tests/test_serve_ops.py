@@ -1,0 +1,67 @@
+"""The server as operators meet it: /metrics read by Prometheus' own parser, clients that leave, shutdown."""
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .serving import KEY, Served
+
+
+@pytest.fixture(scope="module")
+def served(serve_registry):
+    s = Served(serve_registry)
+    yield s
+    s.close()
+
+
+def scrape(served) -> dict:
+    """/metrics through prometheus_client's parser (as Prometheus reads it): family name → family."""
+    return {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
+
+
+def value(families: dict, sample: str, **labels) -> float:
+    family = families[sample.removesuffix("_total")]
+    return sum(s.value for s in family.samples if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_metrics_parse_follow_the_naming_conventions_and_count_what_was_sent(served):
+    before = scrape(served)
+    sent = [{"model": "base", "prompt": "a b c", "max_tokens": 7}, {"model": "gen_a", "input": "ab"},
+            {"model": "base", "prompt": "x y", "max_tokens": 3, "echo": True}, {"model": "cls_a", "input": "pos 1"}]
+    usage = [served.post("/v1/completions", body).json()["usage"] for body in sent]
+    after = scrape(served)
+    for name, family in after.items():
+        assert name.startswith("adapterhub_"), name
+        if family.type == "counter":  # Prometheus: a counter's samples end in _total (the parser strips it from the family)
+            assert all(s.name in (f"{name}_total", f"{name}_created") for s in family.samples), family
+    # a count since start is a counter, not a gauge (rate() and restarts need the type)
+    assert after["adapterhub_evictions"].type == "counter"
+    assert value(after, "adapterhub_evictions_total") == served.router.evictions
+    assert value(after, "adapterhub_requests_total", status="ok") - value(before, "adapterhub_requests_total", status="ok") == len(sent)
+    for sample, field in (("adapterhub_prompt_tokens_total", "prompt_tokens"), ("adapterhub_generated_tokens_total", "completion_tokens")):
+        assert value(after, sample) - value(before, sample) == sum(u[field] for u in usage), sample
+
+
+def _slowed(served, monkeypatch, seconds=0.05):
+    once = served.engine._serve_once
+
+    def slow():
+        time.sleep(seconds)
+        return once()
+
+    monkeypatch.setattr(served.engine, "_serve_once", slow)
+
+
+def test_running_requests_are_a_gauge_that_a_leaving_client_brings_back_to_zero(served, monkeypatch):
+    """vLLM's num_requests_running: seen from outside, a stream is running while read, and not once its client left."""
+    _slowed(served, monkeypatch)
+    with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert value(scrape(served), "adapterhub_num_requests_running") == 1
+    deadline = time.monotonic() + 10
+    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert value(scrape(served), "adapterhub_num_requests_running") == 0 and not served.engine._rows
