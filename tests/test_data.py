@@ -248,3 +248,11 @@ def test_a_classlabel_column_is_read_by_its_class_names(tmp_path, monkeypatch):
     datasets.Dataset.from_dict({"a": ["x", "y"], "label": [0, -1]}, features=features).to_parquet("t.parquet")
     with pytest.raises(DataError, match=r"no 'label' value in 1 row\(s\) \(row 2\); a ClassLabel of -1 is no label"):
         load_task_data(_cls_spec(["negative", "positive"], data="t.parquet"))
+
+
+def test_a_header_name_with_spaces_around_it_is_shown_and_named(tmp_path, monkeypatch):
+    """'a, label' has the column ' label' (pandas and datasets read it so); the refusal listed it bare ('a,  label')."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.csv").write_text("a, label\nx,no\n")
+    with pytest.raises(DataError, match=r"has no column 'label' \(columns: 'a', ' label'\); .*the header has ' label': remove the spaces"):
+        load_task_data(_cls_spec(["no", "yes"]))

@@ -295,7 +295,11 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
     needed = list(dict.fromkeys([*spec.prompt_fields, answer]))
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise DataError(f"split {source!r} has no column {', '.join(map(repr, missing))} (columns: {', '.join(ds.column_names)}); fix the prompt/label/target keys")
+        # pandas and datasets keep a header's spaces too ("a, label" has ' label'), but shown bare they are invisible.
+        spaced = {c.strip(): c for c in ds.column_names if c != c.strip()}
+        hint = "".join(f"; the header has {spaced[m]!r}: remove the spaces around it" for m in missing if m in spaced)
+        raise DataError(f"split {source!r} has no column {', '.join(map(repr, missing))} (columns: {', '.join(map(repr, ds.column_names))}); "
+                        f"fix the prompt/label/target keys{hint}")
     for column in needed:  # a JSON object or list has no one text: str() gives Python's repr (with None for absent keys)
         feature = ds.features[column]
         if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
