@@ -256,3 +256,11 @@ def test_a_header_name_with_spaces_around_it_is_shown_and_named(tmp_path, monkey
     (tmp_path / "t.csv").write_text("a, label\nx,no\n")
     with pytest.raises(DataError, match=r"has no column 'label' \(columns: 'a', ' label'\); .*the header has ' label': remove the spaces"):
         load_task_data(_cls_spec(["no", "yes"]))
+
+
+def test_a_line_of_spaces_is_skipped_as_pandas_skips_it(tmp_path):
+    """pandas and datasets skip a line of spaces as blank; it was refused as 'has 1 fields but the header has 2'."""
+    import pandas as pd
+
+    (tmp_path / "w.csv").write_text("a,label\nx,no\n   \ny,yes\n")
+    assert load_split(str(tmp_path / "w.csv"))[0].to_dict() == pd.read_csv(tmp_path / "w.csv", dtype=str).to_dict("list")

@@ -134,8 +134,8 @@ def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
     header, rows = None, []
     try:
         for record in reader:
-            if not record or record == [""]:
-                continue  # blank line
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # a blank line, or one of spaces only: pandas and datasets skip both
             if header is None:
                 header = record
                 dup = sorted({c for c in header if header.count(c) > 1})
