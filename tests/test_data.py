@@ -264,3 +264,12 @@ def test_a_line_of_spaces_is_skipped_as_pandas_skips_it(tmp_path):
 
     (tmp_path / "w.csv").write_text("a,label\nx,no\n   \ny,yes\n")
     assert load_split(str(tmp_path / "w.csv"))[0].to_dict() == pd.read_csv(tmp_path / "w.csv", dtype=str).to_dict("list")
+
+
+@pytest.mark.parametrize("text", ['{"a": ["x", "y"], "label": ["no", "yes"]}', '{\n  "a": "x",\n  "label": "no"\n}\n'])
+def test_a_json_file_holding_one_object_is_refused_not_read_as_rows(tmp_path, text):
+    """pandas reads {"a": [...], "label": [...]} as two rows, datasets as one row of lists (which trained on "['x', 'y']");
+    an object over several lines was refused as 'line 1 is not valid JSON'. Either is refused, saying what to write."""
+    (tmp_path / "o.json").write_text(text)
+    with pytest.raises(DataError, match=r"o.json is one JSON object \(keys: 'a', 'label'\), not rows; write an array of row objects"):
+        load_split(str(tmp_path / "o.json"))

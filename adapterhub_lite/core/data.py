@@ -172,6 +172,16 @@ def _json_rows(path: Path) -> list[dict]:
         if bad:
             raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")
         return rows
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+        try:
+            whole = loads(text)
+        except ValueError:
+            whole = None  # JSON Lines (or broken): parse_jsonl names the line
+        # One object over several lines, or one of lists ({"text": [...], "label": [...]}), is not a row: pandas reads
+        # such columns as rows, datasets as one row of lists, and line by line it read as broken JSON.
+        if isinstance(whole, dict) and (len(text.strip().splitlines()) > 1 or (whole and all(isinstance(v, list) for v in whole.values()))):
+            raise DataError(f"{path} is one JSON object (keys: {', '.join(map(repr, list(whole)[:5]))}), not rows; write an array "
+                            "of row objects ([{...}, {...}]) or one object per line (JSON Lines)")
     return parse_jsonl(text, path)
 
 
