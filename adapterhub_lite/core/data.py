@@ -141,7 +141,8 @@ def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
                 dup = sorted({c for c in header if header.count(c) > 1})
                 if dup or "" in header:
                     what = f"repeats column(s) {', '.join(map(repr, dup))}" if dup else "has an empty column name"
-                    raise DataError(f"{path}:{reader.line_num}: the header {what}; give every column a distinct name")
+                    index = " (pandas' to_csv writes its index under an empty name: save with index=False)" if header[0] == "" else ""
+                    raise DataError(f"{path}:{reader.line_num}: the header {what}; give every column a distinct name{index}")
             elif len(record) != len(header):
                 raise DataError(f"{path}:{reader.line_num} has {len(record)} fields but the header has {len(header)} ({sep}-separated); "
                                 "fix that line (quote fields that hold the separator)")
