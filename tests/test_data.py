@@ -111,6 +111,9 @@ def test_a_null_prompt_column_in_a_request_is_refused():
     for row in ({"text": None}, {"a": None}):
         with pytest.raises(DataError, match="has null for 'a'"):
             request_row(spec, row)
+    for row in ({"text": ["x", "y"]}, {"a": {"b": 1}}):  # predict --input rendered "['x', 'y']"; training refuses these too
+        with pytest.raises(DataError, match="has a JSON object or list for 'a'"):
+            request_row(spec, row)
 
 
 def test_a_split_is_tokenized_in_chunks_to_the_same_ids():

@@ -251,6 +251,10 @@ def request_row(spec: TaskSpec, request: dict) -> dict:
     null = [f for f in fields if request[f] is None]
     if null:  # scoring null as "" would answer a question nobody asked
         raise DataError(f"an input row has null for {', '.join(map(repr, null))} ({json.dumps(request)[:80]}); give every prompt column a value")
+    nested = [f for f in fields if isinstance(request[f], (dict, list))]
+    if nested:  # as training refuses them: str() would render Python's repr, not the JSON sent
+        raise DataError(f"an input row has a JSON object or list for {', '.join(map(repr, nested))} ({json.dumps(request)[:80]}); "
+                        "give every prompt column a text value")
     return request
 
 
