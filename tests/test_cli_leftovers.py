@@ -4,6 +4,7 @@ nothing written."""
 import sys
 
 import pytest
+import yaml
 
 from adapterhub_lite.cli import main
 
@@ -123,3 +124,20 @@ def test_ctrl_c_during_train_says_how_to_go_on(capsys, cls_task, monkeypatch, di
     if dies_at == 2:  # the advice works
         monkeypatch.setattr(train_mod.Checkpoint, "save", real_save)
         assert main([*argv, "--resume"]) == 0 and (cls_task / "out" / "adapterhub.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["train-multi", "compose-fit"])
+def test_a_second_run_into_the_same_output_is_refused(capsys, cls_task, monkeypatch, adapters, command):
+    """train had the output lock; train-multi and compose-fit did not: two runs into one --output both ran."""
+    from filelock import FileLock
+
+    from adapterhub_lite.training.recipes import compose, joint
+
+    for module in (compose, joint):
+        monkeypatch.setattr(module, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded while another run held the output"))
+    other = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+    argv = {"train-multi": ["train-multi", "toy.yaml", "other.yaml", "--output", "out", "--no-progress"],
+            "compose-fit": ["compose-fit", "toy.yaml", "--from", str(adapters["cls_a"]), str(adapters["cls_b"]), "--output", "out"]}[command]
+    with FileLock(str(cls_task / ".out.lock")):  # another run holds it
+        refused(capsys, cls_task, argv, "output 'out' is being written by another run right now")

@@ -33,7 +33,7 @@ from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import label_token_ids, task_loss
 from adapterhub_lite.model.rowconfig import LoraFactors
 from adapterhub_lite.model.rowlora import RowContext, wrap
-from adapterhub_lite.training.output import adapter_meta, finish_folder, prepare_output, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder
 from adapterhub_lite.training.progress import peak_memory_mb
 from adapterhub_lite.training.recipes.train import train
 
@@ -137,65 +137,65 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     if len(sources) < 2:
         raise ComposeError(f"compose-fit needs at least two source adapters, got {list(sources)}")
     output = Path(output)
-    work = prepare_output(output, overwrite, resume=False)
-    shot_ds = _shots(spec, shots, seed)
-    shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
-    shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
-    dev = load_task_data(spec, ("dev",))["dev"]
-    backbone = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
-    check_lengths(spec, backbone.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
-    comp = Composition(backbone.model, _load_sources({n: Path(f) for n, f in sources.items()}, backbone, allow_base_mismatch))
-    tok = backbone.tokenizer
-    labels = label_token_ids(tok, spec) if spec.type == "classification" else None
+    with claim_output(output, overwrite, resume=False) as work:  # held until the adapter is in place: a second run into it is refused
+        shot_ds = _shots(spec, shots, seed)
+        shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
+        shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
+        dev = load_task_data(spec, ("dev",))["dev"]
+        backbone = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
+        check_lengths(spec, backbone.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
+        comp = Composition(backbone.model, _load_sources({n: Path(f) for n, f in sources.items()}, backbone, allow_base_mismatch))
+        tok = backbone.tokenizer
+        labels = label_token_ids(tok, spec) if spec.type == "classification" else None
 
-    def objective(w: torch.Tensor) -> torch.Tensor:
-        comp.weights = w
-        with comp.composed(), autocast(backbone):
-            loss = task_loss(backbone.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
-        return loss + l1 * w.abs().sum()
+        def objective(w: torch.Tensor) -> torch.Tensor:
+            comp.weights = w
+            with comp.composed(), autocast(backbone):
+                loss = task_loss(backbone.model, tok, shot_split.prompts, shot_split.answers, spec.train.max_length, labels)
+            return loss + l1 * w.abs().sum()
 
-    start = time.perf_counter()
-    weights, trace = (_cma if search == "cma" else _gradient)(objective, len(comp.names), budget, seed)
-    comp.weights = weights
-    fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        weights, trace = (_cma if search == "cma" else _gradient)(objective, len(comp.names), budget, seed)
+        comp.weights = weights
+        fit_seconds = time.perf_counter() - start
 
-    seconds: list[float] = []
+        seconds: list[float] = []
 
-    def dev_score(route) -> dict:
-        with route:
-            metrics, _, took = evaluate_split(backbone.model, tok, spec, dev, limit=eval_rows)
-        seconds.append(took)
-        return {k: v for k, v in metrics.items() if k != "per_class"}
+        def dev_score(route) -> dict:
+            with route:
+                metrics, _, took = evaluate_split(backbone.model, tok, spec, dev, limit=eval_rows)
+            seconds.append(took)
+            return {k: v for k, v in metrics.items() if k != "per_class"}
 
-    primary = spec.primary_metric
-    report = {"task": spec.name, "metric": primary, "shots": shots, "search": search, "budget": budget, "l1": l1,
-              "weights": dict(zip(comp.names, [round(w, 5) for w in weights.tolist()])), "fit_seconds": round(fit_seconds, 1),
-              "dev_rows": min(eval_rows or len(dev), len(dev)), "composed": dev_score(comp.composed())}
-    if baselines:
-        report["base"] = dev_score(comp.assign(None))  # the layers idle: the plain backbone
-        report["sources"] = {n: dev_score(comp.assign(i)) for i, n in enumerate(comp.names)}
-        best = max(report["sources"], key=lambda n: report["sources"][n][primary])
-        report["best_single"] = {"adapter": best, **report["sources"][best]}
-        report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)
+        primary = spec.primary_metric
+        report = {"task": spec.name, "metric": primary, "shots": shots, "search": search, "budget": budget, "l1": l1,
+                  "weights": dict(zip(comp.names, [round(w, 5) for w in weights.tolist()])), "fit_seconds": round(fit_seconds, 1),
+                  "dev_rows": min(eval_rows or len(dev), len(dev)), "composed": dev_score(comp.composed())}
+        if baselines:
+            report["base"] = dev_score(comp.assign(None))  # the layers idle: the plain backbone
+            report["sources"] = {n: dev_score(comp.assign(i)) for i, n in enumerate(comp.names)}
+            best = max(report["sources"], key=lambda n: report["sources"][n][primary])
+            report["best_single"] = {"adapter": best, **report["sources"][best]}
+            report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)
 
-    out = work / "adapter"
-    save_lora(out, comp.export(), backbone.hub_id)
-    atomic_write(out / "shots.jsonl", shot_text)
-    tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
-    run_device = str(next(backbone.model.parameters()).device)
-    routing = routing_entry(backbone.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
-    meta = adapter_meta(spec, backbone, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
-                        trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
-                        efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
-                                    "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
-                                    "latency_ms_per_example": round(1000 * seconds[0] / report["dev_rows"], 2), "device": run_device},
-                        train_state={"steps": len(trace), "best_step": len(trace), "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
-                        composition={"search": search, "weights": report["weights"], "l1": l1, "shots": shots, "seed": seed,
-                                     "sources": {n: str(sources[n]) for n in comp.names}})
-    finish_folder(out, meta, trace, primary)
-    write_json(out / "compose_report.json", report)
-    publish_folder(out, output)
-    shutil.rmtree(work, ignore_errors=True)
+        out = work / "adapter"
+        save_lora(out, comp.export(), backbone.hub_id)
+        atomic_write(out / "shots.jsonl", shot_text)
+        tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
+        run_device = str(next(backbone.model.parameters()).device)
+        routing = routing_entry(backbone.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
+        meta = adapter_meta(spec, backbone, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
+                            trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
+                            efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
+                                        "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
+                                        "latency_ms_per_example": round(1000 * seconds[0] / report["dev_rows"], 2), "device": run_device},
+                            train_state={"steps": len(trace), "best_step": len(trace), "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
+                            composition={"search": search, "weights": report["weights"], "l1": l1, "shots": shots, "seed": seed,
+                                         "sources": {n: str(sources[n]) for n in comp.names}})
+        finish_folder(out, meta, trace, primary)
+        write_json(out / "compose_report.json", report)
+        publish_folder(out, output)
+        shutil.rmtree(work, ignore_errors=True)
     return report
 
 

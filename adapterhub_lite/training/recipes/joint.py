@@ -42,7 +42,7 @@ from adapterhub_lite.model.rowconfig import check_lora_config
 from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
-from adapterhub_lite.training.output import adapter_meta, finish_folder, prepare_output, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import GLOBAL_BATCH, Cursor, next_rows, peak_memory_mb, run_identity, seed_everything, shard
 from adapterhub_lite.training.weighting import make_weighting
@@ -330,30 +330,30 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     cfg = cfg or JointConfig()
     check_specs(specs)
     output = Path(output)
-    work = prepare_output(output, overwrite, resume)
-    data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
-    backbone = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
-    parallel = Parallel(backbone.device, specs[0].quantization)
-    for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
-        check_lengths(s, backbone.tokenizer, data[s.name])
-    seed_everything(cfg.seed)
-    model = _attach(backbone.model, specs, cfg)
-    joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
-    recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
-    loop = LoopConfig.from_train(cfg, checkpoint_every=cfg.eval_every)  # a checkpoint at every eval
-    result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda",
-                 compute_dtype=backbone.dtype)  # fp16: the loss scaler, as for one adapter
-    final = recipe.scores(None, parallel)  # every dev row, with the best weights (each process its share)
-    if parallel.main:
-        st = result.state
-        state = {"device": str(backbone.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
-                 "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
-                 "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
-                 "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
-        _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command)
-        publish_folder(work / "out", output)
-        shutil.rmtree(work, ignore_errors=True)
-    parallel.barrier()
+    with claim_output(output, overwrite, resume) as work:  # held (rank 0) until the run folder is in place: a second run into it is refused
+        data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
+        backbone = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
+        parallel = Parallel(backbone.device, specs[0].quantization)
+        for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
+            check_lengths(s, backbone.tokenizer, data[s.name])
+        seed_everything(cfg.seed)
+        model = _attach(backbone.model, specs, cfg)
+        joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
+        recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
+        loop = LoopConfig.from_train(cfg, checkpoint_every=cfg.eval_every)  # a checkpoint at every eval
+        result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda",
+                     compute_dtype=backbone.dtype)  # fp16: the loss scaler, as for one adapter
+        final = recipe.scores(None, parallel)  # every dev row, with the best weights (each process its share)
+        if parallel.main:
+            st = result.state
+            state = {"device": str(backbone.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
+                     "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
+                     "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
+                     "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
+            _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command)
+            publish_folder(work / "out", output)
+            shutil.rmtree(work, ignore_errors=True)
+        parallel.barrier()
     return output
 
 
