@@ -11,7 +11,7 @@ SPEC = "name: t\ntype: classification\ndata: {{train: a.csv, dev: a.csv}}\npromp
 
 
 @pytest.mark.parametrize("labels, needle", [
-    ("[no, yes]", "labels[0]=False is the boolean False (YAML reads an unquoted yes, no, on, off, true or false so); quote it"),
+    ("[no, yes]", "labels[0]=False is the boolean False (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('no')"),
     ("{0: off, 1: on}", "labels[1]=True is the boolean True"),
     ("{yes: positive, no: negative}", "the key True of 'labels' is the boolean True"),
     ("[~, x]", "labels[0]=None is null"),

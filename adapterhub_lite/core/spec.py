@@ -288,7 +288,7 @@ def _not_text(value: Any) -> str | None:
     """Why a label word or key is not what the user typed, or None: YAML reads an unquoted yes / no / on / off / true /
     false as a boolean and null / ~ as None, so `labels: [no, yes]` made the words False and True."""
     if isinstance(value, bool):
-        return f"is the boolean {value} (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('yes')"
+        return f"is the boolean {value} (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('{'yes' if value else 'no'}')"
     if value is None:
         return "is null (YAML reads an unquoted null or ~, or nothing, so); quote the word"
     return None
