@@ -141,3 +141,57 @@ def test_a_second_run_into_the_same_output_is_refused(capsys, cls_task, monkeypa
             "compose-fit": ["compose-fit", "toy.yaml", "--from", str(adapters["cls_a"]), str(adapters["cls_b"]), "--output", "out"]}[command]
     with FileLock(str(cls_task / ".out.lock")):  # another run holds it
         refused(capsys, cls_task, argv, "output 'out' is being written by another run right now")
+
+
+@pytest.fixture
+def launcher_store(monkeypatch):
+    """The store torchrun's agent runs, here in this process; this process plays rank 1 of 2."""
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from adapterhub_lite.cli import ranks
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "1", "WORLD_SIZE": "2",
+                       "TORCHELASTIC_RUN_ID": "t", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ranks, "WAIT_S", 0.5)
+    return store
+
+
+@pytest.mark.parametrize("rank0_said, quiet", [("same", True), ("other", False), (None, False)])
+def test_a_rank_above_0_is_quiet_only_for_what_rank_0_refused(capsys, tmp_path, launcher_store, rank0_said, quiet):
+    """Under torchrun every process printed the same refusal; now rank 0 alone does — but a process whose refusal is
+    not rank 0's (another one, or rank 0 refused nothing) still prints its own."""
+    argv = ["pull", "cls_a@", "--to", "x", "--registry", str(tmp_path)]
+    if rank0_said == "same":
+        launcher_store.set("adapterhub_lite/refused/t/0", "'cls_a@' names an empty version after '@'; give cls_a@MAJOR.MINOR.PATCH, "
+                                                         "cls_a@latest, or 'cls_a' alone for its latest version")
+    elif rank0_said == "other":
+        launcher_store.set("adapterhub_lite/refused/t/0", "something else")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (err == "") if quiet else (err.startswith("error: 'cls_a@' names an empty version") and err.count("\n") == 1), err
+
+
+def test_rank_0_prints_and_leaves_its_refusal_for_the_others(capsys, tmp_path, launcher_store, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    assert main(["pull", "cls_a@", "--to", "x", "--registry", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: 'cls_a@' names an empty version")
+    assert launcher_store.get("adapterhub_lite/refused/t/0").decode().startswith("'cls_a@' names an empty version")
+
+
+@pytest.mark.multiprocess
+def test_under_torchrun_a_bad_input_is_one_line(cls_task):
+    """Both processes refuse train.max_steps=0; the refusal is printed once (the launcher's own failure summary stays)."""
+    from .test_distributed import run
+
+    done = run(["train", "toy.yaml", "train.max_steps=0", "--output", "out", "--no-progress"], 2, cls_task, timeout=120)
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert said == ["error: invalid task spec toy.yaml: train.max_steps must be ≥ 1, got 0"], done.stderr[-3000:]

@@ -16,6 +16,7 @@ from pathlib import Path
 from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, nonempty, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
 from adapterhub_lite.cli.export import add_export_command
 from adapterhub_lite.cli.multitask import add_commands
+from adapterhub_lite.cli.ranks import said_by_rank0
 from adapterhub_lite.cli.serve import add_serve_command
 from adapterhub_lite.core.errors import AdapterHubError, DataError
 from adapterhub_lite.core.names import RESERVED
@@ -399,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_registry(getattr(args, "registry", None))
         return args.func(args)
     except AdapterHubError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not said_by_rank0(str(exc)):  # under torchrun, rank 0 prints what every process refused alike
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(_interrupted(getattr(args, "run_output", None)), file=sys.stderr)
