@@ -277,3 +277,10 @@ def test_a_json_file_holding_one_object_is_refused_not_read_as_rows(tmp_path, te
     (tmp_path / "o.json").write_text(text)
     with pytest.raises(DataError, match=r"o.json is one JSON object \(keys: 'a', 'label'\), not rows; write an array of row objects"):
         load_split(str(tmp_path / "o.json"))
+
+
+def test_a_field_over_128_kib_is_read_as_pandas_reads_it(tmp_path):
+    """The csv module's default field limit (131072 characters) refused a long document, which pandas reads, with a hint
+    about quoting that did not apply."""
+    (tmp_path / "l.csv").write_text('a,label\n"' + "word " * 40000 + '",no\n')
+    assert load_split(str(tmp_path / "l.csv"))[0]["a"] == ["word " * 40000]

@@ -131,6 +131,7 @@ def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
     # strict: a field that opens a quote but goes on after closing it ('"Hi," she said.') is refused; pandas
     # would drop its quotes silently, and a file written without quoting (GLUE style) means them literally.
     reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True)
+    csv.field_size_limit(2**31 - 1)  # the default refuses a field over 128 KiB (a long document), which pandas reads
     header, rows = None, []
     try:
         for record in reader:
@@ -150,9 +151,9 @@ def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
                 rows.append(record)
     except csv.Error as exc:
         said = str(exc).replace("\t", "\\t")  # "'\t' expected after '\"'" would print a raw tab
-        raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({said}); fix that line: a field that "
-                        'starts with " is read as quoted, so write it whole in quotes with each " inside doubled ("Hi," she said. → '
-                        '"""Hi,"" she said.")') from None
+        quote = ': a field that starts with " is read as quoted, so write it whole in quotes with each " inside doubled ' \
+                '("Hi," she said. → """Hi,"" she said.")' if '"' in said or "end of data" in said else ""
+        raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({said}); fix that line{quote}") from None
     if not rows:
         raise DataError(f"{path} has a header ({', '.join(header or [])}) but no rows; add rows below the header")
     features = datasets.Features({c: datasets.Value("string") for c in header})
