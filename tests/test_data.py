@@ -284,3 +284,15 @@ def test_a_field_over_128_kib_is_read_as_pandas_reads_it(tmp_path):
     about quoting that did not apply."""
     (tmp_path / "l.csv").write_text('a,label\n"' + "word " * 40000 + '",no\n')
     assert load_split(str(tmp_path / "l.csv"))[0]["a"] == ["word " * 40000]
+
+
+def test_a_json_metadata_column_of_mixed_objects_does_not_block_the_split(tmp_path, monkeypatch):
+    """pandas reads a 'meta' column holding {"a": 1}, {"a": "s"}, [1] and "x"; arrow could not, so the whole file was
+    refused ('cannot parse … as jsonl') though the prompt never reads it. Read where text is, it is still refused."""
+    monkeypatch.chdir(tmp_path)
+    metas = ['{"a": 1}', '{"a": "s"}', "[1]", '"x"', "null"]
+    (tmp_path / "m.jsonl").write_text("".join(f'{{"text": "r{i}", "t": "y", "meta": {m}}}\n' for i, m in enumerate(metas)))
+    spec = {"name": "g", "type": "generation", "data": {"train": "m.jsonl", "dev": "m.jsonl"}, "prompt": "{text}", "target": "t"}
+    assert load_task_data(spec_from_dict(spec))["train"].prompts == ["r0", "r1", "r2", "r3", "r4"]
+    with pytest.raises(DataError, match=r"column 'meta' holds JSON objects or lists \(e.g. \{\"a\": 1\}\), not text"):
+        load_task_data(spec_from_dict({**spec, "prompt": "{meta}"}))

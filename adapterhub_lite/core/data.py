@@ -112,7 +112,7 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
     builder, kwargs = _BUILDERS[suffix]
     try:
         if builder == "json":
-            ds = _json_dataset(_json_rows(path), path)
+            ds = _json_dataset(_json_rows(path))
         elif builder == "csv":
             ds = _csv_rows(path, **kwargs)
         else:
@@ -187,7 +187,10 @@ def _json_rows(path: Path) -> list[dict]:
     return parse_jsonl(text, path)
 
 
-def _json_dataset(rows: list[dict], path: Path) -> datasets.Dataset:
+_NESTED = "json"  # the field a JSON object or list is held in (see _json_dataset)
+
+
+def _json_dataset(rows: list[dict]) -> datasets.Dataset:
     """JSON rows as a Dataset, holding what `json` reads. Every key of any row is a column (a row without it holds
     null: from_list took the first row's keys only, so a column missing there was dropped for all rows), and a
     column of plain values holds them as text, each as written: arrow would make 7 beside 7.5 "7.0", and could not
@@ -195,15 +198,12 @@ def _json_dataset(rows: list[dict], path: Path) -> datasets.Dataset:
     data = {}
     for column in dict.fromkeys(k for r in rows for k in r):
         values = [r.get(column) for r in rows]
-        nested = next((i for i, v in enumerate(values) if isinstance(v, (dict, list))), None)
-        if nested is None:
+        if not any(isinstance(v, (dict, list)) for v in values):
             data[column] = [v if v is None or isinstance(v, str) else str(v) for v in values]
             continue
-        plain = next((i for i, v in enumerate(values) if v is not None and not isinstance(v, (dict, list))), None)
-        if plain is not None:
-            raise DataError(f"{path}: column {column!r} holds a JSON {type(values[nested]).__name__} in row {nested + 1} but "
-                            f"{values[plain]!r} in row {plain + 1}; give the column one kind of value in every row")
-        data[column] = values  # objects / lists: arrow holds them; to_split refuses them where text is read
+        # A column with objects / lists: each value as its JSON text in a one-field struct. Arrow cannot hold {"a": 1}
+        # beside {"a": "s"}, [1] or "x" (a metadata column pandas reads), and to_split refuses the struct where text is read.
+        data[column] = [None if v is None else {_NESTED: json.dumps(v, ensure_ascii=False)} for v in values]
     return datasets.Dataset.from_dict(data)
 
 
@@ -320,7 +320,8 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         feature = ds.features[column]
         if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
             first = next((v for v in ds[column] if v is not None), None)
-            raise DataError(f"split {source!r} column {column!r} holds JSON objects or lists (e.g. {json.dumps(first)[:60]}), not text; "
+            shown = first[_NESTED] if isinstance(first, dict) and list(first) == [_NESTED] else json.dumps(first)
+            raise DataError(f"split {source!r} column {column!r} holds JSON objects or lists (e.g. {shown[:60]}), not text; "
                             "write each value as a string (json.dumps it) or point the spec at a text column")
     # A missing prompt value would be rendered as '' and a missing label compared as 'None': both silently.
     for column in dict.fromkeys(spec.prompt_fields):
