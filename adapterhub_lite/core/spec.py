@@ -310,6 +310,8 @@ def label_problems(labels: list | dict) -> list[str]:
             why = _not_text(key)
             if why is None and not isinstance(key, (str, int)):
                 why = f"is the number {key}; write the column's value as text ('{key}')"
+            if isinstance(key, bool):  # a JSON true in the column is read as Python writes it
+                why += f" or '{key}' for a JSON {str(key).lower()} in the column"
             if why:
                 problems.append(f"the key {key!r} of 'labels' {why}")
     return problems
