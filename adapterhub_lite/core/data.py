@@ -107,7 +107,7 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
         raise _empty(source, split)
     # Columns are read as written. Type inference would turn the text "2021-03-03" into a
     # timestamp ("2021-03-03 00:00:00") and "007" into 7, silently changing targets and prompts:
-    # JSON is already typed, so it is parsed as JSON; csv/tsv are read by the csv module, as strings.
+    # JSON is parsed by json, each plain value kept as the text of what json reads; csv/tsv are read by the csv module, as strings.
     # Both are read here rather than by `datasets` so that a bad line is named (line number, what is wrong).
     builder, kwargs = _BUILDERS[suffix]
     try:
