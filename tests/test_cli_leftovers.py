@@ -1,6 +1,7 @@
 """The CLI audit's leftovers: each user mistake is one `error:` line naming the problem, the value and the fix, exit 2,
 nothing written."""
 
+import json
 import sys
 
 import pytest
@@ -195,3 +196,15 @@ def test_under_torchrun_a_bad_input_is_one_line(cls_task):
     assert done.returncode != 0
     said = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert said == ["error: invalid task spec toy.yaml: train.max_steps must be ≥ 1, got 0"], done.stderr[-3000:]
+
+
+def test_infer_reads_name_at_latest_as_the_server_does(capsys, tmp_path, registry):
+    """name@latest is name (as serve reads it; it was "unknown adapter"); the answer names the adapter that answered, as for
+    'auto'. An empty version is refused with its line."""
+    (tmp_path / "in.jsonl").write_text('{"adapter": "cls_a@latest", "text": "pos 1"}\n')
+    assert main(["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry), "--no-progress"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["adapter"] == "cls_a" and answer["text"] == "pos 1" and answer["prediction"] in ("pos", "neg"), answer
+    (tmp_path / "in.jsonl").write_text('{"adapter": "cls_a@", "text": "pos 1"}\n')
+    refused(capsys, tmp_path, ["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry)],
+            "in.jsonl: request(s) on line(s) [1]: 'cls_a@' names an empty version after '@'")

@@ -225,23 +225,29 @@ def _infer(args) -> int:
                                   memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
     # the server's engine over the whole file: continuous batching, --batch-size rows at a time
     with progress_bar(len(requests), "infer", not args.no_progress) as bar:
-        results = router.run(requests, max_batch_rows=args.batch_size, on_done=lambda i: bar.update(1))
+        # name@latest is name, as the server reads it (serving/runtime.py); each answer names the adapter that answered
+        routed = [{**r, "adapter": r["adapter"].removesuffix("@latest")} if isinstance(r["adapter"], str) else r for r in requests]
+        results = router.run(routed, max_batch_rows=args.batch_size, on_done=lambda i: bar.update(1))
     answers = [{**req, **res} for req, res in zip(requests, results)]
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0
 
 
 def _refuse_versions(registry: str, source: str, requests: list[dict]) -> None:
-    """infer serves each adapter's latest version, by its name: a request for name@version is refused before the backbone
-    loads, naming the versions there are (the engine would only say "unknown adapter", after loading it)."""
-    from adapterhub_lite.artifacts.index import version_key
+    """infer serves each adapter's latest version, by its name (or name@latest): a request for name@version is refused
+    before the backbone loads, naming the versions there are (the engine would only say "unknown adapter", after loading it)."""
+    from adapterhub_lite.artifacts.index import parse_ref, version_key
     from adapterhub_lite.artifacts.registries import open_registry
 
-    lines = [n for n, r in enumerate(requests, 1) if isinstance(r["adapter"], str) and "@" in r["adapter"]]
+    lines = [n for n, r in enumerate(requests, 1) if isinstance(r["adapter"], str) and "@" in r["adapter"]
+             and not r["adapter"].endswith("@latest")]
     if not lines:
         return
     ref = requests[lines[0] - 1]["adapter"]
-    name, _, version = ref.partition("@")
+    try:
+        name, version = parse_ref(ref)  # an empty or malformed version is refused in the registry's words
+    except AdapterHubError as exc:
+        raise DataError(f"{source}: request(s) on line(s) {lines[:5]}: {exc}") from None
     adapters = open_registry(registry).index()["adapters"]
     if name not in adapters:
         raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}, but registry {registry} has no adapter {name!r} "
