@@ -296,3 +296,16 @@ def test_a_json_metadata_column_of_mixed_objects_does_not_block_the_split(tmp_pa
     assert load_task_data(spec_from_dict(spec))["train"].prompts == ["r0", "r1", "r2", "r3", "r4"]
     with pytest.raises(DataError, match=r"column 'meta' holds JSON objects or lists \(e.g. \{\"a\": 1\}\), not text"):
         load_task_data(spec_from_dict({**spec, "prompt": "{meta}"}))
+
+
+def test_a_parquet_list_of_dates_where_text_is_read_is_one_line(tmp_path, monkeypatch):
+    """The refusal showed its example through json.dumps, which raised a TypeError traceback on a date inside a list."""
+    import datetime
+
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": [[datetime.date(2021, 3, 3)]], "t": ["x"]}).to_parquet("d.parquet")
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "d.parquet", "dev": "d.parquet"}, "prompt": "{a}", "target": "t"})
+    with pytest.raises(DataError, match=r"column 'a' holds JSON objects or lists \(e.g. \[\"2021-03-03\"\]\), not text"):
+        load_task_data(gen)

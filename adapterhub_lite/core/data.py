@@ -320,7 +320,7 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         feature = ds.features[column]
         if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
             first = next((v for v in ds[column] if v is not None), None)
-            shown = first[_NESTED] if isinstance(first, dict) and list(first) == [_NESTED] else json.dumps(first)
+            shown = first[_NESTED] if isinstance(first, dict) and list(first) == [_NESTED] else json.dumps(first, default=str)  # parquet: dates
             raise DataError(f"split {source!r} column {column!r} holds JSON objects or lists (e.g. {shown[:60]}), not text; "
                             "write each value as a string (json.dumps it) or point the spec at a text column")
     # A missing prompt value would be rendered as '' and a missing label compared as 'None': both silently.
