@@ -1,12 +1,16 @@
 """The server as operators meet it: /metrics read by Prometheus' own parser, clients that leave, shutdown."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .serving import KEY, Served
+from .serving import KEY, Served, free_port
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +69,59 @@ def test_running_requests_are_a_gauge_that_a_leaving_client_brings_back_to_zero(
     while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert value(scrape(served), "adapterhub_num_requests_running") == 0 and not served.engine._rows
+
+
+# `adapterhub-lite serve` with every engine step 50 ms slower, so a stream is surely still open when the signals come
+# (and at exit it says whether the engine's thread still runs)
+SLOW_SERVE = """import atexit, sys, threading, time
+atexit.register(lambda: print("engine thread at exit:", any(t.name == "adapterhub-engine" and t.is_alive() for t in threading.enumerate()),
+                              file=sys.stderr, flush=True))
+from adapterhub_lite.serving.engine import Engine
+once = Engine._serve_once
+Engine._serve_once = lambda self: (time.sleep(0.05), once(self))[1]
+from adapterhub_lite.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_forced_quit_drops_the_running_rows_and_removes_the_scratch_folder(serve_registry, tmp_path):
+    """Ctrl-C twice is uvicorn's force quit, which skips the app's shutdown (where the engine stops): the engine's thread
+    still ran while the interpreter exited under it, and the process died of a C++ abort (exit -6) in 2 runs of 3."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, "serve", "--registry", str(serve_registry), "--port", str(port),
+                             "--quantization", "none", "--dtype", "fp32"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+                if proc.poll() is not None:
+                    break
+        else:
+            proc.kill()
+        if proc.poll() is not None:
+            pytest.fail(f"server did not start: {proc.stderr.read().decode()[-800:]}")
+        assert list(scratch.glob("adapterhub-router-*"))  # the merges' scratch folder, made at start
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"model": "base", "prompt": "ab", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # the stream runs
+            proc.send_signal(signal.SIGINT)  # graceful: waits for the stream
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)  # force quit
+            with pytest.raises(httpx.RemoteProtocolError):  # cut, as uvicorn cuts it: the client is told, not left waiting
+                for _ in lines:
+                    pass
+        assert proc.wait(30) == 130  # the CLI's code for an interrupt, not a signal's death
+        assert "engine thread at exit: False" in proc.stderr.read().decode()  # stopped, not left running under the exit
+        assert not list(scratch.glob("adapterhub-router-*")), list(scratch.iterdir())
+    finally:
+        proc.kill()
+        proc.wait(10)

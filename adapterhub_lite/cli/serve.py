@@ -30,13 +30,20 @@ def _serve(args) -> int:
         raise AdapterHubError(f"{', '.join(given)} configure Ray Serve replicas; add --ray to serve through Ray, or drop them")
     sock = _listen(args.host, args.port)  # before the backbone loads: a taken port is answered at once
     with _logging(args.log_level):
-        app, _, _ = build_app(args)
+        app, engine, _ = build_app(args)
         # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
         # period), then the app's lifespan stops the engine after the queue is served. Its own access
         # line is off: ours (serve/api.py) also names the model, the adapter that answered and the tokens.
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                                 timeout_graceful_shutdown=args.request_timeout)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            # A second Ctrl-C (uvicorn's force quit) skips the app's shutdown: the engine would decode on for nobody
+            # while the interpreter exits under its thread (seen: a C++ abort, exit -6) and the merges' scratch
+            # folder would stay. Both are no-ops after a graceful shutdown.
+            engine.abort()
+            engine.router.close()
     return 0
 
 

@@ -79,6 +79,7 @@ class Engine(Admission):
         self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)  # arrivals, from any thread
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self._stopping = threading.Event()
+        self._aborting = False  # abort(): drop what is held instead of finishing it
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
         self._dec = None  # the running batch: a StaticBatch, or a Decoding where static buffers cannot serve (None when idle)
@@ -139,6 +140,12 @@ class Engine(Admission):
         if self._thread.is_alive():  # an engine that only run() drove has no thread
             self._thread.join(timeout)
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+    def abort(self, timeout: float = 5.0) -> None:
+        """Stop now: every queued and running request is dropped (counted as cancelled; nobody reads their answers
+        any more, as after a forced quit), then the thread stops. A no-op once `stop` has ended the thread."""
+        self._aborting = True
+        self.stop(timeout)
 
     def in_use(self) -> set[str]:
         """Adapters the running and prefilling rows use (call on the engine thread, e.g. inside `call`)."""
@@ -203,6 +210,10 @@ class Engine(Admission):
     def _serve_once(self) -> bool:
         """One step of the loop: catalogue calls, arrivals, the scheduler's plan, admission, a decode step; sleeps
         briefly when there was nothing to run. Returns True once stopping and nothing is left."""
+        if self._aborting:
+            with self.router.lock:
+                self._drop_all()
+            return True
         try:
             with self.router.lock:  # a caller of the Router API on another thread waits for the end of this step
                 self._run_calls()
@@ -345,6 +356,19 @@ class Engine(Admission):
         if job.cancelled and not job.finished:
             job.finished = True
             self.metrics.requests.labels(adapter=self._label(job), status="cancelled").inc()
+
+    def _drop_all(self) -> None:
+        """abort(): every job leaves as cancelled, without a word to its listener (whose event loop may be gone)."""
+        held = list(self._jobs.values())
+        while True:
+            try:
+                held.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        for job in held:
+            job.cancel()
+            self._forget(job)
+        self._dec = None
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for job in jobs:
