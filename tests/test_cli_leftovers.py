@@ -38,6 +38,20 @@ def test_pull_to_an_empty_destination(capsys, tmp_path, registry):
     refused(capsys, tmp_path, ["pull", "cls_a", "--to", "", "--registry", str(registry)], "argument --to: '' is empty; give a folder path")
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["publish", "ADAPTER", "--registry", ""], "--registry is empty; give a registry folder"),  # it published into the current folder
+    (["list", "--registry", ""], "--registry is empty"),  # it listed the current folder as an empty registry
+    (["predict", "", "--text", "hi"], "argument adapter: '' is empty"),  # "'.' is not an adapter folder"
+    (["train-multi", "a.yaml", "b.yaml", "--output", ""], "argument --output: '' is empty"),
+    (["compose-fit", "a.yaml", "--from", "a", "b", "--output", ""], "argument --output: '' is empty"),
+    (["merge", "a", "b", "--weights", "1", "1", "--output", ""], "argument --output: '' is empty"),
+])
+def test_an_empty_path_is_refused(capsys, tmp_path, monkeypatch, adapters, argv, needle):
+    """An empty path reads as the current folder, which is never what was meant."""
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, tmp_path, [str(adapters["cls_a"]) if a == "ADAPTER" else a for a in argv], needle)
+
+
 def test_serve_ray_without_ray(capsys, tmp_path, monkeypatch):
     """Without Ray, `serve --ray` printed a bare line (no `error:`) and exited 1."""
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError, as when it is not installed

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("eval", _eval, "score an adapter on a split"), ("predict", _predict, "run an adapter on new inputs")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("adapter", help="adapter folder")
+        p.add_argument("adapter", type=nonempty, help="adapter folder")
         p.set_defaults(func=func)
         add_device_args(p, adapters=True)
         if name == "eval":
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=finite_float, nargs="+", required=True)
     p.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear, dare_ties")
     p.add_argument("--density", type=finite_float, help="ties / dare: share of each update kept")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", type=nonempty, required=True)
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
     p.add_argument("--task", help="the task the merged adapter serves: a source's task name, or none for raw text (default: the sources' common task)")
     p.add_argument("--report-rows", type=count(0), default=200, help="dev rows per source task in the report (0: none)")
@@ -384,8 +384,10 @@ def _interrupted(output: Path | None) -> str:
 
 
 def _check_registry(registry: str | None) -> None:
-    """Refuse a local --registry that is an existing file: every command would fail on it, each in its own words
-    (a publish as a disk error, the readers as "does not exist")."""
+    """Refuse an empty --registry (read as the current folder) and a local one that is an existing file: every command
+    would fail on it, each in its own words (a publish as a disk error, the readers as "does not exist")."""
+    if registry is not None and not str(registry).strip():  # "" is the current folder: a publish would fill it
+        raise DataError("--registry is empty; give a registry folder (publish creates one) or hf://org/repo")
     if registry and not str(registry).startswith("hf://") and Path(registry).exists() and not Path(registry).is_dir():
         raise DataError(f"--registry {registry!r} is a file, not a folder; give a registry folder (publish creates one) or hf://org/repo")
 

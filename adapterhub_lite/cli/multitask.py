@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from adapterhub_lite.cli.args import add_device_args, count, finite_float
+from adapterhub_lite.cli.args import add_device_args, count, finite_float, nonempty
 
 
 def _train_multi(args) -> int:
@@ -73,7 +73,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="task spec YAMLs (LoRA) and dotted.key=value overrides for every spec, e.g. scripts/tasks/sst2.yaml "
                         "scripts/tasks/rte.yaml train.max_steps=240 (the schedule keys — train.max_steps, batch_size, warmup_steps, "
                         "eval_every, eval_samples, max_grad_norm, max_minutes, seed — must agree across the specs)")
-    p.add_argument("--output", required=True, help="run folder: one adapter folder per task inside")
+    p.add_argument("--output", type=nonempty, required=True, help="run folder: one adapter folder per task inside")
     p.add_argument("--weighting", default="dynamic", choices=("equal", "fixed", "dynamic", "uncertainty"))
     p.add_argument("--alpha", type=finite_float, help="dynamic: sigmoid slope α (default 5)")
     p.add_argument("--beta", type=finite_float, help="dynamic: loss at which a task weighs 0.5 (default 0.5)")
@@ -91,7 +91,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("interference", help="task × adapter matrix of dev scores (single, merged, joint); flags negative transfer")
     p.add_argument("adapters", nargs="+", help="single-task adapter folders and joint run folders (from train-multi)")
-    p.add_argument("--output", required=True, help="folder for report.json and heatmap.png")
+    p.add_argument("--output", type=nonempty, required=True, help="folder for report.json and heatmap.png")
     p.add_argument("--merge", nargs="*", default=["linear", "ties"], help="merge methods to add as columns (none: --merge)")
     p.add_argument("--density", type=finite_float, default=0.5, help="ties / dare density")
     p.add_argument("--rows", type=count(0), default=200, help="dev rows per cell (0: all)")
@@ -103,7 +103,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="the new task's spec YAML")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_length=128")
     p.add_argument("--from", dest="sources", nargs="+", required=True, help="source adapters: registry names or folders")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", type=nonempty, required=True)
     p.add_argument("--shots", type=count(1), default=16, help="labeled training rows the weights are fitted on")
     p.add_argument("--search", default="cma", choices=("cma", "gradient"), help="CMA-ES (gradient-free) or Adam on the weights")
     p.add_argument("--budget", type=count(1), default=40, help="loss evaluations (cma) or steps (gradient)")
