@@ -222,3 +222,23 @@ def test_infer_reads_name_at_latest_as_the_server_does(capsys, tmp_path, registr
     (tmp_path / "in.jsonl").write_text('{"adapter": "cls_a@", "text": "pos 1"}\n')
     refused(capsys, tmp_path, ["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry)],
             "in.jsonl: request(s) on line(s) [1]: 'cls_a@' names an empty version after '@'")
+
+
+def test_train_multi_overwrite_discards_an_interrupted_checkpoint(capsys, cls_task, monkeypatch):
+    """train-multi --overwrite left an interrupted run's checkpoint in place (train discards it): stopped before its own
+    first checkpoint, the run left the old one for a later --resume to continue, the run --overwrite was to discard."""
+    from adapterhub_lite.training.recipes import joint
+
+    other = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+    old = cls_task / ".out.partial" / "checkpoint"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"an interrupted run's")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
+
+    monkeypatch.setattr(joint, "fit", stopped)
+    assert main(["train-multi", "toy.yaml", "other.yaml", "--output", "out", "--overwrite", "--no-progress"]) == 130
+    assert not old.exists()
+    assert "interrupted before the first checkpoint of 'out'" in capsys.readouterr().err

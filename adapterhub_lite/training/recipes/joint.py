@@ -42,7 +42,7 @@ from adapterhub_lite.model.rowconfig import check_lora_config
 from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
-from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import GLOBAL_BATCH, Cursor, next_rows, peak_memory_mb, run_identity, seed_everything, shard
 from adapterhub_lite.training.weighting import make_weighting
@@ -341,6 +341,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
         joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
         recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
         loop = LoopConfig.from_train(cfg, checkpoint_every=cfg.eval_every)  # a checkpoint at every eval
+        if overwrite and not resume and parallel.main:  # start over, as train does: an interrupted run's checkpoint goes now,
+            discard_partial(work)  # else a later --resume would continue the run --overwrite was to discard
         result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda",
                      compute_dtype=backbone.dtype)  # fp16: the loss scaler, as for one adapter
         final = recipe.scores(None, parallel)  # every dev row, with the best weights (each process its share)
