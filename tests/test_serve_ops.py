@@ -1,5 +1,6 @@
 """The server as operators meet it: /metrics read by Prometheus' own parser, clients that leave, shutdown."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -125,3 +126,20 @@ def test_a_forced_quit_drops_the_running_rows_and_removes_the_scratch_folder(ser
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_stream_its_client_left_is_logged_as_499_with_the_tokens_it_had(served, monkeypatch, caplog):
+    """A whole response whose client left is logged 499; a stream was logged 200 with 0 tokens, though its tokens went out."""
+    _slowed(served, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="adapterhub_lite.serve.access"):
+        with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": "base", "prompt": "log me", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            got = [next(line for line in lines if line.startswith("data: ")) for _ in range(3)]  # three tokens, then leave
+        deadline = time.monotonic() + 10
+        while not [x for x in caplog.records if "POST /v1/completions" in x.getMessage()] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    line = next(x.getMessage() for x in caplog.records if "POST /v1/completions" in x.getMessage())
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    assert len(got) == 3 and fields["status"] == "499" and fields["adapter"] == "base", line
+    assert fields["prompt_tokens"] != "0" and int(fields["completion_tokens"]) >= 3, line

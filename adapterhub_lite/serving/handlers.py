@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from itertools import zip_longest
 
 from fastapi.responses import StreamingResponse
 
@@ -30,7 +31,7 @@ from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, Conte
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
-from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, ShuttingDown
+from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown
 from adapterhub_lite.serving.manager import AdapterUnavailable
 from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, unread
 from adapterhub_lite.serving.runtime import Catalogue
@@ -199,8 +200,11 @@ class Handlers:
                 job.cancel()  # a no-op for finished jobs; frees the rows of the others
         return out
 
-    def note(self, access: dict, results: list, n: int = 1) -> None:
-        """Record for the access log which adapters answered and the tokens read and generated."""
+    def note(self, access: dict, results: list, n: int = 1, jobs: list[Job] = ()) -> None:
+        """Record for the access log which adapters answered and the tokens read and generated; a choice of `jobs` that
+        did not finish (a stream cut by its client or a timeout) counts the tokens it had read and generated."""
+        results = [r if r is not None or j is None or j.prepared is None
+                   else Result(j.prepared.adapter, "", None, len(j.prepared.ids), len(j.tokens)) for r, j in zip_longest(results, jobs)]
         access["adapter"] = ",".join(dict.fromkeys(r.adapter for r in results if r is not None))
         usage = P.usage(results, n)
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
@@ -403,10 +407,13 @@ class Handlers:
         except TimeoutError:
             access["status"] = 504
             yield f"data: {json.dumps(as_api_error(RequestTimeout('no answer within the request timeout')).body())}\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            access["status"] = 499  # the client left mid-stream (nginx's "client closed request"), as for a whole response
+            raise
         finally:
             for job in req.jobs:
                 job.cancel()  # the client went away mid-stream: the engine drops the rows at its next step
-            self.note(access, results, req.n)
+            self.note(access, results, req.n, req.jobs)
         yield "data: [DONE]\n\n"
 
     # -- /v1/classify ----------------------------------------------------------------------------
