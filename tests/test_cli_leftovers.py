@@ -13,8 +13,10 @@ from .test_bad_inputs import refused
 
 
 @pytest.fixture
-def registry(tmp_path, adapters, capsys):
-    """A local registry holding cls_a at 1.0.0 and 1.0.1."""
+def registry(tmp_path, adapters, capsys, monkeypatch):
+    """A local registry holding cls_a at 1.0.0 and 1.0.1 (the test runs in tmp_path: a pull --to that is not refused
+    writes there, not into the repository)."""
+    monkeypatch.chdir(tmp_path)
     reg = tmp_path / "reg"
     for _ in range(2):
         assert main(["publish", str(adapters["cls_a"]), "--registry", str(reg)]) == 0
@@ -159,8 +161,9 @@ def test_a_second_run_into_the_same_output_is_refused(capsys, cls_task, monkeypa
 
 
 @pytest.fixture
-def launcher_store(monkeypatch):
-    """The store torchrun's agent runs, here in this process; this process plays rank 1 of 2."""
+def launcher_store(monkeypatch, tmp_path):
+    """The store torchrun's agent runs, here in this process; this process plays rank 1 of 2 (in tmp_path)."""
+    monkeypatch.chdir(tmp_path)
     import socket
     from datetime import timedelta
 
