@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,3 +144,22 @@ def test_a_stream_its_client_left_is_logged_as_499_with_the_tokens_it_had(served
     fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
     assert len(got) == 3 and fields["status"] == "499" and fields["adapter"] == "base", line
     assert fields["prompt_tokens"] != "0" and int(fields["completion_tokens"]) >= 3, line
+
+
+def test_health_and_models_name_the_same_unavailable_adapters(serve_registry, tmp_path):
+    """A version whose weights fail their sha256: /v1/models listed `gen_b` and `gen_b@1.0.0` as unavailable from the
+    start, /health only `gen_b` until a client had asked for `gen_b@1.0.0` (so what it said changed with the traffic)."""
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    with pytest.warns(UserWarning, match="gen_b.*unavailable"):
+        s = Served(reg)
+    try:
+        models = {m["id"]: m for m in httpx.get(s.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]}
+        listed = {i: m["unavailable_reason"] for i, m in models.items() if m.get("available") is False}
+        health = httpx.get(s.url + "/health").json()["unavailable_adapters"]
+        assert set(listed) == set(health) == {"gen_b", "gen_b@1.0.0"} and "integrity check failed" in health["gen_b@1.0.0"], (listed, health)
+        assert "available" not in models["gen_b@0.9.0"]  # the older, intact version is served
+    finally:
+        s.close()

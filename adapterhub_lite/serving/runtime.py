@@ -78,6 +78,12 @@ class Catalogue:
             out.append(entry)
         return out
 
+    def unavailable(self) -> dict[str, str]:
+        """Every id `models()` lists as unavailable → why: the names the router refuses and the pinned versions that
+        failed their checks (so /health and /v1/models say the same, before anyone has asked for the pinned id)."""
+        held = self.router.folders
+        return {**self.router.unavailable, **{i: why for i, why in self.failed.items() if i not in held and i not in self.router.unavailable}}
+
     def has_task(self, model: str) -> bool:
         return model == AUTO or (model in self.router.metas and bool(self.router.metas[model]["task"]))
 

@@ -22,7 +22,7 @@ runtime_router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    engine = server(request).engine
+    engine, catalogue = server(request).engine, server(request).catalogue
     if not engine.alive:
         return error_response(P.ApiError(503, "the engine is not running", "server_error", "unhealthy"))
     backbone = engine.router.backbone
@@ -30,7 +30,7 @@ async def health(request: Request):
             "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
             "max_model_len": engine.router.max_model_len,
             "changed_adapters": dict(engine.router.changed),  # files that changed under the server: refused at load
-            "unavailable_adapters": dict(engine.router.unavailable),  # failed their checks: not served, the others are
+            "unavailable_adapters": catalogue.unavailable(),  # failed their checks: not served, the others are
             "budgets": dataclasses.asdict(engine.budgets), "kv_bytes_per_token": engine.router.bank.kv_bytes_per_token(),
             "memory": engine.router.memory(), "decode": engine.decode_info()}
 
