@@ -17,12 +17,12 @@ class ServeMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("adapterhub_requests", "Requests answered, by adapter and status", ["adapter", "status"], registry=r)
+        self.requests = Counter("adapterhub_requests", "Requests (one per choice) that ended, by adapter and status: ok, cancelled or the error's type", ["adapter", "status"], registry=r)
         self.queue_depth = Gauge("adapterhub_queue_depth", "Requests waiting to join the batch", registry=r)
         self.batch_rows = Histogram("adapterhub_batch_rows", "Rows in the running batch after admitting newcomers",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.prompt_tokens = Counter("adapterhub_prompt_tokens", "Prompt tokens of answered requests", registry=r)
-        self.generated_tokens = Counter("adapterhub_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("adapterhub_prompt_tokens", "Prompt tokens of requests answered ok, once per choice (as vLLM's prompt_tokens_total)", registry=r)
+        self.generated_tokens = Counter("adapterhub_generated_tokens", "Tokens generated for requests answered ok", registry=r)
         self.ttft = Histogram("adapterhub_time_to_first_token_seconds", "From arrival to the first generated token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.resident = Gauge("adapterhub_resident_adapters", "Adapters resident on the backbone", registry=r)
