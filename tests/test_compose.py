@@ -90,3 +90,16 @@ def test_compose_refuses_bad_requests(sources, tmp_path):
         compose_fit(spec, sources, tmp_path / "o", search="grid")
     with pytest.raises(ComposeError, match="at least two"):
         compose_fit(spec, {"one": sources["one"]}, tmp_path / "o")
+
+
+def test_the_lora_on_shots_baseline_is_scored_on_the_reports_dev_rows(sources, tmp_path):
+    """compose-fit --rows N scores every entry of the report on the first N dev rows; the LoRA-on-shots baseline
+    was scored by its training's final eval on the whole dev split, so its number sat beside the others unlike."""
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": str(tmp_path / "new.jsonl"), "dev": str(tmp_path / "new.jsonl")},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+                           "quantization": "none", "train": {"max_length": 32, "batch_size": 4}})
+    report = compose_fit(spec, sources, tmp_path / "out", shots=6, budget=2, lora_steps=1, eval_rows=5)
+    assert report["dev_rows"] == 5
+    assert report["lora_on_shots"]["dev_rows"] == 5

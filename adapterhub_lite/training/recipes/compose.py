@@ -176,7 +176,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
             report["sources"] = {n: dev_score(comp.assign(i)) for i, n in enumerate(comp.names)}
             best = max(report["sources"], key=lambda n: report["sources"][n][primary])
             report["best_single"] = {"adapter": best, **report["sources"][best]}
-            report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype)
+            report["lora_on_shots"] = _lora_on_shots(spec, shot_text, work, lora_steps, device, dtype, report["dev_rows"])
 
         out = work / "adapter"
         save_lora(out, comp.export(), backbone.hub_id)
@@ -230,13 +230,19 @@ def _gradient(objective, n: int, budget: int, seed: int):
     return best[1], trace
 
 
-def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, device, dtype) -> dict:
-    """The usual alternative: a fresh LoRA (the spec's own LoRA settings) trained on the same rows."""
+def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, device, dtype, dev_rows: int) -> dict:
+    """The usual alternative: a fresh LoRA (the spec's own LoRA settings) trained on the same rows, and scored on
+    the dev rows the other entries of the report are scored on (the first `dev_rows`)."""
     work.mkdir(parents=True, exist_ok=True)
     shots_file = work / "shots.jsonl"
     atomic_write(shots_file, shot_text)
     few = copy.deepcopy(spec)
     few.data.train = str(shots_file)
+    dev_ds, _ = load_split(spec.data.dev, "dev")
+    if dev_rows < len(dev_ds):  # train's final eval reads the whole dev split: give it the report's rows only
+        dev_file = work / "dev.jsonl"
+        atomic_write(dev_file, "".join(json.dumps(r, default=str) + "\n" for r in dev_ds.select(range(dev_rows))))
+        few.data.dev = str(dev_file)
     few.dtype = dtype or spec.dtype
     if few.method != "lora":
         few.method, few.method_args = "lora", {}
@@ -244,5 +250,5 @@ def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, devic
     few.train.warmup_steps, few.train.eval_every, few.train.checkpoint_every = 0, steps, steps
     few.train.patience, few.train.max_minutes = 0, 0.0
     folder = train(few, work / "lora_on_shots", progress=False, device=device)
-    metrics = read_sidecar(folder)["metrics"]
-    return {"steps": steps, **{k: v for k, v in metrics.items() if k != "per_class"}}
+    meta = read_sidecar(folder)
+    return {"steps": steps, "dev_rows": meta["data"]["dev"]["rows"], **{k: v for k, v in meta["metrics"].items() if k != "per_class"}}
