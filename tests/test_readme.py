@@ -79,3 +79,20 @@ def test_scripts_the_readme_runs_exist():
     scripts = {m for line in _commands() for m in re.findall(r"\bscripts/[\w/.-]+\.(?:py|sh)\b", line)}
     assert scripts
     assert [s for s in sorted(scripts) if not (ROOT / s).is_file()] == []
+
+
+def _help(command: str, flag: str) -> str:
+    return next(a.help for a in _subparsers()[command]._actions if flag in a.option_strings)
+
+
+def test_help_texts_say_what_the_readme_and_the_code_do():
+    """`adapterhub-lite <cmd> --help` beside the README: merge --method listed 6 of its 12 methods (not
+    delta_linear, the *_svd ones or magnitude_prune, which the README's Merge paragraph describes); --device left out
+    mps, which the README and the device check accept; --dtype's auto left out fp16 on a GPU without bf16."""
+    from adapterhub_lite.ops.merge import MERGE_METHODS
+
+    listed = set(re.findall(r"[a-z_]+", _help("merge", "--method")))
+    assert set(MERGE_METHODS) <= listed
+    assert "mps" in _help("train", "--device") and "cpu, cuda, cuda:N or mps" in README
+    assert "fp16" in _help("eval", "--dtype")
+    assert "multitask/cli.py" not in build_parser().description

@@ -1,5 +1,5 @@
 """Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | infer | merge | convert`
-(+ train-multi, interference, compose-fit from multitask/cli.py).
+(+ train-multi, interference, compose-fit from cli/multitask.py; serve from cli/serve.py; export from cli/export.py).
 
 Bad input → one line on stderr, exit 2."""
 
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")
     p.add_argument("adapters", nargs="+", help="registry names (name or name@version) or adapter folders")
     p.add_argument("--weights", type=finite_float, nargs="+", required=True)
-    p.add_argument("--method", default="linear", help="linear, cat, svd, ties, dare_linear, dare_ties")
+    p.add_argument("--method", default="linear", help="on A and B apart (equal ranks): linear, ties, dare_linear, dare_ties, magnitude_prune; "
+                   "on ΔW (mixed ranks): delta_linear (= cat), svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd")
     p.add_argument("--density", type=finite_float, help="ties / dare: share of each update kept")
     p.add_argument("--output", type=nonempty, required=True)
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
