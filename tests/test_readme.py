@@ -96,3 +96,11 @@ def test_help_texts_say_what_the_readme_and_the_code_do():
     assert "mps" in _help("train", "--device") and "cpu, cuda, cuda:N or mps" in README
     assert "fp16" in _help("eval", "--dtype")
     assert "multitask/cli.py" not in build_parser().description
+
+
+def test_source_files_the_readme_names_exist():
+    """Every `folder/file.py` the README points at (a module, a test, a script) is in the repository."""
+    named = set(re.findall(r"`((?:[\w.]+/)+[\w]+\.py)", README))
+    assert len(named) > 20
+    missing = [p for p in sorted(named) if not any((base / p).is_file() for base in (ROOT, ROOT / "adapterhub_lite"))]
+    assert missing == []
