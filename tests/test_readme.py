@@ -104,3 +104,20 @@ def test_source_files_the_readme_names_exist():
     assert len(named) > 20
     missing = [p for p in sorted(named) if not any((base / p).is_file() for base in (ROOT, ROOT / "adapterhub_lite"))]
     assert missing == []
+
+
+def test_the_task_spec_table_names_every_spec_key():
+    """The README's Task spec table lists every key a spec may hold, and no key the spec refuses."""
+    import dataclasses
+
+    from adapterhub_lite.core.spec import DataSpec, TaskSpec, TrainConfig
+
+    section = README.split("## Task spec", 1)[1].split("\n### ", 1)[0]
+    rows = {line.split("|")[1] for line in section.splitlines() if line.startswith("| `")}
+    table_keys = set(re.findall(r"`([\w.]+)`", " ".join(rows)))
+    train_row = next(line for line in section.splitlines() if line.startswith("| `train` |"))
+    spec_keys = {f.name for f in dataclasses.fields(TaskSpec) if not f.metadata.get("internal")} | {f"data.{f.name}" for f in dataclasses.fields(DataSpec)}
+    assert spec_keys - {"data"} <= table_keys, spec_keys - table_keys
+    assert table_keys <= spec_keys, table_keys - spec_keys
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {k for k in train_keys if f"`{k}`" not in train_row} == set()
