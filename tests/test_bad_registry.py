@@ -80,7 +80,7 @@ def test_a_damaged_index_is_one_line_from_every_registry_command(reg, adapter, t
     for argv in (["list"], ["info", "toy"], ["pull", "toy", "--to", str(tmp_path / "pulled")], ["verify"],
                  ["publish", str(adapter)], ["infer", "--input", str(requests)], ["merge", "toy", "--weights", "1", "--output", str(tmp_path / "m")]):
         assert main([*argv, "--registry", str(reg)]) == 2, argv
-        _one_line_error(capsys, str(index), NEEDLES[damage], "restore it from a backup")
+        _one_line_error(capsys, str(index), NEEDLES[damage], "restore it from a backup", f"adapterhub-lite reindex --registry {reg}")
     with pytest.raises(RegistryError, match=NEEDLES[damage]):
         load_adapter(LocalRegistry(reg).path("toy"))
     assert _files(reg) == before and not (tmp_path / "pulled").exists() and not (tmp_path / "m").exists()

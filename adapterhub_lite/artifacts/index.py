@@ -170,11 +170,12 @@ def _index_problems(index: dict) -> list[str]:
     return problems
 
 
-def parse_index(text: str | bytes | None, where: str) -> dict:
-    """Parse and check an index.json (None: no index yet, an empty registry); a damaged one is one RegistryError."""
+def parse_index(text: str | bytes | None, where: str, fix: str | None = None) -> dict:
+    """Parse and check an index.json (None: no index yet, an empty registry); a damaged one is one RegistryError
+    ending in `fix` (a local registry names reindex there)."""
     if text is None:
         return {"format": INDEX_FORMAT, "adapters": {}}
-    fix = "restore it from a backup (the version folders beside it are untouched) or publish into a new registry"
+    fix = fix or "restore it from a backup (the version folders beside it are untouched) or publish into a new registry"
     try:
         index = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, an int of 5,000 digits, 100,000 nested brackets

@@ -227,7 +227,8 @@ class LocalRegistry(Registry):
                 shown = ", ".join(f"{n}@{v}" for n, v in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
                 raise RegistryError(f"registry {self.root} holds version folders ({shown}) but no index.json: restore it from a backup, "
                                     f"or rebuild it from the folders with `adapterhub-lite reindex --registry {self.root}`")
-        return parse_index(text, str(path))
+        return parse_index(text, str(path), fix="restore it from a backup (the version folders beside it are untouched), or rebuild it "
+                           f"from them with `adapterhub-lite reindex --registry {self.root}`")
 
     def _version_folders(self) -> list[tuple[str, str]]:
         """(name, version) of every <name>/<version>/ folder that holds adapter files, listed or not."""
