@@ -61,10 +61,10 @@ def _eval(args) -> int:
     from adapterhub_lite.core.data import check_lengths
     from adapterhub_lite.model.evaluate import evaluate_split
 
+    split = _split_for(_sidecar_spec(args.adapter), args.split)  # a bad --split or data file is refused before the backbone loads
     model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
-    split = _split_for(spec, args.split)
     metrics, _, seconds = evaluate_split(model, backbone.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
     n = min(len(split), args.limit or len(split))
     result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,
