@@ -146,10 +146,10 @@ def test_a_reader_that_leaves_ends_the_command_quietly(capsys, monkeypatch):
     (the output is what the reader wanted; stdout is pointed at /dev/null so the final flush cannot fail again)."""
     import sys
 
-    cli = sys.modules["adapterhub_lite.cli.main"]  # the module (the package's `main` is its function)
+    registry_cli = sys.modules["adapterhub_lite.cli.registry"]  # where `list` is (the parser reads _list from it)
 
     def leave(_args):
         raise BrokenPipeError(32, "Broken pipe")
-    monkeypatch.setattr(cli, "_list", leave)
+    monkeypatch.setattr(registry_cli, "_list", leave)
     assert main(["list", "--registry", "nowhere"]) == 0
     assert capsys.readouterr().err == ""

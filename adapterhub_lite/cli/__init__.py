@@ -1,5 +1,5 @@
-"""The command line, on top of every layer: `adapterhub-lite …` (main.py), with the serve, multi-task and
-export commands in their own modules and the argument helpers they share in args.py (a leaf).
+"""The command line, on top of every layer: `adapterhub-lite …` (main.py), with the registry, serve, multi-task
+and export commands in their own modules and the argument helpers they share in args.py (a leaf).
 
 Commands import the library inside their functions, so `adapterhub-lite list` or `--help` never pays
 for torch, transformers and peft (seconds to import)."""

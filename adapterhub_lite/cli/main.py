@@ -17,6 +17,7 @@ from adapterhub_lite.cli.args import add_device_args, check_output_file, count, 
 from adapterhub_lite.cli.export import add_export_command
 from adapterhub_lite.cli.multitask import add_commands
 from adapterhub_lite.cli.ranks import said_by_rank0
+from adapterhub_lite.cli.registry import REGISTRY_HELP, add_convert_command, add_registry_commands, check_registry
 from adapterhub_lite.cli.serve import add_serve_command
 from adapterhub_lite.core.errors import AdapterHubError, DataError
 from adapterhub_lite.core.names import RESERVED
@@ -107,85 +108,6 @@ def _sidecar_spec(folder: str):
     if not Path(folder).is_dir():  # as eval says it: "missing adapter_config.json" would send the user looking inside a folder
         raise AdapterLoadError(f"adapter folder {folder!r} does not exist; pass a folder written by `adapterhub-lite train`")
     return spec_from_dict(read_sidecar(Path(folder))["task"], source=f"task spec in {Path(folder) / SIDECAR}")
-
-
-def _publish(args) -> int:
-    from adapterhub_lite.artifacts.registries import open_registry
-
-    name, version, entry = open_registry(args.registry).publish(args.adapter, args.version, args.name)
-    print(json.dumps({"published": f"{name}@{version}", "registry": str(args.registry), "files": len(entry["files"])}))
-    return 0
-
-
-def _list(args) -> int:
-    from adapterhub_lite.artifacts.registries import open_registry
-
-    rows = open_registry(args.registry).rows()
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    table = [("name", "version", "task", "method", "rank", "base", "quant", "metrics")]
-    table += [(r["name"], r["version"], r["task"] or "(shared)", r["method"], str(r["rank"] or "-"), r["base"], r["quantization"],
-               " ".join(f"{k}={v}" for k, v in r["metrics"].items())) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return 0
-
-
-def _info(args) -> int:
-    from adapterhub_lite.artifacts.registries import open_registry
-
-    name, version, entry = open_registry(args.registry).resolve(args.ref)
-    print(json.dumps({"name": name, "version": version, **entry}, indent=2))
-    return 0
-
-
-def _pull(args) -> int:
-    from adapterhub_lite.artifacts.registries import open_registry
-
-    folder = open_registry(args.registry).pull(args.ref, args.to)
-    print(json.dumps({"folder": str(folder)}) if args.json else folder)
-    return 0
-
-
-def _verify(args) -> int:
-    from adapterhub_lite.artifacts.registries import open_registry
-
-    reg = open_registry(args.registry)
-    if args.name is not None:  # a name that is not there is the user's mistake (exit 2), not a damaged registry (exit 1)
-        if "@" in args.name:
-            raise DataError(f"verify takes an adapter name and checks every version of it, got {args.name!r}; "
-                            f"give {args.name.split('@')[0]!r}")
-        reg.resolve(args.name)  # refuses an unknown name, listing the known ones
-    problems = reg.verify(args.name)
-    if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}))
-        return 1 if problems else 0
-    for p in problems:
-        print(f"FAIL {p}")
-    print(f"verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0
-
-
-def _reindex(args) -> int:
-    from adapterhub_lite.artifacts.registries import open_registry
-
-    reg = open_registry(args.registry)
-    if not hasattr(reg, "reindex"):
-        raise DataError(f"{args.registry} is a Hub registry: restore its index.json from the repository's history (the Hub keeps every commit)")
-    index = reg.reindex()
-    print(json.dumps({"registry": str(args.registry), "rebuilt": sorted(f"{n}@{v}" for n, vs in index["adapters"].items() for v in vs)}))
-    return 0
-
-
-def _convert(args) -> int:
-    from adapterhub_lite.artifacts.registry import convert_pickle
-
-    if not args.trust_pickle:
-        raise DataError("convert loads a pickle file; pass --trust-pickle to confirm you trust where it came from")
-    print(convert_pickle(args.adapter))
-    return 0
 
 
 # Request keys that read like generation settings (OpenAI's, vLLM's, HF generate's): infer reads none of them, and
@@ -303,29 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred rows)")
     add_device_args(t)
 
-    registry_help = "a local folder (default: adapters) or hf://org/repo"
-    p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
-    p.add_argument("adapter")
-    p.add_argument("--version", default="auto", help="MAJOR.MINOR.PATCH, or auto (bump the patch)")
-    p.add_argument("--name", help="registry name (default: the task name)")
-    p.set_defaults(func=_publish)
-    p = sub.add_parser("list", help="list every published version")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_list)
-    for name, func, text in (("info", _info, "show one version's index entry"), ("pull", _pull, "copy a verified version out")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("ref", help="name, name@latest or name@1.0.0")
-        p.set_defaults(func=func)
-    sub.choices["pull"].add_argument("--to", type=nonempty, required=True, help="new folder to copy into")
-    p = sub.add_parser("verify", help="re-hash every file of every version; exit 1 on a mismatch")
-    p.add_argument("name", nargs="?")
-    p.set_defaults(func=_verify)
-    p = sub.add_parser("reindex", help="rebuild a missing or damaged index.json from the version folders (each checked as a publish)")
-    p.set_defaults(func=_reindex)
-    for name in ("publish", "list", "info", "pull", "verify", "reindex"):
-        sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
-    for name in ("info", "pull", "verify"):  # list has its own; info always prints JSON, the flag is taken for uniformity
-        sub.choices[name].add_argument("--json", action="store_true", help="print one JSON object")
+    add_registry_commands(sub)
     p = sub.add_parser("infer", help="serve a JSONL file of requests, each naming its adapter (or base / auto)")
     p.add_argument("--input", required=True, help='JSONL requests: {"adapter": "sst2" | "base" | "auto", "text": …}')
     p.add_argument("--output", help="JSONL answers (default: stdout)")
@@ -347,12 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_args(p, adapters=True)
     p.set_defaults(func=_merge)
     for name in ("infer", "merge"):
-        sub.choices[name].add_argument("--registry", default="adapters", help=registry_help)
+        sub.choices[name].add_argument("--registry", default="adapters", help=REGISTRY_HELP)
 
-    p = sub.add_parser("convert", help="turn a trusted pickle adapter (adapter_model.bin) into safetensors")
-    p.add_argument("adapter")
-    p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")
-    p.set_defaults(func=_convert)
+    add_convert_command(sub)
     add_commands(sub)
     add_serve_command(sub)
     add_export_command(sub)
@@ -384,15 +281,6 @@ def _interrupted(output: Path | None) -> str:
             "from it, or with --overwrite to start over")
 
 
-def _check_registry(registry: str | None) -> None:
-    """Refuse an empty --registry (read as the current folder) and a local one that is an existing file: every command
-    would fail on it, each in its own words (a publish as a disk error, the readers as "does not exist")."""
-    if registry is not None and not str(registry).strip():  # "" is the current folder: a publish would fill it
-        raise DataError("--registry is empty; give a registry folder (publish creates one) or hf://org/repo")
-    if registry and not str(registry).startswith("hf://") and Path(registry).exists() and not Path(registry).is_dir():
-        raise DataError(f"--registry {registry!r} is a file, not a folder; give a registry folder (publish creates one) or hf://org/repo")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `adapterhub-lite`."""
     parser = build_parser()
@@ -406,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "no_progress", False):
         _quiet_library_bars()
     try:
-        _check_registry(getattr(args, "registry", None))
+        check_registry(getattr(args, "registry", None))
         return args.func(args)
     except AdapterHubError as exc:
         if not said_by_rank0(str(exc)):  # under torchrun, rank 0 prints what every process refused alike
