@@ -228,7 +228,7 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
 def test_joint_resume_identity_counts_the_global_batch_not_the_process_count():
     """Two processes × 4 rows resume a run of one process × 8 rows; another global batch is refused."""
     from adapterhub_lite.core.data import Split
-    from adapterhub_lite.training.recipes.joint import joint_identity
+    from adapterhub_lite.training.progress import joint_identity
 
     data = {n: {"train": Split([], [], "t.jsonl", n + "-sha"), "dev": Split([], [], "d.jsonl", n + "-d")} for n in ("a", "b")}
 

@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import resource
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -124,6 +124,18 @@ def run_identity(spec: TaskSpec, data: dict, processes: int = 1) -> dict:
     splits = {name: split.sha256 for name, split in data.items()}
     blob = json.dumps({"spec": keys, "data": splits}, sort_keys=True, default=str).encode()
     return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(keys, default=str)), "data": splits}
+
+
+def joint_identity(specs: list[TaskSpec], cfg, data: dict, processes: int = 1) -> dict:
+    """One run identity for the tasks and the joint settings (cfg: a recipes.joint.JointConfig; checked on resume;
+    the global batch counts, not the process count)."""
+    ids = {s.name: run_identity(s, data[s.name], processes) for s in specs}
+    settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
+    settings[GLOBAL_BATCH] = settings.pop("batch_size") * processes
+    spec = {f"{n}.{k}": v for n, i in ids.items() for k, v in i["spec"].items()} | {f"joint.{k}": v for k, v in settings.items()}
+    data_ = {f"{n}/{k}": v for n, i in ids.items() for k, v in i["data"].items()}
+    blob = json.dumps({"spec": spec, "data": data_}, sort_keys=True, default=str).encode()
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(spec, default=str)), "data": data_}
 
 
 def check_resume(saved: dict | None, now: dict, where) -> None:

@@ -17,8 +17,6 @@ losses are combined by a weighting rule (equal, fixed, dynamic sigmoid, uncertai
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -44,7 +42,7 @@ from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
 from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
 from adapterhub_lite.training.parallel import Parallel, local_device
-from adapterhub_lite.training.progress import GLOBAL_BATCH, Cursor, next_rows, peak_memory_mb, run_identity, seed_everything, shard
+from adapterhub_lite.training.progress import Cursor, joint_identity, next_rows, peak_memory_mb, seed_everything, shard
 from adapterhub_lite.training.weighting import make_weighting
 
 SHARED = "shared"
@@ -304,18 +302,6 @@ class Joint(Recipe):
         self.sampler.load_state_dict(state["sampler"])
         self.weighting.load_state_dict(state["weighting"])
         self.cursors = {n: Cursor(**c) for n, c in state["cursors"].items()}
-
-
-def joint_identity(specs: list[TaskSpec], cfg: JointConfig, data: dict, processes: int = 1) -> dict:
-    """One run identity for the tasks and the joint settings (checked on resume; the global batch
-    counts, not the process count)."""
-    ids = {s.name: run_identity(s, data[s.name], processes) for s in specs}
-    settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
-    settings[GLOBAL_BATCH] = settings.pop("batch_size") * processes
-    spec = {f"{n}.{k}": v for n, i in ids.items() for k, v in i["spec"].items()} | {f"joint.{k}": v for k, v in settings.items()}
-    data_ = {f"{n}/{k}": v for n, i in ids.items() for k, v in i["data"].items()}
-    blob = json.dumps({"spec": spec, "data": data_}, sort_keys=True, default=str).encode()
-    return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(spec, default=str)), "data": data_}
 
 
 def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | None = None, *, overwrite: bool = False,
