@@ -84,6 +84,7 @@ def _predict(args) -> int:
     from adapterhub_lite.artifacts.loading import load_adapter
     from adapterhub_lite.core.data import check_lengths, readable, render, request_row
     from adapterhub_lite.model.evaluate import predict
+    from adapterhub_lite.serving.manager import model_context
 
     if (args.text is None) == (args.input is None):
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
@@ -94,7 +95,9 @@ def _predict(args) -> int:
     model, backbone, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
-    preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress)
+    # the backbone's context, not train.max_length: every prompt read whole, as serve, infer and Router.run read it
+    preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress,
+                    context=model_context(backbone))
     write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
     return 0
 

@@ -8,6 +8,7 @@ import time
 import torch
 
 from adapterhub_lite.core.data import Split, label_words
+from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.metrics import classification_metrics, generation_metrics
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import generate_ids, label_plan_ids, label_token_ids
@@ -28,18 +29,22 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 
 @torch.no_grad()
 def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: int | None = None,
-            prompt_ids: list[list[int]] | None = None, progress: bool = False, desc: str = "predict") -> list:
+            prompt_ids: list[list[int]] | None = None, progress: bool = False, desc: str = "predict",
+            context: int | None = None) -> list:
     """Label indices (classification) or answer strings (generation), one per prompt.
 
     `prompt_ids` are the prompts already tokenized (data.Split.prompt_ids); else they are tokenized
     here, in one call. Runs under autocast in the model's compute dtype (heads does it).
     `progress` shows a bar on stderr (see progress_bar; the commands turn it on, training's evals do not).
+    Prompts keep their end within train.max_length, as the adapter was trained (eval); with `context` (the
+    backbone's, as `serve` reads it) every prompt is read whole instead, and one that does not fit is refused.
     """
     was_training = model.training
     model.eval()
     batch_size = batch_size or spec.train.eval_batch_size
     ids = prompt_ids if prompt_ids is not None else tokenizer(prompts, add_special_tokens=True).input_ids
     label_tokens = label_token_ids(tokenizer, spec) if spec.type == "classification" else None
+    max_length = spec.train.max_length if context is None else _fit_context(ids, label_tokens, spec, context)
     # Batch prompts of similar length together (less padding), then restore the caller's order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list = [None] * len(ids)
@@ -48,9 +53,9 @@ def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: in
     for start in range(0, len(order), batch_size):
         chunk = [ids[i] for i in order[start : start + batch_size]]
         if label_tokens is not None:
-            picked.append(label_plan_ids(chunk, label_tokens, spec.train.max_length).run(model, tokenizer.pad_token_id).argmax(-1))
+            picked.append(label_plan_ids(chunk, label_tokens, max_length).run(model, tokenizer.pad_token_id).argmax(-1))
         else:
-            for i, p in zip(order[start : start + batch_size], generate_ids(model, tokenizer, chunk, spec.train.max_new_tokens, spec.train.max_length)):
+            for i, p in zip(order[start : start + batch_size], generate_ids(model, tokenizer, chunk, spec.train.max_new_tokens, max_length)):
                 out[i] = p
         bar.update(len(chunk))
     bar.close()
@@ -59,6 +64,18 @@ def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: in
             out[i] = p
     model.train(was_training)
     return out
+
+
+def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: int) -> int:
+    """The context itself, once every prompt fits it with its answer (the longest label, or max_new_tokens), so no
+    prompt is cut: keeping the end within train.max_length answered a long input other than the server did."""
+    need = max(len(t) for t in label_tokens) if label_tokens else spec.train.max_new_tokens
+    over = [i for i, p in enumerate(ids) if len(p) + need > context]
+    if over:
+        n = len(ids[over[0]])
+        raise DataError(f"input row {over[0] + 1} needs {n + need} tokens ({n} in the prompt, {need} for the answer) but the model's "
+                        f"context is {context} tokens; shorten it (no prompt is cut, as in `serve`)")
+    return context
 
 
 def score(spec: TaskSpec, preds: list, answers: list) -> dict:

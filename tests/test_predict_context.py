@@ -1,0 +1,38 @@
+"""`predict` reads a long prompt whole, as `serve`, `infer` and `Router.run` do (README: no prompt is ever cut)."""
+
+import json
+
+from transformers import LlamaForCausalLM
+
+from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.cli import main
+from adapterhub_lite.core.data import render
+
+from .conftest import train_tiny
+
+
+def test_predict_reads_a_long_prompt_whole(tmp_path, capsys, monkeypatch):
+    folder = train_tiny(tmp_path)
+    _, backbone, spec, _ = load_adapter(folder)
+    text = "pos neg " * 40  # far past train.max_length (32); keeping its end within that answered unlike `serve`
+    n = len(backbone.tokenizer(render(spec, {"text": text})).input_ids)
+    assert n > 2 * spec.train.max_length
+    read = []  # the sequence lengths the backbone is run on: every prompt token must be read
+    forward = LlamaForCausalLM.forward
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda self, input_ids=None, **kw: read.append(input_ids.shape[1]) or forward(self, input_ids, **kw))
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    assert main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"] in ("pos", "neg")
+    assert max(read) >= n
+
+
+def test_predict_refuses_a_prompt_over_the_context(tmp_path, capsys):
+    folder = train_tiny(tmp_path)
+    context = load_adapter(folder)[0].config.max_position_embeddings
+    capsys.readouterr()  # training's log
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "pos " * context}) + "\n")
+    code = main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1
+    assert f"but the model's context is {context} tokens" in errors[0] and not (tmp_path / "out.jsonl").exists()
