@@ -22,6 +22,17 @@ KEY = "test-key"
 GEN = {"type": "generation", "labels": None, "label": None, "target": "target", "metric": ["exact_match"], "prompt": "In: {text}\nOut:"}
 
 
+def slowed(served, monkeypatch, seconds=0.05):
+    """Every engine step a little slower, so a 400-token request surely outlives what the test waits for."""
+    once = served.engine._serve_once
+
+    def slow():
+        time.sleep(seconds)
+        return once()
+
+    monkeypatch.setattr(served.engine, "_serve_once", slow)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

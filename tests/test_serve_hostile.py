@@ -12,7 +12,7 @@ import pytest
 
 from adapterhub_lite.artifacts.registry import LocalRegistry
 
-from .serving import KEY, Served
+from .serving import KEY, Served, slowed
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +119,8 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_row(served):
     assert cancelled(served) == before + 1 and not served.engine._rows  # dropped, not run on to its 500 tokens and answered to nobody
 
 
-def _slowed(served, monkeypatch, seconds=0.05):
-    """Every engine step a little slower, so a 400-token request surely outlives what the test waits for."""
-    once = served.engine._serve_once
-
-    def slow():
-        time.sleep(seconds)
-        return once()
-
-    monkeypatch.setattr(served.engine, "_serve_once", slow)
-
-
 def test_a_client_that_leaves_a_stream_frees_its_row(served, monkeypatch):
-    _slowed(served, monkeypatch)
+    slowed(served, monkeypatch)
     before = cancelled(served)
     with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                       json={"model": "base", "prompt": "leave", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
@@ -146,7 +135,7 @@ def test_a_client_that_leaves_a_stream_frees_its_row(served, monkeypatch):
 def test_a_request_past_the_timeout_gets_504_and_its_row_leaves(serve_registry, monkeypatch):
     s = Served(serve_registry, request_timeout=0.3)
     try:
-        _slowed(s, monkeypatch)
+        slowed(s, monkeypatch)
         r = s.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 400, "ignore_eos": True})
         # the engine's own deadline, not the handler's guard against a dead engine (timeout + 5 s, another message)
         assert r.status_code == 504 and "ran past the server's request timeout" in r.json()["error"]["message"], r.text
@@ -164,7 +153,7 @@ def test_the_queue_bound_counts_requests_the_scheduler_already_holds(serve_regis
     only counting that list refuses the fourth (a bound on the hand-over queue alone would take them all)."""
     s = Served(serve_registry, max_queue=2, max_batch_rows=1)
     try:
-        _slowed(s, monkeypatch)
+        slowed(s, monkeypatch)
 
         async def go():
             async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as h:
@@ -206,7 +195,7 @@ def test_reload_defers_an_adapter_that_running_rows_use(serve_registry, tmp_path
         old = s.post("/v1/completions", {"model": "gen_a", **body}).json()["choices"][0]["text"]
         new = s.post("/v1/completions", {"model": "gen_b", **body}).json()["choices"][0]["text"]
         assert old != new  # else the test could not tell the versions apart
-        _slowed(s, monkeypatch)
+        slowed(s, monkeypatch)
         with httpx.stream("POST", s.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                           json={"model": "gen_a", "stream": True, **body}) as r:
             lines = r.iter_lines()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .serving import KEY, Served, free_port
+from .serving import KEY, Served, free_port, slowed
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +50,9 @@ def test_metrics_parse_follow_the_naming_conventions_and_count_what_was_sent(ser
         assert value(after, sample) - value(before, sample) == sum(u[field] for u in usage), sample
 
 
-def _slowed(served, monkeypatch, seconds=0.05):
-    once = served.engine._serve_once
-
-    def slow():
-        time.sleep(seconds)
-        return once()
-
-    monkeypatch.setattr(served.engine, "_serve_once", slow)
-
-
 def test_running_requests_are_a_gauge_that_a_leaving_client_brings_back_to_zero(served, monkeypatch):
     """vLLM's num_requests_running: seen from outside, a stream is running while read, and not once its client left."""
-    _slowed(served, monkeypatch)
+    slowed(served, monkeypatch)
     with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                       json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))
@@ -131,7 +121,7 @@ def test_a_forced_quit_drops_the_running_rows_and_removes_the_scratch_folder(ser
 
 def test_a_stream_its_client_left_is_logged_as_499_with_the_tokens_it_had(served, monkeypatch, caplog):
     """A whole response whose client left is logged 499; a stream was logged 200 with 0 tokens, though its tokens went out."""
-    _slowed(served, monkeypatch)
+    slowed(served, monkeypatch)
     with caplog.at_level(logging.INFO, logger="adapterhub_lite.serve.access"):
         with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                           json={"model": "base", "prompt": "log me", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
