@@ -61,7 +61,7 @@ class Catalogue:
                 name, pinned = row["name"], f"{row['name']}@{row['version']}"
                 roots[name] = roots[pinned] = registry.location(row["name"], row["version"])
                 ids += [name, pinned]
-        out = []
+        out, gone = [], self.unavailable()  # a registry adapter that failed its checks is listed, with why it is not served
         for i in dict.fromkeys(ids + sorted(self.runtime) + [BASE, AUTO]):
             # a name the router holds names what it serves now (a reload deferred by running rows keeps the old
             # version; a run-time load, the folder it was read from)
@@ -70,11 +70,8 @@ class Catalogue:
                      "root": root, "parent": None if i == BASE else BASE}
             if i == BASE:
                 entry["max_model_len"] = self.router.max_model_len
-            why = self.router.unavailable.get(i)  # a registry adapter that failed its checks is listed, with why it is not served
-            if why is None and i not in held:
-                why = self.failed.get(i)
-            if why is not None:
-                entry.update(available=False, unavailable_reason=why)
+            if i in gone:
+                entry.update(available=False, unavailable_reason=gone[i])
             out.append(entry)
         return out
 
