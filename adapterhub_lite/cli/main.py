@@ -83,8 +83,8 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     from adapterhub_lite.artifacts.loading import load_adapter
     from adapterhub_lite.core.data import check_lengths, readable, render, request_row
+    from adapterhub_lite.model.backbone import model_context
     from adapterhub_lite.model.evaluate import predict
-    from adapterhub_lite.serving.manager import model_context
 
     if (args.text is None) == (args.input is None):
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")

@@ -240,6 +240,12 @@ def fingerprint(folder: Path, config, tokenizer, quantization: str) -> dict:
     return parts
 
 
+def model_context(backbone: Backbone) -> int | None:
+    """The backbone's context length in tokens (its config's max_position_embeddings), None if it names none."""
+    config = backbone.model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def default_device() -> str:
     """$ADAPTERHUB_DEVICE when set (the test suite's one switch), else cuda when available, else cpu."""
     return os.environ.get("ADAPTERHUB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,7 +33,7 @@ from adapterhub_lite.core.data import render, request_row
 from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, ContextLengthError, DataError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
-from adapterhub_lite.model.backbone import Backbone
+from adapterhub_lite.model.backbone import Backbone, model_context
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
 from adapterhub_lite.ops.merge import merge_adapters
 from adapterhub_lite.serving.bank import AdapterBank
@@ -419,12 +419,6 @@ class AdapterManager:
             row, flat = flat[: len(p)], flat[len(p) :]
             out.append((max(range(len(row)), key=row.__getitem__), row))
         return out
-
-
-def model_context(backbone: Backbone) -> int | None:
-    """The backbone's context length in tokens (its config's max_position_embeddings), None if it names none."""
-    config = backbone.model.config.get_text_config(decoder=True)
-    return getattr(config, "max_position_embeddings", None)
 
 
 def check_context(backbone: Backbone, max_model_len: int | None) -> int:
