@@ -183,7 +183,10 @@ class _Run:
                 p.data = p.data.float()
         # fused AdamW: one kernel for every parameter instead of a few per tensor on the GPU
         opt = torch.optim.AdamW(groups, weight_decay=groups[0].get("weight_decay", 0.0), fused=fused)
-        sched = get_scheduler(cfg.schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+        # transformers' "constant" ignores num_warmup_steps: ours warms up as the spec says (constant_with_warmup,
+        # which with 0 warm-up steps is "constant"), as linear and cosine do
+        name = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+        sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
         self.call, self.opt, self.sched = parallel.prepare(recipe.model, opt, sched)
         self.raw_opt = getattr(self.opt, "optimizer", self.opt)  # the loss scaler keys its state by the torch optimizer
         device = next(recipe.model.parameters()).device
