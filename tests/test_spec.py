@@ -141,3 +141,20 @@ def test_a_yaml_syntax_error_says_where_and_how_to_fix_it_in_one_line(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and "YAML does not parse" in msg and "check the indentation and quoting near line 4" in msg
     assert "<unicode string>" not in msg
+
+
+@pytest.mark.parametrize("written, read_as", [("010", "octal number 8"), ("007", "octal number 7"), ("1:30", "base-60 number 90")])
+def test_a_number_yaml_reads_as_another_is_refused_in_the_file_and_overrides(tmp_path, written, read_as):
+    # PyYAML (YAML 1.1) reads 010 as 8 and 1:30 as 90: `labels: {010: ten}` keyed the column value '8' silently.
+    text = SPEC_TEXT.replace("  lr: 0.5\n", "")
+    (tmp_path / "n.yaml").write_text(text.replace("labels: ['no', 'yes']", f"labels: {{{written}: ten, '1': one}}"))
+    with pytest.raises(SpecError) as err:
+        load_spec(tmp_path / "n.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and f"{written} (line " in msg and read_as in msg and f"quote it ('{written}')" in msg
+    (tmp_path / "ok.yaml").write_text(text)
+    with pytest.raises(SpecError, match=rf"{written} in 'train.max_steps={written}' is read by YAML 1.1 as the {read_as}"):
+        load_spec(tmp_path / "ok.yaml", [f"train.max_steps={written}"])
+    # What says what it is stays: quoted text, hex, 1_000, and a prompt override that only looks like a mapping.
+    assert parse_overrides([f"labels={{'{written}': ten}}", "a=0x1F", "b=1_000", f"prompt=Code: {written} {{x}}"]) == {
+        "labels": {written: "ten"}, "a": 31, "b": 1000, "prompt": f"Code: {written} {{x}}"}

@@ -19,7 +19,7 @@ import yaml
 
 from adapterhub_lite.core.errors import SpecError
 from adapterhub_lite.core.names import DTYPES, QUANTIZATIONS  # noqa: F401 - re-exported: spec.DTYPES is public
-from adapterhub_lite.core.spec_yaml import read_yaml
+from adapterhub_lite.core.spec_yaml import check_numbers, read_yaml
 
 TASK_TYPES = ("classification", "generation")
 METHODS = ("lora", "prefix", "prompt", "ia3")
@@ -123,7 +123,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:  # free text such as a prompt is not meant as YAML
             value = raw
         # "Text: {body}" parses as a YAML mapping; only an explicit {…} / […] is meant as one.
-        node[leaf] = raw if isinstance(value, (dict, list)) and raw.strip()[:1] not in "{[" else value
+        if isinstance(value, (dict, list)) and raw.strip()[:1] not in "{[":
+            value = raw
+        elif raw:
+            check_numbers(raw, item)
+        node[leaf] = value
     return out
 
 
