@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -60,6 +61,7 @@ class Admission:
                     job.request, name, job.params.max_tokens, default_new_tokens=job.default_max_tokens, fill_context=job.fill_context,
                     max_input_tokens=job.max_input_tokens, add_special_tokens=job.add_special_tokens, truncate_prompt_tokens=job.truncate_prompt_tokens)
                 self.scheduler.add(self._ticket(job))
+                job.times.queued = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - this request alone is bad (unknown adapter, missing column, too long, over a budget)
                 if not isinstance(exc, AdapterHubError):
                     log.exception("reading a request for %r failed (%s); failing it alone", name, type(exc).__name__)
@@ -184,6 +186,8 @@ class Admission:
                     self._fail([job], exc)
                     continue
                 first.append(job)
+                if job.times.scheduled is None:  # a request sent back to wait for memory keeps its first admission, as vLLM ignores preemptions
+                    job.times.scheduled = time.monotonic()
             pieces.append((job, t, n))
         for t in reversed(back):  # to the head of the queue, in their order: tried again at the next step
             self.scheduler.requeue(t)
@@ -207,6 +211,7 @@ class Admission:
         scored = self.router.classify([j.prepared for j in jobs])
         for job, (best, probs) in zip(jobs, scored):
             words = label_words(job.prepared.spec)
+            self.metrics.prefilled(job.prepared.adapter, len(job.prepared.ids))
             self._finish(job, "stop", text=words[best], label=words[best], probabilities=dict(zip(words, probs)))
 
     def _begin(self, job: Job) -> None:
@@ -259,6 +264,8 @@ class Admission:
         for i in keep:
             self._rows[id(jobs[i])] = jobs[i]
             self.scheduler.started(id(jobs[i]))
+        for job in jobs:  # counted once their prompts ran and nothing above raised (a pass that raises is retried)
+            self.metrics.prefilled(job.prepared.adapter, len(job.prepared.ids))
 
     def _running(self, new):
         """The running batch for rows just prefilled into `new` when none runs: the engine's static batch (kept

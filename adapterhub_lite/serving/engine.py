@@ -73,7 +73,7 @@ class Engine(Admission):
         self.budgets = budgets or Budgets(max_rows=max_batch_rows)
         self.max_batch_rows = self.budgets.max_rows
         self.scheduler = Scheduler(self.budgets)
-        self.metrics = metrics or ServeMetrics()
+        self.metrics = metrics or ServeMetrics(router.max_model_len)
         # read when /metrics is scraped, not at every step: summing it walks every per-row layer (~0.2 ms on 120)
         self.metrics.row_bytes.set_function(router.bank.row_bytes)
         self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)  # arrivals, from any thread
@@ -287,14 +287,14 @@ class Engine(Admission):
         jobs = [self._rows[k] for k in dec.keys]
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
         infos = self._logprobs(dec.logits, tokens, jobs)
+        now = time.monotonic()  # the step's tokens are stamped once (vLLM stamps a step's outputs so)
 
         def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
             job = self._rows[key]
             if job.cancelled or self._expired(job):
                 self._forget(job)
                 return False
-            if not job.tokens:
-                self.metrics.ttft.observe(time.monotonic() - job.submitted)
+            self.metrics.token(job.prepared.adapter, job.times, now)
             reason = job.state.add(tok, infos.get(j))
             text, entries = job.state.take()
             if text or entries:
@@ -388,6 +388,5 @@ class Engine(Admission):
                         prompt=job.prompt, prompt_ids=p.ids, token_ids=list(job.tokens),
                         stop_reason=state.stop_reason if state is not None and reason == "stop" else None, **extra)
         self.metrics.requests.labels(adapter=self._label(job), status="ok").inc()
-        self.metrics.prompt_tokens.inc(result.prompt_tokens)
-        self.metrics.generated_tokens.inc(result.completion_tokens)
+        self.metrics.answered(job.times, result.prompt_tokens, result.completion_tokens, time.monotonic())
         job.listener("done", result)

@@ -3,7 +3,6 @@ and the errors a request meets in the queue (full, shutting down, timed out)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,6 +11,7 @@ import torch
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.manager import Prepared
+from adapterhub_lite.serving.metrics import RequestTimes
 from adapterhub_lite.serving.output import Entry, TextState
 from adapterhub_lite.serving.params import SamplingParams
 
@@ -47,7 +47,7 @@ class Job:
     truncate_prompt_tokens: int | None = None  # the client asked to keep only the prompt's last k tokens
     deadline: float | None = None  # time.monotonic() after which the request times out
     # filled by the engine
-    submitted: float = field(default_factory=time.monotonic)
+    times: RequestTimes = field(default_factory=RequestTimes)  # arrival (now), then what the latency histograms measure
     prepared: Prepared | None = None
     state: TextState | None = None
     prompt: PromptPart | None = None

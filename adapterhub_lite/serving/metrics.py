@@ -1,30 +1,91 @@
 """Prometheus metrics of the server (prometheus_client), kept in a registry of their own so that
-several servers in one process (tests) do not collide."""
+several servers in one process (tests) do not collide.
+
+The latency histograms and token counters mean what vLLM's do (vllm/v1/metrics: a `vllm:` name is ours with
+`adapterhub_`), so a dashboard built for vLLM reads them. The engine marks each request's times (RequestTimes):
+arrival, entering the scheduler's queue, first admitted (scheduled), each token, the end."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# vLLM's bucket bounds, so quantiles read from either server compare
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+                640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def buckets_1_2_5(top: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, … up to `top` (the context): vLLM's bounds for tokens per request."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > top:
+                return out
+            out.append(m * scale)
+        scale *= 10
+
+
+@dataclass
+class RequestTimes:
+    """When one request (one choice) reached each point, in time.monotonic() seconds."""
+
+    arrived: float = field(default_factory=time.monotonic)  # the route made its job
+    queued: float | None = None  # read (routed, tokenized, checked) and handed to the scheduler
+    scheduled: float | None = None  # first admitted (adapter resident, prefill begun); a later requeue does not move it, as in vLLM
+    first_token: float | None = None
+    last_token: float | None = None
 
 
 class ServeMetrics:
-    """Requests by adapter and status, queue depth, running requests, batch rows, tokens, time to first token,
-    resident adapters and evictions.
+    """Requests by adapter and status, queue depth, running requests, batch rows, tokens, latencies, resident adapters
+    and evictions.
 
     Requests and tokens are counted per choice, as vLLM counts its engine requests: a request with n choices (or
     a list of prompts) moves adapterhub_requests_total by n, and a prompt continued by n choices counts its tokens n
-    times (vLLM's prompt_tokens_total does so too), where the response's usage counts each prompt once."""
+    times (vLLM's prompt_tokens_total does so too), where the response's usage counts each prompt once.
 
-    def __init__(self):
+    Token counters count as the engine works, whatever the request's end (vLLM's meaning): a prompt when its
+    prefill has run, each token as it is generated; so a cancelled stream's tokens are counted. Time to first token
+    and inter-token latency are observed as tokens come; the per-request histograms (e2e, queue, prefill, decode,
+    inference, prompt and generation tokens) once a request is answered, as vLLM observes them for requests that
+    finish (stop or length), not for aborted ones. Histograms carry no adapter label (each would be ~20 series per
+    adapter); the token counters do."""
+
+    def __init__(self, max_model_len: int = 8192):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("adapterhub_requests", "Requests (one per choice) that ended, by adapter and status: ok, cancelled or the error's type", ["adapter", "status"], registry=r)
         self.queue_depth = Gauge("adapterhub_queue_depth", "Requests waiting to join the batch", registry=r)
         self.batch_rows = Histogram("adapterhub_batch_rows", "Rows in the running batch after admitting newcomers",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.prompt_tokens = Counter("adapterhub_prompt_tokens", "Prompt tokens of requests answered ok, once per choice (as vLLM's prompt_tokens_total)", registry=r)
-        self.generated_tokens = Counter("adapterhub_generated_tokens", "Tokens generated for requests answered ok", registry=r)
+        self.prompt_tokens = Counter("adapterhub_prompt_tokens", "Prompt tokens prefilled, by adapter, once per choice, whatever the "
+                                     "request's end (vLLM's prompt_tokens_total)", ["adapter"], registry=r)
+        self.generated_tokens = Counter("adapterhub_generated_tokens", "Tokens generated, by adapter, whatever the request's end "
+                                        "(vLLM's generation_tokens_total)", ["adapter"], registry=r)
         self.ttft = Histogram("adapterhub_time_to_first_token_seconds", "From arrival to the first generated token",
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("adapterhub_inter_token_latency_seconds", "Between two generated tokens of a request (vLLM's "
+                             "inter_token_latency_seconds, formerly time_per_output_token_seconds)", buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("adapterhub_e2e_request_latency_seconds", "From arrival to the answer, for answered requests",
+                             buckets=REQUEST_BUCKETS, registry=r)
+        self.queue_time = Histogram("adapterhub_request_queue_time_seconds", "From entering the scheduler's queue to first admitted "
+                                    "(waiting phase)", buckets=REQUEST_BUCKETS, registry=r)
+        self.prefill_time = Histogram("adapterhub_request_prefill_time_seconds", "From first admitted to the first token (prefill phase; "
+                                      "a classification answer or a max_tokens 0 prompt: to its answer)", buckets=REQUEST_BUCKETS, registry=r)
+        self.decode_time = Histogram("adapterhub_request_decode_time_seconds", "From the first token to the last (decode phase)",
+                                     buckets=REQUEST_BUCKETS, registry=r)
+        self.inference_time = Histogram("adapterhub_request_inference_time_seconds", "From first admitted to the last token "
+                                        "(running phase: prefill + decode)", buckets=REQUEST_BUCKETS, registry=r)
+        tokens = buckets_1_2_5(max_model_len)
+        self.request_prompt_tokens = Histogram("adapterhub_request_prompt_tokens", "Prompt tokens of each answered request",
+                                               buckets=tokens, registry=r)
+        self.request_generation_tokens = Histogram("adapterhub_request_generation_tokens", "Tokens generated for each answered request",
+                                                   buckets=tokens, registry=r)
         self.resident = Gauge("adapterhub_resident_adapters", "Adapters resident on the backbone", registry=r)
         self.waits = Counter("adapterhub_scheduler_waits", "Steps in which the first waiting request waited, by the budget it waited for "
                              "(rows, tokens, kv_cache, adapters, batch)", ["budget"], registry=r)
@@ -36,6 +97,36 @@ class ServeMetrics:
         self.evictions = Counter("adapterhub_evictions", "Adapters evicted to stay within the memory budget", registry=r)
         self.running = Gauge("adapterhub_num_requests_running", "Requests in the running batch, decoding or prefilling "
                              "(vLLM's num_requests_running; waiting ones are adapterhub_queue_depth)", registry=r)
+
+    def prefilled(self, adapter: str, tokens: int) -> None:
+        """A prompt of `tokens` tokens has run through the model for `adapter`."""
+        self.prompt_tokens.labels(adapter=adapter).inc(tokens)
+
+    def token(self, adapter: str, times: RequestTimes, now: float) -> None:
+        """A request's next generated token, at `now` (one clock read per step, as vLLM stamps a step's outputs):
+        counted, and its first observes the time to first token, each later one the gap since the one before."""
+        self.generated_tokens.labels(adapter=adapter).inc()
+        if times.first_token is None:
+            times.first_token = now
+            self.ttft.observe(now - times.arrived)
+        else:
+            self.itl.observe(now - times.last_token)
+        times.last_token = now
+
+    def answered(self, times: RequestTimes, prompt_tokens: int, generated: int, now: float) -> None:
+        """A request answered at `now`: its per-request histograms. One that generated nothing (a classification answer,
+        a max_tokens 0 prompt) has its answer as its first and last output."""
+        scheduled = times.scheduled if times.scheduled is not None else now
+        queued = times.queued if times.queued is not None else scheduled
+        first = times.first_token if times.first_token is not None else now
+        last = times.last_token if times.last_token is not None else now
+        self.e2e.observe(now - times.arrived)
+        self.queue_time.observe(scheduled - queued)
+        self.prefill_time.observe(first - scheduled)
+        self.decode_time.observe(last - first)
+        self.inference_time.observe(last - scheduled)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generated)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

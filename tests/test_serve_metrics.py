@@ -1,0 +1,98 @@
+"""/metrics as vLLM's users read it: latency histograms measured at vLLM's points, token counters that count what the
+engine processed whatever the request's end."""
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .serving import KEY, Served, slowed
+
+HISTOGRAMS = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+              "request_decode_time_seconds", "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens")
+
+
+@pytest.fixture(scope="module")
+def served(serve_registry):
+    s = Served(serve_registry)
+    yield s
+    s.close()
+
+
+def scrape(served) -> dict:
+    """sample name (with its labels summed over) → value, through prometheus_client's parser."""
+    out: dict = {}
+    for family in text_string_to_metric_families(httpx.get(served.url + "/metrics").text):
+        for s in family.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def moved(before: dict, after: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def prompt_length(served, prompt: str) -> int:
+    return served.post("/tokenize", {"model": "base", "prompt": prompt}).json()["count"]
+
+
+def wait_until(check, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return check()
+
+
+def test_latency_histograms_move_by_the_requests_answered(served):
+    """vLLM's histograms: one observation per answered request, inter-token gaps = generated tokens - 1 per request."""
+    before = scrape(served)
+    sent = [{"model": "base", "prompt": "a b c", "max_tokens": 6, "ignore_eos": True},
+            {"model": "gen_a", "prompt": "In: ab\nOut:", "max_tokens": 3, "ignore_eos": True},
+            {"model": "base", "prompt": "x", "max_tokens": 1}]
+    usage = [served.post("/v1/completions", body).json()["usage"] for body in sent]
+    after = scrape(served)
+    assert [u["completion_tokens"] for u in usage] == [6, 3, 1]
+    for name in HISTOGRAMS:
+        assert moved(before, after, f"adapterhub_{name}_count") == len(sent), name
+    assert moved(before, after, "adapterhub_inter_token_latency_seconds_count") == sum(u["completion_tokens"] - 1 for u in usage)
+    assert moved(before, after, "adapterhub_request_prompt_tokens_sum") == sum(u["prompt_tokens"] for u in usage)
+    assert moved(before, after, "adapterhub_request_generation_tokens_sum") == sum(u["completion_tokens"] for u in usage)
+    e2e, ttft = moved(before, after, "adapterhub_e2e_request_latency_seconds_sum"), moved(before, after, "adapterhub_time_to_first_token_seconds_sum")
+    queue, inference = moved(before, after, "adapterhub_request_queue_time_seconds_sum"), moved(before, after, "adapterhub_request_inference_time_seconds_sum")
+    prefill, decode = moved(before, after, "adapterhub_request_prefill_time_seconds_sum"), moved(before, after, "adapterhub_request_decode_time_seconds_sum")
+    assert e2e >= ttft > 0 and e2e >= queue + inference  # vLLM's intervals nest: queue, then prefill + decode, within e2e
+    assert inference == pytest.approx(prefill + decode)
+
+
+def test_a_classification_answer_is_one_request_without_tokens(served):
+    before = scrape(served)
+    served.post("/v1/completions", {"model": "cls_a", "input": "pos 1"}).raise_for_status()
+    after = scrape(served)
+    assert moved(before, after, "adapterhub_e2e_request_latency_seconds_count") == 1
+    assert moved(before, after, "adapterhub_request_generation_tokens_count") == 1
+    assert moved(before, after, "adapterhub_request_generation_tokens_sum") == 0
+    assert moved(before, after, "adapterhub_time_to_first_token_seconds_count") == 0  # no token generated
+    assert moved(before, after, "adapterhub_prompt_tokens_total") > 0
+
+
+def test_a_cancelled_stream_counts_the_tokens_it_processed(served, monkeypatch):
+    """vLLM's prompt_tokens_total and generation_tokens_total count what the engine processed, whatever the end; ours
+    counted the tokens of requests answered ok only, so a stream its client left added nothing."""
+    slowed(served, monkeypatch)
+    prompt = "count me please"
+    before = scrape(served)
+    with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "base", "prompt": prompt, "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        got = [next(line for line in lines if line.startswith("data: ")) for _ in range(3)]  # three tokens, then leave
+    assert wait_until(lambda: not served.engine._rows and not served.engine._jobs)
+    monkeypatch.undo()
+    after = scrape(served)
+    assert len(got) == 3 and moved(before, after, "adapterhub_requests_total") == 1  # the stream ended cancelled
+    assert moved(before, after, "adapterhub_prompt_tokens_total") == prompt_length(served, prompt)
+    generated = moved(before, after, "adapterhub_generated_tokens_total")
+    assert 3 <= generated < 400
+    assert moved(before, after, "adapterhub_inter_token_latency_seconds_count") == generated - 1
+    assert moved(before, after, "adapterhub_e2e_request_latency_seconds_count") == 0  # not answered: as vLLM, for aborted requests
+
