@@ -1,6 +1,7 @@
 """/metrics as vLLM's users read it: latency histograms measured at vLLM's points, token counters that count what the
-engine processed whatever the request's end."""
+engine processed whatever the request's end, and the access line of a request whose client left."""
 
+import logging
 import time
 
 import httpx
@@ -96,3 +97,18 @@ def test_a_cancelled_stream_counts_the_tokens_it_processed(served, monkeypatch):
     assert moved(before, after, "adapterhub_inter_token_latency_seconds_count") == generated - 1
     assert moved(before, after, "adapterhub_e2e_request_latency_seconds_count") == 0  # not answered: as vLLM, for aborted requests
 
+
+def test_a_whole_response_its_client_left_logs_the_tokens_it_read(served, monkeypatch, caplog):
+    """A non-streaming request whose client left was logged 499 with prompt_tokens=- (a stream's line had its tokens)."""
+    slowed(served, monkeypatch)
+    prompt = "leave me be"
+    with caplog.at_level(logging.INFO, logger="adapterhub_lite.serve.access"):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.6,
+                       json={"model": "base", "prompt": prompt, "max_tokens": 400, "ignore_eos": True})
+        assert wait_until(lambda: [x for x in caplog.records if "POST /v1/completions" in x.getMessage()])
+    monkeypatch.undo()
+    line = next(x.getMessage() for x in caplog.records if "POST /v1/completions" in x.getMessage())
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    assert fields["status"] == "499" and fields["adapter"] == "base", line
+    assert fields["prompt_tokens"] == str(prompt_length(served, prompt)) and fields["completion_tokens"].isdigit(), line

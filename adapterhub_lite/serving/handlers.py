@@ -193,6 +193,10 @@ class Handlers:
                         raise as_api_error(payload)
         except TimeoutError:
             raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
+        except BaseException:  # the client left, or a choice failed: the access line says what the choices had read and made
+            if http is not None and any(j.prepared is not None for j in req.jobs):
+                self.note(http.state.access, out, req.n, req.jobs)
+            raise
         finally:
             if getter is not None:
                 getter.cancel()
