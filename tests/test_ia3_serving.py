@@ -12,7 +12,8 @@ from adapterhub_lite.artifacts.loading import check_fits
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.rowconfig import check_ia3_config
-from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
+from adapterhub_lite.model.rowcontext import RowContext
+from adapterhub_lite.model.rowlora import RowLoraLinear
 from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.router import Router
 

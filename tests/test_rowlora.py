@@ -7,7 +7,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.rowconfig import check_lora_config, unsupported_lora_fields
-from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear, wrap
+from adapterhub_lite.model.rowcontext import RowContext
+from adapterhub_lite.model.rowlora import RowLoraLinear, wrap
 from adapterhub_lite.serving.bank import AdapterBank
 
 TINY = "tiny-random-llama"

@@ -4,6 +4,7 @@
     adapter.py      peft configs per method (LoRA, prefix, prompt, IA3), attach / read / save
     lora_format.py  the one reader of the LoRA format: tensor names, scaling, base-rewriting inits
     rowconfig.py    what the per-row layer accepts (configs refused by field) and its tensors
+    rowcontext.py   the per-row layers' slot table and each batch's slot assignment
     rowlora.py      the per-row LoRA / IA3 layer (each row of a batch through its own adapter)
     heads.py        label scoring, target-only loss, greedy decoding
     evaluate.py     predict over a split and score it (metrics from the core)

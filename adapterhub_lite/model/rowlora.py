@@ -10,10 +10,8 @@ names. This module is that one idea, in the shape of a peft tuner layer:
 - It holds *entries*: name → (A [r, in], B [out, r], scale), each at its own rank. They may be
   plain tensors (serving: the router's bank) or live trainable parameters (joint training,
   learned composition): the layer never copies them into state of its own.
-- A `RowContext`, shared by every RowLoraLinear of one model, holds the *slot table*
-  (slot → [(entry name, weight)]) and, while a batch runs, each row's slot. The slot assignment of a
-  batch — which slot each row uses, as one index tensor on the device — is computed once per
-  batch there, not once per layer: a layer never reads row ids back to the host.
+- A `RowContext` (rowcontext.py), shared by every RowLoraLinear of one model, holds the *slot
+  table* (slot → [(entry name, weight)]) and each batch's slot assignment, computed once per batch.
 
 The update of a slot is its entries' factors concatenated along the rank (w·s folded into B),
 zero-padded to the widest slot of the batch (exact: padded columns add 0), stacked, gathered per
@@ -29,98 +27,11 @@ name stay one level deep whatever mix of adapters a model holds.
 
 from __future__ import annotations
 
-import itertools
-from contextlib import contextmanager
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from adapterhub_lite.core.errors import AdapterLoadError
-
-
-@dataclass
-class _Assignment:
-    """One batch's slot assignment (which slot each row uses), computed once and read by every layer.
-
-    ("Routing" in this package means content routing, router/routing.py; this is not that.)
-    """
-
-    id: int
-    slots: tuple[int, ...]  # the distinct slots of the batch, in first-seen order (a live plan: every slot it may meet)
-    index: torch.Tensor | None  # [B] position of each row's slot in `slots`; None when one slot serves every row
-    per_row: list[int] | None  # each row's slot (host copy; None when one slot serves every row)
-    device: torch.device | str | None
-    _slot_ids: torch.Tensor | None = None
-    # live: the rows' slots are read from a device buffer the caller rewrites in place (RowContext.plan_live), so the
-    # layers gather from it at every call and cache nothing: a CUDA graph captured under it replays correctly for
-    # whatever the buffer holds at replay.
-    live: bool = False
-
-    def slot_ids(self) -> torch.Tensor | int:
-        """Each row's slot number as one device tensor (an int when one slot serves every row): the index into a
-        slot pool, made once per batch and shared by every layer."""
-        if self._slot_ids is not None:
-            return self._slot_ids
-        if self.per_row is None:
-            return self.slots[0]
-        self._slot_ids = torch.tensor(self.per_row, device=self.device)
-        return self._slot_ids
-
-
-class RowContext:
-    """The slot table and the running batch's slot assignment, shared by every RowLoraLinear of a model.
-
-    The slot table maps a slot (an int) to the entries it adds and their weights:
-    bank: slot → [(adapter, 1.0)]; joint training: task i → [("shared", 1), (task, 1)];
-    composition: the composed slot → [(source_j, w_j)] with w a (possibly trainable) tensor.
-    """
-
-    _ids = itertools.count(1)
-
-    def __init__(self):
-        self.table: dict[int, list[tuple[str, float | torch.Tensor]]] = {}
-        self.version = 0  # bumped by define()/forget(): layers drop stacks built from the old table
-        self.active: _Assignment | None = None
-
-    def define(self, slot: int, parts: list[tuple[str, float | torch.Tensor]]) -> None:
-        """Let `slot` add Σ weight·update of the named entries."""
-        self.table[slot] = list(parts)
-        self.version += 1
-
-    def forget(self, slot: int) -> None:
-        self.table.pop(slot, None)
-        self.version += 1
-
-    def plan(self, slots: list[int] | int | None, device: torch.device | str | None = None) -> _Assignment | None:
-        """The slot assignment of a batch whose row i uses slot slots[i] (an int: every row; None: none)."""
-        if slots is None:
-            return None
-        if isinstance(slots, int):
-            return _Assignment(next(self._ids), (slots,), None, None, device)
-        distinct = tuple(dict.fromkeys(slots))
-        # One host → device copy per batch; every layer indexes with this same tensor.
-        index = None if len(distinct) == 1 else torch.tensor([distinct.index(s) for s in slots], device=device)
-        return _Assignment(next(self._ids), distinct, index, None if index is None else list(slots), device)
-
-    def plan_live(self, slot_ids: torch.Tensor) -> _Assignment:
-        """A plan whose row i uses slot slot_ids[i], read from that device buffer at every call (see _Assignment.live):
-        for a decode step captured once and replayed while rows come and go (serving/static.py)."""
-        return _Assignment(next(self._ids), tuple(self.table), None, None, slot_ids.device, _slot_ids=slot_ids, live=True)
-
-    @contextmanager
-    def using(self, plan: _Assignment | None):
-        """Run the model under a planned slot assignment (None: the plain base). Entering the same plan
-        again (each decode step of a batch) reuses what the layers gathered for it."""
-        saved, self.active = self.active, plan
-        try:
-            yield
-        finally:
-            self.active = saved
-
-    def assign(self, slots: list[int] | int | None, device: torch.device | str | None = None):
-        """Context: run the model with row i using slot slots[i] (an int: every row; None: the plain base)."""
-        return self.using(self.plan(slots, device))
+from adapterhub_lite.model.rowcontext import Assignment, RowContext
 
 
 def _pick_rows(stack: torch.Tensor, pick: torch.Tensor | int | None) -> torch.Tensor:
@@ -296,7 +207,7 @@ class RowLoraLinear(torch.nn.Module):
         Bt = torch.stack([zero_b.T if f is None else F.pad(f[1], (0, r_max - f[1].shape[1])).T for f in factors])
         return At, Bt
 
-    def _per_row(self, plan: _Assignment):
+    def _per_row(self, plan: Assignment):
         """The plan's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
 
         Serving (cache=True) reads the slot pool (_sync_pool), so a batch costs one index_select per
@@ -356,7 +267,7 @@ class RowLoraLinear(torch.nn.Module):
             return torch.stack([ones if v is None else v for v in vs])
         return stack(ins, self.in_features), stack(outs, self.out_features), scaled
 
-    def _per_row_scales(self, plan: _Assignment) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _per_row_scales(self, plan: Assignment) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The plan's IA3 vectors (s_in, s_out), each [B, n], [n] (one slot serves every row) or None;
         built once per batch, cached as _per_row caches the LoRA stacks."""
         ctx = self.context

@@ -32,7 +32,8 @@ from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import label_token_ids, task_loss
 from adapterhub_lite.model.rowconfig import LoraFactors
-from adapterhub_lite.model.rowlora import RowContext, wrap
+from adapterhub_lite.model.rowcontext import RowContext
+from adapterhub_lite.model.rowlora import wrap
 from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder
 from adapterhub_lite.training.progress import peak_memory_mb
 from adapterhub_lite.training.recipes.train import train

@@ -37,7 +37,8 @@ from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids, read_tokens
 from adapterhub_lite.model.rowconfig import check_lora_config
-from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear
+from adapterhub_lite.model.rowcontext import RowContext
+from adapterhub_lite.model.rowlora import RowLoraLinear
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
 from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
