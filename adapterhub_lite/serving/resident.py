@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors
-from adapterhub_lite.model.rowlora import RowContext, RowLoraLinear, check_own, unwrap, wrap
+from adapterhub_lite.model.rowcontext import RowContext
+from adapterhub_lite.model.rowlora import RowLoraLinear, check_own, unwrap, wrap
 
 BASE_SLOT = 0  # the plain backbone: a slot with no entries
 
