@@ -4,10 +4,12 @@ What a user compares our loop with is transformers' Trainer: its learning-rate s
 after the loss is divided by the step's item count (num_items_in_batch), its AdamW defaults."""
 
 
+import copy
+
 import pytest
 import torch
 import torch.optim.optimizer as optim_hooks
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import Trainer, TrainingArguments, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.parallel import Parallel
@@ -21,7 +23,7 @@ class Toy(Recipe):
 
     def __init__(self, rows: int = 64, batch: int = 4, lr: float = 0.1, weight_decay: float = 0.0):
         g = torch.Generator().manual_seed(0)
-        self.model = torch.nn.Linear(3, 2)
+        self.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
         with torch.no_grad():
             for p in self.model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
@@ -83,3 +85,31 @@ def test_each_steps_learning_rate_is_transformers_schedule_with_its_warmup(sched
         sched.step()
     assert used == pytest.approx(want, abs=1e-12)
     assert used[:4] == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])  # warm-up ends at step warmup_steps + 1, at the full rate
+
+
+def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path):
+    """Trainer's step by hand: each micro-batch's summed loss ÷ the step's item count (num_items_in_batch), backward,
+    clip_grad_norm_ over the trainable parameters, AdamW with Trainer's betas and eps and its weight-decay groups
+    (biases and LayerNorm weights undecayed), the schedule. fit() takes the same steps (to 1e-6: it rescales the summed gradients once the step's count is known)."""
+    ours = Toy(weight_decay=0.1)
+    ref = copy.deepcopy(ours)
+    _fit(ours, tmp_path, max_steps=6, warmup_steps=2, grad_accum=2, max_grad_norm=0.5)
+
+    model, args = ref.model, TrainingArguments.__dataclass_fields__
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    assert decay == {"0.weight", "2.weight"}
+    groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": 0.1},
+              {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=0.1, betas=(args["adam_beta1"].default, args["adam_beta2"].default), eps=args["adam_epsilon"].default)
+    sched = get_linear_schedule_with_warmup(opt, 2, 6)
+    for _ in range(6):
+        micro = [ref.next_rows() for _ in range(2)]
+        items = sum(len(rows) * 2 for rows in micro)  # two outputs a row
+        for rows in micro:
+            (((model(ref.x[rows]) - ref.y[rows]) ** 2).sum() / items).backward()
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5) > 0.5  # the clip bites
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    for (name, got), want in zip(ours.model.named_parameters(), model.parameters()):
+        assert (got - want).abs().max().item() <= 1e-6, name

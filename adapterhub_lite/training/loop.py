@@ -175,7 +175,7 @@ class _Run:
                  compute_dtype: torch.dtype) -> None:
         """Set up: optimizer, schedule, DDP; then the checkpoint's progress when resuming, and a fresh metrics.jsonl."""
         self.recipe, self.cfg, self.parallel, self.work = recipe, cfg, parallel, work
-        groups = recipe.param_groups()
+        groups = _decay_groups(recipe.param_groups(), recipe.model)
         self.extra = recipe.extra_params()
         self.params = [p for g in groups for p in g["params"]]
         for p in self.params:  # peft keeps adapters fp32 on a low-precision base (autocast_adapter_dtype); make sure of it
@@ -325,6 +325,30 @@ class _Run:
     def _diverged(self) -> TrainingError:
         return TrainingError(f"training stopped: the adapter's weights became non-finite by step {self.state.step}; nothing was saved past "
                              f"the last good checkpoint {_where(self.ckpt)}; lower train.lr and train again with --overwrite (not --resume)")
+
+
+def _decay_groups(groups: list[dict], model: torch.nn.Module) -> list[dict]:
+    """The recipe's optimizer groups with transformers Trainer's weight-decay rule: a group's biases and norm weights
+    (a LayerNorm, or a name with bias / layernorm / rmsnorm / norm, e.g. peft's `modules_to_save=[norm]` copies) move to
+    a group of their own without decay. A group with no such parameter stays as it is (its checkpoints resume)."""
+    if not any(g.get("weight_decay") for g in groups):
+        return groups
+    from transformers import Trainer  # its rule, not a copy of it; the method reads nothing of the Trainer instance
+
+    decays = set(Trainer.get_decay_parameter_names(None, model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {id(p) for p in model.parameters() if names[id(p)] not in decays}
+    out = []
+    for group in groups:
+        keep = [p for p in group["params"] if id(p) not in spared]
+        spare = [p for p in group["params"] if id(p) in spared]
+        if not group.get("weight_decay") or not spare:
+            out.append(group)
+            continue
+        if keep:
+            out.append({**group, "params": keep})
+        out.append({**group, "params": spare, "weight_decay": 0.0})
+    return out
 
 
 def _where(ckpt: Checkpoint) -> str:
