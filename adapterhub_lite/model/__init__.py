@@ -6,6 +6,7 @@
     rowconfig.py    what the per-row layer accepts (configs refused by field) and its tensors
     rowcontext.py   the per-row layers' slot table and each batch's slot assignment
     rowlora.py      the per-row LoRA / IA3 layer (each row of a batch through its own adapter)
+    rowadapters.py  named LoRA adapters on those layers, combined by slot (joint training, composition)
     heads.py        label scoring, target-only loss, greedy decoding
     evaluate.py     predict over a split and score it (metrics from the core)
 """

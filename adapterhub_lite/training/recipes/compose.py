@@ -31,9 +31,8 @@ from adapterhub_lite.model.adapter import read_lora, save_lora
 from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import label_token_ids, task_loss
+from adapterhub_lite.model.rowadapters import RowAdapters
 from adapterhub_lite.model.rowconfig import LoraFactors
-from adapterhub_lite.model.rowcontext import RowContext
-from adapterhub_lite.model.rowlora import wrap
 from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder
 from adapterhub_lite.training.progress import peak_memory_mb
 from adapterhub_lite.training.recipes.train import train
@@ -45,7 +44,7 @@ class ComposeError(AdapterHubError):
     """Sources that cannot be composed (not LoRA, another backbone, no common module)."""
 
 
-class Composition:
+class Composition(RowAdapters):
     """Sources' LoRA factors on one backbone, combined with weights w by the per-row LoRA layer.
 
     Slot i is source i alone; the composed slot adds Σ w_i·ΔW_i (w may be a tensor that requires
@@ -63,14 +62,11 @@ class Composition:
             raise ComposeError(f"the sources adapt modules this backbone lacks, e.g. {missing[0]!r}; were they trained on another model?")
         if model.get_output_embeddings() in [named[m] for m in self.modules]:
             raise ComposeError("a source adapts the LM head, which composition does not support; compose adapters of the decoder's linear layers")
-        self.device = next(model.parameters()).device
-        self.context = RowContext()
-        self.layers = wrap(model, self.modules, self.context)
+        super().__init__(model, {m: m for m in self.modules})
         for name, src in zip(self.names, self.sources):
-            for m, (a, b, scale) in src.modules.items():
-                self.layers[m].put(name, a.float().to(self.device), b.float().to(self.device), scale)
+            self.put(name, {m: (a.float().to(self.device), b.float().to(self.device), scale) for m, (a, b, scale) in src.modules.items()})
         for i, name in enumerate(self.names):
-            self.context.define(i, [(name, 1.0)])
+            self.define(i, [(name, 1.0)])
         self.composed_slot = len(self.names)
         self.weights = torch.zeros(len(self.names))
 
@@ -82,23 +78,15 @@ class Composition:
     def weights(self, w: torch.Tensor) -> None:
         self._weights = w
         w = w.to(self.device)  # differentiable: a gradient search reaches w through this copy
-        self.context.define(self.composed_slot, [(n, w[i]) for i, n in enumerate(self.names)])
-
-    def factors(self, module: str, slot: int):
-        """(A, B·scale) of a slot at `module` (the composed one: sources concatenated, w folded into B)."""
-        return self.layers[module].slot_factors(slot)
-
-    def assign(self, slot: int | None):
-        """Context: source `slot` alone (None: the plain backbone)."""
-        return self.context.assign(slot, self.device)
+        self.define(self.composed_slot, [(n, w[i]) for i, n in enumerate(self.names)])
 
     def composed(self):
         """Context: the model runs with the weighted composition."""
         return self.assign(self.composed_slot)
 
     def export(self) -> dict:
-        """The composed factors, for save_lora."""
-        return {m: f for m in self.modules if (f := self.factors(m, self.composed_slot)) is not None}
+        """The composed factors (sources concatenated, w folded into B), for save_lora."""
+        return self.export_slot(self.composed_slot)
 
 
 def _load_sources(folders: dict[str, Path], backbone, allow_base_mismatch: bool = False) -> dict[str, LoraFactors]:

@@ -36,9 +36,8 @@ from adapterhub_lite.model.adapter import make_config, save_lora, trainable_para
 from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids, read_tokens
+from adapterhub_lite.model.rowadapters import RowAdapters
 from adapterhub_lite.model.rowconfig import check_lora_config
-from adapterhub_lite.model.rowcontext import RowContext
-from adapterhub_lite.model.rowlora import RowLoraLinear
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
 from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
@@ -118,43 +117,32 @@ def check_specs(specs: list[TaskSpec]) -> None:
         raise SpecError(problems, "joint training")
 
 
-class JointLora:
+class JointLora(RowAdapters):
     """The task adapters (+ shared) of a multi-adapter peft model, applied per row.
 
     peft creates, initialises and holds the parameters; its own LoRA forward is switched off and
     each of its LoRA layers gets a per-row LoRA layer (rowlora.RowLoraLinear) as its base: that one
     holds the very same parameters and adds, for row i, task[i]'s update plus the shared one.
+    Slot i is task i (factors(module, i): its own factors after the shared ones).
     """
 
     def __init__(self, model, tasks: list[str], shared: bool, dropout: float):
         self.tasks, self.shared, self.dropout = tasks, shared, dropout
-        self.layers = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+        self.lora = {name: m for name, m in model.base_model.model.named_modules() if hasattr(m, "lora_A") and m.lora_A}
         model.base_model.disable_adapter_layers()  # peft now computes only the frozen base ...
-        self.device = next(model.parameters()).device
-        self.context = RowContext()
+        super().__init__(model.base_model.model, {name: f"{name}.base_layer" for name in self.lora}, dropout)
         for i, task in enumerate(tasks):  # slot i: the task's own adapter after the shared one
-            self.context.define(i, ([(SHARED, 1.0)] if shared else []) + [(task, 1.0)])
-        self.rows: dict[str, RowLoraLinear] = {}
-        for name, m in self.layers.items():
-            row = RowLoraLinear(m.base_layer, self.context, dropout=dropout)
+            self.define(i, ([(SHARED, 1.0)] if shared else []) + [(task, 1.0)])
+        for name, m in self.lora.items():
             for adapter in m.lora_A:  # ... and froze the factors too; we train them ourselves
                 a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight
                 a.requires_grad_(True)
                 b.requires_grad_(True)
-                row.put(adapter, a, b, m.scaling[adapter])
-            m.base_layer = row
-            self.rows[name] = row
-
-    def assign(self, tasks: list[int] | int | None):
-        """Context: row i through task tasks[i]'s adapter (an int: every row; None: the plain base)."""
-        return self.context.assign(tasks, self.device)
-
-    def factors(self, module: str, task: int):
-        """(A, B·scale) of task `task` at `module`: its own factors after the shared ones."""
-        return self.rows[module].slot_factors(task)
+                self.put(adapter, {name: (a, b, m.scaling[adapter])})
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
-        return [p for m in self.layers.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
+        """Adapter `name`'s trainable factors (peft's own parameters), for its optimizer group."""
+        return [p for m in self.lora.values() if name in m.lora_A for p in (m.lora_A[name].weight, m.lora_B[name].weight)]
 
     def names(self) -> list[str]:
         """The adapters trained: the tasks' and the shared one."""
@@ -163,8 +151,8 @@ class JointLora:
     def export(self, task: int | None) -> dict:
         """Factors of a task adapter (shared included) or, with None, of the shared adapter alone."""
         if task is None:
-            return {m: (a, b * s) for m, row in self.rows.items() if SHARED in row.entries for a, b, s in [row.entries[SHARED]]}
-        return {m: f for m in self.rows if (f := self.factors(m, task)) is not None}
+            return {m: (a, b * s) for m, row in self.layers.items() if SHARED in row.entries for a, b, s in [row.entries[SHARED]]}
+        return self.export_slot(task)
 
 
 def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
