@@ -14,7 +14,8 @@ from adapterhub_lite.cli.args import add_device_args, count, finite_float, nonem
 
 def _train_multi(args) -> int:
     from adapterhub_lite.core.spec import load_spec
-    from adapterhub_lite.training.recipes.joint import JointConfig, train_joint
+    from adapterhub_lite.training.recipes.joint import train_joint
+    from adapterhub_lite.training.recipes.joint_config import JointConfig
 
     paths, overrides = _specs_and_overrides(args.specs)
     overrides += [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]

@@ -1,0 +1,85 @@
+"""What a joint run is: the settings it takes once for all its tasks, and which sets of tasks it accepts.
+
+Each task's own spec gives its prompt, labels, LoRA shape and learning rate; the keys one schedule and one
+mixed batch need (SHARED_TRAIN_KEYS) must agree across the tasks' specs, and the rest (weighting, sampling,
+the shared adapter) is joint-only. Read without torch: the CLI builds this before anything is loaded, and a
+resumed run's identity (training/progress.py) is computed from it. The run itself is joint.py's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.spec import TaskSpec, TrainConfig
+
+SHARED = "shared"
+
+
+@dataclass
+class JointConfig:
+    """Settings of a joint run (each task's own spec gives its prompt, labels, LoRA shape and lr).
+
+    The keys a joint run takes once for all tasks (SHARED_TRAIN_KEYS) are a spec's `train` keys, with the
+    spec's defaults (core.spec.TrainConfig); from_specs reads them off the tasks' specs. The rest is joint-only."""
+
+    max_steps: int = TrainConfig.max_steps
+    batch_size: int = TrainConfig.batch_size  # rows per step, mixed over tasks
+    warmup_steps: int = TrainConfig.warmup_steps
+    eval_every: int = TrainConfig.eval_every
+    eval_samples: int = TrainConfig.eval_samples
+    max_grad_norm: float = TrainConfig.max_grad_norm
+    weighting: str = "dynamic"
+    weighting_args: dict = field(default_factory=dict)  # alpha/beta/window (dynamic), weights (fixed)
+    sampling: str = "temperature"
+    temperature: float = 2.0
+    shared_adapter: bool = False
+    shared_r: int = 8
+    max_minutes: float = TrainConfig.max_minutes
+    seed: int = TrainConfig.seed
+    log_every: int = 1  # steps per metrics row (per-task losses, weights, rows): joint-only, a row per step is what a study reads
+
+    @classmethod
+    def from_specs(cls, specs: list[TaskSpec], **joint_only) -> JointConfig:
+        """The shared keys from the specs (which must agree; see joint_settings), the joint-only ones as given."""
+        return cls(**joint_settings(specs), **joint_only)
+
+
+# The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
+SHARED_TRAIN_KEYS = ("max_steps", "batch_size", "warmup_steps", "eval_every", "eval_samples", "max_grad_norm", "max_minutes", "seed")
+
+
+def joint_settings(specs: list[TaskSpec]) -> dict:
+    """JointConfig fields from the specs' `train` keys, which must agree across the tasks (override
+    them on the command line, e.g. train.max_steps=240, to make them agree); all disagreements at once."""
+    out, problems = {}, []
+    for key in SHARED_TRAIN_KEYS:
+        values = {s.name: getattr(s.train, key) for s in specs}
+        if len(set(values.values())) > 1:
+            problems.append(f"train.{key} differs between the tasks ({', '.join(f'{n}: {v}' for n, v in values.items())}); "
+                            f"a joint run has one: pass train.{key}=VALUE")
+        out[key] = next(iter(values.values()))
+    if problems:
+        raise SpecError(problems, "joint training")
+    return out
+
+
+def check_specs(specs: list[TaskSpec]) -> None:
+    """Refuse, all problems at once, a set of tasks that cannot be trained jointly."""
+    problems = []
+    names = [s.name for s in specs]
+    if len(specs) < 2:
+        problems.append(f"joint training needs at least two tasks, got {names}")
+    if len(set(names)) < len(names) or SHARED in names:
+        problems.append(f"task names must be distinct and not {SHARED!r}, got {names}")
+    problems += [f"task {s.name!r} uses method {s.method!r}; joint training trains LoRA adapters (set method: lora)"
+                 for s in specs if s.method != "lora"]
+    for key in ("base", "quantization", "dtype"):
+        values = {s.name: getattr(s, key) for s in specs}
+        if len(set(values.values())) > 1:
+            problems.append(f"all tasks must share one backbone, but {key} differs: {values}")
+    dropouts = {s.name: s.method_args.get("lora_dropout", 0.0) for s in specs}
+    if len(set(dropouts.values())) > 1:
+        problems.append(f"all tasks must use one lora_dropout (the batch shares one dropout mask), got {dropouts}")
+    if problems:
+        raise SpecError(problems, "joint training")
