@@ -5,6 +5,7 @@ after the loss is divided by the step's item count (num_items_in_batch), its Ada
 
 
 import copy
+import json
 
 import pytest
 import torch
@@ -54,7 +55,8 @@ class Toy(Recipe):
 
 
 def _fit(recipe, tmp_path, **settings):
-    """fit() the recipe; returns the learning rate of every optimizer step it took (read as the step runs)."""
+    """fit() the recipe; returns the learning rate of every optimizer step it took (read as the step runs), and checks
+    that metrics.jsonl logs it, as Trainer logs `learning_rate` (read before the scheduler steps), not the next step's."""
     used = []
     handle = optim_hooks.register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
     try:
@@ -62,6 +64,8 @@ def _fit(recipe, tmp_path, **settings):
         fit(recipe, cfg, Parallel(torch.device("cpu")), tmp_path, progress=False)
     finally:
         handle.remove()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [used[r["step"] - 1] for r in rows if "lr" in r]
     return used
 
 

@@ -255,6 +255,7 @@ class _Run:
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         scaler.step(self.raw_opt)
         scaler.update()
+        self.step_lr = self.sched.get_last_lr()[0]  # the rate this step used, what a row logs (as Trainer does), not the next's
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.window_steps += 1
@@ -272,11 +273,11 @@ class _Run:
         return values
 
     def log_row(self, means: dict[str, float], bar) -> None:
-        """One metrics row: the window's means, the learning rate, the throughput so far."""
+        """One metrics row: the window's means, the learning rate of its last step, the throughput so far."""
         state = self.state
         tps = state.tokens / max(state.train_seconds, 1e-9)
         row = {"step": state.step, **{k: (round(v, 5) if math.isfinite(v) else None) for k, v in means.items()},
-               "lr": self.sched.get_last_lr()[0], "tokens_per_s": round(tps, 1)}  # JSON has no inf/NaN (an fp16 overflow)
+               "lr": self.step_lr, "tokens_per_s": round(tps, 1)}  # JSON has no inf/NaN (an fp16 overflow)
         self.record(row)
         bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", tok_s=f"{tps:.0f}")
 
