@@ -145,8 +145,8 @@ def run_one(args, dtype: str, quantization: str) -> dict:
     """Train once in this process and return the combination's figures."""
     from transformers import AutoTokenizer
 
-    from adapterhub_lite.model.backbone import resolve as base_folder
     from adapterhub_lite.model.heads import label_token_ids
+    from adapterhub_lite.model.weights import resolve as base_folder
     from adapterhub_lite.training.recipes.train import train
 
     clock = Clock(torch.device(args.device).type == "cuda")

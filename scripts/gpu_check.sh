@@ -46,7 +46,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HUB_D
 START=$(date +%s)
 
 # One interpreter start (torch takes seconds to import): CUDA?, the backbone cache, the device's name, torch's version.
-mapfile -t ENV < <($PY -c "import torch; from adapterhub_lite.model.backbone import cache_dir; c = torch.cuda.is_available()
+mapfile -t ENV < <($PY -c "import torch; from adapterhub_lite.model.weights import cache_dir; c = torch.cuda.is_available()
 print(int(c)); print(cache_dir()); print(torch.cuda.get_device_name() if c else 'cpu'); print(torch.__version__)" 2>/dev/null)
 CUDA=${ENV[0]:-0}; CACHE=${ENV[1]:-$HOME/.cache/adapterhub_lite}
 if [ "$CUDA" != 1 ] && [ "$QUICK" != 1 ]; then

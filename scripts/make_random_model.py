@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from adapterhub_lite.model.backbone import cache_dir, resolve
+from adapterhub_lite.model.weights import cache_dir, resolve
 
 # Only the fields that change; everything else (vocabulary, rope, norms, tied embeddings) comes from --like.
 SHAPES = {

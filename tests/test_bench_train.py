@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.spec import load_spec
-from adapterhub_lite.model.backbone import resolve
+from adapterhub_lite.model.weights import resolve
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 _spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)

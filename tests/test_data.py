@@ -78,7 +78,7 @@ def test_bad_data_files_name_the_line_and_what_is_wrong(tmp_path, name, data, ne
 
 def test_max_length_must_fit_the_longest_label_or_target(tmp_path, monkeypatch):
     from adapterhub_lite.core.data import check_lengths
-    from adapterhub_lite.model.backbone import _tiny_tokenizer
+    from adapterhub_lite.model.weights import _tiny_tokenizer
 
     tok = _tiny_tokenizer()  # byte-level: " maybe" is 6 tokens
     with pytest.raises(DataError, match=r"longest label 'maybe' \(6 tokens\); use train.max_length ≥ 7"):

@@ -13,7 +13,8 @@ from peft import PeftModel
 
 from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.core.spec import load_spec
-from adapterhub_lite.model.backbone import cache_dir, load_backbone
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.model.weights import cache_dir
 from adapterhub_lite.training.recipes.train import train
 
 from .conftest import REAL_CACHE

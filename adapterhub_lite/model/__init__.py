@@ -1,6 +1,7 @@
 """The model: the frozen backbone and what runs on it (imports only the core).
 
-    backbone.py     load the backbone (8-bit / 4-bit / none), its fingerprint, device and dtype
+    weights.py      which folder a backbone name means (built-ins fetched or built once), its fingerprint
+    backbone.py     load the backbone (8-bit / 4-bit / none) on a device, in a dtype
     adapter.py      peft configs per method (LoRA, prefix, prompt, IA3), attach / read / save
     lora_format.py  the one reader of the LoRA format: tensor names, scaling, base-rewriting inits
     rowconfig.py    what the per-row layer accepts (configs refused by field) and its tensors

@@ -189,7 +189,7 @@ def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, ou
     # base_model_name_or_path stays the hub id: peft (AutoPeftModel, the Hub) resolves the base by
     # it, and a local path would mean nothing on another machine. The built-in backbone's weights
     # are a de-quantized Q4_1 GGUF of that model, not its bf16 checkpoint, so the sidecar's
-    # base.weights and the model card name the exact file and sha256 (backbone.weights_source).
+    # base.weights and the model card name the exact file and sha256 (model/weights.py: weights_source).
     model.peft_config["default"].base_model_name_or_path = backbone.hub_id
     with disk_errors(final, output):
         # save_embedding_layers=False: embeddings are never resized or trained here, and peft's "auto" would
