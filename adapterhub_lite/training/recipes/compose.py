@@ -49,7 +49,7 @@ class Composition(RowAdapters):
 
     Slot i is source i alone; the composed slot adds Σ w_i·ΔW_i (w may be a tensor that requires
     grad: the layer builds the update from it on every forward). Inside `composed()` the model runs
-    with the composition, inside `route(i)` with source i alone, and elsewhere it is the plain backbone.
+    with the composition, inside `assign(i)` with source i alone, and elsewhere it is the plain backbone.
     """
 
     def __init__(self, model, sources: dict[str, LoraFactors]):
