@@ -12,6 +12,7 @@ import torch
 import torch.optim.optimizer as optim_hooks
 from transformers import Trainer, TrainingArguments, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.parallel import Parallel
 
@@ -117,3 +118,23 @@ def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path):
         opt.zero_grad()
     for (name, got), want in zip(ours.model.named_parameters(), model.parameters()):
         assert (got - want).abs().max().item() <= 1e-6, name
+
+
+def test_max_grad_norm_0_means_no_clipping_as_in_trainer(tmp_path):
+    """Trainer clips only when max_grad_norm > 0; clip_grad_norm_ to 0 would zero every gradient (an adapter that never moves)."""
+    unclipped, never = Toy(), Toy()
+    _fit(unclipped, tmp_path / "a", max_steps=3, max_grad_norm=0.0)
+    _fit(never, tmp_path / "b", max_steps=3, max_grad_norm=1e9)  # far above any norm here: never clips
+    assert all(torch.equal(a, b) for a, b in zip(unclipped.model.parameters(), never.model.parameters()))
+    assert not torch.equal(unclipped.model[0].weight, Toy().model[0].weight)  # it trained
+
+
+@pytest.mark.parametrize("key, value", [("max_grad_norm", -1.0), ("weight_decay", -0.1), ("warmup_steps", -3)])
+def test_a_negative_optimizer_setting_is_refused_at_the_spec(key, value):
+    """A negative max_grad_norm flips every gradient (the loss rose from 0.60 to 1.11 in 4 steps), a negative warm-up
+    was taken as given, a negative weight_decay failed in torch after the backbone loaded: each is refused in one line."""
+    raw = {"name": "t", "type": "generation", "data": {"train": "a.jsonl", "dev": "a.jsonl"}, "prompt": "{x}", "target": "y",
+           "train": {key: value}}
+    with pytest.raises(ValueError, match=rf"train\.{key} must be ≥ 0, got {value}") as err:
+        spec_from_dict(raw)
+    assert "\n" not in str(err.value)

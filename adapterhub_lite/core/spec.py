@@ -234,13 +234,13 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
                 "checkpoint_every", "log_every"):
         if isinstance(getattr(t, key), int) and getattr(t, key) < 1:
             problems.append(f"train.{key} must be ≥ 1, got {getattr(t, key)}")
-    for key in ("epochs", "min_delta", "max_minutes"):
+    for key in ("epochs", "min_delta", "max_minutes", "weight_decay", "max_grad_norm"):  # max_grad_norm 0: no clipping
         value = getattr(t, key)
         if isinstance(value, float) and value < 0:
             problems.append(f"train.{key} must be ≥ 0, got {value}")
     if isinstance(t.seed, int) and not 0 <= t.seed <= 2**63 - 1:
         problems.append(f"train.seed must be between 0 and 2^63 - 1 (torch's seeds), got {t.seed}")
-    for key in ("patience", "min_steps", "batch_tokens"):
+    for key in ("patience", "min_steps", "batch_tokens", "warmup_steps"):
         value = getattr(t, key)
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             problems.append(f"train.{key} must be ≥ 0, got {value}")

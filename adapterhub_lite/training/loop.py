@@ -252,7 +252,8 @@ class _Run:
         scaler.unscale_(self.raw_opt)  # clip the true gradients (no-op unless fp16)
         if count != first:  # the accumulated sums over the step's total count (see above)
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], first / count)
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:  # 0: no clipping, as in Trainer (clipping to norm 0 would zero every gradient)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         scaler.step(self.raw_opt)
         scaler.update()
         self.step_lr = self.sched.get_last_lr()[0]  # the rate this step used, what a row logs (as Trainer does), not the next's
