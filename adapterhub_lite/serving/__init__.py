@@ -5,7 +5,8 @@
     static.py     a decoding batch over preallocated buffers (fixed shapes; CUDA graphs on a GPU)
     bank.py       the adapter bank (the runner): per-row batches of every kind, prefill, the decode step
     routing.py    content routing (auto): pick an adapter from the input
-    manager.py    AdapterManager: known adapters, their residency (device, host cache), requests made ready
+    reading.py    a request read for its adapter (auto routed, prompt ids against the context), classification scored
+    manager.py    AdapterManager: known adapters, their residency (device, host cache); reading.py its request side
     router.py     Router: the manager with the user's calls (swap, merge, run); the public Python API
     params.py     every request field (implemented / accepted / refused) and a choice's settings
     sampling.py   the per-row token choice (vLLM's order)

@@ -10,10 +10,10 @@ import torch
 
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.serving.decoding import PromptScores
-from adapterhub_lite.serving.manager import Prepared
 from adapterhub_lite.serving.metrics import RequestTimes
 from adapterhub_lite.serving.output import Entry, TextState
 from adapterhub_lite.serving.params import SamplingParams
+from adapterhub_lite.serving.reading import Prepared
 
 
 class QueueFull(AdapterHubError):
