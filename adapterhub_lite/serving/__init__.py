@@ -17,7 +17,7 @@
     engine.py     continuous batching: runs the scheduler's plan on the bank (server, infer, Router.run)
     protocol.py   OpenAI shapes and errors
     runtime.py    the served catalogue (registry, runtime loads, merges)
-    handlers.py   what each route does
+    handlers.py   what each route does; answers.py how its answer is written (whole or streamed)
     api.py        the FastAPI app and its middleware; metrics.py Prometheus counters
     routes/       the HTTP routes as FastAPI routers (openai, tokenizer, admin) and what they share
 """

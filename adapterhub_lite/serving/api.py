@@ -29,8 +29,9 @@ from starlette.datastructures import Headers
 from adapterhub_lite.core import __version__
 from adapterhub_lite.model.backbone import default_device
 from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.answers import ClientGone
 from adapterhub_lite.serving.engine import Engine
-from adapterhub_lite.serving.handlers import ClientGone, Handlers, Settings
+from adapterhub_lite.serving.handlers import Handlers, Settings
 from adapterhub_lite.serving.params import IGNORED_HEADER
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.routes import admin, openai, tokenizer

@@ -1,4 +1,5 @@
-"""What each OpenAI route does with a request: fields checked, choices made into engine jobs, answers written.
+"""What each OpenAI route does with a request: fields checked, choices made into engine jobs, then answered
+(gathered or streamed: serving/answers.py, the handlers' answering side).
 
 How a request becomes a prompt:
 - `prompt` (a string, token ids, or a list of either) is used as given and continued through the
@@ -18,21 +19,16 @@ log by the app's middleware (serve/api.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from itertools import zip_longest
 
-from fastapi.responses import StreamingResponse
-
-from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, ContextLengthError
+from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
+from adapterhub_lite.serving.answers import Answers, Request, as_api_error
 from adapterhub_lite.serving.engine import Engine
-from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown
-from adapterhub_lite.serving.manager import AdapterUnavailable
+from adapterhub_lite.serving.jobs import Job
 from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, unread
 from adapterhub_lite.serving.runtime import Catalogue
 
@@ -52,50 +48,11 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # CORS; empty: off
 
 
-def as_api_error(exc: Exception) -> P.ApiError:
-    """Any failure as the HTTP error a client receives."""
-    if isinstance(exc, P.ApiError):
-        return exc
-    if isinstance(exc, QueueFull):
-        return P.ApiError(429, str(exc), "rate_limit_exceeded", "queue_full", headers={"Retry-After": "1"})
-    if isinstance(exc, ShuttingDown):
-        return P.ApiError(503, str(exc), "server_error", "shutting_down")
-    if isinstance(exc, RequestTimeout):
-        return P.ApiError(504, str(exc), "timeout", "request_timeout")
-    if isinstance(exc, AdapterUnavailable):
-        return P.ApiError(503, str(exc), "server_error", "adapter_unavailable")
-    if isinstance(exc, AdapterLoadError) and "unknown adapter" in str(exc):
-        return P.ApiError(404, str(exc), "invalid_request_error", "model_not_found")
-    if isinstance(exc, ContextLengthError):  # OpenAI's code for it, which clients (and vLLM's users) test for
-        return P.ApiError(400, str(exc), "invalid_request_error", "context_length_exceeded")
-    if isinstance(exc, AdapterHubError):
-        return P.ApiError(400, str(exc), "invalid_request_error", type(exc).__name__)
-    return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
-
-
 # What /v1/classify reads; any other field is ignored aloud (a log line and the response header), as on the other routes.
 CLASSIFY_FIELDS = ("model", "input", "merged_adapters", "user", "safety_identifier")
 
 
-class ClientGone(Exception):
-    """The client closed the connection before its answer: nothing is sent (its rows are dropped)."""
-
-
-@dataclass
-class Request:
-    """One completions or chat request made ready: its jobs (n per prompt), their events, and how to answer."""
-
-    rid: str
-    model: str
-    body: dict
-    params: SamplingParams
-    jobs: list[Job]
-    events: asyncio.Queue  # (choice index, event, payload) from the engine thread
-    chat: bool
-    n: int = 1  # choices per prompt: jobs are n per prompt, in prompt order
-
-
-class Handlers:
+class Handlers(Answers):
     """The routes' work, over one engine, its catalogue and the server's settings."""
 
     def __init__(self, engine: Engine, settings: Settings, catalogue: Catalogue):
@@ -167,51 +124,6 @@ class Handlers:
             for job in req.jobs:
                 job.cancel()
             raise as_api_error(exc) from None
-
-    async def results(self, req: Request, http=None) -> list:
-        """Every job's Result, in choice order; raises the first error (and drops the other choices). A client that
-        disconnects (checked every quarter second) has its rows dropped at the engine's next step."""
-        out = [None] * len(req.jobs)
-        left, getter, check = len(req.jobs), None, time.monotonic() + 0.25
-        try:
-            async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
-                while left:
-                    # one get() kept across the waits (cancelling a get that has just been given an event would lose it)
-                    getter = getter or asyncio.ensure_future(req.events.get())
-                    done = (await asyncio.wait({getter}, timeout=max(0.0, check - time.monotonic())))[0]
-                    if time.monotonic() >= check:  # token events may flow without pause: the check has its own clock
-                        check = time.monotonic() + 0.25
-                        if http is not None and await http.is_disconnected():
-                            http.state.access["status"] = 499  # nginx's "client closed request"
-                            raise ClientGone()
-                    if not done:
-                        continue
-                    (index, ev, payload), getter = getter.result(), None
-                    if ev == "done":
-                        out[index], left = payload, left - 1
-                    elif ev == "error":
-                        raise as_api_error(payload)
-        except TimeoutError:
-            raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
-        except BaseException:  # the client left, or a choice failed: the access line says what the choices had read and made
-            if http is not None and any(j.prepared is not None for j in req.jobs):
-                self.note(http.state.access, out, req.n, req.jobs)
-            raise
-        finally:
-            if getter is not None:
-                getter.cancel()
-            for job in req.jobs:
-                job.cancel()  # a no-op for finished jobs; frees the rows of the others
-        return out
-
-    def note(self, access: dict, results: list, n: int = 1, jobs: list[Job] = ()) -> None:
-        """Record for the access log which adapters answered and the tokens read and generated; a choice of `jobs` that
-        did not finish (a stream cut by its client or a timeout) counts the tokens it had read and generated."""
-        results = [r if r is not None or j is None or j.prepared is None
-                   else Result(j.prepared.adapter, "", None, len(j.prepared.ids), len(j.tokens)) for r, j in zip_longest(results, jobs)]
-        access["adapter"] = ",".join(dict.fromkeys(r.adapter for r in results if r is not None))
-        usage = P.usage(results, n)
-        access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
     async def _begin(self, body: dict, endpoint, prefix: str, http):
         """What both generation routes do first: check the fields, name the request and its model (both into the
@@ -285,140 +197,6 @@ class Handlers:
                               f"v1/chat/completions (adapter {model!r} answers the last user message only)", access)
             req = self.make_request(rid, model, body, params, [{"text": messages[users[-1]]["content"]}], chat=True, answer=True, default_max=32)
         return await self.answer(req, http)
-
-    # -- answering -------------------------------------------------------------------------------
-    async def answer(self, req: Request, http):
-        """Submit a request's jobs; stream their events, or wait for every choice and write the response."""
-        access = http.state.access
-        self.submit(req)
-        if flag(req.body, "stream", False):
-            early = await self.accepted(req)
-            return StreamingResponse(self.stream(req, access, early), media_type="text/event-stream")
-        results = await self.results(req, http)
-        self.note(access, results, req.n)
-        choices = [self.choice(req, i, r) for i, r in enumerate(results)]
-        if req.chat:
-            body = P.chat_body(req.rid, req.model, choices, results, req.n)
-            if req.params.prompt_logprobs is not None and results[0].prompt is not None:  # vLLM: one list per response
-                body["prompt_logprobs"] = P.prompt_logprobs(self.tokenizer, results[0].prompt.scores, req.params.prompt_logprobs)
-            if flag(req.body, "return_token_ids", False):
-                body["prompt_token_ids"] = results[0].prompt_ids
-            return body
-        return P.completion_body(req.rid, req.model, choices, results, req.n)
-
-    async def accepted(self, req: Request) -> list:
-        """Wait until the engine has read every choice of a streamed request (routed, tokenized, measured against
-        the context). A request refused while being read (a missing task column, a prompt over the context, a field
-        its adapter cannot honour) is then answered with its own status (400 …), as vLLM does, not with a 200
-        stream that carries the error. Returns the events of accepted choices that came in the meantime."""
-        waiting, early = set(range(len(req.jobs))), []
-        try:
-            async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
-                while waiting:
-                    index, ev, payload = await req.events.get()
-                    if ev == "accepted":
-                        waiting.discard(index)
-                    elif ev == "error":
-                        raise as_api_error(payload)
-                    else:
-                        early.append((index, ev, payload))
-        except TimeoutError:
-            raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
-        except BaseException:  # refused, timed out, or the client left: the other choices' rows are dropped too
-            for job in req.jobs:
-                job.cancel()
-            raise
-        return early
-
-    def choice(self, req: Request, index: int, result) -> dict:
-        """One choice of a whole (not streamed) response, in the completions or chat shape."""
-        p, tok = req.params, self.tokenizer
-        if req.chat:
-            out = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
-                   "stop_reason": result.stop_reason, "logprobs": None if p.logprobs is None else P.chat_logprobs(tok, result.entries or []),
-                   "adapter": result.adapter}
-        else:
-            prompt = result.prompt if p.echo else None
-            text = (prompt.text if prompt else "") + result.text
-            logprobs = None
-            if p.logprobs is not None:
-                logprobs = P.completion_logprobs(tok, (prompt.entries if prompt else []) + (result.entries or []), p.logprobs)
-            out = {"index": index, "text": text, "finish_reason": result.finish_reason, "stop_reason": result.stop_reason, "logprobs": logprobs,
-                   "adapter": result.adapter}
-            if p.prompt_logprobs is not None:
-                out["prompt_logprobs"] = P.prompt_logprobs(tok, result.prompt.scores, p.prompt_logprobs)
-        if flag(req.body, "return_token_ids", False):
-            out["token_ids"] = result.token_ids
-            if not req.chat:
-                out["prompt_token_ids"] = result.prompt_ids
-        return out
-
-    async def stream(self, req: Request, access: dict, early: list = ()) -> AsyncIterator[str]:
-        """Server-sent events: per choice, the role (chat), the echoed prompt, text as it becomes final with its
-        tokens' log-probs (text_offset running over the whole choice), the finish reason; then usage if asked.
-        `early`: events that came while the request was being accepted, sent first."""
-        early = list(early)
-        created, p, tok = int(time.time()), req.params, self.tokenizer
-        kind = "chat.completion.chunk" if req.chat else "text_completion"
-        offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
-        results = [None] * len(req.jobs)
-
-        def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None, **extra) -> str:
-            lp = None
-            if entries is not None and p.logprobs is not None:
-                if req.chat:
-                    lp = P.chat_logprobs(tok, entries)
-                else:
-                    lp = P.completion_logprobs(tok, entries, p.logprobs, offsets[index])
-                    offsets[index] += sum(len(e.text) for e in entries)
-            if req.chat:
-                said = {"role": "assistant", "content": ""} if first else {} if delta is None else {"content": delta}
-                choice = {"index": index, "delta": said, "finish_reason": finish, "logprobs": lp}
-            else:
-                choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
-            if finish is not None:
-                choice["stop_reason"] = stop_reason
-            return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice]})}\n\n"
-
-        try:
-            if req.chat:
-                for i in range(len(req.jobs)):
-                    yield chunk(i, None, first=True)  # OpenAI's first chat chunk names the role
-            left = len(req.jobs)
-            async with asyncio.timeout(self.settings.request_timeout + 5):
-                while left:
-                    index, ev, payload = early.pop(0) if early else await req.events.get()
-                    if ev == "prompt":
-                        extra = {}
-                        if p.prompt_logprobs is not None and not req.chat:
-                            extra["prompt_logprobs"] = P.prompt_logprobs(tok, payload.scores, p.prompt_logprobs)
-                        if p.echo or extra:
-                            yield chunk(index, payload.text if p.echo else "", entries=payload.entries if p.echo else None, **extra)
-                    elif ev == "token":
-                        text, entries = payload
-                        yield chunk(index, text, entries=entries if entries else None)
-                    elif ev == "done":
-                        results[index], left = payload, left - 1
-                        if payload.label is not None:  # a classification adapter's answer comes whole
-                            yield chunk(index, payload.text)
-                        yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason)
-                    elif ev == "error":
-                        yield f"data: {json.dumps(as_api_error(payload).body())}\n\n"
-                        access["status"] = as_api_error(payload).status
-                        break
-            if not left and (req.body.get("stream_options") or {}).get("include_usage"):
-                yield f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [], 'usage': P.usage(results, req.n)})}\n\n"
-        except TimeoutError:
-            access["status"] = 504
-            yield f"data: {json.dumps(as_api_error(RequestTimeout('no answer within the request timeout')).body())}\n\n"
-        except (asyncio.CancelledError, GeneratorExit):
-            access["status"] = 499  # the client left mid-stream (nginx's "client closed request"), as for a whole response
-            raise
-        finally:
-            for job in req.jobs:
-                job.cancel()  # the client went away mid-stream: the engine drops the rows at its next step
-            self.note(access, results, req.n, req.jobs)
-        yield "data: [DONE]\n\n"
 
     # -- /v1/classify ----------------------------------------------------------------------------
     async def classify(self, body: dict, http) -> dict:
