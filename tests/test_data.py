@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adapterhub_lite.core.data import load_split, load_task_data
+from adapterhub_lite.core.data import load_split, load_task_data, to_split
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import spec_from_dict
 
@@ -233,6 +233,13 @@ def test_an_empty_csv_target_is_missing_as_pandas_reads_it_not_trained_as_empty(
         gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": name, "dev": name}, "prompt": "{a} ->", "target": "t"})
         with pytest.raises(DataError, match=rf"split '{name}' has no 't' value in 2 row\(s\) \(row 2, 3\); an empty csv/tsv field reads as missing"):
             load_task_data(gen)
+        # Rows named other than by their file (compose-fit's shots: "g.csv (2 shots, seed 0)") are read by the file's type.
+        ds, sha = load_split(name)
+        with pytest.raises(DataError, match=r"has no 't' value in 2 row\(s\)"):
+            to_split(gen, ds, f"{name} (3 shots, seed 0)", sha, file=name)
+    (tmp_path / "g.jsonl").write_text('{"a": "x", "t": ""}\n')
+    jsonl = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->", "target": "t"})
+    assert to_split(jsonl, load_split("g.jsonl")[0], "g.csv-like (1 shot)", "x", file="g.jsonl").answers == [""]
 
 
 def test_a_classlabel_column_is_read_by_its_class_names(tmp_path, monkeypatch):

@@ -303,8 +303,10 @@ def _label_values(spec: TaskSpec, ds: datasets.Dataset, source: str) -> list[str
     return [str(v) for v in raw]
 
 
-def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, split: str | None = None) -> Split:
-    """Check columns and label values, then render every row (`split`: as load_split)."""
+def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, split: str | None = None,
+             file: str | None = None) -> Split:
+    """Check columns and label values, then render every row (`split`: as load_split). `source` names the rows in
+    messages; `file` (default: `source`) is the file they were read from, whose type says how an empty field reads."""
     if len(ds) == 0:
         raise _empty(source, split)
     answer = spec.label if spec.type == "classification" else spec.target
@@ -345,8 +347,8 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         targets = ds[spec.target]  # a row without its column reads as null too; an empty answer would train the adapter to stop at once
         _refuse_missing(source, spec.target, targets, "give every row its target")
         # JSON writes "" and null apart, and "" is kept as written; a csv/tsv cannot (pandas and datasets read an
-        # empty field as missing), so there an empty target is a missing one. [:4]: compose's sources read "x.csv (4 shots …)".
-        if Path(source).suffix.lower()[:4] in (".csv", ".tsv"):
+        # empty field as missing), so there an empty target is a missing one.
+        if Path(file or source).suffix.lower() in (".csv", ".tsv"):
             _refuse_missing(source, spec.target, [None if t == "" else t for t in targets],
                             "an empty csv/tsv field reads as missing (as pandas and datasets read it); give every row its target")
         answers = [str(t) for t in targets]

@@ -129,7 +129,8 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
     with claim_output(output, overwrite, resume=False) as work:  # held until the adapter is in place: a second run into it is refused
         shot_ds = _shots(spec, shots, seed)
         shot_text = "".join(json.dumps(r, default=str) + "\n" for r in shot_ds)
-        shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest())
+        shot_split = to_split(spec, shot_ds, f"{spec.data.train} ({shots} shots, seed {seed})", hashlib.sha256(shot_text.encode()).hexdigest(),
+                              file=spec.data.train)
         dev = load_task_data(spec, ("dev",))["dev"]
         backbone = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
         check_lengths(spec, backbone.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
