@@ -95,7 +95,7 @@ def test_each_steps_learning_rate_is_transformers_schedule_with_its_warmup(sched
 def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path):
     """Trainer's step by hand: each micro-batch's summed loss ÷ the step's item count (num_items_in_batch), backward,
     clip_grad_norm_ over the trainable parameters, AdamW with Trainer's betas and eps and its weight-decay groups
-    (biases and LayerNorm weights undecayed), the schedule. fit() takes the same steps (to 1e-6: it rescales the summed gradients once the step's count is known)."""
+    (biases and LayerNorm weights undecayed), the schedule; a row logs the step's pre-clip norm as Trainer's grad_norm. fit() takes the same steps (to 1e-6: it rescales the summed gradients once the step's count is known)."""
     ours = Toy(weight_decay=0.1)
     ref = copy.deepcopy(ours)
     _fit(ours, tmp_path, max_steps=6, warmup_steps=2, grad_accum=2, max_grad_norm=0.5)
@@ -106,18 +106,21 @@ def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path):
     groups = [{"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": 0.1},
               {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=0.1, betas=(args["adam_beta1"].default, args["adam_beta2"].default), eps=args["adam_epsilon"].default)
-    sched = get_linear_schedule_with_warmup(opt, 2, 6)
+    sched, norms = get_linear_schedule_with_warmup(opt, 2, 6), []
     for _ in range(6):
         micro = [ref.next_rows() for _ in range(2)]
         items = sum(len(rows) * 2 for rows in micro)  # two outputs a row
         for rows in micro:
             (((model(ref.x[rows]) - ref.y[rows]) ** 2).sum() / items).backward()
-        assert torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5) > 0.5  # the clip bites
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5).item())  # Trainer's grad_norm: before clipping
+        assert norms[-1] > 0.5  # the clip bites
         opt.step()
         sched.step()
         opt.zero_grad()
     for (name, got), want in zip(ours.model.named_parameters(), model.parameters()):
         assert (got - want).abs().max().item() <= 1e-6, name
+    logged = [r["grad_norm"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
+    assert logged == pytest.approx(norms, abs=1e-5)  # each row (log_every 1) logs its step's norm as Trainer logs it
 
 
 def test_max_grad_norm_0_means_no_clipping_as_in_trainer(tmp_path):

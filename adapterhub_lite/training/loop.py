@@ -3,7 +3,7 @@
     for each step: micro-batches → summed loss → backward (DDP averages the adapter's gradients once, at the last)
                    gradients ÷ the step's count of target tokens or rows (the loss contract: StepLoss)
                    clip → optimizer → schedule
-                   every log_every steps: one metrics row (window means)
+                   every log_every steps: one metrics row (window means, the last step's pre-clip grad_norm)
                    every eval_every steps: evaluate (each process its share), keep the best, maybe stop
                    every checkpoint_every steps (default: eval_every) and when the run stops: checkpoint
     until max_steps, early stopping (patience), or the time budget.
@@ -215,6 +215,7 @@ class _Run:
         self.window: dict[str, torch.Tensor] = {}
         self.window_steps, self.keys = 0, []
         self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+        self.grad_norm = torch.zeros((), device=device)  # the last step's, before clipping (a row logs it, as Trainer does)
         self.stop_on_bad_loss = not self.scaler.is_enabled()
 
     def train_step(self) -> int:
@@ -252,8 +253,10 @@ class _Run:
         scaler.unscale_(self.raw_opt)  # clip the true gradients (no-op unless fp16)
         if count != first:  # the accumulated sums over the step's total count (see above)
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], first / count)
-        if cfg.max_grad_norm > 0:  # 0: no clipping, as in Trainer (clipping to norm 0 would zero every gradient)
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        # max_grad_norm 0: no clipping, as in Trainer (clipping to norm 0 would zero every gradient); the norm is still
+        # measured (a clip to inf multiplies by exactly 1)
+        limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit).detach().float()
         scaler.step(self.raw_opt)
         scaler.update()
         self.step_lr = self.sched.get_last_lr()[0]  # the rate this step used, what a row logs (as Trainer does), not the next's
@@ -263,9 +266,10 @@ class _Run:
         return tokens
 
     def read_window(self) -> dict[str, float]:
-        """The logged values' means since the previous row, in the one host sync per row; then a new window starts."""
-        means = torch.stack([self.window[k] / self.window_steps for k in self.keys] + [self.first_bad.float()]).tolist()  # the one host sync
-        values, bad_step = dict(zip(self.keys, means[:-1])), int(means[-1])
+        """The logged values' means since the previous row and the last step's grad_norm, in the one host sync per row; then a
+        new window starts."""
+        means = torch.stack([self.window[k] / self.window_steps for k in self.keys] + [self.grad_norm, self.first_bad.float()]).tolist()  # the one host sync
+        values, bad_step = {**dict(zip(self.keys, means[:-2])), "grad_norm": means[-2]}, int(means[-1])
         self.window, self.window_steps = {}, 0
         if bad_step and self.stop_on_bad_loss:
             raise TrainingError(f"training stopped: the loss became non-finite at step {bad_step} (window mean {values.get('loss')}); "
