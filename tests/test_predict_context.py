@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from transformers import LlamaForCausalLM
 
 from adapterhub_lite.artifacts.loading import load_adapter
@@ -11,8 +12,11 @@ from adapterhub_lite.core.data import render
 from .conftest import train_tiny
 
 
-def test_predict_reads_a_long_prompt_whole(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("named", [True, False])
+def test_predict_reads_a_long_prompt_whole(tmp_path, capsys, monkeypatch, named):
     folder = train_tiny(tmp_path)
+    if not named:  # a backbone whose config names no context length read train.max_length's window, silently
+        monkeypatch.setattr("adapterhub_lite.model.backbone.model_context", lambda backbone: None)
     _, backbone, spec, _ = load_adapter(folder)
     text = "pos neg " * 40  # far past train.max_length (32); keeping its end within that answered unlike `serve`
     n = len(backbone.tokenizer(render(spec, {"text": text})).input_ids)

@@ -95,9 +95,11 @@ def _predict(args) -> int:
     model, backbone, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
-    # the backbone's context, not train.max_length: every prompt read whole, as serve, infer and Router.run read it
+    # the backbone's context, not train.max_length: every prompt read whole, as serve, infer and Router.run read it;
+    # a backbone naming no context length (no max_position_embeddings) has no limit to refuse at, so none is set
+    context = model_context(backbone)
     preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress,
-                    context=model_context(backbone))
+                    context=sys.maxsize if context is None else context)
     write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
     return 0
 
