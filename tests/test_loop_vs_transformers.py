@@ -23,13 +23,14 @@ class Toy(Recipe):
     name = "toy"
     identity = {"sha256": "toy", "spec": {}, "data": {}}
 
-    def __init__(self, rows: int = 64, batch: int = 4, lr: float = 0.1, weight_decay: float = 0.0):
+    def __init__(self, device: torch.device, rows: int = 64, batch: int = 4, lr: float = 0.1, weight_decay: float = 0.0):
         g = torch.Generator().manual_seed(0)
         self.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
         with torch.no_grad():
             for p in self.model.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
-        self.x, self.y = torch.randn(rows, 3, generator=g), 5 * torch.randn(rows, 2, generator=g)
+        self.model.to(device)
+        self.x, self.y = torch.randn(rows, 3, generator=g).to(device), (5 * torch.randn(rows, 2, generator=g)).to(device)
         self.cursor, self.batch, self.lr, self.weight_decay = 0, batch, lr, weight_decay
 
     def param_groups(self):
@@ -62,7 +63,7 @@ def _fit(recipe, tmp_path, **settings):
     handle = optim_hooks.register_optimizer_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
     try:
         cfg = LoopConfig(**{"max_steps": 8, "eval_every": 100, "checkpoint_every": 100, "log_every": 1, **settings})
-        fit(recipe, cfg, Parallel(torch.device("cpu")), tmp_path, progress=False)
+        fit(recipe, cfg, Parallel(recipe.x.device), tmp_path, progress=False)
     finally:
         handle.remove()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -78,10 +79,10 @@ REFERENCE = {
 
 
 @pytest.mark.parametrize("schedule", sorted(REFERENCE))
-def test_each_steps_learning_rate_is_transformers_schedule_with_its_warmup(schedule, tmp_path):
+def test_each_steps_learning_rate_is_transformers_schedule_with_its_warmup(schedule, tmp_path, device):
     """`schedule` with `warmup_steps`: the rate of every optimizer step is transformers' get_*_schedule_with_warmup's over
     max_steps. transformers' get_scheduler("constant") drops the warm-up; ours must not (the spec asked for it)."""
-    used = _fit(Toy(), tmp_path, schedule=schedule, warmup_steps=3, max_steps=8)
+    used = _fit(Toy(device), tmp_path, schedule=schedule, warmup_steps=3, max_steps=8)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched, want = REFERENCE[schedule](opt, 3, 8), []
     for _ in range(8):
@@ -92,11 +93,11 @@ def test_each_steps_learning_rate_is_transformers_schedule_with_its_warmup(sched
     assert used[:4] == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])  # warm-up ends at step warmup_steps + 1, at the full rate
 
 
-def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path):
+def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path, device):
     """Trainer's step by hand: each micro-batch's summed loss ÷ the step's item count (num_items_in_batch), backward,
     clip_grad_norm_ over the trainable parameters, AdamW with Trainer's betas and eps and its weight-decay groups
     (biases and LayerNorm weights undecayed), the schedule; a row logs the step's pre-clip norm as Trainer's grad_norm. fit() takes the same steps (to 1e-6: it rescales the summed gradients once the step's count is known)."""
-    ours = Toy(weight_decay=0.1)
+    ours = Toy(device, weight_decay=0.1)
     ref = copy.deepcopy(ours)
     _fit(ours, tmp_path, max_steps=6, warmup_steps=2, grad_accum=2, max_grad_norm=0.5)
 
@@ -123,13 +124,13 @@ def test_a_step_is_trainers_step_clip_decay_and_accumulation_included(tmp_path):
     assert logged == pytest.approx(norms, abs=1e-5)  # each row (log_every 1) logs its step's norm as Trainer logs it
 
 
-def test_max_grad_norm_0_means_no_clipping_as_in_trainer(tmp_path):
+def test_max_grad_norm_0_means_no_clipping_as_in_trainer(tmp_path, device):
     """Trainer clips only when max_grad_norm > 0; clip_grad_norm_ to 0 would zero every gradient (an adapter that never moves)."""
-    unclipped, never = Toy(), Toy()
+    unclipped, never = Toy(device), Toy(device)
     _fit(unclipped, tmp_path / "a", max_steps=3, max_grad_norm=0.0)
     _fit(never, tmp_path / "b", max_steps=3, max_grad_norm=1e9)  # far above any norm here: never clips
     assert all(torch.equal(a, b) for a, b in zip(unclipped.model.parameters(), never.model.parameters()))
-    assert not torch.equal(unclipped.model[0].weight, Toy().model[0].weight)  # it trained
+    assert not torch.equal(unclipped.model[0].weight, Toy(device).model[0].weight)  # it trained
 
 
 @pytest.mark.parametrize("key, value", [("max_grad_norm", -1.0), ("weight_decay", -0.1), ("warmup_steps", -3)])
