@@ -66,6 +66,23 @@ def test_latency_histograms_move_by_the_requests_answered(served):
     assert inference == pytest.approx(prefill + decode)
 
 
+def test_rows_sharing_decode_steps_each_count_their_tokens_and_gaps(served, monkeypatch):
+    """Rows in one batch take each step's token at one stamp, so they share gaps: the engine adds a step's gaps as
+    (value, count) pairs, and each row's gaps must still count (4 rows × 5 tokens: 16 gaps, 20 tokens)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slowed(served, monkeypatch)  # the four arrive while the first is still prefilling: they share steps
+    before = scrape(served)
+    body = {"model": "base", "prompt": "a b", "max_tokens": 5, "ignore_eos": True}
+    with ThreadPoolExecutor(4) as pool:
+        usage = [r.json()["usage"] for r in pool.map(lambda _: served.post("/v1/completions", body), range(4))]
+    after = scrape(served)
+    assert [u["completion_tokens"] for u in usage] == [5] * 4
+    assert moved(before, after, "adapterhub_inter_token_latency_seconds_count") == 16
+    assert moved(before, after, "adapterhub_generated_tokens_total") == 20
+    assert moved(before, after, "adapterhub_time_to_first_token_seconds_count") == 4
+
+
 def test_a_classification_answer_is_one_request_without_tokens(served):
     before = scrape(served)
     served.post("/v1/completions", {"model": "cls_a", "input": "pos 1"}).raise_for_status()
@@ -112,3 +129,28 @@ def test_a_whole_response_its_client_left_logs_the_tokens_it_read(served, monkey
     fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
     assert fields["status"] == "499" and fields["adapter"] == "base", line
     assert fields["prompt_tokens"] == str(prompt_length(served, prompt)) and fields["completion_tokens"].isdigit(), line
+
+
+def test_a_step_histogram_writes_what_prometheus_clients_histogram_writes():
+    """The inter-token histogram takes a decode step's gaps as (value, count) pairs (serving/metrics.py StepHistogram):
+    its exposition must be prometheus_client's own Histogram fed the same values one by one."""
+    import random
+    import re
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from adapterhub_lite.serving.metrics import ITL_BUCKETS, StepHistogram
+
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    step, plain = StepHistogram("g_seconds", "gaps", ITL_BUCKETS, ours), Histogram("g_seconds", "gaps", buckets=ITL_BUCKETS, registry=theirs)
+    rng, total = random.Random(0), 0
+    for _ in range(300):  # bounds themselves (le is ≤), below the first, past the last, and repeats
+        value, count = rng.choice([*ITL_BUCKETS, 0.0, 1e-4, 0.03, 0.125, 99.0]), rng.randint(1, 4)
+        step.observe(value, count)
+        total += count
+        for _ in range(count):
+            plain.observe(value)
+    text = [re.sub(r"(_created|_sum) (\S+)", lambda m: f"{m[1]} {float(m[2]):.6g}" if m[1] == "_sum" else f"{m[1]} X", generate_latest(r).decode())
+            for r in (ours, theirs)]
+    assert text[0] == text[1]
+    assert f"g_seconds_count {float(total)}" in text[0]

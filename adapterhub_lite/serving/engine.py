@@ -288,13 +288,14 @@ class Engine(Admission):
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
         infos = self._logprobs(dec.logits, tokens, jobs)
         now = time.monotonic()  # the step's tokens are stamped once (vLLM stamps a step's outputs so)
+        emitted = []  # (adapter, times) of the rows that took a token: the metrics take the step at once
 
         def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
             job = self._rows[key]
             if job.cancelled or self._expired(job):
                 self._forget(job)
                 return False
-            self.metrics.token(job.prepared.adapter, job.times, now)
+            emitted.append((job.prepared.adapter, job.times))
             reason = job.state.add(tok, infos.get(j))
             text, entries = job.state.take()
             if text or entries:
@@ -303,8 +304,11 @@ class Engine(Admission):
                 self._finish(job, reason)
             return not reason
 
-        if not self.router.bank.step(dec, tokens, emit):  # the bank's step: one host sync, finished rows leave
-            self._dec = None
+        try:
+            if not self.router.bank.step(dec, tokens, emit):  # the bank's step: one host sync, finished rows leave
+                self._dec = None
+        finally:
+            self.metrics.step_tokens(emitted, now)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, jobs: list[Job]) -> dict[int, tuple]:

@@ -7,10 +7,18 @@ arrival, entering the scheduler's queue, first admitted (scheduled), each token,
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
+import threading
 import time
+from collections import Counter as Tally
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 # vLLM's bucket bounds, so quantiles read from either server compare
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
@@ -28,6 +36,41 @@ def buckets_1_2_5(top: int) -> list[int]:
                 return out
             out.append(m * scale)
         scale *= 10
+
+
+class StepHistogram:
+    """A Prometheus histogram that takes a decode step's observations at once, as (value, count) pairs.
+
+    prometheus_client's Histogram takes one value per call, each with its lock and bucket search (~2 µs): one
+    inter-token gap per row and step on the engine thread was ~170 µs a 64-row step with the token counter, 5% of a
+    3 ms GPU step. The rows that ran the step before share one gap, so a step is a handful of pairs here. Exposed
+    through the library's HistogramMetricFamily: the same text as a Histogram (buckets le, _count, _sum, _created)."""
+
+    def __init__(self, name: str, documentation: str, buckets, registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self.bounds = [float(b) for b in buckets] + [math.inf]
+        self.counts, self.sum, self.created = [0] * len(self.bounds), 0.0, time.time()
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value` (a bucket holds the values ≤ its bound, as Prometheus' `le`)."""
+        i = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            self.counts[i] += count
+            self.sum += value * count
+
+    def collect(self):
+        with self._lock:
+            counts, total = list(self.counts), self.sum
+        family = HistogramMetricFamily(self.name, self.documentation,
+                                       buckets=[(floatToGoString(b), c) for b, c in zip(self.bounds, itertools.accumulate(counts))],
+                                       sum_value=total)
+        family.samples.append(Sample(f"{self.name}_created", {}, self.created))  # as Histogram writes it
+        yield family
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.documentation)]
 
 
 @dataclass
@@ -69,8 +112,8 @@ class ServeMetrics:
                                         "(vLLM's generation_tokens_total)", ["adapter"], registry=r)
         self.ttft = Histogram("adapterhub_time_to_first_token_seconds", "From arrival to the first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("adapterhub_inter_token_latency_seconds", "Between two generated tokens of a request (vLLM's "
-                             "inter_token_latency_seconds, formerly time_per_output_token_seconds)", buckets=ITL_BUCKETS, registry=r)
+        self.itl = StepHistogram("adapterhub_inter_token_latency_seconds", "Between two generated tokens of a request (vLLM's "
+                                 "inter_token_latency_seconds, formerly time_per_output_token_seconds)", ITL_BUCKETS, r)
         self.e2e = Histogram("adapterhub_e2e_request_latency_seconds", "From arrival to the answer, for answered requests",
                              buckets=REQUEST_BUCKETS, registry=r)
         self.queue_time = Histogram("adapterhub_request_queue_time_seconds", "From entering the scheduler's queue to first admitted "
@@ -102,16 +145,24 @@ class ServeMetrics:
         """A prompt of `tokens` tokens has run through the model for `adapter`."""
         self.prompt_tokens.labels(adapter=adapter).inc(tokens)
 
-    def token(self, adapter: str, times: RequestTimes, now: float) -> None:
-        """A request's next generated token, at `now` (one clock read per step, as vLLM stamps a step's outputs):
-        counted, and its first observes the time to first token, each later one the gap since the one before."""
-        self.generated_tokens.labels(adapter=adapter).inc()
-        if times.first_token is None:
-            times.first_token = now
-            self.ttft.observe(now - times.arrived)
-        else:
-            self.itl.observe(now - times.last_token)
-        times.last_token = now
+    def step_tokens(self, rows, now: float) -> None:
+        """One decode step's generated tokens, each row's (adapter, RequestTimes), all stamped `now` (one clock read per
+        step, as vLLM stamps a step's outputs): counted by adapter; a row's first token observes the time to first
+        token, each later one the gap since the one before. Added per adapter and per distinct gap, not per row (the
+        engine thread's cost stays flat in the batch's rows)."""
+        adapters, gaps = Tally(), Tally()
+        for adapter, times in rows:
+            adapters[adapter] += 1
+            if times.first_token is None:
+                times.first_token = now
+                self.ttft.observe(now - times.arrived)
+            else:
+                gaps[now - times.last_token] += 1
+            times.last_token = now
+        for adapter, n in adapters.items():
+            self.generated_tokens.labels(adapter=adapter).inc(n)
+        for gap, n in gaps.items():
+            self.itl.observe(gap, n)
 
     def answered(self, times: RequestTimes, prompt_tokens: int, generated: int, now: float) -> None:
         """A request answered at `now`: its per-request histograms. One that generated nothing (a classification answer,
