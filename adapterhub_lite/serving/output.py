@@ -84,7 +84,10 @@ class TextState:
         if self.reason:
             return len(self.text)
         hold = max([len(s) - 1 for s in self.params.stop] + [0])
-        safe = self.text[: len(self.text) - hold].rstrip("\ufffd")
+        # a partial character first, then the hold: the hold counts whole characters back from the last one, since a stop
+        # string may end in the character whose bytes are still coming ('U˃' after 'U' and half of '˃')
+        whole = self.text.rstrip("\ufffd")
+        safe = whole[: len(whole) - hold]
         return len(safe.rstrip() if self.answer_mode else safe)
 
     def _bound(self, k: int, limit: int) -> int:

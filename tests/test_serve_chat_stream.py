@@ -1,0 +1,36 @@
+"""A streamed choice says only what the whole answer says: its concatenated deltas equal the text of the same choice
+answered whole, token by token through serving/output.py's TextState (no server: the tiny byte-level tokenizer, where a
+character of two bytes is two tokens)."""
+
+from adapterhub_lite.model.weights import _tiny_tokenizer
+from adapterhub_lite.serving.output import TextState
+from adapterhub_lite.serving.params import SamplingParams
+
+
+def streamed(tok, text: str, **params) -> tuple[str, str, str]:
+    """Feed `text`'s tokens one at a time, taking what may be streamed after each: (deltas joined, whole text, reason)."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    state = TextState(tok, SamplingParams(**params), answer_mode=False, max_new_tokens=len(ids))  # ends at the last token
+    out = []
+    for t in ids:
+        reason = state.add(t)
+        out.append(state.take()[0])
+        if reason:
+            break
+    return "".join(out), state.text, state.reason
+
+
+def test_stop_string_ending_in_a_split_character_holds_back_what_it_may_cut():
+    """'U˃' as a stop: after 'U' and the first byte of '˃' the text ends in a partial character; the hold for a stop
+    string's start must count from the last whole character, or 'U' goes out before the stop cuts it."""
+    tok = _tiny_tokenizer()
+    for stop, include in (("U˃", False), ("U˃", True), ("xU˃", False)):
+        joined, whole, reason = streamed(tok, "\x1cUF\x1cxU˃\x1c#", stop=(stop,), include_stop_str_in_output=include)
+        assert reason == "stop" and whole == "\x1cUF\x1cx"[: None if stop == "U˃" else -1] + (stop if include else "")
+        assert joined == whole, (stop, include, joined, whole)
+
+
+def test_deltas_join_to_the_text_with_split_characters_and_no_stop():
+    tok = _tiny_tokenizer()
+    joined, whole, _ = streamed(tok, "héllo 世界 🎉 done", stop=("zz",))
+    assert joined == whole == "héllo 世界 🎉 done"
