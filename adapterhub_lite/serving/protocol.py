@@ -74,11 +74,12 @@ def task_input(value, model: str) -> dict:
 
 
 def chat_text(content, where: str) -> str:
-    """A message's content as one string (a string, or OpenAI's list of text parts)."""
+    """A message's content as one string (a string, or OpenAI's list of text parts). Parts are joined with a newline,
+    as vLLM joins them for a template that reads content as a string (SmolLM2's): the same prompt, the same tokens."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return "\n".join(p["text"] for p in content)
     raise bad(where, content, "give message content as a string or a list of {\"type\": \"text\", \"text\": ...} parts")
 
 
