@@ -238,3 +238,39 @@ def test_joint_resume_identity_counts_the_global_batch_not_the_process_count():
         return joint_identity(specs, JointConfig(batch_size=batch), data, processes)["sha256"]
 
     assert identity(8, 1) == identity(4, 2) != identity(4, 1)
+
+
+def test_the_specs_schedule_decay_and_accumulation_reach_a_joint_run(tmp_path, monkeypatch):
+    """train-multi read only some of the specs' train keys: schedule, grad_accum and weight_decay were dropped silently
+    (a linear schedule, no decay, no accumulation). Now: schedule and grad_accum are the run's (they must agree),
+    weight_decay is each task's own (its optimizer group), and keys a joint run cannot follow are refused."""
+    import math
+
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 4, "g": 4})
+
+    def specs(decay_a=0.0, **train):
+        return [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, "lr": 0.05, "weight_decay": decay_a, **train}),
+                _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 2, "lr": 0.05, **train})]
+
+    shared = {"max_steps": 4, "batch_size": 4, "warmup_steps": 0, "eval_every": 4, "eval_samples": 2, "schedule": "cosine", "grad_accum": 2,
+              "max_grad_norm": 0.0}  # no clipping: one global norm would tie g's step to a's weights
+    cfg = JointConfig.from_specs(specs(**shared), weighting="equal", sampling="round_robin")
+    assert (cfg.schedule, cfg.grad_accum) == ("cosine", 2)
+    from adapterhub_lite.training.recipes import joint as joint_mod
+
+    draws, draw = [], joint_mod.TaskSampler.draw_batch
+    monkeypatch.setattr(joint_mod.TaskSampler, "draw_batch", lambda self, n: draws.append(n) or draw(self, n))
+    plain = train_joint(specs(**shared), tmp_path / "plain", cfg, progress=False)
+    assert draws == [4] * 8  # 4 optimizer steps of 2 micro-batches of 4 rows
+    rows = [r for r in map(json.loads, (plain / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert [r["lr"] for r in rows] == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], abs=1e-6)
+    decayed = train_joint(specs(0.5, **shared), tmp_path / "decayed", cfg, progress=False)
+    weights = {run: {t: load_file(run / t / "adapter_model.safetensors") for t in ("a", "g")} for run in (plain, decayed)}
+    # a's decay moves a's factors only: under equal weighting g's loss and gradients do not see a's adapter
+    assert any(not torch.equal(weights[plain]["a"][k], weights[decayed]["a"][k]) for k in weights[plain]["a"])
+    assert all(torch.equal(weights[plain]["g"][k], weights[decayed]["g"][k]) for k in weights[plain]["g"])
+    with pytest.raises(SpecError, match=r"train.epochs is set \(a: 2.0, g: 2.0\) but a joint run does not read it"):
+        JointConfig.from_specs(specs(epochs=2.0, **shared))
+    with pytest.raises(SpecError, match=r"train.schedule differs between the tasks \(a: cosine, g: linear\)"):
+        JointConfig.from_specs([specs(**shared)[0], specs(**{**shared, "schedule": "linear"})[1]])

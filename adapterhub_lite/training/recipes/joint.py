@@ -133,13 +133,15 @@ class Joint(Recipe):
         self.latency: dict[str, float] = {}
 
     def param_groups(self) -> list[dict]:
-        # Each task keeps its own learning rate; the shared adapter and the loss weights take the mean.
+        # Each task keeps its own learning rate and weight decay; the shared adapter takes their means, and the loss
+        # weights the mean rate without decay (decay would pull learned log-variances toward 0, not toward a prior).
         mean_lr = sum(s.train.lr for s in self.specs) / len(self.specs)
-        groups = [{"params": self.joint.parameters(s.name), "lr": s.train.lr} for s in self.specs]
+        mean_decay = sum(s.train.weight_decay for s in self.specs) / len(self.specs)
+        groups = [{"params": self.joint.parameters(s.name), "lr": s.train.lr, "weight_decay": s.train.weight_decay} for s in self.specs]
         if self.cfg.shared_adapter:
-            groups.append({"params": self.joint.parameters(SHARED), "lr": mean_lr})
+            groups.append({"params": self.joint.parameters(SHARED), "lr": mean_lr, "weight_decay": mean_decay})
         if self.weighting.parameters():
-            groups.append({"params": self.weighting.parameters(), "lr": mean_lr})
+            groups.append({"params": self.weighting.parameters(), "lr": mean_lr, "weight_decay": 0.0})
         return groups
 
     def extra_params(self):

@@ -25,10 +25,15 @@ class JointConfig:
 
     max_steps: int = TrainConfig.max_steps
     batch_size: int = TrainConfig.batch_size  # rows per step, mixed over tasks
+    grad_accum: int = TrainConfig.grad_accum
     warmup_steps: int = TrainConfig.warmup_steps
+    schedule: str = TrainConfig.schedule
     eval_every: int = TrainConfig.eval_every
     eval_samples: int = TrainConfig.eval_samples
     max_grad_norm: float = TrainConfig.max_grad_norm
+    patience: int = TrainConfig.patience  # early stopping on the tasks' mean dev score
+    min_delta: float = TrainConfig.min_delta
+    min_steps: int = TrainConfig.min_steps
     weighting: str = "dynamic"
     weighting_args: dict = field(default_factory=dict)  # alpha/beta/window (dynamic), weights (fixed)
     sampling: str = "temperature"
@@ -46,13 +51,24 @@ class JointConfig:
 
 
 # The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
-SHARED_TRAIN_KEYS = ("max_steps", "batch_size", "warmup_steps", "eval_every", "eval_samples", "max_grad_norm", "max_minutes", "seed")
+SHARED_TRAIN_KEYS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "eval_every", "eval_samples", "max_grad_norm",
+                     "patience", "min_delta", "min_steps", "max_minutes", "seed")
+# Each task's own: lr and weight_decay (its optimizer group), max_length, max_new_tokens, eval_batch_size. What a joint run
+# decides itself: checkpoints (at every eval), log rows (every step), an eager forward (no compile). Not read at all:
+# these, which would change the run, so a spec setting them is refused rather than trained otherwise.
+UNREAD_TRAIN_KEYS = ("epochs", "batch_tokens")
 
 
 def joint_settings(specs: list[TaskSpec]) -> dict:
     """JointConfig fields from the specs' `train` keys, which must agree across the tasks (override
     them on the command line, e.g. train.max_steps=240, to make them agree); all disagreements at once."""
     out, problems = {}, []
+    for key in UNREAD_TRAIN_KEYS:
+        set_by = {s.name: getattr(s.train, key) for s in specs if getattr(s.train, key) != getattr(TrainConfig, key)}
+        if set_by:
+            problems.append(f"train.{key} is set ({', '.join(f'{n}: {v}' for n, v in set_by.items())}) but a joint run does not read it "
+                            f"(it counts train.max_steps of train.batch_size mixed rows); pass train.{key}={getattr(TrainConfig, key)} "
+                            "and set those instead")
     for key in SHARED_TRAIN_KEYS:
         values = {s.name: getattr(s.train, key) for s in specs}
         if len(set(values.values())) > 1:
