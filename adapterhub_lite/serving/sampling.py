@@ -10,8 +10,10 @@ logits processors take one setting for the whole batch). The order is vLLM's:
    `presence_penalty` (once per token present in the completion) are subtracted;
 2. greedy rows (temperature below params.GREEDY_BELOW) take the argmax of the shaped logits;
 3. sampled rows divide by their temperature, keep tokens of at least `min_p` × the top token's
-   probability, the `top_k` most likely, then the smallest set reaching `top_p`, and draw with
-   their own generator (a seeded request repeats exactly).
+   probability, the `top_k` most likely (ties with the k-th kept), then the smallest set reaching
+   `top_p`, and draw with their own generator (a seeded request repeats exactly). These are
+   transformers' own warpers, in vLLM's order: transformers' `generate` applies min_p last, after
+   top_k/top_p, so with min_p and top_p both set its nucleus is taken over more tokens.
 
 Log-probs reported to clients are the model's own (before any of this), as vLLM's default.
 Rows that set none of (1) cost nothing extra: the common greedy batch is one argmax.
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from adapterhub_lite.serving.params import SamplingParams
 
@@ -71,20 +74,18 @@ def shape_logits(logits: torch.Tensor, rows: list[Row], eos_id: int | None) -> t
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution a sampled row draws from: softmax(logits / T) after min_p, top_k and top_p."""
-    x = logits.float() / p.temperature
+    """The distribution a sampled row draws from: softmax(logits / T) after min_p, top_k and top_p (vLLM's order).
+
+    The filters are transformers' warpers, applied to this one row: their top_p (ascending cumulative sum ≤ 1 − p
+    dropped) is vLLM's, so a prefix of exactly top_p is the whole nucleus (no one token more)."""
+    x = TemperatureLogitsWarper(float(p.temperature))(None, logits.float()[None])
     if p.min_p > 0:
-        probs = x.softmax(-1)
-        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        x = MinPLogitsWarper(p.min_p)(None, x)
     if 0 < p.top_k < x.shape[-1]:
-        kth = x.topk(p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = x.softmax(-1)
+        x = TopKLogitsWarper(p.top_k)(None, x)
     if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(0, order[cut], 0.0)
-    return probs
+        x = TopPLogitsWarper(p.top_p)(None, x)
+    return x.softmax(-1)[0]
 
 
 def choose(logits: torch.Tensor, rows: list[Row], eos_id: int | None) -> torch.Tensor:
