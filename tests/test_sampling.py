@@ -21,7 +21,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from adapterhub_lite.serving.params import GREEDY_BELOW, SamplingParams
+from adapterhub_lite.serving.params import GREEDY_BELOW, SamplingParams, sampling_params
+from adapterhub_lite.serving.protocol import ApiError
 from adapterhub_lite.serving.sampling import choose, filtered_probs, shape_logits
 
 V, EOS = 50, 2
@@ -199,3 +200,14 @@ def test_greedy_is_the_argmax_of_the_shaped_logits_and_a_tiny_temperature_still_
     assert bool(torch.isfinite(probs).all()) and int(probs.argmax()) == int(x[0].argmax()) and float(probs.max()) > 0.999
     draws = {int(choose(x[:1], [Row(p, generator=torch.Generator().manual_seed(s))], EOS)[0]) for s in range(20)}
     assert draws == {int(x[0].argmax())}
+
+
+def test_params_refuse_a_row_with_no_token_left():
+    """Every allowed token a stop token masked before min_tokens: refused when the request is read (400 naming it);
+    EOS joins the check where the engine reads the request (tests/test_sampling_seeds.py)."""
+    body = {"allowed_token_ids": [7, 9], "stop_token_ids": [9, 7], "min_tokens": 2, "max_tokens": 5}
+    with pytest.raises(ApiError, match=r"`allowed_token_ids` is \[7, 9\]; .*min_tokens \(2\).*no token is left") as e:
+        sampling_params(body, "completions", vocab=V, max_tokens_limit=100)
+    assert e.value.status == 400 and e.value.param == "allowed_token_ids"
+    for ok in ({"min_tokens": 0}, {"allowed_token_ids": [7, 8]}, {"stop_token_ids": [9]}):
+        sampling_params({**body, **ok}, "completions", vocab=V, max_tokens_limit=100)

@@ -12,6 +12,7 @@ from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job
 from adapterhub_lite.serving.params import SamplingParams
+from adapterhub_lite.serving.protocol import ApiError
 from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
@@ -33,8 +34,9 @@ def engine(tmp_path_factory):
     router.close()
 
 
-def run(engine, rows):
-    """Submit every (prompt ids, params) at once to the running engine; each row's generated token ids."""
+def run(engine, rows, errors=False):
+    """Submit every (prompt ids, params) at once to the running engine; each row's generated token ids (or, with
+    errors=True allowed, its error)."""
     out, left, done = [None] * len(rows), [len(rows)], threading.Event()
     lock = threading.Lock()
 
@@ -50,7 +52,7 @@ def run(engine, rows):
     for i, (ids, p) in enumerate(rows):
         engine.submit(Job({"adapter": "base", "prompt_ids": ids}, listener(i), params=p, default_max_tokens=p.max_tokens))
     assert done.wait(60)
-    assert not any(isinstance(o, Exception) for o in out), out
+    assert errors or not any(isinstance(o, Exception) for o in out), out
     return out
 
 
@@ -78,3 +80,19 @@ def test_n_seeded_choices_differ_and_repeat_and_greedy_rows_beside_them_stay_the
     greedy = run(engine, [(PROMPT, S())])[0]
     mixed = run(engine, [n[0], (PROMPT, S()), (PROMPT, S(temperature=5e-6, seed=9)), (PROMPT, S(temperature=1.0)), n[2]])
     assert mixed[1] == mixed[2] == greedy and mixed[0] == first[0] and mixed[4] == first[2]
+
+
+def test_a_row_whose_every_allowed_token_is_masked_is_refused_alone(engine):
+    """allowed_token_ids all stop tokens while min_tokens masks them: greedy used to emit token 0 (outside the
+    allowed set), a sampled row to fail the decode step of every row beside it (a draw from NaN)."""
+    eos = engine.router.backbone.tokenizer.eos_token_id
+    bystander = run(engine, [(PROMPT, S())])[0]
+    got = run(engine, [(PROMPT, SamplingParams(max_tokens=4, allowed_token_ids=(eos,), min_tokens=1)),
+                       (PROMPT, SamplingParams(max_tokens=4, temperature=1.0, allowed_token_ids=(7,), stop_token_ids=(7,), min_tokens=2)),
+                       (PROMPT, S())], errors=True)
+    for err in got[:2]:
+        assert isinstance(err, ApiError) and err.status == 400 and err.param == "allowed_token_ids", err
+        assert "no token is left" in str(err)
+    assert got[2] == bystander
+    # ignore_eos keeps EOS unmasked: the row is fine, and EOS (its only allowed token) does not end it
+    assert run(engine, [(PROMPT, SamplingParams(max_tokens=3, allowed_token_ids=(eos,), min_tokens=1, ignore_eos=True))])[0] == [eos] * 3

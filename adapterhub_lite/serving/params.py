@@ -326,7 +326,21 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
         raise bad("top_p", 0, "give a value in (0, 1]; use temperature 0 for greedy decoding")
     if max_tokens is not None and params.min_tokens > max_tokens:
         raise bad("min_tokens", params.min_tokens, f"give at most max_tokens ({max_tokens})")
+    check_a_token_is_left(params, None)  # EOS is checked when the request is read (the engine knows the tokenizer)
     return params
+
+
+def check_a_token_is_left(params: SamplingParams, eos_id: int | None) -> None:
+    """Refuse (400) `allowed_token_ids` that are all stop tokens (`stop_token_ids`, or EOS unless `ignore_eos`) while
+    `min_tokens` masks those: no token would be left to generate. The sampler would otherwise pick a token outside
+    the allowed set (greedy: the argmax of an all -inf row) or fail the whole batch's step (a draw from NaN)."""
+    if params.allowed_token_ids is None or not params.min_tokens:
+        return
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos or eos_id is None else {eos_id})
+    if set(params.allowed_token_ids) <= stops:
+        raise bad("allowed_token_ids", list(params.allowed_token_ids),
+                  f"each one ends the choice (stop_token_ids{'' if params.ignore_eos else ' or EOS'}) and is masked until min_tokens "
+                  f"({params.min_tokens}) tokens were generated, so no token is left; allow another token or drop min_tokens")
 
 
 # What a label answer cannot honour: each field with its neutral value (the value that asks for nothing).
