@@ -96,3 +96,14 @@ def test_a_row_whose_every_allowed_token_is_masked_is_refused_alone(engine):
     assert got[2] == bystander
     # ignore_eos keeps EOS unmasked: the row is fine, and EOS (its only allowed token) does not end it
     assert run(engine, [(PROMPT, SamplingParams(max_tokens=3, allowed_token_ids=(eos,), min_tokens=1, ignore_eos=True))])[0] == [eos] * 3
+
+
+def test_unseeded_rows_draw_differently_and_leave_the_process_rng_alone(engine):
+    """An unseeded row gets a fresh generator of its own; making it used to reseed torch's global RNG (torch.seed()),
+    so a program serving in-process lost the reproducibility its torch.manual_seed gave it."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    drawn = run(engine, [(PROMPT, S(temperature=1.0)) for _ in range(4)])
+    assert torch.equal(torch.rand(4), expected)
+    assert len({tuple(d) for d in drawn}) > 1

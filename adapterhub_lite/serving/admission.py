@@ -221,7 +221,10 @@ class Admission:
         job.state = TextState(self.router.backbone.tokenizer, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens)
         if not p.greedy:
             job.generator = torch.Generator(device=self.router.bank.device)
-            job.generator.manual_seed(p.seed if p.seed is not None else torch.seed())
+            if p.seed is not None:
+                job.generator.manual_seed(p.seed)
+            else:  # a fresh seed of its own: torch.seed() would reseed the process's global RNG (and CUDA's) too
+                job.generator.seed()
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill whole prompts in one pass (scoring those that asked), then let the rows run."""
