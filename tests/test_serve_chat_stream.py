@@ -34,3 +34,15 @@ def test_deltas_join_to_the_text_with_split_characters_and_no_stop():
     tok = _tiny_tokenizer()
     joined, whole, _ = streamed(tok, "héllo 世界 🎉 done", stop=("zz",))
     assert joined == whole == "héllo 世界 🎉 done"
+
+
+def test_stop_strings_are_looked_for_only_after_min_tokens_tokens():
+    """vLLM's detokenizer checks stop strings once more than min_tokens tokens are out, from the text those tokens
+    ended at (less the stop string's length): with min_tokens k, a stop inside the first k tokens' text does not end
+    the choice. Here every token is ':' (one byte, one token)."""
+    tok = _tiny_tokenizer()
+    for min_tokens, stop, want in ((0, ":", ""), (1, ":", ":"), (2, ":", "::"), (2, "::", ":"), (3, "::", "::")):
+        state = TextState(tok, SamplingParams(stop=(stop,), min_tokens=min_tokens), answer_mode=False, max_new_tokens=8)
+        while not state.add(tok(":", add_special_tokens=False)["input_ids"][0]):
+            pass
+        assert (state.text, state.reason, len(state.tokens)) == (want, "stop", min_tokens + 1), (min_tokens, stop)

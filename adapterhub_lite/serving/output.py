@@ -53,6 +53,9 @@ class TextState:
         self.infos.append(info)
         n = len(self.tokens)
         checking = n >= p.min_tokens  # before min_tokens only the length ends a choice (vLLM's rule)
+        # vLLM's detokenizer looks for stop strings only once more than min_tokens tokens are out, in the text after them
+        # (less a stop string's length): one found within the first min_tokens tokens does not end the choice
+        strings = n > p.min_tokens
         token_stop = checking and ((tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids)
         # The token that stops the choice (EOS, a stop_token_id) is kept among the tokens but not rendered, unless
         # include_stop_str_in_output: vLLM's detokenizer leaves it out of the text the same way.
@@ -64,13 +67,13 @@ class TextState:
             text = text.lstrip()
             if "\n" in text:
                 text, reason = text.split("\n", 1)[0], "stop"
-        if checking and p.stop:
+        if strings and p.stop:
             found = [(at, s) for s in p.stop if (at := text.find(s, max(0, self._search_from - len(s) + 1))) >= 0]
             if found:
                 at, s = min(found)
                 text, reason = text[: at + (len(s) if p.include_stop_str_in_output else 0)], "stop"
                 self.stop_reason = s
-        elif not checking:
+        elif not strings:
             self._search_from = len(text)
         if reason is None and n >= self.max_new_tokens:
             reason = "length"
