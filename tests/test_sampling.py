@@ -152,9 +152,10 @@ def test_min_p_applies_after_the_temperature_and_before_top_p_as_vllm_does():
     assert (filtered_probs(x, SamplingParams(temperature=2.0, min_p=0.6)) > 0).tolist() == [True, True, True, False]  # sqrt: .63 .55 .45 .32
 
 
-@pytest.mark.parametrize("top_k", [0, 4, 5, 1000])
+@pytest.mark.parametrize("top_k", [-1, 0, 4, 5, 1000])
 def test_top_k_off_or_at_least_the_vocabulary_keeps_every_token(top_k):
-    probs = filtered_probs(torch.tensor([3.0, 1.0, 0.5, -2.0]), SamplingParams(temperature=1.0, top_k=top_k))
+    p = sampling_params({"top_k": top_k, "temperature": 1.0}, "completions", vocab=4, max_tokens_limit=100)  # -1: vLLM's "off"
+    probs = filtered_probs(torch.tensor([3.0, 1.0, 0.5, -2.0]), p)
     assert bool((probs > 0).all()) and torch.allclose(probs, torch.tensor([3.0, 1.0, 0.5, -2.0]).softmax(-1))
 
 
