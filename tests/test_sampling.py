@@ -212,3 +212,12 @@ def test_params_refuse_a_row_with_no_token_left():
     assert e.value.status == 400 and e.value.param == "allowed_token_ids"
     for ok in ({"min_tokens": 0}, {"allowed_token_ids": [7, 8]}, {"stop_token_ids": [9]}):
         sampling_params({**body, **ok}, "completions", vocab=V, max_tokens_limit=100)
+
+
+@pytest.mark.parametrize("key", ["²", "٣", "1e3", "", "300"])
+def test_logit_bias_keys_are_ascii_token_ids(key):
+    """A key str.isdigit() takes but int() does not ('²') was a bare ValueError (a 500), and '٣' read as token 3."""
+    with pytest.raises(ApiError, match=r"`logit_bias` is .*is not a token id of this model \(0 to 299\)") as e:
+        sampling_params({"logit_bias": {key: 1}}, "completions", vocab=300, max_tokens_limit=10)
+    assert e.value.status == 400
+    assert sampling_params({"logit_bias": {"007": 1, "299": -100}}, "completions", vocab=300, max_tokens_limit=10).logit_bias == {7: 1.0, 299: -100.0}

@@ -216,7 +216,7 @@ def logit_bias(body: dict, vocab: int) -> dict[int, float]:
         raise bad("logit_bias", raw, "give an object of up to 300 {\"token id\": bias} pairs")
     out = {}
     for key, value in raw.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < vocab):  # str.isdigit takes '²' (int() fails) and '٣'
             raise bad("logit_bias", raw, f"key {key!r} is not a token id of this model (0 to {vocab - 1})")
         out[int(key)] = number({"logit_bias": value}, "logit_bias", 0.0, -100.0, 100.0)
     return out
