@@ -1,7 +1,13 @@
 """Chat messages as vLLM reads them before the template: what the template renders is what vLLM would render."""
 
+import pytest
+import torch
+
+from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.weights import _tiny_tokenizer
 from adapterhub_lite.serving import protocol as P
+
+from .serving import Served
 
 
 def test_text_parts_are_joined_with_a_newline_as_vllm_joins_them():
@@ -14,3 +20,52 @@ def test_text_parts_are_joined_with_a_newline_as_vllm_joins_them():
     assert P.check_messages(parts) == as_vllm
     assert (tok.apply_chat_template(P.check_messages(parts), add_generation_prompt=True)
             == tok.apply_chat_template(as_vllm, add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def served(serve_registry):
+    s = Served(serve_registry)
+    yield s
+    s.close()
+
+
+CHATS = [
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "héllo 世界 🎉"}],
+    [{"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]}],
+]
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=["system", "turns", "unicode", "parts"])
+def test_base_chat_is_the_template_and_greedy_generate_of_transformers(served, messages):
+    """What vLLM does with a chat, computed by transformers: the template's ids (add_generation_prompt, no special
+    tokens added on top), usage counting them, the greedy answer of model.generate on them, and each token's log-prob
+    and top 3 the log_softmax of the model's own logits (fp32)."""
+    tok, model = served.router.backbone.tokenizer, load_backbone("tiny-random-llama", "none", dtype="fp32").model.eval()
+    as_vllm = [{**m, "content": "\n".join(p["text"] for p in m["content"]) if isinstance(m["content"], list) else m["content"]} for m in messages]
+    ids = tok.apply_chat_template(as_vllm, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    got = served.client.chat.completions.create(model="base", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+                                                extra_body={"return_token_ids": True})
+    choice = got.choices[0]
+    assert got.model_extra["prompt_token_ids"] == ids and got.usage.prompt_tokens == len(ids)
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        logp = model(torch.tensor([ids + want])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+    assert choice.model_extra["token_ids"] == want and choice.message.content == tok.decode(want, skip_special_tokens=True)
+    for entry, token, row in zip(choice.logprobs.content, want, logp):
+        assert entry.logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+    assert "".join(e.token for e in choice.logprobs.content) == choice.message.content
+
+
+def test_an_assistant_prefill_is_continued_as_transformers_renders_and_generates_it(served):
+    tok, model = served.router.backbone.tokenizer, load_backbone("tiny-random-llama", "none", dtype="fp32").model.eval()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, th"}]
+    ids = tok.apply_chat_template(messages, continue_final_message=True, tokenize=True, return_dict=True)["input_ids"]
+    got = served.client.chat.completions.create(model="base", messages=messages, max_tokens=5, temperature=0,
+                                                extra_body={"add_generation_prompt": False, "continue_final_message": True, "return_token_ids": True})
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    assert got.model_extra["prompt_token_ids"] == ids and got.usage.prompt_tokens == len(ids)
+    assert got.choices[0].model_extra["token_ids"] == want
