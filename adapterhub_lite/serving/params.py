@@ -89,7 +89,7 @@ FIELDS: dict[str, Field] = {
     "stop_token_ids": Field(BOTH, "implemented", "generating one of these ends the choice (finish_reason stop); its text is left out, as EOS's is"),
     "include_stop_str_in_output": Field(BOTH, "implemented", "keep the matched stop string, or the text of the token that stopped the choice, in the text"),
     "ignore_eos": Field(BOTH, "implemented", "EOS does not end the choice: it runs to `max_tokens` (refused for a task's `input` or chat answer: its first line)"),
-    "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked, and stop strings not checked, before this many tokens (refused for a task's answer)"),
+    "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked before this many tokens, and stop strings are looked for only in the text after them (vLLM's rule; refused for a task's answer)"),
     "skip_special_tokens": Field(BOTH, "implemented", "false keeps special tokens (EOS) in the text"),
     "spaces_between_special_tokens": _refused("decoding is the tokenizer's own; `true` is accepted", True),
     "truncate_prompt_tokens": Field(BOTH, "implemented", "keep the prompt's last k tokens, because the client asked; usage counts what was read"),
