@@ -154,3 +154,18 @@ def test_a_step_histogram_writes_what_prometheus_clients_histogram_writes():
             for r in (ours, theirs)]
     assert text[0] == text[1]
     assert f"g_seconds_count {float(total)}" in text[0]
+
+
+def test_decode_time_spans_the_requests_inter_token_gaps(served, monkeypatch):
+    """vLLM's decode time is first token → last token, so over one request it is the sum of its inter-token gaps. The
+    engine observed a request's histograms before stamping its last token (the step's stamps came after the answer),
+    so decode and inference time left out the last gap."""
+    slowed(served, monkeypatch, seconds=0.01)
+    before = scrape(served)
+    usage = served.post("/v1/completions", {"model": "base", "prompt": "a b", "max_tokens": 4, "ignore_eos": True}).json()["usage"]
+    after = scrape(served)
+    assert usage["completion_tokens"] == 4
+    assert moved(before, after, "adapterhub_inter_token_latency_seconds_count") == 3
+    gaps = moved(before, after, "adapterhub_inter_token_latency_seconds_sum")
+    decode = moved(before, after, "adapterhub_request_decode_time_seconds_sum")
+    assert gaps > 0 and decode == pytest.approx(gaps, rel=1e-6)

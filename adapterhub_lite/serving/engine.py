@@ -288,7 +288,7 @@ class Engine(Admission):
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
         infos = self._logprobs(dec.logits, tokens, jobs)
         now = time.monotonic()  # the step's tokens are stamped once (vLLM stamps a step's outputs so)
-        emitted = []  # (adapter, times) of the rows that took a token: the metrics take the step at once
+        emitted = []  # (adapter, times) of the rows that took a token and run on: the metrics take the step at once
 
         def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
             job = self._rows[key]
@@ -301,6 +301,8 @@ class Engine(Admission):
             if text or entries:
                 job.listener("token", (text, entries))
             if reason:
+                # its last token stamped now, not with the step's others after it: _finish's histograms read the stamps
+                self.metrics.step_tokens([emitted.pop()], now)
                 self._finish(job, reason)
             return not reason
 
