@@ -274,3 +274,19 @@ def test_the_specs_schedule_decay_and_accumulation_reach_a_joint_run(tmp_path, m
         JointConfig.from_specs(specs(epochs=2.0, **shared))
     with pytest.raises(SpecError, match=r"train.schedule differs between the tasks \(a: cosine, g: linear\)"):
         JointConfig.from_specs([specs(**shared)[0], specs(**{**shared, "schedule": "linear"})[1]])
+
+
+def test_every_loop_setting_a_spec_gives_reaches_a_joint_run():
+    """train-multi dropped specs' loop keys silently while JointConfig lacked their fields (patience, min_steps, ...: no early
+    stop). Each loop setting a spec's `train` gives must reach the joint run's loop, bar the two a joint run sets itself."""
+    from dataclasses import fields
+
+    from adapterhub_lite.training.loop import LoopConfig
+
+    given = {"max_steps": 7, "eval_every": 3, "warmup_steps": 2, "schedule": "cosine", "grad_accum": 3, "max_grad_norm": 0.5,
+             "eval_samples": 9, "max_minutes": 4.0, "patience": 2, "min_delta": 0.1, "min_steps": 5}
+    decided = {"checkpoint_every", "log_every"}  # a checkpoint at every eval, a metrics row every step (joint.py)
+    assert set(given) | decided == {f.name for f in fields(LoopConfig)}  # a new loop setting must be placed here too
+    specs = [_spec("a", train={"max_length": 48, **given}), _spec("g", "generation", train={"max_length": 48, "max_new_tokens": 8, **given})]
+    loop = LoopConfig.from_train(JointConfig.from_specs(specs))
+    assert {k: getattr(loop, k) for k in given} == given
