@@ -63,7 +63,9 @@ def test_latency_histograms_move_by_the_requests_answered(served):
     queue, inference = moved(before, after, "adapterhub_request_queue_time_seconds_sum"), moved(before, after, "adapterhub_request_inference_time_seconds_sum")
     prefill, decode = moved(before, after, "adapterhub_request_prefill_time_seconds_sum"), moved(before, after, "adapterhub_request_decode_time_seconds_sum")
     assert e2e >= ttft > 0 and e2e >= queue + inference  # vLLM's intervals nest: queue, then prefill + decode, within e2e
-    assert inference == pytest.approx(prefill + decode)
+    assert inference == pytest.approx(prefill + decode)  # true by construction (the same stamps); the check below is not
+    # decode is first → last token, so it spans every inter-token gap of the request (the last one included)
+    assert decode == pytest.approx(moved(before, after, "adapterhub_inter_token_latency_seconds_sum"), rel=1e-6)
 
 
 def test_rows_sharing_decode_steps_each_count_their_tokens_and_gaps(served, monkeypatch):
