@@ -18,6 +18,6 @@
     protocol.py   OpenAI shapes and errors
     runtime.py    the served catalogue (registry, runtime loads, merges)
     handlers.py   what each route does; answers.py how its answer is written (whole or streamed)
-    api.py        the FastAPI app and its middleware; metrics.py Prometheus counters
+    api.py        the FastAPI app and its middleware; metrics.py Prometheus counters and latency histograms
     routes/       the HTTP routes as FastAPI routers (openai, tokenizer, admin) and what they share
 """

@@ -12,8 +12,8 @@ How a request becomes a prompt:
 - A classification adapter's task input is scored over its labels, never generated: the
   completion's text is the label, and /v1/classify also returns every label's probability.
 
-Each request's `access` dict (model, adapter, tokens, …) is filled here and written to the access
-log by the app's middleware (serve/api.py).
+Each request's `access` dict is filled as it is read (id, model, …: here) and answered (adapter, tokens:
+answers.py's `note`), and written to the access log by the app's middleware (serving/api.py).
 """
 
 from __future__ import annotations
