@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from adapterhub_lite.cli import main
+from adapterhub_lite.core.errors import AdapterHubError
 
 from .test_bad_inputs import refused
 
@@ -101,20 +102,38 @@ def test_publishing_a_version_again_names_it_and_the_way_on(capsys, tmp_path, ad
 
 
 @pytest.mark.parametrize("ref, needle", [
-    ("cls_a@9.9.9", "name 'cls_a@9.9.9', but 'cls_a' has no version '9.9.9', and infer serves the latest version of each adapter, by its "
-                    "name alone (versions of 'cls_a': 1.0.0, 1.0.1): write 'cls_a' for 1.0.1"),
-    ("cls_a@1.0.0", "name 'cls_a@1.0.0', but infer serves the latest version of each adapter, by its name alone (versions of 'cls_a': "
-                    "1.0.0, 1.0.1): write 'cls_a' for 1.0.1, or predict with a folder from `adapterhub-lite pull cls_a@VERSION --to DIR`"),
-    ("nosuch@1.0.0", "name 'nosuch@1.0.0', but registry"),
+    ("cls_a@9.9.9", "name 'cls_a@9.9.9': no version '9.9.9' of 'cls_a' in reg (versions: 1.0.0, 1.0.1); name a published version"),
+    ("nosuch@1.0.0", "name 'nosuch@1.0.0': no adapter 'nosuch' in registry reg"),
+    ("cls_a@", "name 'cls_a@': 'cls_a@' names an empty version after '@'"),
 ])
-def test_infer_naming_a_version(capsys, tmp_path, monkeypatch, registry, ref, needle):
-    """It loaded the backbone, then said "unknown adapter 'cls_a@9.9.9'; known: cls_a, ...": no versions, and a version
-    that exists was refused the same way."""
+def test_infer_naming_a_version_it_does_not_hold(capsys, tmp_path, monkeypatch, registry, ref, needle):
+    """It loaded the backbone, then said "unknown adapter 'cls_a@9.9.9'; known: cls_a, ...": no versions."""
     from adapterhub_lite.serving import router
 
     monkeypatch.setattr(router, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the requests were checked"))
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "in.jsonl").write_text(f'{{"adapter": "cls_a", "text": "a"}}\n{{"adapter": "{ref}", "text": "b"}}\n')
-    refused(capsys, tmp_path, ["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry)], f"on line(s) [2] {needle}")
+    refused(capsys, tmp_path, ["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", "reg"], f"on line(s) [2] {needle}")
+
+
+def test_infer_and_router_run_serve_a_pinned_version_as_serve_does(capsys, tmp_path, registry):
+    """`serve` answers model "cls_a@1.0.0" with that version; infer refused it ("infer serves the latest version") and
+    Router.run said "unknown adapter" — one engine, three answers. Now each registers the pinned version on first use."""
+    from adapterhub_lite.serving.router import Router
+
+    (tmp_path / "in.jsonl").write_text('{"adapter": "cls_a@1.0.0", "text": "a"}\n{"adapter": "cls_a", "text": "a"}\n')
+    assert main(["infer", "--input", str(tmp_path / "in.jsonl"), "--registry", str(registry), "--output", str(tmp_path / "out.jsonl"),
+                 "--no-progress"]) == 0
+    pinned, latest = map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
+    assert (pinned["adapter"], latest["adapter"]) == ("cls_a@1.0.0", "cls_a") and pinned["prediction"] == latest["prediction"]
+    router = Router.from_registry(str(registry))
+    try:
+        assert router.run([{"adapter": "cls_a@1.0.0", "text": "a"}])[0]["adapter"] == "cls_a@1.0.0"
+        assert str(router.folders["cls_a@1.0.0"]) == str(router.registry.location("cls_a", "1.0.0"))
+        with pytest.raises(AdapterHubError, match=r"no version '9.9.9' of 'cls_a' in .* \(versions: 1.0.0, 1.0.1\)"):
+            router.run([{"adapter": "cls_a@9.9.9", "text": "a"}])
+    finally:
+        router.close()
 
 
 @pytest.mark.parametrize("dies_at, said", [

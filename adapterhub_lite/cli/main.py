@@ -147,7 +147,7 @@ def _infer(args) -> int:
         lines = [n for n, r in enumerate(requests, 1) if unread & set(r)]
         raise DataError(f"{args.input}: request(s) on line(s) {lines[:5]} set {sorted(unread)}, which infer does not read (it answers "
                         "greedily, each task within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
-    _refuse_versions(args.registry, args.input, requests)
+    _check_versions(args.registry, args.input, requests)
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                   memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
     # the server's engine over the whole file: continuous batching, --batch-size rows at a time
@@ -160,30 +160,25 @@ def _infer(args) -> int:
     return 0
 
 
-def _refuse_versions(registry: str, source: str, requests: list[dict]) -> None:
-    """infer serves each adapter's latest version, by its name (or name@latest): a request for name@version is refused
-    before the backbone loads, naming the versions there are (the engine would only say "unknown adapter", after loading it)."""
-    from adapterhub_lite.artifacts.index import parse_ref, version_key
+def _check_versions(registry: str, source: str, requests: list[dict]) -> None:
+    """Refuse, before the backbone loads, a request naming a version (name@version) the registry does not hold, in the
+    registry's words (which list the versions); the ones it holds are served pinned, as `serve` serves them (the engine
+    would only find out after loading the backbone)."""
     from adapterhub_lite.artifacts.registries import open_registry
 
-    lines = [n for n, r in enumerate(requests, 1) if isinstance(r["adapter"], str) and "@" in r["adapter"]
-             and not r["adapter"].endswith("@latest")]
-    if not lines:
+    pinned = {}  # ref → the request lines naming it
+    for n, r in enumerate(requests, 1):
+        if isinstance(r["adapter"], str) and "@" in r["adapter"] and not r["adapter"].endswith("@latest"):
+            pinned.setdefault(r["adapter"], []).append(n)
+    if not pinned:
         return
-    ref = requests[lines[0] - 1]["adapter"]
-    try:
-        name, version = parse_ref(ref)  # an empty or malformed version is refused in the registry's words
-    except AdapterHubError as exc:
-        raise DataError(f"{source}: request(s) on line(s) {lines[:5]}: {exc}") from None
-    adapters = open_registry(registry).index()["adapters"]
-    if name not in adapters:
-        raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}, but registry {registry} has no adapter {name!r} "
-                        f"(known: {', '.join(sorted(adapters)) or 'none'}); name one of those, or 'base' / 'auto'")
-    versions = sorted(adapters[name], key=version_key)
-    missing = "" if version in versions else f"{name!r} has no version {version!r}, and "
-    raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}, but {missing}infer serves the latest version of each "
-                    f"adapter, by its name alone (versions of {name!r}: {', '.join(versions)}): write {name!r} for {versions[-1]}, "
-                    f"or predict with a folder from `adapterhub-lite pull {name}@VERSION --to DIR`")
+    reg = open_registry(registry)
+    for ref, lines in pinned.items():
+        try:
+            reg.resolve(ref)  # an empty or malformed version, an unknown name or version: refused in the registry's words
+        except AdapterHubError as exc:
+            raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}: {exc}; name a published version, "
+                            f"the name alone (its latest), or 'base' / 'auto'") from None
 
 
 def _merge(args) -> int:

@@ -188,8 +188,20 @@ class AdapterManager(RequestReader):
         if name in self.unavailable:
             raise AdapterUnavailable(f"adapter {name!r} is unavailable: {self.unavailable[name]}; the server serves the other adapters: "
                                      "repair or re-publish it, then reload (POST /v1/reload)")
+        if name not in self.folders and "@" in name and self.registry is not None:
+            # a pinned version (name@version), registered on first use as the server registers it (serving/runtime.py),
+            # so Router.run and infer serve what serve serves; an unknown name or version is refused in the registry's
+            # words (which list the versions), a damaged one is listed as unavailable with why
+            self.registry.resolve(name)
+            try:
+                self.add(self.inspect(name))
+            except AdapterHubError as exc:
+                self.mark_unavailable(name, exc)
+                raise
         if name not in self.folders:
-            raise AdapterLoadError(f"unknown adapter {name!r}; known: {', '.join(self.known()) or 'none'}, or 'base' / 'auto'")
+            known = self.known()  # thousands of adapters: name the first ones and the count, in one readable line
+            shown = ", ".join(known[:20]) + (f", … ({len(known)} in all)" if len(known) > 20 else "")
+            raise AdapterLoadError(f"unknown adapter {name!r}; known: {shown or 'none'}, or 'base' / 'auto'")
 
     def _lower(self, name: str) -> None:
         """Move a just-loaded adapter down to a lower slot that an eviction freed: the slot pools are sized by the
