@@ -263,6 +263,10 @@ class SamplingParams:
     def wants_prompt_logprobs(self) -> bool:
         return self.echo and self.logprobs is not None or self.prompt_logprobs is not None
 
+    def stop_ids(self, eos_id: int | None) -> list[int]:
+        """The token ids that end a choice, which min_tokens masks: `stop_token_ids`, and EOS unless `ignore_eos`."""
+        return list(self.stop_token_ids) + ([] if self.ignore_eos or eos_id is None else [eos_id])
+
     def with_seed(self, seed: int | None) -> SamplingParams:
         return replace(self, seed=seed)
 
@@ -336,8 +340,7 @@ def check_a_token_is_left(params: SamplingParams, eos_id: int | None) -> None:
     the allowed set (greedy: the argmax of an all -inf row) or fail the whole batch's step (a draw from NaN)."""
     if params.allowed_token_ids is None or not params.min_tokens:
         return
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos or eos_id is None else {eos_id})
-    if set(params.allowed_token_ids) <= stops:
+    if set(params.allowed_token_ids) <= set(params.stop_ids(eos_id)):
         raise bad("allowed_token_ids", list(params.allowed_token_ids),
                   f"each one ends the choice (stop_token_ids{'' if params.ignore_eos else ' or EOS'}) and is masked until min_tokens "
                   f"({params.min_tokens}) tokens were generated, so no token is left; allow another token or drop min_tokens")

@@ -57,10 +57,8 @@ def shape_logits(logits: torch.Tensor, rows: list[Row], eos_id: int | None) -> t
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=device)
             row[ids] += torch.tensor(list(p.logit_bias.values()), device=device, dtype=row.dtype)
-        if len(out) < p.min_tokens:
-            banned = list(p.stop_token_ids) + ([] if p.ignore_eos or eos_id is None else [eos_id])
-            if banned:
-                row[torch.tensor(banned, device=device)] = float("-inf")
+        if len(out) < p.min_tokens and (banned := p.stop_ids(eos_id)):  # the ids check_a_token_is_left weighs
+            row[torch.tensor(banned, device=device)] = float("-inf")
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(rows[j].prompt_ids) | set(out)), device=device, dtype=torch.long)
             v = row[seen]
