@@ -143,7 +143,8 @@ def test_a_yaml_syntax_error_says_where_and_how_to_fix_it_in_one_line(tmp_path):
     assert "<unicode string>" not in msg
 
 
-@pytest.mark.parametrize("written, read_as", [("010", "octal number 8"), ("007", "octal number 7"), ("1:30", "base-60 number 90")])
+@pytest.mark.parametrize("written, read_as", [("010", "octal number 8"), ("007", "octal number 7"), ("1:30", "base-60 number 90"),
+                                             ("1:30.5", "base-60 number 90.5")])
 def test_a_number_yaml_reads_as_another_is_refused_in_the_file_and_overrides(tmp_path, written, read_as):
     # PyYAML (YAML 1.1) reads 010 as 8 and 1:30 as 90: `labels: {010: ten}` keyed the column value '8' silently.
     text = SPEC_TEXT.replace("  lr: 0.5\n", "")
