@@ -171,3 +171,33 @@ def test_decode_time_spans_the_requests_inter_token_gaps(served, monkeypatch):
     gaps = moved(before, after, "adapterhub_inter_token_latency_seconds_sum")
     decode = moved(before, after, "adapterhub_request_decode_time_seconds_sum")
     assert gaps > 0 and decode == pytest.approx(gaps, rel=1e-6)
+
+
+def test_a_steps_tokens_are_stamped_after_they_are_read(served, monkeypatch):
+    """Time to first token and the inter-token gaps end when a step's tokens reach the host: bank.step's read of them is
+    the step's one sync, and on a GPU the forward that made them (a long prefill, for the first token) runs until then.
+    vLLM stamps a step's outputs once they are out; the engine read its clock before bank.step, leaving that out."""
+    events = []
+    bank, metrics = served.engine.router.bank, served.engine.metrics
+    step, step_tokens = bank.step, metrics.step_tokens
+
+    def reading(dec, tokens, decide):
+        events.append(("read", time.monotonic()))  # what bank.step does first: tokens.tolist(), the sync
+        return step(dec, tokens, decide)
+
+    def stamping(rows, now):
+        events.append(("stamp", now))
+        return step_tokens(rows, now)
+
+    monkeypatch.setattr(bank, "step", reading)
+    monkeypatch.setattr(metrics, "step_tokens", stamping)
+    served.post("/v1/completions", {"model": "base", "prompt": "a b", "max_tokens": 3, "ignore_eos": True}).raise_for_status()
+    monkeypatch.undo()
+    reads = [t for kind, t in events if kind == "read"]
+    assert len(reads) >= 3
+    last_read = None
+    for kind, t in events:
+        if kind == "read":
+            last_read = t
+        else:
+            assert last_read is not None and t >= last_read, events

@@ -287,10 +287,12 @@ class Engine(Admission):
         jobs = [self._rows[k] for k in dec.keys]
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
         infos = self._logprobs(dec.logits, tokens, jobs)
-        now = time.monotonic()  # the step's tokens are stamped once (vLLM stamps a step's outputs so)
+        now = None  # one clock read per step, at its first token: after bank.step read them (the sync on their forward), as vLLM stamps
         emitted = []  # (adapter, times) of the rows that took a token and run on: the metrics take the step at once
 
         def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
+            nonlocal now
+            now = now or time.monotonic()
             job = self._rows[key]
             if job.cancelled or self._expired(job):
                 self._forget(job)
@@ -310,7 +312,7 @@ class Engine(Admission):
             if not self.router.bank.step(dec, tokens, emit):  # the bank's step: one host sync, finished rows leave
                 self._dec = None
         finally:
-            self.metrics.step_tokens(emitted, now)
+            self.metrics.step_tokens(emitted, now)  # none emitted: nothing read of `now`
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, jobs: list[Job]) -> dict[int, tuple]:
