@@ -61,6 +61,7 @@ class StepHistogram:
             self.sum += value * count
 
     def collect(self):
+        """The histogram as one metric family (prometheus_client's collector protocol: read when /metrics is scraped)."""
         with self._lock:
             counts, total = list(self.counts), self.sum
         family = HistogramMetricFamily(self.name, self.documentation,
@@ -70,6 +71,7 @@ class StepHistogram:
         yield family
 
     def describe(self):
+        """The family's name and type without its samples (what the registry checks for name clashes at register)."""
         return [HistogramMetricFamily(self.name, self.documentation)]
 
 
