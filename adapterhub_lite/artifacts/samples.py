@@ -48,11 +48,16 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Ten
     """Routing embeddings of texts by the (adapter-free) backbone, as `embedding_spec` says: [N, dim]."""
     spec = embedding_spec(model)
     device = next(model.parameters()).device
-    result = torch.empty(len(texts), spec["dim"])  # on the host: routing samples are saved and fitted there
+    # on the host: routing samples are saved and fitted there. A text of no tokens ("" for SmolLM2) keeps its NaN row:
+    # there is nothing to pool, and the router sends a non-finite embedding to base
+    result = torch.full((len(texts), spec["dim"]), float("nan"))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=spec["max_length"]).to(device)
+        tokens = enc["attention_mask"].sum(1).cpu()
+        if not tokens.any():  # only empty texts: a [rows, 0] batch, which the model cannot run
+            continue
         hidden = model(**enc, output_hidden_states=True, logits_to_keep=no_logits(enc["input_ids"])).hidden_states  # hidden states only
         mask = enc["attention_mask"].unsqueeze(-1).float()
         last = (enc["attention_mask"] * torch.arange(mask.shape[1], device=device)).argmax(1)  # either padding side
@@ -60,7 +65,8 @@ def embed(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Ten
         for layer in spec["layers"]:
             h = hidden[layer].float()
             pools += [(h * mask).sum(1) / mask.sum(1), h[torch.arange(len(idx), device=device), last]]
-        result[idx] = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in pools], -1).cpu()
+        vectors = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in pools], -1).cpu()
+        result[[i for i, n in zip(idx, tokens.tolist()) if n]] = vectors[tokens > 0]
     return result
 
 
@@ -84,6 +90,7 @@ def routing_entry(model, tokenizer, spec: TaskSpec, folder: str | Path, samples:
     `model` must run as the plain backbone (for a PeftModel: inside `disable_adapter()`).
     """
     vectors = embed(model, tokenizer, task_texts(spec, "train", samples, seed))
+    vectors = vectors[torch.isfinite(vectors).all(-1)]  # rows with empty inputs: no embedding to route by
     Path(folder).mkdir(parents=True, exist_ok=True)  # callers may embed before writing the PEFT files
     atomic_write(Path(folder) / ROUTING_FILE, save({"embeddings": vectors.half().contiguous()}))
     return {"file": ROUTING_FILE, "embedding": embedding_spec(model), "samples": len(vectors), "seed": seed}

@@ -6,8 +6,10 @@ middle and the last layer, each L2-normalised, concatenated), and the sidecar's 
 names the file and the embedding. The router fits a small L2-regularised multinomial logistic
 regression (scikit-learn) over the samples of every adapter it knows (again whenever that set changes:
 seconds) and sends a request to the most probable adapter, or to the base model when that
-probability is below the threshold. The data lives with each adapter, so adapters can be added or
-removed without refitting anything offline.
+probability is below the threshold, or when the request is unlike that adapter's own samples (novelty:
+a softmax over the known adapters is confident far from all of them, so a poem or a question would
+otherwise go to, say, a sentiment adapter and come back "positive"). The data lives with each adapter,
+so adapters can be added or removed without refitting anything offline.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
+from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -32,9 +36,17 @@ class ContentRouter:
     the host, in numpy: a few thousand samples of a few thousand features fit in seconds there,
     requests are moved to it whatever device embedded them, and a caller serving under
     `torch.inference_mode` needs nothing special (no autograd is involved).
+
+    Novelty: a request goes to the chosen adapter only if it is also near that adapter's samples. The
+    distance is the mean cosine distance to its `neighbors` nearest samples in the standardised space
+    (`sklearn.neighbors.NearestNeighbors`); the cut-off is the `novelty` quantile of the same distance
+    for the adapter's own samples, each measured against the other folds of a `folds`-fold split, so
+    about that share of an adapter's own kind of input passes. `novelty=None` switches the check off.
+    Everything is deterministic (unshuffled folds, exact neighbours).
     """
 
-    def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 1000):
+    def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 1000,
+                 novelty: float | None = 0.99, neighbors: int = 5, folds: int = 5):
         if not samples:
             raise RoutingError("no adapter has usable routing data; train adapters with this package or run add_routing on their folders")
         self.names, self.threshold = list(samples), threshold
@@ -49,6 +61,36 @@ class ContentRouter:
         if len(self.names) > 1:
             self.model = make_pipeline(StandardScaler(), LogisticRegression(C=self._c(l2, len(x), len(self.names)), class_weight="balanced", max_iter=max_iter))
             self.model.fit(x, y)
+        self.scaler = self.model[0] if self.model is not None else StandardScaler().fit(x)
+        self.novelty, self.near, self.cutoffs = novelty, [], []
+        if novelty is not None:
+            for i in range(len(self.names)):
+                near, cutoff = self._fit_novelty(self.scaler.transform(x[y == i]), novelty, neighbors, folds)
+                self.near.append(near)
+                self.cutoffs.append(cutoff)
+
+    @staticmethod
+    def _fit_novelty(z: np.ndarray, quantile: float, neighbors: int, folds: int) -> tuple[NearestNeighbors, float]:
+        """One adapter's neighbour index and distance cut-off, calibrated on its own samples' held-out folds.
+
+        Each sample's distance is measured against the other folds only (against all samples it would be
+        its own zero), so the cut-off is what an unseen input of the adapter's kind scores. A lone sample
+        has no fold to hold out: its cut-off is 0 (only that very input passes), never a guess.
+        """
+        n = len(z)
+        if n < 2:
+            return NearestNeighbors(n_neighbors=1, metric="cosine").fit(z), 0.0
+        k = min(neighbors, n - -(-n // min(folds, n)))  # the smallest training fold must hold k samples
+        held = np.empty(n)
+        for train, test in KFold(min(folds, n)).split(z):
+            held[test] = NearestNeighbors(n_neighbors=k, metric="cosine").fit(z[train]).kneighbors(z[test])[0].mean(1)
+        return NearestNeighbors(n_neighbors=k, metric="cosine").fit(z), float(np.quantile(held, quantile))
+
+    def distances(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Each request's novelty distance from each adapter's samples, over its cut-off: [N, adapters] (1 = at the cut-off)."""
+        z = self.scaler.transform(vectors.detach().cpu().float().numpy())
+        cols = [near.kneighbors(z)[0].mean(1) / max(cut, 1e-12) for near, cut in zip(self.near, self.cutoffs)]
+        return torch.from_numpy(np.stack(cols, 1)).float()
 
     @staticmethod
     def _c(l2: float, n: int, k: int) -> float:
@@ -70,9 +112,24 @@ class ContentRouter:
         return torch.from_numpy(self.model.predict_proba(x)).float()
 
     def route(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
-        """(adapter name or "base", confidence) for each embedded request."""
-        conf, idx = self.probs(vectors).max(-1)
-        return [(self.names[i] if c >= self.threshold else BASE, round(c, 4)) for i, c in zip(idx.tolist(), conf.tolist())]
+        """(adapter name or "base", confidence) for each embedded request.
+
+        Base when the classifier is unsure (below the threshold), when the request is farther from the chosen
+        adapter's samples than its cut-off (novelty), or when the embedding is not finite (an empty text has no
+        token to pool: nothing to route by). The confidence is the classifier's either way.
+        """
+        vectors = vectors.detach().cpu().float()  # routing runs on the host (see the class)
+        finite = torch.isfinite(vectors).all(-1)
+        out = [(BASE, 0.0)] * len(vectors)
+        rows = finite.nonzero().flatten().tolist()
+        if not rows:
+            return out
+        conf, idx = self.probs(vectors[finite]).max(-1)
+        near = self.distances(vectors[finite]) if self.novelty is not None else None
+        for j, (row, i, c) in enumerate(zip(rows, idx.tolist(), conf.tolist())):
+            ok = c >= self.threshold and (near is None or near[j, i] <= 1.0)
+            out[row] = (self.names[i] if ok else BASE, round(c, 4))
+        return out
 
 
 def routing_accuracy(model, tokenizer, specs: dict[str, TaskSpec], router: ContentRouter, limit: int | None = None) -> dict:
