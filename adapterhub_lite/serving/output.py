@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tokenizers import decoders
+
 from adapterhub_lite.serving.params import SamplingParams
 
 
@@ -30,6 +32,45 @@ class Entry:
     top: list[tuple[int, float]] | None
 
 
+class Detokenizer:
+    """`tokenizer.decode(tokens)` of a choice's growing tokens, at every token, without decoding them all again.
+
+    Decoding the whole list at each token costs O(length) per row and step on the engine thread (0.6 ms at 1,000
+    tokens with SmolLM2's tokenizer: 38 ms a step at 64 rows). A byte-level BPE (GPT-2's, SmolLM2's, Llama 3's) decodes
+    to the UTF-8 of its tokens' bytes joined, so the text is the text up to the last whole character, kept, plus the
+    decode of the tokens since, read in a window that starts one token earlier (vLLM's incremental detokenization). That
+    is exactly the whole decode (tested against it token by token). Other decoders — SentencePiece's Metaspace drops a
+    window's leading space — and transformers' clean_up_tokenization_spaces decode the whole list, as before."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.windowed = (isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
+                         and not getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.ids: list[int] = []
+        self.kept = ""  # the text of ids[:read], which ends on a whole character
+        self.start = self.read = 0  # the window: ids[start:read] is its context, ids[read:] the tokens since
+        self.text = ""
+
+    def push(self, tok: int) -> str:
+        """Add a token; return the decoded text of every token so far."""
+        self.ids.append(tok)
+        if not self.windowed:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+            return self.text
+        context = self.tokenizer.decode(self.ids[self.start : self.read], skip_special_tokens=self.skip)
+        window = self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=self.skip)
+        if not window.startswith(context):  # not a concatenation after all: decode the whole list from now on
+            self.windowed = False
+            return self.push(self.ids.pop())
+        if window.endswith("\ufffd"):  # a character's bytes are still coming: nothing past `read` is final yet
+            self.text = self.kept + window[len(context) :]
+        else:
+            self.kept = self.text = self.kept + window[len(context) :]
+            self.start, self.read = self.read, len(self.ids)
+        return self.text
+
+
 class TextState:
     """One choice's tokens, its text as returned, why it ends, and what was streamed of it."""
 
@@ -39,6 +80,8 @@ class TextState:
         self.tokens: list[int] = []
         self.infos: list = []  # per token: (logprob, top) or None
         self.ends: list[int] = []  # per token: how far into the text the tokens so far reach
+        self.reach: list[int] = []  # per token: the furthest any token up to it reached (max of ends[:k+1]), kept as they come
+        self.decoded = Detokenizer(tokenizer, params.skip_special_tokens)
         self.text = ""
         self.reason: str | None = None
         self.stop_reason: str | int | None = None  # vLLM's field: the stop string or stop token id that ended it (EOS: None)
@@ -59,8 +102,8 @@ class TextState:
         token_stop = checking and ((tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids)
         # The token that stops the choice (EOS, a stop_token_id) is kept among the tokens but not rendered, unless
         # include_stop_str_in_output: vLLM's detokenizer leaves it out of the text the same way.
-        shown = self.tokens[:-1] if token_stop and not p.include_stop_str_in_output else self.tokens
-        text = self.tokenizer.decode(shown, skip_special_tokens=p.skip_special_tokens)
+        # (the choice ends at that token, so it is simply never decoded)
+        text = self.decoded.text if token_stop and not p.include_stop_str_in_output else self.decoded.push(tok)
         reason = "stop" if token_stop else None
         self.stop_reason = tok if token_stop and tok in p.stop_token_ids else None
         if self.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
@@ -78,6 +121,7 @@ class TextState:
         if reason is None and n >= self.max_new_tokens:
             reason = "length"
         self.ends.append(len(text) if reason else len(text.rstrip("\ufffd")))  # a partial character is not there yet
+        self.reach.append(max(self.ends[-1], self.reach[-1] if self.reach else 0))
         self.text = text.strip() if reason and self.answer_mode else text
         self.reason = reason
         return reason
@@ -95,7 +139,7 @@ class TextState:
 
     def _bound(self, k: int, limit: int) -> int:
         """Where the piece of token k ends: the furthest any token up to k reached, within `limit`."""
-        return min(max(self.ends[: k + 1]), limit)
+        return min(self.reach[k], limit)
 
     def take(self) -> tuple[str, list[Entry]]:
         """The text and token entries not streamed yet that can no longer change (all of them once the choice ended)."""
@@ -103,7 +147,7 @@ class TextState:
         delta = self.text[self.sent : max(self.sent, safe)]
         self.sent = max(self.sent, safe)
         entries = []
-        while self.released < len(self.tokens) and (self.reason or max(self.ends[: self.released + 1]) <= safe):
+        while self.released < len(self.tokens) and (self.reason or self.reach[self.released] <= safe):
             k = self.released
             start = self._bound(k - 1, len(self.text)) if k else 0
             end = max(start, self._bound(k, len(self.text)))

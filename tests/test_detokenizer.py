@@ -1,0 +1,54 @@
+"""serving/output.py's Detokenizer: the text of a choice's growing tokens equals `tokenizer.decode` of all of them at
+every token (a partial character's U+FFFD included), while a byte-level tokenizer is read in short windows, not whole."""
+
+import random
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from adapterhub_lite.model.weights import _tiny_tokenizer
+from adapterhub_lite.serving.output import Detokenizer
+
+
+def _metaspace():
+    """A SentencePiece-style tokenizer (Metaspace): decoding a window drops its leading space, so it is decoded whole."""
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tk.train_from_iterator(["Hello world, the château is big.", "a b c d e f g", "世界 hello 🙂 tokens"] * 20,
+                           trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _sequences(tok, rng):
+    """Real text (multi-byte characters split across tokens), a start mid-character, and random ids with specials."""
+    yield tok("Hello, world! château 世界 🙂  a\n\nb\t" * 2, add_special_tokens=False)["input_ids"]
+    yield tok("é世🙂ü" * 4, add_special_tokens=False)["input_ids"][1:]
+    for _ in range(30):
+        ids = [rng.randrange(len(tok)) for _ in range(30)] + tok.all_special_ids
+        rng.shuffle(ids)
+        yield ids
+
+
+@pytest.mark.parametrize("make, windowed", [(_tiny_tokenizer, True), (_metaspace, False)])
+def test_the_text_is_the_whole_decode_at_every_token(make, windowed):
+    tok, rng = make(), random.Random(0)
+    for ids in _sequences(tok, rng):
+        for skip in (True, False):
+            d = Detokenizer(tok, skip)
+            assert d.windowed is windowed
+            for k, t in enumerate(ids):
+                assert d.push(t) == tok.decode(ids[: k + 1], skip_special_tokens=skip), (ids[: k + 1], skip)
+
+
+def test_a_byte_level_choice_is_decoded_in_windows_not_whole(monkeypatch):
+    """Decoding every token's whole list again made each step O(length) per row on the engine thread."""
+    tok = _tiny_tokenizer()
+    ids = tok("a long answer, é and 世界 too " * 20, add_special_tokens=False)["input_ids"]
+    read, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda x, **kw: read.append(len(x)) or decode(x, **kw))
+    d = Detokenizer(tok, True)
+    for t in ids:
+        text = d.push(t)
+    assert text == decode(ids, skip_special_tokens=True) and len(ids) > 500
+    assert max(read) <= 8  # the window: the last finished piece as context (世: 3 tokens here) and the bytes since
