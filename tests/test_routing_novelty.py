@@ -107,3 +107,18 @@ def test_an_empty_auto_request_is_refused_as_an_empty_prompt_not_a_scikit_learn_
     assert router.route([{"adapter": "auto", "text": ""}, {"adapter": "auto", "text": "pos 3"}]) == ["base", "cls_a"]
     with pytest.raises(DataError, match=r"the prompt is empty \(0 tokens\)"):
         router.run([{"adapter": "auto", "text": ""}])
+
+
+def test_a_training_row_with_an_empty_input_is_left_out_of_the_routing_sample(tmp_path):
+    """Its embedding is NaN (no token to pool); stored, it would make load_routing refuse the whole adapter."""
+    from adapterhub_lite.artifacts.samples import routing_entry
+    from adapterhub_lite.core.spec import spec_from_dict
+
+    rows = [{"text": t, "label": "x"} for t in ["pos 1", "", "pos 2", "neg 3"]]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({"name": "d", "type": "classification", "data": {"train": str(tmp_path / "d.jsonl"), "dev": str(tmp_path / "d.jsonl")},
+                           "prompt": "{text} ->", "label": "label", "labels": ["x", "y"], "base": "tiny-random-llama", "quantization": "none"})
+    backbone = load_backbone("tiny-random-llama", "none")
+    record = routing_entry(backbone.model, backbone.tokenizer, spec, tmp_path / "out")
+    assert record["samples"] == 3
+    assert load_routing(tmp_path / "out", {"routing": record}, embedding_spec(backbone.model)).shape[0] == 3
