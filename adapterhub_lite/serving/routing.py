@@ -22,9 +22,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from adapterhub_lite.artifacts.samples import RoutingError, embed, task_texts
+from adapterhub_lite.artifacts.samples import RoutingError
 from adapterhub_lite.core.names import BASE
-from adapterhub_lite.core.spec import TaskSpec
 
 
 class ContentRouter:
@@ -130,14 +129,3 @@ class ContentRouter:
             ok = c >= self.threshold and (near is None or near[j, i] <= 1.0)
             out[row] = (self.names[i] if ok else BASE, round(c, 4))
         return out
-
-
-def routing_accuracy(model, tokenizer, specs: dict[str, TaskSpec], router: ContentRouter, limit: int | None = None) -> dict:
-    """Share of each task's dev inputs routed to that task's adapter."""
-    out = {}
-    for name, spec in specs.items():
-        texts = task_texts(spec, "dev", limit)
-        routed = router.route(embed(model, tokenizer, texts))
-        out[name] = round(sum(r == name for r, _ in routed) / len(texts), 4)
-    out["mean"] = round(sum(out.values()) / len(specs), 4)
-    return out
