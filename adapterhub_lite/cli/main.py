@@ -164,6 +164,7 @@ def _check_versions(registry: str, source: str, requests: list[dict]) -> None:
     """Refuse, before the backbone loads, a request naming a version (name@version) the registry does not hold, in the
     registry's words (which list the versions); the ones it holds are served pinned, as `serve` serves them (the engine
     would only find out after loading the backbone)."""
+    from adapterhub_lite.artifacts.index import parse_ref
     from adapterhub_lite.artifacts.registries import open_registry
 
     pinned = {}  # ref → the request lines naming it
@@ -175,7 +176,11 @@ def _check_versions(registry: str, source: str, requests: list[dict]) -> None:
     reg = open_registry(registry)
     for ref, lines in pinned.items():
         try:
-            reg.resolve(ref)  # an empty or malformed version, an unknown name or version: refused in the registry's words
+            parse_ref(ref)  # an empty or malformed version: its own fix says what to write
+        except AdapterHubError as exc:
+            raise DataError(f"{source}: request(s) on line(s) {lines[:5]}: {exc}") from None
+        try:
+            reg.resolve(ref)  # an unknown name or version, refused in the registry's words (which list the versions)
         except AdapterHubError as exc:
             raise DataError(f"{source}: request(s) on line(s) {lines[:5]} name {ref!r}: {exc}; name a published version, "
                             f"the name alone (its latest), or 'base' / 'auto'") from None
