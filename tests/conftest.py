@@ -254,6 +254,16 @@ def serve_registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def served(serve_registry):
+    """A server on serve_registry (tests/serving.py's Served), one per test module, stopped after it."""
+    from .serving import Served
+
+    s = Served(serve_registry)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """Two tiny classification adapters, cls_a and cls_b (another seed), trained once per test module."""
     d = tmp_path_factory.mktemp("adapters")

@@ -7,8 +7,6 @@ from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.weights import _tiny_tokenizer
 from adapterhub_lite.serving import protocol as P
 
-from .serving import Served
-
 
 def test_text_parts_are_joined_with_a_newline_as_vllm_joins_them():
     """The openai client sends content as [{"type": "text", "text": ...}, ...]; vLLM joins the parts with "\\n" for a
@@ -20,13 +18,6 @@ def test_text_parts_are_joined_with_a_newline_as_vllm_joins_them():
     assert P.check_messages(parts) == as_vllm
     assert (tok.apply_chat_template(P.check_messages(parts), add_generation_prompt=True)
             == tok.apply_chat_template(as_vllm, add_generation_prompt=True))
-
-
-@pytest.fixture(scope="module")
-def served(serve_registry):
-    s = Served(serve_registry)
-    yield s
-    s.close()
 
 
 CHATS = [

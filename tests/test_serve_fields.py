@@ -31,13 +31,6 @@ PROMPT = "T: pos 1\nL:"
 
 
 @pytest.fixture(scope="module")
-def served(serve_registry):
-    s = Served(serve_registry)
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def tok(served):
     return served.router.backbone.tokenizer
 

@@ -15,13 +15,6 @@ from adapterhub_lite.artifacts.registry import LocalRegistry
 from .serving import KEY, Served, slowed
 
 
-@pytest.fixture(scope="module")
-def served(serve_registry):
-    s = Served(serve_registry)
-    yield s
-    s.close()
-
-
 def raw_post(served, body: bytes):
     return httpx.post(served.url + "/v1/completions", content=body, headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
                       timeout=60)

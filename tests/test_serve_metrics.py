@@ -8,17 +8,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .serving import KEY, Served, slowed
+from .serving import KEY, slowed
 
 HISTOGRAMS = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
               "request_decode_time_seconds", "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens")
-
-
-@pytest.fixture(scope="module")
-def served(serve_registry):
-    s = Served(serve_registry)
-    yield s
-    s.close()
 
 
 def scrape(served) -> dict:

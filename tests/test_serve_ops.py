@@ -15,13 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from .serving import KEY, Served, free_port, slowed
 
 
-@pytest.fixture(scope="module")
-def served(serve_registry):
-    s = Served(serve_registry)
-    yield s
-    s.close()
-
-
 def scrape(served) -> dict:
     """/metrics through prometheus_client's parser (as Prometheus reads it): family name → family."""
     return {f.name: f for f in text_string_to_metric_families(httpx.get(served.url + "/metrics").text)}
