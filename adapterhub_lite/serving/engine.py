@@ -288,7 +288,7 @@ class Engine(Admission):
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
         infos = self._logprobs(dec.logits, tokens, jobs)
         now = None  # one clock read per step, at its first token: after bank.step read them (the sync on their forward), as vLLM stamps
-        emitted = []  # (adapter, times) of the rows that took a token and run on: the metrics take the step at once
+        emitted = []  # (adapter, times, gap) of the rows that took a token, stamped as they take it: the metrics count the step at once
 
         def emit(j: int, key: int, tok: int) -> bool:  # row j's token: to its client; does it keep running?
             nonlocal now
@@ -297,14 +297,12 @@ class Engine(Admission):
             if job.cancelled or self._expired(job):
                 self._forget(job)
                 return False
-            emitted.append((job.prepared.adapter, job.times))
+            emitted.append((job.prepared.adapter, job.times, job.times.token_at(now)))  # stamped before _finish reads it
             reason = job.state.add(tok, infos.get(j))
             text, entries = job.state.take()
             if text or entries:
                 job.listener("token", (text, entries))
             if reason:
-                # its last token stamped now, not with the step's others after it: _finish's histograms read the stamps
-                self.metrics.step_tokens([emitted.pop()], now)
                 self._finish(job, reason)
             return not reason
 

@@ -85,6 +85,15 @@ class RequestTimes:
     first_token: float | None = None
     last_token: float | None = None
 
+    def token_at(self, now: float) -> float | None:
+        """Stamp a generated token at `now`; the gap since the one before, or None for the first (its time to first
+        token is `now - arrived`)."""
+        gap = None if self.first_token is None else now - self.last_token
+        if self.first_token is None:
+            self.first_token = now
+        self.last_token = now
+        return gap
+
 
 class ServeMetrics:
     """Requests by adapter and status, queue depth, running requests, batch rows, tokens, latencies, resident adapters
@@ -148,19 +157,17 @@ class ServeMetrics:
         self.prompt_tokens.labels(adapter=adapter).inc(tokens)
 
     def step_tokens(self, rows, now: float) -> None:
-        """One decode step's generated tokens, each row's (adapter, RequestTimes), all stamped `now` (one clock read per
-        step, as vLLM stamps a step's outputs): counted by adapter; a row's first token observes the time to first
-        token, each later one the gap since the one before. Added per adapter and per distinct gap, not per row (the
-        engine thread's cost stays flat in the batch's rows)."""
+        """One decode step's generated tokens, each row's (adapter, RequestTimes, gap) as RequestTimes.token_at stamped
+        them at `now` (one clock read per step, as vLLM stamps a step's outputs): counted by adapter; a first token
+        (gap None) observes the time to first token, each later one its gap. Added per adapter and per distinct gap, not
+        per row (the engine thread's cost stays flat in the batch's rows)."""
         adapters, gaps = Tally(), Tally()
-        for adapter, times in rows:
+        for adapter, times, gap in rows:
             adapters[adapter] += 1
-            if times.first_token is None:
-                times.first_token = now
+            if gap is None:
                 self.ttft.observe(now - times.arrived)
             else:
-                gaps[now - times.last_token] += 1
-            times.last_token = now
+                gaps[gap] += 1
         for adapter, n in adapters.items():
             self.generated_tokens.labels(adapter=adapter).inc(n)
         for gap, n in gaps.items():
