@@ -75,12 +75,11 @@ class TextState:
     """One choice's tokens, its text as returned, why it ends, and what was streamed of it."""
 
     def __init__(self, tokenizer, params: SamplingParams, *, answer_mode: bool, max_new_tokens: int):
-        self.tokenizer, self.params, self.answer_mode, self.max_new_tokens = tokenizer, params, answer_mode, max_new_tokens
+        self.params, self.answer_mode, self.max_new_tokens = params, answer_mode, max_new_tokens
         self.eos = tokenizer.eos_token_id
         self.tokens: list[int] = []
         self.infos: list = []  # per token: (logprob, top) or None
-        self.ends: list[int] = []  # per token: how far into the text the tokens so far reach
-        self.reach: list[int] = []  # per token: the furthest any token up to it reached (max of ends[:k+1]), kept as they come
+        self.reach: list[int] = []  # per token: how far into the text it or any token before it reaches
         self.decoded = Detokenizer(tokenizer, params.skip_special_tokens)
         self.text = ""
         self.reason: str | None = None
@@ -120,8 +119,8 @@ class TextState:
             self._search_from = len(text)
         if reason is None and n >= self.max_new_tokens:
             reason = "length"
-        self.ends.append(len(text) if reason else len(text.rstrip("\ufffd")))  # a partial character is not there yet
-        self.reach.append(max(self.ends[-1], self.reach[-1] if self.reach else 0))
+        end = len(text) if reason else len(text.rstrip("\ufffd"))  # a partial character is not there yet
+        self.reach.append(max(end, self.reach[-1] if self.reach else 0))
         self.text = text.strip() if reason and self.answer_mode else text
         self.reason = reason
         return reason
