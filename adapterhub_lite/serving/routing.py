@@ -85,11 +85,19 @@ class ContentRouter:
             held[test] = NearestNeighbors(n_neighbors=k, metric="cosine").fit(z[train]).kneighbors(z[test])[0].mean(1)
         return NearestNeighbors(n_neighbors=k, metric="cosine").fit(z), float(np.quantile(held, quantile))
 
-    def distances(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Each request's novelty distance from each adapter's samples, over its cut-off: [N, adapters] (1 = at the cut-off)."""
+    def distances(self, vectors: torch.Tensor, adapters: list[int] | None = None) -> torch.Tensor:
+        """Each request's novelty distance from each adapter's samples, over its cut-off: [N, adapters] (1 = at the
+        cut-off). With `adapters` (one index per request): only that adapter's, [N] — what routing reads, so a
+        request is measured against one adapter's samples, not against every adapter's."""
         z = self.scaler.transform(vectors.detach().cpu().float().numpy())
-        cols = [near.kneighbors(z)[0].mean(1) / max(cut, 1e-12) for near, cut in zip(self.near, self.cutoffs)]
-        return torch.from_numpy(np.stack(cols, 1)).float()
+        if adapters is None:
+            cols = [near.kneighbors(z)[0].mean(1) / max(cut, 1e-12) for near, cut in zip(self.near, self.cutoffs)]
+            return torch.from_numpy(np.stack(cols, 1)).float()
+        out, picked = np.empty(len(z)), np.asarray(adapters)
+        for i in np.unique(picked):
+            rows = picked == i
+            out[rows] = self.near[i].kneighbors(z[rows])[0].mean(1) / max(self.cutoffs[i], 1e-12)
+        return torch.from_numpy(out).float()
 
     @staticmethod
     def _c(l2: float, n: int, k: int) -> float:
@@ -124,8 +132,8 @@ class ContentRouter:
         if not rows:
             return out
         conf, idx = self.probs(vectors[finite]).max(-1)
-        near = self.distances(vectors[finite]) if self.novelty is not None else None
+        near = self.distances(vectors[finite], idx.tolist()) if self.novelty is not None else None
         for j, (row, i, c) in enumerate(zip(rows, idx.tolist(), conf.tolist())):
-            ok = c >= self.threshold and (near is None or near[j, i] <= 1.0)
+            ok = c >= self.threshold and (near is None or near[j] <= 1.0)
             out[row] = (self.names[i] if ok else BASE, round(c, 4))
         return out
