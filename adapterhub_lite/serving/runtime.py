@@ -228,8 +228,13 @@ class Catalogue:
         if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
             raise P.ApiError(400, f"an adapter named {name!r} is already served (or in the registry: runtime and registry adapters keep "
                              "apart names); unload it first or choose another name", code="already_loaded")
-        if not isinstance(path, str) or not Path(path).is_dir():
+        if not isinstance(path, str) or not path:
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
+        if not Path(path).exists():  # nothing there: vLLM answers 404 (NotFoundError), a folder it cannot read 400
+            raise P.ApiError(404, f"`lora_path` is {path!r}, which does not exist on the server's machine; give the path of an adapter folder there",
+                             code="adapter_not_found", param="lora_path")
+        if not Path(path).is_dir():
+            raise P.bad("lora_path", path, "it is a file; give the path of an adapter folder on the server's machine")
         reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
         await self._on_engine(lambda r: r.add(reg))
         self.runtime.add(name)

@@ -1,0 +1,21 @@
+"""vLLM's own OpenAI-server tests (tests/entrypoints/openai/), replayed against our server where they apply.
+
+Each test names the vLLM test whose expectation it holds (status codes, error shapes), written anew here.
+"""
+
+import openai
+import pytest
+
+
+def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
+    """vLLM's test_dynamic_lora_not_found: a lora_path with nothing there is a NotFoundError (404);
+    a path that is there but is no adapter folder stays a 400 (test_dynamic_lora_invalid_files)."""
+    with pytest.raises(openai.NotFoundError) as err:
+        served.client.post("load_lora_adapter", cast_to=str, body={"lora_name": "notfound", "lora_path": "/not/an/adapter"})
+    assert err.value.body["param"] == "lora_path" and "/not/an/adapter" in err.value.body["message"]
+    afile = tmp_path / "adapter_config.json"
+    afile.write_text("this is not json")
+    for path in (str(afile), str(tmp_path)):
+        with pytest.raises(openai.BadRequestError):
+            served.client.post("load_lora_adapter", cast_to=str, body={"lora_name": "invalid", "lora_path": path})
+    assert "notfound" not in [m.id for m in served.client.models.list().data]
