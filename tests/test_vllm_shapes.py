@@ -3,8 +3,11 @@
 Each test names the vLLM test whose expectation it holds (status codes, error shapes), written anew here.
 """
 
+import httpx
 import openai
 import pytest
+
+from .serving import KEY
 
 
 def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
@@ -19,3 +22,15 @@ def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
         with pytest.raises(openai.BadRequestError):
             served.client.post("load_lora_adapter", cast_to=str, body={"lora_name": "invalid", "lora_path": path})
     assert "notfound" not in [m.id for m in served.client.models.list().data]
+
+
+@pytest.mark.parametrize("method, path, status, allow", [("POST", "/v1/nope", 404, None), ("GET", "/v1/completions", 405, "POST"),
+                                                          ("POST", "/v1/models", 405, "GET")])
+def test_unknown_route_or_method_answers_in_the_error_shape(served, method, path, status, allow):
+    """vLLM answers a route or method it does not have in its error shape ({"error": {message, type, code, param}},
+    its HTTPException handler), as OpenAI does; Starlette's own {"detail": "Not Found"} has no error.message to read."""
+    r = httpx.request(method, served.url + path, json={} if method == "POST" else None, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"} and path in error["message"]
+    assert r.headers.get("allow") == allow

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 
 from adapterhub_lite.core import __version__
 from adapterhub_lite.model.backbone import default_device
@@ -161,6 +162,16 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     @app.exception_handler(ClientGone)
     async def _client_gone(request, exc):
         return Response(status_code=499)  # nobody reads it: the client closed the connection
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, exc):
+        # An unknown route (404) or method (405) is answered in the error shape every other answer has (OpenAI's and
+        # vLLM's), not Starlette's {"detail": ...}, which clients reading error.message cannot read.
+        fix = {404: "see GET /v1/models and the README's serving section for the routes",
+               405: f"use {exc.headers.get('Allow', 'another method')}" if exc.headers else "use another method"}.get(exc.status_code, "")
+        message = f"{request.method} {request.url.path}: {exc.detail}" + (f"; {fix}" if fix else "")
+        code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(P.ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
