@@ -34,3 +34,14 @@ def test_unknown_route_or_method_answers_in_the_error_shape(served, method, path
     error = r.json()["error"]
     assert set(error) == {"message", "type", "code", "param"} and path in error["message"]
     assert r.headers.get("allow") == allow
+
+
+def test_truncation_side_right_is_refused_left_is_what_is_done(served):
+    """vLLM's test_completion_truncation_side_controls_prompt_truncation: "right" keeps the first k tokens. We keep the
+    last k (vLLM's "left"), so "right" is a 400 naming it rather than an answer to another prompt than the one asked."""
+    body = {"model": "base", "prompt": list(range(8)), "max_tokens": 1, "temperature": 0, "return_token_ids": True, "truncate_prompt_tokens": 4}
+    r = served.post("/v1/completions", {**body, "truncation_side": "right"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncation_side"
+    r = served.post("/v1/completions", {**body, "truncation_side": "left"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["prompt_token_ids"] == [4, 5, 6, 7]
