@@ -45,3 +45,44 @@ def test_truncation_side_right_is_refused_left_is_what_is_done(served):
     r = served.post("/v1/completions", {**body, "truncation_side": "left"})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["prompt_token_ids"] == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_return_tokens_as_token_ids_completion(served, stream):
+    """vLLM's test_completion_return_tokens_as_token_ids_completion: every log-prob token is "token_id:<id>", the top
+    alternatives are keyed the same way (the greedy pick first), and the ids decode to the text. The prompt holds a
+    character of 4 bytes, which this byte-level tokenizer splits over 4 tokens whose own text is no text at all."""
+    tok = served.router.backbone.tokenizer
+    body = {"model": "base", "prompt": "Say 'Hello, world! 🎉'", "echo": True, "temperature": 0, "max_tokens": 5, "logprobs": 1,
+            "return_tokens_as_token_ids": True}
+    if stream:
+        text, tokens, tops = "", [], []
+        for chunk in served.client.completions.create(**{k: v for k, v in body.items() if k != "return_tokens_as_token_ids"}, stream=True,
+                                                      extra_body={"return_tokens_as_token_ids": True}):
+            choice = chunk.choices[0]
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                tops += choice.logprobs.top_logprobs
+    else:
+        choice = served.post("/v1/completions", body).json()["choices"][0]
+        text, tokens, tops = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["top_logprobs"]
+    assert all(t.startswith("token_id:") for t in tokens)
+    assert tokens[1:] == [next(iter(top)) for top in tops[1:]]  # the first (the prompt's) has no alternatives
+    ids = [int(t.removeprefix("token_id:")) for t in tokens]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert ids[:len(tok("Say 'Hello, world! 🎉'").input_ids)] == tok("Say 'Hello, world! 🎉'").input_ids
+
+
+def test_return_tokens_as_token_ids_chat(served):
+    """vLLM's test_chat_return_tokens_as_token_ids_completion: each content token is "token_id:<id>" (its bytes that
+    string's, as vLLM), and the ids decode to the message."""
+    tok = served.router.backbone.tokenizer
+    r = served.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Please write some emojis: 🐱🐶🎉"}],
+                                              temperature=0, max_tokens=8, logprobs=True, top_logprobs=2,
+                                              extra_body={"return_tokens_as_token_ids": True})
+    content = r.choices[0].logprobs.content
+    assert all(c.token.startswith("token_id:") and bytes(c.bytes).decode() == c.token for c in content)
+    assert all(c.top_logprobs[0].token == c.token for c in content)  # greedy: the pick is the best alternative
+    ids = [int(c.token.removeprefix("token_id:")) for c in content]
+    assert tok.decode(ids, skip_special_tokens=True) == r.choices[0].message.content

@@ -158,16 +158,17 @@ class Answers:
     def choice(self, req: Request, index: int, result) -> dict:
         """One choice of a whole (not streamed) response, in the completions or chat shape."""
         p, tok = req.params, self.tokenizer
+        as_ids = flag(req.body, "return_tokens_as_token_ids", False)  # vLLM's: tokens named "token_id:<id>" in the log-probs
         if req.chat:
             out = {"index": index, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason,
-                   "stop_reason": result.stop_reason, "logprobs": None if p.logprobs is None else P.chat_logprobs(tok, result.entries or []),
+                   "stop_reason": result.stop_reason, "logprobs": None if p.logprobs is None else P.chat_logprobs(tok, result.entries or [], as_ids),
                    "adapter": result.adapter}
         else:
             prompt = result.prompt if p.echo else None
             text = (prompt.text if prompt else "") + result.text
             logprobs = None
             if p.logprobs is not None:
-                logprobs = P.completion_logprobs(tok, (prompt.entries if prompt else []) + (result.entries or []), p.logprobs)
+                logprobs = P.completion_logprobs(tok, (prompt.entries if prompt else []) + (result.entries or []), p.logprobs, as_ids=as_ids)
             out = {"index": index, "text": text, "finish_reason": result.finish_reason, "stop_reason": result.stop_reason, "logprobs": logprobs,
                    "adapter": result.adapter}
             if p.prompt_logprobs is not None:
@@ -185,6 +186,7 @@ class Answers:
         early = list(early)
         created, p, tok = int(time.time()), req.params, self.tokenizer
         kind = "chat.completion.chunk" if req.chat else "text_completion"
+        as_ids = flag(req.body, "return_tokens_as_token_ids", False)
         offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
         results = [None] * len(req.jobs)
 
@@ -192,9 +194,9 @@ class Answers:
             lp = None
             if entries is not None and p.logprobs is not None:
                 if req.chat:
-                    lp = P.chat_logprobs(tok, entries)
+                    lp = P.chat_logprobs(tok, entries, as_ids)
                 else:
-                    lp = P.completion_logprobs(tok, entries, p.logprobs, offsets[index])
+                    lp = P.completion_logprobs(tok, entries, p.logprobs, offsets[index], as_ids)
                     offsets[index] += sum(len(e.text) for e in entries)
             if req.chat:
                 said = {"role": "assistant", "content": ""} if first else {} if delta is None else {"content": delta}

@@ -114,7 +114,7 @@ FIELDS: dict[str, Field] = {
     "guided_whitespace_pattern": _refused("no guided decoding"),
     "structured_outputs": _refused("no guided decoding"),
     "logits_processors": _refused("no server-side code from requests", []),
-    "return_tokens_as_token_ids": _refused("tokens come back as text", False),
+    "return_tokens_as_token_ids": Field(BOTH, "implemented", "log-prob tokens (and their top alternatives' keys) are `\"token_id:<id>\"`; text_offset still counts the text"),
     "kv_transfer_params": _refused("no disaggregated prefill"),
     "vllm_xargs": _refused("no extension arguments", {}),
     "prompt_embeds": _refused("prompts are text or token ids", endpoints=(C,)),

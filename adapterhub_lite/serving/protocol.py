@@ -117,39 +117,49 @@ def usage(results, n: int = 1) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0) -> dict:
+def token_id_text(token: int) -> str:
+    """A token as vLLM's `return_tokens_as_token_ids` names it: "token_id:<id>", which every token has, where its text
+    may be a piece of a character or the same text as another token's (so two alternatives keep apart keys)."""
+    return f"token_id:{token}"
+
+
+def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0, as_ids: bool = False) -> dict:
     """Legacy completions logprobs: tokens (each the text it added, so they join to the text), token_logprobs,
     top_logprobs (the top k and the chosen token, as vLLM; null for logprobs 0, as OpenAI) and text_offset
     (from `offset`: where this part starts in the whole text, so a stream's offsets run on).
 
     The chosen token is keyed in its top_logprobs by the same text as in `tokens` (the text it added, which differs
     from its own decoding where a stop string cuts it or a character spans tokens), so top_logprobs[i][tokens[i]]
-    is its log-prob: lm-eval's greedy check compares the best key with tokens[i]."""
+    is its log-prob (and the first key): lm-eval's greedy check compares the best key with tokens[i]. With `as_ids` (vLLM's
+    return_tokens_as_token_ids) every token and key is "token_id:<id>" instead; text_offset still counts the text."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top_k else None, "text_offset": []}
     for e in entries:
-        out["tokens"].append(e.text)
+        shown = token_id_text(e.token) if as_ids else e.text
+        out["tokens"].append(shown)
         out["token_logprobs"].append(e.logprob)
         if top_k:
             top = None
             if e.top is not None:
-                top = {}
+                top = {shown: e.logprob}  # the chosen token first, as vLLM orders them (an echoed prompt's is often not the best)
                 for t, lp in e.top[:top_k]:
-                    top.setdefault(e.text if t == e.token else tokenizer.decode([t]), lp)
-                top[e.text] = e.logprob
+                    top.setdefault(token_id_text(t) if as_ids else e.text if t == e.token else tokenizer.decode([t]), lp)
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(e.text)
     return out
 
 
-def chat_logprobs(tokenizer, entries: list) -> dict:
+def chat_logprobs(tokenizer, entries: list, as_ids: bool = False) -> dict:
     """Chat logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}; "token" is the text it added,
-    and the chosen token's alternative carries the same text (see completion_logprobs)."""
+    and the chosen token's alternative carries the same text (see completion_logprobs). With `as_ids` each "token" is
+    "token_id:<id>" and "bytes" that string's, as vLLM's return_tokens_as_token_ids gives them."""
+    def shown(e, tok):
+        return token_id_text(tok) if as_ids else e.text if tok == e.token else tokenizer.decode([tok])
+
     def alt(e, tok, lp):
-        text = e.text if tok == e.token else tokenizer.decode([tok])
+        text = shown(e, tok)
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
-                         "top_logprobs": [alt(e, t, lp) for t, lp in (e.top or [])]} for e in entries]}
+    return {"content": [{**alt(e, e.token, e.logprob), "top_logprobs": [alt(e, t, lp) for t, lp in (e.top or [])]} for e in entries]}
 
 
 def prompt_logprobs(tokenizer, scores, top_k: int) -> list:
