@@ -217,12 +217,7 @@ adapter file {eff['adapter_file_bytes'] / 1e6:.2f} MB, train {eff['train_tokens_
 
 ## Use with peft
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained("{base_id}")
-model = PeftModel.from_pretrained(base, "path/to/this/folder")
-```
+{_peft_snippet(meta['base'])}
 
 ## Use with adapterhub_lite
 
@@ -234,6 +229,36 @@ adapterhub-lite eval path/to/this/folder --split dev --json
 `adapterhub.json` holds the full task spec, data hashes, backbone fingerprint, command and versions.
 """
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _peft_snippet(base: dict) -> str:
+    """The card's plain transformers + peft code that loads the backbone as the adapter was trained on it.
+
+    A quantized run names its BitsAndBytesConfig: `load_in_8bit=True` alone means bitsandbytes' default
+    llm_int8_threshold 6.0, and the adapters here were trained (and are served) at 0.0. The arguments are the
+    recorded config's (sidecar base.quantization_config) where they differ from BitsAndBytesConfig's defaults.
+    """
+    quant = base["fingerprint"]["quantization"]
+    config = base.get("quantization_config")
+    if quant == "8bit" and config is None:  # sidecars before quantization_config was recorded: load_backbone's one 8-bit config
+        config = {"load_in_8bit": True, "llm_int8_threshold": 0.0}
+    load, imports, note = f'"{base["hub_id"]}"', "AutoModelForCausalLM", ""
+    if quant != "none" and config is not None:
+        from transformers import BitsAndBytesConfig
+
+        default = json.loads(BitsAndBytesConfig().to_json_string(use_diff=False))
+        args = {k: v for k, v in sorted(config.items(), key=lambda kv: not kv[0].startswith("load_in"))  # load_in_8bit/4bit first
+                if k != "quant_method" and not k.startswith("_") and default.get(k) != v}
+        if quant == "8bit":
+            args.setdefault("llm_int8_threshold", config.get("llm_int8_threshold", 6.0))
+            note = "# llm_int8_threshold as trained: bitsandbytes' default 6.0 gives other answers (adapterhub_lite's README)\n"
+        shown = ", ".join(f"{k}=torch.{v}" if k == "bnb_4bit_compute_dtype" else f"{k}={v!r}" for k, v in args.items())
+        imports += ", BitsAndBytesConfig"
+        load += f", quantization_config=BitsAndBytesConfig({shown})"
+    elif base.get("dtype") in ("bf16", "fp16"):
+        load += f", dtype=torch.{dict(bf16='bfloat16', fp16='float16')[base['dtype']]}"
+    return (f"```python\nimport torch\nfrom transformers import {imports}\nfrom peft import PeftModel\n{note}"
+            f"base = AutoModelForCausalLM.from_pretrained({load})\nmodel = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```")
 
 
 def _weights_line(base: dict) -> str:

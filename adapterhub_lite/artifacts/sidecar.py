@@ -33,7 +33,7 @@ class Sidecar:
     name: str
     task: dict | None  # the task spec it serves (None: a component, e.g. a joint run's shared adapter, serving raw text)
     method: str  # lora, prefix, prompt, ia3
-    base: dict  # the backbone: name, hub_id, fingerprint (checked at load), dtype, weights (the exact file)
+    base: dict  # the backbone: name, hub_id, fingerprint (checked at load), dtype, weights (the exact file), quantization_config (absent: older sidecars)
     label_words: list[str] | None = None  # classification: the verbalizer words, in label order
     metrics: dict = field(default_factory=dict)  # dev scores of this adapter itself
     routing: dict | None = None  # content-routing samples: file, embedding, samples (None: left out of auto routing)
@@ -159,9 +159,24 @@ def _from_v1(raw: dict) -> dict:
 _UPGRADES = {"adapterhub_lite.adapter/1": _from_v1}
 
 
+def quantization_record(model) -> dict | None:
+    """The bitsandbytes config `model` was loaded with, as transformers writes it into a quantized model's config.json
+    (`BitsAndBytesConfig.from_dict` reads it back); None for an unquantized model.
+
+    "8bit" alone does not say how to rebuild the backbone: we load with llm_int8_threshold=0.0, bitsandbytes' default
+    is 6.0, and the two give other logits (README, "8-bit backbone, kept causal"). A peft user reads the threshold here.
+    """
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    raw = json.loads(config.to_json_string(use_diff=False))
+    return {k: v for k, v in raw.items() if not k.startswith("_")}  # _load_in_8bit / _load_in_4bit mirror the public keys
+
+
 def base_record(name: str, backbone) -> dict:
     """The sidecar's `base` for backbone `backbone` (a model.backbone.Backbone) loaded as `name`."""
-    return {"name": name, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint, "dtype": backbone.dtype_name, "weights": backbone.source}
+    return {"name": name, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint, "dtype": backbone.dtype_name, "weights": backbone.source,
+            "quantization_config": quantization_record(backbone.model)}
 
 
 def versions() -> dict:
