@@ -1,5 +1,8 @@
 """What a plain transformers + bitsandbytes + peft user needs to load an adapter's backbone as it was trained (the sidecar's
-base.quantization_config, the card's snippet)."""
+base.quantization_config, the card's snippet), and the warning when an adapter runs in another quantization."""
+
+import json
+import warnings
 
 import pytest
 import torch
@@ -41,3 +44,11 @@ def test_the_card_loads_the_backbone_with_the_recorded_quantization(eight_bit):
     snippet = model_card(meta)
     assert "BitsAndBytesConfig" not in snippet and 'from_pretrained("' + meta["base"]["hub_id"] + '", dtype=torch.bfloat16)' in snippet
 
+
+def test_an_adapter_run_in_another_quantization_is_loaded_with_a_warning(eight_bit):
+    with pytest.warns(UserWarning, match=r"was trained on a 8bit backbone and runs here on none: .* --quantization none\)"):
+        load_adapter(eight_bit, quantization="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as trained: nothing said
+        load_adapter(eight_bit)
+    assert json.loads((eight_bit / "adapterhub.json").read_text())["base"]["fingerprint"]["quantization"] == "8bit"

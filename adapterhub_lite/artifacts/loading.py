@@ -6,6 +6,7 @@ The folder format (folder.py) is read without torch; this module is where a fold
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from peft import PeftModel
@@ -20,13 +21,31 @@ from adapterhub_lite.model.lora_format import base_rewriting_problem, factor_key
 
 
 def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
-    """Refuse an adapter whose recorded backbone fingerprint differs from the one it meets here."""
+    """Refuse an adapter whose recorded backbone fingerprint differs from the one it meets here; warn when only the
+    quantization differs (see quantization_warning)."""
     keys = ("config_sha256", "tokenizer_sha256", "weights_sha256") + (("quantization",) if with_quantization else ())
     if not allow and any(recorded[k] != here[k] for k in keys):
         raise AdapterLoadError(
             f"adapter {adapter!r} was trained on backbone {recorded['id']} but {where} {here['id']}; "
             "pass --allow-base-mismatch (allow_base_mismatch=True) to load it anyway"
         )
+    note = quantization_warning(adapter, recorded, here)
+    if note:
+        warnings.warn(note, stacklevel=2)
+
+
+def quantization_warning(adapter: str, recorded: dict, here: dict) -> str | None:
+    """The line said when an adapter runs on the same weights in another quantization than it was trained on, else None.
+
+    Allowed (an 8-bit adapter on the fp32 backbone is QLoRA practice), but its answers and scores move (README,
+    "Quantization": measured on the reference adapters), and its recorded metrics were not measured there; peft itself
+    cannot say so, as an adapter folder does not record the base's quantization.
+    """
+    trained, runs = recorded.get("quantization"), here.get("quantization")
+    if trained == runs:
+        return None
+    return (f"adapter {adapter!r} was trained on a {trained} backbone and runs here on {runs}: its answers can differ from those its "
+            f"recorded metrics were measured with; re-evaluate it here (adapterhub-lite eval <folder> --quantization {runs})")
 
 
 def load_adapter(folder: str | Path, *, quantization: str | None = None, device: str | None = None,
