@@ -170,7 +170,7 @@ def test_bad_requests_get_a_4xx_in_openai_error_shape(served, case):
     r = {
         "unknown model": lambda: post("/v1/completions", {"model": "nope", "prompt": "x"}),
         "too many tokens": lambda: post("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 10**6}),
-        "bad json": lambda: httpx.post(served.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"}),
+        "bad json": lambda: httpx.post(served.url + "/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}),
         "missing key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key=None),
         "wrong key": lambda: post("/v1/completions", {"model": "base", "prompt": "x"}, key="nope"),
         "oversize body": lambda: post("/v1/completions", {"model": "base", "prompt": "x" * (2 << 20)}),

@@ -86,3 +86,19 @@ def test_return_tokens_as_token_ids_chat(served):
     assert all(c.top_logprobs[0].token == c.token for c in content)  # greedy: the pick is the best alternative
     ids = [int(c.token.removeprefix("token_id:")) for c in content]
     assert tok.decode(ids, skip_special_tokens=True) == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_is_refused(served, content_type):
+    """vLLM's test_request_wrong_content_type: a body whose Content-Type is not application/json is refused (vLLM
+    answers 415 or 400), however valid its JSON: a web page can POST a form or text/plain to a local server without a
+    CORS preflight, and reading such a body as JSON would run its request. application/json with a charset is JSON."""
+    body = b'{"model": "base", "prompt": "x", "max_tokens": 1}'
+    headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": content_type} if content_type else {})}
+    r = httpx.post(served.url + "/v1/completions", content=body, headers=headers)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    with pytest.raises(openai.APIStatusError):
+        served.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                              extra_headers={"Content-Type": "application/x-www-form-urlencoded"})
+    ok = httpx.post(served.url + "/v1/completions", content=body, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text

@@ -39,13 +39,20 @@ def error_response(err: P.ApiError) -> JSONResponse:
 
 
 async def read_json(request: Request) -> dict:
-    """The request's body as a JSON object, or an ApiError: 413 past --max-body-bytes, 400 when not a JSON object."""
+    """The request's body as a JSON object, or an ApiError: 413 past --max-body-bytes, 415 unless sent as
+    application/json, 400 when not a JSON object."""
     limit = server(request).settings.max_body_bytes
     body = b""
     async for chunk in request.stream():  # a body without content-length is counted as it arrives
         body += chunk
         if len(body) > limit:
             raise P.ApiError(413, f"request body is over the limit of {limit} bytes; send less", code="body_too_large")
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        # As vLLM: a browser sends a form or text/plain POST from any page without asking first (no CORS preflight),
+        # so a body read as JSON whatever its type would let any web page run requests (load adapters) on a local server.
+        raise P.ApiError(415, f"the body is sent as {media or 'no Content-Type'!r}; send it as JSON with the header "
+                         "Content-Type: application/json", code="unsupported_media_type")
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
