@@ -17,6 +17,7 @@ from adapterhub_lite.model.evaluate import label_token_ids
 from adapterhub_lite.model.heads import label_scores, loss_plan, task_loss
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.training.checkpoint import Checkpoint
+from adapterhub_lite.training.loop import LoopConfig
 from adapterhub_lite.training.recipes.joint import JointLora, _attach, joint_losses, train_joint
 from adapterhub_lite.training.recipes.joint_config import SHARED, JointConfig
 from adapterhub_lite.training.weighting import Equal
@@ -130,7 +131,7 @@ def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monk
     specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, "lr": 0.2}),
              _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 3, "lr": 0.2})]
     cfg = JointConfig(max_steps=3, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4, weighting="dynamic",
-                      sampling="round_robin", shared_adapter=True, shared_r=2)
+                      sampling="round_robin", shared_adapter=True, shared_r=2, log_every=1)
     out = train_joint(specs, tmp_path / "mtl", cfg, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["a", "curves.png", "g", "metrics.jsonl", "run.json", SHARED]
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -202,7 +203,7 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     specs = [_spec(n, data={"train": "t.jsonl", "dev": "t.jsonl"}) for n in ("a", "b")]
     cfg = JointConfig(max_steps=4, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4, weighting="uncertainty",
-                      sampling="dynamic", shared_adapter=True, shared_r=2)
+                      sampling="dynamic", shared_adapter=True, shared_r=2, log_every=1)
     straight = train_joint(specs, tmp_path / "straight", cfg, progress=False)
 
     original = Checkpoint.save
@@ -254,7 +255,7 @@ def test_the_specs_schedule_decay_and_accumulation_reach_a_joint_run(tmp_path, m
                 _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 2, "lr": 0.05, **train})]
 
     shared = {"max_steps": 4, "batch_size": 4, "warmup_steps": 0, "eval_every": 4, "eval_samples": 2, "schedule": "cosine", "grad_accum": 2,
-              "max_grad_norm": 0.0}  # no clipping: one global norm would tie g's step to a's weights
+              "max_grad_norm": 0.0, "log_every": 1}  # no clipping: one global norm would tie g's step to a's weights
     cfg = JointConfig.from_specs(specs(**shared), weighting="equal", sampling="round_robin")
     assert (cfg.schedule, cfg.grad_accum) == ("cosine", 2)
     from adapterhub_lite.training.recipes import joint as joint_mod
@@ -284,9 +285,36 @@ def test_every_loop_setting_a_spec_gives_reaches_a_joint_run():
     from adapterhub_lite.training.loop import LoopConfig
 
     given = {"max_steps": 7, "eval_every": 3, "warmup_steps": 2, "schedule": "cosine", "grad_accum": 3, "max_grad_norm": 0.5,
-             "eval_samples": 9, "max_minutes": 4.0, "patience": 2, "min_delta": 0.1, "min_steps": 5}
-    decided = {"checkpoint_every", "log_every"}  # a checkpoint at every eval, a metrics row every step (joint.py)
-    assert set(given) | decided == {f.name for f in fields(LoopConfig)}  # a new loop setting must be placed here too
+             "eval_samples": 9, "max_minutes": 4.0, "patience": 2, "min_delta": 0.1, "min_steps": 5, "checkpoint_every": 2, "log_every": 4}
+    assert set(given) == {f.name for f in fields(LoopConfig)}  # a new loop setting must be placed here too
     specs = [_spec("a", train={"max_length": 48, **given}), _spec("g", "generation", train={"max_length": 48, "max_new_tokens": 8, **given})]
     loop = LoopConfig.from_train(JointConfig.from_specs(specs))
     assert {k: getattr(loop, k) for k in given} == given
+
+
+def test_a_joint_run_logs_and_checkpoints_as_its_specs_say_and_refuses_compile_always(tmp_path, monkeypatch):
+    """train-multi wrote a metrics row every step and checkpointed only at evals, whatever train.log_every and
+    train.checkpoint_every said (README: silently ignored). They are the run's now, as for `train`; left out,
+    checkpoint_every is every eval. train.compile: always cannot be honoured (the per-row layer runs eager): refused."""
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 4, "g": 4})
+
+    def specs(**train):
+        return [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, **train}),
+                _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 2, **train})]
+
+    shared = {"max_steps": 6, "batch_size": 4, "warmup_steps": 0, "eval_every": 6, "eval_samples": 2}
+    saved, save = [], Checkpoint.save
+    monkeypatch.setattr(Checkpoint, "save", lambda self, state: saved.append(state["state"]["step"]) or save(self, state))
+    given = specs(**shared, log_every=3, checkpoint_every=2)
+    out = train_joint(given, tmp_path / "mtl", JointConfig.from_specs(given, weighting="equal", sampling="round_robin"), progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4, 6]  # every 3 steps, and a window ends at each checkpoint (as in `train`)
+    assert saved == [2, 4, 6]
+    # left out: a checkpoint at every eval, as `train` resolves it
+    assert JointConfig.from_specs(specs(**shared)).checkpoint_every is None
+    assert LoopConfig.from_train(JointConfig.from_specs(specs(**{**shared, "eval_every": 3}))).checkpoint_every is None
+    with pytest.raises(SpecError, match=r"train.compile is 'always' \(a, g\) but a joint run's per-row adapters run eager; pass train.compile=auto"):
+        JointConfig.from_specs(specs(**shared, compile="always"))
+    with pytest.raises(SpecError, match=r"train.log_every differs between the tasks \(a: 3, g: 10\)"):
+        JointConfig.from_specs([specs(**shared, log_every=3)[0], specs(**shared)[1]])

@@ -231,7 +231,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
                 progress: bool = True) -> Path:
     """Train the tasks' adapters jointly; writes one adapter folder per task under `output`.
 
-    A checkpoint is written after every eval; `resume=True` continues an interrupted run exactly
+    A checkpoint is written every cfg.checkpoint_every steps (default: after every eval); `resume=True` continues an interrupted run exactly
     (weights, optimizer, schedule, RNG, task sampler, loss-weighting history, data cursors).
     Under torchrun / accelerate launch it trains data-parallel, as `train` does.
     """
@@ -248,7 +248,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
         model = _attach(backbone.model, specs, cfg)
         joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))
         recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
-        loop = LoopConfig.from_train(cfg, checkpoint_every=cfg.eval_every)  # a checkpoint at every eval
+        loop = LoopConfig.from_train(cfg)  # checkpoint_every None: at every eval
         if overwrite and not resume and parallel.main:  # start over, as train does: an interrupted run's checkpoint goes now,
             discard_partial(work)  # else a later --resume would continue the run --overwrite was to discard
         result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda",

@@ -42,7 +42,8 @@ class JointConfig:
     shared_r: int = 8
     max_minutes: float = TrainConfig.max_minutes
     seed: int = TrainConfig.seed
-    log_every: int = 1  # steps per metrics row (per-task losses, weights, rows): joint-only, a row per step is what a study reads
+    log_every: int = TrainConfig.log_every  # steps per metrics row (per-task losses, weights, rows), as for one adapter
+    checkpoint_every: int | None = None  # None: at every eval (what `train` resolves when a spec leaves it out)
 
     @classmethod
     def from_specs(cls, specs: list[TaskSpec], **joint_only) -> JointConfig:
@@ -52,9 +53,9 @@ class JointConfig:
 
 # The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
 SHARED_TRAIN_KEYS = ("max_steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "eval_every", "eval_samples", "max_grad_norm",
-                     "patience", "min_delta", "min_steps", "max_minutes", "seed")
+                     "patience", "min_delta", "min_steps", "max_minutes", "seed", "log_every", "checkpoint_every")
 # Each task's own: lr and weight_decay (its optimizer group), max_length, max_new_tokens, eval_batch_size. What a joint run
-# decides itself: checkpoints (at every eval), log rows (every step), an eager forward (no compile). Not read at all:
+# decides itself: an eager forward (train.compile: `auto` and `never` run eager, `always` is refused). Not read at all:
 # these, which would change the run, so a spec setting them is refused rather than trained otherwise.
 UNREAD_TRAIN_KEYS = ("epochs", "batch_tokens")
 
@@ -69,8 +70,12 @@ def joint_settings(specs: list[TaskSpec]) -> dict:
             problems.append(f"train.{key} is set ({', '.join(f'{n}: {v}' for n, v in set_by.items())}) but a joint run does not read it "
                             f"(it counts train.max_steps of train.batch_size mixed rows); pass train.{key}={getattr(TrainConfig, key)} "
                             "and set those instead")
+    always = [s.name for s in specs if s.train.compile == "always"]
+    if always:  # the per-row LoRA layer gathers each row's factors in Python (rowlora.py): no compiled graph for it here
+        problems.append(f"train.compile is 'always' ({', '.join(always)}) but a joint run's per-row adapters run eager; "
+                        "pass train.compile=auto (or never) to train them jointly, or train each task alone to compile it")
     for key in SHARED_TRAIN_KEYS:
-        values = {s.name: getattr(s.train, key) for s in specs}
+        values = {s.name: _train_value(s, key) for s in specs}
         if len(set(values.values())) > 1:
             problems.append(f"train.{key} differs between the tasks ({', '.join(f'{n}: {v}' for n, v in values.items())}); "
                             f"a joint run has one: pass train.{key}=VALUE")
@@ -78,6 +83,14 @@ def joint_settings(specs: list[TaskSpec]) -> dict:
     if problems:
         raise SpecError(problems, "joint training")
     return out
+
+
+def _train_value(spec: TaskSpec, key: str):
+    """A spec's `train` key as a joint run reads it: checkpoint_every left out is None (at every eval, as `train`
+    resolves it), not TrainConfig's fixed default."""
+    if key == "checkpoint_every" and "train.checkpoint_every" not in spec.given:
+        return None
+    return getattr(spec.train, key)
 
 
 def check_specs(specs: list[TaskSpec]) -> None:
