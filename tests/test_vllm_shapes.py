@@ -102,3 +102,22 @@ def test_a_body_not_sent_as_json_is_refused(served, content_type):
                                               extra_headers={"Content-Type": "application/x-www-form-urlencoded"})
     ok = httpx.post(served.url + "/v1/completions", content=body, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
     assert ok.status_code == 200, ok.text
+
+
+def test_models_list_the_base_first_and_the_last_loaded_last(served, serve_registry):
+    """vLLM's test_check_models / test_static_lora_lineage / test_dynamic_lora_lineage: data[0] is the served base
+    (root its weights, parent None), which clients take as the default model (vLLM's own examples:
+    `client.models.list().data[0].id`); adapters follow with parent = the base, and an adapter loaded at run time
+    is listed last, root the folder it came from."""
+    data = served.client.models.list().data
+    assert data[0].id == "base" and data[0].parent is None and data[0].model_extra["max_model_len"] > 0
+    assert all(m.parent == "base" for m in data[1:])
+    for name in ("zz_first", "aa_second"):  # loaded in this order, which is not the names' order
+        folder = str(serve_registry / "gen_a" / "1.0.0")
+        assert served.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": folder}).status_code == 200
+    try:
+        data = served.client.models.list().data
+        assert [m.id for m in data[-2:]] == ["zz_first", "aa_second"] and data[-1].root == folder and data[-1].parent == "base"
+    finally:
+        for name in ("zz_first", "aa_second"):
+            served.post("/v1/unload_lora_adapter", {"lora_name": name})

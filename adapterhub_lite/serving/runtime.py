@@ -31,7 +31,7 @@ class Catalogue:
     def __init__(self, engine: Engine, max_merges: int = 16):
         self.engine = engine
         self.router = engine.router
-        self.runtime: set[str] = set()  # adapters loaded through /v1/load_lora_adapter
+        self.runtime: dict[str, None] = {}  # adapters loaded through /v1/load_lora_adapter, in the order they were loaded
         self.merges: OrderedDict[str, dict] = OrderedDict()  # merged adapter name → its recipe, least recently used first
         self.max_merges = max_merges  # merged adapters kept (each a folder on disk and a catalogue entry)
         self._pending: dict[str, asyncio.Future] = {}  # merges being built (one build per recipe)
@@ -46,7 +46,8 @@ class Catalogue:
 
     # -- reading -----------------------------------------------------------------------------------
     def models(self) -> list[dict]:
-        """Every adapter as `name` and `name@version`, the runtime-loaded ones, `base` and `auto`, as vLLM's model cards.
+        """`base` and `auto`, every adapter as `name` and `name@version`, then the runtime-loaded ones (last loaded
+        last), as vLLM's model cards in vLLM's order: the base model first, since clients take `data[0]` for the default.
 
         The base names its weights (`root`) and its context (`max_model_len`); an adapter names where it
         comes from (`root`: its registry version or folder) and, as `parent`, the id of the model it runs
@@ -62,7 +63,7 @@ class Catalogue:
                 roots[name] = roots[pinned] = registry.location(row["name"], row["version"])
                 ids += [name, pinned]
         out, gone = [], self.unavailable()  # a registry adapter that failed its checks is listed, with why it is not served
-        for i in dict.fromkeys(ids + sorted(self.runtime) + [BASE, AUTO]):
+        for i in dict.fromkeys([BASE, AUTO] + ids + list(self.runtime)):
             # a name the router holds names what it serves now (a reload deferred by running rows keeps the old
             # version; a run-time load, the folder it was read from)
             root = str(held[i]) if i in held else roots.get(i)
@@ -237,7 +238,7 @@ class Catalogue:
             raise P.bad("lora_path", path, "it is a file; give the path of an adapter folder on the server's machine")
         reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
         await self._on_engine(lambda r: r.add(reg))
-        self.runtime.add(name)
+        self.runtime[name] = None
         return name
 
     async def unload(self, name) -> str:
@@ -253,7 +254,7 @@ class Catalogue:
                 raise P.ApiError(409, f"adapter {name!r} is in use by running requests; retry when they finish", code="in_use")
             router.forget(name)
         await self._on_engine(forget)
-        self.runtime.discard(name)
+        self.runtime.pop(name, None)
         return name
 
     async def reload(self) -> dict:
