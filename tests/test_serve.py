@@ -68,6 +68,7 @@ def test_completions_chat_streaming_classify_and_models(served):
     cards = {m.id: m.model_extra for m in c.models.list().data}
     backbone = served.router.backbone
     # vLLM's cards: the base names its weights and context; every adapter its own folder, on `base`
+    assert cards["base"].pop("permission")[0]["object"] == "model_permission"  # vLLM's, on every card (tests/test_vllm_shapes.py)
     assert cards["base"] == {"root": backbone.hub_id or backbone.name, "parent": None, "max_model_len": served.router.max_model_len}
     for name in ("cls_a", "cls_a@1.0.0", "gen_b", "gen_b@0.9.0"):
         assert cards[name]["parent"] == "base" and (Path(cards[name]["root"]) / "adapter_config.json").is_file(), name

@@ -121,3 +121,12 @@ def test_models_list_the_base_first_and_the_last_loaded_last(served, serve_regis
     finally:
         for name in ("zz_first", "aa_second"):
             served.post("/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def test_every_model_card_carries_vllms_permission(served):
+    """vLLM's ModelCard carries `permission`: [one model_permission object]; a client written for vLLM reads it."""
+    cards = httpx.get(served.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+    for card in cards:
+        (perm,) = card["permission"]
+        assert perm["object"] == "model_permission" and perm["allow_sampling"] and perm["allow_logprobs"] and not perm["allow_fine_tuning"]
+        assert httpx.get(served.url + "/v1/models/" + card["id"], headers={"Authorization": f"Bearer {KEY}"}).json()["permission"] == [perm]

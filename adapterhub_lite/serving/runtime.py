@@ -68,13 +68,20 @@ class Catalogue:
             # version; a run-time load, the folder it was read from)
             root = str(held[i]) if i in held else roots.get(i)
             entry = {"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite",
-                     "root": root, "parent": None if i == BASE else BASE}
+                     "root": root, "parent": None if i == BASE else BASE, "permission": [self._permission(i)]}
             if i == BASE:
                 entry["max_model_len"] = self.router.max_model_len
             if i in gone:
                 entry.update(available=False, unavailable_reason=gone[i])
             out.append(entry)
         return out
+
+    def _permission(self, model: str) -> dict:
+        """vLLM's model_permission object (OpenAI's, since dropped from its API), which clients written for vLLM read
+        from each card: what a request may do with the model here (sample, read log-probs; no fine-tuning)."""
+        return {"id": f"modelperm-{model}", "object": "model_permission", "created": self.created, "allow_create_engine": False,
+                "allow_sampling": True, "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
+                "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}
 
     def unavailable(self) -> dict[str, str]:
         """Every id `models()` lists as unavailable → why: the names the router refuses and the pinned versions that
