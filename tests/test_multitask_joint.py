@@ -318,3 +318,18 @@ def test_a_joint_run_logs_and_checkpoints_as_its_specs_say_and_refuses_compile_a
         JointConfig.from_specs(specs(**shared, compile="always"))
     with pytest.raises(SpecError, match=r"train.log_every differs between the tasks \(a: 3, g: 10\)"):
         JointConfig.from_specs([specs(**shared, log_every=3)[0], specs(**shared)[1]])
+
+
+def test_a_joint_run_in_fp16_scales_its_loss(tmp_path, monkeypatch):
+    """Issue 22: joint training had no loss scaler under fp16 (dtype=auto picks fp16 on GPUs without bf16), so small
+    gradients underflowed. fit() applies it for every recipe: each joint step goes through an enabled GradScaler."""
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 4, "g": 4})
+    scales, step = [], torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, *a, **k: scales.append(self.get_scale() if self.is_enabled() else None)
+                        or step(self, *a, **k))
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}), _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"})]
+    cfg = JointConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=2, weighting="equal", sampling="round_robin")
+    out = train_joint(specs, tmp_path / "mtl", cfg, dtype="fp16", progress=False)
+    assert json.loads((out / "a" / "adapterhub.json").read_text())["base"]["dtype"] == "fp16"
+    assert len(scales) == 2 and all(s is not None and s > 1 for s in scales)

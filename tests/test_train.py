@@ -323,3 +323,23 @@ def test_an_inductor_compiled_step_trains_the_eager_adapter(gen_task):
     out, _ = _train(gen_task, "copy", *common, "train.compile=always", overwrite=True)
     compiled = load_file(out / "adapter_model.safetensors")
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-4
+
+
+def test_the_recorded_tokens_count_what_the_model_read_after_truncation(cls_task):
+    """Issue 22: tokens/s counted each prompt's length before truncation to max_length (14% too high on the tiny model).
+    The sidecar's tokens are what the loss plans ran: one epoch (12 steps × 8 = the 96 rows) of prompts cut to
+    max_length, one sequence per label (' x' and ' z' are 2 byte tokens), each label but its last token fed."""
+    from transformers import AutoTokenizer
+
+    from adapterhub_lite.model.weights import resolve
+
+    out, spec = _train(cls_task, "toy", "train.max_length=12", "train.max_steps=12", "train.eval_every=12", "train.checkpoint_every=12")
+    tok = AutoTokenizer.from_pretrained(resolve("tiny-random-llama")[0])
+    rows = [json.loads(line) for line in (cls_task / "train.jsonl").read_text().splitlines()]
+    prompts = [tok(spec.prompt.format(text=r["text"]), add_special_tokens=True).input_ids for r in rows]
+    labels = [tok(" " + w, add_special_tokens=False).input_ids for w in ("x", "z")]
+    longest = max(map(len, labels))
+    assert max(map(len, prompts)) > 12 - longest  # every prompt is cut
+    read = sum(min(len(p), 12 - longest) + len(w) - 1 for p in prompts for w in labels)
+    meta = json.loads((out / "adapterhub.json").read_text())
+    assert meta["train_state"]["tokens"] == read
