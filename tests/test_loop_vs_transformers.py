@@ -142,3 +142,30 @@ def test_a_negative_optimizer_setting_is_refused_at_the_spec(key, value):
     with pytest.raises(ValueError, match=rf"train\.{key} must be ≥ 0, got {value}") as err:
         spec_from_dict(raw)
     assert "\n" not in str(err.value)
+
+
+def test_every_step_trains_in_training_mode_without_resetting_the_mode_each_step(tmp_path, device):
+    """fit() called model.train() before every step (walking every module: host time each step, 1,599 modules in the
+    135M with LoRA); it sets training mode once and again after each eval. A recipe whose eval leaves eval mode behind
+    still trains every step in training mode."""
+    class EvalLeavesEvalMode(Toy):
+        modes: list = []
+
+        def step_loss(self, call, parallel):
+            self.modes.append(self.model.training)
+            return super().step_loss(call, parallel)
+
+        def evaluate(self, limit, parallel):
+            self.model.eval()
+            return 0.0, {"score": 0.0}
+
+    recipe = EvalLeavesEvalMode(device)
+    recipe.model.eval()  # as a backbone comes from from_pretrained
+    calls, train = [], torch.nn.Module.train
+    torch.nn.Module.train = lambda self, mode=True: (calls.append(mode) if self is recipe.model else None) or train(self, mode)
+    try:
+        _fit(recipe, tmp_path, max_steps=6, eval_every=2)
+    finally:
+        torch.nn.Module.train = train
+    assert recipe.modes == [True] * 6
+    assert calls.count(True) == 1 + 3  # once before the loop, once after each of the 3 evals
