@@ -95,6 +95,7 @@ class TextState:
         self.sent = 0  # characters of `text` streamed
         self.released = 0  # tokens whose entries were streamed
         self._search_from = 0  # stop strings are looked for only from here (min_tokens)
+        self._hold = max((len(s) - 1 for s in params.stop), default=0)  # characters a stop string may still claim (read every step)
 
     def add(self, tok: int, info=None) -> str | None:
         """Record the next token; return why the choice ends ("stop" or "length") or None."""
@@ -137,7 +138,7 @@ class TextState:
         """Characters of the text that can no longer change."""
         if self.reason:
             return len(self.text)
-        hold = max([len(s) - 1 for s in self.params.stop] + [0])
+        hold = self._hold
         # a partial character first, then the hold: the hold counts whole characters back from the last one, since a stop
         # string may end in the character whose bytes are still coming ('U˃' after 'U' and half of '˃')
         whole = self.text.rstrip("\ufffd")
@@ -153,13 +154,14 @@ class TextState:
         safe = self._safe()
         delta = self.text[self.sent : max(self.sent, safe)]
         self.sent = max(self.sent, safe)
-        entries = []
-        while self.released < len(self.tokens) and (self.reason or self.reach[self.released] <= safe):
-            k = self.released
-            start = self._bound(k - 1, len(self.text)) if k else 0
-            end = max(start, self._bound(k, len(self.text)))
-            entries.append(self._entry(k, self.text[start:end]))
-            self.released += 1
+        # runs for every row at every step: the bounds (_bound) are inlined and the loop reads locals
+        entries, text, reach, k, done = [], self.text, self.reach, self.released, self.reason is not None
+        limit, n = len(text), len(self.tokens)
+        while k < n and (done or reach[k] <= safe):
+            start = min(reach[k - 1], limit) if k else 0
+            entries.append(self._entry(k, text[start : max(start, min(reach[k], limit))]))
+            k += 1
+        self.released = k
         return delta, entries
 
     def entries(self) -> list[Entry]:
