@@ -169,3 +169,19 @@ def test_every_step_trains_in_training_mode_without_resetting_the_mode_each_step
         torch.nn.Module.train = train
     assert recipe.modes == [True] * 6
     assert calls.count(True) == 1 + 3  # once before the loop, once after each of the 3 evals
+
+
+def test_the_optimizer_is_trainers_default_on_this_device(tmp_path, device):
+    """Trainer's default optimizer here (TrainingArguments().optim: adamw_torch_fused on a recent torch, CPU or CUDA) is
+    AdamW with its betas and eps and the fused kernel; fit() builds the same one (the fused kernel also spares the CPU's
+    per-tensor path one .item() per parameter a step)."""
+    seen = []
+    handle = optim_hooks.register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(opt))
+    try:
+        fit(Toy(device), LoopConfig(max_steps=1, eval_every=100, checkpoint_every=100, log_every=1), Parallel(device), tmp_path, progress=False)
+    finally:
+        handle.remove()
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=device.type == "cpu"))
+    opt = seen[0]
+    assert type(opt) is cls
+    assert {k: opt.defaults[k] for k in ("betas", "eps", "fused")} == {"betas": kwargs["betas"], "eps": kwargs["eps"], "fused": kwargs.get("fused") or None}

@@ -212,7 +212,7 @@ def test_ddp_syncs_gradients_at_a_steps_last_micro_batch_only(tmp_path):
     parallel.world, parallel.mean = 2, lambda t: t  # as if two processes: what train_step asks of the group
     skips, real = [], parallel.no_sync
     parallel.no_sync = lambda model, skip: skips.append(skip) or real(model, skip)
-    run = _Run(Tiny(), LoopConfig(max_steps=2, eval_every=10, grad_accum=4), parallel, tmp_path, resume=False, fused=False,
+    run = _Run(Tiny(), LoopConfig(max_steps=2, eval_every=10, grad_accum=4), parallel, tmp_path, resume=False,
                compute_dtype=torch.float32)
     run.train_step()
     run.train_step()

@@ -34,6 +34,8 @@ from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.training.parallel import Parallel
 from adapterhub_lite.training.progress import RunState, TrainingError, check_resume
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel that we have run
+
 
 @dataclass
 class LoopConfig:
@@ -127,12 +129,12 @@ class LoopResult:
 
 
 def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool = False, progress: bool = True,
-        fused: bool = False, compute_dtype: torch.dtype = torch.float32) -> LoopResult:
+        compute_dtype: torch.dtype = torch.float32) -> LoopResult:
     """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end.
 
     `compute_dtype`: the backbone's; under fp16 every recipe's loss is scaled (fp16 gradients underflow unscaled;
     bf16 has fp32's exponent range and needs no scaler)."""
-    run = _Run(recipe, cfg, parallel, work, resume=resume, fused=fused, compute_dtype=compute_dtype)
+    run = _Run(recipe, cfg, parallel, work, resume=resume, compute_dtype=compute_dtype)
     state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and parallel.main), desc=recipe.name, dynamic_ncols=True)
@@ -175,7 +177,7 @@ class _Run:
     """One fit() call's moving parts (model, optimizer, schedule, checkpoint, the best weights, the log window) and the
     named steps fit()'s loop takes with them."""
 
-    def __init__(self, recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool, fused: bool,
+    def __init__(self, recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool,
                  compute_dtype: torch.dtype) -> None:
         """Set up: optimizer, schedule, DDP; then the checkpoint's progress when resuming, and a fresh metrics.jsonl."""
         self.recipe, self.cfg, self.parallel, self.work = recipe, cfg, parallel, work
@@ -185,7 +187,10 @@ class _Run:
         for p in self.params:  # peft keeps adapters fp32 on a low-precision base (autocast_adapter_dtype); make sure of it
             if p.dtype != torch.float32:
                 p.data = p.data.float()
-        # fused AdamW: one kernel for every parameter instead of a few per tensor on the GPU
+        # Fused AdamW (Trainer's default, adamw_torch_fused): one kernel for every parameter instead of a few per tensor,
+        # on the GPU and on the CPU alike (torch's per-tensor CPU path also reads each parameter's step count back with
+        # .item(): 242 a step on the 135M's LoRA). Its updates equal the per-tensor ones to float rounding.
+        fused = self.params[0].device.type in FUSED_ADAMW_DEVICES
         opt = torch.optim.AdamW(groups, weight_decay=groups[0].get("weight_decay", 0.0), fused=fused)
         # transformers' "constant" ignores num_warmup_steps: ours warms up as the spec says (constant_with_warmup,
         # which with 0 warm-up steps is "constant"), as linear and cosine do

@@ -251,7 +251,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
         loop = LoopConfig.from_train(cfg)  # checkpoint_every None: at every eval
         if overwrite and not resume and parallel.main:  # start over, as train does: an interrupted run's checkpoint goes now,
             discard_partial(work)  # else a later --resume would continue the run --overwrite was to discard
-        result = fit(recipe, loop, parallel, work, resume=resume, progress=progress, fused=backbone.device.type == "cuda",
+        result = fit(recipe, loop, parallel, work, resume=resume, progress=progress,
                      compute_dtype=backbone.dtype)  # fp16: the loss scaler, as for one adapter
         final = recipe.scores(None, parallel)  # every dev row, with the best weights (each process its share)
         if parallel.main:

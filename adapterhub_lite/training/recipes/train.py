@@ -168,8 +168,7 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
     recipe = SingleTask(spec, model, backbone, data, parallel.world)
     if overwrite and not resume and parallel.main:  # start over: an interrupted run's checkpoint goes only now, all checked
         discard_partial(work)
-    result = fit(recipe, loop_config(spec), parallel, work, resume=resume, progress=progress,
-                 fused=backbone.device.type == "cuda", compute_dtype=backbone.dtype)
+    result = fit(recipe, loop_config(spec), parallel, work, resume=resume, progress=progress, compute_dtype=backbone.dtype)
     state = result.state
     # the final eval of the best weights: every process its share, then rank 0 writes (the others wait for a write only)
     final = evaluate_split(model, backbone.tokenizer, spec, data["dev"], shard=(parallel.rank, parallel.world), gather=parallel.gather)
