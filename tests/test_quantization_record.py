@@ -46,7 +46,7 @@ def test_the_card_loads_the_backbone_with_the_recorded_quantization(eight_bit):
 
 
 def test_an_adapter_run_in_another_quantization_is_loaded_with_a_warning(eight_bit):
-    with pytest.warns(UserWarning, match=r"was trained on a 8bit backbone and runs here on none: .* --quantization none\)"):
+    with pytest.warns(UserWarning, match=r"was trained on an 8-bit backbone and runs here on an unquantized one \(--quantization none\): .* --quantization none\)"):
         load_adapter(eight_bit, quantization="none")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # as trained: nothing said

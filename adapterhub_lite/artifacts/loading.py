@@ -44,7 +44,9 @@ def quantization_warning(adapter: str, recorded: dict, here: dict) -> str | None
     trained, runs = recorded.get("quantization"), here.get("quantization")
     if trained == runs:
         return None
-    return (f"adapter {adapter!r} was trained on a {trained} backbone and runs here on {runs}: its answers can differ from those its "
+    said = {"none": "an unquantized", "8bit": "an 8-bit", "4bit": "a 4-bit"}
+    return (f"adapter {adapter!r} was trained on {said.get(trained, repr(trained))} backbone and runs here on "
+            f"{said.get(runs, repr(runs))} one (--quantization {runs}): its answers can differ from those its "
             f"recorded metrics were measured with; re-evaluate it here (adapterhub-lite eval <folder> --quantization {runs})")
 
 
