@@ -34,8 +34,6 @@ from adapterhub_lite.training.checkpoint import Checkpoint
 from adapterhub_lite.training.parallel import Parallel
 from adapterhub_lite.training.progress import RunState, TrainingError, check_resume
 
-FUSED_ADAMW_DEVICES = ("cuda",)  # see _Run.__init__: the CPU kernel measured slower end to end
-
 
 @dataclass
 class LoopConfig:
@@ -191,7 +189,7 @@ class _Run:
         # (adamw_torch_fused) also fuses on the CPU, and alone the CPU kernel's step is faster (242 LoRA-shaped tensors:
         # 7.7-9.4 -> 1.3-1.9 ms), but a whole 8-bit sst2 training step on the 135M measured slower with it (bench_train,
         # alternating, 2 rounds: 236 / 256 tokens/s per-tensor vs 183 / 227 fused), so the CPU keeps the per-tensor path.
-        fused = self.params[0].device.type in FUSED_ADAMW_DEVICES
+        fused = self.params[0].device.type == "cuda"
         opt = torch.optim.AdamW(groups, weight_decay=groups[0].get("weight_decay", 0.0), fused=fused)
         # transformers' "constant" ignores num_warmup_steps: ours warms up as the spec says (constant_with_warmup,
         # which with 0 warm-up steps is "constant"), as linear and cosine do
