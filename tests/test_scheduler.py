@@ -158,3 +158,85 @@ def test_a_first_piece_never_splits_virtual_tokens_from_the_first_token():
     assert n == 6  # larger than the step, alone in it
     (t, n), = s.schedule().prefill
     assert n == 3 and t.prefilled == 9
+
+
+def test_a_request_whose_reservation_is_exactly_the_kv_budget_runs():
+    """The cache budget is a bound, not a strict one: a request that needs exactly what the server holds is accepted and
+    admitted (a `>=` in either check would refuse it or leave it waiting forever), and two rows that together fill it run at once."""
+    s = Scheduler(Budgets(max_kv_tokens=100))
+    s.add(Ticket("whole", None, 50, 100))
+    assert [(t.key, n) for t, n in s.schedule().prefill] == [("whole", 50)]
+    s = Scheduler(Budgets(max_kv_tokens=100))
+    s.add(Ticket("a", None, 10, 50))
+    s.add(Ticket("b", None, 10, 50))  # 2 rows × 50 = 100
+    assert [t.key for t, _ in s.schedule().prefill] == ["a", "b"] and s.kv_reserved() == 100
+
+
+def test_a_request_blocked_by_the_adapter_budget_is_passed_exactly_patience_times():
+    """`patience` steps in which later requests (whose adapter is in the batch) go first, then the queue waits for it."""
+    s = Scheduler(Budgets(max_rows=8, max_loras=1, patience=2))
+    s.add(Ticket("a0", "a", 4, 100))
+    s.schedule()
+    s.started("a0")
+    s.add(Ticket("z", "z", 4, 10))  # needs a second adapter: over max_loras while a0 runs
+    admitted = []
+    for i in range(1, 6):
+        s.add(Ticket(f"a{i}", "a", 4, 100))
+        plan = s.schedule()
+        admitted.append([t.key for t, _ in plan.prefill])
+        for t, _ in plan.prefill:
+            s.started(t.key)
+        assert plan.blocked == "adapters"
+    assert admitted == [["a1"], ["a2"], [], [], []]
+
+
+def test_a_request_whose_adapter_is_being_read_holds_nobody_up():
+    s = Scheduler(Budgets(max_rows=4))
+    cold = Ticket("cold", "x", 4, 8, ready=False)
+    s.add(cold)
+    s.add(Ticket("warm", "y", 4, 8))
+    assert [t.key for t, _ in s.schedule().prefill] == ["warm"]
+    cold.ready = True  # read: it runs at the next step
+    assert [t.key for t, _ in s.schedule().prefill] == ["cold"]
+
+
+def test_a_request_that_leaves_while_waiting_leaves_the_queue():
+    s = Scheduler(Budgets(max_rows=1))
+    for key in "abc":
+        s.add(Ticket(key, None, 4, 8))
+    s.schedule()
+    s.finish("b")  # cancelled while it waited
+    assert [t.key for t in s.waiting] == ["c"] and len(s) == 2
+    s.finish("a")
+    assert [t.key for t, _ in s.schedule().prefill] == ["c"]
+
+
+def test_a_piece_larger_than_any_step_waits_for_a_step_with_no_other_prefill():
+    s = Scheduler(Budgets(max_rows=4, max_num_batched_tokens=16))
+    s.add(Ticket("d", None, 2, 4))
+    s.add(Ticket("c", None, 17, 20, chunkable=False))
+    assert [(t.key, n) for t, n in s.schedule().prefill] == [("d", 2)]  # beside d the step would hold 19 tokens
+    s.started("d")
+    plan = s.schedule()
+    assert [(t.key, n) for t, n in plan.prefill] == [("c", 17)] and plan.tokens == 18  # alone, over the budget
+
+
+def test_a_first_piece_that_does_not_fit_what_is_left_waits_for_the_next_step():
+    """A prompt-tuning request's first piece (its virtual tokens with the first token) is its smallest: beside another
+    prefill it waits when that piece is over what is left, rather than pushing the step over the token budget."""
+    s = Scheduler(Budgets(max_rows=4, max_num_batched_tokens=8))
+    s.add(Ticket("a", None, 6, 10))
+    s.add(Ticket("p", "prompt_tuned", 9, 12, first_chunk=4))
+    plan = s.schedule()
+    assert [(t.key, n) for t, n in plan.prefill] == [("a", 6)] and plan.tokens <= 8 and plan.blocked == "tokens"
+    s.started("a")
+    plan = s.schedule()
+    assert [(t.key, n) for t, n in plan.prefill] == [("p", 7)] and plan.tokens == 8  # 1 decode + 7
+
+
+def test_the_kv_reservation_counts_prompts_still_in_pieces():
+    """A request being prefilled in pieces holds its whole reservation from its first piece (/metrics' kv_reserved)."""
+    s = Scheduler(Budgets(max_rows=4, max_num_batched_tokens=4))
+    s.add(Ticket("long", None, 10, 20))
+    s.schedule()
+    assert "long" in s.prefilling and s.kv_reserved() == 20
