@@ -102,7 +102,7 @@ def test_what_does_not_fit_the_context_is_refused_naming_every_number(serve_regi
 def test_router_run_refuses_instead_of_cutting(serve_registry):
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_model_len=24)
     assert router.run([{"adapter": "gen_a", "text": "ab"}])[0]["prediction"] is not None
-    with pytest.raises(ContextLengthError, match=r"needs 2\d tokens \(\d+ in the prompt, 4 for the completion\).*context is 24"):
+    with pytest.raises(ContextLengthError, match=r"needs 2\d tokens \(\d+ in the prompt, 4 for the completion\).*maximum context length is 24"):
         router.run([{"adapter": "gen_a", "text": "a" * 16}])
     with pytest.raises(AdapterLoadError, match="max_model_len=9999"):
         Router.from_registry(serve_registry, quantization="none", max_model_len=9999)

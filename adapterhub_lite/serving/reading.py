@@ -97,7 +97,8 @@ class RequestReader:
         if not ids:
             raise DataError("the prompt is empty (0 tokens); send at least one token")
         if max_input_tokens is not None and len(ids) > max_input_tokens:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens; this server takes at most {max_input_tokens} (--max-input-tokens): shorten it")
+            # the wording clients match to tell an overlong prompt from another 400 (LiteLLM's ContextWindowExceededError)
+            raise ContextLengthError(f"the prompt's {len(ids)} input tokens exceed the configured limit of {max_input_tokens} (--max-input-tokens); shorten it")
         virtual = self.virtual_tokens(name)[1]
         room = self.max_model_len - virtual - len(ids)
         if spec is not None and spec.type == "classification" and not raw:
@@ -110,8 +111,10 @@ class RequestReader:
             need, what = budget, "for the completion"
         if need > room:
             adapter = f", {virtual} virtual tokens of adapter {name!r}" if virtual else ""
+            # "this model's maximum context length is N tokens": vLLM's and OpenAI's words, which clients match (LiteLLM raises
+            # ContextWindowExceededError, which its context-window fallbacks act on, only when it finds them)
             raise ContextLengthError(f"the request needs {len(ids) + virtual + need} tokens ({len(ids)} in the prompt{adapter}, {need} {what}) "
-                                     f"but the model's context is {self.max_model_len} tokens (max_model_len, --max-model-len); "
+                                     f"but this model's maximum context length is {self.max_model_len} tokens (max_model_len, --max-model-len); "
                                      "shorten the prompt or lower max_tokens")
         return Prepared(name, spec, tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request else prompt, ids, budget, raw=raw)
 
