@@ -38,3 +38,15 @@ def test_a_prompt_over_max_input_tokens_says_it_exceeds_the_configured_limit(ser
     finally:
         s.close()
 
+
+def test_langchain_completions_with_a_task_input_are_answered(served):
+    """LangChain's OpenAI(extra_body={"input": ...}).invoke("") sends `prompt: [""]`: an empty prompt, as the openai
+    client's "" is, so the task's input is answered, with the same text as the openai client's shape."""
+    for model, text in (("gen_a", "ab"), ("cls_a", "pos 1")):
+        want = served.post("/v1/completions", {"model": model, "prompt": "", "input": text, "temperature": 0})
+        got = served.post("/v1/completions", {"model": model, "prompt": [""], "input": text, **LANGCHAIN_COMPLETIONS})
+        assert want.status_code == got.status_code == 200, (want.text, got.text)
+        assert got.json()["choices"][0]["text"] == want.json()["choices"][0]["text"]
+        assert got.json()["usage"] == want.json()["usage"]
+    r = served.post("/v1/completions", {"model": "gen_a", "prompt": ["x"], "input": "ab"})  # a prompt that would go unread: still refused
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text

@@ -145,7 +145,9 @@ class Handlers(Answers):
             raise P.bad(raw_only[0], body[raw_only[0]], "applies to a raw `prompt` sent to a named adapter; a task's `input` (and 'auto') "
                         "is answered with the task's answer — send the rendered prompt as `prompt` to use it")
         if "input" in body:
-            if body.get("prompt") not in (None, "", []):  # one of them would go unread ("" is what the openai client must send beside `input`)
+            # one of them would go unread; an empty prompt is what a client must send beside `input`: "" (the openai client) or
+            # [""] (LangChain's OpenAI, which always sends its prompts as a list)
+            if body.get("prompt") not in (None, "", [], [""]):
                 raise P.bad("prompt", body["prompt"], "give either a raw `prompt` (continued as given) or the task's `input` (its answer), not both; "
                             "with `input`, leave `prompt` empty")
             raw = body["input"]
