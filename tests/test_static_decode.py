@@ -60,6 +60,20 @@ def test_rows_that_join_leave_and_outgrow_the_buffers_equal_peft_per_row(folders
     assert worst <= 1e-4
 
 
+
+def test_rows_that_join_decode_under_their_own_adapters_at_the_next_step(folders):
+    """A join alone (no row leaving in the same step) renews the batch's slot plan: the newcomer's first decode step runs
+    through its own adapter, not the running rows' (in the test above a row always left before the step after a join)."""
+    bank = _bank(folders)
+    ids = rows([4, 5], seed=9)
+    dec = bank.batch(bank.start([ids[0]], ["lora_a"], keys=["a"]), max_rows=4)
+    dec.advance(dec.logits.argmax(-1))
+    dec.join(bank.start([ids[1]], ["lora_b"], keys=["b"]))
+    tokens = dec.logits.argmax(-1)
+    dec.advance(tokens)
+    want = ref_logits(folders, "lora_b", ids[1] + [int(tokens[1])])[-1]
+    assert (dec.logits[1] - want).abs().max().item() <= 1e-4
+
 def test_static_and_dynamic_decoding_give_the_same_logits(folders):
     """The static buffers and the growing cache are two layouts of one computation."""
     bank = _bank(folders)
@@ -75,8 +89,10 @@ def test_a_leaving_row_is_replaced_by_the_last_and_freed_rows_are_reset(folders)
     bank = _bank(folders)
     dec = bank.batch(bank.start(rows([3, 4, 5, 6], seed=6), ["lora_a", None, "prefix", "lora_b"], keys="wxyz"), max_rows=4)
     before = {k: (dec._col[i].item(), dec._slot[i].item()) for i, k in enumerate(dec.keys)}
+    logits = dict(zip(dec.keys, dec.logits.clone()))
     order = dec.keep([0, 2, 3])  # x leaves: z (the last) takes its row
     assert order == [0, 3, 2] and dec.keys == ["w", "z", "y"]
+    assert all(torch.equal(dec.logits[i], logits[k]) for i, k in enumerate(dec.keys))  # each row's logits moved with it, as Decoding.keep's do
     assert {k: (dec._col[i].item(), dec._slot[i].item()) for i, k in enumerate(dec.keys)} == {k: before[k] for k in "wzy"}
     assert dec._live.tolist() == [1, 1, 1, 0] and not dec._mask[3].any() and dec._col[3].item() == 0
     assert dec.keep([]) == [] and dec._live.tolist() == [0, 0, 0, 0] and dec.logits is None
