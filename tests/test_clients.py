@@ -5,7 +5,16 @@ The shapes were read from the libraries' traffic against the server (langchain-o
 llama-index-llms-openai-like 0.8.1, openai 2.54.0); the tests need none of them installed.
 """
 
-from .serving import Served
+import shutil
+
+import httpx
+import openai
+import pytest
+
+from adapterhub_lite.serving.answers import as_api_error
+from adapterhub_lite.serving.manager import AdapterUnavailable
+
+from .serving import KEY, Served
 
 # LangChain's `OpenAI` (completions) sends every prompt as a list and these defaults beside it
 LANGCHAIN_COMPLETIONS = {"frequency_penalty": 0, "logprobs": None, "max_tokens": 256, "n": 1, "presence_penalty": 0, "seed": None,
@@ -50,3 +59,27 @@ def test_langchain_completions_with_a_task_input_are_answered(served):
         assert got.json()["usage"] == want.json()["usage"]
     r = served.post("/v1/completions", {"model": "gen_a", "prompt": ["x"], "input": "ab"})  # a prompt that would go unread: still refused
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_an_unavailable_adapter_is_not_retried_by_the_openai_client(serve_registry, tmp_path):
+    """An adapter whose files failed their check is a 503 until it is re-published and reloaded: a retry cannot cure it.
+    The openai client (LangChain's and LlamaIndex's too) retries every 5xx unless x-should-retry says false, so the
+    request was sent 3 times (12 through LlamaIndex's OpenAILike); it is now sent once and raises the 503 at once."""
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    with pytest.warns(UserWarning, match="gen_b.*unavailable"):
+        s = Served(reg)
+    sent = []
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=2, http_client=httpx.Client(event_hooks={"request": [sent.append]}))
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="gen_b", messages=[{"role": "user", "content": "ab"}])
+        assert err.value.status_code == 503 and err.value.body["code"] == "adapter_unavailable"
+        assert len(sent) == 1 and err.value.response.headers["x-should-retry"] == "false"
+        assert client.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": "ab"}], max_tokens=2).choices  # the others are served
+    finally:
+        s.close()
+    # the same refusal when the engine finds it (an adapter that fails as it is read for a batch)
+    assert as_api_error(AdapterUnavailable("adapter 'x' is unavailable")).headers == {"x-should-retry": "false"}

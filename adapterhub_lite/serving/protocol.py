@@ -27,6 +27,12 @@ class ApiError(AdapterHubError):
         return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": self.param}}
 
 
+# On a 503 that a retry cannot cure (an adapter that failed its checks stays refused until it is re-published and reloaded):
+# the openai client, and LangChain and LlamaIndex through it, retry every 5xx unless this header says not to (x-should-retry),
+# so without it one request became 3 (openai's default max_retries=2) or 12 (LlamaIndex's OpenAILike, over 12 s).
+NO_RETRY = {"x-should-retry": "false"}
+
+
 def bad(field: str, value, fix: str, code: str = "invalid_value") -> ApiError:
     """A 400 naming the field, the value seen (shortened) and the fix."""
     shown = repr(value)

@@ -124,7 +124,7 @@ class Catalogue:
             return model.removesuffix("@latest")
         if model.removesuffix("@latest") in self.router.unavailable:
             raise P.ApiError(503, f"adapter {model!r} is unavailable: {self.router.unavailable[model.removesuffix('@latest')]}; "
-                             "the server serves the other adapters (GET /v1/models)", "server_error", "adapter_unavailable")
+                             "the server serves the other adapters (GET /v1/models)", "server_error", "adapter_unavailable", headers=P.NO_RETRY)
         if model in (BASE, AUTO) or model in self.router.folders:
             if model in self.merges:
                 self.merges.move_to_end(model)
