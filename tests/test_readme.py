@@ -6,6 +6,8 @@ command that exists and only flags that command takes, and every `python scripts
 
 import argparse
 import ast
+import functools
+import inspect
 import re
 import shlex
 from pathlib import Path
@@ -50,20 +52,83 @@ def test_python_blocks_import(block):
         exec(compile(ast.Module(body=[node], type_ignores=[]), "README.md", "exec"), {})
 
 
-def test_cli_lines_name_real_commands_and_flags():
-    subs = _subparsers()
-    problems, seen = [], 0
+def _expand_braces(word: str) -> list[str]:
+    """bash's brace expansion, which the README's lines use (`scripts/tasks/{sst2,rte}.yaml`); a quoted JSON value
+    such as --autoscaling's holds spaces or quotes inside its braces and is left alone, as bash leaves it."""
+    m = re.search(r"\{([\w.-]+(?:,[\w.-]+)+)\}", word)
+    if not m:
+        return [word]
+    return [w for alt in m.group(1).split(",") for w in _expand_braces(word[:m.start()] + alt + word[m.end():])]
+
+
+def _cli_lines() -> list[tuple[str, list[str]]]:
+    """Each README line that runs `adapterhub-lite …` (or `-m adapterhub_lite.cli …` under a launcher): the line and
+    the words after the program name, as the shell hands them over."""
+    found = []
     for line in _commands():
-        words = shlex.split(line.replace("{", "").replace("}", "").replace("…", ""), comments=False)
+        words = [w for word in shlex.split(line.replace("…", ""), comments=False) for w in _expand_braces(word)]
         for i, word in enumerate(words):
             if word == "adapterhub-lite" or (word == "adapterhub_lite.cli" and i and words[i - 1] == "-m"):
+                rest = [w for w in words[i + 1:] if w not in ("&", "|")]
+                if rest and not rest[0].startswith("-"):
+                    found.append((line, rest))
                 break
-        else:
+    return found
+
+
+def _package_calls(block: str):
+    """The calls a Python snippet makes to this package: (source text, the function called, its ast.Call). Names come
+    from the snippet's own `from adapterhub_lite… import` lines; `r = Router.from_registry(…)` makes `r.use(…)` a call of
+    Router.use."""
+    tree = ast.parse(block)
+    names: dict = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adapterhub_lite"):
+            exec(compile(ast.Module(body=[node], type_ignores=[]), "README.md", "exec"), names)
+    made: dict = {}  # variable → the class one of whose classmethods made it
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute)
+                and isinstance(node.value.func.value, ast.Name) and isinstance(names.get(node.value.func.value.id), type)):
+            made.update({t.id: names[node.value.func.value.id] for t in node.targets if isinstance(t, ast.Name)})
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
             continue
-        rest = [w for w in words[i + 1:] if w not in ("&", "|")]
-        if not rest or rest[0].startswith("-"):
-            continue
-        command, seen = rest[0], seen + 1
+        func, text = node.func, ast.get_source_segment(block, node.func)
+        if isinstance(func, ast.Name) and func.id in names and func.id != "__builtins__":
+            yield text, names[func.id], node
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in names:
+            yield text, getattr(names[func.value.id], func.attr, None), node
+        elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in made:
+            cls = made[func.value.id]
+            method = getattr(cls, func.attr, None)
+            static = isinstance(inspect.getattr_static(cls, func.attr, None), (classmethod, staticmethod))
+            yield text, method if method is None or static else functools.partial(method, None), node
+
+
+def test_python_blocks_call_what_exists_with_arguments_it_takes():
+    """Each call a Python snippet makes to this package names a function or method that exists and passes arguments its
+    signature takes (how many, which keywords): a renamed method or keyword fails here before a user pastes it."""
+    problems, seen = [], 0
+    for block in _blocks("python"):
+        for text, func, call in _package_calls(block):
+            seen += 1
+            if func is None:
+                problems.append(f"{text}: no such function or method")
+                continue
+            try:
+                inspect.signature(func).bind(*call.args, **{k.arg: k.value for k in call.keywords if k.arg})
+            except TypeError as exc:
+                problems.append(f"{text}(…): {exc}")
+    assert seen >= 8
+    assert not problems, "\n".join(problems)
+
+
+def test_cli_lines_name_real_commands_and_flags():
+    subs = _subparsers()
+    problems = []
+    lines = _cli_lines()
+    for line, rest in lines:
+        command = rest[0]
         if command not in subs:
             problems.append(f"{line}: no command {command!r}")
             continue
@@ -71,7 +136,25 @@ def test_cli_lines_name_real_commands_and_flags():
         for flag in (w.split("=")[0] for w in rest[1:] if w.startswith("--")):
             if flag not in known:
                 problems.append(f"{line}: {command} takes no {flag}")
-    assert seen > 30
+    assert len(lines) > 30
+    assert not problems, "\n".join(problems)
+
+
+def test_cli_lines_parse_as_the_program_reads_them(capsys):
+    """Each README command line is accepted by the real parser as main() reads it: positionals, choices (`export
+    vllm`, `--weighting dynamic`), types (`--autoscaling` JSON, `--density 0.5`), required flags, and `key=value`
+    overrides after the options. A flag that exists but takes other values would pass the flag check above."""
+    problems = []
+    for line, rest in _cli_lines():
+        parser = build_parser()
+        try:
+            args, extra = parser.parse_known_args(rest)
+        except SystemExit:
+            problems.append(f"{line}: {capsys.readouterr().err.strip()}")
+            continue
+        takes_overrides = hasattr(args, "overrides") or hasattr(args, "specs")
+        if extra and not (takes_overrides and all("=" in e and not e.startswith("-") for e in extra)):
+            problems.append(f"{line}: unrecognized {extra}")
     assert not problems, "\n".join(problems)
 
 
@@ -121,3 +204,24 @@ def test_the_task_spec_table_names_every_spec_key():
     assert table_keys <= spec_keys, table_keys - spec_keys
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     assert {k for k in train_keys if f"`{k}`" not in train_row} == set()
+
+
+def test_script_lines_pass_flags_the_script_takes():
+    """Every flag of a `python scripts/….py` command the README shows (in a block or inline in backticks) is one that
+    script's argparse defines; a script that only forwards to a command (`main(["infer", …])`) takes that command's."""
+    subs, problems, seen = _subparsers(), [], 0
+    inline = [" ".join(span.split()) for span in re.findall(r"`(python scripts/[^`]*)`", README)]  # may wrap lines
+    for script, rest in (re.match(r"python (scripts/\w+\.py)(.*)", line).groups() for line in _commands() + inline if line.startswith("python scripts/")):
+        source = (ROOT / script).read_text()
+        forwards = re.search(r'main\(\["([\w-]+)"', source)
+        unquoted = re.sub(r"\"[^\"]*\"|'[^']*'", "", rest)  # a quoted value is another program's (--server-args "…")
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", unquoted):
+            seen += 1
+            if forwards:
+                ok = flag in {o for a in subs[forwards.group(1)]._actions for o in a.option_strings}
+            else:  # bench_router.py makes its geometry flags from their names: "--" + key.replace("_", "-")
+                ok = f'"{flag}"' in source or ('"--" + key.replace("_", "-")' in source and f'"{flag[2:].replace("-", "_")}"' in source)
+            if not ok:
+                problems.append(f"python {script}{rest}: takes no {flag}")
+    assert seen > 30
+    assert not problems, "\n".join(problems)
