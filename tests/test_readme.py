@@ -206,6 +206,29 @@ def test_the_task_spec_table_names_every_spec_key():
     assert {k for k in train_keys if f"`{k}`" not in train_row} == set()
 
 
+def _positional_help(command: str, dest: str) -> str:
+    return next(a.help for a in _subparsers()[command]._actions if a.dest == dest)
+
+
+def test_help_description_lists_every_command():
+    """`adapterhub-lite --help` opens with the list of commands, which left out reindex."""
+    described = set(re.findall(r"[\w-]+", build_parser().description))
+    assert [c for c in _subparsers() if c not in described] == []
+
+
+def test_train_multi_help_names_every_key_the_specs_must_agree_on():
+    """train-multi's SPEC_OR_OVERRIDE help named 8 of the 15 `train` keys a joint run takes once for all its specs
+    (SHARED_TRAIN_KEYS, which the README's Joint training paragraph lists), and its --resume said a checkpoint is
+    taken at every eval, where train.checkpoint_every now sets it (c782af4)."""
+    from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS
+
+    specs_help = _positional_help("train-multi", "specs")
+    assert [k for k in SHARED_TRAIN_KEYS if not re.search(rf"\b{k}\b", specs_help)] == []
+    assert "checkpoint_every" in _help("train-multi", "--resume")
+    joint = README.split("- **Joint training**", 1)[1].split("\n- **", 1)[0]
+    assert [k for k in SHARED_TRAIN_KEYS if f"`{k}`" not in joint and f"`train.{k}`" not in joint] == []
+
+
 def test_script_lines_pass_flags_the_script_takes():
     """Every flag of a `python scripts/….py` command the README shows (in a block or inline in backticks) is one that
     script's argparse defines; a script that only forwards to a command (`main(["infer", …])`) takes that command's."""
@@ -225,3 +248,34 @@ def test_script_lines_pass_flags_the_script_takes():
                 problems.append(f"python {script}{rest}: takes no {flag}")
     assert seen > 30
     assert not problems, "\n".join(problems)
+
+
+def test_layout_names_every_module():
+    """The Layout block names every module of each layer package (cli/ranks.py was missing)."""
+    layout = README.split("## Layout", 1)[1].split("```")[1]
+    words = set(re.findall(r"\w+", layout))
+    package = ROOT / "adapterhub_lite"
+    modules = [f for d in ("cli", "core", "model", "artifacts", "ops", "training", "training/recipes", "serving") for f in (package / d).glob("*.py")]
+    assert [str(f.relative_to(package)) for f in modules if f.stem not in words and not f.stem.startswith("__")] == []
+
+
+def test_the_loggers_the_readme_names_exist():
+    """Each logger the Operations paragraph tells a user to configure is one the package logs to: it named
+    `adapterhub_lite.serving` for the engine's failures, which go to `adapterhub_lite.serve`."""
+    package = ROOT / "adapterhub_lite"
+    loggers = {name for f in package.rglob("*.py") for name in re.findall(r'getLogger\("([\w.]+)"\)', f.read_text())}
+    operations = README.split("- **Operations.**", 1)[1].split("\n- **", 1)[0]
+    named = set(re.findall(r"`(adapterhub_lite\.[\w.]+)`", operations))
+    assert named and named <= loggers, named - loggers
+
+
+def test_the_readme_says_where_the_shipped_specs_read_their_data():
+    """The shipped specs read their data from outside the repository (`../shared/data/…`), so a fresh clone's first
+    `train scripts/tasks/sst2.yaml` stops on a missing file; the Task spec section must say where the data goes (it
+    named no such folder)."""
+    import yaml
+
+    outside = {path.rsplit("/", 2)[0] for spec in (ROOT / "scripts" / "tasks").rglob("*.yaml")
+               for path in yaml.safe_load(spec.read_text())["data"].values() if path.startswith("../")}
+    section = README.split("## Task spec", 1)[1].split("\n| key |", 1)[0]
+    assert outside and [o for o in sorted(outside) if f"`{o}/" not in section] == []

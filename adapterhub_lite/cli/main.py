@@ -1,5 +1,6 @@
-"""Command line: `adapterhub-lite train | eval | predict | publish | list | info | pull | verify | infer | merge | convert`
-(+ train-multi, interference, compose-fit from cli/multitask.py; serve from cli/serve.py; export from cli/export.py).
+"""Command line: `adapterhub-lite train | eval | predict | infer | merge` (+ publish, list, info, pull, verify, reindex, convert
+from cli/registry.py; train-multi, interference, compose-fit from cli/multitask.py; serve from cli/serve.py; export from
+cli/export.py).
 
 Bad input → one line on stderr, exit 2."""
 

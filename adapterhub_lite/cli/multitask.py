@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from adapterhub_lite.cli.args import add_device_args, count, finite_float, nonempty
+from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS  # read without torch: --help stays fast
 
 
 def _train_multi(args) -> int:
@@ -72,8 +73,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-multi", help="train several task adapters jointly (mixed batches, weighted losses)")
     p.add_argument("specs", nargs="+", metavar="SPEC_OR_OVERRIDE",
                    help="task spec YAMLs (LoRA) and dotted.key=value overrides for every spec, e.g. scripts/tasks/sst2.yaml "
-                        "scripts/tasks/rte.yaml train.max_steps=240 (the schedule keys — train.max_steps, batch_size, warmup_steps, "
-                        "eval_every, eval_samples, max_grad_norm, max_minutes, seed — must agree across the specs)")
+                        "scripts/tasks/rte.yaml train.max_steps=240 (the train keys a joint run takes once — "
+                        f"{', '.join(SHARED_TRAIN_KEYS)} — must agree across the specs)")
     p.add_argument("--output", type=nonempty, required=True, help="run folder: one adapter folder per task inside")
     p.add_argument("--weighting", default="dynamic", choices=("equal", "fixed", "dynamic", "uncertainty"))
     p.add_argument("--alpha", type=finite_float, help="dynamic: sigmoid slope α (default 5)")
@@ -85,7 +86,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-adapter", action="store_true", help="also train one LoRA every task uses under its own")
     p.add_argument("--shared-r", type=count(1), default=8, help="rank of the shared adapter")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken at every eval)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken every train.checkpoint_every steps; left out: at every eval)")
     p.add_argument("--no-progress", action="store_true")
     add_device_args(p)
     p.set_defaults(func=_train_multi)
