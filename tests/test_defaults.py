@@ -150,6 +150,25 @@ def test_early_stopping_counts_only_real_gains_and_waits_for_min_steps(tmp_path,
     assert best_step == stop_step or not all(torch.equal(final[k], recipe.seen[-1][k]) for k in final)
 
 
+def test_the_best_weights_are_the_first_to_reach_the_best_score_and_the_last_step_is_evaluated(tmp_path):
+    """A later eval that only equals the best does not replace it (Trainer keeps the best by a strict `greater`), and
+    the run's last step is evaluated even when eval_every does not divide max_steps (the end can be the best)."""
+    recipe = _Scripted([0.5, 0.6, 0.6])
+    result = fit(recipe, LoopConfig(max_steps=5, eval_every=2), Parallel(torch.device("cpu"), "none"), tmp_path / "work", progress=False)
+    assert len(recipe.seen) == 3  # steps 2, 4 and 5
+    assert result.state.best_step == 4
+    final = recipe.model.state_dict()
+    assert all(torch.equal(final[k], recipe.seen[1][k]) for k in final) and not all(torch.equal(final[k], recipe.seen[2][k]) for k in final)
+
+
+
+def test_an_eval_that_only_ties_the_best_counts_against_patience(tmp_path):
+    """Keras' EarlyStopping rule with min_delta 0: an improvement is a score strictly above the last real one, so
+    evals that only repeat it run the patience out."""
+    recipe = _Scripted([0.5, 0.6, 0.6, 0.6, 0.9])
+    result = fit(recipe, LoopConfig(max_steps=5, eval_every=1, patience=2), Parallel(torch.device("cpu"), "none"), tmp_path / "work", progress=False)
+    assert (result.state.step, result.stopped_by, result.state.best_step) == (4, "early_stopping", 2)
+
 def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, monkeypatch):
     """Issue 22: on a GPU the default batch is in tokens (from the device's free memory and the model); a spec may
     give train.batch_tokens anywhere; the CPU default stays batch_size rows."""

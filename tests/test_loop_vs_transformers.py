@@ -5,6 +5,7 @@ after the loss is divided by the step's item count (num_items_in_batch), its Ada
 
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -185,3 +186,67 @@ def test_the_optimizer_is_trainers_adamw_fused_on_cuda_only(tmp_path, device):
     assert type(opt) is cls
     assert {k: opt.defaults[k] for k in ("betas", "eps")} == {"betas": kwargs["betas"], "eps": kwargs["eps"]}
     assert bool(opt.defaults["fused"]) == (device.type == "cuda")
+
+
+def _cfg(**settings):
+    return LoopConfig(**{"max_steps": 4, "eval_every": 100, "checkpoint_every": 100, "log_every": 1, **settings})
+
+
+def test_under_fp16_the_scaled_step_is_the_unscaled_step(tmp_path, device):
+    """compute_dtype fp16 turns on the loss scaler: the loss is scaled by a power of two before backward and the
+    gradients unscaled before clipping, so each step equals the fp32 step exactly. A loss left unscaled, or
+    gradients clipped while still scaled, change the steps (AdamW's eps then weighs gradients 2^16 times smaller)."""
+    plain, scaled = Toy(device), Toy(device)
+    fit(plain, _cfg(grad_accum=2, max_grad_norm=0.5), Parallel(device), tmp_path / "a", progress=False)
+    fit(scaled, _cfg(grad_accum=2, max_grad_norm=0.5), Parallel(device), tmp_path / "b", progress=False, compute_dtype=torch.float16)
+    assert not torch.equal(plain.model[0].weight, Toy(device).model[0].weight)  # it trained
+    for (name, a), b in zip(plain.model.named_parameters(), scaled.model.parameters()):
+        assert (a - b).abs().max().item() <= 1e-7, name
+
+
+class Overflows(Toy):
+    """Toy whose `overflow_at`-th micro-batch loss is inf (an fp16 overflow)."""
+
+    def __init__(self, device, overflow_at=2):
+        super().__init__(device)
+        self.calls, self.overflow_at = 0, overflow_at
+
+    def step_loss(self, call, parallel):
+        part = super().step_loss(call, parallel)
+        self.calls += 1
+        return dataclasses.replace(part, loss=part.loss * float("inf")) if self.calls == self.overflow_at else part
+
+
+def test_under_fp16_a_step_with_a_non_finite_loss_is_skipped_and_training_goes_on(tmp_path, device):
+    """The scaler's contract (loop.py): under fp16 an overflowing step is skipped and the scale lowered; the run does not
+    stop (in fp32 it would: nothing can recover there)."""
+    recipe = Overflows(device)
+    result = fit(recipe, _cfg(), Parallel(device), tmp_path, progress=False, compute_dtype=torch.float16)
+    assert result.state.step == 4 and all(torch.isfinite(p).all() for p in recipe.model.parameters())
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[1] is None and all(v is not None for v in losses[:1] + losses[2:])  # JSON null: the skipped step's inf
+
+
+def test_a_resumed_fp16_run_goes_on_at_its_lowered_loss_scale(tmp_path, device, monkeypatch):
+    """The scaler's state is in the checkpoint: resumed after an overflow halved the scale, the run goes on at that
+    scale, as the uninterrupted run does (a fresh scaler would start at 2^16 again and overflow anew)."""
+    from adapterhub_lite.training.checkpoint import Checkpoint
+
+    scales, step, save = [], torch.amp.GradScaler.step, Checkpoint.save
+    monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, *a, **k: scales.append(self.get_scale()) or step(self, *a, **k))
+    cfg = _cfg(checkpoint_every=2)
+    fit(Overflows(device, overflow_at=1), cfg, Parallel(device), tmp_path / "straight", progress=False, compute_dtype=torch.float16)
+    straight, scales[:] = list(scales), []
+    assert straight[0] == 2 * straight[1] == 2 * straight[3]  # step 1 overflowed: the scale was halved once
+
+    def crash_after_step_2(self, payload):
+        save(self, payload)
+        if payload["state"]["step"] == 2:
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(Checkpoint, "save", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(Overflows(device, overflow_at=1), cfg, Parallel(device), tmp_path / "resumed", progress=False, compute_dtype=torch.float16)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    scales[:] = []
+    fit(Overflows(device, overflow_at=0), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False, compute_dtype=torch.float16)
+    assert scales == straight[2:]
