@@ -3,6 +3,8 @@
 Each test names the vLLM test whose expectation it holds (status codes, error shapes), written anew here.
 """
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -86,6 +88,44 @@ def test_return_tokens_as_token_ids_chat(served):
     assert all(c.top_logprobs[0].token == c.token for c in content)  # greedy: the pick is the best alternative
     ids = [int(c.token.removeprefix("token_id:")) for c in content]
     assert tok.decode(ids, skip_special_tokens=True) == r.choices[0].message.content
+
+
+def _events(response) -> list[dict]:
+    """The JSON chunks of a server-sent event stream (the [DONE] line left out)."""
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_return_token_ids_carry_the_same_ids_as_the_whole_answer(served, chat):
+    """vLLM's streamed return_token_ids (test_return_token_ids.py): every chunk carries the ids of its tokens, which
+    join to the whole answer's token_ids, and the first chunk the prompt's ids (completions: in the choice; chat: beside
+    the choices, on the role chunk). The stream used to leave the field out: it was read for whole answers only."""
+    body = {"model": "base", "temperature": 0, "max_tokens": 6, "ignore_eos": True, "logprobs": 1 if not chat else True,
+            "return_token_ids": True}
+    body |= {"messages": [{"role": "user", "content": "Count: 1 2 3"}]} if chat else {"prompt": "Count: 1 2 3 🎉"}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    whole = served.post(path, body).json()
+    want_prompt = whole["prompt_token_ids"] if chat else whole["choices"][0]["prompt_token_ids"]
+    want_ids = whole["choices"][0]["token_ids"]
+    assert len(want_ids) == 6 and want_prompt
+    chunks = [c for c in _events(served.post(path, {**body, "stream": True})) if c["choices"]]
+    prompts = [c.get("prompt_token_ids") if chat else c["choices"][0].get("prompt_token_ids") for c in chunks]
+    assert prompts[0] == want_prompt and not any(prompts[1:])
+    assert all("token_ids" in c["choices"][0] for c in chunks)
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == want_ids
+
+
+@pytest.mark.parametrize("field, value, param", [("return_token_ids", "yes", "return_token_ids"),
+                                                 ("return_tokens_as_token_ids", "yes", "return_tokens_as_token_ids"),
+                                                 ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage")])
+def test_a_streamed_request_with_a_bad_answer_flag_is_a_400_not_a_cut_stream(served, field, value, param):
+    """The flags that shape the answer were read only when it was written: in a stream, after its 200 went out, so
+    return_tokens_as_token_ids: "yes" cut the stream mid-way (the client saw an incomplete chunked read) and
+    return_token_ids / include_usage: "yes" were taken as true. They are checked with the rest of the request (vLLM:
+    its pydantic model refuses them with a 400)."""
+    body = {"model": "base", "prompt": "hello", "max_tokens": 2, "logprobs": 1, "stream": True, field: value}
+    r = served.post("/v1/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 @pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])

@@ -187,10 +187,15 @@ class Answers:
         created, p, tok = int(time.time()), req.params, self.tokenizer
         kind = "chat.completion.chunk" if req.chat else "text_completion"
         as_ids = flag(req.body, "return_tokens_as_token_ids", False)
+        # vLLM's streamed return_token_ids: each chunk carries the ids of the tokens whose text it holds (they join to
+        # the whole answer's token_ids), and a choice's first chunk its prompt's (chat: the role chunk, beside choices)
+        ids = flag(req.body, "return_token_ids", False)
+        prompt_ids_due = [ids] * len(req.jobs)
         offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
         results = [None] * len(req.jobs)
 
-        def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None, **extra) -> str:
+        def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None,
+                  made=(), **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
             lp = None
             if entries is not None and p.logprobs is not None:
                 if req.chat:
@@ -198,6 +203,7 @@ class Answers:
                 else:
                     lp = P.completion_logprobs(tok, entries, p.logprobs, offsets[index], as_ids)
                     offsets[index] += sum(len(e.text) for e in entries)
+            top = {}
             if req.chat:
                 said = {"role": "assistant", "content": ""} if first else {} if delta is None else {"content": delta}
                 choice = {"index": index, "delta": said, "finish_reason": finish, "logprobs": lp}
@@ -205,7 +211,12 @@ class Answers:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
             if finish is not None:
                 choice["stop_reason"] = stop_reason
-            return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice]})}\n\n"
+            if ids:
+                choice["token_ids"] = [e.token for e in made]
+                if prompt_ids_due[index]:
+                    prompt_ids_due[index] = False
+                    (top if req.chat else choice)["prompt_token_ids"] = req.jobs[index].prepared.ids
+            return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice], **top})}\n\n"
 
         try:
             if req.chat:
@@ -223,7 +234,7 @@ class Answers:
                             yield chunk(index, payload.text if p.echo else "", entries=payload.entries if p.echo else None, **extra)
                     elif ev == "token":
                         text, entries = payload
-                        yield chunk(index, text, entries=entries if entries else None)
+                        yield chunk(index, text, entries=entries if entries else None, made=entries)
                     elif ev == "done":
                         results[index], left = payload, left - 1
                         if payload.label is not None:  # a classification adapter's answer comes whole

@@ -99,7 +99,7 @@ FIELDS: dict[str, Field] = {
     "add_special_tokens": Field(BOTH, "implemented", "tokenize a text prompt with the tokenizer's special tokens (completions default true, chat false)"),
     "add_generation_prompt": Field((H,), "implemented", "`base` chat: end the template with the assistant's turn (default true)"),
     "continue_final_message": Field((H,), "implemented", "`base` chat: continue the last (assistant) message"),
-    "return_token_ids": Field(BOTH, "implemented", "each choice also carries `prompt_token_ids` and `token_ids`"),
+    "return_token_ids": Field(BOTH, "implemented", "each choice also carries `prompt_token_ids` and `token_ids`; streamed (vLLM's shape), each chunk carries its tokens' `token_ids` and a choice's first chunk the `prompt_token_ids` (chat: on the first chunk, beside `choices`)"),
     "request_id": Field(BOTH, "implemented", "the response's `id` and the access log's"),
     "priority": _refused("no priority scheduling; `0` is accepted", 0),
     "cache_salt": Field(BOTH, "accepted", "no prefix cache"),
@@ -297,12 +297,20 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
     best_of = body.get("best_of")
     if best_of is not None and best_of != n:
         raise bad("best_of", best_of, f"this server does not rank extra samples; drop it or make it equal to n ({n})", code="unsupported_field")
+    # The answer's shape is read when the answer is written, after generation (and a stream's 200 is sent by then):
+    # the flags are checked here, with the rest, so a bad value is a 400 before any work rather than a cut stream.
+    stream = flag(body, "stream", False)
+    for name in ("return_token_ids", "return_tokens_as_token_ids"):
+        flag(body, name, False)
     opts = body.get("stream_options")
-    if opts is not None and not body.get("stream"):
+    if opts is not None and not stream:
         raise bad("stream_options", opts, "it applies to a stream only: set stream: true, or drop it")
     if opts is not None:
         if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
             raise bad("stream_options", opts, "give {\"include_usage\": true|false}")
+        for key in ("include_usage", "continuous_usage_stats"):
+            if opts.get(key) is not None and not isinstance(opts[key], bool):
+                raise bad(f"stream_options.{key}", opts[key], "give true or false")
         if opts.get("continuous_usage_stats"):
             raise bad("stream_options.continuous_usage_stats", True, "usage comes once, in the last chunk; drop it", code="unsupported_field")
     params = SamplingParams(
