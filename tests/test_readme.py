@@ -279,3 +279,33 @@ def test_the_readme_says_where_the_shipped_specs_read_their_data():
                for path in yaml.safe_load(spec.read_text())["data"].values() if path.startswith("../")}
     section = README.split("## Task spec", 1)[1].split("\n| key |", 1)[0]
     assert outside and [o for o in sorted(outside) if f"`{o}/" not in section] == []
+
+
+def test_what_a_spec_may_leave_out_names_every_optional_key():
+    """A minimal spec (scripts/tasks/minimal/) leaves out metric, method, base, quantization and dtype too: `train`
+    printed them (metric: ["accuracy"], no `#` reason) but the left-out table named none of them, so a user comparing
+    with the tuned sst2.yaml (accuracy and macro_f1) could not tell macro_f1 would be missing."""
+    import dataclasses
+
+    from adapterhub_lite.core.spec import TaskSpec
+
+    section = README.split("### What a spec may leave out", 1)[1].split("\n#", 1)[0]
+    required = {"name", "type", "data", "prompt", "label", "labels", "target"}
+    optional = {f.name for f in dataclasses.fields(TaskSpec) if not f.metadata.get("internal")} - required - {"train", "init_from"}
+    assert [k for k in sorted(optional) if f"`{k}`" not in section] == []
+
+
+def test_the_use_snippet_trains_into_a_folder_the_commands_above_did_not_write():
+    """Use's Python snippet trained into runs/sst2, which the bash block just above writes first: pasted in order, it
+    raised OutputExistsError (telling a Python caller to "pass --overwrite")."""
+    import yaml
+
+    use = README.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
+    written = set()
+    for line in re.search(r"```bash\n(.*?)```", use, re.S).group(1).splitlines():
+        m = re.search(r"(?:adapterhub-lite|adapterhub_lite\.cli|train_adapter\.py) (?:train )?(scripts/\S+\.yaml)(.*)", line)
+        if m:
+            out = re.search(r"--output (\S+)", m.group(2))
+            written.add(out.group(1) if out else f"runs/{yaml.safe_load((ROOT / m.group(1)).read_text())['name']}")
+    outputs = re.findall(r'\btrain\(.*?,\s*"([^"]+)"', re.search(r"```python\n(.*?)```", use, re.S).group(1))
+    assert outputs and written and set(outputs) & written == set()
