@@ -309,3 +309,18 @@ def test_the_use_snippet_trains_into_a_folder_the_commands_above_did_not_write()
             written.add(out.group(1) if out else f"runs/{yaml.safe_load((ROOT / m.group(1)).read_text())['name']}")
     outputs = re.findall(r'\btrain\(.*?,\s*"([^"]+)"', re.search(r"```python\n(.*?)```", use, re.S).group(1))
     assert outputs and written and set(outputs) & written == set()
+
+
+def test_router_run_answers_with_the_keys_the_readme_names(tmp_path):
+    """The Router section said a `run` answer is its request with `prediction` added and other keys riding along (an
+    id): `Router.run` answers `{"adapter", "prediction"}` only (infer is the one that merges the request back in)."""
+    from adapterhub_lite import Router, load_backbone
+    from tests.conftest import train_tiny
+
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    router.register("toy", train_tiny(tmp_path, "toy"))
+    answer = router.run([{"adapter": "toy", "text": "ab", "id": 7}])[0]
+    router.close()
+    section = README.split("## Router: many tasks on one base model", 1)[1].split("\n## ", 1)[0]
+    keys = re.search(r"`run` answers each request, in order, with\s+`\{([^}]*)\}`", section)
+    assert keys and set(answer) == set(re.findall(r'"(\w+)"', keys.group(1)))
