@@ -16,6 +16,7 @@ from transformers import Trainer, TrainingArguments, get_constant_schedule_with_
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.parallel import Parallel
+from adapterhub_lite.training.progress import TrainingError
 
 
 class Toy(Recipe):
@@ -250,3 +251,15 @@ def test_a_resumed_fp16_run_goes_on_at_its_lowered_loss_scale(tmp_path, device, 
     scales[:] = []
     fit(Overflows(device, overflow_at=0), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False, compute_dtype=torch.float16)
     assert scales == straight[2:]
+
+
+def test_a_micro_batch_that_counts_nothing_is_refused_in_one_line(tmp_path, device):
+    """The loss contract divides by the step's count: a recipe that says its sum counts 0 items is refused by name,
+    not divided by zero into a NaN step."""
+    class CountsNothing(Toy):
+        def step_loss(self, call, parallel):
+            return dataclasses.replace(super().step_loss(call, parallel), count=0.0)
+
+    with pytest.raises(TrainingError, match="recipe 'toy' returned a micro-batch loss that counts 0.0 items") as err:
+        fit(CountsNothing(device), _cfg(), Parallel(device), tmp_path, progress=False)
+    assert "\n" not in str(err.value) and isinstance(err.value, ValueError)

@@ -127,3 +127,36 @@ def test_prompt_scores_through_a_lora_on_the_lm_head_equal_peft(tmp_path):
     assert got.logprobs[0] is None and got.logprobs[1:] == pytest.approx([logp[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=1e-4)
     assert [t for t, _ in got.top[3]] == logp[2].topk(2).indices.tolist()
     assert plain.logprobs[1:] == pytest.approx([base[t - 1, ids[t]].item() for t in range(1, 3)], abs=1e-4) and plain.top[1] == []
+
+
+def test_lora_dropout_acts_in_training_mode_only(device):
+    """As peft's: dropout on the LoRA branch while training; in eval mode the update is exact and repeatable."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8).to(device)
+    ctx = RowContext()
+    layer = RowLoraLinear(base, ctx, dropout=0.5)
+    a, b = torch.randn(4, 8, device=device), torch.randn(8, 4, device=device)
+    layer.put("one", a, b, 1.0)
+    ctx.define(1, [("one", 1.0)])
+    x = torch.randn(2, 3, 8, device=device)
+    with torch.no_grad(), ctx.assign([1, 1], device):
+        layer.eval()
+        assert (layer(x) - (base(x) + x @ (b @ a).T)).abs().max() < 1e-5
+        layer.train()
+        assert not torch.allclose(layer(x), base(x) + x @ (b @ a).T, atol=1e-3)
+
+
+def test_an_inner_assignment_gives_the_outer_one_back(device):
+    """`base_only()` inside an assigned call (and any nested assignment) restores the outer rows' slots when it ends."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).to(device)
+    ctx = RowContext()
+    layer = wrap(torch.nn.Sequential(base), ["0"], ctx)["0"]
+    layer.put("one", torch.randn(2, 6, device=device), torch.randn(5, 2, device=device), 1.0)
+    ctx.define(1, [("one", 1.0)])
+    x = torch.randn(2, 6, device=device)
+    with torch.no_grad(), ctx.assign([1, 1], device):
+        adapted = layer(x)
+        with ctx.assign(None):
+            assert torch.equal(layer(x), base(x))
+        assert torch.equal(layer(x), adapted) and not torch.equal(adapted, base(x))
