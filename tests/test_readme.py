@@ -324,3 +324,25 @@ def test_router_run_answers_with_the_keys_the_readme_names(tmp_path):
     section = README.split("## Router: many tasks on one base model", 1)[1].split("\n## ", 1)[0]
     keys = re.search(r"`run` answers each request, in order, with\s+`\{([^}]*)\}`", section)
     assert keys and set(answer) == set(re.findall(r'"(\w+)"', keys.group(1)))
+
+
+def test_train_multi_lines_give_specs_that_agree():
+    """Each README `train-multi` line names specs and overrides a joint run accepts: since train.checkpoint_every became
+    the run's (c782af4) both lines were refused, the shipped sst2 / rte / ag_news specs checkpointing every 120 / (every
+    eval) / 100 steps. Read without a model: the specs and their agreement only."""
+    from adapterhub_lite.cli.multitask import _specs_and_overrides
+    from adapterhub_lite.core.errors import AdapterHubError
+    from adapterhub_lite.core.spec import load_spec
+    from adapterhub_lite.training.recipes.joint_config import JointConfig
+
+    lines = [(line, rest) for line, rest in _cli_lines() if rest[0] == "train-multi"]
+    problems = []
+    for line, rest in lines:
+        args, extra = build_parser().parse_known_args(rest)
+        paths, overrides = _specs_and_overrides(args.specs + extra)
+        try:
+            JointConfig.from_specs([load_spec(ROOT / p, overrides) for p in paths])
+        except AdapterHubError as exc:
+            problems.append(f"{line}: {exc}")
+    assert len(lines) >= 2
+    assert not problems, "\n".join(problems)
