@@ -60,3 +60,38 @@ def test_an_assistant_prefill_is_continued_as_transformers_renders_and_generates
         want = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     assert got.model_extra["prompt_token_ids"] == ids and got.usage.prompt_tokens == len(ids)
     assert got.choices[0].model_extra["token_ids"] == want
+
+
+def test_a_speakers_name_reaches_a_template_that_reads_it_and_is_named_where_none_does():
+    """vLLM hands a message's `name` to the chat template. It used to be dropped before the template; now it is given,
+    and where the template renders the same text without it (SmolLM2's, the tiny one's) it is named as not read."""
+    tok = _tiny_tokenizer()
+    messages = P.check_messages([{"role": "user", "content": "hi", "name": "ada"}])
+    assert messages == [{"role": "user", "content": "hi", "name": "ada"}]
+    text, unread = P.render_chat(tok, messages, add_generation_prompt=True)
+    assert unread == ["messages[0].name"] and text == tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    tok.chat_template = "{% for m in messages %}{{ m.get('name', m.role) }}: {{ m.content }}\n{% endfor %}"
+    text, unread = P.render_chat(tok, messages)
+    assert unread == [] and text == "ada: hi\n"
+
+
+def test_message_keys_nothing_reads_are_named_and_tool_calls_refused_with_content_too():
+    raw = [{"role": "user", "content": "hi", "name": "ada"}, {"role": "assistant", "content": "yo", "reasoning_content": "think", "refusal": None}]
+    assert P.unread_message_keys(raw) == ["messages[1].reasoning_content"]  # name is read (by the template, or named by render_chat)
+    with pytest.raises(P.ApiError) as err:  # the calls would reach no template and no tool
+        P.check_messages([{"role": "assistant", "content": "calling", "tool_calls": [{"id": "c1", "type": "function"}]}])
+    assert err.value.body()["error"]["param"] == "messages[0].tool_calls"
+    with pytest.raises(P.ApiError) as err:
+        P.check_messages([{"role": "user", "content": "hi", "name": 7}])
+    assert err.value.body()["error"]["param"] == "messages[0].name"
+
+
+def test_chat_names_the_message_keys_it_does_not_read(served):
+    from adapterhub_lite.serving.params import IGNORED_HEADER
+
+    messages = [{"role": "user", "content": "hi", "name": "ada"}, {"role": "assistant", "content": "yo", "reasoning_content": "think"},
+                {"role": "user", "content": "again"}]
+    r = served.post("/v1/chat/completions", {"model": "base", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200 and r.headers[IGNORED_HEADER] == "messages[1].reasoning_content,messages[0].name", r.text
+    r = served.post("/tokenize", {"messages": messages})
+    assert r.status_code == 200 and r.headers[IGNORED_HEADER] == "messages[1].reasoning_content,messages[0].name", r.text

@@ -172,6 +172,7 @@ class Handlers(Answers):
         if body.get("max_completion_tokens") is not None and body.get("max_tokens") not in (None, body["max_completion_tokens"]):
             self.ignore_aloud(["max_tokens"], "v1/chat/completions (max_completion_tokens is read instead, as vLLM does)", access)
         messages = P.check_messages(body.get("messages"))
+        self.ignore_aloud(P.unread_message_keys(body["messages"]), "v1/chat/completions", access)
         add_generation = flag(body, "add_generation_prompt", True)
         continue_final = flag(body, "continue_final_message", False)
         if model == BASE or not self.catalogue.has_task(model):
@@ -181,7 +182,8 @@ class Handlers(Answers):
                 raise P.bad("continue_final_message", True, "it continues the last message, so set add_generation_prompt: false with it")
             if continue_final and messages[-1]["role"] != "assistant":
                 raise P.bad("continue_final_message", True, "the last message must be the assistant's, to be continued")
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation, continue_final_message=continue_final)
+            text, unread_names = P.render_chat(self.tokenizer, messages, add_generation_prompt=add_generation, continue_final_message=continue_final)
+            self.ignore_aloud(unread_names, "v1/chat/completions (the chat template does not read them)", access)
             req = self.make_request(rid, model, body, params, [{"prompt": text}], chat=True, answer=False, default_max=self.settings.max_tokens or self.router.max_model_len,
                                     fill_context=True, add_special_tokens=flag(body, "add_special_tokens", False))
         else:
@@ -195,8 +197,9 @@ class Handlers(Answers):
             if not users:
                 raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
             # a system prompt or earlier turns are not read by a task's template: said, not dropped silently
-            self.ignore_aloud([f"messages[{i}]" for i in range(len(messages)) if i != users[-1]],
-                              f"v1/chat/completions (adapter {model!r} answers the last user message only)", access)
+            self.ignore_aloud([f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
+                              + [f"messages[{users[-1]}].name"] * ("name" in messages[users[-1]]),
+                              f"v1/chat/completions (adapter {model!r} answers the last user message's content only)", access)
             req = self.make_request(rid, model, body, params, [{"text": messages[users[-1]]["content"]}], chat=True, answer=True, default_max=32)
         return await self.answer(req, http)
 

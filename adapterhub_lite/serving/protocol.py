@@ -89,21 +89,45 @@ def chat_text(content, where: str) -> str:
     raise bad(where, content, "give message content as a string or a list of {\"type\": \"text\", \"text\": ...} parts")
 
 
+MESSAGE_KEYS = ("role", "content", "name")  # what a chat template is given of each message (vLLM gives these too)
+
+
 def check_messages(messages) -> list[dict]:
-    """`messages` as [{"role", "content"}] with string contents ("developer" read as "system")."""
+    """`messages` as vLLM hands them to the chat template: {"role", "content"} with string contents ("developer" read as
+    "system"), and the speaker's "name" where one is given. Other keys are not read (see unread_message_keys)."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", messages, "give a non-empty list of {\"role\", \"content\"} objects")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise bad(f"messages[{i}]", m, "each message needs a role (system, user or assistant) and content")
+        if m.get("tool_calls"):  # with or without content: the calls would reach no template and no tool
+            raise bad(f"messages[{i}].tool_calls", m["tool_calls"], "this server does not call tools; send the assistant's text as content")
         content = m.get("content")
         if content is None and m["role"] == "assistant":  # OpenAI and vLLM take an assistant turn with no content
-            if m.get("tool_calls"):
-                raise bad(f"messages[{i}].tool_calls", m["tool_calls"], "this server does not call tools; send the assistant's text as content")
             content = ""
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": chat_text(content, f"messages[{i}].content")})
+        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": chat_text(content, f"messages[{i}].content")}
+        if m.get("name") is not None:
+            if not isinstance(m["name"], str):
+                raise bad(f"messages[{i}].name", m["name"], "give the speaker's name as a string, or leave it out")
+            message["name"] = m["name"]
+        out.append(message)
     return out
+
+
+def unread_message_keys(messages: list) -> list[str]:
+    """The keys of the (checked) chat messages that nothing here reads, as messages[i].key: named aloud, not dropped."""
+    return [f"messages[{i}].{k}" for i, m in enumerate(messages) for k, v in m.items() if k not in MESSAGE_KEYS and v is not None]
+
+
+def render_chat(tokenizer, messages: list[dict], **kwargs) -> tuple[str, list[str]]:
+    """The chat template's text for checked `messages`, and the speakers' names it does not read (messages[i].name): a
+    template that renders the same text without them ignores them (SmolLM2's does), which the caller says aloud."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    named = [i for i, m in enumerate(messages) if "name" in m]
+    if named and tokenizer.apply_chat_template([{k: v for k, v in m.items() if k != "name"} for m in messages], tokenize=False, **kwargs) == text:
+        return text, [f"messages[{i}].name" for i in named]
+    return text, []
 
 
 # -- responses -------------------------------------------------------------------------------------

@@ -34,8 +34,10 @@ async def tokenize(request: Request):
         messages = P.check_messages(body["messages"])
         if not getattr(tok, "chat_template", None):
             raise P.bad("messages", body["messages"], "the backbone's tokenizer has no chat template; tokenize a `prompt` instead")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=flag(body, "add_generation_prompt", True),
-                                       continue_final_message=flag(body, "continue_final_message", False))
+        handlers.ignore_aloud(P.unread_message_keys(body["messages"]), "tokenize", request.state.access)
+        text, unread_names = P.render_chat(tok, messages, add_generation_prompt=flag(body, "add_generation_prompt", True),
+                                           continue_final_message=flag(body, "continue_final_message", False))
+        handlers.ignore_aloud(unread_names, "tokenize (the chat template does not read them)", request.state.access)
         special = flag(body, "add_special_tokens", False)
     else:
         text = body.get("prompt")
