@@ -370,3 +370,26 @@ def test_memory_reports_the_running_batchs_gathered_rows(serve_registry):
     assert want > 0 and router.memory()["batch_row_bytes"] == want
     mem = router.memory()
     assert mem["total_bytes"] == mem["adapter_bytes"] + mem["stack_bytes"]  # what the budget bounds is unchanged
+
+
+def test_a_prefix_adapters_virtual_tokens_count_in_its_cache_reservation(serve_registry):
+    """A prefix-tuning adapter's virtual tokens sit in its row's cache: the KV budget counts prompt + virtual + new
+    tokens, so a request that fits only without them is refused with its numbers, not admitted over the budget."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    ids, new = [5, 9, 14, 3], 4
+    virtual = router.virtual_tokens("gen_prefix")[1]
+    assert virtual >= 2
+    engine = Engine(router, budgets=Budgets(max_rows=4, max_kv_tokens=len(ids) + new + virtual - 1))
+    done = {}
+
+    def hear(event, payload):
+        if event in ("done", "error"):
+            done["result"] = payload
+    engine._waiting.put_nowait(Job({"adapter": "gen_prefix", "prompt_ids": ids}, hear, SamplingParams(max_tokens=new, ignore_eos=True)))
+    while not done:
+        engine._serve_once()
+    assert isinstance(done["result"], AdapterHubError) and "cache positions" in str(done["result"]), done["result"]
