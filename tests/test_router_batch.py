@@ -240,3 +240,13 @@ def test_bf16_bank_matches_plain_peft_in_bf16(folders):
         worst = max(worst, (g.float() - ref.float()).abs().max().item())
     print(f"bf16 mixed batch: max |Δlogit| = {worst:.2e}")
     assert worst <= 0.05
+
+
+def test_removing_an_adapter_gives_its_slot_back_to_the_pools(folders):
+    """Unloading the adapter in the highest slot shrinks the slot pools of the layers it shared back to what the others
+    need (the slot table forgets it), so an eviction frees the memory the budget counts."""
+    bank = bank_with(folders, "none", ["lora_a", "lora_c"])  # both target q_proj
+    alone = bank_with(folders, "none", ["lora_a"])
+    assert bank.stack_bytes() > alone.stack_bytes()
+    bank.remove("lora_c")
+    assert sorted(bank.context.table) == sorted(alone.context.table) and bank.stack_bytes() == alone.stack_bytes()

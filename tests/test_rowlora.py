@@ -160,3 +160,21 @@ def test_an_inner_assignment_gives_the_outer_one_back(device):
         with ctx.assign(None):
             assert torch.equal(layer(x), base(x))
         assert torch.equal(layer(x), adapted) and not torch.equal(adapted, base(x))
+
+
+def test_a_slot_of_one_weighted_entry_scales_its_update(device):
+    """A slot naming a single entry with weight w (a composition of one source) adds w·s·B·A, as with several."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).to(device)
+    ctx = RowContext()
+    layer = wrap(torch.nn.Sequential(base), ["0"], ctx)["0"]
+    a, b = torch.randn(3, 6, device=device), torch.randn(5, 3, device=device)
+    layer.put("two", a, b, 2.0)
+    ctx.define(0, [])
+    ctx.define(1, [("two", 0.25)])
+    x = torch.randn(2, 4, 6, device=device)
+    with torch.no_grad(), ctx.assign([1, 0], device):
+        got = layer(x)
+    want = base(x)
+    want[0] += x[0] @ (0.25 * 2.0 * b @ a).T
+    assert (got - want).abs().max() < 1e-5
