@@ -346,3 +346,12 @@ def test_train_multi_lines_give_specs_that_agree():
             problems.append(f"{line}: {exc}")
     assert len(lines) >= 2
     assert not problems, "\n".join(problems)
+
+
+def test_the_cli_points_at_files_that_exist():
+    """The command modules' docstrings and comments name the files that do the work (`serving/api.py`); cli/serve.py
+    still named `serve/api.py`, the path before the layer packages (0.1.0)."""
+    package = ROOT / "adapterhub_lite"
+    named = {p for f in (package / "cli").glob("*.py") for p in re.findall(r"\b((?:[a-z_]+/)+[a-z_]+\.py)\b", f.read_text())}
+    assert len(named) > 5
+    assert [p for p in sorted(named) if not (package / p).is_file() and not (ROOT / p).is_file()] == []

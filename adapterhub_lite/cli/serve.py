@@ -1,4 +1,4 @@
-"""`adapterhub-lite serve`: the OpenAI-compatible server on one backbone (see serve/api.py)."""
+"""`adapterhub-lite serve`: the OpenAI-compatible server on one backbone (see serving/api.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _serve(args) -> int:
         app, engine, _ = build_app(args)
         # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
         # period), then the app's lifespan stops the engine after the queue is served. Its own access
-        # line is off: ours (serve/api.py) also names the model, the adapter that answered and the tokens.
+        # line is off: ours (serving/api.py) also names the model, the adapter that answered and the tokens.
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                                 timeout_graceful_shutdown=args.request_timeout)
         try:
