@@ -235,3 +235,21 @@ def test_a_second_router_on_the_same_backbone_is_refused_not_mixed_in(folders):
     second.register("cls_b", folders["cls_b"])  # k/o: no module in common, so it may share the backbone
     second.use("cls_b")
     assert second.predict("pos 1") == alone(folders["cls_b"], ["pos 1"])[0]
+
+
+def test_an_adapter_the_batch_needs_is_never_evicted_to_make_room(folders):
+    """Over the memory budget, residency evicts only adapters outside `keep` (those the running batch uses): when
+    every other resident adapter is needed, the newcomer is taken back and waits (ResidencyFull) instead."""
+    from adapterhub_lite.serving.manager import ResidencyFull
+
+    probe = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    for name in ("cls_a", "cls_b"):
+        probe.register(name, folders[name])
+    probe.hold(["cls_a", "cls_b"])
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), memory_budget_mb=0.9 * probe.resident_bytes() / 2**20)
+    for name in ("cls_a", "cls_b"):
+        r.register(name, folders[name])
+    r.hold(["cls_a"])
+    with pytest.raises(ResidencyFull, match="needs adapters"):
+        r.hold(["cls_b"], keep=frozenset({"cls_a"}))
+    assert list(r.resident) == ["cls_a"] and r.evictions == 0
