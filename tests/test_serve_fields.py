@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adapterhub_lite.artifacts.loading import check_fits, load_adapter
-from adapterhub_lite.core.errors import AdapterLoadError, ContextLengthError
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, ContextLengthError
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.ops.export import lora_problems, read_layout
 from adapterhub_lite.serving.params import FIELDS, IGNORED_HEADER
@@ -106,6 +106,9 @@ def test_router_run_refuses_instead_of_cutting(serve_registry):
         router.run([{"adapter": "gen_a", "text": "a" * 16}])
     with pytest.raises(AdapterLoadError, match="max_model_len=9999"):
         Router.from_registry(serve_registry, quantization="none", max_model_len=9999)
+    # a generation setting run() does not apply (it answers greedily) is refused, not answered as if applied
+    with pytest.raises(AdapterHubError, match=r"request\(s\) \[1\] set \['temperature', 'top_p'\], which run\(\) does not read"):
+        router.run([{"adapter": "gen_a", "text": "ab"}, {"adapter": "gen_a", "text": "ab", "temperature": 0.5, "top_p": 0.9, "id": 7}])
 
 
 # -- prompt log-probs --------------------------------------------------------------------------------

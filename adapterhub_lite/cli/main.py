@@ -116,16 +116,9 @@ def _sidecar_spec(folder: str):
     return spec_from_dict(read_sidecar(Path(folder))["task"], source=f"task spec in {Path(folder) / SIDECAR}")
 
 
-# Request keys that read like generation settings (OpenAI's, vLLM's, HF generate's): infer reads none of them, and
-# carrying them into the answers unread would look as if they had been applied
-UNREAD_REQUEST_KEYS = frozenset({"max_tokens", "max_completion_tokens", "max_length", "temperature", "top_p", "top_k", "min_p", "stop",
-                                 "stop_token_ids", "n", "seed", "logprobs", "stream", "model", "prompt", "messages", "do_sample",
-                                 "repetition_penalty"})
-
-
 def _infer(args) -> int:
     from adapterhub_lite.model.evaluate import progress_bar
-    from adapterhub_lite.serving.engine import bad_budgets
+    from adapterhub_lite.serving.jobs import bad_budgets, unread_settings
     from adapterhub_lite.serving.router import Router
 
     check_output_file(args.output)
@@ -143,10 +136,9 @@ def _infer(args) -> int:
         raise DataError(f"{args.input}: request(s) on line(s) {[i + 1 for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; "
                         "give a whole number ≥ 1 (or leave it out: the task's own budget)")
     # other keys ride along into the answers (an id, say); these read like settings, which infer would not apply
-    unread = {k for r in requests for k in r if k in UNREAD_REQUEST_KEYS}
+    unread = unread_settings(requests)
     if unread:
-        lines = [n for n, r in enumerate(requests, 1) if unread & set(r)]
-        raise DataError(f"{args.input}: request(s) on line(s) {lines[:5]} set {sorted(unread)}, which infer does not read (it answers "
+        raise DataError(f"{args.input}: request(s) on line(s) {[i + 1 for i in unread[0]][:5]} set {unread[1]}, which infer does not read (it answers "
                         "greedily, each task within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
     _check_versions(args.registry, args.input, requests)
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,

@@ -42,7 +42,7 @@ import torch
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import RESERVED
 from adapterhub_lite.serving.admission import Admission
-from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown
+from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown, bad_budgets, unread_settings
 from adapterhub_lite.serving.manager import AdapterManager
 from adapterhub_lite.serving.metrics import ServeMetrics
 from adapterhub_lite.serving.params import SamplingParams
@@ -51,12 +51,6 @@ from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
 from adapterhub_lite.serving.static import StaticBatch
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
-
-
-def bad_budgets(requests: list[dict], default) -> list[tuple[int, object]]:
-    """(index, value) of each request whose max_new_tokens (its own, else `default`) is not a whole number ≥ 1."""
-    budgets = [(i, req.get("max_new_tokens", default)) for i, req in enumerate(requests)]
-    return [(i, n) for i, n in budgets if isinstance(n, bool) or not isinstance(n, int) or n < 1]
 
 
 class Engine(Admission):
@@ -175,6 +169,10 @@ class Engine(Admission):
         if bad:
             raise AdapterHubError(f"request(s) {[i for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; give a whole number ≥ 1 "
                                   "(or leave it out: a task's own budget, else the default)")
+        unread = unread_settings(requests)
+        if unread:
+            raise AdapterHubError(f"request(s) {unread[0][:5]} set {unread[1]}, which run() does not read (it answers greedily, each task "
+                                  "within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
         out: list[dict | None] = [None] * len(requests)
         errors: dict[int, Exception] = {}
         ended = 0
