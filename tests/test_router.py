@@ -253,3 +253,16 @@ def test_an_adapter_the_batch_needs_is_never_evicted_to_make_room(folders):
     with pytest.raises(ResidencyFull, match="needs adapters"):
         r.hold(["cls_b"], keep=frozenset({"cls_a"}))
     assert list(r.resident) == ["cls_a"] and r.evictions == 0
+
+
+def test_a_slot_the_batch_needs_is_never_evicted_for_another(folders):
+    """With --max-loras, a LoRA needing a slot evicts only a slot holder outside `keep`; when the batch needs them all it waits."""
+    from adapterhub_lite.serving.manager import ResidencyFull
+
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), max_loras=1)
+    for name in ("cls_a", "cls_b"):
+        r.register(name, folders[name])
+    r.hold(["cls_a"])
+    with pytest.raises(ResidencyFull, match="adapter slots"):
+        r.hold(["cls_b"], keep=frozenset({"cls_a"}))
+    assert list(r.resident) == ["cls_a"] and r.evictions == 0

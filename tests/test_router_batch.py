@@ -250,3 +250,11 @@ def test_removing_an_adapter_gives_its_slot_back_to_the_pools(folders):
     assert bank.stack_bytes() > alone.stack_bytes()
     bank.remove("lora_c")
     assert sorted(bank.context.table) == sorted(alone.context.table) and bank.stack_bytes() == alone.stack_bytes()
+
+
+def test_kv_bytes_per_token_is_what_the_cache_holds(folders):
+    """--kv-cache-mb becomes cache positions through kv_bytes_per_token: keys and values of every layer, per position."""
+    bank = bank_with(folders, "none", [])
+    dec = bank.start([[5, 6, 7, 8]], [None])
+    held = sum(t.numel() * t.element_size() for layer in dec.cache.layers for t in (layer.keys, layer.values))
+    assert bank.kv_bytes_per_token() * 4 == held
