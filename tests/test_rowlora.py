@@ -178,3 +178,25 @@ def test_a_slot_of_one_weighted_entry_scales_its_update(device):
     want = base(x)
     want[0] += x[0] @ (0.25 * 2.0 * b @ a).T
     assert (got - want).abs().max() < 1e-5
+
+
+def test_an_adapter_put_again_under_its_name_is_served_with_its_new_factors(device, monkeypatch):
+    """A reload drops an adapter and puts it again under its name and slot; its new tensors may sit at the freed ones'
+    addresses. The slot pool decided what to copy by id() of the factor tensors, so such a reload kept serving the old
+    factors. id() is made to collide here (every object the same) to stand for that; the pool must follow the put."""
+    import adapterhub_lite.model.rowlora as rowlora
+
+    monkeypatch.setattr(rowlora, "id", lambda obj: 0, raising=False)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5).to(device)
+    ctx = RowContext()
+    layer = wrap(torch.nn.Sequential(base), ["0"], ctx, cache=True)["0"]
+    ctx.define(1, [("x", 1.0)])
+    x = torch.randn(1, 4, 6, device=device)
+    for _ in range(2):
+        a, b = torch.randn(2, 6, device=device), torch.randn(5, 2, device=device)
+        layer.drop("x")
+        layer.put("x", a, b, 0.5)
+        with torch.no_grad(), ctx.assign([1], device):
+            got = layer(x)
+        assert (got - (base(x) + x @ (0.5 * b @ a).T)).abs().max() < 1e-5

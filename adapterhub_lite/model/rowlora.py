@@ -65,7 +65,8 @@ class RowLoraLinear(torch.nn.Module):
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
         self._pool: tuple | None = None  # cache=True: (At [S, in, R], Bt [S, R, out]), slot s at index s (see _sync_pool)
-        self._pool_slots: dict = {}  # slot → what was copied there (its entries' identities and weights)
+        self._pool_slots: dict = {}  # slot → what was copied there (its entries' put numbers and weights)
+        self._puts: dict[str, int] = {}  # name → the number of the put that holds its factors (see _sync_pool)
         self._pool_key: tuple | None = None  # (table version, entries version) the pool was synced at
         self.pool_rank: int | None = None  # a fixed pool rank (the server's --max-lora-rank); None: the widest held
         self.pool_slots: int | None = None  # a fixed slot count (the server's --max-loras + 1); None: the highest held + 1
@@ -89,6 +90,7 @@ class RowLoraLinear(torch.nn.Module):
             raise AdapterLoadError(f"LoRA factors on {a.device}/{b.device} for a layer on {where}; move them to {where} first")
         self.entries[name] = (a, b, scale)
         self._version += 1
+        self._puts[name] = self._version
 
     def put_scale(self, name: str, vector: torch.Tensor, on_input: bool) -> None:
         """Hold IA3 adapter `name`'s vector here: on_input scales the input (peft's feedforward
@@ -107,6 +109,7 @@ class RowLoraLinear(torch.nn.Module):
     def drop(self, name: str) -> None:
         """Forget adapter `name` here (its LoRA factors and its IA3 vector, whichever it has)."""
         self.entries.pop(name, None)
+        self._puts.pop(name, None)
         self.scales.pop(name, None)
         self._version += 1
 
@@ -166,7 +169,9 @@ class RowLoraLinear(torch.nn.Module):
             self._pool_slots = {}  # nothing copied into the new pool yet
         keys = {}
         for slot, parts in ctx.table.items():
-            key = tuple((n, id(self.entries[n][0]), id(self.entries[n][1]), self.entries[n][2], w) for n, w in parts if n in self.entries)
+            # Which put holds each entry, not id() of its tensors: an adapter dropped and put again under its name (a
+            # reload) may get tensors at the freed objects' addresses, and its slot would keep the old factors
+            key = tuple((n, self._puts[n], self.entries[n][2], w) for n, w in parts if n in self.entries)
             if key:
                 keys[slot] = key
         At, Bt = self._pool
