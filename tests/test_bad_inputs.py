@@ -177,3 +177,13 @@ def test_an_output_under_a_file_or_an_unwritable_folder(capsys, cls_task, monkey
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.basename(p) == "locked" else real_access(p, mode, **kw))
     monkeypatch.setattr(train_mod, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the output was checked"))
     refused(capsys, cls_task, ["train", "toy.yaml", "--output", where, "--no-progress"], needle)
+
+
+def test_an_existing_output_names_the_flag_and_the_python_argument(tmp_path):
+    """The refusal reaches CLI and Python callers alike: it names --overwrite and train()'s overwrite=True."""
+    from adapterhub_lite.core.errors import OutputExistsError
+    from adapterhub_lite.training.output import prepare_output
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match=r"--overwrite to replace it \(train\(\): overwrite=True\)"):
+        prepare_output(tmp_path / "out", overwrite=False, resume=False)

@@ -93,10 +93,10 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
         step = ckpt.step()
         at = f"at step {step}" if step is not None else "(its step is unreadable)"
         raise OutputExistsError(f"{ckpt.find()} holds an interrupted run {at} for {str(output)!r}; rerun with --resume to "
-                                "continue it, or with --overwrite to discard it and start over")
+                                "continue it, or with --overwrite to discard it and start over (train(): resume=True / overwrite=True)")
     if output.exists() or output.is_symlink():
         if not overwrite:
-            raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it or --output to pick another")
+            raise OutputExistsError(f"output folder {str(output)!r} already exists; pass --overwrite to replace it (train(): overwrite=True) or another --output")
         refuse_unreplaceable(output)
     return work
 
