@@ -208,7 +208,8 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     # setting infer does not read (OpenAI's max_tokens was carried into the answer as if applied)
     for row, said in (('{"adapter": "base", "text": "hi", "max_new_tokens": -1}', "max_new_tokens -1"),
                       ('{"adapter": "base", "text": "hi", "max_new_tokens": "abc"}', "max_new_tokens 'abc'"),
-                      ('{"adapter": "base", "text": "hi", "max_tokens": 1, "id": 7}', "['max_tokens'], which infer does not read")):
+                      ('{"adapter": "base", "text": "hi", "max_tokens": 1, "id": 7}', "['max_tokens'], which infer does not read"),
+                      ('{"adapter": "cls_a", "text": "pos 1", "prompt": "hi"}', "['prompt'], which infer does not read")):
         (tmp_path / "odd.jsonl").write_text(row + "\n")
         out = tmp_path / "odd_answers.jsonl"
         assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "odd.jsonl"), "--output", str(out)]) == 2, row

@@ -17,9 +17,9 @@ from adapterhub_lite.serving.reading import Prepared
 
 # Request keys that read like generation settings (OpenAI's, vLLM's, HF generate's). The offline entry points (Router.run,
 # infer) answer greedily within each task's budget and read none of them: a request that sets one is refused, as
-# answering it unapplied would look as if it had been applied
+# answering it unapplied would look as if it had been applied. (Router.run reads a raw "prompt"; infer refuses it too.)
 UNREAD_REQUEST_KEYS = frozenset({"max_tokens", "max_completion_tokens", "max_length", "temperature", "top_p", "top_k", "min_p", "stop",
-                                 "stop_token_ids", "n", "seed", "logprobs", "stream", "model", "prompt", "messages", "do_sample",
+                                 "stop_token_ids", "n", "seed", "logprobs", "stream", "model", "messages", "do_sample",
                                  "repetition_penalty"})
 
 
@@ -29,9 +29,10 @@ def bad_budgets(requests: list[dict], default) -> list[tuple[int, object]]:
     return [(i, n) for i, n in budgets if isinstance(n, bool) or not isinstance(n, int) or n < 1]
 
 
-def unread_settings(requests: list[dict]) -> tuple[list[int], list[str]] | None:
-    """(indexes, sorted keys) of the requests that set a generation setting the offline entry points do not read."""
-    found = [(i, set(r) & UNREAD_REQUEST_KEYS) for i, r in enumerate(requests)]
+def unread_settings(requests: list[dict], also: frozenset = frozenset()) -> tuple[list[int], list[str]] | None:
+    """(indexes, sorted keys) of the requests that set a generation setting the offline entry points do not read (or a
+    key of `also`, which the caller does not read either)."""
+    found = [(i, set(r) & (UNREAD_REQUEST_KEYS | also)) for i, r in enumerate(requests)]
     found = [(i, keys) for i, keys in found if keys]
     return ([i for i, _ in found], sorted(set().union(*(k for _, k in found)))) if found else None
 
