@@ -2,7 +2,7 @@
 
     r = Router.from_registry("adapters/")        # the backbone loads once, adapters lazily
     r.use("sst2"); r.predict("a gorgeous, witty film")
-    r.merge({"sst2": 0.5, "ag_news": 0.5}, method="ties", density=0.5, name="mix")
+    r.merge({"sst2": 0.5, "ag_news": 0.5}, method="ties", density=0.5, task="sst2", name="mix")
     r.run([{"adapter": "sst2", "text": "…"}, {"adapter": "date_iso", "text": "…"},
            {"adapter": "base", "text": "…"}, {"adapter": "auto", "text": "…"}])
 
