@@ -1,6 +1,7 @@
 """Serving helpers shared by the server tests: a registry of every adapter kind, and a server on a free port."""
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -31,6 +32,16 @@ def slowed(served, monkeypatch, seconds=0.05):
         return once()
 
     monkeypatch.setattr(served.engine, "_serve_once", slow)
+
+
+def damaged_registry(serve_registry, tmp_path):
+    """A copy of serve_registry in which gen_b@1.0.0's weights fail their sha256 check (one byte flipped)."""
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    return reg
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ The shapes were read from the libraries' traffic against the server (langchain-o
 llama-index-llms-openai-like 0.8.1, openai 2.54.0); the tests need none of them installed.
 """
 
-import shutil
 
 import httpx
 import openai
@@ -14,7 +13,7 @@ import pytest
 from adapterhub_lite.serving.answers import as_api_error
 from adapterhub_lite.serving.manager import AdapterUnavailable
 
-from .serving import KEY, Served
+from .serving import KEY, Served, damaged_registry
 
 # LangChain's `OpenAI` (completions) sends every prompt as a list and these defaults beside it
 LANGCHAIN_COMPLETIONS = {"frequency_penalty": 0, "logprobs": None, "max_tokens": 256, "n": 1, "presence_penalty": 0, "seed": None,
@@ -65,10 +64,7 @@ def test_an_unavailable_adapter_is_not_retried_by_the_openai_client(serve_regist
     """An adapter whose files failed their check is a 503 until it is re-published and reloaded: a retry cannot cure it.
     The openai client (LangChain's and LlamaIndex's too) retries every 5xx unless x-should-retry says false, so the
     request was sent 3 times (12 through LlamaIndex's OpenAILike); it is now sent once and raises the 503 at once."""
-    reg = tmp_path / "registry"
-    shutil.copytree(serve_registry, reg)
-    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    reg = damaged_registry(serve_registry, tmp_path)
     with pytest.warns(UserWarning, match="gen_b.*unavailable"):
         s = Served(reg)
     sent = []

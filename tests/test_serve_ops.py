@@ -2,7 +2,6 @@
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .serving import KEY, Served, free_port, slowed
+from .serving import KEY, Served, damaged_registry, free_port, slowed
 
 
 def scrape(served) -> dict:
@@ -132,10 +131,7 @@ def test_a_stream_its_client_left_is_logged_as_499_with_the_tokens_it_had(served
 def test_health_and_models_name_the_same_unavailable_adapters(serve_registry, tmp_path):
     """A version whose weights fail their sha256: /v1/models listed `gen_b` and `gen_b@1.0.0` as unavailable from the
     start, /health only `gen_b` until a client had asked for `gen_b@1.0.0` (so what it said changed with the traffic)."""
-    reg = tmp_path / "registry"
-    shutil.copytree(serve_registry, reg)
-    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    reg = damaged_registry(serve_registry, tmp_path)
     with pytest.warns(UserWarning, match="gen_b.*unavailable"):
         s = Served(reg)
     try:

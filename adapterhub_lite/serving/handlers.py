@@ -196,10 +196,11 @@ class Handlers(Answers):
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if not users:
                 raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
-            # a system prompt or earlier turns are not read by a task's template: said, not dropped silently
-            self.ignore_aloud([f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
-                              + [f"messages[{users[-1]}].name"] * ("name" in messages[users[-1]]),
-                              f"v1/chat/completions (adapter {model!r} answers the last user message's content only)", access)
+            # a system prompt, earlier turns and the speaker's name are not read by a task's template: said, not dropped silently
+            unread = [f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
+            if "name" in messages[users[-1]]:
+                unread.append(f"messages[{users[-1]}].name")
+            self.ignore_aloud(unread, f"v1/chat/completions (adapter {model!r} answers the last user message's content only)", access)
             req = self.make_request(rid, model, body, params, [{"text": messages[users[-1]]["content"]}], chat=True, answer=True, default_max=32)
         return await self.answer(req, http)
 
