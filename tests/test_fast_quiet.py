@@ -137,14 +137,27 @@ def test_progress_bar_on_stderr_and_off_with_no_progress(published, tmp_path, ca
         assert len(answers) == (1 if kind == "eval" else 300)
 
 
-def test_no_progress_also_silences_the_libraries_bars(published):
-    """A fresh process (the libraries read the switch at import): transformers' "Loading weights" bar shows, then not."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("kind", ["predict", "merge"])
+def test_no_progress_also_silences_the_libraries_bars(published, tmp_path, kind):
+    """A fresh process (the libraries read the switch at import): transformers' "Loading weights" bar shows, then not.
+    merge (like interference and compose-fit) has no bar of its own, but loads weights as every backbone command does."""
+    import shutil
 
     folder, _ = published
+    shutil.copytree(folder, tmp_path / "twin")
+    argv = {"predict": ["predict", str(folder), "--text", "pos 1"],
+            "merge": ["merge", str(folder), str(tmp_path / "twin"), "--weights", "0.5", "0.5", "--report-rows", "2"]}[kind]
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": ""}
-    runs = {flag: subprocess.run([sys.executable, "-m", "adapterhub_lite.cli", "predict", str(folder), "--text", "pos 1", *flag],
+    runs = {flag: subprocess.run([sys.executable, "-m", "adapterhub_lite.cli", *argv, *flag,
+                                  *(["--output", str(tmp_path / f"merged{len(flag)}")] if kind == "merge" else [])],
                                  capture_output=True, text=True, env=env, timeout=300) for flag in ((), ("--no-progress",))}
     assert all(r.returncode == 0 for r in runs.values()), {k: r.stderr[-500:] for k, r in runs.items()}
     assert "Loading weights" in runs[()].stderr and "Loading weights" not in runs[("--no-progress",)].stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "infer", "merge", "train-multi", "interference", "compose-fit", "serve"])
+def test_every_command_that_loads_a_backbone_takes_no_progress(command):
+    from adapterhub_lite.cli.main import build_parser
+
+    options = build_parser()._subparsers._group_actions[0].choices[command]._option_string_actions
+    assert "--device" in options and "--no-progress" in options

@@ -90,8 +90,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def add_device_args(p: argparse.ArgumentParser, adapters: bool = False) -> None:
-    """--device, --dtype and --quantization on every command that loads a backbone; with `adapters` (commands
-    that load adapters onto it) also --allow-base-mismatch, which the fingerprint error tells users to pass."""
+    """--device, --dtype, --quantization and --no-progress on every command that loads a backbone; with `adapters`
+    (commands that load adapters onto it) also --allow-base-mismatch, which the fingerprint error tells users to pass."""
+    # On every such command, not a chosen few: each one loads weights, so each shows transformers' bar at least
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars on stderr: ours (training steps; rows, from a few hundred) and the libraries' (loading weights, downloads)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: $ADAPTERHUB_DEVICE, else cuda when available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the spec's where the command reads one, else auto = bf16 on CUDA, fp16 on a GPU without bf16, fp32 on the CPU)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, help="backbone quantization (default: the spec's or the adapters' own)")

@@ -204,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output", help="adapter folder (default runs/<name>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
     for name, func, text in (("eval", _eval, "score an adapter on a split"), ("predict", _predict, "run an adapter on new inputs")):
@@ -220,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--text", help="one input (for prompts that read one column)")
             p.add_argument("--input", help="JSONL file of rows with the prompt's columns")
             p.add_argument("--output", help="write JSONL predictions here instead of stdout")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred rows)")
     add_device_args(t)
 
     add_registry_commands(sub)
@@ -229,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL answers (default: stdout)")
     p.add_argument("--batch-size", type=count(1), default=32)
     p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (on stderr, shown from a few hundred requests)")
     add_device_args(p, adapters=True)
     p.set_defaults(func=_infer)
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")

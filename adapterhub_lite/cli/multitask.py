@@ -87,7 +87,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-r", type=count(1), default=8, help="rank of the shared adapter")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint (taken every train.checkpoint_every steps; left out: at every eval)")
-    p.add_argument("--no-progress", action="store_true")
     add_device_args(p)
     p.set_defaults(func=_train_multi)
 
