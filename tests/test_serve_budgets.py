@@ -354,6 +354,38 @@ def test_requests_wait_for_adapter_memory_and_the_budget_holds(serve_registry, r
         s.close()
 
 
+def test_a_request_waiting_for_adapter_memory_is_not_passed_by_later_ones(serve_registry):
+    """First come, first served behind a request whose adapter waits for memory: a later request whose adapter is
+    already resident (it could start at once) waits behind it, so the waiting one is never starved by a stream of them."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    probe = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    probe.hold(["gen_b"])
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32",
+                                  memory_budget_mb=probe.resident_bytes() * 1.2 / 2**20)  # one adapter at a time
+    engine = Engine(router, budgets=Budgets(max_rows=4))
+    done, jobs = [], {}
+
+    def send(name, adapter, new):
+        def hear(event, payload):
+            if event in ("done", "error"):
+                done.append((name, event))
+        jobs[name] = Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, hear, SamplingParams(max_tokens=new, ignore_eos=True))
+        engine._waiting.put_nowait(jobs[name])
+
+    send("first", "gen_a", 8)
+    engine._serve_once()  # gen_a resident, its row running
+    send("waits", "gen_b", 2)  # gen_b does not fit beside gen_a, which the running row holds
+    send("later", "gen_a", 2)  # gen_a is resident: it could start now, ahead of the one that came before it
+    while len(done) < 3:
+        engine._serve_once()
+    assert done == [("first", "done"), ("waits", "done"), ("later", "done")], done
+    assert jobs["waits"].times.scheduled < jobs["later"].times.scheduled
+    assert engine.metrics.waits.labels(budget="memory")._value.get() > 0
+
+
 def test_memory_reports_the_running_batchs_gathered_rows(serve_registry):
     """The per-row factors a batch of several adapters gathers from the pools are memory too (rows × pool width at
     each layer): /health reports them beside what the budget bounds, and a batch of one adapter (views) has none."""
