@@ -282,11 +282,12 @@ def test_reload_picks_up_a_new_registry_version(registry, tmp_path):
         s.close()
 
 
-def start_server(reg, port):
-    """`adapterhub-lite serve` as a subprocess; returns it once /health answers."""
+def start_server(reg, port, tmp):
+    """`adapterhub-lite serve` as a subprocess; returns it once /health answers. Its TMPDIR is `tmp`: a server these
+    tests SIGKILL cannot remove its merges' scratch folder, which would otherwise be left in the machine's /tmp."""
     cmd = [sys.executable, "-m", "adapterhub_lite.cli", "serve", "--registry", str(reg), "--port", str(port),
            "--quantization", "none", "--dtype", "fp32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp)})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -304,7 +305,7 @@ def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, 
     reg = tmp_path / "reg"
     shutil.copytree(registry, reg)
     port = free_port()
-    proc = start_server(reg, port)
+    proc = start_server(reg, port, tmp_path)
     try:
         async def load():
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as h:
@@ -317,7 +318,7 @@ def test_a_server_killed_under_load_restarts_with_the_registry_intact(registry, 
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         runner.join(60)
-        proc = start_server(reg, port)
+        proc = start_server(reg, port, tmp_path)
         # `serve` bounds a step's tokens by default (2048 on a CPU), as vLLM does: /health says what it runs under
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["budgets"]["max_num_batched_tokens"] == 2048
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "gen_a", "input": "ab"}, timeout=30)
@@ -340,9 +341,9 @@ def test_a_taken_port_is_one_line_before_the_backbone_loads(registry):
     assert "Loading weights" not in out.stderr  # refused before the backbone was loaded
 
 
-def test_sigterm_finishes_running_requests_and_takes_no_new_ones(registry):
+def test_sigterm_finishes_running_requests_and_takes_no_new_ones(registry, tmp_path):
     port = free_port()
-    proc = start_server(registry, port)
+    proc = start_server(registry, port, tmp_path)
     try:
         async def go():
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as h:
