@@ -207,3 +207,30 @@ def test_empty_or_unservable_registry_is_one_line_error(trained, tmp_path, capsy
         code, out, err = run(capsys, "export", engine, "--registry", str(reg.root), "--output", str(tmp_path / "s.sh"))
         assert code == 2 and out == "" and err.count("\n") == 1 and "none of the 2 adapter version(s)" in err
         assert not (tmp_path / "s.sh").exists()
+
+
+def test_lora_modules_values_parse_as_vllm_reads_them(trained, tmp_path, capsys):
+    """vLLM's --lora-modules (LoRAParserAction) reads a value holding '=' and no ',' as name=path, split at every '=',
+    and any other value as JSON {"name", "path"}: a registry whose path holds '=', ',' and a space still gives every
+    served name its own folder (before, ',' sent the value to the JSON parser, which refused it, and a second '='
+    broke the split)."""
+    root = tmp_path / "runs=2, final" / "reg"
+    reg = LocalRegistry(root)
+    reg.publish(trained["lora4"], "1.0.0")
+    reg.publish(trained["lora16"], "1.0.0")
+    code, out, _ = run(capsys, "export", "vllm", "--registry", str(root), "--all-versions")
+    assert code == 0
+    served = {}
+    for value in lora_modules(shlex.split(out.splitlines()[0])):
+        if "=" in value and "," not in value:
+            assert value.count("=") == 1, value
+            name, path = value.split("=")
+        else:
+            fields = json.loads(value)
+            assert set(fields) == {"name", "path"}, value
+            name, path = fields["name"], fields["path"]
+        served[name] = path
+    real = root.resolve()
+    assert served == {"lora4": f"{real}/lora4/1.0.0", "lora4@1.0.0": f"{real}/lora4/1.0.0",
+                      "lora16": f"{real}/lora16/1.0.0", "lora16@1.0.0": f"{real}/lora16/1.0.0"}
+    assert "vLLM's JSON form" in out

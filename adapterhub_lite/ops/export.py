@@ -256,10 +256,22 @@ def _task_fields(c: Candidate) -> dict:
     return out
 
 
+def lora_module_value(name: str, path: str) -> str:
+    """One value of vLLM's --lora-modules for adapter `name` at folder `path`.
+
+    vLLM (LoRAParserAction in vllm/entrypoints/openai/cli_args.py) reads a value holding "=" and no "," as name=path,
+    split at every "=", and any other value as JSON. A folder whose path holds "," or "=" would be refused as bad JSON
+    or crash that split, so it goes as the JSON form {"name", "path"} (vLLM 0.6.2 and later); registry names hold neither.
+    """
+    if "," in path or "=" in path:
+        return json.dumps({"name": name, "path": path})
+    return f"{name}={path}"
+
+
 def _vllm_argv(base: str, adapters: list[dict]) -> list[str]:
     rank = vllm_rank_bucket(max(a["rank"] for a in adapters))
     argv = ["vllm", "serve", base, "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(adapters)), "--lora-modules"]
-    return argv + [f"{a['name']}={a['path']}" for a in adapters]
+    return argv + [lora_module_value(a["name"], a["path"]) for a in adapters]
 
 
 def _lorax_argv(base: str, adapters: list[dict]) -> list[str]:
@@ -297,6 +309,9 @@ def _notes(engine: str, base: str, ready: list[Candidate]) -> list[str]:
                  "alias and merge recipes of `adapterhub-lite serve` are not exported (publish a merged adapter to export it)")
     if engine == "vllm":
         notes.append(f'clients pick an adapter with "model": "<name>" on /v1/completions; "model": "{base}" is the bare base')
+        if any("," in str(c.path) or "=" in str(c.path) for c in ready):
+            notes.append("a folder path holds ',' or '=', so its --lora-modules value is vLLM's JSON form {\"name\": …, \"path\": …} "
+                         "(vLLM 0.6.2 and later; older releases read name=path only: move the registry to a path without them)")
     else:
         notes.append('POST each adapter\'s `request` to /generate (or use "model": "<adapter path>" on /v1/completions); '
                      "if LoRAX runs in Docker, mount the registry at the same absolute path (-v PATH:PATH)")
