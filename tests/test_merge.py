@@ -253,3 +253,23 @@ def test_a_merge_on_the_weightless_model_equals_the_merge_on_the_backbone(source
     full, light = load_file(tmp_path / "full" / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
     assert full.keys() == light.keys() and all(torch.equal(full[k], light[k]) for k in full)
     assert side["merge"]["method"] == method and json.loads((folder / "adapter_config.json").read_text())["r"] == side["merge"]["rank"]
+
+
+def test_the_merged_card_has_a_trained_card_s_metadata_and_no_local_base_model(sources, tmp_path):
+    """The merged adapter's README.md reads back with huggingface_hub as a trained adapter's does: library_name peft,
+    pipeline_tag text-generation, and base_model only when it is a Hub model id (the tiny backbone's is a local folder,
+    which the Hub refuses as base_model); ModelCard and metadata_load agree."""
+    from huggingface_hub import ModelCard, metadata_load
+
+    merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "cat", output=tmp_path / "mix", name="mix", report_rows=0)
+    readme = tmp_path / "mix" / "README.md"
+    data = ModelCard.load(readme).data
+    assert data.to_dict() == metadata_load(readme)
+    assert (data.library_name, data.pipeline_tag, data.base_model) == ("peft", "text-generation", None)
+    assert data.tags == ["adapterhub_lite", "lora", "merged"]
+    from adapterhub_lite.ops.merge import merged_card  # a Hub base model: named, with its adapter tag
+
+    side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
+    side["base"]["hub_id"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hub = ModelCard(merged_card("mix", side)).data
+    assert hub.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in hub.tags

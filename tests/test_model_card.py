@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, metadata_load
 
 from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.artifacts.folder import model_card
@@ -49,3 +49,16 @@ def test_the_card_has_peft_s_pipeline_tag_and_adapter_tag_and_names_an_unquantiz
     assert card.data.pipeline_tag == "text-generation"
     assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in card.data.tags
     assert f"Trained with adapterhub_lite on {says}\n" in card.text and "frozen none" not in card.text
+
+
+def test_a_local_backbone_path_stays_out_of_the_card_metadata(tmp_path):
+    """The Hub checks a README's metadata on upload and refuses a base_model that is not a Hub model id: an adapter
+    trained on a local backbone folder (its hub_id is that folder's absolute path) names the folder in the text only,
+    with no base_model and no base_model:adapter tag; ModelCard and metadata_load read the same header."""
+    meta = json.loads((ADAPTERS / "sst2" / "1.1.0" / "adapterhub.json").read_text())
+    meta["base"]["hub_id"] = "/srv/models/my backbone"
+    atomic_write(tmp_path / "README.md", model_card(meta))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model is None and not [t for t in card.data.tags if t.startswith("base_model:")]
+    assert card.data.to_dict() == metadata_load(tmp_path / "README.md") and card.data.library_name == "peft"
+    assert "adapter for /srv/models/my backbone" in card.text and "names no base_model" in card.text

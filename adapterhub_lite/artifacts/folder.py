@@ -173,6 +173,23 @@ def plot_curves(history: list[dict], metric: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def hub_model_id(name: str | None) -> str | None:
+    """`name` when it is a Hugging Face Hub model id (org/model), else None: a local folder's absolute path, or none recorded.
+
+    A card's `base_model` (and its base_model:adapter tag) must be a Hub model id: the Hub checks a README's metadata
+    on upload and refuses a local path there (as transformers leaves a local `finetuned_from` out of its cards).
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).is_absolute():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def model_card(meta: dict) -> str:
     """An HF model card: huggingface_hub's metadata header (library, base model, tags, eval results), then usage and results.
 
@@ -181,13 +198,14 @@ def model_card(meta: dict) -> str:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     spec, metrics = meta["task"], meta["metrics"]
-    base_id = meta["base"]["hub_id"]
+    base_id = meta["base"]["hub_id"] or meta["base"]["name"]
+    hub = hub_model_id(meta["base"]["hub_id"])  # None: a local backbone, named in the text only
     task_type = "text-classification" if spec["type"] == "classification" else "text-generation"
     # pipeline_tag and the base_model:adapter tag as peft's own card has: the Hub's inference widget and its base-model
     # adapter listing read them (every adapter here runs on a causal LM, classifiers included: they score label words)
     card_data = ModelCardData(
-        library_name="peft", base_model=base_id, pipeline_tag="text-generation",
-        tags=["adapterhub_lite", spec["method"], spec["type"], spec["name"], f"base_model:adapter:{base_id}"],
+        library_name="peft", base_model=hub, pipeline_tag="text-generation",
+        tags=["adapterhub_lite", spec["method"], spec["type"], spec["name"]] + ([f"base_model:adapter:{hub}"] if hub else []),
         metrics=list(spec["metric"]), model_name=f"{spec['name']}-{spec['method']}",
         eval_results=[EvalResult(task_type=task_type, dataset_type=spec["name"], dataset_name=spec["name"], dataset_split="dev",
                                  metric_type=m, metric_value=metrics[m]) for m in spec["metric"]],
@@ -196,12 +214,13 @@ def model_card(meta: dict) -> str:
     frozen = quant if quant != "none" else "unquantized" + (f" ({dtype})" if dtype else "")
     eff = meta["efficiency"]
     rows = "\n".join(f"| {m} | {metrics[m]} |" for m in spec["metric"])
+    local = "" if hub else "The backbone is a local folder, not a Hub model, so the metadata names no base_model: load that folder as the base.\n"
     body = f"""
 # {spec['name']} — {spec['method']} adapter for {base_id}
 
 Trained with adapterhub_lite on a frozen {frozen} backbone
 (fingerprint `{meta['base']['fingerprint']['id']}`). Task type: {spec['type']}.
-{_weights_line(meta['base'])}
+{_weights_line(meta['base'])}{local}
 Prompt template: `{spec['prompt']!r}`{f"; label words: {', '.join(map(str, meta['label_words']))}" if meta.get('label_words') else ''}.
 
 ## Results (dev, {meta['data']['dev']['rows']} rows)

@@ -31,7 +31,7 @@ import torch
 from peft import PeftModel
 
 from adapterhub_lite.artifacts.files import atomic_write
-from adapterhub_lite.artifacts.folder import nonfinite_tensors, read_sidecar
+from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors, read_sidecar
 from adapterhub_lite.artifacts.index import file_record
 from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import Sidecar, build
@@ -256,17 +256,25 @@ def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Pat
         model.save_pretrained(Path(tmp) / "out", selected_adapters=[name], save_embedding_layers=False)
         saved = Path(tmp) / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
         meta.save(saved)
-        sidecar = meta.to_dict()
-        card = (f"---\nlibrary_name: peft\nbase_model: {sidecar['base']['hub_id']}\ntags: [adapterhub_lite, lora, merged]\n---\n\n"
-                f"# {name}: {sidecar['merge']['method']} merge of {', '.join(sidecar['merge']['sources'])}\n\n"
-                f"Task: {_task_label(sidecar['task'])}. "
-                f"Weights: {sidecar['merge']['weights']}. Per-task dev report (merged vs own adapter):\n\n"
-                "| source | metric | merged | own | Δ |\n|---|---|---|---|---|\n"
-                + "".join(f"| {n} | {r['metric']} | {r['merged'][r['metric']]} | {r['own'][r['metric']]} | {r['delta']} |\n"
-                          for n, r in sidecar["merge_report"].items()))
-        atomic_write(saved / "README.md", card)
+        atomic_write(saved / "README.md", merged_card(name, meta.to_dict()))
         shutil.move(str(saved), output)
     return output
+
+
+def merged_card(name: str, sidecar: dict) -> str:
+    """The merged adapter's model card: huggingface_hub's metadata header as a trained adapter's card has it (library,
+    a Hub base model and its base_model:adapter tag, pipeline_tag), then the recipe and the per-task report."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    hub, merge = hub_model_id(sidecar["base"]["hub_id"]), sidecar["merge"]
+    data = ModelCardData(library_name="peft", base_model=hub, pipeline_tag="text-generation",
+                         tags=["adapterhub_lite", "lora", "merged"] + ([f"base_model:adapter:{hub}"] if hub else []))
+    body = (f"# {name}: {merge['method']} merge of {', '.join(merge['sources'])}\n\n"
+            f"Task: {_task_label(sidecar['task'])}. Weights: {merge['weights']}. Per-task dev report (merged vs own adapter):\n\n"
+            "| source | metric | merged | own | Δ |\n|---|---|---|---|---|\n"
+            + "".join(f"| {n} | {r['metric']} | {r['merged'][r['metric']]} | {r['own'][r['metric']]} | {r['delta']} |\n"
+                      for n, r in sidecar["merge_report"].items()))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 @torch.no_grad()
