@@ -102,8 +102,9 @@ class Admission:
         return ticket
 
     def _sweep(self) -> None:
-        """Waiting requests nobody waits for any more (cancelled, past their deadline) leave the queue; those whose
-        adapter could not be read fail with why."""
+        """Requests nobody waits for any more (cancelled, past their deadline) leave, whether they wait or are part-way
+        through a long prompt's pieces (their rows, cache reservation and adapter are free at once, as vLLM frees an
+        aborted request in any state); waiting ones whose adapter could not be read fail with why."""
         failed = {}
         for name, fut in list(self._fetching.items()):
             if fut.done():
@@ -112,11 +113,12 @@ class Admission:
                     failed[name] = fut.exception()
                     if not isinstance(failed[name], AdapterHubError):
                         log.error("reading adapter %r failed", name, exc_info=failed[name])
-        for t in list(self.scheduler.waiting):
+        # a chunked prefill's pieces would otherwise run to the prompt's end for nobody, holding its budgets meanwhile
+        for t in [*self.scheduler.waiting, *self.scheduler.prefilling.values()]:
             job = self._jobs.get(t.key)
             if job is None:
                 continue
-            if t.adapter in failed:
+            if t.adapter in failed and not t.prefilled:  # a prefilling row's adapter is resident already
                 self._fail([job], failed[t.adapter])
             elif self._gone(job):
                 self._forget(job)
