@@ -182,7 +182,11 @@ class Answers:
     async def stream(self, req: Request, access: dict, early: list = ()) -> AsyncIterator[str]:
         """Server-sent events: per choice, the role (chat), the echoed prompt, text as it becomes final with its
         tokens' log-probs (text_offset running over the whole choice), the finish reason; then usage if asked.
-        `early`: events that came while the request was being accepted, sent first."""
+        `early`: events that came while the request was being accepted, sent first.
+
+        With `stream_options` `{"include_usage": true, "continuous_usage_stats": true}` (vLLM's; guidellm asks it of
+        every request) every chunk also carries its choice's usage so far: its prompt's tokens and the tokens whose
+        text it has streamed (all of them from the finishing chunk on)."""
         early = list(early)
         created, p, tok = int(time.time()), req.params, self.tokenizer
         kind = "chat.completion.chunk" if req.chat else "text_completion"
@@ -193,6 +197,9 @@ class Answers:
         prompt_ids_due = [ids] * len(req.jobs)
         offsets = [0] * len(req.jobs)  # per choice: where its next log-prob entry starts in its text
         results = [None] * len(req.jobs)
+        opts = req.body.get("stream_options") or {}
+        running = bool(opts.get("include_usage") and opts.get("continuous_usage_stats"))  # vLLM reads the second only with the first
+        streamed = [0] * len(req.jobs)  # per choice: generated tokens whose text was streamed (continuous usage)
 
         def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None,
                   made=(), **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
@@ -216,6 +223,8 @@ class Answers:
                 if prompt_ids_due[index]:
                     prompt_ids_due[index] = False
                     (top if req.chat else choice)["prompt_token_ids"] = req.jobs[index].prepared.ids
+            if running:
+                top["usage"] = P.usage_so_far(len(req.jobs[index].prepared.ids), streamed[index])
             return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice], **top})}\n\n"
 
         try:
@@ -234,9 +243,11 @@ class Answers:
                             yield chunk(index, payload.text if p.echo else "", entries=payload.entries if p.echo else None, **extra)
                     elif ev == "token":
                         text, entries = payload
+                        streamed[index] += len(entries)
                         yield chunk(index, text, entries=entries if entries else None, made=entries)
                     elif ev == "done":
                         results[index], left = payload, left - 1
+                        streamed[index] = payload.completion_tokens
                         if payload.label is not None:  # a classification adapter's answer comes whole
                             yield chunk(index, payload.text)
                         yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason)

@@ -132,9 +132,13 @@ class Handlers(Answers):
         self.fields(body, endpoint, access)
         rid = access["id"] = self.request_id(body, prefix)
         model = access["model"] = await self.resolve_model(body)
-        return access, rid, model, sampling_params(body, endpoint, vocab=self.vocab,
-                                                     # no --max-tokens: the context check names prompt + max_tokens against it
-                                                     max_tokens_limit=self.settings.max_tokens or 1 << 31)
+        params = sampling_params(body, endpoint, vocab=self.vocab,
+                                 # no --max-tokens: the context check names prompt + max_tokens against it
+                                 max_tokens_limit=self.settings.max_tokens or 1 << 31)
+        opts = body.get("stream_options") or {}
+        if opts.get("continuous_usage_stats") and not opts.get("include_usage"):  # vLLM reads it only beside include_usage
+            self.ignore_aloud(["stream_options.continuous_usage_stats"], f"v1/{endpoint} (it applies with include_usage: true)", access)
+        return access, rid, model, params
 
     # -- /v1/completions -------------------------------------------------------------------------
     async def completions(self, body: dict, http):

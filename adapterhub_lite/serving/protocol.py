@@ -147,6 +147,12 @@ def usage(results, n: int = 1) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def usage_so_far(prompt_tokens: int, completion_tokens: int) -> dict:
+    """One choice's usage while it streams (vLLM's `continuous_usage_stats`): its prompt's tokens and those generated
+    so far."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
 def token_id_text(token: int) -> str:
     """A token as vLLM's `return_tokens_as_token_ids` names it: "token_id:<id>", which every token has, where its text
     may be a piece of a character or the same text as another token's (so two alternatives keep apart keys)."""

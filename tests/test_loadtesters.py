@@ -1,0 +1,69 @@
+"""The request shapes of the load testers used to size a vLLM deployment, sent as they send them (raw HTTP against a
+tests/serving.Served server), and read back as they read them.
+
+- guidellm (vllm-project/guidellm, `backends/openai/request_handlers.py`) streams every request with
+  `stream_options: {"include_usage": true, "continuous_usage_stats": true}`, fixes output lengths with `ignore_eos` and
+  `max_tokens` (chat: `max_completion_tokens`), sends chat content as a list of text parts, and takes a request's token
+  counts from the last `usage` it sees, its first token from the first chunk with text.
+- vLLM's own client (`vllm bench serve`, vllm/benchmarks/lib/endpoint_request_func.py) sends
+  `stream_options: {"include_usage": true}`, `repetition_penalty: 1.0`, `logprobs` (null unless asked), `ignore_eos`
+  and an `x-request-id` header, and times the first token by the first chunk that has choices.
+"""
+
+import json
+
+import httpx
+import pytest
+
+from .serving import KEY
+
+PROMPT = "pos 1 neg 2 pos 3"
+GUIDELLM_STREAM = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+
+def events(served, path, body, headers=None):
+    """The response and its streamed JSON chunks, in order."""
+    r = httpx.post(served.url + path, json=body, headers={"Authorization": f"Bearer {KEY}", **(headers or {})}, timeout=60)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return r, chunks
+
+
+def guidellm_body(chat: bool, tokens: int) -> dict:
+    if chat:
+        return {"model": "base", **GUIDELLM_STREAM, "max_completion_tokens": tokens, "ignore_eos": True,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]}
+    return {"model": "base", **GUIDELLM_STREAM, "max_tokens": tokens, "ignore_eos": True, "prompt": PROMPT}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_guidellms_stream_is_served_with_usage_in_every_chunk(served, chat):
+    """guidellm's request (continuous_usage_stats was a 400, so every request of a guidellm run failed): every chunk
+    carries its choice's usage so far (vLLM's shape: the prompt's tokens, the tokens streamed so far; chat's role chunk
+    0), the finishing chunk and the last usage chunk the whole count, which is what guidellm reports."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    r, chunks = events(served, path, guidellm_body(chat, 6))
+    assert r.status_code == 200, r.text
+    with_choices, last = [c for c in chunks if c["choices"]], chunks[-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+    prompt = last["usage"]["prompt_tokens"]
+    assert all(c["usage"]["prompt_tokens"] == prompt and c["usage"]["total_tokens"] == prompt + c["usage"]["completion_tokens"]
+               for c in with_choices)
+    counts = [c["usage"]["completion_tokens"] for c in with_choices]
+    assert counts == sorted(counts) and counts[-1] == 6 and with_choices[-1]["choices"][0]["finish_reason"] == "length"
+    if chat:
+        assert with_choices[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""} and counts[0] == 0
+    # each chunk's count is the tokens whose text it and the chunks before it hold (vLLM's token_ids show which)
+    r, chunks = events(served, path, {**guidellm_body(chat, 6), "return_token_ids": True})
+    seen = 0
+    for c in (c for c in chunks if c["choices"]):
+        seen += len(c["choices"][0].get("token_ids", []))
+        assert c["usage"]["completion_tokens"] == seen
+
+
+def test_continuous_usage_stats_without_include_usage_is_named_not_applied(served):
+    """vLLM reads continuous_usage_stats only beside include_usage: alone it adds no usage, and the response header
+    names it as not read."""
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 3, "stream": True, "stream_options": {"continuous_usage_stats": True}}
+    r, chunks = events(served, "/v1/completions", body)
+    assert r.status_code == 200 and r.headers["x-adapterhub-ignored-fields"] == "stream_options.continuous_usage_stats"
+    assert chunks and not any("usage" in c for c in chunks)
