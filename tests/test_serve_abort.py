@@ -2,8 +2,13 @@
 a merge nobody waits for any more) leave nothing behind: budgets, rows, host cache and catalogue return to their idle
 values, and what is served afterwards is what a fresh server serves."""
 
-import pytest
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+import torch
+
+import adapterhub_lite.serving.manager as manager
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job, RequestTimeout
 from adapterhub_lite.serving.params import SamplingParams
@@ -46,3 +51,47 @@ def test_a_request_that_ends_during_its_chunked_prefill_frees_its_budgets_at_onc
         assert heard[-1][0] == "error" and isinstance(heard[-1][1], RequestTimeout)
     engine._gauges()
     assert engine.metrics.running._value.get() == 0 and engine.metrics.kv_reserved._value.get() == 0
+
+
+
+def test_an_adapter_read_that_a_reload_overtakes_is_not_cached_under_the_new_version(serve_registry, monkeypatch):
+    """A request's adapter is read on a loader thread while a reload moves the name to another version (what
+    POST /v1/reload does for an adapter no running row uses). The old version's weights, read for a request the
+    reload overtook, must not land in the host cache under the name: the next load would serve them as the new
+    version, silently. (gen_b@0.9.0 holds gen_a's weights, other modules than gen_b@1.0.0's.)"""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    read, started, release = manager.read_adapter, threading.Event(), threading.Event()
+
+    def slow(name, folder):  # the read of the version the request was queued for, caught before it is cached
+        out = read(name, folder)
+        started.set()
+        assert release.wait(10)
+        return out
+
+    router.host.pop("gen_b", None)
+    monkeypatch.setattr(manager, "read_adapter", slow)
+    with ThreadPoolExecutor(1) as loader:
+        reading = loader.submit(router.fetch, "gen_b")
+        assert started.wait(10)
+        newer = router.inspect("gen_b", router.registry.path("gen_b@0.9.0"))  # as Catalogue.reload's read, then its apply:
+        router.forget("gen_b")
+        router.add(newer)
+        release.set()
+        reading.result()
+    monkeypatch.setattr(manager, "read_adapter", read)
+    want = read("gen_b", router.folders["gen_b"])[1]
+    got = router.fetch("gen_b")[1]
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_request_whose_adapter_is_unloaded_while_it_is_read_gets_a_clear_404(serve_registry, monkeypatch):
+    """An adapter loaded at run time is unloaded while a waiting request's read of it is queued on the loader: the read
+    fails as an unknown adapter (404 model_not_found), not as a KeyError (500 internal error)."""
+    from adapterhub_lite.serving.answers import as_api_error
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    router.add(router.inspect("rt", router.registry.path("gen_a@1.0.0")))
+    router.forget("rt")
+    with pytest.raises(Exception) as caught:
+        router.fetch("rt")
+    assert as_api_error(caught.value).status == 404, caught.value

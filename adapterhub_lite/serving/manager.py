@@ -119,20 +119,20 @@ class AdapterManager(RequestReader):
     def add(self, reg: Registration) -> None:
         """Make an inspected adapter known (no I/O)."""
         name = reg.name
-        self.folders[name], self.metas[name], self.hashes[name], self.kinds[name] = reg.folder, reg.meta, reg.hashes, reg.kind
+        with self._host_lock:  # with the host cache's lock: a read on a loader thread sees the old entry or the new one, whole
+            self.folders[name], self.metas[name], self.hashes[name], self.kinds[name] = reg.folder, reg.meta, reg.hashes, reg.kind
+            self.host.pop(name, None)  # a copy read from an earlier folder under this name is stale
         self.changed.pop(name, None)
         self.unavailable.pop(name, None)
-        with self._host_lock:
-            self.host.pop(name, None)  # a copy read from an earlier folder under this name is stale
         self._content = None
 
-    def _check_unchanged(self, name: str) -> None:
+    def _check_unchanged(self, name: str, folder: Path, hashes: dict[str, str]) -> None:
         """Refuse to load an adapter whose files changed since register() checked them (hashed at every load)."""
-        now = folder_hashes(self.folders[name])
-        if now != self.hashes[name]:
-            moved = sorted(f for f in set(now) | set(self.hashes[name]) if now.get(f) != self.hashes[name].get(f))
+        now = folder_hashes(folder)
+        if now != hashes:
+            moved = sorted(f for f in set(now) | set(hashes) if now.get(f) != hashes.get(f))
             self.changed[name] = f"{', '.join(moved)} changed after the adapter was checked"
-            raise AdapterLoadError(f"adapter {name!r}: {', '.join(moved)} in {self.folders[name]} changed since it was checked; "
+            raise AdapterLoadError(f"adapter {name!r}: {', '.join(moved)} in {folder} changed since it was checked; "
                                    "it is not loaded: re-publish it and reload (POST /v1/reload), or restore the files")
 
     def close(self) -> None:
@@ -219,14 +219,20 @@ class AdapterManager(RequestReader):
             if name in self.host:
                 self.host.move_to_end(name)
                 return self.host[name]
-        folder = self.folders[name]
-        self._check_unchanged(name)
+            # what is read is this registration: a reload or an unload may replace or drop the name meanwhile
+            folder, hashes = self.folders.get(name), self.hashes.get(name)
+        if folder is None:  # unloaded while its request waited for this read
+            raise AdapterLoadError(f"unknown adapter {name!r}: it was unloaded while the request waited; load it again, or name another adapter")
+        self._check_unchanged(name, folder, hashes)
         check_fits(folder, self.backbone.model)
         loaded = read_adapter(name, folder)
         with self._host_lock:
-            self.host[name] = loaded
-            while len(self.host) > self.max_cpu_loras:
-                self.host.popitem(last=False)
+            # kept only if the name still stands for what was read: else the next load would serve these weights under
+            # the version that replaced them (add() dropped the old entry, and nothing would drop this one)
+            if self.hashes.get(name) is hashes:
+                self.host[name] = loaded
+                while len(self.host) > self.max_cpu_loras:
+                    self.host.popitem(last=False)
         return loaded
 
     def in_host(self, name: str) -> bool:
@@ -288,10 +294,9 @@ class AdapterManager(RequestReader):
     def forget(self, name: str) -> None:
         """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
         self.unload(name)
-        for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable):
-            table.pop(name, None)
-        with self._host_lock:
-            self.host.pop(name, None)
+        with self._host_lock:  # as in add(): a read on a loader thread sees the name known or gone, whole
+            for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable, self.host):
+                table.pop(name, None)
         self._content = None
 
     def virtual_tokens(self, name: str) -> tuple[str, int]:
