@@ -2,6 +2,7 @@
 a merge nobody waits for any more) leave nothing behind: budgets, rows, host cache and catalogue return to their idle
 values, and what is served afterwards is what a fresh server serves."""
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,7 @@ from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job, RequestTimeout
 from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.router import Router
+from adapterhub_lite.serving.runtime import Catalogue
 from adapterhub_lite.serving.scheduler import Budgets
 
 
@@ -95,3 +97,44 @@ def test_a_request_whose_adapter_is_unloaded_while_it_is_read_gets_a_clear_404(s
     with pytest.raises(Exception) as caught:
         router.fetch("rt")
     assert as_api_error(caught.value).status == 404, caught.value
+
+
+
+def test_a_merge_whose_only_requester_left_is_still_counted_and_bounded(serve_registry, monkeypatch):
+    """A per-request merge's build goes on when the request that asked for it is cancelled (Ray Serve cancels a
+    request whose client left; so does a server stopping). Once built it is registered, so it must be counted in
+    --max-merges (and evictable) and its build forgotten; else every abandoned recipe stays served and on disk,
+    outside the bound."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine, max_merges=1)
+    build, started, release = router.build_merge, threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        started.set()
+        assert release.wait(10)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(router, "build_merge", slow)
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+
+    async def go():
+        asking = asyncio.ensure_future(catalogue.merged(recipe, "gen_a"))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        asking.cancel()  # the requester leaves while its merge is being built
+        release.set()
+        for _ in range(1000):  # built and registered, then its build is let go of (at most 10 s)
+            if any(n.startswith("merged-") for n in router.folders) and not catalogue._pending:
+                break
+            await asyncio.sleep(0.01)
+        first = next(n for n in router.folders if n.startswith("merged-"))
+        assert list(catalogue.merges) == [first] and not catalogue._pending  # counted in --max-merges
+        second = await catalogue.merged({**recipe, "weights": [0.3, 0.7]}, "gen_a")  # over the bound of 1: the idle first one goes
+        return first, second
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(go(), 60))
+        assert first not in router.folders and list(catalogue.merges) == [second]
+    finally:
+        engine.stop()

@@ -190,13 +190,20 @@ class Catalogue:
                                                     report_rows=0, output=Path(self.router._scratch.name) / f".building-{name}"), flags=flags)
                 reg = await self._off_engine(self.router.inspect, name, folder)
                 await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
+                # counted here, not by the requests waiting for it: they may all have left (cancelled) while it was built,
+                # and a registered merge outside self.merges would be outside --max-merges for good
+                self.merges[name] = json.loads(key)
+
+            def built(fut: asyncio.Future) -> None:  # the build is let go of when it ends, whoever still waits for it
+                if self._pending.get(name) is fut:
+                    del self._pending[name]
+                if not fut.cancelled():
+                    fut.exception()  # read, so a failure nobody waited for is not logged as never retrieved
             self._pending[name] = asyncio.ensure_future(build())
-        try:
-            await asyncio.shield(self._pending[name])
-        finally:
-            if self._pending.get(name) is not None and self._pending[name].done():
-                self._pending.pop(name, None)
-        self.merges[name] = json.loads(key)
+            self._pending[name].add_done_callback(built)
+        await asyncio.shield(self._pending[name])
+        if name in self.merges:
+            self.merges.move_to_end(name)
         return name
 
     @staticmethod
