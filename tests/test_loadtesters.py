@@ -11,6 +11,7 @@ tests/serving.Served server), and read back as they read them.
 """
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -67,3 +68,38 @@ def test_continuous_usage_stats_without_include_usage_is_named_not_applied(serve
     r, chunks = events(served, "/v1/completions", body)
     assert r.status_code == 200 and r.headers["x-adapterhub-ignored-fields"] == "stream_options.continuous_usage_stats"
     assert chunks and not any("usage" in c for c in chunks)
+
+
+def test_a_chat_stream_says_nothing_before_its_first_token(served, monkeypatch):
+    """vLLM sends a chat stream's role chunk with the first output, and `vllm bench serve` times the first token by the
+    first chunk with choices: a role chunk sent when the request was accepted (before its prefill) was timed as its
+    first token. With the prefill held, the stream has started (200) but carries no chunk until the prefill runs."""
+    held, admit = threading.Event(), served.engine._admit
+
+    def admit_when_let(plan):
+        held.wait(30)
+        return admit(plan)
+
+    monkeypatch.setattr(served.engine, "_admit", admit_when_let)
+    body = {"model": "base", "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}], "max_completion_tokens": 2,
+            "stream": True, "stream_options": {"include_usage": True}}
+    first, before_prefill = threading.Event(), []
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+
+        def read_first():
+            for line in lines:
+                if line.startswith("data: {"):
+                    before_prefill.append(not held.is_set())
+                    first.set()
+                    return
+
+        reader = threading.Thread(target=read_first)
+        reader.start()
+        first.wait(1.0)  # a chunk sent before the prefill comes within this; none should
+        held.set()
+        reader.join(30)
+        assert before_prefill == [False]
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert rest[-1]["usage"]["completion_tokens"] == 2

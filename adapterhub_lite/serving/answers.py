@@ -184,6 +184,9 @@ class Answers:
         tokens' log-probs (text_offset running over the whole choice), the finish reason; then usage if asked.
         `early`: events that came while the request was being accepted, sent first.
 
+        A chat choice's role chunk goes with its first event (a token, or its whole label), not when the request was
+        accepted: vLLM sends it with the first output, and load testers time the first token by the first chunk
+        (vLLM's bench), so a role chunk sent before the prefill read as a first token that had not come.
         With `stream_options` `{"include_usage": true, "continuous_usage_stats": true}` (vLLM's; guidellm asks it of
         every request) every chunk also carries its choice's usage so far: its prompt's tokens and the tokens whose
         text it has streamed (all of them from the finishing chunk on)."""
@@ -200,6 +203,7 @@ class Answers:
         opts = req.body.get("stream_options") or {}
         running = bool(opts.get("include_usage") and opts.get("continuous_usage_stats"))  # vLLM reads the second only with the first
         streamed = [0] * len(req.jobs)  # per choice: generated tokens whose text was streamed (continuous usage)
+        role_due = [req.chat] * len(req.jobs)  # per chat choice: its role chunk, sent with its first event
 
         def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None,
                   made=(), **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
@@ -228,13 +232,13 @@ class Answers:
             return f"data: {json.dumps({'id': req.rid, 'object': kind, 'created': created, 'model': req.model, 'choices': [choice], **top})}\n\n"
 
         try:
-            if req.chat:
-                for i in range(len(req.jobs)):
-                    yield chunk(i, None, first=True)  # OpenAI's first chat chunk names the role
             left = len(req.jobs)
             async with asyncio.timeout(self.settings.request_timeout + 5):
                 while left:
                     index, ev, payload = early.pop(0) if early else await req.events.get()
+                    if role_due[index] and ev != "error":
+                        role_due[index] = False
+                        yield chunk(index, None, first=True)  # OpenAI's first chat chunk names the role
                     if ev == "prompt":
                         extra = {}
                         if p.prompt_logprobs is not None and not req.chat:
