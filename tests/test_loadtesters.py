@@ -103,3 +103,45 @@ def test_a_chat_stream_says_nothing_before_its_first_token(served, monkeypatch):
         assert before_prefill == [False]
         rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert rest[-1]["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_vllm_bench_completions_request(served, logprobs):
+    """`vllm bench serve --backend openai` on a random dataset: ignore_eos, logprobs null (or k), repetition_penalty 1.0,
+    include_usage; its output length comes from the usage chunk, its prompt length too."""
+    body = {"model": "gen_a", "prompt": PROMPT, "repetition_penalty": 1.0, "max_tokens": 5, "logprobs": logprobs, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    r, chunks = events(served, "/v1/completions", body, {"x-request-id": "bench-1234-0"})
+    assert r.status_code == 200 and "x-adapterhub-ignored-fields" not in r.headers
+    assert {c["id"] for c in chunks} == {"cmpl-bench-1234-0"}  # vLLM names the request by the header
+    usage = chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 5 and usage["prompt_tokens"] > 0
+    lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"]]
+    if logprobs is None:
+        assert all(lp is None for lp in lps)
+    else:
+        assert sum(len(lp["tokens"]) for lp in lps if lp) == 5 and all(len(t) == 2 for lp in lps if lp for t in lp["top_logprobs"])
+
+
+def test_the_x_request_id_header_names_the_request_before_the_field(served):
+    """vLLM takes a request's id from X-Request-Id first, then from `request_id`: the header wins, and a field that
+    then goes unread is named in the ignored-fields header; a header no id can be is a 400 naming it."""
+    body = {"model": "base", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 1}
+    r, _ = events(served, "/v1/chat/completions", body, {"X-Request-Id": "abc-7"})
+    assert r.json()["id"] == "chatcmpl-abc-7" and "x-adapterhub-ignored-fields" not in r.headers
+    r, _ = events(served, "/v1/chat/completions", {**body, "request_id": "other"}, {"X-Request-Id": "abc-7"})
+    assert r.json()["id"] == "chatcmpl-abc-7" and r.headers["x-adapterhub-ignored-fields"] == "request_id"
+    r, _ = events(served, "/v1/chat/completions", {**body, "request_id": "same"}, {"X-Request-Id": "same"})
+    assert r.json()["id"] == "chatcmpl-same" and "x-adapterhub-ignored-fields" not in r.headers
+    r, _ = events(served, "/v1/completions", {"model": "base", "prompt": PROMPT, "max_tokens": 1}, {"X-Request-Id": "x" * 200})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Request-Id (header)"
+
+
+def test_vllm_bench_chat_request_to_a_task_adapter_is_refused_in_one_line(served):
+    """`--backend openai-chat --lora-modules cls_a` with ignore_eos (a random dataset): a task adapter's chat answer is its
+    task's answer, where ignore_eos cannot apply: a 400 naming it (which the bench counts as a failed request), not
+    output lengths it never asked for."""
+    body = {"model": "cls_a", "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}], "max_completion_tokens": 5,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    r, _ = events(served, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"

@@ -87,13 +87,19 @@ class Handlers(Answers):
             return await self.catalogue.merged(merged, model)
         return await self.catalogue.ensure_known(model)
 
-    def request_id(self, body: dict, prefix: str) -> str:
-        """The response id: `prefix-` + the client's `request_id` (vLLM's field) or a random one."""
-        given = body.get("request_id")
+    def request_id(self, body: dict, prefix: str, header: str | None = None, access: dict | None = None) -> str:
+        """The response id: `prefix-` + the client's X-Request-Id header (`header`) or `request_id` field, or a random
+        one. vLLM reads the header first (`vllm bench serve` sends one with every request); a `request_id` field
+        that then goes unread is named in the ignored-fields header."""
+        given, name = body.get("request_id"), "request_id"
+        if header is not None:
+            if given is not None and given != header and access is not None:
+                self.ignore_aloud(["request_id"], "v1/completions and v1/chat/completions (the X-Request-Id header names the request, as vLLM reads it)", access)
+            given, name = header, "X-Request-Id (header)"
         if given is None:
             return P.new_id(prefix)
         if not isinstance(given, str) or not given or len(given) > 128 or not given.isprintable():
-            raise P.bad("request_id", given, "give a printable string of up to 128 characters")
+            raise P.bad(name, given, "give a printable string of up to 128 characters")
         return f"{prefix}-{given}"
 
     def make_request(self, rid: str, model: str, body: dict, params: SamplingParams, requests: list[dict], chat: bool, *,
@@ -130,7 +136,7 @@ class Handlers(Answers):
         access line), and read its sampling settings. Returns (access, request id, model, SamplingParams)."""
         access = http.state.access
         self.fields(body, endpoint, access)
-        rid = access["id"] = self.request_id(body, prefix)
+        rid = access["id"] = self.request_id(body, prefix, http.headers.get("x-request-id"), access)
         model = access["model"] = await self.resolve_model(body)
         params = sampling_params(body, endpoint, vocab=self.vocab,
                                  # no --max-tokens: the context check names prompt + max_tokens against it
