@@ -4,8 +4,10 @@ values, and what is served afterwards is what a fresh server serves."""
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 
@@ -16,6 +18,8 @@ from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.runtime import Catalogue
 from adapterhub_lite.serving.scheduler import Budgets
+
+from .serving import KEY, Served, slowed
 
 
 def _chunked(serve_registry):
@@ -138,3 +142,27 @@ def test_a_merge_whose_only_requester_left_is_still_counted_and_bounded(serve_re
         assert first not in router.folders and list(catalogue.merges) == [second]
     finally:
         engine.stop()
+
+
+
+def test_a_stream_whose_client_leaves_before_its_first_byte_frees_its_rows(serve_registry, monkeypatch):
+    """A streaming client that gives up while its request is still being read (each engine step slowed to 0.3 s, the
+    client waits 0.1 s): its response is never started, so the stream's own clean-up never runs. Its row must still
+    be dropped at once, not decoded to its 400th token (or the request timeout) for nobody."""
+    s = Served(serve_registry)
+    try:
+        slowed(s, monkeypatch, 0.3)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.1) as h:
+                with pytest.raises(httpx.TimeoutException):
+                    await h.post("/v1/completions", json={"model": "base", "prompt": "leave", "max_tokens": 400, "ignore_eos": True, "stream": True})
+
+        asyncio.run(go())
+        cancelled = s.engine.metrics.requests.labels(adapter="base", status="cancelled")
+        deadline = time.monotonic() + 5
+        while (cancelled._value.get() < 1 or s.engine._jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled._value.get() == 1 and not s.engine._jobs and not s.engine._rows, "the row decodes on for a client that left"
+    finally:
+        s.close()
