@@ -1,6 +1,7 @@
 """The adapter's README.md: huggingface_hub's ModelCard metadata (what the Hub indexes) over the usage and results body."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,27 @@ def test_a_local_backbone_path_stays_out_of_the_card_metadata(tmp_path):
     assert card.data.base_model is None and not [t for t in card.data.tags if t.startswith("base_model:")]
     assert card.data.to_dict() == metadata_load(tmp_path / "README.md") and card.data.library_name == "peft"
     assert "adapter for /srv/models/my backbone" in card.text and "names no base_model" in card.text
+
+
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
+def test_the_card_s_snippet_loads_the_base_in_the_dtype_it_was_trained_in(tmp_path, quantization):
+    """transformers 5 loads a checkpoint in its config's dtype when none is passed (dtype="auto"), and the hub's
+    SmolLM2 says bfloat16: the card's snippet names the recorded compute dtype (here fp32, the CPU's), so the base it
+    loads computes as training did. Run on a copy of the tiny backbone whose config says bfloat16, as the hub's does."""
+    import re
+
+    import torch
+
+    from adapterhub_lite.model.weights import resolve
+
+    hub_like = tmp_path / "hub_like"
+    shutil.copytree(resolve("tiny-random-llama")[0], hub_like)
+    config = json.loads((hub_like / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (hub_like / "config.json").write_text(json.dumps(config))
+    meta = json.loads((ADAPTERS / "sst2" / "1.1.0" / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"]["quantization"], meta["base"]["dtype"] = quantization, "fp32"
+    code = re.search(r"```python\n(.*?)```", model_card(meta), re.S)[1].replace(meta["base"]["hub_id"], str(hub_like))
+    names: dict = {}
+    exec(code.split("model = PeftModel")[0], names)  # the snippet up to the adapter: the base it loads
+    assert names["base"].get_input_embeddings().weight.dtype == torch.float32

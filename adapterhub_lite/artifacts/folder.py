@@ -250,8 +250,12 @@ adapterhub-lite eval path/to/this/folder --split dev --json
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
 
 
+_TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # sidecar base.dtype → torch's name
+
+
 def _peft_snippet(base: dict) -> str:
-    """The card's plain transformers + peft code that loads the backbone as the adapter was trained on it.
+    """The card's plain transformers + peft code that loads the backbone as the adapter was trained on it, in the
+    recorded compute dtype (sidecar base.dtype; a format-1 sidecar has none).
 
     A quantized run names its BitsAndBytesConfig: `load_in_8bit=True` alone means bitsandbytes' default
     llm_int8_threshold 6.0, and the adapters here were trained (and are served) at 0.0. The arguments are the
@@ -262,6 +266,8 @@ def _peft_snippet(base: dict) -> str:
     if quant == "8bit" and config is None:  # sidecars before quantization_config was recorded: load_backbone's one 8-bit config
         config = {"load_in_8bit": True, "llm_int8_threshold": 0.0}
     load, imports, note = f'"{base["hub_id"]}"', "AutoModelForCausalLM", ""
+    if base.get("dtype") in _TORCH_NAMES:  # named even for fp32: transformers 5 loads a checkpoint in its config's dtype
+        load += f", dtype=torch.{_TORCH_NAMES[base['dtype']]}"  # when none is passed (the hub's SmolLM2 says bfloat16)
     if quant != "none" and config is not None:
         from transformers import BitsAndBytesConfig
 
@@ -274,8 +280,6 @@ def _peft_snippet(base: dict) -> str:
         shown = ", ".join(f"{k}=torch.{v}" if k == "bnb_4bit_compute_dtype" else f"{k}={v!r}" for k, v in args.items())
         imports += ", BitsAndBytesConfig"
         load += f", quantization_config=BitsAndBytesConfig({shown})"
-    elif base.get("dtype") in ("bf16", "fp16"):
-        load += f", dtype=torch.{dict(bf16='bfloat16', fp16='float16')[base['dtype']]}"
     return (f"```python\nimport torch\nfrom transformers import {imports}\nfrom peft import PeftModel\n{note}"
             f"base = AutoModelForCausalLM.from_pretrained({load})\nmodel = PeftModel.from_pretrained(base, \"path/to/this/folder\")\n```")
 
