@@ -145,3 +145,18 @@ def test_vllm_bench_chat_request_to_a_task_adapter_is_refused_in_one_line(served
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     r, _ = events(served, "/v1/chat/completions", body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
+
+
+def test_the_base_models_root_names_the_base_on_the_tokenizer_routes(served):
+    """`vllm bench serve` without --model reads data[0] of /v1/models (id and root) and aligns its prompts with
+    POST /tokenize {"model": root, "add_special_tokens": false} (then /detokenize): a 404 there made it skip the
+    alignment ("/tokenize unavailable"). The base's root tokenizes as the base does; another unknown name stays a 404."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    first = httpx.get(served.url + "/v1/models", headers=headers).json()["data"][0]
+    assert first["id"] == "base"
+    by_root = httpx.post(served.url + "/tokenize", json={"model": first["root"], "prompt": PROMPT, "add_special_tokens": False})
+    by_id = httpx.post(served.url + "/tokenize", json={"model": "base", "prompt": PROMPT, "add_special_tokens": False})
+    assert by_root.status_code == 200 and by_root.json()["tokens"] == by_id.json()["tokens"]
+    text = httpx.post(served.url + "/detokenize", json={"model": first["root"], "tokens": by_root.json()["tokens"]})
+    assert text.status_code == 200 and text.json()["prompt"] == PROMPT
+    assert httpx.post(served.url + "/tokenize", json={"model": first["root"] + "-other", "prompt": PROMPT}).status_code == 404

@@ -53,8 +53,8 @@ class Catalogue:
         comes from (`root`: its registry version or folder) and, as `parent`, the id of the model it runs
         on, so a client can pair them.
         """
-        backbone, registry, held = self.router.backbone, self.router.registry, self.router.folders
-        weights = backbone.hub_id or backbone.name
+        registry, held = self.router.registry, self.router.folders
+        weights = self.base_root
         roots = {BASE: weights, AUTO: weights}  # auto routes over the adapters on the base
         ids = []
         if registry is not None:
@@ -75,6 +75,12 @@ class Catalogue:
                 entry.update(available=False, unavailable_reason=gone[i])
             out.append(entry)
         return out
+
+    @property
+    def base_root(self) -> str:
+        """The base's `root` in GET /v1/models: the backbone's weights (its hub id, else its folder)."""
+        backbone = self.router.backbone
+        return backbone.hub_id or backbone.name
 
     def _permission(self, model: str) -> dict:
         """vLLM's model_permission object (OpenAI's, since dropped from its API), which clients written for vLLM read

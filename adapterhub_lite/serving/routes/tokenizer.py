@@ -19,14 +19,22 @@ TOKENIZE_FIELDS = ("model", "prompt", "messages", "add_special_tokens", "add_gen
 CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools")
 
 
+async def check_model(body: dict, handlers) -> None:
+    """A `model` that is given must name one the server serves (else 404). The base's `root` (its weights, as GET
+    /v1/models lists it) names the base here too: `vllm bench serve` without --model tokenizes with data[0]'s root,
+    which on vLLM is the served model's name, to align its prompts to the server's tokenizer; one tokenizer serves
+    every adapter."""
+    if body.get("model") is not None and body["model"] != handlers.catalogue.base_root:
+        await handlers.resolve_model(body)
+
+
 @router.post("/tokenize")
 async def tokenize(request: Request):
     """A `prompt`'s or a chat's token ids, their count and the model's context."""
     body, handlers = await read_json(request), server(request).handlers
     check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
     handlers.ignore_aloud(unread(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS), "tokenize", request.state.access)
-    if body.get("model") is not None:
-        await handlers.resolve_model(body)
+    await check_model(body, handlers)
     tok = handlers.tokenizer
     if "messages" in body:
         if body.get("prompt") is not None:  # one of them would go unread
@@ -54,8 +62,7 @@ async def detokenize(request: Request):
     """The text of `tokens`."""
     body, handlers = await read_json(request), server(request).handlers
     handlers.ignore_aloud(unread(body, ("model", "tokens")), "detokenize", request.state.access)
-    if body.get("model") is not None:
-        await handlers.resolve_model(body)
+    await check_model(body, handlers)
     return {"prompt": handlers.tokenizer.decode(token_ids(body.get("tokens"), "tokens", handlers.vocab, allow_empty=True))}
 
 
