@@ -166,3 +166,26 @@ def test_a_stream_whose_client_leaves_before_its_first_byte_frees_its_rows(serve
         assert cancelled._value.get() == 1 and not s.engine._jobs and not s.engine._rows, "the row decodes on for a client that left"
     finally:
         s.close()
+
+
+def test_a_router_run_its_caller_interrupts_leaves_nothing_for_the_next_run(serve_registry):
+    """A Ctrl-C (here raised from the caller's on_done, at the first answer) stops Router.run part-way through a step.
+    Its requests must leave the engine with it: the next run on the same Router must not decode them on, call the
+    old on_done again, or fail on a batch the cut step left half-updated (it raised KeyError and failed the new
+    request), and answers as a fresh Router does."""
+    requests = [{"adapter": a, "prompt": p, "max_new_tokens": 30} for a in ("gen_a", "gen_b", "base") for p in ("ab", "cd ef")]
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+
+    def interrupt(i):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        router.run(requests, on_done=interrupt)
+    e = router._engine
+    assert not e._jobs and not e._rows and e._dec is None and e._waiting.empty()
+    assert len(e.scheduler) == 0 and e.scheduler.kv_reserved() == 0
+    again = [{"adapter": "gen_a", "prompt": "ab", "max_new_tokens": 6}, {"adapter": "gen_prefix", "prompt": "cd", "max_new_tokens": 6}]
+    heard = []
+    got = router.run(again, on_done=heard.append)
+    assert sorted(heard) == [0, 1] and not e._jobs and not e._rows
+    assert got == Router.from_registry(serve_registry, quantization="none", dtype="fp32").run(again)

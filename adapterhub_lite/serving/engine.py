@@ -191,12 +191,21 @@ class Engine(Admission):
             return hear
         pending = deque(Job(req, listener(i), SamplingParams(), answer_mode=True, default_max_tokens=req.get("max_new_tokens", max_new_tokens))
                         for i, req in enumerate(requests))
-        while ended < len(requests):
-            # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
-            # requests is not tokenized, nor held as tickets, all at once
-            while pending and self.queue_depth < self._waiting.maxsize:
-                self._waiting.put_nowait(pending.popleft())
-            self._serve_once()
+        try:
+            while ended < len(requests):
+                # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
+                # requests is not tokenized, nor held as tickets, all at once
+                while pending and self.queue_depth < self._waiting.maxsize:
+                    self._waiting.put_nowait(pending.popleft())
+                self._serve_once()
+        except BaseException:
+            # the caller stopped (Ctrl-C, or its on_done raised), maybe part-way through a step: this run's requests leave
+            # with it, and the batch goes whole (a cut step may have answered a row without taking it out), so the next
+            # run starts idle instead of decoding them on, or failing on that batch
+            with self.router.lock:
+                self._drop_all()
+                self._static = None
+            raise
         if errors:
             raise errors[min(errors)]
         return out
