@@ -189,3 +189,33 @@ def test_a_router_run_its_caller_interrupts_leaves_nothing_for_the_next_run(serv
     got = router.run(again, on_done=heard.append)
     assert sorted(heard) == [0, 1] and not e._jobs and not e._rows
     assert got == Router.from_registry(serve_registry, quantization="none", dtype="fp32").run(again)
+
+
+def test_a_run_time_load_whose_request_is_cancelled_as_it_lands_is_still_unloadable(serve_registry, monkeypatch):
+    """POST /v1/load_lora_adapter cancelled (its client left, under Ray Serve) just as the engine thread has added the
+    adapter: the adapter is served, so it must be listed as loaded at run time and unloadable; else its name is stuck
+    (unload: 'no adapter was loaded at run time'; load: 'already served')."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine)
+    add = router.add
+
+    async def go():
+        loading = asyncio.ensure_future(catalogue.load("rt", str(router.registry.path("gen_a@1.0.0"))))
+        loop = asyncio.get_running_loop()
+
+        def added(reg):  # on the engine thread: the client leaves as the adapter lands
+            add(reg)
+            loop.call_soon_threadsafe(loading.cancel)
+        monkeypatch.setattr(router, "add", added)
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        monkeypatch.setattr(router, "add", add)
+        assert "rt" in router.folders
+        await catalogue.unload("rt")  # refused with 404 ('no adapter ... was loaded at run time') before the fix
+        assert "rt" not in router.folders and "rt" not in catalogue.runtime
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()

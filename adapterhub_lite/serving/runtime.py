@@ -257,8 +257,11 @@ class Catalogue:
         if not Path(path).is_dir():
             raise P.bad("lora_path", path, "it is a file; give the path of an adapter folder on the server's machine")
         reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
-        await self._on_engine(lambda r: r.add(reg))
-        self.runtime[name] = None
+
+        def add(router):  # listed with the add, on the engine thread: a request cancelled meanwhile leaves no unlisted adapter
+            router.add(reg)
+            self.runtime[name] = None
+        await self._on_engine(add)
         return name
 
     async def unload(self, name) -> str:
@@ -273,8 +276,8 @@ class Catalogue:
             if name in self.engine.in_use():
                 raise P.ApiError(409, f"adapter {name!r} is in use by running requests; retry when they finish", code="in_use")
             router.forget(name)
+            self.runtime.pop(name, None)
         await self._on_engine(forget)
-        self.runtime.pop(name, None)
         return name
 
     async def reload(self) -> dict:
