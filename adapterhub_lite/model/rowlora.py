@@ -137,6 +137,11 @@ class RowLoraLinear(torch.nn.Module):
             total += (max(self.context.table, default=0) + 1) * (self.in_features if on_input else self.out_features) * vec.element_size()
         return total
 
+    def drop_rows(self) -> None:
+        """Forget the per-row factors and vectors gathered for the last plan (its batch has ended): working memory of a
+        batch is not kept while nothing runs; the next batch gathers its own."""
+        self._rows = self._scale_rows = None
+
     def row_nbytes(self) -> int:
         """Bytes of the running batch's per-row factors and IA3 vectors: what the last plan gathered from the pool,
         one row each at the pool's rank (working memory that grows with the batch's rows, as its activations do;

@@ -234,6 +234,8 @@ class Engine(Admission):
                 self._gauges()
                 if self._dec is not None:
                     self._step()
+                if self._dec is None and not self.scheduler.prefilling:  # no row runs: the last batch's gathered factors go
+                    self.router.bank.drop_rows()
             if self._dec is None and not plan.prefill:
                 if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):
                     return True
