@@ -27,7 +27,7 @@ PROMPTS = ["ab cd", "ef gh ab", LONG]
 GENERATE = ["base", "gen_a", "gen_b", "gen_prefix", "gen_prompt"]  # raw prompts continued (LoRA ×2, prefix, prompt, none)
 CLASSIFY = ["cls_a", "cls_ia3", "cls_prefix", "cls_prompt"]  # task inputs scored over their labels
 CASES = [(m, p, n) for m in GENERATE for p in PROMPTS for n in (4, 24)] + [(m, x, 0) for m in CLASSIFY for x in ("ab", "gh ef")]
-GAUGES = ("adapterhub_num_requests_running", "adapterhub_queue_depth", "adapterhub_kv_cache_reserved_tokens")
+GAUGES = ("adapterhub_num_requests_running", "adapterhub_queue_depth", "adapterhub_kv_cache_reserved_tokens", "adapterhub_batch_row_factor_bytes")
 
 
 def body(model, text, new, stream=False, n=1):
@@ -54,7 +54,8 @@ def idle(s) -> dict:
     text = httpx.get(s.url + "/metrics").text
     for g in GAUGES:
         held[g] = float(next(line for line in text.splitlines() if line.startswith(g + " ")).split()[-1])
-    held["health_queue_depth"] = httpx.get(s.url + "/health").json()["queue_depth"]
+    health = httpx.get(s.url + "/health").json()
+    held["health_queue_depth"], held["batch_row_bytes"] = health["queue_depth"], health["memory"]["batch_row_bytes"]
     return held
 
 
@@ -156,12 +157,13 @@ def test_a_minute_of_clients_that_leave_leaves_the_server_idle_and_exact(serve_r
             time.sleep(0.1)
         after = idle(s)
         again = {case: greedy(s, case) for case in CASES}
-        mem = httpx.get(s.url + "/health").json()["memory"]
+        health = httpx.get(s.url + "/health").json()
+        mem, decode = health["memory"], health["decode"]
         waits = {line.split('"')[1]: float(line.split()[-1]) for line in httpx.get(s.url + "/metrics").text.splitlines()
                  if line.startswith("adapterhub_scheduler_waits_total{")}
         print(json.dumps({"seconds": round(elapsed, 1), "clients": CLIENTS, **{k: v for k, v in stats.items() if k != "errors"},
                           "errors": len(stats["errors"]), "answered_per_s": round(stats["answered"] / elapsed, 2),
-                          "idle_before": before, "idle_after": after, "host_cached": mem["host_cached_adapters"], "budget_waits": waits,
+                          "idle_before": before, "idle_after": after, "host_cached": mem["host_cached_adapters"], "budget_waits": waits, "decode": {k: decode[k] for k in ("kv_cache_rows", "kv_cache_width")},
                           "same_greedy_after": again == refs}))
         assert not stats["errors"], stats["errors"][:5]
         assert stats["wrong"] == 0 and stats["left"] > 0 and stats["answered"] > 0
