@@ -230,3 +230,52 @@ def test_an_idle_engine_holds_no_per_row_factors_of_its_last_batch(serve_registr
     engine = router._engine
     assert not engine._rows and engine._dec is None
     assert router.bank.row_bytes() == 0 and router.memory()["batch_row_bytes"] == 0
+
+
+def test_a_merge_that_queued_requests_wait_for_is_not_evicted_under_them(serve_registry):
+    """--max-merges 1: a request for a built merge waits in the queue (the only row is busy) when another recipe is
+    asked for. Making room must not forget the merge the queued request was accepted for (it then failed as an
+    unknown adapter once admitted); the newcomer is the one told to retry (429), as when running rows hold every merge."""
+    from adapterhub_lite.serving import protocol as P
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router, budgets=Budgets(max_rows=1))
+    once = engine._serve_once
+    engine._serve_once = lambda: time.sleep(0.01) or once()  # the busy row's 500 steps outlast the test, however fast the machine
+    engine.start()
+    catalogue = Catalogue(engine, max_merges=1)
+    ended = {}
+
+    def send(name, adapter, new):
+        def hear(event, payload):
+            if event in ("done", "error"):
+                ended[name] = (event, payload)
+        job = Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, hear, SamplingParams(max_tokens=new, ignore_eos=True))
+        engine.submit(job)
+        return job
+
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+
+    async def go():
+        first = await catalogue.merged(recipe, "gen_a")
+        busy = send("busy", "base", 500)  # holds the only row
+        while not engine._rows:
+            await asyncio.sleep(0.01)
+        send("queued", first, 4)  # accepted for the merge; waits for the row
+        while not engine.scheduler.waiting:
+            await asyncio.sleep(0.01)
+        with pytest.raises(P.ApiError) as refused:
+            await catalogue.merged({**recipe, "weights": [0.3, 0.7]}, "gen_a")
+        busy.cancel()
+        for _ in range(1000):
+            if "queued" in ended:
+                break
+            await asyncio.sleep(0.01)
+        return first, refused.value
+
+    try:
+        first, refused = asyncio.run(asyncio.wait_for(go(), 60))
+        assert ended["queued"][0] == "done", ended["queued"]
+        assert refused.status == 429 and first in router.folders
+    finally:
+        engine.stop()

@@ -146,6 +146,12 @@ class Engine(Admission):
         held = (*self.scheduler.running.values(), *self.scheduler.prefilling.values())
         return {self._jobs[t.key].prepared.adapter for t in held if t.key in self._jobs}
 
+    def wanted(self) -> set[str]:
+        """Adapters any request the engine holds names: in_use() and those of requests waiting for a budget or just
+        arrived (call on the engine thread). A merge a queued request was accepted for is not forgotten under it."""
+        waiting = {self._jobs[t.key].prepared.adapter for t in self.scheduler.waiting if t.key in self._jobs}
+        return self.in_use() | waiting | {job.request.get("adapter") for job in list(self._waiting.queue)}
+
     @property
     def queue_depth(self) -> int:
         """Requests not yet running: arrived, or waiting for a budget."""

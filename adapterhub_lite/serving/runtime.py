@@ -224,12 +224,14 @@ class Catalogue:
         router.add(dataclasses.replace(reg, folder=final))
 
     def _make_room(self, router) -> None:
-        """Before building a merge (engine thread): over max_merges, forget the least recently used merges no running
-        row uses, and delete their folders; when every one is in use, refuse (429-like: retry later)."""
+        """Before building a merge (engine thread): over max_merges, forget the least recently used merges no request
+        the engine holds names (running, or queued: one accepted for a merge must find it), and delete their folders;
+        when every one is wanted, refuse (429-like: retry later)."""
         while len(self.merges) >= self.max_merges:
-            idle = next((n for n in self.merges if n not in self.engine.in_use()), None)
+            wanted = self.engine.wanted()
+            idle = next((n for n in self.merges if n not in wanted), None)
             if idle is None:
-                raise P.ApiError(429, f"all {self.max_merges} merged adapters (--max-merges) are in use by running requests; retry shortly",
+                raise P.ApiError(429, f"all {self.max_merges} merged adapters (--max-merges) are in use by running or queued requests; retry shortly",
                                  "rate_limit_exceeded", "merges_full", headers={"Retry-After": "1"})
             folder = router.folders.get(idle)
             router.forget(idle)
