@@ -135,6 +135,9 @@ def test_serve_lists_the_pinned_id_of_a_damaged_version_unavailable_as_its_name(
         def in_use(self):
             return set()
 
+        def wanted(self):
+            return set()
+
     store = LocalRegistry(reg)
     store.publish(adapter, "1.1.0")
     store.publish(adapter, "1.0.0", name="other")

@@ -279,3 +279,59 @@ def test_a_merge_that_queued_requests_wait_for_is_not_evicted_under_them(serve_r
         assert refused.status == 429 and first in router.folders
     finally:
         engine.stop()
+
+
+def test_a_reload_waits_for_the_requests_queued_for_the_old_version(serve_registry, tmp_path):
+    """A task request for gen_b is read (template, task budget: 5 new tokens) and queued behind a busy row; then
+    gen_b 2.0.0 (gen_a's weights, a 4-token task budget) is published and POST /v1/reload runs. The queued request
+    must be answered by the version it was read for, not by 2.0.0's weights within 1.0.0's budget (5 tokens where
+    2.0.0 makes 4): the reload defers gen_b (as for running rows) until no request holds it."""
+    import shutil
+
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    registry = tmp_path / "registry"
+    shutil.copytree(serve_registry, registry)
+    router = Router.from_registry(registry, quantization="none", dtype="fp32")
+    engine = Engine(router, budgets=Budgets(max_rows=1))
+    once = engine._serve_once
+    engine._serve_once = lambda: time.sleep(0.01) or once()  # the busy row's 500 steps outlast the test
+    engine.start()
+    catalogue = Catalogue(engine)
+    ended = {}
+
+    def send(name, request, new=None):
+        def hear(event, payload):
+            if event in ("done", "error"):
+                ended[name] = (event, payload)
+        job = Job(request, hear, SamplingParams(max_tokens=new, ignore_eos=True), answer_mode=new is None)
+        engine.submit(job)
+        return job
+
+    async def go():
+        busy = send("busy", {"adapter": "base", "prompt_ids": [5, 9, 14]}, 500)  # holds the only row
+        while not engine._rows:
+            await asyncio.sleep(0.01)
+        send("queued", {"adapter": "gen_b", "text": "ab"})
+        while not engine.scheduler.waiting:
+            await asyncio.sleep(0.01)
+        r = open_registry(registry)
+        r.publish(r.path("gen_b@0.9.0"), "2.0.0", name="gen_b")
+        first = await catalogue.reload()
+        busy.cancel()
+        for _ in range(1000):
+            if "queued" in ended:
+                break
+            await asyncio.sleep(0.01)
+        return first, await catalogue.reload()
+
+    try:
+        first, second = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+    old = Router.from_registry(serve_registry, quantization="none", dtype="fp32").run([{"adapter": "gen_b", "text": "ab"}])[0]
+    new = Router.from_registry(registry, quantization="none", dtype="fp32").run([{"adapter": "gen_b", "text": "ab"}])[0]
+    event, result = ended["queued"]
+    assert event == "done" and old != new
+    assert first["deferred"] == ["gen_b"] and second["updated"] == ["gen_b"]
+    assert (result.adapter, result.text) == (old["adapter"], old["prediction"])

@@ -309,11 +309,13 @@ class Catalogue:
         def apply(router) -> dict:
             """Engine thread, between two steps: the catalogue changes (no I/O)."""
             out = {"added": [], "updated": [], "deferred": [], "shadowed": [], "unavailable": {}}
+            # queued requests too: each was read for its version (template, task budget, virtual tokens) and is answered by it
+            wanted = self.engine.wanted()
             for name, (what, value) in found.items():
                 if what == "shadowed":
                     out["shadowed"].append(name)
-                elif what != "same" and name in router.folders and name in self.engine.in_use():
-                    out["deferred"].append(name)  # never swap an adapter under running rows
+                elif what != "same" and name in router.folders and name in wanted:
+                    out["deferred"].append(name)  # never swap an adapter under running rows or the requests queued for it
                 elif what == "damaged":
                     router.forget(name)
                     router.unavailable[name] = out["unavailable"][name] = value[0]
