@@ -335,3 +335,51 @@ def test_a_reload_waits_for_the_requests_queued_for_the_old_version(serve_regist
     assert event == "done" and old != new
     assert first["deferred"] == ["gen_b"] and second["updated"] == ["gen_b"]
     assert (result.adapter, result.text) == (old["adapter"], old["prediction"])
+
+
+def test_an_unload_waits_for_the_requests_queued_for_the_adapter(serve_registry):
+    """/v1/unload_lora_adapter while a request accepted for that run-time adapter waits in the queue (the only row is
+    busy): the unload is refused with 409 (retry), as while running rows use it, instead of the queued request failing
+    as an unknown adapter once admitted (vLLM's queued requests keep their adapter through an unload)."""
+    from adapterhub_lite.serving import protocol as P
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router, budgets=Budgets(max_rows=1))
+    once = engine._serve_once
+    engine._serve_once = lambda: time.sleep(0.01) or once()  # the busy row's 500 steps outlast the test
+    engine.start()
+    catalogue = Catalogue(engine)
+    ended = {}
+
+    def send(name, adapter, new):
+        def hear(event, payload):
+            if event in ("done", "error"):
+                ended[name] = (event, payload)
+        job = Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, hear, SamplingParams(max_tokens=new, ignore_eos=True))
+        engine.submit(job)
+        return job
+
+    async def go():
+        await catalogue.load("rt", str(router.registry.path("gen_a@1.0.0")))
+        busy = send("busy", "base", 500)  # holds the only row
+        while not engine._rows:
+            await asyncio.sleep(0.01)
+        send("queued", "rt", 4)
+        while not engine.scheduler.waiting:
+            await asyncio.sleep(0.01)
+        with pytest.raises(P.ApiError) as refused:
+            await catalogue.unload("rt")
+        busy.cancel()
+        for _ in range(1000):
+            if "queued" in ended:
+                break
+            await asyncio.sleep(0.01)
+        await catalogue.unload("rt")  # nobody holds it now
+        return refused.value
+
+    try:
+        refused = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+    assert refused.status == 409 and ended["queued"][0] == "done", ended["queued"]
+    assert "rt" not in router.folders and "rt" not in catalogue.runtime

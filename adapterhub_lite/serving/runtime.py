@@ -275,8 +275,8 @@ class Catalogue:
                              "registry adapters stay served", code="model_not_found")
 
         def forget(router):
-            if name in self.engine.in_use():
-                raise P.ApiError(409, f"adapter {name!r} is in use by running requests; retry when they finish", code="in_use")
+            if name in self.engine.wanted():  # queued requests too: each was accepted for it, and would fail as unknown
+                raise P.ApiError(409, f"adapter {name!r} is in use by running or queued requests; retry when they finish", code="in_use")
             router.forget(name)
             self.runtime.pop(name, None)
         await self._on_engine(forget)
