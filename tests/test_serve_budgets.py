@@ -365,6 +365,8 @@ def test_a_request_waiting_for_adapter_memory_is_not_passed_by_later_ones(serve_
     probe.hold(["gen_b"])
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32",
                                   memory_budget_mb=probe.resident_bytes() * 1.2 / 2**20)  # one adapter at a time
+    for name in ("gen_a", "gen_b"):  # in host memory: no request here waits for a read (which lets later ones pass it)
+        router.fetch(name)
     engine = Engine(router, budgets=Budgets(max_rows=4))
     done, jobs = [], {}
 
