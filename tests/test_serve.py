@@ -222,6 +222,20 @@ def test_per_request_merges_are_built_once_and_served(served, registry, tmp_path
     assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
 
 
+def test_per_request_merges_share_one_metrics_label(served):
+    """Each recipe is a new adapter name; as a label value each would be a series kept for the server's life, so a client
+    could grow /metrics without bound. Merges count under adapter="merged"."""
+    for weights in ([0.3, 0.7], [0.6, 0.4]):
+        recipe = {"ids": ["gen_a", "gen_b"], "weights": weights, "merge_strategy": "delta_linear"}
+        r = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": recipe})
+        assert r.status_code == 200 and r.json()["choices"][0]["adapter"].startswith("merged-"), r.text
+    text = httpx.get(served.url + "/metrics").text
+    assert 'adapter="merged-' not in text
+    for metric in ("adapterhub_requests_total", "adapterhub_prompt_tokens_total", "adapterhub_generated_tokens_total"):
+        line = next(x for x in text.splitlines() if x.startswith(metric + "{") and 'adapter="merged"' in x)
+        assert float(line.rsplit(" ", 1)[1]) >= 2, line
+
+
 def test_adapters_load_and_unload_at_run_time_through_the_registry_checks(served, registry, tmp_path):
     import shutil
 

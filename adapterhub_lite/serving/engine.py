@@ -44,7 +44,7 @@ from adapterhub_lite.core.names import RESERVED
 from adapterhub_lite.serving.admission import Admission
 from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown, bad_budgets, unread_settings
 from adapterhub_lite.serving.manager import AdapterManager
-from adapterhub_lite.serving.metrics import ServeMetrics
+from adapterhub_lite.serving.metrics import ServeMetrics, adapter_label
 from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.sampling import choose
 from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
@@ -361,9 +361,9 @@ class Engine(Admission):
     def _label(self, job: Job) -> str:
         """The adapter label of a request in metrics: only names the server knows (bounded cardinality)."""
         if job.prepared is not None:
-            return job.prepared.adapter
+            return adapter_label(job.prepared.adapter)
         name = job.request.get("adapter")
-        return name if name in RESERVED or name in self.router.folders else "unknown"
+        return adapter_label(name) if name in RESERVED or name in self.router.folders else "unknown"
 
     def _forget(self, job: Job) -> None:
         """The job leaves the engine: its row, its budgets, its prefill state."""

@@ -20,11 +20,20 @@ from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from adapterhub_lite.core.names import MERGED_PREFIX
+
 # vLLM's bucket bounds, so quantiles read from either server compare
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
                 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def adapter_label(name: str) -> str:
+    """An adapter's value of the `adapter` label: its name, but one `merged` for every per-request merge. Each recipe a
+    client sends is a new name (a hash), and a label value is a series kept for the server's life: per recipe, clients
+    could grow /metrics without bound, where the adapters an operator registers are few."""
+    return "merged" if name.startswith(MERGED_PREFIX) else name
 
 
 def buckets_1_2_5(top: int) -> list[int]:
@@ -154,7 +163,7 @@ class ServeMetrics:
 
     def prefilled(self, adapter: str, tokens: int) -> None:
         """A prompt of `tokens` tokens has run through the model for `adapter`."""
-        self.prompt_tokens.labels(adapter=adapter).inc(tokens)
+        self.prompt_tokens.labels(adapter=adapter_label(adapter)).inc(tokens)
 
     def step_tokens(self, rows, now: float) -> None:
         """One decode step's generated tokens, each row's (adapter, RequestTimes, gap) as RequestTimes.token_at stamped
@@ -169,7 +178,7 @@ class ServeMetrics:
             else:
                 gaps[gap] += 1
         for adapter, n in adapters.items():
-            self.generated_tokens.labels(adapter=adapter).inc(n)
+            self.generated_tokens.labels(adapter=adapter_label(adapter)).inc(n)
         for gap, n in gaps.items():
             self.itl.observe(gap, n)
 

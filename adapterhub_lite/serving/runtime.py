@@ -19,7 +19,7 @@ from pathlib import Path
 
 from adapterhub_lite.artifacts.index import check_name
 from adapterhub_lite.core.errors import AdapterHubError
-from adapterhub_lite.core.names import AUTO, BASE
+from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
@@ -181,7 +181,7 @@ class Catalogue:
         if task is None and model in ids and self.router.metas[model]["task"]:
             task = self.router.metas[model]["task"]["name"]
         key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task}, sort_keys=True)
-        name = "merged-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+        name = MERGED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
         if name in self.router.folders:
             if name in self.merges:
                 self.merges.move_to_end(name)
