@@ -100,7 +100,7 @@ FIELDS: dict[str, Field] = {
     "add_generation_prompt": Field((H,), "implemented", "`base` chat: end the template with the assistant's turn (default true)"),
     "continue_final_message": Field((H,), "implemented", "`base` chat: continue the last (assistant) message"),
     "return_token_ids": Field(BOTH, "implemented", "each choice also carries `prompt_token_ids` and `token_ids`; streamed (vLLM's shape), each chunk carries its tokens' `token_ids` and a choice's first chunk the `prompt_token_ids` (chat: on the first chunk, beside `choices`)"),
-    "request_id": Field(BOTH, "implemented", "the response's `id` and the access log's"),
+    "request_id": Field(BOTH, "implemented", "the response's `id` and the access log's; an `X-Request-Id` header is read first (vLLM's order)"),
     "priority": _refused("no priority scheduling; `0` is accepted", 0),
     "cache_salt": Field(BOTH, "accepted", "no prefix cache"),
     "use_beam_search": _refused("no beam search", False),
