@@ -1,0 +1,70 @@
+"""What a transformers / peft user runs on our adapter folders (not through this package), against the README's word."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import train_tiny
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+IDS = [[5, 40, 41, 42, 9, 10, 77, 78]]
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory):
+    """A tiny LoRA trained hard enough (lr 5e-2) that its logits differ from the backbone's."""
+    return train_tiny(tmp_path_factory.mktemp("outside"), "toy", train={"max_steps": 3, "lr": 5e-2})
+
+
+def _backbone():
+    """The tiny backbone as a transformers user loads it: from its folder, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_lite.model.weights import resolve
+
+    return AutoModelForCausalLM.from_pretrained(str(resolve("tiny-random-llama")[0]), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def _last(model) -> torch.Tensor:
+    return model(input_ids=torch.tensor(IDS, device=model.device)).logits[0, -1].float().cpu()
+
+
+def test_transformers_load_adapter_gives_peft_s_logits_and_the_readme_names_set_adapter_s_peft_floor(lora):
+    """transformers' own PEFT integration loads the folder to plain peft's logits; `set_adapter` either switches to it
+    or (transformers 5.24 and later with a peft below its floor, as installed here: 5.25 with 0.21.2) refuses, and then
+    the README says which peft it needs and what to use instead."""
+    from peft import PeftModel
+    from transformers.integrations import peft as integration
+
+    want = _last(PeftModel.from_pretrained(_backbone(), str(lora)).eval())
+    assert (want - _last(_backbone())).abs().max() > 1e-3  # the adapter matters, so equal logits mean it was applied
+    model = _backbone()
+    model.load_adapter(str(lora), adapter_name="toy")
+    assert (_last(model) - want).abs().max() <= 1e-5
+    try:
+        model.set_adapter("toy")
+    except ValueError as exc:
+        if "version of PEFT" not in str(exc):
+            raise
+        floor = re.escape(integration.MIN_PEFT_VERSION)
+        assert re.search(rf"refuse `set_adapter`[^.]* with any peft below {floor}", README), exc
+        assert "`PeftModel.from_pretrained(base, folder)`" in README
+        return
+    assert (_last(model) - want).abs().max() <= 1e-5
+
+
+def test_auto_peft_model_loads_the_base_the_config_names(lora):
+    """AutoPeftModelForCausalLM takes the base from adapter_config.json's base_model_name_or_path: for a local backbone
+    folder (the tiny one) its absolute path, which loads here and gives plain peft's logits; the README says what it
+    names and what to pass on another machine."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel
+
+    from adapterhub_lite.model.weights import resolve
+
+    assert PeftConfig.from_pretrained(str(lora)).base_model_name_or_path == str(resolve("tiny-random-llama")[0])
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(lora), dtype=torch.float32).eval()
+    assert (_last(auto) - _last(PeftModel.from_pretrained(_backbone(), str(lora)).eval())).abs().max() <= 1e-6
+    assert "`AutoPeftModelForCausalLM.from_pretrained(folder)` loads the base that adapter_config.json's" in README
