@@ -222,15 +222,28 @@ def test_per_request_merges_are_built_once_and_served(served, registry, tmp_path
     assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
 
 
-def test_per_request_merges_share_one_metrics_label(served):
+def test_per_request_merges_share_one_metrics_label(served, registry, tmp_path):
     """Each recipe is a new adapter name; as a label value each would be a series kept for the server's life, so a client
-    could grow /metrics without bound. Merges count under adapter="merged"."""
+    could grow /metrics without bound. Merges count under adapter="merged"; an adapter an operator names merged-… keeps
+    its name, and a run-time load may not take a recipe's name (it would answer that recipe's requests)."""
+    import shutil
+
+    names = []
     for weights in ([0.3, 0.7], [0.6, 0.4]):
         recipe = {"ids": ["gen_a", "gen_b"], "weights": weights, "merge_strategy": "delta_linear"}
         r = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": recipe})
         assert r.status_code == 200 and r.json()["choices"][0]["adapter"].startswith("merged-"), r.text
-    text = httpx.get(served.url + "/metrics").text
-    assert 'adapter="merged-' not in text
+        names.append(r.json()["choices"][0]["adapter"])
+    shutil.copytree(registry / "gen_a" / "1.0.0", tmp_path / "copy")
+    taken = served.post("/v1/load_lora_adapter", {"lora_name": "merged-0123456789ab", "lora_path": str(tmp_path / "copy")})
+    assert taken.status_code == 400 and "per-request merges" in taken.json()["error"]["message"], taken.text
+    assert served.post("/v1/load_lora_adapter", {"lora_name": "merged-late", "lora_path": str(tmp_path / "copy")}).status_code == 200
+    try:
+        assert served.post("/v1/completions", {"model": "merged-late", "input": "ab"}).status_code == 200
+        text = httpx.get(served.url + "/metrics").text
+    finally:
+        served.post("/v1/unload_lora_adapter", {"lora_name": "merged-late"})
+    assert not any(f'adapter="{n}"' in text for n in names) and 'adapter="merged-late"' in text
     for metric in ("adapterhub_requests_total", "adapterhub_prompt_tokens_total", "adapterhub_generated_tokens_total"):
         line = next(x for x in text.splitlines() if x.startswith(metric + "{") and 'adapter="merged"' in x)
         assert float(line.rsplit(" ", 1)[1]) >= 2, line

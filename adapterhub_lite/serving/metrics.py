@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from adapterhub_lite.core.names import MERGED_PREFIX
+from adapterhub_lite.core.names import is_request_merge
 
 # vLLM's bucket bounds, so quantiles read from either server compare
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
@@ -32,8 +32,9 @@ REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
 def adapter_label(name: str) -> str:
     """An adapter's value of the `adapter` label: its name, but one `merged` for every per-request merge. Each recipe a
     client sends is a new name (a hash), and a label value is a series kept for the server's life: per recipe, clients
-    could grow /metrics without bound, where the adapters an operator registers are few."""
-    return "merged" if name.startswith(MERGED_PREFIX) else name
+    could grow /metrics without bound, where the adapters an operator registers are few (and keep their names, even
+    one called merged-sst2)."""
+    return "merged" if is_request_merge(name) else name
 
 
 def buckets_1_2_5(top: int) -> list[int]:

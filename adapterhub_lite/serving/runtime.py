@@ -19,7 +19,7 @@ from pathlib import Path
 
 from adapterhub_lite.artifacts.index import check_name
 from adapterhub_lite.core.errors import AdapterHubError
-from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX
+from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX, is_request_merge
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
@@ -248,6 +248,8 @@ class Catalogue:
             check_name(name)
         except AdapterHubError as exc:
             raise P.bad("lora_name", name, str(exc)) from None
+        if is_request_merge(name):  # else a client could load its own weights under the name another client's recipe hashes to
+            raise P.bad("lora_name", name, f"names of the shape {MERGED_PREFIX}<12 hex digits> are the per-request merges'; choose another name")
         if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
             raise P.ApiError(400, f"an adapter named {name!r} is already served (or in the registry: runtime and registry adapters keep "
                              "apart names); unload it first or choose another name", code="already_loaded")
