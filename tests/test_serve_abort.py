@@ -207,6 +207,9 @@ def test_a_run_time_load_whose_request_is_cancelled_as_it_lands_is_still_unloada
         def added(reg):  # on the engine thread: the client leaves as the adapter lands
             add(reg)
             loop.call_soon_threadsafe(loading.cancel)
+            # and the engine thread is held before it lists the load: the unload below, sent meanwhile, must still
+            # find it (the listing and the unload's check both on the engine thread), not race it (1 run in ~7 failed)
+            time.sleep(0.3)
         monkeypatch.setattr(router, "add", added)
         with pytest.raises(asyncio.CancelledError):
             await loading

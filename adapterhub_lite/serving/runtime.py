@@ -272,11 +272,13 @@ class Catalogue:
         """Drop an adapter loaded at run time (registry adapters stay)."""
         if not isinstance(name, str) or not name:
             raise P.bad("lora_name", name, "give the name the adapter was loaded under")
-        if name not in self.runtime:
-            raise P.ApiError(404, f"no adapter {name!r} was loaded at run time (loaded: {sorted(self.runtime) or 'none'}); "
-                             "registry adapters stay served", code="model_not_found")
 
         def forget(router):
+            # read here, on the engine thread that lists a load with its add: read on the event loop, a load whose add
+            # had run but whose listing had not yet (the engine thread between the two) was answered "not loaded"
+            if name not in self.runtime:
+                raise P.ApiError(404, f"no adapter {name!r} was loaded at run time (loaded: {sorted(self.runtime) or 'none'}); "
+                                 "registry adapters stay served", code="model_not_found")
             if name in self.engine.wanted():  # queued requests too: each was accepted for it, and would fail as unknown
                 raise P.ApiError(409, f"adapter {name!r} is in use by running or queued requests; retry when they finish", code="in_use")
             router.forget(name)
