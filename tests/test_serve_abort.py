@@ -235,6 +235,30 @@ def test_an_idle_engine_holds_no_per_row_factors_of_its_last_batch(serve_registr
     assert router.bank.row_bytes() == 0 and router.memory()["batch_row_bytes"] == 0
 
 
+def one_row_engine(router, **catalogue_args):
+    """An engine of one row, each step slowed (a busy row's 500 steps outlast the test, however fast the machine), its
+    catalogue, what each request ended with, and send(name, request, new): a job for new tokens (None: a task answer)."""
+    engine = Engine(router, budgets=Budgets(max_rows=1))
+    once = engine._serve_once
+    engine._serve_once = lambda: time.sleep(0.01) or once()
+    engine.start()
+    ended = {}
+
+    def send(name, request, new=None):
+        def hear(event, payload):
+            if event in ("done", "error"):
+                ended[name] = (event, payload)
+        job = Job(request, hear, SamplingParams(max_tokens=new, ignore_eos=True), answer_mode=new is None)
+        engine.submit(job)
+        return job
+    return engine, Catalogue(engine, **catalogue_args), ended, send
+
+
+def ids(adapter):
+    """A request of three prompt ids for `adapter`."""
+    return {"adapter": adapter, "prompt_ids": [5, 9, 14]}
+
+
 def test_a_merge_that_queued_requests_wait_for_is_not_evicted_under_them(serve_registry):
     """--max-merges 1: a request for a built merge waits in the queue (the only row is busy) when another recipe is
     asked for. Making room must not forget the merge the queued request was accepted for (it then failed as an
@@ -242,29 +266,16 @@ def test_a_merge_that_queued_requests_wait_for_is_not_evicted_under_them(serve_r
     from adapterhub_lite.serving import protocol as P
 
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
-    engine = Engine(router, budgets=Budgets(max_rows=1))
-    once = engine._serve_once
-    engine._serve_once = lambda: time.sleep(0.01) or once()  # the busy row's 500 steps outlast the test, however fast the machine
-    engine.start()
-    catalogue = Catalogue(engine, max_merges=1)
-    ended = {}
-
-    def send(name, adapter, new):
-        def hear(event, payload):
-            if event in ("done", "error"):
-                ended[name] = (event, payload)
-        job = Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, hear, SamplingParams(max_tokens=new, ignore_eos=True))
-        engine.submit(job)
-        return job
+    engine, catalogue, ended, send = one_row_engine(router, max_merges=1)
 
     recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
 
     async def go():
         first = await catalogue.merged(recipe, "gen_a")
-        busy = send("busy", "base", 500)  # holds the only row
+        busy = send("busy", ids("base"), 500)  # holds the only row
         while not engine._rows:
             await asyncio.sleep(0.01)
-        send("queued", first, 4)  # accepted for the merge; waits for the row
+        send("queued", ids(first), 4)  # accepted for the merge; waits for the row
         while not engine.scheduler.waiting:
             await asyncio.sleep(0.01)
         with pytest.raises(P.ApiError) as refused:
@@ -296,23 +307,10 @@ def test_a_reload_waits_for_the_requests_queued_for_the_old_version(serve_regist
     registry = tmp_path / "registry"
     shutil.copytree(serve_registry, registry)
     router = Router.from_registry(registry, quantization="none", dtype="fp32")
-    engine = Engine(router, budgets=Budgets(max_rows=1))
-    once = engine._serve_once
-    engine._serve_once = lambda: time.sleep(0.01) or once()  # the busy row's 500 steps outlast the test
-    engine.start()
-    catalogue = Catalogue(engine)
-    ended = {}
-
-    def send(name, request, new=None):
-        def hear(event, payload):
-            if event in ("done", "error"):
-                ended[name] = (event, payload)
-        job = Job(request, hear, SamplingParams(max_tokens=new, ignore_eos=True), answer_mode=new is None)
-        engine.submit(job)
-        return job
+    engine, catalogue, ended, send = one_row_engine(router)
 
     async def go():
-        busy = send("busy", {"adapter": "base", "prompt_ids": [5, 9, 14]}, 500)  # holds the only row
+        busy = send("busy", ids("base"), 500)  # holds the only row
         while not engine._rows:
             await asyncio.sleep(0.01)
         send("queued", {"adapter": "gen_b", "text": "ab"})
@@ -347,27 +345,14 @@ def test_an_unload_waits_for_the_requests_queued_for_the_adapter(serve_registry)
     from adapterhub_lite.serving import protocol as P
 
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
-    engine = Engine(router, budgets=Budgets(max_rows=1))
-    once = engine._serve_once
-    engine._serve_once = lambda: time.sleep(0.01) or once()  # the busy row's 500 steps outlast the test
-    engine.start()
-    catalogue = Catalogue(engine)
-    ended = {}
-
-    def send(name, adapter, new):
-        def hear(event, payload):
-            if event in ("done", "error"):
-                ended[name] = (event, payload)
-        job = Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, hear, SamplingParams(max_tokens=new, ignore_eos=True))
-        engine.submit(job)
-        return job
+    engine, catalogue, ended, send = one_row_engine(router)
 
     async def go():
         await catalogue.load("rt", str(router.registry.path("gen_a@1.0.0")))
-        busy = send("busy", "base", 500)  # holds the only row
+        busy = send("busy", ids("base"), 500)  # holds the only row
         while not engine._rows:
             await asyncio.sleep(0.01)
-        send("queued", "rt", 4)
+        send("queued", ids("rt"), 4)
         while not engine.scheduler.waiting:
             await asyncio.sleep(0.01)
         with pytest.raises(P.ApiError) as refused:
