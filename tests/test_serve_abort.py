@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -143,6 +144,32 @@ def test_a_merge_whose_only_requester_left_is_still_counted_and_bounded(serve_re
     finally:
         engine.stop()
 
+
+
+def test_a_merge_whose_registration_failed_is_built_again_when_asked_again(serve_registry, monkeypatch):
+    """A merge written to its scratch folder and then refused (here: inspecting it fails once) leaves no folder behind:
+    the same recipe asked again is built and served, not refused for good because the folder it writes already exists."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine, max_merges=2)
+    inspect, calls = router.inspect, []
+
+    def flaky(name, folder=None):
+        calls.append(name)
+        if len(calls) == 1:
+            raise OSError("disk read failed")
+        return inspect(name, folder)
+
+    monkeypatch.setattr(router, "inspect", flaky)
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+    try:
+        with pytest.raises(Exception, match="disk read failed"):
+            asyncio.run(asyncio.wait_for(catalogue.merged(recipe, "gen_a"), 60))
+        name = asyncio.run(asyncio.wait_for(catalogue.merged(recipe, "gen_a"), 60))
+        assert name in router.folders and list(catalogue.merges) == [name] and len(calls) == 2
+        assert not list(Path(router._scratch.name).glob(".building-*"))
+    finally:
+        engine.stop()
 
 
 def test_a_stream_whose_client_leaves_before_its_first_byte_frees_its_rows(serve_registry, monkeypatch):

@@ -190,12 +190,19 @@ class Catalogue:
             async def build():
                 flags = {"--task": "merged_adapters.task"}
                 await self._on_engine(self._make_room)
-                # the merge itself runs in a worker thread: off the engine thread (decoding goes on) and off the event loop
-                folder, _ = await self._off_engine(
-                    lambda: self.router.build_merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name,
-                                                    report_rows=0, output=Path(self.router._scratch.name) / f".building-{name}"), flags=flags)
-                reg = await self._off_engine(self.router.inspect, name, folder)
-                await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
+                output = Path(self.router._scratch.name) / f".building-{name}"
+                try:
+                    # the merge itself runs in a worker thread: off the engine thread (decoding goes on) and off the event loop
+                    folder, _ = await self._off_engine(
+                        lambda: self.router.build_merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name,
+                                                        report_rows=0, output=output), flags=flags)
+                    reg = await self._off_engine(self.router.inspect, name, folder)
+                    await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
+                except BaseException:
+                    # a build that wrote its folder and then failed (inspecting, registering) leaves nothing behind: else the
+                    # same recipe, asked again, is refused for good ("output folder ... already exists") instead of rebuilt
+                    shutil.rmtree(output, ignore_errors=True)
+                    raise
                 # counted here, not by the requests waiting for it: they may all have left (cancelled) while it was built,
                 # and a registered merge outside self.merges would be outside --max-merges for good
                 self.merges[name] = json.loads(key)
