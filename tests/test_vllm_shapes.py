@@ -14,7 +14,7 @@ from .serving import KEY
 
 def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
     """vLLM's test_dynamic_lora_not_found: a lora_path with nothing there is a NotFoundError (404);
-    a path that is there but is no adapter folder stays a 400 (test_dynamic_lora_invalid_files)."""
+    a folder whose adapter_config.json cannot be read stays a 400 (test_dynamic_lora_invalid_files)."""
     with pytest.raises(openai.NotFoundError) as err:
         served.client.post("load_lora_adapter", cast_to=str, body={"lora_name": "notfound", "lora_path": "/not/an/adapter"})
     assert err.value.body["param"] == "lora_path" and "/not/an/adapter" in err.value.body["message"]
@@ -24,6 +24,18 @@ def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
         with pytest.raises(openai.BadRequestError):
             served.client.post("load_lora_adapter", cast_to=str, body={"lora_name": "invalid", "lora_path": path})
     assert "notfound" not in [m.id for m in served.client.models.list().data]
+
+
+def test_load_lora_adapter_from_a_folder_with_no_adapter_in_it_is_404(served, tmp_path):
+    """vLLM reads a folder's adapter_config.json first; with none there it answers "No adapter found" as a NotFoundError
+    (404), as for a path with nothing at all: a folder with no adapter in it was a 400 here. vLLM's exact body, raw."""
+    (tmp_path / "README.md").write_text("not an adapter")
+    r = served.post("/v1/load_lora_adapter", {"lora_name": "empty", "lora_path": str(tmp_path)})
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == "adapter_not_found" and error["param"] == "lora_path"
+    assert str(tmp_path) in error["message"] and "adapter_config.json" in error["message"]
+    assert "empty" not in [m.id for m in served.client.models.list().data]
 
 
 @pytest.mark.parametrize("method, path, status, allow", [("POST", "/v1/nope", 404, None), ("GET", "/v1/completions", 405, "POST"),

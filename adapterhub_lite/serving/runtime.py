@@ -267,6 +267,9 @@ class Catalogue:
                              code="adapter_not_found", param="lora_path")
         if not Path(path).is_dir():
             raise P.bad("lora_path", path, "it is a file; give the path of an adapter folder on the server's machine")
+        if not (Path(path) / "adapter_config.json").exists():  # vLLM: no adapter config there is "No adapter found", a 404 too
+            raise P.ApiError(404, f"`lora_path` is {path!r}, a folder with no adapter in it (no adapter_config.json); give the path of an "
+                             "adapter folder written by `adapterhub-lite train`", code="adapter_not_found", param="lora_path")
         reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
 
         def add(router):  # listed with the add, on the engine thread: a request cancelled meanwhile leaves no unlisted adapter
