@@ -38,6 +38,21 @@ def test_load_lora_adapter_from_a_folder_with_no_adapter_in_it_is_404(served, tm
     assert "empty" not in [m.id for m in served.client.models.list().data]
 
 
+def test_load_inplace_true_loads_a_new_name_and_is_refused_only_for_a_served_one(served, serve_registry):
+    """vLLM's load_inplace replaces a served adapter's weights, and for a name not loaded yet is a plain load
+    (its check refuses only a served name without it). Clients that push each new version with load_inplace: true
+    send it from the first load on; that first load was a 400 here. Replacing in place is still refused, by name."""
+    body = {"lora_name": "pushed", "lora_path": str(serve_registry / "gen_a" / "1.0.0"), "load_inplace": True}
+    try:
+        r = served.post("/v1/load_lora_adapter", body)
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'pushed' added successfully.", r.text
+        assert "pushed" in [m.id for m in served.client.models.list().data]
+        r = served.post("/v1/load_lora_adapter", body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
+    finally:
+        served.post("/v1/unload_lora_adapter", {"lora_name": "pushed"})
+
+
 @pytest.mark.parametrize("method, path, status, allow", [("POST", "/v1/nope", 404, None), ("GET", "/v1/completions", 405, "POST"),
                                                           ("POST", "/v1/models", 405, "GET")])
 def test_unknown_route_or_method_answers_in_the_error_shape(served, method, path, status, allow):

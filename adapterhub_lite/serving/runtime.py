@@ -247,8 +247,9 @@ class Catalogue:
                 shutil.rmtree(folder, ignore_errors=True)
 
     # -- adapters at run time (vLLM's /v1/load_lora_adapter) ----------------------------------------
-    async def load(self, name, path) -> str:
-        """Register a folder under `name`, through the same integrity and fingerprint checks as the registry."""
+    async def load(self, name, path, inplace: bool = False) -> str:
+        """Register a folder under `name`, through the same integrity and fingerprint checks as the registry.
+        `inplace` (vLLM's load_inplace) loads a new name as any load; replacing a served one in place is not built."""
         if not isinstance(name, str) or not name:
             raise P.bad("lora_name", name, "give the name requests will use")
         try:
@@ -257,6 +258,9 @@ class Catalogue:
             raise P.bad("lora_name", name, str(exc)) from None
         if is_request_merge(name):  # else a client could load its own weights under the name another client's recipe hashes to
             raise P.bad("lora_name", name, f"names of the shape {MERGED_PREFIX}<12 hex digits> are the per-request merges'; choose another name")
+        if inplace and name in self.runtime:
+            raise P.bad("load_inplace", inplace, "this server does not replace a served adapter in place; unload it, then load it",
+                        code="unsupported_field")
         if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
             raise P.ApiError(400, f"an adapter named {name!r} is already served (or in the registry: runtime and registry adapters keep "
                              "apart names); unload it first or choose another name", code="already_loaded")

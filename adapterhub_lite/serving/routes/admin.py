@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from adapterhub_lite.core import __version__
 from adapterhub_lite.serving import protocol as P
-from adapterhub_lite.serving.params import unread
+from adapterhub_lite.serving.params import flag, unread
 from adapterhub_lite.serving.routes.common import error_response, read_json, runtime_allowed, server
 
 router = APIRouter()
@@ -50,11 +50,11 @@ async def metrics(request: Request):
 async def load_adapter(request: Request):
     runtime_allowed(request)
     body = await read_json(request)
-    if body.get("load_inplace"):  # vLLM's: replace the weights under a served name
-        raise P.bad("load_inplace", body["load_inplace"], "this server does not replace a served adapter in place; unload it, then load it",
-                    code="unsupported_field")
+    # vLLM's load_inplace: replace the weights under a served name, else load as usual (clients that push a new version
+    # every step send it true from the first load on, which vLLM answers as a plain load)
+    inplace = flag(body, "load_inplace", False)
     server(request).handlers.ignore_aloud(unread(body, ("lora_name", "lora_path", "load_inplace")), "v1/load_lora_adapter", request.state.access)
-    name = await server(request).catalogue.load(body.get("lora_name"), body.get("lora_path"))
+    name = await server(request).catalogue.load(body.get("lora_name"), body.get("lora_path"), inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
