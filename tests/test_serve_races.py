@@ -1,0 +1,51 @@
+"""Catalogue changes that land between a request's arrival and its next engine step. The engine thread runs catalogue
+calls (load, unload, reload, merges) before it takes in the requests that arrived since its last step, so a request
+a client was already told is accepted may sit, for one step, only in the arrival queue: what it names must be kept
+for it there too."""
+
+import asyncio
+
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.jobs import Job
+from adapterhub_lite.serving.params import SamplingParams
+from adapterhub_lite.serving.router import Router
+from adapterhub_lite.serving.runtime import Catalogue
+
+
+async def _on_engine_steps(engine: Engine, coro):
+    """Await `coro` (a catalogue call) while this thread drives the (not started) engine step by step."""
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        await asyncio.sleep(0)  # the call reaches the engine's queue; then one step runs it
+        engine._serve_once()
+    return await task
+
+
+def test_an_unload_keeps_an_adapter_a_request_that_just_arrived_names(serve_registry):
+    """A request for a run-time adapter is accepted (in the engine's arrival queue, not yet taken in) when an unload of
+    that adapter reaches the engine: the unload is refused (409, retry), as for queued and running requests, and the
+    request is answered, instead of failing as an unknown adapter once taken in."""
+    from adapterhub_lite.serving import protocol as P
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router)
+    catalogue = Catalogue(engine)
+    ended = []
+
+    async def go():
+        await _on_engine_steps(engine, catalogue.load("rt", str(router.registry.path("gen_a@1.0.0"))))
+        engine.submit(Job({"adapter": "rt", "prompt_ids": [5, 9, 14]}, lambda ev, p: ended.append(ev),
+                          SamplingParams(max_tokens=2, ignore_eos=True)))
+        try:
+            await _on_engine_steps(engine, catalogue.unload("rt"))
+        except P.ApiError as exc:
+            return exc
+        return None
+
+    refused = asyncio.run(asyncio.wait_for(go(), 60))
+    for _ in range(400):
+        if "done" in ended or "error" in ended:
+            break
+        engine._serve_once()
+    assert refused is not None and refused.status == 409, refused
+    assert ended[-1] == "done" and "error" not in ended and "rt" in router.folders and "rt" in catalogue.runtime
