@@ -79,3 +79,39 @@ def test_an_unavailable_adapter_is_not_retried_by_the_openai_client(serve_regist
         s.close()
     # the same refusal when the engine finds it (an adapter that fails as it is read for a batch)
     assert as_api_error(AdapterUnavailable("adapter 'x' is unavailable")).headers == {"x-should-retry": "false"}
+
+
+# Bodies as huggingface_hub 2.4.0's InferenceClient(base_url=.../v1).chat_completion and openai 3.63.0's
+# chat.completions.parse sent them (read through a logging proxy); none of these libraries is needed here.
+HF_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}}
+STRUCTURED = {
+    "InferenceClient json_schema (sent as TGI's shape)": ({"response_format": {"type": "json_object", "value": HF_SCHEMA}}, "response_format"),
+    "openai parse(response_format=<pydantic>)": ({"stream": False, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {**HF_SCHEMA, "required": ["name"], "title": "Person", "additionalProperties": False}, "name": "Person", "strict": True}}},
+        "response_format"),
+    "InferenceClient tools, tool_choice auto": ({"tool_choice": "auto", "tools": [{"type": "function", "function": {"name": "f", "parameters": HF_SCHEMA}}]},
+                                                "tool_choice"),
+    "tools with tool_choice none": ({"tool_choice": "none", "tools": [{"type": "function", "function": {"name": "f", "parameters": HF_SCHEMA}}]}, "tools"),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURED))
+def test_structured_output_requests_are_refused_naming_the_field_streamed_or_not(served, case):
+    """Structured output and tools are refused (400, the field named), never ignored; a streamed one before its stream starts."""
+    extra, param = STRUCTURED[case]
+    for stream in (False, True):
+        body = {"model": "base", "messages": [{"role": "user", "content": "Ada Lovelace, 36"}], **extra, "stream": stream}
+        r = served.post("/v1/chat/completions", body)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (case, stream, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["code"] == "unsupported_field" and "does not implement" in error["message"], error
+
+
+def test_inference_client_bodies(served):
+    """InferenceClient's chat body (always `stream`) is answered; with no model, or the server's URL as model, it sends
+    "dummy", which is a 404 as vLLM's; its TGI-only `tool_prompt` is named as a field not read."""
+    messages = [{"role": "user", "content": "ab"}]
+    r = served.post("/v1/chat/completions", {"model": "gen_a", "messages": messages, "max_tokens": 4, "tool_prompt": "x", "stream": False})
+    assert r.status_code == 200 and r.headers["x-adapterhub-ignored-fields"] == "tool_prompt", r.text
+    r = served.post("/v1/chat/completions", {"model": "dummy", "messages": messages, "max_tokens": 4, "stream": False})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
