@@ -115,3 +115,14 @@ def test_inference_client_bodies(served):
     assert r.status_code == 200 and r.headers["x-adapterhub-ignored-fields"] == "tool_prompt", r.text
     r = served.post("/v1/chat/completions", {"model": "dummy", "messages": messages, "max_tokens": 4, "stream": False})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+
+def test_a_tool_result_message_is_refused_saying_tools_are_not_called(served):
+    """A history with a tool's result (openai's {"role": "tool", "tool_call_id", "content"}, as agent loops send it) was
+    refused as if the message were malformed ("each message needs a role ... and content", though it has both): the
+    refusal now names the role and why, so the client's error says what to change."""
+    messages = [{"role": "user", "content": "what is 6 x 7?"}, {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    for model in ("base", "gen_a"):
+        r = served.post("/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 4})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role", r.text
+        assert "'tool'" in r.json()["error"]["message"] and "does not call tools" in r.json()["error"]["message"]

@@ -99,8 +99,11 @@ def check_messages(messages) -> list[dict]:
         raise bad("messages", messages, "give a non-empty list of {\"role\", \"content\"} objects")
     out = []
     for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") in ("tool", "function"):  # a well-formed message: say what is not done, not that it is malformed
+            raise bad(f"messages[{i}].role", m["role"], "this server does not call tools, so no call awaits a tool's result; "
+                      "send the result as a user message")
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-            raise bad(f"messages[{i}]", m, "each message needs a role (system, user or assistant) and content")
+            raise bad(f"messages[{i}]", m, "each message needs a role (system, developer, user or assistant) and content")
         if m.get("tool_calls"):  # with or without content: the calls would reach no template and no tool
             raise bad(f"messages[{i}].tool_calls", m["tool_calls"], "this server does not call tools; send the assistant's text as content")
         content = m.get("content")
