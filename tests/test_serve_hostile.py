@@ -66,7 +66,8 @@ def test_a_tiny_temperature_is_greedy_and_cuts_no_other_stream(served):
 
 
 def test_a_refused_request_leaves_no_queued_rows(serve_registry):
-    """n=4 into a queue with room for 2: 429, and the 2 choices queued before the refusal are dropped, not computed."""
+    """n=4 into a queue with room for 2: 429, and none of its choices is queued (all or none), so none is computed;
+    the refusal is counted, one per choice."""
     s = Served(serve_registry, max_batch_rows=1, max_queue=2)
     try:
         async def go():
@@ -82,7 +83,8 @@ def test_a_refused_request_leaves_no_queued_rows(serve_registry):
         assert refused.status_code == 429
         time.sleep(0.5)
         metrics = httpx.get(s.url + "/metrics").text
-        assert 'adapterhub_requests_total{adapter="base",status="cancelled"} 2.0' in metrics, metrics
+        assert 'adapterhub_requests_total{adapter="base",status="QueueFull"} 4.0' in metrics, metrics
+        assert 'status="cancelled"' not in metrics
         assert 'adapterhub_requests_total{adapter="base",status="ok"} 1.0' in metrics
         assert "adapterhub_batch_rows_count 1.0" in metrics  # only the busy request was admitted (prefilled and decoded)
     finally:

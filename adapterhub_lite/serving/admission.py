@@ -37,21 +37,26 @@ log = logging.getLogger("adapterhub_lite.serve")
 
 class Admission:
     """The engine's arrivals and admission (a mixin of `Engine`, which owns the state these methods read: `router`,
-    `scheduler`, `metrics`, the arrivals queue (`_waiting`), the jobs it holds (`_jobs`, `_rows`), the running batch (`_dec`, `_static`), the loader
+    `scheduler`, `metrics`, the arrivals queue (`_waiting`, its lock `_admitting`, those being read `_reading`), the jobs it holds (`_jobs`, `_rows`), the running batch (`_dec`, `_static`), the loader
     (`_loader`, `_fetching`, `_wake`) and the endings (`_fail`, `_finish`, `_forget`, `_gone`))."""
 
     # -- arrivals: route, read and queue for a budget ------------------------------------------------
     def _intake(self) -> None:
         jobs = []
-        while True:
-            try:
-                job = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if not self._gone(job):
-                jobs.append(job)
-        if jobs:
-            self._parts(jobs, self._enqueue, "routing")
+        with self._admitting:  # a submit counting the queue meanwhile finds each arrival in one place: else --max-queue was passed
+            while True:
+                try:
+                    job = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if not self._gone(job):
+                    jobs.append(job)
+            self._reading = jobs
+        try:
+            if jobs:
+                self._parts(jobs, self._enqueue, "routing")
+        finally:
+            self._reading = []
 
     def _enqueue(self, jobs: list[Job]) -> None:
         names = self.router.route([j.request for j in jobs])  # `auto` rows: one embedding pass for all of them

@@ -70,7 +70,12 @@ class Engine(Admission):
         self.metrics = metrics or ServeMetrics(router.max_model_len)
         # read when /metrics is scraped, not at every step: summing it walks every per-row layer (~0.2 ms on 120)
         self.metrics.row_bytes.set_function(router.bank.row_bytes)
-        self._waiting: queue.Queue[Job] = queue.Queue(maxsize=max_queue)  # arrivals, from any thread
+        # arrivals, from any thread; unbounded as a queue.Queue: --max-queue bounds the requests whose clients still wait
+        # (queue_depth), and the jobs of clients that left sit here until the next step drops them
+        self._waiting: queue.Queue[Job] = queue.Queue()
+        self.max_queue = max_queue
+        self._admitting = threading.Lock()  # a submit's check and puts, and the step's move of arrivals to _reading, one at a time
+        self._reading: list[Job] = []  # arrivals this step reads (routes, tokenizes) before the scheduler holds them
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self._stopping = threading.Event()
         self._aborting = False  # abort(): drop what is held instead of finishing it
@@ -104,17 +109,26 @@ class Engine(Admission):
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; raises QueueFull when the queue is at its bound, ShuttingDown while stopping."""
+    def submit(self, *jobs: Job) -> None:
+        """Queue a request's jobs (its choices), all or none: QueueFull when they would take the queue past its bound
+        (each counted in /metrics with status QueueFull), ShuttingDown while stopping."""
         if self._stopping.is_set():
             raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
-        if self._waiting.qsize() + len(self.scheduler.waiting) >= self._waiting.maxsize:
-            raise QueueFull(f"the request queue is full ({self._waiting.maxsize} waiting); retry shortly")
-        try:
-            self._waiting.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the request queue is full ({self._waiting.maxsize} waiting); retry shortly") from None
+        with self._admitting:
+            if self.queue_depth + len(jobs) > self.max_queue:
+                for job in jobs:
+                    self.metrics.requests.labels(adapter=self._label(job), status=QueueFull.__name__).inc()
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
+            for job in jobs:
+                self._waiting.put_nowait(job)
         self.metrics.queue_depth.set(self.queue_depth)
+        self._wake.set()
+
+    def cancel(self, jobs) -> None:
+        """Clients gone: the jobs stop counting against --max-queue at once, and leave the engine (row, cache reservation,
+        adapter) at its next step, which starts at once where the engine idles."""
+        for job in jobs:
+            job.cancel()
         self._wake.set()
 
     def call(self, fn: Callable[[AdapterManager], object]) -> Future:
@@ -154,8 +168,13 @@ class Engine(Admission):
 
     @property
     def queue_depth(self) -> int:
-        """Requests not yet running: arrived, or waiting for a budget."""
-        return self._waiting.qsize() + len(self.scheduler.waiting)
+        """Requests not yet running whose client still waits: arrived, being read, or waiting for a budget (any thread).
+        A cancelled one is left out at once, though the next step drops it: a burst its clients abandoned takes no place
+        in --max-queue (no 429 for nothing) and shows in no gauge. Each list is copied whole under the GIL first."""
+        held = self._jobs
+        reading = [j for j in list(self._reading) if id(j) not in held]  # once held, counted from the scheduler's queue
+        jobs = [*list(self._waiting.queue), *reading, *(held.get(t.key) for t in list(self.scheduler.waiting))]
+        return sum(1 for j in jobs if j is not None and not j.cancelled and not j.finished)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, requests: list[dict], max_new_tokens: int = 32, on_done: Callable[[int], None] | None = None) -> list[dict]:
@@ -201,7 +220,7 @@ class Engine(Admission):
             while ended < len(requests):
                 # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
                 # requests is not tokenized, nor held as tickets, all at once
-                while pending and self.queue_depth < self._waiting.maxsize:
+                while pending and self.queue_depth < self.max_queue:
                     self._waiting.put_nowait(pending.popleft())
                 self._serve_once()
         except BaseException:

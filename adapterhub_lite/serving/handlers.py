@@ -122,13 +122,10 @@ class Handlers(Answers):
         return Request(rid, model, body, params, jobs, events, chat, n)
 
     def submit(self, req: Request) -> None:
-        """Queue every job of a request; on a full queue, none of them stays queued."""
+        """Queue every job of a request, or none (a full queue: 429, and no sibling choice queued for nobody)."""
         try:
-            for job in req.jobs:
-                self.engine.submit(job)
+            self.engine.submit(*req.jobs)
         except AdapterHubError as exc:
-            for job in req.jobs:
-                job.cancel()
             raise as_api_error(exc) from None
 
     async def _begin(self, body: dict, endpoint, prefix: str, http):

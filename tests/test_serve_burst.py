@@ -1,0 +1,132 @@
+"""A burst its clients abandon: requests whose clients left must leave the queue at once (no place in --max-queue, gone
+at the engine's next step with whatever they held), and a request sent after them is admitted ahead of every dead one.
+The engine is stepped by the test (steps are counted, never seconds)."""
+
+import asyncio
+import threading
+
+import httpx
+
+from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.jobs import Job, QueueFull
+from adapterhub_lite.serving.params import SamplingParams
+from adapterhub_lite.serving.router import Router
+from adapterhub_lite.serving.scheduler import Budgets
+
+from .serving import KEY, Served
+
+
+def job(prompt=(5, 9, 14), new=8) -> Job:
+    return Job({"adapter": "base", "prompt_ids": list(prompt)}, lambda ev, p: None, SamplingParams(max_tokens=new, ignore_eos=True))
+
+
+def counted(engine, status: str) -> float:
+    return engine.metrics.requests.labels(adapter="base", status=status)._value.get()
+
+
+def test_cancelled_requests_take_no_place_in_the_queue_and_leave_in_one_step(serve_registry):
+    """One row runs; --max-queue 4 holds 4 queued requests whose clients then leave. A fresh request is accepted at once
+    (it was a 429 while the dead still counted), and after one engine step the dead are gone and only it waits."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"), max_queue=4, budgets=Budgets(max_rows=1))
+    busy = job(new=500)
+    engine.submit(busy)
+    while not engine._rows:
+        engine._serve_once()
+    dead = [job() for _ in range(4)]
+    engine.submit(*dead)
+    engine._serve_once()
+    assert len(engine.scheduler.waiting) == 4 and engine.queue_depth == 4
+    engine.cancel(dead)
+    assert engine.queue_depth == 0
+    fresh = job()
+    engine.submit(fresh)  # QueueFull before: the 4 dead still counted against --max-queue
+    engine._serve_once()
+    assert [t.key for t in engine.scheduler.waiting] == [id(fresh)] and set(engine._jobs) == {id(busy), id(fresh)}
+    assert counted(engine, "cancelled") == 4
+    engine._gauges()
+    assert engine.metrics.queue_depth._value.get() == 1
+    engine.cancel([busy])
+    engine._serve_once()  # the running row leaves in its decode step
+    engine._serve_once()
+    assert set(engine._rows) == {id(fresh)}  # admitted once the row is free
+
+
+def test_the_queue_bound_holds_while_the_engine_reads_arrivals(serve_registry, monkeypatch):
+    """--max-queue 2, two arrivals: while the engine thread reads them (tokenizes, routes) they are neither in the
+    arrivals queue nor the scheduler's, and a request submitted then was taken: the bound was passed (a burst of 240
+    showed 271 queued under --max-queue 256). It is refused."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router, max_queue=2)
+    engine.submit(job(), job())
+    prepare, seen = router.prepare, []
+
+    def reading(*args, **kwargs):
+        if not seen:  # a client's submit from the event loop, while the engine reads the first arrival
+            try:
+                engine.submit(job())
+                seen.append("taken")
+            except QueueFull:
+                seen.append("refused")
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(router, "prepare", reading)
+    engine._intake()
+    assert seen == ["refused"] and len(engine.scheduler.waiting) == 2 and engine._waiting.empty()
+
+
+class Gate:
+    """The served engine's steps, one at a time on the test's word (free: as usual)."""
+
+    def __init__(self, engine, monkeypatch):
+        self.once, self.free = engine._serve_once, True
+        self.go, self.ran = threading.Semaphore(0), threading.Semaphore(0)
+        monkeypatch.setattr(engine, "_serve_once", self._step)
+
+    def _step(self):
+        if self.free:
+            return self.once()
+        self.go.acquire()
+        try:
+            return self.once()
+        finally:
+            self.ran.release()
+
+    def hold(self):
+        self.free = False
+        self.go.release()  # the step under way ends; the next waits
+        assert self.ran.acquire(timeout=30)
+
+    def step(self):
+        self.go.release()
+        assert self.ran.acquire(timeout=30)
+
+    def open(self):
+        self.free = True
+        self.go.release()
+
+
+def test_a_request_refused_for_a_full_queue_queues_none_of_its_choices(serve_registry, monkeypatch):
+    """--max-queue 3 holds one queued request; one with n=4 is refused (429) whole: none of its choices was queued
+    for nobody (two were, then cancelled), and the refusal is counted, one per choice as every ending is."""
+    s = Served(serve_registry, max_batch_rows=1, max_queue=3)
+    gate = Gate(s.engine, monkeypatch)
+    try:
+        gate.hold()
+
+        async def go():
+            async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
+                first = asyncio.ensure_future(h.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 4}))
+                while s.engine._waiting.qsize() < 1:
+                    await asyncio.sleep(0.01)
+                refused = await h.post("/v1/completions", json={"model": "base", "prompt": "y", "max_tokens": 4, "n": 4})
+                queued = s.engine._waiting.qsize()
+                gate.open()
+                return refused, queued, (await first).status_code
+
+        refused, queued, first = asyncio.run(go())
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "queue_full"
+        assert queued == 1 and first == 200
+        assert counted(s.engine, "QueueFull") == 4 and counted(s.engine, "cancelled") == 0
+    finally:
+        gate.open()
+        s.close()
