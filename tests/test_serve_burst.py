@@ -3,9 +3,12 @@ at the engine's next step with whatever they held), and a request sent after the
 The engine is stepped by the test (steps are counted, never seconds)."""
 
 import asyncio
+import json
+import socket
 import threading
 
 import httpx
+import pytest
 
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job, QueueFull
@@ -103,6 +106,53 @@ class Gate:
     def open(self):
         self.free = True
         self.go.release()
+
+
+def send_and_close(port: int, bodies: list[dict]) -> list[socket.socket]:
+    """Raw connections, each sending one whole request and reading nothing (closed by the caller)."""
+    out = []
+    for body in bodies:
+        data = json.dumps(body).encode()
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + KEY.encode()
+                  + b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_clients_that_close_while_queued_leave_before_the_next_step(serve_registry, monkeypatch, stream):
+    """The engine is held while 3 requests (one with n=2) arrive and their clients close their sockets, sending nothing
+    more. The server must see the closes before the engine's next step: a stream not yet accepted was watched by
+    nobody (its response not begun), and a whole response was looked at every quarter second, both while uvicorn did
+    not read the socket. That step then reads none of them, and a request sent after them is admitted first."""
+    s = Served(serve_registry, max_batch_rows=1)
+    gate = Gate(s.engine, monkeypatch)
+    try:
+        gate.hold()
+        body = {"model": "base", "prompt": "gone", "max_tokens": 50, "ignore_eos": True, "stream": stream}
+        socks = send_and_close(s.port, [body, {**body, "n": 2}, body])
+        for _ in range(3000):  # until the handlers have queued the 4 choices
+            if s.engine._waiting.qsize() == 4:
+                break
+            threading.Event().wait(0.01)
+        dead = list(s.engine._waiting.queue)
+        for sock in socks:
+            sock.close()
+        for _ in range(5):  # a few round trips through the server's event loop: it has handled the closes by then
+            httpx.get(s.url + "/health")
+            if all(j.cancelled for j in dead):
+                break
+        assert all(j.cancelled for j in dead), "the server has not seen its clients leave"
+        assert s.engine.queue_depth == 0
+        fresh = job()
+        s.engine.submit(fresh)
+        gate.step()
+        assert set(s.engine._jobs) == {id(fresh)} and id(fresh) in s.engine._rows
+        assert counted(s.engine, "cancelled") == 4
+    finally:
+        gate.open()
+        s.close()
 
 
 def test_a_request_refused_for_a_full_queue_queues_none_of_its_choices(serve_registry, monkeypatch):

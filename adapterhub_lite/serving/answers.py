@@ -49,6 +49,14 @@ class ClientGone(Exception):
     """The client closed the connection before its answer: nothing is sent (its rows are dropped)."""
 
 
+async def client_left(http) -> None:
+    """Return once the client has closed its connection (ASGI's http.disconnect), as vLLM's listen_for_disconnect.
+    receive() is awaited from the start: uvicorn reads the socket only while the app waits on it (it stops reading
+    after a request's body), so a client's close was seen only at the next check."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
 @dataclass
 class Request:
     """One completions or chat request made ready: its jobs (n per prompt), their events, and how to answer."""
@@ -61,30 +69,43 @@ class Request:
     events: asyncio.Queue  # (choice index, event, payload) from the engine thread
     chat: bool
     n: int = 1  # choices per prompt: jobs are n per prompt, in prompt order
+    getter: asyncio.Future | None = None  # the pending events.get(), kept across waits (cancelling one just given an event loses it)
+    left: asyncio.Future | None = None  # client_left(), while nothing else watches the connection
 
 
 class Answers:
     """Gathering or streaming a request's choices into its answer (a mixin of Handlers, which holds the state)."""
 
+    async def event(self, req: Request, http) -> tuple:
+        """The request's next (choice index, event, payload); ClientGone as soon as its client closes the connection
+        (its jobs are cancelled then: they hold no place in the queue and leave the engine at its next step)."""
+        req.getter = req.getter or asyncio.ensure_future(req.events.get())
+        if http is not None and req.left is None:
+            req.left = asyncio.ensure_future(client_left(http))
+        await asyncio.wait({req.getter, req.left} - {None}, return_when=asyncio.FIRST_COMPLETED)
+        if req.left is not None and req.left.done():
+            self.engine.cancel(req.jobs)
+            http.state.access["status"] = 499  # nginx's "client closed request"
+            raise ClientGone()
+        item, req.getter = req.getter.result(), None
+        return item
+
+    def unwatch(self, req: Request) -> None:
+        """Stop waiting for the request's events and its client's close."""
+        for task in (req.getter, req.left):
+            if task is not None:
+                task.cancel()
+        req.getter = req.left = None
+
     async def results(self, req: Request, http=None) -> list:
         """Every job's Result, in choice order; raises the first error (and drops the other choices). A client that
-        disconnects (checked every quarter second) has its rows dropped at the engine's next step."""
+        closes its connection has its jobs dropped at once (ClientGone)."""
         out = [None] * len(req.jobs)
-        left, getter, check = len(req.jobs), None, time.monotonic() + 0.25
+        left = len(req.jobs)
         try:
             async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
                 while left:
-                    # one get() kept across the waits (cancelling a get that has just been given an event would lose it)
-                    getter = getter or asyncio.ensure_future(req.events.get())
-                    done = (await asyncio.wait({getter}, timeout=max(0.0, check - time.monotonic())))[0]
-                    if time.monotonic() >= check:  # token events may flow without pause: the check has its own clock
-                        check = time.monotonic() + 0.25
-                        if http is not None and await http.is_disconnected():
-                            http.state.access["status"] = 499  # nginx's "client closed request"
-                            raise ClientGone()
-                    if not done:
-                        continue
-                    (index, ev, payload), getter = getter.result(), None
+                    index, ev, payload = await self.event(req, http)
                     if ev == "done":
                         out[index], left = payload, left - 1
                     elif ev == "error":
@@ -96,10 +117,8 @@ class Answers:
                 self.note(http.state.access, out, req.n, req.jobs)
             raise
         finally:
-            if getter is not None:
-                getter.cancel()
-            for job in req.jobs:
-                job.cancel()  # a no-op for finished jobs; frees the rows of the others
+            self.unwatch(req)
+            self.engine.cancel(req.jobs)  # a no-op for finished jobs; frees the rows of the others
         return out
 
     def note(self, access: dict, results: list, n: int = 1, jobs: list[Job] = ()) -> None:
@@ -117,7 +136,7 @@ class Answers:
         access = http.state.access
         self.submit(req)
         if flag(req.body, "stream", False):
-            early = await self.accepted(req)
+            early = await self.accepted(req, http)
             return StreamingResponse(self.stream(req, access, early), media_type="text/event-stream")
         results = await self.results(req, http)
         self.note(access, results, req.n)
@@ -131,16 +150,18 @@ class Answers:
             return body
         return P.completion_body(req.rid, req.model, choices, results, req.n)
 
-    async def accepted(self, req: Request) -> list:
+    async def accepted(self, req: Request, http=None) -> list:
         """Wait until the engine has read every choice of a streamed request (routed, tokenized, measured against
         the context). A request refused while being read (a missing task column, a prompt over the context, a field
         its adapter cannot honour) is then answered with its own status (400 …), as vLLM does, not with a 200
-        stream that carries the error. Returns the events of accepted choices that came in the meantime."""
+        stream that carries the error. Returns the events of accepted choices that came in the meantime.
+        A client that closes its connection meanwhile (its request queued, the response not begun, so Starlette does not
+        watch the connection yet) has its jobs dropped at once."""
         waiting, early = set(range(len(req.jobs))), []
         try:
             async with asyncio.timeout(self.settings.request_timeout + 5):  # the engine times out first; this guards a dead engine
                 while waiting:
-                    index, ev, payload = await req.events.get()
+                    index, ev, payload = await self.event(req, http)
                     if ev == "accepted":
                         waiting.discard(index)
                     elif ev == "error":
@@ -150,9 +171,10 @@ class Answers:
         except TimeoutError:
             raise as_api_error(RequestTimeout("no answer within the request timeout")) from None
         except BaseException:  # refused, timed out, or the client left: the other choices' rows are dropped too
-            for job in req.jobs:
-                job.cancel()
+            self.engine.cancel(req.jobs)
             raise
+        finally:
+            self.unwatch(req)  # once the response begins, Starlette's own listener watches the connection
         return early
 
     def choice(self, req: Request, index: int, result) -> dict:
@@ -268,7 +290,6 @@ class Answers:
             access["status"] = 499  # the client left mid-stream (nginx's "client closed request"), as for a whole response
             raise
         finally:
-            for job in req.jobs:
-                job.cancel()  # the client went away mid-stream: the engine drops the rows at its next step
+            self.engine.cancel(req.jobs)  # the client went away mid-stream: the engine drops the rows at its next step
             self.note(access, results, req.n, req.jobs)
         yield "data: [DONE]\n\n"
