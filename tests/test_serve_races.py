@@ -49,3 +49,22 @@ def test_an_unload_keeps_an_adapter_a_request_that_just_arrived_names(serve_regi
         engine._serve_once()
     assert refused is not None and refused.status == 409, refused
     assert ended[-1] == "done" and "error" not in ended and "rt" in router.folders and "rt" in catalogue.runtime
+
+
+def test_a_request_naming_a_merge_that_leaves_before_it_is_taken_in_counts_under_merged(serve_registry):
+    """A client names a built per-request merge directly (its merged-<hash> name) and leaves while the request is
+    still in the arrival queue: its cancellation counts under adapter="merged" as every merge's requests do, not
+    under a label of its own (one per recipe would grow /metrics without bound)."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router)
+    catalogue = Catalogue(engine)
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+    name = asyncio.run(asyncio.wait_for(_on_engine_steps(engine, catalogue.merged(recipe, "gen_a")), 60))
+    job = Job({"adapter": name, "prompt_ids": [5, 9, 14]}, lambda ev, p: None, SamplingParams(max_tokens=2))
+    engine.submit(job)
+    job.cancel()
+    engine._serve_once()
+    assert not engine._jobs and engine._waiting.empty()
+    counted = {s.labels["adapter"]: s.value for m in engine.metrics.requests.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels.get("status") == "cancelled"}
+    assert counted == {"merged": 1.0}, counted
