@@ -194,3 +194,14 @@ def test_a_steps_tokens_are_stamped_after_they_are_read(served, monkeypatch):
             last_read = t
         else:
             assert last_read is not None and t >= last_read, events
+
+
+def test_only_names_of_a_merges_exact_shape_share_the_merged_label():
+    """A per-request merge is served as merged-<12 hex digits of its recipe's hash>, and only such names count under
+    adapter="merged": an operator's adapter whose name merely starts like one (longer, upper case, another suffix)
+    keeps its own series."""
+    from adapterhub_lite.serving.metrics import adapter_label
+
+    assert adapter_label("merged-0123456789ab") == "merged"
+    for own in ("merged-0123456789abc", "merged-0123456789ab-v2", "merged-0123456789AB", "merged-sst2", "xmerged-0123456789ab"):
+        assert adapter_label(own) == own
