@@ -160,3 +160,24 @@ def test_the_base_models_root_names_the_base_on_the_tokenizer_routes(served):
     text = httpx.post(served.url + "/detokenize", json={"model": first["root"], "tokens": by_root.json()["tokens"]})
     assert text.status_code == 200 and text.json()["prompt"] == PROMPT
     assert httpx.post(served.url + "/tokenize", json={"model": first["root"] + "-other", "prompt": PROMPT}).status_code == 404
+    assert httpx.post(served.url + "/detokenize", json={"model": first["root"] + "-other", "tokens": [5]}).status_code == 404
+
+
+def test_continuous_usage_counts_tokens_held_for_a_stop_string(served):
+    """Text that may begin a stop string is held back, so a later chunk streams several tokens at once (here the first
+    four, whose bytes make no whole character alone), and the tokens that make up a matched stop string are never
+    streamed. Each chunk's usage still counts the tokens whose text it and the chunks before it hold (its token_ids
+    show them), and the finishing chunk every generated token, as the last usage chunk does."""
+    held = {**guidellm_body(False, 8), "return_token_ids": True, "stop": ["zz"], "temperature": 1.0, "seed": 0}
+    matched = {**guidellm_body(False, 8), "return_token_ids": True, "stop": ["333"]}  # the base answers 3s greedily
+    for body, reason in ((held, "length"), (matched, "stop")):
+        r, chunks = events(served, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        with_choices, seen = [c for c in chunks if c["choices"]], 0
+        for c in with_choices:
+            seen += len(c["choices"][0].get("token_ids", []))
+            assert c["usage"]["completion_tokens"] == seen, (body["stop"], with_choices)
+        assert with_choices[-1]["choices"][0]["finish_reason"] == reason
+        assert with_choices[-1]["usage"]["completion_tokens"] == chunks[-1]["usage"]["completion_tokens"] == seen
+        if reason == "length":  # what this test is about: one chunk released several held tokens mid-stream
+            assert any(len(c["choices"][0].get("token_ids", [])) > 1 for c in with_choices[:-2]), with_choices
