@@ -209,12 +209,13 @@ def test_empty_or_unservable_registry_is_one_line_error(trained, tmp_path, capsy
         assert not (tmp_path / "s.sh").exists()
 
 
-def test_lora_modules_values_parse_as_vllm_reads_them(trained, tmp_path, capsys):
+@pytest.mark.parametrize("folder", ["runs=2, final", "runs=2", "runs,2"])
+def test_lora_modules_values_parse_as_vllm_reads_them(trained, tmp_path, capsys, folder):
     """vLLM's --lora-modules (LoRAParserAction) reads a value holding '=' and no ',' as name=path, split at every '=',
-    and any other value as JSON {"name", "path"}: a registry whose path holds '=', ',' and a space still gives every
-    served name its own folder (before, ',' sent the value to the JSON parser, which refused it, and a second '='
-    broke the split)."""
-    root = tmp_path / "runs=2, final" / "reg"
+    and any other value as JSON {"name", "path"}: a registry whose path holds '=', ',' (either alone, or both) and a
+    space still gives every served name its own folder (before, ',' sent the value to the JSON parser, which refused
+    it, and a second '=' broke the split)."""
+    root = tmp_path / folder / "reg"
     reg = LocalRegistry(root)
     reg.publish(trained["lora4"], "1.0.0")
     reg.publish(trained["lora16"], "1.0.0")
