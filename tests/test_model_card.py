@@ -87,3 +87,22 @@ def test_the_card_s_snippet_loads_the_base_in_the_dtype_it_was_trained_in(tmp_pa
     names: dict = {}
     exec(code.split("model = PeftModel")[0], names)  # the snippet up to the adapter: the base it loads
     assert names["base"].get_input_embeddings().weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype, torch_name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_the_card_s_snippet_names_each_recorded_dtype_as_torch_does(tmp_path, dtype, torch_name):
+    """A run trained in bf16 or fp16 (CUDA's auto dtypes): the snippet's base loads in that very dtype, not another
+    half-precision one (the tiny backbone's config says float32, so only the snippet's argument can set it)."""
+    import re
+
+    import torch
+
+    from adapterhub_lite.model.weights import resolve
+
+    meta = json.loads((ADAPTERS / "sst2" / "1.1.0" / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"]["quantization"], meta["base"]["dtype"] = "none", dtype
+    backbone = str(resolve("tiny-random-llama")[0])
+    code = re.search(r"```python\n(.*?)```", model_card(meta), re.S)[1].replace(meta["base"]["hub_id"], backbone)
+    names: dict = {}
+    exec(code.split("model = PeftModel")[0], names)
+    assert names["base"].get_input_embeddings().weight.dtype == getattr(torch, torch_name)
