@@ -125,4 +125,4 @@ def test_a_tool_result_message_is_refused_saying_tools_are_not_called(served):
     for model in ("base", "gen_a"):
         r = served.post("/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 4})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role", r.text
-        assert "'tool'" in r.json()["error"]["message"] and "does not call tools" in r.json()["error"]["message"]
+        assert '"tool"' in r.json()["error"]["message"] and "does not call tools" in r.json()["error"]["message"]

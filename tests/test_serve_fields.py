@@ -637,3 +637,13 @@ def test_lora_that_needs_a_rewritten_base_is_refused_by_every_reader(serve_regis
     with pytest.raises(AdapterLoadError, match="pissa_niter_4.*rewrites the base"):  # the per-row layer's own check, without check_fits
         router.bank.add("pissa", folder)
     assert any("pissa_niter_4" in p and "rewrites the base" in p for p in lora_problems(*read_layout(folder), "vllm"))
+
+
+def test_a_refused_value_is_shown_as_the_json_the_client_sent(served):
+    """The 400's message quotes the value as the client wrote it (JSON: true, null, "x"), not as Python prints it
+    (True, None, 'x'), so a client author can find it in the body they sent."""
+    for field, value, shown in (("stream", "yes", '"yes"'), ("echo", 1.5, "1.5"), ("logprobs", True, "true"),
+                                ("stop", {"a": None}, '{"a": null}')):
+        r = served.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 1, field: value})
+        assert r.status_code == 400, (field, r.text)
+        assert f"`{field}` is {shown};" in r.json()["error"]["message"], (field, r.json())

@@ -8,6 +8,7 @@ serve/params.py.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -34,8 +35,11 @@ NO_RETRY = {"x-should-retry": "false"}
 
 
 def bad(field: str, value, fix: str, code: str = "invalid_value") -> ApiError:
-    """A 400 naming the field, the value seen (shortened) and the fix."""
-    shown = repr(value)
+    """A 400 naming the field, the value seen (shortened, as the JSON the client sent: `true`, `null`, "x") and the fix."""
+    try:
+        shown = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # not a JSON value (a caller passed a Python object): its repr
+        shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return ApiError(400, f"`{field}` is {shown}; {fix}", code=code, param=field)
