@@ -181,3 +181,27 @@ def test_continuous_usage_counts_tokens_held_for_a_stop_string(served):
         assert with_choices[-1]["usage"]["completion_tokens"] == chunks[-1]["usage"]["completion_tokens"] == seen
         if reason == "length":  # what this test is about: one chunk released several held tokens mid-stream
             assert any(len(c["choices"][0].get("token_ids", [])) > 1 for c in with_choices[:-2]), with_choices
+
+
+def test_a_chat_stream_that_fails_before_its_first_token_sends_no_role_chunk(serve_registry, tmp_path):
+    """The role chunk comes with a choice's first output; a request accepted (the stream started, 200) whose adapter
+    then fails as it is read (its files changed on disk since the server checked them) sends the error alone, as
+    vLLM does, not a role chunk a load tester would time as the first token of a request that failed."""
+    import shutil
+
+    from .serving import Served
+
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    s = Served(reg)
+    try:
+        weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        body = {"model": "gen_b", "messages": [{"role": "user", "content": "ab"}], "stream": True}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        data_lines = [line[6:] for line in r.text.splitlines() if line.startswith("data: {")]
+        assert r.status_code == 200 and data_lines and "error" in json.loads(data_lines[0]), r.text
+        assert not any(json.loads(d).get("choices") for d in data_lines), data_lines
+    finally:
+        s.close()
