@@ -161,3 +161,23 @@ def test_every_command_that_loads_a_backbone_takes_no_progress(command):
 
     options = build_parser()._subparsers._group_actions[0].choices[command]._option_string_actions
     assert "--device" in options and "--no-progress" in options
+
+
+def test_no_progress_silences_the_libraries_bars_in_process_too(published, capsys, monkeypatch):
+    """main() called in a process that imported transformers already (a notebook, a script, these tests): transformers
+    read the environment switch at its import, so --no-progress must turn its bars off directly; the 'Loading weights'
+    bar shows without the flag and not with it."""
+    from transformers.utils import logging as hf_logging
+
+    folder, _ = published
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # main() sets it: restored after the test
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        shown = {}
+        for flag in ((), ("--no-progress",)):
+            assert main(["predict", str(folder), "--text", "pos 1", *flag]) == 0
+            shown[flag] = "Loading weights" in capsys.readouterr().err
+        assert shown == {(): True, ("--no-progress",): False}
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
