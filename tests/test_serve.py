@@ -74,6 +74,10 @@ def test_completions_chat_streaming_classify_and_models(served):
         assert cards[name]["parent"] == "base" and (Path(cards[name]["root"]) / "adapter_config.json").is_file(), name
     assert cards["gen_b"]["root"] == cards["gen_b@1.0.0"]["root"] != cards["gen_b@0.9.0"]["root"]  # the latest is 1.0.0
     assert cards["auto"]["parent"] == "base"
+    # every card has vLLM's max_model_len key: what a request to it may fill (a prompt adapter's virtual tokens come first)
+    context, virtual = served.router.max_model_len, served.router.virtual_tokens("gen_prompt")[1]
+    assert virtual > 0 and cards["gen_prompt"]["max_model_len"] == context - virtual
+    assert cards["gen_a"]["max_model_len"] == context and cards["auto"]["max_model_len"] is None
 
     raw = c.completions.create(model="gen_a", prompt="In: ab\nOut:", max_tokens=6, logprobs=2)
     assert raw.choices[0].finish_reason in ("stop", "length") and raw.usage.completion_tokens <= 6

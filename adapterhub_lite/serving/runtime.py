@@ -69,12 +69,20 @@ class Catalogue:
             root = str(held[i]) if i in held else roots.get(i)
             entry = {"id": i, "object": "model", "created": self.created, "owned_by": "adapterhub-lite",
                      "root": root, "parent": None if i == BASE else BASE, "permission": [self._permission(i)]}
-            if i == BASE:
-                entry["max_model_len"] = self.router.max_model_len
+            entry["max_model_len"] = self._context(i)
             if i in gone:
                 entry.update(available=False, unavailable_reason=gone[i])
             out.append(entry)
         return out
+
+    def _context(self, model: str) -> int | None:
+        """A card's `max_model_len`: the positions a request to it may fill (prompt and answer). A prompt- or
+        prefix-tuning adapter's virtual tokens take theirs first. `auto` (whichever adapter it routes to) and an id not
+        inspected yet: null, as vLLM lists its LoRA cards, rather than a guess; the key is on every card, as vLLM's."""
+        if model == BASE:
+            return self.router.max_model_len
+        kind = self.router.kinds.get(model)
+        return None if kind is None else self.router.max_model_len - kind[1]
 
     @property
     def base_root(self) -> str:
