@@ -295,20 +295,37 @@ def test_what_a_spec_may_leave_out_names_every_optional_key():
     assert [k for k in sorted(optional) if f"`{k}`" not in section] == []
 
 
-def test_the_use_snippet_trains_into_a_folder_the_commands_above_did_not_write():
-    """Use's Python snippet trained into runs/sst2, which the bash block just above writes first: pasted in order, it
-    raised OutputExistsError (telling a Python caller to "pass --overwrite")."""
+def _use_train_outputs() -> list[tuple[str, str]]:
+    """Each training line of the Use section's bash block and the folder it writes (`--output`, else runs/<name>)."""
     import yaml
 
     use = README.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
-    written = set()
+    found = []
     for line in re.search(r"```bash\n(.*?)```", use, re.S).group(1).splitlines():
         m = re.search(r"(?:adapterhub-lite|adapterhub_lite\.cli|train_adapter\.py) (?:train )?(scripts/\S+\.yaml)(.*)", line)
         if m:
             out = re.search(r"--output (\S+)", m.group(2))
-            written.add(out.group(1) if out else f"runs/{yaml.safe_load((ROOT / m.group(1)).read_text())['name']}")
+            found.append((line, out.group(1) if out else f"runs/{yaml.safe_load((ROOT / m.group(1)).read_text())['name']}"))
+    return found
+
+
+def test_the_use_snippet_trains_into_a_folder_the_commands_above_did_not_write():
+    """Use's Python snippet trained into runs/sst2, which the bash block just above writes first: pasted in order, it
+    raised OutputExistsError (telling a Python caller to "pass --overwrite")."""
+    use = README.split("\n## Use\n", 1)[1].split("\n## ", 1)[0]
+    written = {out for _, out in _use_train_outputs()}
     outputs = re.findall(r'\btrain\(.*?,\s*"([^"]+)"', re.search(r"```python\n(.*?)```", use, re.S).group(1))
     assert outputs and written and set(outputs) & written == set()
+
+
+def test_the_use_block_trains_each_run_into_its_own_folder():
+    """Use's bash block trained scripts/tasks/sst2.yaml into runs/sst2 and then minimal/sst2.yaml (also named sst2),
+    the torchrun line and train_adapter.py into the same runs/sst2: pasted in order, each later line stopped on
+    "output folder 'runs/sst2' already exists". Only `--resume` (continue that run) may name a folder again."""
+    fresh = [(line, out) for line, out in _use_train_outputs() if "--resume" not in line and "--overwrite" not in line]
+    seen: dict = {}
+    clashes = [f"{line}: writes {out}, as `{seen[out]}` above" for line, out in fresh if seen.setdefault(out, line) != line]
+    assert len(fresh) >= 4 and clashes == []
 
 
 def test_router_run_answers_with_the_keys_the_readme_names(tmp_path):
