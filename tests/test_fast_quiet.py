@@ -181,3 +181,19 @@ def test_no_progress_silences_the_libraries_bars_in_process_too(published, capsy
         assert shown == {(): True, ("--no-progress",): False}
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.parametrize("command", ["train", "train-multi"])
+def test_no_progress_turns_the_training_step_bar_off(cls_task, capsys, command):
+    """The training loop's step bar shows on stderr, and --no-progress turns it off (the flag is passed on to the loop
+    by train and train-multi alike)."""
+    import yaml
+
+    other = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+    specs = ["toy.yaml"] if command == "train" else ["toy.yaml", "other.yaml"]
+    shown = {}
+    for flag in ((), ("--no-progress",)):
+        assert main([command, *specs, "train.max_steps=1", "--output", f"out{len(flag)}", *flag]) == 0
+        shown[flag] = "1/1 [" in capsys.readouterr().err
+    assert shown == {(): True, ("--no-progress",): False}
