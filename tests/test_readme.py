@@ -372,3 +372,19 @@ def test_the_cli_points_at_files_that_exist():
     named = {p for f in (package / "cli").glob("*.py") for p in re.findall(r"\b((?:[a-z_]+/)+[a-z_]+\.py)\b", f.read_text())}
     assert len(named) > 5
     assert [p for p in sorted(named) if not (package / p).is_file() and not (ROOT / p).is_file()] == []
+
+
+def test_the_metric_names_the_readme_gives_are_served():
+    """Each `adapterhub_…` series the README names is one `GET /metrics` exposes under that name, and so is each
+    latency histogram its Operations list names under our prefix: it named `adapterhub_scheduler_waits{budget}`, a
+    counter prometheus_client exposes as `adapterhub_scheduler_waits_total` (a query for the other finds nothing)."""
+    from prometheus_client import generate_latest
+
+    from adapterhub_lite.serving.metrics import ServeMetrics
+
+    served = set(re.findall(r"^# HELP (\w+) ", generate_latest(ServeMetrics().registry).decode(), flags=re.M))
+    named = set(re.findall(r"`(adapterhub_(?!lite)[a-z][a-z_]*)", README))
+    operations = README.split("- **Operations.**", 1)[1].split("\n- **", 1)[0]
+    histograms = re.search(r"`adapterhub_`\):\s*(.*?)\. The per-request", operations, re.S).group(1)
+    named |= {f"adapterhub_{h}" for h in re.findall(r"`(\w+)`", histograms)}
+    assert len(named) >= 12 and sorted(named - served) == []
