@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from adapterhub_lite.serving.engine import Engine
-from adapterhub_lite.serving.jobs import Job, QueueFull
+from adapterhub_lite.serving.jobs import Job, QueueFull, ShuttingDown
 from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.scheduler import Budgets
@@ -180,3 +180,13 @@ def test_a_request_refused_for_a_full_queue_queues_none_of_its_choices(serve_reg
     finally:
         gate.open()
         s.close()
+
+
+def test_a_request_refused_while_stopping_is_counted(serve_registry):
+    """A request that reaches a stopping engine gets ShuttingDown (a 503 to its client) and, as every ending, is counted
+    in /metrics, one per choice: before, those refusals showed nowhere."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"))
+    engine.stop()
+    with pytest.raises(ShuttingDown):
+        engine.submit(job(), job())
+    assert counted(engine, "ShuttingDown") == 2 and engine.queue_depth == 0

@@ -110,19 +110,22 @@ class Engine(Admission):
         return self._thread.is_alive() and not self._stopping.is_set()
 
     def submit(self, *jobs: Job) -> None:
-        """Queue a request's jobs (its choices), all or none: QueueFull when they would take the queue past its bound
-        (each counted in /metrics with status QueueFull), ShuttingDown while stopping."""
+        """Queue a request's jobs (its choices), all or none: QueueFull when they would take the queue past its bound,
+        ShuttingDown while stopping (each refused job counted in /metrics with that status, as every ending is)."""
         if self._stopping.is_set():
-            raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
+            self._refuse(jobs, ShuttingDown("the server is shutting down and takes no new requests; retry on another replica"))
         with self._admitting:
             if self.queue_depth + len(jobs) > self.max_queue:
-                for job in jobs:
-                    self.metrics.requests.labels(adapter=self._label(job), status=QueueFull.__name__).inc()
-                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
+                self._refuse(jobs, QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly"))
             for job in jobs:
                 self._waiting.put_nowait(job)
         self.metrics.queue_depth.set(self.queue_depth)
         self._wake.set()
+
+    def _refuse(self, jobs, exc: Exception):
+        for job in jobs:
+            self.metrics.requests.labels(adapter=self._label(job), status=type(exc).__name__).inc()
+        raise exc
 
     def cancel(self, jobs) -> None:
         """Clients gone: the jobs stop counting against --max-queue at once, and leave the engine (row, cache reservation,
