@@ -16,7 +16,7 @@ for t in sst2 rte ag_news; do
 done
 adapterhub-lite train-multi scripts/tasks/sst2.yaml scripts/tasks/rte.yaml scripts/tasks/ag_news.yaml \
   --weighting dynamic --sampling temperature --temperature 2 --shared-adapter \
-  train.max_steps=240 train.batch_size=16 train.warmup_steps=10 train.eval_every=80 train.eval_samples=200 train.max_minutes=0 \
+  train.max_steps=240 train.batch_size=16 train.warmup_steps=10 train.eval_every=80 train.checkpoint_every=80 train.eval_samples=200 train.max_minutes=0 \
   --output runs/mtl
 adapterhub-lite interference runs/sep/sst2 runs/sep/rte runs/sep/ag_news runs/mtl --output runs/report --rows 200
 adapterhub-lite compose-fit scripts/tasks/rte.yaml --from sst2 ag_news date_iso person_json \

@@ -388,3 +388,30 @@ def test_the_metric_names_the_readme_gives_are_served():
     histograms = re.search(r"`adapterhub_`\):\s*(.*?)\. The per-request", operations, re.S).group(1)
     named |= {f"adapterhub_{h}" for h in re.findall(r"`(\w+)`", histograms)}
     assert len(named) >= 12 and sorted(named - served) == []
+
+
+def test_train_multi_lines_of_the_scripts_the_readme_runs_give_specs_that_agree():
+    """The README's multi-task figures come from `bash scripts/mtl_experiment.sh`, whose train-multi line gave no
+    train.checkpoint_every: since that key became the run's (c782af4) the shipped sst2 / rte / ag_news specs' 120 /
+    (every eval) / 100 were refused, after step 1's three trainings had run. Each train-multi line of a script the
+    README runs must give specs a joint run accepts (read without a model)."""
+    from adapterhub_lite.cli.multitask import _specs_and_overrides
+    from adapterhub_lite.core.errors import AdapterHubError
+    from adapterhub_lite.core.spec import load_spec
+    from adapterhub_lite.training.recipes.joint_config import JointConfig
+
+    scripts = sorted(set(re.findall(r"\bbash (scripts/[\w/.-]+\.sh)\b", README)))  # in a bash block or inline
+    problems, seen = [], 0
+    for script in scripts:
+        for line in (ROOT / script).read_text().replace("\\\n", " ").splitlines():
+            if not line.strip().startswith("adapterhub-lite train-multi "):
+                continue
+            words = shlex.split(line.split("#")[0])
+            seen += 1
+            args, extra = build_parser().parse_known_args(words[1:])
+            paths, overrides = _specs_and_overrides(args.specs + extra)
+            try:
+                JointConfig.from_specs([load_spec(ROOT / p, overrides) for p in paths])
+            except AdapterHubError as exc:
+                problems.append(f"{script}: {exc}")
+    assert seen >= 1 and problems == []
