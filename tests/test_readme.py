@@ -415,3 +415,23 @@ def test_train_multi_lines_of_the_scripts_the_readme_runs_give_specs_that_agree(
             except AdapterHubError as exc:
                 problems.append(f"{script}: {exc}")
     assert seen >= 1 and problems == []
+
+
+def test_the_interference_line_says_where_the_runs_it_reads_come_from():
+    """Multi-task's interference line reads runs/sep/sst2, rte and ag_news, which no line of that block (or above it)
+    writes: a user pasting the block met 'does not exist'. Each folder it reads is written above in the block
+    (`--output`, or a train-multi output's per-task folder) or by the script its comment names."""
+    block = re.search(r"## Multi-task learning\n+```bash\n(.*?)```", README, re.S).group(1).replace("\\\n", " ")
+    written, problems = set(), []
+    for line in block.splitlines():
+        command, _, comment = line.partition("  #")
+        words = shlex.split(command)
+        if words[1:2] == ["interference"]:
+            scripts = [(ROOT / s).read_text() for s in re.findall(r"scripts/[\w/.-]+\.sh", comment)]
+            for folder in (w for w in words[2:words.index("--output")] if w.startswith("runs/")):
+                made_by_script = any(f"--output {folder.rsplit('/', 1)[0]}/$" in text for text in scripts)
+                if not (folder in written or folder.rsplit("/", 1)[0] in written or made_by_script):
+                    problems.append(folder)
+        if "--output" in words:
+            written.add(words[words.index("--output") + 1].rstrip("/"))
+    assert problems == []
