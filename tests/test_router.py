@@ -267,3 +267,15 @@ def test_a_slot_the_batch_needs_is_never_evicted_for_another(folders):
     with pytest.raises(ResidencyFull, match="adapter slots"):
         r.hold(["cls_b"], keep=frozenset({"cls_a"}))
     assert list(r.resident) == ["cls_a"] and r.evictions == 0
+
+
+def test_run_refuses_each_generation_setting_it_would_not_apply():
+    """Router.run (and infer) answer greedily within each task's budget: a request that sets a sampling or stopping
+    setting a client of an OpenAI / vLLM / transformers API would send is refused by name before anything runs, never
+    answered as if the setting had been applied."""
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    settings = {"stop": ["\n"], "stop_token_ids": [2], "seed": 1, "n": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1,
+                "do_sample": True, "repetition_penalty": 1.2, "logprobs": 2, "stream": True, "max_tokens": 4, "max_length": 9}
+    for key, value in settings.items():
+        with pytest.raises(AdapterHubError, match=rf"set \['{key}'\], which run\(\) does not read"):
+            router.run([{"adapter": "base", "text": "hi", key: value}])
