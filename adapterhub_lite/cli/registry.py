@@ -104,12 +104,12 @@ def check_registry(registry: str | None) -> None:
 def add_registry_commands(sub: argparse._SubParsersAction) -> None:
     """Register publish, list, info, pull, verify and reindex on the main parser."""
     p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
-    p.add_argument("adapter")
+    p.add_argument("adapter", help="the adapter folder to publish (a run's output, e.g. runs/sst2)")
     p.add_argument("--version", default="auto", help="MAJOR.MINOR.PATCH, or auto (bump the patch)")
     p.add_argument("--name", help="registry name (default: the task name)")
     p.set_defaults(func=_publish)
     p = sub.add_parser("list", help="list every published version")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
     p.set_defaults(func=_list)
     for name, func, text in (("info", _info, "show one version's index entry"), ("pull", _pull, "copy a verified version out")):
         p = sub.add_parser(name, help=text)
@@ -117,7 +117,7 @@ def add_registry_commands(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
     sub.choices["pull"].add_argument("--to", type=nonempty, required=True, help="new folder to copy into")
     p = sub.add_parser("verify", help="re-hash every file of every version; exit 1 on a mismatch")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="one adapter's name: check only its versions (default: every adapter)")
     p.set_defaults(func=_verify)
     p = sub.add_parser("reindex", help="rebuild a missing or damaged index.json from the version folders (each checked as a publish)")
     p.set_defaults(func=_reindex)
@@ -130,6 +130,6 @@ def add_registry_commands(sub: argparse._SubParsersAction) -> None:
 def add_convert_command(sub: argparse._SubParsersAction) -> None:
     """Register `convert` on the main parser (apart from the others: it comes after infer and merge in --help)."""
     p = sub.add_parser("convert", help="turn a trusted pickle adapter (adapter_model.bin) into safetensors")
-    p.add_argument("adapter")
+    p.add_argument("adapter", help="the adapter folder holding adapter_model.bin (replaced in place by adapter_model.safetensors)")
     p.add_argument("--trust-pickle", action="store_true", help="required: pickle files can run code when loaded")
     p.set_defaults(func=_convert)

@@ -160,7 +160,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the registry's adapters over an OpenAI-compatible HTTP API")
     p.add_argument("--registry", default="adapters", help="a local folder (default: adapters) or hf://org/repo")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--max-batch-rows", type=count(1), default=32, help="rows decoded together (1: one request at a time)")
     p.add_argument("--max-num-batched-tokens", type=count(1), help="tokens one step runs (a decoding row: 1; a prompt: its tokens, "
                    "in pieces over several steps when longer than what is left); at least --max-batch-rows (default: 2048 on a CPU, "
