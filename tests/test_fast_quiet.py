@@ -186,14 +186,15 @@ def test_no_progress_silences_the_libraries_bars_in_process_too(published, capsy
 @pytest.mark.parametrize("command", ["train", "train-multi"])
 def test_no_progress_turns_the_training_step_bar_off(cls_task, capsys, command):
     """The training loop's step bar shows on stderr, and --no-progress turns it off (the flag is passed on to the loop
-    by train and train-multi alike)."""
+    by train and train-multi alike). train-multi (two trainings a run) runs with the flag only, to stay fast: the
+    bar it would show is the loop's, shown by train's first run."""
     import yaml
 
     other = yaml.safe_load((cls_task / "toy.yaml").read_text())
     (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
     specs = ["toy.yaml"] if command == "train" else ["toy.yaml", "other.yaml"]
     shown = {}
-    for flag in ((), ("--no-progress",)):
+    for flag in ((), ("--no-progress",)) if command == "train" else (("--no-progress",),):
         assert main([command, *specs, "train.max_steps=1", "--output", f"out{len(flag)}", *flag]) == 0
         shown[flag] = "1/1 [" in capsys.readouterr().err
-    assert shown == {(): True, ("--no-progress",): False}
+    assert shown == ({(): True, ("--no-progress",): False} if command == "train" else {("--no-progress",): False})
