@@ -444,3 +444,11 @@ def test_every_option_of_every_command_says_what_it_does():
     missing = [f"{name} {a.option_strings[0] if a.option_strings else a.dest}" for name, sub in _subparsers().items()
                for a in sub._actions if a.help is None and not isinstance(a, argparse._HelpAction)]
     assert missing == []
+
+
+def test_a_block_that_activates_the_venv_makes_it_first():
+    """Use's block began `. .venv/bin/activate`, which a fresh clone does not have (only scripts/setup.sh, run by
+    demo.sh and test.sh, makes it): a reader going straight to Use got 'No such file or directory'. A block that
+    activates .venv runs setup.sh (idempotent) before it."""
+    blocks = [b for b in _blocks("bash") if ".venv/bin/activate" in b]
+    assert blocks and [b.splitlines()[0] for b in blocks if "scripts/setup.sh" not in b.split(".venv/bin/activate", 1)[0]] == []
