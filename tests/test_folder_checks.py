@@ -134,8 +134,15 @@ def test_files_are_hashed_at_every_load_not_only_at_start(serve_registry, tmp_pa
     try:
         shutil.copy(reg / "gen_b" / "1.0.0" / "adapter_model.safetensors", reg / "gen_a" / "1.0.0" / "adapter_model.safetensors")
         r = s.post("/v1/completions", {"model": "gen_a", "input": "ab"})
-        assert r.status_code == 400 and "changed since it was checked" in r.json()["error"]["message"], r.text
-        assert "gen_a" in httpx.get(s.url + "/health").json()["changed_adapters"]
+        # the server's files are at fault, not the request: a 503 no retry cures, as for a version damaged before start-up
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable" and r.headers["x-should-retry"] == "false", r.text
+        assert "changed since it was checked" in r.json()["error"]["message"], r.text
+        health = httpx.get(s.url + "/health").json()
+        assert "gen_a" in health["changed_adapters"] and "gen_a" in health["unavailable_adapters"]
+        card = next(m.model_extra for m in s.client.models.list().data if m.id == "gen_a")
+        assert card["available"] is False and "changed since it was checked" in card["unavailable_reason"]
+        again = s.post("/v1/completions", {"model": "gen_a", "input": "ab"})  # refused up front now, with the same why
+        assert again.status_code == 503 and "changed since it was checked" in again.json()["error"]["message"], again.text
         assert s.post("/v1/completions", {"model": "gen_b", "input": "ab"}).status_code == 200  # the others are served
     finally:
         s.close()

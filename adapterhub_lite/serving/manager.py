@@ -131,9 +131,13 @@ class AdapterManager(RequestReader):
         now = folder_hashes(folder)
         if now != hashes:
             moved = sorted(f for f in set(now) | set(hashes) if now.get(f) != hashes.get(f))
+            why = f"{', '.join(moved)} in {folder} changed since it was checked"
+            # the server's files, not the request, are at fault: unavailable (a 503 no retry cures) as a version damaged
+            # before start-up is, and listed so in /v1/models and /health until a reload registers it again
             self.changed[name] = f"{', '.join(moved)} changed after the adapter was checked"
-            raise AdapterLoadError(f"adapter {name!r}: {', '.join(moved)} in {folder} changed since it was checked; "
-                                   "it is not loaded: re-publish it and reload (POST /v1/reload), or restore the files")
+            self.unavailable[name] = why
+            raise AdapterUnavailable(f"adapter {name!r}: {why}; it is not loaded: re-publish it and reload (POST /v1/reload), "
+                                     "or restore the files; the server serves the other adapters")
 
     def close(self) -> None:
         """Remove the folders of merged adapters (the scratch folder); the router serves nothing after."""
