@@ -144,6 +144,11 @@ def test_files_are_hashed_at_every_load_not_only_at_start(serve_registry, tmp_pa
         again = s.post("/v1/completions", {"model": "gen_a", "input": "ab"})  # refused up front now, with the same why
         assert again.status_code == 503 and "changed since it was checked" in again.json()["error"]["message"], again.text
         assert s.post("/v1/completions", {"model": "gen_b", "input": "ab"}).status_code == 200  # the others are served
+        # files restored (the registry's re-hash passes again): a reload registers the version again and it is served
+        shutil.copy(serve_registry / "gen_a" / "1.0.0" / "adapter_model.safetensors", reg / "gen_a" / "1.0.0" / "adapter_model.safetensors")
+        assert s.post("/v1/reload", {}).status_code == 200
+        assert s.post("/v1/completions", {"model": "gen_a", "input": "ab"}).status_code == 200
+        assert "gen_a" not in httpx.get(s.url + "/health").json()["unavailable_adapters"]
     finally:
         s.close()
 

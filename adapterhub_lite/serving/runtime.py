@@ -326,7 +326,9 @@ class Catalogue:
                 try:
                     pinned = f"{name}@{router.registry.resolve(name)[1]}"
                     folder = router.registry.path(pinned)  # re-hashes the version's files
-                    same = name in router.folders and Path(router.folders[name]) == Path(folder)
+                    # the version served, unless it was refused at a load since (its files changed): the path's re-hash
+                    # just passed, so it is registered again and served
+                    same = name in router.folders and Path(router.folders[name]) == Path(folder) and name not in router.unavailable
                     found[name] = ("same", None) if same else ("read", router.inspect(name, folder))
                 except AdapterHubError as exc:  # one damaged version: listed as unavailable, the rest reload
                     found[name] = ("damaged", (str(exc), pinned))
