@@ -452,3 +452,12 @@ def test_a_block_that_activates_the_venv_makes_it_first():
     activates .venv runs setup.sh (idempotent) before it."""
     blocks = [b for b in _blocks("bash") if ".venv/bin/activate" in b]
     assert blocks and [b.splitlines()[0] for b in blocks if "scripts/setup.sh" not in b.split(".venv/bin/activate", 1)[0]] == []
+
+
+def test_the_gpu_check_usage_is_the_scripts():
+    """On a GPU showed `gpu_check.sh [OUTDIR] [tests|router|train|sst2]`, one phase or none, where the script takes any
+    number of phases (`[PHASE ...]`, default all): the usage and the phases it lists are the script's."""
+    source = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    phases = set(re.search(r"^ALL_PHASES=\(([^)]*)\)", source, re.M).group(1).split())
+    usage = re.search(r"`bash scripts/gpu_check.sh ([^`]*)`( \([^)]*\))?", README)
+    assert usage.group(1) == "[OUTDIR] [PHASE ...]" and set(re.findall(r"`(\w+)`", usage.group(2) or "")) == phases
