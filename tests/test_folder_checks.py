@@ -141,6 +141,8 @@ def test_files_are_hashed_at_every_load_not_only_at_start(serve_registry, tmp_pa
         assert "gen_a" in health["changed_adapters"] and "gen_a" in health["unavailable_adapters"]
         card = next(m.model_extra for m in s.client.models.list().data if m.id == "gen_a")
         assert card["available"] is False and "changed since it was checked" in card["unavailable_reason"]
+        pinned = s.post("/v1/completions", {"model": "gen_a@1.0.0", "input": "ab"})  # its pinned id is as unavailable
+        assert pinned.status_code == 503 and pinned.json()["error"]["code"] == "adapter_unavailable", pinned.text
         again = s.post("/v1/completions", {"model": "gen_a", "input": "ab"})  # refused up front now, with the same why
         assert again.status_code == 503 and "changed since it was checked" in again.json()["error"]["message"], again.text
         assert s.post("/v1/completions", {"model": "gen_b", "input": "ab"}).status_code == 200  # the others are served
@@ -148,7 +150,8 @@ def test_files_are_hashed_at_every_load_not_only_at_start(serve_registry, tmp_pa
         shutil.copy(serve_registry / "gen_a" / "1.0.0" / "adapter_model.safetensors", reg / "gen_a" / "1.0.0" / "adapter_model.safetensors")
         assert s.post("/v1/reload", {}).status_code == 200
         assert s.post("/v1/completions", {"model": "gen_a", "input": "ab"}).status_code == 200
-        assert "gen_a" not in httpx.get(s.url + "/health").json()["unavailable_adapters"]
+        assert s.post("/v1/completions", {"model": "gen_a@1.0.0", "input": "ab"}).status_code == 200
+        assert not {"gen_a", "gen_a@1.0.0"} & set(httpx.get(s.url + "/health").json()["unavailable_adapters"])
     finally:
         s.close()
 

@@ -332,6 +332,12 @@ class Catalogue:
                     found[name] = ("same", None) if same else ("read", router.inspect(name, folder))
                 except AdapterHubError as exc:  # one damaged version: listed as unavailable, the rest reload
                     found[name] = ("damaged", (str(exc), pinned))
+            for pinned in [i for i in router.unavailable if "@" in i]:  # a pinned id refused for its files: whole again?
+                try:
+                    router.registry.path(pinned)  # re-hashes the version's files
+                except AdapterHubError:
+                    continue
+                found[pinned] = ("repaired", None)
             return found
 
         def apply(router) -> dict:
@@ -342,6 +348,9 @@ class Catalogue:
             for name, (what, value) in found.items():
                 if what == "shadowed":
                     out["shadowed"].append(name)
+                elif what == "repaired":  # forgotten: the next request naming it registers it as on first use
+                    router.forget(name)
+                    self.failed.pop(name, None)
                 elif what != "same" and name in router.folders and name in wanted:
                     out["deferred"].append(name)  # never swap an adapter under running rows or the requests queued for it
                 elif what == "damaged":
