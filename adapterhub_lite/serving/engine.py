@@ -115,11 +115,12 @@ class Engine(Admission):
         if self._stopping.is_set():
             self._refuse(jobs, ShuttingDown("the server is shutting down and takes no new requests; retry on another replica"))
         with self._admitting:
-            if self.queue_depth + len(jobs) > self.max_queue:
+            depth = self.queue_depth + len(jobs)  # counted once: queue_depth walks the whole queue
+            if depth > self.max_queue:
                 self._refuse(jobs, QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly"))
             for job in jobs:
                 self._waiting.put_nowait(job)
-        self.metrics.queue_depth.set(self.queue_depth)
+        self.metrics.queue_depth.set(depth)
         self._wake.set()
 
     def _refuse(self, jobs, exc: Exception):
@@ -223,7 +224,7 @@ class Engine(Admission):
             while ended < len(requests):
                 # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
                 # requests is not tokenized, nor held as tickets, all at once
-                while pending and self.queue_depth < self.max_queue:
+                for _ in range(min(len(pending), self.max_queue - self.queue_depth)):  # queue_depth walks the queue: once a step
                     self._waiting.put_nowait(pending.popleft())
                 self._serve_once()
         except BaseException:

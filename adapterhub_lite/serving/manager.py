@@ -134,8 +134,7 @@ class AdapterManager(RequestReader):
             why = f"{', '.join(moved)} in {folder} changed since it was checked"
             # the server's files, not the request, are at fault: unavailable (a 503 no retry cures) as a version damaged
             # before start-up is, and listed so in /v1/models and /health until a reload registers it again
-            self.changed[name] = f"{', '.join(moved)} changed after the adapter was checked"
-            self.unavailable[name] = why
+            self.changed[name] = self.unavailable[name] = why
             raise AdapterUnavailable(f"adapter {name!r}: {why}; it is not loaded: re-publish it and reload (POST /v1/reload), "
                                      "or restore the files; the server serves the other adapters")
 
