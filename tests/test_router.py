@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -279,3 +280,29 @@ def test_run_refuses_each_generation_setting_it_would_not_apply():
     for key, value in settings.items():
         with pytest.raises(AdapterHubError, match=rf"set \['{key}'\], which run\(\) does not read"):
             router.run([{"adapter": "base", "text": "hi", key: value}])
+
+
+def test_a_new_router_removes_the_merge_folders_of_killed_ones_only(tmp_path, monkeypatch):
+    # A SIGKILLed server cannot remove its merged adapters' folder; the next router on the host removes it, and
+    # nothing of a live process, of another host sharing /tmp, or of a folder it cannot read the owner of.
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from adapterhub_lite.serving.manager import scratch_folder
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    host = socket.gethostname()
+    dead, live, other, odd = (tmp_path / f"adapterhub-router-{n}" for n in
+                              (f"{host}.{gone.stdout.strip()}.ab1", f"{host}.{os.getppid()}.ab2", f"elsewhere.{gone.stdout.strip()}.ab3", "x7k2"))
+    for d in (dead, live, other, odd):
+        (d / "merged-1").mkdir(parents=True)
+    scratch = scratch_folder()
+    try:
+        assert not dead.exists()
+        assert live.exists() and other.exists() and odd.exists()
+        assert Path(scratch.name).name.startswith(f"adapterhub-router-{host}.")
+    finally:
+        scratch.cleanup()

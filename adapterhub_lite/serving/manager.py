@@ -15,6 +15,9 @@ It holds no queue and decides nothing about batches: the engine (serving/engine.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import tempfile
 import threading
 import warnings
@@ -34,6 +37,36 @@ from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.reading import RequestReader, _locked
 from adapterhub_lite.serving.resident import read_adapter
 from adapterhub_lite.serving.routing import ContentRouter
+
+SCRATCH_PREFIX = "adapterhub-router-"
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """The folder a router writes merged adapters into, under the system's temp folder and removed by close().
+
+    A server killed with SIGKILL (or by the OOM killer) cannot remove its own, so each is named for the process that
+    owns it (`adapterhub-router-<host>.<pid>.<random>`) and a new router removes those whose process is gone on this host.
+    A folder of a live process, of another host (a shared /tmp) or without that name is left alone."""
+    host = socket.gethostname()
+    for old in Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
+        try:
+            owner_host, pid, _ = old.name[len(SCRATCH_PREFIX):].rsplit(".", 2)
+            pid = int(pid)
+        except ValueError:
+            continue
+        if owner_host == host and not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{host}.{os.getpid()}.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: asks whether the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 class ResidencyFull(AdapterLoadError):
@@ -68,7 +101,7 @@ class AdapterManager(RequestReader):
         self.route_threshold = route_threshold
         self._content: ContentRouter | None = None
         self.evictions = 0  # adapters unloaded to stay within the memory budget
-        self._scratch = tempfile.TemporaryDirectory(prefix="adapterhub-router-")  # merged adapters
+        self._scratch = scratch_folder()  # merged adapters
         self.lock = threading.RLock()
         # The host cache (S-LoRA's tier between the device and the disk): adapters read and checked, in host memory,
         # least recently used first. Loading one of them onto the device is a copy: no disk, no hashing.
