@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import adapterhub_lite.artifacts.files as files
 import adapterhub_lite.artifacts.registry as registry
 from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.artifacts.registries import adapter_ref
@@ -181,7 +182,7 @@ import adapterhub_lite, adapterhub_lite.artifacts.registry, adapterhub_lite.arti
 
 
 def test_sweep_clears_dead_publishers_of_this_host_and_only_stale_ones_of_other_hosts(reg, adapter):
-    host = registry._host()
+    host = files.host()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     folders = {

@@ -286,23 +286,23 @@ def test_a_new_router_removes_the_merge_folders_of_killed_ones_only(tmp_path, mo
     # A SIGKILLed server cannot remove its merged adapters' folder; the next router on the host removes it, and
     # nothing of a live process, of another host sharing /tmp, or of a folder it cannot read the owner of.
     import os
-    import socket
     import subprocess
     import sys
     import tempfile
 
+    from adapterhub_lite.artifacts.files import host
     from adapterhub_lite.serving.manager import scratch_folder
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    host = socket.gethostname()
+    gone = gone.stdout.strip()
     dead, live, other, odd = (tmp_path / f"adapterhub-router-{n}" for n in
-                              (f"{host}.{gone.stdout.strip()}.ab1", f"{host}.{os.getppid()}.ab2", f"elsewhere.{gone.stdout.strip()}.ab3", "x7k2"))
+                              (f"{gone}-{host()}-ab1", f"{os.getppid()}-{host()}-ab2", f"{gone}-else-where.example-ab3", "x7k2"))
     for d in (dead, live, other, odd):
         (d / "merged-1").mkdir(parents=True)
     scratch = scratch_folder()
     try:
         assert not dead.exists()
         assert live.exists() and other.exists() and odd.exists()
-        assert Path(scratch.name).name.startswith(f"adapterhub-router-{host}.")
+        assert Path(scratch.name).name.startswith(f"adapterhub-router-{os.getpid()}-{host()}-")
     finally:
         scratch.cleanup()

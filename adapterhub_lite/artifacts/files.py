@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -34,6 +36,25 @@ def share_files(folder: Path) -> None:
     for p in Path(folder).iterdir():
         if p.is_file() and not p.is_symlink():
             os.chmod(p, 0o644)
+
+
+def host() -> str:
+    """This machine's name as it goes into temp folder names (no path or '-'-splitting surprises before it)."""
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "unknown"
+
+
+def owner() -> str:
+    """`<pid>-<host>`: what a temp folder's name says of the process that made it, so that a later process can
+    remove it once that one is gone (a SIGKILLed process cannot remove its own)."""
+    return f"{os.getpid()}-{host()}"
+
+
+def left_by_dead_process(pid: str, owner_host: str) -> bool:
+    """Whether a temp folder named with `owner()`'s pid and host was left by a process of this host that has ended.
+    Another host's processes cannot be checked from here (a shared or NFS folder): False for those."""
+    import psutil  # cross-platform pid check (os.kill(pid, 0) would send CTRL_C_EVENT on Windows)
+
+    return owner_host == host() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 def write_json(path: Path, obj) -> None:

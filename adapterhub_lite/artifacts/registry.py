@@ -23,15 +23,13 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapterhub_lite.artifacts.files import write_json
+from adapterhub_lite.artifacts.files import left_by_dead_process, owner, write_json
 from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import (
     INDEX_FORMAT,
@@ -181,11 +179,6 @@ class Registry:
         return to
 
 
-def _host() -> str:
-    """This machine's name as it goes into temp folder names (no path or '-'-splitting surprises before it)."""
-    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "unknown"
-
-
 class LocalRegistry(Registry):
     """A registry in a local folder (the project's `adapters/` by default)."""
 
@@ -302,16 +295,14 @@ class LocalRegistry(Registry):
         from here (NFS), so its folders, and any of an unknown form, go only when older than
         STALE_SECONDS: no publish holds its temp folder that long.
         """
-        import psutil  # cross-platform pid check (os.kill(pid, 0) would send CTRL_C_EVENT on Windows)
-
-        host, now = _host(), time.time()
+        now = time.time()
         for tmp in self.root.glob(".publish-*"):
             parts = tmp.name.split("-", 3)  # .publish, id, pid, host
             try:
                 age = now - tmp.stat().st_mtime
             except OSError:
                 continue  # cleared meanwhile
-            dead = len(parts) == 4 and parts[3] == host and parts[2].isdigit() and not psutil.pid_exists(int(parts[2]))
+            dead = len(parts) == 4 and left_by_dead_process(parts[2], parts[3])
             if dead or age > STALE_SECONDS:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -323,7 +314,7 @@ class LocalRegistry(Registry):
         yet listed is taken back.
         """
         folder, meta, name, peft_config = publish_inputs(folder, version, name)
-        tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{os.getpid()}-{_host()}"
+        tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{owner()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()

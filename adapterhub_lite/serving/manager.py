@@ -15,9 +15,7 @@ It holds no queue and decides nothing about batches: the engine (serving/engine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import tempfile
 import threading
 import warnings
@@ -25,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterhub_lite.artifacts.files import left_by_dead_process, owner
 from adapterhub_lite.artifacts.folder import check_adapter_folder, folder_hashes
 from adapterhub_lite.artifacts.loading import check_fingerprint, check_fits
 from adapterhub_lite.artifacts.registry import check_if_registered
@@ -45,28 +44,13 @@ def scratch_folder() -> tempfile.TemporaryDirectory:
     """The folder a router writes merged adapters into, under the system's temp folder and removed by close().
 
     A server killed with SIGKILL (or by the OOM killer) cannot remove its own, so each is named for the process that
-    owns it (`adapterhub-router-<host>.<pid>.<random>`) and a new router removes those whose process is gone on this host.
-    A folder of a live process, of another host (a shared /tmp) or without that name is left alone."""
-    host = socket.gethostname()
+    owns it (`adapterhub-router-<pid>-<host>-<random>`) and a new router removes those whose process is gone on this
+    host. A folder of a live process, of another host (a shared /tmp) or without that name is left alone."""
     for old in Path(tempfile.gettempdir()).glob(SCRATCH_PREFIX + "*"):
-        try:
-            owner_host, pid, _ = old.name[len(SCRATCH_PREFIX):].rsplit(".", 2)
-            pid = int(pid)
-        except ValueError:
-            continue
-        if owner_host == host and not _alive(pid):
+        pid, _, rest = old.name[len(SCRATCH_PREFIX):].partition("-")
+        if "-" in rest and left_by_dead_process(pid, rest.rsplit("-", 1)[0]):  # mkdtemp's random part has no '-'
             shutil.rmtree(old, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{host}.{os.getpid()}.")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: asks whether the process exists, sends nothing
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{owner()}-")
 
 
 class ResidencyFull(AdapterLoadError):
