@@ -164,6 +164,12 @@ def test_serve_lists_the_pinned_id_of_a_damaged_version_unavailable_as_its_name(
     assert seen["other"][0] is False and seen["other@1.1.0"] == seen["other"] and "other@1.1.0" in seen["other"][1]
     assert seen["toy@1.1.0"][0] is False and seen["other@1.0.0"] == (True, None)
 
+    for name in ("toy", "other"):  # the files restored: a reload serves both again, by name and by pinned id, and lists them so
+        _flip_last_byte(reg / name / "1.1.0" / "adapter_model.safetensors")
+    assert asyncio.run(catalogue.reload())["unavailable"] == {}
+    assert {i: card for i, card in cards().items() if card != (True, None)} == {}
+    assert asyncio.run(catalogue.ensure_known("toy@1.1.0")) == "toy@1.1.0"
+
 
 def test_import_adapterhub_lite_imports_no_platform_lock_module():
     """fcntl does not exist on Windows: no module of ours may import it (the stdlib's subprocess does so only on POSIX)."""

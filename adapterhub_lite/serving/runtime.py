@@ -332,7 +332,8 @@ class Catalogue:
                     found[name] = ("same", None) if same else ("read", router.inspect(name, folder))
                 except AdapterHubError as exc:  # one damaged version: listed as unavailable, the rest reload
                     found[name] = ("damaged", (str(exc), pinned))
-            for pinned in [i for i in router.unavailable if "@" in i]:  # a pinned id refused for its files: whole again?
+            # a pinned id refused for its files (at its use, or listed as its name's damaged version): whole again?
+            for pinned in dict.fromkeys([i for i in router.unavailable if "@" in i] + list(self.failed)):
                 try:
                     router.registry.path(pinned)  # re-hashes the version's files
                 except AdapterHubError:
