@@ -21,8 +21,9 @@ def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
     afile = tmp_path / "adapter_config.json"
     afile.write_text("this is not json")
     for path in (str(afile), str(tmp_path)):
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.BadRequestError) as bad:
             served.client.post("load_lora_adapter", cast_to=str, body={"lora_name": "invalid", "lora_path": path})
+    assert bad.value.body["code"] == "adapter_load_error", bad.value.body  # a word, as every code here, not a class name
     assert "notfound" not in [m.id for m in served.client.models.list().data]
 
 
