@@ -81,6 +81,14 @@ def test_an_unavailable_adapter_is_not_retried_by_the_openai_client(serve_regist
     assert as_api_error(AdapterUnavailable("adapter 'x' is unavailable")).headers == {"x-should-retry": "false"}
 
 
+def test_a_typed_error_is_answered_with_a_snake_case_code_not_a_class_name():
+    """OpenAI's codes are words (model_not_found); a client matching `code` should not meet a Python class name."""
+    from adapterhub_lite.core.errors import AdapterLoadError, SpecError
+
+    assert as_api_error(SpecError("bad spec")).code == "spec_error"
+    assert as_api_error(AdapterLoadError("bad folder")).code == "adapter_load_error"
+
+
 # Bodies as huggingface_hub 2.4.0's InferenceClient(base_url=.../v1).chat_completion and openai 3.63.0's
 # chat.completions.parse sent them (read through a logging proxy); none of these libraries is needed here.
 HF_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}}

@@ -41,7 +41,7 @@ def as_api_error(exc: Exception) -> P.ApiError:
     if isinstance(exc, ContextLengthError):  # OpenAI's code for it, which clients (and vLLM's users) test for
         return P.ApiError(400, str(exc), "invalid_request_error", "context_length_exceeded")
     if isinstance(exc, AdapterHubError):
-        return P.ApiError(400, str(exc), "invalid_request_error", type(exc).__name__)
+        return P.ApiError(400, str(exc), "invalid_request_error", P.error_code(exc))
     return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
 
 

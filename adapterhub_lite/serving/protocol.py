@@ -9,6 +9,7 @@ serve/params.py.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -26,6 +27,12 @@ class ApiError(AdapterHubError):
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.type, "code": self.code, "param": self.param}}
+
+
+def error_code(exc: Exception) -> str:
+    """A typed error's `code` in an answer: its class name as a snake_case word (AdapterLoadError → adapter_load_error),
+    as OpenAI's codes are (model_not_found), not a Python class name."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
 # On a 503 that a retry cannot cure (an adapter that failed its checks stays refused until it is re-published and reloaded):

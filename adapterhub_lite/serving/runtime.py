@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 import shutil
 import time
 from collections import OrderedDict
@@ -130,8 +129,7 @@ class Catalogue:
             message = str(exc)
             for flag, field in (flags or {}).items():
                 message = message.replace(flag, field)
-            # `code` a word, as every other answer's (AdapterLoadError → adapter_load_error), not a Python class name
-            raise P.ApiError(400, message, code=re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()) from None
+            raise P.ApiError(400, message, code=P.error_code(exc)) from None
 
     async def ensure_known(self, model: str) -> str:
         """`model` if the server can serve it (a pinned registry version is registered on first use); else 404.
