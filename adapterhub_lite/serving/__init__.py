@@ -15,6 +15,7 @@
     jobs.py       a request in flight and what it reports
     admission.py  the engine's first half: arrivals to tickets, the plan admitted, prefill, rows joining
     engine.py     continuous batching: runs the scheduler's plan on the bank (server, infer, Router.run)
+    offline.py    the engine driven to the end on the calling thread (Router.run, infer)
     protocol.py   OpenAI shapes and errors
     runtime.py    the served catalogue (registry, runtime loads, merges)
     handlers.py   what each route does; answers.py how its answer is written (whole or streamed)

@@ -33,7 +33,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -42,18 +41,18 @@ import torch
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import RESERVED
 from adapterhub_lite.serving.admission import Admission
-from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown, bad_budgets, unread_settings
+from adapterhub_lite.serving.jobs import Job, QueueFull, RequestTimeout, Result, ShuttingDown
 from adapterhub_lite.serving.manager import AdapterManager
 from adapterhub_lite.serving.metrics import ServeMetrics, adapter_label
-from adapterhub_lite.serving.params import SamplingParams
-from adapterhub_lite.serving.sampling import choose
+from adapterhub_lite.serving.offline import OfflineRun
+from adapterhub_lite.serving.sampling import choose, model_logprobs
 from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
 from adapterhub_lite.serving.static import StaticBatch
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
 
 
-class Engine(Admission):
+class Engine(Admission, OfflineRun):
     """Serves Jobs with continuous batching over an AdapterManager's backbone: on a background thread (`start`,
     `submit`: the server), or to the end on the calling thread (`run`: Router.run, `infer`).
 
@@ -180,65 +179,7 @@ class Engine(Admission):
         jobs = [*list(self._waiting.queue), *reading, *(held.get(t.key) for t in list(self.scheduler.waiting))]
         return sum(1 for j in jobs if j is not None and not j.cancelled and not j.finished)
 
-    # -- the loop --------------------------------------------------------------------------------
-    def run(self, requests: list[dict], max_new_tokens: int = 32, on_done: Callable[[int], None] | None = None) -> list[dict]:
-        """Serve `requests` to the end on the calling thread (offline use, as vLLM's LLM.generate drives its engine):
-        the server's scheduler, budgets and batch, greedy, each answer reported as the task's answer.
-
-        Each request names its adapter ("base", "auto" or a known name). A task adapter's task input is answered
-        within its task's max_new_tokens; a raw prompt, `base` and task-less adapters get the request's
-        `max_new_tokens`, else `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
-        "prediction": the label word or the answer's first line}; `on_done(i)` is called as request i ends.
-        A request that fails raises its error once the others have ended (the first failing one in order).
-        """
-        if self._thread.is_alive():
-            raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
-        # checked before any job is made: an unusable budget would wait for tokens that never come (a hang), not fail
-        bad = bad_budgets(requests, max_new_tokens)
-        if bad:
-            raise AdapterHubError(f"request(s) {[i for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; give a whole number ≥ 1 "
-                                  "(or leave it out: a task's own budget, else the default)")
-        unread = unread_settings(requests)
-        if unread:
-            raise AdapterHubError(f"request(s) {unread[0][:5]} set {unread[1]}, which run() does not read (it answers greedily, each task "
-                                  "within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
-        out: list[dict | None] = [None] * len(requests)
-        errors: dict[int, Exception] = {}
-        ended = 0
-
-        def listener(i: int):
-            def hear(event: str, payload) -> None:
-                nonlocal ended
-                if event == "done":
-                    out[i] = {"adapter": payload.adapter, "prediction": payload.label if payload.label is not None else payload.text}
-                elif event == "error":
-                    errors[i] = payload
-                if event in ("done", "error"):
-                    ended += 1
-                    if on_done is not None:
-                        on_done(i)
-            return hear
-        pending = deque(Job(req, listener(i), SamplingParams(), answer_mode=True, default_max_tokens=req.get("max_new_tokens", max_new_tokens))
-                        for i, req in enumerate(requests))
-        try:
-            while ended < len(requests):
-                # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
-                # requests is not tokenized, nor held as tickets, all at once
-                for _ in range(min(len(pending), self.max_queue - self.queue_depth)):  # queue_depth walks the queue: once a step
-                    self._waiting.put_nowait(pending.popleft())
-                self._serve_once()
-        except BaseException:
-            # the caller stopped (Ctrl-C, or its on_done raised), maybe part-way through a step: this run's requests leave
-            # with it, and the batch goes whole (a cut step may have answered a row without taking it out), so the next
-            # run starts idle instead of decoding them on, or failing on that batch
-            with self.router.lock:
-                self._drop_all()
-                self._static = None
-            raise
-        if errors:
-            raise errors[min(errors)]
-        return out
-
+    # -- the loop (run(), the offline driver of the same steps: serving/offline.py) ---------------
     def _loop(self) -> None:
         while not self._serve_once():
             pass
@@ -324,7 +265,7 @@ class Engine(Admission):
         dec = self._dec
         jobs = [self._rows[k] for k in dec.keys]
         tokens = choose(dec.logits, jobs, self.router.backbone.tokenizer.eos_token_id)
-        infos = self._logprobs(dec.logits, tokens, jobs)
+        infos = model_logprobs(dec.logits, tokens, jobs)
         now = None  # one clock read per step, at its first token: after bank.step read them (the sync on their forward), as vLLM stamps
         emitted = []  # (adapter, times, gap) of the rows that took a token, stamped as they take it: the metrics count the step at once
 
@@ -349,21 +290,6 @@ class Engine(Admission):
                 self._dec = None
         finally:
             self.metrics.step_tokens(emitted, now)  # none emitted: nothing read of `now`
-
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, jobs: list[Job]) -> dict[int, tuple]:
-        """{row: (log-prob of its token, [(id, log-prob)] of the top k)} for the rows that asked: the model's own
-        distribution, before any sampling setting (one read for the whole step)."""
-        rows = [j for j, job in enumerate(jobs) if job.params.logprobs is not None]
-        if not rows:
-            return {}
-        at = torch.tensor(rows, device=logits.device)
-        logp = logits[at].float().log_softmax(-1)
-        chosen = logp.gather(1, tokens[at][:, None]).squeeze(1).tolist()
-        k = max(jobs[j].params.logprobs for j in rows)
-        values, indices = logp.topk(k) if k else (logp[:, :0], at[:, None][:, :0])
-        values, indices = values.tolist(), indices.tolist()
-        return {j: (chosen[i], list(zip(indices[i], values[i]))[: jobs[j].params.logprobs]) for i, j in enumerate(rows)}
 
     # -- endings ---------------------------------------------------------------------------------
     def _gone(self, job: Job) -> bool:

@@ -94,3 +94,18 @@ def choose(logits: torch.Tensor, rows: list[Row], eos_id: int | None) -> torch.T
         if not row.params.greedy:
             tokens[j] = torch.multinomial(filtered_probs(shaped[j], row.params), 1, generator=row.generator)[0]
     return tokens
+
+
+def model_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> dict[int, tuple]:
+    """{row: (log-prob of its token, [(id, log-prob)] of the top k)} for the rows that asked (`params.logprobs` set):
+    the model's own distribution, before any sampling setting (one read for the whole step)."""
+    asked = [j for j, row in enumerate(rows) if row.params.logprobs is not None]
+    if not asked:
+        return {}
+    at = torch.tensor(asked, device=logits.device)
+    logp = logits[at].float().log_softmax(-1)
+    chosen = logp.gather(1, tokens[at][:, None]).squeeze(1).tolist()
+    k = max(rows[j].params.logprobs for j in asked)
+    values, indices = logp.topk(k) if k else (logp[:, :0], at[:, None][:, :0])
+    values, indices = values.tolist(), indices.tolist()
+    return {j: (chosen[i], list(zip(indices[i], values[i]))[: rows[j].params.logprobs]) for i, j in enumerate(asked)}

@@ -1,0 +1,77 @@
+"""The engine driven to the end on the calling thread: `Engine.run`, for `Router.run` and `adapterhub-lite infer`.
+
+Offline use, as vLLM's `LLM.generate` drives its engine: the same scheduler, budgets, batch and steps as the
+server's (serving/engine.py), with no thread, no HTTP and no client that can leave. A mixin of the Engine, as
+admission.py is: it feeds the engine's arrivals queue and runs its steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.serving.jobs import Job, bad_budgets, unread_settings
+from adapterhub_lite.serving.params import SamplingParams
+
+
+class OfflineRun:
+    """Engine.run (the Engine provides the queue, `_serve_once`, `_drop_all` and the router this reads)."""
+
+    def run(self, requests: list[dict], max_new_tokens: int = 32, on_done: Callable[[int], None] | None = None) -> list[dict]:
+        """Serve `requests` to the end on the calling thread (offline use, as vLLM's LLM.generate drives its engine):
+        the server's scheduler, budgets and batch, greedy, each answer reported as the task's answer.
+
+        Each request names its adapter ("base", "auto" or a known name). A task adapter's task input is answered
+        within its task's max_new_tokens; a raw prompt, `base` and task-less adapters get the request's
+        `max_new_tokens`, else `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
+        "prediction": the label word or the answer's first line}; `on_done(i)` is called as request i ends.
+        A request that fails raises its error once the others have ended (the first failing one in order).
+        """
+        if self._thread.is_alive():
+            raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
+        # checked before any job is made: an unusable budget would wait for tokens that never come (a hang), not fail
+        bad = bad_budgets(requests, max_new_tokens)
+        if bad:
+            raise AdapterHubError(f"request(s) {[i for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; give a whole number ≥ 1 "
+                                  "(or leave it out: a task's own budget, else the default)")
+        unread = unread_settings(requests)
+        if unread:
+            raise AdapterHubError(f"request(s) {unread[0][:5]} set {unread[1]}, which run() does not read (it answers greedily, each task "
+                                  "within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
+        out: list[dict | None] = [None] * len(requests)
+        errors: dict[int, Exception] = {}
+        ended = 0
+
+        def listener(i: int):
+            def hear(event: str, payload) -> None:
+                nonlocal ended
+                if event == "done":
+                    out[i] = {"adapter": payload.adapter, "prediction": payload.label if payload.label is not None else payload.text}
+                elif event == "error":
+                    errors[i] = payload
+                if event in ("done", "error"):
+                    ended += 1
+                    if on_done is not None:
+                        on_done(i)
+            return hear
+        pending = deque(Job(req, listener(i), SamplingParams(), answer_mode=True, default_max_tokens=req.get("max_new_tokens", max_new_tokens))
+                        for i, req in enumerate(requests))
+        try:
+            while ended < len(requests):
+                # requests are read as the queue has room (its bound, as for the server's clients): a file of 100,000
+                # requests is not tokenized, nor held as tickets, all at once
+                for _ in range(min(len(pending), self.max_queue - self.queue_depth)):  # queue_depth walks the queue: once a step
+                    self._waiting.put_nowait(pending.popleft())
+                self._serve_once()
+        except BaseException:
+            # the caller stopped (Ctrl-C, or its on_done raised), maybe part-way through a step: this run's requests leave
+            # with it, and the batch goes whole (a cut step may have answered a row without taking it out), so the next
+            # run starts idle instead of decoding them on, or failing on that batch
+            with self.router.lock:
+                self._drop_all()
+                self._static = None
+            raise
+        if errors:
+            raise errors[min(errors)]
+        return out
