@@ -119,6 +119,15 @@ def test_a_second_train_into_the_same_output_is_refused(capsys, cls_task):
     assert not (cls_task / ".out.lock").exists() and (cls_task / "out" / "adapterhub.json").is_file()
 
 
+def test_a_lock_file_that_cannot_be_made_is_not_blamed_on_another_run(capsys, cls_task):
+    """filelock reports a lock file it cannot open as held (say /proc, or a folder in its place): the refusal names
+    what the OS said, not a run that does not exist."""
+    (cls_task / ".out.lock").mkdir()
+    refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out", "--no-progress"],
+            "--output 'out' cannot be written: its lock file cannot be created (Is a directory (EISDIR)")
+    assert not (cls_task / "out").exists()
+
+
 def test_data_parallel_ranks_do_not_lock_each_other_out(capsys, cls_task, monkeypatch):
     """Only rank 0 of a torchrun job writes, so only it takes the lock: rank 1 of the same run is not refused."""
     from filelock import FileLock

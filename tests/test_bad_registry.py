@@ -241,6 +241,18 @@ def test_a_read_only_registry_is_one_line(adapter, tmp_path, capsys, monkeypatch
     assert not (tmp_path / "reg").exists()
 
 
+def test_a_lock_file_that_cannot_be_opened_is_named_not_waited_on(reg, adapter, capsys, monkeypatch):
+    """filelock takes a .lock it cannot open (a folder in its place, another user's file) for one held by another
+    publisher and waits LOCK_TIMEOUT_S (10 minutes) to say so; the OS's reason is said at once instead."""
+    monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 1)  # without the check: a 1 s wait, then "locked by another publisher"
+    before = _files(reg)
+    (reg / ".lock").unlink(missing_ok=True)
+    (reg / ".lock").mkdir()
+    assert main(["publish", str(adapter), "--registry", str(reg), "--version", "1.0.1"]) == 2
+    _one_line_error(capsys, "cannot be locked for writing: Is a directory (EISDIR)")
+    assert _files(reg) == before  # no version, no temp folder left
+
+
 def test_a_full_disk_during_pull_leaves_nothing(reg, tmp_path, capsys, monkeypatch):
     def partial(src, dst, *args, **kwargs):
         os.makedirs(dst)

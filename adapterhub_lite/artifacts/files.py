@@ -5,6 +5,7 @@ Every artifact (sidecar, adapter folder, registry index, predictions, scripts) i
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,6 +37,19 @@ def share_files(folder: Path) -> None:
     for p in Path(folder).iterdir():
         if p.is_file() and not p.is_symlink():
             os.chmod(p, 0o644)
+
+
+def os_problem(exc: OSError) -> str:
+    """An OSError in a few words: 'No space left on device (ENOSPC) at /reg/x'."""
+    code = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    return f"{exc.strerror or exc} ({code})" + (f" at {exc.filename}" if exc.filename else "")
+
+
+def open_lock_file(path: Path) -> None:
+    """Create the lock file `path` if missing, or open the one there for writing, as filelock will: filelock reports a
+    file it cannot open (a folder in its place, another user's file, /proc) as a lock someone else holds, and waits
+    for it. Called first, the OSError says what is wrong instead."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
 
 
 def host() -> str:

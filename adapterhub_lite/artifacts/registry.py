@@ -19,7 +19,6 @@ day (a pid means nothing on another host of a shared NFS registry).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapterhub_lite.artifacts.files import left_by_dead_process, owner, write_json
+from adapterhub_lite.artifacts.files import left_by_dead_process, open_lock_file, os_problem, owner, write_json
 from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import (
     INDEX_FORMAT,
@@ -73,12 +72,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _os_problem(exc: OSError) -> str:
-    """An OSError in a few words: 'No space left on device (ENOSPC) at /reg/x'."""
-    code = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
-    return f"{exc.strerror or exc} ({code})" + (f" at {exc.filename}" if exc.filename else "")
 
 
 class Registry:
@@ -146,7 +139,7 @@ class Registry:
                 elif path.stat().st_size != want["size"] or hash_file(path) != want["sha256"]:
                     problems.append(f"{name}@{version}: {fname} does not match its recorded sha256")
             except OSError as exc:
-                problems.append(f"{name}@{version}: {fname} cannot be read ({_os_problem(exc)})")
+                problems.append(f"{name}@{version}: {fname} cannot be read ({os_problem(exc)})")
         extra = sorted(p.name for p in folder.iterdir() if p.name not in entry["files"]) if folder.is_dir() else []
         problems += [f"{name}@{version}: unexpected file {f}" for f in extra]
         return problems
@@ -175,7 +168,7 @@ class Registry:
             tmp.rename(to)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RegistryError(f"cannot copy {ref} to {str(to)!r}: {_os_problem(exc)}; free disk space or choose a writable --to folder") from None
+            raise RegistryError(f"cannot copy {ref} to {str(to)!r}: {os_problem(exc)}; free disk space or choose a writable --to folder") from None
         return to
 
 
@@ -213,7 +206,7 @@ class LocalRegistry(Registry):
         try:
             text = path.read_bytes() if path.is_file() else None
         except OSError as exc:
-            raise RegistryError(f"cannot read {path}: {_os_problem(exc)}; check its permissions") from None
+            raise RegistryError(f"cannot read {path}: {os_problem(exc)}; check its permissions") from None
         if text is None:
             found = self._version_folders()
             if found:  # the index was lost, not never written: reading the registry as empty would forget (and overwrite) them
@@ -277,6 +270,11 @@ class LocalRegistry(Registry):
         """The registry's write lock (an OS lock: released when the holder dies, also by SIGKILL)."""
         from filelock import FileLock, Timeout  # imported here: `import adapterhub_lite` stays free of fcntl/msvcrt
 
+        try:
+            open_lock_file(self.root / ".lock")
+        except OSError as exc:
+            raise RegistryError(f"registry {str(self.root)!r} cannot be locked for writing: {os_problem(exc)}; "
+                                "check the registry folder's permissions (its .lock must be writable by this user)") from None
         lock = FileLock(str(self.root / ".lock"), timeout=LOCK_TIMEOUT_S)
         try:
             lock.acquire()
@@ -339,7 +337,7 @@ class LocalRegistry(Registry):
                     shutil.rmtree(final, ignore_errors=True)  # not listed: take it back, the old index stands
                     raise
         except OSError as exc:
-            raise RegistryError(f"cannot publish {str(folder)!r} into registry {self.root}: {_os_problem(exc)}; "
+            raise RegistryError(f"cannot publish {str(folder)!r} into registry {self.root}: {os_problem(exc)}; "
                                 "free disk space or make the registry writable, then publish again (the registry is unchanged)") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

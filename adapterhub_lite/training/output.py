@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from adapterhub_lite.artifacts.files import atomic_write, write_jsonl
+from adapterhub_lite.artifacts.files import atomic_write, open_lock_file, os_problem, write_jsonl
 from adapterhub_lite.artifacts.folder import check_finite, model_card, plot_curves, replaceable
 from adapterhub_lite.artifacts.sidecar import Sidecar, base_record, build
 from adapterhub_lite.core.data import label_words
@@ -51,6 +51,11 @@ def _lock(output: Path):
     from filelock import FileLock, Timeout  # imported here: `import adapterhub_lite` stays free of fcntl/msvcrt
 
     path = output.parent / f".{output.name}.lock"
+    try:
+        open_lock_file(path)
+    except OSError as exc:
+        raise DataError(f"--output {str(output)!r} cannot be written: its lock file cannot be created ({os_problem(exc)}); "
+                        "pick an --output in a folder you can write to") from None
     lock = FileLock(str(path), blocking=False)
     try:
         lock.acquire()
