@@ -60,6 +60,16 @@ def test_resume_without_checkpoint_is_refused(capsys, cls_task):
     assert_refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out", "--resume"], "does not exist; run without --resume")
 
 
+@pytest.mark.parametrize("command", ["train", "compose-fit"])
+def test_a_missing_spec_is_named_alone_not_the_optional_overrides(capsys, command):
+    """argparse lists a `nargs="*"` positional without a default as required: `train` alone said
+    "required: spec, overrides", though overrides are optional."""
+    with pytest.raises(SystemExit) as ended:
+        main([command])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "required:" in err and "overrides" not in err.split("required:")[1].split(";")[0], err
+
+
 def test_missing_spec_file_and_bad_yaml(capsys, cls_task):
     assert_refused(capsys, cls_task, ["train", "nope.yaml"], "does not exist")
     (cls_task / "bad.yaml").write_text("name: [")

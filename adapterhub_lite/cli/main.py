@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one task adapter from a YAML spec")
     t.add_argument("spec", help="task spec YAML, e.g. scripts/tasks/sst2.yaml")
-    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. method=prefix train.max_steps=300")
+    t.add_argument("overrides", nargs="*", default=[], help="dotted.key=value overrides, e.g. method=prefix train.max_steps=300")
     t.add_argument("--output", help="adapter folder (default runs/<name>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")

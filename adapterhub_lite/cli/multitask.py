@@ -106,7 +106,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("compose-fit", help="fit composition weights over existing LoRAs for a new task from a few shots")
     p.add_argument("spec", help="the new task's spec YAML")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.max_length=128")
+    p.add_argument("overrides", nargs="*", default=[], help="dotted.key=value overrides, e.g. train.max_length=128")
     p.add_argument("--from", dest="sources", nargs="+", required=True, help="source adapters: registry names or folders")
     p.add_argument("--output", type=nonempty, required=True, help="folder for the composed adapter and compose_report.json")
     p.add_argument("--shots", type=count(1), default=16, help="labeled training rows the weights are fitted on")
