@@ -58,6 +58,11 @@ def test_a_flipped_byte_fails_verify_and_loading(adapter, tmp_path, capsys):
     reg = LocalRegistry(tmp_path / "reg")
     reg.publish(adapter, "1.0.0")
     assert reg.verify() == []
+    assert main(["verify", "--registry", str(tmp_path / "reg")]) == 0
+    assert capsys.readouterr().out == "verify: ok, 1 version(s) of 1 adapter(s) checked\n"
+    (tmp_path / "empty").mkdir()  # a wrong --registry: nothing there is not a pass
+    assert main(["verify", "--registry", str(tmp_path / "empty")]) == 0
+    assert "holds no versions" in capsys.readouterr().out
     weights = tmp_path / "reg" / "toy" / "1.0.0" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01

@@ -63,12 +63,16 @@ def _verify(args) -> int:
                             f"give {args.name.split('@')[0]!r}")
         reg.resolve(args.name)  # refuses an unknown name, listing the known ones
     problems = reg.verify(args.name)
+    # what was checked, so that "ok" on a folder that holds no registry (a wrong --registry) does not read as a pass
+    checked = [r for r in reg.rows() if args.name in (None, r["name"])]
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}))
+        print(json.dumps({"ok": not problems, "problems": problems, "versions_checked": len(checked)}))
         return 1 if problems else 0
     for p in problems:
         print(f"FAIL {p}")
-    print(f"verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    what = (f"{len(checked)} version(s) of {len({r['name'] for r in checked})} adapter(s) checked" if checked
+            else f"nothing to check: registry {str(args.registry)!r} holds no versions")
+    print(f"verify: {'ok' if not problems else f'{len(problems)} problem(s)'}, {what}")
     return 1 if problems else 0
 
 
