@@ -135,10 +135,12 @@ def factor_model(config) -> torch.nn.Module:
     meta device (no memory), and each linear layer's weight becomes a zero-stride view of one zero on the
     CPU: the right shape, dtype and device, 4 bytes in all. The merged factors are then real CPU tensors,
     computed exactly as on the real backbone, and no second backbone is ever loaded."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    # torch's device context is this thread's alone; accelerate's (and peft's low_cpu_mem_usage) init_empty_weights
+    # patches nn.Module.register_parameter for the whole process, so a server building two merges at once (or a thread
+    # making parameters meanwhile) got meta factors, and the patch could outlive both builds
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     zero = torch.zeros((), dtype=torch.float32)
     for module in model.modules():
@@ -177,7 +179,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     first = next(iter(metas.values()))
     names = list(folders)
     if base_config is not None and report_rows == 0:
-        backbone, base, kw = None, factor_model(base_config), {"low_cpu_mem_usage": True}  # the adapters' factors only
+        backbone, base, kw = None, factor_model(base_config), {}  # the adapters' factors only, made where each base weight lives
     else:
         backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
         base, kw = backbone.model, {}

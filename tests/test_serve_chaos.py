@@ -1,0 +1,66 @@
+"""What a chaos soak of the server (every request kind, load, unload, merge and disconnect at once) found, each
+reduced to a small deterministic case."""
+
+import threading
+
+import pytest
+import torch
+import transformers
+
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.ops.merge import merge_adapters
+
+from .conftest import train_tiny
+
+LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """Two tiny LoRA adapters of one task (r=4) and the backbone's config, as the server merges on."""
+    d = tmp_path_factory.mktemp("chaos")
+    out = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        (d / name).mkdir()
+        out[name] = train_tiny(d / name, "toy", method_args={"r": 4, "init_lora_weights": False}, train={"seed": seed})
+    return out, load_backbone("tiny-random-llama", "none", "cpu", "fp32").model.config
+
+
+def _merge(two, w, tmp):
+    folders, config = two
+    model, _ = merge_adapters(folders, {"a": w, "b": 1 - w}, "linear", name="mix", report_rows=0, output=tmp, base_config=config)
+    layer = model.get_submodule(LAYER)
+    return layer.lora_A["mix"].weight.detach().clone(), layer.lora_B["mix"].weight.detach().clone()
+
+
+def test_two_weightless_merges_built_at_once_both_get_their_factors(two, tmp_path, monkeypatch):
+    """The server builds each per-request merge on a worker thread, so two recipes build at once. The weightless
+    model they merge on was made under accelerate's init_empty_weights (and peft's low_cpu_mem_usage), which patch
+    nn.Module.register_parameter for the whole process: the other build's merged factors were made on the meta device
+    (the soak's requests got a plain-text 500, 'Cannot copy out of meta tensor'), and the patch could outlive both.
+    Here a second merge runs to its end on another thread while the first is inside its model construction."""
+    alone = _merge(two, 0.3, tmp_path / "alone")
+    register = torch.nn.Module.register_parameter
+    orig, outcome, started = transformers.AutoModelForCausalLM.from_config, {}, []
+
+    def second():
+        try:
+            outcome["factors"] = _merge(two, 0.3, tmp_path / "second")
+        except Exception as exc:  # noqa: BLE001 - the test reports what the racing build raised
+            outcome["error"] = exc
+
+    def from_config(config, **kw):  # the first build, inside its weightless construction, lets the second run whole
+        model = orig(config, **kw)
+        if not started:
+            started.append(1)
+            t = threading.Thread(target=second)
+            t.start()
+            t.join()
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", from_config)
+    first = _merge(two, 0.3, tmp_path / "first")
+    assert "error" not in outcome, repr(outcome.get("error"))
+    for got in (first, outcome["factors"]):
+        assert all(torch.equal(g, a) for g, a in zip(got, alone))
+    assert torch.nn.Module.register_parameter is register
