@@ -69,6 +69,8 @@ def test_malformed_override_is_refused():
     ("method_args.r=0", "method_args.r=0 must be a whole number ≥ 1 (an adapter needs at least one rank)"),
     ("prompt=X: {x!r:>{width}}", "prompt field {x!r:>{width}} has a conversion or format spec"),
     ("prompt=X: {x.upper} {}", "prompt field {x.upper} is not a column name"),
+    ("train=5", "train must be a mapping of keys, got int 5; set its keys (e.g. train.KEY=VALUE)"),
+    ("data=[a, b]", "data must be a mapping of keys, got list ['a', 'b']; set its keys (e.g. data.KEY=VALUE)"),
     ("train.max_length=1", "train.max_length=1 leaves no room for one prompt token and a one-token label; use train.max_length ≥ 2"),
 ])
 def test_bad_values_are_refused_in_one_line(override, needle):
