@@ -190,3 +190,84 @@ def test_a_request_refused_while_stopping_is_counted(serve_registry):
     with pytest.raises(ShuttingDown):
         engine.submit(job(), job())
     assert counted(engine, "ShuttingDown") == 2 and engine.queue_depth == 0
+
+
+@pytest.mark.parametrize("first", ["held", "refused"])
+def test_a_submit_while_the_engine_reads_counts_each_live_arrival_once(serve_registry, monkeypatch, first):
+    """--max-queue 2, two arrivals; a client submits while the engine reads the second. The first is by then either
+    queued for a budget (it counts once, not also as being read: the submit was refused with room left) or refused
+    for its own fault (its client has its answer: it counts no more). Either way one place is left, and the submit is taken."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router, max_queue=3 if first == "held" else 2)
+    ahead = job(new=10**6) if first == "refused" else job()  # past the context: refused as it is read
+    second = job()
+    engine.submit(ahead, second)
+    prepare, seen = router.prepare, []
+
+    def reading(request, *args, **kwargs):
+        if request is second.request:
+            try:
+                engine.submit(job())
+                seen.append("taken")
+            except QueueFull:
+                seen.append("refused")
+        return prepare(request, *args, **kwargs)
+
+    monkeypatch.setattr(router, "prepare", reading)
+    engine._intake()
+    assert ahead.finished == (first == "refused") and seen == ["taken"]
+    assert engine.queue_depth == (3 if first == "held" else 2)
+
+
+def test_the_queue_gauge_counts_a_request_as_it_is_submitted(serve_registry):
+    """/metrics' queue depth right after a submit (before any engine step) counts its choices, once."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"), max_queue=4)
+    engine.submit(job(), job())
+    assert engine.metrics.queue_depth._value.get() == 2
+    engine.submit(job())
+    assert engine.metrics.queue_depth._value.get() == 3
+
+
+def test_a_submit_while_the_engine_takes_arrivals_in_waits_and_finds_the_queue_full(serve_registry, monkeypatch):
+    """--max-queue 2, two arrivals. A client's submit made while the engine moves them from the arrivals queue to
+    those it reads (between the two) must not find one of them in neither place and pass the bound: it waits for the
+    move and is refused."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router, max_queue=2)
+    engine.submit(job(), job())
+    gone, seen, threads = engine._gone, [], []
+
+    def submit():
+        try:
+            engine.submit(job())
+            seen.append("taken")
+        except QueueFull:
+            seen.append("refused")
+
+    def moving(j):  # called for each arrival as it is taken from the arrivals queue
+        if not threads:
+            threads.append(threading.Thread(target=submit))
+            threads[0].start()
+            threads[0].join(0.5)  # the submit runs now, or waits for the engine's move to end
+        return gone(j)
+
+    monkeypatch.setattr(engine, "_gone", moving)
+    engine._intake()
+    threads[0].join(30)
+    assert seen == ["refused"] and len(engine.scheduler.waiting) == 2
+
+
+def test_router_run_reads_requests_as_the_queue_bound_leaves_room(serve_registry, monkeypatch):
+    """Engine.run on 7 requests under --max-queue 3: no step finds more than 3 requests queued (arrived or waiting for
+    a budget), so a file of 100,000 requests is not read and held all at once; every request is answered."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"), max_queue=3, budgets=Budgets(max_rows=1))
+    once, depths = engine._serve_once, []
+
+    def step():
+        depths.append(engine._waiting.qsize() + len(engine.scheduler.waiting))
+        return once()
+
+    monkeypatch.setattr(engine, "_serve_once", step)
+    out = engine.run([{"adapter": "base", "prompt": f"p{i}"} for i in range(7)], max_new_tokens=2)
+    assert len(out) == 7 and all(o is not None for o in out)
+    assert max(depths) == 3, depths
