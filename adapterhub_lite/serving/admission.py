@@ -25,6 +25,7 @@ import torch
 
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.serving.bank import PassAbandoned
 from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.jobs import Job, PromptPart
 from adapterhub_lite.serving.manager import ResidencyFull
@@ -134,6 +135,10 @@ class Admission:
         the part that causes it; a job that fails alone gets the error. fn leaves no trace when it raises."""
         try:
             return fn(jobs)
+        except PassAbandoned:  # every client of these jobs left while their pass ran: they leave, as at a step's sweep
+            for job in jobs:
+                self._forget(job)
+            return None
         except Exception as exc:  # noqa: BLE001 - isolated below; every one is logged
             if len(jobs) == 1:
                 if self._wait_for_memory(jobs[0], exc, what):
@@ -234,20 +239,24 @@ class Admission:
                 job.generator.seed()
 
     def _start(self, jobs: list[Job]) -> None:
-        """Prefill whole prompts in one pass (scoring those that asked), then let the rows run."""
+        """Prefill whole prompts in one pass (scoring those that asked), then let the rows run. The pass stops between
+        two layers once every one of its clients has left (PassAbandoned)."""
         scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
-        new = self.router.bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
-                                     score_prompt=scoring)
+        bank = self.router.bank
+        with bank.abandon_when(lambda: all(j.cancelled for j in jobs)):
+            new = bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
+                             score_prompt=scoring)
         self._enter(jobs, new)
 
     def _piece(self, job: Job, ticket: Ticket, n: int) -> None:
         """Run the next `n` positions of a long prompt (chunked prefill); after its last piece the row runs."""
         bank, ran = self.router.bank, ticket.first_chunk - 1  # a prompt-tuning adapter's virtual tokens run in the first piece
         done, ids = ticket.prefilled - n, job.prepared.ids  # positions run before this piece
-        if done == 0:
-            job.filling = bank.start([ids[: n - ran]], [job.prepared.bank_name], keys=[id(job)])
-        else:
-            job.filling.extend([ids[done - ran : ticket.prefilled - ran]])
+        with bank.abandon_when(lambda: job.cancelled):  # a piece half-run is dropped with the job (job.filling)
+            if done == 0:
+                job.filling = bank.start([ids[: n - ran]], [job.prepared.bank_name], keys=[id(job)])
+            else:
+                job.filling.extend([ids[done - ran : ticket.prefilled - ran]])
         if ticket.prefilled >= ticket.prompt_tokens:
             new, job.filling = job.filling, None
             self._enter([job], new)

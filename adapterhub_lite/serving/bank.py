@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,10 @@ class _Batch:
     slots: list[int]  # LoRA slot per row
     starts: list[int]  # column of each row's first real token (after its virtual tokens)
     lengths: list[int]  # columns used by each row (virtual + real tokens)
+
+
+class PassAbandoned(Exception):  # noqa: N818 - not an error: the pass stopped because nobody wants it
+    """A forward pass stopped between two decoder layers because every request in it had ended (see abandon_when)."""
 
 
 class AdapterBank(ResidentAdapters):
@@ -110,6 +115,24 @@ class AdapterBank(ResidentAdapters):
         """Context in which calling `model` directly gives the plain backbone (as anywhere outside
         forward/generate; this makes it explicit and holds even inside an assigned call)."""
         return self._assigned(None)
+
+    @contextmanager
+    def abandon_when(self, gone: Callable[[], bool]):
+        """While this holds, every decoder layer first asks gone() and, once it says True, the pass raises PassAbandoned.
+
+        A prefill of a few thousand tokens takes seconds on a CPU; when the clients of every row in it leave (a load
+        tester's burst cancelled), the pass would run to its end for nobody while a newcomer waits behind it. Its rows
+        are new (their cache is their own), so stopping leaves nothing half-done that a running row reads. The hooks
+        exist only during the pass: decode steps (and their CUDA graphs) run without them."""
+        def check(_module, _args):
+            if gone():
+                raise PassAbandoned
+        handles = [layer.register_forward_pre_hook(check) for layer in getattr(self.decoder, "layers", ())]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _run(self, embeds, mask, positions, cache) -> torch.Tensor:
         # transformers renamed the decoder's `past_key_values` argument to `cache` (5.x deprecates the
