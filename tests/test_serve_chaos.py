@@ -1,14 +1,17 @@
 """What a chaos soak of the server (every request kind, load, unload, merge and disconnect at once) found, each
 reduced to a small deterministic case."""
 
+import shutil
 import threading
 
 import pytest
 import torch
 import transformers
 
+import adapterhub_lite.serving.manager as manager
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.ops.merge import merge_adapters
+from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
 
@@ -64,3 +67,26 @@ def test_two_weightless_merges_built_at_once_both_get_their_factors(two, tmp_pat
     for got in (first, outcome["factors"]):
         assert all(torch.equal(g, a) for g, a in zip(got, alone))
     assert torch.nn.Module.register_parameter is register
+
+
+def test_an_adapter_whose_files_change_while_it_is_read_is_refused_not_served(serve_registry, tmp_path, monkeypatch):
+    """The server hashes an adapter's files and then reads them; in the soak, a folder rewritten in between (its
+    weights changed on disk while requests used it) was read, kept in host memory and served as the checked version:
+    the same greedy request on gen_b answered '' once and 'SSSSSS' otherwise. Files that changed by the end of the
+    read are refused (503 adapter_unavailable) and nothing is cached."""
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    router = Router.from_registry(reg, quantization="none", dtype="fp32")
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    read = manager.read_adapter
+
+    def rewritten_meanwhile(name, folder):  # after the hash check, before the read
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0x55]))
+        return read(name, folder)
+
+    monkeypatch.setattr(manager, "read_adapter", rewritten_meanwhile)
+    router.host.pop("gen_b", None)
+    with pytest.raises(manager.AdapterUnavailable, match="changed since it was checked"):
+        router.fetch("gen_b")
+    assert "gen_b" not in router.host and "gen_b" in router.unavailable

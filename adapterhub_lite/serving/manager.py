@@ -246,6 +246,9 @@ class AdapterManager(RequestReader):
         self._check_unchanged(name, folder, hashes)
         check_fits(folder, self.backbone.model)
         loaded = read_adapter(name, folder)
+        # hashed again once read: files rewritten between the check above and the read (a copy over them, a re-publish)
+        # were served, and kept in host memory, as the version checked; only a change undone within the read passes
+        self._check_unchanged(name, folder, hashes)
         with self._host_lock:
             # kept only if the name still stands for what was read: else the next load would serve these weights under
             # the version that replaced them (add() dropped the old entry, and nothing would drop this one)
