@@ -221,7 +221,8 @@ class Admission:
         self.metrics.batch_rows.observe(len(self._rows))
 
     def _classify(self, jobs: list[Job]) -> None:
-        scored = self.router.classify([j.prepared for j in jobs])
+        with self.router.bank.abandon_when(lambda: all(j.cancelled for j in jobs)):  # as a prefill's: a pass for nobody stops
+            scored = self.router.classify([j.prepared for j in jobs])
         for job, (best, probs) in zip(jobs, scored):
             words = label_words(job.prepared.spec)
             self.metrics.prefilled(job.prepared.adapter, len(job.prepared.ids))
