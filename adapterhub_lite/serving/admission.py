@@ -10,7 +10,9 @@ On the engine thread, at each step:
   uses), classification rows are scored in one pass, whole prompts are prefilled in one pass and long ones a
   piece per step (chunked prefill), and the rows that want new tokens join the running batch;
 - a pass that raises is retried in halves, so an out-of-memory or one bad row fails only the rows that cause
-  it; one request that runs out of memory beside running rows waits for a row to leave instead of failing.
+  it; one request that runs out of memory beside running rows waits for a row to leave instead of failing;
+- a pass (prefill, a prompt's piece, classification) whose clients have all left stops at the next decoder
+  layer (AdapterBank.abandon_when) rather than running to its end for nobody.
 """
 
 from __future__ import annotations
