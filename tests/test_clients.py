@@ -134,3 +134,23 @@ def test_a_tool_result_message_is_refused_saying_tools_are_not_called(served):
         r = served.post("/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 4})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role", r.text
         assert '"tool"' in r.json()["error"]["message"] and "does not call tools" in r.json()["error"]["message"]
+
+
+def test_a_function_result_message_is_refused_as_a_tool_result_is(served):
+    """OpenAI's deprecated function-calling history ({"role": "function", "name", "content"}, still sent by older agent
+    code) is well formed too: its refusal names the role and why, not a malformed message."""
+    messages = [{"role": "user", "content": "what is 6 x 7?"}, {"role": "function", "name": "multiply", "content": "42"}]
+    r = served.post("/v1/chat/completions", {"model": "base", "messages": messages, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role", r.text
+    assert '"function"' in r.json()["error"]["message"] and "does not call tools" in r.json()["error"]["message"]
+
+
+def test_a_developer_message_is_read_as_a_system_one(served):
+    """OpenAI's newer clients send the system prompt as role "developer"; vLLM's templates read it as "system". It is
+    answered (the refusal's own line lists it as accepted), on the very prompt a system message makes."""
+    def prompt(role):
+        messages = [{"role": role, "content": "Answer briefly."}, {"role": "user", "content": "hi"}]
+        r = served.post("/v1/chat/completions", {"model": "base", "messages": messages, "max_tokens": 1, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        return r.json()["prompt_token_ids"]
+    assert prompt("developer") == prompt("system")

@@ -198,3 +198,11 @@ def test_every_model_card_carries_vllms_permission(served):
         (perm,) = card["permission"]
         assert perm["object"] == "model_permission" and perm["allow_sampling"] and perm["allow_logprobs"] and not perm["allow_fine_tuning"]
         assert httpx.get(served.url + "/v1/models/" + card["id"], headers={"Authorization": f"Bearer {KEY}"}).json()["permission"] == [perm]
+
+
+def test_load_inplace_that_is_not_a_boolean_is_refused_by_name(served, serve_registry):
+    """load_inplace is vLLM's boolean; "yes" (or 1) is a 400 naming it, as every flag here, not read as true and loaded."""
+    for value in ("yes", 1):
+        r = served.post("/v1/load_lora_adapter", {"lora_name": "pushed_flag", "lora_path": str(serve_registry / "gen_a" / "1.0.0"), "load_inplace": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
+    assert "pushed_flag" not in [m.id for m in served.client.models.list().data]
