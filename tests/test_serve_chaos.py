@@ -14,6 +14,7 @@ from adapterhub_lite.ops.merge import merge_adapters
 from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
+from .serving import Served
 
 LAYER = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -90,3 +91,44 @@ def test_an_adapter_whose_files_change_while_it_is_read_is_refused_not_served(se
     with pytest.raises(manager.AdapterUnavailable, match="changed since it was checked"):
         router.fetch("gen_b")
     assert "gen_b" not in router.host and "gen_b" in router.unavailable
+
+
+RECIPE = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "cat"}
+
+
+def test_a_merge_source_whose_files_changed_is_not_merged(serve_registry, tmp_path):
+    """Every load of an adapter re-hashes its files; a per-request merge read its sources' files unchecked, so a
+    source changed on disk was merged and served as if it were the registered version. It is refused as a request
+    naming the source is (503 adapter_unavailable, no retry)."""
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    s = Served(reg)
+    try:
+        weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0x55]))
+        r = s.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": RECIPE})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable", r.text
+        assert "gen_b" in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
+    finally:
+        s.close()
+
+
+def test_a_merge_source_unloaded_while_the_merge_is_built_is_a_clear_error(serve_registry, monkeypatch):
+    """The recipe's sources are checked when the request is read; the build runs later on a worker thread. A source a
+    reload or an unload took away meanwhile was a KeyError there: a plain-text 500 ('Internal Server Error') in the
+    soak. It is answered in OpenAI's shape, naming the source."""
+    s = Served(serve_registry)
+    try:
+        build = s.router.build_merge
+
+        def after_an_unload(*args, **kw):
+            s.router.forget("gen_a")
+            return build(*args, **kw)
+
+        monkeypatch.setattr(s.router, "build_merge", after_an_unload)
+        r = s.post("/v1/completions", {"model": "gen_b", "input": "ab", "merged_adapters": RECIPE})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable", r.text
+        assert "'gen_a'" in r.json()["error"]["message"]
+    finally:
+        s.close()

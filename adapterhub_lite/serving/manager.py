@@ -295,9 +295,21 @@ class AdapterManager(RequestReader):
         (report_rows=0) peft merges the sources' factors on a weightless model of the backbone's shape, so no
         second backbone is loaded and the served model is not touched: the server runs this off its engine thread."""
         output = Path(output) if output else Path(self._scratch.name) / name
-        _, sidecar = merge_adapters({n: self.folders[n] for n in weights}, weights, method, density=density, name=name,
+        # the sources as registered now, checked as every load is: a reload or an unload may have taken one away since
+        # the request was read (a KeyError and a plain 500 in the chaos soak), and files changed on disk were merged
+        with self._host_lock:
+            sources = {n: (self.folders.get(n), self.hashes.get(n)) for n in weights}
+        for n, (folder, hashes) in sources.items():
+            if folder is None and n in self.unavailable:
+                raise AdapterUnavailable(f"merge source {n!r} is unavailable: {self.unavailable[n]}; the server serves the other adapters")
+            if folder is None:
+                raise AdapterUnavailable(f"merge source {n!r} was unloaded while the merge was built; see GET /v1/models")
+            self._check_unchanged(n, folder, hashes)
+        _, sidecar = merge_adapters({n: folder for n, (folder, _) in sources.items()}, weights, method, density=density, name=name,
                                     output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
                                     device=str(self.backbone.device), dtype=self.backbone.dtype, base_config=self.backbone.model.config)
+        for n, (folder, hashes) in sources.items():  # and once read, as fetch() checks (a change meanwhile is not merged)
+            self._check_unchanged(n, folder, hashes)
         return output, sidecar
 
     def spec(self, name: str) -> TaskSpec | None:

@@ -23,6 +23,7 @@ from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX, is_request_mer
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
+from adapterhub_lite.serving.manager import AdapterUnavailable
 
 
 class Catalogue:
@@ -126,6 +127,8 @@ class Catalogue:
         except P.ApiError:
             raise
         except AdapterHubError as exc:
+            if isinstance(exc, AdapterUnavailable):  # the server's files, not the request: as a request naming it is answered
+                raise P.ApiError(503, str(exc), "server_error", "adapter_unavailable", headers=P.NO_RETRY) from None
             message = str(exc)
             for flag, field in (flags or {}).items():
                 message = message.replace(flag, field)
