@@ -61,8 +61,9 @@ def test_a_request_that_ends_during_its_chunked_prefill_frees_its_budgets_at_onc
 
 
 
-@pytest.mark.parametrize("adapter, chunked", [("gen_a", False), ("gen_a", True), ("cls_a", False)])
-def test_a_prefill_whose_clients_all_left_stops_between_two_layers(serve_registry, adapter, chunked):
+@pytest.mark.parametrize("adapter, chunked, end", [("gen_a", False, "cancelled"), ("gen_a", True, "cancelled"), ("cls_a", False, "cancelled"),
+                                                   ("gen_a", False, "RequestTimeout")])
+def test_a_prefill_whose_clients_all_left_stops_between_two_layers(serve_registry, adapter, chunked, end):
     """A prefill pass runs for seconds on a CPU; when every client in it leaves (a cancelled burst) it stops at the next
     layer instead of running to its end for nobody while a newcomer waits. Here the client leaves as layer 0 runs: the
     last layer never runs for it, the job leaves as cancelled, and the engine then serves a request as a fresh one does."""
@@ -73,7 +74,12 @@ def test_a_prefill_whose_clients_all_left_stops_between_two_layers(serve_registr
     heard = []
     job = Job(request, lambda ev, p: heard.append(ev), SamplingParams(max_tokens=4, ignore_eos=True) if adapter == "gen_a" else SamplingParams())
     last_ran = []
-    leave = layers[0].register_forward_pre_hook(lambda *_: job.cancel())  # the client leaves mid-pass
+    def ends(*_):  # the client leaves mid-pass, or its deadline passes
+        if end == "cancelled":
+            job.cancel()
+        else:
+            job.deadline = 0.0
+    leave = layers[0].register_forward_pre_hook(ends)
     count = layers[-1].register_forward_pre_hook(lambda *_: last_ran.append(1))
     try:
         engine._waiting.put_nowait(job)
@@ -84,8 +90,9 @@ def test_a_prefill_whose_clients_all_left_stops_between_two_layers(serve_registr
     finally:
         leave.remove()
         count.remove()
-    assert job.finished and not last_ran and not {"done", "error"} & set(heard)  # stopped before the last layer; nothing answered
-    assert engine.metrics.requests.labels(adapter=adapter, status="cancelled")._value.get() == 1
+    assert job.finished and not last_ran  # stopped before the last layer
+    assert [ev for ev in heard if ev in ("done", "error")] == ([] if end == "cancelled" else ["error"])  # a timeout is told so
+    assert engine.metrics.requests.labels(adapter=adapter, status=end)._value.get() == 1
     assert not engine._jobs and not engine._rows and engine._dec is None and engine.scheduler.kv_reserved() == 0
     assert all(not layer._forward_pre_hooks for layer in layers)  # no hook left on the decode path
 

@@ -11,7 +11,7 @@ On the engine thread, at each step:
   piece per step (chunked prefill), and the rows that want new tokens join the running batch;
 - a pass that raises is retried in halves, so an out-of-memory or one bad row fails only the rows that cause
   it; one request that runs out of memory beside running rows waits for a row to leave instead of failing;
-- a pass (prefill, a prompt's piece, classification) whose clients have all left stops at the next decoder
+- a pass (prefill, a prompt's piece, classification) whose clients have all left (or whose deadlines passed) stops at the next decoder
   layer (AdapterBank.abandon_when) rather than running to its end for nobody.
 """
 
@@ -137,9 +137,10 @@ class Admission:
         the part that causes it; a job that fails alone gets the error. fn leaves no trace when it raises."""
         try:
             return fn(jobs)
-        except PassAbandoned:  # every client of these jobs left while their pass ran: they leave, as at a step's sweep
+        except PassAbandoned:  # nobody waits for these jobs any more (see _nobody_waits): they leave, as at a step's sweep
             for job in jobs:
-                self._forget(job)
+                if self._gone(job):  # counted as cancelled, or failed with the timeout
+                    self._forget(job)
             return None
         except Exception as exc:  # noqa: BLE001 - isolated below; every one is logged
             if len(jobs) == 1:
@@ -222,8 +223,17 @@ class Admission:
             self._parts([job], lambda js, t=t, n=n: self._piece(js[0], t, n), "chunked prefill")
         self.metrics.batch_rows.observe(len(self._rows))
 
+    @staticmethod
+    def _nobody_waits(jobs: list[Job]) -> Callable[[], bool]:
+        """For a pass's abandon_when: whether every job's client has left or its deadline has passed. (Read, not acted
+        on: a job that ends this way leaves through _gone once the pass has stopped.)"""
+        def gone() -> bool:
+            now = time.monotonic()
+            return all(j.cancelled or (j.deadline is not None and now > j.deadline) for j in jobs)
+        return gone
+
     def _classify(self, jobs: list[Job]) -> None:
-        with self.router.bank.abandon_when(lambda: all(j.cancelled for j in jobs)):  # as a prefill's: a pass for nobody stops
+        with self.router.bank.abandon_when(self._nobody_waits(jobs)):  # as a prefill's: a pass for nobody stops
             scored = self.router.classify([j.prepared for j in jobs])
         for job, (best, probs) in zip(jobs, scored):
             words = label_words(job.prepared.spec)
@@ -246,7 +256,7 @@ class Admission:
         two layers once every one of its clients has left (PassAbandoned)."""
         scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
         bank = self.router.bank
-        with bank.abandon_when(lambda: all(j.cancelled for j in jobs)):
+        with bank.abandon_when(self._nobody_waits(jobs)):
             new = bank.start([j.prepared.ids for j in jobs], [j.prepared.bank_name for j in jobs], keys=[id(j) for j in jobs],
                              score_prompt=scoring)
         self._enter(jobs, new)
@@ -255,7 +265,7 @@ class Admission:
         """Run the next `n` positions of a long prompt (chunked prefill); after its last piece the row runs."""
         bank, ran = self.router.bank, ticket.first_chunk - 1  # a prompt-tuning adapter's virtual tokens run in the first piece
         done, ids = ticket.prefilled - n, job.prepared.ids  # positions run before this piece
-        with bank.abandon_when(lambda: job.cancelled):  # a piece half-run is dropped with the job (job.filling)
+        with bank.abandon_when(self._nobody_waits([job])):  # a piece half-run is dropped with the job (job.filling)
             if done == 0:
                 job.filling = bank.start([ids[: n - ran]], [job.prepared.bank_name], keys=[id(job)])
             else:
