@@ -253,7 +253,7 @@ class Admission:
 
     def _start(self, jobs: list[Job]) -> None:
         """Prefill whole prompts in one pass (scoring those that asked), then let the rows run. The pass stops between
-        two layers once every one of its clients has left (PassAbandoned)."""
+        two layers once every one of its clients has left or its deadline has passed (PassAbandoned)."""
         scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
         bank = self.router.bank
         with bank.abandon_when(self._nobody_waits(jobs)):
