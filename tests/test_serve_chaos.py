@@ -1,6 +1,7 @@
 """What a chaos soak of the server (every request kind, load, unload, merge and disconnect at once) found, each
 reduced to a small deterministic case."""
 
+import logging
 import shutil
 import threading
 
@@ -132,3 +133,19 @@ def test_a_merge_source_unloaded_while_the_merge_is_built_is_a_clear_error(serve
         assert "'gen_a'" in r.json()["error"]["message"]
     finally:
         s.close()
+
+
+def test_an_unexpected_failure_is_a_500_in_openais_shape_and_logged_as_500(served, monkeypatch, caplog):
+    """A bug in a route (the soak's KeyError and meta-tensor failures) reached Starlette's last handler: the client got
+    a plain-text 'Internal Server Error' that no client reading error.message can read, and the access log said
+    status=None. It is a JSON 500 (server_error, internal_error) naming the failure, logged with status=500."""
+
+    async def broken(recipe, model=None):
+        raise KeyError("gen_b")
+
+    monkeypatch.setattr(served.catalogue, "merged", broken)
+    with caplog.at_level(logging.INFO, logger="adapterhub_lite.serve.access"):
+        r = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": RECIPE})
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error" and "KeyError" in r.json()["error"]["message"], r.text
+    assert any("POST /v1/completions status=500" in rec.getMessage() for rec in caplog.records)

@@ -101,6 +101,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, sending)
+        except Exception:
+            status[0] = status[0] or 500  # answered 500 by the app's outermost handler, after this middleware: logged so
+            raise
         finally:
             log()  # a request that ended without a last body (the client left, an error)
 
@@ -172,6 +175,12 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
         message = f"{request.method} {request.url.path}: {exc.detail}" + (f"; {fix}" if fix else "")
         code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(P.ApiError(exc.status_code, message, code=code, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        # a bug, not the request: Starlette still logs its stack (it re-raises after this answer) but answered a plain-text
+        # 'Internal Server Error' that clients reading error.message cannot read; vLLM answers its own failures in its shape
+        return error_response(P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
