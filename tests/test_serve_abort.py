@@ -438,3 +438,29 @@ def test_an_unload_waits_for_the_requests_queued_for_the_adapter(serve_registry)
         engine.stop()
     assert refused.status == 409 and ended["queued"][0] == "done", ended["queued"]
     assert "rt" not in router.folders and "rt" not in catalogue.runtime
+
+
+def test_a_merge_whose_registering_step_fails_is_built_again_when_asked_again(serve_registry, monkeypatch):
+    """The merge is built and inspected, then its registration on the engine thread fails once (as a rename in the scratch
+    folder can): its folder goes too, and the same recipe asked again is built and served, not refused for good."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine, max_merges=2)
+    register, calls = catalogue._register_merge, []
+
+    def flaky(r, name, folder, reg):
+        calls.append(name)
+        if len(calls) == 1:
+            raise OSError("rename failed")
+        return register(r, name, folder, reg)
+
+    monkeypatch.setattr(catalogue, "_register_merge", flaky)
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+    try:
+        with pytest.raises(Exception, match="rename failed"):
+            asyncio.run(asyncio.wait_for(catalogue.merged(recipe, "gen_a"), 60))
+        assert not list(Path(router._scratch.name).glob(".building-*"))
+        name = asyncio.run(asyncio.wait_for(catalogue.merged(recipe, "gen_a"), 60))
+        assert name in router.folders and list(catalogue.merges) == [name] and len(calls) == 2
+    finally:
+        engine.stop()

@@ -647,3 +647,10 @@ def test_a_refused_value_is_shown_as_the_json_the_client_sent(served):
         r = served.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 1, field: value})
         assert r.status_code == 400, (field, r.text)
         assert f"`{field}` is {shown};" in r.json()["error"]["message"], (field, r.json())
+
+
+def test_a_refused_non_ascii_value_is_shown_as_written(served):
+    """A refused value with non-ASCII text is quoted as the client wrote it ("oui ✓"), not as JSON escapes ("oui \\u2713")
+    that appear nowhere in the body it sent."""
+    r = served.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 1, "stream": "oui ✓"})
+    assert r.status_code == 400 and '`stream` is "oui ✓";' in r.json()["error"]["message"], r.text
