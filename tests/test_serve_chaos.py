@@ -149,3 +149,21 @@ def test_an_unexpected_failure_is_a_500_in_openais_shape_and_logged_as_500(serve
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal_error" and "KeyError" in r.json()["error"]["message"], r.text
     assert any("POST /v1/completions status=500" in rec.getMessage() for rec in caplog.records)
+
+
+def test_the_host_cache_keeps_what_was_read_when_the_file_is_rewritten_in_place(serve_registry, tmp_path):
+    """safetensors' load_file gives CPU tensors that are views of the file mapped in memory. The host cache
+    (--max-cpu-loras) kept them, so a weights file rewritten in place after it was read and checked changed the cached
+    weights, and the next load of the adapter served them: the soak's person_json on the real backbone answered ''
+    (the mutated weights') where a fresh server answers ' Ada Lovelace'. The cache holds its own copy."""
+    reg = tmp_path / "registry"
+    shutil.copytree(serve_registry, reg)
+    router = Router.from_registry(reg, quantization="none", dtype="fp32")
+    router.host.pop("gen_b", None)
+    cached = router.fetch("gen_b")[1]
+    before = {k: v.clone() for k, v in cached.items()}
+    weights = reg / "gen_b" / "1.0.0" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0x55]))  # in place: same file, same size
+    assert router.fetch("gen_b")[1] is cached  # a host-cache hit: no disk read
+    assert all(torch.equal(cached[k], before[k]) for k in before)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors
@@ -259,6 +259,8 @@ def read_adapter(name: str, folder) -> tuple[PeftConfig, dict[str, torch.Tensor]
     """An adapter folder's config and weights, in host memory (what the router's host cache keeps)."""
     folder = Path(folder)
     try:
-        return PeftConfig.from_pretrained(str(folder)), load_file(folder / "adapter_model.safetensors", device="cpu")
+        # from the bytes, not load_file: its CPU tensors are views of the file mapped in memory, so a file rewritten in
+        # place after its hashes were checked changed the weights kept in the host cache (served at the next load)
+        return PeftConfig.from_pretrained(str(folder)), load((folder / "adapter_model.safetensors").read_bytes())
     except (OSError, ValueError) as exc:
         raise AdapterLoadError(f"cannot load adapter {name!r} from {str(folder)!r} ({type(exc).__name__}); it needs adapter_config.json and adapter_model.safetensors") from None
