@@ -3,6 +3,7 @@
     files.py       atomic writes (temp name, fsync, rename), shared file modes
     sidecar.py     the typed adapterhub.json
     folder.py      the adapter folder format: read, check (no links, no pickles, finite), model card, figures
+    index.py       the registry's index format: names, versions, file records, entries
     registry.py    a local registry with integrity checks; hub.py the same on the Hugging Face Hub;
                    registries.py which one a location names
     samples.py     routing samples kept beside an adapter

@@ -2,8 +2,9 @@
 
     errors.py    typed errors (subclasses of ValueError, as peft's are)
     names.py     the served names that are not adapters (base, auto) and the backbone's choices
-    spec.py      the task spec (YAML) and its checks
+    spec.py      the task spec (YAML) and its checks; spec_yaml.py its file, read strictly
     data.py      task data: files and datasets → rows, prompts and answers
+    text.py      what users type: UTF-8 text files, JSON Lines, a generation's answer
     metrics.py   classification and generation metrics (scikit-learn)
 """
 
