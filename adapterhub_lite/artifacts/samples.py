@@ -3,7 +3,7 @@
 `routing.safetensors` holds one embedding per input (mean-pooled and last-token hidden states of a
 middle and the last layer, each L2-normalised, concatenated); the sidecar's `routing` record names
 the file and the embedding. Training writes them (train.py, joint and composed runs); the router
-reads them to route `auto` requests by content (router/routing.py). They live here, beside the
+reads them to route `auto` requests by content (serving/routing.py). They live here, beside the
 folder writer, so that training does not import the router and the router does not import training.
 """
 

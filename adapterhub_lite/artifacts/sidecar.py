@@ -2,7 +2,7 @@
 
 One versioned dataclass with save/load (as peft's PeftConfig), built by one function, `build`,
 that every writer uses: training (train.py), joint training (a folder per task and the shared
-component), merging (router/merge.py) and composition (multitask/compose.py). Older versions are
+component), merging (ops/merge.py) and composition (training/recipes/compose.py). Older versions are
 upgraded on load by an explicit step per version (`_UPGRADES`), so readers see one shape.
 
     format 1  written before typed sidecars: base.dtype and base.weights may be missing
