@@ -271,3 +271,19 @@ def test_router_run_reads_requests_as_the_queue_bound_leaves_room(serve_registry
     out = engine.run([{"adapter": "base", "prompt": f"p{i}"} for i in range(7)], max_new_tokens=2)
     assert len(out) == 7 and all(o is not None for o in out)
     assert max(depths) == 3, depths
+
+
+def test_a_refusal_is_counted_under_the_adapter_its_request_named(serve_registry):
+    """A 429 (queue full) or a 503 (stopping) for a request naming gen_a is counted under adapter="gen_a", as its other
+    endings are, not under another adapter's series."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"), max_queue=1)
+    named = Job({"adapter": "gen_a", "prompt_ids": [5, 9]}, lambda ev, p: None, SamplingParams(max_tokens=2))
+    engine.submit(job())
+    with pytest.raises(QueueFull):
+        engine.submit(named)
+    engine.stop()
+    with pytest.raises(ShuttingDown):
+        engine.submit(named)
+    for status in ("QueueFull", "ShuttingDown"):
+        assert engine.metrics.requests.labels(adapter="gen_a", status=status)._value.get() == 1
+        assert counted(engine, status) == 0

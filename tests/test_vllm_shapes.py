@@ -206,3 +206,17 @@ def test_load_inplace_that_is_not_a_boolean_is_refused_by_name(served, serve_reg
         r = served.post("/v1/load_lora_adapter", {"lora_name": "pushed_flag", "lora_path": str(serve_registry / "gen_a" / "1.0.0"), "load_inplace": value})
         assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
     assert "pushed_flag" not in [m.id for m in served.client.models.list().data]
+
+
+def test_each_cards_max_model_len_is_what_a_request_to_it_may_fill(served):
+    """vLLM's max_model_len on a card: a request to that id may fill exactly that many positions (prompt and answer).
+    A prefix adapter's virtual tokens sit in the cache and a prompt adapter's run before the prompt, so both take theirs
+    off the context; a plain LoRA takes none. A request one token past the card's figure is refused as over the context."""
+    cards = {m.id: m.model_extra for m in served.client.models.list().data}
+    for name in ("gen_a", "gen_prefix", "gen_prompt"):
+        fill = cards[name]["max_model_len"]
+        fits = served.post("/v1/completions", {"model": name, "prompt": [5] * (fill - 1), "max_tokens": 1})
+        assert fits.status_code == 200, (name, fits.text)
+        over = served.post("/v1/completions", {"model": name, "prompt": [5] * fill, "max_tokens": 1})
+        assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded", (name, over.text)
+    assert cards["gen_prefix"]["max_model_len"] < cards["gen_a"]["max_model_len"]
