@@ -7,8 +7,9 @@ Each process loads the frozen backbone on its own device (`device_map={"": local
 bitsandbytes models cannot be moved after loading, and `device_map="auto"` would split the layers
 over the GPUs). The model holding the adapter is wrapped for DDP by accelerate, so the adapter's
 gradients are averaged over the processes in backward; every process draws the same global batch
-and computes its share. Rank 0 alone writes files; evaluation runs on rank 0 and its numbers are
-sent to the others, so every process takes the same decisions (keep best, stop, sample tasks).
+and computes its share. Rank 0 alone writes files; evaluation runs on every process, each predicting its
+share of the dev rows, and the predictions are gathered and scored on each, so every process takes the
+same decisions (keep best, stop, sample tasks).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Parallel:
         return gather_object([obj])
 
     def share(self, obj):
-        """Rank 0's value of a picklable object, on every process (evaluation results, decisions)."""
+        """Rank 0's value of a picklable object, on every process."""
         if self.world == 1:
             return obj
         from accelerate.utils import broadcast_object_list
