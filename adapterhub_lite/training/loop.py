@@ -5,7 +5,7 @@
                    clip → optimizer → schedule
                    every log_every steps: one metrics row (window means, the last step's pre-clip grad_norm)
                    every eval_every steps: evaluate (each process its share), keep the best, maybe stop
-                   every checkpoint_every steps (default: eval_every) and when the run stops: checkpoint
+                   every checkpoint_every steps (default: eval_every) and when the run stops early: checkpoint
     until max_steps, early stopping (patience), or the time budget.
 
 `fit` is that loop, each step a named method of `_Run` (which holds what the steps share).
