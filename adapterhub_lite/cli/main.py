@@ -195,6 +195,7 @@ def _merge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `adapterhub-lite` parser: this module's commands and those of cli/registry.py, multitask.py, serve.py, export.py."""
     parser = _Parser(prog="adapterhub-lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

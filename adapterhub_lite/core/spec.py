@@ -71,6 +71,8 @@ class TrainConfig:
 
 @dataclass
 class TaskSpec:
+    """One task's spec: its data, prompt, answers, metrics, method and backbone, and its `train` settings."""
+
     name: str = ""
     type: str = ""
     data: DataSpec = field(default_factory=DataSpec)

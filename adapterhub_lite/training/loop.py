@@ -122,6 +122,8 @@ class Recipe:
 
 @dataclass
 class LoopResult:
+    """What fit() returns: the run's final state and why it stopped."""
+
     state: RunState
     stopped_by: str  # max_steps | early_stopping | max_minutes
 

@@ -112,6 +112,7 @@ def discard_partial(work: Path) -> None:
 
 
 def refuse_unreplaceable(output: Path) -> None:
+    """Refuse (OutputExistsError) an existing `output` that --overwrite may not replace (folder.replaceable says why)."""
     why = replaceable(output)
     if why:
         raise OutputExistsError(f"--overwrite refused for {str(output)!r}: {why}; --overwrite replaces only adapter folders "
