@@ -57,7 +57,7 @@ class LoopConfig:
     def from_train(cls, train, **overrides) -> LoopConfig:
         """The loop's settings read off a run's settings (a spec's `train` section, core.spec.TrainConfig, or a
         JointConfig), field by field: the loop has no defaults of its own for what a run sets. `overrides`: what a
-        recipe decides itself (a joint run checkpoints at every eval)."""
+        recipe decides itself, over the run's settings (no recipe passes any now)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: getattr(train, k) for k in fields if hasattr(train, k)}, **overrides})
 
