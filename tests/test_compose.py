@@ -103,3 +103,19 @@ def test_the_lora_on_shots_baseline_is_scored_on_the_reports_dev_rows(sources, t
     report = compose_fit(spec, sources, tmp_path / "out", shots=6, budget=2, lora_steps=1, eval_rows=5)
     assert report["dev_rows"] == 5
     assert report["lora_on_shots"]["dev_rows"] == 5
+
+
+def test_the_lora_on_shots_baseline_trains_the_steps_it_is_given(tmp_path):
+    """compose-fit's lora_steps is what the LoRA-on-shots baseline trains (its report says so): the train settings it
+    sets were not marked as given, so train's defaults (resolve) replaced them (2 steps asked, 20 trained, eval every 10)."""
+    from adapterhub_lite.training.recipes.compose import _lora_on_shots
+
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": str(tmp_path / "new.jsonl"), "dev": str(tmp_path / "new.jsonl")},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+                           "quantization": "none", "train": {"max_length": 32}})
+    report = _lora_on_shots(spec, "".join(json.dumps(r) + "\n" for r in rows[:6]), tmp_path / "work", 2, None, None, 16)
+    meta = json.loads((tmp_path / "work" / "lora_on_shots" / "adapterhub.json").read_text())
+    assert meta["train_state"]["steps"] == report["steps"] == 2
+    assert meta["task"]["train"]["eval_every"] == 2 and meta["task"]["train"]["warmup_steps"] == 0

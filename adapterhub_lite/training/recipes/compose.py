@@ -238,7 +238,10 @@ def _lora_on_shots(spec: TaskSpec, shot_text: str, work: Path, steps: int, devic
         few.method, few.method_args = "lora", {}
     few.train.max_steps, few.train.batch_size = steps, min(shot_text.count("\n"), spec.train.batch_size)
     few.train.warmup_steps, few.train.eval_every, few.train.checkpoint_every = 0, steps, steps
-    few.train.patience, few.train.max_minutes = 0, 0.0
+    few.train.patience, few.train.max_minutes, few.train.epochs = 0, 0.0, 0.0
+    # given, so train's defaults (defaults.resolve) keep them rather than choose a budget from the shots
+    few.given = spec.given | {f"train.{k}" for k in ("max_steps", "batch_size", "warmup_steps", "eval_every", "checkpoint_every",
+                                                     "patience", "max_minutes", "epochs")}
     folder = train(few, work / "lora_on_shots", progress=False, device=device)
     meta = read_sidecar(folder)
     return {"steps": steps, "dev_rows": meta["data"]["dev"]["rows"], **{k: v for k, v in meta["metrics"].items() if k != "per_class"}}
