@@ -1,4 +1,5 @@
-"""Registry: publish, list, pull, verify and load versioned adapters, with integrity checks.
+"""Registry: publish, list, pull and verify versioned adapters, with integrity checks (load one with
+loading.load_adapter(registry.path(ref))).
 
 Layout (a local folder; `hf://org/repo` keeps the same layout on the Hugging Face Hub):
 
