@@ -1,7 +1,7 @@
 """The core: what every layer may use and that imports nothing of the package above it.
 
     errors.py    typed errors (subclasses of ValueError, as peft's are)
-    names.py     the served names that are not adapters (base, auto) and the backbone's choices
+    names.py     the served names that are not adapters (base, auto, merged-…) and the backbone's choices
     spec.py      the task spec (YAML) and its checks; spec_yaml.py its file, read strictly
     data.py      task data: files and datasets → rows, prompts and answers
     text.py      what users type: UTF-8 text files, JSON Lines, a generation's answer
