@@ -2,7 +2,7 @@
 
 `import adapterhub_lite.router.router` still works and warns (DeprecationWarning); the module it gives is the
 new one itself, so patching an attribute through either name patches the same object. Removed in 0.2.
-Names only, no imports: the layers' contract (.importlinter) sees nothing here.
+Names only, no imports: the layers' contract (pyproject.toml's [tool.importlinter]) sees nothing here.
 """
 
 from __future__ import annotations
