@@ -210,3 +210,13 @@ def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, 
 def test_a_spec_giving_both_batch_size_and_batch_tokens_is_refused(cls_task):
     with pytest.raises(SpecError, match="train.batch_size=8 and train.batch_tokens=512 both set the batch"):
         load_spec(cls_task / "toy.yaml", ["train.batch_tokens=512"])
+
+
+def test_the_warmup_reason_names_its_cap(cls_task):
+    """warmup_steps left out is 5% of the steps, at most 100: the reason recorded beside it says so (it said "5% of
+    4000 steps" beside 100)."""
+    resolved, _ = _resolve(_minimal(cls_task, "toy"), "train.max_steps=4000")
+    assert resolved.spec.train.warmup_steps == 100
+    assert resolved.choices["train.warmup_steps"]["why"] == "5% of 4000 steps, at most 100"
+    short, _ = _resolve(_minimal(cls_task, "toy"), "train.max_steps=400")
+    assert (short.spec.train.warmup_steps, short.choices["train.warmup_steps"]["why"]) == (20, "5% of 400 steps")
