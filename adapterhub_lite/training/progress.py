@@ -95,9 +95,9 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+GLOBAL_BATCH = "train.batch_size × processes"
 # Spec keys that do not change what a run computes: a resume may differ in these (a new time
 # budget, data files moved but byte-identical — the data is compared by its sha256 instead).
-GLOBAL_BATCH = "train.batch_size × processes"
 _RESUME_FREE_KEYS = ("name", "train.max_minutes", "train.eval_batch_size", "data.train", "data.dev")
 
 
