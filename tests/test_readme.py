@@ -461,3 +461,21 @@ def test_the_gpu_check_usage_is_the_scripts():
     phases = set(re.search(r"^ALL_PHASES=\(([^)]*)\)", source, re.M).group(1).split())
     usage = re.search(r"`bash scripts/gpu_check.sh ([^`]*)`( \([^)]*\))?", README)
     assert usage.group(1) == "[OUTDIR] [PHASE ...]" and set(re.findall(r"`(\w+)`", usage.group(2) or "")) == phases
+
+
+def test_every_default_a_help_text_names_is_the_one_the_command_uses():
+    """A help text that names a default ("(default 8000)", "(default: adapters)") must name the parser's own: a changed
+    default left the --help a README reader looks up telling them another value."""
+    checked, wrong = 0, []
+    for name, sub in _subparsers().items():
+        for a in sub._actions:
+            said = re.search(r"\bdefault:? ([\w.]+)", a.help or "")
+            if said is None or a.default is None or isinstance(a.default, (bool, list)):
+                continue
+            checked += 1
+            shown = said.group(1).rstrip(".")
+            same = shown == str(a.default) or (isinstance(a.default, (int, float)) and re.fullmatch(r"[\d.]+", shown)
+                                               and float(shown) == float(a.default))
+            if not same:
+                wrong.append(f"{name} {a.option_strings[0] if a.option_strings else a.dest}: help says {shown}, default is {a.default!r}")
+    assert checked >= 8 and wrong == []
