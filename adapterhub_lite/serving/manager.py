@@ -93,16 +93,6 @@ class AdapterManager(RequestReader):
         self.max_cpu_loras = max_cpu_loras
         self._host_lock = threading.Lock()  # fetch() runs on loader threads
 
-    def register_or_mark(self, name: str, folder: str | Path | None = None) -> bool:
-        """register(); an adapter that fails its checks is listed as unavailable (with why) instead of stopping the
-        others: its requests get that reason. Returns whether it registered."""
-        try:
-            self.register(name, folder)
-        except AdapterHubError as exc:
-            self.mark_unavailable(name, exc)
-            return False
-        return True
-
     def mark_unavailable(self, name: str, why: Exception) -> None:
         """List an adapter that failed its checks as unavailable: not served, its requests answered with why."""
         self.forget(name)

@@ -82,7 +82,6 @@ class Ticket:
     ready: bool = True  # False while its adapter is being read from disk (off the engine thread): it waits, and holds nobody up
     prefilled: int = 0  # prompt positions run so far
     passed: int = 0  # steps in which a later request was admitted before it
-    arrival: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -106,7 +105,6 @@ class Scheduler:
         self.waiting: deque[Ticket] = deque()
         self.prefilling: dict[object, Ticket] = {}  # admitted, prompt partly run (chunked prefill)
         self.running: dict[object, Ticket] = {}  # decoding
-        self._arrivals = 0
 
     # -- the requests --------------------------------------------------------------------------------
     def add(self, ticket: Ticket) -> None:
@@ -115,8 +113,6 @@ class Scheduler:
         if b.max_kv_tokens is not None and ticket.cache_tokens > b.max_kv_tokens:
             raise BudgetError(f"the request needs {ticket.cache_tokens} cache positions (prompt, virtual tokens and max_tokens) but the "
                               f"server's KV cache holds {b.max_kv_tokens} (--kv-cache-mb); lower max_tokens or shorten the prompt")
-        self._arrivals += 1
-        ticket.arrival = self._arrivals
         self.waiting.append(ticket)
 
     def requeue(self, ticket: Ticket) -> None:
