@@ -85,16 +85,6 @@ class Parallel:
 
         return gather_object([obj])
 
-    def share(self, obj):
-        """Rank 0's value of a picklable object, on every process."""
-        if self.world == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-
-        box = [obj]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
