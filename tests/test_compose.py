@@ -119,3 +119,13 @@ def test_the_lora_on_shots_baseline_trains_the_steps_it_is_given(tmp_path):
     meta = json.loads((tmp_path / "work" / "lora_on_shots" / "adapterhub.json").read_text())
     assert meta["train_state"]["steps"] == report["steps"] == 2
     assert meta["task"]["train"]["eval_every"] == 2 and meta["task"]["train"]["warmup_steps"] == 0
+
+
+def test_a_lora_on_shots_baseline_of_no_steps_is_refused_before_anything_loads(tmp_path):
+    """--lora-steps 0 would train the baseline 0 steps and write a sidecar (max_steps 0) its own reader refuses, after
+    the whole fit; it is refused first, naming --no-baselines."""
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": "x.jsonl", "dev": "x.jsonl"},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama", "quantization": "none"})
+    with pytest.raises(ComposeError, match="--lora-steps 1 or more"):
+        compose_fit(spec, {"one": tmp_path / "one", "two": tmp_path / "two"}, tmp_path / "o", lora_steps=0)
+    assert not (tmp_path / "o").exists()

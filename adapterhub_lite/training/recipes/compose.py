@@ -125,6 +125,9 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         raise ComposeError(f"search {search!r} is not one of {', '.join(SEARCHES)}")
     if len(sources) < 2:
         raise ComposeError(f"compose-fit needs at least two source adapters, got {list(sources)}")
+    if baselines and lora_steps < 1:  # its sidecar would record max_steps 0, which no reader accepts
+        raise ComposeError(f"lora_steps {lora_steps} leaves the LoRA-on-shots baseline untrained; give --lora-steps 1 or more, "
+                           "or --no-baselines to skip the comparisons")
     output = Path(output)
     with claim_output(output, overwrite, resume=False) as work:  # held until the adapter is in place: a second run into it is refused
         shot_ds = _shots(spec, shots, seed)
