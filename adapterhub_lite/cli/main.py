@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=finite_float, nargs="+", required=True, help="one weight per source adapter, in order")
     p.add_argument("--method", default="linear", help="on A and B apart (equal ranks): linear, ties, dare_linear, dare_ties, magnitude_prune; "
                    "on ΔW (mixed ranks): delta_linear (= cat), svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd")
-    p.add_argument("--density", type=finite_float, help="ties / dare: share of each update kept")
+    p.add_argument("--density", type=finite_float, help="ties / dare / magnitude_prune (and their _svd): share of each update kept")
     p.add_argument("--output", type=nonempty, required=True, help="new folder for the merged adapter (publishable)")
     p.add_argument("--name", help="adapter name (default: the output folder's name)")
     p.add_argument("--task", help="the task the merged adapter serves: a source's task name, or none for raw text (default: the sources' common task)")

@@ -98,7 +98,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapters", nargs="+", help="single-task adapter folders and joint run folders (from train-multi)")
     p.add_argument("--output", type=nonempty, required=True, help="folder for report.json and heatmap.png")
     p.add_argument("--merge", nargs="*", default=["linear", "ties"], help="merge methods to add as columns (none: --merge)")
-    p.add_argument("--density", type=finite_float, default=0.5, help="ties / dare density")
+    p.add_argument("--density", type=finite_float, default=0.5, help="ties / dare / magnitude_prune (and their _svd) density")
     p.add_argument("--rows", type=count(0), default=200, help="dev rows per cell (0: all)")
     p.add_argument("--tolerance", type=finite_float, default=0.01, help="score drop that counts as negative transfer")
     add_device_args(p, adapters=True)
