@@ -110,7 +110,7 @@ def add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="publish an adapter folder as a new immutable version")
     p.add_argument("adapter", help="the adapter folder to publish (a run's output, e.g. runs/sst2)")
     p.add_argument("--version", default="auto", help="MAJOR.MINOR.PATCH, or auto (bump the patch)")
-    p.add_argument("--name", help="registry name (default: the task name)")
+    p.add_argument("--name", help="registry name (default: the name its adapterhub.json records: a trained adapter's task name, a merge's --name)")
     p.set_defaults(func=_publish)
     p = sub.add_parser("list", help="list every published version")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
