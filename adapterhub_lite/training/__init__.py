@@ -12,5 +12,5 @@ small library).
 
 Recipes (recipes/: train.py one task adapter, joint.py several in one pass, compose.py learned composition)
 say only what differs: how a batch becomes a loss, how the run is evaluated, what the folder holds.
-Training imports ops, artifacts, model and core; never serving.
+Training may import ops, artifacts, model and core (it uses all but ops); never serving.
 """
