@@ -38,7 +38,7 @@ from adapterhub_lite.training.progress import Cursor, TrainingError, next_rows, 
 __all__ = ["train", "TrainingError", "adapter_meta", "finish_folder", "prepare_output", "publish_folder", "peak_memory_mb"]
 
 
-# torch.compile's backend for the training forward (tests use "aot_eager": the same graphs, no C++ build)
+# torch.compile's backend for the training forward (tests use "eager": the same graphs, no C++ build)
 COMPILE_BACKEND = "inductor"
 
 
