@@ -464,3 +464,19 @@ def test_a_merge_whose_registering_step_fails_is_built_again_when_asked_again(se
         assert name in router.folders and list(catalogue.merges) == [name] and len(calls) == 2
     finally:
         engine.stop()
+
+
+def test_the_gauges_read_idle_as_the_last_answer_goes_out(serve_registry):
+    """The running and KV gauges were set before the decode step, so the step that ended the last row left them at 1 row
+    and its reservation until the next step (up to the idle wait): a scrape right after the answer read a busy server."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router, budgets=Budgets(max_rows=4))
+    heard = []
+    job = Job({"adapter": "base", "prompt_ids": [5, 9, 14]}, lambda ev, p: heard.append(ev), SamplingParams(max_tokens=3, ignore_eos=True))
+    engine._waiting.put_nowait(job)
+    for _ in range(50):
+        engine._serve_once()
+        if "done" in heard:
+            break
+    assert "done" in heard
+    assert engine.metrics.running._value.get() == 0 and engine.metrics.kv_reserved._value.get() == 0

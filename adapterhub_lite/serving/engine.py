@@ -201,11 +201,11 @@ class Engine(Admission, OfflineRun):
                     self.metrics.waits.labels(budget=plan.blocked).inc()
                 if plan.prefill:
                     self._admit(plan)
-                self._gauges()
                 if self._dec is not None:
                     self._step()
                 if self._dec is None and not self.scheduler.prefilling:  # no row runs: the last batch's gathered factors go
                     self.router.bank.drop_rows()
+                self._gauges()  # after the step: the rows that ended in it are gone from the gauges as their answers go out
             if self._dec is None and not plan.prefill:
                 if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):
                     return True
