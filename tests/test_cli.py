@@ -83,6 +83,7 @@ def test_train_eval_predict_round_trip(capsys, cls_task):
     assert code == 0 and json.loads(out)["rows"] == 16
     code, _, err = run(capsys, "eval", "out", "--split", "test")  # a split name the spec does not have, not a file either
     assert code == 2 and "--split 'test' is neither dev nor train nor a data file that exists" in err and len(err.strip().splitlines()) == 1, err
+    assert ".json / .parquet file" in err  # every format a split may be read from
     with pytest.MonkeyPatch.context() as m:  # a bad --split is refused before the backbone loads (its bar would sit above the line)
         m.setattr("adapterhub_lite.artifacts.loading.load_adapter", lambda *a, **k: pytest.fail("the backbone loaded before the --split refusal"))
         code, _, err = run(capsys, "eval", "out", "--split", "missing.jsonl")

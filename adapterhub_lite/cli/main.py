@@ -48,12 +48,12 @@ def _train(args) -> int:
 
 
 def _split_for(spec, split: str):
-    from adapterhub_lite.core.data import load_split, to_split
+    from adapterhub_lite.core.data import FILE_SUFFIXES, load_split, to_split
 
     source = getattr(spec.data, split) if split in ("train", "dev") else split
     if split not in ("train", "dev") and not Path(split).exists():
         raise DataError(f"--split {split!r} is neither dev nor train nor a data file that exists; give dev, train or the path of a "
-                        ".jsonl / .csv / .tsv file")
+                        f"{' / '.join(FILE_SUFFIXES)} file")
     ds, sha = load_split(source)
     return to_split(spec, ds, source, sha)
 

@@ -32,6 +32,7 @@ _BUILDERS = {
     ".json": ("json", {}),
     ".parquet": ("parquet", {}),
 }
+FILE_SUFFIXES = tuple(_BUILDERS)  # the data files a split may be read from
 
 
 @dataclass
