@@ -14,7 +14,8 @@ RULES = ("equal", "fixed", "dynamic", "uncertainty")
 
 
 class Equal:
-    """The plain mean of the per-task losses."""
+    """Each task's loss at 1/N (N: the run's tasks), summed over the tasks present in a step's batch: the plain mean
+    when every task is present; a task missing from a batch leaves its share out rather than raising the others'."""
 
     def __init__(self, tasks: list[str]):
         self.tasks = tasks
