@@ -289,9 +289,10 @@ def test_a_refusal_is_counted_under_the_adapter_its_request_named(serve_registry
         assert counted(engine, status) == 0
 
 
-def test_a_stream_refused_for_one_prompt_drops_the_choices_already_accepted(serve_registry, monkeypatch):
-    """A streamed request of two prompts, the second over the context: it is answered 400 before any stream begins, so
-    no stream's clean-up runs; the first prompt's choice, accepted meanwhile, must be dropped with it, not decoded to
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_request_refused_for_one_prompt_drops_the_choices_already_accepted(serve_registry, monkeypatch, stream):
+    """A request of two prompts, the second over the context: it is answered 400 (a stream before it begins, so no
+    stream's clean-up runs); the first prompt's choice, accepted meanwhile, must be dropped with it, not decoded to
     its max_tokens for nobody."""
     s = Served(serve_registry)
     submit, jobs = s.engine.submit, []
@@ -304,7 +305,7 @@ def test_a_stream_refused_for_one_prompt_drops_the_choices_already_accepted(serv
     try:
         context = s.router.max_model_len
         r = s.post("/v1/completions", {"model": "base", "prompt": [[5, 9], [5] * context], "max_tokens": context - 4,
-                                       "ignore_eos": True, "stream": True})
+                                       "ignore_eos": True, "stream": stream})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert len(jobs) == 2 and jobs[0].prepared is not None and all(j.cancelled for j in jobs)
     finally:
