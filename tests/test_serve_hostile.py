@@ -223,6 +223,9 @@ def test_runtime_and_registry_adapters_keep_apart_names(serve_registry, tmp_path
     try:
         taken = s.post("/v1/load_lora_adapter", {"lora_name": "gen_a", "lora_path": str(reg / "gen_b" / "1.0.0")})
         assert taken.status_code == 400 and "already served" in taken.json()["error"]["message"]
+        assert "unload it first" not in taken.json()["error"]["message"]  # a registry adapter is not unloaded at run time
+        inplace = s.post("/v1/load_lora_adapter", {"lora_name": "gen_a", "lora_path": str(reg / "gen_b" / "1.0.0"), "load_inplace": True})
+        assert inplace.status_code == 400 and "unload it first" not in inplace.json()["error"]["message"], inplace.text
         assert s.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(reg / "gen_b" / "1.0.0")}).status_code == 200
         late = s.post("/v1/completions", {"model": "late", "input": "gh"}).json()["choices"][0]["text"]
         LocalRegistry(reg).publish(reg / "gen_a" / "1.0.0", "1.0.0", name="late")  # the registry now has a `late` too

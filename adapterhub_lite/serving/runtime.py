@@ -272,9 +272,15 @@ class Catalogue:
         if inplace and name in self.runtime:
             raise P.bad("load_inplace", inplace, "this server does not replace a served adapter in place; unload it, then load it",
                         code="unsupported_field")
-        if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
-            raise P.ApiError(400, f"an adapter named {name!r} is already served (or in the registry: runtime and registry adapters keep "
-                             "apart names); unload it first or choose another name", code="already_loaded")
+        in_registry = self.router.registry is not None and name in self.router.registry.index()["adapters"]
+        if name in self.runtime:
+            raise P.ApiError(400, f"an adapter named {name!r} is already loaded at run time; unload it first or choose another name",
+                             code="already_loaded")
+        if name in (BASE, AUTO) or name in self.router.folders or in_registry:
+            # not "unload it first": the reserved names and registry adapters are not unloaded at run time
+            raise P.ApiError(400, f"an adapter named {name!r} is already served ({'a reserved name' if name in (BASE, AUTO) else 'from the registry'}: "
+                             "runtime and registry adapters keep apart names, and these are not unloaded); choose another name",
+                             code="already_loaded")
         if not isinstance(path, str) or not path:
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
         if not Path(path).exists():  # nothing there: vLLM answers 404 (NotFoundError), a folder it cannot read 400
