@@ -35,7 +35,7 @@ def as_api_error(exc: Exception) -> P.ApiError:
     if isinstance(exc, RequestTimeout):
         return P.ApiError(504, str(exc), "timeout", "request_timeout")
     if isinstance(exc, AdapterUnavailable):
-        return P.ApiError(503, str(exc), "server_error", "adapter_unavailable", headers=P.NO_RETRY)
+        return P.unavailable(str(exc))
     if isinstance(exc, AdapterLoadError) and "unknown adapter" in str(exc):
         return P.ApiError(404, str(exc), "invalid_request_error", "model_not_found")
     if isinstance(exc, ContextLengthError):  # OpenAI's code for it, which clients (and vLLM's users) test for

@@ -41,6 +41,12 @@ def error_code(exc: Exception) -> str:
 NO_RETRY = {"x-should-retry": "false"}
 
 
+def unavailable(message: str) -> ApiError:
+    """The 503 for an adapter that failed its checks (`adapter_unavailable`): the server's files, not the request, are at
+    fault, and no retry cures it (NO_RETRY) until the adapter is re-published and reloaded."""
+    return ApiError(503, message, "server_error", "adapter_unavailable", headers=NO_RETRY)
+
+
 def bad(field: str, value, fix: str, code: str = "invalid_value") -> ApiError:
     """A 400 naming the field, the value seen (shortened, as the JSON the client sent: `true`, `null`, "x") and the fix."""
     try:

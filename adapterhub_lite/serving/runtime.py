@@ -128,7 +128,7 @@ class Catalogue:
             raise
         except AdapterHubError as exc:
             if isinstance(exc, AdapterUnavailable):  # the server's files, not the request: as a request naming it is answered
-                raise P.ApiError(503, str(exc), "server_error", "adapter_unavailable", headers=P.NO_RETRY) from None
+                raise P.unavailable(str(exc)) from None
             message = str(exc)
             for flag, field in (flags or {}).items():
                 message = message.replace(flag, field)
@@ -140,8 +140,8 @@ class Catalogue:
         if model.endswith("@latest") and model.removesuffix("@latest") in self.router.folders and model.removesuffix("@latest") not in self.runtime:
             return model.removesuffix("@latest")
         if model.removesuffix("@latest") in self.router.unavailable:
-            raise P.ApiError(503, f"adapter {model!r} is unavailable: {self.router.unavailable[model.removesuffix('@latest')]}; "
-                             "the server serves the other adapters (GET /v1/models)", "server_error", "adapter_unavailable", headers=P.NO_RETRY)
+            raise P.unavailable(f"adapter {model!r} is unavailable: {self.router.unavailable[model.removesuffix('@latest')]}; "
+                                "the server serves the other adapters (GET /v1/models)")
         if model in (BASE, AUTO) or model in self.router.folders:
             if model in self.merges:
                 self.merges.move_to_end(model)
