@@ -272,11 +272,10 @@ class Catalogue:
         if inplace and name in self.runtime:
             raise P.bad("load_inplace", inplace, "this server does not replace a served adapter in place; unload it, then load it",
                         code="unsupported_field")
-        in_registry = self.router.registry is not None and name in self.router.registry.index()["adapters"]
         if name in self.runtime:
             raise P.ApiError(400, f"an adapter named {name!r} is already loaded at run time; unload it first or choose another name",
                              code="already_loaded")
-        if name in (BASE, AUTO) or name in self.router.folders or in_registry:
+        if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
             # not "unload it first": the reserved names and registry adapters are not unloaded at run time
             raise P.ApiError(400, f"an adapter named {name!r} is already served ({'a reserved name' if name in (BASE, AUTO) else 'from the registry'}: "
                              "runtime and registry adapters keep apart names, and these are not unloaded); choose another name",
