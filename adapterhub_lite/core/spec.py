@@ -156,9 +156,8 @@ def _hints(cls) -> dict[str, Any]:
 def _build(cls, raw: Any, where: str, problems: list[str]):
     """Instantiate dataclass `cls` from `raw`, appending a message per problem instead of raising."""
     if not isinstance(raw, dict):
-        shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
         fix = f"set its keys (e.g. {where}KEY=VALUE)" if where else "write the spec as a YAML mapping (name: ..., type: ...)"
-        problems.append(f"{where.rstrip('.') or 'the spec'} must be a mapping of keys, got {type(raw).__name__} {shown}; {fix}")
+        problems.append(f"{where.rstrip('.') or 'the spec'} must be a mapping of keys, got {type(raw).__name__} {raw!r}; {fix}")
         return cls()
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
