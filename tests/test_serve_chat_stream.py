@@ -46,3 +46,12 @@ def test_stop_strings_are_looked_for_only_after_min_tokens_tokens():
         while not state.add(tok(":", add_special_tokens=False)["input_ids"][0]):
             pass
         assert (state.text, state.reason, len(state.tokens)) == (want, "stop", min_tokens + 1), (min_tokens, stop)
+
+
+def test_a_text_shorter_than_a_stop_string_streams_nothing_the_stop_may_cut():
+    """Stop 'User:' holds back its length less one (4 characters); after 'Use' the safe end was 3 - 4 = -1, which sliced
+    from the back and streamed 'Us' before 'User:' cut the whole text to ''. Nothing is safe until the text outgrows the hold."""
+    tok = _tiny_tokenizer()
+    for text, stop, want in (("User: hi", "User:", ""), ("aUser:", "User:", "a"), ("Observation: x", ("x", "Observation:"), "")):
+        joined, whole, reason = streamed(tok, text, stop=stop if isinstance(stop, tuple) else (stop,))
+        assert (whole, reason) == (want, "stop") and joined == whole, (text, joined, whole)

@@ -140,9 +140,10 @@ class TextState:
             return len(self.text)
         hold = self._hold
         # a partial character first, then the hold: the hold counts whole characters back from the last one, since a stop
-        # string may end in the character whose bytes are still coming ('U˃' after 'U' and half of '˃')
+        # string may end in the character whose bytes are still coming ('U˃' after 'U' and half of '˃'); a text shorter than
+        # the hold has nothing safe (a negative end would slice from the back and send what the stop string may still cut)
         whole = self.text.rstrip("\ufffd")
-        safe = whole[: len(whole) - hold]
+        safe = whole[: max(0, len(whole) - hold)]
         return len(safe.rstrip() if self.answer_mode else safe)
 
     def _bound(self, k: int, limit: int) -> int:
