@@ -200,3 +200,39 @@ def test_an_adapter_put_again_under_its_name_is_served_with_its_new_factors(devi
         with torch.no_grad(), ctx.assign([1], device):
             got = layer(x)
         assert (got - (base(x) + x @ (0.5 * b @ a).T)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("quant", ["none", "8bit"])
+def test_peft_s_own_copy_of_the_lm_head_is_served_and_a_changed_one_refused(tmp_path, quant):
+    """peft's save_pretrained writes the LM head's whole weight (lm_head.base_layer.weight) beside the factors when
+    target_modules names lm_head (save_embedding_layers="auto", its default). It was refused ('holds tensor …', and
+    check_fits said the folder fits no module 'lm_head.base_layer'); equal to the backbone's it changes nothing and is
+    served as peft serves it; a copy that differs would change the base for every row, and is refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub_lite.artifacts.loading import check_fits
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, r=4, target_modules=["q_proj", "lm_head"])
+    get_peft_model(load_backbone(TINY, quant, dtype="fp32").model, cfg).save_pretrained(tmp_path / "auto")  # peft's defaults
+    key = "base_model.model.lm_head.base_layer.weight"
+    weights = load_file(str(tmp_path / "auto" / "adapter_model.safetensors"))
+    assert key in weights
+    bank = AdapterBank(load_backbone(TINY, quant, dtype="fp32").model)
+    check_fits(tmp_path / "auto", bank.model)
+    bank.add("head", tmp_path / "auto")
+    ids = [[5, 9, 14, 30, 7], [40, 41]]
+    got = bank.forward(ids, ["head", None])
+    ref = PeftModel.from_pretrained(load_backbone(TINY, quant, dtype="fp32").model, str(tmp_path / "auto")).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids[0]], device=ref.device)).logits[0]
+        with ref.disable_adapter():
+            plain = ref(input_ids=torch.tensor([ids[1]], device=ref.device)).logits[0]
+    assert (got[0] - want).abs().max() <= 1e-4 and (got[1] - plain).abs().max() <= 1e-4
+    shutil.copytree(tmp_path / "auto", tmp_path / "changed")
+    save_file({**weights, key: weights[key] + 0.01}, str(tmp_path / "changed" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AdapterLoadError, match="save_embedding_layers") as err:
+        bank.add("changed", tmp_path / "changed")
+    assert "\n" not in str(err.value) and bank.names() == ["head"]

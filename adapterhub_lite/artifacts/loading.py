@@ -17,7 +17,7 @@ from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.adapter import require_safetensors
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.model.lora_format import base_rewriting_problem, factor_key, tensor_shapes, vector_key
+from adapterhub_lite.model.lora_format import base_copy_key, base_rewriting_problem, factor_key, tensor_shapes, vector_key
 
 
 def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
@@ -89,12 +89,15 @@ def check_fits(folder: Path, model) -> None:
             raise AdapterLoadError(rewritten)
     if config.get("peft_type") in ("LORA", "IA3"):
         modules = dict(model.named_modules())
+        embeddings = {n for n, m in modules.items() if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
         for key, shape in shapes.items():
             factor, vector = factor_key(key), vector_key(key)
             if factor:
                 path, leaf = factor[0], f"{factor[1]}.weight"
             elif vector:
                 path, leaf = vector[0], "ia3"
+            elif base_copy_key(key) in embeddings:  # peft's copy of the embedding / LM head weight (the bank compares its values)
+                path, leaf = base_copy_key(key), "copy"
             else:  # another tensor (lora_embedding_A, a bias, a saved module): its module must exist at least
                 rest = key.removeprefix("base_model.model.")
                 marker = next((m for m in (".lora_", ".ia3_") if m in rest), None)
@@ -106,6 +109,8 @@ def check_fits(folder: Path, model) -> None:
                 problems.append(f"{path}: lora_A expects {shape[1]} inputs, the layer has {module.in_features}")
             elif leaf == "B.weight" and shape[0] != module.out_features:
                 problems.append(f"{path}: lora_B gives {shape[0]} outputs, the layer has {module.out_features}")
+            elif leaf == "copy" and shape != tuple(module.weight.shape):
+                problems.append(f"{path}: the saved weight has shape {shape}, the layer's is {tuple(module.weight.shape)}")
             elif leaf == "ia3" and shape not in ((1, module.in_features), (module.out_features, 1)):
                 problems.append(f"{path}: ia3_l has shape {shape}, the layer takes (1, {module.in_features}) or ({module.out_features}, 1)")
     else:  # prompt learning: virtual-token width and depth must match the model

@@ -41,6 +41,20 @@ _FACTOR_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[
 _VECTOR_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
 
 
+# peft's save_pretrained also writes the full weight of the backbone's input embedding or LM head when target_modules
+# names one of them (save_embedding_layers="auto", its default; or True): "<module>.base_layer.weight" for a targeted
+# layer, "<module>.weight" for an untargeted one. PeftModel.from_pretrained loads it into the base, so it is part of the
+# adapter only where it differs from the backbone's own weight.
+_BASE_COPY_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\.weight")
+
+
+def base_copy_key(key: str) -> str | None:
+    """The module a tensor name would hold a base-weight copy of (peft's save_embedding_layers), else None; only the
+    input embedding and the LM head are saved so, which the caller checks against the model."""
+    m = _BASE_COPY_KEY.fullmatch(key)
+    return m["module"] if m and not factor_key(key) else None
+
+
 def factor_key(key: str) -> tuple[str, str, str | None] | None:
     """(module, "A" or "B", adapter name or None) for a LoRA factor's tensor name, else None."""
     m = _FACTOR_KEY.fullmatch(key)

@@ -13,7 +13,7 @@ from peft.tuners.ia3.model import IA3Model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.lora_format import base_rewriting_problem, factor_key, scale, vector_key
+from adapterhub_lite.model.lora_format import base_copy_key, base_rewriting_problem, factor_key, scale, vector_key
 
 # LoraConfig fields this layer implements. Any other field that differs from peft's default
 # changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
@@ -68,6 +68,26 @@ def lora_scale(cfg: LoraConfig, module: str, r: int) -> float:
     """The factor peft multiplies B·A by at `module` (alpha_pattern and rsLoRA honoured)."""
     alpha = next((v for k, v in (cfg.alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", module)), cfg.lora_alpha)
     return scale(alpha, r, cfg.use_rslora)
+
+
+def without_base_copies(weights: dict[str, torch.Tensor], model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
+    """`weights` less the copies of the backbone's input embedding and LM head weights that peft's save_pretrained
+    writes when target_modules names one of them (save_embedding_layers, lora_format.base_copy_key). peft loads such a
+    copy into the base for every row; one equal to the backbone's own changes nothing, one that differs changes the
+    backbone itself, which no per-row adapter can, so that adapter is refused by name."""
+    embeddings = {n for n, m in model.named_modules() if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+    out = {}
+    for key, t in weights.items():
+        module = base_copy_key(key)
+        if module not in embeddings:
+            out[key] = t
+            continue
+        own = model.get_submodule(module).weight
+        if t.shape != own.shape or not torch.equal(t.to(own.device, own.dtype), own):
+            raise AdapterLoadError(f"{what} holds its own {module}.weight ({key!r}, written by peft's save_embedding_layers), which differs "
+                                   "from this backbone's; peft puts it into the base for every row, which per-row serving cannot: "
+                                   "serve it alone with peft, on the base it was saved from")
+    return out
 
 
 @dataclass

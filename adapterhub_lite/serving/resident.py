@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftConfig
 from safetensors.torch import load
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors
+from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors, without_base_copies
 from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear, check_own, unwrap, wrap
 
@@ -165,7 +165,8 @@ class ResidentAdapters:
             raise AdapterLoadError(f"cannot load adapter {name!r}: {problem}")
 
     def _load_lora(self, name, cfg: LoraConfig, weights) -> _Adapter:
-        factors = LoraFactors.from_state_dict(cfg, weights, f"LoRA adapter {name!r}")
+        what = f"LoRA adapter {name!r}"
+        factors = LoraFactors.from_state_dict(cfg, without_base_copies(weights, self.model, what), what)
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
         self._check_own(name, modules, factors.modules)
@@ -189,7 +190,8 @@ class ResidentAdapters:
         return _Adapter("LORA", nbytes, slot=slot, modules=tuple(factors.modules))
 
     def _load_ia3(self, name, cfg, weights) -> _Adapter:
-        vectors = ia3_vectors(cfg, weights, f"IA3 adapter {name!r}", self.model.config.model_type)
+        what = f"IA3 adapter {name!r}"
+        vectors = ia3_vectors(cfg, without_base_copies(weights, self.model, what), what, self.model.config.model_type)
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
         self._check_own(name, modules, vectors)
