@@ -401,6 +401,22 @@ def test_stop_strings_truncation_token_ids_and_request_id(served, tok):
     assert complete(served, max_tokens=1, request_id="abc-1")["id"] == "cmpl-abc-1"
 
 
+def test_an_echoed_prompt_that_truncate_prompt_tokens_cut_is_what_was_read(served, tok):
+    """With truncate_prompt_tokens, `echo` returned the text prompt as sent ('T: pos 1\nL:') while only its last 3 tokens
+    were read (usage 3): the echoed text claimed tokens the model never saw, and the log-prob tokens (the 3 read, then the
+    completion) no longer joined to it. The echo is the kept tokens' text, streamed or not; a prompt shorter than k is whole."""
+    ids = tok(PROMPT).input_ids
+    read = tok.decode(ids[-3:])
+    got = complete(served, max_tokens=2, ignore_eos=True, echo=True, logprobs=1, truncate_prompt_tokens=3)
+    choice = got["choices"][0]
+    assert got["usage"]["prompt_tokens"] == 3 and choice["text"].startswith(read) and not choice["text"].startswith(PROMPT[:4])
+    assert "".join(choice["logprobs"]["tokens"]) == choice["text"] and len(choice["logprobs"]["tokens"]) == 3 + 2
+    chunks = list(served.client.completions.create(model="base", prompt=PROMPT, max_tokens=2, echo=True, stream=True,
+                                                   extra_body={"ignore_eos": True, "truncate_prompt_tokens": 3}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice["text"]
+    assert complete(served, max_tokens=1, echo=True, truncate_prompt_tokens=len(ids) + 5)["choices"][0]["text"].startswith(PROMPT)
+
+
 def test_request_shapes_vllm_takes(served):
     """What vLLM (and OpenAI's newer fields) take, read as vLLM reads it: max_completion_tokens over the deprecated
     max_tokens (the unread one named aloud), more than OpenAI's 4 stop strings, an assistant turn with null content;

@@ -92,7 +92,7 @@ FIELDS: dict[str, Field] = {
     "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked before this many tokens, and stop strings are looked for only in the text after them (vLLM's rule; refused for a task's answer)"),
     "skip_special_tokens": Field(BOTH, "implemented", "false keeps special tokens (EOS) in the text"),
     "spaces_between_special_tokens": _refused("decoding is the tokenizer's own; `true` is accepted", True),
-    "truncate_prompt_tokens": Field(BOTH, "implemented", "keep the prompt's last k tokens, because the client asked; usage counts what was read"),
+    "truncate_prompt_tokens": Field(BOTH, "implemented", "keep the prompt's last k tokens, because the client asked; usage counts, and `echo` returns, what was read"),
     "truncation_side": _refused("`truncate_prompt_tokens` keeps the prompt's last tokens; `\"left\"` (that) is accepted, `\"right\"` is not built", "left"),
     "allowed_token_ids": Field(BOTH, "implemented", "every other token is masked; refused when each is a stop token (`stop_token_ids`, EOS) that `min_tokens` masks"),
     "prompt_logprobs": Field(BOTH, "implemented", "per prompt token: its log-prob and rank plus the top k, vLLM's shape"),

@@ -92,7 +92,8 @@ class RequestReader:
         else:
             prompt = request["prompt"] if raw else render(spec, request_row(spec, request)) if spec else request["text"]
             ids = tok(prompt, add_special_tokens=add_special_tokens if raw else True).input_ids  # a task's prompt as training read it
-        if truncate_prompt_tokens is not None:
+        cut = truncate_prompt_tokens is not None and len(ids) > truncate_prompt_tokens
+        if cut:
             ids = keep_end(ids, truncate_prompt_tokens)  # the client asked for it; usage reports what was read
         if not ids:
             raise DataError("the prompt is empty (0 tokens); send at least one token")
@@ -116,7 +117,10 @@ class RequestReader:
             raise ContextLengthError(f"the request needs {len(ids) + virtual + need} tokens ({len(ids)} in the prompt{adapter}, {need} {what}) "
                                      f"but this model's maximum context length is {self.max_model_len} tokens (max_model_len, --max-model-len); "
                                      "shorten the prompt or lower max_tokens")
-        return Prepared(name, spec, tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request else prompt, ids, budget, raw=raw)
+        # the prompt as read: a token-id prompt, or a text one the client's truncation cut, is its kept ids decoded (what `echo`
+        # returns, so its log-prob tokens join to it), never the text sent whole
+        read = tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request or cut else prompt
+        return Prepared(name, spec, read, ids, budget, raw=raw)
 
     def label_shape(self, name: str) -> tuple[int, int]:
         """What scoring one request of a classification adapter runs: (tokens of its longest label, which scoring appends
@@ -165,7 +169,7 @@ class Prepared:
 
     adapter: str  # an adapter name or "base"
     spec: TaskSpec | None
-    prompt: str  # the text read (token-id prompts: decoded)
+    prompt: str  # the text read (token-id prompts, and text ones truncate_prompt_tokens cut: their ids decoded)
     ids: list[int]  # every token read: usage's prompt_tokens
     max_new_tokens: int  # 0 for classification (and for scoring a prompt only)
     raw: bool = False  # a raw prompt, continued as given (else the task's input)
