@@ -236,3 +236,23 @@ def test_peft_s_own_copy_of_the_lm_head_is_served_and_a_changed_one_refused(tmp_
     with pytest.raises(AdapterLoadError, match="save_embedding_layers") as err:
         bank.add("changed", tmp_path / "changed")
     assert "\n" not in str(err.value) and bank.names() == ["head"]
+
+
+def test_fan_in_fan_out_as_peft_saves_it_on_an_8bit_base_is_served(tmp_path):
+    """peft keeps fan_in_fan_out=True in the config of a LoRA made on bitsandbytes layers (it resets it on nn.Linear
+    only); it only says how peft would transpose a merge, peft's forward ignores it, and the folder was refused by name."""
+    torch.manual_seed(0)
+    cfg = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, r=4, target_modules=["q_proj", "v_proj"], fan_in_fan_out=True)
+    get_peft_model(load_backbone(TINY, "8bit", dtype="fp32").model, cfg).save_pretrained(tmp_path / "fifo")
+    assert LoraConfig.from_pretrained(str(tmp_path / "fifo")).fan_in_fan_out is True
+    ids = [[5, 9, 14, 30, 7], [40, 41]]
+    for quant in ("8bit", "none"):  # on the base it was made on, and on the unquantized one (peft resets it there)
+        bank = AdapterBank(load_backbone(TINY, quant, dtype="fp32").model)
+        bank.add("fifo", tmp_path / "fifo")
+        got = bank.forward(ids, ["fifo", None])[0]
+        ref = PeftModel.from_pretrained(load_backbone(TINY, quant, dtype="fp32").model, str(tmp_path / "fifo")).eval()
+        with torch.no_grad():
+            want = ref(input_ids=torch.tensor([ids[0]], device=ref.device)).logits[0]
+            with ref.disable_adapter():
+                assert (want - ref(input_ids=torch.tensor([ids[0]], device=ref.device)).logits[0]).abs().max() > 1e-3
+        assert (got - want).abs().max() <= 1e-4, quant
