@@ -25,10 +25,13 @@ CHATS = [
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"}],
     [{"role": "system", "content": ""}, {"role": "user", "content": "héllo 世界 🎉"}],
     [{"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]}],
+    # a special token typed in content ('</s>', the tiny template's end of turn) is that token, as transformers' template
+    # tokenization and vLLM (which tokenizes the rendered text whole) read it; the README says so
+    [{"role": "user", "content": "a </s> b"}],
 ]
 
 
-@pytest.mark.parametrize("messages", CHATS, ids=["system", "turns", "unicode", "parts"])
+@pytest.mark.parametrize("messages", CHATS, ids=["system", "turns", "unicode", "parts", "typed-special"])
 def test_base_chat_is_the_template_and_greedy_generate_of_transformers(served, messages):
     """What vLLM does with a chat, computed by transformers: the template's ids (add_generation_prompt, no special
     tokens added on top), usage counting them, the greedy answer of model.generate on them, and each token's log-prob
