@@ -258,3 +258,24 @@ def test_kv_bytes_per_token_is_what_the_cache_holds(folders):
     dec = bank.start([[5, 6, 7, 8]], [None])
     held = sum(t.numel() * t.element_size() for layer in dec.cache.layers for t in (layer.keys, layer.values))
     assert bank.kv_bytes_per_token() * 4 == held
+
+
+@pytest.mark.parametrize("config", [PrefixTuningConfig, PromptTuningConfig])
+def test_prompt_learning_with_more_than_its_virtual_tokens_is_refused_by_name(tmp_path, config):
+    """peft saves a prefix / prompt adapter's modules_to_save (here a trained copy of the LM head) beside its
+    prompt_embeddings and serves them; the bank read the prompt_embeddings alone and served the backbone's head
+    (logits 14 off on the tiny backbone, other tokens). Refused by the field, or by the tensor when the config hides it."""
+    import json
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_backbone(TINY, "none", dtype="fp32").model, config(num_virtual_tokens=3, task_type="CAUSAL_LM", modules_to_save=["lm_head"]))
+    model.save_pretrained(tmp_path / "mts")
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
+    with pytest.raises(AdapterLoadError, match=r"modules_to_save=\['lm_head'\]") as err:
+        bank.add("mts", tmp_path / "mts")
+    assert "\n" not in str(err.value)
+    cfg = json.loads((tmp_path / "mts" / "adapter_config.json").read_text())
+    (tmp_path / "mts" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": None}))
+    with pytest.raises(AdapterLoadError, match="holds tensor 'base_model.lm_head.weight'"):
+        bank.add("mts", tmp_path / "mts")
+    assert bank.names() == []

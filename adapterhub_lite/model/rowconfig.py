@@ -129,6 +129,27 @@ def check_ia3_config(cfg: IA3Config, what: str) -> None:
                                f"(it implements {', '.join(sorted(IMPLEMENTED_IA3))}); serve it alone with peft, or retrain without it")
 
 
+# Prefix / prompt tuning config fields the bank implements: the virtual tokens and the shape peft gave them (the
+# saved prompt_embeddings are checked against the backbone), and how training started (a prefix_projection's MLP is
+# already applied to the saved embeddings). Anything else (`modules_to_save`: trained copies of whole modules, whose
+# tensors sit beside the prompt_embeddings) is refused.
+IMPLEMENTED_PROMPT = {
+    "num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers", "init_weights",
+    "prefix_projection", "encoder_hidden_size", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
+}
+
+
+def check_prompt_config(cfg, weights: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse, in one line naming the field or tensor, a prefix- or prompt-tuning adapter that holds more than its
+    virtual tokens (the bank serves those alone, and would silently run the rest as the backbone's)."""
+    bad = _unsupported(cfg, type(cfg)(), IMPLEMENTED_PROMPT)
+    extra = sorted(set(weights) - {"prompt_embeddings"})
+    if bad or extra:
+        what_set = f"sets {', '.join(bad)}" if bad else f"holds tensor {extra[0]!r} beside its prompt_embeddings"
+        raise AdapterLoadError(f"{what} {what_set}, which per-row prefix / prompt tuning does not implement (it serves the "
+                               "virtual tokens alone); serve it alone with peft, or retrain without it")
+
+
 def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, model_type: str | None = None) -> dict[str, tuple[torch.Tensor, bool]]:
     """A PEFT IA3 state dict as the per-row layer takes it: module name → (vector l, on_input).
 

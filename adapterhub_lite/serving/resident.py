@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftConfig
 from safetensors.torch import load
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.rowconfig import LoraFactors, ia3_vectors, without_base_copies
+from adapterhub_lite.model.rowconfig import LoraFactors, check_prompt_config, ia3_vectors, without_base_copies
 from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear, check_own, unwrap, wrap
 
@@ -235,6 +235,7 @@ class ResidentAdapters:
         return sum(1 for n in self._slots[1:] if n)
 
     def _prompt_weights(self, name, cfg, weights, width) -> torch.Tensor:
+        check_prompt_config(cfg, weights, f"{'prefix' if cfg.peft_type == 'PREFIX_TUNING' else 'prompt'}-tuning adapter {name!r}")
         emb = weights.get("prompt_embeddings")
         if emb is None or emb.shape != (cfg.num_virtual_tokens, width):
             got = None if emb is None else tuple(emb.shape)
