@@ -236,3 +236,21 @@ def test_check_fits_reads_ia3_vectors(folders, tmp_path):
     save_file({**weights, key: torch.ones(7, 1)}, str(wrong / "adapter_model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(AdapterLoadError, match="ia3_l has shape"):
         check_fits(wrong, model)
+
+
+def test_ia3_rows_on_the_8bit_backbone_equal_plain_peft(folders):
+    """peft's IA3 on bitsandbytes layers (peft/tuners/ia3/bnb.py) scales the int8 layer's input or output as on nn.Linear,
+    and so does the bank. 1e-4 as in fp32: on the CPU bitsandbytes quantises activations per token (threshold 0), so a
+    row's numbers do not depend on the rows beside it; fp32 compute, so no rounding of the scaled product differs."""
+    bank = AdapterBank(load_backbone(TINY, "8bit", dtype="fp32").model)
+    for name in ("ia3_a", "ia3_b", "lora"):
+        bank.add(name, folders[name])
+    assert type(bank.model.model.layers[0].self_attn.k_proj.base_layer).__name__ == "Linear8bitLt"
+    adapters = ["ia3_b", "ia3_a", None, "lora", "ia3_a"]
+    for g, a, ids in zip(bank.forward(IDS[:5], adapters), adapters, IDS[:5]):
+        model = load_backbone(TINY, "8bit", dtype="fp32").model
+        if a:
+            model = PeftModel.from_pretrained(model, str(folders[a])).eval()
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
+        assert (g - want).abs().max() <= 1e-4, a
