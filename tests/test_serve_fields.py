@@ -349,6 +349,19 @@ def test_logit_bias_allowed_tokens_stop_tokens_eos_and_min_tokens(served, tok):
     assert got == plain[:2] + [forced] and body["choices"][0]["text"] == tok.decode(got)
 
 
+def test_min_tokens_above_the_default_max_tokens_is_refused_not_cut_short(served):
+    """min_tokens 20 without max_tokens was checked against nothing: the choice ended at the completion default of 16 (or what
+    the context leaves a base chat) with finish_reason length, 4 tokens short of what was asked. It is a 400 naming min_tokens,
+    streamed or not, as vLLM refuses min_tokens above max_tokens; with max_tokens given the check is the one it always was."""
+    for path, body in (("/v1/completions", {"prompt": PROMPT, "min_tokens": 20}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * (served.router.max_model_len - 40)}], "min_tokens": 60})):
+        for stream in (False, True):
+            r = served.post(path, {"model": "base", **body, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+    ok = complete(served, min_tokens=16, ignore_eos=False)
+    assert ok["usage"]["completion_tokens"] == 16 and ok["choices"][0]["finish_reason"] == "length"
+
+
 def test_sampling_filters_seeds_and_n(served):
     greedy = complete(served, max_tokens=6, ignore_eos=True)["choices"][0]["text"]
     for filt in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-9}, {"temperature": 1e-45}, {"top_k": 1, "top_p": 0.99}):  # the filters stack

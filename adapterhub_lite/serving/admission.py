@@ -32,7 +32,7 @@ from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.jobs import Job, PromptPart
 from adapterhub_lite.serving.manager import ResidencyFull
 from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
-from adapterhub_lite.serving.params import check_a_token_is_left, check_label_answer
+from adapterhub_lite.serving.params import check_a_token_is_left, check_label_answer, check_min_tokens_fit
 from adapterhub_lite.serving.scheduler import Ticket
 
 log = logging.getLogger("adapterhub_lite.serve")
@@ -83,6 +83,7 @@ class Admission:
         if p.classify:
             check_label_answer(p.adapter, job.params)
         check_a_token_is_left(job.params, router.backbone.tokenizer.eos_token_id)
+        check_min_tokens_fit(job.params, p.max_new_tokens)
         kind, virtual = router.virtual_tokens(p.adapter)
         ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
         if p.classify:

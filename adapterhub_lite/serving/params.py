@@ -89,7 +89,7 @@ FIELDS: dict[str, Field] = {
     "stop_token_ids": Field(BOTH, "implemented", "generating one of these ends the choice (finish_reason stop); its text is left out, as EOS's is"),
     "include_stop_str_in_output": Field(BOTH, "implemented", "keep the matched stop string, or the text of the token that stopped the choice, in the text"),
     "ignore_eos": Field(BOTH, "implemented", "EOS does not end the choice: it runs to `max_tokens` (refused for a task's `input` or chat answer: its first line)"),
-    "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked before this many tokens, and stop strings are looked for only in the text after them (vLLM's rule; refused for a task's answer)"),
+    "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked before this many tokens, and stop strings are looked for only in the text after them (vLLM's rule; refused for a task's answer, and above the default `max_tokens` when that is unset: 16, or what the context leaves a chat)"),
     "skip_special_tokens": Field(BOTH, "implemented", "false keeps special tokens (EOS) in the text"),
     "spaces_between_special_tokens": _refused("decoding is the tokenizer's own; `true` is accepted", True),
     "truncate_prompt_tokens": Field(BOTH, "implemented", "keep the prompt's last k tokens, because the client asked; usage counts, and `echo` returns, what was read"),
@@ -351,6 +351,15 @@ def check_a_token_is_left(params: SamplingParams, eos_id: int | None) -> None:
         raise bad("allowed_token_ids", list(params.allowed_token_ids),
                   f"each one ends the choice (stop_token_ids{'' if params.ignore_eos else ' or EOS'}) and is masked until min_tokens "
                   f"({params.min_tokens}) tokens were generated, so no token is left; allow another token or drop min_tokens")
+
+
+def check_min_tokens_fit(params: SamplingParams, budget: int) -> None:
+    """Refuse (400) `min_tokens` above the new tokens the request may generate when `max_tokens` was left out (then
+    sampling_params could not compare them): a completion's default 16, or what the context leaves a base chat. The
+    choice would end at that budget with finish_reason "length", shorter than the client asked; vLLM refuses it too."""
+    if params.min_tokens > budget:
+        raise bad("min_tokens", params.min_tokens, f"this request may generate at most {budget} new tokens (max_tokens unset: a "
+                  "completion's default of 16, or what the context leaves a chat); set max_tokens to at least min_tokens or lower min_tokens")
 
 
 # What a label answer cannot honour: each field with its neutral value (the value that asks for nothing).
