@@ -256,3 +256,22 @@ def test_fan_in_fan_out_as_peft_saves_it_on_an_8bit_base_is_served(tmp_path):
             with ref.disable_adapter():
                 assert (want - ref(input_ids=torch.tensor([ids[0]], device=ref.device)).logits[0]).abs().max() > 1e-3
         assert (got - want).abs().max() <= 1e-4, quant
+
+
+def test_a_folder_with_trainable_tokens_loads_with_peft_and_the_bank_names_the_field(tmp_path):
+    """`train` takes peft's trainable_token_indices (method_args) and writes the delta under the embedding
+    ("model.embed_tokens.token_adapter.trainable_tokens_delta"); check_fits took 'model.embed_tokens.token_adapter' for the
+    module, found none, and refused our own folder in eval / predict / serve as trained on another backbone. peft loads it
+    (load_adapter); the bank, which does not implement it, refuses it by the field."""
+    from adapterhub_lite.artifacts.loading import load_adapter
+    from adapterhub_lite.serving.router import Router
+
+    from .conftest import train_tiny
+
+    folder = train_tiny(tmp_path, "tokens", method_args={"r": 4, "target_modules": ["q_proj"], "trainable_token_indices": [5, 9]})
+    model = load_adapter(folder)[0]
+    assert any("trainable_tokens_delta" in n for n, _ in model.named_parameters())
+    router = Router(load_backbone(TINY, "none", dtype="fp32"))
+    router.register("tokens", folder)
+    with pytest.raises(AdapterLoadError, match=r"trainable_token_indices=\[5, 9\]"):
+        router.run([{"adapter": "tokens", "text": "pos 1"}])

@@ -98,9 +98,10 @@ def check_fits(folder: Path, model) -> None:
                 path, leaf = vector[0], "ia3"
             elif base_copy_key(key) in embeddings:  # peft's copy of the embedding / LM head weight (the bank compares its values)
                 path, leaf = base_copy_key(key), "copy"
-            else:  # another tensor (lora_embedding_A, a bias, a saved module): its module must exist at least
+            else:  # another tensor (lora_embedding_A, a bias, a saved module, trainable_token_indices' delta): its module must exist at least
                 rest = key.removeprefix("base_model.model.")
-                marker = next((m for m in (".lora_", ".ia3_") if m in rest), None)
+                # peft's trainable tokens sit in a `token_adapter` it adds under the embedding: "<embedding>.token_adapter.trainable_tokens_delta"
+                marker = next((m for m in (".lora_", ".ia3_", ".token_adapter.") if m in rest), None)
                 path, leaf = (rest.rpartition(marker)[0] if marker else rest.rsplit(".", 1)[0]), ""
             module = modules.get(path)
             if module is None:
