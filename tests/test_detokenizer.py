@@ -8,7 +8,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from adapterhub_lite.model.weights import _tiny_tokenizer
-from adapterhub_lite.serving.output import Detokenizer
+from adapterhub_lite.serving.output import Detokenizer, TextState
+from adapterhub_lite.serving.params import SamplingParams
 
 
 def _metaspace():
@@ -63,3 +64,21 @@ def test_a_plain_fast_tokenizer_is_read_through_its_rust_decode(monkeypatch):
     d = Detokenizer(tok, True)
     monkeypatch.setattr(type(tok), "_decode", lambda *a, **kw: pytest.fail("the engine thread went through transformers' decode"))
     assert [d.push(t) for t in ids] == whole
+
+
+def test_a_sentencepiece_completion_keeps_the_space_its_first_token_starts_with():
+    """Metaspace drops the space that starts a decoded list, so a completion decoded alone read ' the château' as 'the
+    château': prompt + text was not the prompt continued ('Hello world,the'). After the prompt's last tokens (vLLM's
+    detokenizer) the text is what the completion adds to the prompt, at every token; a byte-level one is unchanged."""
+    for tok in (_metaspace(), _tiny_tokenizer()):
+        prompt = tok("Hello world,", add_special_tokens=False)["input_ids"]
+        ids = tok("Hello world, the château is big.", add_special_tokens=False)["input_ids"][len(prompt):]
+        assert tok.decode(prompt + ids) == "Hello world, the château is big."
+        d = Detokenizer(tok, True, context=prompt)
+        for k, t in enumerate(ids):
+            assert d.push(t) == tok.decode(prompt + ids[: k + 1])[len("Hello world,"):]
+        assert d.text == " the château is big."
+        state = TextState(tok, SamplingParams(), answer_mode=False, max_new_tokens=len(ids), prompt_ids=prompt)  # the engine's way in
+        for t in ids:
+            state.add(t)
+        assert state.text == " the château is big."

@@ -244,7 +244,8 @@ class Admission:
     def _begin(self, job: Job) -> None:
         """A generation row's text state and random generator, made once when its prefill begins."""
         p = job.params
-        job.state = TextState(self.router.backbone.tokenizer, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens)
+        job.state = TextState(self.router.backbone.tokenizer, p, answer_mode=job.answer_mode, max_new_tokens=job.prepared.max_new_tokens,
+                              prompt_ids=job.prepared.ids)
         if not p.greedy:
             job.generator = torch.Generator(device=self.router.bank.device)
             if p.seed is not None:

@@ -42,9 +42,14 @@ class Detokenizer:
     to the UTF-8 of its tokens' bytes joined, so the text is the text up to the last whole character, kept, plus the
     decode of the tokens since, read in a window that starts one token earlier (vLLM's incremental detokenization). That
     is exactly the whole decode (tested against it token by token). Other decoders — SentencePiece's Metaspace drops a
-    window's leading space — and transformers' clean_up_tokenization_spaces decode the whole list, as before."""
+    window's leading space — and transformers' clean_up_tokenization_spaces decode the whole list, as before.
 
-    def __init__(self, tokenizer, skip_special_tokens: bool):
+    `context`: the prompt's tokens. Those other decoders drop the space that starts a decoded list, so a completion
+    decoded alone lost its first token's leading space (' Paris' read as 'Paris': prompt + text was no longer the prompt
+    continued). As vLLM's detokenizer, they decode the completion after the prompt's last tokens and keep what it adds
+    to them; a byte-level decode is a concatenation and needs no context."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool, context: list[int] = ()):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.windowed = (isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
@@ -56,6 +61,10 @@ class Detokenizer:
                  and type(tokenizer)._decode is PreTrainedTokenizerFast._decode and not {"decode", "_decode"} & vars(tokenizer).keys())
         self._decode = backend.decode if self.windowed and plain else tokenizer.decode
         self.ids: list[int] = []
+        # not windowed: the prompt's last tokens (vLLM reads up to 5), decoded before the completion; dropped when their text
+        # does not start the longer decode (a character split at the prompt's end)
+        self.context = [] if self.windowed else list(context)[-5:]
+        self.prefix = tokenizer.decode(self.context, skip_special_tokens=self.skip) if self.context else ""
         self.kept = ""  # the text of ids[:read], which ends on a whole character
         self.start = self.read = 0  # the window: ids[start:read] is its context, ids[read:] the tokens since
         self.text = ""
@@ -64,7 +73,11 @@ class Detokenizer:
         """Add a token; return the decoded text of every token so far."""
         self.ids.append(tok)
         if not self.windowed:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+            whole = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=self.skip)
+            if self.context and not whole.startswith(self.prefix):
+                self.context, self.prefix = [], ""
+                whole = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+            self.text = whole[len(self.prefix) :]
             return self.text
         context = self._decode(self.ids[self.start : self.read], skip_special_tokens=self.skip)
         window = self._decode(self.ids[self.start :], skip_special_tokens=self.skip)
@@ -82,13 +95,13 @@ class Detokenizer:
 class TextState:
     """One choice's tokens, its text as returned, why it ends, and what was streamed of it."""
 
-    def __init__(self, tokenizer, params: SamplingParams, *, answer_mode: bool, max_new_tokens: int):
+    def __init__(self, tokenizer, params: SamplingParams, *, answer_mode: bool, max_new_tokens: int, prompt_ids: list[int] = ()):
         self.params, self.answer_mode, self.max_new_tokens = params, answer_mode, max_new_tokens
         self.eos = tokenizer.eos_token_id
         self.tokens: list[int] = []
         self.infos: list = []  # per token: (logprob, top) or None
         self.reach: list[int] = []  # per token: how far into the text it or any token before it reaches
-        self.decoded = Detokenizer(tokenizer, params.skip_special_tokens)
+        self.decoded = Detokenizer(tokenizer, params.skip_special_tokens, context=prompt_ids)  # the text continues the prompt's
         self.text = ""
         self.reason: str | None = None
         self.stop_reason: str | int | None = None  # vLLM's field: the stop string or stop token id that ended it (EOS: None)
