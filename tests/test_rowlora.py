@@ -275,3 +275,22 @@ def test_a_folder_with_trainable_tokens_loads_with_peft_and_the_bank_names_the_f
     router.register("tokens", folder)
     with pytest.raises(AdapterLoadError, match=r"trainable_token_indices=\[5, 9\]"):
         router.run([{"adapter": "tokens", "text": "pos 1"}])
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_a_trained_lm_head_copy_is_refused_as_modules_to_save(tmp_path, kind):
+    """peft saves a modules_to_save copy of lm_head as base_model.model.lm_head.weight, the name save_embedding_layers
+    gives an untargeted head; the refusal names the field the folder sets (it named save_embedding_layers)."""
+    from peft import IA3Config
+
+    torch.manual_seed(0)
+    cfg = (LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, modules_to_save=["lm_head"], task_type="CAUSAL_LM") if kind == "lora"
+           else IA3Config(target_modules=["k_proj"], feedforward_modules=[], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    model = get_peft_model(load_backbone(TINY, "none", dtype="fp32").model, cfg)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)  # trained
+    model.save_pretrained(tmp_path / "mts")
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
+    with pytest.raises(AdapterLoadError, match=r"modules_to_save=\['lm_head'\]"):
+        bank.add("mts", tmp_path / "mts")
+    assert bank.names() == []

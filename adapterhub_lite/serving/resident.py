@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftConfig
 from safetensors.torch import load
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.rowconfig import LoraFactors, check_prompt_config, ia3_vectors, without_base_copies
+from adapterhub_lite.model.rowconfig import LoraFactors, check_ia3_config, check_lora_config, check_prompt_config, ia3_vectors, without_base_copies
 from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear, check_own, unwrap, wrap
 
@@ -166,6 +166,7 @@ class ResidentAdapters:
 
     def _load_lora(self, name, cfg: LoraConfig, weights) -> _Adapter:
         what = f"LoRA adapter {name!r}"
+        check_lora_config(cfg, what)  # first: a modules_to_save copy of lm_head is refused by that field, not as a base copy
         factors = LoraFactors.from_state_dict(cfg, without_base_copies(weights, self.model, what), what)
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
@@ -191,6 +192,7 @@ class ResidentAdapters:
 
     def _load_ia3(self, name, cfg, weights) -> _Adapter:
         what = f"IA3 adapter {name!r}"
+        check_ia3_config(cfg, what)  # first, as for LoRA
         vectors = ia3_vectors(cfg, without_base_copies(weights, self.model, what), what, self.model.config.model_type)
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
