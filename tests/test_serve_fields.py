@@ -362,6 +362,20 @@ def test_min_tokens_above_the_default_max_tokens_is_refused_not_cut_short(served
     assert ok["usage"]["completion_tokens"] == 16 and ok["choices"][0]["finish_reason"] == "length"
 
 
+def test_the_generation_configs_other_eos_ids_end_a_choice_as_vllm_ends_it(served, tok, monkeypatch):
+    """A backbone whose generation config lists EOS ids besides the tokenizer's (Llama 3's <|eom_id|>, Qwen's <|endoftext|>)
+    ran past them: only the tokenizer's EOS ended a choice. vLLM (and transformers' generate) stop there too: they join a
+    row's stop_token_ids (finish_reason stop, stop_reason the id, its text left out) unless ignore_eos."""
+    first = complete(served, max_tokens=4, ignore_eos=True, return_token_ids=True)["choices"][0]["token_ids"][0]  # the greedy first token
+    assert first != tok.eos_token_id
+    monkeypatch.setattr(served.router.backbone.model.generation_config, "eos_token_id", [tok.eos_token_id, first])
+    got = complete(served, max_tokens=4, return_token_ids=True)
+    choice = got["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"], choice["token_ids"], choice["text"]) == ("stop", first, [first], "")
+    assert complete(served, max_tokens=4, ignore_eos=True)["usage"]["completion_tokens"] == 4
+    assert complete(served, model="cls_a", prompt="", input="pos 1")["choices"][0]["text"] in ("pos", "neg")  # a label answer is untouched
+
+
 def test_sampling_filters_seeds_and_n(served):
     greedy = complete(served, max_tokens=6, ignore_eos=True)["choices"][0]["text"]
     for filt in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 1e-9}, {"temperature": 1e-45}, {"top_k": 1, "top_p": 0.99}):  # the filters stack

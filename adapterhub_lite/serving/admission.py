@@ -32,7 +32,7 @@ from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.jobs import Job, PromptPart
 from adapterhub_lite.serving.manager import ResidencyFull
 from adapterhub_lite.serving.output import Entry, TextState, prompt_pieces
-from adapterhub_lite.serving.params import check_a_token_is_left, check_label_answer, check_min_tokens_fit
+from adapterhub_lite.serving.params import check_a_token_is_left, check_label_answer, check_min_tokens_fit, with_model_eos
 from adapterhub_lite.serving.scheduler import Ticket
 
 log = logging.getLogger("adapterhub_lite.serve")
@@ -82,6 +82,8 @@ class Admission:
         p, router = job.prepared, self.router
         if p.classify:
             check_label_answer(p.adapter, job.params)
+        else:  # after the label check, which would read them as the client's stop_token_ids
+            job.params = with_model_eos(job.params, self._model_eos())
         check_a_token_is_left(job.params, router.backbone.tokenizer.eos_token_id)
         check_min_tokens_fit(job.params, p.max_new_tokens)
         kind, virtual = router.virtual_tokens(p.adapter)
@@ -93,6 +95,13 @@ class Admission:
         ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
                         chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
         return self._when_read(ticket)
+
+    def _model_eos(self) -> list[int]:
+        """The backbone's end-of-sequence ids besides the tokenizer's EOS: its generation config's `eos_token_id` (an id or a list)."""
+        backbone = self.router.backbone
+        ids = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        return [t for t in ids if t != backbone.tokenizer.eos_token_id]
 
     def _when_read(self, ticket: Ticket) -> Ticket:
         """Mark a ticket whose adapter is neither resident nor in host memory as not ready, and read it on a loader thread."""

@@ -86,7 +86,7 @@ FIELDS: dict[str, Field] = {
     "top_k": Field(BOTH, "implemented", "keep the k most likely tokens before a draw (0 or -1: off)"),
     "min_p": Field(BOTH, "implemented", "drop tokens below min_p × the top token's probability before a draw"),
     "repetition_penalty": Field(BOTH, "implemented", "tokens of the prompt or completion: positive logits ÷ p, negative × p"),
-    "stop_token_ids": Field(BOTH, "implemented", "generating one of these ends the choice (finish_reason stop); its text is left out, as EOS's is"),
+    "stop_token_ids": Field(BOTH, "implemented", "generating one of these ends the choice (finish_reason stop); its text is left out, as EOS's is; the backbone's generation config's other EOS ids join them unless `ignore_eos` (vLLM's rule)"),
     "include_stop_str_in_output": Field(BOTH, "implemented", "keep the matched stop string, or the text of the token that stopped the choice, in the text"),
     "ignore_eos": Field(BOTH, "implemented", "EOS does not end the choice: it runs to `max_tokens` (refused for a task's `input` or chat answer: its first line)"),
     "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked before this many tokens, and stop strings are looked for only in the text after them (vLLM's rule; refused for a task's answer, and above the default `max_tokens` when that is unset: 16, or what the context leaves a chat)"),
@@ -360,6 +360,14 @@ def check_min_tokens_fit(params: SamplingParams, budget: int) -> None:
     if params.min_tokens > budget:
         raise bad("min_tokens", params.min_tokens, f"this request may generate at most {budget} new tokens (max_tokens unset: a "
                   "completion's default of 16, or what the context leaves a chat); set max_tokens to at least min_tokens or lower min_tokens")
+
+
+def with_model_eos(params: SamplingParams, model_eos) -> SamplingParams:
+    """`params` with the backbone's other end-of-sequence ids (its generation config's `eos_token_id` besides the
+    tokenizer's EOS, e.g. Llama 3's <|eom_id|>, Qwen's <|endoftext|>) among its stop_token_ids, unless `ignore_eos`: vLLM's
+    rule (update_from_generation_config), and where transformers' generate stops. Otherwise a choice ran past them."""
+    extra = [t for t in model_eos if t not in params.stop_token_ids]
+    return params if params.ignore_eos or not extra else replace(params, stop_token_ids=(*params.stop_token_ids, *extra))
 
 
 # What a label answer cannot honour: each field with its neutral value (the value that asks for nothing).
