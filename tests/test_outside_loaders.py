@@ -68,3 +68,22 @@ def test_auto_peft_model_loads_the_base_the_config_names(lora):
     auto = AutoPeftModelForCausalLM.from_pretrained(str(lora), dtype=torch.float32).eval()
     assert (_last(auto) - _last(PeftModel.from_pretrained(_backbone(), str(lora)).eval())).abs().max() <= 1e-6
     assert "`AutoPeftModelForCausalLM.from_pretrained(folder)` loads the base that adapter_config.json's" in README
+
+
+def test_a_prefix_trained_with_prefix_projection_is_written_and_served_as_peft_serves_it(tmp_path):
+    """train kept its best weights as get_peft_model_state_dict gives them: for prefix_projection the projected prefix,
+    from which the embedding and MLP being trained cannot be set, so every such run failed at its end (a size-mismatch
+    RuntimeError). The folder peft writes holds the projected prefix; plain peft and the bank serve it alike."""
+    from peft import PeftModel
+
+    from adapterhub_lite.model.backbone import load_backbone
+    from adapterhub_lite.serving.bank import AdapterBank
+
+    folder = train_tiny(tmp_path, "proj", method="prefix", method_args={"num_virtual_tokens": 3, "prefix_projection": True, "encoder_hidden_size": 8})
+    ref = PeftModel.from_pretrained(_backbone(), str(folder)).eval()
+    bank = AdapterBank(load_backbone("tiny-random-llama", "none", dtype="fp32").model)
+    bank.add("proj", folder)
+    got = bank.forward(IDS + [[7, 8]], ["proj", None])[0]
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(IDS)).logits[0]
+    assert (got - want).abs().max() <= 1e-4 and (want[-1] - _last(_backbone())).abs().max() > 1e-3
