@@ -444,6 +444,20 @@ def test_an_echoed_prompt_that_truncate_prompt_tokens_cut_is_what_was_read(serve
     assert complete(served, max_tokens=1, echo=True, truncate_prompt_tokens=len(ids) + 5)["choices"][0]["text"].startswith(PROMPT)
 
 
+def test_an_echoed_text_prompt_whose_tokenizer_adds_a_bos_joins_to_its_log_prob_tokens(served, tok, monkeypatch):
+    """A tokenizer that adds a BOS (Llama's, Mistral's) reads '<s>' before a text prompt the client sent without it: the echo
+    is the prompt as sent, but the BOS entry's token was '<s>', so the log-prob tokens joined to '<s>' + the text and every
+    text_offset ran 3 characters past its token. The BOS adds "" to the echoed text, as an EOS adds "" to a completion."""
+    from tokenizers.processors import TemplateProcessing
+
+    monkeypatch.setattr(tok.backend_tokenizer, "post_processor", TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]))
+    assert tok(PROMPT).input_ids[0] == tok.bos_token_id
+    choice = complete(served, max_tokens=2, ignore_eos=True, echo=True, logprobs=1)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"].startswith(PROMPT) and lp["tokens"][0] == "" and "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"][:3] == [0, 0, 1] and lp["token_logprobs"][0] is None
+
+
 def test_request_shapes_vllm_takes(served):
     """What vLLM (and OpenAI's newer fields) take, read as vLLM reads it: max_completion_tokens over the deprecated
     max_tokens (the unread one named aloud), more than OpenAI's 4 stop strings, an assistant turn with null content;

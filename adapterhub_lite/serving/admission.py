@@ -327,7 +327,7 @@ class Admission:
         if scores is not None and p.echo and p.logprobs is not None:
             k = p.logprobs
             part.entries = [Entry(piece, t, lp, None if top is None else top[:k])
-                            for piece, t, lp, top in zip(prompt_pieces(self.router.backbone.tokenizer, ids), ids, scores.logprobs, scores.top)]
+                            for piece, t, lp, top in zip(prompt_pieces(self.router.backbone.tokenizer, ids, part.text), ids, scores.logprobs, scores.top)]
         if p.prompt_logprobs is not None:
             part.scores = scores
         return part

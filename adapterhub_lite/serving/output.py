@@ -193,8 +193,25 @@ class TextState:
         return Entry(piece, self.tokens[k], None if info is None else info[0], None if info is None else info[1])
 
 
-def prompt_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each prompt token adds to the decoded prompt (special tokens kept: they are part of it)."""
+def prompt_pieces(tokenizer, ids: list[int], text: str | None = None) -> list[str]:
+    """The text each prompt token adds to the decoded prompt (special tokens kept: they are part of it), or to `text`, the
+    prompt as echoed: a special token the tokenizer added that `text` does not hold (a BOS) adds "" to it."""
+    pieces = _pieces(tokenizer, ids)
+    if text is None or "".join(pieces) == text:
+        return pieces
+    special, fitted, at = set(tokenizer.all_special_ids), [], 0
+    for t, piece in zip(ids, pieces):
+        if text.startswith(piece, at):
+            fitted.append(piece)
+            at += len(piece)
+        elif t in special:
+            fitted.append("")
+        else:  # the text is not the decoded prompt less added special tokens: the pieces stay as decoded
+            return pieces
+    return fitted if at == len(text) else pieces
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str]:
     pieces = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False)
     whole = tokenizer.decode(ids, skip_special_tokens=False)
     if "".join(pieces) == whole:  # byte-level BPE: each token decodes alone to its own text
