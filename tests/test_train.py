@@ -344,3 +344,20 @@ def test_the_recorded_tokens_count_what_the_model_read_after_truncation(cls_task
     read = sum(min(len(p), 12 - longest) + len(w) - 1 for p in prompts for w in labels)
     meta = json.loads((out / "adapterhub.json").read_text())
     assert meta["train_state"]["tokens"] == read
+
+
+def test_prompt_tuning_initialised_from_text_takes_the_backbone_s_tokenizer():
+    """method_args prompt_tuning_init: TEXT without tokenizer_name_or_path ended `train` in peft's ValueError traceback.
+    Only the backbone's own tokenizer picks the right embedding rows, so it is named; the prompt starts as the
+    embeddings of the text's tokens (peft's own init). A config peft refuses otherwise is one line."""
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    args = {"num_virtual_tokens": 3, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "pos or neg"}
+    model = attach(backbone.model, "prompt", args)
+    assert model.peft_config["default"].tokenizer_name_or_path == backbone.model.name_or_path
+    ids = backbone.tokenizer("pos or neg")["input_ids"]
+    ids = (ids * 3)[:3]  # peft repeats or cuts the text's tokens to num_virtual_tokens
+    want = backbone.model.get_input_embeddings().weight[ids]
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, want)
+    with pytest.raises(AdapterMethodError, match="prompt_tuning_init_text") as err:
+        attach(load_backbone("tiny-random-llama", "none", dtype="fp32").model, "prompt", {"num_virtual_tokens": 3, "prompt_tuning_init": "TEXT"})
+    assert "\n" not in str(err.value)

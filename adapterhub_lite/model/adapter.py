@@ -98,9 +98,13 @@ def make_config(method: str, method_args: dict, model: torch.nn.Module):
                 f"method {method!r} cannot target {missing} on {model.config.model_type!r}: no such linear layer "
                 f"(available: {', '.join(linear)}); set method_args.target_modules"
             )
+    if method == "prompt" and str(args.get("prompt_tuning_init", "")).upper() == "TEXT" and not args.get("tokenizer_name_or_path"):
+        # peft tokenizes the init text to pick rows of the backbone's embeddings, so only the backbone's own tokenizer
+        # (in its folder) is right; peft wants it named and refused the spec with a traceback when it was left out
+        args["tokenizer_name_or_path"] = model.name_or_path
     try:
         return _CONFIGS[method](task_type="CAUSAL_LM", **args)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise AdapterMethodError(f"method_args for {method!r} are invalid ({exc}); see peft's {_CONFIGS[method].__name__}") from None
 
 
