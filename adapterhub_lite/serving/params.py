@@ -90,7 +90,7 @@ FIELDS: dict[str, Field] = {
     "include_stop_str_in_output": Field(BOTH, "implemented", "keep the matched stop string, or the text of the token that stopped the choice, in the text"),
     "ignore_eos": Field(BOTH, "implemented", "EOS does not end the choice: it runs to `max_tokens` (refused for a task's `input` or chat answer: its first line)"),
     "min_tokens": Field(BOTH, "implemented", "EOS and `stop_token_ids` are masked before this many tokens, and stop strings are looked for only in the text after them (vLLM's rule; refused for a task's answer, and above the default `max_tokens` when that is unset: 16, or what the context leaves a chat)"),
-    "skip_special_tokens": Field(BOTH, "implemented", "false keeps special tokens (EOS) in the text"),
+    "skip_special_tokens": Field(BOTH, "implemented", "false keeps special tokens in the text (an EOS or stop token that ends the choice is still left out unless `include_stop_str_in_output`, as vLLM)"),
     "spaces_between_special_tokens": _refused("decoding is the tokenizer's own; `true` is accepted", True),
     "truncate_prompt_tokens": Field(BOTH, "implemented", "keep the prompt's last k tokens, because the client asked; usage counts, and `echo` returns, what was read"),
     "truncation_side": _refused("`truncate_prompt_tokens` keeps the prompt's last tokens; `\"left\"` (that) is accepted, `\"right\"` is not built", "left"),
