@@ -1,0 +1,113 @@
+"""fit() at the ends of a run and of a log window, on the toy recipe (no backbone; each test runs in about a second):
+a short last window, a run out of its time budget, early stopping, weights gone non-finite, a resumed metrics log."""
+
+import dataclasses
+import json
+import time
+import types
+
+import pytest
+import torch
+
+from adapterhub_lite.training import loop as loop_mod
+from adapterhub_lite.training.checkpoint import Checkpoint
+from adapterhub_lite.training.loop import LoopConfig, fit
+from adapterhub_lite.training.parallel import Parallel
+from adapterhub_lite.training.progress import TrainingError
+
+from .test_loop_vs_transformers import Toy
+
+
+def _rows(work) -> list[dict]:
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cfg(**settings) -> LoopConfig:
+    return LoopConfig(**{"max_steps": 6, "eval_every": 100, "checkpoint_every": 100, "log_every": 1, **settings})
+
+
+def test_a_short_last_window_logs_the_mean_of_its_own_steps(tmp_path, device):
+    """log_every 4 over 6 steps: the row of step 6 closes a window of 2 steps, and holds their mean, not their sum ÷ 4."""
+    fit(Toy(device), _cfg(), Parallel(device), tmp_path / "every", progress=False)
+    per_step = {r["step"]: r["loss"] for r in _rows(tmp_path / "every") if "loss" in r}
+    fit(Toy(device), _cfg(log_every=4), Parallel(device), tmp_path / "sparse", progress=False)
+    rows = [r for r in _rows(tmp_path / "sparse") if "loss" in r]
+    assert [r["step"] for r in rows] == [4, 6]
+    assert rows[0]["loss"] == pytest.approx(sum(per_step[s] for s in (1, 2, 3, 4)) / 4, rel=1e-4)
+    assert rows[1]["loss"] == pytest.approx((per_step[5] + per_step[6]) / 2, rel=1e-4)
+
+
+class _Scored(Toy):
+    """Toy whose evals return the given scores in turn (then the last one again)."""
+
+    def __init__(self, device, scores):
+        super().__init__(device)
+        self.scores = list(scores)
+
+    def evaluate(self, limit, parallel):
+        score = self.scores.pop(0) if len(self.scores) > 1 else self.scores[0]
+        return score, {"score": score}
+
+
+def test_a_run_out_of_time_evaluates_and_checkpoints_the_step_it_stops_at(tmp_path, device, monkeypatch):
+    """max_minutes ends the run at the step that crosses it: that step is evaluated (its weights can be the best; without
+    the eval, fit() would return the last eval's weights, every step since lost) and checkpointed (a --resume with more
+    time goes on from there, not from the last periodic checkpoint). A clock that moves 60 s a read crosses 2.5 minutes at
+    step 3 of 8."""
+    clock = iter(range(0, 10_000, 60))
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(monotonic=lambda: next(clock), perf_counter=time.perf_counter))
+    result = fit(_Scored(device, [0.5]), _cfg(max_steps=8, max_minutes=2.5), Parallel(device), tmp_path, progress=False)
+    assert (result.state.step, result.stopped_by) == (3, "max_minutes")
+    assert [r["step"] for r in _rows(tmp_path) if "score" in r] == [3]
+    assert result.state.best_step == 3
+    assert Checkpoint(tmp_path).step() == 3
+
+
+def test_early_stopping_checkpoints_the_step_it_stops_at(tmp_path, device):
+    """patience 1: the eval of step 2 does not beat step 1's, the run stops there, and its checkpoint is of step 2
+    (checkpoint_every 100 never came): what a resume of the stopped run starts from."""
+    result = fit(_Scored(device, [0.5, 0.4]), _cfg(eval_every=1, patience=1), Parallel(device), tmp_path, progress=False)
+    assert (result.state.step, result.stopped_by) == (2, "early_stopping")
+    assert Checkpoint(tmp_path).step() == 2
+
+
+class _NanGradient(Toy):
+    """Toy whose loss adds sqrt(0 · Σ bias): the loss stays finite, its gradient is 0 · inf = NaN (a custom loss's
+    sqrt or norm at 0), so the first step's update leaves the weights NaN."""
+
+    def step_loss(self, call, parallel):
+        part = super().step_loss(call, parallel)
+        return dataclasses.replace(part, loss=part.loss + torch.sqrt(self.model[0].bias.sum() * 0))
+
+
+def test_weights_that_became_non_finite_never_replace_a_checkpoint(tmp_path, device):
+    """A step that leaves the weights NaN while its loss (taken before the update) is finite: the checkpoint of that
+    step is refused, naming the step, and none is written (a resume would go on from NaN weights). Without the check
+    the run stopped only at the next step's NaN loss, the diverged checkpoint in place."""
+    with pytest.raises(TrainingError, match="the adapter's weights became non-finite by step 1;") as err:
+        fit(_NanGradient(device), _cfg(checkpoint_every=1, log_every=100), Parallel(device), tmp_path, progress=False)
+    assert "\n" not in str(err.value)
+    assert Checkpoint(tmp_path).find() is None
+
+
+def test_a_resumed_run_keeps_the_rows_logged_before_the_crash(tmp_path, device, monkeypatch):
+    """metrics.jsonl (the log a user tails) is rewritten on resume from the checkpoint's history, so it holds every step's
+    row as an uninterrupted run's does, not only those after the resume."""
+    cfg = _cfg(max_steps=4, checkpoint_every=2)
+    fit(Toy(device), cfg, Parallel(device), tmp_path / "straight", progress=False)
+    save = Checkpoint.save
+
+    def crash_after_step_2(self, payload):
+        save(self, payload)
+        if payload["state"]["step"] == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Checkpoint, "save", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(Toy(device), cfg, Parallel(device), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    fit(Toy(device), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False)
+    steps = [r["step"] for r in _rows(tmp_path / "straight")]
+    assert steps == [1, 2, 3, 4, 4]  # a row a step, and the eval of the last
+    assert [r["step"] for r in _rows(tmp_path / "resumed")] == steps
+    assert [r["loss"] for r in _rows(tmp_path / "resumed")[:2]] == [r["loss"] for r in _rows(tmp_path / "straight")[:2]]
