@@ -74,6 +74,22 @@ def test_a_flipped_byte_fails_verify_and_loading(adapter, tmp_path, capsys):
     assert "FAIL toy@1.0.0" in capsys.readouterr().out
 
 
+def test_a_damaged_version_is_not_pulled_and_an_unknown_name_is_a_verify_problem(adapter, tmp_path):
+    """pull hands out what path() would: a version whose bytes changed after publishing is refused (nothing copied),
+    not copied out as if good; and Registry.verify of a name the index lacks reports it (the CLI refuses it before
+    calling verify, but the method's empty list would read as a pass)."""
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0")
+    weights = tmp_path / "reg" / "toy" / "1.0.0" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="integrity check failed for toy@1.0.0"):
+        reg.pull("toy@1.0.0", tmp_path / "out" / "toy")
+    assert not (tmp_path / "out").exists()
+    assert reg.verify("nosuch") == [f"no adapter 'nosuch' in registry {tmp_path / 'reg'}"]
+
+
 def test_a_file_planted_in_a_version_folder_fails_verify_and_loading(adapter, tmp_path):
     """A version is exactly its recorded files: a file added after publishing (a second weights file peft would
     prefer, a pickle) makes it fail its check like a changed byte."""
