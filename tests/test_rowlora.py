@@ -1,5 +1,7 @@
 """The one per-row LoRA layer: what it refuses, the LM head, and that its update is what counts."""
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -294,3 +296,21 @@ def test_a_trained_lm_head_copy_is_refused_as_modules_to_save(tmp_path, kind):
     with pytest.raises(AdapterLoadError, match=r"modules_to_save=\['lm_head'\]"):
         bank.add("mts", tmp_path / "mts")
     assert bank.names() == []
+
+
+def test_an_eva_initialised_lora_is_served_as_peft_serves_it(tmp_path):
+    """EVA (init_lora_weights="eva") only initialises the factors, on the unchanged base, and saves the ranks and alphas
+    it chose in rank_pattern / alpha_pattern; the folder was refused by its eva_config."""
+    from peft.tuners.lora import EvaConfig
+
+    folder = _save(tmp_path, "eva", r=4, target_modules=["q_proj", "v_proj"], eva_config=EvaConfig(rho=2.0))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "eva", "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"v_proj": 3}}))
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
+    bank.add("eva", folder)
+    ids = [5, 9, 14, 30, 7]
+    ref = PeftModel.from_pretrained(load_backbone(TINY, "none", dtype="fp32").model, str(folder)).eval()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor([ids], device=ref.device)).logits[0]
+    assert ref.peft_config["default"].init_lora_weights == "eva" and ref.peft_config["default"].eva_config is not None
+    assert (bank.forward([ids], ["eva"])[0] - want).abs().max() <= 1e-4

@@ -20,8 +20,10 @@ from adapterhub_lite.model.lora_format import base_copy_key, base_rewriting_prob
 # adapter that sets one is refused by name instead of being served as something it is not.
 IMPLEMENTED = {
     "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "target_modules",
-    "layers_to_transform", "layers_pattern", "exclude_modules", "init_lora_weights", "fan_in_fan_out",
+    "layers_to_transform", "layers_pattern", "exclude_modules", "init_lora_weights", "fan_in_fan_out", "eva_config",
 }
+# `eva_config` only says how EVA initialised the factors (from activations, on the unchanged base); the ranks and
+# alphas it chose per module are saved in rank_pattern / alpha_pattern, which are read as for any adapter.
 # `fan_in_fan_out` says how peft transposes B·A when it merges it into a Conv1D-style ([in, out]) weight; peft's
 # forward is B(A(x)) either way. On the layers served here (nn.Linear and the bitsandbytes ones, [out, in]) peft resets
 # it to False, but keeps True in the config of an adapter trained on an 8-bit or 4-bit base, so such folders say True.
