@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from adapterhub_lite.model.weights import _tiny_tokenizer
-from adapterhub_lite.serving.output import Detokenizer, TextState
+from adapterhub_lite.serving.output import Detokenizer, TextState, prompt_pieces
 from adapterhub_lite.serving.params import SamplingParams
 
 
@@ -82,3 +82,18 @@ def test_a_sentencepiece_completion_keeps_the_space_its_first_token_starts_with(
         for t in ids:
             state.add(t)
         assert state.text == " the château is big."
+
+
+def test_an_echoed_prompts_pieces_leave_out_the_bos_its_tokenizer_added():
+    """A SentencePiece tokenizer that adds '<s>' decodes '<s>', ' The', …: the text sent ('The …') was not their join, since
+    the decoder puts a space after '<s>' that no token of the text holds. The BOS adds "", the rest is decoded without it."""
+    from tokenizers.processors import TemplateProcessing
+
+    for tok in (_metaspace(), _tiny_tokenizer()):
+        tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
+        text = "Hello world, the château"
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.decode(ids) != text
+        pieces = prompt_pieces(tok, ids, text)
+        assert pieces[0] == "" and "".join(pieces) == text and len(pieces) == len(ids)
+        assert prompt_pieces(tok, ids) == prompt_pieces(tok, ids, tok.decode(ids))  # the decoded prompt: pieces as before

@@ -199,16 +199,16 @@ def prompt_pieces(tokenizer, ids: list[int], text: str | None = None) -> list[st
     pieces = _pieces(tokenizer, ids)
     if text is None or "".join(pieces) == text:
         return pieces
-    special, fitted, at = set(tokenizer.all_special_ids), [], 0
-    for t, piece in zip(ids, pieces):
-        if text.startswith(piece, at):
-            fitted.append(piece)
-            at += len(piece)
-        elif t in special:
-            fitted.append("")
-        else:  # the text is not the decoded prompt less added special tokens: the pieces stay as decoded
-            return pieces
-    return fitted if at == len(text) else pieces
+    special, lead = set(tokenizer.all_special_ids), 0
+    while lead < len(ids) and ids[lead] in special:
+        lead += 1
+    # the special tokens the tokenizer put first that the text does not hold: the rest is decoded without them, since a
+    # SentencePiece decoder also puts a space between '<s>' and the first word ('<s> The'), which is no token's text
+    for j in range(lead, 0, -1):
+        rest = _pieces(tokenizer, ids[j:]) if j < len(ids) else []
+        if "".join(rest) == text:
+            return [""] * j + rest
+    return pieces  # not the decoded prompt less added special tokens: the pieces stay as decoded
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str]:
