@@ -90,6 +90,21 @@ def test_a_damaged_version_is_not_pulled_and_an_unknown_name_is_a_verify_problem
     assert reg.verify("nosuch") == [f"no adapter 'nosuch' in registry {tmp_path / 'reg'}"]
 
 
+def test_hidden_files_beside_an_adapter_are_not_published(adapter, tmp_path):
+    """A folder's hidden files (.DS_Store, an editor's swap file) are not part of the adapter: publish leaves them out
+    of the version, as reindex and the Hub upload do, so an index rebuilt from the folder equals the published one."""
+    import shutil
+
+    folder = tmp_path / "toy"
+    shutil.copytree(adapter, folder)
+    (folder / ".DS_Store").write_bytes(b"finder")
+    reg = LocalRegistry(tmp_path / "reg")
+    _, _, entry = reg.publish(folder, "1.0.0")
+    assert ".DS_Store" not in entry["files"] and not (tmp_path / "reg" / "toy" / "1.0.0" / ".DS_Store").exists()
+    (tmp_path / "reg" / "index.json").unlink()
+    assert reg.reindex()["adapters"]["toy"]["1.0.0"]["files"] == entry["files"] and reg.verify() == []
+
+
 def test_a_file_planted_in_a_version_folder_fails_verify_and_loading(adapter, tmp_path):
     """A version is exactly its recorded files: a file added after publishing (a second weights file peft would
     prefer, a pickle) makes it fail its check like a changed byte."""
