@@ -341,3 +341,23 @@ def test_prompt_ids_never_hands_the_tokenizer_more_than_a_chunk():
     assert split.prompt_ids(tok) == real(split.prompts, add_special_tokens=True).input_ids
     assert split.answer_ids(tok) == real([" " + a for a in split.answers], add_special_tokens=False).input_ids
     assert len(tok.calls) > 2 and max(tok.calls) <= 1024 and sum(tok.calls) == 5000
+
+
+def test_each_prompt_column_is_rendered_stripped_of_whitespace_at_its_ends(tmp_path, monkeypatch):
+    """The README's rendering rule (what a client sending `prompt` itself reproduces): a value's leading and trailing
+    spaces and newlines are not part of the prompt; inner ones are kept."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"a": "  two  words \n", "label": "yes"}) + "\n")
+    assert load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))["train"].prompts == ["two  words ->"]
+
+
+def test_a_parquet_nan_written_as_nan_is_a_missing_value(tmp_path, monkeypatch):
+    """pyarrow (and polars) keep a float NaN a NaN in parquet, where pandas writes it as null: either is a missing value,
+    refused naming the row, not rendered as the text 'nan'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"a": pa.array([1.5, float("nan")]), "label": pa.array([0, 1])}), tmp_path / "f.parquet")
+    with pytest.raises(DataError, match=r"no 'a' value in 1 row\(s\) \(row 2\)"):
+        load_task_data(_cls_spec(["no", "yes"], data="f.parquet"))
