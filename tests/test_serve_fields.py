@@ -458,6 +458,17 @@ def test_an_echoed_text_prompt_whose_tokenizer_adds_a_bos_joins_to_its_log_prob_
     assert lp["text_offset"][:3] == [0, 0, 1] and lp["token_logprobs"][0] is None
 
 
+def test_prompt_logprobs_in_a_chat_stream_are_refused_not_dropped(served):
+    """A streamed chat with prompt_logprobs answered 200 and no chunk carried them (a whole chat response does, at its top
+    level): now a 400 naming the field, as vLLM refuses prompt_logprobs with stream. A completions stream carries them."""
+    chat = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "prompt_logprobs": 1}
+    assert len(served.post("/v1/chat/completions", chat).json()["prompt_logprobs"]) > 1
+    r = served.post("/v1/chat/completions", {**chat, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+    chunks = list(served.client.completions.create(model="base", prompt=PROMPT, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 1}))
+    assert [c.choices[0].model_extra.get("prompt_logprobs") for c in chunks if c.choices][0][0] is None  # the first position's
+
+
 def test_request_shapes_vllm_takes(served):
     """What vLLM (and OpenAI's newer fields) take, read as vLLM reads it: max_completion_tokens over the deprecated
     max_tokens (the unread one named aloud), more than OpenAI's 4 stop strings, an assistant turn with null content;

@@ -178,6 +178,9 @@ class Handlers(Answers):
         access, rid, model, params = await self._begin(body, H, "chatcmpl", http)
         if body.get("max_completion_tokens") is not None and body.get("max_tokens") not in (None, body["max_completion_tokens"]):
             self.ignore_aloud(["max_tokens"], "v1/chat/completions (max_completion_tokens is read instead, as vLLM does)", access)
+        if params.prompt_logprobs is not None and flag(body, "stream", False):  # no chat chunk carries them: refused, not dropped
+            raise P.bad("prompt_logprobs", body["prompt_logprobs"], "a chat stream does not carry prompt log-probs (vLLM refuses them in any "
+                        "stream); ask without stream, or on /v1/completions, whose stream carries them")
         messages = P.check_messages(body.get("messages"))
         self.ignore_aloud(P.unread_message_keys(body["messages"]), "v1/chat/completions", access)
         add_generation = flag(body, "add_generation_prompt", True)
