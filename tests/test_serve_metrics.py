@@ -205,3 +205,41 @@ def test_only_names_of_a_merges_exact_shape_share_the_merged_label():
     assert adapter_label("merged-0123456789ab") == "merged"
     for own in ("merged-0123456789abc", "merged-0123456789ab-v2", "merged-0123456789AB", "merged-sst2", "xmerged-0123456789ab"):
         assert adapter_label(own) == own
+
+
+def http_counts(served) -> dict:
+    """(handler, method, status) → adapterhub_http_requests_total."""
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(served.url + "/metrics").text):
+        for s in family.samples:
+            if s.name == "adapterhub_http_requests_total":
+                out[s.labels["handler"], s.labels["method"], s.labels["status"]] = s.value
+    return out
+
+
+def test_every_http_answer_is_counted_by_route_template_and_status_those_refused_at_the_door_too(served, monkeypatch):
+    """adapterhub_requests_total counts what reached the engine; the HTTP counter counts every answer (a 401, 404, 400
+    before the engine), by the route's template (not the model id in the path) and the status logged (499: left)."""
+    before = http_counts(served)
+    sent = [served.post("/v1/completions", {"model": "base", "prompt": "a b", "max_tokens": 2}),
+            served.post("/v1/completions", {"model": "base", "prompt": "a b", "max_tokens": 2}, key="wrong"),
+            served.post("/v1/completions", {"model": "no-such-adapter", "prompt": "a b", "max_tokens": 2}),
+            served.post("/v1/completions", {"model": "base", "prompt": "a b", "max_tokens": -1}),
+            httpx.get(served.url + "/v1/models/gen_a", headers={"Authorization": f"Bearer {KEY}"}),
+            httpx.get(served.url + "/v1/models/base", headers={"Authorization": f"Bearer {KEY}"}),
+            httpx.get(served.url + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}),
+            httpx.request("BREW", served.url + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"})]
+    assert [r.status_code for r in sent] == [200, 401, 404, 400, 200, 200, 404, 404]
+    slowed(served, monkeypatch)
+    with pytest.raises(httpx.TimeoutException):  # a client that leaves before its answer: 499, as the access log says
+        httpx.post(served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.6,
+                   json={"model": "base", "prompt": "leave", "max_tokens": 400, "ignore_eos": True})
+    want = {("/v1/completions", "POST", "200"): 1, ("/v1/completions", "POST", "401"): 1, ("/v1/completions", "POST", "404"): 1,
+            ("/v1/completions", "POST", "400"): 1, ("/v1/models/{model_id:path}", "GET", "200"): 2, ("unmatched", "GET", "404"): 1,
+            ("unmatched", "other", "404"): 1, ("/v1/completions", "POST", "499"): 1}
+    assert wait_until(lambda: http_counts(served).get(("/v1/completions", "POST", "499"), 0) > before.get(("/v1/completions", "POST", "499"), 0))
+    monkeypatch.undo()
+    after = http_counts(served)
+    moved_ = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    moved_.pop(("/metrics", "GET", "200"), None)  # the scrapes themselves (the first one's count lands after its answer)
+    assert moved_ == want

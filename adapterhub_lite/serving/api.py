@@ -26,6 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from adapterhub_lite.core import __version__
 from adapterhub_lite.model.backbone import default_device
@@ -41,6 +42,7 @@ from adapterhub_lite.serving.runtime import Catalogue
 from adapterhub_lite.serving.scheduler import Budgets
 
 access_log = logging.getLogger("adapterhub_lite.serve.access")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class Guard:
@@ -72,8 +74,14 @@ class AccessLog:
     the adapter that answered, tokens, latency. The routes fill scope["state"]["access"]; a request's ignored
     fields go out in the IGNORED_HEADER response header."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, count=None, routes=()):
+        self.app, self.count, self.routes = app, count, routes  # count(handler, method, status): ServeMetrics.responded
+
+    def handler(self, scope) -> str:
+        """The route's template (a model id in /v1/models/{model_id} would make a series per name); a request refused
+        before routing (401, 413) is matched here, so it counts under its route too; 'unmatched' for no route."""
+        route = scope.get("route") or next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", "unmatched")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,6 +97,11 @@ class AccessLog:
                                 access.get("model", "-"), access.get("adapter", "-"), access.get("prompt_tokens", "-"),
                                 access.get("completion_tokens", "-"), 1000 * (time.monotonic() - start),
                                 "".join(f" {k}={access[k]}" for k in ("user", "safety_identifier") if k in access))
+                if self.count is not None:
+                    # the status as logged: what was sent, or the route's 499 / 504 where a stream's 200 went out before its end
+                    # a method outside HTTP's own is 'other': a client choosing it must not add series to /metrics
+                    method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+                    self.count(self.handler(scope), method, access.get("status", status[0] or 499))
 
         async def sending(message):
             if message["type"] == "http.response.start":
@@ -190,12 +203,13 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     # Plain ASGI middleware (not @app.middleware, whose wrapped receive hides a client's disconnect from the routes,
     # so a request whose client left would run on to max_tokens), added innermost first.
     app.add_middleware(Guard, settings=settings, refuse=error_response)
-    app.add_middleware(AccessLog)
+    routers = (admin.router, openai.router, tokenizer.router, admin.runtime_router)
+    app.add_middleware(AccessLog, count=engine.metrics.responded, routes=[route for router in routers for route in router.routes])
     if settings.allowed_origins:  # outermost, so a preflight (which carries no API key) is answered here
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"],
                            expose_headers=[IGNORED_HEADER])
 
     # In the order the routes were always declared (health first, runtime loading last), so /openapi.json is unchanged.
-    for router in (admin.router, openai.router, tokenizer.router, admin.runtime_router):
+    for router in routers:
         app.include_router(router)
     return app

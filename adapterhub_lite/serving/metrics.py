@@ -161,6 +161,15 @@ class ServeMetrics:
         self.evictions = Counter("adapterhub_evictions", "Adapters evicted to stay within the memory budget", registry=r)
         self.running = Gauge("adapterhub_num_requests_running", "Requests in the running batch, decoding or prefilling "
                              "(vLLM's num_requests_running; waiting ones are adapterhub_queue_depth)", registry=r)
+        # every HTTP answer, those refused at the door too (401, 404, 400 before the engine, 429): the engine's counters see
+        # only what reached it, so requests sent = this counter's sum can be checked from /metrics (vLLM exposes
+        # http_requests_total through prometheus-fastapi-instrumentator; its status is the exact code here, 499 a client gone)
+        self.http = Counter("adapterhub_http_requests", "HTTP requests answered, by route (its template; 'unmatched' for no "
+                            "route), method and status code (499: the client left first)", ["handler", "method", "status"], registry=r)
+
+    def responded(self, handler: str, method: str, status) -> None:
+        """One HTTP request ended with `status` (the code sent, 499 when the client left before it)."""
+        self.http.labels(handler=handler, method=method, status=str(status)).inc()
 
     def prefilled(self, adapter: str, tokens: int) -> None:
         """A prompt of `tokens` tokens has run through the model for `adapter`."""
