@@ -181,6 +181,26 @@ def test_read_tokens_is_what_the_loss_plan_runs(labels):
     assert sum(len(p) > max_length for p in prompts) > 5  # the case that was miscounted: prompts the plan cuts
 
 
+@pytest.mark.parametrize("labels", [None, [[5]], [[5, 7, 8], [6]]])
+def test_loss_items_counts_what_the_summed_loss_sums_over(labels):
+    """The loss contract (StepLoss): a step divides the summed loss by loss_items, so it must count exactly the terms the
+    plan sums: each target token plus its EOS, after the cut to max_length (generation), or one a row (classification).
+    Counting targets without their EOS made every step's loss a sum over N + rows tokens divided by N."""
+    from adapterhub_lite.model.heads import loss_items, loss_plan_ids
+
+    g = torch.Generator().manual_seed(0)
+    max_length = 12
+    prompts = [list(range(3, 3 + int(n))) for n in torch.randint(1, 30, (20,), generator=g)]
+    if labels is None:
+        answers = [list(range(40, 40 + int(n))) for n in torch.randint(1, 15, (20,), generator=g)]  # some cut too
+        assert sum(len(a) + 1 > max_length - 1 for a in answers) > 2
+    else:
+        answers = [i % len(labels) for i in range(20)]
+    plan = loss_plan_ids(prompts, answers, max_length, labels, eos_id=2, reduction="sum")
+    terms = len(answers) if labels is not None else len(plan.rows)  # classification: one cross-entropy term a row
+    assert loss_items(answers, max_length, labels) == terms
+
+
 def test_the_lm_head_projects_only_the_positions_read(tiny):
     """A classification batch projects one position per row onto the vocabulary (the label-read position), a
     generation loss one per target token: the model's own forward projects none. With logits_to_keep=1 it projected
