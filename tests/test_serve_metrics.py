@@ -243,3 +243,24 @@ def test_every_http_answer_is_counted_by_route_template_and_status_those_refused
     moved_ = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
     moved_.pop(("/metrics", "GET", "200"), None)  # the scrapes themselves (the first one's count lands after its answer)
     assert moved_ == want
+
+
+def test_answered_requests_count_by_the_finish_reason_their_choices_carry(served):
+    """adapterhub_request_success_total{finished_reason} (vLLM's request_success_total) moves as the answers' own
+    finish_reason say: cut by max_tokens (length), ended by a stop string (stop), a classification's label (stop)."""
+    def success():
+        out = {}
+        for family in text_string_to_metric_families(httpx.get(served.url + "/metrics").text):
+            out.update({s.labels["finished_reason"]: s.value for s in family.samples if s.name == "adapterhub_request_success_total"})
+        return out
+
+    before = success()
+    base = served.post("/v1/completions", {"model": "base", "prompt": "a b c", "max_tokens": 5, "ignore_eos": True, "n": 2}).json()
+    stopped = served.post("/v1/completions", {"model": "base", "prompt": "a b c", "max_tokens": 8, "ignore_eos": True,
+                                              "stop": [base["choices"][0]["text"][:1]] if base["choices"][0]["text"] else None}).json()
+    label = served.post("/v1/completions", {"model": "cls_a", "input": "pos 1"}).json()
+    reasons = [c["finish_reason"] for answer in (base, stopped, label) for c in answer["choices"]]
+    after = success()
+    assert reasons.count("length") == 2 and reasons[-1] == "stop", reasons
+    assert {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)} == \
+        {r: float(reasons.count(r)) for r in set(reasons)}

@@ -358,5 +358,5 @@ class Engine(Admission, OfflineRun):
                         prompt=job.prompt, prompt_ids=p.ids, token_ids=list(job.tokens),
                         stop_reason=state.stop_reason if state is not None and reason == "stop" else None, **extra)
         self.metrics.requests.labels(adapter=self._label(job), status="ok").inc()
-        self.metrics.answered(job.times, result.prompt_tokens, result.completion_tokens, time.monotonic())
+        self.metrics.answered(job.times, result.prompt_tokens, result.completion_tokens, time.monotonic(), reason)
         job.listener("done", result)

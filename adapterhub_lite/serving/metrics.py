@@ -164,6 +164,9 @@ class ServeMetrics:
         # every HTTP answer, those refused at the door too (401, 404, 400 before the engine, 429): the engine's counters see
         # only what reached it, so requests sent = this counter's sum can be checked from /metrics (vLLM exposes
         # http_requests_total through prometheus-fastapi-instrumentator; its status is the exact code here, 499 a client gone)
+        # why answered requests ended (vLLM's request_success_total): a rising share of "length" is answers cut by max_tokens
+        self.success = Counter("adapterhub_request_success", "Requests (one per choice) answered, by finished_reason: stop (EOS, a "
+                               "stop string or id, a classification's label) or length (max_tokens or the context)", ["finished_reason"], registry=r)
         self.http = Counter("adapterhub_http_requests", "HTTP requests answered, by route (its template; 'unmatched' for no "
                             "route), method and status code (499: the client left first)", ["handler", "method", "status"], registry=r)
 
@@ -192,9 +195,10 @@ class ServeMetrics:
         for gap, n in gaps.items():
             self.itl.observe(gap, n)
 
-    def answered(self, times: RequestTimes, prompt_tokens: int, generated: int, now: float) -> None:
-        """A request answered at `now`: its per-request histograms. One that generated nothing (a classification answer,
-        a max_tokens 0 prompt) has its answer as its first and last output."""
+    def answered(self, times: RequestTimes, prompt_tokens: int, generated: int, now: float, finish_reason: str) -> None:
+        """A request answered at `now` (ended by `finish_reason`): its per-request histograms. One that generated nothing
+        (a classification answer, a max_tokens 0 prompt) has its answer as its first and last output."""
+        self.success.labels(finished_reason=finish_reason).inc()
         scheduled = times.scheduled if times.scheduled is not None else now
         queued = times.queued if times.queued is not None else scheduled
         first = times.first_token if times.first_token is not None else now
