@@ -13,6 +13,7 @@ here reads a value back to the host, so the GPU queue never drains inside a step
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -305,10 +306,41 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     used); rows stop at EOS, and the answer is the first line of what was generated."""
     ids = [keep_end(p, max_length - max_new_tokens) for p in prompt_ids]
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, _device(model), left=True)  # generation appends on the right
+    config = getattr(model, "active_peft_config", None)
     with autocast(model):
-        out = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-    texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-    return [first_line(t) for t in texts]
+        # (a PeftType is a str enum; inside peft's disable_adapter() the plain backbone decodes, through generate())
+        if getattr(config, "peft_type", None) == "PREFIX_TUNING" and not getattr(model, "_adapters_disabled", False):
+            new = _prefix_greedy(model, input_ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        else:
+            new = model.generate(
+                input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )[:, input_ids.shape[1]:]
+    return [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _prefix_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Greedy new tokens [B, n] of a prefix-tuning PeftModel: its base model decodes over a cache pre-filled with peft's
+    own prefix (get_prompt), each row at the positions it has alone through peft's forward (after the prefix).
+
+    peft 0.21's generate() hands the prefix to the model under `past_key_values` while transformers 5 passes its own
+    (empty) cache as `cache`: it decoded the plain backbone (with left padding, a mix), so eval scored something else
+    than the adapter serve runs."""
+    base, rows = model.get_base_model(), input_ids.shape[0]
+    cache = model.get_prompt(batch_size=rows)
+    virtual = cache.get_seq_length()
+    arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # renamed in transformers 5
+    mask = torch.cat([mask.new_ones(rows, virtual), mask], dim=1)
+    positions = virtual + (mask[:, virtual:].cumsum(1) - 1).clamp(min=0)  # left padding: each row's tokens from the prefix on
+    step, out = input_ids, []
+    running = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        logits = base(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True, **{arg: cache}).logits[:, -1]
+        token = torch.where(running, logits.argmax(-1), pad_id)  # finished rows are padded, as generate() pads them
+        out.append(token)
+        running &= token != eos_id
+        if not running.any():
+            break
+        step, positions = token[:, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+    return torch.stack(out, dim=1) if out else input_ids[:, :0]
