@@ -47,3 +47,27 @@ def test_default_backbone_in_8bit_answers_and_trains(tmp_path, monkeypatch):
     with torch.no_grad():  # same device, same batch shape: the same int8 kernels on the same inputs
         assert torch.allclose(ours(**ids).logits, plain(**ids).logits, atol=1e-4)
     assert os.path.getsize(folder / "adapter_model.safetensors") < 2_000_000
+
+
+@pytest.mark.slow
+def test_generation_through_a_prompt_adapter_on_the_default_backbone_is_the_adapter_s(monkeypatch):
+    """peft 0.21.2's generate() ran every step after the first of a prompt-tuning adapter off (transformers 5.25), so eval
+    answered ['Paris. Paris.', '203203', ...] for a random prompt whose own forward answers ['Paris.', '2021-03', ...]."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from adapterhub_lite.model.heads import generate_ids
+
+    from .test_evaluate import _greedy_alone
+
+    if REAL_CACHE:
+        monkeypatch.setenv("ADAPTERHUB_CACHE", REAL_CACHE)
+    backbone = load_backbone("smollm2-135m", "none", dtype="fp32")
+    tok = backbone.tokenizer
+    torch.manual_seed(0)
+    model = get_peft_model(backbone.model, PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(std=0.5)
+    model.eval()
+    rows = [tok(p)["input_ids"] for p in ("The capital of France is", "Convert to ISO date: the 3rd of March, 2021 ->", "Once upon a time")]
+    want = [_greedy_alone(model, tok, r, 8) for r in rows]
+    assert generate_ids(model, tok, rows, 8, 256) == want

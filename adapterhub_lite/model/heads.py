@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.text import first_line
@@ -308,9 +309,9 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, _device(model), left=True)  # generation appends on the right
     config = getattr(model, "active_peft_config", None)
     with autocast(model):
-        # (a PeftType is a str enum; inside peft's disable_adapter() the plain backbone decodes, through generate())
-        if getattr(config, "peft_type", None) == "PREFIX_TUNING" and not getattr(model, "_adapters_disabled", False):
-            new = _prefix_greedy(model, input_ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        # (inside peft's disable_adapter() the plain backbone decodes, through generate())
+        if getattr(config, "peft_type", None) in ("PREFIX_TUNING", "PROMPT_TUNING") and not getattr(model, "_adapters_disabled", False):
+            new = _prompt_learning_greedy(model, input_ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         else:
             new = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -319,28 +320,39 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     return [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def _prefix_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
-    """Greedy new tokens [B, n] of a prefix-tuning PeftModel: its base model decodes over a cache pre-filled with peft's
-    own prefix (get_prompt), each row at the positions it has alone through peft's forward (after the prefix).
+def _prompt_learning_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Greedy new tokens [B, n] of a prefix- or prompt-tuning PeftModel, decoded by its base model from peft's own
+    virtual tokens (get_prompt: a prefix pre-fills the cache, a prompt's embeddings go before the tokens'), each row at
+    the positions it has alone through peft's forward: its tokens right after the virtual ones, whatever its padding.
 
-    peft 0.21's generate() hands the prefix to the model under `past_key_values` while transformers 5 passes its own
-    (empty) cache as `cache`: it decoded the plain backbone (with left padding, a mix), so eval scored something else
-    than the adapter serve runs."""
+    peft 0.21.2's generate() does not run these kinds as its forward does on transformers 5.25: it hands a prefix to
+    the model as `past_key_values` beside transformers' own empty `cache`, so the plain backbone decoded (and, left
+    padded, a mix of neither); a prompt's first token was right but every later step off (0.1 on logits the prompt
+    moved by 0.35, tiny backbone). Eval then scored something other than the adapter `serve` runs."""
     base, rows = model.get_base_model(), input_ids.shape[0]
-    cache = model.get_prompt(batch_size=rows)
-    virtual = cache.get_seq_length()
+    prefix = model.active_peft_config.peft_type == "PREFIX_TUNING"  # a PeftType is a str enum
+    cache = model.get_prompt(batch_size=rows) if prefix else DynamicCache(config=base.config)
     arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # renamed in transformers 5
+    virtual = model.active_peft_config.num_virtual_tokens
+    own = virtual + (mask.cumsum(1) - 1).clamp(min=0)  # left padding: each row's tokens right after the virtual ones
     mask = torch.cat([mask.new_ones(rows, virtual), mask], dim=1)
-    positions = virtual + (mask[:, virtual:].cumsum(1) - 1).clamp(min=0)  # left padding: each row's tokens from the prefix on
-    step, out = input_ids, []
+    if prefix:
+        first = {"input_ids": input_ids, "position_ids": own}
+    else:
+        embeds = base.get_input_embeddings()(input_ids)
+        prompts = model.get_prompt(batch_size=rows).to(embeds.dtype)
+        positions = torch.cat([torch.arange(virtual, device=own.device).expand(rows, -1), own], dim=1)
+        first = {"inputs_embeds": torch.cat([prompts, embeds], dim=1), "position_ids": positions}
+    out, last = [], first["position_ids"][:, -1:]
     running = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = base(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True, **{arg: cache}).logits[:, -1]
+        logits = base(**first, attention_mask=mask, use_cache=True, **{arg: cache}).logits[:, -1]
         token = torch.where(running, logits.argmax(-1), pad_id)  # finished rows are padded, as generate() pads them
         out.append(token)
         running &= token != eos_id
         if not running.any():
             break
-        step, positions = token[:, None], positions[:, -1:] + 1
+        last = last + 1
+        first = {"input_ids": token[:, None], "position_ids": last}
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
     return torch.stack(out, dim=1) if out else input_ids[:, :0]
