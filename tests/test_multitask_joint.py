@@ -116,6 +116,63 @@ def test_joint_step_gives_each_adapter_its_alone_gradient_over_n(shared):
         assert torch.allclose(g, shared_alone[n], atol=1e-5, rtol=1e-4), n
 
 
+def _recipe(tmp_path, monkeypatch, **cfg):
+    """A Joint recipe of a classification task a and a generation task g (every g row the same), its factors random."""
+    from adapterhub_lite.core.data import load_task_data
+    from adapterhub_lite.training.recipes.joint import Joint
+
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 4, "g": 1})
+    (tmp_path / "g.jsonl").write_text((json.dumps({"text": "ab", "target": "AB CD EF"}) + "\n") * 8)
+    train = {"max_length": 48, "weight_decay": 0.1}
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train=train),
+             _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={**train, "max_new_tokens": 8})]
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    torch.manual_seed(0)
+    model = _attach(backbone.model, specs, JointConfig())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    joint = JointLora(model, [s.name for s in specs], False, 0.0)
+    return Joint(specs, JointConfig(batch_size=4, **cfg), model, joint, backbone, {s.name: load_task_data(s) for s in specs})
+
+
+def test_a_joint_steps_generation_loss_is_the_mean_over_its_target_tokens(tmp_path, monkeypatch):
+    """Joint.step_loss divides a task's summed loss by that task's loss_items: for a generation task its target tokens
+    + EOS, so its loss is the per-token mean that task_loss (and a run of it alone) takes, not a sum per row. Every
+    training row of g is the same, so whatever rows the step draws, their mean is that row's."""
+    from adapterhub_lite.training.parallel import Parallel
+
+    recipe = _recipe(tmp_path, monkeypatch)
+    model, tok = recipe.model, recipe.backbone.tokenizer
+    parallel = Parallel(recipe.backbone.device)
+    for _ in range(20):  # the sampler draws tasks at random: until a step holds g's rows
+        part = recipe.step_loss(model, parallel)
+        if "loss/g" in part.logs:
+            break
+    model.base_model.enable_adapter_layers()
+    model.base_model.set_adapter("g")
+    with torch.no_grad():
+        want = task_loss(model, tok, ["T: ab\nA:"], ["AB CD EF"], 48, None)
+    assert len(tok(" AB CD EF").input_ids) > 1  # several target tokens a row: a sum per row would differ
+    assert part.logs["loss/g"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_a_joint_eval_scores_the_tasks_mean_and_the_loss_weights_are_not_decayed(tmp_path, monkeypatch):
+    """The score a joint run keeps its best by (and stops on) is the mean of the tasks' primary metrics, not the best
+    task's; and the learned loss weights (uncertainty's log-variances) get no weight decay, which would pull them to 0
+    whatever the tasks' losses say, though each task's own adapter gets its train.weight_decay."""
+    recipe = _recipe(tmp_path, monkeypatch, weighting="uncertainty")
+    monkeypatch.setattr(recipe, "scores", lambda limit, parallel: {"a": {"accuracy": 1.0}, "g": {recipe.specs[1].primary_metric: 0.2}})
+    score, row = recipe.evaluate(None, None)
+    assert score == pytest.approx(0.6) and row["dev/mean"] == 0.6
+    groups = recipe.param_groups()
+    weights = {id(p) for p in recipe.weighting.parameters()}
+    assert weights and [g["weight_decay"] for g in groups if {id(p) for p in g["params"]} == weights] == [0.0]
+    assert [g["weight_decay"] for g in groups if not {id(p) for p in g["params"]} & weights] == [0.1, 0.1]
+
+
 def _write_tasks(folder, copies):
     """a.jsonl (classification) and g.jsonl (generation) from ROWS, each row repeated copies[name] times."""
     for name, (prompts, answers) in (("a", ROWS["a"]), ("g", ROWS["g"])):
