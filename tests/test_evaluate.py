@@ -114,3 +114,26 @@ def test_generation_through_a_prompt_learning_adapter_is_the_adapter_s_as_peft_s
         assert generate_ids(made, tok, rows, n, 64) == plain
     assert kind == "prompt" or want != plain  # the prefix decides the answers
     assert generate_ids(made, tok, rows, n, 64) == want
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_eval_stops_at_the_generation_configs_other_end_ids_as_the_server_does(kind, monkeypatch):
+    """A backbone whose generation config lists end ids besides the tokenizer's EOS (Llama 3's <|eom_id|>, Qwen's
+    <|endoftext|>): the server ends a choice there (vLLM's rule), and eval's answers must be the same answers, through
+    generate() (LoRA) and through the prompt-learning decoder (prefix) alike."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    tok = backbone.tokenizer
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if kind == "lora" else PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    made = get_peft_model(backbone.model, config)
+    made.eval()
+    rows = [[5, 40, 41, 42, 9, 10, 77], [30, 31, 32]]
+    free = generate_ids(made, tok, rows, 6, 64)
+    first = [generate_ids(made, tok, [r], 1, 64)[0] for r in rows]  # each row's first greedy token, as text
+    assert all(len(f) < len(a) for f, a in zip(first, free)), (first, free)  # they run on past it unless told to stop
+    ids = [tok.encode(f, add_special_tokens=False) for f in first]
+    assert all(len(i) == 1 for i in ids), ids
+    monkeypatch.setattr(made.get_base_model().generation_config, "eos_token_id", [tok.eos_token_id, *(i[0] for i in ids)])
+    assert generate_ids(made, tok, rows, 6, 64) == first

@@ -48,6 +48,15 @@ def model_context(backbone: Backbone) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def end_ids(model, tokenizer) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's EOS first, then any other `eos_token_id` of the model's
+    generation config (Llama 3's <|eom_id|>, Qwen's <|endoftext|>), where transformers' generate() and vLLM stop too.
+    Training teaches the tokenizer's EOS; every decoder (eval, predict, the server) stops at all of them."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *ids]))
+
+
 def default_device() -> str:
     """$ADAPTERHUB_DEVICE when set (the test suite's one switch), else cuda when available, else cpu."""
     return os.environ.get("ADAPTERHUB_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.text import first_line
-from adapterhub_lite.model.backbone import autocast
+from adapterhub_lite.model.backbone import autocast, end_ids
 
 
 def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
@@ -304,23 +304,25 @@ def task_loss(model, tokenizer, prompts: list[str], answers: list, max_length: i
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, max_length: int) -> list[str]:
     """Greedy-decode an answer per tokenized prompt (its last max_length − max_new_tokens tokens, the window training
-    used); rows stop at EOS, and the answer is the first line of what was generated."""
+    used); rows stop at an end id (the tokenizer's EOS or the generation config's others, as the server stops), and the
+    answer is the first line of what was generated."""
+    ends = end_ids(model, tokenizer)
     ids = [keep_end(p, max_length - max_new_tokens) for p in prompt_ids]
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, _device(model), left=True)  # generation appends on the right
     config = getattr(model, "active_peft_config", None)
     with autocast(model):
         # (inside peft's disable_adapter() the plain backbone decodes, through generate())
         if getattr(config, "peft_type", None) in ("PREFIX_TUNING", "PROMPT_TUNING") and not getattr(model, "_adapters_disabled", False):
-            new = _prompt_learning_greedy(model, input_ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            new = _prompt_learning_greedy(model, input_ids, mask, max_new_tokens, ends, tokenizer.pad_token_id)
         else:
             new = model.generate(
                 input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
             )[:, input_ids.shape[1]:]
     return [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
-def _prompt_learning_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+def _prompt_learning_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, ends: list[int], pad_id: int) -> torch.Tensor:
     """Greedy new tokens [B, n] of a prefix- or prompt-tuning PeftModel, decoded by its base model from peft's own
     virtual tokens (get_prompt: a prefix pre-fills the cache, a prompt's embeddings go before the tokens'), each row at
     the positions it has alone through peft's forward: its tokens right after the virtual ones, whatever its padding.
@@ -349,7 +351,7 @@ def _prompt_learning_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, 
         logits = base(**first, attention_mask=mask, use_cache=True, **{arg: cache}).logits[:, -1]
         token = torch.where(running, logits.argmax(-1), pad_id)  # finished rows are padded, as generate() pads them
         out.append(token)
-        running &= token != eos_id
+        running &= ~torch.isin(token, torch.tensor(ends, device=token.device))
         if not running.any():
             break
         last = last + 1

@@ -27,6 +27,7 @@ import torch
 
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.model.backbone import end_ids
 from adapterhub_lite.serving.bank import PassAbandoned
 from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.jobs import Job, PromptPart
@@ -97,11 +98,8 @@ class Admission:
         return self._when_read(ticket)
 
     def _model_eos(self) -> list[int]:
-        """The backbone's end-of-sequence ids besides the tokenizer's EOS: its generation config's `eos_token_id` (an id or a list)."""
-        backbone = self.router.backbone
-        ids = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
-        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-        return [t for t in ids if t != backbone.tokenizer.eos_token_id]
+        """The backbone's end-of-sequence ids besides the tokenizer's EOS (which every row checks itself)."""
+        return end_ids(self.router.backbone.model, self.router.backbone.tokenizer)[1:]
 
     def _when_read(self, ticket: Ticket) -> Ticket:
         """Mark a ticket whose adapter is neither resident nor in host memory as not ready, and read it on a loader thread."""
