@@ -361,3 +361,18 @@ def test_prompt_tuning_initialised_from_text_takes_the_backbone_s_tokenizer():
     with pytest.raises(AdapterMethodError, match="prompt_tuning_init_text") as err:
         attach(load_backbone("tiny-random-llama", "none", dtype="fp32").model, "prompt", {"num_virtual_tokens": 3, "prompt_tuning_init": "TEXT"})
     assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_of_other_tensors_is_refused_on_resume_in_one_line_and_kept(cls_task, monkeypatch):
+    """Since 5325e14 a checkpoint keeps the trained parameters by their own names (lora_A.default.weight); one written
+    before (peft's saved names, lora_A.weight) cannot be loaded into them: --resume names --overwrite, keeps the checkpoint."""
+    _crash_after_step_4(cls_task, monkeypatch)
+    state = cls_task / ".out.partial" / "checkpoint" / "state.pt"
+    payload = torch.load(state, weights_only=True)
+    assert payload["adapter"] and all(".default." in k for k in payload["adapter"])
+    payload["adapter"] = {k.replace(".default.", "."): v for k, v in payload["adapter"].items()}  # the old form's names
+    torch.save(payload, state)
+    written = state.read_bytes()
+    with pytest.raises(ValueError, match=r"holds other tensors than this adapter trains.*--overwrite instead of --resume") as err:
+        _train(cls_task, "toy", resume=True)
+    assert "\n" not in str(err.value) and state.read_bytes() == written
