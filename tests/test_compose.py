@@ -129,3 +129,44 @@ def test_a_lora_on_shots_baseline_of_no_steps_is_refused_before_anything_loads(t
     with pytest.raises(ComposeError, match="--lora-steps 1 or more"):
         compose_fit(spec, {"one": tmp_path / "one", "two": tmp_path / "two"}, tmp_path / "o", lora_steps=0)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("search", ["gradient", "cma"])
+def test_each_search_returns_the_best_weights_it_evaluated_not_its_last(search):
+    """The searches keep the weights of their lowest loss: here the loss grows with each call whatever w is, so the
+    best is an early evaluation, not where the search ended (which the composed adapter would otherwise be)."""
+    from adapterhub_lite.training.recipes import compose as compose_mod
+
+    seen = []
+
+    def objective(w):
+        seen.append((w.detach().clone(), len(seen)))
+        return ((w - 1) ** 2).sum() + 0.3 * (len(seen) - 1)
+
+    w, trace = getattr(compose_mod, f"_{search}")(objective, 2, 12, seed=0)
+    best = min(range(len(trace)), key=lambda i: trace[i]["loss"])
+    assert best < len(trace) - 1
+    assert torch.allclose(w, seen[best][0])
+
+
+def test_the_report_names_the_best_source_and_the_search_pays_the_l1_penalty(sources, tmp_path, monkeypatch):
+    """With the task loss held at 0, each loss the search sees is l1 · Σ|w| (> 0 off w = 0: the penalty is paid), and
+    with each dev score scripted (composed, base, then the sources in order) best_single is the highest-scoring
+    source, not another."""
+    from adapterhub_lite.training.recipes import compose as compose_mod
+
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": str(tmp_path / "new.jsonl"), "dev": str(tmp_path / "new.jsonl")},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+                           "quantization": "none", "train": {"max_length": 32, "batch_size": 4}})
+    scores = iter([0.5, 0.1, 0.6, 0.9, 0.3])  # composed, base, one, two, three
+    monkeypatch.setattr(compose_mod, "evaluate_split",
+                        lambda *a, **k: ({**{m: 0.0 for m in spec.metric}, spec.primary_metric: next(scores)}, None, 0.01))
+    monkeypatch.setattr(compose_mod, "task_loss", lambda *a, **k: torch.zeros(()))
+    searched, cma = [], compose_mod._cma
+    monkeypatch.setattr(compose_mod, "_cma", lambda *a, **k: searched.append(out := cma(*a, **k)) or out)
+    report = compose_fit(spec, sources, tmp_path / "out", shots=6, search="cma", budget=8, l1=0.5, lora_steps=1)
+    assert report["best_single"]["adapter"] == "two"
+    weights, trace = searched[0]
+    assert trace and all(t["loss"] > 0 for t in trace) and weights.abs().sum() > 0
