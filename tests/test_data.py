@@ -65,6 +65,7 @@ def test_a_utf8_byte_order_mark_is_accepted_in_every_format(tmp_path, monkeypatc
     ("r.tsv", b"a\tlabel\nx\tno\ny\tno\textra\n", "r.tsv:3 has 3 fields but the header has 2 (tab-separated)"),
     ("h.csv", b"a,label\n", "h.csv has a header (a, label) but no rows"),
     ("i.csv", b",a,label\n0,x,no\n", "i.csv:1: the header has an empty column name; give every column a distinct name (pandas' to_csv"),
+    ("d.csv", b"a,label,a\nx,no,y\n", "d.csv:1: the header repeats column(s) 'a'; give every column a distinct name"),  # not the last 'a' silently
     ("b.jsonl", b'{"a": "x", "label": "no"}\n{"a": "caf\xe9", "label": "no"}\n', "b.jsonl:2 is not UTF-8 (byte 0xe9"),
     ("b.csv", b"a,label\nx,no\ncaf\xe9,no\n", "b.csv:3 is not UTF-8"),
     ("l.jsonl", b'{"a": "x", "label": "no"}\n[1, 2]\n', "l.jsonl:2 is a JSON list, not an object"),

@@ -64,3 +64,14 @@ def test_a_joint_resume_refuses_every_joint_setting_but_the_time_budget(change):
     same = joint_identity(specs, JointConfig(), data)["sha256"]
     assert joint_identity(specs, JointConfig(**change), data)["sha256"] != same
     assert joint_identity(specs, JointConfig(max_minutes=30.0), data)["sha256"] == same
+
+
+def test_a_refused_resume_names_every_difference_spec_and_data_together():
+    """A resume whose spec and data both changed is refused naming both (not the spec alone: a user who restores it
+    would be refused again for the data)."""
+    from adapterhub_lite.training.progress import TrainingError, check_resume
+
+    saved = run_identity(spec_from_dict(BASE), DATA)
+    now = run_identity(spec_from_dict({**BASE, "train": {**BASE["train"], "lr": 0.5}}), {**DATA, "train": Split([], [], "t.jsonl", "new-sha")})
+    with pytest.raises(TrainingError, match=r"train\.lr: .* → 0\.5; data train: sha256 train-sha → new-sha"):
+        check_resume(saved, now, "work")
