@@ -111,3 +111,27 @@ def test_a_resumed_run_keeps_the_rows_logged_before_the_crash(tmp_path, device, 
     assert steps == [1, 2, 3, 4, 4]  # a row a step, and the eval of the last
     assert [r["step"] for r in _rows(tmp_path / "resumed")] == steps
     assert [r["loss"] for r in _rows(tmp_path / "resumed")[:2]] == [r["loss"] for r in _rows(tmp_path / "straight")[:2]]
+
+
+def test_a_failed_save_after_an_interrupted_swap_keeps_and_names_the_previous_checkpoint(tmp_path, device, monkeypatch):
+    """A crash between a swap's two renames leaves only checkpoint.old; the next save puts it back first, so when that
+    save fails (a full disk) the refusal says the previous checkpoint is kept, where it is, not that none exists (which
+    would send the user to --overwrite, discarding it)."""
+    import errno
+    import os
+
+    ckpt = Checkpoint(tmp_path, Parallel(device))
+    ckpt.save({"state": {"step": 2}})
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    real = torch.save
+
+    def disk_full(obj, f, *a, **kw):
+        if os.path.basename(str(f)) == "state.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(TrainingError, match=f"the previous checkpoint in {tmp_path / 'checkpoint'} is kept"):
+        ckpt.save({"state": {"step": 4}})
+    monkeypatch.undo()
+    assert ckpt.step() == 2 and ckpt.find() == tmp_path / "checkpoint"
