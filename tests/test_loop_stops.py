@@ -135,3 +135,31 @@ def test_a_failed_save_after_an_interrupted_swap_keeps_and_names_the_previous_ch
         ckpt.save({"state": {"step": 4}})
     monkeypatch.undo()
     assert ckpt.step() == 2 and ckpt.find() == tmp_path / "checkpoint"
+
+
+def test_a_resumed_run_spends_what_is_left_of_its_time_budget(tmp_path, device, monkeypatch):
+    """max_minutes is the run's budget of training time, counted over its resumes: a run resumed at step 2 after 40 s
+    of training has 35 s of its 75 s left, not a fresh 75 s. A clock of 10 s a read (each step reads it three times)."""
+    def clock():
+        ticks = iter(range(0, 10_000, 10))
+        return types.SimpleNamespace(monotonic=lambda: next(ticks), perf_counter=lambda: next(ticks))
+
+    cfg = _cfg(max_steps=8, checkpoint_every=2, max_minutes=1.25)
+    save = Checkpoint.save
+
+    def crash_after_step_2(self, payload):
+        save(self, payload)
+        if payload["state"]["step"] == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop_mod, "time", clock())
+    monkeypatch.setattr(Checkpoint, "save", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(Toy(device), cfg, Parallel(device), tmp_path, progress=False)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    assert Checkpoint(tmp_path).step() == 2
+    monkeypatch.setattr(loop_mod, "time", clock())  # a new process: its clock starts anew
+    result = fit(Toy(device), cfg, Parallel(device), tmp_path, resume=True, progress=False)
+    # 40 s trained before the crash; after it, steps 3 and 4 end at 60 s and 90 s of the budget's clock: 90 > 75 at step 4
+    # (a budget started afresh would read 20, 50, 80 and stop at step 5)
+    assert (result.state.step, result.stopped_by) == (4, "max_minutes")
