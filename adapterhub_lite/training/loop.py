@@ -106,11 +106,20 @@ class Recipe:
         """Every process sees the eval row (rank 0's), e.g. to adapt task sampling."""
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        """The trained tensors by name (what is checkpointed, kept as best, checked for NaN)."""
-        raise NotImplementedError
+        """The trained tensors by name (what is checkpointed, kept as best, checked for NaN): the parameters being
+        trained themselves. Not get_peft_model_state_dict, which is what a folder saves: for a prefix with
+        prefix_projection that is the projected prefix, from which the embedding and MLP being trained cannot be set."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load_trainable(self, values: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Set the trained tensors to `values` (a checkpoint's, or the best kept); refuse a set of other names."""
+        params = self.trainable()
+        if set(values) != set(params):
+            raise TrainingError("the checkpoint holds other tensors than this adapter trains (written by an older version); "
+                                "run with --overwrite instead of --resume to start fresh")
+        with torch.no_grad():
+            for n, value in values.items():
+                params[n].copy_(value)
 
     def state_dict(self) -> dict:
         """Recipe progress a resume needs (data cursors, sampler, loss weights)."""

@@ -207,15 +207,6 @@ class Joint(Recipe):
             self.sampler.observe(s.name, row[f"dev/{s.name}/{s.primary_metric}"])
         row.update({f"p/{n}": round(p, 4) for n, p in self.sampler.probabilities().items()})
 
-    def trainable(self):
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def load_trainable(self, values):
-        params = self.trainable()
-        with torch.no_grad():
-            for n, value in values.items():
-                params[n].copy_(value)
-
     def state_dict(self):
         return {"sampler": self.sampler.state_dict(), "weighting": self.weighting.state_dict(),
                 "cursors": {n: c.__dict__ for n, c in self.cursors.items()}}

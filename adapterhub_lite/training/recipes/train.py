@@ -106,21 +106,6 @@ class SingleTask(Recipe):
                                        shard=(parallel.rank, parallel.world), gather=parallel.gather)
         return metrics[self.spec.primary_metric], {k: v for k, v in metrics.items() if k != "per_class"}
 
-    def trainable(self):
-        # The parameters being trained, as the joint recipe keeps them. get_peft_model_state_dict is what a folder
-        # saves: for a prefix with prefix_projection that is the projected prefix, from which the embedding and MLP
-        # being trained cannot be set again (keeping the best failed after the whole run).
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def load_trainable(self, values):
-        params = self.trainable()
-        if set(values) != set(params):
-            raise TrainingError("the checkpoint holds other tensors than this adapter trains (written by an older version); "
-                                "run with --overwrite instead of --resume to start fresh")
-        with torch.no_grad():
-            for n, value in values.items():
-                params[n].copy_(value)
-
     def state_dict(self):
         return {"cursor": self.cursor.__dict__}
 
