@@ -17,7 +17,7 @@ from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.adapter import require_safetensors
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.model.lora_format import base_copy_key, base_rewriting_problem, factor_key, tensor_shapes, vector_key
+from adapterhub_lite.model.lora_format import base_copy_key, base_copy_modules, base_rewriting_problem, factor_key, tensor_shapes, vector_key
 
 
 def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
@@ -89,7 +89,7 @@ def check_fits(folder: Path, model) -> None:
             raise AdapterLoadError(rewritten)
     if config.get("peft_type") in ("LORA", "IA3"):
         modules = dict(model.named_modules())
-        embeddings = {n for n, m in modules.items() if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+        embeddings = base_copy_modules(model)
         for key, shape in shapes.items():
             factor, vector = factor_key(key), vector_key(key)
             if factor:

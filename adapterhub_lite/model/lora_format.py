@@ -55,6 +55,12 @@ def base_copy_key(key: str) -> str | None:
     return m["module"] if m and not factor_key(key) else None
 
 
+def base_copy_modules(model) -> set[str]:
+    """Names of the modules peft's save_embedding_layers may save whole: the model's input embedding and LM head."""
+    kept = (model.get_input_embeddings(), model.get_output_embeddings())
+    return {n for n, m in model.named_modules() if any(m is k for k in kept)}
+
+
 def factor_key(key: str) -> tuple[str, str, str | None] | None:
     """(module, "A" or "B", adapter name or None) for a LoRA factor's tensor name, else None."""
     m = _FACTOR_KEY.fullmatch(key)

@@ -13,7 +13,7 @@ from peft.tuners.ia3.model import IA3Model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.lora_format import base_copy_key, base_rewriting_problem, factor_key, scale, vector_key
+from adapterhub_lite.model.lora_format import base_copy_key, base_copy_modules, base_rewriting_problem, factor_key, scale, vector_key
 
 # LoraConfig fields this layer implements. Any other field that differs from peft's default
 # changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
@@ -80,7 +80,7 @@ def without_base_copies(weights: dict[str, torch.Tensor], model: torch.nn.Module
     writes when target_modules names one of them (save_embedding_layers, lora_format.base_copy_key). peft loads such a
     copy into the base for every row; one equal to the backbone's own changes nothing, one that differs changes the
     backbone itself, which no per-row adapter can, so that adapter is refused by name."""
-    embeddings = {n for n, m in model.named_modules() if m is model.get_input_embeddings() or m is model.get_output_embeddings()}
+    embeddings = base_copy_modules(model)
     out = {}
     for key, t in weights.items():
         module = base_copy_key(key)
