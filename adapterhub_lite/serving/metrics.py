@@ -161,12 +161,12 @@ class ServeMetrics:
         self.evictions = Counter("adapterhub_evictions", "Adapters evicted to stay within the memory budget", registry=r)
         self.running = Gauge("adapterhub_num_requests_running", "Requests in the running batch, decoding or prefilling "
                              "(vLLM's num_requests_running; waiting ones are adapterhub_queue_depth)", registry=r)
-        # every HTTP answer, those refused at the door too (401, 404, 400 before the engine, 429): the engine's counters see
-        # only what reached it, so requests sent = this counter's sum can be checked from /metrics (vLLM exposes
-        # http_requests_total through prometheus-fastapi-instrumentator; its status is the exact code here, 499 a client gone)
         # why answered requests ended (vLLM's request_success_total): a rising share of "length" is answers cut by max_tokens
         self.success = Counter("adapterhub_request_success", "Requests (one per choice) answered, by finished_reason: stop (EOS, a "
                                "stop string or id, a classification's label) or length (max_tokens or the context)", ["finished_reason"], registry=r)
+        # every HTTP answer, those refused at the door too (401, 404, 400 before the engine, 429): the engine's counters see
+        # only what reached it, so requests sent = this counter's sum can be checked from /metrics (vLLM exposes
+        # http_requests_total through prometheus-fastapi-instrumentator; its status is the exact code here, 499 a client gone)
         self.http = Counter("adapterhub_http_requests", "HTTP requests answered, by route (its template; 'unmatched' for no "
                             "route), method and status code (499: the client left first)", ["handler", "method", "status"], registry=r)
 
