@@ -268,3 +268,23 @@ def adapters(tmp_path_factory):
     """Two tiny classification adapters, cls_a and cls_b (another seed), trained once per test module."""
     d = tmp_path_factory.mktemp("adapters")
     return {"cls_a": train_tiny(d, "cls_a"), "cls_b": train_tiny(d, "cls_b", train={"seed": 3})}
+
+
+def crash_after_checkpoint(monkeypatch, run, step: int | None = None) -> None:
+    """Run `run()` as a process killed right after it wrote the checkpoint of `step` (None: its first one): Checkpoint.save
+    raises once that checkpoint is on disk. save is put back afterwards, so the test can resume."""
+    from adapterhub_lite.training.checkpoint import Checkpoint
+
+    save = Checkpoint.save
+
+    def crashing(self, payload):
+        save(self, payload)
+        if step is None or payload["state"]["step"] == step:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Checkpoint, "save", crashing)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run()
+    finally:
+        monkeypatch.setattr(Checkpoint, "save", save)

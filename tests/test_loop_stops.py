@@ -15,6 +15,7 @@ from adapterhub_lite.training.loop import LoopConfig, fit
 from adapterhub_lite.training.parallel import Parallel
 from adapterhub_lite.training.progress import TrainingError
 
+from .conftest import crash_after_checkpoint
 from .test_loop_vs_transformers import Toy
 
 
@@ -95,17 +96,7 @@ def test_a_resumed_run_keeps_the_rows_logged_before_the_crash(tmp_path, device, 
     row as an uninterrupted run's does, not only those after the resume."""
     cfg = _cfg(max_steps=4, checkpoint_every=2)
     fit(Toy(device), cfg, Parallel(device), tmp_path / "straight", progress=False)
-    save = Checkpoint.save
-
-    def crash_after_step_2(self, payload):
-        save(self, payload)
-        if payload["state"]["step"] == 2:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(Checkpoint, "save", crash_after_step_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(Toy(device), cfg, Parallel(device), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(Checkpoint, "save", save)
+    crash_after_checkpoint(monkeypatch, lambda: fit(Toy(device), cfg, Parallel(device), tmp_path / "resumed", progress=False), step=2)
     fit(Toy(device), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False)
     steps = [r["step"] for r in _rows(tmp_path / "straight")]
     assert steps == [1, 2, 3, 4, 4]  # a row a step, and the eval of the last
@@ -145,18 +136,8 @@ def test_a_resumed_run_spends_what_is_left_of_its_time_budget(tmp_path, device, 
         return types.SimpleNamespace(monotonic=lambda: next(ticks), perf_counter=lambda: next(ticks))
 
     cfg = _cfg(max_steps=8, checkpoint_every=2, max_minutes=1.25)
-    save = Checkpoint.save
-
-    def crash_after_step_2(self, payload):
-        save(self, payload)
-        if payload["state"]["step"] == 2:
-            raise RuntimeError("simulated crash")
-
     monkeypatch.setattr(loop_mod, "time", clock())
-    monkeypatch.setattr(Checkpoint, "save", crash_after_step_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(Toy(device), cfg, Parallel(device), tmp_path, progress=False)
-    monkeypatch.setattr(Checkpoint, "save", save)
+    crash_after_checkpoint(monkeypatch, lambda: fit(Toy(device), cfg, Parallel(device), tmp_path, progress=False), step=2)
     assert Checkpoint(tmp_path).step() == 2
     monkeypatch.setattr(loop_mod, "time", clock())  # a new process: its clock starts anew
     result = fit(Toy(device), cfg, Parallel(device), tmp_path, resume=True, progress=False)

@@ -18,6 +18,8 @@ from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.parallel import Parallel
 from adapterhub_lite.training.progress import TrainingError
 
+from .conftest import crash_after_checkpoint
+
 
 class Toy(Recipe):
     """Least squares on random rows, read in order: a step's loss is summed over its rows' squared errors."""
@@ -231,23 +233,15 @@ def test_under_fp16_a_step_with_a_non_finite_loss_is_skipped_and_training_goes_o
 def test_a_resumed_fp16_run_goes_on_at_its_lowered_loss_scale(tmp_path, device, monkeypatch):
     """The scaler's state is in the checkpoint: resumed after an overflow halved the scale, the run goes on at that
     scale, as the uninterrupted run does (a fresh scaler would start at 2^16 again and overflow anew)."""
-    from adapterhub_lite.training.checkpoint import Checkpoint
-
-    scales, step, save = [], torch.amp.GradScaler.step, Checkpoint.save
+    scales, step = [], torch.amp.GradScaler.step
     monkeypatch.setattr(torch.amp.GradScaler, "step", lambda self, *a, **k: scales.append(self.get_scale()) or step(self, *a, **k))
     cfg = _cfg(checkpoint_every=2)
     fit(Overflows(device, overflow_at=1), cfg, Parallel(device), tmp_path / "straight", progress=False, compute_dtype=torch.float16)
     straight, scales[:] = list(scales), []
     assert straight[0] == 2 * straight[1] == 2 * straight[3]  # step 1 overflowed: the scale was halved once
 
-    def crash_after_step_2(self, payload):
-        save(self, payload)
-        if payload["state"]["step"] == 2:
-            raise RuntimeError("simulated crash")
-    monkeypatch.setattr(Checkpoint, "save", crash_after_step_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(Overflows(device, overflow_at=1), cfg, Parallel(device), tmp_path / "resumed", progress=False, compute_dtype=torch.float16)
-    monkeypatch.setattr(Checkpoint, "save", save)
+    crash_after_checkpoint(monkeypatch, lambda: fit(Overflows(device, overflow_at=1), cfg, Parallel(device), tmp_path / "resumed",
+                                                    progress=False, compute_dtype=torch.float16), step=2)
     scales[:] = []
     fit(Overflows(device, overflow_at=0), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False, compute_dtype=torch.float16)
     assert scales == straight[2:]

@@ -22,6 +22,8 @@ from adapterhub_lite.training.recipes.joint import JointLora, _attach, joint_los
 from adapterhub_lite.training.recipes.joint_config import SHARED, JointConfig
 from adapterhub_lite.training.weighting import Equal
 
+from .conftest import crash_after_checkpoint
+
 
 def _spec(name, kind="classification", **extra):
     raw = {"name": name, "type": kind, "data": {"train": "t.jsonl", "dev": "d.jsonl"}, "prompt": "T: {text}\nA:",
@@ -263,16 +265,7 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
                       sampling="dynamic", shared_adapter=True, shared_r=2, log_every=1)
     straight = train_joint(specs, tmp_path / "straight", cfg, progress=False)
 
-    original = Checkpoint.save
-
-    def crash_after_first_checkpoint(self, payload):
-        original(self, payload)
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(Checkpoint, "save", crash_after_first_checkpoint)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_joint(specs, tmp_path / "resumed", cfg, progress=False)
-    monkeypatch.setattr(Checkpoint, "save", original)
+    crash_after_checkpoint(monkeypatch, lambda: train_joint(specs, tmp_path / "resumed", cfg, progress=False))
     capsys.readouterr()
     resumed = train_joint(specs, tmp_path / "resumed", cfg, resume=True, progress=False)
     assert "resuming from step 2" in capsys.readouterr().err  # not a silent restart from scratch

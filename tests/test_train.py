@@ -18,7 +18,7 @@ from adapterhub_lite.model.backbone import dtype_name, load_backbone, resolve_dt
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.training.recipes import train as train_mod
 
-from .conftest import train_tiny
+from .conftest import crash_after_checkpoint, train_tiny
 
 
 def _train(task_dir, name, *overrides, **kw):
@@ -98,17 +98,7 @@ DROPOUT = ("method_args.lora_dropout=0.3", "train.eval_every=6")
 
 
 def _crash_after_step_4(cls_task, monkeypatch, *overrides):
-    original = train_mod.Checkpoint.save
-
-    def crash_after_step_4(self, payload):
-        original(self, payload)
-        if payload["state"]["step"] == 4:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(train_mod.Checkpoint, "save", crash_after_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        _train(cls_task, "toy", *overrides)
-    monkeypatch.setattr(train_mod.Checkpoint, "save", original)
+    crash_after_checkpoint(monkeypatch, lambda: _train(cls_task, "toy", *overrides), step=4)
 
 
 def test_resume_after_a_crash_continues_from_the_checkpoint(cls_task, monkeypatch):
