@@ -97,3 +97,25 @@ def test_an_echoed_prompts_pieces_leave_out_the_bos_its_tokenizer_added():
         pieces = prompt_pieces(tok, ids, text)
         assert pieces[0] == "" and "".join(pieces) == text and len(pieces) == len(ids)
         assert prompt_pieces(tok, ids) == prompt_pieces(tok, ids, tok.decode(ids))  # the decoded prompt: pieces as before
+
+
+def test_an_echoed_prompt_a_sentencepiece_tokenizer_reads_lossily_still_joins_to_the_text_sent():
+    """Metaspace reads ' Hello' as 'Hello' ('▁Hello'): no decoded piece holds the space the text starts with, so the echoed
+    pieces joined to 'Hello world' and every text_offset was one character off the echoed ' Hello world'. The pieces come
+    from the text's own offsets now; a character split over tokens belongs to the token that completes it."""
+    from tokenizers.processors import TemplateProcessing
+
+    for bos in (False, True):
+        tok = _metaspace()
+        if bos:
+            tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
+        for text in (" Hello world", "  Hello", " é世🙂ü x", "\nHello"):
+            ids = tok(text)["input_ids"]
+            assert tok.decode(ids, skip_special_tokens=True) != text  # what the pieces were joined from
+            pieces = prompt_pieces(tok, ids, text)
+            assert "".join(pieces) == text and len(pieces) == len(ids), (bos, text, pieces)
+        assert prompt_pieces(tok, tok(" Hello world")["input_ids"], " Hello world")[-4:] == [" Hello", " wor", "l", "d"]
+        assert [p for p in prompt_pieces(tok, tok(" é世🙂ü x")["input_ids"], " é世🙂ü x") if p] == [" ", "é", "世", "🙂", "ü", " ", "x"]
+    other = _metaspace()("Goodbye")["input_ids"]  # ids that are not the text's encoding: the pieces stay as decoded
+    assert prompt_pieces(_metaspace(), other, " Hello") == prompt_pieces(_metaspace(), other)
+

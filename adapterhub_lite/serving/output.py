@@ -208,7 +208,35 @@ def prompt_pieces(tokenizer, ids: list[int], text: str | None = None) -> list[st
         rest = _pieces(tokenizer, ids[j:]) if j < len(ids) else []
         if "".join(rest) == text:
             return [""] * j + rest
-    return pieces  # not the decoded prompt less added special tokens: the pieces stay as decoded
+    spans = _text_spans(tokenizer, ids, text)
+    return pieces if spans is None else spans  # None: `ids` are not `text`'s encoding; the pieces stay as decoded
+
+
+def _text_spans(tokenizer, ids: list[int], text: str) -> list[str] | None:
+    """The pieces of `text` its own encoding's offsets give each token, when `ids` are that encoding (None otherwise).
+
+    Decoding drops what some tokenizers cannot give back: a SentencePiece backbone reads ' Hello' and 'Hello' alike
+    ('▁Hello'), so no decoded piece holds the space the text starts with, and text_offset ran one character off the
+    echoed text for every token. The offsets place each token in the text as sent. A character split over several
+    tokens (a multi-byte one) belongs to the token that completes it, as in the decoded pieces."""
+    try:  # with and without the special tokens the tokenizer adds: the prompt was read one of the two ways
+        encs = [tokenizer(text, add_special_tokens=added, return_offsets_mapping=True) for added in (True, False)]
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer has no offsets
+        return None
+    enc = next((e for e in encs if list(e["input_ids"]) == list(ids)), None)
+    if enc is None:
+        return None
+    spans, start = enc["offset_mapping"], 0
+    out = []
+    for k, (_, end) in enumerate(spans):
+        last = k == len(spans) - 1
+        if last or spans[k + 1][0] >= end:  # the next token starts past this one's end: this one completes its span
+            stop = len(text) if last else max(end, start)
+            out.append(text[start:stop])
+            start = stop
+        else:
+            out.append("")
+    return out if "".join(out) == text else None
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str]:
