@@ -17,7 +17,7 @@ from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.adapter import require_safetensors
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.model.lora_format import base_copy_key, base_copy_modules, base_rewriting_problem, factor_key, tensor_shapes, vector_key
+from adapterhub_lite.model.lora_format import base_copy_key, base_copy_modules, base_rewriting_problem, bias_key, factor_key, tensor_shapes, vector_key
 
 
 def check_fingerprint(adapter: str, recorded: dict, here: dict, where: str, allow: bool, with_quantization: bool = False) -> None:
@@ -74,6 +74,15 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
     return model, backbone, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta
 
 
+def _bias_shape(module) -> tuple | None:
+    """The shape a saved bias of `module` has to have: its outputs' (a linear layer, under a per-row layer or not), else
+    that of its own bias (bias="all" saves a norm's too); None where it has none."""
+    if hasattr(module, "out_features"):
+        return (module.out_features,)
+    shape = getattr(getattr(module, "bias", None), "shape", None)
+    return None if shape is None else tuple(shape)
+
+
 def check_fits(folder: Path, model) -> None:
     """Refuse an adapter whose target modules or tensor shapes do not fit `model`.
 
@@ -91,9 +100,11 @@ def check_fits(folder: Path, model) -> None:
         modules = dict(model.named_modules())
         embeddings = base_copy_modules(model)
         for key, shape in shapes.items():
-            factor, vector = factor_key(key), vector_key(key)
+            factor, vector, bias = factor_key(key), vector_key(key), bias_key(key)
             if factor:
                 path, leaf = factor[0], f"{factor[1]}.weight"
+            elif bias:  # a trained bias (bias="lora_only" / "all", lora_bias=True): of the layer's outputs
+                path, leaf = bias[0], "bias"
             elif vector:
                 path, leaf = vector[0], "ia3"
             elif base_copy_key(key) in embeddings:  # peft's copy of the embedding / LM head weight (the bank compares its values)
@@ -110,6 +121,8 @@ def check_fits(folder: Path, model) -> None:
                 problems.append(f"{path}: lora_A expects {shape[1]} inputs, the layer has {module.in_features}")
             elif leaf == "B.weight" and shape[0] != module.out_features:
                 problems.append(f"{path}: lora_B gives {shape[0]} outputs, the layer has {module.out_features}")
+            elif leaf == "bias" and shape != _bias_shape(module):
+                problems.append(f"{path}: the saved bias has shape {shape}, the layer's is {_bias_shape(module)}")
             elif leaf == "copy" and shape != tuple(module.weight.shape):
                 problems.append(f"{path}: the saved weight has shape {shape}, the layer's is {tuple(module.weight.shape)}")
             elif leaf == "ia3" and shape not in ((1, module.in_features), (module.out_features, 1)):

@@ -67,6 +67,23 @@ def factor_key(key: str) -> tuple[str, str, str | None] | None:
     return (m["module"], m["ab"], m["adapter"]) if m else None
 
 
+# The trained biases peft saves beside the factors (peft/tuners/tuners_utils.py, _get_learnable_bias_state_dict):
+# bias="lora_only" (or "all") saves a targeted layer's own bias as "<module>.base_layer.bias", bias="all" also every
+# other bias of the model as "<module>.bias", and lora_bias=True gives lora_B a bias, "<module>.lora_B[.<adapter>].bias".
+_BIAS_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)(?P<kind>\.base_layer|\.lora_B(?:\.[^.]+)?)?\.bias")
+
+
+def bias_key(key: str) -> tuple[str, str] | None:
+    """(module, kind) for a trained bias's tensor name, else None: kind "base" (a targeted layer's own bias,
+    `<module>.base_layer.bias`), "lora" (lora_B's bias, lora_bias=True) or "own" (`<module>.bias`: a layer peft did not
+    wrap, saved by bias="all")."""
+    m = _BIAS_KEY.fullmatch(key)
+    if not m:
+        return None
+    kind = m["kind"] or ""
+    return m["module"], "base" if kind == ".base_layer" else "lora" if kind else "own"
+
+
 def vector_key(key: str) -> tuple[str, str | None] | None:
     """(module, adapter name or None) for an IA3 vector's tensor name, else None."""
     m = _VECTOR_KEY.fullmatch(key)

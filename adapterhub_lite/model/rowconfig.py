@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft import IA3Config, LoraConfig
@@ -13,11 +13,12 @@ from peft.tuners.ia3.model import IA3Model
 from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.lora_format import base_copy_key, base_copy_modules, base_rewriting_problem, factor_key, scale, vector_key
+from adapterhub_lite.model.lora_format import base_copy_key, base_copy_modules, base_rewriting_problem, bias_key, factor_key, scale, vector_key
 
 # LoraConfig fields this layer implements. Any other field that differs from peft's default
-# changes what the adapter computes (DoRA, a LoRA bias, aLoRA's invocation tokens, …), so an
-# adapter that sets one is refused by name instead of being served as something it is not.
+# changes what the adapter computes (DoRA, aLoRA's invocation tokens, …), so an adapter that sets
+# one is refused by name instead of being served as something it is not. `bias` and `lora_bias`
+# are refused in a config to train with; a saved adapter's biases are judged by its tensors.
 IMPLEMENTED = {
     "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "target_modules",
     "layers_to_transform", "layers_pattern", "exclude_modules", "init_lora_weights", "fan_in_fan_out", "eva_config",
@@ -56,13 +57,21 @@ def unsupported_lora_fields(cfg: LoraConfig) -> list[str]:
     return _unsupported(cfg, LoraConfig(), IMPLEMENTED)
 
 
-def check_lora_config(cfg: LoraConfig, what: str) -> None:
-    """Refuse, in one line naming the fields, a LoRA config the per-row layer would serve wrongly."""
+def check_lora_config(cfg: LoraConfig, what: str, saved: bool = False) -> None:
+    """Refuse, in one line naming the fields, a LoRA config the per-row layer would serve wrongly.
+
+    `saved`: `cfg` is a saved adapter's, whose trained biases (`bias`, `lora_bias`) are judged by the tensors it holds
+    (LoraFactors.from_state_dict, bias_deltas) rather than by the fields; a config to train with refuses them."""
     problem = base_rewriting_problem(cfg, what)
     if problem:
         raise AdapterLoadError(problem)
     bad = unsupported_lora_fields(cfg)
-    if cfg.bias != "none" and f"bias={cfg.bias!r}" not in bad:
+    if saved:
+        # peft saves what these fields train as tensors (base_layer.bias, lora_B.bias, another layer's .bias), and
+        # saves none where the layers have no bias (bias="all" / "lora_only" on Llama): such an adapter is a
+        # bias="none" one, exactly. So the tensors decide, not the fields.
+        bad = [f for f in bad if not f.startswith(("bias=", "lora_bias="))]
+    elif cfg.bias != "none" and f"bias={cfg.bias!r}" not in bad:
         bad.append(f"bias={cfg.bias!r}")
     if bad:
         raise AdapterLoadError(f"{what} sets {', '.join(bad)}, which per-row LoRA does not implement "
@@ -97,30 +106,84 @@ def without_base_copies(weights: dict[str, torch.Tensor], model: torch.nn.Module
 
 @dataclass
 class LoraFactors:
-    """A LoRA adapter as the per-row layer takes it: module name → (A [r, in], B [out, r], scale)."""
+    """A LoRA adapter as the per-row layer takes it: module name → (A [r, in], B [out, r], scale), and the trained
+    biases it saved: module name → {kind: bias} (kinds as lora_format.bias_key; bias_deltas makes them per-row offsets)."""
 
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     config: LoraConfig
+    biases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def from_state_dict(cls, cfg: LoraConfig, weights: dict[str, torch.Tensor], what: str) -> LoraFactors:
-        """Pair up a PEFT LoRA state dict's A and B tensors; refuse anything else it holds."""
-        check_lora_config(cfg, what)
+    def from_state_dict(cls, cfg: LoraConfig, weights: dict[str, torch.Tensor], what: str, biases: bool = False) -> LoraFactors:
+        """Pair up a PEFT LoRA state dict's A and B tensors; refuse anything else it holds. `biases`: keep its trained
+        biases (bias="lora_only" / "all", lora_bias=True) for bias_deltas; else (composition, which takes factors
+        alone) a saved bias is refused by name."""
+        check_lora_config(cfg, what, saved=True)
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        kept: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in weights.items():
-            parsed = factor_key(key)
+            parsed, bias = factor_key(key), bias_key(key)
+            if bias and biases:
+                kept.setdefault(bias[0], {})[bias[1]] = t
+                continue
+            if bias:
+                raise AdapterLoadError(f"{what} holds the trained bias {key!r} (bias={cfg.bias!r}, lora_bias={cfg.lora_bias!r}), which only the "
+                                       "serving bank applies (per row); here plain LoRA factors are taken: retrain it with bias='none' and lora_bias=False")
             if not parsed:
                 raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row LoRA serves plain LoRA factors (lora_A / lora_B) only")
             pairs.setdefault(parsed[0], {})[parsed[1]] = t
         broken = [mod for mod, ab in pairs.items() if set(ab) != {"A", "B"} or ab["B"].shape[1] != ab["A"].shape[0]]
         if broken:
             raise AdapterLoadError(f"{what} has unpaired or mismatched lora_A/lora_B at {broken[0]!r}; the folder is damaged")
-        return cls({mod: (ab["A"], ab["B"], lora_scale(cfg, mod, ab["A"].shape[0])) for mod, ab in pairs.items()}, cfg)
+        return cls({mod: (ab["A"], ab["B"], lora_scale(cfg, mod, ab["A"].shape[0])) for mod, ab in pairs.items()}, cfg, kept)
 
     def update(self, module: str) -> torch.Tensor:
         """ΔW = s·B·A at `module` (for tests and exact merges)."""
         a, b, s = self.modules[module]
         return s * (b.float() @ a.float())
+
+
+def bias_deltas(factors: LoraFactors, model: torch.nn.Module, what: str) -> dict[str, torch.Tensor]:
+    """What the adapter's trained biases add to each of its rows' outputs, per targeted module (fp32, [out]), or a
+    one-line refusal of a bias no per-row offset can stand for. Modules where it adds nothing are left out.
+
+    peft applies them to the whole model: bias="lora_only" (and "all", at a targeted layer) loads the saved bias into
+    the base layer, so a row computes W·x + b_saved = base(x) + (b_saved − b_base); lora_bias=True gives lora_B a bias
+    inside the scaled branch, (B·A·x + c)·s, so it adds s·c (peft's LoraLayer forward, and its merge adds c·s to the
+    base bias). Both are offsets of the output alone, so adding them to the rows of this adapter only is exact per row.
+    A bias="all" bias of a layer the adapter does not adapt changes the base for every row, which is refused unless it
+    is the backbone's own (peft then loads what is there: nothing changes)."""
+    modules = dict(model.named_modules())
+    out, elsewhere = {}, []
+    for mod, saved in factors.biases.items():
+        layer = modules.get(mod)
+        own = getattr(getattr(layer, "base_layer", layer), "bias", None)  # the backbone's bias (under a per-row layer too)
+        if mod not in factors.modules:
+            if set(saved) != {"own"} or own is None or saved["own"].shape != own.shape or not torch.equal(saved["own"].to(own.device, own.dtype), own):
+                elsewhere.append(mod)
+            continue
+        if "own" in saved:  # "<module>.bias" at a wrapped layer: older peft's name for base_layer.bias, which peft now loads nowhere
+            raise AdapterLoadError(f"{what} holds {mod}.bias at a layer it adapts, a name peft does not load there (it loads {mod}.base_layer.bias); "
+                                   "save it again with this peft, or retrain with bias='none'")
+        a, b, s = factors.modules[mod]
+        delta = torch.zeros(b.shape[0], device=b.device)
+        if "base" in saved:
+            if own is None or saved["base"].shape != own.shape:
+                got = None if own is None else tuple(own.shape)
+                raise AdapterLoadError(f"{what} saves a bias of shape {tuple(saved['base'].shape)} for {mod!r}, whose bias here is {got}; "
+                                       "was it trained on another model?")
+            delta += saved["base"].to(delta.device, torch.float32) - own.to(delta.device, torch.float32)
+        if "lora" in saved:
+            if saved["lora"].shape != delta.shape:
+                raise AdapterLoadError(f"{what} has a lora_B bias of shape {tuple(saved['lora'].shape)} at {mod!r} for a lora_B of {b.shape[0]} outputs; the folder is damaged")
+            delta += s * saved["lora"].to(delta.device, torch.float32)
+        if delta.any():
+            out[mod] = delta
+    if elsewhere:
+        shown = ", ".join(elsewhere[:3]) + (f" (+{len(elsewhere) - 3} more)" if len(elsewhere) > 3 else "")
+        raise AdapterLoadError(f"{what} saves trained biases of modules it holds no LoRA factors for ({shown}; bias={factors.config.bias!r}), which "
+                               "peft puts into the base for every row and per-row serving cannot: serve it alone with peft, or retrain with bias='none' or 'lora_only'")
+    return out
 
 
 def check_ia3_config(cfg: IA3Config, what: str) -> None:

@@ -9,7 +9,9 @@ names. This module is that one idea, in the shape of a peft tuner layer:
   base runs as it is (quantized or not) and the per-row update is added to its output.
 - It holds *entries*: name → (A [r, in], B [out, r], scale), each at its own rank. They may be
   plain tensors (serving: the router's bank) or live trainable parameters (joint training,
-  learned composition): the layer never copies them into state of its own.
+  learned composition): the layer never copies them into state of its own. An entry may also
+  carry a *bias*, an offset [out] its rows add (what peft's bias="lora_only" and lora_bias=True
+  change: rowconfig.bias_deltas); a slot adds Σ w_k · c_k of its entries'.
 - A `RowContext` (rowcontext.py), shared by every RowLoraLinear of one model, holds the *slot
   table* (slot → [(entry name, weight)]) and each batch's slot assignment, computed once per batch.
 
@@ -47,8 +49,8 @@ def _pick_rows(stack: torch.Tensor, pick: torch.Tensor | int | None) -> torch.Te
 class RowLoraLinear(torch.nn.Module):
     """A linear layer (`base_layer`) plus per-row LoRA updates and IA3 scalings assigned by a shared RowContext.
 
-    Row i computes s_out ⊙ base(s_in ⊙ x_i) + ΔW x_i, with its slot's IA3 vectors s_in / s_out
-    (ones where the slot has none) and its slot's LoRA update ΔW (zero where it has none).
+    Row i computes s_out ⊙ base(s_in ⊙ x_i) + ΔW x_i + c, with its slot's IA3 vectors s_in / s_out
+    (ones where the slot has none), its slot's LoRA update ΔW and its bias offset c (zero where it has none).
     """
 
     def __init__(self, base_layer: torch.nn.Module, context: RowContext, dropout: float = 0.0, cache: bool = False):
@@ -62,9 +64,10 @@ class RowLoraLinear(torch.nn.Module):
         self.cache = cache
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.scales: dict[str, tuple[torch.Tensor, bool]] = {}  # IA3: name → (vector l, on_input)
+        self.biases: dict[str, torch.Tensor] = {}  # name → the offset [out] its rows add (an entry's trained bias)
         self.in_features = getattr(base_layer, "in_features", None)
         self.out_features = getattr(base_layer, "out_features", None)
-        self._pool: tuple | None = None  # cache=True: (At [S, in, R], Bt [S, R, out]), slot s at index s (see _sync_pool)
+        self._pool: tuple | None = None  # cache=True: (At [S, in, R], Bt [S, R, out], C [S, out] | None), slot s at index s (see _sync_pool)
         self._pool_slots: dict = {}  # slot → what was copied there (its entries' put numbers and weights)
         self._puts: dict[str, int] = {}  # name → the number of the put that holds its factors (see _sync_pool)
         self._pool_key: tuple | None = None  # (table version, entries version) the pool was synced at
@@ -81,14 +84,21 @@ class RowLoraLinear(torch.nn.Module):
         return self.base_layer.weight
 
     # -- entries ---------------------------------------------------------------------------------
-    def put(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Hold adapter `name`'s factors at this layer: A [r, in], B [out, r], update = scale·B·A."""
+    def put(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None = None) -> None:
+        """Hold adapter `name`'s factors at this layer: A [r, in], B [out, r], update = scale·B·A; `bias` [out]: an
+        offset its rows add as well (taken as it is: no scale is applied to it)."""
         if a.shape[1] != self.in_features or b.shape != (self.out_features, a.shape[0]):
             raise AdapterLoadError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a {self.in_features}→{self.out_features} layer")
+        if bias is not None and bias.shape != (self.out_features,):
+            raise AdapterLoadError(f"LoRA bias of shape {tuple(bias.shape)} does not fit a {self.in_features}→{self.out_features} layer")
         where = next(self.base_layer.parameters()).device
-        if a.device != where or b.device != where:  # caught here, not as a device mismatch deep in a matmul
+        if a.device != where or b.device != where or (bias is not None and bias.device != where):  # caught here, not deep in a matmul
             raise AdapterLoadError(f"LoRA factors on {a.device}/{b.device} for a layer on {where}; move them to {where} first")
         self.entries[name] = (a, b, scale)
+        if bias is None:
+            self.biases.pop(name, None)
+        else:
+            self.biases[name] = bias
         self._version += 1
         self._puts[name] = self._version
 
@@ -109,6 +119,7 @@ class RowLoraLinear(torch.nn.Module):
     def drop(self, name: str) -> None:
         """Forget adapter `name` here (its LoRA factors and its IA3 vector, whichever it has)."""
         self.entries.pop(name, None)
+        self.biases.pop(name, None)
         self._puts.pop(name, None)
         self.scales.pop(name, None)
         self._version += 1
@@ -125,13 +136,14 @@ class RowLoraLinear(torch.nn.Module):
 
     def stack_nbytes(self) -> int:
         """Bytes of this layer's serving memory (cache=True): the LoRA pool at the shape the table needs (every slot
-        at the widest rank, A and B) and one IA3 vector per table slot on each scaled side. Computed from the
-        entries, so it is known before the pool is resized (lazily, at the next forward)."""
+        at the widest rank, A and B, and a bias per slot while an entry here has one) and one IA3 vector per table
+        slot on each scaled side. Computed from the entries, so it is known before the pool is resized (lazily, at
+        the next forward)."""
         total = 0
         if self.entries:
             slots, rank = self._pool_shape()
             a = next(iter(self.entries.values()))[0]
-            total += slots * rank * (self.in_features + self.out_features) * a.element_size()
+            total += slots * (rank * (self.in_features + self.out_features) + (self.out_features if self.biases else 0)) * a.element_size()
         for on_input in {on for _, on in self.scales.values()}:
             vec = next(v for v, on in self.scales.values() if on == on_input)
             total += (max(self.context.table, default=0) + 1) * (self.in_features if on_input else self.out_features) * vec.element_size()
@@ -168,9 +180,11 @@ class RowLoraLinear(torch.nn.Module):
             self._pool, self._pool_slots, self._pool_key = None, {}, (ctx.version, self._version)
             return
         slots, rank = self._pool_shape()
-        if self._pool is None or (slots, rank) != (self._pool[0].shape[0], self._pool[0].shape[2]):
+        if self._pool is None or (slots, rank, bool(self.biases)) != (self._pool[0].shape[0], self._pool[0].shape[2], self._pool[2] is not None):
             ref = next(iter(self.entries.values()))[0]
-            self._pool = (ref.new_zeros(slots, self.in_features, rank), ref.new_zeros(slots, rank, self.out_features))
+            # the bias pool exists only while an entry here has a bias: a layer without one adds nothing per row
+            self._pool = (ref.new_zeros(slots, self.in_features, rank), ref.new_zeros(slots, rank, self.out_features),
+                          ref.new_zeros(slots, self.out_features) if self.biases else None)
             self._pool_slots = {}  # nothing copied into the new pool yet
         keys = {}
         for slot, parts in ctx.table.items():
@@ -179,10 +193,12 @@ class RowLoraLinear(torch.nn.Module):
             key = tuple((n, self._puts[n], self.entries[n][2], w) for n, w in parts if n in self.entries)
             if key:
                 keys[slot] = key
-        At, Bt = self._pool
+        At, Bt, C = self._pool
         for slot in set(self._pool_slots) - set(keys):  # left (or changed to nothing here): back to zero
             At[slot].zero_()
             Bt[slot].zero_()
+            if C is not None:
+                C[slot].zero_()
         for slot, key in keys.items():
             if self._pool_slots.get(slot) != key:
                 a, b = self.slot_factors(slot)
@@ -191,6 +207,12 @@ class RowLoraLinear(torch.nn.Module):
                 At[slot, :, r:].zero_()
                 Bt[slot, :r].copy_(b.T)
                 Bt[slot, r:].zero_()
+                if C is not None:
+                    c = self.slot_bias(slot)
+                    if c is None:
+                        C[slot].zero_()
+                    else:
+                        C[slot].copy_(c)
         self._pool_slots, self._pool_key = keys, (ctx.version, self._version)
 
     # -- the kernel --------------------------------------------------------------------------------
@@ -204,8 +226,15 @@ class RowLoraLinear(torch.nn.Module):
             return a, b * (s * w)
         return torch.cat([a for (a, _, _), _ in parts]), torch.cat([b * (s * w) for (_, b, s), w in parts], dim=1)
 
-    def _stack(self, slots) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """At [n, in, R] and Bt [n, R, out] for the slots given (zero-padded to the widest R)."""
+    def slot_bias(self, slot: int) -> torch.Tensor | None:
+        """Σ w·c [out] of one slot's entries' biases here; None if none of them has one."""
+        parts = [(self.biases[n], w) for n, w in self.context.table.get(slot, ()) if n in self.biases and n in self.entries]
+        if not parts:
+            return None
+        return parts[0][0] if len(parts) == 1 and not isinstance(parts[0][1], torch.Tensor) and parts[0][1] == 1 else sum(c * w for c, w in parts)
+
+    def _stack(self, slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """At [n, in, R], Bt [n, R, out] (zero-padded to the widest R) and C [n, out] (None if no slot has a bias) for the slots given."""
         factors = [self.slot_factors(s) for s in slots]
         if all(f is None for f in factors):
             return None
@@ -215,10 +244,12 @@ class RowLoraLinear(torch.nn.Module):
         zero_b = ref.new_zeros(self.out_features, r_max)
         At = torch.stack([zero_a.T if f is None else F.pad(f[0], (0, 0, 0, r_max - f[0].shape[0])).T for f in factors])
         Bt = torch.stack([zero_b.T if f is None else F.pad(f[1], (0, r_max - f[1].shape[1])).T for f in factors])
-        return At, Bt
+        biases = [self.slot_bias(s) for s in slots]
+        C = None if all(c is None for c in biases) else torch.stack([ref.new_zeros(self.out_features) if c is None else c for c in biases])
+        return At, Bt, C
 
     def _per_row(self, plan: Assignment):
-        """The plan's per-row factors (At [B|1, in, R], Bt [B|1, R, out]) or None; built once per batch.
+        """The plan's per-row factors (At [B|1, in, R], Bt [B|1, R, out], C [B|1, out] | None) or None; built once per batch.
 
         Serving (cache=True) reads the slot pool (_sync_pool), so a batch costs one index_select per
         layer (a slice when one slot serves every row) and its decode steps reuse that. Otherwise the
@@ -241,11 +272,11 @@ class RowLoraLinear(torch.nn.Module):
             pick = pick.to(stacks[0].device)  # a plan made without a device: one copy, then cached
         if stacks is not None:
             if isinstance(pick, int):
-                stacks = (stacks[0][pick], stacks[1][pick])  # 2D views [in, R], [R, out]: one slot for every row
+                stacks = tuple(s if s is None else s[pick] for s in stacks)  # views [in, R], [R, out], [out]: one slot for every row
             elif pick is not None:
-                stacks = (stacks[0].index_select(0, pick), stacks[1].index_select(0, pick))
+                stacks = tuple(s if s is None else s.index_select(0, pick) for s in stacks)
             elif stacks[0].shape[0] == 1:
-                stacks = (stacks[0][0], stacks[1][0])
+                stacks = tuple(s if s is None else s[0] for s in stacks)
         if (self.cache or not torch.is_grad_enabled()) and not plan.live:
             self._rows = (key, stacks)
         return stacks
@@ -330,7 +361,7 @@ class RowLoraLinear(torch.nn.Module):
         stacks = self._per_row(plan)
         if stacks is None:  # no slot of this batch adapts this layer
             return out
-        At, Bt = stacks
+        At, Bt, C = stacks
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)  # on the LoRA branch only, as peft does
         if x.dtype != At.dtype:
@@ -342,8 +373,9 @@ class RowLoraLinear(torch.nn.Module):
             xa = x @ At
             if inplace:
                 out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), Bt)
-                return out
-            return out + (xa @ Bt).to(out.dtype)  # out of place under autograd
+                return out if C is None else out.add_(C)
+            y = xa @ Bt
+            return out + (y if C is None else y + C).to(out.dtype)  # out of place under autograd
         flat = x.dim() == 2  # [B, in], e.g. the LM head on each row's last hidden state
         xs, ys = (x[:, None], out[:, None]) if flat else (x, out)
         if At.shape[0] != xs.shape[0]:
@@ -351,8 +383,11 @@ class RowLoraLinear(torch.nn.Module):
         xa = torch.bmm(xs, At)
         if inplace:
             ys.baddbmm_(xa, Bt)  # no [B, T, out] temporary
+            if C is not None:
+                ys.add_(C[:, None])
             return out
-        y = ys + torch.bmm(xa, Bt).to(ys.dtype)  # out of place under autograd: every row's gradient reaches its own entries
+        y = torch.bmm(xa, Bt)
+        y = ys + (y if C is None else y + C[:, None]).to(ys.dtype)  # out of place under autograd: every row's gradient reaches its own entries
         return y[:, 0] if flat else y
 
 

@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftConfig
 from safetensors.torch import load
 
 from adapterhub_lite.core.errors import AdapterLoadError
-from adapterhub_lite.model.rowconfig import LoraFactors, check_ia3_config, check_lora_config, check_prompt_config, ia3_vectors, without_base_copies
+from adapterhub_lite.model.rowconfig import LoraFactors, bias_deltas, check_ia3_config, check_lora_config, check_prompt_config, ia3_vectors, without_base_copies
 from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear, check_own, unwrap, wrap
 
@@ -166,8 +166,8 @@ class ResidentAdapters:
 
     def _load_lora(self, name, cfg: LoraConfig, weights) -> _Adapter:
         what = f"LoRA adapter {name!r}"
-        check_lora_config(cfg, what)  # first: a modules_to_save copy of lm_head is refused by that field, not as a base copy
-        factors = LoraFactors.from_state_dict(cfg, without_base_copies(weights, self.model, what), what)
+        check_lora_config(cfg, what, saved=True)  # first: a modules_to_save copy of lm_head is refused by that field, not as a base copy
+        factors = LoraFactors.from_state_dict(cfg, without_base_copies(weights, self.model, what), what, biases=True)
         modules = dict(self.model.named_modules())
         # Check everything before touching the model, so a bad folder leaves the bank as it was.
         self._check_own(name, modules, factors.modules)
@@ -180,13 +180,15 @@ class ResidentAdapters:
             base = lin.base_layer if isinstance(lin, RowLoraLinear) else lin
             if not isinstance(base, torch.nn.Linear) or a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise AdapterLoadError(f"LoRA adapter {name!r} does not fit the backbone at {mod!r}; was it trained on another model?")
+        offsets = bias_deltas(factors, self.model, what)  # its trained biases as per-row offsets (or a refusal), after the shapes
         slot = self._take_slot(name)
         layers = self._wrap(factors.modules)
         nbytes = 0
         for mod, (a, b, scale) in factors.modules.items():
             a, b = a.to(self.lora_dtype).contiguous(), b.to(self.lora_dtype).contiguous()
-            layers[mod].put(name, a, b, scale)
-            nbytes += (a.numel() + b.numel()) * a.element_size()
+            c = offsets[mod].to(self.lora_dtype) if mod in offsets else None
+            layers[mod].put(name, a, b, scale, bias=c)
+            nbytes += (a.numel() + b.numel() + (0 if c is None else c.numel())) * a.element_size()
         self.context.define(slot, [(name, 1.0)])
         return _Adapter("LORA", nbytes, slot=slot, modules=tuple(factors.modules))
 
