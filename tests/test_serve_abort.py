@@ -466,6 +466,36 @@ def test_a_merge_whose_registering_step_fails_is_built_again_when_asked_again(se
         engine.stop()
 
 
+def test_a_merge_whose_add_fails_after_its_rename_leaves_no_folder_and_is_built_again(serve_registry, monkeypatch):
+    """Registration renames the built folder into place, then adds it: when the add fails (here once), the renamed folder
+    went unremoved (only the `.building-` one was), a merged adapter on disk outside the catalogue and --max-merges. Now the
+    failure leaves nothing in the scratch folder, and the same recipe asked again is built and served."""
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine, max_merges=2)
+    add, calls = router.add, []
+
+    def flaky(reg):
+        if reg.name.startswith("merged-"):
+            calls.append(reg.name)
+            if len(calls) == 1:
+                raise OSError("add failed")
+        return add(reg)
+
+    monkeypatch.setattr(router, "add", flaky)
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+    scratch = Path(router._scratch.name)
+    try:
+        with pytest.raises(Exception, match="add failed"):
+            asyncio.run(asyncio.wait_for(catalogue.merged(recipe, "gen_a"), 60))
+        assert not list(scratch.iterdir()) and calls[0] not in router.folders and not catalogue.merges
+        name = asyncio.run(asyncio.wait_for(catalogue.merged(recipe, "gen_a"), 60))
+        assert name == calls[0] and name in router.folders and list(catalogue.merges) == [name] and len(calls) == 2
+        assert [p.name for p in scratch.iterdir()] == [name]
+    finally:
+        engine.stop()
+
+
 def test_the_gauges_read_idle_as_the_last_answer_goes_out(serve_registry):
     """The running and KV gauges were set before the decode step, so the step that ended the last row left them at 1 row
     and its reservation until the next step (up to the idle wait): a scrape right after the answer read a busy server."""

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -201,19 +202,18 @@ class Catalogue:
             async def build():
                 flags = {"--task": "merged_adapters.task"}
                 await self._on_engine(self._make_room)
-                output = Path(self.router._scratch.name) / f".building-{name}"
+                # each build writes into a folder of its own (a fixed `.building-<name>` left by a failed or abandoned build
+                # refused the same recipe for good: "output folder ... already exists"), renamed into place when registered
+                building = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=self.router._scratch.name))
                 try:
                     # the merge itself runs in a worker thread: off the engine thread (decoding goes on) and off the event loop
                     folder, _ = await self._off_engine(
                         lambda: self.router.build_merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name,
-                                                        report_rows=0, output=output), flags=flags)
+                                                        report_rows=0, output=building / name), flags=flags)
                     reg = await self._off_engine(self.router.inspect, name, folder)
                     await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
-                except BaseException:
-                    # a build that wrote its folder and then failed (inspecting, registering) leaves nothing behind: else the
-                    # same recipe, asked again, is refused for good ("output folder ... already exists") instead of rebuilt
-                    shutil.rmtree(output, ignore_errors=True)
-                    raise
+                finally:  # registered: moved out already; failed (inspecting, registering) or cancelled: nothing is left behind
+                    shutil.rmtree(building, ignore_errors=True)
                 # counted here, not by the requests waiting for it: they may all have left (cancelled) while it was built,
                 # and a registered merge outside self.merges would be outside --max-merges for good
                 self.merges[name] = json.loads(key)
@@ -233,13 +233,17 @@ class Catalogue:
     @staticmethod
     def _register_merge(router, name: str, folder: Path, reg) -> None:
         """Engine thread: the built and inspected folder takes its name (a rename in the scratch folder) and is added."""
-        final = folder.with_name(name)
+        final = Path(router._scratch.name) / name
         if name in router.folders:  # built twice (a race with an eviction): keep the registered one
             shutil.rmtree(folder, ignore_errors=True)
             return
         shutil.rmtree(final, ignore_errors=True)
         folder.rename(final)
-        router.add(dataclasses.replace(reg, folder=final))
+        try:
+            router.add(dataclasses.replace(reg, folder=final))
+        except BaseException:  # not served, so not kept: a folder outside the catalogue would sit outside --max-merges
+            shutil.rmtree(final, ignore_errors=True)
+            raise
 
     def _make_room(self, router) -> None:
         """Before building a merge (engine thread): over max_merges, forget the least recently used merges no request
