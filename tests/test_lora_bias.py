@@ -19,6 +19,8 @@ from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear
 from adapterhub_lite.serving.bank import AdapterBank
 
+from .conftest import TEST_DEVICE
+
 TINY = "tiny-random-llama"
 IDS = [[5, 40, 41, 42, 9, 10], [7, 8, 9], [30, 31, 32, 33, 34, 35, 36, 37], [11, 12, 13, 14], [50, 51, 52, 53, 54], [60, 61]]
 _QWEN: dict = {}
@@ -26,7 +28,7 @@ _QWEN: dict = {}
 
 def qwen() -> Qwen2ForCausalLM:
     """A fresh copy of one tiny random Qwen2 (q/k/v projections with biases, set random so that b_saved − b_base is
-    not b_saved), fp32 and frozen as the bank takes a backbone."""
+    not b_saved), fp32 and frozen as the bank takes a backbone, on the suite's device."""
     if "model" not in _QWEN:
         torch.manual_seed(0)
         cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -35,7 +37,7 @@ def qwen() -> Qwen2ForCausalLM:
         for name, p in model.named_parameters():
             if name.endswith("proj.bias"):
                 torch.nn.init.normal_(p, std=0.5)
-        _QWEN["model"] = model.float().eval().requires_grad_(False)
+        _QWEN["model"] = model.float().eval().requires_grad_(False).to(TEST_DEVICE)
     return copy.deepcopy(_QWEN["model"])
 
 
@@ -46,7 +48,7 @@ def _save(model, cfg: LoraConfig, folder, seed: int):
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name.endswith("bias") else 0.2))
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if name.endswith("bias") else 0.2))  # host → device: a copy
     peft_model.save_pretrained(folder, save_embedding_layers=False)
     return folder
 
@@ -70,7 +72,7 @@ def folders(tmp_path_factory):
 def ref_logits(folder, ids) -> torch.Tensor:
     """The row alone through plain peft on a fresh backbone (None: the plain backbone)."""
     model = qwen() if folder is None else PeftModel.from_pretrained(qwen(), str(folder)).eval()
-    return model(input_ids=torch.tensor([ids])).logits[0]
+    return model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
 
 
 def test_saved_biases_are_what_peft_saves(folders):
@@ -125,7 +127,7 @@ def test_bias_all_on_modules_it_does_not_adapt_is_refused_by_name(folders):
 def test_bias_all_that_saved_the_backbones_own_biases_elsewhere_is_served(folders, tmp_path):
     """peft loads such a bias into the base as it is: nothing changes for any row, so only the adapted layer's count."""
     same = shutil.copytree(folders["all"], tmp_path / "same")
-    weights, own = load_file(str(same / "adapter_model.safetensors")), qwen().state_dict()
+    weights, own = load_file(str(same / "adapter_model.safetensors")), {k: v.cpu() for k, v in qwen().state_dict().items()}
     weights = {k: own[k.removeprefix("base_model.model.")] if k.endswith(("k_proj.bias", "v_proj.bias")) else v for k, v in weights.items()}
     save_file(weights, str(same / "adapter_model.safetensors"))
     bank = AdapterBank(qwen())
@@ -164,7 +166,7 @@ def test_bias_configs_without_bias_tensors_are_served_as_peft_serves_them(tmp_pa
         for g, a, ids in zip(got, ["all", None, "lora_only"], IDS):
             model = load_backbone(TINY, "none", dtype="fp32").model
             model = model if a is None else PeftModel.from_pretrained(model, str(folders[a])).eval()
-            assert (g - model(input_ids=torch.tensor([ids])).logits[0]).abs().max() <= 1e-4
+            assert (g - model(input_ids=torch.tensor([ids], device=model.device)).logits[0]).abs().max() <= 1e-4
 
 
 def test_pool_bytes_count_the_biases_and_leave_with_them(folders):
