@@ -18,8 +18,10 @@ from adapterhub_lite.model.rowconfig import LoraFactors
 from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear
 from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.router import Router
 
-from .conftest import TEST_DEVICE
+from .conftest import TEST_DEVICE, train_tiny
+from .test_router import alone
 
 TINY = "tiny-random-llama"
 IDS = [[5, 40, 41, 42, 9, 10], [7, 8, 9], [30, 31, 32, 33, 34, 35, 36, 37], [11, 12, 13, 14], [50, 51, 52, 53, 54], [60, 61]]
@@ -219,3 +221,19 @@ def test_composition_refuses_a_saved_bias_by_name(folders):
     with pytest.raises(AdapterLoadError, match=r"trained bias .*lora_B\.bias.*lora_bias=True.*retrain") as err:
         LoraFactors.from_state_dict(cfg, weights, "LoRA adapter 'x'")
     assert "\n" not in str(err.value)
+
+
+def test_router_serves_a_bias_all_adapter_trained_on_llama(tmp_path):
+    """Through the router (register, run): an adapter this package trained with bias="all" on the Llama backbone
+    (peft saved no bias tensor) is served as plain peft serves it, beside a base row."""
+    folder = train_tiny(tmp_path, "ball", method_args={"bias": "all", "init_lora_weights": False})
+    assert json.loads((folder / "adapter_config.json").read_text())["bias"] == "all"
+    router = Router(load_backbone(TINY, "none", dtype="fp32"))
+    router.register("ball", folder)
+    texts = ["pos 3", "neg 5"]
+    out = router.run([{"adapter": "ball", "text": t} for t in texts] + [{"adapter": "base", "text": "hello", "max_new_tokens": 2}])
+    assert [o["prediction"] for o in out[:2]] == alone(folder, texts)
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(load_backbone(TINY, "none", dtype="fp32").model, str(folder)).eval()
+        want = ref(input_ids=torch.tensor(IDS[:1], device=ref.device)).logits[0]
+    assert (router.bank.forward(IDS[:1], ["ball"])[0] - want).abs().max() <= 1e-4
