@@ -19,6 +19,7 @@ from adapterhub_lite.model.rowcontext import RowContext
 from adapterhub_lite.model.rowlora import RowLoraLinear
 from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.router import Router
+from adapterhub_lite.serving.static import StaticBatch
 
 from .conftest import TEST_DEVICE, train_tiny
 from .test_router import alone
@@ -237,3 +238,32 @@ def test_router_serves_a_bias_all_adapter_trained_on_llama(tmp_path):
         ref = PeftModel.from_pretrained(load_backbone(TINY, "none", dtype="fp32").model, str(folder)).eval()
         want = ref(input_ids=torch.tensor(IDS[:1], device=ref.device)).logits[0]
     assert (router.bank.forward(IDS[:1], ["ball"])[0] - want).abs().max() <= 1e-4
+
+
+def test_static_decode_with_a_fixed_pool_equals_peft_and_keeps_the_factor_pool(folders):
+    """With --max-loras / --max-lora-rank the pool is allocated once: an adapter with a trained bias adds the bias rows
+    beside it without reallocating A and B, and the static decode batch (rows gathered from the live slot buffer)
+    gives each row plain peft's greedy tokens."""
+    bank = AdapterBank(qwen(), max_loras=3, max_lora_rank=8)
+    bank.add("plain", folders["plain"])
+    bank.forward(IDS[:1], ["plain"])
+    q = bank.model.model.layers[0].self_attn.q_proj
+    before = q._pool[0].data_ptr()
+    for name in ("only", "lora_bias"):
+        bank.add(name, folders[name])
+    adapters, budget, out, scores = ["only", "plain", "lora_bias", None], 4, {}, {}
+
+    def record(j, key, tok):
+        out.setdefault(key, []).append(int(tok))
+        scores.setdefault(key, []).append(dec.logits[j].clone())
+        return len(out[key]) < budget
+
+    dec = bank.batch(bank.start(IDS[:4], adapters, keys=list(range(4))), max_rows=4)
+    assert isinstance(dec, StaticBatch)
+    while bank.step(dec, dec.logits.argmax(-1), record):
+        pass
+    assert q._pool[0].data_ptr() == before and q._pool[2] is not None
+    for key, (a, ids) in enumerate(zip(adapters, IDS)):
+        ref = ref_logits(a and folders[a], ids + out[key][:-1])[len(ids) - 1:]
+        assert [int(t) for t in ref.argmax(-1)] == out[key], a
+        assert (torch.stack(scores[key]) - ref).abs().max() <= 1e-4, a

@@ -129,7 +129,8 @@ class RowLoraLinear(torch.nn.Module):
         lowest free slot, so this stops growing at the most adapters resident at once) and the widest rank held here
         (at least `pool_rank`, the server's --max-lora-rank). Both follow the table down as well as up, so evicting
         adapters frees what they took; the pool is reallocated only when one of them changes. With `pool_slots` and
-        `pool_rank` fixed (--max-loras and --max-lora-rank) it is allocated once at that shape and never changes."""
+        `pool_rank` fixed (--max-loras and --max-lora-rank) it is allocated once at that shape and never changes (its
+        bias rows, [slots, out], are there only while an adapter with a trained bias is, see _sync_pool)."""
         need = max(self.context.table, default=0) + 1
         widest = max((e[0].shape[0] for e in self.entries.values()), default=0)
         return max(need, self.pool_slots or 0), max(widest, self.pool_rank or 0)
@@ -180,12 +181,15 @@ class RowLoraLinear(torch.nn.Module):
             self._pool, self._pool_slots, self._pool_key = None, {}, (ctx.version, self._version)
             return
         slots, rank = self._pool_shape()
-        if self._pool is None or (slots, rank, bool(self.biases)) != (self._pool[0].shape[0], self._pool[0].shape[2], self._pool[2] is not None):
-            ref = next(iter(self.entries.values()))[0]
-            # the bias pool exists only while an entry here has a bias: a layer without one adds nothing per row
-            self._pool = (ref.new_zeros(slots, self.in_features, rank), ref.new_zeros(slots, rank, self.out_features),
-                          ref.new_zeros(slots, self.out_features) if self.biases else None)
+        ref = next(iter(self.entries.values()))[0]
+        if self._pool is None or (slots, rank) != (self._pool[0].shape[0], self._pool[0].shape[2]):
+            self._pool = (ref.new_zeros(slots, self.in_features, rank), ref.new_zeros(slots, rank, self.out_features), None)
             self._pool_slots = {}  # nothing copied into the new pool yet
+        if bool(self.biases) != (self._pool[2] is not None):
+            # The bias rows exist only while an entry here has a bias (a layer without one adds nothing per row), and
+            # come and go without touching A and B. Zero rows are right for every slot copied so far: an entry that
+            # has a bias now was put since, so its slot's key changed and it is copied below.
+            self._pool = (*self._pool[:2], ref.new_zeros(slots, self.out_features) if self.biases else None)
         keys = {}
         for slot, parts in ctx.table.items():
             # Which put holds each entry, not id() of its tensors: an adapter dropped and put again under its name (a
