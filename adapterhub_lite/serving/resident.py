@@ -129,7 +129,7 @@ class ResidentAdapters:
         return list(self._adapters)
 
     def nbytes(self, name: str) -> int:
-        """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module; IA3: its vectors)."""
+        """Bytes of the adapter's own tensors (LoRA: unpadded A and B of every targeted module, and its bias offsets; IA3: its vectors)."""
         return self._get(name).nbytes
 
     def stack_bytes(self) -> int:
