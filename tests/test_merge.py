@@ -1,7 +1,9 @@
 """Merging LoRA adapters: peft's formulas reproduced by hand, clear refusals, a usable folder."""
 
+import hashlib
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -273,3 +275,37 @@ def test_the_merged_card_has_a_trained_card_s_metadata_and_no_local_base_model(s
     side["base"]["hub_id"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     hub = ModelCard(merged_card("mix", side)).data
     assert hub.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in hub.tags
+
+
+def test_a_build_merge_merges_the_bytes_it_checked(sources, tmp_path, monkeypatch):
+    """build_merge hashed the sources, then peft read the files again: a file swapped in between (and put back before
+    the second hash) was merged unchecked. The bytes are now read once, checked, and merged: the swap changes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub_lite.ops import merge
+    from adapterhub_lite.serving.router import Router
+
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    copies = {n: shutil.copytree(sources[n], tmp_path / n) for n in ("a", "b")}
+    for n, f in copies.items():
+        router.register(n, f)
+    weights = {"a": 0.5, "b": 0.5}
+    clean, _ = router.build_merge(weights, "delta_linear", name="mix", output=tmp_path / "clean")
+    file = copies["b"] / "adapter_model.safetensors"
+    kept = file.read_bytes()
+    make, add = merge.factor_model, merge.add_merged
+
+    def swapped(*args, **kwargs):  # after the check (and, now, after the one read): another adapter's weights
+        save_file({k: v * 3 for k, v in load_file(file).items()}, file)
+        return make(*args, **kwargs)
+
+    def put_back(*args, **kwargs):  # before the check that followed the merge
+        file.write_bytes(kept)
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "factor_model", swapped)
+    monkeypatch.setattr(merge, "add_merged", put_back)
+    folder, side = router.build_merge(weights, "delta_linear", name="mix", output=tmp_path / "raced")
+    want, got = load_file(clean / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert side["merge"]["sources"]["b"]["adapter_sha256"] == hashlib.sha256(kept).hexdigest()

@@ -64,7 +64,8 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     equal = {n: 1.0 / len(lora) for n in lora}
     merged = {m: {"density": density} if m in DENSITY_METHODS else {} for m in (merges if len(lora) > 1 else ())}
     for method, kwargs in merged.items():  # refuse a bad merge before loading anything
-        check_merge({n: singles[n] for n in lora}, {n: metas[n] for n in lora}, equal, method, kwargs.get("density"))
+        check_merge({n: json.loads((singles[n] / "adapter_config.json").read_text()) for n in lora}, {n: metas[n] for n in lora},
+                    equal, method, kwargs.get("density"))
     first = next(iter(metas.values()))
     backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
     for n, m in metas.items():

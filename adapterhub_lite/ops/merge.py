@@ -21,6 +21,7 @@ What each method acts on (ΔW_i = s_i·B_i·A_i is source i's update of a layer'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -28,13 +29,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, set_peft_model_state_dict
+from safetensors.torch import load as load_safetensors
 
 from adapterhub_lite.artifacts.files import atomic_write
-from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors, read_sidecar
-from adapterhub_lite.artifacts.index import file_record
+from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors
 from adapterhub_lite.artifacts.registry import registered_as
-from adapterhub_lite.artifacts.sidecar import Sidecar, build
+from adapterhub_lite.artifacts.sidecar import SIDECAR, Sidecar, build
 from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import spec_from_dict
@@ -70,15 +71,38 @@ def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float
         raise MergeError(f"sources were trained on different backbones {sorted(bases)}; merge adapters of one backbone")
 
 
-def _ranks(folders: dict[str, Path]) -> dict[str, int]:
-    return {n: json.loads((f / "adapter_config.json").read_text())["r"] for n, f in folders.items()}
+SOURCE_FILES = ("adapter_config.json", "adapter_model.safetensors", SIDECAR)  # what a merge reads of each source
 
 
-def check_merge(folders: dict[str, Path], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
+def read_source(folder: Path) -> dict[str, bytes]:
+    """The files a merge reads of one source folder, each read once: the merge is built from these bytes alone (so a
+    caller that checked their sha256 merges what it checked, whatever the folder holds by then)."""
+    missing = [f for f in SOURCE_FILES if not (Path(folder) / f).is_file()]
+    if missing:
+        raise MergeError(f"{str(folder)!r} is not an adapter folder: missing {', '.join(missing)}; pass a folder written by `adapterhub-lite train`")
+    return {f: (Path(folder) / f).read_bytes() for f in SOURCE_FILES}
+
+
+def _json(files: dict[str, bytes], name: str, folder: Path) -> dict:
+    try:
+        raw = json.loads(files[name])
+    except ValueError as exc:
+        raise MergeError(f"cannot read {Path(folder) / name} ({exc}); the adapter folder is damaged: re-publish or re-train it") from None
+    if not isinstance(raw, dict):
+        raise MergeError(f"{Path(folder) / name} holds a JSON {type(raw).__name__}, not an object; the adapter folder is damaged")
+    return raw
+
+
+def _ranks(configs: dict[str, dict]) -> dict[str, int]:
+    return {n: c["r"] for n, c in configs.items()}
+
+
+def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
                 allow_base_mismatch: bool = False) -> dict[str, int]:
-    """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks."""
+    """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks.
+    `configs`: each source's adapter_config.json as read."""
     _check_sources(metas, method, weights, allow_base_mismatch)
-    ranks = _ranks(folders)
+    ranks = _ranks(configs)
     if method in FACTOR_METHODS and len(set(ranks.values())) > 1:
         raise MergeError(f"method {method!r} needs equal LoRA ranks but they are {ranks}; "
                          "use method 'delta_linear' (or 'cat') or 'svd', which handle different ranks")
@@ -123,10 +147,6 @@ def merged_task(metas: dict[str, dict], task: str | None) -> dict | None:
     return match[0]
 
 
-def _sha256(path: Path) -> str:
-    return file_record(path)["sha256"]
-
-
 def factor_model(config) -> torch.nn.Module:
     """A model of the backbone's shape that holds no weights, for peft to merge adapters on.
 
@@ -155,7 +175,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
                    device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False,
-                   base_config=None):
+                   base_config=None, contents: dict[str, dict[str, bytes]] | None = None):
     """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
 
     `task`: the task the merged adapter serves. None: the sources' common task (sources of different
@@ -166,10 +186,14 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     backbone's (see load_backbone); the merged factors are computed by peft in the adapters' own fp32
     whatever the backbone's dtype. With `base_config` (the backbone's config) and no report, peft merges on
     a model of that shape without weights (factor_model): no backbone is loaded, the factors are the same.
+    Each source's files are read once (read_source) and the merge is built from those bytes; `contents` (name →
+    read_source's dict) gives bytes a caller read and checked itself, and then the folders are not read at all.
     """
     folders = {n: Path(f) for n, f in folders.items()}
-    metas = {n: read_sidecar(f) for n, f in folders.items()}
-    ranks = check_merge(folders, metas, weights, method, density, allow_base_mismatch)
+    files = contents if contents is not None else {n: read_source(f) for n, f in folders.items()}
+    metas = {n: Sidecar.from_dict(_json(files[n], SIDECAR, f), str(f / SIDECAR)).to_dict() for n, f in folders.items()}
+    configs = {n: _json(files[n], "adapter_config.json", f) for n, f in folders.items()}
+    ranks = check_merge(configs, metas, weights, method, density, allow_base_mismatch)
     if name in folders:
         raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
     dotted = [n for n in (*folders, name) if not n or "." in n]
@@ -179,26 +203,47 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     first = next(iter(metas.values()))
     names = list(folders)
     if base_config is not None and report_rows == 0:
-        backbone, base, kw = None, factor_model(base_config), {}  # the adapters' factors only, made where each base weight lives
+        backbone, base = None, factor_model(base_config)  # the adapters' factors only, made where each base weight lives
     else:
         backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
-        base, kw = backbone.model, {}
-    model = PeftModel.from_pretrained(base, folders[names[0]], adapter_name=names[0], **kw)
-    for n in names[1:]:
-        model.load_adapter(folders[n], adapter_name=n, **kw)
+        base = backbone.model
+    model = load_sources(base, {n: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
     add_merged(model, names, [weights[n] for n in names], name, method, density)
     model.set_adapter(name)
     model.eval()
 
     report = _report(model, backbone.tokenizer, metas, name, report_rows) if backbone is not None and report_rows != 0 else {}
-    sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report)
+    shas = {n: hashlib.sha256(files[n]["adapter_model.safetensors"]).hexdigest() for n in names}  # of the bytes merged
+    sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report, shas)
     if output is not None:
         save_merged(model, name, sidecar, Path(output))
     return model, sidecar.to_dict()
 
 
+def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftModel:
+    """`base` with each source adapter loaded under its name from bytes already read: name → (adapter_config.json as
+    read, adapter_model.safetensors' bytes, the folder, for messages). peft's own steps of PeftModel.from_pretrained /
+    load_adapter (config class by peft_type, inference mode, set_peft_model_state_dict), without reading a file."""
+    model = None
+    for n, (raw, weights, folder) in sources.items():
+        raw = {k: v for k, v in raw.items() if k != "runtime_config"}  # as peft drops it when reading the file
+        config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**raw))
+        config.inference_mode = True
+        if model is None:  # the PeftModel class from_pretrained picks (by task type)
+            model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(base, config, adapter_name=n)
+        else:
+            model.add_adapter(n, config)
+        loaded = set_peft_model_state_dict(model, load_safetensors(weights), adapter_name=n)
+        missing = [k for k in loaded.missing_keys if "lora_" in k and f".{n}." in k]
+        if missing or loaded.unexpected_keys:
+            raise MergeError(f"{folder / 'adapter_model.safetensors'} does not fit its adapter_config.json (missing {missing[:3]}, "
+                             f"unexpected {loaded.unexpected_keys[:3]}); the adapter folder is damaged: re-publish or re-train it")
+    return model
+
+
 def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],
-                   method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict) -> Sidecar:
+                   method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict,
+                   shas: dict[str, str]) -> Sidecar:
     """The sidecar of a merged adapter, built for what it is: its task (or none), the shared backbone,
     the merge recipe and sources, and as metrics only what was measured on the merged adapter itself."""
     own = next((n for n, m in metas.items() if task and m.get("task") and m["task"]["name"] == task["name"]), None)
@@ -209,7 +254,7 @@ def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders:
         found = registered_as(folders[n])
         sources[n] = {"folder": str(folders[n]), "registry_ref": f"{found[1]}@{found[2]}" if found else None,
                       "task": m["task"]["name"] if m.get("task") else None, "rank": ranks[n],
-                      "adapter_sha256": _sha256(folders[n] / "adapter_model.safetensors")}
+                      "adapter_sha256": shas[n]}
     first = next(iter(metas.values()))
     return build(
         name, task=task, method="lora", base=first["base"],  # every source's backbone fingerprint is this one (checked)

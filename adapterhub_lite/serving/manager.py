@@ -14,6 +14,7 @@ It holds no queue and decides nothing about batches: the engine (serving/engine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.core.names import BASE
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
 from adapterhub_lite.model.backbone import Backbone, model_context
-from adapterhub_lite.ops.merge import merge_adapters
+from adapterhub_lite.ops.merge import merge_adapters, read_source
 from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.reading import RequestReader, _locked
 from adapterhub_lite.serving.resident import read_adapter
@@ -133,9 +134,10 @@ class AdapterManager(RequestReader):
         self.unavailable.pop(name, None)
         self._content = None
 
-    def _check_unchanged(self, name: str, folder: Path, hashes: dict[str, str]) -> None:
-        """Refuse to load an adapter whose files changed since register() checked them (hashed at every load)."""
-        now = folder_hashes(folder)
+    def _check_unchanged(self, name: str, folder: Path, hashes: dict[str, str], now: dict[str, str] | None = None) -> None:
+        """Refuse to load an adapter whose files changed since register() checked them (hashed at every load; `now`:
+        the sha256 of bytes the caller read itself, for the files in `hashes`)."""
+        now = folder_hashes(folder) if now is None else now
         if now != hashes:
             moved = sorted(f for f in set(now) | set(hashes) if now.get(f) != hashes.get(f))
             why = f"{', '.join(moved)} in {folder} changed since it was checked"
@@ -289,17 +291,25 @@ class AdapterManager(RequestReader):
         # the request was read (a KeyError and a plain 500 in the chaos soak), and files changed on disk were merged
         with self._host_lock:
             sources = {n: (self.folders.get(n), self.hashes.get(n)) for n in weights}
+        contents = {}
         for n, (folder, hashes) in sources.items():
             if folder is None and n in self.unavailable:
                 raise AdapterUnavailable(f"merge source {n!r} is unavailable: {self.unavailable[n]}; the server serves the other adapters")
             if folder is None:
                 raise AdapterUnavailable(f"merge source {n!r} was unloaded while the merge was built; see GET /v1/models")
-            self._check_unchanged(n, folder, hashes)
+            # each file read once, its bytes checked and merged: hashing the folder and letting peft read it again after
+            # left a window in which a file swapped meanwhile (and put back) was merged unchecked
+            try:
+                contents[n] = read_source(folder)
+            except (OSError, AdapterHubError):  # a file gone since register(): changed, as _check_unchanged says
+                self._check_unchanged(n, folder, hashes)
+                raise
+            now = {f: hashlib.sha256(b).hexdigest() for f, b in contents[n].items()}
+            self._check_unchanged(n, folder, {f: hashes.get(f) for f in now}, now)
         _, sidecar = merge_adapters({n: folder for n, (folder, _) in sources.items()}, weights, method, density=density, name=name,
                                     output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
-                                    device=str(self.backbone.device), dtype=self.backbone.dtype, base_config=self.backbone.model.config)
-        for n, (folder, hashes) in sources.items():  # and once read, as fetch() checks (a change meanwhile is not merged)
-            self._check_unchanged(n, folder, hashes)
+                                    device=str(self.backbone.device), dtype=self.backbone.dtype, base_config=self.backbone.model.config,
+                                    contents=contents)
         return output, sidecar
 
     def spec(self, name: str) -> TaskSpec | None:
