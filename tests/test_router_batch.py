@@ -279,3 +279,17 @@ def test_prompt_learning_with_more_than_its_virtual_tokens_is_refused_by_name(tm
     with pytest.raises(AdapterLoadError, match="holds tensor 'base_model.lm_head.weight'"):
         bank.add("mts", tmp_path / "mts")
     assert bank.names() == []
+
+
+def test_a_lora_on_the_embedding_is_refused_by_the_option_that_made_it(tmp_path):
+    """peft's LoRA on embed_tokens (lora_embedding_A/B) is not a linear layer's factors: refused naming the embedding and
+    target_modules, with what to do, not only by the tensor's name; nothing is left loaded."""
+    torch.manual_seed(0)
+    model = get_peft_model(load_backbone(TINY, "none", dtype="fp32").model,
+                           LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "emb")
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
+    with pytest.raises(AdapterLoadError, match=r"adapts the embedding 'model\.embed_tokens' \(target_modules names it.*serve it alone with peft") as err:
+        bank.add("emb", tmp_path / "emb")
+    assert "\n" not in str(err.value)
+    assert bank.names() == []

@@ -129,6 +129,11 @@ class LoraFactors:
             if bias:
                 raise AdapterLoadError(f"{what} holds the trained bias {key!r} (bias={cfg.bias!r}, lora_bias={cfg.lora_bias!r}), which only the "
                                        "serving bank applies (per row); here plain LoRA factors are taken: retrain it with bias='none' and lora_bias=False")
+            if not parsed and ".lora_embedding_" in key:  # the option that made it, not only the tensor: what the user set
+                module = key.removeprefix("base_model.model.").rpartition(".lora_embedding_")[0]
+                raise AdapterLoadError(f"{what} adapts the embedding {module!r} (target_modules names it; peft saves lora_embedding_A/B), "
+                                       "which per-row LoRA does not implement (it adapts linear layers); serve it alone with peft, "
+                                       "or retrain without the embedding in target_modules (trainable_token_indices for new tokens is refused too)")
             if not parsed:
                 raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row LoRA serves plain LoRA factors (lora_A / lora_B) only")
             pairs.setdefault(parsed[0], {})[parsed[1]] = t
