@@ -277,6 +277,23 @@ def test_the_merged_card_has_a_trained_card_s_metadata_and_no_local_base_model(s
     assert hub.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in hub.tags
 
 
+def test_a_first_source_with_rslora_does_not_scale_the_merge(sources, tmp_path):
+    """peft's merged config is the first source's with lora_alpha = r (scale 1), but it kept that source's use_rslora: the
+    merge ran and was saved at √r times its update (delta_linear, the exact Σ w·ΔW, off by √(r_a + r_b) = √8 here)."""
+    d = tmp_path / "rs"
+    d.mkdir()
+    rs = train_tiny(d, "toy", method_args={"r": 4, "lora_alpha": 8, "use_rslora": True}, train={"max_steps": 3, "lr": 5e-2, "seed": 4})
+    weights = {"rs": 0.7, "a": 0.3}
+    model, _ = merge_adapters({"rs": rs, "a": sources["a"]}, weights, "delta_linear", output=tmp_path / "m", name="mix", report_rows=0, dtype="fp32")
+    ur, ua = _updates(rs), _updates(sources["a"])
+    want = {m: 0.7 * ur[m] + 0.3 * ua[m] for m in ur}
+    got = _updates(tmp_path / "m")  # the saved folder, as plain peft loads it
+    assert not json.loads((tmp_path / "m" / "adapter_config.json").read_text())["use_rslora"]
+    assert max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6
+    layer = model.get_submodule(LAYER)  # and the merged model returned (the report, into_base's fold) scales it so too
+    assert layer.scaling["mix"] == 1.0
+
+
 def test_a_build_merge_merges_the_bytes_it_checked(sources, tmp_path, monkeypatch):
     """build_merge hashed the sources, then peft read the files again: a file swapped in between (and put back before
     the second hash) was merged unchecked. The bytes are now read once, checked, and merged: the swap changes nothing."""

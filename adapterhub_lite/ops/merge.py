@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load as load_safetensors
 
 from adapterhub_lite.artifacts.files import atomic_write
@@ -122,6 +123,16 @@ def add_merged(model: PeftModel, names: list[str], weights: list[float], adapter
         raise MergeError(f"an adapter named {adapter_name!r} is already loaded (a source's name?); give the merged adapter another name")
     kwargs = {"density": density} if density is not None else {}
     model.add_weighted_adapter(names, weights, adapter_name, combination_type=_PEFT_NAME.get(method, method), **kwargs)
+    merged = model.peft_config[adapter_name]
+    if merged.use_rslora:
+        # peft's merged config is the first source's with lora_alpha = r, i.e. a scale of 1 (each source's own scale is
+        # already in the merged factors), but it keeps that source's use_rslora: the merge then ran at √r times its update
+        # (the exact `cat` sum off by √(Σr)), saved so. Scale 1 here, as for any other first source.
+        merged.use_rslora = False
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+                module.use_rslora[adapter_name] = False
+                module.set_scale(adapter_name, 1.0)  # lora_alpha / r = 1
 
 
 def _task_label(task: dict | None) -> str:
