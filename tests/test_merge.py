@@ -294,6 +294,19 @@ def test_a_first_source_with_rslora_does_not_scale_the_merge(sources, tmp_path):
     assert layer.scaling["mix"] == 1.0
 
 
+@pytest.mark.parametrize("other", ["b", "c"])  # r=4 (peft's largest ranks differ: 8 and 4), r=8 (they are equal)
+def test_factor_methods_refuse_a_source_with_other_ranks_per_module(sources, tmp_path, other):
+    """peft sizes by each source's largest rank (r or a rank_pattern entry) and stacks A and B layer by layer, so a source
+    whose rank_pattern gives a module another rank was a bare ValueError from peft (a 500 in the server) beside an r=4
+    source, and a failed stack of 4 and 8 beside an r=8 one, which the check of r alone refused as ranks 4 and 8."""
+    (tmp_path / "p").mkdir()
+    patterned = train_tiny(tmp_path / "p", "toy", method_args={"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 8}})
+    with pytest.raises(MergeError, match=r"method 'linear' needs one LoRA rank in every layer, but \['p'\] .*'v_proj': 8.*delta_linear"):
+        merge_adapters({"p": patterned, other: sources[other]}, {"p": 0.5, other: 0.5}, "linear", report_rows=0)
+    _, meta = merge_adapters({"p": patterned, other: sources[other]}, {"p": 0.5, other: 0.5}, "svd", report_rows=0)
+    assert meta["merge"]["ranks"] == {"p": 8, other: 4 if other == "b" else 8}  # each source's largest, as peft sizes the merge
+
+
 def test_a_build_merge_merges_the_bytes_it_checked(sources, tmp_path, monkeypatch):
     """build_merge hashed the sources, then peft read the files again: a file swapped in between (and put back before
     the second hash) was merged unchecked. The bytes are now read once, checked, and merged: the swap changes nothing."""

@@ -95,15 +95,20 @@ def _json(files: dict[str, bytes], name: str, folder: Path) -> dict:
 
 
 def _ranks(configs: dict[str, dict]) -> dict[str, int]:
-    return {n: c["r"] for n, c in configs.items()}
+    """Each source's largest rank (its r or a rank_pattern entry), as peft sizes the merged adapter by."""
+    return {n: max([c["r"], *(c.get("rank_pattern") or {}).values()]) for n, c in configs.items()}
 
 
 def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
                 allow_base_mismatch: bool = False) -> dict[str, int]:
-    """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks.
+    """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks (each one's largest).
     `configs`: each source's adapter_config.json as read."""
     _check_sources(metas, method, weights, allow_base_mismatch)
     ranks = _ranks(configs)
+    patterned = {n: c["rank_pattern"] for n, c in configs.items() if set((c.get("rank_pattern") or {}).values()) - {c["r"]}}
+    if method in FACTOR_METHODS and patterned:  # peft stacks A and B layer by layer: other ranks in a layer fail there
+        raise MergeError(f"method {method!r} needs one LoRA rank in every layer, but {sorted(patterned)} set other ranks per module "
+                         f"(rank_pattern {patterned}); use method 'delta_linear' (or 'cat') or 'svd', which handle different ranks")
     if method in FACTOR_METHODS and len(set(ranks.values())) > 1:
         raise MergeError(f"method {method!r} needs equal LoRA ranks but they are {ranks}; "
                          "use method 'delta_linear' (or 'cat') or 'svd', which handle different ranks")
