@@ -339,3 +339,17 @@ def test_a_build_merge_merges_the_bytes_it_checked(sources, tmp_path, monkeypatc
     want, got = load_file(clean / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert side["merge"]["sources"]["b"]["adapter_sha256"] == hashlib.sha256(kept).hexdigest()
+
+
+@pytest.mark.parametrize("second, needle", [("a", "is given twice (weights 0.5 and 0.25); give each source once, with the summed weight 0.75"),
+                                            ("b", "are both named 'toy'")])
+def test_the_cli_refuses_a_source_given_twice_or_two_of_one_name(sources, tmp_path, capsys, second, needle):
+    """`merge` keyed its sources by name in a dict: a folder given twice, or two folders of one name (a/toy, b/toy: two
+    runs of one task), kept the last alone, so the merge was one source at its own weight (0.25 here), exit 0, unsaid."""
+    from adapterhub_lite.cli.main import main
+
+    code = main(["merge", str(sources["a"]), str(sources[second]), "--weights", "0.5", "0.25", "--output", str(tmp_path / "m"),
+                 "--report-rows", "0", "--quantization", "none"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert not (tmp_path / "m").exists()

@@ -185,7 +185,16 @@ def _merge(args) -> int:
 
     if len(args.weights) != len(args.adapters):
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
-    folders = dict(adapter_ref(a, args.registry) for a in args.adapters)
+    refs = [adapter_ref(a, args.registry) for a in args.adapters]
+    for i, (name, folder) in enumerate(refs):  # a dict of these kept the last of a name alone: the other source was left out, unsaid
+        j = next((j for j in range(i) if refs[j][0] == name), None)
+        if j is not None and refs[j][1].resolve() == folder.resolve():
+            raise DataError(f"{args.adapters[i]!r} is given twice (weights {args.weights[j]:g} and {args.weights[i]:g}); give each source once, "
+                            f"with the summed weight {args.weights[j] + args.weights[i]:g}")
+        if j is not None:
+            raise DataError(f"{args.adapters[j]!r} and {args.adapters[i]!r} are both named {name!r} (a folder's name, or the adapter's "
+                            "registry name), and a merge names its sources apart; copy one to a folder of another name, or publish them under two names")
+    folders = dict(refs)
     _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
                              density=args.density, name=args.name or Path(args.output).name, output=args.output,
                              report_rows=args.report_rows, task=args.task, quantization=args.quantization, device=args.device,
