@@ -329,3 +329,34 @@ def test_a_replay_that_disagrees_with_the_eager_step_switches_graphs_off(folders
         pass
     assert out == want and not dec.graphs and dec.captured == 0
     assert "not used (max |graph - eager| = 1" in caplog.text
+
+
+def test_a_sliding_window_model_runs_a_prompt_longer_than_a_step_whole_as_transformers_decodes_it(tmp_path):
+    """A sliding-window cache takes neither rows mid-way nor a prompt in pieces (Decoding.extend refuses it). With a
+    batch running the scheduler knew (can_join False: newcomers run whole), but an idle engine had no batch to ask and
+    cut a prompt longer than --max-num-batched-tokens into pieces, whose second failed the request ('cannot take a
+    prompt in pieces'). Each prompt now runs whole (alone, over the step's budget, as any piece that cannot be cut),
+    and its tokens are transformers' own greedy decode over its sliding-window cache."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from adapterhub_lite.model.backbone import load_backbone
+    from adapterhub_lite.model.weights import resolve
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.scheduler import Budgets
+
+    tok = AutoTokenizer.from_pretrained(resolve(TINY)[0])
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, sliding_window=8)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    backbone = load_backbone(str(tmp_path), "none", dtype="fp32")
+    router = Router(backbone)
+    assert not router.bank.joinable
+    prompts = [list(range(5, 17)), list(range(40, 50))]  # 12 and 10 tokens: past the window, and past a step of 4
+    got = _serve(Engine(router, budgets=Budgets(max_rows=4, max_num_batched_tokens=4)),
+                 [({"adapter": "base", "prompt_ids": ids}, 6) for ids in prompts])
+    for ids, (tokens, _) in zip(prompts, got):
+        want = backbone.model.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(ids):]
+        assert tokens == want.tolist()

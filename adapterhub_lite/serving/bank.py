@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.model.heads import head_logits
@@ -60,6 +61,10 @@ class AdapterBank(ResidentAdapters):
         self.decode_batch_sizes: list[int] = []  # rows in the batch at each decode step of the last generate()
         self._spare: StaticBatch | None = None  # generate()'s static batch, empty between calls: its buffers (and graphs) are reused
         self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        # Whether a prefilled row's cache can take more positions: rows joining a batch, a prompt's next piece
+        # (Decoding.joinable says it of a batch once one exists). A sliding-window layer drops old columns, so such a
+        # model runs each prompt whole, even when no batch runs yet to say so.
+        self.joinable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one cache position takes over every layer (keys and values), in the compute dtype."""

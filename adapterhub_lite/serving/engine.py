@@ -196,7 +196,7 @@ class Engine(Admission, OfflineRun):
                 self._run_calls()
                 self._intake()
                 self._sweep()
-                plan = self.scheduler.schedule(can_join=self._dec is None or self._dec.joinable)
+                plan = self.scheduler.schedule(can_join=(self.router.bank if self._dec is None else self._dec).joinable)
                 if plan.blocked:
                     self.metrics.waits.labels(budget=plan.blocked).inc()
                 if plan.prefill:
