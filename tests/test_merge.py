@@ -230,7 +230,8 @@ def test_a_published_merge_is_left_out_of_auto_routing_with_a_warning(sources, t
     assert out[0]["adapter"] == "a" and out[1]["adapter"] == "mix" and all(o["prediction"] in ("pos", "neg") for o in out)
 
 
-@pytest.mark.parametrize("method, density", [("delta_linear", None), ("linear", None), ("svd", None), ("ties", 0.5), ("ties_svd", 0.5)])
+@pytest.mark.parametrize("method, density", [("delta_linear", None), ("linear", None), ("svd", None), ("ties", 0.5), ("ties_svd", 0.5),
+                                             ("dare_linear", 0.5), ("dare_ties_svd", 0.5)])
 def test_a_merge_on_the_weightless_model_equals_the_merge_on_the_backbone(sources, tmp_path, monkeypatch, method, density):
     """The server's merges (Router.build_merge) load no second backbone, and their factors are the ones peft makes on the real one."""
     from safetensors.torch import load_file
@@ -238,10 +239,9 @@ def test_a_merge_on_the_weightless_model_equals_the_merge_on_the_backbone(source
     from adapterhub_lite.ops import merge
     from adapterhub_lite.serving.router import Router
 
-    names = ("a", "b") if method in ("linear", "ties") else ("a", "c")
+    names = ("a", "b") if method in ("linear", "ties", "dare_linear") else ("a", "c")
     weights = {n: w for n, w in zip(names, (0.6, 0.4))}
-    # (DARE's methods are left out: they drop at random, and peft's random init of the adapters it loads on the
-    # real backbone moves the generator before the draws, so the two sides draw differently)
+    # (DARE's methods drop at random: both sides seed torch's generator before loading, so they draw alike)
     merge_adapters({n: sources[n] for n in names}, weights, method, density=density, output=tmp_path / "full", name="mix", report_rows=0, dtype="fp32")
     router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
     for n in names:
@@ -353,3 +353,31 @@ def test_the_cli_refuses_a_source_given_twice_or_two_of_one_name(sources, tmp_pa
     lines = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties_svd"])
+def test_a_dare_merge_is_peft_s_after_its_seed_and_one_adapter_per_seed(sources, tmp_path, method):
+    """DARE drops at random from torch's generator: two builds of one recipe were two adapters (the server rebuilds an
+    evicted merge under the same name; replicas build their own). The merge seeds it (seed=0) before loading the sources,
+    so it is what peft gives after torch.manual_seed(0), and the same each time; another seed drops others."""
+    from safetensors.torch import load_file
+
+    names = ("a", "b")
+    weights = {"a": 0.6, "b": 0.4}
+
+    def ours(tag, **kw):
+        merge_adapters({n: sources[n] for n in names}, weights, method, density=0.5, output=tmp_path / tag, name="mix", report_rows=0,
+                       dtype="fp32", **kw)
+        return load_file(tmp_path / tag / "adapter_model.safetensors")
+
+    torch.manual_seed(0)
+    ref = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, sources["a"], adapter_name="a")
+    ref.load_adapter(sources["b"], adapter_name="b")
+    ref.add_weighted_adapter(list(names), list(weights.values()), "mix", combination_type=method, density=0.5)
+    ref.save_pretrained(tmp_path / "peft", selected_adapters=["mix"], save_embedding_layers=False)
+    want = load_file(tmp_path / "peft" / "mix" / "adapter_model.safetensors")
+    first, again, other = ours("one"), ours("two"), ours("three", seed=1)
+    assert first.keys() == want.keys() and all(torch.equal(first[k], want[k]) for k in want)
+    assert all(torch.equal(first[k], again[k]) for k in want)
+    assert any(not torch.equal(first[k], other[k]) for k in want)
+    assert json.loads((tmp_path / "one" / "adapterhub.json").read_text())["merge"]["seed"] == 0

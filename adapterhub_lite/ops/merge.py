@@ -26,6 +26,7 @@ import json
 import math
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -48,6 +49,8 @@ DELTA_METHODS = ("delta_linear", "cat", "svd", "ties_svd", "dare_linear_svd", "d
 MERGE_METHODS = FACTOR_METHODS + DELTA_METHODS
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd", "dare_ties_svd",
                    "magnitude_prune_svd")  # prune each update to a density first
+RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # DARE drops at random (torch's global generator)
+_GLOBAL_RNG = threading.Lock()  # one seeded merge at a time draws from torch's global generator (the server builds merges on threads)
 _PEFT_NAME = {"delta_linear": "cat"}  # peft's `cat` is the exact ΔW sum; the name says what it does
 NO_TASK = "none"  # task= for a merged adapter that serves no task (raw text, like a joint run's shared adapter)
 
@@ -191,7 +194,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
                    device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False,
-                   base_config=None, contents: dict[str, dict[str, bytes]] | None = None):
+                   base_config=None, contents: dict[str, dict[str, bytes]] | None = None, seed: int = 0):
     """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
 
     `task`: the task the merged adapter serves. None: the sources' common task (sources of different
@@ -204,6 +207,9 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     a model of that shape without weights (factor_model): no backbone is loaded, the factors are the same.
     Each source's files are read once (read_source) and the merge is built from those bytes; `contents` (name →
     read_source's dict) gives bytes a caller read and checked itself, and then the folders are not read at all.
+    `seed`: torch's generator is seeded with it before the sources are loaded, so the random DARE methods give one
+    adapter per seed: the one `torch.manual_seed(seed)`, then PeftModel.from_pretrained / load_adapter of the sources
+    in order and add_weighted_adapter give (on the same device: the weightless model merges on the CPU).
     """
     folders = {n: Path(f) for n, f in folders.items()}
     files = contents if contents is not None else {n: read_source(f) for n, f in folders.items()}
@@ -223,14 +229,20 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     else:
         backbone = load_backbone(first["base"]["name"], quantization or first["base"]["fingerprint"]["quantization"], device, dtype or "auto")
         base = backbone.model
-    model = load_sources(base, {n: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
-    add_merged(model, names, [weights[n] for n in names], name, method, density)
+    # DARE's drops come from torch's global generator, which peft's random init of every adapter it makes moves first:
+    # seeded here before the sources are loaded (and put back after), so a recipe is one adapter however often it is
+    # built (the server rebuilds an evicted merge under the same name) and equals peft's own after torch.manual_seed(seed)
+    with _GLOBAL_RNG, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = load_sources(base, {n: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
+        add_merged(model, names, [weights[n] for n in names], name, method, density)
     model.set_adapter(name)
     model.eval()
 
     report = _report(model, backbone.tokenizer, metas, name, report_rows) if backbone is not None and report_rows != 0 else {}
     shas = {n: hashlib.sha256(files[n]["adapter_model.safetensors"]).hexdigest() for n in names}  # of the bytes merged
-    sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report, shas)
+    sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report, shas,
+                             seed if method in RANDOM_METHODS else None)
     if output is not None:
         save_merged(model, name, sidecar, Path(output))
     return model, sidecar.to_dict()
@@ -259,7 +271,7 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
 
 def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],
                    method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict,
-                   shas: dict[str, str]) -> Sidecar:
+                   shas: dict[str, str], seed: int | None = None) -> Sidecar:
     """The sidecar of a merged adapter, built for what it is: its task (or none), the shared backbone,
     the merge recipe and sources, and as metrics only what was measured on the merged adapter itself."""
     own = next((n for n, m in metas.items() if task and m.get("task") and m["task"]["name"] == task["name"]), None)
@@ -278,7 +290,7 @@ def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders:
         metrics=measured.get("merged", {}),  # the merged adapter's own dev scores on its task, when the report ran
         metrics_rows=measured.get("rows"),
         trainable_parameters={"trainable": params, "note": "parameters of the merged adapter (merged, not trained)"},
-        merge={"method": method, "acts_on": "factors" if method in FACTOR_METHODS else "delta_w", "density": density,
+        merge={"method": method, "acts_on": "factors" if method in FACTOR_METHODS else "delta_w", "density": density, "seed": seed,
                "weights": weights, "ranks": ranks, "rank": model.peft_config[name].r, "sources": sources},
         merge_report=report,
         routing=None,  # no routing sample of its own: content routing leaves it out (requests may still name it)
