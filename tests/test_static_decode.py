@@ -360,3 +360,34 @@ def test_a_sliding_window_model_runs_a_prompt_longer_than_a_step_whole_as_transf
     for ids, (tokens, _) in zip(prompts, got):
         want = backbone.model.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(ids):]
         assert tokens == want.tolist()
+
+
+def test_the_static_buffers_stay_within_the_kv_cache_budget_and_decode_as_without_one(serve_registry, monkeypatch):
+    """--kv-cache-mb bounded what the rows reserve (rows × their widest reservation) but not the buffers holding them:
+    they doubled past it and kept the widest width and the most rows ever asked for, so a 200-position budget held
+    1 × 256 after one long request and 8 × 256 after eight short ones (10 × the budget). Every allocation now fits
+    the budget (rows × columns), shrinking the width when more rows need less of it, with rows joining running ones,
+    and every answer is the one served with no budget."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.scheduler import Budgets
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    budget = 200
+    prompt = [5, 9, 14, 3]
+    long = [({"adapter": "gen_a", "prompt_ids": prompt}, budget - len(prompt))]  # the whole budget, alone
+    # then rows of every kind that fit beside each other in a few ways (a prefix adapter's virtual tokens count too)
+    mixed = [({"adapter": a, "prompt_ids": prompt[: 1 + i % 4]}, n) for i, (a, n) in
+             enumerate([("gen_a", 90), ("base", 60), ("gen_prefix", 20), ("gen_prompt", 12), ("gen_b", 30), ("base", 8), ("gen_a", 16)])]
+    want = [_serve(Engine(router, budgets=Budgets(max_rows=8)), reqs) for reqs in (long, mixed)]
+    sizes, reserve = [], StaticBatch._reserve
+
+    def recorded(self, rows, width, like):
+        reserve(self, rows, width, like)
+        sizes.append((self._rows, self._width))
+    monkeypatch.setattr(StaticBatch, "_reserve", recorded)
+    engine = Engine(router, budgets=Budgets(max_rows=8, max_kv_tokens=budget))
+    got = [_serve(engine, reqs) for reqs in (long, mixed)]
+    assert max(r * w for r, w in sizes) <= budget, sizes
+    assert len({r for r, _ in sizes}) > 1 and len({w for _, w in sizes}) > 1, sizes  # it grew in rows and changed width
+    assert [[t for t, _ in run] for run in got] == [[t for t, _ in run] for run in want]

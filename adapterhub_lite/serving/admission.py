@@ -316,7 +316,8 @@ class Admission:
         if not (self.static_decode and bank.static_ok(new)):
             return new
         empty = self._static if self._static is not None and not len(self._static) else None
-        self._static = bank.batch(new, self.max_batch_rows, self.router.max_model_len, self.cuda_graphs, into=empty)
+        self._static = bank.batch(new, self.max_batch_rows, self.router.max_model_len, self.cuda_graphs, into=empty,
+                                  max_positions=self.budgets.max_kv_tokens)
         return self._static
 
     def _prompt_part(self, job: Job, scores: PromptScores | None) -> PromptPart:

@@ -283,8 +283,10 @@ class AdapterBank(ResidentAdapters):
         attention the static mask serves (sdpa or eager)."""
         return dec.joinable and attention(self.config) in ATTENTIONS
 
-    def batch(self, new: Decoding, max_rows: int, max_width: int | None = None, graphs: bool = False, into: StaticBatch | None = None) -> StaticBatch:
-        """A StaticBatch holding the rows of `new` (`into`, an empty one to reuse, keeps its buffers and graphs)."""
-        out = into if into is not None else StaticBatch(self, max_rows, max_width, graphs)
+    def batch(self, new: Decoding, max_rows: int, max_width: int | None = None, graphs: bool = False, into: StaticBatch | None = None,
+              max_positions: int | None = None) -> StaticBatch:
+        """A StaticBatch holding the rows of `new` (`into`, an empty one to reuse, keeps its buffers and graphs); its buffers
+        hold at most `max_positions` rows × columns (the engine's KV cache budget)."""
+        out = into if into is not None else StaticBatch(self, max_rows, max_width, graphs, max_positions)
         out.join(new)
         return out

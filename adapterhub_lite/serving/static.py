@@ -23,8 +23,9 @@ for 32 rows that way, bound by the host. Here a decode step only ever reads and 
 Rows join by copying their prefilled cache into the next free rows; a row that leaves is replaced by the last
 live row (one row copy), so the live rows are always 0..n-1 and a step runs over a prefix of the buffers. The
 buffers double (rows, width) until they hold what was asked of them and then never change: static after
-warm-up. A growth, or any change of the resident adapters (the per-row layers' tables), drops the graphs; they
-are captured again on next use.
+warm-up; with a KV cache budget (--kv-cache-mb) they never hold more than its positions (rows × columns). A
+growth, or any change of the resident adapters (the per-row layers' tables), drops the graphs; they are captured
+again on next use.
 """
 
 from __future__ import annotations
@@ -106,12 +107,13 @@ class StaticBatch:
 
     joinable = True  # rows join at any step: they are copied into free rows
 
-    def __init__(self, bank, max_rows: int, max_width: int | None = None, graphs: bool = False):
+    def __init__(self, bank, max_rows: int, max_width: int | None = None, graphs: bool = False, max_positions: int | None = None):
         attn = attention(bank.config)
         if attn not in ATTENTIONS:
             raise AdapterHubError(f"static decoding builds its own attention mask for sdpa or eager attention; this model uses {attn!r}")
         self.bank = bank
         self.max_rows, self.max_width = max_rows, max_width
+        self.max_positions = max_positions  # rows × columns the buffers may hold (--kv-cache-mb in positions); None: no bound
         self.graphs = bool(graphs) and bank.device.type == "cuda"
         self._additive = attn == "eager"  # eager attention adds its mask; sdpa takes a boolean one
         self.keys: list = []
@@ -132,11 +134,20 @@ class StaticBatch:
     # -- the buffers ---------------------------------------------------------------------------------
     def _reserve(self, rows: int, width: int, like: list) -> None:
         """Make room for `rows` rows of `width` columns, doubling what is allocated (capped at max_rows / max_width
-        unless more is needed), and keep what the live rows hold. `like`: cache layers of the shapes and dtypes to hold."""
+        unless more is needed, and at max_positions rows × columns), and keep what the live rows hold. `like`: cache
+        layers of the shapes and dtypes to hold."""
         if rows <= self._rows and width <= self._width:
             return
         new_rows = _grow(self._rows, rows, 1, self.max_rows)
         new_width = _grow(self._width, width, _MIN_WIDTH, self.max_width)
+        cap = self.max_positions
+        if cap is not None and new_rows * new_width > cap:
+            # The cache budget bounds the buffers, not only what the rows reserve: doubling, and keeping the most rows
+            # and the widest width ever asked for, held several times the budget. The scheduler admits rows × their
+            # widest reservation within it, and no live row needs more columns than it reserved, so rows × width
+            # fits; width first (a tight width would grow again at every decode step), then any rows left room for.
+            new_width = max(width, min(new_width, cap // rows))
+            new_rows = max(rows, min(new_rows, cap // new_width))
         n, dev = len(self.keys), self.bank.device
         used = max(self.lengths, default=0)
         # Everything is allocated and filled before anything is replaced: an out-of-memory here (a join that needs a
@@ -157,7 +168,7 @@ class StaticBatch:
             if n:
                 small[name][:n] = getattr(self, name)[:n]
         if n:
-            mask[:n, :self._width] = self._mask[:n]
+            mask[:n, :used] = self._mask[:n, :used]  # a row's mask is set over its written columns only (the width may shrink)
         if not self._layers:
             self._layers = [_Layer(self) for _ in kv]
             self._cache = Cache(layers=self._layers)
