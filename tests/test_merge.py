@@ -381,3 +381,16 @@ def test_a_dare_merge_is_peft_s_after_its_seed_and_one_adapter_per_seed(sources,
     assert all(torch.equal(first[k], again[k]) for k in want)
     assert any(not torch.equal(first[k], other[k]) for k in want)
     assert json.loads((tmp_path / "one" / "adapterhub.json").read_text())["merge"]["seed"] == 0
+
+
+def test_a_source_whose_target_modules_is_a_regex_merges_with_a_list_one(sources, tmp_path):
+    """peft merges sources whose target_modules are all lists or all regexes and refuses a mix (a bare ValueError: a 500
+    from a per-request merge); the regex source's modules are named one by one, so the merge is the one of its list form."""
+    regex = tmp_path / "rx"
+    shutil.copytree(sources["a"], regex)
+    config = json.loads((regex / "adapter_config.json").read_text())
+    (regex / "adapter_config.json").write_text(json.dumps({**config, "target_modules": rf".*\.({'|'.join(config['target_modules'])})"}))
+    merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.7, "b": 0.3}, "delta_linear", output=tmp_path / "list", name="mix", report_rows=0)
+    merge_adapters({"a": regex, "b": sources["b"]}, {"a": 0.7, "b": 0.3}, "delta_linear", output=tmp_path / "mixed", name="mix", report_rows=0)
+    want, got = _updates(tmp_path / "list"), _updates(tmp_path / "mixed")
+    assert set(got) == set(want) and max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6

@@ -266,6 +266,14 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
         if missing or loaded.unexpected_keys:
             raise MergeError(f"{folder / 'adapter_model.safetensors'} does not fit its adapter_config.json (missing {missing[:3]}, "
                              f"unexpected {loaded.unexpected_keys[:3]}); the adapter folder is damaged: re-publish or re-train it")
+    if len({isinstance(model.peft_config[n].target_modules, str) for n in sources}) > 1:
+        # peft merges sources whose target_modules are all lists (their union) or all regexes (joined), and refuses a mix
+        # (a bare ValueError): a regex source's modules are named one by one instead, by their full paths (a suffix such
+        # as q_proj could name modules the regex left out, where no source has factors to merge)
+        for n in sources:
+            if isinstance(model.peft_config[n].target_modules, str):
+                model.peft_config[n].target_modules = {key for key, module in model.base_model.model.named_modules()
+                                                       if isinstance(module, LoraLayer) and n in module.lora_A}
     return model
 
 
