@@ -302,6 +302,42 @@ def test_max_loras_preallocates_the_slot_pools_and_evicts_to_stay_within_them(se
         s.close()
 
 
+def test_an_adapter_dropped_from_host_memory_while_its_request_waits_is_read_again_off_the_engine_thread(serve_registry, monkeypatch):
+    """With --max-cpu-loras 1, gen_a's and gen_b's requests wait behind a running row (one row at a time) while both are
+    read on loader threads; the second read drops the first from host memory. Admitting that request read its
+    adapter's files (and hashed them) on the engine thread, every running row stalled meanwhile; it is now read
+    again on a loader thread while it waits, and every answer is the one a large host cache gives."""
+    import threading
+
+    from adapterhub_lite.serving import manager as manager_module
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    reads, read = [], manager_module.read_adapter
+    monkeypatch.setattr(manager_module, "read_adapter", lambda name, folder: reads.append((name, threading.current_thread().name)) or read(name, folder))
+
+    def serve(max_cpu_loras):
+        engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_cpu_loras=max_cpu_loras),
+                        budgets=Budgets(max_rows=1))
+        done = {}
+        for i, (adapter, n) in enumerate([("base", 12), ("gen_a", 4), ("gen_b", 4)]):
+            engine._waiting.put_nowait(Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, lambda event, payload, i=i: done.setdefault(i, payload)
+                                           if event in ("done", "error") else None, SamplingParams(max_tokens=n, ignore_eos=True)))
+        engine._serve_once()  # the base row runs; both adapters are being read
+        for fut in list(engine._fetching.values()):
+            fut.result()
+        assert len(engine.router.host) == min(2, max_cpu_loras)
+        while len(done) < 3:
+            engine._serve_once()
+        return [getattr(done[i], "token_ids", done[i]) for i in range(3)]
+
+    want = serve(64)
+    reads.clear()
+    assert serve(1) == want
+    assert {name for name, _ in reads} == {"gen_a", "gen_b"} and all(t.startswith("adapterhub-loader") for _, t in reads), reads
+
+
 def test_registry_io_runs_off_the_engine_thread_and_the_event_loop(serve_registry, tmp_path):
     """Reloads, runtime loads and pinned versions read and hash their folders on worker threads: decoding and
     the HTTP server go on meanwhile."""

@@ -194,6 +194,12 @@ class Admission:
             if t.prefilled == n and back:  # behind a request that waits for memory: first come, first served
                 back.append(t)
                 continue
+            if t.prefilled == n and not router.in_host(job.prepared.adapter):
+                # read for it, but since dropped from host memory by later reads (--max-cpu-loras) while it waited: holding
+                # it would read its files and hash them here, stalling every running row; read again on a loader thread
+                self.scheduler.requeue(t)
+                self._when_read(t)
+                continue
             if t.prefilled == n:  # its first piece: its adapter must be resident (never evicting one the batch uses)
                 keep = frozenset(busy | {j.prepared.adapter for j in first}) - {job.prepared.adapter}
                 try:
