@@ -156,9 +156,9 @@ def test_clients_that_close_while_queued_leave_before_the_next_step(serve_regist
 
 
 def test_a_request_refused_for_a_full_queue_queues_none_of_its_choices(serve_registry, monkeypatch):
-    """--max-queue 3 holds one queued request; one with n=4 is refused (429) whole: none of its choices was queued
-    for nobody (two were, then cancelled), and the refusal is counted, one per choice as every ending is."""
-    s = Served(serve_registry, max_batch_rows=1, max_queue=3)
+    """--max-queue 4 holds one queued request; one with n=4 is refused (429) whole: none of its choices was queued
+    for nobody (three were, then cancelled), and the refusal is counted, one per choice as every ending is."""
+    s = Served(serve_registry, max_batch_rows=1, max_queue=4)
     gate = Gate(s.engine, monkeypatch)
     try:
         gate.hold()
@@ -180,6 +180,22 @@ def test_a_request_refused_for_a_full_queue_queues_none_of_its_choices(serve_reg
     finally:
         gate.open()
         s.close()
+
+
+def test_a_request_of_more_rows_than_the_queue_holds_is_a_400_not_a_429_forever(served, monkeypatch):
+    """n=5 (or 3 prompts × n=2) on an idle server with --max-queue 4: an empty queue could not take it either, yet it
+    was a 429 'retry shortly' (Retry-After: 1), so a client retried forever. It is a 400 naming both numbers and
+    counted once per row as every refusal; a request of exactly 4 rows is served."""
+    monkeypatch.setattr(served.engine, "max_queue", 4)
+    before = served.engine.metrics.requests.labels(adapter="base", status="BudgetError")._value.get()
+    for extra in ({"n": 5}, {"prompt": ["x", "y", "z"], "n": 2}):
+        r = served.post("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 2, **extra})
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "--max-queue" in message and "4" in message and ("5 rows" in message or "6 rows" in message), message
+    assert served.engine.metrics.requests.labels(adapter="base", status="BudgetError")._value.get() == before + 11
+    r = served.post("/v1/completions", {"model": "base", "prompt": ["x", "y"], "max_tokens": 2, "n": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
 
 
 def test_a_request_refused_while_stopping_is_counted(serve_registry):

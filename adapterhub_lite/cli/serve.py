@@ -182,7 +182,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                         "as vLLM's --enforce-eager")
     p.add_argument("--max-lora-rank", type=count(1), help="rank of every layer's adapter slots: memory per slot is fixed and "
                    "wider LoRA adapters are refused (default: the widest resident, growing as needed)")
-    p.add_argument("--max-queue", type=count(1), default=256, help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--max-queue", type=count(1), default=256, help="requests waiting beyond the batch (each prompt × n a row); more get 429, "
+                   "a request of more rows than this 400")
     p.add_argument("--max-model-len", type=count(1), help="context in tokens: prompt (+ an adapter's virtual tokens) + max_tokens must fit, "
                    "else 400 naming the numbers; prompts are never cut (default: the backbone's own)")
     p.add_argument("--max-input-tokens", type=count(1), help="longest prompt accepted, below the context (longer: 400; default: no limit but the context)")

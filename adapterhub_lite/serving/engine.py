@@ -46,7 +46,7 @@ from adapterhub_lite.serving.manager import AdapterManager
 from adapterhub_lite.serving.metrics import ServeMetrics, adapter_label
 from adapterhub_lite.serving.offline import OfflineRun
 from adapterhub_lite.serving.sampling import choose, model_logprobs
-from adapterhub_lite.serving.scheduler import Budgets, Scheduler, Ticket
+from adapterhub_lite.serving.scheduler import BudgetError, Budgets, Scheduler, Ticket
 from adapterhub_lite.serving.static import StaticBatch
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
@@ -110,9 +110,13 @@ class Engine(Admission, OfflineRun):
 
     def submit(self, *jobs: Job) -> None:
         """Queue a request's jobs (its choices), all or none: QueueFull when they would take the queue past its bound,
-        ShuttingDown while stopping (each refused job counted in /metrics with that status, as every ending is)."""
+        BudgetError when they are more than it holds at all, ShuttingDown while stopping (each refused job counted in
+        /metrics with that status, as every ending is)."""
         if self._stopping.is_set():
             self._refuse(jobs, ShuttingDown("the server is shutting down and takes no new requests; retry on another replica"))
+        if len(jobs) > self.max_queue:  # an empty queue could not take them either: a 429's retry would never pass
+            self._refuse(jobs, BudgetError(f"the request makes {len(jobs)} rows (prompts × n) but the server queues {self.max_queue} at "
+                                           "most (--max-queue), so it could never be queued; send fewer prompts or a smaller n"))
         with self._admitting:
             depth = self.queue_depth + len(jobs)  # counted once: queue_depth walks the whole queue
             if depth > self.max_queue:
