@@ -394,3 +394,29 @@ def test_a_source_whose_target_modules_is_a_regex_merges_with_a_list_one(sources
     merge_adapters({"a": regex, "b": sources["b"]}, {"a": 0.7, "b": 0.3}, "delta_linear", output=tmp_path / "mixed", name="mix", report_rows=0)
     want, got = _updates(tmp_path / "list"), _updates(tmp_path / "mixed")
     assert set(got) == set(want) and max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6
+
+
+def test_majority_sign_method_is_peft_s_and_refused_where_unused(sources, tmp_path):
+    """peft's add_weighted_adapter elects TIES signs by 'total' (default) or 'frequency'; the merge passes it on (the CLI's
+    --majority-sign-method, a recipe's majority_sign_method), records it, and refuses it for a method that elects none."""
+    from safetensors.torch import load_file
+
+    weights = {"a": 0.6, "b": -0.4}
+    torch.manual_seed(0)
+    ref = PeftModel.from_pretrained(load_backbone("tiny-random-llama", "none", dtype="fp32").model, sources["a"], adapter_name="a")
+    ref.load_adapter(sources["b"], adapter_name="b")
+    ref.add_weighted_adapter(["a", "b"], [0.6, -0.4], "mix", combination_type="ties", density=0.5, majority_sign_method="frequency")
+    ref.save_pretrained(tmp_path / "peft", selected_adapters=["mix"], save_embedding_layers=False)
+    want = load_file(tmp_path / "peft" / "mix" / "adapter_model.safetensors")
+    got = {}
+    for sign in ("frequency", None):
+        _, meta = merge_adapters({k: sources[k] for k in weights}, weights, "ties", density=0.5, output=tmp_path / str(sign), name="mix",
+                                 report_rows=0, majority_sign_method=sign)
+        got[sign] = load_file(tmp_path / str(sign) / "adapter_model.safetensors")
+        assert meta["merge"]["majority_sign_method"] == (sign or "total")
+    assert all(torch.equal(got["frequency"][k], want[k]) for k in want)
+    assert any(not torch.equal(got["frequency"][k], got[None][k]) for k in want)
+    with pytest.raises(MergeError, match="method 'svd' elects no signs, so majority_sign_method .'frequency'. is unused"):
+        merge_adapters({k: sources[k] for k in weights}, weights, "svd", report_rows=0, majority_sign_method="frequency")
+    with pytest.raises(MergeError, match="majority_sign_method is 'most'; give 'total'"):
+        merge_adapters({k: sources[k] for k in weights}, weights, "ties", density=0.5, report_rows=0, majority_sign_method="most")

@@ -226,6 +226,22 @@ def test_per_request_merges_are_built_once_and_served(served, registry, tmp_path
     assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
 
 
+def test_a_recipe_s_majority_sign_method_is_used_and_a_field_not_read_is_refused(served):
+    """LoRAX's recipes carry majority_sign_method; it was not read (nor was any unknown field), so "frequency" was merged
+    as "total", unsaid. It is passed to peft now (another recipe, another adapter), and a field not read is a 400."""
+    recipe = {"ids": ["gen_a", "gen_b"], "weights": [0.5, 0.5], "merge_strategy": "ties_svd", "density": 0.5}  # (ranks 8, 16)
+    names = {}
+    for sign in ("total", "frequency"):
+        r = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": {**recipe, "majority_sign_method": sign}})
+        assert r.status_code == 200, r.text
+        names[sign] = r.json()["choices"][0]["adapter"]
+        assert served.router.metas[names[sign]]["merge"]["majority_sign_method"] == sign
+    assert names["total"] != names["frequency"]
+    for field, value in (("majority_sign", "frequency"), ("majority_sign_method", "most")):
+        bad = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": {**recipe, field: value}})
+        assert bad.status_code == 400 and f"`merged_adapters.{field}` is \"{value}\"" in bad.json()["error"]["message"], bad.text
+
+
 def test_per_request_merges_share_one_metrics_label(served, registry, tmp_path):
     """Each recipe is a new adapter name; as a label value each would be a series kept for the server's life, so a client
     could grow /metrics without bound. Merges count under adapter="merged"; an adapter an operator names merged-… keeps

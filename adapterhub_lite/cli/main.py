@@ -198,7 +198,8 @@ def _merge(args) -> int:
     _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
                              density=args.density, name=args.name or Path(args.output).name, output=args.output,
                              report_rows=args.report_rows, task=args.task, quantization=args.quantization, device=args.device,
-                             dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch, seed=args.seed)
+                             dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch, seed=args.seed,
+                             majority_sign_method=args.majority_sign_method)
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
     return 0
 
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="linear", help="on A and B apart (equal ranks): linear, ties, dare_linear, dare_ties, magnitude_prune; "
                    "on ΔW (mixed ranks): delta_linear (= cat), svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd")
     p.add_argument("--density", type=finite_float, help="ties / dare / magnitude_prune (and their _svd): share of each update kept")
+    p.add_argument("--majority-sign-method", choices=("total", "frequency"),
+                   help="ties, dare_ties (and their _svd): elect each sign by the summed values (total, peft's default) or by count")
     p.add_argument("--seed", type=int, default=0, help="dare_* drop at random: torch's generator is seeded with this (one seed, one merge)")
     p.add_argument("--output", type=nonempty, required=True, help="new folder for the merged adapter (publishable)")
     p.add_argument("--name", help="adapter name (default: the output folder's name)")

@@ -49,6 +49,7 @@ DELTA_METHODS = ("delta_linear", "cat", "svd", "ties_svd", "dare_linear_svd", "d
 MERGE_METHODS = FACTOR_METHODS + DELTA_METHODS
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd", "dare_ties_svd",
                    "magnitude_prune_svd")  # prune each update to a density first
+SIGN_METHODS = ("ties", "dare_ties", "ties_svd", "dare_ties_svd")  # elect a sign per entry: majority_sign_method total or frequency
 RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # DARE drops at random (torch's global generator)
 _GLOBAL_RNG = threading.Lock()  # one seeded merge at a time draws from torch's global generator (the server builds merges on threads)
 _PEFT_NAME = {"delta_linear": "cat"}  # peft's `cat` is the exact ΔW sum; the name says what it does
@@ -103,7 +104,7 @@ def _ranks(configs: dict[str, dict]) -> dict[str, int]:
 
 
 def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
-                allow_base_mismatch: bool = False) -> dict[str, int]:
+                allow_base_mismatch: bool = False, majority_sign_method: str | None = None) -> dict[str, int]:
     """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks (each one's largest).
     `configs`: each source's adapter_config.json as read."""
     _check_sources(metas, method, weights, allow_base_mismatch)
@@ -119,17 +120,25 @@ def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[
         raise MergeError(f"method {method!r} needs a density in (0, 1], e.g. --density 0.5")
     if method in DENSITY_METHODS and not (isinstance(density, (int, float)) and 0 < density <= 1):
         raise MergeError(f"density must be in (0, 1], got {density!r}; e.g. --density 0.5")
+    if majority_sign_method is not None and method not in SIGN_METHODS:
+        raise MergeError(f"method {method!r} elects no signs, so majority_sign_method ({majority_sign_method!r}) is unused; drop it, or use one of "
+                         f"{', '.join(SIGN_METHODS)}")
+    if majority_sign_method not in (None, "total", "frequency"):
+        raise MergeError(f"majority_sign_method is {majority_sign_method!r}; give 'total' (the default) or 'frequency'")
     if method not in DENSITY_METHODS and density is not None:
         raise MergeError(f"method {method!r} does not use a density (got {density}); drop --density, or use one of {', '.join(DENSITY_METHODS)}")
     return ranks
 
 
-def add_merged(model: PeftModel, names: list[str], weights: list[float], adapter_name: str, method: str, density: float | None = None) -> None:
+def add_merged(model: PeftModel, names: list[str], weights: list[float], adapter_name: str, method: str, density: float | None = None,
+               majority_sign_method: str | None = None) -> None:
     """Add the merge of the loaded adapters `names` to `model` as `adapter_name` (peft's add_weighted_adapter,
     which takes this module's method names). Call check_merge first."""
     if adapter_name in model.peft_config:  # peft would silently keep the existing adapter
         raise MergeError(f"an adapter named {adapter_name!r} is already loaded (a source's name?); give the merged adapter another name")
     kwargs = {"density": density} if density is not None else {}
+    if majority_sign_method is not None:
+        kwargs["majority_sign_method"] = majority_sign_method
     model.add_weighted_adapter(names, weights, adapter_name, combination_type=_PEFT_NAME.get(method, method), **kwargs)
     merged = model.peft_config[adapter_name]
     if merged.use_rslora:
@@ -194,7 +203,8 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
                    device: str | None = None, dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False,
-                   base_config=None, contents: dict[str, dict[str, bytes]] | None = None, seed: int = 0):
+                   base_config=None, contents: dict[str, dict[str, bytes]] | None = None, seed: int = 0,
+                   majority_sign_method: str | None = None):
     """Merge LoRA adapter folders into one; returns (PeftModel with the merged adapter active, sidecar).
 
     `task`: the task the merged adapter serves. None: the sources' common task (sources of different
@@ -210,12 +220,13 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     `seed`: torch's generator is seeded with it before the sources are loaded, so the random DARE methods give one
     adapter per seed: the one `torch.manual_seed(seed)`, then PeftModel.from_pretrained / load_adapter of the sources
     in order and add_weighted_adapter give (on the same device: the weightless model merges on the CPU).
+    `majority_sign_method` (peft's: 'total', its default, or 'frequency'): how the TIES methods elect each sign.
     """
     folders = {n: Path(f) for n, f in folders.items()}
     files = contents if contents is not None else {n: read_source(f) for n, f in folders.items()}
     metas = {n: Sidecar.from_dict(_json(files[n], SIDECAR, f), str(f / SIDECAR)).to_dict() for n, f in folders.items()}
     configs = {n: _json(files[n], "adapter_config.json", f) for n, f in folders.items()}
-    ranks = check_merge(configs, metas, weights, method, density, allow_base_mismatch)
+    ranks = check_merge(configs, metas, weights, method, density, allow_base_mismatch, majority_sign_method)
     if name in folders:
         raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
     dotted = [n for n in (*folders, name) if not n or "." in n]
@@ -235,14 +246,15 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     with _GLOBAL_RNG, torch.random.fork_rng():
         torch.manual_seed(seed)
         model = load_sources(base, {n: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
-        add_merged(model, names, [weights[n] for n in names], name, method, density)
+        add_merged(model, names, [weights[n] for n in names], name, method, density, majority_sign_method)
     model.set_adapter(name)
     model.eval()
 
     report = _report(model, backbone.tokenizer, metas, name, report_rows) if backbone is not None and report_rows != 0 else {}
     shas = {n: hashlib.sha256(files[n]["adapter_model.safetensors"]).hexdigest() for n in names}  # of the bytes merged
     sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report, shas,
-                             seed if method in RANDOM_METHODS else None)
+                             seed if method in RANDOM_METHODS else None,
+                             (majority_sign_method or "total") if method in SIGN_METHODS else None)
     if output is not None:
         save_merged(model, name, sidecar, Path(output))
     return model, sidecar.to_dict()
@@ -279,7 +291,7 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
 
 def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],
                    method: str, density: float | None, ranks: dict[str, int], task: dict | None, report: dict,
-                   shas: dict[str, str], seed: int | None = None) -> Sidecar:
+                   shas: dict[str, str], seed: int | None = None, majority_sign_method: str | None = None) -> Sidecar:
     """The sidecar of a merged adapter, built for what it is: its task (or none), the shared backbone,
     the merge recipe and sources, and as metrics only what was measured on the merged adapter itself."""
     own = next((n for n, m in metas.items() if task and m.get("task") and m["task"]["name"] == task["name"]), None)
@@ -299,6 +311,7 @@ def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders:
         metrics_rows=measured.get("rows"),
         trainable_parameters={"trainable": params, "note": "parameters of the merged adapter (merged, not trained)"},
         merge={"method": method, "acts_on": "factors" if method in FACTOR_METHODS else "delta_w", "density": density, "seed": seed,
+               "majority_sign_method": majority_sign_method,
                "weights": weights, "ranks": ranks, "rank": model.peft_config[name].r, "sources": sources},
         merge_report=report,
         routing=None,  # no routing sample of its own: content routing leaves it out (requests may still name it)

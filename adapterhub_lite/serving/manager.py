@@ -282,7 +282,8 @@ class AdapterManager(RequestReader):
             del self.resident[name]
 
     def build_merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
-                    name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0) -> tuple[Path, dict]:
+                    name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0,
+                    majority_sign_method: str | None = None) -> tuple[Path, dict]:
         """Write the merged adapter's folder (not registered); returns (folder, sidecar). Without a report
         (report_rows=0) peft merges the sources' factors on a weightless model of the backbone's shape, so no
         second backbone is loaded and the served model is not touched: the server runs this off its engine thread."""
@@ -309,7 +310,7 @@ class AdapterManager(RequestReader):
         _, sidecar = merge_adapters({n: folder for n, (folder, _) in sources.items()}, weights, method, density=density, name=name,
                                     output=output, quantization=self.backbone.fingerprint["quantization"], report_rows=report_rows, task=task,
                                     device=str(self.backbone.device), dtype=self.backbone.dtype, base_config=self.backbone.model.config,
-                                    contents=contents)
+                                    contents=contents, majority_sign_method=majority_sign_method)
         return output, sidecar
 
     def spec(self, name: str) -> TaskSpec | None:

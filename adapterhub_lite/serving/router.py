@@ -89,7 +89,8 @@ class Router(AdapterManager):
     # -- merge ---------------------------------------------------------------------------------
     @_locked
     def merge(self, weights: dict[str, float], method: str = "linear", *, density: float | None = None, task: str | None = None,
-              name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0, into_base: bool = False) -> dict:
+              name: str = "merged", output: str | Path | None = None, report_rows: int | None = 0, into_base: bool = False,
+              majority_sign_method: str | None = None) -> dict:
         """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar.
 
         With into_base=True the merged update is also folded into the router's backbone weights:
@@ -97,7 +98,8 @@ class Router(AdapterManager):
         8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
         this causes on the first source task's dev prompts.
         """
-        output, sidecar = self.build_merge(weights, method, density=density, task=task, name=name, output=output, report_rows=report_rows)
+        output, sidecar = self.build_merge(weights, method, density=density, task=task, name=name, output=output, report_rows=report_rows,
+                                           majority_sign_method=majority_sign_method)
         self.register(name, output)
         if into_base:
             spec = self.spec(next(iter(weights)))

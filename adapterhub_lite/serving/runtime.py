@@ -26,6 +26,9 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.manager import AdapterUnavailable
 
+# a merged_adapters recipe's fields: LoRAX's (ids, weights, merge_strategy, density, majority_sign_method) and task
+RECIPE_FIELDS = ("ids", "weights", "merge_strategy", "density", "majority_sign_method", "task")
+
 
 class Catalogue:
     """What `model` may name, and the calls that change it."""
@@ -173,9 +176,13 @@ class Catalogue:
         is one of the sources, else the sources' common task."""
         if not isinstance(recipe, dict):
             raise P.bad("merged_adapters", recipe, 'give {"ids": [...], "weights": [...], "merge_strategy": "linear", "density": ...}')
+        unread = sorted(set(recipe) - set(RECIPE_FIELDS))
+        if unread:  # else a field this server does not read (a typo, a newer LoRAX option) was merged without, unsaid
+            raise P.bad(f"merged_adapters.{unread[0]}", recipe[unread[0]], f"this server reads only {', '.join(RECIPE_FIELDS)} in a recipe; drop it",
+                        code="unsupported_field")
         ids, weights = recipe.get("ids"), recipe.get("weights")
         method = recipe.get("merge_strategy", "linear")
-        density, task = recipe.get("density"), recipe.get("task")
+        density, task, sign = recipe.get("density"), recipe.get("task"), recipe.get("majority_sign_method")
         if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
             raise P.bad("merged_adapters.ids", ids, "give two or more distinct adapter names")
         if weights is None:
@@ -187,12 +194,15 @@ class Catalogue:
             raise P.bad("merged_adapters.merge_strategy", method, f"use one of {', '.join(METHODS)}")
         if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1):
             raise P.bad("merged_adapters.density", density, "give a number in (0, 1]")
+        if sign not in (None, "total", "frequency"):
+            raise P.bad("merged_adapters.majority_sign_method", sign, 'give "total" (the default) or "frequency"')
         for i in ids:
             if i not in self.router.folders:
                 raise P.ApiError(404, f"merged_adapters names {i!r}, which this server does not know; see GET /v1/models", code="model_not_found")
         if task is None and model in ids and self.router.metas[model]["task"]:
             task = self.router.metas[model]["task"]["name"]
-        key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task}, sort_keys=True)
+        key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task,
+                          **({"majority_sign_method": sign} if sign is not None else {})}, sort_keys=True)  # (recipes without it keep their names)
         name = MERGED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
         if name in self.router.folders:
             if name in self.merges:
@@ -209,7 +219,7 @@ class Catalogue:
                     # the merge itself runs in a worker thread: off the engine thread (decoding goes on) and off the event loop
                     folder, _ = await self._off_engine(
                         lambda: self.router.build_merge(dict(zip(ids, map(float, weights))), method, density=density, task=task, name=name,
-                                                        report_rows=0, output=building / name), flags=flags)
+                                                        report_rows=0, output=building / name, majority_sign_method=sign), flags=flags)
                     reg = await self._off_engine(self.router.inspect, name, folder)
                     await self._on_engine(lambda r: self._register_merge(r, name, folder, reg), flags)
                 finally:  # registered: moved out already; failed (inspecting, registering) or cancelled: nothing is left behind
