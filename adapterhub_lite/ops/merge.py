@@ -278,15 +278,22 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
         if missing or loaded.unexpected_keys:
             raise MergeError(f"{folder / 'adapter_model.safetensors'} does not fit its adapter_config.json (missing {missing[:3]}, "
                              f"unexpected {loaded.unexpected_keys[:3]}); the adapter folder is damaged: re-publish or re-train it")
-    if len({isinstance(model.peft_config[n].target_modules, str) for n in sources}) > 1:
-        # peft merges sources whose target_modules are all lists (their union) or all regexes (joined), and refuses a mix
-        # (a bare ValueError): a regex source's modules are named one by one instead, by their full paths (a suffix such
-        # as q_proj could name modules the regex left out, where no source has factors to merge)
+    if len({_placement(model.peft_config[n]) for n in sources}) > 1:
+        # peft places the merged adapter by the first source's config with the sources' target_modules joined: lists are
+        # unioned, regexes joined, a mix refused (a bare ValueError), and the first source's layers_to_transform,
+        # layers_pattern and exclude_modules kept, so the other sources' updates outside its layers were dropped, unsaid.
+        # Where the sources place their factors differently, each names its modules by their full paths instead (a
+        # suffix such as q_proj could name modules a source left out, where no source has factors to merge).
         for n in sources:
-            if isinstance(model.peft_config[n].target_modules, str):
-                model.peft_config[n].target_modules = {key for key, module in model.base_model.model.named_modules()
-                                                       if isinstance(module, LoraLayer) and n in module.lora_A}
+            config = model.peft_config[n]
+            config.target_modules = {key for key, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer) and n in module.lora_A}
+            config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
     return model
+
+
+def _placement(config) -> tuple:
+    """What decides the modules an adapter of this config goes to, besides target_modules' names."""
+    return (isinstance(config.target_modules, str), *(repr(getattr(config, f, None)) for f in ("layers_to_transform", "layers_pattern", "exclude_modules")))
 
 
 def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],
