@@ -40,3 +40,22 @@ def test_predict_refuses_a_prompt_over_the_context(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1
     assert f"but the model's context is {context} tokens" in errors[0] and not (tmp_path / "out.jsonl").exists()
+
+
+def test_predict_counts_a_prompt_adapters_virtual_tokens(tmp_path, capsys):
+    # prompt tuning puts 4 positions before the prompt: a prompt that fits the context only without them ran positions
+    # past it in predict, where serve, infer and Router.run refuse it ("4 virtual tokens of adapter …")
+    folder = train_tiny(tmp_path, method="prompt", method_args={"num_virtual_tokens": 4})
+    model, backbone, spec, _ = load_adapter(folder)
+    context, tok = model.config.max_position_embeddings, backbone.tokenizer
+    label = max(len(tok(" " + w, add_special_tokens=False).input_ids) for w in spec.labels)
+    empty = len(tok(render(spec, {"text": ""})).input_ids)
+    text = "p" * (context - label - 2 - empty)  # fits with its label, not with the virtual tokens too
+    n = len(tok(render(spec, {"text": text})).input_ids)
+    assert n + label <= context < n + 4 + label
+    capsys.readouterr()  # training's log
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    code = main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--no-progress"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and not (tmp_path / "out.jsonl").exists()
+    assert f"needs {n + 4 + label} tokens ({n} in the prompt, 4 virtual tokens of the adapter, {label} for the answer)" in errors[0]

@@ -44,7 +44,7 @@ def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: in
     batch_size = batch_size or spec.train.eval_batch_size
     ids = prompt_ids if prompt_ids is not None else tokenizer(prompts, add_special_tokens=True).input_ids
     label_tokens = label_token_ids(tokenizer, spec) if spec.type == "classification" else None
-    max_length = spec.train.max_length if context is None else _fit_context(ids, label_tokens, spec, context)
+    max_length = spec.train.max_length if context is None else _fit_context(ids, label_tokens, spec, context, _virtual_tokens(model))
     # Batch prompts of similar length together (less padding), then restore the caller's order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list = [None] * len(ids)
@@ -66,15 +66,26 @@ def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: in
     return out
 
 
-def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: int) -> int:
-    """The context itself, once every prompt fits it with its answer (the longest label, or max_new_tokens), so no
-    prompt is cut: keeping the end within train.max_length answered a long input other than the server did."""
+def _virtual_tokens(model) -> int:
+    """The positions a prefix- or prompt-tuning adapter puts before every prompt (0 for LoRA, IA3 or the plain backbone)."""
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "peft_type", None) in ("PREFIX_TUNING", "PROMPT_TUNING") and not getattr(model, "_adapters_disabled", False):
+        return config.num_virtual_tokens
+    return 0
+
+
+def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: int, virtual: int = 0) -> int:
+    """The context itself, once every prompt fits it with the adapter's virtual tokens and its answer (the longest label,
+    or max_new_tokens), so no prompt is cut: keeping the end within train.max_length answered a long input other than the
+    server did. The virtual tokens count as the server counts them: without them a prompt-tuning adapter ran positions
+    past the context on a prompt that `serve`, `infer` and Router.run refuse."""
     need = max(len(t) for t in label_tokens) if label_tokens else spec.train.max_new_tokens
-    over = [i for i, p in enumerate(ids) if len(p) + need > context]
+    over = [i for i, p in enumerate(ids) if len(p) + virtual + need > context]
     if over:
         n = len(ids[over[0]])
-        raise DataError(f"input row {over[0] + 1} needs {n + need} tokens ({n} in the prompt, {need} for the answer) but the model's "
-                        f"context is {context} tokens; shorten it (no prompt is cut, as in `serve`)")
+        adapter = f", {virtual} virtual tokens of the adapter" if virtual else ""
+        raise DataError(f"input row {over[0] + 1} needs {n + virtual + need} tokens ({n} in the prompt{adapter}, {need} for the answer) "
+                        f"but the model's context is {context} tokens; shorten it (no prompt is cut, as in `serve`)")
     return context
 
 
