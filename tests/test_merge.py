@@ -434,3 +434,19 @@ def test_a_first_source_on_some_layers_does_not_drop_the_others_updates_elsewher
     want = {m: 0.7 * ug.get(m, 0) + 0.3 * ua.get(m, 0) for m in ug.keys() | ua.keys()}
     got = _updates(tmp_path / "m")
     assert set(got) == set(want) and max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6
+
+
+def test_a_source_with_tensors_besides_its_factors_is_refused(sources, tmp_path):
+    """peft's add_weighted_adapter merges the A and B factors alone: a source's lora_bias (B's bias), DoRA magnitudes, a
+    trained module copy were dropped from the merge, unsaid. Such a source is refused in one line naming a tensor."""
+    from safetensors.torch import load_file, save_file
+
+    biased = tmp_path / "biased"
+    shutil.copytree(sources["a"], biased)
+    config = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    state = load_file(biased / "adapter_model.safetensors")
+    state.update({k.replace(".weight", ".bias"): torch.full(v.shape[:1], 0.5) for k, v in state.items() if ".lora_B." in k})
+    save_file(state, biased / "adapter_model.safetensors")
+    with pytest.raises(MergeError, match=r"holds \d+ trained tensor\(s\) besides the LoRA factors \(e\.g\. .*lora_B\.bias\)"):
+        merge_adapters({"x": biased, "b": sources["b"]}, {"x": 0.5, "b": 0.5}, "delta_linear", report_rows=0)

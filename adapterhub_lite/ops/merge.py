@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -260,6 +261,9 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     return model, sidecar.to_dict()
 
 
+_FACTOR = re.compile(r"\.lora_(A|B)\.weight$|\.lora_embedding_(A|B)$")  # the tensors add_weighted_adapter merges
+
+
 def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftModel:
     """`base` with each source adapter loaded under its name from bytes already read: name → (adapter_config.json as
     read, adapter_model.safetensors' bytes, the folder, for messages). peft's own steps of PeftModel.from_pretrained /
@@ -273,7 +277,13 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
             model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(base, config, adapter_name=n)
         else:
             model.add_adapter(n, config)
-        loaded = set_peft_model_state_dict(model, load_safetensors(weights), adapter_name=n)
+        state = load_safetensors(weights)
+        others = [k for k in state if not _FACTOR.search(k)]
+        if others:  # a DoRA magnitude, lora_bias' B bias, a trained module copy or token rows: peft merges none of them
+            raise MergeError(f"{folder / 'adapter_model.safetensors'} holds {len(others)} trained tensor(s) besides the LoRA factors (e.g. "
+                             f"{others[0]}), which peft's add_weighted_adapter does not merge (they would be dropped); merge adapters of "
+                             "LoRA factors alone (no DoRA, lora_bias, modules_to_save or trainable tokens)")
+        loaded = set_peft_model_state_dict(model, state, adapter_name=n)
         missing = [k for k in loaded.missing_keys if "lora_" in k and f".{n}." in k]
         if missing or loaded.unexpected_keys:
             raise MergeError(f"{folder / 'adapter_model.safetensors'} does not fit its adapter_config.json (missing {missing[:3]}, "
