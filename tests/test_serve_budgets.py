@@ -424,6 +424,39 @@ def test_a_request_waiting_for_adapter_memory_is_not_passed_by_later_ones(serve_
     assert engine.metrics.waits.labels(budget="memory")._value.get() > 0
 
 
+def test_a_request_waiting_for_adapter_memory_does_not_load_its_adapter_at_every_step(serve_registry, monkeypatch):
+    """gen_b does not fit beside gen_a, which a 30-token row holds: its request waits at the head. Each step tried it
+    again: gen_b copied to the device (and its modules wrapped), over the budget, unloaded, 30 times, and each try
+    changed the slot table, which drops every captured CUDA graph of the running rows. It is tried once while the set
+    of resident adapters the batch holds stays the same, and answered as before once gen_a's row has left."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    probe = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    probe.hold(["gen_b"])
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32",
+                                  memory_budget_mb=probe.resident_bytes() * 1.2 / 2**20)  # one adapter at a time
+    for name in ("gen_a", "gen_b"):  # in host memory: neither request waits for a read (which would let gen_b go first)
+        router.fetch(name)
+    engine = Engine(router, budgets=Budgets(max_rows=4))
+    tries, add, done = [], router.bank.add, {}
+
+    def adding(name, *args, **kwargs):
+        if name == "gen_b" and 0 not in done:  # gen_a's row still runs
+            tries.append(len(engine._rows))
+        return add(name, *args, **kwargs)
+    monkeypatch.setattr(router.bank, "add", adding)
+    for i, (adapter, new) in enumerate([("gen_a", 30), ("gen_b", 3)]):
+        engine._waiting.put_nowait(Job({"adapter": adapter, "prompt_ids": [5, 9, 14]}, lambda event, payload, i=i: done.setdefault(i, payload)
+                                       if event in ("done", "error") else None, SamplingParams(max_tokens=new, ignore_eos=True)))
+    while len(done) < 2:
+        engine._serve_once()
+    assert [len(done[i].token_ids) for i in range(2)] == [30, 3]
+    assert len(tries) == 1, tries  # one try beside gen_a's row (in the step both were admitted), not one a step
+    assert engine.metrics.waits.labels(budget="memory")._value.get() >= 29  # it still counts as waiting at every step
+
+
 def test_memory_reports_the_running_batchs_gathered_rows(serve_registry):
     """The per-row factors a batch of several adapters gathers from the pools are memory too (rows × pool width at
     each layer): /health reports them beside what the budget bounds, and a batch of one adapter (views) has none."""

@@ -202,10 +202,17 @@ class Admission:
                 continue
             if t.prefilled == n:  # its first piece: its adapter must be resident (never evicting one the batch uses)
                 keep = frozenset(busy | {j.prepared.adapter for j in first}) - {job.prepared.adapter}
+                # Found no room beside these adapters already: it waits without a try. Each try copies the adapter to the
+                # device and back (and a changed slot table drops every captured CUDA graph), at every step until a row left.
+                tried = (job.prepared.adapter, keep, frozenset(router.resident))
+                if tried == self._no_room:
+                    back.append(t)
+                    continue
                 try:
                     router.hold([job.prepared.adapter], keep=keep)
                 except ResidencyFull as exc:
                     if keep:  # rows that run now will free room: it waits at the head
+                        self._no_room = tried
                         back.append(t)
                         continue
                     self._fail([job], exc)

@@ -91,6 +91,7 @@ class Engine(Admission, OfflineRun):
         self.cuda_graphs = router.backbone.device.type == "cuda" and (cuda_graphs == "on" or (cuda_graphs == "auto" and not quantized))
         self._static: StaticBatch | None = None
         self._memory_waits: list[Ticket] = []  # requests whose admission ran out of memory: tried again once a row leaves
+        self._no_room: tuple | None = None  # (adapter, adapters kept, resident) of the last hold that found no room (admission)
         self._rows: dict[int, Job] = {}  # id(job) → job, for the running rows
         self._jobs: dict[int, Job] = {}  # id(job) → job, for every job the scheduler holds (waiting, prefilling, running)
         # Adapters not in host memory are read (and their sha256 checked) on a loader thread, never on this one: decoding
