@@ -240,3 +240,19 @@ def test_the_kv_reservation_counts_prompts_still_in_pieces():
     s.add(Ticket("long", None, 10, 20))
     s.schedule()
     assert "long" in s.prefilling and s.kv_reserved() == 20
+
+
+def test_without_joining_only_rows_of_one_layout_start_together_first_come_first_served():
+    """A cache that cannot take rows mid-way (sliding-window layers) windows by column, so rows padded after their own
+    tokens must not share its batch: with can_join False only newcomers of the first one's layout start with it, and
+    the first of another layout waits (and everyone behind it) for the next batch."""
+    s = Scheduler(Budgets(max_rows=8))
+    for key, layout in enumerate([(0, 3), (0, 3), (0, 14), (0, 3)]):
+        s.add(Ticket(key, None, layout[1], layout[1] + 4, layout=layout))
+    plan = s.schedule(can_join=False)
+    assert [t.key for t, _ in plan.prefill] == [0, 1] and plan.blocked == "layout"
+    for key in (0, 1):
+        s.started(key)
+        s.finish(key)
+    assert [t.key for t, _ in s.schedule(can_join=False).prefill] == [2]
+    assert all(t.layout is None for t in tickets(2)[0]) and len(Scheduler().schedule(can_join=True).prefill) == 0

@@ -331,27 +331,33 @@ def test_a_replay_that_disagrees_with_the_eager_step_switches_graphs_off(folders
     assert "not used (max |graph - eager| = 1" in caplog.text
 
 
+def _tiny_mistral(folder):
+    """A random 2-layer Mistral with a sliding window of 8 (the tiny Llama's tokenizer), loaded as a backbone."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from adapterhub_lite.model.backbone import load_backbone
+    from adapterhub_lite.model.weights import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(TINY)[0])
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, sliding_window=8)
+    MistralForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return load_backbone(str(folder), "none", dtype="fp32")
+
+
 def test_a_sliding_window_model_runs_a_prompt_longer_than_a_step_whole_as_transformers_decodes_it(tmp_path):
     """A sliding-window cache takes neither rows mid-way nor a prompt in pieces (Decoding.extend refuses it). With a
     batch running the scheduler knew (can_join False: newcomers run whole), but an idle engine had no batch to ask and
     cut a prompt longer than --max-num-batched-tokens into pieces, whose second failed the request ('cannot take a
     prompt in pieces'). Each prompt now runs whole (alone, over the step's budget, as any piece that cannot be cut),
     and its tokens are transformers' own greedy decode over its sliding-window cache."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
-    from adapterhub_lite.model.backbone import load_backbone
-    from adapterhub_lite.model.weights import resolve
     from adapterhub_lite.serving.engine import Engine
     from adapterhub_lite.serving.router import Router
     from adapterhub_lite.serving.scheduler import Budgets
 
-    tok = AutoTokenizer.from_pretrained(resolve(TINY)[0])
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=128, sliding_window=8)
-    MistralForCausalLM(config).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    backbone = load_backbone(str(tmp_path), "none", dtype="fp32")
+    backbone = _tiny_mistral(tmp_path)
     router = Router(backbone)
     assert not router.bank.joinable
     prompts = [list(range(5, 17)), list(range(40, 50))]  # 12 and 10 tokens: past the window, and past a step of 4
@@ -391,3 +397,31 @@ def test_the_static_buffers_stay_within_the_kv_cache_budget_and_decode_as_withou
     assert max(r * w for r, w in sizes) <= budget, sizes
     assert len({r for r, _ in sizes}) > 1 and len({w for _, w in sizes}) > 1, sizes  # it grew in rows and changed width
     assert [[t for t, _ in run] for run in got] == [[t for t, _ in run] for run in want]
+
+
+def test_a_sliding_window_model_batches_only_rows_whose_columns_line_up_and_each_decodes_as_alone(tmp_path):
+    """A sliding-window layer windows keys by cache column. Rows prefilled together are right-padded to the longest,
+    so a 3-token prompt beside a 14-token one decoded its new tokens 11 columns past its own and lost its first keys
+    from the window (window 8) too soon: other tokens than its own forward's (log-probs 0.09 off on the tiny Mistral).
+    Such a model now starts together only rows of one layout (prompt positions and prefix); rows of equal length
+    still share a batch, and each row's tokens and log-probs are the model's own forward over its prompt and answer."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.scheduler import Budgets
+
+    backbone = _tiny_mistral(tmp_path)
+    engine = Engine(Router(backbone), budgets=Budgets(max_rows=4))
+    prompts = [[5, 6, 7], [60, 61, 62], list(range(40, 54))]
+    rows, step = [], engine._step
+
+    def counted():
+        rows.append(len(engine._dec))
+        step()
+    engine._step = counted
+    got = _serve(engine, [({"adapter": "base", "prompt_ids": ids}, 8) for ids in prompts])
+    assert max(rows) == 2 and engine.metrics.waits.labels(budget="layout")._value.get() > 0  # the two 3-token rows together
+    for ids, (tokens, logprobs) in zip(prompts, got):
+        with torch.no_grad():
+            own = backbone.model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+        assert tokens == own.argmax(-1).tolist()
+        assert max(abs(lp - own[i, t].item()) for i, (t, lp) in enumerate(zip(tokens, logprobs))) <= 1e-4

@@ -89,12 +89,13 @@ class Admission:
         check_min_tokens_fit(job.params, p.max_new_tokens)
         kind, virtual = router.virtual_tokens(p.adapter)
         ran = virtual if kind == "PROMPT_TUNING" else 0  # prompt-tuning tokens run through the model; prefix ones sit in the cache
-        if p.classify:
+        prefix = virtual - ran
+        if p.classify:  # scored in one pass: padding after a row's tokens is harmless there, a prefix shorter than another's is not
             longest, sequences = router.label_shape(p.adapter)
             width = len(p.ids) + ran + longest
-            return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width, chunkable=False))
+            return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width, chunkable=False, layout=(prefix, None)))
         ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
-                        chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1)
+                        chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1, layout=(prefix, len(p.ids) + ran))
         return self._when_read(ticket)
 
     def _model_eos(self) -> list[int]:

@@ -80,6 +80,7 @@ class Ticket:
     chunkable: bool = True  # False: its prompt runs in one piece (e.g. its prompt is scored)
     first_chunk: int = 1  # the smallest first piece (a prompt-tuning adapter's virtual tokens run with its first token)
     ready: bool = True  # False while its adapter is being read from disk (off the engine thread): it waits, and holds nobody up
+    layout: object = None  # rows whose cache columns line up without padding share it (see Scheduler.schedule's can_join)
     prefilled: int = 0  # prompt positions run so far
     passed: int = 0  # steps in which a later request was admitted before it
 
@@ -151,7 +152,9 @@ class Scheduler:
 
     def schedule(self, can_join: bool = True) -> Plan:
         """The next step. `can_join` False: the runner cannot take rows into a running batch (a cache
-        with sliding-window layers), so newcomers wait until the batch is empty and run whole."""
+        with sliding-window layers), so newcomers wait until the batch is empty and run whole, and only those of one
+        `layout` run together: such a cache windows by column, so a row padded after its own tokens (a shorter prompt
+        beside a longer one) would lose its first keys from its window too soon."""
         b = self.budgets
         plan = Plan(decode=len(self.running))
         left = None if b.max_num_batched_tokens is None else b.max_num_batched_tokens - plan.decode
@@ -173,6 +176,8 @@ class Scheduler:
             if not t.ready:
                 continue
             why = self._why_not(t, in_batch, adapters, left, plan, can_join)
+            if not why and not can_join and plan.prefill and t.layout != plan.prefill[0][0].layout:
+                why = "layout"  # it starts the next batch, once this one has ended
             if why == "adapters" and t.passed < b.patience:
                 passed.append(t)  # later requests whose adapters are in the batch may go before it, for a while
                 plan.blocked = plan.blocked or why
