@@ -22,28 +22,25 @@ What each method acts on (ΔW_i = s_i·B_i·A_i is source i's update of a layer'
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import re
 import shutil
 import tempfile
 import threading
 from pathlib import Path
 
 import torch
-from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, set_peft_model_state_dict
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load as load_safetensors
 
 from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors
 from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import SIDECAR, Sidecar, build
 from adapterhub_lite.core.data import load_task_data
-from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.ops.merge_sources import MergeError, load_sources, read_json, read_source
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
 DELTA_METHODS = ("delta_linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # act on ΔW
@@ -55,10 +52,6 @@ RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"
 _GLOBAL_RNG = threading.Lock()  # one seeded merge at a time draws from torch's global generator (the server builds merges on threads)
 _PEFT_NAME = {"delta_linear": "cat"}  # peft's `cat` is the exact ΔW sum; the name says what it does
 NO_TASK = "none"  # task= for a merged adapter that serves no task (raw text, like a joint run's shared adapter)
-
-
-class MergeError(AdapterHubError):
-    """Adapters that cannot be merged as asked (method, ranks, types or backbones differ)."""
 
 
 def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float], allow_base_mismatch: bool = False) -> None:
@@ -75,28 +68,6 @@ def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float
     bases = {m["base"]["fingerprint"]["id"] for m in metas.values()}
     if len(bases) > 1 and not allow_base_mismatch:
         raise MergeError(f"sources were trained on different backbones {sorted(bases)}; merge adapters of one backbone")
-
-
-SOURCE_FILES = ("adapter_config.json", "adapter_model.safetensors", SIDECAR)  # what a merge reads of each source
-
-
-def read_source(folder: Path) -> dict[str, bytes]:
-    """The files a merge reads of one source folder, each read once: the merge is built from these bytes alone (so a
-    caller that checked their sha256 merges what it checked, whatever the folder holds by then)."""
-    missing = [f for f in SOURCE_FILES if not (Path(folder) / f).is_file()]
-    if missing:
-        raise MergeError(f"{str(folder)!r} is not an adapter folder: missing {', '.join(missing)}; pass a folder written by `adapterhub-lite train`")
-    return {f: (Path(folder) / f).read_bytes() for f in SOURCE_FILES}
-
-
-def _json(files: dict[str, bytes], name: str, folder: Path) -> dict:
-    try:
-        raw = json.loads(files[name])
-    except ValueError as exc:
-        raise MergeError(f"cannot read {Path(folder) / name} ({exc}); the adapter folder is damaged: re-publish or re-train it") from None
-    if not isinstance(raw, dict):
-        raise MergeError(f"{Path(folder) / name} holds a JSON {type(raw).__name__}, not an object; the adapter folder is damaged")
-    return raw
 
 
 def _ranks(configs: dict[str, dict]) -> dict[str, int]:
@@ -225,8 +196,8 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     """
     folders = {n: Path(f) for n, f in folders.items()}
     files = contents if contents is not None else {n: read_source(f) for n, f in folders.items()}
-    metas = {n: Sidecar.from_dict(_json(files[n], SIDECAR, f), str(f / SIDECAR)).to_dict() for n, f in folders.items()}
-    configs = {n: _json(files[n], "adapter_config.json", f) for n, f in folders.items()}
+    metas = {n: Sidecar.from_dict(read_json(files[n], SIDECAR, f), str(f / SIDECAR)).to_dict() for n, f in folders.items()}
+    configs = {n: read_json(files[n], "adapter_config.json", f) for n, f in folders.items()}
     ranks = check_merge(configs, metas, weights, method, density, allow_base_mismatch, majority_sign_method)
     if name in folders:
         raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
@@ -259,51 +230,6 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     if output is not None:
         save_merged(model, name, sidecar, Path(output))
     return model, sidecar.to_dict()
-
-
-_FACTOR = re.compile(r"\.lora_(A|B)\.weight$|\.lora_embedding_(A|B)$")  # the tensors add_weighted_adapter merges
-
-
-def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftModel:
-    """`base` with each source adapter loaded under its name from bytes already read: name → (adapter_config.json as
-    read, adapter_model.safetensors' bytes, the folder, for messages). peft's own steps of PeftModel.from_pretrained /
-    load_adapter (config class by peft_type, inference mode, set_peft_model_state_dict), without reading a file."""
-    model = None
-    for n, (raw, weights, folder) in sources.items():
-        raw = {k: v for k, v in raw.items() if k != "runtime_config"}  # as peft drops it when reading the file
-        config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**raw))
-        config.inference_mode = True
-        if model is None:  # the PeftModel class from_pretrained picks (by task type)
-            model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(base, config, adapter_name=n)
-        else:
-            model.add_adapter(n, config)
-        state = load_safetensors(weights)
-        others = [k for k in state if not _FACTOR.search(k)]
-        if others:  # a DoRA magnitude, lora_bias' B bias, a trained module copy or token rows: peft merges none of them
-            raise MergeError(f"{folder / 'adapter_model.safetensors'} holds {len(others)} trained tensor(s) besides the LoRA factors (e.g. "
-                             f"{others[0]}), which peft's add_weighted_adapter does not merge (they would be dropped); merge adapters of "
-                             "LoRA factors alone (no DoRA, lora_bias, modules_to_save or trainable tokens)")
-        loaded = set_peft_model_state_dict(model, state, adapter_name=n)
-        missing = [k for k in loaded.missing_keys if "lora_" in k and f".{n}." in k]
-        if missing or loaded.unexpected_keys:
-            raise MergeError(f"{folder / 'adapter_model.safetensors'} does not fit its adapter_config.json (missing {missing[:3]}, "
-                             f"unexpected {loaded.unexpected_keys[:3]}); the adapter folder is damaged: re-publish or re-train it")
-    if len({_placement(model.peft_config[n]) for n in sources}) > 1:
-        # peft places the merged adapter by the first source's config with the sources' target_modules joined: lists are
-        # unioned, regexes joined, a mix refused (a bare ValueError), and the first source's layers_to_transform,
-        # layers_pattern and exclude_modules kept, so the other sources' updates outside its layers were dropped, unsaid.
-        # Where the sources place their factors differently, each names its modules by their full paths instead (a
-        # suffix such as q_proj could name modules a source left out, where no source has factors to merge).
-        for n in sources:
-            config = model.peft_config[n]
-            config.target_modules = {key for key, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer) and n in module.lora_A}
-            config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
-    return model
-
-
-def _placement(config) -> tuple:
-    """What decides the modules an adapter of this config goes to, besides target_modules' names."""
-    return (isinstance(config.target_modules, str), *(repr(getattr(config, f, None)) for f in ("layers_to_transform", "layers_pattern", "exclude_modules")))
 
 
 def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders: dict[str, Path], weights: dict[str, float],

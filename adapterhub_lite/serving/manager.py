@@ -32,7 +32,8 @@ from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.core.names import BASE
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
 from adapterhub_lite.model.backbone import Backbone, model_context
-from adapterhub_lite.ops.merge import merge_adapters, read_source
+from adapterhub_lite.ops.merge import merge_adapters
+from adapterhub_lite.ops.merge_sources import read_source
 from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.reading import RequestReader, _locked
 from adapterhub_lite.serving.resident import read_adapter
