@@ -256,3 +256,19 @@ def test_without_joining_only_rows_of_one_layout_start_together_first_come_first
         s.finish(key)
     assert [t.key for t, _ in s.schedule(can_join=False).prefill] == [2]
     assert all(t.layout is None for t in tickets(2)[0]) and len(Scheduler().schedule(can_join=True).prefill) == 0
+
+
+def test_a_pass_of_several_sequences_reserves_each_of_them():
+    """A classification scoring multi-token labels runs one sequence per label, each of its width: the cache holds
+    them all at once. It counted as one row, so a 2-label request of width 60 passed a budget of 100 (120 held) and
+    beside a running row of 40 reserved 120 where 180 are held."""
+    with pytest.raises(BudgetError, match="2 sequences .* of 60 cache positions.*holds 100"):
+        Scheduler(Budgets(max_kv_tokens=100)).add(Ticket("cls", None, 120, 60, chunkable=False, sequences=2))
+    s = Scheduler(Budgets(max_kv_tokens=170))
+    s.add(Ticket("gen", None, 8, 40))
+    s.schedule()
+    s.started("gen")
+    s.add(Ticket("cls", None, 120, 60, chunkable=False, sequences=2))
+    assert s.schedule().blocked == "kv_cache" and s.kv_reserved() == 40  # 3 × 60 = 180 > 170: it waits
+    s.finish("gen")
+    assert [t.key for t, _ in s.schedule().prefill] == ["cls"] and s.kv_reserved() == 120

@@ -81,6 +81,7 @@ class Ticket:
     first_chunk: int = 1  # the smallest first piece (a prompt-tuning adapter's virtual tokens run with its first token)
     ready: bool = True  # False while its adapter is being read from disk (off the engine thread): it waits, and holds nobody up
     layout: object = None  # rows whose cache columns line up without padding share it (see Scheduler.schedule's can_join)
+    sequences: int = 1  # rows of cache_tokens its pass holds at once (a classification scoring multi-token labels: one per label)
     prefilled: int = 0  # prompt positions run so far
     passed: int = 0  # steps in which a later request was admitted before it
 
@@ -111,8 +112,9 @@ class Scheduler:
     def add(self, ticket: Ticket) -> None:
         """Queue a request; BudgetError when it could not run even on an idle server."""
         b = self.budgets
-        if b.max_kv_tokens is not None and ticket.cache_tokens > b.max_kv_tokens:
-            raise BudgetError(f"the request needs {ticket.cache_tokens} cache positions (prompt, virtual tokens and max_tokens) but the "
+        if b.max_kv_tokens is not None and self._kv([ticket]) > b.max_kv_tokens:
+            need = f"{ticket.sequences} sequences (one per label) of {ticket.cache_tokens}" if ticket.sequences > 1 else ticket.cache_tokens
+            raise BudgetError(f"the request needs {need} cache positions (prompt, virtual tokens and max_tokens or its labels) but the "
                               f"server's KV cache holds {b.max_kv_tokens} (--kv-cache-mb); lower max_tokens or shorten the prompt")
         self.waiting.append(ticket)
 
@@ -148,7 +150,7 @@ class Scheduler:
 
     def _kv(self, tickets) -> int:
         widths = [t.cache_tokens for t in tickets]
-        return len(widths) * max(widths, default=0)  # one padded tensor: rows × the widest row
+        return sum(t.sequences for t in tickets) * max(widths, default=0)  # one padded tensor: rows × the widest row
 
     def schedule(self, can_join: bool = True) -> Plan:
         """The next step. `can_join` False: the runner cannot take rows into a running batch (a cache
