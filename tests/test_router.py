@@ -223,6 +223,22 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
         Router.from_registry(reg.root, quantization="none", dtype="fp32", memory_budget_mb=-1)
 
 
+def test_infer_names_the_line_of_a_request_over_the_context(folders, tmp_path, capsys):
+    """One over-long request of a file: predict names its row; infer said the numbers but not which of the file's requests."""
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+    from adapterhub_lite.cli import main
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folders["cls_a"], "1.0.0")
+    rows = [{"adapter": "cls_a", "text": "pos 1"}, {"adapter": "cls_a", "text": "pos " * 400}, {"adapter": "base", "text": "hi", "max_new_tokens": 2}]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ans.jsonl"
+    assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "req.jsonl"), "--output", str(out), "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and not out.exists(), errors
+    assert "req.jsonl: request on line 2: the request needs" in errors[0] and "maximum context length is 512 tokens" in errors[0], errors
+
+
 def test_a_second_router_on_the_same_backbone_is_refused_not_mixed_in(folders):
     """Two banks sharing a module would run one bank's rows with the other's row assignment (silently wrong answers)."""
     backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")

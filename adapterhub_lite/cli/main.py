@@ -147,7 +147,12 @@ def _infer(args) -> int:
     with progress_bar(len(requests), "infer", not args.no_progress) as bar:
         # name@latest is name, as the server reads it (serving/runtime.py); each answer names the adapter that answered
         routed = [{**r, "adapter": r["adapter"].removesuffix("@latest")} if isinstance(r["adapter"], str) else r for r in requests]
-        results = router.run(routed, max_batch_rows=args.batch_size, on_done=lambda i: bar.update(1))
+        try:
+            results = router.run(routed, max_batch_rows=args.batch_size, on_done=lambda i: bar.update(1))
+        except AdapterHubError as exc:  # a prompt over the context, say: which of the file's requests it was
+            if getattr(exc, "request_index", None) is None:
+                raise
+            raise DataError(f"{args.input}: request on line {exc.request_index + 1}: {exc}") from None
     answers = [{**req, **res} for req, res in zip(requests, results)]
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0

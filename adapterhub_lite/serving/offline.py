@@ -26,7 +26,8 @@ class OfflineRun:
         within its task's max_new_tokens; a raw prompt, `base` and task-less adapters get the request's
         `max_new_tokens`, else `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
         "prediction": the label word or the answer's first line}; `on_done(i)` is called as request i ends.
-        A request that fails raises its error once the others have ended (the first failing one in order).
+        A request that fails raises its error once the others have ended (the first failing one in order; its index
+        in `requests` is the error's `request_index`).
         """
         if self._thread.is_alive():
             raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
@@ -73,5 +74,7 @@ class OfflineRun:
                 self._static = None
             raise
         if errors:
-            raise errors[min(errors)]
+            first = min(errors)
+            errors[first].request_index = first  # which request failed (infer names its line: one bad row of a long file)
+            raise errors[first]
         return out
