@@ -425,3 +425,18 @@ def test_a_sliding_window_model_batches_only_rows_whose_columns_line_up_and_each
             own = backbone.model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
         assert tokens == own.argmax(-1).tolist()
         assert max(abs(lp - own[i, t].item()) for i, (t, lp) in enumerate(zip(tokens, logprobs))) <= 1e-4
+
+
+def test_a_capped_growth_never_cuts_the_live_rows_columns(folders):
+    """max_positions narrows the width only as far as the live rows allow: a row of 60 columns running when a short
+    one joins under a cap of 100 keeps its columns (the engine's scheduler never admits this; a caller without one
+    gets a batch over its cap, decoding right, rather than a copy that does not fit)."""
+    bank = _bank(folders)
+    ids = rows([60, 5], seed=2)
+    dec = bank.batch(bank.start([ids[0]], ["lora_a"], keys=["long"]), max_rows=8, max_positions=100)
+    dec.join(bank.start([ids[1]], ["prefix"], keys=["short"]))
+    assert dec._width >= 61 and dec.lengths == [60, 5 + bank.virtual_tokens("prefix")]
+    tokens = dec.logits.argmax(-1)
+    dec.advance(tokens)  # over the copied columns
+    ref = ref_logits(folders, "lora_a", ids[0] + [int(tokens[0])])[-1]
+    assert (dec.logits[0] - ref).abs().max().item() <= 1e-4

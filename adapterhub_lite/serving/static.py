@@ -140,16 +140,15 @@ class StaticBatch:
             return
         new_rows = _grow(self._rows, rows, 1, self.max_rows)
         new_width = _grow(self._width, width, _MIN_WIDTH, self.max_width)
-        cap = self.max_positions
+        cap, used = self.max_positions, max(self.lengths, default=0)
         if cap is not None and new_rows * new_width > cap:
             # The cache budget bounds the buffers, not only what the rows reserve: doubling, and keeping the most rows
             # and the widest width ever asked for, held several times the budget. The scheduler admits rows × their
             # widest reservation within it, and no live row needs more columns than it reserved, so rows × width
             # fits; width first (a tight width would grow again at every decode step), then any rows left room for.
-            new_width = max(width, min(new_width, cap // rows))
+            new_width = max(width, used + 1, min(new_width, cap // rows))  # never narrower than the live rows' columns
             new_rows = max(rows, min(new_rows, cap // new_width))
         n, dev = len(self.keys), self.bank.device
-        used = max(self.lengths, default=0)
         # Everything is allocated and filled before anything is replaced: an out-of-memory here (a join that needs a
         # wider cache) fails the newcomers, and the running rows keep the buffers they had.
         kv = []
