@@ -138,6 +138,29 @@ def test_merge_registers_a_new_adapter(router, folders):
         router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="linear", name="bad")
 
 
+def test_a_merge_under_a_served_name_is_refused_and_a_failed_registration_leaves_no_folder(router, folders, monkeypatch):
+    """Router.merge registered the merge under `name` whatever that name served: name="cls_b" replaced the cls_b adapter
+    with the merge, unsaid, and a second merge under the default name was refused as "output folder ... exists; choose
+    another --output". A served name is now refused in one line, and a merge whose registration fails leaves no folder in
+    the router's own, so the same call, retried, is built and served."""
+    before = router.folders["cls_b"]
+    with pytest.raises(MergeError, match="an adapter named 'cls_b' is already served by this router; give the merge another name"):
+        router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", name="cls_b", task="cls_a")
+    assert router.folders["cls_b"] == before
+    register = router.register
+
+    def failing(name, folder=None):
+        monkeypatch.setattr(router, "register", register)  # once
+        raise OSError("disk full")
+
+    monkeypatch.setattr(router, "register", failing)
+    with pytest.raises(OSError, match="disk full"):
+        router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", task="cls_a")
+    assert not (Path(router._scratch.name) / "merged").exists() and "merged" not in router.folders
+    router.merge({"cls_a": 0.5, "cls_r16": 0.5}, method="cat", task="cls_a")
+    assert "merged" in router.folders
+
+
 def test_errors_name_the_problem(router, folders, tmp_path):
     with pytest.raises(AdapterLoadError, match=r"unknown adapter 'nope'; known: cls_a, .*'base' / 'auto'"):
         router.run([{"adapter": "nope", "text": "x"}])

@@ -16,6 +16,7 @@ to their own stop.
 from __future__ import annotations
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from peft import PeftModel
 from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
-from adapterhub_lite.core.names import BASE
+from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.ops.merge import fold_into_base
+from adapterhub_lite.ops.merge import MergeError, fold_into_base
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.manager import AdapterManager, _locked
 from adapterhub_lite.serving.scheduler import Budgets
@@ -98,9 +99,17 @@ class Router(AdapterManager):
         8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
         this causes on the first source task's dev prompts.
         """
+        if name in self.folders or name in (BASE, AUTO):  # register() would put the merge in its place, unsaid
+            raise MergeError(f"an adapter named {name!r} is already served by this router; give the merge another name (name=...)")
+        scratch = output is None
         output, sidecar = self.build_merge(weights, method, density=density, task=task, name=name, output=output, report_rows=report_rows,
                                            majority_sign_method=majority_sign_method)
-        self.register(name, output)
+        try:
+            self.register(name, output)
+        except BaseException:  # a merge in the router's own folder that is not served is not kept: a retry would find it there
+            if scratch:
+                shutil.rmtree(output, ignore_errors=True)
+            raise
         if into_base:
             spec = self.spec(next(iter(weights)))
             probe = load_task_data(spec, ("dev",))["dev"].prompts[:16] if spec else ["The capital of France is"]
