@@ -301,9 +301,15 @@ class Admission:
     def _enter(self, jobs: list[Job], new) -> None:
         """Rows whose prompt has run: join those that want new tokens to the running batch, then send echoed or
         scored prompts and answer those that want no new token. The join comes first: when it fails (e.g. out of
-        memory growing the cache) the batch is as it was and nothing was sent, so the requests can be retried."""
+        memory growing the cache) the batch is as it was and nothing was sent, so the requests can be retried. What else
+        can raise (a row's text state, an echoed prompt's pieces) runs before the join: a row in the batch without its
+        job would fail the next decode step, and every running request with it."""
         keep = [i for i, j in enumerate(jobs) if j.prepared.max_new_tokens > 0]
         scores = new.prompt_scores
+        for job in jobs:
+            self._begin(job)
+            if job.params.echo or id(job) in scores:
+                job.prompt = self._prompt_part(job, scores.get(id(job)))
         if keep:
             if len(keep) < len(jobs):
                 new.keep(keep)
@@ -312,9 +318,7 @@ class Admission:
             else:
                 self._dec.join(new)
         for job in jobs:
-            self._begin(job)
             if job.params.echo or id(job) in scores:
-                job.prompt = self._prompt_part(job, scores.get(id(job)))
                 job.listener("prompt", job.prompt)
             if job.prepared.max_new_tokens == 0:  # the prompt's scores were all it asked for
                 self._finish(job, "length")
