@@ -70,6 +70,7 @@ def test_bf16_training_reloads_with_plain_peft_and_scores_like_fp32(cls_task, mo
     # served in bf16 by our loader (autocast), the same predictions as plain peft in fp32
     ours, backbone, spec2, _ = load_adapter(bf16, dtype="bf16")
     assert backbone.dtype == torch.bfloat16
+    assert load_adapter(bf16)[1].dtype == torch.float32  # no dtype asked: auto (fp32 on the CPU), not the bf16 it trained in (--help says so)
     served = _label_logprobs(ours, backbone.tokenizer, spec2)
     assert torch.equal(served.argmax(-1), got.argmax(-1)) and (served - got).abs().max().item() < MAX_LABEL_LOGPROB_DELTA
 

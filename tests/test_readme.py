@@ -178,6 +178,9 @@ def test_help_texts_say_what_the_readme_and_the_code_do():
     assert set(MERGE_METHODS) <= listed
     assert "mps" in _help("train", "--device") and "cpu, cuda, cuda:N or mps" in README
     assert "fp16" in _help("eval", "--dtype")
+    # eval / predict / serve run adapters in auto whatever they trained in (load_adapter); the help said "the spec's"
+    assert "whatever the adapters trained in" in _help("eval", "--dtype") and "spec" not in _help("eval", "--dtype")
+    assert "the spec's `dtype`" in _help("train", "--dtype")
     assert "multitask/cli.py" not in build_parser().description
 
 

@@ -96,7 +96,10 @@ def add_device_args(p: argparse.ArgumentParser, adapters: bool = False) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars on stderr: ours (training steps; rows, from a few hundred) and the libraries' (loading weights, downloads)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: $ADAPTERHUB_DEVICE, else cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the spec's where the command reads one, else auto = bf16 on CUDA, fp16 on a GPU without bf16, fp32 on the CPU)")
+    auto = "auto = bf16 on CUDA, fp16 on a GPU without bf16, fp32 on the CPU"
+    # adapters are run in the dtype asked for, not the one they trained in (the dtype is no part of their fingerprint)
+    p.add_argument("--dtype", choices=DTYPES, help=f"compute dtype (default: {auto}, whatever the adapters trained in)" if adapters else
+                   f"compute dtype (default: the spec's `dtype`, else {auto})")
     p.add_argument("--quantization", choices=QUANTIZATIONS, help="backbone quantization (default: the spec's or the adapters' own)")
     if adapters:
         p.add_argument("--allow-base-mismatch", action="store_true", help="load adapters even if their backbone fingerprint differs")
