@@ -274,13 +274,8 @@ class RowLoraLinear(torch.nn.Module):
             stacks, pick = self._stack(plan.slots), plan.index
         if isinstance(pick, torch.Tensor) and stacks is not None and pick.device != stacks[0].device:
             pick = pick.to(stacks[0].device)  # a plan made without a device: one copy, then cached
-        if stacks is not None:
-            if isinstance(pick, int):
-                stacks = tuple(s if s is None else s[pick] for s in stacks)  # views [in, R], [R, out], [out]: one slot for every row
-            elif pick is not None:
-                stacks = tuple(s if s is None else s.index_select(0, pick) for s in stacks)
-            elif stacks[0].shape[0] == 1:
-                stacks = tuple(s if s is None else s[0] for s in stacks)
+        if stacks is not None:  # views [in, R], [R, out], [out] when one slot serves every row
+            stacks = tuple(None if s is None else _pick_rows(s, pick) for s in stacks)
         if (self.cache or not torch.is_grad_enabled()) and not plan.live:
             self._rows = (key, stacks)
         return stacks
