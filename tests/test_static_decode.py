@@ -440,3 +440,30 @@ def test_a_capped_growth_never_cuts_the_live_rows_columns(folders):
     dec.advance(tokens)  # over the copied columns
     ref = ref_logits(folders, "lora_a", ids[0] + [int(tokens[0])])[-1]
     assert (dec.logits[0] - ref).abs().max().item() <= 1e-4
+
+
+def test_a_sliding_window_model_whose_prefill_ran_out_of_memory_answers_every_request(tmp_path, monkeypatch):
+    """A prefill pass of several rows that raises is retried in halves (Admission._parts). On a sliding-window model
+    the first half started a batch that takes no rows mid-way, and the second half's join failed its requests
+    ('cannot take rows mid-way') though nothing was wrong with them. They now wait for that batch to end, as the
+    scheduler has such newcomers wait, and every request gets the model's own greedy tokens."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.router import Router
+    from adapterhub_lite.serving.scheduler import Budgets
+
+    backbone = _tiny_mistral(tmp_path)
+    router = Router(backbone)
+    start, passes = router.bank.start, []
+
+    def out_of_memory_once(input_ids, *args, **kwargs):  # the first pass, of all four rows, runs out of memory
+        passes.append(len(input_ids))
+        if len(passes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return start(input_ids, *args, **kwargs)
+    monkeypatch.setattr(router.bank, "start", out_of_memory_once)
+    prompts = [list(range(5 + 10 * i, 15 + 10 * i)) for i in range(4)]  # one layout (10 tokens): prefilled together
+    got = _serve(Engine(router, budgets=Budgets(max_rows=4)), [({"adapter": "base", "prompt_ids": ids}, 5) for ids in prompts])
+    assert passes[:2] == [4, 2] and sum(passes[1:]) == 4, passes  # the halves; the second ran once the first's batch ended
+    for ids, (tokens, _) in zip(prompts, got):
+        want = backbone.model.generate(torch.tensor([ids]), max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, len(ids):]
+        assert tokens == want.tolist()

@@ -10,7 +10,8 @@ On the engine thread, at each step:
   uses), classification rows are scored in one pass, whole prompts are prefilled in one pass and long ones a
   piece per step (chunked prefill), and the rows that want new tokens join the running batch;
 - a pass that raises is retried in halves, so an out-of-memory or one bad row fails only the rows that cause
-  it; one request that runs out of memory beside running rows waits for a row to leave instead of failing;
+  it; one request that runs out of memory beside running rows waits for a row to leave instead of failing, and on
+  a cache that takes no rows mid-way (sliding window) the halves after the first wait for its batch to end;
 - a pass (prefill, a prompt's piece, classification) whose clients have all left (or whose deadlines passed) stops at the next decoder
   layer (AdapterBank.abandon_when) rather than running to its end for nobody.
 """
@@ -238,7 +239,10 @@ class Admission:
         if cls:
             self._parts(cls, self._classify, "classification")
         if whole:
-            self._parts(whole, self._start, "prefill")
+            later: list[Job] = []
+            self._parts(whole, lambda js: self._start(js, later), "prefill")
+            for job in reversed(later):  # to the head of the queue, in their order, behind nobody: they start the next batch
+                self.scheduler.requeue(self.scheduler.prefilling[id(job)])
         done = {id(j) for j in cls + whole}
         for job, t, n in pieces:
             if id(job) in done or job.finished:
@@ -275,9 +279,22 @@ class Admission:
             else:  # a fresh seed of its own: torch.seed() would reseed the process's global RNG (and CUDA's) too
                 job.generator.seed()
 
-    def _start(self, jobs: list[Job]) -> None:
+    def _start(self, jobs: list[Job], later: list[Job]) -> None:
         """Prefill whole prompts in one pass (scoring those that asked), then let the rows run. The pass stops between
-        two layers once every one of its clients has left or its deadline has passed (PassAbandoned)."""
+        two layers once every one of its clients has left or its deadline has passed (PassAbandoned).
+
+        Rows that want new tokens while a batch that takes no rows mid-way runs (a sliding-window cache: one that an
+        earlier part of this plan's pass started, when the pass was retried in halves, _parts) are not run: they go to
+        `later`, to wait for that batch to end as the scheduler has such newcomers wait (can_join False), not fail."""
+        if self._dec is not None and not self._dec.joinable:
+            known = {id(j) for j in later}  # a half retried after its scoring-only rows raised comes here again
+            wait = [j for j in jobs if j.prepared.max_new_tokens > 0 and id(j) not in known]
+            if wait:
+                log.info("%d request(s) wait for the running batch to end: this model's cache takes no rows mid-way", len(wait))
+            later.extend(wait)
+            jobs = [j for j in jobs if j.prepared.max_new_tokens == 0]  # prompt scores alone join nothing
+            if not jobs:
+                return
         scoring = {id(j): max(j.params.logprobs or 0, j.params.prompt_logprobs or 0) for j in jobs if j.params.wants_prompt_logprobs}
         bank = self.router.bank
         with bank.abandon_when(self._nobody_waits(jobs)):
