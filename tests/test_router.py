@@ -262,6 +262,19 @@ def test_infer_names_the_line_of_a_request_over_the_context(folders, tmp_path, c
     assert "req.jsonl: request on line 2: the request needs" in errors[0] and "maximum context length is 512 tokens" in errors[0], errors
 
 
+def test_router_run_names_the_request_over_the_context_by_its_index(router):
+    """Router.run's error for one over-long request among others said the numbers but not which request (its index was
+    only on request_index); it names it now, in one line, keeping the error's type. predict serves one: no index."""
+    from adapterhub_lite.core.errors import ContextLengthError
+
+    rows = [{"adapter": "cls_a", "text": "pos 1"}, {"adapter": "cls_a", "text": "pos " * 400}, {"adapter": "base", "text": "hi", "max_new_tokens": 2}]
+    with pytest.raises(ContextLengthError, match=r"^run\(\): requests\[1\] \(adapter 'cls_a'\): the request needs \d+ tokens") as err:
+        router.run(rows)
+    assert err.value.request_index == 1 and "\n" not in str(err.value) and "maximum context length is 512" in str(err.value)
+    with pytest.raises(ContextLengthError, match=r"^the request needs \d+ tokens"):
+        router.predict("pos " * 400, adapter="cls_a")
+
+
 def test_a_second_router_on_the_same_backbone_is_refused_not_mixed_in(folders):
     """Two banks sharing a module would run one bank's rows with the other's row assignment (silently wrong answers)."""
     backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")

@@ -152,7 +152,7 @@ def _infer(args) -> int:
         except AdapterHubError as exc:  # a prompt over the context, say: which of the file's requests it was
             if getattr(exc, "request_index", None) is None:
                 raise
-            raise DataError(f"{args.input}: request on line {exc.request_index + 1}: {exc}") from None
+            raise DataError(f"{args.input}: request on line {exc.request_index + 1}: {exc.detail}") from None  # the line, not run()'s index
     answers = [{**req, **res} for req, res in zip(requests, results)]
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0

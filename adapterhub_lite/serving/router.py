@@ -85,7 +85,7 @@ class Router(AdapterManager):
         if adapter is None:
             raise AdapterLoadError("no active adapter: call use(name) first or pass adapter=")
         row = text if isinstance(text, dict) else {"text": text}
-        return self.run([{**row, "adapter": adapter}])[0]["prediction"]
+        return self._serve([{**row, "adapter": adapter}])[0]["prediction"]  # one request: its error needs no index
 
     # -- merge ---------------------------------------------------------------------------------
     @_locked
@@ -128,7 +128,23 @@ class Router(AdapterManager):
     def run(self, requests: list[dict], max_new_tokens: int = 32, *, max_batch_rows: int = 32, on_done=None) -> list[dict]:
         """Serve a batch in which each request names its adapter ("base", "auto" or a known name): the server's
         engine, run to the end here (Engine.run says what each request gets). Rows run `max_batch_rows` at a time,
-        continuously batched; adapters that do not fit the memory budget together take turns."""
+        continuously batched; adapters that do not fit the memory budget together take turns. A request that fails
+        raises its error (the first failing one in order) once the others have ended, naming it: 'run(): requests[i] …'
+        (its index is the error's `request_index`; its own words, without the index, are its `detail`)."""
+        try:
+            return self._serve(requests, max_new_tokens, max_batch_rows=max_batch_rows, on_done=on_done)
+        except AdapterHubError as exc:
+            index = getattr(exc, "request_index", None)
+            if index is None:
+                raise
+            # the same error object, so its type (ContextLengthError, AdapterLoadError …) still tells what went wrong
+            exc.detail = getattr(exc, "detail", str(exc))
+            exc.args = (f"run(): requests[{index}] (adapter {requests[index].get('adapter')!r}): {exc.detail}",)
+            raise
+
+    @_locked
+    def _serve(self, requests: list[dict], max_new_tokens: int = 32, *, max_batch_rows: int = 32, on_done=None) -> list[dict]:
+        """run() without naming the failing request in its error (predict serves one)."""
         if self._engine is None or self._engine.max_batch_rows != max_batch_rows:
             self.close_engine()
             self._engine = Engine(self, budgets=Budgets(max_rows=max_batch_rows))
