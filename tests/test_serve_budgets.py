@@ -520,3 +520,50 @@ def test_a_classification_reserves_a_row_of_cache_per_label_it_scores(serve_regi
             assert done["r"].label in ("pos", "neg"), done["r"]
         else:
             assert isinstance(done["r"], AdapterHubError) and f"2 sequences (one per label) of {width} cache positions" in str(done["r"]), done["r"]
+
+
+def test_a_newcomer_never_evicts_the_adapter_of_a_prompt_part_way_through_its_pieces(serve_registry):
+    """Admission keeps resident the adapters the batch holds. It listed the half-prefilled prompts that get a piece in
+    the plan, safe only because today's scheduler admits no newcomer in a step that gives such a prompt no piece. A
+    plan that did (another scheduling policy) let a newcomer evict gen_a under a prompt with pieces still to run, whose
+    next piece then ran through gen_b's slot. Every half-prefilled prompt's adapter is kept now: the newcomer waits,
+    and both are answered as alone."""
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+    from adapterhub_lite.serving.scheduler import Plan
+
+    probe = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    probe.hold(["gen_b"])
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32",
+                                  memory_budget_mb=probe.resident_bytes() * 1.2 / 2**20)  # one adapter at a time
+    for name in ("gen_a", "gen_b"):
+        router.fetch(name)
+    requests = [("gen_a", list(range(5, 17))), ("gen_b", [5, 9, 14])]  # 12 tokens: three pieces of 4
+    alone = []
+    for adapter, ids in requests:
+        out = {}
+        engine = Engine(router, budgets=Budgets(max_rows=4, max_num_batched_tokens=4))
+        engine._waiting.put_nowait(Job({"adapter": adapter, "prompt_ids": ids}, lambda e, p, out=out: out.setdefault(e, p),
+                                       SamplingParams(max_tokens=4, ignore_eos=True)))
+        while "done" not in out and "error" not in out:
+            engine._serve_once()
+        alone.append(out["done"].token_ids)
+    engine, done = Engine(router, budgets=Budgets(max_rows=4, max_num_batched_tokens=4)), {}
+    for i, (adapter, ids) in enumerate(requests):
+        engine._waiting.put_nowait(Job({"adapter": adapter, "prompt_ids": ids}, lambda e, p, i=i: done.setdefault(i, p) if e in ("done", "error") else None,
+                                       SamplingParams(max_tokens=4, ignore_eos=True)))
+        if i == 0:
+            engine._serve_once()  # the long prompt's first piece: gen_a resident, 8 positions to go
+    engine._intake()
+    long, new = next(iter(engine.scheduler.prefilling.values())), engine.scheduler.waiting[0]
+    assert long.prefilled == 4 and list(router.resident) == ["gen_a"], router.resident
+    # a plan that admits the newcomer whole and gives the half-prefilled prompt no piece this step
+    engine.scheduler.waiting.remove(new)
+    engine.scheduler.prefilling[new.key] = new
+    new.prefilled = new.prompt_tokens
+    engine._admit(Plan(decode=0, prefill=[(new, new.prompt_tokens)]))
+    assert list(router.resident) == ["gen_a"] and engine.scheduler.waiting[0] is new  # it waits for gen_a's prompt
+    while len(done) < 2:
+        engine._serve_once()
+    assert [done[i].token_ids for i in range(2)] == alone

@@ -188,10 +188,12 @@ class Admission:
     # -- admission: adapters resident, classification scored, prompts prefilled -----------------------
     def _admit(self, plan) -> None:
         router, first, pieces, back = self.router, [], [], []
-        # adapters the batch already holds: running rows and prompts part-way through their pieces (not this step's
-        # newcomers, which hold nothing until their adapter is resident)
+        # adapters the batch already holds: running rows and every prompt part-way through its pieces, whether or not
+        # this plan gives it one (evicting its adapter would run its next piece through another's slot); not this step's
+        # newcomers, which hold nothing until their adapter is resident
+        newcomers = {t.key for t, n in plan.prefill if t.prefilled == n}
         busy = {self._jobs[k].prepared.adapter for k in self.scheduler.running} | \
-               {self._jobs[t.key].prepared.adapter for t, n in plan.prefill if t.prefilled > n}
+               {self._jobs[k].prepared.adapter for k in self.scheduler.prefilling if k not in newcomers}
         for t, n in plan.prefill:
             job = self._jobs[t.key]
             if t.prefilled == n and back:  # behind a request that waits for memory: first come, first served
