@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.model.adapter import read_lora
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.ops.merge import MergeError, fold_into_base, merge_adapters
@@ -450,3 +451,26 @@ def test_a_source_with_tensors_besides_its_factors_is_refused(sources, tmp_path)
     save_file(state, biased / "adapter_model.safetensors")
     with pytest.raises(MergeError, match=r"holds \d+ trained tensor\(s\) besides the LoRA factors \(e\.g\. .*lora_B\.bias\)"):
         merge_adapters({"x": biased, "b": sources["b"]}, {"x": 0.5, "b": 0.5}, "delta_linear", report_rows=0)
+
+
+def test_a_source_that_targets_parameters_is_refused_by_its_field_in_merges_and_serving(sources, tmp_path):
+    """A LoRA on nn.Parameter (peft's target_parameters, e.g. MoE experts) reached peft's add_weighted_adapter, whose
+    bare ValueError ('does not support targeting nn.Parameter') was a 500 from the server's per-request merge. The merge
+    refuses it in one line naming the field and the fix; the per-row serving bank refuses such an adapter by the field."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapterhub_lite.serving.router import Router
+
+    folder = tmp_path / "params"
+    shutil.copytree(sources["a"], folder)  # its sidecar (task, base); peft's own files replaced
+    base = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=["mlp.gate_proj.weight"])
+    get_peft_model(base.model, config).save_pretrained(folder)
+    assert json.loads((folder / "adapter_config.json").read_text())["target_parameters"] == ["mlp.gate_proj.weight"]
+    with pytest.raises(MergeError, match=r"^\['p'\] set target_parameters \{'p': \['mlp.gate_proj.weight'\]\} .*retrain without target_parameters$"):
+        merge_adapters({"p": folder, "a": sources["a"]}, {"p": 0.5, "a": 0.5}, "delta_linear", output=tmp_path / "m", name="mix", report_rows=0)
+    assert not (tmp_path / "m").exists()
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    router.register("p", folder)
+    with pytest.raises(AdapterHubError, match=r"'p'.* sets target_parameters=\['mlp.gate_proj.weight'\], which per-row LoRA does not implement"):
+        router.hold(["p"])

@@ -80,6 +80,11 @@ def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[
     """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks (each one's largest).
     `configs`: each source's adapter_config.json as read."""
     _check_sources(metas, method, weights, allow_base_mismatch)
+    on_parameters = {n: c["target_parameters"] for n, c in configs.items() if c.get("target_parameters")}
+    if on_parameters:  # peft's add_weighted_adapter raises a bare ValueError on them (a 500 from a per-request merge)
+        raise MergeError(f"{sorted(on_parameters)} set target_parameters {on_parameters} (LoRA on nn.Parameter, e.g. MoE experts), which "
+                         "peft's add_weighted_adapter cannot merge; merge adapters that target modules alone (target_modules), or retrain "
+                         "without target_parameters")
     ranks = _ranks(configs)
     patterned = {n: c["rank_pattern"] for n, c in configs.items() if set((c.get("rank_pattern") or {}).values()) - {c["r"]}}
     if method in FACTOR_METHODS and patterned:  # peft stacks A and B layer by layer: other ranks in a layer fail there
