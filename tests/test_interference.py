@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.core.data import load_task_data
@@ -46,3 +47,33 @@ def test_report_scores_every_task_under_every_adapter(tmp_path, monkeypatch):
 def test_report_needs_a_task_adapter(tmp_path):
     with pytest.raises(AdapterHubError, match="not an adapter folder"):
         interference([tmp_path], tmp_path / "r")
+
+
+def test_a_dare_column_is_the_merge_of_its_seed_in_every_run(tmp_path, monkeypatch):
+    """The merged:dare_* columns merged the report's loaded adapters with DARE's drops drawn from wherever torch's
+    generator stood: two runs scored two adapters, neither the one `adapterhub-lite merge --seed 0` writes. They are
+    merge_adapters' own seeded build now: the same factors in every run, equal to that merge's, and the seed is recorded."""
+    from safetensors.torch import load_file
+
+    from adapterhub_lite.ops import interference as module
+    from adapterhub_lite.ops.merge import merge_adapters
+
+    monkeypatch.chdir(tmp_path)
+    singles = {n: train_tiny(tmp_path, n, method_args={"r": 4, "target_modules": ["q_proj", "v_proj"]}, train={"max_steps": 2, "seed": i})
+               for i, n in enumerate(("one", "two"))}
+    seen, score = [], module._score
+
+    def scored(model, tok, spec, dev, adapter, rows):  # the merged column's factors, as scored
+        if adapter == "merged:dare_linear" and spec.name == "one":
+            seen.append({k: v.detach().cpu().clone() for k, v in model.named_parameters() if ".merged:dare_linear." in k})
+        return score(model, tok, spec, dev, adapter, rows)
+    monkeypatch.setattr(module, "_score", scored)
+    reports = [interference(list(singles.values()), tmp_path / f"report{i}", merges=("dare_linear",), density=0.5, rows=4) for i in range(2)]
+    assert reports[0]["merges"] == {"merged:dare_linear": {"method": "dare_linear", "density": 0.5, "seed": 0}}
+    assert len(seen) == 2 and seen[0].keys() and all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+    assert reports[0]["scores"] == reports[1]["scores"]
+    # what `adapterhub-lite merge --seed 0` writes (equal weights, on the CPU backbone)
+    merge_adapters(singles, {"one": 0.5, "two": 0.5}, "dare_linear", density=0.5, name="m", output=tmp_path / "cli", task="none", report_rows=0, seed=0)
+    cli = load_file(tmp_path / "cli" / "adapter_model.safetensors")
+    got = {k.replace(".merged:dare_linear", ""): v for k, v in seen[0].items()}
+    assert cli.keys() == got.keys() and all(torch.equal(cli[k].float(), got[k].float()) for k in cli)

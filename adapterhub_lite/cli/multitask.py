@@ -46,7 +46,7 @@ def _interference(args) -> int:
 
     report = interference(args.adapters, args.output, merges=tuple(args.merge),
                           density=args.density, rows=args.rows or None, tolerance=args.tolerance, quantization=args.quantization,
-                          device=args.device, dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch)
+                          device=args.device, dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch, seed=args.seed)
     print(json.dumps({"output": args.output, "scores": report["scores"], "flags": report["flags"]}))
     return 0
 
@@ -101,6 +101,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=finite_float, default=0.5, help="ties / dare / magnitude_prune (and their _svd) density")
     p.add_argument("--rows", type=count(0), default=200, help="dev rows per cell (0: all)")
     p.add_argument("--tolerance", type=finite_float, default=0.01, help="score drop that counts as negative transfer")
+    p.add_argument("--seed", type=int, default=0, help="dare_* merges drop at random: seeded as `merge --seed` (one seed, one merge)")
     add_device_args(p, adapters=True)
     p.set_defaults(func=_interference)
 

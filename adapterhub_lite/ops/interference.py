@@ -3,7 +3,9 @@
 Columns of the task × adapter matrix:
     base                      the plain backbone (zero-shot)
     <adapter>                 every single-task adapter given
-    merged:<method>           the single-task LoRA adapters merged with equal weights (peft)
+    merged:<method>           the single-task LoRA adapters merged with equal weights: the adapter merge_adapters builds
+                              (as `adapterhub-lite merge --seed <seed>` and the server do), so a dare_* column is one
+                              adapter per seed (default 0, recorded in the report's `merges`)
     joint:<run>               for each task, its adapter from a joint (train-multi) run
 A merged or joint cell is flagged when the task scores worse (negative transfer) or better (positive
 transfer) than under its own single-task adapter by more than `tolerance`; another task's adapter is
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
-from adapterhub_lite.ops.merge import DENSITY_METHODS, add_merged, check_merge
+from adapterhub_lite.ops.merge import DENSITY_METHODS, NO_TASK, RANDOM_METHODS, check_merge, merge_adapters
 
 
 def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, Path]]]:
@@ -52,10 +55,11 @@ def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, 
 
 def interference(folders: list[str | Path], output: str | Path, *, merges: tuple[str, ...] = ("linear", "ties"), density: float = 0.5,
                  rows: int | None = 200, tolerance: float = 0.01, quantization: str | None = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False) -> dict:
+                 dtype: str | torch.dtype | None = None, allow_base_mismatch: bool = False, seed: int = 0) -> dict:
     """Score every task under every adapter and write report.json + heatmap.png into `output`.
 
     `quantization` (default: the adapters' own), `device` and `dtype` (None: auto) are the backbone's (see load_backbone).
+    `seed`: the merges' (merge_adapters'), so a dare_* column is the adapter `adapterhub-lite merge --seed <seed>` writes.
     """
     singles, joints = _columns([Path(f) for f in folders])
     metas = {n: read_sidecar(f) for n, f in singles.items()}
@@ -75,7 +79,13 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
         model.load_adapter(singles[n], adapter_name=n)
     columns = ["base", *names]
     for method, kwargs in merged.items():
-        add_merged(model, lora, list(equal.values()), f"merged:{method}", method, kwargs.get("density"))
+        # merge_adapters' own seeded build (the DARE methods drop at random), on the weightless model as the server builds
+        # merges: merged here from the report's loaded adapters, the drops depended on where torch's generator stood
+        with tempfile.TemporaryDirectory() as tmp:
+            merge_adapters({n: singles[n] for n in lora}, equal, method, density=kwargs.get("density"), name="merged", output=Path(tmp) / "m",
+                           task=NO_TASK, report_rows=0, allow_base_mismatch=allow_base_mismatch, base_config=backbone.model.config, seed=seed)
+            model.load_adapter(Path(tmp) / "m", adapter_name=f"merged:{method}")
+        kwargs["seed"] = seed if method in RANDOM_METHODS else None
         columns.append(f"merged:{method}")
     for run, tasks in joints.items():
         for t, f in tasks.items():
@@ -97,7 +107,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
                 continue
             scores[task][col] = _score(model, backbone.tokenizer, spec, dev, None if col == "base" else adapter, rows)
     report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
-              "rows": n_rows, "tolerance": tolerance, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
+              "rows": n_rows, "tolerance": tolerance, "merges": {f"merged:{m}": {"method": m, **kw} for m, kw in merged.items()}, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
               "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
