@@ -66,17 +66,21 @@ def test_a_tiny_temperature_is_greedy_and_cuts_no_other_stream(served):
 
 
 def test_a_refused_request_leaves_no_queued_rows(serve_registry):
-    """n=4 into a queue with room for 2: 429, and none of its choices is queued (all or none), so none is computed;
-    the refusal is counted, one per choice."""
-    s = Served(serve_registry, max_batch_rows=1, max_queue=2)
+    """n=4 into a queue of 4 that holds one already: 429, and none of its choices is queued (all or none), so none is
+    computed; the refusal is counted, one per choice. (n above --max-queue itself is a 400: it could never be queued.)"""
+    s = Served(serve_registry, max_batch_rows=1, max_queue=4)
     try:
         async def go():
             async with httpx.AsyncClient(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
                 busy = asyncio.create_task(h.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 100}))
                 while not s.engine._rows:
                     await asyncio.sleep(0.01)
+                queued = asyncio.create_task(h.post("/v1/completions", json={"model": "base", "prompt": "z", "max_tokens": 2}))
+                while s.engine.queue_depth < 1:
+                    await asyncio.sleep(0.01)
                 refused = await h.post("/v1/completions", json={"model": "base", "prompt": "y", "max_tokens": 50, "n": 4})
                 await busy
+                await queued
                 return refused
 
         refused = asyncio.run(go())
@@ -85,8 +89,8 @@ def test_a_refused_request_leaves_no_queued_rows(serve_registry):
         metrics = httpx.get(s.url + "/metrics").text
         assert 'adapterhub_requests_total{adapter="base",status="QueueFull"} 4.0' in metrics, metrics
         assert 'status="cancelled"' not in metrics
-        assert 'adapterhub_requests_total{adapter="base",status="ok"} 1.0' in metrics
-        assert "adapterhub_batch_rows_count 1.0" in metrics  # only the busy request was admitted (prefilled and decoded)
+        assert 'adapterhub_requests_total{adapter="base",status="ok"} 2.0' in metrics
+        assert "adapterhub_batch_rows_count 2.0" in metrics  # only the busy and the queued request were admitted, one each
     finally:
         s.close()
 
