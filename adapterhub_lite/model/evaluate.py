@@ -11,7 +11,7 @@ from adapterhub_lite.core.data import Split, label_words
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.metrics import classification_metrics, generation_metrics
 from adapterhub_lite.core.spec import TaskSpec
-from adapterhub_lite.model.heads import generate_ids, label_plan_ids, label_token_ids
+from adapterhub_lite.model.heads import generate_ids, label_plan_ids, label_token_ids, virtual_tokens
 
 # Below this many rows a command answers in a few seconds: a bar would only be noise.
 PROGRESS_MIN_ROWS = 300
@@ -44,7 +44,7 @@ def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: in
     batch_size = batch_size or spec.train.eval_batch_size
     ids = prompt_ids if prompt_ids is not None else tokenizer(prompts, add_special_tokens=True).input_ids
     label_tokens = label_token_ids(tokenizer, spec) if spec.type == "classification" else None
-    max_length = spec.train.max_length if context is None else _fit_context(ids, label_tokens, spec, context, _virtual_tokens(model))
+    max_length = spec.train.max_length if context is None else _fit_context(ids, label_tokens, spec, context, virtual_tokens(model))
     # Batch prompts of similar length together (less padding), then restore the caller's order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list = [None] * len(ids)
@@ -64,14 +64,6 @@ def predict(model, tokenizer, spec: TaskSpec, prompts: list[str], batch_size: in
             out[i] = p
     model.train(was_training)
     return out
-
-
-def _virtual_tokens(model) -> int:
-    """The positions a prefix- or prompt-tuning adapter puts before every prompt (0 for LoRA, IA3 or the plain backbone)."""
-    config = getattr(model, "active_peft_config", None)
-    if getattr(config, "peft_type", None) in ("PREFIX_TUNING", "PROMPT_TUNING") and not getattr(model, "_adapters_disabled", False):
-        return config.num_virtual_tokens
-    return 0
 
 
 def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: int, virtual: int = 0) -> int:

@@ -309,10 +309,8 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     ends = end_ids(model, tokenizer)
     ids = [keep_end(p, max_length - max_new_tokens) for p in prompt_ids]
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, _device(model), left=True)  # generation appends on the right
-    config = getattr(model, "active_peft_config", None)
     with autocast(model):
-        # (inside peft's disable_adapter() the plain backbone decodes, through generate())
-        if getattr(config, "peft_type", None) in ("PREFIX_TUNING", "PROMPT_TUNING") and not getattr(model, "_adapters_disabled", False):
+        if virtual_tokens(model):  # (inside peft's disable_adapter() there are none: the plain backbone decodes, through generate())
             new = _prompt_learning_greedy(model, input_ids, mask, max_new_tokens, ends, tokenizer.pad_token_id)
         else:
             new = model.generate(
@@ -320,6 +318,15 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
                 temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
             )[:, input_ids.shape[1]:]
     return [first_line(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def virtual_tokens(model) -> int:
+    """The positions the active prefix- or prompt-tuning adapter puts before every prompt; 0 for LoRA, IA3, the plain
+    backbone, and inside peft's disable_adapter()."""
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "peft_type", None) in ("PREFIX_TUNING", "PROMPT_TUNING") and not getattr(model, "_adapters_disabled", False):
+        return config.num_virtual_tokens
+    return 0
 
 
 def _prompt_learning_greedy(model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, ends: list[int], pad_id: int) -> torch.Tensor:

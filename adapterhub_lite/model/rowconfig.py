@@ -133,7 +133,7 @@ class LoraFactors:
                 module = key.removeprefix("base_model.model.").rpartition(".lora_embedding_")[0]
                 raise AdapterLoadError(f"{what} adapts the embedding {module!r} (target_modules names it; peft saves lora_embedding_A/B), "
                                        "which per-row LoRA does not implement (it adapts linear layers); serve it alone with peft, "
-                                       "or retrain without the embedding in target_modules (trainable_token_indices for new tokens is refused too)")
+                                       "or retrain without the embedding in target_modules")
             if not parsed:
                 raise AdapterLoadError(f"{what} holds tensor {key!r}; per-row LoRA serves plain LoRA factors (lora_A / lora_B) only")
             pairs.setdefault(parsed[0], {})[parsed[1]] = t
