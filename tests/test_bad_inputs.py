@@ -90,6 +90,7 @@ def test_bad_predict_inputs(capsys, cls_task):
     (cls_task / "null.jsonl").write_text('{"text": "aaaa 1"}\n{"text": null}\n')
     refused(capsys, cls_task, ["predict", "out", "--input", "null.jsonl", "--output", "p.jsonl"], "has null for 'text'")
     (cls_task / "taken").mkdir()
+    refused(capsys, cls_task, ["predict", "out", "--input", "taken"], "input file 'taken' is a directory, not a file")
     refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "taken"], "--output 'taken' is a folder")
     refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "nowhere/p.jsonl"], "folder 'nowhere' does not exist")
     pickle_only = cls_task / "pickled"

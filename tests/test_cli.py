@@ -28,6 +28,7 @@ def assert_refused(capsys, task_dir, argv, needle):
     (["base=no-such-model"], "unknown backbone 'no-such-model'"),
     (["base=./missing_dir/"], "unknown backbone"),
     (["data.train=missing.jsonl"], "data file 'missing.jsonl' does not exist"),
+    (["data.train=before"], "data file 'before' is a directory, not a file"),  # not "does not exist": it is there
     (["prompt=Text: {body}\nLabel:"], "has no column 'body'"),
     (["labels={pos: x}"], "'labels' needs at least two verbalizer words"),
     (["labels={pos: x, other: z}"], "label value(s) 'neg' not in labels"),

@@ -81,6 +81,8 @@ def write_output(path: str | None, text: str) -> None:
 def read_jsonl(path: str) -> list[dict]:
     """The rows of a JSONL --input file (one object per line); a missing, empty or malformed file is refused."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"input file {path!r} is a directory, not a file; pass a JSONL file with one object per line")
     if not p.is_file():
         raise DataError(f"input file {path!r} does not exist; pass a JSONL file with one object per line")
     rows = parse_jsonl(read_text(p), path)

@@ -99,6 +99,8 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
             raise DataError(f"cannot load {source!r} through datasets ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); use a local file when offline") from None
         return ds, ds._fingerprint
     path = Path(source)
+    if path.is_dir():  # "does not exist" would send the user looking for a path that is there
+        raise DataError(f"data file {source!r} is a directory, not a file; give the path of a {' / '.join(_BUILDERS)} file (e.g. one inside it)")
     if not path.is_file():
         raise DataError(f"data file {source!r} does not exist (paths are relative to {Path.cwd()}); fix data.train / data.dev in the spec")
     suffix = path.suffix.lower()
