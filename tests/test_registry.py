@@ -136,10 +136,20 @@ def test_pickle_adapters_are_refused_and_convert_is_opt_in(adapter, tmp_path, ca
                        state["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
 
 
-@pytest.mark.parametrize("bad", ["../evil", "a/b", "/abs", "..", "", "x@1.0", "toy@1.0.0.0", "toy@v1", "toy\n", "toy@1.0.0\n", "toy@01.0.0"])
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "/abs", "..", "", "x@1.0", "toy@1.0.0.0", "toy@v1", "toy\n", "toy@1.0.0\n", "toy@01.0.0",
+                                 "a\\b", "to\x00y", "\uff54\uff4f\uff59", "t\u043ey", "toy@1.0.0-rc1", "toy@1.0.0+build", "toy@LATEST"])
 def test_bad_names_and_versions_are_refused(bad):
     with pytest.raises(RegistryError, match="invalid (adapter name|version)"):
         parse_ref(bad)
+
+
+@pytest.mark.parametrize("ref", ["toy@auto", "toy@1.0.0-rc1"])
+def test_a_bad_version_in_a_reference_offers_latest_not_publish_s_auto(ref):
+    """`pull toy@auto` was told "use MAJOR.MINOR.PATCH …, or 'auto'": the fix it named is the value it refused."""
+    with pytest.raises(RegistryError) as err:
+        parse_ref(ref)
+    assert "'auto'" not in str(err.value).replace(repr(ref.split("@")[1]), "") and "toy@latest" in str(err.value)
+    assert "pre-release" in str(err.value)
 
 
 def test_publish_refuses_a_bad_name_and_writes_nothing(adapter, tmp_path, capsys):

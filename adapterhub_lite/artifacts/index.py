@@ -38,10 +38,12 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_version(version: str) -> str:
-    """Versions are semantic MAJOR.MINOR.PATCH, matched whole (no sign, no leading zeros, no whitespace)."""
+def check_version(version: str, other: str = "'auto'") -> str:
+    """Versions are semantic MAJOR.MINOR.PATCH, matched whole (no sign, no leading zeros, no whitespace, no pre-release
+    or build suffix); `other` is the word the caller also takes in its place (publish: 'auto', a reference: 'latest')."""
     if not isinstance(version, str) or not _VERSION.fullmatch(version):
-        raise RegistryError(f"invalid version {version!r}: use semantic MAJOR.MINOR.PATCH such as 1.0.0, or 'auto'")
+        raise RegistryError(f"invalid version {version!r}: use semantic MAJOR.MINOR.PATCH such as 1.0.0 (no pre-release or build "
+                            f"suffix such as -rc1), or {other}")
     return version
 
 
@@ -58,7 +60,8 @@ def parse_ref(ref: str) -> tuple[str, str]:
         raise RegistryError(f"{ref!r} names an empty version after '@'; give {name}@MAJOR.MINOR.PATCH, {name}@latest, "
                             f"or {name!r} alone for its latest version")
     version = version or "latest"
-    return name, version if version == "latest" else check_version(version)
+    # in a reference the other word is 'latest': 'auto' is publish's, and offering it here would refuse the fix it names
+    return name, version if version == "latest" else check_version(version, f"'latest' ({name}@latest)")
 
 
 def is_version_folder(name: str, version: str) -> bool:
