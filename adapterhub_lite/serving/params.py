@@ -81,6 +81,9 @@ FIELDS: dict[str, Field] = {
     "metadata": Field((H,), "accepted", "kept with nothing (only meaningful with `store`)"),
     "service_tier": Field((H,), "accepted", "one tier"),
     "prompt_cache_key": Field((H,), "accepted", "no prompt cache"),
+    "prompt_cache_options": Field((H,), "accepted", "no prompt cache"),
+    "prompt_cache_retention": Field((H,), "accepted", "no prompt cache"),
+    "moderation": _refused("no moderation: nothing is scored or blocked", endpoints=(H,)),
     "safety_identifier": Field((H,), "accepted", "written to the access log"),
     # -- vLLM's extras ---------------------------------------------------------------------------
     "top_k": Field(BOTH, "implemented", "keep the k most likely tokens before a draw (0 or -1: off)"),

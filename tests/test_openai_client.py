@@ -1,0 +1,37 @@
+"""The server through the installed `openai` client: every keyword its create() methods take is known to the field
+table (honoured, accepted with no effect, or refused by name), never left to the ignored-fields header, and the
+fields a route cannot honour for a task adapter are refused, not dropped."""
+
+import inspect
+
+import openai
+import pytest
+from openai.resources.chat.completions import Completions as ChatCompletions
+from openai.resources.completions import Completions
+
+from adapterhub_lite.serving.params import FIELDS, IGNORED_HEADER, _entry
+
+# the client's own transport keywords, not request fields
+TRANSPORT = {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("endpoint", "create"), [("completions", Completions.create), ("chat", ChatCompletions.create)])
+def test_every_keyword_of_the_openai_clients_create_is_in_the_field_table(endpoint, create):
+    """A keyword the client sends that the table does not know would only be named in a response header the client never
+    reads: openai 3.x added `moderation` (a block policy) and `prompt_cache_options` to chat.completions.create."""
+    missing = [name for name in inspect.signature(create).parameters if name not in TRANSPORT and _entry(endpoint, name) is None]
+    assert not missing, f"openai {openai.__version__}'s {endpoint} create() takes {missing}, which params.FIELDS does not list"
+
+
+def test_a_moderation_policy_is_refused_and_prompt_cache_settings_are_accepted(served):
+    """A moderation policy that blocks was answered unmoderated (named only in the ignored-fields header); it is a 400
+    naming it. The prompt-cache settings change no answer here (no prompt cache), as prompt_cache_key."""
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=1,
+                                              moderation={"policy": {"input": {"mode": "block"}, "output": {"mode": "block"}}})
+    assert err.value.body["param"] == "moderation" and err.value.body["code"] == "unsupported_field", err.value.body
+    r = served.client.chat.completions.with_raw_response.create(model="base", messages=CHAT, max_tokens=1, prompt_cache_retention="24h",
+                                                                prompt_cache_options={"mode": "explicit"})
+    assert IGNORED_HEADER not in r.headers and r.parse().choices[0].finish_reason == "length"
+    assert FIELDS["moderation"].status == "refused"
