@@ -362,3 +362,25 @@ def test_a_parquet_nan_written_as_nan_is_a_missing_value(tmp_path, monkeypatch):
     pq.write_table(pa.table({"a": pa.array([1.5, float("nan")]), "label": pa.array([0, 1])}), tmp_path / "f.parquet")
     with pytest.raises(DataError, match=r"no 'a' value in 1 row\(s\) \(row 2\)"):
         load_task_data(_cls_spec(["no", "yes"], data="f.parquet"))
+
+
+def test_prompts_cut_to_max_length_are_counted_and_said(capsys, cls_task):
+    """A prompt longer than train.max_length loses its start (heads.keep_end); training and eval did so without a word."""
+    from adapterhub_lite.cli import main
+    from adapterhub_lite.core.data import cut_rows
+    from adapterhub_lite.model.weights import _tiny_tokenizer
+
+    tok = _tiny_tokenizer()
+    (cls_task / "long.jsonl").write_text(json.dumps({"text": "aaaa " + "b" * 40, "label": "pos"}) + "\n" + json.dumps({"text": "aaaa", "label": "neg"}) + "\n")
+    spec = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "long.jsonl", "dev": "long.jsonl"},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": {"pos": "x", "neg": "z"}, "train": {"max_length": 32}})
+    split = load_task_data(spec, ("train",))["train"]
+    need = len(tok("T: aaaa " + "b" * 40 + "\nL:").input_ids) + len(tok(" x", add_special_tokens=False).input_ids)
+    said = cut_rows(spec, tok, split, training=True)
+    assert said.startswith("warning: 1 of 2 rows of 'long.jsonl' (row 1) do not fit train.max_length=32") and f"train.max_length={need} keeps" in said
+    assert cut_rows(spec_from_dict({**spec.to_dict(), "train": {"max_length": need}}), tok, split, training=True) is None
+    assert main(["train", "toy.yaml", "train.max_steps=1", "train.max_length=12", "--output", "out", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 96 of 96 rows of 'train.jsonl'" in err and "warning: 16 of 16 rows of 'dev.jsonl'" in err
+    assert main(["eval", "out", "--limit", "3", "--no-progress"]) == 0
+    assert "warning: 3 of 3 rows of 'dev.jsonl'" in capsys.readouterr().err

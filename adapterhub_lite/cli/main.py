@@ -60,13 +60,16 @@ def _split_for(spec, split: str):
 
 def _eval(args) -> int:
     from adapterhub_lite.artifacts.loading import load_adapter
-    from adapterhub_lite.core.data import check_lengths
+    from adapterhub_lite.core.data import check_lengths, cut_rows
     from adapterhub_lite.model.evaluate import evaluate_split
 
     split = _split_for(_sidecar_spec(args.adapter), args.split)  # a bad --split or data file is refused before the backbone loads
     model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
+    warning = cut_rows(spec, backbone.tokenizer, split, training=False, limit=args.limit)  # scored on the prompt's end only: said, never silently
+    if warning:
+        print(warning, file=sys.stderr)
     metrics, _, seconds = evaluate_split(model, backbone.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
     n = min(len(split), args.limit or len(split))
     result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,

@@ -388,3 +388,28 @@ def check_lengths(spec: TaskSpec, tokenizer, data: dict[str, Split] | None = Non
         return
     if max_length < need:
         raise DataError(f"train.max_length={max_length} cannot hold one prompt token and {what}; use train.max_length ≥ {need}")
+
+
+def cut_rows(spec: TaskSpec, tokenizer, split: Split, training: bool, limit: int | None = None) -> str | None:
+    """A warning when some of (the first `limit` of) `split`'s prompts do not fit train.max_length and lose their start, else None.
+
+    Prompts keep their end within max_length (heads.keep_end): after the longest label (classification), after the
+    row's target + EOS when training a generation, after max_new_tokens when decoding one. That changes what the model
+    reads of a row, so it is said, with the count and the length that keeps every prompt whole.
+    """
+    max_length = spec.train.max_length
+    prompts = split.prompt_ids(tokenizer)[:limit]
+    if spec.type == "classification":
+        label = max(len(tokenizer(" " + str(w), add_special_tokens=False).input_ids) for w in label_words(spec))
+        room = [label] * len(prompts)
+    elif training:  # heads._target: the answer + EOS, itself cut to leave one prompt token
+        room = [min(len(a) + 1, max_length - 1) for a in split.answer_ids(tokenizer)]
+    else:
+        room = [spec.train.max_new_tokens] * len(prompts)
+    cut = [i for i, (p, r) in enumerate(zip(prompts, room)) if len(p) > max_length - r]
+    if not cut:
+        return None
+    need = max(len(prompts[i]) + room[i] for i in cut)
+    shown = ", ".join(str(i + 1) for i in cut[:5]) + (", …" if len(cut) > 5 else "")
+    return (f"warning: {len(cut)} of {len(prompts)} rows of {split.source!r} (row {shown}) do not fit train.max_length={max_length} "
+            f"and are read without the start of their prompt; train.max_length={need} keeps every one whole")
