@@ -384,3 +384,18 @@ def test_prompts_cut_to_max_length_are_counted_and_said(capsys, cls_task):
     assert "warning: 96 of 96 rows of 'train.jsonl'" in err and "warning: 16 of 16 rows of 'dev.jsonl'" in err
     assert main(["eval", "out", "--limit", "3", "--no-progress"]) == 0
     assert "warning: 3 of 3 rows of 'dev.jsonl'" in capsys.readouterr().err
+
+
+def test_dev_rows_that_are_train_rows_are_said(capsys, cls_task):
+    """Leakage: a dev row with a train row's prompt scores an input the adapter trained on; training said nothing."""
+    from adapterhub_lite.cli import main
+    from adapterhub_lite.core.data import dev_overlap
+
+    (cls_task / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": "pos"}) + "\n" for t in ("new", "aaaa 1", "other", "bbbb 2")))
+    spec = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "train.jsonl", "dev": "d.jsonl"},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": {"pos": "x", "neg": "z"}})
+    data = load_task_data(spec)
+    assert dev_overlap(data).startswith("warning: 2 of 4 rows of 'd.jsonl' (row 2, 4) have the same prompt as a row of 'train.jsonl'")
+    assert dev_overlap({"train": data["train"], "dev": to_split(spec, load_split("d.jsonl")[0].select([0, 2]), "d.jsonl", "")}) is None
+    assert main(["train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress"]) == 0  # its dev is train's first 16 rows
+    assert "warning: 16 of 16 rows of 'dev.jsonl' (row 1, 2, 3, 4, 5, …) have the same prompt as a row of 'train.jsonl'" in capsys.readouterr().err
