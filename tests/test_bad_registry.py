@@ -254,11 +254,29 @@ def test_a_lock_file_that_cannot_be_opened_is_named_not_waited_on(reg, adapter, 
 
 
 def test_a_full_disk_during_pull_leaves_nothing(reg, tmp_path, capsys, monkeypatch):
-    def partial(src, dst, *args, **kwargs):
-        os.makedirs(dst)
-        (dst / "adapter_config.json").write_text("{")  # half a copy, then the disk is full
+    def partial(src, dst):
+        dst.write_text("{")  # half a copy, then the disk is full
         _enospc()
-    monkeypatch.setattr(shutil, "copytree", partial)
+    monkeypatch.setattr(registry, "_copy_hashing", partial)
     assert main(["pull", "toy", "--registry", str(reg), "--to", str(tmp_path / "out" / "toy")]) == 2
     _one_line_error(capsys, "cannot copy toy", "ENOSPC")
     assert list((tmp_path / "out").iterdir()) == []  # no partial copy, no temp folder
+
+
+def test_pull_checks_the_bytes_it_copies_not_only_those_it_checked_before(reg, tmp_path, capsys, monkeypatch):
+    """A file rewritten between pull's integrity check and its copy (a publisher on another host, a hand edit) was copied
+    as it was then, unchecked; the copy is now hashed as it is written, and refused, leaving nothing."""
+    check = LocalRegistry._check_files
+
+    def then_rewritten(self, name, version, entry):
+        problems = check(self, name, version, entry)
+        weights = self.root / name / version / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 1
+        weights.write_bytes(bytes(data))
+        return problems
+    monkeypatch.setattr(LocalRegistry, "_check_files", then_rewritten)
+    assert main(["pull", "toy@1.0.0", "--registry", str(reg), "--to", str(tmp_path / "out" / "toy")]) == 2
+    _one_line_error(capsys, "integrity check failed for toy@1.0.0: adapter_model.safetensors changed while it was copied")
+    assert list((tmp_path / "out").iterdir()) == []  # no copy, no temp folder
+

@@ -151,25 +151,40 @@ class Registry:
 
     def path(self, ref: str) -> Path:
         """The verified folder of a version: every file re-hashed before it is handed out."""
-        name, version, entry = self.resolve(ref)
+        return self._verified(*self.resolve(ref))
+
+    def _verified(self, name: str, version: str, entry: dict) -> Path:
         problems = self._check_files(name, version, entry)
         if problems:
             raise RegistryError(f"integrity check failed for {name}@{version}: {'; '.join(problems)}; re-publish it or pull another version")
         return self._folder(name, version)
 
     def pull(self, ref: str, to: str | Path) -> Path:
-        """Copy a verified version to a new folder (atomically: temp folder, then rename; nothing left on failure)."""
-        src, to = self.path(ref), Path(to)
+        """Copy a verified version to a new folder (atomically: temp folder, then rename; nothing left on failure).
+
+        The copy is hashed as it is written and must match the index too: the check before it does not cover
+        bytes that changed between the check and the copy, and the copy is what the user will load.
+        """
+        name, version, entry = self.resolve(ref)  # once: `latest` may move meanwhile, and the copy is checked against this entry
+        src, to = self._verified(name, version, entry), Path(to)
         if to.exists():
             raise RegistryError(f"destination {str(to)!r} already exists; choose a new --to folder")
         tmp = to.with_name(f".{to.name}.pull-{uuid.uuid4().hex}")
         try:
             to.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, tmp)
+            tmp.mkdir()
+            copied = {f: _copy_hashing(src / f, tmp / f) for f in sorted(entry["files"])}
+            changed = sorted(f for f, rec in copied.items() if rec != {"sha256": entry["files"][f]["sha256"], "size": entry["files"][f]["size"]})
+            if changed:
+                raise RegistryError(f"integrity check failed for {name}@{version}: {', '.join(changed)} changed while it was copied "
+                                    "(the copy does not match its recorded sha256); nothing was pulled: pull again, or re-publish it")
             tmp.rename(to)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RegistryError(f"cannot copy {ref} to {str(to)!r}: {os_problem(exc)}; free disk space or choose a writable --to folder") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return to
 
 
