@@ -280,3 +280,17 @@ def test_pull_checks_the_bytes_it_copies_not_only_those_it_checked_before(reg, t
     _one_line_error(capsys, "integrity check failed for toy@1.0.0: adapter_model.safetensors changed while it was copied")
     assert list((tmp_path / "out").iterdir()) == []  # no copy, no temp folder
 
+
+@pytest.mark.parametrize("link", ["toy/1.0.0/adapter_model.safetensors", "toy/1.0.0", "toy"])
+def test_a_symlink_in_a_registry_fails_verify_and_pull_as_it_fails_serving(reg, tmp_path, capsys, link):
+    """A version's file, its folder or its name folder replaced by a link to a copy outside the registry (the same bytes,
+    so every hash matched): verify said ok and pull copied it, while the server refused the folder for its symlink."""
+    inside, outside = reg / link, tmp_path / "outside"
+    (shutil.copytree if inside.is_dir() else shutil.copy)(inside, outside)
+    (shutil.rmtree if inside.is_dir() else os.unlink)(inside)
+    inside.symlink_to(outside)
+    assert main(["verify", "--registry", str(reg)]) == 1
+    assert f"FAIL toy@1.0.0: {link} is a symlink to {str(outside)!r}" in capsys.readouterr().out
+    assert main(["pull", "toy", "--registry", str(reg), "--to", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"{link} is a symlink")
+    assert not (tmp_path / "out").exists()

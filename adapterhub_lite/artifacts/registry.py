@@ -281,6 +281,16 @@ class LocalRegistry(Registry):
     def _folder(self, name: str, version: str) -> Path:
         return self.root / name / version
 
+    def _check_files(self, name: str, version: str, entry: dict) -> list[str]:
+        """The hashes, and no symlinks: a publish writes none, the server refuses a folder that holds any
+        (folder.check_adapter_folder), and the bytes a link leads to can change outside the registry. (A Hub
+        registry's snapshot is links into the Hub cache by design: this check is the local registry's.)"""
+        folder = self._folder(name, version)
+        links = [p for p in (folder.parent, folder) if p.is_symlink()] + [folder / f for f in sorted(entry["files"]) if (folder / f).is_symlink()]
+        problems = [f"{name}@{version}: {p.relative_to(self.root).as_posix()} is a symlink to {os.readlink(p)!r}; "
+                    "a registry holds its own files, so put the files in place of the link" for p in links]
+        return problems + super()._check_files(name, version, entry)
+
     @contextmanager
     def _locked(self):
         """The registry's write lock (an OS lock: released when the holder dies, also by SIGKILL)."""
