@@ -35,3 +35,20 @@ def test_a_moderation_policy_is_refused_and_prompt_cache_settings_are_accepted(s
                                                                 prompt_cache_options={"mode": "explicit"})
     assert IGNORED_HEADER not in r.headers and r.parse().choices[0].finish_reason == "length"
     assert FIELDS["moderation"].status == "refused"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_clients_include_obfuscation_stream_option_false_is_accepted_true_refused_by_name(served, chat):
+    """openai's stream_options type has `include_obfuscation`; false (no padding, what is done) was a 400 that named the
+    whole object as if malformed. False now streams; true, which asks for padding no chunk carries, is refused by name."""
+    def send(flag):
+        options = {"include_usage": True, "include_obfuscation": flag}
+        if chat:
+            return served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=2, stream=True, stream_options=options)
+        return served.client.completions.create(model="base", prompt="ab", max_tokens=2, stream=True, stream_options=options)
+
+    chunks = list(send(False))
+    assert chunks[-1].usage.completion_tokens == 2 and not chunks[-1].choices
+    with pytest.raises(openai.BadRequestError) as err:
+        send(True)
+    assert err.value.body["param"] == "stream_options.include_obfuscation" and err.value.body["code"] == "unsupported_field", err.value.body

@@ -54,7 +54,7 @@ FIELDS: dict[str, Field] = {
     "n": Field(BOTH, "implemented", f"up to {MAX_N} choices, each a row of the batch; with `seed`, choice i draws with seed + i"),
     "best_of": Field((C,), "refused", "accepted only equal to `n` (no ranking of extra samples)"),
     "stream": Field(BOTH, "implemented", "server-sent events, one chunk per step; every choice streams"),
-    "stream_options": Field(BOTH, "implemented", "`include_usage`; with it `continuous_usage_stats` (vLLM's): every chunk carries its choice's usage so far"),
+    "stream_options": Field(BOTH, "implemented", "`include_usage`; with it `continuous_usage_stats` (vLLM's): every chunk carries its choice's usage so far; `include_obfuscation` false only (no padding)"),
     "stop": Field(BOTH, "implemented", "up to 64 strings (OpenAI takes 4, vLLM any number); the text ends before the first (see `include_stop_str_in_output`)"),
     "logprobs": Field(BOTH, "implemented", "completions: top k (0-20) plus the chosen token; chat: true/false with `top_logprobs`; the model's own log-probs"),
     "top_logprobs": Field((H,), "implemented", "0-20 alternatives per token"),
@@ -309,11 +309,14 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
     if opts is not None and not stream:
         raise bad("stream_options", opts, "it applies to a stream only: set stream: true, or drop it")
     if opts is not None:
-        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
-            raise bad("stream_options", opts, "give {\"include_usage\": true|false}")
-        for key in ("include_usage", "continuous_usage_stats"):
+        if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats", "include_obfuscation"}:
+            raise bad("stream_options", opts, "give {\"include_usage\": true|false} (with it vLLM's \"continuous_usage_stats\")")
+        for key in ("include_usage", "continuous_usage_stats", "include_obfuscation"):
             if opts.get(key) is not None and not isinstance(opts[key], bool):
                 raise bad(f"stream_options.{key}", opts[key], "give true or false")
+        if opts.get("include_obfuscation"):  # the openai client's own stream option: false (what is done) is accepted
+            raise bad("stream_options.include_obfuscation", True, "chunks carry no `obfuscation` padding here; send false or drop it",
+                      code="unsupported_field")
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=number(body, "temperature", 0.0, 0.0, 2.0),
