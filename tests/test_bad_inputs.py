@@ -52,7 +52,7 @@ def test_bad_train_inputs(capsys, cls_task, override, needle):
     (["interference", "a", "--output", "r", "--rows", "-5"], "argument --rows: -5 must be ≥ 0"),
     (["train-multi", "toy.yaml", "--output", "r", "train.max_steps=0"], "train.max_steps must be ≥ 1, got 0"),
     (["train-multi", "toy.yaml", "train.max_steps=0", "--output", "r"], "train.max_steps must be ≥ 1, got 0"),
-    (["infer", "--input", "null.jsonl", "--registry", "reg"], "have a 'text' that is null, not a string"),
+    (["infer", "--input", "null.jsonl", "--registry", "reg"], "null.jsonl: request(s) on line(s) [3] have a 'text' that is null, not a string"),
     (["serve", "--registry", "reg", "--port", "99999"], "argument --port: '99999' is not a port: give a number from 0 to 65535"),
     # values that cannot work, and flags that would be unread, are refused before anything loads
     (["serve", "--registry", "reg", "--replicas", "3", "--ray-address", "auto"], "--replicas, --ray-address configure Ray Serve replicas; add --ray"),
@@ -68,7 +68,7 @@ def test_bad_train_inputs(capsys, cls_task, override, needle):
     (["train-multi", "toy.yaml", "other.yaml", "--output", "r"], "train.max_steps differs between the tasks (toy: 6, other: 9); a joint run has one: pass train.max_steps=VALUE"),
 ])
 def test_bad_flags(capsys, cls_task, argv, needle):
-    (cls_task / "null.jsonl").write_text('{"adapter": "base", "text": null}\n')
+    (cls_task / "null.jsonl").write_text('{"adapter": "base", "text": "ok"}\n\n{"adapter": "base", "text": null}\n')  # line 3, row 2
     other = yaml.safe_load((cls_task / "toy.yaml").read_text())
     (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other", "train": {**other["train"], "max_steps": 9}}))
     refused(capsys, cls_task, argv, needle)
@@ -88,7 +88,9 @@ def test_bad_predict_inputs(capsys, cls_task):
     assert main(["train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress"]) == 0
     capsys.readouterr()
     (cls_task / "null.jsonl").write_text('{"text": "aaaa 1"}\n{"text": null}\n')
-    refused(capsys, cls_task, ["predict", "out", "--input", "null.jsonl", "--output", "p.jsonl"], "has null for 'text'")
+    refused(capsys, cls_task, ["predict", "out", "--input", "null.jsonl", "--output", "p.jsonl"], "null.jsonl:2: an input row has null for 'text'")
+    (cls_task / "gap.jsonl").write_text('{"text": "aaaa 1", "id": 7}\n\n{"body": "aaaa 2"}\n')  # the file and its line, not the row's index
+    refused(capsys, cls_task, ["predict", "out", "--input", "gap.jsonl", "--output", "p.jsonl"], "gap.jsonl:3: input rows lack key(s) ['text']")
     (cls_task / "taken").mkdir()
     refused(capsys, cls_task, ["predict", "out", "--input", "taken"], "input file 'taken' is a directory, not a file")
     refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "taken"], "--output 'taken' is a folder")

@@ -13,7 +13,7 @@ from pathlib import Path
 from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.names import DTYPES, QUANTIZATIONS
-from adapterhub_lite.core.text import parse_jsonl, read_text
+from adapterhub_lite.core.text import numbered_jsonl, read_text
 
 
 def finite_float(text: str) -> float:
@@ -80,12 +80,17 @@ def write_output(path: str | None, text: str) -> None:
 
 def read_jsonl(path: str) -> list[dict]:
     """The rows of a JSONL --input file (one object per line); a missing, empty or malformed file is refused."""
+    return [row for _, row in numbered_input(path)]
+
+
+def numbered_input(path: str) -> list[tuple[int, dict]]:
+    """read_jsonl's rows, each with its line number in the file (for messages: blank lines make index and line differ)."""
     p = Path(path)
     if p.is_dir():
         raise DataError(f"input file {path!r} is a directory, not a file; pass a JSONL file with one object per line")
     if not p.is_file():
         raise DataError(f"input file {path!r} does not exist; pass a JSONL file with one object per line")
-    rows = parse_jsonl(read_text(p), path)
+    rows = numbered_jsonl(read_text(p), path)
     if not rows:
         raise DataError(f"input file {path!r} has no rows")
     return rows

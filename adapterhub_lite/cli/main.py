@@ -14,7 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, nonempty, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
+from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, nonempty, numbered_input, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
 from adapterhub_lite.cli.export import add_export_command
 from adapterhub_lite.cli.multitask import add_commands
 from adapterhub_lite.cli.ranks import said_by_rank0
@@ -93,9 +93,15 @@ def _predict(args) -> int:
     if (args.text is None) == (args.input is None):
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
     check_output_file(args.output)
-    rows = [] if args.input is None else read_jsonl(args.input)
-    # every row is checked against the adapter's task before the backbone loads
-    rows = [request_row(_sidecar_spec(args.adapter), r) for r in (rows or [{"text": args.text}])]
+    task = _sidecar_spec(args.adapter)
+    rows = []
+    for line, row in [(0, {"text": args.text})] if args.input is None else numbered_input(args.input):
+        try:  # every row is checked against the adapter's task before the backbone loads
+            rows.append(request_row(task, row))
+        except DataError as exc:
+            if args.input is None:
+                raise
+            raise DataError(f"{args.input}:{line}: {exc}") from None  # which row of the file, not just what is wrong
     model, backbone, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
@@ -125,25 +131,26 @@ def _infer(args) -> int:
     from adapterhub_lite.serving.router import Router
 
     check_output_file(args.output)
-    requests = read_jsonl(args.input)
-    bad = [n for n, r in enumerate(requests, 1) if "adapter" not in r]
+    numbered = numbered_input(args.input)
+    requests, lines = [r for _, r in numbered], [n for n, _ in numbered]  # a blank line makes a request's index and its line differ
+    bad = [lines[i] for i, r in enumerate(requests) if "adapter" not in r]
     if bad:
         raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} name no 'adapter'; give each a name, 'base' or 'auto'")
     # base / auto read `text` directly; a named adapter's prompt columns are checked by request_row (null refused there)
-    bad = [n for n, r in enumerate(requests, 1) if ("text" in r or r["adapter"] in RESERVED) and not isinstance(r.get("text"), str)]
+    bad = [i for i, r in enumerate(requests) if ("text" in r or r["adapter"] in RESERVED) and not isinstance(r.get("text"), str)]
     if bad:
-        raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} have a 'text' that is {json.dumps(requests[bad[0] - 1].get('text'))}, "
+        raise DataError(f"{args.input}: request(s) on line(s) {[lines[i] for i in bad][:5]} have a 'text' that is {json.dumps(requests[bad[0]].get('text'))}, "
                         "not a string; give every request its text")
     bad = bad_budgets(requests, 32)
     if bad:
-        raise DataError(f"{args.input}: request(s) on line(s) {[i + 1 for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; "
+        raise DataError(f"{args.input}: request(s) on line(s) {[lines[i] for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; "
                         "give a whole number ≥ 1 (or leave it out: the task's own budget)")
     # other keys ride along into the answers (an id, say); these read like settings, which infer would not apply
     unread = unread_settings(requests, also=frozenset({"prompt"}))  # infer reads task inputs (`text`, columns), no raw prompt
     if unread:
-        raise DataError(f"{args.input}: request(s) on line(s) {[i + 1 for i in unread[0]][:5]} set {unread[1]}, which infer does not read (it answers "
+        raise DataError(f"{args.input}: request(s) on line(s) {[lines[i] for i in unread[0]][:5]} set {unread[1]}, which infer does not read (it answers "
                         "greedily, each task within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
-    _check_versions(args.registry, args.input, requests)
+    _check_versions(args.registry, args.input, requests, lines)
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                   memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
     # the server's engine over the whole file: continuous batching, --batch-size rows at a time
@@ -155,13 +162,13 @@ def _infer(args) -> int:
         except AdapterHubError as exc:  # a prompt over the context, say: which of the file's requests it was
             if getattr(exc, "request_index", None) is None:
                 raise
-            raise DataError(f"{args.input}: request on line {exc.request_index + 1}: {exc.detail}") from None  # the line, not run()'s index
+            raise DataError(f"{args.input}: request on line {lines[exc.request_index]}: {exc.detail}") from None  # the line, not run()'s index
     answers = [{**req, **res} for req, res in zip(requests, results)]
     write_output(args.output, "".join(json.dumps(a) + "\n" for a in answers))
     return 0
 
 
-def _check_versions(registry: str, source: str, requests: list[dict]) -> None:
+def _check_versions(registry: str, source: str, requests: list[dict], lines: list[int]) -> None:
     """Refuse, before the backbone loads, a request naming a version (name@version) the registry does not hold, in the
     registry's words (which list the versions); the ones it holds are served pinned, as `serve` serves them (the engine
     would only find out after loading the backbone)."""
@@ -169,7 +176,7 @@ def _check_versions(registry: str, source: str, requests: list[dict]) -> None:
     from adapterhub_lite.artifacts.registries import open_registry
 
     pinned = {}  # ref → the request lines naming it
-    for n, r in enumerate(requests, 1):
+    for n, r in zip(lines, requests):  # each request's line in the file
         if isinstance(r["adapter"], str) and "@" in r["adapter"] and not r["adapter"].endswith("@latest"):
             pinned.setdefault(r["adapter"], []).append(n)
     if not pinned:

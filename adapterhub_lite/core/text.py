@@ -41,7 +41,12 @@ def loads(text: str):
 
 
 def parse_jsonl(text: str, where: str | Path) -> list[dict]:
-    """The objects of JSON Lines text, one per non-blank line, exactly as typed; a bad line is refused by number.
+    """The objects of JSON Lines text, one per non-blank line, exactly as typed; a bad line is refused by number."""
+    return [row for _, row in numbered_jsonl(text, where)]
+
+
+def numbered_jsonl(text: str, where: str | Path) -> list[tuple[int, dict]]:
+    """parse_jsonl's objects, each with its line number (blank lines are skipped, so a row's index is not its line).
 
     Lines end at \n, \r\n or \r only: str.splitlines also breaks at U+2028, U+0085 and other separators, which
     a JSON string may hold unescaped, so a valid row was refused as two halves.
@@ -56,7 +61,7 @@ def parse_jsonl(text: str, where: str | Path) -> list[dict]:
                 raise DataError(f"{where}:{n} is not valid JSON ({why}: {line[:60]!r}); write one JSON object per line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}:{n} is a JSON {type(row).__name__}, not an object ({line[:60]!r}); write one JSON object per line")
-            rows.append(row)
+            rows.append((n, row))
     return rows
 
 
