@@ -52,3 +52,18 @@ def test_the_clients_include_obfuscation_stream_option_false_is_accepted_true_re
     with pytest.raises(openai.BadRequestError) as err:
         send(True)
     assert err.value.body["param"] == "stream_options.include_obfuscation" and err.value.body["code"] == "unsupported_field", err.value.body
+
+
+def test_add_special_tokens_false_for_a_tasks_input_is_refused_not_dropped(served):
+    """A task's input (chat to a task adapter, completions `input`, 'auto') is tokenized with the special tokens whatever
+    `add_special_tokens` says: false was answered as if it had been read. It is a 400 naming it; true (what is done) and
+    a raw prompt's false are answered."""
+    for send in (lambda flag: served.client.chat.completions.create(model="gen_a", messages=CHAT, max_tokens=1, extra_body={"add_special_tokens": flag}),
+                 lambda flag: served.client.completions.create(model="gen_a", prompt="", max_tokens=1, extra_body={"input": "hi", "add_special_tokens": flag}),
+                 lambda flag: served.client.completions.create(model="auto", prompt="hi", extra_body={"add_special_tokens": flag})):
+        with pytest.raises(openai.BadRequestError) as err:
+            send(False)
+        assert err.value.body["param"] == "add_special_tokens", err.value.body
+        assert send(True).usage.prompt_tokens > 0
+    raw = served.client.completions.create(model="gen_a", prompt="hi", max_tokens=1, extra_body={"add_special_tokens": False})
+    assert raw.usage.prompt_tokens > 0

@@ -52,6 +52,14 @@ class Settings:
 CLASSIFY_FIELDS = ("model", "input", "merged_adapters", "user", "safety_identifier")
 
 
+def check_task_special_tokens(body: dict, where: str) -> None:
+    """Refuse (400) `add_special_tokens: false` for a task's input: the adapter's template is tokenized as its training
+    read it, with the tokenizer's special tokens, whatever the field says (it was dropped silently)."""
+    if body.get("add_special_tokens") is False:
+        raise P.bad("add_special_tokens", False, "a task's input is read as its adapter was trained on it, with the tokenizer's special "
+                    f"tokens; drop it, or send the rendered prompt as {where} to choose")
+
+
 class Handlers(Answers):
     """The routes' work, over one engine, its catalogue and the server's settings."""
 
@@ -151,6 +159,8 @@ class Handlers(Answers):
         if ("input" in body or model == AUTO) and raw_only:  # a task's answer is its first line, stripped: not a continuation to echo or lengthen
             raise P.bad(raw_only[0], body[raw_only[0]], "applies to a raw `prompt` sent to a named adapter; a task's `input` (and 'auto') "
                         "is answered with the task's answer — send the rendered prompt as `prompt` to use it")
+        if "input" in body or model == AUTO:
+            check_task_special_tokens(body, "`prompt`")
         if "input" in body:
             # one of them would go unread; an empty prompt is what a client must send beside `input`: "" (the openai client) or
             # [""] (LangChain's OpenAI, which always sends its prompts as a list)
@@ -203,6 +213,7 @@ class Handlers(Answers):
                 if value != usual:
                     raise P.bad(name, value, f"adapter {model!r} answers its task from the last user message (its own template, its first line); "
                                 "this applies to 'base' chat only")
+            check_task_special_tokens(body, "`prompt` to /v1/completions")
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if not users:
                 raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")

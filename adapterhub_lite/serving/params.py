@@ -99,7 +99,7 @@ FIELDS: dict[str, Field] = {
     "truncation_side": _refused("`truncate_prompt_tokens` keeps the prompt's last tokens; `\"left\"` (that) is accepted, `\"right\"` is not built", "left"),
     "allowed_token_ids": Field(BOTH, "implemented", "every other token is masked; refused when each is a stop token (`stop_token_ids`, EOS) that `min_tokens` masks"),
     "prompt_logprobs": Field(BOTH, "implemented", "per prompt token: its log-prob and rank plus the top k, vLLM's shape; a completions stream carries them in its first chunk, a chat stream refuses them (as vLLM refuses them in any stream)"),
-    "add_special_tokens": Field(BOTH, "implemented", "tokenize a text prompt with the tokenizer's special tokens (completions default true, chat false)"),
+    "add_special_tokens": Field(BOTH, "implemented", "tokenize a text prompt with the tokenizer's special tokens (completions default true, chat false); a task's input is read with them (false refused)"),
     "add_generation_prompt": Field((H,), "implemented", "`base` chat: end the template with the assistant's turn (default true)"),
     "continue_final_message": Field((H,), "implemented", "`base` chat: continue the last (assistant) message"),
     "return_token_ids": Field(BOTH, "implemented", "each choice also carries `prompt_token_ids` and `token_ids`; streamed (vLLM's shape), each chunk carries its tokens' `token_ids` and a choice's first chunk the `prompt_token_ids` (chat: on the first chunk, beside `choices`)"),
