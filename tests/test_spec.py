@@ -72,6 +72,9 @@ def test_malformed_override_is_refused():
     ("train=5", "train must be a mapping of keys, got int 5; set its keys (e.g. train.KEY=VALUE)"),
     ("data=[a, b]", "data must be a mapping of keys, got list ['a', 'b']; set its keys (e.g. data.KEY=VALUE)"),
     ("train.max_length=1", "train.max_length=1 leaves no room for one prompt token and a one-token label; use train.max_length ≥ 2"),
+    # `label` / `target` are `str | None`, which went unchecked: a list crashed in data.py (TypeError), a number named no column
+    ("label=[a]", "'label' must be a column name (text), got list ['a']"),
+    ("label=5", "'label' must be a column name (text), got int 5; quote it ('5') if the column is named so"),
 ])
 def test_bad_values_are_refused_in_one_line(override, needle):
     with pytest.raises(SpecError) as err:

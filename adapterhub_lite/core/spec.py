@@ -190,6 +190,11 @@ def _coerce(value: Any, hint: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, hint) or isinstance(value, bool):
             problems.append(f"{key!r} must be {hint.__name__}, got {value!r}")
         return value
+    if key in ("label", "target") and value is not None and not isinstance(value, str):  # the union `str | None`
+        # a list raised a bare TypeError deep in data.py; a number named no column (csv headers are text)
+        quoted = f"; quote it ('{value}') if the column is named so" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        problems.append(f"{key!r} must be a column name (text), got {type(value).__name__} {value!r}{quoted}")
+        return value
     if key == "metric":
         if isinstance(value, str):
             return [value]
