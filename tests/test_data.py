@@ -399,3 +399,16 @@ def test_dev_rows_that_are_train_rows_are_said(capsys, cls_task):
     assert dev_overlap({"train": data["train"], "dev": to_split(spec, load_split("d.jsonl")[0].select([0, 2]), "d.jsonl", "")}) is None
     assert main(["train", "toy.yaml", "train.max_steps=1", "--output", "out", "--no-progress"]) == 0  # its dev is train's first 16 rows
     assert "warning: 16 of 16 rows of 'dev.jsonl' (row 1, 2, 3, 4, 5, …) have the same prompt as a row of 'train.jsonl'" in capsys.readouterr().err
+
+
+def test_a_row_whose_prompt_columns_are_all_empty_is_refused(tmp_path):
+    """An empty or all-space text renders the bare template: the row trained on no input at all, without a word."""
+    (tmp_path / "e.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "  ", "label": "neg"}\n{"text": "", "label": "pos"}\n')
+    (tmp_path / "e.csv").write_text("a,b,label\n,x,pos\n, ,neg\n")
+    one = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "x", "dev": "x"}, "prompt": "T: {text}\nL:",
+                          "label": "label", "labels": ["neg", "pos"]})
+    with pytest.raises(DataError, match=r"has an empty 'text' in 2 row\(s\) \(row 2, 3\), so its prompt holds no input"):
+        to_split(one, load_split(str(tmp_path / "e.jsonl"))[0], "e.jsonl", "")
+    two = spec_from_dict({**one.to_dict(), "prompt": "{a} / {b}:"})  # one empty column of two still leaves an input
+    with pytest.raises(DataError, match=r"has every prompt column \('a', 'b'\) empty in 1 row\(s\) \(row 2\)"):
+        to_split(two, load_split(str(tmp_path / "e.csv"))[0], "e.csv", "")

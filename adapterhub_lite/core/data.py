@@ -285,6 +285,19 @@ def _refuse_missing(source: str, column: str, values: list, what: str) -> None:
         raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) (row {shown}); {what}, or drop those rows")
 
 
+def _refuse_blank(source: str, spec: TaskSpec, ds: datasets.Dataset) -> None:
+    """Refuse rows whose every prompt column is empty or spaces only: rendered, such a row is the bare template, so it
+    trains (or is scored) on no input at all; it was taken without a word."""
+    columns = list(dict.fromkeys(spec.prompt_fields))
+    values = zip(*(ds[c] for c in columns))
+    rows = [i + 1 for i, row in enumerate(values) if all(isinstance(v, str) and not v.strip() for v in row)]
+    if rows:
+        shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
+        what = f"an empty {columns[0]!r}" if len(columns) == 1 else f"every prompt column ({', '.join(map(repr, columns))}) empty"
+        raise DataError(f"split {source!r} has {what} in {len(rows)} row(s) (row {shown}), so its prompt holds no input; "
+                        "give those rows their text, or drop them")
+
+
 def _label_values(spec: TaskSpec, ds: datasets.Dataset, source: str) -> list[str]:
     """The label column as text. A ClassLabel column (an hf: split, or a parquet file `datasets` wrote) holds class
     indices whose names `datasets` shows (0 = 'negative'): a mapping keyed by those names reads the names, and a list
@@ -331,6 +344,7 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
     # A missing prompt value would be rendered as '' and a missing label compared as 'None': both silently.
     for column in dict.fromkeys(spec.prompt_fields):
         _refuse_missing(source, column, ds[column], "give every row a value for each column the prompt reads")
+    _refuse_blank(source, spec, ds)
     prompts = [render(spec, row) for row in ds]
     if spec.type == "classification":
         _refuse_missing(source, spec.label, ds[spec.label], "give every row its label")
