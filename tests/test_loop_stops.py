@@ -64,12 +64,21 @@ def test_a_run_out_of_time_evaluates_and_checkpoints_the_step_it_stops_at(tmp_pa
     assert Checkpoint(tmp_path).step() == 3
 
 
-def test_early_stopping_checkpoints_the_step_it_stops_at(tmp_path, device):
+def test_early_stopping_checkpoints_the_step_it_stops_at_and_a_resume_trains_no_further(tmp_path, device, monkeypatch):
     """patience 1: the eval of step 2 does not beat step 1's, the run stops there, and its checkpoint is of step 2
-    (checkpoint_every 100 never came): what a resume of the stopped run starts from."""
-    result = fit(_Scored(device, [0.5, 0.4]), _cfg(eval_every=1, patience=1), Parallel(device), tmp_path, progress=False)
+    (checkpoint_every 100 never came): what a resume of the stopped run starts from. A run killed once that checkpoint
+    is written (its folder write failed: the error says to rerun with --resume) is resumed as stopped, not trained on:
+    the resume went on to step 3 (and, had its eval improved, to max_steps), an adapter the run never had."""
+    cfg = _cfg(eval_every=1, patience=1)
+    result = fit(_Scored(device, [0.5, 0.4, 0.6]), cfg, Parallel(device), tmp_path / "straight", progress=False)
     assert (result.state.step, result.stopped_by) == (2, "early_stopping")
-    assert Checkpoint(tmp_path).step() == 2
+    assert Checkpoint(tmp_path / "straight").step() == 2
+    crash_after_checkpoint(monkeypatch, lambda: fit(_Scored(device, [0.5, 0.4]), cfg, Parallel(device), tmp_path / "resumed", progress=False), step=2)
+    resumed = fit(_Scored(device, [0.6]), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False)
+    assert (resumed.state.step, resumed.stopped_by, resumed.state.best_step) == (2, "early_stopping", 1)
+    def logged(run):  # the clock's figure aside
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in _rows(tmp_path / run)]
+    assert logged("resumed") == logged("straight")
 
 
 class _NanGradient(Toy):

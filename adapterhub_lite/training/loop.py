@@ -147,11 +147,13 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
     state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and parallel.main), desc=recipe.name, dynamic_ncols=True)
-    stopped_by = "max_steps"
+    # A checkpoint of a run that early stopping ended (its folder write failed, and --resume redoes only the end) is
+    # finished: training on would give another adapter than the run that was not interrupted
+    stopped_by = "early_stopping" if state.stopped_early else "max_steps"
     # Training mode is set here and again after each eval (which may leave eval mode), not every step: Module.train()
     # walks every module (2,499 in the 135M with LoRA, peft 0.21.2), host time a step spends for nothing.
     recipe.model.train()
-    while state.step < cfg.max_steps:
+    while state.step < cfg.max_steps and stopped_by == "max_steps":
         t0 = time.perf_counter()
         tokens = run.train_step()
         state.step += 1
@@ -168,7 +170,7 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
         if logged:
             run.log_row(means, bar)
         if evaluating and run.evaluate(bar):  # True: patience ran out
-            stopped_by = "early_stopping"
+            stopped_by, state.stopped_early = "early_stopping", True
         if evaluating:
             recipe.model.train()  # the eval may have left it in eval mode
         if out_of_time and stopped_by == "max_steps":
@@ -221,7 +223,8 @@ class _Run:
             if saved.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(saved["scaler"])
             if parallel.main:
-                print(f"resuming from step {self.state.step}", file=sys.stderr)
+                ended = " (early stopping had ended the run there: nothing left to train)" if self.state.stopped_early else ""
+                print(f"resuming from step {self.state.step}{ended}", file=sys.stderr)
         if parallel.main:
             work.mkdir(parents=True, exist_ok=True)
             write_jsonl(work / "metrics.jsonl", self.state.history)

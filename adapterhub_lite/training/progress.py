@@ -29,6 +29,7 @@ class RunState:
     best_step: int = 0
     bad_evals: int = 0  # evals since the score last beat plateau_score by more than min_delta
     plateau_score: float | None = None  # the score of the last real improvement (patience's reference)
+    stopped_early: bool = False  # early stopping ended the run here: a resume of it (a failed folder write) trains no further
     history: list[dict] = field(default_factory=list)
 
 
