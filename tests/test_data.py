@@ -412,3 +412,11 @@ def test_a_row_whose_prompt_columns_are_all_empty_is_refused(tmp_path):
     two = spec_from_dict({**one.to_dict(), "prompt": "{a} / {b}:"})  # one empty column of two still leaves an input
     with pytest.raises(DataError, match=r"has every prompt column \('a', 'b'\) empty in 1 row\(s\) \(row 2\)"):
         to_split(two, load_split(str(tmp_path / "e.csv"))[0], "e.csv", "")
+
+
+def test_json_numbers_are_read_as_written(tmp_path):
+    """A JSON number became the text Python writes for it: a target typed 2.50 trained as '2.5', 1e3 as '1000.0'."""
+    (tmp_path / "n.jsonl").write_text('{"text": 0.10, "target": 2.50}\n{"text": 7, "target": 1e3}\n{"text": "x", "target": -0.0}\n')
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "x", "dev": "x"}, "prompt": "In: {text}\nOut:", "target": "target"})
+    split = to_split(gen, load_split(str(tmp_path / "n.jsonl"))[0], "n.jsonl", "")
+    assert split.answers == ["2.50", "1e3", "-0.0"] and split.prompts[:2] == ["In: 0.10\nOut:", "In: 7\nOut:"]

@@ -23,8 +23,22 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}:{line} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the file as UTF-8") from None
 
 
+class WrittenFloat(float):
+    """A JSON number with a fraction or an exponent that reads back as written: str() of the float gives 1.5 for 1.50
+    and 1000.0 for 1e3, so a target or prompt value typed 1.50 was trained (and predicted on) as 1.5, silently.
+    Arithmetic and json.dumps see the float itself."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def _finite(text: str) -> float:
-    number = float(text)
+    number = WrittenFloat(text)
     if not math.isfinite(number):
         raise ValueError(f"{text} is out of a float's range")
     return number
