@@ -294,3 +294,23 @@ def test_a_symlink_in_a_registry_fails_verify_and_pull_as_it_fails_serving(reg, 
     assert main(["pull", "toy", "--registry", str(reg), "--to", str(tmp_path / "out")]) == 2
     _one_line_error(capsys, f"{link} is a symlink")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, edit", [
+    ("metrics.accuracy", lambda e: e["metrics"].update(accuracy=0.99)),
+    ("base.fingerprint.quantization", lambda e: e["base"]["fingerprint"].update(quantization="8bit")),
+    ("rank", lambda e: e.update(rank=64)),
+])
+def test_an_index_entry_that_disagrees_with_its_files_fails_verify_and_loading(reg, tmp_path, capsys, field, edit):
+    """`list`, `info`, export and the Router's choice of backbone read the index entry; an entry edited by hand (better
+    metrics, another quantization) passed verify, pull and serving, as every file still matched its sha256."""
+    index = json.loads((reg / "index.json").read_text())
+    edit(index["adapters"]["toy"]["1.0.0"])
+    (reg / "index.json").write_text(json.dumps(index))
+    assert main(["verify", "--registry", str(reg)]) == 1
+    assert f"FAIL toy@1.0.0: index.json says {field} " in capsys.readouterr().out
+    assert main(["pull", "toy", "--registry", str(reg), "--to", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"index.json says {field} ", "but the version's files say")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RegistryError, match=f"index.json says {field} "):
+        check_if_registered(reg / "toy" / "1.0.0")  # load_adapter / serve by the folder's path

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from adapterhub_lite.artifacts.index import file_record
 from adapterhub_lite.artifacts.registry import LocalRegistry
 from adapterhub_lite.cli import main
 from adapterhub_lite.ops.export import VLLM_MAX_LORA_RANKS, plan_export, vllm_rank_bucket
@@ -184,7 +185,14 @@ def test_a_damaged_version_refuses_the_whole_export_naming_every_damaged_one(reg
 def test_one_base_per_command(registry, capsys):
     index_path = registry / "index.json"
     index = json.loads(index_path.read_text())
-    index["adapters"]["lora16"]["1.0.0"]["base"]["hub_id"] = "other/model"
+    # lora16 trained on another base: its sidecar says so, and the index records that sidecar (an index entry that
+    # disagrees with its version's files is refused as damaged)
+    sidecar = registry / "lora16" / "1.0.0" / "adapterhub.json"
+    meta = json.loads(sidecar.read_text())
+    meta["base"]["hub_id"] = "other/model"
+    sidecar.write_text(json.dumps(meta))
+    entry = index["adapters"]["lora16"]["1.0.0"]
+    entry["base"]["hub_id"], entry["files"]["adapterhub.json"] = "other/model", file_record(sidecar)
     index_path.write_text(json.dumps(index))
     mine = index["adapters"]["lora4"]["1.0.1"]["base"]["hub_id"]
     first, second = sorted([(mine, "lora4"), ("other/model", "lora16")])

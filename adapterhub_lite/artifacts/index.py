@@ -120,6 +120,29 @@ def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None =
         raise RegistryError(f"the adapter's sidecar ({SIDECAR}) lacks {exc} or has it in the wrong form; publish a folder written by adapterhub-lite") from None
 
 
+def entry_problems(entry: dict, folder: Path) -> list[str]:
+    """What an index entry says of a version that the version's own files (their hashes already matched) do not:
+    `list`, `info`, `export` and the Router's choice of backbone read the entry, so an entry edited by hand (its
+    metrics, quantization, base …) would be shown and acted on though every file verifies. Fields an older entry
+    lacks are not asked for; `files` and `created` are the index's own."""
+    from adapterhub_lite.artifacts.folder import read_sidecar  # folder.py imports nothing of the registry's
+
+    try:
+        derived = make_entry(read_sidecar(folder), json.loads((folder / "adapter_config.json").read_text()), entry["files"])
+    except (AdapterHubError, OSError, ValueError, RecursionError) as exc:
+        return [f"its files cannot be read back as the entry ({type(exc).__name__}: {str(exc)[:200]})"]
+    said = {k: entry[k] for k in derived if k not in ("files", "created") and k in entry}
+    return [f"index.json says {key} {a!r} but the version's files say {b!r}" for key, a, b in _differences(said, derived)]
+
+
+def _differences(said, found, where: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, said, found) of each leaf where `said` differs from `found`: one changed field of a nested entry
+    (base.fingerprint.quantization) is named alone, not as the whole object."""
+    if isinstance(said, dict) and isinstance(found, dict):
+        return [d for k in said for d in _differences(said[k], found.get(k), f"{where}.{k}" if where else k)]
+    return [] if said == found else [(where, said, found)]
+
+
 def next_version(versions: dict, version: str, name: str | None = None) -> str:
     """Resolve 'auto' (bump the patch of the latest, or 1.0.0) and refuse re-publishing `name`'s versions."""
     latest = max(versions, key=version_key, default=None)

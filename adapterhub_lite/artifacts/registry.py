@@ -36,6 +36,7 @@ from adapterhub_lite.artifacts.index import (
     RegistryError,
     check_folder,
     check_name,
+    entry_problems,
     file_record,
     hash_file,
     is_version_folder,
@@ -143,6 +144,8 @@ class Registry:
                 problems.append(f"{name}@{version}: {fname} cannot be read ({os_problem(exc)})")
         extra = sorted(p.name for p in folder.iterdir() if p.name not in entry["files"]) if folder.is_dir() else []
         problems += [f"{name}@{version}: unexpected file {f}" for f in extra]
+        if not problems:  # the files are the published ones: the entry must then describe them
+            problems += [f"{name}@{version}: {p}" for p in entry_problems(entry, folder)]
         return problems
 
     def location(self, name: str, version: str) -> str:
