@@ -67,3 +67,17 @@ def test_add_special_tokens_false_for_a_tasks_input_is_refused_not_dropped(serve
         assert send(True).usage.prompt_tokens > 0
     raw = served.client.completions.create(model="gen_a", prompt="hi", max_tokens=1, extra_body={"add_special_tokens": False})
     assert raw.usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("model", ["base", "gen_a", "gen_prompt", "cls_a"])
+def test_tokenize_counts_the_messages_a_chat_to_that_model_reads(served, model):
+    """usage.prompt_tokens equals /tokenize's count for the same model and messages (vLLM's contract). A task adapter
+    reads the last user message through its own template, which /tokenize counted as the whole chat template (21 tokens
+    for a chat of 11 read)."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ab cd"}]
+    answer = served.client.chat.completions.create(model=model, messages=messages, max_tokens=1)
+    counted = served.post("/tokenize", {"model": model, "messages": messages})
+    assert counted.status_code == 200, counted.text
+    assert answer.usage.prompt_tokens == counted.json()["count"], (model, answer.usage, counted.json())
+    if model != "base":  # the system message is not read by a task's template: said on both routes
+        assert counted.headers[IGNORED_HEADER] == "messages[0]"

@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from adapterhub_lite.core.data import render, request_row
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
@@ -207,23 +208,40 @@ class Handlers(Answers):
             req = self.make_request(rid, model, body, params, [{"prompt": text}], chat=True, answer=False, default_max=self.settings.max_tokens or self.router.max_model_len,
                                     fill_context=True, add_special_tokens=flag(body, "add_special_tokens", False))
         else:
-            task_only = {"continue_final_message": (continue_final, False), "add_generation_prompt": (add_generation, True),
-                         "min_tokens": (params.min_tokens, 0), "ignore_eos": (params.ignore_eos, False)}
-            for name, (value, usual) in task_only.items():
+            for name, (value, usual) in {"min_tokens": (params.min_tokens, 0), "ignore_eos": (params.ignore_eos, False)}.items():
                 if value != usual:
                     raise P.bad(name, value, f"adapter {model!r} answers its task from the last user message (its own template, its first line); "
                                 "this applies to 'base' chat only")
-            check_task_special_tokens(body, "`prompt` to /v1/completions")
-            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-            if not users:
-                raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
-            # a system prompt, earlier turns and the speaker's name are not read by a task's template: said, not dropped silently
-            unread = [f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
-            if "name" in messages[users[-1]]:
-                unread.append(f"messages[{users[-1]}].name")
-            self.ignore_aloud(unread, f"v1/chat/completions (adapter {model!r} answers the last user message's content only)", access)
-            req = self.make_request(rid, model, body, params, [{"text": messages[users[-1]]["content"]}], chat=True, answer=True, default_max=32)
+            text = self.task_message(body, model, messages, access, "v1/chat/completions")
+            req = self.make_request(rid, model, body, params, [{"text": text}], chat=True, answer=True, default_max=32)
         return await self.answer(req, http)
+
+    def task_message(self, body: dict, model: str, messages: list[dict], access: dict, route: str) -> str:
+        """What a task adapter reads of a chat (its chat answer, and /tokenize's count of it): the last user message's
+        content, as its task's input; the template settings of 'base' chat are refused, the other messages named aloud."""
+        for name, (value, usual) in {"continue_final_message": (flag(body, "continue_final_message", False), False),
+                                     "add_generation_prompt": (flag(body, "add_generation_prompt", True), True)}.items():
+            if value != usual:
+                raise P.bad(name, value, f"adapter {model!r} answers its task from the last user message (its own template, its first line); "
+                            "this applies to 'base' chat only")
+        check_task_special_tokens(body, "`prompt` to /v1/completions")
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise P.bad("messages", body.get("messages"), f"a task adapter ({model}) reads the last user message as its input; add one")
+        # a system prompt, earlier turns and the speaker's name are not read by a task's template: said, not dropped silently
+        unread = [f"messages[{i}]" for i in range(len(messages)) if i != users[-1]]
+        if "name" in messages[users[-1]]:
+            unread.append(f"messages[{users[-1]}].name")
+        self.ignore_aloud(unread, f"{route} (adapter {model!r} answers the last user message's content only)", access)
+        return messages[users[-1]]["content"]
+
+    def task_prompt(self, model: str, text: str) -> str:
+        """The prompt a task adapter reads for one input text: its own template filled, as the engine renders it."""
+        spec = self.router.spec(model)
+        try:
+            return render(spec, request_row(spec, {"text": text})) if spec else text
+        except AdapterHubError as exc:  # a template of several columns: a chat's one text cannot fill it
+            raise as_api_error(exc) from None
 
     # -- /v1/classify ----------------------------------------------------------------------------
     async def classify(self, body: dict, http) -> dict:

@@ -1,6 +1,7 @@
 """The tokenizer routes (as vLLM's): text to token ids, token ids to text, and the tokenizer's settings.
 
 One tokenizer serves every adapter; a `model` that is given must still name one (a wrong name is a 404).
+`messages` for a task adapter are counted as its chat reads them: the last user message in its own template.
 A route reads the fields vLLM's request has; a chat template of the client's own is refused as in chat,
 any other field is ignored aloud (a log line and the x-adapterhub-ignored-fields header).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.params import H, check_fields, flag, token_ids, unread
 from adapterhub_lite.serving.routes.common import read_json, server
@@ -19,13 +21,14 @@ TOKENIZE_FIELDS = ("model", "prompt", "messages", "add_special_tokens", "add_gen
 CHAT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "tools")
 
 
-async def check_model(body: dict, handlers) -> None:
+async def check_model(body: dict, handlers) -> str | None:
     """A `model` that is given must name one the server serves (else 404). The base's `root` (its weights, as GET
     /v1/models lists it) names the base here too: `vllm bench serve` without --model tokenizes with data[0]'s root,
     which on vLLM is the served model's name, to align its prompts to the server's tokenizer; one tokenizer serves
-    every adapter."""
+    every adapter. Returns the model served (None: none named, or the base's root)."""
     if body.get("model") is not None and body["model"] != handlers.catalogue.base_root:
-        await handlers.resolve_model(body)
+        return await handlers.resolve_model(body)
+    return None
 
 
 @router.post("/tokenize")
@@ -34,11 +37,18 @@ async def tokenize(request: Request):
     body, handlers = await read_json(request), server(request).handlers
     check_fields({k: body[k] for k in CHAT_TEMPLATE_FIELDS if k in body}, H)  # a template we do not apply: refused, as in chat
     handlers.ignore_aloud(unread(body, TOKENIZE_FIELDS + CHAT_TEMPLATE_FIELDS), "tokenize", request.state.access)
-    await check_model(body, handlers)
+    model = await check_model(body, handlers)
     tok = handlers.tokenizer
-    if "messages" in body:
-        if body.get("prompt") is not None:  # one of them would go unread
-            raise P.bad("prompt", body["prompt"], "give either `prompt` or `messages` to tokenize, not both")
+    if "messages" in body and body.get("prompt") is not None:  # one of them would go unread
+        raise P.bad("prompt", body["prompt"], "give either `prompt` or `messages` to tokenize, not both")
+    if "messages" in body and model not in (None, BASE) and handlers.catalogue.has_task(model):
+        # a task adapter's chat reads the last user message through its own template, not the chat template: count that
+        if model == AUTO:
+            raise P.bad("model", model, "'auto' picks the adapter, and so the template a chat is read with, by content; name the adapter")
+        messages = P.check_messages(body["messages"])
+        handlers.ignore_aloud(P.unread_message_keys(body["messages"]), "tokenize", request.state.access)
+        text, special = handlers.task_prompt(model, handlers.task_message(body, model, messages, request.state.access, "tokenize")), True
+    elif "messages" in body:
         messages = P.check_messages(body["messages"])
         if not getattr(tok, "chat_template", None):
             raise P.bad("messages", body["messages"], "the backbone's tokenizer has no chat template; tokenize a `prompt` instead")
