@@ -420,3 +420,17 @@ def test_json_numbers_are_read_as_written(tmp_path):
     gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "x", "dev": "x"}, "prompt": "In: {text}\nOut:", "target": "target"})
     split = to_split(gen, load_split(str(tmp_path / "n.jsonl"))[0], "n.jsonl", "")
     assert split.answers == ["2.50", "1e3", "-0.0"] and split.prompts[:2] == ["In: 0.10\nOut:", "In: 7\nOut:"]
+
+
+def test_a_compressed_file_is_named_as_such(tmp_path):
+    """A gzip file read as text was 'not UTF-8 (byte 0x8b at offset 1)'; a .gz data file, only an unsupported type."""
+    import gzip
+
+    from adapterhub_lite.core.text import read_text
+
+    (tmp_path / "in.jsonl").write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    with pytest.raises(DataError, match=r"in.jsonl is gzip-compressed, not text; decompress it first \(gunzip -k "):
+        read_text(tmp_path / "in.jsonl")
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    with pytest.raises(DataError, match=r"unsupported type '.gz'; use one of .* decompress it first"):
+        load_split(str(tmp_path / "t.jsonl.gz"))

@@ -105,7 +105,8 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
         raise DataError(f"data file {source!r} does not exist (paths are relative to {Path.cwd()}); fix data.train / data.dev in the spec")
     suffix = path.suffix.lower()
     if suffix not in _BUILDERS:
-        raise DataError(f"data file {source!r} has unsupported type {suffix or '(none)'!r}; use one of {', '.join(_BUILDERS)}")
+        packed = "; decompress it first (gunzip -k / unzip) and point the spec at the file inside" if suffix in (".gz", ".zip", ".bz2", ".xz", ".zst") else ""
+        raise DataError(f"data file {source!r} has unsupported type {suffix or '(none)'!r}; use one of {', '.join(_BUILDERS)}{packed}")
     if not path.read_bytes().strip():
         raise _empty(source, split)
     # Columns are read as written. Type inference would turn the text "2021-03-03" into a

@@ -16,6 +16,8 @@ from adapterhub_lite.core.errors import DataError
 def read_text(path: Path) -> str:
     """A file's text: UTF-8, with a leading byte-order mark (as Excel and Notepad write) dropped."""
     data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip's magic: "not UTF-8 (byte 0x8b at offset 1)" names no cause
+        raise DataError(f"{path} is gzip-compressed, not text; decompress it first (gunzip -k {path}) and pass the file inside")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
