@@ -207,6 +207,13 @@ def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, 
     assert (fixed.spec.train.batch_size, fixed.spec.train.lr, fixed.spec.train.batch_tokens) == (8, 0.01, 0)
 
 
+def test_a_batch_in_tokens_with_accumulation_reads_at_most_the_split_a_step(cls_task):
+    """A batch in tokens was capped at the split's rows per micro-batch: with grad_accum 4 a step of 4 × 96 rows read
+    each of the 96 rows four times (train now refuses a step over the split). The cap is the split ÷ grad_accum."""
+    resolved, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=100000", "train.grad_accum=4")
+    assert resolved.spec.train.batch_size == 96 // 4
+
+
 def test_a_spec_giving_both_batch_size_and_batch_tokens_is_refused(cls_task):
     with pytest.raises(SpecError, match="train.batch_size=8 and train.batch_tokens=512 both set the batch"):
         load_spec(cls_task / "toy.yaml", ["train.batch_tokens=512"])

@@ -16,6 +16,9 @@ from .conftest import train_tiny
     (["train.seed=1180591620717411303424"], "train.seed must be between 0 and 2^63 - 1"),  # 2^70
     (["train.seed=-1"], "train.seed must be between 0 and 2^63 - 1"),
     (["train.batch_size=1000"], "train.batch_size=1000 × 1 process(es) = 1000 rows a step"),
+    # accumulated micro-batches are one batch (grad_accum 4 × 4 is batch 16): 4 × 25 > 96 rows read rows twice a step
+    (["train.batch_size=25", "train.grad_accum=4"], "train.batch_size=25 × 1 process(es) × train.grad_accum=4 = 100 rows a step, "
+                                                    "but 'train.jsonl' has 96 training rows; use train.batch_size × train.grad_accum ≤ 96"),
     (["--output", ""], "--output is empty"),
 ])
 def test_training_edges_are_one_line_and_write_nothing(cls_task, capsys, override, needle):

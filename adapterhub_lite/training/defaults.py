@@ -209,7 +209,8 @@ def _batch_in_tokens(spec: TaskSpec, data: dict, model, tokenizer, prompts: list
     else:
         extra = [max(len(w) for w in label_token_ids(tokenizer, spec))] * len(prompts)
     mean = sum(min(len(p) + e, MAX_AUTO_LENGTH) for p, e in zip(prompts, extra)) / max(1, len(prompts))
-    rows = max(1, min(round(tokens / mean / processes), len(prompts) // processes))
+    # at most the split in a step: batch_size × processes × grad_accum rows (train refuses a step reading a row twice)
+    rows = max(1, min(round(tokens / mean / processes), len(prompts) // (processes * t["grad_accum"])))
     t["batch_size"] = choose("train.batch_size", rows, f"{tokens:,} tokens a step ({why}) ÷ {mean:.0f} tokens a row"
                              + (f" ÷ {processes} processes" if processes > 1 else ""))
     if "train.lr" not in given:

@@ -142,10 +142,13 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
     parallel = Parallel(backbone.device, spec.quantization)
     resolved = resolve(spec, data, backbone.model, backbone.tokenizer, parallel.world)  # what the spec left out, from the data and model
     spec = resolved.spec
-    rows, per_step = len(data["train"]), spec.train.batch_size * parallel.world
-    if per_step > rows:  # the sampler would repeat rows within every step
-        raise DataError(f"train.batch_size={spec.train.batch_size} × {parallel.world} process(es) = {per_step} rows a step, but "
-                        f"{data['train'].source!r} has {rows} training rows; use train.batch_size ≤ {rows // parallel.world}")
+    t = spec.train
+    rows, per_step = len(data["train"]), t.batch_size * parallel.world * t.grad_accum
+    if per_step > rows:  # the sampler would repeat rows within every step (accumulated micro-batches are one batch)
+        accum = f" × train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""
+        fix = "train.batch_size × train.grad_accum" if t.grad_accum > 1 else "train.batch_size"
+        raise DataError(f"train.batch_size={t.batch_size} × {parallel.world} process(es){accum} = {per_step} rows a step, but "
+                        f"{data['train'].source!r} has {rows} training rows; use {fix} ≤ {rows // parallel.world}")
     if parallel.main:
         print(f"resolved spec ('#': chosen, as the spec left it out):\n{resolved.describe()}", file=sys.stderr)
     seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
