@@ -434,3 +434,20 @@ def test_a_compressed_file_is_named_as_such(tmp_path):
     (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
     with pytest.raises(DataError, match=r"unsupported type '.gz'; use one of .* decompress it first"):
         load_split(str(tmp_path / "t.jsonl.gz"))
+
+
+def test_a_bad_or_empty_parquet_file_is_one_line(capfd, cls_task):
+    """Read through load_dataset, a parquet file of no rows was "An error occurred while generating the dataset", and a
+    broken one came after the builder's own log line and progress bar on stderr: not one line."""
+    import pandas as pd
+
+    from adapterhub_lite.cli import main
+
+    pd.DataFrame({"text": pd.Series([], dtype=str), "label": pd.Series([], dtype=str)}).to_parquet(cls_task / "none.parquet")
+    (cls_task / "bad.parquet").write_bytes(b"text,label\naaaa,pos\n")
+    for name, needle in (("none", "data.dev 'none.parquet' is empty (no rows)"), ("bad", "cannot parse 'bad.parquet' as parquet")):
+        assert main(["train", "toy.yaml", f"data.dev={name}.parquet", "--output", "out", "--no-progress"]) == 2
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], lines
+    pd.DataFrame({"text": ["aaaa"], "label": ["pos"]}, index=[7]).to_parquet(cls_task / "ok.parquet")  # pandas' index is no column
+    assert load_split("ok.parquet")[0].column_names == ["text", "label"]

@@ -120,13 +120,26 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
         elif builder == "csv":
             ds = _csv_rows(path, **kwargs)
         else:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+            ds = _parquet(path, source, split)
     except DataError:
         raise
     except Exception as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise DataError(f"cannot parse {source!r} as {suffix[1:]} ({type(exc).__name__}: {detail}); check the file format") from None
     return ds, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _parquet(path: Path, source: str, split: str | None) -> datasets.Dataset:
+    """A parquet file as a Dataset, read by pyarrow (the features `datasets` wrote in its metadata, ClassLabel too, are
+    kept). Not through load_dataset: its builder logged its own line and progress bars on stderr before a refusal, and
+    read a file of no rows as "An error occurred while generating the dataset"."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    index = [c for c in table.column_names if c.startswith("__index_level_")]  # pandas' to_parquet index: not a column of data
+    if table.num_rows == 0:
+        raise _empty(source, split)
+    return datasets.Dataset(table.drop_columns(index) if index else table)
 
 
 def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
