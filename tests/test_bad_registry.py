@@ -314,3 +314,24 @@ def test_an_index_entry_that_disagrees_with_its_files_fails_verify_and_loading(r
     assert not (tmp_path / "out").exists()
     with pytest.raises(RegistryError, match=f"index.json says {field} "):
         check_if_registered(reg / "toy" / "1.0.0")  # load_adapter / serve by the folder's path
+
+
+def test_load_adapter_re_hashes_a_registry_version_after_peft_has_read_it(reg, monkeypatch):
+    """load_adapter hashed a registry version's files, then peft read them again by path: weights rewritten in between
+    were loaded as the checked version. They are hashed again once read."""
+    import adapterhub_lite.artifacts.loading as loading
+
+    version = reg / "toy" / "1.0.0"
+    weights = version / "adapter_model.safetensors"
+    peft_model = loading.PeftModel
+
+    class RewrittenMeanwhile:  # loading's PeftModel: the files change after the check, before peft reads them
+        @staticmethod
+        def from_pretrained(model, folder, *args, **kwargs):
+            data = bytearray(weights.read_bytes())
+            data[-1] ^= 0x01  # the last byte of the last tensor: still a valid safetensors file
+            weights.write_bytes(bytes(data))
+            return peft_model.from_pretrained(model, folder, *args, **kwargs)
+    monkeypatch.setattr(loading, "PeftModel", RewrittenMeanwhile)
+    with pytest.raises(RegistryError, match="toy@1.0.0: adapter_model.safetensors does not match its recorded sha256"):
+        load_adapter(version)

@@ -70,6 +70,9 @@ def load_adapter(folder: str | Path, *, quantization: str | None = None, device:
                with_quantization=quantization is None)
     check_fits(folder, backbone.model)
     model = PeftModel.from_pretrained(backbone.model, folder)
+    # hashed again once peft has read it: bytes rewritten between the check above and peft's read were loaded unchecked
+    # (peft reads the files by path; only a change undone within the read still passes, as at the server's loads)
+    check_if_registered(folder)
     model.eval()
     return model, backbone, spec_from_dict(meta["task"], source=f"task spec in {folder / SIDECAR}"), meta
 
