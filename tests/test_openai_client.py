@@ -81,3 +81,15 @@ def test_tokenize_counts_the_messages_a_chat_to_that_model_reads(served, model):
     assert answer.usage.prompt_tokens == counted.json()["count"], (model, answer.usage, counted.json())
     if model != "base":  # the system message is not read by a task's template: said on both routes
         assert counted.headers[IGNORED_HEADER] == "messages[0]"
+
+
+def test_a_negative_seed_is_taken_and_repeats_as_vllm_takes_it(served):
+    """vLLM takes any signed 64-bit seed (and clients send -1); it was a 400. A seeded draw repeats exactly, n choices too."""
+    def draw(seed):
+        r = served.client.completions.create(model="gen_b", prompt="ab", max_tokens=8, temperature=1.0, n=2, seed=seed)
+        return [c.text for c in r.choices]
+    assert draw(-1) == draw(-1) and draw(-(2**63)) == draw(-(2**63))
+    assert draw(2**63 - 1) == draw(2**63 - 1)  # choice 1 draws with seed + 1, past the signed range: the generator takes it
+    with pytest.raises(openai.BadRequestError) as err:
+        draw(-(2**63) - 1)
+    assert err.value.body["param"] == "seed"

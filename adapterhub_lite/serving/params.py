@@ -334,7 +334,9 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
         stop_token_ids=tuple(token_ids(body.get("stop_token_ids") or [], "stop_token_ids", vocab, allow_empty=True)),
         include_stop_str_in_output=flag(body, "include_stop_str_in_output", False),
         skip_special_tokens=flag(body, "skip_special_tokens", True),
-        seed=number(body, "seed", None, 0, 2**63 - 1, int),  # choice i draws with seed + i: no overflow of the generator's 64 bits
+        # any signed 64-bit seed, as vLLM takes (and OpenAI: clients send -1); choice i draws with seed + i, which torch's
+        # generator takes up to 2**64 - 1, so no choice overflows
+        seed=number(body, "seed", None, -(2**63), 2**63 - 1, int),
         logprobs=logprobs,
         echo=echo,
         prompt_logprobs=prompt_lp,
