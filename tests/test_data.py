@@ -98,7 +98,7 @@ def test_a_generation_row_without_its_target_is_refused_not_trained_as_empty(tmp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "g.jsonl").write_text('{"a": "x", "t": "abc"}\n{"a": "y"}\n{"a": "z", "t": null}\n{"a": "w", "t": ""}\n')
     gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "g.jsonl", "dev": "g.jsonl"}, "prompt": "{a} ->", "target": "t"})
-    with pytest.raises(DataError, match=r"split 'g.jsonl' has no 't' value in 2 row\(s\) \(row 2, 3\); give every row its target"):
+    with pytest.raises(DataError, match=r"split 'g.jsonl' has no 't' value in 2 row\(s\) \(line 2, 3\); give every row its target"):
         load_task_data(gen)
     (tmp_path / "g.jsonl").write_text('{"a": "x", "t": "abc"}\n{"a": "w", "t": ""}\n')  # an empty string is a value: kept as written
     assert load_task_data(gen)["train"].answers == ["abc", ""]
@@ -155,10 +155,10 @@ def test_a_missing_prompt_value_or_label_is_refused_not_rendered_as_empty(tmp_pa
     as the text 'None' (class 0 of labels ["None", "Some"]), silently; pandas and datasets read both as missing."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.jsonl").write_text('{"a": "x", "label": "no"}\n{"label": "yes"}\n{"a": null, "label": "no"}\n')
-    with pytest.raises(DataError, match=r"split 't.jsonl' has no 'a' value in 2 row\(s\) \(row 2, 3\); give every row a value"):
+    with pytest.raises(DataError, match=r"split 't.jsonl' has no 'a' value in 2 row\(s\) \(line 2, 3\); give every row a value"):
         load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))
     (tmp_path / "t.jsonl").write_text('{"a": "x", "label": "Some"}\n{"a": "y", "label": null}\n')
-    with pytest.raises(DataError, match=r"has no 'label' value in 1 row\(s\) \(row 2\); give every row its label"):
+    with pytest.raises(DataError, match=r"has no 'label' value in 1 row\(s\) \(line 2\); give every row its label"):
         load_task_data(_cls_spec(["None", "Some"], data="t.jsonl"))
 
 
@@ -203,7 +203,7 @@ def test_json_values_are_read_as_json_reads_them_not_as_arrow_unifies_them(tmp_p
     (tmp_path / "t.jsonl").write_text('{"a": "x", "label": 0}\n{"a": "y", "label": "yes"}\n')
     assert load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))["train"].answers == [0, 1]
     (tmp_path / "t.jsonl").write_text('{"label": "no"}\n{"a": "y", "label": "yes"}\n')
-    with pytest.raises(DataError, match=r"has no 'a' value in 1 row\(s\) \(row 1\)"):
+    with pytest.raises(DataError, match=r"has no 'a' value in 1 row\(s\) \(line 1\)"):
         load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))
 
 
@@ -232,7 +232,7 @@ def test_an_empty_csv_target_is_missing_as_pandas_reads_it_not_trained_as_empty(
         (tmp_path / name).write_text(text)
         assert pd.read_csv(name, sep="\t" if name.endswith(".tsv") else ",")["t"].isna().sum() == 2
         gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": name, "dev": name}, "prompt": "{a} ->", "target": "t"})
-        with pytest.raises(DataError, match=rf"split '{name}' has no 't' value in 2 row\(s\) \(row 2, 3\); an empty csv/tsv field reads as missing"):
+        with pytest.raises(DataError, match=rf"split '{name}' has no 't' value in 2 row\(s\) \(line 3, 4\); an empty csv/tsv field reads as missing"):
             load_task_data(gen)
         # Rows named other than by their file (compose-fit's shots: "g.csv (2 shots, seed 0)") are read by the file's type.
         ds, sha = load_split(name)
@@ -407,10 +407,10 @@ def test_a_row_whose_prompt_columns_are_all_empty_is_refused(tmp_path):
     (tmp_path / "e.csv").write_text("a,b,label\n,x,pos\n, ,neg\n")
     one = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "x", "dev": "x"}, "prompt": "T: {text}\nL:",
                           "label": "label", "labels": ["neg", "pos"]})
-    with pytest.raises(DataError, match=r"has an empty 'text' in 2 row\(s\) \(row 2, 3\), so its prompt holds no input"):
+    with pytest.raises(DataError, match=r"has an empty 'text' in 2 row\(s\) \(line 2, 3\), so its prompt holds no input"):
         to_split(one, load_split(str(tmp_path / "e.jsonl"))[0], "e.jsonl", "")
     two = spec_from_dict({**one.to_dict(), "prompt": "{a} / {b}:"})  # one empty column of two still leaves an input
-    with pytest.raises(DataError, match=r"has every prompt column \('a', 'b'\) empty in 1 row\(s\) \(row 2\)"):
+    with pytest.raises(DataError, match=r"has every prompt column \('a', 'b'\) empty in 1 row\(s\) \(line 3\)"):
         to_split(two, load_split(str(tmp_path / "e.csv"))[0], "e.csv", "")
 
 
@@ -451,3 +451,19 @@ def test_a_bad_or_empty_parquet_file_is_one_line(capfd, cls_task):
         assert len(lines) == 1 and needle in lines[0], lines
     pd.DataFrame({"text": ["aaaa"], "label": ["pos"]}, index=[7]).to_parquet(cls_task / "ok.parquet")  # pandas' index is no column
     assert load_split("ok.parquet")[0].column_names == ["text", "label"]
+
+
+def test_a_refused_row_is_named_by_its_line_in_the_file(tmp_path):
+    """Refusals named a row by its index (and a label not in `labels` by nothing): with a header, a blank line or a
+    quoted newline before it, "row 3" is not line 3. Now the line of the file it starts on; a label by where it first is."""
+    spec = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "x", "dev": "x"}, "prompt": "T: {text}\nL:",
+                           "label": "label", "labels": ["neg", "pos"]})
+    (tmp_path / "q.csv").write_text('text,label\n"two\nlines",pos\n\nc,neg\nd, pos\ne,Pos\nf, pos\n')
+    with pytest.raises(DataError, match=r"label value\(s\) ' pos', 'Pos' not in labels \(first at line 6, 7\); write"):
+        to_split(spec, load_split(str(tmp_path / "q.csv"))[0], "q.csv", "")
+    (tmp_path / "b.jsonl").write_text('{"text": "a", "label": "pos"}\n\n\n{"text": null, "label": "neg"}\n')
+    with pytest.raises(DataError, match=r"has no 'text' value in 1 row\(s\) \(line 4\)"):
+        to_split(spec, load_split(str(tmp_path / "b.jsonl"))[0], "b.jsonl", "")
+    ds = load_split(str(tmp_path / "b.jsonl"))[0].select([1, 0])  # rows that are no longer the file's: said as rows
+    with pytest.raises(DataError, match=r"has no 'text' value in 1 row\(s\) \(row 1\)"):
+        to_split(spec, ds, "b.jsonl", "")

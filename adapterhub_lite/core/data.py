@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import datasets
 
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
-from adapterhub_lite.core.text import loads, parse_jsonl, read_text
+from adapterhub_lite.core.text import loads, numbered_jsonl, read_text
 
 # suffix → (reader, csv.reader options). A .tsv is read with the same quoting as a .csv (a field that starts
 # with '"' is quoted, '""' inside it is one quote), as pandas, `datasets` and the csv module read it: RTE's
@@ -116,16 +117,19 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
     builder, kwargs = _BUILDERS[suffix]
     try:
         if builder == "json":
-            ds = _json_dataset(_json_rows(path))
+            rows, lines = _json_rows(path)
+            ds = _json_dataset(rows)
         elif builder == "csv":
-            ds = _csv_rows(path, **kwargs)
+            ds, lines = _csv_rows(path, **kwargs)
         else:
-            ds = _parquet(path, source, split)
+            ds, lines = _parquet(path, source, split), None
     except DataError:
         raise
     except Exception as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise DataError(f"cannot parse {source!r} as {suffix[1:]} ({type(exc).__name__}: {detail}); check the file format") from None
+    if lines is not None:
+        _LINES[ds] = lines
     return ds, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -142,16 +146,30 @@ def _parquet(path: Path, source: str, split: str | None) -> datasets.Dataset:
     return datasets.Dataset(table.drop_columns(index) if index else table)
 
 
-def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
-    """A csv/tsv file as a Dataset of string columns; a ragged or header-only file is refused naming the line."""
+# A Dataset read from a csv / tsv / JSON Lines file → the line each of its rows starts on, so that a refusal names the
+# line to fix (blank lines, the header and quoted newlines make a row's index and its line differ). Weak: dropped with it.
+_LINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _where(ds: datasets.Dataset | None, rows: list[int]) -> str:
+    """Rows (1-based indices) said as the lines of the file they were read from, else as rows: "line 3, 7, …"."""
+    lines = _LINES.get(ds) if ds is not None else None
+    marks = [lines[r - 1] for r in rows] if lines is not None else rows
+    return ("line " if lines is not None else "row ") + ", ".join(map(str, marks[:5])) + (", …" if len(marks) > 5 else "")
+
+
+def _csv_rows(path: Path, delimiter: str) -> tuple[datasets.Dataset, list[int]]:
+    """A csv/tsv file as a Dataset of string columns and each row's first line; a ragged or header-only file is refused
+    naming the line."""
     sep = "tab" if delimiter == "\t" else repr(delimiter)
     # strict: a field that opens a quote but goes on after closing it ('"Hi," she said.') is refused; pandas
     # would drop its quotes silently, and a file written without quoting (GLUE style) means them literally.
     reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True)
     csv.field_size_limit(2**31 - 1)  # the default refuses a field over 128 KiB (a long document), which pandas reads
-    header, rows = None, []
+    header, rows, lines, start = None, [], [], 1
     try:
         for record in reader:
+            first, start = start, reader.line_num + 1  # a quoted field may span lines: the row starts where the last one ended
             if not record or (len(record) == 1 and not record[0].strip()):
                 continue  # a blank line, or one of spaces only: pandas and datasets skip both
             if header is None:
@@ -166,6 +184,7 @@ def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
                                 "fix that line (quote fields that hold the separator)")
             else:
                 rows.append(record)
+                lines.append(first)
     except csv.Error as exc:
         said = str(exc).replace("\t", "\\t")  # "'\t' expected after '\"'" would print a raw tab
         quote = ': a field that starts with " is read as quoted, so write it whole in quotes with each " inside doubled ' \
@@ -174,11 +193,11 @@ def _csv_rows(path: Path, delimiter: str) -> datasets.Dataset:
     if not rows:
         raise DataError(f"{path} has a header ({', '.join(header or [])}) but no rows; add rows below the header")
     features = datasets.Features({c: datasets.Value("string") for c in header})
-    return datasets.Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(header)}, features=features)
+    return datasets.Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(header)}, features=features), lines
 
 
-def _json_rows(path: Path) -> list[dict]:
-    """Rows of a JSON Lines file (or a JSON array), exactly as typed in the file."""
+def _json_rows(path: Path) -> tuple[list[dict], list[int] | None]:
+    """Rows of a JSON Lines file (or a JSON array), exactly as typed in the file, and each one's line (None for an array)."""
     text = read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
@@ -190,7 +209,7 @@ def _json_rows(path: Path) -> list[dict]:
         bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
         if bad:
             raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")
-        return rows
+        return rows, None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
         try:
             whole = loads(text)
@@ -201,7 +220,8 @@ def _json_rows(path: Path) -> list[dict]:
         if isinstance(whole, dict) and (len(text.strip().splitlines()) > 1 or (whole and all(isinstance(v, list) for v in whole.values()))):
             raise DataError(f"{path} is one JSON object (keys: {', '.join(map(repr, list(whole)[:5]))}), not rows; write an array "
                             "of row objects ([{...}, {...}]) or one object per line (JSON Lines)")
-    return parse_jsonl(text, path)
+    numbered = numbered_jsonl(text, path)
+    return [row for _, row in numbered], [n for n, _ in numbered]
 
 
 _NESTED = "json"  # the field a JSON object or list is held in (see _json_dataset)
@@ -291,12 +311,12 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _refuse_missing(source: str, column: str, values: list, what: str) -> None:
-    """Refuse a column whose value is missing in some rows, naming the rows (a missing value would be read as '' or 'None')."""
+def _refuse_missing(source: str, column: str, values: list, what: str, ds: datasets.Dataset | None = None) -> None:
+    """Refuse a column whose value is missing in some rows, naming the rows (their lines in `ds`'s file when known: a
+    missing value would be read as '' or 'None')."""
     rows = [i + 1 for i, v in enumerate(values) if _is_missing(v)]
     if rows:
-        shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
-        raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) (row {shown}); {what}, or drop those rows")
+        raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) ({_where(ds, rows)}); {what}, or drop those rows")
 
 
 def _refuse_blank(source: str, spec: TaskSpec, ds: datasets.Dataset) -> None:
@@ -306,9 +326,8 @@ def _refuse_blank(source: str, spec: TaskSpec, ds: datasets.Dataset) -> None:
     values = zip(*(ds[c] for c in columns))
     rows = [i + 1 for i, row in enumerate(values) if all(isinstance(v, str) and not v.strip() for v in row)]
     if rows:
-        shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
         what = f"an empty {columns[0]!r}" if len(columns) == 1 else f"every prompt column ({', '.join(map(repr, columns))}) empty"
-        raise DataError(f"split {source!r} has {what} in {len(rows)} row(s) (row {shown}), so its prompt holds no input; "
+        raise DataError(f"split {source!r} has {what} in {len(rows)} row(s) ({_where(ds, rows)}), so its prompt holds no input; "
                         "give those rows their text, or drop them")
 
 
@@ -321,7 +340,7 @@ def _label_values(spec: TaskSpec, ds: datasets.Dataset, source: str) -> list[str
         return [str(v) for v in raw]
     names = feature.names
     _refuse_missing(source, spec.label, [None if v is None or v < 0 else v for v in raw],  # -1: datasets' "no label"
-                    "a ClassLabel of -1 is no label (as in a test split); use a split with labels")
+                    "a ClassLabel of -1 is no label (as in a test split); use a split with labels", ds)
     if isinstance(spec.labels, dict) and all(str(k) in names for k in spec.labels):
         return [names[v] for v in raw]
     words = [str(w) for w in label_words(spec)]
@@ -357,31 +376,33 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
                             "write each value as a string (json.dumps it) or point the spec at a text column")
     # A missing prompt value would be rendered as '' and a missing label compared as 'None': both silently.
     for column in dict.fromkeys(spec.prompt_fields):
-        _refuse_missing(source, column, ds[column], "give every row a value for each column the prompt reads")
+        _refuse_missing(source, column, ds[column], "give every row a value for each column the prompt reads", ds)
     _refuse_blank(source, spec, ds)
     prompts = [render(spec, row) for row in ds]
     if spec.type == "classification":
-        _refuse_missing(source, spec.label, ds[spec.label], "give every row its label")
+        _refuse_missing(source, spec.label, ds[spec.label], "give every row its label", ds)
         table, ambiguous = _label_table(spec)
         values = _label_values(spec, ds, source)
         both = sorted({v for v in values if v in ambiguous})
         if both:
             example = ", ".join(f"{str(w)!r}: {str(w)!r}" for w in label_words(spec)[:2])
-            raise DataError(f"split {source!r} has label value {both[0]!r}, which is both {' and '.join(ambiguous[both[0]])}; "
+            raise DataError(f"split {source!r} has label value {both[0]!r}, which is both {' and '.join(ambiguous[both[0]])} "
+                            f"(first at {_where(ds, [values.index(both[0]) + 1])}); "
                             f"give 'labels' as a mapping column value → word (e.g. {{{example}, …}}) so each value names one class")
         answers = [table.get(v) for v in values]
         bad = sorted({v for v, a in zip(values, answers) if a is None})
         if bad:
-            raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels; write {_valid_labels(spec)} "
+            first = _where(ds, [values.index(v) + 1 for v in bad[:5]])  # where each value first is
+            raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (first at {first}); write {_valid_labels(spec)} "
                             f"in column {spec.label!r}, or add the value(s) to 'labels'")
     else:
         targets = ds[spec.target]  # a row without its column reads as null too; an empty answer would train the adapter to stop at once
-        _refuse_missing(source, spec.target, targets, "give every row its target")
+        _refuse_missing(source, spec.target, targets, "give every row its target", ds)
         # JSON writes "" and null apart, and "" is kept as written; a csv/tsv cannot (pandas and datasets read an
         # empty field as missing), so there an empty target is a missing one.
         if Path(file or source).suffix.lower() in (".csv", ".tsv"):
             _refuse_missing(source, spec.target, [None if t == "" else t for t in targets],
-                            "an empty csv/tsv field reads as missing (as pandas and datasets read it); give every row its target")
+                            "an empty csv/tsv field reads as missing (as pandas and datasets read it); give every row its target", ds)
         answers = [str(t) for t in targets]
     return Split(prompts, answers, source, sha256)
 
