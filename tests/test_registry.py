@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,6 +277,61 @@ def test_hub_registry_unreachable_is_one_line(adapter, capsys, monkeypatch):
     assert main(["publish", str(adapter), "--registry", "hf://org/toy-adapters"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot reach the Hugging Face Hub for hf://org/toy-adapters") and "\n" not in err
+
+
+def _fake_hub(monkeypatch, content, cache):
+    """huggingface_hub's downloads, offline, over `content` (a local registry as the repository holds it): a snapshot
+    in its cache is symlinks into the cache's blobs (as on Linux), a `local_dir` download is regular files."""
+    import fnmatch
+    import hashlib
+    import os
+    import shutil
+
+    import huggingface_hub
+
+    files = [p for p in sorted(content.rglob("*")) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(content).parts)]
+
+    def snapshot_download(repo, allow_patterns=(), local_dir=None, **kwargs):
+        wanted = [p for p in files if any(fnmatch.fnmatch(p.relative_to(content).as_posix(), pat) for pat in allow_patterns)]
+        out = Path(local_dir) if local_dir else cache / "snapshots" / "abc"
+        for p in wanted:
+            dest = out / p.relative_to(content)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if local_dir:
+                shutil.copyfile(p, dest)
+            elif not dest.is_symlink():
+                blob = cache / "blobs" / hashlib.sha256(p.read_bytes()).hexdigest()
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, blob)
+                dest.symlink_to(os.path.relpath(blob, dest.parent))
+        return str(out)
+
+    class Api:
+        def repo_info(self, repo):
+            return type("Info", (), {"sha": "abc"})()
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(content / name))
+
+
+def test_a_hub_registry_version_is_served_and_loaded_from_regular_files(adapter, tmp_path, monkeypatch):
+    """A Hub registry's versions were handed out as the Hub cache's snapshot folder, whose files are symlinks into
+    its blobs: every way in refuses symlinks, so `serve --registry hf://…` served nothing ("holds symlinks") and
+    load_adapter(reg.path(ref)) refused the snapshot's index.json as a symlink."""
+    from adapterhub_lite.artifacts.hub import HubRegistry
+    from adapterhub_lite.serving.router import Router
+
+    content = tmp_path / "repo"
+    LocalRegistry(content).publish(adapter, "1.0.0")
+    _fake_hub(monkeypatch, content, tmp_path / "hf-cache")
+    reg = HubRegistry("org/adapters")
+    folder = reg.path("toy@latest")
+    assert not any(p.is_symlink() for p in folder.iterdir()) and reg.verify() == []
+    model, backbone, _, _ = load_adapter(folder)
+    want, _, _, _ = load_adapter(adapter)
+    assert torch.equal(_logits(model, backbone.tokenizer), _logits(want, backbone.tokenizer))
+    router = Router.from_registry("hf://org/adapters")
+    assert router.known() == ["toy"] and router.unavailable == {}
 
 
 def test_prompt_learning_width_mismatch_is_refused(tmp_path):

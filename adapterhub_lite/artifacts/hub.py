@@ -8,6 +8,7 @@ other's index: the loser's commit is rejected and it retries on the new index.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
@@ -15,6 +16,13 @@ from adapterhub_lite.artifacts.index import RegistryError, file_record, make_ent
 from adapterhub_lite.artifacts.registry import Registry
 
 _ATTEMPTS = 3
+
+
+def hub_copies() -> Path:
+    """Where Hub registries' versions are downloaded: hub/ in $ADAPTERHUB_CACHE or ~/.cache/adapterhub_lite, as
+    model.weights.cache_dir says (not imported from there: it loads torch, and list/verify/pull need none)."""
+    root = os.environ.get("ADAPTERHUB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adapterhub_lite"
+    return Path(root) / "hub"
 
 
 def _hub_error(repo: str, exc: Exception) -> RegistryError:
@@ -67,10 +75,16 @@ class HubRegistry(Registry):
         return index
 
     def _folder(self, name: str, version: str) -> Path:
+        """The version's files, downloaded as regular files into this repository's own folder beside its index.json.
+
+        Not the Hub cache's snapshot: its files are symlinks into the cache's blobs, which every way in refuses
+        (folder.check_adapter_folder), so no Hub version could be served or loaded. With the index beside it, the
+        copy is a local registry's version folder: loading it by its path re-hashes it (registry.check_if_registered).
+        """
         from huggingface_hub import snapshot_download
 
         try:
-            local = snapshot_download(self.repo, allow_patterns=[f"{name}/{version}/*"])
+            local = snapshot_download(self.repo, allow_patterns=[f"{name}/{version}/*", "index.json"], local_dir=hub_copies() / self.repo.replace("/", "--"))
         except Exception as exc:
             raise _hub_error(self.repo, exc) from None
         return Path(local) / name / version
