@@ -93,3 +93,13 @@ def test_a_negative_seed_is_taken_and_repeats_as_vllm_takes_it(served):
     with pytest.raises(openai.BadRequestError) as err:
         draw(-(2**63) - 1)
     assert err.value.body["param"] == "seed"
+
+
+def test_reasoning_effort_none_asks_for_what_is_done_and_is_answered(served):
+    """openai's ReasoningEffort takes "none" (no reasoning), which this model does without asking; it was refused as if
+    reasoning had been asked for. Any effort above none is still a 400 naming the field."""
+    r = served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=1, reasoning_effort="none")
+    assert r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=1, reasoning_effort="minimal")
+    assert err.value.body["param"] == "reasoning_effort"
