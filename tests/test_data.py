@@ -467,3 +467,13 @@ def test_a_refused_row_is_named_by_its_line_in_the_file(tmp_path):
     ds = load_split(str(tmp_path / "b.jsonl"))[0].select([1, 0])  # rows that are no longer the file's: said as rows
     with pytest.raises(DataError, match=r"has no 'text' value in 1 row\(s\) \(row 1\)"):
         to_split(spec, ds, "b.jsonl", "")
+
+
+def test_rows_without_the_answer_column_point_at_predict(tmp_path):
+    """`eval --split FILE` on a file of inputs alone was told only to "fix the prompt/label/target keys" of a spec it
+    cannot change (the adapter's); scoring needs the answers, and predict runs rows without them."""
+    (tmp_path / "in.jsonl").write_text('{"text": "ab"}\n')
+    gen = spec_from_dict({"name": "g", "type": "generation", "data": {"train": "x", "dev": "x"}, "prompt": "In: {text}\nOut:", "target": "target"})
+    with pytest.raises(DataError, match=r"has no column 'target' \(columns: 'text'\); fix the prompt/label/target keys or add the 'target' column "
+                                        r"the rows are scored against \(`predict --input` runs rows without answers\)"):
+        to_split(gen, load_split(str(tmp_path / "in.jsonl"))[0], "in.jsonl", "")

@@ -365,6 +365,8 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         # pandas and datasets keep a header's spaces too ("a, label" has ' label'), but shown bare they are invisible.
         spaced = {c.strip(): c for c in ds.column_names if c != c.strip()}
         hint = "".join(f"; the header has {spaced[m]!r}: remove the spaces around it" for m in missing if m in spaced)
+        if answer in missing:  # a file of inputs alone given to eval: scoring needs the answers, predict does not
+            hint += f" or add the {answer!r} column the rows are scored against (`predict --input` runs rows without answers)"
         raise DataError(f"split {source!r} has no column {', '.join(map(repr, missing))} (columns: {', '.join(map(repr, ds.column_names))}); "
                         f"fix the prompt/label/target keys{hint}")
     for column in needed:  # a JSON object or list has no one text: str() gives Python's repr (with None for absent keys)
