@@ -335,3 +335,12 @@ def test_load_adapter_re_hashes_a_registry_version_after_peft_has_read_it(reg, m
     monkeypatch.setattr(loading, "PeftModel", RewrittenMeanwhile)
     with pytest.raises(RegistryError, match="toy@1.0.0: adapter_model.safetensors does not match its recorded sha256"):
         load_adapter(version)
+
+
+def test_a_name_that_differs_from_a_published_one_only_by_case_is_refused(reg, adapter, capsys):
+    """Toy beside toy: one folder on a case-insensitive file system (macOS, Windows), where publishing Toy@1.0.0 would
+    have cleared toy/1.0.0 as a leftover folder and renamed its own files there."""
+    before = (reg / "index.json").read_text()
+    assert main(["publish", str(adapter), "--name", "Toy", "--version", "1.0.0", "--registry", str(reg)]) == 2
+    _one_line_error(capsys, "adapter name 'Toy' differs from the published 'toy' only by case", "--name toy")
+    assert (reg / "index.json").read_text() == before and not (reg / "Toy").exists() and LocalRegistry(reg).verify() == []

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
-from adapterhub_lite.artifacts.index import RegistryError, file_record, make_entry, next_version, parse_index, publish_inputs
+from adapterhub_lite.artifacts.index import RegistryError, check_case_clash, file_record, make_entry, next_version, parse_index, publish_inputs
 from adapterhub_lite.artifacts.registry import Registry
 
 _ATTEMPTS = 3
@@ -100,6 +100,7 @@ class HubRegistry(Registry):
         while True:
             attempt += 1
             index, head = self._read_index()
+            check_case_clash(index["adapters"], name)  # a pull of both onto a case-insensitive file system would mix them
             versions = index["adapters"].setdefault(name, {})
             chosen = next_version(versions, version, name)
             versions[chosen] = entry = make_entry(meta, peft_config, hashes)

@@ -143,6 +143,15 @@ def _differences(said, found, where: str = "") -> list[tuple[str, object, object
     return [] if said == found else [(where, said, found)]
 
 
+def check_case_clash(adapters: dict, name: str) -> None:
+    """Refuse a new name that differs from a published one only by case (Toy beside toy): on a case-insensitive file
+    system (macOS, Windows) both are one folder, and a publish would clear the other's version folder as a leftover."""
+    clash = sorted(n for n in adapters if n != name and n.casefold() == name.casefold())
+    if clash:
+        raise RegistryError(f"adapter name {name!r} differs from the published {clash[0]!r} only by case, and a case-insensitive file "
+                            f"system holds both in one folder; publish it as {clash[0]!r} (--name {clash[0]}) or under another name")
+
+
 def next_version(versions: dict, version: str, name: str | None = None) -> str:
     """Resolve 'auto' (bump the patch of the latest, or 1.0.0) and refuse re-publishing `name`'s versions."""
     latest = max(versions, key=version_key, default=None)

@@ -34,6 +34,7 @@ from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import (
     INDEX_FORMAT,
     RegistryError,
+    check_case_clash,
     check_folder,
     check_name,
     entry_problems,
@@ -350,6 +351,7 @@ class LocalRegistry(Registry):
             with self._locked():
                 self._sweep()
                 index = self._read_index()
+                check_case_clash(index["adapters"], name)
                 versions = index["adapters"].setdefault(name, {})
                 version = next_version(versions, version, name)
                 entry = make_entry(meta, peft_config, files)
