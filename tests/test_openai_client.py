@@ -103,3 +103,12 @@ def test_reasoning_effort_none_asks_for_what_is_done_and_is_answered(served):
     with pytest.raises(openai.BadRequestError) as err:
         served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=1, reasoning_effort="minimal")
     assert err.value.body["param"] == "reasoning_effort"
+
+
+@pytest.mark.parametrize("key", ["user", "safety_identifier"])
+def test_a_user_that_is_not_a_string_is_refused_not_left_out_of_the_log(served, key):
+    """`user` (and safety_identifier) is written to the access log; a number was answered 200 and logged as nothing."""
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=1, extra_body={key: 42})
+    assert err.value.body["param"] == key
+    assert served.client.completions.create(model="base", prompt="ab", max_tokens=1, extra_body={key: "alice"}).usage.completion_tokens == 1

@@ -76,6 +76,8 @@ class Handlers(Answers):
         table for completions and chat, or those not in `known`."""
         self.ignore_aloud(check_fields(body, endpoint) if known is None else unread(body, known), f"v1/{endpoint}", access)
         for key in ("user", "safety_identifier"):
+            if body.get(key) is not None and not isinstance(body[key], str):  # it would go unlogged: OpenAI takes a string
+                raise P.bad(key, body[key], "give a string (it is written to the access log), or leave it out")
             if isinstance(body.get(key), str):
                 access[key] = body[key][:64]
 
