@@ -73,6 +73,11 @@ def test_a_missing_spec_is_named_alone_not_the_optional_overrides(capsys, comman
 
 def test_missing_spec_file_and_bad_yaml(capsys, cls_task):
     assert_refused(capsys, cls_task, ["train", "nope.yaml"], "does not exist")
+    (cls_task / "tasks.yaml").mkdir()  # a folder is there: "does not exist" sent the user looking for it
+    assert_refused(capsys, cls_task, ["train", "tasks.yaml"], "'tasks.yaml' is a directory, not a file; pass a task YAML")
+    (cls_task / "latin1.yaml").write_bytes((cls_task / "toy.yaml").read_bytes() + b"# caf\xe9\n")  # a traceback (UnicodeDecodeError)
+    lines = (cls_task / "toy.yaml").read_text().count("\n") + 1
+    assert_refused(capsys, cls_task, ["train", "latin1.yaml"], f"latin1.yaml:{lines} is not UTF-8 (byte 0xe9")
     (cls_task / "bad.yaml").write_text("name: [")
     assert_refused(capsys, cls_task, ["train", "bad.yaml"], "YAML does not parse")
 

@@ -404,6 +404,8 @@ def given_keys(raw: dict, prefix: str = "") -> set[str]:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
     """Read a task spec YAML file, apply overrides, and validate it."""
     path = Path(path)
+    if path.is_dir():  # "does not exist" would send the user looking for a path that is there
+        raise SpecError([f"{str(path)!r} is a directory, not a file; pass a task YAML such as scripts/tasks/sst2.yaml"], "task spec")
     if not path.is_file():
         raise SpecError([f"file {str(path)!r} does not exist; pass a task YAML such as scripts/tasks/sst2.yaml"], "task spec")
     raw = read_yaml(path) or {}

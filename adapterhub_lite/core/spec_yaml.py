@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from adapterhub_lite.core.errors import SpecError
+from adapterhub_lite.core.text import read_text
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -119,7 +120,7 @@ def check_numbers(text: str, override: str) -> None:
 
 def read_yaml(path: Path) -> Any:
     """The YAML document in `path`; a syntax error or a duplicate key is a SpecError naming the line(s) and the fix."""
-    loader = _StrictLoader(path.read_text())
+    loader = _StrictLoader(read_text(path))  # not UTF-8: one line naming the line (read_text() raised a traceback), a BOM dropped
     try:
         return loader.get_single_data()
     except _DuplicateKey as dup:
