@@ -29,6 +29,27 @@ def test_training_edges_are_one_line_and_write_nothing(cls_task, capsys, overrid
     assert sorted(p.name for p in cls_task.iterdir()) == before  # no runs/, no partial folder
 
 
+def test_a_label_no_train_row_holds_is_refused_in_one_line_alone_or_joint(cls_task, capsys):
+    """A label of 'labels' with no train row trained silently (exit 0): the loss never asked for it, so the adapter could
+    not learn it, and its dev rows were scored as if it could. Refused before anything loads, by `train` and `train-multi`."""
+    from adapterhub_lite.core.errors import DataError
+    from adapterhub_lite.core.spec import load_spec
+    from adapterhub_lite.training.recipes.joint import train_joint
+
+    rows = (cls_task / "train.jsonl").read_text().splitlines()
+    (cls_task / "pos.jsonl").write_text("".join(r + "\n" for r in rows if '"pos"' in r))
+    before = sorted(p.name for p in cls_task.iterdir())
+    assert main(["train", "toy.yaml", "data.train=pos.jsonl", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: label(s) 'neg' of 'labels' have no row in data.train 'pos.jsonl' (48 rows): an adapter cannot learn a class "
+                   "it never sees; add train rows labelled 'neg', or drop it from 'labels'"), err
+    assert sorted(p.name for p in cls_task.iterdir()) == before
+    specs = [load_spec(cls_task / "toy.yaml", ["name=a"]), load_spec(cls_task / "toy.yaml", ["name=b", "data.train=pos.jsonl"])]
+    with pytest.raises(DataError, match="label\\(s\\) 'neg' of 'labels' have no row in data.train 'pos.jsonl'"):
+        train_joint(specs, cls_task / "joint", progress=False)
+    assert sorted(p.name for p in cls_task.iterdir()) == before
+
+
 def test_every_file_training_writes_is_readable_by_others(tmp_path):
     folder = train_tiny(tmp_path)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir() if p.is_file()}

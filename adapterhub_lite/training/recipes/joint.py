@@ -45,6 +45,7 @@ from adapterhub_lite.training.output import adapter_meta, claim_output, discard_
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, joint_identity, next_rows, peak_memory_mb, seed_everything, shard
 from adapterhub_lite.training.recipes.joint_config import SHARED, JointConfig, check_specs
+from adapterhub_lite.training.recipes.train import check_labels_trained
 from adapterhub_lite.training.weighting import make_weighting
 
 
@@ -231,6 +232,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     output = Path(output)
     with claim_output(output, overwrite, resume) as work:  # held (rank 0) until the run folder is in place: a second run into it is refused
         data = {s.name: load_task_data(s) for s in specs}  # every task validated before anything is written
+        for s in specs:
+            check_labels_trained(s, data[s.name]["train"])
         backbone = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
         parallel = Parallel(backbone.device, specs[0].quantization)
         for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)

@@ -20,7 +20,7 @@ from adapterhub_lite.artifacts.folder import read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.registries import adapter_ref
 from adapterhub_lite.artifacts.samples import routing_entry
-from adapterhub_lite.core.data import check_lengths, cut_rows, dev_overlap, label_words, load_task_data
+from adapterhub_lite.core.data import Split, check_lengths, cut_rows, dev_overlap, label_words, load_task_data
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import attach, init_from, trainable_parameters
@@ -138,6 +138,7 @@ def train(spec: TaskSpec, output: str | Path | None = None, *, overwrite: bool =
 def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume: bool, command: str | None, device: str | None,
            progress: bool) -> None:
     data = load_task_data(spec)  # validates everything before a single byte is written
+    check_labels_trained(spec, data["train"])
     backbone = load_backbone(spec.base, spec.quantization, local_device(device), dtype=spec.dtype)
     parallel = Parallel(backbone.device, spec.quantization)
     resolved = resolve(spec, data, backbone.model, backbone.tokenizer, parallel.world)  # what the spec left out, from the data and model
@@ -174,6 +175,19 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
     if parallel.main:
         _write_folder(spec, model, backbone, data, state, result.stopped_by, work, output, command, source, parallel, resolved.choices, final)
     parallel.barrier()
+
+
+def check_labels_trained(spec: TaskSpec, train: Split) -> None:
+    """Refuse a classification spec with a label no train row holds: the loss never asks for it, so the adapter cannot
+    learn it, and its dev rows would be scored as if it could."""
+    if spec.type != "classification":
+        return
+    seen = set(train.answers)  # label indices
+    keys = list(spec.labels) if isinstance(spec.labels, dict) else label_words(spec)
+    missing = [str(k) for i, k in enumerate(keys) if i not in seen]
+    if missing:
+        raise DataError(f"label(s) {', '.join(map(repr, missing))} of 'labels' have no row in data.train {train.source!r} ({len(train)} rows): "
+                        f"an adapter cannot learn a class it never sees; add train rows labelled {missing[0]!r}, or drop it from 'labels'")
 
 
 def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, output: Path, command, source, parallel, defaults,
