@@ -112,3 +112,13 @@ def test_a_user_that_is_not_a_string_is_refused_not_left_out_of_the_log(served, 
         served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=1, extra_body={key: 42})
     assert err.value.body["param"] == key
     assert served.client.completions.create(model="base", prompt="ab", max_tokens=1, extra_body={key: "alice"}).usage.completion_tokens == 1
+
+
+def test_a_refused_max_completion_tokens_is_named_as_sent(served):
+    """max_completion_tokens 0 (no prompt_logprobs) was refused naming `max_tokens`, a field the client did not send."""
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.chat.completions.create(model="base", messages=CHAT, max_completion_tokens=0)
+    assert err.value.body["param"] == "max_completion_tokens" and "`max_completion_tokens` is 0" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=0)
+    assert err.value.body["param"] == "max_tokens"

@@ -292,8 +292,9 @@ def sampling_params(body: dict, endpoint: str, *, vocab: int, max_tokens_limit: 
         logprobs = number(body, "logprobs", None, 0, MAX_LOGPROBS, int)
     echo = flag(body, "echo", False) if endpoint == C else False
     prompt_lp = number(body, "prompt_logprobs", None, 0, MAX_LOGPROBS, int)
-    if max_tokens == 0 and not (echo or prompt_lp is not None):
-        raise bad("max_tokens", 0, "0 new tokens only make sense with echo or prompt_logprobs; give at least 1")
+    if max_tokens == 0 and not (echo or prompt_lp is not None):  # named as sent: chat's max_completion_tokens is read first
+        sent = "max_completion_tokens" if endpoint == H and body.get("max_completion_tokens") is not None else "max_tokens"
+        raise bad(sent, 0, "0 new tokens only make sense with echo or prompt_logprobs; give at least 1")
     top_k = number(body, "top_k", 0, -1, 1 << 31, int)
     allowed = body.get("allowed_token_ids")
     n = number(body, "n", 1, 1, MAX_N, int)
