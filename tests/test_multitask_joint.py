@@ -261,8 +261,10 @@ def test_resumed_joint_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
     rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("yes", "no")]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     specs = [_spec(n, data={"train": "t.jsonl", "dev": "t.jsonl"}) for n in ("a", "b")]
-    cfg = JointConfig(max_steps=4, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4, weighting="uncertainty",
-                      sampling="dynamic", shared_adapter=True, shared_r=2, log_every=1)
+    # two micro-batches a step and a cosine schedule still warming up at the crash (step 2): the task sampler, the loss
+    # weights, the data cursors, the optimizer, the schedule and the RNG all come back
+    cfg = JointConfig(max_steps=4, batch_size=4, grad_accum=2, warmup_steps=3, schedule="cosine", eval_every=2, eval_samples=4,
+                      weighting="uncertainty", sampling="dynamic", shared_adapter=True, shared_r=2, log_every=1)
     straight = train_joint(specs, tmp_path / "straight", cfg, progress=False)
 
     crash_after_checkpoint(monkeypatch, lambda: train_joint(specs, tmp_path / "resumed", cfg, progress=False))
