@@ -344,3 +344,21 @@ def test_a_name_that_differs_from_a_published_one_only_by_case_is_refused(reg, a
     assert main(["publish", str(adapter), "--name", "Toy", "--version", "1.0.0", "--registry", str(reg)]) == 2
     _one_line_error(capsys, "adapter name 'Toy' differs from the published 'toy' only by case", "--name toy")
     assert (reg / "index.json").read_text() == before and not (reg / "Toy").exists() and LocalRegistry(reg).verify() == []
+
+
+def test_a_damaged_first_entry_does_not_choose_the_backbone_the_others_are_served_on(adapter, tmp_path):
+    """Router.from_registry loaded the backbone the first adapter's index entry names, before any check: an entry edited
+    to say 8bit put every other adapter on an 8-bit backbone (a warning each) though the edited one was refused."""
+    from adapterhub_lite.serving.router import Router
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0", name="first")
+    reg.publish(adapter, "1.0.0", name="second")
+    index = json.loads((reg.root / "index.json").read_text())
+    entry = index["adapters"]["first"]["1.0.0"]
+    entry["quantization"] = entry["base"]["fingerprint"]["quantization"] = "8bit"
+    (reg.root / "index.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="adapter 'first' is unavailable"):
+        router = Router.from_registry(reg.root)
+    assert router.backbone.fingerprint["quantization"] == "none" and router.known() == ["second"]
+    assert "index.json says base.fingerprint.quantization '8bit'" in router.unavailable["first"]

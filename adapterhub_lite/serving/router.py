@@ -33,6 +33,15 @@ from adapterhub_lite.serving.manager import AdapterManager, _locked
 from adapterhub_lite.serving.scheduler import Budgets
 
 
+def _verifies(reg, name: str) -> bool:
+    """Whether `name`'s latest version passes the registry's integrity check (its files, and its entry against them)."""
+    try:
+        reg.path(name)
+    except AdapterHubError:
+        return False
+    return True
+
+
 class Router(AdapterManager):
     """Swap, merge and batch task adapters over one backbone. Safe to call from several threads: calls take turns."""
 
@@ -51,7 +60,9 @@ class Router(AdapterManager):
         if not index:
             raise AdapterLoadError(f"registry {registry} has no adapters; publish some first")
         latest = {name: reg.resolve(name)[2] for name in index}
-        first = next(iter(latest.values()))  # adapters on another backbone are refused by register()
+        # the backbone (and its quantization) is the first adapter's that passes its integrity check: an entry edited
+        # by hand is refused below, and must not choose the backbone the others are served on meanwhile
+        first = next((e for n, e in latest.items() if _verifies(reg, n)), next(iter(latest.values())))  # others: refused by register()
         backbone = load_backbone(first["base"]["name"], quantization or first["quantization"], device, dtype=dtype or "auto")
         router = cls(backbone, reg, **kwargs)
 
