@@ -77,9 +77,9 @@ def test_an_empty_split_is_named_by_its_key_and_file(capsys, cls_task, split):
 
 
 @pytest.mark.parametrize("labels, needle", [
-    ("labels=['pos', 'neg']", "has label value(s) 'refund' not in labels; write a label word ('pos', 'neg') or its class index (0 to 1) "
+    ("labels=['pos', 'neg']", "has label value(s) 'refund' not in labels (first at line 2); write a label word ('pos', 'neg') or its class index (0 to 1) "
                               "in column 'label', or add the value(s) to 'labels'"),
-    ("labels={'pos': 'x', 'neg': 'z'}", "not in labels; write one of the keys of 'labels': 'pos', 'neg' in column 'label'"),
+    ("labels={'pos': 'x', 'neg': 'z'}", "not in labels (first at line 2); write one of the keys of 'labels': 'pos', 'neg' in column 'label'"),
 ])
 def test_a_label_not_in_labels_lists_what_can_be_written(capsys, cls_task, labels, needle):
     """It listed "valid: pos, neg, 0, 1": words and class indices in one list."""
