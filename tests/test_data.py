@@ -477,3 +477,13 @@ def test_rows_without_the_answer_column_point_at_predict(tmp_path):
     with pytest.raises(DataError, match=r"has no column 'target' \(columns: 'text'\); fix the prompt/label/target keys or add the 'target' column "
                                         r"the rows are scored against \(`predict --input` runs rows without answers\)"):
         to_split(gen, load_split(str(tmp_path / "in.jsonl"))[0], "in.jsonl", "")
+
+
+def test_a_json_row_giving_a_key_twice_is_refused(tmp_path):
+    """json keeps the last of two equal keys without a word: {"text": "b", "text": "c"} trained on "c"."""
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": "pos"}\n\n{"text": "b", "label": "neg", "text": "c"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3 gives the key 'text' twice \(json keeps the last, silently\); keep one"):
+        load_split(str(tmp_path / "d.jsonl"))
+    (tmp_path / "d.json").write_text('[{"text": "a", "label": "pos", "label": "neg"}]')
+    with pytest.raises(DataError, match=r"gives the key 'label' twice"):
+        load_split(str(tmp_path / "d.json"))

@@ -50,10 +50,25 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON; write null or a string")
 
 
+class DuplicateKey(ValueError):
+    """A JSON object gives one key twice."""
+
+
+def _one_each(pairs: list[tuple]) -> dict:
+    """An object whose keys are distinct: json keeps the last of two equal keys without a word, so
+    {"text": "a", "text": "b"} was read as "b" (as the task spec's YAML reader refuses a key given twice)."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise DuplicateKey(f"gives the key {twice!r} twice (json keeps the last, silently); keep one")
+    return dict(pairs)
+
+
 def loads(text: str):
     """JSON as the standard defines it: Python's json also takes NaN, Infinity and numbers beyond a float (1e400 → inf),
-    which other readers refuse, and which a row would then hold as the text 'nan' / 'inf'."""
-    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    which other readers refuse, and which a row would then hold as the text 'nan' / 'inf'. A key given twice in an
+    object is refused (json would keep the last silently)."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant, object_pairs_hook=_one_each)
 
 
 def parse_jsonl(text: str, where: str | Path) -> list[dict]:
@@ -72,6 +87,8 @@ def numbered_jsonl(text: str, where: str | Path) -> list[tuple[int, dict]]:
         if line.strip():
             try:
                 row = loads(line)
+            except DuplicateKey as exc:
+                raise DataError(f"{where}:{n} {exc} ({line[:60]!r})") from None
             except ValueError as exc:
                 why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 raise DataError(f"{where}:{n} is not valid JSON ({why}: {line[:60]!r}); write one JSON object per line") from None
