@@ -122,3 +122,16 @@ def test_a_refused_max_completion_tokens_is_named_as_sent(served):
     with pytest.raises(openai.BadRequestError) as err:
         served.client.chat.completions.create(model="base", messages=CHAT, max_tokens=0)
     assert err.value.body["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("model", ["gen_a", "gen_prefix", "gen_prompt"])
+def test_tokenize_says_the_context_a_request_to_that_model_may_fill(served, model):
+    """/tokenize's max_model_len was the backbone's (512) for every model, while a prompt adapter's virtual tokens take 5
+    of it (its card says 507): a client fitting prompts by it got a 400 for 508 to 512. It is the card's figure, and a
+    prompt of that many tokens less one, with max_tokens 1, is answered."""
+    card = served.client.models.retrieve(model).model_extra["max_model_len"]
+    said = served.post("/tokenize", {"model": model, "prompt": "ab"}).json()["max_model_len"]
+    assert said == card, (model, said, card)
+    fits = served.client.completions.create(model=model, prompt=[5] * (said - 1), max_tokens=1)
+    assert fits.usage.prompt_tokens + fits.usage.completion_tokens == said
+    assert served.post("/tokenize", {"prompt": "ab"}).json()["max_model_len"] == served.client.models.retrieve("base").model_extra["max_model_len"]

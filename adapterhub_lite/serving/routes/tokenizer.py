@@ -64,7 +64,10 @@ async def tokenize(request: Request):
         special = flag(body, "add_special_tokens", True)
     ids = tok(text, add_special_tokens=special).input_ids
     strs = tok.convert_ids_to_tokens(ids) if flag(body, "return_token_strs", False) else None
-    return {"count": len(ids), "max_model_len": handlers.router.max_model_len, "tokens": ids, "token_strs": strs}
+    # what a request to the named model may fill, as its card in GET /v1/models: a prompt or prefix adapter's virtual tokens
+    # take theirs first ('auto', or no model named: the backbone's context)
+    virtual = handlers.router.virtual_tokens(model)[1] if model not in (None, AUTO) else 0
+    return {"count": len(ids), "max_model_len": handlers.router.max_model_len - virtual, "tokens": ids, "token_strs": strs}
 
 
 @router.post("/detokenize")
