@@ -227,3 +227,6 @@ def test_the_warmup_reason_names_its_cap(cls_task):
     assert resolved.choices["train.warmup_steps"]["why"] == "5% of 4000 steps, at most 100"
     short, _ = _resolve(_minimal(cls_task, "toy"), "train.max_steps=400")
     assert (short.spec.train.warmup_steps, short.choices["train.warmup_steps"]["why"]) == (20, "5% of 400 steps")
+    # a warm-up's first step runs at learning rate 0: one step of it made a 1-step run an untrained adapter (lora_B = 0)
+    one, _ = _resolve(_minimal(cls_task, "toy"), "train.max_steps=1")
+    assert one.spec.train.warmup_steps == 0 and "learning rate 0" in one.choices["train.warmup_steps"]["why"]
