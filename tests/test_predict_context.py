@@ -34,11 +34,12 @@ def test_predict_refuses_a_prompt_over_the_context(tmp_path, capsys):
     folder = train_tiny(tmp_path)
     context = load_adapter(folder)[0].config.max_position_embeddings
     capsys.readouterr()  # training's log
-    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "pos " * context}) + "\n")
+    (tmp_path / "in.jsonl").write_text('{"text": "pos"}\n\n' + json.dumps({"text": "pos " * context}) + "\n")  # row 2, line 3
     code = main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--no-progress"])
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1
+    assert "in.jsonl:3: input row 2 needs" in errors[0]  # the file and its line: it named neither
     assert f"but the model's context is {context} tokens" in errors[0] and not (tmp_path / "out.jsonl").exists()
 
 

@@ -94,8 +94,9 @@ def _predict(args) -> int:
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
     check_output_file(args.output)
     task = _sidecar_spec(args.adapter)
-    rows = []
+    rows, lines = [], []
     for line, row in [(0, {"text": args.text})] if args.input is None else numbered_input(args.input):
+        lines.append(line)
         try:  # every row is checked against the adapter's task before the backbone loads
             rows.append(request_row(task, row))
         except DataError as exc:
@@ -108,8 +109,13 @@ def _predict(args) -> int:
     # the backbone's context, not train.max_length: every prompt read whole, as serve, infer and Router.run read it;
     # a backbone naming no context length (no max_position_embeddings) has no limit to refuse at, so none is set
     context = model_context(backbone)
-    preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress,
-                    context=sys.maxsize if context is None else context)
+    try:
+        preds = predict(model, backbone.tokenizer, spec, [render(spec, r) for r in rows], progress=not args.no_progress,
+                        context=sys.maxsize if context is None else context)
+    except DataError as exc:  # a prompt over the context: which line of the file it was
+        if getattr(exc, "row", None) is None or args.input is None:
+            raise
+        raise DataError(f"{args.input}:{lines[exc.row]}: {exc}") from None
     write_output(args.output, "".join(json.dumps({**r, "prediction": readable(spec, p)}) + "\n" for r, p in zip(rows, preds)))
     return 0
 

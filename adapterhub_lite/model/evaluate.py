@@ -76,8 +76,10 @@ def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: in
     if over:
         n = len(ids[over[0]])
         adapter = f", {virtual} virtual tokens of the adapter" if virtual else ""
-        raise DataError(f"input row {over[0] + 1} needs {n + virtual + need} tokens ({n} in the prompt{adapter}, {need} for the answer) "
+        err = DataError(f"input row {over[0] + 1} needs {n + virtual + need} tokens ({n} in the prompt{adapter}, {need} for the answer) "
                         f"but the model's context is {context} tokens; shorten it (no prompt is cut, as in `serve`)")
+        err.row = over[0]  # the caller that read the rows from a file names its line (cli `predict --input`)
+        raise err
     return context
 
 
