@@ -362,3 +362,20 @@ def test_a_damaged_first_entry_does_not_choose_the_backbone_the_others_are_serve
         router = Router.from_registry(reg.root)
     assert router.backbone.fingerprint["quantization"] == "none" and router.known() == ["second"]
     assert "index.json says base.fingerprint.quantization '8bit'" in router.unavailable["first"]
+
+
+def test_an_unknown_version_or_name_among_hundreds_is_one_short_line(reg):
+    """The refusal listed every version (and every name): 300 versions made a line of thousands of characters. It
+    shows the 20 newest versions (the first 20 names) and the count."""
+    index = json.loads((reg / "index.json").read_text())
+    entry = index["adapters"]["toy"]["1.0.0"]
+    index["adapters"]["toy"] = {f"1.0.{i}": entry for i in range(300)}
+    index["adapters"].update({f"name{i:03}": {"1.0.0": entry} for i in range(300)})
+    (reg / "index.json").write_text(json.dumps(index))
+    with pytest.raises(RegistryError) as err:
+        LocalRegistry(reg).resolve("toy@9.9.9")
+    assert str(err.value).endswith("(versions: … 1.0.280, 1.0.281, 1.0.282, 1.0.283, 1.0.284, 1.0.285, 1.0.286, 1.0.287, 1.0.288, 1.0.289, "
+                                   "1.0.290, 1.0.291, 1.0.292, 1.0.293, 1.0.294, 1.0.295, 1.0.296, 1.0.297, 1.0.298, 1.0.299 (300 in all))")
+    with pytest.raises(RegistryError) as err:
+        LocalRegistry(reg).resolve("nope")
+    assert "name018, name019, … (301 in all))" in str(err.value) and len(str(err.value)) < 400

@@ -77,6 +77,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _shown(items: list[str], most: int = 20, newest: bool = False) -> str:
+    """At most `most` of a list (its first, or its last with `newest`) and the count: an error that named thousands of
+    adapters or versions was one line no one could read."""
+    if len(items) <= most:
+        return ", ".join(items)
+    return f"… {', '.join(items[-most:])} ({len(items)} in all)" if newest else f"{', '.join(items[:most])}, … ({len(items)} in all)"
+
+
 class Registry:
     """What every registry kind shares: resolving references, listing, verifying, pulling.
 
@@ -98,12 +106,12 @@ class Registry:
         adapters = self.index()["adapters"]
         versions = adapters.get(name)
         if not versions:
-            known = ", ".join(sorted(adapters)) or "none"
-            raise RegistryError(f"no adapter {name!r} in registry {self.root} (known: {known})")
+            raise RegistryError(f"no adapter {name!r} in registry {self.root} (known: {_shown(sorted(adapters)) or 'none'})")
         if version == "latest":
             version = max(versions, key=version_key)
         if version not in versions:
-            raise RegistryError(f"no version {version!r} of {name!r} in {self.root} (versions: {', '.join(sorted(versions, key=version_key))})")
+            ordered = sorted(versions, key=version_key)  # with hundreds, the newest are shown: those are the ones meant
+            raise RegistryError(f"no version {version!r} of {name!r} in {self.root} (versions: {_shown(ordered, newest=True)})")
         return name, version, versions[version]
 
     def rows(self) -> list[dict]:
