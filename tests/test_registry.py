@@ -48,6 +48,21 @@ def test_publish_pull_load_gives_identical_outputs(adapter, tmp_path):
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in entry["files"].values())
 
 
+def test_a_pulled_folder_loads_with_plain_peft_and_gives_the_source_s_logits(adapter, tmp_path):
+    """No adapterhub_lite on the way in: transformers loads the backbone the sidecar names, peft the pulled folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0")
+    pulled = reg.pull("toy@latest", tmp_path / "pulled")
+    base = json.loads((adapter / "adapterhub.json").read_text())["base"]["hub_id"]
+    tok = AutoTokenizer.from_pretrained(base)
+    out = [_logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(f)).eval(), tok) for f in (adapter, pulled)]
+    assert torch.equal(out[0], out[1])
+    assert not torch.equal(out[0], _logits(AutoModelForCausalLM.from_pretrained(base).eval(), tok))  # the adapter is applied
+
+
 def test_published_versions_are_immutable(adapter, tmp_path):
     reg = LocalRegistry(tmp_path / "reg")
     reg.publish(adapter, "2.0.0")
