@@ -16,6 +16,10 @@ SPEC = "name: t\ntype: classification\ndata: {{train: a.csv, dev: a.csv}}\npromp
     ("{yes: positive, no: negative}", "the key True of 'labels' is the boolean True (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('yes') or 'True' for a JSON true in the column"),
     ("[~, x]", "labels[0]=None is null"),
     ("[1, 2]", "labels[0]=1 is the number 1, not a word; quote it ('1')"),
+    # a list was called "the number ['x']"; an empty word scored the bare space; ' pos' was answered as two spaces and pos
+    ("[[x], y]", "labels[0]=['x'] is a list, not a word; give each class one word"),
+    ("[pos, '']", "labels[1]='' is empty; give each class a word"),
+    ("{a: ' pos', b: neg}", "labels['a']=' pos' has spaces around it (the word follows the prompt after one space); write 'pos'"),
 ])
 def test_yaml_booleans_nulls_and_numbers_are_not_label_words(tmp_path, labels, needle):
     (tmp_path / "t.yaml").write_text(SPEC.format(labels=labels))

@@ -324,8 +324,14 @@ def label_problems(labels: list | dict) -> list[str]:
     for key, word in items:
         where = f"labels[{key!r}]" if isinstance(labels, dict) else f"labels[{key}]"
         why = _not_text(word)
-        if why is None and not isinstance(word, str):
+        if why is None and isinstance(word, (int, float)):
             why = f"is the number {word}, not a word; quote it ('{word}')"
+        elif why is None and not isinstance(word, str):
+            why = f"is a {type(word).__name__}, not a word; give each class one word"
+        elif why is None and not word.strip():  # scored as the bare space after the prompt: a class no answer names
+            why = "is empty; give each class a word"
+        elif why is None and word != word.strip():  # heads.answer_ids puts one space before the word already
+            why = f"has spaces around it (the word follows the prompt after one space); write {word.strip()!r}"
         if why:
             problems.append(f"{where}={word!r} {why}")
         if isinstance(labels, dict):
