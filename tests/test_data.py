@@ -487,3 +487,20 @@ def test_a_json_row_giving_a_key_twice_is_refused(tmp_path):
     (tmp_path / "d.json").write_text('[{"text": "a", "label": "pos", "label": "neg"}]')
     with pytest.raises(DataError, match=r"gives the key 'label' twice"):
         load_split(str(tmp_path / "d.json"))
+
+
+def test_a_file_separated_otherwise_than_its_suffix_says_is_named(tmp_path):
+    """A ;-separated .csv (or a comma-separated .tsv) reads as one column; it was told to fix the spec's keys and, since the
+    answer column was among the missing, to add it. A .csv of blank lines only was "has a header () but no rows"."""
+    spec = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "x", "dev": "x"}, "prompt": "T: {text}\nL:",
+                           "label": "label", "labels": ["neg", "pos"]})
+    (tmp_path / "s.csv").write_text("text;label\na;pos\n")
+    with pytest.raises(DataError, match=r"\(columns: 'text;label'\); fix the prompt/label/target keys; the header reads as one column, so the "
+                                        r"file is ';'-separated, but a .csv is read comma-separated: save it so, or name it .tsv if tabs"):
+        to_split(spec, load_split(str(tmp_path / "s.csv"))[0], "s.csv", "")
+    (tmp_path / "c.tsv").write_text("text,label\na,pos\n")
+    with pytest.raises(DataError, match=r"so the file is ','-separated, but a .tsv is read tab-separated: save it so, or name it .csv"):
+        to_split(spec, load_split(str(tmp_path / "c.tsv"))[0], "c.tsv", "")
+    (tmp_path / "b.csv").write_bytes(b"\xef\xbb\xbf\r\n\r\n")
+    with pytest.raises(DataError, match=r"b.csv holds blank lines only \(no header, no rows\)"):
+        load_split(str(tmp_path / "b.csv"))

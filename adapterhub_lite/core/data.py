@@ -190,8 +190,10 @@ def _csv_rows(path: Path, delimiter: str) -> tuple[datasets.Dataset, list[int]]:
         quote = ': a field that starts with " is read as quoted, so write it whole in quotes with each " inside doubled ' \
                 '("Hi," she said. → """Hi,"" she said.")' if '"' in said or "end of data" in said else ""
         raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({said}); fix that line{quote}") from None
+    if header is None:  # blank lines only (after a BOM, say): no header to name
+        raise DataError(f"{path} holds blank lines only (no header, no rows); point the spec at a file with rows")
     if not rows:
-        raise DataError(f"{path} has a header ({', '.join(header or [])}) but no rows; add rows below the header")
+        raise DataError(f"{path} has a header ({', '.join(header)}) but no rows; add rows below the header")
     features = datasets.Features({c: datasets.Value("string") for c in header})
     return datasets.Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(header)}, features=features), lines
 
@@ -365,7 +367,13 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         # pandas and datasets keep a header's spaces too ("a, label" has ' label'), but shown bare they are invisible.
         spaced = {c.strip(): c for c in ds.column_names if c != c.strip()}
         hint = "".join(f"; the header has {spaced[m]!r}: remove the spaces around it" for m in missing if m in spaced)
-        if answer in missing:  # a file of inputs alone given to eval: scoring needs the answers, predict does not
+        seps = [s for s in (",", ";", "\t", "|") if len(ds.column_names) == 1 and s in ds.column_names[0]]
+        if seps:  # "text;label" as one column: the file is not separated as its suffix says
+            tsv = Path(file or source).suffix.lower() == ".tsv"
+            fix = "a .tsv is read tab-separated: save it so, or name it .csv if commas separate it" if tsv else \
+                "a .csv is read comma-separated: save it so, or name it .tsv if tabs separate it"
+            hint += f"; the header reads as one column, so the file is {seps[0]!r}-separated, but {fix}"
+        elif answer in missing:  # a file of inputs alone given to eval: scoring needs the answers, predict does not
             hint += f" or add the {answer!r} column the rows are scored against (`predict --input` runs rows without answers)"
         raise DataError(f"split {source!r} has no column {', '.join(map(repr, missing))} (columns: {', '.join(map(repr, ds.column_names))}); "
                         f"fix the prompt/label/target keys{hint}")
