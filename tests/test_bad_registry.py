@@ -379,3 +379,24 @@ def test_an_unknown_version_or_name_among_hundreds_is_one_short_line(reg):
     with pytest.raises(RegistryError) as err:
         LocalRegistry(reg).resolve("nope")
     assert "name018, name019, … (301 in all))" in str(err.value) and len(str(err.value)) < 400
+
+
+def test_a_folder_changed_while_it_is_copied_is_checked_as_copied(adapter, tmp_path, capsys, monkeypatch):
+    """publish checked the folder, then copied it: a sidecar replaced in between (a run still writing, a hand edit) was
+    published unchecked, as a version whose sidecar contradicts its weights' config. The copy is checked again."""
+    source = tmp_path / "toy"
+    shutil.copytree(adapter, source)
+    copy = registry._copy_hashing
+
+    def edited_meanwhile(src, dst):
+        if src.name == "adapterhub.json":  # after the checks, before this file is copied
+            meta = json.loads(src.read_text())
+            meta["method"] = "ia3"
+            src.write_text(json.dumps(meta))
+        return copy(src, dst)
+    monkeypatch.setattr(registry, "_copy_hashing", edited_meanwhile)
+    reg = tmp_path / "reg"
+    assert main(["publish", str(source), "--version", "1.0.0", "--registry", str(reg)]) == 2
+    err = _one_line_error(capsys, f"{str(source)!r} changed while it was copied, and the copy fails the publish checks", "method 'ia3'")
+    assert ".publish-" not in err
+    assert not (reg / "toy").exists() and not list(reg.glob(".publish-*")) and LocalRegistry(reg).rows() == []

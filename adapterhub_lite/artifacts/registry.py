@@ -356,6 +356,13 @@ class LocalRegistry(Registry):
             tmp.mkdir()
             files = {p.name: _copy_hashing(p, tmp / p.name) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
             _fsync_dir(tmp)
+            # the checks again, on the copy: what is published is these bytes, not those checked before (a run still
+            # writing the folder, a sidecar replaced meanwhile); the entry is made from them too
+            try:
+                meta, peft_config = check_folder(tmp), json.loads((tmp / "adapter_config.json").read_text())
+            except (AdapterHubError, OSError, ValueError) as exc:
+                raise RegistryError(f"{str(folder)!r} changed while it was copied, and the copy fails the publish checks "
+                                    f"({str(exc).replace(str(tmp), 'the copy')}); publish it again once nothing writes to it") from None
             with self._locked():
                 self._sweep()
                 index = self._read_index()
