@@ -20,6 +20,8 @@ SPEC = "name: t\ntype: classification\ndata: {{train: a.csv, dev: a.csv}}\npromp
     ("[[x], y]", "labels[0]=['x'] is a list, not a word; give each class one word"),
     ("[pos, '']", "labels[1]='' is empty; give each class a word"),
     ("{a: ' pos', b: neg}", "labels['a']=' pos' has spaces around it (the word follows the prompt after one space); write 'pos'"),
+    # the column is read as text, so 0 and '0' key one value: a row '0' was refused as "both" only if the data held one
+    ("{0: neg, '0': pos}", "the keys 0 and '0' of 'labels' both mean the column value '0'; keep one"),
 ])
 def test_yaml_booleans_nulls_and_numbers_are_not_label_words(tmp_path, labels, needle):
     (tmp_path / "t.yaml").write_text(SPEC.format(labels=labels))

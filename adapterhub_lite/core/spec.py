@@ -342,6 +342,10 @@ def label_problems(labels: list | dict) -> list[str]:
                 why += f" or '{key}' for a JSON {str(key).lower()} in the column"
             if why:
                 problems.append(f"the key {key!r} of 'labels' {why}")
+    if isinstance(labels, dict):  # the column is read as text: 1 and '1' name the same value, so one class could never be
+        same = [k for k in labels if not isinstance(k, bool) and sum(str(j) == str(k) for j in labels if not isinstance(j, bool)) > 1]
+        if same:
+            problems.append(f"the keys {' and '.join(map(repr, same))} of 'labels' both mean the column value {str(same[0])!r}; keep one")
     return problems
 
 
