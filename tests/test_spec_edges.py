@@ -20,6 +20,9 @@ from .conftest import train_tiny
     (["train.batch_size=25", "train.grad_accum=4"], "train.batch_size=25 × 1 process(es) × train.grad_accum=4 = 100 rows a step, "
                                                     "but 'train.jsonl' has 96 training rows; use train.batch_size × train.grad_accum ≤ 96"),
     (["--output", ""], "--output is empty"),
+    # a warm-up as long as the run never trains at train.lr (a 1-step run's only step was at rate 0: an untrained adapter)
+    (["train.warmup_steps=6"], "train.warmup_steps=6 ≥ train.max_steps=6: every step would warm up (the first at learning rate 0), "
+                               "never reaching train.lr; use train.warmup_steps < 6"),
 ])
 def test_training_edges_are_one_line_and_write_nothing(cls_task, capsys, override, needle):
     before = sorted(p.name for p in cls_task.iterdir())

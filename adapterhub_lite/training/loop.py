@@ -142,7 +142,10 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
     """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end.
 
     `compute_dtype`: the backbone's; under fp16 every recipe's loss is scaled (fp16 gradients underflow unscaled;
-    bf16 has fp32's exponent range and needs no scaler)."""
+    bf16 has fp32's exponent range and needs no scaler). A warm-up as long as the run is refused before anything is written."""
+    if cfg.warmup_steps >= cfg.max_steps:  # warm-up starts at rate 0: the run would never train at the rate it sets
+        raise TrainingError(f"train.warmup_steps={cfg.warmup_steps} ≥ train.max_steps={cfg.max_steps}: every step would warm up (the first at "
+                            f"learning rate 0), never reaching train.lr; use train.warmup_steps < {cfg.max_steps}")
     run = _Run(recipe, cfg, parallel, work, resume=resume, compute_dtype=compute_dtype)
     state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
     start_wall = time.monotonic() - state.train_seconds
