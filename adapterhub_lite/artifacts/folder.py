@@ -97,6 +97,23 @@ def check_adapter_folder(folder: Path, error=AdapterLoadError) -> dict:
     return meta
 
 
+def convert_pickle(folder: str | Path) -> Path:
+    """Turn a trusted pickle adapter (adapter_model.bin) into adapter_model.safetensors, in place (`adapterhub-lite convert`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    src = folder / "adapter_model.bin"
+    if not src.is_file():
+        raise AdapterLoadError(f"{folder} has no adapter_model.bin to convert; pass the adapter folder that holds it")
+    state = torch.load(src, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    tmp = folder / ".adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "adapter_model.safetensors")
+    src.unlink()
+    return folder / "adapter_model.safetensors"
+
+
 def folder_hashes(folder: Path) -> dict[str, str]:
     """{file name: sha256} of a folder's regular files (the few MB of an adapter: read at every load)."""
     import hashlib

@@ -419,19 +419,3 @@ def check_if_registered(folder: str | Path) -> str | None:
                             "re-publish it or pull another version")
     return f"{name}@{version}"
 
-
-def convert_pickle(folder: str | Path) -> Path:
-    """Turn a trusted pickle adapter (adapter_model.bin) into adapter_model.safetensors, in place."""
-    import torch
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    src = folder / "adapter_model.bin"
-    if not src.is_file():
-        raise RegistryError(f"{folder} has no adapter_model.bin to convert")
-    state = torch.load(src, map_location="cpu", weights_only=True)  # tensors only: no code runs
-    tmp = folder / ".adapter_model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "adapter_model.safetensors")
-    src.unlink()
-    return folder / "adapter_model.safetensors"

@@ -88,7 +88,7 @@ def _reindex(args) -> int:
 
 
 def _convert(args) -> int:
-    from adapterhub_lite.artifacts.registry import convert_pickle
+    from adapterhub_lite.artifacts.folder import convert_pickle
 
     if not args.trust_pickle:
         raise DataError("convert loads a pickle file; pass --trust-pickle to confirm you trust where it came from")
