@@ -214,6 +214,19 @@ def test_a_batch_in_tokens_with_accumulation_reads_at_most_the_split_a_step(cls_
     assert resolved.spec.train.batch_size == 96 // 4
 
 
+def test_a_split_smaller_than_the_default_batch_is_read_once_a_step(cls_task):
+    """A minimal spec over 10 train rows was refused for train.batch_size=16, a value it never wrote: the default batch
+    is now the split (÷ grad_accum), said as chosen; a batch_size the spec gives is still refused over the split."""
+    rows = (cls_task / "train.jsonl").read_text().splitlines()
+    (cls_task / "ten.jsonl").write_text("".join(r + "\n" for r in rows[:10]))
+    resolved, _ = _resolve(_minimal(cls_task, "toy"), "data.train=ten.jsonl")
+    assert resolved.spec.train.batch_size == 10 and "10 train rows in a step" in resolved.choices["train.batch_size"]["why"]
+    accumulated, _ = _resolve(_minimal(cls_task, "toy"), "data.train=ten.jsonl", "train.grad_accum=3")
+    assert accumulated.spec.train.batch_size == 3
+    given, _ = _resolve(_minimal(cls_task, "toy"), "data.train=ten.jsonl", "train.batch_size=16")
+    assert given.spec.train.batch_size == 16
+
+
 def test_a_spec_giving_both_batch_size_and_batch_tokens_is_refused(cls_task):
     with pytest.raises(SpecError, match="train.batch_size=8 and train.batch_tokens=512 both set the batch"):
         load_spec(cls_task / "toy.yaml", ["train.batch_tokens=512"])

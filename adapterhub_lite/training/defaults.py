@@ -131,6 +131,9 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
     prompts = data["train"].prompt_ids(tokenizer)
     rows = len(data["train"])
     _batch_in_tokens(spec, data, model, tokenizer, prompts, processes, t, choose)
+    if "train.batch_size" not in given and t["batch_size"] * processes * t["grad_accum"] > rows:  # a small split: a step holds it once
+        t["batch_size"] = choose("train.batch_size", max(1, rows // (processes * t["grad_accum"])),
+                                 f"the {rows} train rows in a step (the default {t['batch_size']} rows would read rows twice a step)")
     per_step = t["batch_size"] * t["grad_accum"] * processes
     steps_per_epoch = math.ceil(rows / per_step)
     if t["epochs"] and "train.epochs" in given:  # load_spec refuses a written spec that also sets max_steps
