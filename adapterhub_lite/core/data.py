@@ -8,20 +8,17 @@ separated by one space, so "Sentiment:" is followed by " positive".
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
+from adapterhub_lite.core.datafiles import LINES, NESTED, csv_rows, json_dataset, json_rows, parquet_rows, where
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
-from adapterhub_lite.core.text import loads, numbered_jsonl, read_text
 
 # suffix → (reader, csv.reader options). A .tsv is read with the same quoting as a .csv (a field that starts
 # with '"' is quoted, '""' inside it is one quote), as pandas, `datasets` and the csv module read it: RTE's
@@ -113,137 +110,26 @@ def load_split(source: str, split: str | None = None) -> tuple[datasets.Dataset,
     # Columns are read as written. Type inference would turn the text "2021-03-03" into a
     # timestamp ("2021-03-03 00:00:00") and "007" into 7, silently changing targets and prompts:
     # JSON is parsed by json, each plain value kept as the text of what json reads; csv/tsv are read by the csv module, as strings.
-    # Both are read here rather than by `datasets` so that a bad line is named (line number, what is wrong).
+    # Both are read by datafiles.py rather than by `datasets` so that a bad line is named (line number, what is wrong).
     builder, kwargs = _BUILDERS[suffix]
     try:
         if builder == "json":
-            rows, lines = _json_rows(path)
-            ds = _json_dataset(rows)
+            rows, lines = json_rows(path)
+            ds = json_dataset(rows)
         elif builder == "csv":
-            ds, lines = _csv_rows(path, **kwargs)
+            ds, lines = csv_rows(path, **kwargs)
         else:
-            ds, lines = _parquet(path, source, split), None
+            ds, lines = parquet_rows(path), None
     except DataError:
         raise
     except Exception as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else ""
         raise DataError(f"cannot parse {source!r} as {suffix[1:]} ({type(exc).__name__}: {detail}); check the file format") from None
-    if lines is not None:
-        _LINES[ds] = lines
-    return ds, hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _parquet(path: Path, source: str, split: str | None) -> datasets.Dataset:
-    """A parquet file as a Dataset, read by pyarrow (the features `datasets` wrote in its metadata, ClassLabel too, are
-    kept). Not through load_dataset: its builder logged its own line and progress bars on stderr before a refusal, and
-    read a file of no rows as "An error occurred while generating the dataset"."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    index = [c for c in table.column_names if c.startswith("__index_level_")]  # pandas' to_parquet index: not a column of data
-    if table.num_rows == 0:
+    if len(ds) == 0:  # a parquet file of no rows (a text file of none was refused above)
         raise _empty(source, split)
-    return datasets.Dataset(table.drop_columns(index) if index else table)
-
-
-# A Dataset read from a csv / tsv / JSON Lines file → the line each of its rows starts on, so that a refusal names the
-# line to fix (blank lines, the header and quoted newlines make a row's index and its line differ). Weak: dropped with it.
-_LINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _where(ds: datasets.Dataset | None, rows: list[int]) -> str:
-    """Rows (1-based indices) said as the lines of the file they were read from, else as rows: "line 3, 7, …"."""
-    lines = _LINES.get(ds) if ds is not None else None
-    marks = [lines[r - 1] for r in rows] if lines is not None else rows
-    return ("line " if lines is not None else "row ") + ", ".join(map(str, marks[:5])) + (", …" if len(marks) > 5 else "")
-
-
-def _csv_rows(path: Path, delimiter: str) -> tuple[datasets.Dataset, list[int]]:
-    """A csv/tsv file as a Dataset of string columns and each row's first line; a ragged or header-only file is refused
-    naming the line."""
-    sep = "tab" if delimiter == "\t" else repr(delimiter)
-    # strict: a field that opens a quote but goes on after closing it ('"Hi," she said.') is refused; pandas
-    # would drop its quotes silently, and a file written without quoting (GLUE style) means them literally.
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, strict=True)
-    csv.field_size_limit(2**31 - 1)  # the default refuses a field over 128 KiB (a long document), which pandas reads
-    header, rows, lines, start = None, [], [], 1
-    try:
-        for record in reader:
-            first, start = start, reader.line_num + 1  # a quoted field may span lines: the row starts where the last one ended
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue  # a blank line, or one of spaces only: pandas and datasets skip both
-            if header is None:
-                header = record
-                dup = sorted({c for c in header if header.count(c) > 1})
-                if dup or "" in header:
-                    what = f"repeats column(s) {', '.join(map(repr, dup))}" if dup else "has an empty column name"
-                    index = " (pandas' to_csv writes its index under an empty name: save with index=False)" if header[0] == "" else ""
-                    raise DataError(f"{path}:{reader.line_num}: the header {what}; give every column a distinct name{index}")
-            elif len(record) != len(header):
-                raise DataError(f"{path}:{reader.line_num} has {len(record)} fields but the header has {len(header)} ({sep}-separated); "
-                                "fix that line (quote fields that hold the separator)")
-            else:
-                rows.append(record)
-                lines.append(first)
-    except csv.Error as exc:
-        said = str(exc).replace("\t", "\\t")  # "'\t' expected after '\"'" would print a raw tab
-        quote = ': a field that starts with " is read as quoted, so write it whole in quotes with each " inside doubled ' \
-                '("Hi," she said. → """Hi,"" she said.")' if '"' in said or "end of data" in said else ""
-        raise DataError(f"{path}:{reader.line_num} cannot be read as {sep}-separated values ({said}); fix that line{quote}") from None
-    if header is None:  # blank lines only (after a BOM, say): no header to name
-        raise DataError(f"{path} holds blank lines only (no header, no rows); point the spec at a file with rows")
-    if not rows:
-        raise DataError(f"{path} has a header ({', '.join(header)}) but no rows; add rows below the header")
-    features = datasets.Features({c: datasets.Value("string") for c in header})
-    return datasets.Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(header)}, features=features), lines
-
-
-def _json_rows(path: Path) -> tuple[list[dict], list[int] | None]:
-    """Rows of a JSON Lines file (or a JSON array), exactly as typed in the file, and each one's line (None for an array)."""
-    text = read_text(path)
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}); fix that line") from None
-        except ValueError as exc:
-            raise DataError(f"{path} is not valid JSON ({exc}); fix the file") from None
-        bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
-        if bad:
-            raise DataError(f"{path}: item {bad} of the array is {type(rows[bad - 1]).__name__}, not an object; write one object per row")
-        return rows, None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
-        try:
-            whole = loads(text)
-        except ValueError:
-            whole = None  # JSON Lines (or broken): parse_jsonl names the line
-        # One object over several lines, or one of lists ({"text": [...], "label": [...]}), is not a row: pandas reads
-        # such columns as rows, datasets as one row of lists, and line by line it read as broken JSON.
-        if isinstance(whole, dict) and (len(text.strip().splitlines()) > 1 or (whole and all(isinstance(v, list) for v in whole.values()))):
-            raise DataError(f"{path} is one JSON object (keys: {', '.join(map(repr, list(whole)[:5]))}), not rows; write an array "
-                            "of row objects ([{...}, {...}]) or one object per line (JSON Lines)")
-    numbered = numbered_jsonl(text, path)
-    return [row for _, row in numbered], [n for n, _ in numbered]
-
-
-_NESTED = "json"  # the field a JSON object or list is held in (see _json_dataset)
-
-
-def _json_dataset(rows: list[dict]) -> datasets.Dataset:
-    """JSON rows as a Dataset, holding what `json` reads. Every key of any row is a column (a row without it holds
-    null: from_list took the first row's keys only, so a column missing there was dropped for all rows), and a
-    column of plain values holds them as text, each as written: arrow would make 7 beside 7.5 "7.0", and could not
-    hold 0 beside "yes" at all (pandas and json read both)."""
-    data = {}
-    for column in dict.fromkeys(k for r in rows for k in r):
-        values = [r.get(column) for r in rows]
-        if not any(isinstance(v, (dict, list)) for v in values):
-            data[column] = [v if v is None or isinstance(v, str) else str(v) for v in values]
-            continue
-        # A column with objects / lists: each value as its JSON text in a one-field struct. Arrow cannot hold {"a": 1}
-        # beside {"a": "s"}, [1] or "x" (a metadata column pandas reads), and to_split refuses the struct where text is read.
-        data[column] = [None if v is None else {_NESTED: json.dumps(v, ensure_ascii=False)} for v in values]
-    return datasets.Dataset.from_dict(data)
+    if lines is not None:
+        LINES[ds] = lines
+    return ds, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def label_words(spec: TaskSpec) -> list[str]:
@@ -318,7 +204,7 @@ def _refuse_missing(source: str, column: str, values: list, what: str, ds: datas
     missing value would be read as '' or 'None')."""
     rows = [i + 1 for i, v in enumerate(values) if _is_missing(v)]
     if rows:
-        raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) ({_where(ds, rows)}); {what}, or drop those rows")
+        raise DataError(f"split {source!r} has no {column!r} value in {len(rows)} row(s) ({where(ds, rows)}); {what}, or drop those rows")
 
 
 def _refuse_blank(source: str, spec: TaskSpec, ds: datasets.Dataset) -> None:
@@ -329,7 +215,7 @@ def _refuse_blank(source: str, spec: TaskSpec, ds: datasets.Dataset) -> None:
     rows = [i + 1 for i, row in enumerate(values) if all(isinstance(v, str) and not v.strip() for v in row)]
     if rows:
         what = f"an empty {columns[0]!r}" if len(columns) == 1 else f"every prompt column ({', '.join(map(repr, columns))}) empty"
-        raise DataError(f"split {source!r} has {what} in {len(rows)} row(s) ({_where(ds, rows)}), so its prompt holds no input; "
+        raise DataError(f"split {source!r} has {what} in {len(rows)} row(s) ({where(ds, rows)}), so its prompt holds no input; "
                         "give those rows their text, or drop them")
 
 
@@ -381,7 +267,7 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         feature = ds.features[column]
         if not isinstance(feature, (datasets.Value, datasets.ClassLabel)):
             first = next((v for v in ds[column] if v is not None), None)
-            shown = first[_NESTED] if isinstance(first, dict) and list(first) == [_NESTED] else json.dumps(first, default=str)  # parquet: dates
+            shown = first[NESTED] if isinstance(first, dict) and list(first) == [NESTED] else json.dumps(first, default=str)  # parquet: dates
             raise DataError(f"split {source!r} column {column!r} holds JSON objects or lists (e.g. {shown[:60]}), not text; "
                             "write each value as a string (json.dumps it) or point the spec at a text column")
     # A missing prompt value would be rendered as '' and a missing label compared as 'None': both silently.
@@ -397,12 +283,12 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         if both:
             example = ", ".join(f"{str(w)!r}: {str(w)!r}" for w in label_words(spec)[:2])
             raise DataError(f"split {source!r} has label value {both[0]!r}, which is both {' and '.join(ambiguous[both[0]])} "
-                            f"(first at {_where(ds, [values.index(both[0]) + 1])}); "
+                            f"(first at {where(ds, [values.index(both[0]) + 1])}); "
                             f"give 'labels' as a mapping column value → word (e.g. {{{example}, …}}) so each value names one class")
         answers = [table.get(v) for v in values]
         bad = sorted({v for v, a in zip(values, answers) if a is None})
         if bad:
-            first = _where(ds, [values.index(v) + 1 for v in bad[:5]])  # where each value first is
+            first = where(ds, [values.index(v) + 1 for v in bad[:5]])  # where each value first is
             raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (first at {first}); write {_valid_labels(spec)} "
                             f"in column {spec.label!r}, or add the value(s) to 'labels'")
     else:
