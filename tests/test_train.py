@@ -181,6 +181,20 @@ def test_accumulated_micro_batches_train_the_adapter_of_one_batch(gen_task):
     assert len(losses) == 3 and all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in losses), losses
 
 
+def test_accumulated_micro_batches_train_the_classification_adapter_of_one_batch(cls_task):
+    """The same contract for classification (a step's loss is the mean over its rows): 4 micro-batches of 4 rows read the
+    rows of one batch of 16 (the epoch is cut into steps, then micro-batches) and give its adapter and losses, to 1e-5."""
+    common = ["train.max_steps=3", "train.eval_every=3", "train.log_every=1", "method_args.lora_dropout=0.0"]
+    out, _ = _train(cls_task, "toy", *common, "train.batch_size=16", "train.grad_accum=1")
+    one, one_log = {k: v.clone() for k, v in load_file(out / "adapter_model.safetensors").items()}, _history(out)
+    out, _ = _train(cls_task, "toy", *common, "train.batch_size=4", "train.grad_accum=4", overwrite=True)
+    four, four_log = load_file(out / "adapter_model.safetensors"), _history(out)
+    assert max(one[k].abs().max().item() for k in one if "lora_B" in k) > 1e-3
+    assert max((one[k] - four[k]).abs().max().item() for k in one) <= 1e-5
+    losses = [(a["loss"], b["loss"]) for a, b in zip(one_log, four_log) if "loss" in a]
+    assert len(losses) == 3 and all(abs(a - b) <= 1e-5 * max(1.0, abs(a)) for a, b in losses), losses
+
+
 def test_ddp_syncs_gradients_at_a_steps_last_micro_batch_only(tmp_path):
     """Issue 22: under DDP every micro-batch but a step's last runs in no_sync (its gradients accumulate locally) and the
     last all-reduces them all once. Equal gradients either way, so only the calls can show it: a 2-process run's flags,
