@@ -400,3 +400,12 @@ def test_a_folder_changed_while_it_is_copied_is_checked_as_copied(adapter, tmp_p
     err = _one_line_error(capsys, f"{str(source)!r} changed while it was copied, and the copy fails the publish checks", "method 'ia3'")
     assert ".publish-" not in err
     assert not (reg / "toy").exists() and not list(reg.glob(".publish-*")) and LocalRegistry(reg).rows() == []
+
+
+def test_a_temp_index_left_by_a_writer_killed_mid_write_is_cleared_by_the_next_publish(reg, adapter):
+    """atomic_write's `.index.json.<random>` of a publisher SIGKILLed while writing the index stayed in the registry
+    for good (the sweep cleared only .publish-* folders); the index itself was never torn."""
+    leftover = reg / ".index.json.k1ll3d"
+    leftover.write_text('{"format": "adapterhub_lite.regi')
+    LocalRegistry(reg).publish(adapter)
+    assert not leftover.exists() and [r["version"] for r in LocalRegistry(reg).rows()] == ["1.0.0", "1.0.1"]

@@ -325,7 +325,7 @@ class LocalRegistry(Registry):
             lock.release()
 
     def _sweep(self) -> None:
-        """Remove temp folders of dead publishers; call under the lock.
+        """Remove temp folders of dead publishers and temp index files of killed writers; call under the lock.
 
         A folder of this host whose pid is gone is dead. Another host's pids cannot be checked
         from here (NFS), so its folders, and any of an unknown form, go only when older than
@@ -341,6 +341,8 @@ class LocalRegistry(Registry):
             dead = len(parts) == 4 and left_by_dead_process(parts[2], parts[3])
             if dead or age > STALE_SECONDS:
                 shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in self.root.glob(".index.json.*"):  # atomic_write's temp index of a writer killed mid-write: the index
+            tmp.unlink(missing_ok=True)  # is written only under this lock, so none of these is being written now
 
     def publish(self, folder: str | Path, version: str = "auto", name: str | None = None) -> tuple[str, str, dict]:
         """Copy an adapter folder in as an immutable version; returns (name, version, entry).
