@@ -349,6 +349,47 @@ def test_a_hub_registry_version_is_served_and_loaded_from_regular_files(adapter,
     assert router.known() == ["toy"] and router.unavailable == {}
 
 
+def test_a_hub_publish_uploads_the_bytes_it_checked_and_hashed(adapter, tmp_path, monkeypatch):
+    """A Hub publish checked and hashed the folder's files, then the upload read them again by path: a sidecar
+    replaced in between (here while the index is read) was uploaded unchecked, under the sha256 of the old one."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from adapterhub_lite.artifacts.hub import HubRegistry
+
+    source = tmp_path / "toy"
+    shutil.copytree(adapter, source)
+    sent = {}
+
+    class Api:
+        def repo_info(self, repo):  # after the checks: the sidecar is replaced now
+            meta = json.loads((source / "adapterhub.json").read_text())
+            meta["method"] = "ia3"
+            (source / "adapterhub.json").write_text(json.dumps(meta))
+            return type("Info", (), {"sha": "abc"})()
+
+        def list_repo_files(self, repo, revision=None):
+            return []
+
+        def create_commit(self, repo, ops, **kwargs):  # what the Hub receives
+            for op in ops:
+                what = op.path_or_fileobj
+                sent[op.path_in_repo] = what if isinstance(what, bytes) else Path(what).read_bytes()
+
+    def no_index(*args, **kwargs):
+        raise EntryNotFoundError("index.json")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_index)
+    _, _, entry = HubRegistry("org/adapters").publish(source, "1.0.0")
+    assert json.loads(sent["toy/1.0.0/adapterhub.json"])["method"] == "lora"
+    for fname, rec in entry["files"].items():
+        assert hashlib.sha256(sent[f"toy/1.0.0/{fname}"]).hexdigest() == rec["sha256"], fname
+    assert json.loads(sent["index.json"])["adapters"]["toy"]["1.0.0"] == entry
+
+
 def test_prompt_learning_width_mismatch_is_refused(tmp_path):
     from peft import PromptTuningConfig, get_peft_model
 

@@ -7,12 +7,14 @@ other's index: the loser's commit is rejected and it retries on the new index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
-from adapterhub_lite.artifacts.index import RegistryError, check_case_clash, file_record, make_entry, next_version, parse_index, publish_inputs
+from adapterhub_lite.artifacts.index import RegistryError, check_case_clash, check_copy, make_entry, next_version, parse_index, publish_inputs
 from adapterhub_lite.artifacts.registry import Registry
 
 _ATTEMPTS = 3
@@ -94,8 +96,14 @@ class HubRegistry(Registry):
         from huggingface_hub import CommitOperationAdd
 
         folder, meta, name, peft_config = publish_inputs(folder, version, name)
-        files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
-        hashes = {p.name: file_record(p) for p in files}
+        # each file read once: those bytes are checked (on a copy), hashed and uploaded, not the folder's files read
+        # again at the upload, which a run still writing it could have changed meanwhile
+        data = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+        with tempfile.TemporaryDirectory() as tmp:
+            for fname, content in data.items():
+                (Path(tmp) / fname).write_bytes(content)
+            meta, peft_config = check_copy(folder, Path(tmp))
+        hashes = {fname: {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)} for fname, content in data.items()}
         attempt = 0
         while True:
             attempt += 1
@@ -104,7 +112,7 @@ class HubRegistry(Registry):
             versions = index["adapters"].setdefault(name, {})
             chosen = next_version(versions, version, name)
             versions[chosen] = entry = make_entry(meta, peft_config, hashes)
-            ops = [CommitOperationAdd(f"{name}/{chosen}/{p.name}", str(p)) for p in files]
+            ops = [CommitOperationAdd(f"{name}/{chosen}/{fname}", content) for fname, content in data.items()]
             ops.append(CommitOperationAdd("index.json", (json.dumps(index, indent=2) + "\n").encode()))
             try:
                 if head is None:

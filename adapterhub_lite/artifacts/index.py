@@ -100,6 +100,16 @@ def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[
     return folder, meta, name, json.loads((folder / "adapter_config.json").read_text())
 
 
+def check_copy(folder: Path, copy: Path) -> tuple[dict, dict]:
+    """publish's checks again, on the copy it made of `folder` (what gets published: a run still writing the folder, or
+    a sidecar replaced, between the first checks and the copy is caught here); returns (sidecar, adapter_config)."""
+    try:
+        return check_folder(copy), json.loads((copy / "adapter_config.json").read_text())
+    except (AdapterHubError, OSError, ValueError) as exc:
+        raise RegistryError(f"{str(folder)!r} changed while it was copied, and the copy fails the publish checks "
+                            f"({str(exc).replace(str(copy), 'the copy')}); publish it again once nothing writes to it") from None
+
+
 def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None = None) -> dict:
     """The index record of one version (`created`: when it was published; default now)."""
     try:

@@ -35,6 +35,7 @@ from adapterhub_lite.artifacts.index import (
     INDEX_FORMAT,
     RegistryError,
     check_case_clash,
+    check_copy,
     check_folder,
     check_name,
     entry_problems,
@@ -360,11 +361,7 @@ class LocalRegistry(Registry):
             _fsync_dir(tmp)
             # the checks again, on the copy: what is published is these bytes, not those checked before (a run still
             # writing the folder, a sidecar replaced meanwhile); the entry is made from them too
-            try:
-                meta, peft_config = check_folder(tmp), json.loads((tmp / "adapter_config.json").read_text())
-            except (AdapterHubError, OSError, ValueError) as exc:
-                raise RegistryError(f"{str(folder)!r} changed while it was copied, and the copy fails the publish checks "
-                                    f"({str(exc).replace(str(tmp), 'the copy')}); publish it again once nothing writes to it") from None
+            meta, peft_config = check_copy(folder, tmp)
             with self._locked():
                 self._sweep()
                 index = self._read_index()
