@@ -722,3 +722,14 @@ def test_a_refused_non_ascii_value_is_shown_as_written(served):
     that appear nowhere in the body it sent."""
     r = served.post("/v1/completions", {"model": "base", "prompt": "ab", "max_tokens": 1, "stream": "oui ✓"})
     assert r.status_code == 400 and '`stream` is "oui ✓";' in r.json()["error"]["message"], r.text
+
+
+def test_a_task_input_number_keeps_its_written_text_as_predict_reads_it(served, tok):
+    """{"text": 2.50} is the prompt "In: 2.50" in a data file and in predict --input (core.text.WrittenFloat); the server
+    parsed the body with plain json, so str() of the float made it "In: 2.5": the same row, another prompt."""
+    import httpx
+    for written in ("2.50", "1e3"):
+        raw = httpx.post(served.url + "/v1/completions", content=f'{{"model": "gen_a", "input": {{"text": {written}}}, "max_tokens": 1}}',
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60).json()
+        as_text = served.post("/v1/completions", {"model": "gen_a", "input": {"text": written}, "max_tokens": 1}).json()
+        assert raw["usage"]["prompt_tokens"] == as_text["usage"]["prompt_tokens"] == len(tok(f"In: {written}\nOut:").input_ids), (written, raw)

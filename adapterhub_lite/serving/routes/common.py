@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from adapterhub_lite.core.text import WrittenFloat
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.handlers import Handlers, Settings
@@ -54,7 +55,9 @@ async def read_json(request: Request) -> dict:
         raise P.ApiError(415, f"the body is sent as {media or 'no Content-Type'!r}; send it as JSON with the header "
                          "Content-Type: application/json", code="unsupported_media_type")
     try:
-        data = json.loads(body)
+        # A number keeps its written text (as data files and predict --input read it, core.text): a task input's
+        # {"text": 2.50} is the prompt "2.50" there, and str() of the parsed float would make it "2.5" here.
+        data = json.loads(body, parse_float=WrittenFloat)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
         why = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:60]}"
         raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
