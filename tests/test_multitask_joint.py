@@ -183,6 +183,32 @@ def _write_tasks(folder, copies):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * copies[name]))
 
 
+@pytest.mark.parametrize("weighting", ["equal", "dynamic", "uncertainty"])
+def test_accumulated_joint_micro_batches_train_the_adapters_of_one_batch(tmp_path, monkeypatch, weighting):
+    """grad_accum 4 × 4 rows gives the adapters and logged losses of one batch of 16, to 1e-5, as for one adapter. Each
+    micro-batch drew its own tasks and rows and averaged its tasks' means, equally: the two differed by more than the
+    weights themselves (0.15 on weights of 0.13), a dynamic rule's history counted micro-batches, and uncertainty's + s
+    was added once a micro-batch. Targets of 1 to 4 copies: the micro-batches count different numbers of tokens."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"{w} {i}", "label": w}) + "\n" for i in range(16) for w in ("yes", "no")))
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps({"text": t * (1 + i % 3), "target": t.upper() * (1 + i % 4)}) + "\n"
+                                              for i, t in enumerate(["ab", "cd", "ef", "gh"] * 8)))
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, "lr": 1e-3}),
+             _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 8, "lr": 1e-3})]
+    runs = {}
+    for batch, accum in ((16, 1), (4, 4)):
+        cfg = JointConfig(max_steps=3, batch_size=batch, grad_accum=accum, warmup_steps=0, eval_every=3, eval_samples=2, weighting=weighting,
+                          sampling="temperature", log_every=1)
+        out = train_joint(specs, tmp_path / f"b{batch}", cfg, progress=False)
+        logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        runs[batch] = ({t: load_file(out / t / "adapter_model.safetensors") for t in ("a", "g")},
+                       [{k: v for k, v in r.items() if k.startswith(("loss", "weight/"))} for r in logged])
+    (one, one_log), (four, four_log) = runs[16], runs[4]
+    assert max(one["g"][k].abs().max().item() for k in one["g"] if "lora_B" in k) > 1e-4  # trained: lora_B starts at zero
+    assert max((one[t][k] - four[t][k]).abs().max().item() for t in one for k in one[t]) <= 1e-5
+    assert len(one_log) == 3 and all(a == pytest.approx(b, abs=1e-5) for a, b in zip(one_log, four_log)), (one_log, four_log)
+
+
 def test_joint_run_writes_a_folder_per_task_that_plain_peft_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write_tasks(tmp_path, copies={"a": 4, "g": 4})
@@ -315,7 +341,7 @@ def test_the_specs_schedule_decay_and_accumulation_reach_a_joint_run(tmp_path, m
     draws, draw = [], joint_mod.TaskSampler.draw_batch
     monkeypatch.setattr(joint_mod.TaskSampler, "draw_batch", lambda self, n: draws.append(n) or draw(self, n))
     plain = train_joint(specs(**shared), tmp_path / "plain", cfg, progress=False)
-    assert draws == [4] * 8  # 4 optimizer steps of 2 micro-batches of 4 rows
+    assert draws == [8] * 4  # 4 optimizer steps, each drawing its 2 micro-batches of 4 rows at once
     rows = [r for r in map(json.loads, (plain / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert [r["lr"] for r in rows] == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], abs=1e-6)
     decayed = train_joint(specs(0.5, **shared), tmp_path / "decayed", cfg, progress=False)

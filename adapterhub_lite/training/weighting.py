@@ -26,8 +26,20 @@ class Equal:
     def combine(self, losses: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Weighted sum over the tasks present in this step's batch. `observed`: the losses a
         history-based rule records (in a data-parallel run, the global batch's, not this process's share)."""
+        total = self.partial(losses, first=True)
+        self.record(observed if observed is not None else {t: loss.detach() for t, loss in losses.items()})
+        return total
+
+    def partial(self, losses: dict[str, torch.Tensor], first: bool, tasks: list[str] | None = None) -> torch.Tensor:
+        """One micro-batch's part of a step's combined loss: `losses` are its parts of the step's task losses (they add
+        up to them over the micro-batches), so the parts add up to combine() of the step. Nothing is recorded (record()
+        does, once a step). `first`: the step's first micro-batch, which carries what the rule adds once a step for
+        `tasks`, the step's tasks (default: those of `losses`)."""
         w = self.weights()
         return sum(w[t] * loss for t, loss in losses.items())
+
+    def record(self, observed: dict[str, torch.Tensor]) -> None:
+        """A step's task losses, for a rule that weighs by their history."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return []
@@ -97,14 +109,15 @@ class DynamicSigmoid(Equal):
     def weights(self) -> dict[str, float]:
         return dict(zip(self.tasks, self._weights().tolist()))
 
-    def combine(self, losses: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Σ λ_i L_i with λ from the history *before* this step, then this step's losses (or `observed`) join it."""
+    def partial(self, losses: dict[str, torch.Tensor], first: bool, tasks: list[str] | None = None) -> torch.Tensor:
+        """Σ λ_i L_i with λ from the history *before* this step (combine: then this step's losses, or `observed`, join it)."""
         if losses:
             self._to(next(iter(losses.values())).device)
         w = self._weights()
-        total = sum(w[self.index[t]] * loss for t, loss in losses.items())
-        self.observe(observed if observed is not None else {t: loss.detach() for t, loss in losses.items()})
-        return total
+        return sum(w[self.index[t]] * loss for t, loss in losses.items())
+
+    def record(self, observed: dict[str, torch.Tensor]) -> None:
+        self.observe(observed)
 
     def state_dict(self) -> dict:
         rows = self.values.tolist()
@@ -144,8 +157,10 @@ class Uncertainty(Equal):
         with torch.no_grad():
             self.log_var.copy_(state["log_var"])
 
-    def combine(self, losses: dict[str, torch.Tensor], observed: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return sum(torch.exp(-self.log_var[self.index[t]]) * loss + self.log_var[self.index[t]] for t, loss in losses.items())
+    def partial(self, losses: dict[str, torch.Tensor], first: bool, tasks: list[str] | None = None) -> torch.Tensor:
+        """Σ exp(−s_i)·L_i, and the step's + s_i once (in its first micro-batch), for each task of the step."""
+        total = sum(torch.exp(-self.log_var[self.index[t]]) * loss for t, loss in losses.items())
+        return total + sum(self.log_var[self.index[t]] for t in (losses if tasks is None else tasks)) if first else total
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.log_var]

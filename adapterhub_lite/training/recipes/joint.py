@@ -107,10 +107,10 @@ def _attach(model, specs: list[TaskSpec], cfg: JointConfig):
 class Joint(Recipe):
     """Several task adapters (+ shared) in one pass: each row through its own task's adapter.
 
-    A global batch is drawn by the task sampler (the same on every process); each task's rows come
-    from its own data cursor, and each process computes its share of the (task, row) pairs. A
-    task's loss is its share's sum over the global batch's count for that task, so the losses the
-    weighting rule sees (all-reduced) are the global batch's: every process takes the same decision.
+    A step's global batch (all its micro-batches) is drawn by the task sampler (the same on every process); each task's rows
+    come from its own data cursor, and each process computes its share of the (task, row) pairs. A task's loss is its
+    share's sum over the step's count for that task, so the losses the weighting rule sees (all-reduced) are the global
+    batch's: every process takes the same decision, and grad_accum 4 × 4 rows trains as one batch of 16.
     """
 
     def __init__(self, specs: list[TaskSpec], cfg: JointConfig, model, joint: JointLora, backbone, data: dict, processes: int = 1):
@@ -122,6 +122,7 @@ class Joint(Recipe):
         self.sampler = TaskSampler({n: len(data[n]["train"]) for n in self.names}, cfg.sampling, cfg.temperature, seed=cfg.seed)
         self.labels = {s.name: label_token_ids(tok, s) if s.type == "classification" else None for s in specs}
         self.cursors = {n: Cursor() for n in self.names}
+        self.pending: list[list[tuple[int, int]]] = []  # the current step's micro-batches not yet read (none between steps)
         self.lengths = {n: [len(p) for p in data[n]["train"].prompts] for n in self.names}  # characters: enough to bucket by
         # Each split is tokenized once, up front; a step only picks rows of ids (the tokenizer stays out of the loop).
         self.prompt_ids = {n: data[n]["train"].prompt_ids(tok) for n in self.names}
@@ -148,19 +149,31 @@ class Joint(Recipe):
     def extra_params(self):
         return self.weighting.parameters()
 
-    def step_loss(self, call, parallel: Parallel) -> StepLoss:
-        cfg, tok = self.cfg, self.backbone.tokenizer
-        draws = self.sampler.draw_batch(cfg.batch_size * parallel.world)  # the global batch's tasks
-        pairs, counts = [], {}
+    def _draw_step(self, parallel: Parallel) -> None:
+        """At a step's first micro-batch: its global rows (grad_accum × batch_size × processes (task, row) pairs, drawn at
+        once, so accumulating 4 × 4 rows reads the rows of one batch of 16), cut into micro-batches, and each task's count
+        over the whole step, which its loss is the mean over."""
+        cfg = self.cfg
+        draws = self.sampler.draw_batch(cfg.batch_size * parallel.world * cfg.grad_accum)
+        pairs, self.counts, self.step_losses = [], {}, {}
         for i, s in enumerate(self.specs):
             k = draws.count(s.name)
             if k:
                 rows = next_rows(self.cursors[s.name], self.lengths[s.name], k, cfg.seed + 1000 * i)
                 pairs += [(i, r) for r in rows]
-                counts[i] = loss_items([self.answers[s.name][r] for r in rows], s.train.max_length, self.labels[s.name])
+                self.counts[i] = loss_items([self.answers[s.name][r] for r in rows], s.train.max_length, self.labels[s.name])
+        n = cfg.batch_size * parallel.world
+        self.pending = [pairs[j : j + n] for j in range(0, len(pairs), n)]
+
+    def step_loss(self, call, parallel: Parallel) -> StepLoss:
+        cfg, tok = self.cfg, self.backbone.tokenizer
+        first = not self.pending
+        if first:
+            self._draw_step(parallel)
+        pairs = self.pending.pop(0)  # this micro-batch's global pairs
         mine = shard(pairs, parallel.rank, parallel.world)
         plans: dict[int, Plan] = {}  # task index → its rows' plan (this process's share)
-        for i in counts:
+        for i in self.counts:
             s = self.specs[i]
             rows = [r for t, r in mine if t == i]
             if rows:
@@ -169,21 +182,27 @@ class Joint(Recipe):
         with autocast(self.backbone):  # bf16/fp16 activations; the fp32 adapter weights meet them in low-precision matmuls
             sums = joint_losses(self.model, tok.pad_token_id, self.joint, plans, call=call) if plans else {}
         zero = torch.zeros((), device=self.backbone.device)
-        # × processes: DDP averages the gradients, and the mean over processes of these is the global batch's loss
-        losses = {self.names[i]: sums.get(i, zero).float() * (parallel.world / counts[i]) for i in counts}
-        observed = parallel.mean(torch.stack([v.detach() for v in losses.values()]))  # the global batch's losses
+        # Each task's part of its step loss: this share's sum over the step's count (the parts add up to the task's mean over
+        # the step); × processes: DDP averages the gradients, and the mean over processes of these is the global batch's
+        losses = {self.names[i]: sums.get(i, zero).float() * (parallel.world / self.counts[i]) for i in self.counts}
         used = self.weighting.weights()  # the weights this step's loss is combined with
-        total = self.weighting.combine(losses, observed=dict(zip(losses, observed)))
+        total = self.weighting.partial(losses, first)  # the parts add up to the rule's combination of the step's losses
+        for n, v in losses.items():
+            self.step_losses[n] = self.step_losses.get(n, 0) + v.detach()
+        if not self.pending:  # the step's task losses (all-reduced: the global batch's) join a history-based rule's record
+            observed = parallel.mean(torch.stack(list(self.step_losses.values())))
+            self.weighting.record(dict(zip(self.step_losses, observed)))
         if parallel.world > 1:
             # A process whose share holds no row of some task leaves that task's adapter out of its
             # graph, and DDP would wait forever for its gradient: a zero term puts every adapter in.
             total = total + 0.0 * sum(p.sum() for name in self.joint.names() for p in self.joint.parameters(name))
-        logs = {**{f"loss/{n}": v.detach() for n, v in losses.items()},
+        logs = {**{f"loss/{n}": v.detach() * cfg.grad_accum for n, v in losses.items()},  # fit() averages the micro-batches' logs
                 **{f"weight/{n}": torch.tensor(w, device=zero.device) for n, w in used.items()},
-                **{f"rows/{n}": torch.tensor(float(draws.count(n)), device=zero.device) for n in self.names}}
-        # The combined loss is a mean already (each task's own mean, weighted): it counts 1, and fit() averages the
-        # micro-batches. Its processes' average is the global value, so each gives its 1/world part of the sum.
-        return StepLoss(total / parallel.world, 1, sum(self.tokens[self.names[t]][r] for t, r in pairs), logs)
+                **{f"rows/{n}": torch.tensor(float(sum(self.names[t] == n for t, _ in pairs)), device=zero.device) for n in self.names}}
+        # The step's combined loss is a mean already (each task's own mean over the step, weighted) and the micro-batches'
+        # parts add up to it: each counts 1/grad_accum, so fit() sums them. The processes' average of a part is the global
+        # value, so each gives its 1/world of it.
+        return StepLoss(total / parallel.world, 1 / cfg.grad_accum, sum(self.tokens[self.names[t]][r] for t, r in pairs), logs)
 
     def scores(self, limit: int | None, parallel: Parallel) -> dict[str, dict]:
         """Each task's dev metrics through its own adapter (and the latency per example, kept for the sidecars); every
