@@ -73,7 +73,7 @@ class StepLoss:
     """
 
     loss: torch.Tensor  # summed over this process's share: the processes' values add up to the global micro-batch's sum
-    count: float  # what that sum counts (target tokens, rows; 1 for a recipe whose loss is a mean already), the same on every process
+    count: float  # what that sum counts (target tokens, rows; 1 / grad_accum for a part of a step whose loss is a mean already, as joint's), the same on every process
     tokens: int  # tokens the global micro-batch read (every process knows the global rows: no collective)
     logs: dict[str, torch.Tensor] = field(default_factory=dict)  # other per-step values (means; averaged over micro-batches and processes)
 
