@@ -115,6 +115,9 @@ def test_a_null_prompt_column_in_a_request_is_refused():
     for row in ({"text": ["x", "y"]}, {"a": {"b": 1}}):  # predict --input rendered "['x', 'y']"; training refuses these too
         with pytest.raises(DataError, match="has a JSON object or list for 'a'"):
             request_row(spec, row)
+    for row in ({"text": ""}, {"a": "  "}):  # the bare template, as training refuses such a row (30e291e)
+        with pytest.raises(DataError, match="has an empty 'a'"):
+            request_row(spec, row)
 
 
 def test_a_split_is_tokenized_in_chunks_to_the_same_ids():

@@ -733,3 +733,11 @@ def test_a_task_input_number_keeps_its_written_text_as_predict_reads_it(served, 
                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60).json()
         as_text = served.post("/v1/completions", {"model": "gen_a", "input": {"text": written}, "max_tokens": 1}).json()
         assert raw["usage"]["prompt_tokens"] == as_text["usage"]["prompt_tokens"] == len(tok(f"In: {written}\nOut:").input_ids), (written, raw)
+
+
+def test_an_empty_task_input_is_refused_as_training_refuses_it(served):
+    """An empty text renders the task's bare template ("In: \nOut:"): an answer to no input, which training refuses."""
+    for path, body in (("/v1/completions", {"model": "gen_a", "input": {"text": " "}}),
+                       ("/v1/chat/completions", {"model": "cls_a", "messages": [{"role": "user", "content": ""}]})):
+        r = served.post(path, {**body, "max_tokens": 2})
+        assert r.status_code == 400 and "has an empty 'text'" in r.json()["error"]["message"], (path, r.text)

@@ -181,6 +181,9 @@ def request_row(spec: TaskSpec, request: dict) -> dict:
     if nested:  # as training refuses them: str() would render Python's repr, not the JSON sent
         raise DataError(f"an input row has a JSON object or list for {', '.join(map(repr, nested))} ({json.dumps(request)[:80]}); "
                         "give every prompt column a text value")
+    if all(isinstance(request[f], str) and not request[f].strip() for f in fields):  # as training refuses such rows
+        what = f"an empty {fields[0]!r}" if len(fields) == 1 else f"every prompt column ({', '.join(map(repr, fields))}) empty"
+        raise DataError(f"an input row has {what} ({json.dumps(request)[:80]}), so the prompt {spec.prompt!r} holds no input; give it its text")
     return request
 
 
