@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 # bitsandbytes logs a line for every 8-bit matmul on CPU ("inputs will be cast … to float16") and
 # one at import about an optional kernels package; both are expected here and drown the progress bar.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# bitsandbytes' import asks `kernels` for its CPU kernels; offline (HF_HUB_OFFLINE=1) kernels warns that it skips a
+# publisher check: a line on stderr before every command's output, an error's one line included.
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 # The public names are imported on first use (PEP 562 module __getattr__, as transformers does):
 # `import adapterhub_lite` and the commands that only read JSON (list, info, verify, --help) must

@@ -115,6 +115,15 @@ def _command(kind, folder, reg, path):
     return ["infer", "--registry", str(reg), "--input", path]
 
 
+def test_refused_training_input_is_one_line_on_stderr_offline(cls_task):
+    """Offline, importing bitsandbytes made `kernels` warn 'Skipping publisher trust check …' before every command's
+    output: a refusal was two lines on stderr, the first not about the input."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "adapterhub_lite.cli", "train", "toy.yaml", "train.lr=0", "--no-progress"],
+                          cwd=cls_task, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines() == ["error: invalid task spec toy.yaml: train.lr must be > 0, got 0.0"], done.stderr
+
+
 def test_progress_bar_only_from_a_few_hundred_rows():
     from adapterhub_lite.model.evaluate import PROGRESS_MIN_ROWS, progress_bar
 
