@@ -174,6 +174,16 @@ def test_publish_refuses_a_bad_name_and_writes_nothing(adapter, tmp_path, capsys
     assert not (tmp_path / "escape").exists() and not (tmp_path / "reg" / "index.json").exists()
 
 
+@pytest.mark.parametrize("name, why", [("nul", "Windows device name"), ("CON.v2", "Windows device name"), ("toy.", "ends in '.'")])
+def test_publish_refuses_a_name_that_is_no_folder_on_windows(adapter, tmp_path, capsys, name, why):
+    """A registry is a folder others read on other systems (shared, synced, or a Hub registry pulled there): a version
+    published as `nul` would be written into the null device on Windows, `toy.` into toy's folder."""
+    code = main(["publish", str(adapter), "--name", name, "--registry", str(tmp_path / "reg")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: invalid adapter name {name!r}: it") and why in err and "\n" not in err
+    assert not (tmp_path / "reg" / "index.json").exists()
+
+
 def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
     reg = tmp_path / "reg"
     code = "import sys; from adapterhub_lite.artifacts.registry import LocalRegistry; LocalRegistry(sys.argv[1]).publish(sys.argv[2])"

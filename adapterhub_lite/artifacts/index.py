@@ -38,6 +38,20 @@ def check_name(name: str) -> str:
     return name
 
 
+# Windows' device names: a folder named so (any case, any extension: "nul.x") is the device, so a publish into it would
+# write its files nowhere; and a trailing '.' is dropped there, so "toy." would land in toy's folder.
+_DEVICE = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECASE)
+
+
+def check_portable(name: str) -> str:
+    """A new name must be a folder on every system a registry is read on (a shared or synced folder, a Hub registry
+    pulled on Windows): refused here at publish only, so a registry that already holds such a name stays readable."""
+    if _DEVICE.fullmatch(name) or name.endswith("."):
+        why = "ends in '.', which Windows drops" if name.endswith(".") else "is a Windows device name, not a folder there"
+        raise RegistryError(f"invalid adapter name {name!r}: it {why}; publish it under another name (--name)")
+    return name
+
+
 def check_version(version: str, other: str = "'auto'") -> str:
     """Versions are semantic MAJOR.MINOR.PATCH, matched whole (no sign, no leading zeros, no whitespace, no pre-release
     or build suffix); `other` is the word the caller also takes in its place (publish: 'auto', a reference: 'latest')."""
@@ -94,7 +108,7 @@ def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[
     if not folder.is_dir():
         raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
     meta = check_folder(folder)
-    name = check_name(meta["name"] if name is None else name)  # an empty --name is refused, not read as "no name"
+    name = check_portable(check_name(meta["name"] if name is None else name))  # an empty --name is refused, not read as "no name"
     if version != "auto":
         check_version(version)
     return folder, meta, name, json.loads((folder / "adapter_config.json").read_text())
