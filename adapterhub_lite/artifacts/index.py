@@ -16,7 +16,7 @@ import re
 import time
 from pathlib import Path
 
-from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder
+from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder, read_sidecar
 from adapterhub_lite.core.errors import AdapterHubError
 
 INDEX_FORMAT = "adapterhub_lite.registry/1"
@@ -149,8 +149,6 @@ def entry_problems(entry: dict, folder: Path) -> list[str]:
     `list`, `info`, `export` and the Router's choice of backbone read the entry, so an entry edited by hand (its
     metrics, quantization, base …) would be shown and acted on though every file verifies. Fields an older entry
     lacks are not asked for; `files` and `created` are the index's own."""
-    from adapterhub_lite.artifacts.folder import read_sidecar  # folder.py imports nothing of the registry's
-
     try:
         derived = make_entry(read_sidecar(folder), json.loads((folder / "adapter_config.json").read_text()), entry["files"])
     except (AdapterHubError, OSError, ValueError, RecursionError) as exc:
