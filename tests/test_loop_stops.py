@@ -62,6 +62,12 @@ def test_a_run_out_of_time_evaluates_and_checkpoints_the_step_it_stops_at(tmp_pa
     assert [r["step"] for r in _rows(tmp_path) if "score" in r] == [3]
     assert result.state.best_step == 3
     assert Checkpoint(tmp_path).step() == 3
+    # its folder not written (a full disk: rerun with --resume), the run resumes as stopped: with the budget that ended
+    # it, it trains no further (it took another step at least, the budget counted without the evals' time); with more, on
+    again = fit(_Scored(device, [0.5]), _cfg(max_steps=8, max_minutes=2.5), Parallel(device), tmp_path, resume=True, progress=False)
+    assert (again.state.step, again.stopped_by) == (3, "max_minutes")
+    more = fit(_Scored(device, [0.5]), _cfg(max_steps=8, max_minutes=100.0), Parallel(device), tmp_path, resume=True, progress=False)
+    assert (more.state.step, more.stopped_by) == (8, "max_steps")
 
 
 def test_early_stopping_checkpoints_the_step_it_stops_at_and_a_resume_trains_no_further(tmp_path, device, monkeypatch):

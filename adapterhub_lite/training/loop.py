@@ -150,9 +150,15 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
     state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
     start_wall = time.monotonic() - state.train_seconds
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and parallel.main), desc=recipe.name, dynamic_ncols=True)
-    # A checkpoint of a run that early stopping ended (its folder write failed, and --resume redoes only the end) is
-    # finished: training on would give another adapter than the run that was not interrupted
+    # A checkpoint of a run that early stopping or its time budget ended (its folder write failed, and --resume redoes
+    # only the end) is finished: training on would give another adapter than the run that was not interrupted. A resume
+    # with a larger train.max_minutes (or none) is how a run is given more time: that one goes on.
     stopped_by = "early_stopping" if state.stopped_early else "max_steps"
+    if state.out_of_time and stopped_by == "max_steps":
+        if 0 < cfg.max_minutes <= state.out_of_time:
+            stopped_by = "max_minutes"
+        else:
+            state.out_of_time = 0.0  # given more time: the run goes on
     # Training mode is set here and again after each eval (which may leave eval mode), not every step: Module.train()
     # walks every module (2,499 in the 135M with LoRA, peft 0.21.2), host time a step spends for nothing.
     recipe.model.train()
@@ -177,7 +183,7 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
         if evaluating:
             recipe.model.train()  # the eval may have left it in eval mode
         if out_of_time and stopped_by == "max_steps":
-            stopped_by = "max_minutes"
+            stopped_by, state.out_of_time = "max_minutes", cfg.max_minutes
         if state.step % checkpoint_every == 0 or stopped_by != "max_steps":
             run.checkpoint()
         if stopped_by != "max_steps":
@@ -227,6 +233,9 @@ class _Run:
                 self.scaler.load_state_dict(saved["scaler"])
             if parallel.main:
                 ended = " (early stopping had ended the run there: nothing left to train)" if self.state.stopped_early else ""
+                if self.state.out_of_time and not self.state.stopped_early:
+                    ended = (f" (train.max_minutes={self.state.out_of_time:g} had ended the run there: it trains on only "
+                             f"with a larger train.max_minutes, now {cfg.max_minutes:g})")
                 print(f"resuming from step {self.state.step}{ended}", file=sys.stderr)
         if parallel.main:
             work.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ class RunState:
     bad_evals: int = 0  # evals since the score last beat plateau_score by more than min_delta
     plateau_score: float | None = None  # the score of the last real improvement (patience's reference)
     stopped_early: bool = False  # early stopping ended the run here: a resume of it (a failed folder write) trains no further
+    out_of_time: float = 0.0  # the train.max_minutes that ended the run here (0: none did); a resume trains on only with more
     history: list[dict] = field(default_factory=list)
 
 
