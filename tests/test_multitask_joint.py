@@ -411,3 +411,18 @@ def test_a_joint_run_in_fp16_scales_its_loss(tmp_path, monkeypatch):
     out = train_joint(specs, tmp_path / "mtl", cfg, dtype="fp16", progress=False)
     assert json.loads((out / "a" / "adapterhub.json").read_text())["base"]["dtype"] == "fp16"
     assert len(scales) == 2 and all(s is not None and s > 1 for s in scales)
+
+
+def test_a_short_joint_run_without_a_warm_up_is_not_refused_over_the_default_one():
+    """a7448a9 refuses a warm-up as long as the run; train-multi took TrainConfig's fixed warmup_steps=20 for a spec that
+    left it out, so `train.max_steps=10` was refused naming warmup_steps=20, a value nobody wrote. Left out, a short
+    run's warm-up is what `train` chooses; given, it is kept (and fit() refuses it)."""
+    from adapterhub_lite.training.loop import LoopConfig
+
+    def specs(**train):
+        return [_spec("a", train={"max_length": 48, **train}), _spec("g", "generation", train={"max_length": 48, "max_new_tokens": 8, **train})]
+
+    assert JointConfig.from_specs(specs(max_steps=10)).warmup_steps == 1
+    assert JointConfig.from_specs(specs(max_steps=1)).warmup_steps == 0
+    assert JointConfig.from_specs(specs(max_steps=400)).warmup_steps == 20  # longer runs: the default as before
+    assert LoopConfig.from_train(JointConfig.from_specs(specs(max_steps=10, warmup_steps=10))).warmup_steps == 10

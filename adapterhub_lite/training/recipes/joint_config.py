@@ -87,9 +87,15 @@ def joint_settings(specs: list[TaskSpec]) -> dict:
 
 def _train_value(spec: TaskSpec, key: str):
     """A spec's `train` key as a joint run reads it: checkpoint_every left out is None (at every eval, as `train`
-    resolves it), not TrainConfig's fixed default."""
+    resolves it), not TrainConfig's fixed default; warmup_steps left out in a run of no more steps than that default is
+    what `train` would choose."""
     if key == "checkpoint_every" and "train.checkpoint_every" not in spec.given:
         return None
+    t = spec.train
+    if key == "warmup_steps" and "train.warmup_steps" not in spec.given and t.warmup_steps >= t.max_steps:
+        # TrainConfig's fixed 20 in a shorter run would be refused by fit() (a warm-up as long as the run), naming a
+        # value nobody wrote: a short run warms up as `train` chooses for one (training/defaults.py: none for 1 step)
+        return 0 if t.max_steps == 1 else max(1, t.max_steps // 20)
     return getattr(spec.train, key)
 
 
