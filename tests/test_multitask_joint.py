@@ -426,3 +426,19 @@ def test_a_short_joint_run_without_a_warm_up_is_not_refused_over_the_default_one
     assert JointConfig.from_specs(specs(max_steps=1)).warmup_steps == 0
     assert JointConfig.from_specs(specs(max_steps=400)).warmup_steps == 20  # longer runs: the default as before
     assert LoopConfig.from_train(JointConfig.from_specs(specs(max_steps=10, warmup_steps=10))).warmup_steps == 10
+
+
+def test_train_multi_says_what_train_says_of_its_data(tmp_path, monkeypatch, capsys):
+    """Prompts cut to train.max_length and dev rows a train row holds are said by `train` (685e30f, 2179506); train-multi
+    read the same data without a word. Each warning is said once per task, named."""
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 2, "g": 2})
+    long = tmp_path / "g_long.jsonl"
+    long.write_text(json.dumps({"text": "x " * 40, "target": "y"}) + "\n" + (tmp_path / "g.jsonl").read_text())
+    train = {"max_length": 24, "max_steps": 1, "batch_size": 4, "eval_samples": 2}
+    specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train=train),
+             _spec("g", "generation", data={"train": "g_long.jsonl", "dev": "g.jsonl"}, train={**train, "max_new_tokens": 2})]
+    train_joint(specs, tmp_path / "mtl", JointConfig.from_specs(specs, weighting="equal", sampling="round_robin"), progress=False)
+    err = capsys.readouterr().err
+    assert "a: warning: " in err and "have the same prompt as a row of 'a.jsonl'" in err, err
+    assert "g: warning: 1 of " in err and "rows of 'g_long.jsonl' (row 1) do not fit train.max_length=24" in err, err

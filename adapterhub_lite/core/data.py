@@ -373,3 +373,11 @@ def dev_overlap(data: dict[str, Split]) -> str | None:
     shown = ", ".join(str(i + 1) for i in same[:5]) + (", …" if len(same) > 5 else "")
     return (f"warning: {len(same)} of {len(dev)} rows of {dev.source!r} (row {shown}) have the same prompt as a row of "
             f"{data['train'].source!r}, so the dev metrics score inputs the adapter trained on; drop those rows from one split")
+
+
+def data_warnings(spec: TaskSpec, tokenizer, data: dict[str, Split]) -> list[str]:
+    """What a training run says of its data before it starts (train and train-multi alike): prompts that lose their
+    start to train.max_length, in either split, and dev rows a train row holds."""
+    found = (cut_rows(spec, tokenizer, data["train"], True), cut_rows(spec, tokenizer, data["dev"], False), dev_overlap(data))
+    return [w for w in found if w]
+

@@ -30,7 +30,7 @@ from adapterhub_lite.artifacts.files import write_json, write_jsonl
 from adapterhub_lite.artifacts.folder import pyplot, save_figure
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.artifacts.sidecar import base_record, build
-from adapterhub_lite.core.data import check_lengths, load_task_data
+from adapterhub_lite.core.data import check_lengths, data_warnings, load_task_data
 from adapterhub_lite.core.errors import SpecError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import make_config, save_lora, trainable_parameters
@@ -257,6 +257,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
         parallel = Parallel(backbone.device, specs[0].quantization)
         for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
             check_lengths(s, backbone.tokenizer, data[s.name])
+            for warning in data_warnings(s, backbone.tokenizer, data[s.name]) if parallel.main else ():  # as train says them
+                print(f"{s.name}: {warning}", file=sys.stderr)
         seed_everything(cfg.seed)
         model = _attach(backbone.model, specs, cfg)
         joint = JointLora(model, [s.name for s in specs], cfg.shared_adapter, float(specs[0].method_args.get("lora_dropout", 0.0)))

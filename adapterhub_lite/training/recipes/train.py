@@ -20,7 +20,7 @@ from adapterhub_lite.artifacts.folder import read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.registries import adapter_ref
 from adapterhub_lite.artifacts.samples import routing_entry
-from adapterhub_lite.core.data import Split, check_lengths, cut_rows, dev_overlap, label_words, load_task_data
+from adapterhub_lite.core.data import Split, check_lengths, data_warnings, label_words, load_task_data
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import attach, init_from, trainable_parameters
@@ -162,7 +162,7 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
             raise DataError(f"labels {label_words(spec)} tokenize to identical sequences; choose distinct verbalizer words")
     check_lengths(spec, tok, data)  # max_length must hold a prompt token plus the longest label or target
     if parallel.main:  # a prompt longer than max_length is read without its start, a dev row seen in training: said, never silently
-        for warning in filter(None, (cut_rows(spec, tok, data["train"], True), cut_rows(spec, tok, data["dev"], False), dev_overlap(data))):
+        for warning in data_warnings(spec, tok, data):
             print(warning, file=sys.stderr)
 
     recipe = SingleTask(spec, model, backbone, data, parallel.world)
