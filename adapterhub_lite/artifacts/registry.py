@@ -297,7 +297,7 @@ class LocalRegistry(Registry):
     def _check_files(self, name: str, version: str, entry: dict) -> list[str]:
         """The hashes, and no symlinks: a publish writes none, the server refuses a folder that holds any
         (folder.check_adapter_folder), and the bytes a link leads to can change outside the registry. (A Hub
-        registry's snapshot is links into the Hub cache by design: this check is the local registry's.)"""
+        registry's version is downloaded as regular files into its own cache folder, hub.HubRegistry._folder.)"""
         folder = self._folder(name, version)
         links = [p for p in (folder.parent, folder) if p.is_symlink()] + [folder / f for f in sorted(entry["files"]) if (folder / f).is_symlink()]
         problems = [f"{name}@{version}: {p.relative_to(self.root).as_posix()} is a symlink to {os.readlink(p)!r}; "
