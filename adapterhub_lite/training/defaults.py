@@ -102,6 +102,13 @@ def default_batch_tokens(model, device_type: str, free_bytes: int | None) -> tup
     return tokens, why
 
 
+def default_warmup(steps: int) -> tuple[int, str]:
+    """The warm-up a run of `steps` steps gets when its spec leaves warmup_steps out, and why (train and train-multi)."""
+    if steps == 1:  # warm-up's first step runs at lr 0: a 1-step run would leave the adapter as it started
+        return 0, "none: the only step would run at learning rate 0"
+    return min(100, max(1, steps // 20)), f"5% of {steps} steps" + (", at most 100" if steps // 20 > 100 else "")
+
+
 def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) -> Resolved:
     """Fill every setting `spec` left out (spec.given lists what it set), from the data, task, method and model.
 
@@ -155,11 +162,7 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
     if "train.checkpoint_every" not in given:
         t["checkpoint_every"] = choose("train.checkpoint_every", t["eval_every"], "at every eval")
     if "train.warmup_steps" not in given:
-        if steps == 1:  # warm-up's first step runs at lr 0: a 1-step run would leave the adapter as it started
-            t["warmup_steps"] = choose("train.warmup_steps", 0, "none: the only step would run at learning rate 0")
-        else:
-            t["warmup_steps"] = choose("train.warmup_steps", min(100, max(1, steps // 20)),
-                                       f"5% of {steps} steps" + (", at most 100" if steps // 20 > 100 else ""))
+        t["warmup_steps"] = choose("train.warmup_steps", *default_warmup(steps))
     dev_rows = len(data["dev"])
     if "train.eval_samples" not in given:
         cap = 300 if spec.type == "classification" else 100  # generation evals decode token by token: fewer rows

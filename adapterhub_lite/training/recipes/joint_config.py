@@ -94,8 +94,11 @@ def _train_value(spec: TaskSpec, key: str):
     t = spec.train
     if key == "warmup_steps" and "train.warmup_steps" not in spec.given and t.warmup_steps >= t.max_steps:
         # TrainConfig's fixed 20 in a shorter run would be refused by fit() (a warm-up as long as the run), naming a
-        # value nobody wrote: a short run warms up as `train` chooses for one (training/defaults.py: none for 1 step)
-        return 0 if t.max_steps == 1 else max(1, t.max_steps // 20)
+        # value nobody wrote: a short run warms up as `train` chooses for one. Imported here: defaults.py loads torch,
+        # and cli/multitask.py reads this module for --help
+        from adapterhub_lite.training.defaults import default_warmup
+
+        return default_warmup(t.max_steps)[0]
     return getattr(spec.train, key)
 
 
