@@ -358,3 +358,23 @@ def test_a_new_router_removes_the_merge_folders_of_killed_ones_only(tmp_path, mo
         assert Path(scratch.name).name.startswith(f"adapterhub-router-{os.getpid()}-{host()}-")
     finally:
         scratch.cleanup()
+
+
+def test_a_number_as_text_is_one_answer_and_a_raw_text_that_is_no_string_one_refusal(folders, tmp_path, capsys):
+    """A named adapter's `text` 42 renders as "42" in predict, Router.run and serve; infer refused it ("not a string").
+    A `text` that base / auto read whole: infer refused it, Router.run failed in the tokenizer (a ValueError naming no request)."""
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+    from adapterhub_lite.cli import main
+    from adapterhub_lite.core.errors import DataError
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folders["gen"], "1.0.0")
+    (tmp_path / "req.jsonl").write_text('{"adapter": "gen", "text": 42}\n')
+    out = tmp_path / "ans.jsonl"
+    assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "req.jsonl"), "--output", str(out), "--no-progress",
+                 "--dtype", "fp32", "--quantization", "none"]) == 0, capsys.readouterr().err
+    router = Router.from_registry(reg.root, quantization="none", dtype="fp32")
+    assert json.loads(out.read_text())["prediction"] == router.run([{"adapter": "gen", "text": 42}])[0]["prediction"] == alone(folders["gen"], ["42"])[0]
+    for name in ("base", "auto"):
+        with pytest.raises(DataError, match=rf"requests\[0\] \(adapter '{name}'\): the request has a 'text' that is 42, not a string"):
+            router.run([{"adapter": name, "text": 42}])

@@ -142,8 +142,9 @@ def _infer(args) -> int:
     bad = [lines[i] for i, r in enumerate(requests) if "adapter" not in r]
     if bad:
         raise DataError(f"{args.input}: request(s) on line(s) {bad[:5]} name no 'adapter'; give each a name, 'base' or 'auto'")
-    # base / auto read `text` directly; a named adapter's prompt columns are checked by request_row (null refused there)
-    bad = [i for i, r in enumerate(requests) if ("text" in r or r["adapter"] in RESERVED) and not isinstance(r.get("text"), str)]
+    # base / auto read `text` whole (core.data.raw_text, as the engine checks it), refused here before the backbone loads; a named
+    # adapter's columns are request_row's to judge, as predict, Router.run and serve judge them (a number is its text)
+    bad = [i for i, r in enumerate(requests) if r["adapter"] in RESERVED and not isinstance(r.get("text"), str)]
     if bad:
         raise DataError(f"{args.input}: request(s) on line(s) {[lines[i] for i in bad][:5]} have a 'text' that is {json.dumps(requests[bad[0]].get('text'))}, "
                         "not a string; give every request its text")

@@ -187,6 +187,16 @@ def request_row(spec: TaskSpec, request: dict) -> dict:
     return request
 
 
+def raw_text(request: dict) -> str:
+    """The `text` a request without a template reads whole (base, auto, a task-less adapter); refused unless a string.
+
+    One check for the engine and `infer`'s early one: the tokenizer's own error on a number or null named no request."""
+    text = request.get("text")
+    if not isinstance(text, str):
+        raise DataError(f"the request has a 'text' that is {json.dumps(text)}, not a string; give every request its text")
+    return text
+
+
 def readable(spec: TaskSpec, pred) -> str:
     """A prediction as the user reads it: the label word, or the generated text."""
     return label_words(spec)[pred] if spec.type == "classification" else pred

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, load_routing
-from adapterhub_lite.core.data import render, request_row
+from adapterhub_lite.core.data import raw_text, render, request_row
 from adapterhub_lite.core.errors import ContextLengthError, DataError
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec
@@ -47,7 +47,7 @@ class RequestReader:
             if self._content is None:
                 self._content = self._fit_content_router()
             with self.bank.base_only():
-                vectors = embed(self.backbone.model, self.backbone.tokenizer, [requests[i]["text"] for i in auto])
+                vectors = embed(self.backbone.model, self.backbone.tokenizer, [raw_text(requests[i]) for i in auto])
             for i, (name, _) in zip(auto, self._content.route(vectors)):
                 names[i] = name
         return names
@@ -90,7 +90,7 @@ class RequestReader:
         if "prompt_ids" in request:
             ids = list(request["prompt_ids"])
         else:
-            prompt = request["prompt"] if raw else render(spec, request_row(spec, request)) if spec else request["text"]
+            prompt = request["prompt"] if raw else render(spec, request_row(spec, request)) if spec else raw_text(request)
             ids = tok(prompt, add_special_tokens=add_special_tokens if raw else True).input_ids  # a task's prompt as training read it
         cut = truncate_prompt_tokens is not None and len(ids) > truncate_prompt_tokens
         if cut:
