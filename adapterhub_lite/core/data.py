@@ -368,8 +368,7 @@ def cut_rows(spec: TaskSpec, tokenizer, split: Split, training: bool, limit: int
     if not cut:
         return None
     need = max(len(prompts[i]) + room[i] for i in cut)
-    shown = ", ".join(str(i + 1) for i in cut[:5]) + (", …" if len(cut) > 5 else "")
-    return (f"warning: {len(cut)} of {len(prompts)} rows of {split.source!r} (row {shown}) do not fit train.max_length={max_length} "
+    return (f"warning: {len(cut)} of {len(prompts)} rows of {split.source!r} ({where(None, [i + 1 for i in cut])}) do not fit train.max_length={max_length} "
             f"and are read without the start of their prompt; train.max_length={need} keeps every one whole")
 
 
@@ -380,8 +379,7 @@ def dev_overlap(data: dict[str, Split]) -> str | None:
     same = [i for i, p in enumerate(dev.prompts) if p in seen]
     if not same:
         return None
-    shown = ", ".join(str(i + 1) for i in same[:5]) + (", …" if len(same) > 5 else "")
-    return (f"warning: {len(same)} of {len(dev)} rows of {dev.source!r} (row {shown}) have the same prompt as a row of "
+    return (f"warning: {len(same)} of {len(dev)} rows of {dev.source!r} ({where(None, [i + 1 for i in same])}) have the same prompt as a row of "
             f"{data['train'].source!r}, so the dev metrics score inputs the adapter trained on; drop those rows from one split")
 
 
