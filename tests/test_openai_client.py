@@ -83,6 +83,14 @@ def test_tokenize_counts_the_messages_a_chat_to_that_model_reads(served, model):
         assert counted.headers[IGNORED_HEADER] == "messages[0]"
 
 
+def test_tokenize_refuses_auto_messages_whose_template_it_cannot_know(served):
+    """'auto' picks the adapter, and so the template a chat is read with, by content: a count of the messages through any
+    one template would not be what the chat reads. 7a0a1eb refuses it (400 naming `model`); it had no test."""
+    r = served.post("/tokenize", {"model": "auto", "messages": CHAT})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert served.post("/tokenize", {"model": "auto", "prompt": "hi"}).status_code == 200  # a prompt is counted as sent
+
+
 def test_a_negative_seed_is_taken_and_repeats_as_vllm_takes_it(served):
     """vLLM takes any signed 64-bit seed (and clients send -1); it was a 400. A seeded draw repeats exactly, n choices too."""
     def draw(seed):
