@@ -30,11 +30,11 @@ class Equal:
         self.record(observed if observed is not None else {t: loss.detach() for t, loss in losses.items()})
         return total
 
-    def partial(self, losses: dict[str, torch.Tensor], first: bool, tasks: list[str] | None = None) -> torch.Tensor:
+    def partial(self, losses: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
         """One micro-batch's part of a step's combined loss: `losses` are its parts of the step's task losses (they add
         up to them over the micro-batches), so the parts add up to combine() of the step. Nothing is recorded (record()
-        does, once a step). `first`: the step's first micro-batch, which carries what the rule adds once a step for
-        `tasks`, the step's tasks (default: those of `losses`)."""
+        does, once a step). `first`: the step's first micro-batch, which carries what the rule adds once a step for the
+        tasks of `losses` (every task of the step: a micro-batch without rows of one gives it a zero part)."""
         w = self.weights()
         return sum(w[t] * loss for t, loss in losses.items())
 
@@ -109,7 +109,7 @@ class DynamicSigmoid(Equal):
     def weights(self) -> dict[str, float]:
         return dict(zip(self.tasks, self._weights().tolist()))
 
-    def partial(self, losses: dict[str, torch.Tensor], first: bool, tasks: list[str] | None = None) -> torch.Tensor:
+    def partial(self, losses: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
         """Σ λ_i L_i with λ from the history *before* this step (combine: then this step's losses, or `observed`, join it)."""
         if losses:
             self._to(next(iter(losses.values())).device)
@@ -157,10 +157,10 @@ class Uncertainty(Equal):
         with torch.no_grad():
             self.log_var.copy_(state["log_var"])
 
-    def partial(self, losses: dict[str, torch.Tensor], first: bool, tasks: list[str] | None = None) -> torch.Tensor:
+    def partial(self, losses: dict[str, torch.Tensor], first: bool) -> torch.Tensor:
         """Σ exp(−s_i)·L_i, and the step's + s_i once (in its first micro-batch), for each task of the step."""
         total = sum(torch.exp(-self.log_var[self.index[t]]) * loss for t, loss in losses.items())
-        return total + sum(self.log_var[self.index[t]] for t in (losses if tasks is None else tasks)) if first else total
+        return total + sum(self.log_var[self.index[t]] for t in losses) if first else total
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.log_var]
