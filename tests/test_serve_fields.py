@@ -741,3 +741,15 @@ def test_an_empty_task_input_is_refused_as_training_refuses_it(served):
                        ("/v1/chat/completions", {"model": "cls_a", "messages": [{"role": "user", "content": ""}]})):
         r = served.post(path, {**body, "max_tokens": 2})
         assert r.status_code == 400 and "has an empty 'text'" in r.json()["error"]["message"], (path, r.text)
+
+
+def test_a_task_input_is_judged_as_predict_infer_and_router_run_judge_its_row(served):
+    """`input` {"text": "ab", "adapter": "gen_a"} to model cls_a was answered by gen_a (the row's key overrode `model`),
+    and one with a "prompt" key was continued as a raw prompt; a null, nested or missing column was refused with a
+    message of its own ("an object of strings") where predict, infer and Router.run name the problem (request_row)."""
+    for inp, said in (({"text": "ab", "adapter": "gen_a"}, "'adapter' is no task column"), ({"text": "ab", "prompt": "zz"}, "'prompt' is no task column"),
+                      ({"text": None}, "an input row has null for 'text'"), ({"text": {"a": 1}}, "a JSON object or list for 'text'"),
+                      ({"text": [1]}, "a JSON object or list for 'text'"), ({}, "input rows lack key(s) ['text']")):
+        for path in ("/v1/completions", "/v1/classify"):
+            r = served.post(path, {"model": "cls_a", "input": inp, "prompt": ""} if path == "/v1/completions" else {"model": "cls_a", "input": inp})
+            assert r.status_code == 400 and said in r.json()["error"]["message"], (path, inp, r.text)

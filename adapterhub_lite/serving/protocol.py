@@ -85,13 +85,25 @@ def prompts(value, vocab: int) -> list[dict]:
     return out
 
 
+# keys a request to the engine carries as its own settings, never as task columns: in `input` they answered through
+# another adapter than `model` names ("adapter") or continued a raw prompt instead of answering the task ("prompt")
+ENGINE_KEYS = ("adapter", "prompt", "prompt_ids")
+
+
 def task_input(value, model: str) -> dict:
-    """The `input` of a task-aware request: the task's columns (a dict) or one text (a string)."""
+    """The `input` of a task-aware request: the task's columns (a dict) or one text (a string).
+
+    The columns' values are judged where predict, infer and Router.run judge them (core.data.request_row: a missing
+    column, null, an object or list, no text), so each entry point names the same problem."""
     if isinstance(value, str):
         return {"text": value}
-    if isinstance(value, dict) and value and all(isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in value.items()):
+    if isinstance(value, dict):
         if model == AUTO:
             raise bad("input", value, "'auto' routes by one text: send input as a string")
+        taken = [k for k in ENGINE_KEYS if k in value]
+        if taken:
+            raise bad("input", value, f"{taken[0]!r} is no task column: name the adapter in `model`, send a raw prompt as `prompt`; "
+                      "give `input` the task's columns only")
         return dict(value)
     raise bad("input", value, "give the task's columns as an object of strings (e.g. {\"sentence\": \"...\"}) or one string")
 
