@@ -14,6 +14,7 @@ import weakref
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.text import loads, numbered_jsonl, read_text
@@ -23,8 +24,6 @@ def parquet_rows(path: Path) -> datasets.Dataset:
     """A parquet file as a Dataset, read by pyarrow (the features `datasets` wrote in its metadata, ClassLabel too, are
     kept). Not through load_dataset: its builder logged its own line and progress bars on stderr before a refusal, and
     read a file of no rows as "An error occurred while generating the dataset"."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path)
     index = [c for c in table.column_names if c.startswith("__index_level_")]  # pandas' to_parquet index: not a column of data
     return datasets.Dataset(table.drop_columns(index) if index else table)
