@@ -70,6 +70,22 @@ def test_a_run_out_of_time_evaluates_and_checkpoints_the_step_it_stops_at(tmp_pa
     assert (more.state.step, more.stopped_by) == (8, "max_steps")
 
 
+@pytest.mark.parametrize("minutes, said, steps", [
+    (2.5, "train.max_minutes=2.5 had ended the run there: it trains no further; give a larger train.max_minutes, or 0, to train on", 3),
+    (0.0, "train.max_minutes=2.5 had ended the run there: train.max_minutes=0 gives it more time, so it trains on", 8),
+    (100.0, "train.max_minutes=2.5 had ended the run there: train.max_minutes=100 gives it more time, so it trains on", 8),
+])
+def test_resuming_a_run_out_of_time_says_whether_it_trains_on(tmp_path, device, monkeypatch, capsys, minutes, said, steps):
+    """The resume of a run its budget ended said "it trains on only with a larger train.max_minutes, now 0" and then
+    trained on (0 is no budget), and the same words where 100 minutes did train on: it says what the resume does."""
+    clock = iter(range(0, 10_000, 60))
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(monotonic=lambda: next(clock), perf_counter=time.perf_counter))
+    fit(_Scored(device, [0.5]), _cfg(max_steps=8, max_minutes=2.5), Parallel(device), tmp_path, progress=False)
+    capsys.readouterr()
+    resumed = fit(_Scored(device, [0.5]), _cfg(max_steps=8, max_minutes=minutes), Parallel(device), tmp_path, resume=True, progress=False)
+    assert f"resuming from step 3 ({said})" in capsys.readouterr().err and resumed.state.step == steps
+
+
 def test_early_stopping_checkpoints_the_step_it_stops_at_and_a_resume_trains_no_further(tmp_path, device, monkeypatch):
     """patience 1: the eval of step 2 does not beat step 1's, the run stops there, and its checkpoint is of step 2
     (checkpoint_every 100 never came): what a resume of the stopped run starts from. A run killed once that checkpoint

@@ -137,6 +137,11 @@ class LoopResult:
     stopped_by: str  # max_steps | early_stopping | max_minutes
 
 
+def _still_out_of_time(state: RunState, cfg: LoopConfig) -> bool:
+    """Whether a resumed run that its time budget ended is still out of time: its budget now (0: none) is no larger."""
+    return 0 < cfg.max_minutes <= state.out_of_time
+
+
 def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bool = False, progress: bool = True,
         compute_dtype: torch.dtype = torch.float32) -> LoopResult:
     """Train `recipe` for cfg.max_steps (or until it stops early); the best evaluated weights are loaded at the end.
@@ -155,7 +160,7 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
     # with a larger train.max_minutes (or none) is how a run is given more time: that one goes on.
     stopped_by = "early_stopping" if state.stopped_early else "max_steps"
     if state.out_of_time and stopped_by == "max_steps":
-        if 0 < cfg.max_minutes <= state.out_of_time:
+        if _still_out_of_time(state, cfg):
             stopped_by = "max_minutes"
         else:
             state.out_of_time = 0.0  # given more time: the run goes on
@@ -233,9 +238,10 @@ class _Run:
                 self.scaler.load_state_dict(saved["scaler"])
             if parallel.main:
                 ended = " (early stopping had ended the run there: nothing left to train)" if self.state.stopped_early else ""
-                if self.state.out_of_time and not self.state.stopped_early:
-                    ended = (f" (train.max_minutes={self.state.out_of_time:g} had ended the run there: it trains on only "
-                             f"with a larger train.max_minutes, now {cfg.max_minutes:g})")
+                if self.state.out_of_time and not self.state.stopped_early:  # what this resume does, by fit()'s rule
+                    ended = (f" (train.max_minutes={self.state.out_of_time:g} had ended the run there: " + (
+                        "it trains no further; give a larger train.max_minutes, or 0, to train on)" if _still_out_of_time(self.state, cfg)
+                        else f"train.max_minutes={cfg.max_minutes:g} gives it more time, so it trains on)"))
                 print(f"resuming from step {self.state.step}{ended}", file=sys.stderr)
         if parallel.main:
             work.mkdir(parents=True, exist_ok=True)
