@@ -488,8 +488,8 @@ def test_a_json_row_giving_a_key_twice_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"d.jsonl:3 gives the key 'text' twice \(json keeps the last, silently\); keep one"):
         load_split(str(tmp_path / "d.jsonl"))
     (tmp_path / "d.json").write_text('[{"text": "a", "label": "pos", "label": "neg"}]')
-    with pytest.raises(DataError, match=r"gives the key 'label' twice"):
-        load_split(str(tmp_path / "d.json"))
+    with pytest.raises(DataError, match=r"d.json: an object of the array gives the key 'label' twice \(json keeps the last, silently\); keep one$"):
+        load_split(str(tmp_path / "d.json"))  # not "is not valid JSON (…); fix the file": it is valid, and the key is the fix
 
 
 def test_a_file_separated_otherwise_than_its_suffix_says_is_named(tmp_path):

@@ -17,7 +17,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from adapterhub_lite.core.errors import DataError
-from adapterhub_lite.core.text import loads, numbered_jsonl, read_text
+from adapterhub_lite.core.text import DuplicateKey, loads, numbered_jsonl, read_text
 
 
 def parquet_rows(path: Path) -> datasets.Dataset:
@@ -89,6 +89,8 @@ def json_rows(path: Path) -> tuple[list[dict], list[int] | None]:
             rows = loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg}); fix that line") from None
+        except DuplicateKey as exc:  # valid JSON, which json would read keeping the last of the two
+            raise DataError(f"{path}: an object of the array {exc}") from None
         except ValueError as exc:
             raise DataError(f"{path} is not valid JSON ({exc}); fix the file") from None
         bad = next((n for n, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
