@@ -1,6 +1,7 @@
 """`predict` reads a long prompt whole, as `serve`, `infer` and `Router.run` do (README: no prompt is ever cut)."""
 
 import json
+import re
 
 import pytest
 from transformers import LlamaForCausalLM
@@ -8,6 +9,9 @@ from transformers import LlamaForCausalLM
 from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.cli import main
 from adapterhub_lite.core.data import render
+from adapterhub_lite.core.errors import ContextLengthError
+from adapterhub_lite.model.backbone import load_backbone
+from adapterhub_lite.serving.router import Router
 
 from .conftest import train_tiny
 
@@ -39,8 +43,8 @@ def test_predict_refuses_a_prompt_over_the_context(tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1
-    assert "in.jsonl:3: input row 2 needs" in errors[0]  # the file and its line: it named neither
-    assert f"but the model's context is {context} tokens" in errors[0] and not (tmp_path / "out.jsonl").exists()
+    assert "in.jsonl:3: input row 2: the request needs" in errors[0]  # the file and its line: it named neither
+    assert f"but this model's maximum context length is {context} tokens" in errors[0] and not (tmp_path / "out.jsonl").exists()
 
 
 def test_predict_counts_a_prompt_adapters_virtual_tokens(tmp_path, capsys):
@@ -59,4 +63,12 @@ def test_predict_counts_a_prompt_adapters_virtual_tokens(tmp_path, capsys):
     code = main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--no-progress"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and not (tmp_path / "out.jsonl").exists()
-    assert f"needs {n + 4 + label} tokens ({n} in the prompt, 4 virtual tokens of the adapter, {label} for the answer)" in errors[0]
+    said = f"the request needs {n + 4 + label} tokens ({n} in the prompt, 4 virtual tokens of adapter 'toy', {label} for the longest label) " \
+           f"but this model's maximum context length is {context} tokens"
+    assert said in errors[0]
+    # the same problem in the same words as Router.run (and so infer and serve) refuses it: predict said "the model's
+    # context is …" and "for the answer", its own wording of the one check
+    router = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    router.register("toy", folder)
+    with pytest.raises(ContextLengthError, match=re.escape(said)):
+        router.run([{"adapter": "toy", "text": text}])

@@ -36,3 +36,13 @@ class AdapterLoadError(AdapterHubError):
 
 class ContextLengthError(DataError):
     """A prompt and the tokens asked for do not fit the model's context (or a server's input limit)."""
+
+
+def over_context(prompt: int, virtual: int, need: int, what: str, context: int, adapter: str) -> str:
+    """The one wording of a prompt that does not fit the context, whichever entry point refuses it (serve, infer,
+    Router.run, predict): every number, so a user can compare them; the caller adds what it lets the user change.
+    "this model's maximum context length is N tokens" are vLLM's and OpenAI's words, which clients match (LiteLLM raises
+    ContextWindowExceededError, which its context-window fallbacks act on, only when it finds them)."""
+    held = f", {virtual} virtual tokens of adapter {adapter!r}" if virtual else ""
+    return (f"the request needs {prompt + virtual + need} tokens ({prompt} in the prompt{held}, {need} {what}) "
+            f"but this model's maximum context length is {context} tokens")

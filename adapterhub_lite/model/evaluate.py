@@ -8,7 +8,7 @@ import time
 import torch
 
 from adapterhub_lite.core.data import Split, label_words
-from adapterhub_lite.core.errors import DataError
+from adapterhub_lite.core.errors import ContextLengthError, over_context
 from adapterhub_lite.core.metrics import classification_metrics, generation_metrics
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import generate_ids, label_plan_ids, label_token_ids, virtual_tokens
@@ -74,10 +74,10 @@ def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: in
     need = max(len(t) for t in label_tokens) if label_tokens else spec.train.max_new_tokens
     over = [i for i, p in enumerate(ids) if len(p) + virtual + need > context]
     if over:
-        n = len(ids[over[0]])
-        adapter = f", {virtual} virtual tokens of the adapter" if virtual else ""
-        err = DataError(f"input row {over[0] + 1} needs {n + virtual + need} tokens ({n} in the prompt{adapter}, {need} for the answer) "
-                        f"but the model's context is {context} tokens; shorten it (no prompt is cut, as in `serve`)")
+        # the words serve, infer and Router.run refuse it with (serving/reading.py): one problem, said one way
+        what = "for the longest label" if label_tokens else "for the completion"
+        err = ContextLengthError(f"input row {over[0] + 1}: {over_context(len(ids[over[0]]), virtual, need, what, context, spec.name)}; "
+                                 "shorten it (no prompt is cut, as in `serve`)")
         err.row = over[0]  # the caller that read the rows from a file names its line (cli `predict --input`)
         raise err
     return context

@@ -17,7 +17,7 @@ import torch
 
 from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, load_routing
 from adapterhub_lite.core.data import raw_text, render, request_row
-from adapterhub_lite.core.errors import ContextLengthError, DataError
+from adapterhub_lite.core.errors import ContextLengthError, DataError, over_context
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
@@ -111,12 +111,8 @@ class RequestReader:
                 budget = max(min(budget, room), 1)
             need, what = budget, "for the completion"
         if need > room:
-            adapter = f", {virtual} virtual tokens of adapter {name!r}" if virtual else ""
-            # "this model's maximum context length is N tokens": vLLM's and OpenAI's words, which clients match (LiteLLM raises
-            # ContextWindowExceededError, which its context-window fallbacks act on, only when it finds them)
-            raise ContextLengthError(f"the request needs {len(ids) + virtual + need} tokens ({len(ids)} in the prompt{adapter}, {need} {what}) "
-                                     f"but this model's maximum context length is {self.max_model_len} tokens (max_model_len, --max-model-len); "
-                                     "shorten the prompt or lower max_tokens")
+            raise ContextLengthError(over_context(len(ids), virtual, need, what, self.max_model_len, name)
+                                     + " (max_model_len, --max-model-len); shorten the prompt or lower max_tokens")
         # the prompt as read: a token-id prompt, or a text one the client's truncation cut, is its kept ids decoded (what `echo`
         # returns, so its log-prob tokens join to it), never the text sent whole
         read = tok.decode(ids, skip_special_tokens=False) if "prompt_ids" in request or cut else prompt
