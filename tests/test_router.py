@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapterhub_lite.artifacts.loading import load_adapter
-from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError, DataError
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import predict
 from adapterhub_lite.ops.merge import MergeError
@@ -378,3 +378,17 @@ def test_a_number_as_text_is_one_answer_and_a_raw_text_that_is_no_string_one_ref
     for name in ("base", "auto"):
         with pytest.raises(DataError, match=rf"requests\[0\] \(adapter '{name}'\): the request has a 'text' that is 42, not a string"):
             router.run([{"adapter": name, "text": 42}])
+
+
+def test_a_task_column_named_like_a_request_key_is_refused_not_read_as_that_key(tmp_path):
+    """A task whose prompt reads a column 'prompt' ("Q: {prompt}\\nA:"): Router.run's row {"adapter": ..., "prompt": ...}
+    was continued as a raw prompt (generated text from a classification adapter) instead of answering the task. The
+    clash is refused with the way round it; the column's text given as 'text' answers the task."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{w} {i}", "label": w}) + "\n" for i in range(8) for w in ("pos", "neg")))
+    folder = train_tiny(tmp_path, "pq", data={"train": str(data), "dev": str(data)}, prompt="Q: {prompt}\nA:")
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    r.register("pq", folder)
+    with pytest.raises(DataError, match=r"run\(\): requests\[0\] \(adapter 'pq'\): adapter 'pq' reads a column named 'prompt' .* give the column's text as 'text'"):
+        r.run([{"adapter": "pq", "prompt": "pos 1"}])
+    assert r.run([{"adapter": "pq", "text": "pos 1"}])[0]["prediction"] in ("pos", "neg")

@@ -747,7 +747,7 @@ def test_a_task_input_is_judged_as_predict_infer_and_router_run_judge_its_row(se
     """`input` {"text": "ab", "adapter": "gen_a"} to model cls_a was answered by gen_a (the row's key overrode `model`),
     and one with a "prompt" key was continued as a raw prompt; a null, nested or missing column was refused with a
     message of its own ("an object of strings") where predict, infer and Router.run name the problem (request_row)."""
-    for inp, said in (({"text": "ab", "adapter": "gen_a"}, "'adapter' is no task column"), ({"text": "ab", "prompt": "zz"}, "'prompt' is no task column"),
+    for inp, said in (({"text": "ab", "adapter": "gen_a"}, "'adapter' is a request's own key"), ({"text": "ab", "prompt": "zz"}, "'prompt' is a request's own key"),
                       ({"text": None}, "an input row has null for 'text'"), ({"text": {"a": 1}}, "a JSON object or list for 'text'"),
                       ({"text": [1]}, "a JSON object or list for 'text'"), ({}, "input rows lack key(s) ['text']")):
         for path in ("/v1/completions", "/v1/classify"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.errors import AdapterHubError, DataError
 from adapterhub_lite.serving.jobs import Job, bad_budgets, unread_settings
 from adapterhub_lite.serving.params import SamplingParams
 
@@ -40,6 +40,12 @@ class OfflineRun:
         if unread:
             raise AdapterHubError(f"request(s) {unread[0][:5]} set {unread[1]}, which run() does not read (it answers greedily, each task "
                                   "within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
+        for i, req in enumerate(requests):  # before any job: an ambiguous row would be answered as something else
+            clash = self.router.column_clash(req) if isinstance(req, dict) else None
+            if clash:
+                err = DataError(clash)
+                err.request_index = i
+                raise err
         out: list[dict | None] = [None] * len(requests)
         errors: dict[int, Exception] = {}
         ended = 0

@@ -102,8 +102,8 @@ def task_input(value, model: str) -> dict:
             raise bad("input", value, "'auto' routes by one text: send input as a string")
         taken = [k for k in ENGINE_KEYS if k in value]
         if taken:
-            raise bad("input", value, f"{taken[0]!r} is no task column: name the adapter in `model`, send a raw prompt as `prompt`; "
-                      "give `input` the task's columns only")
+            raise bad("input", value, f"{taken[0]!r} is a request's own key, not read as a task column: name the adapter in `model`, send a "
+                      "raw prompt as `prompt`, and give `input` the task's columns only (a one-column prompt takes one string)")
         return dict(value)
     raise bad("input", value, "give the task's columns as an object of strings (e.g. {\"sentence\": \"...\"}) or one string")
 

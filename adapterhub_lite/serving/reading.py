@@ -21,6 +21,7 @@ from adapterhub_lite.core.errors import ContextLengthError, DataError, over_cont
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
+from adapterhub_lite.serving.protocol import ENGINE_KEYS
 from adapterhub_lite.serving.routing import ContentRouter
 
 
@@ -63,6 +64,23 @@ class RequestReader:
             except RoutingError as err:  # the adapter still serves requests that name it
                 warnings.warn(f"adapter {name!r} is left out of content routing: {err}", stacklevel=3)
         return ContentRouter(samples, threshold=self.route_threshold)
+
+    def column_clash(self, request: dict) -> str | None:
+        """Why a row of the row API (Router.run, infer: one dict holds the request's keys and the task's columns) cannot be
+        read, or None: its adapter's prompt reads a column named like a request's own key (ENGINE_KEYS) that the row
+        gives, so the value would be taken as a raw prompt or the adapter to use, not as the column. (The server's
+        `input` refuses those keys: protocol.task_input.)"""
+        name = request.get("adapter", BASE)
+        if name in (BASE, AUTO) or not isinstance(name, str) or name not in self.metas:
+            return None
+        spec = self.spec(name)
+        clash = [k for k in ENGINE_KEYS if spec is not None and k in spec.prompt_fields and k in request]
+        if not clash:
+            return None
+        one = clash[0] != "adapter" and len(set(spec.prompt_fields)) == 1
+        return (f"adapter {name!r} reads a column named {clash[0]!r} ({spec.prompt!r}), which a request also uses as its own key; "
+                + ("give the column's text as 'text' (it fills a one-column prompt)" if one else
+                   "rename that column in the task's data and spec, and train again"))
 
     def prepare(self, request: dict, name: str, max_new_tokens: int | None = None, *, default_new_tokens: int = 32,
                 fill_context: bool = False, max_input_tokens: int | None = None, add_special_tokens: bool = True,
