@@ -356,6 +356,23 @@ def test_the_cli_refuses_a_source_given_twice_or_two_of_one_name(sources, tmp_pa
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("where, needle", [("file/m", "file' is a file, not a folder"), ("taken", "taken' already exists")],
+                         ids=["under-a-file", "exists"])
+def test_the_cli_refuses_an_output_under_a_file_or_taken_in_one_line(sources, tmp_path, capsys, where, needle):
+    """`merge --output file/m` (file a file) merged, then mkdir's FileExistsError came out as a traceback, exit 1."""
+    from adapterhub_lite.cli.main import main
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "taken").mkdir()
+    shutil.copytree(sources["c"], tmp_path / "c")  # another folder name: the CLI names its sources by folder
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(["merge", str(sources["a"]), str(tmp_path / "c"), "--weights", "0.5", "0.5", "--method", "delta_linear", "--output", str(tmp_path / where),
+                 "--report-rows", "0", "--quantization", "none"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no hidden temp folder left either
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties_svd"])
 def test_a_dare_merge_is_peft_s_after_its_seed_and_one_adapter_per_seed(sources, tmp_path, method):
     """DARE drops at random from torch's generator: two builds of one recipe were two adapters (the server rebuilds an

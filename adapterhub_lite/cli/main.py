@@ -204,6 +204,7 @@ def _check_versions(registry: str, source: str, requests: list[dict], lines: lis
 def _merge(args) -> int:
     from adapterhub_lite.artifacts.registries import adapter_ref
     from adapterhub_lite.ops.merge import merge_adapters
+    from adapterhub_lite.training.output import check_parent
 
     if len(args.weights) != len(args.adapters):
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
@@ -217,6 +218,10 @@ def _merge(args) -> int:
             raise DataError(f"{args.adapters[j]!r} and {args.adapters[i]!r} are both named {name!r} (a folder's name, or the adapter's "
                             "registry name), and a merge names its sources apart; copy one to a folder of another name, or publish them under two names")
     folders = dict(refs)
+    output = Path(args.output)
+    if output.exists() or output.is_symlink():  # refused before the backbone loads, not after the merge was computed
+        raise DataError(f"--output {args.output!r} already exists; choose a new folder")
+    check_parent(output)  # a parent that is a file: mkdir's FileExistsError came out as a traceback, exit 1
     _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
                              density=args.density, name=args.name or Path(args.output).name, output=args.output,
                              report_rows=args.report_rows, task=args.task, quantization=args.quantization, device=args.device,
