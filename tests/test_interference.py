@@ -49,6 +49,16 @@ def test_report_needs_a_task_adapter(tmp_path):
         interference([tmp_path], tmp_path / "r")
 
 
+def test_two_adapters_of_one_task_are_refused_not_one_left_out(tmp_path):
+    """Two adapters of one task (two runs of it) were keyed by task name: the report held the last one's column alone, exit 0."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = train_tiny(tmp_path / "one", "toy"), train_tiny(tmp_path / "two", "toy")
+    with pytest.raises(AdapterHubError, match="are both adapters of task 'toy'"):
+        interference([one, two], tmp_path / "r", merges=())
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_dare_column_is_the_merge_of_its_seed_in_every_run(tmp_path, monkeypatch):
     """The merged:dare_* columns merged the report's loaded adapters with DARE's drops drawn from wherever torch's
     generator stood: two runs scored two adapters, neither the one `adapterhub-lite merge --seed 0` writes. They are

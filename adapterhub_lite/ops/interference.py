@@ -47,7 +47,11 @@ def _columns(folders: list[Path]) -> tuple[dict[str, Path], dict[str, dict[str, 
             meta = read_sidecar(f)
             if not meta.get("task"):
                 raise AdapterHubError(f"{f} is not a task adapter (no task in its sidecar); pass task adapters or joint run folders")
-            singles[meta["task"]["name"]] = f
+            task = meta["task"]["name"]
+            if task in singles:  # a dict keyed by task kept the last alone: the other adapter's column was left out, unsaid
+                raise AdapterHubError(f"{singles[task]} and {f} are both adapters of task {task!r}, and the matrix has one column per "
+                                      "task adapter; give one adapter per task (compare two runs of a task with `eval`)")
+            singles[task] = f
     if not singles:
         raise AdapterHubError("give at least one single-task adapter: the tasks of the matrix are theirs")
     return singles, joints
