@@ -59,6 +59,35 @@ def test_two_adapters_of_one_task_are_refused_not_one_left_out(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_the_output_is_refused_before_scoring_and_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """An --output under a file came out as mkdir's traceback after every cell was scored; a folder holding other files
+    (an adapter) got report.json written into it; and report.json was written before heatmap.png, so a run that
+    failed or was killed in between left a report without its heatmap."""
+    import adapterhub_lite.ops.interference as ops
+
+    (tmp_path / "one").mkdir()
+    one = train_tiny(tmp_path / "one", "toy")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AdapterHubError, match="is a file, not a folder"):
+        interference([one], tmp_path / "file" / "r", merges=())
+    with pytest.raises(AdapterHubError, match="exists and is not a report folder"):
+        interference([one], one, merges=())
+    assert not (one / "report.json").exists()
+
+    def broken(report, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ops, "heatmap", broken)
+    with pytest.raises(OSError):
+        interference([one], tmp_path / "r", merges=(), rows=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "one"]  # no report, no hidden work folder
+    monkeypatch.undo()
+    interference([one], tmp_path / "r", merges=(), rows=2)
+    interference([one], tmp_path / "r", merges=(), rows=2)  # a previous report is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "one", "r"]
+    assert {p.name for p in (tmp_path / "r").iterdir()} == ops.REPORT_FILES
+
+
 def test_a_dare_column_is_the_merge_of_its_seed_in_every_run(tmp_path, monkeypatch):
     """The merged:dare_* columns merged the report's loaded adapters with DARE's drops drawn from wherever torch's
     generator stood: two runs scored two adapters, neither the one `adapterhub-lite merge --seed 0` writes. They are

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -66,6 +67,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     `seed`: the merges' (merge_adapters'), so a dare_* column is the adapter `adapterhub-lite merge --seed <seed>` writes.
     """
     singles, joints = _columns([Path(f) for f in folders])
+    _check_output(Path(output))
     metas = {n: read_sidecar(f) for n, f in singles.items()}
     names = list(singles)
     lora = [n for n in names if metas[n]["method"] == "lora"]
@@ -113,11 +115,39 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
               "rows": n_rows, "tolerance": tolerance, "merges": {f"merged:{m}": {"method": m, **kw} for m, kw in merged.items()}, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
               "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "report.json", report)
-    heatmap(report, output / "heatmap.png")
+    _save(report, Path(output))
     return report
+
+
+REPORT_FILES = {"report.json", "heatmap.png"}
+
+
+def _check_output(output: Path) -> None:
+    """Refuse, before anything loads, an output that is not a folder, holds files besides a report, or lies under a file."""
+    if output.exists() and (not output.is_dir() or {p.name for p in output.iterdir()} - REPORT_FILES):
+        raise AdapterHubError(f"--output {str(output)!r} exists and is not a report folder (it holds files besides {', '.join(sorted(REPORT_FILES))}); "
+                              "choose a new folder")
+    folder = output.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():  # mkdir's NotADirectoryError came out as a traceback, after every cell was scored
+        raise AdapterHubError(f"--output {str(output)!r} cannot be written: {str(folder)!r} is a file, not a folder; choose an --output under a folder")
+
+
+def _save(report: dict, output: Path) -> None:
+    """report.json and heatmap.png, made in a hidden folder beside `output` and moved in: a killed run leaves no half report."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        write_json(tmp / "report.json", report)
+        heatmap(report, tmp / "heatmap.png")
+        if output.exists():  # a previous report (checked): each file replaced in one rename
+            for name in REPORT_FILES:
+                (tmp / name).replace(output / name)
+        else:
+            tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()
