@@ -92,6 +92,28 @@ def test_compose_refuses_bad_requests(sources, tmp_path):
         compose_fit(spec, {"one": sources["one"]}, tmp_path / "o")
 
 
+@pytest.mark.parametrize("again, needle", [(False, "are both named 'one'"), (True, "is given twice; give each source once")])
+def test_the_cli_refuses_a_source_given_twice_or_two_of_one_name(sources, tmp_path, capsys, again, needle):
+    """compose-fit keyed its --from sources by name in a dict: a source given twice, or two folders of one name (two runs
+    of a task), kept the last alone, so the weights were fitted over fewer sources than given, exit 0, unsaid."""
+    import shutil
+
+    from adapterhub_lite.cli.main import main
+
+    other = tmp_path / "x" / "one"
+    shutil.copytree(sources["two"], other)
+    data = sources["one"].parent / "toy.jsonl"
+    (tmp_path / "new.yaml").write_text(json.dumps({"name": "new", "type": "classification", "data": {"train": str(data), "dev": str(data)},
+                                                   "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"],
+                                                   "base": "tiny-random-llama", "quantization": "none"}))
+    given = [str(sources["one"]), str(sources["three"]), str(sources["one"] if again else other)]
+    code = main(["compose-fit", str(tmp_path / "new.yaml"), "--from", *given, "--output", str(tmp_path / "c"), "--no-baselines",
+                 "--budget", "2", "--shots", "4"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.yaml", "x"]
+
+
 def test_the_lora_on_shots_baseline_is_scored_on_the_reports_dev_rows(sources, tmp_path):
     """compose-fit --rows N scores every entry of the report on the first N dev rows; the LoRA-on-shots baseline
     was scored by its training's final eval on the whole dev split, so its number sat beside the others unlike."""

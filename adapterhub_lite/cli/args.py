@@ -56,6 +56,23 @@ def count(low: int):
     return parse
 
 
+def distinct_sources(given: list[str], refs: list[tuple[str, Path]], weights: list[float] | None = None) -> dict[str, Path]:
+    """{name: folder} of the sources given on the command line (adapter_ref's pairs), each name once.
+
+    A dict of the pairs kept the last of a name alone: a source given twice, or two folders of one name (a/toy, b/toy: two
+    runs of one task), left the other out, unsaid. `weights` (merge's, one per source) are named in the refusal."""
+    for i, (name, folder) in enumerate(refs):
+        j = next((j for j in range(i) if refs[j][0] == name), None)
+        if j is not None and refs[j][1].resolve() == folder.resolve():
+            how = (f" (weights {weights[j]:g} and {weights[i]:g}); give each source once, with the summed weight {weights[j] + weights[i]:g}"
+                   if weights else "; give each source once")
+            raise DataError(f"{given[i]!r} is given twice{how}")
+        if j is not None:
+            raise DataError(f"{given[j]!r} and {given[i]!r} are both named {name!r} (a folder's name, or the adapter's registry name), and "
+                            "the sources are named apart; copy one to a folder of another name, or publish them under two names")
+    return dict(refs)
+
+
 def check_output_file(path: str | None) -> None:
     """Refuse an --output file path that is a folder or whose folder does not exist, before any work."""
     if path is None:

@@ -14,7 +14,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from adapterhub_lite.cli.args import add_device_args, check_output_file, count, finite_float, nonempty, numbered_input, positive_float, read_jsonl, write_output  # noqa: F401 - cli.add_device_args was public
+from adapterhub_lite.cli.args import (  # noqa: F401 - cli.add_device_args was public
+    add_device_args,
+    check_output_file,
+    count,
+    distinct_sources,
+    finite_float,
+    nonempty,
+    numbered_input,
+    positive_float,
+    read_jsonl,
+    write_output,
+)
 from adapterhub_lite.cli.export import add_export_command
 from adapterhub_lite.cli.multitask import add_commands
 from adapterhub_lite.cli.ranks import said_by_rank0
@@ -208,16 +219,7 @@ def _merge(args) -> int:
 
     if len(args.weights) != len(args.adapters):
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
-    refs = [adapter_ref(a, args.registry) for a in args.adapters]
-    for i, (name, folder) in enumerate(refs):  # a dict of these kept the last of a name alone: the other source was left out, unsaid
-        j = next((j for j in range(i) if refs[j][0] == name), None)
-        if j is not None and refs[j][1].resolve() == folder.resolve():
-            raise DataError(f"{args.adapters[i]!r} is given twice (weights {args.weights[j]:g} and {args.weights[i]:g}); give each source once, "
-                            f"with the summed weight {args.weights[j] + args.weights[i]:g}")
-        if j is not None:
-            raise DataError(f"{args.adapters[j]!r} and {args.adapters[i]!r} are both named {name!r} (a folder's name, or the adapter's "
-                            "registry name), and a merge names its sources apart; copy one to a folder of another name, or publish them under two names")
-    folders = dict(refs)
+    folders = distinct_sources(args.adapters, [adapter_ref(a, args.registry) for a in args.adapters], args.weights)
     output = Path(args.output)
     if output.exists() or output.is_symlink():  # refused before the backbone loads, not after the merge was computed
         raise DataError(f"--output {args.output!r} already exists; choose a new folder")

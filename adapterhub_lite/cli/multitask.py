@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from adapterhub_lite.cli.args import add_device_args, count, finite_float, nonempty
+from adapterhub_lite.cli.args import add_device_args, count, distinct_sources, finite_float, nonempty
 from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS  # read without torch: --help stays fast
 
 
@@ -58,7 +58,7 @@ def _compose_fit(args) -> int:
 
     overrides = args.overrides + [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]
     spec = load_spec(args.spec, overrides)
-    sources = dict(adapter_ref(ref, args.registry) for ref in args.sources)
+    sources = distinct_sources(args.sources, [adapter_ref(ref, args.registry) for ref in args.sources])
     report = compose_fit(spec, sources, args.output,
                          shots=args.shots, search=args.search, budget=args.budget, l1=args.l1, seed=args.seed,
                          baselines=not args.no_baselines, lora_steps=args.lora_steps, eval_rows=args.rows or None,
