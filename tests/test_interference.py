@@ -108,7 +108,8 @@ def test_a_dare_column_is_the_merge_of_its_seed_in_every_run(tmp_path, monkeypat
         return score(model, tok, spec, dev, adapter, rows)
     monkeypatch.setattr(module, "_score", scored)
     reports = [interference(list(singles.values()), tmp_path / f"report{i}", merges=("dare_linear",), density=0.5, rows=4) for i in range(2)]
-    assert reports[0]["merges"] == {"merged:dare_linear": {"method": "dare_linear", "density": 0.5, "seed": 0}}
+    # which adapters the column merged, at which weights (the report said method, density and seed alone)
+    assert reports[0]["merges"] == {"merged:dare_linear": {"method": "dare_linear", "density": 0.5, "seed": 0, "weights": {"one": 0.5, "two": 0.5}}}
     assert len(seen) == 2 and seen[0].keys() and all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
     assert reports[0]["scores"] == reports[1]["scores"]
     # what `adapterhub-lite merge --seed 0` writes (equal weights, on the CPU backbone)

@@ -3,7 +3,8 @@
 Columns of the task × adapter matrix:
     base                      the plain backbone (zero-shot)
     <adapter>                 every single-task adapter given
-    merged:<method>           the single-task LoRA adapters merged with equal weights: the adapter merge_adapters builds
+    merged:<method>           the single-task LoRA adapters merged with equal weights (the report's `merges` names them
+                              and their weights: other methods' adapters are left out of the merge): the adapter merge_adapters builds
                               (as `adapterhub-lite merge --seed <seed>` and the server do), so a dare_* column is one
                               adapter per seed (default 0, recorded in the report's `merges`)
     joint:<run>               for each task, its adapter from a joint (train-multi) run
@@ -113,7 +114,7 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
                 continue
             scores[task][col] = _score(model, backbone.tokenizer, spec, dev, None if col == "base" else adapter, rows)
     report = {"tasks": list(specs), "columns": columns, "metric": {t: s.primary_metric for t, s in specs.items()},
-              "rows": n_rows, "tolerance": tolerance, "merges": {f"merged:{m}": {"method": m, **kw} for m, kw in merged.items()}, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
+              "rows": n_rows, "tolerance": tolerance, "merges": {f"merged:{m}": {"method": m, **kw, "weights": equal} for m, kw in merged.items()}, "scores": scores, "flags": _flags(scores, joints, tolerance, n_rows),
               "adapters": {n: str(f) for n, f in singles.items()}, "joint_runs": {r: sorted(t) for r, t in joints.items()}}
     _save(report, Path(output))
     return report
