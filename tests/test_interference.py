@@ -88,6 +88,19 @@ def test_the_output_is_refused_before_scoring_and_written_whole_or_not_at_all(tm
     assert {p.name for p in (tmp_path / "r").iterdir()} == ops.REPORT_FILES
 
 
+def test_adapters_of_two_methods_and_a_negative_tolerance_are_refused_before_loading(tmp_path):
+    """A LoRA and a prefix adapter: peft's load_adapter raised 'Cannot combine adapters with different peft types' (a
+    traceback, exit 1); --tolerance -1 flagged every cell (|Δ| > -1), exit 0."""
+    (tmp_path / "l").mkdir()
+    (tmp_path / "p").mkdir()
+    lora, prefix = train_tiny(tmp_path / "l", "one"), train_tiny(tmp_path / "p", "two", method="prefix")
+    with pytest.raises(AdapterHubError, match="different methods .one: lora, two: prefix"):
+        interference([lora, prefix], tmp_path / "r", merges=())
+    with pytest.raises(AdapterHubError, match="--tolerance must be a score difference ≥ 0, got -1"):
+        interference([lora], tmp_path / "r", merges=(), tolerance=-1)
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_dare_column_is_the_merge_of_its_seed_in_every_run(tmp_path, monkeypatch):
     """The merged:dare_* columns merged the report's loaded adapters with DARE's drops drawn from wherever torch's
     generator stood: two runs scored two adapters, neither the one `adapterhub-lite merge --seed 0` writes. They are

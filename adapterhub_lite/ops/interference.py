@@ -71,6 +71,13 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     _check_output(Path(output))
     metas = {n: read_sidecar(f) for n, f in singles.items()}
     names = list(singles)
+    methods = {n: m["method"] for n, m in metas.items()}
+    if len(set(methods.values())) > 1:  # peft's load_adapter raised a bare ValueError (a traceback) after the backbone loaded
+        raise AdapterHubError(f"the adapters are of different methods ({', '.join(f'{n}: {m}' for n, m in methods.items())}), and the report "
+                              "loads them all on one peft model, which holds adapters of one method; give adapters of one method")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance >= 0):
+        # a negative tolerance flagged every cell as transfer (|Δ| > -1 always) and every other adapter as interference
+        raise AdapterHubError(f"--tolerance must be a score difference ≥ 0, got {tolerance!r}; e.g. --tolerance 0.01")
     lora = [n for n in names if metas[n]["method"] == "lora"]
     equal = {n: 1.0 / len(lora) for n in lora}
     merged = {m: {"density": density} if m in DENSITY_METHODS else {} for m in (merges if len(lora) > 1 else ())}
