@@ -90,6 +90,9 @@ def test_compose_refuses_bad_requests(sources, tmp_path):
         compose_fit(spec, sources, tmp_path / "o", search="grid")
     with pytest.raises(ComposeError, match="at least two"):
         compose_fit(spec, {"one": sources["one"]}, tmp_path / "o")
+    with pytest.raises(ComposeError, match="--l1 must be a penalty ≥ 0, got -1"):  # it rewarded large weights, exit 0
+        compose_fit(spec, sources, tmp_path / "o", l1=-1)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("again, needle", [(False, "are both named 'one'"), (True, "is given twice; give each source once")])

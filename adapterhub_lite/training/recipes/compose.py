@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -125,6 +126,8 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         raise ComposeError(f"search {search!r} is not one of {', '.join(SEARCHES)}")
     if len(sources) < 2:
         raise ComposeError(f"compose-fit needs at least two source adapters, got {list(sources)}")
+    if not (isinstance(l1, (int, float)) and math.isfinite(l1) and l1 >= 0):  # a negative penalty rewarded large weights, unsaid
+        raise ComposeError(f"--l1 must be a penalty ≥ 0, got {l1!r}; e.g. --l1 0.05 (LoraHub's), or 0 for none")
     if baselines and lora_steps < 1:  # its sidecar would record max_steps 0, which no reader accepts
         raise ComposeError(f"lora_steps {lora_steps} leaves the LoRA-on-shots baseline untrained; give --lora-steps 1 or more, "
                            "or --no-baselines to skip the comparisons")
