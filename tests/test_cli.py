@@ -61,6 +61,16 @@ def test_resume_without_checkpoint_is_refused(capsys, cls_task):
     assert_refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out", "--resume"], "does not exist; run without --resume")
 
 
+def test_resume_of_a_finished_run_says_so_and_names_a_fix_that_works(capsys, cls_task):
+    """README's `train scripts/tasks/sst2.yaml --resume` after that run finished said 'run without --resume to start
+    fresh', and that run was refused in turn ('already exists'): the refusal names the finished folder and --overwrite."""
+    (cls_task / "out").mkdir()
+    (cls_task / "out" / "adapterhub.json").write_text("{}")
+    assert_refused(capsys, cls_task, ["train", "toy.yaml", "--output", "out", "--resume"],
+                   "'out' already exists and .out.partial holds no checkpoint (a finished run): nothing to resume; "
+                   "train it again with --overwrite (without --resume)")
+
+
 @pytest.mark.parametrize("command", ["train", "compose-fit"])
 def test_a_missing_spec_is_named_alone_not_the_optional_overrides(capsys, command):
     """argparse lists a `nargs="*"` positional without a default as required: `train` alone said

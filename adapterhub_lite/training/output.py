@@ -92,6 +92,11 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     output = Path(output)
     work = output.parent / f".{output.name}.partial"
     ckpt = Checkpoint(work)
+    if resume and not ckpt.exists() and (output.exists() or output.is_symlink()):
+        # "run without --resume" would only meet "already exists": a finished run needs --overwrite to train again
+        raise OutputExistsError(f"--resume given but {str(output)!r} already exists and {work} holds no checkpoint (a finished run): "
+                                "nothing to resume; train it again with "
+                                "--overwrite (without --resume), or give another --output")
     if resume and not ckpt.exists():
         raise OutputExistsError(f"--resume given but {work}/checkpoint does not exist; run without --resume to start fresh")
     if not resume and not overwrite and ckpt.exists():
