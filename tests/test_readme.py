@@ -482,3 +482,16 @@ def test_every_default_a_help_text_names_is_the_one_the_command_uses():
             if not same:
                 wrong.append(f"{name} {a.option_strings[0] if a.option_strings else a.dest}: help says {shown}, default is {a.default!r}")
     assert checked >= 8 and wrong == []
+
+
+def test_the_adapter_folder_block_lists_the_files_train_writes(tmp_path):
+    """The Adapter folder block lists what a user finds in runs/sst2 after `train` (walked: README.md, adapter_config.json,
+    adapter_model.safetensors, adapterhub.json, curves.png, metrics.jsonl, routing.safetensors): a file train writes
+    and the block leaves out, or one it names that train no longer writes, is a README bug."""
+    from tests.conftest import train_tiny
+
+    block = README.split("## Adapter folder", 1)[1].split("```")[1]
+    listed = set(re.findall(r"^ {2}([\w.]+(?:, [\w.]+)*)\s", block, flags=re.M))
+    listed = {name for group in listed for name in group.split(", ")}
+    written = {p.name for p in train_tiny(tmp_path, "toy").iterdir()}
+    assert listed == written, (sorted(listed), sorted(written))
