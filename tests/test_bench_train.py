@@ -124,3 +124,15 @@ def test_rounds_report_each_figures_median_and_never_hide_a_failure():
     out = bench.median_rounds([one, failed, three])
     assert out["plain_loop_error"] == "round 2: killed"
     assert out["ours_over_plain_loop_tokens_per_s_rounds"] == [2.4, None, 2.2] and out["ours_over_plain_loop_tokens_per_s"] == 2.2
+
+
+def test_a_bench_shorter_than_the_spec_s_warm_up_trains_without_one(bench_task, tmp_path):
+    """train refuses a warm-up as long as the run (a7448a9), so `bench_train.py scripts/tasks/sst2.yaml` (warmup_steps 30,
+    --steps 30 by default) and gpu_check's quick bench (--steps 4) were refused on every side. Speed does not depend on
+    the rate: such a bench runs with no warm-up; a shorter warm-up is kept."""
+    import argparse
+
+    args = argparse.Namespace(spec="toy.yaml", overrides=["train.warmup_steps=10"], base="tiny-random-llama", steps=6, dev_rows=4)
+    assert bench.bench_spec(args, "fp32", "none", tmp_path).train.warmup_steps == 0
+    args.overrides = ["train.warmup_steps=2"]
+    assert bench.bench_spec(args, "fp32", "none", tmp_path).train.warmup_steps == 2
