@@ -171,3 +171,4 @@ def test_a_registry_version_with_a_malformed_sidecar_stops_serve_in_one_line(ada
     assert main(["serve", "--registry", str(reg), "--port", "0", "--quantization", "none"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the backbone's loading bar
     assert last.startswith("error: ") and "weights_sha256" in last and "Traceback" not in last, last
+    assert "(or restore its sidecar)" in last, last  # the reason whole, its fix included (it was cut at 200 characters)

@@ -152,7 +152,7 @@ def entry_problems(entry: dict, folder: Path) -> list[str]:
     try:
         derived = make_entry(read_sidecar(folder), json.loads((folder / "adapter_config.json").read_text()), entry["files"])
     except (AdapterHubError, OSError, ValueError, RecursionError) as exc:
-        return [f"its files cannot be read back as the entry ({type(exc).__name__}: {str(exc)[:200]})"]
+        return [f"its files cannot be read back as the entry ({type(exc).__name__}: {exc})"]  # whole: its fix is at its end
     said = {k: entry[k] for k in derived if k not in ("files", "created") and k in entry}
     return [f"index.json says {key} {a!r} but the version's files say {b!r}" for key, a, b in _differences(said, derived)]
 
