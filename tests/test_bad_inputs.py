@@ -95,6 +95,8 @@ def test_bad_predict_inputs(capsys, cls_task):
     refused(capsys, cls_task, ["predict", "out", "--input", "taken"], "input file 'taken' is a directory, not a file")
     refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "taken"], "--output 'taken' is a folder")
     refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "nowhere/p.jsonl"], "folder 'nowhere' does not exist")
+    (cls_task / "plain.txt").write_text("x")  # under a file: 'does not exist' sent the user to create what is there
+    refused(capsys, cls_task, ["predict", "out", "--text", "aaaa 1", "--output", "plain.txt/p.jsonl"], "'plain.txt' is a file, not a folder")
     pickle_only = cls_task / "pickled"
     pickle_only.mkdir()
     for name in ("adapter_config.json", "adapterhub.json"):

@@ -103,6 +103,8 @@ def test_output_writes_a_runnable_script(registry, tmp_path, capsys):
     code, out, _ = run(capsys, "export", "vllm", "--registry", str(registry), "--output", str(script))
     assert code == 0 and script.stat().st_mode & stat.S_IXUSR
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".serve.sh")]  # no temp file left
+    code, _, err = run(capsys, "export", "vllm", "--registry", str(registry), "--output", str(script / "x.sh"))  # under a file
+    assert code == 2 and f"{str(script)!r} is a file, not a folder" in err, err
     fake = tmp_path / "bin"  # a stand-in `vllm` that records the arguments it receives
     fake.mkdir()
     (fake / "vllm").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')

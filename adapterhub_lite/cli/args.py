@@ -73,15 +73,24 @@ def distinct_sources(given: list[str], refs: list[tuple[str, Path]], weights: li
     return dict(refs)
 
 
-def check_output_file(path: str | None) -> None:
-    """Refuse an --output file path that is a folder or whose folder does not exist, before any work."""
-    if path is None:
-        return
+def output_file_problem(path: str | Path, example: str) -> str | None:
+    """Why an --output file path cannot be written (a folder; its folder missing, or a file), or None."""
     p = Path(path)
     if p.is_dir():
-        raise DataError(f"--output {path!r} is a folder; name a file to write, e.g. {str(p / 'predictions.jsonl')!r}")
+        return f"--output {str(path)!r} is a folder; name a file to write, e.g. {str(p / example)!r}"
+    parent = next((q for q in p.parents if q.exists()), None)  # under a file: 'does not exist' would send the user to create it
+    if parent is not None and not parent.is_dir():
+        return f"--output {str(path)!r}: {str(parent)!r} is a file, not a folder; name a path under a folder"
     if not p.parent.is_dir():
-        raise DataError(f"--output {path!r}: folder {str(p.parent)!r} does not exist; create it first")
+        return f"--output {str(path)!r}: folder {str(p.parent)!r} does not exist; create it first"
+    return None
+
+
+def check_output_file(path: str | None) -> None:
+    """Refuse an --output file path that is a folder or whose folder does not exist, before any work."""
+    problem = None if path is None else output_file_problem(path, "predictions.jsonl")
+    if problem:
+        raise DataError(problem)
 
 
 def write_output(path: str | None, text: str) -> None:

@@ -8,16 +8,16 @@ import sys
 from pathlib import Path
 
 from adapterhub_lite.artifacts.files import atomic_write
+from adapterhub_lite.cli.args import output_file_problem
 from adapterhub_lite.ops.export import ENGINES, ExportError, fingerprint_warning, plan_export, render_text, shell_script
 
 
 def write_script(path: str | Path, text: str) -> None:
     """Write an executable script atomically (executable before it appears under its name)."""
     path = Path(path)
-    if path.is_dir():
-        raise ExportError(f"--output {str(path)!r} is a folder; name a file to write, e.g. {str(path / 'serve.sh')!r}")
-    if not path.parent.is_dir():
-        raise ExportError(f"--output {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
+    problem = output_file_problem(path, "serve.sh")
+    if problem:
+        raise ExportError(problem)
     try:
         atomic_write(path, text, mode=0o755)
     except OSError as exc:
