@@ -74,7 +74,7 @@ class RequestReader:
         if name in (BASE, AUTO) or not isinstance(name, str) or name not in self.metas:
             return None
         spec = self.spec(name)
-        clash = [k for k in ENGINE_KEYS if spec is not None and k in spec.prompt_fields and k in request]
+        clash = [k for k in ENGINE_KEYS if k in spec.prompt_fields and k in request] if spec is not None else []
         if not clash:
             return None
         one = clash[0] != "adapter" and len(set(spec.prompt_fields)) == 1
