@@ -16,11 +16,11 @@ import argparse
 import json
 import time
 
-from adapterhub_lite.artifacts.samples import embed, embedding_spec, task_texts
+from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, task_texts
 from adapterhub_lite.core.names import BASE
 from adapterhub_lite.core.spec import load_spec
 from adapterhub_lite.model.backbone import load_backbone
-from adapterhub_lite.serving.routing import ContentRouter
+from adapterhub_lite.serving.routing import ContentRouter, check_probability
 
 
 def to_adapter(router: ContentRouter, vectors) -> float:
@@ -39,6 +39,11 @@ def main():
     ap.add_argument("--novelty", type=float, default=0.99, help="ContentRouter's novelty quantile; 0 switches the check off")
     ap.add_argument("--ood", help="a file of inputs that belong to no task, one a line")
     args = ap.parse_args()
+    try:  # before the backbone loads and every input is embedded (minutes)
+        check_probability(args.threshold, "--threshold")
+        check_probability(args.novelty, "--novelty")
+    except RoutingError as err:
+        ap.error(str(err))
     backbone = load_backbone(args.base, args.quantization)
     specs = {s.name: s for s in map(load_spec, args.specs)}
     kwargs = {"threshold": args.threshold, "novelty": args.novelty or None}

@@ -37,7 +37,7 @@ from adapterhub_lite.ops.merge_sources import read_source
 from adapterhub_lite.serving.bank import AdapterBank
 from adapterhub_lite.serving.reading import RequestReader, _locked
 from adapterhub_lite.serving.resident import read_adapter
-from adapterhub_lite.serving.routing import ContentRouter
+from adapterhub_lite.serving.routing import ContentRouter, check_probability
 
 SCRATCH_PREFIX = "adapterhub-router-"
 
@@ -70,6 +70,7 @@ class AdapterManager(RequestReader):
     def __init__(self, backbone: Backbone, registry=None, memory_budget_mb: float | None = None,
                  route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None,
                  max_cpu_loras: int = 64, max_lora_rank: int | None = None, max_loras: int | None = None):
+        self.route_threshold = check_probability(route_threshold)  # refused here, not at the first `auto` request
         self.backbone, self.registry = backbone, registry
         self.max_model_len = check_context(backbone, max_model_len)
         self.bank = AdapterBank(backbone.model, max_lora_rank=max_lora_rank, max_loras=max_loras)
@@ -84,7 +85,6 @@ class AdapterManager(RequestReader):
         self.unavailable: dict[str, str] = {}  # registry adapters that failed their checks: name → why (/health, /v1/models)
         self.kinds: dict[str, tuple[str, int]] = {}  # name → (peft type, virtual tokens), read from adapter_config.json at register
         self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
-        self.route_threshold = route_threshold
         self._content: ContentRouter | None = None
         self.evictions = 0  # adapters unloaded to stay within the memory budget
         self._scratch = scratch_folder()  # merged adapters

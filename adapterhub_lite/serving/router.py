@@ -30,6 +30,7 @@ from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.ops.merge import MergeError, fold_into_base
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.manager import AdapterManager, _locked
+from adapterhub_lite.serving.routing import check_probability
 from adapterhub_lite.serving.scheduler import Budgets
 
 
@@ -55,6 +56,7 @@ class Router(AdapterManager):
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
                       device: str | None = None, dtype: str | None = None, **kwargs) -> Router:
         """Open a registry and load the backbone its adapters share (adapters load on first use)."""
+        check_probability(kwargs.get("route_threshold", 0.5))  # before the backbone loads (the constructor checks it again)
         reg = open_registry(registry)
         index = reg.index()["adapters"]
         if not index:

@@ -14,6 +14,8 @@ so adapters can be added or removed without refitting anything offline.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -24,6 +26,19 @@ from sklearn.preprocessing import StandardScaler
 
 from adapterhub_lite.artifacts.samples import RoutingError
 from adapterhub_lite.core.names import BASE
+
+
+def check_probability(value, what: str = "route_threshold", none_ok: bool = False) -> float | None:
+    """`value` if it is a probability (a real number from 0 to 1), else RoutingError naming it and the fix.
+
+    One check for the router's confidence threshold and its novelty quantile, wherever they are given (Router,
+    ContentRouter, scripts/eval_routing.py). A NaN compares false with every confidence, so it sent every `auto` request
+    to base without a word, as a threshold above 1 did; below 0 reads as a typo for a probability."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise RoutingError(f"{what} is {value!r}; give a probability from 0 to 1" + (" (or None to switch it off)" if none_ok else ""))
+    return float(value)
 
 
 class ContentRouter:
@@ -46,6 +61,7 @@ class ContentRouter:
 
     def __init__(self, samples: dict[str, torch.Tensor], threshold: float = 0.5, l2: float = 1e-3, max_iter: int = 1000,
                  novelty: float | None = 0.99, neighbors: int = 5, folds: int = 5):
+        threshold, novelty = check_probability(threshold, "threshold"), check_probability(novelty, "novelty", none_ok=True)
         if not samples:
             raise RoutingError("no adapter has usable routing data; train adapters with this package or run add_routing on their folders")
         self.names, self.threshold = list(samples), threshold
