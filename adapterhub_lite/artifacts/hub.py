@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
@@ -39,6 +40,7 @@ class HubRegistry(Registry):
         from huggingface_hub import HfApi
 
         self.repo, self.root, self.api = repo, f"hf://{repo}", HfApi()
+        self._read_at = threading.local()  # .commit: the commit this thread last read the index at (a server reads on many)
 
     def _read_index(self) -> tuple[dict, str | None]:
         from huggingface_hub import hf_hub_download
@@ -72,6 +74,7 @@ class HubRegistry(Registry):
         index, head = self._read_index()
         if head is None:  # publish creates the repository; reading one that does not exist is a mistake
             raise RegistryError(f"registry {self.root} does not exist (no such Hub repository); check --registry, or publish into it to create it")
+        self._read_at.commit = head
         return index
 
     def _folder(self, name: str, version: str) -> Path:
@@ -80,11 +83,17 @@ class HubRegistry(Registry):
         Not the Hub cache's snapshot: its files are symlinks into the cache's blobs, which every way in refuses
         (folder.check_adapter_folder), so no Hub version could be served or loaded. With the index beside it, the
         copy is a local registry's version folder: loading it by its path re-hashes it (registry.check_if_registered).
+
+        Downloaded at the commit the index was read at (index() runs first on this thread: resolve, verify), not at
+        the branch head: a publish landing in between would otherwise serve that commit's bytes, refused as an
+        integrity failure of a version nobody changed.
         """
         from huggingface_hub import snapshot_download
 
+        commit = getattr(self._read_at, "commit", None) or self._read_index()[1]
         try:
-            local = snapshot_download(self.repo, allow_patterns=[f"{name}/{version}/*", "index.json"], local_dir=hub_copies() / self.repo.replace("/", "--"))
+            local = snapshot_download(self.repo, revision=commit, allow_patterns=[f"{name}/{version}/*", "index.json"],
+                                      local_dir=hub_copies() / self.repo.replace("/", "--"))
         except Exception as exc:
             raise _hub_error(self.repo, exc) from None
         return Path(local) / name / version
