@@ -13,7 +13,7 @@ import pytest
 from adapterhub_lite.serving.answers import as_api_error
 from adapterhub_lite.serving.manager import AdapterUnavailable
 
-from .serving import KEY, Served, damaged_registry
+from .serving import KEY, Served, damaged_registry, slowed
 
 # LangChain's `OpenAI` (completions) sends every prompt as a list and these defaults beside it
 LANGCHAIN_COMPLETIONS = {"frequency_penalty": 0, "logprobs": None, "max_tokens": 256, "n": 1, "presence_penalty": 0, "seed": None,
@@ -154,3 +154,64 @@ def test_a_developer_message_is_read_as_a_system_one(served):
         assert r.status_code == 200, r.text
         return r.json()["prompt_token_ids"]
     assert prompt("developer") == prompt("system")
+
+
+def counted_client(s, sent: list) -> openai.OpenAI:
+    """The openai client with its default retries (max_retries=2), counting what reaches the server's engine in `sent`."""
+    submit = s.engine.submit
+
+    def counting(*jobs):
+        sent.append(len(jobs))
+        return submit(*jobs)
+
+    s.engine.submit = counting
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=2)
+
+
+def test_a_request_past_the_timeout_is_not_run_again_by_the_openai_client(serve_registry, monkeypatch):
+    """A 504 (the request ran past --request-timeout) was retried by the openai client, as every 5xx is: one slow request
+    ran 3 times, tripling the load just when the server was too slow. The same work meets the same timeout again, so the
+    504 says x-should-retry: false and the request runs once."""
+    s = Served(serve_registry, request_timeout=0.3)
+    sent = []
+    try:
+        slowed(s, monkeypatch)  # 400 tokens at 0.05 s a step: surely past 0.3 s
+        client = counted_client(s, sent)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="gen_a", prompt="ab", max_tokens=400, extra_body={"ignore_eos": True})
+        assert sent == [1], sent
+        assert err.value.status_code == 504 and err.value.body["code"] == "request_timeout", err.value
+        assert err.value.response.headers["x-should-retry"] == "false"
+    finally:
+        s.close()
+
+
+def test_an_engine_fault_is_not_run_again_by_the_openai_client(serve_registry, monkeypatch):
+    """A 500 (a fault of the server's own) was retried twice by the openai client. The server cannot tell a passing fault
+    from one the request causes, and a request that breaks a decode step breaks it again, failing every row beside it
+    each time (an out-of-memory at admission already waits for memory on the server), so the 500 says x-should-retry: false."""
+    s = Served(serve_registry)
+    sent = []
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("decode fault")
+
+        monkeypatch.setattr(s.router.bank, "step", broken)
+        client = counted_client(s, sent)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="gen_a", prompt="ab", max_tokens=4)
+        assert sent == [1], sent
+        assert err.value.status_code == 500 and "decode fault" in err.value.body["message"], err.value
+        assert err.value.response.headers["x-should-retry"] == "false"
+    finally:
+        s.close()
+
+
+def test_refusals_a_retry_can_cure_invite_one():
+    """A full queue (429) and a server shutting down (503: another replica, or this one restarted, takes it) are cured by
+    waiting: they say when to retry and never x-should-retry: false; the openai client retries them."""
+    from adapterhub_lite.serving.jobs import QueueFull, ShuttingDown
+
+    for exc in (QueueFull("full"), ShuttingDown("stopping")):
+        headers = as_api_error(exc).headers
+        assert headers.get("retry-after") == "1" and headers.get("x-should-retry") != "false", (exc, headers)

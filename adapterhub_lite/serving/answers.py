@@ -29,11 +29,11 @@ def as_api_error(exc: Exception) -> P.ApiError:
     if isinstance(exc, P.ApiError):
         return exc
     if isinstance(exc, QueueFull):
-        return P.ApiError(429, str(exc), "rate_limit_exceeded", "queue_full", headers={"Retry-After": "1"})
+        return P.ApiError(429, str(exc), "rate_limit_exceeded", "queue_full", headers=P.RETRY_SOON)
     if isinstance(exc, ShuttingDown):
-        return P.ApiError(503, str(exc), "server_error", "shutting_down")
+        return P.ApiError(503, str(exc), "server_error", "shutting_down", headers=P.RETRY_SOON)
     if isinstance(exc, RequestTimeout):
-        return P.ApiError(504, str(exc), "timeout", "request_timeout")
+        return P.ApiError(504, str(exc), "timeout", "request_timeout", headers=P.NO_RETRY)
     if isinstance(exc, AdapterUnavailable):
         return P.unavailable(str(exc))
     if isinstance(exc, AdapterLoadError) and "unknown adapter" in str(exc):
@@ -42,7 +42,7 @@ def as_api_error(exc: Exception) -> P.ApiError:
         return P.ApiError(400, str(exc), "invalid_request_error", "context_length_exceeded")
     if isinstance(exc, AdapterHubError):
         return P.ApiError(400, str(exc), "invalid_request_error", P.error_code(exc))
-    return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+    return P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error", headers=P.NO_RETRY)
 
 
 class ClientGone(Exception):

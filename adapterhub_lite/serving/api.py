@@ -193,7 +193,7 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     async def _internal(request, exc):
         # a bug, not the request: Starlette still logs its stack (it re-raises after this answer) but answered a plain-text
         # 'Internal Server Error' that clients reading error.message cannot read; vLLM answers its own failures in its shape
-        return error_response(P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error"))
+        return error_response(P.ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error", headers=P.NO_RETRY))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):

@@ -308,7 +308,7 @@ class Engine(Admission, OfflineRun):
 
     def _expired(self, job: Job) -> bool:
         if job.deadline is not None and time.monotonic() > job.deadline:
-            self._fail([job], RequestTimeout("the request ran past the server's request timeout (--request-timeout); send fewer tokens or retry"))
+            self._fail([job], RequestTimeout("the request ran past the server's request timeout (--request-timeout); send fewer tokens (a lower max_tokens), or raise the timeout"))
             return True
         return False
 

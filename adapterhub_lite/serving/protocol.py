@@ -35,10 +35,15 @@ def error_code(exc: Exception) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
-# On a 503 that a retry cannot cure (an adapter that failed its checks stays refused until it is re-published and reloaded):
-# the openai client, and LangChain and LlamaIndex through it, retry every 5xx unless this header says not to (x-should-retry),
-# so without it one request became 3 (openai's default max_retries=2) or 12 (LlamaIndex's OpenAILike, over 12 s).
+# Whether a client should send a refused request again. The openai client, and LangChain and LlamaIndex through it, retry
+# every 5xx, 408, 409 and 429 unless x-should-retry says false (openai's _base_client._should_retry), after retry-after
+# seconds when given: one request became 3 (openai's default max_retries=2) or 12 (LlamaIndex's OpenAILike, over 12 s).
+# Only what waiting cures invites a retry (a full queue; a server shutting down, whose replacement takes it): RETRY_SOON.
+# The rest say NO_RETRY: a timeout (504) runs the same work into the same deadline, a fault of ours (500) meets the same
+# fault, an adapter that failed its checks (503) stays refused until re-published; each retry adds that load just when
+# the server can least take it.
 NO_RETRY = {"x-should-retry": "false"}
+RETRY_SOON = {"retry-after": "1"}
 
 
 def unavailable(message: str) -> ApiError:
