@@ -2,6 +2,7 @@
 versions beside their latest, adapters registered in another order or indistinguishable from each other."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.routing import ContentRouter
 
+from .conftest import train_tiny
 from .test_routing_novelty import clusters
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eval_routing.py"
@@ -49,3 +51,36 @@ def test_eval_routing_refuses_such_a_threshold_before_it_loads_anything(monkeypa
             script.main()
         assert exit_.value.code == 2
         assert f"error: {flag} is {float(value)!r}; give a probability from 0 to 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny classification adapter (rows "pos 3", "neg 5", ...) and a copy adapter ("ab", "cd", ...)."""
+    d = tmp_path_factory.mktemp("hostile")
+    gen = d / "copy.jsonl"
+    gen.write_text("".join(json.dumps({"text": t, "target": t.upper()}) + "\n" for t in ["ab", "cd", "ef", "gh", "ij", "kl"]))
+    return {"cls_a": train_tiny(d, "cls_a"),
+            "gen": train_tiny(d, "gen", type="generation", labels=None, label=None, target="target", metric=["exact_match"],
+                              data={"train": str(gen), "dev": str(gen)}, prompt="In: {text}\nOut:", train={"max_new_tokens": 3})}
+
+
+AUTO = [{"adapter": "auto", "text": t} for t in [f"{w} {i}" for i in range(8) for w in ("pos", "neg")] + ["cd", "ij"]]
+
+
+def test_a_pinned_version_served_once_does_not_become_a_routing_target(folders, tmp_path):
+    """`auto` picks among the adapters by name (each its latest version). A request pinning an older version
+    (`cls_a@1.0.0`) registered that version, which joined routing beside `cls_a`: the two held the same samples, so
+    the classifier split `cls_a`'s inputs between them (the old version answered some, base others), and what `auto`
+    answered depended on which versions someone had asked for before."""
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folders["cls_a"], "1.0.0")
+    reg.publish(folders["cls_a"], "1.1.0")
+    reg.publish(folders["gen"], "1.0.0")
+    r = Router.from_registry(reg.root, dtype="fp32")
+    before = r.route(AUTO)
+    assert set(before) == {"cls_a", "gen"}
+    assert r.run([{"adapter": "cls_a@1.0.0", "text": "pos 1"}])[0]["adapter"] == "cls_a@1.0.0"
+    assert "cls_a@1.0.0" in r.known()  # served by its pinned id from now on …
+    assert r.route(AUTO) == before  # … but never picked by `auto`

@@ -54,10 +54,13 @@ class RequestReader:
         return names
 
     def _fit_content_router(self) -> ContentRouter:
-        """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding."""
+        """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding, by name: a
+        pinned version (`name@version`, registered when a request names it) is served to whoever names it and is no
+        routing target, so what `auto` answers does not depend on which versions were asked for before (beside its
+        own latest, with the same samples, it split that adapter's inputs between old and new, or sent them to base)."""
         embedding, samples = embedding_spec(self.backbone.model), {}
         for name, folder in self.folders.items():
-            if not self.metas[name]["task"]:  # a component (a joint run's shared adapter) is no routing target
+            if not self.metas[name]["task"] or "@" in name:  # a component (a joint run's shared adapter), a pinned version
                 continue
             try:
                 samples[name] = load_routing(folder, self.metas[name], embedding)
