@@ -491,3 +491,31 @@ def test_a_source_that_targets_parameters_is_refused_by_its_field_in_merges_and_
     router.register("p", folder)
     with pytest.raises(AdapterHubError, match=r"'p'.* sets target_parameters=\['mlp.gate_proj.weight'\], which per-row LoRA does not implement"):
         router.hold(["p"])
+
+
+def test_a_dare_mask_is_drawn_on_the_cpu_whatever_the_device_so_a_seed_is_one_merge_everywhere(sources, tmp_path, monkeypatch):
+    """peft drew DARE's mask with torch.bernoulli on the tensor's own device: a merge on a GPU backbone took CUDA's
+    generator and dropped other entries than `merge --seed 0` on a CPU. In a merge, a drop of a tensor on another device
+    (meta here: no GPU needed) now draws on the CPU generator, the same mask as for a CPU tensor under the same seed."""
+    from peft.utils import merge_utils
+
+    from adapterhub_lite.ops import merge as merge_mod
+
+    real_bernoulli, drawn = torch.bernoulli, []
+    monkeypatch.setattr(torch, "bernoulli", lambda p, *a, **kw: drawn.append(real_bernoulli(p, *a, **kw)) or drawn[-1])
+    real_add, masks = merge_mod.add_merged, {}
+
+    def add_merged(model, *args, **kwargs):  # inside the merge's seeded block: drop one tensor per device, same seed
+        for device in ("cpu", "meta"):
+            torch.manual_seed(0)
+            drawn.clear()
+            merge_utils.prune(torch.ones(16, 16, device=device), 0.5, "random")
+            masks[device] = drawn[-1]
+        return real_add(model, *args, **kwargs)
+
+    monkeypatch.setattr(merge_mod, "add_merged", add_merged)
+    merge_adapters({n: sources[n] for n in ("a", "b")}, {"a": 0.5, "b": 0.5}, "dare_linear", density=0.5, output=tmp_path / "m",
+                   name="mix", report_rows=0, dtype="fp32")
+    assert masks["meta"].device.type == "cpu", f"the mask for a meta tensor was drawn on {masks['meta'].device}"
+    assert torch.equal(masks["meta"], masks["cpu"])
+    assert merge_utils.random_pruning is not merge_mod.cpu_random_pruning  # peft's own again after the merge

@@ -24,14 +24,17 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.utils import merge_utils
 
-from adapterhub_lite.artifacts.files import atomic_write, sweep_stale, temp_beside
+from adapterhub_lite.artifacts.files import atomic_write
 from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors
 from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import SIDECAR, Sidecar, build
@@ -47,7 +50,7 @@ MERGE_METHODS = FACTOR_METHODS + DELTA_METHODS
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune", "ties_svd", "dare_linear_svd", "dare_ties_svd",
                    "magnitude_prune_svd")  # prune each update to a density first
 SIGN_METHODS = ("ties", "dare_ties", "ties_svd", "dare_ties_svd")  # elect a sign per entry: majority_sign_method total or frequency
-RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # DARE drops at random (torch's global generator)
+RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")  # DARE drops at random (torch's CPU generator)
 _GLOBAL_RNG = threading.Lock()  # one seeded merge at a time draws from torch's global generator (the server builds merges on threads)
 _PEFT_NAME = {"delta_linear": "cat"}  # peft's `cat` is the exact ΔW sum; the name says what it does
 NO_TASK = "none"  # task= for a merged adapter that serves no task (raw text, like a joint run's shared adapter)
@@ -128,6 +131,30 @@ def add_merged(model: PeftModel, names: list[str], weights: list[float], adapter
                 module.set_scale(adapter_name, 1.0)  # lora_alpha / r = 1
 
 
+def cpu_random_pruning(tensor: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """peft's merge_utils.random_pruning (DARE's drop), its mask drawn on the CPU and moved to the tensor's device.
+
+    peft draws it with torch.bernoulli on the tensor's own device, i.e. from that device's generator: a merge whose
+    backbone sat on a GPU dropped other entries than the same `merge --seed` on a CPU (CUDA's Philox stream is not the
+    CPU's Mersenne Twister). Drawn from the CPU generator, one seed is one adapter on any machine, and on the CPU the
+    very mask peft draws (the same call on the same generator)."""
+    mask = torch.bernoulli(torch.full(tensor.shape, density, dtype=tensor.dtype, device="cpu")).to(tensor.device)
+    pruned = tensor * mask
+    return pruned / density if rescale else pruned
+
+
+@contextmanager
+def _masks_from_the_cpu():
+    """peft's DARE draws through cpu_random_pruning while a merge holds _GLOBAL_RNG (every merge does: only one swaps it at a
+    time). peft's prune() looks random_pruning up in its module when called, so the swap reaches dare_linear / dare_ties."""
+    own = merge_utils.random_pruning
+    merge_utils.random_pruning = cpu_random_pruning
+    try:
+        yield
+    finally:
+        merge_utils.random_pruning = own
+
+
 def _task_label(task: dict | None) -> str:
     return f"{task['name']} ({task['type']})" if task else "no task"
 
@@ -195,7 +222,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     read_source's dict) gives bytes a caller read and checked itself, and then the folders are not read at all.
     `seed`: torch's generator is seeded with it before the sources are loaded, so the random DARE methods give one
     adapter per seed: the one `torch.manual_seed(seed)`, then PeftModel.from_pretrained / load_adapter of the sources
-    in order and add_weighted_adapter give (on the same device: the weightless model merges on the CPU).
+    in order and add_weighted_adapter give on the CPU, whatever the backbone's device (the masks are drawn there).
     `majority_sign_method` (peft's: 'total', its default, or 'frequency'): how the TIES methods elect each sign.
     """
     folders = {n: Path(f) for n, f in folders.items()}
@@ -219,7 +246,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     # DARE's drops come from torch's global generator, which peft's random init of every adapter it makes moves first:
     # seeded here before the sources are loaded (and put back after), so a recipe is one adapter however often it is
     # built (the server rebuilds an evicted merge under the same name) and equals peft's own after torch.manual_seed(seed)
-    with _GLOBAL_RNG, torch.random.fork_rng():
+    with _GLOBAL_RNG, torch.random.fork_rng(), _masks_from_the_cpu():
         torch.manual_seed(seed)
         model = load_sources(base, {n: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
         add_merged(model, names, [weights[n] for n in names], name, method, density, majority_sign_method)
@@ -294,17 +321,13 @@ def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Pat
     if bad:
         raise MergeError(f"the merged adapter has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; check the weights and the sources")
     output.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(output.parent, f".{output.name}.merge-")  # a merge into this folder killed mid-write left its temp there
-    tmp = temp_beside(output, "merge")
-    try:
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         # embeddings are never resized or trained here: without this, peft's "auto" looks up the base's config on the Hub
-        model.save_pretrained(tmp / "out", selected_adapters=[name], save_embedding_layers=False)
-        saved = tmp / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
+        model.save_pretrained(Path(tmp) / "out", selected_adapters=[name], save_embedding_layers=False)
+        saved = Path(tmp) / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
         meta.save(saved)
         atomic_write(saved / "README.md", merged_card(name, meta.to_dict()))
         shutil.move(str(saved), output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
