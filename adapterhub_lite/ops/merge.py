@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +33,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
 
-from adapterhub_lite.artifacts.files import atomic_write
+from adapterhub_lite.artifacts.files import atomic_write, sweep_stale, temp_beside
 from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors
 from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import SIDECAR, Sidecar, build
@@ -321,13 +320,17 @@ def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Pat
     if bad:
         raise MergeError(f"the merged adapter has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; check the weights and the sources")
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+    sweep_stale(output.parent, f".{output.name}.merge-")  # a merge into this folder killed mid-write left its temp there
+    tmp = temp_beside(output, "merge")
+    try:
         # embeddings are never resized or trained here: without this, peft's "auto" looks up the base's config on the Hub
-        model.save_pretrained(Path(tmp) / "out", selected_adapters=[name], save_embedding_layers=False)
-        saved = Path(tmp) / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
+        model.save_pretrained(tmp / "out", selected_adapters=[name], save_embedding_layers=False)
+        saved = tmp / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
         meta.save(saved)
         atomic_write(saved / "README.md", merged_card(name, meta.to_dict()))
         shutil.move(str(saved), output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
