@@ -201,7 +201,7 @@ def test_sweep_clears_dead_publishers_of_this_host_and_only_stale_ones_of_other_
     for name in folders.values():
         (reg / name).mkdir()
         (reg / name / "adapter_model.safetensors").write_bytes(b"partial")
-    old = time.time() - registry.STALE_SECONDS - 60
+    old = time.time() - files.STALE_SECONDS - 60
     os.utime(reg / folders["other host, stale"], (old, old))
     LocalRegistry(reg).publish(adapter)  # sweeps under the lock
     left = {k for k, name in folders.items() if (reg / name).exists()}

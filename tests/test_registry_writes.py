@@ -2,11 +2,17 @@
 at, stale temp folders of killed writers (pull, merge, interference, export), version folders the index does not list,
 and registry paths that name something else (an adapter folder)."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import adapterhub_lite.artifacts.files as files
 from adapterhub_lite.artifacts.registry import LocalRegistry
 
 from .conftest import train_tiny
@@ -62,3 +68,72 @@ def test_a_hub_version_is_downloaded_at_the_commit_its_index_was_read_at(adapter
     folder = reg.path("toy@1.0.0")
     assert (folder / "README.md").read_bytes() == (read_at / "toy" / "1.0.0" / "README.md").read_bytes() and set(asked) == {"c1"}
     assert reg.verify() == [] and set(asked) == {"c1"}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+STALLED_PULL = """
+import sys, time, pathlib
+import adapterhub_lite.artifacts.registry as r
+root, to, marker = sys.argv[1:]
+copy = r._copy_hashing
+def slow(src, dst):  # stalls after the first file is copied, to be SIGKILLed there
+    out = copy(src, dst)
+    pathlib.Path(marker).touch()
+    time.sleep(600)
+    return out
+r._copy_hashing = slow
+r.LocalRegistry(root).pull("toy", to)
+"""
+
+
+def test_a_pull_killed_mid_copy_leaves_a_temp_the_next_pull_to_that_folder_clears(adapter, tmp_path):
+    """A pull SIGKILLed mid-copy cannot remove its hidden `.<to>.pull-…` folder, and its random name told no later
+    pull whether its writer was alive: it stayed beside the output for good. A live pull's temp is left alone."""
+    reg, to, marker = tmp_path / "reg", tmp_path / "out" / "toy", tmp_path / "stalled"
+    LocalRegistry(reg).publish(adapter, "1.0.0")
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_PULL, str(reg), str(to), str(marker)])
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists(), "the pull never reached the stall point"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = list(to.parent.glob(".toy.pull-*"))
+    assert len(killed) == 1 and not to.exists()
+    live = to.parent / f".toy.pull-aaaa0002-{os.getpid()}-{files.host()}"  # another pull, still copying
+    live.mkdir()
+    assert LocalRegistry(reg).pull("toy", to) == to and LocalRegistry(reg).verify() == []
+    assert sorted(p.name for p in to.parent.iterdir()) == sorted(["toy", live.name])
+
+
+@pytest.mark.parametrize("kind", ["merge", "report", "write"])
+def test_a_killed_merge_interference_or_export_leaves_a_temp_the_next_write_of_that_output_clears(adapter, tmp_path, kind):
+    """merge (the adapter folder), interference (report.json + heatmap.png) and export --output (the script,
+    atomic_write) build their output in a hidden temp beside it; one killed before its rename stayed there for good
+    (a random name, nobody to clear it). The next write of that output clears those of dead processes, never a live
+    writer's."""
+    out = tmp_path / "out" / ("serve.sh" if kind == "write" else "result")
+    out.parent.mkdir()
+    dead = out.parent / f".{out.name}.{kind}-aaaa0001-{_dead_pid()}-{files.host()}"
+    live = out.parent / f".{out.name}.{kind}-aaaa0002-{os.getpid()}-{files.host()}"
+    for tmp in (dead, live):
+        tmp.mkdir()
+        (tmp / "partial").write_text("half")
+    if kind == "merge":
+        from adapterhub_lite.ops.merge import merge_adapters
+
+        merge_adapters({"toy": adapter}, {"toy": 1.0}, "linear", output=out, name="mix", report_rows=0, dtype="fp32")
+    elif kind == "report":
+        from adapterhub_lite.ops.interference import _save
+
+        _save({"tasks": ["toy"], "columns": ["base"], "metric": {"toy": "accuracy"}, "scores": {"toy": {"base": 0.5}}, "flags": []}, out)
+    else:
+        from adapterhub_lite.cli.export import write_script
+
+        write_script(out, "#!/bin/sh\n")
+    assert out.exists() and sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, live.name])

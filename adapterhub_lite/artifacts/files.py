@@ -6,18 +6,26 @@ Every artifact (sidecar, adapter folder, registry index, predictions, scripts) i
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
+
+STALE_SECONDS = 24 * 3600  # a temp of another host (a shared or NFS folder) is cleared only after this long
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     """Write a file so that it is either absent or complete, never partial (`mode` before it appears: 0o755 for a script)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    prefix = f".{path.name}.write-"
+    sweep_stale(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=f"-{owner()}")  # mkstemp's random part has no '-'
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
@@ -69,6 +77,31 @@ def left_by_dead_process(pid: str, owner_host: str) -> bool:
     import psutil  # cross-platform pid check (os.kill(pid, 0) would send CTRL_C_EVENT on Windows)
 
     return owner_host == host() and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
+def temp_beside(path: Path, kind: str) -> Path:
+    """A hidden name beside `path` to build it under, then rename: `.<name>.<kind>-<id>-<pid>-<host>`. A writer
+    killed before its rename (SIGKILL, the OOM killer) cannot remove it; the name lets the next writer of `path`
+    tell it from a live writer's (sweep_stale), where a random name would stay beside the output for good."""
+    return Path(path).with_name(f".{Path(path).name}.{kind}-{uuid.uuid4().hex[:8]}-{owner()}")
+
+
+def sweep_stale(parent: Path, prefix: str) -> None:
+    """Remove the `<prefix><id>-<pid>-<host>` temps in `parent` (temp_beside's, atomic_write's, a publisher's) of
+    processes of this host that have ended. Another host's pids cannot be checked from here, so its temps, and any of
+    that prefix but of another form, go only when older than STALE_SECONDS: no writer holds its temp that long."""
+    now = time.time()
+    for tmp in Path(parent).glob(glob.escape(prefix) + "*"):
+        parts = tmp.name[len(prefix):].split("-", 2)  # id, pid, host (a host may hold '-')
+        try:
+            age = now - tmp.lstat().st_mtime
+        except OSError:
+            continue  # cleared meanwhile
+        if (len(parts) == 3 and left_by_dead_process(parts[1], parts[2])) or age > STALE_SECONDS:
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj) -> None:

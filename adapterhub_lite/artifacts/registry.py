@@ -29,7 +29,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapterhub_lite.artifacts.files import left_by_dead_process, open_lock_file, os_problem, owner, write_json
+from adapterhub_lite.artifacts.files import open_lock_file, os_problem, owner, sweep_stale, temp_beside, write_json
 from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import (
     INDEX_FORMAT,
@@ -51,7 +51,6 @@ from adapterhub_lite.artifacts.index import (
 )
 from adapterhub_lite.core.errors import AdapterHubError
 
-STALE_SECONDS = 24 * 3600  # a temp folder of another host is cleared only after this long
 LOCK_TIMEOUT_S = 600
 
 
@@ -182,7 +181,8 @@ class Registry:
         src, to = self._verified(name, version, entry), Path(to)
         if to.exists():
             raise RegistryError(f"destination {str(to)!r} already exists; choose a new --to folder")
-        tmp = to.with_name(f".{to.name}.pull-{uuid.uuid4().hex}")
+        tmp = temp_beside(to, "pull")
+        sweep_stale(to.parent, f".{to.name}.pull-")  # a pull to this folder killed mid-copy left its temp there
         try:
             to.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
@@ -328,20 +328,9 @@ class LocalRegistry(Registry):
     def _sweep(self) -> None:
         """Remove temp folders of dead publishers and temp index files of killed writers; call under the lock.
 
-        A folder of this host whose pid is gone is dead. Another host's pids cannot be checked
-        from here (NFS), so its folders, and any of an unknown form, go only when older than
-        STALE_SECONDS: no publish holds its temp folder that long.
+        A folder of this host whose pid is gone is dead; another host's (NFS) go after STALE_SECONDS (files.sweep_stale).
         """
-        now = time.time()
-        for tmp in self.root.glob(".publish-*"):
-            parts = tmp.name.split("-", 3)  # .publish, id, pid, host
-            try:
-                age = now - tmp.stat().st_mtime
-            except OSError:
-                continue  # cleared meanwhile
-            dead = len(parts) == 4 and left_by_dead_process(parts[2], parts[3])
-            if dead or age > STALE_SECONDS:
-                shutil.rmtree(tmp, ignore_errors=True)
+        sweep_stale(self.root, ".publish-")
         for tmp in self.root.glob(".index.json.*"):  # atomic_write's temp index of a writer killed mid-write: the index
             tmp.unlink(missing_ok=True)  # is written only under this lock, so none of these is being written now
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.artifacts.files import write_json
+from adapterhub_lite.artifacts.files import sweep_stale, temp_beside, write_json
 from adapterhub_lite.artifacts.folder import pyplot, read_sidecar, save_figure
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.core.data import load_task_data
@@ -145,8 +145,10 @@ def _check_output(output: Path) -> None:
 def _save(report: dict, output: Path) -> None:
     """report.json and heatmap.png, made in a hidden folder beside `output` and moved in: a killed run leaves no half report."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    sweep_stale(output.parent, f".{output.name}.report-")  # a run writing this report killed mid-write left its temp there
+    tmp = temp_beside(output, "report")
     try:
+        tmp.mkdir()
         write_json(tmp / "report.json", report)
         heatmap(report, tmp / "heatmap.png")
         if output.exists():  # a previous report (checked): each file replaced in one rename
