@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from adapterhub_lite.artifacts.samples import RoutingError
 from adapterhub_lite.model.backbone import load_backbone
@@ -84,3 +85,26 @@ def test_a_pinned_version_served_once_does_not_become_a_routing_target(folders, 
     assert r.run([{"adapter": "cls_a@1.0.0", "text": "pos 1"}])[0]["adapter"] == "cls_a@1.0.0"
     assert "cls_a@1.0.0" in r.known()  # served by its pinned id from now on …
     assert r.route(AUTO) == before  # … but never picked by `auto`
+
+
+def test_the_fit_does_not_depend_on_the_order_adapters_were_registered_in():
+    """A server that loaded an adapter at run time (last) and one restarted on the same registry (index order) know the
+    same adapters in another order; their routers gave other probabilities (1e-6 apart), so a request near the threshold
+    or a tie could be answered by another adapter after a restart. The classes are now the names in sorted order."""
+    samples = clusters()
+    samples["c"] = torch.randn(60, 8, generator=torch.Generator().manual_seed(0)) + 2
+    forward, backward = ContentRouter(samples), ContentRouter({k: samples[k] for k in ["c", "b", "a"]})
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1)) * 2
+    assert forward.names == backward.names == ["a", "b", "c"]
+    assert torch.equal(forward.probs(x), backward.probs(x)) and forward.route(x) == backward.route(x)
+
+
+def test_a_tie_between_adapters_goes_to_base_whatever_their_order():
+    """Two adapters with the same samples (one adapter published under two names) get the same probability: the
+    classifier cannot tell which one a request is for, so the request goes to base, as below the threshold; it went to
+    whichever was registered first, even at threshold 0.5 (0.5 >= 0.5)."""
+    a = clusters()["a"]
+    for threshold in (0.0, 0.5):
+        for names in (("x", "y"), ("y", "x")):
+            twins = ContentRouter({names[0]: a, names[1]: a.clone()}, threshold=threshold)
+            assert twins.route(a[:3]) == [("base", 0.5)] * 3

@@ -64,7 +64,9 @@ class ContentRouter:
         threshold, novelty = check_probability(threshold, "threshold"), check_probability(novelty, "novelty", none_ok=True)
         if not samples:
             raise RoutingError("no adapter has usable routing data; train adapters with this package or run add_routing on their folders")
-        self.names, self.threshold = list(samples), threshold
+        # the classes in sorted name order: the fit (lbfgs over the samples concatenated in this order) and the tie rule
+        # then depend on which adapters are known, not on the order they were registered in (a restart and a run-time load differ)
+        self.names, self.threshold = sorted(samples), threshold
         shapes = {n: tuple(v.shape) for n, v in samples.items()}
         dims = {s[1] for s in shapes.values() if len(s) == 2}
         bad = [n for n, s in shapes.items() if len(s) != 2 or not s[0]]
@@ -137,7 +139,8 @@ class ContentRouter:
     def route(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
         """(adapter name or "base", confidence) for each embedded request.
 
-        Base when the classifier is unsure (below the threshold), when the request is farther from the chosen
+        Base when the classifier is unsure (below the threshold, or two adapters tie for the highest probability: adapters
+        with the same samples, e.g. one published under two names), when the request is farther from the chosen
         adapter's samples than its cut-off (novelty), or when the embedding is not finite (an empty text has no
         token to pool: nothing to route by). The confidence is the classifier's either way.
         """
@@ -147,9 +150,11 @@ class ContentRouter:
         rows = finite.nonzero().flatten().tolist()
         if not rows:
             return out
-        conf, idx = self.probs(vectors[finite]).max(-1)
+        probs = self.probs(vectors[finite])
+        conf, idx = probs.max(-1)
+        tied = ((probs == conf[:, None]).sum(-1) > 1).tolist()  # no one most probable adapter: nothing to pick by name order
         near = self.distances(vectors[finite], idx.tolist()) if self.novelty is not None else None
         for j, (row, i, c) in enumerate(zip(rows, idx.tolist(), conf.tolist())):
-            ok = c >= self.threshold and (near is None or near[j] <= 1.0)
+            ok = c >= self.threshold and not tied[j] and (near is None or near[j] <= 1.0)
             out[row] = (self.names[i] if ok else BASE, round(c, 4))
         return out
