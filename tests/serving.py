@@ -11,7 +11,7 @@ import openai
 import uvicorn
 
 from adapterhub_lite.artifacts.registries import open_registry
-from adapterhub_lite.serving.api import create_app
+from adapterhub_lite.serving.api import HTTP_PARSER, create_app
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.handlers import Settings
 from adapterhub_lite.serving.router import Router
@@ -90,7 +90,7 @@ class Served:
         self.port = free_port()
         self.catalogue = Catalogue(self.engine)
         app = create_app(self.engine, Settings(**{"api_key": KEY, "allow_runtime_loading": True, **settings}), self.catalogue)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error", http=HTTP_PARSER))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .serving import KEY, slowed
+from .serving import KEY, free_port, slowed
 
 HISTOGRAMS = ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
               "request_decode_time_seconds", "request_inference_time_seconds", "request_prompt_tokens", "request_generation_tokens")
@@ -264,3 +264,20 @@ def test_answered_requests_count_by_the_finish_reason_their_choices_carry(served
     assert reasons.count("length") == 2 and reasons[-1] == "stop", reasons
     assert {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)} == \
         {r: float(reasons.count(r)) for r in set(reasons)}
+
+
+def test_serve_names_its_http_parser_so_an_unknown_method_is_a_404_on_every_install(serve_registry, monkeypatch):
+    """uvicorn's "auto" parser is httptools where it is importable (uvicorn[standard]) and h11 elsewhere; httptools answered
+    BREW with a bare 400 before the app, so the 404 above (in the error shape, counted) held or not by what was installed.
+    `serve` names h11, whichever is importable, and the test servers run the one it names."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from adapterhub_lite.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: seen.append(self.config))
+    assert main(["serve", "--registry", str(serve_registry), "--port", str(free_port()), "--quantization", "none", "--dtype", "fp32"]) == 0
+    config = seen[0]
+    config.load()
+    assert config.http == "h11" and config.http_protocol_class is H11Protocol, (config.http, config.http_protocol_class)

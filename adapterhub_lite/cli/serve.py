@@ -18,7 +18,7 @@ RAY_DEFAULTS = {"replicas": 1, "autoscaling": None, "max_ongoing_requests": 64, 
 def _serve(args) -> int:
     import uvicorn
 
-    from adapterhub_lite.serving.api import build_app
+    from adapterhub_lite.serving.api import HTTP_PARSER, build_app
 
     if args.max_input_tokens is not None and args.max_model_len is not None and args.max_input_tokens > args.max_model_len:
         raise AdapterHubError(f"--max-input-tokens {args.max_input_tokens} is past the context, --max-model-len {args.max_model_len}; "
@@ -34,7 +34,7 @@ def _serve(args) -> int:
         # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets open requests finish (up to the grace
         # period), then the app's lifespan stops the engine after the queue is served. Its own access
         # line is off: ours (serving/api.py) also names the model, the adapter that answered and the tokens.
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, http=HTTP_PARSER,
                                 timeout_graceful_shutdown=args.request_timeout)
         try:
             uvicorn.Server(config).run(sockets=[sock])

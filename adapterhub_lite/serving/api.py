@@ -43,6 +43,12 @@ from adapterhub_lite.serving.scheduler import Budgets
 
 access_log = logging.getLogger("adapterhub_lite.serve.access")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+# uvicorn's HTTP parser, named rather than left to its "auto", which takes httptools wherever it is importable (uvicorn[standard],
+# which vLLM and ray[serve] pull in) and h11 elsewhere: the two answer some requests differently before the app sees them
+# (httptools a bare 400 to a method outside HTTP's own, BREW; h11 hands it to the app: a 404 in the error shape, counted in
+# /metrics). h11 is what our dependency (plain uvicorn) installs, so every install answers alike; parsing is no measurable
+# share of a request's time beside the model's steps.
+HTTP_PARSER = "h11"
 
 
 class Guard:
