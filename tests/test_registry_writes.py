@@ -2,6 +2,7 @@
 at, stale temp folders of killed writers (pull, merge, interference, export), version folders the index does not list,
 and registry paths that name something else (an adapter folder)."""
 
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import adapterhub_lite.artifacts.files as files
-from adapterhub_lite.artifacts.registry import LocalRegistry
+from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError
 
 from .conftest import train_tiny
 
@@ -137,3 +138,57 @@ def test_a_killed_merge_interference_or_export_leaves_a_temp_the_next_write_of_t
 
         write_script(out, "#!/bin/sh\n")
     assert out.exists() and sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, live.name])
+
+
+@pytest.mark.parametrize("how", ["auto", "1.0.1"])
+def test_a_version_folder_the_index_does_not_list_is_refused_not_replaced(adapter, tmp_path, capsys, how):
+    """A folder <name>/<version>/ that the index does not list, copied in by hand (or left by a publish killed before
+    this was kept track of), was deleted by the next publish of that version, without a word: its files may be a
+    user's only copy. A publish killed after its rename (.placing.json names its folder) is still cleared."""
+    from adapterhub_lite.cli import main
+
+    reg = tmp_path / "reg"
+    LocalRegistry(reg).publish(adapter, "1.0.0")
+    index = (reg / "index.json").read_text()
+    hand = reg / "toy" / "1.0.1"
+    shutil.copytree(adapter, hand)
+    (hand / "notes.txt").write_text("mine")
+    assert main(["publish", str(adapter), "--registry", str(reg), "--version", how]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: registry {reg} already holds a folder toy/1.0.1/ that its index does not list") and "\n" not in err
+    assert "move it out of the registry" in err and (hand / "notes.txt").read_text() == "mine" and (reg / "index.json").read_text() == index
+    assert not list(reg.glob(".publish-*"))
+    shutil.rmtree(hand)
+    shutil.copytree(adapter, hand)  # as a publisher killed between its rename and the index write leaves it
+    (reg / ".placing.json").write_text(json.dumps({"name": "toy", "version": "1.0.1"}))
+    assert LocalRegistry(reg).publish(adapter, how)[1] == "1.0.1" and LocalRegistry(reg).verify() == []
+    assert not (reg / ".placing.json").exists()
+
+
+def test_a_hub_publish_over_files_the_index_does_not_list_is_refused(adapter, monkeypatch):
+    """The Hub's sibling: files uploaded by hand under toy/1.0.0/ without an index entry were overwritten by the
+    publish's commit (those of the same name) or kept beside its files (the others: an 'unexpected file' for ever)."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from adapterhub_lite.artifacts.hub import HubRegistry
+
+    commits = []
+
+    class Api:
+        def repo_info(self, repo):
+            return type("Info", (), {"sha": "abc"})()
+
+        def list_repo_files(self, repo, revision=None):
+            return ["README.md", "toy/1.0.0/adapter_model.safetensors", "toy/1.0.0/mine.txt"]
+
+        def create_commit(self, repo, ops, **kwargs):
+            commits.append(ops)
+
+    def no_index(*args, **kwargs):
+        raise EntryNotFoundError("index.json")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_index)
+    with pytest.raises(RegistryError, match=r"registry hf://org/adapters already holds a folder toy/1.0.0/ that its index does not list"):
+        HubRegistry("org/adapters").publish(adapter)
+    assert commits == []

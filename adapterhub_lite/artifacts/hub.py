@@ -14,7 +14,16 @@ import threading
 from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR
-from adapterhub_lite.artifacts.index import RegistryError, check_case_clash, check_copy, make_entry, next_version, parse_index, publish_inputs
+from adapterhub_lite.artifacts.index import (
+    RegistryError,
+    check_case_clash,
+    check_copy,
+    make_entry,
+    next_version,
+    parse_index,
+    publish_inputs,
+    unlisted_folder,
+)
 from adapterhub_lite.artifacts.registry import Registry
 from adapterhub_lite.core.names import cache_dir
 
@@ -118,6 +127,8 @@ class HubRegistry(Registry):
             check_case_clash(index["adapters"], name)  # a pull of both onto a case-insensitive file system would mix them
             versions = index["adapters"].setdefault(name, {})
             chosen = next_version(versions, version, name)
+            if head is not None and any(f.startswith(f"{name}/{chosen}/") for f in self._files(head)):  # uploaded by hand:
+                raise unlisted_folder(self.root, name, chosen, version)  # the commit would overwrite its files, keep its others
             versions[chosen] = entry = make_entry(meta, peft_config, hashes)
             ops = [CommitOperationAdd(f"{name}/{chosen}/{fname}", content) for fname, content in data.items()]
             ops.append(CommitOperationAdd("index.json", (json.dumps(index, indent=2) + "\n").encode()))

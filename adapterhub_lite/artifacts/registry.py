@@ -10,7 +10,8 @@ The index is the truth: a version exists when, and only when, the index lists it
 versions and entries: index.py). Publishing
 copies into a hidden temp folder (hashing as it copies), fsyncs, and then, under a file lock,
 renames the folder into place and rewrites the index atomically. A publisher killed at any
-point leaves the old index and at most an unlisted folder, which the next publish clears away.
+point leaves the old index and at most an unlisted folder, named in `.placing.json`, which the
+next publish clears away; an unlisted folder that file does not name is someone's, and refused.
 
 The lock is `filelock.FileLock` (fcntl on POSIX, msvcrt on Windows; imported only when a publish
 takes it). A publisher's temp folder is named `.publish-<id>-<pid>-<host>`: a later publisher
@@ -29,7 +30,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapterhub_lite.artifacts.files import open_lock_file, os_problem, owner, sweep_stale, temp_beside, write_json
+from adapterhub_lite.artifacts.files import atomic_write, open_lock_file, os_problem, owner, sweep_stale, temp_beside, write_json
 from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import (
     INDEX_FORMAT,
@@ -47,11 +48,13 @@ from adapterhub_lite.artifacts.index import (
     parse_index,
     parse_ref,
     publish_inputs,
+    unlisted_folder,
     version_key,
 )
 from adapterhub_lite.core.errors import AdapterHubError
 
 LOCK_TIMEOUT_S = 600
+PLACING = ".placing.json"  # {"name", "version"}: the folder a publisher renames into place before it lists it
 
 
 def _copy_hashing(src: Path, dst: Path) -> dict:
@@ -333,6 +336,18 @@ class LocalRegistry(Registry):
         sweep_stale(self.root, ".publish-")
         for tmp in self.root.glob(".index.json.*"):  # atomic_write's temp index of a writer killed mid-write: the index
             tmp.unlink(missing_ok=True)  # is written only under this lock, so none of these is being written now
+        placing = self.root / PLACING  # written only under this lock too: its publisher was killed after its rename
+        if placing.is_file() and not placing.is_symlink():
+            try:
+                left = json.loads(placing.read_text())
+                name, version = str(left["name"]), str(left["version"])
+            except (OSError, ValueError, KeyError, TypeError):
+                name = version = ""
+            folder = self.root / name / version
+            if is_version_folder(name, version) and version not in self._read_index()["adapters"].get(name, {}) and folder.is_dir() \
+                    and not folder.is_symlink():
+                shutil.rmtree(folder)  # never listed, never seen: that publisher's own copy, not a user's folder
+            placing.unlink()
 
     def publish(self, folder: str | Path, version: str = "auto", name: str | None = None) -> tuple[str, str, dict]:
         """Copy an adapter folder in as an immutable version; returns (name, version, entry).
@@ -342,6 +357,7 @@ class LocalRegistry(Registry):
         yet listed is taken back.
         """
         folder, meta, name, peft_config = publish_inputs(folder, version, name)
+        asked = version
         tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{owner()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -359,8 +375,9 @@ class LocalRegistry(Registry):
                 version = next_version(versions, version, name)
                 entry = make_entry(meta, peft_config, files)
                 final = self.root / name / version
-                if final.exists():  # left by a publisher killed after its rename: never listed, so not visible
-                    shutil.rmtree(final)
+                if final.exists() or final.is_symlink():  # a killed publisher's was cleared by the sweep: someone put this here
+                    raise unlisted_folder(str(self.root), name, version, asked)
+                atomic_write(self.root / PLACING, json.dumps({"name": name, "version": version}))  # see _sweep
                 final.parent.mkdir(exist_ok=True)
                 tmp.rename(final)
                 try:
@@ -370,6 +387,8 @@ class LocalRegistry(Registry):
                 except BaseException:
                     shutil.rmtree(final, ignore_errors=True)  # not listed: take it back, the old index stands
                     raise
+                finally:
+                    (self.root / PLACING).unlink(missing_ok=True)
         except OSError as exc:
             raise RegistryError(f"cannot publish {str(folder)!r} into registry {self.root}: {os_problem(exc)}; "
                                 "free disk space or make the registry writable, then publish again (the registry is unchanged)") from None
