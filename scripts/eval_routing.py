@@ -3,7 +3,8 @@ task still reach an adapter; prints one JSON line.
 
 Each task's routing sample is embedded from its training inputs (as `adapterhub-lite train` stores
 it in routing.safetensors), the router is fitted over all of them, and then every dev input is
-routed among all tasks (`routing_accuracy`). Leave-one-out (`held_out_to_adapter`): the router is
+routed among all tasks (`routing_accuracy`: the share of each task's dev inputs that went to its own adapter, and their
+mean over tasks; `routed_to`: where each task's dev inputs went, an adapter or base, counted). Leave-one-out (`held_out_to_adapter`): the router is
 fitted on all tasks but one and that task's dev inputs are routed; each should go to base, and the
 figure is the share that went to an adapter instead. `--ood FILE` (one text a line, e.g.
 scripts/routing_ood.txt: questions, code, arithmetic, other languages, single words) is routed
@@ -15,6 +16,7 @@ over all tasks the same way (`ood_to_adapter`).
 import argparse
 import json
 import time
+from collections import Counter
 
 from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, task_texts
 from adapterhub_lite.core.names import BASE
@@ -25,7 +27,7 @@ from adapterhub_lite.serving.routing import ContentRouter, check_probability
 
 def to_adapter(router: ContentRouter, vectors) -> float:
     """Share of embedded inputs the router sends to some adapter rather than base."""
-    return round(sum(r != BASE for r, _ in router.route(vectors)) / len(vectors), 4)
+    return sum(r != BASE for r, _ in router.route(vectors)) / len(vectors)
 
 
 def main():
@@ -54,16 +56,20 @@ def main():
     t1 = time.perf_counter()
     router = ContentRouter(samples, **kwargs)
     fit_seconds = time.perf_counter() - t1
-    acc = {n: round(sum(r == n for r, _ in router.route(v)) / len(v), 4) for n, v in dev.items()}
-    acc["mean"] = round(sum(acc.values()) / len(dev), 4)
-    held = {h: to_adapter(ContentRouter({n: v for n, v in samples.items() if n != h}, **kwargs), dev[h]) for h in specs} if len(specs) > 1 else {}
+    # where each task's dev inputs went (an adapter or base), and the share that reached their own task's adapter
+    confusion = {n: dict(Counter(r for r, _ in router.route(v)).most_common()) for n, v in dev.items()}
+    recall = {n: confusion[n].get(n, 0) / len(v) for n, v in dev.items()}
+    acc = {n: round(r, 4) for n, r in recall.items()}
+    acc["mean"] = round(sum(recall.values()) / len(dev), 4)  # of the unrounded shares (the mean of rounded ones was off by up to 5e-5)
+    left = {h: to_adapter(ContentRouter({n: v for n, v in samples.items() if n != h}, **kwargs), dev[h]) for h in specs} if len(specs) > 1 else {}
+    held = {h: round(share, 4) for h, share in left.items()}
     if held:
-        held["mean"] = round(sum(held.values()) / len(specs), 4)
+        held["mean"] = round(sum(left.values()) / len(specs), 4)
     ood = None
     if args.ood:
         texts = [line.rstrip("\n") for line in open(args.ood, encoding="utf-8") if line.strip()]
-        ood = {"inputs": len(texts), "to_adapter": to_adapter(router, vec(texts))}
-    print(json.dumps({"routing_accuracy": acc, "held_out_to_adapter": held, "ood_to_adapter": ood, "samples": args.samples,
+        ood = {"inputs": len(texts), "to_adapter": round(to_adapter(router, vec(texts)), 4)}
+    print(json.dumps({"routing_accuracy": acc, "routed_to": confusion, "held_out_to_adapter": held, "ood_to_adapter": ood, "samples": args.samples,
                       "dev_limit": args.dev_limit, "threshold": args.threshold, "novelty": kwargs["novelty"],
                       "embedding": embedding_spec(backbone.model), "quantization": args.quantization,
                       "fit_seconds": round(fit_seconds, 2), "seconds": round(time.perf_counter() - t0, 1)}))

@@ -108,3 +108,51 @@ def test_a_tie_between_adapters_goes_to_base_whatever_their_order():
         for names in (("x", "y"), ("y", "x")):
             twins = ContentRouter({names[0]: a, names[1]: a.clone()}, threshold=threshold)
             assert twins.route(a[:3]) == [("base", 0.5)] * 3
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # base: a column, never a true task
+def test_eval_routing_reports_what_an_independent_confusion_matrix_of_its_own_routes_gives(tmp_path, monkeypatch, capsys):
+    """scripts/eval_routing.py's figures, recomputed with scikit-learn from the routes it took (recorded): each task's
+    `routing_accuracy` is the recall of its row of the confusion matrix (base a column of its own, counted wrong), the
+    mean is the balanced accuracy, `routed_to` is the matrix, held-out and off-task figures the share sent to an adapter."""
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    makers = {"digits": lambda i: f"{i * 7919 % 100000:05d} {i % 13}", "letters": lambda i: "qwertyuiop"[i % 10] * (3 + i % 5)}
+    paths = []
+    for name, make in makers.items():
+        for split, rows in (("train", range(40)), ("dev", range(40, 53))):
+            (tmp_path / f"{name}_{split}.jsonl").write_text("".join(json.dumps({"text": make(i), "label": "x"}) + "\n" for i in rows))
+        spec = {"name": name, "type": "classification", "prompt": "{text} ->", "label": "label", "labels": ["x", "y"],
+                "data": {"train": str(tmp_path / f"{name}_train.jsonl"), "dev": str(tmp_path / f"{name}_dev.jsonl")}}
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(json.dumps(spec))  # JSON is YAML
+    (tmp_path / "ood.txt").write_text("What is the capital of Australia?\n\nWie spät ist es?\n12345 6\n")
+    spec = importlib.util.spec_from_file_location("eval_routing", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    routed = []  # (the router's adapters, its routes) for every route() the script makes, in order
+
+    class Recording(ContentRouter):
+        def route(self, vectors):
+            out = super().route(vectors)
+            routed.append((tuple(self.names), [r for r, _ in out]))
+            return out
+    monkeypatch.setattr(script, "ContentRouter", Recording)
+    monkeypatch.setattr("sys.argv", ["eval_routing.py", *map(str, paths), "--base", "tiny-random-llama", "--quantization", "none",
+                                     "--samples", "40", "--threshold", "0.9", "--ood", str(tmp_path / "ood.txt")])
+    script.main()
+    report = json.loads(capsys.readouterr().out)
+    both = ("digits", "letters")
+    (names_d, digits), (names_l, letters), (held_d, to_d), (held_l, to_l), (names_o, ood) = routed
+    assert names_d == names_l == names_o == both and held_d == ("letters",) and held_l == ("digits",)
+    truth, pred = ["digits"] * len(digits) + ["letters"] * len(letters), digits + letters
+    labels = [*both, "base"]
+    matrix = confusion_matrix(truth, pred, labels=labels)
+    for i, task in enumerate(both):
+        assert report["routing_accuracy"][task] == round(matrix[i, i] / matrix[i].sum(), 4)
+        assert report["routed_to"][task] == {label: int(n) for label, n in zip(labels, matrix[i]) if n}
+    assert report["routing_accuracy"]["mean"] == round(balanced_accuracy_score(truth, pred), 4)
+    assert report["held_out_to_adapter"] == {"digits": round(sum(r != "base" for r in to_d) / 13, 4),
+                                             "letters": round(sum(r != "base" for r in to_l) / 13, 4),
+                                             "mean": round((sum(r != "base" for r in to_d) + sum(r != "base" for r in to_l)) / 26, 4)}
+    assert report["ood_to_adapter"] == {"inputs": 3, "to_adapter": round(sum(r != "base" for r in ood) / 3, 4)}
