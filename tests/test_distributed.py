@@ -151,6 +151,34 @@ def test_a_run_killed_in_one_process_stops_every_process_and_resumes_with_one(cl
     same_weights(cls_task / "ref", cls_task / "out")
 
 
+
+@pytest.mark.multiprocess
+def test_a_launcher_killed_alone_takes_its_processes_with_it(cls_task):
+    """kill -9 of torchrun itself (a scheduler's hard kill, the OOM killer): it cannot stop its processes, which run in a
+    session of their own; they trained on alone and wrote the output folder after the run looked stopped. Now the
+    kernel ends them when the launcher dies, and the checkpoint is left for --resume."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTERHUB_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "adapterhub_lite.cli", "train", "toy.yaml", *STEPS, "train.max_steps=30", "train.batch_size=4", "--output", "out", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=cls_task, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = cls_task / ".out.partial" / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists()
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=240)  # without the fix they end too, once the run is finished
+    for p in alive:
+        p.kill()
+    assert not alive
+    assert not (cls_task / "out").exists()  # they stopped, not finished the run the user killed
+    resumed = run(["train", "toy.yaml", *STEPS, "train.max_steps=30", "train.batch_size=8", "--output", "out", "--resume", "--no-progress"], 1, cls_task)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stderr
+
 CRASH_AT_STEP_5 = (
     "import sys\n"
     "from adapterhub_lite.training.checkpoint import Checkpoint\n"

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 
 import torch
 
@@ -41,12 +43,32 @@ def local_device(device: str | None) -> str | None:
     return device
 
 
+def follow_launcher() -> None:
+    """Under a launcher on Linux, have the kernel end this process (SIGTERM) when the launcher dies.
+
+    torchrun starts each process in a session of its own and stops them itself; a launcher that is SIGKILLed (a scheduler's
+    hard kill, the OOM killer) cannot, and its processes trained on alone, holding their devices, and wrote the output
+    folder minutes later, while the run looked stopped (seen: both workers finished a killed run). SIGTERM's default
+    action ends the process where it is: the work folder keeps its last checkpoint, and --resume continues it."""
+    if not launched() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    with contextlib.suppress(OSError, AttributeError):  # no prctl here (another libc): the launcher's own teardown only
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the request was made: nobody is left to signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Parallel:
     """The process group of a run, through one `accelerate.Accelerator` (a no-op when alone)."""
 
     def __init__(self, device: torch.device, quantization: str = "none"):
         from accelerate import Accelerator
         from accelerate.utils import DistributedType
+
+        follow_launcher()
 
         # step_scheduler_with_optimizer=False: the schedule advances once per optimizer step whatever
         # the process count (accelerate would otherwise step it once per process), as in one process.
