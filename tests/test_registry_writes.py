@@ -192,3 +192,27 @@ def test_a_hub_publish_over_files_the_index_does_not_list_is_refused(adapter, mo
     with pytest.raises(RegistryError, match=r"registry hf://org/adapters already holds a folder toy/1.0.0/ that its index does not list"):
         HubRegistry("org/adapters").publish(adapter)
     assert commits == []
+
+
+@pytest.mark.parametrize("argv", [["export", "vllm"], ["list"], ["verify"], ["info", "toy"], ["publish", "ADAPTER"]])
+def test_an_adapter_folder_given_as_the_registry_is_named_as_one(adapter, tmp_path, capsys, argv):
+    """`export --registry runs/sst2` said the folder "holds no adapters" (it holds one), `list` printed an empty table
+    with exit 0, and publish wrote a registry into the adapter's folder. A version folder of a registry names its
+    registry."""
+    from adapterhub_lite.cli import main
+
+    folder = tmp_path / "toy"
+    shutil.copytree(adapter, folder)
+    before = sorted(p.name for p in folder.iterdir())
+    argv = [str(adapter) if a == "ADAPTER" else a for a in argv]
+    assert main([*argv, "--registry", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: registry {str(folder)!r} is an adapter folder (it holds adapter_config.json), not a registry; pass the registry "
+                   f"folder that holds the adapter (default: adapters), or publish it into one first: "
+                   f"`adapterhub-lite publish {folder} --registry adapters`")
+    assert sorted(p.name for p in folder.iterdir()) == before
+    LocalRegistry(tmp_path / "reg").publish(adapter, "1.0.0")
+    version = tmp_path / "reg" / "toy" / "1.0.0"
+    assert main([*argv, "--registry", str(version)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: registry {str(version)!r} is the version folder of toy@1.0.0 in registry "
+                                               f"{str(tmp_path / 'reg')!r}, not a registry; pass --registry {tmp_path / 'reg'}")

@@ -240,6 +240,7 @@ class LocalRegistry(Registry):
         except OSError as exc:
             raise RegistryError(f"cannot read {path}: {os_problem(exc)}; check its permissions") from None
         if text is None:
+            self._refuse_adapter_folder()
             found = self._version_folders()
             if found:  # the index was lost, not never written: reading the registry as empty would forget (and overwrite) them
                 shown = ", ".join(f"{n}@{v}" for n, v in found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
@@ -247,6 +248,21 @@ class LocalRegistry(Registry):
                                     f"or rebuild it from the folders with `adapterhub-lite reindex --registry {self.root}`")
         return parse_index(text, str(path), fix="restore it from a backup (the version folders beside it are untouched), or rebuild it "
                            f"from them with `adapterhub-lite reindex --registry {self.root}`")
+
+    def _refuse_adapter_folder(self) -> None:
+        """An adapter folder given as the registry (runs/sst2, or a version folder <registry>/<name>/<version>) holds no
+        index: read as an empty registry, `export` said it "holds no adapters" and `list` printed none, and a
+        publish would have written a registry into the adapter's folder."""
+        held = next((f for f in ("adapter_config.json", SIDECAR) if (self.root / f).is_file()), None)
+        if held is None:
+            return
+        found = registered_as(self.root)
+        if found is not None:
+            raise RegistryError(f"registry {str(self.root)!r} is the version folder of {found[1]}@{found[2]} in registry "
+                                f"{str(found[0].root)!r}, not a registry; pass --registry {found[0].root}")
+        raise RegistryError(f"registry {str(self.root)!r} is an adapter folder (it holds {held}), not a registry; pass the registry folder "
+                            f"that holds the adapter (default: adapters), or publish it into one first: "
+                            f"`adapterhub-lite publish {self.root} --registry adapters`")
 
     def _version_folders(self) -> list[tuple[str, str]]:
         """(name, version) of every <name>/<version>/ folder that holds adapter files, listed or not."""
@@ -358,6 +374,8 @@ class LocalRegistry(Registry):
         """
         folder, meta, name, peft_config = publish_inputs(folder, version, name)
         asked = version
+        if not (self.root / "index.json").exists():
+            self._refuse_adapter_folder()  # before its .lock and temp folder are made in it
         tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{owner()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
