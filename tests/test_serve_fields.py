@@ -753,3 +753,18 @@ def test_a_task_input_is_judged_as_predict_infer_and_router_run_judge_its_row(se
         for path in ("/v1/completions", "/v1/classify"):
             r = served.post(path, {"model": "cls_a", "input": inp, "prompt": ""} if path == "/v1/completions" else {"model": "cls_a", "input": inp})
             assert r.status_code == 400 and said in r.json()["error"]["message"], (path, inp, r.text)
+
+
+def test_completions_top_logprobs_keep_every_alternative_when_two_tokens_share_a_text(served):
+    """Legacy top_logprobs are a dict keyed by text, and two tokens may decode to the same text (here the byte-level
+    tokenizer's bytes 0x80-0xFF, each "\ufffd" alone): the second was dropped, so a client asking for 20 alternatives
+    saw fewer, without a word (vLLM drops them too, vllm-project/vllm#44319). The later one is keyed "token_id:<id>"
+    (return_tokens_as_token_ids' spelling), so every alternative is there with its own log-prob."""
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 4, "logprobs": 20, "temperature": 0, "ignore_eos": True}
+    by_text = complete(served, **body)["choices"][0]["logprobs"]["top_logprobs"]
+    by_id = complete(served, **body, return_tokens_as_token_ids=True)["choices"][0]["logprobs"]["top_logprobs"]
+    for text_keyed, id_keyed in zip(by_text, by_id, strict=True):
+        assert len(text_keyed) == len(id_keyed) >= 20, (len(text_keyed), len(id_keyed))
+        assert sorted(text_keyed.values()) == sorted(id_keyed.values())
+        assert all(text_keyed[k] == id_keyed[k] for k in text_keyed if k.startswith("token_id:"))
+    assert any(any(k.startswith("token_id:") for k in top) for top in by_text)  # a collision happened here

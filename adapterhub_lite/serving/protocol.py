@@ -203,7 +203,8 @@ def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0, a
 
     The chosen token is keyed in its top_logprobs by the same text as in `tokens` (the text it added, which differs
     from its own decoding where a stop string cuts it or a character spans tokens), so top_logprobs[i][tokens[i]]
-    is its log-prob (and the first key): lm-eval's greedy check compares the best key with tokens[i]. With `as_ids` (vLLM's
+    is its log-prob (and the first key): lm-eval's greedy check compares the best key with tokens[i]. An alternative whose
+    text is a key already (another token's) is keyed "token_id:<id>", so none is lost. With `as_ids` (vLLM's
     return_tokens_as_token_ids) every token and key is "token_id:<id>" instead; text_offset still counts the text."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if top_k else None, "text_offset": []}
     for e in entries:
@@ -215,7 +216,12 @@ def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0, a
             if e.top is not None:
                 top = {shown: e.logprob}  # the chosen token first, as vLLM orders them (an echoed prompt's is often not the best)
                 for t, lp in e.top[:top_k]:
-                    top.setdefault(token_id_text(t) if as_ids else e.text if t == e.token else tokenizer.decode([t]), lp)
+                    if t == e.token:
+                        continue
+                    key = token_id_text(t) if as_ids else tokenizer.decode([t])
+                    # two tokens of one text (byte pieces, each "\ufffd" alone; "a" and "▁a"): a dict holds one, and the other
+                    # vanished, so fewer alternatives than asked came back (vLLM's too). It is named by its id instead.
+                    top[token_id_text(t) if key in top else key] = lp
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(e.text)
