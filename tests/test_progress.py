@@ -75,3 +75,16 @@ def test_a_refused_resume_names_every_difference_spec_and_data_together():
     now = run_identity(spec_from_dict({**BASE, "train": {**BASE["train"], "lr": 0.5}}), {**DATA, "train": Split([], [], "t.jsonl", "new-sha")})
     with pytest.raises(TrainingError, match=r"train\.lr: .* → 0\.5; data train: sha256 train-sha → new-sha"):
         check_resume(saved, now, "work")
+
+
+def test_a_resume_under_another_process_count_names_the_batch_size_that_fits():
+    """A 2-process checkpoint (batch_size 2: global 4) resumed by one process with the same flags differs only in the
+    global batch; the refusal says which train.batch_size resumes it here, not just 'restore them'."""
+    from adapterhub_lite.training.progress import TrainingError, check_resume
+
+    spec = spec_from_dict({**BASE, "train": {**BASE["train"], "batch_size": 2}})
+    saved = run_identity(spec, DATA, processes=2)
+    with pytest.raises(TrainingError, match=r"batch_size × processes: 4 → 2\); under 1 process\(es\) give train\.batch_size=4 \(the checkpoint's global batch 4\)"):
+        check_resume(saved, run_identity(spec, DATA, processes=1), "work", processes=1)
+    with pytest.raises(TrainingError, match=r"global batch 4 does not divide among 3 processes"):
+        check_resume(saved, run_identity(spec, DATA, processes=3), "work", processes=3)

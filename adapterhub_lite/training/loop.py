@@ -230,7 +230,7 @@ class _Run:
         self.state, self.best = RunState(), None
         if resume:
             saved = self.ckpt.load()
-            check_resume(saved.get("run"), recipe.identity, work)
+            check_resume(saved.get("run"), recipe.identity, work, parallel.world)
             recipe.load_trainable(saved["adapter"])
             recipe.load_state_dict(saved["recipe"])
             self.state, self.best = RunState(**saved["state"]), saved["best"]

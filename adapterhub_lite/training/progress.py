@@ -140,8 +140,9 @@ def joint_identity(specs: list[TaskSpec], cfg, data: dict, processes: int = 1) -
     return {"sha256": hashlib.sha256(blob).hexdigest(), "spec": json.loads(json.dumps(spec, default=str)), "data": data_}
 
 
-def check_resume(saved: dict | None, now: dict, where) -> None:
-    """Refuse a resume whose spec or data differ from the checkpoint's, naming each difference."""
+def check_resume(saved: dict | None, now: dict, where, processes: int = 1) -> None:
+    """Refuse a resume whose spec or data differ from the checkpoint's, naming each difference (`processes`: this
+    run's count, to say which train.batch_size gives the checkpoint's global batch under it)."""
     if saved is None:
         raise TrainingError(f"checkpoint in {where} records no spec or data hash (written by an older version); run with --overwrite instead of --resume to start fresh")
     if saved["sha256"] == now["sha256"]:
@@ -151,4 +152,17 @@ def check_resume(saved: dict | None, now: dict, where) -> None:
     changed += [f"data {k}: sha256 {str(saved['data'].get(k))[:12]} → {str(now['data'].get(k))[:12]}"
                 for k in sorted(set(saved["data"]) | set(now["data"])) if saved["data"].get(k) != now["data"].get(k)]
     raise TrainingError(f"--resume refused: the checkpoint in {where} was written for another spec or data ({'; '.join(changed)}); "
-                        "restore them, or run without --resume (and with --overwrite) to start fresh")
+                        f"{_global_batch_fix(saved['spec'], now['spec'], processes)}restore them, or run without --resume "
+                        "(and with --overwrite) to start fresh")
+
+
+def _global_batch_fix(saved: dict, now: dict, processes: int) -> str:
+    """The fix when the global batch differs (a resume under another process count with the same train.batch_size, which
+    'restore them' leaves the user to work out): the batch_size that gives the checkpoint's under this many processes."""
+    for key in sorted(saved):
+        old = saved.get(key)
+        if key.endswith(GLOBAL_BATCH) and isinstance(old, int) and old != now.get(key):
+            if old % processes == 0:
+                return f"under {processes} process(es) give train.batch_size={old // processes} (the checkpoint's global batch {old}); "
+            return f"the checkpoint's global batch {old} does not divide among {processes} processes: resume under a count that divides it; "
+    return ""
