@@ -216,3 +216,33 @@ def test_an_adapter_folder_given_as_the_registry_is_named_as_one(adapter, tmp_pa
     assert main([*argv, "--registry", str(version)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: registry {str(version)!r} is the version folder of toy@1.0.0 in registry "
                                                f"{str(tmp_path / 'reg')!r}, not a registry; pass --registry {tmp_path / 'reg'}")
+
+
+@pytest.mark.parametrize("to, needle", [
+    ("afile/sub", "--to '{t}/afile/sub': '{t}/afile' is a file, not a folder; choose a --to under a folder"),
+    ("reg/toy/1.0.1", "--to '{t}/reg/toy/1.0.1' is inside registry '{t}/reg'; pull copies a version out: choose a --to outside it"),
+    ("raced", "destination '{t}/raced' was created while toy was copied (another pull to it?); it is left as it is and nothing was pulled"),
+])
+def test_a_pull_to_where_it_cannot_go_is_one_line_naming_why(adapter, tmp_path, capsys, monkeypatch, to, needle):
+    """pull --to under a file said "File exists (EEXIST) …; free disk space", a --to inside the registry made an unlisted
+    version folder there (a later publish of that version is refused for it), and a --to another pull created while
+    this one copied said "Directory not empty …; free disk space"."""
+    import adapterhub_lite.artifacts.registry as registry
+    from adapterhub_lite.cli import main
+
+    LocalRegistry(tmp_path / "reg").publish(adapter, "1.0.0")
+    (tmp_path / "afile").write_text("a file")
+    if to == "raced":
+        copy = registry._copy_hashing
+
+        def racing(src, dst):  # another pull renames its copy into place meanwhile
+            (tmp_path / "raced").mkdir(exist_ok=True)
+            (tmp_path / "raced" / "theirs.txt").write_text("theirs")
+            return copy(src, dst)
+        monkeypatch.setattr(registry, "_copy_hashing", racing)
+    before = sorted(str(p) for p in tmp_path.rglob("*") if "raced" not in p.parts)
+    assert main(["pull", "toy", "--registry", str(tmp_path / "reg"), "--to", str(tmp_path / to)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + needle.format(t=tmp_path)) and "\n" not in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*") if "raced" not in p.parts) == before
+    assert to != "raced" or [p.name for p in (tmp_path / "raced").iterdir()] == ["theirs.txt"]

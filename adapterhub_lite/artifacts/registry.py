@@ -182,8 +182,13 @@ class Registry:
         """
         name, version, entry = self.resolve(ref)  # once: `latest` may move meanwhile, and the copy is checked against this entry
         src, to = self._verified(name, version, entry), Path(to)
-        if to.exists():
+        if to.exists() or to.is_symlink():
             raise RegistryError(f"destination {str(to)!r} already exists; choose a new --to folder")
+        under = next((q for q in to.parents if q.exists()), None)  # mkdir's EEXIST said "free disk space" for it
+        if under is not None and not under.is_dir():
+            raise RegistryError(f"--to {str(to)!r}: {str(under)!r} is a file, not a folder; choose a --to under a folder")
+        if isinstance(self.root, Path) and self.root.resolve() in to.resolve().parents:  # an unlisted folder in the registry
+            raise RegistryError(f"--to {str(to)!r} is inside registry {str(self.root)!r}; pull copies a version out: choose a --to outside it")
         tmp = temp_beside(to, "pull")
         sweep_stale(to.parent, f".{to.name}.pull-")  # a pull to this folder killed mid-copy left its temp there
         try:
@@ -194,7 +199,13 @@ class Registry:
             if changed:
                 raise RegistryError(f"integrity check failed for {name}@{version}: {', '.join(changed)} changed while it was copied "
                                     "(the copy does not match its recorded sha256); nothing was pulled: pull again, or re-publish it")
-            tmp.rename(to)
+            try:
+                tmp.rename(to)
+            except OSError:
+                if to.exists():  # "Directory not empty; free disk space" said nothing of the cause
+                    raise RegistryError(f"destination {str(to)!r} was created while {ref} was copied (another pull to it?); it is left as it "
+                                        "is and nothing was pulled: choose a new --to folder") from None
+                raise
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise RegistryError(f"cannot copy {ref} to {str(to)!r}: {os_problem(exc)}; free disk space or choose a writable --to folder") from None
