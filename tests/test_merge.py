@@ -519,3 +519,22 @@ def test_a_dare_mask_is_drawn_on_the_cpu_whatever_the_device_so_a_seed_is_one_me
     assert masks["meta"].device.type == "cpu", f"the mask for a meta tensor was drawn on {masks['meta'].device}"
     assert torch.equal(masks["meta"], masks["cpu"])
     assert merge_utils.random_pruning is not merge_mod.cpu_random_pruning  # peft's own again after the merge
+
+
+@pytest.mark.parametrize("init, first", [("pissa", False), ("pissa", True), ("olora", True), ("corda", False)])
+def test_a_source_made_for_a_rewritten_base_is_refused_in_one_line(sources, tmp_path, init, first):
+    """A source initialised with PiSSA / OLoRA / CorDA (init_lora_weights names one) holds the residual of a base that
+    init rewrote, so it fits only that base. As a merge's second source it was merged unsaid and the merged adapter (the
+    first source's config: no such init) served, on the unchanged backbone, factors made for another base; first, the
+    merged adapter was saved saying init_lora_weights='pissa'; OLoRA and CorDA sources raised a RuntimeError / peft's
+    bare ValueError. Each is refused in one line naming the source and the init, before anything loads."""
+    rewritten = tmp_path / "rewritten"
+    shutil.copytree(sources["b"], rewritten)
+    config = json.loads((rewritten / "adapter_config.json").read_text())
+    (rewritten / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    folders = {"r": rewritten, "a": sources["a"]} if first else {"a": sources["a"], "r": rewritten}
+    with pytest.raises(MergeError, match=rf"^merge source 'r' was initialised with init_lora_weights='{init}', which rewrites the base weights; "
+                                         r".* merge that$"):
+        merge_adapters(folders, {"r": 0.5, "a": 0.5}, "delta_linear", output=tmp_path / "m", name="mix", report_rows=0,
+                       base_config=load_backbone("tiny-random-llama", "none", dtype="fp32").model.config)
+    assert not (tmp_path / "m").exists()

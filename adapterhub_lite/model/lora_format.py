@@ -25,13 +25,13 @@ def base_rewriting_init(config) -> str | None:
     return "loftq" if get("loftq_config") else None
 
 
-def base_rewriting_problem(config, what: str) -> str | None:
-    """One line saying why `what` (a LoRA adapter) cannot be served on an unchanged base, or None."""
+def base_rewriting_problem(config, what: str, use: str = "serve") -> str | None:
+    """One line saying why `what` (a LoRA adapter) cannot be used (`use`: served, merged …) on an unchanged base, or None."""
     init = base_rewriting_init(config)
     if init is None:
         return None
     return (f"{what} was initialised with init_lora_weights={init!r}, which rewrites the base weights; it fits only that rewritten base, "
-            "not this backbone: save it converted to plain LoRA (peft's path_initial_model_for_weight_conversion) and serve that")
+            f"not this backbone: save it converted to plain LoRA (peft's path_initial_model_for_weight_conversion) and {use} that")
 
 
 # Tensor names in a PEFT folder: "[base_model.model.]<module>.lora_A[.<adapter>].weight" and

@@ -41,6 +41,7 @@ from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.model.lora_format import base_rewriting_problem
 from adapterhub_lite.ops.merge_sources import MergeError, load_sources, read_json, read_source
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
@@ -81,6 +82,11 @@ def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[
     """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks (each one's largest).
     `configs`: each source's adapter_config.json as read."""
     _check_sources(metas, method, weights, allow_base_mismatch)
+    # A PiSSA / OLoRA / CorDA … source is the residual of a base its init rewrote: merged beside others it would be
+    # served on the unchanged backbone (peft keeps the first source's config, so a later source's init goes unsaid)
+    rewritten = next(filter(None, (base_rewriting_problem(c, f"merge source {n!r}", use="merge") for n, c in configs.items())), None)
+    if rewritten:
+        raise MergeError(rewritten)
     on_parameters = {n: c["target_parameters"] for n, c in configs.items() if c.get("target_parameters")}
     if on_parameters:  # peft's add_weighted_adapter raises a bare ValueError on them (a 500 from a per-request merge)
         raise MergeError(f"{sorted(on_parameters)} set target_parameters {on_parameters} (LoRA on nn.Parameter, e.g. MoE experts), which "
