@@ -232,3 +232,22 @@ def test_a_cpu_run_alone_does_not_ask_accelerate_for_cpu(monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             parallel.Parallel(torch.device("cpu"))
     assert asked == [False, True]
+
+
+def test_train_multi_scores_a_dev_split_shorter_than_the_processes(monkeypatch):
+    """train-multi with train.eval_samples=1 (or a 1-row dev split) under 2 processes: rank 1 predicts no row, and its
+    latency per example divided by 0 (ZeroDivisionError on rank 1, seen under torchrun). Rank 0, which writes the
+    latency, always has a row; a rank without one records none."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from adapterhub_lite.training.recipes import joint
+
+    monkeypatch.setattr(joint, "evaluate_split", lambda *a, **k: ({"accuracy": 1.0}, [], 0.5))
+    spec = SimpleNamespace(name="a")
+    recipe = SimpleNamespace(specs=[spec], data={"a": {"dev": list(range(5))}}, latency={}, model=None,
+                             backbone=SimpleNamespace(tokenizer=None), joint=SimpleNamespace(assign=lambda i: contextlib.nullcontext()))
+    for rank, latency in ((1, {}), (0, {"a": 500.0})):
+        recipe.latency = {}
+        assert joint.Joint.scores(recipe, 1, SimpleNamespace(rank=rank, world=2, gather=None)) == {"a": {"accuracy": 1.0}}
+        assert recipe.latency == latency

@@ -214,7 +214,9 @@ class Joint(Recipe):
                 metrics, _, seconds = evaluate_split(self.model, self.backbone.tokenizer, s, dev, limit=limit,
                                                      shard=(parallel.rank, parallel.world), gather=parallel.gather)
             scores[s.name] = {k: v for k, v in metrics.items() if k != "per_class"}
-            self.latency[s.name] = round(1000 * seconds / len(range(min(limit or len(dev), len(dev)))[parallel.rank :: parallel.world]), 2)
+            rows = len(range(min(limit or len(dev), len(dev)))[parallel.rank :: parallel.world])  # this process's share
+            if rows:  # a rank above 0 may hold none of a split shorter than the processes; rank 0, which writes it, holds one
+                self.latency[s.name] = round(1000 * seconds / rows, 2)
         return scores
 
     def evaluate(self, limit, parallel):
