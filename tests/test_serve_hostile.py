@@ -39,6 +39,15 @@ def test_hostile_bodies_are_openai_shaped_400s(served, case):
     assert set(r.json()["error"]) >= {"message", "type", "code"}
 
 
+def test_a_body_nested_too_deep_or_with_a_huge_number_is_told_in_the_clients_terms(served):
+    """The 400 quoted Python's words, cut at 60 characters ('...while decoding a JSON objec') or naming a server-side fix
+    (sys.set_int_max_str_digits); it says what was wrong with the body and what to send."""
+    nested = raw_post(served, b'{"a":' * 100_000 + b"1" + b"}" * 100_000).json()["error"]["message"]
+    assert "nested too deep" in nested, nested
+    digits = raw_post(served, HOSTILE["a 5,000-digit integer"]).json()["error"]["message"]
+    assert "over 4,300 digits" in digits and "sys." not in digits, digits
+
+
 @pytest.mark.parametrize("route", ["load", "unload"])
 @pytest.mark.parametrize("value", [["a"], {"a": 1}, 7])
 def test_a_non_string_lora_name_is_a_400(served, route, value):

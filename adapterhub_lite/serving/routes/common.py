@@ -59,7 +59,12 @@ async def read_json(request: Request) -> dict:
         # {"text": 2.50} is the prompt "2.50" there, and str() of the parsed float would make it "2.5" here.
         data = json.loads(body, parse_float=WrittenFloat)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
-        why = exc.msg if isinstance(exc, json.JSONDecodeError) else f"{type(exc).__name__}: {str(exc)[:60]}"
+        # Python's own words for the last two named a word cut at 60 characters ('a JSON objec') or a server-side fix
+        # (sys.set_int_max_str_digits), not what the client sent: said in the client's terms
+        why = (exc.msg if isinstance(exc, json.JSONDecodeError)
+               else "arrays or objects nested too deep; nest a few levels, not thousands" if isinstance(exc, RecursionError)
+               else "a number of over 4,300 digits; send a shorter one" if "integer string conversion" in str(exc)
+               else f"{type(exc).__name__}: {str(exc)[:60]}")
         raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
     if not isinstance(data, dict):
         raise P.ApiError(400, f"request body is a JSON {type(data).__name__}; send a JSON object", code="invalid_json")
