@@ -156,3 +156,22 @@ def test_eval_routing_reports_what_an_independent_confusion_matrix_of_its_own_ro
                                              "letters": round(sum(r != "base" for r in to_l) / 13, 4),
                                              "mean": round((sum(r != "base" for r in to_d) + sum(r != "base" for r in to_l)) / 26, 4)}
     assert report["ood_to_adapter"] == {"inputs": 3, "to_adapter": round(sum(r != "base" for r in ood) / 3, 4)}
+
+
+def test_serving_a_pinned_version_keeps_the_fitted_router(folders, tmp_path):
+    """The router is refitted whenever a routing target is added or dropped (seconds for a few adapters, on the engine
+    thread, before the next `auto` request); a pinned version is none, so serving one (or forgetting it) refits nothing."""
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folders["cls_a"], "1.0.0")
+    reg.publish(folders["cls_a"], "1.1.0")
+    reg.publish(folders["gen"], "1.0.0")
+    r = Router.from_registry(reg.root, dtype="fp32")
+    r.route(AUTO)
+    fitted = r._content
+    r.run([{"adapter": "cls_a@1.0.0", "text": "pos 1"}])
+    r.forget("cls_a@1.0.0")
+    assert r._content is fitted
+    r.forget("gen")  # a routing target: refitted without it
+    assert r._content is None and "gen" not in r.route(AUTO)

@@ -133,7 +133,8 @@ class AdapterManager(RequestReader):
             self.host.pop(name, None)  # a copy read from an earlier folder under this name is stale
         self.changed.pop(name, None)
         self.unavailable.pop(name, None)
-        self._content = None
+        if self.routing_target(name):  # refitted on the next `auto` request
+            self._content = None
 
     def _check_unchanged(self, name: str, folder: Path, hashes: dict[str, str], now: dict[str, str] | None = None) -> None:
         """Refuse to load an adapter whose files changed since register() checked them (hashed at every load; `now`:
@@ -334,7 +335,8 @@ class AdapterManager(RequestReader):
         with self._host_lock:  # as in add(): a read on a loader thread sees the name known or gone, whole
             for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable, self.host):
                 table.pop(name, None)
-        self._content = None
+        if self.routing_target(name):
+            self._content = None
 
     def virtual_tokens(self, name: str) -> tuple[str, int]:
         """(peft type, positions a prompt- or prefix-tuning adapter puts before every prompt); ("", 0) for `base`.

@@ -53,14 +53,19 @@ class RequestReader:
                 names[i] = name
         return names
 
+    @staticmethod
+    def routing_target(name: str) -> bool:
+        """Whether `auto` may pick adapter `name`: adapters are picked by name, so a pinned version (`name@version`,
+        registered when a request names it) is served to whoever names it and is none; what `auto` answers then does not
+        depend on which versions were asked for before (beside its own latest, with the same samples, it split that
+        adapter's inputs between old and new, or sent them to base), and registering one refits nothing."""
+        return "@" not in name
+
     def _fit_content_router(self) -> ContentRouter:
-        """Fit `auto` routing over every known adapter whose routing data fits this backbone's embedding, by name: a
-        pinned version (`name@version`, registered when a request names it) is served to whoever names it and is no
-        routing target, so what `auto` answers does not depend on which versions were asked for before (beside its
-        own latest, with the same samples, it split that adapter's inputs between old and new, or sent them to base)."""
+        """Fit `auto` routing over every routing target whose routing data fits this backbone's embedding."""
         embedding, samples = embedding_spec(self.backbone.model), {}
         for name, folder in self.folders.items():
-            if not self.metas[name]["task"] or "@" in name:  # a component (a joint run's shared adapter), a pinned version
+            if not self.metas[name]["task"] or not self.routing_target(name):  # a component (a joint run's shared adapter)
                 continue
             try:
                 samples[name] = load_routing(folder, self.metas[name], embedding)
