@@ -221,6 +221,7 @@ def test_an_adapter_folder_given_as_the_registry_is_named_as_one(adapter, tmp_pa
 @pytest.mark.parametrize("to, needle", [
     ("afile/sub", "--to '{t}/afile/sub': '{t}/afile' is a file, not a folder; choose a --to under a folder"),
     ("reg/toy/1.0.1", "--to '{t}/reg/toy/1.0.1' is inside registry '{t}/reg'; pull copies a version out: choose a --to outside it"),
+    ("dangling", "destination '{t}/dangling' already exists; choose a new --to folder"),
     ("raced", "destination '{t}/raced' was created while toy was copied (another pull to it?); it is left as it is and nothing was pulled"),
 ])
 def test_a_pull_to_where_it_cannot_go_is_one_line_naming_why(adapter, tmp_path, capsys, monkeypatch, to, needle):
@@ -232,6 +233,7 @@ def test_a_pull_to_where_it_cannot_go_is_one_line_naming_why(adapter, tmp_path, 
 
     LocalRegistry(tmp_path / "reg").publish(adapter, "1.0.0")
     (tmp_path / "afile").write_text("a file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # a rename over it would replace the link
     if to == "raced":
         copy = registry._copy_hashing
 
@@ -246,3 +248,20 @@ def test_a_pull_to_where_it_cannot_go_is_one_line_naming_why(adapter, tmp_path, 
     assert err.startswith("error: " + needle.format(t=tmp_path)) and "\n" not in err, err
     assert sorted(str(p) for p in tmp_path.rglob("*") if "raced" not in p.parts) == before
     assert to != "raced" or [p.name for p in (tmp_path / "raced").iterdir()] == ["theirs.txt"]
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--name", "a" * 101, "invalid adapter name '" + "a" * 40 + "…' (101 characters): names are at most 100 characters"),
+    ("--version", "1.0." + "9" * 300, "invalid version '1.0." + "9" * 36 + "…' (304 characters): at most 100; use smaller numbers"),
+])
+def test_a_name_or_version_past_its_length_says_so(adapter, tmp_path, capsys, flag, value, needle):
+    """A 101-letter name was told to 'use letters, digits, …' (it did), and a version of 300 digits failed at mkdir as
+    'File name too long (ENAMETOOLONG) …; free disk space or make the registry writable'."""
+    from adapterhub_lite.cli import main
+
+    LocalRegistry(tmp_path / "reg").publish(adapter, "1.0.0")
+    index = (tmp_path / "reg" / "index.json").read_text()
+    assert main(["publish", str(adapter), "--registry", str(tmp_path / "reg"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + needle) and "\n" not in err, err
+    assert (tmp_path / "reg" / "index.json").read_text() == index and sorted(p.name for p in (tmp_path / "reg" / "toy").iterdir()) == ["1.0.0"]

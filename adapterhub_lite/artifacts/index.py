@@ -33,6 +33,9 @@ class RegistryError(AdapterHubError):
 
 def check_name(name: str) -> str:
     """Adapter names are one path component: letters, digits, '.', '_', '-'; no '..'."""
+    if isinstance(name, str) and len(name) > 100 and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) and ".." not in name:
+        raise RegistryError(f"invalid adapter name {name[:40] + '…'!r} ({len(name)} characters): names are at most 100 characters "
+                            "(a folder's name on every file system); give a shorter one")
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise RegistryError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-' (no path separators, no '..')")
     return name
@@ -111,6 +114,8 @@ def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[
     name = check_portable(check_name(meta["name"] if name is None else name))  # an empty --name is refused, not read as "no name"
     if version != "auto":
         check_version(version)
+        if len(version) > 100:  # a folder name: past 255 bytes the publish failed as a disk error ("free disk space")
+            raise RegistryError(f"invalid version {version[:40] + '…'!r} ({len(version)} characters): at most 100; use smaller numbers")
     return folder, meta, name, json.loads((folder / "adapter_config.json").read_text())
 
 
