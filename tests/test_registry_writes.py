@@ -265,3 +265,20 @@ def test_a_name_or_version_past_its_length_says_so(adapter, tmp_path, capsys, fl
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: " + needle) and "\n" not in err, err
     assert (tmp_path / "reg" / "index.json").read_text() == index and sorted(p.name for p in (tmp_path / "reg" / "toy").iterdir()) == ["1.0.0"]
+
+
+def test_a_full_disk_while_the_interference_report_is_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """Every cell scored, then the disk is full: a dozen-line OSError traceback (exit 1); the temp was cleared already."""
+    import errno
+
+    import adapterhub_lite.ops.interference as interference
+    from adapterhub_lite.core.errors import AdapterHubError
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(interference, "write_json", full)
+    out = tmp_path / "report"
+    with pytest.raises(AdapterHubError, match=rf"^cannot write the report to --output '{out}': No space left on device \(ENOSPC\) at .*; "
+                                              "free disk space or choose a writable --output, then run again \\(nothing was written\\)$"):
+        interference._save({"tasks": [], "columns": [], "metric": {}, "scores": {}, "flags": []}, out)
+    assert list(tmp_path.iterdir()) == []
