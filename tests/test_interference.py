@@ -78,7 +78,7 @@ def test_the_output_is_refused_before_scoring_and_written_whole_or_not_at_all(tm
         raise OSError("disk full")
 
     monkeypatch.setattr(ops, "heatmap", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(AdapterHubError, match="cannot write the report to --output .*: disk full"):
         interference([one], tmp_path / "r", merges=(), rows=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "one"]  # no report, no hidden work folder
     monkeypatch.undo()
