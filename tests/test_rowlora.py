@@ -314,3 +314,20 @@ def test_an_eva_initialised_lora_is_served_as_peft_serves_it(tmp_path):
         want = ref(input_ids=torch.tensor([ids], device=ref.device)).logits[0]
     assert ref.peft_config["default"].init_lora_weights == "eva" and ref.peft_config["default"].eva_config is not None
     assert (bank.forward([ids], ["eva"])[0] - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_a_folder_without_factors_is_refused_in_one_line_and_the_bank_stays_as_it_was(tmp_path, kind):
+    """An adapter_model.safetensors holding no LoRA factors (or no IA3 vectors): a LoRA folder's load raised a bare
+    ValueError ('max() arg is an empty sequence', from the rank check; Router.hold showed it as is), an IA3 one took a
+    slot and served the plain backbone under the adapter's name. Both are refused by name as damaged."""
+    from peft import IA3Config
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=4, target_modules=["q_proj"]) if kind == "lora" else IA3Config(target_modules=["q_proj"], feedforward_modules=[])
+    get_peft_model(load_backbone(TINY, "none", dtype="fp32").model, config).save_pretrained(tmp_path / "empty")
+    save_file({}, str(tmp_path / "empty" / "adapter_model.safetensors"))
+    bank = AdapterBank(load_backbone(TINY, "none", dtype="fp32").model)
+    with pytest.raises(AdapterLoadError, match=r"^.* adapter 'e' holds no (LoRA factors|IA3 vectors) .*; the folder is damaged"):
+        bank.add("e", tmp_path / "empty")
+    assert bank.names() == [] and bank.free_slot() is None and not any(isinstance(m, RowLoraLinear) for m in bank.model.modules())

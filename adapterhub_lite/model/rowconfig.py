@@ -140,6 +140,9 @@ class LoraFactors:
         broken = [mod for mod, ab in pairs.items() if set(ab) != {"A", "B"} or ab["B"].shape[1] != ab["A"].shape[0]]
         if broken:
             raise AdapterLoadError(f"{what} has unpaired or mismatched lora_A/lora_B at {broken[0]!r}; the folder is damaged")
+        if not pairs:  # peft would load it as B = 0 everywhere: the plain backbone under the adapter's name
+            raise AdapterLoadError(f"{what} holds no LoRA factors (lora_A / lora_B tensors) in its adapter_model.safetensors; the folder is damaged: "
+                                   "save it again with peft, or retrain it")
         return cls({mod: (ab["A"], ab["B"], lora_scale(cfg, mod, ab["A"].shape[0])) for mod, ab in pairs.items()}, cfg, kept)
 
     def update(self, module: str) -> torch.Tensor:
@@ -245,4 +248,7 @@ def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, mod
             want = "(1, in_features): it scales the input" if on_input else "(out_features, 1): it scales the output"
             raise AdapterLoadError(f"{what} has ia3_l of shape {tuple(t.shape)} at {module!r}, expected {want} per feedforward_modules; the folder is damaged")
         out[module] = (t.reshape(-1), on_input)
+    if not out:  # it would take a slot and serve the plain backbone under the adapter's name
+        raise AdapterLoadError(f"{what} holds no IA3 vectors (ia3_l tensors) in its adapter_model.safetensors; the folder is damaged: "
+                               "save it again with peft, or retrain it")
     return out
