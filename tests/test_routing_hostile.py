@@ -4,6 +4,7 @@ versions beside their latest, adapters registered in another order or indistingu
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,18 @@ def test_serving_a_pinned_version_keeps_the_fitted_router(folders, tmp_path):
     assert r._content is fitted
     r.forget("gen")  # a routing target: refitted without it
     assert r._content is None and "gen" not in r.route(AUTO)
+
+
+@pytest.mark.parametrize("text", [" ", "\n\t  "])
+def test_an_auto_request_of_whitespace_alone_is_refused_wherever_routing_sends_it(folders, text):
+    """Whitespace holds no task input. Named adapters refuse it (their template would hold nothing) and an empty text is
+    refused as an empty prompt, but `auto` sent it where the classifier pointed: on the tiny backbone to base, which
+    answered it (200, an empty completion); with SmolLM2 to sst2, refused for an empty 'sentence' the request never sent."""
+    from adapterhub_lite.core.errors import DataError
+
+    r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+    for name, folder in folders.items():
+        r.register(name, folder)
+    with pytest.raises(DataError, match=r"^run\(\): requests\[1\] \(adapter 'auto'\): an 'auto' request's text is only whitespace \(" + re.escape(repr(text))):
+        r.run([{"adapter": "auto", "text": "pos 3"}, {"adapter": "auto", "text": text}])
+    assert r.run([{"adapter": "base", "text": text, "max_new_tokens": 1}])[0]["adapter"] == "base"  # a raw text to base is its own
