@@ -282,3 +282,12 @@ def test_a_full_disk_while_the_interference_report_is_written_is_one_line_and_le
                                               "free disk space or choose a writable --output, then run again \\(nothing was written\\)$"):
         interference._save({"tasks": [], "columns": [], "metric": {}, "scores": {}, "flags": []}, out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_named_near_the_file_name_limit_is_still_written(tmp_path):
+    """9fffd03 put the writer's pid and host into atomic_write's and temp_beside's temp names: a file named 236 bytes,
+    written before, then failed with 'File name too long' (its temp name ran past 255 bytes)."""
+    out = tmp_path / ("a" * 230 + ".jsonl")
+    files.atomic_write(out, "x\n")
+    assert out.read_text() == "x\n" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert len(files.temp_beside(tmp_path / ("b" * 236), "merge").name.encode()) <= 255

@@ -25,7 +25,7 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     path = Path(path)
     prefix = f".{path.name}.write-"
     sweep_stale(path.parent, prefix)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=f"-{owner()}")  # mkstemp's random part has no '-'
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=_owned(prefix + "x" * 8))  # mkstemp's random part has no '-'
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
@@ -83,7 +83,15 @@ def temp_beside(path: Path, kind: str) -> Path:
     """A hidden name beside `path` to build it under, then rename: `.<name>.<kind>-<id>-<pid>-<host>`. A writer
     killed before its rename (SIGKILL, the OOM killer) cannot remove it; the name lets the next writer of `path`
     tell it from a live writer's (sweep_stale), where a random name would stay beside the output for good."""
-    return Path(path).with_name(f".{Path(path).name}.{kind}-{uuid.uuid4().hex[:8]}-{owner()}")
+    name = f".{Path(path).name}.{kind}-{uuid.uuid4().hex[:8]}"
+    return Path(path).with_name(name + _owned(name))
+
+
+def _owned(name: str) -> str:
+    """`-<pid>-<host>` to end a temp's name with, or "" where that would take it past a file name's 255 bytes (an
+    output named at the limit is still written; its temp, if left, is then cleared after STALE_SECONDS only)."""
+    tail = f"-{owner()}"
+    return tail if len((name + tail).encode()) <= 255 else ""
 
 
 def sweep_stale(parent: Path, prefix: str) -> None:
