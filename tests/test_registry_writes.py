@@ -291,3 +291,14 @@ def test_an_output_named_near_the_file_name_limit_is_still_written(tmp_path):
     files.atomic_write(out, "x\n")
     assert out.read_text() == "x\n" and [p.name for p in tmp_path.iterdir()] == [out.name]
     assert len(files.temp_beside(tmp_path / ("b" * 236), "merge").name.encode()) <= 255
+
+
+@pytest.mark.parametrize("left", [{"name": "toy", "version": "1.0.0"}, {"name": "..", "version": "1.0.0"}, {"name": "toy"}, "not json"])
+def test_a_placing_record_never_clears_a_listed_version_or_a_path_outside_the_registry(adapter, tmp_path, left):
+    """.placing.json of a publisher killed after writing its index (the version is listed), or one damaged or edited
+    by hand, is dropped without removing anything."""
+    reg = tmp_path / "reg"
+    LocalRegistry(reg).publish(adapter, "1.0.0")
+    (reg / ".placing.json").write_text(left if isinstance(left, str) else json.dumps(left))
+    assert LocalRegistry(reg).publish(adapter)[1] == "1.0.1"
+    assert LocalRegistry(reg).verify() == [] and not (reg / ".placing.json").exists() and (tmp_path / "reg").is_dir()
