@@ -226,6 +226,31 @@ def test_per_request_merges_are_built_once_and_served(served, registry, tmp_path
     assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
 
 
+def test_a_recipe_over_a_source_loaded_again_from_other_files_is_merged_again(served, registry, tmp_path):
+    """A recipe's merge was cached under a hash of its ids and weights alone: after a source was unloaded and loaded
+    again under its name from other files (or moved to a new registry version by a reload), the same recipe was answered
+    by the merge of the old files, unsaid. The hash now takes in each source's files as registered: a new merge."""
+    import hashlib
+    import shutil
+
+    recipe = {"ids": ["late", "gen_a"], "weights": [0.5, 0.5], "merge_strategy": "delta_linear"}
+    merged = {}
+    for source in ("gen_a", "gen_b"):
+        folder = tmp_path / source
+        shutil.copytree(registry / source / "1.0.0", folder)
+        assert served.post("/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(folder)}).status_code == 200
+        try:
+            r = served.post("/v1/completions", {"model": "gen_a", "input": "ab", "merged_adapters": recipe})
+            assert r.status_code == 200, r.text
+        finally:
+            assert served.post("/v1/unload_lora_adapter", {"lora_name": "late"}).status_code == 200
+        name = r.json()["choices"][0]["adapter"]
+        merged[source] = name
+        sha = hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+        assert served.router.metas[name]["merge"]["sources"]["late"]["adapter_sha256"] == sha
+    assert merged["gen_a"] != merged["gen_b"]
+
+
 def test_a_recipe_s_majority_sign_method_is_used_and_a_field_not_read_is_refused(served):
     """LoRAX's recipes carry majority_sign_method; it was not read (nor was any unknown field), so "frequency" was merged
     as "total", unsaid. It is passed to peft now (another recipe, another adapter), and a field not read is a 400."""

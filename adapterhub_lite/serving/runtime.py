@@ -22,6 +22,7 @@ from adapterhub_lite.artifacts.index import check_name
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX, is_request_merge
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
+from adapterhub_lite.ops.merge_sources import SOURCE_FILES
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.manager import AdapterUnavailable
@@ -201,8 +202,11 @@ class Catalogue:
                 raise P.ApiError(404, f"merged_adapters names {i!r}, which this server does not know; see GET /v1/models", code="model_not_found")
         if task is None and model in ids and self.router.metas[model]["task"]:
             task = self.router.metas[model]["task"]["name"]
-        key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task,
-                          **({"majority_sign_method": sign} if sign is not None else {})}, sort_keys=True)  # (recipes without it keep their names)
+        # the sources' files as registered are part of the recipe: a source loaded again under its name from other files
+        # (unload then load, a registry reload to a new version) makes another merge, not the old files' merge again
+        sources = {i: {f: (self.router.hashes.get(i) or {}).get(f) for f in SOURCE_FILES} for i in ids}
+        key = json.dumps({"ids": ids, "weights": weights, "method": method, "density": density, "task": task, "sources": sources,
+                          **({"majority_sign_method": sign} if sign is not None else {})}, sort_keys=True)
         name = MERGED_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:12]
         if name in self.router.folders:
             if name in self.merges:
