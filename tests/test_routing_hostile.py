@@ -191,3 +191,39 @@ def test_an_auto_request_of_whitespace_alone_is_refused_wherever_routing_sends_i
     with pytest.raises(DataError, match=r"^run\(\): requests\[1\] \(adapter 'auto'\): an 'auto' request's text is only whitespace \(" + re.escape(repr(text))):
         r.run([{"adapter": "auto", "text": "pos 3"}, {"adapter": "auto", "text": text}])
     assert r.run([{"adapter": "base", "text": text, "max_new_tokens": 1}])[0]["adapter"] == "base"  # a raw text to base is its own
+
+
+def test_auto_rows_route_alike_alone_in_a_mixed_batch_and_from_several_threads(folders):
+    """What held when probed (no fix): an `auto` row gets the adapter and answer it gets alone whether it shares a batch
+    with other `auto` rows and rows naming their adapter, runs on a router fitted afresh (a restart), or runs while
+    other threads call the same Router with such batches."""
+    import threading
+
+    def router():
+        r = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"))
+        for name, folder in folders.items():
+            r.register(name, folder)
+        return r
+
+    r = router()
+    mixed = [AUTO[0], {"adapter": "gen", "text": "ab"}, AUTO[-1], {"adapter": "cls_a", "text": "neg 2"}, AUTO[1],
+             {"adapter": "base", "text": "hello", "max_new_tokens": 2}, {"adapter": "auto", "text": "Wie spät ist es?"}]
+    alone = [r.run([row])[0] for row in mixed]
+    assert [a["adapter"] for a in alone] == ["cls_a", "gen", "gen", "cls_a", "cls_a", "base", "base"]
+    assert r.run(mixed) == alone and router().run(mixed) == alone
+    seen, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                seen.append(r.run(mixed[::-1])[::-1])
+                seen.append([{"adapter": n} for n in r.route(mixed)])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(seen) == 24
+    assert all(s in (alone, [{"adapter": a["adapter"]} for a in alone]) for s in seen)
