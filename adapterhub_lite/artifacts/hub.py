@@ -128,7 +128,7 @@ class HubRegistry(Registry):
             versions = index["adapters"].setdefault(name, {})
             chosen = next_version(versions, version, name)
             if head is not None and any(f.startswith(f"{name}/{chosen}/") for f in self._files(head)):  # uploaded by hand:
-                raise unlisted_folder(self.root, name, chosen, version)  # the commit would overwrite its files, keep its others
+                raise unlisted_folder(self.root, name, chosen)  # the commit would overwrite its files, keep its others
             versions[chosen] = entry = make_entry(meta, peft_config, hashes)
             ops = [CommitOperationAdd(f"{name}/{chosen}/{fname}", content) for fname, content in data.items()]
             ops.append(CommitOperationAdd("index.json", (json.dumps(index, indent=2) + "\n").encode()))

@@ -192,14 +192,13 @@ def next_version(versions: dict, version: str, name: str | None = None) -> str:
     return version
 
 
-def unlisted_folder(root: str, name: str, version: str, asked: str) -> RegistryError:
+def unlisted_folder(root: str, name: str, version: str) -> RegistryError:
     """The refusal of a publish whose version folder is there already but not in the index: a hand copy, a folder left by
     a publish killed before its index was written (with no record of it), files uploaded to the Hub by hand. Its files
     may be someone's only copy, and what a pull of the new version would hand out: neither replaced nor merged into."""
-    other = "publish with --version auto (the next version)" if asked != "auto" else "give another --version"
     return RegistryError(f"registry {root} already holds a folder {name}/{version}/ that its index does not list (copied in by hand, or left "
-                         f"by a killed publish); nothing was published and the folder is untouched: move it out of the registry, then "
-                         f"publish again, or {other}")
+                         "by a killed publish); nothing was published and the folder is untouched: move it out of the registry, then "
+                         "publish again, or give another --version (auto chooses this one again: it follows the listed versions)")
 
 
 def _index_problems(index: dict) -> list[str]:

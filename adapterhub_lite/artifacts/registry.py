@@ -384,7 +384,6 @@ class LocalRegistry(Registry):
         yet listed is taken back.
         """
         folder, meta, name, peft_config = publish_inputs(folder, version, name)
-        asked = version
         if not (self.root / "index.json").exists():
             self._refuse_adapter_folder()  # before its .lock and temp folder are made in it
         tmp = self.root / f".publish-{uuid.uuid4().hex[:8]}-{owner()}"
@@ -405,7 +404,7 @@ class LocalRegistry(Registry):
                 entry = make_entry(meta, peft_config, files)
                 final = self.root / name / version
                 if final.exists() or final.is_symlink():  # a killed publisher's was cleared by the sweep: someone put this here
-                    raise unlisted_folder(str(self.root), name, version, asked)
+                    raise unlisted_folder(str(self.root), name, version)
                 atomic_write(self.root / PLACING, json.dumps({"name": name, "version": version}))  # see _sweep
                 final.parent.mkdir(exist_ok=True)
                 tmp.rename(final)
