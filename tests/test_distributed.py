@@ -251,3 +251,46 @@ def test_train_multi_scores_a_dev_split_shorter_than_the_processes(monkeypatch):
         recipe.latency = {}
         assert joint.Joint.scores(recipe, 1, SimpleNamespace(rank=rank, world=2, gather=None)) == {"a": {"accuracy": 1.0}}
         assert recipe.latency == latency
+
+
+@pytest.mark.multiprocess
+def test_two_machines_without_shared_storage_are_refused(tmp_path):
+    """Two torchrun "machines" (--nnodes 2 on this host), each in its own folder, as two machines each writing --output to
+    its own disk. Each process writes its RNG state into every checkpoint; on node 1 that part was left in a stray
+    .out.partial/checkpoint.tmp, the checkpoint on node 0 lacked it, and the run ended with exit 0. Refused up front now."""
+    import shutil
+
+    port, env = _free_port(), {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTERHUB_DEVICE": "cpu"}
+    nodes = []
+    for rank in (0, 1):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        for name in ("toy.yaml", "train.jsonl", "dev.jsonl"):
+            shutil.copy(_cls_files(tmp_path) / name, folder / name)
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "adapterhub_lite.cli", "train", "toy.yaml", *STEPS,
+             "train.max_steps=4", "train.batch_size=4", "--output", "out", "--no-progress"],
+            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in nodes]
+    assert all(p.returncode != 0 for p in nodes), errs[0][-2000:]
+    assert "is not on storage every process sees (rank 1 on" in errs[0] + errs[1]
+    for rank in (0, 1):  # nothing written on either machine
+        assert sorted(p.name for p in (tmp_path / f"node{rank}").iterdir()) == ["dev.jsonl", "toy.yaml", "train.jsonl"]
+
+
+def _cls_files(tmp_path):
+    """The cls_task fixture's spec and data, written in a folder of their own (the fixture itself needs monkeypatch)."""
+    folder = tmp_path / "task"
+    if not folder.exists():
+        folder.mkdir()
+        words = {"aaaa": "pos", "bbbb": "neg"}
+        rows = [{"text": f"{w} {i % 7}", "label": lab} for i in range(48) for w, lab in words.items()]
+        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+        spec = {"name": "toy", "type": "classification", "data": {"train": "train.jsonl", "dev": "dev.jsonl"},
+                "prompt": "Text: {text}\nLabel:", "label": "label", "labels": {"pos": "x", "neg": "z"}, "metric": ["accuracy"],
+                "method": "lora", "method_args": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                "train": {"batch_size": 8, "lr": 1e-2, "max_length": 64}, "base": "tiny-random-llama", "quantization": "none"}
+        (folder / "toy.yaml").write_text(yaml.safe_dump(spec))
+    return folder

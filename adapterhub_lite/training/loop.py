@@ -23,6 +23,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -206,6 +207,7 @@ class _Run:
                  compute_dtype: torch.dtype) -> None:
         """Set up: optimizer, schedule, DDP; then the checkpoint's progress when resuming, and a fresh metrics.jsonl."""
         self.recipe, self.cfg, self.parallel, self.work = recipe, cfg, parallel, work
+        parallel.check_shared(Path(work).parent)  # before anything is written there
         groups = _decay_groups(recipe.param_groups(), recipe.model)
         self.extra = recipe.extra_params()
         self.params = [p for g in groups for p in g["params"]]

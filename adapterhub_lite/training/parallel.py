@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
@@ -110,6 +111,34 @@ class Parallel:
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
+
+    def check_shared(self, folder: Path) -> None:
+        """Refuse a run whose processes do not all see `folder` (the output's parent: several machines without shared
+        storage). Each process writes its RNG state into every checkpoint there and rank 0 swaps the checkpoint in, so on
+        another machine's own disk that part was left in a stray `checkpoint.tmp/`, the checkpoint lacked it, and a
+        --resume was refused there ('checkpoint does not exist'); the run itself ended with exit 0. Rank 0 leaves a
+        file named by a random token, and every process looks for it (nothing stays behind)."""
+        if self.world == 1:
+            return
+        import socket
+        import uuid
+
+        # The name travels, not rank 0's path: each process looks in the folder as it names it (the same --output,
+        # relative to its own working directory on its own machine).
+        name = self.gather(f".adapterhub-shared-{uuid.uuid4().hex}" if self.main else None)[0]
+        probe = Path(folder) / name
+        if self.main:
+            probe.touch()
+        self.barrier()  # the file is there before anyone looks
+        # a collective: when it returns, every process has looked, and the file may go
+        blind = [(rank, host) for rank, (seen, host) in enumerate(self.gather((probe.exists(), socket.gethostname()))) if not seen]
+        if self.main:
+            probe.unlink(missing_ok=True)
+        if blind:
+            ranks = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
+            raise TrainingError(f"--output's folder {str(folder)!r} is not on storage every process sees ({ranks} does not see a file "
+                                "rank 0 wrote there): each process writes its part of every checkpoint into it; give an --output on "
+                                "a filesystem all the machines share")
 
     def agree(self, failed: bool) -> bool:
         """Whether any process failed (every process gets the same answer), so all stop together."""
