@@ -140,6 +140,11 @@ def test_router_merge_into_base_folds_the_update_into_the_backbone(sources, devi
     base_after = router.bank.forward(ids, [None])[0]  # "base" now runs the folded weights
     assert sidecar["fold"]["max_abs_dlogit"] < 1e-4 and router.folded == ["ab"]
     assert (base_after - want).abs().max() < 1e-4 and (base_after - base_before).abs().max() > 1e-4
+    # the folded merge is in every row now: named as an adapter it was applied a second time on top (W + 2ΔW), unsaid
+    for ask in (lambda: router.hold(["ab"]), lambda: router.run([{"adapter": "ab", "text": "pos 1"}])):
+        with pytest.raises(AdapterHubError, match=r"adapter 'ab' is folded into the backbone's weights .*name 'base' for it$"):
+            ask()
+    assert router.run([{"adapter": "a", "text": "pos 1"}])[0]["adapter"] == "a"  # the others are served (on the folded base)
 
 
 def _updates(folder) -> dict:

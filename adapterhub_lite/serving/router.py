@@ -108,7 +108,8 @@ class Router(AdapterManager):
         """Merge known LoRA adapters into a new adapter `name`, register it, and return its sidecar.
 
         With into_base=True the merged update is also folded into the router's backbone weights:
-        `base` requests (and every adapter, which applies on top) then run the folded weights. On an
+        `base` requests (and every adapter, which applies on top) then run the folded weights; `name` itself is
+        then refused as an adapter (it would apply twice). On an
         8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
         this causes on the first source task's dev prompts.
         """
@@ -135,6 +136,14 @@ class Router(AdapterManager):
                                "quantization": self.backbone.fingerprint["quantization"]}
             self.folded.append(name)
         return sidecar
+
+    def _check_known(self, name: str) -> None:
+        """As the manager's, and a merge folded into the backbone is refused by name: every row runs it already, so
+        served as an adapter it would be applied a second time on top (W + 2ΔW)."""
+        if name in self.folded:
+            raise MergeError(f"adapter {name!r} is folded into the backbone's weights (merge(..., into_base=True)), so every request runs it "
+                             "already; served as an adapter it would apply twice: name 'base' for it")
+        super()._check_known(name)
 
     # -- heterogeneous batches -----------------------------------------------------------------
     @_locked
