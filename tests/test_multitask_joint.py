@@ -394,8 +394,9 @@ def test_a_joint_run_logs_and_checkpoints_as_its_specs_say_and_refuses_compile_a
     assert LoopConfig.from_train(JointConfig.from_specs(specs(**{**shared, "eval_every": 3}))).checkpoint_every is None
     with pytest.raises(SpecError, match=r"train.compile is 'always' \(a, g\) but a joint run's per-row adapters run eager; pass train.compile=auto"):
         JointConfig.from_specs(specs(**shared, compile="always"))
-    with pytest.raises(SpecError, match=r"train.log_every differs between the tasks \(a: 3, g: 10\)"):
-        JointConfig.from_specs([specs(**shared, log_every=3)[0], specs(**shared)[1]])
+    with pytest.raises(SpecError, match=r"train.log_every differs between the tasks \(a: 3, g: 5\)"):
+        JointConfig.from_specs([specs(**shared, log_every=3)[0], specs(**shared, log_every=5)[1]])
+    assert JointConfig.from_specs([specs(**shared, log_every=3)[0], specs(**shared)[1]]).log_every == 3  # left out by g: a's
 
 
 def test_a_joint_run_in_fp16_scales_its_loss(tmp_path, monkeypatch):
@@ -413,19 +414,26 @@ def test_a_joint_run_in_fp16_scales_its_loss(tmp_path, monkeypatch):
     assert len(scales) == 2 and all(s is not None and s > 1 for s in scales)
 
 
-def test_a_short_joint_run_without_a_warm_up_is_not_refused_over_the_default_one():
+def test_a_short_joint_run_without_a_warm_up_is_not_refused_over_the_default_one(tmp_path, monkeypatch):
     """a7448a9 refuses a warm-up as long as the run; train-multi took TrainConfig's fixed warmup_steps=20 for a spec that
-    left it out, so `train.max_steps=10` was refused naming warmup_steps=20, a value nobody wrote. Left out, a short
-    run's warm-up is what `train` chooses; given, it is kept (and fit() refuses it)."""
+    left it out, so `train.max_steps=10` was refused naming warmup_steps=20, a value nobody wrote. Left out, a run's
+    warm-up is what `train` chooses (resolve_joint, at the start of the run); given, it is kept (and fit() refuses it)."""
+    from adapterhub_lite.core.data import load_task_data
+    from adapterhub_lite.training.defaults import resolve_joint
     from adapterhub_lite.training.loop import LoopConfig
 
-    def specs(**train):
-        return [_spec("a", train={"max_length": 48, **train}), _spec("g", "generation", train={"max_length": 48, "max_new_tokens": 8, **train})]
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 2, "g": 2})
+    backbone = load_backbone("tiny-random-llama", "none", "cpu")
 
-    assert JointConfig.from_specs(specs(max_steps=10)).warmup_steps == 1
-    assert JointConfig.from_specs(specs(max_steps=1)).warmup_steps == 0
-    assert JointConfig.from_specs(specs(max_steps=400)).warmup_steps == 20  # longer runs: the default as before
-    assert LoopConfig.from_train(JointConfig.from_specs(specs(max_steps=10, warmup_steps=10))).warmup_steps == 10
+    def warmup(**train):
+        specs = [_spec("a", data={"train": "a.jsonl", "dev": "a.jsonl"}, train={"max_length": 48, **train}),
+                 _spec("g", "generation", data={"train": "g.jsonl", "dev": "g.jsonl"}, train={"max_length": 48, "max_new_tokens": 8, **train})]
+        data = {s.name: load_task_data(s) for s in specs}
+        return LoopConfig.from_train(resolve_joint(specs, JointConfig.from_specs(specs), data, backbone.model, backbone.tokenizer)[1]).warmup_steps
+
+    assert (warmup(max_steps=10), warmup(max_steps=1), warmup(max_steps=400)) == (1, 0, 20)  # 5% of the steps, as for `train`
+    assert warmup(max_steps=10, warmup_steps=10) == 10
 
 
 def test_train_multi_says_what_train_says_of_its_data(tmp_path, monkeypatch, capsys):

@@ -4,7 +4,8 @@ A spec may give only `name`, `type`, `data`, `prompt` and `label`/`labels` or `t
 and the backbone are loaded, `resolve` fills each setting the spec did not give from the data (its
 size and token lengths), the task type, the method (and its rank) and the model, and says why;
 `train` prints the resolved spec and records the choices in the sidecar (`defaults`). A key the
-spec gives is never changed.
+spec gives is never changed. `train-multi` resolves by the same rules (`resolve_joint`): each task's own
+keys as for that task alone, the run's shared keys over the tasks together.
 
 The budget, when the spec gives neither `train.max_steps` nor `train.epochs`: up to EXAMPLE_BUDGET
 rows (at most MAX_EPOCHS passes over a small split), an eval every 2.5% of that (25 steps at most),
@@ -26,6 +27,7 @@ import torch
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import default_method_args
 from adapterhub_lite.model.heads import label_token_ids
+from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS, JointConfig
 
 # Rows seen at most: the five shared tasks' tuned adapters peaked by 9,600 rows (sst2), most by 3,200.
 EXAMPLE_BUDGET = 16_000
@@ -155,27 +157,9 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         t["epochs"] = choose("train.epochs", epochs, f"up to {EXAMPLE_BUDGET:,} rows, at most {MAX_EPOCHS} passes over the {rows:,} train rows")
         t["max_steps"] = choose("train.max_steps", max(1, math.ceil(min(MAX_EPOCHS * rows, EXAMPLE_BUDGET) / per_step)),
                                 f"{epochs} epochs at {per_step} rows a step; early stopping usually ends it sooner")
-    steps = t["max_steps"]
-    if "train.eval_every" not in given:
-        t["eval_every"] = choose("train.eval_every", max(10, min(25, steps // EVALS_PER_BUDGET)) if steps >= 10 else steps,
-                                 f"~{EVALS_PER_BUDGET} evals over {steps} steps (10 to 25 steps apart)")
-    if "train.checkpoint_every" not in given:
-        t["checkpoint_every"] = choose("train.checkpoint_every", t["eval_every"], "at every eval")
-    if "train.warmup_steps" not in given:
-        t["warmup_steps"] = choose("train.warmup_steps", *default_warmup(steps))
     dev_rows = len(data["dev"])
-    if "train.eval_samples" not in given:
-        cap = 300 if spec.type == "classification" else 100  # generation evals decode token by token: fewer rows
-        t["eval_samples"] = choose("train.eval_samples", min(dev_rows, cap), f"periodic evals score {min(dev_rows, cap)} of {dev_rows} dev rows (the final eval, all)")
-    if auto_stop:
-        if "train.patience" not in given:
-            t["patience"] = choose("train.patience", PATIENCE, f"stop after {PATIENCE} evals without a real gain")
-        if "train.min_delta" not in given:
-            se = round(0.4 / math.sqrt(max(1, t["eval_samples"])), 4)
-            t["min_delta"] = choose("train.min_delta", se, f"a smaller gain is noise: one standard error of an accuracy near 0.8 on {t['eval_samples']} rows")
-        if "train.min_steps" not in given:
-            t["min_steps"] = choose("train.min_steps", min(steps, max(MIN_STEPS, steps // 20)),
-                                    "before stopping early: a metric can sit still while the loss falls")
+    cap = 300 if spec.type == "classification" else 100  # generation evals decode token by token: fewer rows
+    _evals_and_stopping(t, given, choose, auto_stop, min(dev_rows, cap), f"{min(dev_rows, cap)} of {dev_rows} dev rows")
 
     limit = min(MAX_AUTO_LENGTH, getattr(model.config, "max_position_embeddings", MAX_AUTO_LENGTH) or MAX_AUTO_LENGTH)
     if spec.type == "generation":
@@ -195,6 +179,89 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         t["max_length"] = choose("train.max_length", min(longest, limit), why)
 
     return Resolved(dataclasses.replace(spec, method_args=method_args, train=type(spec.train)(**t)), choices)
+
+
+# What a joint run's task keeps of its own resolve: the keys of its optimizer group and its rows (the rest is the run's).
+TASK_OWN_KEYS = ("train.lr", "train.max_length", "train.max_new_tokens")
+
+
+def resolve_joint(specs: list[TaskSpec], cfg: JointConfig, data: dict, model, tokenizer,
+                  processes: int = 1) -> tuple[list[TaskSpec], JointConfig, dict[str, dict]]:
+    """train-multi's `resolve`: the same defaults from the same rules, so a key left out means one thing in both recipes.
+
+    Each task's own keys (its LoRA targets, lr, max_length, max_new_tokens) are what `train` would choose for it alone
+    (its batch is the run's mixed rows, not chosen per task). The run's shared keys that no spec gives (cfg.given; None:
+    all given) follow `train`'s rules over the tasks together: the budget is the sum of the rows each task gets alone,
+    the evals, warm-up and early stopping as _evals_and_stopping sets them. `data`: task name → its splits. Returns the
+    tasks' specs as trained (the run's shared keys written in, so each sidecar records what ran), the resolved cfg, and
+    the choices: "run" → the shared keys chosen, task name → its own chosen keys.
+    """
+    given = frozenset(f"train.{k}" for k in (SHARED_TRAIN_KEYS if cfg.given is None else cfg.given))
+    choices: dict[str, dict] = {"run": {}}
+
+    def choose(key: str, value, why: str):
+        choices["run"][key] = {"value": value, "why": why}
+        return value
+
+    t = {k: getattr(cfg, k) for k in SHARED_TRAIN_KEYS}
+    auto_stop = "train.max_steps" not in given
+    if auto_stop:
+        per_step = t["batch_size"] * t["grad_accum"] * processes
+        budget = sum(min(MAX_EPOCHS * len(data[s.name]["train"]), EXAMPLE_BUDGET) for s in specs)
+        t["max_steps"] = choose("train.max_steps", max(1, math.ceil(budget / per_step)),
+                                f"the rows each task gets alone (up to {EXAMPLE_BUDGET:,}, at most {MAX_EPOCHS} passes), {budget:,} in all, "
+                                f"at {per_step} rows a step; early stopping usually ends it sooner")
+    cap = 300 if all(s.type == "classification" for s in specs) else 100  # generation evals decode token by token
+    rows = min(cap, max(len(data[s.name]["dev"]) for s in specs))
+    _evals_and_stopping(t, given, choose, auto_stop, rows, f"up to {rows} dev rows of each task")
+    if t["checkpoint_every"] is None:  # a JointConfig built by hand: at every eval
+        t["checkpoint_every"] = t["eval_every"]
+    cfg = dataclasses.replace(cfg, **t)
+    resolved = []
+    for s in specs:  # batch_size counts as given: the run's mixed batch is no task's to choose
+        own = resolve(dataclasses.replace(s, given=s.given | {"train.batch_size"}), data[s.name], model, tokenizer, processes)
+        kept = {k: v for k, v in own.choices.items() if k in TASK_OWN_KEYS or k.startswith("method_args.")}
+        choices[s.name] = kept
+        own_keys = {k.split(".")[1]: getattr(own.spec.train, k.split(".")[1]) for k in TASK_OWN_KEYS}
+        train = dataclasses.replace(s.train, **own_keys, **t)
+        resolved.append(dataclasses.replace(s, method_args=own.spec.method_args, train=train))
+    return resolved, cfg, choices
+
+
+def describe_joint(specs: list[TaskSpec], cfg: JointConfig, choices: dict[str, dict]) -> str:
+    """A resolved joint run as train-multi prints it: the run's shared keys, then each task's own chosen keys, each
+    chosen key commented with its reason (Resolved.describe's lines)."""
+    lines = ["train:"] + [Resolved._line(f"  {k}", getattr(cfg, k), choices["run"].get(f"train.{k}")) for k in SHARED_TRAIN_KEYS]
+    for s in specs:
+        own = choices.get(s.name, {})
+        lines.append(f"{s.name}:" + ("" if own else " {}  # every key as its spec gives it"))
+        lines += [Resolved._line(f"  {k}", c["value"], c) for k, c in own.items()]
+    return "\n".join(lines)
+
+
+def _evals_and_stopping(t: dict, given: frozenset, choose, auto_stop: bool, eval_rows: int, scored: str) -> None:
+    """The settings that follow from the budget t["max_steps"], for train and train-multi alike: eval_every,
+    checkpoint_every, warmup_steps, eval_samples (`eval_rows`; `scored` says which rows) and, when the budget was not
+    fixed by max_steps (`auto_stop`), early stopping's patience, min_delta and min_steps. Fills what `given` lacks."""
+    steps = t["max_steps"]
+    if "train.eval_every" not in given:
+        t["eval_every"] = choose("train.eval_every", max(10, min(25, steps // EVALS_PER_BUDGET)) if steps >= 10 else steps,
+                                 f"~{EVALS_PER_BUDGET} evals over {steps} steps (10 to 25 steps apart)")
+    if "train.checkpoint_every" not in given:
+        t["checkpoint_every"] = choose("train.checkpoint_every", t["eval_every"], "at every eval")
+    if "train.warmup_steps" not in given:
+        t["warmup_steps"] = choose("train.warmup_steps", *default_warmup(steps))
+    if "train.eval_samples" not in given:
+        t["eval_samples"] = choose("train.eval_samples", eval_rows, f"periodic evals score {scored} (the final eval, all)")
+    if auto_stop:
+        if "train.patience" not in given:
+            t["patience"] = choose("train.patience", PATIENCE, f"stop after {PATIENCE} evals without a real gain")
+        if "train.min_delta" not in given:
+            se = round(0.4 / math.sqrt(max(1, t["eval_samples"])), 4)
+            t["min_delta"] = choose("train.min_delta", se, f"a smaller gain is noise: one standard error of an accuracy near 0.8 on {t['eval_samples']} rows")
+        if "train.min_steps" not in given:
+            t["min_steps"] = choose("train.min_steps", min(steps, max(MIN_STEPS, steps // 20)),
+                                    "before stopping early: a metric can sit still while the loss falls")
 
 
 def _batch_in_tokens(spec: TaskSpec, data: dict, model, tokenizer, prompts: list, processes: int, t: dict, choose) -> None:

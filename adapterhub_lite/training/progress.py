@@ -6,7 +6,7 @@ import hashlib
 import json
 import random
 import resource
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -132,7 +132,7 @@ def joint_identity(specs: list[TaskSpec], cfg, data: dict, processes: int = 1) -
     """One run identity for the tasks and the joint settings (cfg: a recipes.joint_config.JointConfig; checked on resume;
     the global batch counts, not the process count)."""
     ids = {s.name: run_identity(s, data[s.name], processes) for s in specs}
-    settings = {k: v for k, v in asdict(cfg).items() if k != "max_minutes"}
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "max_minutes"}
     settings[GLOBAL_BATCH] = settings.pop("batch_size") * processes
     spec = {f"{n}.{k}": v for n, i in ids.items() for k, v in i["spec"].items()} | {f"joint.{k}": v for k, v in settings.items()}
     data_ = {f"{n}/{k}": v for n, i in ids.items() for k, v in i["data"].items()}

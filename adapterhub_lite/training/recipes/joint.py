@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss_items, loss_plan_ids, read_tokens
 from adapterhub_lite.model.rowadapters import RowAdapters
 from adapterhub_lite.model.rowconfig import check_lora_config
+from adapterhub_lite.training.defaults import describe_joint, resolve_joint
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
 from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
@@ -248,7 +248,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
     (weights, optimizer, schedule, RNG, task sampler, loss-weighting history, data cursors).
     Under torchrun / accelerate launch it trains data-parallel, as `train` does.
     """
-    cfg = cfg or JointConfig()
+    cfg = cfg or JointConfig.from_specs(specs)  # the shared keys the specs leave out are chosen below, as train chooses them
     check_specs(specs)
     output = Path(output)
     with claim_output(output, overwrite, resume) as work:  # held (rank 0) until the run folder is in place: a second run into it is refused
@@ -257,6 +257,9 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             check_labels_trained(s, data[s.name]["train"])
         backbone = load_backbone(specs[0].base, specs[0].quantization, local_device(device), dtype=dtype or specs[0].dtype)
         parallel = Parallel(backbone.device, specs[0].quantization)
+        specs, cfg, choices = resolve_joint(specs, cfg, data, backbone.model, backbone.tokenizer, parallel.world)
+        if parallel.main:
+            print(f"resolved joint run ('#': chosen, as the specs left it out):\n{describe_joint(specs, cfg, choices)}", file=sys.stderr)
         for s in specs:  # max_length must fit each task's longest label or target (needs the tokenizer)
             check_lengths(s, backbone.tokenizer, data[s.name])
             for warning in data_warnings(s, backbone.tokenizer, data[s.name]) if parallel.main else ():  # as train says them
@@ -277,7 +280,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
                      "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
                      "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
                      "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
-            _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command)
+            _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command, choices)
             publish_folder(work / "out", output)
             shutil.rmtree(work, ignore_errors=True)
         parallel.barrier()
@@ -322,10 +325,11 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], s
     return {task: plan.reduce(part) for (task, plan), part in zip(plans.items(), logp.split(counts))}
 
 
-def _write_outputs(work: Path, specs, cfg: JointConfig, backbone, data, model, joint: JointLora, final: dict, history, state, command) -> None:
+def _write_outputs(work: Path, specs, cfg: JointConfig, backbone, data, model, joint: JointLora, final: dict, history, state, command,
+                   choices: dict[str, dict]) -> None:
     out = work / "out"
     out.mkdir()
-    run = {"tasks": [s.name for s in specs], "config": asdict(cfg), "dev": final, "train_state": state,
+    run = {"tasks": [s.name for s in specs], "config": cfg.to_dict(), "defaults": choices, "dev": final, "train_state": state,
            "base": {"name": specs[0].base, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint},
            "trainable_parameters": trainable_parameters(model), "command": command or " ".join(sys.argv)}
     dropout, total = joint.dropout, run["trainable_parameters"]["total"]
@@ -344,7 +348,8 @@ def _write_outputs(work: Path, specs, cfg: JointConfig, backbone, data, model, j
                                         "latency_ms_per_example": state["latency_ms_per_example"][s.name], "device": state["device"]},
                             train_state={k: state[k] for k in ("steps", "best_step", "stopped_by", "train_seconds", "tokens")},
                             joint={"run": "..", "tasks": run["tasks"], "shared_adapter": cfg.shared_adapter,
-                                   "weighting": cfg.weighting, "sampling": cfg.sampling})
+                                   "weighting": cfg.weighting, "sampling": cfg.sampling},
+                            defaults={**choices["run"], **choices[s.name]})  # what `train` records: each key chosen, and why
         finish_folder(folder, meta, sorted(own, key=lambda r: r["step"]), s.primary_metric)
     if cfg.shared_adapter:
         save_lora(out / SHARED, joint.export(None), backbone.hub_id, dropout)

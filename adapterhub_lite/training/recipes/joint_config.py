@@ -1,14 +1,15 @@
 """What a joint run is: the settings it takes once for all its tasks, and which sets of tasks it accepts.
 
 Each task's own spec gives its prompt, labels, LoRA shape and learning rate; the keys one schedule and one
-mixed batch need (SHARED_TRAIN_KEYS) must agree across the tasks' specs, and the rest (weighting, sampling,
-the shared adapter) is joint-only. Read without torch: the CLI builds this before anything is loaded, and a
+mixed batch need (SHARED_TRAIN_KEYS) must agree across the tasks' specs that give them (those no spec gives are
+chosen when the run starts, as `train` chooses them: training.defaults.resolve_joint), and the rest (weighting,
+sampling, the shared adapter) is joint-only. Read without torch: the CLI builds this before anything is loaded, and a
 resumed run's identity (training/progress.py) is computed from it. The run itself is joint.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from adapterhub_lite.core.errors import SpecError
 from adapterhub_lite.core.spec import TaskSpec, TrainConfig
@@ -20,8 +21,9 @@ SHARED = "shared"
 class JointConfig:
     """Settings of a joint run (each task's own spec gives its prompt, labels, LoRA shape and lr).
 
-    The keys a joint run takes once for all tasks (SHARED_TRAIN_KEYS) are a spec's `train` keys, with the
-    spec's defaults (core.spec.TrainConfig); from_specs reads them off the tasks' specs. The rest is joint-only."""
+    The keys a joint run takes once for all tasks (SHARED_TRAIN_KEYS) are a spec's `train` keys; from_specs reads those
+    the tasks' specs give, and the run chooses the others (the fallbacks below, core.spec.TrainConfig's, are for a
+    JointConfig built by hand, taken as written). The rest is joint-only."""
 
     max_steps: int = TrainConfig.max_steps
     batch_size: int = TrainConfig.batch_size  # rows per step, mixed over tasks
@@ -44,11 +46,22 @@ class JointConfig:
     seed: int = TrainConfig.seed
     log_every: int = TrainConfig.log_every  # steps per metrics row (per-task losses, weights, rows), as for one adapter
     checkpoint_every: int | None = None  # None: at every eval (what `train` resolves when a spec leaves it out)
+    # The SHARED_TRAIN_KEYS some task's spec gives: the others are chosen at the start of the run as `train` chooses them
+    # (training.defaults.resolve_joint). None (a JointConfig built by hand): every key as written. Not a setting.
+    given: frozenset | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_specs(cls, specs: list[TaskSpec], **joint_only) -> JointConfig:
-        """The shared keys from the specs (which must agree; see joint_settings), the joint-only ones as given."""
-        return cls(**joint_settings(specs), **joint_only)
+        """The shared keys the specs give (which must agree; see joint_settings), the joint-only ones as given; the
+        shared keys no spec gives are left to the run (resolve_joint), as `train` leaves them to defaults.resolve."""
+        settings = joint_settings(specs)
+        return cls(**settings, **joint_only, given=frozenset(settings))
+
+    def to_dict(self) -> dict:
+        """The settings (what run.json records and a resume checks), without `given`."""
+        out = asdict(self)
+        out.pop("given")
+        return out
 
 
 # The spec `train` keys a joint run takes once for every task (one schedule, one batch of mixed rows).
@@ -61,8 +74,9 @@ UNREAD_TRAIN_KEYS = ("epochs", "batch_tokens")
 
 
 def joint_settings(specs: list[TaskSpec]) -> dict:
-    """JointConfig fields from the specs' `train` keys, which must agree across the tasks (override
-    them on the command line, e.g. train.max_steps=240, to make them agree); all disagreements at once."""
+    """The SHARED_TRAIN_KEYS the specs' `train` sections give, which must agree across the tasks that give them (override
+    them on the command line, e.g. train.max_steps=240, to make them agree); all disagreements at once. A key one task
+    gives and another leaves out is the giver's; a key no task gives is not in the result (the run chooses it)."""
     out, problems = {}, []
     for key in UNREAD_TRAIN_KEYS:
         set_by = {s.name: getattr(s.train, key) for s in specs if getattr(s.train, key) != getattr(TrainConfig, key)}
@@ -75,31 +89,15 @@ def joint_settings(specs: list[TaskSpec]) -> dict:
         problems.append(f"train.compile is 'always' ({', '.join(always)}) but a joint run's per-row adapters run eager; "
                         "pass train.compile=auto (or never) to train them jointly, or train each task alone to compile it")
     for key in SHARED_TRAIN_KEYS:
-        values = {s.name: _train_value(s, key) for s in specs}
+        values = {s.name: getattr(s.train, key) for s in specs if f"train.{key}" in s.given}
         if len(set(values.values())) > 1:
             problems.append(f"train.{key} differs between the tasks ({', '.join(f'{n}: {v}' for n, v in values.items())}); "
                             f"a joint run has one: pass train.{key}=VALUE")
-        out[key] = next(iter(values.values()))
+        if values:
+            out[key] = next(iter(values.values()))
     if problems:
         raise SpecError(problems, "joint training")
     return out
-
-
-def _train_value(spec: TaskSpec, key: str):
-    """A spec's `train` key as a joint run reads it: checkpoint_every left out is None (at every eval, as `train`
-    resolves it), not TrainConfig's fixed default; warmup_steps left out in a run of no more steps than that default is
-    what `train` would choose."""
-    if key == "checkpoint_every" and "train.checkpoint_every" not in spec.given:
-        return None
-    t = spec.train
-    if key == "warmup_steps" and "train.warmup_steps" not in spec.given and t.warmup_steps >= t.max_steps:
-        # TrainConfig's fixed 20 in a shorter run would be refused by fit() (a warm-up as long as the run), naming a
-        # value nobody wrote: a short run warms up as `train` chooses for one. Imported here: defaults.py loads torch,
-        # and cli/multitask.py reads this module for --help
-        from adapterhub_lite.training.defaults import default_warmup
-
-        return default_warmup(t.max_steps)[0]
-    return getattr(spec.train, key)
 
 
 def check_specs(specs: list[TaskSpec]) -> None:
