@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("specs", nargs="+", metavar="SPEC_OR_OVERRIDE",
                    help="task spec YAMLs (LoRA) and dotted.key=value overrides for every spec, e.g. scripts/tasks/sst2.yaml "
                         "scripts/tasks/rte.yaml train.max_steps=240 (the train keys a joint run takes once — "
-                        f"{', '.join(SHARED_TRAIN_KEYS)} — must agree across the specs)")
+                        f"{', '.join(SHARED_TRAIN_KEYS)} — must agree across the specs that give them; what they leave out is chosen as train chooses it)")
     p.add_argument("--output", type=nonempty, required=True, help="run folder: one adapter folder per task inside")
     p.add_argument("--weighting", default="dynamic", choices=("equal", "fixed", "dynamic", "uncertainty"),
                    help="task loss weights: equal (mean), fixed (--fixed-weights), dynamic (by each task's recent loss), "
