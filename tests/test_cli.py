@@ -36,7 +36,7 @@ def assert_refused(capsys, task_dir, argv, needle):
     (["train.num_epochs=3", "method=adapterfusion"], "unknown key 'train.num_epochs'"),
     (["method_args.target_modules=[c_attn]"], "cannot target ['c_attn'] on 'llama'"),
     (["method=prefix", "method_args.r=4"], "method_args for 'prefix' are invalid"),
-    (["labels={pos: xy, neg: xy}"], "tokenize to identical sequences"),
+    (["labels={pos: xy, neg: xy}"], "labels['pos'] and labels['neg'] are one word 'xy'"),  # train alone refused it (tokenized)
 ])
 def test_bad_train_input_is_refused(capsys, cls_task, override, needle):
     (cls_task / "empty.jsonl").write_text("")

@@ -202,7 +202,7 @@ def test_json_values_are_read_as_json_reads_them_not_as_arrow_unifies_them(tmp_p
     split = load_task_data(gen)["train"]
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert split.answers == [str(r["t"]) for r in rows] == ["7", "7.5", "7"]
-    assert split.prompts == ["1 ->", "2.5 ->", "True ->"]
+    assert split.prompts == ["1 ->", "2.5 ->", "true ->"]  # a JSON true as written (str() of the bool gave Python's 'True')
     (tmp_path / "t.jsonl").write_text('{"a": "x", "label": 0}\n{"a": "y", "label": "yes"}\n')
     assert load_task_data(_cls_spec(["no", "yes"], data="t.jsonl"))["train"].answers == [0, 1]
     (tmp_path / "t.jsonl").write_text('{"label": "no"}\n{"a": "y", "label": "yes"}\n')

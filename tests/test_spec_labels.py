@@ -13,7 +13,7 @@ SPEC = "name: t\ntype: classification\ndata: {{train: a.csv, dev: a.csv}}\npromp
 @pytest.mark.parametrize("labels, needle", [
     ("[no, yes]", "labels[0]=False is the boolean False (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('no')"),
     ("{0: off, 1: on}", "labels[1]=True is the boolean True"),
-    ("{yes: positive, no: negative}", "the key True of 'labels' is the boolean True (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('yes') or 'True' for a JSON true in the column"),
+    ("{yes: positive, no: negative}", "the key True of 'labels' is the boolean True (YAML reads an unquoted yes, no, on, off, true or false so); quote it as written ('yes') or 'true' for a JSON true in the column"),
     ("[~, x]", "labels[0]=None is null"),
     ("[1, 2]", "labels[0]=1 is the number 1, not a word; quote it ('1')"),
     # a list was called "the number ['x']"; an empty word scored the bare space; ' pos' was answered as two spaces and pos

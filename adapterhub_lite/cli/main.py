@@ -58,7 +58,7 @@ def _train(args) -> int:
     return 0
 
 
-def _split_for(spec, split: str):
+def _split_for(spec, split: str, adapter: str | None = None):
     from adapterhub_lite.core.data import FILE_SUFFIXES, load_split, to_split
 
     source = getattr(spec.data, split) if split in ("train", "dev") else split
@@ -66,21 +66,22 @@ def _split_for(spec, split: str):
         raise DataError(f"--split {split!r} is neither dev nor train nor a data file that exists; give dev, train or the path of a "
                         f"{' / '.join(FILE_SUFFIXES)} file")
     ds, sha = load_split(source)
-    return to_split(spec, ds, source, sha)
+    return to_split(spec, ds, source, sha, adapter=adapter)
 
 
 def _eval(args) -> int:
     from adapterhub_lite.artifacts.loading import load_adapter
-    from adapterhub_lite.core.data import check_lengths, cut_rows
+    from adapterhub_lite.core.data import absent_classes, check_lengths, cut_rows
     from adapterhub_lite.model.evaluate import evaluate_split
 
-    split = _split_for(_sidecar_spec(args.adapter), args.split)  # a bad --split or data file is refused before the backbone loads
+    split = _split_for(_sidecar_spec(args.adapter), args.split, f"adapter {str(args.adapter)!r}")  # a bad --split or data file is refused before the backbone loads
     model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
-    warning = cut_rows(spec, backbone.tokenizer, split, training=False, limit=args.limit)  # scored on the prompt's end only: said, never silently
-    if warning:
-        print(warning, file=sys.stderr)
+    # scored on the prompt's end only, or with a class no row holds (macro_f1 then averages the others): said, never silently
+    for warning in (cut_rows(spec, backbone.tokenizer, split, training=False, limit=args.limit), absent_classes(spec, split, args.limit)):
+        if warning:
+            print(warning, file=sys.stderr)
     metrics, _, seconds = evaluate_split(model, backbone.tokenizer, spec, split, limit=args.limit, progress=not args.no_progress)
     n = min(len(split), args.limit or len(split))
     result = {"adapter": str(args.adapter), "split": args.split, "rows": n, **metrics,

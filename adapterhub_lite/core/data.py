@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import datasets
 from adapterhub_lite.core.datafiles import LINES, NESTED, csv_rows, json_dataset, json_rows, parquet_rows, where
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
+from adapterhub_lite.core.text import as_text
 
 # suffix → (reader, csv.reader options). A .tsv is read with the same quoting as a .csv (a field that starts
 # with '"' is quoted, '""' inside it is one quote), as pandas, `datasets` and the csv module read it: RTE's
@@ -166,6 +168,37 @@ def _valid_labels(spec: TaskSpec) -> str:
     return f"a label word ({', '.join(repr(str(w)) for w in words)}) or its class index (0 to {len(words) - 1})"
 
 
+def _near_key(value: str, keys, spec: TaskSpec) -> str:
+    """Why a label value that 'labels' lacks looks like one it has (values match as written, exactly), or ''."""
+    def nfc(text: str) -> str:
+        return unicodedata.normalize("NFC", text)
+
+    if isinstance(spec.labels, dict):  # the word where the column value goes (a file labelled by what the adapter answers)
+        key = next((k for k, w in spec.labels.items() if str(w) == value), None)
+        if key is not None:
+            return f"; {value!r} is the word of labels[{key!r}]: the column holds a mapping's keys ({str(key)!r}), the words are its answers"
+    for key in keys:
+        if value in ("true", "false") and key == value.capitalize():  # the spelling Python's str() gave a JSON boolean
+            return (f"; {value!r} is a JSON (or parquet) boolean, read as written, not as Python's {key!r}: "
+                    f"write the key {value!r} in 'labels'")
+        if nfc(value) == nfc(key):  # shown alike, written with other code points (é as e + combining accent)
+            return (f"; {value!r} is {key!r} in another Unicode form ({ascii(value)} in the data, {ascii(key)} in 'labels'): "
+                    "save both in one form (NFC)")
+        if nfc(value).strip().casefold() == nfc(key).strip().casefold():
+            what = "spaces around it" if value.strip() == key else "case" if value.casefold() == key.casefold() else "case, spaces or Unicode form"
+            return f"; {value!r} differs from {key!r} only by {what} (values match as written)"
+        if _number(value) is not None and _number(value) == _number(key):  # 1.0 beside 1: a float column (parquet), a JSON 1.0
+            return f"; {value!r} is the number {key} written otherwise (values match as written): write the column's numbers as 'labels' keys them"
+    return ""
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def request_row(spec: TaskSpec, request: dict) -> dict:
     """The prompt columns of a request; a lone `text` fills a prompt that reads one column. A null column is refused."""
     fields = list(dict.fromkeys(spec.prompt_fields))
@@ -204,7 +237,7 @@ def readable(spec: TaskSpec, pred) -> str:
 
 def render(spec: TaskSpec, row: dict) -> str:
     """Fill the prompt template with one row's columns."""
-    return spec.prompt.format(**{k: ("" if row[k] is None else str(row[k]).strip()) for k in spec.prompt_fields})
+    return spec.prompt.format(**{k: ("" if row[k] is None else as_text(row[k]).strip()) for k in spec.prompt_fields})
 
 
 def _is_missing(value) -> bool:
@@ -238,7 +271,7 @@ def _label_values(spec: TaskSpec, ds: datasets.Dataset, source: str) -> list[str
     that names a class at another index is refused (labels [positive, negative] made every negative row 'positive')."""
     feature, raw = ds.features[spec.label], ds[spec.label]
     if not isinstance(feature, datasets.ClassLabel):
-        return [str(v) for v in raw]
+        return [as_text(v) for v in raw]  # a boolean column (parquet, hf:) as 'true' / 'false', as a JSON true is read
     names = feature.names
     _refuse_missing(source, spec.label, [None if v is None or v < 0 else v for v in raw],  # -1: datasets' "no label"
                     "a ClassLabel of -1 is no label (as in a test split); use a split with labels", ds)
@@ -254,9 +287,10 @@ def _label_values(spec: TaskSpec, ds: datasets.Dataset, source: str) -> list[str
 
 
 def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, split: str | None = None,
-             file: str | None = None) -> Split:
+             file: str | None = None, adapter: str | None = None) -> Split:
     """Check columns and label values, then render every row (`split`: as load_split). `source` names the rows in
-    messages; `file` (default: `source`) is the file they were read from, whose type says how an empty field reads."""
+    messages; `file` (default: `source`) is the file they were read from, whose type says how an empty field reads.
+    `adapter`: the rows are scored by that trained adapter (eval), whose 'labels' no edit can extend."""
     if len(ds) == 0:
         raise _empty(source, split)
     answer = spec.label if spec.type == "classification" else spec.target
@@ -290,6 +324,9 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
     prompts = [render(spec, row) for row in ds]
     if spec.type == "classification":
         _refuse_missing(source, spec.label, ds[spec.label], "give every row its label", ds)
+        if Path(file or source).suffix.lower() in (".csv", ".tsv"):  # as a target: an empty csv/tsv field is a missing value
+            _refuse_missing(source, spec.label, [None if v == "" else v for v in ds[spec.label]],
+                            "an empty csv/tsv field reads as missing (as pandas and datasets read it); give every row its label", ds)
         table, ambiguous = _label_table(spec)
         values = _label_values(spec, ds, source)
         both = sorted({v for v in values if v in ambiguous})
@@ -302,8 +339,10 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         bad = sorted({v for v, a in zip(values, answers) if a is None})
         if bad:
             first = where(ds, [values.index(v) + 1 for v in bad[:5]])  # where each value first is
+            near = next((hint for hint in (_near_key(v, table, spec) for v in bad) if hint), "")
+            extend = f"; {adapter} was trained on these labels alone" if adapter else ", or add the value(s) to 'labels'"
             raise DataError(f"split {source!r} has label value(s) {', '.join(map(repr, bad[:5]))} not in labels (first at {first}); write {_valid_labels(spec)} "
-                            f"in column {spec.label!r}, or add the value(s) to 'labels'")
+                            f"in column {spec.label!r}{extend}{near}")
     else:
         targets = ds[spec.target]  # a row without its column reads as null too; an empty answer would train the adapter to stop at once
         _refuse_missing(source, spec.target, targets, "give every row its target", ds)
@@ -312,7 +351,7 @@ def to_split(spec: TaskSpec, ds: datasets.Dataset, source: str, sha256: str, spl
         if Path(file or source).suffix.lower() in (".csv", ".tsv"):
             _refuse_missing(source, spec.target, [None if t == "" else t for t in targets],
                             "an empty csv/tsv field reads as missing (as pandas and datasets read it); give every row its target", ds)
-        answers = [str(t) for t in targets]
+        answers = [as_text(t) for t in targets]
     return Split(prompts, answers, source, sha256)
 
 
@@ -326,8 +365,23 @@ def load_task_data(spec: TaskSpec, splits: tuple[str, ...] = ("train", "dev")) -
     return out
 
 
+def check_label_tokens(spec: TaskSpec, tokenizer) -> None:
+    """Refuse label words that tokenize alike after the prompt (a tokenizer that normalizes or maps both to one unknown
+    token): their scores are one, so the first always wins and the other class is never predicted. The spec refuses one
+    word given twice; this needs the tokenizer. Only `train` checked it, so train-multi, compose-fit, eval and predict
+    took such labels. Words that only begin alike are told apart: every label is scored on all its tokens."""
+    seen: dict[tuple, str] = {}
+    for word in map(str, label_words(spec)):
+        ids = tuple(tokenizer(" " + word, add_special_tokens=False).input_ids)  # as heads.answer_ids
+        if ids in seen:
+            raise DataError(f"labels {seen[ids]!r} and {word!r} of {spec.name!r} tokenize to identical sequences {list(ids)}, so no prediction "
+                            "can tell them apart; choose distinct verbalizer words")
+        seen[ids] = word
+
+
 def check_lengths(spec: TaskSpec, tokenizer, data: dict[str, Split] | None = None) -> None:
-    """Refuse a train.max_length that cannot hold one prompt token plus the longest answer, naming the minimum.
+    """Refuse a train.max_length that cannot hold one prompt token plus the longest answer, naming the minimum (and, for
+    classification, labels that tokenize alike: check_label_tokens).
 
     Classification: the longest label word (as it follows the prompt). Generation: the longest target of
     the training split plus EOS (`data`'s train split, when given). A smaller budget would otherwise leave
@@ -335,6 +389,7 @@ def check_lengths(spec: TaskSpec, tokenizer, data: dict[str, Split] | None = Non
     """
     max_length = spec.train.max_length
     if spec.type == "classification":
+        check_label_tokens(spec, tokenizer)
         sizes = {str(w): len(tokenizer(" " + str(w), add_special_tokens=False).input_ids) for w in label_words(spec)}  # as heads.answer_ids
         word = max(sizes, key=sizes.get)
         need, what = sizes[word] + 1, f"the longest label {word!r} ({sizes[word]} tokens)"
@@ -383,9 +438,28 @@ def dev_overlap(data: dict[str, Split]) -> str | None:
             f"{data['train'].source!r}, so the dev metrics score inputs the adapter trained on; drop those rows from one split")
 
 
+def absent_classes(spec: TaskSpec, split: Split, limit: int | None = None) -> str | None:
+    """A warning when (the first `limit` of) a classification split's rows hold no row of some class of 'labels', else None:
+    such a class is scored on nothing (no recall to measure, no F1 unless it is predicted), so macro_f1 averages the
+    classes present, as scikit-learn's f1_score does, and per_class shows it with null figures."""
+    if spec.type != "classification":
+        return None
+    held = set(split.answers[:limit])
+    keys = list(spec.labels) if isinstance(spec.labels, dict) else label_words(spec)
+    words = label_words(spec)
+    missing = [repr(str(words[i])) + (f" (column value {str(k)!r})" if str(k) != str(words[i]) else "") for i, k in enumerate(keys) if i not in held]
+    if not missing:
+        return None
+    rows = f"the first {min(limit, len(split))} rows" if limit and limit < len(split) else f"the {len(split)} rows"
+    return (f"warning: {rows} of {split.source!r} hold no row of class(es) {', '.join(missing)} ({len(missing)} of {len(keys)}): macro_f1 "
+            "averages the classes scored or predicted (as sklearn's f1_score), per_class gives an absent class null figures "
+            "unless it is predicted; add rows of every class to score each")
+
+
 def data_warnings(spec: TaskSpec, tokenizer, data: dict[str, Split]) -> list[str]:
     """What a training run says of its data before it starts (train and train-multi alike): prompts that lose their
-    start to train.max_length, in either split, and dev rows a train row holds."""
-    found = (cut_rows(spec, tokenizer, data["train"], True), cut_rows(spec, tokenizer, data["dev"], False), dev_overlap(data))
+    start to train.max_length, in either split, dev rows a train row holds, and classes the dev split has no row of."""
+    found = (cut_rows(spec, tokenizer, data["train"], True), cut_rows(spec, tokenizer, data["dev"], False), dev_overlap(data),
+             absent_classes(spec, data["dev"]))
     return [w for w in found if w]
 

@@ -17,7 +17,7 @@ import datasets
 import pyarrow.parquet as pq
 
 from adapterhub_lite.core.errors import DataError
-from adapterhub_lite.core.text import DuplicateKey, loads, numbered_jsonl, read_text
+from adapterhub_lite.core.text import DuplicateKey, as_text, loads, numbered_jsonl, read_text
 
 
 def parquet_rows(path: Path) -> datasets.Dataset:
@@ -117,13 +117,13 @@ NESTED = "json"  # the field a JSON object or list is held in (see json_dataset)
 def json_dataset(rows: list[dict]) -> datasets.Dataset:
     """JSON rows as a Dataset, holding what `json` reads. Every key of any row is a column (a row without it holds
     null: from_list took the first row's keys only, so a column missing there was dropped for all rows), and a
-    column of plain values holds them as text, each as written: arrow would make 7 beside 7.5 "7.0", and could not
-    hold 0 beside "yes" at all (pandas and json read both)."""
+    column of plain values holds them as text, each as written (true as 'true', 2.50 as '2.50': core.text.as_text): arrow
+    would make 7 beside 7.5 "7.0", and could not hold 0 beside "yes" at all (pandas and json read both)."""
     data = {}
     for column in dict.fromkeys(k for r in rows for k in r):
         values = [r.get(column) for r in rows]
         if not any(isinstance(v, (dict, list)) for v in values):
-            data[column] = [v if v is None or isinstance(v, str) else str(v) for v in values]
+            data[column] = [v if v is None else as_text(v) for v in values]
             continue
         # A column with objects / lists: each value as its JSON text in a one-field struct. Arrow cannot hold {"a": 1}
         # beside {"a": "s"}, [1] or "x" (a metadata column pandas reads), and to_split refuses the struct where text is read.

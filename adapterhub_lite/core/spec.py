@@ -12,6 +12,7 @@ import functools
 import math
 import string
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,14 +339,29 @@ def label_problems(labels: list | dict) -> list[str]:
             why = _not_text(key)
             if why is None and not isinstance(key, (str, int)):
                 why = f"is the number {key}; write the column's value as text ('{key}')"
-            if isinstance(key, bool):  # a JSON true in the column is read as Python writes it
-                why += f" or '{key}' for a JSON {str(key).lower()} in the column"
+            if isinstance(key, bool):  # a JSON true in the column is read as written (core.text.as_text), 'true'
+                why += f" or '{str(key).lower()}' for a JSON {str(key).lower()} in the column"
             if why:
                 problems.append(f"the key {key!r} of 'labels' {why}")
     if isinstance(labels, dict):  # the column is read as text: 1 and '1' name the same value, so one class could never be
         same = [k for k in labels if not isinstance(k, bool) and sum(str(j) == str(k) for j in labels if not isinstance(j, bool)) > 1]
         if same:
             problems.append(f"the keys {' and '.join(map(repr, same))} of 'labels' both mean the column value {str(same[0])!r}; keep one")
+    # Two classes of one word (or one word in two Unicode forms, printed alike): scored alike, the first always wins, so the
+    # other is never predicted, and per_class, keyed by word, kept one of them. train refused it only once tokenized
+    # ('tokenize to identical sequences'); train-multi trained it.
+    pairs = list(labels.items() if isinstance(labels, dict) else enumerate(labels))
+    words = [(key, word, unicodedata.normalize("NFC", word)) for key, word in pairs if isinstance(word, str) and word.strip()]
+    for form in dict.fromkeys(f for _, _, f in words):
+        classes = [(key, word) for key, word, f in words if f == form]
+        if len(classes) > 1:
+            named = " and ".join(f"labels[{k!r}]" if isinstance(labels, dict) else f"labels[{k}]" for k, _ in classes)
+            if len({w for _, w in classes}) > 1:  # other bytes, other tokens: told apart by the model, not by a reader
+                shown = ", ".join(ascii(w) for w in dict.fromkeys(w for _, w in classes))
+                problems.append(f"{named} are one word {form!r} in two Unicode forms ({shown}), so a prediction of either prints alike; "
+                                "give each class its own word")
+            else:
+                problems.append(f"{named} are one word {form!r}, so no prediction can tell those classes apart; give each class its own word")
     return problems
 
 

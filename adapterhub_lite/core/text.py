@@ -39,6 +39,15 @@ class WrittenFloat(float):
         return self.text
 
 
+def as_text(value) -> str:
+    """A column's plain value as the text it was written as: a JSON (or parquet, arrow) boolean as JSON and arrow write
+    it, true / false (str() gave Python's True, which matched no label 'true' and was trained as 'True'); a JSON number
+    as typed (WrittenFloat); text as it is."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _finite(text: str) -> float:
     number = WrittenFloat(text)
     if not math.isfinite(number):

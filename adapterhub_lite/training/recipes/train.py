@@ -156,11 +156,7 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
     model = attach(backbone.model, spec.method, spec.method_args)
     source = _init_from(spec, model, backbone) if spec.init_from else None  # a resumed run then loads its checkpoint
     tok = backbone.tokenizer
-    if spec.type == "classification":
-        label_tokens = label_token_ids(tok, spec)
-        if len({tuple(t) for t in label_tokens}) < len(label_tokens):
-            raise DataError(f"labels {label_words(spec)} tokenize to identical sequences; choose distinct verbalizer words")
-    check_lengths(spec, tok, data)  # max_length must hold a prompt token plus the longest label or target
+    check_lengths(spec, tok, data)  # max_length must hold a prompt token plus the longest label or target; labels tokenize apart
     if parallel.main:  # a prompt longer than max_length is read without its start, a dev row seen in training: said, never silently
         for warning in data_warnings(spec, tok, data):
             print(warning, file=sys.stderr)
