@@ -510,3 +510,40 @@ def test_the_gauges_read_idle_as_the_last_answer_goes_out(serve_registry):
             break
     assert "done" in heard
     assert engine.metrics.running._value.get() == 0 and engine.metrics.kv_reserved._value.get() == 0
+
+
+def test_a_stream_whose_client_leaves_during_its_prefill_stops_it_at_the_next_layer(serve_registry):
+    """After its headers (the request read) and before its first token a stream's prompt is being prefilled, here in 13
+    pieces of 16 tokens; its client leaves then. Nothing is sent meanwhile, so only a listener on the connection can see it
+    (Starlette's, for uvicorn's ASGI 2.3; at 2.4 it no longer listens): the job is cancelled while layer 0 of its first
+    piece is held, and no piece runs after it. A guard (passes): had nobody listened, all 13 pieces would run for nobody."""
+    s = Served(serve_registry, budgets=Budgets(max_rows=4, max_num_batched_tokens=16))
+    layer0, release, calls = s.router.bank.decoder.layers[0], threading.Event(), []
+
+    def hold(*_):
+        calls.append(release.is_set())
+        release.wait(30)  # the first piece waits here until the client has gone and the server has seen it
+
+    hook = layer0.register_forward_pre_hook(hold)
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": "base", "prompt": list(range(5, 205)), "max_tokens": 8, "stream": True}) as r:
+            assert r.status_code == 200
+            deadline = time.monotonic() + 30
+            while not calls and time.monotonic() < deadline:  # the prefill has begun
+                time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while not all(j.cancelled for j in list(s.engine._jobs.values())) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = list(s.engine._jobs.values())
+        release.set()
+        assert seen and all(j.cancelled for j in seen), "the client's leaving was not seen while its prompt was prefilled"
+        cancelled = s.engine.metrics.requests.labels(adapter="base", status="cancelled")
+        while (s.engine._jobs or cancelled._value.get() < 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cancelled._value.get() == 1 and not s.engine._jobs and not s.engine._rows
+        assert calls == [False], calls  # the held piece stopped at the next layer; no other piece ran
+    finally:
+        release.set()
+        hook.remove()
+        s.close()
