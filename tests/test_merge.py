@@ -543,3 +543,31 @@ def test_a_source_made_for_a_rewritten_base_is_refused_in_one_line(sources, tmp_
         merge_adapters(folders, {"r": 0.5, "a": 0.5}, "delta_linear", output=tmp_path / "m", name="mix", report_rows=0,
                        base_config=load_backbone("tiny-random-llama", "none", dtype="fp32").model.config)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_full_disk_while_the_cli_writes_a_merge_is_one_line_exit_2_and_the_server_s_merge_keeps_the_oserror(sources, tmp_path, capsys,
+                                                                                                            monkeypatch):
+    """`merge --output` on a full disk was a multi-line OSError traceback, exit 1 (nothing half-written was left). The
+    server's own merges (build_merge calls merge_adapters(output=...)) keep the OSError: a scratch-disk failure is a 500."""
+    import errno
+    import os
+
+    import adapterhub_lite.ops.merge as merge
+    from adapterhub_lite.cli.main import main
+
+    def full(path, data, mode=0o644):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(merge, "atomic_write", full)
+    shutil.copytree(sources["c"], tmp_path / "c")  # another folder name: the CLI names its sources by folder
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "m"
+    code = main(["merge", str(sources["a"]), str(tmp_path / "c"), "--weights", "0.5", "0.5", "--method", "delta_linear", "--output", str(out),
+                 "--report-rows", "0", "--quantization", "none", "--no-progress"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert re.fullmatch(rf"error: cannot write the merged adapter to --output '{re.escape(str(out))}': No space left on device \(ENOSPC\) at .*; "
+                        r"free disk space or choose a writable --output, then run again \(nothing was written\)", lines[0]), lines
+    assert list(out.parent.iterdir()) == []
+    with pytest.raises(OSError) as err:
+        merge_adapters({n: sources[n] for n in "ac"}, {"a": 0.5, "c": 0.5}, "delta_linear", output=out, report_rows=0)
+    assert not isinstance(err.value, ValueError) and list(out.parent.iterdir()) == []

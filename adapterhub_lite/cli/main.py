@@ -214,8 +214,10 @@ def _check_versions(registry: str, source: str, requests: list[dict], lines: lis
 
 
 def _merge(args) -> int:
+    from adapterhub_lite.artifacts.files import os_problem
     from adapterhub_lite.artifacts.registries import adapter_ref
-    from adapterhub_lite.ops.merge import merge_adapters
+    from adapterhub_lite.artifacts.sidecar import Sidecar
+    from adapterhub_lite.ops.merge import merge_adapters, save_merged
     from adapterhub_lite.training.output import check_parent
 
     if len(args.weights) != len(args.adapters):
@@ -225,11 +227,19 @@ def _merge(args) -> int:
     if output.exists() or output.is_symlink():  # refused before the backbone loads, not after the merge was computed
         raise DataError(f"--output {args.output!r} already exists; choose a new folder")
     check_parent(output)  # a parent that is a file: mkdir's FileExistsError came out as a traceback, exit 1
-    _, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
-                             density=args.density, name=args.name or Path(args.output).name, output=args.output,
-                             report_rows=args.report_rows, task=args.task, quantization=args.quantization, device=args.device,
-                             dtype=args.dtype, allow_base_mismatch=args.allow_base_mismatch, seed=args.seed,
-                             majority_sign_method=args.majority_sign_method)
+    name = args.name or output.name
+    model, meta = merge_adapters(folders, dict(zip(folders, args.weights)), args.method,
+                                 density=args.density, name=name, report_rows=args.report_rows, task=args.task,
+                                 quantization=args.quantization, device=args.device, dtype=args.dtype,
+                                 allow_base_mismatch=args.allow_base_mismatch, seed=args.seed,
+                                 majority_sign_method=args.majority_sign_method)
+    # saved here, not by merge_adapters(output=...), so that only the write's OSError is read as the disk's: a full disk
+    # was a multi-line traceback, exit 1. The server's own merges keep the OSError (a server fault, a 500, not a 400).
+    try:
+        save_merged(model, name, Sidecar.from_dict(meta), output)
+    except OSError as exc:
+        raise AdapterHubError(f"cannot write the merged adapter to --output {args.output!r}: {os_problem(exc)}; free disk space or "
+                              "choose a writable --output, then run again (nothing was written)") from None
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
     return 0
 
