@@ -97,7 +97,8 @@ def test_an_auto_request_far_from_every_adapter_answers_as_base_and_says_so(serv
     out = router.run([{"adapter": "auto", "text": "pos 3", "max_new_tokens": 2}, {"adapter": "auto", "text": "cd", "max_new_tokens": 2},
                       {"adapter": "auto", "text": FAR_TEXT, "max_new_tokens": 2}])
     assert [o["adapter"] for o in out] == ["cls_a", "gen", "base"]
-    assert out[2] == router.run([{"adapter": "base", "text": FAR_TEXT, "max_new_tokens": 2}])[0]
+    assert out[2] == {**router.run([{"adapter": "base", "text": FAR_TEXT, "max_new_tokens": 2}])[0], "routing": out[2]["routing"]}
+    assert out[2]["routing"]["fallback"] == "novelty" and out[2]["routing"]["candidate"] in ("cls_a", "gen")
 
 
 def test_an_empty_auto_request_is_refused_as_an_empty_prompt_not_a_scikit_learn_nan_error(served):

@@ -28,6 +28,7 @@ import torch
 
 from adapterhub_lite.core.data import label_words
 from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.names import BASE
 from adapterhub_lite.model.backbone import end_ids
 from adapterhub_lite.serving.bank import PassAbandoned
 from adapterhub_lite.serving.decoding import PromptScores
@@ -64,8 +65,9 @@ class Admission:
             self._reading = []
 
     def _enqueue(self, jobs: list[Job]) -> None:
-        names = self.router.route([j.request for j in jobs])  # `auto` rows: one embedding pass for all of them
-        for job, name in zip(jobs, names):
+        routed = self.router.routed([j.request for j in jobs])  # `auto` rows: one embedding pass for all of them
+        for job, how in zip(jobs, routed):
+            job.routing, name = how, job.request.get("adapter", BASE) if how is None else how.adapter
             try:
                 job.prepared = self.router.prepare(
                     job.request, name, job.params.max_tokens, default_new_tokens=job.default_max_tokens, fill_context=job.fill_context,

@@ -130,6 +130,14 @@ class Answers:
         usage = P.usage(results, n)
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
+    @staticmethod
+    def routed(access: dict, req: Request) -> None:
+        """Put how `auto` chose each choice's adapter (Routing.header, in choice order) in the access record, which the
+        app's middleware sends as the ROUTING_HEADER response header: a client reads it without parsing the body,
+        and before a stream's first chunk."""
+        if any(j.routing is not None for j in req.jobs):
+            access["routing"] = [j.routing.header() if j.routing is not None else "-" for j in req.jobs]
+
     # -- answering -------------------------------------------------------------------------------
     async def answer(self, req: Request, http):
         """Submit a request's jobs; stream their events, or wait for every choice and write the response."""
@@ -137,9 +145,11 @@ class Answers:
         self.submit(req)
         if flag(req.body, "stream", False):
             early = await self.accepted(req, http)
+            self.routed(access, req)  # every choice is routed once accepted: the header goes out before the first chunk
             return StreamingResponse(self.stream(req, access, early), media_type="text/event-stream")
         results = await self.results(req, http)
         self.note(access, results, req.n)
+        self.routed(access, req)
         choices = [self.choice(req, i, r) for i, r in enumerate(results)]
         if req.chat:
             body = P.chat_body(req.rid, req.model, choices, results, req.n)
@@ -195,6 +205,8 @@ class Answers:
                    "adapter": result.adapter}
             if p.prompt_logprobs is not None:
                 out["prompt_logprobs"] = P.prompt_logprobs(tok, result.prompt.scores, p.prompt_logprobs)
+        if result.routing is not None:  # an `auto` choice: how its adapter was chosen (an extra field, as `adapter`)
+            out["routing"] = result.routing.as_dict()
         if flag(req.body, "return_token_ids", False):
             out["token_ids"] = result.token_ids
             if not req.chat:
@@ -228,7 +240,7 @@ class Answers:
         role_due = [req.chat] * len(req.jobs)  # per chat choice: its role chunk, sent with its first event
 
         def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None,
-                  made=(), **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
+                  made=(), routing=None, **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
             lp = None
             if entries is not None and p.logprobs is not None:
                 if req.chat:
@@ -244,6 +256,8 @@ class Answers:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
             if finish is not None:
                 choice["stop_reason"] = stop_reason
+            if routing is not None:  # an `auto` choice's finishing chunk: how its adapter was chosen, as the whole response says it
+                choice["routing"] = routing.as_dict()
             if ids:
                 choice["token_ids"] = [e.token for e in made]
                 if prompt_ids_due[index]:
@@ -276,7 +290,7 @@ class Answers:
                         streamed[index] = payload.completion_tokens
                         if payload.label is not None:  # a classification adapter's answer comes whole
                             yield chunk(index, payload.text)
-                        yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason)
+                        yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason, routing=payload.routing)
                     elif ev == "error":
                         yield f"data: {json.dumps(as_api_error(payload).body())}\n\n"
                         access["status"] = as_api_error(payload).status

@@ -34,7 +34,7 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.answers import ClientGone
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.handlers import Handlers, Settings
-from adapterhub_lite.serving.params import IGNORED_HEADER
+from adapterhub_lite.serving.params import IGNORED_HEADER, ROUTING_HEADER
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.routes import admin, openai, tokenizer
 from adapterhub_lite.serving.routes.common import ServerState, error_response
@@ -80,7 +80,7 @@ class Guard:
 class AccessLog:
     """One line per request, written when its last byte is sent (or the client leaves): id, route, status, model,
     the adapter that answered, tokens, latency. The routes fill scope["state"]["access"]; a request's ignored
-    fields go out in the IGNORED_HEADER response header."""
+    fields go out in the IGNORED_HEADER response header, how `auto` chose its adapters in the ROUTING_HEADER one."""
 
     def __init__(self, app, count=None, routes=()):
         self.app, self.count, self.routes = app, count, routes  # count(handler, method, status): ServeMetrics.responded
@@ -114,8 +114,9 @@ class AccessLog:
         async def sending(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                if access.get("ignored"):
-                    message = {**message, "headers": [*message.get("headers", []), (IGNORED_HEADER.encode(), ",".join(access["ignored"]).encode())]}
+                for header, key in ((IGNORED_HEADER, "ignored"), (ROUTING_HEADER, "routing")):
+                    if access.get(key):
+                        message = {**message, "headers": [*message.get("headers", []), (header.encode(), ",".join(access[key]).encode())]}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 log()  # before the last byte goes: a client that has its answer finds its line written
             await send(message)
@@ -215,7 +216,7 @@ def create_app(engine: Engine, settings: Settings, catalogue: Catalogue) -> Fast
     app.add_middleware(AccessLog, count=engine.metrics.responded, routes=[route for router in routers for route in router.routes])
     if settings.allowed_origins:  # outermost, so a preflight (which carries no API key) is answered here
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"], allow_headers=["*"],
-                           expose_headers=[IGNORED_HEADER])
+                           expose_headers=[IGNORED_HEADER, ROUTING_HEADER])
 
     # In the order the routes were always declared (health first, runtime loading last), so /openapi.json is unchanged.
     for router in routers:

@@ -361,7 +361,7 @@ class Engine(Admission, OfflineRun):
         entries = state.entries() if state is not None and job.params.logprobs is not None else None
         result = Result(p.adapter, state.text if text is None else text, reason, len(p.ids), len(job.tokens), entries=entries,
                         prompt=job.prompt, prompt_ids=p.ids, token_ids=list(job.tokens),
-                        stop_reason=state.stop_reason if state is not None and reason == "stop" else None, **extra)
+                        stop_reason=state.stop_reason if state is not None and reason == "stop" else None, routing=job.routing, **extra)
         self.metrics.requests.labels(adapter=self._label(job), status="ok").inc()
         self.metrics.answered(job.times, result.prompt_tokens, result.completion_tokens, time.monotonic(), reason)
         job.listener("done", result)

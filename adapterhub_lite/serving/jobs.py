@@ -14,6 +14,7 @@ from adapterhub_lite.serving.metrics import RequestTimes
 from adapterhub_lite.serving.output import Entry, TextState
 from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.reading import Prepared
+from adapterhub_lite.serving.routing import Routing
 
 # Request keys that read like generation settings (OpenAI's, vLLM's, HF generate's). The offline entry points (Router.run,
 # infer) answer greedily within each task's budget and read none of them: a request that sets one is refused, as
@@ -70,6 +71,7 @@ class Job:
     # filled by the engine
     times: RequestTimes = field(default_factory=RequestTimes)  # arrival (now), then what the latency histograms measure
     prepared: Prepared | None = None
+    routing: Routing | None = None  # how `auto` chose the adapter (None: the request named it)
     state: TextState | None = None
     prompt: PromptPart | None = None
     cancelled: bool = False
@@ -114,3 +116,4 @@ class Result:
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended the choice
+    routing: Routing | None = None  # an `auto` request's: how its adapter was chosen

@@ -25,7 +25,8 @@ class OfflineRun:
         Each request names its adapter ("base", "auto" or a known name). A task adapter's task input is answered
         within its task's max_new_tokens; a raw prompt, `base` and task-less adapters get the request's
         `max_new_tokens`, else `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
-        "prediction": the label word or the answer's first line}; `on_done(i)` is called as request i ends.
+        "prediction": the label word or the answer's first line}, and for an `auto` request "routing" (Routing.as_dict:
+        the classifier's confidence, its candidate and runner-up, why base answered); `on_done(i)` is called as request i ends.
         A request that fails raises its error once the others have ended (the first failing one in order; its index
         in `requests` is the error's `request_index`).
         """
@@ -55,6 +56,8 @@ class OfflineRun:
                 nonlocal ended
                 if event == "done":
                     out[i] = {"adapter": payload.adapter, "prediction": payload.label if payload.label is not None else payload.text}
+                    if payload.routing is not None:  # an `auto` row: how its adapter was chosen, to audit routing by
+                        out[i]["routing"] = payload.routing.as_dict()
                 elif event == "error":
                     errors[i] = payload
                 if event in ("done", "error"):

@@ -22,7 +22,7 @@ from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
 from adapterhub_lite.serving.protocol import ENGINE_KEYS
-from adapterhub_lite.serving.routing import ContentRouter
+from adapterhub_lite.serving.routing import ContentRouter, Routing
 
 
 def _locked(method):
@@ -39,19 +39,24 @@ def _locked(method):
 class RequestReader:
     """Routing, prompt reading and classification scoring (a mixin of AdapterManager, which holds the state)."""
 
-    @_locked
     def route(self, requests: list[dict]) -> list[str]:
         """Each request's adapter name, `auto` resolved by content (one embedding pass for all of them)."""
-        names = [r.get("adapter", BASE) for r in requests]
-        auto = [i for i, n in enumerate(names) if n == AUTO]
+        return [r.get("adapter", BASE) if how is None else how.adapter for r, how in zip(requests, self.routed(requests))]
+
+    @_locked
+    def routed(self, requests: list[dict]) -> list[Routing | None]:
+        """How each `auto` request is routed by content (Routing: its adapter, the classifier's confidence …), None for a
+        request naming its adapter; one embedding pass for all of them."""
+        auto = [i for i, r in enumerate(requests) if r.get("adapter", BASE) == AUTO]
+        out: list[Routing | None] = [None] * len(requests)
         if auto:
             if self._content is None:
                 self._content = self._fit_content_router()
             with self.bank.base_only():
                 vectors = embed(self.backbone.model, self.backbone.tokenizer, [raw_text(requests[i]) for i in auto])
-            for i, (name, _) in zip(auto, self._content.route(vectors)):
-                names[i] = name
-        return names
+            for i, how in zip(auto, self._content.decide(vectors)):
+                out[i] = how
+        return out
 
     @staticmethod
     def routing_target(name: str) -> bool:

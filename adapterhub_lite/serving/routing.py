@@ -15,6 +15,7 @@ so adapters can be added or removed without refitting anything offline.
 from __future__ import annotations
 
 import numbers
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,29 @@ def check_probability(value, what: str = "route_threshold", none_ok: bool = Fals
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise RoutingError(f"{what} is {value!r}; give a probability from 0 to 1" + (" (or None to switch it off)" if none_ok else ""))
     return float(value)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How `auto` chose one request's adapter, for the caller to audit: Router.run's and infer's `routing`, the server's
+    per-choice `routing` field and x-adapterhub-routing header (README, "Routing by content").
+
+    Read off the classifier's probabilities that routing computes anyway: no pass of its own."""
+
+    adapter: str  # what served the request: the candidate, or "base"
+    confidence: float  # the classifier's probability of the candidate (0.0 when there was no text to embed)
+    candidate: str | None  # the most probable adapter (None: nothing to route by)
+    runner_up: str | None = None  # the second most probable (None with one adapter)
+    runner_up_confidence: float | None = None
+    fallback: str | None = None  # why base answered: "threshold", "tie", "novelty" or "no_text"; None when the candidate did
+
+    def as_dict(self) -> dict:
+        """The record as JSON-ready fields (None where a field does not apply)."""
+        return asdict(self)
+
+    def header(self) -> str:
+        """One HTTP header item: `adapter;confidence=0.93;candidate=…;runner_up=…;…` (the fields that apply)."""
+        return ";".join([self.adapter] + [f"{k}={v}" for k, v in self.as_dict().items() if k != "adapter" and v is not None])
 
 
 class ContentRouter:
@@ -137,7 +161,12 @@ class ContentRouter:
         return torch.from_numpy(self.model.predict_proba(x)).float()
 
     def route(self, vectors: torch.Tensor) -> list[tuple[str, float]]:
-        """(adapter name or "base", confidence) for each embedded request.
+        """(adapter name or "base", confidence) for each embedded request: `decide`'s adapter and confidence."""
+        return [(r.adapter, r.confidence) for r in self.decide(vectors)]
+
+    def decide(self, vectors: torch.Tensor) -> list[Routing]:
+        """How each embedded request is routed (Routing): its adapter, the classifier's probability and runner-up, and why
+        it fell back to base, if it did.
 
         Base when the classifier is unsure (below the threshold, or two adapters tie for the highest probability: adapters
         with the same samples, e.g. one published under two names), when the request is farther from the chosen
@@ -146,15 +175,17 @@ class ContentRouter:
         """
         vectors = vectors.detach().cpu().float()  # routing runs on the host (see the class)
         finite = torch.isfinite(vectors).all(-1)
-        out = [(BASE, 0.0)] * len(vectors)
+        out = [Routing(BASE, 0.0, None, fallback="no_text")] * len(vectors)
         rows = finite.nonzero().flatten().tolist()
         if not rows:
             return out
         probs = self.probs(vectors[finite])
-        conf, idx = probs.max(-1)
+        top = probs.topk(min(2, probs.shape[1]), -1)  # the candidate and the runner-up, from the probabilities computed anyway
+        conf, idx = top.values[:, 0], top.indices[:, 0]
         tied = ((probs == conf[:, None]).sum(-1) > 1).tolist()  # no one most probable adapter: nothing to pick by name order
         near = self.distances(vectors[finite], idx.tolist()) if self.novelty is not None else None
         for j, (row, i, c) in enumerate(zip(rows, idx.tolist(), conf.tolist())):
-            ok = c >= self.threshold and not tied[j] and (near is None or near[j] <= 1.0)
-            out[row] = (self.names[i] if ok else BASE, round(c, 4))
+            why = "threshold" if c < self.threshold else "tie" if tied[j] else "novelty" if near is not None and near[j] > 1.0 else None
+            second = (self.names[top.indices[j, 1]], round(top.values[j, 1].item(), 4)) if probs.shape[1] > 1 else (None, None)
+            out[row] = Routing(BASE if why else self.names[i], round(c, 4), self.names[i], *second, fallback=why)
         return out
