@@ -1,12 +1,12 @@
 """`auto` says how it chose: each routed result carries the adapter, the classifier's probability, the runner-up and why
-it fell back to base (Router.run, infer's file, the server's body and header, streamed too)."""
+it fell back to base (Router.run, infer's file, the server's body and header, streamed too); `serve --route-threshold`."""
 
 import json
 
 import pytest
 import torch
 
-from adapterhub_lite.cli.main import main
+from adapterhub_lite.cli.main import build_parser, main
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.serving.params import ROUTING_HEADER
 from adapterhub_lite.serving.router import Router
@@ -95,3 +95,21 @@ def test_the_server_says_how_auto_chose_in_each_choice_and_a_header_streamed_or_
         assert last.choices[0].model_extra["routing"] == body.choices[0].routing
         assert all("routing" not in ch.choices[0].model_extra for ch in chunks if ch is not last and ch.choices)
 
+
+def test_serve_takes_route_threshold_checks_it_as_the_router_does_and_shows_it_in_health(serve_registry, capsys):
+    from starlette.testclient import TestClient
+
+    from adapterhub_lite.serving.api import build_app
+
+    for bad, why in (("1.5", "the threshold is 1.5; give a probability from 0 to 1"), ("nan", "'nan' is not a finite number")):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(["serve", "--route-threshold", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and f"argument --route-threshold: {why}" in err, err
+    args = build_parser().parse_args(["serve", "--registry", str(serve_registry), "--quantization", "none", "--dtype", "fp32",
+                                      "--route-threshold", "0.9"])
+    app, engine, _ = build_app(args)
+    assert engine.router.route_threshold == 0.9
+    with TestClient(app) as client:
+        assert client.get("/health").json()["route_threshold"] == 0.9
+    assert build_parser().parse_args(["serve"]).route_threshold == 0.5  # the Router's default

@@ -155,7 +155,7 @@ def build_app(options) -> tuple[FastAPI, Engine, Catalogue]:
     router = Router.from_registry(o.registry, quantization=o.quantization, device=o.device, dtype=o.dtype,
                                   memory_budget_mb=o.memory_budget_mb, allow_base_mismatch=o.allow_base_mismatch,
                                   max_model_len=o.max_model_len, max_cpu_loras=o.max_cpu_loras,
-                                  max_lora_rank=o.max_lora_rank, max_loras=o.max_loras)
+                                  max_lora_rank=o.max_lora_rank, max_loras=o.max_loras, route_threshold=o.route_threshold)
     if o.kv_cache_mb is not None:  # in cache positions of this backbone
         budgets = dataclasses.replace(budgets, max_kv_tokens=int(o.kv_cache_mb * 2**20 // router.bank.kv_bytes_per_token()))
     engine = Engine(router, max_queue=o.max_queue, budgets=budgets, static_decode=o.decode_cache == "static", cuda_graphs=o.cuda_graphs)

@@ -28,7 +28,7 @@ async def health(request: Request):
     backbone = engine.router.backbone
     return {"status": "ok", "queue_depth": engine.queue_depth, "base": backbone.name, "device": str(backbone.device),
             "dtype": str(backbone.dtype).removeprefix("torch."), "quantization": backbone.fingerprint["quantization"],
-            "max_model_len": engine.router.max_model_len,
+            "max_model_len": engine.router.max_model_len, "route_threshold": engine.router.route_threshold,
             "changed_adapters": dict(engine.router.changed),  # files that changed under the server: refused at load
             "unavailable_adapters": catalogue.unavailable(),  # failed their checks: not served, the others are
             "budgets": dataclasses.asdict(engine.budgets), "kv_bytes_per_token": engine.router.bank.kv_bytes_per_token(),
