@@ -130,3 +130,38 @@ def test_a_dare_column_is_the_merge_of_its_seed_in_every_run(tmp_path, monkeypat
     cli = load_file(tmp_path / "cli" / "adapter_model.safetensors")
     got = {k.replace(".merged:dare_linear", ""): v for k, v in seen[0].items()}
     assert cli.keys() == got.keys() and all(torch.equal(cli[k].float(), got[k].float()) for k in cli)
+
+
+def test_a_report_replacing_another_is_never_seen_as_one_file_of_each(tmp_path, monkeypatch):
+    """A second report over a first replaced report.json, then heatmap.png: a run killed between left the new
+    report.json beside the old heatmap. Every rename a run makes is watched here: after each, the folder holds the
+    old pair, the new pair, or nothing, and in the end the new pair alone (no hidden folder left)."""
+    import os
+
+    from adapterhub_lite.ops import interference as ops
+
+    out = tmp_path / "r"
+
+    def report(score):
+        return {"tasks": ["toy"], "columns": ["base"], "metric": {"toy": "accuracy"}, "scores": {"toy": {"base": score}}, "flags": []}
+
+    def seen():
+        return tuple((out / n).read_bytes() if (out / n).exists() else None for n in sorted(ops.REPORT_FILES))
+
+    ops._save(report(0.25), out)
+    old = seen()
+    states = []
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def watched(src, dst, *args, _real=real, **kwargs):
+            _real(src, dst, *args, **kwargs)
+            states.append(seen())
+        monkeypatch.setattr(os, name, watched)
+    ops._save(report(0.75), out)
+    new = seen()
+    assert None not in old + new and old[0] != new[0] and old[1] != new[1]  # both files differ between the two reports
+    labels = [tuple("none" if b is None else "old" if b == old[i] else "new" if b == new[i] else "other" for i, b in enumerate(st))
+              for st in states]  # (heatmap.png, report.json) after each rename
+    assert labels and set(labels) <= {("old", "old"), ("new", "new"), ("none", "none")}, labels
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

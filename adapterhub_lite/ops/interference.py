@@ -143,24 +143,43 @@ def _check_output(output: Path) -> None:
 
 
 def _save(report: dict, output: Path) -> None:
-    """report.json and heatmap.png, made in a hidden folder beside `output` and moved in: a killed run leaves no half report."""
+    """report.json and heatmap.png, made in a hidden folder beside `output` and renamed into place as one folder, so a
+    reader (or a killed run) sees the previous pair, the new pair, or none, never one file of each."""
+    shown = output
+    output = output.resolve() if output.is_symlink() else output  # a linked report folder is replaced where it lies
     output.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(output.parent, f".{output.name}.report-")  # a run writing this report killed mid-write left its temp there
+    for kind in ("report", "replaced"):  # a run writing this report killed mid-write left its temp(s) there
+        sweep_stale(output.parent, f".{output.name}.{kind}-")
     tmp = temp_beside(output, "report")
     try:
         tmp.mkdir()
         write_json(tmp / "report.json", report)
         heatmap(report, tmp / "heatmap.png")
-        if output.exists():  # a previous report (checked): each file replaced in one rename
-            for name in REPORT_FILES:
-                (tmp / name).replace(output / name)
+        if output.exists():
+            _swap(tmp, output)
         else:
             tmp.rename(output)
     except OSError as exc:  # a full disk after every cell was scored: a traceback said it in a dozen lines
-        raise AdapterHubError(f"cannot write the report to --output {str(output)!r}: {os_problem(exc)}; free disk space or choose a "
+        raise AdapterHubError(f"cannot write the report to --output {str(shown)!r}: {os_problem(exc)}; free disk space or choose a "
                               "writable --output, then run again (nothing was written)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap(new: Path, output: Path) -> None:
+    """Put the folder `new` in place of the report folder `output` (checked: it holds report files alone).
+
+    Replacing the two files one after the other left, for a kill between, the new report.json beside the old heatmap.
+    A folder cannot be renamed over a non-empty one, so the old moves aside first: a kill between the two renames
+    leaves no report (both pairs whole, hidden, cleared by the next write), never a mismatched one."""
+    old = temp_beside(output, "replaced")
+    output.rename(old)
+    try:
+        new.rename(output)
+    except OSError:
+        old.rename(output)  # the previous report stays, as the error says
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @torch.no_grad()
