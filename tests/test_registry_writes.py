@@ -304,3 +304,28 @@ def test_a_placing_record_never_clears_a_listed_version_or_a_path_outside_the_re
     (reg / ".placing.json").write_text(left if isinstance(left, str) else json.dumps(left))
     assert LocalRegistry(reg).publish(adapter)[1] == "1.0.1"
     assert LocalRegistry(reg).verify() == [] and not (reg / ".placing.json").exists() and (tmp_path / "reg").is_dir()
+
+
+def test_a_publish_between_the_server_s_reads_of_latest_does_not_pair_one_version_s_folder_with_another_s_hashes(adapter, tmp_path):
+    """inspect read the index twice, once for the folder of `latest` and once for its hashes: a publish landing between
+    gave 1.0.0's folder with 1.0.1's hashes, and every later load of the adapter failed as an integrity error."""
+    from adapterhub_lite.artifacts.folder import folder_hashes
+    from adapterhub_lite.model.backbone import load_backbone
+    from adapterhub_lite.serving.router import Router
+
+    (tmp_path / "next").mkdir()
+    other = train_tiny(tmp_path / "next", train={"seed": 7, "lr": 5e-2})
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0")
+    read = reg.index
+    published = []
+
+    def index():
+        out = read()
+        if not published:  # the first read of the index, then another publisher lands
+            published.append(reg.publish(other, "1.0.1"))
+        return out
+    reg.index = index
+    got = Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), reg).inspect("toy")
+    assert published and got.folder.name == "1.0.0"
+    assert got.hashes == folder_hashes(got.folder)

@@ -166,9 +166,11 @@ class Registry:
 
     def path(self, ref: str) -> Path:
         """The verified folder of a version: every file re-hashed before it is handed out."""
-        return self._verified(*self.resolve(ref))
+        return self.verified(*self.resolve(ref))
 
-    def _verified(self, name: str, version: str, entry: dict) -> Path:
+    def verified(self, name: str, version: str, entry: dict) -> Path:
+        """The folder of the version `resolve` gave, every file re-hashed against `entry`: for a caller that needs the entry
+        too (its hashes), so that both are of one version even if a publish moves `latest` meanwhile."""
         problems = self._check_files(name, version, entry)
         if problems:
             raise RegistryError(f"integrity check failed for {name}@{version}: {'; '.join(problems)}; re-publish it or pull another version")
@@ -181,7 +183,7 @@ class Registry:
         bytes that changed between the check and the copy, and the copy is what the user will load.
         """
         name, version, entry = self.resolve(ref)  # once: `latest` may move meanwhile, and the copy is checked against this entry
-        src, to = self._verified(name, version, entry), Path(to)
+        src, to = self.verified(name, version, entry), Path(to)
         if to.exists() or to.is_symlink():
             raise RegistryError(f"destination {str(to)!r} already exists; choose a new --to folder")
         under = next((q for q in to.parents if q.exists()), None)  # mkdir's EEXIST said "free disk space" for it
