@@ -571,3 +571,22 @@ def test_a_full_disk_while_the_cli_writes_a_merge_is_one_line_exit_2_and_the_ser
     with pytest.raises(OSError) as err:
         merge_adapters({n: sources[n] for n in "ac"}, {"a": 0.5, "c": 0.5}, "delta_linear", output=out, report_rows=0)
     assert not isinstance(err.value, ValueError) and list(out.parent.iterdir()) == []
+
+
+def test_a_source_with_a_lora_on_the_tied_lm_head_is_refused_as_that(sources, tmp_path):
+    """peft saves the base's (tied) embedding weight beside a LoRA on lm_head: the refusal called it a "trained tensor"
+    and sent the user looking for DoRA or lora_bias. It says what the source is (and still refuses it)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = json.loads((sources["a"] / "adapter_config.json").read_text())
+    base = load_backbone("tiny-random-llama", "none", dtype="fp32").model
+    assert base.config.tie_word_embeddings
+    targets = sorted(config["target_modules"]) + ["lm_head"]
+    get_peft_model(base, LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], target_modules=targets)).save_pretrained(tmp_path / "peft")
+    head = tmp_path / "head"
+    shutil.copytree(sources["a"], head)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(tmp_path / "peft" / f, head / f)
+    with pytest.raises(MergeError, match=r"holds a LoRA on the tied lm_head/embedding: peft saved the base's tied weight beside it "
+                                         r"\(.*lm_head\.base_layer\.weight\), .*; merge adapters trained without that target .* or untie"):
+        merge_adapters({"x": head, "b": sources["b"]}, {"x": 0.5, "b": 0.5}, "delta_linear", report_rows=0)

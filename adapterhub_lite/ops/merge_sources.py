@@ -64,6 +64,12 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
             model.add_adapter(n, config)
         state = load_safetensors(weights)
         others = [k for k in state if not _FACTOR.search(k)]
+        copies = [k for k in others if k.endswith(".base_layer.weight")]
+        if copies:  # not trained: called a "trained tensor" above, the message sent the user looking for DoRA or lora_bias
+            tied = "tied " if getattr(getattr(base, "config", None), "tie_word_embeddings", False) else ""
+            raise MergeError(f"{folder / 'adapter_model.safetensors'} holds a LoRA on the {tied}lm_head/embedding: peft saved the base's "
+                             f"{tied}weight beside it ({copies[0]}), which add_weighted_adapter does not merge; merge adapters "
+                             "trained without that target (lm_head, embed_tokens) in target_modules, or untie the embeddings and re-train")
         if others:  # a DoRA magnitude, lora_bias' B bias, a trained module copy or token rows: peft merges none of them
             raise MergeError(f"{folder / 'adapter_model.safetensors'} holds {len(others)} trained tensor(s) besides the LoRA factors (e.g. "
                              f"{others[0]}), which peft's add_weighted_adapter does not merge (they would be dropped); merge adapters of "
