@@ -71,6 +71,21 @@ def test_infer_writes_the_routing_of_each_auto_row_into_its_answer(folders, tmp_
     assert first["adapter"] == "cls_a" and first["routing"]["adapter"] == "cls_a" and first["routing"]["confidence"] >= 0.5, first
     assert set(first["routing"]) == {"adapter", "confidence", "candidate", "runner_up", "runner_up_confidence", "fallback"}
     assert "routing" not in second
+    # infer takes serve's --route-threshold (it always routed at 0.5): at 1.0 no probability reaches it, base answers
+    assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "hi.jsonl"),
+                 "--no-progress", "--route-threshold", "1.0"]) == 0
+    high = json.loads((tmp_path / "hi.jsonl").read_text().splitlines()[0])
+    assert (high["adapter"], high["routing"]["candidate"], high["routing"]["fallback"]) == ("base", "cls_a", "threshold"), high
+    assert high["routing"]["confidence"] == first["routing"]["confidence"]
+
+
+def test_infer_refuses_a_route_threshold_as_serve_does(capsys):
+    for bad, why in (("1.5", "the threshold is 1.5; give a probability from 0 to 1"), ("-0.1", "the threshold is -0.1")):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(["infer", "--input", "x.jsonl", "--route-threshold", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and f"argument --route-threshold: {why}" in err, err
+    assert build_parser().parse_args(["infer", "--input", "x.jsonl"]).route_threshold == 0.5
 
 
 def test_the_server_says_how_auto_chose_in_each_choice_and_a_header_streamed_or_not(served):

@@ -27,6 +27,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def route_threshold(text: str) -> float:
+    """argparse type of --route-threshold (serve, infer): the Router's own check (serving.routing.check_probability), so the flag and
+    Router(route_threshold=…) refuse the same values; a usage error (one line, exit 2) before the backbone loads."""
+    from adapterhub_lite.artifacts.samples import RoutingError
+    from adapterhub_lite.serving.routing import check_probability
+
+    try:
+        return check_probability(finite_float(text), "the threshold")
+    except RoutingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number above 0 (a budget or a timeout: 0 or less could only refuse or time out everything)."""
     value = finite_float(text)

@@ -24,6 +24,7 @@ from adapterhub_lite.cli.args import (  # noqa: F401 - cli.add_device_args was p
     numbered_input,
     positive_float,
     read_jsonl,
+    route_threshold,
     write_output,
 )
 from adapterhub_lite.cli.export import add_export_command
@@ -171,7 +172,8 @@ def _infer(args) -> int:
                         "greedily, each task within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
     _check_versions(args.registry, args.input, requests, lines)
     router = Router.from_registry(args.registry, quantization=args.quantization, device=args.device, dtype=args.dtype,
-                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch)
+                                  memory_budget_mb=args.memory_budget_mb, allow_base_mismatch=args.allow_base_mismatch,
+                                  route_threshold=args.route_threshold)
     # the server's engine over the whole file: continuous batching, --batch-size rows at a time
     with progress_bar(len(requests), "infer", not args.no_progress) as bar:
         # name@latest is name, as the server reads it (serving/runtime.py); each answer names the adapter that answered
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL answers (default: stdout)")
     p.add_argument("--batch-size", type=count(1), default=32, help="rows run together, continuous batching (Router's max_batch_rows)")
     p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
+    p.add_argument("--route-threshold", type=route_threshold, default=0.5, help="`auto`: the classifier's probability below which a "
+                   "request goes to base (0 to 1; as serve's)")
     add_device_args(p, adapters=True)
     p.set_defaults(func=_infer)
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")

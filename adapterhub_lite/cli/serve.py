@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 
-from adapterhub_lite.cli.args import add_device_args, count, finite_float, positive_float
+from adapterhub_lite.cli.args import add_device_args, count, finite_float, positive_float, route_threshold
 from adapterhub_lite.core.errors import AdapterHubError
 
 # The Ray Serve flags and their defaults: one given without --ray would be unread, so it is refused
@@ -148,18 +148,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _probability(text: str) -> float:
-    """argparse type of --route-threshold: the Router's own check (serving.routing.check_probability), so the flag and
-    Router(route_threshold=…) refuse the same values; a usage error (one line, exit 2) before the backbone loads."""
-    from adapterhub_lite.artifacts.samples import RoutingError
-    from adapterhub_lite.serving.routing import check_probability
-
-    try:
-        return check_probability(finite_float(text), "the threshold")
-    except RoutingError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port: give a number from 0 to 65535")
@@ -205,7 +193,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=count(1), default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: $ADAPTERHUB_API_KEY, else none)")
     p.add_argument("--allow-runtime-loading", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
-    p.add_argument("--route-threshold", type=_probability, default=0.5, help="`auto`: the classifier's probability below which a "
+    p.add_argument("--route-threshold", type=route_threshold, default=0.5, help="`auto`: the classifier's probability below which a "
                    "request goes to base instead of its most probable adapter (0 to 1; default 0.5; shown in /health)")
     p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
     p.add_argument("--max-merges", "--max-merged", type=count(1), default=16, help="per-request merges kept (folders on disk); the least recently used idle one goes first")
