@@ -79,3 +79,23 @@ def _raw(spec):
     raw = spec.to_dict()
     raw.pop("train")
     return raw
+
+
+def test_a_joint_batch_larger_than_all_its_tasks_rows_is_refused_before_training_and_a_default_one_is_cut(tmp_path, monkeypatch):
+    """`train` refuses a batch larger than its train split (each step would read rows twice) and cuts a default one;
+    train-multi took a batch of 8 over 3 + 2 rows and trained, every step quietly reusing rows. Now it refuses a given
+    batch in one line, before training or writing the run folder, and cuts a default one to the rows, as train does."""
+    from adapterhub_lite.core.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    _write_tasks(tmp_path, copies={"a": 1, "g": 1})  # 3 and 2 train rows
+    specs = _specs({"max_steps": 2, "batch_size": 8}, {"max_steps": 2, "batch_size": 8})
+    with pytest.raises(DataError, match=r"^train\.batch_size=8 × 1 process\(es\) = 8 rows a step, but the tasks have 5 training rows "
+                                        r"together \(a: 3, g: 2\); use train\.batch_size ≤ 5$"):
+        train_joint(specs, tmp_path / "mtl", progress=False)
+    assert not (tmp_path / "mtl").exists()
+    backbone = load_backbone("tiny-random-llama", "none", "cpu")
+    left_out = _specs({"max_steps": 2}, {"max_steps": 2})
+    data = {s.name: load_task_data(s) for s in left_out}
+    _, cfg, choices = resolve_joint(left_out, JointConfig.from_specs(left_out), data, backbone.model, backbone.tokenizer)
+    assert cfg.batch_size == 5 and choices["run"]["train.batch_size"]["value"] == 5

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import default_method_args
 from adapterhub_lite.model.heads import label_token_ids
@@ -204,6 +205,13 @@ def resolve_joint(specs: list[TaskSpec], cfg: JointConfig, data: dict, model, to
         return value
 
     t = {k: getattr(cfg, k) for k in SHARED_TRAIN_KEYS}
+    rows = {s.name: len(data[s.name]["train"]) for s in specs}
+    total = sum(rows.values())
+    if "train.batch_size" not in given and t["batch_size"] * processes * t["grad_accum"] > total:  # as train's small split
+        t["batch_size"] = choose("train.batch_size", max(1, total // (processes * t["grad_accum"])),
+                                 f"the tasks' {total} train rows in a step (the default {t['batch_size']} rows would read rows twice a step)")
+    check_step_rows(t["batch_size"], t["grad_accum"], processes, total,
+                    f"the tasks have {total} training rows together ({', '.join(f'{n}: {r}' for n, r in rows.items())})")
     auto_stop = "train.max_steps" not in given
     if auto_stop:
         per_step = t["batch_size"] * t["grad_accum"] * processes
@@ -226,6 +234,17 @@ def resolve_joint(specs: list[TaskSpec], cfg: JointConfig, data: dict, model, to
         train = dataclasses.replace(s.train, **own_keys, **t)
         resolved.append(dataclasses.replace(s, method_args=own.spec.method_args, train=train))
     return resolved, cfg, choices
+
+
+def check_step_rows(batch_size: int, grad_accum: int, processes: int, rows: int, held: str) -> None:
+    """Refuse a step that reads more rows than there are (`held`: where they are, e.g. "'train.jsonl' has 96 training
+    rows"), for train and train-multi alike: the sampler would repeat rows within every step, unsaid."""
+    per_step = batch_size * processes * grad_accum
+    if per_step > rows:  # accumulated micro-batches are one batch: grad_accum counts too
+        accum = f" × train.grad_accum={grad_accum}" if grad_accum > 1 else ""
+        fix = "train.batch_size × train.grad_accum" if grad_accum > 1 else "train.batch_size"
+        raise DataError(f"train.batch_size={batch_size} × {processes} process(es){accum} = {per_step} rows a step, but "
+                        f"{held}; use {fix} ≤ {rows // processes}")
 
 
 def describe_joint(specs: list[TaskSpec], cfg: JointConfig, choices: dict[str, dict]) -> str:

@@ -28,7 +28,7 @@ from adapterhub_lite.model.backbone import autocast, load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import CompiledCall, label_token_ids, loss_items, loss_plan_ids, read_tokens
 from adapterhub_lite.training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save
-from adapterhub_lite.training.defaults import resolve
+from adapterhub_lite.training.defaults import check_step_rows, resolve
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, disk_errors, finish_folder, prepare_output, publish_folder
 from adapterhub_lite.training.parallel import Parallel, local_device
@@ -144,12 +144,8 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
     resolved = resolve(spec, data, backbone.model, backbone.tokenizer, parallel.world)  # what the spec left out, from the data and model
     spec = resolved.spec
     t = spec.train
-    rows, per_step = len(data["train"]), t.batch_size * parallel.world * t.grad_accum
-    if per_step > rows:  # the sampler would repeat rows within every step (accumulated micro-batches are one batch)
-        accum = f" × train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""
-        fix = "train.batch_size × train.grad_accum" if t.grad_accum > 1 else "train.batch_size"
-        raise DataError(f"train.batch_size={t.batch_size} × {parallel.world} process(es){accum} = {per_step} rows a step, but "
-                        f"{data['train'].source!r} has {rows} training rows; use {fix} ≤ {rows // parallel.world}")
+    rows = len(data["train"])
+    check_step_rows(t.batch_size, t.grad_accum, parallel.world, rows, f"{data['train'].source!r} has {rows} training rows")
     if parallel.main:
         print(f"resolved spec ('#': chosen, as the spec left it out):\n{resolved.describe()}", file=sys.stderr)
     seed_everything(spec.train.seed)  # before attach: the adapter's initial weights are random
