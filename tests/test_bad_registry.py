@@ -11,7 +11,9 @@ import time
 import pytest
 
 import adapterhub_lite.artifacts.files as files
+import adapterhub_lite.artifacts.publishing as publishing
 import adapterhub_lite.artifacts.registry as registry
+from adapterhub_lite.artifacts.index import INDEX_FORMAT
 from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.artifacts.registries import adapter_ref
 from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError, check_if_registered
@@ -61,7 +63,7 @@ def test_trailing_newlines_and_spaces_fail_the_name_and_version_checks(reg, adap
 DAMAGED = {
     "truncated": lambda text: text[: len(text) // 2],
     "a list": lambda text: "[]",
-    "no adapters": lambda text: json.dumps({"format": registry.INDEX_FORMAT}),
+    "no adapters": lambda text: json.dumps({"format": INDEX_FORMAT}),
     "no files": lambda text: text.replace('"files"', '"filez"'),
     "bad version key": lambda text: text.replace('"1.0.0"', '"1.x.0"'),
     "not utf-8": lambda text: "\udcff",
@@ -216,12 +218,12 @@ def _enospc(*args, **kwargs):
 def test_a_full_disk_during_publish_is_one_line_and_leaves_the_registry_as_it_was(reg, adapter, capsys, monkeypatch, where):
     before, index = _files(reg), (reg / "index.json").read_text()
     if where == "copy":  # the second file fails to copy
-        copy, calls = registry._copy_hashing, []
+        copy, calls = publishing.copy_hashing, []
 
         def failing(src, dst):
             calls.append(src)
             return _enospc() if len(calls) == 2 else copy(src, dst)
-        monkeypatch.setattr(registry, "_copy_hashing", failing)
+        monkeypatch.setattr(publishing, "copy_hashing", failing)
     else:  # the version folder is in place; writing the new index fails
         monkeypatch.setattr(os, "replace", _enospc)
     assert main(["publish", str(adapter), "--registry", str(reg), "--version", "1.0.1"]) == 2
@@ -244,7 +246,7 @@ def test_a_read_only_registry_is_one_line(adapter, tmp_path, capsys, monkeypatch
 def test_a_lock_file_that_cannot_be_opened_is_named_not_waited_on(reg, adapter, capsys, monkeypatch):
     """filelock takes a .lock it cannot open (a folder in its place, another user's file) for one held by another
     publisher and waits LOCK_TIMEOUT_S (10 minutes) to say so; the OS's reason is said at once instead."""
-    monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 1)  # without the check: a 1 s wait, then "locked by another publisher"
+    monkeypatch.setattr(publishing, "LOCK_TIMEOUT_S", 1)  # without the check: a 1 s wait, then "locked by another publisher"
     before = _files(reg)
     (reg / ".lock").unlink(missing_ok=True)
     (reg / ".lock").mkdir()
@@ -257,7 +259,7 @@ def test_a_full_disk_during_pull_leaves_nothing(reg, tmp_path, capsys, monkeypat
     def partial(src, dst):
         dst.write_text("{")  # half a copy, then the disk is full
         _enospc()
-    monkeypatch.setattr(registry, "_copy_hashing", partial)
+    monkeypatch.setattr(registry, "copy_hashing", partial)
     assert main(["pull", "toy", "--registry", str(reg), "--to", str(tmp_path / "out" / "toy")]) == 2
     _one_line_error(capsys, "cannot copy toy", "ENOSPC")
     assert list((tmp_path / "out").iterdir()) == []  # no partial copy, no temp folder
@@ -386,7 +388,7 @@ def test_a_folder_changed_while_it_is_copied_is_checked_as_copied(adapter, tmp_p
     published unchecked, as a version whose sidecar contradicts its weights' config. The copy is checked again."""
     source = tmp_path / "toy"
     shutil.copytree(adapter, source)
-    copy = registry._copy_hashing
+    copy = publishing.copy_hashing
 
     def edited_meanwhile(src, dst):
         if src.name == "adapterhub.json":  # after the checks, before this file is copied
@@ -394,7 +396,7 @@ def test_a_folder_changed_while_it_is_copied_is_checked_as_copied(adapter, tmp_p
             meta["method"] = "ia3"
             src.write_text(json.dumps(meta))
         return copy(src, dst)
-    monkeypatch.setattr(registry, "_copy_hashing", edited_meanwhile)
+    monkeypatch.setattr(publishing, "copy_hashing", edited_meanwhile)
     reg = tmp_path / "reg"
     assert main(["publish", str(source), "--version", "1.0.0", "--registry", str(reg)]) == 2
     err = _one_line_error(capsys, f"{str(source)!r} changed while it was copied, and the copy fails the publish checks", "method 'ia3'")

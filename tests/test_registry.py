@@ -196,7 +196,7 @@ def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
 def test_a_publish_waits_for_the_registry_lock_and_gives_up_naming_it(adapter, tmp_path, monkeypatch):
     """Publishes are serialised by the registry's lock (the concurrent test above seldom overlaps inside it): while
     another process holds it, a publish waits, then refuses with one line and writes nothing; once free, it publishes."""
-    import adapterhub_lite.artifacts.registry as registry
+    import adapterhub_lite.artifacts.publishing as publishing
 
     reg = tmp_path / "reg"
     LocalRegistry(reg).publish(adapter, "1.0.0")
@@ -205,7 +205,7 @@ def test_a_publish_waits_for_the_registry_lock_and_gives_up_naming_it(adapter, t
     holder = subprocess.Popen([sys.executable, "-c", hold, str(reg / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(registry, "LOCK_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(publishing, "LOCK_TIMEOUT_S", 0.5)
         start = time.monotonic()
         with pytest.raises(RegistryError, match=r"stayed locked by another publisher for 0.5 s"):
             LocalRegistry(reg).publish(adapter, "1.0.1")
@@ -220,21 +220,22 @@ def test_a_publish_waits_for_the_registry_lock_and_gives_up_naming_it(adapter, t
 # A publisher that stops (sleeps) at a chosen point after touching a marker file, to be SIGKILLed there.
 STALLED = """
 import sys, time, pathlib
+import adapterhub_lite.artifacts.publishing as p
 import adapterhub_lite.artifacts.registry as r
 root, folder, marker, where = sys.argv[1:]
 def stall():
     pathlib.Path(marker).touch()
     time.sleep(600)
 if where == "mid-copy":  # after the first files are copied, before the rest
-    copy = r._copy_hashing
+    copy = p.copy_hashing
     def slow(src, dst):
         out = copy(src, dst)
         if src.name == "adapterhub.json":
             stall()
         return out
-    r._copy_hashing = slow
+    p.copy_hashing = slow
 else:  # after the rename into place, before the index is written
-    r.write_json = lambda *a: stall()
+    p.write_json = lambda *a: stall()
 r.LocalRegistry(root).publish(folder, "1.0.1")
 """
 

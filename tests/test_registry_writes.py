@@ -81,13 +81,13 @@ STALLED_PULL = """
 import sys, time, pathlib
 import adapterhub_lite.artifacts.registry as r
 root, to, marker = sys.argv[1:]
-copy = r._copy_hashing
+copy = r.copy_hashing
 def slow(src, dst):  # stalls after the first file is copied, to be SIGKILLed there
     out = copy(src, dst)
     pathlib.Path(marker).touch()
     time.sleep(600)
     return out
-r._copy_hashing = slow
+r.copy_hashing = slow
 r.LocalRegistry(root).pull("toy", to)
 """
 
@@ -237,13 +237,13 @@ def test_a_pull_to_where_it_cannot_go_is_one_line_naming_why(adapter, tmp_path, 
     (tmp_path / "afile").write_text("a file")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # a rename over it would replace the link
     if to == "raced":
-        copy = registry._copy_hashing
+        copy = registry.copy_hashing
 
         def racing(src, dst):  # another pull renames its copy into place meanwhile
             (tmp_path / "raced").mkdir(exist_ok=True)
             (tmp_path / "raced" / "theirs.txt").write_text("theirs")
             return copy(src, dst)
-        monkeypatch.setattr(registry, "_copy_hashing", racing)
+        monkeypatch.setattr(registry, "copy_hashing", racing)
     before = sorted(str(p) for p in tmp_path.rglob("*") if "raced" not in p.parts)
     assert main(["pull", "toy", "--registry", str(tmp_path / "reg"), "--to", str(tmp_path / to)]) == 2
     err = capsys.readouterr().err.strip()
