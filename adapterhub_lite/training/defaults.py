@@ -156,11 +156,11 @@ def resolve(spec: TaskSpec, data: dict, model, tokenizer, processes: int = 1) ->
         auto_stop = True
         epochs = round(min(MAX_EPOCHS, EXAMPLE_BUDGET / rows), 2)
         t["epochs"] = choose("train.epochs", epochs, f"up to {EXAMPLE_BUDGET:,} rows, at most {MAX_EPOCHS} passes over the {rows:,} train rows")
-        t["max_steps"] = choose("train.max_steps", max(1, math.ceil(min(MAX_EPOCHS * rows, EXAMPLE_BUDGET) / per_step)),
+        t["max_steps"] = choose("train.max_steps", max(1, math.ceil(_row_budget(rows) / per_step)),
                                 f"{epochs} epochs at {per_step} rows a step; early stopping usually ends it sooner")
     dev_rows = len(data["dev"])
-    cap = 300 if spec.type == "classification" else 100  # generation evals decode token by token: fewer rows
-    _evals_and_stopping(t, given, choose, auto_stop, min(dev_rows, cap), f"{min(dev_rows, cap)} of {dev_rows} dev rows")
+    eval_rows = min(dev_rows, _eval_rows_cap([spec]))
+    _evals_and_stopping(t, given, choose, auto_stop, eval_rows, f"{eval_rows} of {dev_rows} dev rows")
 
     limit = min(MAX_AUTO_LENGTH, getattr(model.config, "max_position_embeddings", MAX_AUTO_LENGTH) or MAX_AUTO_LENGTH)
     if spec.type == "generation":
@@ -215,13 +215,12 @@ def resolve_joint(specs: list[TaskSpec], cfg: JointConfig, data: dict, model, to
     auto_stop = "train.max_steps" not in given
     if auto_stop:
         per_step = t["batch_size"] * t["grad_accum"] * processes
-        budget = sum(min(MAX_EPOCHS * len(data[s.name]["train"]), EXAMPLE_BUDGET) for s in specs)
+        budget = sum(_row_budget(r) for r in rows.values())
         t["max_steps"] = choose("train.max_steps", max(1, math.ceil(budget / per_step)),
                                 f"the rows each task gets alone (up to {EXAMPLE_BUDGET:,}, at most {MAX_EPOCHS} passes), {budget:,} in all, "
                                 f"at {per_step} rows a step; early stopping usually ends it sooner")
-    cap = 300 if all(s.type == "classification" for s in specs) else 100  # generation evals decode token by token
-    rows = min(cap, max(len(data[s.name]["dev"]) for s in specs))
-    _evals_and_stopping(t, given, choose, auto_stop, rows, f"up to {rows} dev rows of each task")
+    eval_rows = min(_eval_rows_cap(specs), max(len(data[s.name]["dev"]) for s in specs))
+    _evals_and_stopping(t, given, choose, auto_stop, eval_rows, f"up to {eval_rows} dev rows of each task")
     if t["checkpoint_every"] is None:  # a JointConfig built by hand: at every eval
         t["checkpoint_every"] = t["eval_every"]
     cfg = dataclasses.replace(cfg, **t)
@@ -256,6 +255,17 @@ def describe_joint(specs: list[TaskSpec], cfg: JointConfig, choices: dict[str, d
         lines.append(f"{s.name}:" + ("" if own else " {}  # every key as its spec gives it"))
         lines += [Resolved._line(f"  {k}", c["value"], c) for k, c in own.items()]
     return "\n".join(lines)
+
+
+def _row_budget(train_rows: int) -> int:
+    """The rows a task's training reads when its spec fixes no budget: up to EXAMPLE_BUDGET, at most MAX_EPOCHS passes."""
+    return min(MAX_EPOCHS * train_rows, EXAMPLE_BUDGET)
+
+
+def _eval_rows_cap(specs: list[TaskSpec]) -> int:
+    """The dev rows a periodic eval scores at most (the final eval scores all): fewer when a task generates, as its
+    eval decodes token by token."""
+    return 300 if all(s.type == "classification" for s in specs) else 100
 
 
 def _evals_and_stopping(t: dict, given: frozenset, choose, auto_stop: bool, eval_rows: int, scored: str) -> None:
