@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+from adapterhub_lite.core.errors import AdapterHubError
+
 STALE_SECONDS = 24 * 3600  # a temp of another host (a shared or NFS folder) is cleared only after this long
 
 
@@ -51,6 +53,13 @@ def os_problem(exc: OSError) -> str:
     """An OSError in a few words: 'No space left on device (ENOSPC) at /reg/x'."""
     code = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
     return f"{exc.strerror or exc} ({code})" + (f" at {exc.filename}" if exc.filename else "")
+
+
+def unwritable_output(what: str, output: str | Path, exc: OSError) -> AdapterHubError:
+    """The one-line refusal of a command whose --output could not be written (a full disk, a read-only folder): the
+    OS's reason and the fix, where the OSError's traceback said it in a dozen lines. Its writer has cleared its temp."""
+    return AdapterHubError(f"cannot write {what} to --output {str(output)!r}: {os_problem(exc)}; free disk space or choose a "
+                           "writable --output, then run again (nothing was written)")
 
 
 def open_lock_file(path: Path) -> None:

@@ -216,7 +216,7 @@ def _check_versions(registry: str, source: str, requests: list[dict], lines: lis
 
 
 def _merge(args) -> int:
-    from adapterhub_lite.artifacts.files import os_problem
+    from adapterhub_lite.artifacts.files import unwritable_output
     from adapterhub_lite.artifacts.registries import adapter_ref
     from adapterhub_lite.artifacts.sidecar import Sidecar
     from adapterhub_lite.ops.merge import merge_adapters, save_merged
@@ -240,8 +240,7 @@ def _merge(args) -> int:
     try:
         save_merged(model, name, Sidecar.from_dict(meta), output)
     except OSError as exc:
-        raise AdapterHubError(f"cannot write the merged adapter to --output {args.output!r}: {os_problem(exc)}; free disk space or "
-                              "choose a writable --output, then run again (nothing was written)") from None
+        raise unwritable_output("the merged adapter", args.output, exc) from None
     print(json.dumps({"output": args.output, "merge_report": meta["merge_report"]}))
     return 0
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.artifacts.files import os_problem, sweep_stale, temp_beside, write_json
+from adapterhub_lite.artifacts.files import sweep_stale, temp_beside, unwritable_output, write_json
 from adapterhub_lite.artifacts.folder import pyplot, read_sidecar, save_figure
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.core.data import load_task_data
@@ -159,9 +159,8 @@ def _save(report: dict, output: Path) -> None:
             _swap(tmp, output)
         else:
             tmp.rename(output)
-    except OSError as exc:  # a full disk after every cell was scored: a traceback said it in a dozen lines
-        raise AdapterHubError(f"cannot write the report to --output {str(shown)!r}: {os_problem(exc)}; free disk space or choose a "
-                              "writable --output, then run again (nothing was written)") from None
+    except OSError as exc:  # a full disk after every cell was scored
+        raise unwritable_output("the report", shown, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
