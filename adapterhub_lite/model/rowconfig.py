@@ -141,8 +141,7 @@ class LoraFactors:
         if broken:
             raise AdapterLoadError(f"{what} has unpaired or mismatched lora_A/lora_B at {broken[0]!r}; the folder is damaged")
         if not pairs:  # peft would load it as B = 0 everywhere: the plain backbone under the adapter's name
-            raise AdapterLoadError(f"{what} holds no LoRA factors (lora_A / lora_B tensors) in its adapter_model.safetensors; the folder is damaged: "
-                                   "save it again with peft, or retrain it")
+            raise _no_weights(what, "LoRA factors (lora_A / lora_B tensors)")
         return cls({mod: (ab["A"], ab["B"], lora_scale(cfg, mod, ab["A"].shape[0])) for mod, ab in pairs.items()}, cfg, kept)
 
     def update(self, module: str) -> torch.Tensor:
@@ -249,6 +248,12 @@ def ia3_vectors(cfg: IA3Config, weights: dict[str, torch.Tensor], what: str, mod
             raise AdapterLoadError(f"{what} has ia3_l of shape {tuple(t.shape)} at {module!r}, expected {want} per feedforward_modules; the folder is damaged")
         out[module] = (t.reshape(-1), on_input)
     if not out:  # it would take a slot and serve the plain backbone under the adapter's name
-        raise AdapterLoadError(f"{what} holds no IA3 vectors (ia3_l tensors) in its adapter_model.safetensors; the folder is damaged: "
-                               "save it again with peft, or retrain it")
+        raise _no_weights(what, "IA3 vectors (ia3_l tensors)")
     return out
+
+
+def _no_weights(what: str, kind: str) -> AdapterLoadError:
+    """The refusal of an adapter folder whose weights file holds none of its method's tensors (`kind`): peft loads it
+    as the plain backbone, so it is refused as damaged rather than served under the adapter's name."""
+    return AdapterLoadError(f"{what} holds no {kind} in its adapter_model.safetensors; the folder is damaged: "
+                            "save it again with peft, or retrain it")
