@@ -30,6 +30,7 @@ def finite_float(text: str) -> float:
 def route_threshold(text: str) -> float:
     """argparse type of --route-threshold (serve, infer): the Router's own check (serving.routing.check_probability), so the flag and
     Router(route_threshold=…) refuse the same values; a usage error (one line, exit 2) before the backbone loads."""
+    # imported when the flag is given: serving.routing loads torch and scikit-learn, which --help and the light commands skip
     from adapterhub_lite.artifacts.samples import RoutingError
     from adapterhub_lite.serving.routing import check_probability
 
@@ -37,6 +38,12 @@ def route_threshold(text: str) -> float:
         return check_probability(finite_float(text), "the threshold")
     except RoutingError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_route_threshold(p: argparse.ArgumentParser, shown: str = "") -> None:
+    """--route-threshold, as serve and infer both take it (`shown`: where the command reports the value)."""
+    p.add_argument("--route-threshold", type=route_threshold, default=0.5, help="`auto`: the classifier's probability below which a "
+                   f"request goes to base instead of its most probable adapter (0 to 1; default 0.5{shown})")
 
 
 def positive_float(text: str) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from adapterhub_lite.cli.args import (  # noqa: F401 - cli.add_device_args was public
     add_device_args,
+    add_route_threshold,
     check_output_file,
     count,
     distinct_sources,
@@ -24,7 +25,6 @@ from adapterhub_lite.cli.args import (  # noqa: F401 - cli.add_device_args was p
     numbered_input,
     positive_float,
     read_jsonl,
-    route_threshold,
     write_output,
 )
 from adapterhub_lite.cli.export import add_export_command
@@ -279,8 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSONL answers (default: stdout)")
     p.add_argument("--batch-size", type=count(1), default=32, help="rows run together, continuous batching (Router's max_batch_rows)")
     p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
-    p.add_argument("--route-threshold", type=route_threshold, default=0.5, help="`auto`: the classifier's probability below which a "
-                   "request goes to base (0 to 1; as serve's)")
+    add_route_threshold(p)
     add_device_args(p, adapters=True)
     p.set_defaults(func=_infer)
     p = sub.add_parser("merge", help="merge LoRA adapters into a new adapter folder")

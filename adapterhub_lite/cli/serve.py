@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 
-from adapterhub_lite.cli.args import add_device_args, count, finite_float, positive_float, route_threshold
+from adapterhub_lite.cli.args import add_device_args, add_route_threshold, count, finite_float, positive_float
 from adapterhub_lite.core.errors import AdapterHubError
 
 # The Ray Serve flags and their defaults: one given without --ray would be unread, so it is refused
@@ -193,8 +193,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=count(1), default=1 << 20, help="largest request body (larger: 413)")
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (default: $ADAPTERHUB_API_KEY, else none)")
     p.add_argument("--allow-runtime-loading", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
-    p.add_argument("--route-threshold", type=route_threshold, default=0.5, help="`auto`: the classifier's probability below which a "
-                   "request goes to base instead of its most probable adapter (0 to 1; default 0.5; shown in /health)")
+    add_route_threshold(p, "; shown in /health")
     p.add_argument("--memory-budget-mb", type=positive_float, help="evict least-recently-used adapters beyond this")
     p.add_argument("--max-merges", "--max-merged", type=count(1), default=16, help="per-request merges kept (folders on disk); the least recently used idle one goes first")
     p.add_argument("--allowed-origins", type=_origins, help="allow browser pages from these origins (CORS), comma-separated; default: CORS off")
