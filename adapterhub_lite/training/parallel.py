@@ -15,9 +15,12 @@ same decisions (keep best, stop, sample tasks).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
+import socket
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -48,13 +51,11 @@ def follow_launcher() -> None:
     """Under a launcher on Linux, have the kernel end this process (SIGTERM) when the launcher dies.
 
     torchrun starts each process in a session of its own and stops them itself; a launcher that is SIGKILLed (a scheduler's
-    hard kill, the OOM killer) cannot, and its processes trained on alone, holding their devices, and wrote the output
-    folder minutes later, while the run looked stopped (seen: both workers finished a killed run). SIGTERM's default
+    hard kill, the OOM killer) cannot, and its processes would train on alone, holding their devices, and write the output
+    folder minutes later, while the run looks stopped. SIGTERM's default
     action ends the process where it is: the work folder keeps its last checkpoint, and --resume continues it."""
     if not launched() or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
     with contextlib.suppress(OSError, AttributeError):  # no prctl here (another libc): the launcher's own teardown only
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -115,14 +116,11 @@ class Parallel:
     def check_shared(self, folder: Path) -> None:
         """Refuse a run whose processes do not all see `folder` (the output's parent: several machines without shared
         storage). Each process writes its RNG state into every checkpoint there and rank 0 swaps the checkpoint in, so on
-        another machine's own disk that part was left in a stray `checkpoint.tmp/`, the checkpoint lacked it, and a
-        --resume was refused there ('checkpoint does not exist'); the run itself ended with exit 0. Rank 0 leaves a
+        another machine's own disk that part would be left in a stray `checkpoint.tmp/`, the checkpoint would lack it, and
+        a --resume there would be refused ('checkpoint does not exist'), while the run itself ends with exit 0. Rank 0 leaves a
         file named by a random token, and every process looks for it (nothing stays behind)."""
         if self.world == 1:
             return
-        import socket
-        import uuid
-
         # The name travels, not rank 0's path: each process looks in the folder as it names it (the same --output,
         # relative to its own working directory on its own machine).
         name = self.gather(f".adapterhub-shared-{uuid.uuid4().hex}" if self.main else None)[0]
