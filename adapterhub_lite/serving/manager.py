@@ -112,11 +112,11 @@ class AdapterManager(RequestReader):
         if folder is None:
             if self.registry is None:
                 raise AdapterLoadError(f"no folder given for adapter {name!r} and the router has no registry")
-            # the index read once: a publish between a read for the folder and another for the hashes paired one version's
-            # folder with the next one's hashes, and every later load of it failed as an integrity error
-            entry = self.registry.resolve(name)
-            folder = self.registry.verified(*entry)  # re-hashes every file against the entry's sha256 (and refuses extra files)
-            hashes = {f: rec["sha256"] for f, rec in entry[2]["files"].items()}  # so these are the folder's
+            # one index read for the folder and its hashes: `latest` may move (a publish) between two reads, and a folder
+            # checked against another version's hashes would fail every later load as an integrity error
+            listed, version, entry = self.registry.resolve(name)
+            folder = self.registry.verified(listed, version, entry)  # re-hashes every file against the entry's sha256 (and refuses extra files)
+            hashes = {f: rec["sha256"] for f, rec in entry["files"].items()}  # so these are the folder's
         else:
             check_if_registered(Path(folder))  # a registry's version folder named by its path is re-hashed too
         folder = Path(folder)
