@@ -365,14 +365,19 @@ def load_task_data(spec: TaskSpec, splits: tuple[str, ...] = ("train", "dev")) -
     return out
 
 
+def _label_ids(spec: TaskSpec, tokenizer) -> list[tuple[str, tuple[int, ...]]]:
+    """Each label word with its token ids as it follows the prompt (as heads.answer_ids tokenizes it)."""
+    return [(word, tuple(tokenizer(" " + word, add_special_tokens=False).input_ids)) for word in map(str, label_words(spec))]
+
+
 def check_label_tokens(spec: TaskSpec, tokenizer) -> None:
     """Refuse label words that tokenize alike after the prompt (a tokenizer that normalizes or maps both to one unknown
     token): their scores are one, so the first always wins and the other class is never predicted. The spec refuses one
-    word given twice; this needs the tokenizer. Only `train` checked it, so train-multi, compose-fit, eval and predict
-    took such labels. Words that only begin alike are told apart: every label is scored on all its tokens."""
+    word given twice; this needs the tokenizer, so check_lengths calls it and every command that loads one checks it
+    (train, train-multi, compose-fit, eval, predict). Words that only begin alike are told apart: every label is scored
+    on all its tokens."""
     seen: dict[tuple, str] = {}
-    for word in map(str, label_words(spec)):
-        ids = tuple(tokenizer(" " + word, add_special_tokens=False).input_ids)  # as heads.answer_ids
+    for word, ids in _label_ids(spec, tokenizer):
         if ids in seen:
             raise DataError(f"labels {seen[ids]!r} and {word!r} of {spec.name!r} tokenize to identical sequences {list(ids)}, so no prediction "
                             "can tell them apart; choose distinct verbalizer words")
@@ -390,7 +395,7 @@ def check_lengths(spec: TaskSpec, tokenizer, data: dict[str, Split] | None = Non
     max_length = spec.train.max_length
     if spec.type == "classification":
         check_label_tokens(spec, tokenizer)
-        sizes = {str(w): len(tokenizer(" " + str(w), add_special_tokens=False).input_ids) for w in label_words(spec)}  # as heads.answer_ids
+        sizes = {word: len(ids) for word, ids in _label_ids(spec, tokenizer)}
         word = max(sizes, key=sizes.get)
         need, what = sizes[word] + 1, f"the longest label {word!r} ({sizes[word]} tokens)"
     elif data and "train" in data and len(data["train"]):
