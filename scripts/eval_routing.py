@@ -60,7 +60,7 @@ def main():
     confusion = {n: dict(Counter(r for r, _ in router.route(v)).most_common()) for n, v in dev.items()}
     recall = {n: confusion[n].get(n, 0) / len(v) for n, v in dev.items()}
     acc = {n: round(r, 4) for n, r in recall.items()}
-    acc["mean"] = round(sum(recall.values()) / len(dev), 4)  # of the unrounded shares (the mean of rounded ones was off by up to 5e-5)
+    acc["mean"] = round(sum(recall.values()) / len(dev), 4)  # of the unrounded shares (a mean of rounded ones can be off by up to 5e-5)
     left = {h: to_adapter(ContentRouter({n: v for n, v in samples.items() if n != h}, **kwargs), dev[h]) for h in specs} if len(specs) > 1 else {}
     held = {h: round(share, 4) for h, share in left.items()}
     if held:

@@ -114,7 +114,7 @@ def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[
     name = check_portable(check_name(meta["name"] if name is None else name))  # an empty --name is refused, not read as "no name"
     if version != "auto":
         check_version(version)
-        if len(version) > 100:  # a folder name: past 255 bytes the publish failed as a disk error ("free disk space")
+        if len(version) > 100:  # a folder name: past 255 bytes mkdir fails, and its OSError reads as a disk problem ("free disk space")
             raise RegistryError(f"invalid version {version[:40] + '…'!r} ({len(version)} characters): at most 100; use smaller numbers")
     return folder, meta, name, json.loads((folder / "adapter_config.json").read_text())
 

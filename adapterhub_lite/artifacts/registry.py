@@ -138,7 +138,7 @@ class Registry:
         src, to = self.verified(name, version, entry), Path(to)
         if to.exists() or to.is_symlink():
             raise RegistryError(f"destination {str(to)!r} already exists; choose a new --to folder")
-        under = next((q for q in to.parents if q.exists()), None)  # mkdir's EEXIST said "free disk space" for it
+        under = next((q for q in to.parents if q.exists()), None)  # said here: mkdir's EEXIST would read as a disk problem
         if under is not None and not under.is_dir():
             raise RegistryError(f"--to {str(to)!r}: {str(under)!r} is a file, not a folder; choose a --to under a folder")
         if isinstance(self.root, Path) and self.root.resolve() in to.resolve().parents:  # an unlisted folder in the registry
@@ -156,7 +156,7 @@ class Registry:
             try:
                 tmp.rename(to)
             except OSError:
-                if to.exists():  # "Directory not empty; free disk space" said nothing of the cause
+                if to.exists():  # another writer's folder: its OSError ("Directory not empty") would read as a disk problem
                     raise RegistryError(f"destination {str(to)!r} was created while {ref} was copied (another pull to it?); it is left as it "
                                         "is and nothing was pulled: choose a new --to folder") from None
                 raise
@@ -216,8 +216,8 @@ class LocalRegistry(Publisher, Registry):
 
     def _refuse_adapter_folder(self) -> None:
         """An adapter folder given as the registry (runs/sst2, or a version folder <registry>/<name>/<version>) holds no
-        index: read as an empty registry, `export` said it "holds no adapters" and `list` printed none, and a
-        publish would have written a registry into the adapter's folder."""
+        index: read as an empty registry, `export` would say it "holds no adapters" and `list` would print none, and a
+        publish would write a registry into the adapter's folder."""
         held = next((f for f in ("adapter_config.json", SIDECAR) if (self.root / f).is_file()), None)
         if held is None:
             return

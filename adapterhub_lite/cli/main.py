@@ -235,8 +235,8 @@ def _merge(args) -> int:
                                  quantization=args.quantization, device=args.device, dtype=args.dtype,
                                  allow_base_mismatch=args.allow_base_mismatch, seed=args.seed,
                                  majority_sign_method=args.majority_sign_method)
-    # saved here, not by merge_adapters(output=...), so that only the write's OSError is read as the disk's: a full disk
-    # was a multi-line traceback, exit 1. The server's own merges keep the OSError (a server fault, a 500, not a 400).
+    # saved here, not by merge_adapters(output=...), so that only the write's OSError is read as the disk's (one line, exit
+    # 2, not a traceback). The server's own merges keep the OSError (a server fault, a 500, not a 400).
     try:
         save_merged(model, name, Sidecar.from_dict(meta), output)
     except OSError as exc:

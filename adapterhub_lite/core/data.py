@@ -178,7 +178,7 @@ def _near_key(value: str, keys, spec: TaskSpec) -> str:
         if key is not None:
             return f"; {value!r} is the word of labels[{key!r}]: the column holds a mapping's keys ({str(key)!r}), the words are its answers"
     for key in keys:
-        if value in ("true", "false") and key == value.capitalize():  # the spelling Python's str() gave a JSON boolean
+        if value in ("true", "false") and key == value.capitalize():  # the spelling Python's str() gives a JSON boolean
             return (f"; {value!r} is a JSON (or parquet) boolean, read as written, not as Python's {key!r}: "
                     f"write the key {value!r} in 'labels'")
         if nfc(value) == nfc(key):  # shown alike, written with other code points (é as e + combining accent)

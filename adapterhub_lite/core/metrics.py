@@ -23,8 +23,8 @@ def classification_metrics(preds: list[int], gold: list[int], names: list[str]) 
 
     macro_f1 is scikit-learn's `f1_score(gold, preds, average="macro")` (as `classification_report` and lm-eval's
     macro F1 take it): the mean F1 over the classes that occur in the gold answers or the predictions, rounded once.
-    A class of `names` in neither (no row of it scored, never predicted) has no F1 to average: it counted as 0, so a
-    perfect classifier on a dev set without one of 4 classes scored 0.75.
+    A class of `names` in neither (no row of it scored, never predicted) has no F1 to average: counted as 0, a perfect
+    classifier on a dev set without one of 4 classes would score 0.75.
 
     `per_class` lists every class of `names`. A class in neither holds support 0 and null precision, recall and F1
     (nothing was measured); otherwise the figures are `classification_report(zero_division=0)`'s: a class never
@@ -38,8 +38,8 @@ def classification_metrics(preds: list[int], gold: list[int], names: list[str]) 
     seen = set(gold) | set(preds)
     per_class = {name: {"precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f), 4), "support": int(s)}
                  if k in seen else _unmeasured() for k, (name, p, r, f, s) in enumerate(zip(names, precision, recall, f1, support))}
-    # f1_score(average="macro")'s own mean (over sklearn's unique_labels, sorted), rounded once: the mean of per_class's
-    # rounded figures, as written before, could differ in the 4th place
+    # f1_score(average="macro")'s own mean (over sklearn's unique_labels, sorted), rounded once: a mean of per_class's
+    # rounded figures can differ from it in the 4th place
     macro_f1 = np.mean(f1[sorted(seen)])
     return {"accuracy": round(float(accuracy_score(gold, preds)), 4), "macro_f1": round(float(macro_f1), 4), "per_class": per_class}
 

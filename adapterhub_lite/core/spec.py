@@ -348,8 +348,8 @@ def label_problems(labels: list | dict) -> list[str]:
         if same:
             problems.append(f"the keys {' and '.join(map(repr, same))} of 'labels' both mean the column value {str(same[0])!r}; keep one")
     # Two classes of one word (or one word in two Unicode forms, printed alike): scored alike, the first always wins, so the
-    # other is never predicted, and per_class, keyed by word, kept one of them. train refused it only once tokenized
-    # ('tokenize to identical sequences'); train-multi trained it.
+    # other is never predicted, and per_class, keyed by word, would keep one of them. Refused here, from the spec alone,
+    # before any command loads a tokenizer (data.check_label_tokens catches the words a tokenizer maps alike).
     pairs = list(labels.items() if isinstance(labels, dict) else enumerate(labels))
     words = [(key, word, unicodedata.normalize("NFC", word)) for key, word in pairs if isinstance(word, str) and word.strip()]
     for form in dict.fromkeys(f for _, _, f in words):

@@ -41,7 +41,7 @@ class WrittenFloat(float):
 
 def as_text(value) -> str:
     """A column's plain value as the text it was written as: a JSON (or parquet, arrow) boolean as JSON and arrow write
-    it, true / false (str() gave Python's True, which matched no label 'true' and was trained as 'True'); a JSON number
+    it, true / false (not str()'s Python True, which would match no label 'true' and train the word 'True'); a JSON number
     as typed (WrittenFloat); text as it is."""
     if isinstance(value, bool):
         return "true" if value else "false"

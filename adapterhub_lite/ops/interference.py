@@ -168,7 +168,7 @@ def _save(report: dict, output: Path) -> None:
 def _swap(new: Path, output: Path) -> None:
     """Put the folder `new` in place of the report folder `output` (checked: it holds report files alone).
 
-    Replacing the two files one after the other left, for a kill between, the new report.json beside the old heatmap.
+    Replacing the two files one after the other would leave, for a kill between, the new report.json beside the old heatmap.
     A folder cannot be renamed over a non-empty one, so the old moves aside first: a kill between the two renames
     leaves no report (both pairs whole, hidden, cleared by the next write), never a mismatched one."""
     old = temp_beside(output, "replaced")

@@ -65,7 +65,7 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
         state = load_safetensors(weights)
         others = [k for k in state if not _FACTOR.search(k)]
         copies = [k for k in others if k.endswith(".base_layer.weight")]
-        if copies:  # not trained: called a "trained tensor" above, the message sent the user looking for DoRA or lora_bias
+        if copies:  # the base's own weight, not trained: refused by name, as the "trained tensor" line below sends users to DoRA or lora_bias
             tied = "tied " if getattr(getattr(base, "config", None), "tie_word_embeddings", False) else ""
             raise MergeError(f"{folder / 'adapter_model.safetensors'} holds a LoRA on the {tied}lm_head/embedding: peft saved the base's "
                              f"{tied}weight beside it ({copies[0]}), which add_weighted_adapter does not merge; merge adapters "

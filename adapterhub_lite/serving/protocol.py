@@ -220,7 +220,7 @@ def completion_logprobs(tokenizer, entries: list, top_k: int, offset: int = 0, a
                         continue
                     key = token_id_text(t) if as_ids else tokenizer.decode([t])
                     # two tokens of one text (byte pieces, each "\ufffd" alone; "a" and "▁a"): a dict holds one, and the other
-                    # vanished, so fewer alternatives than asked came back (vLLM's too). It is named by its id instead.
+                    # would vanish: fewer alternatives than asked (vLLM loses them so). It is named by its id instead.
                     top[token_id_text(t) if key in top else key] = lp
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)

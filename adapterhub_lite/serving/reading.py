@@ -62,8 +62,8 @@ class RequestReader:
     def routing_target(name: str) -> bool:
         """Whether `auto` may pick adapter `name`: adapters are picked by name, so a pinned version (`name@version`,
         registered when a request names it) is served to whoever names it and is none; what `auto` answers then does not
-        depend on which versions were asked for before (beside its own latest, with the same samples, it split that
-        adapter's inputs between old and new, or sent them to base), and registering one refits nothing."""
+        depend on which versions were asked for before (beside its own latest, with the same samples, it would split
+        that adapter's inputs between old and new, or send them to base), and registering one refits nothing."""
         return "@" not in name
 
     def _fit_content_router(self) -> ContentRouter:
@@ -118,8 +118,8 @@ class RequestReader:
         spec = self.spec(name) if name != BASE else None
         raw = "prompt" in request or "prompt_ids" in request
         if request.get("adapter") == AUTO and not raw and raw_text(request) and not raw_text(request).strip():
-            # no task input, as a named adapter's template would hold none: refused wherever routing sent it (base answered
-            # it; an adapter refused a column the request never sent). An empty text is refused below as an empty prompt.
+            # no task input, as a named adapter's template would hold none: refused wherever routing sends it (base would
+            # answer it; an adapter would refuse a column the request never sent). An empty text is refused below as an empty prompt.
             raise DataError(f"an 'auto' request's text is only whitespace ({raw_text(request)!r}): there is nothing to route by or answer; give it its text")
         tok = self.backbone.tokenizer
         if "prompt_ids" in request:

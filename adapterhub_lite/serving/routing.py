@@ -33,8 +33,8 @@ def check_probability(value, what: str = "route_threshold", none_ok: bool = Fals
     """`value` if it is a probability (a real number from 0 to 1), else RoutingError naming it and the fix.
 
     One check for the router's confidence threshold and its novelty quantile, wherever they are given (Router,
-    ContentRouter, scripts/eval_routing.py). A NaN compares false with every confidence, so it sent every `auto` request
-    to base without a word, as a threshold above 1 did; below 0 reads as a typo for a probability."""
+    ContentRouter, scripts/eval_routing.py). A NaN compares false with every confidence, so it would send every `auto`
+    request to base without a word, as a threshold above 1 would; below 0 reads as a typo for a probability."""
     if value is None and none_ok:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:

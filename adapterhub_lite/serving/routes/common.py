@@ -59,7 +59,7 @@ async def read_json(request: Request) -> dict:
         # {"text": 2.50} is the prompt "2.50" there, and str() of the parsed float would make it "2.5" here.
         data = json.loads(body, parse_float=WrittenFloat)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits, brackets nested past the recursion limit
-        # Python's own words for the last two named a word cut at 60 characters ('a JSON objec') or a server-side fix
+        # Python's own words for the last two name a word cut at 60 characters ('a JSON objec') or a server-side fix
         # (sys.set_int_max_str_digits), not what the client sent: said in the client's terms
         why = (exc.msg if isinstance(exc, json.JSONDecodeError)
                else "arrays or objects nested too deep; nest a few levels, not thousands" if isinstance(exc, RecursionError)
