@@ -131,7 +131,7 @@ class Answers:
         access["prompt_tokens"], access["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
 
     @staticmethod
-    def routed(access: dict, req: Request) -> None:
+    def note_routing(access: dict, req: Request) -> None:
         """Put how `auto` chose each choice's adapter (Routing.header, in choice order) in the access record, which the
         app's middleware sends as the ROUTING_HEADER response header: a client reads it without parsing the body,
         and before a stream's first chunk."""
@@ -145,11 +145,11 @@ class Answers:
         self.submit(req)
         if flag(req.body, "stream", False):
             early = await self.accepted(req, http)
-            self.routed(access, req)  # every choice is routed once accepted: the header goes out before the first chunk
+            self.note_routing(access, req)  # every choice is routed once accepted: the header goes out before the first chunk
             return StreamingResponse(self.stream(req, access, early), media_type="text/event-stream")
         results = await self.results(req, http)
         self.note(access, results, req.n)
-        self.routed(access, req)
+        self.note_routing(access, req)
         choices = [self.choice(req, i, r) for i, r in enumerate(results)]
         if req.chat:
             body = P.chat_body(req.rid, req.model, choices, results, req.n)

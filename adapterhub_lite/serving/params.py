@@ -20,7 +20,7 @@ from adapterhub_lite.serving.protocol import ApiError, bad
 C, H = "completions", "chat"
 BOTH = (C, H)
 IGNORED_HEADER = "x-adapterhub-ignored-fields"
-ROUTING_HEADER = "x-adapterhub-routing"  # how `auto` chose each choice's adapter (answers.Answers.routed)
+ROUTING_HEADER = "x-adapterhub-routing"  # how `auto` chose each choice's adapter (answers.Answers.note_routing)
 # Below this temperature a draw is greedy (vLLM's rule): dividing logits by 1e-45 overflows to inf.
 GREEDY_BELOW = 1e-5
 MAX_N = 16  # choices per request (n); each is a row of the batch
