@@ -56,7 +56,8 @@ class Router(AdapterManager):
     def from_registry(cls, registry: str | Path = "adapters", *, quantization: str | None = None,
                       device: str | None = None, dtype: str | None = None, **kwargs) -> Router:
         """Open a registry and load the backbone its adapters share (adapters load on first use)."""
-        check_probability(kwargs.get("route_threshold", 0.5))  # before the backbone loads (the constructor checks it again)
+        if "route_threshold" in kwargs:  # refused before the backbone loads (the constructor checks it again; its default is sound)
+            check_probability(kwargs["route_threshold"])
         reg = open_registry(registry)
         index = reg.index()["adapters"]
         if not index:
