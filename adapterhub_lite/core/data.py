@@ -418,7 +418,7 @@ def cut_rows(spec: TaskSpec, tokenizer, split: Split, training: bool, limit: int
     max_length = spec.train.max_length
     prompts = split.prompt_ids(tokenizer)[:limit]
     if spec.type == "classification":
-        label = max(len(tokenizer(" " + str(w), add_special_tokens=False).input_ids) for w in label_words(spec))
+        label = max(len(ids) for _, ids in _label_ids(spec, tokenizer))
         room = [label] * len(prompts)
     elif training:  # heads._target: the answer + EOS, itself cut to leave one prompt token
         room = [min(len(a) + 1, max_length - 1) for a in split.answer_ids(tokenizer)]
