@@ -78,7 +78,7 @@ def test_bad_data_files_name_the_line_and_what_is_wrong(tmp_path, name, data, ne
 
 
 def test_max_length_must_fit_the_longest_label_or_target(tmp_path, monkeypatch):
-    from adapterhub_lite.core.data import check_lengths
+    from adapterhub_lite.core.data_checks import check_lengths
     from adapterhub_lite.model.weights import _tiny_tokenizer
 
     tok = _tiny_tokenizer()  # byte-level: " maybe" is 6 tokens
@@ -370,7 +370,7 @@ def test_a_parquet_nan_written_as_nan_is_a_missing_value(tmp_path, monkeypatch):
 def test_prompts_cut_to_max_length_are_counted_and_said(capsys, cls_task):
     """A prompt longer than train.max_length loses its start (heads.keep_end); training and eval did so without a word."""
     from adapterhub_lite.cli import main
-    from adapterhub_lite.core.data import cut_rows
+    from adapterhub_lite.core.data_checks import cut_rows
     from adapterhub_lite.model.weights import _tiny_tokenizer
 
     tok = _tiny_tokenizer()
@@ -392,7 +392,7 @@ def test_prompts_cut_to_max_length_are_counted_and_said(capsys, cls_task):
 def test_dev_rows_that_are_train_rows_are_said(capsys, cls_task):
     """Leakage: a dev row with a train row's prompt scores an input the adapter trained on; training said nothing."""
     from adapterhub_lite.cli import main
-    from adapterhub_lite.core.data import dev_overlap
+    from adapterhub_lite.core.data_checks import dev_overlap
 
     (cls_task / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": "pos"}) + "\n" for t in ("new", "aaaa 1", "other", "bbbb 2")))
     spec = spec_from_dict({"name": "t", "type": "classification", "data": {"train": "train.jsonl", "dev": "d.jsonl"},

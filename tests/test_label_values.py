@@ -10,7 +10,8 @@ import yaml
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from adapterhub_lite.cli import main
-from adapterhub_lite.core.data import absent_classes, check_label_tokens, load_task_data
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.data_checks import absent_classes, check_label_tokens
 from adapterhub_lite.core.errors import DataError, SpecError
 from adapterhub_lite.core.spec import spec_from_dict
 

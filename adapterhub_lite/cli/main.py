@@ -72,7 +72,7 @@ def _split_for(spec, split: str, adapter: str | None = None):
 
 def _eval(args) -> int:
     from adapterhub_lite.artifacts.loading import load_adapter
-    from adapterhub_lite.core.data import absent_classes, check_lengths, cut_rows
+    from adapterhub_lite.core.data_checks import absent_classes, check_lengths, cut_rows
     from adapterhub_lite.model.evaluate import evaluate_split
 
     split = _split_for(_sidecar_spec(args.adapter), args.split, f"adapter {str(args.adapter)!r}")  # a bad --split or data file is refused before the backbone loads
@@ -99,7 +99,8 @@ def _eval(args) -> int:
 
 def _predict(args) -> int:
     from adapterhub_lite.artifacts.loading import load_adapter
-    from adapterhub_lite.core.data import check_lengths, readable, render, request_row
+    from adapterhub_lite.core.data import readable, render, request_row
+    from adapterhub_lite.core.data_checks import check_lengths
     from adapterhub_lite.model.backbone import model_context
     from adapterhub_lite.model.evaluate import predict
 

@@ -266,7 +266,7 @@ def _check(spec: TaskSpec, problems: list[str]) -> None:
         problems.append(f"train.lr must be > 0, got {t.lr}")
     if isinstance(t.max_length, int) and isinstance(t.max_new_tokens, int) and t.max_length >= 1:
         # max_length holds the prompt (≥ 1 token, the answer is conditioned on it) and the answer. The exact
-        # minimum needs the tokenizer (data.check_lengths); what the spec alone rules out is refused here.
+        # minimum needs the tokenizer (data_checks.check_lengths); what the spec alone rules out is refused here.
         need = 2 if spec.type == "classification" else t.max_new_tokens + 1
         if t.max_length < need:
             what = "one prompt token and a one-token label" if spec.type == "classification" else f"one prompt token and train.max_new_tokens={t.max_new_tokens}"
@@ -349,7 +349,7 @@ def label_problems(labels: list | dict) -> list[str]:
             problems.append(f"the keys {' and '.join(map(repr, same))} of 'labels' both mean the column value {str(same[0])!r}; keep one")
     # Two classes of one word (or one word in two Unicode forms, printed alike): scored alike, the first always wins, so the
     # other is never predicted, and per_class, keyed by word, would keep one of them. Refused here, from the spec alone,
-    # before any command loads a tokenizer (data.check_label_tokens catches the words a tokenizer maps alike).
+    # before any command loads a tokenizer (data_checks.check_label_tokens catches the words a tokenizer maps alike).
     pairs = list(labels.items() if isinstance(labels, dict) else enumerate(labels))
     words = [(key, word, unicodedata.normalize("NFC", word)) for key, word in pairs if isinstance(word, str) and word.strip()]
     for form in dict.fromkeys(f for _, _, f in words):

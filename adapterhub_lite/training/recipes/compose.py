@@ -25,7 +25,8 @@ from adapterhub_lite.artifacts.files import atomic_write, write_json
 from adapterhub_lite.artifacts.folder import read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.samples import routing_entry
-from adapterhub_lite.core.data import check_lengths, load_split, load_task_data, to_split
+from adapterhub_lite.core.data import load_split, load_task_data, to_split
+from adapterhub_lite.core.data_checks import check_lengths
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import read_lora, save_lora

@@ -29,7 +29,8 @@ from adapterhub_lite.artifacts.files import write_json, write_jsonl
 from adapterhub_lite.artifacts.folder import pyplot, save_figure
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.artifacts.sidecar import base_record, build
-from adapterhub_lite.core.data import check_lengths, data_warnings, load_task_data
+from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.data_checks import check_lengths, data_warnings
 from adapterhub_lite.core.errors import SpecError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import make_config, save_lora, trainable_parameters

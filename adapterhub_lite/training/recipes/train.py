@@ -20,7 +20,8 @@ from adapterhub_lite.artifacts.folder import read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.registries import adapter_ref
 from adapterhub_lite.artifacts.samples import routing_entry
-from adapterhub_lite.core.data import Split, check_lengths, data_warnings, label_words, load_task_data
+from adapterhub_lite.core.data import Split, label_words, load_task_data
+from adapterhub_lite.core.data_checks import check_lengths, data_warnings
 from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import attach, init_from, trainable_parameters
