@@ -61,10 +61,11 @@ def main():
     recall = {n: confusion[n].get(n, 0) / len(v) for n, v in dev.items()}
     acc = {n: round(r, 4) for n, r in recall.items()}
     acc["mean"] = round(sum(recall.values()) / len(dev), 4)  # of the unrounded shares (a mean of rounded ones can be off by up to 5e-5)
-    left = {h: to_adapter(ContentRouter({n: v for n, v in samples.items() if n != h}, **kwargs), dev[h]) for h in specs} if len(specs) > 1 else {}
-    held = {h: round(share, 4) for h, share in left.items()}
+    # leave-one-out: the unrounded share of each task's dev inputs that reached an adapter when its own was not there
+    held_out = {h: to_adapter(ContentRouter({n: v for n, v in samples.items() if n != h}, **kwargs), dev[h]) for h in specs} if len(specs) > 1 else {}
+    held = {h: round(share, 4) for h, share in held_out.items()}
     if held:
-        held["mean"] = round(sum(left.values()) / len(specs), 4)
+        held["mean"] = round(sum(held_out.values()) / len(specs), 4)
     ood = None
     if args.ood:
         texts = [line.rstrip("\n") for line in open(args.ood, encoding="utf-8") if line.strip()]
