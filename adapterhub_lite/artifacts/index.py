@@ -5,7 +5,7 @@
 An entry records what a version is (task, type, method, rank, targets, backbone and its quantization, the task's
 metrics) and the sha256 and size of each of its files; `parse_index` refuses an index whose structure is damaged,
 naming every problem. Every registry kind (registry.LocalRegistry, hub.HubRegistry) reads and writes this one
-format; how a folder gets published into it, and the integrity checks on the way out, are registry.py's.
+format; how a folder gets published into it is publishing.py's, the integrity checks on the way out registry.py's.
 """
 
 from __future__ import annotations
