@@ -19,6 +19,7 @@ from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.cli import main as cli_main
 from adapterhub_lite.core.data import load_split, to_split
 from adapterhub_lite.model.evaluate import predict
+from adapterhub_lite.model.weights import resolve
 
 from .conftest import train_tiny
 from .serving import GEN, KEY, Served
@@ -28,7 +29,7 @@ ROOT = Path(__file__).parents[1]
 assert importlib.util.find_spec("lm_eval"), "lm-eval is not installed: run bash scripts/test.sh (it installs the dev extra)"
 
 
-pytestmark = pytest.mark.harness  # ~2.5 minutes (lm-eval's start-up and its runs): CI runs it after the default set
+pytestmark = pytest.mark.harness  # ~5 minutes (lm-eval's start-up and its 14 runs): CI runs it after the default set
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,21 @@ def served(serve_registry, tmp_path_factory):
     s.close()
 
 
-def run_lm_eval(served, model: str, task: str, include: Path, out: Path) -> list[dict]:
-    """Run the lm_eval command with default arguments; return its per-row samples."""
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--tasks", task, "--include_path", str(include),
-           "--model_args", f"model={model},base_url={served.url}/v1/completions", "--log_samples", "--output_path", str(out)]
+def run_lm_eval(served, model: str, task: str, include: Path, out: Path, peft: Path | None = None) -> list[dict]:
+    """Run the lm_eval command with default arguments; return its per-row samples. With `peft`, lm-eval's own `hf`
+    model instead of the server: transformers on the tiny backbone's folder with peft loading that adapter, in fp32."""
+    if peft is None:
+        backend = ["local-completions", "--model_args", f"model={model},base_url={served.url}/v1/completions"]
+    else:
+        backbone = resolve("tiny-random-llama")[0]
+        backend = ["hf", "--model_args", f"pretrained={backbone},peft={peft},dtype=float32", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "lm_eval", "--model", *backend, "--tasks", task, "--include_path", str(include),
+           "--log_samples", "--output_path", str(out)]
     env = {**os.environ, "OPENAI_API_KEY": KEY, "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "Using remote tokenizer" in run.stderr or "remote tokenizer" in run.stderr.lower(), run.stderr[-2000:]  # it found /tokenizer_info
+    if peft is None:  # it found /tokenizer_info
+        assert "Using remote tokenizer" in run.stderr or "remote tokenizer" in run.stderr.lower(), run.stderr[-2000:]
     samples = sorted(out.rglob(f"samples_{task}_*.jsonl"))
     assert samples, list(out.rglob("*"))
     return sorted((json.loads(line) for line in samples[-1].read_text().splitlines()), key=lambda s: s["doc_id"])
@@ -123,3 +131,27 @@ def test_task_rows_reach_lm_eval_as_written(served, tmp_path):
     docs = list(loaded.test_docs())
     assert [loaded.doc_to_target(d) for d in docs] == ["2021-03-03", "2000-01-01", "1999-12-31"]
     assert [loaded.doc_to_text(d) for d in docs] == ["In: march 3rd\nOut:", "In: new year\nOut:", "In: x\nOut:"]
+
+
+@pytest.mark.parametrize("name", ["lm_cls", "cls_prefix", "cls_ia3", "lm_gen"])
+def test_server_scores_what_lm_eval_hf_peft_scores(served, name, tmp_path):
+    """lm-eval's own `hf` model with `peft=` (transformers and peft, no server: the reference users trust) and lm-eval
+    through the server score the same task row by row: the same log-likelihood of every choice (float tolerance) and
+    the same greedy flag, or the same generated text. LoRA, prefix and IA3 adapters (each places its weights
+    differently: a prefix's virtual tokens must stay out of the positions lm-eval scores)."""
+    folder = served.router.folders[name]
+    task = write_task(folder, tmp_path / "tasks")
+    ours = run_lm_eval(served, name, task, tmp_path / "tasks", tmp_path / "served")
+    ref = run_lm_eval(served, name, task, tmp_path / "tasks", tmp_path / "hf", peft=folder)
+    assert [s["arguments"] for s in ours] == [s["arguments"] for s in ref]  # the same requests: prompts and choices
+    assert len(ours) >= 4
+    if "acc" in ref[0]:
+        got = [(float(ll), greedy) for s in ours for ll, greedy in s["filtered_resps"]]  # every choice of every row, logged as strings
+        want = [(float(ll), greedy) for s in ref for ll, greedy in s["filtered_resps"]]
+        assert [g for _, g in got] == [g for _, g in want]
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+        assert len({ll for ll, _ in want}) > 1  # choices told apart: equal constants would test nothing
+        assert [s["acc"] for s in ours] == [s["acc"] for s in ref]
+    else:
+        assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in ref]
+        assert [s["exact_match"] for s in ours] == [s["exact_match"] for s in ref]
