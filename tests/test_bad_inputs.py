@@ -133,6 +133,23 @@ def test_a_lock_file_that_cannot_be_made_is_not_blamed_on_another_run(capsys, cl
     assert not (cls_task / "out").exists()
 
 
+def test_an_output_whose_parent_cannot_be_made_is_one_line(capsys, cls_task, monkeypatch):
+    """A parent path the OS refuses is refused in one line naming the OS's reason, before anything loads: a component
+    over 255 bytes (stat says ENAMETOOLONG), or a folder mkdir cannot create though os.access said the ancestor is
+    writable (root under /proc, a full disk). Each came out as a traceback, exit 1."""
+    refused(capsys, cls_task, ["train", "toy.yaml", "--output", "a" * 300 + "/out", "--no-progress"],
+            "cannot be written: File name too long (ENAMETOOLONG)")
+
+    from pathlib import Path
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", no_space)
+    refused(capsys, cls_task, ["train", "toy.yaml", "--output", "new/out", "--no-progress"],
+            "folder 'new' cannot be created (No space left on device (ENOSPC)")
+
+
 def test_data_parallel_ranks_do_not_lock_each_other_out(capsys, cls_task, monkeypatch):
     """Only rank 0 of a torchrun job writes, so only it takes the lock: rank 1 of the same run is not refused."""
     from filelock import FileLock

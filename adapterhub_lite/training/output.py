@@ -33,7 +33,11 @@ def claim_output(output: Path, overwrite: bool, resume: bool):
     try:
         if writer:
             for folder in missing:
-                folder.mkdir(exist_ok=True)
+                try:
+                    folder.mkdir(exist_ok=True)
+                except OSError as exc:  # os.access passes what mkdir may still refuse (root under /proc, ENOSPC, a quota)
+                    raise DataError(f"--output {str(output)!r} cannot be written: folder {str(folder)!r} cannot be created "
+                                    f"({os_problem(exc)}); pick an --output in a folder you can write to") from None
                 created.append(folder)
             lock = _lock(output)
         yield prepare_output(output, overwrite, resume)
@@ -69,9 +73,12 @@ def check_parent(output: Path) -> list[Path]:
     """Refuse an --output whose nearest existing ancestor is not a writable folder, before anything loads;
     return the missing folders between it and the output, outermost first."""
     missing, folder = [], Path(output).parent
-    while not (folder.exists() or folder.is_symlink()):
-        missing.append(folder)
-        folder = folder.parent
+    try:
+        while not (folder.exists() or folder.is_symlink()):
+            missing.append(folder)
+            folder = folder.parent
+    except OSError as exc:  # stat's own refusal, e.g. a path component over the file system's 255 bytes (ENAMETOOLONG)
+        raise DataError(f"--output {str(output)!r} cannot be written: {os_problem(exc)}; pick a shorter or valid --output") from None
     if not folder.is_dir():
         raise DataError(f"--output {str(output)!r} cannot be written: {str(folder)!r} is a file, not a folder; "
                         "pick an --output whose parent is a folder")
