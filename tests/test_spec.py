@@ -60,6 +60,19 @@ def test_malformed_override_is_refused():
         spec_from_dict(VALID, ["train.lr"])
 
 
+@pytest.mark.parametrize("items", [["train=5", "train.lr=0.1"], ["train.lr=0.1", "train={max_steps: 3}"]])
+def test_an_override_beside_its_own_parent_is_refused_not_crashed_on_or_dropped(items):
+    # train=5 then train.lr crashed (TypeError: 'int' object does not support item assignment); train.lr then a train
+    # mapping dropped train.lr unsaid
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(VALID, items)
+    assert "both set 'train'; give its keys one way" in str(err.value) and str(err.value).count("\n") == 0
+
+
+def test_the_same_override_twice_is_last_wins_as_an_argparse_option():
+    assert spec_from_dict(VALID, ["train.lr=0.1", "train.lr=0.2"]).train.lr == 0.2
+
+
 @pytest.mark.parametrize("override, needle", [
     ("train.lr=.inf", "train.lr=inf is not a finite number"),
     ("train.lr=nan", "train.lr='nan' is not a finite number"),

@@ -116,6 +116,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     bad = [item for item in items if "=" not in item or not item.split("=", 1)[0]]
     if bad:
         raise SpecError([f"override {b!r} is not of the form dotted.key=value" for b in bad], "overrides")
+    # A key beside its own parent (train=… with train.lr=…) has no one meaning: the parent's mapping would replace the
+    # dotted key, or a value given for the parent would be indexed as a mapping. The same key twice is last-wins, as an
+    # argparse option given twice (scripts put their own settings after the user's, bench_train.py, gpu_check.sh).
+    keys = list(dict.fromkeys(item.split("=", 1)[0] for item in items))
+    clash = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:] if b.startswith(a + ".") or a.startswith(b + ".")]
+    if clash:
+        raise SpecError([f"overrides {a!r} and {b!r} both set {min(a, b, key=len)!r}; give its keys one way (dotted keys, or one mapping)"
+                         for a, b in clash], "overrides")
     for item in items:
         key, raw = item.split("=", 1)
         node = out
