@@ -91,9 +91,13 @@ def left_by_dead_process(pid: str, owner_host: str) -> bool:
 def temp_beside(path: Path, kind: str) -> Path:
     """A hidden name beside `path` to build it under, then rename: `.<name>.<kind>-<id>-<pid>-<host>`. A writer
     killed before its rename (SIGKILL, the OOM killer) cannot remove it; the name lets the next writer of `path`
-    tell it from a live writer's (sweep_stale), where a random name would stay beside the output for good."""
-    name = f".{Path(path).name}.{kind}-{uuid.uuid4().hex[:8]}"
-    return Path(path).with_name(name + _owned(name))
+    tell it from a live writer's, where a random name would stay beside the output for good: the dead writers' temps
+    of this kind are swept here (sweep_stale), so every writer that names its temp this way clears them."""
+    path = Path(path)
+    prefix = f".{path.name}.{kind}-"
+    sweep_stale(path.parent, prefix)
+    name = prefix + uuid.uuid4().hex[:8]
+    return path.with_name(name + _owned(name))
 
 
 def _owned(name: str) -> str:

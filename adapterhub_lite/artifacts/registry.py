@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from adapterhub_lite.artifacts.files import os_problem, sweep_stale, temp_beside
+from adapterhub_lite.artifacts.files import os_problem, temp_beside
 from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import (
     RegistryError,
@@ -143,8 +143,7 @@ class Registry:
             raise RegistryError(f"--to {str(to)!r}: {str(under)!r} is a file, not a folder; choose a --to under a folder")
         if isinstance(self.root, Path) and self.root.resolve() in to.resolve().parents:  # an unlisted folder in the registry
             raise RegistryError(f"--to {str(to)!r} is inside registry {str(self.root)!r}; pull copies a version out: choose a --to outside it")
-        tmp = temp_beside(to, "pull")
-        sweep_stale(to.parent, f".{to.name}.pull-")  # a pull to this folder killed mid-copy left its temp there
+        tmp = temp_beside(to, "pull")  # clears the temps of pulls to this folder killed mid-copy
         try:
             to.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()

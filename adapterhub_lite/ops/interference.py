@@ -148,9 +148,9 @@ def _save(report: dict, output: Path) -> None:
     shown = output
     output = output.resolve() if output.is_symlink() else output  # a linked report folder is replaced where it lies
     output.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("report", "replaced"):  # a run writing this report killed mid-write left its temp(s) there
-        sweep_stale(output.parent, f".{output.name}.{kind}-")
-    tmp = temp_beside(output, "report")
+    # a run killed between _swap's two renames left the previous report aside: cleared whether or not this run swaps
+    sweep_stale(output.parent, f".{output.name}.replaced-")
+    tmp = temp_beside(output, "report")  # clears the temps of runs killed mid-write
     try:
         tmp.mkdir()
         write_json(tmp / "report.json", report)

@@ -33,7 +33,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import merge_utils
 
-from adapterhub_lite.artifacts.files import atomic_write, sweep_stale, temp_beside
+from adapterhub_lite.artifacts.files import atomic_write, temp_beside
 from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors
 from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import SIDECAR, Sidecar, build
@@ -326,8 +326,7 @@ def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Pat
     if bad:
         raise MergeError(f"the merged adapter has non-finite values in {len(bad)} tensor(s), e.g. {bad[0]}; check the weights and the sources")
     output.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(output.parent, f".{output.name}.merge-")  # a merge into this folder killed mid-write left its temp there
-    tmp = temp_beside(output, "merge")
+    tmp = temp_beside(output, "merge")  # clears the temps of merges into this folder killed mid-write
     try:
         # embeddings are never resized or trained here: without this, peft's "auto" looks up the base's config on the Hub
         model.save_pretrained(tmp / "out", selected_adapters=[name], save_embedding_layers=False)
