@@ -240,18 +240,23 @@ r.LocalRegistry(root).publish(folder, "1.0.1")
 """
 
 
+def kill_at_stall(script: list[str], marker: Path) -> None:
+    """Run `python -c script[0] script[1:]…`, wait until it writes `marker` (it stalls there, mid-write), SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-c", *script])
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert marker.exists(), f"the writer never reached the stall point (exit {proc.poll()})"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.parametrize("where", ["mid-copy", "before-index"])
 def test_publisher_killed_with_sigkill_leaves_a_valid_index(adapter, tmp_path, where):
     reg_dir, marker = tmp_path / "reg", tmp_path / "stalled"
     LocalRegistry(reg_dir).publish(adapter, "1.0.0")
     before = (reg_dir / "index.json").read_text()
-    proc = subprocess.Popen([sys.executable, "-c", STALLED, str(reg_dir), str(adapter), str(marker), where])
-    deadline = time.time() + 60
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert marker.exists(), "publisher never reached the stall point"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_stall([STALLED, str(reg_dir), str(adapter), str(marker), where], marker)
     assert (reg_dir / "index.json").read_text() == before  # old index, whole and valid
     assert [r["version"] for r in LocalRegistry(reg_dir).rows()] == ["1.0.0"] and LocalRegistry(reg_dir).verify() == []
     with pytest.raises(RegistryError, match="no version '1.0.1'"):

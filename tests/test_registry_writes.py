@@ -5,10 +5,8 @@ and registry paths that name something else (an adapter folder)."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import adapterhub_lite.artifacts.files as files
 from adapterhub_lite.artifacts.registry import LocalRegistry, RegistryError
 
 from .conftest import train_tiny
+from .test_registry import kill_at_stall
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +96,7 @@ def test_a_pull_killed_mid_copy_leaves_a_temp_the_next_pull_to_that_folder_clear
     pull whether its writer was alive: it stayed beside the output for good. A live pull's temp is left alone."""
     reg, to, marker = tmp_path / "reg", tmp_path / "out" / "toy", tmp_path / "stalled"
     LocalRegistry(reg).publish(adapter, "1.0.0")
-    proc = subprocess.Popen([sys.executable, "-c", STALLED_PULL, str(reg), str(to), str(marker)])
-    deadline = time.time() + 60
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert marker.exists(), "the pull never reached the stall point"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_stall([STALLED_PULL, str(reg), str(to), str(marker)], marker)
     killed = list(to.parent.glob(".toy.pull-*"))
     assert len(killed) == 1 and not to.exists()
     live = to.parent / f".toy.pull-aaaa0002-{os.getpid()}-{files.host()}"  # another pull, still copying
