@@ -117,10 +117,11 @@ class RequestReader:
             self._check_known(name)
         spec = self.spec(name) if name != BASE else None
         raw = "prompt" in request or "prompt_ids" in request
-        if request.get("adapter") == AUTO and not raw and raw_text(request) and not raw_text(request).strip():
+        text = raw_text(request) if request.get("adapter") == AUTO and not raw else ""
+        if text and not text.strip():
             # no task input, as a named adapter's template would hold none: refused wherever routing sends it (base would
             # answer it; an adapter would refuse a column the request never sent). An empty text is refused below as an empty prompt.
-            raise DataError(f"an 'auto' request's text is only whitespace ({raw_text(request)!r}): there is nothing to route by or answer; give it its text")
+            raise DataError(f"an 'auto' request's text is only whitespace ({text!r}): there is nothing to route by or answer; give it its text")
         tok = self.backbone.tokenizer
         if "prompt_ids" in request:
             ids = list(request["prompt_ids"])
