@@ -23,6 +23,11 @@ KEY = "test-key"
 GEN = {"type": "generation", "labels": None, "label": None, "target": "target", "metric": ["exact_match"], "prompt": "In: {text}\nOut:"}
 
 
+def gauge(metric) -> float:
+    """An unlabelled gauge's value as /metrics reads it (the request gauges are read when scraped and store none)."""
+    return next(s.value for s in metric.collect()[0].samples)
+
+
 def slowed(served, monkeypatch, seconds=0.05):
     """Every engine step a little slower, so a 400-token request surely outlives what the test waits for."""
     once = served.engine._serve_once

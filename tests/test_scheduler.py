@@ -31,9 +31,40 @@ def run(budgets, arrivals, new_tokens, *, can_join=True, max_steps=2000):
             if t.prefilled >= t.prompt_tokens:
                 s.started(t.key)
                 left[t.key] = new_tokens[t.key]
+        assert s.admitted == len(s.running) + len(s.prefilling)  # the running gauge's one number
         if not pending and not len(s):
             return log, first_seen
     raise AssertionError(f"not done after {max_steps} steps: {len(s.waiting)} waiting, {len(s.running)} running")
+
+
+def test_admitted_counts_the_prefilling_and_running_requests_through_every_move():
+    """`admitted` (what /metrics' running gauge reads from another thread, in one read) is len(prefilling) + len(running)
+    after each move: admitted, started, sent back to wait, finished from each state; unchanged as a prompt starts to decode."""
+    s = Scheduler(Budgets(max_rows=4, max_num_batched_tokens=8))
+    a, b, c = Ticket("a", None, 4, 8), Ticket("b", None, 12, 16), Ticket("c", None, 2, 4)
+    for t in (a, b, c):
+        s.add(t)
+    seen = []
+
+    def check():
+        assert s.admitted == len(s.prefilling) + len(s.running)
+        seen.append(s.admitted)
+
+    s.schedule()  # a whole, b's first piece: both admitted, c waits for tokens
+    check()
+    s.started("a")
+    check()
+    s.requeue(b)  # b back to the queue's head (its adapter not resident yet)
+    check()
+    s.finish("c")  # c left while waiting
+    s.finish("a")  # a left while running
+    check()
+    s.schedule()
+    check()
+    s.finish("b")  # b left while prefilling
+    s.finish("b")  # and a second finish changes nothing
+    check()
+    assert seen == [2, 2, 1, 0, 1, 0] and not len(s)
 
 
 def tickets(n, prompt=8, new=4, adapters=None, seed=0):

@@ -20,7 +20,7 @@ from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.runtime import Catalogue
 from adapterhub_lite.serving.scheduler import Budgets
 
-from .serving import KEY, Served, slowed
+from .serving import KEY, Served, gauge, slowed
 
 
 def _chunked(serve_registry):
@@ -57,7 +57,7 @@ def test_a_request_that_ends_during_its_chunked_prefill_frees_its_budgets_at_onc
     if end == "timed out":
         assert heard[-1][0] == "error" and isinstance(heard[-1][1], RequestTimeout)
     engine._gauges()
-    assert engine.metrics.running._value.get() == 0 and engine.metrics.kv_reserved._value.get() == 0
+    assert gauge(engine.metrics.running) == 0 and gauge(engine.metrics.kv_reserved) == 0
 
 
 
@@ -509,7 +509,7 @@ def test_the_gauges_read_idle_as_the_last_answer_goes_out(serve_registry):
         if "done" in heard:
             break
     assert "done" in heard
-    assert engine.metrics.running._value.get() == 0 and engine.metrics.kv_reserved._value.get() == 0
+    assert gauge(engine.metrics.running) == 0 and gauge(engine.metrics.kv_reserved) == 0
 
 
 def test_a_stream_whose_client_leaves_during_its_prefill_stops_it_at_the_next_layer(serve_registry):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from adapterhub_lite.serving.params import SamplingParams
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.serving.scheduler import Budgets
 
-from .serving import KEY, Served
+from .serving import KEY, Served, gauge
 
 
 def job(prompt=(5, 9, 14), new=8) -> Job:
@@ -47,7 +48,7 @@ def test_cancelled_requests_take_no_place_in_the_queue_and_leave_in_one_step(ser
     assert [t.key for t in engine.scheduler.waiting] == [id(fresh)] and set(engine._jobs) == {id(busy), id(fresh)}
     assert counted(engine, "cancelled") == 4
     engine._gauges()
-    assert engine.metrics.queue_depth._value.get() == 1
+    assert gauge(engine.metrics.queue_depth) == 1
     engine.cancel([busy])
     engine._serve_once()  # the running row leaves in its decode step
     engine._serve_once()
@@ -239,9 +240,9 @@ def test_the_queue_gauge_counts_a_request_as_it_is_submitted(serve_registry):
     """/metrics' queue depth right after a submit (before any engine step) counts its choices, once."""
     engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"), max_queue=4)
     engine.submit(job(), job())
-    assert engine.metrics.queue_depth._value.get() == 2
+    assert gauge(engine.metrics.queue_depth) == 2
     engine.submit(job())
-    assert engine.metrics.queue_depth._value.get() == 3
+    assert gauge(engine.metrics.queue_depth) == 3
 
 
 def test_a_submit_while_the_engine_takes_arrivals_in_waits_and_finds_the_queue_full(serve_registry, monkeypatch):
@@ -326,3 +327,58 @@ def test_a_request_refused_for_one_prompt_drops_the_choices_already_accepted(ser
         assert len(jobs) == 2 and jobs[0].prepared is not None and all(j.cancelled for j in jobs)
     finally:
         s.close()
+
+
+def test_the_queue_count_finds_an_arrival_that_the_engine_is_taking_in(serve_registry, monkeypatch):
+    """/health's and /metrics' queue depth read while the engine moves an arrival from the arrivals queue to those it
+    reads: the count found it in neither place and said 0 for a request its client still waited on. It waits for the move."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"))
+    engine.submit(job())
+    gone, counts, threads = engine._gone, [], []
+
+    def moving(j):  # called for each arrival as it is taken from the arrivals queue
+        if not threads:
+            threads.append(threading.Thread(target=lambda: counts.append((engine.queue_depth, gauge(engine.metrics.queue_depth)))))
+            threads[0].start()
+            threads[0].join(0.5)  # the count runs now, or waits for the move to end
+        return gone(j)
+
+    monkeypatch.setattr(engine, "_gone", moving)
+    engine._intake()
+    threads[0].join(30)
+    assert counts == [(1, 1)] and engine.queue_depth == 1
+
+
+def test_the_queue_count_finds_a_read_arrival_once_as_it_joins_the_scheduler(serve_registry, monkeypatch):
+    """The count read those being read (not yet in the engine's jobs), then the scheduler's queue (those in its jobs):
+    an arrival that entered the jobs between the two reads was counted in both, 2 for one request. Its entry waits for
+    the count."""
+    engine = Engine(Router.from_registry(serve_registry, quantization="none", dtype="fp32"))
+    arrival = job()
+    engine.submit(arrival)
+    queued, counting = threading.Event(), threading.Event()
+    add = engine.scheduler.add
+
+    def adding(ticket):  # the engine has queued the ticket; the job enters _jobs next, once the count has begun
+        add(ticket)
+        queued.set()
+        counting.wait(30)
+
+    class Jobs(dict):
+        def __contains__(self, key):  # the count asks whether one being read is held yet: let the engine go on meanwhile
+            held = dict.__contains__(self, key)
+            if key == id(arrival) and not held and not counting.is_set():
+                counting.set()
+                deadline = time.monotonic() + 0.5
+                while not dict.__contains__(self, key) and time.monotonic() < deadline:  # it enters now, or waits for the count
+                    time.sleep(0.01)
+            return held
+
+    monkeypatch.setattr(engine.scheduler, "add", adding)
+    engine._jobs = Jobs()
+    reading = threading.Thread(target=engine._intake)
+    reading.start()
+    assert queued.wait(30)
+    assert engine.queue_depth == 1 and counting.is_set()
+    reading.join(30)
+    assert engine.queue_depth == 1 and list(engine._jobs) == [id(arrival)]

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -53,6 +54,95 @@ def test_running_requests_are_a_gauge_that_a_leaving_client_brings_back_to_zero(
     while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert value(scrape(served), "adapterhub_num_requests_running") == 0 and not served.engine._rows
+
+
+def held_after_a_step(served, monkeypatch, when):
+    """The engine's bank.step patched to stop after a step for which when(rows that left) holds, as a slow decode
+    step's forward would (the rest of the engine's step, where it set the gauges, comes after it): set `go` to let
+    it on. Returns (held, go)."""
+    step, held, go = served.router.bank.step, threading.Event(), threading.Event()
+
+    def stepping(dec, tokens, decide):
+        left = []
+
+        def deciding(j, key, tok):
+            keep = decide(j, key, tok)
+            if not keep:
+                left.append(key)
+            return keep
+
+        out = step(dec, tokens, deciding)
+        if not held.is_set() and when(left):
+            held.set()
+            go.wait(30)
+        return out
+
+    monkeypatch.setattr(served.router.bank, "step", stepping)
+    return held, go
+
+
+def test_a_stream_is_running_once_its_client_has_its_first_token(served, monkeypatch):
+    """The gauges were set at the end of the engine's step, after the step's tokens had gone out: a client that read its
+    first token and scraped /metrics before that end found nothing running and its own request waiting (running 0,
+    queue 1): the window the test above races, held open here."""
+    held, go = held_after_a_step(served, monkeypatch, lambda left: True)
+    try:
+        with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert held.wait(10)  # the engine is still in the step that sent the token
+            families = scrape(served)
+            assert (value(families, "adapterhub_num_requests_running"), value(families, "adapterhub_queue_depth")) == (1, 0)
+            assert httpx.get(served.url + "/health").json()["queue_depth"] == 0
+            go.set()
+    finally:
+        go.set()
+    deadline = time.monotonic() + 10
+    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert value(scrape(served), "adapterhub_num_requests_running") == 0
+
+
+def test_an_answered_request_is_no_longer_running(served, monkeypatch):
+    """The other end of the same lag: a client holding its whole answer found its request still running on /metrics
+    until the engine's step ended."""
+    held, go = held_after_a_step(served, monkeypatch, lambda left: bool(left))  # the step in which the row left
+    try:
+        r = served.post("/v1/completions", {"model": "base", "prompt": "run", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert held.wait(10)
+        families = scrape(served)
+        assert (value(families, "adapterhub_num_requests_running"), value(families, "adapterhub_queue_depth")) == (0, 0)
+    finally:
+        go.set()
+
+
+def test_a_stream_whose_prompt_is_being_prefilled_is_running_not_waiting(served, monkeypatch):
+    """A stream's headers go out once the engine has read its request; the same step admits it and prefills its
+    prompt. A client that scraped during that prefill found it waiting (queue 1, running 0), though it had left the
+    queue: what vLLM counts running from its first scheduled chunk."""
+    start, prefilling, go = served.router.bank.start, threading.Event(), threading.Event()
+
+    def starting(*args, **kwargs):
+        prefilling.set()
+        go.wait(30)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(served.router.bank, "start", starting)
+    try:
+        with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                          json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200 and prefilling.wait(10)
+            families = scrape(served)
+            assert (value(families, "adapterhub_num_requests_running"), value(families, "adapterhub_queue_depth")) == (1, 0)
+            go.set()
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+    finally:
+        go.set()
+    deadline = time.monotonic() + 10
+    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert value(scrape(served), "adapterhub_num_requests_running") == 0
 
 
 # `adapterhub-lite serve` with every engine step 50 ms slower, so a stream is surely still open when the signals come

@@ -79,7 +79,8 @@ class Admission:
                     log.exception("reading a request for %r failed (%s); failing it alone", name, type(exc).__name__)
                 self._fail([job], exc)
                 continue
-            self._jobs[id(job)] = job
+            with self._admitting:  # from _reading to the scheduler's queue at once for queue_depth (see Engine._depth)
+                self._jobs[id(job)] = job
             job.listener("accepted", None)  # a stream's HTTP status waits for this or the error above (handlers.accepted)
 
     def _ticket(self, job: Job) -> Ticket:

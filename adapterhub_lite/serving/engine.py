@@ -73,7 +73,10 @@ class Engine(Admission, OfflineRun):
         # (queue_depth), and the jobs of clients that left sit here until the next step drops them
         self._waiting: queue.Queue[Job] = queue.Queue()
         self.max_queue = max_queue
-        self._admitting = threading.Lock()  # a submit's check and puts, and the step's move of arrivals to _reading, one at a time
+        # a submit's check and puts, the step's move of arrivals to _reading and each read one's entry into _jobs, and the
+        # queue's count (queue_depth), one at a time: a request moving meanwhile is counted once, not twice nor not at all.
+        # Reentrant: a listener called during the move (an arrival failed as it is taken) may count the queue
+        self._admitting = threading.RLock()
         self._reading: list[Job] = []  # arrivals this step reads (routes, tokenizes) before the scheduler holds them
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self._stopping = threading.Event()
@@ -99,6 +102,12 @@ class Engine(Admission, OfflineRun):
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapterhub-loader")
         self._fetching: dict[str, Future] = {}
         self._evictions_counted = router.evictions  # what the evictions Counter holds (it can only be increased)
+        # The request gauges are read as /metrics is scraped, as /health's queue_depth is, not set at the end of a step: a step
+        # tells its clients (a stream's headers, its first token, an answer) before it ends, and a client that scraped then
+        # found its request waiting while it read tokens, or running once it had its answer. The engine changes what they
+        # count before it tells anyone, so what a client has been told is what /metrics says.
+        self.metrics.running.set_function(lambda: self.scheduler.admitted)
+        self.metrics.queue_depth.set_function(lambda: self.queue_depth)
 
     # -- the outside -----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -119,12 +128,10 @@ class Engine(Admission, OfflineRun):
             self._refuse(jobs, BudgetError(f"the request makes {len(jobs)} rows (prompts × n) but the server queues {self.max_queue} at "
                                            "most (--max-queue), so it could never be queued; send fewer prompts or a smaller n"))
         with self._admitting:
-            depth = self.queue_depth + len(jobs)  # counted once: queue_depth walks the whole queue
-            if depth > self.max_queue:
+            if self._depth() + len(jobs) > self.max_queue:
                 self._refuse(jobs, QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly"))
             for job in jobs:
                 self._waiting.put_nowait(job)
-        self.metrics.queue_depth.set(depth)
         self._wake.set()
 
     def _refuse(self, jobs, exc: Exception):
@@ -176,9 +183,15 @@ class Engine(Admission, OfflineRun):
 
     @property
     def queue_depth(self) -> int:
-        """Requests not yet running whose client still waits: arrived, being read, or waiting for a budget (any thread).
-        A cancelled one is left out at once, though the next step drops it: a burst its clients abandoned takes no place
-        in --max-queue (no 429 for nothing) and shows in no gauge. Each list is copied whole under the GIL first."""
+        """Requests not yet running whose client still waits: arrived, being read, or waiting for a budget (any thread;
+        /health's and /metrics' count). A cancelled one is left out at once, though the next step drops it: a burst its
+        clients abandoned takes no place in --max-queue (no 429 for nothing) and shows in no gauge."""
+        with self._admitting:
+            return self._depth()
+
+    def _depth(self) -> int:
+        """queue_depth, under _admitting (held by the caller): the arrivals' move to _reading and a read one's entry into
+        _jobs wait for the count, so no request is found in two places or none. Each list is copied whole under the GIL."""
         held = self._jobs
         reading = [j for j in list(self._reading) if id(j) not in held]  # once held, counted from the scheduler's queue
         jobs = [*list(self._waiting.queue), *reading, *(held.get(t.key) for t in list(self.scheduler.waiting))]
@@ -210,7 +223,7 @@ class Engine(Admission, OfflineRun):
                     self._step()
                 if self._dec is None and not self.scheduler.prefilling:  # no row runs: the last batch's gathered factors go
                     self.router.bank.drop_rows()
-                self._gauges()  # after the step: the rows that ended in it are gone from the gauges as their answers go out
+                self._gauges()  # the cache and adapter gauges, after the step (the request gauges are read as scraped)
             if self._dec is None and not plan.prefill:
                 if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):
                     return True
@@ -237,12 +250,10 @@ class Engine(Admission, OfflineRun):
 
     def _gauges(self) -> None:
         s = self.scheduler
-        self.metrics.queue_depth.set(self.queue_depth)
         self.metrics.kv_reserved.set(s.kv_reserved())
         self.metrics.resident.set(len(self.router.resident))
         self.metrics.evictions.inc(self.router.evictions - self._evictions_counted)  # the router counts; the Counter follows
         self._evictions_counted = self.router.evictions
-        self.metrics.running.set(len(s.running) + len(s.prefilling))
         self.metrics.kv_cache_bytes.set(self._static.nbytes if self._static is not None else 0)
 
     def decode_info(self) -> dict:

@@ -107,6 +107,10 @@ class Scheduler:
         self.waiting: deque[Ticket] = deque()
         self.prefilling: dict[object, Ticket] = {}  # admitted, prompt partly run (chunked prefill)
         self.running: dict[object, Ticket] = {}  # decoding
+        # len(prefilling) + len(running), kept as one number that changes as a request is admitted or leaves (not as it
+        # starts decoding): the running gauge reads it from another thread, where the two lengths read one after the
+        # other miss (or count twice) a request that moves from one to the other between the reads
+        self.admitted = 0
 
     # -- the requests --------------------------------------------------------------------------------
     def add(self, ticket: Ticket) -> None:
@@ -120,8 +124,7 @@ class Scheduler:
 
     def requeue(self, ticket: Ticket) -> None:
         """Put an admitted ticket back at the head of the queue (its adapter could not be made resident yet)."""
-        self.prefilling.pop(ticket.key, None)
-        self.running.pop(ticket.key, None)
+        self._release(ticket.key)
         ticket.prefilled = 0
         self.waiting.appendleft(ticket)
 
@@ -133,12 +136,16 @@ class Scheduler:
 
     def finish(self, key) -> None:
         """A request left (answered, failed, cancelled): its budgets are free."""
-        self.prefilling.pop(key, None)
-        self.running.pop(key, None)
+        self._release(key)
         for t in self.waiting:
             if t.key == key:
                 self.waiting.remove(t)
                 break
+
+    def _release(self, key) -> None:
+        """An admitted request (prefilling or running) is admitted no more."""
+        if self.prefilling.pop(key, None) is not None or self.running.pop(key, None) is not None:
+            self.admitted -= 1
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.prefilling) + len(self.running)
@@ -220,5 +227,6 @@ class Scheduler:
             if t.prefilled == 0 and t in self.waiting:
                 self.waiting.remove(t)
                 self.prefilling[t.key] = t
+                self.admitted += 1
             t.prefilled += n
         return plan
