@@ -29,6 +29,7 @@ from lm_eval_task import write_task  # noqa: E402 - the sibling script
 from adapterhub_lite.artifacts.loading import load_adapter  # noqa: E402
 from adapterhub_lite.artifacts.registries import open_registry  # noqa: E402
 from adapterhub_lite.core.data import load_split, to_split  # noqa: E402
+from adapterhub_lite.core.errors import AdapterHubError  # noqa: E402
 from adapterhub_lite.model.evaluate import evaluate_split  # noqa: E402
 
 
@@ -68,15 +69,22 @@ def main() -> int:
     p.add_argument("--adapters", nargs="+", default=["sst2", "date_iso"])
     p.add_argument("--limit", type=int, default=50)
     args = p.parse_args()
-    reg = open_registry(args.registry)
     work = Path(tempfile.mkdtemp(prefix="bench-lm-eval-"))
+    # Every task is written before the server starts (a minute on the real backbone): an adapter not in the registry,
+    # or a spec's data path that does not resolve from here (it is relative to the working directory), is one line now.
+    try:
+        reg = open_registry(args.registry)
+        folders = {name: reg.path(name) for name in args.adapters}
+        tasks = {name: write_task(folder, work / "tasks", limit=args.limit).stem for name, folder in folders.items()}
+    except AdapterHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     port = free_port()
     server = serve(args.registry, port)
     out = {"limit": args.limit, "adapters": {}}
     try:
-        for name in args.adapters:
-            folder = reg.path(name)
-            task = write_task(folder, work / "tasks", limit=args.limit).stem
+        for name, folder in folders.items():
+            task = tasks[name]
             samples, seconds = lm_eval(port, name, task, work / "tasks", work / "out")
             model, backbone, spec, _ = load_adapter(folder)
             ds, sha = load_split(spec.data.dev)

@@ -16,7 +16,9 @@ target "2021-03-03" into the timestamp "2021-03-03 00:00:00", which no answer th
   match after stripping whitespace at both ends (as `eval`).
 
 Everything else is lm-eval's default (token-id requests, its tokenizer read from the server's
-/tokenizer_info and /tokenize, max_gen_toks 256). Files are written atomically.
+/tokenizer_info and /tokenize, max_gen_toks 256). Files are written atomically. The YAML names its rows
+and the adapter by absolute paths, so lm_eval may run from any directory; the spec's data paths are, as
+for `eval`, relative to the directory this script runs from (a missing one is refused naming it).
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def write_task(folder: str | Path, output: str | Path, split: str = "dev", limit
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     data = output / f"{task}.parquet"
+    # Every path the YAML holds is absolute: lm-eval reads data_files relative to its own working directory, and its
+    # results copy the metadata, which a path relative to where this script ran would leave unplaceable.
+    where = source if source.startswith("hf:") else str(Path(source).resolve())
     config = {"task": task, "dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}}, "test_split": "test",
-              "doc_to_text": "{{prompt}}", "metadata": {"version": 1, "adapter": str(folder), "split": source, "rows": n, "split_sha256": sha}}
+              "doc_to_text": "{{prompt}}", "metadata": {"version": 1, "adapter": str(Path(folder).resolve()), "split": where, "rows": n, "split_sha256": sha}}
     if spec.type == "classification":
         words = label_words(spec)
         lines = [{"prompt": p, "choices": [str(w) for w in words], "label": a} for p, a in zip(rows.prompts[:n], rows.answers[:n])]

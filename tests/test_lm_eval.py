@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from adapterhub_lite.artifacts.loading import load_adapter
+from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.cli import main as cli_main
 from adapterhub_lite.core.data import load_split, to_split
 from adapterhub_lite.model.evaluate import predict
@@ -155,3 +157,40 @@ def test_server_scores_what_lm_eval_hf_peft_scores(served, name, tmp_path):
     else:
         assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in ref]
         assert [s["exact_match"] for s in ours] == [s["exact_match"] for s in ref]
+
+
+def test_task_files_work_from_any_directory(tmp_path, monkeypatch):
+    """The script run from one directory with relative paths writes a task that lm-eval, run from another, loads with
+    every row: the YAML holds absolute paths only (lm-eval reads data_files relative to its own working directory).
+    Run from a directory where the spec's data path (relative, as `eval` reads it) does not resolve, the script and
+    scripts/bench_lm_eval.py refuse in one line naming it, before writing a task or starting a server."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    folder = train_tiny(work, "cwd_cls", data={"train": "toy.jsonl", "dev": "toy.jsonl"})  # the spec's paths, relative to work/
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_task.py"), "cwd_cls", "--limit", "5", "--output", "tasks"],
+                         capture_output=True, text=True, timeout=120, cwd=work)
+    assert run.returncode == 0, run.stderr
+    config = yaml.safe_load((work / "tasks" / "adapterhub_cwd_cls.yaml").read_text())
+    paths = [config["dataset_kwargs"]["data_files"]["test"], config["metadata"]["adapter"], config["metadata"]["split"]]
+    assert paths == [str(work / "tasks" / "adapterhub_cwd_cls.parquet"), str(folder), str(work / "toy.jsonl")]
+    monkeypatch.chdir(elsewhere)
+    task = get_task_dict(["adapterhub_cwd_cls"], TaskManager(include_path=str(work / "tasks")))["adapterhub_cwd_cls"]
+    assert [task.doc_to_text(d) for d in task.test_docs()] == ["T: pos 0\nL:", "T: neg 0\nL:", "T: pos 1\nL:", "T: neg 1\nL:", "T: pos 2\nL:"]
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "lm_eval_task.py"), str(folder), "--output", "tasks"],
+                         capture_output=True, text=True, timeout=120, cwd=elsewhere)
+    assert (run.returncode, run.stderr.splitlines()) == (2, [f"error: data file 'toy.jsonl' does not exist (paths are relative to {elsewhere}); "
+                                                             "fix data.train / data.dev in the spec"])
+    assert not (elsewhere / "tasks").exists()
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "index.json").write_text(json.dumps({"format": "adapterhub_lite.registry/1", "adapters": {}}))
+    open_registry(registry).publish(folder, "1.0.0", name="cwd_cls")
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_lm_eval.py"), "--registry", str(registry), "--adapters", "cwd_cls"],
+                         capture_output=True, text=True, timeout=300, cwd=elsewhere)
+    assert (run.returncode, run.stderr.splitlines()) == (2, [f"error: data file 'toy.jsonl' does not exist (paths are relative to {elsewhere}); "
+                                                             "fix data.train / data.dev in the spec"])
