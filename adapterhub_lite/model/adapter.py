@@ -14,7 +14,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTun
 from safetensors.torch import load_file, save_file
 
 from adapterhub_lite.core.errors import AdapterLoadError, AdapterMethodError
-from adapterhub_lite.core.spec import method_args_problems
+from adapterhub_lite.core.spec_checks import method_args_problems
 from adapterhub_lite.model.rowconfig import LoraFactors
 
 _CONFIGS = {"lora": LoraConfig, "prefix": PrefixTuningConfig, "prompt": PromptTuningConfig, "ia3": IA3Config}
