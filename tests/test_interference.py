@@ -1,6 +1,7 @@
 """Interference report: task × adapter matrix, negative transfer flagged, JSON + heatmap."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.evaluate import evaluate_split
+from adapterhub_lite.ops import interference as ops
 from adapterhub_lite.ops.interference import _flags, interference
 from adapterhub_lite.training.recipes.joint import train_joint
 from adapterhub_lite.training.recipes.joint_config import JointConfig
@@ -165,3 +167,74 @@ def test_a_report_replacing_another_is_never_seen_as_one_file_of_each(tmp_path, 
               for st in states]  # (heatmap.png, report.json) after each rename
     assert labels and set(labels) <= {("old", "old"), ("new", "new"), ("none", "none")}, labels
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+STALLED_SWAP = """
+import os, sys, time, pathlib
+from adapterhub_lite.ops.interference import interference
+adapter, out, marker = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+rename = os.rename
+def stalling(src, dst, *args, **kwargs):  # the previous report has just been moved aside: stall before the new one goes in
+    rename(src, dst, *args, **kwargs)
+    if pathlib.Path(src) == out:
+        marker.write_text("stalled")
+        time.sleep(600)
+os.rename = stalling
+interference([adapter], out, merges=(), rows=2)
+"""
+
+
+def test_a_run_killed_between_the_two_renames_leaves_the_previous_report_which_the_next_run_puts_back(tmp_path):
+    """A report over a previous one moves the old folder aside, then renames the new one in: a run SIGKILLed between
+    left no report in place and the old one hidden beside it (.r.replaced-…), where the next run deleted it, and a
+    run refused or failing meanwhile left it hidden. The next run now puts it back first, even one that is then
+    refused; an aside whose run did land its report (killed while removing it) is removed; a live run's is left."""
+    from adapterhub_lite.artifacts import files
+
+    from .test_registry import kill_at_stall
+    from .test_registry_writes import _dead_pid
+
+    (tmp_path / "one").mkdir()
+    one = train_tiny(tmp_path / "one", "toy")
+    out, marker = tmp_path / "r", tmp_path / "stalled"
+    interference([one], out, merges=(), rows=2)
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    kill_at_stall([STALLED_SWAP, str(one), str(out), str(marker)], marker)
+    assert not out.exists() and len(list(tmp_path.glob(".r.replaced-*"))) == 1
+    with pytest.raises(AdapterHubError, match="--tolerance must be"):
+        interference([one], out, merges=(), rows=2, tolerance=-1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # the previous report, whole, in its place
+    assert not list(tmp_path.glob(".r.replaced-*"))
+
+    landed = tmp_path / f".r.replaced-aaaa0001-{_dead_pid()}-{files.host()}"  # its run renamed the new report in, then died
+    live = tmp_path / f".r.replaced-aaaa0002-{os.getpid()}-{files.host()}"  # another run, between its renames now
+    for aside in (landed, live):
+        aside.mkdir()
+        (aside / "report.json").write_text("{}")
+    interference([one], out, merges=(), rows=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["one", "r", "stalled", live.name])  # the killed run's temp too is cleared
+    assert {p.name for p in out.iterdir()} == ops.REPORT_FILES
+
+
+@pytest.mark.parametrize("target", ["a report folder", "nothing"])
+def test_a_symlinked_output_is_refused_as_pull_and_merge_refuse_it(tmp_path, capsys, target):
+    """A symlink --output was written through (the linked folder's report replaced, or a dangling link's target
+    created), where pull, merge and train --overwrite refuse a link: refused now, in one line, before anything loads,
+    the link and what it names left as they were."""
+    from adapterhub_lite.cli import main
+
+    (tmp_path / "one").mkdir()
+    one = train_tiny(tmp_path / "one", "toy")
+    real = tmp_path / "real"
+    if target == "a report folder":
+        interference([one], real, merges=(), rows=2)
+    (tmp_path / "link").symlink_to(real)
+    before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()  # training's and the first report's output
+    assert main(["interference", str(one), "--output", str(tmp_path / "link"), "--merge", "--rows", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --output '{tmp_path}/link' is a symlink (to '{real}'); interference replaces its --output as a whole "
+                   "and does not write through or replace a link: give the folder itself or a new one"), err
+    assert (tmp_path / "link").is_symlink() and real.exists() == (target == "a report folder")
+    assert {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".*"))

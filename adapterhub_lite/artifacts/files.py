@@ -111,18 +111,26 @@ def sweep_stale(parent: Path, prefix: str) -> None:
     """Remove the `<prefix><id>-<pid>-<host>` temps in `parent` (temp_beside's, atomic_write's, a publisher's) of
     processes of this host that have ended. Another host's pids cannot be checked from here, so its temps, and any of
     that prefix but of another form, go only when older than STALE_SECONDS: no writer holds its temp that long."""
-    now = time.time()
-    for tmp in Path(parent).glob(glob.escape(prefix) + "*"):
+    for tmp in left_behind(parent, prefix):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def left_behind(parent: Path, prefix: str) -> list[Path]:
+    """The `<prefix><id>-<pid>-<host>` temps in `parent` whose writers have ended, by sweep_stale's rule (a dead pid of
+    this host; another host's, or a name of another form, once older than STALE_SECONDS), in name order."""
+    now, found = time.time(), []
+    for tmp in sorted(Path(parent).glob(glob.escape(prefix) + "*")):
         parts = tmp.name[len(prefix):].split("-", 2)  # id, pid, host (a host may hold '-')
         try:
             age = now - tmp.lstat().st_mtime
         except OSError:
             continue  # cleared meanwhile
         if (len(parts) == 3 and left_by_dead_process(parts[1], parts[2])) or age > STALE_SECONDS:
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            found.append(tmp)
+    return found
 
 
 def write_json(path: Path, obj) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from contextlib import nullcontext
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from adapterhub_lite.artifacts.files import sweep_stale, temp_beside, unwritable_output, write_json
+from adapterhub_lite.artifacts.files import left_behind, temp_beside, unwritable_output, write_json
 from adapterhub_lite.artifacts.folder import pyplot, read_sidecar, save_figure
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.core.data import load_task_data
@@ -67,8 +68,8 @@ def interference(folders: list[str | Path], output: str | Path, *, merges: tuple
     `quantization` (default: the adapters' own), `device` and `dtype` (None: auto) are the backbone's (see load_backbone).
     `seed`: the merges' (merge_adapters'), so a dare_* column is the adapter `adapterhub-lite merge --seed <seed>` writes.
     """
+    _check_output(Path(output))  # first: a report a killed run left aside is put back even if this run is then refused
     singles, joints = _columns([Path(f) for f in folders])
-    _check_output(Path(output))
     metas = {n: read_sidecar(f) for n, f in singles.items()}
     names = list(singles)
     methods = {n: m["method"] for n, m in metas.items()}
@@ -131,7 +132,12 @@ REPORT_FILES = {"report.json", "heatmap.png"}
 
 
 def _check_output(output: Path) -> None:
-    """Refuse, before anything loads, an output that is not a folder, holds files besides a report, or lies under a file."""
+    """Refuse, before anything loads, an output that is a symlink, is not a folder, holds files besides a report, or lies
+    under a file; put back first a previous report that a killed run left aside (_restore_aside)."""
+    if output.is_symlink():  # as pull, merge and train --overwrite: replacing the link, or the folder it names, would surprise someone
+        raise AdapterHubError(f"--output {str(output)!r} is a symlink (to {os.readlink(output)!r}); interference replaces its --output "
+                              "as a whole and does not write through or replace a link: give the folder itself or a new one")
+    _restore_aside(output)
     if output.exists() and (not output.is_dir() or {p.name for p in output.iterdir()} - REPORT_FILES):
         raise AdapterHubError(f"--output {str(output)!r} exists and is not a report folder (it holds files besides {', '.join(sorted(REPORT_FILES))}); "
                               "choose a new folder")
@@ -145,11 +151,8 @@ def _check_output(output: Path) -> None:
 def _save(report: dict, output: Path) -> None:
     """report.json and heatmap.png, made in a hidden folder beside `output` and renamed into place as one folder, so a
     reader (or a killed run) sees the previous pair, the new pair, or none, never one file of each."""
-    shown = output
-    output = output.resolve() if output.is_symlink() else output  # a linked report folder is replaced where it lies
+    _check_output(output)  # again: a link or other files may have appeared while the cells were scored
     output.parent.mkdir(parents=True, exist_ok=True)
-    # a run killed between _swap's two renames left the previous report aside: cleared whether or not this run swaps
-    sweep_stale(output.parent, f".{output.name}.replaced-")
     tmp = temp_beside(output, "report")  # clears the temps of runs killed mid-write
     try:
         tmp.mkdir()
@@ -160,7 +163,7 @@ def _save(report: dict, output: Path) -> None:
         else:
             tmp.rename(output)
     except OSError as exc:  # a full disk after every cell was scored
-        raise unwritable_output("the report", shown, exc) from None
+        raise unwritable_output("the report", output, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -170,7 +173,8 @@ def _swap(new: Path, output: Path) -> None:
 
     Replacing the two files one after the other would leave, for a kill between, the new report.json beside the old heatmap.
     A folder cannot be renamed over a non-empty one, so the old moves aside first: a kill between the two renames
-    leaves no report (both pairs whole, hidden, cleared by the next write), never a mismatched one."""
+    leaves no report in place, never a mismatched one, and the old one whole beside it, which the next run on this
+    --output puts back before anything else (_restore_aside)."""
     old = temp_beside(output, "replaced")
     output.rename(old)
     try:
@@ -179,6 +183,20 @@ def _swap(new: Path, output: Path) -> None:
         old.rename(output)  # the previous report stays, as the error says
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_aside(output: Path) -> None:
+    """Put back the previous report that a run killed between _swap's two renames left aside (`.<output>.replaced-…`),
+    so that it is in place again whether or not this run then writes its own (a run refused later, or failing, left
+    none). One whose run did land its new report (killed while removing it) is removed. A live run's is never touched."""
+    for aside in left_behind(output.parent, f".{output.name}.replaced-"):
+        try:
+            if output.exists() or output.is_symlink():
+                shutil.rmtree(aside)
+            else:
+                aside.rename(output)
+        except OSError:
+            continue  # another run restored or cleared it meanwhile
 
 
 @torch.no_grad()
