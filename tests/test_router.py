@@ -209,6 +209,26 @@ def test_auto_sends_a_request_the_router_is_unsure_of_to_the_base_model(folders)
     assert [o["adapter"] for o in unsure.run(requests)] == ["base", "base"]
 
 
+def test_predict_through_auto_says_which_adapter_answered_as_run_does(folders):
+    """predict(adapter="auto") returned the prediction alone: a Python caller could not tell which adapter gave it, nor
+    that base answered (a raw continuation, "7777…", when routing falls back). It now returns run()'s answer for the
+    request, routing record included; use("auto") (refused as an "unknown adapter 'auto'" whose message listed
+    'auto' as known) makes it predict's default. Through a named adapter predict still returns the prediction."""
+    sure, unsure = (Router(load_backbone("tiny-random-llama", "none", dtype="fp32"), route_threshold=t) for t in (0.0, 0.999999))
+    for r in (sure, unsure):
+        r.register("cls_a", folders["cls_a"])
+        r.register("gen", folders["gen"])
+    for r, adapters, fallback in ((sure, ["cls_a", "gen"], None), (unsure, ["base", "base"], "threshold")):
+        ran = r.run([{"adapter": "auto", "text": "pos 7"}, {"adapter": "auto", "text": "ij"}])
+        got = [r.predict("pos 7", adapter="auto"), r.predict({"text": "ij"}, adapter="auto")]
+        assert got == ran and [g["adapter"] for g in got] == adapters
+        assert [(g["routing"]["adapter"], g["routing"]["candidate"], g["routing"]["fallback"]) for g in got] == [
+            (adapters[0], "cls_a", fallback), (adapters[1], "gen", fallback)]
+        r.use("auto")
+        assert r.predict("pos 7") == ran[0]
+    assert sure.predict("pos 7", adapter="cls_a") == sure.predict("pos 7")["prediction"] == alone(folders["cls_a"], ["pos 7"])[0]
+
+
 def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     from adapterhub_lite.artifacts.registry import LocalRegistry
     from adapterhub_lite.cli import main

@@ -1,7 +1,7 @@
 """Router: many task adapters served on one frozen backbone, the public Python API.
 
     r = Router.from_registry("adapters/")        # the backbone loads once, adapters lazily
-    r.use("sst2"); r.predict("a gorgeous, witty film")
+    r.use("sst2"); r.predict("a gorgeous, witty film")   # "positive"; through "auto", run()'s answer (and its routing)
     r.merge({"sst2": 0.5, "ag_news": 0.5}, method="ties", density=0.5, task="sst2", name="mix")
     r.run([{"adapter": "sst2", "text": "…"}, {"adapter": "date_iso", "text": "…"},
            {"adapter": "base", "text": "…"}, {"adapter": "auto", "text": "…"}])
@@ -87,19 +87,24 @@ class Router(AdapterManager):
     # -- swap ----------------------------------------------------------------------------------
     @_locked
     def use(self, name: str) -> None:
-        """Make `name` the adapter that `predict` uses (loaded now; reloaded on use if it is evicted later)."""
-        if name != BASE:
+        """Make `name` the adapter that `predict` uses (loaded now; reloaded on use if it is evicted later); "base" or
+        "auto" (each request routed by its content) too."""
+        if name not in (BASE, AUTO):
             self._ensure(name)
         self.active = name
 
     @_locked
     def predict(self, text: str | dict, adapter: str | None = None):
-        """One request through the active (or the given) adapter."""
+        """One request through the active (or the given) adapter: its prediction (the label word, or the answer's first
+        line). Through "auto", run()'s answer instead, {"adapter", "prediction", "routing"}: the caller did not name the
+        adapter, so the answer says which one gave it and why (base's raw continuation, when routing falls back, would
+        otherwise read as a task's answer)."""
         adapter = adapter or self.active
         if adapter is None:
             raise AdapterLoadError("no active adapter: call use(name) first or pass adapter=")
         row = text if isinstance(text, dict) else {"text": text}
-        return self._serve([{**row, "adapter": adapter}])[0]["prediction"]  # one request: its error needs no index
+        answer = self._serve([{**row, "adapter": adapter}])[0]  # one request: its error needs no index
+        return answer if adapter == AUTO else answer["prediction"]
 
     # -- merge ---------------------------------------------------------------------------------
     @_locked
