@@ -197,6 +197,17 @@ def test_a_merged_name_that_is_a_source_name_is_refused(sources):
         merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, name="mix.v2", report_rows=0)
 
 
+def test_sources_named_with_a_dot_merge_as_under_plain_names(sources):
+    """A source's name with '.' (the server's pinned id `toy@1.0.0`, a folder `v1.2`) was refused ("choose names without
+    '.' (--name)", a flag a request has not): peft now loads it under another name, and the sidecar keeps the given one."""
+    plain, _ = merge_adapters({"a": sources["a"], "c": sources["c"]}, {"a": 0.5, "c": 2.0}, "cat", name="mix", report_rows=0, dtype="fp32")
+    dotted, meta = merge_adapters({"toy@1.0.0": sources["a"], "v1.2": sources["c"]}, {"toy@1.0.0": 0.5, "v1.2": 2.0}, "cat", name="mix",
+                                  report_rows=0, dtype="fp32")
+    (p_A, p_B, p_s), (d_A, d_B, d_s) = _factors(plain, "mix"), _factors(dotted, "mix")
+    assert torch.equal(p_A, d_A) and torch.equal(p_B, d_B) and p_s == d_s
+    assert set(meta["merge"]["sources"]) == {"toy@1.0.0", "v1.2"} and meta["merge"]["weights"] == {"toy@1.0.0": 0.5, "v1.2": 2.0}
+
+
 def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sources, tmp_path):
     merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "cat", output=tmp_path / "mix", name="mix", report_rows=4)
     side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())

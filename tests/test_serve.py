@@ -226,6 +226,19 @@ def test_per_request_merges_are_built_once_and_served(served, registry, tmp_path
     assert bad.status_code == 400 and "weights" in bad.json()["error"]["message"]
 
 
+def test_a_merge_may_name_a_pinned_version(served):
+    """`gen_b@0.9.0` (gen_a's weights) is a model id the server serves, so a recipe may name it: it was a 400 ("contain
+    '.' ... choose names without '.' (--name)"). peft's linear merge of two copies at 0.25 each is that adapter again."""
+    recipe = {"ids": ["gen_a", "gen_b@0.9.0"], "weights": [0.25, 0.25], "merge_strategy": "linear"}
+    body = {"model": "gen_a", "prompt": "In: ab\nOut:", "max_tokens": 4, "ignore_eos": True, "logprobs": 1}
+    merged = served.post("/v1/completions", {**body, "merged_adapters": recipe})
+    assert merged.status_code == 200, merged.text
+    alone = served.post("/v1/completions", body).json()["choices"][0]
+    got = merged.json()["choices"][0]
+    assert got["adapter"].startswith("merged-") and got["text"] == alone["text"]
+    assert got["logprobs"]["token_logprobs"] == pytest.approx(alone["logprobs"]["token_logprobs"], abs=1e-4)
+
+
 def test_a_recipe_over_a_source_loaded_again_from_other_files_is_merged_again(served, registry, tmp_path):
     """A recipe's merge was cached under a hash of its ids and weights alone: after a source was unloaded and loaded
     again under its name from other files (or moved to a new registry version by a reload), the same recipe was answered

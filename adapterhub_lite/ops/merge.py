@@ -207,6 +207,22 @@ def factor_model(config) -> torch.nn.Module:
     return model
 
 
+def peft_names(names: list[str], merged: str) -> dict[str, str]:
+    """A name peft can load each source under: its own, or with '.' (a ModuleDict key cannot hold one) made '_', then
+    '_' added until it is no other source's, no other alias and not the merged adapter's name."""
+    taken = set(names) | {merged}
+    alias = {}
+    for n in names:
+        a = n
+        if "." in n:
+            a = n.replace(".", "_")
+            while a in taken:
+                a += "_"
+            taken.add(a)
+        alias[n] = a
+    return alias
+
+
 def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], method: str = "linear", *,
                    density: float | None = None, name: str = "merged", output: str | Path | None = None,
                    task: str | None = None, quantization: str | None = None, report_rows: int | None = 200,
@@ -237,12 +253,15 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     ranks = check_merge(configs, metas, weights, method, density, allow_base_mismatch, majority_sign_method)
     if name in folders:
         raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
-    dotted = [n for n in (*folders, name) if not n or "." in n]
-    if dotted:  # peft keeps adapters in torch ModuleDicts, whose keys cannot hold '.'
-        raise MergeError(f"adapter name(s) {dotted} contain '.' or are empty, which peft cannot use as adapter names; choose names without '.' (--name)")
+    if not name or "." in name:  # peft keeps adapters in torch ModuleDicts, whose keys cannot hold '.'
+        raise MergeError(f"the merged adapter's name {name!r} may not contain '.' or be empty, which peft cannot use as an adapter name; "
+                         "choose a name without '.' (--name)")
     own_task = merged_task(metas, task)
     first = next(iter(metas.values()))
     names = list(folders)
+    # the sources' names stay in the sidecar, the report and every message; peft gets names it can hold. A pinned
+    # `name@1.0.0` (the server's id of a registry version) or a folder `v1.2` was refused here, a valid request's 400
+    alias = peft_names(names, name)
     if base_config is not None and report_rows == 0:
         backbone, base = None, factor_model(base_config)  # the adapters' factors only, made where each base weight lives
     else:
@@ -253,12 +272,12 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     # built (the server rebuilds an evicted merge under the same name) and equals peft's own after torch.manual_seed(seed)
     with _GLOBAL_RNG, torch.random.fork_rng(), _masks_from_the_cpu():
         torch.manual_seed(seed)
-        model = load_sources(base, {n: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
-        add_merged(model, names, [weights[n] for n in names], name, method, density, majority_sign_method)
+        model = load_sources(base, {alias[n]: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
+        add_merged(model, [alias[n] for n in names], [weights[n] for n in names], name, method, density, majority_sign_method)
     model.set_adapter(name)
     model.eval()
 
-    report = _report(model, backbone.tokenizer, metas, name, report_rows) if backbone is not None and report_rows != 0 else {}
+    report = _report(model, backbone.tokenizer, metas, name, report_rows, alias) if backbone is not None and report_rows != 0 else {}
     shas = {n: hashlib.sha256(files[n]["adapter_model.safetensors"]).hexdigest() for n in names}  # of the bytes merged
     sidecar = merged_sidecar(model, name, metas, folders, weights, method, density, ranks, own_task, report, shas,
                              seed if method in RANDOM_METHODS else None,
@@ -297,8 +316,8 @@ def merged_sidecar(model: PeftModel, name: str, metas: dict[str, dict], folders:
     )
 
 
-def _report(model: PeftModel, tok, metas: dict[str, dict], merged: str, rows: int | None) -> dict:
-    """Each source task's dev score under the merged adapter vs under its own adapter."""
+def _report(model: PeftModel, tok, metas: dict[str, dict], merged: str, rows: int | None, alias: dict[str, str]) -> dict:
+    """Each source task's dev score under the merged adapter vs under its own adapter (loaded as alias[name])."""
     out = {}
     for n, meta in metas.items():
         if not meta.get("task"):  # a component (a joint run's shared adapter) has no task to score
@@ -306,7 +325,7 @@ def _report(model: PeftModel, tok, metas: dict[str, dict], merged: str, rows: in
         spec = spec_from_dict(meta["task"])
         dev = load_task_data(spec, ("dev",))["dev"]
         scores = {}
-        for label, adapter in (("merged", merged), ("own", n)):
+        for label, adapter in (("merged", merged), ("own", alias[n])):
             model.set_adapter(adapter)
             metrics, _, _ = evaluate_split(model, tok, spec, dev, limit=rows)
             scores[label] = {k: v for k, v in metrics.items() if k != "per_class"}

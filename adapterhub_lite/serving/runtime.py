@@ -197,9 +197,22 @@ class Catalogue:
             raise P.bad("merged_adapters.density", density, "give a number in (0, 1]")
         if sign not in (None, "total", "frequency"):
             raise P.bad("merged_adapters.majority_sign_method", sign, 'give "total" (the default) or "frequency"')
-        for i in ids:
+        named = ids
+        ids = []
+        for i in named:
+            if i not in self.router.folders and i not in (BASE, AUTO):
+                # a pinned `name@1.0.0` is registered on first use, as a request naming it is (it was "not known" to a merge
+                # until some request had named it alone), `name@latest` is `name`, and a damaged version is its 503
+                try:
+                    i = await self.ensure_known(i)
+                except P.ApiError as exc:
+                    if exc.status != 404:
+                        raise
             if i not in self.router.folders:
                 raise P.ApiError(404, f"merged_adapters names {i!r}, which this server does not know; see GET /v1/models", code="model_not_found")
+            ids.append(i)
+        if len(set(ids)) != len(ids):  # `gen_b` and `gen_b@latest`: one source, which the merge would take once, unsaid
+            raise P.bad("merged_adapters.ids", named, "name each adapter once (name@latest is name)")
         if task is None and model in ids and self.router.metas[model]["task"]:
             task = self.router.metas[model]["task"]["name"]
         # the sources' files as registered are part of the recipe: a source loaded again under its name from other files
