@@ -206,6 +206,8 @@ def test_sources_named_with_a_dot_merge_as_under_plain_names(sources):
     (p_A, p_B, p_s), (d_A, d_B, d_s) = _factors(plain, "mix"), _factors(dotted, "mix")
     assert torch.equal(p_A, d_A) and torch.equal(p_B, d_B) and p_s == d_s
     assert set(meta["merge"]["sources"]) == {"toy@1.0.0", "v1.2"} and meta["merge"]["weights"] == {"toy@1.0.0": 0.5, "v1.2": 2.0}
+    empty, _ = merge_adapters({"": sources["a"], "c": sources["c"]}, {"": 0.5, "c": 2.0}, "cat", name="mix", report_rows=0, dtype="fp32")
+    assert torch.equal(_factors(empty, "mix")[0], p_A)
 
 
 def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sources, tmp_path):

@@ -208,14 +208,14 @@ def factor_model(config) -> torch.nn.Module:
 
 
 def peft_names(names: list[str], merged: str) -> dict[str, str]:
-    """A name peft can load each source under: its own, or with '.' (a ModuleDict key cannot hold one) made '_', then
-    '_' added until it is no other source's, no other alias and not the merged adapter's name."""
+    """A name peft can load each source under: its own, or with '.' (a ModuleDict key cannot hold one) made '_' (an empty
+    name '_'), then '_' added until it is no other source's, no other alias and not the merged adapter's name."""
     taken = set(names) | {merged}
     alias = {}
     for n in names:
         a = n
-        if "." in n:
-            a = n.replace(".", "_")
+        if not n or "." in n:  # nor an empty one: a ModuleDict key cannot be ""
+            a = n.replace(".", "_") or "_"
             while a in taken:
                 a += "_"
             taken.add(a)
