@@ -13,8 +13,8 @@ from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.ops import interference as ops
 from adapterhub_lite.ops.interference import _flags, interference
+from adapterhub_lite.training.joint_config import JointConfig
 from adapterhub_lite.training.recipes.joint import train_joint
-from adapterhub_lite.training.recipes.joint_config import JointConfig
 
 from .conftest import train_tiny
 

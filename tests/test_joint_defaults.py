@@ -10,8 +10,8 @@ from adapterhub_lite.core.errors import SpecError
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.training.defaults import EXAMPLE_BUDGET, MAX_EPOCHS, default_warmup, lora_lr, resolve, resolve_joint
+from adapterhub_lite.training.joint_config import JointConfig
 from adapterhub_lite.training.recipes.joint import train_joint
-from adapterhub_lite.training.recipes.joint_config import JointConfig
 
 from .test_multitask_joint import _write_tasks
 

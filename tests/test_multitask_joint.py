@@ -17,9 +17,9 @@ from adapterhub_lite.model.evaluate import label_token_ids
 from adapterhub_lite.model.heads import label_scores, loss_plan, task_loss
 from adapterhub_lite.serving.router import Router
 from adapterhub_lite.training.checkpoint import Checkpoint
+from adapterhub_lite.training.joint_config import SHARED, JointConfig
 from adapterhub_lite.training.loop import LoopConfig
 from adapterhub_lite.training.recipes.joint import JointLora, _attach, joint_losses, train_joint
-from adapterhub_lite.training.recipes.joint_config import SHARED, JointConfig
 from adapterhub_lite.training.weighting import Equal
 
 from .conftest import crash_after_checkpoint

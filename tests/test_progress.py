@@ -56,8 +56,8 @@ def test_each_epoch_reads_the_rows_in_a_new_order():
 def test_a_joint_resume_refuses_every_joint_setting_but_the_time_budget(change):
     """The joint run's identity covers its JointConfig (task sampling, loss weighting, stopping, ...) but max_minutes:
     a resume under another sampling rule would go on drawing tasks by a rule its sampler state was not made for."""
+    from adapterhub_lite.training.joint_config import JointConfig
     from adapterhub_lite.training.progress import joint_identity
-    from adapterhub_lite.training.recipes.joint_config import JointConfig
 
     specs = [spec_from_dict({**BASE, "name": n}) for n in ("a", "b")]
     data = {n: DATA for n in ("a", "b")}

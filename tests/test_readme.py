@@ -223,7 +223,7 @@ def test_train_multi_help_names_every_key_the_specs_must_agree_on():
     """train-multi's SPEC_OR_OVERRIDE help named 8 of the 15 `train` keys a joint run takes once for all its specs
     (SHARED_TRAIN_KEYS, which the README's Joint training paragraph lists), and its --resume said a checkpoint is
     taken at every eval, where train.checkpoint_every now sets it (c782af4)."""
-    from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS
+    from adapterhub_lite.training.joint_config import SHARED_TRAIN_KEYS
 
     specs_help = _positional_help("train-multi", "specs")
     assert [k for k in SHARED_TRAIN_KEYS if not re.search(rf"\b{k}\b", specs_help)] == []
@@ -353,7 +353,7 @@ def test_train_multi_lines_give_specs_that_agree():
     from adapterhub_lite.cli.multitask import _specs_and_overrides
     from adapterhub_lite.core.errors import AdapterHubError
     from adapterhub_lite.core.spec import load_spec
-    from adapterhub_lite.training.recipes.joint_config import JointConfig
+    from adapterhub_lite.training.joint_config import JointConfig
 
     lines = [(line, rest) for line, rest in _cli_lines() if rest[0] == "train-multi"]
     problems = []
@@ -401,7 +401,7 @@ def test_train_multi_lines_of_the_scripts_the_readme_runs_give_specs_that_agree(
     from adapterhub_lite.cli.multitask import _specs_and_overrides
     from adapterhub_lite.core.errors import AdapterHubError
     from adapterhub_lite.core.spec import load_spec
-    from adapterhub_lite.training.recipes.joint_config import JointConfig
+    from adapterhub_lite.training.joint_config import JointConfig
 
     scripts = sorted(set(re.findall(r"\bbash (scripts/[\w/.-]+\.sh)\b", README)))  # in a bash block or inline
     problems, seen = [], 0

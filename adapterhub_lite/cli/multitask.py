@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 from adapterhub_lite.cli.args import add_device_args, count, distinct_sources, finite_float, nonempty
-from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS  # read without torch: --help stays fast
+from adapterhub_lite.training.joint_config import SHARED_TRAIN_KEYS  # read without torch: --help stays fast
 
 
 def _train_multi(args) -> int:
     from adapterhub_lite.core.spec import load_spec
+    from adapterhub_lite.training.joint_config import JointConfig
     from adapterhub_lite.training.recipes.joint import train_joint
-    from adapterhub_lite.training.recipes.joint_config import JointConfig
 
     paths, overrides = _specs_and_overrides(args.specs)
     overrides += [f"{k}={getattr(args, k)}" for k in ("dtype", "quantization") if getattr(args, k)]

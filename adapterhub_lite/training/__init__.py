@@ -8,6 +8,7 @@ small library).
     output.py        the hidden work folder, the sidecar, the finished folder moved into place
 
     defaults.py      what a spec leaves out, resolved from the data and the model
+    joint_config.py  a joint run's settings (JointConfig, SHARED_TRAIN_KEYS) and which sets of tasks it accepts
     weighting.py     loss weighting across tasks; mixing.py which task each batch draws from
 
 Recipes (recipes/: train.py one task adapter, joint.py several in one pass, compose.py learned composition)

@@ -28,7 +28,7 @@ from adapterhub_lite.core.errors import DataError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import default_method_args
 from adapterhub_lite.model.heads import label_token_ids
-from adapterhub_lite.training.recipes.joint_config import SHARED_TRAIN_KEYS, JointConfig
+from adapterhub_lite.training.joint_config import SHARED_TRAIN_KEYS, JointConfig
 
 # Rows seen at most: the five shared tasks' tuned adapters peaked by 9,600 rows (sst2), most by 3,200.
 EXAMPLE_BUDGET = 16_000

@@ -129,7 +129,7 @@ def run_identity(spec: TaskSpec, data: dict, processes: int = 1) -> dict:
 
 
 def joint_identity(specs: list[TaskSpec], cfg, data: dict, processes: int = 1) -> dict:
-    """One run identity for the tasks and the joint settings (cfg: a recipes.joint_config.JointConfig; checked on resume;
+    """One run identity for the tasks and the joint settings (cfg: a joint_config.JointConfig; checked on resume;
     the global batch counts, not the process count)."""
     ids = {s.name: run_identity(s, data[s.name], processes) for s in specs}
     settings = {k: v for k, v in cfg.to_dict().items() if k != "max_minutes"}

@@ -5,7 +5,7 @@ task's adapter — and through the shared adapter, when there is one — in the 
 backward pass, by the one per-row layer (rowlora.py) in training mode. The loop is the training
 library's (training/loop.py), shared with single-task training. The per-task
 losses are combined by a weighting rule (equal, fixed, dynamic sigmoid, uncertainty). The run's
-settings, and which sets of tasks can train together, are joint_config.py's.
+settings, and which sets of tasks can train together, are the library's (training/joint_config.py).
 
     runs/mtl/
       <task>/        one ordinary adapter folder per task: its own factors and the shared ones
@@ -40,12 +40,12 @@ from adapterhub_lite.model.heads import Plan, label_token_ids, logprobs_at, loss
 from adapterhub_lite.model.rowadapters import RowAdapters
 from adapterhub_lite.model.rowconfig import check_lora_config
 from adapterhub_lite.training.defaults import describe_joint, resolve_joint
+from adapterhub_lite.training.joint_config import SHARED, JointConfig, check_specs
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
 from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, joint_identity, next_rows, peak_memory_mb, seed_everything, shard
-from adapterhub_lite.training.recipes.joint_config import SHARED, JointConfig, check_specs
 from adapterhub_lite.training.recipes.train import check_labels_trained
 from adapterhub_lite.training.weighting import make_weighting
 

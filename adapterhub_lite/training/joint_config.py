@@ -4,7 +4,8 @@ Each task's own spec gives its prompt, labels, LoRA shape and learning rate; the
 mixed batch need (SHARED_TRAIN_KEYS) must agree across the tasks' specs that give them (those no spec gives are
 chosen when the run starts, as `train` chooses them: training.defaults.resolve_joint), and the rest (weighting,
 sampling, the shared adapter) is joint-only. Read without torch: the CLI builds this before anything is loaded, and a
-resumed run's identity (training/progress.py) is computed from it. The run itself is joint.py's.
+resumed run's identity (progress.py) is computed from it, and defaults.resolve_joint chooses what the specs leave out;
+so it is the library's, below the recipes. The run itself is recipes/joint.py's.
 """
 
 from __future__ import annotations
