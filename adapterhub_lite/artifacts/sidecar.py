@@ -20,7 +20,7 @@ from pathlib import Path
 from adapterhub_lite.artifacts.files import share_files, write_json
 from adapterhub_lite.core import __version__
 from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
-from adapterhub_lite.core.spec import spec_from_dict
+from adapterhub_lite.core.spec import METHODS, spec_from_dict
 
 SIDECAR = "adapterhub.json"
 FORMAT = "adapterhub_lite.adapter/2"
@@ -96,7 +96,6 @@ class Sidecar:
         share_files(Path(folder))
 
 
-METHODS = ("lora", "prefix", "prompt", "ia3")
 FINGERPRINT_KEYS = ("config_sha256", "tokenizer_sha256", "weights_sha256", "quantization")
 
 
