@@ -17,7 +17,7 @@ import pytest
 from .serving import Served
 
 ROOT = Path(__file__).parents[1]
-pytestmark = pytest.mark.harness  # ~1.5 minutes (aiperf's install on first use, its start-up): CI runs it after the default set
+pytestmark = pytest.mark.harness  # ~2 minutes (aiperf's install on first use, about 1; its start-up): CI runs it after the default set
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ ROOT = Path(__file__).parents[1]
 assert importlib.util.find_spec("lm_eval"), "lm-eval is not installed: run bash scripts/test.sh (it installs the dev extra)"
 
 
-pytestmark = pytest.mark.harness  # ~5 minutes (lm-eval's start-up and its 14 runs): CI runs it after the default set
+pytestmark = pytest.mark.harness  # ~3.5 minutes (lm-eval's start-up and its runs): CI runs it after the default set
 
 
 @pytest.fixture(scope="module")
