@@ -592,6 +592,7 @@ def _main(argv=None) -> int:
         except ScenarioError as exc:
             report["scenarios"] = {"external": {"error": str(exc)}}
     else:
+        load_start = round(os.getloadavg()[0], 2)  # other work on the cores moves every figure: the load says how much
         with tempfile.TemporaryDirectory(prefix="bench_serve_registry_") as tmp:
             names, meta = build_registry(args.registry, args.adapters, Path(tmp), args.sources)
             report.update(adapters=args.adapters, base=meta["base"], adapter_sources=meta["sources"], **setup(args.server_args, meta["quantization"]))
@@ -605,6 +606,7 @@ def _main(argv=None) -> int:
                         print(f"[{s}] {exc}" + (f"; the server's log ends:\n{exc.log}" if exc.log else ""), file=sys.stderr)
                         done[s] = {"error": str(exc)}
                 rounds.append(done)
+        report["load_avg_1m"] = {"start": load_start, "end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
         report["scenarios"] = {s: median_run([done[s] for done in rounds]) for s in args.scenarios}
         report["ratios"] = ratios(report["scenarios"])
         if args.rounds > 1:

@@ -423,11 +423,15 @@ def main():
 
     cuda = torch.device(args.device).type == "cuda"
     head = {"spec": Path(args.spec).name, "base": args.base, "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "threads": torch.get_num_threads(), "steps": args.steps, "warmup_steps": args.warmup_steps}
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "steps": args.steps, "warmup_steps": args.warmup_steps,
+            # on cores that other work shares, each side's threads contend with it and a ratio moves by several times
+            # (2 threads each on 2 busy cores: both sides ~8x slower, unevenly); the load says how far to trust the run
+            "load_avg_1m": {"start": round(os.getloadavg()[0], 2)}}
     rounds = []
     for r in range(args.rounds):
         # the 2nd, 4th … rounds run the baselines first, so a machine that speeds up or slows down favours no side
         rounds.append(one_round(args, baselines_first=r % 2 == 1))
+    head["load_avg_1m"]["end"] = round(os.getloadavg()[0], 2)
     result = {**head, **(rounds[0] if args.rounds == 1 else median_rounds(rounds)), "rounds": args.rounds}
     print(json.dumps(result))
 

@@ -58,6 +58,7 @@ def test_baselines_run_beside_ours_and_count_what_they_feed(bench_task):
     assert len(lines) == 1, proc.stdout  # one JSON line
     out = json.loads(lines[0])
     assert not [k for k in out if k.endswith("_error")], out
+    assert set(out["load_avg_1m"]) == {"start", "end"}, out  # how busy the cores were: a shared machine moves every ratio
 
     # An independent count from the data file: every row once (6 steps × 8 rows = 48 rows), as prompt ids + the gold
     # label's ids, the prompt cut from its start to fit max_length; ours reads each row once per label, and feeds each
