@@ -25,6 +25,20 @@ def value(families: dict, sample: str, **labels) -> float:
     return sum(s.value for s in family.samples if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def long_stream(served):
+    """A streamed completion of base that runs for 400 tokens unless its client leaves."""
+    return httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                        json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True})
+
+
+def running_after_the_client(served) -> float:
+    """adapterhub_num_requests_running once it has had 10 s to come back to 0 (a request ends a step after its client)."""
+    deadline = time.monotonic() + 10
+    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value(scrape(served), "adapterhub_num_requests_running")
+
+
 def test_metrics_parse_follow_the_naming_conventions_and_count_what_was_sent(served):
     before = scrape(served)
     sent = [{"model": "base", "prompt": "a b c", "max_tokens": 7}, {"model": "gen_a", "input": "ab"},
@@ -46,14 +60,10 @@ def test_metrics_parse_follow_the_naming_conventions_and_count_what_was_sent(ser
 def test_running_requests_are_a_gauge_that_a_leaving_client_brings_back_to_zero(served, monkeypatch):
     """vLLM's num_requests_running: seen from outside, a stream is running while read, and not once its client left."""
     slowed(served, monkeypatch)
-    with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                      json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+    with long_stream(served) as r:
         next(line for line in r.iter_lines() if line.startswith("data: "))
         assert value(scrape(served), "adapterhub_num_requests_running") == 1
-    deadline = time.monotonic() + 10
-    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert value(scrape(served), "adapterhub_num_requests_running") == 0 and not served.engine._rows
+    assert running_after_the_client(served) == 0 and not served.engine._rows
 
 
 def held_after_a_step(served, monkeypatch, when):
@@ -87,8 +97,7 @@ def test_a_stream_is_running_once_its_client_has_its_first_token(served, monkeyp
     queue 1): the window the test above races, held open here."""
     held, go = held_after_a_step(served, monkeypatch, lambda left: True)
     try:
-        with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                          json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        with long_stream(served) as r:
             next(line for line in r.iter_lines() if line.startswith("data: "))
             assert held.wait(10)  # the engine is still in the step that sent the token
             families = scrape(served)
@@ -97,10 +106,7 @@ def test_a_stream_is_running_once_its_client_has_its_first_token(served, monkeyp
             go.set()
     finally:
         go.set()
-    deadline = time.monotonic() + 10
-    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert value(scrape(served), "adapterhub_num_requests_running") == 0
+    assert running_after_the_client(served) == 0
 
 
 def test_an_answered_request_is_no_longer_running(served, monkeypatch):
@@ -130,8 +136,7 @@ def test_a_stream_whose_prompt_is_being_prefilled_is_running_not_waiting(served,
 
     monkeypatch.setattr(served.router.bank, "start", starting)
     try:
-        with httpx.stream("POST", served.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                          json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        with long_stream(served) as r:
             assert r.status_code == 200 and prefilling.wait(10)
             families = scrape(served)
             assert (value(families, "adapterhub_num_requests_running"), value(families, "adapterhub_queue_depth")) == (1, 0)
@@ -139,10 +144,7 @@ def test_a_stream_whose_prompt_is_being_prefilled_is_running_not_waiting(served,
             next(line for line in r.iter_lines() if line.startswith("data: "))
     finally:
         go.set()
-    deadline = time.monotonic() + 10
-    while value(scrape(served), "adapterhub_num_requests_running") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert value(scrape(served), "adapterhub_num_requests_running") == 0
+    assert running_after_the_client(served) == 0
 
 
 # `adapterhub-lite serve` with every engine step 50 ms slower, so a stream is surely still open when the signals come
