@@ -55,3 +55,25 @@ def test_a_text_shorter_than_a_stop_string_streams_nothing_the_stop_may_cut():
     for text, stop, want in (("User: hi", "User:", ""), ("aUser:", "User:", "a"), ("Observation: x", ("x", "Observation:"), "")):
         joined, whole, reason = streamed(tok, text, stop=stop if isinstance(stop, tuple) else (stop,))
         assert (whole, reason) == (want, "stop") and joined == whole, (text, joined, whole)
+
+
+def test_a_partial_characters_placeholder_is_not_matched_by_a_stop_string():
+    """After the first byte of 'é' the decoded text is '\\ufffd', a placeholder for bytes still coming (vLLM's detokenizer
+    has emitted nothing yet). A stop '\\ufffd' matched it and ended the choice with '' at the first token, although the
+    whole text, 'éA', holds no U+FFFD at all."""
+    tok = _tiny_tokenizer()
+    joined, whole, reason = streamed(tok, "éA", stop=("\ufffd",))
+    assert (whole, reason) == ("éA", "length") and joined == whole
+
+
+def test_a_character_the_first_min_tokens_tokens_only_began_may_still_hold_a_stop_string():
+    """With min_tokens 1, stop strings are looked for in the text after the first token's. That token is the first byte
+    of 'é' and added no character (vLLM's text is still ''), so the 'é' the second token completes is looked in and
+    ends the choice, as in vLLM; the search started past the placeholder and ran on to the length."""
+    tok = _tiny_tokenizer()
+    ids = tok("éAB", add_special_tokens=False)["input_ids"]
+    state = TextState(tok, SamplingParams(stop=("é",), min_tokens=1), answer_mode=False, max_new_tokens=len(ids))
+    for t in ids:
+        if state.add(t):
+            break
+    assert (state.text, state.reason, state.stop_reason, len(state.tokens)) == ("", "stop", "é", 2)

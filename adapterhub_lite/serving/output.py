@@ -131,14 +131,19 @@ class TextState:
             text = text.lstrip()
             if "\n" in text:
                 text, reason = text.split("\n", 1)[0], "stop"
+        # Stop strings are looked for in the text up to its last whole character: a partial character's U+FFFD is a
+        # placeholder for bytes still coming (vLLM's detokenizer has not emitted them yet), so a stop '\ufffd' must not
+        # end the choice on the first byte of an 'é', and the text min_tokens' tokens ended at leaves out a character
+        # they only began (the token that completes it adds it, and a stop string in it counts)
+        settled = len(text.rstrip("\ufffd"))
         if strings and p.stop:
-            found = [(at, s) for s in p.stop if (at := text.find(s, max(0, self._search_from - len(s) + 1))) >= 0]
+            found = [(at, s) for s in p.stop if (at := text.find(s, max(0, self._search_from - len(s) + 1), settled)) >= 0]
             if found:
                 at, s = min(found)
                 text, reason = text[: at + (len(s) if p.include_stop_str_in_output else 0)], "stop"
                 self.stop_reason = s
         elif not strings:
-            self._search_from = len(text)
+            self._search_from = settled
         if reason is None and n >= self.max_new_tokens:
             reason = "length"
         end = len(text) if reason else len(text.rstrip("\ufffd"))  # a partial character is not there yet
