@@ -8,6 +8,7 @@ import shutil
 import httpx
 import pytest
 
+from adapterhub_lite.artifacts.registry import LocalRegistry
 from adapterhub_lite.cli import main
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.serving.router import Router
@@ -172,3 +173,36 @@ def test_a_registry_version_with_a_malformed_sidecar_stops_serve_in_one_line(ada
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the backbone's loading bar
     assert last.startswith("error: ") and "weights_sha256" in last and "Traceback" not in last, last
     assert "(or restore its sidecar)" in last, last  # the reason whole, its fix included (it was cut at 200 characters)
+
+
+WEIGHT_DAMAGE = {
+    "cut inside its header": lambda b: b[:1000],
+    "cut inside its tensors": lambda b: b[:-100],
+    "empty": lambda b: b"",
+    "not safetensors": lambda b: b"\x00" * 64,
+}
+
+
+@pytest.mark.parametrize("damage", list(WEIGHT_DAMAGE))
+def test_damaged_weights_are_one_line_from_every_way_in(adapters, copy, tmp_path, capsys, damage):
+    """A truncated adapter_model.safetensors (a copy cut short, a full disk) came out of publish, predict, eval, merge and
+    reindex as safetensors' SafetensorError traceback ("invalid header length", exit 1)."""
+    weights = copy / "adapter_model.safetensors"
+    weights.write_bytes(WEIGHT_DAMAGE[damage](weights.read_bytes()))
+    reg = tmp_path / "reg"
+    for argv in (["publish", str(copy), "--registry", str(reg)], ["predict", str(copy), "--text", "pos 1"],
+                 ["eval", str(copy), "--limit", "2"],
+                 ["merge", str(copy), str(adapters["cls_b"]), "--weights", "1", "1", "--task", "cls_a", "--report-rows", "0",
+                  "--output", str(tmp_path / "merged")]):
+        assert main(argv) == 2, (damage, argv)
+        assert "adapter_model.safetensors" in one_line_error(capsys), (damage, argv)
+    assert not (tmp_path / "merged").exists()
+    assert not reg.exists() or not list(reg.glob("*/*"))  # nothing was published
+    # reindex lists the damaged version folder among those that would not publish, and writes nothing
+    LocalRegistry(reg).publish(adapters["cls_b"], "1.0.0")
+    shutil.copytree(copy, reg / "cls_a" / "1.0.0")
+    (reg / "index.json").unlink()
+    assert main(["reindex", "--registry", str(reg)]) == 2
+    err = one_line_error(capsys)
+    assert "cls_a@1.0.0" in err and "adapter_model.safetensors" in err, err
+    assert not (reg / "index.json").exists()

@@ -45,16 +45,27 @@ def nonfinite_tensors(tensors: dict) -> list[str]:
     return bad
 
 
+def damage(exc: Exception) -> str:
+    """safetensors' reason for refusing a file, on one line ("Error while deserializing header: invalid header length")."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def check_finite(folder: Path, error=AdapterLoadError) -> None:
     """Refuse an adapter folder whose weights hold NaN or ±inf: such an adapter scores garbage.
 
     Raised before anything is published or served, so a diverged run or a NaN merge weight
     never reaches a registry or a user.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(folder) / "adapter_model.safetensors"
-    bad = nonfinite_tensors(load_file(path))
+    try:
+        tensors = load_file(path)
+    except SafetensorError as exc:  # a copy cut short (a full disk, an interrupted download) or another file under this name
+        raise error(f"{path} cannot be read as safetensors ({damage(exc)}); the file is damaged (truncated?): "
+                    "copy or pull the adapter again, or re-train it") from None
+    bad = nonfinite_tensors(tensors)
     if bad:
         shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
         raise error(f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; "

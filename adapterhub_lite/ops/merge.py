@@ -42,7 +42,7 @@ from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.lora_format import base_rewriting_problem
-from adapterhub_lite.ops.merge_sources import MergeError, load_sources, read_json, read_source
+from adapterhub_lite.ops.merge_sources import MergeError, load_sources, read_json, read_source, read_weights
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
 DELTA_METHODS = ("delta_linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")  # act on ΔW
@@ -250,6 +250,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     files = contents if contents is not None else {n: read_source(f) for n, f in folders.items()}
     metas = {n: Sidecar.from_dict(read_json(files[n], SIDECAR, f), str(f / SIDECAR)).to_dict() for n, f in folders.items()}
     configs = {n: read_json(files[n], "adapter_config.json", f) for n, f in folders.items()}
+    states = {n: read_weights(files[n], f) for n, f in folders.items()}  # a damaged file is refused before a backbone loads
     ranks = check_merge(configs, metas, weights, method, density, allow_base_mismatch, majority_sign_method)
     if name in folders:
         raise MergeError(f"the merged adapter's name {name!r} is also a source's name; choose another --name")
@@ -272,7 +273,7 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     # built (the server rebuilds an evicted merge under the same name) and equals peft's own after torch.manual_seed(seed)
     with _GLOBAL_RNG, torch.random.fork_rng(), _masks_from_the_cpu():
         torch.manual_seed(seed)
-        model = load_sources(base, {alias[n]: (configs[n], files[n]["adapter_model.safetensors"], folders[n]) for n in names})
+        model = load_sources(base, {alias[n]: (configs[n], states[n], folders[n]) for n in names})
         add_merged(model, [alias[n] for n in names], [weights[n] for n in names], name, method, density, majority_sign_method)
     model.set_adapter(name)
     model.eval()

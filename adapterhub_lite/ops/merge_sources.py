@@ -14,8 +14,10 @@ from pathlib import Path
 
 from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from adapterhub_lite.artifacts.folder import damage
 from adapterhub_lite.artifacts.sidecar import SIDECAR
 from adapterhub_lite.core.errors import AdapterHubError
 
@@ -46,15 +48,25 @@ def read_json(files: dict[str, bytes], name: str, folder: Path) -> dict:
     return raw
 
 
+def read_weights(files: dict[str, bytes], folder: Path) -> dict:
+    """A source's tensors from its adapter_model.safetensors bytes (read_source's), or one MergeError naming the file
+    when they are not a whole safetensors file (cut short, or another file under that name)."""
+    try:
+        return load_safetensors(files["adapter_model.safetensors"])
+    except SafetensorError as exc:
+        raise MergeError(f"{Path(folder) / 'adapter_model.safetensors'} cannot be read as safetensors ({damage(exc)}); the file is "
+                         "damaged (truncated?): re-publish, pull or re-train that adapter") from None
+
+
 _FACTOR = re.compile(r"\.lora_(A|B)\.weight$|\.lora_embedding_(A|B)$")  # the tensors add_weighted_adapter merges
 
 
-def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftModel:
-    """`base` with each source adapter loaded under its name from bytes already read: name → (adapter_config.json as
-    read, adapter_model.safetensors' bytes, the folder, for messages). peft's own steps of PeftModel.from_pretrained /
+def load_sources(base, sources: dict[str, tuple[dict, dict, Path]]) -> PeftModel:
+    """`base` with each source adapter loaded under its name from files already read: name → (adapter_config.json as
+    read, its tensors (read_weights), the folder, for messages). peft's own steps of PeftModel.from_pretrained /
     load_adapter (config class by peft_type, inference mode, set_peft_model_state_dict), without reading a file."""
     model = None
-    for n, (raw, weights, folder) in sources.items():
+    for n, (raw, state, folder) in sources.items():
         raw = {k: v for k, v in raw.items() if k != "runtime_config"}  # as peft drops it when reading the file
         config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**raw))
         config.inference_mode = True
@@ -62,7 +74,6 @@ def load_sources(base, sources: dict[str, tuple[dict, bytes, Path]]) -> PeftMode
             model = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)(base, config, adapter_name=n)
         else:
             model.add_adapter(n, config)
-        state = load_safetensors(weights)
         others = [k for k in state if not _FACTOR.search(k)]
         copies = [k for k in others if k.endswith(".base_layer.weight")]
         if copies:  # the base's own weight, not trained: refused by name, as the "trained tensor" line below sends users to DoRA or lora_bias
