@@ -77,3 +77,14 @@ def test_a_character_the_first_min_tokens_tokens_only_began_may_still_hold_a_sto
         if state.add(t):
             break
     assert (state.text, state.reason, state.stop_reason, len(state.tokens)) == ("", "stop", "é", 2)
+
+
+def test_eos_listed_among_stop_token_ids_ends_the_choice_as_eos():
+    """vLLM's check_stop tests EOS before stop_token_ids, so stop_token_ids [EOS] ends a choice at EOS with stop_reason
+    None, as EOS alone does; with ignore_eos only the list stops it there, and stop_reason is the id. It was the id
+    either way."""
+    tok = _tiny_tokenizer()
+    eos = tok.eos_token_id
+    for ignore_eos, want in ((False, None), (True, eos)):
+        state = TextState(tok, SamplingParams(stop_token_ids=(eos,), ignore_eos=ignore_eos), answer_mode=False, max_new_tokens=4)
+        assert state.add(eos) == "stop" and state.stop_reason == want, (ignore_eos, state.stop_reason)

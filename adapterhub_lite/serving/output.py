@@ -120,13 +120,16 @@ class TextState:
         # vLLM's detokenizer looks for stop strings only once more than min_tokens tokens are out, in the text after them
         # (less a stop string's length): one found within the first min_tokens tokens does not end the choice
         strings = n > p.min_tokens
-        token_stop = checking and ((tok == self.eos and not p.ignore_eos) or tok in p.stop_token_ids)
+        at_eos = checking and tok == self.eos and not p.ignore_eos
+        token_stop = at_eos or (checking and tok in p.stop_token_ids)
         # The token that stops the choice (EOS, a stop_token_id) is kept among the tokens but not rendered, unless
         # include_stop_str_in_output: vLLM's detokenizer leaves it out of the text the same way.
         # (the choice ends at that token, so it is simply never decoded)
         text = self.decoded.text if token_stop and not p.include_stop_str_in_output else self.decoded.push(tok)
         reason = "stop" if token_stop else None
-        self.stop_reason = tok if token_stop and tok in p.stop_token_ids else None
+        # vLLM's check_stop tests EOS before stop_token_ids: EOS listed among them still ends the choice as EOS (stop_reason
+        # None), unless ignore_eos, when only the list can end it there
+        self.stop_reason = tok if token_stop and not at_eos and tok in p.stop_token_ids else None
         if self.answer_mode:  # the task's answer is its first non-empty line, stripped (Router.answer)
             text = text.lstrip()
             if "\n" in text:
