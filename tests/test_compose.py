@@ -195,3 +195,31 @@ def test_the_report_names_the_best_source_and_the_search_pays_the_l1_penalty(sou
     assert report["best_single"]["adapter"] == "two"
     weights, trace = searched[0]
     assert trace and all(t["loss"] > 0 for t in trace) and weights.abs().sum() > 0
+
+
+@pytest.mark.parametrize("damage, needle", [("cut short", "cannot be read as safetensors"), ("NaN", "non-finite values")])
+def test_a_damaged_source_is_refused_in_one_line(sources, tmp_path, damage, needle):
+    """compose-fit read its sources' weights without the checks every other way in applies (check_adapter_folder): a
+    truncated adapter_model.safetensors was safetensors' traceback, and a source holding NaN was composed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sources["one"], bad)
+    weights = bad / "adapter_model.safetensors"
+    if damage == "cut short":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    else:
+        state = load_file(weights)
+        first = sorted(state)[0]
+        state[first] = torch.full_like(state[first], float("nan"))
+        save_file(state, weights, metadata={"format": "pt"})
+    data = sources["one"].parent / "toy.jsonl"
+    spec = spec_from_dict({"name": "new", "type": "classification", "data": {"train": str(data), "dev": str(data)},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+                           "quantization": "none"})
+    with pytest.raises(ComposeError, match=needle) as caught:
+        compose_fit(spec, {"bad": bad, "two": sources["two"]}, tmp_path / "o", shots=4, budget=2, baselines=False)
+    assert "\n" not in str(caught.value) and str(weights) in str(caught.value)
+    assert not (tmp_path / "o").exists()

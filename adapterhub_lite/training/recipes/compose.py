@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from adapterhub_lite.artifacts.files import atomic_write, write_json
-from adapterhub_lite.artifacts.folder import read_sidecar
+from adapterhub_lite.artifacts.folder import check_adapter_folder, read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.core.data import load_split, load_task_data, to_split
@@ -94,7 +94,9 @@ class Composition(RowAdapters):
 def _load_sources(folders: dict[str, Path], backbone, allow_base_mismatch: bool = False) -> dict[str, LoraFactors]:
     problems, out = [], {}
     for name, folder in folders.items():
-        meta = read_sidecar(folder)
+        # the checks of every way in (a sound sidecar, safetensors only, whole and finite weights): a truncated source was
+        # a traceback, and one holding NaN was fitted over and refused only when the composed adapter was saved
+        meta = check_adapter_folder(folder, ComposeError)
         if meta["method"] != "lora":
             problems.append(f"{name} is a {meta['method']} adapter")
             continue
