@@ -78,8 +78,28 @@ def test_what_the_spec_gives_is_never_changed(cls_task):
 
 
 def test_a_spec_setting_both_max_steps_and_epochs_is_refused(cls_task):
+    raw = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    raw["train"]["epochs"] = 2
+    (cls_task / "both.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SpecError, match="train.max_steps=6 and train.epochs=2.0 both set the budget"):
-        load_spec(cls_task / "toy.yaml", ["train.epochs=2"])
+        load_spec(cls_task / "both.yaml")
+    with pytest.raises(SpecError, match="both set the budget"):  # both on the command line: no one meaning either
+        load_spec(cls_task / "toy.yaml", ["train.epochs=2", "train.max_steps=5"])
+
+
+def test_an_override_of_the_budget_or_batch_replaces_the_files_other_form(cls_task):
+    """`train.epochs=N` on a spec file that fixes max_steps (every shipped spec does) trains N epochs: the override
+    replaces the file's max_steps, as `method` replaces method_args. It was refused, and the fix it named
+    (train.epochs=0) only undid the override: no command line could train a shipped spec by epochs (max_steps=0 and
+    max_steps=null are refused too). batch_tokens and batch_size alike."""
+    resolved, _ = _resolve(cls_task / "toy.yaml", "train.epochs=2")
+    t = resolved.spec.train
+    assert (t.epochs, t.max_steps) == (2.0, 24)  # 96 rows, 8 a step: 12 steps an epoch
+    assert "2.0 epochs × 12 steps" in resolved.choices["train.max_steps"]["why"]
+    spec = load_spec(cls_task / "toy.yaml", ["train.batch_tokens=512"])
+    assert spec.train.batch_tokens == 512 and "train.batch_size" not in spec.given
+    spec = load_spec(cls_task / "toy.yaml", ["train.epochs=0"])  # 0: the budget stays the file's max_steps
+    assert (spec.train.epochs, spec.train.max_steps) == (0.0, 6) and "train.max_steps" in spec.given
 
 
 def test_a_generation_spec_sizes_its_decoding_from_the_targets(gen_task):
@@ -228,8 +248,11 @@ def test_a_split_smaller_than_the_default_batch_is_read_once_a_step(cls_task):
 
 
 def test_a_spec_giving_both_batch_size_and_batch_tokens_is_refused(cls_task):
+    raw = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    raw["train"]["batch_tokens"] = 512
+    (cls_task / "both.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SpecError, match="train.batch_size=8 and train.batch_tokens=512 both set the batch"):
-        load_spec(cls_task / "toy.yaml", ["train.batch_tokens=512"])
+        load_spec(cls_task / "both.yaml")
 
 
 def test_the_warmup_reason_names_its_cap(cls_task):

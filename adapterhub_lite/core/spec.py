@@ -289,6 +289,7 @@ def spec_from_dict(raw: dict, overrides: list[str] | None = None, source: str = 
         raw = dict(raw or {}) if isinstance(raw, dict) or raw is None else raw
         if isinstance(raw, dict) and "method" in extra and extra["method"] != raw.get("method", "lora"):
             raw["method_args"] = {}  # the file's method_args belong to the method being replaced; only the overrides' stay
+        _replace_other_form(raw, extra)
         raw = _merge(raw, extra) if isinstance(raw, dict) else raw
         if isinstance(raw, dict) and raw.get("method_args") is None:
             raw["method_args"] = {}
@@ -299,6 +300,24 @@ def spec_from_dict(raw: dict, overrides: list[str] | None = None, source: str = 
     if problems:
         raise SpecError(problems, source)
     return spec
+
+
+# Two keys that give one setting two ways (the budget: steps or epochs; the batch: rows or tokens). A spec gives one.
+_ONE_SETTING = (("max_steps", "epochs"), ("batch_size", "batch_tokens"))
+
+
+def _replace_other_form(raw: dict, extra: dict) -> None:
+    """An override that gives one form of a setting (train.epochs=3) replaces the file's other form (its max_steps), as
+    `method` replaces method_args: else no command line could train a spec that fixes max_steps (every shipped one) by
+    epochs, since max_steps cannot be unset there. An override of 0 (epochs 0, batch_tokens 0: "use the other form")
+    and both forms on the command line replace nothing (load_spec refuses the latter)."""
+    given, written = extra.get("train"), raw.get("train") if isinstance(raw, dict) else None
+    if not isinstance(given, dict) or not isinstance(written, dict):
+        return
+    for pair in _ONE_SETTING:
+        for key, other in (pair, pair[::-1]):
+            if given.get(key) and other not in given and other in written:
+                raw["train"] = written = {k: v for k, v in written.items() if k != other}
 
 
 def given_keys(raw: dict, prefix: str = "") -> set[str]:
@@ -327,8 +346,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TaskSpec:
     t = spec.train
     if {"train.max_steps", "train.epochs"} <= spec.given and t.epochs:  # a written spec; a recorded one holds both, consistent
         raise SpecError([f"train.max_steps={t.max_steps} and train.epochs={t.epochs} both set the budget; give one "
-                         "(train.epochs=0 leaves it to max_steps)"], f"task spec {path}")
+                         "(on the command line, train.epochs=N replaces the file's max_steps and train.max_steps=N its epochs)"], f"task spec {path}")
     if {"train.batch_size", "train.batch_tokens"} <= spec.given and t.batch_tokens:
         raise SpecError([f"train.batch_size={t.batch_size} and train.batch_tokens={t.batch_tokens} both set the batch; give one "
-                         "(train.batch_tokens=0 leaves it to batch_size)"], f"task spec {path}")
+                         "(on the command line, train.batch_tokens=N replaces the file's batch_size and train.batch_size=N its batch_tokens)"], f"task spec {path}")
     return spec
