@@ -603,3 +603,26 @@ def test_a_source_with_a_lora_on_the_tied_lm_head_is_refused_as_that(sources, tm
     with pytest.raises(MergeError, match=r"holds a LoRA on the tied lm_head/embedding: peft saved the base's tied weight beside it "
                                          r"\(.*lm_head\.base_layer\.weight\), .*; merge adapters trained without that target .* or untie"):
         merge_adapters({"x": head, "b": sources["b"]}, {"x": 0.5, "b": 0.5}, "delta_linear", report_rows=0)
+
+
+@pytest.mark.parametrize("intruder", ["a file inside", "empty"])
+def test_an_output_made_by_another_writer_while_merging_is_left_alone(sources, tmp_path, monkeypatch, intruder):
+    """save_merged checked that --output was free, then shutil.move'd its temp folder there: a folder made meanwhile (a
+    second merge into it, a user) got the merge put *inside* it as output/<name>/ (no error, exit 0), and an empty one
+    was taken over. As pull does, the rename now refuses a destination that appeared, leaving it as it is."""
+    from adapterhub_lite.ops import merge
+
+    out = tmp_path / "mix"
+    card = merge.merged_card
+
+    def meanwhile(*args):  # the last step before the folder is renamed into place
+        out.mkdir()
+        if intruder == "a file inside":
+            (out / "theirs.txt").write_text("x")
+        return card(*args)
+
+    monkeypatch.setattr(merge, "merged_card", meanwhile)
+    with pytest.raises(MergeError, match="was created while"):
+        merge_adapters({k: sources[k] for k in ("a", "b")}, {"a": 0.5, "b": 0.5}, "linear", output=out, name="mix", report_rows=0)
+    assert sorted(p.name for p in out.iterdir()) == (["theirs.txt"] if intruder == "a file inside" else [])
+    assert [p.name for p in tmp_path.iterdir()] == ["mix"]  # no temp folder left beside it

@@ -353,7 +353,18 @@ def save_merged(model: PeftModel, name: str, meta: Sidecar, output: Path) -> Pat
         saved = tmp / "out" / (name if name != "default" else "")  # peft puts every adapter but "default" in a subfolder
         meta.save(saved)
         atomic_write(saved / "README.md", merged_card(name, meta.to_dict()))
-        shutil.move(str(saved), output)
+        # a rename, not shutil.move, which puts a folder *inside* a destination that exists: one made since the check above
+        # (a second merge into it, a user) would have got this merge as output/<name>/, unsaid
+        taken = MergeError(f"output folder {str(output)!r} was created while the merge was written (another merge into it?); it is "
+                           "left as it is and nothing was written: choose another --output")
+        if output.exists() or output.is_symlink():
+            raise taken
+        try:
+            saved.rename(output)
+        except OSError:
+            if output.exists():  # its OSError ("Directory not empty") would read as a disk problem
+                raise taken from None
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
