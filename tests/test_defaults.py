@@ -227,6 +227,21 @@ def test_a_batch_in_tokens_sets_the_rows_and_scales_the_learning_rate(cls_task, 
     assert (fixed.spec.train.batch_size, fixed.spec.train.lr, fixed.spec.train.batch_tokens) == (8, 0.01, 0)
 
 
+def test_a_batch_in_tokens_is_the_step_s_tokens_under_accumulation(cls_task):
+    """train.batch_tokens is the tokens an optimizer step reads (the reason recorded says so, "640 tokens a step", and
+    processes share it): with grad_accum 2 each micro-batch holds half. It was not divided by grad_accum, so a step read
+    grad_accum times the tokens asked for (copy task: batch_tokens=40 grad_accum=2 gave 3 rows of 15 tokens a
+    micro-batch, 90 tokens a step, recorded as '40 tokens a step')."""
+    one, backbone = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=640")
+    two, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=640", "train.grad_accum=2")
+    spec = load_spec(_minimal(cls_task, "toy"))
+    prompts = load_task_data(spec)["train"].prompt_ids(backbone.tokenizer)
+    mean = sum(len(p) + max(len(w) for w in label_token_ids(backbone.tokenizer, spec)) for p in prompts) / len(prompts)
+    assert two.spec.train.batch_size == round(640 / mean / 2) != one.spec.train.batch_size
+    assert "640 tokens a step (train.batch_tokens) ÷ 2 micro-batches" in two.choices["train.batch_size"]["why"]
+    assert two.spec.train.lr == float(f"{1e-3 * math.sqrt(two.spec.train.batch_size * 2 / 16):.2g}")  # the step's rows
+
+
 def test_a_batch_in_tokens_with_accumulation_reads_at_most_the_split_a_step(cls_task):
     """A batch in tokens was capped at the split's rows per micro-batch: with grad_accum 4 a step of 4 × 96 rows read
     each of the 96 rows four times (train now refuses a step over the split). The cap is the split ÷ grad_accum."""

@@ -295,8 +295,8 @@ def _evals_and_stopping(t: dict, given: frozenset, choose, auto_stop: bool, eval
 
 def _batch_in_tokens(spec: TaskSpec, data: dict, model, tokenizer, prompts: list, processes: int, t: dict, choose) -> None:
     """batch_size from train.batch_tokens (given, or on a GPU chosen by default_batch_tokens when the spec gives
-    neither): the tokens a step should read ÷ the train rows' mean tokens (prompt + target or longest label word,
-    each at most MAX_AUTO_LENGTH), per process; a learning rate left out is scaled by Adam's square-root rule. A
+    neither): the tokens an optimizer step should read ÷ the train rows' mean tokens (prompt + target or longest label
+    word, each at most MAX_AUTO_LENGTH), shared by its grad_accum micro-batches and its processes; a learning rate left out is scaled by Adam's square-root rule. A
     batch_size the spec gives is never changed."""
     given = spec.given
     if "train.batch_size" in given:
@@ -314,9 +314,12 @@ def _batch_in_tokens(spec: TaskSpec, data: dict, model, tokenizer, prompts: list
     else:
         extra = [max(len(w) for w in label_token_ids(tokenizer, spec))] * len(prompts)
     mean = sum(min(len(p) + e, MAX_AUTO_LENGTH) for p, e in zip(prompts, extra)) / max(1, len(prompts))
-    # at most the split in a step: batch_size × processes × grad_accum rows (train refuses a step reading a row twice)
-    rows = max(1, min(round(tokens / mean / processes), len(prompts) // (processes * t["grad_accum"])))
-    t["batch_size"] = choose("train.batch_size", rows, f"{tokens:,} tokens a step ({why}) ÷ {mean:.0f} tokens a row"
+    # The tokens are the optimizer step's: its micro-batches (grad_accum) and processes share them, so
+    # batch_size × processes × grad_accum rows a step; at most the split (train refuses a step reading a row twice)
+    accum = t["grad_accum"]
+    rows = max(1, min(round(tokens / mean / processes / accum), len(prompts) // (processes * accum)))
+    t["batch_size"] = choose("train.batch_size", rows, f"{tokens:,} tokens a step ({why})"
+                             + (f" ÷ {accum} micro-batches" if accum > 1 else "") + f" ÷ {mean:.0f} tokens a row"
                              + (f" ÷ {processes} processes" if processes > 1 else ""))
     if "train.lr" not in given:
         scale = min(LR_SCALE_MAX, math.sqrt(rows * processes * t["grad_accum"] / REFERENCE_BATCH))
