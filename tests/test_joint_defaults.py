@@ -99,3 +99,15 @@ def test_a_joint_batch_larger_than_all_its_tasks_rows_is_refused_before_training
     data = {s.name: load_task_data(s) for s in left_out}
     _, cfg, choices = resolve_joint(left_out, JointConfig.from_specs(left_out), data, backbone.model, backbone.tokenizer)
     assert cfg.batch_size == 5 and choices["run"]["train.batch_size"]["value"] == 5
+
+
+def test_tasks_that_cannot_share_a_backbone_or_dropout_are_refused_with_the_override_that_fixes_it():
+    """Two specs with other lora_dropout (or base, quantization, dtype) were refused naming the values but not the fix;
+    the command line's override, which applies to every spec, is it."""
+    from adapterhub_lite.training.joint_config import check_specs
+
+    a, g = _specs({}, {})
+    a.method_args["lora_dropout"], a.dtype = 0.1, "fp32"
+    with pytest.raises(SpecError) as err:
+        check_specs([a, g])
+    assert "pass method_args.lora_dropout=VALUE" in str(err.value) and "pass dtype=VALUE" in str(err.value)

@@ -114,9 +114,10 @@ def check_specs(specs: list[TaskSpec]) -> None:
     for key in ("base", "quantization", "dtype"):
         values = {s.name: getattr(s, key) for s in specs}
         if len(set(values.values())) > 1:
-            problems.append(f"all tasks must share one backbone, but {key} differs: {values}")
+            problems.append(f"all tasks must share one backbone, but {key} differs: {values}; pass {key}=VALUE (an override sets it for every task)")
     dropouts = {s.name: s.method_args.get("lora_dropout", 0.0) for s in specs}
     if len(set(dropouts.values())) > 1:
-        problems.append(f"all tasks must use one lora_dropout (the batch shares one dropout mask), got {dropouts}")
+        problems.append(f"all tasks must use one lora_dropout (the batch shares one dropout mask), got {dropouts}; "
+                        "pass method_args.lora_dropout=VALUE (an override sets it for every task)")
     if problems:
         raise SpecError(problems, "joint training")
