@@ -184,6 +184,25 @@ def test_publish_refuses_a_name_that_is_no_folder_on_windows(adapter, tmp_path, 
     assert not (tmp_path / "reg" / "index.json").exists()
 
 
+@pytest.mark.parametrize("recorded", ["mix ü", "nul", "toy."])
+def test_a_name_from_the_sidecar_that_cannot_be_published_names_its_source_and_name(adapter, tmp_path, capsys, recorded):
+    """Without --name a publish takes the name adapterhub.json records, which a merge takes from its --output folder
+    (`merge … --output "runs/mix ü"`): it was refused as "invalid adapter name 'mix ü': use letters, digits …", a name
+    the user never gave, with no word of where it came from or of --name."""
+    import shutil
+
+    folder = tmp_path / "merged"
+    shutil.copytree(adapter, folder)
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    meta["name"] = recorded
+    (folder / "adapterhub.json").write_text(json.dumps(meta))
+    code = main(["publish", str(folder), "--registry", str(tmp_path / "reg")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"invalid adapter name {recorded!r}" in err and "\n" not in err, err
+    assert str(folder / "adapterhub.json") in err and "--name" in err, err
+    assert not (tmp_path / "reg" / "index.json").exists()
+
+
 def test_four_concurrent_publishers_lose_no_entry(adapter, tmp_path):
     reg = tmp_path / "reg"
     code = "import sys; from adapterhub_lite.artifacts.registry import LocalRegistry; LocalRegistry(sys.argv[1]).publish(sys.argv[2])"

@@ -111,7 +111,15 @@ def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[
     if not folder.is_dir():
         raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
     meta = check_folder(folder)
-    name = check_portable(check_name(meta["name"] if name is None else name))  # an empty --name is refused, not read as "no name"
+    try:
+        checked = check_portable(check_name(meta["name"] if name is None else name))  # an empty --name is refused, not read as "no name"
+    except RegistryError as exc:
+        if name is not None:
+            raise
+        # a name the user never typed (a merge takes its --output folder's): say where it came from and how to give another
+        raise RegistryError(f"{str(exc).split('; publish it under another name')[0]}; that is the name {folder / SIDECAR} records: publish it "
+                            "under another with --name") from None
+    name = checked
     if version != "auto":
         check_version(version)
         if len(version) > 100:  # a folder name: past 255 bytes mkdir fails, and its OSError reads as a disk problem ("free disk space")
