@@ -267,3 +267,22 @@ def test_merges_are_bounded_and_their_folders_go_with_the_server(serve_registry)
     finally:
         s.close()
     assert not Path(scratch).exists()  # removed when the server stopped
+
+
+def test_a_lone_surrogate_anywhere_in_the_body_is_a_400_naming_where(served):
+    """'\\ud800' is valid JSON that json.loads keeps, but no text: a prompt, a chat message or a task input holding one
+    reached the tokenizer and came back as a 500 (internal error: TypeError: TextEncodeInput must be Union[...]), streamed
+    or not. It is a 400 naming where it is; a surrogate pair ('\\ud83d\\ude00', an emoji) is text and is served."""
+    cases = {
+        "prompt": ("/v1/completions", b'{"model": "base", "max_tokens": 2, "prompt": "a\\ud83d"}'),
+        "prompt[1]": ("/v1/completions", b'{"model": "base", "max_tokens": 2, "prompt": ["ok", "a\\udc00"], "stream": true}'),
+        "input": ("/v1/completions", b'{"model": "gen_a", "max_tokens": 2, "prompt": "", "input": "x\\uD800"}'),
+        "messages[0].content": ("/v1/chat/completions", b'{"model": "base", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud800"}]}'),
+        "x\\ud800": ("/v1/completions", b'{"model": "base", "max_tokens": 2, "prompt": "a", "x\\ud800": 1}'),
+    }
+    for where, (route, body) in cases.items():
+        r = httpx.post(served.url + route, content=body, headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400, (where, r.status_code, r.text[:200])
+        assert r.json()["error"]["param"] == where and "lone UTF-16 surrogate" in r.json()["error"]["message"], (where, r.text)
+    paired = raw_post(served, b'{"model": "base", "max_tokens": 2, "prompt": "a\\ud83d\\ude00 \\\\ud800"}')
+    assert paired.status_code == 200 and paired.json()["usage"]["prompt_tokens"] == 12, paired.text  # 'a', 4 bytes, ' \ud800' as 6 characters

@@ -7,6 +7,7 @@ create_app (serving/api.py) puts one `ServerState` on `app.state.server`; a rout
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -68,7 +69,42 @@ async def read_json(request: Request) -> dict:
         raise P.ApiError(400, f"request body is not valid JSON ({why}); send a JSON object", code="invalid_json") from None
     if not isinstance(data, dict):
         raise P.ApiError(400, f"request body is a JSON {type(data).__name__}; send a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(body):  # only an escape can put a surrogate in a string (UTF-8 bytes cannot hold one)
+        where = lone_surrogate(data)
+        if where is not None:
+            shown = where.encode("utf-8", "backslashreplace").decode()  # a key may hold it too; the answer's JSON must encode
+            raise P.ApiError(400, f"`{shown}` holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair), which is "
+                             "no character and no tokenizer reads; send the character itself or both halves of its pair",
+                             code="invalid_value", param=shown)
     return data
+
+
+# \uD800-\uDFFF written as a JSON escape (a valid pair matches too; lone_surrogate tells them apart)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(data) -> str | None:
+    """Where the parsed body holds a string with a lone UTF-16 surrogate, as a path (`messages[0].content`, a key's own
+    path for a key), or None. JSON lets a string escape one half of a pair alone (json.loads keeps it), but that is no text:
+    the tokenizer raises a TypeError on it (which would be a 500), and the answer's UTF-8 cannot hold it. vLLM's pydantic
+    parser refuses such a body with a 400 too."""
+    stack = [("", data)]
+    while stack:  # a loop, not recursion: json.loads read bodies nested nearly as deep as the recursion limit
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path or "the body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                at = f"{path}.{key}" if path else key
+                stack.append((at, key))
+                stack.append((at, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
 
 
 def runtime_allowed(request: Request) -> None:
