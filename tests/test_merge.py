@@ -626,3 +626,27 @@ def test_an_output_made_by_another_writer_while_merging_is_left_alone(sources, t
         merge_adapters({k: sources[k] for k in ("a", "b")}, {"a": 0.5, "b": 0.5}, "linear", output=out, name="mix", report_rows=0)
     assert sorted(p.name for p in out.iterdir()) == (["theirs.txt"] if intruder == "a file inside" else [])
     assert [p.name for p in tmp_path.iterdir()] == ["mix"]  # no temp folder left beside it
+
+
+def test_the_cli_merges_two_versions_of_one_registry_adapter_named_by_their_refs(sources, tmp_path, capsys):
+    """`merge toy@1.0.0 toy@1.1.0` (a soup of two versions) was refused as two sources 'both named toy', with the advice
+    to copy one out or publish it again under another name, though a server recipe merges the same two ids. A pinned
+    reference now names its source as written, as the server names it; the same version given twice is still refused."""
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+    from adapterhub_lite.cli.main import main
+
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(sources["a"], "1.0.0")
+    reg.publish(sources["b"], "1.1.0")
+    argv = ["--registry", str(tmp_path / "reg"), "--report-rows", "0", "--quantization", "none"]
+    assert main(["merge", "toy@1.0.0", "toy@1.1.0", "--weights", "0.5", "0.5", "--output", str(tmp_path / "soup"), *argv]) == 0, \
+        capsys.readouterr().err
+    side = json.loads((tmp_path / "soup" / "adapterhub.json").read_text())
+    assert side["merge"]["weights"] == {"toy@1.0.0": 0.5, "toy@1.1.0": 0.5}
+    assert {n: s["registry_ref"] for n, s in side["merge"]["sources"].items()} == {"toy@1.0.0": "toy@1.0.0", "toy@1.1.0": "toy@1.1.0"}
+    capsys.readouterr()
+    for twice in (["toy", "toy@1.1.0"], ["toy@latest", "toy@1.1.0"]):  # one version under two references
+        assert main(["merge", *twice, "--weights", "0.5", "0.25", "--output", str(tmp_path / "m"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is given twice (weights 0.5 and 0.25)" in err and "\n" not in err, (twice, err)
+    assert not (tmp_path / "m").exists()

@@ -81,11 +81,13 @@ def distinct_sources(given: list[str], refs: list[tuple[str, Path]], weights: li
     A dict of the pairs kept the last of a name alone: a source given twice, or two folders of one name (a/toy, b/toy: two
     runs of one task), left the other out, unsaid. `weights` (merge's, one per source) are named in the refusal."""
     for i, (name, folder) in enumerate(refs):
-        j = next((j for j in range(i) if refs[j][0] == name), None)
-        if j is not None and refs[j][1].resolve() == folder.resolve():
+        # one folder under two names too (merge's toy and toy@1.1.0, the latest version named twice)
+        j = next((j for j in range(i) if refs[j][1].resolve() == folder.resolve()), None)
+        if j is not None:
             how = (f" (weights {weights[j]:g} and {weights[i]:g}); give each source once, with the summed weight {weights[j] + weights[i]:g}"
                    if weights else "; give each source once")
             raise DataError(f"{given[i]!r} is given twice{how}")
+        j = next((j for j in range(i) if refs[j][0] == name), None)
         if j is not None:
             raise DataError(f"{given[j]!r} and {given[i]!r} are both named {name!r} (a folder's name, or the adapter's registry name), and "
                             "the sources are named apart; copy one to a folder of another name, or publish them under two names")

@@ -225,7 +225,11 @@ def _merge(args) -> int:
 
     if len(args.weights) != len(args.adapters):
         raise DataError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters; give one weight per adapter")
-    folders = distinct_sources(args.adapters, [adapter_ref(a, args.registry) for a in args.adapters], args.weights)
+    refs = [adapter_ref(a, args.registry) for a in args.adapters]
+    # a pinned registry version is named as written, as a server recipe names it, so two versions of one adapter
+    # (toy@1.0.0 toy@1.1.0, a soup) are two sources; a folder keeps its (registered) name, name@latest is the name
+    refs = [(a if "@" in a and not Path(a).is_dir() and not a.endswith("@latest") else name, folder) for a, (name, folder) in zip(args.adapters, refs)]
+    folders = distinct_sources(args.adapters, refs, args.weights)
     output = Path(args.output)
     if output.exists() or output.is_symlink():  # refused before the backbone loads, not after the merge was computed
         raise DataError(f"--output {args.output!r} already exists; choose a new folder")
