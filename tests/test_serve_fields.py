@@ -650,6 +650,21 @@ def test_logprob_tokens_join_to_the_text_everywhere(served):
     assert len(task["choices"][0]["prompt_logprobs"]) == task["usage"]["prompt_tokens"] == len(served.router.backbone.tokenizer("In: ab\nOut:").input_ids)
 
 
+def test_ignored_field_names_and_user_ids_with_line_breaks_or_non_ascii_are_percent_encoded(served, caplog):
+    """A client names its fields: one named 'a\\r\\nb' went into the ignored-fields header as it was, h11 refused the
+    response and the client got no answer at all (the connection closed; a traceback in the log), and the log line
+    split in two; 'é' went out as raw UTF-8. A `user` with a line break split the access line. Each is now
+    percent-encoded (ordinary names stay as they are)."""
+    with caplog.at_level(logging.INFO):
+        r = served.post("/v1/completions", {"model": "base", "prompt": "a", "max_tokens": 1, "a\r\nb": 1, "é,x%": 2, "tool_prompt": 3,
+                                            "user": "eve\nPOST /v1/completions status=200 user=alice"})
+    assert r.status_code == 200, r.text
+    assert r.headers[IGNORED_HEADER] == "a%0D%0Ab,%C3%A9%2Cx%25,tool_prompt"
+    assert any("ignored a%0D%0Ab, %C3%A9%2Cx%25, tool_prompt: not read" in rec.getMessage() for rec in caplog.records)
+    access = [rec.getMessage() for rec in caplog.records if rec.name == "adapterhub_lite.serve.access" and r.json()["id"] in rec.getMessage()]
+    assert len(access) == 1 and "\n" not in access[0] and access[0].endswith(" user=eve%0APOST%20/v1/completions%20status=200%20user=alice"), access
+
+
 # -- operations ------------------------------------------------------------------------------------------
 
 def test_access_log_one_line_per_request(served, caplog):

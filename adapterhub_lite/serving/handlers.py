@@ -30,7 +30,7 @@ from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.answers import Answers, Request, as_api_error
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.jobs import Job
-from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, unread
+from adapterhub_lite.serving.params import IGNORED_HEADER, MAX_N, C, H, SamplingParams, check_fields, flag, number, sampling_params, shown_name, unread
 from adapterhub_lite.serving.runtime import Catalogue
 
 log = logging.getLogger("adapterhub_lite.serve")  # the logger's name predates the serving package: users configure it
@@ -79,13 +79,14 @@ class Handlers(Answers):
             if body.get(key) is not None and not isinstance(body[key], str):  # it would go unlogged: OpenAI takes a string
                 raise P.bad(key, body[key], "give a string (it is written to the access log), or leave it out")
             if isinstance(body.get(key), str):
-                access[key] = body[key][:64]
+                access[key] = shown_name(body[key][:64])  # one key=value of the access line, whatever the client wrote
 
     @staticmethod
     def ignore_aloud(names: list[str], route: str, access: dict) -> None:
         """Ignore aloud what a route does not read (fields, or chat messages): one log line, and the names added to the
         IGNORED_HEADER response header, as vLLM ignores unknown fields but said."""
         if names:
+            names = [shown_name(n) for n in names]  # a client's names: no CR/LF into a header or a log line
             log.warning("ignored %s: not read by /%s (named in the %s response header)", ", ".join(names), route, IGNORED_HEADER)
             access["ignored"] = [*access.get("ignored", []), *names]
 

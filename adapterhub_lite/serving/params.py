@@ -13,7 +13,9 @@ Numbers are checked as JSON gives them (a 400-digit integer is compared, never c
 from __future__ import annotations
 
 import math
+import string
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 from adapterhub_lite.serving.protocol import ApiError, bad
 
@@ -21,6 +23,17 @@ C, H = "completions", "chat"
 BOTH = (C, H)
 IGNORED_HEADER = "x-adapterhub-ignored-fields"
 ROUTING_HEADER = "x-adapterhub-routing"  # how `auto` chose each choice's adapter (answers.Answers.note_routing)
+# What a field name may keep as it is in the ignored-fields header and the log line: visible ASCII but the header's
+# separator (',') and the escape ('%'). A client chooses these names: CR/LF in one made h11 refuse the whole response
+# (the client got no answer at all) and split the log line; non-ASCII went out as raw bytes HTTP does not promise.
+_NAME_SAFE = "".join(c for c in string.printable if c not in string.whitespace and c not in ",%")
+
+
+def shown_name(name: str) -> str:
+    """A request field's name as the ignored-fields header and the server log show it: percent-encoded (UTF-8, as in
+    a URL) where it has a character outside visible ASCII, ',' or '%'; an ordinary name (`tool_prompt`,
+    `stream_options.continuous_usage_stats`, `messages[0]`) is unchanged."""
+    return quote(name, safe=_NAME_SAFE)
 # Below this temperature a draw is greedy (vLLM's rule): dividing logits by 1e-45 overflows to inf.
 GREEDY_BELOW = 1e-5
 MAX_N = 16  # choices per request (n); each is a row of the batch
