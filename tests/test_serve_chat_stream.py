@@ -88,3 +88,65 @@ def test_eos_listed_among_stop_token_ids_ends_the_choice_as_eos():
     for ignore_eos, want in ((False, None), (True, eos)):
         state = TextState(tok, SamplingParams(stop_token_ids=(eos,), ignore_eos=ignore_eos), answer_mode=False, max_new_tokens=4)
         assert state.add(eos) == "stop" and state.stop_reason == want, (ignore_eos, state.stop_reason)
+
+
+class _Reads(str):
+    """A decoded text that records where each stop-string search starts."""
+
+    starts: list[int] = []
+
+    def find(self, sub, start=0, end=None):
+        _Reads.starts.append(start)
+        return str.find(self, sub, start, len(self) if end is None else end)
+
+
+def test_each_token_searches_only_the_text_it_may_have_completed():
+    """A stop string wholly inside the text an earlier token's search read was found then: each search starts at the
+    last one's end less the stop string's length (vLLM reads the new characters only). Every search started at the
+    min_tokens point, the whole text read at every token (O(length × stops) a row and step on the engine thread)."""
+    tok = _tiny_tokenizer()
+    ids = tok("abcdefgh" * 4, add_special_tokens=False)["input_ids"]
+    state = TextState(tok, SamplingParams(stop=("zzz",)), answer_mode=False, max_new_tokens=len(ids))
+    assert state.decoded.windowed  # a byte-level decode: it only appends
+    push = state.decoded.push
+    state.decoded.push = lambda t: _Reads(push(t))
+    _Reads.starts = []
+    for t in ids:
+        state.add(t)
+    assert state.text == "abcdefgh" * 4 and state.reason == "length"
+    assert _Reads.starts == [max(0, k - 2) for k in range(len(ids))]  # token k+1 may complete 'zzz' from the k-2nd character
+
+
+def test_the_bounded_search_finds_what_a_search_of_the_whole_text_finds():
+    """Stop strings across split characters and tokens, with min_tokens and include_stop_str_in_output, against the rule
+    read whole: at each token past min_tokens, the first stop string in the text up to its last whole character, from
+    the min_tokens point less the stop string's length."""
+    import random
+
+    tok = _tiny_tokenizer()
+    rnd = random.Random(0)
+    alphabet = ["a", "b", "é", "日", "😀", " "]
+    for trial in range(300):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 14)))
+        stops = tuple({rnd.choice(["a", "é", "日", "😀", "éa", "b日", "a a", "😀b", "\ufffd", "ab😀"]) for _ in range(rnd.randint(1, 3))})
+        min_tokens, include = rnd.randint(0, 6), rnd.random() < 0.4
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        state = TextState(tok, SamplingParams(stop=stops, min_tokens=min_tokens, include_stop_str_in_output=include),
+                          answer_mode=False, max_new_tokens=len(ids))
+        for t in ids:
+            if state.add(t):
+                break
+        want, origin = None, 0
+        for k in range(1, len(ids) + 1):
+            whole = tok.decode(ids[:k])
+            settled = len(whole.rstrip("\ufffd"))
+            if k <= min_tokens:
+                origin = settled
+                continue
+            hits = [(at, s) for s in stops if (at := whole.find(s, max(0, origin - len(s) + 1), settled)) >= 0]
+            if hits:
+                at, s = min(hits)
+                want = (whole[: at + (len(s) if include else 0)], "stop", s, k)
+                break
+        want = want or (tok.decode(ids), "length", None, len(ids))
+        assert (state.text, state.reason, state.stop_reason, len(state.tokens)) == want, (trial, text, stops, min_tokens, include)
