@@ -180,3 +180,27 @@ def test_a_reader_that_leaves_ends_the_command_quietly(capsys, monkeypatch):
     monkeypatch.setattr(registry_cli, "_list", leave)
     assert main(["list", "--registry", "nowhere"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_eval_of_the_recorded_split_says_when_it_reads_another_file(capsys, cls_task, tmp_path_factory, monkeypatch):
+    """`eval FOLDER` reads the split its spec records (data.dev: 'dev.jsonl'), relative to the current directory. From
+    another directory holding another dev.jsonl it scored that file silently, as 'split: dev' (6 rows of another task,
+    accuracy 1.0, no word); from one without it, the fix named was "fix data.train / data.dev in the spec", which eval
+    has no spec to fix. Now: a warning naming both sha256 (the recorded and the read), and the missing file's fix is
+    --split PATH or the directory it was trained in."""
+    code, _, _ = run(capsys, "train", "toy.yaml", "train.max_steps=2", "--output", "out", "--no-progress")
+    assert code == 0
+    folder = str(cls_task / "out")
+    other = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(other)
+    code, _, err = run(capsys, "eval", folder, "--json")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "--split" in lines[0] and "data.train / data.dev in the spec" not in lines[0], err
+    (other / "dev.jsonl").write_text((cls_task / "dev.jsonl").read_text().splitlines()[0] + "\n")
+    code, out, err = run(capsys, "eval", folder, "--json")
+    assert code == 0 and json.loads(out)["rows"] == 1
+    warned = [line for line in err.splitlines() if line.startswith("warning:") and "dev.jsonl" in line and "sha256" in line]
+    assert len(warned) == 1, err
+    monkeypatch.chdir(cls_task)  # the file it was trained on: no warning
+    code, _, err = run(capsys, "eval", folder, "--json")
+    assert code == 0 and "sha256" not in err, err

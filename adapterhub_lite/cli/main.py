@@ -59,23 +59,38 @@ def _train(args) -> int:
     return 0
 
 
-def _split_for(spec, split: str, adapter: str | None = None):
+def _split_for(spec, split: str, adapter: str | None = None, recorded: dict | None = None):
+    """The rows `eval` scores: the spec's train or dev split, or a data file. `recorded`: the sidecar's `data` (each
+    split's source and sha256). The spec's paths are relative to where the adapter was trained, and eval reads them
+    from the current directory: a missing one is refused with eval's fix (--split), and another file under the same
+    name is said in a warning (its metrics are not the recorded split's)."""
     from adapterhub_lite.core.data import FILE_SUFFIXES, load_split, to_split
 
     source = getattr(spec.data, split) if split in ("train", "dev") else split
     if split not in ("train", "dev") and not Path(split).exists():
         raise DataError(f"--split {split!r} is neither dev nor train nor a data file that exists; give dev, train or the path of a "
                         f"{' / '.join(FILE_SUFFIXES)} file")
+    local = split in ("train", "dev") and not source.startswith("hf:")
+    if local and not Path(source).exists():
+        raise DataError(f"the adapter's data.{split} {source!r} does not exist relative to {Path.cwd()} (its spec's paths are "
+                        f"relative to where it was trained); run eval from there, or give --split with the file's path")
     ds, sha = load_split(source)
+    was = ((recorded or {}).get(split) or {}).get("sha256") if local else None
+    if was and was != sha:
+        print(f"warning: data.{split} {source!r} (relative to {Path.cwd()}) is not the file this adapter recorded (sha256 "
+              f"{was[:12]} recorded, {sha[:12]} read): these metrics are on other rows than its own; give --split with the "
+              "file's path to score it on purpose", file=sys.stderr)
     return to_split(spec, ds, source, sha, adapter=adapter)
 
 
 def _eval(args) -> int:
+    from adapterhub_lite.artifacts.folder import read_sidecar
     from adapterhub_lite.artifacts.loading import load_adapter
     from adapterhub_lite.core.data_checks import absent_classes, check_lengths, cut_rows
     from adapterhub_lite.model.evaluate import evaluate_split
 
-    split = _split_for(_sidecar_spec(args.adapter), args.split, f"adapter {str(args.adapter)!r}")  # a bad --split or data file is refused before the backbone loads
+    spec = _sidecar_spec(args.adapter)  # a bad --split or data file is refused before the backbone loads
+    split = _split_for(spec, args.split, f"adapter {str(args.adapter)!r}", read_sidecar(Path(args.adapter)).get("data"))
     model, backbone, spec, meta = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                          allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
