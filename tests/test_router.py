@@ -412,3 +412,19 @@ def test_a_task_column_named_like_a_request_key_is_refused_not_read_as_that_key(
     with pytest.raises(DataError, match=r"run\(\): requests\[0\] \(adapter 'pq'\): adapter 'pq' reads a column named 'prompt' .* give the column's text as 'text'"):
         r.run([{"adapter": "pq", "prompt": "pos 1"}])
     assert r.run([{"adapter": "pq", "text": "pos 1"}])[0]["prediction"] in ("pos", "neg")
+
+
+def test_a_request_s_max_new_tokens_is_its_budget_through_a_task_adapter_too(router, folders):
+    """run() read a request's max_new_tokens for base and raw prompts only: a generation task's row asking for 8 new
+    tokens got its task's 3, unsaid (the server's max_tokens applies to a task's input). Greedy, it now equals plain
+    peft's generate with that budget, the answer's first line."""
+    model, backbone, spec, _ = load_adapter(folders["gen"])
+    tok = backbone.tokenizer
+    for text in ("ab", "hello world", "x"):
+        ids = tok(spec.prompt.format(text=text), return_tensors="pt").to(model.device)
+        ref = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        want = tok.decode(ref[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+        got = router.run([{"adapter": "gen", "text": text, "max_new_tokens": 8}, {"adapter": "gen", "text": text}])
+        assert got[0]["prediction"] == want, text
+        assert got[0]["prediction"] != got[1]["prediction"], text  # the task's own budget (3) gives another answer
+

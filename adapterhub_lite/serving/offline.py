@@ -22,9 +22,9 @@ class OfflineRun:
         """Serve `requests` to the end on the calling thread (offline use, as vLLM's LLM.generate drives its engine):
         the server's scheduler, budgets and batch, greedy, each answer reported as the task's answer.
 
-        Each request names its adapter ("base", "auto" or a known name). A task adapter's task input is answered
-        within its task's max_new_tokens; a raw prompt, `base` and task-less adapters get the request's
-        `max_new_tokens`, else `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
+        Each request names its adapter ("base", "auto" or a known name) and decodes up to its own `max_new_tokens`
+        when it sets one, as the server's `max_tokens` applies to a task's input; else a task adapter's input gets its
+        task's max_new_tokens, and a raw prompt, `base` and task-less adapters get `max_new_tokens`. Returns, in order, {"adapter": the adapter that served it,
         "prediction": the label word or the answer's first line}, and for an `auto` request "routing" (Routing.as_dict:
         the classifier's confidence, its candidate and runner-up, why base answered); `on_done(i)` is called as request i ends.
         A request that fails raises its error once the others have ended (the first failing one in order; its index
@@ -65,7 +65,10 @@ class OfflineRun:
                     if on_done is not None:
                         on_done(i)
             return hear
-        pending = deque(Job(req, listener(i), SamplingParams(), answer_mode=True, default_max_tokens=req.get("max_new_tokens", max_new_tokens))
+        # a request's own max_new_tokens is its budget whatever answers it (the task's budget was used for a task's input,
+        # silently: a row asking for 8 new tokens got the task's 4); without one, a task's own, else max_new_tokens
+        pending = deque(Job(req, listener(i), SamplingParams(max_tokens=req.get("max_new_tokens")), answer_mode=True,
+                            default_max_tokens=max_new_tokens)
                         for i, req in enumerate(requests))
         try:
             while ended < len(requests):
