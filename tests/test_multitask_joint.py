@@ -450,3 +450,29 @@ def test_train_multi_says_what_train_says_of_its_data(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "a: warning: " in err and "have the same prompt as a row of 'a.jsonl'" in err, err
     assert "g: warning: 1 of " in err and "rows of 'g_long.jsonl' (row 1) do not fit train.max_length=24" in err, err
+
+
+def test_a_joint_run_killed_while_writing_its_folders_resumes_and_writes_them(tmp_path, monkeypatch):
+    """train-multi killed while it wrote its output folders (in the work folder's out/) left out/ half-written; the
+    --resume that the checkpoint allows then died in a traceback (FileExistsError: '.k0.partial/out', found by SIGKILL at
+    random moments) instead of writing them. train's own recipe removes such a leftover first; the joint one now too."""
+    from adapterhub_lite.training.recipes import joint as joint_mod
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("yes", "no")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = [_spec(n, data={"train": "t.jsonl", "dev": "t.jsonl"}) for n in ("a", "b")]
+    cfg = JointConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4)
+    save = joint_mod.save_lora
+
+    def killed(folder, *a, **k):
+        save(folder, *a, **k)
+        raise RuntimeError("simulated kill")  # after the first task's folder: out/ exists, half-written
+
+    monkeypatch.setattr(joint_mod, "save_lora", killed)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_joint(specs, tmp_path / "run", cfg, progress=False)
+    monkeypatch.setattr(joint_mod, "save_lora", save)
+    assert (tmp_path / ".run.partial" / "out").is_dir() and not (tmp_path / "run").exists()
+    out = train_joint(specs, tmp_path / "run", cfg, resume=True, progress=False)
+    assert all((out / name / "adapter_model.safetensors").is_file() for name in ("a", "b"))

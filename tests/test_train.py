@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from adapterhub_lite.artifacts.loading import load_adapter
 from adapterhub_lite.core.data import load_task_data
-from adapterhub_lite.core.errors import AdapterMethodError
+from adapterhub_lite.core.errors import AdapterMethodError, OutputExistsError
 from adapterhub_lite.core.spec import load_spec
 from adapterhub_lite.model.adapter import attach, init_from
 from adapterhub_lite.model.backbone import dtype_name, load_backbone, resolve_dtype
@@ -384,3 +385,29 @@ def test_a_checkpoint_of_other_tensors_is_refused_on_resume_in_one_line_and_kept
     with pytest.raises(ValueError, match=r"holds other tensors than this adapter trains.*--overwrite instead of --resume") as err:
         _train(cls_task, "toy", resume=True)
     assert "\n" not in str(err.value) and state.read_bytes() == written
+
+
+def test_a_run_killed_while_removing_its_work_folder_leaves_a_finished_run_not_an_interrupted_one(cls_task, monkeypatch):
+    """After the adapter folder is in place the work folder is removed; rmtree goes in the directory's order, so a
+    process killed meanwhile could leave checkpoint/state.pt (what marks a checkpoint) beside a half-removed
+    optimizer state. The finished output was then taken for an interrupted run: `train` said "holds an interrupted run
+    at step 6; rerun with --resume", and --resume failed to read it. The checkpoints' state.pt now go first."""
+    import shutil
+
+    work, rmtree = cls_task / ".out.partial", shutil.rmtree
+
+    def killed(path, *a, **k):
+        if Path(path) == work:  # the process dies with part of the checkpoint removed, state.pt not yet
+            (work / "checkpoint" / "optimizer.bin").unlink()
+            raise RuntimeError("simulated kill")
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _train(cls_task, "toy")
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (cls_task / "out" / "adapter_model.safetensors").exists()
+    with pytest.raises(OutputExistsError, match="out' already exists; pass --overwrite"):
+        _train(cls_task, "toy")
+    with pytest.raises(OutputExistsError, match="holds no checkpoint \\(a finished run\\)"):
+        _train(cls_task, "toy", resume=True)

@@ -120,6 +120,17 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
 
 def discard_partial(work: Path) -> None:
     """--overwrite without --resume: drop an interrupted run's work folder (checkpoint included) before training starts."""
+    remove_work(work)
+
+
+def remove_work(work: Path) -> None:
+    """Remove a run's work folder, its checkpoints' `state.pt` (what marks a checkpoint: Checkpoint.find) first, the
+    previous one's before the newest. rmtree goes in the directory's order: a process killed during it could leave a
+    state.pt beside a half-removed optimizer state, and the finished run was then taken for an interrupted one
+    ("rerun with --resume", which then could not read it)."""
+    for name in ("checkpoint.old", "checkpoint"):
+        with contextlib.suppress(OSError):
+            (work / name / "state.pt").unlink()
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -14,7 +14,6 @@ import copy
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from adapterhub_lite.model.evaluate import evaluate_split
 from adapterhub_lite.model.heads import label_token_ids, task_loss
 from adapterhub_lite.model.rowadapters import RowAdapters
 from adapterhub_lite.model.rowconfig import LoraFactors
-from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder, remove_work
 from adapterhub_lite.training.progress import peak_memory_mb
 from adapterhub_lite.training.recipes.train import train
 
@@ -194,7 +193,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         finish_folder(out, meta, trace, primary)
         write_json(out / "compose_report.json", report)
         publish_folder(out, output)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     return report
 
 

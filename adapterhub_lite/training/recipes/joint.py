@@ -43,7 +43,7 @@ from adapterhub_lite.training.defaults import describe_joint, resolve_joint
 from adapterhub_lite.training.joint_config import SHARED, JointConfig, check_specs
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
-from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder, remove_work
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, joint_identity, next_rows, peak_memory_mb, seed_everything, shard
 from adapterhub_lite.training.recipes.train import check_labels_trained
@@ -283,7 +283,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
                      "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
             _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command, choices)
             publish_folder(work / "out", output)
-            shutil.rmtree(work, ignore_errors=True)
+            remove_work(work)
         parallel.barrier()
     return output
 
@@ -329,6 +329,7 @@ def joint_losses(model, pad_id: int, joint: JointLora, plans: dict[int, Plan], s
 def _write_outputs(work: Path, specs, cfg: JointConfig, backbone, data, model, joint: JointLora, final: dict, history, state, command,
                    choices: dict[str, dict]) -> None:
     out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)  # a killed run's half-written folders (its --resume redoes only this end)
     out.mkdir()
     run = {"tasks": [s.name for s in specs], "config": cfg.to_dict(), "defaults": choices, "dev": final, "train_state": state,
            "base": {"name": specs[0].base, "hub_id": backbone.hub_id, "fingerprint": backbone.fingerprint},

@@ -31,7 +31,7 @@ from adapterhub_lite.model.heads import CompiledCall, label_token_ids, loss_item
 from adapterhub_lite.training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save
 from adapterhub_lite.training.defaults import check_step_rows, resolve
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
-from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, disk_errors, finish_folder, prepare_output, publish_folder
+from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, disk_errors, finish_folder, prepare_output, publish_folder, remove_work
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, TrainingError, next_rows, peak_memory_mb, run_identity, seed_everything, shard
 
@@ -220,7 +220,7 @@ def _write_folder(spec, model, backbone, data, state, stopped_by, work: Path, ou
     with disk_errors(final, output):
         finish_folder(final, meta, state.history, spec.primary_metric)
         publish_folder(final, output)
-    shutil.rmtree(work, ignore_errors=True)
+    remove_work(work)
 
 
 def _init_from(spec: TaskSpec, model, backbone) -> dict:
