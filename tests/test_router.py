@@ -428,3 +428,26 @@ def test_a_request_s_max_new_tokens_is_its_budget_through_a_task_adapter_too(rou
         assert got[0]["prediction"] == want, text
         assert got[0]["prediction"] != got[1]["prediction"], text  # the task's own budget (3) gives another answer
 
+
+def test_a_request_that_is_no_request_is_one_line_naming_it(router):
+    """run() read its requests unchecked: a dict or a string given for the list, a row that is no dict or an 'adapter' that
+    is no string came out as AttributeError: 'str' object has no attribute 'get' (or TypeError), a token id outside the
+    vocabulary as the embedding's IndexError, a negative one as the tokenizer's OverflowError, a number as 'prompt' as the
+    tokenizer's ValueError. Each is one DataError now, naming the request and the value, before anything runs."""
+    with pytest.raises(DataError, match=r"^run\(\) takes a list of requests, got dict \{'adapter': 'gen'"):
+        router.run({"adapter": "gen", "text": "ab"})
+    with pytest.raises(DataError, match=r"^run\(\) takes a list of requests, got str 'ab'"):
+        router.run("ab")
+    cases = [("ab", r": the request is str 'ab', not a dict"),
+             ({"adapter": 3, "text": "ab"}, r" \(adapter 3\): 'adapter' is 3, not a string"),
+             ({"adapter": "base", "prompt": 5}, r" \(adapter 'base'\): 'prompt' is 5, not a string"),
+             ({"adapter": "base", "prompt_ids": "abc"}, r"'prompt_ids' is 'abc'; give a list of whole-number token ids"),
+             ({"adapter": "base", "prompt_ids": [5, 10**9]}, r"'prompt_ids' holds token id 1000000000, outside this model's vocabulary \[0, 259\)"),
+             ({"adapter": "base", "prompt_ids": [-1]}, r"'prompt_ids' holds token id -1, outside")]
+    ended = []
+    for bad, said in cases:
+        with pytest.raises(DataError, match=r"^run\(\): requests\[1\]" + ("" if said[0] in ": " else r".*") + said) as err:
+            router.run([{"adapter": "gen", "text": "ab"}, bad], on_done=ended.append)
+        assert "\n" not in str(err.value) and err.value.request_index == 1
+    assert ended == []  # refused before anything ran
+    assert router.run([{"adapter": "base", "prompt_ids": [5, 258]}])[0]["adapter"] == "base"

@@ -32,6 +32,16 @@ class OfflineRun:
         """
         if self._thread.is_alive():
             raise RuntimeError("this engine serves on its thread; submit jobs to it, or run() on an engine that was not started")
+        if not isinstance(requests, (list, tuple)):  # a dict or a string would be iterated as keys or characters
+            raise DataError(f"run() takes a list of requests, got {type(requests).__name__} {_shown(requests)}; "
+                            "pass a list of dicts such as [{'adapter': 'base', 'text': 'Hello'}]")
+        vocab = self.router.bank.lm_head.out_features
+        for i, req in enumerate(requests):  # before any job: Python callers reach here unchecked (the server parsed its own)
+            problem = malformed(req, vocab)
+            if problem:
+                err = DataError(problem)
+                err.request_index = i
+                raise err
         # checked before any job is made: an unusable budget would wait for tokens that never come (a hang), not fail
         bad = bad_budgets(requests, max_new_tokens)
         if bad:
@@ -42,7 +52,7 @@ class OfflineRun:
             raise AdapterHubError(f"request(s) {unread[0][:5]} set {unread[1]}, which run() does not read (it answers greedily, each task "
                                   "within its own budget); give 'max_new_tokens' for a budget, and drop the rest")
         for i, req in enumerate(requests):  # before any job: an ambiguous row would be answered as something else
-            clash = self.router.column_clash(req) if isinstance(req, dict) else None
+            clash = self.router.column_clash(req)
             if clash:
                 err = DataError(clash)
                 err.request_index = i
@@ -90,3 +100,31 @@ class OfflineRun:
             errors[first].request_index = first  # which request failed (infer names its line: one bad row of a long file)
             raise errors[first]
         return out
+
+
+def _shown(value) -> str:
+    """A value as a one-line message shows it: its repr, cut to 60 characters."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def malformed(request, vocab: int) -> str | None:
+    """Why `request` is no request run() can serve (None when it is one): a dict whose `adapter` is a string, whose raw
+    `prompt` is a string and whose `prompt_ids` are token ids of this model. Each came out of the engine as the
+    library's own error (AttributeError: 'str' object has no attribute 'get', the tokenizer's OverflowError, the
+    embedding's IndexError) rather than a line naming the request's field; the server checks the same in its parser."""
+    if not isinstance(request, dict):
+        return (f"the request is {type(request).__name__} {_shown(request)}, not a dict; give each request as a dict "
+                "such as {'adapter': 'base', 'text': 'Hello'}")
+    if "adapter" in request and not isinstance(request["adapter"], str):
+        return f"'adapter' is {_shown(request['adapter'])}, not a string; name an adapter, 'base' or 'auto'"
+    if "prompt" in request and not isinstance(request["prompt"], str):
+        return f"'prompt' is {_shown(request['prompt'])}, not a string; give the raw prompt as text (or its token ids as 'prompt_ids')"
+    if "prompt_ids" in request:
+        ids = request["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            return f"'prompt_ids' is {_shown(ids)}; give a list of whole-number token ids"
+        outside = [t for t in ids if not 0 <= t < vocab]
+        if outside:
+            return f"'prompt_ids' holds token id {outside[0]}, outside this model's vocabulary [0, {vocab}); give ids the tokenizer made"
+    return None

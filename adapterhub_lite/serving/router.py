@@ -167,7 +167,9 @@ class Router(AdapterManager):
                 raise
             # the same error object, so its type (ContextLengthError, AdapterLoadError …) still tells what went wrong
             exc.detail = getattr(exc, "detail", str(exc))
-            exc.args = (f"run(): requests[{index}] (adapter {requests[index].get('adapter')!r}): {exc.detail}",)
+            row = requests[index]  # not a dict when that is its error
+            named = f" (adapter {row.get('adapter')!r})" if isinstance(row, dict) and "adapter" in row else ""
+            exc.args = (f"run(): requests[{index}]{named}: {exc.detail}",)
             raise
 
     @_locked
