@@ -253,7 +253,9 @@ def test_infer_and_merge_from_the_command_line(folders, tmp_path, capsys):
     for row, said in (('{"adapter": "base", "text": "hi", "max_new_tokens": -1}', "max_new_tokens -1"),
                       ('{"adapter": "base", "text": "hi", "max_new_tokens": "abc"}', "max_new_tokens 'abc'"),
                       ('{"adapter": "base", "text": "hi", "max_tokens": 1, "id": 7}', "['max_tokens'], which infer does not read"),
-                      ('{"adapter": "cls_a", "text": "pos 1", "prompt": "hi"}', "['prompt'], which infer does not read")):
+                      ('{"adapter": "cls_a", "text": "pos 1", "prompt": "hi"}', "['prompt'], which infer does not read"),
+                      # token ids were continued raw, the row's text unread (answered 'DDDD…' for any text)
+                      ('{"adapter": "gen", "text": "ab", "prompt_ids": [5, 6]}', "['prompt_ids'], which infer does not read")):
         (tmp_path / "odd.jsonl").write_text(row + "\n")
         out = tmp_path / "odd_answers.jsonl"
         assert main(["infer", "--registry", str(reg.root), "--input", str(tmp_path / "odd.jsonl"), "--output", str(out)]) == 2, row
@@ -443,7 +445,9 @@ def test_a_request_that_is_no_request_is_one_line_naming_it(router):
              ({"adapter": "base", "prompt": 5}, r" \(adapter 'base'\): 'prompt' is 5, not a string"),
              ({"adapter": "base", "prompt_ids": "abc"}, r"'prompt_ids' is 'abc'; give a list of whole-number token ids"),
              ({"adapter": "base", "prompt_ids": [5, 10**9]}, r"'prompt_ids' holds token id 1000000000, outside this model's vocabulary \[0, 259\)"),
-             ({"adapter": "base", "prompt_ids": [-1]}, r"'prompt_ids' holds token id -1, outside")]
+             ({"adapter": "base", "prompt_ids": [-1]}, r"'prompt_ids' holds token id -1, outside"),
+             # prompt_ids was continued and the prompt dropped, unsaid
+             ({"adapter": "base", "prompt": "hi", "prompt_ids": [5]}, r"it gives both 'prompt' and 'prompt_ids'; give the raw prompt once")]
     ended = []
     for bad, said in cases:
         with pytest.raises(DataError, match=r"^run\(\): requests\[1\]" + ("" if said[0] in ": " else r".*") + said) as err:

@@ -182,7 +182,8 @@ def _infer(args) -> int:
         raise DataError(f"{args.input}: request(s) on line(s) {[lines[i] for i, _ in bad][:5]} ask for max_new_tokens {bad[0][1]!r}; "
                         "give a whole number ≥ 1 (or leave it out: the task's own budget)")
     # other keys ride along into the answers (an id, say); these read like settings, which infer would not apply
-    unread = unread_settings(requests, also=frozenset({"prompt"}))  # infer reads task inputs (`text`, columns), no raw prompt
+    # infer reads task inputs (`text`, columns), no raw prompt: token ids were continued raw, a row's `text` beside them unread
+    unread = unread_settings(requests, also=frozenset({"prompt", "prompt_ids"}))
     if unread:
         raise DataError(f"{args.input}: request(s) on line(s) {[lines[i] for i in unread[0]][:5]} set {unread[1]}, which infer does not read (it answers "
                         "greedily, each task within its own budget); give 'max_new_tokens' for a budget, and drop the rest")

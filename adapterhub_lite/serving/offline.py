@@ -120,6 +120,8 @@ def malformed(request, vocab: int) -> str | None:
         return f"'adapter' is {_shown(request['adapter'])}, not a string; name an adapter, 'base' or 'auto'"
     if "prompt" in request and not isinstance(request["prompt"], str):
         return f"'prompt' is {_shown(request['prompt'])}, not a string; give the raw prompt as text (or its token ids as 'prompt_ids')"
+    if "prompt" in request and "prompt_ids" in request:  # prompt_ids was continued and the text dropped, unsaid
+        return "it gives both 'prompt' and 'prompt_ids'; give the raw prompt once, as text or as token ids"
     if "prompt_ids" in request:
         ids = request["prompt_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
