@@ -455,3 +455,17 @@ def test_a_request_that_is_no_request_is_one_line_naming_it(router):
         assert "\n" not in str(err.value) and err.value.request_index == 1
     assert ended == []  # refused before anything ran
     assert router.run([{"adapter": "base", "prompt_ids": [5, 258]}])[0]["adapter"] == "base"
+
+
+def test_merge_names_an_unknown_source_and_a_weights_argument_that_is_no_dict(router):
+    """Router.merge passed its sources to the server's build_merge unchecked: an unknown name was 'merge source 'zz' was
+    unloaded while the merge was built; see GET /v1/models' (no server, nothing unloaded), {} 'the sources serve different
+    tasks ()', a list AttributeError: 'list' object has no attribute 'items'."""
+    with pytest.raises(AdapterLoadError, match=r"^unknown adapter 'zz'; known: cls_a, "):
+        router.merge({"cls_a": 0.5, "zz": 0.5}, name="m_unknown")
+    for weights in ({}, ["cls_a", "cls_b"]):
+        with pytest.raises(MergeError, match=r"^merge\(\) takes a dict of source name → weight with at least one source, got "):
+            router.merge(weights, name="m_bad")
+    with pytest.raises(MergeError, match=r"^merge source 'base' is no adapter"):
+        router.merge({"cls_a": 0.5, "base": 0.5}, name="m_base")
+    assert not {"m_unknown", "m_bad", "m_base"} & set(router.folders)

@@ -119,6 +119,13 @@ class Router(AdapterManager):
         8-bit backbone the folded weights are re-quantized; sidecar["fold"] reports the max |Δlogit|
         this causes on the first source task's dev prompts.
         """
+        if not isinstance(weights, dict) or not weights:  # a list failed as AttributeError: 'list' object has no attribute 'items'
+            raise MergeError(f"merge() takes a dict of source name → weight with at least one source, got {weights!r:.60}; "
+                             "pass e.g. {'sst2': 0.5, 'ag_news': 0.5}")
+        for source in weights:  # an unknown name was 'unloaded while the merge was built; see GET /v1/models' (the server's words)
+            if source in (BASE, AUTO) or not isinstance(source, str):
+                raise MergeError(f"merge source {source!r} is no adapter; name the LoRA adapters to merge")
+            self._check_known(source)  # as run() names one: 'unknown adapter …; known: …', a pinned version registered on first use
         if name in self.folders or name in (BASE, AUTO):  # register() would put the merge in its place, unsaid
             raise MergeError(f"an adapter named {name!r} is already served by this router; give the merge another name (name=...)")
         scratch = output is None
