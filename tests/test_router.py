@@ -469,3 +469,18 @@ def test_merge_names_an_unknown_source_and_a_weights_argument_that_is_no_dict(ro
     with pytest.raises(MergeError, match=r"^merge source 'base' is no adapter"):
         router.merge({"cls_a": 0.5, "base": 0.5}, name="m_base")
     assert not {"m_unknown", "m_bad", "m_base"} & set(router.folders)
+
+
+def test_a_name_registered_again_serves_the_new_folder(router, folders):
+    """register() over a name the bank held resident changed the catalogue but not the bank: the old factors kept
+    answering under the name, unsaid (a LoRA after a LoRA, a prefix after a LoRA alike), until an eviction."""
+    ids = [[5, 40, 41, 42, 9, 10]]
+    router.register("x", folders["cls_a"])
+    router.hold(["x", "cls_a"])
+    assert (router.bank.forward(ids, ["x"])[0] - router.bank.forward(ids, ["cls_a"])[0]).abs().max() <= 1e-5
+    for then in ("cls_b", "prefix", "cls_a"):
+        router.register("x", folders[then])
+        router.hold(["x", then])
+        want = router.bank.forward(ids, [then])[0]
+        assert (router.bank.forward(ids, ["x"])[0] - want).abs().max() <= 1e-5, then
+        assert router.run([{"adapter": "x", "text": "pos 3"}]) == [{"adapter": "x", "prediction": alone(folders[then], ["pos 3"])[0]}]

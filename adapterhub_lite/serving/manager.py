@@ -131,6 +131,9 @@ class AdapterManager(RequestReader):
     def add(self, reg: Registration) -> None:
         """Make an inspected adapter known (no I/O)."""
         name = reg.name
+        # a name registered again (Router.register over a served name) must serve the new folder: the bank kept the old
+        # factors resident under it and answered with them, unsaid, until an eviction (the server forgets a name first)
+        self.unload(name)
         with self._host_lock:  # with the host cache's lock: a read on a loader thread sees the old entry or the new one, whole
             self.folders[name], self.metas[name], self.hashes[name], self.kinds[name] = reg.folder, reg.meta, reg.hashes, reg.kind
             self.host.pop(name, None)  # a copy read from an earlier folder under this name is stale
