@@ -45,9 +45,19 @@ def nonfinite_tensors(tensors: dict) -> list[str]:
     return bad
 
 
-def damage(exc: Exception) -> str:
-    """safetensors' reason for refusing a file, on one line ("Error while deserializing header: invalid header length")."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def read_tensors(path: Path, error=AdapterLoadError, data: bytes | None = None) -> dict:
+    """The tensors of an adapter_model.safetensors at `path` (or of its bytes `data`, already read), or one `error` naming
+    the file when it is no whole safetensors file: a copy cut short (a full disk, an interrupted download) or another
+    file under that name was safetensors' own traceback ("invalid header length")."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        return load(data) if data is not None else load_file(path)
+    except SafetensorError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise error(f"{path} cannot be read as safetensors ({reason}); the file is damaged (truncated?): copy, pull or re-publish "
+                    "the adapter again, or re-train it") from None
 
 
 def check_finite(folder: Path, error=AdapterLoadError) -> None:
@@ -56,16 +66,8 @@ def check_finite(folder: Path, error=AdapterLoadError) -> None:
     Raised before anything is published or served, so a diverged run or a NaN merge weight
     never reaches a registry or a user.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / "adapter_model.safetensors"
-    try:
-        tensors = load_file(path)
-    except SafetensorError as exc:  # a copy cut short (a full disk, an interrupted download) or another file under this name
-        raise error(f"{path} cannot be read as safetensors ({damage(exc)}); the file is damaged (truncated?): "
-                    "copy or pull the adapter again, or re-train it") from None
-    bad = nonfinite_tensors(tensors)
+    bad = nonfinite_tensors(read_tensors(path, error))
     if bad:
         shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
         raise error(f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; "

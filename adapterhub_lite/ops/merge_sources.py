@@ -14,10 +14,8 @@ from pathlib import Path
 
 from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
-from adapterhub_lite.artifacts.folder import damage
+from adapterhub_lite.artifacts.folder import read_tensors
 from adapterhub_lite.artifacts.sidecar import SIDECAR
 from adapterhub_lite.core.errors import AdapterHubError
 
@@ -50,12 +48,8 @@ def read_json(files: dict[str, bytes], name: str, folder: Path) -> dict:
 
 def read_weights(files: dict[str, bytes], folder: Path) -> dict:
     """A source's tensors from its adapter_model.safetensors bytes (read_source's), or one MergeError naming the file
-    when they are not a whole safetensors file (cut short, or another file under that name)."""
-    try:
-        return load_safetensors(files["adapter_model.safetensors"])
-    except SafetensorError as exc:
-        raise MergeError(f"{Path(folder) / 'adapter_model.safetensors'} cannot be read as safetensors ({damage(exc)}); the file is "
-                         "damaged (truncated?): re-publish, pull or re-train that adapter") from None
+    when they are not a whole safetensors file (read_tensors)."""
+    return read_tensors(Path(folder) / "adapter_model.safetensors", MergeError, data=files["adapter_model.safetensors"])
 
 
 _FACTOR = re.compile(r"\.lora_(A|B)\.weight$|\.lora_embedding_(A|B)$")  # the tensors add_weighted_adapter merges
