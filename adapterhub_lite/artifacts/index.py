@@ -46,12 +46,12 @@ def check_name(name: str) -> str:
 _DEVICE = re.compile(r"(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?", re.IGNORECASE)
 
 
-def check_portable(name: str) -> str:
+def check_portable(name: str, fix: str = "publish it under another name (--name)") -> str:
     """A new name must be a folder on every system a registry is read on (a shared or synced folder, a Hub registry
     pulled on Windows): refused here at publish only, so a registry that already holds such a name stays readable."""
     if _DEVICE.fullmatch(name) or name.endswith("."):
         why = "ends in '.', which Windows drops" if name.endswith(".") else "is a Windows device name, not a folder there"
-        raise RegistryError(f"invalid adapter name {name!r}: it {why}; publish it under another name (--name)")
+        raise RegistryError(f"invalid adapter name {name!r}: it {why}; {fix}")
     return name
 
 
@@ -111,15 +111,15 @@ def publish_inputs(folder: str | Path, version: str, name: str | None) -> tuple[
     if not folder.is_dir():
         raise RegistryError(f"adapter folder {str(folder)!r} does not exist")
     meta = check_folder(folder)
-    try:
-        checked = check_portable(check_name(meta["name"] if name is None else name))  # an empty --name is refused, not read as "no name"
-    except RegistryError as exc:
-        if name is not None:
-            raise
-        # a name the user never typed (a merge takes its --output folder's): say where it came from and how to give another
-        raise RegistryError(f"{str(exc).split('; publish it under another name')[0]}; that is the name {folder / SIDECAR} records: publish it "
-                            "under another with --name") from None
-    name = checked
+    if name is not None:
+        name = check_portable(check_name(name))  # an empty --name is refused, not read as "no name"
+    else:  # the sidecar's name, one the user never typed (a merge takes its --output folder's): say where it came from
+        name, origin = meta["name"], f"that is the name {folder / SIDECAR} records: publish it under another with --name"
+        try:
+            check_name(name)
+        except RegistryError as exc:
+            raise RegistryError(f"{exc}; {origin}") from None
+        check_portable(name, fix=origin)
     if version != "auto":
         check_version(version)
         if len(version) > 100:  # a folder name: past 255 bytes mkdir fails, and its OSError reads as a disk problem ("free disk space")
