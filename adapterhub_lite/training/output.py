@@ -94,7 +94,7 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     `--overwrite` replaces only what this package writes (see folder.replaceable): a user's file or
     a folder of other things is refused, never renamed or deleted. A fresh run (no --resume) into an
     output whose work folder holds an interrupted run's checkpoint is refused unless --overwrite
-    (which discards it: discard_partial); a fresh run would silently replace it.
+    (which discards it: remove_work); a fresh run would silently replace it.
     """
     output = Path(output)
     work = output.parent / f".{output.name}.partial"
@@ -118,13 +118,9 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
     return work
 
 
-def discard_partial(work: Path) -> None:
-    """--overwrite without --resume: drop an interrupted run's work folder (checkpoint included) before training starts."""
-    remove_work(work)
-
-
 def remove_work(work: Path) -> None:
-    """Remove a run's work folder, its checkpoints' `state.pt` (what marks a checkpoint: Checkpoint.find) first, the
+    """Remove a run's work folder: after its output is in place, or (--overwrite without --resume) an interrupted run's,
+    checkpoint included, before training starts. Its checkpoints' `state.pt` (what marks a checkpoint: Checkpoint.find) first, the
     previous one's before the newest. rmtree goes in the directory's order: a process killed during it could leave a
     state.pt beside a half-removed optimizer state, and the finished run was then taken for an interrupted one
     ("rerun with --resume", which then could not read it)."""

@@ -43,7 +43,7 @@ from adapterhub_lite.training.defaults import describe_joint, resolve_joint
 from adapterhub_lite.training.joint_config import SHARED, JointConfig, check_specs
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
 from adapterhub_lite.training.mixing import TaskSampler
-from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, finish_folder, publish_folder, remove_work
+from adapterhub_lite.training.output import adapter_meta, claim_output, finish_folder, publish_folder, remove_work
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, joint_identity, next_rows, peak_memory_mb, seed_everything, shard
 from adapterhub_lite.training.recipes.train import check_labels_trained
@@ -271,7 +271,7 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
         recipe = Joint(specs, cfg, model, joint, backbone, data, parallel.world)
         loop = LoopConfig.from_train(cfg)  # checkpoint_every None: at every eval
         if overwrite and not resume and parallel.main:  # start over, as train does: an interrupted run's checkpoint goes now,
-            discard_partial(work)  # else a later --resume would continue the run --overwrite was to discard
+            remove_work(work)  # else a later --resume would continue the run --overwrite was to discard
         result = fit(recipe, loop, parallel, work, resume=resume, progress=progress,
                      compute_dtype=backbone.dtype)  # fp16: the loss scaler, as for one adapter
         final = recipe.scores(None, parallel)  # every dev row, with the best weights (each process its share)

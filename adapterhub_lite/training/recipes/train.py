@@ -31,7 +31,7 @@ from adapterhub_lite.model.heads import CompiledCall, label_token_ids, loss_item
 from adapterhub_lite.training.checkpoint import Checkpoint  # noqa: F401 - tests patch train.Checkpoint.save
 from adapterhub_lite.training.defaults import check_step_rows, resolve
 from adapterhub_lite.training.loop import LoopConfig, Recipe, StepLoss, fit
-from adapterhub_lite.training.output import adapter_meta, claim_output, discard_partial, disk_errors, finish_folder, prepare_output, publish_folder, remove_work
+from adapterhub_lite.training.output import adapter_meta, claim_output, disk_errors, finish_folder, prepare_output, publish_folder, remove_work
 from adapterhub_lite.training.parallel import Parallel, local_device
 from adapterhub_lite.training.progress import Cursor, TrainingError, next_rows, peak_memory_mb, run_identity, seed_everything, shard
 
@@ -160,7 +160,7 @@ def _train(spec: TaskSpec, output: Path, work: Path, *, overwrite: bool, resume:
 
     recipe = SingleTask(spec, model, backbone, data, parallel.world)
     if overwrite and not resume and parallel.main:  # start over: an interrupted run's checkpoint goes only now, all checked
-        discard_partial(work)
+        remove_work(work)
     result = fit(recipe, loop_config(spec), parallel, work, resume=resume, progress=progress, compute_dtype=backbone.dtype)
     state = result.state
     # the final eval of the best weights: every process its share, then rank 0 writes (the others wait for a write only)
