@@ -157,7 +157,7 @@ class TextState:
             self._search_from = settled
         if reason is None and n >= self.max_new_tokens:
             reason = "length"
-        end = len(text) if reason else len(text.rstrip("\ufffd"))  # a partial character is not there yet
+        end = len(text) if reason else settled  # a partial character is not there yet (text is unchanged since `settled`)
         self.reach.append(max(end, self.reach[-1] if self.reach else 0))
         self.text = text.strip() if reason and self.answer_mode else text
         self.reason = reason
