@@ -150,3 +150,24 @@ def test_the_bounded_search_finds_what_a_search_of_the_whole_text_finds():
                 break
         want = want or (tok.decode(ids), "length", None, len(ids))
         assert (state.text, state.reason, state.stop_reason, len(state.tokens)) == want, (trial, text, stops, min_tokens, include)
+
+
+def test_a_decode_that_rewrites_earlier_text_is_searched_whole():
+    """The bounded search relies on a byte-level decode only appending. transformers' clean-up of spaces rewrites text
+    an earlier token ended ("don '" then "don't": the space before the apostrophe goes), so a stop string can appear
+    wholly before the last search's end; such a decode is searched whole and the stop string still ends the choice."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+    tk.train_from_iterator(["don't do that, I can't. it's fine."] * 20, trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[UNK]", "[SEP]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="[SEP]", clean_up_tokenization_spaces=True)
+    ids = tok("don't do", add_special_tokens=False)["input_ids"]
+    assert [tok.decode(ids[: k + 1]) for k in range(3)] == ["don", "don '", "don't"]  # the third token rewrites the first two's text
+    state = TextState(tok, SamplingParams(stop=("n'",)), answer_mode=False, max_new_tokens=len(ids))
+    assert not state.decoded.windowed
+    for t in ids:
+        if state.add(t):
+            break
+    assert (state.text, state.reason, state.stop_reason, len(state.tokens)) == ("do", "stop", "n'", 3)
