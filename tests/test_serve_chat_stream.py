@@ -119,7 +119,7 @@ def test_each_token_searches_only_the_text_it_may_have_completed():
 
 def test_the_bounded_search_finds_what_a_search_of_the_whole_text_finds():
     """Stop strings across split characters and tokens, with min_tokens and include_stop_str_in_output, against the rule
-    read whole: at each token past min_tokens, the first stop string in the text up to its last whole character, from
+    read whole: at each token past min_tokens, the first listed stop string in the text up to its last whole character, from
     the min_tokens point less the stop string's length."""
     import random
 
@@ -145,7 +145,7 @@ def test_the_bounded_search_finds_what_a_search_of_the_whole_text_finds():
                 continue
             hits = [(at, s) for s in stops if (at := whole.find(s, max(0, origin - len(s) + 1), settled)) >= 0]
             if hits:
-                at, s = min(hits)
+                at, s = hits[0]  # the first listed (vLLM's order)
                 want = (whole[: at + (len(s) if include else 0)], "stop", s, k)
                 break
         want = want or (tok.decode(ids), "length", None, len(ids))
@@ -171,3 +171,20 @@ def test_a_decode_that_rewrites_earlier_text_is_searched_whole():
         if state.add(t):
             break
     assert (state.text, state.reason, state.stop_reason, len(state.tokens)) == ("do", "stop", "n'", 3)
+
+
+def test_stop_strings_completed_by_one_token_end_the_choice_at_the_first_listed():
+    """vLLM's check_stop_strings reads the stop list in order and ends the choice at the first string the token completed
+    (the new characters less each string's length). The token completing '日' completes both '日' and 'b日': listed
+    '日' first it ends the text at 'b', listed 'b日' first at ''. The earliest position was taken whatever the order (ties
+    by the strings' sort order)."""
+    tok = _tiny_tokenizer()
+    ids = tok("b日c", add_special_tokens=False)["input_ids"]
+    for stops, (text, stop) in ((("日", "b日"), ("b", "日")), (("b日", "日"), ("", "b日")), (("x", "日", "b日"), ("b", "日"))):
+        for include in (False, True):
+            state = TextState(tok, SamplingParams(stop=stops, include_stop_str_in_output=include), answer_mode=False, max_new_tokens=len(ids))
+            for t in ids:
+                if state.add(t):
+                    break
+            got = (state.text, state.reason, state.stop_reason, len(state.tokens))
+            assert got == (text + (stop if include else ""), "stop", stop, 4), (stops, include, got)

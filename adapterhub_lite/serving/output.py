@@ -147,9 +147,11 @@ class TextState:
             # on the engine thread (29 µs at 8,000 characters and 4 stops, 516 µs at 64). A decode that rewrites earlier
             # text (transformers' clean-up of spaces, SentencePiece) is searched whole, from the min_tokens point.
             start = max(self._search_from, self._searched if self.decoded.windowed else 0)
-            found = [(at, s) for s in p.stop if (at := text.find(s, max(0, start - len(s) + 1), settled)) >= 0]
+            # the first listed that this token completed, as vLLM's check_stop_strings reads the list: one token may
+            # complete two ('日' and 'b日' at the character it ends), and the client's order decides which ends the text
+            found = next(((at, s) for s in p.stop if (at := text.find(s, max(0, start - len(s) + 1), settled)) >= 0), None)
             if found:
-                at, s = min(found)
+                at, s = found
                 text, reason = text[: at + (len(s) if p.include_stop_str_in_output else 0)], "stop"
                 self.stop_reason = s
             self._searched = settled

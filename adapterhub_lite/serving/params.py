@@ -69,7 +69,7 @@ FIELDS: dict[str, Field] = {
     "best_of": Field((C,), "refused", "accepted only equal to `n` (no ranking of extra samples)"),
     "stream": Field(BOTH, "implemented", "server-sent events, one chunk per step; every choice streams"),
     "stream_options": Field(BOTH, "implemented", "`include_usage`; with it `continuous_usage_stats` (vLLM's): every chunk carries its choice's usage so far; `include_obfuscation` false only (no padding)"),
-    "stop": Field(BOTH, "implemented", "up to 64 strings (OpenAI takes 4, vLLM any number); the text ends before the first (see `include_stop_str_in_output`)"),
+    "stop": Field(BOTH, "implemented", "up to 64 strings (OpenAI takes 4, vLLM any number); the text ends before the first one generated (of those one token completes, the first listed, as vLLM reads them; see `include_stop_str_in_output`)"),
     "logprobs": Field(BOTH, "implemented", "completions: top k (0-20) plus the chosen token; chat: true/false with `top_logprobs`; the model's own log-probs"),
     "top_logprobs": Field((H,), "implemented", "0-20 alternatives per token"),
     "echo": Field((C,), "implemented", "the prompt comes back before the completion, with its token log-probs (first null)"),
