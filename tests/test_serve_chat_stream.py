@@ -188,3 +188,19 @@ def test_stop_strings_completed_by_one_token_end_the_choice_at_the_first_listed(
                     break
             got = (state.text, state.reason, state.stop_reason, len(state.tokens))
             assert got == (text + (stop if include else ""), "stop", stop, 4), (stops, include, got)
+
+
+def test_a_token_that_only_begins_a_character_is_streamed_at_once_and_the_completing_token_carries_it():
+    """Each token's entry (logprobs' token text) goes out with the step that made it, as vLLM streams a token's logprobs
+    with its step: a token that only begins a character adds no text yet, so its entry is sent at once with '', and the
+    token that completes the character carries it ('é' is two tokens here, '日' three)."""
+    tok = _tiny_tokenizer()
+    ids = tok("é日A", add_special_tokens=False)["input_ids"]
+    state = TextState(tok, SamplingParams(), answer_mode=False, max_new_tokens=len(ids) + 1)
+    steps = []
+    for t in ids:
+        state.add(t)
+        delta, entries = state.take()
+        steps.append((delta, [e.text for e in entries]))
+    assert steps == [("", [""]), ("é", ["é"]), ("", [""]), ("", [""]), ("日", ["日"]), ("A", ["A"])]
+    assert [e.text for e in state.entries()] == ["", "é", "", "", "日", "A"]
