@@ -210,6 +210,22 @@ def test_sources_named_with_a_dot_merge_as_under_plain_names(sources):
     assert torch.equal(_factors(empty, "mix")[0], p_A)
 
 
+def test_sources_whose_peft_names_would_meet_are_merged_apart(sources):
+    """peft gets 'x_1' for a source named 'x.1' (a ModuleDict key cannot hold '.'): a source already named 'x_1', another
+    name made so ('a.b_' after 'a.b' took 'a_b_'), or the merged adapter's own name must not be that name too, or two
+    sources would load under one (the dict of sources keeps one of them, the merge reads it twice), unsaid."""
+    weights = {"a": 0.5, "b": 0.3, "c": 2.0}
+    plain, _ = merge_adapters({k: sources[k] for k in weights}, weights, "cat", name="mix", report_rows=0, dtype="fp32")
+    want = _factors(plain, "mix")
+    for given, merged in ((("x.1", "x_1", "c"), "mix"), (("x.1", "b", "c"), "x_1"), (("a.b", "a_b", "a.b_"), "mix")):
+        named = dict(zip(given, ("a", "b", "c")))
+        model, meta = merge_adapters({n: sources[k] for n, k in named.items()}, {n: weights[k] for n, k in named.items()}, "cat",
+                                     name=merged, report_rows=0, dtype="fp32")
+        got = _factors(model, merged)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], given
+        assert set(meta["merge"]["sources"]) == set(given)
+
+
 def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sources, tmp_path):
     merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "cat", output=tmp_path / "mix", name="mix", report_rows=4)
     side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
@@ -650,3 +666,21 @@ def test_the_cli_merges_two_versions_of_one_registry_adapter_named_by_their_refs
         err = capsys.readouterr().err.strip()
         assert "is given twice (weights 0.5 and 0.25)" in err and "\n" not in err, (twice, err)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_source_config_that_leaves_r_and_lora_alpha_to_peft_merges_as_peft_reads_it(sources, tmp_path):
+    """Plain peft loads an adapter_config.json without r or lora_alpha (LoraConfig's defaults, 8 and 8); a merge reads
+    it so too, as the config with those defaults written (it was a KeyError: 'r' traceback)."""
+    config = json.loads((sources["c"] / "adapter_config.json").read_text())  # c has rank 8, peft's default
+    bare, written = tmp_path / "bare", tmp_path / "written"
+    for folder, cfg in ((bare, {k: v for k, v in config.items() if k not in ("r", "lora_alpha")}), (written, {**config, "r": 8, "lora_alpha": 8})):
+        shutil.copytree(sources["c"], folder)
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    for method in ("linear", "delta_linear"):  # a factor method (ranks must be equal: c's 8) and a ΔW one
+        merge_adapters({"x": bare, "c": sources["c"]}, {"x": 0.6, "c": 0.4}, method, output=tmp_path / f"bare_{method}", name="mix", report_rows=0)
+        merge_adapters({"x": written, "c": sources["c"]}, {"x": 0.6, "c": 0.4}, method, output=tmp_path / f"written_{method}", name="mix", report_rows=0)
+        want, got = _updates(tmp_path / f"written_{method}"), _updates(tmp_path / f"bare_{method}")
+        assert set(got) == set(want) and max((got[m] - want[m]).abs().max().item() for m in want) < 1e-6
+    with pytest.raises(MergeError, match="merge source 'x'.s adapter_config.json has peft_type None, which peft does not know"):
+        (bare / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "peft_type"}))
+        merge_adapters({"x": bare, "c": sources["c"]}, {"x": 0.6, "c": 0.4}, "delta_linear", name="mix", report_rows=0)

@@ -1,6 +1,6 @@
-"""The one reader of the PEFT LoRA / IA3 format, without torch or peft (the registry's light commands, the
-folder checks, export and the per-row layer all ask it): tensor names, the scale, and what a config means
-beyond its shapes (initialisations that rewrite the base)."""
+"""The one reader of the PEFT LoRA / IA3 format, importing neither torch nor peft (the registry's light commands, the
+folder checks, export and the per-row layer all ask it): tensor names, the scale, what a config means beyond its
+shapes (initialisations that rewrite the base), and a config's keys as peft fills them (with_peft_defaults)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ def base_rewriting_problem(config, what: str, use: str = "serve") -> str | None:
         return None
     return (f"{what} was initialised with init_lora_weights={init!r}, which rewrites the base weights; it fits only that rewritten base, "
             f"not this backbone: save it converted to plain LoRA (peft's path_initial_model_for_weight_conversion) and {use} that")
+
+
+def with_peft_defaults(raw: dict, what: str, error: type[Exception]) -> dict:
+    """adapter_config.json (`raw`, as read) with every key it leaves out set to peft's default (r=8, lora_alpha=8 …), as
+    PeftConfig.from_pretrained reads it: a hand-written config that plain peft loads means the same here. The keys it
+    gives keep their values as written. A peft_type peft does not know is one `error` naming `what` (the file)."""
+    from peft import PeftConfig  # at call time: importing this module stays free of peft (and torch)
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if raw.get("peft_type") not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise error(f"{what} has peft_type {raw.get('peft_type')!r}, which peft does not know (e.g. 'LORA', 'IA3', 'PREFIX_TUNING'); "
+                    "the folder is damaged or not a PEFT adapter: re-train or re-save it with peft")
+    kwargs = {k: v for k, v in raw.items() if k != "runtime_config"}  # as PeftConfig.from_pretrained drops it
+    return {**PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**kwargs)).to_dict(), **raw}
 
 
 # Tensor names in a PEFT folder: "[base_model.model.]<module>.lora_A[.<adapter>].weight" and

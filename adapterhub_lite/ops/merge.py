@@ -41,7 +41,7 @@ from adapterhub_lite.core.data import load_task_data
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
-from adapterhub_lite.model.lora_format import base_rewriting_problem
+from adapterhub_lite.model.lora_format import base_rewriting_problem, with_peft_defaults
 from adapterhub_lite.ops.merge_sources import MergeError, load_sources, read_json, read_source, read_weights
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B separately; equal ranks
@@ -80,8 +80,9 @@ def _ranks(configs: dict[str, dict]) -> dict[str, int]:
 def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[str, float], method: str, density: float | None,
                 allow_base_mismatch: bool = False, majority_sign_method: str | None = None) -> dict[str, int]:
     """Refuse a merge peft would fail on or do wrong, in one line; return the sources' ranks (each one's largest).
-    `configs`: each source's adapter_config.json as read."""
+    `configs`: each source's adapter_config.json as read (a key it leaves out means peft's default, e.g. r=8)."""
     _check_sources(metas, method, weights, allow_base_mismatch)
+    configs = {n: with_peft_defaults(c, f"merge source {n!r}'s adapter_config.json", MergeError) for n, c in configs.items()}
     # A PiSSA / OLoRA / CorDA … source is the residual of a base its init rewrote: merged beside others it would be
     # served on the unchanged backbone (peft keeps the first source's config, so a later source's init goes unsaid)
     rewritten = next(filter(None, (base_rewriting_problem(c, f"merge source {n!r}", use="merge") for n, c in configs.items())), None)
