@@ -13,14 +13,15 @@ import pytest
 from adapterhub_lite.artifacts.index import file_record
 from adapterhub_lite.artifacts.registry import LocalRegistry
 from adapterhub_lite.cli import main
-from adapterhub_lite.ops.export import VLLM_MAX_LORA_RANKS, plan_export, vllm_rank_bucket
+from adapterhub_lite.ops.export import VLLM_MAX_LORA_RANKS, ExportError, plan_export, vllm_rank_bucket
 
 from .conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Tiny adapters: LoRA r=4, LoRA r=16 with q_proj at r=32 (same scale), q_proj at r=32 in layer 0 only, prefix, prompt."""
+    """Tiny adapters: LoRA r=4, LoRA r=16 with q_proj at r=32 (same scale), q_proj at r=32 in layer 0 only, LoRA r=8 with
+    lora_alpha 8 (peft's defaults), prefix, prompt."""
     d = tmp_path_factory.mktemp("export")
     q32 = {"r": 16, "lora_alpha": 32, "rank_pattern": {"q_proj": 32}, "alpha_pattern": {"q_proj": 64}}
     layer0 = "model.layers.0.self_attn.q_proj"
@@ -28,6 +29,7 @@ def trained(tmp_path_factory):
         "lora4": train_tiny(d, "lora4", method_args={"r": 4}),
         "lora16": train_tiny(d, "lora16", method_args=q32),
         "layer0": train_tiny(d, "layer0", method_args={"r": 8, "lora_alpha": 8, "rank_pattern": {layer0: 32}, "alpha_pattern": {layer0: 32}}),
+        "lora8": train_tiny(d, "lora8", method_args={"r": 8, "lora_alpha": 8}),  # peft's default r and lora_alpha
         "pfx": train_tiny(d, "pfx", method="prefix", method_args={"num_virtual_tokens": 3}),
         "prm": train_tiny(d, "prm", method="prompt", method_args={"num_virtual_tokens": 4}),
     }
@@ -245,3 +247,14 @@ def test_lora_modules_values_parse_as_vllm_reads_them(trained, tmp_path, capsys,
     assert served == {"lora4": f"{real}/lora4/1.0.0", "lora4@1.0.0": f"{real}/lora4/1.0.0",
                       "lora16": f"{real}/lora16/1.0.0", "lora16@1.0.0": f"{real}/lora16/1.0.0"}
     assert "vLLM's JSON form" in out
+
+
+def test_a_config_that_leaves_r_and_lora_alpha_to_peft_is_read_as_peft_reads_it(trained, tmp_path):
+    """peft (and LoRAX, through peft's LoraConfig) read a left-out r or lora_alpha as 8; vLLM's PEFTHelper has no default
+    for them and refuses the folder. LoRAX's export took it for r=None and skipped it as unservable."""
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(_edited_copy(trained["lora8"], tmp_path / "bare", r=None, lora_alpha=None), "1.0.0", name="bare")
+    lorax = plan_export(reg.root, "lorax")
+    assert [(a["name"], a["rank"]) for a in lorax["adapters"]] == [("bare", 8)] and lorax["skipped"] == []
+    with pytest.raises(ExportError, match=r"bare@1.0.0: its adapter_config.json leaves out r, lora_alpha, which vLLM requires"):
+        plan_export(reg.root, "vllm")

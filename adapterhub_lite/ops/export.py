@@ -9,14 +9,15 @@ that fails its integrity check refuses the whole export (naming every such versi
 serving the rest would look complete to a script or CI.
 
 What the engines read, and so what is refused here rather than served wrongly:
-- vLLM (vllm/lora/peft_helper.py, vllm/config/lora.py): LoRA only; one scale lora_alpha/r (or
+- vLLM (vllm/lora/peft_helper.py, vllm/config/lora.py): LoRA only; r, lora_alpha and target_modules written in
+  adapter_config.json (PEFTHelper has no defaults for them, where peft has); one scale lora_alpha/r (or
   lora_alpha/sqrt(r) with use_rslora) for every module in releases before per-module scaling
   (PEFTHelper.get_rank_and_scaling), so rank_pattern/alpha_pattern must not change the scale (the
   export cannot tell which release loads it); refuses DoRA, modules_to_save and biases; --max-lora-rank is one of
   MaxLoRARanks = 1, 8, 16, 32, 64, 128, 256, 320, 512 (we start at 8: older releases lack 1).
 - LoRAX (predibase/lorax: docs/models/adapters/{index,lora}.md, docs/reference/launcher.md,
   launcher/src/main.rs, server/lorax_server/adapters/lora.py): LoRA (and Medusa) only; reads just
-  r, lora_alpha, use_rslora, target_modules; *ignores* unsupported target modules with a warning,
+  r, lora_alpha, use_rslora, target_modules, through peft's LoraConfig (so with peft's defaults); *ignores* unsupported target modules with a warning,
   and takes one rank per module type and drops a module type missing in any layer; local adapters
   are requested with parameters {"adapter_id": <folder>, "adapter_source": "local"}; the launcher
   takes --preloaded-adapter-ids (once per adapter) and --preloaded-adapter-source.
@@ -36,10 +37,11 @@ from adapterhub_lite.artifacts.folder import SIDECAR
 from adapterhub_lite.artifacts.index import version_key
 from adapterhub_lite.artifacts.registries import open_registry
 from adapterhub_lite.core.errors import AdapterHubError
-from adapterhub_lite.model.lora_format import base_rewriting_init, factor_key, scale, tensor_shapes
+from adapterhub_lite.model.lora_format import base_rewriting_init, factor_key, scale, tensor_shapes, with_peft_defaults
 
 ENGINES = {"vllm": "vLLM", "lorax": "LoRAX"}
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_REQUIRED_KEYS = ("r", "lora_alpha", "target_modules")  # PEFTHelper's fields without a default: vLLM refuses a config without them
 # Linear layers of a Llama-style decoder that both engines apply LoRA to (vLLM packs q/k/v and gate/up itself).
 DECODER_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 VOCAB_TARGETS = {"lm_head", "embed_tokens"}
@@ -89,6 +91,11 @@ def lora_problems(config: dict, modules: dict[str, int], others: list[str], engi
     eng, out = ENGINES[engine], []
     if config.get("peft_type") != "LORA":
         return [f"adapter_config.json has peft_type {config.get('peft_type')!r}; {eng} serves LoRA adapters only"]
+    unwritten = [k for k in VLLM_REQUIRED_KEYS if k not in config]
+    if engine == "vllm" and unwritten:  # LoRAX reads the config through peft's LoraConfig, which fills them as peft does
+        out.append(f"its adapter_config.json leaves out {', '.join(unwritten)}, which vLLM requires (its PEFTHelper has no defaults; "
+                   "peft's are r=8, lora_alpha=8, target_modules by model type): write them into adapter_config.json and publish it again")
+    config = with_peft_defaults(config, "adapter_config.json", ExportError)  # what peft and LoRAX read: r=8, lora_alpha=8 …
     if config.get("use_dora"):
         out.append(f"uses DoRA (use_dora), which {eng} does not implement")
     if config.get("modules_to_save"):
@@ -197,6 +204,7 @@ def _skip_reason(reg, c: Candidate, engine: str) -> str | None:
     problems = lora_problems(config, modules, others, engine)
     if problems:
         return "; ".join(problems)
+    config = with_peft_defaults(config, "adapter_config.json", ExportError)  # a left-out r is peft's 8, as LoRAX reads it
     c.rank = max([config["r"], *(config.get("rank_pattern") or {}).values(), *modules.values()])
     c.meta = json.loads((c.path / SIDECAR).read_text())
     return None
