@@ -16,7 +16,8 @@ streams back as it is produced (SSE chunks included), with its status and header
   (which holds the routing classifier), so it gets no adapter affinity; a replica's own LRU keeps what it serves.
 - A merged recipe's id is a hash of the recipe: requests with one recipe go where it was built.
 - Ray's own refusals come back in the server's shape: 429 when every replica's queue is full
-  (`max_queued_requests`), 503 when a replica died under a request (Ray starts another; the client retries).
+  (`max_queued_requests`), 503 when a replica died under a request (Ray starts another; the client retries); a
+  stream it was sending ends with the server's error event and [DONE], not as if it were whole.
   A client that leaves cancels its request in the replica, as on one server.
 - Replicas read one registry (a shared folder or hf://) with the integrity checks of one server. An adapter
   published after start-up is found on its first request: a replica that does not know a name re-reads the
@@ -207,20 +208,31 @@ class _Ingress:
                                            headers={"retry-after": "1"}))
         except Exception as exc:  # noqa: BLE001 - a replica that died (Ray starts another) or failed before answering
             log.warning("replica failed before answering %s %s: %s", request.method, request.url.path, exc)
-            return error_response(ApiError(503, f"the replica serving this request failed ({type(exc).__name__}); retry", "server_error",
-                                           "replica_failed", headers={"retry-after": "1"}))
+            return error_response(_replica_failed(exc))
+        sse = any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in head)
 
         async def chunks():
             try:
                 async for chunk in stream:
                     yield chunk
-            except Exception as exc:  # noqa: BLE001 - the replica died mid-stream: the client sees the stream end
+            except Exception as exc:  # noqa: BLE001 - the replica died mid-stream, after its 200 went out
                 log.warning("replica failed while streaming %s: %s", request.url.path, exc)
+                if sse:  # an SSE stream that just ended reads as a whole answer (the openai client stops without an error):
+                    # end it as the server ends a stream that fails mid-way (answers.py), with its error event and [DONE]
+                    yield f"data: {json.dumps(_replica_failed(exc, 'mid-stream').body())}\n\ndata: [DONE]\n\n".encode()
             finally:
                 stream.cancel()  # the client left (or the answer ended): the replica's request is cancelled
 
         drop = {"content-length", "transfer-encoding"}
         return StreamingResponse(chunks(), status_code=status, headers={k: v for k, v in head if k.lower() not in drop})
+
+
+def _replica_failed(exc: Exception, when: str = ""):
+    """The 503 for a request whose replica died (Ray starts another) or failed: the client may retry at once."""
+    from adapterhub_lite.serving.protocol import RETRY_SOON, ApiError
+
+    return ApiError(503, f"the replica serving this request failed{' ' + when if when else ''} ({type(exc).__name__}); retry",
+                    "server_error", "replica_failed", headers=RETRY_SOON)
 
 
 def application(options: dict, *, replicas: int | None = 1, autoscaling: dict | None = None, max_ongoing_requests: int = 64,
