@@ -37,6 +37,43 @@ def test_the_route_prefix_is_stripped_by_whole_segments():
     assert app_path("/v1/models", "") == app_path("/v1/models", "/") == "/v1/models"
 
 
+@pytest.mark.parametrize("argv, needle", [
+    # Ray ignores a key it does not know: max_replica (for max_replicas) served on 1 replica, silently
+    (["--autoscaling", '{"min_replicas": 1, "max_replica": 8}'], "argument --autoscaling: key(s) 'max_replica' are not Ray Serve's autoscaling_config"),
+    # these were pydantic tracebacks (exit 1) once a Ray cluster had started
+    (["--autoscaling", "[1]"], "argument --autoscaling: [1] is not a JSON object"),
+    (["--autoscaling", '{"min_replicas": 3, "max_replicas": 2}'], "max_replicas (2) must be greater than or equal to min_replicas (3)"),
+    (["--gpus-per-replica", "-1"], "argument --gpus-per-replica: -1 must be ≥ 0"),
+    # --replicas was unread next to --autoscaling
+    (["--replicas", "2", "--autoscaling", '{"max_replicas": 4}'], "--replicas 2 and --autoscaling both set how many replicas run"),
+])
+def test_bad_ray_settings_are_refused_in_one_line_before_ray_starts(capsys, tmp_path, monkeypatch, argv, needle):
+    ray = pytest.importorskip("ray")
+    from .test_bad_inputs import refused
+
+    def started(*a, **kw):
+        raise AssertionError("a Ray cluster was started for settings that cannot work")
+
+    monkeypatch.setattr(ray, "init", started)
+    refused(capsys, tmp_path, ["serve", "--registry", str(tmp_path), "--ray", *argv], needle)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("bogus", 1, "ray_app key 'bogus' is not a serve flag"),  # was argparse's usage text and SystemExit(2) inside Ray's app builder
+    ("port", 9000, "ray_app key 'port' is Ray Serve's to set"),  # was accepted and unread: Ray's proxy listens where Ray says
+    ("ray_address", "auto", "ray_app key 'ray_address' is Ray Serve's to set"),
+    ("replicas", 0, "ray_app: argument --replicas: 0 must be ≥ 1"),  # was usage text and SystemExit(2)
+])
+def test_ray_app_keys_that_are_not_its_settings_are_refused_in_one_line(tmp_path, key, value, needle):
+    pytest.importorskip("ray")
+    from adapterhub_lite.cli.serve import ray_app
+    from adapterhub_lite.core.errors import AdapterHubError
+
+    with pytest.raises(AdapterHubError) as refused:
+        ray_app({"registry": str(tmp_path), key: value})
+    assert needle in str(refused.value) and "\n" not in str(refused.value), refused.value
+
+
 @pytest.fixture(scope="module")
 def cluster(serve_registry):
     ray = pytest.importorskip("ray")

@@ -54,6 +54,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number ≥ 0 (a share of a resource: 0 takes none of it, a negative share is none at all)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be ≥ 0")
+    return value
+
+
 def nonempty(text: str) -> str:
     """argparse type: a path that is not empty ("" reads as the current folder, which is never what was meant)."""
     if not text.strip():

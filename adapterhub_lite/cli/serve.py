@@ -7,7 +7,7 @@ import contextlib
 import json
 import socket
 
-from adapterhub_lite.cli.args import add_device_args, add_route_threshold, count, finite_float, positive_float
+from adapterhub_lite.cli.args import add_device_args, add_route_threshold, count, nonnegative_float, positive_float
 from adapterhub_lite.core.errors import AdapterHubError
 
 # The Ray Serve flags and their defaults: one given without --ray would be unread, so it is refused
@@ -52,6 +52,11 @@ _RAY_ONLY = ("ray", "replicas", "autoscaling", "max_ongoing_requests", "max_queu
 
 
 def _ray_settings(args) -> dict:
+    """The Ray settings of `application` from the parsed flags; both --replicas and --autoscaling are refused, as Ray
+    refuses num_replicas next to autoscaling_config (autoscaling's min/max_replicas set the count: --replicas was unread)."""
+    if args.autoscaling is not None and args.replicas != RAY_DEFAULTS["replicas"]:
+        raise AdapterHubError(f"--replicas {args.replicas} and --autoscaling both set how many replicas run; drop --replicas "
+                              "(autoscaling's min_replicas and max_replicas bound it), or drop --autoscaling for a fixed count")
     return {"replicas": args.replicas, "autoscaling": args.autoscaling, "max_ongoing_requests": args.max_ongoing_requests,
             "max_queued_requests": args.max_queued_requests, "max_adapters_per_replica": args.max_adapters_per_replica,
             "num_gpus": args.gpus_per_replica, "num_cpus": args.cpus_per_replica}
@@ -69,13 +74,13 @@ def _serve_ray(args) -> int:
 
     from adapterhub_lite.serving.scale import application
 
-    options = {k: v for k, v in vars(args).items() if k not in _RAY_ONLY}
+    options, settings = {k: v for k, v in vars(args).items() if k not in _RAY_ONLY}, _ray_settings(args)  # refused before Ray starts
     # SIGTERM ends the server as Ctrl-C does, so the Ray cluster started here is shut down with it
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ray.init(address=args.ray_address, ignore_reinit_error=True, include_dashboard=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(application(options, **_ray_settings(args)), name="adapterhub", route_prefix="/", blocking=True)
+        serve.run(application(options, **settings), name="adapterhub", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -88,14 +93,25 @@ def ray_app(args: dict):
     """For `serve run adapterhub_lite.cli.serve:ray_app registry=adapters replicas=2 ...` and Ray Serve config files
     (README, "Scale out"): each key is a `serve` flag (max_batch_rows=16, allow_runtime_loading=true) or a Ray setting
     (replicas, autoscaling as JSON, max_ongoing_requests, max_queued_requests, max_adapters_per_replica,
-    gpus_per_replica, cpus_per_replica); unset flags take the CLI's defaults."""
+    gpus_per_replica, cpus_per_replica); unset flags take the CLI's defaults. Any other key, or a bad value, raises
+    AdapterHubError in one line (argparse would print its usage and exit inside Ray's app builder)."""
     from adapterhub_lite.serving.scale import application
 
-    parser = argparse.ArgumentParser(prog="adapterhub-lite")
+    class Refuse(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise AdapterHubError(f"ray_app: {message}; see adapterhub-lite serve --help")
+
+    parser = Refuse(prog="adapterhub-lite")
     add_serve_command(parser.add_subparsers(dest="command"))
+    flags_of = {a.dest for a in parser._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
 
     flags = ["serve"]
     for key, value in dict(args).items():
+        if key in _RAY_OWN:  # given here they would be unread: Ray's proxy listens, and the app runs, where Ray says
+            raise AdapterHubError(f"ray_app key {key!r} is Ray Serve's to set, not the application's: {_RAY_OWN[key]}")
+        if key not in flags_of:
+            raise AdapterHubError(f"ray_app key {key!r} is not a serve flag; give serve's flags with _ for - (max_batch_rows=16; "
+                                  "adapterhub-lite serve --help) or the Ray settings replicas, autoscaling, max_ongoing_requests …")
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool) or str(value).lower() in ("true", "false"):
             if str(value).lower() == "true":
@@ -104,6 +120,30 @@ def ray_app(args: dict):
             flags += [flag, value if isinstance(value, str) else json.dumps(value)]
     ns = parser.parse_args(flags)
     return application({k: v for k, v in vars(ns).items() if k not in _RAY_ONLY}, **_ray_settings(ns))
+
+
+# ray_app keys that are serve flags but Ray's to decide, and where to set them instead
+_RAY_OWN = {"host": "the config file's http_options.host (or serve start --http-host)",
+            "port": "the config file's http_options.port (or serve start --http-port)",
+            "ray_address": "serve run --address, or RAY_ADDRESS",
+            "ray": "ray_app always serves through Ray; drop it"}
+
+
+def _autoscaling(text: str) -> dict:
+    """argparse type of --autoscaling: JSON that Ray Serve's autoscaling_config takes (serving.scale.check_autoscaling)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON; give Ray Serve's autoscaling_config as a JSON object, e.g. "
+                                         '\'{"min_replicas": 1, "max_replicas": 4}\'') from None
+    try:
+        from adapterhub_lite.serving.scale import check_autoscaling
+
+        return check_autoscaling(value)
+    except ImportError:  # no Ray: --ray says so in its own line
+        return value
+    except AdapterHubError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 @contextlib.contextmanager
@@ -204,13 +244,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve: engine replicas behind one ingress, each request "
                    "sent to a replica that holds its adapter (model multiplexing); every other flag applies to each replica")
     r.add_argument("--replicas", type=count(1), default=RAY_DEFAULTS["replicas"], help="engine replicas, each with its own backbone (default 1)")
-    r.add_argument("--autoscaling", type=json.loads, help='Ray Serve autoscaling_config as JSON, instead of --replicas, e.g. '
+    r.add_argument("--autoscaling", type=_autoscaling, help='Ray Serve autoscaling_config as JSON, instead of --replicas, e.g. '
                    '\'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}\'')
     r.add_argument("--max-ongoing-requests", type=count(1), default=RAY_DEFAULTS["max_ongoing_requests"], help="requests a replica takes at once (Ray Serve's; default 64)")
     r.add_argument("--max-queued-requests", type=count(1), default=RAY_DEFAULTS["max_queued_requests"], help="requests waiting for a replica; more get 429 (default 256)")
     r.add_argument("--max-adapters-per-replica", type=count(1), default=RAY_DEFAULTS["max_adapters_per_replica"], help="adapters a replica is routed for at once; the least "
                    "recently used is forgotten past it (Ray Serve's max_num_models_per_replica; default 8)")
-    r.add_argument("--gpus-per-replica", type=finite_float, default=RAY_DEFAULTS["gpus_per_replica"], help="GPUs each replica takes (1 on a GPU machine; default 0)")
-    r.add_argument("--cpus-per-replica", type=finite_float, default=RAY_DEFAULTS["cpus_per_replica"], help="CPUs each replica takes (default 1)")
+    r.add_argument("--gpus-per-replica", type=nonnegative_float, default=RAY_DEFAULTS["gpus_per_replica"], help="GPUs each replica takes (1 on a GPU machine; default 0)")
+    r.add_argument("--cpus-per-replica", type=nonnegative_float, default=RAY_DEFAULTS["cpus_per_replica"], help="CPUs each replica takes (default 1)")
     r.add_argument("--ray-address", help="an existing Ray cluster (default: start one on this machine, or $RAY_ADDRESS)")
     p.set_defaults(func=_serve)

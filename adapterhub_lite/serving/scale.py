@@ -227,6 +227,31 @@ class _Ingress:
         return StreamingResponse(chunks(), status_code=status, headers={k: v for k, v in head if k.lower() not in drop})
 
 
+def check_autoscaling(config) -> dict:
+    """Ray Serve's autoscaling_config as the user gave it (--autoscaling, a config file's `autoscaling`), checked by Ray's
+    own model before anything starts: Ray drops a key it does not know (`max_replica` for max_replicas served on one
+    replica, silently) and reports a bad value only once its cluster is up, as a pydantic traceback. Returns it unchanged;
+    raises AdapterHubError (one line) otherwise."""
+    from ray.serve.config import AutoscalingConfig
+
+    from adapterhub_lite.core.errors import AdapterHubError
+
+    if not isinstance(config, dict):
+        raise AdapterHubError(f"{json.dumps(config)} is not a JSON object; give Ray Serve's autoscaling_config, e.g. "
+                              '{"min_replicas": 1, "max_replicas": 4}')
+    known = AutoscalingConfig.model_fields
+    unknown = [k for k in config if k not in known]
+    if unknown:
+        raise AdapterHubError(f"key(s) {', '.join(map(repr, unknown))} are not Ray Serve's autoscaling_config; use {', '.join(known)}")
+    try:
+        AutoscalingConfig(**config)
+    except ValueError as exc:  # pydantic's ValidationError: the first problem, in one line
+        first = exc.errors()[0] if hasattr(exc, "errors") else {"loc": (), "msg": str(exc)}
+        where = ".".join(map(str, first["loc"]))
+        raise AdapterHubError(f"{json.dumps(config)}: {where + ' ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
+    return config
+
+
 def _replica_failed(exc: Exception, when: str = ""):
     """The 503 for a request whose replica died (Ray starts another) or failed: the client may retry at once."""
     from adapterhub_lite.serving.protocol import RETRY_SOON, ApiError
@@ -248,7 +273,7 @@ def application(options: dict, *, replicas: int | None = 1, autoscaling: dict | 
     replica_cls = type("EngineReplica", (_Replica,), {})
     # multiplexed per application (its size is a setting); under the same name, which Ray Serve looks up to bind self
     replica_cls.load = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(_Replica.load)
-    scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    scaling = {"autoscaling_config": autoscaling} if autoscaling is not None else {"num_replicas": replicas}
     replica = serve.deployment(replica_cls, name="EngineReplica", max_ongoing_requests=max_ongoing_requests,
                                max_queued_requests=max_queued_requests, ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus},
                                **scaling)
