@@ -1,6 +1,7 @@
 """Router: swap, LRU residency, merge, mixed batches of every adapter kind, clear errors."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -484,3 +485,18 @@ def test_a_name_registered_again_serves_the_new_folder(router, folders):
         want = router.bank.forward(ids, [then])[0]
         assert (router.bank.forward(ids, ["x"])[0] - want).abs().max() <= 1e-5, then
         assert router.run([{"adapter": "x", "text": "pos 3"}]) == [{"adapter": "x", "prediction": alone(folders[then], ["pos 3"])[0]}]
+
+
+def test_count_arguments_of_the_python_api_that_are_no_whole_number_are_refused_naming_them(router):
+    """Router.run(max_batch_rows=1.5) or True ran as a batch budget, and max_model_len=nan was taken (a request then ran out
+    of memory); a str was a TypeError from a comparison. Each is one AdapterHubError (a ValueError) naming the value."""
+    for bad in (1.5, True, "4", None, 0):
+        with pytest.raises(AdapterHubError, match=rf"max_rows={re.escape(repr(bad))}: give .*Router.run's max_batch_rows"):
+            router.run([{"adapter": "base", "text": "hi"}], max_new_tokens=1, max_batch_rows=bad)
+    for key, bad in (("max_model_len", float("nan")), ("max_model_len", 1.5), ("max_cpu_loras", True), ("max_cpu_loras", None),
+                     ("max_lora_rank", "8"), ("max_loras", 0.5)):
+        with pytest.raises(AdapterHubError, match=rf"^{key}={re.escape(repr(bad))}: give a whole number ≥ 1 \(--{key.replace('_', '-')}\)"):
+            Router(router.backbone, **{key: bad})
+    for bad in (True, "5"):
+        with pytest.raises(AdapterHubError, match=rf"^memory_budget_mb is {re.escape(repr(bad))}; give a number of MB above 0"):
+            Router(router.backbone, memory_budget_mb=bad)

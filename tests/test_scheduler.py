@@ -2,6 +2,7 @@
 all finish, order is first come first served, and nobody starves. No model is involved."""
 
 import random
+import re
 
 import pytest
 
@@ -303,3 +304,11 @@ def test_a_pass_of_several_sequences_reserves_each_of_them():
     assert s.schedule().blocked == "kv_cache" and s.kv_reserved() == 40  # 3 × 60 = 180 > 170: it waits
     s.finish("gen")
     assert [t.key for t, _ in s.schedule().prefill] == ["cls"] and s.kv_reserved() == 120
+
+
+@pytest.mark.parametrize("name, value", [("max_rows", 1.5), ("max_rows", True), ("max_rows", "4"), ("max_rows", None), ("max_loras", 2.0),
+                                         ("max_num_batched_tokens", True), ("max_kv_tokens", "64"), ("patience", 0.5)])
+def test_a_budget_that_is_no_whole_number_is_refused_naming_it(name, value):
+    # 1.5 and True passed `max_rows < 1` and were run as budgets; "4" and None were a TypeError from the comparison
+    with pytest.raises(BudgetError, match=rf"^invalid serving budgets: {name}={re.escape(repr(value))}: give a whole number \("):
+        Budgets(**{name: value})

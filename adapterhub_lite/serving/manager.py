@@ -35,6 +35,7 @@ from adapterhub_lite.model.backbone import Backbone, model_context
 from adapterhub_lite.ops.merge import merge_adapters
 from adapterhub_lite.ops.merge_sources import read_source
 from adapterhub_lite.serving.bank import AdapterBank
+from adapterhub_lite.serving.params import is_count
 from adapterhub_lite.serving.reading import RequestReader, _locked
 from adapterhub_lite.serving.resident import read_adapter
 from adapterhub_lite.serving.routing import ContentRouter, check_probability
@@ -71,6 +72,16 @@ class AdapterManager(RequestReader):
                  route_threshold: float = 0.5, allow_base_mismatch: bool = False, max_model_len: int | None = None,
                  max_cpu_loras: int = 64, max_lora_rank: int | None = None, max_loras: int | None = None):
         self.route_threshold = check_probability(route_threshold)  # refused here, not at the first `auto` request
+        # counts: 1.5 or True passed a range check and served as a float or 1 (max_model_len=nan passed and a request
+        # then ran out of memory); a str was a TypeError from the comparison
+        counts = {"max_model_len": max_model_len, "max_cpu_loras": max_cpu_loras, "max_lora_rank": max_lora_rank, "max_loras": max_loras}
+        wrong = {k: v for k, v in counts.items() if (v is not None or k == "max_cpu_loras") and not (is_count(v) and v >= 1)}
+        if wrong:
+            k, v = next(iter(wrong.items()))
+            unset = "" if k == "max_cpu_loras" else ", or None for the default"
+            raise AdapterHubError(f"{k}={v!r}: give a whole number ≥ 1 (--{k.replace('_', '-')}){unset}")
+        if memory_budget_mb is not None and (isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float))):
+            raise AdapterHubError(f"memory_budget_mb is {memory_budget_mb!r}; give a number of MB above 0, or None for no budget")
         self.backbone, self.registry = backbone, registry
         self.max_model_len = check_context(backbone, max_model_len)
         self.bank = AdapterBank(backbone.model, max_lora_rank=max_lora_rank, max_loras=max_loras)

@@ -179,6 +179,12 @@ def unread(body: dict, known) -> list[str]:
 
 # -- numbers and lists as JSON gives them ------------------------------------------------------------
 
+def is_count(value) -> bool:
+    """An integer that is not a bool: what a count option (rows, slots, tokens) takes. Python reads True as 1 and
+    compares 1.5 with 1, so a range check alone lets both through, taken for a count nobody meant."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def number(body: dict, name: str, default, low: float, high: float, kind=float):
     """body[name] checked to be a number in [low, high] (an integer for kind=int); `default` when absent or null."""
     value = body.get(name)

@@ -36,10 +36,16 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.serving.params import is_count
 
 
 class BudgetError(AdapterHubError):
     """A request that no state of the server could run (it alone exceeds a budget), or budgets that contradict each other."""
+
+
+# where each budget is set, for its refusal
+_WHERE = {"max_rows": "at least 1: --max-batch-rows, Router.run's max_batch_rows", "max_num_batched_tokens": "--max-num-batched-tokens",
+          "max_kv_tokens": "cache positions: --kv-cache-mb", "max_loras": "at least 1: --max-loras", "patience": "0 or more steps"}
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,14 @@ class Budgets:
     patience: int = 8  # steps a request blocked by the adapter budget may be passed by later ones
 
     def __post_init__(self):
-        problems = []  # every problem at once, as torchtune's config checks do
+        # every problem at once, as torchtune's config checks do; a count that is no whole number is named alone first
+        # (1.5 or True passed `< 1` and ran as a float or 1; "4" was a TypeError from the comparison)
+        problems = [f"{name}={value!r}: give a whole number ({_WHERE[name]})" for name, value in self.__dict__.items()
+                    if not is_count(value) and (value is not None or name in ("max_rows", "patience"))]
+        if problems:
+            raise BudgetError("invalid serving budgets: " + "; ".join(problems))
         if self.max_rows < 1:
-            problems.append(f"max_rows={self.max_rows}: give at least 1 (--max-batch-rows)")
+            problems.append(f"max_rows={self.max_rows}: give at least 1 (--max-batch-rows, Router.run's max_batch_rows)")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_rows:
             problems.append(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_rows={self.max_rows}: a step must fit one "
                             "decode token per row; raise --max-num-batched-tokens or lower --max-batch-rows")
