@@ -160,8 +160,8 @@ def test_a_failed_save_after_an_interrupted_swap_keeps_and_names_the_previous_ch
 
 
 def test_a_resumed_run_spends_what_is_left_of_its_time_budget(tmp_path, device, monkeypatch):
-    """max_minutes is the run's budget of training time, counted over its resumes: a run resumed at step 2 after 40 s
-    of training has 35 s of its 75 s left, not a fresh 75 s. A clock of 10 s a read (each step reads it three times)."""
+    """max_minutes is the run's budget of wall-clock time, counted over its resumes: a run resumed at step 2 after 70 s
+    has 5 s of its 75 s left, not a fresh 75 s. A clock of 10 s a read (each step reads it three times, a checkpoint once)."""
     def clock():
         ticks = iter(range(0, 10_000, 10))
         return types.SimpleNamespace(monotonic=lambda: next(ticks), perf_counter=lambda: next(ticks))
@@ -172,6 +172,40 @@ def test_a_resumed_run_spends_what_is_left_of_its_time_budget(tmp_path, device, 
     assert Checkpoint(tmp_path).step() == 2
     monkeypatch.setattr(loop_mod, "time", clock())  # a new process: its clock starts anew
     result = fit(Toy(device), cfg, Parallel(device), tmp_path, resume=True, progress=False)
-    # 40 s trained before the crash; after it, steps 3 and 4 end at 60 s and 90 s of the budget's clock: 90 > 75 at step 4
-    # (a budget started afresh would read 20, 50, 80 and stop at step 5)
-    assert (result.state.step, result.stopped_by) == (4, "max_minutes")
+    # 70 s spent by the step-2 checkpoint; after it, step 3 reads 90 s of the budget's clock: 90 > 75 at step 3, as the run
+    # not interrupted (its clock: 20, 50, then 90 at step 3). A budget counted from the steps' 40 s alone read 60, 90 and
+    # stopped at step 4; one started afresh would read 20, 50, 80 and stop at step 5
+    assert (result.state.step, result.stopped_by) == (3, "max_minutes")
+
+
+class _Timed(_Scored):
+    """_Scored on a fake clock (`clock.t`, seconds): a step takes 1 s, an eval 50 s."""
+
+    def __init__(self, device, clock):
+        super().__init__(device, [0.5])
+        self.clock = clock
+
+    def step_loss(self, call, parallel):
+        self.clock.t += 1
+        return super().step_loss(call, parallel)
+
+    def evaluate(self, limit, parallel):
+        self.clock.t += 50
+        return super().evaluate(limit, parallel)
+
+
+def test_a_resumed_run_counts_the_evals_before_its_crash_in_its_time_budget(tmp_path, device, monkeypatch):
+    """train.max_minutes is wall-clock time, evals included; a resume took up the clock from the steps' time alone, so the
+    evals before the crash were spent again (here: stopped at step 11, not 7). A step takes 1 s and an eval (every 2 steps)
+    50 s, of a 120 s budget: step 6 ends its eval at 156 s, so step 7 (157 s) crosses it, resumed at step 4 or not."""
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(monotonic=lambda: clock.t, perf_counter=lambda: clock.t))
+    cfg = _cfg(max_steps=20, eval_every=2, checkpoint_every=2, max_minutes=2.0)
+    whole = fit(_Timed(device, clock), cfg, Parallel(device), tmp_path / "whole", progress=False)
+    assert (whole.state.step, whole.stopped_by) == (7, "max_minutes")
+    clock.t = 0.0
+    crash_after_checkpoint(monkeypatch, lambda: fit(_Timed(device, clock), cfg, Parallel(device), tmp_path / "resumed", progress=False), step=4)
+    clock.t = 5000.0  # a new process: its clock reads anything
+    resumed = fit(_Timed(device, clock), cfg, Parallel(device), tmp_path / "resumed", resume=True, progress=False)
+    assert (resumed.state.step, resumed.stopped_by) == (7, "max_minutes")
+    assert resumed.state.wall_seconds == whole.state.wall_seconds == 207  # step 7 at 157 s, then its eval: as recorded

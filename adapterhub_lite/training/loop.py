@@ -154,7 +154,7 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
                             f"learning rate 0), never reaching train.lr; use train.warmup_steps < {cfg.max_steps}")
     run = _Run(recipe, cfg, parallel, work, resume=resume, compute_dtype=compute_dtype)
     state, checkpoint_every = run.state, cfg.checkpoint_every or cfg.eval_every
-    start_wall = time.monotonic() - state.train_seconds
+    start_wall = time.monotonic() - state.wall_seconds  # a resumed run's budget goes on from what it had spent, its evals too
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (progress and parallel.main), desc=recipe.name, dynamic_ncols=True)
     # A checkpoint of a run that early stopping or its time budget ended (its folder write failed, and --resume redoes
     # only the end) is finished: training on would give another adapter than the run that was not interrupted. A resume
@@ -191,6 +191,7 @@ def fit(recipe: Recipe, cfg: LoopConfig, parallel: Parallel, work, *, resume: bo
         if out_of_time and stopped_by == "max_steps":
             stopped_by, state.out_of_time = "max_minutes", cfg.max_minutes
         if state.step % checkpoint_every == 0 or stopped_by != "max_steps":
+            state.wall_seconds = time.monotonic() - start_wall
             run.checkpoint()
         if stopped_by != "max_steps":
             break
@@ -235,7 +236,8 @@ class _Run:
             check_resume(saved.get("run"), recipe.identity, work, parallel.world)
             recipe.load_trainable(saved["adapter"])
             recipe.load_state_dict(saved["recipe"])
-            self.state, self.best = RunState(**saved["state"]), saved["best"]
+            # a checkpoint written before wall_seconds was kept counts its steps' time (what its resume counted then)
+            self.state, self.best = RunState(**{"wall_seconds": saved["state"].get("train_seconds", 0.0), **saved["state"]}), saved["best"]
             if saved.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(saved["scaler"])
             if parallel.main:

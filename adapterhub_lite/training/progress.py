@@ -25,6 +25,7 @@ class RunState:
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # wall-clock time the run spent to its last checkpoint, evals too: what train.max_minutes counts
     best_metric: float | None = None
     best_step: int = 0
     bad_evals: int = 0  # evals since the score last beat plateau_score by more than min_delta
