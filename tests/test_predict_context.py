@@ -72,3 +72,24 @@ def test_predict_counts_a_prompt_adapters_virtual_tokens(tmp_path, capsys):
     router.register("toy", folder)
     with pytest.raises(ContextLengthError, match=re.escape(said)):
         router.run([{"adapter": "toy", "text": text}])
+
+
+def test_predict_refuses_rows_that_set_generation_settings_it_does_not_apply(tmp_path, capsys):
+    """A row's max_new_tokens or temperature was echoed beside an answer that never applied it (infer honours the first
+    and refuses the rest; predict answers within the task's budget): refused naming the line, nothing written. A column
+    the prompt reads is data, whatever its name."""
+    folder = train_tiny(tmp_path)
+    capsys.readouterr()  # training's log
+    (tmp_path / "in.jsonl").write_text('{"text": "pos 1"}\n\n' + json.dumps({"text": "neg 2", "max_new_tokens": 4, "temperature": 0.7}) + "\n")
+    out = tmp_path / "out.jsonl"
+    code = main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists(), err
+    assert re.search(r"in\.jsonl: row\(s\) on line\(s\) \[3\] set \['max_new_tokens', 'temperature'\], which predict does not read", err[0]), err
+    rows = tmp_path / "seeded.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"{w} {i}", "seed": str(i), "label": w}) + "\n" for i in range(8) for w in ("pos", "neg")))
+    seeded = train_tiny(tmp_path, "seeded", prompt="T: {text} ({seed})\nL:", data={"train": str(rows), "dev": str(rows)})  # reads a column `seed`
+    capsys.readouterr()
+    (tmp_path / "seed.jsonl").write_text(json.dumps({"text": "pos 1", "seed": "7"}) + "\n")
+    assert main(["predict", str(seeded), "--input", str(tmp_path / "seed.jsonl"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["prediction"] in ("pos", "neg")

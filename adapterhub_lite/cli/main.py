@@ -118,6 +118,7 @@ def _predict(args) -> int:
     from adapterhub_lite.core.data_checks import check_lengths
     from adapterhub_lite.model.backbone import model_context
     from adapterhub_lite.model.evaluate import predict
+    from adapterhub_lite.serving.jobs import unread_settings
 
     if (args.text is None) == (args.input is None):
         raise DataError("predict needs exactly one of --text TEXT or --input FILE.jsonl")
@@ -132,6 +133,13 @@ def _predict(args) -> int:
             if args.input is None:
                 raise
             raise DataError(f"{args.input}:{line}: {exc}") from None  # which row of the file, not just what is wrong
+    # a key that reads like a generation setting (max_new_tokens, temperature …) and that the prompt does not read: predict
+    # answers greedily within the task's own budget, so echoing it beside the answer would look as if it had been applied
+    unread = unread_settings([{k: v for k, v in r.items() if k not in task.prompt_fields} for r in rows], also=frozenset({"max_new_tokens"}))
+    if unread:
+        where = f"{args.input}: row(s) on line(s) {[lines[i] for i in unread[0]][:5]}" if args.input is not None else "the request"
+        raise DataError(f"{where} set {unread[1]}, which predict does not read (it answers greedily, within the task's train.max_new_tokens); "
+                        "drop them, or run the rows with `adapterhub-lite infer`, which takes a per-request 'max_new_tokens'")
     model, backbone, spec, _ = load_adapter(args.adapter, quantization=args.quantization, device=args.device, dtype=args.dtype,
                                       allow_base_mismatch=args.allow_base_mismatch)
     check_lengths(spec, backbone.tokenizer)
