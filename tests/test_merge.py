@@ -226,6 +226,17 @@ def test_sources_whose_peft_names_would_meet_are_merged_apart(sources):
         assert set(meta["merge"]["sources"]) == set(given)
 
 
+def test_the_report_scores_sources_named_with_a_dot_under_their_own_adapters(sources):
+    """peft holds a source named 'toy@1.0.0' under another name; the report's "own" score reads it under that name, so a
+    merge of dotted sources reports as the same merge of plain names does, keyed by the names given."""
+    weights = {"a": 0.7, "b": 0.3}
+    _, plain = merge_adapters({k: sources[k] for k in weights}, weights, "linear", name="mix", report_rows=4, dtype="fp32")
+    named = {"toy@1.0.0": "a", "v1.2": "b"}
+    _, dotted = merge_adapters({n: sources[k] for n, k in named.items()}, {n: weights[k] for n, k in named.items()}, "linear", name="mix",
+                               report_rows=4, dtype="fp32")
+    assert dotted["merge_report"] == {n: plain["merge_report"][k] for n, k in named.items()}
+
+
 def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sources, tmp_path):
     merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "cat", output=tmp_path / "mix", name="mix", report_rows=4)
     side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
