@@ -132,3 +132,22 @@ def test_versions_order_by_number_not_by_text():
     assert next_version(dict.fromkeys(["1.9.0", "1.10.0"]), "auto") == "1.10.1"
     assert next_version(dict.fromkeys(["1.0.9", "1.0.10"]), "auto") == "1.0.11"
     assert next_version(dict.fromkeys(["9.0.0", "10.0.0"]), "auto") == "10.0.1"
+
+
+def test_the_entry_of_a_config_that_leaves_r_to_peft_has_peft_s_rank(adapters, tmp_path, capsys):
+    """adapter_config.json without "r" is LoraConfig's default r=8 to peft (PeftModel.from_pretrained loads it so); the
+    index entry said rank null and `list` showed '-'."""
+    import shutil
+
+    folder = tmp_path / "bare"
+    shutil.copytree(adapters["cls_a"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config.pop("r") == 8  # the package's default rank, peft's too: the factors fit the config without it
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    r = LocalRegistry(tmp_path / "reg")
+    r.publish(folder, "1.0.0", name="bare")
+    assert r.index()["adapters"]["bare"]["1.0.0"]["rank"] == 8
+    assert main(["verify", "--registry", str(tmp_path / "reg")]) == 0  # the entry agrees with the files it is derived from
+    capsys.readouterr()
+    assert main(["list", "--registry", str(tmp_path / "reg"), "--json"]) == 0
+    assert [row["rank"] for row in json.loads(capsys.readouterr().out)] == [8]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from adapterhub_lite.artifacts.folder import SIDECAR, check_adapter_folder, read_sidecar
 from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.model.lora_format import with_peft_defaults
 
 INDEX_FORMAT = "adapterhub_lite.registry/1"
 # Always used with fullmatch: `$` would also match before a trailing newline ("1.0.0\n").
@@ -141,6 +142,10 @@ def make_entry(meta: dict, peft_config: dict, files: dict, created: str | None =
     """The index record of one version (`created`: when it was published; default now)."""
     try:
         spec, fp = meta["task"] or {"name": None, "type": "component", "metric": []}, meta["base"]["fingerprint"]  # no task: a shared adapter
+        if peft_config.get("peft_type") == "LORA" and "r" not in peft_config:
+            # a left-out r is peft's default (8), as PeftModel.from_pretrained loads it; peft is imported for that case alone
+            # (its import costs the light commands seconds)
+            peft_config = with_peft_defaults(peft_config, "adapter_config.json", RegistryError)
         targets = peft_config.get("target_modules")
         metrics = meta.get("metrics") or {}
         return {
