@@ -183,6 +183,17 @@ def test_answers_through_ray_equal_one_server(cluster, serve_registry):
 
 
 @pytest.mark.ray
+def test_a_request_without_the_api_key_loads_nothing_in_a_replica(cluster):
+    """One server refuses a request without the key before any work; a replica loaded its adapter first (a name it did
+    not know: re-read the registry index) and held it, evicting one a keyed client was using: 20 keyless requests with
+    made-up names took gen_a out of the replica that held it."""
+    for _ in range(3):  # Ray sends an id to the replica that holds it: the second would find it held
+        r = httpx.post(cluster + "/v1/completions", json={"model": "cls_a@1.0.0", "prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers[HELD_HEADER] == "0", "a request without the key loaded its adapter"
+
+
+@pytest.mark.ray
 def test_requests_go_to_the_replica_that_holds_their_adapter(cluster):
     shares, replicas = [], {}
     # A second warm-up and measure when the first left stale placements: Ray's router can still be sending requests by

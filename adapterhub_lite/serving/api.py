@@ -53,25 +53,32 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OP
 HTTP_PARSER = "h11"
 
 
+def refusal(settings: Settings, scope) -> P.ApiError | None:
+    """What a request is refused for before any body is read or any work done (None: nothing): a missing or wrong API key
+    on /v1/*, then a content-length past the body limit. The Guard answers it; a Ray replica (serving/scale.py) checks it
+    before loading the request's adapter, so a client without the key makes it do nothing, as here."""
+    headers = Headers(scope=scope)
+    if settings.api_key and scope["path"].startswith("/v1/"):
+        given = headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):  # constant time: no key guessing by timing
+            return P.ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", "authentication_error", "invalid_api_key")
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+        return P.ApiError(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes} bytes; send less",
+                          code="body_too_large")
+    return None
+
+
 class Guard:
-    """The API key (on /v1/*) and the body-size limit, checked before any body is read."""
+    """The API key (on /v1/*) and the body-size limit, checked before any body is read (`refusal`)."""
 
     def __init__(self, app, settings: Settings, refuse):
         self.app, self.settings, self.refuse = app, settings, refuse
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            headers, settings = Headers(scope=scope), self.settings
-            problem = None
-            if settings.api_key and scope["path"].startswith("/v1/"):
-                given = headers.get("authorization", "")
-                token = given[7:] if given.lower().startswith("bearer ") else ""
-                if not hmac.compare_digest(token.encode(), settings.api_key.encode()):  # constant time: no key guessing by timing
-                    problem = P.ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", "authentication_error", "invalid_api_key")
-            length = headers.get("content-length")
-            if problem is None and length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                problem = P.ApiError(413, f"request body of {length} bytes is over the limit of {settings.max_body_bytes} bytes; send less",
-                                     code="body_too_large")
+            problem = refusal(self.settings, scope)
             if problem is not None:
                 return await self.refuse(problem)(scope, receive, send)
         await self.app(scope, receive, send)

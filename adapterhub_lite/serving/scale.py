@@ -124,13 +124,22 @@ class _Replica:
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes):
         """Run one HTTP request through the app; yields (status, headers) first, then the body's chunks as sent."""
+        from adapterhub_lite.serving.api import refusal
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+                 "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+                 "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+                 "client": ("127.0.0.1", 0), "server": ("ray-serve", 0)}
         # The adapter is read from the request itself, not from the id Ray routed by: what this replica held is its
         # own count, whatever the ingress sent it (a balancer that ignores adapters shows here as misses).
         name = model_id(path, body)
         held = True
         if name:
             held = name in self.held
-            await self.load(name)
+            # A request the app refuses unread (no API key) loads nothing: one keyless client could otherwise re-read the
+            # registry index for each made-up name and evict, by LRU, the adapters keyed clients are using.
+            if refusal(self.app.state.server.settings, scope) is None:
+                await self.load(name)
         sent: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
         delivered = False
@@ -146,10 +155,6 @@ class _Replica:
         async def send(message):
             await sent.put(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-                 "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
-                 "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
-                 "client": ("127.0.0.1", 0), "server": ("ray-serve", 0)}
         task = asyncio.ensure_future(self.app(scope, receive, send))
         try:
             while True:
