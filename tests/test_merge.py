@@ -671,6 +671,12 @@ def test_the_cli_merges_two_versions_of_one_registry_adapter_named_by_their_refs
     side = json.loads((tmp_path / "soup" / "adapterhub.json").read_text())
     assert side["merge"]["weights"] == {"toy@1.0.0": 0.5, "toy@1.1.0": 0.5}
     assert {n: s["registry_ref"] for n, s in side["merge"]["sources"].items()} == {"toy@1.0.0": "toy@1.0.0", "toy@1.1.0": "toy@1.1.0"}
+    # name@latest is the name itself, as the server names it
+    assert main(["merge", "toy@latest", "toy@1.0.0", "--weights", "0.5", "0.5", "--output", str(tmp_path / "latest"), *argv]) == 0
+    assert set(json.loads((tmp_path / "latest" / "adapterhub.json").read_text())["merge"]["weights"]) == {"toy", "toy@1.0.0"}
+    shutil.copytree(sources["b"], tmp_path / "runs" / "b@2")  # a folder whose path holds '@' is named by its folder, not the path
+    assert main(["merge", "toy@1.0.0", str(tmp_path / "runs" / "b@2"), "--weights", "0.5", "0.5", "--output", str(tmp_path / "dir"), *argv]) == 0
+    assert set(json.loads((tmp_path / "dir" / "adapterhub.json").read_text())["merge"]["weights"]) == {"toy@1.0.0", "b@2"}
     capsys.readouterr()
     for twice in (["toy", "toy@1.1.0"], ["toy@latest", "toy@1.1.0"]):  # one version under two references
         assert main(["merge", *twice, "--weights", "0.5", "0.25", "--output", str(tmp_path / "m"), *argv]) == 2
