@@ -194,6 +194,14 @@ def test_a_request_without_the_api_key_loads_nothing_in_a_replica(cluster):
 
 
 @pytest.mark.ray
+def test_a_redirect_names_the_host_the_client_called(cluster):
+    """The ingress dropped the Host header, so the app built URLs from its in-process scope: a trailing slash's 307 sent
+    the client to http://ray-serve:0/v1/completions (one server: its own host and port)."""
+    r = httpx.post(cluster + "/v1/completions/", json={"model": "base", "prompt": "x"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 307 and r.headers["location"] == cluster + "/v1/completions", r.headers
+
+
+@pytest.mark.ray
 def test_requests_go_to_the_replica_that_holds_their_adapter(cluster):
     shares, replicas = [], {}
     # A second warm-up and measure when the first left stale placements: Ray's router can still be sending requests by

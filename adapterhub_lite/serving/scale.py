@@ -219,7 +219,7 @@ class _Ingress:
         body = await self.read_body(request)
         path = app_path(request.url.path, request.scope.get("root_path", ""))
         mid = model_id(path, body)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "host"]
+        headers = request.headers.items()  # Host included: the app builds URLs (a redirect's Location) from it, as one server
         call = self.replicas.options(stream=True, multiplexed_model_id=mid)
         stream = call.forward.remote(request.method, path, request.url.query.encode(), headers, body)
         try:
