@@ -237,6 +237,34 @@ def test_the_report_scores_sources_named_with_a_dot_under_their_own_adapters(sou
     assert dotted["merge_report"] == {n: plain["merge_report"][k] for n, k in named.items()}
 
 
+def test_a_merge_is_built_from_the_bytes_it_read_not_the_file_read_again(sources, tmp_path, monkeypatch):
+    """merge_adapters reads each source's files once (read_source: the bytes the sidecar's adapter_sha256 hashes) and
+    builds the merge from them: a file rewritten after that read changes neither the merge nor its recorded hash."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    from adapterhub_lite.ops import merge
+
+    copies = {n: shutil.copytree(sources[n], tmp_path / n) for n in ("a", "b")}
+    weights = {"a": 0.5, "b": 0.5}
+    merge_adapters(copies, weights, "delta_linear", output=tmp_path / "clean", name="mix", report_rows=0, dtype="fp32")
+    file = copies["b"] / "adapter_model.safetensors"
+    kept, read = file.read_bytes(), merge.read_source
+
+    def then_rewritten(folder, *a, **k):  # another writer replaces the weights right after they were read
+        out = read(folder, *a, **k)
+        if folder == copies["b"]:
+            save_file({k: v * 3 for k, v in load_file(file).items()}, file)
+        return out
+
+    monkeypatch.setattr(merge, "read_source", then_rewritten)
+    _, meta = merge_adapters(copies, weights, "delta_linear", output=tmp_path / "raced", name="mix", report_rows=0, dtype="fp32")
+    want, got = load_file(tmp_path / "clean" / "adapter_model.safetensors"), load_file(tmp_path / "raced" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert meta["merge"]["sources"]["b"]["adapter_sha256"] == hashlib.sha256(kept).hexdigest() != hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def test_the_merged_sidecar_is_built_for_the_merge_not_copied_from_a_source(sources, tmp_path):
     merge_adapters({"a": sources["a"], "b": sources["b"]}, {"a": 0.5, "b": 0.5}, "cat", output=tmp_path / "mix", name="mix", report_rows=4)
     side = json.loads((tmp_path / "mix" / "adapterhub.json").read_text())
