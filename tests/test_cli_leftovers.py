@@ -264,3 +264,21 @@ def test_train_multi_overwrite_discards_an_interrupted_checkpoint(capsys, cls_ta
     assert main(["train-multi", "toy.yaml", "other.yaml", "--output", "out", "--overwrite", "--no-progress"]) == 130
     assert not old.exists()
     assert "interrupted before the first checkpoint of 'out'" in capsys.readouterr().err
+
+
+def test_train_overwrite_discards_an_interrupted_checkpoint(capsys, cls_task, monkeypatch):
+    """train --overwrite starts over: an interrupted run's checkpoint goes before training starts, so a run stopped before
+    its own first checkpoint leaves nothing for a later --resume to continue (the run --overwrite was to discard)."""
+    from adapterhub_lite.training.recipes import train
+
+    old = cls_task / ".out.partial" / "checkpoint"
+    old.mkdir(parents=True)
+    (old / "state.pt").write_bytes(b"an interrupted run's")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
+
+    monkeypatch.setattr(train, "fit", stopped)
+    assert main(["train", "toy.yaml", "--output", "out", "--overwrite", "--no-progress"]) == 130
+    assert not old.exists()
+    assert "interrupted before the first checkpoint of 'out'" in capsys.readouterr().err
