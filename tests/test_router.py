@@ -500,3 +500,14 @@ def test_count_arguments_of_the_python_api_that_are_no_whole_number_are_refused_
     for bad in (True, "5"):
         with pytest.raises(AdapterHubError, match=rf"^memory_budget_mb is {re.escape(repr(bad))}; give a number of MB above 0"):
             Router(router.backbone, memory_budget_mb=bad)
+
+
+def test_an_adapter_name_that_is_no_string_is_one_typed_refusal(router, folders):
+    """use(123), register(1, folder) and merge(name=5) were bare TypeErrors ('argument of type 'int' is not iterable',
+    "unsupported operand type(s) for /: 'PosixPath' and 'int'")."""
+    with pytest.raises(AdapterLoadError, match=r"^adapter name 123 is a int, not a string; name an adapter"):
+        router.use(123)
+    with pytest.raises(AdapterLoadError, match=r"^adapter name 1 is a int, not a string"):
+        router.register(1, next(iter(folders.values())))
+    with pytest.raises(MergeError, match=r"^the merged adapter's name 5 is a int, not a string"):
+        router.merge({"cls_a": 0.5, "cls_b": 0.5}, name=5)

@@ -119,6 +119,7 @@ class AdapterManager(RequestReader):
     def inspect(self, name: str, folder: str | Path | None = None) -> Registration:
         """Every check register() makes, with all its reading and hashing, and nothing changed: safe to run on a
         worker thread (the server does, so registry I/O never stalls decoding); `add` then takes the result."""
+        _check_name_type(name)
         hashes = None
         if folder is None:
             if self.registry is None:
@@ -216,6 +217,7 @@ class AdapterManager(RequestReader):
 
     def _check_known(self, name: str) -> None:
         """Refuse a name that is not a servable adapter, with why (unknown, or unavailable and what failed)."""
+        _check_name_type(name)
         if name in self.unavailable:
             raise AdapterUnavailable(f"adapter {name!r} is unavailable: {self.unavailable[name]}; the server serves the other adapters: "
                                      "repair or re-publish it, then reload (POST /v1/reload)")
@@ -359,6 +361,12 @@ class AdapterManager(RequestReader):
         """(peft type, positions a prompt- or prefix-tuning adapter puts before every prompt); ("", 0) for `base`.
         Read from the adapter's config, so a request is measured before its adapter is resident."""
         return ("", 0) if name == BASE else self.kinds[name]
+
+
+def _check_name_type(name) -> None:
+    """Refuse an adapter name that is not a string (an int was a TypeError from `'@' in name`)."""
+    if not isinstance(name, str):
+        raise AdapterLoadError(f"adapter name {name!r} is a {type(name).__name__}, not a string; name an adapter such as 'sst2', or 'base' / 'auto'")
 
 
 def check_context(backbone: Backbone, max_model_len: int | None) -> int:

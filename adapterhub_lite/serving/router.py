@@ -126,6 +126,8 @@ class Router(AdapterManager):
             if source in (BASE, AUTO) or not isinstance(source, str):
                 raise MergeError(f"merge source {source!r} is no adapter; name the LoRA adapters to merge")
             self._check_known(source)  # as run() names one: 'unknown adapter …; known: …', a pinned version registered on first use
+        if not isinstance(name, str):  # a number was a TypeError from the output path
+            raise MergeError(f"the merged adapter's name {name!r} is a {type(name).__name__}, not a string; give name='...'")
         if name in self.folders or name in (BASE, AUTO):  # register() would put the merge in its place, unsaid
             raise MergeError(f"an adapter named {name!r} is already served by this router; give the merge another name (name=...)")
         scratch = output is None
