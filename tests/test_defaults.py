@@ -247,6 +247,10 @@ def test_a_batch_in_tokens_with_accumulation_reads_at_most_the_split_a_step(cls_
     each of the 96 rows four times (train now refuses a step over the split). The cap is the split ÷ grad_accum."""
     resolved, _ = _resolve(_minimal(cls_task, "toy"), "train.batch_tokens=100000", "train.grad_accum=4")
     assert resolved.spec.train.batch_size == 96 // 4
+    # the learning rate is scaled by the step's rows as capped (24 × 4), not by the uncapped rows (96 × 4)
+    from adapterhub_lite.training.defaults import LR_SCALE_MAX
+
+    assert resolved.spec.train.lr == float(f"{1e-3 * min(LR_SCALE_MAX, math.sqrt(96 / 16)):.2g}") == resolved.choices["train.lr"]["value"]
 
 
 def test_a_split_smaller_than_the_default_batch_is_read_once_a_step(cls_task):
