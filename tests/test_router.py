@@ -511,3 +511,9 @@ def test_an_adapter_name_that_is_no_string_is_one_typed_refusal(router, folders)
         router.register(1, next(iter(folders.values())))
     with pytest.raises(MergeError, match=r"^the merged adapter's name 5 is a int, not a string"):
         router.merge({"cls_a": 0.5, "cls_b": 0.5}, name=5)
+
+
+def test_an_on_done_that_is_not_callable_is_refused_before_anything_runs(router):
+    # run(on_done=1) answered every request and printed a TypeError traceback per request from the engine thread
+    with pytest.raises(AdapterHubError, match=r"^on_done is 1, not callable; pass a function of the request's index, or None$"):
+        router.run([{"adapter": "base", "text": "hi"}], max_new_tokens=1, on_done=1)

@@ -35,6 +35,8 @@ class OfflineRun:
         if not isinstance(requests, (list, tuple)):  # a dict or a string would be iterated as keys or characters
             raise DataError(f"run() takes a list of requests, got {type(requests).__name__} {_shown(requests)}; "
                             "pass a list of dicts such as [{'adapter': 'base', 'text': 'Hello'}]")
+        if on_done is not None and not callable(on_done):  # it was called on the engine thread: a traceback per request, answers kept
+            raise AdapterHubError(f"on_done is {_shown(on_done)}, not callable; pass a function of the request's index, or None")
         vocab = self.router.bank.lm_head.out_features
         for i, req in enumerate(requests):  # before any job: Python callers reach here unchecked (the server parsed its own)
             problem = malformed(req, vocab)
