@@ -84,7 +84,7 @@ def test_the_ingress_reads_no_more_of_a_body_than_one_server_would(length):
         def forward(self):
             return self
 
-        def remote(self, method, path, query, headers, body):
+        def remote(self, method, path, query, headers, body, *_):
             forwarded.append((headers, body))
             return _Answer(b"{}")
 
@@ -292,6 +292,11 @@ def test_a_saturated_replica_answers_429_a_route_prefix_is_served_and_a_client_t
     try:
         want = post(one.url, body).json()["choices"][0]["text"]
         assert post(cluster + "/busy", {**body, "max_tokens": 2}).status_code == 200  # the replica is up (and the prefix stripped)
+        # a URL the app builds keeps the prefix (a 307 sent the client to /v1/completions, outside the application), and
+        # the API key is checked under it
+        moved = httpx.post(cluster + "/busy/v1/completions/", json=body, headers={"Authorization": f"Bearer {KEY}"})
+        assert moved.status_code == 307 and moved.headers["location"] == cluster + "/busy/v1/completions", moved.headers
+        assert httpx.post(cluster + "/busy/v1/completions", json=body).status_code == 401
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             got = list(pool.map(lambda _: post(cluster + "/busy", body), range(12)))
         codes = sorted(r.status_code for r in got)

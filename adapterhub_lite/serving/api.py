@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from starlette._utils import get_route_path  # the path routing matches (after root_path); FastAPI's routing imports it alike
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -58,7 +59,7 @@ def refusal(settings: Settings, scope) -> P.ApiError | None:
     on /v1/*, then a content-length past the body limit. The Guard answers it; a Ray replica (serving/scale.py) checks it
     before loading the request's adapter, so a client without the key makes it do nothing, as here."""
     headers = Headers(scope=scope)
-    if settings.api_key and scope["path"].startswith("/v1/"):
+    if settings.api_key and get_route_path(scope).startswith("/v1/"):  # the route's path: after a proxy's root_path (serving/scale.py)
         given = headers.get("authorization", "")
         token = given[7:] if given.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), settings.api_key.encode()):  # constant time: no key guessing by timing

@@ -122,12 +122,14 @@ class _Replica:
                     log.warning("reading adapter %r failed: %s", name, exc)
         return _Held(self.held, name)
 
-    async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes):
-        """Run one HTTP request through the app; yields (status, headers) first, then the body's chunks as sent."""
+    async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes, root_path: str = ""):
+        """Run one HTTP request through the app; yields (status, headers) first, then the body's chunks as sent. `path`
+        is the app's (after the application's route_prefix, `root_path`); the app gets both, as ASGI has them behind a
+        proxy, so the URLs it builds (a redirect's Location) keep the prefix."""
         from adapterhub_lite.serving.api import refusal
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-                 "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+                 "path": root_path + path, "raw_path": (root_path + path).encode(), "query_string": query, "root_path": root_path,
                  "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
                  "client": ("127.0.0.1", 0), "server": ("ray-serve", 0)}
         # The adapter is read from the request itself, not from the id Ray routed by: what this replica held is its
@@ -217,11 +219,12 @@ class _Ingress:
         from adapterhub_lite.serving.routes.common import error_response
 
         body = await self.read_body(request)
-        path = app_path(request.url.path, request.scope.get("root_path", ""))
+        root = request.scope.get("root_path", "").rstrip("/")
+        path = app_path(request.url.path, root)
         mid = model_id(path, body)
         headers = request.headers.items()  # Host included: the app builds URLs (a redirect's Location) from it, as one server
         call = self.replicas.options(stream=True, multiplexed_model_id=mid)
-        stream = call.forward.remote(request.method, path, request.url.query.encode(), headers, body)
+        stream = call.forward.remote(request.method, path, request.url.query.encode(), headers, body, root if path != request.url.path else "")
         try:
             status, head = await stream.__anext__()
         except BackPressureError as exc:
