@@ -476,3 +476,34 @@ def test_a_joint_run_killed_while_writing_its_folders_resumes_and_writes_them(tm
     assert (tmp_path / ".run.partial" / "out").is_dir() and not (tmp_path / "run").exists()
     out = train_joint(specs, tmp_path / "run", cfg, resume=True, progress=False)
     assert all((out / name / "adapter_model.safetensors").is_file() for name in ("a", "b"))
+
+
+def test_a_joint_run_killed_while_removing_its_work_folder_leaves_a_finished_run(tmp_path, monkeypatch):
+    """After train-multi's folders are in place its work folder is removed, as train's: a process killed during the
+    removal could leave checkpoint/state.pt (what marks a checkpoint) beside a half-removed optimizer state, and the
+    finished run would then be taken for an interrupted one. The checkpoints' state.pt go first (remove_work)."""
+    import shutil
+    from pathlib import Path
+
+    from adapterhub_lite.core.errors import OutputExistsError
+
+    monkeypatch.chdir(tmp_path)
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("yes", "no")]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = [_spec(n, data={"train": "t.jsonl", "dev": "t.jsonl"}) for n in ("a", "b")]
+    cfg = JointConfig(max_steps=2, batch_size=4, warmup_steps=0, eval_every=2, eval_samples=4)
+    work, rmtree = tmp_path / ".run.partial", shutil.rmtree
+
+    def killed(path, *a, **k):
+        if Path(path) == work:  # the process dies with part of the checkpoint removed, state.pt not yet
+            next(p for p in (work / "checkpoint").iterdir() if p.name != "state.pt").unlink()
+            raise RuntimeError("simulated kill")
+        return rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train_joint(specs, tmp_path / "run", cfg, progress=False)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (tmp_path / "run" / "a" / "adapter_model.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
+        train_joint(specs, tmp_path / "run", cfg, progress=False)
