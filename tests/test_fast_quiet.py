@@ -207,3 +207,16 @@ def test_no_progress_turns_the_training_step_bar_off(cls_task, capsys, command):
         assert main([command, *specs, "train.max_steps=1", "--output", f"out{len(flag)}", *flag]) == 0
         shown[flag] = "1/1 [" in capsys.readouterr().err
     assert shown == ({(): True, ("--no-progress",): False} if command == "train" else {("--no-progress",): False})
+
+
+def test_a_library_warning_is_one_warning_line_on_the_command_line(published):
+    """The package's own warnings (an adapter run in another quantization, one left out of routing or not served) reach
+    a command's stderr as one `warning: …` line, as train's data warnings do: Python's default showed the source file,
+    line, `UserWarning:` and the calling source line (`router = Router.from_registry(...`) under it."""
+    folder, _ = published  # trained unquantized: --quantization 8bit warns
+    done = subprocess.run([sys.executable, "-m", "adapterhub_lite.cli", "predict", str(folder), "--text", "pos 1",
+                           "--quantization", "8bit", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    said = [line for line in done.stderr.splitlines() if "was trained on an unquantized backbone" in line]
+    assert said and all(line.startswith("warning: adapter ") for line in said), done.stderr[-800:]
+    assert "UserWarning" not in done.stderr, done.stderr[-800:]

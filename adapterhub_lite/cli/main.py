@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from adapterhub_lite.cli.args import (  # noqa: F401 - cli.add_device_args was public
@@ -345,6 +346,23 @@ def _quiet_library_bars() -> None:
         hf_logging.disable_progress_bar()
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1])  # adapterhub_lite/: a warning raised from here is ours
+
+
+def _one_line_warnings(shown):
+    """A `warnings.showwarning` that prints the package's own warnings (another quantization, an adapter left out of
+    routing or not served) as one `warning: …` line, as train's data warnings print: Python's default adds the file,
+    line, category and source line, which tell a command-line user nothing. Others go to `shown` with their origin."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not str(filename).startswith(_PACKAGE) or not issubclass(category, UserWarning):
+            return shown(message, category, filename, lineno, file, line)
+        with contextlib.suppress(OSError):  # as warnings' own: a closed stderr does not turn a warning into a failure
+            print(f"warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def _interrupted(output: Path | None) -> str:
     """Ctrl-C's one line: for a training run, what it kept and how to go on (--resume continues from the checkpoint)."""
     if output is None or not str(output).strip():
@@ -373,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "no_progress", False):
         _quiet_library_bars()
+    shown = warnings.showwarning  # put back on return: main() is also called in-process
+    warnings.showwarning = _one_line_warnings(shown)
     try:
         check_registry(getattr(args, "registry", None))
         return args.func(args)
@@ -387,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # stdout to /dev/null, so the interpreter's final flush does not fail again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":
