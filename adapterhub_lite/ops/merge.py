@@ -22,7 +22,6 @@ What each method acts on (ΔW_i = s_i·B_i·A_i is source i's update of a layer'
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
 import threading
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from adapterhub_lite.artifacts.folder import hub_model_id, nonfinite_tensors
 from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.sidecar import SIDECAR, Sidecar, build
 from adapterhub_lite.core.data import load_task_data
+from adapterhub_lite.core.numbers import is_count, is_finite_number
 from adapterhub_lite.core.spec import spec_from_dict
 from adapterhub_lite.model.backbone import load_backbone
 from adapterhub_lite.model.evaluate import evaluate_split
@@ -61,7 +61,7 @@ def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float
         raise MergeError(f"merge method {method!r} is not one of {', '.join(MERGE_METHODS)}")
     if set(weights) != set(metas):
         raise MergeError(f"weights name {sorted(weights)} but the sources are {sorted(metas)}; give one weight per source")
-    bad = {n: w for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)}  # True is no weight
+    bad = {n: w for n, w in weights.items() if not is_finite_number(w)}  # True is no weight
     if bad:
         raise MergeError(f"merge weights must be finite numbers, got {bad}; give each source a finite weight such as 0.5")
     not_lora = {n: m["method"] for n, m in metas.items() if m["method"] != "lora"}
@@ -70,11 +70,6 @@ def _check_sources(metas: dict[str, dict], method: str, weights: dict[str, float
     bases = {m["base"]["fingerprint"]["id"] for m in metas.values()}
     if len(bases) > 1 and not allow_base_mismatch:
         raise MergeError(f"sources were trained on different backbones {sorted(bases)}; merge adapters of one backbone")
-
-
-def _whole(value) -> bool:
-    """A whole number ≥ 0 that is not a bool (Python reads True as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _ranks(configs: dict[str, dict]) -> dict[str, int]:
@@ -108,7 +103,7 @@ def check_merge(configs: dict[str, dict], metas: dict[str, dict], weights: dict[
                          "use method 'delta_linear' (or 'cat') or 'svd', which handle different ranks")
     if method in DENSITY_METHODS and density is None:
         raise MergeError(f"method {method!r} needs a density in (0, 1], e.g. --density 0.5")
-    if method in DENSITY_METHODS and (isinstance(density, bool) or not (isinstance(density, (int, float)) and 0 < density <= 1)):
+    if method in DENSITY_METHODS and not (is_finite_number(density) and 0 < density <= 1):
         raise MergeError(f"density must be in (0, 1], got {density!r}; e.g. --density 0.5")
     if majority_sign_method is not None and method not in SIGN_METHODS:
         raise MergeError(f"method {method!r} elects no signs, so majority_sign_method ({majority_sign_method!r}) is unused; drop it, or use one of "
@@ -254,9 +249,9 @@ def merge_adapters(folders: dict[str, str | Path], weights: dict[str, float], me
     """
     # counts of the Python API (the CLI parses its own): True read as 1, 1.5 as 1 by torch.manual_seed, and
     # report_rows=-1 scored every dev row but the last
-    if report_rows is not None and not _whole(report_rows):
+    if report_rows is not None and not (is_count(report_rows) and report_rows >= 0):
         raise MergeError(f"report_rows is {report_rows!r}; give a whole number of dev rows ≥ 0 per source task (0: no report, None: every row)")
-    if not _whole(seed):
+    if not (is_count(seed) and seed >= 0):
         raise MergeError(f"seed is {seed!r}; give a whole number ≥ 0 (the DARE methods' seed)")
     folders = {n: Path(f) for n, f in folders.items()}
     files = contents if contents is not None else {n: read_source(f) for n, f in folders.items()}

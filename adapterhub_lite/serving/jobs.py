@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.numbers import is_count
 from adapterhub_lite.serving.decoding import PromptScores
 from adapterhub_lite.serving.metrics import RequestTimes
 from adapterhub_lite.serving.output import Entry, TextState
@@ -27,7 +28,7 @@ UNREAD_REQUEST_KEYS = frozenset({"max_tokens", "max_completion_tokens", "max_len
 def bad_budgets(requests: list[dict], default) -> list[tuple[int, object]]:
     """(index, value) of each request whose max_new_tokens (its own, else `default`) is not a whole number ≥ 1."""
     budgets = [(i, req.get("max_new_tokens", default)) for i, req in enumerate(requests)]
-    return [(i, n) for i, n in budgets if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+    return [(i, n) for i, n in budgets if not (is_count(n) and n >= 1)]
 
 
 def unread_settings(requests: list[dict], also: frozenset = frozenset()) -> tuple[list[int], list[str]] | None:

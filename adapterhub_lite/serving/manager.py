@@ -30,12 +30,12 @@ from adapterhub_lite.artifacts.loading import check_fingerprint, check_fits
 from adapterhub_lite.artifacts.registry import check_if_registered
 from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.core.names import BASE
+from adapterhub_lite.core.numbers import is_count
 from adapterhub_lite.core.spec import TaskSpec, spec_from_dict
 from adapterhub_lite.model.backbone import Backbone, model_context
 from adapterhub_lite.ops.merge import merge_adapters
 from adapterhub_lite.ops.merge_sources import read_source
 from adapterhub_lite.serving.bank import AdapterBank
-from adapterhub_lite.serving.params import is_count
 from adapterhub_lite.serving.reading import RequestReader, _locked
 from adapterhub_lite.serving.resident import read_adapter
 from adapterhub_lite.serving.routing import ContentRouter, check_probability

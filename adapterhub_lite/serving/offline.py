@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable
 
 from adapterhub_lite.core.errors import AdapterHubError, DataError
+from adapterhub_lite.core.numbers import is_count
 from adapterhub_lite.serving.jobs import Job, bad_budgets, unread_settings
 from adapterhub_lite.serving.params import SamplingParams
 
@@ -126,7 +127,7 @@ def malformed(request, vocab: int) -> str | None:
         return "it gives both 'prompt' and 'prompt_ids'; give the raw prompt once, as text or as token ids"
     if "prompt_ids" in request:
         ids = request["prompt_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, list) or not all(is_count(t) for t in ids):
             return f"'prompt_ids' is {_shown(ids)}; give a list of whole-number token ids"
         outside = [t for t in ids if not 0 <= t < vocab]
         if outside:

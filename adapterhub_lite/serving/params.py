@@ -17,6 +17,7 @@ import string
 from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 
+from adapterhub_lite.core.numbers import is_count
 from adapterhub_lite.serving.protocol import ApiError, bad
 
 C, H = "completions", "chat"
@@ -179,12 +180,6 @@ def unread(body: dict, known) -> list[str]:
 
 # -- numbers and lists as JSON gives them ------------------------------------------------------------
 
-def is_count(value) -> bool:
-    """An integer that is not a bool: what a count option (rows, slots, tokens) takes. Python reads True as 1 and
-    compares 1.5 with 1, so a range check alone lets both through, taken for a count nobody meant."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def number(body: dict, name: str, default, low: float, high: float, kind=float):
     """body[name] checked to be a number in [low, high] (an integer for kind=int); `default` when absent or null."""
     value = body.get(name)
@@ -212,7 +207,7 @@ def flag(body: dict, name: str, default: bool) -> bool:
 
 def token_ids(value, name: str, vocab: int, allow_empty: bool = False) -> list[int]:
     """A list of token ids, each in [0, vocab)."""
-    if not isinstance(value, list) or (not value and not allow_empty) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if not isinstance(value, list) or (not value and not allow_empty) or not all(is_count(t) for t in value):
         raise bad(name, value, "give a list of token ids (integers)")
     out = [t for t in value if not 0 <= t < vocab]
     if out:

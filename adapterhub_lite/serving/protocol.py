@@ -15,6 +15,7 @@ import uuid
 
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import AUTO
+from adapterhub_lite.core.numbers import is_count
 
 
 class ApiError(AdapterHubError):
@@ -68,7 +69,7 @@ def bad(field: str, value, fix: str, code: str = "invalid_value") -> ApiError:
 def prompts(value, vocab: int) -> list[dict]:
     """`prompt` as router requests: a string, a list of strings, a token-id list, or a list of token-id lists."""
     def ids(x) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        return isinstance(x, list) and bool(x) and all(is_count(t) for t in x)
 
     if isinstance(value, str):
         items = [value]

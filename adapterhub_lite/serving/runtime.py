@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from adapterhub_lite.artifacts.index import check_name
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX, is_request_merge
+from adapterhub_lite.core.numbers import is_finite_number
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
 from adapterhub_lite.ops.merge_sources import SOURCE_FILES
 from adapterhub_lite.serving import protocol as P
@@ -188,12 +188,11 @@ class Catalogue:
             raise P.bad("merged_adapters.ids", ids, "give two or more distinct adapter names")
         if weights is None:
             weights = [1.0 / len(ids)] * len(ids)
-        if not isinstance(weights, list) or len(weights) != len(ids) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        if not isinstance(weights, list) or len(weights) != len(ids) or not all(is_finite_number(w) for w in weights):
             raise P.bad("merged_adapters.weights", weights, f"give {len(ids)} finite numbers, one per id")
         if method not in METHODS:
             raise P.bad("merged_adapters.merge_strategy", method, f"use one of {', '.join(METHODS)}")
-        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1):
+        if density is not None and not (is_finite_number(density) and 0 < density <= 1):
             raise P.bad("merged_adapters.density", density, "give a number in (0, 1]")
         if sign not in (None, "total", "frequency"):
             raise P.bad("merged_adapters.majority_sign_method", sign, 'give "total" (the default) or "frequency"')

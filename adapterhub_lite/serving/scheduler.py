@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from adapterhub_lite.core.errors import AdapterHubError
-from adapterhub_lite.serving.params import is_count
+from adapterhub_lite.core.numbers import is_count
 
 
 class BudgetError(AdapterHubError):
