@@ -99,6 +99,31 @@ def test_the_ingress_reads_no_more_of_a_body_than_one_server_would(length):
         assert 1 << 20 < len(body) <= (1 << 20) + (64 << 10) and len(pulled) == 17, (len(body), len(pulled))
 
 
+@pytest.mark.parametrize("root, path", [("", "/metrics"), ("/adapters", "/adapters/metrics")])
+def test_metrics_through_the_ingress_are_refused_not_forwarded_to_one_replica(root, path):
+    """Ray sends a request to one replica: a scrape of /metrics through the ingress read whichever replica Ray picked, so
+    each counter jumped between the replicas' values. It is refused in the server's error shape, naming what to scrape."""
+    pytest.importorskip("ray")
+    import asyncio
+
+    from starlette.requests import Request
+
+    from adapterhub_lite.serving.scale import _Ingress
+
+    class Replicas:  # Ray's deployment handle: nothing may reach it
+        def options(self, **_):
+            raise AssertionError("GET /metrics was forwarded to one replica")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "root_path": root, "headers": []}
+    response = asyncio.run(_Ingress(Replicas())(Request(scope, receive)))
+    assert response.status_code == 501
+    error = json.loads(response.body)["error"]
+    assert error["code"] == "metrics_per_replica" and "ray_serve_" in error["message"] and "--metrics-export-port" in error["message"]
+
+
 @pytest.mark.parametrize("argv, needle", [
     # Ray ignores a key it does not know: max_replica (for max_replicas) served on 1 replica, silently
     (["--autoscaling", '{"min_replicas": 1, "max_replica": 8}'], "argument --autoscaling: key(s) 'max_replica' are not Ray Serve's autoscaling_config"),
@@ -310,21 +335,39 @@ def test_a_saturated_replica_answers_429_a_route_prefix_is_served_and_a_client_t
                 assert r.json()["choices"][0]["text"] == want
         assert post(cluster + "/busy", body).json()["choices"][0]["text"] == want  # free again once they ended
         # a streaming client that leaves after its first chunk: the replica's engine drops the row (counted cancelled)
-        before = _cancelled(cluster + "/busy")
+        before = _cancelled("busy")
         with httpx.stream("POST", cluster + "/busy/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
                           json={"model": "gen_a", "prompt": "leave", "max_tokens": 500, "ignore_eos": True, "stream": True}) as r:
             assert r.status_code == 200
             next(line for line in r.iter_lines() if line.startswith("data: "))
         deadline = time.monotonic() + 30
-        while _cancelled(cluster + "/busy") == before and time.monotonic() < deadline:
+        while _cancelled("busy") == before and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _cancelled(cluster + "/busy") == before + 1
+        assert _cancelled("busy") == before + 1
     finally:
         one.close()
         serve.delete("busy")
 
 
-def _cancelled(url: str) -> float:
-    """The replica's count of requests for gen_a that ended cancelled (its /metrics)."""
-    lines = [x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith('adapterhub_requests_total{adapter="gen_a",status="cancelled"}')]
+@pytest.mark.ray
+def test_metrics_through_the_ingress_are_refused(cluster):
+    """Two replicas behind one ingress: /metrics was answered by whichever one Ray picked (a scraper saw each counter jump
+    between their values). It is refused, naming what to scrape; /health names the replica that answered it."""
+    r = httpx.get(cluster + "/metrics")
+    assert r.status_code == 501, (r.status_code, r.headers.get(REPLICA_HEADER), r.text[:80])
+    assert r.json()["error"]["code"] == "metrics_per_replica" and r.headers["x-should-retry"] == "false"
+    health = httpx.get(cluster + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.headers[REPLICA_HEADER]
+
+
+def _cancelled(app: str) -> float:
+    """The count of requests for gen_a that ended cancelled in the one replica of `app` (its /metrics, asked through Ray's
+    deployment handle: the ingress refuses /metrics)."""
+    from ray import serve
+
+    answer = serve.get_deployment_handle("EngineReplica", app_name=app).options(stream=True).forward.remote("GET", "/metrics", b"", [], b"")
+    status, _ = next(answer)
+    assert status == 200
+    text = b"".join(answer).decode()
+    lines = [x for x in text.splitlines() if x.startswith('adapterhub_requests_total{adapter="gen_a",status="cancelled"}')]
     return float(lines[0].split()[-1]) if lines else 0.0

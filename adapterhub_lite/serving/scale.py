@@ -22,6 +22,8 @@ streams back as it is produced (SSE chunks included), with its status and header
 - Replicas read one registry (a shared folder or hf://) with the integrity checks of one server. An adapter
   published after start-up is found on its first request: a replica that does not know a name re-reads the
   registry index once before answering 404.
+- `GET /metrics` is refused (501, `metrics_per_replica`): one scrape would read one replica's counters, another
+  replica's the next time. /health answers for the replica that took it, named in `x-adapterhub-replica`.
 - Each answer names its replica (`x-adapterhub-replica`) and whether that replica already held the adapter
   (`x-adapterhub-adapter-held: 1|0`, from the replica's own count), from which the affinity figure is read.
 """
@@ -40,6 +42,15 @@ log = logging.getLogger("adapterhub_lite.serve")
 REPLICA_HEADER = "x-adapterhub-replica"
 HELD_HEADER = "x-adapterhub-adapter-held"
 _ANY = ""  # no multiplexed id: any replica
+# Ray sends each request to one replica and offers no call to every replica, so a scrape of /metrics through the ingress
+# got whichever replica Ray picked: after 6 requests on two replicas, adapterhub_requests_total read 4, 2, 2, 4, 2, 2, 4, 2
+# over 8 scrapes (summed over adapter and status), and rate() over it is noise. Our metrics live in each replica's own
+# registry, which Ray does not export; its own ray_serve_* series, labelled by replica, it does.
+METRICS_REFUSED = (
+    "GET /metrics through the Ray Serve ingress would answer with one replica's counters, a different replica each scrape, so "
+    "they would not add up or rise; scrape Ray's own per-replica metrics (ray_serve_*, at each node's `ray start "
+    "--metrics-export-port`) instead, or serve without --ray for the adapterhub_* metrics"
+)
 
 
 def app_path(path: str, root_path: str) -> str:
@@ -215,12 +226,14 @@ class _Ingress:
         from ray.serve.exceptions import BackPressureError
         from starlette.responses import StreamingResponse
 
-        from adapterhub_lite.serving.protocol import ApiError
+        from adapterhub_lite.serving.protocol import NO_RETRY, ApiError
         from adapterhub_lite.serving.routes.common import error_response
 
-        body = await self.read_body(request)
         root = request.scope.get("root_path", "").rstrip("/")
         path = app_path(request.url.path, root)
+        if path == "/metrics" and request.method in ("GET", "HEAD"):
+            return error_response(ApiError(501, METRICS_REFUSED, "invalid_request_error", "metrics_per_replica", headers=NO_RETRY))
+        body = await self.read_body(request)
         mid = model_id(path, body)
         headers = request.headers.items()  # Host included: the app builds URLs (a redirect's Location) from it, as one server
         call = self.replicas.options(stream=True, multiplexed_model_id=mid)
