@@ -467,8 +467,9 @@ def test_merge_names_an_unknown_source_and_a_weights_argument_that_is_no_dict(ro
     for weights in ({}, ["cls_a", "cls_b"]):
         with pytest.raises(MergeError, match=r"^merge\(\) takes a dict of source name → weight with at least one source, got "):
             router.merge(weights, name="m_bad")
-    with pytest.raises(MergeError, match=r"^merge source 'base' is no adapter"):
-        router.merge({"cls_a": 0.5, "base": 0.5}, name="m_base")
+    for routed in ("base", "auto"):  # 'auto' reached the catalogue: "unknown adapter 'auto'; known: …, or 'base' / 'auto'"
+        with pytest.raises(MergeError, match=rf"^merge source '{routed}' is no adapter"):
+            router.merge({"cls_a": 0.5, routed: 0.5}, name="m_base")
     assert not {"m_unknown", "m_bad", "m_base"} & set(router.folders)
 
 
