@@ -446,3 +446,62 @@ def test_adapter_ref_takes_a_folder_or_a_registry_name(adapter, tmp_path):
     assert name == "toy" and (folder / "adapter_model.safetensors").is_file()
     with pytest.raises(RegistryError, match="adapter folder '/nope/toy' does not exist"):
         adapter_ref("/nope/toy", tmp_path / "reg")
+
+
+def _on_other_backbone(adapter, folder: Path, **fingerprint) -> Path:
+    """A copy of `adapter` whose sidecar says it was trained on another backbone (or, given, other fingerprint keys)."""
+    import shutil
+
+    shutil.copytree(adapter, folder)
+    meta = json.loads((folder / "adapterhub.json").read_text())
+    meta["base"]["fingerprint"].update(fingerprint or {"weights_sha256": "1" * 64, "id": "0123456789abcdef"})
+    (folder / "adapterhub.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_version_on_another_backbone_than_the_name_s_latest_is_refused_unless_allowed(adapter, tmp_path, capsys):
+    """A new version of a name on another backbone moved every client of name@latest to that backbone (a server of
+    the old one then listed the name unavailable), and publish said nothing."""
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(adapter, "1.0.0")
+    other = _on_other_backbone(adapter, tmp_path / "other")
+    before = (tmp_path / "reg" / "index.json").read_bytes()
+    with pytest.raises(RegistryError) as err:
+        reg.publish(other)
+    here = json.loads((adapter / "adapterhub.json").read_text())["base"]["fingerprint"]["id"]
+    assert "toy@1.0.0" in str(err.value) and here in str(err.value) and "0123456789abcdef" in str(err.value)
+    assert "--allow-base-change" in str(err.value) and "--name" in str(err.value)
+    assert (tmp_path / "reg" / "index.json").read_bytes() == before and not (tmp_path / "reg" / "toy" / "1.0.1").exists()
+    # the command line: one line, exit 2; then said on purpose, the name moves, and the old backbone is now the change
+    assert main(["publish", str(other), "--registry", str(tmp_path / "reg")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: toy@1.0.0 (its latest version) was trained on backbone") and "\n" not in line
+    assert main(["publish", str(other), "--registry", str(tmp_path / "reg"), "--allow-base-change"]) == 0
+    assert reg.resolve("toy")[1] == "1.0.1"
+    with pytest.raises(RegistryError, match="toy@1.0.1 .* was trained on backbone 0123456789abcdef"):
+        reg.publish(adapter)
+    # another quantization of the same weights is the same backbone (QLoRA practice); another name is another name
+    assert reg.publish(_on_other_backbone(other, tmp_path / "q", quantization="8bit"))[1] == "1.0.2"
+    assert reg.publish(adapter, name="toy2")[:2] == ("toy2", "1.0.0")
+
+
+def test_a_hub_publish_on_another_backbone_than_the_name_s_latest_is_refused_before_any_upload(adapter, tmp_path, monkeypatch):
+    from adapterhub_lite.artifacts.hub import HubRegistry
+
+    content = tmp_path / "repo"
+    LocalRegistry(content).publish(adapter, "1.0.0")
+    _fake_hub(monkeypatch, content, tmp_path / "hf-cache")
+    import huggingface_hub
+
+    class Api:
+        def repo_info(self, repo):
+            return type("Info", (), {"sha": "abc"})()
+
+        def list_repo_files(self, repo, revision=None):
+            return ["index.json", "toy/1.0.0/adapterhub.json"]
+
+        def create_commit(self, repo, ops, **kwargs):
+            raise AssertionError(f"uploaded {[op.path_in_repo for op in ops]}")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    with pytest.raises(RegistryError, match="toy@1.0.0 .* --allow-base-change"):
+        HubRegistry("org/adapters").publish(_on_other_backbone(adapter, tmp_path / "other"))

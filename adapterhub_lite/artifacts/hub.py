@@ -18,6 +18,7 @@ from adapterhub_lite.artifacts.index import (
     RegistryError,
     check_case_clash,
     check_copy,
+    check_same_base,
     make_entry,
     next_version,
     parse_index,
@@ -107,8 +108,9 @@ class HubRegistry(Registry):
             raise _hub_error(self.repo, exc) from None
         return Path(local) / name / version
 
-    def publish(self, folder: str | Path, version: str = "auto", name: str | None = None) -> tuple[str, str, dict]:
-        """Upload a version and the updated index in one commit; retry if the index moved."""
+    def publish(self, folder: str | Path, version: str = "auto", name: str | None = None, allow_base_change: bool = False) -> tuple[str, str, dict]:
+        """Upload a version and the updated index in one commit; retry if the index moved. A version on another backbone
+        than the name's latest is refused unless `allow_base_change` (index.check_same_base)."""
         from huggingface_hub import CommitOperationAdd
 
         folder, meta, name, peft_config = publish_inputs(folder, version, name)
@@ -129,7 +131,9 @@ class HubRegistry(Registry):
             chosen = next_version(versions, version, name)
             if head is not None and any(f.startswith(f"{name}/{chosen}/") for f in self._files(head)):  # uploaded by hand:
                 raise unlisted_folder(self.root, name, chosen)  # the commit would overwrite its files, keep its others
-            versions[chosen] = entry = make_entry(meta, peft_config, hashes)
+            entry = make_entry(meta, peft_config, hashes)
+            check_same_base(versions, entry, name, allow_base_change)
+            versions[chosen] = entry
             ops = [CommitOperationAdd(f"{name}/{chosen}/{fname}", content) for fname, content in data.items()]
             ops.append(CommitOperationAdd("index.json", (json.dumps(index, indent=2) + "\n").encode()))
             try:

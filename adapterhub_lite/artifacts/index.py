@@ -205,6 +205,27 @@ def next_version(versions: dict, version: str, name: str | None = None) -> str:
     return version
 
 
+BACKBONE_KEYS = ("config_sha256", "tokenizer_sha256", "weights_sha256")  # what makes two backbones one (the quantization aside)
+
+
+def check_same_base(versions: dict, entry: dict, name: str, allow_base_change: bool) -> None:
+    """Refuse a new version of `name` trained on another backbone than its latest version, unless `allow_base_change`.
+
+    `name` (latest) is what clients ask for: a version on another backbone moves every one of them to it, and a server
+    of the old backbone then lists the name as unavailable. That may be meant (a task moved to a new base model), so it
+    is allowed when said; a quantization of the same weights is the same backbone (QLoRA practice).
+    """
+    latest = max(versions, key=version_key, default=None)
+    if latest is None or allow_base_change:
+        return
+    was, new = versions[latest]["base"], entry["base"]
+    if any(was["fingerprint"].get(k) != new["fingerprint"].get(k) for k in BACKBONE_KEYS):
+        raise RegistryError(f"{name}@{latest} (its latest version) was trained on backbone {was['fingerprint'].get('id') or was['name']} but this "
+                            f"folder on {new['fingerprint'].get('id') or new['name']}: every client of {name!r} would move to the new backbone, "
+                            "and a server of the old one would list it unavailable; publish it under another name (--name), or pass "
+                            f"--allow-base-change to move {name!r} to the new backbone")
+
+
 def unlisted_folder(root: str, name: str, version: str) -> RegistryError:
     """The refusal of a publish whose version folder is there already but not in the index: a hand copy, a folder left by
     a publish killed before its index was written (with no record of it), files uploaded to the Hub by hand. Its files

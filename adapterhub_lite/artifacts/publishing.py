@@ -31,6 +31,7 @@ from adapterhub_lite.artifacts.index import (
     check_case_clash,
     check_copy,
     check_folder,
+    check_same_base,
     file_record,
     is_version_folder,
     make_entry,
@@ -153,8 +154,9 @@ class Publisher:
                 shutil.rmtree(folder)  # never listed, never seen: that publisher's own copy, not a user's folder
             placing.unlink()
 
-    def publish(self, folder: str | Path, version: str = "auto", name: str | None = None) -> tuple[str, str, dict]:
-        """Copy an adapter folder in as an immutable version; returns (name, version, entry).
+    def publish(self, folder: str | Path, version: str = "auto", name: str | None = None, allow_base_change: bool = False) -> tuple[str, str, dict]:
+        """Copy an adapter folder in as an immutable version; returns (name, version, entry). A version trained on
+        another backbone than the name's latest is refused unless `allow_base_change` (index.check_same_base).
 
         A failure on the way (disk full, read-only registry) is one RegistryError and leaves the
         registry as it was: the temp folder is removed, and a folder renamed into place but not
@@ -179,6 +181,7 @@ class Publisher:
                 versions = index["adapters"].setdefault(name, {})
                 version = next_version(versions, version, name)
                 entry = make_entry(meta, peft_config, files)
+                check_same_base(versions, entry, name, allow_base_change)
                 final = self.root / name / version
                 if final.exists() or final.is_symlink():  # a killed publisher's was cleared by the sweep: someone put this here
                     raise unlisted_folder(str(self.root), name, version)

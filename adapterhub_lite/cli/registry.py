@@ -16,7 +16,7 @@ REGISTRY_HELP = "a local folder (default: adapters) or hf://org/repo"
 def _publish(args) -> int:
     from adapterhub_lite.artifacts.registries import open_registry
 
-    name, version, entry = open_registry(args.registry).publish(args.adapter, args.version, args.name)
+    name, version, entry = open_registry(args.registry).publish(args.adapter, args.version, args.name, args.allow_base_change)
     print(json.dumps({"published": f"{name}@{version}", "registry": str(args.registry), "files": len(entry["files"])}))
     return 0
 
@@ -111,6 +111,8 @@ def add_registry_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="the adapter folder to publish (a run's output, e.g. runs/sst2)")
     p.add_argument("--version", default="auto", help="MAJOR.MINOR.PATCH, or auto (bump the patch)")
     p.add_argument("--name", help="registry name (default: the name its adapterhub.json records: a trained adapter's task name, a merge's --name)")
+    p.add_argument("--allow-base-change", action="store_true",
+                   help="publish a version trained on another backbone than the name's latest (moves every client of the name to it)")
     p.set_defaults(func=_publish)
     p = sub.add_parser("list", help="list every published version")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of a table")
