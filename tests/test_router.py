@@ -447,6 +447,9 @@ def test_a_request_that_is_no_request_is_one_line_naming_it(router):
              ({"adapter": "base", "prompt_ids": "abc"}, r"'prompt_ids' is 'abc'; give a list of whole-number token ids"),
              ({"adapter": "base", "prompt_ids": [5, 10**9]}, r"'prompt_ids' holds token id 1000000000, outside this model's vocabulary \[0, 259\)"),
              ({"adapter": "base", "prompt_ids": [-1]}, r"'prompt_ids' holds token id -1, outside"),
+             ({"adapter": "base", "prompt_ids": [5, 259]}, r"'prompt_ids' holds token id 259, outside"),  # the vocabulary's size
+             ({"adapter": "base", "prompt_ids": [True]}, r"'prompt_ids' is \[True\]; give a list of whole-number token ids"),  # not id 1
+             ({"adapter": "base", "prompt_ids": 5}, r"'prompt_ids' is 5; give a list of whole-number token ids"),
              # prompt_ids was continued and the prompt dropped, unsaid
              ({"adapter": "base", "prompt": "hi", "prompt_ids": [5]}, r"it gives both 'prompt' and 'prompt_ids'; give the raw prompt once")]
     ended = []
