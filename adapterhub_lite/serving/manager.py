@@ -164,8 +164,8 @@ class AdapterManager(RequestReader):
             # the server's files, not the request, are at fault: unavailable (a 503 no retry cures) as a version damaged
             # before start-up is, and listed so in /v1/models and /health until a reload registers it again
             self.changed[name] = self.unavailable[name] = why
-            raise AdapterUnavailable(f"adapter {name!r}: {why}; it is not loaded: re-publish it and reload (POST /v1/reload), "
-                                     "or restore the files; the server serves the other adapters")
+            raise AdapterUnavailable(f"adapter {name!r}: {why}; it is not loaded: re-publish it (or restore the files) and load it "
+                                     f"again ({_AGAIN}); the other adapters are served")
 
     def close(self) -> None:
         """Remove the folders of merged adapters (the scratch folder); the router serves nothing after."""
@@ -219,8 +219,8 @@ class AdapterManager(RequestReader):
         """Refuse a name that is not a servable adapter, with why (unknown, or unavailable and what failed)."""
         _check_name_type(name)
         if name in self.unavailable:
-            raise AdapterUnavailable(f"adapter {name!r} is unavailable: {self.unavailable[name]}; the server serves the other adapters: "
-                                     "repair or re-publish it, then reload (POST /v1/reload)")
+            raise AdapterUnavailable(f"adapter {name!r} is unavailable: {self.unavailable[name]}; the other adapters are served: "
+                                     f"repair or re-publish it, then load it again ({_AGAIN})")
         if name not in self.folders and "@" in name and self.registry is not None:
             # a pinned version (name@version), registered on first use as the server registers it (serving/runtime.py),
             # so Router.run and infer serve what serve serves; an unknown name or version is refused in the registry's
@@ -361,6 +361,11 @@ class AdapterManager(RequestReader):
         """(peft type, positions a prompt- or prefix-tuning adapter puts before every prompt); ("", 0) for `base`.
         Read from the adapter's config, so a request is measured before its adapter is resident."""
         return ("", 0) if name == BASE else self.kinds[name]
+
+
+# how an unavailable adapter is loaded again, for each way in: the refusal reaches the server's clients, Router callers
+# and infer alike (infer read "reload (POST /v1/reload)", which only a server has)
+_AGAIN = "serve: POST /v1/reload; a Router: register(name, folder); infer: run it again"
 
 
 def _check_name_type(name) -> None:
