@@ -224,6 +224,7 @@ def test_a_redirect_names_the_host_the_client_called(cluster):
     the client to http://ray-serve:0/v1/completions (one server: its own host and port)."""
     r = httpx.post(cluster + "/v1/completions/", json={"model": "base", "prompt": "x"}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 307 and r.headers["location"] == cluster + "/v1/completions", r.headers
+    assert r.headers[REPLICA_HEADER] and HELD_HEADER not in r.headers, "a request naming no adapter said it was held"
 
 
 @pytest.mark.ray

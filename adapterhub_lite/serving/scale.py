@@ -25,7 +25,8 @@ streams back as it is produced (SSE chunks included), with its status and header
 - `GET /metrics` is refused (501, `metrics_per_replica`): one scrape would read one replica's counters, another
   replica's the next time. /health answers for the replica that took it, named in `x-adapterhub-replica`.
 - Each answer names its replica (`x-adapterhub-replica`) and whether that replica already held the adapter
-  (`x-adapterhub-adapter-held: 1|0`, from the replica's own count), from which the affinity figure is read.
+  (`x-adapterhub-adapter-held: 1|0`, from the replica's own count; absent when the request names no adapter: base,
+  auto, GET routes), from which the affinity figure is read.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class _Replica:
         # The adapter is read from the request itself, not from the id Ray routed by: what this replica held is its
         # own count, whatever the ingress sent it (a balancer that ignores adapters shows here as misses).
         name = model_id(path, body)
-        held = True
+        held = None  # base, auto, GET routes: no adapter, so no held header (it said 1 for them)
         if name:
             held = name in self.held
             # A request the app refuses unread (no API key) loads nothing: one keyless client could otherwise re-read the
@@ -179,7 +180,7 @@ class _Replica:
                     return
                 message = getter.result()
                 if message["type"] == "http.response.start":
-                    extra = [(REPLICA_HEADER, self.name), (HELD_HEADER, str(int(held)))]
+                    extra = [(REPLICA_HEADER, self.name)] + ([(HELD_HEADER, str(int(held)))] if held is not None else [])
                     yield (message["status"], [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])] + extra)
                 elif message["type"] == "http.response.body":
                     if message.get("body"):
