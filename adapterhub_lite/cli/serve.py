@@ -103,7 +103,7 @@ def ray_app(args: dict):
 
     parser = Refuse(prog="adapterhub-lite")
     add_serve_command(parser.add_subparsers(dest="command"))
-    flags_of = {a.dest for a in parser._subparsers._group_actions[0].choices["serve"]._actions} - {"help"}
+    flags_of = set(vars(parser.parse_args(["serve"]))) - {"command", "func"}  # every serve flag, at its default
 
     flags = ["serve"]
     for key, value in dict(args).items():
