@@ -57,6 +57,7 @@ class _Answer:
         pass
 
 
+@pytest.mark.ray  # needs the ray extra: the default run has none (importorskip would skip it), the ray set runs it
 @pytest.mark.parametrize("length", [None, str(10 << 20)])
 def test_the_ingress_reads_no_more_of_a_body_than_one_server_would(length):
     """One server refuses a body past --max-body-bytes (default 1 MiB) by its content-length before reading it, or as it
@@ -99,6 +100,7 @@ def test_the_ingress_reads_no_more_of_a_body_than_one_server_would(length):
         assert 1 << 20 < len(body) <= (1 << 20) + (64 << 10) and len(pulled) == 17, (len(body), len(pulled))
 
 
+@pytest.mark.ray  # needs the ray extra: the default run has none (importorskip would skip it), the ray set runs it
 @pytest.mark.parametrize("root, path", [("", "/metrics"), ("/adapters", "/adapters/metrics")])
 def test_metrics_through_the_ingress_are_refused_not_forwarded_to_one_replica(root, path):
     """Ray sends a request to one replica: a scrape of /metrics through the ingress read whichever replica Ray picked, so
@@ -124,6 +126,7 @@ def test_metrics_through_the_ingress_are_refused_not_forwarded_to_one_replica(ro
     assert error["code"] == "metrics_per_replica" and "ray_serve_" in error["message"] and "--metrics-export-port" in error["message"]
 
 
+@pytest.mark.ray  # needs the ray extra: the default run has none (importorskip would skip it), the ray set runs it
 @pytest.mark.parametrize("argv, needle", [
     # Ray ignores a key it does not know: max_replica (for max_replicas) served on 1 replica, silently
     (["--autoscaling", '{"min_replicas": 1, "max_replica": 8}'], "argument --autoscaling: key(s) 'max_replica' are not Ray Serve's autoscaling_config"),
@@ -145,6 +148,7 @@ def test_bad_ray_settings_are_refused_in_one_line_before_ray_starts(capsys, tmp_
     refused(capsys, tmp_path, ["serve", "--registry", str(tmp_path), "--ray", *argv], needle)
 
 
+@pytest.mark.ray  # needs the ray extra: the default run has none (importorskip would skip it), the ray set runs it
 @pytest.mark.parametrize("key, value, needle", [
     ("bogus", 1, "ray_app key 'bogus' is not a serve flag"),  # was argparse's usage text and SystemExit(2) inside Ray's app builder
     ("port", 9000, "ray_app key 'port' is Ray Serve's to set"),  # was accepted and unread: Ray's proxy listens where Ray says
