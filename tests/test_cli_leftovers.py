@@ -246,13 +246,18 @@ def test_infer_reads_name_at_latest_as_the_server_does(capsys, tmp_path, registr
             "in.jsonl: request(s) on line(s) [1]: 'cls_a@' names an empty version after '@'")
 
 
-def test_train_multi_overwrite_discards_an_interrupted_checkpoint(capsys, cls_task, monkeypatch):
-    """train-multi --overwrite left an interrupted run's checkpoint in place (train discards it): stopped before its own
-    first checkpoint, the run left the old one for a later --resume to continue, the run --overwrite was to discard."""
-    from adapterhub_lite.training.recipes import joint
+@pytest.mark.parametrize("command", ["train", "train-multi"])
+def test_overwrite_discards_an_interrupted_checkpoint(capsys, cls_task, monkeypatch, command):
+    """--overwrite starts over: an interrupted run's checkpoint goes before training starts, so a run stopped before its
+    own first checkpoint leaves nothing for a later --resume to continue (the run --overwrite was to discard).
+    train-multi left the old checkpoint in place (train discarded it)."""
+    from adapterhub_lite.training.recipes import joint, train
 
-    other = yaml.safe_load((cls_task / "toy.yaml").read_text())
-    (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+    specs = ["toy.yaml"]
+    if command == "train-multi":
+        other = yaml.safe_load((cls_task / "toy.yaml").read_text())
+        (cls_task / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+        specs.append("other.yaml")
     old = cls_task / ".out.partial" / "checkpoint"
     old.mkdir(parents=True)
     (old / "state.pt").write_bytes(b"an interrupted run's")
@@ -260,25 +265,7 @@ def test_train_multi_overwrite_discards_an_interrupted_checkpoint(capsys, cls_ta
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
 
-    monkeypatch.setattr(joint, "fit", stopped)
-    assert main(["train-multi", "toy.yaml", "other.yaml", "--output", "out", "--overwrite", "--no-progress"]) == 130
-    assert not old.exists()
-    assert "interrupted before the first checkpoint of 'out'" in capsys.readouterr().err
-
-
-def test_train_overwrite_discards_an_interrupted_checkpoint(capsys, cls_task, monkeypatch):
-    """train --overwrite starts over: an interrupted run's checkpoint goes before training starts, so a run stopped before
-    its own first checkpoint leaves nothing for a later --resume to continue (the run --overwrite was to discard)."""
-    from adapterhub_lite.training.recipes import train
-
-    old = cls_task / ".out.partial" / "checkpoint"
-    old.mkdir(parents=True)
-    (old / "state.pt").write_bytes(b"an interrupted run's")
-
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt  # Ctrl-C before the first checkpoint
-
-    monkeypatch.setattr(train, "fit", stopped)
-    assert main(["train", "toy.yaml", "--output", "out", "--overwrite", "--no-progress"]) == 130
+    monkeypatch.setattr(joint if command == "train-multi" else train, "fit", stopped)
+    assert main([command, *specs, "--output", "out", "--overwrite", "--no-progress"]) == 130
     assert not old.exists()
     assert "interrupted before the first checkpoint of 'out'" in capsys.readouterr().err
