@@ -31,6 +31,15 @@ def long_stream(served):
                         json={"model": "base", "prompt": "run", "max_tokens": 400, "ignore_eos": True, "stream": True})
 
 
+def first_token(r):
+    """Read a stream up to its first data line; returns the line iterator, which the caller keeps while it stays.
+    (`next(line for line in r.iter_lines() ...)` alone drops the iterator at once, and httpx closes the connection with
+    it: the client had left before the test scraped, and the engine's next step dropped the row under it.)"""
+    lines = r.iter_lines()
+    next(line for line in lines if line.startswith("data: "))
+    return lines
+
+
 def running_after_the_client(served) -> float:
     """adapterhub_num_requests_running once it has had 10 s to come back to 0 (a request ends a step after its client)."""
     deadline = time.monotonic() + 10
@@ -61,7 +70,7 @@ def test_running_requests_are_a_gauge_that_a_leaving_client_brings_back_to_zero(
     """vLLM's num_requests_running: seen from outside, a stream is running while read, and not once its client left."""
     slowed(served, monkeypatch)
     with long_stream(served) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))
+        lines = first_token(r)  # noqa: F841 - held: the client stays until the with ends
         assert value(scrape(served), "adapterhub_num_requests_running") == 1
     assert running_after_the_client(served) == 0 and not served.engine._rows
 
@@ -98,7 +107,7 @@ def test_a_stream_is_running_once_its_client_has_its_first_token(served, monkeyp
     held, go = held_after_a_step(served, monkeypatch, lambda left: True)
     try:
         with long_stream(served) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
+            lines = first_token(r)  # noqa: F841 - held: the client stays until the with ends
             assert held.wait(10)  # the engine is still in the step that sent the token
             families = scrape(served)
             assert (value(families, "adapterhub_num_requests_running"), value(families, "adapterhub_queue_depth")) == (1, 0)
