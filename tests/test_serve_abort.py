@@ -291,6 +291,83 @@ def test_a_run_time_load_whose_request_is_cancelled_as_it_lands_is_still_unloada
         engine.stop()
 
 
+def test_two_loads_of_one_name_at_once_serve_the_one_that_was_answered_200(serve_registry, monkeypatch):
+    """Two POST /v1/load_lora_adapter for one new name, from different folders, at once: both passed the "already loaded"
+    check before either was added (the folders are inspected off the engine thread meanwhile), so both were answered 200
+    and the second add replaced the first, unsaid: the client told its folder was loaded was served the other's weights.
+    One is served and answered 200; the other is vLLM's 400 for a name already loaded."""
+    from adapterhub_lite.serving import protocol as P
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine)
+    inspect, both = router.inspect, threading.Barrier(2, timeout=30)
+
+    def inspected(name, folder=None):  # each load waits here until the other has passed its checks too
+        both.wait()
+        return inspect(name, folder)
+    monkeypatch.setattr(router, "inspect", inspected)
+    folders = [str(router.registry.path(f"{a}@1.0.0")) for a in ("gen_a", "gen_b")]
+
+    async def go():
+        return await asyncio.gather(*(catalogue.load("rt", f) for f in folders), return_exceptions=True)
+
+    try:
+        got = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+    served = [f for f, g in zip(folders, got) if g == "rt"]
+    refused = [g for g in got if isinstance(g, P.ApiError)]
+    assert len(served) == 1 and len(refused) == 1, got
+    assert refused[0].status == 400 and refused[0].code == "already_loaded", refused[0]
+    assert str(router.folders["rt"]) == served[0]
+
+
+def test_a_reload_that_overtakes_a_run_time_load_of_its_new_name_leaves_the_loaded_adapter_served(serve_registry, tmp_path, monkeypatch):
+    """A run-time load of `late` passes its checks; `late` is then published to the registry, and a reload reads it while the
+    load's folder is still inspected. The load lands first (answered 200, listed as loaded at run time); the reload then
+    replaced it with the registry's, unsaid, while the catalogue still listed the run-time one. Runtime and registry
+    adapters keep apart names: the reload leaves it (`shadowed`) until it is unloaded."""
+    import shutil
+
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    registry = tmp_path / "registry"
+    shutil.copytree(serve_registry, registry)
+    router = Router.from_registry(registry, quantization="none", dtype="fp32")
+    engine = Engine(router).start()
+    catalogue = Catalogue(engine)
+    ours, theirs = str(registry / "gen_a" / "1.0.0"), registry / "gen_b" / "1.0.0"
+    inspect, reloading = router.inspect, threading.Event()
+
+    def inspected(name, folder=None):
+        if str(folder) == ours:  # the run-time load's folder: inspected once the reload has begun reading `late`
+            assert reloading.wait(30)
+        elif name == "late":  # the reload's read of the registry's `late`
+            reloading.set()
+            for _ in range(3000):  # the load lands meanwhile (listed on the engine thread with its add)
+                if "late" in catalogue.runtime:
+                    break
+                time.sleep(0.01)
+        return inspect(name, folder)
+    monkeypatch.setattr(router, "inspect", inspected)
+
+    async def go():
+        loading = asyncio.ensure_future(catalogue.load("late", ours))
+        await asyncio.sleep(0.2)  # past its name checks: waiting in inspect
+        open_registry(registry).publish(theirs, "1.0.0", name="late")
+        reloaded = await catalogue.reload()
+        return await loading, reloaded
+
+    try:
+        loaded, reloaded = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        engine.stop()
+    assert loaded == "late" and "late" in catalogue.runtime
+    assert "late" not in reloaded["added"] and reloaded["shadowed"] == ["late"], reloaded
+    assert str(router.folders["late"]) == ours
+
+
 def test_an_idle_engine_holds_no_per_row_factors_of_its_last_batch(serve_registry):
     """Rows of two LoRA adapters and an IA3 one share a batch: each targeted layer gathers every row's factors (working
     memory, reported as batch_row_bytes). Once every row has left, none of it may stay held (the gauge read 90,624

@@ -302,14 +302,7 @@ class Catalogue:
         if inplace and name in self.runtime:
             raise P.bad("load_inplace", inplace, "this server does not replace a served adapter in place; unload it, then load it",
                         code="unsupported_field")
-        if name in self.runtime:
-            raise P.ApiError(400, f"an adapter named {name!r} is already loaded at run time; unload it first or choose another name",
-                             code="already_loaded")
-        if name in (BASE, AUTO) or name in self.router.folders or (self.router.registry is not None and name in self.router.registry.index()["adapters"]):
-            # not "unload it first": the reserved names and registry adapters are not unloaded at run time
-            raise P.ApiError(400, f"an adapter named {name!r} is already served ({'a reserved name' if name in (BASE, AUTO) else 'from the registry'}: "
-                             "runtime and registry adapters keep apart names, and these are not unloaded); choose another name",
-                             code="already_loaded")
+        self._check_free(name, registry=self.router.registry is not None and name in self.router.registry.index()["adapters"])
         if not isinstance(path, str) or not path:
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
         if not Path(path).exists():  # nothing there: vLLM answers 404 (NotFoundError), a folder it cannot read 400
@@ -323,10 +316,25 @@ class Catalogue:
         reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
 
         def add(router):  # listed with the add, on the engine thread: a request cancelled meanwhile leaves no unlisted adapter
+            # checked again here: another load of this name (or a reload adding it) may have landed while this folder was
+            # inspected, and router.add would replace it, unsaid, under the client answered 200 for it
+            self._check_free(name)
             router.add(reg)
             self.runtime[name] = None
         await self._on_engine(add)
         return name
+
+    def _check_free(self, name: str, registry: bool = False) -> None:
+        """Refuse (vLLM's 400) a run-time load under a name already served: loaded at run time, reserved, or a registry
+        adapter (`registry`: the registry names it, registered or not yet)."""
+        if name in self.runtime:
+            raise P.ApiError(400, f"an adapter named {name!r} is already loaded at run time; unload it first or choose another name",
+                             code="already_loaded")
+        if name in (BASE, AUTO) or name in self.router.folders or registry:
+            # not "unload it first": the reserved names and registry adapters are not unloaded at run time
+            raise P.ApiError(400, f"an adapter named {name!r} is already served ({'a reserved name' if name in (BASE, AUTO) else 'from the registry'}: "
+                             "runtime and registry adapters keep apart names, and these are not unloaded); choose another name",
+                             code="already_loaded")
 
     async def unload(self, name) -> str:
         """Drop an adapter loaded at run time (registry adapters stay)."""
@@ -385,7 +393,8 @@ class Catalogue:
             # queued requests too: each was read for its version (template, task budget, virtual tokens) and is answered by it
             wanted = self.engine.wanted()
             for name, (what, value) in found.items():
-                if what == "shadowed":
+                # read() saw no run-time adapter under the name, but one may have been loaded since (its add on this thread)
+                if what == "shadowed" or name in self.runtime:
                     out["shadowed"].append(name)
                 elif what == "repaired":  # forgotten: the next request naming it registers it as on first use
                     router.forget(name)
