@@ -498,21 +498,23 @@ def test_a_prefix_adapters_virtual_tokens_count_in_its_cache_reservation(serve_r
     assert isinstance(done["result"], AdapterHubError) and "cache positions" in str(done["result"]), done["result"]
 
 
-def test_a_classification_reserves_a_row_of_cache_per_label_it_scores(serve_registry):
-    """cls_a's labels are several tokens each, so a request is scored as one sequence per label (2), each of prompt +
+@pytest.mark.parametrize("name", ["cls_a", "cls_prefix", "cls_prompt"])
+def test_a_classification_reserves_a_row_of_cache_per_label_it_scores(serve_registry, name):
+    """The labels are several tokens each, so a request is scored as one sequence per label (2), each of prompt +
     longest label: a budget of one such sequence was passed (the pass held twice it). It is refused with its numbers,
-    and served under a budget of both."""
+    and served under a budget of both. A prefix or prompt adapter's virtual tokens sit in each sequence's cache too
+    (a prefix's were left out: cls_prefix was admitted 2 × 3 positions over the budget)."""
     from adapterhub_lite.serving.engine import Engine
     from adapterhub_lite.serving.jobs import Job
     from adapterhub_lite.serving.params import SamplingParams
 
     router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
-    longest, sequences = router.label_shape("cls_a")
+    longest, sequences = router.label_shape(name)
     assert sequences == 2
-    width = len(router.prepare({"text": "ab"}, "cls_a").ids) + longest
+    width = len(router.prepare({"text": "ab"}, name).ids) + router.virtual_tokens(name)[1] + longest
     for budget, ok in ((width * sequences - 1, False), (width * sequences, True)):
         engine, done = Engine(router, budgets=Budgets(max_rows=4, max_kv_tokens=budget)), {}
-        engine._waiting.put_nowait(Job({"adapter": "cls_a", "text": "ab"}, lambda event, payload, done=done: done.setdefault("r", payload)
+        engine._waiting.put_nowait(Job({"adapter": name, "text": "ab"}, lambda event, payload, done=done: done.setdefault("r", payload)
                                        if event in ("done", "error") else None, SamplingParams()))
         while not done:
             engine._serve_once()

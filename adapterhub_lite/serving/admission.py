@@ -96,8 +96,8 @@ class Admission:
         prefix = virtual - ran
         if p.classify:  # scored in one pass: padding after a row's tokens is harmless there, a prefix shorter than another's is not
             longest, sequences = router.label_shape(p.adapter)
-            width = len(p.ids) + ran + longest
-            return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width, chunkable=False, layout=(prefix, None),
+            width = len(p.ids) + ran + longest  # positions each sequence runs; its cache holds a prefix's virtual tokens too
+            return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width + prefix, chunkable=False, layout=(prefix, None),
                                           sequences=sequences))
         ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
                         chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1, layout=(prefix, len(p.ids) + ran))
