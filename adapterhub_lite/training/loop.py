@@ -98,6 +98,13 @@ class Recipe:
         """Draw the next global micro-batch, take this process's share, return its loss. `call` runs the model (DDP)."""
         raise NotImplementedError
 
+    def idle_params(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters that no row of the step just taken reached (a task the step drew no row of). Alone they get
+        no gradient and AdamW leaves them be; under DDP every parameter must be in every process's graph, so they got a zero
+        one, and AdamW would move them by momentum and weight decay: the loop drops those gradients (as DDP itself does for a
+        parameter no process used), so N processes train what one does."""
+        return []
+
     def evaluate(self, limit: int | None, parallel: Parallel) -> tuple[float, dict]:
         """(score to maximize, metrics row) on the dev data. Runs on every process: each predicts its share of the
         rows and the predictions are gathered (evaluate_split's shard/gather), so all return the same values."""
@@ -287,6 +294,8 @@ class _Run:
         for p in self.extra:  # parameters DDP does not hold: average their gradients here
             if p.grad is not None:
                 p.grad = parallel.mean(p.grad)
+        for p in self.recipe.idle_params():  # no row reached them: no gradient, as alone (see Recipe.idle_params)
+            p.grad = None
         # The global batch's logged values: one collective for all of them (none when alone).
         self.keys = keys = sorted(step_logs)
         values = parallel.mean(torch.stack([step_logs[k] for k in keys])) if parallel.world > 1 else [step_logs[k] for k in keys]

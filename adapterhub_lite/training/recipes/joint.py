@@ -150,6 +150,10 @@ class Joint(Recipe):
     def extra_params(self):
         return self.weighting.parameters()
 
+    def idle_params(self) -> list[torch.nn.Parameter]:
+        """The adapters of the tasks the step drew no row of (their zero gradients under DDP are dropped)."""
+        return [p for i, name in enumerate(self.names) if i not in self.counts for p in self.joint.parameters(name)]
+
     def _draw_step(self, parallel: Parallel) -> None:
         """At a step's first micro-batch: its global rows (grad_accum × batch_size × processes (task, row) pairs, drawn at
         once, so accumulating 4 × 4 rows reads the rows of one batch of 16), cut into micro-batches, and each task's count
