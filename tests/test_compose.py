@@ -223,3 +223,48 @@ def test_a_damaged_source_is_refused_in_one_line(sources, tmp_path, damage, need
         compose_fit(spec, {"bad": bad, "two": sources["two"]}, tmp_path / "o", shots=4, budget=2, baselines=False)
     assert "\n" not in str(caught.value) and str(weights) in str(caught.value)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("n, budget", [(4, 40), (3, 40), (2, 1)])
+def test_cma_spends_its_budget_and_no_more(n, budget):
+    """--budget is the loss evaluations the search makes: cma's maxfevals let the last generation run whole, so 4 sources
+    (generations of 8) at the default budget 40 made 48 evaluations, and a budget of 1 made 6. Each evaluation is one step of
+    the trace (metrics.jsonl): a generation's were all numbered as its first."""
+    from adapterhub_lite.training.recipes import compose as compose_mod
+
+    calls = []
+    _, trace = compose_mod._cma(lambda w: calls.append(w) or ((w - 0.3) ** 2).sum(), n, budget, seed=0)
+    assert len(calls) == len(trace) == budget
+    assert [t["step"] for t in trace] == list(range(1, budget + 1))
+
+
+def _new_task(tmp_path):
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(8) for w in ("pos", "neg")]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return spec_from_dict({"name": "new", "type": "classification", "data": {"train": str(tmp_path / "new.jsonl"), "dev": str(tmp_path / "new.jsonl")},
+                           "prompt": "T: {text}\nL:", "label": "label", "labels": ["pos", "neg"], "base": "tiny-random-llama",
+                           "quantization": "none", "train": {"max_length": 32, "batch_size": 4}})
+
+
+def test_the_sidecar_names_the_step_whose_weights_were_kept(sources, tmp_path, monkeypatch):
+    """train_state.best_step said the search's last evaluation whatever it was; the weights kept are the lowest loss's."""
+    from adapterhub_lite.training.recipes import compose as compose_mod
+
+    trace = [{"step": 1, "loss": 0.9}, {"step": 2, "loss": 0.2}, {"step": 3, "loss": 0.5}]
+    monkeypatch.setattr(compose_mod, "_cma", lambda *a, **k: (torch.tensor([0.1, 0.2, 0.3]), trace))
+    compose_fit(_new_task(tmp_path), sources, tmp_path / "out", shots=4, budget=3, baselines=False)
+    meta = json.loads((tmp_path / "out" / "adapterhub.json").read_text())
+    assert meta["train_state"]["steps"] == 3 and meta["train_state"]["best_step"] == 2
+
+
+@pytest.mark.parametrize("search", ["cma", "gradient"])
+def test_a_search_that_saw_no_finite_loss_is_refused_not_saved_as_the_base_model(sources, tmp_path, monkeypatch, search):
+    """With every few-shot loss NaN (an fp16 overflow, say) both searches kept w = 0 and compose-fit saved the base model
+    as the composed adapter, exit 0; it is refused in one line and nothing is written."""
+    from adapterhub_lite.training.recipes import compose as compose_mod
+
+    monkeypatch.setattr(compose_mod, "task_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(ComposeError, match=r"^every one of the 3 few-shot losses the search evaluated was nan, so no weights were fitted") as caught:
+        compose_fit(_new_task(tmp_path), sources, tmp_path / "out", shots=4, search=search, budget=3, baselines=False)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()

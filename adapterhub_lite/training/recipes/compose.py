@@ -154,6 +154,11 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
 
         start = time.perf_counter()
         weights, trace = (_cma if search == "cma" else _gradient)(objective, len(comp.names), budget, seed)
+        finite = [t for t in trace if math.isfinite(t["loss"])]
+        if not finite:  # the searches keep the best finite loss: with none, w would stay 0 and the "composed" adapter be the base model
+            raise ComposeError(f"every one of the {len(trace)} few-shot losses the search evaluated was {trace[0]['loss']}, so no weights "
+                               "were fitted; run in fp32 (--dtype fp32) and check the sources' weights and the task's shots")
+        best_step = min(finite, key=lambda t: t["loss"])["step"]  # the weights kept are the lowest loss's, not the last's
         comp.weights = weights
         fit_seconds = time.perf_counter() - start
 
@@ -187,7 +192,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
                             efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
                                         "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
                                         "latency_ms_per_example": round(1000 * seconds[0] / report["dev_rows"], 2), "device": run_device},
-                            train_state={"steps": len(trace), "best_step": len(trace), "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
+                            train_state={"steps": len(trace), "best_step": best_step, "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
                             composition={"search": search, "weights": report["weights"], "l1": l1, "shots": shots, "seed": seed,
                                          "sources": {n: str(sources[n]) for n in comp.names}})
         finish_folder(out, meta, trace, primary)
@@ -199,17 +204,25 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
 
 @torch.no_grad()
 def _cma(objective, n: int, budget: int, seed: int):
-    """CMA-ES from w = 0 (the base model), step 0.5; `budget` loss evaluations at most."""
+    """CMA-ES from w = 0 (the base model), step 0.5; `budget` loss evaluations, no more; the best weights evaluated."""
     import cma
 
-    es = cma.CMAEvolutionStrategy([0.0] * n, 0.5, {"seed": seed + 1, "maxfevals": budget, "bounds": [-1.5, 1.5], "verbose": -9})
-    trace = []
-    while not es.stop():
-        xs = es.ask()
-        losses = [objective(torch.tensor(x, dtype=torch.float32)).item() for x in xs]
-        es.tell(xs, losses)
-        trace += [{"step": len(trace) + 1, "loss": round(v, 5)} for v in losses]
-    return torch.tensor(es.result.xbest, dtype=torch.float32), trace
+    es = cma.CMAEvolutionStrategy([0.0] * n, 0.5, {"seed": seed + 1, "bounds": [-1.5, 1.5], "verbose": -9})
+    trace, best = [], (float("inf"), torch.zeros(n))
+    # cma's own maxfevals is checked between generations, so the last one ran whole: 48 evaluations for --budget 40 over
+    # 4 sources (a generation of 8), 6 for a budget of 1. The budget is spent here, one evaluation at a time, and a
+    # generation cut short is not told to cma (tell takes whole ones): the best weights evaluated are kept by us.
+    while len(trace) < budget and not es.stop():
+        xs, losses = es.ask(), []
+        for x in xs[: budget - len(trace)]:
+            w = torch.tensor(x, dtype=torch.float32)
+            losses.append(objective(w).item())
+            trace.append({"step": len(trace) + 1, "loss": round(losses[-1], 5)})
+            if losses[-1] < best[0]:
+                best = (losses[-1], w)
+        if len(losses) == len(xs):
+            es.tell(xs, losses)
+    return best[1], trace
 
 
 def _gradient(objective, n: int, budget: int, seed: int):
