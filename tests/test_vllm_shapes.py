@@ -54,6 +54,25 @@ def test_load_inplace_true_loads_a_new_name_and_is_refused_only_for_a_served_one
         served.post("/v1/unload_lora_adapter", {"lora_name": "pushed"})
 
 
+def test_load_lora_adapter_wider_than_max_lora_rank_is_refused_at_the_load(serve_registry):
+    """vLLM's worker refuses, at /v1/load_lora_adapter, an adapter whose rank is over --max-lora-rank ('LoRA rank 16 is
+    greater than max_lora_rank 8', a 400). Here the load was answered 200 and listed in /v1/models, and only each
+    request to it was then refused. A narrower adapter still loads."""
+    from .serving import Served
+
+    s = Served(serve_registry, max_lora_rank=8)
+    try:
+        wide = s.post("/v1/load_lora_adapter", {"lora_name": "wide", "lora_path": str(serve_registry / "gen_b" / "1.0.0")})  # r=16
+        assert wide.status_code == 400, wide.text
+        error = wide.json()["error"]
+        assert error["code"] == "adapter_load_error" and "16" in error["message"] and "--max-lora-rank" in error["message"], error
+        assert "wide" not in [m.id for m in s.client.models.list().data]
+        narrow = s.post("/v1/load_lora_adapter", {"lora_name": "narrow", "lora_path": str(serve_registry / "gen_a" / "1.0.0")})  # r=8
+        assert narrow.status_code == 200, narrow.text
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("method, path, status, allow", [("POST", "/v1/nope", 404, None), ("GET", "/v1/completions", 405, "POST"),
                                                           ("POST", "/v1/models", 405, "GET")])
 def test_unknown_route_or_method_answers_in_the_error_shape(served, method, path, status, allow):

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from adapterhub_lite.artifacts.index import check_name
-from adapterhub_lite.core.errors import AdapterHubError
+from adapterhub_lite.core.errors import AdapterHubError, AdapterLoadError
 from adapterhub_lite.core.names import AUTO, BASE, MERGED_PREFIX, is_request_merge
 from adapterhub_lite.core.numbers import is_finite_number
 from adapterhub_lite.ops.merge import MERGE_METHODS as METHODS
@@ -313,7 +313,7 @@ class Catalogue:
         if not (Path(path) / "adapter_config.json").exists():  # vLLM: no adapter config there is "No adapter found", a 404 too
             raise P.ApiError(404, f"`lora_path` is {path!r}, a folder with no adapter in it (no adapter_config.json); give the path of an "
                              "adapter folder written by `adapterhub-lite train`", code="adapter_not_found", param="lora_path")
-        reg = await self._off_engine(self.router.inspect, name, path)  # hashing and checks: off the engine thread and the event loop
+        reg = await self._off_engine(self._inspect, name, path)  # hashing and checks: off the engine thread and the event loop
 
         def add(router):  # listed with the add, on the engine thread: a request cancelled meanwhile leaves no unlisted adapter
             # checked again here: another load of this name (or a reload adding it) may have landed while this folder was
@@ -323,6 +323,19 @@ class Catalogue:
             self.runtime[name] = None
         await self._on_engine(add)
         return name
+
+    def _inspect(self, name: str, path: str):
+        """Worker thread: the folder's registry checks, and (as vLLM's worker refuses at the load) a LoRA wider than
+        --max-lora-rank: loaded, every request to it would be refused by the slots instead."""
+        reg = self.router.inspect(name, path)
+        limit = self.router.bank.max_lora_rank
+        if limit is not None and reg.kind[0] == "LORA":
+            config = json.loads((reg.folder / "adapter_config.json").read_text())
+            rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])  # what peft sizes the factors by
+            if rank > limit:
+                raise AdapterLoadError(f"LoRA adapter {name!r} at {path!r} has rank {rank} but this server's adapter slots hold rank {limit} "
+                                       "at most (--max-lora-rank); restart it with a higher --max-lora-rank, or load a lower-rank adapter")
+        return reg
 
     def _check_free(self, name: str, registry: bool = False) -> None:
         """Refuse (vLLM's 400) a run-time load under a name already served: loaded at run time, reserved, or a registry
