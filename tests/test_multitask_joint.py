@@ -200,6 +200,7 @@ def test_accumulated_joint_micro_batches_train_the_adapters_of_one_batch(tmp_pat
         cfg = JointConfig(max_steps=3, batch_size=batch, grad_accum=accum, warmup_steps=0, eval_every=3, eval_samples=2, weighting=weighting,
                           sampling="temperature", log_every=1)
         out = train_joint(specs, tmp_path / f"b{batch}", cfg, progress=False)
+        assert json.loads((out / "run.json").read_text())["train_state"]["global_batch"] == 16  # rows a step reads, as train records it
         logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
         runs[batch] = ({t: load_file(out / t / "adapter_model.safetensors") for t in ("a", "g")},
                        [{k: v for k, v in r.items() if k.startswith(("loss", "weight/"))} for r in logged])

@@ -284,7 +284,8 @@ def train_joint(specs: list[TaskSpec], output: str | Path, cfg: JointConfig | No
             state = {"device": str(backbone.device), "steps": st.step, "best_step": st.best_step, "stopped_by": result.stopped_by,
                      "train_seconds": round(st.train_seconds, 1), "tokens": st.tokens,
                      "train_tokens_per_s": round(st.tokens / max(st.train_seconds, 1e-9), 1), "peak_memory_mb": round(peak_memory_mb(str(backbone.device)), 1),
-                     "latency_ms_per_example": recipe.latency, "processes": parallel.world, "global_batch": cfg.batch_size * parallel.world}
+                     "latency_ms_per_example": recipe.latency, "processes": parallel.world,
+                     "global_batch": cfg.batch_size * parallel.world * cfg.grad_accum}  # rows an optimizer step reads, as train records it
             _write_outputs(work, specs, cfg, backbone, data, model, joint, final, st.history, state, command, choices)
             publish_folder(work / "out", output)
             remove_work(work)
