@@ -268,3 +268,23 @@ def test_a_search_that_saw_no_finite_loss_is_refused_not_saved_as_the_base_model
         compose_fit(_new_task(tmp_path), sources, tmp_path / "out", shots=4, search=search, budget=3, baselines=False)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_shots_missing_a_class_or_repeating_a_row_are_said(sources, tmp_path, capsys):
+    """compose-fit fitted on whatever shots it drew, unsaid: one shot of a two-class task (the weights then fitted to
+    one label), or eight shots that were two rows repeated; nor did it say what train says of its data."""
+    spec = _new_task(tmp_path)
+    compose_fit(spec, sources, tmp_path / "one", shots=1, budget=1, baselines=False)
+    err = capsys.readouterr().err
+    assert "warning: the 1 shots hold no row of class(es) 'neg' (1 of 2), so the weights are fitted without them" in err \
+        or "warning: the 1 shots hold no row of class(es) 'pos' (1 of 2), so the weights are fitted without them" in err, err
+    assert "have the same prompt as a row of" in err  # train's own warning: these dev rows are the training file's
+    rows = [{"text": "pos 1", "label": "pos"}, {"text": "neg 1", "label": "neg"}] * 4
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec.data.train = str(tmp_path / "dup.jsonl")
+    compose_fit(spec, sources, tmp_path / "dup", shots=8, budget=1, baselines=False)
+    err = capsys.readouterr().err
+    assert "warning: 6 of the 8 shots repeat an earlier shot's prompt (shots.jsonl line " in err and "fitted on 2 distinct inputs" in err, err
+    compose_fit(_new_task(tmp_path), sources, tmp_path / "fine", shots=8, budget=1, baselines=False)
+    err = capsys.readouterr().err
+    assert "shots hold no row" not in err and "shots repeat" not in err, err

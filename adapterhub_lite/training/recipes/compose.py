@@ -24,8 +24,8 @@ from adapterhub_lite.artifacts.files import atomic_write, write_json
 from adapterhub_lite.artifacts.folder import check_adapter_folder, read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
 from adapterhub_lite.artifacts.samples import routing_entry
-from adapterhub_lite.core.data import load_split, load_task_data, to_split
-from adapterhub_lite.core.data_checks import check_lengths
+from adapterhub_lite.core.data import Split, label_words, load_split, load_task_data, to_split
+from adapterhub_lite.core.data_checks import check_lengths, data_warnings
 from adapterhub_lite.core.errors import AdapterHubError
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.adapter import read_lora, save_lora
@@ -114,6 +114,29 @@ def _shots(spec: TaskSpec, n: int, seed: int):
     return ds.select(idx)
 
 
+def _shot_warnings(spec: TaskSpec, shots: Split) -> list[str]:
+    """What compose-fit says of the shots it fits on: classes none of them holds (the weights are fitted without
+    them: with fewer shots than classes, or by the draw) and shots that repeat an earlier shot's prompt (fewer
+    distinct examples than --shots)."""
+    out, n = [], len(shots)
+    if spec.type == "classification":
+        words, held = label_words(spec), set(shots.answers)
+        missing = [repr(str(w)) for i, w in enumerate(words) if i not in held]
+        if missing:
+            out.append(f"warning: the {n} shots hold no row of class(es) {', '.join(missing)} ({len(missing)} of {len(words)}), so the "
+                       "weights are fitted without them; give more --shots (at least one per class) or another --seed")
+    seen, again = set(), []
+    for i, prompt in enumerate(shots.prompts):
+        if prompt in seen:
+            again.append(i + 1)
+        seen.add(prompt)
+    if again:
+        out.append(f"warning: {len(again)} of the {n} shots repeat an earlier shot's prompt (shots.jsonl line {', '.join(map(str, again[:5]))}"
+                   f"{', …' if len(again) > 5 else ''}), so the weights are fitted on {n - len(again)} distinct inputs; drop the repeated "
+                   f"rows from {spec.data.train!r}")
+    return out
+
+
 def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Path, *, shots: int = 16, search: str = "cma",
                 budget: int = 40, l1: float = 0.05, seed: int = 0, baselines: bool = True, lora_steps: int = 40,
                 eval_rows: int | None = None, overwrite: bool = False, device: str | None = None, dtype: str | None = None,
@@ -142,6 +165,10 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         dev = load_task_data(spec, ("dev",))["dev"]
         backbone = load_backbone(spec.base, spec.quantization, device, dtype=dtype or spec.dtype)
         check_lengths(spec, backbone.tokenizer)  # max_length must fit the longest label or target (needs the tokenizer)
+        scored = Split(dev.prompts[:eval_rows], dev.answers[:eval_rows], dev.source, dev.sha256)  # the dev rows the report scores
+        # what train says of its data (prompts cut, dev rows fitted on, classes dev lacks), and of few shots: said, never silently
+        for warning in data_warnings(spec, backbone.tokenizer, {"train": shot_split, "dev": scored}) + _shot_warnings(spec, shot_split):
+            print(warning, file=sys.stderr)
         comp = Composition(backbone.model, _load_sources({n: Path(f) for n, f in sources.items()}, backbone, allow_base_mismatch))
         tok = backbone.tokenizer
         labels = label_token_ids(tok, spec) if spec.type == "classification" else None
