@@ -182,6 +182,32 @@ def test_a_reader_that_leaves_ends_the_command_quietly(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_eval_of_a_hub_split_says_when_the_dataset_changed_since_training(capsys, cls_task, monkeypatch):
+    """The same check for an `hf:` split: its content hash is the datasets fingerprint (the Hub revision's), recorded at
+    training; `eval` compared it only for local files, so a dataset changed on the Hub since was scored as the adapter's own
+    split without a word. load_dataset is stood in for (no network): one fingerprint at training, another at eval."""
+    import datasets
+
+    rows = [json.loads(line) for line in (cls_task / "dev.jsonl").read_text().splitlines()]
+    fingerprint = {"now": "a" * 16}
+
+    def load_dataset(name, config=None, split=None):
+        ds = datasets.Dataset.from_list(rows)
+        ds._fingerprint = fingerprint["now"]
+        return ds
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    code, _, _ = run(capsys, "train", "toy.yaml", "train.max_steps=2", "data.dev=hf:toy:dev", "--output", "out", "--no-progress")
+    assert code == 0
+    code, _, err = run(capsys, "eval", "out", "--json")
+    assert code == 0 and "fingerprint" not in err, err  # the dataset it trained with: no warning
+    fingerprint["now"] = "b" * 16
+    code, out, err = run(capsys, "eval", "out", "--json")
+    warned = [line for line in err.splitlines() if line.startswith("warning:") and "hf:toy:dev" in line and "fingerprint" in line]
+    assert code == 0 and json.loads(out)["rows"] == len(rows) and len(warned) == 1, err
+    assert "aaaaaaaaaaaa recorded, bbbbbbbbbbbb read" in warned[0]
+
+
 def test_eval_of_the_recorded_split_says_when_it_reads_another_file(capsys, cls_task, tmp_path_factory, monkeypatch):
     """`eval FOLDER` reads the split its spec records (data.dev: 'dev.jsonl'), relative to the current directory. From
     another directory holding another dev.jsonl it scored that file silently, as 'split: dev' (6 rows of another task,

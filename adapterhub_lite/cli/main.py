@@ -64,7 +64,8 @@ def _split_for(spec, split: str, adapter: str | None = None, recorded: dict | No
     """The rows `eval` scores: the spec's train or dev split, or a data file. `recorded`: the sidecar's `data` (each
     split's source and sha256). The spec's paths are relative to where the adapter was trained, and eval reads them
     from the current directory: a missing one is refused with eval's fix (--split), and another file under the same
-    name is said in a warning (its metrics are not the recorded split's)."""
+    name, or an `hf:` dataset whose fingerprint changed since, is said in a warning (its metrics are not the recorded
+    split's)."""
     from adapterhub_lite.core.data import FILE_SUFFIXES, load_split, to_split
 
     source = getattr(spec.data, split) if split in ("train", "dev") else split
@@ -76,11 +77,15 @@ def _split_for(spec, split: str, adapter: str | None = None, recorded: dict | No
         raise DataError(f"the adapter's data.{split} {source!r} does not exist relative to {Path.cwd()} (its spec's paths are "
                         f"relative to where it was trained); run eval from there, or give --split with the file's path")
     ds, sha = load_split(source)
-    was = ((recorded or {}).get(split) or {}).get("sha256") if local else None
-    if was and was != sha:
+    was = ((recorded or {}).get(split) or {}).get("sha256") if split in ("train", "dev") else None
+    if was and was != sha and local:
         print(f"warning: data.{split} {source!r} (relative to {Path.cwd()}) is not the file this adapter recorded (sha256 "
               f"{was[:12]} recorded, {sha[:12]} read): these metrics are on other rows than its own; give --split with the "
               "file's path to score it on purpose", file=sys.stderr)
+    elif was and was != sha:  # an hf: split's hash is the datasets fingerprint, which follows the Hub revision it read
+        print(f"warning: data.{split} {source!r} is not the dataset this adapter recorded (datasets fingerprint {was[:12]} "
+              f"recorded, {sha[:12]} read): the Hub dataset, or the datasets version that reads it, changed since it trained, "
+              "so these metrics may be on other rows than its own", file=sys.stderr)
     return to_split(spec, ds, source, sha, adapter=adapter)
 
 
