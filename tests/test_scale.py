@@ -38,12 +38,16 @@ def test_the_route_prefix_is_stripped_by_whole_segments():
 
 
 class _Answer:
-    """What Ray's handle gives the ingress for one forwarded request: its (status, headers), then the body's chunks."""
+    """What Ray's handle gives the ingress for one forwarded request: its (status, headers), then the body's chunks
+    (`dies`: the replica dies after them)."""
 
-    def __init__(self, body: bytes):
+    def __init__(self, *chunks: bytes, status: int = 413, head=(("content-type", "application/json"),), dies: bool = False):
         async def answer():
-            yield 413, [("content-type", "application/json")]
-            yield body
+            yield status, list(head)
+            for chunk in chunks:
+                yield chunk
+            if dies:
+                raise RuntimeError("the replica's actor died")
 
         self.answer = answer()
 
@@ -98,6 +102,53 @@ def test_the_ingress_reads_no_more_of_a_body_than_one_server_would(length):
         assert pulled == [] and body == b"" and ("content-length", length) in sent_headers
     else:  # read just past the limit: the replica's own read refuses it
         assert 1 << 20 < len(body) <= (1 << 20) + (64 << 10) and len(pulled) == 17, (len(body), len(pulled))
+
+
+@pytest.mark.ray  # needs the ray extra: the default run has none (importorskip would skip it), the ray set runs it
+@pytest.mark.parametrize("dies", [False, True])
+def test_a_whole_answer_comes_with_its_length_or_as_the_replica_failure(dies):
+    """A non-streamed answer went through the ingress chunked, without the Content-Length one server sends, and a replica
+    that died after its status line left the client a 200 with a cut body (half a JSON document). The replica makes a
+    whole answer before it sends it, so the ingress holds it whole: sent with its length, or the 503 `replica_failed`."""
+    pytest.importorskip("ray")
+    import asyncio
+
+    from starlette.requests import Request
+
+    from adapterhub_lite.serving.scale import _Ingress
+
+    class Replicas:
+        def options(self, **_):
+            return self
+
+        @property
+        def forward(self):
+            return self
+
+        def remote(self, *_):
+            return _Answer(b'{"choices": ', b"[]}", status=200, head=[("content-type", "application/json"), ("content-length", "15")], dies=dies)
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"model": "gen_a", "prompt": "ab"}', "more_body": False}
+
+    async def answered():
+        # ASGI 2.4: a response that streams does not also wait for the client's disconnect (this receive never sends one)
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"", "root_path": "", "headers": [],
+                 "asgi": {"spec_version": "2.4"}}
+        response, sent = await _Ingress(Replicas())(Request(scope, receive)), []
+
+        async def send(message):
+            sent.append(message)
+
+        await response(scope, receive, send)
+        return sent[0]["status"], dict((k.decode(), v.decode()) for k, v in sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+    status, headers, body = asyncio.run(answered())
+    if dies:
+        assert status == 503 and json.loads(body)["error"]["code"] == "replica_failed", (status, body)
+    else:
+        assert status == 200 and body == b'{"choices": []}' and headers.get("content-length") == "15", (status, headers, body)
+        assert "transfer-encoding" not in headers
 
 
 @pytest.mark.ray  # needs the ray extra: the default run has none (importorskip would skip it), the ray set runs it
@@ -203,7 +254,7 @@ def test_answers_through_ray_equal_one_server(cluster, serve_registry):
             w, g = want.json(), got.json()
             assert [c["text"] for c in g["choices"]] == [c["text"] for c in w["choices"]], body
             assert g["usage"] == w["usage"] and g["model"] == w["model"], body
-            assert got.headers[REPLICA_HEADER]
+            assert got.headers[REPLICA_HEADER] and got.headers["content-length"] == str(len(got.content))  # as one server sends it
         bad = post(cluster, {"model": "nope", "prompt": "x"})  # the replica's own answers, as one server's
         assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
         assert httpx.post(cluster + "/v1/completions", json={"model": "gen_a", "prompt": "x"}).status_code == 401  # the API key

@@ -225,7 +225,7 @@ class _Ingress:
 
     async def __call__(self, request):
         from ray.serve.exceptions import BackPressureError
-        from starlette.responses import StreamingResponse
+        from starlette.responses import Response, StreamingResponse
 
         from adapterhub_lite.serving.protocol import NO_RETRY, ApiError
         from adapterhub_lite.serving.routes.common import error_response
@@ -248,6 +248,17 @@ class _Ingress:
             log.warning("replica failed before answering %s %s: %s", request.method, request.url.path, exc)
             return error_response(_replica_failed(exc))
         sse = any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in head)
+        drop = {"content-length", "transfer-encoding"}
+        if not sse:  # a whole answer, made whole by the replica before it sent it: held, and sent with its length (one
+            # server's), or as the replica's failure; passed on chunked, a replica that died part-way left a 200 with a cut body
+            try:
+                body = b"".join([chunk async for chunk in stream])
+            except Exception as exc:  # noqa: BLE001 - the replica died after its status line
+                log.warning("replica failed while answering %s %s: %s", request.method, request.url.path, exc)
+                return error_response(_replica_failed(exc))
+            finally:
+                stream.cancel()
+            return Response(body, status_code=status, headers={k: v for k, v in head if k.lower() not in drop})
 
         async def chunks():
             try:
@@ -255,13 +266,12 @@ class _Ingress:
                     yield chunk
             except Exception as exc:  # noqa: BLE001 - the replica died mid-stream, after its 200 went out
                 log.warning("replica failed while streaming %s: %s", request.url.path, exc)
-                if sse:  # an SSE stream that just ended reads as a whole answer (the openai client stops without an error):
-                    # end it as the server ends a stream that fails mid-way (answers.py), with its error event and [DONE]
-                    yield f"data: {json.dumps(_replica_failed(exc, 'mid-stream').body())}\n\ndata: [DONE]\n\n".encode()
+                # an SSE stream that just ended reads as a whole answer (the openai client stops without an error): end it
+                # as the server ends a stream that fails mid-way (answers.py), with its error event and [DONE]
+                yield f"data: {json.dumps(_replica_failed(exc, 'mid-stream').body())}\n\ndata: [DONE]\n\n".encode()
             finally:
                 stream.cancel()  # the client left (or the answer ended): the replica's request is cancelled
 
-        drop = {"content-length", "transfer-encoding"}
         return StreamingResponse(chunks(), status_code=status, headers={k: v for k, v in head if k.lower() not in drop})
 
 
