@@ -111,6 +111,19 @@ def test_a_tie_between_adapters_goes_to_base_whatever_their_order():
             assert twins.route(a[:3]) == [("base", 0.5)] * 3
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5])
+def test_twins_beside_another_adapter_tie_whatever_the_threshold(threshold):
+    """Beside a third adapter the classifier gives two adapters of the same samples probabilities equal only to lbfgs'
+    precision (0.4988 and 0.4986): below 0.5 a threshold let the requests through to one twin or the other by that
+    noise, each answer reading as a confident pick (fallback null), and at 0.5 they were put down to the threshold.
+    They are a tie, named so, and the third adapter keeps its requests."""
+    samples = clusters()
+    router = ContentRouter({"x": samples["a"], "y": samples["a"].clone(), "b": samples["b"]}, threshold=threshold)
+    picks = router.decide(samples["a"])
+    assert {(p.adapter, p.candidate in ("x", "y"), p.runner_up in ("x", "y"), p.fallback) for p in picks} == {("base", True, True, "tie")}
+    assert {p.adapter for p in router.decide(samples["b"])} == {"b"}
+
+
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # base: a column, never a true task
 def test_eval_routing_reports_what_an_independent_confusion_matrix_of_its_own_routes_gives(tmp_path, monkeypatch, capsys):
     """scripts/eval_routing.py's figures, recomputed with scikit-learn from the routes it took (recorded): each task's

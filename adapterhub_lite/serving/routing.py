@@ -97,6 +97,11 @@ class ContentRouter:
         if bad or len(dims) != 1:
             raise RoutingError(f"routing samples must be non-empty [N, dim] tensors of one dim, got shapes {shapes}; refit them with add_routing")
         x = np.concatenate([samples[n].detach().cpu().float().numpy() for n in self.names])
+        # each adapter's twins: the others with the very same samples (one adapter published under two names, or trained
+        # twice on the same inputs). The classifier gives twins probabilities equal only to lbfgs' precision (0.4988 and
+        # 0.4986 beside a third adapter), so an exact comparison split their requests between them by rounding noise.
+        parts = np.split(x, np.cumsum([len(samples[n]) for n in self.names])[:-1])
+        self.twins = [[m for j, m in enumerate(self.names) if j != i and np.array_equal(parts[i], parts[j])] for i in range(len(self.names))]
         y = np.concatenate([np.full(len(samples[n]), i) for i, n in enumerate(self.names)])
         self.model = None  # one adapter: nothing to tell apart, its probability is 1
         if len(self.names) > 1:
@@ -182,10 +187,12 @@ class ContentRouter:
         probs = self.probs(vectors[finite])
         top = probs.topk(min(2, probs.shape[1]), -1)  # the candidate and the runner-up, from the probabilities computed anyway
         conf, idx = top.values[:, 0], top.indices[:, 0]
-        tied = ((probs == conf[:, None]).sum(-1) > 1).tolist()  # no one most probable adapter: nothing to pick by name order
+        # no one most probable adapter (the same probability, or a twin's samples): nothing to pick by name order
+        tied = [t or bool(self.twins[i]) for t, i in zip(((probs == conf[:, None]).sum(-1) > 1).tolist(), idx.tolist())]
         near = self.distances(vectors[finite], idx.tolist()) if self.novelty is not None else None
         for j, (row, i, c) in enumerate(zip(rows, idx.tolist(), conf.tolist())):
-            why = "threshold" if c < self.threshold else "tie" if tied[j] else "novelty" if near is not None and near[j] > 1.0 else None
+            # a tie first: below the threshold too, the classifier could not have told the twins apart at any confidence
+            why = "tie" if tied[j] else "threshold" if c < self.threshold else "novelty" if near is not None and near[j] > 1.0 else None
             second = (self.names[top.indices[j, 1]], round(top.values[j, 1].item(), 4)) if probs.shape[1] > 1 else (None, None)
             out[row] = Routing(BASE if why else self.names[i], round(c, 4), self.names[i], *second, fallback=why)
         return out
