@@ -91,7 +91,15 @@ FOLDERS = {
     "only a pickle": (lambda f: ((f / "adapter_model.safetensors").unlink(), (f / "adapter_model.bin").write_bytes(b"x")), "adapter_model.bin"),
     "a pickle beside the safetensors": (lambda f: (f / "extra.pt").write_bytes(b"x"), "extra.pt"),
     "a symlink to a system file": (lambda f: (f / "notes.txt").symlink_to("/etc/hostname"), "symlinks ['notes.txt']"),
+    # adapter_config.json's r halved, the weights as trained: peft refuses it (size mismatch for ...lora_A); a per-row
+    # server loaded it at the weights' rank and answered, a run-time load was answered 200
+    "a config rank that is not the weights'": (lambda f: _edit_config(f, r=2), "adapter_config.json gives rank 2"),
 }
+
+
+def _edit_config(folder, **fields):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
 
 
 @pytest.mark.parametrize("case", list(FOLDERS))

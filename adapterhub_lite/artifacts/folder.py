@@ -60,18 +60,39 @@ def read_tensors(path: Path, error=AdapterLoadError, data: bytes | None = None) 
                     "the adapter again, or re-train it") from None
 
 
-def check_finite(folder: Path, error=AdapterLoadError) -> None:
-    """Refuse an adapter folder whose weights hold NaN or ±inf: such an adapter scores garbage.
+def check_finite(folder: Path, error=AdapterLoadError) -> dict:
+    """Refuse an adapter folder whose weights hold NaN or ±inf: such an adapter scores garbage. Returns the tensors read.
 
     Raised before anything is published or served, so a diverged run or a NaN merge weight
     never reaches a registry or a user.
     """
     path = Path(folder) / "adapter_model.safetensors"
-    bad = nonfinite_tensors(read_tensors(path, error))
+    tensors = read_tensors(path, error)
+    bad = nonfinite_tensors(tensors)
     if bad:
         shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
         raise error(f"{path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}; "
                     "retrain with a lower learning rate, or merge with finite weights")
+    return tensors
+
+
+def check_lora_ranks(folder: Path, config: dict, tensors: dict, error=AdapterLoadError) -> None:
+    """Refuse a LoRA folder whose lora_A tensors do not have the rank adapter_config.json gives their module (`r`, or its
+    rank_pattern entry, matched as peft matches it): peft refuses to load it (size mismatch), and vLLM scales by the
+    config's rank, so no server can answer as the adapter was trained."""
+    from peft.utils.other import get_pattern_key
+
+    pattern, r = config.get("rank_pattern") or {}, config.get("r")
+    if not isinstance(r, int):  # no rank at all: the index's own check names it
+        return
+    for key, t in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        want = pattern.get(get_pattern_key(pattern.keys(), module), r)  # as peft's LoraModel picks a module's rank
+        if t.shape[0] != want:
+            raise error(f"{Path(folder) / 'adapter_config.json'} gives rank {want} to {module} but adapter_model.safetensors holds it at rank "
+                        f"{t.shape[0]}: the config does not describe these weights (peft refuses to load them); re-train or re-export the adapter")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -84,7 +105,8 @@ def check_adapter_folder(folder: Path, error=AdapterLoadError) -> dict:
 
     - no symlinks (a publish would copy what they point to) and no pickle weights, only safetensors;
     - a sidecar of the known shape (sidecar.sidecar_problems) whose method is the PEFT config's;
-    - finite weights (a diverged run or a NaN merge weight is never served or published).
+    - finite weights (a diverged run or a NaN merge weight is never served or published);
+    - a LoRA's weights at the ranks its adapter_config.json gives (check_lora_ranks).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -100,13 +122,16 @@ def check_adapter_folder(folder: Path, error=AdapterLoadError) -> dict:
         raise error(f"{folder} has no adapter_model.safetensors; pass a folder written by `adapterhub-lite train`")
     meta = read_sidecar(folder)
     try:
-        peft_type = json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+        config = json.loads((folder / "adapter_config.json").read_text())
+        peft_type = config.get("peft_type")
     except (OSError, ValueError, AttributeError, RecursionError) as exc:
         raise error(f"{folder / 'adapter_config.json'} cannot be read as a PEFT config ({type(exc).__name__}); the folder is damaged") from None
     if PEFT_TYPES.get(peft_type) != meta["method"]:
         raise error(f"{folder / SIDECAR} says method {meta['method']!r} but adapter_config.json holds a {peft_type!r} adapter; "
                     "the sidecar does not describe these weights: re-train or re-export the adapter")
-    check_finite(folder, error)
+    tensors = check_finite(folder, error)
+    if peft_type == "LORA":
+        check_lora_ranks(folder, config, tensors, error)
     return meta
 
 
