@@ -54,6 +54,24 @@ def test_load_inplace_true_loads_a_new_name_and_is_refused_only_for_a_served_one
         served.post("/v1/unload_lora_adapter", {"lora_name": "pushed"})
 
 
+def test_load_lora_adapter_expands_a_home_relative_path_as_vllm_does(served, serve_registry, tmp_path, monkeypatch):
+    """vLLM's get_adapter_absolute_path expands a lora_path that starts with '~' (os.path.expanduser) before reading it;
+    here '~/adapters/gen_a' was looked up literally, a folder named '~' in the server's working directory: a 404 for a
+    path vLLM loads."""
+    import shutil
+
+    shutil.copytree(serve_registry / "gen_a" / "1.0.0", tmp_path / "adapters" / "gen_a")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    try:
+        r = served.post("/v1/load_lora_adapter", {"lora_name": "homed", "lora_path": "~/adapters/gen_a"})
+        assert r.status_code == 200, r.text
+        assert served.post("/v1/completions", {"model": "homed", "prompt": "ab", "max_tokens": 2}).status_code == 200
+        nobody = served.post("/v1/load_lora_adapter", {"lora_name": "nobody", "lora_path": "~nosuchuser/gen_a"})  # no such home: as sent
+        assert nobody.status_code == 404 and nobody.json()["error"]["param"] == "lora_path", nobody.text
+    finally:
+        served.post("/v1/unload_lora_adapter", {"lora_name": "homed"})
+
+
 def test_load_lora_adapter_wider_than_max_lora_rank_is_refused_at_the_load(serve_registry):
     """vLLM's worker refuses, at /v1/load_lora_adapter, an adapter whose rank is over --max-lora-rank ('LoRA rank 16 is
     greater than max_lora_rank 8', a 400). Here the load was answered 200 and listed in /v1/models, and only each

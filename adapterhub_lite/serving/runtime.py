@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -305,6 +306,8 @@ class Catalogue:
         self._check_free(name, registry=self.router.registry is not None and name in self.router.registry.index()["adapters"])
         if not isinstance(path, str) or not path:
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
+        if path.startswith("~"):  # vLLM's get_adapter_absolute_path expands it: '~/adapters/x' is not a folder named '~' here
+            path = os.path.expanduser(path)  # (Path.expanduser raises for '~nosuchuser/x'; this leaves it as sent: a 404)
         if not Path(path).exists():  # nothing there: vLLM answers 404 (NotFoundError), a folder it cannot read 400
             raise P.ApiError(404, f"`lora_path` is {path!r}, which does not exist on the server's machine; give the path of an adapter folder there",
                              code="adapter_not_found", param="lora_path")
