@@ -274,6 +274,23 @@ def test_a_request_without_the_api_key_loads_nothing_in_a_replica(cluster):
 
 
 @pytest.mark.ray
+def test_made_up_names_from_a_keyed_client_take_no_adapter_slot(cluster):
+    """Ray evicts a replica's least recently used adapter before it calls the loader, and the loader held any name: each
+    made-up name a keyed client sent took a slot (max_adapters_per_replica 4), evicting adapters others were using. A
+    name the replica cannot serve (the registry re-read first) is now answered 404 without being held."""
+    def ask(model):
+        return post(cluster, {"model": model, "prompt": "ab", "max_tokens": 1})
+
+    assert ask("gen_a").status_code == 200
+    for i in range(10):
+        for _ in range(2):  # Ray sends the second to the replica holding the first
+            r = ask(f"made-up-{i}")
+            assert r.status_code == 404 and r.headers[HELD_HEADER] == "0", (r.status_code, r.headers.get(HELD_HEADER))
+    r = ask("gen_a")
+    assert r.status_code == 200 and r.headers[HELD_HEADER] == "1"
+
+
+@pytest.mark.ray
 def test_a_redirect_names_the_host_the_client_called(cluster):
     """The ingress dropped the Host header, so the app built URLs from its in-process scope: a trailing slash's 307 sent
     the client to http://ray-serve:0/v1/completions (one server: its own host and port)."""

@@ -116,22 +116,37 @@ class _Replica:
         ctx = serve.get_replica_context()
         self.name = getattr(ctx, "replica_tag", None) or str(getattr(ctx, "replica_id", os.getpid()))
 
+    async def known(self, name: str) -> bool:
+        """Whether the replica serves `name` as the app would resolve it (a pinned `name@version` is registered here, as
+        on first use; a merge recipe always counts: the app builds it), the registry index re-read once for a name it
+        does not know (published after start-up?). A name it cannot serve is not loaded, so it takes no place in Ray's
+        multiplexed LRU: Ray evicts the least recently used adapter before it calls the loader, and each made-up name
+        a client sent evicted one others were using. The app answers such a request (404, or 503 for a damaged one)."""
+        from adapterhub_lite.serving.protocol import ApiError
+
+        if name.startswith("merged:"):
+            return True
+        for attempt in range(2):
+            try:
+                await self.catalogue.ensure_known(name)
+                return True
+            except ApiError as exc:
+                if exc.status != 404 or attempt:
+                    return False
+            try:
+                await self.catalogue.reload()
+            except Exception as exc:  # noqa: BLE001 - the request then gets the app's own answer
+                log.warning("re-reading the registry for %r failed: %s", name, exc)
+                return False
+        return False
+
     async def load(self, name: str) -> _Held:
-        """Make sure the replica can serve `name`: known (the registry index re-read once when not), read and checked
-        into host memory off the event loop. An unknown name is held too: the app answers it 404."""
-        router = self.engine.router
-        if not name.startswith("merged:"):
-            base = name.split("@", 1)[0]
-            if base not in router.folders and name not in router.folders:
-                try:
-                    await self.catalogue.reload()  # published after start-up?
-                except Exception as exc:  # noqa: BLE001 - the request then gets the app's own answer
-                    log.warning("re-reading the registry for %r failed: %s", name, exc)
-            if name in router.folders:
-                try:
-                    await asyncio.to_thread(router.fetch, name)
-                except Exception as exc:  # noqa: BLE001 - a damaged adapter: the app answers 503 naming why
-                    log.warning("reading adapter %r failed: %s", name, exc)
+        """Ray's multiplexed loader for a known name (see known()): read and checked into host memory off the event loop."""
+        if name in self.engine.router.folders:  # not a merge recipe (the app builds it), nor `name@latest` (its name is)
+            try:
+                await asyncio.to_thread(self.engine.router.fetch, name)
+            except Exception as exc:  # noqa: BLE001 - a damaged adapter: the app answers 503 naming why
+                log.warning("reading adapter %r failed: %s", name, exc)
         return _Held(self.held, name)
 
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes, root_path: str = ""):
@@ -152,7 +167,7 @@ class _Replica:
             held = name in self.held
             # A request the app refuses unread (no API key) loads nothing: one keyless client could otherwise re-read the
             # registry index for each made-up name and evict, by LRU, the adapters keyed clients are using.
-            if refusal(self.app.state.server.settings, scope) is None:
+            if refusal(self.app.state.server.settings, scope) is None and await self.known(name):
                 await self.load(name)
         sent: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
