@@ -288,3 +288,18 @@ def test_shots_missing_a_class_or_repeating_a_row_are_said(sources, tmp_path, ca
     compose_fit(_new_task(tmp_path), sources, tmp_path / "fine", shots=8, budget=1, baselines=False)
     err = capsys.readouterr().err
     assert "shots hold no row" not in err and "shots repeat" not in err, err
+
+
+def test_the_sidecar_says_how_many_dev_rows_its_metrics_were_measured_on(sources, tmp_path):
+    """With --rows 5 the composed score (the sidecar's metrics) is the first 5 dev rows', but the sidecar and its card
+    named the whole 16-row dev file alone, so `eval` on the folder (all 16) disagreed with it unexplained. It records
+    metrics_rows, as merge does, and the card says those rows; eval over them gives the recorded metrics."""
+    spec = _new_task(tmp_path)
+    report = compose_fit(spec, sources, tmp_path / "out", shots=6, budget=2, baselines=False, eval_rows=5)
+    meta = json.loads((tmp_path / "out" / "adapterhub.json").read_text())
+    assert meta["metrics_rows"] == report["dev_rows"] == 5 and meta["data"]["dev"]["rows"] == 16
+    assert "## Results (dev, 5 rows)" in (tmp_path / "out" / "README.md").read_text()
+    backbone = load_backbone("tiny-random-llama", "none", dtype="fp32")
+    plain = PeftModel.from_pretrained(backbone.model, tmp_path / "out").eval()
+    metrics, _, _ = evaluate_split(plain, backbone.tokenizer, spec, load_task_data(spec, ("dev",))["dev"], limit=meta["metrics_rows"])
+    assert {k: metrics[k] for k in meta["metrics"]} == meta["metrics"]

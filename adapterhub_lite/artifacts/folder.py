@@ -278,7 +278,7 @@ Trained with adapterhub_lite on a frozen {frozen} backbone
 {_weights_line(meta['base'])}{local}
 Prompt template: `{spec['prompt']!r}`{f"; label words: {', '.join(map(str, meta['label_words']))}" if meta.get('label_words') else ''}.
 
-## Results (dev, {meta['data']['dev']['rows']} rows)
+## Results (dev, {meta.get('metrics_rows') or meta['data']['dev']['rows']} rows)
 
 | metric | value |
 |---|---|

@@ -214,7 +214,9 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
         tokens = len(trace) * sum(len(ids) for ids in tok(shot_split.prompts).input_ids)  # prompt tokens read by the search
         run_device = str(next(backbone.model.parameters()).device)
         routing = routing_entry(backbone.model, tok, spec, out)  # hooks idle: the plain backbone's view of the task's inputs
+        # metrics_rows (as merge records it): the composed score is on the first --rows dev rows, data.dev names the whole file
         meta = adapter_meta(spec, backbone, {"train": shot_split, "dev": dev}, report["composed"], routing=routing, command=command or " ".join(sys.argv),
+                            metrics_rows=report["dev_rows"],
                             trainable_parameters={"trainable": len(comp.names), "total": len(comp.names), "percent": 100.0},
                             efficiency={"adapter_file_bytes": (out / "adapter_model.safetensors").stat().st_size,
                                         "peak_memory_mb": round(peak_memory_mb(run_device), 1), "train_tokens_per_s": round(tokens / max(fit_seconds, 1e-9), 1),
