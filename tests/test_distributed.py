@@ -231,6 +231,39 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(cls_task):
     same_weights(cls_task / "ref", cls_task / "out")
 
 
+FIRST_DROPOUT_MASK = (
+    "import os, sys\n"
+    "import torch.nn.functional as F\n"
+    "orig, seen = F.dropout, []\n"
+    "def dropout(x, p=0.5, training=True, inplace=False):\n"
+    "    y = orig(x, p, training, inplace)\n"
+    "    if training and p > 0 and not seen:\n"
+    "        seen.append(1)\n"
+    "        open(f'mask{os.environ[\"RANK\"]}.txt', 'w').write(''.join('01'[int(v)] for v in (y == 0).flatten()[:256]))\n"
+    "    return y\n"
+    "F.dropout = dropout\n"
+    "from adapterhub_lite.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.multiprocess
+def test_each_process_draws_its_own_dropout_masks(cls_task):
+    """Every process was seeded alike, so under LoRA dropout both drew the very same masks for their rows (the global batch's
+    dropout noise was one process's, twice). Now each process above rank 0 draws from seed + rank (torchtune's rule)."""
+    spec = yaml.safe_load((cls_task / "toy.yaml").read_text())
+    spec["method_args"]["lora_dropout"] = 0.5
+    (cls_task / "toy.yaml").write_text(yaml.safe_dump(spec))
+    (cls_task / "mask.py").write_text(FIRST_DROPOUT_MASK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAPTERHUB_DEVICE": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "mask.py",
+                          "train", "toy.yaml", "train.max_steps=1", "train.eval_every=1", "train.warmup_steps=0", "train.batch_size=4",
+                          "--output", "out", "--no-progress"], cwd=cls_task, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    masks = [(cls_task / f"mask{rank}.txt").read_text() for rank in (0, 1)]  # a file each: their stderr lines may interleave
+    assert "1" in masks[0] and "0" in masks[0]  # a real dropout mask
+    assert masks[0] != masks[1]
+
+
 def test_a_cpu_run_alone_does_not_ask_accelerate_for_cpu(monkeypatch):
     """accelerate's state is process-wide: after a run on CUDA, Accelerator(cpu=True) is refused ("already been
     initialized"), which broke every CPU run after a GPU run in one process (seen on an H200). Alone, the

@@ -364,7 +364,7 @@ def test_every_loop_setting_a_spec_gives_reaches_a_joint_run():
     from adapterhub_lite.training.loop import LoopConfig
 
     given = {"max_steps": 7, "eval_every": 3, "warmup_steps": 2, "schedule": "cosine", "grad_accum": 3, "max_grad_norm": 0.5,
-             "eval_samples": 9, "max_minutes": 4.0, "patience": 2, "min_delta": 0.1, "min_steps": 5, "checkpoint_every": 2, "log_every": 4}
+             "eval_samples": 9, "max_minutes": 4.0, "patience": 2, "min_delta": 0.1, "min_steps": 5, "checkpoint_every": 2, "log_every": 4, "seed": 3}
     assert set(given) == {f.name for f in fields(LoopConfig)}  # a new loop setting must be placed here too
     specs = [_spec("a", train={"max_length": 48, **given}), _spec("g", "generation", train={"max_length": 48, "max_new_tokens": 8, **given})]
     loop = LoopConfig.from_train(JointConfig.from_specs(specs))

@@ -53,6 +53,7 @@ class LoopConfig:
     patience: int = 0  # evals without improvement before stopping (0: never)
     min_delta: float = 0.0  # an improvement is a score above the best by more than this (smaller gains are eval noise)
     min_steps: int = 0  # early stopping waits until this step (a generation metric can sit at 0 while the loss falls)
+    seed: int = 0  # the run's; under several processes each one above rank 0 draws dropout from seed + rank (Parallel.seed_ranks)
 
     @classmethod
     def from_train(cls, train, **overrides) -> LoopConfig:
@@ -234,6 +235,7 @@ class _Run:
         sched = get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
         self.call, self.opt, self.sched = parallel.prepare(recipe.model, opt, sched)
         self.raw_opt = getattr(self.opt, "optimizer", self.opt)  # the loss scaler keys its state by the torch optimizer
+        parallel.seed_ranks(cfg.seed)  # a resume then restores each process's own generators (the checkpoint's)
         device = next(recipe.model.parameters()).device
         self.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
         self.ckpt = Checkpoint(work, parallel)

@@ -109,6 +109,14 @@ class Parallel:
 
         return gather_object([obj])
 
+    def seed_ranks(self, seed: int) -> None:
+        """Give each process above rank 0 torch generators of its own (seed + rank, torchtune's rule) for what training draws
+        at random, dropout: seeded alike, every process drew the very same masks for its rows, so the global batch's dropout
+        noise was one process's, repeated. Rank 0 keeps its stream (one process's). Call after the adapter is initialised
+        (DDP broadcasts rank 0's weights anyway); the data order and task sampling use generators of their own."""
+        if self.rank > 0:
+            torch.manual_seed(seed + self.rank)
+
     def barrier(self) -> None:
         if self.world > 1:
             self.accelerator.wait_for_everyone()
