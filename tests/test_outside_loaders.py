@@ -87,3 +87,30 @@ def test_a_prefix_trained_with_prefix_projection_is_written_and_served_as_peft_s
     with torch.no_grad():
         want = ref(input_ids=torch.tensor(IDS)).logits[0]
     assert (got - want).abs().max() <= 1e-4 and (want[-1] - _last(_backbone())).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method, method_args", [("lora", {}), ("ia3", {}), ("prefix", {"num_virtual_tokens": 3}), ("prompt", {"num_virtual_tokens": 4})])
+def test_a_pulled_version_of_every_kind_loads_with_plain_peft_to_the_bank_s_logits(tmp_path, method, method_args):
+    """What a user of a published version runs: pull it, load the base its sidecar names with transformers and the folder
+    with plain PeftModel.from_pretrained; the logits equal what our bank (the Router's) serves from the same pulled folder."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_lite.artifacts.registry import LocalRegistry
+    from adapterhub_lite.model.backbone import load_backbone
+    from adapterhub_lite.serving.bank import AdapterBank
+
+    folder = train_tiny(tmp_path, method, method=method, method_args=method_args, train={"max_steps": 3, "lr": 5e-2})
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folder, "1.0.0")
+    pulled = reg.pull(f"{method}@1.0.0", tmp_path / "pulled")
+    base = json.loads((pulled / "adapterhub.json").read_text())["base"]["hub_id"]
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(pulled)).eval()
+    bank = AdapterBank(load_backbone("tiny-random-llama", "none", dtype="fp32").model)
+    bank.add(method, pulled)
+    got = bank.forward(IDS + [[7, 8]], [method, None])[0]
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(IDS)).logits[0, -len(IDS[0]):]  # peft's prompt tuning also returns its virtual positions
+    assert (got - want).abs().max() <= 1e-5 and (want[-1] - _last(_backbone())).abs().max() > 1e-3
