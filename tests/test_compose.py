@@ -303,3 +303,22 @@ def test_the_sidecar_says_how_many_dev_rows_its_metrics_were_measured_on(sources
     plain = PeftModel.from_pretrained(backbone.model, tmp_path / "out").eval()
     metrics, _, _ = evaluate_split(plain, backbone.tokenizer, spec, load_task_data(spec, ("dev",))["dev"], limit=meta["metrics_rows"])
     assert {k: metrics[k] for k in meta["metrics"]} == meta["metrics"]
+
+
+def test_the_sidecar_records_each_source_by_its_weights_and_registry_version(sources, tmp_path):
+    """The sidecar's composition.sources held each source's path alone, which may hold other weights later (a retrain
+    into the same folder): it records, as merge does, the sha256 of the weights composed and the registry's name@version."""
+    import hashlib
+
+    from adapterhub_lite.artifacts.registries import open_registry
+
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    (reg / "index.json").write_text(json.dumps({"format": "adapterhub_lite.registry/1", "adapters": {}}))
+    open_registry(reg).publish(sources["two"], "1.2.0", name="two")
+    given = {"one": sources["one"], "two": reg / "two" / "1.2.0"}
+    compose_fit(_new_task(tmp_path), given, tmp_path / "out", shots=4, budget=1, baselines=False)
+    recorded = json.loads((tmp_path / "out" / "adapterhub.json").read_text())["composition"]["sources"]
+    assert recorded == {n: {"folder": str(f), "registry_ref": {"one": None, "two": "two@1.2.0"}[n],
+                            "adapter_sha256": hashlib.sha256((f / "adapter_model.safetensors").read_bytes()).hexdigest()}
+                        for n, f in given.items()}

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from .serving import KEY
+from .serving import KEY, slowed
 
 
 def test_load_lora_adapter_from_a_missing_path_is_404(served, tmp_path):
@@ -39,17 +39,34 @@ def test_load_lora_adapter_from_a_folder_with_no_adapter_in_it_is_404(served, tm
     assert "empty" not in [m.id for m in served.client.models.list().data]
 
 
-def test_load_inplace_true_loads_a_new_name_and_is_refused_only_for_a_served_one(served, serve_registry):
-    """vLLM's load_inplace replaces a served adapter's weights, and for a name not loaded yet is a plain load
-    (its check refuses only a served name without it). Clients that push each new version with load_inplace: true
-    send it from the first load on; that first load was a 400 here. Replacing in place is still refused, by name."""
-    body = {"lora_name": "pushed", "lora_path": str(serve_registry / "gen_a" / "1.0.0"), "load_inplace": True}
+def test_load_inplace_true_loads_a_new_name_and_replaces_a_served_one_nobody_is_using(served, serve_registry, monkeypatch):
+    """vLLM's load_inplace replaces a served adapter's weights, and for a name not loaded yet is a plain load. Clients that
+    push each new version under one name send load_inplace: true once the name is loaded (was_loaded); that was a 400 here,
+    so their second push failed. It replaces the adapter now; while running or queued requests use it, it is a 409
+    (in_use: retry), as an unload is, so no answer is made of two adapters' weights. Without load_inplace a served name
+    stays vLLM's 400."""
+    body = {"model": "pushed", "prompt": "ab", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    want = {a: served.post("/v1/completions", {**body, "model": a}).json()["choices"][0]["text"] for a in ("gen_a", "gen_b")}
+    assert want["gen_a"] != want["gen_b"]
+    push = {"lora_name": "pushed", "lora_path": str(serve_registry / "gen_a" / "1.0.0"), "load_inplace": True}
     try:
-        r = served.post("/v1/load_lora_adapter", body)
+        r = served.post("/v1/load_lora_adapter", push)
         assert r.status_code == 200 and r.text == "Success: LoRA adapter 'pushed' added successfully.", r.text
-        assert "pushed" in [m.id for m in served.client.models.list().data]
-        r = served.post("/v1/load_lora_adapter", body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "load_inplace", r.text
+        assert served.post("/v1/completions", body).json()["choices"][0]["text"] == want["gen_a"]
+        again = served.post("/v1/load_lora_adapter", {**push, "load_inplace": False})
+        assert again.status_code == 400 and again.json()["error"]["code"] == "already_loaded", again.text
+        r = served.post("/v1/load_lora_adapter", {**push, "lora_path": str(serve_registry / "gen_b" / "1.0.0")})
+        assert r.status_code == 200, r.text
+        assert served.post("/v1/completions", body).json()["choices"][0]["text"] == want["gen_b"]
+        assert [m.root for m in served.client.models.list().data if m.id == "pushed"] == [str(serve_registry / "gen_b" / "1.0.0")]
+        slowed(served, monkeypatch)
+        stream = served.client.completions.create(model="pushed", prompt="ab", max_tokens=40, temperature=0, stream=True,
+                                                  extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        busy = served.post("/v1/load_lora_adapter", push)
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "in_use", busy.text
+        text = first.choices[0].text + "".join(c.choices[0].text for c in stream)
+        assert text.startswith(want["gen_b"])  # answered by the adapter it started with, to the end
     finally:
         served.post("/v1/unload_lora_adapter", {"lora_name": "pushed"})
 

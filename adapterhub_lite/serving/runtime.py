@@ -291,7 +291,8 @@ class Catalogue:
     # -- adapters at run time (vLLM's /v1/load_lora_adapter) ----------------------------------------
     async def load(self, name, path, inplace: bool = False) -> str:
         """Register a folder under `name`, through the same integrity and fingerprint checks as the registry.
-        `inplace` (vLLM's load_inplace) loads a new name as any load; replacing a served one in place is not built."""
+        `inplace` (vLLM's load_inplace) loads a new name as any load, and replaces an adapter loaded at run time under
+        `name` when no request uses it (else a 409); registry adapters are not replaced."""
         if not isinstance(name, str) or not name:
             raise P.bad("lora_name", name, "give the name requests will use")
         try:
@@ -300,10 +301,9 @@ class Catalogue:
             raise P.bad("lora_name", name, str(exc)) from None
         if is_request_merge(name):  # else a client could load its own weights under the name another client's recipe hashes to
             raise P.bad("lora_name", name, f"names of the shape {MERGED_PREFIX}<12 hex digits> are the per-request merges'; choose another name")
-        if inplace and name in self.runtime:
-            raise P.bad("load_inplace", inplace, "this server does not replace a served adapter in place; unload it, then load it",
-                        code="unsupported_field")
-        self._check_free(name, registry=self.router.registry is not None and name in self.router.registry.index()["adapters"])
+        replacing = inplace and name in self.runtime  # vLLM's load_inplace on a served name: new weights under it
+        if not replacing:
+            self._check_free(name, registry=self.router.registry is not None and name in self.router.registry.index()["adapters"])
         if not isinstance(path, str) or not path:
             raise P.bad("lora_path", path, "give the path of an adapter folder on the server's machine")
         if path.startswith("~"):  # vLLM's get_adapter_absolute_path expands it: '~/adapters/x' is not a folder named '~' here
@@ -319,10 +319,16 @@ class Catalogue:
         reg = await self._off_engine(self._inspect, name, path)  # hashing and checks: off the engine thread and the event loop
 
         def add(router):  # listed with the add, on the engine thread: a request cancelled meanwhile leaves no unlisted adapter
-            # checked again here: another load of this name (or a reload adding it) may have landed while this folder was
-            # inspected, and router.add would replace it, unsaid, under the client answered 200 for it
-            self._check_free(name)
-            router.add(reg)
+            if replacing and name in self.runtime:
+                # never under a request that was read for the old weights: its answer would be made of both
+                if name in self.engine.wanted():
+                    raise P.ApiError(409, f"adapter {name!r} is in use by running or queued requests; it is replaced in place only when "
+                                     "none use it: retry when they finish", code="in_use")
+            else:
+                # checked again here: another load of this name (or a reload adding it) may have landed while this folder was
+                # inspected, and router.add would replace it, unsaid, under the client answered 200 for it
+                self._check_free(name)
+            router.add(reg)  # replacing: drops the old weights (resident and host copies) first
             self.runtime[name] = None
         await self._on_engine(add)
         return name

@@ -23,6 +23,7 @@ import torch
 from adapterhub_lite.artifacts.files import atomic_write, write_json
 from adapterhub_lite.artifacts.folder import check_adapter_folder, read_sidecar
 from adapterhub_lite.artifacts.loading import check_fingerprint
+from adapterhub_lite.artifacts.registry import registered_as
 from adapterhub_lite.artifacts.samples import routing_entry
 from adapterhub_lite.core.data import Split, label_words, load_split, load_task_data, to_split
 from adapterhub_lite.core.data_checks import check_lengths, data_warnings
@@ -103,6 +104,17 @@ def _load_sources(folders: dict[str, Path], backbone, allow_base_mismatch: bool 
         out[name] = read_lora(folder)
     if problems:
         raise ComposeError(f"only LoRA adapters can be composed: {'; '.join(problems)}")
+    return out
+
+
+def _source_records(folders: dict[str, Path]) -> dict[str, dict]:
+    """What the sidecar says of each source, as merge says it: its folder, its registry name@version when it is a
+    registry's version folder, and the sha256 of its weights (a folder path alone may hold other weights later)."""
+    out = {}
+    for name, folder in folders.items():
+        found = registered_as(folder)
+        out[name] = {"folder": str(folder), "registry_ref": f"{found[1]}@{found[2]}" if found else None,
+                     "adapter_sha256": hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()}
     return out
 
 
@@ -223,7 +235,7 @@ def compose_fit(spec: TaskSpec, sources: dict[str, str | Path], output: str | Pa
                                         "latency_ms_per_example": round(1000 * seconds[0] / report["dev_rows"], 2), "device": run_device},
                             train_state={"steps": len(trace), "best_step": best_step, "stopped_by": "budget", "train_seconds": report["fit_seconds"], "tokens": tokens},
                             composition={"search": search, "weights": report["weights"], "l1": l1, "shots": shots, "seed": seed,
-                                         "sources": {n: str(sources[n]) for n in comp.names}})
+                                         "sources": _source_records({n: Path(sources[n]) for n in comp.names})})
         finish_folder(out, meta, trace, primary)
         write_json(out / "compose_report.json", report)
         publish_folder(out, output)
