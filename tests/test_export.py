@@ -280,3 +280,19 @@ def test_vllm_s_own_parser_and_lora_loader_take_the_exported_command(trained, tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(line.split(":")[0] for line in done.stdout.splitlines()) == sorted(
         ["layer0", "layer0@1.0.0", "lora16", "lora16@1.0.0", "lora4", "lora4@1.0.0", "lora4@1.0.1"])
+
+
+def test_a_backbone_path_holding_an_at_sign_is_refused_for_lorax(trained, tmp_path, capsys):
+    """lorax-launcher reads --model-id MODEL@REVISION (launcher/src/main.rs, get_model_and_revision splits at '@'), so a
+    local backbone folder whose path holds '@' would load another path at a 'revision'; vLLM takes the path whole."""
+    folder = shutil.copytree(trained["lora4"], tmp_path / "at")
+    sidecar = folder / "adapterhub.json"
+    meta = json.loads(sidecar.read_text())
+    meta["base"]["hub_id"] = "/srv/models/smol@v2"
+    sidecar.write_text(json.dumps(meta))
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.publish(folder, "1.0.0", name="at")
+    code, out, err = run(capsys, "export", "lorax", "--registry", str(reg.root))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "the backbone '/srv/models/smol@v2' holds '@', which LoRAX reads as model '/srv/models/smol' at revision 'v2'" in err
+    assert plan_export(reg.root, "vllm")["command"][2] == "/srv/models/smol@v2"

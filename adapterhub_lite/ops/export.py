@@ -242,6 +242,10 @@ def plan_export(registry: str | Path, engine: str, all_versions: bool = False, b
                               "pass one of those, or leave --base out")
     else:
         chosen = min(bases, key=lambda b: (-bases[b], b))  # one engine serves one base: the one most adapters share
+    if engine == "lorax" and "@" in chosen:  # lorax-launcher splits --model-id at '@' into model and revision (get_model_and_revision)
+        model, revision = chosen.split("@")[:2]
+        raise ExportError(f"the backbone {chosen!r} holds '@', which LoRAX reads as model {model!r} at revision {revision!r} "
+                          "(--model-id MODEL@REVISION); move the backbone to a path without '@' and retrain, or export vllm")
     for c in [c for c in ready if c.entry["base"]["hub_id"] != chosen]:
         ready.remove(c)
         skipped.append({"name": c.name, "version": c.version, "method": "lora",
