@@ -101,6 +101,8 @@ def test_the_server_says_how_auto_chose_in_each_choice_and_a_header_streamed_or_
     assert chat.choices[0].routing == body.choices[0].routing  # the same text: routed alike
     named = c.completions.with_raw_response.create(model="cls_a", prompt="pos 3", max_tokens=1)
     assert ROUTING_HEADER not in named.headers and "routing" not in named.parse().choices[0].model_extra
+    last = [ch for ch in c.completions.create(model="gen_a@1.0.0", prompt="ab", max_tokens=2, stream=True) if ch.choices][-1]
+    assert last.choices[0].model_extra["adapter"] == "gen_a@1.0.0"  # a named adapter's stream says it too, as its whole answer
     for stream in (c.completions.with_raw_response.create(model="auto", prompt="pos 3", max_tokens=3, stream=True),
                    c.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "pos 3"}], max_tokens=3,
                                                                stream=True)):
@@ -108,6 +110,7 @@ def test_the_server_says_how_auto_chose_in_each_choice_and_a_header_streamed_or_
         chunks = list(stream.parse())
         last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason is not None][0]
         assert last.choices[0].model_extra["routing"] == body.choices[0].routing
+        assert last.choices[0].model_extra["adapter"] == body.choices[0].adapter  # each choice carries it, streamed or whole
         assert all("routing" not in ch.choices[0].model_extra for ch in chunks if ch is not last and ch.choices)
 
 

@@ -240,7 +240,7 @@ class Answers:
         role_due = [req.chat] * len(req.jobs)  # per chat choice: its role chunk, sent with its first event
 
         def chunk(index: int, delta: str | None, finish: str | None = None, entries=None, first: bool = False, stop_reason=None,
-                  made=(), routing=None, **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
+                  made=(), routing=None, adapter=None, **extra) -> str:  # made: the entries of generated tokens whose text this chunk holds
             lp = None
             if entries is not None and p.logprobs is not None:
                 if req.chat:
@@ -256,6 +256,8 @@ class Answers:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
             if finish is not None:
                 choice["stop_reason"] = stop_reason
+            if adapter is not None:  # a choice's finishing chunk: the adapter that answered, as each choice of a whole response says
+                choice["adapter"] = adapter
             if routing is not None:  # an `auto` choice's finishing chunk: how its adapter was chosen, as the whole response says it
                 choice["routing"] = routing.as_dict()
             if ids:
@@ -290,7 +292,8 @@ class Answers:
                         streamed[index] = payload.completion_tokens
                         if payload.label is not None:  # a classification adapter's answer comes whole
                             yield chunk(index, payload.text)
-                        yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason, routing=payload.routing)
+                        yield chunk(index, None if req.chat else "", payload.finish_reason, stop_reason=payload.stop_reason, routing=payload.routing,
+                                    adapter=payload.adapter)
                     elif ev == "error":
                         yield f"data: {json.dumps(as_api_error(payload).body())}\n\n"
                         access["status"] = as_api_error(payload).status
