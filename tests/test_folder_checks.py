@@ -8,11 +8,13 @@ import shutil
 import httpx
 import pytest
 
+from adapterhub_lite.artifacts.folder import check_adapter_folder
 from adapterhub_lite.artifacts.registry import LocalRegistry
 from adapterhub_lite.cli import main
 from adapterhub_lite.core.errors import AdapterLoadError
 from adapterhub_lite.serving.router import Router
 
+from .conftest import train_tiny
 from .serving import Served
 
 
@@ -94,6 +96,8 @@ FOLDERS = {
     # adapter_config.json's r halved, the weights as trained: peft refuses it (size mismatch for ...lora_A); a per-row
     # server loaded it at the weights' rank and answered, a run-time load was answered 200
     "a config rank that is not the weights'": (lambda f: _edit_config(f, r=2), "adapter_config.json gives rank 2"),
+    # and doubled: a config wider than its weights is refused alike (peft's size mismatch either way), not only a narrower one
+    "a config rank above the weights'": (lambda f: _edit_config(f, r=16), "adapter_config.json gives rank 16"),
 }
 
 
@@ -112,6 +116,16 @@ def test_folder_rules_are_the_same_for_publish_runtime_loading_and_predict(serve
     assert needle in one_line_error(capsys) or "adapter_model.bin" in needle
     with pytest.raises(AdapterLoadError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         Router.from_registry(serve_registry, quantization="none", dtype="fp32").register("late", copy)
+
+
+def test_a_rank_pattern_adapter_is_checked_at_each_module_s_own_rank(tmp_path):
+    """check_lora_ranks reads a module's rank from rank_pattern when it names the module (as peft sizes it), r otherwise:
+    a valid adapter with v_proj at 8 beside r=4 passes, and its config with v_proj's entry changed is refused naming it."""
+    folder = train_tiny(tmp_path, "patterned", method_args={"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 8}})
+    check_adapter_folder(folder)  # r for q_proj, rank_pattern for v_proj: the weights as trained
+    _edit_config(folder, rank_pattern={"v_proj": 4})
+    with pytest.raises(AdapterLoadError, match=r"gives rank 4 to .*v_proj but .* holds it at rank 8"):
+        check_adapter_folder(folder)
 
 
 def test_runtime_loading_applies_the_publish_rules_and_one_bad_adapter_hurts_no_one(serve_registry, copy):
