@@ -79,6 +79,7 @@ class Engine(Admission, OfflineRun):
         self._admitting = threading.RLock()
         self._reading: list[Job] = []  # arrivals this step reads (routes, tokenizes) before the scheduler holds them
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
+        self._unused: dict[str, Callable] = {}  # adapter → fn(router) to run once no request the engine holds names it
         self._stopping = threading.Event()
         self._aborting = False  # abort(): drop what is held instead of finishing it
         self._wake = threading.Event()
@@ -175,6 +176,17 @@ class Engine(Admission, OfflineRun):
         held = (*self.scheduler.running.values(), *self.scheduler.prefilling.values())
         return {self._jobs[t.key].prepared.adapter for t in held if t.key in self._jobs}
 
+    def when_unused(self, name: str, fn: Callable[[AdapterManager], object]) -> None:
+        """Run fn(router) on the engine thread, after a step, once no request the engine holds names adapter `name`
+        (call on the engine thread, e.g. inside `call`): an unload's freeing waits for the requests accepted before it."""
+        self._unused[name] = fn
+
+    def _release(self) -> None:
+        if self._unused:
+            wanted = self.wanted()
+            for name in [n for n in self._unused if n not in wanted]:
+                self._unused.pop(name)(self.router)
+
     def wanted(self) -> set[str]:
         """Adapters any request the engine holds names: in_use() and those of requests waiting for a budget or just
         arrived (call on the engine thread). A merge a queued request was accepted for is not forgotten under it."""
@@ -223,6 +235,7 @@ class Engine(Admission, OfflineRun):
                     self._step()
                 if self._dec is None and not self.scheduler.prefilling:  # no row runs: the last batch's gathered factors go
                     self.router.bank.drop_rows()
+                self._release()  # adapters unloaded under requests: freed once the last of them has left
                 self._gauges()  # the cache and adapter gauges, after the step (the request gauges are read as scraped)
             if self._dec is None and not plan.prefill:
                 if self._stopping.is_set() and self._waiting.empty() and not len(self.scheduler):

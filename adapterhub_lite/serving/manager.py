@@ -96,6 +96,9 @@ class AdapterManager(RequestReader):
         self.unavailable: dict[str, str] = {}  # registry adapters that failed their checks: name → why (/health, /v1/models)
         self.kinds: dict[str, tuple[str, int]] = {}  # name → (peft type, virtual tokens), read from adapter_config.json at register
         self.resident: OrderedDict[str, None] = OrderedDict()  # LRU order, most recent last
+        # names unloaded while accepted requests used them (vLLM's unload): kept for those requests alone, never `auto`'s
+        # pick; the server refuses new requests to them and forgets them when their last request ends
+        self.leaving: set[str] = set()
         self._content: ContentRouter | None = None
         self.evictions = 0  # adapters unloaded to stay within the memory budget
         self._scratch = scratch_folder()  # merged adapters
@@ -348,9 +351,17 @@ class AdapterManager(RequestReader):
             self._ensure(n, keep=needed)
 
     @_locked
+    def retire(self, name: str) -> None:
+        """Keep `name` for the requests already accepted for it, and no other: `auto` stops picking it (forget() ends it)."""
+        self.leaving.add(name)
+        if self.routing_target(name):
+            self._content = None
+
+    @_locked
     def forget(self, name: str) -> None:
         """Unload an adapter and drop it from the catalogue (requests naming it are refused after)."""
         self.unload(name)
+        self.leaving.discard(name)
         with self._host_lock:  # as in add(): a read on a loader thread sees the name known or gone, whole
             for table in (self.folders, self.metas, self.hashes, self.changed, self.kinds, self.unavailable, self.host):
                 table.pop(name, None)

@@ -70,7 +70,8 @@ class RequestReader:
         """Fit `auto` routing over every routing target whose routing data fits this backbone's embedding."""
         embedding, samples = embedding_spec(self.backbone.model), {}
         for name, folder in self.folders.items():
-            if not self.metas[name]["task"] or not self.routing_target(name):  # a component (a joint run's shared adapter)
+            # a component (a joint run's shared adapter), or one unloaded that only finishes its accepted requests
+            if not self.metas[name]["task"] or not self.routing_target(name) or name in self.leaving:
                 continue
             try:
                 samples[name] = load_routing(folder, self.metas[name], embedding)

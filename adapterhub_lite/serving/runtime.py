@@ -2,7 +2,8 @@
 at run time, per-request merges, and registry reloads.
 
 Every change to the router runs on the engine thread between two decode steps (Engine.call), so
-it never races a batch; an adapter that running rows use is never unloaded or replaced under them.
+it never races a batch; an adapter that running rows use is never unloaded or replaced under them: an unload (as vLLM's)
+takes the name from new requests at once and frees the adapter when the requests accepted before it have ended.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Catalogue:
                 ids += [name, pinned]
         out, gone = [], self.unavailable()  # a registry adapter that failed its checks is listed, with why it is not served
         for i in dict.fromkeys([BASE, AUTO] + ids + list(self.runtime)):
+            if i in self.router.leaving:  # unloaded: its accepted requests finish, nobody may name it (a reload defers it)
+                continue
             # a name the router holds names what it serves now (a reload deferred by running rows keeps the old
             # version; a run-time load, the folder it was read from)
             root = str(held[i]) if i in held else roots.get(i)
@@ -143,6 +146,9 @@ class Catalogue:
     async def ensure_known(self, model: str) -> str:
         """`model` if the server can serve it (a pinned registry version is registered on first use); else 404.
         `name@latest` is `name`, which /v1/reload keeps at the registry's latest version."""
+        if model.removesuffix("@latest") in self.router.leaving:
+            raise P.ApiError(404, f"the model {model!r} was unloaded (POST /v1/unload_lora_adapter): the requests accepted before finish on it, "
+                             "new ones are refused; load it again, or see GET /v1/models", code="model_not_found")
         if model.endswith("@latest") and model.removesuffix("@latest") in self.router.folders and model.removesuffix("@latest") not in self.runtime:
             return model.removesuffix("@latest")
         if model.removesuffix("@latest") in self.router.unavailable:
@@ -208,7 +214,7 @@ class Catalogue:
                 except P.ApiError as exc:
                     if exc.status != 404:
                         raise
-            if i not in self.router.folders:
+            if i not in self.router.folders or i in self.router.leaving:  # unloaded: gone for new requests, merges included
                 raise P.ApiError(404, f"merged_adapters names {i!r}, which this server does not know; see GET /v1/models", code="model_not_found")
             ids.append(i)
         if len(set(ids)) != len(ids):  # `gen_b` and `gen_b@latest`: one source, which the merge would take once, unsaid
@@ -348,7 +354,12 @@ class Catalogue:
 
     def _check_free(self, name: str, registry: bool = False) -> None:
         """Refuse (vLLM's 400) a run-time load under a name already served: loaded at run time, reserved, or a registry
-        adapter (`registry`: the registry names it, registered or not yet)."""
+        adapter (`registry`: the registry names it, registered or not yet); 409 while an unloaded adapter of that name
+        still finishes its requests (its slot, host copy and catalogue entries are keyed by name: two under one name would
+        mix)."""
+        if name in self.router.leaving:
+            raise P.ApiError(409, f"adapter {name!r} was unloaded and still finishes the requests accepted before the unload; a load under "
+                             "its name waits for them to end: retry shortly", code="draining", headers={"Retry-After": "1"})
         if name in self.runtime:
             raise P.ApiError(400, f"an adapter named {name!r} is already loaded at run time; unload it first or choose another name",
                              code="already_loaded")
@@ -359,7 +370,9 @@ class Catalogue:
                              code="already_loaded")
 
     async def unload(self, name) -> str:
-        """Drop an adapter loaded at run time (registry adapters stay)."""
+        """Drop an adapter loaded at run time (registry adapters stay), as vLLM does: at once for new requests (404, gone
+        from /v1/models, from `auto` and from merges); the requests already accepted for it, running or queued, finish on
+        its weights, and its slot, host copy and catalogue entries go when the last of them ends."""
         if not isinstance(name, str) or not name:
             raise P.bad("lora_name", name, "give the name the adapter was loaded under")
 
@@ -369,10 +382,12 @@ class Catalogue:
             if name not in self.runtime:
                 raise P.ApiError(404, f"no adapter {name!r} was loaded at run time (loaded: {sorted(self.runtime) or 'none'}); "
                                  "registry adapters stay served", code="model_not_found")
+            self.runtime.pop(name)
             if name in self.engine.wanted():  # queued requests too: each was accepted for it, and would fail as unknown
-                raise P.ApiError(409, f"adapter {name!r} is in use by running or queued requests; retry when they finish", code="in_use")
-            router.forget(name)
-            self.runtime.pop(name, None)
+                router.retire(name)
+                self.engine.when_unused(name, lambda r: r.forget(name) if name in r.leaving else None)
+            else:
+                router.forget(name)
         await self._on_engine(forget)
         return name
 
@@ -418,6 +433,8 @@ class Catalogue:
                 # read() saw no run-time adapter under the name, but one may have been loaded since (its add on this thread)
                 if what == "shadowed" or name in self.runtime:
                     out["shadowed"].append(name)
+                elif name in router.leaving:  # a run-time adapter unloaded under requests: the registry's comes after they end
+                    out["deferred"].append(name)
                 elif what == "repaired":  # forgotten: the next request naming it registers it as on first use
                     router.forget(name)
                     self.failed.pop(name, None)
