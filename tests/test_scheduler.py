@@ -306,6 +306,23 @@ def test_a_pass_of_several_sequences_reserves_each_of_them():
     assert [t.key for t, _ in s.schedule().prefill] == ["cls"] and s.kv_reserved() == 120
 
 
+def test_the_kv_count_pads_every_row_to_the_longest_prefix_and_the_longest_rest():
+    """A pass lays each row out as the longest prefix, then the longest prompt and new tokens: a 6-token prefix with a
+    1-token prompt beside a 30-token prompt (5 new tokens each) holds 2 × (6 + 35) = 82 positions. It was counted as
+    rows × the widest row, 2 × 35 = 70, so a budget of 70 admitted both beside each other."""
+    def queued(budget):
+        s = Scheduler(Budgets(max_kv_tokens=budget))
+        s.add(Ticket("prefix", "p", 1, 6 + 1 + 5, prefix=6))
+        s.add(Ticket("long", "q", 30, 30 + 5))
+        return s
+    s = queued(81)
+    plan = s.schedule()
+    assert [t.key for t, _ in plan.prefill] == ["prefix"] and plan.blocked == "kv_cache" and s.kv_reserved() == 12
+    s = queued(82)
+    assert len(s.schedule().prefill) == 2 and s.kv_reserved() == 82
+    assert Scheduler()._kv([Ticket(0, None, 3, 10, prefix=4)]) == 10  # alone, a row holds its own reservation
+
+
 @pytest.mark.parametrize("name, value", [("max_rows", 1.5), ("max_rows", True), ("max_rows", "4"), ("max_rows", None), ("max_loras", 2.0),
                                          ("max_num_batched_tokens", True), ("max_kv_tokens", "64"), ("patience", 0.5)])
 def test_a_budget_that_is_no_whole_number_is_refused_naming_it(name, value):

@@ -569,3 +569,48 @@ def test_a_newcomer_never_evicts_the_adapter_of_a_prompt_part_way_through_its_pi
     while len(done) < 2:
         engine._serve_once()
     assert [done[i].token_ids for i in range(2)] == alone
+
+
+@pytest.mark.parametrize("static, new", [(False, 5), (True, 1)])
+def test_the_kv_count_bounds_the_cache_a_prefix_row_beside_a_long_prompt_holds(serve_registry, static, new):
+    """A pass lays each row out as the longest prefix (gen_prefix: 2 virtual tokens in the cache), then the longest
+    prompt (gen_prompt: 5 virtual + 25 tokens): 2 rows × 32 columns, and the dynamic batch grows a column a step for
+    both. The scheduler counted rows × the widest row, 2 × (30 + new): a budget of that admitted both together, whose
+    prefill held 64 > 62 (1 new token) and dynamic batch 72 > 70 (5). Now the count (and its gauge) bounds every pass
+    and batch measured here, and under that budget the two run one after the other."""
+    from adapterhub_lite.serving.decoding import Decoding
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    assert router.virtual_tokens("gen_prefix") == ("PREFIX_TUNING", 2) and router.virtual_tokens("gen_prompt") == ("PROMPT_TUNING", 5)
+    for name in ("gen_prefix", "gen_prompt"):
+        router.fetch(name)  # read already: both are ready at the first step, so they may share a pass
+    for budget in (None, 2 * (30 + new)):
+        engine, done, held = Engine(router, budgets=Budgets(max_rows=4, max_kv_tokens=budget), static_decode=static), {}, []
+        start = router.bank.start
+
+        def measured(input_ids, adapters, start=start, held=held, engine=engine, **kw):
+            new = start(input_ids, adapters, **kw)
+            held.append((new.cache.layers[0].keys.shape[0] * new.cache.layers[0].keys.shape[2], engine.scheduler.kv_reserved()))
+            return new
+        router.bank.start = measured
+        try:
+            for i, (name, ids) in enumerate([("gen_prefix", [5]), ("gen_prompt", list(range(5, 30)))]):
+                engine._waiting.put_nowait(Job({"adapter": name, "prompt_ids": ids}, lambda e, p, i=i, done=done: done.setdefault(i, p) if e in ("done", "error") else None,
+                                               SamplingParams(max_tokens=new, ignore_eos=True)))
+            while len(done) < 2:
+                engine._serve_once()
+                if isinstance(engine._dec, Decoding):  # the dynamic batch; static buffers are sized within the budget themselves
+                    keys = engine._dec.cache.layers[0].keys
+                    held.append((keys.shape[0] * keys.shape[2], engine.scheduler.kv_reserved()))
+                assert engine.metrics.kv_reserved._value.get() == engine.scheduler.kv_reserved()
+        finally:
+            router.bank.start = start
+        assert all(not isinstance(r, Exception) for r in done.values()), done
+        assert held and all(h <= r for h, r in held), held
+        if budget is None:
+            assert (64, 2 * (2 + 30 + new)) in held  # one pass of both rows: 2 × (2 + 30) held, 2 × (2 + 30 + new) counted
+        else:
+            assert all(r <= budget for _, r in held), held

@@ -98,9 +98,9 @@ class Admission:
             longest, sequences = router.label_shape(p.adapter)
             width = len(p.ids) + ran + longest  # positions each sequence runs; its cache holds a prefix's virtual tokens too
             return self._when_read(Ticket(id(job), p.bank_name, width * sequences, width + prefix, chunkable=False, layout=(prefix, None),
-                                          sequences=sequences))
+                                          sequences=sequences, prefix=prefix))
         ticket = Ticket(id(job), p.bank_name, len(p.ids) + ran, len(p.ids) + virtual + p.max_new_tokens,
-                        chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1, layout=(prefix, len(p.ids) + ran))
+                        chunkable=not job.params.wants_prompt_logprobs, first_chunk=ran + 1, layout=(prefix, len(p.ids) + ran), prefix=prefix)
         return self._when_read(ticket)
 
     def _model_eos(self) -> list[int]:

@@ -153,7 +153,7 @@ class ServeMetrics:
         self.resident = Gauge("adapterhub_resident_adapters", "Adapters resident on the backbone", registry=r)
         self.waits = Counter("adapterhub_scheduler_waits", "Steps in which the first waiting request waited, by the budget it waited for "
                              "(rows, tokens, kv_cache, adapters, batch)", ["budget"], registry=r)
-        self.kv_reserved = Gauge("adapterhub_kv_cache_reserved_tokens", "Cache positions the admitted rows reserve (rows × the widest row)", registry=r)
+        self.kv_reserved = Gauge("adapterhub_kv_cache_reserved_tokens", "Cache positions the admitted rows reserve: rows × (longest prefix + longest rest), an upper bound of what their passes hold", registry=r)
         self.kv_cache_bytes = Gauge("adapterhub_kv_cache_bytes", "Bytes of the preallocated decode cache (serving/static.py) on the device", registry=r)
         self.row_bytes = Gauge("adapterhub_batch_row_factor_bytes", "Bytes of the running batch's per-row LoRA factors and IA3 vectors "
                                "gathered from the slot pools (outside --memory-budget-mb)", registry=r)

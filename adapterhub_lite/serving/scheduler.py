@@ -17,8 +17,11 @@ Budgets (`Budgets`), each optional but the rows:
   token) and is larger than a whole step runs in a step with no other prefill, over the budget;
 - cache positions (`--kv-cache-mb`, as tokens): a request reserves its whole need at admission —
   prompt, virtual tokens and every new token it may make — so a running request never runs out of
-  cache and nothing is ever preempted. The running batch's cache is padded to its widest row
-  (rows of one step share one tensor), so the batch holds rows × widest, and that is what is counted;
+  cache and nothing is ever preempted. Rows of one pass share one padded tensor laid out as the longest prefix-tuning
+  prefix, then the longest run of prompt and new tokens (`Ticket.prefix`): a short prompt behind a long prefix beside a
+  long prompt holds both maxima. So rows × (longest prefix + longest rest) is counted: what a prefill pass (and the
+  dynamic batch it starts) holds at most, and at least what the static decode buffers need (rows compacted: rows ×
+  widest row);
 - adapters per batch (`--max-loras`): distinct adapters among the rows at once.
 
 A request over a budget waits; it never fails for it (only one that could not fit an empty server,
@@ -93,6 +96,7 @@ class Ticket:
     ready: bool = True  # False while its adapter is being read from disk (off the engine thread): it waits, and holds nobody up
     layout: object = None  # rows whose cache columns line up without padding share it (see Scheduler.schedule's can_join)
     sequences: int = 1  # rows of cache_tokens its pass holds at once (a classification scoring multi-token labels: one per label)
+    prefix: int = 0  # of cache_tokens, the prefix-tuning virtual tokens: a pass pads every row to the longest prefix, then to the longest rest
     prefilled: int = 0  # prompt positions run so far
     passed: int = 0  # steps in which a later request was admitted before it
 
@@ -163,12 +167,18 @@ class Scheduler:
 
     # -- the step ------------------------------------------------------------------------------------
     def kv_reserved(self) -> int:
-        """Cache positions the admitted requests reserve (rows × the widest)."""
+        """Cache positions the admitted requests reserve: rows × (longest prefix + longest rest), an upper bound of
+        what their passes and running batch hold."""
         return self._kv([*self.running.values(), *self.prefilling.values()])
 
     def _kv(self, tickets) -> int:
-        widths = [t.cache_tokens for t in tickets]
-        return sum(t.sequences for t in tickets) * max(widths, default=0)  # one padded tensor: rows × the widest row
+        # One padded tensor, the prefixes' columns first, then the prompt and new tokens' (AdapterBank._prepare): a pass
+        # of a 6-token prefix with a 1-token prompt beside a 30-token prompt holds 36 columns a row in its prefill and up
+        # to 36 + new decoding on the dynamic path, where rows × the widest row counted 30 + new. The maxima may come from
+        # different rows.
+        prefix = max((t.prefix for t in tickets), default=0)
+        rest = max((t.cache_tokens - t.prefix for t in tickets), default=0)
+        return sum(t.sequences for t in tickets) * (prefix + rest)
 
     def schedule(self, can_join: bool = True) -> Plan:
         """The next step. `can_join` False: the runner cannot take rows into a running batch (a cache
