@@ -140,3 +140,22 @@ def test_a_reload_while_an_unloaded_adapter_drains_defers_the_registrys_version_
     assert first["deferred"] == ["late"] and held == ours, first
     assert ended["queued"][0] == "done" and ended["queued"][1].adapter == "late"
     assert second["added"] == ["late"] and str(router.folders["late"]) == str(registry / "late" / "1.0.0"), second
+
+
+def test_auto_never_picks_an_adapter_that_drains(served, serve_registry, monkeypatch):
+    """`auto` fits its content router over the adapters served; one unloaded while a stream uses it stays in the catalogue
+    for that stream alone, so the router refitted then must leave it out (else `auto` sent new requests to it)."""
+    r = served.post("/v1/load_lora_adapter", {"lora_name": "twin", "lora_path": str(serve_registry / "gen_a" / "1.0.0")})
+    assert r.status_code == 200, r.text
+    assert "twin" in served.router._fit_content_router().names  # a routing target while loaded
+    slowed(served, monkeypatch)
+    stream = iter(served.client.completions.create(model="twin", prompt="ab", max_tokens=30, temperature=0, stream=True,
+                                                   extra_body={"ignore_eos": True}))
+    next(stream)
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "twin"}).status_code == 200
+    assert "twin" in served.router.folders  # still held for the stream
+    assert served.router._content is None or "twin" not in served.router._content.names
+    assert "twin" not in served.router._fit_content_router().names
+    for _ in stream:
+        pass
+    _until(lambda: "twin" not in served.router.folders)
