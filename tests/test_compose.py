@@ -285,6 +285,9 @@ def test_shots_missing_a_class_or_repeating_a_row_are_said(sources, tmp_path, ca
     compose_fit(spec, sources, tmp_path / "dup", shots=8, budget=1, baselines=False)
     err = capsys.readouterr().err
     assert "warning: 6 of the 8 shots repeat an earlier shot's prompt (shots.jsonl line " in err and "fitted on 2 distinct inputs" in err, err
+    lines = (tmp_path / "dup" / "shots.jsonl").read_text().splitlines()  # the lines it names are the file's repeats, 1-based
+    again = [i + 1 for i, line in enumerate(lines) if line in lines[:i]]
+    assert f"(shots.jsonl line {', '.join(map(str, again[:5]))}, …)" in err, (again, err)
     compose_fit(_new_task(tmp_path), sources, tmp_path / "fine", shots=8, budget=1, baselines=False)
     err = capsys.readouterr().err
     assert "shots hold no row" not in err and "shots repeat" not in err, err
