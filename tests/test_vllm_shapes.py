@@ -108,6 +108,23 @@ def test_load_lora_adapter_wider_than_max_lora_rank_is_refused_at_the_load(serve
         s.close()
 
 
+def test_load_lora_adapter_counts_a_rank_pattern_entry_one_over_max_lora_rank(serve_registry, tmp_path):
+    """The load's rank is the largest peft sizes the factors by: r=4 with v_proj at 9 under --max-lora-rank 8 is vLLM's
+    400 at the load (9 > 8: one over the limit is over it), not a 200 whose every request the slots then refuse."""
+    from .conftest import train_tiny
+    from .serving import Served
+
+    folder = train_tiny(tmp_path, "patterned", method_args={"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 9}})
+    s = Served(serve_registry, max_lora_rank=8)
+    try:
+        r = s.post("/v1/load_lora_adapter", {"lora_name": "patterned", "lora_path": str(folder)})
+        assert r.status_code == 400, r.text
+        assert "rank 9" in r.json()["error"]["message"] and "--max-lora-rank" in r.json()["error"]["message"], r.text
+        assert "patterned" not in [m.id for m in s.client.models.list().data]
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("method, path, status, allow", [("POST", "/v1/nope", 404, None), ("GET", "/v1/completions", 405, "POST"),
                                                           ("POST", "/v1/models", 405, "GET")])
 def test_unknown_route_or_method_answers_in_the_error_shape(served, method, path, status, allow):
