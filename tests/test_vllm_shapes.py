@@ -43,8 +43,8 @@ def test_load_inplace_true_loads_a_new_name_and_replaces_a_served_one_nobody_is_
     """vLLM's load_inplace replaces a served adapter's weights, and for a name not loaded yet is a plain load. Clients that
     push each new version under one name send load_inplace: true once the name is loaded (was_loaded); that was a 400 here,
     so their second push failed. It replaces the adapter now; while running or queued requests use it, it is a 409
-    (in_use: retry), as an unload is, so no answer is made of two adapters' weights. Without load_inplace a served name
-    stays vLLM's 400."""
+    (in_use: retry), so no answer is made of two adapters' weights (an unload is answered at once and lets them finish:
+    tests/test_unload_drain.py). Without load_inplace a served name stays vLLM's 400."""
     body = {"model": "pushed", "prompt": "ab", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     want = {a: served.post("/v1/completions", {**body, "model": a}).json()["choices"][0]["text"] for a in ("gen_a", "gen_b")}
     assert want["gen_a"] != want["gen_b"]
