@@ -1,9 +1,10 @@
 """Check `adapterhub-lite export vllm` against vLLM's own code, without a GPU.
 
-    VLLM_TARGET_DEVICE=cpu python scripts/check_vllm_export.py --registry adapters/ [--all-versions] [--base ID]
+    bash scripts/setup_vllm_check.sh   # vLLM and what its parser and LoRA loader import, pinned, in .venv-vllm/
+    PYTHONPATH=.venv-vllm .venv/bin/python scripts/check_vllm_export.py --registry adapters/ [--all-versions] [--base ID]
 
-Needs vLLM importable (a CPU machine will do: `pip install vllm --no-deps` plus the modules its argument parser and
-LoRA loader import). It builds the export plan, then:
+Needs vLLM importable (a CPU machine will do: vLLM's wheel without its deps, as scripts/setup_vllm_check.sh installs it).
+It builds the export plan, then:
 - parses the printed `vllm serve ...` command with the parser the `vllm` CLI builds for `serve` (make_arg_parser) and checks
   that every --lora-modules value names the folder the plan serves, and --max-loras / --max-lora-rank as printed;
 - for every served folder, runs what vLLM's LoRA worker runs before serving it (vllm/lora/worker_manager.py):
