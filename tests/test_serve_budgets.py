@@ -614,3 +614,33 @@ def test_the_kv_count_bounds_the_cache_a_prefix_row_beside_a_long_prompt_holds(s
             assert (64, 2 * (2 + 30 + new)) in held  # one pass of both rows: 2 × (2 + 30) held, 2 × (2 + 30 + new) counted
         else:
             assert all(r <= budget for _, r in held), held
+
+
+def test_rows_joining_a_dynamic_batch_hold_no_columns_of_rows_that_left(serve_registry):
+    """On the dynamic path a prefill joined the running batch right-padded to the other side's width: after a1
+    (20-token prompt, its 3 decode columns) left, its columns stayed, under b1's prompt, and a2 and b1 decoded behind
+    all of them: 2 × 62 positions held against 2 × (21 + 40) counted. Joined rows are compacted now (each row's own
+    columns first): what the batch holds stays within the count at every step."""
+    from adapterhub_lite.serving.decoding import Decoding
+    from adapterhub_lite.serving.engine import Engine
+    from adapterhub_lite.serving.jobs import Job
+    from adapterhub_lite.serving.params import SamplingParams
+
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    engine, done, held = Engine(router, budgets=Budgets(max_rows=4), static_decode=False), {}, []
+
+    def submit(i, ids, new):
+        engine._waiting.put_nowait(Job({"prompt_ids": ids}, lambda e, p, i=i: done.setdefault(i, p) if e in ("done", "error") else None,
+                                       SamplingParams(max_tokens=new, ignore_eos=True)))
+    submit("a1", list(range(5, 25)), 8)
+    submit("a2", [5], 60)
+    for _ in range(3):
+        engine._serve_once()
+    submit("b1", list(range(5, 26)), 40)
+    while len(done) < 3:
+        engine._serve_once()
+        if isinstance(engine._dec, Decoding):
+            keys = engine._dec.cache.layers[0].keys
+            held.append((keys.shape[0] * keys.shape[2], engine.scheduler.kv_reserved()))
+    assert all(not isinstance(r, Exception) for r in done.values()), done
+    assert all(h <= r for h, r in held), [x for x in held if x[0] > x[1]]

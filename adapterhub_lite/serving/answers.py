@@ -254,7 +254,7 @@ class Answers:
                 choice = {"index": index, "delta": said, "finish_reason": finish, "logprobs": lp}
             else:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp, **extra}
-            if finish is not None:
+            if finish is not None or not req.chat:  # vLLM's completions chunks carry it on every chunk (null until the end), its chat chunks at the end
                 choice["stop_reason"] = stop_reason
             if adapter is not None:  # a choice's finishing chunk: the adapter that answered, as each choice of a whole response says
                 choice["adapter"] = adapter

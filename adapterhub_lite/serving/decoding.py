@@ -1,7 +1,7 @@
 """Rows decoding over the prefill's own cache: the dynamic path, and what every decoding batch offers.
 
 `AdapterBank.start` prefills rows into a `Decoding`. A running batch is either that `Decoding` (the dynamic
-path: the cache grows by one column per step, batches join by padding) or a `StaticBatch` (serving/static.py:
+path: the cache grows by one column per step, rows that join are compacted to their own columns) or a `StaticBatch` (serving/static.py:
 preallocated buffers, one shape per bucket, CUDA graphs on a GPU) that took its rows over. Both offer one
 interface, which `AdapterBank.step`, `generate` and the engine use without asking which they hold:
 
@@ -34,8 +34,8 @@ class Decoding:
     """Rows prefilled together (and rows that joined them), decoding over a DynamicCache.
 
     The cache is [rows, kv_heads, columns, head_dim] per layer with a 2D mask [rows, columns]: rows that joined
-    are right-padded with masked columns, and each row keeps its own position ids, so it decodes exactly as it
-    would alone."""
+    are compacted to their own columns and right-padded with masked ones, and each row keeps its own position ids, so
+    it decodes exactly as it would alone."""
 
     def __init__(self, bank, keys: list, cache: DynamicCache, mask: torch.Tensor, next_pos: torch.Tensor, slots: list[int]):
         self.bank = bank
@@ -114,15 +114,30 @@ class Decoding:
         return rows
 
     def join(self, new: Decoding) -> None:
-        """Append the rows of `new` (just prefilled): the two caches are right-padded with masked columns to one
-        width and stacked; each row keeps its own positions."""
+        """Append the rows of `new` (just prefilled): every row's used cache columns are moved, in order, to its first
+        columns (as StaticBatch.join does) and the two caches stacked at the widest row's width; each row keeps its
+        own positions.
+
+        Stacked as they were (each right-padded to the other's width), the batch held rows × (one side's prefix and
+        prompt columns + the other's), over what the scheduler counts (rows × (longest prefix + longest rest)), and
+        the decode columns every later step adds came after both. Compacted, a row's columns are its own and the steps'
+        (keep drops the columns left by rows that finished), within its reservation. Keys carry their rotary positions,
+        so moving a column changes nothing a row reads."""
         if not (self.joinable and new.joinable):
             raise AdapterHubError("this model's cache (sliding-window or static layers) cannot take rows mid-way; start a new batch")
-        width = max(self.mask.shape[1], new.mask.shape[1])
+        full = max(self.mask.shape[1], new.mask.shape[1])
+        masks = [F.pad(m, (0, full - m.shape[1])) != 0 for m in (self.mask, new.mask)]
+        width = int(max(m.sum(1).max() for m in masks))  # the widest row's used columns (one host read per join)
+        # each row's used columns first, in their order (a stable sort of "unused"), then the first `width` of them
+        orders = [torch.argsort((~m).to(torch.int8), dim=1, stable=True)[:, :width] for m in masks]
+
+        def packed(t, order):
+            t = _pad_cols(t, full)
+            return t.gather(2, order[:, None, :, None].expand(t.shape[0], t.shape[1], width, t.shape[3]))
         for a, b in zip(self.cache.layers, new.cache.layers):
-            a.keys = torch.cat([_pad_cols(a.keys, width), _pad_cols(b.keys, width)])
-            a.values = torch.cat([_pad_cols(a.values, width), _pad_cols(b.values, width)])
-        self.mask = torch.cat([F.pad(self.mask, (0, width - self.mask.shape[1])), F.pad(new.mask, (0, width - new.mask.shape[1]))])
+            a.keys = torch.cat([packed(a.keys, orders[0]), packed(b.keys, orders[1])])
+            a.values = torch.cat([packed(a.values, orders[0]), packed(b.values, orders[1])])
+        self.mask = torch.cat([m.gather(1, o) for m, o in zip(masks, orders)]).to(self.mask.dtype)
         self.next_pos = torch.cat([self.next_pos, new.next_pos])
         self.logits = torch.cat([self.logits, new.logits])
         self.keys, self.slots = self.keys + new.keys, self.slots + new.slots

@@ -19,9 +19,9 @@ Budgets (`Budgets`), each optional but the rows:
   prompt, virtual tokens and every new token it may make — so a running request never runs out of
   cache and nothing is ever preempted. Rows of one pass share one padded tensor laid out as the longest prefix-tuning
   prefix, then the longest run of prompt and new tokens (`Ticket.prefix`): a short prompt behind a long prefix beside a
-  long prompt holds both maxima. So rows × (longest prefix + longest rest) is counted: what a prefill pass (and the
-  dynamic batch it starts) holds at most, and at least what the static decode buffers need (rows compacted: rows ×
-  widest row);
+  long prompt holds both maxima. So rows × (longest prefix + longest rest) is counted: what a prefill pass and the
+  dynamic batch hold at most (rows that join it are compacted, Decoding.join), and at least what the static decode
+  buffers need (rows compacted: rows × widest row);
 - adapters per batch (`--max-loras`): distinct adapters among the rows at once.
 
 A request over a budget waits; it never fails for it (only one that could not fit an empty server,
