@@ -57,13 +57,14 @@ def test_predict_counts_a_prompt_adapters_virtual_tokens(tmp_path, capsys):
     empty = len(tok(render(spec, {"text": ""})).input_ids)
     text = "p" * (context - label - 2 - empty)  # fits with its label, not with the virtual tokens too
     n = len(tok(render(spec, {"text": text})).input_ids)
-    assert n + label <= context < n + 4 + label
+    assert n + label - 1 <= context < n + 4 + label - 1
     capsys.readouterr()  # training's log
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": text}) + "\n")
     code = main(["predict", str(folder), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--no-progress"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and not (tmp_path / "out.jsonl").exists()
-    said = f"the request needs {n + 4 + label} tokens ({n} in the prompt, 4 virtual tokens of adapter 'toy', {label} for the longest label) " \
+    said = f"the request needs {n + 4 + label - 1} tokens ({n} in the prompt, 4 virtual tokens of adapter 'toy', {label - 1} for the longest " \
+           "label's tokens but its last) " \
            f"but this model's maximum context length is {context} tokens"
     assert said in errors[0]
     # the same problem in the same words as Router.run (and so infer and serve) refuses it: predict said "the model's
@@ -93,3 +94,23 @@ def test_predict_refuses_rows_that_set_generation_settings_it_does_not_apply(tmp
     (tmp_path / "seed.jsonl").write_text(json.dumps({"text": "pos 1", "seed": "7"}) + "\n")
     assert main(["predict", str(seeded), "--input", str(tmp_path / "seed.jsonl"), "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["prediction"] in ("pos", "neg")
+
+
+def test_predict_reads_whole_a_prompt_that_fits_but_for_its_longest_labels_last_token(tmp_path, monkeypatch):
+    """Scoring runs the prompt and each label but its last token: a prompt of context - longest label + 1 tokens fits.
+    predict refused it (the whole label was asked for); read with the label plan's max_length at the context, it would
+    lose its first token instead. It is read whole, and its longest label's sequence is the context exactly."""
+    from adapterhub_lite.model import evaluate
+
+    folder = train_tiny(tmp_path)
+    model, backbone, spec, _ = load_adapter(folder)
+    context = model.config.max_position_embeddings
+    longest = max(map(len, evaluate.label_token_ids(backbone.tokenizer, spec)))
+    assert longest > 1
+    ids = [5 + i % 50 for i in range(context - longest + 1)]
+    plans, plan_ids = [], evaluate.label_plan_ids
+    monkeypatch.setattr(evaluate, "label_plan_ids", lambda *a: plans.append(plan_ids(*a)) or plans[-1])
+    evaluate.predict(model, backbone.tokenizer, spec, [""], prompt_ids=[ids], context=context)
+    assert all(seq[: len(ids)] == ids for seq in plans[0].seqs) and max(map(len, plans[0].seqs)) == context
+    with pytest.raises(ContextLengthError, match=f"needs {context + 1} tokens"):
+        evaluate.predict(model, backbone.tokenizer, spec, [""], prompt_ids=[ids + [5]], context=context)

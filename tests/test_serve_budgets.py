@@ -644,3 +644,21 @@ def test_rows_joining_a_dynamic_batch_hold_no_columns_of_rows_that_left(serve_re
             held.append((keys.shape[0] * keys.shape[2], engine.scheduler.kv_reserved()))
     assert all(not isinstance(r, Exception) for r in done.values()), done
     assert all(h <= r for h, r in held), [x for x in held if x[0] > x[1]]
+
+
+@pytest.mark.parametrize("name", ["cls_a", "cls_prefix", "cls_prompt"])
+def test_a_classification_that_fits_the_context_but_for_its_longest_labels_last_token_is_answered(serve_registry, name):
+    """Scoring runs the prompt and each label but its last token, which is read, never fed: the pass's rows are
+    prompt + longest label - 1 (+ a prompt adapter's virtual tokens). The context check asked for the whole label, so
+    a request of exactly the context was refused though its pass fits; one position more is still refused."""
+    from adapterhub_lite.core.errors import ContextLengthError
+
+    probe = Router.from_registry(serve_registry, quantization="none", dtype="fp32")
+    longest, _ = probe.label_shape(name)
+    runs = len(probe.prepare({"text": "ab"}, name).ids) + probe.virtual_tokens(name)[1] + longest - 1
+    assert longest > 1
+    router = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_model_len=runs)
+    assert router.run([{"adapter": name, "text": "ab"}])[0]["prediction"] in ("pos", "neg")
+    tight = Router.from_registry(serve_registry, quantization="none", dtype="fp32", max_model_len=runs - 1)
+    with pytest.raises(ContextLengthError, match=f"needs {runs} tokens .* {longest - 1} for the longest label's tokens but its last"):
+        tight.run([{"adapter": name, "text": "ab"}])

@@ -38,6 +38,10 @@ class ContextLengthError(DataError):
     """A prompt and the tokens asked for do not fit the model's context (or a server's input limit)."""
 
 
+# what a classification's need counts, in over_context's words: its longest label's tokens but the last, which is scored, not run
+LABEL_NEED = "for the longest label's tokens but its last"
+
+
 def over_context(prompt: int, virtual: int, need: int, what: str, context: int, adapter: str) -> str:
     """The one wording of a prompt that does not fit the context, whichever entry point refuses it (serve, infer,
     Router.run, predict): every number, so a user can compare them; the caller adds what it lets the user change.

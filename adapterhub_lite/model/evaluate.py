@@ -8,7 +8,7 @@ import time
 import torch
 
 from adapterhub_lite.core.data import Split, label_words
-from adapterhub_lite.core.errors import ContextLengthError, over_context
+from adapterhub_lite.core.errors import LABEL_NEED, ContextLengthError, over_context
 from adapterhub_lite.core.metrics import classification_metrics, generation_metrics
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import generate_ids, label_plan_ids, label_token_ids, virtual_tokens
@@ -71,16 +71,17 @@ def _fit_context(ids: list[list[int]], label_tokens, spec: TaskSpec, context: in
     or max_new_tokens), so no prompt is cut: keeping the end within train.max_length answered a long input other than the
     server did. The virtual tokens count as the server counts them: without them a prompt-tuning adapter ran positions
     past the context on a prompt that `serve`, `infer` and Router.run refuse."""
-    need = max(len(t) for t in label_tokens) if label_tokens else spec.train.max_new_tokens
+    # a label's last token is read, never fed (heads.continuation_plan): scoring runs the prompt and the longest label but one
+    need = max(len(t) for t in label_tokens) - 1 if label_tokens else spec.train.max_new_tokens
     over = [i for i, p in enumerate(ids) if len(p) + virtual + need > context]
     if over:
         # the words serve, infer and Router.run refuse it with (serving/reading.py): one problem, said one way
-        what = "for the longest label" if label_tokens else "for the completion"
+        what = LABEL_NEED if label_tokens else "for the completion"
         err = ContextLengthError(f"input row {over[0] + 1}: {over_context(len(ids[over[0]]), virtual, need, what, context, spec.name)}; "
                                  "shorten it (no prompt is cut, as in `serve`)")
         err.row = over[0]  # the caller that read the rows from a file names its line (cli `predict --input`)
         raise err
-    return context
+    return context + 1 if label_tokens else context  # a label plan's max_length counts the label's last token, which runs nowhere
 
 
 def score(spec: TaskSpec, preds: list, answers: list) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from adapterhub_lite.artifacts.samples import RoutingError, embed, embedding_spec, load_routing
 from adapterhub_lite.core.data import raw_text, render, request_row
-from adapterhub_lite.core.errors import ContextLengthError, DataError, over_context
+from adapterhub_lite.core.errors import LABEL_NEED, ContextLengthError, DataError, over_context
 from adapterhub_lite.core.names import AUTO, BASE
 from adapterhub_lite.core.spec import TaskSpec
 from adapterhub_lite.model.heads import keep_end, label_plan_ids, label_token_ids
@@ -140,7 +140,8 @@ class RequestReader:
         virtual = self.virtual_tokens(name)[1]
         room = self.max_model_len - virtual - len(ids)
         if spec is not None and spec.type == "classification" and not raw:
-            need, what = max(len(t) for t in label_token_ids(tok, spec)), "for the longest label"
+            # scoring runs the prompt and each label but its last token, which is read, never fed (heads.continuation_plan)
+            need, what = max(len(t) for t in label_token_ids(tok, spec)) - 1, LABEL_NEED
             budget = 0
         else:
             budget = max_new_tokens if max_new_tokens is not None else spec.train.max_new_tokens if spec and not raw else default_new_tokens
