@@ -48,6 +48,18 @@ def test_a_body_nested_too_deep_or_with_a_huge_number_is_told_in_the_clients_ter
     assert "over 4,300 digits" in digits and "sys." not in digits, digits
 
 
+def test_nesting_is_measured_before_the_parser_recurses_to_the_limit():
+    """json.loads recursed (in C) down to the interpreter's recursion limit on 100,000 brackets: a garbage collection at
+    that depth ran other objects' finalizers with no stack left, their errors were lost, and pytest failed this module's
+    deeply nested case with 'Failed to process unraisable exception' (a stop's CI). The depth is read first; brackets in
+    strings (escaped quotes too) do not count."""
+    from adapterhub_lite.core.text import nested_too_deep
+
+    assert nested_too_deep(HOSTILE["deeply nested"]) and nested_too_deep(b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+    assert not nested_too_deep(b'{"p": "' + b"[" * 1000 + b'"}') and not nested_too_deep(b'{"p": "\\"' + b"[" * 1000 + b'"}')
+    assert nested_too_deep(b"[" * 257 + b"]" * 257) and not nested_too_deep(b"[" * 256 + b"]" * 256)
+
+
 @pytest.mark.parametrize("route", ["load", "unload"])
 @pytest.mark.parametrize("value", [["a"], {"a": 1}, 7])
 def test_a_non_string_lora_name_is_a_400(served, route, value):

@@ -110,3 +110,30 @@ def numbered_jsonl(text: str, where: str | Path) -> list[tuple[int, dict]]:
 def first_line(text: str) -> str:
     """A task's answer in a generation: its first non-blank line, stripped (what training taught it to write)."""
     return text.strip().split("\n")[0].strip()
+
+
+def nested_too_deep(body: bytes, limit: int = 256) -> bool:
+    """Whether a JSON body's arrays and objects nest past `limit` levels (brackets inside strings do not count). Read
+    before json.loads, which would recurse in C down to the interpreter's recursion limit and raise RecursionError
+    there: a garbage collection at that depth runs other objects' finalizers with no stack left, and their errors are
+    lost ("Exception ignored"). A body with fewer brackets than `limit` is answered without a scan."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for c in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False

@@ -38,6 +38,8 @@ import logging
 import os
 from types import SimpleNamespace
 
+from adapterhub_lite.core.text import nested_too_deep
+
 log = logging.getLogger("adapterhub_lite.serve")
 
 REPLICA_HEADER = "x-adapterhub-replica"
@@ -71,7 +73,7 @@ def model_id(path: str, body: bytes) -> str:
     if not path.startswith("/v1/") or not body:
         return _ANY
     try:
-        data = json.loads(body)
+        data = json.loads(body) if not nested_too_deep(body) else None  # see nested_too_deep: no parse to the recursion limit
     except (ValueError, RecursionError):
         return _ANY
     if not isinstance(data, dict):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from adapterhub_lite.core.text import WrittenFloat
+from adapterhub_lite.core.text import WrittenFloat, nested_too_deep
 from adapterhub_lite.serving import protocol as P
 from adapterhub_lite.serving.engine import Engine
 from adapterhub_lite.serving.handlers import Handlers, Settings
@@ -56,6 +56,8 @@ async def read_json(request: Request) -> dict:
         raise P.ApiError(415, f"the body is sent as {media or 'no Content-Type'!r}; send it as JSON with the header "
                          "Content-Type: application/json", code="unsupported_media_type")
     try:
+        if nested_too_deep(body):  # told before the parser recurses to the interpreter's limit (see nested_too_deep)
+            raise RecursionError("nested too deep")
         # A number keeps its written text (as data files and predict --input read it, core.text): a task input's
         # {"text": 2.50} is the prompt "2.50" there, and str() of the parsed float would make it "2.5" here.
         data = json.loads(body, parse_float=WrittenFloat)
